@@ -1,0 +1,325 @@
+/*
+ * pipe_throughput — bulk data from a child to its parent through a pipe.
+ *
+ * Checks: the child writes -m MiB (default 64) in 64 KiB write()s; byte i of
+ * the stream is pattern(i) (a cheap hash of the offset, see below); the
+ * parent reads until EOF, checks every byte against the pattern, the total
+ * length, and the child's exit status 0, and computes FNV-1a (64-bit) over
+ * the stream.
+ *
+ * Output:      bytes=<n> checksum=<16 hex digits>
+ * With -t:     mib_per_s=<float>   (second line; fork to reaped child)
+ * Thread-fork VM: identical output (except the -t figure).
+ *
+ * Reference values: -m 1 -> checksum=77f5308cd8e03d4c,
+ *                   -m 64 -> checksum=e49d43a8b87a8265.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <time.h>
+
+#define PROG "pipe_throughput"
+#define CHUNK 65536
+
+/* ---- common helpers (each program is self-contained on purpose) ---- */
+static pid_t top_pid; /* the original process: exit() there, _exit() in children */
+
+static __attribute__((noreturn, format(printf, 1, 2))) void die(const char *fmt, ...)
+{
+	va_list ap;
+
+	fprintf(stderr, PROG ": ");
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+	/* A child must not run exit(): in the thread-fork VM the stdio buffers
+	 * are globals shared with the parent, so exit() would flush the
+	 * parent's pending output. */
+	if (getpid() == top_pid)
+		exit(1);
+	_exit(1);
+}
+
+/* errno accessors that cannot be optimised across fork().  musl declares
+ * __errno_location() __attribute__((const)), so within one function clang
+ * computes &errno once, e.g. before fork(), and the child then keeps using
+ * that pointer (into the parent's thread descriptor) instead of its own TLS.
+ * Going through these noinline functions makes every access use the
+ * calling process's own thread pointer. */
+static __attribute__((noinline, unused)) int get_errno(void)
+{
+	return errno;
+}
+
+static __attribute__((noinline, unused)) void set_errno(int e)
+{
+	errno = e;
+}
+
+#define DIE_ERRNO(what) die("%s: %s (errno %d)", (what), strerror(errno), errno)
+
+static __attribute__((unused)) pid_t xfork(void)
+{
+	pid_t pid;
+
+	fflush(stdout); /* never duplicate buffered output into a child */
+	pid = fork();
+	if (pid < 0)
+		DIE_ERRNO("fork");
+	return pid;
+}
+
+static __attribute__((unused)) void xpipe(int p[2])
+{
+	if (pipe(p) != 0)
+		DIE_ERRNO("pipe");
+}
+
+static __attribute__((unused)) void xclose(int fd)
+{
+	if (close(fd) != 0)
+		DIE_ERRNO("close");
+}
+
+static __attribute__((unused)) void write_full(int fd, const void *buf, size_t n)
+{
+	const char *p = buf;
+
+	while (n > 0) {
+		ssize_t w = write(fd, p, n);
+		if (w < 0) {
+			if (errno == EINTR)
+				continue;
+			DIE_ERRNO("write");
+		}
+		p += w;
+		n -= (size_t)w;
+	}
+}
+
+/* Reads until n bytes or EOF; returns the number of bytes read. */
+static __attribute__((unused)) size_t read_full(int fd, void *buf, size_t n)
+{
+	char *p = buf;
+	size_t got = 0;
+
+	while (got < n) {
+		ssize_t r = read(fd, p + got, n - got);
+		if (r < 0) {
+			if (errno == EINTR)
+				continue;
+			DIE_ERRNO("read");
+		}
+		if (r == 0)
+			break;
+		got += (size_t)r;
+	}
+	return got;
+}
+
+static __attribute__((unused)) void read_exact(int fd, void *buf, size_t n, const char *what)
+{
+	size_t got = read_full(fd, buf, n);
+
+	if (got != n)
+		die("%s: short read (%zu of %zu bytes)", what, got, n);
+}
+
+/* waitpid() for one specific pid, retrying on EINTR; returns the status. */
+static __attribute__((unused)) int xwaitpid(pid_t pid)
+{
+	int status;
+	pid_t r;
+
+	do
+		r = waitpid(pid, &status, 0);
+	while (r < 0 && errno == EINTR);
+	if (r < 0)
+		DIE_ERRNO("waitpid");
+	if (r != pid)
+		die("waitpid(%d) returned %d", (int)pid, (int)r);
+	return status;
+}
+
+static __attribute__((unused)) const char *signame(int sig)
+{
+	switch (sig) {
+	case SIGHUP: return "SIGHUP";
+	case SIGINT: return "SIGINT";
+	case SIGQUIT: return "SIGQUIT";
+	case SIGILL: return "SIGILL";
+	case SIGTRAP: return "SIGTRAP";
+	case SIGABRT: return "SIGABRT";
+	case SIGBUS: return "SIGBUS";
+	case SIGFPE: return "SIGFPE";
+	case SIGKILL: return "SIGKILL";
+	case SIGUSR1: return "SIGUSR1";
+	case SIGSEGV: return "SIGSEGV";
+	case SIGUSR2: return "SIGUSR2";
+	case SIGPIPE: return "SIGPIPE";
+	case SIGALRM: return "SIGALRM";
+	case SIGTERM: return "SIGTERM";
+	case SIGCHLD: return "SIGCHLD";
+	default: return "SIG?";
+	}
+}
+
+static __attribute__((unused)) const char *errname(int e)
+{
+	switch (e) {
+	case 0: return "0";
+	case EPERM: return "EPERM";
+	case ENOENT: return "ENOENT";
+	case ESRCH: return "ESRCH";
+	case EINTR: return "EINTR";
+	case EBADF: return "EBADF";
+	case ECHILD: return "ECHILD";
+	case EAGAIN: return "EAGAIN";
+	case ENOMEM: return "ENOMEM";
+	case EACCES: return "EACCES";
+	case EFAULT: return "EFAULT";
+	case EINVAL: return "EINVAL";
+	case EMFILE: return "EMFILE";
+	case ENFILE: return "ENFILE";
+	case EPIPE: return "EPIPE";
+	case EDOM: return "EDOM";
+	case ERANGE: return "ERANGE";
+	case ENOSYS: return "ENOSYS";
+	default: return "E?";
+	}
+}
+
+/* Describes a wait status for error messages. */
+static __attribute__((unused)) const char *describe_status(int st)
+{
+	static char buf[64];
+
+	if (WIFEXITED(st))
+		snprintf(buf, sizeof buf, "exited %d", WEXITSTATUS(st));
+	else if (WIFSIGNALED(st))
+		snprintf(buf, sizeof buf, "killed by %s (%d)", signame(WTERMSIG(st)), WTERMSIG(st));
+	else
+		snprintf(buf, sizeof buf, "status 0x%x", st);
+	return buf;
+}
+
+static __attribute__((unused)) void expect_exit(int st, int code, const char *who)
+{
+	if (!WIFEXITED(st) || WEXITSTATUS(st) != code)
+		die("%s: expected exit status %d, got %s", who, code, describe_status(st));
+}
+
+static __attribute__((unused)) void expect_signal(int st, int sig, const char *who)
+{
+	if (!WIFSIGNALED(st) || WTERMSIG(st) != sig)
+		die("%s: expected death by %s, got %s", who, signame(sig), describe_status(st));
+}
+/* ---- end of common helpers ---- */
+
+/* Separate buffers for the writer and the reader: in the thread-fork VM
+ * globals are shared between parent and child. */
+static unsigned char child_buf[CHUNK];
+static unsigned char parent_buf[CHUNK];
+
+static inline unsigned char pattern(uint64_t off)
+{
+	uint32_t x = (uint32_t)off;
+
+	x ^= x >> 7;
+	x *= 0x9E3779B1u;
+	return (unsigned char)(x >> 24);
+}
+
+static double now_s(void)
+{
+	struct timespec ts;
+
+	if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0)
+		DIE_ERRNO("clock_gettime");
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+int main(int argc, char **argv)
+{
+	long mib = 64;
+	int timing = 0, opt, p[2], st;
+	uint64_t total, got = 0, h = 0xcbf29ce484222325ull;
+	double t0, t1;
+	pid_t pid;
+
+	top_pid = getpid();
+	while ((opt = getopt(argc, argv, "m:t")) != -1) {
+		switch (opt) {
+		case 'm': mib = atol(optarg); break;
+		case 't': timing = 1; break;
+		default:
+			fprintf(stderr, "usage: %s [-m MiB] [-t]\n", argv[0]);
+			return 2;
+		}
+	}
+	if (mib < 0)
+		die("bad -m %ld", mib);
+	total = (uint64_t)mib << 20;
+
+	xpipe(p);
+	t0 = now_s();
+	pid = xfork();
+	if (pid == 0) {
+		uint64_t off = 0;
+
+		close(p[0]);
+		while (off < total) {
+			size_t n = total - off < CHUNK ? (size_t)(total - off) : CHUNK;
+			for (size_t j = 0; j < n; j++)
+				child_buf[j] = pattern(off + j);
+			write_full(p[1], child_buf, n);
+			off += n;
+		}
+		close(p[1]);
+		_exit(0);
+	}
+	xclose(p[1]);
+	for (;;) {
+		ssize_t r = read(p[0], parent_buf, CHUNK);
+		if (r < 0) {
+			if (errno == EINTR)
+				continue;
+			DIE_ERRNO("read");
+		}
+		if (r == 0)
+			break;
+		for (ssize_t j = 0; j < r; j++) {
+			unsigned char b = parent_buf[j];
+			if (b != pattern(got + (uint64_t)j))
+				die("data mismatch at offset %llu: got 0x%02x, expected 0x%02x",
+				    (unsigned long long)(got + (uint64_t)j), b,
+				    pattern(got + (uint64_t)j));
+			h ^= b;
+			h *= 0x100000001b3ull;
+		}
+		got += (uint64_t)r;
+		if (got > total)
+			die("received more than %llu bytes", (unsigned long long)total);
+	}
+	xclose(p[0]);
+	st = xwaitpid(pid);
+	t1 = now_s();
+	expect_exit(st, 0, "writer child");
+	if (got != total)
+		die("received %llu bytes, expected %llu", (unsigned long long)got,
+		    (unsigned long long)total);
+	printf("bytes=%llu checksum=%016llx\n", (unsigned long long)got, (unsigned long long)h);
+	if (timing)
+		printf("mib_per_s=%.3f\n", t1 > t0 ? (double)got / 1048576.0 / (t1 - t0) : 0.0);
+	return 0;
+}

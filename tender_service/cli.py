@@ -1,0 +1,197 @@
+"""``unifork``: the command line (a thin shell over the library)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from tender_service.machine.errors import ImageError
+from tender_service.rump import signals
+
+log = logging.getLogger("unifork")
+
+
+def parse_size(text: str) -> int:
+    """'64M', '1G', '512k' or a byte count."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    try:
+        return int(float(t[:-1] if mult > 1 else t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
+                        format="unifork: %(levelname)s: %(message)s")
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from tender_service.rump.kernel import VmConfig
+    from tender_service.toolchain.images import ImageNotFoundError, resolve_image
+    from tender_service.vm import run_vm, stdio_sink
+
+    if a.trace_syscalls:
+        logging.getLogger("tender_service.rump.kernel").setLevel(logging.INFO)
+    try:
+        path = resolve_image(a.image)
+    except (ImageNotFoundError, OSError) as e:
+        print(f"unifork: {e}", file=sys.stderr)
+        return 2
+    config = VmConfig(ram=a.mem, stack_size=a.stack, timeout=a.timeout, quantum=a.quantum,
+                      max_procs=a.max_procs, tty=a.console == "tty",
+                      trace_syscalls=a.trace_syscalls)
+    stdin = None if a.stdin == "none" else sys.stdin.fileno()
+    if stdin is not None:
+        os.set_blocking(stdin, False)
+    try:
+        result = run_vm(path, a.args, None if not a.env else a.env, config,
+                        stdio_sink(a.tag_pids), stdin, a.fork)
+    except (ImageError, ValueError) as e:
+        print(f"unifork: {e}", file=sys.stderr)
+        return 2
+    for r in result.reports:
+        print(f"unifork: {r}", file=sys.stderr)
+    if a.ps:
+        print("unifork: process table at exit:", file=sys.stderr)
+        print(f"{'PID':>6} {'PPID':>6} {'STATE':<8} STATUS", file=sys.stderr)
+        for p in result.processes:
+            st = "" if p.status is None else signals.describe_status(p.status)
+            print(f"{p.pid:>6} {p.ppid:>6} {p.state:<8} {st}  {p.name}", file=sys.stderr)
+    if a.stats:
+        print(f"unifork: {result.outcome}, {result.elapsed * 1e3:.1f} ms, {result.forks} forks, "
+              f"{result.syscalls} syscalls, peak guest memory {result.peak_memory} bytes",
+              file=sys.stderr)
+    return result.exit_code
+
+
+def cmd_cc(a: argparse.Namespace, rest: list[str]) -> int:
+    from tender_service.toolchain.cc import cc_main
+
+    return cc_main(rest)
+
+
+def cmd_images(a: argparse.Namespace) -> int:
+    from tender_service.toolchain.images import build_all, list_images
+
+    if a.build:
+        def progress(name: str, done: int, total: int) -> None:
+            print(f"\r[{done}/{total}] built {name:<24}", end="", file=sys.stderr, flush=True)
+
+        build_all(progress=progress)
+        print(file=sys.stderr)
+    for info in list_images():
+        built = "not built" if info.path is None else f"{info.size:>9} bytes  {info.sha256[:16]}"
+        print(f"{info.name:<22} {built}")
+    return 0
+
+
+def cmd_syscalls(a: argparse.Namespace) -> int:
+    from tender_service.rump.syscalls.table import entries, markdown
+
+    if a.markdown:
+        sys.stdout.write(markdown())
+        return 0
+    for e in sorted(entries(), key=lambda e: e.nr):
+        print(f"{e.nr:>4} {e.name:<20} {e.support.value:<12} {e.note}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    """The main job so far: build the guest images, run the fork and pipe programs."""
+    from tender_service.toolchain.images import build_all, build_image
+    from tender_service.vm import run_vm, stdio_sink
+
+    print("== building guest images", flush=True)
+    build_all(progress=lambda n, d, t: print(f"  [{d}/{t}] {n}", flush=True))
+    demos = [("fork_time", []), ("pipe_talk", ["--write-literal"]), ("token_ring", []),
+             ("semantics", []), ("fork_exit_wait", [])]
+    code = 0
+    for name, args in demos:
+        print(f"\n== unifork run {name} {' '.join(args)}  (thread fork)", flush=True)
+        r = run_vm(build_image(name), args, sink=stdio_sink())
+        print(f"-- {name}: {r.outcome}, exit {r.exit_code}, {r.forks} forks, "
+              f"{r.elapsed * 1e3:.1f} ms", flush=True)
+        code = code or r.exit_code
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="unifork", description=__doc__)
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run a program in a unikernel VM")
+    r.add_argument("image", help="built-in image name, ELF file or C source")
+    r.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the program")
+    r.add_argument("--mem", type=parse_size, default="64M", help="guest RAM (default 64M)")
+    r.add_argument("--stack", type=parse_size, default="256K", help="stack per process")
+    r.add_argument("--timeout", type=float, default=None, help="wall-time limit in seconds")
+    r.add_argument("--quantum", type=int, default=0,
+                   help="preempt after this many instructions (default: cooperative)")
+    r.add_argument("--console", choices=("tty", "pipe"), default="tty")
+    r.add_argument("--stdin", choices=("host", "none"), default="host",
+                   help="guest stdin: this process's stdin, or EOF")
+    r.add_argument("--env", action="append", default=[], help="NAME=VALUE (repeatable)")
+    r.add_argument("--fork", choices=("thread",), default="thread", help="fork strategy")
+    r.add_argument("--max-procs", type=int, default=1024)
+    r.add_argument("--trace-syscalls", action="store_true")
+    r.add_argument("--tag-pids", action="store_true", help="prefix output lines with the pid")
+    r.add_argument("--ps", action="store_true", help="print the process table at exit")
+    r.add_argument("--stats", action="store_true", help="print run statistics at exit")
+
+    sub.add_parser("cc", help="compile a guest program (like cc)", add_help=False)
+    i = sub.add_parser("images", help="list (and build) the built-in guest images")
+    i.add_argument("--build", action="store_true")
+    s = sub.add_parser("syscalls", help="list the supported syscalls")
+    s.add_argument("--markdown", action="store_true")
+    sub.add_parser("demo", help="build the images and run the fork/pipe programs")
+
+    if argv and argv[0] == "cc":
+        return cmd_cc(argparse.Namespace(), argv[1:])
+    a = p.parse_args(argv)
+    _setup_logging(a.verbose)
+    if a.cmd == "run":
+        # options may follow the image name; program args follow a '--' or unknown words
+        return cmd_run(_split_run_args(r, a))
+    return {"images": cmd_images, "syscalls": cmd_syscalls, "demo": cmd_demo}[a.cmd](a)
+
+
+def _split_run_args(parser: argparse.ArgumentParser, a: argparse.Namespace) -> argparse.Namespace:
+    """Options may also follow the image: `run hello --mem 8M -n 3` or `run hello -- --mem`.
+
+    After the image, words that are unifork options are taken (with their
+    values) up to the first word that is not, or up to ``--``; the rest are the
+    program's arguments.
+    """
+    takes_value = {s for act in parser._actions for s in act.option_strings if act.nargs != 0}
+    flags = {s for act in parser._actions for s in act.option_strings if act.nargs == 0}
+    rest, ours = list(a.args), []
+    while rest:
+        word = rest[0]
+        if word == "--":
+            rest.pop(0)
+            break
+        name = word.split("=", 1)[0]
+        if name in flags:
+            ours.append(rest.pop(0))
+        elif name in takes_value:
+            ours.append(rest.pop(0))
+            if "=" not in word and rest:
+                ours.append(rest.pop(0))
+        else:
+            break
+    opts = parser.parse_args([*ours, a.image])
+    for key, value in vars(opts).items():
+        if key != "args" and value != parser.get_default(key):
+            setattr(a, key, value)
+    a.args = rest
+    return a
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Thread fork: the child is a new thread of the same VM on a copy of the stack.
+
+The seed thesis (ch. 4) made its child a new Rumprun thread whose stack is a
+copy of the parent's; globals stay shared and heap blocks the stack points to
+are duplicated (``addr_is_managed``).  Made sound here:
+
+1. new process: pid, ppid, copied fd table and dispositions, its own LWP;
+2. a stack of the same size; the parent's live stack (from rsp minus the
+   128-byte red zone to the top) is copied to the same offset;
+3. the copy and the general registers are scanned word by word: words that
+   point into the parent's stack are rebased onto the child's; words that
+   point into a live user heap allocation get that allocation (header
+   included) duplicated once for the child and are rebased into the copy;
+   words that point into the parent's TLS block are rebased onto the child's;
+   anything else (text, data, bss, integers) is left as is: globals stay
+   shared;
+4. the child gets its own copy of the TLS block / musl thread descriptor
+   (``errno``, ``tid``, ``self``), its fs base pointing into it;
+5. the child's context is the parent's with rax = 0 and rsp/rbp/registers
+   relocated; it is queued to run; the parent returns the child's pid at
+   once (the parent keeps the CPU, as a real fork's caller mostly does).
+
+Known limits (documented in docs/semantics.md): globals and heap blocks not
+reachable from the stack or registers stay shared; the scan is conservative
+and can rebase an integer that happens to equal a stack, TLS or heap address;
+only blocks pointed to directly are copied (not what they point to).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import struct
+
+import numpy as np
+
+from tender_service.bmk.memalloc import MEMWHO_USER, MEMWHO_WIREDBMK, Allocation
+from tender_service.machine.cpu import FS_BASE, GPRS, RIP, SYSCALL_INSN_LEN, RegSet
+from tender_service.machine.errors import GuestError
+from tender_service.rump.kernel import Kernel
+from tender_service.rump.process import Lwp, Process
+
+log = logging.getLogger(__name__)
+
+RED_ZONE = 128
+MASK64 = 0xFFFF_FFFF_FFFF_FFFF
+#: bytes of musl's ``struct pthread`` at and above the thread pointer (208 in
+#: musl 1.2.5), rounded up; the TLS block below it starts at ``td->dtv``
+PTHREAD_SPAN = 240
+#: registers relocated like stack words; rax is the return value, rcx/r11 are
+#: clobbered by ``syscall``, rsp is rebased explicitly
+_SCAN_NAMES = ("rbx", "rbp", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r12", "r13", "r14", "r15")
+_SCAN_REGS = RegSet(*(GPRS[r] for r in _SCAN_NAMES))
+#: the child's context: the scanned registers, then rax, rsp, rip, fs base
+_CHILD_REGS = RegSet(*(GPRS[r] for r in _SCAN_NAMES), GPRS["rax"], GPRS["rsp"], RIP, FS_BASE)
+
+
+class ThreadFork:
+    """The in-VM fork of the thesis, made sound (see module docstring)."""
+
+    mode = "thread"
+
+    def fork(self, k: Kernel, lwp: Lwp, vfork: bool) -> int:
+        pt = lwp.thread
+        rsp = k.cpu.reg(GPRS["rsp"])
+        if not pt.stack_base < rsp <= pt.stack_top:
+            raise GuestError(errno.EINVAL, "fork on a stack the kernel did not allocate")
+        child = k.new_child(lwp.proc)
+        try:
+            self._build(k, lwp, child, rsp)
+        except GuestError:
+            k.discard_process(child)
+            raise
+        return child.pid
+
+    def _build(self, k: Kernel, lwp: Lwp, child: Process, rsp: int) -> None:
+        pt, cpu, mem, heap = lwp.thread, k.cpu, k.mem, k.heap
+        s_base, s_top, size = pt.stack_base, pt.stack_top, pt.stack_size
+        cstack = heap.malloc(size, 16, owner=child.pid, who=MEMWHO_WIREDBMK)
+        if not cstack:
+            raise GuestError(errno.ENOMEM, "no memory for the child's stack")
+
+        # 2. copy the live stack, red zone included
+        lo = max(s_base, (rsp - RED_ZONE) & ~7)
+        n = s_top - lo
+        delta = cstack - s_base
+        src, dst = mem.offset(lo, n), mem.offset(lo + delta, n)
+        mem.buf[dst : dst + n] = mem.buf[src : src + n]
+
+        # 4. the TLS block / thread descriptor
+        fs = cpu.reg(FS_BASE)
+        tls_lo, tls_hi, ctls = _copy_tls(k, child.pid, fs)
+
+        # 3. relocate stack words and registers
+        r = _Relocator(heap, child.pid, s_base, s_top, delta, tls_lo, tls_hi,
+                       ctls - tls_lo if ctls else 0)
+        r.relocate_words(mem.buf, dst, n // 8)
+        regs = [r.value(v) for v in cpu.read_regs(_SCAN_REGS)]
+
+        # 5. the child's context: the parent's, with rax = 0 and rebased pointers
+        ctx = cpu.new_context()
+        rip = cpu.reg(RIP) + SYSCALL_INSN_LEN
+        ctx.write(_CHILD_REGS, [*regs, 0, rsp + delta, rip, r.value(fs)])
+        clwp = k.new_lwp(child, cstack, cstack, size, ctx)
+        clwp.tls = ctls
+        k.note_memory()
+
+
+def _copy_tls(k: Kernel, pid: int, fs: int) -> tuple[int, int, int]:
+    """Copy musl's TLS block [td->dtv, fs + PTHREAD_SPAN); (lo, hi, address of copy)."""
+    mem = k.mem
+    if not fs or not mem.contains(fs, PTHREAD_SPAN):
+        return 0, 0, 0
+    if mem.read_u64(fs) != fs:  # not musl's layout (td->self == td): leave it shared
+        k.warn_once("tls-layout", "thread pointer %#x has no musl descriptor: TLS shared", fs)
+        return 0, 0, 0
+    dtv = mem.read_u64(fs + 8)
+    lo = dtv if fs - (1 << 20) < dtv <= fs and not dtv & 7 and mem.contains(dtv, fs - dtv) else fs
+    hi = fs + PTHREAD_SPAN
+    ctls = k.heap.malloc(hi - lo, 64, owner=pid, who=MEMWHO_WIREDBMK)
+    if not ctls:
+        raise GuestError(errno.ENOMEM, "no memory for the child's TLS block")
+    nwords = (hi - lo) // 8
+    words = list(struct.unpack_from(f"<{nwords}Q", mem.buf, mem.offset(lo, hi - lo)))
+    tdelta = ctls - lo
+    words = [w + tdelta if lo <= w < hi else w for w in words]
+    struct.pack_into(f"<{nwords}Q", mem.buf, mem.offset(ctls, hi - lo), *words)
+    return lo, hi, ctls
+
+
+class _Relocator:
+    """Rebases words: stack -> child stack, TLS -> child TLS, heap -> duplicate."""
+
+    def __init__(self, heap, pid: int, s_base: int, s_top: int, delta: int,
+                 tls_lo: int, tls_hi: int, tdelta: int) -> None:
+        self.heap, self.pid = heap, pid
+        self.s_base, self.s_top, self.delta = s_base, s_top, delta
+        self.tls_lo, self.tls_hi, self.tdelta = tls_lo, tls_hi, tdelta
+        self.h_lo, self.h_hi = heap.heap_range
+        self.dups: dict[int, Allocation] = {}  # parent block -> child copy
+
+    def value(self, v: int) -> int:
+        if self.s_base <= v < self.s_top:
+            return v + self.delta
+        if self.tls_lo <= v < self.tls_hi:
+            return v + self.tdelta
+        if self.h_lo <= v < self.h_hi:
+            a = self.heap.addr_is_managed(v)
+            if a is None or a.who != MEMWHO_USER:
+                return v
+            d = self.dups.get(a.block)
+            if d is None:
+                d = self.heap.duplicate(a, self.pid)
+                if d is None:
+                    raise GuestError(errno.ENOMEM, "no memory to copy a heap block for the child")
+                self.dups[a.block] = d
+            return v + d.block - a.block
+        return v
+
+    def relocate_words(self, buf, offset: int, count: int) -> None:
+        """Relocate ``count`` words at ``buf[offset:]``.
+
+        numpy rebases the stack and TLS words in bulk and finds the few words
+        that may point into the heap; only those are looked up one by one.
+        """
+        w = np.frombuffer(buf, dtype="<u8", count=count, offset=offset)
+        try:
+            in_stack = (w >= self.s_base) & (w < self.s_top)
+            in_heap = (w >= self.h_lo) & (w < self.h_hi)
+            in_heap &= ~in_stack
+            in_tls = None
+            if self.tls_hi:
+                in_tls = (w >= self.tls_lo) & (w < self.tls_hi)
+                in_heap &= ~in_tls
+            idx = np.flatnonzero(in_heap)
+            if idx.size:
+                old = w[idx].tolist()
+                new = [self.value(v) for v in old]
+                if new != old:
+                    w[idx] = np.array(new, dtype=np.uint64)
+            np.add(w, np.uint64(self.delta & MASK64), out=w, where=in_stack)
+            if in_tls is not None:
+                np.add(w, np.uint64(self.tdelta & MASK64), out=w, where=in_tls)
+        finally:
+            del w  # release the buffer export (RAM must stay closable)

@@ -1,0 +1,90 @@
+"""Place an image in guest RAM and build the initial process stack.
+
+The stack follows the Linux x86-64 process-entry ABI (argc, argv, envp,
+auxv, then the strings), so musl's unmodified ``_start`` and
+``__init_libc`` run as they would on Linux.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+from tender_service.machine.elf import ElfImage
+from tender_service.machine.errors import ImageError
+from tender_service.machine.layout import HEAP_BASE, PIE_BASE, page_down
+from tender_service.machine.memory import GuestMemory, Region
+
+AT_NULL, AT_PHDR, AT_PHENT, AT_PHNUM, AT_PAGESZ, AT_BASE, AT_FLAGS, AT_ENTRY = 0, 3, 4, 5, 6, 7, 8, 9
+AT_UID, AT_EUID, AT_GID, AT_EGID, AT_PLATFORM, AT_HWCAP, AT_CLKTCK = 11, 12, 13, 14, 15, 16, 17
+AT_SECURE, AT_RANDOM, AT_EXECFN = 23, 25, 31
+#: what cpuid leaf 1 edx reports for Unicorn's default x86-64 CPU (fpu..sse2)
+HWCAP_X86_64 = 0x078BFBFF
+
+
+@dataclass(slots=True)
+class LoadedImage:
+    image: ElfImage
+    bias: int
+    region: Region
+    heap: Region
+
+    @property
+    def entry(self) -> int:
+        return self.image.entry + self.bias
+
+    def tls(self) -> tuple[int, int, int] | None:
+        """(memsz, align, vaddr) of PT_TLS, relocated; None without TLS."""
+        t = self.image.tls
+        return None if t is None else (t.memsz, t.align, t.vaddr + self.bias)
+
+
+def layout_memory(mem: GuestMemory, image: ElfImage) -> LoadedImage:
+    """Map the image at its link address (static-PIE at PIE_BASE) and the heap above."""
+    bias = PIE_BASE - image.lo if image.is_pie else 0
+    if image.span + (1 << 20) > mem.ram_size:
+        raise ImageError(f"{image.name}: image needs {image.span} bytes, more than guest RAM "
+                         f"({mem.ram_size}) allows")
+    region = mem.add_region("image", image.lo + bias, image.span)
+    view = mem.region_view(region)
+    for s in image.segments:
+        off = s.vaddr + bias - region.base
+        view[off : off + s.filesz] = image.data[s.offset : s.offset + s.filesz]
+        # bss is zero already: the RAM buffer is fresh
+    heap = mem.add_region("heap", HEAP_BASE, page_down(mem.free_ram))
+    return LoadedImage(image, bias, region, heap)
+
+
+def build_stack(mem: GuestMemory, loaded: LoadedImage, stack_top: int,
+                argv: list[bytes], envp: list[bytes]) -> int:
+    """Write argc/argv/envp/auxv below ``stack_top``; return the entry rsp."""
+    sp = stack_top
+    strings: list[int] = []
+
+    def push_bytes(data: bytes) -> int:
+        nonlocal sp
+        sp -= len(data)
+        mem.write(sp, data)
+        return sp
+
+    platform = push_bytes(b"x86_64\0")
+    random = push_bytes(os.urandom(16))
+    for s in (*argv, *envp):
+        strings.append(push_bytes(s + b"\0"))
+    argv_ptrs, env_ptrs = strings[: len(argv)], strings[len(argv):]
+    img = loaded.image
+    auxv = [
+        (AT_PHDR, img.phdr_vaddr + loaded.bias), (AT_PHENT, img.phentsize),
+        (AT_PHNUM, img.phnum), (AT_PAGESZ, 4096), (AT_BASE, 0), (AT_FLAGS, 0),
+        (AT_ENTRY, loaded.entry), (AT_UID, 0), (AT_EUID, 0), (AT_GID, 0), (AT_EGID, 0),
+        (AT_PLATFORM, platform), (AT_HWCAP, HWCAP_X86_64), (AT_CLKTCK, 100),
+        (AT_SECURE, 0), (AT_RANDOM, random),
+        (AT_EXECFN, argv_ptrs[0] if argv_ptrs else 0), (AT_NULL, 0),
+    ]
+    words = [len(argv), *argv_ptrs, 0, *env_ptrs, 0]
+    for k, v in auxv:
+        words += [k, v]
+    sp = (sp - 8 * len(words)) & ~0xF  # rsp is 16-byte aligned at entry
+    mem.write(sp, struct.pack(f"<{len(words)}Q", *words))
+    return sp

@@ -1,0 +1,152 @@
+"""Open file descriptions: what an fd points at.
+
+A ``File`` is shared by every fd that refers to it (dup, fork); ``refs``
+counts those fds, and when it drops to zero the file is released (a pipe end
+then stops counting as a reader or writer).  Reads and writes move bytes
+straight between guest memory and the file; an operation that cannot make
+progress raises ``Block`` and the syscall is restarted when woken.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from typing import TYPE_CHECKING
+
+from tender_service.bmk.sched import WaitQueue
+from tender_service.machine.errors import GuestError
+
+if TYPE_CHECKING:
+    from tender_service.rump.kernel import Kernel
+    from tender_service.rump.process import Lwp
+
+O_RDONLY, O_WRONLY, O_RDWR, O_ACCMODE = 0, 1, 2, 3
+O_CREAT, O_EXCL, O_NOCTTY, O_TRUNC, O_APPEND, O_NONBLOCK = 0o100, 0o200, 0o400, 0o1000, 0o2000, 0o4000
+O_DIRECTORY, O_CLOEXEC = 0o200000, 0o2000000
+O_LARGEFILE = 0o100000
+
+S_IFIFO, S_IFCHR = 0o010000, 0o020000
+
+TCGETS, TCSETS, TCSETSW, TCSETSF = 0x5401, 0x5402, 0x5403, 0x5404
+TIOCGWINSZ, TIOCSWINSZ, TIOCGPGRP, FIONREAD, FIONBIO = 0x5413, 0x5414, 0x540F, 0x541B, 0x5421
+
+
+class Block(Exception):  # noqa: N818 - control flow, not an error
+    """The operation must wait on ``wq``; the syscall restarts when woken."""
+
+    def __init__(self, wq: WaitQueue | None, why: str, until: float | None = None) -> None:
+        self.wq, self.why, self.until = wq, why, until
+
+
+class File:
+    kind = "file"
+    mode = S_IFCHR
+
+    def __init__(self, flags: int = O_RDWR) -> None:
+        self.flags = flags
+        self.refs = 0
+
+    @property
+    def readable(self) -> bool:
+        return (self.flags & O_ACCMODE) in (O_RDONLY, O_RDWR)
+
+    @property
+    def writable(self) -> bool:
+        return (self.flags & O_ACCMODE) in (O_WRONLY, O_RDWR)
+
+    @property
+    def nonblocking(self) -> bool:
+        return bool(self.flags & O_NONBLOCK)
+
+    def read(self, k: Kernel, lwp: Lwp, addr: int, n: int) -> int:
+        raise GuestError(errno.EINVAL)
+
+    def write(self, k: Kernel, lwp: Lwp, addr: int, n: int) -> int:
+        raise GuestError(errno.EINVAL)
+
+    def write_bytes(self, k: Kernel, lwp: Lwp, data: bytes) -> int:
+        """Write from a host buffer (writev gathers into one)."""
+        raise GuestError(errno.EINVAL)
+
+    def ioctl(self, k: Kernel, lwp: Lwp, req: int, arg: int) -> int:
+        raise GuestError(errno.ENOTTY)
+
+    def release(self, k: Kernel) -> None:
+        """The last fd referring to this file was closed."""
+
+    def describe(self) -> str:
+        return self.kind
+
+
+class NullFile(File):
+    """/dev/null: reads see EOF, writes vanish."""
+
+    kind = "null"
+
+    def read(self, k, lwp, addr, n):
+        return 0
+
+    def write(self, k, lwp, addr, n):
+        k.mem.offset(addr, n)  # EFAULT as Linux would... Linux /dev/null does not touch it
+        return n
+
+    def write_bytes(self, k, lwp, data):
+        return len(data)
+
+
+class ZeroFile(NullFile):
+    """/dev/zero and /dev/urandom: endless bytes."""
+
+    def __init__(self, flags: int, random: bool) -> None:
+        super().__init__(flags)
+        self.random = random
+        self.kind = "urandom" if random else "zero"
+
+    def read(self, k, lwp, addr, n):
+        n = min(n, 1 << 20)
+        k.mem.write(addr, os.urandom(n) if self.random else bytes(n))
+        return n
+
+
+class ConsoleFile(File):
+    """fd 0/1/2 of the launched program: the tender's console for this VM."""
+
+    kind = "console"
+
+    def __init__(self, flags: int, fdno: int) -> None:
+        super().__init__(flags)
+        self.fdno = fdno
+
+    def read(self, k, lwp, addr, n):
+        return k.console.read(k, lwp, self, addr, n)
+
+    def write(self, k, lwp, addr, n):
+        return self.write_bytes(k, lwp, k.mem.read(addr, n))
+
+    def write_bytes(self, k, lwp, data):
+        k.console.output(lwp.proc.pid, 2 if self.fdno == 2 else 1, data)
+        return len(data)
+
+    def ioctl(self, k, lwp, req, arg):
+        if not k.console.tty:
+            raise GuestError(errno.ENOTTY)
+        if req == TIOCGWINSZ:
+            k.mem.write(arg, struct.pack("<4H", 24, 80, 0, 0))
+            return 0
+        if req == TCGETS:
+            # a cooked terminal: ICRNL | IXON, OPOST | ONLCR, B38400 | CS8 | CREAD, ISIG | ICANON | ECHO...
+            termios = struct.pack("<4IB19B", 0x500, 0x5, 0xBF, 0x8A3B, 0, *([0] * 19))
+            k.mem.write(arg, termios + bytes(60 - len(termios)))
+            return 0
+        if req in (TCSETS, TCSETSW, TCSETSF, TIOCSWINSZ):
+            k.mem.offset(arg, 8)
+            return 0
+        if req == TIOCGPGRP:
+            k.mem.write_u32(arg, lwp.proc.pgid)
+            return 0
+        raise GuestError(errno.EINVAL)
+
+    @property
+    def mode_bits(self) -> int:
+        return S_IFCHR

@@ -1,0 +1,146 @@
+"""In-VM pipes with Linux semantics.
+
+64 KiB capacity; a write of at most PIPE_BUF bytes is atomic (all or wait);
+a larger blocking write transfers what fits and waits for the rest, returning
+only when all is written (the restarted syscall resumes from ``lwp.progress``);
+reads return what is there, wait while writers remain, see EOF (0) once the
+last writer has gone; a write with no reader left gets EPIPE and raises
+SIGPIPE in the writer.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+from tender_service.bmk.sched import WaitQueue
+from tender_service.machine.errors import GuestError
+from tender_service.rump import signals
+from tender_service.rump.files import FIONREAD, O_RDONLY, O_WRONLY, S_IFIFO, Block, File
+
+if TYPE_CHECKING:
+    from tender_service.rump.kernel import Kernel
+    from tender_service.rump.process import Lwp
+
+PIPE_BUF = 4096
+PIPE_CAPACITY = 65536
+
+
+class Pipe:
+    _ids = 0
+
+    def __init__(self) -> None:
+        Pipe._ids += 1
+        self.id = Pipe._ids
+        self.buf = bytearray()
+        self.readers = 0
+        self.writers = 0
+        self.readable_wq = WaitQueue(f"pipe:{self.id}:read")
+        self.writable_wq = WaitQueue(f"pipe:{self.id}:write")
+        self.bytes_through = 0
+
+
+class PipeEnd(File):
+    kind = "pipe"
+    mode = S_IFIFO
+
+    def __init__(self, pipe: Pipe, write_end: bool, flags: int) -> None:
+        super().__init__((flags & ~3) | (O_WRONLY if write_end else O_RDONLY))
+        self.pipe = pipe
+        self.write_end = write_end
+        if write_end:
+            pipe.writers += 1
+        else:
+            pipe.readers += 1
+
+    def describe(self) -> str:
+        return f"pipe:{self.pipe.id}:{'w' if self.write_end else 'r'}"
+
+    def read(self, k: Kernel, lwp: Lwp, addr: int, n: int) -> int:
+        if self.write_end:
+            raise GuestError(errno.EBADF)
+        p = self.pipe
+        if n == 0:
+            return 0
+        if not p.buf:
+            if p.writers == 0:
+                return 0
+            if self.nonblocking:
+                raise GuestError(errno.EAGAIN)
+            raise Block(p.readable_wq, f"read {self.describe()}")
+        take = min(n, len(p.buf))
+        k.mem.write(addr, memoryview(p.buf)[:take])
+        del p.buf[:take]
+        if p.writable_wq.waiters:
+            k.sched.wake_all(p.writable_wq)
+        return take
+
+    def write(self, k: Kernel, lwp: Lwp, addr: int, n: int) -> int:
+        if not self.write_end:
+            raise GuestError(errno.EBADF)
+        k.mem.offset(addr, n)  # EFAULT before anything moves
+        return self._write(k, lwp, addr, n, None)
+
+    def write_bytes(self, k: Kernel, lwp: Lwp, data: bytes) -> int:
+        if not self.write_end:
+            raise GuestError(errno.EBADF)
+        return self._write(k, lwp, 0, len(data), data)
+
+    def _write(self, k: Kernel, lwp: Lwp, addr: int, n: int, data: bytes | None) -> int:
+        p = self.pipe
+        done = lwp.progress
+        if p.readers == 0:
+            k.post_signal(lwp.proc, signals.SIGPIPE)
+            lwp.progress = 0
+            if done:
+                return done
+            raise GuestError(errno.EPIPE)
+        room = PIPE_CAPACITY - len(p.buf)
+        left = n - done
+        if left <= 0:
+            lwp.progress = 0
+            return n
+        if (n <= PIPE_BUF and room < left) or room == 0:
+            if self.nonblocking:
+                lwp.progress = 0
+                if done:
+                    return done
+                raise GuestError(errno.EAGAIN)
+            raise Block(p.writable_wq, f"write {self.describe()}")
+        take = min(room, left)
+        if data is None:
+            p.buf += k.mem.slice(addr + done, take)
+        else:
+            p.buf += data[done : done + take]
+        p.bytes_through += take
+        if p.readable_wq.waiters:
+            k.sched.wake_all(p.readable_wq)
+        done += take
+        if done < n and not self.nonblocking:
+            lwp.progress = done
+            raise Block(p.writable_wq, f"write {self.describe()}")
+        lwp.progress = 0
+        return done
+
+    def ioctl(self, k: Kernel, lwp: Lwp, req: int, arg: int) -> int:
+        if req == FIONREAD:
+            k.mem.write_u32(arg, len(self.pipe.buf))
+            return 0
+        raise GuestError(errno.ENOTTY)
+
+    def release(self, k: Kernel) -> None:
+        p = self.pipe
+        if self.write_end:
+            p.writers -= 1
+            if p.writers == 0:
+                k.sched.wake_all(p.readable_wq)
+        else:
+            p.readers -= 1
+            if p.readers == 0:
+                p.buf.clear()
+                k.sched.wake_all(p.writable_wq)
+
+
+def make_pipe(flags: int) -> tuple[PipeEnd, PipeEnd]:
+    p = Pipe()
+    return PipeEnd(p, False, flags), PipeEnd(p, True, flags)

@@ -1,0 +1,83 @@
+"""Processes and LWPs of the rump layer.
+
+A process owns a descriptor table, signal dispositions, children and its
+memory accounting; an LWP is its thread of execution (one per process here:
+``clone`` of threads is not supported) and wraps a bmk thread, as Rumprun's
+``rumprun_lwp`` is the ``bt_cookie`` of a ``bmk_thread``.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from tender_service.bmk.sched import BmkThread, WaitQueue
+from tender_service.rump import signals
+from tender_service.rump.fdtable import FdTable
+
+
+class ProcState(enum.Enum):
+    ALIVE = "alive"
+    ZOMBIE = "zombie"
+    REAPED = "reaped"
+
+
+@dataclass(eq=False)
+class Lwp:
+    proc: Process
+    thread: BmkThread
+    tid: int
+    stack: int = 0  # user pointer of the stack allocation (bmk heap, WIREDBMK)
+    tls: int = 0  # user pointer of a TLS block the kernel made for this LWP (fork)
+    clear_child_tid: int = 0
+    sigmask: int = 0
+    #: bytes a restarted syscall has already moved (large pipe writes)
+    progress: int = 0
+    #: a futex wait of this LWP was woken (the restarted wait returns 0)
+    futex_woken: bool = False
+    #: time.monotonic() deadline of a restarted timed wait, 0 if none
+    deadline: float = 0.0
+
+
+@dataclass(eq=False)
+class Process:
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    fds: FdTable
+    parent: Process | None = None
+    name: str = ""
+    children: dict[int, Process] = field(default_factory=dict)
+    lwps: list[Lwp] = field(default_factory=list)
+    state: ProcState = ProcState.ALIVE
+    status: int = 0  # wait status once a zombie
+    sigactions: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
+    pending: int = 0  # signals left pending (caught by a guest handler we do not run)
+    child_wq: WaitQueue = field(init=False)
+    vfork_child: int = 0  # pid of the vfork child the parent waits for
+    brk: int = 0
+    mmaps: dict[int, int] = field(default_factory=dict)  # addr -> length
+    forks: int = 0
+    started: float = field(default_factory=time.monotonic)
+    ended: float = 0.0
+    report: str = ""  # why it died, if not by exit
+
+    def __post_init__(self) -> None:
+        self.child_wq = WaitQueue(f"wait:{self.pid}")
+
+    @property
+    def alive(self) -> bool:
+        return self.state is ProcState.ALIVE
+
+    def disposition(self, sig: int) -> int:
+        """SIG_DFL (0), SIG_IGN (1) or a guest handler address."""
+        act = self.sigactions.get(sig)
+        return signals.SIG_DFL if act is None else act[0]
+
+    def describe(self) -> str:
+        st = self.state.value
+        if self.state is not ProcState.ALIVE:
+            st += f" ({signals.describe_status(self.status)})"
+        return f"pid {self.pid} ppid {self.ppid} {self.name} {st}"

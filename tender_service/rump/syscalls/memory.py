@@ -1,0 +1,194 @@
+"""Memory: brk, anonymous mmap family, and the guest runtime's malloc hypercalls.
+
+Mappings and malloc blocks come from the bmk heap (page allocator and bucket
+allocator), as on Rumprun.  There is no MMU: ``mprotect`` succeeds without
+effect (the guest may write its own text and string literals, as on
+Rumprun), ``brk`` cannot grow (musl then uses mmap), and MAP_FIXED is only
+honoured inside a mapping the VM already has.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+from tender_service.bmk.memalloc import MEMWHO_USER
+from tender_service.machine.errors import GuestError
+from tender_service.machine.hypercalls import HC_MAGIC
+from tender_service.machine.layout import PAGE_SIZE, page_up
+from tender_service.rump.syscalls.abi import i32
+
+if TYPE_CHECKING:
+    from tender_service.rump.kernel import Kernel
+    from tender_service.rump.process import Lwp, Process
+
+MAP_SHARED, MAP_PRIVATE, MAP_SHARED_VALIDATE, MAP_FIXED, MAP_ANONYMOUS = 1, 2, 3, 0x10, 0x20
+MAP_FIXED_NOREPLACE = 0x100000
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+MADV_DONTNEED = 4
+
+
+def sys_brk(k: Kernel, lwp: Lwp, addr: int) -> int:
+    proc = lwp.proc
+    if not proc.brk:
+        proc.brk = k.loaded.region.end
+    return proc.brk  # the break cannot move: nothing is mapped after the image
+
+
+def _find_mapping(k: Kernel, addr: int) -> tuple[Process, int, int] | None:
+    """(owner, start, length) of the mapping containing ``addr``."""
+    for p in k.procs.values():
+        for start, length in p.mmaps.items():
+            if start <= addr < start + length:
+                return p, start, length
+    return None
+
+
+def _note_peak(k: Kernel) -> None:
+    used = k.pages.used_bytes
+    if used > k.peak_memory:
+        k.peak_memory = used
+
+
+def sys_mmap(k: Kernel, lwp: Lwp, addr: int, length: int, prot: int, flags: int, fd: int,
+             off: int) -> int:
+    flags = i32(flags)
+    kind = flags & 3
+    if length == 0 or kind not in (MAP_SHARED, MAP_PRIVATE, MAP_SHARED_VALIDATE):
+        raise GuestError(errno.EINVAL)
+    if off & (PAGE_SIZE - 1):
+        raise GuestError(errno.EINVAL)
+    if not flags & MAP_ANONYMOUS:
+        f = lwp.proc.fds.get(i32(fd))
+        if f.kind != "zero":
+            raise GuestError(errno.ENODEV)
+    size = page_up(length)
+    if size > k.config.ram:
+        raise GuestError(errno.ENOMEM)
+    if flags & (MAP_FIXED | MAP_FIXED_NOREPLACE):
+        if addr & (PAGE_SIZE - 1):
+            raise GuestError(errno.EINVAL)
+        m = _find_mapping(k, addr)
+        if m is None or addr + size > m[1] + m[2] or flags & MAP_FIXED_NOREPLACE:
+            raise GuestError(errno.EEXIST if m and flags & MAP_FIXED_NOREPLACE else errno.ENOMEM)
+        k.mem.fill(addr, size)
+        return addr
+    start = k.pages.alloc(size // PAGE_SIZE)
+    if start is None:
+        raise GuestError(errno.ENOMEM)
+    k.mem.fill(start, size)
+    lwp.proc.mmaps[start] = size
+    _note_peak(k)
+    return start
+
+
+def sys_munmap(k: Kernel, lwp: Lwp, addr: int, length: int) -> int:
+    if addr & (PAGE_SIZE - 1) or length == 0:
+        raise GuestError(errno.EINVAL)
+    m = _find_mapping(k, addr)
+    if m is None:
+        return 0  # nothing mapped there: Linux succeeds too
+    owner, start, size = m
+    if start == addr and page_up(length) >= size:
+        del owner.mmaps[start]
+        k.pages.free(start)
+    elif addr > start and addr + page_up(length) >= start + size:
+        owner.mmaps[start] = addr - start  # trim the tail; pages return with the whole
+    return 0
+
+
+def sys_mremap(k: Kernel, lwp: Lwp, old: int, old_len: int, new_len: int, flags: int,
+               new_addr: int) -> int:
+    flags = i32(flags)
+    if old & (PAGE_SIZE - 1) or new_len == 0 or flags & ~(MREMAP_MAYMOVE | MREMAP_FIXED):
+        raise GuestError(errno.EINVAL)
+    if flags & MREMAP_FIXED:
+        raise GuestError(errno.EINVAL)
+    m = _find_mapping(k, old)
+    if m is None or m[1] != old:
+        raise GuestError(errno.EFAULT)
+    owner, start, size = m
+    new_size = page_up(new_len)
+    capacity = k.pages.block_pages(start) * PAGE_SIZE
+    if new_size <= capacity:
+        if new_size > size:
+            k.mem.fill(start + size, new_size - size)
+        owner.mmaps[start] = new_size
+        _note_peak(k)
+        return start
+    if not flags & MREMAP_MAYMOVE:
+        raise GuestError(errno.ENOMEM)
+    dest = k.pages.alloc(new_size // PAGE_SIZE)
+    if dest is None:
+        raise GuestError(errno.ENOMEM)
+    k.mem.write(dest, k.mem.slice(start, size))
+    k.mem.fill(dest + size, new_size - size)
+    del owner.mmaps[start]
+    k.pages.free(start)
+    owner.mmaps[dest] = new_size
+    _note_peak(k)
+    return dest
+
+
+def sys_mprotect(k: Kernel, lwp: Lwp, addr: int, length: int, prot: int) -> int:
+    if addr & (PAGE_SIZE - 1):
+        raise GuestError(errno.EINVAL)
+    return 0
+
+
+def sys_madvise(k: Kernel, lwp: Lwp, addr: int, length: int, advice: int) -> int:
+    if addr & (PAGE_SIZE - 1):
+        raise GuestError(errno.EINVAL)
+    if i32(advice) == MADV_DONTNEED and length:
+        m = _find_mapping(k, addr)
+        if m is not None:
+            end = min(addr + page_up(length), m[1] + m[2])
+            k.mem.fill(addr, end - addr)
+    return 0
+
+
+# -- hypercalls of the guest runtime (guest/runtime/unifork_hypercalls.h) -----------
+def hc_probe(k: Kernel, lwp: Lwp) -> int:
+    return HC_MAGIC
+
+
+def _align(align: int) -> int:
+    if align == 0:
+        return 16
+    if align & (align - 1) or align > (1 << 24):
+        raise GuestError(errno.EINVAL)
+    return max(align, 16)
+
+
+def hc_malloc(k: Kernel, lwp: Lwp, size: int, align: int) -> int:
+    if size > k.config.ram:
+        return -errno.ENOMEM
+    return k.heap.malloc(size, _align(align), owner=lwp.proc.pid) or -errno.ENOMEM
+
+
+def hc_free(k: Kernel, lwp: Lwp, ptr: int) -> int:
+    if ptr == 0:
+        return 0
+    return 0 if k.heap.free(ptr, who=MEMWHO_USER) else -errno.EINVAL
+
+
+def hc_realloc(k: Kernel, lwp: Lwp, ptr: int, size: int) -> int:
+    if ptr and k.heap.usable_size(ptr) < 0:
+        return -errno.EINVAL
+    if size > k.config.ram:
+        return -errno.ENOMEM
+    return k.heap.realloc(ptr, size, owner=lwp.proc.pid) or -errno.ENOMEM
+
+
+def hc_calloc(k: Kernel, lwp: Lwp, nmemb: int, size: int) -> int:
+    total = nmemb * size
+    if total > k.config.ram:
+        return -errno.ENOMEM
+    return k.heap.calloc(nmemb, size, owner=lwp.proc.pid) or -errno.ENOMEM
+
+
+def hc_usable_size(k: Kernel, lwp: Lwp, ptr: int) -> int:
+    if ptr == 0:
+        return 0
+    n = k.heap.usable_size(ptr)
+    return n if n >= 0 else -errno.EINVAL

@@ -1,0 +1,285 @@
+"""Process lifecycle: ids, exit, fork/vfork/clone, wait4/waitid, groups, limits.
+
+``fork`` itself is the fork strategy's (thread fork or VM clone); this module
+only checks the request and hands it over.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from typing import TYPE_CHECKING
+
+from tender_service.machine.errors import GuestError
+from tender_service.rump import signals
+from tender_service.rump.files import Block
+from tender_service.rump.kernel import NORETURN, BlockAfter
+from tender_service.rump.process import ProcState
+from tender_service.rump.syscalls.abi import i32
+
+if TYPE_CHECKING:
+    from tender_service.rump.kernel import Kernel
+    from tender_service.rump.process import Lwp, Process
+
+WNOHANG, WUNTRACED, WEXITED, WCONTINUED, WNOWAIT = 1, 2, 4, 8, 0x01000000
+__WALL, __WCLONE, __WNOTHREAD = 0x40000000, 0x80000000, 0x20000000
+P_ALL, P_PID, P_PGID = 0, 1, 2
+CLD_EXITED, CLD_KILLED = 1, 2
+CSIGNAL = 0xFF
+RUSAGE_SIZE = 144
+RLIM_INFINITY = 0xFFFF_FFFF_FFFF_FFFF
+RLIMIT_STACK, RLIMIT_NPROC, RLIMIT_NOFILE, RLIMIT_AS = 3, 6, 7, 9
+RLIMIT = struct.Struct("<QQ")
+
+
+# -- ids ---------------------------------------------------------------------------
+def sys_getpid(k: Kernel, lwp: Lwp) -> int:
+    return lwp.proc.pid
+
+
+def sys_getppid(k: Kernel, lwp: Lwp) -> int:
+    return lwp.proc.ppid
+
+
+def sys_gettid(k: Kernel, lwp: Lwp) -> int:
+    return lwp.tid
+
+
+def sys_set_tid_address(k: Kernel, lwp: Lwp, tidptr: int) -> int:
+    lwp.clear_child_tid = tidptr
+    return lwp.tid
+
+
+def sys_getuid(k: Kernel, lwp: Lwp) -> int:
+    return 0
+
+
+def sys_getgroups(k: Kernel, lwp: Lwp, size: int, list_: int) -> int:
+    return 0
+
+
+# -- exit ----------------------------------------------------------------------------
+def sys_exit_group(k: Kernel, lwp: Lwp, code: int) -> object:
+    k.exit_process(lwp.proc, signals.exited_status(code))
+    return NORETURN
+
+
+def sys_exit(k: Kernel, lwp: Lwp, code: int) -> object:
+    # one LWP per process: ending the thread ends the process
+    return sys_exit_group(k, lwp, code)
+
+
+# -- fork ----------------------------------------------------------------------------
+def _fork(k: Kernel, lwp: Lwp, vfork: bool) -> int:
+    if k.forker is None:
+        raise GuestError(errno.ENOSYS)
+    live = sum(1 for p in k.procs.values() if p.state is not ProcState.REAPED)
+    if live >= k.config.max_procs:
+        raise GuestError(errno.EAGAIN)
+    pid = k.forker.fork(k, lwp, vfork)
+    if pid > 0:
+        k.forks += 1
+        lwp.proc.forks += 1
+        if vfork and k.procs.get(pid) is not None and k.procs[pid].alive:
+            lwp.proc.vfork_child = pid
+            raise BlockAfter(pid, f"vfork: waiting for child {pid} to exit")
+    return pid
+
+
+def sys_fork(k: Kernel, lwp: Lwp) -> int:
+    return _fork(k, lwp, vfork=False)
+
+
+def sys_vfork(k: Kernel, lwp: Lwp) -> int:
+    return _fork(k, lwp, vfork=True)
+
+
+def sys_clone(k: Kernel, lwp: Lwp, flags: int, stack: int, ptid: int, ctid: int,
+              tls: int) -> int:
+    """Only the fork form (exit signal, no sharing flags) is supported."""
+    if flags & ~CSIGNAL or stack:
+        raise GuestError(errno.ENOSYS)
+    return _fork(k, lwp, vfork=False)
+
+
+def sys_execve(k: Kernel, lwp: Lwp, path: int, argv: int, envp: int) -> int:
+    k.mem.cstring(path)
+    raise GuestError(errno.ENOENT)  # no file system: no program to execute
+
+
+# -- wait ----------------------------------------------------------------------------
+def _matches(waiter: Process, child: Process, pid: int) -> bool:
+    if pid == -1:
+        return True
+    if pid > 0:
+        return child.pid == pid
+    if pid == 0:
+        return child.pgid == waiter.pgid
+    return child.pgid == -pid
+
+
+def _find(k: Kernel, lwp: Lwp, pid: int, options: int, why: str) -> Process | None:
+    """A zombie child matching ``pid``; None with WNOHANG; ECHILD if no such child."""
+    proc = lwp.proc
+    found = False
+    for child in list(proc.children.values()):
+        if not _matches(proc, child, pid):
+            continue
+        found = True
+        if child.state is ProcState.ZOMBIE:
+            return child
+    if not found:
+        raise GuestError(errno.ECHILD)
+    if options & WNOHANG:
+        return None
+    raise Block(proc.child_wq, why)
+
+
+def sys_wait4(k: Kernel, lwp: Lwp, pid: int, wstatus: int, options: int, rusage: int) -> int:
+    pid, options = i32(pid), options & 0xFFFF_FFFF
+    if options & ~(WNOHANG | WUNTRACED | WCONTINUED | __WALL | __WCLONE | __WNOTHREAD):
+        raise GuestError(errno.EINVAL)
+    if pid == -(1 << 31):
+        raise GuestError(errno.ESRCH)
+    if wstatus:
+        k.mem.offset(wstatus, 4)
+    if rusage:
+        k.mem.offset(rusage, RUSAGE_SIZE)
+    child = _find(k, lwp, pid, options, f"wait4({pid})")
+    if child is None:
+        return 0
+    if wstatus:
+        k.mem.write_u32(wstatus, child.status)
+    if rusage:
+        k.mem.write(rusage, bytes(RUSAGE_SIZE))
+    k.reap(lwp.proc, child)
+    return child.pid
+
+
+def sys_waitid(k: Kernel, lwp: Lwp, idtype: int, id_: int, infop: int, options: int,
+               rusage: int) -> int:
+    idtype, id_, options = i32(idtype), i32(id_), options & 0xFFFF_FFFF
+    if not options & WEXITED or options & ~(WEXITED | WNOHANG | WNOWAIT | WUNTRACED |
+                                            WCONTINUED | __WALL | __WCLONE | __WNOTHREAD):
+        raise GuestError(errno.EINVAL)
+    if idtype == P_ALL:
+        pid = -1
+    elif idtype == P_PID:
+        pid = id_
+    elif idtype == P_PGID:
+        pid = -id_ if id_ > 0 else 0
+    else:
+        raise GuestError(errno.EINVAL)
+    child = _find(k, lwp, pid, options, f"waitid({idtype}, {id_})")
+    if infop:
+        info = bytearray(128)
+        if child is not None:
+            st = child.status
+            code, status = (CLD_EXITED, (st >> 8) & 0xFF) if st & 0x7F == 0 else (CLD_KILLED,
+                                                                                st & 0x7F)
+            # siginfo_t: si_signo, si_errno, si_code, pad, si_pid, si_uid, si_status
+            struct.pack_into("<iiiiIIi", info, 0, signals.SIGCHLD, 0, code, 0, child.pid, 0,
+                             status)
+        k.mem.write(infop, info)
+    if rusage:
+        k.mem.write(rusage, bytes(RUSAGE_SIZE))
+    if child is not None and not options & WNOWAIT:
+        k.reap(lwp.proc, child)
+    return 0
+
+
+# -- groups and sessions --------------------------------------------------------------
+def _proc(k: Kernel, lwp: Lwp, pid: int) -> Process:
+    pid = i32(pid)
+    if pid == 0:
+        return lwp.proc
+    p = k.procs.get(pid)
+    if p is None or p.state is ProcState.REAPED or p is k.init:
+        raise GuestError(errno.ESRCH)
+    return p
+
+
+def sys_getpgid(k: Kernel, lwp: Lwp, pid: int) -> int:
+    return _proc(k, lwp, pid).pgid
+
+
+def sys_getpgrp(k: Kernel, lwp: Lwp) -> int:
+    return lwp.proc.pgid
+
+
+def sys_getsid(k: Kernel, lwp: Lwp, pid: int) -> int:
+    return _proc(k, lwp, pid).sid
+
+
+def sys_setpgid(k: Kernel, lwp: Lwp, pid: int, pgid: int) -> int:
+    target = _proc(k, lwp, pid)
+    pgid = i32(pgid)
+    if pgid < 0:
+        raise GuestError(errno.EINVAL)
+    if target is not lwp.proc and target.parent is not lwp.proc:
+        raise GuestError(errno.ESRCH)
+    if target.sid != lwp.proc.sid or target.pid == target.sid:
+        raise GuestError(errno.EPERM)
+    pgid = pgid or target.pid
+    if pgid != target.pid and not any(p.pgid == pgid and p.sid == target.sid and p.alive
+                                      for p in k.procs.values()):
+        raise GuestError(errno.EPERM)
+    target.pgid = pgid
+    return 0
+
+
+def sys_setsid(k: Kernel, lwp: Lwp) -> int:
+    p = lwp.proc
+    if any(q.pgid == p.pid for q in k.procs.values() if q is not p and q.alive):
+        raise GuestError(errno.EPERM)
+    p.sid = p.pgid = p.pid
+    return p.pid
+
+
+# -- limits and usage ---------------------------------------------------------------
+def _limit(k: Kernel, lwp: Lwp, resource: int) -> tuple[int, int]:
+    if resource == RLIMIT_STACK:
+        return k.config.stack_size, k.config.stack_size
+    if resource == RLIMIT_NOFILE:
+        return lwp.proc.fds.limit, lwp.proc.fds.limit
+    if resource == RLIMIT_NPROC:
+        return k.config.max_procs, k.config.max_procs
+    if resource == RLIMIT_AS:
+        return k.config.ram, k.config.ram
+    if not 0 <= resource < 16:
+        raise GuestError(errno.EINVAL)
+    return RLIM_INFINITY, RLIM_INFINITY
+
+
+def sys_prlimit64(k: Kernel, lwp: Lwp, pid: int, resource: int, new: int, old: int) -> int:
+    target = _proc(k, lwp, pid)
+    cur = _limit(k, lwp, i32(resource))
+    if new:
+        soft, hard = k.mem.unpack(RLIMIT, new)
+        if soft > hard:
+            raise GuestError(errno.EINVAL)
+        if i32(resource) == RLIMIT_NOFILE and hard <= cur[1]:
+            target.fds.limit = max(3, soft)
+        # other limits are fixed by the VM configuration; lowering is accepted
+    if old:
+        k.mem.pack(RLIMIT, old, *cur)
+    return 0
+
+
+def sys_getrlimit(k: Kernel, lwp: Lwp, resource: int, rlim: int) -> int:
+    return sys_prlimit64(k, lwp, 0, resource, 0, rlim)
+
+
+def sys_setrlimit(k: Kernel, lwp: Lwp, resource: int, rlim: int) -> int:
+    return sys_prlimit64(k, lwp, 0, resource, rlim, 0)
+
+
+def sys_getrusage(k: Kernel, lwp: Lwp, who: int, usage: int) -> int:
+    if i32(who) not in (0, -1, 1):
+        raise GuestError(errno.EINVAL)
+    k.mem.write(usage, bytes(RUSAGE_SIZE))
+    return 0
+
+
+def sys_umask(k: Kernel, lwp: Lwp, mask: int) -> int:
+    return 0o022

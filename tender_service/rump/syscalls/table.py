@@ -1,0 +1,183 @@
+"""The syscall table: Linux x86-64 number -> (handler, support level, note).
+
+One table maps numbers to handlers; the handlers live with their family
+(io, pipe, process, signal, memory, time, sched, system).  The table is also
+the documentation: ``unifork syscalls`` and docs/syscalls.md are generated
+from it, so the list of what is supported cannot drift from the code.
+Anything not listed returns ENOSYS and is logged once with its name.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tender_service.machine import hypercalls as hc
+from tender_service.rump.syscalls import (
+    futex,
+    io,
+    memory,
+    pipe,
+    process,
+    sched,
+    signal,
+    system,
+    time,
+)
+from tender_service.rump.syscalls.names import syscall_name
+
+
+class Support(enum.Enum):
+    FULL = "supported"
+    PARTIAL = "partial"
+    ERROR = "fixed error"  # always fails with a documented errno
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    nr: int
+    name: str
+    handler: Callable[..., object]
+    support: Support
+    note: str = ""
+
+    @property
+    def argc(self) -> int:
+        return self.handler.__code__.co_argcount - 2
+
+
+F, P, E = Support.FULL, Support.PARTIAL, Support.ERROR
+
+SYSCALLS: list[tuple[int, Callable[..., object], Support, str]] = [
+    # io
+    (0, io.sys_read, F, ""),
+    (1, io.sys_write, F, ""),
+    (2, io.sys_open, P, "/dev/null, /dev/zero, /dev/urandom only; no file system (ENOENT)"),
+    (3, io.sys_close, F, ""),
+    (4, io.sys_stat, P, "devices only"),
+    (5, io.sys_fstat, F, "console, pipes, devices"),
+    (6, io.sys_stat, P, "lstat: devices only"),
+    (8, io.sys_lseek, P, "ESPIPE on console and pipes"),
+    (16, io.sys_ioctl, P, "TCGETS/TIOCGWINSZ on a tty console, FIONREAD, FIONBIO"),
+    (17, io.sys_pread64, E, "ESPIPE: no seekable files"),
+    (18, io.sys_pwrite64, E, "ESPIPE: no seekable files"),
+    (19, io.sys_readv, F, ""),
+    (20, io.sys_writev, F, "atomic for pipes like write"),
+    (21, io.sys_access, P, "devices only"),
+    (32, io.sys_dup, F, ""),
+    (33, io.sys_dup2, F, ""),
+    (72, io.sys_fcntl, P, "F_DUPFD(_CLOEXEC), F_GETFD/SETFD, F_GETFL/SETFL; no locks"),
+    (79, io.sys_getcwd, P, "always /"),
+    (257, io.sys_openat, P, "as open"),
+    (262, io.sys_newfstatat, P, "AT_EMPTY_PATH and devices"),
+    (269, io.sys_faccessat, P, "devices only"),
+    (292, io.sys_dup3, F, ""),
+    # pipes
+    (22, pipe.sys_pipe, F, "64 KiB, PIPE_BUF 4096 atomic"),
+    (293, pipe.sys_pipe2, F, "O_NONBLOCK, O_CLOEXEC"),
+    # memory
+    (9, memory.sys_mmap, P, "anonymous (and /dev/zero); MAP_FIXED only inside existing mappings"),
+    (10, memory.sys_mprotect, P, "no MMU: succeeds without effect, as on Rumprun"),
+    (11, memory.sys_munmap, P, "whole mappings freed; a trimmed tail is freed with the mapping"),
+    (12, memory.sys_brk, P, "the break cannot grow (musl falls back to mmap)"),
+    (25, memory.sys_mremap, P, "grows in place inside the buddy block, else MREMAP_MAYMOVE"),
+    (28, memory.sys_madvise, P, "MADV_DONTNEED zeroes; other advice ignored"),
+    # signals
+    (13, signal.sys_rt_sigaction, P, "SIG_DFL/SIG_IGN obeyed; guest handlers recorded, not run"),
+    (14, signal.sys_rt_sigprocmask, P, "mask kept; does not affect delivery yet"),
+    (62, signal.sys_kill, F, "default actions; pid, 0, -1, -pgid"),
+    (127, signal.sys_rt_sigpending, P, "signals left pending for guest handlers"),
+    (131, signal.sys_sigaltstack, P, "accepted; reports no alternate stack"),
+    (200, signal.sys_tkill, F, ""),
+    (234, signal.sys_tgkill, F, ""),
+    # processes
+    (39, process.sys_getpid, F, ""),
+    (56, process.sys_clone, P, "fork form only (exit signal, no sharing flags); else ENOSYS"),
+    (57, process.sys_fork, F, "by the instance's fork strategy (thread or vmclone)"),
+    (58, process.sys_vfork, P, "a fork; the parent waits until the child exits"),
+    (59, process.sys_execve, E, "ENOENT: no file system"),
+    (60, process.sys_exit, F, "ends the process (one LWP per process)"),
+    (61, process.sys_wait4, F, "Linux status words, WNOHANG, pid/-1/0/-pgid; rusage zeroed"),
+    (95, process.sys_umask, P, "always 022"),
+    (97, process.sys_getrlimit, P, "STACK, NOFILE, NPROC, AS from the VM config"),
+    (98, process.sys_getrusage, P, "zeroed"),
+    (102, process.sys_getuid, F, "root"),
+    (104, process.sys_getuid, F, "getgid: root"),
+    (107, process.sys_getuid, F, "geteuid: root"),
+    (108, process.sys_getuid, F, "getegid: root"),
+    (109, process.sys_setpgid, F, ""),
+    (110, process.sys_getppid, F, ""),
+    (111, process.sys_getpgrp, F, ""),
+    (112, process.sys_setsid, F, ""),
+    (115, process.sys_getgroups, F, "no supplementary groups"),
+    (121, process.sys_getpgid, F, ""),
+    (124, process.sys_getsid, F, ""),
+    (160, process.sys_setrlimit, P, "NOFILE may be lowered; others accepted, fixed by config"),
+    (186, process.sys_gettid, F, ""),
+    (218, process.sys_set_tid_address, F, ""),
+    (231, process.sys_exit_group, F, ""),
+    (247, process.sys_waitid, F, "P_ALL/P_PID/P_PGID, WNOHANG, WNOWAIT"),
+    (302, process.sys_prlimit64, P, "as getrlimit/setrlimit"),
+    # time
+    (35, time.sys_nanosleep, F, ""),
+    (96, time.sys_gettimeofday, F, ""),
+    (201, time.sys_time, F, ""),
+    (228, time.sys_clock_gettime, F, "CPU-time clocks count the whole VM"),
+    (229, time.sys_clock_getres, F, ""),
+    (230, time.sys_clock_nanosleep, F, ""),
+    # futex
+    (202, futex.sys_futex, P, "WAIT/WAKE(_BITSET), (CMP_)REQUEUE; shared across thread-fork processes"),
+    # scheduling
+    (24, sched.sys_sched_yield, F, "cooperative: switches to the next runnable process"),
+    (203, sched.sys_sched_setaffinity, P, "one CPU"),
+    (204, sched.sys_sched_getaffinity, F, "one CPU"),
+    (309, sched.sys_getcpu, F, "CPU 0"),
+    # system
+    (63, system.sys_uname, F, "sysname Linux, release 6.1.0-unifork"),
+    (99, system.sys_sysinfo, P, "RAM and process count"),
+    (158, system.sys_arch_prctl, P, "ARCH_SET_FS/ARCH_GET_FS"),
+    (318, system.sys_getrandom, F, ""),
+]
+
+HYPERCALLS: list[tuple[int, Callable[..., object], str]] = [
+    (hc.HC_PROBE, memory.hc_probe, "probe"),
+    (hc.HC_MALLOC, memory.hc_malloc, "malloc"),
+    (hc.HC_FREE, memory.hc_free, "free"),
+    (hc.HC_REALLOC, memory.hc_realloc, "realloc"),
+    (hc.HC_CALLOC, memory.hc_calloc, "calloc"),
+    (hc.HC_USABLE_SIZE, memory.hc_usable_size, "usable_size"),
+]
+
+
+def entries() -> list[Entry]:
+    return [Entry(nr, syscall_name(nr), fn, sup, note) for nr, fn, sup, note in SYSCALLS]
+
+
+def dispatch_table() -> list[tuple[Callable[..., object], int] | None]:
+    """A list indexed by syscall number: the dispatcher's one lookup."""
+    table: list[tuple[Callable[..., object], int] | None] = [None] * 512
+    for e in entries():
+        if table[e.nr] is not None:
+            raise ValueError(f"syscall {e.nr} listed twice")
+        table[e.nr] = (e.handler, e.argc)
+    return table
+
+
+def hypercall_table() -> dict[int, tuple[Callable[..., object], int]]:
+    return {nr: (fn, fn.__code__.co_argcount - 2) for nr, fn, _ in HYPERCALLS}
+
+
+def markdown() -> str:
+    """docs/syscalls.md, generated from the table."""
+    lines = ["# Supported syscalls", "",
+             "Generated from `tender_service/rump/syscalls/table.py` by `unifork syscalls "
+             "--markdown`. Every other number returns `ENOSYS` (logged once per number).", "",
+             "| nr | name | support | note |", "|---:|---|---|---|"]
+    for e in sorted(entries(), key=lambda e: e.nr):
+        lines.append(f"| {e.nr} | `{e.name}` | {e.support.value} | {e.note} |")
+    lines += ["", "## Hypercalls (guest runtime, numbers >= 0x1000)", "",
+              "| nr | name |", "|---:|---|"]
+    for nr, _, name in HYPERCALLS:
+        lines.append(f"| {nr:#x} | `{name}` |")
+    return "\n".join(lines) + "\n"

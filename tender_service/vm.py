@@ -1,0 +1,79 @@
+"""Assemble and run one VM: machine + bmk + rump kernel + a fork strategy.
+
+This is the library call that the CLI (``unifork run``), the comparison
+harness and the tender service all use; they are thin shells over it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tender_service.fork.thread import ThreadFork
+from tender_service.machine.elf import ElfImage, load_elf_file
+from tender_service.rump.console import Console, Sink
+from tender_service.rump.kernel import Forker, Kernel, RunResult, VmConfig
+
+log = logging.getLogger(__name__)
+
+FORK_MODES = ("thread",)
+DEFAULT_ENV = ("PATH=/bin", "HOME=/", "TERM=dumb")
+
+
+def make_forker(mode: str) -> Forker:
+    if mode == "thread":
+        return ThreadFork()
+    raise ValueError(f"unknown fork mode {mode!r} (choose from {', '.join(FORK_MODES)})")
+
+
+def stdio_sink(pid_tags: bool = False) -> Sink:
+    """Write guest output to this process's stdout/stderr as it comes."""
+
+    def sink(pid: int, fd: int, data: bytes) -> None:
+        out = sys.stdout.buffer if fd == 1 else sys.stderr.buffer
+        if pid_tags:
+            data = b"".join(b"[%d] %s" % (pid, line) for line in data.splitlines(keepends=True))
+        out.write(data)
+        out.flush()
+
+    return sink
+
+
+class CaptureSink:
+    """Collect output in memory: stdout, stderr and the per-pid stream."""
+
+    def __init__(self) -> None:
+        self.stdout = bytearray()
+        self.stderr = bytearray()
+        self.chunks: list[tuple[int, int, bytes]] = []
+
+    def __call__(self, pid: int, fd: int, data: bytes) -> None:
+        (self.stdout if fd == 1 else self.stderr).extend(data)
+        self.chunks.append((pid, fd, data))
+
+
+def create_vm(image: ElfImage | str | Path, args: Sequence[str] = (),
+              env: Sequence[str] | None = None, config: VmConfig | None = None,
+              sink: Sink | None = None, stdin: bytes | int | None = None,
+              fork: str = "thread") -> Kernel:
+    """Build a VM ready to run; raises ImageError for an image it refuses."""
+    img = image if isinstance(image, ElfImage) else load_elf_file(image)
+    config = config or VmConfig()
+    console = Console(sink or stdio_sink(), stdin=stdin, tty=config.tty)
+    argv = [img.name or "program", *args]
+    return Kernel(img, argv, list(DEFAULT_ENV if env is None else env), config, console,
+                  make_forker(fork))
+
+
+def run_vm(image: ElfImage | str | Path, args: Sequence[str] = (),
+           env: Sequence[str] | None = None, config: VmConfig | None = None,
+           sink: Sink | None = None, stdin: bytes | int | None = None,
+           fork: str = "thread") -> RunResult:
+    """Create a VM, run it to the end, free it; return how it ended."""
+    k = create_vm(image, args, env, config, sink, stdin, fork)
+    try:
+        return k.run()
+    finally:
+        k.close()
