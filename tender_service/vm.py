@@ -57,12 +57,12 @@ class CaptureSink:
 def create_vm(image: ElfImage | str | Path, args: Sequence[str] = (),
               env: Sequence[str] | None = None, config: VmConfig | None = None,
               sink: Sink | None = None, stdin: bytes | int | None = None,
-              fork: str = "thread") -> Kernel:
+              fork: str = "thread", argv0: str | None = None) -> Kernel:
     """Build a VM ready to run; raises ImageError for an image it refuses."""
     img = image if isinstance(image, ElfImage) else load_elf_file(image)
     config = config or VmConfig()
     console = Console(sink or stdio_sink(), stdin=stdin, tty=config.tty)
-    argv = [img.name or "program", *args]
+    argv = [argv0 or _program_name(img.name), *args]
     return Kernel(img, argv, list(DEFAULT_ENV if env is None else env), config, console,
                   make_forker(fork))
 
@@ -70,10 +70,18 @@ def create_vm(image: ElfImage | str | Path, args: Sequence[str] = (),
 def run_vm(image: ElfImage | str | Path, args: Sequence[str] = (),
            env: Sequence[str] | None = None, config: VmConfig | None = None,
            sink: Sink | None = None, stdin: bytes | int | None = None,
-           fork: str = "thread") -> RunResult:
+           fork: str = "thread", argv0: str | None = None) -> RunResult:
     """Create a VM, run it to the end, free it; return how it ended."""
-    k = create_vm(image, args, env, config, sink, stdin, fork)
+    k = create_vm(image, args, env, config, sink, stdin, fork, argv0)
     try:
         return k.run()
     finally:
         k.close()
+
+
+def _program_name(file_name: str) -> str:
+    """'hello' for a cached image file 'hello-0123456789abcdef.elf'."""
+    stem = file_name.removesuffix(".elf")
+    base, _, key = stem.rpartition("-")
+    return base if base and len(key) == 16 and all(c in "0123456789abcdef" for c in key) \
+        else stem or "program"

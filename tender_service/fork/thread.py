@@ -160,26 +160,20 @@ class _Relocator:
     def relocate_words(self, buf, offset: int, count: int) -> None:
         """Relocate ``count`` words at ``buf[offset:]``.
 
-        numpy rebases the stack and TLS words in bulk and finds the few words
-        that may point into the heap; only those are looked up one by one.
+        numpy finds the words inside the heap (where stacks live too) or the
+        TLS block; only those few are classified one by one.
         """
         w = np.frombuffer(buf, dtype="<u8", count=count, offset=offset)
         try:
-            in_stack = (w >= self.s_base) & (w < self.s_top)
-            in_heap = (w >= self.h_lo) & (w < self.h_hi)
-            in_heap &= ~in_stack
-            in_tls = None
+            hit = (w - np.uint64(self.h_lo)) < np.uint64(self.h_hi - self.h_lo)
             if self.tls_hi:
-                in_tls = (w >= self.tls_lo) & (w < self.tls_hi)
-                in_heap &= ~in_tls
-            idx = np.flatnonzero(in_heap)
+                hit |= (w - np.uint64(self.tls_lo)) < np.uint64(self.tls_hi - self.tls_lo)
+            idx = np.flatnonzero(hit)
             if idx.size:
                 old = w[idx].tolist()
-                new = [self.value(v) for v in old]
+                sb, st, d = self.s_base, self.s_top, self.delta
+                new = [v + d if sb <= v < st else self.value(v) for v in old]
                 if new != old:
-                    w[idx] = np.array(new, dtype=np.uint64)
-            np.add(w, np.uint64(self.delta & MASK64), out=w, where=in_stack)
-            if in_tls is not None:
-                np.add(w, np.uint64(self.tdelta & MASK64), out=w, where=in_tls)
+                    w[idx] = new
         finally:
             del w  # release the buffer export (RAM must stay closable)

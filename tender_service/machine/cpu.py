@@ -159,7 +159,7 @@ class Cpu:
             raise UcError(err)
 
     def set_rax(self, value: int) -> None:
-        self._val.value = value & 0xFFFF_FFFF_FFFF_FFFF
+        self._val.value = value  # c_uint64 wraps negative values (-errno) as the ABI wants
         self._reg_write(self._h, RAX, self._pval)
 
     def reg(self, reg_id: int) -> int:

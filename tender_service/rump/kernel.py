@@ -1,6 +1,6 @@
 """The rump kernel of one VM: processes, the syscall boundary and the run loop.
 
-Every guest ``syscall`` lands in :meth:`Kernel._on_syscall` (the hot path:
+Every guest ``syscall`` lands in the dispatcher of :meth:`Kernel._make_dispatcher` (the hot path:
 one table lookup, one handler call).  A handler returns the value for
 ``rax`` (negative errno on failure), raises ``GuestError`` (turned into
 -errno), raises ``Block`` (the thread waits and the syscall is restarted when
@@ -17,11 +17,13 @@ stops at once with a report of what each process waits on.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
 import selectors
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -165,8 +167,9 @@ class Kernel:
 
         self._table = dispatch_table()
         self._hypercalls = hypercall_table()
+        self._dispatch = self._make_dispatcher()
         self.cpu.hook_syscall(self._on_syscall_traced if config.trace_syscalls
-                              else self._on_syscall)
+                              else self._dispatch)
         self.init = self._new_process(None, FdTable(), "init")
         self.main = self._spawn_main(argv, env)
 
@@ -242,42 +245,50 @@ class Kernel:
         return proc
 
     # -- the syscall boundary ---------------------------------------------------------
-    def _on_syscall(self, regs) -> None:
-        nr = regs[0]
-        lwp = self.current
-        self.syscalls += 1
-        try:
-            entry = self._table[nr] if nr < len(self._table) else self._hypercalls.get(nr)
-            if entry is None:
-                ret = self._unknown(nr)
-            else:
-                fn, argc = entry
-                ret = fn(self, lwp, *regs[1 : argc + 1]) if argc else fn(self, lwp)
-        except GuestError as e:
-            ret = -e.errno
-        except Block as b:
-            self._park(lwp, b)
-            return
-        except BlockAfter as b:
-            self.cpu.set_rax(b.value)
-            self.sched.block(lwp.thread, None, b.why)
-            self.cpu.stop()
-            return
-        except Exception as e:  # a kernel bug must not take the tender down
-            self._internal_error(lwp, nr, e)
-            return
-        if ret.__class__ is int:
-            self.cpu.set_rax(ret)
-        elif ret is SWITCH:
-            self.cpu.set_rax(0)
-            self.cpu.stop()
-        else:  # NORETURN
-            self.cpu.stop()
+    def _make_dispatcher(self) -> Callable[[ctypes.Array], None]:
+        """The syscall entry: a closure over locals, since it runs for every syscall."""
+        kernel, cpu = self, self.cpu
+        table, ntable, hypercalls = self._table, len(self._table), self._hypercalls
+        set_rax, stop = cpu.set_rax, cpu.stop
+
+        def dispatch(regs: ctypes.Array) -> None:
+            nr = regs[0]
+            lwp = kernel.current
+            kernel.syscalls += 1
+            try:
+                entry = table[nr] if nr < ntable else hypercalls.get(nr)
+                if entry is None:
+                    ret = kernel._unknown(nr)
+                else:
+                    fn, argc = entry
+                    ret = fn(kernel, lwp, *regs[1 : argc + 1]) if argc else fn(kernel, lwp)
+            except GuestError as e:
+                ret = -e.errno
+            except Block as b:
+                kernel._park(lwp, b)
+                return
+            except BlockAfter as b:
+                set_rax(b.value)
+                kernel.sched.block(lwp.thread, None, b.why)
+                stop()
+                return
+            except Exception as e:  # a kernel bug must not take the tender down
+                kernel._internal_error(lwp, nr, e)
+                return
+            if ret.__class__ is int:
+                set_rax(ret)
+            elif ret is SWITCH:
+                set_rax(0)
+                stop()
+            else:  # NORETURN
+                stop()
+
+        return dispatch
 
     def _on_syscall_traced(self, regs) -> None:
         nr, args = regs[0], list(regs[1:7])
         pid = self.current.proc.pid if self.current else 0
-        self._on_syscall(regs)
+        self._dispatch(regs)
         if self._restart:
             result = "(blocked, will restart)"
         else:

@@ -73,8 +73,7 @@ def sys_exit(k: Kernel, lwp: Lwp, code: int) -> object:
 def _fork(k: Kernel, lwp: Lwp, vfork: bool) -> int:
     if k.forker is None:
         raise GuestError(errno.ENOSYS)
-    live = sum(1 for p in k.procs.values() if p.state is not ProcState.REAPED)
-    if live >= k.config.max_procs:
+    if len(k.procs) >= k.config.max_procs:
         raise GuestError(errno.EAGAIN)
     pid = k.forker.fork(k, lwp, vfork)
     if pid > 0:

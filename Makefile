@@ -1,0 +1,34 @@
+# unifork: `make run` sets everything up and runs the main job; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+UNIFORK := $(VENV)/bin/unifork
+STAMP := $(VENV)/.installed
+
+.PHONY: run test setup images lint docs clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# guest images (and, the first time, zig's musl build) into ~/.cache/unifork
+images: setup
+	$(UNIFORK) images --build
+
+run: images
+	$(UNIFORK) demo
+
+test: images
+	$(PY) -m pytest -q -ra
+
+lint: setup
+	$(VENV)/bin/ruff check tender_service comparison tests
+
+docs: setup
+	$(UNIFORK) syscalls --markdown > docs/syscalls.md
+
+clean:
+	rm -rf $(VENV) build *.egg-info
