@@ -42,7 +42,7 @@ static double now_s(void)
 	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-static void child(int fd, uint64_t total)
+static __attribute__((noreturn)) void child(int fd, uint64_t total)
 {
 	uint64_t seq = 0, off = 0;
 

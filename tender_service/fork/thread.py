@@ -76,7 +76,7 @@ class ThreadFork:
     def _build(self, k: Kernel, lwp: Lwp, child: Process, rsp: int) -> None:
         pt, cpu, mem, heap = lwp.thread, k.cpu, k.mem, k.heap
         s_base, s_top, size = pt.stack_base, pt.stack_top, pt.stack_size
-        cstack = heap.malloc(size, 16, owner=child.pid, who=MEMWHO_WIREDBMK)
+        cstack = k.alloc_stack(child.pid)
         if not cstack:
             raise GuestError(errno.ENOMEM, "no memory for the child's stack")
 

@@ -47,6 +47,8 @@ from tender_service.rump.syscalls.names import syscall_name
 log = logging.getLogger(__name__)
 
 INIT_PID = 1
+#: reaped processes remembered for the process table (``--ps``, describe)
+MAX_FINISHED = 10_000
 MASK64 = 0xFFFF_FFFF_FFFF_FFFF
 
 
@@ -149,6 +151,7 @@ class Kernel:
         self.sched = Scheduler()
         self.procs: dict[int, Process] = {}
         self.futexes: dict[int, WaitQueue] = {}
+        self.finished: list[ProcInfo] = []  # reaped processes, for the process table
         self._next_pid = INIT_PID
         self.current: Lwp | None = None
         self._loaded: BmkThread | None = None
@@ -214,6 +217,20 @@ class Kernel:
         self.procs.pop(proc.pid, None)
         proc.state = ProcState.REAPED
 
+    def alloc_stack(self, pid: int) -> int:
+        """A thread stack from the bmk heap (0 if there is no room).
+
+        The allocator puts its header and alignment pad (16 bytes) in front
+        of the user pointer; asking for exactly that much less than the
+        configured size keeps a stack in one power-of-two block instead of
+        the next larger one.
+        """
+        return self.heap.malloc(self.stack_bytes, 16, owner=pid, who=MEMWHO_WIREDBMK)
+
+    @property
+    def stack_bytes(self) -> int:
+        return self.config.stack_size - 16
+
     def note_memory(self) -> None:
         used = self.pages.used_bytes
         if used > self.peak_memory:
@@ -226,12 +243,12 @@ class Kernel:
         fds.install(ConsoleFile(O_WRONLY, 1), fd=1)
         fds.install(ConsoleFile(O_WRONLY, 2), fd=2)
         proc = self._new_process(self.init, fds, name)
-        size = self.config.stack_size
-        stack = self.heap.malloc(size, 16, owner=proc.pid, who=MEMWHO_WIREDBMK)
+        size = self.stack_bytes
+        stack = self.alloc_stack(proc.pid)
         if not stack:
             self.close()
             raise ImageError(f"guest RAM ({self.config.ram} bytes) too small for a "
-                             f"{size}-byte stack")
+                             f"{self.config.stack_size}-byte stack")
         try:
             sp = build_stack(self.mem, self.loaded, stack + size, [_b(a) for a in argv],
                              [_b(e) for e in env])
@@ -391,6 +408,8 @@ class Kernel:
         child.state = ProcState.REAPED
         if child is not self.main:
             self.procs.pop(child.pid, None)
+            if len(self.finished) < MAX_FINISHED:
+                self.finished.append(_info(child))
         return child.status
 
     def post_signal(self, proc: Process, sig: int) -> bool:
@@ -403,7 +422,7 @@ class Kernel:
         if disp == signals.SIG_IGN:
             return False
         if disp != signals.SIG_DFL:
-            proc.pending |= 1 << sig
+            proc.pending |= 1 << (sig - 1)  # a Linux sigset keeps signal n in bit n-1
             self.warn_once(f"handler:{sig}", "signal handlers are not run: %s to pid %d "
                            "left pending", signals.signame(sig), proc.pid)
             return False
@@ -546,11 +565,9 @@ class Kernel:
 
     # -- introspection -------------------------------------------------------------
     def process_table(self) -> list[ProcInfo]:
-        rows = []
-        for p in sorted(self.procs.values(), key=lambda p: p.pid):
-            rows.append(ProcInfo(p.pid, p.ppid, p.name, p.state.value,
-                                 None if p.alive else p.status, p.report))
-        return rows
+        """Every process of the run: live, zombie, and (up to MAX_FINISHED) reaped."""
+        rows = self.finished + [_info(p) for p in self.procs.values()]
+        return sorted(rows, key=lambda p: p.pid)
 
     def committed_memory(self) -> int:
         return self.pages.used_bytes
@@ -567,6 +584,11 @@ class Kernel:
             del self.cpu
         self.heap = None  # drop the heap's view of RAM before unmapping
         self.mem.close()
+
+
+def _info(p: Process) -> ProcInfo:
+    return ProcInfo(p.pid, p.ppid, p.name, p.state.value, None if p.alive else p.status,
+                    p.report)
 
 
 def _b(s: str | bytes) -> bytes:

@@ -2,10 +2,14 @@
  * machine_probe — small probes of the in-memory unikernel, one per mode
  * (tests/test_machine.py runs them; each mode prints a fixed report):
  *
- *   order            printf("a\n"), a raw write of "stderr\n" to fd 2, then
- *                    printf("b\n"): the console's buffering decides the order
- *                    (line buffered on a tty: a, stderr, b; fully buffered on
- *                    a pipe: stderr, then a and b at exit).
+ *   order            printf("a\n"), a raw write of "stderr 1\n" to fd 2,
+ *                    printf("b\n"), a raw write of "stderr 2\n", printf("c\n"):
+ *                    stdio's buffering decides the order.  On a terminal
+ *                    stdout is line buffered: a, stderr 1, b, stderr 2, c.
+ *                    Otherwise musl flushes the first line anyway (it learns
+ *                    that stdout is no terminal only when it first writes)
+ *                    and buffers the rest until exit: a, stderr 1, stderr 2,
+ *                    then b and c together.
  *   echo             copies stdin to stdout until EOF, then prints
  *                    "EOF after <n> bytes" on stderr and exits 0.
  *   enosys3          calls syscall(500) three times; prints each result
@@ -55,9 +59,12 @@ static const char *errname(int e)
 static int order(void)
 {
 	printf("a\n");
-	if (write(2, "stderr\n", 7) != 7)
+	if (write(2, "stderr 1\n", 9) != 9)
 		return 1;
 	printf("b\n");
+	if (write(2, "stderr 2\n", 9) != 9)
+		return 1;
+	printf("c\n");
 	return 0;
 }
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 SIGACTION = struct.Struct("<QQQQ")  # handler, flags, restorer, mask (kernel k_sigaction)
 SIG_BLOCK, SIG_UNBLOCK, SIG_SETMASK = 0, 1, 2
-UNBLOCKABLE = (1 << signals.SIGKILL) | (1 << signals.SIGSTOP)
+UNBLOCKABLE = (1 << (signals.SIGKILL - 1)) | (1 << (signals.SIGSTOP - 1))  # bit n-1: signal n
 
 
 def _check_sig(sig: int) -> int:
@@ -96,7 +96,7 @@ def sys_rt_sigaction(k: Kernel, lwp: Lwp, sig: int, act: int, oact: int,
     if new is not None:
         proc.sigactions[sig] = new
         if new[0] == signals.SIG_IGN:
-            proc.pending &= ~(1 << sig)
+            proc.pending &= ~(1 << (sig - 1))
     return 0
 
 

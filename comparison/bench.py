@@ -1,0 +1,684 @@
+"""VM vs native benchmarks: each guest program runs in the VM and natively in the same run.
+
+Not a test: it prints medians, the ratio VM/native and the target from the
+issue with a PASS/MISS mark.  The native figure is always measured in this
+run on this machine (the same static binary as an ordinary Linux process);
+nothing is hard-coded.  See ``comparison/README.md``.
+
+Run: ``python -m comparison.bench [--quick] [--json FILE] [--only KEY ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tender_service.rump.kernel import RunResult, VmConfig
+from tender_service.toolchain.images import build_image
+from tender_service.vm import CaptureSink, run_vm
+
+log = logging.getLogger("comparison.bench")
+
+ROOT = Path(__file__).resolve().parents[1]
+PROGRAMS = ("getppid_loop", "cpu_loop", "hello", "fork_time", "fork_exit_wait",
+            "pipe_throughput", "pipe_bw", "children_blocked")
+VM_TIMEOUT = 120.0  # seconds of wall time for any one VM
+NATIVE_TIMEOUT = 120.0
+KIB = 1024
+
+
+class BenchError(RuntimeError):
+    """A program failed (bad exit status, missing output): the figure would be meaningless."""
+
+
+# -- statistics -----------------------------------------------------------------------
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def p95(xs: Sequence[float]) -> float | None:
+    """95th percentile (inclusive method); None for fewer than 20 samples."""
+    if len(xs) < 20:
+        return None
+    return statistics.quantiles(xs, n=20, method="inclusive")[18]
+
+
+# -- running a program natively and in the VM -------------------------------------------
+
+
+@dataclass
+class Run:
+    stdout: str
+    wall: float  # seconds, perf_counter around the whole run
+    result: RunResult | None = None  # VM runs only
+
+
+@contextmanager
+def pinned(cpu: int | None) -> Iterator[None]:
+    """Pin this process to ``cpu`` for the block (children inherit it); None: no-op.
+
+    Pinning ourselves instead of using a preexec_fn keeps subprocess on its
+    fast spawn path, so a short native run is not charged a slower spawn.
+    """
+    if cpu is None:
+        yield
+        return
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+def run_native(path: Path, args: Sequence[str] = (), cpu: int | None = None) -> Run:
+    """The static binary as an ordinary process (stdout is a pipe, stdin /dev/null).
+
+    With ``cpu`` the process and its children are pinned to that one CPU.
+    """
+    with pinned(cpu):
+        t0 = time.perf_counter()
+        p = subprocess.run([str(path), *args], capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL, timeout=NATIVE_TIMEOUT, check=False)
+        wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise BenchError(f"native {path.name} {' '.join(args)}: exit {p.returncode}\n"
+                         f"{p.stderr.strip()}")
+    return Run(p.stdout, wall)
+
+
+def run_in_vm(path: Path, args: Sequence[str] = (), sink: CaptureSink | None = None,
+              config: VmConfig | None = None) -> Run:
+    """The same binary in a thread-fork VM in this process (console is a plain stream)."""
+    sink = sink or CaptureSink()
+    config = config or VmConfig(timeout=VM_TIMEOUT, tty=False)
+    t0 = time.perf_counter()
+    r = run_vm(path, args, config=config, sink=sink)
+    wall = time.perf_counter() - t0
+    if r.outcome != "exited" or r.exit_code != 0:
+        raise BenchError(f"VM {path.name} {' '.join(args)}: {r.outcome}, exit {r.exit_code}\n"
+                         + "\n".join(r.reports) + "\n" + sink.stderr.decode(errors="replace"))
+    return Run(sink.stdout.decode(errors="replace"), wall, r)
+
+
+def floats(stdout: str, key: str) -> list[float]:
+    """Every ``key=<float>`` at the start of a line."""
+    vals = [float(m) for m in re.findall(rf"^{re.escape(key)}=([0-9.eE+-]+)$", stdout, re.M)]
+    if not vals:
+        raise BenchError(f"no {key}= line in output:\n{stdout[-500:]}")
+    return vals
+
+
+class Progress:
+    """One line per step on stderr, through logging, with the time since the start."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def step(self, what: str) -> None:
+        log.info("[%5.1fs] %s", time.perf_counter() - self.t0, what)
+
+
+def interleave(label: str, sides: dict[str, tuple[Callable[[], Run], int]], warmup: int,
+               progress: Progress) -> dict[str, list[Run]]:
+    """``warmup`` discarded runs of each side, then the kept runs, interleaved.
+
+    Each side's runs are spread evenly over the rounds, so slow spells of a
+    noisy host hit every side alike instead of whichever ran during them.
+    """
+    if warmup:
+        progress.step(f"{label}: {warmup} warm-up run(s) of {', '.join(sides)}")
+        for _ in range(warmup):
+            for fn, _runs in sides.values():
+                fn()
+    out: dict[str, list[Run]] = {name: [] for name in sides}
+    rounds = max(runs for _fn, runs in sides.values())
+    every = max(1, rounds // 4)
+    for i in range(rounds):
+        if i % every == 0 or i == rounds - 1:
+            progress.step(f"{label}: round {i + 1}/{rounds} "
+                          f"({', '.join(f'{n} x{r}' for n, (_f, r) in sides.items())})")
+        for name, (fn, runs) in sides.items():
+            # runs of this side due by the end of round i
+            while len(out[name]) < (i + 1) * runs // rounds:
+                out[name].append(fn())
+    return out
+
+
+# -- results -----------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """``vm`` (the VM figure) or ``ratio`` (VM/native) compared with ``limit``."""
+
+    on: str  # "vm" | "ratio"
+    op: str  # "<=" | ">="
+    limit: float
+    text: str
+
+    def check(self, vm: float, ratio: float | None) -> tuple[bool, float]:
+        """(met, factor by which the figure is off: > 1 means missed by that much)."""
+        value = vm if self.on == "vm" else ratio
+        if value is None:
+            raise ValueError("no value to check")
+        factor = value / self.limit if self.op == "<=" else self.limit / value
+        return factor <= 1.0, factor
+
+
+@dataclass
+class Row:
+    key: str
+    name: str
+    unit: str
+    native: float | None
+    vm: float
+    target: Target | None = None
+    notes: list[str] = field(default_factory=list)
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    met: bool | None = None
+    off_by: float | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        return self.vm / self.native if self.native else None
+
+    def evaluate(self) -> Row:
+        if self.target is not None:
+            self.met, self.off_by = self.target.check(self.vm, self.ratio)
+        return self
+
+    def mark(self) -> str:
+        if self.met is None:
+            return "-"
+        if self.met:
+            return "PASS"
+        return f"MISS ({self.off_by:.2f}x)"
+
+
+def fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit == "s":
+        if value >= 1:
+            return f"{value:.3f} s"
+        if value >= 1e-3:
+            return f"{value * 1e3:.2f} ms"
+        return f"{value * 1e6:.1f} us"
+    if unit == "us":
+        return f"{value:.3f} us" if value < 10 else f"{value:.1f} us"
+    if unit == "ns":
+        return f"{value:.2f} ns" if value < 1000 else f"{value / 1e3:.3f} us"
+    if unit == "MiB/s":
+        return f"{value:.1f} MiB/s"
+    if unit == "KiB":
+        return f"{value:.1f} KiB"
+    return f"{value:g} {unit}"
+
+
+def sample_note(label: str, xs: Sequence[float], unit: str) -> str:
+    q = p95(xs)
+    extra = f", p95 {fmt(q, unit)}" if q is not None else ""
+    return f"{label}: n={len(xs)}, median {fmt(median(xs), unit)}{extra}"
+
+
+# -- the benchmarks ----------------------------------------------------------------------
+
+
+@dataclass
+class Params:
+    quick: bool
+    native_cpu: int | None  # pin native runs to this CPU; None = no pinning
+
+    def pick(self, quick: int, full: int) -> int:
+        return quick if self.quick else full
+
+
+class Bench:
+    def __init__(self, params: Params, progress: Progress) -> None:
+        self.p = params
+        self.progress = progress
+        self.images: dict[str, Path] = {}
+
+    def image(self, name: str) -> Path:
+        if name not in self.images:
+            self.images[name] = build_image(name)
+        return self.images[name]
+
+    def native(self, img: Path, args: Sequence[str] = ()) -> Callable[[], Run]:
+        return lambda: run_native(img, args, self.p.native_cpu)
+
+    @staticmethod
+    def vm(img: Path, args: Sequence[str] = ()) -> Callable[[], Run]:
+        return lambda: run_in_vm(img, args)
+
+    # 1 -----------------------------------------------------------------------------
+    def syscall(self) -> list[Row]:
+        img = self.image("getppid_loop")
+        vm_n, nat_n = self.p.pick(100_000, 200_000), self.p.pick(1_000_000, 2_000_000)
+        runs = self.p.pick(5, 9)
+        out = interleave("syscall: getppid_loop", {
+            "vm": (self.vm(img, [str(vm_n)]), runs),
+            "native": (self.native(img, [str(nat_n)]), runs)}, 1, self.progress)
+        vm_us = [floats(r.stdout, "ns_per_call")[0] / 1e3 for r in out["vm"]]
+        nat_us = [floats(r.stdout, "ns_per_call")[0] / 1e3 for r in out["native"]]
+        syscalls = [r.result.syscalls for r in out["vm"]]
+        return [Row("syscall", "1 syscall round trip (getppid)", "us", median(nat_us),
+                    median(vm_us), Target("vm", "<=", 3.0, "VM <= 3 us/call"),
+                    notes=[f"VM {runs} runs x {vm_n} calls, native {runs} runs x {nat_n} calls "
+                           "(+1 warm-up run each); ns_per_call measured inside the program",
+                           f"per-run VM: {', '.join(f'{x:.3f}' for x in vm_us)} us",
+                           f"per-run native: {', '.join(f'{x:.3f}' for x in nat_us)} us",
+                           f"VM syscalls per run (RunResult): {min(syscalls)}..{max(syscalls)}"],
+                    samples={"vm_us_per_call": vm_us, "native_us_per_call": nat_us})]
+
+    # 2 -----------------------------------------------------------------------------
+    def hello(self) -> list[Row]:
+        img = self.image("hello")
+        expected = "Hello, unikernel!\n"
+        unifork = Path(sys.executable).parent / "unifork"
+        if not unifork.exists():
+            unifork = Path(shutil.which("unifork") or "unifork")
+
+        def cli() -> Run:
+            t0 = time.perf_counter()
+            p = subprocess.run([str(unifork), "run", "hello"], capture_output=True, text=True,
+                               stdin=subprocess.DEVNULL, timeout=60, check=False)
+            wall = time.perf_counter() - t0
+            if p.returncode != 0 or p.stdout != expected:
+                raise BenchError(f"unifork run hello: exit {p.returncode}, stdout "
+                                 f"{p.stdout!r}, stderr {p.stderr.strip()!r}")
+            return Run(p.stdout, wall)
+
+        def checked(fn: Callable[[], Run], what: str) -> Callable[[], Run]:
+            def go() -> Run:
+                r = fn()
+                if r.stdout != expected:
+                    raise BenchError(f"{what} hello printed {r.stdout!r}")
+                return r
+
+            return go
+
+        out = interleave("hello", {
+            "cli": (cli, self.p.pick(10, 30)),
+            "vm": (checked(self.vm(img), "VM"), self.p.pick(50, 200)),
+            "native": (checked(self.native(img), "native"), self.p.pick(50, 200))},
+            3, self.progress)
+        c = [r.wall for r in out["cli"]]
+        v = [r.wall for r in out["vm"]]
+        loop = [r.result.elapsed for r in out["vm"]]
+        n = [r.wall for r in out["native"]]
+        nat = median(n)
+        return [
+            Row("hello_cli", "2 `unifork run hello` process wall", "s", nat, median(c),
+                Target("vm", "<=", 0.25, "VM <= 0.25 s"),
+                notes=[sample_note("unifork run hello (subprocess)", c, "s"),
+                       sample_note("native hello process (spawn + wait)", n, "s"),
+                       f"CLI: {unifork}; 3 warm-up runs of each"],
+                samples={"vm_cli_wall_s": c, "native_process_wall_s": n}),
+            Row("hello_inproc", "2 run_vm(hello) in a running process", "s", nat, median(v),
+                Target("vm", "<=", 0.010, "VM <= 10 ms"),
+                notes=[sample_note("create_vm + run + close", v, "s"),
+                       sample_note("of which Kernel.run (RunResult.elapsed)", loop, "s")],
+                samples={"vm_inproc_wall_s": v, "vm_run_loop_s": loop,
+                         "native_process_wall_s": n}),
+        ]
+
+    # 3 -----------------------------------------------------------------------------
+    def cpu(self) -> list[Row]:
+        img = self.image("cpu_loop")
+        vm_n, nat_n = self.p.pick(300_000, 1_000_000), self.p.pick(10_000_000, 30_000_000)
+        # same output in both worlds for the same N (the checksum depends only on N)
+        self.progress.step("cpu: checking VM output against native")
+        for check_n in ("1", "20000"):
+            if run_in_vm(img, [check_n]).stdout != run_native(img, [check_n]).stdout:
+                raise BenchError("cpu_loop: VM and native outputs differ")
+        out = interleave("cpu: cpu_loop", {
+            "vm": (self.vm(img, [str(vm_n)]), self.p.pick(3, 5)),
+            "native": (self.native(img, [str(nat_n)]), self.p.pick(5, 7))}, 1, self.progress)
+        vm_ns = [r.wall / vm_n * 1e9 for r in out["vm"]]
+        nat_ns = [r.wall / nat_n * 1e9 for r in out["native"]]
+        return [Row("cpu_loop", "3 cpu_loop time per round", "ns", median(nat_ns), median(vm_ns),
+                    notes=[f"wall time of the whole run / N; VM N={vm_n} ({len(vm_ns)} runs), "
+                           f"native N={nat_n} ({len(nat_ns)} runs), +1 warm-up each; "
+                           "start-up is ~1% of either",
+                           f"VM runs: {', '.join(fmt(r.wall, 's') for r in out['vm'])}",
+                           f"native runs: {', '.join(fmt(r.wall, 's') for r in out['native'])}"],
+                    samples={"vm_ns_per_round": vm_ns, "native_ns_per_round": nat_ns})]
+
+    # 4 -----------------------------------------------------------------------------
+    def fork(self) -> list[Row]:
+        img = self.image("fork_time")
+        forks, runs = self.p.pick(50, 100), self.p.pick(4, 10)
+        args = ["-n", str(forks)]
+        out = interleave(f"fork: fork_time -n {forks}", {
+            "vm": (self.vm(img, args), runs), "native": (self.native(img, args), runs)},
+            1, self.progress)
+        # the first fork of each program run is its own warm-up (cold caches, JIT)
+        vm_us = [x for r in out["vm"] for x in floats(r.stdout, "fork_us")[1:]]
+        nat_us = [x for r in out["native"] for x in floats(r.stdout, "fork_us")[1:]]
+        per_run = [median(floats(r.stdout, "fork_us")[1:]) for r in out["vm"]]
+        return [Row("fork", "4 fork, parent side (fork_time)", "us", median(nat_us),
+                    median(vm_us), Target("ratio", "<=", 1.0, "<= 1.0x native"),
+                    notes=[sample_note("VM", vm_us, "us"), sample_note("native", nat_us, "us"),
+                           f"{runs} program runs x {forks} forks each side (+1 warm-up run), "
+                           "first fork of each run dropped",
+                           f"VM median per program run: {', '.join(f'{x:.0f}' for x in per_run)}"
+                           " us",
+                           "reference: thesis (Rumprun) 7.5x native, a peer emulator 148x"],
+                    samples={"vm_fork_us": vm_us, "native_fork_us": nat_us})]
+
+    # 5 -----------------------------------------------------------------------------
+    def fork_wait(self) -> list[Row]:
+        img = self.image("fork_exit_wait")
+        runs = self.p.pick(3, 10)
+        args = ["-t", "-n", "100"]
+
+        def checked(fn: Callable[[], Run]) -> Callable[[], Run]:
+            def go() -> Run:
+                r = fn()
+                if not r.stdout.endswith("ok 100 children\n"):
+                    raise BenchError(f"fork_exit_wait: no ok line:\n{r.stdout[-300:]}")
+                return r
+
+            return go
+
+        out = interleave("fork+exit+wait: fork_exit_wait -t", {
+            "vm": (checked(self.vm(img, args)), runs),
+            "native": (checked(self.native(img, args)), runs)}, 1, self.progress)
+        vm_us = [x for r in out["vm"] for x in floats(r.stdout, "fork_wait_us")[1:]]
+        nat_us = [x for r in out["native"] for x in floats(r.stdout, "fork_wait_us")[1:]]
+        return [Row("fork_exit_wait", "5 fork + _exit(i%7) + waitpid", "us", median(nat_us),
+                    median(vm_us), Target("ratio", "<=", 3.0, "<= 3x native"),
+                    notes=[sample_note("VM", vm_us, "us"), sample_note("native", nat_us, "us"),
+                           f"{runs} program runs x 100 iterations each side (+1 warm-up run), "
+                           "first iteration of each run dropped; every status checked"],
+                    samples={"vm_fork_wait_us": vm_us, "native_fork_wait_us": nat_us})]
+
+    # 6 -----------------------------------------------------------------------------
+    def pipe(self) -> list[Row]:
+        bw = self.image("pipe_bw")
+        runs = self.p.pick(5, 15)
+        args = ["-m", "64"]
+        sides: dict[str, tuple[Callable[[], Run], int]] = {
+            "vm": (self.vm(bw, args), runs), "native": (self.native(bw, args), runs)}
+        if self.p.native_cpu is not None:  # the other baseline, for information
+            sides["unpinned"] = (lambda: run_native(bw, args), runs)
+        out = interleave("pipe: pipe_bw -m 64", sides, 1, self.progress)
+        for r in (x for runs_ in out.values() for x in runs_):
+            if not r.stdout.startswith("bytes=67108864 blocks=1024\n"):
+                raise BenchError(f"pipe_bw: unexpected output {r.stdout!r}")
+        bws = {k: [floats(r.stdout, "mib_per_s")[0] for r in v] for k, v in out.items()}
+        pinned = self.p.native_cpu is not None
+        rows = [Row("pipe_bw", "6 pipe 64 MiB in 64 KiB writes (pipe_bw)", "MiB/s",
+                    median(bws["native"]), median(bws["vm"]),
+                    Target("ratio", ">=", 0.5, ">= 0.5x native"),
+                    notes=[f"{runs} runs each (+1 warm-up); first read to EOF, measured inside "
+                           "the program; native "
+                           + (f"pinned to CPU {self.p.native_cpu}" if pinned else "not pinned"),
+                           *(f"{k} runs: {', '.join(f'{x:.0f}' for x in v)} MiB/s"
+                             for k, v in bws.items())],
+                    samples={f"{k}_mib_per_s": v for k, v in bws.items()})]
+        if pinned:
+            rows.append(Row("pipe_bw_unpinned", "6 pipe_bw, native not pinned (info)", "MiB/s",
+                            median(bws["unpinned"]), median(bws["vm"]),
+                            notes=["native parent and child free to run on different CPUs: "
+                                   "cross-CPU wake-ups make it bimodal and noisy"],
+                            samples={"unpinned_mib_per_s": bws["unpinned"]}))
+
+        pt = self.image("pipe_throughput")
+        mib = self.p.pick(16, 64)
+        targs = ["-t", "-m", str(mib)]
+        out = interleave(f"pipe: pipe_throughput -m {mib}", {
+            "vm": (self.vm(pt, targs), self.p.pick(1, 3)),
+            "native": (self.native(pt, targs), self.p.pick(3, 5))}, 1, self.progress)
+        if len({r.stdout.splitlines()[0] for runs_ in out.values() for r in runs_}) != 1:
+            raise BenchError("pipe_throughput: VM and native checksums differ")
+        tvm = [floats(r.stdout, "mib_per_s")[0] for r in out["vm"]]
+        tnat = [floats(r.stdout, "mib_per_s")[0] for r in out["native"]]
+        rows.append(Row("pipe_throughput",
+                        f"6 pipe {mib} MiB, every byte checked (pipe_throughput)", "MiB/s",
+                        median(tnat), median(tvm),
+                        notes=[f"fork to reaped child; VM {len(tvm)} runs, native {len(tnat)} "
+                               "runs (+1 warm-up); CPU-bound in the emulator (checks and hashes "
+                               "every byte)"],
+                        samples={"vm_mib_per_s": tvm, "native_mib_per_s": tnat}))
+        return rows
+
+    # 7 -----------------------------------------------------------------------------
+    def memory(self) -> list[Row]:
+        img = self.image("children_blocked")
+        n = 32
+        config = VmConfig(timeout=VM_TIMEOUT, tty=False)
+        stack = config.stack_size
+        runs = self.p.pick(2, 5)
+
+        class RssSink(CaptureSink):
+            """Samples this process's RSS when the parent reports all children alive."""
+
+            rss: int | None = None
+
+            def __call__(self, pid: int, fd: int, data: bytes) -> None:
+                super().__call__(pid, fd, data)
+                if b"children=" in data and self.rss is None:
+                    self.rss = host_rss()
+
+        def one(count: int) -> tuple[int, int]:
+            sink = RssSink()
+            r = run_in_vm(img, ["-n", str(count)], sink=sink, config=config)
+            if r.stdout != f"children={count}\nreaped={count}\n":
+                raise BenchError(f"children_blocked: unexpected output {r.stdout!r}")
+            if sink.rss is None:
+                raise BenchError("children_blocked: no children= line seen")
+            return r.result.peak_memory, sink.rss
+
+        self.progress.step(f"memory: native children_blocked -n {n} (sanity check)")
+        nat = run_native(img, ["-n", str(n)])
+        if nat.stdout != f"children={n}\nreaped={n}\n":
+            raise BenchError(f"native children_blocked: unexpected output {nat.stdout!r}")
+        one(n)  # warm-up: first-time imports and allocations in this process
+        peak0, peak32, rss0, rss32 = [], [], [], []
+        for i in range(runs):
+            self.progress.step(f"memory: VM children_blocked -n 0 / -n {n}, run {i + 1}/{runs}")
+            a, b = one(0), one(n)
+            peak0.append(a[0])
+            rss0.append(a[1])
+            peak32.append(b[0])
+            rss32.append(b[1])
+        per_child = [(b - a) / n / KIB for a, b in zip(peak0, peak32, strict=True)]
+        rss_child = [(b - a) / n / KIB for a, b in zip(rss0, rss32, strict=True)]
+        limit = (stack + 16 * KIB) / KIB
+        return [
+            Row("mem_per_child", "7 guest memory committed per blocked child", "KiB", None,
+                median(per_child),
+                Target("vm", "<=", limit, f"<= stack + 16 KiB = {limit:.0f} KiB"),
+                notes=[f"(peak_memory(N={n}) - peak_memory(N=0)) / {n}, {runs} runs; "
+                       f"peak N=0: {median(peak0) / KIB:.0f} KiB, N={n}: "
+                       f"{median(peak32) / KIB:.0f} KiB; stack_size {stack // KIB} KiB",
+                       "native run of the same program checked (children= / reaped= lines)"],
+                samples={"peak_memory_n0": [float(x) for x in peak0],
+                         f"peak_memory_n{n}": [float(x) for x in peak32],
+                         "per_child_kib": per_child}),
+            Row("rss_per_child", "7 host RSS growth per blocked child (info)", "KiB", None,
+                median(rss_child),
+                notes=[f"this process's RSS when `children=` is printed, (N={n} - N=0) / {n}; "
+                       "includes the Python objects per process; noisy",
+                       f"per run: {', '.join(f'{x:.1f}' for x in rss_child)} KiB"],
+                samples={"rss_n0": [float(x) for x in rss0], f"rss_n{n}": [float(x) for x in rss32],
+                         "per_child_kib": rss_child}),
+        ]
+
+
+def host_rss() -> int:
+    """Resident set size of this process in bytes."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+BENCHMARKS: dict[str, Callable[[Bench], list[Row]]] = {
+    "syscall": Bench.syscall,
+    "hello": Bench.hello,
+    "cpu": Bench.cpu,
+    "fork": Bench.fork,
+    "fork_wait": Bench.fork_wait,
+    "pipe": Bench.pipe,
+    "memory": Bench.memory,
+}
+
+
+# -- machine info, table, JSON ---------------------------------------------------------------
+
+
+def machine_info() -> dict[str, object]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import unicorn
+
+        uc = unicorn.__version__
+    except Exception:  # noqa: BLE001 - informational only
+        uc = "unknown"
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=5,
+                                check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "cores_available": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "unicorn": uc,
+        "platform": platform.platform(),
+        "kernel": platform.release(),
+        "git_commit": commit,
+    }
+
+
+def table(rows: list[Row]) -> str:
+    head = ("benchmark", "native", "VM", "VM/native", "target", "result")
+    body = [(r.name, fmt(r.native, r.unit), fmt(r.vm, r.unit),
+             f"{r.ratio:.2f}x" if r.ratio is not None else "-",
+             r.target.text if r.target else "(none)", r.mark()) for r in rows]
+    widths = [max(len(x[i]) for x in (head, *body)) for i in range(len(head))]
+    right = {1, 2, 3}
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    out = [line(head), line(["-" * w for w in widths])]
+    out += [line(b) for b in body]
+    return "\n".join(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer and shorter runs (< 60 s); the full run takes a few minutes")
+    parser.add_argument("--json", metavar="FILE", help="also write raw samples and machine info")
+    parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), metavar="KEY",
+                        help=f"run only these ({', '.join(BENCHMARKS)})")
+    parser.add_argument("--native-cpu", default="auto", metavar="CPU|none",
+                        help="pin native runs to this CPU (default: the first one this process "
+                             "may use; the VM also runs every guest process on one host "
+                             "thread); 'none' lets them spread over all CPUs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, stream=sys.stderr,
+                        format="bench: %(message)s")
+    # the VM's own warnings (e.g. unsupported syscalls) still show; its info chatter does not
+    logging.getLogger("tender_service").setLevel(logging.WARNING)
+
+    names = a.only or list(BENCHMARKS)
+    progress = Progress()
+    if a.native_cpu == "none":
+        native_cpu = None
+    elif a.native_cpu == "auto":
+        native_cpu = min(os.sched_getaffinity(0))
+    else:
+        try:
+            native_cpu = int(a.native_cpu)
+        except ValueError:
+            parser.error(f"--native-cpu: not a CPU number or 'none': {a.native_cpu!r}")
+        if native_cpu not in os.sched_getaffinity(0):
+            parser.error(f"--native-cpu: CPU {native_cpu} is not available to this process")
+    bench = Bench(Params(quick=a.quick, native_cpu=native_cpu), progress)
+    started = time.time()
+    t0 = time.perf_counter()
+    progress.step("building (or reusing) guest images")
+    for prog in PROGRAMS:
+        bench.image(prog)
+    rows: list[Row] = []
+    failures: dict[str, str] = {}
+    for name in names:
+        try:
+            rows += [r.evaluate() for r in BENCHMARKS[name](bench)]
+        except (BenchError, subprocess.TimeoutExpired) as e:
+            log.error("%s failed: %s", name, e)
+            failures[name] = str(e)
+    duration = time.perf_counter() - t0
+    info = machine_info()
+
+    print(f"unifork comparison ({'quick' if a.quick else 'full'}), {duration:.1f} s; "
+          f"{info['cpu_model']}, {info['cores_available']}/{info['cores']} cores, "
+          f"Python {info['python']}, unicorn {info['unicorn']}")
+    print("native runs " + (f"pinned to CPU {native_cpu}" if native_cpu is not None
+                            else "not pinned") + "; VM/native > 1 means the VM is slower "
+          "(times) or faster (MiB/s); MISS (k x) = off the target by a factor k")
+    print()
+    print(table(rows))
+    print()
+    for r in rows:
+        print(f"{r.name}:")
+        for note in r.notes:
+            print(f"    {note}")
+    for name, err in failures.items():
+        print(f"FAILED {name}: {err.splitlines()[0] if err else ''}")
+    missed = [r for r in rows if r.met is False]
+    print()
+    print(f"targets: {sum(r.met is True for r in rows)} met, {len(missed)} missed"
+          + (": " + ", ".join(f"{r.key} ({r.off_by:.2f}x)" for r in missed) if missed else ""))
+
+    if a.json:
+        doc = {
+            "mode": "quick" if a.quick else "full",
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "duration_s": duration,
+            "machine": info,
+            "native_cpu": native_cpu,
+            "results": [{**{k: v for k, v in asdict(r).items() if k != "target"},
+                         "ratio": r.ratio,
+                         "target": asdict(r.target) if r.target else None} for r in rows],
+            "failures": failures,
+        }
+        Path(a.json).write_text(json.dumps(doc, indent=1) + "\n")
+        log.info("wrote %s", a.json)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
