@@ -11,6 +11,7 @@ Run: ``python -m comparison.bench [--quick] [--json FILE] [--only KEY ...]``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -69,29 +70,29 @@ class Run:
 
 
 @contextmanager
-def pinned(cpu: int | None) -> Iterator[None]:
-    """Pin this process to ``cpu`` for the block (children inherit it); None: no-op.
+def affinity(cpus: set[int] | None) -> Iterator[None]:
+    """Run the block (and what it spawns) on ``cpus``, then restore; None: no change.
 
-    Pinning ourselves instead of using a preexec_fn keeps subprocess on its
-    fast spawn path, so a short native run is not charged a slower spawn.
+    Changing our own affinity instead of using a preexec_fn keeps subprocess
+    on its fast spawn path, so a short run is not charged a slower spawn.
     """
-    if cpu is None:
+    if cpus is None:
         yield
         return
     old = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
+    os.sched_setaffinity(0, cpus)
     try:
         yield
     finally:
         os.sched_setaffinity(0, old)
 
 
-def run_native(path: Path, args: Sequence[str] = (), cpu: int | None = None) -> Run:
+def run_native(path: Path, args: Sequence[str] = (), cpus: set[int] | None = None) -> Run:
     """The static binary as an ordinary process (stdout is a pipe, stdin /dev/null).
 
-    With ``cpu`` the process and its children are pinned to that one CPU.
+    It inherits this process's CPU affinity, or runs on ``cpus`` if given.
     """
-    with pinned(cpu):
+    with affinity(cpus):
         t0 = time.perf_counter()
         p = subprocess.run([str(path), *args], capture_output=True, text=True,
                            stdin=subprocess.DEVNULL, timeout=NATIVE_TIMEOUT, check=False)
@@ -243,7 +244,8 @@ def sample_note(label: str, xs: Sequence[float], unit: str) -> str:
 @dataclass
 class Params:
     quick: bool
-    native_cpu: int | None  # pin native runs to this CPU; None = no pinning
+    #: the CPUs this process could use before it pinned itself to one; None if not pinned
+    all_cpus: set[int] | None
 
     def pick(self, quick: int, full: int) -> int:
         return quick if self.quick else full
@@ -261,7 +263,7 @@ class Bench:
         return self.images[name]
 
     def native(self, img: Path, args: Sequence[str] = ()) -> Callable[[], Run]:
-        return lambda: run_native(img, args, self.p.native_cpu)
+        return lambda: run_native(img, args)
 
     @staticmethod
     def vm(img: Path, args: Sequence[str] = ()) -> Callable[[], Run]:
@@ -296,10 +298,12 @@ class Bench:
             unifork = Path(shutil.which("unifork") or "unifork")
 
         def cli() -> Run:
-            t0 = time.perf_counter()
-            p = subprocess.run([str(unifork), "run", "hello"], capture_output=True, text=True,
-                               stdin=subprocess.DEVNULL, timeout=60, check=False)
-            wall = time.perf_counter() - t0
+            # as a user would start it: on every CPU, not the benchmark's one
+            with affinity(self.p.all_cpus):
+                t0 = time.perf_counter()
+                p = subprocess.run([str(unifork), "run", "hello"], capture_output=True,
+                                   text=True, stdin=subprocess.DEVNULL, timeout=60, check=False)
+                wall = time.perf_counter() - t0
             if p.returncode != 0 or p.stdout != expected:
                 raise BenchError(f"unifork run hello: exit {p.returncode}, stdout "
                                  f"{p.stdout!r}, stderr {p.stderr.strip()!r}")
@@ -316,7 +320,12 @@ class Bench:
 
         out = interleave("hello", {
             "cli": (cli, self.p.pick(10, 30)),
-            "vm": (checked(self.vm(img), "VM"), self.p.pick(50, 200)),
+            "vm": (checked(self.vm(img), "VM"), self.p.pick(50, 200))}, 3, self.progress)
+        # Not interleaved: on some hosts (seen in a Firecracker guest) a process
+        # started just after a VM's 64 MiB were unmapped is sometimes ~1 ms
+        # slower, which would charge the VM's cost to the native reference.
+        time.sleep(0.2)
+        out |= interleave("hello: native", {
             "native": (checked(self.native(img), "native"), self.p.pick(50, 200))},
             3, self.progress)
         c = [r.wall for r in out["cli"]]
@@ -364,7 +373,7 @@ class Bench:
     # 4 -----------------------------------------------------------------------------
     def fork(self) -> list[Row]:
         img = self.image("fork_time")
-        forks, runs = self.p.pick(50, 100), self.p.pick(4, 10)
+        forks, runs = self.p.pick(50, 100), self.p.pick(4, 20)
         args = ["-n", str(forks)]
         out = interleave(f"fork: fork_time -n {forks}", {
             "vm": (self.vm(img, args), runs), "native": (self.native(img, args), runs)},
@@ -386,7 +395,7 @@ class Bench:
     # 5 -----------------------------------------------------------------------------
     def fork_wait(self) -> list[Row]:
         img = self.image("fork_exit_wait")
-        runs = self.p.pick(3, 10)
+        runs = self.p.pick(3, 20)
         args = ["-t", "-n", "100"]
 
         def checked(fn: Callable[[], Run]) -> Callable[[], Run]:
@@ -417,28 +426,28 @@ class Bench:
         args = ["-m", "64"]
         sides: dict[str, tuple[Callable[[], Run], int]] = {
             "vm": (self.vm(bw, args), runs), "native": (self.native(bw, args), runs)}
-        if self.p.native_cpu is not None:  # the other baseline, for information
-            sides["unpinned"] = (lambda: run_native(bw, args), runs)
+        if self.p.all_cpus is not None:  # the other baseline, for information
+            sides["unpinned"] = (lambda: run_native(bw, args, self.p.all_cpus), runs)
         out = interleave("pipe: pipe_bw -m 64", sides, 1, self.progress)
         for r in (x for runs_ in out.values() for x in runs_):
             if not r.stdout.startswith("bytes=67108864 blocks=1024\n"):
                 raise BenchError(f"pipe_bw: unexpected output {r.stdout!r}")
         bws = {k: [floats(r.stdout, "mib_per_s")[0] for r in v] for k, v in out.items()}
-        pinned = self.p.native_cpu is not None
+        pinned = self.p.all_cpus is not None
         rows = [Row("pipe_bw", "6 pipe 64 MiB in 64 KiB writes (pipe_bw)", "MiB/s",
                     median(bws["native"]), median(bws["vm"]),
                     Target("ratio", ">=", 0.5, ">= 0.5x native"),
                     notes=[f"{runs} runs each (+1 warm-up); first read to EOF, measured inside "
                            "the program; native "
-                           + (f"pinned to CPU {self.p.native_cpu}" if pinned else "not pinned"),
+                           + ("pinned to the benchmark's CPU" if pinned else "not pinned"),
                            *(f"{k} runs: {', '.join(f'{x:.0f}' for x in v)} MiB/s"
                              for k, v in bws.items())],
                     samples={f"{k}_mib_per_s": v for k, v in bws.items()})]
         if pinned:
             rows.append(Row("pipe_bw_unpinned", "6 pipe_bw, native not pinned (info)", "MiB/s",
                             median(bws["unpinned"]), median(bws["vm"]),
-                            notes=["native parent and child free to run on different CPUs: "
-                                   "cross-CPU wake-ups make it bimodal and noisy"],
+                            notes=["native parent and child free to run on different CPUs (cross-CPU "
+                                   "wake-ups can make it bimodal: 0.7..3.3 GiB/s seen)"],
                             samples={"unpinned_mib_per_s": bws["unpinned"]}))
 
         pt = self.image("pipe_throughput")
@@ -479,13 +488,16 @@ class Bench:
                     self.rss = host_rss()
 
         def one(count: int) -> tuple[int, int]:
+            """(peak guest memory, host RSS growth from before the VM to the children= line)"""
             sink = RssSink()
+            gc.collect()
+            before = host_rss()
             r = run_in_vm(img, ["-n", str(count)], sink=sink, config=config)
             if r.stdout != f"children={count}\nreaped={count}\n":
                 raise BenchError(f"children_blocked: unexpected output {r.stdout!r}")
             if sink.rss is None:
                 raise BenchError("children_blocked: no children= line seen")
-            return r.result.peak_memory, sink.rss
+            return r.result.peak_memory, sink.rss - before
 
         self.progress.step(f"memory: native children_blocked -n {n} (sanity check)")
         nat = run_native(img, ["-n", str(n)])
@@ -516,8 +528,9 @@ class Bench:
                          "per_child_kib": per_child}),
             Row("rss_per_child", "7 host RSS growth per blocked child (info)", "KiB", None,
                 median(rss_child),
-                notes=[f"this process's RSS when `children=` is printed, (N={n} - N=0) / {n}; "
-                       "includes the Python objects per process; noisy",
+                notes=[f"growth of this process's RSS from before the VM to the `children=` "
+                       f"line, (N={n} - N=0) / {n}; includes the Python objects per process "
+                       "and guest pages touched; noisy",
                        f"per run: {', '.join(f'{x:.1f}' for x in rss_child)} KiB"],
                 samples={"rss_n0": [float(x) for x in rss0], f"rss_n{n}": [float(x) for x in rss32],
                          "per_child_kib": rss_child}),
@@ -560,7 +573,7 @@ def machine_info() -> dict[str, object]:
     except Exception:  # noqa: BLE001 - informational only
         uc = "unknown"
     try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
                                 capture_output=True, text=True, timeout=5,
                                 check=False).stdout.strip()
     except OSError:
@@ -578,10 +591,16 @@ def machine_info() -> dict[str, object]:
     }
 
 
+def fmt_ratio(r: float | None) -> str:
+    if r is None:
+        return "-"
+    return f"{r:.3f}x" if r < 1 else f"{r:.2f}x" if r < 100 else f"{r:.0f}x"
+
+
 def table(rows: list[Row]) -> str:
     head = ("benchmark", "native", "VM", "VM/native", "target", "result")
     body = [(r.name, fmt(r.native, r.unit), fmt(r.vm, r.unit),
-             f"{r.ratio:.2f}x" if r.ratio is not None else "-",
+             fmt_ratio(r.ratio),
              r.target.text if r.target else "(none)", r.mark()) for r in rows]
     widths = [max(len(x[i]) for x in (head, *body)) for i in range(len(head))]
     right = {1, 2, 3}
@@ -602,10 +621,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write raw samples and machine info")
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), metavar="KEY",
                         help=f"run only these ({', '.join(BENCHMARKS)})")
-    parser.add_argument("--native-cpu", default="auto", metavar="CPU|none",
-                        help="pin native runs to this CPU (default: the first one this process "
-                             "may use; the VM also runs every guest process on one host "
-                             "thread); 'none' lets them spread over all CPUs")
+    parser.add_argument("--cpu", default="auto", metavar="CPU|none",
+                        help="pin the benchmark, and so the VMs and the native runs, to this "
+                             "CPU (default: the first one this process may use); 'none' "
+                             "leaves the native processes free to spread over all CPUs")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, stream=sys.stderr,
@@ -615,18 +634,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     names = a.only or list(BENCHMARKS)
     progress = Progress()
-    if a.native_cpu == "none":
-        native_cpu = None
-    elif a.native_cpu == "auto":
-        native_cpu = min(os.sched_getaffinity(0))
+    info = machine_info()  # before pinning: cores_available is what we were given
+    all_cpus = os.sched_getaffinity(0)
+    if a.cpu == "none":
+        cpu = None
+    elif a.cpu == "auto":
+        cpu = min(all_cpus)
     else:
         try:
-            native_cpu = int(a.native_cpu)
+            cpu = int(a.cpu)
         except ValueError:
-            parser.error(f"--native-cpu: not a CPU number or 'none': {a.native_cpu!r}")
-        if native_cpu not in os.sched_getaffinity(0):
-            parser.error(f"--native-cpu: CPU {native_cpu} is not available to this process")
-    bench = Bench(Params(quick=a.quick, native_cpu=native_cpu), progress)
+            parser.error(f"--cpu: not a CPU number or 'none': {a.cpu!r}")
+        if cpu not in all_cpus:
+            parser.error(f"--cpu: CPU {cpu} is not available to this process")
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    bench = Bench(Params(quick=a.quick, all_cpus=all_cpus if cpu is not None else None),
+                  progress)
     started = time.time()
     t0 = time.perf_counter()
     progress.step("building (or reusing) guest images")
@@ -641,13 +665,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("%s failed: %s", name, e)
             failures[name] = str(e)
     duration = time.perf_counter() - t0
-    info = machine_info()
 
     print(f"unifork comparison ({'quick' if a.quick else 'full'}), {duration:.1f} s; "
           f"{info['cpu_model']}, {info['cores_available']}/{info['cores']} cores, "
           f"Python {info['python']}, unicorn {info['unicorn']}")
-    print("native runs " + (f"pinned to CPU {native_cpu}" if native_cpu is not None
-                            else "not pinned") + "; VM/native > 1 means the VM is slower "
+    print("VMs and native runs " + (f"pinned to CPU {cpu}" if cpu is not None
+                                    else "not pinned") + "; VM/native > 1 means the VM is slower "
           "(times) or faster (MiB/s); MISS (k x) = off the target by a factor k")
     print()
     print(table(rows))
@@ -669,7 +692,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "duration_s": duration,
             "machine": info,
-            "native_cpu": native_cpu,
+            "pinned_cpu": cpu,
             "results": [{**{k: v for k, v in asdict(r).items() if k != "target"},
                          "ratio": r.ratio,
                          "target": asdict(r.target) if r.target else None} for r in rows],

@@ -63,8 +63,8 @@ def create_vm(image: ElfImage | str | Path, args: Sequence[str] = (),
     config = config or VmConfig()
     console = Console(sink or stdio_sink(), stdin=stdin, tty=config.tty)
     argv = [argv0 or _program_name(img.name), *args]
-    return Kernel(img, argv, list(DEFAULT_ENV if env is None else env), config, console,
-                  make_forker(fork))
+    return Kernel.boot(img, argv, list(DEFAULT_ENV if env is None else env), config, console,
+                       make_forker(fork))
 
 
 def run_vm(image: ElfImage | str | Path, args: Sequence[str] = (),

@@ -32,8 +32,6 @@ import errno
 import logging
 import struct
 
-import numpy as np
-
 from tender_service.bmk.memalloc import MEMWHO_USER, MEMWHO_WIREDBMK, Allocation
 from tender_service.machine.cpu import FS_BASE, GPRS, RIP, SYSCALL_INSN_LEN, RegSet
 from tender_service.machine.errors import GuestError
@@ -163,6 +161,8 @@ class _Relocator:
         numpy finds the words inside the heap (where stacks live too) or the
         TLS block; only those few are classified one by one.
         """
+        import numpy as np  # here, not at module level: it costs ~0.1 s of start-up
+
         w = np.frombuffer(buf, dtype="<u8", count=count, offset=offset)
         try:
             hit = (w - np.uint64(self.h_lo)) < np.uint64(self.h_hi - self.h_lo)

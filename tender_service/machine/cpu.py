@@ -48,6 +48,15 @@ GPRS = {
     "r12": x86.UC_X86_REG_R12, "r13": x86.UC_X86_REG_R13, "r14": x86.UC_X86_REG_R14,
     "r15": x86.UC_X86_REG_R15,
 }
+#: the architectural state a VM snapshot carries (names are the snapshot's keys)
+STATE_REGS: dict[str, int] = {
+    **GPRS, "rip": x86.UC_X86_REG_RIP, "rflags": x86.UC_X86_REG_EFLAGS,
+    "fs_base": x86.UC_X86_REG_FS_BASE, "gs_base": x86.UC_X86_REG_GS_BASE,
+    "mxcsr": x86.UC_X86_REG_MXCSR, "fpcw": x86.UC_X86_REG_FPCW,
+    "fpsw": x86.UC_X86_REG_FPSW, "fptag": x86.UC_X86_REG_FPTAG,
+    **{f"xmm{i}": getattr(x86, f"UC_X86_REG_XMM{i}") for i in range(16)},
+    **{f"st{i}": getattr(x86, f"UC_X86_REG_ST{i}") for i in range(8)},
+}
 RIP = x86.UC_X86_REG_RIP
 RSP = x86.UC_X86_REG_RSP
 RAX = x86.UC_X86_REG_RAX
@@ -174,6 +183,17 @@ class Cpu:
     def read_regs(self, regs: RegSet) -> list[int]:
         self._reg_read_batch(self._h, regs.ids, regs.ptrs, regs.n)
         return list(regs.vals)
+
+    def read_state(self) -> dict[str, int]:
+        """All of STATE_REGS (for a snapshot; not a hot path)."""
+        return {name: int(self.uc.reg_read(rid)) for name, rid in STATE_REGS.items()}
+
+    def write_state(self, state: dict[str, int]) -> None:
+        for name, value in state.items():
+            rid = STATE_REGS.get(name)
+            if rid is None:
+                raise ValueError(f"unknown register {name!r}")
+            self.uc.reg_write(rid, value)
 
     # -- contexts ----------------------------------------------------------------
     def new_context(self) -> Context:

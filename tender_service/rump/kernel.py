@@ -23,6 +23,7 @@ import logging
 import os
 import selectors
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -30,7 +31,14 @@ from typing import Protocol
 from tender_service.bmk.memalloc import MEMWHO_WIREDBMK, MemAlloc
 from tender_service.bmk.pagealloc import PageAllocator
 from tender_service.bmk.sched import BmkThread, Scheduler, ThreadState, WaitQueue
-from tender_service.machine.cpu import RAX, RIP, RSP, SYSCALL_INSN_LEN, Cpu, ExitKind
+from tender_service.machine.cpu import (
+    RAX,
+    RIP,
+    RSP,
+    SYSCALL_INSN_LEN,
+    Cpu,
+    ExitKind,
+)
 from tender_service.machine.elf import ElfImage
 from tender_service.machine.errors import GuestError, ImageError
 from tender_service.machine.layout import DEFAULT_RAM, DEFAULT_STACK, MAX_RAM, MIN_RAM, PAGE_SIZE
@@ -79,6 +87,22 @@ class Forker(Protocol):
     mode: str
 
     def fork(self, k: Kernel, lwp: Lwp, vfork: bool) -> int: ...
+
+
+class RemoteHost(Protocol):
+    """Where the other processes of the instance live (VM-clone fork).
+
+    The rump layer calls it when something it does concerns a process of
+    another VM; the layer above implements it over a transport.
+    """
+
+    def process_exited(self, proc: Process) -> None: ...
+
+    def child_reaped(self, parent: Process, child: Process) -> None: ...
+
+    def signal(self, sender: Process, pid: int, sig: int) -> int: ...
+
+    def call(self, sender: Process, op: str, *args: int) -> int: ...
 
 
 @dataclass(slots=True)
@@ -131,23 +155,20 @@ class RunResult:
 class Kernel:
     """One VM: machine + bmk + rump.  Build it, then call :meth:`run` once."""
 
-    def __init__(self, image: ElfImage, argv: list[str | bytes], env: list[str | bytes],
-                 config: VmConfig, console: Console, forker: Forker | None = None) -> None:
+    def __init__(self, config: VmConfig, console: Console, mem: GuestMemory, brk_base: int,
+                 pages: PageAllocator, heap: MemAlloc, forker: Forker | None = None) -> None:
+        """A VM over prepared memory (see :meth:`boot`, and fork/snapshot.py's restore)."""
         config.validate()
         self.config = config
         self.console = console
         self.forker = forker
-        self.image = image
-        self.mem = GuestMemory(config.ram)
-        try:
-            self.loaded = layout_memory(self.mem, image)
-            heap = self.loaded.heap
-            self.pages = PageAllocator(heap.base, heap.size, PAGE_SIZE)
-            self.heap = MemAlloc(self.mem.region_view(heap), heap.base, self.pages)
-            self.cpu = Cpu(self.mem)
-        except Exception:
-            self.mem.close()
-            raise
+        self.remote: RemoteHost | None = None
+        self._events: deque[Callable[[], None]] = deque()
+        self.mem = mem
+        self.brk_base = brk_base
+        self.pages = pages
+        self.heap = heap
+        self.cpu = Cpu(mem)
         self.sched = Scheduler()
         self.procs: dict[int, Process] = {}
         self.futexes: dict[int, WaitQueue] = {}
@@ -174,7 +195,26 @@ class Kernel:
         self.cpu.hook_syscall(self._on_syscall_traced if config.trace_syscalls
                               else self._dispatch)
         self.init = self._new_process(None, FdTable(), "init")
-        self.main = self._spawn_main(argv, env)
+        self.main: Process | None = None
+
+    @classmethod
+    def boot(cls, image: ElfImage, argv: list[str | bytes], env: list[str | bytes],
+             config: VmConfig, console: Console, forker: Forker | None = None) -> Kernel:
+        """A VM that starts ``image`` as its first program (pid 2)."""
+        config.validate()
+        mem = GuestMemory(config.ram)
+        try:
+            loaded = layout_memory(mem, image)
+            heap = loaded.heap
+            pages = PageAllocator(heap.base, heap.size, PAGE_SIZE)
+            k = cls(config, console, mem, loaded.region.end, pages,
+                    MemAlloc(mem.region_view(heap), heap.base, pages), forker)
+        except Exception:
+            mem.close()
+            raise
+        k.loaded = loaded
+        k.main = k._spawn_main(argv, env)
+        return k
 
     # -- building ------------------------------------------------------------------
     def alloc_pid(self) -> int:
@@ -182,8 +222,9 @@ class Kernel:
         self._next_pid += 1
         return pid
 
-    def _new_process(self, parent: Process | None, fds: FdTable, name: str) -> Process:
-        pid = self.alloc_pid()
+    def _new_process(self, parent: Process | None, fds: FdTable, name: str,
+                     pid: int | None = None) -> Process:
+        pid = self.alloc_pid() if pid is None else pid
         p = Process(pid=pid, ppid=parent.pid if parent else 0,
                     pgid=parent.pgid if parent else pid, sid=parent.sid if parent else pid,
                     fds=fds, parent=parent, name=name)
@@ -362,7 +403,12 @@ class Kernel:
         proc.fds.close_all(self)
         self._release_memory(proc)
         for child in list(proc.children.values()):
-            self._reparent(child, self.init)
+            if child.remote:  # the instance's supervisor re-parents it
+                proc.children.pop(child.pid, None)
+            else:
+                self._reparent(child, self.init)
+        if self.remote is not None:
+            self.remote.process_exited(proc)
         parent = proc.parent
         if parent is not None and parent.vfork_child == proc.pid:
             parent.vfork_child = 0
@@ -383,7 +429,7 @@ class Kernel:
         child use freed memory.  The oldest live child inherits them instead
         and frees them when it ends.
         """
-        heir = next((c for c in proc.children.values() if c.alive), None)
+        heir = next((c for c in proc.children.values() if c.alive and not c.remote), None)
         if heir is None:
             self.heap.free_owner(proc.pid)
             for addr in list(proc.mmaps):
@@ -406,6 +452,8 @@ class Kernel:
         """Remove a zombie; its pid becomes free for ``kill`` (ESRCH)."""
         parent.children.pop(child.pid, None)
         child.state = ProcState.REAPED
+        if child.remote and self.remote is not None:
+            self.remote.child_reaped(parent, child)
         if child is not self.main:
             self.procs.pop(child.pid, None)
             if len(self.finished) < MAX_FINISHED:
@@ -415,6 +463,10 @@ class Kernel:
     def post_signal(self, proc: Process, sig: int) -> bool:
         """Deliver ``sig`` with its disposition; True if it ended the process."""
         if sig == 0 or not proc.alive:
+            return False
+        if proc.remote:
+            if self.remote is not None:
+                self.remote.signal(self.current.proc if self.current else self.init, proc.pid, sig)
             return False
         disp = proc.disposition(sig)
         if sig in (signals.SIGKILL, signals.SIGSTOP):
@@ -455,10 +507,50 @@ class Kernel:
                          syscalls=self.syscalls, peak_memory=self.peak_memory,
                          processes=self.process_table())
 
+    # -- events from other threads (VM-clone: messages from the supervisor) ------------
+    def post_event(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the VM's thread soon (thread safe); interrupts a running guest."""
+        self._events.append(fn)
+        self.cpu.stop()
+        self._notify()
+
+    def _drain_events(self) -> None:
+        while self._events:
+            fn = self._events.popleft()
+            try:
+                fn()
+            except Exception:
+                log.exception("event handler failed")
+
+    def add_remote_child(self, parent: Process, pid: int) -> Process:
+        """A proxy for a child that runs in another VM; its exit arrives as an event."""
+        child = Process(pid=pid, ppid=parent.pid, pgid=parent.pgid, sid=parent.sid,
+                        fds=FdTable(), parent=parent, name=parent.name, remote=True)
+        parent.children[pid] = child
+        parent.child_wq.host = True
+        return child
+
+    def remote_child_exited(self, pid: int, status: int) -> None:
+        """Event: a remote child ended (VM thread)."""
+        for p in list(self.procs.values()):
+            child = p.children.get(pid)
+            if child is not None and child.remote and child.alive:
+                child.state, child.status, child.ended = ProcState.ZOMBIE, status, time.monotonic()
+                if p.vfork_child == pid:
+                    p.vfork_child = 0
+                    for lwp in p.lwps:
+                        self.sched.make_runnable(lwp.thread)
+                if p.disposition(signals.SIGCHLD) == signals.SIG_IGN:
+                    self.reap(p, child)
+                else:
+                    self.sched.wake_all(p.child_wq)
+
     def _loop(self) -> str | None:
         cpu, sched = self.cpu, self.sched
         quantum = self.config.quantum
         while True:
+            if self._events:
+                self._drain_events()
             if self._stop_reason is not None:
                 return self._stop_all(self._stop_reason)
             t = sched.pick()
@@ -499,6 +591,8 @@ class Kernel:
     def _wait_host(self) -> bool:
         """Nothing can run: wait for a timer or host event.  False if none can come."""
         sched = self.sched
+        if self._events:
+            return True
         if not sched.host_wakeable():
             return False
         timer = sched.next_timer()

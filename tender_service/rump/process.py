@@ -38,6 +38,9 @@ class Lwp:
     futex_woken: bool = False
     #: time.monotonic() deadline of a restarted timed wait, 0 if none
     deadline: float = 0.0
+    #: a request to another process (VM-clone pipe op) and its reply, once it came
+    remote_req: int = 0
+    remote_result: tuple[int, bytes, int] | None = None
 
 
 @dataclass(eq=False)
@@ -63,6 +66,8 @@ class Process:
     started: float = field(default_factory=time.monotonic)
     ended: float = 0.0
     report: str = ""  # why it died, if not by exit
+    #: a child that runs in another VM (VM-clone fork): a proxy with no LWPs
+    remote: bool = False
 
     def __post_init__(self) -> None:
         self.child_wq = WaitQueue(f"wait:{self.pid}")

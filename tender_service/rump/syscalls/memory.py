@@ -31,7 +31,7 @@ MADV_DONTNEED = 4
 def sys_brk(k: Kernel, lwp: Lwp, addr: int) -> int:
     proc = lwp.proc
     if not proc.brk:
-        proc.brk = k.loaded.region.end
+        proc.brk = k.brk_base
     return proc.brk  # the break cannot move: nothing is mapped after the image
 
 

@@ -1,0 +1,243 @@
+"""VM snapshots for VM-clone fork: a documented, versioned format.
+
+A snapshot holds what a child VM needs to resume a forked process: the used
+guest memory (the image region and the heap blocks the page allocator has
+handed out, not the whole RAM), the forking thread's CPU state (with
+``rax = 0`` and ``rip`` after the ``syscall``: the child returns 0 from
+fork), the process's kernel state (pid, ppid, groups, dispositions, fd table,
+brk and mappings, stack and TLS) and the allocator metadata.
+
+Layout, little endian::
+
+    magic     8 bytes   b"UFSNAP\\0\\0"
+    version   u16       SNAPSHOT_VERSION (refused if unknown)
+    reserved  u16       0
+    meta_len  u32       length of the JSON metadata that follows
+    nranges   u32       number of memory ranges
+    meta      meta_len bytes of UTF-8 JSON (see ``capture``)
+    ranges    nranges x (addr u64, length u64, bytes[length])
+
+Every length and address is checked against the regions the metadata
+declares before anything is allocated, so a corrupt or hostile snapshot is
+refused with ``SnapshotError`` and never crashes the tender.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tender_service.bmk.memalloc import MemAlloc
+from tender_service.bmk.pagealloc import PageAllocator
+from tender_service.machine.cpu import STATE_REGS, SYSCALL_INSN_LEN
+from tender_service.machine.layout import MAX_RAM, PAGE_SIZE
+from tender_service.machine.memory import GuestMemory
+from tender_service.rump.console import Console
+from tender_service.rump.fdtable import FdTable
+from tender_service.rump.files import ConsoleFile, File, NullFile, ZeroFile
+from tender_service.rump.kernel import Forker, Kernel, VmConfig
+from tender_service.rump.process import Lwp, Process
+
+MAGIC = b"UFSNAP\0\0"
+SNAPSHOT_VERSION = 1
+_HEADER = struct.Struct("<8sHHII")
+_RANGE = struct.Struct("<QQ")
+MAX_META = 16 << 20
+MAX_RANGES = 1 << 20
+
+#: make a File of a kind this module does not know (remote pipe ends)
+FileFactory = Callable[[dict], File]
+
+
+class SnapshotError(ValueError):
+    """A snapshot we refuse: wrong magic, unknown version, inconsistent data."""
+
+
+@dataclass(slots=True)
+class Snapshot:
+    meta: dict
+    ranges: list[tuple[int, memoryview]]
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(len(data) for _, data in self.ranges)
+
+
+def file_state(f: File) -> dict:
+    """The snapshot description of an open file (remote kinds describe themselves)."""
+    if isinstance(f, ConsoleFile):
+        return {"kind": "console", "fdno": f.fdno, "flags": f.flags}
+    if isinstance(f, ZeroFile):
+        return {"kind": f.kind, "flags": f.flags}
+    if isinstance(f, NullFile):
+        return {"kind": "null", "flags": f.flags}
+    state = getattr(f, "snapshot_state", None)
+    if state is None:
+        raise SnapshotError(f"a {f.kind} file cannot cross VMs (share it first)")
+    return state()
+
+
+def capture(k: Kernel, lwp: Lwp, child_pid: int) -> bytes:
+    """Snapshot the VM as the child of a fork by ``lwp`` will see it.
+
+    Called inside the fork syscall: the CPU holds the parent's registers.
+    """
+    proc, t, mem = lwp.proc, lwp.thread, k.mem
+    regs = k.cpu.read_state()
+    regs["rip"] += SYSCALL_INSN_LEN
+    regs["rax"] = 0
+    files: dict[int, int] = {}
+    fds = []
+    for fd, e in sorted(proc.fds.entries.items()):
+        fid = files.setdefault(id(e.file), len(files))
+        fds.append({"fd": fd, "cloexec": e.cloexec, "file": fid, "state": file_state(e.file)})
+    regions = [{"name": r.name, "base": r.base, "size": r.size} for r in mem.regions]
+    meta = {
+        "config": {"ram": k.config.ram, "stack_size": k.config.stack_size,
+                   "quantum": k.config.quantum, "max_procs": k.config.max_procs,
+                   "tty": k.config.tty},
+        "regions": regions,
+        "brk_base": k.brk_base,
+        "pages": k.pages.export_state(),
+        "heap": k.heap.export_state(),
+        "process": {"pid": child_pid, "ppid": proc.pid, "pgid": proc.pgid, "sid": proc.sid,
+                    "name": proc.name, "pending": 0, "brk": proc.brk,
+                    "sigactions": [[sig, *act] for sig, act in sorted(proc.sigactions.items())],
+                    "mmaps": sorted(proc.mmaps.items()), "owner": proc.pid},
+        "lwp": {"stack": lwp.stack, "stack_base": t.stack_base, "stack_size": t.stack_size,
+                "tls": lwp.tls, "sigmask": lwp.sigmask},
+        "fds": fds,
+        "cpu": regs,
+    }
+    ranges = [(r.base, r.size) for r in mem.regions if r.name != "heap"]
+    ranges += k.pages.allocated_blocks()
+    meta_b = json.dumps(meta, separators=(",", ":")).encode()
+    out = [_HEADER.pack(MAGIC, SNAPSHOT_VERSION, 0, len(meta_b), len(ranges)), meta_b]
+    for addr, n in ranges:
+        out.append(_RANGE.pack(addr, n))
+        out.append(mem.slice(addr, n))
+    return b"".join(out)
+
+
+def decode(data: bytes | memoryview) -> Snapshot:
+    """Parse and validate a snapshot (memory ranges stay views into ``data``)."""
+    view = memoryview(data)
+    if len(view) < _HEADER.size:
+        raise SnapshotError("snapshot truncated (no header)")
+    magic, version, _, meta_len, nranges = _HEADER.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise SnapshotError("not a unifork snapshot (bad magic)")
+    if version != SNAPSHOT_VERSION:
+        raise SnapshotError(f"unsupported snapshot version {version} "
+                            f"(this tender reads version {SNAPSHOT_VERSION})")
+    if meta_len > MAX_META or nranges > MAX_RANGES:
+        raise SnapshotError("snapshot header out of range")
+    pos = _HEADER.size
+    if pos + meta_len > len(view):
+        raise SnapshotError("snapshot truncated (metadata)")
+    try:
+        meta = json.loads(bytes(view[pos : pos + meta_len]))
+        regions = [(int(r["base"]), int(r["size"])) for r in meta["regions"]]
+        ram = int(meta["config"]["ram"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise SnapshotError(f"bad snapshot metadata: {e}") from e
+    if not 0 < ram <= MAX_RAM or sum(size for _, size in regions) > ram:
+        raise SnapshotError("snapshot regions exceed its RAM size")
+    pos += meta_len
+    ranges: list[tuple[int, memoryview]] = []
+    for _ in range(nranges):
+        if pos + _RANGE.size > len(view):
+            raise SnapshotError("snapshot truncated (range header)")
+        addr, n = _RANGE.unpack_from(view, pos)
+        pos += _RANGE.size
+        if not any(base <= addr and addr + n <= base + size for base, size in regions):
+            raise SnapshotError(f"range {addr:#x}+{n:#x} outside the snapshot's regions")
+        if pos + n > len(view):
+            raise SnapshotError("snapshot truncated (range data)")
+        ranges.append((addr, view[pos : pos + n]))
+        pos += n
+    if pos != len(view):
+        raise SnapshotError("trailing bytes after the last range")
+    return Snapshot(meta, ranges)
+
+
+def restore(snap: Snapshot, console: Console, forker: Forker | None,
+            make_file: FileFactory, timeout: float | None = None) -> Kernel:
+    """Build the child VM of a snapshot, ready to run (its process returns 0 from fork)."""
+    meta = snap.meta
+    try:
+        cfg = meta["config"]
+        config = VmConfig(ram=int(cfg["ram"]), stack_size=int(cfg["stack_size"]),
+                          quantum=int(cfg["quantum"]), max_procs=int(cfg["max_procs"]),
+                          tty=bool(cfg["tty"]), timeout=timeout)
+        config.validate()
+    except (KeyError, TypeError, ValueError) as e:
+        raise SnapshotError(f"bad snapshot config: {e}") from e
+    mem = GuestMemory(config.ram)
+    try:
+        return _restore_into(mem, snap, config, console, forker, make_file)
+    except SnapshotError:
+        mem.close()
+        raise
+    except (KeyError, TypeError, ValueError, MemoryError) as e:
+        mem.close()
+        raise SnapshotError(f"inconsistent snapshot: {e}") from e
+
+
+def _restore_into(mem: GuestMemory, snap: Snapshot, config: VmConfig, console: Console,
+                  forker: Forker | None, make_file: FileFactory) -> Kernel:
+    meta = snap.meta
+    heap_region = None
+    for r in meta["regions"]:
+        region = mem.add_region(str(r["name"]), int(r["base"]), int(r["size"]))
+        if region.name == "heap":
+            heap_region = region
+    if heap_region is None or heap_region.base % PAGE_SIZE:
+        raise SnapshotError("snapshot has no page-aligned heap region")
+    for addr, data in snap.ranges:
+        mem.write(addr, data)
+    pages = PageAllocator.from_state(meta["pages"])
+    heap = MemAlloc.from_state(mem.region_view(heap_region), heap_region.base, pages,
+                               meta["heap"])
+    k = Kernel(config, console, mem, int(meta["brk_base"]), pages, heap, forker)
+    p = meta["process"]
+    pid = int(p["pid"])
+    if pid <= 1:
+        raise SnapshotError("bad pid in snapshot")
+    fds = FdTable()
+    made: dict[int, File] = {}
+    for e in meta["fds"]:
+        fid = int(e["file"])
+        f = made.get(fid)
+        if f is None:
+            f = made[fid] = _make_file(e["state"], make_file)
+        fds.install(f, bool(e["cloexec"]), fd=int(e["fd"]))
+    proc: Process = k._new_process(None, fds, str(p["name"]), pid=pid)
+    proc.ppid, proc.pgid, proc.sid = int(p["ppid"]), int(p["pgid"]), int(p["sid"])
+    proc.brk = int(p["brk"])
+    proc.sigactions = {int(a[0]): tuple(int(x) for x in a[1:5]) for a in p["sigactions"]}
+    proc.mmaps = {int(a): int(n) for a, n in p["mmaps"]}
+    k._next_pid = max(k._next_pid, pid + 1)
+    heap.reown(int(p["owner"]), pid)
+    regs = {name: int(v) for name, v in meta["cpu"].items() if name in STATE_REGS}
+    k.cpu.write_state(regs)
+    lw = meta["lwp"]
+    lwp = k.new_lwp(proc, int(lw["stack"]), int(lw["stack_base"]), int(lw["stack_size"]),
+                    k.cpu.new_context())
+    lwp.tls, lwp.sigmask = int(lw["tls"]), int(lw["sigmask"])
+    k.main = proc
+    return k
+
+
+def _make_file(state: dict, make_file: FileFactory) -> File:
+    kind = state.get("kind")
+    flags = int(state.get("flags", 0))
+    if kind == "console":
+        return ConsoleFile(flags, int(state["fdno"]))
+    if kind == "null":
+        return NullFile(flags)
+    if kind in ("zero", "urandom"):
+        return ZeroFile(flags, random=kind == "urandom")
+    return make_file(state)

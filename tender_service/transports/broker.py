@@ -1,0 +1,330 @@
+"""The pipe broker: pipes shared by several VMs in VM-clone mode.
+
+In VM-clone mode every guest process runs in its own VM, so a pipe whose ends
+are held by more than one VM cannot live in any of them. It lives here, in the
+instance supervisor; VMs send read/write/close requests over their channel and
+get replies. The broker never blocks: a request that cannot complete yet is
+*parked* and answered later, when another VM's request (or death) makes it
+possible. It is a plain single-threaded object; the supervisor calls it from
+one thread.
+
+Semantics are Linux's, as in the in-VM pipe (``tender_service.rump.pipe``):
+64 KiB capacity; reads return what is there, park while a writer ref remains,
+see EOF (``b""``) once the last writer ref of any holder is gone; a write of
+at most ``PIPE_BUF`` bytes is atomic; a larger blocking write moves what fits
+and is answered only when all is written; writing with no reader ref left
+answers ``-EPIPE`` (or the count already accepted) with the SIGPIPE flag set.
+
+Where Linux leaves the order to the CPU scheduler, the broker is FIFO: parked
+readers are served in arrival order, parked writes complete in arrival order
+(so a pipe's data is in request order and no write is ever interleaved with
+another), and a nonblocking request behind parked ones of its kind gets
+``EAGAIN`` rather than overtaking them. Parked readers are served before
+parked writers refill the buffer.
+
+Refs are counted per holder (the pid of the process in a VM). A parked request
+counts as a reader or writer while it waits, as an in-flight syscall keeps its
+file open on Linux: another thread of the VM closing the fd meanwhile does not
+turn the pipe into EOF or EPIPE under it. Replies go out after the broker's
+state is consistent, so a reply callback may call the broker again.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+from tender_service.rump.pipe import PIPE_BUF, PIPE_CAPACITY
+
+log = logging.getLogger(__name__)
+
+Holder: TypeAlias = int
+ReadReply: TypeAlias = Callable[[bytes | int], None]
+"""Called with the bytes read (``b""`` = EOF, or a 0-byte read) or ``-errno``."""
+WriteReply: TypeAlias = Callable[[int, bool], None]
+"""Called with (bytes written or ``-errno``, raise SIGPIPE in the writer)."""
+
+__all__ = ["PIPE_BUF", "PIPE_CAPACITY", "Holder", "PipeBroker", "ReadReply", "WriteReply"]
+
+
+@dataclass
+class _Refs:
+    """One holder's open ends of one pipe."""
+
+    readers: int = 0
+    writers: int = 0
+
+
+@dataclass
+class _ParkedRead:
+    holder: Holder
+    n: int
+    reply: ReadReply
+
+
+@dataclass
+class _ParkedWrite:
+    """A write in progress; ``done`` bytes of ``data`` are already in the buffer."""
+
+    holder: Holder
+    data: bytes
+    reply: WriteReply
+    done: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.done == len(self.data)
+
+
+@dataclass
+class _Pipe:
+    id: int
+    buf: bytearray
+    refs: dict[Holder, _Refs] = field(default_factory=dict)
+    reads: deque[_ParkedRead] = field(default_factory=deque)
+    writes: deque[_ParkedWrite] = field(default_factory=deque)
+
+    @property
+    def has_readers(self) -> bool:
+        """A reader ref or a parked read: someone may still read what is written."""
+        return bool(self.reads) or any(r.readers for r in self.refs.values())
+
+    @property
+    def has_writers(self) -> bool:
+        """A writer ref or a parked write: more data may still come."""
+        return bool(self.writes) or any(r.writers for r in self.refs.values())
+
+
+@dataclass
+class _Counters:
+    bytes_written: int = 0  # accepted into a pipe buffer
+    bytes_read: int = 0  # delivered to readers
+    bytes_discarded: int = 0  # buffered when the last reader went
+    pipes_created: int = 0
+
+
+class PipeBroker:
+    """All shared pipes of one instance, with their holders' refs and parked requests."""
+
+    def __init__(self) -> None:
+        self._pipes: dict[int, _Pipe] = {}
+        self._next_id = 1
+        self._counters = _Counters()
+        self._outbox: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
+        self._flushing = False
+        self._warned: set[str] = set()
+
+    # -- refs ---------------------------------------------------------------
+
+    def create(self, holder: Holder, buffered: bytes = b"", readers: int = 1, writers: int = 1) -> int:
+        """A local pipe becomes shared (its holder forks): register it with its unread data."""
+        if readers < 0 or writers < 0 or readers + writers == 0:
+            raise ValueError(f"a shared pipe needs refs, got readers={readers} writers={writers}")
+        if len(buffered) > PIPE_CAPACITY:
+            raise ValueError(f"{len(buffered)} buffered bytes exceed the pipe capacity")
+        pipe = _Pipe(self._next_id, bytearray(buffered if readers else b""))
+        self._next_id += 1
+        pipe.refs[holder] = _Refs(readers, writers)
+        self._pipes[pipe.id] = pipe
+        self._counters.pipes_created += 1
+        log.debug("pipe %d shared by %d (r=%d w=%d, %d bytes buffered)", pipe.id, holder, readers, writers, len(pipe.buf))
+        return pipe.id
+
+    def add_refs(self, pipe: int, holder: Holder, readers: int, writers: int) -> None:
+        """Give ``holder`` more ends, e.g. a forked child's copies, before the child can use them."""
+        if readers < 0 or writers < 0:
+            raise ValueError(f"negative refs: readers={readers} writers={writers}")
+        p = self._pipes.get(pipe)
+        if p is None:
+            raise ValueError(f"add_refs on unknown pipe {pipe}")
+        refs = p.refs.setdefault(holder, _Refs())
+        refs.readers += readers
+        refs.writers += writers
+        if not refs.readers and not refs.writers:
+            del p.refs[holder]
+
+    def close(self, pipe: int, holder: Holder, end: str) -> None:
+        """Release one ref of ``end`` ("r" or "w"); the last one may mean EOF or EPIPE for others."""
+        if end not in ("r", "w"):
+            raise ValueError(f"pipe end must be 'r' or 'w', not {end!r}")
+        p = self._pipes.get(pipe)
+        refs = p.refs.get(holder) if p is not None else None
+        if p is None or refs is None or (refs.readers if end == "r" else refs.writers) == 0:
+            self._warn_once("extra-close", f"ignoring close of pipe {pipe}:{end} by {holder}, which holds no such ref")
+            return
+        if end == "r":
+            refs.readers -= 1
+        else:
+            refs.writers -= 1
+        if not refs.readers and not refs.writers:
+            del p.refs[holder]
+        self._refs_changed(p)
+        self._flush()
+
+    def drop_holder(self, holder: Holder) -> None:
+        """``holder``'s VM is gone: forget its parked requests unanswered and release all its refs."""
+        for p in list(self._pipes.values()):
+            p.reads = deque(r for r in p.reads if r.holder != holder)
+            p.writes = deque(w for w in p.writes if w.holder != holder)
+            p.refs.pop(holder, None)
+            self._refs_changed(p)
+        self._flush()
+
+    # -- data ---------------------------------------------------------------
+
+    def read(self, pipe: int, holder: Holder, n: int, nonblock: bool, reply: ReadReply) -> None:
+        """Read up to ``n`` bytes; ``n == 0`` gives ``b""`` at once (0 bytes, as read(fd, buf, 0))."""
+        p = self._pipes.get(pipe)
+        refs = p.refs.get(holder) if p is not None else None
+        if p is None or refs is None or refs.readers == 0:
+            self._send(reply, -errno.EBADF)
+        elif n < 0:
+            self._send(reply, -errno.EINVAL)
+        elif n == 0:
+            self._send(reply, b"")
+        elif not p.reads and (p.buf or not p.has_writers):
+            self._send(reply, self._take(p, n))  # b"" here is EOF
+        elif nonblock:
+            self._send(reply, -errno.EAGAIN)
+        else:
+            p.reads.append(_ParkedRead(holder, n, reply))
+        if p is not None:
+            self._settle(p)
+        self._flush()
+
+    def write(self, pipe: int, holder: Holder, data: bytes, nonblock: bool, reply: WriteReply) -> None:
+        """Write ``data``: atomically if it is at most PIPE_BUF bytes, completely unless nonblocking."""
+        p = self._pipes.get(pipe)
+        refs = p.refs.get(holder) if p is not None else None
+        if p is None or refs is None or refs.writers == 0:
+            self._send(reply, -errno.EBADF, False)
+        elif not data:
+            self._send(reply, 0, False)  # Linux: a null write succeeds before any check
+        elif not p.has_readers:
+            self._send(reply, -errno.EPIPE, True)
+        elif p.writes:  # never overtake a parked write: data order is request order
+            if nonblock:
+                self._send(reply, -errno.EAGAIN, False)
+            else:
+                p.writes.append(_ParkedWrite(holder, bytes(data), reply))
+        else:
+            w = _ParkedWrite(holder, bytes(data), reply)
+            self._put(p, w)
+            if w.complete:
+                self._send(reply, w.done, False)
+            elif nonblock:
+                self._send(reply, w.done or -errno.EAGAIN, False)
+            else:
+                p.writes.append(w)
+        if p is not None:
+            self._settle(p)
+        self._flush()
+
+    # -- introspection ------------------------------------------------------
+
+    def blocked(self) -> dict[Holder, str]:
+        """Holders with a parked request and what they wait on, for deadlock reports and ``--ps``."""
+        waits: dict[Holder, list[str]] = {}
+        for p in self._pipes.values():
+            for r in p.reads:
+                waits.setdefault(r.holder, []).append(f"read pipe {p.id}")
+            for w in p.writes:
+                waits.setdefault(w.holder, []).append(f"write pipe {p.id}")
+        return {h: ", ".join(dict.fromkeys(what)) for h, what in waits.items()}
+
+    def stats(self) -> dict[str, int]:
+        """Counters for metrics: live pipes, bytes moved, bytes buffered, parked requests."""
+        c = self._counters
+        return {
+            "pipes": len(self._pipes),
+            "pipes_created": c.pipes_created,
+            "bytes_written": c.bytes_written,
+            "bytes_read": c.bytes_read,
+            "bytes_discarded": c.bytes_discarded,
+            "bytes_buffered": sum(len(p.buf) for p in self._pipes.values()),
+            "parked_reads": sum(len(p.reads) for p in self._pipes.values()),
+            "parked_writes": sum(len(p.writes) for p in self._pipes.values()),
+        }
+
+    # -- internals ----------------------------------------------------------
+
+    def _take(self, p: _Pipe, n: int) -> bytes:
+        """Remove up to ``n`` bytes from the front of the buffer."""
+        data = bytes(p.buf[:n])
+        del p.buf[:n]
+        self._counters.bytes_read += len(data)
+        return data
+
+    def _put(self, p: _Pipe, w: _ParkedWrite) -> int:
+        """Move what may go of ``w`` into the buffer: all or nothing up to PIPE_BUF, else what fits."""
+        room = PIPE_CAPACITY - len(p.buf)
+        left = len(w.data) - w.done
+        if len(w.data) <= PIPE_BUF:
+            take = left if room >= left else 0
+        else:
+            take = min(room, left)
+        if take:
+            p.buf += w.data[w.done : w.done + take]
+            w.done += take
+            self._counters.bytes_written += take
+        return take
+
+    def _settle(self, p: _Pipe) -> None:
+        """Answer the parked requests that can complete now, each queue in FIFO order."""
+        while True:
+            while p.reads and (p.buf or not p.has_writers):
+                r = p.reads.popleft()
+                self._send(r.reply, self._take(p, r.n))  # b"" here is EOF
+            if not p.has_readers:
+                if p.buf:  # nobody can ever read it
+                    self._counters.bytes_discarded += len(p.buf)
+                    p.buf.clear()
+                while p.writes:
+                    w = p.writes.popleft()
+                    self._send(w.reply, w.done or -errno.EPIPE, True)
+                return
+            if not p.writes:
+                return
+            head = p.writes[0]
+            if not self._put(p, head):
+                return
+            if head.complete:
+                p.writes.popleft()
+                self._send(head.reply, head.done, False)
+
+    def _refs_changed(self, p: _Pipe) -> None:
+        """After refs or requests went away: answer EOF/EPIPE, delete an unheld pipe."""
+        self._settle(p)
+        if not p.refs:
+            assert not p.reads and not p.writes, "settle answers everything once no refs remain"
+            del self._pipes[p.id]
+            log.debug("pipe %d released by all holders", p.id)
+
+    def _send(self, reply: Callable[..., None], *args: Any) -> None:
+        self._outbox.append((reply, args))
+
+    def _flush(self) -> None:
+        """Call queued replies in order; a reply that calls the broker again only queues more."""
+        if self._flushing:
+            return
+        self._flushing = True
+        try:
+            while self._outbox:
+                reply, args = self._outbox.popleft()
+                try:
+                    reply(*args)
+                except Exception:
+                    log.exception("pipe broker: a reply callback failed")
+        finally:
+            self._flushing = False
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key in self._warned:
+            log.debug("%s", message)
+            return
+        self._warned.add(key)
+        log.warning("%s (further ones are logged at debug level)", message)

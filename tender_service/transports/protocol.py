@@ -1,0 +1,51 @@
+"""Messages between a VM (in its tender process) and its instance supervisor.
+
+They travel as ``frames.Frame`` over the instance's channel (tcp or shm).
+Field use per type (``req`` matches a reply to its request; ``pipe`` is a
+broker pipe id; ``arg`` is a signed 64-bit value)::
+
+    VM -> supervisor
+      CONSOLE     pipe=fd (1/2)  arg=pid             payload=bytes
+      EXITED      arg=wait status                    (the VM's process ended)
+      REAPED      arg=pid of the reaped child
+      CALL        req  payload=JSON {"op": str, "args": [int...]}  -> RESULT
+      PIPE_READ   req pipe  arg=max bytes  flags=NONBLOCK          -> PIPE_DATA
+      PIPE_WRITE  req pipe  flags=NONBLOCK  payload=bytes          -> PIPE_WROTE
+      PIPE_CLOSE  pipe  arg=END_READ|END_WRITE
+      IDLE        arg=events processed so far (every thread blocked)
+    supervisor -> VM
+      RESULT      req  arg=value or -errno  payload=optional JSON
+      PIPE_DATA   req  arg=-errno or 0  payload=bytes (empty with arg 0: EOF)
+      PIPE_WROTE  req  arg=bytes written or -errno  flags=SIGPIPE
+      CHILD_EXIT  pipe=child pid  arg=wait status
+      SIGNAL      arg=signal number
+      REPARENT    arg=new parent pid
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Msg(enum.IntEnum):
+    CONSOLE = 1
+    EXITED = 2
+    REAPED = 3
+    CALL = 4
+    PIPE_READ = 5
+    PIPE_WRITE = 6
+    PIPE_CLOSE = 7
+    IDLE = 8
+    RESULT = 64
+    PIPE_DATA = 65
+    PIPE_WROTE = 66
+    CHILD_EXIT = 67
+    SIGNAL = 68
+    REPARENT = 69
+
+
+NONBLOCK = 1
+SIGPIPE_FLAG = 1
+END_READ, END_WRITE = 0, 1
+#: how much of one write travels in one PIPE_WRITE (under frames.MAX_PAYLOAD)
+MAX_PIPE_CHUNK = 512 << 10

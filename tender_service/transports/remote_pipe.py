@@ -1,0 +1,93 @@
+"""Pipe ends whose pipe lives in the instance supervisor's broker (VM-clone mode).
+
+A read or write becomes a request to the broker; the calling thread blocks
+(the syscall is parked and restarted, as for any blocking call) until the
+reply arrives, which may take a while: the broker answers a read only when
+there is data or the last writer anywhere has closed.  Semantics are those
+of a local pipe (tender_service/rump/pipe.py); the broker enforces them.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+from tender_service.machine.errors import GuestError
+from tender_service.rump import signals
+from tender_service.rump.files import O_RDONLY, O_WRONLY, S_IFIFO, Block, File
+from tender_service.transports.protocol import END_READ, END_WRITE, MAX_PIPE_CHUNK, Msg
+
+if TYPE_CHECKING:
+    from tender_service.rump.kernel import Kernel
+    from tender_service.rump.process import Lwp
+    from tender_service.transports.vmlink import VmLink
+
+
+class RemotePipeEnd(File):
+    kind = "pipe"
+    mode = S_IFIFO
+
+    def __init__(self, link: VmLink, pipe: int, write_end: bool, flags: int) -> None:
+        super().__init__((flags & ~3) | (O_WRONLY if write_end else O_RDONLY))
+        self.link, self.pipe, self.write_end = link, pipe, write_end
+
+    def describe(self) -> str:
+        return f"remote pipe:{self.pipe}:{'w' if self.write_end else 'r'}"
+
+    def snapshot_state(self) -> dict:
+        return {"kind": "rpipe", "pipe": self.pipe, "end": "w" if self.write_end else "r",
+                "flags": self.flags}
+
+    def read(self, k: Kernel, lwp: Lwp, addr: int, n: int) -> int:
+        if self.write_end:
+            raise GuestError(errno.EBADF)
+        reply = self.link.take_reply(lwp)
+        if reply is None:
+            if n == 0:
+                return 0
+            k.mem.offset(addr, 1)
+            self.link.request(lwp, Msg.PIPE_READ, self.pipe, arg=min(n, MAX_PIPE_CHUNK),
+                              nonblock=self.nonblocking)
+            raise Block(self.link.wq, f"read {self.describe()}")
+        arg, data, _ = reply
+        if arg < 0:
+            raise GuestError(-arg)
+        k.mem.write(addr, data[:n])
+        return min(len(data), n)
+
+    def write(self, k: Kernel, lwp: Lwp, addr: int, n: int) -> int:
+        if not self.write_end:
+            raise GuestError(errno.EBADF)
+        k.mem.offset(addr, n)
+        return self._write(k, lwp, n, lambda off, size: k.mem.read(addr + off, size))
+
+    def write_bytes(self, k: Kernel, lwp: Lwp, data: bytes) -> int:
+        if not self.write_end:
+            raise GuestError(errno.EBADF)
+        return self._write(k, lwp, len(data), lambda off, size: data[off : off + size])
+
+    def _write(self, k: Kernel, lwp: Lwp, n: int, chunk) -> int:
+        """Send the write in chunks; ``lwp.progress`` counts what the broker took."""
+        reply = self.link.take_reply(lwp)
+        if reply is not None:
+            arg, _, flags = reply
+            if flags:  # the last reader is gone
+                k.post_signal(lwp.proc, signals.SIGPIPE)
+            if arg < 0:
+                done, lwp.progress = lwp.progress, 0
+                if done:
+                    return done
+                raise GuestError(-arg)
+            lwp.progress += arg
+            if lwp.progress >= n or self.nonblocking or flags:
+                done, lwp.progress = lwp.progress, 0
+                return done
+        if n == 0:
+            return 0
+        size = min(n - lwp.progress, MAX_PIPE_CHUNK)
+        self.link.request(lwp, Msg.PIPE_WRITE, self.pipe, payload=chunk(lwp.progress, size),
+                          nonblock=self.nonblocking)
+        raise Block(self.link.wq, f"write {self.describe()}")
+
+    def release(self, k: Kernel) -> None:
+        self.link.send_close(self.pipe, END_WRITE if self.write_end else END_READ)

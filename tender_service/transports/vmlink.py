@@ -1,0 +1,233 @@
+"""The VM side of a VM-clone instance: one channel to the supervisor.
+
+A ``VmLink`` is the rump kernel's ``RemoteHost``: it reports the process's
+exit and reaped children, forwards signals and process-tree calls for pids of
+other VMs, carries console output, and moves pipe requests.  A reader thread
+receives the supervisor's messages and hands them to the VM's own thread as
+kernel events (``Kernel.post_event``), so kernel state is only ever touched
+by the VM thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import logging
+import threading
+from typing import TYPE_CHECKING
+
+from tender_service.bmk.sched import WaitQueue
+from tender_service.machine.errors import GuestError
+from tender_service.rump.fdtable import FdEntry
+from tender_service.rump.pipe import PipeEnd
+from tender_service.transports.channel import Channel, ChannelClosed
+from tender_service.transports.frames import MAX_PAYLOAD, Frame, ProtocolError
+from tender_service.transports.protocol import NONBLOCK, Msg
+from tender_service.transports.remote_pipe import RemotePipeEnd
+
+if TYPE_CHECKING:
+    from tender_service.rump.kernel import Kernel
+    from tender_service.rump.process import Lwp, Process
+
+log = logging.getLogger(__name__)
+
+CALL_TIMEOUT = 60.0
+
+
+class _Call:
+    __slots__ = ("event", "value", "payload")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.value: int = -errno.EIO
+        self.payload: bytes = b""
+
+
+class VmLink:
+    def __init__(self, channel: Channel, pid: int) -> None:
+        self.channel = channel
+        self.pid = pid
+        self.kernel: Kernel | None = None
+        self.wq = WaitQueue("remote", host=True)
+        self._reqs = itertools.count(1)
+        self._calls: dict[int, _Call] = {}
+        self._pending: dict[int, Lwp] = {}  # pipe requests in flight
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._reader: threading.Thread | None = None
+
+    # -- wiring ------------------------------------------------------------------------
+    def attach(self, k: Kernel) -> None:
+        self.kernel = k
+        k.remote = self
+        self._reader = threading.Thread(target=self._read_loop, name=f"vmlink-{self.pid}",
+                                        daemon=True)
+        self._reader.start()
+
+    def console_sink(self, pid: int, fd: int, data: bytes) -> None:
+        for off in range(0, len(data), MAX_PAYLOAD):
+            self._send(Frame(Msg.CONSOLE, 0, 0, fd, pid, bytes(data[off : off + MAX_PAYLOAD])))
+
+    def make_file(self, state: dict) -> RemotePipeEnd:
+        """Snapshot factory for remote pipe ends (see fork/snapshot.py)."""
+        if state.get("kind") != "rpipe":
+            raise ValueError(f"unknown file kind {state.get('kind')!r} in snapshot")
+        return RemotePipeEnd(self, int(state["pipe"]), state["end"] == "w",
+                             int(state.get("flags", 0)))
+
+    def close(self) -> None:
+        self._closed.set()
+        self.channel.close()
+        self._fail_calls()
+
+    # -- RemoteHost (called on the VM thread) ---------------------------------------
+    def process_exited(self, proc: Process) -> None:
+        self._send(Frame(Msg.EXITED, 0, 0, 0, proc.status, b""))
+
+    def child_reaped(self, parent: Process, child: Process) -> None:
+        self._send(Frame(Msg.REAPED, 0, 0, 0, child.pid, b""))
+
+    def signal(self, sender: Process, pid: int, sig: int) -> int:
+        return self.call("kill", pid, sig)
+
+    def call(self, op: str, *args: int) -> int:
+        """A synchronous request the supervisor answers at once."""
+        return self.call_full(op, *args)[0]
+
+    def call_full(self, op: str, *args: int) -> tuple[int, bytes]:
+        req = next(self._reqs)
+        c = _Call()
+        with self._lock:
+            self._calls[req] = c
+        try:
+            self._send(Frame(Msg.CALL, 0, req, 0, 0,
+                             json.dumps({"op": op, "args": list(args)}).encode()))
+            if not c.event.wait(CALL_TIMEOUT):
+                raise GuestError(errno.ETIMEDOUT, f"supervisor did not answer {op}")
+        finally:
+            with self._lock:
+                self._calls.pop(req, None)
+        return c.value, c.payload
+
+    # -- pipes ----------------------------------------------------------------------
+    def request(self, lwp: Lwp, msg: Msg, pipe: int, arg: int = 0, payload: bytes = b"",
+                nonblock: bool = False) -> None:
+        req = next(self._reqs)
+        lwp.remote_req, lwp.remote_result = req, None
+        self._pending[req] = lwp
+        self._send(Frame(msg, NONBLOCK if nonblock else 0, req, pipe, arg, bytes(payload)))
+
+    def take_reply(self, lwp: Lwp) -> tuple[int, bytes, int] | None:
+        """The reply to ``lwp``'s request, if it came (a restarted syscall asks)."""
+        r = lwp.remote_result
+        if r is not None:
+            lwp.remote_result, lwp.remote_req = None, 0
+        return r
+
+    def send_close(self, pipe: int, end: int) -> None:
+        self._send(Frame(Msg.PIPE_CLOSE, 0, 0, pipe, end, b""))
+
+    def share_files(self, k: Kernel, proc: Process, child_pid: int) -> None:
+        """Before a fork: make every pipe end in ``proc``'s table remote, count the child's.
+
+        A local pipe moves into the broker with whatever it has buffered; the
+        child's references are registered before the child exists, so the
+        parent closing its end right after fork cannot cause an early EOF.
+        """
+        converted: dict[int, RemotePipeEnd] = {}
+        for fd, e in list(proc.fds.entries.items()):
+            f = e.file
+            if isinstance(f, PipeEnd):
+                p = f.pipe
+                if id(f) not in converted:
+                    if not hasattr(p, "broker_id"):
+                        value, _ = self.call_full("pipe_create", p.readers, p.writers)
+                        if value < 0:
+                            raise GuestError(-value, "cannot share a pipe")
+                        p.broker_id = value
+                        if p.buf:  # what the pipe held moves with it
+                            self._push(value, bytes(p.buf))
+                            p.buf.clear()
+                    converted[id(f)] = RemotePipeEnd(self, p.broker_id, f.write_end, f.flags)
+                new = converted[id(f)]
+                new.refs = f.refs
+                proc.fds.entries[fd] = FdEntry(new, e.cloexec)
+        seen: set[int] = set()
+        for e in proc.fds.entries.values():
+            f = e.file
+            if isinstance(f, RemotePipeEnd) and id(f) not in seen:
+                seen.add(id(f))
+                value = self.call("pipe_refs", f.pipe, child_pid, 0 if f.write_end else 1,
+                                  1 if f.write_end else 0)
+                if value < 0:
+                    raise GuestError(-value, "cannot share a pipe")
+
+    def _push(self, pipe: int, data: bytes) -> None:
+        value, _ = self.call_full("pipe_preload", pipe, len(data))
+        if value < 0:
+            raise GuestError(-value)
+        for off in range(0, len(data), MAX_PAYLOAD):
+            self._send(Frame(Msg.PIPE_WRITE, 0, 0, pipe, 0, data[off : off + MAX_PAYLOAD]))
+
+    # -- the reader thread ---------------------------------------------------------
+    def _send(self, frame: Frame) -> None:
+        try:
+            self.channel.send(frame)
+        except (ChannelClosed, OSError) as e:
+            if not self._closed.is_set():
+                log.warning("pid %d: supervisor channel lost (%s)", self.pid, e)
+                self._lost()
+            raise GuestError(errno.EIO, "supervisor unreachable") from e
+
+    def _read_loop(self) -> None:
+        k = self.kernel
+        try:
+            while not self._closed.is_set():
+                f = self.channel.recv()
+                if f is None:
+                    continue
+                self._handle(k, f)
+        except (ChannelClosed, ProtocolError, OSError) as e:
+            if not self._closed.is_set():
+                log.warning("pid %d: supervisor channel closed: %s", self.pid, e)
+                self._lost()
+
+    def _lost(self) -> None:
+        self._closed.set()
+        self._fail_calls()
+        if self.kernel is not None:
+            self.kernel.request_stop("supervisor lost")
+
+    def _fail_calls(self) -> None:
+        with self._lock:
+            calls = list(self._calls.values())
+        for c in calls:
+            c.value = -errno.EIO
+            c.event.set()
+
+    def _handle(self, k: Kernel, f: Frame) -> None:
+        t = f.type
+        if t == Msg.RESULT:
+            with self._lock:
+                c = self._calls.get(f.req)
+            if c is not None:
+                c.value, c.payload = f.arg, f.payload
+                c.event.set()
+        elif t in (Msg.PIPE_DATA, Msg.PIPE_WROTE):
+            k.post_event(lambda: self._deliver(f))
+        elif t == Msg.CHILD_EXIT:
+            k.post_event(lambda: k.remote_child_exited(f.pipe, f.arg))
+        elif t == Msg.SIGNAL:
+            k.post_event(lambda: k.main is not None and k.post_signal(k.main, f.arg))
+        elif t == Msg.REPARENT:
+            k.post_event(lambda: k.main is not None and setattr(k.main, "ppid", f.arg))
+        else:
+            log.warning("pid %d: unexpected message %d from supervisor", self.pid, t)
+
+    def _deliver(self, f: Frame) -> None:
+        lwp = self._pending.pop(f.req, None)
+        if lwp is None or lwp.remote_req != f.req:
+            return
+        lwp.remote_result = (f.arg, f.payload, f.flags)
+        self.kernel.sched.make_runnable(lwp.thread)
