@@ -48,8 +48,14 @@ def cmd_run(a: argparse.Namespace) -> int:
     if stdin is not None:
         os.set_blocking(stdin, False)
     try:
-        result = run_vm(path, a.args, None if not a.env else a.env, config,
-                        stdio_sink(a.tag_pids), stdin, a.fork)
+        if a.fork == "vmclone":
+            from tender_service.instance.run import run_vmclone
+
+            result = run_vmclone(path, a.args, a.env or None, config, stdio_sink(a.tag_pids),
+                                 transport=a.pipe, pool_size=a.pool, argv0=a.image)
+        else:
+            result = run_vm(path, a.args, None if not a.env else a.env, config,
+                            stdio_sink(a.tag_pids), stdin, a.fork)
     except (ImageError, ValueError) as e:
         print(f"unifork: {e}", file=sys.stderr)
         return 2
@@ -62,9 +68,10 @@ def cmd_run(a: argparse.Namespace) -> int:
             st = "" if p.status is None else signals.describe_status(p.status)
             print(f"{p.pid:>6} {p.ppid:>6} {p.state:<8} {st}  {p.name}", file=sys.stderr)
     if a.stats:
-        print(f"unifork: {result.outcome}, {result.elapsed * 1e3:.1f} ms, {result.forks} forks, "
-              f"{result.syscalls} syscalls, peak guest memory {result.peak_memory} bytes",
-              file=sys.stderr)
+        extra = (f", {result.syscalls} syscalls, peak guest memory {result.peak_memory} bytes"
+                 if hasattr(result, "syscalls") else "")
+        print(f"unifork: {result.outcome}, {result.elapsed * 1e3:.1f} ms, {result.forks} forks"
+              f"{extra}", file=sys.stderr)
     return result.exit_code
 
 
@@ -137,7 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--stdin", choices=("host", "none"), default="host",
                    help="guest stdin: this process's stdin, or EOF")
     r.add_argument("--env", action="append", default=[], help="NAME=VALUE (repeatable)")
-    r.add_argument("--fork", choices=("thread",), default="thread", help="fork strategy")
+    r.add_argument("--fork", choices=("thread", "vmclone"), default="thread",
+                   help="fork strategy: a thread in the same VM, or a clone of the whole VM")
+    r.add_argument("--pipe", choices=("shm", "tcp"), default="shm",
+                   help="vmclone: how pipes between VMs travel (default shm)")
+    r.add_argument("--pool", type=int, default=2,
+                   help="vmclone: warm tender processes to start (default 2)")
     r.add_argument("--max-procs", type=int, default=1024)
     r.add_argument("--trace-syscalls", action="store_true")
     r.add_argument("--tag-pids", action="store_true", help="prefix output lines with the pid")

@@ -37,8 +37,8 @@ def sources_hash(proto_dir: Path = PROTO_DIR) -> str:
 
 def generate(out_root: Path, proto_dir: Path = PROTO_DIR) -> list[Path]:
     """Run protoc; modules land in ``out_root/tender_service/gen/unifork/v1``."""
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     files = [f"tender_service/gen/{f.relative_to(proto_dir)}" for f in proto_files(proto_dir)]

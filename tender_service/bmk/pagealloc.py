@@ -42,6 +42,7 @@ class PageAllocator:
         "_nonempty",
         "_alloc",
         "_used_pages",
+        "peak_pages",
     )
 
     def __init__(self, base: int, size: int, page_size: int = 4096) -> None:
@@ -73,6 +74,8 @@ class PageAllocator:
         self._nonempty = 0  # bit k set <=> _free[k] is not empty
         self._alloc: dict[int, int] = {}  # first page of a live block -> order
         self._used_pages = 0
+        #: the most pages ever in use at once (the VM's peak guest memory)
+        self.peak_pages = 0
 
     # -- free-list primitives -------------------------------------------------
 
@@ -90,6 +93,10 @@ class PageAllocator:
     @property
     def used_bytes(self) -> int:
         return self._used_pages << self.page_shift
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.peak_pages << self.page_shift
 
     @property
     def free_bytes(self) -> int:
@@ -118,6 +125,8 @@ class PageAllocator:
             self._push(page + (1 << k), k)
         self._alloc[page] = order
         self._used_pages += 1 << order
+        if self._used_pages > self.peak_pages:
+            self.peak_pages = self._used_pages
         return self.base + (page << self.page_shift)
 
     def free(self, addr: int) -> None:

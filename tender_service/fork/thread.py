@@ -101,7 +101,6 @@ class ThreadFork:
         ctx.write(_CHILD_REGS, [*regs, 0, rsp + delta, rip, r.value(fs)])
         clwp = k.new_lwp(child, cstack, cstack, size, ctx)
         clwp.tls = ctls
-        k.note_memory()
 
 
 def _copy_tls(k: Kernel, pid: int, fs: int) -> tuple[int, int, int]:

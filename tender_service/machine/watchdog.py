@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable
+
+log = logging.getLogger(__name__)
 
 
 class Watchdog:
@@ -55,7 +58,10 @@ class Watchdog:
                     self._cond.wait(delay)
                     continue
                 heapq.heappop(self._heap)
-            fire()
+            try:
+                fire()
+            except Exception:  # one bad callback must not end every later time limit
+                log.exception("watchdog callback failed")
 
 
 WATCHDOG = Watchdog()

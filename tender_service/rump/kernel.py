@@ -102,7 +102,7 @@ class RemoteHost(Protocol):
 
     def signal(self, sender: Process, pid: int, sig: int) -> int: ...
 
-    def call(self, sender: Process, op: str, *args: int) -> int: ...
+    def call(self, op: str, *args: int) -> int: ...
 
 
 @dataclass(slots=True)
@@ -178,10 +178,10 @@ class Kernel:
         self._loaded: BmkThread | None = None
         self._restart = False
         self._stop_reason: str | None = None
+        self._finished = False  # run() has returned: no more pokes
         self.reports: list[str] = []
         self.forks = 0
         self.syscalls = 0
-        self.peak_memory = 0
         self._unknown_logged: set[int] = set()
         self._warned: set[str] = set()
         self._wakeup_r, self._wakeup_w = os.pipe()
@@ -272,10 +272,10 @@ class Kernel:
     def stack_bytes(self) -> int:
         return self.config.stack_size - 16
 
-    def note_memory(self) -> None:
-        used = self.pages.used_bytes
-        if used > self.peak_memory:
-            self.peak_memory = used
+    @property
+    def peak_memory(self) -> int:
+        """The most guest memory (heap pages) the VM had committed at once."""
+        return max(self.pages.peak_bytes, self.pages.used_bytes)
 
     def _spawn_main(self, argv: list[str | bytes], env: list[str | bytes]) -> Process:
         name = _b(argv[0]).decode(errors="replace").rsplit("/", 1)[-1] if argv else "main"
@@ -390,7 +390,6 @@ class Kernel:
         """End ``proc`` (exit or fatal signal): free, close, reparent, notify."""
         if proc.state is not ProcState.ALIVE:
             return
-        self.note_memory()
         proc.state = ProcState.ZOMBIE
         proc.status = status
         proc.ended = time.monotonic()
@@ -498,7 +497,7 @@ class Kernel:
             if token is not None:
                 WATCHDOG.cancel(token)
             self._stop_reason = self._stop_reason or "done"
-        self.peak_memory = max(self.peak_memory, self.pages.used_bytes)
+            self._finished = True
         main = self.main
         if outcome is None:
             outcome = "exited" if main.status & 0x7F == 0 else "signaled"
@@ -511,8 +510,9 @@ class Kernel:
     def post_event(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the VM's thread soon (thread safe); interrupts a running guest."""
         self._events.append(fn)
-        self.cpu.stop()
-        self._notify()
+        if not self._finished:
+            self.cpu.stop()
+            self._notify()
 
     def _drain_events(self) -> None:
         while self._events:
@@ -641,7 +641,7 @@ class Kernel:
             WATCHDOG.arm(time.monotonic() + 0.05, self._poke)
 
     def _poke(self) -> None:
-        if self._stop_reason != "done":
+        if not self._finished:
             self.cpu.stop()
             self._notify()
             WATCHDOG.arm(time.monotonic() + 0.05, self._poke)
@@ -650,8 +650,9 @@ class Kernel:
         """Stop the VM from another thread (kill, time limit)."""
         if self._stop_reason is None:
             self._stop_reason = reason
-        self.cpu.stop()
-        self._notify()
+        if not self._finished:
+            self.cpu.stop()
+            self._notify()
 
     def _notify(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):

@@ -101,7 +101,7 @@ class _Pipe:
 
 @dataclass
 class _Counters:
-    bytes_written: int = 0  # accepted into a pipe buffer
+    bytes_written: int = 0  # accepted into a pipe buffer (incl. what a pipe had when shared)
     bytes_read: int = 0  # delivered to readers
     bytes_discarded: int = 0  # buffered when the last reader went
     pipes_created: int = 0
@@ -120,7 +120,9 @@ class PipeBroker:
 
     # -- refs ---------------------------------------------------------------
 
-    def create(self, holder: Holder, buffered: bytes = b"", readers: int = 1, writers: int = 1) -> int:
+    def create(
+        self, holder: Holder, buffered: bytes = b"", readers: int = 1, writers: int = 1
+    ) -> int:
         """A local pipe becomes shared (its holder forks): register it with its unread data."""
         if readers < 0 or writers < 0 or readers + writers == 0:
             raise ValueError(f"a shared pipe needs refs, got readers={readers} writers={writers}")
@@ -131,7 +133,15 @@ class PipeBroker:
         pipe.refs[holder] = _Refs(readers, writers)
         self._pipes[pipe.id] = pipe
         self._counters.pipes_created += 1
-        log.debug("pipe %d shared by %d (r=%d w=%d, %d bytes buffered)", pipe.id, holder, readers, writers, len(pipe.buf))
+        self._counters.bytes_written += len(pipe.buf)  # written in the VM, still to be read
+        log.debug(
+            "pipe %d shared by %d (r=%d w=%d, %d bytes buffered)",
+            pipe.id,
+            holder,
+            readers,
+            writers,
+            len(pipe.buf),
+        )
         return pipe.id
 
     def add_refs(self, pipe: int, holder: Holder, readers: int, writers: int) -> None:
@@ -154,7 +164,10 @@ class PipeBroker:
         p = self._pipes.get(pipe)
         refs = p.refs.get(holder) if p is not None else None
         if p is None or refs is None or (refs.readers if end == "r" else refs.writers) == 0:
-            self._warn_once("extra-close", f"ignoring close of pipe {pipe}:{end} by {holder}, which holds no such ref")
+            self._warn_once(
+                "extra-close",
+                f"ignoring close of pipe {pipe}:{end} by {holder}, which holds no such ref",
+            )
             return
         if end == "r":
             refs.readers -= 1
@@ -196,7 +209,9 @@ class PipeBroker:
             self._settle(p)
         self._flush()
 
-    def write(self, pipe: int, holder: Holder, data: bytes, nonblock: bool, reply: WriteReply) -> None:
+    def write(
+        self, pipe: int, holder: Holder, data: bytes, nonblock: bool, reply: WriteReply
+    ) -> None:
         """Write ``data``: atomically if it is at most PIPE_BUF bytes, completely unless nonblocking."""
         p = self._pipes.get(pipe)
         refs = p.refs.get(holder) if p is not None else None
@@ -263,10 +278,9 @@ class PipeBroker:
         """Move what may go of ``w`` into the buffer: all or nothing up to PIPE_BUF, else what fits."""
         room = PIPE_CAPACITY - len(p.buf)
         left = len(w.data) - w.done
-        if len(w.data) <= PIPE_BUF:
-            take = left if room >= left else 0
-        else:
-            take = min(room, left)
+        take = min(room, left)
+        if len(w.data) <= PIPE_BUF and take < left:
+            take = 0  # atomic: all at once or not yet
         if take:
             p.buf += w.data[w.done : w.done + take]
             w.done += take

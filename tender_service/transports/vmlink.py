@@ -10,6 +10,8 @@ by the VM thread.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import errno
 import itertools
 import json
@@ -67,7 +69,7 @@ class VmLink:
 
     def console_sink(self, pid: int, fd: int, data: bytes) -> None:
         for off in range(0, len(data), MAX_PAYLOAD):
-            self._send(Frame(Msg.CONSOLE, 0, 0, fd, pid, bytes(data[off : off + MAX_PAYLOAD])))
+            self._notify(Frame(Msg.CONSOLE, 0, 0, fd, pid, bytes(data[off : off + MAX_PAYLOAD])))
 
     def make_file(self, state: dict) -> RemotePipeEnd:
         """Snapshot factory for remote pipe ends (see fork/snapshot.py)."""
@@ -83,10 +85,11 @@ class VmLink:
 
     # -- RemoteHost (called on the VM thread) ---------------------------------------
     def process_exited(self, proc: Process) -> None:
-        self._send(Frame(Msg.EXITED, 0, 0, 0, proc.status, b""))
+        self._notify(Frame(Msg.EXITED, 0, 0, 0, proc.status, b""))
+        self._closed.set()  # from now on the supervisor may hang up: expected
 
     def child_reaped(self, parent: Process, child: Process) -> None:
-        self._send(Frame(Msg.REAPED, 0, 0, 0, child.pid, b""))
+        self._notify(Frame(Msg.REAPED, 0, 0, 0, child.pid, b""))
 
     def signal(self, sender: Process, pid: int, sig: int) -> int:
         return self.call("kill", pid, sig)
@@ -95,14 +98,16 @@ class VmLink:
         """A synchronous request the supervisor answers at once."""
         return self.call_full(op, *args)[0]
 
-    def call_full(self, op: str, *args: int) -> tuple[int, bytes]:
+    def call_full(self, op: str, *args: int, data: bytes = b"") -> tuple[int, bytes]:
         req = next(self._reqs)
         c = _Call()
         with self._lock:
             self._calls[req] = c
+        body = {"op": op, "args": list(args)}
+        if data:
+            body["data"] = base64.b64encode(data).decode()
         try:
-            self._send(Frame(Msg.CALL, 0, req, 0, 0,
-                             json.dumps({"op": op, "args": list(args)}).encode()))
+            self._send(Frame(Msg.CALL, 0, req, 0, 0, json.dumps(body).encode()))
             if not c.event.wait(CALL_TIMEOUT):
                 raise GuestError(errno.ETIMEDOUT, f"supervisor did not answer {op}")
         finally:
@@ -126,7 +131,7 @@ class VmLink:
         return r
 
     def send_close(self, pipe: int, end: int) -> None:
-        self._send(Frame(Msg.PIPE_CLOSE, 0, 0, pipe, end, b""))
+        self._notify(Frame(Msg.PIPE_CLOSE, 0, 0, pipe, end, b""))
 
     def share_files(self, k: Kernel, proc: Process, child_pid: int) -> None:
         """Before a fork: make every pipe end in ``proc``'s table remote, count the child's.
@@ -142,13 +147,13 @@ class VmLink:
                 p = f.pipe
                 if id(f) not in converted:
                     if not hasattr(p, "broker_id"):
-                        value, _ = self.call_full("pipe_create", p.readers, p.writers)
+                        # the pipe moves into the broker with whatever it holds
+                        value, _ = self.call_full("pipe_create", p.readers, p.writers,
+                                                  data=bytes(p.buf))
                         if value < 0:
                             raise GuestError(-value, "cannot share a pipe")
                         p.broker_id = value
-                        if p.buf:  # what the pipe held moves with it
-                            self._push(value, bytes(p.buf))
-                            p.buf.clear()
+                        p.buf.clear()
                     converted[id(f)] = RemotePipeEnd(self, p.broker_id, f.write_end, f.flags)
                 new = converted[id(f)]
                 new.refs = f.refs
@@ -163,14 +168,12 @@ class VmLink:
                 if value < 0:
                     raise GuestError(-value, "cannot share a pipe")
 
-    def _push(self, pipe: int, data: bytes) -> None:
-        value, _ = self.call_full("pipe_preload", pipe, len(data))
-        if value < 0:
-            raise GuestError(-value)
-        for off in range(0, len(data), MAX_PAYLOAD):
-            self._send(Frame(Msg.PIPE_WRITE, 0, 0, pipe, 0, data[off : off + MAX_PAYLOAD]))
-
     # -- the reader thread ---------------------------------------------------------
+    def _notify(self, frame: Frame) -> None:
+        """Send a message nobody waits for; a lost supervisor is handled elsewhere."""
+        with contextlib.suppress(GuestError):
+            self._send(frame)
+
     def _send(self, frame: Frame) -> None:
         try:
             self.channel.send(frame)

@@ -44,12 +44,6 @@ def _find_mapping(k: Kernel, addr: int) -> tuple[Process, int, int] | None:
     return None
 
 
-def _note_peak(k: Kernel) -> None:
-    used = k.pages.used_bytes
-    if used > k.peak_memory:
-        k.peak_memory = used
-
-
 def sys_mmap(k: Kernel, lwp: Lwp, addr: int, length: int, prot: int, flags: int, fd: int,
              off: int) -> int:
     flags = i32(flags)
@@ -78,7 +72,6 @@ def sys_mmap(k: Kernel, lwp: Lwp, addr: int, length: int, prot: int, flags: int,
         raise GuestError(errno.ENOMEM)
     k.mem.fill(start, size)
     lwp.proc.mmaps[start] = size
-    _note_peak(k)
     return start
 
 
@@ -114,7 +107,6 @@ def sys_mremap(k: Kernel, lwp: Lwp, old: int, old_len: int, new_len: int, flags:
         if new_size > size:
             k.mem.fill(start + size, new_size - size)
         owner.mmaps[start] = new_size
-        _note_peak(k)
         return start
     if not flags & MREMAP_MAYMOVE:
         raise GuestError(errno.ENOMEM)
@@ -126,7 +118,6 @@ def sys_mremap(k: Kernel, lwp: Lwp, old: int, old_len: int, new_len: int, flags:
     del owner.mmaps[start]
     k.pages.free(start)
     owner.mmaps[dest] = new_size
-    _note_peak(k)
     return dest
 
 

@@ -198,7 +198,21 @@ def _proc(k: Kernel, lwp: Lwp, pid: int) -> Process:
     return p
 
 
+def _remote(k: Kernel, op: str, *args: int) -> int:
+    value = k.remote.call(op, *args)
+    if value < 0:
+        raise GuestError(-value)
+    return value
+
+
+def _is_remote(k: Kernel, pid: int) -> bool:
+    pid = i32(pid)
+    return k.remote is not None and pid != 0 and pid not in k.procs
+
+
 def sys_getpgid(k: Kernel, lwp: Lwp, pid: int) -> int:
+    if _is_remote(k, pid):
+        return _remote(k, "getpgid", i32(pid))
     return _proc(k, lwp, pid).pgid
 
 
@@ -207,10 +221,18 @@ def sys_getpgrp(k: Kernel, lwp: Lwp) -> int:
 
 
 def sys_getsid(k: Kernel, lwp: Lwp, pid: int) -> int:
+    if _is_remote(k, pid):
+        return _remote(k, "getsid", i32(pid))
     return _proc(k, lwp, pid).sid
 
 
 def sys_setpgid(k: Kernel, lwp: Lwp, pid: int, pgid: int) -> int:
+    if k.remote is not None:  # the supervisor keeps (and checks) every VM's groups
+        _remote(k, "setpgid", i32(pid), i32(pgid))
+        if not _is_remote(k, pid):
+            target = _proc(k, lwp, pid)
+            target.pgid = i32(pgid) or target.pid
+        return 0
     target = _proc(k, lwp, pid)
     pgid = i32(pgid)
     if pgid < 0:
@@ -231,6 +253,8 @@ def sys_setsid(k: Kernel, lwp: Lwp) -> int:
     p = lwp.proc
     if any(q.pgid == p.pid for q in k.procs.values() if q is not p and q.alive):
         raise GuestError(errno.EPERM)
+    if k.remote is not None:
+        _remote(k, "setsid")
     p.sid = p.pgid = p.pid
     return p.pid
 

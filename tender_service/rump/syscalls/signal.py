@@ -41,6 +41,12 @@ def _send(k: Kernel, lwp: Lwp, targets: list[Process], sig: int) -> int:
     return NORETURN if not me.alive else 0
 
 
+def _result(value: int) -> int:
+    if value < 0:
+        raise GuestError(-value)
+    return value
+
+
 def _live(k: Kernel) -> list[Process]:
     return [p for p in k.procs.values() if p.state is not ProcState.REAPED and p is not k.init]
 
@@ -50,6 +56,8 @@ def sys_kill(k: Kernel, lwp: Lwp, pid: int, sig: int) -> int | object:
     if pid > 0:
         p = k.procs.get(pid)
         if p is None or p.state is ProcState.REAPED:
+            if k.remote is not None:  # a process of another VM (VM-clone)
+                return _result(k.remote.signal(lwp.proc, pid, sig))
             raise GuestError(errno.ESRCH)
         if p is k.init:
             return 0  # init ignores signals it has no handler for
@@ -59,6 +67,10 @@ def sys_kill(k: Kernel, lwp: Lwp, pid: int, sig: int) -> int | object:
     else:
         pgid = lwp.proc.pgid if pid == 0 else -pid
         targets = [p for p in _live(k) if p.pgid == pgid]
+    if pid <= 0 and k.remote is not None:  # the group may span VMs: the supervisor fans out
+        remote = k.remote.signal(lwp.proc, pid, sig)
+        if not targets:
+            return _result(remote)
     # signal the caller last so that it still signals the others
     targets.sort(key=lambda p: p is lwp.proc)
     return _send(k, lwp, targets, sig)

@@ -1,0 +1,149 @@
+"""A warm pool of local tender processes for VM-clone children.
+
+Starting a Python interpreter with Unicorn costs a few hundred
+milliseconds; the pool starts tender processes ahead of time, so that a
+clone only pays for its snapshot.  Each process hosts many VMs; a clone is
+placed on a different process than its parent's when the pool has more than
+one.  Processes that die are replaced in the background.  ``close`` kills
+them all and removes their sockets.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 60.0
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    proc: subprocess.Popen
+    address: str
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def start_vm(self, start: dict, snapshot: bytes | None):
+        from tender_service.instance.worker import start_vm
+
+        return start_vm(self.address, start, snapshot)
+
+    def kill(self) -> None:
+        if self.alive:
+            self.proc.kill()
+
+    def reap(self, timeout: float = 5.0) -> None:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class WarmPool:
+    def __init__(self, size: int = 2, verbose: int = 0) -> None:
+        if size < 1:
+            raise ValueError("pool size must be at least 1")
+        self.size = size
+        self.verbose = verbose
+        self.dir = tempfile.mkdtemp(prefix="unifork-pool-")
+        self.workers: list[WorkerHandle] = []
+        self._ids = itertools.count()
+        self._rr = itertools.count()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._ready = threading.Condition(self._lock)
+        self._starters = [threading.Thread(target=self._start_one, daemon=True)
+                          for _ in range(size)]
+        for t in self._starters:
+            t.start()
+
+    def _start_one(self) -> None:
+        path = os.path.join(self.dir, f"w{next(self._ids)}.sock")
+        cmd = [sys.executable, "-m", "tender_service.instance.worker", "--listen",
+               f"unix:{path}", *(["-v"] * self.verbose)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + START_TIMEOUT
+        line = b""
+        while time.monotonic() < deadline and proc.poll() is None:
+            r, _, _ = select.select([proc.stdout], [], [], 0.5)
+            if r:
+                line = proc.stdout.readline()
+                break
+        if line.strip() != b"READY":
+            log.warning("tender process %d did not start", proc.pid)
+            proc.kill()
+            proc.wait()
+            return
+        with self._lock:
+            if self._closed:
+                proc.kill()
+                proc.wait()
+                return
+            self.workers.append(WorkerHandle(proc, f"unix:{path}"))
+            self._ready.notify_all()
+
+    def acquire(self, avoid: int = 0, timeout: float = START_TIMEOUT) -> WorkerHandle:
+        """A live tender process (not the one with OS pid ``avoid`` if there is a choice)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                dead = [w for w in self.workers if not w.alive]
+                for w in dead:
+                    self.workers.remove(w)
+                    log.warning("tender process %d died: starting another", w.pid)
+                    threading.Thread(target=self._start_one, daemon=True).start()
+                live = [w for w in self.workers if w.pid != avoid] or self.workers
+                if live:
+                    return live[next(self._rr) % len(live)]
+                if self._closed:
+                    raise RuntimeError("the pool is closed")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("no tender process became ready")
+                self._ready.wait(left)
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while len(self.workers) < self.size:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the pool did not start")
+                self._ready.wait(left)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            workers, self.workers = self.workers, []
+            self._ready.notify_all()
+        for w in workers:
+            w.kill()
+        for w in workers:
+            w.reap()
+        for t in self._starters:
+            t.join(START_TIMEOUT)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> WarmPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,425 @@
+"""The supervisor of a VM-clone instance: init, process tree, pipes, console.
+
+Every process of a VM-clone instance runs in its own VM, in its own tender
+process.  The supervisor is what they share: it hands out pids, is the
+instance's init (pid 1: it adopts orphans and reaps them), keeps each
+process's parent, group and status for ``wait``/``kill``/``setpgid``,
+hosts the pipe broker for pipes that cross VMs, merges the console output
+of every VM into one stream tagged with pids, and places child VMs on
+tender processes (the warm pool).  Each VM talks to it over one channel of
+the instance's transport (tcp or shm).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import json
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tender_service.rump import signals
+from tender_service.rump.kernel import ProcInfo, VmConfig
+from tender_service.transports.broker import PipeBroker
+from tender_service.transports.channel import Channel, ChannelClosed, accept_channel
+from tender_service.transports.frames import Frame, ProtocolError
+from tender_service.transports.protocol import END_READ, NONBLOCK, SIGPIPE_FLAG, Msg
+
+log = logging.getLogger(__name__)
+
+INIT_PID = 1
+MAIN_PID = 2
+_DATA_OPS = {"pipe_create"}
+
+
+@dataclass(eq=False)
+class ProcRec:
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    state: str = "starting"  # starting | running | zombie | reaped
+    status: int = 0
+    report: str = ""
+    channel: Channel | None = None
+    host: str = "local"
+    host_pid: int = 0
+    worker: object = None  # the pool's handle of the tender process running the VM
+    started: float = field(default_factory=time.monotonic)
+    ended: float = 0.0
+    connected: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def alive(self) -> bool:
+        return self.state in ("starting", "running")
+
+
+@dataclass(slots=True)
+class InstanceResult:
+    status: int
+    outcome: str
+    reports: list[str]
+    elapsed: float
+    forks: int
+    processes: list[ProcInfo]
+    fork_seconds: list[float]
+
+    @property
+    def exit_code(self) -> int:
+        return signals.shell_code(self.status)
+
+
+class Supervisor:
+    """One VM-clone instance.  ``start()``, then ``wait()``, then ``close()``."""
+
+    def __init__(self, pool, transport: str, sink: Callable[[int, int, bytes], None],
+                 config: VmConfig, instance_id: str | None = None) -> None:
+        if transport not in ("tcp", "shm"):
+            raise ValueError("transport must be tcp or shm")
+        self.pool = pool
+        self.transport = transport
+        self.sink = sink
+        self.config = config
+        self.id = instance_id or uuid.uuid4().hex[:12]
+        self.token = uuid.uuid4().hex
+        self.broker = PipeBroker()
+        self.procs: dict[int, ProcRec] = {}
+        self.lock = threading.RLock()
+        self.done = threading.Event()
+        self.reports: list[str] = []
+        self.forks = 0
+        self.fork_seconds: list[float] = []
+        self._next_pid = MAIN_PID
+        self._outcome: str | None = None
+        self._console_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+        self._tmp = tempfile.mkdtemp(prefix=f"unifork-{self.id}-")
+        if transport == "tcp":
+            self._listener = socket.create_server(("127.0.0.1", 0))
+            host, port = self._listener.getsockname()[:2]
+            self.address = f"tcp:{host}:{port}"
+        else:
+            path = os.path.join(self._tmp, "supervisor.sock")
+            self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._listener.bind(path)
+            self._listener.listen(128)
+            self.address = f"unix:{path}"
+        self._spawn(self._accept_loop, "accept")
+        self.t0 = time.monotonic()
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self, image_path: str, args: list[str], env: list[str], argv0: str) -> None:
+        """Boot the launched program as pid 2 on a tender process of the pool."""
+        rec = self._new_proc(MAIN_PID, INIT_PID, MAIN_PID, MAIN_PID)
+        worker = self.pool.acquire()
+        rec.worker, rec.host_pid = worker, worker.pid
+        try:
+            worker.start_vm(self.vm_start(MAIN_PID, image_path=image_path, args=args, env=env,
+                                          argv0=argv0), None)
+        except Exception as e:
+            self._ended(rec, signals.signaled_status(signals.SIGKILL),
+                        f"pid 2: could not start: {e}")
+            raise
+
+    def vm_start(self, pid: int, **boot) -> dict:
+        """The start header of a VM of this instance (see proto/unifork/v1/peer.proto)."""
+        left = None
+        if self.config.timeout:
+            left = max(0.001, self.config.timeout - (time.monotonic() - self.t0))
+        return dict(instance_id=self.id, pid=pid, supervisor=self.address,
+                    transport=self.transport, instance_token=self.token,
+                    timeout_seconds=left or 0.0, ram_bytes=self.config.ram,
+                    stack_bytes=self.config.stack_size, quantum=self.config.quantum,
+                    max_procs=self.config.max_procs, tty=self.config.tty, **boot)
+
+    def wait(self) -> InstanceResult:
+        timeout = self.config.timeout
+        if not self.done.wait(timeout):
+            self.kill("timeout")
+            self.done.wait(10)
+        main = self.procs.get(MAIN_PID)
+        status = main.status if main else signals.signaled_status(signals.SIGKILL)
+        outcome = self._outcome or ("exited" if status & 0x7F == 0 else "signaled")
+        return InstanceResult(status, outcome, list(self.reports), time.monotonic() - self.t0,
+                              self.forks, self.process_table(), list(self.fork_seconds))
+
+    def kill(self, reason: str = "killed") -> None:
+        """End every VM of the instance (SIGKILL to each guest process and its tender)."""
+        with self.lock:
+            if self._outcome is None:
+                self._outcome = reason
+                if reason == "timeout":
+                    self.reports.append(f"time limit of {self.config.timeout:g} s exceeded: "
+                                        "all processes killed")
+            live = [r for r in self.procs.values() if r.alive]
+        for r in live:
+            self._send(r, Frame(Msg.SIGNAL, 0, 0, 0, signals.SIGKILL, b""))
+
+    def close(self) -> None:
+        """Release everything: listener, channels, tender processes, temp files."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self.done.is_set():
+            self.kill("killed")
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept thread
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        with self.lock:
+            recs = list(self.procs.values())
+        for r in recs:
+            if r.channel is not None:
+                r.channel.close()
+        for t in self._threads:
+            t.join(5)
+        try:
+            for name in os.listdir(self._tmp):
+                os.unlink(os.path.join(self._tmp, name))
+            os.rmdir(self._tmp)
+        except OSError:
+            pass
+
+    # -- process records ------------------------------------------------------------
+    def _new_proc(self, pid: int, ppid: int, pgid: int, sid: int) -> ProcRec:
+        rec = ProcRec(pid, ppid, pgid, sid)
+        with self.lock:
+            self.procs[pid] = rec
+            self._next_pid = max(self._next_pid, pid + 1)
+        return rec
+
+    def process_table(self) -> list[ProcInfo]:
+        with self.lock:
+            rows = [ProcInfo(INIT_PID, 0, "init", "alive", None, "")]
+            for r in sorted(self.procs.values(), key=lambda r: r.pid):
+                state = {"starting": "alive", "running": "alive"}.get(r.state, r.state)
+                rows.append(ProcInfo(r.pid, r.ppid, f"vm@{r.host}:{r.host_pid}", state,
+                                     None if r.alive else r.status, r.report))
+        return rows
+
+    def _live_count(self) -> int:
+        return sum(1 for r in self.procs.values() if r.state != "reaped") + 1  # + init
+
+    # -- connections ------------------------------------------------------------------
+    def _spawn(self, fn, name: str, *args) -> None:
+        t = threading.Thread(target=fn, args=args, name=f"sup-{self.id}-{name}", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            self._spawn(self._serve, "conn", sock)
+
+    def _serve(self, sock: socket.socket) -> None:
+        try:
+            channel, hello = accept_channel(sock)
+        except (ProtocolError, ChannelClosed, OSError, ValueError) as e:
+            log.warning("instance %s: refused a connection: %s", self.id, e)
+            sock.close()
+            return
+        pid = int(hello.get("pid", 0))
+        with self.lock:
+            rec = self.procs.get(pid)
+            if hello.get("token") != self.token or rec is None or rec.channel is not None:
+                log.warning("instance %s: refused a VM claiming pid %s", self.id, pid)
+                channel.close()
+                return
+            rec.channel, rec.state = channel, "running"
+            rec.host_pid = int(hello.get("host_pid", rec.host_pid))
+            rec.host = str(hello.get("host", rec.host))
+            rec.connected.set()
+        try:
+            while True:
+                f = channel.recv()
+                if f is not None:
+                    self._handle(rec, f)
+        except (ChannelClosed, ProtocolError, OSError) as e:
+            if rec.alive:
+                log.warning("instance %s: pid %d's VM vanished (%s): killed by SIGKILL",
+                            self.id, pid, e)
+                self._ended(rec, signals.signaled_status(signals.SIGKILL),
+                            f"pid {pid}: its tender process died")
+        finally:
+            channel.close()
+
+    def _send(self, rec: ProcRec, frame: Frame) -> None:
+        ch = rec.channel
+        if ch is None:
+            return
+        with contextlib.suppress(ChannelClosed, OSError):
+            ch.send(frame)
+
+    # -- messages ---------------------------------------------------------------------
+    def _handle(self, rec: ProcRec, f: Frame) -> None:
+        t = f.type
+        if t == Msg.CONSOLE:
+            with self._console_lock:
+                self.sink(f.arg, f.pipe, f.payload)
+            return
+        with self.lock:
+            if t == Msg.PIPE_READ:
+                self.broker.read(f.pipe, rec.pid, f.arg, bool(f.flags & NONBLOCK),
+                                 lambda res, req=f.req: self._send(rec, _data_frame(req, res)))
+            elif t == Msg.PIPE_WRITE:
+                self.broker.write(
+                    f.pipe, rec.pid, f.payload, bool(f.flags & NONBLOCK),
+                    lambda n, sig, req=f.req: self._send(
+                        rec, Frame(Msg.PIPE_WROTE, SIGPIPE_FLAG if sig else 0, req, 0, n, b"")))
+            elif t == Msg.PIPE_CLOSE:
+                self.broker.close(f.pipe, rec.pid, "r" if f.arg == END_READ else "w")
+            elif t == Msg.CALL:
+                value, payload = self._call(rec, f.payload)
+                self._send(rec, Frame(Msg.RESULT, 0, f.req, 0, value, payload))
+            elif t == Msg.EXITED:
+                self._ended(rec, f.arg, "")
+            elif t == Msg.REAPED:
+                child = self.procs.get(f.arg)
+                if child is not None and child.ppid == rec.pid and child.state == "zombie":
+                    child.state = "reaped"
+                self._check_done()
+            else:
+                log.warning("instance %s: unexpected message %d from pid %d", self.id, t,
+                            rec.pid)
+
+    def _call(self, rec: ProcRec, payload: bytes) -> tuple[int, bytes]:
+        try:
+            req = json.loads(payload)
+            op, args = str(req["op"]), [int(a) for a in req["args"]]
+            data = base64.b64decode(req.get("data", ""), validate=True)
+        except (ValueError, KeyError, TypeError):
+            return -errno.EINVAL, b""
+        fn = getattr(self, f"_op_{op}", None)
+        if fn is None:
+            return -errno.ENOSYS, b""
+        try:
+            out = fn(rec, *args, data=data) if op in _DATA_OPS else fn(rec, *args)
+        except (TypeError, ValueError, KeyError) as e:
+            log.warning("instance %s: bad %s request from pid %d: %s", self.id, op, rec.pid, e)
+            return -errno.EINVAL, b""
+        return out if isinstance(out, tuple) else (out, b"")
+
+    def _op_fork_lease(self, rec: ProcRec) -> tuple[int, bytes]:
+        if self._live_count() >= self.config.max_procs or self._outcome is not None:
+            return -errno.EAGAIN, b""
+        pid = self._next_pid
+        child = self._new_proc(pid, rec.pid, rec.pgid, rec.sid)
+        try:
+            worker = self.pool.acquire(avoid=rec.host_pid)
+        except Exception as e:
+            log.warning("instance %s: no tender process for a child: %s", self.id, e)
+            del self.procs[pid]
+            return -errno.EAGAIN, b""
+        child.worker, child.host_pid = worker, worker.pid
+        self.forks += 1
+        return pid, json.dumps({"worker": worker.address}).encode()
+
+    def _op_fork_failed(self, rec: ProcRec, pid: int) -> int:
+        if self.procs.pop(pid, None) is not None:
+            self.forks -= 1
+        return 0
+
+    def _op_fork_started(self, rec: ProcRec, pid: int, micros: int) -> int:
+        self.fork_seconds.append(micros / 1e6)
+        return 0
+
+    def _op_kill(self, rec: ProcRec, pid: int, sig: int) -> int:
+        if not 0 <= sig < signals.NSIG:
+            return -errno.EINVAL
+        if pid > 0:
+            targets = [self.procs[pid]] if pid in self.procs else []
+        elif pid == -1:
+            targets = [r for r in self.procs.values() if r.pid != rec.pid]
+        else:
+            pgid = rec.pgid if pid == 0 else -pid
+            targets = [r for r in self.procs.values() if r.pgid == pgid]
+        targets = [r for r in targets if r.state != "reaped"]
+        if not targets and pid != -1:
+            return -errno.ESRCH
+        for r in targets:
+            if r.pid != rec.pid and r.alive and sig:
+                self._send(r, Frame(Msg.SIGNAL, 0, 0, 0, sig, b""))
+        return 0
+
+    def _op_getpgid(self, rec: ProcRec, pid: int) -> int:
+        r = self.procs.get(pid or rec.pid)
+        return -errno.ESRCH if r is None or r.state == "reaped" else r.pgid
+
+    def _op_getsid(self, rec: ProcRec, pid: int) -> int:
+        r = self.procs.get(pid or rec.pid)
+        return -errno.ESRCH if r is None or r.state == "reaped" else r.sid
+
+    def _op_setpgid(self, rec: ProcRec, pid: int, pgid: int) -> int:
+        target = self.procs.get(pid or rec.pid)
+        if target is None or target.state == "reaped" or pgid < 0:
+            return -errno.ESRCH if pgid >= 0 else -errno.EINVAL
+        if target.pid != rec.pid and target.ppid != rec.pid:
+            return -errno.ESRCH
+        pgid = pgid or target.pid
+        if pgid != target.pid and not any(r.pgid == pgid and r.alive for r in self.procs.values()):
+            return -errno.EPERM
+        target.pgid = pgid
+        return 0
+
+    def _op_setsid(self, rec: ProcRec) -> int:
+        if any(r.pgid == rec.pid and r.alive for r in self.procs.values() if r is not rec):
+            return -errno.EPERM
+        rec.sid = rec.pgid = rec.pid
+        return rec.pid
+
+    def _op_pipe_create(self, rec: ProcRec, readers: int, writers: int, data: bytes) -> int:
+        return self.broker.create(rec.pid, data, readers, writers)
+
+    def _op_pipe_refs(self, rec: ProcRec, pipe: int, holder: int, readers: int,
+                      writers: int) -> int:
+        try:
+            self.broker.add_refs(pipe, holder, readers, writers)
+        except ValueError:
+            return -errno.EBADF
+        return 0
+
+    # -- process ends -----------------------------------------------------------------
+    def _ended(self, rec: ProcRec, status: int, report: str) -> None:
+        with self.lock:
+            if not rec.alive:
+                return
+            rec.state, rec.status, rec.ended = "zombie", status, time.monotonic()
+            if report:
+                rec.report = report
+                self.reports.append(report)
+            self.broker.drop_holder(rec.pid)
+            for child in self.procs.values():  # orphans go to init
+                if child.ppid == rec.pid and child.state != "reaped":
+                    child.ppid = INIT_PID
+                    if child.state == "zombie":
+                        child.state = "reaped"
+                    else:
+                        self._send(child, Frame(Msg.REPARENT, 0, 0, 0, INIT_PID, b""))
+            parent = self.procs.get(rec.ppid)
+            if rec.ppid == INIT_PID or parent is None:
+                rec.state = "reaped"  # init reaps at once (the status stays on record)
+            else:
+                self._send(parent, Frame(Msg.CHILD_EXIT, 0, 0, rec.pid, status, b""))
+            self._check_done()
+
+    def _check_done(self) -> None:
+        if not any(r.alive for r in self.procs.values()):
+            self.done.set()
+
+
+def _data_frame(req: int, res: bytes | int) -> Frame:
+    if isinstance(res, int):
+        return Frame(Msg.PIPE_DATA, 0, req, 0, res, b"")
+    return Frame(Msg.PIPE_DATA, 0, req, 0, 0, res)

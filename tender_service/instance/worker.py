@@ -1,0 +1,221 @@
+"""A tender process that hosts VMs for VM-clone instances (the peer API server).
+
+``python -m tender_service.instance.worker --listen unix:/path`` serves the
+gRPC ``Peer`` service.  ``StartVm`` boots an image or resumes a snapshot as a
+new VM in this process (one thread per VM; Unicorn releases the GIL while
+guest code runs), connects it to its instance's supervisor over the
+instance's transport, and answers once the VM is running.  A worker hosts
+any number of VMs; it exits when its parent process goes away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from concurrent import futures
+
+import grpc
+
+from tender_service import protos
+from tender_service.fork.snapshot import SnapshotError, decode, restore
+from tender_service.fork.vmclone import VmCloneFork
+from tender_service.machine.elf import load_elf_file
+from tender_service.machine.errors import GuestError, ImageError
+from tender_service.rump.console import Console
+from tender_service.rump.kernel import Kernel, VmConfig
+from tender_service.rump.process import Process
+from tender_service.transports.channel import connect_channel
+from tender_service.transports.vmlink import VmLink
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+MAX_SNAPSHOT = 1 << 32
+
+
+def connect(address: str, timeout: float = 10.0) -> socket.socket:
+    """A stream socket to ``tcp:HOST:PORT`` or ``unix:PATH``."""
+    if address.startswith("unix:"):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        s.connect(address[5:])
+        s.settimeout(None)
+        return s
+    if address.startswith("tcp:"):
+        host, _, port = address[4:].rpartition(":")
+        return socket.create_connection((host, int(port)), timeout=timeout)
+    raise ValueError(f"bad address {address!r}")
+
+
+def start_vm(address: str, start: dict, snapshot: bytes | None, timeout: float = 30.0):
+    """Call ``Peer.StartVm`` on the tender process at ``address``; its VmStarted reply."""
+    pb2, pb2_grpc = protos.peer()
+
+    def chunks():
+        yield pb2.VmChunk(start=pb2.VmStart(**start))
+        if snapshot:
+            for off in range(0, len(snapshot), CHUNK):
+                yield pb2.VmChunk(snapshot=snapshot[off : off + CHUNK])
+
+    with grpc.insecure_channel(address) as ch:
+        return pb2_grpc.PeerStub(ch).StartVm(chunks(), timeout=timeout)
+
+
+class WorkerCloneHost:
+    """VM-clone fork as seen from a VM in this tender process."""
+
+    def __init__(self, link: VmLink, start: dict) -> None:
+        self.link = link
+        self.start = start
+        self._leases: dict[int, str] = {}
+        self._t0: dict[int, float] = {}
+
+    def reserve_pid(self, parent: Process) -> int:
+        value, payload = self.link.call_full("fork_lease")
+        if value < 0:
+            raise GuestError(-value, "the supervisor refused the fork")
+        self._leases[value] = json.loads(payload)["worker"]
+        self._t0[value] = time.perf_counter()
+        return value
+
+    def share_files(self, k: Kernel, parent: Process, child_pid: int) -> None:
+        self.link.share_files(k, parent, child_pid)
+
+    def start_child(self, child_pid: int, snapshot: bytes) -> None:
+        address = self._leases.pop(child_pid)
+        start = dict(self.start, pid=child_pid, image_path="", args=[], env=[])
+        try:
+            start_vm(address, start, snapshot)
+        except grpc.RpcError as e:
+            raise GuestError(errno.EAGAIN, f"tender process refused the child: {e.details()}") \
+                from e
+        micros = int((time.perf_counter() - self._t0.pop(child_pid)) * 1e6)
+        self.link.call("fork_started", child_pid, micros)
+
+    def release_pid(self, child_pid: int) -> None:
+        self._leases.pop(child_pid, None)
+        self._t0.pop(child_pid, None)
+        self.link.call("fork_failed", child_pid)
+
+
+class PeerServicer:
+    """The ``Peer`` service of a worker tender process."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+        self.vms: dict[int, Kernel] = {}
+        self.lock = threading.Lock()
+
+    def StartVm(self, request_iterator, context):  # noqa: N802 - gRPC's name
+        pb2, _ = protos.peer()
+        start_msg, parts, size = None, [], 0
+        for chunk in request_iterator:
+            if chunk.HasField("start"):
+                start_msg = chunk.start
+            else:
+                size += len(chunk.snapshot)
+                if size > MAX_SNAPSHOT:
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "snapshot too large")
+                parts.append(chunk.snapshot)
+        if start_msg is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "start: missing")
+        t0 = time.perf_counter()
+        start = {f.name: getattr(start_msg, f.name) for f in start_msg.DESCRIPTOR.fields}
+        start["args"], start["env"] = list(start["args"]), list(start["env"])
+        try:
+            k = self._build(start, b"".join(parts))
+        except (ImageError, SnapshotError, ValueError, OSError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot start the VM: {e}")
+        threading.Thread(target=self._run, args=(k, start["pid"]), daemon=True,
+                         name=f"vm-{start['instance_id']}-{start['pid']}").start()
+        return pb2.VmStarted(pid=start["pid"], host_pid=os.getpid(), host=socket.gethostname(),
+                             restore_seconds=time.perf_counter() - t0)
+
+    def GetLoad(self, request, context):  # noqa: N802 - gRPC's name
+        pb2, _ = protos.peer()
+        with self.lock:
+            vms = list(self.vms.values())
+        return pb2.Load(vms=len(vms), guest_memory_bytes=sum(k.committed_memory() for k in vms),
+                        cpu_seconds=time.process_time())
+
+    def _build(self, start: dict, snapshot: bytes) -> Kernel:
+        pid = int(start["pid"])
+        sock = connect(start["supervisor"])
+        hello = {"token": start["instance_token"], "pid": pid, "host_pid": os.getpid(),
+                 "host": socket.gethostname()}
+        channel = connect_channel(start["transport"], sock, True, hello)
+        link = VmLink(channel, pid)
+        try:
+            console = Console(link.console_sink, stdin=None, tty=bool(start["tty"]))
+            forker = VmCloneFork(WorkerCloneHost(link, start))
+            timeout = float(start["timeout_seconds"]) or None
+            if snapshot:
+                k = restore(decode(snapshot), console, forker, link.make_file, timeout)
+            else:
+                config = VmConfig(ram=int(start["ram_bytes"]), stack_size=int(start["stack_bytes"]),
+                                  quantum=int(start["quantum"]), max_procs=int(start["max_procs"]),
+                                  tty=bool(start["tty"]), timeout=timeout)
+                image = load_elf_file(start["image_path"])
+                argv = [start["argv0"] or image.name, *start["args"]]
+                k = Kernel.boot(image, argv, start["env"], config, console, forker)
+        except Exception:
+            link.close()
+            raise
+        link.attach(k)
+        return k
+
+    def _run(self, k: Kernel, pid: int) -> None:
+        with self.lock:
+            self.vms[pid] = k
+        try:
+            k.run()
+        except Exception:
+            log.exception("VM of pid %d failed", pid)
+        finally:
+            with self.lock:
+                self.vms.pop(pid, None)
+            link = k.remote
+            if isinstance(link, VmLink):
+                link.close()
+            k.close()
+
+
+def serve(listen: str) -> None:
+    protos.ensure()
+    _, pb2_grpc = protos.peer()
+    stop = threading.Event()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16),
+                         options=[("grpc.max_receive_message_length", 64 << 20)])
+    servicer = PeerServicer(stop)
+    pb2_grpc.add_PeerServicer_to_server(servicer, server)
+    server.add_insecure_port(listen)
+    server.start()
+    parent = os.getppid()
+    sys.stdout.write("READY\n")  # the handshake the pool waits for on our stdout
+    sys.stdout.flush()
+    while not stop.wait(0.5):
+        if os.getppid() != parent:  # the pool's process is gone: so are we
+            break
+    server.stop(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--listen", required=True, help="unix:PATH or HOST:PORT")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING - 10 * a.verbose, stream=sys.stderr,
+                        format=f"unifork worker {os.getpid()}: %(levelname)s: %(message)s")
+    serve(a.listen)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,776 @@
+"""The one duplex message channel between a VM-clone worker and its supervisor.
+
+Two transports behind one ``Channel`` protocol, chosen per instance:
+
+``tcp`` (``TcpChannel``)
+    Frames over a connected stream socket (TCP or Unix).  Works across hosts.
+
+``shm`` (``ShmChannel``), the ivshmem analogue, same host only
+    One ``multiprocessing.shared_memory`` segment holds two single-producer /
+    single-consumer byte rings, one per direction.  A stream socket between
+    the two processes carries only one-byte doorbells (and tells, by EOF,
+    that the peer died).
+
+The shm doorbell protocol
+-------------------------
+Each ring has four 8-byte counters, each on its own cache line, each written
+by one side only with one aligned store (``ctypes.c_uint64`` on the mapping,
+so never torn): ``head`` (consumer), ``tail`` (producer), ``data_waiting``
+(consumer: "I am about to sleep until there is data") and ``space_waiting``
+(producer: "I am about to sleep until there is room").  head and tail count
+bytes forever; a frame (the wire header, then the payload) is published by
+one store of ``tail`` after all its bytes are in the ring, so the consumer
+never sees half a frame.
+
+Consumer going to sleep::        Producer after publishing::
+    data_waiting = 1                 tail = new_tail
+    FENCE                            FENCE
+    if tail != head: don't sleep     if data_waiting: send a doorbell byte
+    sleep in poll() on the socket
+
+This is Dekker's pattern: with both fences, either the consumer's re-check
+sees the new tail, or the producer's check sees ``data_waiting == 1`` and
+rings; a wake-up cannot be lost, and a busy consumer (flag 0) costs the
+producer no syscall.  The "space" direction is the same with the roles
+swapped (producer sets ``space_waiting`` and re-checks ``head``; the consumer
+rings after advancing ``head``).  Nothing spins: a sleeper sits in ``poll``.
+
+The fence must order a store before a later load, which x86-TSO does not do
+by itself.  Python has no fence primitive, so ``_Fence`` releases and
+re-acquires a private ``threading.Lock``: CPython implements that with
+``sem_post``/``sem_trywait``, i.e. locked read-modify-write instructions
+(full barriers on x86-64), and on AArch64 a release followed by an acquire is
+ordered too (RCsc).  The same fence separates ring data from the counter
+stores and loads.
+
+Both rings share the one socket, so a blocked sender (waiting for space) and
+a blocked receiver (waiting for data) in one process must not both read it:
+one of them polls and drains the doorbell bytes (the leader), any other waits
+on a condition until the leader has drained, and then everyone re-checks its
+ring.  A doorbell byte means only "re-check".  ``_epoch`` counts drains; a
+thread notes it before its final re-check and does not sleep if a drain
+happened since, so a byte drained by another thread is not lost either.
+
+Setup and cleanup: the creator makes the segment and sends its name in its
+hello; the peer attaches and acknowledges; the creator then unlinks the
+name at once.  Both keep it mapped, so nothing is left in /dev/shm even if a
+process is SIGKILLed later (only a SIGKILL inside that one round trip can
+leak).  Python 3.11's resource tracker registers every segment a process
+maps, also ones it only attached, and would unlink or warn about them at
+exit; each side therefore unregisters right after mapping, and the creator
+registers again just before ``unlink()`` (which unregisters).  This keeps
+the tracker balanced even when both sides share one tracker (threads of one
+process, or ``spawn`` children): otherwise its second unregister of the
+same name prints a KeyError traceback.
+
+The handshake (both kinds): the initiating side ("creator") sends a hello
+with its caller's JSON; the responder answers with a hello of the same kind.
+A supervisor accepts workers of either kind on one listening socket with
+``accept_channel``.  If a handshake fails, the socket is closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import secrets
+import select
+import socket
+import struct
+import threading
+import time
+from ctypes import c_uint64
+from multiprocessing import resource_tracker
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any, Protocol
+
+from tender_service.transports.frames import (
+    HEADER_SIZE,
+    HELLO_TIMEOUT,
+    MAX_FRAME,
+    ChannelClosed,
+    Frame,
+    Hello,
+    ProtocolError,
+    TransportKind,
+    decode_header,
+    encode_header,
+    read_hello,
+    write_hello,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RING_SIZE = 4 << 20
+MIN_RING_SIZE = 2 * MAX_FRAME
+
+_RECV_CHUNK = 256 << 10  # TcpChannel reads up to this much per syscall
+_COALESCE = 16 << 10  # payloads up to this size are copied behind the header: one send
+_SEND_FLAGS = socket.MSG_NOSIGNAL
+
+_SEGMENT = struct.Struct("<8sQ")  # magic, ring size
+_SEGMENT_MAGIC = b"UFSHM001"
+_CTL_BASE = 64
+_CTL_STRIDE = 256  # per ring: head, tail, data_waiting, space_waiting, 64 bytes apart
+_DATA_BASE = 4096
+_DOORBELL = b"\x01"
+_SHM_KEY = "_shm"
+_ACK_KEY = "_shm_ack"
+
+
+class Channel(Protocol):
+    """A duplex, message-framed, thread-safe connection to one peer."""
+
+    kind: str
+    bytes_sent: int
+    bytes_received: int
+    peer_hello: dict[str, Any]
+
+    def send(self, frame: Frame) -> None:
+        """Queue one frame; frames from concurrent senders are never interleaved."""
+        ...
+
+    def recv(self, timeout: float | None = None) -> Frame | None:
+        """The next frame, None on timeout; ChannelClosed / ProtocolError otherwise."""
+        ...
+
+    def close(self) -> None:
+        """Idempotent; a blocked recv or send raises ChannelClosed."""
+        ...
+
+
+class _ChannelBase:
+    """Counters, close state, and deferred release shared by both transports.
+
+    The socket and any mapping are released only when no send/recv is inside
+    them (``_users``), so close() from another thread never pulls memory or a
+    file descriptor from under a running operation; it shuts the socket down,
+    which wakes those operations promptly.
+    """
+
+    kind = ""
+
+    def __init__(self, sock: socket.socket, peer_hello: dict[str, Any]) -> None:
+        sock.settimeout(None)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        self.peer_hello = peer_hello
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._send_lock = threading.Lock()
+        self._recv_lock = threading.Lock()
+        self._state = threading.Lock()
+        self._users = 0
+        self._closed = False
+        self._released = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+        with contextlib.suppress(OSError):  # the peer may have gone already
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._wake_sleepers()
+        self._release_if_idle()
+
+    def __enter__(self) -> _ChannelBase:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # Release in the right order (views before the mapping) even if the owner forgot.
+        if not getattr(self, "_released", True):
+            with contextlib.suppress(Exception):  # never raise from a finalizer
+                self.close()
+
+    def _enter(self) -> None:
+        with self._state:
+            if self._closed:
+                raise ChannelClosed("channel closed")
+            self._users += 1
+
+    def _leave(self) -> None:
+        with self._state:
+            self._users -= 1
+        self._release_if_idle()
+
+    def _release_if_idle(self) -> None:
+        with self._state:
+            if not self._closed or self._users or self._released:
+                return
+            self._released = True
+        self._release()
+
+    def _release(self) -> None:
+        self._sock.close()
+
+    def _wake_sleepers(self) -> None:
+        """Threads blocked on the socket wake from its shutdown; subclasses add others."""
+
+    @staticmethod
+    def _deadline(timeout: float | None) -> float | None:
+        return None if timeout is None else time.monotonic() + max(0.0, timeout)
+
+    @staticmethod
+    def _remaining(deadline: float | None) -> float | None:
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def _lock_recv(self, deadline: float | None) -> bool:
+        remaining = self._remaining(deadline)
+        return self._recv_lock.acquire(timeout=-1 if remaining is None else remaining)
+
+
+def _poll_ms(remaining: float | None) -> int:
+    return -1 if remaining is None else math.ceil(remaining * 1000)
+
+
+class TcpChannel(_ChannelBase):
+    """Frames over a connected stream socket; reads in large chunks, keeps leftovers."""
+
+    kind = "tcp"
+
+    def __init__(self, sock: socket.socket, peer_hello: dict[str, Any] | None = None) -> None:
+        super().__init__(sock, peer_hello or {})
+        # Room for a whole maximal frame after compaction, plus one read chunk.
+        self._rbuf = bytearray(MAX_FRAME + _RECV_CHUNK)
+        self._rview = memoryview(self._rbuf)
+        self._rstart = 0
+        self._rend = 0
+        self._eof = False
+        self._poller = select.poll()
+        self._poller.register(sock.fileno(), select.POLLIN)
+
+    def send(self, frame: Frame) -> None:
+        header = encode_header(frame)
+        payload = frame.payload
+        self._enter()
+        try:
+            with self._send_lock:
+                try:
+                    if len(payload) <= _COALESCE:
+                        self._sock.sendall(header + payload, _SEND_FLAGS)
+                    else:
+                        self._send_parts(memoryview(header), memoryview(payload))
+                except OSError as e:
+                    # A partial frame may be on the wire: the stream is unusable.
+                    self.close()
+                    raise ChannelClosed(f"send failed: {e}") from None
+                self.bytes_sent += HEADER_SIZE + len(payload)
+        finally:
+            self._leave()
+
+    def _send_parts(self, *parts: memoryview) -> None:
+        """sendmsg until every byte of every part is out (no copy of the payload)."""
+        pending = list(parts)
+        while pending:
+            sent = self._sock.sendmsg(pending, (), _SEND_FLAGS)
+            while sent:
+                if sent >= len(pending[0]):
+                    sent -= len(pending.pop(0))
+                else:
+                    pending[0] = pending[0][sent:]
+                    sent = 0
+
+    def recv(self, timeout: float | None = None) -> Frame | None:
+        deadline = self._deadline(timeout)
+        self._enter()
+        try:
+            if not self._lock_recv(deadline):
+                return None
+            try:
+                return self._recv_locked(deadline)
+            finally:
+                self._recv_lock.release()
+        finally:
+            self._leave()
+
+    def _recv_locked(self, deadline: float | None) -> Frame | None:
+        while True:
+            if self._closed:
+                raise ChannelClosed("channel closed")
+            try:
+                frame = self._take_frame()
+            except ProtocolError:
+                self.close()
+                raise
+            if frame is not None:
+                return frame
+            if self._eof:
+                left = self._rend - self._rstart
+                detail = f" in the middle of a frame ({left} bytes)" if left else ""
+                raise ChannelClosed(f"peer closed the channel{detail}")
+            if not self._poller.poll(_poll_ms(self._remaining(deadline))):
+                if deadline is not None and time.monotonic() >= deadline:
+                    return None
+                continue
+            self._fill()
+
+    def _take_frame(self) -> Frame | None:
+        avail = self._rend - self._rstart
+        if avail < HEADER_SIZE:
+            return None
+        typ, flags, req, pipe, arg, length = decode_header(self._rbuf, self._rstart)
+        total = HEADER_SIZE + length
+        if avail < total:
+            if self._rstart + total > len(self._rbuf):
+                self._compact()
+            return None
+        start = self._rstart + HEADER_SIZE
+        payload = bytes(self._rview[start : start + length])
+        self._rstart += total
+        if self._rstart == self._rend:
+            self._rstart = self._rend = 0
+        self.bytes_received += total
+        return Frame(typ, flags, req, pipe, arg, payload)
+
+    def _compact(self) -> None:
+        left = self._rend - self._rstart
+        self._rview[:left] = self._rview[self._rstart : self._rend]
+        self._rstart, self._rend = 0, left
+
+    def _fill(self) -> None:
+        if self._rend == len(self._rbuf):
+            self._compact()
+        try:
+            n = self._sock.recv_into(self._rview[self._rend :], 0, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            if self._closed:
+                raise ChannelClosed("channel closed") from None
+            log.debug("tcp channel: receive failed: %s", e)
+            n = 0
+        if n == 0:
+            self._eof = True
+        self._rend += n
+
+
+class _Fence:
+    """A full memory barrier (see the module docstring); one per role lock holder."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def __call__(self) -> None:
+        self._lock.release()
+        self._lock.acquire()
+
+
+class _Ring:
+    """One direction of the segment: a byte ring with its four control words."""
+
+    __slots__ = ("size", "data", "head", "tail", "data_waiting", "space_waiting")
+
+    def __init__(self, buf: memoryview, index: int, size: int) -> None:
+        ctl = _CTL_BASE + index * _CTL_STRIDE
+        start = _DATA_BASE + index * size
+        self.size = size
+        self.data = buf[start : start + size]
+        self.head = c_uint64.from_buffer(buf, ctl)
+        self.tail = c_uint64.from_buffer(buf, ctl + 64)
+        self.data_waiting = c_uint64.from_buffer(buf, ctl + 128)
+        self.space_waiting = c_uint64.from_buffer(buf, ctl + 192)
+
+    def put(self, pos: int, chunk: bytes | memoryview) -> None:
+        """Copy chunk in at stream position pos, wrapping at the end of the ring."""
+        off = pos % self.size
+        n = len(chunk)
+        first = min(n, self.size - off)
+        self.data[off : off + first] = chunk[:first]
+        if first < n:
+            self.data[: n - first] = chunk[first:]
+
+    def get(self, pos: int, n: int) -> bytes:
+        off = pos % self.size
+        end = off + n
+        if end <= self.size:
+            return bytes(self.data[off:end])
+        return bytes(self.data[off:]) + bytes(self.data[: end - self.size])
+
+
+def _segment_name() -> str:
+    return f"ufp-{os.getpid()}-{secrets.token_hex(6)}"
+
+
+def _untrack(shm: SharedMemory) -> None:
+    """Undo the registration SharedMemory just made (see the module docstring)."""
+    resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+
+
+def _unlink(shm: SharedMemory) -> None:
+    """Remove the name; register first because unlink() unregisters."""
+    resource_tracker.register(shm._name, "shared_memory")  # type: ignore[attr-defined]
+    try:
+        shm.unlink()
+    except FileNotFoundError:
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+
+
+class ShmChannel(_ChannelBase):
+    """Frames through two rings in one shared-memory segment, doorbells over a socket."""
+
+    kind = "shm"
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        shm: SharedMemory,
+        creator: bool,
+        ring_size: int,
+        peer_hello: dict[str, Any],
+    ) -> None:
+        super().__init__(sock, peer_hello)
+        self._shm = shm
+        self.segment_name = shm.name
+        self.ring_size = ring_size
+        self._tx = _Ring(shm.buf, 0 if creator else 1, ring_size)
+        self._rx = _Ring(shm.buf, 1 if creator else 0, ring_size)
+        self._tx_tail = self._tx.tail.value  # only we write it: no need to load it again
+        self._rx_head = self._rx.head.value
+        self._send_fence = _Fence()
+        self._recv_fence = _Fence()
+        self._cond = threading.Condition(threading.Lock())
+        self._polling = False  # one thread at a time polls the doorbell socket
+        self._epoch = 0  # bumped after every poll (and on close)
+        self._peer_gone = False
+        self._poller = select.poll()
+        self._poller.register(sock.fileno(), select.POLLIN)
+
+    # -- setup ---------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        sock: socket.socket,
+        ring_size: int = DEFAULT_RING_SIZE,
+        hello: dict[str, Any] | None = None,
+        timeout: float | None = HELLO_TIMEOUT,
+    ) -> ShmChannel:
+        """Make the segment, offer it in our hello, wait for the ack, unlink the name."""
+        if ring_size < MIN_RING_SIZE:
+            raise ValueError(f"ring size {ring_size} is below the minimum {MIN_RING_SIZE}")
+        info = dict(hello or {})
+        if _SHM_KEY in info:
+            raise ValueError(f"hello key {_SHM_KEY!r} is reserved")
+        try:
+            shm = SharedMemory(_segment_name(), create=True, size=_DATA_BASE + 2 * ring_size)
+        except BaseException:
+            sock.close()
+            raise
+        _untrack(shm)
+        try:
+            _SEGMENT.pack_into(shm.buf, 0, _SEGMENT_MAGIC, ring_size)
+            info[_SHM_KEY] = {"name": shm.name, "ring_size": ring_size}
+            write_hello(sock, "shm", info)
+            ack = read_hello(sock, timeout)
+            if ack.kind != "shm" or ack.info.pop(_ACK_KEY, None) != shm.name:
+                raise ProtocolError(f"peer did not acknowledge segment {shm.name} ({ack.kind})")
+        except BaseException:
+            sock.close()
+            shm.close()
+            raise
+        finally:
+            _unlink(shm)
+        log.debug("shm channel %s created, %d-byte rings", shm.name, ring_size)
+        return cls(sock, shm, True, ring_size, ack.info)
+
+    @classmethod
+    def attach(
+        cls,
+        sock: socket.socket,
+        reply: dict[str, Any] | None = None,
+        timeout: float | None = HELLO_TIMEOUT,
+    ) -> ShmChannel:
+        """Read the creator's hello, map its segment, acknowledge with ``reply``."""
+        try:
+            hello = read_hello(sock, timeout)
+            if hello.kind != "shm":
+                raise ProtocolError(f"peer offered transport {hello.kind}, expected shm")
+        except BaseException:
+            sock.close()
+            raise
+        return cls._attach(sock, hello, reply)
+
+    @classmethod
+    def _attach(cls, sock: socket.socket, hello: Hello, reply: dict[str, Any] | None) -> ShmChannel:
+        try:
+            info = dict(hello.info)
+            spec = info.pop(_SHM_KEY, None)
+            if not (
+                isinstance(spec, dict)
+                and isinstance(spec.get("name"), str)
+                and isinstance(spec.get("ring_size"), int)
+            ):
+                raise ProtocolError(f"shm hello without a valid {_SHM_KEY!r} entry: {spec!r}")
+            name, ring_size = spec["name"], spec["ring_size"]
+            try:
+                shm = SharedMemory(name, create=False)
+            except FileNotFoundError:
+                raise ProtocolError(
+                    f"shared memory segment {name!r} not found (is the peer on another host?)"
+                ) from None
+            _untrack(shm)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            magic, size = _SEGMENT.unpack_from(shm.buf, 0)
+            if magic != _SEGMENT_MAGIC or size != ring_size or ring_size < MIN_RING_SIZE:
+                raise ProtocolError(f"segment {name} is not a channel segment of {ring_size}")
+            if shm.size < _DATA_BASE + 2 * ring_size:
+                raise ProtocolError(f"segment {name} is too small ({shm.size} bytes)")
+        except BaseException:
+            sock.close()
+            shm.close()
+            raise
+        channel = cls(sock, shm, False, ring_size, info)
+        try:
+            ack = dict(reply or {})
+            ack[_ACK_KEY] = name
+            write_hello(sock, "shm", ack)
+        except BaseException:
+            channel.close()
+            raise
+        log.debug("shm channel %s attached", name)
+        return channel
+
+    # -- data path -------------------------------------------------------------
+
+    def send(self, frame: Frame) -> None:
+        header = encode_header(frame)
+        payload = frame.payload
+        need = HEADER_SIZE + len(payload)
+        self._enter()
+        try:
+            with self._send_lock:
+                self._send_locked(header, payload, need)
+        finally:
+            self._leave()
+
+    def _send_locked(self, header: bytes, payload: bytes, need: int) -> None:
+        ring, fence = self._tx, self._send_fence
+        tail = self._tx_tail
+        while True:
+            if self._closed:
+                raise ChannelClosed("channel closed")
+            if self._peer_gone:
+                raise ChannelClosed("peer closed the channel")
+            if ring.size - (tail - ring.head.value) >= need:
+                break
+            ring.space_waiting.value = 1
+            fence()
+            epoch = self._epoch
+            if ring.size - (tail - ring.head.value) < need:
+                self._sleep(None, epoch)
+            ring.space_waiting.value = 0
+        fence()  # the head load above before our stores into the freed bytes
+        ring.put(tail, header)
+        if payload:
+            ring.put(tail + HEADER_SIZE, memoryview(payload))
+        fence()  # frame bytes before the tail that publishes them
+        self._tx_tail = tail + need
+        ring.tail.value = tail + need
+        fence()  # tail store before the data_waiting load (Dekker)
+        if ring.data_waiting.value:
+            self._ring_doorbell()
+        self.bytes_sent += need
+        if self._peer_gone:
+            raise ChannelClosed("peer closed the channel")
+
+    def recv(self, timeout: float | None = None) -> Frame | None:
+        deadline = self._deadline(timeout)
+        self._enter()
+        try:
+            if not self._lock_recv(deadline):
+                return None
+            try:
+                return self._recv_locked(deadline)
+            finally:
+                self._recv_lock.release()
+        finally:
+            self._leave()
+
+    def _recv_locked(self, deadline: float | None) -> Frame | None:
+        ring, fence = self._rx, self._recv_fence
+        expired = False
+        while True:
+            if self._closed:
+                raise ChannelClosed("channel closed")
+            gone = self._peer_gone  # before the tail load: frames sent before EOF still count
+            if ring.tail.value != self._rx_head:
+                try:
+                    return self._read_frame()
+                except ProtocolError:
+                    self.close()
+                    raise
+            if gone:
+                raise ChannelClosed("peer closed the channel")
+            if expired:
+                return None
+            ring.data_waiting.value = 1
+            fence()
+            epoch = self._epoch
+            if ring.tail.value == self._rx_head:
+                self._sleep(deadline, epoch)
+            ring.data_waiting.value = 0
+            expired = deadline is not None and time.monotonic() >= deadline
+
+    def _read_frame(self) -> Frame:
+        ring, fence = self._rx, self._recv_fence
+        head = self._rx_head
+        avail = ring.tail.value - head
+        fence()  # the tail load before the loads of the bytes it publishes
+        if not HEADER_SIZE <= avail <= ring.size:
+            raise ProtocolError(f"shm ring holds {avail} bytes: not whole frames")
+        typ, flags, req, pipe, arg, length = decode_header(ring.get(head, HEADER_SIZE))
+        total = HEADER_SIZE + length
+        if total > avail:
+            raise ProtocolError(f"frame of {total} bytes but only {avail} published")
+        payload = ring.get(head + HEADER_SIZE, length) if length else b""
+        fence()  # our loads of the frame before the head store that frees it
+        self._rx_head = head + total
+        ring.head.value = head + total
+        fence()  # head store before the space_waiting load (Dekker)
+        if ring.space_waiting.value:
+            self._ring_doorbell()
+        self.bytes_received += total
+        return Frame(typ, flags, req, pipe, arg, payload)
+
+    # -- doorbells ---------------------------------------------------------------
+
+    def _ring_doorbell(self) -> None:
+        try:
+            self._sock.send(_DOORBELL, socket.MSG_DONTWAIT | _SEND_FLAGS)
+        except BlockingIOError:
+            pass  # the socket is full of unread doorbells: the peer will wake anyway
+        except OSError as e:
+            log.debug("shm channel %s: doorbell failed: %s", self.segment_name, e)
+            self._peer_gone = True
+
+    def _sleep(self, deadline: float | None, epoch: int) -> None:
+        """Wait for a doorbell, EOF, close or the deadline; callers then re-check."""
+        remaining = self._remaining(deadline)
+        with self._cond:
+            if self._epoch != epoch or self._closed or self._peer_gone:
+                return  # a doorbell was drained since the caller's re-check
+            if self._polling:
+                self._cond.wait(remaining)
+                return
+            self._polling = True
+        try:
+            if self._poller.poll(_poll_ms(remaining)):
+                self._drain_doorbells()
+        finally:
+            with self._cond:
+                self._polling = False
+                self._epoch += 1
+                self._cond.notify_all()
+
+    def _drain_doorbells(self) -> None:
+        while True:
+            try:
+                data = self._sock.recv(4096, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                log.debug("shm channel %s: doorbell socket: %s", self.segment_name, e)
+                data = b""
+            if not data:
+                self._peer_gone = True
+                return
+
+    def _wake_sleepers(self) -> None:
+        with self._cond:
+            self._epoch += 1
+            self._cond.notify_all()
+
+    def _release(self) -> None:
+        # The ctypes words and the ring views export the mapping's buffer:
+        # drop them before closing it.
+        self.__dict__.pop("_tx", None)
+        self.__dict__.pop("_rx", None)
+        try:
+            self._shm.close()
+        except BufferError as e:
+            log.warning("shm channel %s: mapping still in use at close: %s", self.segment_name, e)
+        super()._release()
+
+
+def _answer(sock: socket.socket, hello: Hello, reply: dict[str, Any]) -> Channel:
+    """Answer an initiator's hello with ours; the socket is closed if that fails."""
+    if hello.kind == "shm":
+        return ShmChannel._attach(sock, hello, reply)
+    try:
+        write_hello(sock, "tcp", reply)
+    except BaseException:
+        sock.close()
+        raise
+    return TcpChannel(sock, hello.info)
+
+
+def connect_channel(
+    kind: str,
+    sock: socket.socket,
+    creator: bool,
+    hello: dict[str, Any],
+    *,
+    ring_size: int = DEFAULT_RING_SIZE,
+    timeout: float | None = HELLO_TIMEOUT,
+) -> Channel:
+    """Open a channel of ``kind`` over a connected socket.
+
+    ``creator`` is the initiating side (a worker): it sends ``hello`` first and,
+    for shm, creates the segment.  The other side reads that hello, checks the
+    kind, and answers with ``hello``.  Either way the peer's JSON ends up in
+    ``channel.peer_hello``.
+    """
+    kind = TransportKind.parse(kind).label
+    if creator:
+        if kind == "shm":
+            return ShmChannel.create(sock, ring_size, hello, timeout)
+        try:
+            write_hello(sock, "tcp", hello)
+            ack = read_hello(sock, timeout)
+            if ack.kind != "tcp":
+                raise ProtocolError(f"peer answered with transport {ack.kind}, expected tcp")
+        except BaseException:
+            sock.close()
+            raise
+        return TcpChannel(sock, ack.info)
+    try:
+        offer = read_hello(sock, timeout)
+        if offer.kind != kind:
+            raise ProtocolError(f"peer offered transport {offer.kind}, expected {kind}")
+    except BaseException:
+        sock.close()
+        raise
+    return _answer(sock, offer, hello)
+
+
+def accept_channel(
+    sock: socket.socket,
+    reply: dict[str, Any] | None = None,
+    *,
+    timeout: float | None = HELLO_TIMEOUT,
+) -> tuple[Channel, dict[str, Any]]:
+    """Answer whichever kind the initiator offers; returns the channel and its hello JSON."""
+    try:
+        offer = read_hello(sock, timeout)
+    except BaseException:
+        sock.close()
+        raise
+    channel = _answer(sock, offer, reply or {})
+    return channel, channel.peer_hello

@@ -1,0 +1,676 @@
+"""The worker <-> supervisor channel, both transports, with real peers.
+
+Real sockets, real shared memory, real processes: the cross-process tests
+run this very file as the worker (``python tests/test_transports.py worker
+...``) so that each worker has its own interpreter and its own resource
+tracker, and its stderr (which the tracker inherits) must stay empty: no
+tracebacks, no "leaked shared_memory" warnings.  Every test also checks that
+it leaves no segment of ours in /dev/shm and no child process behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from multiprocessing import resource_tracker
+from pathlib import Path
+
+import pytest
+
+from tender_service.transports import (
+    DEFAULT_RING_SIZE,
+    HEADER_SIZE,
+    HELLO_MAGIC,
+    MAX_PAYLOAD,
+    MIN_RING_SIZE,
+    PROTOCOL_VERSION,
+    Channel,
+    ChannelClosed,
+    Frame,
+    ProtocolError,
+    ShmChannel,
+    TransportKind,
+    accept_channel,
+    connect_channel,
+    decode_header,
+    encode,
+    encode_header,
+    read_hello,
+    write_hello,
+)
+from tender_service.transports.frames import HEADER, HELLO_HEADER, MAX_HELLO_JSON
+
+log = logging.getLogger(__name__)
+
+KINDS = ["tcp", "shm"]
+REPO = Path(__file__).resolve().parent.parent
+SHM_DIR = Path("/dev/shm")
+TOKEN = "t0ken"
+
+# Test-local message types (the real ones belong to the supervisor protocol).
+DATA, REPORT, END, READY = 1, 2, 3, 4
+
+_BLOCK = random.Random(20260127).randbytes(2 * MAX_PAYLOAD)
+
+
+# -- shared between the test process and the workers ----------------------------
+
+
+def frame_specs(seed: int, count: int) -> Iterator[Frame]:
+    """A deterministic stream of frames of random sizes 0..MAX_PAYLOAD, with checksums."""
+    rng = random.Random(seed)
+    edges = [0, 1, HEADER_SIZE - 1, HEADER_SIZE, HEADER_SIZE + 1, MAX_PAYLOAD - 1, MAX_PAYLOAD]
+    for i in range(count):
+        r = rng.random()
+        if r < 0.1:
+            size = rng.choice(edges)
+        elif r < 0.55:
+            size = rng.randrange(0, 4096)
+        elif r < 0.85:
+            size = rng.randrange(0, 128 << 10)
+        else:
+            size = rng.randrange(0, MAX_PAYLOAD + 1)
+        off = rng.randrange(0, len(_BLOCK) - size + 1)
+        payload = _BLOCK[off : off + size]
+        crc = zlib.crc32(payload)
+        yield Frame(DATA, i & 0xFF, i, seed, crc if i % 2 else -crc - 1, payload)
+
+
+def check_stream(seed: int, count: int, recv: Callable[[], Frame | None]) -> list[str]:
+    """Receive ``count`` frames and compare them with ``frame_specs(seed)``; the errors."""
+    errors: list[str] = []
+    for want in frame_specs(seed, count):
+        got = recv()
+        if got is None:
+            errors.append(f"frame {want.req}: timed out")
+            break
+        crc = zlib.crc32(got.payload)
+        arg_crc = got.arg if got.req % 2 else -got.arg - 1
+        if got != want or crc != arg_crc:
+            errors.append(
+                f"frame {want.req}: got req={got.req} len={len(got.payload)} "
+                f"crc={crc:#x} arg={got.arg}, want len={len(want.payload)}"
+            )
+            if len(errors) > 5:
+                break
+    return errors
+
+
+def stream_chunks(total: int, size: int) -> Iterator[bytes]:
+    rng = random.Random(total ^ size)
+    for _ in range(total // size):
+        off = rng.randrange(0, len(_BLOCK) - size + 1)
+        yield _BLOCK[off : off + size]
+
+
+# -- the worker process ------------------------------------------------------------
+
+
+def _worker_connect(kind: str, port: int, mode: str) -> Channel:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return connect_channel(kind, sock, True, {"token": TOKEN, "pid": os.getpid(), "mode": mode})
+
+
+def _worker_exchange(ch: Channel, seed: int, count: int) -> None:
+    def sender() -> None:
+        for f in frame_specs(seed + 1, count):
+            ch.send(f)
+
+    t = threading.Thread(target=sender)
+    t.start()
+    errors = check_stream(seed, count, lambda: ch.recv(timeout=60))
+    t.join()
+    ch.send(Frame(REPORT, payload=json.dumps({"errors": errors}).encode()))
+
+
+def _worker_sink(ch: Channel) -> None:
+    digest = hashlib.sha256()
+    frames = nbytes = 0
+    while True:
+        f = ch.recv(timeout=60)
+        if f is None or f.type == END:
+            break
+        digest.update(f.payload)
+        frames += 1
+        nbytes += len(f.payload)
+    report = {"frames": frames, "bytes": nbytes, "sha256": digest.hexdigest()}
+    ch.send(Frame(REPORT, payload=json.dumps(report).encode()))
+
+
+def _spawned_creator(port: int, n: int) -> None:
+    """A ``spawn`` child: creates the shm segment, so it shares its parent's tracker."""
+    ch = _worker_connect("shm", port, "spawned")
+    for i in range(n):
+        ch.send(Frame(DATA, req=i, payload=_BLOCK[: i * 1000]))
+    ch.close()
+
+
+def _worker_spawn_pair(n: int) -> None:
+    """Creator (a spawn child) and attacher (us) share one resource tracker."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(30)
+        ctx = multiprocessing.get_context("spawn")
+        child = ctx.Process(target=_spawned_creator, args=(listener.getsockname()[1], n))
+        child.start()
+        conn, _ = listener.accept()
+    ch, hello = accept_channel(conn)
+    assert hello["mode"] == "spawned"
+    for i in range(n):
+        f = ch.recv(timeout=30)
+        assert f is not None and f.req == i and f.payload == _BLOCK[: i * 1000]
+    with pytest.raises(ChannelClosed):
+        ch.recv(timeout=30)
+    ch.close()
+    child.join(30)
+    assert child.exitcode == 0
+
+
+def worker_main(argv: list[str]) -> None:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    mode, kind, port = argv[0], argv[1], int(argv[2])
+    if mode == "spawnpair":
+        _worker_spawn_pair(int(argv[3]))
+        return
+    ch = _worker_connect(kind, port, mode)
+    try:
+        if mode == "exchange":
+            _worker_exchange(ch, int(argv[3]), int(argv[4]))
+        elif mode == "sink":
+            _worker_sink(ch)
+        elif mode == "idle":
+            ch.send(Frame(READY))
+        elif mode == "mute":
+            ch.send(Frame(READY))
+            threading.Event().wait()  # never read: the parent's sends back up
+        else:
+            raise SystemExit(f"unknown worker mode {mode}")
+        while True:  # until the test closes its end
+            ch.recv()
+    except ChannelClosed:
+        pass
+    finally:
+        ch.close()
+
+
+# -- fixtures -------------------------------------------------------------------------
+
+
+def _children() -> set[int]:
+    me = os.getpid()
+    kids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == me:
+            kids.add(int(entry.name))
+    return kids
+
+
+def _our_segments(pids: set[int]) -> set[str]:
+    """Segment names in /dev/shm made by this process or one of our workers."""
+    names = set()
+    for name in os.listdir(SHM_DIR):
+        m = re.fullmatch(r"ufp-(\d+)-\w+", name)
+        if m and int(m.group(1)) in pids:
+            names.add(name)
+    return names
+
+
+@dataclass
+class Harness:
+    """Workers, channels and listeners of one test, all cleaned up and checked after it."""
+
+    listener: socket.socket
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    channels: list[Channel] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return self.listener.getsockname()[1]
+
+    def spawn(self, mode: str, kind: str, *args: object) -> subprocess.Popen:
+        cmd = [sys.executable, __file__, "worker", mode, kind, str(self.port), *map(str, args)]
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        self.procs.append(proc)
+        return proc
+
+    def accept(self, reply: dict | None = None) -> tuple[Channel, dict]:
+        conn, _ = self.listener.accept()
+        ch, hello = accept_channel(conn, reply)
+        self.channels.append(ch)
+        return ch, hello
+
+    def worker(self, mode: str, kind: str, *args: object) -> tuple[subprocess.Popen, Channel]:
+        proc = self.spawn(mode, kind, *args)
+        ch, hello = self.accept()
+        assert ch.kind == kind
+        assert hello == {"token": TOKEN, "pid": proc.pid, "mode": mode}
+        return proc, ch
+
+    def pair(self, kind: str, ring_size: int = DEFAULT_RING_SIZE) -> tuple[Channel, Channel]:
+        """Two ends in this process: the initiator in a thread, the responder here."""
+        a, b = socket.socketpair()
+        made: dict[str, Channel] = {}
+
+        def initiate() -> None:
+            made["a"] = connect_channel(kind, a, True, {"side": "a"}, ring_size=ring_size)
+
+        t = threading.Thread(target=initiate)
+        t.start()
+        cb, hello = accept_channel(b, {"side": "b"})
+        t.join(10)
+        self.channels += [made["a"], cb]
+        assert hello == {"side": "a"} and made["a"].peer_hello == {"side": "b"}
+        return made["a"], cb
+
+    @staticmethod
+    def finish(proc: subprocess.Popen, expect_rc: int = 0) -> None:
+        """Wait for a worker; it must exit as expected with nothing on stderr."""
+        out, err = proc.communicate(timeout=60)
+        assert err.decode() == "", err.decode()
+        assert proc.returncode == expect_rc
+
+
+@pytest.fixture
+def harness() -> Iterator[Harness]:
+    resource_tracker.ensure_running()  # so it is among the children "before"
+    kids_before = _children()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(30)
+    h = Harness(listener)
+    try:
+        yield h
+    finally:
+        for ch in h.channels:
+            ch.close()
+        listener.close()
+        for proc in h.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate(timeout=30)
+        pids = {os.getpid(), *(p.pid for p in h.procs)}
+        assert _our_segments(pids) == set(), "segments left in /dev/shm"
+        assert _children() == kids_before, "child processes left behind"
+
+
+# -- frames and hellos ------------------------------------------------------------------
+
+
+def test_frame_round_trip_through_encode_and_decode_header() -> None:
+    f = Frame(200, 7, 0xFFFF_FFFF, 12, -(1 << 63), b"hello")
+    wire = encode(f)
+    assert len(encode_header(f)) == HEADER_SIZE == 24
+    typ, flags, req, pipe, arg, length = decode_header(wire)
+    assert Frame(typ, flags, req, pipe, arg, wire[HEADER_SIZE : HEADER_SIZE + length]) == f
+    assert decode_header(b"xx" + wire, 2)[5] == 5
+
+
+def test_encode_refuses_what_the_header_cannot_carry() -> None:
+    with pytest.raises(ValueError, match="MAX_PAYLOAD"):
+        encode(Frame(1, payload=bytes(MAX_PAYLOAD + 1)))
+    for bad in (Frame(256), Frame(1, flags=-1), Frame(1, req=1 << 32), Frame(1, arg=1 << 63)):
+        with pytest.raises(ValueError, match="out of range"):
+            encode_header(bad)
+
+
+def test_decode_header_refuses_oversized_length_and_reserved_bits() -> None:
+    with pytest.raises(ProtocolError, match="exceeds MAX_PAYLOAD"):
+        decode_header(HEADER.pack(1, 0, 0, 0, 0, 0, MAX_PAYLOAD + 1))
+    with pytest.raises(ProtocolError, match="exceeds MAX_PAYLOAD"):
+        decode_header(HEADER.pack(1, 0, 0, 0, 0, 0, 0xFFFF_FFFF))
+    with pytest.raises(ProtocolError, match="reserved"):
+        decode_header(HEADER.pack(1, 0, 1, 0, 0, 0, 0))
+    with pytest.raises(ProtocolError, match="short"):
+        decode_header(b"\x01" * 23)
+    assert decode_header(HEADER.pack(1, 0, 0, 0, 0, 0, MAX_PAYLOAD))[5] == MAX_PAYLOAD
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """The other end closed (a reset if it still had our bytes unread)."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def _raw_hello(magic: bytes, version: int, kind: int, body: bytes, length: int = -1) -> bytes:
+    n = len(body) if length < 0 else length
+    return HELLO_HEADER.pack(magic, version, kind, n) + body
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (_raw_hello(b"HTTP", 1, 1, b"{}"), "bad hello magic"),
+        (_raw_hello(HELLO_MAGIC, 2, 1, b"{}"), "unsupported protocol version 2"),
+        (_raw_hello(HELLO_MAGIC, 0, 1, b"{}"), "unsupported protocol version 0"),
+        (_raw_hello(HELLO_MAGIC, 1, 9, b"{}"), "unknown transport kind 9"),
+        (_raw_hello(HELLO_MAGIC, 1, 1, b"", MAX_HELLO_JSON + 1), "exceeds"),
+        (_raw_hello(HELLO_MAGIC, 1, 1, b"[1, 2]"), "not an object"),
+        (_raw_hello(HELLO_MAGIC, 1, 1, b"{nope"), "does not parse"),
+    ],
+    ids=["magic", "version2", "version0", "kind", "json-too-long", "json-array", "json-garbage"],
+)
+def test_bad_hello_is_refused(harness: Harness, raw: bytes, message: str) -> None:
+    a, b = socket.socketpair()
+    with a:
+        a.sendall(raw)
+        with pytest.raises(ProtocolError, match=message):
+            accept_channel(b)
+        assert b.fileno() == -1, "the refused socket is closed"
+        assert _hung_up(a)
+
+
+def test_hello_round_trip_and_silent_peer(harness: Harness) -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        write_hello(a, "shm", {"token": TOKEN, "pid": 42, "nested": {"x": [1, 2]}})
+        hello = read_hello(b)
+        assert (hello.kind, hello.info) == ("shm", {"token": TOKEN, "pid": 42, "nested": {"x": [1, 2]}})
+        assert PROTOCOL_VERSION == 1 and TransportKind.parse("TCP") is TransportKind.TCP
+        with pytest.raises(ProtocolError, match="no complete hello"):
+            read_hello(b, timeout=0.2)
+        a.close()
+        with pytest.raises(ChannelClosed):
+            read_hello(b)
+    with pytest.raises(ValueError, match="unknown transport"):
+        write_hello(a, "udp", {})
+
+
+# -- both transports, cross-process ------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_random_frames_both_directions_concurrently(harness: Harness, kind: str) -> None:
+    seed, count = 1000 + len(kind), 300
+    proc, ch = harness.worker("exchange", kind, seed, count)
+
+    def sender() -> None:
+        for f in frame_specs(seed, count):
+            ch.send(f)
+
+    t = threading.Thread(target=sender)
+    t.start()
+    errors = check_stream(seed + 1, count, lambda: ch.recv(timeout=60))
+    t.join(60)
+    assert errors == []
+    report = ch.recv(timeout=60)
+    assert report is not None and report.type == REPORT
+    assert json.loads(report.payload) == {"errors": []}
+    sent = sum(HEADER_SIZE + len(f.payload) for f in frame_specs(seed, count))
+    assert ch.bytes_sent == sent
+    assert ch.bytes_received == HEADER_SIZE + len(report.payload) + sum(
+        HEADER_SIZE + len(f.payload) for f in frame_specs(seed + 1, count)
+    )
+    ch.close()
+    harness.finish(proc)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_64_mib_in_64_kib_frames(harness: Harness, kind: str) -> None:
+    total, size = 64 << 20, 64 << 10
+    proc, ch = harness.worker("sink", kind)
+    digest = hashlib.sha256()
+    for i, chunk in enumerate(stream_chunks(total, size)):
+        digest.update(chunk)
+        ch.send(Frame(DATA, req=i, payload=chunk))
+    ch.send(Frame(END))
+    report = ch.recv(timeout=60)
+    assert report is not None and report.type == REPORT
+    assert json.loads(report.payload) == {
+        "frames": total // size,
+        "bytes": total,
+        "sha256": digest.hexdigest(),
+    }
+    assert ch.bytes_sent == total + (total // size + 1) * HEADER_SIZE
+    ch.close()
+    harness.finish(proc)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_killed_peer_wakes_a_blocked_recv(harness: Harness, kind: str) -> None:
+    proc, ch = harness.worker("idle", kind)
+    ready = ch.recv(timeout=30)
+    assert ready is not None and ready.type == READY
+    outcome: list[BaseException | Frame | None] = []
+
+    def blocked() -> None:
+        try:
+            outcome.append(ch.recv())
+        except BaseException as e:  # noqa: BLE001 - the outcome is what we check
+            outcome.append(e)
+
+    t = threading.Thread(target=blocked)
+    t.start()
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGKILL)
+    t.join(5)
+    assert not t.is_alive(), "recv still blocked 5 s after the peer was killed"
+    assert time.monotonic() - t0 < 5
+    assert len(outcome) == 1 and isinstance(outcome[0], ChannelClosed), outcome
+    with pytest.raises(ChannelClosed):
+        ch.recv(timeout=1)
+    harness.finish(proc, -signal.SIGKILL)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_killed_peer_wakes_a_sender_blocked_on_a_full_channel(harness: Harness, kind: str) -> None:
+    proc, ch = harness.worker("mute", kind)
+    ready = ch.recv(timeout=30)
+    assert ready is not None and ready.type == READY
+    started = threading.Event()
+    outcome: list[BaseException] = []
+
+    def flood() -> None:
+        try:
+            for i in range(1 << 20):  # 64 GiB: far more than any buffer holds
+                ch.send(Frame(DATA, req=i, payload=_BLOCK[: 64 << 10]))
+                if i == 8:
+                    started.set()
+        except BaseException as e:  # noqa: BLE001 - the outcome is what we check
+            outcome.append(e)
+
+    t = threading.Thread(target=flood)
+    t.start()
+    assert started.wait(30)
+    proc.send_signal(signal.SIGKILL)
+    t.join(5)
+    assert not t.is_alive(), "send still blocked 5 s after the peer was killed"
+    assert len(outcome) == 1 and isinstance(outcome[0], ChannelClosed), outcome
+    harness.finish(proc, -signal.SIGKILL)
+
+
+def test_one_listener_accepts_both_kinds(harness: Harness) -> None:
+    procs = {kind: harness.spawn("idle", kind) for kind in KINDS}
+    seen = {}
+    for _ in KINDS:
+        ch, hello = harness.accept({"supervisor": True})
+        assert hello["token"] == TOKEN and set(hello) == {"token", "pid", "mode"}
+        ready = ch.recv(timeout=30)
+        assert ready is not None and ready.type == READY
+        seen[ch.kind] = hello["pid"]
+        ch.close()
+    assert seen == {kind: p.pid for kind, p in procs.items()}
+    for p in procs.values():
+        harness.finish(p)
+
+
+def test_spawn_children_sharing_a_resource_tracker_leave_no_warnings(harness: Harness) -> None:
+    harness.finish(harness.spawn("spawnpair", "shm", 20))
+
+
+# -- both transports, in process ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_concurrent_senders_never_interleave(harness: Harness, kind: str) -> None:
+    a, b = harness.pair(kind, ring_size=MIN_RING_SIZE)  # small ring: flow control and wrap
+    threads, per_thread = 8, 150
+
+    def sender(tid: int) -> None:
+        rng = random.Random(tid)
+        for seq in range(per_thread):
+            size = MAX_PAYLOAD if seq % 50 == 7 else rng.randrange(0, 32 << 10)
+            a.send(Frame(DATA, req=seq, pipe=tid, arg=size, payload=bytes([tid]) * size))
+
+    workers = [threading.Thread(target=sender, args=(tid,)) for tid in range(threads)]
+    for w in workers:
+        w.start()
+    next_seq = [0] * threads
+    for _ in range(threads * per_thread):
+        f = b.recv(timeout=60)
+        assert f is not None
+        assert f.req == next_seq[f.pipe], "frames of one sender reordered"
+        assert len(f.payload) == f.arg and f.payload.count(f.pipe) == f.arg, "interleaved"
+        next_seq[f.pipe] += 1
+    for w in workers:
+        w.join(10)
+    assert next_seq == [per_thread] * threads
+    assert b.recv(timeout=0) is None
+    assert a.bytes_sent == b.bytes_received
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_recv_timeout_returns_none(harness: Harness, kind: str) -> None:
+    a, b = harness.pair(kind)
+    assert b.recv(timeout=0) is None
+    t0 = time.monotonic()
+    assert b.recv(timeout=0.3) is None
+    assert 0.3 <= time.monotonic() - t0 < 2
+    a.send(Frame(DATA, payload=b"late"))
+    f = b.recv(timeout=5)
+    assert f is not None and f.payload == b"late"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_close_wakes_a_blocked_recv_and_is_idempotent(harness: Harness, kind: str) -> None:
+    a, b = harness.pair(kind)
+    outcome: list[BaseException | Frame | None] = []
+
+    def blocked() -> None:
+        try:
+            outcome.append(b.recv())
+        except BaseException as e:  # noqa: BLE001 - the outcome is what we check
+            outcome.append(e)
+
+    t = threading.Thread(target=blocked)
+    t.start()
+    b.close()
+    t.join(5)
+    assert not t.is_alive() and isinstance(outcome[0], ChannelClosed), outcome
+    b.close()
+    with pytest.raises(ChannelClosed):
+        b.send(Frame(DATA))
+    with pytest.raises(ChannelClosed):
+        a.recv(timeout=5)  # the peer sees our close
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_frames_sent_before_a_close_are_delivered_first(harness: Harness, kind: str) -> None:
+    a, b = harness.pair(kind)
+    for i in range(3):
+        a.send(Frame(DATA, req=i, payload=bytes(i * 100_000)))
+    a.close()
+    for i in range(3):
+        f = b.recv(timeout=5)
+        assert f is not None and f.req == i and len(f.payload) == i * 100_000
+    with pytest.raises(ChannelClosed):
+        b.recv(timeout=5)
+
+
+def test_tcp_oversized_length_is_a_protocol_error(harness: Harness) -> None:
+    raw, theirs = socket.socketpair()
+    with raw:
+        write_hello(raw, "tcp", {"raw": True})
+        ch, hello = accept_channel(theirs)
+        harness.channels.append(ch)
+        assert hello == {"raw": True} and read_hello(raw).kind == "tcp"
+        raw.sendall(HEADER.pack(DATA, 0, 0, 0, 0, 0, MAX_PAYLOAD + 1))
+        with pytest.raises(ProtocolError, match="exceeds MAX_PAYLOAD"):
+            ch.recv(timeout=5)
+        with pytest.raises(ChannelClosed):
+            ch.recv(timeout=5)
+        assert _hung_up(raw), "the channel hangs up on a peer that sent garbage"
+
+
+def test_shm_oversized_length_is_a_protocol_error(harness: Harness) -> None:
+    a, b = harness.pair("shm")
+    assert isinstance(a, ShmChannel)
+    # A corrupt peer: write a bad header straight into the ring and publish it.
+    ring, tail = a._tx, a._tx_tail
+    ring.put(tail, HEADER.pack(DATA, 0, 0, 0, 0, 0, MAX_PAYLOAD + 1))
+    ring.tail.value = tail + HEADER_SIZE
+    with pytest.raises(ProtocolError, match="exceeds MAX_PAYLOAD"):
+        b.recv(timeout=5)
+    with pytest.raises(ChannelClosed):
+        b.recv(timeout=5)
+    with pytest.raises(ChannelClosed):
+        a.recv(timeout=5)
+
+
+def test_shm_segment_is_unlinked_once_both_sides_have_it(harness: Harness) -> None:
+    a, b = harness.pair("shm")
+    assert isinstance(a, ShmChannel) and isinstance(b, ShmChannel)
+    assert a.segment_name == b.segment_name
+    assert not (SHM_DIR / a.segment_name).exists()
+    a.send(Frame(DATA, payload=b"still mapped"))
+    f = b.recv(timeout=5)
+    assert f is not None and f.payload == b"still mapped"
+
+
+def test_shm_rings_wrap_around_many_times(harness: Harness) -> None:
+    a, b = harness.pair("shm", ring_size=MIN_RING_SIZE)
+    # 25 frames of ~1 MiB wrap the 2 MiB ring about 12 times at odd offsets.
+    for i in range(25):
+        size = MAX_PAYLOAD - 4099 * i
+        a.send(Frame(DATA, req=i, payload=_BLOCK[i : i + size]))
+        f = b.recv(timeout=5)
+        assert f is not None and f.req == i and f.payload == _BLOCK[i : i + size]
+
+
+def test_connect_refuses_a_peer_of_the_other_kind(harness: Harness) -> None:
+    a, b = socket.socketpair()
+    made: list[BaseException | Channel] = []
+
+    def initiate() -> None:
+        try:
+            made.append(connect_channel("tcp", a, True, {}))
+        except BaseException as e:  # noqa: BLE001 - the outcome is what we check
+            made.append(e)
+
+    t = threading.Thread(target=initiate)
+    t.start()
+    with pytest.raises(ProtocolError, match="offered transport tcp, expected shm"):
+        connect_channel("shm", b, False, {})
+    t.join(10)
+    assert isinstance(made[0], ChannelClosed), made
+
+
+def test_shm_ring_size_below_two_maximal_frames_is_refused() -> None:
+    a, b = socket.socketpair()
+    with a, b, pytest.raises(ValueError, match="below the minimum"):
+        ShmChannel.create(a, ring_size=MIN_RING_SIZE - 1)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
+    worker_main(sys.argv[2:])
