@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 INIT_PID = 1
 MAIN_PID = 2
 _DATA_OPS = {"pipe_create"}
+#: messages that may wake a VM that said it was idle
+_WAKING = {Msg.PIPE_DATA, Msg.PIPE_WROTE, Msg.CHILD_EXIT, Msg.SIGNAL, Msg.REPARENT}
 
 
 @dataclass(eq=False)
@@ -56,6 +58,11 @@ class ProcRec:
     started: float = field(default_factory=time.monotonic)
     ended: float = 0.0
     connected: threading.Event = field(default_factory=threading.Event)
+    #: messages sent that could wake the VM, and how many it had handled when it
+    #: last said it was idle (-1: busy since)
+    events_sent: int = 0
+    idle_at: int = -1
+    idle_report: str = ""
 
     @property
     def alive(self) -> bool:
@@ -257,6 +264,8 @@ class Supervisor:
 
     def _send(self, rec: ProcRec, frame: Frame) -> None:
         ch = rec.channel
+        if frame.type in _WAKING:
+            rec.events_sent += 1
         if ch is None:
             return
         with contextlib.suppress(ChannelClosed, OSError):
@@ -270,6 +279,11 @@ class Supervisor:
                 self.sink(f.arg, f.pipe, f.payload)
             return
         with self.lock:
+            if t == Msg.IDLE:
+                rec.idle_at, rec.idle_report = f.arg, f.payload.decode(errors="replace")
+                self._check_deadlock()
+                return
+            rec.idle_at = -1
             if t == Msg.PIPE_READ:
                 self.broker.read(f.pipe, rec.pid, f.arg, bool(f.flags & NONBLOCK),
                                  lambda res, req=f.req: self._send(rec, _data_frame(req, res)))
@@ -413,6 +427,19 @@ class Supervisor:
             else:
                 self._send(parent, Frame(Msg.CHILD_EXIT, 0, 0, rec.pid, status, b""))
             self._check_done()
+
+    def _check_deadlock(self) -> None:
+        """Every live VM idle, and none with a message on its way: nothing can move."""
+        live = [r for r in self.procs.values() if r.alive]
+        if not live or self._outcome is not None:
+            return
+        if all(r.state == "running" and r.idle_at == r.events_sent for r in live):
+            lines = ["deadlock: every process is blocked and nothing can wake it"]
+            lines += [r.idle_report for r in sorted(live, key=lambda r: r.pid) if r.idle_report]
+            report = "\n".join(lines)
+            log.warning("instance %s: %s", self.id, report)
+            self.reports.append(report)
+            self._spawn(self.kill, "deadlock", "deadlock")
 
     def _check_done(self) -> None:
         if not any(r.alive for r in self.procs.values()):

@@ -104,6 +104,8 @@ class RemoteHost(Protocol):
 
     def call(self, op: str, *args: int) -> int: ...
 
+    def idle(self, blocked: list[str]) -> None: ...
+
 
 @dataclass(slots=True)
 class VmConfig:
@@ -597,6 +599,9 @@ class Kernel:
             return False
         timer = sched.next_timer()
         timeout = None if timer is None else max(0.0, timer - time.monotonic())
+        if self.remote is not None and timer is None:
+            # only another VM can wake us now: say so (the supervisor detects deadlocks)
+            self.remote.idle(self.blocked_report())
         sel = selectors.DefaultSelector()
         try:
             sel.register(self._wakeup_r, selectors.EVENT_READ)
@@ -613,11 +618,14 @@ class Kernel:
             sel.close()
         return True
 
+    def blocked_report(self) -> list[str]:
+        """'pid N (name): what it waits on' for every blocked process."""
+        return [f"  pid {t.cookie.proc.pid} ({t.cookie.proc.name}): {t.why or 'blocked'}"
+                for t in self.sched.blocked()]
+
     def _deadlock(self) -> str:
-        lines = ["deadlock: every process is blocked and nothing can wake it"]
-        for t in self.sched.blocked():
-            lwp = t.cookie
-            lines.append(f"  pid {lwp.proc.pid} ({lwp.proc.name}): {t.why or 'blocked'}")
+        lines = ["deadlock: every process is blocked and nothing can wake it",
+                 *self.blocked_report()]
         report = "\n".join(lines)
         log.warning("%s", report)
         self.reports.append(report)

@@ -58,6 +58,8 @@ class VmLink:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._reader: threading.Thread | None = None
+        #: supervisor messages that could wake the VM, handled so far (see ``idle``)
+        self.events_done = 0
 
     # -- wiring ------------------------------------------------------------------------
     def attach(self, k: Kernel) -> None:
@@ -93,6 +95,12 @@ class VmLink:
 
     def signal(self, sender: Process, pid: int, sig: int) -> int:
         return self.call("kill", pid, sig)
+
+    def idle(self, blocked: list[str]) -> None:
+        """Every thread waits for another VM; ``events_done`` lets the supervisor tell
+        whether a message it sent since could still wake us (then this is no deadlock)."""
+        self._notify(Frame(Msg.IDLE, 0, 0, 0, self.events_done,
+                           "\n".join(blocked).encode()[:MAX_PAYLOAD]))
 
     def call(self, op: str, *args: int) -> int:
         """A synchronous request the supervisor answers at once."""
@@ -218,15 +226,22 @@ class VmLink:
                 c.value, c.payload = f.arg, f.payload
                 c.event.set()
         elif t in (Msg.PIPE_DATA, Msg.PIPE_WROTE):
-            k.post_event(lambda: self._deliver(f))
+            self._event(k, lambda: self._deliver(f))
         elif t == Msg.CHILD_EXIT:
-            k.post_event(lambda: k.remote_child_exited(f.pipe, f.arg))
+            self._event(k, lambda: k.remote_child_exited(f.pipe, f.arg))
         elif t == Msg.SIGNAL:
-            k.post_event(lambda: k.main is not None and k.post_signal(k.main, f.arg))
+            self._event(k, lambda: k.main is not None and k.post_signal(k.main, f.arg))
         elif t == Msg.REPARENT:
-            k.post_event(lambda: k.main is not None and setattr(k.main, "ppid", f.arg))
+            self._event(k, lambda: k.main is not None and setattr(k.main, "ppid", f.arg))
         else:
             log.warning("pid %d: unexpected message %d from supervisor", self.pid, t)
+
+    def _event(self, k: Kernel, fn) -> None:
+        def run() -> None:
+            self.events_done += 1
+            fn()
+
+        k.post_event(run)
 
     def _deliver(self, f: Frame) -> None:
         lwp = self._pending.pop(f.req, None)
