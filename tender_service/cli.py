@@ -126,6 +126,23 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return code
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from tender_service.service.server import ServeOptions, serve
+
+    if a.verbose == 0:
+        logging.getLogger().setLevel(logging.INFO)
+    try:
+        return serve(ServeOptions(
+            listen=a.listen, metrics_port=a.metrics_port, peers=tuple(a.peer),
+            advertise=a.advertise, token_file=a.token_file, tls_cert=a.tls_cert,
+            tls_key=a.tls_key, insecure_listen_any=a.insecure_listen_any, pool_size=a.pool,
+            max_instances=a.max_instances, max_upload=a.max_upload,
+            default_timeout=a.default_timeout, grace=a.grace))
+    except (ValueError, OSError) as e:
+        print(f"unifork serve: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="unifork", description=__doc__)
@@ -157,8 +174,63 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--stats", action="store_true", help="print run statistics at exit")
 
     sub.add_parser("cc", help="compile a guest program (like cc)", add_help=False)
-    i = sub.add_parser("images", help="list (and build) the built-in guest images")
+    i = sub.add_parser("images", help="list (and build) the built-in images, or a tender's")
     i.add_argument("--build", action="store_true")
+    i.add_argument("--target", help="list the images of the tender at HOST:PORT instead")
+    i.add_argument("--token-file")
+    i.add_argument("--tls-ca")
+
+    sv = sub.add_parser("serve", help="run a tender daemon (gRPC)")
+    sv.add_argument("--listen", default="127.0.0.1:7700", help="HOST:PORT (default 127.0.0.1:7700)")
+    sv.add_argument("--metrics-port", type=int, default=0, help="serve /metrics on this port")
+    sv.add_argument("--peer", action="append", default=[],
+                    help="a peer tender HOST:PORT, or dns:NAME for every A record (repeatable)")
+    sv.add_argument("--advertise", help="HOST:PORT peers and VMs reach this tender at")
+    sv.add_argument("--token-file", help="require this bearer token on every RPC")
+    sv.add_argument("--tls-cert")
+    sv.add_argument("--tls-key")
+    sv.add_argument("--insecure-listen-any", action="store_true",
+                    help="allow a non-loopback listen address without a token")
+    sv.add_argument("--pool", type=int, default=2, help="warm tender processes for clones")
+    sv.add_argument("--max-instances", type=int, default=64)
+    sv.add_argument("--max-upload", type=parse_size, default="64M")
+    sv.add_argument("--default-timeout", type=float, default=600.0,
+                    help="time limit of instances that ask for none (seconds)")
+    sv.add_argument("--grace", type=float, default=10.0,
+                    help="seconds running instances get to finish on SIGTERM")
+
+    from tender_service.service.client import add_client_args
+
+    la = sub.add_parser("launch", help="launch an instance on a tender")
+    la.add_argument("image")
+    la.add_argument("args", nargs=argparse.REMAINDER)
+    la.add_argument("--fork", choices=("thread", "vmclone"), default="thread")
+    la.add_argument("--pipe", choices=("shm", "tcp"), default="shm")
+    la.add_argument("--placement", choices=("local", "remote", "spread"), default="local")
+    la.add_argument("--mem", type=parse_size, default=0)
+    la.add_argument("--timeout", type=float, default=None)
+    la.add_argument("--max-procs", type=int, default=0)
+    la.add_argument("--console", choices=("tty", "pipe"), default="tty")
+    la.add_argument("--env", action="append", default=[])
+    la.add_argument("--wait", action="store_true", help="stream the console and wait for the end")
+    la.add_argument("--tag-pids", action="store_true")
+    add_client_args(la)
+    for name, text in (("ps", "list a tender's instances"), ("logs", "stream an instance's console"),
+                       ("wait", "wait for an instance"), ("kill", "kill an instance"),
+                       ("describe", "describe an instance and its process tree")):
+        c = sub.add_parser(name, help=text)
+        if name != "ps":
+            c.add_argument("instance")
+        if name == "logs":
+            c.add_argument("--live", action="store_true", help="only what comes from now on")
+            c.add_argument("--tag-pids", action="store_true")
+        if name == "wait":
+            c.add_argument("--timeout", type=float, default=0.0)
+        add_client_args(c)
+    up = sub.add_parser("upload", help="upload an ELF image to a tender")
+    up.add_argument("file")
+    up.add_argument("--name")
+    add_client_args(up)
     s = sub.add_parser("syscalls", help="list the supported syscalls")
     s.add_argument("--markdown", action="store_true")
     sub.add_parser("demo", help="build the images and run the fork/pipe programs")
@@ -170,6 +242,17 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "run":
         # options may follow the image name; program args follow a '--' or unknown words
         return cmd_run(_split_run_args(r, a))
+    if a.cmd == "serve":
+        return cmd_serve(a)
+    if a.cmd == "launch":
+        a = _split_run_args(la, a)
+    if a.cmd in ("launch", "ps", "logs", "wait", "kill", "describe", "upload") or (
+            a.cmd == "images" and a.target):
+        from tender_service.service.client import cmd
+
+        if a.cmd == "images":
+            a.token_file, a.tls_ca = a.token_file, a.tls_ca
+        return cmd(a)
     return {"images": cmd_images, "syscalls": cmd_syscalls, "demo": cmd_demo}[a.cmd](a)
 
 

@@ -63,12 +63,20 @@ def ensure() -> None:
         importlib.invalidate_caches()
 
 
-def peer():
-    """(peer_pb2, peer_pb2_grpc), generated on first use."""
+def load(name: str):
+    """(NAME_pb2, NAME_pb2_grpc) of proto/unifork/v1/NAME.proto, generated on first use."""
     ensure()
-    pb2 = importlib.import_module("tender_service.gen.unifork.v1.peer_pb2")
-    grpc_mod = importlib.import_module("tender_service.gen.unifork.v1.peer_pb2_grpc")
+    pb2 = importlib.import_module(f"tender_service.gen.unifork.v1.{name}_pb2")
+    grpc_mod = importlib.import_module(f"tender_service.gen.unifork.v1.{name}_pb2_grpc")
     return pb2, grpc_mod
+
+
+def peer():
+    return load("peer")
+
+
+def tender():
+    return load("tender")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ START_TIMEOUT = 60.0
 class WorkerHandle:
     proc: subprocess.Popen
     address: str
+    host: str = "local"
+    remote = False
 
     @property
     def pid(self) -> int:
@@ -58,11 +60,14 @@ class WorkerHandle:
 
 
 class WarmPool:
-    def __init__(self, size: int = 2, verbose: int = 0) -> None:
+    def __init__(self, size: int = 2, verbose: int = 0, env: dict[str, str] | None = None,
+                 host: str = "local") -> None:
         if size < 1:
             raise ValueError("pool size must be at least 1")
         self.size = size
         self.verbose = verbose
+        self.env = {**os.environ, **(env or {})}
+        self.host = host
         self.dir = tempfile.mkdtemp(prefix="unifork-pool-")
         self.workers: list[WorkerHandle] = []
         self._ids = itertools.count()
@@ -79,7 +84,8 @@ class WarmPool:
         path = os.path.join(self.dir, f"w{next(self._ids)}.sock")
         cmd = [sys.executable, "-m", "tender_service.instance.worker", "--listen",
                f"unix:{path}", *(["-v"] * self.verbose)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                env=self.env)
         deadline = time.monotonic() + START_TIMEOUT
         line = b""
         while time.monotonic() < deadline and proc.poll() is None:
@@ -97,7 +103,7 @@ class WarmPool:
                 proc.kill()
                 proc.wait()
                 return
-            self.workers.append(WorkerHandle(proc, f"unix:{path}"))
+            self.workers.append(WorkerHandle(proc, f"unix:{path}", self.host))
             self._ready.notify_all()
 
     def acquire(self, avoid: int = 0, timeout: float = START_TIMEOUT) -> WorkerHandle:

@@ -88,7 +88,9 @@ class Supervisor:
     """One VM-clone instance.  ``start()``, then ``wait()``, then ``close()``."""
 
     def __init__(self, pool, transport: str, sink: Callable[[int, int, bytes], None],
-                 config: VmConfig, instance_id: str | None = None) -> None:
+                 config: VmConfig, instance_id: str | None = None, listen_host: str = "127.0.0.1",
+                 advertise_host: str | None = None, placement: str = "local",
+                 observer: object | None = None) -> None:
         if transport not in ("tcp", "shm"):
             raise ValueError("transport must be tcp or shm")
         self.pool = pool
@@ -96,6 +98,8 @@ class Supervisor:
         self.sink = sink
         self.config = config
         self.id = instance_id or uuid.uuid4().hex[:12]
+        self.placement = placement
+        self.observer = observer  # metrics: fork_done(seconds, snapshot_bytes, remote), pipe_write(...)
         self.token = uuid.uuid4().hex
         self.broker = PipeBroker()
         self.procs: dict[int, ProcRec] = {}
@@ -106,21 +110,25 @@ class Supervisor:
         self.fork_seconds: list[float] = []
         self._next_pid = MAIN_PID
         self._outcome: str | None = None
+        self.transport_note = ""
         self._console_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._closed = False
         self._tmp = tempfile.mkdtemp(prefix=f"unifork-{self.id}-")
-        if transport == "tcp":
-            self._listener = socket.create_server(("127.0.0.1", 0))
-            host, port = self._listener.getsockname()[:2]
-            self.address = f"tcp:{host}:{port}"
-        else:
-            path = os.path.join(self._tmp, "supervisor.sock")
-            self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._listener.bind(path)
-            self._listener.listen(128)
-            self.address = f"unix:{path}"
-        self._spawn(self._accept_loop, "accept")
+        # local VMs reach us over a Unix socket (shm) or loopback TCP; VMs on other hosts
+        # over TCP at the address this host advertises
+        path = os.path.join(self._tmp, "supervisor.sock")
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        unix.bind(path)
+        unix.listen(128)
+        tcp = socket.create_server((listen_host, 0))
+        port = tcp.getsockname()[1]
+        self._listeners = [unix, tcp]
+        self.unix_address = f"unix:{path}"
+        self.tcp_address = f"tcp:{advertise_host or listen_host}:{port}"
+        self.address = self.unix_address if transport == "shm" else self.tcp_address
+        for listener in self._listeners:
+            self._spawn(self._accept_loop, "accept", listener)
         self.t0 = time.monotonic()
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -129,6 +137,7 @@ class Supervisor:
         rec = self._new_proc(MAIN_PID, INIT_PID, MAIN_PID, MAIN_PID)
         worker = self.pool.acquire()
         rec.worker, rec.host_pid = worker, worker.pid
+        rec.host = getattr(worker, "host", "local")
         try:
             worker.start_vm(self.vm_start(MAIN_PID, image_path=image_path, args=args, env=env,
                                           argv0=argv0), None)
@@ -137,13 +146,19 @@ class Supervisor:
                         f"pid 2: could not start: {e}")
             raise
 
-    def vm_start(self, pid: int, **boot) -> dict:
-        """The start header of a VM of this instance (see proto/unifork/v1/peer.proto)."""
+    def vm_start(self, pid: int, remote: bool = False, **boot) -> dict:
+        """The start header of a VM of this instance (see proto/unifork/v1/peer.proto).
+
+        A VM on another host talks to us over TCP whatever was asked: shared
+        memory does not cross hosts.
+        """
         left = None
         if self.config.timeout:
             left = max(0.001, self.config.timeout - (time.monotonic() - self.t0))
-        return dict(instance_id=self.id, pid=pid, supervisor=self.address,
-                    transport=self.transport, instance_token=self.token,
+        transport = "tcp" if remote else self.transport
+        address = self.tcp_address if transport == "tcp" else self.unix_address
+        return dict(instance_id=self.id, pid=pid, supervisor=address,
+                    transport=transport, instance_token=self.token,
                     timeout_seconds=left or 0.0, ram_bytes=self.config.ram,
                     stack_bytes=self.config.stack_size, quantum=self.config.quantum,
                     max_procs=self.config.max_procs, tty=self.config.tty, **boot)
@@ -178,10 +193,11 @@ class Supervisor:
         self._closed = True
         if not self.done.is_set():
             self.kill("killed")
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept thread
-        with contextlib.suppress(OSError):
-            self._listener.close()
+        for listener in self._listeners:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the accept thread
+            with contextlib.suppress(OSError):
+                listener.close()
         with self.lock:
             recs = list(self.procs.values())
         for r in recs:
@@ -209,7 +225,7 @@ class Supervisor:
             rows = [ProcInfo(INIT_PID, 0, "init", "alive", None, "")]
             for r in sorted(self.procs.values(), key=lambda r: r.pid):
                 state = {"starting": "alive", "running": "alive"}.get(r.state, r.state)
-                rows.append(ProcInfo(r.pid, r.ppid, f"vm@{r.host}:{r.host_pid}", state,
+                rows.append(ProcInfo(r.pid, r.ppid, f"vm@{r.host}/{r.host_pid}", state,
                                      None if r.alive else r.status, r.report))
         return rows
 
@@ -222,10 +238,10 @@ class Supervisor:
         t.start()
         self._threads.append(t)
 
-    def _accept_loop(self) -> None:
+    def _accept_loop(self, listener: socket.socket) -> None:
         while not self._closed:
             try:
-                sock, _ = self._listener.accept()
+                sock, _ = listener.accept()
             except OSError:
                 return
             self._spawn(self._serve, "conn", sock)
@@ -246,7 +262,7 @@ class Supervisor:
                 return
             rec.channel, rec.state = channel, "running"
             rec.host_pid = int(hello.get("host_pid", rec.host_pid))
-            rec.host = str(hello.get("host", rec.host))
+            rec.host = str(hello.get("host") or rec.host)
             rec.connected.set()
         try:
             while True:
@@ -288,10 +304,15 @@ class Supervisor:
                 self.broker.read(f.pipe, rec.pid, f.arg, bool(f.flags & NONBLOCK),
                                  lambda res, req=f.req: self._send(rec, _data_frame(req, res)))
             elif t == Msg.PIPE_WRITE:
-                self.broker.write(
-                    f.pipe, rec.pid, f.payload, bool(f.flags & NONBLOCK),
-                    lambda n, sig, req=f.req: self._send(
-                        rec, Frame(Msg.PIPE_WROTE, SIGPIPE_FLAG if sig else 0, req, 0, n, b"")))
+                t0 = time.perf_counter()
+
+                def wrote(n: int, sig: bool, req: int = f.req) -> None:
+                    if self.observer is not None and n > 0:
+                        self.observer.pipe_write(n, time.perf_counter() - t0)
+                    self._send(rec, Frame(Msg.PIPE_WROTE, SIGPIPE_FLAG if sig else 0, req, 0, n,
+                                          b""))
+
+                self.broker.write(f.pipe, rec.pid, f.payload, bool(f.flags & NONBLOCK), wrote)
             elif t == Msg.PIPE_CLOSE:
                 self.broker.close(f.pipe, rec.pid, "r" if f.arg == END_READ else "w")
             elif t == Msg.CALL:
@@ -337,16 +358,25 @@ class Supervisor:
             del self.procs[pid]
             return -errno.EAGAIN, b""
         child.worker, child.host_pid = worker, worker.pid
+        remote = bool(getattr(worker, "remote", False))
+        child.host = getattr(worker, "host", "local")
+        if remote and self.transport == "shm":
+            self.transport_note = "shm requested, tcp used for VMs on other hosts"
         self.forks += 1
-        return pid, json.dumps({"worker": worker.address}).encode()
+        start = self.vm_start(pid, remote=remote)
+        return pid, json.dumps({"worker": worker.address, "start": start}).encode()
 
     def _op_fork_failed(self, rec: ProcRec, pid: int) -> int:
         if self.procs.pop(pid, None) is not None:
             self.forks -= 1
         return 0
 
-    def _op_fork_started(self, rec: ProcRec, pid: int, micros: int) -> int:
+    def _op_fork_started(self, rec: ProcRec, pid: int, micros: int, snapshot: int = 0) -> int:
         self.fork_seconds.append(micros / 1e6)
+        child = self.procs.get(pid)
+        if self.observer is not None:
+            remote = bool(child is not None and getattr(child.worker, "remote", False))
+            self.observer.fork_done(micros / 1e6, snapshot, remote)
         return 0
 
     def _op_kill(self, rec: ProcRec, pid: int, sig: int) -> int:

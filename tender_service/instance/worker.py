@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 MAX_SNAPSHOT = 1 << 32
+PEER_TOKEN_ENV = "UNIFORK_PEER_TOKEN"
+#: how VMs hosted here name their host in describe (a tender's advertised address)
+HOST_NAME_ENV = "UNIFORK_HOST_NAME"
 
 
 def connect(address: str, timeout: float = 10.0) -> socket.socket:
@@ -55,8 +58,13 @@ def connect(address: str, timeout: float = 10.0) -> socket.socket:
 
 
 def start_vm(address: str, start: dict, snapshot: bytes | None, timeout: float = 30.0):
-    """Call ``Peer.StartVm`` on the tender process at ``address``; its VmStarted reply."""
+    """Call ``Peer.StartVm`` on the tender process at ``address``; its VmStarted reply.
+
+    Peers on other hosts want the cluster's bearer token (UNIFORK_PEER_TOKEN).
+    """
     pb2, pb2_grpc = protos.peer()
+    token = os.environ.get(PEER_TOKEN_ENV)
+    metadata = [("authorization", f"Bearer {token}")] if token else None
 
     def chunks():
         yield pb2.VmChunk(start=pb2.VmStart(**start))
@@ -64,8 +72,8 @@ def start_vm(address: str, start: dict, snapshot: bytes | None, timeout: float =
             for off in range(0, len(snapshot), CHUNK):
                 yield pb2.VmChunk(snapshot=snapshot[off : off + CHUNK])
 
-    with grpc.insecure_channel(address) as ch:
-        return pb2_grpc.PeerStub(ch).StartVm(chunks(), timeout=timeout)
+    with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+        return pb2_grpc.PeerStub(ch).StartVm(chunks(), timeout=timeout, metadata=metadata)
 
 
 class WorkerCloneHost:
@@ -81,7 +89,8 @@ class WorkerCloneHost:
         value, payload = self.link.call_full("fork_lease")
         if value < 0:
             raise GuestError(-value, "the supervisor refused the fork")
-        self._leases[value] = json.loads(payload)["worker"]
+        lease = json.loads(payload)
+        self._leases[value] = (lease["worker"], lease["start"])
         self._t0[value] = time.perf_counter()
         return value
 
@@ -89,15 +98,14 @@ class WorkerCloneHost:
         self.link.share_files(k, parent, child_pid)
 
     def start_child(self, child_pid: int, snapshot: bytes) -> None:
-        address = self._leases.pop(child_pid)
-        start = dict(self.start, pid=child_pid, image_path="", args=[], env=[])
+        address, start = self._leases.pop(child_pid)
         try:
             start_vm(address, start, snapshot)
         except grpc.RpcError as e:
             raise GuestError(errno.EAGAIN, f"tender process refused the child: {e.details()}") \
                 from e
         micros = int((time.perf_counter() - self._t0.pop(child_pid)) * 1e6)
-        self.link.call("fork_started", child_pid, micros)
+        self.link.call("fork_started", child_pid, micros, len(snapshot))
 
     def release_pid(self, child_pid: int) -> None:
         self._leases.pop(child_pid, None)
@@ -135,7 +143,8 @@ class PeerServicer:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot start the VM: {e}")
         threading.Thread(target=self._run, args=(k, start["pid"]), daemon=True,
                          name=f"vm-{start['instance_id']}-{start['pid']}").start()
-        return pb2.VmStarted(pid=start["pid"], host_pid=os.getpid(), host=socket.gethostname(),
+        return pb2.VmStarted(pid=start["pid"], host_pid=os.getpid(),
+                             host=os.environ.get(HOST_NAME_ENV) or socket.gethostname(),
                              restore_seconds=time.perf_counter() - t0)
 
     def GetLoad(self, request, context):  # noqa: N802 - gRPC's name
@@ -149,7 +158,7 @@ class PeerServicer:
         pid = int(start["pid"])
         sock = connect(start["supervisor"])
         hello = {"token": start["instance_token"], "pid": pid, "host_pid": os.getpid(),
-                 "host": socket.gethostname()}
+                 "host": os.environ.get(HOST_NAME_ENV) or socket.gethostname()}
         channel = connect_channel(start["transport"], sock, True, hello)
         link = VmLink(channel, pid)
         try:

@@ -183,6 +183,9 @@ class Kernel:
         self._finished = False  # run() has returned: no more pokes
         self.reports: list[str] = []
         self.forks = 0
+        self.pipe_bytes = 0  # bytes written into this VM's pipes
+        #: called with the seconds each successful fork took (metrics)
+        self.fork_observer: Callable[[float], None] | None = None
         self.syscalls = 0
         self._unknown_logged: set[int] = set()
         self._warned: set[str] = set()

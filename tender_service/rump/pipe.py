@@ -113,6 +113,7 @@ class PipeEnd(File):
         else:
             p.buf += data[done : done + take]
         p.bytes_through += take
+        k.pipe_bytes += take
         if p.readable_wq.waiters:
             k.sched.wake_all(p.readable_wq)
         done += take

@@ -400,6 +400,13 @@ class _Ring:
             return bytes(self.data[off:end])
         return bytes(self.data[off:]) + bytes(self.data[: end - self.size])
 
+    def release(self) -> None:
+        """Drop every export of the mapping, even if a frame (say, in a kept
+        traceback) still references this ring; later use raises AttributeError."""
+        del self.head, self.tail, self.data_waiting, self.space_waiting
+        self.data.release()
+        del self.data
+
 
 def _segment_name() -> str:
     return f"ufp-{os.getpid()}-{secrets.token_hex(6)}"
@@ -446,6 +453,7 @@ class ShmChannel(_ChannelBase):
         self._polling = False  # one thread at a time polls the doorbell socket
         self._epoch = 0  # bumped after every poll (and on close)
         self._peer_gone = False
+        self._bell_buf = bytearray(4096)
         self._poller = select.poll()
         self._poller.register(sock.fileno(), select.POLLIN)
 
@@ -680,16 +688,19 @@ class ShmChannel(_ChannelBase):
                 self._cond.notify_all()
 
     def _drain_doorbells(self) -> None:
+        """Swallow pending doorbell bytes; a short read means there are no more."""
         while True:
             try:
-                data = self._sock.recv(4096, socket.MSG_DONTWAIT)
+                n = self._sock.recv_into(self._bell_buf, 0, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return
             except OSError as e:
                 log.debug("shm channel %s: doorbell socket: %s", self.segment_name, e)
-                data = b""
-            if not data:
+                n = 0
+            if n == 0:
                 self._peer_gone = True
+                return
+            if n < len(self._bell_buf):
                 return
 
     def _wake_sleepers(self) -> None:
@@ -700,8 +711,9 @@ class ShmChannel(_ChannelBase):
     def _release(self) -> None:
         # The ctypes words and the ring views export the mapping's buffer:
         # drop them before closing it.
-        self.__dict__.pop("_tx", None)
-        self.__dict__.pop("_rx", None)
+        for ring in (getattr(self, "_tx", None), getattr(self, "_rx", None)):
+            if ring is not None and hasattr(ring, "data"):
+                ring.release()
         try:
             self._shm.close()
         except BufferError as e:

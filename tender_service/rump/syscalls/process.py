@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import struct
+import time
 from typing import TYPE_CHECKING
 
 from tender_service.machine.errors import GuestError
@@ -75,10 +76,13 @@ def _fork(k: Kernel, lwp: Lwp, vfork: bool) -> int:
         raise GuestError(errno.ENOSYS)
     if len(k.procs) >= k.config.max_procs:
         raise GuestError(errno.EAGAIN)
+    t0 = time.perf_counter()
     pid = k.forker.fork(k, lwp, vfork)
     if pid > 0:
         k.forks += 1
         lwp.proc.forks += 1
+        if k.fork_observer is not None:
+            k.fork_observer(time.perf_counter() - t0)
         if vfork and k.procs.get(pid) is not None and k.procs[pid].alive:
             lwp.proc.vfork_child = pid
             raise BlockAfter(pid, f"vfork: waiting for child {pid} to exit")

@@ -1,0 +1,134 @@
+"""Micro-benchmark of the worker <-> supervisor channel, tcp vs shm (not a test).
+
+Every cross-VM pipe byte, console line and wait status of a VM-clone instance
+crosses one of these channels, so their bulk throughput and small-message
+round trip bound what VM-clone fork can do.  The peer is a real second
+process (``spawn``), as a worker would be; tcp runs over loopback, shm
+rings its doorbell over loopback TCP too, so the two differ only in where
+the frame bytes travel.  Run: ``python -m comparison.bench_transport``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import socket
+import statistics
+import time
+from dataclasses import dataclass
+
+from tender_service.transports import Channel, ChannelClosed, Frame, accept_channel, connect_channel
+
+log = logging.getLogger(__name__)
+
+DATA, END, ACK, PING = 1, 2, 3, 4
+
+
+@dataclass
+class Result:
+    kind: str
+    mb_per_s: float
+    frames_per_s: float
+    rtt_median_us: float
+    rtt_p99_us: float
+
+
+def _peer(kind: str, port: int) -> None:
+    """The worker side: swallow DATA until END (then ACK), echo every PING."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    ch = connect_channel(kind, sock, True, {"pid": os.getpid()})
+    try:
+        while True:
+            f = ch.recv()
+            if f is None or f.type == DATA:
+                continue
+            if f.type == END:
+                ch.send(Frame(ACK, arg=ch.bytes_received))
+            elif f.type == PING:
+                ch.send(f)
+    except ChannelClosed:
+        pass
+    finally:
+        ch.close()
+
+
+def _throughput(ch: Channel, total: int, size: int) -> tuple[float, float]:
+    payload = os.urandom(size)
+    frames = total // size
+    t0 = time.perf_counter()
+    for i in range(frames):
+        ch.send(Frame(DATA, req=i, payload=payload))
+    ch.send(Frame(END))
+    ack = ch.recv(timeout=120)
+    elapsed = time.perf_counter() - t0
+    if ack is None or ack.type != ACK:
+        raise RuntimeError(f"no ACK from the peer: {ack}")
+    return total / elapsed / 1e6, frames / elapsed
+
+
+def _round_trips(ch: Channel, count: int, size: int) -> list[float]:
+    payload = bytes(size)
+    samples = []
+    for i in range(count):
+        t0 = time.perf_counter()
+        ch.send(Frame(PING, req=i, payload=payload))
+        echo = ch.recv(timeout=10)
+        samples.append(time.perf_counter() - t0)
+        if echo is None or echo.req != i:
+            raise RuntimeError(f"bad echo {echo} for ping {i}")
+    return samples
+
+
+def run(kind: str, total: int, size: int, pings: int, ping_size: int) -> Result:
+    ctx = multiprocessing.get_context("spawn")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        peer = ctx.Process(target=_peer, args=(kind, listener.getsockname()[1]))
+        peer.start()
+        listener.settimeout(30)
+        conn, _ = listener.accept()
+    ch, _ = accept_channel(conn)
+    try:
+        _round_trips(ch, 200, ping_size)  # warm up both interpreters
+        mb_s, frames_s = _throughput(ch, total, size)
+        samples = sorted(_round_trips(ch, pings, ping_size))
+    finally:
+        ch.close()
+        peer.join(30)
+    return Result(
+        kind,
+        mb_s,
+        frames_s,
+        statistics.median(samples) * 1e6,
+        samples[int(len(samples) * 0.99)] * 1e6,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mib", type=int, default=256, help="MiB streamed per transport")
+    parser.add_argument("--frame-kib", type=int, default=64)
+    parser.add_argument("--pings", type=int, default=20_000)
+    parser.add_argument("--ping-bytes", type=int, default=32)
+    parser.add_argument("--kinds", default="tcp,shm")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    rows = [
+        run(kind, args.mib << 20, args.frame_kib << 10, args.pings, args.ping_bytes)
+        for kind in args.kinds.split(",")
+    ]
+    print(
+        f"{args.mib} MiB in {args.frame_kib} KiB frames one way; "
+        f"{args.pings} round trips of {args.ping_bytes}-byte frames; peer in another process"
+    )
+    print(f"{'transport':10} {'MB/s':>8} {'frames/s':>10} {'RTT p50 us':>11} {'RTT p99 us':>11}")
+    for r in rows:
+        print(
+            f"{r.kind:10} {r.mb_per_s:8.0f} {r.frames_per_s:10.0f} "
+            f"{r.rtt_median_us:11.1f} {r.rtt_p99_us:11.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

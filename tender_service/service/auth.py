@@ -1,0 +1,106 @@
+"""Bearer-token authentication for every RPC, and gRPC request metrics.
+
+With a token file, a call without ``authorization: Bearer <token>`` metadata
+(or with another token) is refused with UNAUTHENTICATED before any handler
+runs.  Health checks are authenticated too, except when the tender runs
+without a token.  The same interceptor counts requests and their latency by
+method and status code.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from pathlib import Path
+
+import grpc
+
+from tender_service.service import metrics
+
+
+def read_token(path: str | Path) -> str:
+    token = Path(path).read_text().strip()
+    if len(token) < 16:
+        raise ValueError(f"{path}: a token must have at least 16 characters")
+    return token
+
+
+def call_metadata(token: str | None) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")] if token else []
+
+
+class ServerInterceptor(grpc.ServerInterceptor):
+    def __init__(self, token: str | None) -> None:
+        self.token = token
+
+    def intercept_service(self, continuation, details):
+        method = details.method
+        if self.token is not None:
+            got = dict(details.invocation_metadata).get("authorization", "")
+            if not hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode()):
+                metrics.GRPC_REQUESTS.labels(method, "UNAUTHENTICATED").inc()
+                return _deny()
+        handler = continuation(details)
+        if handler is None:
+            return None
+        return _instrument(handler, method)
+
+
+def _deny() -> grpc.RpcMethodHandler:
+    def abort(request, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+    def abort_stream(request_iterator, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+    # a generic handler that accepts any request shape
+    return grpc.stream_stream_rpc_method_handler(abort_stream)
+
+
+def _instrument(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def wrap_unary(fn):
+        def inner(request, context):
+            t0 = time.perf_counter()
+            code = "OK"
+            try:
+                return fn(request, context)
+            except Exception:
+                code = _code(context)
+                raise
+            finally:
+                metrics.GRPC_REQUESTS.labels(method, code if code != "OK" else _code(context)).inc()
+                metrics.GRPC_LATENCY.labels(method).observe(time.perf_counter() - t0)
+
+        return inner
+
+    def wrap_stream(fn):
+        def inner(request, context):
+            t0 = time.perf_counter()
+            try:
+                yield from fn(request, context)
+            finally:
+                metrics.GRPC_REQUESTS.labels(method, _code(context)).inc()
+                metrics.GRPC_LATENCY.labels(method).observe(time.perf_counter() - t0)
+
+        return inner
+
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            wrap_unary(handler.unary_unary), handler.request_deserializer,
+            handler.response_serializer)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            wrap_unary(handler.stream_unary), handler.request_deserializer,
+            handler.response_serializer)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            wrap_stream(handler.unary_stream), handler.request_deserializer,
+            handler.response_serializer)
+    return grpc.stream_stream_rpc_method_handler(
+        wrap_stream(handler.stream_stream), handler.request_deserializer,
+        handler.response_serializer)
+
+
+def _code(context) -> str:
+    code = context.code() if hasattr(context, "code") else None
+    return "OK" if code is None else getattr(code, "name", str(code))

@@ -1,0 +1,274 @@
+"""Instances of a tender: launch, follow, wait, kill, describe.
+
+A thread-fork instance is one VM in a thread of the tender process.  A
+VM-clone instance is a ``Supervisor`` here plus one VM per process on the
+tender processes the placement picks (this host's warm pool, or peers).
+Console output is kept per instance (bounded) so a client can stream it from
+the start or live.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from tender_service.instance.supervisor import Supervisor
+from tender_service.rump import signals
+from tender_service.rump.kernel import Kernel, ProcInfo, VmConfig
+from tender_service.service import metrics
+from tender_service.service.imagestore import ImageStore, StoredImage
+from tender_service.vm import DEFAULT_ENV, create_vm
+
+log = logging.getLogger(__name__)
+
+CONSOLE_KEEP = 8 << 20  # bytes of console output kept per instance
+
+
+class ConsoleLog:
+    """An append-only, bounded log of console chunks that followers can tail."""
+
+    def __init__(self, keep: int = CONSOLE_KEEP) -> None:
+        self.keep = keep
+        self.chunks: deque[tuple[int, int, int, bytes]] = deque()  # seq, pid, fd, data
+        self.size = 0
+        self.seq = 0
+        self.closed = False
+        self.cond = threading.Condition()
+
+    def append(self, pid: int, fd: int, data: bytes) -> None:
+        with self.cond:
+            self.seq += 1
+            self.chunks.append((self.seq, pid, fd, bytes(data)))
+            self.size += len(data)
+            while self.size > self.keep and len(self.chunks) > 1:
+                self.size -= len(self.chunks.popleft()[3])
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def follow(self, from_start: bool, alive=lambda: True) -> Iterator[tuple[int, int, int, bytes]]:
+        with self.cond:
+            last = 0 if from_start else self.seq
+        while True:
+            with self.cond:
+                while (not self.chunks or self.chunks[-1][0] <= last) and not self.closed:
+                    self.cond.wait(0.5)
+                    if not alive():
+                        return
+                batch = [c for c in self.chunks if c[0] > last]
+                closed = self.closed
+            for c in batch:
+                last = c[0]
+                yield c
+            if closed and not batch:
+                return
+
+
+@dataclass(eq=False)
+class Instance:
+    id: str
+    image: StoredImage
+    mode: str
+    transport: str
+    placement: str
+    config: VmConfig
+    args: list[str]
+    env: list[str]
+    console: ConsoleLog = field(default_factory=ConsoleLog)
+    created: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+    kernel: Kernel | None = None
+    supervisor: Supervisor | None = None
+    result: dict | None = None
+    processes: list[ProcInfo] = field(default_factory=list)
+    transport_note: str = ""
+    killed: bool = False
+
+    @property
+    def state(self) -> str:
+        return "done" if self.done.is_set() else "running"
+
+    def process_table(self) -> list[ProcInfo]:
+        if self.done.is_set():
+            return self.processes
+        if self.supervisor is not None:
+            return self.supervisor.process_table()
+        k = self.kernel
+        return k.process_table() if k is not None else []
+
+
+class MetricsObserver:
+    """What the supervisor of an instance tells the metrics."""
+
+    def __init__(self, transport: str, placement: str) -> None:
+        self.transport, self.placement = transport, placement
+
+    def fork_done(self, seconds: float, snapshot: int, remote: bool) -> None:
+        transport = "tcp" if remote else self.transport
+        metrics.FORK_LATENCY.labels("vmclone", transport, self.placement).observe(seconds)
+        if snapshot:
+            metrics.SNAPSHOT_BYTES.observe(snapshot)
+
+    def pipe_write(self, nbytes: int, seconds: float) -> None:
+        metrics.PIPE_BYTES.labels(self.transport).inc(nbytes)
+        metrics.PIPE_WRITE_LATENCY.labels(self.transport).observe(seconds)
+
+
+class InstanceManager:
+    def __init__(self, store: ImageStore, placement_for, max_instances: int = 64,
+                 default_timeout: float = 600.0, listen_host: str = "127.0.0.1",
+                 advertise_host: str | None = None) -> None:
+        self.store = store
+        self.placement_for = placement_for  # (placement) -> pool-like object for supervisors
+        self.max_instances = max_instances
+        self.default_timeout = default_timeout
+        self.listen_host = listen_host
+        self.advertise_host = advertise_host
+        self.instances: dict[str, Instance] = {}
+        self.lock = threading.Lock()
+        self.accepting = True
+
+    # -- launching ---------------------------------------------------------------------
+    def running(self) -> list[Instance]:
+        with self.lock:
+            return [i for i in self.instances.values() if not i.done.is_set()]
+
+    def launch(self, image: StoredImage, args: list[str], env: list[str], mode: str,
+               transport: str, placement: str, config: VmConfig) -> Instance:
+        """Start an instance (raises OverflowError when the tender is full)."""
+        inst = Instance(uuid.uuid4().hex[:16], image, mode, transport, placement, config,
+                        list(args), list(env or DEFAULT_ENV))
+        with self.lock:
+            if not self.accepting:
+                raise RuntimeError("the tender is shutting down")
+            if sum(1 for i in self.instances.values() if not i.done.is_set()) \
+                    >= self.max_instances:
+                raise OverflowError(f"{self.max_instances} instances are running already")
+            self.instances[inst.id] = inst
+            self._trim()
+        metrics.INSTANCES.labels(mode).inc()
+        target = self._run_thread if mode == "thread" else self._run_vmclone
+        threading.Thread(target=target, args=(inst,), name=f"instance-{inst.id}",
+                         daemon=True).start()
+        return inst
+
+    def _trim(self) -> None:
+        """Forget the oldest finished instances beyond a few thousand."""
+        done = [i for i in self.instances.values() if i.done.is_set()]
+        for i in sorted(done, key=lambda i: i.created)[: max(0, len(done) - 4096)]:
+            del self.instances[i.id]
+
+    def _run_thread(self, inst: Instance) -> None:
+        mode = "thread"
+        metrics.VMS.labels(mode).inc()
+        try:
+            k = create_vm(inst.image.path, inst.args, inst.env, inst.config,
+                          sink=inst.console.append, argv0=inst.image.name)
+            inst.kernel = k
+            k.fork_observer = lambda s: metrics.FORK_LATENCY.labels(mode, "local", "local").observe(s)
+            if inst.killed:
+                k.request_stop("killed")
+            try:
+                r = k.run()
+                inst.processes = r.processes
+                pipe_bytes = k.pipe_bytes
+                metrics.PIPE_BYTES.labels("local").inc(pipe_bytes)
+                self._finish(inst, r.status, r.outcome, r.reports, r.elapsed, r.forks,
+                             r.peak_memory)
+            finally:
+                k.close()
+        except Exception as e:  # a VM that cannot even start: report, keep serving
+            log.exception("instance %s failed", inst.id)
+            self._finish(inst, signals.signaled_status(signals.SIGKILL), "error",
+                         [f"could not run: {e}"], 0.0, 0, 0)
+        finally:
+            metrics.VMS.labels(mode).dec()
+
+    def _run_vmclone(self, inst: Instance) -> None:
+        try:
+            pool = self.placement_for(inst.placement)
+            sup = Supervisor(pool, inst.transport, inst.console.append, inst.config, inst.id,
+                             listen_host=self.listen_host, advertise_host=self.advertise_host,
+                             placement=inst.placement,
+                             observer=MetricsObserver(inst.transport, inst.placement))
+            inst.supervisor = sup
+            try:
+                if inst.killed:
+                    sup.kill("killed")
+                sup.start(str(inst.image.path), inst.args, inst.env, inst.image.name)
+                r = sup.wait()
+                inst.processes = r.processes
+                inst.transport_note = sup.transport_note
+                self._finish(inst, r.status, r.outcome, r.reports, r.elapsed, r.forks, 0)
+            finally:
+                sup.close()
+        except Exception as e:
+            log.exception("instance %s failed", inst.id)
+            self._finish(inst, signals.signaled_status(signals.SIGKILL), "error",
+                         [f"could not run: {e}"], 0.0, 0, 0)
+
+    def _finish(self, inst: Instance, status: int, outcome: str, reports: list[str],
+                elapsed: float, forks: int, peak: int) -> None:
+        if inst.killed and outcome not in ("exited", "timeout"):
+            outcome = "killed"
+        inst.result = dict(wait_status=status, exit_code=signals.shell_code(status),
+                           signal=status & 0x7F, outcome=outcome, duration_seconds=elapsed,
+                           fork_count=forks, peak_guest_memory_bytes=peak, reports=reports)
+        metrics.FINISHED.labels(outcome).inc()
+        metrics.INSTANCES.labels(inst.mode).dec()
+        inst.console.close()
+        inst.done.set()
+
+    # -- queries -------------------------------------------------------------------------
+    def get(self, instance_id: str) -> Instance | None:
+        with self.lock:
+            return self.instances.get(instance_id)
+
+    def list(self) -> list[Instance]:
+        with self.lock:
+            return sorted(self.instances.values(), key=lambda i: i.created)
+
+    def kill(self, inst: Instance) -> bool:
+        if inst.done.is_set():
+            return False
+        inst.killed = True
+        if inst.kernel is not None:
+            inst.kernel.request_stop("killed")
+        if inst.supervisor is not None:
+            inst.supervisor.kill("killed")
+        return True
+
+    def shutdown(self, grace: float) -> list[Instance]:
+        """Stop accepting, let running instances finish for ``grace`` s, kill the rest."""
+        with self.lock:
+            self.accepting = False
+        deadline = time.monotonic() + grace
+        for inst in self.running():
+            inst.done.wait(max(0.0, deadline - time.monotonic()))
+        killed = self.running()
+        for inst in killed:
+            self.kill(inst)
+        for inst in killed:
+            inst.done.wait(10)
+        return killed
+
+    def sample_gauges(self) -> None:
+        """Refresh the process and memory gauges (called on each scrape)."""
+        procs = {"thread": 0, "vmclone": 0}
+        memory = 0
+        for inst in self.running():
+            rows = inst.process_table()
+            procs[inst.mode] += sum(1 for p in rows if p.state == "alive" and p.pid != 1)
+            if inst.kernel is not None:
+                memory += inst.kernel.committed_memory()
+        for mode, n in procs.items():
+            metrics.PROCESSES.labels(mode).set(n)
+        metrics.GUEST_MEMORY.set(memory)

@@ -1,0 +1,40 @@
+"""Prometheus metrics of a tender (``/metrics``): names ``unifork_*``, base units.
+
+The default registry also carries the process collector, which exports the
+tender's CPU seconds and resident memory (``process_cpu_seconds_total``,
+``process_resident_memory_bytes``).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+_LATENCY = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2,
+            0.1, 0.25, 0.5, 1.0, 2.5)
+
+FORK_LATENCY = Histogram("unifork_fork_latency_seconds",
+                         "Time a fork takes in the parent, by fork mode, transport, placement",
+                         ["mode", "transport", "placement"], buckets=_LATENCY)
+SNAPSHOT_BYTES = Histogram("unifork_clone_snapshot_bytes", "Size of VM-clone snapshots",
+                           buckets=(64e3, 128e3, 256e3, 512e3, 1e6, 2e6, 4e6, 8e6, 16e6, 64e6))
+PIPE_BYTES = Counter("unifork_pipe_bytes_total", "Bytes written into pipes, by transport",
+                     ["transport"])
+PIPE_WRITE_LATENCY = Histogram("unifork_pipe_write_latency_seconds",
+                               "Time from a cross-VM pipe write request to its reply",
+                               ["transport"], buckets=_LATENCY)
+VMS = Gauge("unifork_vms", "VMs running in this tender process", ["mode"])
+PROCESSES = Gauge("unifork_processes", "Guest processes of running instances", ["mode"])
+INSTANCES = Gauge("unifork_instances", "Instances running on this tender", ["mode"])
+GUEST_MEMORY = Gauge("unifork_guest_memory_committed_bytes",
+                     "Guest memory committed by the VMs of this tender process")
+FINISHED = Counter("unifork_instances_finished_total", "Instances that ended, by outcome",
+                   ["outcome"])
+GRPC_REQUESTS = Counter("unifork_grpc_requests_total", "gRPC requests served, by method and code",
+                        ["method", "code"])
+GRPC_LATENCY = Histogram("unifork_grpc_request_duration_seconds", "gRPC request latency",
+                         ["method"], buckets=_LATENCY)
+
+
+def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:
+    """Expose ``/metrics`` on ``addr:port`` (a daemon thread)."""
+    start_http_server(port, addr=addr)

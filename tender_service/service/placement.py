@@ -1,0 +1,143 @@
+"""Where VM-clone children run: this host's warm pool, or peer tenders.
+
+``local`` uses the warm pool; ``remote`` only peers; ``spread`` whichever
+candidate (the local pool or a peer) reports the least load.  Loads come
+from ``Peer.GetLoad`` and are cached for a second; a peer that does not
+answer is skipped for a while (it is down) and placement goes on with the
+others.  Peers are given as ``host:port`` or found by DNS (every A record
+of a name, as a Kubernetes headless service publishes them).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from tender_service import protos
+from tender_service.instance.pool import WarmPool
+from tender_service.service.auth import call_metadata
+
+log = logging.getLogger(__name__)
+
+LOAD_TTL = 1.0
+DOWN_FOR = 5.0
+RPC_TIMEOUT = 2.0
+
+
+@dataclass(eq=False)
+class PeerHandle:
+    """A peer tender as a place to start VMs."""
+
+    address: str  # host:port of its gRPC server
+    token: str | None
+    remote = True
+    pid = 0
+
+    @property
+    def host(self) -> str:
+        return self.address
+
+    def start_vm(self, start: dict, snapshot: bytes | None):
+        from tender_service.instance.worker import start_vm
+
+        return start_vm(self.address, start, snapshot)
+
+    def load(self) -> int:
+        pb2, pb2_grpc = protos.peer()
+        with grpc.insecure_channel(self.address) as ch:
+            reply = pb2_grpc.PeerStub(ch).GetLoad(pb2.LoadRequest(), timeout=RPC_TIMEOUT,
+                                                 metadata=call_metadata(self.token))
+        return int(reply.vms)
+
+
+def resolve_peers(specs: list[str], port: int) -> list[str]:
+    """``host:port`` as given; ``dns:NAME`` expands to every A record of NAME."""
+    out: list[str] = []
+    for spec in specs:
+        if spec.startswith("dns:"):
+            name = spec[4:]
+            try:
+                infos = socket.getaddrinfo(name, port, socket.AF_INET, socket.SOCK_STREAM)
+            except OSError as e:
+                log.warning("peer discovery: %s does not resolve: %s", name, e)
+                continue
+            out += sorted({f"{info[4][0]}:{port}" for info in infos})
+        else:
+            out.append(spec)
+    return list(dict.fromkeys(out))
+
+
+class Placer:
+    """The pool-like object a supervisor asks for a place for each VM."""
+
+    def __init__(self, policy: str, pool: WarmPool, peers: PeerSet) -> None:
+        self.policy, self.pool, self.peers = policy, pool, peers
+
+    def acquire(self, avoid: int = 0):
+        if self.policy == "local":
+            return self.pool.acquire(avoid)
+        if self.policy == "remote":
+            peer = self.peers.least_loaded()
+            if peer is None:
+                raise RuntimeError("no peer tender is up")
+            return peer
+        peer = self.peers.least_loaded()
+        local_load = self.peers.local_load()
+        if peer is not None and self.peers.load_of(peer) < local_load:
+            return peer
+        return self.pool.acquire(avoid)
+
+
+class PeerSet:
+    def __init__(self, specs: list[str], port: int, token: str | None,
+                 self_address: str | None = None, local_vms=lambda: 0) -> None:
+        self.specs, self.port, self.token = specs, port, token
+        self.self_address = self_address
+        self.local_vms = local_vms
+        self._loads: dict[str, tuple[float, int]] = {}
+        self._down: dict[str, float] = {}
+        self._rr = itertools.count()
+        self._lock = threading.Lock()
+
+    def addresses(self) -> list[str]:
+        return [a for a in resolve_peers(self.specs, self.port) if a != self.self_address]
+
+    def load_of(self, peer: PeerHandle) -> int:
+        now = time.monotonic()
+        with self._lock:
+            cached = self._loads.get(peer.address)
+        if cached and now - cached[0] < LOAD_TTL:
+            return cached[1]
+        load = peer.load()
+        with self._lock:
+            self._loads[peer.address] = (now, load)
+        return load
+
+    def local_load(self) -> int:
+        return self.local_vms()
+
+    def least_loaded(self) -> PeerHandle | None:
+        best: tuple[int, int, PeerHandle] | None = None
+        now = time.monotonic()
+        for i, addr in enumerate(self.addresses()):
+            with self._lock:
+                if self._down.get(addr, 0) > now:
+                    continue
+            peer = PeerHandle(addr, self.token)
+            try:
+                load = self.load_of(peer)
+            except grpc.RpcError as e:
+                log.warning("peer %s is down (%s): skipped", addr, e.code())
+                with self._lock:
+                    self._down[addr] = now + DOWN_FOR
+                continue
+            key = (load, (i + next(self._rr)) % 997, peer)
+            if best is None or key[:2] < best[:2]:
+                best = key
+        return None if best is None else best[2]

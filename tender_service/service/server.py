@@ -1,0 +1,335 @@
+"""The tender daemon: ``unifork serve``.
+
+One gRPC server carries the client API (``Tender``), the peer API (``Peer``:
+this process hosts VMs for clones placed here by other tenders), standard
+health checking and server reflection; ``/metrics`` is served on its own
+port.  Every request field is checked before anything runs; errors carry the
+standard status codes and name the offending field.  SIGTERM stops new
+launches, lets running instances finish for a grace period, then kills them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import signal
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tender_service import protos
+from tender_service.instance.pool import WarmPool
+from tender_service.instance.worker import HOST_NAME_ENV, PEER_TOKEN_ENV, PeerServicer
+from tender_service.machine.layout import MAX_RAM, MIN_RAM
+from tender_service.rump.kernel import VmConfig
+from tender_service.service import metrics
+from tender_service.service.auth import ServerInterceptor, read_token
+from tender_service.service.imagestore import ImageStore
+from tender_service.service.instances import InstanceManager
+from tender_service.service.placement import PeerSet, Placer
+
+log = logging.getLogger(__name__)
+
+MAX_ARGS = 256
+MAX_ARG_BYTES = 64 << 10
+MAX_TIME_LIMIT = 24 * 3600.0
+
+
+@dataclass
+class ServeOptions:
+    listen: str = "127.0.0.1:7700"
+    metrics_port: int = 0
+    peers: tuple[str, ...] = ()
+    advertise: str | None = None
+    token_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    insecure_listen_any: bool = False
+    pool_size: int = 2
+    max_instances: int = 64
+    max_upload: int = 64 << 20
+    default_timeout: float = 600.0
+    grace: float = 10.0
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class TenderServicer:
+    """The client API; every handler validates, then calls the instance manager."""
+
+    def __init__(self, manager: InstanceManager, store: ImageStore) -> None:
+        self.m, self.store = manager, store
+        self.pb2, _ = protos.tender()
+
+    # -- images --------------------------------------------------------------------------
+    def UploadImage(self, request_iterator, context):  # noqa: N802
+        name, parts, size = None, [], 0
+        for msg in request_iterator:
+            if msg.HasField("name"):
+                name = msg.name
+            elif msg.HasField("data"):
+                size += len(msg.data)
+                if size > self.store.max_upload:
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"data: image larger than {self.store.max_upload} bytes")
+                parts.append(msg.data)
+        if not name:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name: missing (send it first)")
+        try:
+            img = self.store.add(name, b"".join(parts))
+        except OverflowError as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"data: {e}")
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"data: {e}" if "name:" not in
+                          str(e) else str(e))
+        return self._image(img)
+
+    def _image(self, img):
+        return self.pb2.ImageInfo(name=img.name, size_bytes=img.size, sha256=img.sha256,
+                                  builtin=img.builtin)
+
+    def ListImages(self, request, context):  # noqa: N802
+        return self.pb2.ListImagesResponse(images=[self._image(i) for i in self.store.list()])
+
+    # -- instances ------------------------------------------------------------------------
+    def Launch(self, req, context):  # noqa: N802
+        pb2 = self.pb2
+        bad = self._check_launch(req)
+        if bad:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad)
+        if not ImageStore.valid_name(req.image):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "image: not a valid image name")
+        img = self.store.get(req.image)
+        if img is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"image: no image named {req.image!r}")
+        mode = "vmclone" if req.fork_mode == pb2.FORK_MODE_VMCLONE else "thread"
+        transport = "tcp" if req.pipe_transport == pb2.PIPE_TRANSPORT_TCP else "shm"
+        placement = {pb2.PLACEMENT_REMOTE: "remote", pb2.PLACEMENT_SPREAD: "spread"}.get(
+            req.placement, "local")
+        defaults = VmConfig()
+        config = VmConfig(ram=req.memory_bytes or defaults.ram,
+                          stack_size=req.stack_bytes or defaults.stack_size,
+                          timeout=req.time_limit_seconds or self.m.default_timeout,
+                          max_procs=req.max_procs or defaults.max_procs,
+                          tty=not req.console_pipe)
+        try:
+            inst = self.m.launch(img, list(req.args), list(req.env) or None, mode, transport,
+                                 placement, config)
+        except OverflowError as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except RuntimeError as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        return pb2.LaunchResponse(instance_id=inst.id)
+
+    def _check_launch(self, req) -> str | None:
+        pb2 = self.pb2
+        if not req.image:
+            return "image: missing"
+        if len(req.args) > MAX_ARGS or sum(len(a) for a in req.args) > MAX_ARG_BYTES:
+            return f"args: at most {MAX_ARGS} arguments and {MAX_ARG_BYTES} bytes"
+        if any("\0" in a for a in req.args):
+            return "args: NUL byte in an argument"
+        if len(req.env) > MAX_ARGS or sum(len(e) for e in req.env) > MAX_ARG_BYTES:
+            return f"env: at most {MAX_ARGS} entries and {MAX_ARG_BYTES} bytes"
+        if any("=" not in e or "\0" in e for e in req.env):
+            return "env: entries must be NAME=VALUE"
+        if req.fork_mode not in pb2.ForkMode.values():
+            return "fork_mode: unknown value"
+        if req.pipe_transport not in pb2.PipeTransport.values():
+            return "pipe_transport: unknown value"
+        if req.placement not in pb2.Placement.values():
+            return "placement: unknown value"
+        if req.memory_bytes and not MIN_RAM <= req.memory_bytes <= MAX_RAM:
+            return f"memory_bytes: must be between {MIN_RAM} and {MAX_RAM}"
+        if req.stack_bytes and not 16 << 10 <= req.stack_bytes <= 64 << 20:
+            return "stack_bytes: must be between 16 KiB and 64 MiB"
+        if not 0 <= req.time_limit_seconds <= MAX_TIME_LIMIT or req.time_limit_seconds != \
+                req.time_limit_seconds:
+            return f"time_limit_seconds: must be between 0 and {MAX_TIME_LIMIT:g}"
+        if req.max_procs and not 2 <= req.max_procs <= 65536:
+            return "max_procs: must be between 2 and 65536"
+        if req.fork_mode == pb2.FORK_MODE_THREAD and req.placement not in (
+                pb2.PLACEMENT_UNSPECIFIED, pb2.PLACEMENT_LOCAL):
+            return "placement: only VM-clone instances place VMs on other hosts"
+        return None
+
+    def _instance(self, instance_id: str, context):
+        inst = self.m.get(instance_id) if instance_id else None
+        if inst is None:
+            if not instance_id:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "instance_id: missing")
+            context.abort(grpc.StatusCode.NOT_FOUND, f"instance_id: no instance {instance_id!r}")
+        return inst
+
+    def StreamConsole(self, req, context):  # noqa: N802
+        inst = self._instance(req.instance_id, context)
+        for seq, pid, fd, data in inst.console.follow(req.from_start, context.is_active):
+            yield self.pb2.ConsoleChunk(pid=pid, fd=fd, data=data, seq=seq)
+
+    def _result(self, inst):
+        r = inst.result
+        if r is None:
+            return self.pb2.InstanceResult(instance_id=inst.id, done=False)
+        return self.pb2.InstanceResult(instance_id=inst.id, done=True, **r)
+
+    def Wait(self, req, context):  # noqa: N802
+        if not 0 <= req.timeout_seconds <= MAX_TIME_LIMIT:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "timeout_seconds: out of range")
+        inst = self._instance(req.instance_id, context)
+        deadline = time.monotonic() + req.timeout_seconds if req.timeout_seconds else None
+        while not inst.done.wait(0.5):
+            if not context.is_active():
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+        return self._result(inst)
+
+    def Kill(self, req, context):  # noqa: N802
+        inst = self._instance(req.instance_id, context)
+        return self.pb2.KillResponse(was_running=self.m.kill(inst))
+
+    def _summary(self, inst):
+        pb2 = self.pb2
+        return pb2.InstanceSummary(
+            instance_id=inst.id, image=inst.image.name,
+            fork_mode=pb2.FORK_MODE_VMCLONE if inst.mode == "vmclone" else pb2.FORK_MODE_THREAD,
+            state=inst.state, age_seconds=time.monotonic() - inst.created)
+
+    def ListInstances(self, request, context):  # noqa: N802
+        return self.pb2.ListInstancesResponse(instances=[self._summary(i) for i in self.m.list()])
+
+    def Describe(self, req, context):  # noqa: N802
+        pb2 = self.pb2
+        inst = self._instance(req.instance_id, context)
+        procs = []
+        for p in inst.process_table():
+            if inst.mode == "vmclone":  # the supervisor names them vm@HOST/OS-PID
+                host, _, vm = p.name.partition("@")[2].rpartition("/")
+            else:
+                host, vm = "local", inst.id
+            procs.append(pb2.ProcessInfo(pid=p.pid, ppid=p.ppid, state=p.state,
+                                         wait_status=p.status or 0, exited=p.status is not None,
+                                         vm=vm, host=host))
+        note = inst.transport_note or (inst.supervisor.transport_note
+                                       if inst.supervisor is not None else "")
+        return pb2.InstanceDescription(
+            summary=self._summary(inst),
+            pipe_transport=pb2.PIPE_TRANSPORT_TCP if inst.transport == "tcp"
+            else pb2.PIPE_TRANSPORT_SHM,
+            transport_note=note,
+            placement={"remote": pb2.PLACEMENT_REMOTE, "spread": pb2.PLACEMENT_SPREAD}.get(
+                inst.placement, pb2.PLACEMENT_LOCAL),
+            processes=procs, result=self._result(inst))
+
+
+class Tender:
+    """A running tender: gRPC server, metrics, warm pool, peers, instances."""
+
+    def __init__(self, opts: ServeOptions) -> None:
+        self.opts = opts
+        host, _, port = opts.listen.rpartition(":")
+        self.token = read_token(opts.token_file) if opts.token_file else None
+        if not _is_loopback(host) and self.token is None and not opts.insecure_listen_any:
+            raise ValueError(f"refusing to listen on {host!r} without --token-file "
+                             "(give --insecure-listen-any to do it anyway)")
+        self.advertise = opts.advertise or opts.listen
+        adv_host = self.advertise.rpartition(":")[0] or "127.0.0.1"
+        env = {HOST_NAME_ENV: self.advertise}
+        if self.token:
+            env[PEER_TOKEN_ENV] = self.token
+            os.environ[PEER_TOKEN_ENV] = self.token
+        os.environ[HOST_NAME_ENV] = self.advertise
+        protos.ensure()
+        self.store = ImageStore(max_upload=opts.max_upload)
+        self.pool = WarmPool(opts.pool_size, env=env, host=self.advertise)
+        self.stop_event = threading.Event()
+        self.peer_servicer = PeerServicer(self.stop_event)
+        self.peers = PeerSet(list(opts.peers), int(port or 7700), self.token, self.advertise,
+                             local_vms=lambda: len(self.peer_servicer.vms))
+        listen_host = host if host not in ("", "0.0.0.0", "[::]") else "0.0.0.0"
+        self.manager = InstanceManager(self.store, lambda p: Placer(p, self.pool, self.peers),
+                                       opts.max_instances, opts.default_timeout,
+                                       listen_host=listen_host, advertise_host=adv_host)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=64),
+            interceptors=[ServerInterceptor(self.token)],
+            options=[("grpc.max_receive_message_length", 64 << 20),
+                     ("grpc.max_send_message_length", 64 << 20)])
+        tpb2, tgrpc = protos.tender()
+        ppb2, pgrpc = protos.peer()
+        tgrpc.add_TenderServicer_to_server(TenderServicer(self.manager, self.store), self.server)
+        pgrpc.add_PeerServicer_to_server(self.peer_servicer, self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = (tpb2.DESCRIPTOR.services_by_name["Tender"].full_name,
+                 ppb2.DESCRIPTOR.services_by_name["Peer"].full_name,
+                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self.server)
+        if opts.tls_cert and opts.tls_key:
+            creds = grpc.ssl_server_credentials(
+                [(Path(opts.tls_key).read_bytes(), Path(opts.tls_cert).read_bytes())])
+            self.port = self.server.add_secure_port(opts.listen, creds)
+        else:
+            self.port = self.server.add_insecure_port(opts.listen)
+        if not self.port:
+            raise OSError(f"cannot listen on {opts.listen}")
+
+    def start(self) -> None:
+        self.server.start()
+        for name in ("", "unifork.v1.Tender", "unifork.v1.Peer"):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.opts.metrics_port:
+            metrics.serve_metrics(self.opts.metrics_port,
+                                  self.opts.listen.rpartition(":")[0].strip("[]") or "0.0.0.0")
+        threading.Thread(target=self._sample_loop, daemon=True, name="gauges").start()
+        log.info("tender serving on %s (advertised %s), metrics on %s, peers %s",
+                 self.opts.listen, self.advertise, self.opts.metrics_port or "-",
+                 ", ".join(self.opts.peers) or "none")
+
+    def _sample_loop(self) -> None:
+        while not self.stop_event.wait(1.0):
+            self.manager.sample_gauges()
+            metrics.VMS.labels("vmclone").set(len(self.peer_servicer.vms))
+
+    def shutdown(self) -> None:
+        """Graceful: refuse launches, let instances finish, kill what is left."""
+        for name in ("", "unifork.v1.Tender", "unifork.v1.Peer"):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        killed = self.manager.shutdown(self.opts.grace)
+        for inst in killed:
+            log.warning("shutdown: instance %s killed after the %g s grace period", inst.id,
+                        self.opts.grace)
+        self.stop_event.set()
+        self.server.stop(2).wait()
+        self.pool.close()
+
+
+def serve(opts: ServeOptions) -> int:
+    tender = Tender(opts)
+    tender.start()
+    done = threading.Event()
+
+    def on_term(signum, frame):
+        log.info("signal %d: shutting down (grace %g s)", signum, opts.grace)
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    done.wait()
+    tender.shutdown()
+    return 0
