@@ -6,21 +6,26 @@ clone only pays for its snapshot.  Each process hosts many VMs; a clone is
 placed on a different process than its parent's when the pool has more than
 one.  Processes that die are replaced in the background.  ``close`` kills
 them all and removes their sockets.
+
+Workers are spawned (not forked: the parent runs gRPC, which does not
+survive a fork) as ``multiprocessing`` processes; their log records come
+back through a multiprocessing-logging handler into this process's logging.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import multiprocessing
+import multiprocessing.process
 import os
-import select
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
+
+from multiprocessing_logging import MultiProcessingHandler
 
 log = logging.getLogger(__name__)
 
@@ -29,18 +34,18 @@ START_TIMEOUT = 60.0
 
 @dataclass(eq=False)
 class WorkerHandle:
-    proc: subprocess.Popen
+    proc: multiprocessing.process.BaseProcess
     address: str
     host: str = "local"
     remote = False
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.proc.pid or 0
 
     @property
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.proc.is_alive()
 
     def start_vm(self, start: dict, snapshot: bytes | None):
         from tender_service.instance.worker import start_vm
@@ -52,11 +57,17 @@ class WorkerHandle:
             self.proc.kill()
 
     def reap(self, timeout: float = 5.0) -> None:
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+        self.proc.join(timeout)
+        if self.proc.is_alive():
             self.proc.kill()
-            self.proc.wait()
+            self.proc.join()
+
+
+class _Forward(logging.Handler):
+    """Hands a worker's record to this process's logger of the same name."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger(record.name).handle(record)
 
 
 class WarmPool:
@@ -65,8 +76,9 @@ class WarmPool:
         if size < 1:
             raise ValueError("pool size must be at least 1")
         self.size = size
-        self.verbose = verbose
-        self.env = {**os.environ, **(env or {})}
+        self.level = logging.getLogger().getEffectiveLevel() if not verbose else \
+            logging.WARNING - 10 * verbose
+        self.env = dict(env or {})
         self.host = host
         self.dir = tempfile.mkdtemp(prefix="unifork-pool-")
         self.workers: list[WorkerHandle] = []
@@ -75,33 +87,34 @@ class WarmPool:
         self._lock = threading.Lock()
         self._closed = False
         self._ready = threading.Condition(self._lock)
+        self._mp = multiprocessing.get_context("spawn")
+        self.logs = MultiProcessingHandler("unifork-worker-logs", sub_handler=_Forward())
+        # its queue must come from the spawn context to reach spawned workers (the
+        # receiving thread reads ``self.logs.queue`` afresh on every poll)
+        self.logs.queue = self._mp.Queue(-1)
         self._starters = [threading.Thread(target=self._start_one, daemon=True)
                           for _ in range(size)]
         for t in self._starters:
             t.start()
 
     def _start_one(self) -> None:
+        from tender_service.instance.worker import run_worker
+
         path = os.path.join(self.dir, f"w{next(self._ids)}.sock")
-        cmd = [sys.executable, "-m", "tender_service.instance.worker", "--listen",
-               f"unix:{path}", *(["-v"] * self.verbose)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                env=self.env)
-        deadline = time.monotonic() + START_TIMEOUT
-        line = b""
-        while time.monotonic() < deadline and proc.poll() is None:
-            r, _, _ = select.select([proc.stdout], [], [], 0.5)
-            if r:
-                line = proc.stdout.readline()
-                break
-        if line.strip() != b"READY":
+        ready = self._mp.Event()
+        proc = self._mp.Process(target=run_worker, daemon=True, name=f"unifork-worker-{path}",
+                                args=(f"unix:{path}", self.logs.queue, self.env, self.level,
+                                      ready))
+        proc.start()
+        if not ready.wait(START_TIMEOUT):
             log.warning("tender process %d did not start", proc.pid)
             proc.kill()
-            proc.wait()
+            proc.join()
             return
         with self._lock:
             if self._closed:
                 proc.kill()
-                proc.wait()
+                proc.join()
                 return
             self.workers.append(WorkerHandle(proc, f"unix:{path}", self.host))
             self._ready.notify_all()
@@ -146,6 +159,7 @@ class WarmPool:
             w.reap()
         for t in self._starters:
             t.join(START_TIMEOUT)
+        self.logs.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> WarmPool:

@@ -14,6 +14,7 @@ import argparse
 import errno
 import json
 import logging
+import logging.handlers
 import os
 import socket
 import sys
@@ -196,7 +197,22 @@ class PeerServicer:
             k.close()
 
 
-def serve(listen: str) -> None:
+class _Context(logging.Filter):
+    """Put the tender process, instance and guest pid in front of every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = threading.current_thread().name  # VM threads are vm-<instance>-<pid>
+        where = ""
+        if name.startswith(("vm-", "vmlink-")):
+            parts = name.split("-")
+            where = f" instance {parts[1]} pid {parts[-1]}" if len(parts) == 3 else \
+                f" pid {parts[-1]}"
+        record.msg = f"[worker {os.getpid()}{where}] {record.getMessage()}"
+        record.args = None
+        return True
+
+
+def serve(listen: str, ready=None) -> None:
     protos.ensure()
     _, pb2_grpc = protos.peer()
     stop = threading.Event()
@@ -207,12 +223,29 @@ def serve(listen: str) -> None:
     server.add_insecure_port(listen)
     server.start()
     parent = os.getppid()
-    sys.stdout.write("READY\n")  # the handshake the pool waits for on our stdout
-    sys.stdout.flush()
+    if ready is not None:
+        ready.set()
+    else:
+        sys.stdout.write("READY\n")  # the handshake for a worker started by hand
+        sys.stdout.flush()
     while not stop.wait(0.5):
         if os.getppid() != parent:  # the pool's process is gone: so are we
             break
     server.stop(1)
+
+
+def run_worker(listen: str, log_queue, env: dict[str, str], level: int, ready) -> None:
+    """Entry point of a pool worker (a spawned multiprocessing.Process).
+
+    Its log records travel through ``log_queue`` to the pool's
+    multiprocessing-logging handler, so they reach the tender's own handlers.
+    """
+    os.environ.update(env)
+    root = logging.getLogger()
+    root.handlers = [logging.handlers.QueueHandler(log_queue)]
+    root.handlers[0].addFilter(_Context())
+    root.setLevel(level)
+    serve(listen, ready)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="count", default=0)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * a.verbose, stream=sys.stderr,
-                        format=f"unifork worker {os.getpid()}: %(levelname)s: %(message)s")
+                        format="unifork: %(levelname)s: %(message)s")
+    logging.getLogger().handlers[0].addFilter(_Context())
     serve(a.listen)
     return 0
 

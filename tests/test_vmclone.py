@@ -1,0 +1,863 @@
+"""VM-clone fork: every process in a VM of its own, in a tender process of a warm pool.
+
+Real tender processes, real sockets and shared memory, nothing mocked.  One
+``WarmPool`` of 2 tender processes serves the whole module; after every
+instance the module checks that nothing is left behind: no VM on any tender
+process, no ``/dev/shm`` segment of the shm transport, no child process of
+this test process other than the pool's tender processes.
+
+1. the thread-fork programs give exactly their native stdout, over shm and tcp;
+2. the POSIX copy semantics (semantics, fork_hazards) against thread fork;
+3. pipes across VMs: a 16 MiB fan-in of atomic records (pipe_fanin.c), a
+   4-VM ring, EOF and SIGPIPE, 100 children reaped;
+4. the process tree, wait across VMs, an orphan VM that outlives its parent;
+5. one console stream, per-process order, every chunk tagged with its pid;
+6. faults: a tender process killed, a transport connection dropped;
+7. deadlock across VMs; 8. the time limit; 9. cleanup and the CLI;
+10. the snapshot format: refusals, and a property test on mutated snapshots.
+
+New guest programs: guest/programs/pipe_fanin.c and vmclone_probe.c (their
+header comments give the expected output).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import errno
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from multiprocessing import resource_tracker
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import image_path, native
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_programs_native import CASES, SEMANTICS_NATIVE, SEMANTICS_THREAD_FORK
+from test_thread_fork import FORK_HAZARDS_NATIVE, FORK_HAZARDS_VM, deadlock_report
+
+from tender_service import protos
+from tender_service.fork import snapshot
+from tender_service.fork.snapshot import MAGIC, SNAPSHOT_VERSION, SnapshotError
+from tender_service.instance.pool import WarmPool
+from tender_service.instance.run import run_vmclone
+from tender_service.instance.supervisor import InstanceResult, ProcRec, Supervisor
+from tender_service.machine.errors import GuestError
+from tender_service.rump.console import Console
+from tender_service.rump.kernel import ProcInfo, VmConfig
+from tender_service.vm import DEFAULT_ENV, CaptureSink, create_vm, run_vm
+
+INIT_PID, MAIN_PID = 1, 2
+SIGKILL, SIGPIPE = signal.SIGKILL.value, signal.SIGPIPE.value
+TRANSPORTS = ["shm", "tcp"]
+POOL_SIZE = 2
+#: shm segment names are f"ufp-{creator pid}-{random}" (transports/channel.py)
+SHM_PREFIX = "ufp-"
+SHM_NAME = re.compile(r"ufp-(\d+)-")
+PIPE_CAPACITY = 64 << 10
+WAIT = 20.0  # seconds to wait for a condition before failing
+
+
+def lines(*text: str) -> str:
+    return "".join(t + "\n" for t in text)
+
+
+def wait_for(cond: Callable[[], object], what: str, timeout: float = WAIT) -> object:
+    """Poll ``cond`` until it returns something true; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.02)
+
+
+# -- host processes and shared memory ---------------------------------------------------
+def ppid_of(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def child_pids() -> set[int]:
+    """This test process's children (zombies included), from /proc; not counted:
+    Python's multiprocessing resource tracker, a helper that lives as long as we do."""
+    me = os.getpid()
+    tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
+    return {int(d) for d in os.listdir("/proc")
+            if d.isdigit() and ppid_of(int(d)) == me and int(d) != tracker}
+
+
+def pid_exists(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+def processes_with_env(marker: str) -> set[int]:
+    """Pids of processes whose environment holds ``marker`` (NAME=VALUE)."""
+    found = set()
+    needle = marker.encode()
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            with contextlib.suppress(OSError):
+                if needle in Path(f"/proc/{d}/environ").read_bytes().split(b"\0"):
+                    found.add(int(d))
+    return found
+
+
+def shm_segments() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith(SHM_PREFIX)}
+
+
+def leaked_segments(before: set[str], ours: set[int]) -> set[str]:
+    """New channel segments, except those of live processes that are not ours
+    (another test run on this machine may be in the middle of a handshake)."""
+    leaked = set()
+    for name in shm_segments() - before:
+        m = SHM_NAME.match(name)
+        creator = int(m.group(1)) if m else 0
+        if creator in ours or not pid_exists(creator):
+            leaked.add(name)
+    return leaked
+
+
+def vms_on(address: str) -> int:
+    """How many VMs the tender process at ``address`` hosts (Peer.GetLoad)."""
+    pb2, pb2_grpc = protos.peer()
+    with grpc.insecure_channel(address) as ch:
+        return pb2_grpc.PeerStub(ch).GetLoad(pb2.LoadRequest(), timeout=10).vms
+
+
+# -- instances ------------------------------------------------------------------------------
+@dataclass
+class Run:
+    result: InstanceResult
+    sink: CaptureSink
+
+    @property
+    def out(self) -> str:
+        return bytes(self.sink.stdout).decode(errors="replace")
+
+    @property
+    def err(self) -> str:
+        return bytes(self.sink.stderr).decode(errors="replace")
+
+    @property
+    def rows(self) -> dict[int, ProcInfo]:
+        return {p.pid: p for p in self.result.processes}
+
+    def children(self, pid: int) -> list[ProcInfo]:
+        return [p for p in self.result.processes if p.ppid == pid and p.pid != INIT_PID]
+
+    def lines_by_pid(self, fd: int = 1) -> dict[int, list[str]]:
+        return lines_by_pid(self.sink.chunks, fd)
+
+    def why(self) -> str:
+        return (f"stdout={self.out!r}\nstderr={self.err!r}\nreports={self.result.reports}\n"
+                f"processes={self.result.processes}")
+
+
+def lines_by_pid(chunks: list[tuple[int, int, bytes]], fd: int = 1) -> dict[int, list[str]]:
+    """Each pid's own stream (its chunks in arrival order), split into lines."""
+    streams: dict[int, bytearray] = {}
+    for pid, f, data in chunks:
+        if f == fd:
+            streams.setdefault(pid, bytearray()).extend(data)
+    return {pid: s.decode(errors="replace").splitlines() for pid, s in streams.items()}
+
+
+def host_pid(row: ProcInfo) -> int:
+    """The OS pid of the tender process that ran a process (its name: vm@HOST/PID)."""
+    m = re.fullmatch(r"vm@.*[/:](\d+)", row.name)
+    assert m, row
+    return int(m.group(1))
+
+
+@dataclass
+class Env:
+    """The module's pool and what the host looked like before it started."""
+
+    pool: WarmPool
+    children_before: set[int]
+    shm_before: set[str]
+    workers_seen: set[int] = field(default_factory=set)
+
+    def worker_pids(self) -> set[int]:
+        pids = {w.pid for w in self.pool.workers}
+        self.workers_seen |= pids
+        return pids
+
+    def run(self, prog: str, *args: str, transport: str = "shm", **config) -> Run:
+        config.setdefault("timeout", 60)
+        sink = CaptureSink()
+        result = run_vmclone(image_path(prog), list(args), config=VmConfig(**config), sink=sink,
+                             transport=transport, pool=self.pool)
+        self.check_clean()
+        return Run(result, sink)
+
+    def supervisor(self, transport: str, sink: CaptureSink, **config) -> Supervisor:
+        config.setdefault("timeout", 60)
+        return Supervisor(self.pool, transport, sink, VmConfig(**config))
+
+    def check_clean(self) -> None:
+        """After an instance: no VM left on any tender process, no shm segment left,
+        no child process of ours other than the pool's tender processes."""
+        self.pool.wait_ready(60)
+        for w in list(self.pool.workers):
+            if w.alive:
+                wait_for(lambda w=w: vms_on(w.address) == 0,
+                         f"the VMs on tender process {w.pid} to end")
+        wait_for(lambda: not (child_pids() - self.children_before - self.worker_pids()),
+                 "no child process other than the pool's tender processes "
+                 f"(children: {child_pids()}, workers: {self.worker_pids()})")
+        ours = {os.getpid()} | self.worker_pids() | self.workers_seen
+        assert leaked_segments(self.shm_before, ours) == set()
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[Env]:
+    children, segments = child_pids(), shm_segments()
+    e = Env(WarmPool(POOL_SIZE), children, segments)
+    try:
+        e.pool.wait_ready(60)
+        e.worker_pids()
+        yield e
+    finally:
+        pool_dir = e.pool.dir
+        workers = e.worker_pids() | e.workers_seen
+        e.pool.close()
+    # at the end of the module: the pool's processes and files are all gone
+    assert not Path(pool_dir).exists()
+    assert not {pid for pid in workers if pid_exists(pid)}
+    assert child_pids() - e.children_before == set()
+    assert leaked_segments(e.shm_before, {os.getpid()} | workers) == set()
+
+
+# -- 1. the thread-fork programs: exactly the native stdout, over both transports ---------
+PROGRAMS = {
+    "fork_exit_wait": "fork_exit_wait", "token_ring": "token_ring", "dup2_pipe": "dup2_pipe",
+    "pipe_eof": "pipe_eof", "sigpipe": "sigpipe", "ids": "ids",
+    "wait_variants": "wait_variants", "kill_test": "kill_test",
+    "fd_independent": "fd_independent", "vfork_test": "vfork_test", "orphan": "orphan",
+    "nested_fork": "nested_fork", "prefork_server": "prefork_server",
+    "fork_bomb": "fork_bomb-n5",
+}  # fmt: skip  (program -> the case of test_programs_native that gives its expectation)
+CASE = {case[0]: case for case in CASES}
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("case_id", list(PROGRAMS.values()))
+def test_same_output_as_native(env: Env, case_id: str, transport: str) -> None:
+    _, prog, args, rc, expected = CASE[case_id]
+    assert rc == 0
+    r = env.run(prog, *args, transport=transport)
+    assert r.out == expected, r.why()
+    assert r.err == "", r.why()
+    assert (r.result.outcome, r.result.status) == ("exited", 0), r.why()
+    assert r.result.forks >= 1
+    assert len(r.result.fork_seconds) == r.result.forks
+    # every process ran in a VM of its own and ended
+    assert len(r.result.processes) == 1 + 1 + r.result.forks
+    assert all(p.status is not None for p in r.result.processes if p.pid != INIT_PID)
+
+
+PIPE_TALK_PARENT = [
+    "parent: pipe fds 3 and 4",
+    "parent: fork returned a child pid",
+    "parent: waiting to read...",
+    *[line for i, first in enumerate("HSQ", start=1)
+      for line in ("parent: read 30 bytes",
+                   f"parent: got message {i}: {first}ello from another unikernel!")],
+    "parent: EOF after 3 messages",
+    "parent: child exited with status 0",
+]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_pipe_talk_write_literal(env: Env, transport: str) -> None:
+    """The child edits a string literal (RWX memory, like Rumprun) in its own VM."""
+    r = env.run("pipe_talk", "--write-literal", transport=transport)
+    assert (r.result.outcome, r.result.status) == ("exited", 0), r.why()
+    by_pid = r.lines_by_pid()
+    assert sorted(by_pid) == [MAIN_PID, 3], r.why()
+    assert by_pid[MAIN_PID] == PIPE_TALK_PARENT
+    assert by_pid[3] == ["child: wrote 30 bytes"] * 3
+    assert r.err == ""
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_fork_time_runs(env: Env, transport: str) -> None:
+    r = env.run("fork_time", "-n", "5", transport=transport)
+    assert (r.result.outcome, r.result.status) == ("exited", 0), r.why()
+    out = r.out.splitlines()
+    assert len(out) == 6, r.why()
+    assert all(re.fullmatch(r"fork_us=\d+\.\d{3}", line) for line in out[:5]), out
+    assert re.fullmatch(r"fork_summary runs=5 mean_us=\S+ min_us=\S+ max_us=\S+ ok=1", out[5])
+    assert r.result.forks == 5 and len(r.result.fork_seconds) == 5
+    # child i exited with i % 100, and the parent reaped it
+    assert [(p.status, p.state) for p in r.children(MAIN_PID)] == [
+        (i << 8, "reaped") for i in range(5)
+    ]
+
+
+# -- 2. POSIX copy semantics, unlike thread fork --------------------------------------------
+def differing(a: str, b: str) -> dict[str, tuple[str, str]]:
+    pairs = [(x.split("=", 1), y.split("=", 1))
+             for x, y in zip(a.splitlines(), b.splitlines(), strict=True)]
+    assert all(x[0] == y[0] for x, y in pairs)
+    return {x[0]: (x[1], y[1]) for x, y in pairs if x[1] != y[1]}
+
+
+def thread_fork_stdout(prog: str) -> str:
+    sink = CaptureSink()
+    res = run_vm(image_path(prog), [], config=VmConfig(timeout=60), sink=sink, fork="thread")
+    assert res.status == 0, bytes(sink.stderr)
+    return bytes(sink.stdout).decode()
+
+
+def test_semantics_all_private_in_vmclone_not_in_thread_fork(env: Env) -> None:
+    r = env.run("semantics")
+    assert r.result.status == 0, r.why()
+    assert r.out == SEMANTICS_NATIVE  # every line "private": POSIX
+    thread = thread_fork_stdout("semantics")
+    assert thread == SEMANTICS_THREAD_FORK
+    # the difference, both ways: globals are shared only by thread fork
+    assert differing(r.out, thread) == {
+        "global": ("private", "shared"),
+        "heap_from_global": ("private", "shared"),
+    }
+    assert differing(thread, r.out) == {
+        "global": ("shared", "private"),
+        "heap_from_global": ("shared", "private"),
+    }
+
+
+def test_fork_hazards_vmclone_answers_are_the_native_ones(env: Env) -> None:
+    r = env.run("fork_hazards")
+    assert r.result.status == 0, r.why()
+    n = native("fork_hazards")
+    assert n.returncode == 0, n.stderr
+    assert r.out == n.stdout.decode() == FORK_HAZARDS_NATIVE
+    thread = thread_fork_stdout("fork_hazards")
+    assert thread == FORK_HAZARDS_VM
+    assert differing(r.out, thread) == {
+        "int_looking_like_stack_ptr": ("unchanged", "rebased"),
+        "heap_second_level": ("private", "shared"),
+    }
+
+
+# -- 3. pipes across VMs -----------------------------------------------------------------------
+FANIN_WRITER = re.compile(r"writer (\d+): records=(\d+) bytes=(\d+) fnv=[0-9a-f]{16}")
+
+
+@pytest.mark.parametrize(
+    ("transport", "args"),
+    [("shm", []), ("tcp", []), ("shm", ["-w", "7", "-b", "1000003"])],
+    ids=["shm-16MiB", "tcp-16MiB", "shm-w7-odd"],
+)
+def test_pipe_fanin_many_writers_one_reader(env: Env, transport: str, args: list[str]) -> None:
+    n = native("pipe_fanin", *args)
+    assert n.returncode == 0, n.stderr
+    expected = n.stdout.decode()
+    r = env.run("pipe_fanin", *args, transport=transport)
+    assert r.out == expected, r.why()
+    assert (r.result.outcome, r.result.status) == ("exited", 0), r.why()
+    writers = int(args[1]) if args else 4
+    total = int(args[3]) if args else 16 << 20
+    found = [FANIN_WRITER.fullmatch(line) for line in r.out.splitlines()[:writers]]
+    assert all(found), r.out
+    assert [int(m.group(1)) for m in found] == list(range(writers))
+    assert sum(int(m.group(3)) for m in found) == total
+    assert f"reader: {total} bytes in " in r.out
+    assert r.result.forks == writers + 1
+    assert [p.status for p in r.children(MAIN_PID)] == [0] * (writers + 1)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_token_ring_of_4_vms(env: Env, transport: str) -> None:
+    r = env.run("token_ring", "-n", "4", "-r", "25", transport=transport)
+    assert r.out == "token=100\n", r.why()
+    assert r.result.status == 0
+    n = native("token_ring", "-n", "4", "-r", "25")
+    assert n.stdout.decode() == r.out
+    rows = r.rows
+    assert sorted(rows) == [INIT_PID, MAIN_PID, 3, 4, 5]
+    # with more than one tender process, a clone never runs next to its parent
+    for child in r.children(MAIN_PID):
+        assert host_pid(child) != host_pid(rows[MAIN_PID]), r.result.processes
+        assert (child.state, child.status) == ("reaped", 0)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_eof_across_vms(env: Env, transport: str) -> None:
+    r = env.run("pipe_eof", transport=transport)
+    assert r.out == CASE["pipe_eof"][4], r.why()
+    kids = r.children(MAIN_PID)
+    assert len(kids) == 2 and all(p.status == 0 for p in kids), r.result.processes
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_sigpipe_across_vms(env: Env, transport: str) -> None:
+    r = env.run("sigpipe", transport=transport)
+    assert r.out == CASE["sigpipe"][4], r.why()
+    statuses = sorted(p.status for p in r.children(MAIN_PID))
+    # case A's writer died of SIGPIPE in its own VM; case B's ignored it and exited 0
+    assert SIGPIPE in statuses, r.result.processes
+    assert statuses.count(0) == len(statuses) - 1
+
+
+def test_hundred_vm_children_reaped_with_their_statuses(env: Env) -> None:
+    r = env.run("fork_exit_wait")
+    assert r.out == "ok 100 children\n", r.why()
+    assert r.result.status == 0
+    assert r.result.forks == 100 and len(r.result.fork_seconds) == 100
+    kids = r.children(MAIN_PID)
+    assert len(kids) == 100
+    assert all(p.state == "reaped" for p in kids)
+    assert sorted(p.status >> 8 for p in kids) == sorted(i % 7 for i in range(100))
+    assert all(p.status & 0xFF == 0 for p in kids)
+
+
+# -- 4. the process tree and wait across VMs ---------------------------------------------------
+def test_process_tree_of_nested_vms(env: Env) -> None:
+    """nested_fork: depth 3, fan-out 3; leaf i exits i+1, inner nodes the sum of their leaves."""
+    r = env.run("nested_fork")
+    assert r.out == "leaves=27 total=378\n", r.why()
+    rows = r.rows
+    assert len(rows) == 2 + 3 + 9 + 27
+    assert rows[INIT_PID].ppid == 0 and rows[MAIN_PID].ppid == INIT_PID
+    assert rows[MAIN_PID].status == 0
+
+    def subtree_sum(pid: int) -> int:
+        kids = r.children(pid)
+        return sum(subtree_sum(k.pid) for k in kids) if kids else rows[pid].status >> 8
+
+    levels = [[MAIN_PID]]
+    for _ in range(3):
+        levels.append([k.pid for pid in levels[-1] for k in r.children(pid)])
+    assert [len(level) for level in levels] == [1, 3, 9, 27]
+    assert sorted(rows[pid].status >> 8 for pid in levels[3]) == list(range(1, 28))
+    for pid in levels[1] + levels[2]:
+        assert rows[pid].status >> 8 == subtree_sum(pid), rows[pid]
+    assert all(p.state == "reaped" and p.status & 0xFF == 0
+               for p in rows.values() if p.pid not in (INIT_PID, MAIN_PID))
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_orphan_vm_keeps_running_and_is_heard(env: Env, transport: str) -> None:
+    r = env.run("vmclone_probe", "orphan", transport=transport)
+    # the instance's status is the launched program's, although a child outlived it
+    assert r.result.status == 5 << 8, r.why()
+    assert r.result.exit_code == 5
+    assert r.result.outcome == "exited"
+    by_pid = r.lines_by_pid()
+    assert by_pid[MAIN_PID] == ["parent exits 5"], r.why()
+    assert by_pid[3] == ["orphan alive ppid=1"], r.why()  # adopted by init
+    assert r.out == lines("parent exits 5", "orphan alive ppid=1")
+    row = r.rows[3]
+    assert (row.ppid, row.status) == (INIT_PID, 0), r.result.processes
+
+
+# -- 5. one console ---------------------------------------------------------------------------
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_console_of_every_vm_in_one_stream(env: Env, transport: str) -> None:
+    r = env.run("vmclone_probe", "console", transport=transport)
+    assert r.result.status == 0, r.why()
+    assert r.err == ""
+    by_pid = r.lines_by_pid()
+    kids = sorted(set(by_pid) - {MAIN_PID})
+    assert len(kids) == 3, r.why()
+    assert kids == sorted(p.pid for p in r.children(MAIN_PID))
+    for pid in kids:
+        # complete, in order, and only the lines that process printed itself
+        assert by_pid[pid] == [f"pid {pid} line {i}" for i in range(1, 51)]
+    assert by_pid[MAIN_PID] == ["children done"]
+    assert len(r.out.splitlines()) == 3 * 50 + 1
+    assert r.out.endswith("children done\n")
+
+
+# -- 6. faults ---------------------------------------------------------------------------------
+def start(sup: Supervisor, prog: str, *args: str) -> None:
+    """What run_vmclone does: boot the launched program as pid 2."""
+    sup.start(str(image_path(prog).resolve()), list(args), list(DEFAULT_ENV), prog)
+
+
+def blocked_in(sup: Supervisor, pid: int, what: str) -> ProcRec | None:
+    """pid's record once it is running and its VM said it waits in ``what``."""
+    with sup.lock:
+        rec = sup.procs.get(pid)
+        if rec is not None and rec.state == "running" and what in rec.idle_report:
+            return rec
+    return None
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_child_tender_process_killed(env: Env, transport: str) -> None:
+    sink = CaptureSink()
+    sup = env.supervisor(transport, sink)
+    try:
+        start(sup, "vmclone_probe", "block_read")
+        child = wait_for(lambda: blocked_in(sup, 3, "read"), "the child blocked reading")
+        parent = sup.procs[MAIN_PID]
+        assert child.host_pid != parent.host_pid
+        assert child.host_pid in env.worker_pids()
+        victim = child.host_pid
+        os.kill(victim, SIGKILL)
+        res = sup.wait()
+    finally:
+        sup.close()
+    assert not Path(sup._tmp).exists()
+    run = Run(res, sink)
+    assert (res.outcome, res.status) == ("exited", 0), run.why()
+    # the parent's waitpid saw its child die of SIGKILL
+    assert run.lines_by_pid() == {MAIN_PID: ["child: killed by SIGKILL"]}, run.why()
+    assert run.rows[3].status == SIGKILL and run.rows[3].state == "reaped"
+    assert any("pid 3" in rep for rep in res.reports), res.reports
+    # the pool replaces the dead tender process: a later instance still runs
+    later = env.run("fork_exit_wait", "-n", "3", transport=transport)
+    assert later.out == "ok 3 children\n", later.why()
+    wait_for(lambda: len([w for w in env.pool.workers if w.alive]) == POOL_SIZE,
+             "the pool to be full again")
+    assert victim not in env.worker_pids()
+    assert not pid_exists(victim) or ppid_of(victim) != os.getpid()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_connection_dropped_mid_pipe(env: Env, transport: str) -> None:
+    sink = CaptureSink()
+    sup = env.supervisor(transport, sink, timeout=60)
+    writer = 4  # drop_writer forks the reader (3), then the writer (4)
+
+    def pipe_full() -> bool:
+        with sup.lock:
+            s = sup.broker.stats()
+        return s["parked_writes"] >= 1 and s["bytes_buffered"] >= PIPE_CAPACITY
+
+    try:
+        start(sup, "vmclone_probe", "drop_writer")
+        wait_for(lambda: blocked_in(sup, writer, "write"), "the writer blocked writing")
+        wait_for(pipe_full, "the cross-VM pipe to be full")
+        sup.procs[writer].channel.close()
+        res = sup.wait()
+    finally:
+        sup.close()
+    run = Run(res, sink)
+    assert res.outcome != "timeout", run.why()
+    assert (res.outcome, res.status) == ("exited", 0), run.why()
+    assert run.rows[writer].status == SIGKILL  # its VM was killed
+    by_pid = run.lines_by_pid()
+    assert by_pid[MAIN_PID] == ["writer: killed by SIGKILL", "reader: exited 0"], run.why()
+    # what the writer had put into the pipe stays readable, then EOF
+    assert by_pid[3] == [f"reader: {PIPE_CAPACITY} bytes, pattern ok, then EOF"], run.why()
+    assert writer not in by_pid
+    env.check_clean()  # the writer's VM is gone from its tender process
+
+
+# -- 7. deadlock across VMs ---------------------------------------------------------------------
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_deadlock_across_vms(env: Env, transport: str) -> None:
+    r = env.run("thread_fork_probe", "wait_deadlock", transport=transport)
+    assert r.result.outcome == "deadlock", r.why()
+    assert r.out == "parent waits for a child that reads a pipe nobody writes\n"
+    waits = deadlock_report(r.result.reports)
+    assert sorted(waits) == [MAIN_PID, 3]
+    assert "wait4" in waits[MAIN_PID]
+    assert re.fullmatch(r"read remote pipe:\d+:r", waits[3]), waits
+    assert r.result.status == SIGKILL
+    assert all(p.status == SIGKILL for p in r.result.processes if p.pid != INIT_PID)
+
+
+# -- 8. time limit ---------------------------------------------------------------------------------
+def test_time_limit_ends_every_vm(env: Env) -> None:
+    r = env.run("vmclone_probe", "spin", timeout=3)  # check_clean: no VM left anywhere
+    assert r.result.outcome == "timeout", r.why()
+    assert r.out == "parent waits for a spinning child\n"
+    assert any("time limit of 3 s exceeded" in rep for rep in r.result.reports), r.why()
+    assert r.result.status == SIGKILL
+    rows = r.rows
+    assert sorted(rows) == [INIT_PID, MAIN_PID, 3]
+    assert all(p.state != "alive" and p.status == SIGKILL
+               for p in rows.values() if p.pid != INIT_PID), r.result.processes
+
+
+# -- 9. cleanup and the CLI ------------------------------------------------------------------------
+def test_cli_vmclone_tcp_tag_pids(env: Env) -> None:
+    unifork = Path(sys.executable).with_name("unifork")
+    assert unifork.is_file(), unifork
+    marker = f"UNIFORK_TEST_MARK={uuid.uuid4().hex}"
+    before = shm_segments()
+    p = subprocess.run(
+        [str(unifork), "run", "token_ring", "--fork", "vmclone", "--pipe", "tcp", "--tag-pids"],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120, check=False,
+        env={**os.environ, marker.split("=")[0]: marker.split("=")[1]},
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    out = p.stdout.splitlines()
+    assert out, p.stderr
+    assert all(re.fullmatch(r"\[\d+\] .*", line) for line in out), out
+    assert out == ["[2] token=80"]
+    # the CLI's tender processes (they inherit its environment) are all gone
+    assert processes_with_env(marker) == set()
+    assert leaked_segments(before, {os.getpid()}) == set()
+
+
+def test_pool_close_leaves_nothing() -> None:
+    before_children, before_shm = child_pids(), shm_segments()
+    pool = WarmPool(POOL_SIZE)
+    try:
+        pool.wait_ready(60)
+        workers = {w.pid for w in pool.workers}
+        assert len(workers) == POOL_SIZE
+        assert child_pids() - before_children == workers
+        sink = CaptureSink()
+        res = run_vmclone(image_path("fork_exit_wait"), ["-n", "3"], config=VmConfig(timeout=60),
+                          sink=sink, transport="shm", pool=pool)
+        assert bytes(sink.stdout) == b"ok 3 children\n"
+        assert res.status == 0
+    finally:
+        pool.close()
+    assert not Path(pool.dir).exists()
+    assert not {pid for pid in workers if pid_exists(pid)}
+    assert child_pids() - before_children == set()
+    assert leaked_segments(before_shm, {os.getpid()} | workers) == set()
+
+
+# -- 10. the snapshot format ---------------------------------------------------------------------
+HEADER = struct.Struct("<8sHHII")
+RANGE = struct.Struct("<QQ")
+
+
+class CapturingForker:
+    """A forker that snapshots the VM as a child would see it, then fails the fork."""
+
+    mode = "capture"
+
+    def __init__(self) -> None:
+        self.snapshots: list[bytes] = []
+
+    def fork(self, k, lwp, vfork: bool) -> int:
+        self.snapshots.append(snapshot.capture(k, lwp, 99))
+        raise GuestError(errno.EAGAIN)
+
+
+@dataclass
+class Layout:
+    """Where the parts of a snapshot are."""
+
+    meta: dict
+    meta_end: int
+    ranges: list[tuple[int, int, int]]  # (offset of the range header, addr, length)
+
+
+def layout(data: bytes) -> Layout:
+    _, _, _, meta_len, nranges = HEADER.unpack_from(data, 0)
+    pos = HEADER.size + meta_len
+    meta = json.loads(data[HEADER.size : pos])
+    ranges = []
+    for _ in range(nranges):
+        addr, n = RANGE.unpack_from(data, pos)
+        ranges.append((pos, addr, n))
+        pos += RANGE.size + n
+    assert pos == len(data)
+    return Layout(meta, HEADER.size + meta_len, ranges)
+
+
+def rebuild(data: bytes, meta: dict | None = None, *, magic: bytes = MAGIC,
+            version: int = SNAPSHOT_VERSION) -> bytes:
+    """The snapshot ``data`` with its header fields or metadata replaced."""
+    lay = layout(data)
+    meta_b = json.dumps(lay.meta if meta is None else meta).encode()
+    body = data[lay.meta_end :]
+    return HEADER.pack(magic, version, 0, len(meta_b), len(lay.ranges)) + meta_b + body
+
+
+def refuse_file(state: dict):
+    raise ValueError(f"no file of kind {state.get('kind')!r} here")
+
+
+def console() -> Console:
+    return Console(lambda pid, fd, data: None, stdin=None, tty=True)
+
+
+@pytest.fixture(scope="module")
+def real_snapshot() -> bytes:
+    """A snapshot taken by a real fork() (fork_time's), in a small VM."""
+    sink = CaptureSink()
+    k = create_vm(image_path("fork_time"), [], config=VmConfig(timeout=60, ram=8 << 20),
+                  sink=sink)
+    forker = CapturingForker()
+    k.forker = forker
+    try:
+        res = k.run()
+    finally:
+        k.close()
+    assert bytes(sink.stderr) == b"fork: Resource temporarily unavailable\n"
+    assert res.status == 1 << 8
+    assert len(forker.snapshots) == 1
+    return forker.snapshots[0]
+
+
+def test_snapshot_restores_and_the_child_returns_0_from_fork(real_snapshot: bytes) -> None:
+    snap = snapshot.decode(real_snapshot)
+    assert snap.meta["process"]["pid"] == 99 and snap.meta["process"]["ppid"] == MAIN_PID
+    sink = CaptureSink()
+    k = snapshot.restore(snap, Console(sink, stdin=None, tty=True), None, refuse_file,
+                         timeout=60)
+    try:
+        res = k.run()
+    finally:
+        k.close()
+    assert res.status == 0, res.reports
+    # the child's half of fork_time: it returned 0 from fork() and printed "child"
+    assert re.fullmatch(r"fork took: \d+\.\d{6}s\nchild\n", bytes(sink.stdout).decode())
+    assert {(p.pid, p.ppid) for p in res.processes} >= {(99, MAIN_PID)}
+
+
+def test_snapshot_bad_magic(real_snapshot: bytes) -> None:
+    with pytest.raises(SnapshotError, match="bad magic"):
+        snapshot.decode(rebuild(real_snapshot, magic=b"ELF\0\0\0\0\0"))
+
+
+@pytest.mark.parametrize("version", [0, SNAPSHOT_VERSION + 1, 0xFFFF])
+def test_snapshot_unknown_version(real_snapshot: bytes, version: int) -> None:
+    with pytest.raises(SnapshotError, match=f"unsupported snapshot version {version}"):
+        snapshot.decode(rebuild(real_snapshot, version=version))
+
+
+@pytest.mark.parametrize("where", ["header", "metadata", "range header", "range data"])
+def test_snapshot_truncated(real_snapshot: bytes, where: str) -> None:
+    lay = layout(real_snapshot)
+    first, _, n = lay.ranges[0]
+    cut = {
+        "header": HEADER.size - 1,
+        "metadata": lay.meta_end - 1,
+        "range header": first + RANGE.size - 1,
+        "range data": first + RANGE.size + n // 2,
+    }[where]
+    expected = "no header" if where == "header" else where
+    with pytest.raises(SnapshotError, match=rf"truncated \({expected}\)"):
+        snapshot.decode(real_snapshot[:cut])
+    with pytest.raises(SnapshotError, match="truncated"):
+        snapshot.decode(b"")
+
+
+@pytest.mark.parametrize("how", ["below", "past the end", "huge"])
+def test_snapshot_range_outside_regions(real_snapshot: bytes, how: str) -> None:
+    lay = layout(real_snapshot)
+    pos, addr, n = lay.ranges[-1]
+    region = next(r for r in lay.meta["regions"] if r["base"] <= addr < r["base"] + r["size"])
+    new_addr = {
+        "below": 0,
+        "past the end": region["base"] + region["size"] - n + 4096,
+        "huge": (1 << 64) - 4096,
+    }[how]
+    data = bytearray(real_snapshot)
+    RANGE.pack_into(data, pos, new_addr, n)
+    with pytest.raises(SnapshotError, match="outside the snapshot's regions"):
+        snapshot.decode(bytes(data))
+
+
+def test_snapshot_trailing_bytes(real_snapshot: bytes) -> None:
+    with pytest.raises(SnapshotError, match="trailing bytes"):
+        snapshot.decode(real_snapshot + b"\0")
+
+
+def test_snapshot_regions_larger_than_ram(real_snapshot: bytes) -> None:
+    meta = copy.deepcopy(layout(real_snapshot).meta)
+    meta["config"]["ram"] = 4 << 20
+    with pytest.raises(SnapshotError, match="exceed its RAM"):
+        snapshot.decode(rebuild(real_snapshot, meta))
+
+
+def test_snapshot_file_of_unknown_kind_refused_by_restore(real_snapshot: bytes) -> None:
+    meta = copy.deepcopy(layout(real_snapshot).meta)
+    meta["fds"].append({"fd": 7, "cloexec": False, "file": 99,
+                        "state": {"kind": "rpipe", "pipe": 1, "end": "r", "flags": 0}})
+    snap = snapshot.decode(rebuild(real_snapshot, meta))
+    with pytest.raises(SnapshotError, match="no file of kind 'rpipe' here"):
+        snapshot.restore(snap, console(), None, refuse_file)
+
+
+# hypothesis: whatever is done to a real snapshot, decode()+restore() either build a VM
+# or raise SnapshotError -- never anything else (a tender must survive any snapshot)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70)
+    | st.sampled_from([0, -1, 1, 4095, 4096, 1 << 31, 1 << 32, (1 << 63) - 1, 1 << 64])
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=6,
+)
+
+
+def json_paths(value, prefix=()) -> list[tuple]:
+    """Every path (keys / indexes) into a JSON document, inner nodes included."""
+    paths = [prefix] if prefix else []
+    if isinstance(value, dict):
+        for key, v in value.items():
+            paths += json_paths(v, (*prefix, key))
+    elif isinstance(value, list):
+        for i, v in enumerate(value[:8]):  # long lists: their first items are enough
+            paths += json_paths(v, (*prefix, i))
+    return paths
+
+
+@st.composite
+def mutated_snapshots(draw, data: bytes) -> bytes:
+    lay = layout(data)
+    kind = draw(st.sampled_from(["meta", "bytes", "range", "truncate", "extend"]))
+    if kind == "meta":  # replace or delete one part of the metadata
+        meta = copy.deepcopy(lay.meta)
+        path = draw(st.sampled_from(json_paths(meta)))
+        parent = meta
+        for key in path[:-1]:
+            parent = parent[key]
+        if draw(st.booleans()) and isinstance(parent, dict):
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = draw(JSON_VALUES)
+        return rebuild(data, meta)
+    out = bytearray(data)
+    if kind == "bytes":  # overwrite bytes, mostly in the header, metadata and range headers
+        hot = [0, lay.meta_end, *[p for p, _, _ in lay.ranges]]
+        for _ in range(draw(st.integers(1, 4))):
+            base = draw(st.sampled_from(hot))
+            i = min(len(out) - 1, base + draw(st.integers(0, 64)))
+            out[i] = draw(st.integers(0, 255))
+    elif kind == "range":  # a range header with other numbers
+        pos, addr, n = draw(st.sampled_from(lay.ranges))
+        new_addr = draw(st.one_of(st.just(addr), st.integers(0, (1 << 64) - 1)))
+        new_n = draw(st.one_of(st.just(n), st.integers(0, (1 << 64) - 1),
+                               st.integers(max(0, n - 4096), n + 4096)))
+        RANGE.pack_into(out, pos, new_addr, new_n)
+    elif kind == "truncate":
+        del out[draw(st.integers(0, len(out) - 1)) :]
+    else:
+        out += draw(st.binary(min_size=1, max_size=64))
+    return bytes(out)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_mutated_snapshots_raise_only_snapshot_error(real_snapshot: bytes, data) -> None:
+    blob = data.draw(mutated_snapshots(real_snapshot))
+    try:
+        k = snapshot.restore(snapshot.decode(blob), console(), None, refuse_file)
+    except SnapshotError as e:
+        assert str(e)  # a message that says what is wrong
+        return
+    k.close()
