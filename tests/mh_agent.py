@@ -15,6 +15,7 @@ import json
 import sys
 import threading
 import time
+import urllib.request
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -130,6 +131,11 @@ class Agent:
             r = self.pgrpc.PeerStub(ch).GetLoad(self.ppb2.LoadRequest(), timeout=5.0,
                                                 metadata=self.md)
         return to_dict(r)
+
+    def op_metrics(self, url: str) -> str:
+        """The text of a tender's /metrics page."""
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.read().decode()
 
     def op_ping(self) -> str:
         return "pong"

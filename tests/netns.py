@@ -5,9 +5,11 @@ with ``lo`` up and an ``eth0`` at ``10.200.0.(10+K)/24``; every ``eth0`` is
 one end of a veth pair whose other end is a port of the bridge ``br0``,
 which lives in a namespace of its own (``ufbr-<random>``), so the machine's
 own network is never touched.  Commands run inside with ``ip netns exec``;
-``ip netns exec`` also gives each command a mount namespace of its own, and
-``private_dirs`` mounts an empty tmpfs over the given directories in it
-(hosts that do not share those files).  ``close()`` kills every process
+``ip netns exec`` also gives each command a mount namespace of its own
+(with / a slave, so nothing mounted in it shows outside), and ``mounts``
+bind-mounts directories of the test over given paths in it (a host that does
+not share /tmp or /dev/shm with the others, but whose files the test can
+still inspect), or an empty tmpfs.  ``close()`` kills every process
 left in the namespaces (``ip netns pids``: only processes started in them)
 and deletes the namespaces; it runs even when the setup failed half way.
 
@@ -141,22 +143,30 @@ class Hosts:
         self._made.append(ns)
 
     # -- running things inside ----------------------------------------------------------
-    def command(self, k: int, argv: list[str], private_dirs: tuple[str, ...] = ()) -> list[str]:
-        """``argv`` as run in host ``k`` (with empty tmpfs over ``private_dirs``)."""
+    def command(self, k: int, argv: list[str], mounts: dict[str, str | None] | None = None) \
+            -> list[str]:
+        """``argv`` as run in host ``k``; ``mounts`` maps a directory to the directory
+        bind-mounted over it in the command's mount namespace (None: an empty tmpfs)."""
         cmd = ["ip", "netns", "exec", self.names[k]]
-        if not private_dirs:
+        if not mounts:
             return cmd + list(argv)
-        mounts = " && ".join(f"mount -t tmpfs -o size=256m,mode=0755 ufhost {shlex.quote(d)}"
-                             for d in private_dirs)
-        return cmd + ["sh", "-c", f'{mounts} && exec "$@"', "sh", *argv]
+        steps = []
+        for target, source in mounts.items():
+            if source is None:
+                steps.append(f"mount -t tmpfs -o size=256m,mode=1777 ufhost {shlex.quote(target)}")
+            else:
+                steps.append(f"mount --bind {shlex.quote(source)} {shlex.quote(target)}")
+        return cmd + ["sh", "-c", f'{" && ".join(steps)} && exec "$@"', "sh", *argv]
 
-    def popen(self, k: int, argv: list[str], private_dirs: tuple[str, ...] = (),
+    def popen(self, k: int, argv: list[str], mounts: dict[str, str | None] | None = None,
               **kw) -> subprocess.Popen:
         """Start ``argv`` in host ``k`` (killed by ``close`` if still running)."""
         kw.setdefault("stdin", subprocess.DEVNULL)
-        for d in private_dirs:
-            Path(d).mkdir(parents=True, exist_ok=True)
-        p = subprocess.Popen(self.command(k, argv, private_dirs), **kw)
+        for target, source in (mounts or {}).items():
+            Path(target).mkdir(parents=True, exist_ok=True)
+            if source is not None:
+                Path(source).mkdir(parents=True, exist_ok=True)
+        p = subprocess.Popen(self.command(k, argv, mounts), **kw)
         self.procs.append(p)
         return p
 

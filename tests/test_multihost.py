@@ -3,10 +3,12 @@
 Host k (0: A, 1: B, 2: C) is a network namespace with address 10.200.0.(11+k)
 (``tests/netns.py``); each runs ``unifork serve`` on its address, port 7700,
 with the same token, the other two as peers and metrics on 9100.  Every
-tender also gets a private, empty /tmp and upload directory (tmpfs in the
-mount namespace ``ip netns exec`` gives it), so that, as on real hosts, a
-Unix socket, a temp file or an uploaded image of one host cannot be used by
-another; /dev/shm stays shared so that leaked segments can be counted.
+tender also gets its own /tmp, /dev/shm and upload directory (directories of
+the test bind-mounted in the mount namespace ``ip netns exec`` gives it), so
+that, as on real hosts, a Unix socket, a shm segment, a temp file or an
+uploaded image of one host cannot be used by another, and so that what a
+host's tender leaves behind can be counted (other test runs on the machine
+do not disturb that count).
 
 The gRPC clients run in host A: ``tests/mh_agent.py`` (one process, JSON
 lines; Python 3.11 has no ``os.setns``).  Nothing is mocked: real tenders,
@@ -18,10 +20,12 @@ process, namespace or shm segment is left.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import queue
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -34,7 +38,7 @@ import pytest
 from conftest import image_path, native
 from netns import Hosts, NetnsUnavailable, namespaces, wait_until
 
-from tender_service.service.placement import LOAD_TTL
+from tender_service.service.placement import DOWN_FOR, LOAD_TTL
 from tender_service.toolchain.images import build_image
 from tender_service.toolchain.paths import cache_dir
 
@@ -100,13 +104,14 @@ class Agent:
 
 
 # -- the cluster --------------------------------------------------------------------------------
-def _private_dirs() -> tuple[str, ...]:
-    """What each tender must not share with the others: /tmp and the upload store."""
-    dirs = [str(cache_dir() / "uploads")]
-    shared = [ROOT, Path(sys.executable), cache_dir()]
+def _private_dirs(hostdir: Path) -> dict[str, str]:
+    """What a host does not share with the others: /tmp, /dev/shm, the upload store."""
+    dirs = {"/dev/shm": str(hostdir / "shm"),
+            str(cache_dir() / "uploads"): str(hostdir / "uploads")}
+    shared = [ROOT, Path(sys.executable), cache_dir(), hostdir]
     if not any(str(p).startswith("/tmp/") for p in shared):
-        dirs.insert(0, "/tmp")
-    return tuple(dirs)
+        dirs["/tmp"] = str(hostdir / "tmp")
+    return dirs
 
 
 class Cluster:
@@ -132,8 +137,16 @@ class Cluster:
                 self.target(k), *peers, "--token-file", str(self.token_file),
                 "--metrics-port", str(METRICS_PORT), "--pool", "2", "--grace", "5"]
         with open(self.logs[k], "ab") as log:
-            self.tenders[k] = self.hosts.popen(k, argv, private_dirs=_private_dirs(),
-                                               stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            self.tenders[k] = self.hosts.popen(k, argv, mounts=self.mounts(k), stdout=log,
+                                               stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def mounts(self, k: int) -> dict[str, str]:
+        return _private_dirs(self.workdir / f"host{k}")
+
+    def leftovers(self, k: int) -> dict[str, list[str]]:
+        """What is left in host k's own /tmp and /dev/shm."""
+        return {target: sorted(os.listdir(source)) for target, source in self.mounts(k).items()
+                if target in ("/tmp", "/dev/shm") and os.listdir(source)}
 
     def wait_healthy(self, k: int) -> None:
         try:
@@ -170,17 +183,32 @@ class Cluster:
     def vms(self, k: int) -> int:
         return int(self.agent.call("load", target=self.target(k))["vms"])
 
+    def load_queries(self, k: int) -> float:
+        """How many Peer.GetLoad calls tender k has answered (its /metrics)."""
+        text = self.agent.call("metrics", url=f"http://{self.addr(k)}:{METRICS_PORT}/metrics")
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("unifork_grpc_requests_total{")
+                   and 'method="/unifork.v1.Peer/GetLoad"' in line and 'code="OK"' in line)
+
+    def wait_placeable(self, k: int) -> None:
+        """Poll until A's placement asks peer k for its load again (A no longer holds
+        it for down), launching small remote instances on A to make it look."""
+        def asked() -> bool:
+            before = self.load_queries(k)
+            r = self.run("hello", [], fork_mode="vmclone", pipe_transport="tcp",
+                         placement="remote")
+            assert_exited_0(self, r)
+            return self.load_queries(k) > before
+
+        wait_until(asked, DOWN_FOR + 30, f"A to place on peer {k} again", interval=0.2)
+
 
 @pytest.fixture(scope="module")
-def shm_before() -> set[str]:
-    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
-
-
-@pytest.fixture(scope="module")
-def cluster(shm_before):
+def cluster():
     base = "/var/tmp" if os.path.isdir("/var/tmp") else None  # not /tmp: tenders hide it
     workdir = Path(tempfile.mkdtemp(prefix="unifork-multihost-", dir=base))
     hosts = Hosts(3)
+    c = None
     try:
         try:
             hosts.__enter__()
@@ -200,14 +228,253 @@ def cluster(shm_before):
             c.agent.call("upload", target=c.target(k), name="mh_block", path=str(c.block_elf))
         yield c
     finally:
-        with contextlib.suppress(Exception):
-            if c.agent is not None:
-                c.agent.close()
-        for k, p in enumerate(getattr(c, "tenders", [])):
+        if c is not None and c.agent is not None:
+            c.agent.close()
+        for k, p in enumerate(c.tenders if c is not None else []):
             if p is not None and p.poll() is None:
                 with contextlib.suppress(Exception):
                     c.stop(k, timeout=15)
         hosts.close()
-        for f in workdir.iterdir():
-            f.unlink()
-        workdir.rmdir()
+        shutil.rmtree(workdir)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+@functools.cache
+def native_out(name: str, *args: str) -> str:
+    """What the same static binary prints natively (the expected output)."""
+    p = native(image_path(name), *args)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.decode()
+
+
+def explain(c: Cluster, r: dict) -> str:
+    res = r["result"]
+    return (f"outcome {res['outcome']} exit {res['exit_code']} reports {res['reports']}\n"
+            f"stdout: {r['stdout'][-2000:]!r}\nstderr: {r['stderr'][-2000:]!r}\n"
+            f"processes: {[(p['pid'], p['host'], p['state']) for p in r['describe']['processes']]}"
+            f"\n{c.logs_tail()}")
+
+
+def assert_exited_0(c: Cluster, r: dict) -> None:
+    res = r["result"]
+    assert res["done"] and res["outcome"] == "exited" and res["exit_code"] == 0, explain(c, r)
+
+
+def hosts_of(desc: dict) -> set[str]:
+    """The hosts of the instance's processes (init, pid 1, is the supervisor: skipped)."""
+    return {p["host"] for p in desc["processes"] if p["pid"] != 1}
+
+
+# -- VM-clone children on peers ----------------------------------------------------------------
+def test_remote_nested_fork_runs_on_peers(cluster):
+    """40 VMs, placed on B and C only, one tree; the output is the native one."""
+    c = cluster
+    r = c.run("nested_fork", [], fork_mode="vmclone", pipe_transport="tcp", placement="remote")
+    assert_exited_0(c, r)
+    assert r["stdout"] == native_out("nested_fork"), explain(c, r)
+    assert r["result"]["fork_count"] == 39
+    hosts = hosts_of(r["describe"])
+    assert hosts and hosts <= {c.target(B), c.target(C)}, explain(c, r)
+    procs = [p for p in r["describe"]["processes"] if p["pid"] != 1]
+    assert len(procs) == 40 and all(p["state"] == "reaped" for p in procs), explain(c, r)
+
+
+def test_remote_token_ring_pipes_cross_hosts(cluster):
+    c = cluster
+    r = c.run("token_ring", ["-n", "6"], fork_mode="vmclone", pipe_transport="tcp",
+              placement="remote")
+    assert_exited_0(c, r)
+    assert r["stdout"] == native_out("token_ring", "-n", "6") == "token=60\n"
+    assert hosts_of(r["describe"]) <= {c.target(B), c.target(C)}, explain(c, r)
+
+
+def test_remote_children_reaped_with_their_statuses(cluster):
+    """fork_exit_wait -n 20: child i exits i % 7; the parent checks each; describe agrees."""
+    c = cluster
+    r = c.run("fork_exit_wait", ["-n", "20"], fork_mode="vmclone", pipe_transport="tcp",
+              placement="remote")
+    assert_exited_0(c, r)
+    assert r["stdout"] == native_out("fork_exit_wait", "-n", "20") == "ok 20 children\n"
+    children = sorted((p for p in r["describe"]["processes"] if p["ppid"] == 2),
+                      key=lambda p: p["pid"])
+    assert [p["pid"] for p in children] == list(range(3, 23)), explain(c, r)
+    for i, p in enumerate(children):  # pids are handed out in fork order
+        assert p["state"] == "reaped" and p["exited"], p
+        assert p["wait_status"] == (i % 7) << 8, p
+        assert p["host"] in (c.target(B), c.target(C)), p
+
+
+def test_remote_console_merged_with_pids(cluster):
+    """fork_time: parent and child print in their own VMs; one stream, tagged by pid."""
+    c = cluster
+    r = c.run("fork_time", [], fork_mode="vmclone", pipe_transport="tcp", placement="remote",
+              console_pipe=True)
+    assert_exited_0(c, r)
+    by_pid: dict[int, str] = {}
+    for pid, fd, text in r["logs"]["chunks"]:
+        if fd == 1:
+            by_pid[pid] = by_pid.get(pid, "") + text
+    assert set(by_pid) == {2, 3}, by_pid
+    assert re.fullmatch(r"fork took: [0-9.]+s\nparent\n", by_pid[2]), by_pid
+    assert re.fullmatch(r"fork took: [0-9.]+s\nchild\n", by_pid[3]), by_pid
+    host = {p["pid"]: p["host"] for p in r["describe"]["processes"]}
+    assert host[3] in (c.target(B), c.target(C)), explain(c, r)
+
+
+def test_remote_shm_falls_back_to_tcp(cluster):
+    """shm was asked, the VMs are on other hosts: tcp is used, and describe says so."""
+    c = cluster
+    r = c.run("nested_fork", [], fork_mode="vmclone", pipe_transport="shm", placement="remote")
+    assert_exited_0(c, r)
+    assert r["stdout"] == native_out("nested_fork"), explain(c, r)
+    d = r["describe"]
+    assert d["pipe_transport"] == "PIPE_TRANSPORT_SHM"
+    assert "tcp" in d["transport_note"], d["transport_note"]
+    assert hosts_of(d) <= {c.target(B), c.target(C)}, explain(c, r)
+
+
+def test_spread_places_children_on_peers(cluster):
+    """spread: the least-loaded of A, B and C for each clone; an idle cluster uses all."""
+    c = cluster
+    r = c.run("nested_fork", [], fork_mode="vmclone", pipe_transport="shm", placement="spread")
+    assert_exited_0(c, r)
+    assert r["stdout"] == native_out("nested_fork"), explain(c, r)
+    hosts = hosts_of(r["describe"])
+    assert hosts & {c.target(B), c.target(C)}, f"every VM on {hosts}\n{explain(c, r)}"
+    if hosts - {c.target(A)}:
+        assert "tcp" in r["describe"]["transport_note"], r["describe"]["transport_note"]
+
+
+def test_uploaded_image_launched_on_a_peer(cluster):
+    """An image uploaded to A only, its first VM placed on a peer (which never saw it)."""
+    c = cluster
+    c.agent.call("upload", target=c.target(A), name="hello-a-only",
+                 path=str(image_path("hello")))
+    r = c.run("hello-a-only", [], fork_mode="vmclone", pipe_transport="tcp",
+              placement="remote")
+    assert_exited_0(c, r)
+    assert r["stdout"] == native_out("hello"), explain(c, r)
+
+
+def test_fork_latency_remote_vs_local(cluster, record_property):
+    """fork_time -n 20, placement local (A's warm pool) and remote (peers): medians."""
+    c = cluster
+    medians = {}
+    for placement, transport in (("local", "shm"), ("local", "tcp"), ("remote", "tcp")):
+        r = c.run("fork_time", ["-n", "20"], fork_mode="vmclone", pipe_transport=transport,
+                  placement=placement)
+        assert_exited_0(c, r)
+        us = [float(x) for x in re.findall(r"^fork_us=([0-9.]+)$", r["stdout"], re.M)]
+        assert len(us) == 20 and "ok=1" in r["stdout"], explain(c, r)
+        medians[f"{placement}/{transport}"] = statistics.median(us)
+        hosts = hosts_of(r["describe"])
+        want = {c.target(A)} if placement == "local" else {c.target(B), c.target(C)}
+        assert hosts <= want, explain(c, r)
+    record_property("fork_us_median", medians)
+    print(f"\nvmclone fork_us median (fork_time -n 20): {medians}")
+
+
+# -- kill, peers down, peers lost ---------------------------------------------------------------
+def test_kill_reaches_all_hosts(cluster):
+    c = cluster
+    assert c.vms(B) == 0 and c.vms(C) == 0
+    iid = c.agent.call("launch", target=c.target(A), image="mh_block", args=["-n", "4"],
+                       fork_mode="vmclone", pipe_transport="tcp", placement="remote")
+    seen = c.agent.call("logs", wait=RUN_TIMEOUT + 10, target=c.target(A), id=iid,
+                        timeout=RUN_TIMEOUT, until="ready n=4")
+    desc = c.agent.call("describe", target=c.target(A), id=iid)
+    assert seen["complete"], (seen, desc, c.logs_tail())
+    live = [p for p in desc["processes"] if p["pid"] != 1 and p["state"] == "alive"]
+    assert len(live) == 5 and hosts_of(desc) <= {c.target(B), c.target(C)}, desc
+    assert c.vms(B) + c.vms(C) == 5
+    assert c.agent.call("kill", target=c.target(A), id=iid) is True
+    res = c.agent.call("wait", target=c.target(A), id=iid, timeout=60)
+    assert res["done"] and res["outcome"] == "killed", res
+    wait_until(lambda: c.vms(B) == 0 and c.vms(C) == 0, 30, "no VM left on B and C")
+    desc = c.agent.call("describe", target=c.target(A), id=iid)
+    assert all(p["state"] != "alive" for p in desc["processes"] if p["pid"] != 1), desc
+    assert c.agent.call("kill", target=c.target(A), id=iid) is False
+
+
+def test_down_peer_is_skipped(cluster):
+    """Tender C stopped (SIGTERM): remote and spread clones go to B (or A for spread);
+    the instances succeed."""
+    c = cluster
+    assert c.stop(C) == 0, c.log_tail(C)
+    wait_until(lambda: not c.hosts.pids(C), 15, "no process left in host C")
+    try:
+        for placement in ("remote", "spread"):
+            r = c.run("fork_exit_wait", ["-n", "6"], fork_mode="vmclone", pipe_transport="tcp",
+                      placement=placement)
+            assert_exited_0(c, r)
+            assert r["stdout"] == "ok 6 children\n"
+            hosts = hosts_of(r["describe"])
+            want = {c.target(B)} if placement == "remote" else {c.target(A), c.target(B)}
+            assert hosts <= want, explain(c, r)
+    finally:
+        c.start(C)
+        c.wait_healthy(C)
+    c.wait_placeable(C)
+
+
+def test_peer_lost_mid_run(cluster):
+    """The tender holding the children is killed with SIGKILL (its VMs live in it): the
+    parent sees them killed by SIGKILL, the instance ends, A keeps serving."""
+    c = cluster
+    # The parent (on the peer placement picks first) naps past the placement's load
+    # cache before forking, so that fresh loads (its own host busy, the other idle) send
+    # the children to the other peer: that one is lost.
+    delay_ms = int(LOAD_TTL * 1000 * 1.5)
+    iid = c.agent.call("launch", target=c.target(A), image="mh_block",
+                       args=["-n", "4", "-d", str(delay_ms), "-w"], fork_mode="vmclone",
+                       pipe_transport="tcp", placement="remote")
+    seen = c.agent.call("logs", wait=RUN_TIMEOUT + 10, target=c.target(A), id=iid,
+                        timeout=RUN_TIMEOUT, until="ready n=4")
+    desc = c.agent.call("describe", target=c.target(A), id=iid)
+    assert seen["complete"], (seen, desc, c.logs_tail())
+    host = {p["pid"]: p["host"] for p in desc["processes"]}
+    children = {p["pid"]: p["host"] for p in desc["processes"] if p["ppid"] == 2}
+    assert len(children) == 4 and host[2] in (c.target(B), c.target(C)), desc
+    victims = {h for h in children.values() if h != host[2]}
+    assert victims, f"every child on the parent's host {host[2]}: {desc}"
+    victim = B if c.target(B) in victims else C
+    c.stop(victim, signal.SIGKILL)
+    res = c.agent.call("wait", target=c.target(A), id=iid, timeout=60)
+    logs = c.agent.call("logs", target=c.target(A), id=iid, timeout=30)
+    out = "".join(t for _p, fd, t in logs["chunks"] if fd == 1)
+    assert res["done"], res
+    assert res["outcome"] == "exited" and res["exit_code"] == 0, (res, out, c.logs_tail())
+    for pid, h in children.items():
+        want = "killed by SIGKILL" if h == c.target(victim) else "exited 0"
+        assert f"child {pid}: {want}\n" in out, (pid, h, out)
+    assert out.endswith("reaped=4\n"), out
+    desc = c.agent.call("describe", target=c.target(A), id=iid)
+    for p in desc["processes"]:
+        if p["ppid"] == 2 and p["host"] == c.target(victim):
+            assert p["wait_status"] == signal.SIGKILL and p["state"] == "reaped", p
+    # the lost tender's warm pool and resource tracker follow it
+    wait_until(lambda: not c.hosts.pids(victim), 15, "the lost tender's processes to exit")
+    # A still serves: locally, and remotely on the peer that is left
+    for placement in ("local", "remote"):
+        r = c.run("fork_exit_wait", ["-n", "4"], fork_mode="vmclone", pipe_transport="tcp",
+                  placement=placement)
+        assert_exited_0(c, r)
+        assert c.target(victim) not in hosts_of(r["describe"]), explain(c, r)
+
+
+def test_zz_shutdown_leaves_nothing(cluster):
+    """SIGTERM every tender left: each exits 0, no process is left in any host, no host
+    has anything left in its /tmp or /dev/shm, and the namespaces are gone."""
+    c = cluster
+    c.agent.close()
+    c.agent = None
+    for k, p in enumerate(c.tenders):
+        if p is not None:
+            assert c.stop(k) == 0, c.log_tail(k)
+    for k in range(c.hosts.n):
+        wait_until(lambda k=k: not c.hosts.pids(k), 15, f"no process left in host {k}")
+    left = {k: c.leftovers(k) for k in range(c.hosts.n)}
+    names = [*c.hosts.names, c.hosts.bridge_ns]
+    c.hosts.close()
+    assert not set(names) & set(namespaces())
+    assert not any(left.values()), left

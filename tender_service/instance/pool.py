@@ -10,6 +10,8 @@ them all and removes their sockets.
 Workers are spawned (not forked: the parent runs gRPC, which does not
 survive a fork) as ``multiprocessing`` processes; their log records come
 back through a multiprocessing-logging handler into this process's logging.
+As with any spawned ``multiprocessing`` child, a script that creates a pool
+must guard its top level with ``if __name__ == "__main__":``.
 """
 
 from __future__ import annotations

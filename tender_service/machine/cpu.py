@@ -33,6 +33,9 @@ from unicorn.unicorn_py3.unicorn import uclib
 from tender_service.machine.memory import GuestMemory
 
 _lib = ctypes.CDLL(uclib._name)
+_emu_start = _lib.uc_emu_start
+_emu_start.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64,
+                       ctypes.c_size_t]
 _SYSCALL_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
 END_ADDRESS = 0xFFFF_FFFF_FFFF_FFFF  # never reached: run until stopped
 
@@ -123,6 +126,9 @@ class Context:
             self.ptr = ctypes.c_void_p()
 
 
+_STOPPED = CpuExit(ExitKind.STOPPED)
+
+
 class Cpu:
     """One VM's CPU: registers, contexts, hooks and the run call."""
 
@@ -144,6 +150,7 @@ class Cpu:
         self._reg_write = _lib.uc_reg_write
         self._reg_read = _lib.uc_reg_read
         self._fault: CpuExit | None = None
+        self._stopped = False
         self._syscall_cb = None
         self.uc.reg_write(x86.UC_X86_REG_FPCW, LINUX_FPCW)
         self.uc.reg_write(x86.UC_X86_REG_MXCSR, LINUX_MXCSR)
@@ -215,22 +222,24 @@ class Cpu:
     def run(self, count: int = 0) -> CpuExit:
         """Run from the current RIP until stopped or a fault."""
         self._fault = None
-        pc = self.reg(RIP)
-        try:
-            self.uc.emu_start(pc, END_ADDRESS, 0, count)
-        except UcError as e:
-            return self._classify(e.errno)
+        self._stopped = False
+        err = _emu_start(self._h, self.reg(RIP), END_ADDRESS, 0, count)
+        if err:
+            return self._classify(err)
         if self._fault is not None:
             return self._fault
-        rip = self.reg(RIP)
-        if self._byte_at(rip - 1) == 0xF4 and count == 0:
-            # hlt: privileged in user mode, Linux delivers SIGSEGV (musl's a_crash)
-            return CpuExit(ExitKind.FAULT, SIGSEGV, rip - 1, None, "hlt (privileged instruction)")
-        return CpuExit(ExitKind.STOPPED)
+        if not self._stopped and count == 0:  # it ended by itself: on a hlt?
+            rip = self.reg(RIP)
+            if self._byte_at(rip - 1) == 0xF4:
+                # hlt: privileged in user mode, Linux delivers SIGSEGV (musl's a_crash)
+                return CpuExit(ExitKind.FAULT, SIGSEGV, rip - 1, None,
+                               "hlt (privileged instruction)")
+        return _STOPPED
 
     def stop(self) -> None:
         """Stop ``run`` soon; safe from other threads (the watchdog)."""
-        self.uc.emu_stop()
+        self._stopped = True
+        _lib.uc_emu_stop(self._h)
 
     def close(self) -> None:
         self._syscall_cb = None

@@ -588,7 +588,7 @@ class Kernel:
         where = f" address={ex.address:#x}" if ex.address is not None else ""
         report = (f"pid {lwp.proc.pid}: {signals.signame(ex.signal)}: {ex.what} at "
                   f"rip={ex.rip:#x}{where} insn={insn.hex(' ') or '??'}")
-        log.warning("%s", report)
+        log.info("%s", report)  # callers print RunResult.reports
         self.reports.append(report)
         lwp.proc.report = report
         self.exit_process(lwp.proc, signals.signaled_status(ex.signal))
@@ -630,7 +630,7 @@ class Kernel:
         lines = ["deadlock: every process is blocked and nothing can wake it",
                  *self.blocked_report()]
         report = "\n".join(lines)
-        log.warning("%s", report)
+        log.info("%s", report)  # callers print RunResult.reports
         self.reports.append(report)
         return self._stop_all("deadlock")
 
