@@ -19,7 +19,7 @@ images: setup
 	$(UNIFORK) images --build
 
 run: images
-	$(UNIFORK) demo
+	$(UNIFORK) compare --quick
 
 test: images
 	$(PY) -m pytest -q -ra

@@ -3,8 +3,9 @@
 Every cross-VM pipe byte, console line and wait status of a VM-clone instance
 crosses one of these channels, so their bulk throughput and small-message
 round trip bound what VM-clone fork can do.  The peer is a real second
-process (``spawn``), as a worker would be; tcp runs over loopback, shm
-rings its doorbell over loopback TCP too, so the two differ only in where
+process (``spawn``), as a worker would be.  Both transports use the same
+kind of socket (``--socket tcp``: loopback TCP, or ``unix``): tcp sends the
+frames through it, shm only its doorbells, so the two differ only in where
 the frame bytes travel.  Run: ``python -m comparison.bench_transport``.
 """
 
@@ -16,8 +17,10 @@ import multiprocessing
 import os
 import socket
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from tender_service.transports import Channel, ChannelClosed, Frame, accept_channel, connect_channel
 
@@ -35,9 +38,13 @@ class Result:
     rtt_p99_us: float
 
 
-def _peer(kind: str, port: int) -> None:
+def _peer(kind: str, address: str | tuple[str, int]) -> None:
     """The worker side: swallow DATA until END (then ACK), echo every PING."""
-    sock = socket.create_connection(("127.0.0.1", port))
+    if isinstance(address, str):
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(address)
+    else:
+        sock = socket.create_connection(address)
     ch = connect_channel(kind, sock, True, {"pid": os.getpid()})
     try:
         while True:
@@ -81,10 +88,19 @@ def _round_trips(ch: Channel, count: int, size: int) -> list[float]:
     return samples
 
 
-def run(kind: str, total: int, size: int, pings: int, ping_size: int) -> Result:
+def _listen(family: str, tmp: Path) -> socket.socket:
+    if family == "unix":
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(tmp / "bench.sock"))
+        listener.listen()
+        return listener
+    return socket.create_server(("127.0.0.1", 0))
+
+
+def run(kind: str, family: str, total: int, size: int, pings: int, ping_size: int) -> Result:
     ctx = multiprocessing.get_context("spawn")
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        peer = ctx.Process(target=_peer, args=(kind, listener.getsockname()[1]))
+    with tempfile.TemporaryDirectory() as tmp, _listen(family, Path(tmp)) as listener:
+        peer = ctx.Process(target=_peer, args=(kind, listener.getsockname()))
         peer.start()
         listener.settimeout(30)
         conn, _ = listener.accept()
@@ -112,15 +128,17 @@ def main() -> None:
     parser.add_argument("--pings", type=int, default=20_000)
     parser.add_argument("--ping-bytes", type=int, default=32)
     parser.add_argument("--kinds", default="tcp,shm")
+    parser.add_argument("--socket", choices=["tcp", "unix"], default="tcp")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rows = [
-        run(kind, args.mib << 20, args.frame_kib << 10, args.pings, args.ping_bytes)
+        run(kind, args.socket, args.mib << 20, args.frame_kib << 10, args.pings, args.ping_bytes)
         for kind in args.kinds.split(",")
     ]
     print(
         f"{args.mib} MiB in {args.frame_kib} KiB frames one way; "
-        f"{args.pings} round trips of {args.ping_bytes}-byte frames; peer in another process"
+        f"{args.pings} round trips of {args.ping_bytes}-byte frames; peer in another process; "
+        f"{args.socket} socket"
     )
     print(f"{'transport':10} {'MB/s':>8} {'frames/s':>10} {'RTT p50 us':>11} {'RTT p99 us':>11}")
     for r in rows:

@@ -143,6 +143,25 @@ def cmd_serve(a: argparse.Namespace) -> int:
         return 2
 
 
+def cmd_compare(a: argparse.Namespace) -> int:
+    """``unifork compare``: the harness lives in comparison/; this prints its table."""
+    from comparison.compare import compare_from_args
+
+    result = compare_from_args(a)
+    print(result.text)
+    print(f"report: {result.directory}")
+    return result.exit_code
+
+
+def cmd_load(a: argparse.Namespace) -> int:
+    """``unifork load``: the load generator lives in comparison/load.py."""
+    from comparison.load import load_from_args
+
+    result = load_from_args(a)
+    print(result.text)
+    return result.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="unifork", description=__doc__)
@@ -234,6 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("syscalls", help="list the supported syscalls")
     s.add_argument("--markdown", action="store_true")
     sub.add_parser("demo", help="build the images and run the fork/pipe programs")
+    from comparison.options import add_compare_arguments, add_load_arguments
+
+    add_compare_arguments(sub.add_parser(
+        "compare", help="run every workload natively, with thread fork and with VM-clone fork; "
+                        "report tables, JSON, CSV and plots"))
+    add_load_arguments(sub.add_parser(
+        "load", help="launch instances on a tender at a given concurrency for a while; "
+                     "report throughput and latency"))
 
     if argv and argv[0] == "cc":
         return cmd_cc(argparse.Namespace(), argv[1:])
@@ -253,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "images":
             a.token_file, a.tls_ca = a.token_file, a.tls_ca
         return cmd(a)
-    return {"images": cmd_images, "syscalls": cmd_syscalls, "demo": cmd_demo}[a.cmd](a)
+    return {"images": cmd_images, "syscalls": cmd_syscalls, "demo": cmd_demo,
+            "compare": cmd_compare, "load": cmd_load}[a.cmd](a)
 
 
 def _split_run_args(parser: argparse.ArgumentParser, a: argparse.Namespace) -> argparse.Namespace:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 from conftest import image_path, native
-from netns import Hosts, NetnsUnavailable, namespaces, wait_until
+from netns import Hosts, hosts_or_skip, namespaces, wait_until
 
 from tender_service.service.placement import DOWN_FOR, LOAD_TTL
 from tender_service.toolchain.images import build_image
@@ -51,8 +51,6 @@ METRICS_PORT = 9100
 A, B, C = 0, 1, 2
 START_TIMEOUT = 90.0
 RUN_TIMEOUT = 90.0
-
-pytestmark = pytest.mark.timeout(600)
 
 
 # -- the client in host A ---------------------------------------------------------------------
@@ -124,9 +122,23 @@ class Cluster:
         self.tenders: list[subprocess.Popen | None] = [None] * hosts.n
         self.logs: list[Path] = [workdir / f"tender{k}.log" for k in range(hosts.n)]
         self.agent: Agent | None = None
+        self.lost: int | None = None  # the peer test_peer_lost_mid_run killed
 
     def addr(self, k: int) -> str:
         return self.hosts.addr(k)
+
+    def close(self) -> None:
+        """Stop the agent and every tender still running (SIGTERM, then SIGKILL)."""
+        if self.agent is not None:
+            self.agent.close()
+            self.agent = None
+        for k, p in enumerate(self.tenders):
+            if p is not None and p.poll() is None:
+                try:
+                    self.stop(k, timeout=15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
 
     def target(self, k: int) -> str:
         return f"{self.addr(k)}:{PORT}"
@@ -153,16 +165,15 @@ class Cluster:
             self.agent.call("health", wait=START_TIMEOUT + 10, target=self.target(k),
                             timeout=START_TIMEOUT)
         except (AgentError, TimeoutError) as e:
-            raise AssertionError(f"tender {k} not healthy ({e}; exit {self.tenders[k].poll()}):"
-                                 f"\n{self.log_tail(k)}") from e
+            raise AssertionError(f"tender {k} not healthy ({e}):\n{self.log_tail(k)}") from e
 
     def stop(self, k: int, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Signal tender k and wait for its exit status."""
         p = self.tenders[k]
         p.send_signal(sig)
-        try:
-            return p.wait(timeout)
-        finally:
-            self.tenders[k] = None
+        status = p.wait(timeout)
+        self.tenders[k] = None
+        return status
 
     def log_tail(self, k: int, n: int = 40) -> str:
         with contextlib.suppress(OSError):
@@ -205,37 +216,29 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster():
+    hosts = hosts_or_skip(3)
     base = "/var/tmp" if os.path.isdir("/var/tmp") else None  # not /tmp: tenders hide it
     workdir = Path(tempfile.mkdtemp(prefix="unifork-multihost-", dir=base))
-    hosts = Hosts(3)
-    c = None
+    c = Cluster(hosts, workdir)
     try:
-        try:
-            hosts.__enter__()
-        except NetnsUnavailable as e:
-            pytest.skip(str(e))
-        c = Cluster(hosts, workdir)
         # every image the tests launch, built before the tenders need them
         for name in ("nested_fork", "token_ring", "fork_exit_wait", "fork_time", "hello"):
             build_image(name)
-        c.block_elf = build_image(BLOCK_SRC)
+        block_elf = build_image(BLOCK_SRC)
         for k in range(hosts.n):
             c.start(k)
         c.agent = Agent(hosts, A, c.token_file)
         for k in range(hosts.n):
             c.wait_healthy(k)
         for k in range(hosts.n):  # an uploaded image lives only where it was uploaded
-            c.agent.call("upload", target=c.target(k), name="mh_block", path=str(c.block_elf))
+            c.agent.call("upload", target=c.target(k), name="mh_block", path=str(block_elf))
         yield c
     finally:
-        if c is not None and c.agent is not None:
-            c.agent.close()
-        for k, p in enumerate(c.tenders if c is not None else []):
-            if p is not None and p.poll() is None:
-                with contextlib.suppress(Exception):
-                    c.stop(k, timeout=15)
-        hosts.close()
-        shutil.rmtree(workdir)
+        try:
+            c.close()
+            hosts.close()
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -375,18 +378,34 @@ def test_fork_latency_remote_vs_local(cluster, record_property):
 
 
 # -- kill, peers down, peers lost ---------------------------------------------------------------
-def test_kill_reaches_all_hosts(cluster):
-    c = cluster
-    assert c.vms(B) == 0 and c.vms(C) == 0
-    iid = c.agent.call("launch", target=c.target(A), image="mh_block", args=["-n", "4"],
-                       fork_mode="vmclone", pipe_transport="tcp", placement="remote")
+def start_blocked(c: Cluster, *flags: str) -> tuple[str, dict]:
+    """mh_block with 4 children on peers: the parent on one, its children on the other.
+
+    The parent (on the peer placement picks first) naps past the placement's load
+    cache before it forks, so that fresh loads (its own host busy, the other idle)
+    send the children to the other peer.  Returns the instance id and its describe
+    once every child is up."""
+    delay_ms = int(LOAD_TTL * 1000 * 1.5)
+    iid = c.agent.call("launch", target=c.target(A), image="mh_block",
+                       args=["-n", "4", "-d", str(delay_ms), *flags], fork_mode="vmclone",
+                       pipe_transport="tcp", placement="remote")
     seen = c.agent.call("logs", wait=RUN_TIMEOUT + 10, target=c.target(A), id=iid,
                         timeout=RUN_TIMEOUT, until="ready n=4")
     desc = c.agent.call("describe", target=c.target(A), id=iid)
     assert seen["complete"], (seen, desc, c.logs_tail())
-    live = [p for p in desc["processes"] if p["pid"] != 1 and p["state"] == "alive"]
-    assert len(live) == 5 and hosts_of(desc) <= {c.target(B), c.target(C)}, desc
-    assert c.vms(B) + c.vms(C) == 5
+    assert hosts_of(desc) <= {c.target(B), c.target(C)}, desc
+    assert sum(p["ppid"] == 2 and p["state"] == "alive" for p in desc["processes"]) == 4, desc
+    return iid, desc
+
+
+def test_kill_reaches_all_hosts(cluster):
+    """A client's kill ends the VMs of the instance on every host."""
+    c = cluster
+    assert c.vms(B) == 0 and c.vms(C) == 0
+    iid, desc = start_blocked(c)
+    on_b, on_c = c.vms(B), c.vms(C)
+    assert on_b + on_c == 5, desc
+    assert on_b and on_c, f"all five VMs on one peer: {desc}"
     assert c.agent.call("kill", target=c.target(A), id=iid) is True
     res = c.agent.call("wait", target=c.target(A), id=iid, timeout=60)
     assert res["done"] and res["outcome"] == "killed", res
@@ -419,26 +438,16 @@ def test_down_peer_is_skipped(cluster):
 
 def test_peer_lost_mid_run(cluster):
     """The tender holding the children is killed with SIGKILL (its VMs live in it): the
-    parent sees them killed by SIGKILL, the instance ends, A keeps serving."""
+    parent, on the other peer, sees them killed by SIGKILL, and the instance ends."""
     c = cluster
-    # The parent (on the peer placement picks first) naps past the placement's load
-    # cache before forking, so that fresh loads (its own host busy, the other idle) send
-    # the children to the other peer: that one is lost.
-    delay_ms = int(LOAD_TTL * 1000 * 1.5)
-    iid = c.agent.call("launch", target=c.target(A), image="mh_block",
-                       args=["-n", "4", "-d", str(delay_ms), "-w"], fork_mode="vmclone",
-                       pipe_transport="tcp", placement="remote")
-    seen = c.agent.call("logs", wait=RUN_TIMEOUT + 10, target=c.target(A), id=iid,
-                        timeout=RUN_TIMEOUT, until="ready n=4")
-    desc = c.agent.call("describe", target=c.target(A), id=iid)
-    assert seen["complete"], (seen, desc, c.logs_tail())
-    host = {p["pid"]: p["host"] for p in desc["processes"]}
+    iid, desc = start_blocked(c, "-w")
+    parent_host = next(p["host"] for p in desc["processes"] if p["pid"] == 2)
     children = {p["pid"]: p["host"] for p in desc["processes"] if p["ppid"] == 2}
-    assert len(children) == 4 and host[2] in (c.target(B), c.target(C)), desc
-    victims = {h for h in children.values() if h != host[2]}
-    assert victims, f"every child on the parent's host {host[2]}: {desc}"
+    victims = {h for h in children.values() if h != parent_host}
+    assert victims, f"every child on the parent's host {parent_host}: {desc}"
     victim = B if c.target(B) in victims else C
     c.stop(victim, signal.SIGKILL)
+    c.lost = victim
     res = c.agent.call("wait", target=c.target(A), id=iid, timeout=60)
     logs = c.agent.call("logs", target=c.target(A), id=iid, timeout=30)
     out = "".join(t for _p, fd, t in logs["chunks"] if fd == 1)
@@ -452,14 +461,32 @@ def test_peer_lost_mid_run(cluster):
     for p in desc["processes"]:
         if p["ppid"] == 2 and p["host"] == c.target(victim):
             assert p["wait_status"] == signal.SIGKILL and p["state"] == "reaped", p
-    # the lost tender's warm pool and resource tracker follow it
-    wait_until(lambda: not c.hosts.pids(victim), 15, "the lost tender's processes to exit")
-    # A still serves: locally, and remotely on the peer that is left
-    for placement in ("local", "remote"):
-        r = c.run("fork_exit_wait", ["-n", "4"], fork_mode="vmclone", pipe_transport="tcp",
-                  placement=placement)
-        assert_exited_0(c, r)
-        assert c.target(victim) not in hosts_of(r["describe"]), explain(c, r)
+
+
+def test_lost_peer_is_skipped(cluster):
+    """Right after a peer was lost, A's next remote instance runs on the peer left."""
+    c = cluster
+    if c.lost is None:
+        pytest.skip("needs the peer test_peer_lost_mid_run lost")
+    r = c.run("fork_exit_wait", ["-n", "4"], fork_mode="vmclone", pipe_transport="tcp",
+              placement="remote")
+    assert_exited_0(c, r)
+    assert hosts_of(r["describe"]) == {c.target(B + C - c.lost)}, explain(c, r)
+
+
+def test_a_serves_after_losing_a_peer(cluster):
+    """The lost tender's pool and resource tracker followed it; A launches as before."""
+    c = cluster
+    if c.lost is None:
+        pytest.skip("needs the peer test_peer_lost_mid_run lost")
+    wait_until(lambda: not c.hosts.pids(c.lost), 15, "the lost tender's processes to exit")
+    r = c.run("fork_exit_wait", ["-n", "4"], fork_mode="vmclone", pipe_transport="shm",
+              placement="local")
+    assert_exited_0(c, r)
+    assert hosts_of(r["describe"]) == {c.target(A)}, explain(c, r)
+    r = c.run("nested_fork", [], fork_mode="thread")
+    assert_exited_0(c, r)
+    assert r["stdout"] == native_out("nested_fork")
 
 
 def test_zz_shutdown_leaves_nothing(cluster):
@@ -474,6 +501,8 @@ def test_zz_shutdown_leaves_nothing(cluster):
     for k in range(c.hosts.n):
         wait_until(lambda k=k: not c.hosts.pids(k), 15, f"no process left in host {k}")
     left = {k: c.leftovers(k) for k in range(c.hosts.n)}
+    if c.lost is not None:  # a SIGKILLed tender cannot remove its temp files
+        left[c.lost].pop("/tmp", None)
     names = [*c.hosts.names, c.hosts.bridge_ns]
     c.hosts.close()
     assert not set(names) & set(namespaces())

@@ -462,13 +462,37 @@ def test_wait_timeout_then_time_limit(client, mode):
 
 
 @pytest.mark.parametrize("mode", ["thread", "vmclone-shm"])
-def test_kill_reaches_a_running_instance(client, mode):
+def test_kill_reaches_a_running_instance(tender, client, mode):
     iid = launch(client, "spin", time_limit_seconds=120.0, **MODES[mode])
     wait_for_output(client, iid, b"spin: spinning\n")
+    d = client.describe(iid)
+    assert d.summary.state == "running" and not d.result.done
+    main = next(p for p in d.processes if p.pid == 2)
+    assert (main.ppid, main.state, main.exited) == (1, "alive", False), main
+    if mode == "thread":
+        assert (main.vm, main.host) == (iid, "local")
+    else:
+        st = proc_stat(int(main.vm))
+        assert st is not None and st[0] == tender.proc.pid, main
+        assert main.host == tender.target
     assert client.kill(iid) is True
     r = wait(client, iid)
     assert (r.done, r.outcome, r.signal, r.wait_status) == (True, "killed", SIGKILL, SIGKILL), r
     assert client.kill(iid) is False  # nothing left to kill
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_kill_right_after_launch(client, mode):
+    """A Kill that comes while the instance is still starting must end it all the same."""
+    iid = launch(client, "spin", time_limit_seconds=60.0, **MODES[mode])
+    try:
+        assert client.kill(iid) is True
+        r = wait(client, iid, timeout=10.0)  # far more than a kill takes
+        assert (r.done, r.outcome, r.signal) == (True, "killed", SIGKILL), \
+            f"the killed instance still runs (its time limit is 60 s): {r}"
+    finally:  # do not leave a spinning guest behind for the other tests
+        client.kill(iid)
+        assert wait(client, iid).done
 
 
 # -- concurrency and faults ----------------------------------------------------------------------
@@ -685,6 +709,30 @@ def test_malformed_but_accepted_image_is_contained(client):
     iid = launch(client, "hello", console_pipe=True)
     assert wait(client, iid).exit_code == 0
     assert stdout_of(console(client, iid)) == HELLO
+
+
+def test_peer_start_vm_with_bad_headers(tender):
+    """Peer.StartVm with a supervisor that cannot be reached, or that never answers."""
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts, then says nothing
+    silent = f"tcp:127.0.0.1:{listener.getsockname()[1]}"
+    cases = {"bad address": "bogus", "refused": f"tcp:127.0.0.1:{free_port()}",
+             "no such socket": "unix:/nonexistent/sock", "silent supervisor": silent}
+    try:
+        with grpc.insecure_channel(tender.target) as ch:
+            stub = _peer_grpc.PeerStub(ch)
+            codes = {}
+            for case, sup in cases.items():
+                start = ppb2.VmStart(instance_id="x", pid=2, supervisor=sup, transport="tcp",
+                                     instance_token="t", image_path="/nonexistent")
+                e = rpc_error(lambda start=start: stub.StartVm(
+                    iter([ppb2.VmChunk(start=start), ppb2.VmChunk(snapshot=b"junk")]),
+                    timeout=RPC_TIMEOUT))
+                codes[case] = (e.code(), e.details())
+    finally:
+        listener.close()
+    bad = {case: c for case, c in codes.items() if c[0] != grpc.StatusCode.INVALID_ARGUMENT}
+    assert not bad, f"StartVm with bad headers: not INVALID_ARGUMENT: {bad}"
+    assert tender.health() == health_pb2.HealthCheckResponse.SERVING
 
 
 # -- capacity ------------------------------------------------------------------------------------
@@ -960,6 +1008,16 @@ def test_graceful_shutdown_kills_what_is_left(tmp_path):
         with ThreadPoolExecutor(2) as ex:
             waits = {mode: ex.submit(wait, c, iid) for mode, iid in ids.items()}
             t.proc.send_signal(signal.SIGTERM)
+
+            def not_serving():
+                try:
+                    return t.health() != health_pb2.HealthCheckResponse.SERVING
+                except grpc.RpcError:
+                    return True
+
+            poll(not_serving, STOP_TIMEOUT, "the health check to leave SERVING")
+            e = rpc_error(lambda: launch(c, "hello"))  # shutting down, or already gone
+            assert e.code() == grpc.StatusCode.UNAVAILABLE, (e.code(), e.details())
             results = {mode: f.result(STOP_TIMEOUT) for mode, f in waits.items()}
         code = t.proc.wait(STOP_TIMEOUT)
     finally:
@@ -974,3 +1032,70 @@ def test_graceful_shutdown_kills_what_is_left(tmp_path):
     assert "killed after the 1 s grace period" in t.log()
     poll(lambda: not any(still_running(pid, start) for pid, (start, _) in below.items()),
          30, "the tender's worker processes to go")
+
+
+# -- the command-line clients --------------------------------------------------------------------
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*unifork_cmd(), *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=RPC_TIMEOUT, stdin=subprocess.DEVNULL,
+                          env={**os.environ, **(env or {})})
+
+
+def test_cli_clients(tender, client, ticker_elf, tmp_path):
+    tgt = ["--target", tender.target]
+    r = cli("launch", "hello", "--wait", *tgt)
+    assert (r.returncode, r.stdout) == (0, HELLO.decode()), r
+    assert re.match(r"[0-9a-f]{16}: exited, ", r.stderr), r.stderr
+
+    r = cli("launch", "token_ring", "--fork", "vmclone", "--pipe", "tcp", "--console", "pipe",
+            "--wait", "--tag-pids", *tgt, "--", "-n", "3", "-r", "2")
+    assert (r.returncode, r.stdout) == (0, "[2] token=6\n"), r
+
+    r = cli("launch", "fault_segv", "--wait", *tgt)
+    assert r.returncode == 128 + SIGSEGV, r
+
+    r = cli("launch", "spin", "--timeout", "120", *tgt)
+    assert r.returncode == 0, r
+    iid = r.stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{16}", iid), r.stdout
+    wait_for_output(client, iid, b"spin: spinning\n")
+    r = cli("ps", *tgt)
+    row = next(line for line in r.stdout.splitlines() if line.startswith(iid))
+    assert row.split()[1:3] == ["running", "thread"] and row.endswith(" spin"), row
+    r = cli("wait", iid, "--timeout", "0.2", *tgt)
+    assert r.returncode == 124 and "still running" in r.stderr, r
+    r = cli("kill", iid, *tgt)
+    assert (r.returncode, r.stdout) == (0, "killed\n"), r
+    r = cli("wait", iid, *tgt)
+    assert r.returncode == 128 + SIGKILL and f"{iid}: killed" in r.stderr, r
+    r = cli("kill", iid, *tgt)
+    assert r.stdout == "not running\n", r
+    r = cli("logs", iid, *tgt)
+    assert (r.returncode, r.stdout) == (0, "spin: spinning\n"), r
+    r = cli("describe", iid, *tgt)
+    assert r.returncode == 0 and 'outcome: "killed"' in r.stdout, r
+
+    (tmp_path / "t.elf").write_bytes(ticker_elf)
+    r = cli("upload", str(tmp_path / "t.elf"), "--name", "cli-ticker", *tgt)
+    assert r.stdout.split() == ["cli-ticker", str(len(ticker_elf)),
+                                hashlib.sha256(ticker_elf).hexdigest()], r
+    r = cli("images", *tgt)
+    row = next(line for line in r.stdout.splitlines() if line.startswith("cli-ticker "))
+    assert row.split()[-1] == "uploaded", row
+    r = cli("launch", "cli-ticker", "--wait", *tgt, "--", "2")
+    assert (r.returncode, r.stdout) == (0, "tick 0\ntick 1\n"), r
+
+    r = cli("launch", "no_such_image", *tgt)
+    assert r.returncode == 2 and "NOT_FOUND" in r.stderr, r
+
+
+def test_cli_clients_with_a_token(secure, tmp_path):
+    t, _, _, iid = secure
+    tgt = ["--target", t.target]
+    r = cli("ps", *tgt)
+    assert r.returncode == 2 and "UNAUTHENTICATED" in r.stderr, r
+    (tmp_path / "tok").write_text(TOKEN + "\n")
+    r = cli("ps", *tgt, "--token-file", str(tmp_path / "tok"))
+    assert r.returncode == 0 and iid in r.stdout, r
+    r = cli("wait", iid, *tgt, env={"UNIFORK_TOKEN": TOKEN})
+    assert r.returncode == 0 and f"{iid}: exited" in r.stderr, r

@@ -224,14 +224,15 @@ def _children() -> set[int]:
     return kids
 
 
-def _our_segments(pids: set[int]) -> set[str]:
-    """Segment names in /dev/shm made by this process or one of our workers."""
-    names = set()
-    for name in os.listdir(SHM_DIR):
+def _ours(names: set[str], pids: set[int]) -> set[str]:
+    """The channel segments among names made by this process or one of our workers
+    (other sessions on this host may make theirs meanwhile)."""
+    ours = set()
+    for name in names:
         m = re.fullmatch(r"ufp-(\d+)-\w+", name)
         if m and int(m.group(1)) in pids:
-            names.add(name)
-    return names
+            ours.add(name)
+    return ours
 
 
 @dataclass
@@ -295,6 +296,7 @@ class Harness:
 def harness() -> Iterator[Harness]:
     resource_tracker.ensure_running()  # so it is among the children "before"
     kids_before = _children()
+    shm_before = set(os.listdir(SHM_DIR))
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(30)
     h = Harness(listener)
@@ -308,8 +310,9 @@ def harness() -> Iterator[Harness]:
             if proc.poll() is None:
                 proc.kill()
             proc.communicate(timeout=30)
+        new_entries = set(os.listdir(SHM_DIR)) - shm_before
         pids = {os.getpid(), *(p.pid for p in h.procs)}
-        assert _our_segments(pids) == set(), "segments left in /dev/shm"
+        assert _ours(new_entries, pids) == set(), "segments left in /dev/shm"
         assert _children() == kids_before, "child processes left behind"
 
 
@@ -551,6 +554,29 @@ def test_concurrent_senders_never_interleave(harness: Harness, kind: str) -> Non
     assert next_seq == [per_thread] * threads
     assert b.recv(timeout=0) is None
     assert a.bytes_sent == b.bytes_received
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ping_pong_never_loses_a_wakeup(harness: Harness, kind: str) -> None:
+    """Each side sleeps before every frame, so every frame needs its doorbell."""
+    a, b = harness.pair(kind)
+    rounds = 3000
+
+    def echo() -> None:
+        for _ in range(rounds):
+            f = b.recv(timeout=10)
+            if f is None:
+                return
+            b.send(f)
+
+    t = threading.Thread(target=echo)
+    t.start()
+    for i in range(rounds):
+        a.send(Frame(DATA, req=i, payload=i.to_bytes(4, "little")))
+        f = a.recv(timeout=10)
+        assert f is not None, f"round {i}: a wake-up was lost"
+        assert f.req == i
+    t.join(10)
 
 
 @pytest.mark.parametrize("kind", KINDS)

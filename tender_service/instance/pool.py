@@ -27,6 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+import grpc
 from multiprocessing_logging import MultiProcessingHandler
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,18 @@ class WorkerHandle:
     def alive(self) -> bool:
         return self.proc.is_alive()
 
-    def start_vm(self, start: dict, snapshot: bytes | None):
+    def start_vm(self, start: dict, snapshot: bytes | None, image: bytes | None = None):
         from tender_service.instance.worker import start_vm
 
-        return start_vm(self.address, start, snapshot)
+        return start_vm(self.address, start, snapshot, image=image)
+
+    def load(self) -> int:
+        """VMs this tender process hosts (Peer.GetLoad)."""
+        from tender_service import protos
+
+        pb2, pb2_grpc = protos.peer()
+        with grpc.insecure_channel(self.address) as ch:
+            return int(pb2_grpc.PeerStub(ch).GetLoad(pb2.LoadRequest(), timeout=2.0).vms)
 
     def kill(self) -> None:
         if self.alive:
@@ -140,6 +149,16 @@ class WarmPool:
                 if left <= 0:
                     raise TimeoutError("no tender process became ready")
                 self._ready.wait(left)
+
+    def load(self) -> int:
+        """VMs hosted by all the pool's processes (dead or slow ones count as busy)."""
+        total = 0
+        for w in list(self.workers):
+            try:
+                total += w.load()
+            except grpc.RpcError:
+                total += 1000
+        return total
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout

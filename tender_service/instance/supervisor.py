@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tender_service.rump import signals
 from tender_service.rump.kernel import ProcInfo, VmConfig
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 INIT_PID = 1
 MAIN_PID = 2
 _DATA_OPS = {"pipe_create"}
+PLACEMENT_TRIES = 3
 #: messages that may wake a VM that said it was idle
 _WAKING = {Msg.PIPE_DATA, Msg.PIPE_WROTE, Msg.CHILD_EXIT, Msg.SIGNAL, Msg.REPARENT}
 
@@ -63,6 +65,7 @@ class ProcRec:
     events_sent: int = 0
     idle_at: int = -1
     idle_report: str = ""
+    peak_memory: int = 0
 
     @property
     def alive(self) -> bool:
@@ -78,6 +81,7 @@ class InstanceResult:
     forks: int
     processes: list[ProcInfo]
     fork_seconds: list[float]
+    peak_memory: int = 0  # the sum of every VM's peak: what the instance needed at most
 
     @property
     def exit_code(self) -> int:
@@ -135,16 +139,24 @@ class Supervisor:
     def start(self, image_path: str, args: list[str], env: list[str], argv0: str) -> None:
         """Boot the launched program as pid 2 on a tender process of the pool."""
         rec = self._new_proc(MAIN_PID, INIT_PID, MAIN_PID, MAIN_PID)
-        worker = self.pool.acquire()
-        rec.worker, rec.host_pid = worker, worker.pid
-        rec.host = getattr(worker, "host", "local")
-        try:
-            worker.start_vm(self.vm_start(MAIN_PID, image_path=image_path, args=args, env=env,
-                                          argv0=argv0), None)
-        except Exception as e:
-            self._ended(rec, signals.signaled_status(signals.SIGKILL),
-                        f"pid 2: could not start: {e}")
-            raise
+        error: Exception | None = None
+        for _ in range(PLACEMENT_TRIES):  # a peer that just died is marked down: try another
+            worker = self.pool.acquire()
+            rec.worker, rec.host_pid = worker, worker.pid
+            rec.host = getattr(worker, "host", "local")
+            remote = bool(getattr(worker, "remote", False))
+            if remote and self.transport == "shm":
+                self.transport_note = "shm requested, tcp used for VMs on other hosts"
+            start = self.vm_start(MAIN_PID, remote=remote, image_path=image_path, args=args,
+                                  env=env, argv0=argv0)
+            try:  # a peer may not have the image file: send the image along
+                worker.start_vm(start, None, Path(image_path).read_bytes() if remote else None)
+                return
+            except Exception as e:
+                error = e
+        self._ended(rec, signals.signaled_status(signals.SIGKILL),
+                    f"pid 2: could not start: {error}")
+        raise RuntimeError(f"could not start the first VM: {error}")
 
     def vm_start(self, pid: int, remote: bool = False, **boot) -> dict:
         """The start header of a VM of this instance (see proto/unifork/v1/peer.proto).
@@ -172,7 +184,8 @@ class Supervisor:
         status = main.status if main else signals.signaled_status(signals.SIGKILL)
         outcome = self._outcome or ("exited" if status & 0x7F == 0 else "signaled")
         return InstanceResult(status, outcome, list(self.reports), time.monotonic() - self.t0,
-                              self.forks, self.process_table(), list(self.fork_seconds))
+                              self.forks, self.process_table(), list(self.fork_seconds),
+                              sum(r.peak_memory for r in self.procs.values()))
 
     def kill(self, reason: str = "killed") -> None:
         """End every VM of the instance (SIGKILL to each guest process and its tender)."""
@@ -222,7 +235,9 @@ class Supervisor:
 
     def process_table(self) -> list[ProcInfo]:
         with self.lock:
-            rows = [ProcInfo(INIT_PID, 0, "init", "alive", None, "")]
+            running = any(r.alive for r in self.procs.values())
+            rows = [ProcInfo(INIT_PID, 0, "init", "alive" if running else "reaped",
+                             None if running else 0, "")]
             for r in sorted(self.procs.values(), key=lambda r: r.pid):
                 state = {"starting": "alive", "running": "alive"}.get(r.state, r.state)
                 rows.append(ProcInfo(r.pid, r.ppid, f"vm@{r.host}/{r.host_pid}", state,
@@ -319,6 +334,9 @@ class Supervisor:
                 value, payload = self._call(rec, f.payload)
                 self._send(rec, Frame(Msg.RESULT, 0, f.req, 0, value, payload))
             elif t == Msg.EXITED:
+                if f.payload:
+                    with contextlib.suppress(ValueError):
+                        rec.peak_memory = int(json.loads(f.payload).get("peak_memory", 0))
                 self._ended(rec, f.arg, "")
             elif t == Msg.REAPED:
                 child = self.procs.get(f.arg)
@@ -363,6 +381,24 @@ class Supervisor:
         if remote and self.transport == "shm":
             self.transport_note = "shm requested, tcp used for VMs on other hosts"
         self.forks += 1
+        start = self.vm_start(pid, remote=remote)
+        return pid, json.dumps({"worker": worker.address, "start": start}).encode()
+
+    def _op_fork_relocate(self, rec: ProcRec, pid: int) -> tuple[int, bytes]:
+        """The place chosen for a child did not answer: mark it down, choose again."""
+        child = self.procs.get(pid)
+        if child is None or child.state != "starting":
+            return -errno.ESRCH, b""
+        failed = getattr(child.worker, "on_failure", None)
+        if failed is not None:
+            failed(child.worker.address)
+        try:
+            worker = self.pool.acquire(avoid=rec.host_pid)
+        except Exception:
+            return -errno.EAGAIN, b""
+        child.worker, child.host_pid = worker, worker.pid
+        remote = bool(getattr(worker, "remote", False))
+        child.host = getattr(worker, "host", "local")
         start = self.vm_start(pid, remote=remote)
         return pid, json.dumps({"worker": worker.address, "start": start}).encode()
 

@@ -27,7 +27,7 @@ import grpc
 from tender_service import protos
 from tender_service.fork.snapshot import SnapshotError, decode, restore
 from tender_service.fork.vmclone import VmCloneFork
-from tender_service.machine.elf import load_elf_file
+from tender_service.machine.elf import load_elf_file, parse_elf
 from tender_service.machine.errors import GuestError, ImageError
 from tender_service.rump.console import Console
 from tender_service.rump.kernel import Kernel, VmConfig
@@ -58,7 +58,8 @@ def connect(address: str, timeout: float = 10.0) -> socket.socket:
     raise ValueError(f"bad address {address!r}")
 
 
-def start_vm(address: str, start: dict, snapshot: bytes | None, timeout: float = 30.0):
+def start_vm(address: str, start: dict, snapshot: bytes | None, timeout: float = 30.0,
+             image: bytes | None = None):
     """Call ``Peer.StartVm`` on the tender process at ``address``; its VmStarted reply.
 
     Peers on other hosts want the cluster's bearer token (UNIFORK_PEER_TOKEN).
@@ -72,6 +73,9 @@ def start_vm(address: str, start: dict, snapshot: bytes | None, timeout: float =
         if snapshot:
             for off in range(0, len(snapshot), CHUNK):
                 yield pb2.VmChunk(snapshot=snapshot[off : off + CHUNK])
+        if image:
+            for off in range(0, len(image), CHUNK):
+                yield pb2.VmChunk(image=image[off : off + CHUNK])
 
     with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
         return pb2_grpc.PeerStub(ch).StartVm(chunks(), timeout=timeout, metadata=metadata)
@@ -100,11 +104,18 @@ class WorkerCloneHost:
 
     def start_child(self, child_pid: int, snapshot: bytes) -> None:
         address, start = self._leases.pop(child_pid)
-        try:
-            start_vm(address, start, snapshot)
-        except grpc.RpcError as e:
-            raise GuestError(errno.EAGAIN, f"tender process refused the child: {e.details()}") \
-                from e
+        for attempt in range(3):
+            try:
+                start_vm(address, start, snapshot)
+                break
+            except grpc.RpcError as e:
+                # that tender process is gone or refuses: ask for another place
+                value, payload = self.link.call_full("fork_relocate", child_pid)
+                if value < 0 or attempt == 2:
+                    raise GuestError(errno.EAGAIN,
+                                     f"no tender process took the child: {e.details()}") from e
+                lease = json.loads(payload)
+                address, start = lease["worker"], lease["start"]
         micros = int((time.perf_counter() - self._t0.pop(child_pid)) * 1e6)
         self.link.call("fork_started", child_pid, micros, len(snapshot))
 
@@ -124,22 +135,24 @@ class PeerServicer:
 
     def StartVm(self, request_iterator, context):  # noqa: N802 - gRPC's name
         pb2, _ = protos.peer()
-        start_msg, parts, size = None, [], 0
+        start_msg, parts, image, size = None, [], [], 0
         for chunk in request_iterator:
-            if chunk.HasField("start"):
+            kind = chunk.WhichOneof("part")
+            if kind == "start":
                 start_msg = chunk.start
-            else:
-                size += len(chunk.snapshot)
-                if size > MAX_SNAPSHOT:
-                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "snapshot too large")
-                parts.append(chunk.snapshot)
+                continue
+            data = chunk.snapshot if kind == "snapshot" else chunk.image
+            size += len(data)
+            if size > MAX_SNAPSHOT:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{kind}: too large")
+            (parts if kind == "snapshot" else image).append(data)
         if start_msg is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "start: missing")
         t0 = time.perf_counter()
         start = {f.name: getattr(start_msg, f.name) for f in start_msg.DESCRIPTOR.fields}
         start["args"], start["env"] = list(start["args"]), list(start["env"])
         try:
-            k = self._build(start, b"".join(parts))
+            k = self._build(start, b"".join(parts), b"".join(image))
         except (ImageError, SnapshotError, ValueError, OSError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot start the VM: {e}")
         threading.Thread(target=self._run, args=(k, start["pid"]), daemon=True,
@@ -155,7 +168,7 @@ class PeerServicer:
         return pb2.Load(vms=len(vms), guest_memory_bytes=sum(k.committed_memory() for k in vms),
                         cpu_seconds=time.process_time())
 
-    def _build(self, start: dict, snapshot: bytes) -> Kernel:
+    def _build(self, start: dict, snapshot: bytes, image_data: bytes = b"") -> Kernel:
         pid = int(start["pid"])
         sock = connect(start["supervisor"])
         hello = {"token": start["instance_token"], "pid": pid, "host_pid": os.getpid(),
@@ -172,7 +185,8 @@ class PeerServicer:
                 config = VmConfig(ram=int(start["ram_bytes"]), stack_size=int(start["stack_bytes"]),
                                   quantum=int(start["quantum"]), max_procs=int(start["max_procs"]),
                                   tty=bool(start["tty"]), timeout=timeout)
-                image = load_elf_file(start["image_path"])
+                image = (parse_elf(image_data, start["argv0"] or "image") if image_data
+                         else load_elf_file(start["image_path"]))
                 argv = [start["argv0"] or image.name, *start["args"]]
                 k = Kernel.boot(image, argv, start["env"], config, console, forker)
         except Exception:

@@ -207,7 +207,8 @@ class InstanceManager:
                 r = sup.wait()
                 inst.processes = r.processes
                 inst.transport_note = sup.transport_note
-                self._finish(inst, r.status, r.outcome, r.reports, r.elapsed, r.forks, 0)
+                self._finish(inst, r.status, r.outcome, r.reports, r.elapsed, r.forks,
+                             r.peak_memory)
             finally:
                 sup.close()
         except Exception as e:

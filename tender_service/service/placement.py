@@ -36,6 +36,7 @@ class PeerHandle:
 
     address: str  # host:port of its gRPC server
     token: str | None
+    on_failure: object = None  # called with the address when the peer did not answer
     remote = True
     pid = 0
 
@@ -43,10 +44,16 @@ class PeerHandle:
     def host(self) -> str:
         return self.address
 
-    def start_vm(self, start: dict, snapshot: bytes | None):
+    def start_vm(self, start: dict, snapshot: bytes | None, image: bytes | None = None):
         from tender_service.instance.worker import start_vm
 
-        return start_vm(self.address, start, snapshot)
+        try:
+            return start_vm(self.address, start, snapshot, image=image)
+        except grpc.RpcError as e:
+            if self.on_failure is not None and e.code() in (grpc.StatusCode.UNAVAILABLE,
+                                                            grpc.StatusCode.DEADLINE_EXCEEDED):
+                self.on_failure(self.address)
+            raise
 
     def load(self) -> int:
         pb2, pb2_grpc = protos.peer()
@@ -87,22 +94,25 @@ class Placer:
             if peer is None:
                 raise RuntimeError("no peer tender is up")
             return peer
+        # spread: the least-loaded of this host's pool and the peers (ties rotate)
         peer = self.peers.least_loaded()
-        local_load = self.peers.local_load()
-        if peer is not None and self.peers.load_of(peer) < local_load:
+        if peer is None:
+            return self.pool.acquire(avoid)
+        local = self.pool.load()
+        remote = self.peers.load_of(peer)
+        if remote < local or (remote == local and next(self.peers.turn) % 2):
             return peer
         return self.pool.acquire(avoid)
 
 
 class PeerSet:
     def __init__(self, specs: list[str], port: int, token: str | None,
-                 self_address: str | None = None, local_vms=lambda: 0) -> None:
+                 self_address: str | None = None) -> None:
         self.specs, self.port, self.token = specs, port, token
         self.self_address = self_address
-        self.local_vms = local_vms
         self._loads: dict[str, tuple[float, int]] = {}
         self._down: dict[str, float] = {}
-        self._rr = itertools.count()
+        self.turn = itertools.count()
         self._lock = threading.Lock()
 
     def addresses(self) -> list[str]:
@@ -119,25 +129,28 @@ class PeerSet:
             self._loads[peer.address] = (now, load)
         return load
 
-    def local_load(self) -> int:
-        return self.local_vms()
+    def mark_down(self, address: str) -> None:
+        log.warning("peer %s did not answer: skipped for %g s", address, DOWN_FOR)
+        with self._lock:
+            self._down[address] = time.monotonic() + DOWN_FOR
+            self._loads.pop(address, None)
 
     def least_loaded(self) -> PeerHandle | None:
         best: tuple[int, int, PeerHandle] | None = None
         now = time.monotonic()
-        for i, addr in enumerate(self.addresses()):
+        addresses = self.addresses()
+        offset = next(self.turn)  # ties rotate between calls
+        for i, addr in enumerate(addresses):
             with self._lock:
                 if self._down.get(addr, 0) > now:
                     continue
-            peer = PeerHandle(addr, self.token)
+            peer = PeerHandle(addr, self.token, self.mark_down)
             try:
                 load = self.load_of(peer)
-            except grpc.RpcError as e:
-                log.warning("peer %s is down (%s): skipped", addr, e.code())
-                with self._lock:
-                    self._down[addr] = now + DOWN_FOR
+            except grpc.RpcError:
+                self.mark_down(addr)
                 continue
-            key = (load, (i + next(self._rr)) % 997, peer)
+            key = (load, (i + offset) % len(addresses), peer)
             if best is None or key[:2] < best[:2]:
                 best = key
         return None if best is None else best[2]

@@ -258,8 +258,7 @@ class Tender:
         self.pool = WarmPool(opts.pool_size, env=env, host=self.advertise)
         self.stop_event = threading.Event()
         self.peer_servicer = PeerServicer(self.stop_event)
-        self.peers = PeerSet(list(opts.peers), int(port or 7700), self.token, self.advertise,
-                             local_vms=lambda: len(self.peer_servicer.vms))
+        self.peers = PeerSet(list(opts.peers), int(port or 7700), self.token, self.advertise)
         listen_host = host if host not in ("", "0.0.0.0", "[::]") else "0.0.0.0"
         self.manager = InstanceManager(self.store, lambda p: Placer(p, self.pool, self.peers),
                                        opts.max_instances, opts.default_timeout,

@@ -202,7 +202,11 @@ class _ChannelBase:
     def _leave(self) -> None:
         with self._state:
             self._users -= 1
-        self._release_if_idle()
+            release = self._closed and not self._users and not self._released
+            if release:
+                self._released = True
+        if release:
+            self._release()
 
     def _release_if_idle(self) -> None:
         with self._state:
@@ -468,12 +472,12 @@ class ShmChannel(_ChannelBase):
         timeout: float | None = HELLO_TIMEOUT,
     ) -> ShmChannel:
         """Make the segment, offer it in our hello, wait for the ack, unlink the name."""
-        if ring_size < MIN_RING_SIZE:
-            raise ValueError(f"ring size {ring_size} is below the minimum {MIN_RING_SIZE}")
         info = dict(hello or {})
-        if _SHM_KEY in info:
-            raise ValueError(f"hello key {_SHM_KEY!r} is reserved")
         try:
+            if ring_size < MIN_RING_SIZE:
+                raise ValueError(f"ring size {ring_size} is below the minimum {MIN_RING_SIZE}")
+            if _SHM_KEY in info:
+                raise ValueError(f"hello key {_SHM_KEY!r} is reserved")
             shm = SharedMemory(_segment_name(), create=True, size=_DATA_BASE + 2 * ring_size)
         except BaseException:
             sock.close()
@@ -585,8 +589,10 @@ class ShmChannel(_ChannelBase):
                 self._sleep(None, epoch)
             ring.space_waiting.value = 0
         fence()  # the head load above before our stores into the freed bytes
-        ring.put(tail, header)
-        if payload:
+        if len(payload) <= _COALESCE:
+            ring.put(tail, header + payload)
+        else:
+            ring.put(tail, header)
             ring.put(tail + HEADER_SIZE, memoryview(payload))
         fence()  # frame bytes before the tail that publishes them
         self._tx_tail = tail + need

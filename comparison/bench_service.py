@@ -1,0 +1,350 @@
+"""The tender as a service: launch-to-exit latency and throughput, thread vs VM-clone fork.
+
+Not a test.  Starts a local tender (``unifork serve`` on free loopback ports,
+a warm pool of 2), then, for small instances (``hello``) in thread and
+vmclone mode:
+
+* latency: Launch + Wait of one instance at a time, from the client's side
+  (``time.perf_counter`` around both RPCs); thread and vmclone runs are
+  interleaved so that a noisy spell hits both;
+* throughput: 4 client threads (``--clients``) each launching and waiting
+  for instances back to back for a bounded time (``--seconds``, and at most
+  ``--max-instances`` per mode); instances that completed with exit 0 per
+  second of wall time, and every failure counted by gRPC status code (or
+  ``outcome=...`` for an instance that did not exit 0);
+* the fork itself: ``fork_time -n 20`` inside an instance of each mode, the
+  median of the ``fork_us`` lines it prints (the first fork of each run
+  dropped: cold caches, first translation), so the VM-clone fork to the
+  local pool is compared with the thread fork in the same guest program.
+
+Prints a table and the ratio vmclone/thread; ``--json FILE`` also writes the
+raw samples.  ``--quick`` finishes in well under 60 s.
+
+Run: ``python -m comparison.bench_service [--quick] [--json FILE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tender_service import protos
+from tender_service.service.client import Client
+
+ROOT = Path(__file__).resolve().parents[1]
+RPC_TIMEOUT = 120.0
+START_TIMEOUT = 90.0
+HELLO = b"Hello, unikernel!\n"
+
+
+class BenchError(RuntimeError):
+    """The tender could not be started or a run went wrong: no meaningful figure."""
+
+
+# -- a local tender ------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalTender:
+    """``unifork serve`` as a subprocess; ``stop()`` sends SIGTERM and returns its exit status."""
+
+    def __init__(self, pool: int, max_instances: int) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="unifork-bench-service-"))
+        self.log_path = self.dir / "tender.log"
+        script = Path(sys.executable).parent / "unifork"
+        cmd = [str(script)] if script.exists() else [sys.executable, "-m", "tender_service.cli"]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [*cmd, "serve", "--listen", self.target, "--pool", str(pool),
+                 "--max-instances", str(max_instances), "--metrics-port", str(free_port())],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
+        try:
+            self._wait_serving()
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def _wait_serving(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        with grpc.insecure_channel(self.target) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while True:
+                if self.proc.poll() is not None:
+                    raise BenchError(f"the tender exited with {self.proc.returncode}:\n"
+                                     f"{self.log()}")
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
+                            health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise BenchError(f"the tender did not serve within {START_TIMEOUT:g} s")
+                time.sleep(0.1)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+# -- one instance --------------------------------------------------------------------------------
+def mode_fields(pb2, mode: str) -> dict:
+    if mode == "thread":
+        return dict(fork_mode=pb2.FORK_MODE_THREAD)
+    return dict(fork_mode=pb2.FORK_MODE_VMCLONE, pipe_transport=pb2.PIPE_TRANSPORT_SHM)
+
+
+def run_instance(c: Client, mode: str, image: str = "hello", args: Sequence[str] = (),
+                 console: bool = False) -> tuple[float, str, bytes]:
+    """Launch + Wait; (seconds, "ok" or what went wrong, stdout if asked for)."""
+    pb2 = c.pb2
+    t0 = time.perf_counter()
+    try:
+        iid = c.stub.Launch(pb2.LaunchRequest(image=image, args=list(args), console_pipe=True,
+                                              time_limit_seconds=60.0, **mode_fields(pb2, mode)),
+                            metadata=c.md, timeout=RPC_TIMEOUT).instance_id
+        r = c.stub.Wait(pb2.WaitRequest(instance_id=iid), metadata=c.md, timeout=RPC_TIMEOUT)
+    except grpc.RpcError as e:
+        return time.perf_counter() - t0, e.code().name, b""
+    seconds = time.perf_counter() - t0
+    if not r.done or r.outcome != "exited" or r.exit_code != 0:
+        return seconds, f"outcome={r.outcome or 'running'}/{r.exit_code}", b""
+    out = b""
+    if console:
+        out = b"".join(ch.data for ch in c.logs(iid) if ch.fd == 1)
+    return seconds, "ok", out
+
+
+# -- statistics ----------------------------------------------------------------------------------
+def median(xs: Sequence[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def p99(xs: Sequence[float]) -> float | None:
+    if len(xs) < 2:
+        return xs[0] if xs else None
+    return statistics.quantiles(xs, n=100, method="inclusive")[98]
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    latencies: list[float] = field(default_factory=list)  # seconds
+    latency_errors: Counter = field(default_factory=Counter)
+    completed: int = 0
+    elapsed: float = 0.0
+    tp_errors: Counter = field(default_factory=Counter)
+    fork_us: list[float] = field(default_factory=list)
+
+    @property
+    def throughput(self) -> float | None:
+        return self.completed / self.elapsed if self.elapsed else None
+
+    @property
+    def errors(self) -> Counter:
+        return self.latency_errors + self.tp_errors
+
+
+# -- the measurements ----------------------------------------------------------------------------
+def progress(msg: str, t0: float, quiet: bool) -> None:
+    if not quiet:
+        print(f"[{time.monotonic() - t0:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
+def measure_latency(c: Client, results: dict[str, ModeResult], runs: int, warmup: int) -> None:
+    modes = list(results)
+    for i in range(warmup + runs):
+        for mode in modes if i % 2 == 0 else reversed(modes):  # interleaved, alternating order
+            seconds, status, out = run_instance(c, mode, console=i < warmup)
+            if i < warmup:
+                if status != "ok" or out != HELLO:
+                    raise BenchError(f"warm-up {mode} hello: {status}, stdout {out!r}")
+                continue
+            if status == "ok":
+                results[mode].latencies.append(seconds)
+            else:
+                results[mode].latency_errors[status] += 1
+
+
+def measure_throughput(target: str, res: ModeResult, clients: int, seconds: float,
+                       cap: int) -> None:
+    stop_at = time.perf_counter() + seconds
+    lock = threading.Lock()
+    started = [0]
+    done = Counter()
+    start = threading.Barrier(clients + 1)
+
+    def worker() -> None:
+        c = Client(target)
+        try:
+            start.wait()
+            while time.perf_counter() < stop_at:
+                with lock:
+                    if started[0] >= cap:
+                        return
+                    started[0] += 1
+                _, status, _ = run_instance(c, res.mode)
+                with lock:
+                    done[status] += 1
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    stop_at = t0 + seconds
+    for t in threads:
+        t.join(seconds + 2 * RPC_TIMEOUT)
+    res.elapsed = time.perf_counter() - t0
+    res.completed = done.pop("ok", 0)
+    res.tp_errors.update(done)
+
+
+def measure_fork(c: Client, res: ModeResult, runs: int, forks: int = 20) -> None:
+    for _ in range(runs):
+        _, status, out = run_instance(c, res.mode, "fork_time", ["-n", str(forks)], console=True)
+        if status != "ok":
+            raise BenchError(f"fork_time -n {forks} ({res.mode}): {status}")
+        us = [float(x) for x in re.findall(rb"^fork_us=([0-9.]+)$", out, re.M)]
+        if len(us) != forks or not re.search(rb"^fork_summary .* ok=1$", out, re.M):
+            raise BenchError(f"fork_time -n {forks} ({res.mode}) printed {out[-300:]!r}")
+        res.fork_us += us[1:]  # the first fork of a run is a cold one
+
+
+# -- output --------------------------------------------------------------------------------------
+def fmt(v: float | None, scale: float = 1.0, unit: str = "", digits: int = 2) -> str:
+    return "-" if v is None else f"{v * scale:.{digits}f}{unit}"
+
+
+def fmt_ratio(r: float | None) -> str:
+    return "-" if r is None else f"{r:.1f}x"
+
+
+def fmt_errors(errors: Counter) -> str:
+    return ", ".join(f"{k}: {n}" for k, n in sorted(errors.items())) or "none"
+
+
+def table(results: dict[str, ModeResult], clients: int) -> str:
+    t, v = results["thread"], results["vmclone"]
+    head = ["", "launch→exit median", "p99", "n", f"throughput ({clients} clients)",
+            "fork median", "errors"]
+    rows = [head]
+    for r in (t, v):
+        rows.append([r.mode, fmt(median(r.latencies), 1e3, " ms"), fmt(p99(r.latencies), 1e3,
+                                                                        " ms"),
+                     str(len(r.latencies)), fmt(r.throughput, unit=" inst/s", digits=1) +
+                     f" ({r.completed} in {r.elapsed:.1f} s)",
+                     fmt(median(r.fork_us), 1, " µs", 1) + f" (n={len(r.fork_us)})",
+                     fmt_errors(r.errors)])
+    rows.append(["vmclone/thread", fmt_ratio(ratio(median(v.latencies), median(t.latencies))),
+                 fmt_ratio(ratio(p99(v.latencies), p99(t.latencies))), "",
+                 fmt_ratio(ratio(v.throughput, t.throughput)),
+                 fmt_ratio(ratio(median(v.fork_us), median(t.fork_us))), ""])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m comparison.bench_service", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer runs, shorter throughput windows")
+    p.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
+    p.add_argument("--seconds", type=float, help="throughput window per mode "
+                   "(default 5, quick 3)")
+    p.add_argument("--max-instances", type=int, default=2000,
+                   help="bound on the instances launched per throughput window")
+    p.add_argument("--json", help="also write the raw samples to this file")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    a = p.parse_args(argv)
+    runs, warmup = (20, 3) if a.quick else (100, 5)
+    seconds = a.seconds or (3.0 if a.quick else 5.0)
+    fork_runs = 1 if a.quick else 3
+
+    t0 = time.monotonic()
+    protos.ensure()
+    progress("starting a tender (pool of 2)", t0, a.quiet)
+    tender = LocalTender(pool=2, max_instances=max(64, 2 * a.clients))
+    results = {m: ModeResult(m) for m in ("thread", "vmclone")}
+    code = 0
+    try:
+        c = Client(tender.target)
+        try:
+            progress(f"latency: {runs} Launch+Wait of hello per mode, interleaved", t0, a.quiet)
+            measure_latency(c, results, runs, warmup)
+            for mode, res in results.items():
+                progress(f"throughput: {mode}, {a.clients} clients, {seconds:g} s", t0, a.quiet)
+                measure_throughput(tender.target, res, a.clients, seconds, a.max_instances)
+            for mode, res in results.items():
+                progress(f"fork latency: fork_time -n 20 in a {mode} instance", t0, a.quiet)
+                measure_fork(c, res, fork_runs)
+        finally:
+            c.close()
+    except BenchError as e:
+        print(f"bench_service: {e}", file=sys.stderr)
+        code = 1
+    finally:
+        status = tender.stop()
+        if status != 0:
+            print(f"bench_service: the tender exited {status} on SIGTERM:\n{tender.log()}",
+                  file=sys.stderr)
+            code = code or 1
+    progress("done", t0, a.quiet)
+    if code == 0:
+        print(f"unifork tender service, hello instances; {platform.machine()}, "
+              f"{os.cpu_count()} CPUs, pool of 2 warm tender processes")
+        print(table(results, a.clients))
+    if a.json:
+        Path(a.json).write_text(json.dumps({
+            "clients": a.clients, "seconds": seconds, "quick": a.quick,
+            "modes": {m: dict(latencies_s=r.latencies, completed=r.completed,
+                              elapsed_s=r.elapsed, errors=dict(r.errors), fork_us=r.fork_us)
+                      for m, r in results.items()}}, indent=1))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,531 @@
+"""``unifork compare``: every workload in every mode, measured in one run.
+
+Modes: ``native`` (the same static binary as a Linux process), ``thread``
+(thread fork, one VM in this process), ``vmclone-shm`` and ``vmclone-tcp``
+(VM-clone fork on one shared warm pool of tender processes, pipes across VMs
+over shared memory or TCP) and, with ``--target``, ``vmclone-remote`` (VM-clone
+instances launched over gRPC on that tender with placement ``remote``).
+
+For every workload (``comparison/workloads.py``) each mode gets warm-up runs
+(discarded), then the kept runs, interleaved round by round over the modes so
+that a slow spell of a noisy host hits every mode alike.  Then the memory per
+live child and the fork-count scaling curve (``fork_scale``), the semantics
+matrix (from the ``semantics`` and ``fork_hazards`` runs), and the report:
+text table, JSON, CSV and PNG plots in a new ``report-<timestamp>/`` folder.
+
+The library logs (``compare.log`` in the report folder gets everything); the
+CLI prints the table.  See ``comparison/README.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from comparison import report as rep
+from comparison.modes import (
+    LOCAL_MODES,
+    NATIVE,
+    THREAD,
+    VMCLONE_MODES,
+    VMCLONE_REMOTE,
+    VMCLONE_SHM,
+    VMCLONE_TCP,
+    NativeRunner,
+    Outcome,
+    RemoteRunner,
+    RunFailed,
+    Runner,
+    ThreadRunner,
+    VmcloneRunner,
+)
+from comparison.progress import BarAwareHandler, ProgressBar
+from comparison.workloads import (
+    HAZARD_ITEMS,
+    SCALE_PROGRAM,
+    SEMANTICS_ITEMS,
+    WORKLOADS,
+    OutputError,
+    Workload,
+    scale_ready_us,
+    words,
+)
+
+log = logging.getLogger(__name__)
+
+KIB = 1024
+POOL_SIZE = 2
+HOLD_MS = 250  # fork_scale -h: how long the children stay alive for the memory probe
+SCALE_NS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SCALE_RAM = 256 << 20  # thread mode: 256 children x (256 KiB stack + TLS) must fit
+
+
+@dataclass
+class Params:
+    quick: bool
+    runs: int
+    warmup: int
+    memory_children: int
+    memory_runs: int
+    scale_runs: int
+    vmclone_scale_max: int
+
+    @classmethod
+    def make(cls, quick: bool, runs: int | None) -> Params:
+        if quick:
+            return cls(True, runs or 3, 1, 16, 3, 3, 32)
+        return cls(False, runs or 10, 2, 32, 5, 5, 128)
+
+    def scale_runs_for(self, mode: str) -> int:
+        """Kept runs per scaling point: VM-clone points are slow, so only one in a quick run."""
+        return 1 if self.quick and mode in VMCLONE_MODES else self.scale_runs
+
+    def scale_ns(self, mode: str) -> list[int]:
+        top = self.vmclone_scale_max if mode in VMCLONE_MODES else SCALE_NS[-1]
+        return [n for n in SCALE_NS if n <= top]
+
+
+@dataclass
+class Task:
+    label: str
+    fn: Callable[[], None]
+
+
+@dataclass
+class Result:
+    """What the CLI gets back: the report, its text, where it is, the exit status."""
+
+    report: rep.Report
+    text: str
+    directory: Path
+    exit_code: int
+
+
+class RemoteUnavailable(RuntimeError):
+    pass
+
+
+def new_report_dir(root: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for i in range(1000):
+        d = root / (f"report-{stamp}" if i == 0 else f"report-{stamp}-{i}")
+        try:
+            d.mkdir(parents=True)
+            return d
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"cannot create a report folder under {root}")
+
+
+class _TenderNoise(logging.Filter):
+    """On the terminal, the VMs' own records only from ERROR up (all of them are in the log)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith("tender_service") or record.levelno >= logging.ERROR
+
+
+@contextlib.contextmanager
+def session_logging(directory: Path, bar: ProgressBar, verbose: int) -> Iterator[None]:
+    """Everything to ``compare.log``; warnings (ours, and VM errors) to stderr around the bar."""
+    root = logging.getLogger()
+    ours = logging.getLogger("comparison")
+    saved = (root.handlers[:], root.level, ours.level)
+    fileh = logging.FileHandler(directory / "compare.log")
+    fileh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    errh = BarAwareHandler(bar)
+    errh.setFormatter(logging.Formatter("compare: %(levelname)s: %(message)s"))
+    errh.setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        errh.addFilter(_TenderNoise())
+    root.handlers = [fileh, errh]
+    root.setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
+    ours.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.handlers, root.level = saved[0], saved[1]
+        ours.setLevel(saved[2])
+        fileh.close()
+
+
+class Compare:
+    def __init__(self, params: Params, modes: list[str], workloads: list[Workload],
+                 memory: bool, scaling: bool) -> None:
+        self.p = params
+        self.modes = modes
+        self.workloads = workloads
+        self.do_memory = memory
+        self.do_scaling = scaling
+        self.runners: dict[str, Runner] = {}
+        self.pool = None
+        self.skipped: dict[str, str] = {}
+        self.images: dict[str, Path] = {}
+        self.cells: dict[tuple[str, str], rep.Cell] = {}
+        self.probe_words: dict[tuple[str, str], list[dict[str, str]]] = {}
+        self.mem_raw: dict[str, dict[str, list]] = {}
+        self.mem_failed: dict[str, str] = {}
+        self.scale_raw: dict[str, dict[int, list[tuple[float, float]]]] = {}
+        self.scale_failed: dict[str, str] = {}
+        self.notes: list[str] = []
+
+    # -- setup ----------------------------------------------------------------------------------
+    def build_images(self) -> None:
+        from tender_service.toolchain.images import build_image
+
+        for name in {w.program for w in self.workloads} | {SCALE_PROGRAM, "hello"}:
+            self.images[name] = build_image(name)
+
+    def start_runners(self, target: str | None, token: str | None, tls_ca: str | None) -> None:
+        if NATIVE in self.modes:
+            self.runners[NATIVE] = NativeRunner()
+        if THREAD in self.modes:
+            self.runners[THREAD] = ThreadRunner()
+        local_clone = [m for m in (VMCLONE_SHM, VMCLONE_TCP) if m in self.modes]
+        if local_clone:
+            from tender_service.instance.pool import WarmPool
+
+            self.pool = WarmPool(POOL_SIZE)
+            self.pool.wait_ready()
+            for m in local_clone:
+                self.runners[m] = VmcloneRunner(self.pool, m.split("-", 1)[1])
+        if VMCLONE_REMOTE in self.modes:
+            if not target:
+                self.skipped[VMCLONE_REMOTE] = "no --target given"
+            else:
+                r = None
+                try:
+                    r = RemoteRunner(target, token, tls_ca)
+                    r.check()
+                    for path in self.images.values():
+                        r.image_name(path)  # upload now: a failure skips the mode cleanly
+                    # one instance: a tender without peers fails here, not in every cell
+                    r.run(self.images["hello"], [])
+                    self.runners[VMCLONE_REMOTE] = r
+                except Exception as e:  # noqa: BLE001 - any failure means: skip this mode
+                    reason = getattr(e, "details", lambda: None)() or str(e)
+                    self.skipped[VMCLONE_REMOTE] = f"{target}: {reason}".strip()
+                    log.warning("vmclone-remote skipped: %s", self.skipped[VMCLONE_REMOTE])
+                    if r is not None:
+                        with contextlib.suppress(Exception):
+                            r.close()
+        self.modes = [m for m in self.modes if m in self.runners]
+
+    def warm_pool(self) -> None:
+        """The pool's tender processes load the ELF, Unicorn and the fork path once."""
+        for mode in (VMCLONE_SHM, VMCLONE_TCP):
+            if mode in self.runners:
+                for _ in range(POOL_SIZE):
+                    self.runners[mode].run(self.images["fork_scale"], ["-n", "2"])
+
+    def close(self) -> None:
+        for r in self.runners.values():
+            with contextlib.suppress(Exception):
+                r.close()
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    # -- plan -----------------------------------------------------------------------------------
+    def plan(self) -> list[Task]:
+        tasks: list[Task] = []
+        if self.pool is not None:
+            tasks.append(Task("warm-up: tender processes of the pool", self.warm_pool))
+        for w in self.workloads:
+            args = list(w.args(self.p.quick))
+            for mode in self.modes:
+                self.cells[(w.key, mode)] = rep.Cell(w.key, w.title, w.program, args, mode,
+                                                     w.metric, w.unit, w.better)
+            for i in range(self.p.warmup):
+                for mode in self.modes:
+                    tasks.append(Task(f"{w.key}: {mode} warm-up {i + 1}/{self.p.warmup}",
+                                      self._workload_task(w, mode, None)))
+            for i in range(self.p.runs):
+                for mode in self.modes:
+                    tasks.append(Task(f"{w.key}: {mode} run {i + 1}/{self.p.runs}",
+                                      self._workload_task(w, mode, i)))
+        if self.do_memory:
+            for mode in [m for m in self.modes if m in LOCAL_MODES]:
+                self.mem_raw[mode] = {"n": [], "zero": []}
+                tasks.append(Task(f"memory: {mode} warm-up", self._memory_task(mode, None)))
+                for i in range(self.p.memory_runs):
+                    for which in ("n", "zero"):
+                        tasks.append(Task(f"memory: {mode} run {i + 1}/{self.p.memory_runs}",
+                                          self._memory_task(mode, which)))
+            if VMCLONE_REMOTE in self.modes:
+                self.notes.append("memory per child: not measured for vmclone-remote (the "
+                                  "peer's memory is not observable from here)")
+        if self.do_scaling:
+            for mode in self.modes:
+                self.scale_raw[mode] = {}
+                tasks.append(Task(f"scaling: {mode} warm-up", self._scale_task(mode, 4, False)))
+                runs = self.p.scale_runs_for(mode)
+                for i in range(runs):
+                    for n in self.p.scale_ns(mode):
+                        tasks.append(Task(f"scaling: {mode} N={n} run {i + 1}/{runs}",
+                                          self._scale_task(mode, n, True)))
+        return tasks
+
+    # -- tasks ----------------------------------------------------------------------------------
+    def _run(self, mode: str, program: str, args: list[str], **kw) -> Outcome:
+        return self.runners[mode].run(self.images[program], args, **kw)
+
+    def _workload_task(self, w: Workload, mode: str, index: int | None) -> Callable[[], None]:
+        def go() -> None:
+            cell = self.cells[(w.key, mode)]
+            if cell.status != "ok":
+                return
+            try:
+                o = self._run(mode, w.program, cell.args)
+                w.check(o.stdout)
+                vals = w.extract(o)
+                if w.key == "semantics":
+                    found = words(o.stdout, SEMANTICS_ITEMS)
+                elif w.key == "fork_hazards":
+                    found = words(o.stdout, HAZARD_ITEMS)
+                else:
+                    found = None
+            except (RunFailed, OutputError, OSError, RuntimeError, TimeoutError) as e:
+                cell.status, cell.error = "failed", _short(e)
+                log.error("%s in %s failed: %s", w.key, mode, cell.error)
+                return
+            if index is None:
+                return
+            cell.runs.append(rep.RunRecord(index + 1, round(o.wall, 6), vals))
+            if found is not None:
+                self.probe_words.setdefault((w.key, mode), []).append(found)
+
+        return go
+
+    def _memory_task(self, mode: str, which: str | None) -> Callable[[], None]:
+        n = self.p.memory_children
+
+        def go() -> None:
+            if mode in self.mem_failed:
+                return
+            count = 0 if which == "zero" else n
+            runner = self.runners[mode]
+            gc.collect()
+            before = 0 if mode == NATIVE else runner.host_memory()
+
+            def probe(pid: int | None) -> dict:
+                return {"host": runner.host_memory(pid)}
+
+            try:
+                o = self._run(mode, SCALE_PROGRAM, ["-n", str(count), "-h", str(HOLD_MS)],
+                              probe=probe)
+                scale_ready_us(o, count)
+                if o.probe is None:
+                    raise OutputError("the children= line was never seen")
+            except (RunFailed, OutputError, OSError, RuntimeError, TimeoutError) as e:
+                self.mem_failed[mode] = _short(e)
+                log.error("memory in %s failed: %s", mode, self.mem_failed[mode])
+                return
+            if which is None:
+                return
+            snap = statistics.median(o.snapshot_bytes) if o.snapshot_bytes else None
+            self.mem_raw[mode][which].append(
+                {"host": o.probe["host"] - before, "peak": o.peak_memory, "snapshot": snap})
+
+        return go
+
+    def _scale_task(self, mode: str, n: int, keep: bool) -> Callable[[], None]:
+        def go() -> None:
+            if mode in self.scale_failed:
+                return
+            try:
+                o = self._run(mode, SCALE_PROGRAM, ["-n", str(n)],
+                              ram=SCALE_RAM if mode == THREAD else None)
+                fork_all, ready = scale_ready_us(o, n)
+            except (RunFailed, OutputError, OSError, RuntimeError, TimeoutError) as e:
+                self.scale_failed[mode] = f"N={n}: {_short(e)}"
+                log.error("scaling in %s failed: %s", mode, self.scale_failed[mode])
+                return
+            if keep:
+                self.scale_raw[mode].setdefault(n, []).append((fork_all / 1e3, ready / 1e3))
+
+        return go
+
+    # -- results --------------------------------------------------------------------------------
+    def _matrix(self, workload: str, items: tuple[str, ...]) -> tuple[dict, dict]:
+        matrix: dict[str, dict[str, str]] = {}
+        runs: dict[str, int] = {}
+        for mode in self.modes:
+            seen = self.probe_words.get((workload, mode))
+            cell = self.cells.get((workload, mode))
+            if not seen:
+                if cell is not None:
+                    matrix[mode] = {i: "FAILED" if cell.status != "ok" else "-" for i in items}
+                    runs[mode] = 0
+                continue
+            runs[mode] = len(seen)
+            matrix[mode] = {}
+            for item in items:
+                vals = [s[item] for s in seen]
+                if len(set(vals)) == 1:
+                    matrix[mode][item] = vals[0]
+                else:
+                    first = vals[0]
+                    matrix[mode][item] = f"mixed ({vals.count(first)}/{len(vals)} {first})"
+        return matrix, runs
+
+    def memory_rows(self) -> list[rep.MemoryRow]:
+        n = self.p.memory_children
+        rows = []
+        for mode, raw in self.mem_raw.items():
+            if mode in self.mem_failed:
+                rows.append(rep.MemoryRow(mode, n, None, None, [], [], status="failed",
+                                          error=self.mem_failed[mode]))
+                continue
+            pairs = list(zip(raw["n"], raw["zero"], strict=False))
+            host = [(a["host"] - b["host"]) / n / KIB for a, b in pairs]
+            if mode == THREAD:
+                guest = [(a["peak"] - b["peak"]) / n / KIB for a, b in pairs]
+                how = "guest: bmk pages committed (peak N - peak 0) / N; host: PSS of this process"
+            elif mode in (VMCLONE_SHM, VMCLONE_TCP):
+                guest = [a["snapshot"] / KIB for a in raw["n"] if a["snapshot"] is not None]
+                how = ("guest: snapshot each child VM starts from (median per fork); host: PSS "
+                       "of this process + the pool's tender processes")
+            else:
+                guest = []
+                how = "host: PSS of the program's process tree (no guest)"
+            rows.append(rep.MemoryRow(
+                mode, n, rep.sig(statistics.median(guest)) if guest else None,
+                rep.sig(statistics.median(host)) if host else None,
+                [round(g, 3) for g in guest], [round(h, 3) for h in host], how))
+        return rows
+
+    def scale_rows(self) -> list[rep.ScaleRow]:
+        rows = []
+        for mode, by_n in self.scale_raw.items():
+            row = rep.ScaleRow(mode)
+            if mode in self.scale_failed:
+                row.status, row.error = "failed", self.scale_failed[mode]
+            for n in sorted(by_n):
+                fa = [round(x[0], 6) for x in by_n[n]]
+                ready = [round(x[1], 6) for x in by_n[n]]
+                row.points.append(rep.ScalePoint(n, rep.sig(statistics.median(ready)),
+                                                 rep.sig(statistics.median(fa)), ready, fa))
+            rows.append(row)
+        return rows
+
+    def report(self, started: float, duration: float, machine: dict) -> rep.Report:
+        cells = [self.cells[(w.key, m)] for w in self.workloads for m in self.modes
+                 if (w.key, m) in self.cells]
+        for c in cells:
+            c.summarize()
+        rep.add_ratios(cells)
+        sem, sem_runs = self._matrix("semantics", SEMANTICS_ITEMS)
+        haz, haz_runs = self._matrix("fork_hazards", HAZARD_ITEMS)
+        notes = list(self.notes)
+        notes.append(f"{self.p.warmup} warm-up run(s) per workload and mode, discarded; modes "
+                     "interleaved round by round; nothing pinned to a CPU")
+        if self.do_scaling:
+            notes.append(f"scaling: VM-clone modes bounded at N={self.p.vmclone_scale_max}; "
+                         f"thread mode VM given {SCALE_RAM >> 20} MiB of guest RAM; "
+                         f"{self.p.scale_runs} run(s) per point "
+                         f"({self.p.scale_runs_for(VMCLONE_SHM)} for VM-clone modes)")
+        return rep.Report(
+            quick=self.p.quick, runs=self.p.runs,
+            started=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            machine=machine, modes=list(self.modes), skipped_modes=dict(self.skipped),
+            cells=cells, semantics=sem, semantics_runs=sem_runs, hazards=haz,
+            hazards_runs=haz_runs, memory=self.memory_rows(),
+            memory_children=self.p.memory_children, scaling=self.scale_rows(),
+            duration_s=duration, notes=notes)
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300] if "\n" in text else text[:300]
+
+
+def machine_info() -> dict[str, object]:
+    from comparison.bench import machine_info as info
+
+    m = info()
+    m["pool_size"] = POOL_SIZE
+    return m
+
+
+def compare_from_args(a) -> Result:
+    """Run ``unifork compare`` as parsed by ``options.add_compare_arguments``."""
+    from tender_service.service.auth import read_token
+
+    params = Params.make(a.quick, a.runs)
+    modes = list(a.modes) if a.modes else list(LOCAL_MODES) + [VMCLONE_REMOTE]
+    workloads = [w for w in WORKLOADS if not a.only or w.key in a.only]
+    directory = new_report_dir(Path(a.out))
+    token = read_token(a.token_file) if a.token_file else os.environ.get("UNIFORK_TOKEN")
+    c = Compare(params, modes, workloads, not a.no_memory, not a.no_scaling)
+    bar = ProgressBar(1, enabled=not a.no_progress)
+    started, t0 = time.time(), time.perf_counter()
+    machine = machine_info()
+    with session_logging(directory, bar, getattr(a, "verbose", 0)):
+        log.info("report folder %s", directory)
+        try:
+            bar.step("setup: guest images, warm pool, remote tender")
+            c.build_images()
+            c.start_runners(a.target, token, a.tls_ca)
+            tasks = c.plan()
+            bar.total = len(tasks)
+            for t in tasks:
+                bar.step(t.label)
+                t.fn()
+                bar.advance()
+            bar.finish()
+        finally:
+            c.close()
+        r = c.report(started, time.perf_counter() - t0, machine)
+        r.directory = str(directory.resolve())
+        text = write_files(r, directory)
+    return Result(r, text, directory, 1 if r.failures else 0)
+
+
+def write_files(r: rep.Report, directory: Path) -> str:
+    """CSV, plots, then the JSON (listing every file) and the table; returns the table."""
+    from comparison import plots
+
+    rep.write_csv(r, directory / "raw.csv", directory / "summary.csv")
+    rep.write_published_csv(directory / "published.csv")
+    pngs: list[Path] = []
+    try:
+        pngs = plots.write_all(r, directory)
+    except Exception:  # a failed plot must not lose the measured figures
+        log.exception("plotting failed")
+    r.files = ["report.json", "raw.csv", "summary.csv", "published.csv", "table.txt",
+               "compare.log", *(p.name for p in pngs)]
+    rep.write_json(r, directory / "report.json")
+    text = rep.render(r)
+    (directory / "table.txt").write_text(text + "\n")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m comparison.compare``: the same as ``unifork compare``."""
+    import argparse
+
+    from comparison.options import add_compare_arguments
+
+    p = argparse.ArgumentParser(prog="python -m comparison.compare",
+                                description=__doc__.splitlines()[0])
+    add_compare_arguments(p)
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    res = compare_from_args(a)
+    print(res.text)
+    print(f"report: {res.directory}")
+    return res.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

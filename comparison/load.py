@@ -1,0 +1,244 @@
+"""``unifork load``: launch instances on a tender at a fixed concurrency (grpc.aio).
+
+``--concurrency C`` coroutines each launch an instance (``Launch``), wait for
+its end (``Wait``) and launch the next, until ``--duration S`` seconds have
+passed or ``--max-instances N`` have been launched.  In-flight instances
+then get at most ``--wait-timeout`` more seconds; any still running are
+killed and counted as failed (``DEADLINE_EXCEEDED``).  So a run is bounded in
+count and in time whatever the tender does.
+
+Figures: launched = succeeded + failed; succeeded means the instance exited
+with status 0; throughput is succeeded instances per second over the whole
+run; latency is launch to exit (from just before ``Launch`` to ``Wait``'s
+answer) of the succeeded instances.  Errors are counted by gRPC status code
+(``RESOURCE_EXHAUSTED`` when the tender is full, ...) or, for instances that
+ran but did not exit 0, by ``instance:<outcome>`` (``instance:exit_1``,
+``instance:timeout``, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import statistics
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+RPC_TIMEOUT = 30.0  # seconds for Launch and Kill
+BACKOFF = 0.05  # seconds a coroutine waits after a refused launch
+
+
+@dataclass
+class LoadConfig:
+    target: str
+    image: str = "hello"
+    fork: str = "thread"
+    pipe: str = "shm"
+    args: list[str] = field(default_factory=list)
+    concurrency: int = 4
+    duration: float = 10.0
+    max_instances: int = 10_000
+    wait_timeout: float = 60.0
+    token: str | None = None
+    tls_ca: str | None = None
+
+
+@dataclass
+class LoadResult:
+    target: str
+    image: str
+    fork: str
+    concurrency: int
+    duration_s: float  # the launch window asked for
+    elapsed_s: float  # first launch to last answer
+    launched: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    latencies_ms: list[float] = field(default_factory=list)  # succeeded instances
+    throughput_per_s: float = 0.0
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    min_ms: float | None = None
+    max_ms: float | None = None
+
+    def summarize(self) -> None:
+        from comparison.report import sig
+
+        xs = sorted(self.latencies_ms)
+        self.throughput_per_s = sig(self.succeeded / self.elapsed_s) if self.elapsed_s > 0 else 0.0
+        if xs:
+            self.p50_ms = sig(statistics.median(xs))
+            self.p95_ms = sig(_quantile(xs, 0.95))
+            self.p99_ms = sig(_quantile(xs, 0.99))
+            self.min_ms, self.max_ms = sig(xs[0]), sig(xs[-1])
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    """Linear interpolation between order statistics (numpy's default method)."""
+    if len(xs) == 1:
+        return xs[0]
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+class _Load:
+    def __init__(self, cfg: LoadConfig) -> None:
+        from tender_service import protos
+        from tender_service.service.auth import call_metadata
+
+        self.cfg = cfg
+        self.pb2, self.grpc_mod = protos.tender()
+        self.md = call_metadata(cfg.token)
+        self.launched = 0
+        self.succeeded = 0
+        self.failed = 0
+        self.errors: Counter[str] = Counter()
+        self.latencies: list[float] = []
+        self.live: set[str] = set()
+        self.last_answer = 0.0
+
+    def _fail(self, key: str) -> None:
+        self.failed += 1
+        self.errors[key] += 1
+
+    def _request(self):
+        pb2 = self.pb2
+        return pb2.LaunchRequest(
+            image=self.cfg.image, args=list(self.cfg.args),
+            fork_mode=pb2.FORK_MODE_VMCLONE if self.cfg.fork == "vmclone" else pb2.FORK_MODE_THREAD,
+            pipe_transport=pb2.PIPE_TRANSPORT_TCP if self.cfg.pipe == "tcp"
+            else pb2.PIPE_TRANSPORT_SHM,
+            time_limit_seconds=self.cfg.wait_timeout, console_pipe=True)
+
+    async def worker(self, stub, launch_until: float, hard_deadline: float) -> None:
+        req = self._request()
+        while time.monotonic() < launch_until and self.launched < self.cfg.max_instances:
+            self.launched += 1
+            t0 = time.perf_counter()
+            try:
+                iid = (await stub.Launch(req, metadata=self.md, timeout=RPC_TIMEOUT)).instance_id
+            except grpc.aio.AioRpcError as e:
+                self._fail(e.code().name)
+                self.last_answer = time.perf_counter()
+                log.debug("launch refused: %s %s", e.code().name, e.details())
+                await asyncio.sleep(BACKOFF)
+                continue
+            self.live.add(iid)
+            left = max(0.1, min(self.cfg.wait_timeout, hard_deadline - time.monotonic()))
+            try:
+                r = await stub.Wait(self.pb2.WaitRequest(instance_id=iid), metadata=self.md,
+                                    timeout=left)
+            except grpc.aio.AioRpcError as e:
+                self._fail(e.code().name)
+                self.last_answer = time.perf_counter()
+                await self._kill(stub, iid)
+                continue
+            self.last_answer = time.perf_counter()
+            self.live.discard(iid)
+            if not r.done:
+                self._fail("DEADLINE_EXCEEDED")
+                await self._kill(stub, iid)
+            elif r.outcome == "exited" and r.exit_code == 0:
+                self.succeeded += 1
+                self.latencies.append((self.last_answer - t0) * 1e3)
+            else:
+                self._fail(f"instance:{r.outcome if r.outcome != 'exited' else f'exit_{r.exit_code}'}")
+
+    async def _kill(self, stub, iid: str) -> None:
+        self.live.discard(iid)
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await stub.Kill(self.pb2.KillRequest(instance_id=iid), metadata=self.md,
+                            timeout=RPC_TIMEOUT)
+
+    async def run(self) -> LoadResult:
+        cfg = self.cfg
+        if cfg.tls_ca:
+            creds = grpc.ssl_channel_credentials(Path(cfg.tls_ca).read_bytes())
+            channel = grpc.aio.secure_channel(cfg.target, creds)
+        else:
+            channel = grpc.aio.insecure_channel(cfg.target)
+        async with channel:
+            stub = self.grpc_mod.TenderStub(channel)
+            t0 = time.perf_counter()
+            launch_until = time.monotonic() + cfg.duration
+            hard_deadline = launch_until + cfg.wait_timeout
+            tasks = [asyncio.create_task(self.worker(stub, launch_until, hard_deadline))
+                     for _ in range(cfg.concurrency)]
+            done, pending = await asyncio.wait(tasks, timeout=cfg.duration + cfg.wait_timeout + 5)
+            for t in pending:  # a coroutine stuck past every deadline (should not happen)
+                t.cancel()
+            for t in done:
+                if t.exception() is not None:
+                    raise t.exception()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*pending, return_exceptions=True)
+            for iid in list(self.live):  # cancelled in flight: end them, count them
+                self._fail("DEADLINE_EXCEEDED")
+                await self._kill(stub, iid)
+            end = self.last_answer or time.perf_counter()
+        res = LoadResult(cfg.target, cfg.image, cfg.fork, cfg.concurrency, cfg.duration,
+                         round(max(1e-9, end - t0), 6), self.launched, self.succeeded,
+                         self.failed, dict(sorted(self.errors.items())),
+                         [round(x, 3) for x in self.latencies])
+        res.summarize()
+        return res
+
+
+def run_load(cfg: LoadConfig) -> LoadResult:
+    """Run the load and return its figures (``launched == succeeded + failed``)."""
+    log.info("load on %s: %s (%s fork), concurrency %d for %g s", cfg.target, cfg.image,
+             cfg.fork, cfg.concurrency, cfg.duration)
+    return asyncio.run(_Load(cfg).run())
+
+
+def render(r: LoadResult) -> str:
+    from comparison.report import num
+
+    def ms(x: float | None) -> str:
+        return "-" if x is None else f"{num(x)} ms"
+
+    errors = ", ".join(f"{k}: {v}" for k, v in r.errors.items()) or "none"
+    return "\n".join([
+        f"load on {r.target}: image {r.image}, {r.fork} fork, concurrency {r.concurrency}, "
+        f"launching for {r.duration_s:g} s",
+        f"launched {r.launched}  succeeded {r.succeeded}  failed {r.failed}  "
+        f"in {r.elapsed_s:.2f} s",
+        f"throughput {num(r.throughput_per_s)} instances/s",
+        f"launch-to-exit latency: p50 {ms(r.p50_ms)}  p95 {ms(r.p95_ms)}  p99 {ms(r.p99_ms)}  "
+        f"(min {ms(r.min_ms)}, max {ms(r.max_ms)})",
+        f"errors by status code: {errors}",
+    ])
+
+
+@dataclass
+class Result:
+    result: LoadResult
+    text: str
+    exit_code: int
+
+
+def load_from_args(a) -> Result:
+    """``unifork load`` as parsed by ``options.add_load_arguments``."""
+    from tender_service.service.auth import read_token
+
+    token = read_token(a.token_file) if a.token_file else os.environ.get("UNIFORK_TOKEN")
+    cfg = LoadConfig(a.target, a.image, a.fork, a.pipe, list(a.args), a.concurrency, a.duration,
+                     a.max_instances, a.wait_timeout, token, a.tls_ca)
+    r = run_load(cfg)
+    if a.json:
+        Path(a.json).write_text(json.dumps(asdict(r), indent=1) + "\n")
+        log.info("wrote %s", a.json)
+    return Result(r, render(r), 0 if r.failed == 0 and r.launched > 0 else 1)

@@ -1,0 +1,330 @@
+"""The ways one static guest binary is run: natively, thread fork, VM-clone fork.
+
+Every runner takes the image (a built ELF), its arguments and an optional
+``probe``: a callable run once, at the moment the program's console shows a
+line starting with ``marker`` (``children=``), while the program's
+children are alive; its result lands in ``Outcome.probe``.  Each run's exit
+status is checked: a failed run raises :class:`RunFailed` instead of giving a
+figure.
+
+* ``native``: the binary as an ordinary Linux process (stdout a pipe, stdin
+  ``/dev/null``);
+* ``thread``: ``run_vm`` in this process (thread fork, one VM);
+* ``vmclone-shm`` / ``vmclone-tcp``: ``run_vmclone`` on the one shared
+  ``WarmPool`` (every process a VM of its own, cross-VM pipes over shared
+  memory or TCP);
+* ``vmclone-remote``: launched over gRPC on a tender (``--target``) with
+  placement ``remote``: every VM of the instance runs on that tender's peers.
+
+The console is a plain stream everywhere (``tty=False`` in the VMs, a pipe
+natively), so stdio is fully buffered alike in every mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+NATIVE, THREAD, VMCLONE_SHM, VMCLONE_TCP, VMCLONE_REMOTE = (
+    "native", "thread", "vmclone-shm", "vmclone-tcp", "vmclone-remote")
+ALL_MODES = (NATIVE, THREAD, VMCLONE_SHM, VMCLONE_TCP, VMCLONE_REMOTE)
+LOCAL_MODES = ALL_MODES[:4]
+VMCLONE_MODES = (VMCLONE_SHM, VMCLONE_TCP, VMCLONE_REMOTE)
+RUN_TIMEOUT = 120.0  # seconds of wall time for any one program run
+
+#: called with the program's host pid natively, None in a VM
+Probe = Callable[[int | None], dict]
+
+
+class RunFailed(RuntimeError):
+    """A program run failed (bad exit status, time limit): no figure from it."""
+
+
+@dataclass
+class Outcome:
+    stdout: str
+    wall: float  # seconds, launch to exit, perf_counter on this host
+    peak_memory: int | None = None  # thread mode: guest bytes the bmk allocator committed
+    snapshot_bytes: list[int] = field(default_factory=list)  # vmclone: one per fork
+    probe: dict | None = None
+
+
+def _marker_sink(sink, marker: bytes, probe: Probe | None, holder: dict):
+    """A console sink that calls ``probe`` once, when ``marker`` starts a stdout line."""
+    seen = bytearray()
+
+    def call(pid: int, fd: int, data: bytes) -> None:
+        sink(pid, fd, data)
+        if probe is None or "probe" in holder or fd != 1:
+            return
+        seen.extend(data)
+        if seen.startswith(marker) or b"\n" + marker in seen:
+            holder["probe"] = probe(None)
+
+    return call
+
+
+# -- host memory --------------------------------------------------------------------------------
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size of a process (shared pages split among their users).
+
+    Falls back to the resident set size where ``smaps_rollup`` is missing.
+    """
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        with open(f"/proc/{pid}/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0  # it ended meanwhile
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc/PID/task/*/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                with open(f"/proc/{p}/task/{t}/children") as fh:
+                    todo += [int(c) for c in fh.read().split()]
+            except OSError:
+                pass
+    return out
+
+
+# -- runners -----------------------------------------------------------------------------------
+
+
+class Runner:
+    """Runs programs in one mode; ``close`` releases what it holds."""
+
+    name = ""
+
+    def run(self, image: Path, args: Sequence[str], *, ram: int | None = None,
+            probe: Probe | None = None, marker: str = "children=") -> Outcome:
+        raise NotImplementedError
+
+    def host_memory(self, pid: int | None = None) -> int:
+        """Bytes of host memory (PSS) of everything that hosts a run of this mode."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class NativeRunner(Runner):
+    name = NATIVE
+
+    def run(self, image, args, *, ram=None, probe=None, marker="children="):
+        argv = [str(image), *args]
+        if probe is None:
+            t0 = time.perf_counter()
+            p = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL,
+                               timeout=RUN_TIMEOUT, check=False)
+            wall = time.perf_counter() - t0
+            out, err, code, seen = p.stdout, p.stderr, p.returncode, None
+        else:
+            t0 = time.perf_counter()
+            with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  stdin=subprocess.DEVNULL) as proc:
+                chunks, seen = [], None
+                assert proc.stdout is not None
+                for line in proc.stdout:  # the program flushes the marker line itself
+                    chunks.append(line)
+                    if seen is None and line.startswith(marker.encode()):
+                        seen = probe(proc.pid)
+                try:
+                    err = proc.stderr.read() if proc.stderr else b""
+                    code = proc.wait(RUN_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    raise
+                wall = time.perf_counter() - t0
+            out = b"".join(chunks)
+        if code != 0:
+            raise RunFailed(f"native {image.name} {' '.join(args)}: exit {code}: "
+                            f"{err.decode(errors='replace').strip()[-300:]}")
+        return Outcome(out.decode(errors="replace"), wall, probe=seen)
+
+    def host_memory(self, pid=None):
+        return sum(pss_bytes(p) for p in process_tree(pid)) if pid else 0
+
+
+class ThreadRunner(Runner):
+    name = THREAD
+
+    def run(self, image, args, *, ram=None, probe=None, marker="children="):
+        from tender_service.rump.kernel import VmConfig
+        from tender_service.vm import CaptureSink, run_vm
+
+        config = VmConfig(timeout=RUN_TIMEOUT, tty=False)
+        if ram:
+            config.ram = ram
+        sink, holder = CaptureSink(), {}
+        t0 = time.perf_counter()
+        r = run_vm(image, list(args), config=config,
+                   sink=_marker_sink(sink, marker.encode(), probe, holder))
+        wall = time.perf_counter() - t0
+        if r.outcome != "exited" or r.exit_code != 0:
+            raise RunFailed(f"thread {image.name} {' '.join(args)}: {r.outcome}, exit "
+                            f"{r.exit_code}: {'; '.join(r.reports)} "
+                            f"{sink.stderr.decode(errors='replace').strip()[-300:]}")
+        return Outcome(sink.stdout.decode(errors="replace"), wall, peak_memory=r.peak_memory,
+                       probe=holder.get("probe"))
+
+    def host_memory(self, pid=None):
+        return pss_bytes(os.getpid())
+
+
+class _SnapshotObserver:
+    """Receives the supervisor's per-fork figures (the snapshot size is the child's guest RAM)."""
+
+    def __init__(self) -> None:
+        self.snapshots: list[int] = []
+
+    def fork_done(self, seconds: float, snapshot: int, remote: bool) -> None:
+        self.snapshots.append(int(snapshot))
+
+    def pipe_write(self, nbytes: int, seconds: float) -> None:
+        pass
+
+
+class VmcloneRunner(Runner):
+    """VM-clone fork on the shared warm pool, pipes over ``transport``."""
+
+    def __init__(self, pool, transport: str) -> None:
+        self.pool = pool
+        self.transport = transport
+        self.name = f"vmclone-{transport}"
+
+    def run(self, image, args, *, ram=None, probe=None, marker="children="):
+        from tender_service.rump.kernel import VmConfig
+        from tender_service.vm import CaptureSink
+
+        config = VmConfig(timeout=RUN_TIMEOUT, tty=False)
+        if ram:
+            config.ram = ram
+        sink, holder = CaptureSink(), {}
+        console = _marker_sink(sink, marker.encode(), probe, holder)
+        observer = _SnapshotObserver()
+        t0 = time.perf_counter()
+        if probe is None:
+            from tender_service.instance.run import run_vmclone
+
+            r = run_vmclone(image, list(args), None, config, console, transport=self.transport,
+                            pool=self.pool)
+        else:
+            r = self._run_observed(image, args, config, console, observer)
+        wall = time.perf_counter() - t0
+        if r.outcome != "exited" or r.exit_code != 0:
+            raise RunFailed(f"{self.name} {image.name} {' '.join(args)}: {r.outcome}, exit "
+                            f"{r.exit_code}: {'; '.join(r.reports)} "
+                            f"{sink.stderr.decode(errors='replace').strip()[-300:]}")
+        return Outcome(sink.stdout.decode(errors="replace"), wall,
+                       snapshot_bytes=observer.snapshots, probe=holder.get("probe"))
+
+    def _run_observed(self, image, args, config, console, observer):
+        """``run_vmclone`` with an observer, for the snapshot size of every fork.
+
+        (``run_vmclone`` takes no observer; this is its body with one.)
+        """
+        from tender_service.instance.supervisor import Supervisor
+        from tender_service.vm import DEFAULT_ENV, _program_name
+
+        config.validate()
+        sup = Supervisor(self.pool, self.transport, console, config, observer=observer)
+        try:
+            path = Path(image)
+            sup.start(str(path.resolve()), list(args), list(DEFAULT_ENV),
+                      _program_name(path.name))
+            return sup.wait()
+        finally:
+            sup.close()
+
+    def host_memory(self, pid=None):
+        return pss_bytes(os.getpid()) + sum(pss_bytes(w.pid) for w in list(self.pool.workers))
+
+
+class RemoteRunner(Runner):
+    """VM-clone instances launched over gRPC on ``target``, placement ``remote``.
+
+    Each image is uploaded once under a content-derived name, so the peer runs
+    exactly the binary measured in the other modes.
+    """
+
+    name = VMCLONE_REMOTE
+
+    def __init__(self, target: str, token: str | None = None, tls_ca: str | None = None,
+                 transport: str = "tcp") -> None:
+        from tender_service.service.client import Client
+
+        self.client = Client(target, token, tls_ca)
+        self.target = target
+        self.transport = transport
+        self._names: dict[Path, str] = {}
+
+    def check(self, timeout: float = 10.0) -> None:
+        """Raise (with the reason) unless the tender answers its health check."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self.client.channel)
+        r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout,
+                       metadata=self.client.md)
+        if r.status != health_pb2.HealthCheckResponse.SERVING:
+            raise RuntimeError(f"tender {self.target} is not serving")
+
+    def image_name(self, image: Path) -> str:
+        if image not in self._names:
+            data = image.read_bytes()
+            stem = image.name.split("-", 1)[0][:40]
+            name = f"cmp-{stem}-{hashlib.sha256(data).hexdigest()[:12]}"
+            self.client.upload(name, data)
+            self._names[image] = name
+        return self._names[image]
+
+    def run(self, image, args, *, ram=None, probe=None, marker="children="):
+        pb2 = self.client.pb2
+        name = self.image_name(image)
+        t0 = time.perf_counter()
+        iid = self.client.launch(name, list(args), fork_mode=pb2.FORK_MODE_VMCLONE,
+                                 pipe_transport=pb2.PIPE_TRANSPORT_TCP if self.transport == "tcp"
+                                 else pb2.PIPE_TRANSPORT_SHM,
+                                 placement=pb2.PLACEMENT_REMOTE, memory_bytes=ram or 0,
+                                 time_limit_seconds=RUN_TIMEOUT, console_pipe=True)
+        out, err = bytearray(), bytearray()
+        for chunk in self.client.logs(iid):
+            (out if chunk.fd == 1 else err).extend(chunk.data)
+        r = self.client.wait(iid, RUN_TIMEOUT)
+        wall = time.perf_counter() - t0
+        if not r.done or r.outcome != "exited" or r.exit_code != 0:
+            raise RunFailed(f"{self.name} {image.name} {' '.join(args)}: {r.outcome}, exit "
+                            f"{r.exit_code}: {'; '.join(r.reports)} "
+                            f"{err.decode(errors='replace').strip()[-300:]}")
+        return Outcome(out.decode(errors="replace"), wall)
+
+    def host_memory(self, pid=None):
+        raise NotImplementedError("host memory of a remote tender is not observable from here")
+
+    def close(self) -> None:
+        self.client.close()

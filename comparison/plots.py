@@ -1,0 +1,154 @@
+"""PNG plots of a compare report (matplotlib, Agg backend: no display needed).
+
+Each function draws from the :class:`~comparison.report.Report` only, so the
+plots show the same runs as the table and the JSON.  The thesis's published
+figures appear only as grey dashed reference lines labelled "published",
+never as data points.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from comparison import published  # noqa: E402
+from comparison.modes import ALL_MODES  # noqa: E402
+from comparison.report import Report  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+COLORS = {"native": "#4c72b0", "thread": "#dd8452", "vmclone-shm": "#55a868",
+          "vmclone-tcp": "#c44e52", "vmclone-remote": "#8172b3"}
+DPI = 110
+
+
+def _ordered(modes) -> list[str]:
+    return sorted(modes, key=lambda m: ALL_MODES.index(m) if m in ALL_MODES else 99)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    log.info("wrote %s", path)
+    return path
+
+
+def fork_latency(r: Report, path: Path) -> Path | None:
+    """Distribution of fork latencies (parent side, fork_time) per mode, log scale."""
+    cells = [c for c in r.cells if c.workload == "fork_time" and c.status == "ok" and c.samples()]
+    if not cells:
+        return None
+    cells.sort(key=lambda c: _ordered([c.mode, *ALL_MODES]).index(c.mode))
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    data = [c.samples() for c in cells]
+    parts = ax.violinplot(data, showmedians=True, showextrema=False)
+    for body, c in zip(parts["bodies"], cells, strict=True):
+        body.set_facecolor(COLORS.get(c.mode, "grey"))
+        body.set_alpha(0.55)
+    ax.boxplot(data, widths=0.12, showfliers=False)
+    ax.set_xticks(range(1, len(cells) + 1),
+                  [f"{c.mode}\nmedian {c.median:g} us\n(n={c.n})" for c in cells])
+    ax.set_yscale("log")
+    ax.set_ylabel("fork() in the parent, microseconds (log)")
+    ax.set_title(f"fork latency by mode: fork_time {' '.join(cells[0].args)}, "
+                 f"{r.runs} runs, first fork of each run dropped", fontsize=10)
+    for f, style in ((published.FIGURES[0], ":"), (published.FIGURES[1], "--")):
+        ax.axhline(f.value * 1e6, color="grey", linestyle=style, linewidth=1,
+                   label=f"{published.LABEL}: {f.what} ({f.value * 1e6:g} us, mean of 10)")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(axis="y", which="both", alpha=0.3)
+    return _save(fig, path)
+
+
+def pipe_throughput(r: Report, path: Path) -> Path | None:
+    """Median pipe throughput per mode (bars) with every run (dots)."""
+    cells = [c for c in r.cells if c.workload == "pipe_bw" and c.status == "ok" and c.samples()]
+    if not cells:
+        return None
+    cells.sort(key=lambda c: _ordered([c.mode, *ALL_MODES]).index(c.mode))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    xs = range(len(cells))
+    ax.bar(xs, [c.median for c in cells], color=[COLORS.get(c.mode, "grey") for c in cells],
+           alpha=0.8)
+    for x, c in zip(xs, cells, strict=True):
+        ax.scatter([x] * len(c.samples()), c.samples(), color="black", s=10, zorder=3)
+        ax.annotate(f"{c.median:g}", (x, c.median), ha="center", va="bottom", fontsize=8,
+                    xytext=(0, 3), textcoords="offset points")
+    labels = []
+    for c in cells:
+        transport = {"native": "kernel pipe", "thread": "in-VM pipe",
+                     "vmclone-shm": "shared memory", "vmclone-tcp": "TCP (loopback)",
+                     "vmclone-remote": "TCP to a peer tender"}.get(c.mode, "")
+        labels.append(f"{c.mode}\n{transport}")
+    ax.set_xticks(list(xs), labels, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("MiB/s (log)")
+    ax.set_title(f"pipe throughput by mode / transport: pipe_bw {' '.join(cells[0].args)}, "
+                 "64 KiB writes", fontsize=10)
+    ax.grid(axis="y", which="both", alpha=0.3)
+    return _save(fig, path)
+
+
+def memory_per_child(r: Report, path: Path) -> Path | None:
+    rows = [m for m in r.memory if m.status == "ok"]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, attr, runs_attr, title in (
+            (axes[0], "guest_kib_per_child", "guest_runs_kib", "guest memory per child"),
+            (axes[1], "host_kib_per_child", "host_runs_kib", "host memory (PSS) per child")):
+        have = [m for m in rows if getattr(m, attr) is not None]
+        xs = range(len(have))
+        ax.bar(xs, [getattr(m, attr) for m in have],
+               color=[COLORS.get(m.mode, "grey") for m in have], alpha=0.8)
+        for x, m in zip(xs, have, strict=True):
+            runs = getattr(m, runs_attr)
+            ax.scatter([x] * len(runs), runs, color="black", s=10, zorder=3)
+            ax.annotate(f"{getattr(m, attr):g}", (x, getattr(m, attr)), ha="center",
+                        va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points")
+        ax.set_xticks(list(xs), [m.mode for m in have], fontsize=8)
+        ax.set_ylabel("KiB per child")
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.axhline(0, color="black", linewidth=0.5)
+    fig.suptitle(f"memory per live child: fork_scale -n {r.memory_children} minus -n 0",
+                 fontsize=10)
+    return _save(fig, path)
+
+
+def fork_scaling(r: Report, path: Path) -> Path | None:
+    rows = [s for s in r.scaling if s.points]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for s in sorted(rows, key=lambda s: _ordered([s.mode, *ALL_MODES]).index(s.mode)):
+        pts = [p for p in s.points if p.ready_ms is not None]
+        ax.plot([p.n for p in pts], [p.ready_ms for p in pts], marker="o", markersize=4,
+                color=COLORS.get(s.mode, "grey"), label=s.mode)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("live children N (log2)")
+    ax.set_ylabel("ms until all N children run, blocked on a pipe (log)")
+    ax.set_title("fork-count scaling: fork_scale -n N (VM-clone curves bounded)", fontsize=10)
+    ax.grid(which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+PLOTS = (("fork_latency.png", fork_latency), ("pipe_throughput.png", pipe_throughput),
+         ("memory_per_child.png", memory_per_child), ("fork_scaling.png", fork_scaling))
+
+
+def write_all(r: Report, directory: Path) -> list[Path]:
+    out = []
+    for name, fn in PLOTS:
+        p = fn(r, directory / name)
+        if p is not None:
+            out.append(p)
+    return out

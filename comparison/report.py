@@ -1,0 +1,366 @@
+"""The report of ``unifork compare``: figures, the text tables, JSON and CSV.
+
+Every figure shown is computed once, here, and rounded once (:func:`sig`);
+the text tables print those very floats (shortest positional form, no
+further rounding) and the JSON/CSV store them, so the files and the terminal
+can never disagree.  Ratios are computed from the unrounded medians.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from comparison import published
+from comparison.modes import NATIVE, THREAD
+from comparison.workloads import HAZARD_ITEMS, SEMANTICS_ITEMS
+
+SCHEMA = "unifork-compare/1"
+FIGURE_DIGITS = 4  # significant digits of medians, p95s and memory figures
+RATIO_DIGITS = 3
+
+
+def sig(x: float | None, digits: int = FIGURE_DIGITS) -> float | None:
+    """``x`` rounded to ``digits`` significant digits (None stays None, NaN becomes None)."""
+    if x is None or not math.isfinite(x):
+        return None
+    if x == 0:
+        return 0.0
+    return float(f"{x:.{digits}g}")
+
+
+def num(x: float | None) -> str:
+    """The shortest positional text of a float that reads back as the same float."""
+    if x is None:
+        return "-"
+    return np.format_float_positional(x, trim="-")
+
+
+def ratio_text(x: float | None) -> str:
+    return "-" if x is None else num(x) + "x"
+
+
+def p95(xs: Sequence[float]) -> float:
+    """95th percentile, inclusive method (linear between order statistics); one sample: itself."""
+    if len(xs) == 1:
+        return xs[0]
+    return statistics.quantiles(xs, n=20, method="inclusive")[18]
+
+
+# -- what was measured ----------------------------------------------------------------------------
+
+
+@dataclass
+class RunRecord:
+    run: int
+    wall_s: float
+    values: list[float]
+
+
+@dataclass
+class Cell:
+    """One workload in one mode: its runs, and the figures shown."""
+
+    workload: str
+    title: str
+    program: str
+    args: list[str]
+    mode: str
+    metric: str
+    unit: str
+    better: str
+    runs: list[RunRecord] = field(default_factory=list)
+    status: str = "ok"  # ok | failed
+    error: str = ""
+    n: int = 0
+    median: float | None = None
+    p95: float | None = None
+    ratio_native: float | None = None
+    ratio_thread: float | None = None
+    raw_median: float | None = None  # unrounded, for the ratios (not in the JSON)
+
+    def samples(self) -> list[float]:
+        return [v for r in self.runs for v in r.values]
+
+    def summarize(self) -> None:
+        xs = self.samples()
+        self.n = len(xs)
+        if not xs or self.status != "ok":
+            self.median = self.p95 = self.raw_median = None
+            return
+        self.raw_median = statistics.median(xs)
+        self.median = sig(self.raw_median)
+        self.p95 = sig(p95(xs))
+
+    def to_json(self) -> dict[str, object]:
+        d = asdict(self)
+        d.pop("raw_median")
+        return d
+
+
+def add_ratios(cells: list[Cell]) -> None:
+    """ratio_native / ratio_thread: this mode's median over native's / thread's (same workload)."""
+    ref: dict[tuple[str, str], float] = {(c.workload, c.mode): c.raw_median for c in cells
+                                         if c.raw_median}
+    for c in cells:
+        if c.raw_median is None:
+            continue
+        nat, thr = ref.get((c.workload, NATIVE)), ref.get((c.workload, THREAD))
+        c.ratio_native = sig(c.raw_median / nat, RATIO_DIGITS) if nat else None
+        c.ratio_thread = sig(c.raw_median / thr, RATIO_DIGITS) if thr else None
+
+
+@dataclass
+class MemoryRow:
+    mode: str
+    children: int
+    guest_kib_per_child: float | None
+    host_kib_per_child: float | None
+    guest_runs_kib: list[float]
+    host_runs_kib: list[float]
+    note: str = ""
+    status: str = "ok"
+    error: str = ""
+
+
+@dataclass
+class ScalePoint:
+    n: int
+    ready_ms: float | None  # median time until all n children run (and block)
+    fork_all_ms: float | None  # median time until the n-th fork() returned in the parent
+    ready_runs_ms: list[float]
+    fork_all_runs_ms: list[float]
+
+
+@dataclass
+class ScaleRow:
+    mode: str
+    points: list[ScalePoint] = field(default_factory=list)
+    status: str = "ok"
+    error: str = ""
+
+
+@dataclass
+class Report:
+    quick: bool
+    runs: int
+    started: str
+    machine: dict[str, object]
+    modes: list[str]
+    skipped_modes: dict[str, str]
+    cells: list[Cell]
+    semantics: dict[str, dict[str, str]]  # mode -> item -> shared | private | mixed (k/n shared)
+    semantics_runs: dict[str, int]
+    hazards: dict[str, dict[str, str]]
+    hazards_runs: dict[str, int]
+    memory: list[MemoryRow]
+    memory_children: int
+    scaling: list[ScaleRow]
+    duration_s: float = 0.0
+    directory: str = ""
+    files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[str]:
+        out = [f"{c.workload} / {c.mode}: {c.error}" for c in self.cells if c.status != "ok"]
+        out += [f"memory / {m.mode}: {m.error}" for m in self.memory if m.status != "ok"]
+        out += [f"scaling / {s.mode}: {s.error}" for s in self.scaling if s.status != "ok"]
+        return out
+
+    def cell(self, workload: str, mode: str) -> Cell | None:
+        return next((c for c in self.cells if c.workload == workload and c.mode == mode), None)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "schema": SCHEMA,
+            "label": "measured",
+            "quick": self.quick,
+            "runs": self.runs,
+            "started": self.started,
+            "duration_s": round(self.duration_s, 3),
+            "directory": self.directory,
+            "machine": self.machine,
+            "modes": self.modes,
+            "skipped_modes": self.skipped_modes,
+            "results": [c.to_json() for c in self.cells],
+            "semantics": {"items": list(SEMANTICS_ITEMS), "modes": self.semantics,
+                          "runs": self.semantics_runs},
+            "fork_hazards": {"items": list(HAZARD_ITEMS), "modes": self.hazards,
+                             "runs": self.hazards_runs},
+            "memory": {"children": self.memory_children,
+                       "rows": [asdict(m) for m in self.memory]},
+            "scaling": {"metric": "ready_ms",
+                        "rows": [asdict(s) for s in self.scaling]},
+            "published": published.to_json(),
+            "failures": self.failures,
+            "notes": self.notes,
+            "files": self.files,
+        }
+
+
+# -- text ---------------------------------------------------------------------------------------
+
+
+def _grid(head: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> list[str]:
+    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    return [line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+
+
+MAIN_HEAD = ("workload", "mode", "unit", "n", "median", "p95", "vs native", "vs thread")
+
+
+def main_table(cells: Sequence[Cell]) -> list[str]:
+    rows = []
+    for c in cells:
+        if c.status != "ok":
+            rows.append((c.workload, c.mode, c.unit, str(c.n), "FAILED", "-", "-", "-"))
+            continue
+        rows.append((c.workload, c.mode, c.unit, str(c.n), num(c.median), num(c.p95),
+                     ratio_text(c.ratio_native), ratio_text(c.ratio_thread)))
+    return _grid(MAIN_HEAD, rows, {3, 4, 5, 6, 7})
+
+
+def _matrix(title: str, items: Sequence[str], by_mode: dict[str, dict[str, str]],
+            runs: dict[str, int]) -> list[str]:
+    modes = [m for m in by_mode]
+    if not modes:
+        return [title, "  (not run)"]
+    head = ("item", *(f"{m} ({runs.get(m, 0)})" for m in modes))
+    rows = [(item, *(by_mode[m].get(item, "-") for m in modes)) for item in items]
+    return [title, *_grid(head, rows, set())]
+
+
+def render(r: Report) -> str:
+    out: list[str] = []
+    m = r.machine
+    out.append(f"unifork compare ({'quick' if r.quick else 'full'}, {r.runs} runs per cell), "
+               f"{r.duration_s:.1f} s; {m.get('cpu_model')}, {m.get('cores_available')}/"
+               f"{m.get('cores')} cores, Python {m.get('python')}, unicorn {m.get('unicorn')}, "
+               f"commit {m.get('git_commit')}")
+    out.append("measured: median and p95 over all samples of the kept runs (warm-up runs "
+               "discarded); 'vs native' / 'vs thread' = this median / that mode's median "
+               "(for MiB/s above 1 means faster, otherwise slower)")
+    out.append("")
+    out += main_table(r.cells)
+    out.append("")
+    seen = []
+    for c in r.cells:
+        if c.workload not in seen:
+            seen.append(c.workload)
+            out.append(f"  {c.workload}: {c.title}; {c.program} {' '.join(c.args)}".rstrip())
+    for mode, why in r.skipped_modes.items():
+        out.append(f"  {mode}: skipped ({why})")
+    out.append("")
+    out += _matrix("semantics matrix (measured: the 'semantics' probe in each mode; "
+                   "runs in brackets)", SEMANTICS_ITEMS, r.semantics, r.semantics_runs)
+    out.append("")
+    out += _matrix("fork hazards (measured: the 'fork_hazards' probe in each mode)",
+                   HAZARD_ITEMS, r.hazards, r.hazards_runs)
+    out.append("")
+    out.append(f"memory per child ({r.memory_children} children blocked on a pipe vs none; "
+               "guest = RAM the child's VM state needs, host = PSS growth)")
+    if not r.memory:
+        out.append("  (not run)")
+    rows = []
+    for mr in r.memory:
+        if mr.status != "ok":
+            rows.append((mr.mode, "FAILED", "FAILED", mr.error[:60]))
+        else:
+            rows.append((mr.mode, num(mr.guest_kib_per_child), num(mr.host_kib_per_child),
+                         mr.note))
+    if rows:
+        out += _grid(("mode", "guest KiB/child", "host KiB/child", "how"), rows, {1, 2})
+    out.append("")
+    if r.scaling:
+        ns = sorted({p.n for s in r.scaling for p in s.points})
+        out.append("fork-count scaling: ms until N children are all running (blocked on a pipe), "
+                   "median")
+        rows = []
+        for s in r.scaling:
+            by_n = {p.n: p for p in s.points}
+            rows.append((s.mode, *(num(by_n[n].ready_ms) if n in by_n else "-" for n in ns)))
+        out += _grid(("mode", *(f"N={n}" for n in ns)), rows, set(range(1, len(ns) + 1)))
+        out.append("")
+    out.append(f"{published.LABEL} (reference rows, NOT measured here: {published.SOURCE})")
+    rows = [(published.LABEL, f.what, f"{num(f.value)} {f.unit}", f.note)
+            for f in published.FIGURES]
+    out += _grid(("label", "what", "value", "note"), rows, {2})
+    if r.notes:
+        out.append("")
+        out += [f"note: {n}" for n in r.notes]
+    fails = r.failures
+    if fails:
+        out.append("")
+        out += [f"FAILED {f}" for f in fails]
+    return "\n".join(out)
+
+
+# -- files --------------------------------------------------------------------------------------
+
+MACHINE_COLUMNS = ("cpu_model", "cores", "python", "unicorn", "git_commit")
+
+
+def write_json(r: Report, path: Path) -> None:
+    path.write_text(json.dumps(r.to_json(), indent=1) + "\n")
+
+
+def write_csv(r: Report, raw: Path, summary: Path) -> None:
+    """``raw``: every figure of every run (with the machine); ``summary``: the table's rows."""
+    machine = [r.machine.get(k, "") for k in MACHINE_COLUMNS]
+    with raw.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(("section", "workload", "mode", "args", "run", "index", "metric", "unit",
+                    "value", *MACHINE_COLUMNS))
+        for c in r.cells:
+            for run in c.runs:
+                w.writerow(("workload", c.workload, c.mode, " ".join(c.args), run.run, "",
+                            "wall_s", "s", run.wall_s, *machine))
+                for i, v in enumerate(run.values):
+                    w.writerow(("workload", c.workload, c.mode, " ".join(c.args), run.run, i,
+                                c.metric, c.unit, v, *machine))
+        for mr in r.memory:
+            for i, v in enumerate(mr.guest_runs_kib):
+                w.writerow(("memory", "fork_scale", mr.mode, f"-n {mr.children}", i, "",
+                            "guest_kib_per_child", "KiB", v, *machine))
+            for i, v in enumerate(mr.host_runs_kib):
+                w.writerow(("memory", "fork_scale", mr.mode, f"-n {mr.children}", i, "",
+                            "host_kib_per_child", "KiB", v, *machine))
+        for s in r.scaling:
+            for p in s.points:
+                for i, v in enumerate(p.ready_runs_ms):
+                    w.writerow(("scaling", "fork_scale", s.mode, f"-n {p.n}", i, "",
+                                "ready_ms", "ms", v, *machine))
+                for i, v in enumerate(p.fork_all_runs_ms):
+                    w.writerow(("scaling", "fork_scale", s.mode, f"-n {p.n}", i, "",
+                                "fork_all_ms", "ms", v, *machine))
+    with summary.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(("label", *MAIN_HEAD[:4], "median", "p95", "ratio_native", "ratio_thread",
+                    "status"))
+        for c in r.cells:
+            w.writerow(("measured", c.workload, c.mode, c.unit, c.n, num(c.median), num(c.p95),
+                        num(c.ratio_native), num(c.ratio_thread), c.status))
+
+
+
+def write_published_csv(path: Path) -> None:
+    """The thesis's figures, in a file of their own (never among the measured rows)."""
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(("label", "key", "what", "value", "unit", "note", "source"))
+        for f in published.FIGURES:
+            w.writerow((published.LABEL, f.key, f.what, num(f.value), f.unit, f.note,
+                        published.SOURCE))

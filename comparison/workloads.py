@@ -1,0 +1,158 @@
+"""The workloads of ``unifork compare``: guest programs, their arguments, their figure.
+
+Each workload names a built-in guest program (``guest/programs/<name>.c``,
+whose header comment documents its options and output), its arguments in a
+quick and a full run, the figure taken from one run, and a check of the
+run's output: a run whose output is not what the program prints when it
+worked raises :class:`OutputError` instead of giving a number.
+
+Figures come either from the program itself (``key=<value>`` lines, timed
+with ``CLOCK_MONOTONIC`` inside the program: the guest's clock is the host's)
+or, for whole-program workloads, from the host: launch to exit, which in a VM
+includes creating the VM(s).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from comparison.modes import Outcome
+
+SEMANTICS_ITEMS = ("global", "stack", "heap_from_stack", "heap_from_global", "errno", "fd_table")
+HAZARD_ITEMS = ("int_looking_like_stack_ptr", "heap_second_level", "hoisted_errno")
+
+
+class OutputError(RuntimeError):
+    """A run exited 0 but its output is not what the program prints when it worked."""
+
+
+def values(stdout: str, key: str) -> list[float]:
+    """Every ``key=<float>`` at the start of a line."""
+    found = [float(m) for m in re.findall(rf"^{re.escape(key)}=([0-9.eE+-]+)$", stdout, re.M)]
+    if not found:
+        raise OutputError(f"no {key}= line in the output: {stdout[-300:]!r}")
+    return found
+
+
+def words(stdout: str, items: tuple[str, ...]) -> dict[str, str]:
+    """``item=<word>`` lines for every item (e.g. ``global=shared``)."""
+    out = {}
+    for item in items:
+        m = re.search(rf"^{re.escape(item)}=(\w+)$", stdout, re.M)
+        if m is None:
+            raise OutputError(f"no {item}= line in the output: {stdout[-300:]!r}")
+        out[item] = m.group(1)
+    return out
+
+
+def _need(*lines: str) -> Callable[[str], None]:
+    def check(stdout: str) -> None:
+        have = stdout.splitlines()
+        missing = [ln for ln in lines if ln not in have]
+        if missing:
+            raise OutputError(f"missing line(s) {missing} in the output: {stdout[-300:]!r}")
+
+    return check
+
+
+@dataclass(frozen=True)
+class Workload:
+    key: str
+    title: str  # what the figure is, for the legend and the plots
+    program: str
+    quick_args: tuple[str, ...]
+    full_args: tuple[str, ...]
+    metric: str  # name of the figure in the JSON/CSV
+    unit: str  # us | ms | MiB/s
+    better: str  # lower | higher
+    extract: Callable[[Outcome], list[float]]
+    check: Callable[[str], None]
+    notes: tuple[str, ...] = field(default=())
+
+    def args(self, quick: bool) -> tuple[str, ...]:
+        return self.quick_args if quick else self.full_args
+
+
+def _wall_ms(o: Outcome) -> list[float]:
+    return [o.wall * 1e3]
+
+
+def _fork_us(o: Outcome) -> list[float]:
+    return values(o.stdout, "fork_us")[1:]  # the first fork of a run is its own warm-up
+
+
+def _fork_wait_us(o: Outcome) -> list[float]:
+    return values(o.stdout, "fork_wait_us")[1:]
+
+
+def _mib_per_s(o: Outcome) -> list[float]:
+    return values(o.stdout, "mib_per_s")[:1]
+
+
+def _check_semantics(stdout: str) -> None:
+    bad = {k: v for k, v in words(stdout, SEMANTICS_ITEMS).items() if v not in ("shared", "private")}
+    if bad:
+        raise OutputError(f"semantics: unexpected values {bad}")
+
+
+def _check_hazards(stdout: str) -> None:
+    words(stdout, HAZARD_ITEMS)
+
+
+def _check_fork_time(stdout: str) -> None:
+    if not re.search(r"^fork_summary .* ok=1$", stdout, re.M):
+        raise OutputError(f"fork_time: no 'ok=1' summary line: {stdout[-300:]!r}")
+
+
+def _check_pipe_bw(stdout: str) -> None:
+    m = re.search(r"^bytes=(\d+) blocks=(\d+)$", stdout, re.M)
+    if m is None or int(m.group(1)) != int(m.group(2)) * 65536:
+        raise OutputError(f"pipe_bw: no bytes= line: {stdout[-300:]!r}")
+
+
+WORKLOADS: tuple[Workload, ...] = (
+    Workload("fork_time", "fork, parent side (listing 4.1 style: fork_time -n N)", "fork_time",
+             ("-n", "20"), ("-n", "50"), "fork_us", "us", "lower", _fork_us, _check_fork_time,
+             ("time from just before fork() to its return in the parent, per fork; the first "
+              "fork of every run dropped",)),
+    Workload("pipe_talk", "parent and child talk over a pipe (listing 4.2 style), launch to exit",
+             "pipe_talk", (), (), "wall_ms", "ms", "lower", _wall_ms,
+             _need("parent: EOF after 3 messages", "parent: child exited with status 0"),
+             ("whole program, launch to exit (a VM's creation included); the child edits a copy "
+              "of the message, not the literal (that would crash natively)",)),
+    Workload("fork_exit_wait", "fork + _exit + waitpid x100 (fork_exit_wait -t)", "fork_exit_wait",
+             ("-t", "-n", "100"), ("-t", "-n", "100"), "fork_wait_us", "us", "lower",
+             _fork_wait_us, _need("ok 100 children"),
+             ("per iteration: fork, the child exits, the parent reaps it and checks its status; "
+              "first iteration of every run dropped",)),
+    Workload("pipe_bw", "pipe throughput in 64 KiB writes (pipe_bw -m MiB)", "pipe_bw",
+             ("-m", "64"), ("-m", "64"), "mib_per_s", "MiB/s", "higher", _mib_per_s,
+             _check_pipe_bw,
+             ("child writes, parent reads and checks every block's sequence words; timed from "
+              "the first read to EOF inside the program",)),
+    Workload("token_ring", "8-process token ring, 10 rounds (token_ring -n 8), launch to exit",
+             "token_ring", ("-n", "8"), ("-n", "8"), "wall_ms", "ms", "lower", _wall_ms,
+             _need("token=80")),
+    Workload("prefork_server", "prefork server: 4 workers, 200 jobs on one pipe, launch to exit",
+             "prefork_server", ("-w", "4", "-j", "200"), ("-w", "4", "-j", "200"), "wall_ms", "ms",
+             "lower", _wall_ms, _need("jobs=200 ok")),
+    Workload("semantics", "semantics probe (what a child's writes reach), launch to exit",
+             "semantics", (), (), "wall_ms", "ms", "lower", _wall_ms, _check_semantics),
+    Workload("fork_hazards", "fork hazards probe (limits of thread fork), launch to exit",
+             "fork_hazards", (), (), "wall_ms", "ms", "lower", _wall_ms, _check_hazards),
+)
+
+BY_KEY = {w.key: w for w in WORKLOADS}
+
+#: the program for the memory and scaling experiments: N children blocked on a pipe
+SCALE_PROGRAM = "fork_scale"
+
+
+def scale_ready_us(o: Outcome, n: int) -> tuple[float, float]:
+    """(fork_all_us, ready_all_us) of one ``fork_scale -n N`` run, its output checked."""
+    _need(f"children={n}", f"reaped={n}")(o.stdout)
+    return values(o.stdout, "fork_all_us")[0], values(o.stdout, "ready_all_us")[0]
