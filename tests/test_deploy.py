@@ -113,13 +113,24 @@ def exec_form(args: str) -> list[str]:
 
 
 def docker_env() -> dict[str, str]:
+    """ENV of the final stage (the image the tenders run in)."""
+    instrs = dockerfile()
+    final = max(stage for stage, _, _ in instrs)
     env: dict[str, str] = {}
-    for stage, instr, args in dockerfile():
-        if instr == "ENV" and stage == max(s for s, _, _ in dockerfile()):
-            for word in shlex.split(args):
-                name, _, value = word.partition("=")
-                env[name] = value
+    for stage, instr, args in instrs:
+        if instr == "ENV" and stage == final:
+            env.update(w.partition("=")[::2] for w in shlex.split(args))
     return env
+
+
+def bind_mounts(service: dict) -> dict[str, Path]:
+    """container path -> host path of a compose service's bind mounts."""
+    out = {}
+    for v in service.get("volumes", []):
+        host, container = v.split(":")[:2]
+        if host.startswith("."):
+            out[container] = (DEPLOY / host).resolve()
+    return out
 
 
 def prometheus_config() -> dict:
@@ -549,17 +560,29 @@ def test_names_and_paths_agree_everywhere() -> None:
     config = prometheus_config()
     assert ds["jsonData"]["timeInterval"] == config["global"]["scrape_interval"]
     (provider,) = yaml_docs(DEPLOY / "grafana/provisioning/dashboards/unifork.yml")[0]["providers"]
-    mounts = dict(v.rsplit(":", 2)[:2] if v.endswith(":ro") else v.split(":", 1)
-                  for v in doc["services"]["grafana"]["volumes"])
-    assert (DEPLOY / "grafana" / "dashboards").resolve() == \
-        (DEPLOY / [h for h, cpath in mounts.items() if cpath == provider["options"]["path"]][0]
-         ).resolve()
-    assert (DEPLOY / "grafana" / "provisioning").resolve() == \
-        (DEPLOY / [h for h, cpath in mounts.items() if cpath == "/etc/grafana/provisioning"][0]
-         ).resolve()
-    assert (DEPLOY / "prometheus" / "prometheus.yml").resolve() == \
-        (DEPLOY / [v.split(":")[0] for v in prom["volumes"]
-                   if ":/etc/prometheus/prometheus.yml" in v][0]).resolve()
+    grafana = bind_mounts(doc["services"]["grafana"])
+    assert grafana[provider["options"]["path"]] == DASHBOARD.parent
+    assert grafana["/etc/grafana/provisioning"] == DEPLOY / "grafana" / "provisioning"
+    assert bind_mounts(prom)["/etc/prometheus/prometheus.yml"] == \
+        DEPLOY / "prometheus" / "prometheus.yml"
+
+
+def test_read_only_containers_can_write_where_a_tender_writes() -> None:
+    """Uploaded images (under UNIFORK_CACHE_DIR), sockets in /tmp, shm rings in /dev/shm."""
+    uploads = f"{docker_env()['UNIFORK_CACHE_DIR']}/uploads"
+    runs = " ".join(a for s, i, a in dockerfile() if i == "RUN" and s == 1)
+    assert f"mkdir -p {uploads}" in runs and "chown" in runs
+    c = k8s_tender()
+    if c["securityContext"].get("readOnlyRootFilesystem"):
+        assert {"/tmp", uploads} <= {m["mountPath"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in k8s_object("StatefulSet")["spec"]["template"]["spec"]
+               ["volumes"]}
+    (dshm,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    assert volumes[dshm["name"]]["emptyDir"]["medium"] == "Memory"
+    for name, s in compose_tenders().items():
+        if s.get("read_only"):
+            assert {"/tmp", uploads} <= set(s["tmpfs"]), name
+        assert s["shm_size"], name
 
 
 def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
@@ -672,6 +695,17 @@ def test_kubernetes_tender_serves_with_its_arguments(tmp_path, token_file) -> No
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
             r = run_probe(c[kind]["exec"]["command"], t.target, token_file)
             assert r.returncode == 0, f"{kind}: {r.stdout}{r.stderr}"
+        # placement consults the dns: peers; the only address is this tender's own
+        client = Client(t.target, TOKEN)
+        try:
+            pb2 = client.pb2
+            iid = client.launch("fork_time", [], console_pipe=True,
+                                fork_mode=pb2.FORK_MODE_VMCLONE,
+                                placement=pb2.PLACEMENT_SPREAD)
+            r = client.wait(iid, 120)
+            assert r.done and r.outcome == "exited" and r.exit_code == 0, r
+        finally:
+            client.close()
     finally:
         assert t.stop() == 0, t.tail()
 

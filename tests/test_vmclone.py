@@ -624,12 +624,12 @@ def test_time_limit_ends_every_vm(env: Env) -> None:
 def test_cli_vmclone_tcp_tag_pids(env: Env) -> None:
     unifork = Path(sys.executable).with_name("unifork")
     assert unifork.is_file(), unifork
-    marker = f"UNIFORK_TEST_MARK={uuid.uuid4().hex}"
+    mark = uuid.uuid4().hex  # in the environment of the CLI and of every process it starts
     before = shm_segments()
     p = subprocess.run(
         [str(unifork), "run", "token_ring", "--fork", "vmclone", "--pipe", "tcp", "--tag-pids"],
         capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120, check=False,
-        env={**os.environ, marker.split("=")[0]: marker.split("=")[1]},
+        env={**os.environ, "UNIFORK_TEST_MARK": mark},
     )  # fmt: skip
     assert p.returncode == 0, p.stderr
     out = p.stdout.splitlines()
@@ -638,7 +638,7 @@ def test_cli_vmclone_tcp_tag_pids(env: Env) -> None:
     assert out == ["[2] token=80"]
     # the CLI's tender processes (they inherit its environment) are all gone; so is its
     # multiprocessing resource tracker, which ends on its own once the CLI has exited
-    wait_for(lambda: not processes_with_env(marker), "no process of the CLI left")
+    wait_for(lambda: not processes_with_env(f"UNIFORK_TEST_MARK={mark}"), "no CLI process left")
     assert leaked_segments(before, {os.getpid()}) == set()
 
 
@@ -832,6 +832,15 @@ def test_snapshot_file_of_unknown_kind_refused_by_restore(real_snapshot: bytes) 
     )
     snap = snapshot.decode(rebuild(real_snapshot, meta))
     with pytest.raises(SnapshotError, match="no file of kind 'rpipe' here"):
+        snapshot.restore(snap, console(), None, refuse_file)
+
+
+@pytest.mark.parametrize("state", [None, [], "console", 7])
+def test_snapshot_file_state_that_is_not_an_object(real_snapshot: bytes, state) -> None:
+    meta = copy.deepcopy(layout(real_snapshot).meta)
+    meta["fds"][0]["state"] = state
+    snap = snapshot.decode(rebuild(real_snapshot, meta))
+    with pytest.raises(SnapshotError):
         snapshot.restore(snap, console(), None, refuse_file)
 
 

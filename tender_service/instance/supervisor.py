@@ -94,7 +94,7 @@ class Supervisor:
     def __init__(self, pool, transport: str, sink: Callable[[int, int, bytes], None],
                  config: VmConfig, instance_id: str | None = None, listen_host: str = "127.0.0.1",
                  advertise_host: str | None = None, placement: str = "local",
-                 observer: object | None = None) -> None:
+                 observer: object | None = None, self_handle: object | None = None) -> None:
         if transport not in ("tcp", "shm"):
             raise ValueError("transport must be tcp or shm")
         self.pool = pool
@@ -103,6 +103,9 @@ class Supervisor:
         self.config = config
         self.id = instance_id or uuid.uuid4().hex[:12]
         self.placement = placement
+        #: this tender as a place for VMs, reachable from other hosts (its Peer service);
+        #: used when a VM on another host forks a child that placement keeps here
+        self.self_handle = self_handle
         self.observer = observer  # metrics: fork_done(seconds, snapshot_bytes, remote), pipe_write(...)
         self.token = uuid.uuid4().hex
         self.broker = PipeBroker()
@@ -370,7 +373,7 @@ class Supervisor:
         pid = self._next_pid
         child = self._new_proc(pid, rec.pid, rec.pgid, rec.sid)
         try:
-            worker = self.pool.acquire(avoid=rec.host_pid)
+            worker = self._place(rec)
         except Exception as e:
             log.warning("instance %s: no tender process for a child: %s", self.id, e)
             del self.procs[pid]
@@ -384,6 +387,15 @@ class Supervisor:
         start = self.vm_start(pid, remote=remote)
         return pid, json.dumps({"worker": worker.address, "start": start}).encode()
 
+    def _place(self, parent: ProcRec):
+        """Where a child of ``parent`` runs.  The warm pool's Unix sockets exist on this
+        host only: a parent on another host reaches this host through the tender."""
+        worker = self.pool.acquire(avoid=parent.host_pid)
+        if (getattr(parent.worker, "remote", False) and not getattr(worker, "remote", False)
+                and self.self_handle is not None):
+            return self.self_handle
+        return worker
+
     def _op_fork_relocate(self, rec: ProcRec, pid: int) -> tuple[int, bytes]:
         """The place chosen for a child did not answer: mark it down, choose again."""
         child = self.procs.get(pid)
@@ -393,7 +405,7 @@ class Supervisor:
         if failed is not None:
             failed(child.worker.address)
         try:
-            worker = self.pool.acquire(avoid=rec.host_pid)
+            worker = self._place(rec)
         except Exception:
             return -errno.EAGAIN, b""
         child.worker, child.host_pid = worker, worker.pid

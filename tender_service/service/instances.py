@@ -125,13 +125,14 @@ class MetricsObserver:
 class InstanceManager:
     def __init__(self, store: ImageStore, placement_for, max_instances: int = 64,
                  default_timeout: float = 600.0, listen_host: str = "127.0.0.1",
-                 advertise_host: str | None = None) -> None:
+                 advertise_host: str | None = None, self_handle: object | None = None) -> None:
         self.store = store
         self.placement_for = placement_for  # (placement) -> pool-like object for supervisors
         self.max_instances = max_instances
         self.default_timeout = default_timeout
         self.listen_host = listen_host
         self.advertise_host = advertise_host
+        self.self_handle = self_handle
         self.instances: dict[str, Instance] = {}
         self.lock = threading.Lock()
         self.accepting = True
@@ -198,7 +199,8 @@ class InstanceManager:
             sup = Supervisor(pool, inst.transport, inst.console.append, inst.config, inst.id,
                              listen_host=self.listen_host, advertise_host=self.advertise_host,
                              placement=inst.placement,
-                             observer=MetricsObserver(inst.transport, inst.placement))
+                             observer=MetricsObserver(inst.transport, inst.placement),
+                             self_handle=self.self_handle)
             inst.supervisor = sup
             try:
                 if inst.killed:

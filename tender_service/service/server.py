@@ -33,7 +33,7 @@ from tender_service.service import metrics
 from tender_service.service.auth import ServerInterceptor, read_token
 from tender_service.service.imagestore import ImageStore
 from tender_service.service.instances import InstanceManager
-from tender_service.service.placement import PeerSet, Placer
+from tender_service.service.placement import PeerHandle, PeerSet, Placer
 
 log = logging.getLogger(__name__)
 
@@ -260,9 +260,12 @@ class Tender:
         self.peer_servicer = PeerServicer(self.stop_event)
         self.peers = PeerSet(list(opts.peers), int(port or 7700), self.token, self.advertise)
         listen_host = host if host not in ("", "0.0.0.0", "[::]") else "0.0.0.0"
+        self_handle = PeerHandle(self.advertise, self.token)
+        self_handle.remote = False  # a VM started here runs next to its supervisor
         self.manager = InstanceManager(self.store, lambda p: Placer(p, self.pool, self.peers),
                                        opts.max_instances, opts.default_timeout,
-                                       listen_host=listen_host, advertise_host=adv_host)
+                                       listen_host=listen_host, advertise_host=adv_host,
+                                       self_handle=self_handle)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=64),
             interceptors=[ServerInterceptor(self.token)],

@@ -455,6 +455,7 @@ class ShmChannel(_ChannelBase):
         self._recv_fence = _Fence()
         self._cond = threading.Condition(threading.Lock())
         self._polling = False  # one thread at a time polls the doorbell socket
+        self._followers = 0  # threads waiting for the poller (notify only if any)
         self._epoch = 0  # bumped after every poll (and on close)
         self._peer_gone = False
         self._bell_buf = bytearray(4096)
@@ -681,7 +682,11 @@ class ShmChannel(_ChannelBase):
             if self._epoch != epoch or self._closed or self._peer_gone:
                 return  # a doorbell was drained since the caller's re-check
             if self._polling:
-                self._cond.wait(remaining)
+                self._followers += 1
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self._followers -= 1
                 return
             self._polling = True
         try:
@@ -691,7 +696,8 @@ class ShmChannel(_ChannelBase):
             with self._cond:
                 self._polling = False
                 self._epoch += 1
-                self._cond.notify_all()
+                if self._followers:
+                    self._cond.notify_all()
 
     def _drain_doorbells(self) -> None:
         """Swallow pending doorbell bytes; a short read means there are no more."""

@@ -1,0 +1,324 @@
+"""``unifork compare`` and ``unifork load``: the real CLI, real VMs, a real tender.
+
+1. ``unifork compare --quick --out DIR`` (a subprocess, as a user runs it)
+   finishes in under 2 minutes and writes the table, JSON, CSV and PNG plots;
+   the JSON holds exactly the figures the table shows (parsed back from the
+   text); the semantics matrix, measured in each mode, shows globals shared
+   under thread fork and private natively and under VM-clone fork; the
+   thesis's published figures are labelled rows of their own.
+2. ``--target`` at a tender that is not there: the remote mode is skipped
+   cleanly, the rest of the report is made.
+3. ``unifork load`` against a local ``unifork serve`` (a subprocess on a free
+   port, health-checked, stopped with SIGTERM): bounded, counts add up, no
+   errors, for thread and VM-clone instances.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from comparison.report import num, sig
+
+ROOT = Path(__file__).resolve().parents[1]
+UNIFORK = Path(sys.executable).parent / "unifork"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PLOTS = ("fork_latency.png", "pipe_throughput.png", "memory_per_child.png", "fork_scaling.png")
+LOCAL_MODES = ("native", "thread", "vmclone-shm", "vmclone-tcp")
+WORKLOADS = ("fork_time", "pipe_talk", "fork_exit_wait", "pipe_bw", "token_ring",
+             "prefork_server", "semantics", "fork_hazards")
+QUICK_LIMIT = 120.0  # seconds: --quick must finish in under 2 minutes
+
+
+def unifork(*args: str, timeout: float = 170.0, cwd: Path | None = None):
+    return subprocess.run([str(UNIFORK), *args], capture_output=True, text=True,
+                          timeout=timeout, check=False, cwd=cwd)
+
+
+def report_dir(stdout: str) -> Path:
+    m = re.search(r"^report: (.+)$", stdout, re.M)
+    assert m, f"no 'report: DIR' line in:\n{stdout[-2000:]}"
+    return Path(m.group(1))
+
+
+def table_rows(text: str) -> dict[tuple[str, str], list[str]]:
+    """The main table's rows, by (workload, mode): unit, n, median, p95, vs native, vs thread."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if re.match(r"workload\s+mode\s+unit\s+n\s", ln))
+    rows = {}
+    for ln in lines[start + 2:]:
+        if not ln.strip():
+            break
+        cells = ln.split()
+        assert len(cells) == 8, ln
+        rows[(cells[0], cells[1])] = cells[2:]
+    return rows
+
+
+def section(text: str, title_start: str) -> list[str]:
+    """The lines of a titled block of the text report, up to the next blank line."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(title_start))
+    out = []
+    for ln in lines[start + 1:]:
+        if not ln.strip():
+            break
+        out.append(ln)
+    return out
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, f"{path.name} is not a PNG"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+# -- 1. compare --quick ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmp")
+    t0 = time.monotonic()
+    p = unifork("compare", "--quick", "--out", str(out))
+    wall = time.monotonic() - t0
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    d = report_dir(p.stdout)
+    return p, wall, d, json.loads((d / "report.json").read_text())
+
+
+def test_quick_finishes_in_time_and_writes_every_file(quick) -> None:
+    p, wall, d, doc = quick
+    assert wall < QUICK_LIMIT, f"--quick took {wall:.1f} s"
+    assert d.parent.exists() and d.name.startswith("report-")
+    for name in ("report.json", "raw.csv", "summary.csv", "published.csv", "table.txt",
+                 "compare.log", *PLOTS):
+        assert (d / name).is_file(), name
+        assert name in doc["files"]
+    for name in PLOTS:
+        width, height = png_size(d / name)
+        assert width >= 600 and height >= 400, (name, width, height)
+        assert (d / name).stat().st_size > 15_000, name  # drawn, not an empty canvas
+    # the progress bar went to stderr, the table to stdout (and to table.txt)
+    assert re.search(r"\[#+\.*\] \d+/\d+", p.stderr)
+    assert "vs native" not in p.stderr
+    assert (d / "table.txt").read_text().strip() == p.stdout.split("\nreport: ")[0].strip()
+    # the machine it ran on
+    m = doc["machine"]
+    for key in ("cpu_model", "cores", "python", "unicorn", "git_commit"):
+        assert m[key], key
+    assert doc["quick"] is True and doc["modes"] == list(LOCAL_MODES)
+    assert doc["skipped_modes"] == {"vmclone-remote": "no --target given"}
+    assert doc["failures"] == []
+
+
+def test_json_figures_are_the_ones_the_table_shows(quick) -> None:
+    p, _, _, doc = quick
+    rows = table_rows(p.stdout)
+    results = {(r["workload"], r["mode"]): r for r in doc["results"]}
+    assert set(rows) == set(results) == {(w, m) for w in WORKLOADS for m in LOCAL_MODES}
+    for key, (unit, n, median, p95, vs_native, vs_thread) in rows.items():
+        r = results[key]
+        assert r["status"] == "ok", (key, r["error"])
+        assert unit == r["unit"] and int(n) == r["n"] and r["n"] > 0
+        assert float(median) == r["median"], key
+        assert float(p95) == r["p95"], key
+        assert float(vs_native.removesuffix("x")) == r["ratio_native"], key
+        assert float(vs_thread.removesuffix("x")) == r["ratio_thread"], key
+        # and each figure is the one its raw samples give
+        samples = [v for run in r["runs"] for v in run["values"]]
+        assert len(samples) == r["n"]
+        assert r["median"] == sig(statistics.median(samples)), key
+        assert len(r["runs"]) == doc["runs"] == 3
+    assert results[("fork_time", "native")]["ratio_native"] == 1.0
+    assert results[("fork_time", "thread")]["ratio_thread"] == 1.0
+    assert results[("pipe_bw", "native")]["unit"] == "MiB/s"
+
+
+def test_csv_holds_every_raw_figure_and_the_machine(quick) -> None:
+    _, _, d, doc = quick
+    with (d / "raw.csv").open() as fh:
+        raw = list(csv.DictReader(fh))
+    assert {"cpu_model", "cores", "python", "unicorn", "git_commit"} <= set(raw[0])
+    assert all(row["git_commit"] == doc["machine"]["git_commit"] for row in raw)
+    for r in doc["results"]:
+        vals = [float(row["value"]) for row in raw if row["section"] == "workload"
+                and row["workload"] == r["workload"] and row["mode"] == r["mode"]
+                and row["metric"] == r["metric"]]
+        assert vals == [v for run in r["runs"] for v in run["values"]], r["workload"]
+    assert any(row["section"] == "scaling" for row in raw)
+    assert any(row["section"] == "memory" for row in raw)
+    with (d / "summary.csv").open() as fh:
+        summary = {(row["workload"], row["mode"]): row for row in csv.DictReader(fh)}
+    for r in doc["results"]:
+        assert summary[(r["workload"], r["mode"])]["median"] == num(r["median"])
+        assert summary[(r["workload"], r["mode"])]["label"] == "measured"
+
+
+def test_semantics_matrix_is_measured_in_each_mode(quick) -> None:
+    p, _, _, doc = quick
+    sem = doc["semantics"]["modes"]
+    assert sem["thread"]["global"] == "shared" and sem["thread"]["heap_from_global"] == "shared"
+    for mode in ("native", "vmclone-shm", "vmclone-tcp"):
+        assert sem[mode]["global"] == "private", mode
+        assert sem[mode]["heap_from_global"] == "private", mode
+    for mode in LOCAL_MODES:
+        assert doc["semantics"]["runs"][mode] == 3  # one verdict per kept run, all agreeing
+        for item in ("stack", "heap_from_stack", "errno", "fd_table"):
+            assert sem[mode][item] == "private", (mode, item)
+    # the table shows the same matrix
+    lines = section(p.stdout, "semantics matrix")
+    head = lines[0].split()
+    modes = [h for h in head[1:] if not h.startswith("(")]
+    assert modes == list(LOCAL_MODES)
+    by_item = {ln.split()[0]: ln.split()[1:] for ln in lines[2:]}
+    assert by_item["global"] == ["private", "shared", "private", "private"]
+    assert by_item["heap_from_global"] == ["private", "shared", "private", "private"]
+    haz = doc["fork_hazards"]["modes"]
+    assert haz["thread"]["heap_second_level"] == "shared"
+    assert haz["native"]["heap_second_level"] == "private"
+    assert haz["vmclone-shm"]["int_looking_like_stack_ptr"] == "unchanged"
+    assert "heap_second_level" in p.stdout
+
+
+def test_published_rows_are_labelled_and_apart(quick) -> None:
+    p, _, d, doc = quick
+    lines = section(p.stdout, "published")
+    rows = lines[2:]
+    assert len(rows) == 3 and all(ln.startswith("published ") for ln in rows)
+    assert "0.000118 s" in rows[0] and "0.000882 s" in rows[1] and "7.5 x" in rows[2]
+    pub = doc["published"]
+    assert [x["value"] for x in pub] == [0.000118, 0.000882, 7.5]
+    assert all(x["label"] == "published" and "4.6" in x["source"] for x in pub)
+    # never among the measured rows
+    assert all("published" not in (r["mode"], r["workload"]) for r in doc["results"])
+    assert "published" not in (d / "summary.csv").read_text()
+    assert (d / "published.csv").read_text().count("published,") == 3
+
+
+def test_memory_and_scaling_sections(quick) -> None:
+    _, _, _, doc = quick
+    mem = {m["mode"]: m for m in doc["memory"]["rows"]}
+    assert set(mem) == set(LOCAL_MODES)
+    assert mem["native"]["guest_kib_per_child"] is None
+    # a thread-fork child is about one stack (256 KiB) of guest memory
+    assert 200 <= mem["thread"]["guest_kib_per_child"] <= 400
+    assert mem["vmclone-shm"]["guest_kib_per_child"] > 0
+    scaling = {s["mode"]: s for s in doc["scaling"]["rows"]}
+    assert [pt["n"] for pt in scaling["thread"]["points"]][-1] == 256
+    assert [pt["n"] for pt in scaling["native"]["points"]][-1] == 256
+    assert [pt["n"] for pt in scaling["vmclone-shm"]["points"]][-1] == 32  # bounded in --quick
+    assert all(pt["ready_ms"] > 0 for s in scaling.values() for pt in s["points"])
+
+
+def test_remote_mode_skipped_cleanly_without_a_tender(tmp_path) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = unifork("compare", "--quick", "--out", str(tmp_path), "--target", f"127.0.0.1:{port}",
+                "--only", "semantics", "--modes", "thread", "vmclone-remote", "--no-memory",
+                "--no-scaling", timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    doc = json.loads((report_dir(p.stdout) / "report.json").read_text())
+    assert "vmclone-remote" in doc["skipped_modes"]
+    assert doc["modes"] == ["thread"]
+    assert {r["mode"] for r in doc["results"]} == {"thread"}
+    assert "vmclone-remote: skipped" in p.stdout
+
+
+def test_figures_round_trip_through_text() -> None:
+    for x in (0.000118, 123456.7, 51.19, 1e-9, 7.5, 2 / 3, 1234.5):
+        v = sig(x)
+        assert float(num(v)) == v and "e" not in num(v)
+    assert sig(None) is None and num(None) == "-"
+
+
+# -- 3. load ---------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tender(tmp_path_factory):
+    target = f"127.0.0.1:{free_port()}"
+    log = tmp_path_factory.mktemp("tender") / "serve.log"
+    with log.open("w") as fh:
+        proc = subprocess.Popen([str(UNIFORK), "serve", "--listen", target, "--grace", "5"],
+                                stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        with grpc.insecure_channel(target) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while True:
+                assert proc.poll() is None, log.read_text()
+                try:
+                    r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                    if r.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                assert time.monotonic() < deadline, "tender not healthy:\n" + log.read_text()
+                time.sleep(0.2)
+        yield target
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        assert code == 0, log.read_text()
+
+
+@pytest.mark.parametrize("fork,image,args,concurrency", [
+    ("thread", "fork_time", ["-n", "3"], 4),
+    ("vmclone", "pipe_talk", [], 2),
+])
+def test_load_against_a_local_tender(tender, tmp_path, fork, image, args, concurrency) -> None:
+    out = tmp_path / "load.json"
+    t0 = time.monotonic()
+    p = unifork("load", "--target", tender, "--concurrency", str(concurrency), "--duration", "3",
+                "--image", image, "--fork", fork, "--json", str(out), "--max-instances", "500",
+                "--", *args, timeout=90)
+    wall = time.monotonic() - t0
+    assert p.returncode == 0, p.stdout + p.stderr
+    r = json.loads(out.read_text())
+    assert r["launched"] == r["succeeded"] + r["failed"]
+    assert r["launched"] > 0 and r["failed"] == 0 and r["errors"] == {}
+    assert len(r["latencies_ms"]) == r["succeeded"]
+    assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] <= r["max_ms"]
+    assert r["throughput_per_s"] > 0
+    assert wall < 3 + 60  # bounded: the launch window plus the in-flight instances
+    text = p.stdout
+    assert f"launched {r['launched']}  succeeded {r['succeeded']}  failed 0" in text
+    assert f"p50 {num(r['p50_ms'])} ms" in text and "p99" in text
+    assert "errors by status code: none" in text
+
+
+def test_load_is_bounded_in_count(tender, tmp_path) -> None:
+    out = tmp_path / "load.json"
+    p = unifork("load", "--target", tender, "--concurrency", "3", "--duration", "30",
+                "--image", "hello", "--max-instances", "7", "--json", str(out), timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    r = json.loads(out.read_text())
+    assert r["launched"] == 7 == r["succeeded"]
+    assert r["elapsed_s"] < 20
