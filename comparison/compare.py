@@ -42,7 +42,6 @@ from comparison.modes import (
     NativeRunner,
     Outcome,
     RemoteRunner,
-    RunFailed,
     Runner,
     ThreadRunner,
     VmcloneRunner,
@@ -175,6 +174,7 @@ class Compare:
         self.scale_raw: dict[str, dict[int, list[tuple[float, float]]]] = {}
         self.scale_failed: dict[str, str] = {}
         self.notes: list[str] = []
+        self.setup_failures: list[str] = []
 
     # -- setup ----------------------------------------------------------------------------------
     def build_images(self) -> None:
@@ -192,8 +192,17 @@ class Compare:
         if local_clone:
             from tender_service.instance.pool import WarmPool
 
-            self.pool = WarmPool(POOL_SIZE)
-            self.pool.wait_ready()
+            try:
+                self.pool = WarmPool(POOL_SIZE)
+                self.pool.wait_ready()
+            except Exception as e:
+                log.error("the warm pool did not start: %s", e)
+                self.setup_failures += [f"{m}: the warm pool did not start: {e}"
+                                        for m in local_clone]
+                if self.pool is not None:
+                    self.pool.close()
+                    self.pool = None
+                local_clone = []
             for m in local_clone:
                 self.runners[m] = VmcloneRunner(self.pool, m.split("-", 1)[1])
         if VMCLONE_REMOTE in self.modes:
@@ -209,7 +218,7 @@ class Compare:
                     # one instance: a tender without peers fails here, not in every cell
                     r.run(self.images["hello"], [])
                     self.runners[VMCLONE_REMOTE] = r
-                except Exception as e:  # noqa: BLE001 - any failure means: skip this mode
+                except Exception as e:  # any failure means: skip this mode
                     reason = getattr(e, "details", lambda: None)() or str(e)
                     self.skipped[VMCLONE_REMOTE] = f"{target}: {reason}".strip()
                     log.warning("vmclone-remote skipped: %s", self.skipped[VMCLONE_REMOTE])
@@ -223,7 +232,10 @@ class Compare:
         for mode in (VMCLONE_SHM, VMCLONE_TCP):
             if mode in self.runners:
                 for _ in range(POOL_SIZE):
-                    self.runners[mode].run(self.images["fork_scale"], ["-n", "2"])
+                    try:
+                        self.runners[mode].run(self.images["fork_scale"], ["-n", "2"])
+                    except Exception as e:  # the cells will say what is wrong
+                        log.warning("warm-up of %s failed: %s", mode, _short(e))
 
     def close(self) -> None:
         for r in self.runners.values():
@@ -292,7 +304,7 @@ class Compare:
                     found = words(o.stdout, HAZARD_ITEMS)
                 else:
                     found = None
-            except (RunFailed, OutputError, OSError, RuntimeError, TimeoutError) as e:
+            except Exception as e:  # any failure ends this cell, never the whole run
                 cell.status, cell.error = "failed", _short(e)
                 log.error("%s in %s failed: %s", w.key, mode, cell.error)
                 return
@@ -324,7 +336,7 @@ class Compare:
                 scale_ready_us(o, count)
                 if o.probe is None:
                     raise OutputError("the children= line was never seen")
-            except (RunFailed, OutputError, OSError, RuntimeError, TimeoutError) as e:
+            except Exception as e:  # any failure ends this cell, never the whole run
                 self.mem_failed[mode] = _short(e)
                 log.error("memory in %s failed: %s", mode, self.mem_failed[mode])
                 return
@@ -344,7 +356,7 @@ class Compare:
                 o = self._run(mode, SCALE_PROGRAM, ["-n", str(n)],
                               ram=SCALE_RAM if mode == THREAD else None)
                 fork_all, ready = scale_ready_us(o, n)
-            except (RunFailed, OutputError, OSError, RuntimeError, TimeoutError) as e:
+            except Exception as e:  # any failure ends this cell, never the whole run
                 self.scale_failed[mode] = f"N={n}: {_short(e)}"
                 log.error("scaling in %s failed: %s", mode, self.scale_failed[mode])
                 return
@@ -439,7 +451,7 @@ class Compare:
             cells=cells, semantics=sem, semantics_runs=sem_runs, hazards=haz,
             hazards_runs=haz_runs, memory=self.memory_rows(),
             memory_children=self.p.memory_children, scaling=self.scale_rows(),
-            duration_s=duration, notes=notes)
+            duration_s=duration, notes=notes, setup_failures=list(self.setup_failures))
 
 
 def _short(e: BaseException) -> str:

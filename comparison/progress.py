@@ -10,6 +10,7 @@ the bar.
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import threading
 import time
@@ -55,7 +56,7 @@ class ProgressBar:
         if not self.enabled:
             return
         if self.tty:
-            self.stream.write("\r\x1b[K" + self._line())
+            self.stream.write("\r\x1b[K" + self._fit(self._line()))
             self.stream.flush()
             self._drawn = True
             return
@@ -66,6 +67,11 @@ class ProgressBar:
             self.stream.write(self._line() + "\n")
             self.stream.flush()
 
+    @staticmethod
+    def _fit(line: str) -> str:
+        """Cut to the terminal's width: a wrapped line could not be redrawn in place."""
+        return line[: max(20, shutil.get_terminal_size().columns - 1)]
+
     def clear(self) -> None:
         with self._lock:
             if self.tty and self._drawn:
@@ -75,14 +81,14 @@ class ProgressBar:
     def redraw(self) -> None:
         with self._lock:
             if self.tty and self._drawn:
-                self.stream.write("\r\x1b[K" + self._line())
+                self.stream.write("\r\x1b[K" + self._fit(self._line()))
                 self.stream.flush()
 
     def finish(self) -> None:
         with self._lock:
             self.done = self.total
             if self.enabled and self.tty:
-                self.stream.write("\r\x1b[K" + self._line() + "\n")
+                self.stream.write("\r\x1b[K" + self._fit(self._line()) + "\n")
                 self.stream.flush()
                 self._drawn = False
             elif self.enabled:

@@ -167,10 +167,12 @@ class Report:
     directory: str = ""
     files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    setup_failures: list[str] = field(default_factory=list)
 
     @property
     def failures(self) -> list[str]:
-        out = [f"{c.workload} / {c.mode}: {c.error}" for c in self.cells if c.status != "ok"]
+        out = list(self.setup_failures)
+        out += [f"{c.workload} / {c.mode}: {c.error}" for c in self.cells if c.status != "ok"]
         out += [f"memory / {m.mode}: {m.error}" for m in self.memory if m.status != "ok"]
         out += [f"scaling / {s.mode}: {s.error}" for s in self.scaling if s.status != "ok"]
         return out

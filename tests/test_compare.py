@@ -33,7 +33,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from comparison.report import num, sig
 
-ROOT = Path(__file__).resolve().parents[1]
 UNIFORK = Path(sys.executable).parent / "unifork"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("fork_latency.png", "pipe_throughput.png", "memory_per_child.png", "fork_scaling.png")

@@ -181,7 +181,7 @@ def restore(snap: Snapshot, console: Console, forker: Forker | None,
     except SnapshotError:
         mem.close()
         raise
-    except (KeyError, TypeError, ValueError, MemoryError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, MemoryError) as e:
         mem.close()
         raise SnapshotError(f"inconsistent snapshot: {e}") from e
 
@@ -232,6 +232,8 @@ def _restore_into(mem: GuestMemory, snap: Snapshot, config: VmConfig, console: C
 
 
 def _make_file(state: dict, make_file: FileFactory) -> File:
+    if not isinstance(state, dict):
+        raise SnapshotError("an fd's state is not an object")
     kind = state.get("kind")
     flags = int(state.get("flags", 0))
     if kind == "console":

@@ -40,6 +40,8 @@ INIT_PID = 1
 MAIN_PID = 2
 _DATA_OPS = {"pipe_create"}
 PLACEMENT_TRIES = 3
+#: seconds a VM's own time limit lies behind the instance's (the supervisor's comes first)
+VM_GRACE = 2.0
 #: messages that may wake a VM that said it was idle
 _WAKING = {Msg.PIPE_DATA, Msg.PIPE_WROTE, Msg.CHILD_EXIT, Msg.SIGNAL, Msg.REPARENT}
 
@@ -168,8 +170,8 @@ class Supervisor:
         memory does not cross hosts.
         """
         left = None
-        if self.config.timeout:
-            left = max(0.001, self.config.timeout - (time.monotonic() - self.t0))
+        if self.config.timeout:  # the VM's own limit is a safety net behind ours
+            left = max(0.001, self.config.timeout - (time.monotonic() - self.t0)) + VM_GRACE
         transport = "tcp" if remote else self.transport
         address = self.tcp_address if transport == "tcp" else self.unix_address
         return dict(instance_id=self.id, pid=pid, supervisor=address,
@@ -180,6 +182,8 @@ class Supervisor:
 
     def wait(self) -> InstanceResult:
         timeout = self.config.timeout
+        if timeout is not None:
+            timeout = max(0.0, timeout - (time.monotonic() - self.t0))
         if not self.done.wait(timeout):
             self.kill("timeout")
             self.done.wait(10)
@@ -192,15 +196,15 @@ class Supervisor:
 
     def kill(self, reason: str = "killed") -> None:
         """End every VM of the instance (SIGKILL to each guest process and its tender)."""
-        with self.lock:
+        with self.lock:  # all kills queued before anything else a VM could react to
             if self._outcome is None:
                 self._outcome = reason
                 if reason == "timeout":
                     self.reports.append(f"time limit of {self.config.timeout:g} s exceeded: "
                                         "all processes killed")
-            live = [r for r in self.procs.values() if r.alive]
-        for r in live:
-            self._send(r, Frame(Msg.SIGNAL, 0, 0, 0, signals.SIGKILL, b""))
+            for r in self.procs.values():
+                if r.alive:
+                    self._send(r, Frame(Msg.SIGNAL, 0, 0, 0, signals.SIGKILL, b""))
 
     def close(self) -> None:
         """Release everything: listener, channels, tender processes, temp files."""
@@ -313,6 +317,8 @@ class Supervisor:
                 self.sink(f.arg, f.pipe, f.payload)
             return
         with self.lock:
+            if not rec.alive:
+                return  # what a VM sends after its EXITED (its fds closing) is moot
             if t == Msg.IDLE:
                 rec.idle_at, rec.idle_report = f.arg, f.payload.decode(errors="replace")
                 self._check_deadlock()
@@ -491,14 +497,14 @@ class Supervisor:
             if report:
                 rec.report = report
                 self.reports.append(report)
-            self.broker.drop_holder(rec.pid)
-            for child in self.procs.values():  # orphans go to init
+            for child in self.procs.values():  # orphans go to init, before any EOF reaches them
                 if child.ppid == rec.pid and child.state != "reaped":
                     child.ppid = INIT_PID
                     if child.state == "zombie":
                         child.state = "reaped"
                     else:
                         self._send(child, Frame(Msg.REPARENT, 0, 0, 0, INIT_PID, b""))
+            self.broker.drop_holder(rec.pid)
             parent = self.procs.get(rec.ppid)
             if rec.ppid == INIT_PID or parent is None:
                 rec.state = "reaped"  # init reaps at once (the status stays on record)

@@ -404,6 +404,10 @@ class Kernel:
                 self.heap.free(lwp.stack, who=MEMWHO_WIREDBMK)
             if lwp.tls:
                 self.heap.free(lwp.tls, who=MEMWHO_WIREDBMK)
+        if self.remote is not None:
+            # before the fds close: the supervisor re-parents our children before any
+            # of them can see EOF on a pipe we held (as Linux orders it for them)
+            self.remote.process_exited(proc)
         proc.fds.close_all(self)
         self._release_memory(proc)
         for child in list(proc.children.values()):
@@ -411,8 +415,6 @@ class Kernel:
                 proc.children.pop(child.pid, None)
             else:
                 self._reparent(child, self.init)
-        if self.remote is not None:
-            self.remote.process_exited(proc)
         parent = proc.parent
         if parent is not None and parent.vfork_child == proc.pid:
             parent.vfork_child = 0

@@ -88,9 +88,9 @@ class VmLink:
     # -- RemoteHost (called on the VM thread) ---------------------------------------
     def process_exited(self, proc: Process) -> None:
         peak = self.kernel.peak_memory if self.kernel is not None else 0
+        self._closed.set()  # from now on the supervisor may hang up: expected
         self._notify(Frame(Msg.EXITED, 0, 0, 0, proc.status,
                            json.dumps({"peak_memory": peak}).encode()))
-        self._closed.set()  # from now on the supervisor may hang up: expected
 
     def child_reaped(self, parent: Process, child: Process) -> None:
         self._notify(Frame(Msg.REAPED, 0, 0, 0, child.pid, b""))
