@@ -498,7 +498,7 @@ def compare_from_args(a) -> Result:
         r = c.report(started, time.perf_counter() - t0, machine)
         r.directory = str(directory.resolve())
         text = write_files(r, directory)
-    return Result(r, text, directory, 1 if r.failures else 0)
+    return Result(r, text, directory.resolve(), 1 if r.failures else 0)
 
 
 def write_files(r: rep.Report, directory: Path) -> str:

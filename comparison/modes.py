@@ -229,13 +229,10 @@ class VmcloneRunner(Runner):
         console = _marker_sink(sink, marker.encode(), probe, holder)
         observer = _SnapshotObserver()
         t0 = time.perf_counter()
-        if probe is None:
-            from tender_service.instance.run import run_vmclone
+        from tender_service.instance.run import run_vmclone
 
-            r = run_vmclone(image, list(args), None, config, console, transport=self.transport,
-                            pool=self.pool)
-        else:
-            r = self._run_observed(image, args, config, console, observer)
+        r = run_vmclone(image, list(args), None, config, console, transport=self.transport,
+                        pool=self.pool, observer=observer if probe is not None else None)
         wall = time.perf_counter() - t0
         if r.outcome != "exited" or r.exit_code != 0:
             raise RunFailed(f"{self.name} {image.name} {' '.join(args)}: {r.outcome}, exit "
@@ -243,24 +240,6 @@ class VmcloneRunner(Runner):
                             f"{sink.stderr.decode(errors='replace').strip()[-300:]}")
         return Outcome(sink.stdout.decode(errors="replace"), wall,
                        snapshot_bytes=observer.snapshots, probe=holder.get("probe"))
-
-    def _run_observed(self, image, args, config, console, observer):
-        """``run_vmclone`` with an observer, for the snapshot size of every fork.
-
-        (``run_vmclone`` takes no observer; this is its body with one.)
-        """
-        from tender_service.instance.supervisor import Supervisor
-        from tender_service.vm import DEFAULT_ENV, _program_name
-
-        config.validate()
-        sup = Supervisor(self.pool, self.transport, console, config, observer=observer)
-        try:
-            path = Path(image)
-            sup.start(str(path.resolve()), list(args), list(DEFAULT_ENV),
-                      _program_name(path.name))
-            return sup.wait()
-        finally:
-            sup.close()
 
     def host_memory(self, pid=None):
         return pss_bytes(os.getpid()) + sum(pss_bytes(w.pid) for w in list(self.pool.workers))

@@ -789,23 +789,26 @@ def workload(a: Tender, b: Tender) -> int:
         jobs = []
         for image, args in (("fork_time", ["-n", "5"]), ("token_ring", ["-n", "3", "-r", "3"]),
                             ("pipe_talk", [])):
-            jobs.append((ca, ca.launch(image, args, console_pipe=True)))
-            jobs.append((cb, cb.launch(image, args, console_pipe=True)))
+            for client in (ca, cb):
+                jobs.append((client, f"{image} thread", client.launch(image, args,
+                                                                      console_pipe=True)))
             for transport in (pb2.PIPE_TRANSPORT_SHM, pb2.PIPE_TRANSPORT_TCP):
                 for placement in (pb2.PLACEMENT_LOCAL, pb2.PLACEMENT_REMOTE):
-                    jobs.append((ca, ca.launch(image, args, console_pipe=True,
-                                               fork_mode=pb2.FORK_MODE_VMCLONE,
-                                               pipe_transport=transport,
-                                               placement=placement)))
+                    what = (f"{image} vmclone {pb2.PipeTransport.Name(transport)} "
+                            f"{pb2.Placement.Name(placement)}")
+                    jobs.append((ca, what, ca.launch(image, args, console_pipe=True,
+                                                     fork_mode=pb2.FORK_MODE_VMCLONE,
+                                                     pipe_transport=transport,
+                                                     placement=placement)))
         for client in (ca, cb):  # errors for the error panel
             for call in (lambda c=client: c.wait("no-such-instance"),
                          lambda c=client: c.launch("no-such-image", [])):
                 with pytest.raises(grpc.RpcError) as e:
                     call()
                 assert e.value.code() == grpc.StatusCode.NOT_FOUND
-        for client, iid in jobs:
+        for client, what, iid in jobs:
             r = client.wait(iid, 120)
-            assert r.done and r.outcome == "exited" and r.exit_code == 0, r
+            assert r.done and r.outcome == "exited" and r.exit_code == 0, f"{what}: {r}"
         return len(jobs)
     finally:
         ca.close()

@@ -88,7 +88,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def poll(cond, timeout: float, what: str, interval: float = 0.05):
+def poll(cond, timeout: float, what: str, interval: float = 0.05, detail=lambda: ""):
     """Wait until ``cond()`` is truthy (and return it), or fail naming ``what``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -96,7 +96,7 @@ def poll(cond, timeout: float, what: str, interval: float = 0.05):
         if value:
             return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{detail()}")
         time.sleep(interval)
 
 
@@ -763,6 +763,29 @@ def test_too_many_instances(small):
         c.close()
 
 
+def test_upload_under_a_builtin_name(small):
+    """Refused, or listed once and launched as listed: never two entries of one name."""
+    c = small.client()
+    data = build_image("hello").read_bytes()
+    try:
+        try:
+            c.upload("fork_time", data)
+        except grpc.RpcError as e:
+            assert e.code() in (grpc.StatusCode.INVALID_ARGUMENT,
+                                grpc.StatusCode.ALREADY_EXISTS), (e.code(), e.details())
+        listed = [(i.name, i.builtin, i.sha256) for i in c.images()]
+        names = [name for name, _, _ in listed]
+        assert len(names) == len(set(names)), \
+            f"ListImages lists {[n for n in names if names.count(n) > 1]} more than once"
+        entry = next(row for row in listed if row[0] == "fork_time")
+        iid = launch(c, "fork_time", console_pipe=True)
+        wait(c, iid)
+        ran_upload = stdout_of(console(c, iid)) == HELLO
+        assert entry[1] is (not ran_upload), (entry, ran_upload)
+    finally:
+        c.close()
+
+
 # -- auth ----------------------------------------------------------------------------------------
 TOKEN = "s3cret-token-0123456789abcdef"
 CREDENTIALS = {
@@ -1015,7 +1038,8 @@ def test_graceful_shutdown_kills_what_is_left(tmp_path):
                 except grpc.RpcError:
                     return True
 
-            poll(not_serving, STOP_TIMEOUT, "the health check to leave SERVING")
+            poll(not_serving, STOP_TIMEOUT, "the health check to leave SERVING",
+                 detail=lambda: f"tender {t.proc.poll()=}:\n{t.log()}")
             e = rpc_error(lambda: launch(c, "hello"))  # shutting down, or already gone
             assert e.code() == grpc.StatusCode.UNAVAILABLE, (e.code(), e.details())
             results = {mode: f.result(STOP_TIMEOUT) for mode, f in waits.items()}
@@ -1031,7 +1055,9 @@ def test_graceful_shutdown_kills_what_is_left(tmp_path):
             (ids[mode], True, "killed", SIGKILL), (mode, r)
     assert "killed after the 1 s grace period" in t.log()
     poll(lambda: not any(still_running(pid, start) for pid, (start, _) in below.items()),
-         30, "the tender's worker processes to go")
+         30, "the tender's worker processes to go",
+         detail=lambda: str({pid: cmdline(pid) for pid, (start, _) in below.items()
+                             if still_running(pid, start)}))
 
 
 # -- the command-line clients --------------------------------------------------------------------

@@ -233,6 +233,7 @@ class PageAllocator:
             expect = page + (1 << order)
         if expect != self.npages:
             raise ValueError("page allocator state: blocks do not cover the heap")
+        self.peak_pages = self._used_pages  # a restored heap starts at its current use
         for order, free_k in enumerate(self._free[:-1]):
             if any(p ^ (1 << order) in free_k for p in free_k):
                 raise ValueError("page allocator state: two free buddies were not merged")

@@ -15,14 +15,19 @@ def run_vmclone(image: str | Path, args: Sequence[str] = (), env: Sequence[str] 
                 config: VmConfig | None = None,
                 sink: Callable[[int, int, bytes], None] | None = None,
                 transport: str = "shm", pool: WarmPool | None = None, pool_size: int = 2,
-                argv0: str | None = None) -> InstanceResult:
-    """Start a pool (unless given), run the instance, stop everything it started."""
+                argv0: str | None = None, observer: object | None = None) -> InstanceResult:
+    """Start a pool (unless given), run the instance, stop everything it started.
+
+    ``observer`` gets ``fork_done(seconds, snapshot_bytes, remote)`` and
+    ``pipe_write(nbytes, seconds)`` calls (see service/instances.py).
+    """
     config = config or VmConfig()
     config.validate()
     own_pool = pool is None
     pool = pool or WarmPool(pool_size)
     try:
-        sup = Supervisor(pool, transport, sink or (lambda pid, fd, data: None), config)
+        sup = Supervisor(pool, transport, sink or (lambda pid, fd, data: None), config,
+                         observer=observer)
         try:
             path = Path(image)
             sup.start(str(path.resolve()), list(args), list(DEFAULT_ENV if env is None else env),
