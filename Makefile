@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 UNIFORK := $(VENV)/bin/unifork
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup images lint docs clean
+.PHONY: run test setup proto images lint docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,15 +14,19 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# the gRPC code, generated from proto/ into tender_service/gen/ (never edited by hand)
+proto: setup
+	$(PY) -m tender_service.protos
+
 # guest images (and, the first time, zig's musl build) into ~/.cache/unifork
-images: setup
+images: proto
 	$(UNIFORK) images --build
 
 run: images
 	$(UNIFORK) compare --quick
 
 test: images
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -p no:cacheprovider
 
 lint: setup
 	$(VENV)/bin/ruff check tender_service comparison tests

@@ -335,7 +335,7 @@ def compose_pair(tmp_path_factory, token_file) -> Iterator[tuple[Tender, Tender]
         yield a, b
     finally:
         codes = [t.stop() for t in (a, b)]
-        assert codes == [0, 0], f"tenders exited {codes}:\n{a.tail()}\n{b.tail()}"
+    assert codes == [0, 0], f"tenders exited {codes}:\n{a.tail()}\n{b.tail()}"
 
 
 # -- every file parses ---------------------------------------------------------------------
@@ -707,7 +707,8 @@ def test_kubernetes_tender_serves_with_its_arguments(tmp_path, token_file) -> No
         finally:
             client.close()
     finally:
-        assert t.stop() == 0, t.tail()
+        code = t.stop()
+    assert code == 0, t.tail()
 
 
 # -- a real Prometheus scraping real tenders -----------------------------------------------

@@ -1017,6 +1017,7 @@ def test_generated_code_is_current(tmp_path):
 def test_graceful_shutdown_kills_what_is_left(tmp_path):
     t = Tender.start(tmp_path, "--pool", "2", "--grace", "1")
     c = t.client()
+    ex = ThreadPoolExecutor(2)
     try:
         ids = {mode: launch(c, "spin", time_limit_seconds=60.0, **MODES[mode])
                for mode in ("thread", "vmclone-shm")}
@@ -1028,27 +1029,27 @@ def test_graceful_shutdown_kills_what_is_left(tmp_path):
         vm_host = int(next(p.vm for p in c.describe(ids["vmclone-shm"]).processes if p.pid == 2))
         assert vm_host in workers
 
-        with ThreadPoolExecutor(2) as ex:
-            waits = {mode: ex.submit(wait, c, iid) for mode, iid in ids.items()}
-            t.proc.send_signal(signal.SIGTERM)
+        waits = {mode: ex.submit(wait, c, iid) for mode, iid in ids.items()}
+        t.proc.send_signal(signal.SIGTERM)
 
-            def not_serving():
-                try:
-                    return t.health() != health_pb2.HealthCheckResponse.SERVING
-                except grpc.RpcError:
-                    return True
+        def not_serving():
+            try:
+                return t.health() != health_pb2.HealthCheckResponse.SERVING
+            except grpc.RpcError:
+                return True
 
-            poll(not_serving, STOP_TIMEOUT, "the health check to leave SERVING",
-                 detail=lambda: f"tender {t.proc.poll()=}:\n{t.log()}")
-            e = rpc_error(lambda: launch(c, "hello"))  # shutting down, or already gone
-            assert e.code() == grpc.StatusCode.UNAVAILABLE, (e.code(), e.details())
-            results = {mode: f.result(STOP_TIMEOUT) for mode, f in waits.items()}
+        poll(not_serving, 30, "the tender to act on SIGTERM (health leaving SERVING)",
+             detail=lambda: f"tender still running: {t.proc.poll() is None}, log:\n{t.log()}")
+        e = rpc_error(lambda: launch(c, "hello"))  # shutting down, or already gone
+        assert e.code() == grpc.StatusCode.UNAVAILABLE, (e.code(), e.details())
+        results = {mode: f.result(STOP_TIMEOUT) for mode, f in waits.items()}
         code = t.proc.wait(STOP_TIMEOUT)
     finally:
-        c.close()
-        if t.proc.poll() is None:
+        if t.proc.poll() is None:  # failed: do not wait a minute for the spinning guests
             t.proc.kill()
             t.proc.wait()
+        ex.shutdown(wait=True)
+        c.close()
     assert code == 0, t.log()
     for mode, r in results.items():
         assert (r.instance_id, r.done, r.outcome, r.signal) == \
