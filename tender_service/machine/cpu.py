@@ -91,16 +91,25 @@ class CpuExit:
 
 
 class RegSet:
-    """A fixed list of registers with preallocated buffers for batch access."""
+    """A fixed list of registers for batch access.
 
-    __slots__ = ("ids", "vals", "ptrs", "n")
+    Each call gets its own value buffers: a RegSet is shared by every VM of a
+    tender process, ctypes releases the GIL during the call, and a shared
+    buffer would let one VM's registers land in another's (a forked child then
+    resumes at the wrong address).
+    """
+
+    __slots__ = ("ids", "n", "_array")
 
     def __init__(self, *ids: int) -> None:
         self.n = len(ids)
         self.ids = (ctypes.c_int * self.n)(*ids)
-        self.vals = (ctypes.c_uint64 * self.n)()
-        base = ctypes.addressof(self.vals)
-        self.ptrs = (ctypes.c_void_p * self.n)(*[base + 8 * i for i in range(self.n)])
+        self._array = ctypes.c_uint64 * self.n
+
+    def buffers(self, values: list[int] | None = None) -> tuple[ctypes.Array, ctypes.Array]:
+        vals = self._array(*values) if values is not None else self._array()
+        base = ctypes.addressof(vals)
+        return vals, (ctypes.c_void_p * self.n)(*[base + 8 * i for i in range(self.n)])
 
 
 class Context:
@@ -113,10 +122,8 @@ class Context:
 
     def write(self, regs: RegSet, values: list[int]) -> None:
         """Set registers in the saved state (used to shape a forked child)."""
-        vals = regs.vals
-        for i, v in enumerate(values):
-            vals[i] = v & 0xFFFF_FFFF_FFFF_FFFF
-        err = _lib.uc_context_reg_write_batch(self.ptr, regs.ids, regs.ptrs, regs.n)
+        _vals, ptrs = regs.buffers([v & 0xFFFF_FFFF_FFFF_FFFF for v in values])
+        err = _lib.uc_context_reg_write_batch(self.ptr, regs.ids, ptrs, regs.n)
         if err:
             raise UcError(err)
 
@@ -188,8 +195,9 @@ class Cpu:
 
     # -- registers in bulk ----------------------------------------------------------
     def read_regs(self, regs: RegSet) -> list[int]:
-        self._reg_read_batch(self._h, regs.ids, regs.ptrs, regs.n)
-        return list(regs.vals)
+        vals, ptrs = regs.buffers()
+        self._reg_read_batch(self._h, regs.ids, ptrs, regs.n)
+        return list(vals)
 
     def read_state(self) -> dict[str, int]:
         """All of STATE_REGS (for a snapshot; not a hot path)."""

@@ -2,8 +2,9 @@
 
 With a token file, a call without ``authorization: Bearer <token>`` metadata
 (or with another token) is refused with UNAUTHENTICATED before any handler
-runs.  Health checks are authenticated too, except when the tender runs
-without a token.  The same interceptor counts requests and their latency by
+runs: every method of the client and the peer API, and reflection.  Standard
+health checks stay open (orchestrators probe them without credentials, and
+they reveal nothing but SERVING / NOT_SERVING).  The same interceptor counts requests and their latency by
 method and status code.
 """
 
@@ -16,6 +17,8 @@ from pathlib import Path
 import grpc
 
 from tender_service.service import metrics
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 
 def read_token(path: str | Path) -> str:
@@ -35,7 +38,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, details):
         method = details.method
-        if self.token is not None:
+        if self.token is not None and not method.startswith(HEALTH_PREFIX):
             got = dict(details.invocation_metadata).get("authorization", "")
             if not hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode()):
                 metrics.GRPC_REQUESTS.labels(method, "UNAUTHENTICATED").inc()

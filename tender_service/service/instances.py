@@ -264,7 +264,7 @@ class InstanceManager:
         return killed
 
     def sample_gauges(self) -> None:
-        """Refresh the process and memory gauges (called on each scrape)."""
+        """Refresh the process and memory gauges (the tender calls it every second)."""
         procs = {"thread": 0, "vmclone": 0}
         memory = 0
         for inst in self.running():

@@ -306,7 +306,8 @@ class Tender:
     def _sample_loop(self) -> None:
         while not self.stop_event.wait(1.0):
             self.manager.sample_gauges()
-            metrics.VMS.labels("vmclone").set(len(self.peer_servicer.vms))
+            # VMs of VM-clone instances: in this process (peers' clones) and in the pool
+            metrics.VMS.labels("vmclone").set(len(self.peer_servicer.vms) + self.pool.load())
 
     def shutdown(self) -> None:
         """Graceful: refuse launches, let instances finish, kill what is left."""
