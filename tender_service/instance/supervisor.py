@@ -286,6 +286,8 @@ class Supervisor:
             rec.host_pid = int(hello.get("host_pid", rec.host_pid))
             rec.host = str(hello.get("host") or rec.host)
             rec.connected.set()
+            if self._outcome is not None:  # killed while this VM was starting
+                self._send(rec, Frame(Msg.SIGNAL, 0, 0, 0, signals.SIGKILL, b""))
         try:
             while True:
                 f = channel.recv()

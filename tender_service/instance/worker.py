@@ -32,7 +32,8 @@ from tender_service.machine.errors import GuestError, ImageError
 from tender_service.rump.console import Console
 from tender_service.rump.kernel import Kernel, VmConfig
 from tender_service.rump.process import Process
-from tender_service.transports.channel import connect_channel
+from tender_service.transports.channel import ChannelClosed, connect_channel
+from tender_service.transports.frames import ProtocolError
 from tender_service.transports.vmlink import VmLink
 
 log = logging.getLogger(__name__)
@@ -153,8 +154,10 @@ class PeerServicer:
         start["args"], start["env"] = list(start["args"]), list(start["env"])
         try:
             k = self._build(start, b"".join(parts), b"".join(image))
-        except (ImageError, SnapshotError, ValueError, OSError) as e:
+        except (ImageError, SnapshotError, ValueError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot start the VM: {e}")
+        except (ProtocolError, ChannelClosed, OSError) as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot reach the supervisor: {e}")
         threading.Thread(target=self._run, args=(k, start["pid"]), daemon=True,
                          name=f"vm-{start['instance_id']}-{start['pid']}").start()
         return pb2.VmStarted(pid=start["pid"], host_pid=os.getpid(),

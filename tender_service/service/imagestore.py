@@ -46,6 +46,8 @@ class ImageStore:
         """Store an uploaded image; ValueError (with the reason) if it is refused."""
         if not self.valid_name(name):
             raise ValueError("name: must match [A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+        if name in builtin_programs():
+            raise ValueError(f"name: {name!r} is a built-in image")
         if len(data) > self.max_upload:
             raise OverflowError(f"image larger than {self.max_upload} bytes")
         parse_elf(data, name)  # ImageError (a ValueError) names what is wrong

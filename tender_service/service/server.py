@@ -162,7 +162,7 @@ class TenderServicer:
             return f"time_limit_seconds: must be between 0 and {MAX_TIME_LIMIT:g}"
         if req.max_procs and not 2 <= req.max_procs <= 65536:
             return "max_procs: must be between 2 and 65536"
-        if req.fork_mode == pb2.FORK_MODE_THREAD and req.placement not in (
+        if req.fork_mode != pb2.FORK_MODE_VMCLONE and req.placement not in (
                 pb2.PLACEMENT_UNSPECIFIED, pb2.PLACEMENT_LOCAL):
             return "placement: only VM-clone instances place VMs on other hosts"
         return None
@@ -333,6 +333,9 @@ def serve(opts: ServeOptions) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    done.wait()
+    # wait in short steps: Python runs signal handlers only between bytecodes of the
+    # main thread, never while it is blocked in an untimed wait
+    while not done.wait(0.5):
+        pass
     tender.shutdown()
     return 0
