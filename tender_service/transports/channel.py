@@ -229,6 +229,20 @@ class _ChannelBase:
     def _remaining(deadline: float | None) -> float | None:
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
+    def recv(self, timeout: float | None = None) -> Frame | None:
+        """The next frame; None on timeout.  Each kind supplies ``_recv_locked``."""
+        deadline = self._deadline(timeout)
+        self._enter()
+        try:
+            if not self._lock_recv(deadline):
+                return None
+            try:
+                return self._recv_locked(deadline)
+            finally:
+                self._recv_lock.release()
+        finally:
+            self._leave()
+
     def _lock_recv(self, deadline: float | None) -> bool:
         remaining = self._remaining(deadline)
         return self._recv_lock.acquire(timeout=-1 if remaining is None else remaining)
@@ -284,19 +298,6 @@ class TcpChannel(_ChannelBase):
                 else:
                     pending[0] = pending[0][sent:]
                     sent = 0
-
-    def recv(self, timeout: float | None = None) -> Frame | None:
-        deadline = self._deadline(timeout)
-        self._enter()
-        try:
-            if not self._lock_recv(deadline):
-                return None
-            try:
-                return self._recv_locked(deadline)
-            finally:
-                self._recv_lock.release()
-        finally:
-            self._leave()
 
     def _recv_locked(self, deadline: float | None) -> Frame | None:
         while True:
@@ -604,19 +605,6 @@ class ShmChannel(_ChannelBase):
         self.bytes_sent += need
         if self._peer_gone:
             raise ChannelClosed("peer closed the channel")
-
-    def recv(self, timeout: float | None = None) -> Frame | None:
-        deadline = self._deadline(timeout)
-        self._enter()
-        try:
-            if not self._lock_recv(deadline):
-                return None
-            try:
-                return self._recv_locked(deadline)
-            finally:
-                self._recv_lock.release()
-        finally:
-            self._leave()
 
     def _recv_locked(self, deadline: float | None) -> Frame | None:
         ring, fence = self._rx, self._recv_fence
