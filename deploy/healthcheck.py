@@ -1,11 +1,10 @@
 """Health probe of a tender: the standard gRPC health check, with the bearer token.
 
 Exit 0 when the tender answers SERVING, 1 otherwise (Docker HEALTHCHECK and
-Kubernetes exec probes read only the exit status).  A tender started with
-``--token-file`` authenticates health checks too, so the probe sends the
-token: from ``--token-file`` when that file exists, else from ``UNIFORK_TOKEN``.
-That is also why Kubernetes' native ``grpc:`` probe cannot be used: it sends
-no metadata and would be refused with UNAUTHENTICATED.
+Kubernetes exec probes read only the exit status).  Health checks need no
+token (the tender leaves them open for orchestrators, so Kubernetes' native
+``grpc:`` probe works too); the probe sends one anyway when it has it, from
+``--token-file`` when that file exists, else from ``UNIFORK_TOKEN``.
 
     python healthcheck.py [--target HOST:PORT] [--token-file PATH] [--service NAME]
 """

@@ -37,7 +37,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tender_service import cli
+from tender_service import cli, protos
 from tender_service.service.client import Client
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -677,11 +677,17 @@ def test_compose_tenders_serve_with_their_arguments(compose_pair, token_file, tm
                                       timeout=10).read().decode()
         assert "unifork_guest_memory_committed_bytes" in text
         assert "process_resident_memory_bytes" in text
-    # a wrong token is refused, so is none: the probes must send it
+    # health checks are open (orchestrators probe without credentials): a wrong token or
+    # none still gets SERVING, while the API itself refuses them
     wrong = tmp_path / "wrong"
     wrong.write_text("x" * 32)
-    assert run_probe(probe, a.target, wrong).returncode == 1
-    assert run_probe(probe, a.target, tmp_path / "missing").returncode == 1
+    assert run_probe(probe, a.target, wrong).returncode == 0
+    assert run_probe(probe, a.target, tmp_path / "missing").returncode == 0
+    tender_pb2, tender_grpc = protos.tender()
+    with grpc.insecure_channel(a.target) as ch, pytest.raises(grpc.RpcError) as e:
+        tender_grpc.TenderStub(ch).ListImages(tender_pb2.ListImagesRequest(), timeout=10,
+                                             metadata=[("authorization", "Bearer " + "x" * 32)])
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_kubernetes_tender_serves_with_its_arguments(tmp_path, token_file) -> None:

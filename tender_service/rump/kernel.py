@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 INIT_PID = 1
 #: reaped processes remembered for the process table (``--ps``, describe)
 MAX_FINISHED = 10_000
+#: seconds between stops while an event from another thread waits for the VM's loop
+EVENT_POKE = 0.02
 MASK64 = 0xFFFF_FFFF_FFFF_FFFF
 
 
@@ -181,6 +183,7 @@ class Kernel:
         self._restart = False
         self._stop_reason: str | None = None
         self._finished = False  # run() has returned: no more pokes
+        self._event_poke = False
         self.reports: list[str] = []
         self.forks = 0
         self.pipe_bytes = 0  # bytes written into this VM's pipes
@@ -520,6 +523,19 @@ class Kernel:
         if not self._finished:
             self.cpu.stop()
             self._notify()
+            if not self._event_poke:
+                # a stop that lands just before the loop enters the CPU is lost: poke
+                # again until the loop has taken the event
+                self._event_poke = True
+                WATCHDOG.arm(time.monotonic() + EVENT_POKE, self._poke_events)
+
+    def _poke_events(self) -> None:
+        if self._events and not self._finished:
+            self.cpu.stop()
+            self._notify()
+            WATCHDOG.arm(time.monotonic() + EVENT_POKE, self._poke_events)
+        else:
+            self._event_poke = False
 
     def _drain_events(self) -> None:
         while self._events:
