@@ -162,6 +162,13 @@ def cmd_load(a: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def add_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=os.environ.get("UNIFORK_TARGET", "127.0.0.1:7700"),
+                   help="tender address host:port (env UNIFORK_TARGET)")
+    p.add_argument("--token-file", help="bearer token file (or env UNIFORK_TOKEN)")
+    p.add_argument("--tls-ca", help="CA certificate to verify a TLS tender")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="unifork", description=__doc__)
@@ -217,8 +224,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="time limit of instances that ask for none (seconds)")
     sv.add_argument("--grace", type=float, default=10.0,
                     help="seconds running instances get to finish on SIGTERM")
-
-    from tender_service.service.client import add_client_args
 
     la = sub.add_parser("launch", help="launch an instance on a tender")
     la.add_argument("image")

@@ -67,13 +67,6 @@ class Client:
         return self.stub.UploadImage(parts(), metadata=self.md)
 
 
-def add_client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default=os.environ.get("UNIFORK_TARGET", "127.0.0.1:7700"),
-                   help="tender address host:port (env UNIFORK_TARGET)")
-    p.add_argument("--token-file", help=f"bearer token file (or env {TOKEN_ENV})")
-    p.add_argument("--tls-ca", help="CA certificate to verify a TLS tender")
-
-
 def client_from(a: argparse.Namespace) -> Client:
     token = read_token(a.token_file) if a.token_file else os.environ.get(TOKEN_ENV)
     return Client(a.target, token, a.tls_ca)
