@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +45,23 @@ def native(name: str | Path, *args: str, timeout: float = 120) -> subprocess.Com
     path = Path(name) if isinstance(name, Path) else image_path(name)
     return subprocess.run([str(path), *args], capture_output=True, timeout=timeout,
                           stdin=subprocess.DEVNULL, check=False)
+
+
+def wait_until(cond: Callable[[], object], timeout: float, what: str, interval: float = 0.05,
+               detail: Callable[[], str] = lambda: "") -> object:
+    """Wait until ``cond()`` is truthy and return it; fail naming ``what`` after ``timeout``.
+
+    This is how tests wait for something to happen: on the condition, with a
+    deadline (the sleep is only the polling interval).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{detail()}")
+        time.sleep(interval)  # ok-sleep: the polling interval of a wait with a deadline
 
 
 @pytest.fixture

@@ -64,7 +64,7 @@ class Agent:
                         return status
                 except grpc.RpcError as e:
                     status = e.code().name
-                time.sleep(0.05)  # poll interval
+                time.sleep(0.05)  # ok-sleep: polling interval of a wait with a deadline
 
     def op_upload(self, target: str, name: str, path: str) -> dict:
         with open(path, "rb") as f:

@@ -74,18 +74,6 @@ def namespaces() -> list[str]:
     return [line.split()[0] for line in p.stdout.splitlines() if line.strip()]
 
 
-def wait_until(cond, timeout: float, what: str, interval: float = 0.05):
-    """Poll ``cond()`` until it is truthy (returned) or ``timeout`` s pass (TimeoutError)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)  # a poll interval, not a wait for something to happen
-
-
 class Hosts:
     def __init__(self, n: int, prefix: str = "ufhost") -> None:
         if not 1 <= n <= 200:
@@ -195,7 +183,7 @@ class Hosts:
             self._reap()
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"processes {left} in {ns} did not die")
-            time.sleep(0.05)
+            time.sleep(0.05)  # ok-sleep: polling interval of this wait with a deadline
 
     def _reap(self) -> None:
         for p in self.procs:

@@ -35,6 +35,7 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
+from conftest import wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tender_service import cli, protos
@@ -295,7 +296,7 @@ class Tender:
                 except grpc.RpcError:
                     pass
                 assert time.monotonic() < deadline, f"{self.name} not healthy: {self.tail()}"
-                time.sleep(0.1)
+                time.sleep(0.1)  # ok-sleep: polling interval of a wait with a deadline
 
     def tail(self, n: int = 30) -> str:
         lines = self.log.read_text(errors="replace").splitlines() if self.log.exists() else []
@@ -736,13 +737,7 @@ def grafana_to_promql(expr: str) -> str:
 
 
 def wait_for(what: str, fn, timeout: float = 60.0, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(interval)
+    return wait_until(fn, timeout, what, interval)
 
 
 @contextlib.contextmanager
@@ -851,7 +846,7 @@ def test_every_dashboard_query_has_data_in_prometheus(compose_pair, tmp_path) ->
             while time.monotonic() < deadline:
                 if has_data(expr):
                     return title, expr, True
-                time.sleep(0.5)
+                time.sleep(0.5)  # ok-sleep: polling interval of a wait with a deadline
             return title, expr, False
 
         results = list(pool.map(wait_data, exprs))

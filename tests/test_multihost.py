@@ -35,8 +35,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import image_path, native
-from netns import Hosts, hosts_or_skip, namespaces, wait_until
+from conftest import image_path, native, wait_until
+from netns import Hosts, hosts_or_skip, namespaces
 
 from tender_service.service.placement import DOWN_FOR, LOAD_TTL
 from tender_service.toolchain.images import build_image

@@ -26,7 +26,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import wait_until
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -88,16 +88,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def poll(cond, timeout: float, what: str, interval: float = 0.05, detail=lambda: ""):
-    """Wait until ``cond()`` is truthy (and return it), or fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{detail()}")
-        time.sleep(interval)
+poll = wait_until
 
 
 def unifork_cmd() -> list[str]:

@@ -33,7 +33,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import image_path, native
+from conftest import image_path, native, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_programs_native import CASES, SEMANTICS_NATIVE, SEMANTICS_THREAD_FORK
@@ -75,15 +74,7 @@ def lines(*text: str) -> str:
 
 
 def wait_for(cond: Callable[[], object], what: str, timeout: float = WAIT) -> object:
-    """Poll ``cond`` until it returns something true; fail with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
+    return wait_until(cond, timeout, what, 0.02)
 
 
 # -- host processes and shared memory ---------------------------------------------------
