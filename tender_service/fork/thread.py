@@ -98,7 +98,7 @@ class ThreadFork:
         # 5. the child's context: the parent's, with rax = 0 and rebased pointers
         ctx = cpu.new_context()
         rip = cpu.reg(RIP) + SYSCALL_INSN_LEN
-        ctx.write(_CHILD_REGS, [*regs, 0, rsp + delta, rip, r.value(fs)])
+        cpu.write_context(ctx, _CHILD_REGS, [*regs, 0, rsp + delta, rip, r.value(fs)])
         clwp = k.new_lwp(child, cstack, cstack, size, ctx)
         clwp.tls = ctls
 

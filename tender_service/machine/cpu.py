@@ -91,25 +91,29 @@ class CpuExit:
 
 
 class RegSet:
-    """A fixed list of registers for batch access.
+    """A fixed list of registers for batch access (shared, read-only)."""
 
-    Each call gets its own value buffers: a RegSet is shared by every VM of a
-    tender process, ctypes releases the GIL during the call, and a shared
-    buffer would let one VM's registers land in another's (a forked child then
-    resumes at the wrong address).
-    """
-
-    __slots__ = ("ids", "n", "_array")
+    __slots__ = ("ids", "n")
 
     def __init__(self, *ids: int) -> None:
         self.n = len(ids)
         self.ids = (ctypes.c_int * self.n)(*ids)
-        self._array = ctypes.c_uint64 * self.n
 
-    def buffers(self, values: list[int] | None = None) -> tuple[ctypes.Array, ctypes.Array]:
-        vals = self._array(*values) if values is not None else self._array()
-        base = ctypes.addressof(vals)
-        return vals, (ctypes.c_void_p * self.n)(*[base + 8 * i for i in range(self.n)])
+
+class _RegBuffers:
+    """Value buffers for one RegSet, owned by one Cpu.
+
+    Never shared between VMs: ctypes releases the GIL during a call, and a
+    buffer shared by the VMs of a tender process would let one VM's registers
+    land in another's (a forked child would resume at the wrong address).
+    """
+
+    __slots__ = ("vals", "ptrs")
+
+    def __init__(self, n: int) -> None:
+        self.vals = (ctypes.c_uint64 * n)()
+        base = ctypes.addressof(self.vals)
+        self.ptrs = (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
 
 
 class Context:
@@ -119,13 +123,6 @@ class Context:
 
     def __init__(self) -> None:
         self.ptr = ctypes.c_void_p()
-
-    def write(self, regs: RegSet, values: list[int]) -> None:
-        """Set registers in the saved state (used to shape a forked child)."""
-        _vals, ptrs = regs.buffers([v & 0xFFFF_FFFF_FFFF_FFFF for v in values])
-        err = _lib.uc_context_reg_write_batch(self.ptr, regs.ids, ptrs, regs.n)
-        if err:
-            raise UcError(err)
 
     def __del__(self) -> None:
         if self.ptr:
@@ -158,6 +155,7 @@ class Cpu:
         self._reg_read = _lib.uc_reg_read
         self._fault: CpuExit | None = None
         self._stopped = False
+        self._regbufs: dict[int, _RegBuffers] = {}
         self._syscall_cb = None
         self.uc.reg_write(x86.UC_X86_REG_FPCW, LINUX_FPCW)
         self.uc.reg_write(x86.UC_X86_REG_MXCSR, LINUX_MXCSR)
@@ -194,10 +192,26 @@ class Cpu:
         self._reg_write(self._h, reg_id, self._pval)
 
     # -- registers in bulk ----------------------------------------------------------
+    def _buffers(self, regs: RegSet) -> _RegBuffers:
+        b = self._regbufs.get(id(regs))
+        if b is None:
+            b = self._regbufs[id(regs)] = _RegBuffers(regs.n)
+        return b
+
     def read_regs(self, regs: RegSet) -> list[int]:
-        vals, ptrs = regs.buffers()
-        self._reg_read_batch(self._h, regs.ids, ptrs, regs.n)
-        return list(vals)
+        b = self._buffers(regs)
+        self._reg_read_batch(self._h, regs.ids, b.ptrs, regs.n)
+        return list(b.vals)
+
+    def write_context(self, ctx: Context, regs: RegSet, values: list[int]) -> None:
+        """Set registers in a saved state (used to shape a forked child)."""
+        b = self._buffers(regs)
+        vals = b.vals
+        for i, v in enumerate(values):
+            vals[i] = v & 0xFFFF_FFFF_FFFF_FFFF
+        err = _lib.uc_context_reg_write_batch(ctx.ptr, regs.ids, b.ptrs, regs.n)
+        if err:
+            raise UcError(err)
 
     def read_state(self) -> dict[str, int]:
         """All of STATE_REGS (for a snapshot; not a hot path)."""
