@@ -59,7 +59,6 @@ INIT_PID = 1
 MAX_FINISHED = 10_000
 #: seconds between stops while an event from another thread waits for the VM's loop
 EVENT_POKE = 0.02
-MASK64 = 0xFFFF_FFFF_FFFF_FFFF
 
 
 class _Sentinel:
