@@ -55,8 +55,10 @@ def connect(address: str, timeout: float = 10.0) -> socket.socket:
         return s
     if address.startswith("tcp:"):
         host, _, port = address[4:].rpartition(":")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"bad port in address {address[:80]!r}")
         return socket.create_connection((host, int(port)), timeout=timeout)
-    raise ValueError(f"bad address {address!r}")
+    raise ValueError(f"bad address {address[:80]!r}")
 
 
 def start_vm(address: str, start: dict, snapshot: bytes | None, timeout: float = 30.0,

@@ -38,6 +38,7 @@ from tender_service.service.placement import PeerHandle, PeerSet, Placer
 log = logging.getLogger(__name__)
 
 MAX_ARGS = 256
+MAX_ID = 64  # instance ids are 16 hex digits; anything much longer is not one
 MAX_ARG_BYTES = 64 << 10
 MAX_TIME_LIMIT = 24 * 3600.0
 
@@ -157,6 +158,9 @@ class TenderServicer:
             return f"memory_bytes: must be between {MIN_RAM} and {MAX_RAM}"
         if req.stack_bytes and not 16 << 10 <= req.stack_bytes <= 64 << 20:
             return "stack_bytes: must be between 16 KiB and 64 MiB"
+        ram = req.memory_bytes or VmConfig().ram
+        if (req.stack_bytes or VmConfig().stack_size) > ram // 2:
+            return "stack_bytes: must be at most half of memory_bytes"
         if not 0 <= req.time_limit_seconds <= MAX_TIME_LIMIT or req.time_limit_seconds != \
                 req.time_limit_seconds:
             return f"time_limit_seconds: must be between 0 and {MAX_TIME_LIMIT:g}"
@@ -168,10 +172,13 @@ class TenderServicer:
         return None
 
     def _instance(self, instance_id: str, context):
-        inst = self.m.get(instance_id) if instance_id else None
+        if not instance_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "instance_id: missing")
+        if len(instance_id) > MAX_ID:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"instance_id: longer than {MAX_ID} characters")
+        inst = self.m.get(instance_id)
         if inst is None:
-            if not instance_id:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "instance_id: missing")
             context.abort(grpc.StatusCode.NOT_FOUND, f"instance_id: no instance {instance_id!r}")
         return inst
 
