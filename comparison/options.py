@@ -8,7 +8,6 @@ two commands runs.
 from __future__ import annotations
 
 import argparse
-import os
 
 
 def _positive(text: str) -> int:
@@ -56,8 +55,9 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_load_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default=os.environ.get("UNIFORK_TARGET", "127.0.0.1:7700"),
-                   help="tender address host:port (env UNIFORK_TARGET)")
+    p.add_argument("--target", action="append",
+                   help="tender address host:port (env UNIFORK_TARGET, else 127.0.0.1:7700); "
+                        "repeat it to spread the launches over several tenders")
     p.add_argument("--token-file", help="bearer token file (or env UNIFORK_TOKEN)")
     p.add_argument("--tls-ca", help="CA certificate to verify a TLS tender")
     p.add_argument("--concurrency", type=_positive, default=4,
@@ -65,9 +65,12 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=_seconds, default=10.0,
                    help="seconds during which new instances are launched (default 10)")
     p.add_argument("--image", default="hello", help="image to launch (default hello)")
-    p.add_argument("--fork", choices=("thread", "vmclone"), default="thread")
+    p.add_argument("--fork", choices=("thread", "vmclone", "mixed"), default="thread",
+                   help="fork mode of the instances; mixed alternates the two")
     p.add_argument("--pipe", choices=("shm", "tcp"), default="shm",
                    help="vmclone: pipe transport between VMs (default shm)")
+    p.add_argument("--placement", choices=("local", "remote", "spread"), default="local",
+                   help="vmclone: where children run (default local)")
     p.add_argument("--max-instances", type=_positive, default=10_000,
                    help="launch at most this many instances in all (default 10000)")
     p.add_argument("--wait-timeout", type=_seconds, default=60.0,

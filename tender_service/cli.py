@@ -137,7 +137,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
             advertise=a.advertise, token_file=a.token_file, tls_cert=a.tls_cert,
             tls_key=a.tls_key, insecure_listen_any=a.insecure_listen_any, pool_size=a.pool,
             max_instances=a.max_instances, max_upload=a.max_upload,
-            default_timeout=a.default_timeout, grace=a.grace))
+            default_timeout=a.default_timeout, grace=a.grace,
+            peer_timeout=a.peer_timeout, keep_finished=a.keep_finished))
     except (ValueError, OSError) as e:
         print(f"unifork serve: {e}", file=sys.stderr)
         return 2
@@ -222,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--max-upload", type=parse_size, default="64M")
     sv.add_argument("--default-timeout", type=float, default=600.0,
                     help="time limit of instances that ask for none (seconds)")
+    sv.add_argument("--peer-timeout", type=float, default=60.0,
+                    help="seconds a VM on another host may stay silent (link down, host gone) "
+                         "before it counts as lost and is killed (default 60)")
+    sv.add_argument("--keep-finished", type=int, default=4096,
+                    help="finished instances remembered for Wait, Describe and logs "
+                         "(oldest forgotten first; default 4096)")
     sv.add_argument("--grace", type=float, default=10.0,
                     help="seconds running instances get to finish on SIGTERM")
 

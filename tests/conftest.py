@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tender_service.instance.pool import WarmPool
 from tender_service.rump.kernel import RunResult, VmConfig
 from tender_service.toolchain.images import build_image
 from tender_service.vm import CaptureSink, run_vm
@@ -72,3 +73,14 @@ def run_vm_image():
 @pytest.fixture
 def run_native():
     return native
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[WarmPool]:
+    """A warm pool of two tender processes for a module's VM-clone runs."""
+    p = WarmPool(2)
+    try:
+        p.wait_ready(60)
+        yield p
+    finally:
+        p.close()

@@ -165,6 +165,13 @@ class Hosts:
         kw.setdefault("text", True)
         return subprocess.run(self.command(k, argv), timeout=timeout, check=False, **kw)
 
+    def set_link(self, k: int, up: bool) -> None:
+        """Take host ``k``'s ``eth0`` down (its packets are dropped, no FIN or RST is
+        sent: as if the cable were pulled) or bring it back up."""
+        _ip("-n", self.names[k], "link", "set", "eth0", "up" if up else "down")
+        if up:  # the address's route went with the link: it comes back with it
+            _ip("-n", self.names[k], "route", "replace", f"{SUBNET}.0/{PREFIX_LEN}", "dev", "eth0")
+
     def pids(self, k: int) -> list[int]:
         return pids_in(self.names[k])
 

@@ -30,9 +30,11 @@ import json
 import os
 import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -56,6 +58,8 @@ from tender_service.instance.supervisor import InstanceResult, ProcRec, Supervis
 from tender_service.machine.errors import GuestError
 from tender_service.rump.console import Console
 from tender_service.rump.kernel import ProcInfo, VmConfig
+from tender_service.toolchain.images import build_image
+from tender_service.transports.frames import HELLO_MAGIC, encode_hello
 from tender_service.vm import DEFAULT_ENV, CaptureSink, create_vm, run_vm
 
 INIT_PID, MAIN_PID = 1, 2
@@ -581,6 +585,79 @@ def test_connection_dropped_mid_pipe(env: Env, transport: str) -> None:
     assert by_pid[3] == [f"reader: {PIPE_CAPACITY} bytes, pattern ok, then EOF"], run.why()
     assert writer not in by_pid
     env.check_clean()  # the writer's VM is gone from its tender process
+
+
+def test_an_emulator_crash_is_contained_in_its_tender_process(env: Env) -> None:
+    """A block Unicorn 2.1.4 cannot translate (``tests/guest/x87_block.c``) kills the
+    process that emulates it (SIGSEGV inside Unicorn).  In VM-clone mode that is one
+    pool process: the VM counts as killed by SIGKILL, the supervisor (here: pytest)
+    lives on, the pool refills and the next instance runs."""
+    before = env.worker_pids()
+    sink = CaptureSink()
+    res = run_vmclone(build_image(Path(__file__).with_name("guest") / "x87_block.c"), [],
+                      config=VmConfig(timeout=60), sink=sink, transport="shm", pool=env.pool)
+    assert (res.outcome, res.status) == ("signaled", SIGKILL), res
+    assert any("its VM was lost" in rep for rep in res.reports), res.reports
+    assert bytes(sink.stdout) == b""
+    later = env.run("fork_exit_wait", "-n", "3")
+    assert later.out == "ok 3 children\n", later.why()
+    wait_for(lambda: len([w for w in env.pool.workers if w.alive]) == POOL_SIZE
+             and env.worker_pids() != before, "the pool to replace the crashed process")
+
+
+def _refused(port: int, data: bytes) -> bytes:
+    """Connect to a supervisor, send ``data``, return all it answers until it hangs up."""
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
+        with contextlib.suppress(OSError):  # it may hang up before we are done sending
+            s.sendall(data)
+        got = b""
+        with contextlib.suppress(ConnectionResetError):  # hung up with our bytes unread
+            while chunk := s.recv(65536):
+                got += chunk
+        return got
+
+
+def test_hostile_connections_to_the_supervisor_are_refused(env: Env) -> None:
+    """Anyone can reach an instance's TCP port: garbage, a wrong or missing token,
+    malformed fields, an oversized hello and a flood of connections are each refused
+    (the connection closed; a well-formed hello gets the empty hello of the handshake
+    first, nothing else), no thread dies of it, and the instance runs on unharmed."""
+    sink = CaptureSink()
+    sup = env.supervisor("tcp", sink)
+    port = int(sup.tcp_address.rsplit(":", 1)[1])
+    died: list[BaseException] = []
+    hook, threading.excepthook = threading.excepthook, lambda a: died.append(a.exc_value)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    try:
+        start(sup, "token_ring", "-n", "4", "-r", "40")
+        attacks = [
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            encode_hello("tcp", {"token": "0" * 32, "pid": MAIN_PID}),
+            encode_hello("tcp", {"pid": MAIN_PID}),
+            encode_hello("tcp", {"token": 7, "pid": MAIN_PID}),
+            encode_hello("tcp", {"token": sup.token[:-1] + "x", "pid": "2"}),
+            encode_hello("tcp", {"token": None, "pid": 10**30}),
+            encode_hello("tcp", {"token": "t", "pid": [2], "host_pid": "me"}),
+            encode_hello("tcp", {"token": "\u00e9\u4e2d" * 16, "pid": MAIN_PID}),
+            encode_hello("tcp", {"token": "t", "pid": 3}) + b"\x00" * 100_000,
+            HELLO_MAGIC + b"\xff" * 64,
+        ]  # a silent connection is dropped after HELLO_TIMEOUT: test_transports.py
+        for data in attacks:
+            assert _refused(port, data) in (b"", encode_hello("tcp", {})), data[:40]
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=WAIT) for _ in range(64)]
+        for s in socks:
+            s.close()
+        res = sup.wait()
+    finally:
+        sup.close()
+        threading.excepthook = hook
+    run = Run(res, sink)
+    assert (res.outcome, res.status) == ("exited", 0), run.why()
+    assert run.out == "token=160\n", run.why()
+    assert died == []
+    assert not any(t.is_alive() for t in sup._threads)
+    wait_for(lambda: len(os.listdir("/proc/self/fd")) <= fds_before, "our fds back to before")
+    env.check_clean()
 
 
 # -- 7. deadlock across VMs ---------------------------------------------------------------------

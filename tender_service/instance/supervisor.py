@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
+import hmac
 import json
 import logging
 import os
@@ -30,7 +31,14 @@ from pathlib import Path
 from tender_service.rump import signals
 from tender_service.rump.kernel import ProcInfo, VmConfig
 from tender_service.transports.broker import PipeBroker
-from tender_service.transports.channel import Channel, ChannelClosed, accept_channel
+from tender_service.transports.channel import (
+    PEER_TIMEOUT,
+    Channel,
+    ChannelClosed,
+    accept_channel,
+    check_peer_timeout,
+    keep_alive,
+)
 from tender_service.transports.frames import Frame, ProtocolError
 from tender_service.transports.protocol import END_READ, NONBLOCK, SIGPIPE_FLAG, Msg
 
@@ -96,7 +104,8 @@ class Supervisor:
     def __init__(self, pool, transport: str, sink: Callable[[int, int, bytes], None],
                  config: VmConfig, instance_id: str | None = None, listen_host: str = "127.0.0.1",
                  advertise_host: str | None = None, placement: str = "local",
-                 observer: object | None = None, self_handle: object | None = None) -> None:
+                 observer: object | None = None, self_handle: object | None = None,
+                 peer_timeout: float = PEER_TIMEOUT) -> None:
         if transport not in ("tcp", "shm"):
             raise ValueError("transport must be tcp or shm")
         self.pool = pool
@@ -105,6 +114,9 @@ class Supervisor:
         self.config = config
         self.id = instance_id or uuid.uuid4().hex[:12]
         self.placement = placement
+        #: seconds a VM's TCP connection may stay silent before the VM counts as lost
+        #: (both ends of the connection use it: the VM's tender gets it in vm_start)
+        self.peer_timeout = check_peer_timeout(peer_timeout)
         #: this tender as a place for VMs, reachable from other hosts (its Peer service);
         #: used when a VM on another host forks a child that placement keeps here
         self.self_handle = self_handle
@@ -178,7 +190,8 @@ class Supervisor:
                     transport=transport, instance_token=self.token,
                     timeout_seconds=left or 0.0, ram_bytes=self.config.ram,
                     stack_bytes=self.config.stack_size, quantum=self.config.quantum,
-                    max_procs=self.config.max_procs, tty=self.config.tty, **boot)
+                    max_procs=self.config.max_procs, tty=self.config.tty,
+                    peer_timeout_seconds=self.peer_timeout, **boot)
 
     def wait(self) -> InstanceResult:
         timeout = self.config.timeout
@@ -266,6 +279,11 @@ class Supervisor:
                 sock, _ = listener.accept()
             except OSError:
                 return
+            try:
+                keep_alive(sock, self.peer_timeout)
+            except OSError:  # the connection is already gone
+                sock.close()
+                continue
             self._spawn(self._serve, "conn", sock)
 
     def _serve(self, sock: socket.socket) -> None:
@@ -275,16 +293,19 @@ class Supervisor:
             log.warning("instance %s: refused a connection: %s", self.id, e)
             sock.close()
             return
-        pid = int(hello.get("pid", 0))
+        token, pid = hello.get("token"), hello.get("pid")
         with self.lock:
-            rec = self.procs.get(pid)
-            if hello.get("token") != self.token or rec is None or rec.channel is not None:
-                log.warning("instance %s: refused a VM claiming pid %s", self.id, pid)
+            known = (isinstance(token, str) and type(pid) is int
+                     and hmac.compare_digest(token.encode(errors="replace"), self.token.encode()))
+            rec = self.procs.get(pid) if known else None
+            if rec is None or rec.channel is not None:
+                log.warning("instance %s: refused a connection claiming pid %.20r", self.id, pid)
                 channel.close()
                 return
+            host_pid = hello.get("host_pid")
             rec.channel, rec.state = channel, "running"
-            rec.host_pid = int(hello.get("host_pid", rec.host_pid))
-            rec.host = str(hello.get("host") or rec.host)
+            rec.host_pid = host_pid if type(host_pid) is int else rec.host_pid
+            rec.host = str(hello.get("host") or rec.host)[:256]
             rec.connected.set()
             if self._outcome is not None:  # killed while this VM was starting
                 self._send(rec, Frame(Msg.SIGNAL, 0, 0, 0, signals.SIGKILL, b""))
@@ -298,7 +319,8 @@ class Supervisor:
                 log.warning("instance %s: pid %d's VM vanished (%s): killed by SIGKILL",
                             self.id, pid, e)
                 self._ended(rec, signals.signaled_status(signals.SIGKILL),
-                            f"pid {pid}: its tender process died")
+                            f"pid {pid}: its VM was lost (its tender process died, or its "
+                            f"host was silent for {self.peer_timeout:g} s): {e}")
         finally:
             channel.close()
 
@@ -416,6 +438,8 @@ class Supervisor:
             worker = self._place(rec)
         except Exception:
             return -errno.EAGAIN, b""
+        log.info("instance %s: the clone of pid %d to %s failed: placed again on %s", self.id,
+                 pid, child.host, getattr(worker, "host", "local"))
         child.worker, child.host_pid = worker, worker.pid
         remote = bool(getattr(worker, "remote", False))
         child.host = getattr(worker, "host", "local")

@@ -27,12 +27,18 @@ import grpc
 from tender_service import protos
 from tender_service.fork.snapshot import SnapshotError, decode, restore
 from tender_service.fork.vmclone import VmCloneFork
+from tender_service.instance.malloc import limit_malloc_arenas
 from tender_service.machine.elf import load_elf_file, parse_elf
 from tender_service.machine.errors import GuestError, ImageError
 from tender_service.rump.console import Console
 from tender_service.rump.kernel import Kernel, VmConfig
 from tender_service.rump.process import Process
-from tender_service.transports.channel import ChannelClosed, connect_channel
+from tender_service.transports.channel import (
+    PEER_TIMEOUT,
+    ChannelClosed,
+    connect_channel,
+    keep_alive,
+)
 from tender_service.transports.frames import ProtocolError
 from tender_service.transports.vmlink import VmLink
 
@@ -133,10 +139,21 @@ class PeerServicer:
 
     def __init__(self, stop: threading.Event) -> None:
         self.stop = stop
-        self.vms: dict[int, Kernel] = {}
+        #: running VMs by (instance, pid): pids repeat across instances
+        self.vms: dict[tuple[str, int], Kernel] = {}
         self.lock = threading.Lock()
+        self.starting = 0  # StartVm calls in progress: a snapshot arriving, a VM restoring
 
     def StartVm(self, request_iterator, context):  # noqa: N802 - gRPC's name
+        with self.lock:
+            self.starting += 1
+        try:
+            return self._start_vm(request_iterator, context)
+        finally:
+            with self.lock:
+                self.starting -= 1
+
+    def _start_vm(self, request_iterator, context):
         pb2, _ = protos.peer()
         start_msg, parts, image, size = None, [], [], 0
         for chunk in request_iterator:
@@ -160,7 +177,8 @@ class PeerServicer:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot start the VM: {e}")
         except (ProtocolError, ChannelClosed, OSError) as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot reach the supervisor: {e}")
-        threading.Thread(target=self._run, args=(k, start["pid"]), daemon=True,
+        threading.Thread(target=self._run, args=(k, (start["instance_id"], start["pid"])),
+                         daemon=True,
                          name=f"vm-{start['instance_id']}-{start['pid']}").start()
         return pb2.VmStarted(pid=start["pid"], host_pid=os.getpid(),
                              host=os.environ.get(HOST_NAME_ENV) or socket.gethostname(),
@@ -176,6 +194,11 @@ class PeerServicer:
     def _build(self, start: dict, snapshot: bytes, image_data: bytes = b"") -> Kernel:
         pid = int(start["pid"])
         sock = connect(start["supervisor"])
+        try:
+            keep_alive(sock, float(start.get("peer_timeout_seconds") or PEER_TIMEOUT))
+        except (OSError, ValueError):
+            sock.close()
+            raise
         hello = {"token": start["instance_token"], "pid": pid, "host_pid": os.getpid(),
                  "host": os.environ.get(HOST_NAME_ENV) or socket.gethostname()}
         channel = connect_channel(start["transport"], sock, True, hello)
@@ -200,16 +223,16 @@ class PeerServicer:
         link.attach(k)
         return k
 
-    def _run(self, k: Kernel, pid: int) -> None:
+    def _run(self, k: Kernel, key: tuple[str, int]) -> None:
         with self.lock:
-            self.vms[pid] = k
+            self.vms[key] = k
         try:
             k.run()
         except Exception:
-            log.exception("VM of pid %d failed", pid)
+            log.exception("VM of instance %s pid %d failed", *key)
         finally:
             with self.lock:
-                self.vms.pop(pid, None)
+                self.vms.pop(key, None)
             link = k.remote
             if isinstance(link, VmLink):
                 link.close()
@@ -259,6 +282,7 @@ def run_worker(listen: str, log_queue, env: dict[str, str], level: int, ready) -
     Its log records travel through ``log_queue`` to the pool's
     multiprocessing-logging handler, so they reach the tender's own handlers.
     """
+    limit_malloc_arenas()
     os.environ.update(env)
     root = logging.getLogger()
     root.handlers = [logging.handlers.QueueHandler(log_queue)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -70,6 +71,20 @@ FS_BASE = x86.UC_X86_REG_FS_BASE
 LINUX_FPCW = 0x037F
 LINUX_MXCSR = 0x1F80
 SYSCALL_INSN_LEN = 2  # 0f 05
+
+#: Linux's user selectors: __USER_DS (also SS) and __USER_CS (64-bit code, ring 3)
+USER_DS, USER_CS = 0x2B, 0x33
+#: where the ring-3 switch stub runs once per CPU (inside the null guard, unmapped after)
+TRAMPOLINE = 0x1000
+IOPL_MASK = 0x3000
+PAGE = 0x1000
+#: null, kernel code64, kernel data, unused, user code32, user data, user code64 (Linux's GDT)
+_GDT = struct.pack("<7Q", 0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF, 0,
+                   0x00CFFA000000FFFF, 0x00CFF2000000FFFF, 0x00AFFA000000FFFF)
+_GDT_OFF, _GDTR_OFF, _DONE_OFF = 0x100, 0x80, 0x40
+#: lgdt [rip+disp32]; push USER_DS; push rbx; pushfq; push USER_CS; push rcx; iretq
+_TRAMPOLINE_CODE = (b"\x0f\x01\x15" + struct.pack("<i", _GDTR_OFF - 7)
+                    + bytes([0x6A, USER_DS, 0x53, 0x9C, 0x6A, USER_CS, 0x51, 0x48, 0xCF]))
 
 # CPU exception vectors -> the signal Linux delivers for them
 _VECTOR_SIGNAL = {0: 8, 1: 5, 3: 5, 4: 11, 5: 11, 6: 4, 7: 8, 13: 11, 14: 11, 16: 8, 17: 7, 19: 8}
@@ -157,11 +172,42 @@ class Cpu:
         self._stopped = False
         self._regbufs: dict[int, _RegBuffers] = {}
         self._syscall_cb = None
+        self._enter_user_mode()
         self.uc.reg_write(x86.UC_X86_REG_FPCW, LINUX_FPCW)
         self.uc.reg_write(x86.UC_X86_REG_MXCSR, LINUX_MXCSR)
         self.uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         self.uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
+
+    def _enter_user_mode(self) -> None:
+        """Drop the CPU to ring 3, as a Linux process runs.
+
+        Unicorn starts a 64-bit CPU in ring 0, where ``cli``, ``in``/``out``,
+        ``wrmsr``, ``mov %cr3``, ``lgdt`` and the like simply run: the guest
+        could rewrite EFER or the descriptor tables of its emulated CPU.  In
+        ring 3 each of them raises #GP, which ends the process with SIGSEGV as
+        on Linux.  A stub run once at TRAMPOLINE loads a GDT (Linux's user
+        selectors) and ``iretq``s to ring 3; then the page is unmapped again
+        (it lies in the null guard).  Every saved context and every thread
+        starts from this state, so the whole VM stays in ring 3.
+        """
+        uc, base = self.uc, TRAMPOLINE
+        uc.mem_map(base, PAGE, UC_PROT_ALL)
+        try:
+            uc.mem_write(base + _GDT_OFF, _GDT)
+            uc.mem_write(base + _GDTR_OFF, struct.pack("<HQ", len(_GDT) - 1, base + _GDT_OFF))
+            uc.mem_write(base, _TRAMPOLINE_CODE)
+            uc.reg_write(x86.UC_X86_REG_RSP, base + PAGE)
+            uc.reg_write(x86.UC_X86_REG_RBX, base + PAGE - 0x100)  # the stack after iretq
+            uc.reg_write(x86.UC_X86_REG_RCX, base + _DONE_OFF)  # where iretq lands
+            uc.emu_start(base, base + _DONE_OFF)
+            cs = uc.reg_read(x86.UC_X86_REG_CS)
+            if cs != USER_CS:
+                raise RuntimeError(f"the CPU did not enter ring 3 (cs={cs:#x})")
+        finally:
+            uc.mem_unmap(base, PAGE)
+        for reg in (x86.UC_X86_REG_RSP, x86.UC_X86_REG_RBX, x86.UC_X86_REG_RCX):
+            uc.reg_write(reg, 0)
 
     # -- syscalls --------------------------------------------------------------
     def hook_syscall(self, handler: Callable[[ctypes.Array], None]) -> None:
@@ -178,6 +224,13 @@ class Cpu:
                                ctypes.c_uint64(1), ctypes.c_uint64(0), x86.UC_X86_INS_SYSCALL)
         if err:
             raise UcError(err)
+        # Only now the other instruction hooks.  Unicorn walks every UC_HOOK_INSN hook
+        # for a syscall and stops walking at the first one after which a stop is pending
+        # (another thread's cpu.stop()): a hook listed before ours would make it skip
+        # the syscall, which would then "return" its own number.
+        # Unicorn runs in/out even in ring 3 (it skips the I/O permission check).
+        self.uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, x86.UC_X86_INS_IN)
+        self.uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, x86.UC_X86_INS_OUT)
 
     def set_rax(self, value: int) -> None:
         self._val.value = value  # c_uint64 wraps negative values (-errno) as the ABI wants
@@ -222,6 +275,8 @@ class Cpu:
             rid = STATE_REGS.get(name)
             if rid is None:
                 raise ValueError(f"unknown register {name!r}")
+            if name == "rflags":
+                value &= ~IOPL_MASK  # ring 3 never gets I/O privilege, whatever a snapshot says
             self.uc.reg_write(rid, value)
 
     # -- contexts ----------------------------------------------------------------
@@ -286,9 +341,28 @@ class Cpu:
         rip = self.reg(RIP)
         sig = _VECTOR_SIGNAL.get(intno, SIGSEGV)
         names = {0: "divide error", 6: "invalid opcode", 13: "general protection", 3: "breakpoint"}
-        self._fault = CpuExit(ExitKind.FAULT, sig, rip, None,
-                              f"CPU exception {intno} ({names.get(intno, 'exception')})")
+        what = f"CPU exception {intno} ({names.get(intno, 'exception')})"
+        if intno == 13 and self._byte_at(rip) == 0xF4:
+            what = "hlt (privileged instruction)"
+        elif intno == 13:
+            what += ": privileged instruction or bad operand"
+        self._fault = CpuExit(ExitKind.FAULT, sig, rip, None, what)
         self.uc.emu_stop()
+
+    def _port_io(self, what: str, port: int) -> None:
+        """in/out from ring 3 without I/O permission: #GP, SIGSEGV on Linux."""
+        rip = self.reg(RIP)
+        if self._fault is None:
+            self._fault = CpuExit(ExitKind.FAULT, SIGSEGV, rip, None,
+                                  f"{what} port {port:#x} (privileged instruction)")
+        self.uc.emu_stop()
+
+    def _on_in(self, uc, port, size, data) -> int:
+        self._port_io("in", port)
+        return 0
+
+    def _on_out(self, uc, port, size, value, data) -> None:
+        self._port_io("out", port)
 
     def _on_invalid(self, uc, data) -> bool:
         rip = self.reg(RIP)

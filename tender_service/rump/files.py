@@ -62,6 +62,27 @@ class File:
     def read(self, k: Kernel, lwp: Lwp, addr: int, n: int) -> int:
         raise GuestError(errno.EINVAL)
 
+    def readv(self, k: Kernel, lwp: Lwp, vecs: list[tuple[int, int]]) -> int:
+        """Fill the iovecs in order; never block once something was read.
+
+        A file whose read has side effects before it blocks (a request sent
+        elsewhere) must override this: the later iovecs' ``Block`` is dropped.
+        """
+        total = 0
+        for base, length in vecs:
+            if length == 0:
+                continue
+            try:
+                got = self.read(k, lwp, base, length)
+            except (Block, GuestError):
+                if total:
+                    return total  # what was read so far
+                raise
+            total += got
+            if got < length:
+                break
+        return total
+
     def write(self, k: Kernel, lwp: Lwp, addr: int, n: int) -> int:
         raise GuestError(errno.EINVAL)
 

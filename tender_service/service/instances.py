@@ -22,11 +22,13 @@ from tender_service.rump import signals
 from tender_service.rump.kernel import Kernel, ProcInfo, VmConfig
 from tender_service.service import metrics
 from tender_service.service.imagestore import ImageStore, StoredImage
+from tender_service.transports.channel import PEER_TIMEOUT
 from tender_service.vm import DEFAULT_ENV, create_vm
 
 log = logging.getLogger(__name__)
 
 CONSOLE_KEEP = 8 << 20  # bytes of console output kept per instance
+KEEP_FINISHED = 4096  # finished instances remembered (Wait, Describe, logs) by default
 
 
 class ConsoleLog:
@@ -125,7 +127,8 @@ class MetricsObserver:
 class InstanceManager:
     def __init__(self, store: ImageStore, placement_for, max_instances: int = 64,
                  default_timeout: float = 600.0, listen_host: str = "127.0.0.1",
-                 advertise_host: str | None = None, self_handle: object | None = None) -> None:
+                 advertise_host: str | None = None, self_handle: object | None = None,
+                 peer_timeout: float = PEER_TIMEOUT, keep_finished: int = KEEP_FINISHED) -> None:
         self.store = store
         self.placement_for = placement_for  # (placement) -> pool-like object for supervisors
         self.max_instances = max_instances
@@ -133,6 +136,8 @@ class InstanceManager:
         self.listen_host = listen_host
         self.advertise_host = advertise_host
         self.self_handle = self_handle
+        self.peer_timeout = peer_timeout
+        self.keep_finished = keep_finished
         self.instances: dict[str, Instance] = {}
         self.lock = threading.Lock()
         self.accepting = True
@@ -162,9 +167,10 @@ class InstanceManager:
         return inst
 
     def _trim(self) -> None:
-        """Forget the oldest finished instances beyond a few thousand."""
+        """Forget the oldest finished instances beyond ``keep_finished`` (memory stays
+        bounded however long the tender serves)."""
         done = [i for i in self.instances.values() if i.done.is_set()]
-        for i in sorted(done, key=lambda i: i.created)[: max(0, len(done) - 4096)]:
+        for i in sorted(done, key=lambda i: i.created)[: max(0, len(done) - self.keep_finished)]:
             del self.instances[i.id]
 
     def _run_thread(self, inst: Instance) -> None:
@@ -186,6 +192,7 @@ class InstanceManager:
                              r.peak_memory)
             finally:
                 k.close()
+                inst.kernel = None  # a finished instance keeps its figures, not its VM
         except Exception as e:  # a VM that cannot even start: report, keep serving
             log.exception("instance %s failed", inst.id)
             self._finish(inst, signals.signaled_status(signals.SIGKILL), "error",
@@ -200,7 +207,7 @@ class InstanceManager:
                              listen_host=self.listen_host, advertise_host=self.advertise_host,
                              placement=inst.placement,
                              observer=MetricsObserver(inst.transport, inst.placement),
-                             self_handle=self.self_handle)
+                             self_handle=self.self_handle, peer_timeout=self.peer_timeout)
             inst.supervisor = sup
             try:
                 if inst.killed:
@@ -213,6 +220,9 @@ class InstanceManager:
                              r.peak_memory)
             finally:
                 sup.close()
+                # finished instances are kept (--keep-finished): with their figures, not
+                # their supervisor's channels, buffers and threads
+                inst.supervisor = None
         except Exception as e:
             log.exception("instance %s failed", inst.id)
             self._finish(inst, signals.signaled_status(signals.SIGKILL), "error",

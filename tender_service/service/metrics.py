@@ -27,6 +27,8 @@ PROCESSES = Gauge("unifork_processes", "Guest processes of running instances", [
 INSTANCES = Gauge("unifork_instances", "Instances running on this tender", ["mode"])
 GUEST_MEMORY = Gauge("unifork_guest_memory_committed_bytes",
                      "Guest memory committed by the VMs of this tender process")
+VM_STARTS = Gauge("unifork_vm_starts_in_progress",
+                  "Peer.StartVm calls this tender is receiving (clones in transfer or restore)")
 FINISHED = Counter("unifork_instances_finished_total", "Instances that ended, by outcome",
                    ["outcome"])
 GRPC_REQUESTS = Counter("unifork_grpc_requests_total", "gRPC requests served, by method and code",

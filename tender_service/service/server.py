@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tender_service import protos
+from tender_service.instance.malloc import limit_malloc_arenas
 from tender_service.instance.pool import WarmPool
 from tender_service.instance.worker import HOST_NAME_ENV, PEER_TOKEN_ENV, PeerServicer
 from tender_service.machine.layout import MAX_RAM, MIN_RAM
@@ -32,8 +33,9 @@ from tender_service.rump.kernel import VmConfig
 from tender_service.service import metrics
 from tender_service.service.auth import ServerInterceptor, read_token
 from tender_service.service.imagestore import ImageStore
-from tender_service.service.instances import InstanceManager
+from tender_service.service.instances import KEEP_FINISHED, InstanceManager
 from tender_service.service.placement import PeerHandle, PeerSet, Placer
+from tender_service.transports.channel import PEER_TIMEOUT, check_peer_timeout
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ class ServeOptions:
     max_upload: int = 64 << 20
     default_timeout: float = 600.0
     grace: float = 10.0
+    peer_timeout: float = PEER_TIMEOUT
+    keep_finished: int = KEEP_FINISHED
 
 
 def _is_loopback(host: str) -> bool:
@@ -248,6 +252,9 @@ class Tender:
 
     def __init__(self, opts: ServeOptions) -> None:
         self.opts = opts
+        check_peer_timeout(opts.peer_timeout)
+        if opts.keep_finished < 0:
+            raise ValueError("--keep-finished must not be negative")
         host, _, port = opts.listen.rpartition(":")
         self.token = read_token(opts.token_file) if opts.token_file else None
         if not _is_loopback(host) and self.token is None and not opts.insecure_listen_any:
@@ -256,6 +263,7 @@ class Tender:
         self.advertise = opts.advertise or opts.listen
         adv_host = self.advertise.rpartition(":")[0] or "127.0.0.1"
         env = {HOST_NAME_ENV: self.advertise}
+        limit_malloc_arenas()
         if self.token:
             env[PEER_TOKEN_ENV] = self.token
             os.environ[PEER_TOKEN_ENV] = self.token
@@ -265,6 +273,7 @@ class Tender:
         self.pool = WarmPool(opts.pool_size, env=env, host=self.advertise)
         self.stop_event = threading.Event()
         self.peer_servicer = PeerServicer(self.stop_event)
+        metrics.VM_STARTS.set_function(lambda: self.peer_servicer.starting)
         self.peers = PeerSet(list(opts.peers), int(port or 7700), self.token, self.advertise)
         listen_host = host if host not in ("", "0.0.0.0", "[::]") else "0.0.0.0"
         self_handle = PeerHandle(self.advertise, self.token)
@@ -272,7 +281,8 @@ class Tender:
         self.manager = InstanceManager(self.store, lambda p: Placer(p, self.pool, self.peers),
                                        opts.max_instances, opts.default_timeout,
                                        listen_host=listen_host, advertise_host=adv_host,
-                                       self_handle=self_handle)
+                                       self_handle=self_handle, peer_timeout=opts.peer_timeout,
+                                       keep_finished=opts.keep_finished)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=64),
             interceptors=[ServerInterceptor(self.token)],

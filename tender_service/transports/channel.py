@@ -120,6 +120,40 @@ _SHM_KEY = "_shm"
 _ACK_KEY = "_shm_ack"
 
 
+#: seconds a TCP peer may stay silent (no ACK, no keepalive answer) before its
+#: channel is declared dead; a host that vanishes without a FIN or RST (power
+#: lost, link down) is otherwise only noticed after Linux's ~15 minutes of
+#: retransmissions
+PEER_TIMEOUT = 60.0
+MAX_PEER_TIMEOUT = 86400.0
+
+
+def check_peer_timeout(seconds: float) -> float:
+    """``seconds`` if it is a usable peer timeout, else ValueError (NaN included)."""
+    if not 1.0 <= seconds <= MAX_PEER_TIMEOUT:
+        raise ValueError(f"peer timeout {seconds!r} s outside 1..{MAX_PEER_TIMEOUT:g}")
+    return seconds
+
+
+def keep_alive(sock: socket.socket, silence: float = PEER_TIMEOUT) -> None:
+    """Make a TCP socket fail with ETIMEDOUT once the peer is silent for ``silence`` s.
+
+    Keepalive probes cover an idle connection, TCP_USER_TIMEOUT one with
+    unacknowledged data; a silence shorter than that (a link flapping) is
+    ridden out by TCP's retransmissions.  Unix sockets need neither: the
+    kernel closes them when the peer process dies.
+    """
+    check_peer_timeout(silence)
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    idle = max(1, int(silence / 3))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, idle // 2))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(silence * 1000))
+
+
 class Channel(Protocol):
     """A duplex, message-framed, thread-safe connection to one peer."""
 
@@ -265,8 +299,17 @@ class TcpChannel(_ChannelBase):
         self._rstart = 0
         self._rend = 0
         self._eof = False
+        self._error: OSError | None = None
         self._poller = select.poll()
         self._poller.register(sock.fileno(), select.POLLIN)
+
+    def _release(self) -> None:
+        # the receive buffer (over a MiB) goes with the socket, not with the object,
+        # which whoever held the channel may keep for a long time
+        with contextlib.suppress(BufferError):  # a slice still out: dropped with it
+            self._rview.release()
+        self._rbuf = self._rview = None
+        super()._release()
 
     def send(self, frame: Frame) -> None:
         header = encode_header(frame)
@@ -313,6 +356,8 @@ class TcpChannel(_ChannelBase):
             if self._eof:
                 left = self._rend - self._rstart
                 detail = f" in the middle of a frame ({left} bytes)" if left else ""
+                if self._error is not None:
+                    raise ChannelClosed(f"receive failed{detail}: {self._error}")
                 raise ChannelClosed(f"peer closed the channel{detail}")
             if not self._poller.poll(_poll_ms(self._remaining(deadline))):
                 if deadline is not None and time.monotonic() >= deadline:
@@ -353,7 +398,7 @@ class TcpChannel(_ChannelBase):
         except OSError as e:
             if self._closed:
                 raise ChannelClosed("channel closed") from None
-            log.debug("tcp channel: receive failed: %s", e)
+            self._error = e  # reset, timed out (keep_alive): the stream ends here
             n = 0
         if n == 0:
             self._eof = True

@@ -55,6 +55,42 @@ class RemotePipeEnd(File):
         k.mem.write(addr, data[:n])
         return min(len(data), n)
 
+    def readv(self, k: Kernel, lwp: Lwp, vecs: list[tuple[int, int]]) -> int:
+        """One broker read for all the iovecs, scattered on return.
+
+        Not one read per iovec: a second request sent once the first iovec
+        was filled could not be taken back, and its reply (the pipe's next
+        bytes) would be lost or taken by this process's next pipe syscall.
+        """
+        if self.write_end:
+            raise GuestError(errno.EBADF)
+        vecs = [(base, length) for base, length in vecs if length]
+        if not vecs:
+            return 0
+        reply = self.link.take_reply(lwp)
+        if reply is None:
+            k.mem.offset(vecs[0][0], 1)
+            want = min(sum(length for _, length in vecs), MAX_PIPE_CHUNK)
+            self.link.request(lwp, Msg.PIPE_READ, self.pipe, arg=want,
+                              nonblock=self.nonblocking)
+            raise Block(self.link.wq, f"readv {self.describe()}")
+        arg, data, _ = reply
+        if arg < 0:
+            raise GuestError(-arg)
+        done = 0
+        for base, length in vecs:
+            if done == len(data):
+                break
+            chunk = data[done : done + length]
+            try:
+                k.mem.write(base, chunk)
+            except GuestError:
+                if done:
+                    return done
+                raise
+            done += len(chunk)
+        return done
+
     def write(self, k: Kernel, lwp: Lwp, addr: int, n: int) -> int:
         if not self.write_end:
             raise GuestError(errno.EBADF)

@@ -16,10 +16,12 @@ from tender_service.rump.files import (
     O_ACCMODE,
     O_APPEND,
     O_CLOEXEC,
+    O_CREAT,
+    O_DIRECTORY,
+    O_EXCL,
     O_NONBLOCK,
     S_IFCHR,
     S_IFIFO,
-    Block,
     ConsoleFile,
     NullFile,
     ZeroFile,
@@ -59,20 +61,7 @@ def sys_readv(k: Kernel, lwp: Lwp, fd: int, iov: int, iovcnt: int) -> int:
     f = lwp.proc.fds.get(i32(fd))
     if not f.readable:
         raise GuestError(errno.EBADF)
-    total = 0
-    for base, length in read_iovecs(k.mem, iov, iovcnt):
-        if length == 0:
-            continue
-        try:
-            got = f.read(k, lwp, base, length)
-        except (Block, GuestError):
-            if total:
-                return total  # what was read so far; never block after progress
-            raise
-        total += got
-        if got < length:
-            break
-    return total
+    return f.readv(k, lwp, read_iovecs(k.mem, iov, iovcnt))
 
 
 def sys_writev(k: Kernel, lwp: Lwp, fd: int, iov: int, iovcnt: int) -> int:
@@ -164,14 +153,49 @@ def sys_dup3(k: Kernel, lwp: Lwp, oldfd: int, newfd: int, flags: int) -> int:
     return lwp.proc.fds.dup_to(k, oldfd, newfd, cloexec=bool(flags & O_CLOEXEC))
 
 
-def _open(k: Kernel, lwp: Lwp, path: int, flags: int) -> int:
+def _lookup(k: Kernel, lwp: Lwp, dirfd: int, path: int) -> str:
+    """The device a path names, resolved as Linux walks it; ENOENT for anything else.
+
+    The only tree is ``/`` > ``dev`` > the devices, and the cwd is always
+    ``/``: so ``dev/null``, ``//dev/./null`` and ``/dev/../dev/null`` name
+    /dev/null as on Linux, a component after a device (``/dev/null/..``,
+    ``/dev/null/``) is ENOTDIR, and a relative path against a ``dirfd`` that
+    is not AT_FDCWD is EBADF or ENOTDIR (no fd is a directory).  Nothing here
+    ever reaches a host file: the answer is a name from DEVICES or an errno.
+    """
     name = k.mem.cstring(path)
     if not name:
         raise GuestError(errno.ENOENT)
-    dev = DEVICES.get(name)
-    if dev is None:
+    if not name.startswith(b"/") and i32(dirfd) != AT_FDCWD:
+        lwp.proc.fds.get(i32(dirfd))  # EBADF
+        raise GuestError(errno.ENOTDIR)
+    where: list[bytes] = []  # the directories walked: [] is /, [b"dev"] is /dev
+    device: bytes | None = None
+    for part in name.split(b"/"):
+        if device is not None:  # anything after a device, even "" (a trailing slash)
+            raise GuestError(errno.ENOTDIR)
+        if part in (b"", b"."):
+            continue
+        if part == b"..":
+            where = where[:-1]
+        elif not where and part == b"dev":
+            where = [part]
+        elif where == [b"dev"] and b"/dev/" + part in DEVICES:
+            device = b"/dev/" + part
+        else:
+            raise GuestError(errno.ENOENT)
+    if device is None:  # / or /dev: directories we do not expose
         raise GuestError(errno.ENOENT)
+    return DEVICES[device]
+
+
+def _open(k: Kernel, lwp: Lwp, dirfd: int, path: int, flags: int) -> int:
+    dev = _lookup(k, lwp, dirfd, path)
     flags = i32(flags)
+    if flags & O_CREAT and flags & O_EXCL:
+        raise GuestError(errno.EEXIST)
+    if flags & O_DIRECTORY:
+        raise GuestError(errno.ENOTDIR)
     acc = flags & O_ACCMODE
     f = NullFile(acc) if dev == "null" else ZeroFile(acc, random=dev == "urandom")
     f.flags |= flags & (O_NONBLOCK | O_APPEND)
@@ -179,11 +203,11 @@ def _open(k: Kernel, lwp: Lwp, path: int, flags: int) -> int:
 
 
 def sys_open(k: Kernel, lwp: Lwp, path: int, flags: int, mode: int) -> int:
-    return _open(k, lwp, path, flags)
+    return _open(k, lwp, AT_FDCWD, path, flags)
 
 
 def sys_openat(k: Kernel, lwp: Lwp, dirfd: int, path: int, flags: int, mode: int) -> int:
-    return _open(k, lwp, path, flags)
+    return _open(k, lwp, dirfd, path, flags)
 
 
 def _stat_of(k: Kernel, f) -> bytes:
@@ -208,10 +232,9 @@ def sys_newfstatat(k: Kernel, lwp: Lwp, dirfd: int, path: int, buf: int, flags: 
     name = k.mem.cstring(path)
     if name == b"" and flags & 0x1000:  # AT_EMPTY_PATH: fstat of dirfd
         return sys_fstat(k, lwp, dirfd, buf)
-    if name in DEVICES:
-        k.mem.write(buf, _stat_of(k, NullFile()))
-        return 0
-    raise GuestError(errno.ENOENT)
+    _lookup(k, lwp, dirfd, path)
+    k.mem.write(buf, _stat_of(k, NullFile()))
+    return 0
 
 
 def sys_stat(k: Kernel, lwp: Lwp, path: int, buf: int) -> int:
@@ -219,13 +242,12 @@ def sys_stat(k: Kernel, lwp: Lwp, path: int, buf: int) -> int:
 
 
 def sys_access(k: Kernel, lwp: Lwp, path: int, mode: int) -> int:
-    if k.mem.cstring(path) in DEVICES:
-        return 0
-    raise GuestError(errno.ENOENT)
+    return sys_faccessat(k, lwp, AT_FDCWD & 0xFFFF_FFFF, path, mode)
 
 
 def sys_faccessat(k: Kernel, lwp: Lwp, dirfd: int, path: int, mode: int) -> int:
-    return sys_access(k, lwp, path, mode)
+    _lookup(k, lwp, dirfd, path)
+    return 0
 
 
 def sys_getcwd(k: Kernel, lwp: Lwp, buf: int, size: int) -> int:
