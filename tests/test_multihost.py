@@ -242,6 +242,44 @@ def test_link_down_past_the_peer_timeout(cluster):
     c.wait_placeable(victim)
 
 
+def test_peer_killed_during_a_cross_host_stream(cluster):
+    """The tender of one VM of a cross-host pipe stream is SIGKILLed mid-stream: if it
+    held the writer, the reader sees the stream end early and its child killed by
+    SIGKILL (mh_stream reports it and exits 1); if it held the reader (the instance's
+    main process), the instance ends killed.  Either way the instance ends, the other
+    peer drops its VM, and the killed tender is replaced."""
+    c = cluster
+    iid = c.agent.call("launch", target=c.target(A), image="mh_stream",
+                       args=["-m", "24", "-r", "4"], fork_mode="vmclone",
+                       pipe_transport="tcp", placement="remote")
+    seen = c.agent.call("logs", target=c.target(A), id=iid, timeout=RUN_TIMEOUT,
+                        until="mib=2\n")
+    desc = c.agent.call("describe", target=c.target(A), id=iid)
+    assert seen["complete"], (seen, desc, c.logs_tail())
+    host = {p["pid"]: p["host"] for p in desc["processes"] if p["pid"] in (2, 3)}
+    assert set(host) == {2, 3} and set(host.values()) <= {c.target(B), c.target(C)}, desc
+    victim = B if host[3] == c.target(B) else C  # the writer's tender
+    other = B + C - victim
+    c.stop(victim, signal.SIGKILL)
+    c.killed.add(victim)
+    try:
+        res = c.agent.call("wait", target=c.target(A), id=iid, timeout=RUN_TIMEOUT)
+        out = console_out(c, iid)
+        assert res["done"], res
+        if host[2] == c.target(victim):  # reader and writer on one tender: both gone
+            assert res["outcome"] in ("signaled", "killed") and res["signal"] == 9, res
+        else:
+            assert (res["outcome"], res["exit_code"]) == ("exited", 1), (res, out)
+            assert re.search(r"^bad end: .* child status 0x9$", out, re.M), out
+        assert "ok blocks" not in out
+        wait_until(lambda: c.vms(other) == 0 and c.vms(A) == 0, 30,
+                   "no VM left on the hosts that live on")
+    finally:
+        c.start(victim)
+        c.wait_healthy(victim)
+    c.wait_placeable(victim)
+
+
 def vm_starts_in_progress(c: Cluster, k: int) -> float:
     text = c.agent.call("metrics", url=f"http://{c.addr(k)}:9100/metrics")
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()

@@ -587,6 +587,16 @@ def test_connection_dropped_mid_pipe(env: Env, transport: str) -> None:
     env.check_clean()  # the writer's VM is gone from its tender process
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_fork_bomb_hits_max_procs_across_vms(env: Env, transport: str) -> None:
+    """A fork bomb of VMs stops at max_procs (init and pid 2 count): fork gets EAGAIN,
+    every child VM is reaped, and nothing is left on the pool's tender processes."""
+    r = env.run("fork_bomb", "-n", "5000", transport=transport, max_procs=8)
+    assert r.out == "fork failed errno=EAGAIN\nforked=6\nreaped=6\n", r.why()
+    assert (r.result.outcome, r.result.status) == ("exited", 0), r.why()
+    assert r.result.forks == 6 and r.result.reports == []
+
+
 def test_an_emulator_crash_is_contained_in_its_tender_process(env: Env) -> None:
     """A block Unicorn 2.1.4 cannot translate (``tests/guest/x87_block.c``) kills the
     process that emulates it (SIGSEGV inside Unicorn).  In VM-clone mode that is one
