@@ -15,10 +15,12 @@ process, namespace or shm segment is left.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import signal
 import statistics
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -242,6 +244,23 @@ def test_link_down_past_the_peer_timeout(cluster):
     c.wait_placeable(victim)
 
 
+@contextlib.contextmanager
+def peer_killed(c: Cluster, victim: int) -> Iterator[None]:
+    """SIGKILL peer ``victim``'s tender; after the body, no VM is left on the hosts that
+    live on; then (whatever happened) the victim is started again and placeable."""
+    c.stop(victim, signal.SIGKILL)
+    c.killed.add(victim)
+    other = B + C - victim
+    try:
+        yield
+        wait_until(lambda: c.vms(other) == 0 and c.vms(A) == 0, 30,
+                   "no VM left on the hosts that live on")
+    finally:
+        c.start(victim)
+        c.wait_healthy(victim)
+    c.wait_placeable(victim)
+
+
 def test_peer_killed_during_a_cross_host_stream(cluster):
     """The tender of one VM of a cross-host pipe stream is SIGKILLed mid-stream: if it
     held the writer, the reader sees the stream end early and its child killed by
@@ -259,10 +278,7 @@ def test_peer_killed_during_a_cross_host_stream(cluster):
     host = {p["pid"]: p["host"] for p in desc["processes"] if p["pid"] in (2, 3)}
     assert set(host) == {2, 3} and set(host.values()) <= {c.target(B), c.target(C)}, desc
     victim = B if host[3] == c.target(B) else C  # the writer's tender
-    other = B + C - victim
-    c.stop(victim, signal.SIGKILL)
-    c.killed.add(victim)
-    try:
+    with peer_killed(c, victim):
         res = c.agent.call("wait", target=c.target(A), id=iid, timeout=RUN_TIMEOUT)
         out = console_out(c, iid)
         assert res["done"], res
@@ -272,12 +288,6 @@ def test_peer_killed_during_a_cross_host_stream(cluster):
             assert (res["outcome"], res["exit_code"]) == ("exited", 1), (res, out)
             assert re.search(r"^bad end: .* child status 0x9$", out, re.M), out
         assert "ok blocks" not in out
-        wait_until(lambda: c.vms(other) == 0 and c.vms(A) == 0, 30,
-                   "no VM left on the hosts that live on")
-    finally:
-        c.start(victim)
-        c.wait_healthy(victim)
-    c.wait_placeable(victim)
 
 
 def vm_starts_in_progress(c: Cluster, k: int) -> float:
@@ -308,9 +318,7 @@ def test_peer_killed_during_a_clone(cluster):
     other = B + C - victim
     wait_until(lambda: vm_starts_in_progress(c, victim) >= 1, RUN_TIMEOUT,
                f"{c.target(victim)} to be receiving a clone", interval=0.005)
-    c.stop(victim, signal.SIGKILL)
-    c.killed.add(victim)
-    try:
+    with peer_killed(c, victim):
         res = c.agent.call("wait", target=c.target(A), id=iid, timeout=RUN_TIMEOUT)
         out = console_out(c, iid)
         assert res["done"] and res["outcome"] == "exited" and res["exit_code"] == 0, \
@@ -323,12 +331,6 @@ def test_peer_killed_during_a_clone(cluster):
         assert replaced or failed == 1, (out, c.logs_tail())
         assert all(re.fullmatch(r"fork \d+: child status 0x9", line)
                    for line in out.splitlines()[:-1]), out
-        wait_until(lambda: c.vms(other) == 0 and c.vms(A) == 0, 30,
-                   "no VM left on the hosts that live on")
-    finally:
-        c.start(victim)
-        c.wait_healthy(victim)
-    c.wait_placeable(victim)
 
 
 # -- kill, peers down, peers lost ---------------------------------------------------------------
