@@ -63,6 +63,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "unifork_hypercalls.h"
+
 #define HC_PROBE 0x1000
 #define HC_MAGIC 0x756E69666F726BL
 #define SAVED_FD 100 /* stdout, for the summary and -v */
@@ -79,18 +81,7 @@
 #define MAX_PAIRS 256
 #define ST_NO_REPORT 102 /* a child that could not send its report */
 
-static long raw6(long n, long a1, long a2, long a3, long a4, long a5, long a6)
-{
-	long ret;
-	register long r10 __asm__("r10") = a4;
-	register long r8 __asm__("r8") = a5;
-	register long r9 __asm__("r9") = a6;
-	__asm__ volatile("syscall"
-			 : "=a"(ret)
-			 : "a"(n), "D"(a1), "S"(a2), "d"(a3), "r"(r10), "r"(r8), "r"(r9)
-			 : "rcx", "r11", "memory");
-	return ret;
-}
+#define raw6 unifork_syscall6 /* the runtime's raw syscall: no libc wrapper, no errno */
 
 static long raw(long n, long a1, long a2, long a3)
 {
