@@ -80,7 +80,8 @@ def image_key(source: Path, flags: Sequence[str] = ()) -> str:
         "flags=" + "\0".join(flags),
     ):
         h.update(part.encode() + b"\n")
-    for path in (source, *runtime_sources()):
+    # headers beside the source (guest/programs/guest_common.h) are part of it
+    for path in (source, *sorted(source.parent.glob("*.h")), *runtime_sources()):
         data = path.read_bytes()
         h.update(f"{path.name}:{len(data)}\n".encode())
         h.update(data)
