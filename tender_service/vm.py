@@ -7,12 +7,14 @@ harness and the tender service all use; they are thin shells over it.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from tender_service.fork.thread import ThreadFork
 from tender_service.machine.elf import ElfImage, load_elf_file
+from tender_service.rump import signals
 from tender_service.rump.console import Console, Sink
 from tender_service.rump.kernel import Forker, Kernel, RunResult, VmConfig
 
@@ -77,6 +79,23 @@ def run_vm(image: ElfImage | str | Path, args: Sequence[str] = (),
         return k.run()
     finally:
         k.close()
+
+
+def lost_vm_report(os_pid: int, wait_status: int | None) -> str:
+    """What to report for a VM whose host process ended without a result.
+
+    ``wait_status`` is that process's (as ``os.waitpid`` gives it), None if unknown.
+    Guest faults never end the process (they end a guest process), so a signal
+    death here is the emulator's: Unicorn 2.1.4 dies of SIGSEGV translating a
+    long straight line of x87 instructions (unicorn-engine/unicorn#2240).
+    """
+    if wait_status is None or wait_status < 0:
+        how = "ended (how is unknown)"
+    elif os.WIFSIGNALED(wait_status):
+        how = f"died of {signals.signame(os.WTERMSIG(wait_status))} (the emulator crashed)"
+    else:
+        how = f"exited with code {os.WEXITSTATUS(wait_status)} without a result"
+    return f"its VM was lost: the process that ran it (pid {os_pid}) {how}"
 
 
 def _program_name(file_name: str) -> str:

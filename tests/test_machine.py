@@ -722,6 +722,17 @@ def test_cli_fault_prints_report_without_traceback() -> None:
     assert "Traceback" not in err
 
 
+def test_cli_reports_an_emulator_crash() -> None:
+    """Unicorn 2.1.4 dies of SIGSEGV on tests/guest/x87_block.c; the VM runs in a forked
+    child, so the command reports the lost VM and exits 137 (SIGKILL status, as the
+    service does) instead of dying silently with 139."""
+    p = cli("run", str(Path(__file__).with_name("guest") / "x87_block.c"))
+    assert p.returncode == 137, p.stderr
+    assert p.stdout == b""
+    assert re.search(rb"^unifork: its VM was lost: the process that ran it \(pid \d+\) died "
+                     rb"of SIGSEGV \(the emulator crashed\)$", p.stderr, re.M), p.stderr
+
+
 def test_cli_compiles_and_runs_a_c_file(tmp_path: Path) -> None:
     src = tmp_path / "prog.c"
     src.write_text('#include <stdio.h>\n'

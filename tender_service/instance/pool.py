@@ -28,7 +28,8 @@ import time
 from dataclasses import dataclass
 
 import grpc
-from multiprocessing_logging import MultiProcessingHandler
+
+from tender_service.instance.childproc import log_receiver
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +75,6 @@ class WorkerHandle:
             self.proc.join()
 
 
-class _Forward(logging.Handler):
-    """Hands a worker's record to this process's logger of the same name."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        logging.getLogger(record.name).handle(record)
-
-
 class WarmPool:
     def __init__(self, size: int = 2, verbose: int = 0, env: dict[str, str] | None = None,
                  host: str = "local") -> None:
@@ -99,10 +93,7 @@ class WarmPool:
         self._closed = False
         self._ready = threading.Condition(self._lock)
         self._mp = multiprocessing.get_context("spawn")
-        self.logs = MultiProcessingHandler("unifork-worker-logs", sub_handler=_Forward())
-        # its queue must come from the spawn context to reach spawned workers (the
-        # receiving thread reads ``self.logs.queue`` afresh on every poll)
-        self.logs.queue = self._mp.Queue(-1)
+        self.logs = log_receiver("unifork-worker-logs", self._mp)
         self._starters = [threading.Thread(target=self._start_one, daemon=True)
                           for _ in range(size)]
         for t in self._starters:

@@ -27,7 +27,7 @@ import grpc
 from tender_service import protos
 from tender_service.fork.snapshot import SnapshotError, decode, restore
 from tender_service.fork.vmclone import VmCloneFork
-from tender_service.instance.malloc import limit_malloc_arenas
+from tender_service.instance.childproc import setup_child
 from tender_service.machine.elf import load_elf_file, parse_elf
 from tender_service.machine.errors import GuestError, ImageError
 from tender_service.rump.console import Console
@@ -282,12 +282,10 @@ def run_worker(listen: str, log_queue, env: dict[str, str], level: int, ready) -
     Its log records travel through ``log_queue`` to the pool's
     multiprocessing-logging handler, so they reach the tender's own handlers.
     """
-    limit_malloc_arenas()
     os.environ.update(env)
-    root = logging.getLogger()
-    root.handlers = [logging.handlers.QueueHandler(log_queue)]
-    root.handlers[0].addFilter(_Context())
-    root.setLevel(level)
+    handler = logging.handlers.QueueHandler(log_queue)
+    handler.addFilter(_Context())
+    setup_child(handler, level)
     serve(listen, ready)
 
 

@@ -1,8 +1,10 @@
 """Instances of a tender: launch, follow, wait, kill, describe.
 
-A thread-fork instance is one VM in a thread of the tender process.  A
-VM-clone instance is a ``Supervisor`` here plus one VM per process on the
-tender processes the placement picks (this host's warm pool, or peers).
+A thread-fork instance is one VM in a child process of its own
+(instance/threadvm.py: an emulator crash ends that instance, not the
+tender).  A VM-clone instance is a ``Supervisor`` here plus one VM per
+process on the tender processes the placement picks (this host's warm pool,
+or peers).  Guest code never runs in the tender's own process.
 Console output is kept per instance (bounded) so a client can stream it from
 the start or live.
 """
@@ -18,12 +20,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from tender_service.instance.supervisor import Supervisor
+from tender_service.instance.threadvm import ThreadVm, ThreadVmHost
 from tender_service.rump import signals
-from tender_service.rump.kernel import Kernel, ProcInfo, VmConfig
+from tender_service.rump.kernel import ProcInfo, VmConfig
 from tender_service.service import metrics
 from tender_service.service.imagestore import ImageStore, StoredImage
 from tender_service.transports.channel import PEER_TIMEOUT
-from tender_service.vm import DEFAULT_ENV, create_vm
+from tender_service.vm import DEFAULT_ENV
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +90,8 @@ class Instance:
     console: ConsoleLog = field(default_factory=ConsoleLog)
     created: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
-    kernel: Kernel | None = None
+    vm: ThreadVm | None = None
+    vm_pid: int = 0  # thread fork: the OS pid of the process that ran the VM
     supervisor: Supervisor | None = None
     result: dict | None = None
     processes: list[ProcInfo] = field(default_factory=list)
@@ -103,8 +107,14 @@ class Instance:
             return self.processes
         if self.supervisor is not None:
             return self.supervisor.process_table()
-        k = self.kernel
-        return k.process_table() if k is not None else []
+        vm = self.vm
+        return vm.query().processes if vm is not None else []
+
+    @property
+    def host_pid(self) -> int:
+        """Thread fork: the OS pid of the process that runs (or ran) the VM."""
+        vm = self.vm
+        return vm.os_pid if vm is not None else self.vm_pid
 
 
 class MetricsObserver:
@@ -125,12 +135,14 @@ class MetricsObserver:
 
 
 class InstanceManager:
-    def __init__(self, store: ImageStore, placement_for, max_instances: int = 64,
+    def __init__(self, store: ImageStore, placement_for, thread_host: ThreadVmHost,
+                 max_instances: int = 64,
                  default_timeout: float = 600.0, listen_host: str = "127.0.0.1",
                  advertise_host: str | None = None, self_handle: object | None = None,
                  peer_timeout: float = PEER_TIMEOUT, keep_finished: int = KEEP_FINISHED) -> None:
         self.store = store
         self.placement_for = placement_for  # (placement) -> pool-like object for supervisors
+        self.thread_host = thread_host
         self.max_instances = max_instances
         self.default_timeout = default_timeout
         self.listen_host = listen_host
@@ -177,22 +189,22 @@ class InstanceManager:
         mode = "thread"
         metrics.VMS.labels(mode).inc()
         try:
-            k = create_vm(inst.image.path, inst.args, inst.env, inst.config,
-                          sink=inst.console.append, argv0=inst.image.name)
-            inst.kernel = k
-            k.fork_observer = lambda s: metrics.FORK_LATENCY.labels(mode, "local", "local").observe(s)
+            vm = self.thread_host.launch(
+                inst.id, inst.image.path, inst.args, inst.env, inst.config, inst.image.name,
+                inst.console.append,
+                lambda s: metrics.FORK_LATENCY.labels(mode, "local", "local").observe(s))
+            inst.vm = vm
             if inst.killed:
-                k.request_stop("killed")
+                vm.kill("killed")
             try:
-                r = k.run()
-                inst.processes = r.processes
-                pipe_bytes = k.pipe_bytes
-                metrics.PIPE_BYTES.labels("local").inc(pipe_bytes)
-                self._finish(inst, r.status, r.outcome, r.reports, r.elapsed, r.forks,
-                             r.peak_memory)
+                r = vm.wait()
+                inst.vm_pid = vm.os_pid
             finally:
-                k.close()
-                inst.kernel = None  # a finished instance keeps its figures, not its VM
+                inst.vm = None  # a finished instance keeps its figures, not its process
+            metrics.PIPE_BYTES.labels("local").inc(vm.pipe_bytes)
+            inst.processes = r.processes
+            self._finish(inst, r.status, r.outcome, r.reports, r.elapsed, r.forks,
+                         r.peak_memory)
         except Exception as e:  # a VM that cannot even start: report, keep serving
             log.exception("instance %s failed", inst.id)
             self._finish(inst, signals.signaled_status(signals.SIGKILL), "error",
@@ -253,8 +265,8 @@ class InstanceManager:
         if inst.done.is_set():
             return False
         inst.killed = True
-        if inst.kernel is not None:
-            inst.kernel.request_stop("killed")
+        if inst.vm is not None:
+            inst.vm.kill("killed")
         if inst.supervisor is not None:
             inst.supervisor.kill("killed")
         return True
@@ -278,10 +290,14 @@ class InstanceManager:
         procs = {"thread": 0, "vmclone": 0}
         memory = 0
         for inst in self.running():
-            rows = inst.process_table()
+            vm = inst.vm
+            if vm is not None:  # one question to the instance's process for both
+                status = vm.query()
+                rows = status.processes
+                memory += status.committed_memory
+            else:
+                rows = inst.process_table()
             procs[inst.mode] += sum(1 for p in rows if p.state == "alive" and p.pid != 1)
-            if inst.kernel is not None:
-                memory += inst.kernel.committed_memory()
         for mode, n in procs.items():
             metrics.PROCESSES.labels(mode).set(n)
         metrics.GUEST_MEMORY.set(memory)

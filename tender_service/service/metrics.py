@@ -22,11 +22,12 @@ PIPE_BYTES = Counter("unifork_pipe_bytes_total", "Bytes written into pipes, by t
 PIPE_WRITE_LATENCY = Histogram("unifork_pipe_write_latency_seconds",
                                "Time from a cross-VM pipe write request to its reply",
                                ["transport"], buckets=_LATENCY)
-VMS = Gauge("unifork_vms", "VMs running in this tender process", ["mode"])
+VMS = Gauge("unifork_vms", "VMs running in this tender's processes (never the tender itself)",
+            ["mode"])
 PROCESSES = Gauge("unifork_processes", "Guest processes of running instances", ["mode"])
 INSTANCES = Gauge("unifork_instances", "Instances running on this tender", ["mode"])
 GUEST_MEMORY = Gauge("unifork_guest_memory_committed_bytes",
-                     "Guest memory committed by the VMs of this tender process")
+                     "Guest memory committed by the thread-fork VMs of this tender")
 VM_STARTS = Gauge("unifork_vm_starts_in_progress",
                   "Peer.StartVm calls this tender is receiving (clones in transfer or restore)")
 FINISHED = Counter("unifork_instances_finished_total", "Instances that ended, by outcome",

@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from tender_service import protos
 from tender_service.instance.malloc import limit_malloc_arenas
 from tender_service.instance.pool import WarmPool
+from tender_service.instance.threadvm import ThreadVmHost
 from tender_service.instance.worker import HOST_NAME_ENV, PEER_TOKEN_ENV, PeerServicer
 from tender_service.machine.layout import MAX_RAM, MIN_RAM
 from tender_service.rump.kernel import VmConfig
@@ -76,8 +77,9 @@ def _is_loopback(host: str) -> bool:
 class TenderServicer:
     """The client API; every handler validates, then calls the instance manager."""
 
-    def __init__(self, manager: InstanceManager, store: ImageStore) -> None:
+    def __init__(self, manager: InstanceManager, store: ImageStore, host: str) -> None:
         self.m, self.store = manager, store
+        self.host = host  # this tender's advertised address: where its own VMs run
         self.pb2, _ = protos.tender()
 
     # -- images --------------------------------------------------------------------------
@@ -230,8 +232,8 @@ class TenderServicer:
         for p in inst.process_table():
             if inst.mode == "vmclone":  # the supervisor names them vm@HOST/OS-PID
                 host, _, vm = p.name.partition("@")[2].rpartition("/")
-            else:
-                host, vm = "local", inst.id
+            else:  # the instance's one VM, in a process of its own on this tender
+                host, vm = self.host, str(inst.host_pid or "")
             procs.append(pb2.ProcessInfo(pid=p.pid, ppid=p.ppid, state=p.state,
                                          wait_status=p.status or 0, exited=p.status is not None,
                                          vm=vm, host=host))
@@ -271,6 +273,7 @@ class Tender:
         protos.ensure()
         self.store = ImageStore(max_upload=opts.max_upload)
         self.pool = WarmPool(opts.pool_size, env=env, host=self.advertise)
+        self.thread_host = ThreadVmHost()
         self.stop_event = threading.Event()
         self.peer_servicer = PeerServicer(self.stop_event)
         metrics.VM_STARTS.set_function(lambda: self.peer_servicer.starting)
@@ -279,7 +282,7 @@ class Tender:
         self_handle = PeerHandle(self.advertise, self.token)
         self_handle.remote = False  # a VM started here runs next to its supervisor
         self.manager = InstanceManager(self.store, lambda p: Placer(p, self.pool, self.peers),
-                                       opts.max_instances, opts.default_timeout,
+                                       self.thread_host, opts.max_instances, opts.default_timeout,
                                        listen_host=listen_host, advertise_host=adv_host,
                                        self_handle=self_handle, peer_timeout=opts.peer_timeout,
                                        keep_finished=opts.keep_finished)
@@ -290,7 +293,8 @@ class Tender:
                      ("grpc.max_send_message_length", 64 << 20)])
         tpb2, tgrpc = protos.tender()
         ppb2, pgrpc = protos.peer()
-        tgrpc.add_TenderServicer_to_server(TenderServicer(self.manager, self.store), self.server)
+        tgrpc.add_TenderServicer_to_server(TenderServicer(self.manager, self.store,
+                                                                 self.advertise), self.server)
         pgrpc.add_PeerServicer_to_server(self.peer_servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -337,6 +341,7 @@ class Tender:
         self.stop_event.set()
         self.server.stop(2).wait()
         self.pool.close()
+        self.thread_host.close()
 
 
 def serve(opts: ServeOptions) -> int:

@@ -1,0 +1,265 @@
+"""The fork server of thread-fork instances, and the VM process it forks.
+
+Guest code can crash the emulator (Unicorn 2.1.4 dies of SIGSEGV translating
+a long straight line of x87 instructions, unicorn-engine/unicorn#2240), so a
+tender runs every thread-fork instance in a process of its own.  Starting a
+Python interpreter with the VM stack costs ~0.5 s; instead one server
+process (spawned once per tender) imports the stack, runs a tiny VM to warm
+it up, and then forks a child per instance: ~3 ms to a running VM.  The
+server runs no guest code itself and stays single-threaded, so its forks are
+safe.
+
+Control connection (tender <-> server), frames of one kind byte + payload:
+
+  tender -> server  {"id", "start"} JSON, then the child's socket (SCM_RIGHTS)
+  server -> tender  F {"id", "pid"}      forked
+                    X {"id", "status"}   the child ended (its raw wait status)
+                    L {"name", "level", "msg"}  a log record
+
+Child connection (tender <-> one VM process); nothing the child sends is
+unpickled:
+
+  child -> tender   S {"pid"}                 the VM is built and about to run
+                    C <pid i32><fd u32> data  console output
+                    F <f64>...                fork latencies (seconds), batched
+                    T {"processes","memory"}  answer to Q
+                    R {result}                the run's result; then the child exits
+                    E {"error"}               the VM could not be built
+                    L {"name", "level", "msg"}  a log record
+  tender -> child   K reason                  stop the VM (kill)
+                    Q                         ask for the process table and memory
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import select
+import signal
+import struct
+import threading
+from array import array
+from collections.abc import Callable, Sequence
+from multiprocessing import reduction
+from multiprocessing.connection import Connection
+
+from tender_service.instance.childproc import setup_child
+from tender_service.machine.elf import parse_elf
+from tender_service.machine.errors import ImageError
+from tender_service.rump.kernel import Kernel, ProcInfo, VmConfig
+from tender_service.vm import create_vm, run_vm
+
+log = logging.getLogger(__name__)
+
+MAX_FRAME = 2 << 20  # a console frame carries at most CONSOLE_PIECE bytes of output
+CONSOLE_PIECE = 1 << 20
+FORK_BATCH = 256  # fork latencies sent together
+CONSOLE = struct.Struct("<iI")
+
+
+def rows(procs: Sequence[ProcInfo]) -> list[list]:
+    return [[p.pid, p.ppid, p.name, p.state, p.status, p.report] for p in procs]
+
+
+def procs_of(table: object) -> list[ProcInfo]:
+    """ProcInfo from a child's rows; raises ValueError/TypeError on anything else."""
+    if not isinstance(table, list):
+        raise TypeError("processes: not a list")
+    return [ProcInfo(int(pid), int(ppid), str(name), str(state),
+                     None if status is None else int(status), str(report))
+            for pid, ppid, name, state, status, report in table]
+
+
+class FrameLog(logging.Handler):
+    """Sends each record as an ``L`` frame, tagged with where it comes from."""
+
+    def __init__(self, send: Callable[[bytes], None], where: str) -> None:
+        super().__init__()
+        self.send, self.where = send, where
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = f"[{self.where}] {record.getMessage()}"
+        if record.exc_info:
+            msg += "\n" + logging.Formatter().formatException(record.exc_info)
+        with contextlib.suppress(OSError):  # the tender is gone: nobody to tell
+            self.send(b"L" + json.dumps({"name": record.name, "level": record.levelno,
+                                         "msg": msg}).encode())
+
+
+def relay_log(payload: bytes) -> None:
+    """Log an ``L`` frame's record in this process (the tender)."""
+    msg = json.loads(payload)
+    level = min(max(int(msg["level"]), logging.DEBUG), logging.CRITICAL)
+    logging.getLogger(str(msg["name"])[:200]).log(level, "%s", str(msg["msg"]))
+
+
+# -- the VM process -------------------------------------------------------------------------
+class _ChildLink:
+    """The child's end: frames out (from the VM thread and the control thread)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+        self.forks = array("d")
+
+    def send(self, frame: bytes) -> None:
+        with self.lock:
+            if self.forks:
+                self.conn.send_bytes(b"F" + self.forks.tobytes())
+                del self.forks[:]
+            if frame[:1] != b"F":
+                self.conn.send_bytes(frame)
+
+    def send_json(self, kind: bytes, value: dict) -> None:
+        self.send(kind + json.dumps(value).encode())
+
+    def console(self, pid: int, fd: int, data: bytes) -> None:
+        for off in range(0, len(data), CONSOLE_PIECE):
+            self.send(b"C" + CONSOLE.pack(pid, fd) + bytes(data[off : off + CONSOLE_PIECE]))
+
+    def fork_time(self, seconds: float) -> None:
+        with self.lock:
+            self.forks.append(seconds)
+            full = len(self.forks) >= FORK_BATCH
+        if full:
+            self.send(b"F")  # just the batch
+
+    def serve_controls(self, k: Kernel) -> None:
+        """Kill and status requests from the tender; its going away stops the VM."""
+        while True:
+            try:
+                msg = self.conn.recv_bytes(4096)
+            except (EOFError, OSError):
+                k.request_stop("killed")
+                return
+            if msg[:1] == b"K":
+                k.request_stop(msg[1:].decode(errors="replace") or "killed")
+            elif msg[:1] == b"Q":
+                try:
+                    self.send_json(b"T", {"processes": rows(k.process_table()),
+                                          "memory": k.committed_memory()})
+                except OSError:
+                    return
+
+
+def run_child(conn: Connection, start: dict, level: int) -> None:
+    """Run one thread-fork VM to the end and report it (a forked child's work)."""
+    link = _ChildLink(conn)
+    setup_child(FrameLog(link.send, f"thread-vm {os.getpid()} instance {start['instance_id']}"),
+                level)
+    try:
+        k = create_vm(start["image_path"], start["args"], start["env"],
+                      VmConfig(**start["config"]), sink=link.console, argv0=start["argv0"])
+    except (ImageError, ValueError, MemoryError, OSError) as e:
+        link.send_json(b"E", {"error": str(e)})
+        return
+    k.fork_observer = link.fork_time
+    try:
+        link.send_json(b"S", {"pid": os.getpid()})
+        threading.Thread(target=link.serve_controls, args=(k,), name="controls",
+                         daemon=True).start()
+        r = k.run()
+        link.send_json(b"R", {"status": r.status, "outcome": r.outcome, "reports": r.reports,
+                              "elapsed": r.elapsed, "forks": r.forks, "syscalls": r.syscalls,
+                              "peak_memory": r.peak_memory, "pipe_bytes": k.pipe_bytes,
+                              "processes": rows(r.processes)})
+    except OSError:
+        log.warning("the tender went away; VM abandoned")
+    finally:
+        k.close()
+
+
+# -- the fork server ------------------------------------------------------------------------
+_BASE = 0x400000
+_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+_PHDR = struct.Struct("<IIQQQQQQ")
+_CODE = bytes.fromhex("b827000000" "0f05" "b8e7000000" "31ff" "0f05")  # getpid; exit_group(0)
+
+
+def tiny_elf() -> bytes:
+    """A static x86-64 executable of one page: two syscalls, then exit status 0."""
+    code_off = _EHDR.size + _PHDR.size
+    size = code_off + len(_CODE)
+    ehdr = _EHDR.pack(b"\x7fELF\x02\x01\x01" + bytes(9), 2, 62, 1, _BASE + code_off,
+                      _EHDR.size, 0, 0, _EHDR.size, _PHDR.size, 1, 0, 0, 0)
+    phdr = _PHDR.pack(1, 5, 0, _BASE, _BASE, size, size, 0x1000)  # PT_LOAD, R+X
+    return ehdr + phdr + _CODE
+
+
+def warm_up() -> int:
+    """Run :func:`tiny_elf` once: what a VM imports or sets up lazily (the syscall
+    table at boot, Unicorn's first use) is then done before any fork.  No time
+    limit, so no watchdog thread starts.  Returns the exit status (0)."""
+    import numpy  # noqa: F401 - the thread fork's stack scan imports it at the first fork
+
+    return run_vm(parse_elf(tiny_elf(), "warm-up"), config=VmConfig(),
+                  sink=lambda pid, fd, data: None).status
+
+
+def _fork_child(conn: Connection, req: dict, fd: int, level: int) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 0
+    try:  # the child: nothing of the server's but the VM stack
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        conn.close()
+        # every other inherited fd too: multiprocessing's sentinel pipe among them, which
+        # would keep the server looking alive to the tender as long as this VM runs
+        os.closerange(3, fd)
+        os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX"))
+        run_child(Connection(fd), req["start"], level)
+    except BaseException:  # noqa: BLE001 - a forked child must never return to the loop
+        code = 1
+        logging.getLogger(__name__).exception("thread-fork VM process failed")
+    finally:
+        os._exit(code)
+
+
+def serve(conn: Connection, level: int) -> None:
+    """The server's loop (a spawned process's target): fork a VM process per request,
+    report each one's end; exit when the tender hangs up."""
+    setup_child(FrameLog(conn.send_bytes, f"vm-server {os.getpid()}"), level)
+    warm_up()
+    wake = os.pipe()
+    os.set_blocking(wake[1], False)
+    signal.set_wakeup_fd(wake[1])
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    children: dict[int, int] = {}  # OS pid -> request id
+    while True:
+        ready, _, _ = select.select([conn.fileno(), wake[0]], [], [])
+        if wake[0] in ready:
+            os.read(wake[0], 4096)
+            _reap(conn, children)
+        if conn.fileno() in ready:
+            try:
+                req = json.loads(conn.recv_bytes(MAX_FRAME))
+                fd = reduction.recv_handle(conn)
+            except (EOFError, OSError):
+                return  # the tender is gone; the VMs notice on their own connections
+            try:
+                pid = _fork_child(conn, req, fd, level)
+            except OSError as e:
+                log.error("cannot fork a VM process: %s", e)
+                os.close(fd)
+                conn.send_bytes(b"X" + json.dumps({"id": req["id"], "status": -1}).encode())
+                continue
+            os.close(fd)
+            children[pid] = req["id"]
+            conn.send_bytes(b"F" + json.dumps({"id": req["id"], "pid": pid}).encode())
+
+
+def _reap(conn: Connection, children: dict[int, int]) -> None:
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if not pid:
+            return
+        rid = children.pop(pid, None)
+        if rid is not None:
+            conn.send_bytes(b"X" + json.dumps({"id": rid, "status": status}).encode())
