@@ -70,7 +70,8 @@ def test_a_vm_in_its_own_process_gives_what_it_gives_in_process(host, image, arg
     assert [(p.pid, p.ppid, p.name, p.state, p.status) for p in r.processes] == \
         [(p.pid, p.ppid, p.name, p.state, p.status) for p in ref.processes]
     assert len(forks) == r.forks and all(0 < s < WAIT for s in forks)
-    assert vm.wait_status == 0 and vm.os_pid not in (0, os.getpid())
+    assert vm.exited.wait(WAIT) and vm.wait_status == 0
+    assert vm.os_pid not in (0, os.getpid())
 
 
 def test_fork_latencies_come_in_batches_and_all_arrive(host):
@@ -115,7 +116,7 @@ def test_an_image_the_loader_refuses_is_a_clear_error(host, tmp_path):
     vm, _, _ = launch(host, bad)
     with pytest.raises(RuntimeError, match="not an ELF file"):
         vm.wait()
-    assert vm.wait_status == 0
+    assert vm.exited.wait(WAIT) and vm.wait_status == 0
 
 
 def test_an_emulator_crash_loses_only_its_vm(host):

@@ -58,7 +58,7 @@ class ThreadVm:
     started: float = field(default_factory=time.monotonic)
     os_pid: int = 0
     wait_status: int | None = None  # the process's, as the fork server reaped it
-    exited: threading.Event = field(default_factory=threading.Event)
+    exited: threading.Event = field(default_factory=threading.Event)  # wait_status is set
     forks_seen: int = 0
     pipe_bytes: int = 0
     status: VmStatus = field(default_factory=lambda: VmStatus([], 0))
@@ -112,12 +112,13 @@ class ThreadVm:
                 except (EOFError, OSError):
                     break
                 kind, payload = frame[:1], frame[1:]
-                if kind == b"R":
+                if kind == b"R":  # the last frame: no need to wait for the process to exit
                     result = self._result(json.loads(payload))
-                elif kind == b"E":
+                    break
+                if kind == b"E":
                     error = str(json.loads(payload)["error"])
-                else:
-                    self._dispatch(kind, payload)
+                    break
+                self._dispatch(kind, payload)
         except (ValueError, TypeError, KeyError) as e:  # not our VM's frames any more
             log.error("thread-fork VM process %d sent a malformed frame (%s): killing it",
                       self.os_pid, e)
@@ -127,11 +128,13 @@ class ThreadVm:
                 self._closed = True
                 self._cond.notify_all()
             self.conn.close()
-        if not self.exited.wait(EXIT_WAIT):
-            log.warning("the fork server did not report how VM process %d ended", self.os_pid)
         if error is not None:
             raise RuntimeError(error)
-        return result or self._lost()
+        if result is not None:
+            return result
+        if not self.exited.wait(EXIT_WAIT):
+            log.warning("the fork server did not report how VM process %d ended", self.os_pid)
+        return self._lost()
 
     def _dispatch(self, kind: bytes, payload: bytes) -> None:
         if kind == b"C":

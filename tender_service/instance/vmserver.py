@@ -5,9 +5,10 @@ a long straight line of x87 instructions, unicorn-engine/unicorn#2240), so a
 tender runs every thread-fork instance in a process of its own.  Starting a
 Python interpreter with the VM stack costs ~0.5 s; instead one server
 process (spawned once per tender) imports the stack, runs a tiny VM to warm
-it up, and then forks a child per instance: ~3 ms to a running VM.  The
-server runs no guest code itself and stays single-threaded, so its forks are
-safe.
+it up, and forks a child per instance.  The next child is always forked
+ahead and warms itself up too, so an instance waits only for its own VM to
+be built (see docs/reliability.md for the figures).  The server runs no
+guest code itself and stays single-threaded, so its forks are safe.
 
 Control connection (tender <-> server), frames of one kind byte + payload:
 
@@ -42,11 +43,12 @@ import struct
 import threading
 from array import array
 from collections.abc import Callable, Sequence
-from multiprocessing import reduction
+from dataclasses import dataclass
+from multiprocessing import Pipe, reduction
 from multiprocessing.connection import Connection
 
 from tender_service.instance.childproc import setup_child
-from tender_service.machine.elf import parse_elf
+from tender_service.machine.elf import load_elf_file, parse_elf
 from tender_service.machine.errors import ImageError
 from tender_service.rump.kernel import Kernel, ProcInfo, VmConfig
 from tender_service.vm import create_vm, run_vm
@@ -198,19 +200,41 @@ def warm_up() -> int:
                   sink=lambda pid, fd, data: None).status
 
 
-def _fork_child(conn: Connection, req: dict, fd: int, level: int) -> int:
+@dataclass(eq=False)
+class _Spare:
+    """A forked child that has warmed itself up and waits for its instance."""
+
+    pid: int
+    conn: Connection  # the server's end: one request, then the VM's socket
+
+
+def _fork_spare(conn: Connection, level: int) -> _Spare:
+    """Fork the next VM process ahead of its request.  It runs :func:`warm_up` in the
+    meantime, so the page faults a VM's first steps take in a fresh copy of the
+    server (copy-on-write) are paid before the instance waits for them."""
+    mine, theirs = Pipe(duplex=True)
     pid = os.fork()
     if pid:
-        return pid
+        theirs.close()
+        return _Spare(pid, mine)
     code = 0
     try:  # the child: nothing of the server's but the VM stack
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         conn.close()
+        mine.close()
         # every other inherited fd too: multiprocessing's sentinel pipe among them, which
         # would keep the server looking alive to the tender as long as this VM runs
-        os.closerange(3, fd)
-        os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX"))
+        keep = theirs.fileno()
+        os.closerange(3, keep)
+        os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+        warm_up()
+        try:
+            req = json.loads(theirs.recv_bytes(MAX_FRAME))
+            fd = reduction.recv_handle(theirs)
+        except (EOFError, OSError):
+            return  # the server is gone before it needed this one
+        theirs.close()
         run_child(Connection(fd), req["start"], level)
     except BaseException:  # noqa: BLE001 - a forked child must never return to the loop
         code = 1
@@ -219,9 +243,16 @@ def _fork_child(conn: Connection, req: dict, fd: int, level: int) -> int:
         os._exit(code)
 
 
+def _hand_over(spare: _Spare, request: bytes, fd: int) -> None:
+    spare.conn.send_bytes(request)
+    reduction.send_handle(spare.conn, fd, spare.pid)
+    spare.conn.close()
+
+
 def serve(conn: Connection, level: int) -> None:
-    """The server's loop (a spawned process's target): fork a VM process per request,
-    report each one's end; exit when the tender hangs up."""
+    """The server's loop (a spawned process's target): hand each request to the
+    waiting spare VM process, fork the next spare, report each VM's end; exit when
+    the tender hangs up (spares and VMs notice on their own connections)."""
     setup_child(FrameLog(conn.send_bytes, f"vm-server {os.getpid()}"), level)
     warm_up()
     wake = os.pipe()
@@ -229,31 +260,54 @@ def serve(conn: Connection, level: int) -> None:
     signal.set_wakeup_fd(wake[1])
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     children: dict[int, int] = {}  # OS pid -> request id
+    spare: _Spare | None = None
     while True:
+        if spare is None:
+            try:
+                spare = _fork_spare(conn, level)
+            except OSError as e:
+                log.error("cannot fork a VM process: %s", e)
         ready, _, _ = select.select([conn.fileno(), wake[0]], [], [])
         if wake[0] in ready:
             os.read(wake[0], 4096)
             _reap(conn, children)
-        if conn.fileno() in ready:
+        if conn.fileno() not in ready:
+            continue
+        try:
+            request = conn.recv_bytes(MAX_FRAME)
+            fd = reduction.recv_handle(conn)
+        except (EOFError, OSError):
+            return
+        req = json.loads(request)
+        _parse_ahead(req["start"]["image_path"])
+        for _ in range(2):  # a spare that died meanwhile: fork another
             try:
-                req = json.loads(conn.recv_bytes(MAX_FRAME))
-                fd = reduction.recv_handle(conn)
-            except (EOFError, OSError):
-                return  # the tender is gone; the VMs notice on their own connections
-            try:
-                pid = _fork_child(conn, req, fd, level)
+                spare = spare or _fork_spare(conn, level)
+                _hand_over(spare, request, fd)
             except OSError as e:
-                log.error("cannot fork a VM process: %s", e)
-                os.close(fd)
-                conn.send_bytes(b"X" + json.dumps({"id": req["id"], "status": -1}).encode())
+                log.warning("spare VM process unusable (%s): forking another", e)
+                spare = None
                 continue
-            os.close(fd)
-            children[pid] = req["id"]
-            conn.send_bytes(b"F" + json.dumps({"id": req["id"], "pid": pid}).encode())
+            children[spare.pid] = req["id"]
+            conn.send_bytes(b"F" + json.dumps({"id": req["id"], "pid": spare.pid}).encode())
+            spare = None
+            break
+        else:
+            conn.send_bytes(b"X" + json.dumps({"id": req["id"], "status": -1}).encode())
+        os.close(fd)
+
+
+def _parse_ahead(path: str) -> None:
+    """Parse the image into the loader's cache (tender_service/machine/elf.py), so
+    that the spares forked from now on find it parsed.  The VM process parses it
+    again if this fails, and reports why."""
+    with contextlib.suppress(Exception):  # noqa: BLE001 - the VM process reports errors
+        load_elf_file(path)
 
 
 def _reap(conn: Connection, children: dict[int, int]) -> None:
-    while children:
+    """Report the end of every VM process that ended (spares that end unused: none)."""
+    while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
