@@ -1,8 +1,8 @@
 """glibc malloc arenas of a long-running tender process.
 
 Every thread gets a malloc arena that keeps what it freed; with a thread per
-VM (thread-fork instances in the tender, VMs in a pool's tender process) a
-process that serves for hours creeps up in RSS.  Two arenas keep it flat
+VM (VMs in a pool's tender process) or per request (the tender's gRPC
+threads) a process that serves for hours creeps up in RSS.  Two arenas keep it flat
 (the soak in docs/reliability.md measures it).
 """
 

@@ -198,8 +198,8 @@ class InstanceManager:
                 vm.kill("killed")
             try:
                 r = vm.wait()
-                inst.vm_pid = vm.os_pid
             finally:
+                inst.vm_pid = vm.os_pid
                 inst.vm = None  # a finished instance keeps its figures, not its process
             metrics.PIPE_BYTES.labels("local").inc(vm.pipe_bytes)
             inst.processes = r.processes
@@ -265,10 +265,11 @@ class InstanceManager:
         if inst.done.is_set():
             return False
         inst.killed = True
-        if inst.vm is not None:
-            inst.vm.kill("killed")
-        if inst.supervisor is not None:
-            inst.supervisor.kill("killed")
+        vm, sup = inst.vm, inst.supervisor  # either may go away as the instance ends
+        if vm is not None:
+            vm.kill("killed")
+        if sup is not None:
+            sup.kill("killed")
         return True
 
     def shutdown(self, grace: float) -> list[Instance]:
@@ -292,7 +293,7 @@ class InstanceManager:
         for inst in self.running():
             vm = inst.vm
             if vm is not None:  # one question to the instance's process for both
-                status = vm.query()
+                status = vm.query(timeout=0.5)
                 rows = status.processes
                 memory += status.committed_memory
             else:
