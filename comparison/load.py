@@ -94,6 +94,7 @@ class LoadResult:
     p99_ms: float | None = None
     min_ms: float | None = None
     max_ms: float | None = None
+    stopped_by: str = "duration"  # what ended the launching: duration | max_instances
 
     def summarize(self) -> None:
         from comparison.report import sig
@@ -267,7 +268,9 @@ class _Load:
                          unanswered=sum(1 for i in self.ids if not self.answers[i]),
                          succeeded_by_fork=dict(sorted(self.ok_by_fork.items())),
                          failures=self.failures,
-                         latencies_ms=[round(x, 3) for x in self.latencies])
+                         latencies_ms=[round(x, 3) for x in self.latencies],
+                         stopped_by="max_instances" if self.launched >= cfg.max_instances
+                         else "duration")
         res.summarize()
         return res
 
@@ -290,7 +293,7 @@ def render(r: LoadResult) -> str:
         f"load on {r.target}: image {r.image}, {r.fork} fork, concurrency {r.concurrency}, "
         f"launching for {r.duration_s:g} s",
         f"launched {r.launched}  succeeded {r.succeeded}  failed {r.failed}  "
-        f"in {r.elapsed_s:.2f} s",
+        f"in {r.elapsed_s:.2f} s (launching stopped by {r.stopped_by.replace('_', '-')})",
         f"throughput {num(r.throughput_per_s)} instances/s",
         f"launch-to-exit latency: p50 {ms(r.p50_ms)}  p95 {ms(r.p95_ms)}  p99 {ms(r.p99_ms)}  "
         f"(min {ms(r.min_ms)}, max {ms(r.max_ms)})",

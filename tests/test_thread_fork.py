@@ -28,6 +28,7 @@ from test_programs_native import CASES, SEMANTICS_NATIVE, SEMANTICS_THREAD_FORK
 
 from tender_service.machine.layout import DEFAULT_STACK, PAGE_SIZE
 from tender_service.rump.kernel import Kernel, VmConfig
+from tender_service.toolchain.images import build_image
 from tender_service.vm import CaptureSink, create_vm
 
 SIGKILL = 9
@@ -88,6 +89,18 @@ def test_same_output_as_native(prog: str, args: list[str], rc: int, expected: st
     assert r.stderr == b""
     assert r.result.outcome == "exited"
     assert r.result.status == 0
+
+
+def test_wait4_reaps_before_it_copies_the_status_out() -> None:
+    """A bad status pointer: Linux reaps the child, then returns EFAULT (kernel_wait4)."""
+    prog = Path(__file__).with_name("guest") / "wait_efault.c"
+    expected = ("WNOHANG, child running: 0\n"
+                "bad status pointer: -1 Bad address\n"
+                "waited again: -1 No child process\n")
+    n = native(build_image(prog))
+    assert (n.returncode, n.stdout.decode()) == (0, expected), n.stderr
+    r = vm(build_image(prog))
+    assert (r.result.status, r.out) == (0, expected), r.result.reports
 
 
 # -- 2. documented semantics -------------------------------------------------------------

@@ -86,6 +86,14 @@ class GuestMemory:
                 return r.offset + off
         raise GuestError(errno.EFAULT, f"bad address {addr:#x}+{n}")
 
+    def span(self, addr: int, n: int) -> int:
+        """How many bytes of [addr, addr+n) are mapped in one piece from ``addr`` (0:
+        none), for a read that may come up short as Linux's do at a fault."""
+        for r in self.regions:
+            if r.base <= addr < r.end:
+                return min(n, r.end - addr)
+        return 0
+
     def contains(self, addr: int, n: int = 1) -> bool:
         return any(addr - r.base >= 0 and addr - r.base + n <= r.size for r in self.regions)
 

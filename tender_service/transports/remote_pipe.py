@@ -45,8 +45,12 @@ class RemotePipeEnd(File):
         if reply is None:
             if n == 0:
                 return 0
-            k.mem.offset(addr, 1)
-            self.link.request(lwp, Msg.PIPE_READ, self.pipe, arg=min(n, MAX_PIPE_CHUNK),
+            # ask only for what the buffer can take: bytes the broker sends are gone from
+            # the pipe, and Linux leaves in the pipe what it could not copy out
+            room = k.mem.span(addr, min(n, MAX_PIPE_CHUNK))
+            if not room:
+                raise GuestError(errno.EFAULT)
+            self.link.request(lwp, Msg.PIPE_READ, self.pipe, arg=room,
                               nonblock=self.nonblocking)
             raise Block(self.link.wq, f"read {self.describe()}")
         arg, data, _ = reply

@@ -144,18 +144,16 @@ def sys_wait4(k: Kernel, lwp: Lwp, pid: int, wstatus: int, options: int, rusage:
         raise GuestError(errno.EINVAL)
     if pid == -(1 << 31):
         raise GuestError(errno.ESRCH)
-    if wstatus:
-        k.mem.offset(wstatus, 4)
-    if rusage:
-        k.mem.offset(rusage, RUSAGE_SIZE)
     child = _find(k, lwp, pid, options, f"wait4({pid})")
     if child is None:
         return 0
+    # as Linux's kernel_wait4: the child is reaped first, then its status copied out,
+    # so a bad pointer gets EFAULT with the child gone all the same
+    k.reap(lwp.proc, child)
     if wstatus:
         k.mem.write_u32(wstatus, child.status)
     if rusage:
         k.mem.write(rusage, bytes(RUSAGE_SIZE))
-    k.reap(lwp.proc, child)
     return child.pid
 
 
