@@ -59,7 +59,8 @@ from tender_service.machine.errors import GuestError
 from tender_service.rump.console import Console
 from tender_service.rump.kernel import ProcInfo, VmConfig
 from tender_service.toolchain.images import build_image
-from tender_service.transports.frames import HELLO_MAGIC, encode_hello
+from tender_service.transports.channel import connect_channel
+from tender_service.transports.frames import HELLO_MAGIC, ChannelClosed, ProtocolError, encode_hello
 from tender_service.vm import DEFAULT_ENV, CaptureSink, create_vm, run_vm
 
 INIT_PID, MAIN_PID = 1, 2
@@ -647,8 +648,8 @@ def _refused(port: int, data: bytes) -> bytes:
 def test_hostile_connections_to_the_supervisor_are_refused(env: Env) -> None:
     """Anyone can reach an instance's TCP port: garbage, a wrong or missing token,
     malformed fields, an oversized hello and a flood of connections are each refused
-    (the connection closed; a well-formed hello gets the empty hello of the handshake
-    first, nothing else), no thread dies of it, and the instance runs on unharmed."""
+    (the connection closed without a byte of answer, and an offered shm segment is
+    never mapped), no thread dies of it, and the instance runs on unharmed."""
     sink = CaptureSink()
     sup = env.supervisor("tcp", sink)
     port = int(sup.tcp_address.rsplit(":", 1)[1])
@@ -670,7 +671,11 @@ def test_hostile_connections_to_the_supervisor_are_refused(env: Env) -> None:
             HELLO_MAGIC + b"\xff" * 64,
         ]  # a silent connection is dropped after HELLO_TIMEOUT: test_transports.py
         for data in attacks:
-            assert _refused(port, data) in (b"", encode_hello("tcp", {})), data[:40]
+            assert _refused(port, data) == b"", data[:40]
+        # a stranger offering a real shm segment: not mapped, not acknowledged
+        sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+        with pytest.raises((ProtocolError, ChannelClosed, OSError)):
+            connect_channel("shm", sock, True, {"token": "0" * 32, "pid": MAIN_PID})
         socks = [socket.create_connection(("127.0.0.1", port), timeout=WAIT) for _ in range(64)]
         for s in socks:
             s.close()

@@ -286,18 +286,22 @@ class Supervisor:
                 continue
             self._spawn(self._serve, "conn", sock)
 
+    def _member(self, hello: dict) -> bool:
+        """A hello from one of this instance's VMs: the instance token and an int pid."""
+        token = hello.get("token")
+        return (isinstance(token, str) and type(hello.get("pid")) is int
+                and hmac.compare_digest(token.encode(errors="replace"), self.token.encode()))
+
     def _serve(self, sock: socket.socket) -> None:
-        try:
-            channel, hello = accept_channel(sock)
+        try:  # a stranger gets no answer at all (and no shm segment of its is mapped)
+            channel, hello = accept_channel(sock, admit=self._member)
         except (ProtocolError, ChannelClosed, OSError, ValueError) as e:
             log.warning("instance %s: refused a connection: %s", self.id, e)
             sock.close()
             return
-        token, pid = hello.get("token"), hello.get("pid")
+        pid = hello["pid"]
         with self.lock:
-            known = (isinstance(token, str) and type(pid) is int
-                     and hmac.compare_digest(token.encode(errors="replace"), self.token.encode()))
-            rec = self.procs.get(pid) if known else None
+            rec = self.procs.get(pid)
             if rec is None or rec.channel is not None:
                 log.warning("instance %s: refused a connection claiming pid %.20r", self.id, pid)
                 channel.close()

@@ -81,6 +81,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from ctypes import c_uint64
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
@@ -822,10 +823,17 @@ def accept_channel(
     reply: dict[str, Any] | None = None,
     *,
     timeout: float | None = HELLO_TIMEOUT,
+    admit: Callable[[dict[str, Any]], bool] | None = None,
 ) -> tuple[Channel, dict[str, Any]]:
-    """Answer whichever kind the initiator offers; returns the channel and its hello JSON."""
+    """Answer whichever kind the initiator offers; returns the channel and its hello JSON.
+
+    ``admit`` sees the initiator's JSON first: when it says no, the socket is closed
+    without an answer, and an offered shm segment is never mapped.
+    """
     try:
         offer = read_hello(sock, timeout)
+        if admit is not None and not admit(offer.info):
+            raise ProtocolError("hello refused (not a member of this instance)")
     except BaseException:
         sock.close()
         raise
