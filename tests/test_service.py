@@ -778,6 +778,51 @@ def test_peer_start_vm_with_bad_headers(tender):
     assert tender.health() == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_peer_start_vm_calls_share_one_receive_budget():
+    """What peers can make a tender process hold: every StartVm in progress counts
+    against one budget.  A call that would pass it is refused (RESOURCE_EXHAUSTED, so
+    the parent places the clone elsewhere) while another holds its bytes, and what a
+    call held is given back when it ends."""
+    from tender_service.instance.worker import PeerServicer
+
+    servicer = PeerServicer(threading.Event(), receive_budget=1 << 20)
+    server = grpc.server(ThreadPoolExecutor(4))
+    _peer_grpc.add_PeerServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    start = ppb2.VmStart(instance_id="x", pid=2, supervisor="bogus", transport="tcp",
+                         instance_token="t")
+    go_on = threading.Event()
+
+    def slow():  # 600 KiB, then wait until the other call has been refused
+        yield ppb2.VmChunk(start=start)
+        yield ppb2.VmChunk(snapshot=bytes(600 << 10))
+        go_on.wait(RPC_TIMEOUT)
+        yield ppb2.VmChunk(snapshot=b"junk")
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = _peer_grpc.PeerStub(ch)
+            first = stub.StartVm.future(slow(), timeout=RPC_TIMEOUT)
+            wait_until(lambda: servicer.receiving >= 600 << 10, RPC_TIMEOUT,
+                       "the first call's bytes to arrive")
+            e = rpc_error(lambda: stub.StartVm(iter([ppb2.VmChunk(start=start),
+                                                     ppb2.VmChunk(snapshot=bytes(600 << 10))]),
+                                               timeout=RPC_TIMEOUT))
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "budget" in e.details(), e
+            go_on.set()
+            e = rpc_error(first.result)  # past the budget: on to the next check
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
+            wait_until(lambda: servicer.receiving == 0, RPC_TIMEOUT, "the bytes given back")
+            e = rpc_error(lambda: stub.StartVm(iter([ppb2.VmChunk(start=start),
+                                                     ppb2.VmChunk(snapshot=bytes(900 << 10))]),
+                                               timeout=RPC_TIMEOUT))
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
+    finally:
+        go_on.set()
+        server.stop(None)
+
+
 # -- capacity ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):

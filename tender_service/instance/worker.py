@@ -46,6 +46,16 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 MAX_SNAPSHOT = 1 << 32
+
+
+def default_receive_budget() -> int:
+    """Bytes all StartVm calls of one tender process may hold at once: a quarter of
+    the host's RAM, at most one largest snapshot."""
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return MAX_SNAPSHOT
+    return max(CHUNK, min(MAX_SNAPSHOT, ram // 4))
 PEER_TOKEN_ENV = "UNIFORK_PEER_TOKEN"
 #: how VMs hosted here name their host in describe (a tender's advertised address)
 HOST_NAME_ENV = "UNIFORK_HOST_NAME"
@@ -137,34 +147,47 @@ class WorkerCloneHost:
 class PeerServicer:
     """The ``Peer`` service of a worker tender process."""
 
-    def __init__(self, stop: threading.Event) -> None:
+    def __init__(self, stop: threading.Event, receive_budget: int | None = None) -> None:
         self.stop = stop
         #: running VMs by (instance, pid): pids repeat across instances
         self.vms: dict[tuple[str, int], Kernel] = {}
         self.lock = threading.Lock()
         self.starting = 0  # StartVm calls in progress: a snapshot arriving, a VM restoring
+        #: bytes of snapshots and images the StartVm calls in progress hold, and the cap
+        self.receiving = 0
+        self.receive_budget = receive_budget or default_receive_budget()
 
     def StartVm(self, request_iterator, context):  # noqa: N802 - gRPC's name
+        held = [0]  # bytes this call holds against the receive budget
         with self.lock:
             self.starting += 1
         try:
-            return self._start_vm(request_iterator, context)
+            return self._start_vm(request_iterator, context, held)
         finally:
             with self.lock:
                 self.starting -= 1
+                self.receiving -= held[0]
 
-    def _start_vm(self, request_iterator, context):
+    def _start_vm(self, request_iterator, context, held: list[int]):
         pb2, _ = protos.peer()
-        start_msg, parts, image, size = None, [], [], 0
+        start_msg, parts, image = None, [], []
         for chunk in request_iterator:
             kind = chunk.WhichOneof("part")
             if kind == "start":
                 start_msg = chunk.start
                 continue
             data = chunk.snapshot if kind == "snapshot" else chunk.image
-            size += len(data)
-            if size > MAX_SNAPSHOT:
+            if held[0] + len(data) > MAX_SNAPSHOT:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{kind}: too large")
+            with self.lock:  # all calls together: a bound on what peers can make us hold
+                full = self.receiving + len(data) > self.receive_budget
+                if not full:
+                    self.receiving += len(data)
+                    held[0] += len(data)
+            if full:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"{kind}: this tender process is receiving {self.receiving} bytes "
+                              f"of VMs already (budget {self.receive_budget}): place it elsewhere")
             (parts if kind == "snapshot" else image).append(data)
         if start_msg is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "start: missing")
