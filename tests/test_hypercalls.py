@@ -9,9 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from tender_service.bmk.memalloc import MEMWHO_WIREDBMK
 from tender_service.machine import hypercalls
+from tender_service.rump.syscalls.memory import hc_free, hc_realloc, hc_usable_size
 from tender_service.toolchain.cc import compile_guest
+from tender_service.toolchain.images import build_image
 from tender_service.toolchain.paths import runtime_dir
+from tender_service.vm import create_vm
 
 HEADER = runtime_dir() / "unifork_hypercalls.h"
 TESTS_GUEST = Path(__file__).parent / "guest"
@@ -92,3 +96,28 @@ def test_raw_syscall_helpers(rt_probe: str) -> None:
     assert "getpid_match=1\n" in rt_probe
     assert "raw write\nraw_write=10\n" in rt_probe
     assert f"bad_fd={-errno.EBADF} is_error=1\n" in rt_probe
+
+
+def test_guest_malloc_hypercalls_refuse_kernel_blocks() -> None:
+    """The guest's free/realloc/malloc_usable_size reach only its own malloc's blocks:
+    a pointer to its kernel stack (a bmk heap block of the kernel's) gets EINVAL and
+    the block stays as it was."""
+
+    k = create_vm(build_image("hello"), sink=lambda pid, fd, data: None)
+    try:
+        lwp = k.main.lwps[0]
+        stack = k.heap.get(lwp.stack)
+        assert stack is not None and stack.who == MEMWHO_WIREDBMK
+        before = (stack.block, stack.block_size, stack.size)
+        assert hc_realloc(k, lwp, lwp.stack, 64) == -errno.EINVAL
+        assert hc_usable_size(k, lwp, lwp.stack) == -errno.EINVAL
+        assert hc_free(k, lwp, lwp.stack) == -errno.EINVAL
+        after = k.heap.get(lwp.stack)
+        assert after is stack and (after.block, after.block_size, after.size) == before
+        mine = k.heap.malloc(100, owner=k.main.pid)  # the guest's own block: all fine
+        assert hc_usable_size(k, lwp, mine) >= 100
+        moved = hc_realloc(k, lwp, mine, 5000)
+        assert moved > 0 and hc_usable_size(k, lwp, moved) >= 5000
+        assert hc_free(k, lwp, moved) == 0
+    finally:
+        k.close()

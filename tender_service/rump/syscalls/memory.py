@@ -163,8 +163,14 @@ def hc_free(k: Kernel, lwp: Lwp, ptr: int) -> int:
     return 0 if k.heap.free(ptr, who=MEMWHO_USER) else -errno.EINVAL
 
 
+def _user_block(k: Kernel, ptr: int) -> bool:
+    """A live block of the guest's own malloc (not a kernel stack or TLS block)."""
+    a = k.heap.get(ptr)
+    return a is not None and a.who == MEMWHO_USER
+
+
 def hc_realloc(k: Kernel, lwp: Lwp, ptr: int, size: int) -> int:
-    if ptr and k.heap.usable_size(ptr) < 0:
+    if ptr and not _user_block(k, ptr):
         return -errno.EINVAL
     if size > k.config.ram:
         return -errno.ENOMEM
@@ -181,5 +187,4 @@ def hc_calloc(k: Kernel, lwp: Lwp, nmemb: int, size: int) -> int:
 def hc_usable_size(k: Kernel, lwp: Lwp, ptr: int) -> int:
     if ptr == 0:
         return 0
-    n = k.heap.usable_size(ptr)
-    return n if n >= 0 else -errno.EINVAL
+    return k.heap.usable_size(ptr) if _user_block(k, ptr) else -errno.EINVAL
