@@ -85,6 +85,27 @@ def test_read_returns_what_is_available_at_once() -> None:
     assert not rd(b, p, A, 100).answered  # empty, a writer remains: parked
 
 
+def test_a_read_whose_buffer_cannot_take_the_bytes_faults_and_takes_nothing() -> None:
+    """Linux's pipe_read: EFAULT when what it would copy runs past the reader's buffer,
+    the bytes left in the pipe; what fits is read as usual.  Parked reads too."""
+    b = PipeBroker()
+    p = b.create(A, b"abcdefgh")
+    r = Req()
+    b.read(p, A, 64, False, r.on_read, room=4)
+    assert r.value == -errno.EFAULT
+    r = Req()
+    b.read(p, A, 3, False, r.on_read, room=4)  # 3 bytes fit in 4
+    assert r.value == b"abc"
+    assert rd(b, p, A, 64).value == b"defgh"
+    parked = Req()
+    b.read(p, A, 64, False, parked.on_read, room=2)
+    assert not parked.answered
+    assert wr(b, p, A, b"xyz").value == (3, False)
+    assert parked.value == -errno.EFAULT
+    assert rd(b, p, A, 64).value == b"xyz"
+    assert b.stats()["parked_reads"] == 0
+
+
 def test_zero_byte_read_returns_nothing_at_once() -> None:
     b = PipeBroker()
     p = b.create(A)

@@ -353,8 +353,10 @@ class Supervisor:
                 return
             rec.idle_at = -1
             if t == Msg.PIPE_READ:
+                room = int.from_bytes(f.payload, "little") if len(f.payload) == 8 else None
                 self.broker.read(f.pipe, rec.pid, f.arg, bool(f.flags & NONBLOCK),
-                                 lambda res, req=f.req: self._send(rec, _data_frame(req, res)))
+                                 lambda res, req=f.req: self._send(rec, _data_frame(req, res)),
+                                 room)
             elif t == Msg.PIPE_WRITE:
                 t0 = time.perf_counter()
 

@@ -88,7 +88,7 @@ class GuestMemory:
 
     def span(self, addr: int, n: int) -> int:
         """How many bytes of [addr, addr+n) are mapped in one piece from ``addr`` (0:
-        none), for a read that may come up short as Linux's do at a fault."""
+        none): how much a buffer there can take."""
         for r in self.regions:
             if r.base <= addr < r.end:
                 return min(n, r.end - addr)

@@ -64,6 +64,7 @@ class _ParkedRead:
     holder: Holder
     n: int
     reply: ReadReply
+    room: int | None = None  # what the reader's buffer can take (None: n)
 
 
 @dataclass
@@ -189,8 +190,14 @@ class PipeBroker:
 
     # -- data ---------------------------------------------------------------
 
-    def read(self, pipe: int, holder: Holder, n: int, nonblock: bool, reply: ReadReply) -> None:
-        """Read up to ``n`` bytes; ``n == 0`` gives ``b""`` at once (0 bytes, as read(fd, buf, 0))."""
+    def read(self, pipe: int, holder: Holder, n: int, nonblock: bool, reply: ReadReply,
+             room: int | None = None) -> None:
+        """Read up to ``n`` bytes; ``n == 0`` gives ``b""`` at once (0 bytes, as read(fd, buf, 0)).
+
+        ``room``: the reader's buffer ends after that many bytes.  Linux's pipe_read
+        fails with EFAULT, leaving the bytes in the pipe, when what it would copy
+        does not fit; so does this.
+        """
         p = self._pipes.get(pipe)
         refs = p.refs.get(holder) if p is not None else None
         if p is None or refs is None or refs.readers == 0:
@@ -200,11 +207,11 @@ class PipeBroker:
         elif n == 0:
             self._send(reply, b"")
         elif not p.reads and (p.buf or not p.has_writers):
-            self._send(reply, self._take(p, n))  # b"" here is EOF
+            self._send(reply, self._take(p, n, room))  # b"" here is EOF
         elif nonblock:
             self._send(reply, -errno.EAGAIN)
         else:
-            p.reads.append(_ParkedRead(holder, n, reply))
+            p.reads.append(_ParkedRead(holder, n, reply, room))
         if p is not None:
             self._settle(p)
         self._flush()
@@ -267,8 +274,11 @@ class PipeBroker:
 
     # -- internals ----------------------------------------------------------
 
-    def _take(self, p: _Pipe, n: int) -> bytes:
-        """Remove up to ``n`` bytes from the front of the buffer."""
+    def _take(self, p: _Pipe, n: int, room: int | None = None) -> bytes | int:
+        """Remove up to ``n`` bytes from the front of the buffer (-EFAULT, taking
+        nothing, if more than ``room`` would come)."""
+        if room is not None and min(n, len(p.buf)) > room:
+            return -errno.EFAULT
         data = bytes(p.buf[:n])
         del p.buf[:n]
         self._counters.bytes_read += len(data)
@@ -292,7 +302,7 @@ class PipeBroker:
         while True:
             while p.reads and (p.buf or not p.has_writers):
                 r = p.reads.popleft()
-                self._send(r.reply, self._take(p, r.n))  # b"" here is EOF
+                self._send(r.reply, self._take(p, r.n, r.room))  # b"" here is EOF
             if not p.has_readers:
                 if p.buf:  # nobody can ever read it
                     self._counters.bytes_discarded += len(p.buf)

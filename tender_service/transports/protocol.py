@@ -10,6 +10,8 @@ broker pipe id; ``arg`` is a signed 64-bit value)::
       REAPED      arg=pid of the reaped child
       CALL        req  payload=JSON {"op": str, "args": [int...]}  -> RESULT
       PIPE_READ   req pipe  arg=max bytes  flags=NONBLOCK          -> PIPE_DATA
+                  payload=optional u64: the bytes the reader's buffer can take;
+                  more to give than that is EFAULT with nothing taken (as Linux)
       PIPE_WRITE  req pipe  flags=NONBLOCK  payload=bytes          -> PIPE_WROTE
       PIPE_CLOSE  pipe  arg=END_READ|END_WRITE
       IDLE        arg=events processed so far (every thread blocked)

@@ -45,12 +45,15 @@ class RemotePipeEnd(File):
         if reply is None:
             if n == 0:
                 return 0
-            # ask only for what the buffer can take: bytes the broker sends are gone from
-            # the pipe, and Linux leaves in the pipe what it could not copy out
-            room = k.mem.span(addr, min(n, MAX_PIPE_CHUNK))
+            # a buffer cut short by the end of guest memory: the broker is told, and,
+            # as Linux, fails the read rather than hand over bytes that do not fit (they
+            # would be gone from the pipe)
+            want = min(n, MAX_PIPE_CHUNK)
+            room = k.mem.span(addr, want)
             if not room:
                 raise GuestError(errno.EFAULT)
-            self.link.request(lwp, Msg.PIPE_READ, self.pipe, arg=room,
+            self.link.request(lwp, Msg.PIPE_READ, self.pipe, arg=want,
+                              payload=room.to_bytes(8, "little") if room < want else b"",
                               nonblock=self.nonblocking)
             raise Block(self.link.wq, f"read {self.describe()}")
         arg, data, _ = reply

@@ -1,8 +1,6 @@
 /* A pipe read into a buffer that runs off the end of a mapping (the page after
- * the image's bss, which a unifork VM never maps): no byte may be lost.  Linux
- * fails the read with EFAULT and leaves the bytes in the pipe; unifork copies
- * what fits (a short read) and leaves the rest.  Either way the two reads
- * together give every byte, in order. */
+ * the image's bss, which a unifork VM never maps): Linux fails the read with
+ * EFAULT and leaves the bytes in the pipe for the next read. */
 #include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
