@@ -64,7 +64,7 @@ from tender_service.transports.frames import HELLO_MAGIC, ChannelClosed, Protoco
 from tender_service.vm import DEFAULT_ENV, CaptureSink, create_vm, run_vm
 
 INIT_PID, MAIN_PID = 1, 2
-SIGKILL, SIGPIPE = signal.SIGKILL.value, signal.SIGPIPE.value
+SIGKILL, SIGPIPE, SIGSEGV = signal.SIGKILL.value, signal.SIGPIPE.value, signal.SIGSEGV.value
 TRANSPORTS = ["shm", "tcp"]
 POOL_SIZE = 2
 #: shm segment names are f"ufp-{creator pid}-{random}" (transports/channel.py)
@@ -596,6 +596,19 @@ def test_fork_bomb_hits_max_procs_across_vms(env: Env, transport: str) -> None:
     assert r.out == "fork failed errno=EAGAIN\nforked=6\nreaped=6\n", r.why()
     assert (r.result.outcome, r.result.status) == ("exited", 0), r.why()
     assert r.result.forks == 6 and r.result.reports == []
+
+
+def test_a_vm_fault_report_reaches_the_instance_result(env: Env) -> None:
+    """The fault report of a VM's process (rip, address, instruction) is in the
+    instance's reports and its process row, as in thread mode: without it a VM-clone
+    child that dies of SIGSEGV says nothing about where."""
+    r = env.run("fault_segv")
+    here = vm(image_path("fault_segv"))
+    assert (r.result.status, here.result.status) == (SIGSEGV, SIGSEGV), r.why()
+    assert r.result.reports == here.result.reports, r.why()
+    assert re.fullmatch(r"pid 2: SIGSEGV: write of unmapped address 0x0 at rip=0x[0-9a-f]+ "
+                        r"address=0x0 insn=.*", r.result.reports[0]), r.result.reports
+    assert r.rows[MAIN_PID].report == r.result.reports[0]
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -373,10 +373,12 @@ class Supervisor:
                 value, payload = self._call(rec, f.payload)
                 self._send(rec, Frame(Msg.RESULT, 0, f.req, 0, value, payload))
             elif t == Msg.EXITED:
-                if f.payload:
-                    with contextlib.suppress(ValueError):
-                        rec.peak_memory = int(json.loads(f.payload).get("peak_memory", 0))
-                self._ended(rec, f.arg, "")
+                report = ""
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    info = json.loads(f.payload)
+                    rec.peak_memory = int(info.get("peak_memory", 0))
+                    report = str(info.get("report") or "")[:1000]
+                self._ended(rec, f.arg, report)
             elif t == Msg.REAPED:
                 child = self.procs.get(f.arg)
                 if child is not None and child.ppid == rec.pid and child.state == "zombie":

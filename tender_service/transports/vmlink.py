@@ -87,10 +87,14 @@ class VmLink:
 
     # -- RemoteHost (called on the VM thread) ---------------------------------------
     def process_exited(self, proc: Process) -> None:
-        peak = self.kernel.peak_memory if self.kernel is not None else 0
+        k = self.kernel
+        peak = k.peak_memory if k is not None else 0
+        # a fault's or an internal error's report (not a plain kill's): the instance's
+        # result lists it, as a thread-fork instance's does
+        report = proc.report if k is not None and proc.report in k.reports else ""
         self._closed.set()  # from now on the supervisor may hang up: expected
         self._notify(Frame(Msg.EXITED, 0, 0, 0, proc.status,
-                           json.dumps({"peak_memory": peak}).encode()))
+                           json.dumps({"peak_memory": peak, "report": report[:1000]}).encode()))
 
     def child_reaped(self, parent: Process, child: Process) -> None:
         self._notify(Frame(Msg.REAPED, 0, 0, 0, child.pid, b""))
