@@ -615,11 +615,13 @@ def test_a_vm_fault_report_reaches_the_instance_result(env: Env) -> None:
 def test_a_cross_vm_pipe_read_cut_by_a_mapping_end_loses_nothing(env: Env,
                                                                   transport: str) -> None:
     """tests/guest/read_short.c reads a pipe into a buffer 4 bytes before an unmapped
-    page.  Linux fails it with EFAULT and keeps the 8 bytes in the pipe; so do a local
-    pipe and a cross-VM one (the VM tells the broker how much its buffer can take).
+    page, then readv()s another into two iovecs, the second cut short by it.  Linux
+    fails both with EFAULT and keeps the bytes in the pipe; so do a local pipe and a
+    cross-VM one (the VM tells the broker how much its buffers can take).
     Before, the broker's 8 bytes were fetched, the copy faulted, and they were lost."""
     prog = Path(__file__).with_name("guest") / "read_short.c"
-    linux = 'read at the edge: -1 Bad address ""\nthen: 8 "abcdefgh"\n'
+    linux = ('read at the edge: -1 Bad address ""\nthen: 8  "abcdefgh"\n'
+             'readv into the edge: -1 Bad address ""\nthen: 12  "0123456789AB"\n')
     n = native(image_path(prog))
     assert (n.returncode, n.stdout.decode()) == (0, linux), n.stderr
     assert vm(image_path(prog)).out == linux  # a local pipe, as Linux's

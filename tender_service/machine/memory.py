@@ -86,13 +86,19 @@ class GuestMemory:
                 return r.offset + off
         raise GuestError(errno.EFAULT, f"bad address {addr:#x}+{n}")
 
-    def span(self, addr: int, n: int) -> int:
-        """How many bytes of [addr, addr+n) are mapped in one piece from ``addr`` (0:
-        none): how much a buffer there can take."""
-        for r in self.regions:
-            if r.base <= addr < r.end:
-                return min(n, r.end - addr)
-        return 0
+    def room(self, vecs: list[tuple[int, int]], limit: int) -> int:
+        """How many bytes the buffers ``(addr, length)`` take, filled in order, up to
+        ``limit`` or the first one that guest memory cuts short (a read into them
+        must not take more: Linux fails it with EFAULT instead)."""
+        room = 0
+        for addr, length in vecs:
+            length = min(length, limit - room)
+            fits = next((min(length, r.end - addr) for r in self.regions
+                         if r.base <= addr < r.end), 0)
+            room += fits
+            if fits < length or room >= limit:
+                break
+        return room
 
     def contains(self, addr: int, n: int = 1) -> bool:
         return any(addr - r.base >= 0 and addr - r.base + n <= r.size for r in self.regions)

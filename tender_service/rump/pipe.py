@@ -57,10 +57,16 @@ class PipeEnd(File):
         return f"pipe:{self.pipe.id}:{'w' if self.write_end else 'r'}"
 
     def read(self, k: Kernel, lwp: Lwp, addr: int, n: int) -> int:
+        return self.readv(k, lwp, [(addr, n)])
+
+    def readv(self, k: Kernel, lwp: Lwp, vecs: list[tuple[int, int]]) -> int:
+        """One pipe read over all the buffers, as Linux's pipe_read: bytes that would
+        run past guest memory make it fail with EFAULT, taking nothing."""
         if self.write_end:
             raise GuestError(errno.EBADF)
         p = self.pipe
-        if n == 0:
+        vecs = [(base, length) for base, length in vecs if length]
+        if not vecs:
             return 0
         if not p.buf:
             if p.writers == 0:
@@ -68,8 +74,16 @@ class PipeEnd(File):
             if self.nonblocking:
                 raise GuestError(errno.EAGAIN)
             raise Block(p.readable_wq, f"read {self.describe()}")
-        take = min(n, len(p.buf))
-        k.mem.write(addr, memoryview(p.buf)[:take])
+        take = min(sum(length for _, length in vecs), len(p.buf))
+        if k.mem.room(vecs, take) < take:
+            raise GuestError(errno.EFAULT)
+        done = 0
+        for base, length in vecs:
+            if done == take:
+                break
+            part = min(length, take - done)
+            k.mem.write(base, memoryview(p.buf)[done : done + part])
+            done += part
         del p.buf[:take]
         if p.writable_wq.waiters:
             k.sched.wake_all(p.writable_wq)

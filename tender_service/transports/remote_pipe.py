@@ -39,35 +39,20 @@ class RemotePipeEnd(File):
                 "flags": self.flags}
 
     def read(self, k: Kernel, lwp: Lwp, addr: int, n: int) -> int:
-        if self.write_end:
-            raise GuestError(errno.EBADF)
-        reply = self.link.take_reply(lwp)
-        if reply is None:
-            if n == 0:
-                return 0
-            # a buffer cut short by the end of guest memory: the broker is told, and,
-            # as Linux, fails the read rather than hand over bytes that do not fit (they
-            # would be gone from the pipe)
-            want = min(n, MAX_PIPE_CHUNK)
-            room = k.mem.span(addr, want)
-            if not room:
-                raise GuestError(errno.EFAULT)
-            self.link.request(lwp, Msg.PIPE_READ, self.pipe, arg=want,
-                              payload=room.to_bytes(8, "little") if room < want else b"",
-                              nonblock=self.nonblocking)
-            raise Block(self.link.wq, f"read {self.describe()}")
-        arg, data, _ = reply
-        if arg < 0:
-            raise GuestError(-arg)
-        k.mem.write(addr, data[:n])
-        return min(len(data), n)
+        return self._read(k, lwp, [(addr, n)], "read")
 
     def readv(self, k: Kernel, lwp: Lwp, vecs: list[tuple[int, int]]) -> int:
-        """One broker read for all the iovecs, scattered on return.
+        return self._read(k, lwp, vecs, "readv")
+
+    def _read(self, k: Kernel, lwp: Lwp, vecs: list[tuple[int, int]], what: str) -> int:
+        """One broker read for all the buffers, scattered on return.
 
         Not one read per iovec: a second request sent once the first iovec
         was filled could not be taken back, and its reply (the pipe's next
         bytes) would be lost or taken by this process's next pipe syscall.
+        The broker is told how much the buffers can take when guest memory
+        ends first: bytes it hands over are gone from the pipe, so it fails
+        such a read with EFAULT and keeps them, as Linux's pipe_read does.
         """
         if self.write_end:
             raise GuestError(errno.EBADF)
@@ -76,25 +61,23 @@ class RemotePipeEnd(File):
             return 0
         reply = self.link.take_reply(lwp)
         if reply is None:
-            k.mem.offset(vecs[0][0], 1)
             want = min(sum(length for _, length in vecs), MAX_PIPE_CHUNK)
+            room = k.mem.room(vecs, want)
+            if not room:
+                raise GuestError(errno.EFAULT)
             self.link.request(lwp, Msg.PIPE_READ, self.pipe, arg=want,
+                              payload=room.to_bytes(8, "little") if room < want else b"",
                               nonblock=self.nonblocking)
-            raise Block(self.link.wq, f"readv {self.describe()}")
+            raise Block(self.link.wq, f"{what} {self.describe()}")
         arg, data, _ = reply
         if arg < 0:
             raise GuestError(-arg)
         done = 0
-        for base, length in vecs:
+        for base, length in vecs:  # it all fits: the broker sent at most the room
             if done == len(data):
                 break
             chunk = data[done : done + length]
-            try:
-                k.mem.write(base, chunk)
-            except GuestError:
-                if done:
-                    return done
-                raise
+            k.mem.write(base, chunk)
             done += len(chunk)
         return done
 
@@ -134,3 +117,4 @@ class RemotePipeEnd(File):
 
     def release(self, k: Kernel) -> None:
         self.link.send_close(self.pipe, END_WRITE if self.write_end else END_READ)
+
