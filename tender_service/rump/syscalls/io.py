@@ -153,7 +153,7 @@ def sys_dup3(k: Kernel, lwp: Lwp, oldfd: int, newfd: int, flags: int) -> int:
     return lwp.proc.fds.dup_to(k, oldfd, newfd, cloexec=bool(flags & O_CLOEXEC))
 
 
-def _lookup(k: Kernel, lwp: Lwp, dirfd: int, path: int) -> str:
+def _lookup(k: Kernel, lwp: Lwp, dirfd: int, name: bytes) -> str:
     """The device a path names, resolved as Linux walks it; ENOENT for anything else.
 
     The only tree is ``/`` > ``dev`` > the devices, and the cwd is always
@@ -163,7 +163,6 @@ def _lookup(k: Kernel, lwp: Lwp, dirfd: int, path: int) -> str:
     is not AT_FDCWD is EBADF or ENOTDIR (no fd is a directory).  Nothing here
     ever reaches a host file: the answer is a name from DEVICES or an errno.
     """
-    name = k.mem.cstring(path)
     if not name:
         raise GuestError(errno.ENOENT)
     if not name.startswith(b"/") and i32(dirfd) != AT_FDCWD:
@@ -190,7 +189,7 @@ def _lookup(k: Kernel, lwp: Lwp, dirfd: int, path: int) -> str:
 
 
 def _open(k: Kernel, lwp: Lwp, dirfd: int, path: int, flags: int) -> int:
-    dev = _lookup(k, lwp, dirfd, path)
+    dev = _lookup(k, lwp, dirfd, k.mem.cstring(path))
     flags = i32(flags)
     if flags & O_CREAT and flags & O_EXCL:
         raise GuestError(errno.EEXIST)
@@ -232,7 +231,7 @@ def sys_newfstatat(k: Kernel, lwp: Lwp, dirfd: int, path: int, buf: int, flags: 
     name = k.mem.cstring(path)
     if name == b"" and flags & 0x1000:  # AT_EMPTY_PATH: fstat of dirfd
         return sys_fstat(k, lwp, dirfd, buf)
-    _lookup(k, lwp, dirfd, path)
+    _lookup(k, lwp, dirfd, name)
     k.mem.write(buf, _stat_of(k, NullFile()))
     return 0
 
@@ -246,7 +245,7 @@ def sys_access(k: Kernel, lwp: Lwp, path: int, mode: int) -> int:
 
 
 def sys_faccessat(k: Kernel, lwp: Lwp, dirfd: int, path: int, mode: int) -> int:
-    _lookup(k, lwp, dirfd, path)
+    _lookup(k, lwp, dirfd, k.mem.cstring(path))
     return 0
 
 
