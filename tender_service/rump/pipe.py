@@ -74,16 +74,21 @@ class PipeEnd(File):
             if self.nonblocking:
                 raise GuestError(errno.EAGAIN)
             raise Block(p.readable_wq, f"read {self.describe()}")
-        take = min(sum(length for _, length in vecs), len(p.buf))
-        if k.mem.room(vecs, take) < take:
-            raise GuestError(errno.EFAULT)
-        done = 0
-        for base, length in vecs:
-            if done == take:
-                break
-            part = min(length, take - done)
-            k.mem.write(base, memoryview(p.buf)[done : done + part])
-            done += part
+        if len(vecs) == 1:  # read(), the hot path: one region lookup, EFAULT before a take
+            base, length = vecs[0]
+            take = min(length, len(p.buf))
+            k.mem.write(base, memoryview(p.buf)[:take])
+        else:
+            take = min(sum(length for _, length in vecs), len(p.buf))
+            if k.mem.room(vecs, take) < take:
+                raise GuestError(errno.EFAULT)
+            done = 0
+            for base, length in vecs:
+                if done == take:
+                    break
+                part = min(length, take - done)
+                k.mem.write(base, memoryview(p.buf)[done : done + part])
+                done += part
         del p.buf[:take]
         if p.writable_wq.waiters:
             k.sched.wake_all(p.writable_wq)
