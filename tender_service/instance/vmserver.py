@@ -194,8 +194,6 @@ def warm_up() -> int:
     """Run :func:`tiny_elf` once: what a VM imports or sets up lazily (the syscall
     table at boot, Unicorn's first use) is then done before any fork.  No time
     limit, so no watchdog thread starts.  Returns the exit status (0)."""
-    import numpy  # noqa: F401 - the thread fork's stack scan imports it at the first fork
-
     return run_vm(parse_elf(tiny_elf(), "warm-up"), config=VmConfig(),
                   sink=lambda pid, fd, data: None).status
 

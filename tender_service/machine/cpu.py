@@ -35,6 +35,12 @@ from tender_service.machine.memory import GuestMemory
 
 _lib = ctypes.CDLL(uclib._name)
 _emu_start = _lib.uc_emu_start
+# ctypes looks a function up on its first attribute access (~15 us): do it at import,
+# not in a VM's first fork or context switch
+for _fn in ("uc_context_alloc", "uc_context_free", "uc_context_save", "uc_context_restore",
+            "uc_context_reg_write_batch", "uc_emu_stop", "uc_hook_add", "uc_reg_read",
+            "uc_reg_read_batch", "uc_reg_write"):
+    getattr(_lib, _fn)
 _emu_start.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64,
                        ctypes.c_size_t]
 _SYSCALL_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
@@ -108,11 +114,19 @@ class CpuExit:
 class RegSet:
     """A fixed list of registers for batch access (shared, read-only)."""
 
-    __slots__ = ("ids", "n")
+    __slots__ = ("ids", "n", "vals_type", "ptrs_type")
 
     def __init__(self, *ids: int) -> None:
         self.n = len(ids)
         self.ids = (ctypes.c_int * self.n)(*ids)
+        # ctypes builds an array type on its first use (~25 us each): build the
+        # buffer types here, at import, not in a VM's first fork (issue 17)
+        self.vals_type = ctypes.c_uint64 * self.n
+        self.ptrs_type = ctypes.c_void_p * self.n
+        _REGSETS.append(self)  # every Cpu builds its buffers for it up front
+
+
+_REGSETS: list[RegSet] = []
 
 
 class _RegBuffers:
@@ -125,10 +139,10 @@ class _RegBuffers:
 
     __slots__ = ("vals", "ptrs")
 
-    def __init__(self, n: int) -> None:
-        self.vals = (ctypes.c_uint64 * n)()
+    def __init__(self, regs: RegSet) -> None:
+        self.vals = regs.vals_type()
         base = ctypes.addressof(self.vals)
-        self.ptrs = (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
+        self.ptrs = regs.ptrs_type(*[base + 8 * i for i in range(regs.n)])
 
 
 class Context:
@@ -170,7 +184,7 @@ class Cpu:
         self._reg_read = _lib.uc_reg_read
         self._fault: CpuExit | None = None
         self._stopped = False
-        self._regbufs: dict[int, _RegBuffers] = {}
+        self._regbufs = {id(rs): _RegBuffers(rs) for rs in _REGSETS}
         self._syscall_cb = None
         self._enter_user_mode()
         self.uc.reg_write(x86.UC_X86_REG_FPCW, LINUX_FPCW)
@@ -248,7 +262,7 @@ class Cpu:
     def _buffers(self, regs: RegSet) -> _RegBuffers:
         b = self._regbufs.get(id(regs))
         if b is None:
-            b = self._regbufs[id(regs)] = _RegBuffers(regs.n)
+            b = self._regbufs[id(regs)] = _RegBuffers(regs)
         return b
 
     def read_regs(self, regs: RegSet) -> list[int]:
