@@ -177,11 +177,14 @@ def run_child(conn: Connection, start: dict, level: int) -> None:
 _BASE = 0x400000
 _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 _PHDR = struct.Struct("<IIQQQQQQ")
-_CODE = bytes.fromhex("b827000000" "0f05" "b8e7000000" "31ff" "0f05")  # getpid; exit_group(0)
+#: fork; the parent waits for the child (wait4(-1, NULL, 0, NULL)); both exit_group(0)
+_CODE = bytes.fromhex("b839000000" "0f05" "85c0" "7413"  # fork; jz exit
+                      "bfffffffff" "31f6" "31d2" "4d31d2" "b83d000000" "0f05"  # wait4
+                      "b8e7000000" "31ff" "0f05")  # exit: exit_group(0)
 
 
 def tiny_elf() -> bytes:
-    """A static x86-64 executable of one page: two syscalls, then exit status 0."""
+    """A static x86-64 executable of one page that forks once and exits with status 0."""
     code_off = _EHDR.size + _PHDR.size
     size = code_off + len(_CODE)
     ehdr = _EHDR.pack(b"\x7fELF\x02\x01\x01" + bytes(9), 2, 62, 1, _BASE + code_off,

@@ -28,6 +28,7 @@ from tender_service import protos
 from tender_service.fork.snapshot import SnapshotError, decode, restore
 from tender_service.fork.vmclone import VmCloneFork
 from tender_service.instance.childproc import setup_child
+from tender_service.instance.vmserver import warm_up
 from tender_service.machine.elf import load_elf_file, parse_elf
 from tender_service.machine.errors import GuestError, ImageError
 from tender_service.rump.console import Console
@@ -279,6 +280,9 @@ class _Context(logging.Filter):
 
 def serve(listen: str, ready=None) -> None:
     protos.ensure()
+    # a VM's first boot or restore in this process would import and set up lazily
+    # what the kernel needs (the syscall table, Unicorn): pay it before taking work
+    warm_up()
     _, pb2_grpc = protos.peer()
     stop = threading.Event()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16),
@@ -287,6 +291,8 @@ def serve(listen: str, ready=None) -> None:
     pb2_grpc.add_PeerServicer_to_server(servicer, server)
     server.add_insecure_port(listen)
     server.start()
+    with grpc.insecure_channel(listen) as ch:  # warm the client side too: start_vm's
+        pb2_grpc.PeerStub(ch).GetLoad(protos.peer()[0].LoadRequest(), timeout=30)  # first call
     parent = os.getppid()
     if ready is not None:
         ready.set()
