@@ -392,8 +392,8 @@ class Compare:
             "of 10 runs, Linux host 0.000118 s, Rumprun 0.000882 s, 7.5x)",
             f"warm = {COLD_WORKLOAD} {' '.join(loop)} (CLOCK_MONOTONIC per fork): every fork "
             "but the first of each of its runs; the first fork of each loop run is excluded "
-            "from warm and shown as '1st of each loop run' here (JSON: cold_fork.rows[].loop_first_us "
-            "and each run's 'excluded')",
+            "from warm and shown as '1st of each loop run' here (JSON: "
+            "cold_fork.rows[].loop_first_us and each run's 'excluded')",
             f"discarded: {self.p.warmup} warm-up run(s) of {COLD_WORKLOAD} "
             f"{' '.join(loop)} per mode, before the cold and the kept runs (no cold run is "
             "discarded); cold and loop runs interleaved round by round over the modes",
