@@ -35,6 +35,7 @@ from comparison.modes import (
     LOCAL_MODES,
     NATIVE,
     THREAD,
+    UNIFORK_RUN_FLAGS,
     VMCLONE_MODES,
     VMCLONE_REMOTE,
     VMCLONE_SHM,
@@ -45,15 +46,19 @@ from comparison.modes import (
     Runner,
     ThreadRunner,
     VmcloneRunner,
+    run_unifork_process,
 )
 from comparison.progress import BarAwareHandler, ProgressBar
 from comparison.workloads import (
+    COLD_PROGRAM,
+    COLD_WORKLOAD,
     HAZARD_ITEMS,
     SCALE_PROGRAM,
     SEMANTICS_ITEMS,
     WORKLOADS,
     OutputError,
     Workload,
+    parent_fork_us,
     scale_ready_us,
     words,
 )
@@ -65,6 +70,14 @@ POOL_SIZE = 2
 HOLD_MS = 250  # fork_scale -h: how long the children stay alive for the memory probe
 SCALE_NS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SCALE_RAM = 256 << 20  # thread mode: 256 children x (256 KiB stack + TLS) must fit
+#: what each cold run starts afresh, by mode
+COLD_HOW = {
+    NATIVE: "a fresh Linux process",
+    THREAD: "a fresh VM in the harness process (run_vm; imports already paid)",
+    VMCLONE_SHM: "a fresh parent VM on the harness's warm pool (run_vmclone, pipes over shm)",
+    VMCLONE_TCP: "a fresh parent VM on the harness's warm pool (run_vmclone, pipes over tcp)",
+    VMCLONE_REMOTE: "a fresh instance on --target, placement remote",
+}
 
 
 @dataclass
@@ -76,12 +89,13 @@ class Params:
     memory_runs: int
     scale_runs: int
     vmclone_scale_max: int
+    cold_runs: int  # separate one-fork runs per mode (the thesis: 10)
 
     @classmethod
-    def make(cls, quick: bool, runs: int | None) -> Params:
+    def make(cls, quick: bool, runs: int | None, cold_runs: int | None = None) -> Params:
         if quick:
-            return cls(True, runs or 3, 1, 16, 3, 3, 32)
-        return cls(False, runs or 10, 2, 32, 5, 5, 128)
+            return cls(True, runs or 3, 1, 16, 3, 3, 32, cold_runs or 5)
+        return cls(False, runs or 10, 2, 32, 5, 5, 128, cold_runs or 10)
 
     def scale_runs_for(self, mode: str) -> int:
         """Kept runs per scaling point: VM-clone points are slow, so only one in a quick run."""
@@ -168,6 +182,7 @@ class Compare:
         self.skipped: dict[str, str] = {}
         self.images: dict[str, Path] = {}
         self.cells: dict[tuple[str, str], rep.Cell] = {}
+        self.cold: dict[str, rep.ColdRow] = {}
         self.probe_words: dict[tuple[str, str], list[dict[str, str]]] = {}
         self.mem_raw: dict[str, dict[str, list]] = {}
         self.mem_failed: dict[str, str] = {}
@@ -254,15 +269,30 @@ class Compare:
             args = list(w.args(self.p.quick))
             for mode in self.modes:
                 self.cells[(w.key, mode)] = rep.Cell(w.key, w.title, w.program, args, mode,
-                                                     w.metric, w.unit, w.better)
+                                                     w.metric, w.unit, w.better,
+                                                     note="; ".join(w.notes))
             for i in range(self.p.warmup):
                 for mode in self.modes:
                     tasks.append(Task(f"{w.key}: {mode} warm-up {i + 1}/{self.p.warmup}",
                                       self._workload_task(w, mode, None)))
-            for i in range(self.p.runs):
+            cold = self.p.cold_runs if w.key == COLD_WORKLOAD else 0
+            for mode in self.modes if cold else ():
+                self.cold[mode] = rep.ColdRow(mode, rep.ColdSeries(COLD_HOW[mode]))
+                if mode in UNIFORK_RUN_FLAGS:
+                    how = f"a fresh `unifork run {' '.join(UNIFORK_RUN_FLAGS[mode])}` process"
+                    self.cold[mode].unifork_run = rep.ColdSeries(how)
+            # the cold runs go in the same rounds as the loop runs, after the warm-up runs
+            for i in range(max(self.p.runs, cold)):
                 for mode in self.modes:
-                    tasks.append(Task(f"{w.key}: {mode} run {i + 1}/{self.p.runs}",
-                                      self._workload_task(w, mode, i)))
+                    if i < cold:
+                        tasks.append(Task(f"{w.key}: {mode} cold first fork {i + 1}/{cold}",
+                                          self._cold_task(mode, False)))
+                        if mode in UNIFORK_RUN_FLAGS:
+                            tasks.append(Task(f"{w.key}: {mode} cold first fork, unifork run "
+                                              f"{i + 1}/{cold}", self._cold_task(mode, True)))
+                    if i < self.p.runs:
+                        tasks.append(Task(f"{w.key}: {mode} run {i + 1}/{self.p.runs}",
+                                          self._workload_task(w, mode, i)))
         if self.do_memory:
             for mode in [m for m in self.modes if m in LOCAL_MODES]:
                 self.mem_raw[mode] = {"n": [], "zero": []}
@@ -310,11 +340,70 @@ class Compare:
                 return
             if index is None:
                 return
-            cell.runs.append(rep.RunRecord(index + 1, round(o.wall, 6), vals))
+            cut = w.exclude_first
+            cell.runs.append(rep.RunRecord(index + 1, round(o.wall, 6), vals[cut:], vals[:cut]))
             if found is not None:
                 self.probe_words.setdefault((w.key, mode), []).append(found)
 
         return go
+
+    def _cold_task(self, mode: str, process: bool) -> Callable[[], None]:
+        """One run of the thesis's listing 4.1, one fork: a fresh VM (natively a fresh
+        process) of this harness's runner, or (``process``) a fresh ``unifork run``."""
+
+        def go() -> None:
+            row = self.cold[mode]
+            series = row.unifork_run if process else row.cold
+            assert series is not None
+            if series.status != "ok":
+                return
+            try:
+                if process:
+                    o = run_unifork_process(mode, self.images[COLD_PROGRAM], [])
+                else:
+                    o = self._run(mode, COLD_PROGRAM, [])
+                us = parent_fork_us(o.stdout)
+            except Exception as e:  # any failure ends this series, never the whole run
+                series.fail(_short(e))
+                log.error("cold first fork (%s) in %s failed: %s", series.how, mode,
+                          series.error)
+                return
+            series.add(us, o.wall)
+
+        return go
+
+    def cold_rows(self) -> list[rep.ColdRow]:
+        rows = [self.cold[m] for m in self.modes if m in self.cold]
+        for r in rows:
+            r.summarize(self.cells.get((COLD_WORKLOAD, r.mode)))
+        rep.add_cold_ratios(rows)
+        return rows
+
+    def cold_note(self) -> list[str]:
+        """How the cold and warm fork figures were taken, and everything left out of them."""
+        if not self.cold:
+            return []
+        loop = self.cells[(COLD_WORKLOAD, self.modes[0])].args if self.modes else []
+        return [
+            f"cold = {COLD_PROGRAM} with no arguments, the thesis's listing 4.1: the parent's "
+            "'fork took' (gettimeofday around its one fork()), each of the "
+            f"{self.p.cold_runs} runs a fresh VM (natively a fresh process); 'thesis mean s' is "
+            "the mean of those runs in seconds, as the thesis's §4.6 reports (published: mean "
+            "of 10 runs, Linux host 0.000118 s, Rumprun 0.000882 s, 7.5x)",
+            f"warm = {COLD_WORKLOAD} {' '.join(loop)} (CLOCK_MONOTONIC per fork): every fork "
+            "but the first of each of its runs; the first fork of each loop run is excluded "
+            "from warm and shown as '1st of each loop run' here (JSON: "
+            "cold_fork.rows[].loop_first_us and each run's 'excluded')",
+            f"discarded: {self.p.warmup} warm-up run(s) of {COLD_WORKLOAD} "
+            f"{' '.join(loop)} per mode, before the cold and the kept runs (no cold run is "
+            "discarded); cold and loop runs interleaved round by round over the modes",
+            "'cold, fresh VM': thread: a fresh VM in the harness process (imports already "
+            "paid); vmclone-shm/-tcp: a fresh parent VM on the harness's warm pool; "
+            "vmclone-remote: a fresh instance on --target.  'cold, unifork run': a fresh "
+            "`unifork run --console pipe` process per run (Python start-up, imports and, for "
+            "VM-clone, a new pool of its own), as a user runs the listing; vs native = against "
+            "native's cold (a fresh process too)",
+        ]
 
     def _memory_task(self, mode: str, which: str | None) -> Callable[[], None]:
         n = self.p.memory_children
@@ -451,6 +540,8 @@ class Compare:
             cells=cells, semantics=sem, semantics_runs=sem_runs, hazards=haz,
             hazards_runs=haz_runs, memory=self.memory_rows(),
             memory_children=self.p.memory_children, scaling=self.scale_rows(),
+            cold=self.cold_rows(), cold_runs=self.p.cold_runs if self.cold else 0,
+            cold_note=self.cold_note(),
             duration_s=duration, notes=notes, setup_failures=list(self.setup_failures))
 
 
@@ -471,7 +562,7 @@ def compare_from_args(a) -> Result:
     """Run ``unifork compare`` as parsed by ``options.add_compare_arguments``."""
     from tender_service.service.auth import read_token
 
-    params = Params.make(a.quick, a.runs)
+    params = Params.make(a.quick, a.runs, getattr(a, "cold_runs", None))
     modes = list(a.modes) if a.modes else list(LOCAL_MODES) + [VMCLONE_REMOTE]
     workloads = [w for w in WORKLOADS if not a.only or w.key in a.only]
     directory = new_report_dir(Path(a.out))

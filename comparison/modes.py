@@ -245,6 +245,37 @@ class VmcloneRunner(Runner):
         return pss_bytes(os.getpid()) + sum(pss_bytes(w.pid) for w in list(self.pool.workers))
 
 
+#: ``unifork run`` flags that start each local fork mode as a user would
+UNIFORK_RUN_FLAGS: dict[str, tuple[str, ...]] = {
+    THREAD: ("--fork", "thread"),
+    VMCLONE_SHM: ("--fork", "vmclone", "--pipe", "shm"),
+    VMCLONE_TCP: ("--fork", "vmclone", "--pipe", "tcp"),
+}
+
+
+def unifork_run_argv(mode: str, image: Path, args: Sequence[str]) -> list[str]:
+    """The ``unifork run`` command line for ``mode`` (console a pipe, stdin EOF)."""
+    import sys
+
+    script = Path(sys.executable).parent / "unifork"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "tender_service.cli"]
+    return [*cmd, "run", "--console", "pipe", "--stdin", "none", *UNIFORK_RUN_FLAGS[mode],
+            str(image), *args]
+
+
+def run_unifork_process(mode: str, image: Path, args: Sequence[str]) -> Outcome:
+    """One fresh ``unifork run`` process: what a user of the thesis's listing runs."""
+    argv = unifork_run_argv(mode, image, args)
+    t0 = time.perf_counter()
+    p = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, timeout=RUN_TIMEOUT,
+                       check=False)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RunFailed(f"unifork run ({mode}) {image.name} {' '.join(args)}: exit "
+                        f"{p.returncode}: {p.stderr.decode(errors='replace').strip()[-300:]}")
+    return Outcome(p.stdout.decode(errors="replace"), wall)
+
+
 class RemoteRunner(Runner):
     """VM-clone instances launched over gRPC on ``target``, placement ``remote``.
 

@@ -38,6 +38,9 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
                    help="fewer runs and smaller sizes (under 2 minutes on 2 cores)")
     p.add_argument("--runs", type=_positive, default=None,
                    help="kept runs per workload and mode (default 3 with --quick, else 10)")
+    p.add_argument("--cold-runs", type=_positive, default=None,
+                   help="separate one-fork runs of fork_time per mode for the cold first fork "
+                        "(default 5 with --quick, else 10: the thesis's 10 runs)")
     p.add_argument("--out", default=".", metavar="DIR",
                    help="where to create the report-<timestamp>/ folder (default: .)")
     p.add_argument("--target", metavar="HOST:PORT",

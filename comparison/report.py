@@ -20,7 +20,7 @@ import numpy as np
 
 from comparison import published
 from comparison.modes import NATIVE, THREAD
-from comparison.workloads import HAZARD_ITEMS, SEMANTICS_ITEMS
+from comparison.workloads import COLD_PROGRAM, COLD_WORKLOAD, HAZARD_ITEMS, SEMANTICS_ITEMS
 
 SCHEMA = "unifork-compare/1"
 FIGURE_DIGITS = 4  # significant digits of medians, p95s and memory figures
@@ -62,6 +62,7 @@ class RunRecord:
     run: int
     wall_s: float
     values: list[float]
+    excluded: list[float] = field(default_factory=list)  # the run's first figure(s), not in values
 
 
 @dataclass
@@ -84,6 +85,7 @@ class Cell:
     p95: float | None = None
     ratio_native: float | None = None
     ratio_thread: float | None = None
+    note: str = ""  # what the figure is, and what was excluded from it and where it is shown
     raw_median: float | None = None  # unrounded, for the ratios (not in the JSON)
 
     def samples(self) -> list[float]:
@@ -115,6 +117,114 @@ def add_ratios(cells: list[Cell]) -> None:
         nat, thr = ref.get((c.workload, NATIVE)), ref.get((c.workload, THREAD))
         c.ratio_native = sig(c.raw_median / nat, RATIO_DIGITS) if nat else None
         c.ratio_thread = sig(c.raw_median / thr, RATIO_DIGITS) if thr else None
+
+
+@dataclass
+class ColdSeries:
+    """Separate one-fork runs of ``fork_time`` (the thesis's listing 4.1), one way of starting.
+
+    ``samples_us``: the parent's ``fork took`` of each run (gettimeofday, 1 us
+    resolution); ``median_us`` is the figure; ``thesis_mean_s`` their mean in
+    seconds, as the thesis reports it.  Ratios come from unrounded figures.
+    """
+
+    how: str  # what each run starts afresh
+    status: str = "ok"  # ok | failed
+    error: str = ""
+    n: int = 0
+    samples_us: list[float] = field(default_factory=list)
+    wall_s: list[float] = field(default_factory=list)  # launch to exit of each run
+    median_us: float | None = None
+    min_us: float | None = None
+    max_us: float | None = None
+    thesis_mean_s: float | None = None
+    ratio_native: float | None = None  # median / native's cold median
+    thesis_ratio_native: float | None = None  # mean / native's cold mean (thesis: 7.5x)
+    over_warm: float | None = None  # median / the same mode's warm median
+    raw: dict[str, float] = field(default_factory=dict)  # unrounded median, mean (not in JSON)
+
+    def add(self, us: float, wall: float) -> None:
+        self.samples_us.append(us)
+        self.wall_s.append(round(wall, 6))
+
+    def fail(self, error: str) -> None:
+        self.status, self.error = "failed", error
+
+    def summarize(self, warm: float | None) -> None:
+        xs = self.samples_us
+        self.n = len(xs)
+        if self.status != "ok" or not xs:
+            return
+        self.raw = {"median": statistics.median(xs), "mean": statistics.fmean(xs)}
+        self.median_us, self.min_us, self.max_us = sig(self.raw["median"]), min(xs), max(xs)
+        self.thesis_mean_s = sig(self.raw["mean"] / 1e6)
+        if warm:
+            self.over_warm = sig(self.raw["median"] / warm, RATIO_DIGITS)
+
+    def against(self, native: ColdSeries) -> None:
+        if self.raw and native.raw:
+            self.ratio_native = sig(self.raw["median"] / native.raw["median"], RATIO_DIGITS)
+            self.thesis_ratio_native = sig(self.raw["mean"] / native.raw["mean"], RATIO_DIGITS)
+
+    def to_json(self) -> dict[str, object]:
+        d = asdict(self)
+        d.pop("raw")
+        return d
+
+
+@dataclass
+class ColdRow:
+    """One mode's fork, cold and warm, side by side.
+
+    ``cold``: a fresh VM per run (natively a fresh process), as the harness runs
+    every mode; ``unifork_run``: a fresh ``unifork run`` process per run, as a
+    user runs the listing (None natively: ``cold`` already is that).  ``warm_*``
+    come from this mode's ``fork_time`` cell; ``loop_first_us`` are the first
+    forks of that cell's runs, excluded from its figure and kept here.
+    """
+
+    mode: str
+    cold: ColdSeries
+    unifork_run: ColdSeries | None = None
+    warm_n: int = 0
+    warm_median_us: float | None = None
+    warm_ratio_native: float | None = None
+    loop_first_us: list[float] = field(default_factory=list)
+    loop_first_median_us: float | None = None
+
+    def summarize(self, warm: Cell | None) -> None:
+        raw_warm = None
+        if warm is not None:
+            self.loop_first_us = [v for r in warm.runs for v in r.excluded]
+            if self.loop_first_us:
+                self.loop_first_median_us = sig(statistics.median(self.loop_first_us))
+            if warm.status == "ok" and warm.raw_median:
+                self.warm_n, self.warm_median_us = warm.n, warm.median
+                self.warm_ratio_native = warm.ratio_native
+                raw_warm = warm.raw_median
+        for series in self.series():
+            series.summarize(raw_warm)
+
+    def series(self) -> list[ColdSeries]:
+        return [self.cold] + ([self.unifork_run] if self.unifork_run is not None else [])
+
+    def to_json(self) -> dict[str, object]:
+        return {"mode": self.mode, "cold": self.cold.to_json(),
+                "unifork_run": self.unifork_run.to_json() if self.unifork_run else None,
+                "warm_n": self.warm_n, "warm_median_us": self.warm_median_us,
+                "warm_ratio_native": self.warm_ratio_native,
+                "loop_first_us": self.loop_first_us,
+                "loop_first_median_us": self.loop_first_median_us}
+
+
+def add_cold_ratios(rows: list[ColdRow]) -> None:
+    """Every cold series against native's cold series of the same run (a fresh process)."""
+    nat = next((r.cold for r in rows if r.mode == NATIVE), None)
+    if nat is None:
+        return
+    for r in rows:
+        for series in r.series():
+            series.against(nat)
 
 
 @dataclass
@@ -163,6 +273,9 @@ class Report:
     memory: list[MemoryRow]
     memory_children: int
     scaling: list[ScaleRow]
+    cold: list[ColdRow] = field(default_factory=list)
+    cold_runs: int = 0
+    cold_note: list[str] = field(default_factory=list)  # the method and what was discarded
     duration_s: float = 0.0
     directory: str = ""
     files: list[str] = field(default_factory=list)
@@ -175,6 +288,8 @@ class Report:
         out += [f"{c.workload} / {c.mode}: {c.error}" for c in self.cells if c.status != "ok"]
         out += [f"memory / {m.mode}: {m.error}" for m in self.memory if m.status != "ok"]
         out += [f"scaling / {s.mode}: {s.error}" for s in self.scaling if s.status != "ok"]
+        out += [f"cold first fork ({s.how}) / {c.mode}: {s.error}" for c in self.cold
+                for s in c.series() if s.status != "ok"]
         return out
 
     def cell(self, workload: str, mode: str) -> Cell | None:
@@ -193,6 +308,10 @@ class Report:
             "modes": self.modes,
             "skipped_modes": self.skipped_modes,
             "results": [c.to_json() for c in self.cells],
+            "cold_fork": {
+                "program": COLD_PROGRAM, "args": [], "warm_workload": COLD_WORKLOAD,
+                "unit": "us", "runs": self.cold_runs, "method": self.cold_note,
+                "rows": [c.to_json() for c in self.cold]},
             "semantics": {"items": list(SEMANTICS_ITEMS), "modes": self.semantics,
                           "runs": self.semantics_runs},
             "fork_hazards": {"items": list(HAZARD_ITEMS), "modes": self.hazards,
@@ -221,6 +340,7 @@ def _grid(head: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -
     return [line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)]
 
 
+COLD_TITLE = "fork: cold first fork vs warm loop"
 MAIN_HEAD = ("workload", "mode", "unit", "n", "median", "p95", "vs native", "vs thread")
 
 
@@ -233,6 +353,36 @@ def main_table(cells: Sequence[Cell]) -> list[str]:
         rows.append((c.workload, c.mode, c.unit, str(c.n), num(c.median), num(c.p95),
                      ratio_text(c.ratio_native), ratio_text(c.ratio_thread)))
     return _grid(MAIN_HEAD, rows, {3, 4, 5, 6, 7})
+
+
+COLD_HEAD = ("mode", "fork", "n", "median", "vs native", "vs warm", "thesis mean s",
+             "thesis vs native")
+
+
+def cold_table(r: Report) -> list[str]:
+    """Per mode: the cold first fork (listing 4.1, separate runs) above the warm loop."""
+    out = [f"{COLD_TITLE} (parent side, us; cold: {r.cold_runs} separate one-fork runs per mode)"]
+    rows = []
+    for c in r.cold:
+        for label, series in (("cold, fresh " + ("process" if c.mode == NATIVE else "VM"),
+                               c.cold), ("cold, unifork run", c.unifork_run)):
+            if series is None:
+                continue
+            if series.status != "ok":
+                rows.append((c.mode, label, str(series.n), "FAILED", "-", "-", "-", "-"))
+                continue
+            rows.append((c.mode, label, str(series.n), num(series.median_us),
+                         ratio_text(series.ratio_native), ratio_text(series.over_warm),
+                         num(series.thesis_mean_s), ratio_text(series.thesis_ratio_native)))
+        rows.append((c.mode, "warm loop", str(c.warm_n), num(c.warm_median_us),
+                     ratio_text(c.warm_ratio_native), "1x" if c.warm_median_us else "-", "-",
+                     "-"))
+        if c.loop_first_us:
+            rows.append((c.mode, "1st of each loop run", str(len(c.loop_first_us)),
+                         num(c.loop_first_median_us), "-", "-", "-", "-"))
+    out += _grid(COLD_HEAD, rows, set(range(2, len(COLD_HEAD))))
+    out += [f"  {n}" for n in r.cold_note]
+    return out
 
 
 def _matrix(title: str, items: Sequence[str], by_mode: dict[str, dict[str, str]],
@@ -263,9 +413,14 @@ def render(r: Report) -> str:
         if c.workload not in seen:
             seen.append(c.workload)
             out.append(f"  {c.workload}: {c.title}; {c.program} {' '.join(c.args)}".rstrip())
+            if c.note:
+                out.append(f"    {c.note}")
     for mode, why in r.skipped_modes.items():
         out.append(f"  {mode}: skipped ({why})")
     out.append("")
+    if r.cold:
+        out += cold_table(r)
+        out.append("")
     out += _matrix("semantics matrix (measured: the 'semantics' probe in each mode; "
                    "runs in brackets)", SEMANTICS_ITEMS, r.semantics, r.semantics_runs)
     out.append("")
@@ -333,6 +488,17 @@ def write_csv(r: Report, raw: Path, summary: Path) -> None:
                 for i, v in enumerate(run.values):
                     w.writerow(("workload", c.workload, c.mode, " ".join(c.args), run.run, i,
                                 c.metric, c.unit, v, *machine))
+                for i, v in enumerate(run.excluded):
+                    w.writerow(("workload", c.workload, c.mode, " ".join(c.args), run.run, i,
+                                f"excluded_{c.metric}", c.unit, v, *machine))
+        for cr in r.cold:
+            for key, series in (("cold", cr.cold), ("unifork_run", cr.unifork_run)):
+                for i, (v, wall) in enumerate(zip(series.samples_us if series else [],
+                                                  series.wall_s if series else [], strict=True)):
+                    w.writerow(("cold_fork", COLD_PROGRAM, cr.mode, "", i + 1, "",
+                                f"{key}_fork_us", "us", v, *machine))
+                    w.writerow(("cold_fork", COLD_PROGRAM, cr.mode, "", i + 1, "",
+                                f"{key}_wall_s", "s", wall, *machine))
         for mr in r.memory:
             for i, v in enumerate(mr.guest_runs_kib):
                 w.writerow(("memory", "fork_scale", mr.mode, f"-n {mr.children}", i, "",

@@ -6,6 +6,8 @@
    text); the semantics matrix, measured in each mode, shows globals shared
    under thread fork and private natively and under VM-clone fork; the
    thesis's published figures are labelled rows of their own.
+   The cold first fork (listing 4.1, separate one-fork runs) is reported next
+   to the warm loop for every mode run, with what was excluded named.
 2. ``--target`` at a tender that is not there: the remote mode is skipped
    cleanly, the rest of the report is made.
 3. ``unifork load`` against a local ``unifork serve`` (a subprocess on a free
@@ -36,7 +38,8 @@ from comparison.report import num, sig
 
 UNIFORK = Path(sys.executable).parent / "unifork"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-PLOTS = ("fork_latency.png", "pipe_throughput.png", "memory_per_child.png", "fork_scaling.png")
+PLOTS = ("fork_latency.png", "fork_cold_warm.png", "pipe_throughput.png", "memory_per_child.png",
+         "fork_scaling.png")
 LOCAL_MODES = ("native", "thread", "vmclone-shm", "vmclone-tcp")
 WORKLOADS = ("fork_time", "pipe_talk", "fork_exit_wait", "pipe_bw", "token_ring",
              "prefork_server", "semantics", "fork_hazards")
@@ -222,6 +225,110 @@ def test_memory_and_scaling_sections(quick) -> None:
     assert [pt["n"] for pt in scaling["native"]["points"]][-1] == 256
     assert [pt["n"] for pt in scaling["vmclone-shm"]["points"]][-1] == 32  # bounded in --quick
     assert all(pt["ready_ms"] > 0 for s in scaling.values() for pt in s["points"])
+
+
+COLD_MODES = ("native", "thread", "vmclone-shm")
+COLD_RUNS = 4
+
+
+@pytest.fixture(scope="module")
+def cold(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cold")
+    p = unifork("compare", "--quick", "--only", "fork_time", "--modes", *COLD_MODES,
+                "--no-memory", "--no-scaling", "--cold-runs", str(COLD_RUNS), "--out", str(out))
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    d = report_dir(p.stdout)
+    return p, d, json.loads((d / "report.json").read_text())
+
+
+def test_cold_first_fork_json_beside_the_warm_loop(cold) -> None:
+    _, _, doc = cold
+    cf = doc["cold_fork"]
+    assert cf["program"] == "fork_time" and cf["args"] == [] and cf["runs"] == COLD_RUNS
+    assert cf["warm_workload"] == "fork_time" and cf["unit"] == "us"
+    rows = {r["mode"]: r for r in cf["rows"]}
+    assert list(rows) == list(COLD_MODES) == doc["modes"]
+    warm = {r["mode"]: r for r in doc["results"] if r["workload"] == "fork_time"}
+    series = {}
+    for mode, row in rows.items():
+        cell = warm[mode]
+        assert cell["status"] == "ok"
+        # warm: fork_time -n 20, every fork but the first of each run; the first is kept apart
+        assert all(len(run["values"]) == 19 and len(run["excluded"]) == 1 for run in cell["runs"])
+        warm_samples = [v for run in cell["runs"] for v in run["values"]]
+        assert row["loop_first_us"] == [run["excluded"][0] for run in cell["runs"]]
+        assert len(row["loop_first_us"]) == doc["runs"] == 3
+        assert row["loop_first_median_us"] == sig(statistics.median(row["loop_first_us"]))
+        assert (row["warm_n"], row["warm_median_us"]) == (cell["n"], cell["median"])
+        assert row["warm_ratio_native"] == cell["ratio_native"]
+        kinds = {"cold": row["cold"]}
+        if mode == "native":
+            assert row["unifork_run"] is None  # a fresh process already
+        else:
+            kinds["unifork_run"] = row["unifork_run"]
+        for kind, c in kinds.items():
+            assert c["status"] == "ok" and c["error"] == "", (mode, kind, c["error"])
+            xs = c["samples_us"]
+            assert c["n"] == len(xs) == len(c["wall_s"]) == COLD_RUNS, (mode, kind)
+            assert all(x > 0 for x in xs) and all(w > 0 for w in c["wall_s"]), (mode, kind)
+            assert c["median_us"] == sig(statistics.median(xs))
+            assert (c["min_us"], c["max_us"]) == (min(xs), max(xs))
+            assert c["thesis_mean_s"] == sig(statistics.fmean(xs) / 1e6)
+            assert c["over_warm"] == sig(statistics.median(xs) / statistics.median(warm_samples),
+                                         3), (mode, kind)
+            series[(mode, kind)] = xs
+    native = series[("native", "cold")]
+    for (mode, kind), xs in series.items():
+        c = rows[mode][kind]
+        assert c["ratio_native"] == sig(statistics.median(xs) / statistics.median(native), 3)
+        assert c["thesis_ratio_native"] == sig(statistics.fmean(xs) / statistics.fmean(native), 3)
+    assert rows["native"]["cold"]["ratio_native"] == 1.0
+    assert doc["failures"] == []
+
+
+def test_cold_first_fork_table_names_what_was_excluded(cold) -> None:
+    p, d, doc = cold
+    lines = section(p.stdout, "fork: cold first fork vs warm loop")
+    head = re.split(r"\s{2,}", lines[0].strip())
+    assert head == ["mode", "fork", "n", "median", "vs native", "vs warm", "thesis mean s",
+                    "thesis vs native"]
+    rows = {}
+    for ln in lines[2:]:
+        if ln.startswith("  "):
+            break
+        cells = re.split(r"\s{2,}", ln.strip())
+        rows[(cells[0], cells[1])] = cells[2:]
+    by_mode = {r["mode"]: r for r in doc["cold_fork"]["rows"]}
+    for mode, r in by_mode.items():
+        cold_label = "cold, fresh process" if mode == "native" else "cold, fresh VM"
+        n, median, vs_native, vs_warm, mean_s, thesis_vs = rows[(mode, cold_label)]
+        assert int(n) == COLD_RUNS and float(median) == r["cold"]["median_us"]
+        assert float(vs_native.removesuffix("x")) == r["cold"]["ratio_native"]
+        assert float(vs_warm.removesuffix("x")) == r["cold"]["over_warm"]
+        assert float(mean_s) == r["cold"]["thesis_mean_s"]
+        assert float(thesis_vs.removesuffix("x")) == r["cold"]["thesis_ratio_native"]
+        if mode != "native":
+            assert float(rows[(mode, "cold, unifork run")][1]) == r["unifork_run"]["median_us"]
+        assert float(rows[(mode, "warm loop")][1]) == r["warm_median_us"]
+        assert float(rows[(mode, "1st of each loop run")][1]) == r["loop_first_median_us"]
+    # nothing left out without saying so, in the table and in the JSON
+    notes = "\n".join(ln for ln in lines if ln.startswith("  "))
+    assert "the first fork of each loop run is excluded from warm" in notes
+    assert "discarded: 1 warm-up run(s) of fork_time -n 20 per mode" in notes
+    assert "no cold run is discarded" in notes
+    assert any("first fork of each loop run is excluded" in m for m in doc["cold_fork"]["method"])
+    assert "the first fork of every run excluded" in p.stdout  # the warm figure's own note
+    # the published rows stay, apart
+    assert section(p.stdout, "published")[2].startswith("published ")
+    # raw.csv has every cold run; the plot has the cold bars
+    with (d / "raw.csv").open() as fh:
+        raw = [row for row in csv.DictReader(fh) if row["section"] == "cold_fork"]
+    for mode, r in by_mode.items():
+        got = [float(row["value"]) for row in raw
+               if row["mode"] == mode and row["metric"] == "cold_fork_us"]
+        assert got == r["cold"]["samples_us"]
+    assert "fork_cold_warm.png" in doc["files"]
+    assert png_size(d / "fork_cold_warm.png")[0] >= 600
 
 
 def test_remote_mode_skipped_cleanly_without_a_tender(tmp_path) -> None:
