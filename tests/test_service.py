@@ -903,6 +903,8 @@ def _call(rpc: str, tstub, pstub, iid: str, md, upload_name: str = "auth-upload"
                                        pb2.UploadImageRequest(data=hello)]), **kw)
     if rpc == "ListImages":
         return tstub.ListImages(pb2.ListImagesRequest(), **kw)
+    if rpc == "DeleteImage":
+        return tstub.DeleteImage(pb2.DeleteImageRequest(name=upload_name), **kw)
     if rpc == "Launch":
         return tstub.Launch(pb2.LaunchRequest(image="hello", console_pipe=True), **kw)
     if rpc == "StreamConsole":
@@ -923,7 +925,7 @@ def _call(rpc: str, tstub, pstub, iid: str, md, upload_name: str = "auth-upload"
     raise ValueError(rpc)
 
 
-RPCS = ["UploadImage", "ListImages", "Launch", "StreamConsole", "Wait", "Kill", "ListInstances",
+RPCS = ["UploadImage", "ListImages", "DeleteImage", "Launch", "StreamConsole", "Wait", "Kill", "ListInstances",
         "Describe", "Peer.StartVm", "Peer.GetLoad"]
 
 
@@ -954,6 +956,13 @@ def test_rpc_works_with_the_token(secure, rpc):
         e = rpc_error(lambda: _call(rpc, tstub, pstub, iid, t.md))
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
         assert e.details().startswith("start:")
+        return
+    if rpc == "DeleteImage":  # an image of its own to delete
+        _call("UploadImage", tstub, pstub, iid, t.md, "auth-delete")
+        out = _call(rpc, tstub, pstub, iid, t.md, "auth-delete")
+        assert (out.name, out.builtin) == ("auth-delete", False)
+        assert "auth-delete" not in {i.name for i in
+                                     _call("ListImages", tstub, pstub, iid, t.md).images}
         return
     out = _call(rpc, tstub, pstub, iid, t.md)
     hello = build_image("hello").read_bytes()
