@@ -427,6 +427,57 @@ def test_promtool_accepts_the_prometheus_config() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+
+
+def alert_rules() -> dict[str, dict]:
+    return {r["alert"]: r for g in yaml_docs(ALERTS)[0]["groups"] for r in g["rules"]
+            if "alert" in r}
+
+
+def test_alert_rules_cover_what_issue_12_asked_for() -> None:
+    """Tender down, emulator crashes, RESOURCE_EXHAUSTED rate, shm exhaustion; loaded by
+    the Prometheus config and mounted where it looks for them."""
+    rules = {name: " ".join(r["expr"].split()) for name, r in alert_rules().items()}
+    assert re.search(r'\bup\{job="unifork"\} == 0', rules["UniforkTenderDown"])
+    assert "increase(unifork_emulator_crashes_total[5m])" in rules["UniforkEmulatorCrashes"]
+    assert "fork_mode" in rules["UniforkEmulatorCrashes"]
+    assert re.search(r'rate\(grpc_server_handled_total\{[^}]*grpc_code="RESOURCE_EXHAUSTED"',
+                     rules["UniforkResourceExhausted"])
+    assert "unifork_shm_exhausted_total" in rules["UniforkShmExhausted"]
+    for name, rule in alert_rules().items():
+        assert rule["labels"]["severity"] in ("warning", "critical"), name
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
+    config = prometheus_config()
+    assert [(DEPLOY / "prometheus" / f).resolve() for f in config["rule_files"]] == [ALERTS]
+    prom = compose()["services"]["prometheus"]
+    mounts = bind_mounts(prom)
+    (config_path,) = [c for c, h in mounts.items() if h == DEPLOY / "prometheus" / "prometheus.yml"]
+    for f in config["rule_files"]:
+        assert mounts[str(Path(config_path).parent / f)] == ALERTS
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_promtool_checks_and_tests_the_alert_rules() -> None:
+    check = subprocess.run(["promtool", "check", "rules", str(ALERTS)], capture_output=True,
+                           text=True, timeout=60)
+    assert check.returncode == 0 and f"{len(alert_rules())} rules found" in check.stdout, \
+        check.stdout + check.stderr
+    # each alert fires when it should and not before (deploy/prometheus/alerts.test.yml)
+    tests = yaml_docs(DEPLOY / "prometheus" / "alerts.test.yml")[0]
+    tested = {t["alertname"] for case in tests["tests"] for t in case["alert_rule_test"]
+              if t["exp_alerts"]}
+    assert tested == set(alert_rules())
+    run = subprocess.run(["promtool", "test", "rules", "alerts.test.yml"],
+                         cwd=DEPLOY / "prometheus", capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "SUCCESS" in run.stdout, run.stdout + run.stderr
+    # and the config with its rule files, as Prometheus will load it
+    config = subprocess.run(["promtool", "check", "config", str(DEPLOY / "prometheus" /
+                                                                "prometheus.yml")],
+                            capture_output=True, text=True, timeout=60)
+    assert config.returncode == 0, config.stdout + config.stderr
+
+
 # -- the command line accepts what deploy/ gives it ----------------------------------------
 
 
@@ -1004,8 +1055,10 @@ def prometheus(tmp_path: Path, targets: list[str]) -> Iterator[str]:
     job = unifork_job(config)
     job["static_configs"] = [{"targets": targets}]
     job["scrape_interval"], job["scrape_timeout"] = "1s", "1s"
-    config["global"].update(scrape_interval="1s", scrape_timeout="1s")
+    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
     config["scrape_configs"] = [job]
+    config["rule_files"] = [str((DEPLOY / "prometheus" / f).resolve())
+                            for f in config.get("rule_files", [])]
     (tmp_path / "prom.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 - closed below
@@ -1109,6 +1162,20 @@ def test_every_dashboard_query_has_data_in_prometheus(compose_pair, tmp_path) ->
         results = list(pool.map(wait_data, exprs))
         empty = [f"{title}: {expr}" for title, expr, ok in results if not ok]
         assert not empty, "no data for:\n" + "\n".join(empty)
+
+        # the alert rules are loaded and evaluate without error on real metrics; with both
+        # tenders up, UniforkTenderDown is not firing
+        def rules_evaluated() -> list:
+            groups = prom_get(base, "/api/v1/rules")["groups"]
+            rules = [r for g in groups for r in g["rules"]]
+            ok = len(rules) == len(alert_rules()) and all(
+                r["health"] == "ok" and r["lastEvaluation"] > "2000" for r in rules)
+            return ok and rules
+
+        rules = wait_for("the alert rules to be evaluated", rules_evaluated)
+        assert {r["name"] for r in rules} == set(alert_rules())
+        down = [r for r in rules if r["name"] == "UniforkTenderDown"][0]
+        assert down["state"] == "inactive", down
 
         # the dashboard's tender variable lists both tenders
         var = dashboard()["templating"]["list"][0]
