@@ -839,7 +839,7 @@ def test_too_many_instances(small):
             wait_for_output(c, iid, b"spin: spinning\n")
         e = rpc_error(lambda: launch(c, "hello"))
         assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (e.code(), e.details())
-        assert "2 instances" in e.details()
+        assert e.details() == "instances: 2 running of a 2 limit (--max-instances)"
         assert len(c.instances()) == 2  # the refused launch left no trace
         for iid in spins:
             assert c.kill(iid) is True
@@ -1077,8 +1077,8 @@ def test_reflection(tender):
     assert tender_file.package == "unifork.v1"
     assert tender_file.name.endswith("unifork/v1/tender.proto")
     methods = {m.name for s in tender_file.service if s.name == "Tender" for m in s.method}
-    assert methods == {"UploadImage", "ListImages", "Launch", "StreamConsole", "Wait", "Kill",
-                       "ListInstances", "Describe"}
+    assert methods == {"UploadImage", "ListImages", "DeleteImage", "Launch", "StreamConsole",
+                       "Wait", "Kill", "ListInstances", "Describe"}
 
 
 def test_metrics_after_a_workload(tender, client):
