@@ -58,6 +58,34 @@ def test_default_guest_memory_limit_is_half_the_host():
     assert default_limit() == host_memory() // 2 > 0
 
 
+def test_the_default_limit_refuses_64_instances_of_4_gib(tmp_path):
+    """The attack as found: 4 GiB instances launched until refused.  Before, all 64 were
+    accepted; with the default limit the tender takes what half its RAM holds."""
+    fit = default_limit() // (4 << 30)
+    if fit > 6:
+        pytest.skip(f"{fit} spinning 4 GiB guests before the limit: too many for this test")
+    t = Tender.start(tmp_path, "--pool", "1")
+    c = t.client()
+    held = []
+    try:
+        big = dict(memory_bytes=4 << 30, console_pipe=True, time_limit_seconds=300)
+        for _ in range(fit):
+            held.append(launch(c, "spin", **big))
+            wait_for_output(c, held[-1], b"spinning")
+        e = rpc_error(lambda: launch(c, "spin", **big))
+        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (e.code(), e.details())
+        assert re.fullmatch(r"guest memory: \S+ GiB in use of a \S+ GiB limit "
+                            r"\(--max-guest-memory\); 4 GiB more asked", e.details()), e.details()
+        assert len([s for s in c.instances() if s.state == "running"]) == fit
+    finally:
+        for iid in held:
+            c.kill(iid)
+        for iid in held:
+            ended(c, iid)
+        c.close()
+    stopped_cleanly(t)
+
+
 def test_launch_past_the_guest_memory_limit_is_refused(tmp_path):
     """Two 32 MiB instances fill a 64 MiB tender: a third is refused until one ends."""
     t = Tender.start(tmp_path, "--pool", "1", "--max-guest-memory", "64M")

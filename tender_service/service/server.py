@@ -338,11 +338,11 @@ class Tender:
             metrics.serve_metrics(self.opts.metrics_port,
                                   self.opts.listen.rpartition(":")[0].strip("[]") or "0.0.0.0")
         threading.Thread(target=self._sample_loop, daemon=True, name="gauges").start()
-        log.info("tender serving on %s (advertised %s), metrics on %s, peers %s; limits: %s, %s",
+        log.info("tender serving on %s (advertised %s), metrics on %s, peers %s",
                  self.opts.listen, self.advertise, self.opts.metrics_port or "-",
-                 ", ".join(self.opts.peers) or "none", self.budget.state(),
-                 self.store.state())
-        log.info("uploaded images are kept in %s", self.store.root)
+                 ", ".join(self.opts.peers) or "none")
+        log.info("limits: %s; %s; uploaded images are kept in %s", self.budget.state(),
+                 self.store.state(), self.store.root)
 
     def _sample_loop(self) -> None:
         while not self.stop_event.wait(1.0):
