@@ -168,6 +168,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
             advertise=a.advertise, token_file=a.token_file, tls_cert=a.tls_cert,
             tls_key=a.tls_key, insecure_listen_any=a.insecure_listen_any, pool_size=a.pool,
             max_instances=a.max_instances, max_upload=a.max_upload,
+            max_image_store=a.max_image_store, max_guest_memory=a.max_guest_memory,
             default_timeout=a.default_timeout, grace=a.grace,
             peer_timeout=a.peer_timeout, keep_finished=a.keep_finished))
     except (ValueError, OSError) as e:
@@ -252,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--pool", type=int, default=2, help="warm tender processes for clones")
     sv.add_argument("--max-instances", type=int, default=64)
     sv.add_argument("--max-upload", type=parse_size, default="64M")
+    sv.add_argument("--max-image-store", type=parse_size, default="512M",
+                    help="bytes of uploaded images kept at most (default 512M); "
+                         "delete-image frees them")
+    sv.add_argument("--max-guest-memory", type=parse_size, default=None,
+                    help="guest RAM all VMs on this tender may declare together (default: "
+                         "half of the host's RAM, or of the container's memory limit)")
     sv.add_argument("--default-timeout", type=float, default=600.0,
                     help="time limit of instances that ask for none (seconds)")
     sv.add_argument("--peer-timeout", type=float, default=60.0,
@@ -293,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("file")
     up.add_argument("--name")
     add_client_args(up)
+    de = sub.add_parser("delete-image", help="delete an uploaded image from a tender")
+    de.add_argument("name")
+    add_client_args(de)
     s = sub.add_parser("syscalls", help="list the supported syscalls")
     s.add_argument("--markdown", action="store_true")
     sub.add_parser("demo", help="build the images and run the fork/pipe programs")
@@ -316,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_serve(a)
     if a.cmd == "launch":
         a = _split_run_args(la, a)
-    if a.cmd in ("launch", "ps", "logs", "wait", "kill", "describe", "upload") or (
+    if a.cmd in ("launch", "ps", "logs", "wait", "kill", "describe", "upload",
+                 "delete-image") or (
             a.cmd == "images" and a.target):
         from tender_service.service.client import cmd
 

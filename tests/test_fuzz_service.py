@@ -322,6 +322,17 @@ def test_fuzz_upload_image(api, parts):
                                                            timeout=CALL_TIMEOUT))
 
 
+@FUZZ
+@given(name=st.one_of(nasty_text, st.sampled_from(["hello", "fz-up", "fork_time"]),
+                      st.builds(lambda s: "fz-" + s,
+                                st.from_regex(r"[A-Za-z0-9._-]{0,20}", fullmatch=True))))
+def test_fuzz_delete_image(api, name):
+    r = api.call("DeleteImage", lambda: api.tender.DeleteImage(
+        pb2.DeleteImageRequest(name=name), metadata=api.md, timeout=CALL_TIMEOUT))
+    if r is not None:
+        assert r.name == name and not r.builtin
+
+
 # -- Peer ----------------------------------------------------------------------------------------
 def supervisors(closer: Closer):
     port = st.one_of(st.integers(-(1 << 70), 1 << 70).map(str), st.integers(0, 70000).map(str),

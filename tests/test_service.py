@@ -839,7 +839,7 @@ def test_too_many_instances(small):
             wait_for_output(c, iid, b"spin: spinning\n")
         e = rpc_error(lambda: launch(c, "hello"))
         assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (e.code(), e.details())
-        assert "2 instances" in e.details()
+        assert e.details() == "instances: 2 running of a 2 limit (--max-instances)"
         assert len(c.instances()) == 2  # the refused launch left no trace
         for iid in spins:
             assert c.kill(iid) is True
@@ -903,6 +903,8 @@ def _call(rpc: str, tstub, pstub, iid: str, md, upload_name: str = "auth-upload"
                                        pb2.UploadImageRequest(data=hello)]), **kw)
     if rpc == "ListImages":
         return tstub.ListImages(pb2.ListImagesRequest(), **kw)
+    if rpc == "DeleteImage":
+        return tstub.DeleteImage(pb2.DeleteImageRequest(name=upload_name), **kw)
     if rpc == "Launch":
         return tstub.Launch(pb2.LaunchRequest(image="hello", console_pipe=True), **kw)
     if rpc == "StreamConsole":
@@ -923,7 +925,7 @@ def _call(rpc: str, tstub, pstub, iid: str, md, upload_name: str = "auth-upload"
     raise ValueError(rpc)
 
 
-RPCS = ["UploadImage", "ListImages", "Launch", "StreamConsole", "Wait", "Kill", "ListInstances",
+RPCS = ["UploadImage", "ListImages", "DeleteImage", "Launch", "StreamConsole", "Wait", "Kill", "ListInstances",
         "Describe", "Peer.StartVm", "Peer.GetLoad"]
 
 
@@ -954,6 +956,13 @@ def test_rpc_works_with_the_token(secure, rpc):
         e = rpc_error(lambda: _call(rpc, tstub, pstub, iid, t.md))
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
         assert e.details().startswith("start:")
+        return
+    if rpc == "DeleteImage":  # an image of its own to delete
+        _call("UploadImage", tstub, pstub, iid, t.md, "auth-delete")
+        out = _call(rpc, tstub, pstub, iid, t.md, "auth-delete")
+        assert (out.name, out.builtin) == ("auth-delete", False)
+        assert "auth-delete" not in {i.name for i in
+                                     _call("ListImages", tstub, pstub, iid, t.md).images}
         return
     out = _call(rpc, tstub, pstub, iid, t.md)
     hello = build_image("hello").read_bytes()
@@ -1068,8 +1077,8 @@ def test_reflection(tender):
     assert tender_file.package == "unifork.v1"
     assert tender_file.name.endswith("unifork/v1/tender.proto")
     methods = {m.name for s in tender_file.service if s.name == "Tender" for m in s.method}
-    assert methods == {"UploadImage", "ListImages", "Launch", "StreamConsole", "Wait", "Kill",
-                       "ListInstances", "Describe"}
+    assert methods == {"UploadImage", "ListImages", "DeleteImage", "Launch", "StreamConsole",
+                       "Wait", "Kill", "ListInstances", "Describe"}
 
 
 def test_metrics_after_a_workload(tender, client):

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tender_service.instance.budget import MemoryBudget
 from tender_service.rump import signals
 from tender_service.rump.kernel import ProcInfo, VmConfig
 from tender_service.transports.broker import PipeBroker
@@ -76,6 +77,8 @@ class ProcRec:
     idle_at: int = -1
     idle_report: str = ""
     peak_memory: int = 0
+    #: bytes of the tender's guest-memory budget this VM holds (its RAM, if it runs here)
+    reserved: int = 0
 
     @property
     def alive(self) -> bool:
@@ -105,7 +108,7 @@ class Supervisor:
                  config: VmConfig, instance_id: str | None = None, listen_host: str = "127.0.0.1",
                  advertise_host: str | None = None, placement: str = "local",
                  observer: object | None = None, self_handle: object | None = None,
-                 peer_timeout: float = PEER_TIMEOUT) -> None:
+                 peer_timeout: float = PEER_TIMEOUT, budget: MemoryBudget | None = None) -> None:
         if transport not in ("tcp", "shm"):
             raise ValueError("transport must be tcp or shm")
         self.pool = pool
@@ -121,6 +124,9 @@ class Supervisor:
         #: used when a VM on another host forks a child that placement keeps here
         self.self_handle = self_handle
         self.observer = observer  # metrics: fork_done(seconds, snapshot_bytes, remote), pipe_write(...)
+        #: the tender's guest RAM (--max-guest-memory): each VM on this tender holds its RAM
+        self.budget = budget
+        self._memory_refused = False
         self.token = uuid.uuid4().hex
         self.broker = PipeBroker()
         self.procs: dict[int, ProcRec] = {}
@@ -153,15 +159,27 @@ class Supervisor:
         self.t0 = time.monotonic()
 
     # -- lifecycle -----------------------------------------------------------------------
-    def start(self, image_path: str, args: list[str], env: list[str], argv0: str) -> None:
-        """Boot the launched program as pid 2 on a tender process of the pool."""
+    def start(self, image_path: str, args: list[str], env: list[str], argv0: str,
+              reserved: int = 0) -> None:
+        """Boot the launched program as pid 2 on a tender process of the pool.
+
+        ``reserved``: bytes of the budget the caller already took for this first VM
+        (a launch is refused up front when they are not there); the supervisor owns
+        them from now on and gives them back when the VM ends, or runs elsewhere.
+        """
         rec = self._new_proc(MAIN_PID, INIT_PID, MAIN_PID, MAIN_PID)
+        rec.reserved = reserved
         error: Exception | None = None
         for _ in range(PLACEMENT_TRIES):  # a peer that just died is marked down: try another
             worker = self.pool.acquire()
             rec.worker, rec.host_pid = worker, worker.pid
             rec.host = getattr(worker, "host", "local")
             remote = bool(getattr(worker, "remote", False))
+            try:
+                self._hold_memory(rec, remote)
+            except OverflowError as e:
+                error = e
+                break
             if remote and self.transport == "shm":
                 self.transport_note = "shm requested, tcp used for VMs on other hosts"
             start = self.vm_start(MAIN_PID, remote=remote, image_path=image_path, args=args,
@@ -234,6 +252,7 @@ class Supervisor:
         with self.lock:
             recs = list(self.procs.values())
         for r in recs:
+            self._free_memory(r)
             if r.channel is not None:
                 r.channel.close()
         for t in self._threads:
@@ -263,6 +282,40 @@ class Supervisor:
                 rows.append(ProcInfo(r.pid, r.ppid, f"vm@{r.host}/{r.host_pid}", state,
                                      None if r.alive else r.status, r.report))
         return rows
+
+    def _hold_memory(self, rec: ProcRec, remote: bool) -> None:
+        """Hold ``rec``'s RAM in the budget iff its VM runs on this tender.
+
+        OverflowError (naming the limit) when the budget cannot take it.
+        """
+        if self.budget is None:
+            return
+        want = 0 if remote else self.config.ram
+        with self.lock:
+            if want > rec.reserved:
+                self.budget.reserve(want - rec.reserved)
+            elif want < rec.reserved:
+                self.budget.release(rec.reserved - want)
+            rec.reserved = want
+
+    def _free_memory(self, rec: ProcRec) -> None:
+        with self.lock:
+            held, rec.reserved = rec.reserved, 0
+        if held and self.budget is not None:
+            self.budget.release(held)
+
+    def _refuse_fork(self, rec: ProcRec, child: ProcRec, why: OverflowError,
+                     forget: bool = True) -> tuple[int, bytes]:
+        """A fork past the tender's guest-memory limit: ENOMEM to the guest, as Linux
+        says when it cannot commit the memory of a child; one report per instance."""
+        self._free_memory(child)
+        if forget:  # else the VM's fork_failed forgets it
+            self.procs.pop(child.pid, None)
+        if not self._memory_refused:
+            self._memory_refused = True
+            self.reports.append(f"pid {rec.pid}: fork refused (ENOMEM): {why}")
+        log.warning("instance %s: pid %d: fork refused: %s", self.id, rec.pid, why)
+        return -errno.ENOMEM, b""
 
     def _live_count(self) -> int:
         return sum(1 for r in self.procs.values() if r.state != "reaped") + 1  # + init
@@ -419,6 +472,10 @@ class Supervisor:
         child.worker, child.host_pid = worker, worker.pid
         remote = bool(getattr(worker, "remote", False))
         child.host = getattr(worker, "host", "local")
+        try:
+            self._hold_memory(child, remote)
+        except OverflowError as e:
+            return self._refuse_fork(rec, child, e)
         if remote and self.transport == "shm":
             self.transport_note = "shm requested, tcp used for VMs on other hosts"
         self.forks += 1
@@ -448,14 +505,20 @@ class Supervisor:
             return -errno.EAGAIN, b""
         log.info("instance %s: the clone of pid %d to %s failed: placed again on %s", self.id,
                  pid, child.host, getattr(worker, "host", "local"))
-        child.worker, child.host_pid = worker, worker.pid
         remote = bool(getattr(worker, "remote", False))
+        try:
+            self._hold_memory(child, remote)
+        except OverflowError as e:
+            return self._refuse_fork(rec, child, e, forget=False)
+        child.worker, child.host_pid = worker, worker.pid
         child.host = getattr(worker, "host", "local")
         start = self.vm_start(pid, remote=remote)
         return pid, json.dumps({"worker": worker.address, "start": start}).encode()
 
     def _op_fork_failed(self, rec: ProcRec, pid: int) -> int:
-        if self.procs.pop(pid, None) is not None:
+        child = self.procs.pop(pid, None)
+        if child is not None:
+            self._free_memory(child)
             self.forks -= 1
         return 0
 
@@ -528,6 +591,7 @@ class Supervisor:
             if not rec.alive:
                 return
             rec.state, rec.status, rec.ended = "zombie", status, time.monotonic()
+            self._free_memory(rec)
             if report:
                 rec.report = report
                 self.reports.append(report)

@@ -21,10 +21,21 @@ from tender_service.service import metrics
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 
+#: tokens that examples shipped (deploy/kubernetes/secret.yaml until issue 12): anyone
+#: who read the repository knows them, so a tender refuses to start with one
+PLACEHOLDER_TOKENS = frozenset({"REPLACE-ME-with-a-random-token-of-32-or-more-characters"})
+PLACEHOLDER_MARKERS = ("replace-me", "replace_me", "changeme", "change-me")
+
+
 def read_token(path: str | Path) -> str:
+    """The bearer token in ``path``: ValueError (naming the file) for one too short or a
+    known placeholder."""
     token = Path(path).read_text().strip()
     if len(token) < 16:
         raise ValueError(f"{path}: a token must have at least 16 characters")
+    if token in PLACEHOLDER_TOKENS or any(m in token.lower() for m in PLACEHOLDER_MARKERS):
+        raise ValueError(f"{path}: holds a placeholder token, not a secret: put a random "
+                         "one there (e.g. openssl rand -hex 32)")
     return token
 
 

@@ -1,4 +1,5 @@
-"""Client commands against a tender: launch, ps, logs, wait, kill, images, upload, describe."""
+"""Client commands against a tender: launch, ps, logs, wait, kill, images, upload,
+delete-image, describe."""
 
 from __future__ import annotations
 
@@ -58,6 +59,9 @@ class Client:
     def images(self):
         return self.stub.ListImages(self.pb2.ListImagesRequest(), metadata=self.md).images
 
+    def delete_image(self, name: str):
+        return self.stub.DeleteImage(self.pb2.DeleteImageRequest(name=name), metadata=self.md)
+
     def upload(self, name: str, data: bytes, chunk: int = 1 << 20):
         def parts():
             yield self.pb2.UploadImageRequest(name=name)
@@ -95,7 +99,7 @@ def stream_logs(c: Client, instance_id: str, tag: bool, from_start: bool = True)
 
 
 def cmd(a: argparse.Namespace) -> int:
-    """Dispatch ``unifork launch|ps|logs|wait|kill|images|upload|describe``."""
+    """Dispatch ``unifork launch|ps|logs|wait|kill|images|upload|delete-image|describe``."""
     c = client_from(a)
     pb2 = c.pb2
     try:
@@ -136,6 +140,10 @@ def cmd(a: argparse.Namespace) -> int:
             data = Path(a.file).read_bytes()
             info = c.upload(a.name or Path(a.file).stem, data)
             print(f"{info.name} {info.size_bytes} {info.sha256}")
+            return 0
+        if a.cmd == "delete-image":
+            info = c.delete_image(a.name)
+            print(f"deleted {info.name} {info.size_bytes} {info.sha256}")
             return 0
         if a.cmd == "images":
             for i in c.images():

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from tender_service.instance.budget import MemoryBudget
 from tender_service.instance.supervisor import Supervisor
 from tender_service.instance.threadvm import ThreadVm, ThreadVmHost
 from tender_service.rump import signals
@@ -97,6 +98,10 @@ class Instance:
     processes: list[ProcInfo] = field(default_factory=list)
     transport_note: str = ""
     killed: bool = False
+    #: bytes of the tender's guest-memory budget the instance holds itself (its first
+    #: VM's RAM until a VM-clone supervisor takes them over)
+    reserved: int = 0
+    pinned: bool = False  # it holds its image's file in the store
 
     @property
     def state(self) -> str:
@@ -139,8 +144,10 @@ class InstanceManager:
                  max_instances: int = 64,
                  default_timeout: float = 600.0, listen_host: str = "127.0.0.1",
                  advertise_host: str | None = None, self_handle: object | None = None,
-                 peer_timeout: float = PEER_TIMEOUT, keep_finished: int = KEEP_FINISHED) -> None:
+                 peer_timeout: float = PEER_TIMEOUT, keep_finished: int = KEEP_FINISHED,
+                 budget: MemoryBudget | None = None) -> None:
         self.store = store
+        self.budget = budget  # guest RAM of every VM on this tender (--max-guest-memory)
         self.placement_for = placement_for  # (placement) -> pool-like object for supervisors
         self.thread_host = thread_host
         self.max_instances = max_instances
@@ -161,7 +168,8 @@ class InstanceManager:
 
     def launch(self, image: StoredImage, args: list[str], env: list[str], mode: str,
                transport: str, placement: str, config: VmConfig) -> Instance:
-        """Start an instance (raises OverflowError when the tender is full)."""
+        """Start an instance (raises OverflowError, naming the limit, when the tender is
+        full: too many instances, or not enough guest memory left for its first VM)."""
         inst = Instance(uuid.uuid4().hex[:16], image, mode, transport, placement, config,
                         list(args), list(env or DEFAULT_ENV))
         with self.lock:
@@ -169,7 +177,15 @@ class InstanceManager:
                 raise RuntimeError("the tender is shutting down")
             if sum(1 for i in self.instances.values() if not i.done.is_set()) \
                     >= self.max_instances:
-                raise OverflowError(f"{self.max_instances} instances are running already")
+                raise OverflowError(f"instances: {self.max_instances} running of a "
+                                    f"{self.max_instances} limit (--max-instances)")
+            if self.budget is not None:
+                self.budget.reserve(config.ram)
+                inst.reserved = config.ram
+            if not self.store.pin(image):  # deleted since the caller looked it up
+                self._release(inst)
+                raise LookupError(f"image: {image.name!r} was deleted")
+            inst.pinned = True
             self.instances[inst.id] = inst
             self._trim()
         metrics.INSTANCES.labels(mode).inc()
@@ -219,12 +235,14 @@ class InstanceManager:
                              listen_host=self.listen_host, advertise_host=self.advertise_host,
                              placement=inst.placement,
                              observer=MetricsObserver(inst.transport, inst.placement),
-                             self_handle=self.self_handle, peer_timeout=self.peer_timeout)
+                             self_handle=self.self_handle, peer_timeout=self.peer_timeout,
+                             budget=self.budget)
             inst.supervisor = sup
             try:
                 if inst.killed:
                     sup.kill("killed")
-                sup.start(str(inst.image.path), inst.args, inst.env, inst.image.name)
+                held, inst.reserved = inst.reserved, 0  # the supervisor's from now on
+                sup.start(str(inst.image.path), inst.args, inst.env, inst.image.name, held)
                 r = sup.wait()
                 inst.processes = r.processes
                 inst.transport_note = sup.transport_note
@@ -247,10 +265,19 @@ class InstanceManager:
         inst.result = dict(wait_status=status, exit_code=signals.shell_code(status),
                            signal=status & 0x7F, outcome=outcome, duration_seconds=elapsed,
                            fork_count=forks, peak_guest_memory_bytes=peak, reports=reports)
+        self._release(inst)  # before done: a waiter may launch again at once
+        if inst.pinned:
+            inst.pinned = False
+            self.store.unpin(inst.image)
         metrics.FINISHED.labels(outcome).inc()
         metrics.INSTANCES.labels(inst.mode).dec()
         inst.console.close()
         inst.done.set()
+
+    def _release(self, inst: Instance) -> None:
+        if inst.reserved and self.budget is not None:
+            self.budget.release(inst.reserved)
+        inst.reserved = 0
 
     # -- queries -------------------------------------------------------------------------
     def get(self, instance_id: str) -> Instance | None:

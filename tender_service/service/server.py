@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tender_service import protos
+from tender_service.instance.budget import MemoryBudget, default_limit
 from tender_service.instance.malloc import limit_malloc_arenas
 from tender_service.instance.pool import WarmPool
 from tender_service.instance.threadvm import ThreadVmHost
@@ -33,7 +34,7 @@ from tender_service.machine.layout import MAX_RAM, MIN_RAM
 from tender_service.rump.kernel import VmConfig
 from tender_service.service import metrics
 from tender_service.service.auth import ServerInterceptor, read_token
-from tender_service.service.imagestore import ImageStore
+from tender_service.service.imagestore import DEFAULT_MAX_STORE, BuiltinImageError, ImageStore
 from tender_service.service.instances import KEEP_FINISHED, InstanceManager
 from tender_service.service.placement import PeerHandle, PeerSet, Placer
 from tender_service.transports.channel import PEER_TIMEOUT, check_peer_timeout
@@ -59,6 +60,8 @@ class ServeOptions:
     pool_size: int = 2
     max_instances: int = 64
     max_upload: int = 64 << 20
+    max_image_store: int = DEFAULT_MAX_STORE
+    max_guest_memory: int | None = None  # None: half of the host's (or container's) RAM
     default_timeout: float = 600.0
     grace: float = 10.0
     peer_timeout: float = PEER_TIMEOUT
@@ -109,6 +112,17 @@ class TenderServicer:
         return self.pb2.ImageInfo(name=img.name, size_bytes=img.size, sha256=img.sha256,
                                   builtin=img.builtin)
 
+    def DeleteImage(self, req, context):  # noqa: N802
+        if not ImageStore.valid_name(req.name):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name: not a valid image name")
+        try:
+            img = self.store.delete(req.name)
+        except BuiltinImageError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except KeyError:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"name: no uploaded image {req.name!r}")
+        return self._image(img)
+
     def ListImages(self, request, context):  # noqa: N802
         return self.pb2.ListImagesResponse(images=[self._image(i) for i in self.store.list()])
 
@@ -138,6 +152,8 @@ class TenderServicer:
                                  placement, config)
         except OverflowError as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except LookupError as e:  # deleted while this launch looked at it
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except RuntimeError as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         return pb2.LaunchResponse(instance_id=inst.id)
@@ -271,7 +287,9 @@ class Tender:
             os.environ[PEER_TOKEN_ENV] = self.token
         os.environ[HOST_NAME_ENV] = self.advertise
         protos.ensure()
-        self.store = ImageStore(max_upload=opts.max_upload)
+        self.budget = MemoryBudget(default_limit() if opts.max_guest_memory is None
+                                   else opts.max_guest_memory)
+        self.store = ImageStore(max_upload=opts.max_upload, max_store=opts.max_image_store)
         self.pool = WarmPool(opts.pool_size, env=env, host=self.advertise)
         self.thread_host = ThreadVmHost()
         self.stop_event = threading.Event()
@@ -285,7 +303,7 @@ class Tender:
                                        self.thread_host, opts.max_instances, opts.default_timeout,
                                        listen_host=listen_host, advertise_host=adv_host,
                                        self_handle=self_handle, peer_timeout=opts.peer_timeout,
-                                       keep_finished=opts.keep_finished)
+                                       keep_finished=opts.keep_finished, budget=self.budget)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=64),
             interceptors=[ServerInterceptor(self.token)],
@@ -323,6 +341,8 @@ class Tender:
         log.info("tender serving on %s (advertised %s), metrics on %s, peers %s",
                  self.opts.listen, self.advertise, self.opts.metrics_port or "-",
                  ", ".join(self.opts.peers) or "none")
+        log.info("limits: %s; %s; uploaded images are kept in %s", self.budget.state(),
+                 self.store.state(), self.store.root)
 
     def _sample_loop(self) -> None:
         while not self.stop_event.wait(1.0):
@@ -342,6 +362,7 @@ class Tender:
         self.server.stop(2).wait()
         self.pool.close()
         self.thread_host.close()
+        self.store.close()
 
 
 def serve(opts: ServeOptions) -> int:
