@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tender_service.rump import signals
-from tender_service.rump.kernel import ProcInfo, VmConfig
+from tender_service.rump.vminfo import ProcInfo, VmConfig
 from tender_service.transports.broker import PipeBroker
 from tender_service.transports.channel import (
     PEER_TIMEOUT,
