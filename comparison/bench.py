@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tender_service.rump.kernel import RunResult, VmConfig
+from tender_service.rump.vminfo import RunResult, VmConfig
 from tender_service.toolchain.images import build_image
 from tender_service.vm import CaptureSink, run_vm
 

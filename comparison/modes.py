@@ -175,7 +175,7 @@ class ThreadRunner(Runner):
     name = THREAD
 
     def run(self, image, args, *, ram=None, probe=None, marker="children="):
-        from tender_service.rump.kernel import VmConfig
+        from tender_service.rump.vminfo import VmConfig
         from tender_service.vm import CaptureSink, run_vm
 
         config = VmConfig(timeout=RUN_TIMEOUT, tty=False)
@@ -219,7 +219,7 @@ class VmcloneRunner(Runner):
         self.name = f"vmclone-{transport}"
 
     def run(self, image, args, *, ram=None, probe=None, marker="children="):
-        from tender_service.rump.kernel import VmConfig
+        from tender_service.rump.vminfo import VmConfig
         from tender_service.vm import CaptureSink
 
         config = VmConfig(timeout=RUN_TIMEOUT, tty=False)

@@ -61,7 +61,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def _run(a: argparse.Namespace) -> int:
-    from tender_service.rump.kernel import VmConfig
+    from tender_service.rump.vminfo import VmConfig
     from tender_service.toolchain.images import ImageNotFoundError, resolve_image
     from tender_service.vm import run_vm, stdio_sink
 

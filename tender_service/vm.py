@@ -16,7 +16,8 @@ from tender_service.fork.thread import ThreadFork
 from tender_service.machine.elf import ElfImage, load_elf_file
 from tender_service.rump import signals
 from tender_service.rump.console import Console, Sink
-from tender_service.rump.kernel import Forker, Kernel, RunResult, VmConfig
+from tender_service.rump.kernel import Forker, Kernel
+from tender_service.rump.vminfo import RunResult, VmConfig
 
 log = logging.getLogger(__name__)
 

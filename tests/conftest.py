@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tender_service.instance.pool import WarmPool
-from tender_service.rump.kernel import RunResult, VmConfig
+from tender_service.rump.vminfo import RunResult, VmConfig
 from tender_service.toolchain.images import build_image
 from tender_service.vm import CaptureSink, run_vm
 

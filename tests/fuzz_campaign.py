@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tender_service.rump.kernel import VmConfig  # noqa: E402
+from tender_service.rump.vminfo import VmConfig  # noqa: E402
 from tender_service.toolchain.images import build_image  # noqa: E402
 from tender_service.vm import CaptureSink, run_vm  # noqa: E402
 

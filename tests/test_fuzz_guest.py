@@ -23,7 +23,7 @@ from conftest import image_path, native, vm
 
 from tender_service.instance.pool import WarmPool
 from tender_service.instance.run import run_vmclone
-from tender_service.rump.kernel import VmConfig
+from tender_service.rump.vminfo import VmConfig
 from tender_service.toolchain.cc import compile_guest
 from tender_service.vm import CaptureSink
 

@@ -52,7 +52,7 @@ from tender_service.instance.pool import WarmPool
 from tender_service.instance.run import run_vmclone
 from tender_service.instance.supervisor import InstanceResult
 from tender_service.machine.layout import GUARD_SIZE, HEAP_BASE
-from tender_service.rump.kernel import RunResult, VmConfig
+from tender_service.rump.vminfo import RunResult, VmConfig
 from tender_service.vm import CaptureSink, create_vm
 
 PROBE = "escape_probe"

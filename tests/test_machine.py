@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from tender_service.machine.elf import ElfImage, parse_elf
 from tender_service.machine.errors import ImageError
 from tender_service.machine.layout import PIE_BASE
-from tender_service.rump.kernel import VmConfig
+from tender_service.rump.vminfo import VmConfig
 from tender_service.toolchain.cc import compile_guest
 from tender_service.toolchain.images import build_image
 from tender_service.vm import CaptureSink, create_vm, run_vm

@@ -27,7 +27,8 @@ from conftest import image_path, native, vm
 from test_programs_native import CASES, SEMANTICS_NATIVE, SEMANTICS_THREAD_FORK
 
 from tender_service.machine.layout import DEFAULT_STACK, PAGE_SIZE
-from tender_service.rump.kernel import Kernel, VmConfig
+from tender_service.rump.kernel import Kernel
+from tender_service.rump.vminfo import VmConfig
 from tender_service.toolchain.images import build_image
 from tender_service.vm import CaptureSink, create_vm
 

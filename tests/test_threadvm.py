@@ -19,8 +19,8 @@ import pytest
 from conftest import image_path, wait_until
 
 from tender_service.instance.threadvm import ThreadVm, ThreadVmHost
-from tender_service.rump.kernel import RunResult, VmConfig
 from tender_service.rump.signals import SIGKILL, signaled_status
+from tender_service.rump.vminfo import RunResult, VmConfig
 from tender_service.toolchain.images import build_image
 from tender_service.vm import CaptureSink, run_vm
 

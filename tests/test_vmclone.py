@@ -57,7 +57,7 @@ from tender_service.instance.run import run_vmclone
 from tender_service.instance.supervisor import InstanceResult, ProcRec, Supervisor
 from tender_service.machine.errors import GuestError
 from tender_service.rump.console import Console
-from tender_service.rump.kernel import ProcInfo, VmConfig
+from tender_service.rump.vminfo import ProcInfo, VmConfig
 from tender_service.toolchain.images import build_image
 from tender_service.transports.channel import connect_channel
 from tender_service.transports.frames import HELLO_MAGIC, ChannelClosed, ProtocolError, encode_hello

@@ -37,8 +37,10 @@ from tender_service.machine.memory import GuestMemory
 from tender_service.rump.console import Console
 from tender_service.rump.fdtable import FdTable
 from tender_service.rump.files import ConsoleFile, File, NullFile, ZeroFile
-from tender_service.rump.kernel import Forker, Kernel, VmConfig
-from tender_service.rump.process import Lwp, Process
+from tender_service.rump.kernel import Forker, Kernel
+from tender_service.rump.process import Lwp
+from tender_service.rump.proctable import INIT_PID
+from tender_service.rump.vminfo import VmConfig
 
 MAGIC = b"UFSNAP\0\0"
 SNAPSHOT_VERSION = 1
@@ -84,7 +86,7 @@ def capture(k: Kernel, lwp: Lwp, child_pid: int) -> bytes:
 
     Called inside the fork syscall: the CPU holds the parent's registers.
     """
-    proc, t, mem = lwp.proc, lwp.thread, k.mem
+    proc, mem = lwp.proc, k.mem
     regs = k.cpu.read_state()
     regs["rip"] += SYSCALL_INSN_LEN
     regs["rax"] = 0
@@ -102,12 +104,7 @@ def capture(k: Kernel, lwp: Lwp, child_pid: int) -> bytes:
         "brk_base": k.brk_base,
         "pages": k.pages.export_state(),
         "heap": k.heap.export_state(),
-        "process": {"pid": child_pid, "ppid": proc.pid, "pgid": proc.pgid, "sid": proc.sid,
-                    "name": proc.name, "pending": 0, "brk": proc.brk,
-                    "sigactions": [[sig, *act] for sig, act in sorted(proc.sigactions.items())],
-                    "mmaps": sorted(proc.mmaps.items()), "owner": proc.pid},
-        "lwp": {"stack": lwp.stack, "stack_base": t.stack_base, "stack_size": t.stack_size,
-                "tls": lwp.tls, "sigmask": lwp.sigmask},
+        **k.export_process(lwp, child_pid),  # "process" and "lwp"
         "fds": fds,
         "cpu": regs,
     }
@@ -202,9 +199,7 @@ def _restore_into(mem: GuestMemory, snap: Snapshot, config: VmConfig, console: C
     heap = MemAlloc.from_state(mem.region_view(heap_region), heap_region.base, pages,
                                meta["heap"])
     k = Kernel(config, console, mem, int(meta["brk_base"]), pages, heap, forker)
-    p = meta["process"]
-    pid = int(p["pid"])
-    if pid <= 1:
+    if int(meta["process"]["pid"]) <= INIT_PID:
         raise SnapshotError("bad pid in snapshot")
     fds = FdTable()
     made: dict[int, File] = {}
@@ -214,20 +209,9 @@ def _restore_into(mem: GuestMemory, snap: Snapshot, config: VmConfig, console: C
         if f is None:
             f = made[fid] = _make_file(e["state"], make_file)
         fds.install(f, bool(e["cloexec"]), fd=int(e["fd"]))
-    proc: Process = k._new_process(None, fds, str(p["name"]), pid=pid)
-    proc.ppid, proc.pgid, proc.sid = int(p["ppid"]), int(p["pgid"]), int(p["sid"])
-    proc.brk = int(p["brk"])
-    proc.sigactions = {int(a[0]): tuple(int(x) for x in a[1:5]) for a in p["sigactions"]}
-    proc.mmaps = {int(a): int(n) for a, n in p["mmaps"]}
-    k._next_pid = max(k._next_pid, pid + 1)
-    heap.reown(int(p["owner"]), pid)
     regs = {name: int(v) for name, v in meta["cpu"].items() if name in STATE_REGS}
     k.cpu.write_state(regs)
-    lw = meta["lwp"]
-    lwp = k.new_lwp(proc, int(lw["stack"]), int(lw["stack_base"]), int(lw["stack_size"]),
-                    k.cpu.new_context())
-    lwp.tls, lwp.sigmask = int(lw["tls"]), int(lw["sigmask"])
-    k.main = proc
+    k.restore_process(meta, fds, k.cpu.new_context())
     return k
 
 

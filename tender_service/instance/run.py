@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tender_service.instance.pool import WarmPool
 from tender_service.instance.supervisor import InstanceResult, Supervisor
-from tender_service.rump.kernel import VmConfig
+from tender_service.rump.vminfo import VmConfig
 from tender_service.vm import DEFAULT_ENV, _program_name
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tender_service.instance.budget import MemoryBudget
 from tender_service.rump import signals
-from tender_service.rump.kernel import ProcInfo, VmConfig
+from tender_service.rump.vminfo import ProcInfo, VmConfig
 from tender_service.transports.broker import PipeBroker
 from tender_service.transports.channel import (
     PEER_TIMEOUT,

@@ -29,7 +29,7 @@ from multiprocessing import reduction
 from tender_service.instance import vmserver
 from tender_service.rump import signals
 from tender_service.rump.console import Sink
-from tender_service.rump.kernel import ProcInfo, RunResult, VmConfig
+from tender_service.rump.vminfo import ProcInfo, RunResult, VmConfig
 from tender_service.vm import lost_vm_report
 
 log = logging.getLogger(__name__)

@@ -50,7 +50,8 @@ from multiprocessing.connection import Connection
 from tender_service.instance.childproc import setup_child
 from tender_service.machine.elf import load_elf_file, parse_elf
 from tender_service.machine.errors import ImageError
-from tender_service.rump.kernel import Kernel, ProcInfo, VmConfig
+from tender_service.rump.kernel import Kernel
+from tender_service.rump.vminfo import ProcInfo, VmConfig
 from tender_service.vm import create_vm, run_vm
 
 log = logging.getLogger(__name__)

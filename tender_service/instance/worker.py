@@ -32,8 +32,9 @@ from tender_service.instance.vmserver import warm_up
 from tender_service.machine.elf import load_elf_file, parse_elf
 from tender_service.machine.errors import GuestError, ImageError
 from tender_service.rump.console import Console
-from tender_service.rump.kernel import Kernel, VmConfig
+from tender_service.rump.kernel import Kernel
 from tender_service.rump.process import Process
+from tender_service.rump.vminfo import VmConfig
 from tender_service.transports.channel import (
     PEER_TIMEOUT,
     ChannelClosed,

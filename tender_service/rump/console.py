@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from tender_service.bmk.sched import WaitQueue
 from tender_service.machine.errors import GuestError
-from tender_service.rump.files import Block
+from tender_service.rump.outcomes import Block
 
 if TYPE_CHECKING:
     from tender_service.rump.files import ConsoleFile

@@ -14,8 +14,8 @@ import os
 import struct
 from typing import TYPE_CHECKING
 
-from tender_service.bmk.sched import WaitQueue
 from tender_service.machine.errors import GuestError
+from tender_service.rump.outcomes import Block
 
 if TYPE_CHECKING:
     from tender_service.rump.kernel import Kernel
@@ -30,13 +30,6 @@ S_IFIFO, S_IFCHR = 0o010000, 0o020000
 
 TCGETS, TCSETS, TCSETSW, TCSETSF = 0x5401, 0x5402, 0x5403, 0x5404
 TIOCGWINSZ, TIOCSWINSZ, TIOCGPGRP, FIONREAD, FIONBIO = 0x5413, 0x5414, 0x540F, 0x541B, 0x5421
-
-
-class Block(Exception):  # noqa: N818 - control flow, not an error
-    """The operation must wait on ``wq``; the syscall restarts when woken."""
-
-    def __init__(self, wq: WaitQueue | None, why: str, until: float | None = None) -> None:
-        self.wq, self.why, self.until = wq, why, until
 
 
 class File:

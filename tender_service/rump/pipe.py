@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 from tender_service.bmk.sched import WaitQueue
 from tender_service.machine.errors import GuestError
 from tender_service.rump import signals
-from tender_service.rump.files import FIONREAD, O_RDONLY, O_WRONLY, S_IFIFO, Block, File
+from tender_service.rump.files import FIONREAD, O_RDONLY, O_WRONLY, S_IFIFO, File
+from tender_service.rump.outcomes import Block
 
 if TYPE_CHECKING:
     from tender_service.rump.kernel import Kernel

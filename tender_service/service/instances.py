@@ -23,7 +23,7 @@ from tender_service.instance.budget import MemoryBudget
 from tender_service.instance.supervisor import Supervisor
 from tender_service.instance.threadvm import ThreadVm, ThreadVmHost
 from tender_service.rump import signals
-from tender_service.rump.kernel import ProcInfo, VmConfig
+from tender_service.rump.vminfo import ProcInfo, VmConfig
 from tender_service.service import metrics
 from tender_service.service.imagestore import ImageStore, StoredImage
 from tender_service.transports.channel import PEER_TIMEOUT

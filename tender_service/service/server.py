@@ -31,7 +31,7 @@ from tender_service.instance.pool import WarmPool
 from tender_service.instance.threadvm import ThreadVmHost
 from tender_service.instance.worker import HOST_NAME_ENV, PEER_TOKEN_ENV, PeerServicer
 from tender_service.machine.layout import MAX_RAM, MIN_RAM
-from tender_service.rump.kernel import VmConfig
+from tender_service.rump.vminfo import VmConfig
 from tender_service.service import metrics
 from tender_service.service.auth import ServerInterceptor, read_token
 from tender_service.service.imagestore import DEFAULT_MAX_STORE, BuiltinImageError, ImageStore

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 from tender_service.machine.errors import GuestError
 from tender_service.rump import signals
-from tender_service.rump.files import O_RDONLY, O_WRONLY, S_IFIFO, Block, File
+from tender_service.rump.files import O_RDONLY, O_WRONLY, S_IFIFO, File
+from tender_service.rump.outcomes import Block
 from tender_service.transports.protocol import END_READ, END_WRITE, MAX_PIPE_CHUNK, Msg
 
 if TYPE_CHECKING:

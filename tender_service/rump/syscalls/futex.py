@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from tender_service.bmk.sched import WaitQueue
 from tender_service.machine.errors import GuestError
-from tender_service.rump.files import Block
+from tender_service.rump.outcomes import Block
 from tender_service.rump.syscalls.abi import i32, read_timespec
 
 if TYPE_CHECKING:

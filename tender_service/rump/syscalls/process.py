@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING
 
 from tender_service.machine.errors import GuestError
 from tender_service.rump import signals
-from tender_service.rump.files import Block
-from tender_service.rump.kernel import NORETURN, BlockAfter
+from tender_service.rump.outcomes import NORETURN, Block, BlockAfter
 from tender_service.rump.process import ProcState
 from tender_service.rump.syscalls.abi import i32
 

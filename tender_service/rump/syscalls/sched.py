@@ -6,7 +6,7 @@ import errno
 from typing import TYPE_CHECKING
 
 from tender_service.machine.errors import GuestError
-from tender_service.rump.kernel import SWITCH
+from tender_service.rump.outcomes import SWITCH
 
 if TYPE_CHECKING:
     from tender_service.rump.kernel import Kernel

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from tender_service.machine.errors import GuestError
 from tender_service.rump import signals
-from tender_service.rump.kernel import NORETURN
+from tender_service.rump.outcomes import NORETURN
 from tender_service.rump.process import ProcState
 from tender_service.rump.syscalls.abi import i32
 

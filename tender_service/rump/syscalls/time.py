@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING
 
 from tender_service.machine.errors import GuestError
-from tender_service.rump.files import Block
+from tender_service.rump.outcomes import Block
 from tender_service.rump.syscalls.abi import TIMESPEC, i32, read_timespec
 
 if TYPE_CHECKING:

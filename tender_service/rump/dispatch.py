@@ -1,0 +1,117 @@
+"""The syscall boundary: every guest ``syscall`` lands in the dispatcher made here.
+
+The hot path is one table lookup and one handler call.  A handler's outcome
+(``rump/outcomes.py``) becomes what the guest sees; nothing a guest does lets a
+Python exception escape: an unexpected one ends the calling process with SIGSYS
+and a report (each such report is a kernel bug), and the VM goes on.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from tender_service.machine.cpu import RAX
+from tender_service.rump import signals
+from tender_service.rump.outcomes import SWITCH, Block, BlockAfter, GuestError
+from tender_service.rump.syscalls.names import syscall_name
+from tender_service.rump.syscalls.table import dispatch_table, hypercall_table
+
+if TYPE_CHECKING:
+    from tender_service.rump.kernel import Kernel
+    from tender_service.rump.process import Lwp
+
+log = logging.getLogger("tender_service.rump.kernel")  # `--trace-syscalls` turns this one up
+
+Dispatcher = Callable[[ctypes.Array], None]
+
+
+def make_dispatcher(kernel: Kernel) -> Dispatcher:
+    """The syscall entry of ``kernel``: a closure over locals, since it runs for every
+    syscall."""
+    cpu = kernel.cpu
+    table, hypercalls = dispatch_table(), hypercall_table()
+    ntable = len(table)
+    set_rax, stop = cpu.set_rax, cpu.stop
+
+    def dispatch(regs: ctypes.Array) -> None:
+        nr = regs[0]
+        lwp = kernel.current
+        kernel.syscalls += 1
+        try:
+            entry = table[nr] if nr < ntable else hypercalls.get(nr)
+            if entry is None:
+                ret = _unknown(kernel, nr)
+            else:
+                fn, argc = entry
+                ret = fn(kernel, lwp, *regs[1 : argc + 1]) if argc else fn(kernel, lwp)
+        except GuestError as e:
+            ret = -e.errno
+        except Block as b:
+            _park(kernel, lwp, b)
+            return
+        except BlockAfter as b:
+            set_rax(b.value)
+            kernel.sched.block(lwp.thread, None, b.why)
+            stop()
+            return
+        except Exception as e:  # a kernel bug must not take the tender down
+            _internal_error(kernel, lwp, nr, e)
+            return
+        if ret.__class__ is int:
+            set_rax(ret)
+        elif ret is SWITCH:
+            set_rax(0)
+            stop()
+        else:  # NORETURN
+            stop()
+
+    return dispatch
+
+
+def traced(kernel: Kernel, dispatch: Dispatcher) -> Dispatcher:
+    """``dispatch`` that also logs each syscall with its arguments and result."""
+
+    def dispatch_traced(regs: ctypes.Array) -> None:
+        nr, args = regs[0], list(regs[1:7])
+        pid = kernel.current.proc.pid if kernel.current else 0
+        dispatch(regs)
+        if kernel.restart_pending:
+            result = "(blocked, will restart)"
+        else:
+            rax = kernel.cpu.reg(RAX)
+            rax = rax - (1 << 64) if rax >> 63 else rax
+            result = f"-{errno.errorcode.get(-rax, -rax)}" if -4096 < rax < 0 else f"{rax:#x}"
+        log.info("[pid %d] %s(%s) = %s", pid, syscall_name(nr) if nr < 0x1000 else f"hc_{nr:#x}",
+                 ", ".join(f"{a:#x}" for a in args), result)
+
+    return dispatch_traced
+
+
+def _park(kernel: Kernel, lwp: Lwp, b: Block) -> None:
+    kernel.sched.block(lwp.thread, b.wq, b.why, b.until)
+    kernel.restart_pending = True
+    kernel.cpu.stop()
+
+
+def _unknown(kernel: Kernel, nr: int) -> int:
+    kernel.warn_once(f"syscall:{nr}", "unsupported syscall %d (%s): returning ENOSYS", nr,
+                     syscall_name(nr))
+    return -errno.ENOSYS
+
+
+def _internal_error(kernel: Kernel, lwp: Lwp, nr: int, e: Exception) -> None:
+    log.exception("internal error in syscall %s of pid %d", syscall_name(nr), lwp.proc.pid)
+    report = (f"pid {lwp.proc.pid}: killed by SIGSYS: internal error in "
+              f"{syscall_name(nr)}: {type(e).__name__}: {e}")
+    kernel.reports.append(report)
+    lwp.proc.report = report
+    try:
+        kernel.exit_process(lwp.proc, signals.signaled_status(signals.SIGSYS))
+    except Exception:
+        log.exception("cleanup after internal error failed")
+        kernel.request_stop("error")
+    kernel.cpu.stop()

@@ -1,0 +1,264 @@
+"""The process table of a VM: processes, their LWPs, exit, reaping, orphans, signals.
+
+The rump layer's process bookkeeping, apart from the run loop (``rump/kernel.py``),
+which inherits it: ``Kernel`` is a process table with a CPU and a scheduler.
+Snapshots (VM-clone fork) export one process and rebuild it in the child VM
+through :meth:`ProcessTable.export_process` and :meth:`ProcessTable.restore_process`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from tender_service.bmk.memalloc import MEMWHO_WIREDBMK
+from tender_service.bmk.sched import BmkThread
+from tender_service.rump import signals
+from tender_service.rump.fdtable import FdTable
+from tender_service.rump.process import Lwp, Process, ProcState
+from tender_service.rump.vminfo import ProcInfo
+
+if TYPE_CHECKING:
+    from tender_service.bmk.memalloc import MemAlloc
+    from tender_service.bmk.pagealloc import PageAllocator
+    from tender_service.bmk.sched import Scheduler
+    from tender_service.rump.kernel import RemoteHost
+
+INIT_PID = 1
+#: reaped processes remembered for the process table (``--ps``, describe)
+MAX_FINISHED = 10_000
+
+
+class ProcessTable:
+    """Processes by pid, the init process (pid 1) and the launched program."""
+
+    # provided by the kernel that inherits this table
+    heap: MemAlloc
+    pages: PageAllocator
+    sched: Scheduler
+    remote: RemoteHost | None
+    current: Lwp | None
+    warn_once: Callable[..., None]
+
+    def __init__(self) -> None:
+        self.procs: dict[int, Process] = {}
+        self.finished: list[ProcInfo] = []  # reaped processes, for the process table
+        self._next_pid = INIT_PID
+        self.init: Process
+        self.main: Process | None = None
+
+    def alloc_pid(self) -> int:
+        pid = self._next_pid
+        self._next_pid += 1
+        return pid
+
+    def new_process(self, parent: Process | None, fds: FdTable, name: str,
+                     pid: int | None = None) -> Process:
+        pid = self.alloc_pid() if pid is None else pid
+        p = Process(pid=pid, ppid=parent.pid if parent else 0,
+                    pgid=parent.pgid if parent else pid, sid=parent.sid if parent else pid,
+                    fds=fds, parent=parent, name=name)
+        if parent is not None:
+            parent.children[pid] = p
+            p.sigactions = dict(parent.sigactions)
+            p.brk = parent.brk
+        self.procs[pid] = p
+        return p
+
+    def new_child(self, parent: Process) -> Process:
+        """A process for a fork: same pgid/sid, copied fd table and dispositions."""
+        return self.new_process(parent, parent.fds.copy(), parent.name)
+
+    def new_lwp(self, proc: Process, stack: int, stack_base: int, stack_size: int,
+                ctx: object) -> Lwp:
+        t = BmkThread(tid=proc.pid, name=f"{proc.name}:{proc.pid}", ctx=ctx,
+                      stack_base=stack_base, stack_size=stack_size)
+        lwp = Lwp(proc=proc, thread=t, tid=proc.pid, stack=stack)
+        t.cookie = lwp
+        proc.lwps.append(lwp)
+        self.sched.add(t)
+        return lwp
+
+    def discard_process(self, proc: Process) -> None:
+        """Undo a fork that failed half way: the pid never ran."""
+        self.heap.free_owner(proc.pid)
+        proc.fds.close_all(self)
+        if proc.parent is not None:
+            proc.parent.children.pop(proc.pid, None)
+        self.procs.pop(proc.pid, None)
+        proc.state = ProcState.REAPED
+
+    def exit_process(self, proc: Process, status: int) -> None:
+        """End ``proc`` (exit or fatal signal): free, close, reparent, notify."""
+        if proc.state is not ProcState.ALIVE:
+            return
+        proc.state = ProcState.ZOMBIE
+        proc.status = status
+        proc.ended = time.monotonic()
+        for lwp in proc.lwps:
+            self.sched.kill(lwp.thread)
+            if lwp.stack:
+                self.heap.free(lwp.stack, who=MEMWHO_WIREDBMK)
+            if lwp.tls:
+                self.heap.free(lwp.tls, who=MEMWHO_WIREDBMK)
+        if self.remote is not None:
+            # before the fds close: the supervisor re-parents our children before any
+            # of them can see EOF on a pipe we held (as Linux orders it for them)
+            self.remote.process_exited(proc)
+        proc.fds.close_all(self)
+        self._release_memory(proc)
+        for child in list(proc.children.values()):
+            if child.remote:  # the instance's supervisor re-parents it
+                proc.children.pop(child.pid, None)
+            else:
+                self._reparent(child, self.init)
+        parent = proc.parent
+        if parent is not None and parent.vfork_child == proc.pid:
+            parent.vfork_child = 0
+            for lwp in parent.lwps:
+                self.sched.make_runnable(lwp.thread)
+        if parent is None:
+            return
+        if parent is self.init or parent.disposition(signals.SIGCHLD) == signals.SIG_IGN:
+            self.reap(parent, proc)
+        else:
+            self.sched.wake_all(parent.child_wq)
+
+    def _release_memory(self, proc: Process) -> None:
+        """Free what ``proc`` owns, or hand it to a live descendant that may share it.
+
+        In thread mode a forked child still sees its ancestors' heap through
+        globals; freeing a parent's blocks while a child runs would let the
+        child use freed memory.  The oldest live child inherits them instead
+        and frees them when it ends.
+        """
+        heir = next((c for c in proc.children.values() if c.alive and not c.remote), None)
+        if heir is None:
+            self.heap.free_owner(proc.pid)
+            for addr in list(proc.mmaps):
+                self.pages.free(addr)
+        else:
+            self.heap.reown(proc.pid, heir.pid)
+            heir.mmaps.update(proc.mmaps)
+        proc.mmaps.clear()
+
+    def _reparent(self, child: Process, new_parent: Process) -> None:
+        old = child.parent
+        if old is not None:
+            old.children.pop(child.pid, None)
+        child.parent, child.ppid = new_parent, new_parent.pid
+        new_parent.children[child.pid] = child
+        if new_parent is self.init and child.state is ProcState.ZOMBIE:
+            self.reap(new_parent, child)
+
+    def reap(self, parent: Process, child: Process) -> int:
+        """Remove a zombie; its pid becomes free for ``kill`` (ESRCH)."""
+        parent.children.pop(child.pid, None)
+        child.state = ProcState.REAPED
+        if child.remote and self.remote is not None:
+            self.remote.child_reaped(parent, child)
+        if child is not self.main:
+            self.procs.pop(child.pid, None)
+            if len(self.finished) < MAX_FINISHED:
+                self.finished.append(_info(child))
+        return child.status
+
+    def post_signal(self, proc: Process, sig: int) -> bool:
+        """Deliver ``sig`` with its disposition; True if it ended the process."""
+        if sig == 0 or not proc.alive:
+            return False
+        if proc.remote:
+            if self.remote is not None:
+                self.remote.signal(self.current.proc if self.current else self.init, proc.pid, sig)
+            return False
+        disp = proc.disposition(sig)
+        if sig in (signals.SIGKILL, signals.SIGSTOP):
+            disp = signals.SIG_DFL
+        if disp == signals.SIG_IGN:
+            return False
+        if disp != signals.SIG_DFL:
+            proc.pending |= 1 << (sig - 1)  # a Linux sigset keeps signal n in bit n-1
+            self.warn_once(f"handler:{sig}", "signal handlers are not run: %s to pid %d "
+                           "left pending", signals.signame(sig), proc.pid)
+            return False
+        action = signals.default_action(sig)
+        if action is not signals.Action.TERMINATE:
+            return False
+        proc.report = proc.report or f"pid {proc.pid}: killed by {signals.signame(sig)}"
+        self.exit_process(proc, signals.signaled_status(sig))
+        return True
+
+    def add_remote_child(self, parent: Process, pid: int) -> Process:
+        """A proxy for a child that runs in another VM; its exit arrives as an event."""
+        child = Process(pid=pid, ppid=parent.pid, pgid=parent.pgid, sid=parent.sid,
+                        fds=FdTable(), parent=parent, name=parent.name, remote=True)
+        parent.children[pid] = child
+        parent.child_wq.host = True
+        return child
+
+    def remote_child_exited(self, pid: int, status: int) -> None:
+        """Event: a remote child ended (VM thread)."""
+        for p in list(self.procs.values()):
+            child = p.children.get(pid)
+            if child is not None and child.remote and child.alive:
+                child.state, child.status, child.ended = ProcState.ZOMBIE, status, time.monotonic()
+                if p.vfork_child == pid:
+                    p.vfork_child = 0
+                    for lwp in p.lwps:
+                        self.sched.make_runnable(lwp.thread)
+                if p.disposition(signals.SIGCHLD) == signals.SIG_IGN:
+                    self.reap(p, child)
+                else:
+                    self.sched.wake_all(p.child_wq)
+
+    def blocked_report(self) -> list[str]:
+        """'pid N (name): what it waits on' for every blocked process."""
+        return [f"  pid {t.cookie.proc.pid} ({t.cookie.proc.name}): {t.why or 'blocked'}"
+                for t in self.sched.blocked()]
+
+    def process_table(self) -> list[ProcInfo]:
+        """Every process of the run: live, zombie, and (up to MAX_FINISHED) reaped."""
+        rows = self.finished + [_info(p) for p in self.procs.values()]
+        return sorted(rows, key=lambda p: p.pid)
+
+
+    # -- snapshots (VM-clone fork) ----------------------------------------------------
+    def export_process(self, lwp: Lwp, child_pid: int) -> dict:
+        """The state of the process of ``lwp`` as its fork child ``child_pid`` starts
+        with it (plain JSON-able data; fds and registers are the snapshot's)."""
+        proc, t = lwp.proc, lwp.thread
+        return {
+            "process": {"pid": child_pid, "ppid": proc.pid, "pgid": proc.pgid, "sid": proc.sid,
+                        "name": proc.name, "pending": 0, "brk": proc.brk,
+                        "sigactions": [[sig, *act] for sig, act in sorted(proc.sigactions.items())],
+                        "mmaps": sorted(proc.mmaps.items()), "owner": proc.pid},
+            "lwp": {"stack": lwp.stack, "stack_base": t.stack_base, "stack_size": t.stack_size,
+                    "tls": lwp.tls, "sigmask": lwp.sigmask},
+        }
+
+    def restore_process(self, state: dict, fds: FdTable, ctx: object) -> Process:
+        """Rebuild the process of :meth:`export_process` as this VM's main process,
+        running on the saved context ``ctx``; it owns the heap blocks its parent did.
+        ``state`` comes checked (the snapshot decoder refuses pids <= INIT_PID)."""
+        p, lw = state["process"], state["lwp"]
+        pid = int(p["pid"])
+        proc = self.new_process(None, fds, str(p["name"]), pid=pid)
+        proc.ppid, proc.pgid, proc.sid = int(p["ppid"]), int(p["pgid"]), int(p["sid"])
+        proc.brk = int(p["brk"])
+        proc.sigactions = {int(a[0]): tuple(int(x) for x in a[1:5]) for a in p["sigactions"]}
+        proc.mmaps = {int(a): int(n) for a, n in p["mmaps"]}
+        self._next_pid = max(self._next_pid, pid + 1)
+        self.heap.reown(int(p["owner"]), pid)
+        lwp = self.new_lwp(proc, int(lw["stack"]), int(lw["stack_base"]), int(lw["stack_size"]),
+                           ctx)
+        lwp.tls, lwp.sigmask = int(lw["tls"]), int(lw["sigmask"])
+        self.main = proc
+        return proc
+
+
+def _info(p: Process) -> ProcInfo:
+    return ProcInfo(p.pid, p.ppid, p.name, p.state.value, None if p.alive else p.status,
+                    p.report)
+
+

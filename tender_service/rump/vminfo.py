@@ -1,0 +1,59 @@
+"""What a VM is asked to be (``VmConfig``) and what it reports (``RunResult``, ``ProcInfo``).
+
+Plain data, apart from the kernel: the service, the CLI and the harness describe
+and read VMs without importing the emulator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tender_service.machine.layout import DEFAULT_RAM, DEFAULT_STACK, MAX_RAM, MIN_RAM
+from tender_service.rump import signals
+
+
+@dataclass(slots=True)
+class VmConfig:
+    ram: int = DEFAULT_RAM
+    stack_size: int = DEFAULT_STACK
+    timeout: float | None = None  # seconds of wall time for the whole VM
+    quantum: int = 0  # instructions before a forced switch; 0 = cooperative only
+    max_procs: int = 1024
+    tty: bool = True
+    trace_syscalls: bool = False
+
+    def validate(self) -> None:
+        if not MIN_RAM <= self.ram <= MAX_RAM:
+            raise ValueError(f"ram must be between {MIN_RAM} and {MAX_RAM} bytes")
+        if not 16 << 10 <= self.stack_size <= 64 << 20:
+            raise ValueError("stack size must be between 16 KiB and 64 MiB")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError("timeout must be positive")
+        if self.quantum < 0 or self.max_procs < 2:
+            raise ValueError("quantum must be >= 0 and max_procs >= 2")
+
+
+@dataclass(slots=True)
+class ProcInfo:
+    pid: int
+    ppid: int
+    name: str
+    state: str
+    status: int | None
+    report: str
+
+
+@dataclass(slots=True)
+class RunResult:
+    status: int  # wait status of the launched program
+    outcome: str  # exited | signaled | timeout | deadlock | killed
+    reports: list[str]
+    elapsed: float
+    forks: int
+    syscalls: int
+    peak_memory: int
+    processes: list[ProcInfo] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return signals.shell_code(self.status)
