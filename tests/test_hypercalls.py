@@ -11,7 +11,7 @@ import pytest
 
 from tender_service.bmk.memalloc import MEMWHO_WIREDBMK
 from tender_service.machine import hypercalls
-from tender_service.rump.syscalls.memory import hc_free, hc_realloc, hc_usable_size
+from tender_service.rump.syscalls.sys_memory import hc_free, hc_realloc, hc_usable_size
 from tender_service.toolchain.cc import compile_guest
 from tender_service.toolchain.images import build_image
 from tender_service.toolchain.paths import runtime_dir

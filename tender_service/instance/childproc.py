@@ -14,7 +14,7 @@ import logging
 
 from multiprocessing_logging import MultiProcessingHandler
 
-from tender_service.instance.malloc import limit_malloc_arenas
+from tender_service.instance.hostmalloc import limit_malloc_arenas
 
 
 class _Forward(logging.Handler):

@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from tender_service import protos
 from tender_service.instance.budget import MemoryBudget, default_limit
-from tender_service.instance.malloc import limit_malloc_arenas
+from tender_service.instance.hostmalloc import limit_malloc_arenas
 from tender_service.instance.pool import WarmPool
 from tender_service.instance.threadvm import ThreadVmHost
 from tender_service.instance.worker import HOST_NAME_ENV, PEER_TOKEN_ENV, PeerServicer
