@@ -35,7 +35,9 @@ from tender_service.rump.kernel import Kernel, VmConfig
 from tender_service.rump.process import Process
 from tender_service.transports.channel import (
     PEER_TIMEOUT,
+    SHM_FALLBACK_KEY,
     ChannelClosed,
+    ShmExhausted,
     connect_channel,
     keep_alive,
 )
@@ -216,15 +218,16 @@ class PeerServicer:
 
     def _build(self, start: dict, snapshot: bytes, image_data: bytes = b"") -> Kernel:
         pid = int(start["pid"])
-        sock = connect(start["supervisor"])
-        try:
-            keep_alive(sock, float(start.get("peer_timeout_seconds") or PEER_TIMEOUT))
-        except (OSError, ValueError):
-            sock.close()
-            raise
         hello = {"token": start["instance_token"], "pid": pid, "host_pid": os.getpid(),
                  "host": os.environ.get(HOST_NAME_ENV) or socket.gethostname()}
-        channel = connect_channel(start["transport"], sock, True, hello)
+        try:
+            channel = connect_channel(start["transport"], self._dial(start), True, hello)
+        except ShmExhausted as e:
+            # /dev/shm is full: the same supervisor socket carries frames instead (tcp),
+            # and the hello tells the supervisor why (transport_note, the metric)
+            log.warning("instance %s pid %d: %s: using tcp", start["instance_id"], pid, e)
+            hello[SHM_FALLBACK_KEY] = str(e)
+            channel = connect_channel("tcp", self._dial(start), True, hello)
         link = VmLink(channel, pid)
         try:
             console = Console(link.console_sink, stdin=None, tty=bool(start["tty"]))
@@ -245,6 +248,16 @@ class PeerServicer:
             raise
         link.attach(k)
         return k
+
+    @staticmethod
+    def _dial(start: dict) -> socket.socket:
+        sock = connect(start["supervisor"])
+        try:
+            keep_alive(sock, float(start.get("peer_timeout_seconds") or PEER_TIMEOUT))
+        except (OSError, ValueError):
+            sock.close()
+            raise
+        return sock
 
     def _run(self, k: Kernel, key: tuple[str, int]) -> None:
         with self.lock:
