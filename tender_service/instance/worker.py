@@ -27,6 +27,7 @@ import grpc
 from tender_service import protos
 from tender_service.fork.snapshot import SnapshotError, decode, restore
 from tender_service.fork.vmclone import VmCloneFork
+from tender_service.instance import jail
 from tender_service.instance.childproc import setup_child
 from tender_service.machine.elf import load_elf_file, parse_elf
 from tender_service.machine.errors import GuestError, ImageError
@@ -312,16 +313,24 @@ def serve(listen: str, ready=None) -> None:
     server.stop(1)
 
 
-def run_worker(listen: str, log_queue, env: dict[str, str], level: int, ready) -> None:
+def run_worker(listen: str, log_queue, env: dict[str, str], level: int, ready,
+               jailed: bool = True) -> None:
     """Entry point of a pool worker (a spawned multiprocessing.Process).
 
     Its log records travel through ``log_queue`` to the pool's
     multiprocessing-logging handler, so they reach the tender's own handlers.
+    ``jailed``: first of all, while it has one thread, it jails itself (instance/jail.py).
     """
     os.environ.update(env)
+    # PEER_TOKEN_ENV: removed by the peer-ticket change (workers dial peers without it)
+    report = jail.jail_worker(keep_env=(HOST_NAME_ENV, PEER_TOKEN_ENV)) if jailed else None
     handler = logging.handlers.QueueHandler(log_queue)
     handler.addFilter(_Context())
     setup_child(handler, level)
+    if report is None:
+        log.warning("this tender process runs VMs unjailed (--no-jail)")
+    else:
+        log.info("%s", report.line())
     serve(listen, ready)
 
 

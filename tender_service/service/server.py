@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tender_service import protos
+from tender_service.instance import jail
 from tender_service.instance.malloc import limit_malloc_arenas
 from tender_service.instance.pool import WarmPool
 from tender_service.instance.threadvm import ThreadVmHost
@@ -63,6 +64,7 @@ class ServeOptions:
     grace: float = 10.0
     peer_timeout: float = PEER_TIMEOUT
     keep_finished: int = KEEP_FINISHED
+    jail: bool = True  # VM processes jail themselves (instance/jail.py); False: --no-jail
 
 
 def _is_loopback(host: str) -> bool:
@@ -272,8 +274,9 @@ class Tender:
         os.environ[HOST_NAME_ENV] = self.advertise
         protos.ensure()
         self.store = ImageStore(max_upload=opts.max_upload)
-        self.pool = WarmPool(opts.pool_size, env=env, host=self.advertise)
-        self.thread_host = ThreadVmHost()
+        jailed = opts.jail and jail.enabled()
+        self.pool = WarmPool(opts.pool_size, env=env, host=self.advertise, jailed=jailed)
+        self.thread_host = ThreadVmHost(jailed=jailed)
         self.stop_event = threading.Event()
         self.peer_servicer = PeerServicer(self.stop_event)
         metrics.VM_STARTS.set_function(lambda: self.peer_servicer.starting)
