@@ -17,12 +17,12 @@ that process, so each one confines itself, one layer per function:
 ``set_no_new_privs``    no setuid/file-capability gain through execve
 ``set_limits``          RLIMIT_AS (the VM's RAM plus the emulator's
                         overhead), RLIMIT_NOFILE, RLIMIT_CORE = 0
-``install_seccomp``     a syscall filter (libseccomp through pyseccomp):
-                        ``VM_SYSCALLS`` is the allowlist of a thread-fork VM
-                        process, which talks to the tender only over the
-                        socket it already holds; ``WORKER_DENIED`` is what a
-                        pool process, which must still connect, accept and
-                        map shared memory, may not do
+``load_filter``         a syscall filter (compiled by libseccomp through
+                        pyseccomp): ``VM_SYSCALLS`` is the allowlist of a
+                        thread-fork VM process, which talks to the tender
+                        only over the socket it already holds
+``install_denylist``    ``WORKER_DENIED`` is what a pool process, which must
+                        still connect, accept and map shared memory, may not do
 
 Anything not allowed fails with EPERM (the process is not killed): the
 emulator's error paths (a traceback's source lines, say) keep working, and
@@ -38,9 +38,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import logging
 import os
 import resource
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -64,6 +66,7 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 CLONE_THREAD = 0x00010000
 #: the user namespace first: it owns the others, and grants them without host privileges
+#: (a root tender's VM process makes the others first, then becomes nobody, then the user ns)
 NAMESPACES = (("user", CLONE_NEWUSER), ("mount", CLONE_NEWNS), ("net", CLONE_NEWNET),
               ("ipc", CLONE_NEWIPC), ("uts", CLONE_NEWUTS))
 #: why no process of ours gets a pid namespace: unshare(CLONE_NEWPID) applies to the
@@ -73,6 +76,7 @@ NAMESPACES = (("user", CLONE_NEWUSER), ("mount", CLONE_NEWNS), ("net", CLONE_NEW
 NO_PID_NAMESPACE = ("the kernel refuses new threads after unshare(CLONE_NEWPID); "
                     "the process forks none")
 PR_SET_NO_NEW_PRIVS = 38
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 NOBODY = 65534  # the uid and gid a root tender's VM processes take
 
 #: address space a thread-fork VM process may add to what it has when its VM is
@@ -214,59 +218,90 @@ def set_limits(report: JailReport, address_space: int | None, nofile: int) -> No
             report.skipped[f"RLIMIT_{name.upper()}"] = str(e)
 
 
-def install_seccomp(report: JailReport, allow: Iterable[str] | None = None,
-                    deny: Iterable[str] = ()) -> None:
-    """Load a filter on every thread of the process: ``allow`` is an allowlist (all
-    else EPERM); without it, ``deny`` and foreign socket families get EPERM.
-    Threads may be made (clone with CLONE_THREAD), processes may not; clone3 says
-    ENOSYS so that libc falls back to clone, whose flags the filter can see."""
+def _need_seccomp() -> None:
     if sc is None:
         raise OSError(errno.ENOSYS, f"no libseccomp for the seccomp filter: {_NO_SECCOMP}")
+
+
+@functools.cache
+def vm_filter() -> bytes:
+    """The thread-fork VM processes' allowlist as a BPF program, compiled once (by
+    libseccomp, in the fork server): each VM process then loads it with one prctl
+    instead of compiling it again (~1.8 ms).  Threads may be made (clone with
+    CLONE_THREAD), processes may not; clone3 says ENOSYS so that libc falls back to
+    clone, whose flags the filter can see; no signal to anyone (not even itself)."""
+    _need_seccomp()
+    f = sc.SyscallFilter(sc.ERRNO(errno.EPERM))
+    for name in VM_SYSCALLS:
+        f.add_rule(sc.ALLOW, name)
+    f.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, CLONE_THREAD))
+    f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+    with tempfile.TemporaryFile() as out:
+        f.export_bpf(out)
+        out.seek(0)
+        return out.read()
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def load_filter(report: JailReport, bpf: bytes) -> None:
+    """Load a compiled filter (``vm_filter``) on this thread; the process must have no
+    other thread yet (the filter is inherited by the threads made after)."""
+    buf = ctypes.create_string_buffer(bpf, len(bpf))
+    prog = _SockFprog(len(bpf) // 8, ctypes.addressof(buf))
+    if _libc().prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")
+    report.seccomp = f"allowlist of {len(VM_SYSCALLS) + 2} syscalls"
+
+
+def install_denylist(report: JailReport, deny: Iterable[str]) -> None:
+    """Load a filter on every thread of the process: ``deny``, processes (clone without
+    CLONE_THREAD; clone3 ENOSYS as above), signals to other processes and socket
+    families but Unix, IPv4 and IPv6 get EPERM; everything else is allowed."""
+    _need_seccomp()
     eperm = sc.ERRNO(errno.EPERM)
-    f = sc.SyscallFilter(eperm if allow is not None else sc.ALLOW)
+    f = sc.SyscallFilter(sc.ALLOW)
     f.set_attr(sc.Attr.CTL_TSYNC, 1)
     f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
-    if allow is not None:
-        names = list(allow)
-        me = os.getpid()
-        for name in names:
-            f.add_rule(sc.ALLOW, name)
-        f.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, CLONE_THREAD))
-        for name in ("kill", "tgkill"):  # signals to itself only
-            f.add_rule(sc.ALLOW, name, sc.Arg(0, sc.EQ, me))
-        report.seccomp = f"allowlist of {len(names) + 3} syscalls"
-    else:
-        names = list(deny)
-        for name in names:
-            f.add_rule(eperm, name)
-        f.add_rule(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, 0))
-        me = os.getpid()
-        for name in ("kill", "tgkill"):  # signals to itself only
-            f.add_rule(eperm, name, sc.Arg(0, sc.NE, me))
-        for family in range(_MAX_FAMILY):
-            if family not in WORKER_SOCKET_FAMILIES:
-                for call in ("socket", "socketpair"):
-                    f.add_rule(eperm, call, sc.Arg(0, sc.EQ, family))
-        f.add_rule(eperm, "socket", sc.Arg(0, sc.GE, _MAX_FAMILY))
-        report.seccomp = (f"denylist of {len(names) + 2} syscalls, signals to itself only, "
-                          "sockets unix/inet/inet6")
+    names = list(deny)
+    for name in names:
+        f.add_rule(eperm, name)
+    f.add_rule(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, 0))
+    me = os.getpid()
+    for name in ("kill", "tgkill"):  # signals to itself only
+        f.add_rule(eperm, name, sc.Arg(0, sc.NE, me))
+    for family in range(_MAX_FAMILY):
+        if family not in WORKER_SOCKET_FAMILIES:
+            for call in ("socket", "socketpair"):
+                f.add_rule(eperm, call, sc.Arg(0, sc.EQ, family))
+    f.add_rule(eperm, "socket", sc.Arg(0, sc.GE, _MAX_FAMILY))
     f.load()
+    report.seccomp = (f"denylist of {len(names) + 2} syscalls, signals to itself only, "
+                      "sockets unix/inet/inet6")
 
 
 # -- the two kinds of jailed process ------------------------------------------------------
-def jail_vm_process(report: JailReport) -> JailReport:
+def jail_vm_process(report: JailReport, bpf: bytes) -> JailReport:
     """Confine a thread-fork VM process whose VM is built and whose threads are not
     started yet (unshare needs a single thread): nobody's uid, namespaces, limits,
-    filter.  The
-    environment was scrubbed by the fork server before it forked this process."""
+    the filter ``bpf`` (``vm_filter``).  The fork server scrubbed the environment
+    before it forked this process."""
     t0 = time.perf_counter()
-    drop_identity(report)
-    unshare_namespaces(report)
+    user = [ns for ns in NAMESPACES if ns[0] == "user"]
+    if os.geteuid() == 0:  # the others while root can make them, nobody's user ns last
+        unshare_namespaces(report, [ns for ns in NAMESPACES if ns[0] != "user"])
+        drop_identity(report)
+        unshare_namespaces(report, user)
+    else:  # the user namespace first: it grants the others
+        drop_identity(report)
+        unshare_namespaces(report)
     report.skipped["pid namespace"] = NO_PID_NAMESPACE
     # the VM's RAM is mapped already: what the process has now, plus the emulator's growth
     set_limits(report, _address_space() + VM_AS_HEADROOM, VM_NOFILE)
     set_no_new_privs()
-    install_seccomp(report, allow=VM_SYSCALLS)
+    load_filter(report, bpf)
     report.seconds += time.perf_counter() - t0
     return report
 
@@ -286,7 +321,7 @@ def jail_worker(keep_env: Iterable[str]) -> JailReport:
     set_limits(report, None, WORKER_NOFILE)
     report.skipped["RLIMIT_AS"] = "a pool process hosts any number of VMs"
     set_no_new_privs()
-    install_seccomp(report, deny=WORKER_DENIED)
+    install_denylist(report, WORKER_DENIED)
     report.seconds = time.perf_counter() - t0
     return report
 

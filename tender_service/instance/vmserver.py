@@ -166,7 +166,7 @@ def run_child(conn: Connection, start: dict, level: int,
     k.fork_observer = link.fork_time
     if jailed is not None:
         try:
-            log.info("%s", jail.jail_vm_process(jailed).line())
+            log.info("%s", jail.jail_vm_process(jailed, jail.vm_filter()).line())
         except (OSError, ImportError) as e:  # fail closed: no VM runs half-jailed
             k.close()
             link.send_json(b"E", {"error": f"cannot jail the VM process: {e} "
@@ -274,6 +274,11 @@ def serve(conn: Connection, level: int, jailed: bool = True) -> None:
     report = JailReport(env=jail.scrub_environment()) if jailed else None
     if report is None:
         log.warning("VM processes run unjailed (--no-jail)")
+    else:
+        try:
+            jail.vm_filter()  # compiled once, here: the VM processes inherit it (a cache)
+        except OSError as e:
+            log.error("no seccomp filter for VM processes (%s): they will refuse to run", e)
     warm_up()
     wake = os.pipe()
     os.set_blocking(wake[1], False)
