@@ -252,3 +252,10 @@ def test_pool_workers_are_jailed(monkeypatch, caplog, secret_env, jailed):
         assert _field(pid, "Seccomp") == "2"
         for ns in ("ipc", "uts"):
             assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}")
+
+
+@pytest.mark.parametrize("value,on", [("", True), ("0", True), ("1", False), ("yes", False)])
+def test_the_debug_switch(monkeypatch, value, on):
+    """UNIFORK_NO_JAIL=1 (what --no-jail means for the tender's children) turns it off."""
+    monkeypatch.setenv(jail.NO_JAIL_ENV, value)
+    assert jail.enabled() is on
