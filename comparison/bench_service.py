@@ -25,7 +25,13 @@ vmclone mode:
 Prints a table and the ratio vmclone/thread; ``--json FILE`` also writes the
 raw samples.  ``--quick`` finishes in well under 60 s.
 
-Run: ``python -m comparison.bench_service [--quick] [--json FILE]``.
+``--compare-jail`` measures what the jail of VM processes costs
+(tender_service/instance/jail.py): a second tender with ``--no-jail`` runs
+beside the first, every measurement is made on both in the same run (the
+latency runs interleaved across all four), and the table gains the ratios
+jailed/unjailed.
+
+Run: ``python -m comparison.bench_service [--quick] [--compare-jail] [--json FILE]``.
 """
 
 from __future__ import annotations
@@ -75,7 +81,7 @@ def free_port() -> int:
 class LocalTender:
     """``unifork serve`` as a subprocess; ``stop()`` sends SIGTERM and returns its exit status."""
 
-    def __init__(self, pool: int, max_instances: int) -> None:
+    def __init__(self, pool: int, max_instances: int, extra: Sequence[str] = ()) -> None:
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="unifork-bench-service-"))
         self.log_path = self.dir / "tender.log"
@@ -84,7 +90,8 @@ class LocalTender:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [*cmd, "serve", "--listen", self.target, "--pool", str(pool),
-                 "--max-instances", str(max_instances), "--metrics-port", str(free_port())],
+                 "--max-instances", str(max_instances), "--metrics-port", str(free_port()),
+                 *extra],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
         try:
             self._wait_serving()
@@ -174,6 +181,8 @@ def ratio(a: float | None, b: float | None) -> float | None:
 @dataclass
 class ModeResult:
     mode: str
+    target: str = ""  # the tender that runs it
+    label: str = ""  # its row in the table (the mode, and "no jail" for the unjailed tender)
     latencies: list[float] = field(default_factory=list)  # seconds
     latency_errors: Counter = field(default_factory=Counter)
     completed: int = 0
@@ -198,19 +207,20 @@ def progress(msg: str, t0: float, quiet: bool) -> None:
         print(f"[{time.monotonic() - t0:6.1f} s] {msg}", file=sys.stderr, flush=True)
 
 
-def measure_latency(c: Client, results: dict[str, ModeResult], runs: int, warmup: int) -> None:
-    modes = list(results)
+def measure_latency(clients: dict[str, Client], results: dict[str, ModeResult], runs: int,
+                    warmup: int) -> None:
+    rows = list(results.values())
     for i in range(warmup + runs):
-        for mode in modes if i % 2 == 0 else reversed(modes):  # interleaved, alternating order
-            seconds, status, out = run_instance(c, mode, console=i < warmup)
+        for res in rows if i % 2 == 0 else reversed(rows):  # interleaved, alternating order
+            seconds, status, out = run_instance(clients[res.target], res.mode, console=i < warmup)
             if i < warmup:
                 if status != "ok" or out != HELLO:
-                    raise BenchError(f"warm-up {mode} hello: {status}, stdout {out!r}")
+                    raise BenchError(f"warm-up {res.label} hello: {status}, stdout {out!r}")
                 continue
             if status == "ok":
-                results[mode].latencies.append(seconds)
+                res.latencies.append(seconds)
             else:
-                results[mode].latency_errors[status] += 1
+                res.latency_errors[status] += 1
 
 
 def measure_throughput(target: str, res: ModeResult, clients: int, seconds: float,
@@ -273,13 +283,31 @@ def measure_cold_fork(c: Client, res: ModeResult, runs: int) -> None:
             raise BenchError(f"fork_time ({res.mode}): {e}") from None
 
 
+def jail_cost_rows(results: dict[str, ModeResult]) -> list[list[str]]:
+    """jailed/unjailed per mode, when the run had an unjailed tender too."""
+    rows = []
+    for mode in ("thread", "vmclone"):
+        j, n = results.get(mode), results.get(f"{mode}, no jail")
+        if j is None or n is None:
+            continue
+        rows.append([f"{mode}: jail/no jail",
+                     fmt_ratio(ratio(median(j.latencies), median(n.latencies)), 2),
+                     fmt_ratio(ratio(p99(j.latencies), p99(n.latencies)), 2), "",
+                     fmt_ratio(ratio(j.throughput, n.throughput), 2),
+                     fmt_ratio(ratio(median(j.fork_us), median(n.fork_us)), 2),
+                     fmt_ratio(ratio(median(j.first_fork_us), median(n.first_fork_us)), 2),
+                     fmt_ratio(ratio(median(j.cold_fork_us), median(n.cold_fork_us)), 2), "",
+                     ""])
+    return rows
+
+
 # -- output --------------------------------------------------------------------------------------
 def fmt(v: float | None, scale: float = 1.0, unit: str = "", digits: int = 2) -> str:
     return "-" if v is None else f"{v * scale:.{digits}f}{unit}"
 
 
-def fmt_ratio(r: float | None) -> str:
-    return "-" if r is None else f"{r:.1f}x"
+def fmt_ratio(r: float | None, digits: int = 1) -> str:
+    return "-" if r is None else f"{r:.{digits}f}x"
 
 
 def fmt_errors(errors: Counter) -> str:
@@ -292,8 +320,8 @@ def table(results: dict[str, ModeResult], clients: int) -> str:
             "fork warm median", "first of loop", "cold fork (listing 4.1)", "cold/warm",
             "errors"]
     rows = [head]
-    for r in (t, v):
-        rows.append([r.mode, fmt(median(r.latencies), 1e3, " ms"), fmt(p99(r.latencies), 1e3,
+    for r in results.values():
+        rows.append([r.label, fmt(median(r.latencies), 1e3, " ms"), fmt(p99(r.latencies), 1e3,
                                                                         " ms"),
                      str(len(r.latencies)), fmt(r.throughput, unit=" inst/s", digits=1) +
                      f" ({r.completed} in {r.elapsed:.1f} s)",
@@ -308,6 +336,7 @@ def table(results: dict[str, ModeResult], clients: int) -> str:
                  fmt_ratio(ratio(median(v.fork_us), median(t.fork_us))),
                  fmt_ratio(ratio(median(v.first_fork_us), median(t.first_fork_us))),
                  fmt_ratio(ratio(median(v.cold_fork_us), median(t.cold_fork_us))), "", ""])
+    rows += jail_cost_rows(results)
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
              for row in rows]
@@ -326,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="bound on the instances launched per throughput window")
     p.add_argument("--json", help="also write the raw samples to this file")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--compare-jail", action="store_true",
+                   help="also measure a tender with --no-jail, in the same run")
     a = p.parse_args(argv)
     runs, warmup = (20, 3) if a.quick else (100, 5)
     seconds = a.seconds or (3.0 if a.quick else 5.0)
@@ -334,36 +365,43 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.monotonic()
     protos.ensure()
-    progress("starting a tender (pool of 2)", t0, a.quiet)
-    tender = LocalTender(pool=2, max_instances=max(64, 2 * a.clients))
-    results = {m: ModeResult(m) for m in ("thread", "vmclone")}
+    kinds = {"": ()} | ({", no jail": ("--no-jail",)} if a.compare_jail else {})
+    progress(f"starting {len(kinds)} tender(s) (pool of 2)", t0, a.quiet)
+    tenders: dict[str, LocalTender] = {}
+    results: dict[str, ModeResult] = {}
+    clients: dict[str, Client] = {}
     code = 0
     try:
-        c = Client(tender.target)
-        try:
-            progress(f"latency: {runs} Launch+Wait of hello per mode, interleaved", t0, a.quiet)
-            measure_latency(c, results, runs, warmup)
-            for mode, res in results.items():
-                progress(f"throughput: {mode}, {a.clients} clients, {seconds:g} s", t0, a.quiet)
-                measure_throughput(tender.target, res, a.clients, seconds, a.max_instances)
-            for mode, res in results.items():
-                progress(f"fork latency: fork_time -n 20 in a {mode} instance", t0, a.quiet)
-                measure_fork(c, res, fork_runs)
-            for mode, res in results.items():
-                progress(f"cold fork: fork_time (one fork) in {cold_runs} fresh {mode} "
-                         "instances", t0, a.quiet)
-                measure_cold_fork(c, res, cold_runs)
-        finally:
-            c.close()
+        for suffix, extra in kinds.items():
+            t = tenders[suffix] = LocalTender(pool=2, max_instances=max(64, 2 * a.clients),
+                                              extra=extra)
+            clients[t.target] = Client(t.target)
+            for m in ("thread", "vmclone"):
+                results[m + suffix] = ModeResult(m, t.target, m + suffix)
+        progress(f"latency: {runs} Launch+Wait of hello per row, interleaved", t0, a.quiet)
+        measure_latency(clients, results, runs, warmup)
+        for res in results.values():
+            progress(f"throughput: {res.label}, {a.clients} clients, {seconds:g} s", t0, a.quiet)
+            measure_throughput(res.target, res, a.clients, seconds, a.max_instances)
+        for res in results.values():
+            progress(f"fork latency: fork_time -n 20 in a {res.label} instance", t0, a.quiet)
+            measure_fork(clients[res.target], res, fork_runs)
+        for res in results.values():
+            progress(f"cold fork: fork_time (one fork) in {cold_runs} fresh {res.label} "
+                     "instances", t0, a.quiet)
+            measure_cold_fork(clients[res.target], res, cold_runs)
     except BenchError as e:
         print(f"bench_service: {e}", file=sys.stderr)
         code = 1
     finally:
-        status = tender.stop()
-        if status != 0:
-            print(f"bench_service: the tender exited {status} on SIGTERM:\n{tender.log()}",
-                  file=sys.stderr)
-            code = code or 1
+        for c in clients.values():
+            c.close()
+        for tender in tenders.values():
+            status = tender.stop()
+            if status != 0:
+                print(f"bench_service: the tender exited {status} on SIGTERM:\n{tender.log()}",
+                      file=sys.stderr)
+                code = code or 1
     progress("done", t0, a.quiet)
     if code == 0:
         print(f"unifork tender service, hello instances; {platform.machine()}, "

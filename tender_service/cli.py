@@ -170,7 +170,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
             max_instances=a.max_instances, max_upload=a.max_upload,
             max_image_store=a.max_image_store, max_guest_memory=a.max_guest_memory,
             default_timeout=a.default_timeout, grace=a.grace,
-            peer_timeout=a.peer_timeout, keep_finished=a.keep_finished))
+            peer_timeout=a.peer_timeout, keep_finished=a.keep_finished, jail=not a.no_jail))
     except (ValueError, OSError) as e:
         print(f"unifork serve: {e}", file=sys.stderr)
         return 2
@@ -267,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--keep-finished", type=int, default=4096,
                     help="finished instances remembered for Wait, Describe and logs "
                          "(oldest forgotten first; default 4096)")
+    sv.add_argument("--no-jail", action="store_true",
+                    help="run VM processes unconfined, for debugging (or env UNIFORK_NO_JAIL=1; "
+                         "see tender_service/instance/jail.py)")
     sv.add_argument("--grace", type=float, default=10.0,
                     help="seconds running instances get to finish on SIGTERM")
 

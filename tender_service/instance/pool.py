@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from tender_service.instance import jail
 from tender_service.instance.childproc import log_receiver
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class WorkerHandle:
 
 class WarmPool:
     def __init__(self, size: int = 2, verbose: int = 0, env: dict[str, str] | None = None,
-                 host: str = "local") -> None:
+                 host: str = "local", jailed: bool | None = None) -> None:
         if size < 1:
             raise ValueError("pool size must be at least 1")
         self.size = size
@@ -85,6 +86,8 @@ class WarmPool:
             logging.WARNING - 10 * verbose
         self.env = dict(env or {})
         self.host = host
+        #: workers jail themselves (instance/jail.py) unless --no-jail / UNIFORK_NO_JAIL
+        self.jailed = jail.enabled() if jailed is None else jailed
         self.dir = tempfile.mkdtemp(prefix="unifork-pool-")
         self.workers: list[WorkerHandle] = []
         self._ids = itertools.count()
@@ -106,7 +109,7 @@ class WarmPool:
         ready = self._mp.Event()
         proc = self._mp.Process(target=run_worker, daemon=True, name=f"unifork-worker-{path}",
                                 args=(f"unix:{path}", self.logs.queue, self.env, self.level,
-                                      ready))
+                                      ready, self.jailed))
         proc.start()
         if not ready.wait(START_TIMEOUT):
             log.warning("tender process %d did not start", proc.pid)

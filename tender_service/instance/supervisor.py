@@ -34,6 +34,7 @@ from tender_service.rump.vminfo import ProcInfo, VmConfig
 from tender_service.transports.broker import PipeBroker
 from tender_service.transports.channel import (
     PEER_TIMEOUT,
+    SHM_FALLBACK_KEY,
     Channel,
     ChannelClosed,
     accept_channel,
@@ -345,6 +346,14 @@ class Supervisor:
         return (isinstance(token, str) and type(hello.get("pid")) is int
                 and hmac.compare_digest(token.encode(errors="replace"), self.token.encode()))
 
+    def _shm_fell_back(self, pid: int, reason: str) -> None:
+        """A VM of ours found /dev/shm full and talks tcp instead: say so, count it."""
+        log.warning("instance %s: pid %d uses tcp, not shm: %s", self.id, pid, reason)
+        self.transport_note = f"shm requested, tcp used for some VMs: {reason}"
+        counter = getattr(self.observer, "shm_exhausted", None)
+        if counter is not None:
+            counter()
+
     def _serve(self, sock: socket.socket) -> None:
         try:  # a stranger gets no answer at all (and no shm segment of its is mapped)
             channel, hello = accept_channel(sock, admit=self._member)
@@ -360,6 +369,8 @@ class Supervisor:
                 channel.close()
                 return
             host_pid = hello.get("host_pid")
+            if SHM_FALLBACK_KEY in hello:
+                self._shm_fell_back(pid, str(hello[SHM_FALLBACK_KEY])[:200])
             rec.channel, rec.state = channel, "running"
             rec.host_pid = host_pid if type(host_pid) is int else rec.host_pid
             rec.host = str(hello.get("host") or rec.host)[:256]

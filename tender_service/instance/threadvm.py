@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing import reduction
 
-from tender_service.instance import vmserver
+from tender_service.instance import jail, vmserver
 from tender_service.rump import signals
 from tender_service.rump.console import Sink
 from tender_service.rump.vminfo import ProcInfo, RunResult, VmConfig
@@ -207,8 +207,10 @@ class _Server:
 class ThreadVmHost:
     """Keeps the fork server running and starts thread-fork instances through it."""
 
-    def __init__(self, level: int | None = None) -> None:
+    def __init__(self, level: int | None = None, jailed: bool | None = None) -> None:
         self.level = logging.getLogger().getEffectiveLevel() if level is None else level
+        #: VM processes jail themselves (instance/jail.py) unless --no-jail / UNIFORK_NO_JAIL
+        self.jailed = jail.enabled() if jailed is None else jailed
         self._mp = multiprocessing.get_context("spawn")
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -218,7 +220,7 @@ class ThreadVmHost:
 
     def _start_server(self) -> _Server:
         mine, theirs = self._mp.Pipe(duplex=True)
-        proc = self._mp.Process(target=vmserver.serve, args=(theirs, self.level),
+        proc = self._mp.Process(target=vmserver.serve, args=(theirs, self.level, self.jailed),
                                 name="unifork-vm-server", daemon=True)
         proc.start()
         theirs.close()

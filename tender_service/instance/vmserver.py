@@ -47,7 +47,9 @@ from dataclasses import dataclass
 from multiprocessing import Pipe, reduction
 from multiprocessing.connection import Connection
 
+from tender_service.instance import jail
 from tender_service.instance.childproc import setup_child
+from tender_service.instance.jail import JailReport
 from tender_service.machine.elf import load_elf_file, parse_elf
 from tender_service.machine.errors import ImageError
 from tender_service.rump.kernel import Kernel
@@ -147,8 +149,12 @@ class _ChildLink:
                     return
 
 
-def run_child(conn: Connection, start: dict, level: int) -> None:
-    """Run one thread-fork VM to the end and report it (a forked child's work)."""
+def run_child(conn: Connection, start: dict, level: int,
+              jailed: JailReport | None = None) -> None:
+    """Run one thread-fork VM to the end and report it (a forked child's work).
+
+    ``jailed``: confine this process (instance/jail.py) once its VM is built,
+    before any thread starts; the report says what the fork server did already."""
     link = _ChildLink(conn)
     setup_child(FrameLog(link.send, f"thread-vm {os.getpid()} instance {start['instance_id']}"),
                 level)
@@ -159,6 +165,14 @@ def run_child(conn: Connection, start: dict, level: int) -> None:
         link.send_json(b"E", {"error": str(e)})
         return
     k.fork_observer = link.fork_time
+    if jailed is not None:
+        try:
+            log.info("%s", jail.jail_vm_process(jailed, jail.vm_filter()).line())
+        except (OSError, ImportError) as e:  # fail closed: no VM runs half-jailed
+            k.close()
+            link.send_json(b"E", {"error": f"cannot jail the VM process: {e} "
+                                           "(unifork serve --no-jail runs VMs unconfined)"})
+            return
     try:
         link.send_json(b"S", {"pid": os.getpid()})
         threading.Thread(target=link.serve_controls, args=(k,), name="controls",
@@ -210,7 +224,7 @@ class _Spare:
     conn: Connection  # the server's end: one request, then the VM's socket
 
 
-def _fork_spare(conn: Connection, level: int) -> _Spare:
+def _fork_spare(conn: Connection, level: int, jailed: JailReport | None) -> _Spare:
     """Fork the next VM process ahead of its request.  It runs :func:`warm_up` in the
     meantime, so the page faults a VM's first steps take in a fresh copy of the
     server (copy-on-write) are paid before the instance waits for them."""
@@ -237,7 +251,7 @@ def _fork_spare(conn: Connection, level: int) -> _Spare:
         except (EOFError, OSError):
             return  # the server is gone before it needed this one
         theirs.close()
-        run_child(Connection(fd), req["start"], level)
+        run_child(Connection(fd), req["start"], level, jailed)
     except BaseException:  # noqa: BLE001 - a forked child must never return to the loop
         code = 1
         logging.getLogger(__name__).exception("thread-fork VM process failed")
@@ -251,11 +265,22 @@ def _hand_over(spare: _Spare, request: bytes, fd: int) -> None:
     spare.conn.close()
 
 
-def serve(conn: Connection, level: int) -> None:
+def serve(conn: Connection, level: int, jailed: bool = True) -> None:
     """The server's loop (a spawned process's target): hand each request to the
     waiting spare VM process, fork the next spare, report each VM's end; exit when
-    the tender hangs up (spares and VMs notice on their own connections)."""
+    the tender hangs up (spares and VMs notice on their own connections).
+
+    ``jailed``: the server scrubs its environment (the tender's secrets never reach
+    a VM process) and each VM process jails itself (instance/jail.py)."""
     setup_child(FrameLog(conn.send_bytes, f"vm-server {os.getpid()}"), level)
+    report = JailReport(env=jail.scrub_environment()) if jailed else None
+    if report is None:
+        log.warning("VM processes run unjailed (--no-jail)")
+    else:
+        try:
+            jail.vm_filter()  # compiled once, here: the VM processes inherit it (a cache)
+        except OSError as e:
+            log.error("no seccomp filter for VM processes (%s): they will refuse to run", e)
     warm_up()
     wake = os.pipe()
     os.set_blocking(wake[1], False)
@@ -266,7 +291,7 @@ def serve(conn: Connection, level: int) -> None:
     while True:
         if spare is None:
             try:
-                spare = _fork_spare(conn, level)
+                spare = _fork_spare(conn, level, report)
             except OSError as e:
                 log.error("cannot fork a VM process: %s", e)
         ready, _, _ = select.select([conn.fileno(), wake[0]], [], [])
@@ -284,7 +309,7 @@ def serve(conn: Connection, level: int) -> None:
         _parse_ahead(req["start"]["image_path"])
         for _ in range(2):  # a spare that died meanwhile: fork another
             try:
-                spare = spare or _fork_spare(conn, level)
+                spare = spare or _fork_spare(conn, level, report)
                 _hand_over(spare, request, fd)
             except OSError as e:
                 log.warning("spare VM process unusable (%s): forking another", e)

@@ -27,6 +27,7 @@ import grpc
 from tender_service import protos
 from tender_service.fork.snapshot import SnapshotError, decode, restore
 from tender_service.fork.vmclone import VmCloneFork
+from tender_service.instance import jail
 from tender_service.instance.childproc import setup_child
 from tender_service.instance.vmserver import warm_up
 from tender_service.machine.elf import load_elf_file, parse_elf
@@ -37,7 +38,9 @@ from tender_service.rump.process import Process
 from tender_service.rump.vminfo import VmConfig
 from tender_service.transports.channel import (
     PEER_TIMEOUT,
+    SHM_FALLBACK_KEY,
     ChannelClosed,
+    ShmExhausted,
     connect_channel,
     keep_alive,
 )
@@ -218,15 +221,16 @@ class PeerServicer:
 
     def _build(self, start: dict, snapshot: bytes, image_data: bytes = b"") -> Kernel:
         pid = int(start["pid"])
-        sock = connect(start["supervisor"])
-        try:
-            keep_alive(sock, float(start.get("peer_timeout_seconds") or PEER_TIMEOUT))
-        except (OSError, ValueError):
-            sock.close()
-            raise
         hello = {"token": start["instance_token"], "pid": pid, "host_pid": os.getpid(),
                  "host": os.environ.get(HOST_NAME_ENV) or socket.gethostname()}
-        channel = connect_channel(start["transport"], sock, True, hello)
+        try:
+            channel = connect_channel(start["transport"], self._dial(start), True, hello)
+        except ShmExhausted as e:
+            # /dev/shm is full: the same supervisor socket carries frames instead (tcp),
+            # and the hello tells the supervisor why (transport_note, the metric)
+            log.warning("instance %s pid %d: %s: using tcp", start["instance_id"], pid, e)
+            hello[SHM_FALLBACK_KEY] = str(e)
+            channel = connect_channel("tcp", self._dial(start), True, hello)
         link = VmLink(channel, pid)
         try:
             console = Console(link.console_sink, stdin=None, tty=bool(start["tty"]))
@@ -247,6 +251,16 @@ class PeerServicer:
             raise
         link.attach(k)
         return k
+
+    @staticmethod
+    def _dial(start: dict) -> socket.socket:
+        sock = connect(start["supervisor"])
+        try:
+            keep_alive(sock, float(start.get("peer_timeout_seconds") or PEER_TIMEOUT))
+        except (OSError, ValueError):
+            sock.close()
+            raise
+        return sock
 
     def _run(self, k: Kernel, key: tuple[str, int]) -> None:
         with self.lock:
@@ -306,16 +320,24 @@ def serve(listen: str, ready=None) -> None:
     server.stop(1)
 
 
-def run_worker(listen: str, log_queue, env: dict[str, str], level: int, ready) -> None:
+def run_worker(listen: str, log_queue, env: dict[str, str], level: int, ready,
+               jailed: bool = True) -> None:
     """Entry point of a pool worker (a spawned multiprocessing.Process).
 
     Its log records travel through ``log_queue`` to the pool's
     multiprocessing-logging handler, so they reach the tender's own handlers.
+    ``jailed``: first of all, while it has one thread, it jails itself (instance/jail.py).
     """
     os.environ.update(env)
+    # PEER_TOKEN_ENV: removed by the peer-ticket change (workers dial peers without it)
+    report = jail.jail_worker(keep_env=(HOST_NAME_ENV, PEER_TOKEN_ENV)) if jailed else None
     handler = logging.handlers.QueueHandler(log_queue)
     handler.addFilter(_Context())
     setup_child(handler, level)
+    if report is None:
+        log.warning("this tender process runs VMs unjailed (--no-jail)")
+    else:
+        log.info("%s", report.line())
     serve(listen, ready)
 
 

@@ -134,6 +134,9 @@ class MetricsObserver:
         if snapshot:
             metrics.SNAPSHOT_BYTES.observe(snapshot)
 
+    def shm_exhausted(self) -> None:
+        metrics.SHM_EXHAUSTED.inc()
+
     def pipe_write(self, nbytes: int, seconds: float) -> None:
         metrics.PIPE_BYTES.labels(self.transport).inc(nbytes)
         metrics.PIPE_WRITE_LATENCY.labels(self.transport).observe(seconds)

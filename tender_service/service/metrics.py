@@ -30,6 +30,8 @@ GUEST_MEMORY = Gauge("unifork_guest_memory_committed_bytes",
                      "Guest memory committed by the thread-fork VMs of this tender")
 VM_STARTS = Gauge("unifork_vm_starts_in_progress",
                   "Peer.StartVm calls this tender is receiving (clones in transfer or restore)")
+SHM_EXHAUSTED = Counter("unifork_shm_exhausted_total",
+                        "VM-clone VMs that found /dev/shm full and used tcp instead of shm")
 FINISHED = Counter("unifork_instances_finished_total", "Instances that ended, by outcome",
                    ["outcome"])
 GRPC_REQUESTS = Counter("unifork_grpc_requests_total", "gRPC requests served, by method and code",

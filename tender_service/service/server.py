@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tender_service import protos
+from tender_service.instance import jail
 from tender_service.instance.budget import MemoryBudget, default_limit
 from tender_service.instance.hostmalloc import limit_malloc_arenas
 from tender_service.instance.pool import WarmPool
@@ -66,6 +67,7 @@ class ServeOptions:
     grace: float = 10.0
     peer_timeout: float = PEER_TIMEOUT
     keep_finished: int = KEEP_FINISHED
+    jail: bool = True  # VM processes jail themselves (instance/jail.py); False: --no-jail
 
 
 def _is_loopback(host: str) -> bool:
@@ -290,8 +292,9 @@ class Tender:
         self.budget = MemoryBudget(default_limit() if opts.max_guest_memory is None
                                    else opts.max_guest_memory)
         self.store = ImageStore(max_upload=opts.max_upload, max_store=opts.max_image_store)
-        self.pool = WarmPool(opts.pool_size, env=env, host=self.advertise)
-        self.thread_host = ThreadVmHost()
+        jailed = opts.jail and jail.enabled()
+        self.pool = WarmPool(opts.pool_size, env=env, host=self.advertise, jailed=jailed)
+        self.thread_host = ThreadVmHost(jailed=jailed)
         self.stop_event = threading.Event()
         self.peer_servicer = PeerServicer(self.stop_event)
         metrics.VM_STARTS.set_function(lambda: self.peer_servicer.starting)

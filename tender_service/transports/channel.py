@@ -51,8 +51,12 @@ ring.  A doorbell byte means only "re-check".  ``_epoch`` counts drains; a
 thread notes it before its final re-check and does not sleep if a drain
 happened since, so a byte drained by another thread is not lost either.
 
-Setup and cleanup: the creator makes the segment and sends its name in its
-hello; the peer attaches and acknowledges; the creator then unlinks the
+Setup and cleanup: the creator makes the segment, reserves all its pages
+(``posix_fallocate``: a tmpfs that is full then says ENOSPC at once, raised as
+``ShmExhausted``, instead of a SIGBUS at the first touch of a page it cannot
+back, in whichever process touches it), and sends its name in its hello; the
+peer reserves too before it reads a byte (a no-op for a creator that did), so
+it never maps a page that may not exist; the peer attaches and acknowledges; the creator then unlinks the
 name at once.  Both keep it mapped, so nothing is left in /dev/shm even if a
 process is SIGKILLed later (only a SIGKILL inside that one round trip can
 leak).  Python 3.11's resource tracker registers every segment a process
@@ -72,6 +76,7 @@ A supervisor accepts workers of either kind on one listening socket with
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -459,6 +464,25 @@ class _Ring:
         del self.data
 
 
+#: hello key of a VM that was asked for shm but uses tcp because /dev/shm is full (the reason)
+SHM_FALLBACK_KEY = "shm_fallback"
+
+
+class ShmExhausted(OSError):
+    """The shared-memory filesystem has no room for a channel segment (ENOSPC)."""
+
+
+def _reserve(shm: SharedMemory) -> None:
+    """Back every page of the segment now, so that touching one never raises SIGBUS."""
+    try:
+        os.posix_fallocate(shm._fd, 0, shm.size)  # type: ignore[attr-defined]
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+            raise ShmExhausted(e.errno, f"no room in /dev/shm for a {shm.size}-byte channel "
+                                        f"segment ({os.strerror(e.errno)})") from None
+        raise
+
+
 def _segment_name() -> str:
     return f"ufp-{os.getpid()}-{secrets.token_hex(6)}"
 
@@ -532,6 +556,7 @@ class ShmChannel(_ChannelBase):
             raise
         _untrack(shm)
         try:
+            _reserve(shm)
             _SEGMENT.pack_into(shm.buf, 0, _SEGMENT_MAGIC, ring_size)
             info[_SHM_KEY] = {"name": shm.name, "ring_size": ring_size}
             write_hello(sock, "shm", info)
@@ -587,6 +612,7 @@ class ShmChannel(_ChannelBase):
             sock.close()
             raise
         try:
+            _reserve(shm)  # a creator that did not reserve must not make us touch a hole
             magic, size = _SEGMENT.unpack_from(shm.buf, 0)
             if magic != _SEGMENT_MAGIC or size != ring_size or ring_size < MIN_RING_SIZE:
                 raise ProtocolError(f"segment {name} is not a channel segment of {ring_size}")
