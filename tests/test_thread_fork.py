@@ -38,7 +38,7 @@ PROBE = "thread_fork_probe"
 
 MULTI_PROCESS = {
     "fork_exit_wait", "pipe_throughput", "token_ring", "dup2_pipe", "pipe_eof", "sigpipe",
-    "ids", "wait_variants", "kill_test", "fork_bomb", "fd_independent", "prefork_server",
+    "ids", "wait_variants", "kill_test", "pgroup_rules", "fork_bomb", "fd_independent", "prefork_server",
     "vfork_test", "orphan", "nested_fork",
 }  # fmt: skip
 # semantics differs by design (tested below); deadlock needs --forever (tested below)

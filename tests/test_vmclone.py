@@ -262,7 +262,7 @@ def env() -> Iterator[Env]:
 #: the test_programs_native case that gives each program's expected output
 SAME_AS_NATIVE = [
     "fork_exit_wait", "token_ring", "dup2_pipe", "pipe_eof", "sigpipe", "ids", "wait_variants",
-    "kill_test", "fd_independent", "vfork_test", "orphan", "nested_fork", "prefork_server",
+    "kill_test", "pgroup_rules", "fd_independent", "vfork_test", "orphan", "nested_fork", "prefork_server",
     "fork_bomb-n5",
 ]  # fmt: skip
 CASE = {case[0]: case for case in CASES}

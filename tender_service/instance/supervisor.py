@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tender_service.instance.budget import MemoryBudget
-from tender_service.rump import signals
+from tender_service.rump import pgroups, signals
 from tender_service.rump.vminfo import ProcInfo, VmConfig
 from tender_service.transports.broker import PipeBroker
 from tender_service.transports.channel import (
@@ -168,7 +168,8 @@ class Supervisor:
         (a launch is refused up front when they are not there); the supervisor owns
         them from now on and gives them back when the VM ends, or runs elsewhere.
         """
-        rec = self._new_proc(MAIN_PID, INIT_PID, MAIN_PID, MAIN_PID)
+        # in init's group and session, as in a thread-fork VM (rump.kernel._spawn_main)
+        rec = self._new_proc(MAIN_PID, INIT_PID, INIT_PID, INIT_PID)
         rec.reserved = reserved
         error: Exception | None = None
         for _ in range(PLACEMENT_TRIES):  # a peer that just died is marked down: try another
@@ -567,21 +568,23 @@ class Supervisor:
         r = self.procs.get(pid or rec.pid)
         return -errno.ESRCH if r is None or r.state == "reaped" else r.sid
 
+    def _members(self) -> list[ProcRec]:
+        return [r for r in self.procs.values() if r.state != "reaped"]
+
     def _op_setpgid(self, rec: ProcRec, pid: int, pgid: int) -> int:
+        """The group the target joins (the VM updates its own copy), or -errno."""
         target = self.procs.get(pid or rec.pid)
-        if target is None or target.state == "reaped" or pgid < 0:
-            return -errno.ESRCH if pgid >= 0 else -errno.EINVAL
-        if target.pid != rec.pid and target.ppid != rec.pid:
-            return -errno.ESRCH
-        pgid = pgid or target.pid
-        if pgid != target.pid and not any(r.pgid == pgid and r.alive for r in self.procs.values()):
-            return -errno.EPERM
-        target.pgid = pgid
-        return 0
+        if target is not None and target.state == "reaped":
+            target = None
+        new = pgroups.setpgid(rec, target, pgid, self._members())
+        if new > 0:
+            target.pgid = new
+        return new
 
     def _op_setsid(self, rec: ProcRec) -> int:
-        if any(r.pgid == rec.pid and r.alive for r in self.procs.values() if r is not rec):
-            return -errno.EPERM
+        err = pgroups.setsid(rec, self._members())
+        if err:
+            return err
         rec.sid = rec.pgid = rec.pid
         return rec.pid
 

@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING
 
 from tender_service.machine.errors import GuestError
-from tender_service.rump import signals
+from tender_service.rump import pgroups, signals
 from tender_service.rump.outcomes import NORETURN, Block, BlockAfter
 from tender_service.rump.process import ProcState
 from tender_service.rump.syscalls.abi import i32
@@ -120,11 +120,22 @@ def _matches(waiter: Process, child: Process, pid: int) -> bool:
     return child.pgid == -pid
 
 
+def _refresh_group(k: Kernel, child: Process) -> None:
+    """A child in another VM (VM-clone) may have changed its group there: ask the
+    supervisor, which keeps every process's group."""
+    if child.remote and k.remote is not None:
+        pgid = k.remote.call("getpgid", child.pid)
+        if pgid > 0:
+            child.pgid = pgid
+
+
 def _find(k: Kernel, lwp: Lwp, pid: int, options: int, why: str) -> Process | None:
     """A zombie child matching ``pid``; None with WNOHANG; ECHILD if no such child."""
     proc = lwp.proc
     found = False
     for child in list(proc.children.values()):
+        if pid == 0 or pid < -1:
+            _refresh_group(k, child)
         if not _matches(proc, child, pid):
             continue
         found = True
@@ -227,35 +238,37 @@ def sys_getsid(k: Kernel, lwp: Lwp, pid: int) -> int:
     return _proc(k, lwp, pid).sid
 
 
+def _members(k: Kernel) -> list[Process]:
+    return [p for p in k.procs.values() if p.state is not ProcState.REAPED]
+
+
 def sys_setpgid(k: Kernel, lwp: Lwp, pid: int, pgid: int) -> int:
+    pid, pgid = i32(pid), i32(pgid)
     if k.remote is not None:  # the supervisor keeps (and checks) every VM's groups
-        _remote(k, "setpgid", i32(pid), i32(pgid))
-        if not _is_remote(k, pid):
-            target = _proc(k, lwp, pid)
-            target.pgid = i32(pgid) or target.pid
+        new = _remote(k, "setpgid", pid, pgid)
+        # this VM's process, or its proxy of a child in another VM (waitpid(0) reads it)
+        local = lwp.proc if pid in (0, lwp.proc.pid) else lwp.proc.children.get(pid)
+        if local is not None:
+            local.pgid = new
         return 0
-    target = _proc(k, lwp, pid)
-    pgid = i32(pgid)
-    if pgid < 0:
-        raise GuestError(errno.EINVAL)
-    if target is not lwp.proc and target.parent is not lwp.proc:
-        raise GuestError(errno.ESRCH)
-    if target.sid != lwp.proc.sid or target.pid == target.sid:
-        raise GuestError(errno.EPERM)
-    pgid = pgid or target.pid
-    if pgid != target.pid and not any(p.pgid == pgid and p.sid == target.sid and p.alive
-                                      for p in k.procs.values()):
-        raise GuestError(errno.EPERM)
-    target.pgid = pgid
+    target = lwp.proc if pid == 0 else k.procs.get(pid)
+    if target is not None and (target.state is ProcState.REAPED or target is k.init):
+        target = None
+    new = pgroups.setpgid(lwp.proc, target, pgid, _members(k))
+    if new < 0:
+        raise GuestError(-new)
+    target.pgid = new
     return 0
 
 
 def sys_setsid(k: Kernel, lwp: Lwp) -> int:
     p = lwp.proc
-    if any(q.pgid == p.pid for q in k.procs.values() if q is not p and q.alive):
-        raise GuestError(errno.EPERM)
     if k.remote is not None:
         _remote(k, "setsid")
+    else:
+        err = pgroups.setsid(p, _members(k))
+        if err:
+            raise GuestError(-err)
     p.sid = p.pgid = p.pid
     return p.pid
 
