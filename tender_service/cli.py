@@ -169,7 +169,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
             tls_key=a.tls_key, insecure_listen_any=a.insecure_listen_any, pool_size=a.pool,
             max_instances=a.max_instances, max_upload=a.max_upload,
             default_timeout=a.default_timeout, grace=a.grace,
-            peer_timeout=a.peer_timeout, keep_finished=a.keep_finished))
+            peer_timeout=a.peer_timeout, keep_finished=a.keep_finished,
+            max_streams=a.max_streams, max_streams_per_peer=a.max_streams_per_peer))
     except (ValueError, OSError) as e:
         print(f"unifork serve: {e}", file=sys.stderr)
         return 2
@@ -260,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--keep-finished", type=int, default=4096,
                     help="finished instances remembered for Wait, Describe and logs "
                          "(oldest forgotten first; default 4096)")
+    sv.add_argument("--max-streams", type=int, default=10000,
+                    help="long-lived calls (Wait, logs, uploads, Health.Watch) open at once; "
+                         "more are refused with RESOURCE_EXHAUSTED (default 10000)")
+    sv.add_argument("--max-streams-per-peer", type=int, default=1000,
+                    help="the same, per client host (default 1000)")
     sv.add_argument("--grace", type=float, default=10.0,
                     help="seconds running instances get to finish on SIGTERM")
 
