@@ -185,10 +185,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         fn = h.unary_unary or h.unary_stream or h.stream_unary or h.stream_stream
         asynchronous = inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
         call = _Call(self.limiter, labels, long_lived, h.request_streaming)
-        if h.response_streaming:
-            wrapped = call.async_stream(fn) if asynchronous else call.sync_stream(fn)
+        if inspect.isasyncgenfunction(fn):
+            wrapped = call.async_stream(fn)
+        elif asynchronous:  # a coroutine: unary, or a stream written with context.write
+            wrapped = call.async_unary(fn)
         else:
-            wrapped = call.async_unary(fn) if asynchronous else call.sync_unary(fn)
+            wrapped = call.sync_stream(fn) if h.response_streaming else call.sync_unary(fn)
         make = {(False, False): grpc.unary_unary_rpc_method_handler,
                 (True, False): grpc.stream_unary_rpc_method_handler,
                 (False, True): grpc.unary_stream_rpc_method_handler,
