@@ -40,6 +40,8 @@ EMULATOR_CRASHES = Counter("unifork_emulator_crashes_total",
                            "VM processes that died of a signal without a result (the emulator "
                            "crashed; each ends its instance's VM, never the tender)",
                            ["fork_mode"])
+for _mode in ("thread", "vmclone"):  # present from the start, at 0: alerts see a series
+    EMULATOR_CRASHES.labels(_mode)
 _GRPC = ["grpc_type", "grpc_service", "grpc_method"]
 GRPC_STARTED = Counter("grpc_server_started_total", "RPCs started on the server", _GRPC)
 GRPC_HANDLED = Counter("grpc_server_handled_total",
