@@ -35,6 +35,7 @@ from tender_service.toolchain.images import build_image
 _tender_grpc = protos.tender()[1]
 TOKEN = "limits-token-0123456789abcdef"
 STREAMS = 1000  # idle long-lived calls held open at once: half Health.Watch, half Wait
+PER_PEER = STREAMS // 2  # the limit per peer of each budget (Health.Watch, the API)
 SHORT_DEADLINE = 5.0  # what a short call gets while they are open
 GARBAGE = b"\x0a\xff\xff\xff"  # field 1, length-delimited, with a truncated length
 
@@ -49,9 +50,9 @@ def streams_open(t: Tender) -> float:
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory):
-    """A tender with a token whose per-peer limit is exactly ``STREAMS``."""
+    """A tender with a token whose per-peer limits are ``PER_PEER``."""
     t = Tender.start(tmp_path_factory.mktemp("limits"), "--pool", "1",
-                     "--max-streams-per-peer", str(STREAMS), token=TOKEN)
+                     "--max-streams-per-peer", str(PER_PEER), token=TOKEN)
     yield t
     stopped_cleanly(t)
 
@@ -74,8 +75,9 @@ def gticker(gclient, tmp_path_factory) -> str:
 def test_idle_streams_do_not_starve_short_calls(guarded, gclient, gticker):
     """1,000 open Health.Watch (no token needed) and Wait calls: the sync server's 64
     threads were all taken by 64 of them, and Health.Check timed out.  Now Check and an
-    authenticated short call still answer, the next long-lived call from the same peer
-    is refused with RESOURCE_EXHAUSTED naming the limit, and once the calls are
+    authenticated short call still answer; the watchers, at their limit, did not take
+    the slots of the waiters; the next long-lived call of either kind from the same peer
+    is refused with RESOURCE_EXHAUSTED naming the limit; and once the calls are
     cancelled the tender is back to the threads it had."""
     t, pid = guarded, guarded.proc.pid
     running = launch(gclient, gticker, ["1000000"], console_pipe=True, time_limit_seconds=600)
@@ -90,10 +92,10 @@ def test_idle_streams_do_not_starve_short_calls(guarded, gclient, gticker):
                    for _ in range(STREAMS // 2)]
         calls += watches
         tender = _tender_grpc.TenderStub(wait_ch)
-        calls += [tender.Wait.future(pb2.WaitRequest(instance_id=running), metadata=t.md,
-                                     timeout=RPC_TIMEOUT) for _ in range(STREAMS // 2)]
         for w in watches:  # every watcher is attached and has its first answer
             assert next(w).status == health_pb2.HealthCheckResponse.SERVING
+        calls += [tender.Wait.future(pb2.WaitRequest(instance_id=running), metadata=t.md,
+                                     timeout=RPC_TIMEOUT) for _ in range(STREAMS // 2)]
         wait_until(lambda: streams_open(t) == STREAMS, 60, f"{STREAMS} calls to be open",
                    interval=0.2)
 
@@ -111,7 +113,8 @@ def test_idle_streams_do_not_starve_short_calls(guarded, gclient, gticker):
                                          timeout=SHORT_DEADLINE)):
             e = rpc_error(more)
             assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (e.code(), e.details())
-            assert f"{STREAMS} long-lived calls open" in e.details()
+            assert f"has {PER_PEER} long-lived" in e.details(), e.details()
+            assert "limit per peer" in e.details(), e.details()
     finally:
         for c in calls:
             c.cancel()

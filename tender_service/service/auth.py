@@ -6,7 +6,8 @@
   checks stay open (orchestrators probe them without credentials, and they reveal
   nothing but SERVING / NOT_SERVING).
 - Long-lived calls (every streaming method and ``Wait``) are bounded per peer host and
-  in all: past either limit a call is refused with RESOURCE_EXHAUSTED.  On the aio
+  in all: past either limit a call is refused with RESOURCE_EXHAUSTED.  ``Health.Watch``
+  (no token needed) has a budget of its own.  On the aio
   server they hold no thread, but each still holds memory, and a peer must not be
   able to take every slot.
 - Undecodable request bytes are INVALID_ARGUMENT (grpc's own answer is INTERNAL on the
@@ -64,30 +65,32 @@ def peer_host(peer: str) -> str:
 
 @dataclass
 class StreamLimiter:
-    """Counts the long-lived calls open, per peer host and in all."""
+    """Counts the long-lived calls open, per peer host and in all, in two budgets:
+    ``Health.Watch`` (open to anyone) and the rest (they need the token when there is
+    one), so that callers without a token never take the slots of those with one."""
 
     total: int = MAX_STREAMS
     per_peer: int = MAX_STREAMS_PER_PEER
-    open: Tally = field(default_factory=Tally)
+    open: Tally = field(default_factory=Tally)  # (budget, peer) -> calls
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def acquire(self, peer: str) -> str | None:
+    def acquire(self, budget: str, peer: str) -> str | None:
         """Take a slot for ``peer``; the reason if there is none."""
         with self.lock:
-            if self.open.total() >= self.total:
-                return f"the tender has {self.total} long-lived calls open (its limit)"
-            if self.open[peer] >= self.per_peer:
-                return (f"{peer} has {self.per_peer} long-lived calls open (the limit per "
-                        "peer): cancel some first")
-            self.open[peer] += 1
+            if sum(n for (b, _), n in self.open.items() if b == budget) >= self.total:
+                return f"the tender has {self.total} long-lived {budget} calls open (its limit)"
+            if self.open[budget, peer] >= self.per_peer:
+                return (f"{peer} has {self.per_peer} long-lived {budget} calls open (the limit "
+                        "per peer): cancel some first")
+            self.open[budget, peer] += 1
             metrics.GRPC_STREAMS.inc()
             return None
 
-    def release(self, peer: str) -> None:
+    def release(self, budget: str, peer: str) -> None:
         with self.lock:
-            self.open[peer] -= 1
-            if self.open[peer] <= 0:
-                del self.open[peer]
+            self.open[budget, peer] -= 1
+            if self.open[budget, peer] <= 0:
+                del self.open[budget, peer]
             metrics.GRPC_STREAMS.dec()
 
 
@@ -184,7 +187,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         """``h`` with its function wrapped as sync or async, whichever it is."""
         fn = h.unary_unary or h.unary_stream or h.stream_unary or h.stream_stream
         asynchronous = inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
-        call = _Call(self.limiter, labels, long_lived, h.request_streaming)
+        call = _Call(self.limiter, labels, long_lived, h.request_streaming,
+                     "Health.Watch" if labels[1] == "grpc.health.v1.Health" else "API")
         if inspect.isasyncgenfunction(fn):
             wrapped = call.async_stream(fn)
         elif asynchronous:  # a coroutine: unary, or a stream written with context.write
@@ -216,6 +220,7 @@ class _Call:
     labels: tuple[str, str, str]
     long_lived: bool
     request_streaming: bool
+    budget: str  # of the stream limits
 
     # -- the parts the four wrappers share --------------------------------------------
     def _begin(self, ctx) -> tuple[str | None, str | None]:
@@ -224,12 +229,12 @@ class _Call:
         if not self.long_lived:
             return None, None
         peer = peer_host(ctx.peer())
-        reason = self.limiter.acquire(peer)
+        reason = self.limiter.acquire(self.budget, peer)
         return (None, reason) if reason else (peer, None)
 
     def _end(self, peer: str | None, code: str, t0: float) -> None:
         if peer is not None:
-            self.limiter.release(peer)
+            self.limiter.release(self.budget, peer)
         metrics.GRPC_HANDLED.labels(*self.labels, code).inc()
         metrics.GRPC_HANDLING.labels(*self.labels).observe(time.perf_counter() - t0)
 
