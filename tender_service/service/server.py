@@ -282,6 +282,8 @@ class Tender:
         check_peer_timeout(opts.peer_timeout)
         if opts.keep_finished < 0:
             raise ValueError("--keep-finished must not be negative")
+        if opts.max_streams < 1 or opts.max_streams_per_peer < 1:
+            raise ValueError("--max-streams and --max-streams-per-peer must be at least 1")
         host, _, port = opts.listen.rpartition(":")
         self.token = read_token(opts.token_file) if opts.token_file else None
         if not _is_loopback(host) and self.token is None and not opts.insecure_listen_any:
