@@ -170,7 +170,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
             max_instances=a.max_instances, max_upload=a.max_upload,
             max_image_store=a.max_image_store, max_guest_memory=a.max_guest_memory,
             default_timeout=a.default_timeout, grace=a.grace,
-            peer_timeout=a.peer_timeout, keep_finished=a.keep_finished, jail=not a.no_jail))
+            peer_timeout=a.peer_timeout, keep_finished=a.keep_finished, jail=not a.no_jail,
+            max_streams=a.max_streams, max_streams_per_peer=a.max_streams_per_peer))
     except (ValueError, OSError) as e:
         print(f"unifork serve: {e}", file=sys.stderr)
         return 2
@@ -270,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--no-jail", action="store_true",
                     help="run VM processes unconfined, for debugging (or env UNIFORK_NO_JAIL=1; "
                          "see tender_service/instance/jail.py)")
+    sv.add_argument("--max-streams", type=int, default=10000,
+                    help="long-lived calls (Wait, logs, uploads, Health.Watch) open at once; "
+                         "more are refused with RESOURCE_EXHAUSTED (default 10000)")
+    sv.add_argument("--max-streams-per-peer", type=int, default=1000,
+                    help="the same, per client host (default 1000)")
     sv.add_argument("--grace", type=float, default=10.0,
                     help="seconds running instances get to finish on SIGTERM")
 

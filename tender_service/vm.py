@@ -82,17 +82,24 @@ def run_vm(image: ElfImage | str | Path, args: Sequence[str] = (),
         k.close()
 
 
+def emulator_crashed(wait_status: int | None) -> bool:
+    """Whether a VM process that ended without a result died of a signal.
+
+    Guest faults never end the process (they end a guest process), so a signal
+    death is the emulator's: Unicorn 2.1.4 dies of SIGSEGV translating a long
+    straight line of x87 instructions (unicorn-engine/unicorn#2240).
+    """
+    return wait_status is not None and wait_status >= 0 and os.WIFSIGNALED(wait_status)
+
+
 def lost_vm_report(os_pid: int, wait_status: int | None) -> str:
     """What to report for a VM whose host process ended without a result.
 
     ``wait_status`` is that process's (as ``os.waitpid`` gives it), None if unknown.
-    Guest faults never end the process (they end a guest process), so a signal
-    death here is the emulator's: Unicorn 2.1.4 dies of SIGSEGV translating a
-    long straight line of x87 instructions (unicorn-engine/unicorn#2240).
     """
     if wait_status is None or wait_status < 0:
         how = "ended (how is unknown)"
-    elif os.WIFSIGNALED(wait_status):
+    elif emulator_crashed(wait_status):
         how = f"died of {signals.signame(os.WTERMSIG(wait_status))} (the emulator crashed)"
     else:
         how = f"exited with code {os.WEXITSTATUS(wait_status)} without a result"

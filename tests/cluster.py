@@ -213,8 +213,9 @@ class Cluster:
         """How many Peer.GetLoad calls tender k has answered (its /metrics)."""
         text = self.agent.call("metrics", url=f"http://{self.addr(k)}:{METRICS_PORT}/metrics")
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("unifork_grpc_requests_total{")
-                   and 'method="/unifork.v1.Peer/GetLoad"' in line and 'code="OK"' in line)
+                   if line.startswith("grpc_server_handled_total{")
+                   and 'grpc_service="unifork.v1.Peer"' in line
+                   and 'grpc_method="GetLoad"' in line and 'grpc_code="OK"' in line)
 
     def wait_placeable(self, k: int) -> None:
         """Poll until A's placement asks peer k for its load again (A no longer holds

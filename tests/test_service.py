@@ -1014,15 +1014,16 @@ def test_health_open_reflection_guarded(secure):
 
 def test_refusals_are_counted(secure):
     t, tstub, pstub, iid = secure
-    key = dict(method="/unifork.v1.Tender/Launch", code="UNAUTHENTICATED")
-    before = metric(t.metrics(), "unifork_grpc_requests_total", **key)
+    key = dict(grpc_service="unifork.v1.Tender", grpc_method="Launch",
+               grpc_code="UNAUTHENTICATED")
+    before = metric(t.metrics(), "grpc_server_handled_total", **key)
     for md in CREDENTIALS.values():
         rpc_error(lambda md=md: _call("Launch", tstub, pstub, iid, md))
     rpc_error(lambda: _call("Peer.GetLoad", tstub, pstub, iid, []))
     after = t.metrics()
-    assert metric(after, "unifork_grpc_requests_total", **key) == before + len(CREDENTIALS)
-    assert metric(after, "unifork_grpc_requests_total", method="/unifork.v1.Peer/GetLoad",
-                  code="UNAUTHENTICATED") >= 1
+    assert metric(after, "grpc_server_handled_total", **key) == before + len(CREDENTIALS)
+    assert metric(after, "grpc_server_handled_total", grpc_service="unifork.v1.Peer",
+                  grpc_method="GetLoad", grpc_code="UNAUTHENTICATED") >= 1
 
 
 def test_short_token_file_refused(tmp_path):
@@ -1101,8 +1102,8 @@ def test_metrics_after_a_workload(tender, client):
     assert delta("unifork_fork_latency_seconds_count", mode="thread") >= 5
     assert delta("unifork_fork_latency_seconds_count", mode="vmclone") >= 5
     assert delta("unifork_fork_latency_seconds_sum", mode="vmclone") > 0
-    assert delta("unifork_grpc_requests_total", method="/unifork.v1.Tender/Launch",
-                 code="OK") == len(work)
+    assert delta("grpc_server_handled_total", grpc_service="unifork.v1.Tender",
+                 grpc_method="Launch", grpc_code="OK") == len(work)
     assert delta("unifork_pipe_bytes_total", transport="local") > 0  # thread-fork pipes
     assert delta("unifork_pipe_bytes_total", transport="shm") > 0  # cross-VM pipes
     assert metric(after, "unifork_pipe_bytes_total") > 0

@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -78,7 +79,8 @@ class WorkerHandle:
 
 class WarmPool:
     def __init__(self, size: int = 2, verbose: int = 0, env: dict[str, str] | None = None,
-                 host: str = "local", jailed: bool | None = None) -> None:
+                 host: str = "local", jailed: bool | None = None,
+                 on_crash: Callable[[int, int], None] | None = None) -> None:
         if size < 1:
             raise ValueError("pool size must be at least 1")
         self.size = size
@@ -88,6 +90,7 @@ class WarmPool:
         self.host = host
         #: workers jail themselves (instance/jail.py) unless --no-jail / UNIFORK_NO_JAIL
         self.jailed = jail.enabled() if jailed is None else jailed
+        self.on_crash = on_crash  # (pid, signal) of a process that died of a signal
         self.dir = tempfile.mkdtemp(prefix="unifork-pool-")
         self.workers: list[WorkerHandle] = []
         self._ids = itertools.count()
@@ -129,11 +132,7 @@ class WarmPool:
         deadline = time.monotonic() + timeout
         with self._lock:
             while True:
-                dead = [w for w in self.workers if not w.alive]
-                for w in dead:
-                    self.workers.remove(w)
-                    log.warning("tender process %d died: starting another", w.pid)
-                    threading.Thread(target=self._start_one, daemon=True).start()
+                self._reap_dead()
                 live = [w for w in self.workers if w.pid != avoid] or self.workers
                 if live:
                     return live[next(self._rr) % len(live)]
@@ -143,6 +142,20 @@ class WarmPool:
                 if left <= 0:
                     raise TimeoutError("no tender process became ready")
                 self._ready.wait(left)
+
+    def reap_dead(self) -> None:
+        """Replace the processes that died (the tender calls it every second)."""
+        with self._lock:
+            self._reap_dead()
+
+    def _reap_dead(self) -> None:
+        for w in [w for w in self.workers if not w.alive]:
+            self.workers.remove(w)
+            code = w.proc.exitcode
+            log.warning("tender process %d died (exit code %s): starting another", w.pid, code)
+            if code is not None and code < 0 and self.on_crash is not None:
+                self.on_crash(w.pid, -code)  # a signal: the emulator crashed
+            threading.Thread(target=self._start_one, daemon=True).start()
 
     def load(self) -> int:
         """VMs hosted by all the pool's processes (dead or slow ones count as busy)."""

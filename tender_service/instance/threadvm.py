@@ -30,7 +30,7 @@ from tender_service.instance import jail, vmserver
 from tender_service.rump import signals
 from tender_service.rump.console import Sink
 from tender_service.rump.vminfo import ProcInfo, RunResult, VmConfig
-from tender_service.vm import lost_vm_report
+from tender_service.vm import emulator_crashed, lost_vm_report
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,8 @@ class ThreadVm:
     exited: threading.Event = field(default_factory=threading.Event)  # wait_status is set
     forks_seen: int = 0
     pipe_bytes: int = 0
+    crashed: bool = False  # its process died of a signal we did not send (the emulator's)
+    _sigkilled: bool = False
     status: VmStatus = field(default_factory=lambda: VmStatus([], 0))
     _send_lock: threading.Lock = field(default_factory=threading.Lock)
     _query_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -180,12 +182,14 @@ class ThreadVm:
         """Only called while the connection is open: the process holds its other end,
         so the pid is still its own."""
         if self.os_pid:
+            self._sigkilled = True
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.os_pid, signal.SIGKILL)
 
     def _lost(self) -> RunResult:
         """The result of a VM whose process ended without reporting (a crash)."""
         report = lost_vm_report(self.os_pid, self.wait_status)
+        self.crashed = emulator_crashed(self.wait_status) and not self._sigkilled
         log.error("thread-fork instance: %s", report)
         return RunResult(status=signals.signaled_status(signals.SIGKILL), outcome="signaled",
                          reports=[report], elapsed=time.monotonic() - self.started,

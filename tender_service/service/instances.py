@@ -11,12 +11,14 @@ the start or live.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from tender_service.instance.budget import MemoryBudget
@@ -35,8 +37,20 @@ CONSOLE_KEEP = 8 << 20  # bytes of console output kept per instance
 KEEP_FINISHED = 4096  # finished instances remembered (Wait, Describe, logs) by default
 
 
+def _waker(loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> Callable[[], None]:
+    """A callback any thread may call to set ``event`` on ``loop``."""
+    def wake() -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
+            loop.call_soon_threadsafe(event.set)
+
+    return wake
+
+
 class ConsoleLog:
-    """An append-only, bounded log of console chunks that followers can tail."""
+    """An append-only, bounded log of console chunks that followers can tail.
+
+    Followers are coroutines of the gRPC server: they wait holding no thread (a
+    thousand idle ``unifork logs -f`` must not take the server's threads)."""
 
     def __init__(self, keep: int = CONSOLE_KEEP) -> None:
         self.keep = keep
@@ -44,38 +58,53 @@ class ConsoleLog:
         self.size = 0
         self.seq = 0
         self.closed = False
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()
+        self.wakers: list[Callable[[], None]] = []  # followers waiting for more
+
+    def _wake(self) -> None:
+        wakers, self.wakers = self.wakers, []
+        for wake in wakers:
+            wake()
 
     def append(self, pid: int, fd: int, data: bytes) -> None:
-        with self.cond:
+        with self.lock:
             self.seq += 1
             self.chunks.append((self.seq, pid, fd, bytes(data)))
             self.size += len(data)
             while self.size > self.keep and len(self.chunks) > 1:
                 self.size -= len(self.chunks.popleft()[3])
-            self.cond.notify_all()
+            self._wake()
 
     def close(self) -> None:
-        with self.cond:
+        with self.lock:
             self.closed = True
-            self.cond.notify_all()
+            self._wake()
 
-    def follow(self, from_start: bool, alive=lambda: True) -> Iterator[tuple[int, int, int, bytes]]:
-        with self.cond:
+    async def follow(self, from_start: bool) -> AsyncIterator[tuple[int, int, int, bytes]]:
+        loop = asyncio.get_running_loop()
+        with self.lock:
             last = 0 if from_start else self.seq
         while True:
-            with self.cond:
-                while (not self.chunks or self.chunks[-1][0] <= last) and not self.closed:
-                    self.cond.wait(0.5)
-                    if not alive():
-                        return
+            event = asyncio.Event()
+            wake = _waker(loop, event)
+            with self.lock:
                 batch = [c for c in self.chunks if c[0] > last]
                 closed = self.closed
+                if not batch and not closed:
+                    self.wakers.append(wake)
             for c in batch:
                 last = c[0]
                 yield c
-            if closed and not batch:
+            if batch:
+                continue
+            if closed:
                 return
+            try:
+                await event.wait()
+            finally:
+                with self.lock:
+                    if wake in self.wakers:
+                        self.wakers.remove(wake)
 
 
 @dataclass(eq=False)
@@ -102,6 +131,33 @@ class Instance:
     #: VM's RAM until a VM-clone supervisor takes them over)
     reserved: int = 0
     pinned: bool = False  # it holds its image's file in the store
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    on_done: list[Callable[[], None]] = field(default_factory=list)
+
+    def finish(self) -> None:
+        """Mark the instance done and wake whoever waits for it."""
+        with self.lock:
+            self.done.set()
+            callbacks, self.on_done = self.on_done, []
+        for callback in callbacks:
+            callback()
+
+    async def wait_done(self, timeout: float | None) -> None:
+        """Until the instance ends or ``timeout`` s pass, holding no thread."""
+        event = asyncio.Event()
+        wake = _waker(asyncio.get_running_loop(), event)
+        with self.lock:
+            if self.done.is_set():
+                return
+            self.on_done.append(wake)
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            with self.lock:
+                if wake in self.on_done:
+                    self.on_done.remove(wake)
 
     @property
     def state(self) -> str:
@@ -221,6 +277,8 @@ class InstanceManager:
                 inst.vm_pid = vm.os_pid
                 inst.vm = None  # a finished instance keeps its figures, not its process
             metrics.PIPE_BYTES.labels("local").inc(vm.pipe_bytes)
+            if vm.crashed:
+                metrics.EMULATOR_CRASHES.labels(mode).inc()
             inst.processes = r.processes
             self._finish(inst, r.status, r.outcome, r.reports, r.elapsed, r.forks,
                          r.peak_memory)
@@ -275,7 +333,7 @@ class InstanceManager:
         metrics.FINISHED.labels(outcome).inc()
         metrics.INSTANCES.labels(inst.mode).dec()
         inst.console.close()
-        inst.done.set()
+        inst.finish()
 
     def _release(self, inst: Instance) -> None:
         if inst.reserved and self.budget is not None:

@@ -1,5 +1,9 @@
 """Prometheus metrics of a tender (``/metrics``): names ``unifork_*``, base units.
 
+gRPC server metrics carry the standard ``grpc_server_*`` names of go-grpc-prometheus
+and py-grpc-prometheus (recorded by service/auth.py), labelled only with methods the
+server serves: any other name the caller sends counts as ``unknown``.
+
 The default registry also carries the process collector, which exports the
 tender's CPU seconds and resident memory (``process_cpu_seconds_total``,
 ``process_resident_memory_bytes``).
@@ -9,7 +13,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-_LATENCY = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2,
+_LATENCY = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2,
             0.1, 0.25, 0.5, 1.0, 2.5)
 
 FORK_LATENCY = Histogram("unifork_fork_latency_seconds",
@@ -34,10 +38,21 @@ SHM_EXHAUSTED = Counter("unifork_shm_exhausted_total",
                         "VM-clone VMs that found /dev/shm full and used tcp instead of shm")
 FINISHED = Counter("unifork_instances_finished_total", "Instances that ended, by outcome",
                    ["outcome"])
-GRPC_REQUESTS = Counter("unifork_grpc_requests_total", "gRPC requests served, by method and code",
-                        ["method", "code"])
-GRPC_LATENCY = Histogram("unifork_grpc_request_duration_seconds", "gRPC request latency",
-                         ["method"], buckets=_LATENCY)
+EMULATOR_CRASHES = Counter("unifork_emulator_crashes_total",
+                           "VM processes that died of a signal without a result (the emulator "
+                           "crashed; each ends its instance's VM, never the tender)",
+                           ["fork_mode"])
+for _mode in ("thread", "vmclone"):  # present from the start, at 0: alerts see a series
+    EMULATOR_CRASHES.labels(_mode)
+_GRPC = ["grpc_type", "grpc_service", "grpc_method"]
+GRPC_STARTED = Counter("grpc_server_started_total", "RPCs started on the server", _GRPC)
+GRPC_HANDLED = Counter("grpc_server_handled_total",
+                       "RPCs completed on the server, regardless of success or failure",
+                       _GRPC + ["grpc_code"])
+GRPC_HANDLING = Histogram("grpc_server_handling_seconds",
+                          "Response latency of RPCs handled by the server", _GRPC)
+GRPC_STREAMS = Gauge("unifork_grpc_streams_open",
+                     "Long-lived gRPC calls (streams, Wait) open on the client server")
 
 
 def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:

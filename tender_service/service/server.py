@@ -3,13 +3,18 @@
 One gRPC server carries the client API (``Tender``), the peer API (``Peer``:
 this process hosts VMs for clones placed here by other tenders), standard
 health checking and server reflection; ``/metrics`` is served on its own
-port.  Every request field is checked before anything runs; errors carry the
+port.  The server is grpc.aio, on an event loop of its own thread: calls that
+last (``Wait``, ``StreamConsole``, ``UploadImage``, ``Health.Watch``, reflection)
+are coroutines holding no thread, so however many are open, short calls still
+find one of the threads their sync handlers run in.  Every request field is checked before anything runs; errors carry the
 standard status codes and name the offending field.  SIGTERM stops new
 launches, lets running instances finish for a grace period, then kills them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -34,7 +39,13 @@ from tender_service.instance.worker import HOST_NAME_ENV, PEER_TOKEN_ENV, PeerSe
 from tender_service.machine.layout import MAX_RAM, MIN_RAM
 from tender_service.rump.vminfo import VmConfig
 from tender_service.service import metrics
-from tender_service.service.auth import ServerInterceptor, read_token
+from tender_service.service.auth import (
+    MAX_STREAMS,
+    MAX_STREAMS_PER_PEER,
+    ServerInterceptor,
+    StreamLimiter,
+    read_token,
+)
 from tender_service.service.imagestore import DEFAULT_MAX_STORE, BuiltinImageError, ImageStore
 from tender_service.service.instances import KEEP_FINISHED, InstanceManager
 from tender_service.service.placement import PeerHandle, PeerSet, Placer
@@ -46,6 +57,7 @@ MAX_ARGS = 256
 MAX_ID = 64  # instance ids are 16 hex digits; anything much longer is not one
 MAX_ARG_BYTES = 64 << 10
 MAX_TIME_LIMIT = 24 * 3600.0
+SERVER_THREADS = 16  # for the short (sync) handlers; long calls hold none
 
 
 @dataclass
@@ -68,6 +80,8 @@ class ServeOptions:
     peer_timeout: float = PEER_TIMEOUT
     keep_finished: int = KEEP_FINISHED
     jail: bool = True  # VM processes jail themselves (instance/jail.py); False: --no-jail
+    max_streams: int = MAX_STREAMS
+    max_streams_per_peer: int = MAX_STREAMS_PER_PEER
 
 
 def _is_loopback(host: str) -> bool:
@@ -88,26 +102,27 @@ class TenderServicer:
         self.pb2, _ = protos.tender()
 
     # -- images --------------------------------------------------------------------------
-    def UploadImage(self, request_iterator, context):  # noqa: N802
+    async def UploadImage(self, request_iterator, context):  # noqa: N802
+        """A coroutine: a slow uploader holds no thread while its bytes trickle in."""
         name, parts, size = None, [], 0
-        for msg in request_iterator:
+        async for msg in request_iterator:
             if msg.HasField("name"):
                 name = msg.name
             elif msg.HasField("data"):
                 size += len(msg.data)
                 if size > self.store.max_upload:
-                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                  f"data: image larger than {self.store.max_upload} bytes")
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                        f"data: image larger than {self.store.max_upload} bytes")
                 parts.append(msg.data)
         if not name:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name: missing (send it first)")
-        try:
-            img = self.store.add(name, b"".join(parts))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name: missing (send it first)")
+        try:  # hashing and writing the file: in a thread, not on the event loop
+            img = await asyncio.to_thread(self.store.add, name, b"".join(parts))
         except OverflowError as e:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"data: {e}")
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"data: {e}")
         except ValueError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"data: {e}" if "name:" not in
-                          str(e) else str(e))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"data: {e}" if "name:" not in
+                                str(e) else str(e))
         return self._image(img)
 
     def _image(self, img):
@@ -195,20 +210,34 @@ class TenderServicer:
             return "placement: only VM-clone instances place VMs on other hosts"
         return None
 
-    def _instance(self, instance_id: str, context):
+    def _lookup(self, instance_id: str):
+        """(instance or None, status code and message if none)."""
         if not instance_id:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "instance_id: missing")
+            return None, (grpc.StatusCode.INVALID_ARGUMENT, "instance_id: missing")
         if len(instance_id) > MAX_ID:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+            return None, (grpc.StatusCode.INVALID_ARGUMENT,
                           f"instance_id: longer than {MAX_ID} characters")
         inst = self.m.get(instance_id)
         if inst is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"instance_id: no instance {instance_id!r}")
+            return None, (grpc.StatusCode.NOT_FOUND, f"instance_id: no instance {instance_id!r}")
+        return inst, None
+
+    def _instance(self, instance_id: str, context):
+        inst, error = self._lookup(instance_id)
+        if error:
+            context.abort(*error)
         return inst
 
-    def StreamConsole(self, req, context):  # noqa: N802
-        inst = self._instance(req.instance_id, context)
-        for seq, pid, fd, data in inst.console.follow(req.from_start, context.is_active):
+    async def _instance_async(self, instance_id: str, context):
+        inst, error = self._lookup(instance_id)
+        if error:
+            await context.abort(*error)
+        return inst
+
+    async def StreamConsole(self, req, context):  # noqa: N802
+        """An async generator: a follower waits for output holding no thread."""
+        inst = await self._instance_async(req.instance_id, context)
+        async for seq, pid, fd, data in inst.console.follow(req.from_start):
             yield self.pb2.ConsoleChunk(pid=pid, fd=fd, data=data, seq=seq)
 
     def _result(self, inst):
@@ -217,16 +246,12 @@ class TenderServicer:
             return self.pb2.InstanceResult(instance_id=inst.id, done=False)
         return self.pb2.InstanceResult(instance_id=inst.id, done=True, **r)
 
-    def Wait(self, req, context):  # noqa: N802
+    async def Wait(self, req, context):  # noqa: N802
+        """A coroutine: a waiter holds no thread (a client cancelling it cancels it)."""
         if not 0 <= req.timeout_seconds <= MAX_TIME_LIMIT:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "timeout_seconds: out of range")
-        inst = self._instance(req.instance_id, context)
-        deadline = time.monotonic() + req.timeout_seconds if req.timeout_seconds else None
-        while not inst.done.wait(0.5):
-            if not context.is_active():
-                break
-            if deadline is not None and time.monotonic() >= deadline:
-                break
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "timeout_seconds: out of range")
+        inst = await self._instance_async(req.instance_id, context)
+        await inst.wait_done(req.timeout_seconds or None)
         return self._result(inst)
 
     def Kill(self, req, context):  # noqa: N802
@@ -275,6 +300,8 @@ class Tender:
         check_peer_timeout(opts.peer_timeout)
         if opts.keep_finished < 0:
             raise ValueError("--keep-finished must not be negative")
+        if opts.max_streams < 1 or opts.max_streams_per_peer < 1:
+            raise ValueError("--max-streams and --max-streams-per-peer must be at least 1")
         host, _, port = opts.listen.rpartition(":")
         self.token = read_token(opts.token_file) if opts.token_file else None
         if not _is_loopback(host) and self.token is None and not opts.insecure_listen_any:
@@ -293,7 +320,9 @@ class Tender:
                                    else opts.max_guest_memory)
         self.store = ImageStore(max_upload=opts.max_upload, max_store=opts.max_image_store)
         jailed = opts.jail and jail.enabled()
-        self.pool = WarmPool(opts.pool_size, env=env, host=self.advertise, jailed=jailed)
+        self.pool = WarmPool(opts.pool_size, env=env, host=self.advertise, jailed=jailed,
+                             on_crash=lambda pid, sig: metrics.EMULATOR_CRASHES.labels(
+                                 "vmclone").inc())
         self.thread_host = ThreadVmHost(jailed=jailed)
         self.stop_event = threading.Event()
         self.peer_servicer = PeerServicer(self.stop_event)
@@ -307,9 +336,36 @@ class Tender:
                                        listen_host=listen_host, advertise_host=adv_host,
                                        self_handle=self_handle, peer_timeout=opts.peer_timeout,
                                        keep_finished=opts.keep_finished, budget=self.budget)
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=64),
-            interceptors=[ServerInterceptor(self.token)],
+        # the server's event loop runs in a thread of its own, from here to shutdown
+        self.loop = asyncio.new_event_loop()
+        self.loop_thread = threading.Thread(target=self.loop.run_forever, daemon=True,
+                                            name="grpc-aio")
+        self.loop_thread.start()
+        try:
+            self._on_loop(self._build(opts))
+        except BaseException:
+            self._stop_loop()
+            raise
+        if not self.port:
+            self._stop_loop()
+            raise OSError(f"cannot listen on {opts.listen}")
+
+    def _on_loop(self, coro):
+        """Run ``coro`` on the server's event loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def _stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.loop_thread.join()
+        self.loop.close()
+
+    async def _build(self, opts: ServeOptions) -> None:
+        """Make the server (grpc.aio binds it to the loop it is made on)."""
+        limiter = StreamLimiter(opts.max_streams, opts.max_streams_per_peer)
+        self.server = grpc.aio.server(
+            migration_thread_pool=futures.ThreadPoolExecutor(
+                max_workers=SERVER_THREADS, thread_name_prefix="grpc-handler"),
+            interceptors=[ServerInterceptor(self.token, limiter)],
             options=[("grpc.max_receive_message_length", 64 << 20),
                      ("grpc.max_send_message_length", 64 << 20)])
         tpb2, tgrpc = protos.tender()
@@ -317,7 +373,7 @@ class Tender:
         tgrpc.add_TenderServicer_to_server(TenderServicer(self.manager, self.store,
                                                                  self.advertise), self.server)
         pgrpc.add_PeerServicer_to_server(self.peer_servicer, self.server)
-        self.health = health.HealthServicer()
+        self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (tpb2.DESCRIPTOR.services_by_name["Tender"].full_name,
                  ppb2.DESCRIPTOR.services_by_name["Peer"].full_name,
@@ -330,13 +386,14 @@ class Tender:
             self.port = self.server.add_secure_port(opts.listen, creds)
         else:
             self.port = self.server.add_insecure_port(opts.listen)
-        if not self.port:
-            raise OSError(f"cannot listen on {opts.listen}")
+
+    async def _set_health(self, status) -> None:
+        for name in ("", "unifork.v1.Tender", "unifork.v1.Peer"):
+            await self.health.set(name, status)
 
     def start(self) -> None:
-        self.server.start()
-        for name in ("", "unifork.v1.Tender", "unifork.v1.Peer"):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._on_loop(self.server.start())
+        self._on_loop(self._set_health(health_pb2.HealthCheckResponse.SERVING))
         if self.opts.metrics_port:
             metrics.serve_metrics(self.opts.metrics_port,
                                   self.opts.listen.rpartition(":")[0].strip("[]") or "0.0.0.0")
@@ -350,19 +407,21 @@ class Tender:
     def _sample_loop(self) -> None:
         while not self.stop_event.wait(1.0):
             self.manager.sample_gauges()
+            self.pool.reap_dead()  # counts and replaces the processes that crashed
             # VMs of VM-clone instances: in this process (peers' clones) and in the pool
             metrics.VMS.labels("vmclone").set(len(self.peer_servicer.vms) + self.pool.load())
 
     def shutdown(self) -> None:
         """Graceful: refuse launches, let instances finish, kill what is left."""
-        for name in ("", "unifork.v1.Tender", "unifork.v1.Peer"):
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._on_loop(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
         killed = self.manager.shutdown(self.opts.grace)
         for inst in killed:
             log.warning("shutdown: instance %s killed after the %g s grace period", inst.id,
                         self.opts.grace)
         self.stop_event.set()
-        self.server.stop(2).wait()
+        with contextlib.suppress(RuntimeError):  # the loop is already gone
+            self._on_loop(self.server.stop(2))
+            self._stop_loop()
         self.pool.close()
         self.thread_host.close()
         self.store.close()
