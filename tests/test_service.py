@@ -148,31 +148,48 @@ class Tender:
     metrics_port: int
     log_path: Path
     token: str | None = None
+    peer_port: int = 0
+    peer_token: str | None = None
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     @property
+    def peer_target(self) -> str:
+        """The peer listener (--peer-listen)."""
+        return f"127.0.0.1:{self.peer_port}"
+
+    @property
     def md(self) -> list[tuple[str, str]]:
         return [("authorization", f"Bearer {self.token}")] if self.token else []
 
+    @property
+    def peer_md(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.peer_token}")] if self.peer_token else []
+
     @classmethod
     def start(cls, workdir: Path, *args: str, token: str | None = None,
-              listen_host: str = "127.0.0.1") -> Tender:
-        port, mport = free_port(), free_port()
+              listen_host: str = "127.0.0.1", peer_token: str | None = None,
+              peer_port: int = 0) -> Tender:
+        port, mport, peer_port = free_port(), free_port(), peer_port or free_port()
         extra = list(args)
         if token is not None:
-            tf = workdir / "token"
+            tf = workdir / f"token-{port}"
             tf.write_text(token + "\n")
             extra += ["--token-file", str(tf)]
+        if peer_token is not None:
+            tf = workdir / f"peer-token-{port}"
+            tf.write_text(peer_token + "\n")
+            extra += ["--peer-token-file", str(tf)]
         log_path = workdir / f"tender-{port}.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 [*unifork_cmd(), "serve", "--listen", f"{listen_host}:{port}",
+                 "--peer-listen", f"{listen_host}:{peer_port}",
                  "--metrics-port", str(mport), *extra],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
-        t = cls(proc, port, mport, log_path, token)
+        t = cls(proc, port, mport, log_path, token, peer_port, peer_token)
         try:
             t.wait_serving()
         except BaseException:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
+import hashlib
 import hmac
 import json
 import logging
@@ -105,7 +106,8 @@ class Supervisor:
                  config: VmConfig, instance_id: str | None = None, listen_host: str = "127.0.0.1",
                  advertise_host: str | None = None, placement: str = "local",
                  observer: object | None = None, self_handle: object | None = None,
-                 peer_timeout: float = PEER_TIMEOUT) -> None:
+                 peer_timeout: float = PEER_TIMEOUT,
+                 ticket_for: Callable[[str, int, str], str] | None = None) -> None:
         if transport not in ("tcp", "shm"):
             raise ValueError("transport must be tcp or shm")
         self.pool = pool
@@ -120,6 +122,9 @@ class Supervisor:
         #: this tender as a place for VMs, reachable from other hosts (its Peer service);
         #: used when a VM on another host forks a child that placement keeps here
         self.self_handle = self_handle
+        #: (instance, pid, tender address) -> a single-use ticket a VM's clone carries to a
+        #: peer tender instead of the peer credential (VM processes hold no secret)
+        self.ticket_for = ticket_for
         self.observer = observer  # metrics: fork_done(seconds, snapshot_bytes, remote), pipe_write(...)
         self.token = uuid.uuid4().hex
         self.broker = PipeBroker()
@@ -154,8 +159,13 @@ class Supervisor:
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self, image_path: str, args: list[str], env: list[str], argv0: str) -> None:
-        """Boot the launched program as pid 2 on a tender process of the pool."""
+        """Boot the launched program as pid 2 on a tender process of the pool.
+
+        The image travels as bytes with their SHA-256 (the receiver checks them):
+        no process that runs VMs opens a file a request names."""
         rec = self._new_proc(MAIN_PID, INIT_PID, MAIN_PID, MAIN_PID)
+        image = Path(image_path).read_bytes()
+        digest = hashlib.sha256(image).hexdigest()
         error: Exception | None = None
         for _ in range(PLACEMENT_TRIES):  # a peer that just died is marked down: try another
             worker = self.pool.acquire()
@@ -164,10 +174,10 @@ class Supervisor:
             remote = bool(getattr(worker, "remote", False))
             if remote and self.transport == "shm":
                 self.transport_note = "shm requested, tcp used for VMs on other hosts"
-            start = self.vm_start(MAIN_PID, remote=remote, image_path=image_path, args=args,
+            start = self.vm_start(MAIN_PID, remote=remote, image_sha256=digest, args=args,
                                   env=env, argv0=argv0)
-            try:  # a peer may not have the image file: send the image along
-                worker.start_vm(start, None, Path(image_path).read_bytes() if remote else None)
+            try:
+                worker.start_vm(start, None, image)
                 return
             except Exception as e:
                 error = e
@@ -422,8 +432,16 @@ class Supervisor:
         if remote and self.transport == "shm":
             self.transport_note = "shm requested, tcp used for VMs on other hosts"
         self.forks += 1
-        start = self.vm_start(pid, remote=remote)
-        return pid, json.dumps({"worker": worker.address, "start": start}).encode()
+        return pid, self._lease(pid, worker)
+
+    def _lease(self, pid: int, worker) -> bytes:
+        """What a forking VM needs to start its child on ``worker``: the address, the
+        start header and, for a tender (not a worker of this host), a ticket."""
+        via_tender = not worker.address.startswith("unix:")  # a peer tender, or this one
+        start = self.vm_start(pid, remote=via_tender)  # tenders take tcp supervisors only
+        if via_tender and self.ticket_for is not None:
+            start["ticket"] = self.ticket_for(self.id, pid, worker.address)
+        return json.dumps({"worker": worker.address, "start": start}).encode()
 
     def _place(self, parent: ProcRec):
         """Where a child of ``parent`` runs.  The warm pool's Unix sockets exist on this
@@ -451,8 +469,9 @@ class Supervisor:
         child.worker, child.host_pid = worker, worker.pid
         remote = bool(getattr(worker, "remote", False))
         child.host = getattr(worker, "host", "local")
-        start = self.vm_start(pid, remote=remote)
-        return pid, json.dumps({"worker": worker.address, "start": start}).encode()
+        if remote and self.transport == "shm":
+            self.transport_note = "shm requested, tcp used for VMs on other hosts"
+        return pid, self._lease(pid, worker)
 
     def _op_fork_failed(self, rec: ProcRec, pid: int) -> int:
         if self.procs.pop(pid, None) is not None:

@@ -139,7 +139,8 @@ class InstanceManager:
                  max_instances: int = 64,
                  default_timeout: float = 600.0, listen_host: str = "127.0.0.1",
                  advertise_host: str | None = None, self_handle: object | None = None,
-                 peer_timeout: float = PEER_TIMEOUT, keep_finished: int = KEEP_FINISHED) -> None:
+                 peer_timeout: float = PEER_TIMEOUT, keep_finished: int = KEEP_FINISHED,
+                 ticket_for=None) -> None:
         self.store = store
         self.placement_for = placement_for  # (placement) -> pool-like object for supervisors
         self.thread_host = thread_host
@@ -148,6 +149,7 @@ class InstanceManager:
         self.listen_host = listen_host
         self.advertise_host = advertise_host
         self.self_handle = self_handle
+        self.ticket_for = ticket_for  # the tickets supervisors hand out with fork leases
         self.peer_timeout = peer_timeout
         self.keep_finished = keep_finished
         self.instances: dict[str, Instance] = {}
@@ -219,7 +221,8 @@ class InstanceManager:
                              listen_host=self.listen_host, advertise_host=self.advertise_host,
                              placement=inst.placement,
                              observer=MetricsObserver(inst.transport, inst.placement),
-                             self_handle=self.self_handle, peer_timeout=self.peer_timeout)
+                             self_handle=self.self_handle, peer_timeout=self.peer_timeout,
+                             ticket_for=self.ticket_for)
             inst.supervisor = sup
             try:
                 if inst.killed:
