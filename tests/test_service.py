@@ -151,6 +151,7 @@ class Tender:
     token: str | None = None
     peer_port: int = 0
     peer_token: str | None = None
+    tls_ca: Path | None = None  # the client port speaks TLS: verify it with this CA
 
     @property
     def target(self) -> str:
@@ -172,9 +173,13 @@ class Tender:
     @classmethod
     def start(cls, workdir: Path, *args: str, token: str | None = None,
               listen_host: str = "127.0.0.1", peer_token: str | None = None,
-              peer_port: int = 0) -> Tender:
+              peer_port: int = 0, tls: tuple[Path, Path, Path] | None = None) -> Tender:
+        """``tls``: (cert, key, CA) for --tls-cert, --tls-key, --tls-ca."""
         port, mport, peer_port = free_port(), free_port(), peer_port or free_port()
         extra = list(args)
+        if tls is not None:
+            extra += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1]), "--tls-ca",
+                      str(tls[2])]
         if token is not None:
             tf = workdir / f"token-{port}"
             tf.write_text(token + "\n")
@@ -190,7 +195,8 @@ class Tender:
                  "--peer-listen", f"{listen_host}:{peer_port}",
                  "--metrics-port", str(mport), *extra],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
-        t = cls(proc, port, mport, log_path, token, peer_port, peer_token)
+        t = cls(proc, port, mport, log_path, token, peer_port, peer_token,
+                tls[2] if tls else None)
         try:
             t.wait_serving()
         except BaseException:
@@ -202,8 +208,14 @@ class Tender:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
 
+    def channel(self) -> grpc.Channel:
+        if self.tls_ca is None:
+            return grpc.insecure_channel(self.target)
+        return grpc.secure_channel(self.target,
+                                   grpc.ssl_channel_credentials(self.tls_ca.read_bytes()))
+
     def health(self, service: str = "", timeout: float = 2.0) -> int:
-        with grpc.insecure_channel(self.target) as ch:
+        with self.channel() as ch:
             return health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout,
                 metadata=self.md).status
@@ -231,7 +243,7 @@ class Tender:
                                  f"{self.log()}") from None
 
     def client(self) -> Client:
-        return Client(self.target, self.token)
+        return Client(self.target, self.token, str(self.tls_ca) if self.tls_ca else None)
 
     def metrics(self) -> dict[tuple[str, frozenset], float]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
