@@ -352,7 +352,6 @@ def vm_chunks(draw, closer: Closer):
         transport=draw(st.one_of(st.sampled_from(["tcp", "shm", "TCP", ""]), nasty_text)),
         instance_token=draw(nasty_text), timeout_seconds=draw(st.one_of(any_double, short_limit)),
         image_sha256=draw(st.one_of(st.sampled_from(["", "0" * 64]), nasty_text)),
-        ticket=draw(st.one_of(st.just(""), nasty_text)),
         args=draw(repeated(nasty_text, 3000)), env=draw(repeated(nasty_text, 3000)),
         ram_bytes=draw(uint(U64)), stack_bytes=draw(uint(U64)), quantum=draw(uint(U64)),
         max_procs=draw(uint(U32)), tty=draw(st.booleans()), argv0=draw(nasty_text))

@@ -1234,18 +1234,21 @@ def test_a_ticket_stands_for_one_start_vm(secure):
     sup = f"tcp:127.0.0.1:{free_port()}"  # nothing there: a start that passes gets UNAVAILABLE
 
     def start(ticket: str, pid: int = 2) -> grpc.StatusCode:
-        chunks = boot_chunks(sup, ticket=ticket)
+        chunks = boot_chunks(sup)
         chunks[0].start.pid = pid
         with grpc.insecure_channel(t.peer_target) as ch:
             return rpc_error(lambda: _peer_grpc.PeerStub(ch).StartVm(
-                iter(chunks), timeout=RPC_TIMEOUT)).code()
+                iter(chunks), metadata=[("unifork-ticket", ticket)],
+                timeout=RPC_TIMEOUT)).code()
 
     good = tickets.issue("x", 2, t.peer_target)
     assert start(tickets.issue("x", 3, t.peer_target)) == grpc.StatusCode.UNAUTHENTICATED
     assert start(tickets.issue("x", 2, "127.0.0.1:1")) == grpc.StatusCode.UNAUTHENTICATED
     assert start(Tickets("another-token-0123456789").issue("x", 2, t.peer_target)) == \
         grpc.StatusCode.UNAUTHENTICATED
-    assert start(good, pid=3) == grpc.StatusCode.UNAUTHENTICATED  # not this VM's
+    assert start(good.replace("x.2.", "y.2.", 1)) == grpc.StatusCode.UNAUTHENTICATED
+    assert start(tickets.issue("x", 2, t.peer_target), pid=3) == \
+        grpc.StatusCode.UNAUTHENTICATED  # a header for another VM than the ticket's
     assert start(good) == grpc.StatusCode.UNAVAILABLE  # accepted: on to the supervisor
     assert start(good) == grpc.StatusCode.UNAUTHENTICATED  # used up
     expired = Tickets(PEER_TOKEN, ttl=-1.0).issue("x", 2, t.peer_target)

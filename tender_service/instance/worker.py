@@ -76,6 +76,8 @@ HOST_NAME_ENV = "UNIFORK_HOST_NAME"
 RELAY_ENV = "UNIFORK_PEER_RELAY"
 #: metadata of a relayed StartVm: the peer tender (its peer address) to start the VM on
 TARGET_KEY = "unifork-target"
+#: metadata of a StartVm a VM's clone makes: its supervisor's ticket for it
+TICKET_KEY = "unifork-ticket"
 
 
 def connect(address: str, timeout: float = 10.0) -> socket.socket:
@@ -126,13 +128,16 @@ def start_vm(address: str, start: dict, snapshot: bytes | None, timeout: float =
 def start_vm_from_here(address: str, start: dict, snapshot: bytes) -> None:
     """Start a clone from a VM of this worker: on a worker of this host directly, on a
     peer tender through this worker's tender (the relay), which has the credentials."""
+    start = dict(start)
+    ticket = start.pop("ticket", "")
     if address.startswith("unix:"):
         start_vm(address, start, snapshot)
         return
     relay = os.environ.get(RELAY_ENV)
     if not relay:
         raise GuestError(errno.EAGAIN, "no relay to reach peer tenders from this worker")
-    start_vm(relay, start, snapshot, metadata=[(TARGET_KEY, address)])
+    metadata = [(TARGET_KEY, address)] + ([(TICKET_KEY, ticket)] if ticket else [])
+    start_vm(relay, start, snapshot, metadata=metadata)
 
 
 class WorkerCloneHost:

@@ -15,7 +15,9 @@ called, or on a host it already knows (its peers, itself), over tcp only.
 VM processes hold no credential.  A VM that forks a child onto a peer gets,
 with its fork lease, a ticket of its supervisor: an HMAC under a key derived
 from the peer token over (instance, pid, target tender, expiry, nonce), good
-for one ``StartVm`` within ``TICKET_TTL`` seconds.  The VM's worker sends the
+for one ``StartVm`` within ``TICKET_TTL`` seconds, sent as the metadata
+``unifork-ticket`` (so a caller with neither token nor ticket is refused
+before any message of its stream is read).  The VM's worker sends the
 clone through its own tender's relay (a Unix socket only the tender's user
 can reach), which forwards it to the target (a peer of this tender, or this
 tender) with the tender's TLS identity but without the peer token: the
@@ -41,7 +43,7 @@ from pathlib import Path
 import grpc
 
 from tender_service import protos
-from tender_service.instance.worker import TARGET_KEY
+from tender_service.instance.worker import TARGET_KEY, TICKET_KEY
 
 log = logging.getLogger(__name__)
 
@@ -144,32 +146,37 @@ class Tickets:
         return hmac.new(self.key, msg, hashlib.sha256).hexdigest()
 
     def issue(self, instance_id: str, pid: int, target: str) -> str:
-        """A ticket for VM ``pid`` of ``instance_id`` on the tender at ``target``."""
+        """A ticket for VM ``pid`` of ``instance_id`` on the tender at ``target``:
+        ``INSTANCE.PID.EXPIRY.NONCE.MAC`` (what it is for can be read before the
+        StartVm stream is: a stranger is refused before any message is taken)."""
         if self.key is None:
             return ""
         expiry = int(time.time() + self.ttl)
         nonce = secrets.token_hex(12)
-        return f"{expiry}.{nonce}.{self._mac(instance_id, pid, target, expiry, nonce)}"
+        mac = self._mac(instance_id, pid, target, expiry, nonce)
+        return f"{instance_id}.{pid}.{expiry}.{nonce}.{mac}"
 
-    def redeem(self, ticket: str, instance_id: str, pid: int, target: str) -> bool:
-        """True once for a valid, unexpired ticket of exactly this VM and target."""
-        if self.key is None or ticket.count(".") != 2:
-            return False
-        expiry_text, nonce, mac = ticket.split(".")
-        if not expiry_text.isdigit() or len(expiry_text) > 12:
-            return False
-        expiry, now = int(expiry_text), time.time()
+    def redeem(self, ticket: str, target: str) -> tuple[str, int] | None:
+        """(instance, pid) once for a valid, unexpired ticket for ``target``, else None."""
+        parts = ticket.rsplit(".", 4)
+        if self.key is None or len(parts) != 5 or len(ticket) > 512:
+            return None
+        instance_id, pid_text, expiry_text, nonce, mac = parts
+        if not (pid_text.isdigit() and expiry_text.isdigit()) or len(pid_text) > 9 \
+                or len(expiry_text) > 12:
+            return None
+        pid, expiry, now = int(pid_text), int(expiry_text), time.time()
         want = self._mac(instance_id, pid, target, expiry, nonce)
         if not hmac.compare_digest(mac.encode(errors="replace"), want.encode()) or expiry < now:
-            return False
+            return None
         with self._lock:
             for used, until in list(self._used.items()):
                 if until < now:
                     del self._used[used]
             if nonce in self._used:
-                return False
+                return None
             self._used[nonce] = expiry
-        return True
+        return instance_id, pid
 
 
 def caller_host(context) -> str | None:
@@ -224,19 +231,26 @@ class PeerGateway:
                 self.starting -= 1
 
     def _start_vm(self, chunks, context):
+        claim = None  # with a ticket instead of the token: the (instance, pid) it is for
+        if not self.creds.bearer_ok(context):
+            ticket = dict(context.invocation_metadata()).get(TICKET_KEY, "")
+            claim = self.tickets.redeem(ticket, self.self_address)
+            if claim is None:
+                context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                              "missing or wrong peer token or ticket")
         first = next(chunks, None)
         if first is None or first.WhichOneof("part") != "start":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "start: missing (send it first)")
         start = first.start
-        if not (self.creds.bearer_ok(context) or self.tickets.redeem(
-                start.ticket, start.instance_id, start.pid, self.self_address)):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong peer token or ticket")
+        if claim is not None and claim != (start.instance_id, start.pid):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "missing or wrong peer token or ticket (not for this VM)")
         bad, supervisor = self._check_supervisor(start, context)
         if bad:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad)
         header = type(start)()
         header.CopyFrom(start)
-        header.supervisor, header.ticket = supervisor, ""
+        header.supervisor = supervisor
 
         def forward():
             yield type(first)(start=header)
@@ -289,14 +303,16 @@ class Relay:
     def StartVm(self, request_iterator, context):  # noqa: N802 - gRPC's name
         from tender_service.instance.worker import send_vm
 
-        target = dict(context.invocation_metadata()).get(TARGET_KEY, "")
+        md = dict(context.invocation_metadata())
+        target = md.get(TARGET_KEY, "")
         if target not in set(self.known_addresses()):
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           f"{TARGET_KEY}: not a peer of this tender")
+        ticket = [(TICKET_KEY, md[TICKET_KEY])] if TICKET_KEY in md else None
         try:
             with self.creds.channel(target) as ch:
                 return send_vm(target, request_iterator, context.time_remaining() or 60.0,
-                               channel=ch)
+                               channel=ch, metadata=ticket)
         except grpc.RpcError as e:
             context.abort(e.code(), e.details() or "the peer failed")
 
