@@ -330,7 +330,7 @@ def test_peer_killed_during_a_clone(cluster):
         assert ok + failed == n and failed <= 1, out
         # the kill hit the clone in transfer (A placed it again) or just after (the
         # new child died with its tender: one fork reported killed)
-        replaced = f"failed: placed again on {c.target(other)}" in c.log_tail(A, 400)
+        replaced = f"failed: placed again on {c.peer_target(other)}" in c.log_tail(A, 400)
         assert replaced or failed == 1, (out, c.logs_tail())
         assert all(re.fullmatch(r"fork \d+: child status 0x9", line)
                    for line in out.splitlines()[:-1]), out

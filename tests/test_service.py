@@ -1260,6 +1260,58 @@ def test_a_ticket_stands_for_one_start_vm(secure):
         assert e.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_a_stranger_is_refused_before_its_stream_is_read(secure):
+    """Without the peer token or a ticket (both in metadata), StartVm is refused at
+    once: a caller that opens streams and never sends cannot hold the peer
+    listener's threads while they wait for its first message."""
+    t = secure[0]
+    never = threading.Event()
+
+    def silent():
+        never.wait(RPC_TIMEOUT)
+        yield from ()
+
+    try:
+        with grpc.insecure_channel(t.peer_target) as ch:
+            stub = _peer_grpc.PeerStub(ch)
+            for md in ([], t.md, [("unifork-ticket", "x.2.1.n.m")]):
+                e = rpc_error(lambda md=md: stub.StartVm(silent(), metadata=md,
+                                                         timeout=RPC_TIMEOUT))
+                assert e.code() == grpc.StatusCode.UNAUTHENTICATED, (e.code(), e.details())
+    finally:
+        never.set()
+
+
+def test_the_relay_dials_only_known_tenders(secure):
+    """The relay (what a worker's clone bound for a peer goes through) is a Unix socket
+    only the tender's user can reach, named in the workers' environment; even from
+    there it dials only this tender's peers and itself: a VM process cannot make
+    its tender connect elsewhere."""
+    t = secure[0]
+    env = next(Path(f"/proc/{pid}/environ").read_bytes()
+               for pid, (_, cmd) in descendants(t.proc.pid).items() if is_worker(cmd))
+    relay = dict(v.split(b"=", 1) for v in env.split(b"\0") if b"=" in v)[
+        b"UNIFORK_PEER_RELAY"].decode()
+    assert relay.startswith("unix:")
+    assert os.stat(Path(relay[5:]).parent).st_mode & 0o077 == 0  # private to the tender
+    elsewhere = Listener("127.0.0.2")
+    try:
+        with grpc.insecure_channel(relay) as ch:
+            target = elsewhere.address.removeprefix("tcp:")
+            e = rpc_error(lambda: _peer_grpc.PeerStub(ch).StartVm(
+                iter(boot_chunks(elsewhere.address)), metadata=[("unifork-target", target)],
+                timeout=RPC_TIMEOUT))
+            assert e.code() == grpc.StatusCode.PERMISSION_DENIED, (e.code(), e.details())
+            # itself it may reach, but only as a stranger: the relay adds no peer token
+            e = rpc_error(lambda: _peer_grpc.PeerStub(ch).StartVm(
+                iter(boot_chunks(elsewhere.address)),
+                metadata=[("unifork-target", t.peer_target)], timeout=RPC_TIMEOUT))
+            assert e.code() == grpc.StatusCode.UNAUTHENTICATED, (e.code(), e.details())
+    finally:
+        elsewhere.close()
+    assert elsewhere.accepted == 0
+
+
 def test_no_vm_process_holds_a_token(secure):
     """VM processes (pool workers, thread-fork VM processes) run guest code: neither
     the client token nor the peer token is in their environment (it was, as

@@ -126,8 +126,9 @@ def start_vm(address: str, start: dict, snapshot: bytes | None, timeout: float =
 
 
 def start_vm_from_here(address: str, start: dict, snapshot: bytes) -> None:
-    """Start a clone from a VM of this worker: on a worker of this host directly, on a
-    peer tender through this worker's tender (the relay), which has the credentials."""
+    """Start a clone from a VM of this worker: on a worker of this host directly; on a
+    tender through this worker's own (the relay, which dials with the tender's TLS
+    identity), with the supervisor's ticket standing in for the peer token."""
     start = dict(start)
     ticket = start.pop("ticket", "")
     if address.startswith("unix:"):
