@@ -21,7 +21,10 @@ before any message of its stream is read).  The VM's worker sends the
 clone through its own tender's relay (a Unix socket only the tender's user
 can reach), which forwards it to the target (a peer of this tender, or this
 tender) with the tender's TLS identity but without the peer token: the
-ticket stands in for it.
+ticket stands in for it.  With mutual TLS alone (no peer token) there is no
+shared key for tickets: the certificate is the whole credential, so a relayed
+clone is accepted on the relaying tender's certificate; give
+``--peer-token-file`` as well to scope each clone to its ticket.
 """
 
 from __future__ import annotations
