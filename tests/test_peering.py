@@ -49,13 +49,31 @@ PEER_TOKEN = "peer-token-0123456789abcdef"
 REMOTE = dict(MODES["vmclone-tcp"], placement=pb2.PLACEMENT_REMOTE)
 
 
+def warm(t: Tender) -> None:
+    """SERVING comes before the warm pool is: a local VM-clone hello waits for it."""
+    c = t.client()
+    try:
+        iid = launch(c, "hello", console_pipe=True, **MODES["vmclone-tcp"])
+        r = wait(c, iid)
+        assert (r.outcome, r.exit_code) == ("exited", 0), (r, t.log())
+    finally:
+        c.close()
+
+
 def pair(workdir, tls_a=None, tls_b=None) -> tuple[Tender, Tender]:
-    """B, then A with B as its peer (pools of one worker each)."""
+    """B, then A with B as its peer (pools of one worker each, warm)."""
     b = Tender.start(workdir, "--pool", "1", token=TOKEN, peer_token=PEER_TOKEN, tls=tls_b)
     try:
         a = Tender.start(workdir, "--pool", "1", "--peer", b.peer_target, token=TOKEN,
                          peer_token=PEER_TOKEN, tls=tls_a)
     except BaseException:
+        b.stop()
+        raise
+    try:
+        warm(a)
+        warm(b)
+    except BaseException:
+        a.stop()
         b.stop()
         raise
     return a, b
@@ -72,7 +90,8 @@ def run_remote(a: Tender, b: Tender, image: str, args: list[str], want: bytes) -
         iid = launch(c, image, args, console_pipe=True, **REMOTE)
         r = wait(c, iid)
         out = stdout_of(console(c, iid))
-        assert (r.outcome, r.exit_code) == ("exited", 0), (r, out, a.log(), b.log())
+        assert (r.outcome, r.exit_code) == ("exited", 0), \
+            (list(r.reports), out, a.log(), b.log())
         assert out == want
         assert hosts(c, iid) == {b.target}, (c.describe(iid), b.log())
     finally:
@@ -92,7 +111,7 @@ def test_an_emulator_crash_on_a_peer_ends_only_its_instance(tmp_path):
         iid = launch(c, x87, console_pipe=True, **REMOTE)
         r = wait(c, iid)
         assert (r.done, r.outcome, r.signal, r.exit_code) == (True, "signaled", SIGKILL, 137), \
-            (r, b.log())
+            (list(r.reports), a.log(), b.log())
         assert any("its VM was lost" in line for line in r.reports), r.reports
         assert hosts(c, iid) == {b.target}
         c.close()

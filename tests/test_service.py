@@ -1282,17 +1282,29 @@ def test_a_stranger_is_refused_before_its_stream_is_read(secure):
         never.set()
 
 
+def relay_socket(pid: int) -> str:
+    """The path of the relay socket process ``pid`` listens on (its fds and
+    /proc/net/unix: workers learn it at start-up, not from their exec environment)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[6] in inodes and "unifork-relay-" in fields[7]:
+            return fields[7]
+    raise AssertionError(f"process {pid} listens on no relay socket")
+
+
 def test_the_relay_dials_only_known_tenders(secure):
     """The relay (what a worker's clone bound for a peer goes through) is a Unix socket
     only the tender's user can reach, named in the workers' environment; even from
     there it dials only this tender's peers and itself: a VM process cannot make
     its tender connect elsewhere."""
     t = secure[0]
-    env = next(Path(f"/proc/{pid}/environ").read_bytes()
-               for pid, (_, cmd) in descendants(t.proc.pid).items() if is_worker(cmd))
-    relay = dict(v.split(b"=", 1) for v in env.split(b"\0") if b"=" in v)[
-        b"UNIFORK_PEER_RELAY"].decode()
-    assert relay.startswith("unix:")
+    relay = "unix:" + relay_socket(t.proc.pid)
     assert os.stat(Path(relay[5:]).parent).st_mode & 0o077 == 0  # private to the tender
     elsewhere = Listener("127.0.0.2")
     try:
