@@ -78,7 +78,8 @@ class LocalTender:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [*cmd, "serve", "--listen", self.target, "--pool", str(pool),
-                 "--max-instances", str(max_instances), "--metrics-port", str(free_port())],
+                 "--max-instances", str(max_instances), "--metrics-port", str(free_port()),
+                 "--peer-listen", f"127.0.0.1:{free_port()}"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
         try:
             self._wait_serving()
