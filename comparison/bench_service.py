@@ -91,7 +91,7 @@ class LocalTender:
             self.proc = subprocess.Popen(
                 [*cmd, "serve", "--listen", self.target, "--pool", str(pool),
                  "--max-instances", str(max_instances), "--metrics-port", str(free_port()),
-                 *extra],
+                 *extra, "--peer-listen", f"127.0.0.1:{free_port()}"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
         try:
             self._wait_serving()

@@ -166,7 +166,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         return serve(ServeOptions(
             listen=a.listen, metrics_port=a.metrics_port, peers=tuple(a.peer),
             advertise=a.advertise, token_file=a.token_file, tls_cert=a.tls_cert,
-            tls_key=a.tls_key, insecure_listen_any=a.insecure_listen_any, pool_size=a.pool,
+            tls_key=a.tls_key, tls_ca=a.tls_ca, peer_listen=a.peer_listen,
+            peer_token_file=a.peer_token_file, insecure_listen_any=a.insecure_listen_any, pool_size=a.pool,
             max_instances=a.max_instances, max_upload=a.max_upload,
             max_image_store=a.max_image_store, max_guest_memory=a.max_guest_memory,
             default_timeout=a.default_timeout, grace=a.grace,
@@ -243,12 +244,24 @@ def main(argv: list[str] | None = None) -> int:
     sv = sub.add_parser("serve", help="run a tender daemon (gRPC)")
     sv.add_argument("--listen", default="127.0.0.1:7700", help="HOST:PORT (default 127.0.0.1:7700)")
     sv.add_argument("--metrics-port", type=int, default=0, help="serve /metrics on this port")
+    sv.add_argument("--peer-listen", metavar="HOST:PORT",
+                    help="the peer API's own listener (default: the --listen host, its port "
+                         "+ 1, e.g. 127.0.0.1:7701)")
     sv.add_argument("--peer", action="append", default=[],
-                    help="a peer tender HOST:PORT, or dns:NAME for every A record (repeatable)")
-    sv.add_argument("--advertise", help="HOST:PORT peers and VMs reach this tender at")
-    sv.add_argument("--token-file", help="require this bearer token on every RPC")
-    sv.add_argument("--tls-cert")
-    sv.add_argument("--tls-key")
+                    help="a peer tender's peer listener HOST:PORT (e.g. host-b:7701), or "
+                         "dns:NAME for every A record at this tender's peer port (repeatable)")
+    sv.add_argument("--advertise", help="HOST:PORT clients and VMs reach this tender at "
+                                        "(peers: the same host, the peer port)")
+    sv.add_argument("--token-file", help="require this bearer token on every client RPC")
+    sv.add_argument("--peer-token-file",
+                    help="the peers' bearer token (another token than --token-file): "
+                         "required on the peer listener, sent to peers")
+    sv.add_argument("--tls-cert", help="TLS certificate (PEM) of both listeners; needs "
+                                       "--tls-key and --tls-ca")
+    sv.add_argument("--tls-key", help="the private key (PEM) of --tls-cert")
+    sv.add_argument("--tls-ca", help="CA (PEM) that signs peers' certificates: the peer "
+                                     "listener requires one (mutual TLS); peers are dialled "
+                                     "with TLS, presenting --tls-cert")
     sv.add_argument("--insecure-listen-any", action="store_true",
                     help="allow a non-loopback listen address without a token")
     sv.add_argument("--pool", type=int, default=2, help="warm tender processes for clones")

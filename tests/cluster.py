@@ -1,8 +1,9 @@
 """Tenders on "hosts" (network namespaces) and a gRPC client among them, for tests.
 
 ``Cluster(hosts, workdir)`` starts ``unifork serve`` in host k on its
-address, port 7700, with one token, every other host as a peer and metrics
-on 9100; each tender gets its own /tmp, /dev/shm and upload directory
+address, port 7700 for clients and 7701 for peers (the default, the client
+port + 1), with one client token and one peer token, every other host's peer
+port as a peer and metrics on 9100; each tender gets its own /tmp, /dev/shm and upload directory
 (directories of the test bind-mounted in the mount namespace ``ip netns
 exec`` gives it), so that, as on real hosts, a Unix socket, a shm segment, a
 temp file or an uploaded image of one host cannot be used by another, and
@@ -36,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 UNIFORK = Path(sys.executable).with_name("unifork")
 AGENT = Path(__file__).with_name("mh_agent.py")
 PORT = 7700
+PEER_PORT = 7701  # serve's default --peer-listen: the client port + 1
 METRICS_PORT = 9100
 A, B, C = 0, 1, 2
 START_TIMEOUT = 90.0
@@ -75,8 +77,9 @@ class AgentError(AssertionError):
 class Agent:
     """``tests/mh_agent.py`` running in one host; ``call(op, ...)`` is one request."""
 
-    def __init__(self, hosts: Hosts, k: int, token_file: Path) -> None:
-        self.proc = hosts.popen(k, [sys.executable, str(AGENT), str(token_file)],
+    def __init__(self, hosts: Hosts, k: int, token_file: Path, peer_token_file: Path) -> None:
+        self.proc = hosts.popen(k, [sys.executable, str(AGENT), str(token_file),
+                                    str(peer_token_file)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                 cwd=ROOT)
         self.replies: queue.Queue[str | None] = queue.Queue()
@@ -132,6 +135,9 @@ class Cluster:
         self.token_file = workdir / "token"
         self.token_file.write_text(os.urandom(24).hex() + "\n")
         self.token_file.chmod(0o600)
+        self.peer_token_file = workdir / "peer-token"
+        self.peer_token_file.write_text(os.urandom(24).hex() + "\n")
+        self.peer_token_file.chmod(0o600)
         self.tenders: list[subprocess.Popen | None] = [None] * hosts.n
         self.logs: list[Path] = [workdir / f"tender{k}.log" for k in range(hosts.n)]
         self.agent: Agent | None = None
@@ -157,10 +163,15 @@ class Cluster:
     def target(self, k: int) -> str:
         return f"{self.addr(k)}:{PORT}"
 
+    def peer_target(self, k: int) -> str:
+        return f"{self.addr(k)}:{PEER_PORT}"
+
     def start(self, k: int) -> None:
-        peers = [a for j in range(self.hosts.n) if j != k for a in ("--peer", self.target(j))]
+        peers = [a for j in range(self.hosts.n) if j != k
+                 for a in ("--peer", self.peer_target(j))]
         argv = [str(UNIFORK), "-v", "serve", "--listen", self.target(k), "--advertise",
                 self.target(k), *peers, "--token-file", str(self.token_file),
+                "--peer-token-file", str(self.peer_token_file),
                 "--metrics-port", str(METRICS_PORT), "--pool", "2", "--grace", "5",
                 "--peer-timeout", str(PEER_TIMEOUT), *self.serve_args]
         with open(self.logs[k], "ab") as log:
@@ -207,7 +218,7 @@ class Cluster:
         return r
 
     def vms(self, k: int) -> int:
-        return int(self.agent.call("load", target=self.target(k))["vms"])
+        return int(self.agent.call("load", target=self.peer_target(k))["vms"])
 
     def load_queries(self, k: int) -> float:
         """How many Peer.GetLoad calls tender k has answered (its /metrics)."""
@@ -242,7 +253,7 @@ def running_cluster(name: str, serve_args: tuple[str, ...] = (),
     try:
         for k in range(hosts.n):
             c.start(k)
-        c.agent = Agent(hosts, A, c.token_file)
+        c.agent = Agent(hosts, A, c.token_file, c.peer_token_file)
         for k in range(hosts.n):
             c.wait_healthy(k)
         for k in range(hosts.n):  # an uploaded image lives only where it was uploaded

@@ -32,9 +32,10 @@ def to_dict(msg) -> dict:
 
 
 class Agent:
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, peer_token: str) -> None:
         self.token = token
         self.md = call_metadata(token)
+        self.peer_md = call_metadata(peer_token)  # Peer.GetLoad, on a peer listener
         self.clients: dict[str, Client] = {}
         self.tpb2, _ = protos.tender()
         self.ppb2, self.pgrpc = protos.peer()
@@ -129,7 +130,7 @@ class Agent:
     def op_load(self, target: str) -> dict:
         with grpc.insecure_channel(target) as ch:
             r = self.pgrpc.PeerStub(ch).GetLoad(self.ppb2.LoadRequest(), timeout=5.0,
-                                                metadata=self.md)
+                                                metadata=self.peer_md)
         return to_dict(r)
 
     def op_metrics(self, url: str) -> str:
@@ -142,7 +143,7 @@ class Agent:
 
 
 def main() -> int:
-    agent = Agent(read_token(sys.argv[1]))
+    agent = Agent(read_token(sys.argv[1]), read_token(sys.argv[2]))
     protos.ensure()
     for line in sys.stdin:
         if not line.strip():

@@ -367,7 +367,8 @@ def tender(tmp_path_factory):
     target = f"127.0.0.1:{free_port()}"
     log = tmp_path_factory.mktemp("tender") / "serve.log"
     with log.open("w") as fh:
-        proc = subprocess.Popen([str(UNIFORK), "serve", "--listen", target, "--grace", "5"],
+        proc = subprocess.Popen([str(UNIFORK), "serve", "--listen", target, "--grace", "5",
+                                 "--peer-listen", f"127.0.0.1:{free_port()}"],
                                 stdout=fh, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60

@@ -54,6 +54,7 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "unifork.json"
 HEALTHCHECK = DEPLOY / "healthcheck.py"
 START_TIMEOUT = 60.0
 TOKEN = "deploy-test-token-0123456789abcdef"
+PEER_TOKEN = "deploy-test-peer-token-0123456789abcdef"
 
 
 # -- reading the files ---------------------------------------------------------------------
@@ -265,6 +266,8 @@ class Tender:
         self.name, self.port, self.metrics_port = name, free_port(), free_port()
         self.peer_port = free_port()
         self.token_file, self.deploy_argv = token_file, argv
+        self.peer_token_file = workdir / "peer_token"
+        self.peer_token_file.write_text(PEER_TOKEN + "\n")
         self.log = workdir / f"{name}.log"
         self.proc: subprocess.Popen | None = None
 
@@ -272,10 +275,14 @@ class Tender:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def peer_target(self) -> str:
+        return f"127.0.0.1:{self.peer_port}"
+
     def loopback_argv(self, peers: dict[str, str]) -> list[str]:
         """Addresses, ports and the token path changed; every other option kept as is.
 
-        ``peers`` maps a deploy peer (``tender-b:7700``) to a loopback address;
+        ``peers`` maps a deploy peer (``tender-b:7701``) to a loopback address;
         ``dns:NAME`` becomes ``dns:localhost`` (it resolves to this tender,
         which skips itself); peers not in the map are dropped.
         """
@@ -287,6 +294,8 @@ class Tender:
                 value = str(self.metrics_port)
             elif flag == "--token-file":
                 value = str(self.token_file)
+            elif flag == "--peer-token-file":
+                value = str(self.peer_token_file)
             elif flag == "--advertise":
                 value = self.target
             elif flag == "--peer-listen":
@@ -299,7 +308,7 @@ class Tender:
                 else:
                     continue
             out += [flag] if value is None else [flag, value]
-        return out
+        return [*out, "--peer-listen", self.peer_target]
 
     def start(self, peers: dict[str, str]) -> None:
         argv = [*unifork_argv(), "serve", *without_pending(self.loopback_argv(peers))]
@@ -352,7 +361,7 @@ def compose_pair(tmp_path_factory, token_file) -> Iterator[tuple[Tender, Tender]
     services = compose_tenders()
     a, b = (Tender(n, [str(x) for x in services[n]["command"]], workdir, token_file)
             for n in ("tender-a", "tender-b"))
-    peers = {"tender-a:7700": a.target, "tender-b:7700": b.target}
+    peers = {"tender-a:7701": a.peer_target, "tender-b:7701": b.peer_target}
     try:
         a.start(peers)
         b.start(peers)
@@ -537,20 +546,23 @@ def test_ports_agree_everywhere() -> None:
     metrics_ports = {int(values(a, "--metrics-port")[0]) for a in argvs.values()}
     assert grpc_ports == {7700} and metrics_ports == {9100}
     (gport,), (mport,) = grpc_ports, metrics_ports
+    pport = gport + 1  # serve's default --peer-listen: peers have a port of their own
+    for where, argv in argvs.items():
+        assert not values(argv, "--peer-listen"), f"{where}: the default peer port is used"
 
     # the image
     exposed = {int(p) for _, instr, args in dockerfile() if instr == "EXPOSE"
                for p in args.split()}
-    assert exposed == {gport, mport}
+    assert exposed == {gport, pport, mport}
 
     # compose: published ports, peers and advertised addresses
     tenders = compose_tenders()
     for name, s in tenders.items():
         assert {int(str(p).rpartition(":")[2]) for p in s["ports"]} == {gport}, name
-        assert {int(p) for p in s["expose"]} == {gport, mport}, name
+        assert {int(p) for p in s["expose"]} == {gport, pport, mport}, name
         argv = [str(x) for x in s["command"]]
         assert values(argv, "--advertise") == [f"{name}:{gport}"]
-        assert sorted(values(argv, "--peer")) == sorted(f"{o}:{gport}" for o in tenders
+        assert sorted(values(argv, "--peer")) == sorted(f"{o}:{pport}" for o in tenders
                                                         if o != name)
         assert s.get("hostname", name) == name
 
@@ -565,9 +577,8 @@ def test_ports_agree_everywhere() -> None:
     pod = sts["spec"]["template"]
     c = k8s_tender()
     named = {p["name"]: p["containerPort"] for p in c["ports"]}
-    pport = port_of(values(c["args"], "--peer-listen")[0])
     assert named == {"grpc": gport, "peer": pport, "metrics": mport}
-    assert pport == 7701
+    assert port_of(values(c["args"], "--peer-listen")[0]) == pport == 7701
     ann = pod["metadata"]["annotations"]
     assert ann["prometheus.io/scrape"] == "true"
     assert int(ann["prometheus.io/port"]) == mport
@@ -607,7 +618,13 @@ def test_names_and_paths_agree_everywhere() -> None:
     assert k8s_object("Service", "unifork-tenders")["spec"]["publishNotReadyAddresses"]
     # the token: the kustomization's generated Secret -> volume -> --token-file
     volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
-    (mount,) = [m for m in c["volumeMounts"] if "secret" in volumes[m["name"]]]
+    mounts = {m["name"]: m for m in c["volumeMounts"] if "secret" in volumes[m["name"]]}
+    assert set(mounts) == {"token", "peer-token"}, mounts
+    # the peers' token: a Secret of its own, made by hand (not shipped in the kustomization)
+    assert volumes["peer-token"]["secret"]["secretName"] == "unifork-peer-token"
+    assert values(c["args"], "--peer-token-file") == \
+        [f"{mounts['peer-token']['mountPath']}/token"]
+    mount = mounts["token"]
     (generator,) = yaml_docs(K8S / "kustomization.yaml")[0]["secretGenerator"]
     assert volumes[mount["name"]]["secret"]["secretName"] == generator["name"]
     (entry,) = generator["files"]
@@ -624,10 +641,12 @@ def test_names_and_paths_agree_everywhere() -> None:
     # compose: the secret file is where --token-file and the image's healthcheck look
     doc = compose()
     for name, s in compose_tenders().items():
-        (secret_name,) = s["secrets"]
-        assert secret_name in doc["secrets"]
-        assert values([str(x) for x in s["command"]], "--token-file") == \
-            [f"/run/secrets/{secret_name}"], name
+        assert set(s["secrets"]) == {"unifork_token", "unifork_peer_token"}, name
+        assert set(s["secrets"]) <= set(doc["secrets"])
+        for flag, secret_name in (("--token-file", "unifork_token"),
+                                  ("--peer-token-file", "unifork_peer_token")):
+            assert values([str(x) for x in s["command"]], flag) == \
+                [f"/run/secrets/{secret_name}"], name
         assert s["build"]["dockerfile"] == "deploy/Dockerfile"
         assert (DEPLOY / s["build"]["context"]).resolve() == ROOT
         assert s["image"].partition(":")[0] == image

@@ -308,9 +308,12 @@ def test_peer_killed_during_a_clone(cluster):
                        pipe_transport="tcp", placement="remote")
 
     def parent_host() -> str | None:
+        """The host of the parent once its VM has said hello (until then describe names
+        the peer listener it was sent to)."""
         desc = c.agent.call("describe", target=c.target(A), id=iid)
         return next((p["host"] for p in desc["processes"]
-                     if p["pid"] == 2 and p["state"] == "alive" and p["host"]), None)
+                     if p["pid"] == 2 and p["state"] == "alive"
+                     and p["host"] in (c.target(B), c.target(C))), None)
 
     host = wait_until(parent_host, RUN_TIMEOUT, "the parent VM to run on a peer")
     assert host in (c.target(B), c.target(C)), host
@@ -327,7 +330,7 @@ def test_peer_killed_during_a_clone(cluster):
         assert ok + failed == n and failed <= 1, out
         # the kill hit the clone in transfer (A placed it again) or just after (the
         # new child died with its tender: one fork reported killed)
-        replaced = f"failed: placed again on {c.target(other)}" in c.log_tail(A, 400)
+        replaced = f"failed: placed again on {c.peer_target(other)}" in c.log_tail(A, 400)
         assert replaced or failed == 1, (out, c.logs_tail())
         assert all(re.fullmatch(r"fork \d+: child status 0x9", line)
                    for line in out.splitlines()[:-1]), out

@@ -16,6 +16,7 @@ Graceful shutdown and the listen-address policy start their own tenders.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -148,31 +149,54 @@ class Tender:
     metrics_port: int
     log_path: Path
     token: str | None = None
+    peer_port: int = 0
+    peer_token: str | None = None
+    tls_ca: Path | None = None  # the client port speaks TLS: verify it with this CA
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     @property
+    def peer_target(self) -> str:
+        """The peer listener (--peer-listen)."""
+        return f"127.0.0.1:{self.peer_port}"
+
+    @property
     def md(self) -> list[tuple[str, str]]:
         return [("authorization", f"Bearer {self.token}")] if self.token else []
 
+    @property
+    def peer_md(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.peer_token}")] if self.peer_token else []
+
     @classmethod
     def start(cls, workdir: Path, *args: str, token: str | None = None,
-              listen_host: str = "127.0.0.1") -> Tender:
-        port, mport = free_port(), free_port()
+              listen_host: str = "127.0.0.1", peer_token: str | None = None,
+              peer_port: int = 0, tls: tuple[Path, Path, Path] | None = None) -> Tender:
+        """``tls``: (cert, key, CA) for --tls-cert, --tls-key, --tls-ca."""
+        port, mport, peer_port = free_port(), free_port(), peer_port or free_port()
         extra = list(args)
+        if tls is not None:
+            extra += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1]), "--tls-ca",
+                      str(tls[2])]
         if token is not None:
-            tf = workdir / "token"
+            tf = workdir / f"token-{port}"
             tf.write_text(token + "\n")
             extra += ["--token-file", str(tf)]
+        if peer_token is not None:
+            tf = workdir / f"peer-token-{port}"
+            tf.write_text(peer_token + "\n")
+            extra += ["--peer-token-file", str(tf)]
         log_path = workdir / f"tender-{port}.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 [*unifork_cmd(), "serve", "--listen", f"{listen_host}:{port}",
+                 "--peer-listen", f"{listen_host}:{peer_port}",
                  "--metrics-port", str(mport), *extra],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
-        t = cls(proc, port, mport, log_path, token)
+        t = cls(proc, port, mport, log_path, token, peer_port, peer_token,
+                tls[2] if tls else None)
         try:
             t.wait_serving()
         except BaseException:
@@ -184,8 +208,14 @@ class Tender:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
 
+    def channel(self) -> grpc.Channel:
+        if self.tls_ca is None:
+            return grpc.insecure_channel(self.target)
+        return grpc.secure_channel(self.target,
+                                   grpc.ssl_channel_credentials(self.tls_ca.read_bytes()))
+
     def health(self, service: str = "", timeout: float = 2.0) -> int:
-        with grpc.insecure_channel(self.target) as ch:
+        with self.channel() as ch:
             return health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout,
                 metadata=self.md).status
@@ -213,7 +243,7 @@ class Tender:
                                  f"{self.log()}") from None
 
     def client(self) -> Client:
-        return Client(self.target, self.token)
+        return Client(self.target, self.token, str(self.tls_ca) if self.tls_ca else None)
 
     def metrics(self) -> dict[tuple[str, frozenset], float]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
@@ -749,29 +779,74 @@ def test_malformed_but_accepted_image_is_contained(client):
     assert stdout_of(console(client, iid)) == HELLO
 
 
+def hello_image() -> tuple[bytes, str]:
+    data = build_image("hello").read_bytes()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def boot_chunks(sup: str, image: bytes | None = None, **start) -> list:
+    """A StartVm that boots ``hello`` (or ``image``) with supervisor ``sup``."""
+    data, digest = hello_image()
+    data = data if image is None else image
+    fields = dict(instance_id="x", pid=2, supervisor=sup, transport="tcp",
+                  instance_token="t", image_sha256=digest)
+    header = ppb2.VmStart(**{**fields, **start})
+    return [ppb2.VmChunk(start=header), ppb2.VmChunk(image=data)]
+
+
+class Listener:
+    """A TCP listener of the test's own that counts the connections it gets (and, if
+    told, greets each with ``banner``): where a tender must not, or may, connect."""
+
+    def __init__(self, host: str = "127.0.0.1", banner: bytes = b"") -> None:
+        self.sock = socket.create_server((host, 0))
+        self.address = f"tcp:{host}:{self.sock.getsockname()[1]}"
+        self.banner, self.accepted = banner, 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            with conn:
+                if self.banner:
+                    conn.sendall(self.banner)
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    conn.recv(1 << 16)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.thread.join(10)
+
+
 def test_peer_start_vm_with_bad_headers(tender):
     """Peer.StartVm with a supervisor that cannot be reached, or that never answers."""
-    listener = socket.create_server(("127.0.0.1", 0))  # accepts, then says nothing
-    silent = f"tcp:127.0.0.1:{listener.getsockname()[1]}"
+    silent = Listener()  # accepts, then says nothing
     cases = {"bad address": "bogus", "refused": f"tcp:127.0.0.1:{free_port()}",
-             "no such socket": "unix:/nonexistent/sock", "silent supervisor": silent}
+             "no such socket": "unix:/nonexistent/sock", "silent supervisor": silent.address}
     try:
-        with grpc.insecure_channel(tender.target) as ch:
+        with grpc.insecure_channel(tender.peer_target) as ch:
             stub = _peer_grpc.PeerStub(ch)
             codes = {}
             for case, sup in cases.items():
-                start = ppb2.VmStart(instance_id="x", pid=2, supervisor=sup, transport="tcp",
-                                     instance_token="t", image_path="/nonexistent")
-                e = rpc_error(lambda start=start: stub.StartVm(
-                    iter([ppb2.VmChunk(start=start), ppb2.VmChunk(snapshot=b"junk")]),
-                    timeout=RPC_TIMEOUT))
+                e = rpc_error(lambda sup=sup: stub.StartVm(iter(boot_chunks(sup)),
+                                                           timeout=RPC_TIMEOUT))
                 codes[case] = (e.code(), e.details())
     finally:
-        listener.close()
-    # a malformed address is the caller's mistake; a supervisor that cannot be reached
-    # (or says nothing) is a service that is not there
+        silent.close()
+    # a malformed address is the caller's mistake (and a peer never names a Unix
+    # socket); a supervisor that cannot be reached (or says nothing) is a service
+    # that is not there
     want = {"bad address": grpc.StatusCode.INVALID_ARGUMENT,
-            "refused": grpc.StatusCode.UNAVAILABLE, "no such socket": grpc.StatusCode.UNAVAILABLE,
+            "refused": grpc.StatusCode.UNAVAILABLE,
+            "no such socket": grpc.StatusCode.INVALID_ARGUMENT,
             "silent supervisor": grpc.StatusCode.UNAVAILABLE}
     bad = {case: c for case, c in codes.items() if c[0] != want[case]}
     assert not bad, f"StartVm with bad headers: unexpected codes: {bad}"
@@ -876,18 +951,27 @@ def test_upload_under_a_builtin_name(small):
 
 # -- auth ----------------------------------------------------------------------------------------
 TOKEN = "s3cret-token-0123456789abcdef"
+PEER_TOKEN = "peer-s3cret-0123456789abcdef"
 CREDENTIALS = {
     "none": [],
     "wrong": [("authorization", "Bearer " + TOKEN[:-1] + "X")],
     "no-scheme": [("authorization", TOKEN)],
+    "other-principal": None,  # the peer token on the client API, the client token on Peer
 }
+
+
+def _refused_md(t: Tender, rpc: str, cred: str) -> list[tuple[str, str]]:
+    if cred == "other-principal":
+        return t.md if rpc.startswith("Peer.") else t.peer_md
+    return CREDENTIALS[cred]
 
 
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory):
-    t = Tender.start(tmp_path_factory.mktemp("secure"), "--pool", "1", token=TOKEN)
-    with grpc.insecure_channel(t.target) as ch:
-        tstub, pstub = _tender_grpc.TenderStub(ch), _peer_grpc.PeerStub(ch)
+    t = Tender.start(tmp_path_factory.mktemp("secure"), "--pool", "1", token=TOKEN,
+                     peer_token=PEER_TOKEN)
+    with grpc.insecure_channel(t.target) as ch, grpc.insecure_channel(t.peer_target) as pch:
+        tstub, pstub = _tender_grpc.TenderStub(ch), _peer_grpc.PeerStub(pch)
         iid = tstub.Launch(pb2.LaunchRequest(image="hello", console_pipe=True), metadata=t.md,
                            timeout=RPC_TIMEOUT).instance_id
         tstub.Wait(pb2.WaitRequest(instance_id=iid), metadata=t.md, timeout=RPC_TIMEOUT)
@@ -918,8 +1002,9 @@ def _call(rpc: str, tstub, pstub, iid: str, md, upload_name: str = "auth-upload"
         return tstub.ListInstances(pb2.ListInstancesRequest(), **kw)
     if rpc == "Describe":
         return tstub.Describe(pb2.DescribeRequest(instance_id=iid), **kw)
-    if rpc == "Peer.StartVm":
-        return pstub.StartVm(iter([]), **kw)
+    if rpc == "Peer.StartVm":  # a header that passes every check but the missing image
+        return pstub.StartVm(iter([ppb2.VmChunk(start=ppb2.VmStart(
+            instance_id="x", pid=2, supervisor="tcp:127.0.0.1:1", transport="tcp"))]), **kw)
     if rpc == "Peer.GetLoad":
         return pstub.GetLoad(ppb2.LoadRequest(), **kw)
     raise ValueError(rpc)
@@ -938,11 +1023,17 @@ def test_every_rpc_is_covered():
 @pytest.mark.parametrize("cred", list(CREDENTIALS))
 @pytest.mark.parametrize("rpc", RPCS)
 def test_rpc_refused_without_the_token(secure, rpc, cred):
+    """Each API wants its own principal's token: no token, a wrong one, or the other
+    principal's (a client token on Peer, a peer token on Tender) is refused."""
     t, tstub, pstub, iid = secure
     instances = len(_call("ListInstances", tstub, pstub, iid, t.md).instances)
-    e = rpc_error(lambda: _call(rpc, tstub, pstub, iid, CREDENTIALS[cred], "auth-refused"))
+    e = rpc_error(lambda: _call(rpc, tstub, pstub, iid, _refused_md(t, rpc, cred),
+                                "auth-refused"))
     assert e.code() == grpc.StatusCode.UNAUTHENTICATED, (e.code(), e.details())
-    assert e.details() == "missing or wrong bearer token"
+    if rpc.startswith("Peer."):
+        assert e.details().startswith("missing or wrong peer token"), e.details()
+    else:
+        assert e.details() == "missing or wrong bearer token"
     # the refused call did nothing
     assert len(_call("ListInstances", tstub, pstub, iid, t.md).instances) == instances
     assert "auth-refused" not in {i.name for i in
@@ -952,19 +1043,20 @@ def test_rpc_refused_without_the_token(secure, rpc, cred):
 @pytest.mark.parametrize("rpc", RPCS)
 def test_rpc_works_with_the_token(secure, rpc):
     t, tstub, pstub, iid = secure
-    if rpc == "Peer.StartVm":  # auth passed: the empty stream itself is what is wrong
-        e = rpc_error(lambda: _call(rpc, tstub, pstub, iid, t.md))
+    md = t.peer_md if rpc.startswith("Peer.") else t.md
+    if rpc == "Peer.StartVm":  # auth passed: the missing image is what is wrong
+        e = rpc_error(lambda: _call(rpc, tstub, pstub, iid, md))
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
-        assert e.details().startswith("start:")
+        assert e.details().startswith("cannot start the VM: image: missing"), e.details()
         return
     if rpc == "DeleteImage":  # an image of its own to delete
-        _call("UploadImage", tstub, pstub, iid, t.md, "auth-delete")
-        out = _call(rpc, tstub, pstub, iid, t.md, "auth-delete")
+        _call("UploadImage", tstub, pstub, iid, md, "auth-delete")
+        out = _call(rpc, tstub, pstub, iid, md, "auth-delete")
         assert (out.name, out.builtin) == ("auth-delete", False)
         assert "auth-delete" not in {i.name for i in
                                      _call("ListImages", tstub, pstub, iid, t.md).images}
         return
-    out = _call(rpc, tstub, pstub, iid, t.md)
+    out = _call(rpc, tstub, pstub, iid, md)
     hello = build_image("hello").read_bytes()
     if rpc == "UploadImage":
         assert (out.name, out.size_bytes, out.sha256, out.builtin) == \
@@ -1006,8 +1098,8 @@ def test_health_open_reflection_guarded(secure):
         reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
                                                       timeout=RPC_TIMEOUT)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
-    for md in CREDENTIALS.values():
-        e = rpc_error(lambda md=md: _reflect_services(t.target, md))
+    for cred in CREDENTIALS:
+        e = rpc_error(lambda cred=cred: _reflect_services(t.target, _refused_md(t, "", cred)))
         assert e.code() == grpc.StatusCode.UNAUTHENTICATED, (e.code(), e.details())
     assert "unifork.v1.Tender" in _reflect_services(t.target, t.md)
 
@@ -1017,13 +1109,257 @@ def test_refusals_are_counted(secure):
     key = dict(grpc_service="unifork.v1.Tender", grpc_method="Launch",
                grpc_code="UNAUTHENTICATED")
     before = metric(t.metrics(), "grpc_server_handled_total", **key)
-    for md in CREDENTIALS.values():
-        rpc_error(lambda md=md: _call("Launch", tstub, pstub, iid, md))
+    for cred in CREDENTIALS:
+        rpc_error(lambda cred=cred: _call("Launch", tstub, pstub, iid,
+                                          _refused_md(t, "Launch", cred)))
     rpc_error(lambda: _call("Peer.GetLoad", tstub, pstub, iid, []))
     after = t.metrics()
     assert metric(after, "grpc_server_handled_total", **key) == before + len(CREDENTIALS)
     assert metric(after, "grpc_server_handled_total", grpc_service="unifork.v1.Peer",
                   grpc_method="GetLoad", grpc_code="UNAUTHENTICATED") >= 1
+
+
+def test_the_client_port_does_not_serve_peers(secure):
+    """Peer is not on the client port at all, whatever the token."""
+    t = secure[0]
+    with grpc.insecure_channel(t.target) as ch:
+        stub = _peer_grpc.PeerStub(ch)
+        for md in (t.md, t.peer_md):
+            e = rpc_error(lambda md=md: stub.GetLoad(ppb2.LoadRequest(), metadata=md,
+                                                     timeout=RPC_TIMEOUT))
+            assert e.code() in (grpc.StatusCode.UNIMPLEMENTED,
+                                grpc.StatusCode.UNAUTHENTICATED), (e.code(), e.details())
+            e = rpc_error(lambda md=md: _call("Peer.StartVm", None, stub, "", md))
+            assert e.code() in (grpc.StatusCode.UNIMPLEMENTED,
+                                grpc.StatusCode.UNAUTHENTICATED), (e.code(), e.details())
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out += bytes([byte | (0x80 if n else 0)])
+        if not n:
+            return out
+
+
+def _raw_start_vm(target: str, md, header: bytes, *chunks: bytes) -> grpc.RpcError:
+    """StartVm with hand-encoded messages (fields the current proto no longer has)."""
+    def field(num: int, data: bytes) -> bytes:
+        return bytes([num << 3 | 2]) + _varint(len(data)) + data
+
+    msgs = [field(1, header), *(field(3, c) for c in chunks)]
+    with grpc.insecure_channel(target) as ch:
+        call = ch.stream_unary("/unifork.v1.Peer/StartVm", request_serializer=lambda b: b,
+                               response_deserializer=ppb2.VmStarted.FromString)
+        return rpc_error(lambda: call(iter(msgs), metadata=md, timeout=RPC_TIMEOUT))
+
+
+def _worker_pids(t: Tender) -> set[int]:
+    return {pid for pid, (_, cmd) in descendants(t.proc.pid).items() if is_worker(cmd)}
+
+
+def test_start_vm_never_opens_a_host_path(secure):
+    """Finding 3: StartVm once took VmStart.image_path, a file of the tender's host, as
+    the image: ``/etc/shadow: not an ELF file`` told what it held, any static ELF ran,
+    /dev/zero grew the tender.  Now the field does not exist (it is reserved): even
+    with the peer token, a boot without the image's bytes is refused before anything
+    is opened or connected to, and bytes that do not match their digest are refused."""
+    t = secure[0]
+    sup = Listener()  # a supervisor that would see the VM connect if one started
+    workers = _worker_pids(t)
+    try:
+        base = ppb2.VmStart(instance_id="x", pid=2, supervisor=sup.address, transport="tcp",
+                            instance_token="t").SerializeToString()
+        for path in ("/etc/shadow", "/dev/zero", str(build_image("hello"))):
+            header = base + bytes([7 << 3 | 2]) + _varint(len(path)) + path.encode()
+            e = _raw_start_vm(t.peer_target, t.peer_md, header)
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (path, e.code(), e.details())
+            assert e.details() == "cannot start the VM: image: missing (a VM boots from the " \
+                                  "image's bytes)", e.details()
+        data, digest = hello_image()
+        with grpc.insecure_channel(t.peer_target) as ch:
+            stub = _peer_grpc.PeerStub(ch)
+            e = rpc_error(lambda: stub.StartVm(iter(boot_chunks(sup.address, data + b"x")),
+                                               metadata=t.peer_md, timeout=RPC_TIMEOUT))
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
+            assert "image_sha256: does not match" in e.details()
+            # too large an image: refused while it arrives, nothing kept
+            big = iter([boot_chunks(sup.address)[0],
+                        *(ppb2.VmChunk(image=bytes(1 << 20)) for _ in range(65))])
+            e = rpc_error(lambda: stub.StartVm(big, metadata=t.peer_md, timeout=RPC_TIMEOUT))
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (e.code(), e.details())
+    finally:
+        sup.close()
+    assert sup.accepted == 0, "a refused StartVm connected to its supervisor"
+    assert _worker_pids(t) == workers  # no worker died or was added
+    assert t.health() == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_start_vm_connects_only_to_the_caller_or_its_peers(secure):
+    """Finding 4: StartVm's supervisor made the tender connect anywhere (any TCP address,
+    any Unix socket) and echoed the first bytes of the answer.  Now a peer's StartVm
+    may name only a tcp supervisor on the host that called (127.0.0.1 here) or a
+    known peer; 127.0.0.2 is neither, a Unix path is never taken from a peer, and
+    what a supervisor that is not one answers is not echoed."""
+    t = secure[0]
+    elsewhere = Listener("127.0.0.2")
+    banner = Listener(banner=b"SSH-2.0-OpenSSH_9.6 SECRET-BANNER\r\n" * 8)
+    try:
+        with grpc.insecure_channel(t.peer_target) as ch:
+            stub = _peer_grpc.PeerStub(ch)
+
+            def start(sup: str, **kw) -> grpc.RpcError:
+                return rpc_error(lambda: stub.StartVm(iter(boot_chunks(sup, **kw)),
+                                                      metadata=t.peer_md, timeout=RPC_TIMEOUT))
+
+            e = start(elsewhere.address)
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
+            assert "connects only to the host that called it or to its peers" in e.details()
+            e = start("unix:" + str(Path(t.log_path).parent / "x.sock"))
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
+            e = rpc_error(lambda: stub.StartVm(iter(boot_chunks(banner.address,
+                                                                transport="shm")),
+                                               metadata=t.peer_md, timeout=RPC_TIMEOUT))
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
+            assert e.details().startswith("transport:"), e.details()
+            e = start(banner.address)  # the caller's host: tried, and what came back hidden
+            assert e.code() == grpc.StatusCode.UNAVAILABLE, (e.code(), e.details())
+            assert "SECRET" not in e.details() and "SSH" not in e.details(), e.details()
+    finally:
+        elsewhere.close()
+        banner.close()
+    assert elsewhere.accepted == 0, "the tender connected to a host it does not know"
+    assert banner.accepted == 1
+    assert "SECRET" not in t.log()
+
+
+def test_a_ticket_stands_for_one_start_vm(secure):
+    """What a VM's clone carries instead of the peer token: a ticket of its supervisor
+    for one (instance, pid, target) within a minute, good once."""
+    from tender_service.service.peering import Tickets
+
+    t = secure[0]
+    tickets = Tickets(PEER_TOKEN)
+    sup = f"tcp:127.0.0.1:{free_port()}"  # nothing there: a start that passes gets UNAVAILABLE
+
+    def start(ticket: str, pid: int = 2) -> grpc.StatusCode:
+        chunks = boot_chunks(sup)
+        chunks[0].start.pid = pid
+        with grpc.insecure_channel(t.peer_target) as ch:
+            return rpc_error(lambda: _peer_grpc.PeerStub(ch).StartVm(
+                iter(chunks), metadata=[("unifork-ticket", ticket)],
+                timeout=RPC_TIMEOUT)).code()
+
+    good = tickets.issue("x", 2, t.peer_target)
+    assert start(tickets.issue("x", 3, t.peer_target)) == grpc.StatusCode.UNAUTHENTICATED
+    assert start(tickets.issue("x", 2, "127.0.0.1:1")) == grpc.StatusCode.UNAUTHENTICATED
+    assert start(Tickets("another-token-0123456789").issue("x", 2, t.peer_target)) == \
+        grpc.StatusCode.UNAUTHENTICATED
+    assert start(good.replace("x.2.", "y.2.", 1)) == grpc.StatusCode.UNAUTHENTICATED
+    assert start(tickets.issue("x", 2, t.peer_target), pid=3) == \
+        grpc.StatusCode.UNAUTHENTICATED  # a header for another VM than the ticket's
+    assert start(good) == grpc.StatusCode.UNAVAILABLE  # accepted: on to the supervisor
+    assert start(good) == grpc.StatusCode.UNAUTHENTICATED  # used up
+    expired = Tickets(PEER_TOKEN, ttl=-1.0).issue("x", 2, t.peer_target)
+    assert start(expired) == grpc.StatusCode.UNAUTHENTICATED
+    with grpc.insecure_channel(t.peer_target) as ch:  # a ticket is for StartVm only
+        e = rpc_error(lambda: _peer_grpc.PeerStub(ch).GetLoad(
+            ppb2.LoadRequest(), metadata=[("authorization", f"Bearer {good}")],
+            timeout=RPC_TIMEOUT))
+        assert e.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_stranger_is_refused_before_its_stream_is_read(secure):
+    """Without the peer token or a ticket (both in metadata), StartVm is refused at
+    once: a caller that opens streams and never sends cannot hold the peer
+    listener's threads while they wait for its first message."""
+    t = secure[0]
+    never = threading.Event()
+
+    def silent():
+        never.wait(RPC_TIMEOUT)
+        yield from ()
+
+    try:
+        with grpc.insecure_channel(t.peer_target) as ch:
+            stub = _peer_grpc.PeerStub(ch)
+            for md in ([], t.md, [("unifork-ticket", "x.2.1.n.m")]):
+                e = rpc_error(lambda md=md: stub.StartVm(silent(), metadata=md,
+                                                         timeout=RPC_TIMEOUT))
+                assert e.code() == grpc.StatusCode.UNAUTHENTICATED, (e.code(), e.details())
+    finally:
+        never.set()
+
+
+def relay_socket(pid: int) -> str:
+    """The path of the relay socket process ``pid`` listens on (its fds and
+    /proc/net/unix: workers learn it at start-up, not from their exec environment)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[6] in inodes and "unifork-relay-" in fields[7]:
+            return fields[7]
+    raise AssertionError(f"process {pid} listens on no relay socket")
+
+
+def test_the_relay_dials_only_known_tenders(secure):
+    """The relay (what a worker's clone bound for a peer goes through) is a Unix socket
+    only the tender's user can reach, named in the workers' environment; even from
+    there it dials only this tender's peers and itself: a VM process cannot make
+    its tender connect elsewhere."""
+    t = secure[0]
+    relay = "unix:" + relay_socket(t.proc.pid)
+    assert os.stat(Path(relay[5:]).parent).st_mode & 0o077 == 0  # private to the tender
+    elsewhere = Listener("127.0.0.2")
+    try:
+        with grpc.insecure_channel(relay) as ch:
+            target = elsewhere.address.removeprefix("tcp:")
+            e = rpc_error(lambda: _peer_grpc.PeerStub(ch).StartVm(
+                iter(boot_chunks(elsewhere.address)), metadata=[("unifork-target", target)],
+                timeout=RPC_TIMEOUT))
+            assert e.code() == grpc.StatusCode.PERMISSION_DENIED, (e.code(), e.details())
+            # itself it may reach, but only as a stranger: the relay adds no peer token
+            e = rpc_error(lambda: _peer_grpc.PeerStub(ch).StartVm(
+                iter(boot_chunks(elsewhere.address)),
+                metadata=[("unifork-target", t.peer_target)], timeout=RPC_TIMEOUT))
+            assert e.code() == grpc.StatusCode.UNAUTHENTICATED, (e.code(), e.details())
+    finally:
+        elsewhere.close()
+    assert elsewhere.accepted == 0
+
+
+def test_no_vm_process_holds_a_token(secure):
+    """VM processes (pool workers, thread-fork VM processes) run guest code: neither
+    the client token nor the peer token is in their environment (it was, as
+    UNIFORK_PEER_TOKEN, for workers to call peers; now tickets do that)."""
+    t = secure[0]
+    c = t.client()
+    try:
+        running = [launch(c, "spin", time_limit_seconds=120.0, **MODES[m])
+                   for m in ("thread", "vmclone-shm")]
+        for iid in running:
+            wait_for_output(c, iid, b"spin: spinning\n")
+        procs = descendants(t.proc.pid)
+        assert sum(is_worker(cmd) for _, cmd in procs.values()) >= 2, procs
+        for pid in procs:
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            assert TOKEN.encode() not in env and PEER_TOKEN.encode() not in env, \
+                (pid, procs[pid][1])
+            assert b"UNIFORK_PEER_TOKEN" not in env
+        for iid in running:
+            assert c.kill(iid) is True
+            assert wait(c, iid).outcome == "killed"
+    finally:
+        c.close()
 
 
 def test_short_token_file_refused(tmp_path):
@@ -1071,7 +1407,8 @@ def test_reflection(tender):
                 reflection_pb2.ServerReflectionRequest(file_containing_symbol="unifork.v1.Tender")]
         listed, files = stub.ServerReflectionInfo(iter(reqs), timeout=RPC_TIMEOUT)
     names = {s.name for s in listed.list_services_response.service}
-    assert {"unifork.v1.Tender", "unifork.v1.Peer", "grpc.health.v1.Health"} <= names, names
+    assert {"unifork.v1.Tender", "grpc.health.v1.Health"} <= names, names
+    assert "unifork.v1.Peer" not in names  # the peer API has a listener of its own
     fds = [descriptor_pb2.FileDescriptorProto.FromString(raw)
            for raw in files.file_descriptor_response.file_descriptor_proto]
     tender_file = next(f for f in fds if any(s.name == "Tender" for s in f.service))

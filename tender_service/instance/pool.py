@@ -58,6 +58,12 @@ class WorkerHandle:
 
         return start_vm(self.address, start, snapshot, image=image)
 
+    def send_vm(self, chunks, timeout: float = 30.0):
+        """Hand a StartVm stream (from a peer tender, checked by ours) to this process."""
+        from tender_service.instance.worker import send_vm
+
+        return send_vm(self.address, chunks, timeout)
+
     def load(self) -> int:
         """VMs this tender process hosts (Peer.GetLoad)."""
         from tender_service import protos

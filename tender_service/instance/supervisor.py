@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
+import hashlib
 import hmac
 import json
 import logging
@@ -109,7 +110,8 @@ class Supervisor:
                  config: VmConfig, instance_id: str | None = None, listen_host: str = "127.0.0.1",
                  advertise_host: str | None = None, placement: str = "local",
                  observer: object | None = None, self_handle: object | None = None,
-                 peer_timeout: float = PEER_TIMEOUT, budget: MemoryBudget | None = None) -> None:
+                 peer_timeout: float = PEER_TIMEOUT, budget: MemoryBudget | None = None,
+                 ticket_for: Callable[[str, int, str], str] | None = None) -> None:
         if transport not in ("tcp", "shm"):
             raise ValueError("transport must be tcp or shm")
         self.pool = pool
@@ -124,6 +126,9 @@ class Supervisor:
         #: this tender as a place for VMs, reachable from other hosts (its Peer service);
         #: used when a VM on another host forks a child that placement keeps here
         self.self_handle = self_handle
+        #: (instance, pid, tender address) -> a single-use ticket a VM's clone carries to a
+        #: peer tender instead of the peer credential (VM processes hold no secret)
+        self.ticket_for = ticket_for
         self.observer = observer  # metrics: fork_done(seconds, snapshot_bytes, remote), pipe_write(...)
         #: the tender's guest RAM (--max-guest-memory): each VM on this tender holds its RAM
         self.budget = budget
@@ -167,10 +172,14 @@ class Supervisor:
         ``reserved``: bytes of the budget the caller already took for this first VM
         (a launch is refused up front when they are not there); the supervisor owns
         them from now on and gives them back when the VM ends, or runs elsewhere.
+        The image travels as bytes with their SHA-256 (the receiver checks them):
+        no process that runs VMs opens a file a request names.
         """
         # in init's group and session, as in a thread-fork VM (rump.kernel._spawn_main)
         rec = self._new_proc(MAIN_PID, INIT_PID, INIT_PID, INIT_PID)
         rec.reserved = reserved
+        image = Path(image_path).read_bytes()
+        digest = hashlib.sha256(image).hexdigest()
         error: Exception | None = None
         for _ in range(PLACEMENT_TRIES):  # a peer that just died is marked down: try another
             worker = self.pool.acquire()
@@ -184,10 +193,10 @@ class Supervisor:
                 break
             if remote and self.transport == "shm":
                 self.transport_note = "shm requested, tcp used for VMs on other hosts"
-            start = self.vm_start(MAIN_PID, remote=remote, image_path=image_path, args=args,
+            start = self.vm_start(MAIN_PID, remote=remote, image_sha256=digest, args=args,
                                   env=env, argv0=argv0)
-            try:  # a peer may not have the image file: send the image along
-                worker.start_vm(start, None, Path(image_path).read_bytes() if remote else None)
+            try:
+                worker.start_vm(start, None, image)
                 return
             except Exception as e:
                 error = e
@@ -491,8 +500,16 @@ class Supervisor:
         if remote and self.transport == "shm":
             self.transport_note = "shm requested, tcp used for VMs on other hosts"
         self.forks += 1
-        start = self.vm_start(pid, remote=remote)
-        return pid, json.dumps({"worker": worker.address, "start": start}).encode()
+        return pid, self._lease(pid, worker)
+
+    def _lease(self, pid: int, worker) -> bytes:
+        """What a forking VM needs to start its child on ``worker``: the address, the
+        start header and, for a tender (not a worker of this host), a ticket."""
+        via_tender = not worker.address.startswith("unix:")  # a peer tender, or this one
+        start = self.vm_start(pid, remote=via_tender)  # tenders take tcp supervisors only
+        if via_tender and self.ticket_for is not None:
+            start["ticket"] = self.ticket_for(self.id, pid, worker.address)
+        return json.dumps({"worker": worker.address, "start": start}).encode()
 
     def _place(self, parent: ProcRec):
         """Where a child of ``parent`` runs.  The warm pool's Unix sockets exist on this
@@ -524,8 +541,9 @@ class Supervisor:
             return self._refuse_fork(rec, child, e, forget=False)
         child.worker, child.host_pid = worker, worker.pid
         child.host = getattr(worker, "host", "local")
-        start = self.vm_start(pid, remote=remote)
-        return pid, json.dumps({"worker": worker.address, "start": start}).encode()
+        if remote and self.transport == "shm":
+            self.transport_note = "shm requested, tcp used for VMs on other hosts"
+        return pid, self._lease(pid, worker)
 
     def _op_fork_failed(self, rec: ProcRec, pid: int) -> int:
         child = self.procs.pop(pid, None)

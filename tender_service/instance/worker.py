@@ -1,4 +1,4 @@
-"""A tender process that hosts VMs for VM-clone instances (the peer API server).
+"""A worker process that hosts VMs for VM-clone instances (the peer API server).
 
 ``python -m tender_service.instance.worker --listen unix:/path`` serves the
 gRPC ``Peer`` service.  ``StartVm`` boots an image or resumes a snapshot as a
@@ -6,12 +6,22 @@ new VM in this process (one thread per VM; Unicorn releases the GIL while
 guest code runs), connects it to its instance's supervisor over the
 instance's transport, and answers once the VM is running.  A worker hosts
 any number of VMs; it exits when its parent process goes away.
+
+A worker's socket is private to its tender (a directory only the tender's
+user can enter); even so a worker never opens a file named by a caller: a VM
+boots from the image's bytes, sent along and checked against their SHA-256,
+or resumes from a snapshot.  A worker holds no credential: a clone placed on
+a peer tender goes through this worker's own tender (the relay, whose Unix
+socket it is told in UNIFORK_PEER_RELAY), carrying the single-use ticket the
+supervisor handed out with the fork lease.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import hashlib
+import hmac
 import json
 import logging
 import logging.handlers
@@ -30,7 +40,7 @@ from tender_service.fork.vmclone import VmCloneFork
 from tender_service.instance import jail
 from tender_service.instance.childproc import setup_child
 from tender_service.instance.vmserver import warm_up
-from tender_service.machine.elf import load_elf_file, parse_elf
+from tender_service.machine.elf import parse_elf
 from tender_service.machine.errors import GuestError, ImageError
 from tender_service.rump.console import Console
 from tender_service.rump.kernel import Kernel
@@ -51,6 +61,8 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 MAX_SNAPSHOT = 1 << 32
+#: the largest image a VM boots from (the tender's --max-upload is at most this)
+MAX_IMAGE = 64 << 20
 
 
 def default_receive_budget() -> int:
@@ -61,9 +73,16 @@ def default_receive_budget() -> int:
     except (ValueError, OSError):
         return MAX_SNAPSHOT
     return max(CHUNK, min(MAX_SNAPSHOT, ram // 4))
-PEER_TOKEN_ENV = "UNIFORK_PEER_TOKEN"
+
+
 #: how VMs hosted here name their host in describe (a tender's advertised address)
 HOST_NAME_ENV = "UNIFORK_HOST_NAME"
+#: unix:PATH of this worker's tender's relay: clones bound for peer tenders go there
+RELAY_ENV = "UNIFORK_PEER_RELAY"
+#: metadata of a relayed StartVm: the peer tender (its peer address) to start the VM on
+TARGET_KEY = "unifork-target"
+#: metadata of a StartVm a VM's clone makes: its supervisor's ticket for it
+TICKET_KEY = "unifork-ticket"
 
 
 def connect(address: str, timeout: float = 10.0) -> socket.socket:
@@ -82,27 +101,49 @@ def connect(address: str, timeout: float = 10.0) -> socket.socket:
     raise ValueError(f"bad address {address[:80]!r}")
 
 
-def start_vm(address: str, start: dict, snapshot: bytes | None, timeout: float = 30.0,
-             image: bytes | None = None):
-    """Call ``Peer.StartVm`` on the tender process at ``address``; its VmStarted reply.
+def vm_chunks(start: dict, snapshot: bytes | None, image: bytes | None = None):
+    """The VmChunk stream of one StartVm: the header, then the snapshot or the image."""
+    pb2, _ = protos.peer()
+    yield pb2.VmChunk(start=pb2.VmStart(**start))
+    if snapshot:
+        for off in range(0, len(snapshot), CHUNK):
+            yield pb2.VmChunk(snapshot=snapshot[off : off + CHUNK])
+    if image:
+        for off in range(0, len(image), CHUNK):
+            yield pb2.VmChunk(image=image[off : off + CHUNK])
 
-    Peers on other hosts want the cluster's bearer token (UNIFORK_PEER_TOKEN).
-    """
-    pb2, pb2_grpc = protos.peer()
-    token = os.environ.get(PEER_TOKEN_ENV)
-    metadata = [("authorization", f"Bearer {token}")] if token else None
 
-    def chunks():
-        yield pb2.VmChunk(start=pb2.VmStart(**start))
-        if snapshot:
-            for off in range(0, len(snapshot), CHUNK):
-                yield pb2.VmChunk(snapshot=snapshot[off : off + CHUNK])
-        if image:
-            for off in range(0, len(image), CHUNK):
-                yield pb2.VmChunk(image=image[off : off + CHUNK])
-
+def send_vm(address: str, chunks, timeout: float = 30.0, channel: grpc.Channel | None = None,
+            metadata: list[tuple[str, str]] | None = None):
+    """Call ``Peer.StartVm`` with ``chunks`` at ``address`` (or on ``channel``)."""
+    _, pb2_grpc = protos.peer()
+    if channel is not None:
+        return pb2_grpc.PeerStub(channel).StartVm(chunks, timeout=timeout, metadata=metadata)
     with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
-        return pb2_grpc.PeerStub(ch).StartVm(chunks(), timeout=timeout, metadata=metadata)
+        return pb2_grpc.PeerStub(ch).StartVm(chunks, timeout=timeout, metadata=metadata)
+
+
+def start_vm(address: str, start: dict, snapshot: bytes | None, timeout: float = 30.0,
+             image: bytes | None = None, channel: grpc.Channel | None = None,
+             metadata: list[tuple[str, str]] | None = None):
+    """Call ``Peer.StartVm`` at ``address`` (or on ``channel``); its VmStarted reply."""
+    return send_vm(address, vm_chunks(start, snapshot, image), timeout, channel, metadata)
+
+
+def start_vm_from_here(address: str, start: dict, snapshot: bytes) -> None:
+    """Start a clone from a VM of this worker: on a worker of this host directly; on a
+    tender through this worker's own (the relay, which dials with the tender's TLS
+    identity), with the supervisor's ticket standing in for the peer token."""
+    start = dict(start)
+    ticket = start.pop("ticket", "")
+    if address.startswith("unix:"):
+        start_vm(address, start, snapshot)
+        return
+    relay = os.environ.get(RELAY_ENV)
+    if not relay:
+        raise GuestError(errno.EAGAIN, "no relay to reach peer tenders from this worker")
+    metadata = [(TARGET_KEY, address)] + ([(TICKET_KEY, ticket)] if ticket else [])
+    start_vm(relay, start, snapshot, metadata=metadata)
 
 
 class WorkerCloneHost:
@@ -130,7 +171,7 @@ class WorkerCloneHost:
         address, start = self._leases.pop(child_pid)
         for attempt in range(3):
             try:
-                start_vm(address, start, snapshot)
+                start_vm_from_here(address, start, snapshot)
                 break
             except grpc.RpcError as e:
                 # that tender process is gone or refuses: ask for another place
@@ -150,7 +191,7 @@ class WorkerCloneHost:
 
 
 class PeerServicer:
-    """The ``Peer`` service of a worker tender process."""
+    """The ``Peer`` service of a worker process."""
 
     def __init__(self, stop: threading.Event, receive_budget: int | None = None) -> None:
         self.stop = stop
@@ -182,7 +223,7 @@ class PeerServicer:
                 start_msg = chunk.start
                 continue
             data = chunk.snapshot if kind == "snapshot" else chunk.image
-            if held[0] + len(data) > MAX_SNAPSHOT:
+            if held[0] + len(data) > (MAX_SNAPSHOT if kind == "snapshot" else MAX_IMAGE):
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{kind}: too large")
             with self.lock:  # all calls together: a bound on what peers can make us hold
                 full = self.receiving + len(data) > self.receive_budget
@@ -204,7 +245,12 @@ class PeerServicer:
         except (ImageError, SnapshotError, ValueError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot start the VM: {e}")
         except (ProtocolError, ChannelClosed, OSError) as e:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot reach the supervisor: {e}")
+            # what the other end sent is not echoed: it may be anything (finding 4)
+            log.warning("instance %.64r pid %d: the supervisor could not be reached (%s)",
+                        start["instance_id"], start["pid"], type(e).__name__)
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          "cannot reach the supervisor: it refused, did not answer, or did "
+                          "not answer as the instance's supervisor")
         threading.Thread(target=self._run, args=(k, (start["instance_id"], start["pid"])),
                          daemon=True,
                          name=f"vm-{start['instance_id']}-{start['pid']}").start()
@@ -221,6 +267,16 @@ class PeerServicer:
 
     def _build(self, start: dict, snapshot: bytes, image_data: bytes = b"") -> Kernel:
         pid = int(start["pid"])
+        image = None
+        if snapshot:
+            state = decode(snapshot)
+        elif not image_data:
+            raise ValueError("image: missing (a VM boots from the image's bytes)")
+        elif not hmac.compare_digest(hashlib.sha256(image_data).hexdigest(),
+                                     str(start["image_sha256"]).lower()):
+            raise ValueError("image_sha256: does not match the image sent")
+        else:
+            image = parse_elf(image_data, start["argv0"] or "image")
         hello = {"token": start["instance_token"], "pid": pid, "host_pid": os.getpid(),
                  "host": os.environ.get(HOST_NAME_ENV) or socket.gethostname()}
         try:
@@ -236,14 +292,12 @@ class PeerServicer:
             console = Console(link.console_sink, stdin=None, tty=bool(start["tty"]))
             forker = VmCloneFork(WorkerCloneHost(link, start))
             timeout = float(start["timeout_seconds"]) or None
-            if snapshot:
-                k = restore(decode(snapshot), console, forker, link.make_file, timeout)
+            if image is None:
+                k = restore(state, console, forker, link.make_file, timeout)
             else:
                 config = VmConfig(ram=int(start["ram_bytes"]), stack_size=int(start["stack_bytes"]),
                                   quantum=int(start["quantum"]), max_procs=int(start["max_procs"]),
                                   tty=bool(start["tty"]), timeout=timeout)
-                image = (parse_elf(image_data, start["argv0"] or "image") if image_data
-                         else load_elf_file(start["image_path"]))
                 argv = [start["argv0"] or image.name, *start["args"]]
                 k = Kernel.boot(image, argv, start["env"], config, console, forker)
         except Exception:
@@ -329,8 +383,8 @@ def run_worker(listen: str, log_queue, env: dict[str, str], level: int, ready,
     ``jailed``: first of all, while it has one thread, it jails itself (instance/jail.py).
     """
     os.environ.update(env)
-    # PEER_TOKEN_ENV: removed by the peer-ticket change (workers dial peers without it)
-    report = jail.jail_worker(keep_env=(HOST_NAME_ENV, PEER_TOKEN_ENV)) if jailed else None
+    # no credential: clones to peers go through the tender's relay with a one-use ticket
+    report = jail.jail_worker(keep_env=(HOST_NAME_ENV, RELAY_ENV)) if jailed else None
     handler = logging.handlers.QueueHandler(log_queue)
     handler.addFilter(_Context())
     setup_child(handler, level)

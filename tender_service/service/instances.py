@@ -204,7 +204,7 @@ class InstanceManager:
                  default_timeout: float = 600.0, listen_host: str = "127.0.0.1",
                  advertise_host: str | None = None, self_handle: object | None = None,
                  peer_timeout: float = PEER_TIMEOUT, keep_finished: int = KEEP_FINISHED,
-                 budget: MemoryBudget | None = None) -> None:
+                 budget: MemoryBudget | None = None, ticket_for=None) -> None:
         self.store = store
         self.budget = budget  # guest RAM of every VM on this tender (--max-guest-memory)
         self.placement_for = placement_for  # (placement) -> pool-like object for supervisors
@@ -214,6 +214,7 @@ class InstanceManager:
         self.listen_host = listen_host
         self.advertise_host = advertise_host
         self.self_handle = self_handle
+        self.ticket_for = ticket_for  # the tickets supervisors hand out with fork leases
         self.peer_timeout = peer_timeout
         self.keep_finished = keep_finished
         self.instances: dict[str, Instance] = {}
@@ -297,7 +298,7 @@ class InstanceManager:
                              placement=inst.placement,
                              observer=MetricsObserver(inst.transport, inst.placement),
                              self_handle=self.self_handle, peer_timeout=self.peer_timeout,
-                             budget=self.budget)
+                             budget=self.budget, ticket_for=self.ticket_for)
             inst.supervisor = sup
             try:
                 if inst.killed:

@@ -4,8 +4,10 @@
 candidate (the local pool or a peer) reports the least load.  Loads come
 from ``Peer.GetLoad`` and are cached for a second; a peer that does not
 answer is skipped for a while (it is down) and placement goes on with the
-others.  Peers are given as ``host:port`` or found by DNS (every A record
-of a name, as a Kubernetes headless service publishes them).
+others.  Peers are given as ``host:port`` of their peer listener or found
+by DNS (every A record of a name, as a Kubernetes headless service
+publishes them, with the peer port).  Peers are dialled with the tender's
+peer credentials (peering.py): the peer token, and TLS when configured.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import grpc
 
 from tender_service import protos
 from tender_service.instance.pool import WarmPool
-from tender_service.service.auth import call_metadata
+from tender_service.service.peering import PeerCredentials
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +36,8 @@ RPC_TIMEOUT = 2.0
 class PeerHandle:
     """A peer tender as a place to start VMs."""
 
-    address: str  # host:port of its gRPC server
-    token: str | None
+    address: str  # host:port of its peer listener
+    creds: PeerCredentials
     on_failure: object = None  # called with the address when the peer did not answer
     remote = True
     pid = 0
@@ -48,7 +50,9 @@ class PeerHandle:
         from tender_service.instance.worker import start_vm
 
         try:
-            return start_vm(self.address, start, snapshot, image=image)
+            with self.creds.channel(self.address) as ch:
+                return start_vm(self.address, start, snapshot, image=image, channel=ch,
+                                metadata=self.creds.metadata())
         except grpc.RpcError as e:
             if self.on_failure is not None and e.code() in (grpc.StatusCode.UNAVAILABLE,
                                                             grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -57,9 +61,9 @@ class PeerHandle:
 
     def load(self) -> int:
         pb2, pb2_grpc = protos.peer()
-        with grpc.insecure_channel(self.address) as ch:
+        with self.creds.channel(self.address) as ch:
             reply = pb2_grpc.PeerStub(ch).GetLoad(pb2.LoadRequest(), timeout=RPC_TIMEOUT,
-                                                 metadata=call_metadata(self.token))
+                                                 metadata=self.creds.metadata())
         return int(reply.vms)
 
 
@@ -106,9 +110,9 @@ class Placer:
 
 
 class PeerSet:
-    def __init__(self, specs: list[str], port: int, token: str | None,
+    def __init__(self, specs: list[str], port: int, creds: PeerCredentials,
                  self_address: str | None = None) -> None:
-        self.specs, self.port, self.token = specs, port, token
+        self.specs, self.port, self.creds = specs, port, creds
         self.self_address = self_address
         self._loads: dict[str, tuple[float, int]] = {}
         self._down: dict[str, float] = {}
@@ -144,7 +148,7 @@ class PeerSet:
             with self._lock:
                 if self._down.get(addr, 0) > now:
                     continue
-            peer = PeerHandle(addr, self.token, self.mark_down)
+            peer = PeerHandle(addr, self.creds, self.mark_down)
             try:
                 load = self.load_of(peer)
             except grpc.RpcError:

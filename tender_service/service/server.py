@@ -1,12 +1,14 @@
 """The tender daemon: ``unifork serve``.
 
-One gRPC server carries the client API (``Tender``), the peer API (``Peer``:
-this process hosts VMs for clones placed here by other tenders), standard
-health checking and server reflection; ``/metrics`` is served on its own
-port.  The server is grpc.aio, on an event loop of its own thread: calls that
-last (``Wait``, ``StreamConsole``, ``UploadImage``, ``Health.Watch``, reflection)
-are coroutines holding no thread, so however many are open, short calls still
-find one of the threads their sync handlers run in.  Every request field is checked before anything runs; errors carry the
+One gRPC server carries the client API (``Tender``), standard health
+checking and server reflection; the peer API (``Peer``: clones placed here by
+other tenders, run by this tender's pool workers) has a listener and a
+credential of its own (``--peer-listen``, ``--peer-token-file``, mutual TLS;
+service/peering.py); ``/metrics`` is served on its own port.  The client server
+is grpc.aio, on an event loop of its own thread: calls that last (``Wait``,
+``StreamConsole``, ``UploadImage``, ``Health.Watch``, reflection) are coroutines
+holding no thread, so however many are open, short calls still find one of the
+threads their sync handlers run in.  Every request field is checked before anything runs; errors carry the
 standard status codes and name the offending field.  SIGTERM stops new
 launches, lets running instances finish for a grace period, then kills them.
 """
@@ -18,12 +20,13 @@ import contextlib
 import ipaddress
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -35,7 +38,7 @@ from tender_service.instance.budget import MemoryBudget, default_limit
 from tender_service.instance.hostmalloc import limit_malloc_arenas
 from tender_service.instance.pool import WarmPool
 from tender_service.instance.threadvm import ThreadVmHost
-from tender_service.instance.worker import HOST_NAME_ENV, PEER_TOKEN_ENV, PeerServicer
+from tender_service.instance.worker import HOST_NAME_ENV, RELAY_ENV
 from tender_service.machine.layout import MAX_RAM, MIN_RAM
 from tender_service.rump.vminfo import VmConfig
 from tender_service.service import metrics
@@ -48,6 +51,14 @@ from tender_service.service.auth import (
 )
 from tender_service.service.imagestore import DEFAULT_MAX_STORE, BuiltinImageError, ImageStore
 from tender_service.service.instances import KEEP_FINISHED, InstanceManager
+from tender_service.service.peering import (
+    MAX_PEER_MESSAGE,
+    PeerCredentials,
+    PeerGateway,
+    Relay,
+    Tickets,
+    TlsFiles,
+)
 from tender_service.service.placement import PeerHandle, PeerSet, Placer
 from tender_service.transports.channel import PEER_TIMEOUT, check_peer_timeout
 
@@ -69,6 +80,9 @@ class ServeOptions:
     token_file: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    tls_ca: str | None = None
+    peer_listen: str | None = None  # default: the client port + 1 on the client host
+    peer_token_file: str | None = None
     insecure_listen_any: bool = False
     pool_size: int = 2
     max_instances: int = 64
@@ -307,13 +321,32 @@ class Tender:
         if not _is_loopback(host) and self.token is None and not opts.insecure_listen_any:
             raise ValueError(f"refusing to listen on {host!r} without --token-file "
                              "(give --insecure-listen-any to do it anyway)")
+        peer_token = read_token(opts.peer_token_file) if opts.peer_token_file else None
+        if peer_token is not None and peer_token == self.token:
+            raise ValueError("--peer-token-file holds the client token: peers need a token "
+                             "of their own")
+        tls = TlsFiles.load(opts.tls_cert, opts.tls_key, opts.tls_ca)
+        self.peer_listen = opts.peer_listen or f"{host}:{int(port or 7700) + 1}"
+        peer_host, _, peer_port = self.peer_listen.rpartition(":")
+        if not peer_port.isdigit():
+            raise ValueError(f"--peer-listen {self.peer_listen!r}: not HOST:PORT")
+        if not _is_loopback(peer_host) and peer_token is None and tls is None \
+                and not opts.insecure_listen_any:
+            raise ValueError(f"refusing to serve the peer API on {peer_host!r} without "
+                             "--peer-token-file or TLS (give --insecure-listen-any to do it "
+                             "anyway)")
         self.advertise = opts.advertise or opts.listen
         adv_host = self.advertise.rpartition(":")[0] or "127.0.0.1"
-        env = {HOST_NAME_ENV: self.advertise}
+        #: where peers reach this tender's peer API (and what tickets for it name)
+        self.peer_advertise = f"{adv_host}:{peer_port}"
+        creds = PeerCredentials(peer_token, tls)
+        tickets = Tickets(peer_token)
+        # the relay: workers' clones bound for tenders leave through it (they hold no
+        # credential); a directory only this user can enter keeps it private
+        self.relay_dir = tempfile.mkdtemp(prefix="unifork-relay-")
+        relay_address = f"unix:{os.path.join(self.relay_dir, 'relay.sock')}"
+        env = {HOST_NAME_ENV: self.advertise, RELAY_ENV: relay_address}
         limit_malloc_arenas()
-        if self.token:
-            env[PEER_TOKEN_ENV] = self.token
-            os.environ[PEER_TOKEN_ENV] = self.token
         os.environ[HOST_NAME_ENV] = self.advertise
         protos.ensure()
         self.budget = MemoryBudget(default_limit() if opts.max_guest_memory is None
@@ -325,30 +358,36 @@ class Tender:
                                  "vmclone").inc())
         self.thread_host = ThreadVmHost(jailed=jailed)
         self.stop_event = threading.Event()
-        self.peer_servicer = PeerServicer(self.stop_event)
-        metrics.VM_STARTS.set_function(lambda: self.peer_servicer.starting)
-        self.peers = PeerSet(list(opts.peers), int(port or 7700), self.token, self.advertise)
+        self.peers = PeerSet(list(opts.peers), int(peer_port), creds, self.peer_advertise)
+
+        def known() -> list[str]:  # the tenders this one may send VMs to or connect to
+            return [*self.peers.addresses(), self.peer_advertise]
+
+        self.gateway = PeerGateway(self.pool, creds, tickets, self.peer_advertise, known)
+        metrics.VM_STARTS.set_function(lambda: self.gateway.starting)
         listen_host = host if host not in ("", "0.0.0.0", "[::]") else "0.0.0.0"
-        self_handle = PeerHandle(self.advertise, self.token)
+        self_handle = PeerHandle(self.peer_advertise, creds)
         self_handle.remote = False  # a VM started here runs next to its supervisor
         self.manager = InstanceManager(self.store, lambda p: Placer(p, self.pool, self.peers),
                                        self.thread_host, opts.max_instances, opts.default_timeout,
                                        listen_host=listen_host, advertise_host=adv_host,
                                        self_handle=self_handle, peer_timeout=opts.peer_timeout,
-                                       keep_finished=opts.keep_finished, budget=self.budget)
+                                       keep_finished=opts.keep_finished, budget=self.budget,
+                                       ticket_for=tickets.issue)
         # the server's event loop runs in a thread of its own, from here to shutdown
         self.loop = asyncio.new_event_loop()
         self.loop_thread = threading.Thread(target=self.loop.run_forever, daemon=True,
                                             name="grpc-aio")
         self.loop_thread.start()
         try:
-            self._on_loop(self._build(opts))
+            self._on_loop(self._build(opts, tls))
+            if not self.port:
+                raise OSError(f"cannot listen on {opts.listen}")
+            self._on_loop(self._build_peer(opts, creds))
+            self.relay = self._relay(creds, known, relay_address)
         except BaseException:
             self._stop_loop()
             raise
-        if not self.port:
-            self._stop_loop()
-            raise OSError(f"cannot listen on {opts.listen}")
 
     def _on_loop(self, coro):
         """Run ``coro`` on the server's event loop and return its result."""
@@ -359,8 +398,8 @@ class Tender:
         self.loop_thread.join()
         self.loop.close()
 
-    async def _build(self, opts: ServeOptions) -> None:
-        """Make the server (grpc.aio binds it to the loop it is made on)."""
+    async def _build(self, opts: ServeOptions, tls: TlsFiles | None) -> None:
+        """Make the client server (grpc.aio binds it to the loop it is made on)."""
         limiter = StreamLimiter(opts.max_streams, opts.max_streams_per_peer)
         self.server = grpc.aio.server(
             migration_thread_pool=futures.ThreadPoolExecutor(
@@ -369,23 +408,48 @@ class Tender:
             options=[("grpc.max_receive_message_length", 64 << 20),
                      ("grpc.max_send_message_length", 64 << 20)])
         tpb2, tgrpc = protos.tender()
-        ppb2, pgrpc = protos.peer()
         tgrpc.add_TenderServicer_to_server(TenderServicer(self.manager, self.store,
                                                                  self.advertise), self.server)
-        pgrpc.add_PeerServicer_to_server(self.peer_servicer, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (tpb2.DESCRIPTOR.services_by_name["Tender"].full_name,
-                 ppb2.DESCRIPTOR.services_by_name["Peer"].full_name,
                  health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)
-        if opts.tls_cert and opts.tls_key:
-            creds = grpc.ssl_server_credentials(
-                [(Path(opts.tls_key).read_bytes(), Path(opts.tls_cert).read_bytes())])
-            self.port = self.server.add_secure_port(opts.listen, creds)
+        if tls is not None:
+            self.port = self.server.add_secure_port(
+                opts.listen, grpc.ssl_server_credentials([(tls.key, tls.cert)]))
         else:
             self.port = self.server.add_insecure_port(opts.listen)
+
+    async def _build_peer(self, opts: ServeOptions, creds: PeerCredentials) -> None:
+        """The peer listener: its own credential (the gateway checks it), its own stream
+        budget, the same request metrics; on the client server's event loop."""
+        _, pgrpc = protos.peer()
+        limiter = StreamLimiter(opts.max_streams, opts.max_streams_per_peer)
+        self.peer_server = grpc.aio.server(
+            migration_thread_pool=futures.ThreadPoolExecutor(
+                max_workers=2 * SERVER_THREADS, thread_name_prefix="grpc-peer"),
+            interceptors=[ServerInterceptor(None, limiter)],
+            options=[("grpc.max_receive_message_length", MAX_PEER_MESSAGE)])
+        pgrpc.add_PeerServicer_to_server(self.gateway, self.peer_server)
+        server_creds = creds.server_credentials()
+        self.peer_port = (self.peer_server.add_secure_port(self.peer_listen, server_creds)
+                          if server_creds is not None
+                          else self.peer_server.add_insecure_port(self.peer_listen))
+        if not self.peer_port:
+            raise OSError(f"cannot listen on {self.peer_listen} (--peer-listen)")
+
+    @staticmethod
+    def _relay(creds: PeerCredentials, known, address: str) -> grpc.Server:
+        """The workers' private relay to peer tenders (a Unix socket only they reach)."""
+        _, pgrpc = protos.peer()
+        relay = grpc.server(futures.ThreadPoolExecutor(max_workers=16),
+                            options=[("grpc.max_receive_message_length", 64 << 20)])
+        pgrpc.add_PeerServicer_to_server(Relay(creds, known), relay)
+        if not relay.add_insecure_port(address):
+            raise OSError(f"cannot listen on {address}")
+        return relay
 
     async def _set_health(self, status) -> None:
         for name in ("", "unifork.v1.Tender", "unifork.v1.Peer"):
@@ -393,13 +457,16 @@ class Tender:
 
     def start(self) -> None:
         self._on_loop(self.server.start())
+        self._on_loop(self.peer_server.start())
+        self.relay.start()
         self._on_loop(self._set_health(health_pb2.HealthCheckResponse.SERVING))
         if self.opts.metrics_port:
             metrics.serve_metrics(self.opts.metrics_port,
                                   self.opts.listen.rpartition(":")[0].strip("[]") or "0.0.0.0")
         threading.Thread(target=self._sample_loop, daemon=True, name="gauges").start()
-        log.info("tender serving on %s (advertised %s), metrics on %s, peers %s",
-                 self.opts.listen, self.advertise, self.opts.metrics_port or "-",
+        log.info("tender serving on %s (advertised %s), peer API on %s (advertised %s), "
+                 "metrics on %s, peers %s", self.opts.listen, self.advertise, self.peer_listen,
+                 self.peer_advertise, self.opts.metrics_port or "-",
                  ", ".join(self.opts.peers) or "none")
         log.info("limits: %s; %s; uploaded images are kept in %s", self.budget.state(),
                  self.store.state(), self.store.root)
@@ -408,8 +475,8 @@ class Tender:
         while not self.stop_event.wait(1.0):
             self.manager.sample_gauges()
             self.pool.reap_dead()  # counts and replaces the processes that crashed
-            # VMs of VM-clone instances: in this process (peers' clones) and in the pool
-            metrics.VMS.labels("vmclone").set(len(self.peer_servicer.vms) + self.pool.load())
+            # VMs of VM-clone instances (this tender's own and peers' clones): in the pool
+            metrics.VMS.labels("vmclone").set(self.pool.load())
 
     def shutdown(self) -> None:
         """Graceful: refuse launches, let instances finish, kill what is left."""
@@ -419,12 +486,16 @@ class Tender:
             log.warning("shutdown: instance %s killed after the %g s grace period", inst.id,
                         self.opts.grace)
         self.stop_event.set()
+        self.relay.stop(2).wait()
         with contextlib.suppress(RuntimeError):  # the loop is already gone
+            self._on_loop(self.peer_server.stop(2))
             self._on_loop(self.server.stop(2))
             self._stop_loop()
         self.pool.close()
         self.thread_host.close()
         self.store.close()
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.relay_dir)
 
 
 def serve(opts: ServeOptions) -> int:
