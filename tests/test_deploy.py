@@ -176,26 +176,11 @@ def load_healthcheck():
 # -- the real command line -----------------------------------------------------------------
 
 
-#: flags deploy/ gives that another change of issue 12 adds to `unifork serve` (the peer
-#: API on a listener of its own): dropped from what runs here until the CLI knows them
-PENDING_FLAGS = {"--peer-listen"}
-
-
-def without_pending(argv: list[str]) -> list[str]:
-    """``argv`` without the PENDING_FLAGS (and their values) the CLI does not know yet."""
-    drop = PENDING_FLAGS - serve_help_flags()
-    out: list[str] = []
-    for flag, value in pairs(argv):
-        if flag not in drop:
-            out += [flag] if value is None else [flag, value]
-    return out
-
-
 def serve_argv_lists() -> dict[str, list[str]]:
     """Every `unifork serve` argument list in deploy/, by where it is."""
     lists = {f"compose {name}": [str(a) for a in s["command"]]
              for name, s in compose_tenders().items()}
-    lists["kubernetes statefulset"] = without_pending([str(a) for a in k8s_tender()["args"]])
+    lists["kubernetes statefulset"] = [str(a) for a in k8s_tender()["args"]]
     (cmd,) = [args for _, instr, args in dockerfile() if instr == "CMD"]
     lists["Dockerfile CMD"] = exec_form(cmd)
     return lists
@@ -311,7 +296,7 @@ class Tender:
         return [*out, "--peer-listen", self.peer_target]
 
     def start(self, peers: dict[str, str]) -> None:
-        argv = [*unifork_argv(), "serve", *without_pending(self.loopback_argv(peers))]
+        argv = [*unifork_argv(), "serve", *self.loopback_argv(peers)]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
@@ -412,7 +397,8 @@ def test_kustomize_renders_the_manifests(tmp_path) -> None:
     (sts,) = [d for d in docs if d["kind"] == "StatefulSet"]
     names = {v["secret"]["secretName"] for v in sts["spec"]["template"]["spec"]["volumes"]
              if "secret" in v}
-    assert names == {secret["metadata"]["name"]}  # the generated (hashed) name is used
+    # the generated (hashed) name is used; the peers' token is made by hand
+    assert names == {secret["metadata"]["name"], "unifork-peer-token"}
 
 
 def test_dashboard_configmap_is_generated_from_the_json() -> None:
@@ -578,7 +564,7 @@ def test_ports_agree_everywhere() -> None:
     c = k8s_tender()
     named = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert named == {"grpc": gport, "peer": pport, "metrics": mport}
-    assert port_of(values(c["args"], "--peer-listen")[0]) == pport == 7701
+    assert not values(c["args"], "--peer-listen") and pport == 7701  # the default
     ann = pod["metadata"]["annotations"]
     assert ann["prometheus.io/scrape"] == "true"
     assert int(ann["prometheus.io/port"]) == mport
@@ -897,7 +883,7 @@ def test_probes_are_native_grpc_checks_of_the_client_port() -> None:
 def test_kubernetes_limits_fit_the_container(monkeypatch) -> None:
     c = k8s_tender()
     a = parse_serve([re.sub(r"\$\((\w+)\)", "10.0.0.7", x)
-                     for x in without_pending([str(x) for x in c["args"]])], monkeypatch)
+                     for x in c["args"]], monkeypatch)
     memory = quantity(c["resources"]["limits"]["memory"])
     assert a.max_guest_memory and a.max_guest_memory <= memory // 2, (a.max_guest_memory, memory)
     volumes = {v["name"]: v for v in k8s_object("StatefulSet")["spec"]["template"]["spec"]
@@ -928,9 +914,12 @@ def test_healthcheck_speaks_tls(tmp_path, tls_files) -> None:
     port = free_port()
     log = tmp_path / "tls.log"
     with open(log, "wb") as out:
+        # the self-signed server certificate is its own CA (--tls-ca: the peers' CA)
         proc = subprocess.Popen([*unifork_argv(), "serve", "--listen", f"127.0.0.1:{port}",
+                                 "--peer-listen", f"127.0.0.1:{free_port()}",
                                  "--tls-cert", str(tls_files["cert"]), "--tls-key",
-                                 str(tls_files["key"])], stdout=out, stderr=subprocess.STDOUT,
+                                 str(tls_files["key"]), "--tls-ca", str(tls_files["cert"])],
+                                stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     target = f"127.0.0.1:{port}"
 

@@ -155,8 +155,8 @@ class ThreadVm:
                 self._cond.notify_all()
         elif kind == b"L":
             vmserver.relay_log(payload)
-        elif kind == b"S":
-            pass  # built and running (the server told us its pid already)
+        elif kind == b"S":  # built and running; the server's report of its pid may lag
+            self.os_pid = self.os_pid or int(json.loads(payload)["pid"])
         else:
             raise ValueError(f"unknown frame kind {kind!r}")
 
