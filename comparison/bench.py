@@ -18,7 +18,6 @@ import os
 import platform
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from comparison.stats import median, percentile
 from tender_service.rump.vminfo import RunResult, VmConfig
 from tender_service.toolchain.images import build_image
 from tender_service.vm import CaptureSink, run_vm
@@ -48,15 +48,9 @@ class BenchError(RuntimeError):
 # -- statistics -----------------------------------------------------------------------
 
 
-def median(xs: Sequence[float]) -> float:
-    return statistics.median(xs)
-
-
 def p95(xs: Sequence[float]) -> float | None:
-    """95th percentile (inclusive method); None for fewer than 20 samples."""
-    if len(xs) < 20:
-        return None
-    return statistics.quantiles(xs, n=20, method="inclusive")[18]
+    """95th percentile (inclusive method), shown only from 20 samples on (README, Method)."""
+    return percentile(xs, 95) if len(xs) >= 20 else None
 
 
 # -- running a program natively and in the VM -------------------------------------------

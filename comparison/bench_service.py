@@ -37,7 +37,6 @@ import platform
 import re
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,6 +50,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from comparison.stats import median, percentile
 from comparison.workloads import OutputError, parent_fork_us
 from tender_service import protos
 from tender_service.service.client import Client
@@ -157,14 +157,8 @@ def run_instance(c: Client, mode: str, image: str = "hello", args: Sequence[str]
 
 
 # -- statistics ----------------------------------------------------------------------------------
-def median(xs: Sequence[float]) -> float | None:
-    return statistics.median(xs) if xs else None
-
-
 def p99(xs: Sequence[float]) -> float | None:
-    if len(xs) < 2:
-        return xs[0] if xs else None
-    return statistics.quantiles(xs, n=100, method="inclusive")[98]
+    return percentile(xs, 99)
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

@@ -23,7 +23,6 @@ import contextlib
 import gc
 import logging
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -49,6 +48,7 @@ from comparison.modes import (
     run_unifork_process,
 )
 from comparison.progress import BarAwareHandler, ProgressBar
+from comparison.stats import median
 from comparison.workloads import (
     COLD_PROGRAM,
     COLD_WORKLOAD,
@@ -431,7 +431,7 @@ class Compare:
                 return
             if which is None:
                 return
-            snap = statistics.median(o.snapshot_bytes) if o.snapshot_bytes else None
+            snap = median(o.snapshot_bytes)
             self.mem_raw[mode][which].append(
                 {"host": o.probe["host"] - before, "peak": o.peak_memory, "snapshot": snap})
 
@@ -498,8 +498,8 @@ class Compare:
                 guest = []
                 how = "host: PSS of the program's process tree (no guest)"
             rows.append(rep.MemoryRow(
-                mode, n, rep.sig(statistics.median(guest)) if guest else None,
-                rep.sig(statistics.median(host)) if host else None,
+                mode, n, rep.sig(median(guest)),
+                rep.sig(median(host)),
                 [round(g, 3) for g in guest], [round(h, 3) for h in host], how))
         return rows
 
@@ -512,8 +512,8 @@ class Compare:
             for n in sorted(by_n):
                 fa = [round(x[0], 6) for x in by_n[n]]
                 ready = [round(x[1], 6) for x in by_n[n]]
-                row.points.append(rep.ScalePoint(n, rep.sig(statistics.median(ready)),
-                                                 rep.sig(statistics.median(fa)), ready, fa))
+                row.points.append(rep.ScalePoint(n, rep.sig(median(ready)),
+                                                 rep.sig(median(fa)), ready, fa))
             rows.append(row)
         return rows
 

@@ -32,7 +32,6 @@ import contextlib
 import json
 import logging
 import os
-import statistics
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -98,24 +97,15 @@ class LoadResult:
 
     def summarize(self) -> None:
         from comparison.report import sig
+        from comparison.stats import median, percentile
 
         xs = sorted(self.latencies_ms)
         self.throughput_per_s = sig(self.succeeded / self.elapsed_s) if self.elapsed_s > 0 else 0.0
         if xs:
-            self.p50_ms = sig(statistics.median(xs))
-            self.p95_ms = sig(_quantile(xs, 0.95))
-            self.p99_ms = sig(_quantile(xs, 0.99))
+            self.p50_ms = sig(median(xs))
+            self.p95_ms = sig(percentile(xs, 95))
+            self.p99_ms = sig(percentile(xs, 99))
             self.min_ms, self.max_ms = sig(xs[0]), sig(xs[-1])
-
-
-def _quantile(xs: list[float], q: float) -> float:
-    """Linear interpolation between order statistics (numpy's default method)."""
-    if len(xs) == 1:
-        return xs[0]
-    pos = q * (len(xs) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 class _Load:

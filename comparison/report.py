@@ -20,6 +20,7 @@ import numpy as np
 
 from comparison import published
 from comparison.modes import NATIVE, THREAD
+from comparison.stats import median, percentile
 from comparison.workloads import COLD_PROGRAM, COLD_WORKLOAD, HAZARD_ITEMS, SEMANTICS_ITEMS
 
 SCHEMA = "unifork-compare/1"
@@ -45,13 +46,6 @@ def num(x: float | None) -> str:
 
 def ratio_text(x: float | None) -> str:
     return "-" if x is None else num(x) + "x"
-
-
-def p95(xs: Sequence[float]) -> float:
-    """95th percentile, inclusive method (linear between order statistics); one sample: itself."""
-    if len(xs) == 1:
-        return xs[0]
-    return statistics.quantiles(xs, n=20, method="inclusive")[18]
 
 
 # -- what was measured ----------------------------------------------------------------------------
@@ -97,9 +91,9 @@ class Cell:
         if not xs or self.status != "ok":
             self.median = self.p95 = self.raw_median = None
             return
-        self.raw_median = statistics.median(xs)
+        self.raw_median = median(xs)
         self.median = sig(self.raw_median)
-        self.p95 = sig(p95(xs))
+        self.p95 = sig(percentile(xs, 95))
 
     def to_json(self) -> dict[str, object]:
         d = asdict(self)
@@ -155,7 +149,7 @@ class ColdSeries:
         self.n = len(xs)
         if self.status != "ok" or not xs:
             return
-        self.raw = {"median": statistics.median(xs), "mean": statistics.fmean(xs)}
+        self.raw = {"median": median(xs), "mean": statistics.fmean(xs)}
         self.median_us, self.min_us, self.max_us = sig(self.raw["median"]), min(xs), max(xs)
         self.thesis_mean_s = sig(self.raw["mean"] / 1e6)
         if warm:
@@ -197,7 +191,7 @@ class ColdRow:
         if warm is not None:
             self.loop_first_us = [v for r in warm.runs for v in r.excluded]
             if self.loop_first_us:
-                self.loop_first_median_us = sig(statistics.median(self.loop_first_us))
+                self.loop_first_median_us = sig(median(self.loop_first_us))
             if warm.status == "ok" and warm.raw_median:
                 self.warm_n, self.warm_median_us = warm.n, warm.median
                 self.warm_ratio_native = warm.ratio_native
