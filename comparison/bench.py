@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from comparison.report import grid
 from comparison.stats import median, percentile
 from tender_service.rump.vminfo import RunResult, VmConfig
 from tender_service.toolchain.images import build_image
@@ -596,16 +597,7 @@ def table(rows: list[Row]) -> str:
     body = [(r.name, fmt(r.native, r.unit), fmt(r.vm, r.unit),
              fmt_ratio(r.ratio),
              r.target.text if r.target else "(none)", r.mark()) for r in rows]
-    widths = [max(len(x[i]) for x in (head, *body)) for i in range(len(head))]
-    right = {1, 2, 3}
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
-
-    out = [line(head), line(["-" * w for w in widths])]
-    out += [line(b) for b in body]
-    return "\n".join(out)
+    return "\n".join(grid(head, body, {1, 2, 3}))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

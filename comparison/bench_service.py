@@ -50,6 +50,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from comparison.report import grid
 from comparison.stats import median, percentile
 from comparison.workloads import OutputError, parent_fork_us
 from tender_service import protos
@@ -285,7 +286,7 @@ def table(results: dict[str, ModeResult], clients: int) -> str:
     head = ["", "launch→exit median", "p99", "n", f"throughput ({clients} clients)",
             "fork warm median", "first of loop", "cold fork (listing 4.1)", "cold/warm",
             "errors"]
-    rows = [head]
+    rows = []
     for r in (t, v):
         rows.append([r.mode, fmt(median(r.latencies), 1e3, " ms"), fmt(p99(r.latencies), 1e3,
                                                                         " ms"),
@@ -302,11 +303,7 @@ def table(results: dict[str, ModeResult], clients: int) -> str:
                  fmt_ratio(ratio(median(v.fork_us), median(t.fork_us))),
                  fmt_ratio(ratio(median(v.first_fork_us), median(t.first_fork_us))),
                  fmt_ratio(ratio(median(v.cold_fork_us), median(t.cold_fork_us))), "", ""])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-             for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(grid(head, rows, set()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from comparison.report import grid
 from comparison.stats import median, percentile
 from tender_service.transports import Channel, ChannelClosed, Frame, accept_channel, connect_channel
 
@@ -140,12 +141,10 @@ def main() -> None:
         f"{args.pings} round trips of {args.ping_bytes}-byte frames; peer in another process; "
         f"{args.socket} socket"
     )
-    print(f"{'transport':10} {'MB/s':>8} {'frames/s':>10} {'RTT p50 us':>11} {'RTT p99 us':>11}")
-    for r in rows:
-        print(
-            f"{r.kind:10} {r.mb_per_s:8.0f} {r.frames_per_s:10.0f} "
-            f"{r.rtt_median_us:11.1f} {r.rtt_p99_us:11.1f}"
-        )
+    head = ("transport", "MB/s", "frames/s", "RTT p50 us", "RTT p99 us")
+    body = [(r.kind, f"{r.mb_per_s:.0f}", f"{r.frames_per_s:.0f}", f"{r.rtt_median_us:.1f}",
+             f"{r.rtt_p99_us:.1f}") for r in rows]
+    print("\n".join(grid(head, body, {1, 2, 3, 4})))
 
 
 if __name__ == "__main__":
