@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from comparison.progress import ProgressBar
 from comparison.report import grid
 from comparison.stats import median, percentile
 from tender_service.rump.vminfo import RunResult, VmConfig
@@ -120,18 +121,8 @@ def floats(stdout: str, key: str) -> list[float]:
     return vals
 
 
-class Progress:
-    """One line per step on stderr, through logging, with the time since the start."""
-
-    def __init__(self) -> None:
-        self.t0 = time.perf_counter()
-
-    def step(self, what: str) -> None:
-        log.info("[%5.1fs] %s", time.perf_counter() - self.t0, what)
-
-
 def interleave(label: str, sides: dict[str, tuple[Callable[[], Run], int]], warmup: int,
-               progress: Progress) -> dict[str, list[Run]]:
+               progress: ProgressBar) -> dict[str, list[Run]]:
     """``warmup`` discarded runs of each side, then the kept runs, interleaved.
 
     Each side's runs are spread evenly over the rounds, so slow spells of a
@@ -247,7 +238,7 @@ class Params:
 
 
 class Bench:
-    def __init__(self, params: Params, progress: Progress) -> None:
+    def __init__(self, params: Params, progress: ProgressBar) -> None:
         self.p = params
         self.progress = progress
         self.images: dict[str, Path] = {}
@@ -619,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("tender_service").setLevel(logging.WARNING)
 
     names = a.only or list(BENCHMARKS)
-    progress = Progress()
+    progress = ProgressBar(1 + len(names), enabled=not a.quiet)  # the images, each benchmark
     info = machine_info()  # before pinning: cores_available is what we were given
     all_cpus = os.sched_getaffinity(0)
     if a.cpu == "none":
@@ -639,17 +630,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                   progress)
     started = time.time()
     t0 = time.perf_counter()
-    progress.step("building (or reusing) guest images")
-    for prog in PROGRAMS:
-        bench.image(prog)
     rows: list[Row] = []
     failures: dict[str, str] = {}
-    for name in names:
-        try:
-            rows += [r.evaluate() for r in BENCHMARKS[name](bench)]
-        except (BenchError, subprocess.TimeoutExpired) as e:
-            log.error("%s failed: %s", name, e)
-            failures[name] = str(e)
+    with progress.logging():
+        progress.step("building (or reusing) guest images")
+        for prog in PROGRAMS:
+            bench.image(prog)
+        progress.advance()
+        for name in names:
+            try:
+                rows += [r.evaluate() for r in BENCHMARKS[name](bench)]
+            except (BenchError, subprocess.TimeoutExpired) as e:
+                log.error("%s failed: %s", name, e)
+                failures[name] = str(e)
+            progress.advance()
+        progress.finish()
     duration = time.perf_counter() - t0
 
     print(f"unifork comparison ({'quick' if a.quick else 'full'}), {duration:.1f} s; "

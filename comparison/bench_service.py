@@ -50,6 +50,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from comparison.progress import ProgressBar
 from comparison.report import grid
 from comparison.stats import median, percentile
 from comparison.workloads import OutputError, parent_fork_us
@@ -188,11 +189,6 @@ class ModeResult:
 
 
 # -- the measurements ----------------------------------------------------------------------------
-def progress(msg: str, t0: float, quiet: bool) -> None:
-    if not quiet:
-        print(f"[{time.monotonic() - t0:6.1f} s] {msg}", file=sys.stderr, flush=True)
-
-
 def measure_latency(c: Client, results: dict[str, ModeResult], runs: int, warmup: int) -> None:
     modes = list(results)
     for i in range(warmup + runs):
@@ -323,39 +319,48 @@ def main(argv: list[str] | None = None) -> int:
     fork_runs = 1 if a.quick else 3
     cold_runs = 5 if a.quick else 10
 
-    t0 = time.monotonic()
+    modes = ("thread", "vmclone")
+    # steps: the tender, the latency runs, then throughput, fork and cold fork per mode
+    bar = ProgressBar(2 + 3 * len(modes), enabled=not a.quiet)
     protos.ensure()
-    progress("starting a tender (pool of 2)", t0, a.quiet)
+    bar.step("starting a tender (pool of 2)")
     tender = LocalTender(pool=2, max_instances=max(64, 2 * a.clients))
-    results = {m: ModeResult(m) for m in ("thread", "vmclone")}
+    bar.advance()
+    results = {m: ModeResult(m) for m in modes}
     code = 0
     try:
         c = Client(tender.target)
         try:
-            progress(f"latency: {runs} Launch+Wait of hello per mode, interleaved", t0, a.quiet)
+            bar.step(f"latency: {runs} Launch+Wait of hello per mode, interleaved")
             measure_latency(c, results, runs, warmup)
+            bar.advance()
             for mode, res in results.items():
-                progress(f"throughput: {mode}, {a.clients} clients, {seconds:g} s", t0, a.quiet)
+                bar.step(f"throughput: {mode}, {a.clients} clients, {seconds:g} s")
                 measure_throughput(tender.target, res, a.clients, seconds, a.max_instances)
+                bar.advance()
             for mode, res in results.items():
-                progress(f"fork latency: fork_time -n 20 in a {mode} instance", t0, a.quiet)
+                bar.step(f"fork latency: fork_time -n 20 in a {mode} instance")
                 measure_fork(c, res, fork_runs)
+                bar.advance()
             for mode, res in results.items():
-                progress(f"cold fork: fork_time (one fork) in {cold_runs} fresh {mode} "
-                         "instances", t0, a.quiet)
+                bar.step(f"cold fork: fork_time (one fork) in {cold_runs} fresh {mode} "
+                         "instances")
                 measure_cold_fork(c, res, cold_runs)
+                bar.advance()
         finally:
             c.close()
     except BenchError as e:
+        bar.close()
         print(f"bench_service: {e}", file=sys.stderr)
         code = 1
     finally:
         status = tender.stop()
+        if code == 0:
+            bar.finish()
         if status != 0:
             print(f"bench_service: the tender exited {status} on SIGTERM:\n{tender.log()}",
                   file=sys.stderr)
             code = code or 1
-    progress("done", t0, a.quiet)
     if code == 0:
         print(f"unifork tender service, hello instances; {platform.machine()}, "
               f"{os.cpu_count()} CPUs, pool of 2 warm tender processes")

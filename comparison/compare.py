@@ -47,7 +47,7 @@ from comparison.modes import (
     VmcloneRunner,
     run_unifork_process,
 )
-from comparison.progress import BarAwareHandler, ProgressBar
+from comparison.progress import ProgressBar
 from comparison.stats import median
 from comparison.workloads import (
     COLD_PROGRAM,
@@ -153,16 +153,18 @@ def session_logging(directory: Path, bar: ProgressBar, verbose: int) -> Iterator
     saved = (root.handlers[:], root.level, ours.level)
     fileh = logging.FileHandler(directory / "compare.log")
     fileh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    errh = BarAwareHandler(bar)
+    errh = logging.StreamHandler(sys.stderr)
     errh.setFormatter(logging.Formatter("compare: %(levelname)s: %(message)s"))
-    errh.setLevel(logging.INFO if verbose else logging.WARNING)
+    level = logging.INFO if verbose else logging.WARNING
+    errh.addFilter(lambda record: record.levelno >= level)  # a filter: the bar keeps filters
     if not verbose:
         errh.addFilter(_TenderNoise())
     root.handlers = [fileh, errh]
     root.setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
     ours.setLevel(logging.INFO)
     try:
-        yield
+        with bar.logging(root):
+            yield
     finally:
         root.handlers, root.level = saved[0], saved[1]
         ours.setLevel(saved[2])

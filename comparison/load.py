@@ -42,6 +42,11 @@ import grpc
 log = logging.getLogger(__name__)
 
 RPC_TIMEOUT = 30.0  # seconds for Launch and Kill
+# A refused launch is not retried (no tenacity, no gRPC retry policy): it is a measured
+# failure, counted by status code, and launched == succeeded + failed holds only if every
+# attempt counts once.  The coroutine then pauses a fixed BACKOFF so an overloaded tender
+# is not hammered, and launches the next instance; a growing (exponential) pause would make
+# the offered load depend on past refusals, and the figures would measure the client.
 BACKOFF = 0.05  # seconds a coroutine waits after a refused launch
 MAX_FAILURES = 20  # failed instances whose console is kept
 
