@@ -570,7 +570,7 @@ def compare_from_args(a) -> Result:
     directory = new_report_dir(Path(a.out))
     token = read_token(a.token_file) if a.token_file else os.environ.get("UNIFORK_TOKEN")
     c = Compare(params, modes, workloads, not a.no_memory, not a.no_scaling)
-    bar = ProgressBar(1, enabled=not a.no_progress)
+    bar = ProgressBar(1, enabled=not a.no_progress, by_group=True)
     started, t0 = time.time(), time.perf_counter()
     machine = machine_info()
     with session_logging(directory, bar, getattr(a, "verbose", 0)):

@@ -3,7 +3,8 @@
 tqdm keeps the count, the elapsed time and the estimate, and formats the line.  On a
 terminal it redraws the bar in place (cut to the terminal's width); anywhere else (a pipe,
 a CI log) a redrawn line would pile up as ``\\r`` noise, so the bar draws nowhere and its
-line is printed once per step instead.  Log records go through tqdm's
+line is printed once per step instead (or, for long runs, once per step group: when the
+label's part before ``:`` changes or another tenth of the work is done).  Log records go through tqdm's
 ``logging_redirect_tqdm``, which clears the bar, writes the record and redraws the bar.
 """
 
@@ -34,9 +35,12 @@ class _Nowhere(io.TextIOBase):
 class ProgressBar:
     """``total`` steps; :meth:`step` names the one starting, :meth:`advance` counts it done."""
 
-    def __init__(self, total: int, stream: TextIO | None = None, enabled: bool = True) -> None:
+    def __init__(self, total: int, stream: TextIO | None = None, enabled: bool = True,
+                 by_group: bool = False) -> None:
         self.stream = stream or sys.stderr
         self.enabled = enabled
+        self.by_group = by_group
+        self._last: tuple[str, int] | None = None  # (group, tenth) of the last line printed
         self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
         self.bar = tqdm(total=max(1, total), file=self.stream if self.tty else _Nowhere(),
                         disable=not enabled, ascii=".#", bar_format=BAR_FORMAT,
@@ -72,8 +76,14 @@ class ProgressBar:
 
     def _line(self) -> None:
         """Off a terminal: the bar's line, once (on a terminal tqdm redraws it in place)."""
-        if self.enabled and not self.tty:
-            tqdm.write(str(self.bar), file=self.stream)
+        if not self.enabled or self.tty:
+            return
+        if self.by_group:
+            key = (self.bar.desc.split(":", 1)[0], int(self.bar.n * 10 / self.bar.total))
+            if key == self._last:
+                return
+            self._last = key
+        tqdm.write(str(self.bar), file=self.stream)
 
     @contextlib.contextmanager
     def logging(self, logger: logging.Logger | None = None) -> Iterator[None]:

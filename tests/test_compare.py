@@ -400,6 +400,13 @@ def test_progress_off_a_terminal_is_a_line_per_step_with_logs_between() -> None:
     assert [re.match(r"\[#*\.*\] (\d)/2 ", ln).group(1) for ln in lines[:3]] == ["0", "1", "2"]
     assert lines[0].endswith("step 0") and lines[1].endswith("step 1")
     assert lines[3] == "between the lines"
+    # by step group (compare's long runs): a line when the part before ':' or the tenth changes
+    grouped = io.StringIO()
+    bar = ProgressBar(100, stream=grouped, by_group=True)
+    for label in ("a: 1", "a: 2", "b: 1", "b: 2"):
+        bar.step(label)
+    assert [ln.rsplit("  ", 1)[1] for ln in grouped.getvalue().splitlines()] == ["a: 1", "b: 1"]
+    bar.close()
 
 
 # -- 3. load ---------------------------------------------------------------------------------------
