@@ -18,7 +18,6 @@ import os
 import platform
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -27,6 +26,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from comparison.progress import ProgressBar
+from comparison.report import grid
+from comparison.stats import median, percentile
 from tender_service.rump.vminfo import RunResult, VmConfig
 from tender_service.toolchain.images import build_image
 from tender_service.vm import CaptureSink, run_vm
@@ -48,15 +50,9 @@ class BenchError(RuntimeError):
 # -- statistics -----------------------------------------------------------------------
 
 
-def median(xs: Sequence[float]) -> float:
-    return statistics.median(xs)
-
-
 def p95(xs: Sequence[float]) -> float | None:
-    """95th percentile (inclusive method); None for fewer than 20 samples."""
-    if len(xs) < 20:
-        return None
-    return statistics.quantiles(xs, n=20, method="inclusive")[18]
+    """95th percentile (inclusive method), shown only from 20 samples on (README, Method)."""
+    return percentile(xs, 95) if len(xs) >= 20 else None
 
 
 # -- running a program natively and in the VM -------------------------------------------
@@ -125,18 +121,8 @@ def floats(stdout: str, key: str) -> list[float]:
     return vals
 
 
-class Progress:
-    """One line per step on stderr, through logging, with the time since the start."""
-
-    def __init__(self) -> None:
-        self.t0 = time.perf_counter()
-
-    def step(self, what: str) -> None:
-        log.info("[%5.1fs] %s", time.perf_counter() - self.t0, what)
-
-
 def interleave(label: str, sides: dict[str, tuple[Callable[[], Run], int]], warmup: int,
-               progress: Progress) -> dict[str, list[Run]]:
+               progress: ProgressBar) -> dict[str, list[Run]]:
     """``warmup`` discarded runs of each side, then the kept runs, interleaved.
 
     Each side's runs are spread evenly over the rounds, so slow spells of a
@@ -252,7 +238,7 @@ class Params:
 
 
 class Bench:
-    def __init__(self, params: Params, progress: Progress) -> None:
+    def __init__(self, params: Params, progress: ProgressBar) -> None:
         self.p = params
         self.progress = progress
         self.images: dict[str, Path] = {}
@@ -602,16 +588,7 @@ def table(rows: list[Row]) -> str:
     body = [(r.name, fmt(r.native, r.unit), fmt(r.vm, r.unit),
              fmt_ratio(r.ratio),
              r.target.text if r.target else "(none)", r.mark()) for r in rows]
-    widths = [max(len(x[i]) for x in (head, *body)) for i in range(len(head))]
-    right = {1, 2, 3}
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
-
-    out = [line(head), line(["-" * w for w in widths])]
-    out += [line(b) for b in body]
-    return "\n".join(out)
+    return "\n".join(grid(head, body, {1, 2, 3}))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -633,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("tender_service").setLevel(logging.WARNING)
 
     names = a.only or list(BENCHMARKS)
-    progress = Progress()
+    progress = ProgressBar(1 + len(names), enabled=not a.quiet)  # the images, each benchmark
     info = machine_info()  # before pinning: cores_available is what we were given
     all_cpus = os.sched_getaffinity(0)
     if a.cpu == "none":
@@ -653,17 +630,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                   progress)
     started = time.time()
     t0 = time.perf_counter()
-    progress.step("building (or reusing) guest images")
-    for prog in PROGRAMS:
-        bench.image(prog)
     rows: list[Row] = []
     failures: dict[str, str] = {}
-    for name in names:
-        try:
-            rows += [r.evaluate() for r in BENCHMARKS[name](bench)]
-        except (BenchError, subprocess.TimeoutExpired) as e:
-            log.error("%s failed: %s", name, e)
-            failures[name] = str(e)
+    with progress.logging():
+        progress.step("building (or reusing) guest images")
+        for prog in PROGRAMS:
+            bench.image(prog)
+        progress.advance()
+        for name in names:
+            try:
+                rows += [r.evaluate() for r in BENCHMARKS[name](bench)]
+            except (BenchError, subprocess.TimeoutExpired) as e:
+                log.error("%s failed: %s", name, e)
+                failures[name] = str(e)
+            progress.advance()
+        progress.finish()
     duration = time.perf_counter() - t0
 
     print(f"unifork comparison ({'quick' if a.quick else 'full'}), {duration:.1f} s; "

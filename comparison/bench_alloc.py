@@ -12,6 +12,7 @@ import random
 import time
 from collections.abc import Callable
 
+from comparison.report import grid
 from tender_service.bmk.memalloc import MemAlloc
 from tender_service.bmk.pagealloc import PageAllocator
 
@@ -98,10 +99,8 @@ def main() -> None:
         ("addr_is_managed, outside the heap", per_call_ns(managed(words_outside), n)),
     ]
     print(f"heap {args.heap_mib} MiB, {ma.live_count} live allocations, n={n}, best of 5")
-    print(f"{'operation':42} {'ns/op':>8}")
-    for name, ns in rows:
-        print(f"{name:42} {ns:8.0f}")
-    print(f"{'(empty Python loop iteration)':42} {loop:8.0f}")
+    body = [(name, f"{ns:.0f}") for name, ns in [*rows, ("(empty Python loop iteration)", loop)]]
+    print("\n".join(grid(("operation", "ns/op"), body, {1})))
 
 
 if __name__ == "__main__":

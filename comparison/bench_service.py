@@ -43,7 +43,6 @@ import platform
 import re
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,6 +56,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from comparison.progress import ProgressBar
+from comparison.report import grid
+from comparison.stats import median, percentile
 from comparison.workloads import OutputError, parent_fork_us
 from tender_service import protos
 from tender_service.service.client import Client
@@ -164,14 +166,8 @@ def run_instance(c: Client, mode: str, image: str = "hello", args: Sequence[str]
 
 
 # -- statistics ----------------------------------------------------------------------------------
-def median(xs: Sequence[float]) -> float | None:
-    return statistics.median(xs) if xs else None
-
-
 def p99(xs: Sequence[float]) -> float | None:
-    if len(xs) < 2:
-        return xs[0] if xs else None
-    return statistics.quantiles(xs, n=100, method="inclusive")[98]
+    return percentile(xs, 99)
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -202,11 +198,6 @@ class ModeResult:
 
 
 # -- the measurements ----------------------------------------------------------------------------
-def progress(msg: str, t0: float, quiet: bool) -> None:
-    if not quiet:
-        print(f"[{time.monotonic() - t0:6.1f} s] {msg}", file=sys.stderr, flush=True)
-
-
 def measure_latency(clients: dict[str, Client], results: dict[str, ModeResult], runs: int,
                     warmup: int) -> None:
     rows = list(results.values())
@@ -319,7 +310,7 @@ def table(results: dict[str, ModeResult], clients: int) -> str:
     head = ["", "launch→exit median", "p99", "n", f"throughput ({clients} clients)",
             "fork warm median", "first of loop", "cold fork (listing 4.1)", "cold/warm",
             "errors"]
-    rows = [head]
+    rows = []
     for r in results.values():
         rows.append([r.label, fmt(median(r.latencies), 1e3, " ms"), fmt(p99(r.latencies), 1e3,
                                                                         " ms"),
@@ -337,11 +328,7 @@ def table(results: dict[str, ModeResult], clients: int) -> str:
                  fmt_ratio(ratio(median(v.first_fork_us), median(t.first_fork_us))),
                  fmt_ratio(ratio(median(v.cold_fork_us), median(t.cold_fork_us))), "", ""])
     rows += jail_cost_rows(results)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-             for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(grid(head, rows, set()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,10 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     fork_runs = 1 if a.quick else 3
     cold_runs = 5 if a.quick else 10
 
-    t0 = time.monotonic()
+    modes = ("thread", "vmclone")
+    rows = len(modes) * (2 if a.compare_jail else 1)
+    # steps: the tenders, the latency runs, then throughput, fork and cold fork per row
+    bar = ProgressBar(2 + 3 * rows, enabled=not a.quiet)
     protos.ensure()
     kinds = {"": ()} | ({", no jail": ("--no-jail",)} if a.compare_jail else {})
-    progress(f"starting {len(kinds)} tender(s) (pool of 2)", t0, a.quiet)
+    bar.step(f"starting {len(kinds)} tender(s) (pool of 2)")
     tenders: dict[str, LocalTender] = {}
     results: dict[str, ModeResult] = {}
     clients: dict[str, Client] = {}
@@ -376,33 +366,40 @@ def main(argv: list[str] | None = None) -> int:
             t = tenders[suffix] = LocalTender(pool=2, max_instances=max(64, 2 * a.clients),
                                               extra=extra)
             clients[t.target] = Client(t.target)
-            for m in ("thread", "vmclone"):
+            for m in modes:
                 results[m + suffix] = ModeResult(m, t.target, m + suffix)
-        progress(f"latency: {runs} Launch+Wait of hello per row, interleaved", t0, a.quiet)
+        bar.advance()
+        bar.step(f"latency: {runs} Launch+Wait of hello per row, interleaved")
         measure_latency(clients, results, runs, warmup)
+        bar.advance()
         for res in results.values():
-            progress(f"throughput: {res.label}, {a.clients} clients, {seconds:g} s", t0, a.quiet)
+            bar.step(f"throughput: {res.label}, {a.clients} clients, {seconds:g} s")
             measure_throughput(res.target, res, a.clients, seconds, a.max_instances)
+            bar.advance()
         for res in results.values():
-            progress(f"fork latency: fork_time -n 20 in a {res.label} instance", t0, a.quiet)
+            bar.step(f"fork latency: fork_time -n 20 in a {res.label} instance")
             measure_fork(clients[res.target], res, fork_runs)
+            bar.advance()
         for res in results.values():
-            progress(f"cold fork: fork_time (one fork) in {cold_runs} fresh {res.label} "
-                     "instances", t0, a.quiet)
+            bar.step(f"cold fork: fork_time (one fork) in {cold_runs} fresh {res.label} "
+                     "instances")
             measure_cold_fork(clients[res.target], res, cold_runs)
+            bar.advance()
     except BenchError as e:
+        bar.close()
         print(f"bench_service: {e}", file=sys.stderr)
         code = 1
     finally:
         for c in clients.values():
             c.close()
-        for tender in tenders.values():
-            status = tender.stop()
+        stopped = [(tender, tender.stop()) for tender in tenders.values()]
+        if code == 0:
+            bar.finish()
+        for tender, status in stopped:
             if status != 0:
                 print(f"bench_service: the tender exited {status} on SIGTERM:\n{tender.log()}",
                       file=sys.stderr)
                 code = code or 1
-    progress("done", t0, a.quiet)
     if code == 0:
         print(f"unifork tender service, hello instances; {platform.machine()}, "
               f"{os.cpu_count()} CPUs, pool of 2 warm tender processes")

@@ -16,12 +16,13 @@ import logging
 import multiprocessing
 import os
 import socket
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from comparison.report import grid
+from comparison.stats import median, percentile
 from tender_service.transports import Channel, ChannelClosed, Frame, accept_channel, connect_channel
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,8 @@ def run(kind: str, family: str, total: int, size: int, pings: int, ping_size: in
         kind,
         mb_s,
         frames_s,
-        statistics.median(samples) * 1e6,
-        samples[int(len(samples) * 0.99)] * 1e6,
+        median(samples) * 1e6,
+        percentile(samples, 99) * 1e6,  # inclusive, as every report (was the nearest rank above)
     )
 
 
@@ -140,12 +141,10 @@ def main() -> None:
         f"{args.pings} round trips of {args.ping_bytes}-byte frames; peer in another process; "
         f"{args.socket} socket"
     )
-    print(f"{'transport':10} {'MB/s':>8} {'frames/s':>10} {'RTT p50 us':>11} {'RTT p99 us':>11}")
-    for r in rows:
-        print(
-            f"{r.kind:10} {r.mb_per_s:8.0f} {r.frames_per_s:10.0f} "
-            f"{r.rtt_median_us:11.1f} {r.rtt_p99_us:11.1f}"
-        )
+    head = ("transport", "MB/s", "frames/s", "RTT p50 us", "RTT p99 us")
+    body = [(r.kind, f"{r.mb_per_s:.0f}", f"{r.frames_per_s:.0f}", f"{r.rtt_median_us:.1f}",
+             f"{r.rtt_p99_us:.1f}") for r in rows]
+    print("\n".join(grid(head, body, {1, 2, 3, 4})))
 
 
 if __name__ == "__main__":

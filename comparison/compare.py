@@ -23,7 +23,6 @@ import contextlib
 import gc
 import logging
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -48,7 +47,8 @@ from comparison.modes import (
     VmcloneRunner,
     run_unifork_process,
 )
-from comparison.progress import BarAwareHandler, ProgressBar
+from comparison.progress import ProgressBar
+from comparison.stats import median
 from comparison.workloads import (
     COLD_PROGRAM,
     COLD_WORKLOAD,
@@ -153,16 +153,18 @@ def session_logging(directory: Path, bar: ProgressBar, verbose: int) -> Iterator
     saved = (root.handlers[:], root.level, ours.level)
     fileh = logging.FileHandler(directory / "compare.log")
     fileh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    errh = BarAwareHandler(bar)
+    errh = logging.StreamHandler(sys.stderr)
     errh.setFormatter(logging.Formatter("compare: %(levelname)s: %(message)s"))
-    errh.setLevel(logging.INFO if verbose else logging.WARNING)
+    level = logging.INFO if verbose else logging.WARNING
+    errh.addFilter(lambda record: record.levelno >= level)  # a filter: the bar keeps filters
     if not verbose:
         errh.addFilter(_TenderNoise())
     root.handlers = [fileh, errh]
     root.setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
     ours.setLevel(logging.INFO)
     try:
-        yield
+        with bar.logging(root):
+            yield
     finally:
         root.handlers, root.level = saved[0], saved[1]
         ours.setLevel(saved[2])
@@ -431,7 +433,7 @@ class Compare:
                 return
             if which is None:
                 return
-            snap = statistics.median(o.snapshot_bytes) if o.snapshot_bytes else None
+            snap = median(o.snapshot_bytes)
             self.mem_raw[mode][which].append(
                 {"host": o.probe["host"] - before, "peak": o.peak_memory, "snapshot": snap})
 
@@ -498,8 +500,8 @@ class Compare:
                 guest = []
                 how = "host: PSS of the program's process tree (no guest)"
             rows.append(rep.MemoryRow(
-                mode, n, rep.sig(statistics.median(guest)) if guest else None,
-                rep.sig(statistics.median(host)) if host else None,
+                mode, n, rep.sig(median(guest)),
+                rep.sig(median(host)),
                 [round(g, 3) for g in guest], [round(h, 3) for h in host], how))
         return rows
 
@@ -512,8 +514,8 @@ class Compare:
             for n in sorted(by_n):
                 fa = [round(x[0], 6) for x in by_n[n]]
                 ready = [round(x[1], 6) for x in by_n[n]]
-                row.points.append(rep.ScalePoint(n, rep.sig(statistics.median(ready)),
-                                                 rep.sig(statistics.median(fa)), ready, fa))
+                row.points.append(rep.ScalePoint(n, rep.sig(median(ready)),
+                                                 rep.sig(median(fa)), ready, fa))
             rows.append(row)
         return rows
 
@@ -568,7 +570,7 @@ def compare_from_args(a) -> Result:
     directory = new_report_dir(Path(a.out))
     token = read_token(a.token_file) if a.token_file else os.environ.get("UNIFORK_TOKEN")
     c = Compare(params, modes, workloads, not a.no_memory, not a.no_scaling)
-    bar = ProgressBar(1, enabled=not a.no_progress)
+    bar = ProgressBar(1, enabled=not a.no_progress, by_group=True)
     started, t0 = time.time(), time.perf_counter()
     machine = machine_info()
     with session_logging(directory, bar, getattr(a, "verbose", 0)):

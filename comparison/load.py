@@ -32,7 +32,6 @@ import contextlib
 import json
 import logging
 import os
-import statistics
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -43,6 +42,11 @@ import grpc
 log = logging.getLogger(__name__)
 
 RPC_TIMEOUT = 30.0  # seconds for Launch and Kill
+# A refused launch is not retried (no tenacity, no gRPC retry policy): it is a measured
+# failure, counted by status code, and launched == succeeded + failed holds only if every
+# attempt counts once.  The coroutine then pauses a fixed BACKOFF so an overloaded tender
+# is not hammered, and launches the next instance; a growing (exponential) pause would make
+# the offered load depend on past refusals, and the figures would measure the client.
 BACKOFF = 0.05  # seconds a coroutine waits after a refused launch
 MAX_FAILURES = 20  # failed instances whose console is kept
 
@@ -98,24 +102,15 @@ class LoadResult:
 
     def summarize(self) -> None:
         from comparison.report import sig
+        from comparison.stats import median, percentile
 
         xs = sorted(self.latencies_ms)
         self.throughput_per_s = sig(self.succeeded / self.elapsed_s) if self.elapsed_s > 0 else 0.0
         if xs:
-            self.p50_ms = sig(statistics.median(xs))
-            self.p95_ms = sig(_quantile(xs, 0.95))
-            self.p99_ms = sig(_quantile(xs, 0.99))
+            self.p50_ms = sig(median(xs))
+            self.p95_ms = sig(percentile(xs, 95))
+            self.p99_ms = sig(percentile(xs, 99))
             self.min_ms, self.max_ms = sig(xs[0]), sig(xs[-1])
-
-
-def _quantile(xs: list[float], q: float) -> float:
-    """Linear interpolation between order statistics (numpy's default method)."""
-    if len(xs) == 1:
-        return xs[0]
-    pos = q * (len(xs) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 class _Load:

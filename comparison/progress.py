@@ -1,113 +1,96 @@
-"""A progress bar on stderr, and logging that does not tear it.
+"""The harness's one progress display: a tqdm bar on stderr, and logging that does not tear it.
 
-On a terminal the bar is redrawn in place (``\\r``); anywhere else (a pipe, a
-CI log) it prints one line whenever the step's label changes or another tenth
-of the work is done, so logs stay short.  Log records pass through
-:class:`BarAwareHandler`, which clears the bar, writes the record and redraws
-the bar.
+tqdm keeps the count, the elapsed time and the estimate, and formats the line.  On a
+terminal it redraws the bar in place (cut to the terminal's width); anywhere else (a pipe,
+a CI log) a redrawn line would pile up as ``\\r`` noise, so the bar draws nowhere and its
+line is printed once per step instead (or, for long runs, once per step group: when the
+label's part before ``:`` changes or another tenth of the work is done).  Log records go through tqdm's
+``logging_redirect_tqdm``, which clears the bar, writes the record and redraws the bar.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
-import shutil
 import sys
-import threading
-import time
+from collections.abc import Iterator
 from typing import TextIO
 
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 WIDTH = 28
+BAR_FORMAT = (f"[{{bar:{WIDTH}}}] {{n_fmt}}/{{total_fmt}} {{percentage:3.0f}}% "
+              "{elapsed_s:5.1f}s eta {remaining}  {desc}")
+
+
+class _Nowhere(io.TextIOBase):
+    """Where the bar draws off a terminal: its line is printed per step by :meth:`step`."""
+
+    def write(self, s: str) -> int:
+        return len(s)
 
 
 class ProgressBar:
-    def __init__(self, total: int, stream: TextIO | None = None, enabled: bool = True) -> None:
-        self.total = max(1, total)
-        self.done = 0
-        self.label = ""
+    """``total`` steps; :meth:`step` names the one starting, :meth:`advance` counts it done."""
+
+    def __init__(self, total: int, stream: TextIO | None = None, enabled: bool = True,
+                 by_group: bool = False) -> None:
         self.stream = stream or sys.stderr
         self.enabled = enabled
+        self.by_group = by_group
+        self._last: tuple[str, int] | None = None  # (group, tenth) of the last line printed
         self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.t0 = time.monotonic()
-        self._drawn = False
-        self._last_tenth = -1
-        self._last_group = ""
-        self._lock = threading.RLock()
+        self.bar = tqdm(total=max(1, total), file=self.stream if self.tty else _Nowhere(),
+                        disable=not enabled, ascii=".#", bar_format=BAR_FORMAT,
+                        dynamic_ncols=True, leave=True)
 
-    def _line(self) -> str:
-        frac = min(1.0, self.done / self.total)
-        full = int(frac * WIDTH)
-        elapsed = time.monotonic() - self.t0
-        eta = f" eta {elapsed / frac * (1 - frac):4.0f}s" if 0.02 < frac < 1 else ""
-        return (f"[{'#' * full}{'.' * (WIDTH - full)}] {self.done}/{self.total} "
-                f"{frac * 100:3.0f}% {elapsed:5.1f}s{eta}  {self.label}")
+    @property
+    def total(self) -> int:
+        return int(self.bar.total)
+
+    @total.setter
+    def total(self, n: int) -> None:
+        """Set once the steps are known (the clock keeps running from the start)."""
+        self.bar.total = max(1, n)
+        self.bar.refresh()
 
     def step(self, label: str) -> None:
         """Start a step: show its label (the count advances in :meth:`advance`)."""
-        with self._lock:
-            self.label = label
-            self._draw()
+        self.bar.set_description_str(label)
+        self._line()
 
     def advance(self, n: int = 1) -> None:
-        with self._lock:
-            self.done = min(self.total, self.done + n)
-            self._draw()
-
-    def _draw(self) -> None:
-        if not self.enabled:
-            return
-        if self.tty:
-            self.stream.write("\r\x1b[K" + self._fit(self._line()))
-            self.stream.flush()
-            self._drawn = True
-            return
-        tenth = int(self.done * 10 / self.total)
-        group = self.label.split(":", 1)[0]
-        if tenth != self._last_tenth or group != self._last_group:
-            self._last_tenth, self._last_group = tenth, group
-            self.stream.write(self._line() + "\n")
-            self.stream.flush()
-
-    @staticmethod
-    def _fit(line: str) -> str:
-        """Cut to the terminal's width: a wrapped line could not be redrawn in place."""
-        return line[: max(20, shutil.get_terminal_size().columns - 1)]
-
-    def clear(self) -> None:
-        with self._lock:
-            if self.tty and self._drawn:
-                self.stream.write("\r\x1b[K")
-                self.stream.flush()
-
-    def redraw(self) -> None:
-        with self._lock:
-            if self.tty and self._drawn:
-                self.stream.write("\r\x1b[K" + self._fit(self._line()))
-                self.stream.flush()
+        self.bar.update(n)
 
     def finish(self) -> None:
-        with self._lock:
-            self.done = self.total
-            if self.enabled and self.tty:
-                self.stream.write("\r\x1b[K" + self._fit(self._line()) + "\n")
-                self.stream.flush()
-                self._drawn = False
-            elif self.enabled:
-                self._draw()
+        if self.enabled:
+            self.bar.update(self.bar.total - self.bar.n)
+            self._line()
+        self.bar.close()
 
+    def close(self) -> None:
+        """Stop drawing where the bar stands (a run that failed part way)."""
+        self.bar.close()
 
-class BarAwareHandler(logging.StreamHandler):
-    """A stderr handler that clears the progress bar around each record."""
-
-    def __init__(self, bar: ProgressBar | None = None, stream: TextIO | None = None) -> None:
-        super().__init__(stream or sys.stderr)
-        self.bar = bar
-
-    def emit(self, record: logging.LogRecord) -> None:
-        bar = self.bar
-        if bar is None:
-            super().emit(record)
+    def _line(self) -> None:
+        """Off a terminal: the bar's line, once (on a terminal tqdm redraws it in place)."""
+        if not self.enabled or self.tty:
             return
-        with bar._lock:
-            bar.clear()
-            super().emit(record)
-            bar.redraw()
+        if self.by_group:
+            key = (self.bar.desc.split(":", 1)[0], int(self.bar.n * 10 / self.bar.total))
+            if key == self._last:
+                return
+            self._last = key
+        tqdm.write(str(self.bar), file=self.stream)
+
+    @contextlib.contextmanager
+    def logging(self, logger: logging.Logger | None = None) -> Iterator[None]:
+        """While inside: ``logger``'s (default root's) stderr/stdout handler writes around the bar.
+
+        tqdm's redirect keeps that handler's formatter and filters, not its level: give the
+        level as a filter (``handler.addFilter(lambda r: r.levelno >= level)``).
+        """
+        with logging_redirect_tqdm(loggers=[logger or logging.getLogger()]):
+            yield

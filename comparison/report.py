@@ -17,9 +17,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tabulate import tabulate
 
 from comparison import published
 from comparison.modes import NATIVE, THREAD
+from comparison.stats import median, percentile
 from comparison.workloads import COLD_PROGRAM, COLD_WORKLOAD, HAZARD_ITEMS, SEMANTICS_ITEMS
 
 SCHEMA = "unifork-compare/1"
@@ -45,13 +47,6 @@ def num(x: float | None) -> str:
 
 def ratio_text(x: float | None) -> str:
     return "-" if x is None else num(x) + "x"
-
-
-def p95(xs: Sequence[float]) -> float:
-    """95th percentile, inclusive method (linear between order statistics); one sample: itself."""
-    if len(xs) == 1:
-        return xs[0]
-    return statistics.quantiles(xs, n=20, method="inclusive")[18]
 
 
 # -- what was measured ----------------------------------------------------------------------------
@@ -97,9 +92,9 @@ class Cell:
         if not xs or self.status != "ok":
             self.median = self.p95 = self.raw_median = None
             return
-        self.raw_median = statistics.median(xs)
+        self.raw_median = median(xs)
         self.median = sig(self.raw_median)
-        self.p95 = sig(p95(xs))
+        self.p95 = sig(percentile(xs, 95))
 
     def to_json(self) -> dict[str, object]:
         d = asdict(self)
@@ -155,7 +150,7 @@ class ColdSeries:
         self.n = len(xs)
         if self.status != "ok" or not xs:
             return
-        self.raw = {"median": statistics.median(xs), "mean": statistics.fmean(xs)}
+        self.raw = {"median": median(xs), "mean": statistics.fmean(xs)}
         self.median_us, self.min_us, self.max_us = sig(self.raw["median"]), min(xs), max(xs)
         self.thesis_mean_s = sig(self.raw["mean"] / 1e6)
         if warm:
@@ -197,7 +192,7 @@ class ColdRow:
         if warm is not None:
             self.loop_first_us = [v for r in warm.runs for v in r.excluded]
             if self.loop_first_us:
-                self.loop_first_median_us = sig(statistics.median(self.loop_first_us))
+                self.loop_first_median_us = sig(median(self.loop_first_us))
             if warm.status == "ok" and warm.raw_median:
                 self.warm_n, self.warm_median_us = warm.n, warm.median
                 self.warm_ratio_native = warm.ratio_native
@@ -330,14 +325,16 @@ class Report:
 # -- text ---------------------------------------------------------------------------------------
 
 
-def _grid(head: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> list[str]:
-    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
+def grid(head: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> list[str]:
+    """A plain text table (tabulate's "simple"): the head, a rule of dashes, the rows.
 
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
-
-    return [line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+    Columns are two spaces apart, the ``right`` ones right-aligned; cells are shown as given
+    (no number parsing), so a figure reads back exactly as the JSON holds it.
+    """
+    align = ["right" if i in right else "left" for i in range(len(head))]
+    text = tabulate(rows, headers=head, tablefmt="simple", colalign=align,
+                    disable_numparse=True)
+    return [ln.rstrip() for ln in text.splitlines()]
 
 
 COLD_TITLE = "fork: cold first fork vs warm loop"
@@ -352,7 +349,7 @@ def main_table(cells: Sequence[Cell]) -> list[str]:
             continue
         rows.append((c.workload, c.mode, c.unit, str(c.n), num(c.median), num(c.p95),
                      ratio_text(c.ratio_native), ratio_text(c.ratio_thread)))
-    return _grid(MAIN_HEAD, rows, {3, 4, 5, 6, 7})
+    return grid(MAIN_HEAD, rows, {3, 4, 5, 6, 7})
 
 
 COLD_HEAD = ("mode", "fork", "n", "median", "vs native", "vs warm", "thesis mean s",
@@ -380,7 +377,7 @@ def cold_table(r: Report) -> list[str]:
         if c.loop_first_us:
             rows.append((c.mode, "1st of each loop run", str(len(c.loop_first_us)),
                          num(c.loop_first_median_us), "-", "-", "-", "-"))
-    out += _grid(COLD_HEAD, rows, set(range(2, len(COLD_HEAD))))
+    out += grid(COLD_HEAD, rows, set(range(2, len(COLD_HEAD))))
     out += [f"  {n}" for n in r.cold_note]
     return out
 
@@ -392,7 +389,7 @@ def _matrix(title: str, items: Sequence[str], by_mode: dict[str, dict[str, str]]
         return [title, "  (not run)"]
     head = ("item", *(f"{m} ({runs.get(m, 0)})" for m in modes))
     rows = [(item, *(by_mode[m].get(item, "-") for m in modes)) for item in items]
-    return [title, *_grid(head, rows, set())]
+    return [title, *grid(head, rows, set())]
 
 
 def render(r: Report) -> str:
@@ -439,7 +436,7 @@ def render(r: Report) -> str:
             rows.append((mr.mode, num(mr.guest_kib_per_child), num(mr.host_kib_per_child),
                          mr.note))
     if rows:
-        out += _grid(("mode", "guest KiB/child", "host KiB/child", "how"), rows, {1, 2})
+        out += grid(("mode", "guest KiB/child", "host KiB/child", "how"), rows, {1, 2})
     out.append("")
     if r.scaling:
         ns = sorted({p.n for s in r.scaling for p in s.points})
@@ -449,12 +446,12 @@ def render(r: Report) -> str:
         for s in r.scaling:
             by_n = {p.n: p for p in s.points}
             rows.append((s.mode, *(num(by_n[n].ready_ms) if n in by_n else "-" for n in ns)))
-        out += _grid(("mode", *(f"N={n}" for n in ns)), rows, set(range(1, len(ns) + 1)))
+        out += grid(("mode", *(f"N={n}" for n in ns)), rows, set(range(1, len(ns) + 1)))
         out.append("")
     out.append(f"{published.LABEL} (reference rows, NOT measured here: {published.SOURCE})")
     rows = [(published.LABEL, f.what, f"{num(f.value)} {f.unit}", f.note)
             for f in published.FIGURES]
-    out += _grid(("label", "what", "value", "note"), rows, {2})
+    out += grid(("label", "what", "value", "note"), rows, {2})
     if r.notes:
         out.append("")
         out += [f"note: {n}" for n in r.notes]

@@ -15,7 +15,12 @@ log = logging.getLogger("unifork")
 
 
 def parse_size(text: str) -> int:
-    """'64M', '1G', '512k' or a byte count."""
+    """'64M', '1G', '512k' or a byte count (K, M, G: powers of 1024).
+
+    Kept by hand on purpose: ``humanfriendly.parse_size(text, binary=True)`` reads the same
+    sizes the same way, but argparse converts the string defaults on every command, so its
+    import (~30 ms) would land on every ``unifork run`` (a figure comparison/bench measures).
+    """
     t = text.strip().upper().removesuffix("B").removesuffix("I")
     mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
     try:
@@ -366,6 +371,11 @@ def _split_run_args(parser: argparse.ArgumentParser, a: argparse.Namespace) -> a
     After the image, words that are unifork options are taken (with their
     values) up to the first word that is not, or up to ``--``; the rest are the
     program's arguments.
+
+    Kept by hand, reading argparse's ``_actions`` (unchanged since Python 2.7): argparse
+    has no public "options up to the first word that is not one" mode.  ``parse_known_args``
+    and ``parse_intermixed_args`` would take a unifork option from anywhere in the
+    program's arguments (``run prog -n 3 --timeout 5``: ``--timeout`` is the program's).
     """
     takes_value = {s for act in parser._actions for s in act.option_strings if act.nargs != 0}
     flags = {s for act in parser._actions for s in act.option_strings if act.nargs == 0}

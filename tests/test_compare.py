@@ -17,8 +17,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
+import logging
 import re
 import signal
 import socket
@@ -30,11 +33,14 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from conftest import wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from comparison.report import num, sig
+from comparison import stats
+from comparison.progress import ProgressBar
+from comparison.report import grid, num, sig
 
 UNIFORK = Path(sys.executable).parent / "unifork"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -351,6 +357,56 @@ def test_figures_round_trip_through_text() -> None:
         v = sig(x)
         assert float(num(v)) == v and "e" not in num(v)
     assert sig(None) is None and num(None) == "-"
+
+
+def test_one_percentile_for_every_report() -> None:
+    """comparison.stats: the inclusive method (numpy's default), None for no samples."""
+    xs = [float(x) for x in range(1, 42)]
+    p95 = stats.percentile(xs, 95)
+    assert p95 == statistics.quantiles(xs, n=20, method="inclusive")[18] == 39.0
+    assert stats.percentile(xs, 99) == pytest.approx(float(np.percentile(xs, 99)))
+    assert stats.percentile([3.0], 95) == 3.0 and stats.percentile([], 99) is None
+    assert stats.median([]) is None and stats.median([1.0, 4.0, 2.0]) == 2.0
+
+
+def test_tables_read_back_by_columns() -> None:
+    lines = grid(("workload", "mode", "median"), [("fork_time", "thread", "51.19"),
+                                                  ("pipe_bw", "native", "-")], {2})
+    assert re.fullmatch(r"-+  -+  -+", lines[1])
+    assert [ln.split() for ln in lines[2:]] == [["fork_time", "thread", "51.19"],
+                                                 ["pipe_bw", "native", "-"]]
+    assert all(ln == ln.rstrip() for ln in lines)
+
+
+def test_progress_off_a_terminal_is_a_line_per_step_with_logs_between() -> None:
+    out = io.StringIO()  # stderr, not a terminal
+    logger = logging.getLogger("test_progress")
+    with contextlib.redirect_stderr(out):
+        bar = ProgressBar(1)
+        handler = logging.StreamHandler()  # on stderr, as the harness's
+        logger.addHandler(handler)
+        try:
+            bar.total = 2
+            for i in range(2):
+                bar.step(f"step {i}")
+                bar.advance()
+            bar.finish()
+            with bar.logging(logger):
+                logger.warning("between the lines")
+        finally:
+            logger.removeHandler(handler)
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue()
+    assert [re.match(r"\[#*\.*\] (\d)/2 ", ln).group(1) for ln in lines[:3]] == ["0", "1", "2"]
+    assert lines[0].endswith("step 0") and lines[1].endswith("step 1")
+    assert lines[3] == "between the lines"
+    # by step group (compare's long runs): a line when the part before ':' or the tenth changes
+    grouped = io.StringIO()
+    bar = ProgressBar(100, stream=grouped, by_group=True)
+    for label in ("a: 1", "a: 2", "b: 1", "b: 2"):
+        bar.step(label)
+    assert [ln.rsplit("  ", 1)[1] for ln in grouped.getvalue().splitlines()] == ["a: 1", "b: 1"]
+    bar.close()
 
 
 # -- 3. load ---------------------------------------------------------------------------------------
