@@ -26,6 +26,9 @@ def run_vmclone(image: str | Path, args: Sequence[str] = (), env: Sequence[str] 
     own_pool = pool is None
     pool = pool or WarmPool(pool_size)
     try:
+        if own_pool:  # a child placed on a process still starting would wait for it (and
+            pool.wait_ready()  # share the CPU with its start-up): the first fork pays that
+
         sup = Supervisor(pool, transport, sink or (lambda pid, fd, data: None), config,
                          observer=observer)
         try:
