@@ -1,7 +1,7 @@
 """unifork as a wheel: `pip install .` into a fresh venv, without extras, runs a guest.
 
-The wheel is built from a copy of the source tree without its generated gRPC
-modules, so what the installed package imports comes from the build step
+The sdist and the wheel (from the sdist, with ``python -m build``) are built
+from a copy of the source tree without its generated gRPC modules, so what the installed package imports comes from the build step
 (setup.py), and the venv is fresh (no system site-packages), so nothing is
 borrowed from the development venv: the guest sources and protos must come
 from the wheel, and neither grpcio-tools nor matplotlib is installed.
@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import pytest
 import comparison
 from comparison.compare import write_files
 from comparison.report import Report
+from tender_service import protos
 from tender_service.toolchain import paths
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,15 +59,20 @@ def _checked(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Venv:
-    """The wheel built from a clean copy of the tree, installed alone into a fresh venv."""
+    """The wheel built from a clean copy of the tree, installed without extras into a fresh
+    venv."""
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
     shutil.copytree(ROOT, src, ignore=NOT_SOURCES)
     assert not (src / "tender_service" / "gen").exists()
-    _checked(subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet",
-                             str(src), "-w", str(tmp / "dist")],
-                            capture_output=True, text=True, timeout=300, check=False))
+    # the sdist, then the wheel built from the sdist (what `pip install .` builds from the tree)
+    _checked(subprocess.run([sys.executable, "-m", "build", "--outdir", str(tmp / "dist"),
+                             str(src)], capture_output=True, text=True, timeout=600, check=False))
     (wheel,) = (tmp / "dist").glob("unifork-*.whl")
+    (sdist,) = (tmp / "dist").glob("unifork-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    assert {"setup.py", "guest/programs/hello.c", "proto/unifork/v1/tender.proto"} <= names
     venv = tmp / "venv"
     _checked(subprocess.run([sys.executable, "-m", "venv", str(venv)],
                             capture_output=True, text=True, timeout=120, check=False))
@@ -133,3 +140,20 @@ def test_compare_without_matplotlib_writes_everything_else(tmp_path, monkeypatch
     for name in ("raw.csv", "summary.csv", "published.csv"):
         assert (tmp_path / name).is_file(), name
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_stale_or_missing_generated_code_is_refused_with_the_fix(tmp_path, monkeypatch) -> None:
+    """Nothing runs protoc at import: code older than proto/ is an error naming the command."""
+    stamp = tmp_path / protos.STAMP_NAME
+    monkeypatch.setattr(protos, "STAMP", stamp)
+    protos.ensure.cache_clear()
+    try:
+        with pytest.raises(protos.GeneratedCodeError, match=r"is missing: run `make proto`"):
+            protos.ensure()
+        stamp.write_text("0" * 64 + "\n")  # generated from other sources
+        with pytest.raises(protos.GeneratedCodeError, match=r"is stale .*: run `make proto`"):
+            protos.ensure()
+        stamp.write_text(protos.sources_hash() + "\n")
+        protos.ensure()
+    finally:
+        protos.ensure.cache_clear()
