@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,10 +59,17 @@ def _checked(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> Venv:
+def installed(tmp_path_factory) -> Iterator[Venv]:
     """The wheel built from a clean copy of the tree, installed without extras into a fresh
-    venv."""
+    venv (about 600 MB with zig and numpy: removed afterwards)."""
     tmp = tmp_path_factory.mktemp("wheel")
+    try:
+        yield _install(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _install(tmp: Path) -> Venv:
     src = tmp / "src"
     shutil.copytree(ROOT, src, ignore=NOT_SOURCES)
     assert not (src / "tender_service" / "gen").exists()
