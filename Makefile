@@ -4,19 +4,24 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 UNIFORK := $(VENV)/bin/unifork
 STAMP := $(VENV)/.installed
+GEN_STAMP := tender_service/gen/.sources.sha256
 
 .PHONY: run test setup proto images lint docs clean
 
-$(STAMP): pyproject.toml
+# editable, with every extra: the tests draw plots and `make proto` runs grpcio-tools
+$(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,plots,gen]'
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 # the gRPC code, generated from proto/ into tender_service/gen/ (never edited by hand)
-proto: setup
+# whenever a .proto file changes (a wheel is built with it: setup.py)
+$(GEN_STAMP): $(wildcard proto/*/*/*.proto) $(STAMP)
 	$(PY) -m tender_service.protos
+
+proto: $(GEN_STAMP)
 
 # guest images (and, the first time, zig's musl build) into ~/.cache/unifork
 images: proto

@@ -596,15 +596,23 @@ def compare_from_args(a) -> Result:
 
 def write_files(r: rep.Report, directory: Path) -> str:
     """CSV, plots, then the JSON (listing every file) and the table; returns the table."""
-    from comparison import plots
-
     rep.write_csv(r, directory / "raw.csv", directory / "summary.csv")
     rep.write_published_csv(directory / "published.csv")
     pngs: list[Path] = []
     try:
-        pngs = plots.write_all(r, directory)
-    except Exception:  # a failed plot must not lose the measured figures
-        log.exception("plotting failed")
+        from comparison import plots  # matplotlib: the `plots` extra
+    except ModuleNotFoundError as e:
+        if (e.name or "").partition(".")[0] != "matplotlib":
+            raise
+        r.notes.append("plots skipped: matplotlib is not installed "
+                       "(pip install 'unifork[plots]' to draw them)")
+        log.warning("%s", r.notes[-1])
+    else:
+        try:
+            pngs = plots.write_all(r, directory)
+        except Exception as e:  # a failed plot must not lose the measured figures
+            log.exception("plotting failed")
+            r.notes.append(f"plots failed: {type(e).__name__}: {e} (see compare.log)")
     r.files = ["report.json", "raw.csv", "summary.csv", "published.csv", "table.txt",
                "compare.log", *(p.name for p in pngs)]
     rep.write_json(r, directory / "report.json")

@@ -1,70 +1,87 @@
 """The gRPC code generated from ``proto/`` (by grpcio-tools, never by hand).
 
-``make`` generates it; :func:`ensure` regenerates it whenever a ``.proto``
-file is newer than what was generated (a stamp file records the hash of the
-sources), so a fresh checkout works even without ``make``.  The generated
-modules live in ``tender_service/gen/`` (not committed).
+It is generated at build time, never at import: building a wheel runs protoc
+(setup.py; grpcio-tools is a build requirement, so an installed unifork does
+not need it), and in a source tree ``make proto`` (``python -m
+tender_service.protos``, which needs the ``gen`` extra) regenerates it when a
+``.proto`` file changes.  A stamp file beside the modules records the hash of
+the sources they came from, so :func:`ensure` can refuse stale or missing code
+with the command that fixes it instead of serving an old schema.  The modules
+live in ``tender_service/gen/`` (not committed).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import logging
 import sys
-import threading
 from pathlib import Path
+
+from tender_service.toolchain.paths import shipped_dir
 
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-PROTO_DIR = PACKAGE_DIR.parent / "proto"
 GEN_DIR = PACKAGE_DIR / "gen"
-STAMP = GEN_DIR / ".sources.sha256"
-_lock = threading.Lock()
+STAMP_NAME = ".sources.sha256"
+STAMP = GEN_DIR / STAMP_NAME
 
 
-def proto_files(proto_dir: Path = PROTO_DIR) -> list[Path]:
-    return sorted(proto_dir.rglob("*.proto"))
+class GeneratedCodeError(RuntimeError):
+    """The generated modules are missing or do not match ``proto/``."""
 
 
-def sources_hash(proto_dir: Path = PROTO_DIR) -> str:
+def proto_dir() -> Path:
+    """``proto/`` in the source tree, or its copy inside an installed wheel."""
+    return shipped_dir("proto")
+
+
+def proto_files(root: Path | None = None) -> list[Path]:
+    return sorted((root or proto_dir()).rglob("*.proto"))
+
+
+def sources_hash(root: Path | None = None) -> str:
+    root = root or proto_dir()
     h = hashlib.sha256()
-    for f in proto_files(proto_dir):
-        h.update(str(f.relative_to(proto_dir)).encode() + b"\0" + f.read_bytes())
+    for f in proto_files(root):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
 
 
-def generate(out_root: Path, proto_dir: Path = PROTO_DIR) -> list[Path]:
-    """Run protoc; modules land in ``out_root/tender_service/gen/unifork/v1``."""
+def generate(out_root: Path, root: Path | None = None) -> list[Path]:
+    """Run protoc; modules (and the stamp) land in ``out_root/tender_service/gen/``."""
     import grpc_tools
     from grpc_tools import protoc
 
+    root = root or proto_dir()
     include = Path(grpc_tools.__file__).parent / "_proto"
-    files = [f"tender_service/gen/{f.relative_to(proto_dir)}" for f in proto_files(proto_dir)]
-    args = ["protoc", f"-Itender_service/gen={proto_dir}", f"-I{include}",
+    files = [f"tender_service/gen/{f.relative_to(root)}" for f in proto_files(root)]
+    args = ["protoc", f"-Itender_service/gen={root}", f"-I{include}",
             f"--python_out={out_root}", f"--grpc_python_out={out_root}", *files]
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed on " + " ".join(files))
-    return sorted((out_root / "tender_service" / "gen").rglob("*.py"))
+    gen = out_root / "tender_service" / "gen"
+    (gen / STAMP_NAME).write_text(sources_hash(root) + "\n")
+    return sorted(gen.rglob("*.py"))
 
 
+@functools.cache
 def ensure() -> None:
-    """Generate the gRPC modules if they are missing or stale."""
-    want = sources_hash()
-    if STAMP.exists() and STAMP.read_text().strip() == want:
+    """Check (once per process) that the generated modules are there and match ``proto/``."""
+    have = STAMP.read_text().strip() if STAMP.exists() else None
+    if have == sources_hash():
         return
-    with _lock:
-        if STAMP.exists() and STAMP.read_text().strip() == want:
-            return
-        log.info("generating gRPC code from %s", PROTO_DIR)
-        generate(PACKAGE_DIR.parent)
-        STAMP.write_text(want + "\n")
-        importlib.invalidate_caches()
+    state = "missing" if have is None else f"stale (older than {proto_dir()})"
+    raise GeneratedCodeError(
+        f"the gRPC code in {GEN_DIR} is {state}: run `make proto` or "
+        "`python -m tender_service.protos` (needs the gen extra: pip install -e '.[gen]')"
+    )
 
 
 def load(name: str):
-    """(NAME_pb2, NAME_pb2_grpc) of proto/unifork/v1/NAME.proto, generated on first use."""
+    """(NAME_pb2, NAME_pb2_grpc) of proto/unifork/v1/NAME.proto."""
     ensure()
     pb2 = importlib.import_module(f"tender_service.gen.unifork.v1.{name}_pb2")
     grpc_mod = importlib.import_module(f"tender_service.gen.unifork.v1.{name}_pb2_grpc")
@@ -79,7 +96,13 @@ def tender():
     return load("tender")
 
 
-if __name__ == "__main__":
+def main() -> int:
+    """``python -m tender_service.protos``: regenerate the modules in place (``make proto``)."""
     logging.basicConfig(level=logging.INFO)
-    ensure()
-    sys.exit(0)
+    log.info("generating gRPC code from %s", proto_dir())
+    generate(PACKAGE_DIR.parent)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Where unifork keeps its files: the guest sources in the repo and the build caches.
+"""Where unifork keeps its files: the guest sources (source tree or wheel) and the caches.
 
 The image cache (``UNIFORK_CACHE_DIR``) and zig's cache (``UNIFORK_ZIG_CACHE_DIR``)
 can be redirected separately: zig's cache holds the prebuilt musl (tens of
@@ -39,19 +39,36 @@ def images_dir() -> Path:
     return cache_dir() / "images"
 
 
-def repo_root() -> Path:
-    """The source tree (the package is installed editable, so this file lives in it)."""
-    return Path(__file__).resolve().parents[2]
+#: the package (``tender_service/``), wherever it is installed
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+
+
+def source_root() -> Path | None:
+    """The source tree when the package runs from one (an editable install), else None."""
+    root = PACKAGE_DIR.parent
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def shipped_dir(name: str) -> Path:
+    """A top-level folder of the repository (``guest``, ``proto``) that a wheel ships as data.
+
+    In a source tree it is ``NAME/`` beside the package (the user's layout); a wheel
+    carries a copy at ``tender_service/NAME/`` (setup.py's build step).
+    """
+    root = source_root()
+    candidates = [PACKAGE_DIR / name] + ([root / name] if root else [])
+    for path in candidates:
+        if path.is_dir():
+            return path
+    raise FileNotFoundError(
+        f"{name}/ not found (looked in {', '.join(map(str, candidates))}): "
+        "install unifork from its source tree or from a wheel built by setup.py"
+    )
 
 
 def guest_dir() -> Path:
     """``guest/``: the guest programs and the guest runtime."""
-    path = repo_root() / "guest"
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"guest sources not found at {path} (is unifork installed editable?)"
-        )
-    return path
+    return shipped_dir("guest")
 
 
 def runtime_dir() -> Path:
