@@ -32,9 +32,9 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-from conftest import VmRun, native, vm
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from support import VmRun, native, vm
 
 from tender_service.machine.elf import ElfImage, parse_elf
 from tender_service.machine.errors import ImageError
