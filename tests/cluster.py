@@ -27,8 +27,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from conftest import wait_until
 from netns import Hosts, hosts_or_skip
+from support import wait_until
 
 from tender_service.service.placement import DOWN_FOR
 from tender_service.toolchain.paths import cache_dir

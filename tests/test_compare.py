@@ -10,8 +10,8 @@
    to the warm loop for every mode run, with what was excluded named.
 2. ``--target`` at a tender that is not there: the remote mode is skipped
    cleanly, the rest of the report is made.
-3. ``unifork load`` against a local ``unifork serve`` (a subprocess on a free
-   port, health-checked, stopped with SIGTERM): bounded, counts add up, no
+3. ``unifork load`` against a local ``unifork serve`` (a subprocess on a port
+   held for it, health-checked, stopped with SIGTERM): bounded, counts add up, no
    errors, for thread and VM-clone instances.
 """
 
@@ -24,7 +24,6 @@ import json
 import logging
 import re
 import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -35,8 +34,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import refused_port, reserved_port, wait_until
 
 from comparison import stats
 from comparison.progress import ProgressBar
@@ -338,12 +337,10 @@ def test_cold_first_fork_table_names_what_was_excluded(cold) -> None:
 
 
 def test_remote_mode_skipped_cleanly_without_a_tender(tmp_path) -> None:
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    p = unifork("compare", "--quick", "--out", str(tmp_path), "--target", f"127.0.0.1:{port}",
-                "--only", "semantics", "--modes", "thread", "vmclone-remote", "--no-memory",
-                "--no-scaling", timeout=60)
+    with refused_port() as port:
+        p = unifork("compare", "--quick", "--out", str(tmp_path), "--target",
+                    f"127.0.0.1:{port}", "--only", "semantics", "--modes", "thread",
+                    "vmclone-remote", "--no-memory", "--no-scaling", timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
     doc = json.loads((report_dir(p.stdout) / "report.json").read_text())
     assert "vmclone-remote" in doc["skipped_modes"]
@@ -412,45 +409,41 @@ def test_progress_off_a_terminal_is_a_line_per_step_with_logs_between() -> None:
 # -- 3. load ---------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tender(tmp_path_factory):
-    target = f"127.0.0.1:{free_port()}"
-    log = tmp_path_factory.mktemp("tender") / "serve.log"
-    with log.open("w") as fh:
-        proc = subprocess.Popen([str(UNIFORK), "serve", "--listen", target, "--grace", "5",
-                                 "--peer-listen", f"127.0.0.1:{free_port()}"],
-                                stdout=fh, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        with grpc.insecure_channel(target) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-
-            def serving() -> bool:
-                assert proc.poll() is None, log.read_text()
-                try:
-                    r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
-                except grpc.RpcError:
-                    return False
-                return r.status == health_pb2.HealthCheckResponse.SERVING
-
-            wait_until(serving, max(0.0, deadline - time.monotonic()), "the tender to serve",
-                       0.2, log.read_text)
-        yield target
-    finally:
-        proc.send_signal(signal.SIGTERM)
+    # held for the tender until it has stopped
+    with reserved_port() as port, reserved_port() as peer_port:
+        target = f"127.0.0.1:{port}"
+        log = tmp_path_factory.mktemp("tender") / "serve.log"
+        with log.open("w") as fh:
+            proc = subprocess.Popen([str(UNIFORK), "serve", "--listen", target, "--grace", "5",
+                                     "--peer-listen", f"127.0.0.1:{peer_port}"],
+                                    stdout=fh, stderr=subprocess.STDOUT)
         try:
-            code = proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise
-        assert code == 0, log.read_text()
+            deadline = time.monotonic() + 60
+            with grpc.insecure_channel(target) as ch:
+                stub = health_pb2_grpc.HealthStub(ch)
+
+                def serving() -> bool:
+                    assert proc.poll() is None, log.read_text()
+                    try:
+                        r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                    except grpc.RpcError:
+                        return False
+                    return r.status == health_pb2.HealthCheckResponse.SERVING
+
+                wait_until(serving, max(0.0, deadline - time.monotonic()), "the tender to serve",
+                           0.2, log.read_text)
+            yield target
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                code = proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise
+            assert code == 0, log.read_text()
 
 
 @pytest.mark.parametrize("fork,image,args,concurrency", [

@@ -25,7 +25,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -40,8 +39,8 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-from conftest import wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import free_port, wait_until
 
 from tender_service import cli, protos
 from tender_service.service.auth import read_token
@@ -230,12 +229,6 @@ def port_of(address: str) -> int:
 
 
 # -- processes -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def unifork_argv() -> list[str]:

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import image_path, native, vm
+from support import image_path, native, vm
 
 from tender_service.instance.pool import WarmPool
 from tender_service.instance.run import run_vmclone

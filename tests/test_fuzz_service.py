@@ -19,11 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from conftest import wait_until
 from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_service import Tender, free_port, stopped_cleanly
+from support import free_port, wait_until
+from test_service import Tender, stopped_cleanly
 
 from tender_service import protos
 from tender_service.toolchain.images import build_image

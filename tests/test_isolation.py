@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import image_path, wait_until
+from support import image_path, wait_until
 
 from tender_service.instance.pool import WarmPool
 from tender_service.instance.run import run_vmclone

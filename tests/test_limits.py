@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import wait_until
+from support import wait_until
 from test_service import (
     MODES,
     RPC_TIMEOUT,

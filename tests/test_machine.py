@@ -12,7 +12,9 @@ Real zig, real Unicorn, nothing mocked.  What is checked here:
   are refused with ImageError before anything runs, never anything worse;
 - the VM's limits: wall-time limit, RAM size, the scheduling quantum (and the
   cooperative default), deadlock detection;
-- the console (tty vs pipe buffering, stdin), the syscall trace and the CLI.
+- the console (tty vs pipe buffering, stdin) and the syscall trace.
+
+The ``unifork`` command end to end is tests/test_cli.py.
 
 Runs whose stopping depends on the time limit go through ``run_guarded``: the
 VM runs in a thread and, should its time limit never fire, the test stops it
@@ -25,16 +27,15 @@ import logging
 import re
 import struct
 import subprocess
-import sys
 import threading
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import pytest
-from conftest import VmRun, native, vm
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from support import VmRun, native, vm
 
 from tender_service.machine.elf import ElfImage, parse_elf
 from tender_service.machine.errors import ImageError
@@ -44,11 +45,9 @@ from tender_service.toolchain.cc import compile_guest
 from tender_service.toolchain.images import build_image
 from tender_service.vm import CaptureSink, create_vm, run_vm
 
-ROOT = Path(__file__).resolve().parents[1]
 TESTS_GUEST = Path(__file__).resolve().parent / "guest"
 SEED_DIR = Path(__file__).resolve().parents[2] / "shared" / "seed"
 SEED_THESIS = SEED_DIR / "000_e77a68754666b29f.txt"
-UNIFORK = Path(sys.executable).parent / "unifork"
 KERNEL_LOG = "tender_service.rump.kernel"
 SIGILL, SIGABRT, SIGFPE, SIGKILL, SIGSEGV = 4, 6, 8, 9, 11
 #: how long past its own time limit a VM may take to stop before the test does it
@@ -117,13 +116,6 @@ def run_guarded(image: Path | ElfImage, *args: str, env: list[str] | None = None
         raise box["error"]  # type: ignore[misc]
     return Guarded(VmRun(box["result"], bytes(sink.stdout), bytes(sink.stderr), sink.chunks),
                    guard_fired)
-
-
-def cli(*args: str, input: bytes | None = None, cwd: Path | None = None,
-        ) -> subprocess.CompletedProcess:
-    return subprocess.run([str(UNIFORK), *args], capture_output=True, timeout=180, input=input,
-                          stdin=None if input is not None else subprocess.DEVNULL, cwd=cwd,
-                          check=False)
 
 
 # -- first programs -------------------------------------------------------------------
@@ -704,91 +696,6 @@ def test_trace_of_a_failing_syscall_names_the_errno(caplog: pytest.LogCaptureFix
     lines = [rec.getMessage() for rec in caplog.records]
     assert any(re.fullmatch(r"\[pid 2\] write\(0x1, 0x1, 0xa(, 0x[0-9a-f]+){3}\) = -EFAULT", line)
                for line in lines), lines
-
-
-# -- the command line ----------------------------------------------------------------------
-def test_cli_exit_status_is_the_guests() -> None:
-    p = cli("run", "exit_code", "7")
-    assert p.returncode == 7, p.stderr
-    assert p.stdout == b"exit_code: code=7 mode=exit\natexit handler ran\n"
-
-
-def test_cli_fault_prints_report_without_traceback() -> None:
-    p = cli("run", "fault_segv")
-    assert p.returncode == 139
-    assert p.stdout == b"fault_segv: writing through a NULL pointer\n"
-    err = p.stderr.decode()
-    assert re.search(r"^unifork: pid 2: SIGSEGV: .*rip=0x[0-9a-f]+ address=0x0 insn=", err, re.M)
-    assert "Traceback" not in err
-
-
-def test_cli_reports_an_emulator_crash() -> None:
-    """Unicorn 2.1.4 dies of SIGSEGV on tests/guest/x87_block.c; the VM runs in a forked
-    child, so the command reports the lost VM and exits 137 (SIGKILL status, as the
-    service does) instead of dying silently with 139."""
-    p = cli("run", str(Path(__file__).with_name("guest") / "x87_block.c"))
-    assert p.returncode == 137, p.stderr
-    assert p.stdout == b""
-    assert re.search(rb"^unifork: its VM was lost: the process that ran it \(pid \d+\) died "
-                     rb"of SIGSEGV \(the emulator crashed\)$", p.stderr, re.M), p.stderr
-
-
-def test_cli_compiles_and_runs_a_c_file(tmp_path: Path) -> None:
-    src = tmp_path / "prog.c"
-    src.write_text('#include <stdio.h>\n'
-                   'int main(int argc, char **argv) {\n'
-                   '\tprintf("compiled on demand: %d %s %s\\n", argc, argv[1], argv[2]);\n'
-                   '\treturn 5;\n}\n')
-    p = cli("run", str(src), "--", "one", "--mem", cwd=tmp_path)
-    assert p.returncode == 5, p.stderr
-    assert p.stdout == b"compiled on demand: 3 one --mem\n"
-
-
-def test_cli_options_after_the_image() -> None:
-    p = cli("run", "hello", "--mem", "8M", "--stats")
-    assert p.returncode == 0, p.stderr
-    assert p.stdout == b"Hello, unikernel!\n"
-    m = re.search(rb"^unifork: exited, .*peak guest memory (\d+) bytes$", p.stderr, re.M)
-    assert m, p.stderr
-    assert 0 < int(m.group(1)) <= 8 << 20
-
-
-def test_cli_mem_too_small_for_the_image() -> None:
-    p = cli("run", str(TESTS_GUEST / "big_bss.c"), "--mem", "8M")
-    assert p.returncode == 2
-    assert p.stdout == b""
-    assert b"more than guest RAM" in p.stderr and b"Traceback" not in p.stderr
-
-
-def test_cli_stdin_from_the_host() -> None:
-    data = b"piped into the unikernel\n" * 100
-    p = cli("run", str(TESTS_GUEST / "machine_probe.c"), "echo", input=data)
-    assert p.returncode == 0, p.stderr
-    assert p.stdout == data
-    assert b"EOF after 2500 bytes\n" in p.stderr
-
-
-def test_cli_trace_syscalls() -> None:
-    p = cli("run", "hello", "--trace-syscalls")
-    assert p.returncode == 0
-    assert p.stdout == b"Hello, unikernel!\n"
-    assert re.search(rb"\] writev\(0x1, .*\) = 0x12$", p.stderr, re.M), p.stderr
-
-
-def test_cli_images_lists_hello() -> None:
-    build_image("hello")
-    p = cli("images")
-    assert p.returncode == 0
-    assert re.search(rb"^hello +\d+ bytes +[0-9a-f]{16}$", p.stdout, re.M), p.stdout
-
-
-def test_cli_syscalls_markdown_is_the_doc() -> None:
-    doc = ROOT / "docs" / "syscalls.md"
-    if not doc.is_file():
-        pytest.skip("docs/syscalls.md has not been generated")
-    p = cli("syscalls", "--markdown")
-    assert p.returncode == 0
-    assert p.stdout.decode() == doc.read_text()
 
 
 # -- fuzzing (last: a guest that spins costs its whole time limit) ----------------------

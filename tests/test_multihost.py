@@ -36,8 +36,8 @@ from cluster import (
     hosts_of,
     running_cluster,
 )
-from conftest import image_path, native, wait_until
 from netns import namespaces
+from support import image_path, native, wait_until
 
 from tender_service.service.placement import LOAD_TTL
 from tender_service.toolchain.images import build_image

@@ -34,11 +34,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import wait_until
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
+from support import free_port, wait_until
 
 from tender_service import protos
 from tender_service.service.client import Client
@@ -85,12 +85,6 @@ int main(int argc, char **argv)
 
 
 # -- helpers: processes, ports, polling --------------------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 poll = wait_until
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pytest
 from cluster import ROOT, UNIFORK, A, Cluster, running_cluster
-from conftest import wait_until
+from support import wait_until
 
 from tender_service.toolchain.images import build_image
 

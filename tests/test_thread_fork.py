@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import image_path, native, vm
+from support import image_path, native, vm
 from test_programs_native import CASES, SEMANTICS_NATIVE, SEMANTICS_THREAD_FORK
 
 from tender_service.machine.layout import DEFAULT_STACK, PAGE_SIZE

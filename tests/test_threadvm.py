@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import image_path, wait_until
+from support import image_path, wait_until
 
 from tender_service.instance.threadvm import ThreadVm, ThreadVmHost
 from tender_service.rump.signals import SIGKILL, signaled_status

@@ -43,9 +43,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import image_path, native, vm, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import image_path, native, vm, wait_until
 from test_programs_native import CASES, SEMANTICS_NATIVE, SEMANTICS_THREAD_FORK
 from test_thread_fork import FORK_HAZARDS_NATIVE, FORK_HAZARDS_VM, deadlock_report
 

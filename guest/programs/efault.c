@@ -10,24 +10,14 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-static const char *errno_name(int e)
-{
-	switch (e) {
-	case 0: return "0";
-	case EFAULT: return "EFAULT";
-	case EBADF: return "EBADF";
-	case EINVAL: return "EINVAL";
-	case ENOSYS: return "ENOSYS";
-	case EAGAIN: return "EAGAIN";
-	case EPIPE: return "EPIPE";
-	default: return "other";
-	}
-}
+#define PROG "efault"
+
+#include "guest_common.h"
 
 static void report(const char *what, long r)
 {
 	int e = r < 0 ? errno : 0;
-	printf("%s = %ld %s\n", what, r, errno_name(e));
+	printf("%s = %ld %s\n", what, r, errname(e));
 }
 
 int main(void)

@@ -111,6 +111,7 @@ static int in_vm;
 static unsigned char wall_global[BLOCK];
 static unsigned char *volatile smash_keep;
 
+/* Not guest_common.h's say(): a printf-style line; _exit(3) if stdout fails, native runs too. */
 static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 static void say(const char *fmt, ...)
@@ -140,6 +141,7 @@ static void say(const char *fmt, ...)
 	}
 }
 
+/* Not guest_common.h's errname(): every errno the attempts meet, "E<n>" for others. */
 static const char *errname(int e)
 {
 	static char other[16];
@@ -180,6 +182,7 @@ static void skipped(const char *what)
 	say("%s = skipped natively", what);
 }
 
+/* Not guest_common.h's describe_status(): tests match "killed by signal <n>". */
 static const char *describe(int st)
 {
 	static char buf[64];
@@ -193,6 +196,7 @@ static const char *describe(int st)
 	return buf;
 }
 
+/* Not guest_common.h's die(): the reason goes to stdout, in line with the attempts. */
 static __attribute__((noreturn)) void die(const char *what)
 {
 	say(PROG ": %s: %s", what, strerror(errno));

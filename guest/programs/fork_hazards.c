@@ -38,7 +38,6 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -49,28 +48,7 @@
 
 #define PROG "fork_hazards"
 
-static __attribute__((noreturn, format(printf, 1, 2))) void die(const char *fmt, ...)
-{
-	va_list ap;
-
-	fprintf(stderr, PROG ": ");
-	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fputc('\n', stderr);
-	exit(1);
-}
-
-/* errno through a noinline function: uses the caller's own thread pointer */
-static __attribute__((noinline)) int get_errno(void)
-{
-	return errno;
-}
-
-static __attribute__((noinline)) void set_errno(int e)
-{
-	errno = e;
-}
+#include "guest_common.h"
 
 struct outer {
 	volatile int *volatile inner; /* the only reference to block B */
@@ -113,6 +91,7 @@ int main(void)
 	int st, err_after;
 	pid_t pid, r;
 
+	top_pid = getpid();
 	int_value = (long)(uintptr_t)&other_local;
 	g_int_value = int_value;
 	a = setup_two_levels();

@@ -1,5 +1,5 @@
 /*
- * guest_common.h — helpers shared by the fork test programs of guest/programs.
+ * guest_common.h — helpers shared by the programs of guest/programs.
  *
  * Include it after `#define PROG "<name>"` (die() prefixes its messages with
  * it) and set `top_pid = getpid()` first thing in main(): die() runs exit()
@@ -98,6 +98,14 @@ static __attribute__((unused)) void write_full(int fd, const void *buf, size_t n
 		p += w;
 		n -= (size_t)w;
 	}
+}
+
+/* One line to stdout with write(2), never through stdio: for children (in the
+ * thread-fork VM the stdio buffers are globals shared with the parent), and
+ * so that each line of a merged stream stays whole. */
+static __attribute__((unused)) void say(const char *line)
+{
+	write_full(1, line, strlen(line));
 }
 
 /* Reads until n bytes or EOF; returns the number of bytes read. */

@@ -53,6 +53,7 @@ static void mix(uint64_t v)
 	checksum = (checksum ^ v) * 1099511628211ULL;
 }
 
+/* Counts a mismatch and goes on (the summary reports them all): not guest_common.h's die(). */
 static void fail(const char *what, uint64_t id, size_t size)
 {
 	errors++;

@@ -37,9 +37,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#define PROG "pipe_fanin"
 #define MAGIC 0x4e494650u /* "PFIN" */
 #define REC_MAX 4096
 #define MAX_WRITERS 64
+
+#include "guest_common.h"
 
 struct hdr {
 	uint32_t magic;
@@ -53,32 +56,6 @@ struct hdr {
 #define PAYLOAD_MAX (REC_MAX - (int)sizeof(struct hdr))
 
 _Static_assert(REC_MAX <= PIPE_BUF, "records must be written atomically");
-
-static void say(const char *line)
-{
-	size_t n = strlen(line);
-
-	while (n > 0) {
-		ssize_t w = write(1, line, n);
-		if (w < 0) {
-			if (errno == EINTR)
-				continue;
-			_exit(3);
-		}
-		line += w;
-		n -= (size_t)w;
-	}
-}
-
-static __attribute__((noreturn)) void fail(const char *what)
-{
-	char buf[256];
-
-	snprintf(buf, sizeof buf, "pipe_fanin: %s: %s\n", what, strerror(errno));
-	if (write(2, buf, strlen(buf)) < 0)
-		_exit(1);
-	_exit(1);
-}
 
 static uint32_t mix(uint32_t w, uint32_t seq)
 {
@@ -135,7 +112,7 @@ static void writer(int fd, int w, uint64_t share)
 			r = write(fd, rec, n);
 		while (r < 0 && errno == EINTR);
 		if (r < 0)
-			fail("writer: write");
+			DIE_ERRNO("writer: write");
 		if ((size_t)r != n) {
 			char buf[128];
 			snprintf(buf, sizeof buf, "writer %d: short write %zd of %zu\n", w, r, n);
@@ -181,7 +158,7 @@ static void reader(int fd, int writers, uint64_t total)
 		if (r < 0) {
 			if (errno == EINTR)
 				continue;
-			fail("reader: read");
+			DIE_ERRNO("reader: read");
 		}
 		if (r == 0)
 			break;
@@ -247,6 +224,8 @@ int main(int argc, char **argv)
 	uint64_t total = 16u << 20;
 	pid_t pids[MAX_WRITERS + 1];
 
+	top_pid = getpid();
+
 	while ((opt = getopt(argc, argv, "w:b:")) != -1) {
 		switch (opt) {
 		case 'w': writers = atoi(optarg); break;
@@ -259,13 +238,9 @@ int main(int argc, char **argv)
 			MAX_WRITERS);
 		return 2;
 	}
-	if (pipe(fd) != 0)
-		fail("pipe");
-	fflush(stdout);
+	xpipe(fd);
 	for (int i = 0; i <= writers; i++) {
-		pid_t pid = fork();
-		if (pid < 0)
-			fail("fork");
+		pid_t pid = xfork();
 		if (pid == 0) {
 			if (i == 0) {
 				close(fd[1]);
@@ -280,9 +255,7 @@ int main(int argc, char **argv)
 	close(fd[1]);
 	int ok = 1;
 	for (int i = writers; i >= 0; i--) { /* writers first, the reader last */
-		int st;
-		if (waitpid(pids[i], &st, 0) != pids[i])
-			fail("waitpid");
+		int st = xwaitpid(pids[i]);
 		if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) {
 			printf("parent: %s %d ended with status 0x%x\n", i ? "writer" : "reader",
 			       i - 1, st);

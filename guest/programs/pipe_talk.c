@@ -18,6 +18,7 @@
 
 static const char greeting[MSG_LEN + 1] = "Hello from another unikernel!\n";
 
+/* -1 on error for the caller's perror(), as in the thesis's listing: not guest_common.h's. */
 static ssize_t read_full(int fd, char *buf, size_t n)
 {
 	size_t got = 0;

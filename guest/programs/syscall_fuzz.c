@@ -639,6 +639,7 @@ struct child_args {
 	long ppid;
 };
 
+/* A fork check's finding on the saved stdout (fd 100): not guest_common.h's say(). */
 static void say(struct fz *z, const char *what, long a, long b, long c)
 {
 	dprintf(SAVED_FD, "fork check: pid %ld (depth %d): %s %ld %ld %ld\n", z->pid, z->depth, what,

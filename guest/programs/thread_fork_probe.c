@@ -48,7 +48,6 @@
 #include <errno.h>
 #include <sched.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -59,104 +58,7 @@
 
 #define PROG "thread_fork_probe"
 
-static pid_t top_pid;
-
-static __attribute__((noreturn, format(printf, 1, 2))) void die(const char *fmt, ...)
-{
-	va_list ap;
-
-	fprintf(stderr, PROG ": ");
-	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fputc('\n', stderr);
-	if (getpid() == top_pid)
-		exit(1);
-	_exit(1);
-}
-
-static __attribute__((noinline)) int get_errno(void)
-{
-	return errno;
-}
-
-static const char *errname(int e)
-{
-	switch (e) {
-	case 0: return "0";
-	case EAGAIN: return "EAGAIN";
-	case EINVAL: return "EINVAL";
-	case ENOMEM: return "ENOMEM";
-	case ENOSYS: return "ENOSYS";
-	case EPERM: return "EPERM";
-	default: return "E?";
-	}
-}
-
-static pid_t xfork(void)
-{
-	pid_t pid;
-
-	fflush(stdout);
-	pid = fork();
-	if (pid < 0)
-		die("fork: %s", strerror(get_errno()));
-	return pid;
-}
-
-static void xpipe(int p[2])
-{
-	if (pipe(p) != 0)
-		die("pipe: %s", strerror(get_errno()));
-}
-
-static void write_full(int fd, const void *buf, size_t n)
-{
-	const char *p = buf;
-
-	while (n > 0) {
-		ssize_t w = write(fd, p, n);
-		if (w < 0) {
-			if (get_errno() == EINTR)
-				continue;
-			die("write: %s", strerror(get_errno()));
-		}
-		p += w;
-		n -= (size_t)w;
-	}
-}
-
-static size_t read_full(int fd, void *buf, size_t n)
-{
-	char *p = buf;
-	size_t got = 0;
-
-	while (got < n) {
-		ssize_t r = read(fd, p + got, n - got);
-		if (r < 0) {
-			if (get_errno() == EINTR)
-				continue;
-			die("read: %s", strerror(get_errno()));
-		}
-		if (r == 0)
-			break;
-		got += (size_t)r;
-	}
-	return got;
-}
-
-static int xwaitpid(pid_t pid)
-{
-	int st;
-	pid_t r;
-
-	do
-		r = waitpid(pid, &st, 0);
-	while (r < 0 && get_errno() == EINTR);
-	if (r != pid)
-		die("waitpid(%d) returned %d", (int)pid, (int)r);
-	return st;
-}
+#include "guest_common.h"
 
 static int mode_ids(void)
 {

@@ -2,12 +2,11 @@
 
 An image is a static ELF built by ``compile_guest``.  Its cache file
 ``cache_dir()/images/<name>-<key>.elf`` is keyed by everything that changes
-the binary: the program source, the guest runtime sources, the flags, the
-toolchain's base flags and the zig version.  (Headers a program includes
-from its own directory are not part of the key.)  Builds write a temporary
-file and rename it into place under a per-image file lock, so concurrent
-builders (threads or processes) produce exactly one valid file, and a cached
-file is never rebuilt.
+the binary: the program source, the headers beside it (guest_common.h), the
+guest runtime sources, the flags, the toolchain's base flags and the zig
+version.  Builds write a temporary file and rename it into place under a
+per-image file lock, so concurrent builders (threads or processes) produce
+exactly one valid file, and a cached file is never rebuilt.
 """
 
 from __future__ import annotations

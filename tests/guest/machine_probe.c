@@ -1,6 +1,6 @@
 /*
  * machine_probe — small probes of the in-memory unikernel, one per mode
- * (tests/test_machine.py runs them; each mode prints a fixed report):
+ * (tests/test_machine.py and test_cli.py run them; each mode prints a fixed report):
  *
  *   order            printf("a\n"), a raw write of "stderr 1\n" to fd 2,
  *                    printf("b\n"), a raw write of "stderr 2\n", printf("c\n"):
@@ -43,6 +43,7 @@
 
 static volatile int flag;
 
+/* Own copy: tests/guest is not beside guest_common.h, which its image keys do not cover. */
 static const char *errname(int e)
 {
 	switch (e) {

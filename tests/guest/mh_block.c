@@ -35,6 +35,7 @@ static void nap_ms(long ms)
 		;
 }
 
+/* Own copy: tests/guest is not beside guest_common.h, which its image keys do not cover. */
 static const char *signame(int sig)
 {
 	switch (sig) {

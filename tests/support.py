@@ -1,0 +1,110 @@
+"""Helpers the test modules import: run a guest in a VM or natively, wait on a condition, ports.
+
+Plain functions only; pytest fixtures stay in conftest.py, where pytest finds them.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tender_service.rump.vminfo import RunResult, VmConfig
+from tender_service.toolchain.images import build_image
+from tender_service.vm import CaptureSink, run_vm
+
+
+@dataclass
+class VmRun:
+    result: RunResult
+    stdout: bytes
+    stderr: bytes
+    chunks: list[tuple[int, int, bytes]]
+
+    @property
+    def out(self) -> str:
+        return self.stdout.decode(errors="replace")
+
+
+def image_path(name: str) -> Path:
+    return build_image(name)
+
+
+def vm(name: str | Path, *args: str, stdin: bytes | None = None, **config) -> VmRun:
+    """Run a built-in image (or an ELF path) in a fresh VM and capture everything."""
+    path = Path(name) if isinstance(name, Path) else image_path(name)
+    config.setdefault("timeout", 120)
+    sink = CaptureSink()
+    result = run_vm(path, list(args), config=VmConfig(**config), sink=sink, stdin=stdin)
+    return VmRun(result, bytes(sink.stdout), bytes(sink.stderr), sink.chunks)
+
+
+def native(name: str | Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the very same static binary on the host."""
+    path = Path(name) if isinstance(name, Path) else image_path(name)
+    return subprocess.run([str(path), *args], capture_output=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL, check=False)
+
+
+def wait_until(cond: Callable[[], object], timeout: float, what: str, interval: float = 0.05,
+               detail: Callable[[], str] = lambda: "") -> object:
+    """Wait until ``cond()`` is truthy and return it; fail naming ``what`` after ``timeout``.
+
+    This is how tests wait for something to happen: on the condition, with a
+    deadline (the sleep is only the polling interval).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{detail()}")
+        time.sleep(interval)  # ok-sleep: the polling interval of a wait with a deadline
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago, for a server started after this.
+
+    Racy by nature: another process may take the port before the server binds
+    it.  Only for a port that must be known before its process starts and
+    that ``reserved_port()`` cannot hold: ``unifork serve`` logs the address
+    it was given, not the port it bound, and ``--metrics-port 0`` means no
+    metrics (and the metrics server does not set SO_REUSEPORT).
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def reserved_port() -> Iterator[int]:
+    """A loopback TCP port held for a gRPC server this test starts: no race for it.
+
+    The port stays bound (never listening) by a socket with SO_REUSEPORT for
+    as long as the block runs.  A gRPC server sets SO_REUSEPORT on its
+    listener (grpc's default on Linux), so it binds the port beside the
+    holder and gets every connection; any other socket is refused the port,
+    and the kernel never hands it out for a bind to port 0.
+    """
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
+@contextmanager
+def refused_port() -> Iterator[int]:
+    """A loopback TCP port where connections are refused, for as long as the block runs.
+
+    The port stays bound (never listening) by a socket without SO_REUSEADDR
+    or SO_REUSEPORT, so no other socket can bind it meanwhile: unlike a port
+    merely found free, it cannot start answering half-way through a test.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
