@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import image_path, wait_until
+from support import image_path, wait_until
 
 from tender_service.instance import jail, vmserver, worker
 from tender_service.instance.pool import WarmPool

@@ -11,8 +11,8 @@ import os
 
 import grpc
 import pytest
-from conftest import wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import wait_until
 from test_service import (
     GUEST,
     MODES,

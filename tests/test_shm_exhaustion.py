@@ -20,7 +20,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import wait_until
+from support import wait_until
 from test_service import (
     MODES,
     ROOT,
