@@ -96,7 +96,7 @@ poll = wait_until
 
 def unifork_cmd() -> list[str]:
     script = Path(sys.executable).parent / "unifork"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "tender_service.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "unifork"]
 
 
 def proc_stat(pid: int) -> tuple[int, int, str] | None:
