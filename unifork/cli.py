@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from tender_service.machine.errors import ImageError
 from tender_service.rump import signals
-from unifork import __version__, logs
+from unifork import logs
 from unifork.args import UsageError, check_files, check_target
 
 log = logging.getLogger("unifork")
@@ -217,6 +217,21 @@ def add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", help="CA certificate to verify a TLS tender")
 
 
+class _Version(argparse.Action):
+    """``--version``, like argparse's, but the version is looked up only when asked
+    (see ``unifork.__getattr__``)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kw) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                         nargs=0, help="print the installed version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        import unifork
+
+        print(f"unifork {unifork.__version__}")
+        parser.exit()
+
+
 def add_output_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", "-o", choices=("text", "json"), default="text",
                    help="text for people (default) or json for scripts")
@@ -347,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="unifork", description=__doc__)
     p.add_argument("-v", "--verbose", action="count", default=0)
-    p.add_argument("--version", action="version", version=f"unifork {__version__}")
+    p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", help="run a program in a unikernel VM")
