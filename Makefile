@@ -34,7 +34,7 @@ test: images
 	$(PY) -m pytest -q -ra -p no:cacheprovider
 
 lint: setup
-	$(VENV)/bin/ruff check tender_service comparison tests
+	$(VENV)/bin/ruff check unifork tender_service comparison tests
 
 docs: setup
 	$(UNIFORK) syscalls --markdown > docs/syscalls.md

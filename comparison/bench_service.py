@@ -88,7 +88,7 @@ class LocalTender:
         self.dir = Path(tempfile.mkdtemp(prefix="unifork-bench-service-"))
         self.log_path = self.dir / "tender.log"
         script = Path(sys.executable).parent / "unifork"
-        cmd = [str(script)] if script.exists() else [sys.executable, "-m", "tender_service.cli"]
+        cmd = [str(script)] if script.exists() else [sys.executable, "-m", "unifork"]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [*cmd, "serve", "--listen", self.target, "--pool", str(pool),

@@ -258,7 +258,7 @@ def unifork_run_argv(mode: str, image: Path, args: Sequence[str]) -> list[str]:
     import sys
 
     script = Path(sys.executable).parent / "unifork"
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "tender_service.cli"]
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "unifork"]
     return [*cmd, "run", "--console", "pipe", "--stdin", "none", *UNIFORK_RUN_FLAGS[mode],
             str(image), *args]
 

@@ -1,6 +1,6 @@
 """Command-line options of ``unifork compare`` and ``unifork load``.
 
-Kept free of heavy imports: ``tender_service/cli.py`` builds its parser from
+Kept free of heavy imports: ``unifork/cli.py`` builds its parser from
 these for every command, and imports the harness itself only when one of the
 two commands runs.
 """

@@ -42,9 +42,10 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import free_port, wait_until
 
-from tender_service import cli, protos
+from tender_service import protos
 from tender_service.service.auth import read_token
 from tender_service.service.client import Client
+from unifork import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -186,7 +187,7 @@ def serve_argv_lists() -> dict[str, list[str]]:
 
 
 def parse_serve(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> Namespace:
-    """Parse with the real parser of tender_service.cli (serving replaced by a capture)."""
+    """Parse with the real parser of unifork.cli (serving replaced by a capture)."""
     seen: list[Namespace] = []
     with monkeypatch.context() as m:
         m.setattr(cli, "cmd_serve", lambda a: seen.append(a) or 0)
@@ -196,7 +197,7 @@ def parse_serve(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> Namespace:
 
 @functools.cache
 def serve_help_flags() -> set[str]:
-    out = subprocess.run([sys.executable, "-m", "tender_service.cli", "serve", "--help"],
+    out = subprocess.run([sys.executable, "-m", "unifork", "serve", "--help"],
                          capture_output=True, text=True, check=True, timeout=60).stdout
     return set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", out))
 
@@ -234,7 +235,7 @@ def port_of(address: str) -> int:
 def unifork_argv() -> list[str]:
     """The image's ENTRYPOINT `unifork serve`, from this venv."""
     exe = Path(sys.executable).with_name("unifork")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "tender_service.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "unifork"]
 
 
 class Tender:

@@ -1,4 +1,8 @@
-"""The import graph of the kernel: no cycles among its modules, no import upward.
+"""The import graph: no cycles among the kernel's modules, no import upward.
+
+The installed packages, lowest first: ``tender_service`` (the library),
+``comparison`` (the harness) and ``unifork`` (the command line); inside the
+library, DESIGN.md's layers.
 
 Only imports that run count (not those under ``if TYPE_CHECKING:``): a cycle
 there is what made the kernel import its syscall table lazily, inside a VM's
@@ -8,16 +12,20 @@ construction.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
+import comparison
 import tender_service
+import unifork
 
 ROOT = Path(tender_service.__file__).parent
 #: DESIGN.md's layers, lowest first; a module may import its own layer and those below
 LAYERS = ["machine", "bmk", "rump", "fork", "transports", "instance", "service"]
 #: modules beside the layer packages, and the layer they belong to
 RANK = {**{name: i for i, name in enumerate(LAYERS)}, "vm": LAYERS.index("fork"),
-        "toolchain": 0, "protos": 0, "gen": 0, "cli": len(LAYERS)}
+        "toolchain": 0, "protos": 0, "gen": 0}
 
 
 def _module(path: Path) -> str:
@@ -28,9 +36,9 @@ def _module(path: Path) -> str:
     return ".".join(parts)
 
 
-def _runtime_imports(path: Path) -> set[str]:
-    """Modules of tender_service that ``path`` imports when it runs (module level or
-    inside functions), without those under ``if TYPE_CHECKING:``."""
+def _runtime_imports(path: Path, prefix: str = "tender_service") -> set[str]:
+    """Modules starting with ``prefix`` that ``path`` imports when it runs (module level
+    or inside functions), without those under ``if TYPE_CHECKING:``."""
     tree = ast.parse(path.read_text())
     skip: set[int] = set()
     for node in ast.walk(tree):
@@ -45,7 +53,7 @@ def _runtime_imports(path: Path) -> set[str]:
             out.update(f"{node.module}.{a.name}" for a in node.names)
         elif isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
-    return {m for m in out if m.startswith("tender_service")}
+    return {m for m in out if m.split(".")[0] == prefix}
 
 
 def _graph(package: str) -> dict[str, set[str]]:
@@ -101,3 +109,45 @@ def _comparison_imports(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
     return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
             and n.module.startswith("comparison")}
+
+
+def _imports_of(package, prefix: str) -> list[str]:
+    """``module imports name`` for every import of ``prefix`` in ``package``'s files,
+    also under ``if TYPE_CHECKING:`` (a type-only import still points upward)."""
+    root = Path(package.__file__).parent
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = ([node.module] if isinstance(node, ast.ImportFrom) and node.module
+                     and node.level == 0 else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            bad += [f"{path.relative_to(root.parent)} imports {n}" for n in names
+                    if n.split(".")[0] == prefix]
+    return bad
+
+
+def test_the_library_imports_neither_the_harness_nor_the_cli() -> None:
+    assert not _imports_of(tender_service, "comparison") + _imports_of(tender_service, "unifork")
+
+
+def test_the_harness_never_imports_the_cli() -> None:
+    assert not _imports_of(comparison, "unifork")
+
+
+def test_the_import_finder_finds_an_upward_import() -> None:
+    # the CLI does import both packages below it: the finder sees those imports
+    assert _imports_of(unifork, "comparison") and _imports_of(unifork, "tender_service")
+
+
+def test_importing_the_whole_library_loads_neither_the_harness_nor_the_cli() -> None:
+    """The same, at run time: every module of tender_service imported in a fresh
+    interpreter, and no module of comparison or unifork came with them."""
+    code = ("import importlib, pkgutil, sys, tender_service\n"
+            "for m in pkgutil.walk_packages(tender_service.__path__, 'tender_service.'):\n"
+            "    importlib.import_module(m.name)\n"
+            "print(len([m for m in sys.modules if m.startswith('tender_service')]))\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('comparison', 'unifork')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120).stdout.splitlines()
+    assert int(out[0]) > 50 and out[1] == "[]", out

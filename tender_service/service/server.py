@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from tender_service import protos
 from tender_service.instance import jail
@@ -41,7 +40,7 @@ from tender_service.instance.threadvm import ThreadVmHost
 from tender_service.instance.worker import HOST_NAME_ENV, RELAY_ENV
 from tender_service.machine.layout import MAX_RAM, MIN_RAM
 from tender_service.rump.vminfo import VmConfig
-from tender_service.service import metrics
+from tender_service.service import metrics, reflection
 from tender_service.service.auth import (
     MAX_STREAMS,
     MAX_STREAMS_PER_PEER,
@@ -413,9 +412,8 @@ class Tender:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (tpb2.DESCRIPTOR.services_by_name["Tender"].full_name,
-                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                 reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(names, self.server)
+                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+        reflection.enable_server_reflection(names, self.server)  # v1 and v1alpha
         if tls is not None:
             self.port = self.server.add_secure_port(
                 opts.listen, grpc.ssl_server_credentials([(tls.key, tls.cert)]))

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from tender_service.machine.errors import ImageError
 from tender_service.rump import signals
+from unifork import logs
+from unifork.args import UsageError, check_files, check_target
 
 log = logging.getLogger("unifork")
 
@@ -27,12 +32,6 @@ def parse_size(text: str) -> int:
         return int(float(t[:-1] if mult > 1 else t) * mult)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
-
-
-def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
-                        format="unifork: %(levelname)s: %(message)s")
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -126,7 +125,12 @@ def cmd_images(a: argparse.Namespace) -> int:
 
         build_all(progress=progress)
         print(file=sys.stderr)
-    for info in list_images():
+    infos = list_images()
+    if a.output == "json":
+        print(json.dumps([{"name": i.name, "path": None if i.path is None else str(i.path),
+                           "size_bytes": i.size, "sha256": i.sha256} for i in infos], indent=1))
+        return 0
+    for info in infos:
         built = "not built" if info.path is None else f"{info.size:>9} bytes  {info.sha256[:16]}"
         print(f"{info.name:<22} {built}")
     return 0
@@ -165,8 +169,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def cmd_serve(a: argparse.Namespace) -> int:
     from tender_service.service.server import ServeOptions, serve
 
-    if a.verbose == 0:
-        logging.getLogger().setLevel(logging.INFO)
+    check_files(a, "--token-file", "--peer-token-file", "--tls-cert", "--tls-key", "--tls-ca")
     try:
         return serve(ServeOptions(
             listen=a.listen, metrics_port=a.metrics_port, peers=tuple(a.peer),
@@ -195,24 +198,171 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 def cmd_load(a: argparse.Namespace) -> int:
     """``unifork load``: the load generator lives in comparison/load.py."""
+    from dataclasses import asdict
+
     from comparison.load import load_from_args
 
+    check_files(a, "--token-file", "--tls-ca")
+    for target in a.target or []:
+        check_target(target)
     result = load_from_args(a)
-    print(result.text)
+    print(json.dumps(asdict(result.result), indent=1) if a.output == "json" else result.text)
     return result.exit_code
 
 
 def add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=os.environ.get("UNIFORK_TARGET", "127.0.0.1:7700"),
-                   help="tender address host:port (env UNIFORK_TARGET)")
+                   help="tender address HOST:PORT (env UNIFORK_TARGET)")
     p.add_argument("--token-file", help="bearer token file (or env UNIFORK_TOKEN)")
     p.add_argument("--tls-ca", help="CA certificate to verify a TLS tender")
+
+
+class _Version(argparse.Action):
+    """``--version``, like argparse's, but the version is looked up only when asked
+    (see ``unifork.__getattr__``)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kw) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                         nargs=0, help="print the installed version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        import unifork
+
+        print(f"unifork {unifork.__version__}")
+        parser.exit()
+
+
+def add_output_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", "-o", choices=("text", "json"), default="text",
+                   help="text for people (default) or json for scripts")
+
+
+#: what the environment variables of ``unifork serve`` say, after its options
+SERVE_ENV_EPILOG = (
+    "Every option can also be set in the environment: --max-upload 8M is "
+    "UNIFORK_MAX_UPLOAD=8M (UNIFORK_ and the option's name in capitals, - as _), as "
+    "each option's help says; an option on the command line wins over its variable. "
+    "A switch (--no-jail) takes 1/true/yes/on or 0/false/no/off; --peer takes a "
+    "comma-separated list.")
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+@dataclass(frozen=True)
+class EnvOption:
+    """An option that, when not given, takes its value from UNIFORK_<NAME>, else from
+    its default (``kw``: add_argument's keywords)."""
+
+    flag: str
+    kw: dict = field(default_factory=dict)
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    @property
+    def var(self) -> str:
+        return f"UNIFORK_{self.dest.upper()}"
+
+    def add_to(self, p: argparse.ArgumentParser) -> None:
+        """Added without a default (argparse.SUPPRESS): an option absent from the parsed
+        namespace was not given, and ``fill_in`` supplies it."""
+        help_text = f"{self.kw.get('help', '')} [env {self.var}]".lstrip()
+        p.add_argument(self.flag, **{**self.kw, "default": argparse.SUPPRESS, "help": help_text})
+
+    def fill_in(self, a: argparse.Namespace, env: Mapping[str, str], error) -> None:
+        if hasattr(a, self.dest):  # given on the command line: it wins
+            return
+        text, action = env.get(self.var), self.kw.get("action")
+        value = self.kw.get("default", [] if action == "append" else
+                            False if action == "store_true" else None)
+        if text is not None and action == "append":
+            value = [x.strip() for x in text.split(",") if x.strip()]
+        elif text is not None and action == "store_true":
+            if text.strip().lower() not in TRUE_WORDS + FALSE_WORDS:
+                error(f"{self.var}={text!r}: not one of {'/'.join(TRUE_WORDS + FALSE_WORDS[:-1])}")
+            value = text.strip().lower() in TRUE_WORDS
+        elif text is not None:
+            value = text
+            if "choices" in self.kw and text not in self.kw["choices"]:
+                error(f"{self.var}={text!r}: not one of {', '.join(self.kw['choices'])}")
+        if isinstance(value, str) and "type" in self.kw:
+            try:
+                value = self.kw["type"](value)
+            except (ValueError, argparse.ArgumentTypeError):
+                error(f"{self.var if text is not None else self.flag}={value!r}: "
+                      f"not a value for {self.flag}")
+        setattr(a, self.dest, value)
+
+
+#: the options of ``unifork serve``
+SERVE_OPTIONS = (
+    EnvOption("--listen", dict(default="127.0.0.1:7700",
+                               help="HOST:PORT (default 127.0.0.1:7700)")),
+    EnvOption("--metrics-port", dict(type=int, default=0, help="serve /metrics on this port")),
+    EnvOption("--peer-listen", dict(
+        metavar="HOST:PORT", help="the peer API's own listener (default: the --listen host, "
+                                  "its port + 1, e.g. 127.0.0.1:7701)")),
+    EnvOption("--peer", dict(
+        action="append", default=[],
+        help="a peer tender's peer listener HOST:PORT (e.g. host-b:7701), or dns:NAME for "
+             "every A record at this tender's peer port (repeatable)")),
+    EnvOption("--advertise", dict(help="HOST:PORT clients and VMs reach this tender at "
+                                       "(peers: the same host, the peer port)")),
+    EnvOption("--token-file", dict(help="require this bearer token on every client RPC")),
+    EnvOption("--peer-token-file", dict(
+        help="the peers' bearer token (another token than --token-file): required on the "
+             "peer listener, sent to peers")),
+    EnvOption("--tls-cert", dict(help="TLS certificate (PEM) of both listeners; needs "
+                                      "--tls-key and --tls-ca")),
+    EnvOption("--tls-key", dict(help="the private key (PEM) of --tls-cert")),
+    EnvOption("--tls-ca", dict(help="CA (PEM) that signs peers' certificates: the peer "
+                                    "listener requires one (mutual TLS); peers are dialled "
+                                    "with TLS, presenting --tls-cert")),
+    EnvOption("--insecure-listen-any", dict(
+        action="store_true", help="allow a non-loopback listen address without a token")),
+    EnvOption("--pool", dict(type=int, default=2, help="warm tender processes for clones")),
+    EnvOption("--max-instances", dict(type=int, default=64)),
+    EnvOption("--max-upload", dict(type=parse_size, default="64M")),
+    EnvOption("--max-image-store", dict(
+        type=parse_size, default="512M",
+        help="bytes of uploaded images kept at most (default 512M); delete-image frees them")),
+    EnvOption("--max-guest-memory", dict(
+        type=parse_size, default=None,
+        help="guest RAM all VMs on this tender may declare together (default: half of the "
+             "host's RAM, or of the container's memory limit)")),
+    EnvOption("--default-timeout", dict(
+        type=float, default=600.0, help="time limit of instances that ask for none (seconds)")),
+    EnvOption("--peer-timeout", dict(
+        type=float, default=60.0,
+        help="seconds a VM on another host may stay silent (link down, host gone) before it "
+             "counts as lost and is killed (default 60)")),
+    EnvOption("--keep-finished", dict(
+        type=int, default=4096,
+        help="finished instances remembered for Wait, Describe and logs (oldest forgotten "
+             "first; default 4096)")),
+    EnvOption("--no-jail", dict(
+        action="store_true",
+        help="run VM processes unconfined, for debugging (see tender_service/instance/jail.py)")),
+    EnvOption("--max-streams", dict(
+        type=int, default=10000,
+        help="long-lived calls (Wait, logs, uploads, Health.Watch) open at once; more are "
+             "refused with RESOURCE_EXHAUSTED (default 10000)")),
+    EnvOption("--max-streams-per-peer", dict(
+        type=int, default=1000, help="the same, per client host (default 1000)")),
+    EnvOption("--grace", dict(
+        type=float, default=10.0, help="seconds running instances get to finish on SIGTERM")),
+    EnvOption("--log-format", dict(
+        choices=logs.SERVE_FORMATS, default="text",
+        help="text: a UTC timestamp, the level and the logger on each line (default); json: "
+             "one JSON object a line")),
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="unifork", description=__doc__)
     p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", help="run a program in a unikernel VM")
@@ -243,59 +393,13 @@ def main(argv: list[str] | None = None) -> int:
     i = sub.add_parser("images", help="list (and build) the built-in images, or a tender's")
     i.add_argument("--build", action="store_true")
     i.add_argument("--target", help="list the images of the tender at HOST:PORT instead")
-    i.add_argument("--token-file")
-    i.add_argument("--tls-ca")
+    i.add_argument("--token-file", help="bearer token file (or env UNIFORK_TOKEN)")
+    i.add_argument("--tls-ca", help="CA certificate to verify a TLS tender")
+    add_output_arg(i)
 
-    sv = sub.add_parser("serve", help="run a tender daemon (gRPC)")
-    sv.add_argument("--listen", default="127.0.0.1:7700", help="HOST:PORT (default 127.0.0.1:7700)")
-    sv.add_argument("--metrics-port", type=int, default=0, help="serve /metrics on this port")
-    sv.add_argument("--peer-listen", metavar="HOST:PORT",
-                    help="the peer API's own listener (default: the --listen host, its port "
-                         "+ 1, e.g. 127.0.0.1:7701)")
-    sv.add_argument("--peer", action="append", default=[],
-                    help="a peer tender's peer listener HOST:PORT (e.g. host-b:7701), or "
-                         "dns:NAME for every A record at this tender's peer port (repeatable)")
-    sv.add_argument("--advertise", help="HOST:PORT clients and VMs reach this tender at "
-                                        "(peers: the same host, the peer port)")
-    sv.add_argument("--token-file", help="require this bearer token on every client RPC")
-    sv.add_argument("--peer-token-file",
-                    help="the peers' bearer token (another token than --token-file): "
-                         "required on the peer listener, sent to peers")
-    sv.add_argument("--tls-cert", help="TLS certificate (PEM) of both listeners; needs "
-                                       "--tls-key and --tls-ca")
-    sv.add_argument("--tls-key", help="the private key (PEM) of --tls-cert")
-    sv.add_argument("--tls-ca", help="CA (PEM) that signs peers' certificates: the peer "
-                                     "listener requires one (mutual TLS); peers are dialled "
-                                     "with TLS, presenting --tls-cert")
-    sv.add_argument("--insecure-listen-any", action="store_true",
-                    help="allow a non-loopback listen address without a token")
-    sv.add_argument("--pool", type=int, default=2, help="warm tender processes for clones")
-    sv.add_argument("--max-instances", type=int, default=64)
-    sv.add_argument("--max-upload", type=parse_size, default="64M")
-    sv.add_argument("--max-image-store", type=parse_size, default="512M",
-                    help="bytes of uploaded images kept at most (default 512M); "
-                         "delete-image frees them")
-    sv.add_argument("--max-guest-memory", type=parse_size, default=None,
-                    help="guest RAM all VMs on this tender may declare together (default: "
-                         "half of the host's RAM, or of the container's memory limit)")
-    sv.add_argument("--default-timeout", type=float, default=600.0,
-                    help="time limit of instances that ask for none (seconds)")
-    sv.add_argument("--peer-timeout", type=float, default=60.0,
-                    help="seconds a VM on another host may stay silent (link down, host gone) "
-                         "before it counts as lost and is killed (default 60)")
-    sv.add_argument("--keep-finished", type=int, default=4096,
-                    help="finished instances remembered for Wait, Describe and logs "
-                         "(oldest forgotten first; default 4096)")
-    sv.add_argument("--no-jail", action="store_true",
-                    help="run VM processes unconfined, for debugging (or env UNIFORK_NO_JAIL=1; "
-                         "see tender_service/instance/jail.py)")
-    sv.add_argument("--max-streams", type=int, default=10000,
-                    help="long-lived calls (Wait, logs, uploads, Health.Watch) open at once; "
-                         "more are refused with RESOURCE_EXHAUSTED (default 10000)")
-    sv.add_argument("--max-streams-per-peer", type=int, default=1000,
-                    help="the same, per client host (default 1000)")
-    sv.add_argument("--grace", type=float, default=10.0,
-                    help="seconds running instances get to finish on SIGTERM")
+    sv = sub.add_parser("serve", help="run a tender daemon (gRPC)", epilog=SERVE_ENV_EPILOG)
+    for option in SERVE_OPTIONS:
+        option.add_to(sv)
 
     la = sub.add_parser("launch", help="launch an instance on a tender")
     la.add_argument("image")
@@ -322,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
             c.add_argument("--tag-pids", action="store_true")
         if name == "wait":
             c.add_argument("--timeout", type=float, default=0.0)
+        if name in ("ps", "wait", "describe"):
+            add_output_arg(c)
         add_client_args(c)
     up = sub.add_parser("upload", help="upload an ELF image to a tender")
     up.add_argument("file")
@@ -338,31 +444,38 @@ def main(argv: list[str] | None = None) -> int:
     add_compare_arguments(sub.add_parser(
         "compare", help="run every workload natively, with thread fork and with VM-clone fork; "
                         "report tables, JSON, CSV and plots"))
-    add_load_arguments(sub.add_parser(
-        "load", help="launch instances on a tender at a given concurrency for a while; "
-                     "report throughput and latency"))
+    lo = sub.add_parser("load", help="launch instances on a tender at a given concurrency "
+                                     "for a while; report throughput and latency")
+    add_load_arguments(lo)
+    add_output_arg(lo)
 
     if argv and argv[0] == "cc":
         return cmd_cc(argparse.Namespace(), argv[1:])
     a = p.parse_args(argv)
-    _setup_logging(a.verbose)
+    if a.cmd == "serve":
+        for option in SERVE_OPTIONS:
+            option.fill_in(a, os.environ, sv.error)
+    logs.setup(a.verbose, a.log_format if a.cmd == "serve" else None)
     if a.cmd == "run":
         # options may follow the image name; program args follow a '--' or unknown words
         return cmd_run(_split_run_args(r, a))
-    if a.cmd == "serve":
-        return cmd_serve(a)
     if a.cmd == "launch":
         a = _split_run_args(la, a)
-    if a.cmd in ("launch", "ps", "logs", "wait", "kill", "describe", "upload",
-                 "delete-image") or (
-            a.cmd == "images" and a.target):
-        from tender_service.service.client import cmd
+    try:
+        return _dispatch(a)
+    except UsageError as e:
+        print(f"unifork: {e}", file=sys.stderr)
+        return 2
 
-        if a.cmd == "images":
-            a.token_file, a.tls_ca = a.token_file, a.tls_ca
+
+def _dispatch(a: argparse.Namespace) -> int:
+    if a.cmd in ("launch", "ps", "logs", "wait", "kill", "describe", "upload",
+                 "delete-image") or (a.cmd == "images" and a.target):
+        from unifork.remote import cmd
+
         return cmd(a)
     return {"images": cmd_images, "syscalls": cmd_syscalls, "demo": cmd_demo,
-            "compare": cmd_compare, "load": cmd_load}[a.cmd](a)
+            "serve": cmd_serve, "compare": cmd_compare, "load": cmd_load}[a.cmd](a)
 
 
 def _split_run_args(parser: argparse.ArgumentParser, a: argparse.Namespace) -> argparse.Namespace:
