@@ -21,14 +21,16 @@ from tender_service.rump.vminfo import RunResult, VmConfig
 
 log = logging.getLogger(__name__)
 
-FORK_MODES = ("thread",)
+#: fork strategies that run inside one VM (``create_vm``'s ``fork``); the fork modes an
+#: instance can have (one VM or several) are in instance/backends/
+FORKERS = ("thread",)
 DEFAULT_ENV = ("PATH=/bin", "HOME=/", "TERM=dumb")
 
 
 def make_forker(mode: str) -> Forker:
     if mode == "thread":
         return ThreadFork()
-    raise ValueError(f"unknown fork mode {mode!r} (choose from {', '.join(FORK_MODES)})")
+    raise ValueError(f"unknown fork mode {mode!r} (choose from {', '.join(FORKERS)})")
 
 
 def stdio_sink(pid_tags: bool = False) -> Sink:
