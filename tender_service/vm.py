@@ -1,7 +1,8 @@
 """Assemble and run one VM: machine + bmk + rump kernel + a fork strategy.
 
-This is the library call that the CLI (``unifork run``), the comparison
-harness and the tender service all use; they are thin shells over it.
+A thread-fork instance is one such VM (instance/backends/thread.py runs it in
+this process or, for a tender, in a VM process of its own); a VM-clone
+instance is many, one per tender process (instance/worker.py builds them).
 """
 
 from __future__ import annotations

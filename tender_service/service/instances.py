@@ -126,7 +126,7 @@ class Instance:
     transport_note: str = ""
     killed: bool = False
     #: bytes of the tender's guest-memory budget the instance holds itself (its first
-    #: VM's RAM until a VM-clone supervisor takes them over)
+    #: VM's RAM until its backend takes them over, at start)
     reserved: int = 0
     pinned: bool = False  # it holds its image's file in the store
     lock: threading.Lock = field(default_factory=threading.Lock)

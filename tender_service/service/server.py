@@ -99,10 +99,12 @@ class ServeOptions:
 
 
 def fork_mode_name(pb2, value: int) -> str:
-    """The backend name of a ``ForkMode`` value: FORK_MODE_<NAME> is mode <name>, and
-    FORK_MODE_UNSPECIFIED the first registered mode (thread)."""
+    """The backend name of a ``ForkMode`` value: FORK_MODE_<NAME> is mode <name>,
+    FORK_MODE_UNSPECIFIED the first registered mode (thread); "" if none is registered."""
+    if value == pb2.FORK_MODE_UNSPECIFIED:
+        return FORK_MODES[0]
     name = pb2.ForkMode.Name(value).removeprefix("FORK_MODE_").lower()
-    return name if name in FORK_MODES else FORK_MODES[0]
+    return name if name in FORK_MODES else ""
 
 
 def fork_mode_value(pb2, mode: str) -> int:
@@ -215,6 +217,8 @@ class TenderServicer:
             return "env: entries must be NAME=VALUE"
         if req.fork_mode not in pb2.ForkMode.values():
             return "fork_mode: unknown value"
+        if not fork_mode_name(pb2, req.fork_mode):
+            return "fork_mode: not served by this tender"
         if req.pipe_transport not in pb2.PipeTransport.values():
             return "pipe_transport: unknown value"
         if req.placement not in pb2.Placement.values():
