@@ -73,9 +73,9 @@ SCALE_RAM = 256 << 20  # thread mode: 256 children x (256 KiB stack + TLS) must 
 #: what each cold run starts afresh, by mode
 COLD_HOW = {
     NATIVE: "a fresh Linux process",
-    THREAD: "a fresh VM in the harness process (run_vm; imports already paid)",
-    VMCLONE_SHM: "a fresh parent VM on the harness's warm pool (run_vmclone, pipes over shm)",
-    VMCLONE_TCP: "a fresh parent VM on the harness's warm pool (run_vmclone, pipes over tcp)",
+    THREAD: "a fresh VM in the harness process (thread backend; imports already paid)",
+    VMCLONE_SHM: "a fresh parent VM on the harness's warm pool (vmclone backend, pipes over shm)",
+    VMCLONE_TCP: "a fresh parent VM on the harness's warm pool (vmclone backend, pipes over tcp)",
     VMCLONE_REMOTE: "a fresh instance on --target, placement remote",
 }
 

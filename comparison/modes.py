@@ -9,8 +9,8 @@ figure.
 
 * ``native``: the binary as an ordinary Linux process (stdout a pipe, stdin
   ``/dev/null``);
-* ``thread``: ``run_vm`` in this process (thread fork, one VM);
-* ``vmclone-shm`` / ``vmclone-tcp``: ``run_vmclone`` on the one shared
+* ``thread``: the thread backend in this process (thread fork, one VM);
+* ``vmclone-shm`` / ``vmclone-tcp``: the vmclone backend on the one shared
   ``WarmPool`` (every process a VM of its own, cross-VM pipes over shared
   memory or TCP);
 * ``vmclone-remote``: launched over gRPC on a tender (``--target``) with
@@ -171,32 +171,6 @@ class NativeRunner(Runner):
         return sum(pss_bytes(p) for p in process_tree(pid)) if pid else 0
 
 
-class ThreadRunner(Runner):
-    name = THREAD
-
-    def run(self, image, args, *, ram=None, probe=None, marker="children="):
-        from tender_service.rump.vminfo import VmConfig
-        from tender_service.vm import CaptureSink, run_vm
-
-        config = VmConfig(timeout=RUN_TIMEOUT, tty=False)
-        if ram:
-            config.ram = ram
-        sink, holder = CaptureSink(), {}
-        t0 = time.perf_counter()
-        r = run_vm(image, list(args), config=config,
-                   sink=_marker_sink(sink, marker.encode(), probe, holder))
-        wall = time.perf_counter() - t0
-        if r.outcome != "exited" or r.exit_code != 0:
-            raise RunFailed(f"thread {image.name} {' '.join(args)}: {r.outcome}, exit "
-                            f"{r.exit_code}: {'; '.join(r.reports)} "
-                            f"{sink.stderr.decode(errors='replace').strip()[-300:]}")
-        return Outcome(sink.stdout.decode(errors="replace"), wall, peak_memory=r.peak_memory,
-                       probe=holder.get("probe"))
-
-    def host_memory(self, pid=None):
-        return pss_bytes(os.getpid())
-
-
 class _SnapshotObserver:
     """Receives the supervisor's per-fork figures (the snapshot size is the child's guest RAM)."""
 
@@ -210,15 +184,23 @@ class _SnapshotObserver:
         pass
 
 
-class VmcloneRunner(Runner):
-    """VM-clone fork on the shared warm pool, pipes over ``transport``."""
+class BackendRunner(Runner):
+    """A fork mode of this library, run through its instance backend (one-shot runs)."""
 
-    def __init__(self, pool, transport: str) -> None:
-        self.pool = pool
+    #: report the run's peak guest memory (one VM: what the bmk allocator committed)
+    peak_memory = False
+    #: report each fork's snapshot size (VM-clone: the clone's guest RAM) on probed runs
+    snapshots = False
+
+    def __init__(self, name: str, fork_mode: str, pool=None, transport: str = "shm") -> None:
+        from tender_service.instance.backends import BackendContext, make_backend
+
+        self.name = name
         self.transport = transport
-        self.name = f"vmclone-{transport}"
+        self.backend = make_backend(fork_mode, BackendContext(pool=pool))
 
     def run(self, image, args, *, ram=None, probe=None, marker="children="):
+        from tender_service.instance.backends import InstanceSpec, run_instance
         from tender_service.rump.vminfo import VmConfig
         from tender_service.vm import CaptureSink
 
@@ -229,17 +211,42 @@ class VmcloneRunner(Runner):
         console = _marker_sink(sink, marker.encode(), probe, holder)
         observer = _SnapshotObserver()
         t0 = time.perf_counter()
-        from tender_service.instance.run import run_vmclone
-
-        r = run_vmclone(image, list(args), None, config, console, transport=self.transport,
-                        pool=self.pool, observer=observer if probe is not None else None)
+        r = run_instance(self.backend, InstanceSpec(image, list(args), None, config,
+                                                    transport=self.transport),
+                         console, observer if probe is not None and self.snapshots else None)
         wall = time.perf_counter() - t0
         if r.outcome != "exited" or r.exit_code != 0:
             raise RunFailed(f"{self.name} {image.name} {' '.join(args)}: {r.outcome}, exit "
                             f"{r.exit_code}: {'; '.join(r.reports)} "
                             f"{sink.stderr.decode(errors='replace').strip()[-300:]}")
         return Outcome(sink.stdout.decode(errors="replace"), wall,
+                       peak_memory=r.peak_memory if self.peak_memory else None,
                        snapshot_bytes=observer.snapshots, probe=holder.get("probe"))
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+class ThreadRunner(BackendRunner):
+    """Thread fork: a fresh VM in this process."""
+
+    peak_memory = True
+
+    def __init__(self) -> None:
+        super().__init__(THREAD, "thread")
+
+    def host_memory(self, pid=None):
+        return pss_bytes(os.getpid())
+
+
+class VmcloneRunner(BackendRunner):
+    """VM-clone fork on the shared warm pool, pipes over ``transport``."""
+
+    snapshots = True
+
+    def __init__(self, pool, transport: str) -> None:
+        super().__init__(f"vmclone-{transport}", "vmclone", pool, transport)
+        self.pool = pool
 
     def host_memory(self, pid=None):
         return pss_bytes(os.getpid()) + sum(pss_bytes(w.pid) for w in list(self.pool.workers))

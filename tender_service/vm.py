@@ -1,7 +1,8 @@
 """Assemble and run one VM: machine + bmk + rump kernel + a fork strategy.
 
-This is the library call that the CLI (``unifork run``), the comparison
-harness and the tender service all use; they are thin shells over it.
+A thread-fork instance is one such VM (instance/backends/thread.py runs it in
+this process or, for a tender, in a VM process of its own); a VM-clone
+instance is many, one per tender process (instance/worker.py builds them).
 """
 
 from __future__ import annotations
@@ -21,14 +22,16 @@ from tender_service.rump.vminfo import RunResult, VmConfig
 
 log = logging.getLogger(__name__)
 
-FORK_MODES = ("thread",)
+#: fork strategies that run inside one VM (``create_vm``'s ``fork``); the fork modes an
+#: instance can have (one VM or several) are in instance/backends/
+FORKERS = ("thread",)
 DEFAULT_ENV = ("PATH=/bin", "HOME=/", "TERM=dumb")
 
 
 def make_forker(mode: str) -> Forker:
     if mode == "thread":
         return ThreadFork()
-    raise ValueError(f"unknown fork mode {mode!r} (choose from {', '.join(FORK_MODES)})")
+    raise ValueError(f"unknown fork mode {mode!r} (choose from {', '.join(FORKERS)})")
 
 
 def stdio_sink(pid_tags: bool = False) -> Sink:

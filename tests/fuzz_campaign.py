@@ -76,7 +76,7 @@ def main() -> int:
             if pool is None:
                 res = run_vm(image, args, config=config, sink=sink)
             else:
-                from tender_service.instance.run import run_vmclone
+                from tender_service.instance.backends.vmclone import run_vmclone
 
                 res = run_vmclone(image, args, config=config, sink=sink, pool=pool,
                                   transport=opts.pipe)

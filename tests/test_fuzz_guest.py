@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from support import image_path, native, vm
 
+from tender_service.instance.backends.vmclone import run_vmclone
 from tender_service.instance.pool import WarmPool
-from tender_service.instance.run import run_vmclone
 from tender_service.rump.vminfo import VmConfig
 from tender_service.toolchain.cc import compile_guest
 from tender_service.vm import CaptureSink

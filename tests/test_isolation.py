@@ -48,9 +48,8 @@ from pathlib import Path
 import pytest
 from support import image_path, wait_until
 
+from tender_service.instance.backends.vmclone import run_vmclone
 from tender_service.instance.pool import WarmPool
-from tender_service.instance.run import run_vmclone
-from tender_service.instance.supervisor import InstanceResult
 from tender_service.machine.layout import GUARD_SIZE, HEAP_BASE
 from tender_service.rump.vminfo import RunResult, VmConfig
 from tender_service.vm import CaptureSink, create_vm
@@ -96,7 +95,7 @@ class Out:
         return f"status={self.status:#x}\nstdout:\n{self.out}\nstderr:\n{self.err}\n{self.reports}"
 
 
-def from_vm(result: RunResult | InstanceResult, sink: CaptureSink) -> Out:
+def from_vm(result: RunResult, sink: CaptureSink) -> Out:
     return Out(bytes(sink.stdout).decode(errors="replace"),
                bytes(sink.stderr).decode(errors="replace"), result.status,
                [str(r) for r in result.reports])

@@ -52,12 +52,12 @@ from test_thread_fork import FORK_HAZARDS_NATIVE, FORK_HAZARDS_VM, deadlock_repo
 from tender_service import protos
 from tender_service.fork import snapshot
 from tender_service.fork.snapshot import MAGIC, SNAPSHOT_VERSION, SnapshotError
+from tender_service.instance.backends.vmclone import run_vmclone
 from tender_service.instance.pool import WarmPool
-from tender_service.instance.run import run_vmclone
-from tender_service.instance.supervisor import InstanceResult, ProcRec, Supervisor
+from tender_service.instance.supervisor import ProcRec, Supervisor
 from tender_service.machine.errors import GuestError
 from tender_service.rump.console import Console
-from tender_service.rump.vminfo import ProcInfo, VmConfig
+from tender_service.rump.vminfo import ProcInfo, RunResult, VmConfig
 from tender_service.toolchain.images import build_image
 from tender_service.transports.channel import connect_channel
 from tender_service.transports.frames import HELLO_MAGIC, ChannelClosed, ProtocolError, encode_hello
@@ -145,7 +145,7 @@ def vms_on(address: str) -> int:
 # -- instances ------------------------------------------------------------------------------
 @dataclass
 class Run:
-    result: InstanceResult
+    result: RunResult
     sink: CaptureSink
 
     @property

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tender_service.instance.budget import MemoryBudget
 from tender_service.rump import pgroups, signals
-from tender_service.rump.vminfo import ProcInfo, VmConfig
+from tender_service.rump.vminfo import ProcInfo, RunResult, VmConfig
 from tender_service.transports.broker import PipeBroker
 from tender_service.transports.channel import (
     PEER_TIMEOUT,
@@ -85,22 +85,6 @@ class ProcRec:
     @property
     def alive(self) -> bool:
         return self.state in ("starting", "running")
-
-
-@dataclass(slots=True)
-class InstanceResult:
-    status: int
-    outcome: str
-    reports: list[str]
-    elapsed: float
-    forks: int
-    processes: list[ProcInfo]
-    fork_seconds: list[float]
-    peak_memory: int = 0  # the sum of every VM's peak: what the instance needed at most
-
-    @property
-    def exit_code(self) -> int:
-        return signals.shell_code(self.status)
 
 
 class Supervisor:
@@ -222,7 +206,7 @@ class Supervisor:
                     max_procs=self.config.max_procs, tty=self.config.tty,
                     peer_timeout_seconds=self.peer_timeout, **boot)
 
-    def wait(self) -> InstanceResult:
+    def wait(self) -> RunResult:
         timeout = self.config.timeout
         if timeout is not None:
             timeout = max(0.0, timeout - (time.monotonic() - self.t0))
@@ -232,9 +216,10 @@ class Supervisor:
         main = self.procs.get(MAIN_PID)
         status = main.status if main else signals.signaled_status(signals.SIGKILL)
         outcome = self._outcome or ("exited" if status & 0x7F == 0 else "signaled")
-        return InstanceResult(status, outcome, list(self.reports), time.monotonic() - self.t0,
-                              self.forks, self.process_table(), list(self.fork_seconds),
-                              sum(r.peak_memory for r in self.procs.values()))
+        return RunResult(status=status, outcome=outcome, reports=list(self.reports),
+                         elapsed=time.monotonic() - self.t0, forks=self.forks, syscalls=None,
+                         peak_memory=sum(r.peak_memory for r in self.procs.values()),
+                         processes=self.process_table(), fork_seconds=list(self.fork_seconds))
 
     def kill(self, reason: str = "killed") -> None:
         """End every VM of the instance (SIGKILL to each guest process and its tender)."""

@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from multiprocessing import reduction
 
 from tender_service.instance import jail, vmserver
+from tender_service.instance.backends.base import VmStatus
 from tender_service.rump import signals
 from tender_service.rump.console import Sink
-from tender_service.rump.vminfo import ProcInfo, RunResult, VmConfig
+from tender_service.rump.vminfo import RunResult, VmConfig
 from tender_service.vm import emulator_crashed, lost_vm_report
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,6 @@ KILL_GRACE = 10.0  # s a killed VM may take to stop before its process gets SIGK
 LIMIT_GRACE = 30.0  # s past the instance's time limit before the tender SIGKILLs it
 EXIT_WAIT = 5.0  # s to wait for the server to report how a process ended
 QUERY_TIMEOUT = 2.0
-
-
-@dataclass(slots=True)
-class VmStatus:
-    processes: list[ProcInfo]
-    committed_memory: int
 
 
 @dataclass(eq=False)

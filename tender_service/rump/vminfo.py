@@ -45,14 +45,17 @@ class ProcInfo:
 
 @dataclass(slots=True)
 class RunResult:
+    """How an instance ended, in every fork mode (``None``: a figure the mode does not keep)."""
+
     status: int  # wait status of the launched program
     outcome: str  # exited | signaled | timeout | deadlock | killed
     reports: list[str]
     elapsed: float
     forks: int
-    syscalls: int
-    peak_memory: int
+    syscalls: int | None  # None: spread over several VMs (VM-clone), not counted
+    peak_memory: int  # guest memory at most (VM-clone: the sum of every VM's peak)
     processes: list[ProcInfo] = field(default_factory=list)
+    fork_seconds: list[float] | None = None  # VM-clone: each fork's latency
 
     @property
     def exit_code(self) -> int:

@@ -1,10 +1,11 @@
 """Instances of a tender: launch, follow, wait, kill, describe.
 
-A thread-fork instance is one VM in a child process of its own
-(instance/threadvm.py: an emulator crash ends that instance, not the
-tender).  A VM-clone instance is a ``Supervisor`` here plus one VM per
-process on the tender processes the placement picks (this host's warm pool,
-or peers).  Guest code never runs in the tender's own process.
+Every fork mode reaches the service through its ``InstanceBackend``
+(instance/backends/): a thread-fork instance is one VM in a child process of
+its own (an emulator crash ends that instance, not the tender); a VM-clone
+instance is a ``Supervisor`` here plus one VM per process on the tender
+processes the placement picks (this host's warm pool, or peers).  Guest code
+never runs in the tender's own process.
 Console output is kept per instance (bounded) so a client can stream it from
 the start or live.
 """
@@ -21,14 +22,12 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from tender_service.instance.backends import InstanceBackend, InstanceSpec, RunningInstance
 from tender_service.instance.budget import MemoryBudget
-from tender_service.instance.supervisor import Supervisor
-from tender_service.instance.threadvm import ThreadVm, ThreadVmHost
 from tender_service.rump import signals
 from tender_service.rump.vminfo import ProcInfo, VmConfig
 from tender_service.service import metrics
 from tender_service.service.imagestore import ImageStore, StoredImage
-from tender_service.transports.channel import PEER_TIMEOUT
 from tender_service.vm import DEFAULT_ENV
 
 log = logging.getLogger(__name__)
@@ -120,15 +119,14 @@ class Instance:
     console: ConsoleLog = field(default_factory=ConsoleLog)
     created: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
-    vm: ThreadVm | None = None
-    vm_pid: int = 0  # thread fork: the OS pid of the process that ran the VM
-    supervisor: Supervisor | None = None
+    running: RunningInstance | None = None  # what its backend follows, until it ends
+    last_host_pid: int = 0  # the OS pid of the process that ran its one VM (thread fork)
     result: dict | None = None
     processes: list[ProcInfo] = field(default_factory=list)
     transport_note: str = ""
     killed: bool = False
     #: bytes of the tender's guest-memory budget the instance holds itself (its first
-    #: VM's RAM until a VM-clone supervisor takes them over)
+    #: VM's RAM until its backend takes them over, at start)
     reserved: int = 0
     pinned: bool = False  # it holds its image's file in the store
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -166,27 +164,34 @@ class Instance:
     def process_table(self) -> list[ProcInfo]:
         if self.done.is_set():
             return self.processes
-        if self.supervisor is not None:
-            return self.supervisor.process_table()
-        vm = self.vm
-        return vm.query().processes if vm is not None else []
+        running = self.running
+        return running.query().processes if running is not None else []
 
     @property
     def host_pid(self) -> int:
-        """Thread fork: the OS pid of the process that runs (or ran) the VM."""
-        vm = self.vm
-        return vm.os_pid if vm is not None else self.vm_pid
+        """The OS pid of the process that runs (or ran) its one VM (0: several VMs)."""
+        running = self.running
+        return running.host_pid if running is not None else self.last_host_pid
+
+    @property
+    def note(self) -> str:
+        """Why pipes travel otherwise than asked ("" if they do not)."""
+        running = self.running
+        return self.transport_note or (running.transport_note if running is not None else "")
 
 
 class MetricsObserver:
-    """What the supervisor of an instance tells the metrics."""
+    """What a running instance tells the metrics (see instance/backends/base.py).
 
-    def __init__(self, transport: str, placement: str) -> None:
-        self.transport, self.placement = transport, placement
+    ``transport`` and ``placement`` label its figures: "local" for a mode whose
+    processes share one VM."""
+
+    def __init__(self, mode: str, transport: str, placement: str) -> None:
+        self.mode, self.transport, self.placement = mode, transport, placement
 
     def fork_done(self, seconds: float, snapshot: int, remote: bool) -> None:
         transport = "tcp" if remote else self.transport
-        metrics.FORK_LATENCY.labels("vmclone", transport, self.placement).observe(seconds)
+        metrics.FORK_LATENCY.labels(self.mode, transport, self.placement).observe(seconds)
         if snapshot:
             metrics.SNAPSHOT_BYTES.observe(snapshot)
 
@@ -197,25 +202,30 @@ class MetricsObserver:
         metrics.PIPE_BYTES.labels(self.transport).inc(nbytes)
         metrics.PIPE_WRITE_LATENCY.labels(self.transport).observe(seconds)
 
+    def pipe_bytes(self, nbytes: int) -> None:
+        """Bytes written to pipes over the whole run (a mode that does not time writes)."""
+        metrics.PIPE_BYTES.labels(self.transport).inc(nbytes)
+
+    def emulator_crashed(self) -> None:
+        metrics.EMULATOR_CRASHES.labels(self.mode).inc()
+
+    def vm_started(self) -> None:
+        metrics.VMS.labels(self.mode).inc()
+
+    def vm_ended(self) -> None:
+        metrics.VMS.labels(self.mode).dec()
+
 
 class InstanceManager:
-    def __init__(self, store: ImageStore, placement_for, thread_host: ThreadVmHost,
-                 max_instances: int = 64,
-                 default_timeout: float = 600.0, listen_host: str = "127.0.0.1",
-                 advertise_host: str | None = None, self_handle: object | None = None,
-                 peer_timeout: float = PEER_TIMEOUT, keep_finished: int = KEEP_FINISHED,
-                 budget: MemoryBudget | None = None, ticket_for=None) -> None:
+    def __init__(self, store: ImageStore, backends: dict[str, InstanceBackend],
+                 max_instances: int = 64, default_timeout: float = 600.0,
+                 keep_finished: int = KEEP_FINISHED,
+                 budget: MemoryBudget | None = None) -> None:
         self.store = store
         self.budget = budget  # guest RAM of every VM on this tender (--max-guest-memory)
-        self.placement_for = placement_for  # (placement) -> pool-like object for supervisors
-        self.thread_host = thread_host
+        self.backends = backends  # fork mode -> its backend (instance/backends/)
         self.max_instances = max_instances
         self.default_timeout = default_timeout
-        self.listen_host = listen_host
-        self.advertise_host = advertise_host
-        self.self_handle = self_handle
-        self.ticket_for = ticket_for  # the tickets supervisors hand out with fork leases
-        self.peer_timeout = peer_timeout
         self.keep_finished = keep_finished
         self.instances: dict[str, Instance] = {}
         self.lock = threading.Lock()
@@ -249,8 +259,7 @@ class InstanceManager:
             self.instances[inst.id] = inst
             self._trim()
         metrics.INSTANCES.labels(mode).inc()
-        target = self._run_thread if mode == "thread" else self._run_vmclone
-        threading.Thread(target=target, args=(inst,), name=f"instance-{inst.id}",
+        threading.Thread(target=self._run, args=(inst,), name=f"instance-{inst.id}",
                          daemon=True).start()
         return inst
 
@@ -261,61 +270,34 @@ class InstanceManager:
         for i in sorted(done, key=lambda i: i.created)[: max(0, len(done) - self.keep_finished)]:
             del self.instances[i.id]
 
-    def _run_thread(self, inst: Instance) -> None:
-        mode = "thread"
-        metrics.VMS.labels(mode).inc()
+    def _run(self, inst: Instance) -> None:
+        """Start the instance through its mode's backend, follow it to its end."""
+        backend = self.backends[inst.mode]
+        many = not backend.one_vm  # figures of one VM's processes are labelled "local"
+        spec = InstanceSpec(inst.image.path, inst.args, inst.env, inst.config,
+                            argv0=inst.image.name, transport=inst.transport,
+                            placement=inst.placement, instance_id=inst.id)
         try:
-            vm = self.thread_host.launch(
-                inst.id, inst.image.path, inst.args, inst.env, inst.config, inst.image.name,
-                inst.console.append,
-                lambda s: metrics.FORK_LATENCY.labels(mode, "local", "local").observe(s))
-            inst.vm = vm
+            spec.reserved, inst.reserved = inst.reserved, 0  # the backend's from now on
+            running = backend.start(spec, inst.console.append, MetricsObserver(
+                inst.mode, inst.transport if many else "local",
+                inst.placement if many else "local"))
+            inst.running = running
             if inst.killed:
-                vm.kill("killed")
+                running.kill("killed")
             try:
-                r = vm.wait()
+                r = running.wait()
             finally:
-                inst.vm_pid = vm.os_pid
-                inst.vm = None  # a finished instance keeps its figures, not its process
-            metrics.PIPE_BYTES.labels("local").inc(vm.pipe_bytes)
-            if vm.crashed:
-                metrics.EMULATOR_CRASHES.labels(mode).inc()
+                inst.last_host_pid = running.host_pid
+                inst.transport_note = running.transport_note
+                # finished instances are kept (--keep-finished): with their figures, not
+                # their processes, channels, buffers and threads
+                running.close()
+                inst.running = None
             inst.processes = r.processes
             self._finish(inst, r.status, r.outcome, r.reports, r.elapsed, r.forks,
                          r.peak_memory)
-        except Exception as e:  # a VM that cannot even start: report, keep serving
-            log.exception("instance %s failed", inst.id)
-            self._finish(inst, signals.signaled_status(signals.SIGKILL), "error",
-                         [f"could not run: {e}"], 0.0, 0, 0)
-        finally:
-            metrics.VMS.labels(mode).dec()
-
-    def _run_vmclone(self, inst: Instance) -> None:
-        try:
-            pool = self.placement_for(inst.placement)
-            sup = Supervisor(pool, inst.transport, inst.console.append, inst.config, inst.id,
-                             listen_host=self.listen_host, advertise_host=self.advertise_host,
-                             placement=inst.placement,
-                             observer=MetricsObserver(inst.transport, inst.placement),
-                             self_handle=self.self_handle, peer_timeout=self.peer_timeout,
-                             budget=self.budget, ticket_for=self.ticket_for)
-            inst.supervisor = sup
-            try:
-                if inst.killed:
-                    sup.kill("killed")
-                held, inst.reserved = inst.reserved, 0  # the supervisor's from now on
-                sup.start(str(inst.image.path), inst.args, inst.env, inst.image.name, held)
-                r = sup.wait()
-                inst.processes = r.processes
-                inst.transport_note = sup.transport_note
-                self._finish(inst, r.status, r.outcome, r.reports, r.elapsed, r.forks,
-                             r.peak_memory)
-            finally:
-                sup.close()
-                # finished instances are kept (--keep-finished): with their figures, not
-                # their supervisor's channels, buffers and threads
-                inst.supervisor = None
-        except Exception as e:
+        except Exception as e:  # an instance that cannot even start: report, keep serving
             log.exception("instance %s failed", inst.id)
             self._finish(inst, signals.signaled_status(signals.SIGKILL), "error",
                          [f"could not run: {e}"], 0.0, 0, 0)
@@ -354,11 +336,9 @@ class InstanceManager:
         if inst.done.is_set():
             return False
         inst.killed = True
-        vm, sup = inst.vm, inst.supervisor  # either may go away as the instance ends
-        if vm is not None:
-            vm.kill("killed")
-        if sup is not None:
-            sup.kill("killed")
+        running = inst.running  # it may go away as the instance ends
+        if running is not None:
+            running.kill("killed")
         return True
 
     def shutdown(self, grace: float) -> list[Instance]:
@@ -377,12 +357,12 @@ class InstanceManager:
 
     def sample_gauges(self) -> None:
         """Refresh the process and memory gauges (the tender calls it every second)."""
-        procs = {"thread": 0, "vmclone": 0}
+        procs = dict.fromkeys(self.backends, 0)
         memory = 0
         for inst in self.running():
-            vm = inst.vm
-            if vm is not None:  # one question to the instance's process for both
-                status = vm.query(timeout=0.5)
+            running = inst.running
+            if running is not None:  # one question to the instance's processes for both
+                status = running.query(timeout=0.5)
                 rows = status.processes
                 memory += status.committed_memory
             else:

@@ -33,10 +33,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tender_service import protos
 from tender_service.instance import jail
+from tender_service.instance.backends import FORK_MODES, BackendContext, make_backends
 from tender_service.instance.budget import MemoryBudget, default_limit
 from tender_service.instance.hostmalloc import limit_malloc_arenas
 from tender_service.instance.pool import WarmPool
-from tender_service.instance.threadvm import ThreadVmHost
 from tender_service.instance.worker import HOST_NAME_ENV, RELAY_ENV
 from tender_service.machine.layout import MAX_RAM, MIN_RAM
 from tender_service.rump.vminfo import VmConfig
@@ -95,6 +95,20 @@ class ServeOptions:
     jail: bool = True  # VM processes jail themselves (instance/jail.py); False: --no-jail
     max_streams: int = MAX_STREAMS
     max_streams_per_peer: int = MAX_STREAMS_PER_PEER
+
+
+def fork_mode_name(pb2, value: int) -> str:
+    """The backend name of a ``ForkMode`` value: FORK_MODE_<NAME> is mode <name>,
+    FORK_MODE_UNSPECIFIED the first registered mode (thread); "" if none is registered."""
+    if value == pb2.FORK_MODE_UNSPECIFIED:
+        return FORK_MODES[0]
+    name = pb2.ForkMode.Name(value).removeprefix("FORK_MODE_").lower()
+    return name if name in FORK_MODES else ""
+
+
+def fork_mode_value(pb2, mode: str) -> int:
+    """The ``ForkMode`` value of backend ``mode``."""
+    return pb2.ForkMode.Value(f"FORK_MODE_{mode.upper()}")
 
 
 def _is_loopback(host: str) -> bool:
@@ -167,7 +181,7 @@ class TenderServicer:
         img = self.store.get(req.image)
         if img is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"image: no image named {req.image!r}")
-        mode = "vmclone" if req.fork_mode == pb2.FORK_MODE_VMCLONE else "thread"
+        mode = fork_mode_name(pb2, req.fork_mode)
         transport = "tcp" if req.pipe_transport == pb2.PIPE_TRANSPORT_TCP else "shm"
         placement = {pb2.PLACEMENT_REMOTE: "remote", pb2.PLACEMENT_SPREAD: "spread"}.get(
             req.placement, "local")
@@ -202,6 +216,8 @@ class TenderServicer:
             return "env: entries must be NAME=VALUE"
         if req.fork_mode not in pb2.ForkMode.values():
             return "fork_mode: unknown value"
+        if not fork_mode_name(pb2, req.fork_mode):
+            return "fork_mode: not served by this tender"
         if req.pipe_transport not in pb2.PipeTransport.values():
             return "pipe_transport: unknown value"
         if req.placement not in pb2.Placement.values():
@@ -218,7 +234,7 @@ class TenderServicer:
             return f"time_limit_seconds: must be between 0 and {MAX_TIME_LIMIT:g}"
         if req.max_procs and not 2 <= req.max_procs <= 65536:
             return "max_procs: must be between 2 and 65536"
-        if req.fork_mode != pb2.FORK_MODE_VMCLONE and req.placement not in (
+        if self.m.backends[fork_mode_name(pb2, req.fork_mode)].one_vm and req.placement not in (
                 pb2.PLACEMENT_UNSPECIFIED, pb2.PLACEMENT_LOCAL):
             return "placement: only VM-clone instances place VMs on other hosts"
         return None
@@ -275,7 +291,7 @@ class TenderServicer:
         pb2 = self.pb2
         return pb2.InstanceSummary(
             instance_id=inst.id, image=inst.image.name,
-            fork_mode=pb2.FORK_MODE_VMCLONE if inst.mode == "vmclone" else pb2.FORK_MODE_THREAD,
+            fork_mode=fork_mode_value(pb2, inst.mode),
             state=inst.state, age_seconds=time.monotonic() - inst.created)
 
     def ListInstances(self, request, context):  # noqa: N802
@@ -285,16 +301,13 @@ class TenderServicer:
         pb2 = self.pb2
         inst = self._instance(req.instance_id, context)
         procs = []
+        backend = self.m.backends[inst.mode]
         for p in inst.process_table():
-            if inst.mode == "vmclone":  # the supervisor names them vm@HOST/OS-PID
-                host, _, vm = p.name.partition("@")[2].rpartition("/")
-            else:  # the instance's one VM, in a process of its own on this tender
-                host, vm = self.host, str(inst.host_pid or "")
+            host, vm = backend.where(p, inst.host_pid)
             procs.append(pb2.ProcessInfo(pid=p.pid, ppid=p.ppid, state=p.state,
                                          wait_status=p.status or 0, exited=p.status is not None,
-                                         vm=vm, host=host))
-        note = inst.transport_note or (inst.supervisor.transport_note
-                                       if inst.supervisor is not None else "")
+                                         vm=vm, host=self.host if host is None else host))
+        note = inst.note
         return pb2.InstanceDescription(
             summary=self._summary(inst),
             pipe_transport=pb2.PIPE_TRANSPORT_TCP if inst.transport == "tcp"
@@ -355,7 +368,6 @@ class Tender:
         self.pool = WarmPool(opts.pool_size, env=env, host=self.advertise, jailed=jailed,
                              on_crash=lambda pid, sig: metrics.EMULATOR_CRASHES.labels(
                                  "vmclone").inc())
-        self.thread_host = ThreadVmHost(jailed=jailed)
         self.stop_event = threading.Event()
         self.peers = PeerSet(list(opts.peers), int(peer_port), creds, self.peer_advertise)
 
@@ -367,12 +379,13 @@ class Tender:
         listen_host = host if host not in ("", "0.0.0.0", "[::]") else "0.0.0.0"
         self_handle = PeerHandle(self.peer_advertise, creds)
         self_handle.remote = False  # a VM started here runs next to its supervisor
-        self.manager = InstanceManager(self.store, lambda p: Placer(p, self.pool, self.peers),
-                                       self.thread_host, opts.max_instances, opts.default_timeout,
-                                       listen_host=listen_host, advertise_host=adv_host,
-                                       self_handle=self_handle, peer_timeout=opts.peer_timeout,
-                                       keep_finished=opts.keep_finished, budget=self.budget,
-                                       ticket_for=tickets.issue)
+        self.backends = make_backends(BackendContext(
+            hosted=True, jailed=jailed, placement_for=lambda p: Placer(p, self.pool, self.peers),
+            listen_host=listen_host, advertise_host=adv_host, self_handle=self_handle,
+            peer_timeout=opts.peer_timeout, budget=self.budget, ticket_for=tickets.issue))
+        self.manager = InstanceManager(self.store, self.backends, opts.max_instances,
+                                       opts.default_timeout, keep_finished=opts.keep_finished,
+                                       budget=self.budget)
         # the server's event loop runs in a thread of its own, from here to shutdown
         self.loop = asyncio.new_event_loop()
         self.loop_thread = threading.Thread(target=self.loop.run_forever, daemon=True,
@@ -490,7 +503,8 @@ class Tender:
             self._on_loop(self.server.stop(2))
             self._stop_loop()
         self.pool.close()
-        self.thread_host.close()
+        for backend in self.backends.values():
+            backend.close()
         self.store.close()
         with contextlib.suppress(OSError):
             shutil.rmtree(self.relay_dir)

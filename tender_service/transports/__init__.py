@@ -1,7 +1,8 @@
 """Transports for VM-clone fork: one framed duplex channel per worker, over tcp or shm.
 
 ``frames`` is the versioned wire format; ``channel`` the two transports and
-the handshake helpers a supervisor and its workers use.
+the handshake helpers a supervisor and its workers use.  The whole package
+belongs to the VM-clone mode (see ``fork/__init__.py`` for each mode's modules).
 """
 
 from tender_service.transports.channel import (
