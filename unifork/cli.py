@@ -11,6 +11,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from tender_service.instance.backends import FORK_MODES
 from tender_service.machine.errors import ImageError
 from tender_service.rump import signals
 from unifork import logs
@@ -38,7 +39,9 @@ def cmd_run(a: argparse.Namespace) -> int:
     """``unifork run``.  A thread-fork VM runs in a forked child of this process, so
     that an emulator crash (unicorn-engine/unicorn#2240) ends with a clear report
     and the service's status for a lost VM (SIGKILL, 137), not a silent SIGSEGV."""
-    if a.fork == "vmclone":  # its VMs run in pool processes already
+    from tender_service.instance.backends import make_backend
+
+    if not make_backend(a.fork).one_vm:  # its VMs run in pool processes already
         return _run(a)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -382,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--stdin", choices=("host", "none"), default="host",
                    help="guest stdin: this process's stdin, or EOF")
     r.add_argument("--env", action="append", default=[], help="NAME=VALUE (repeatable)")
-    r.add_argument("--fork", choices=("thread", "vmclone"), default="thread",
+    r.add_argument("--fork", choices=FORK_MODES, default="thread",
                    help="fork strategy: a thread in the same VM, or a clone of the whole VM")
     r.add_argument("--pipe", choices=("shm", "tcp"), default="shm",
                    help="vmclone: how pipes between VMs travel (default shm)")
@@ -409,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     la = sub.add_parser("launch", help="launch an instance on a tender")
     la.add_argument("image")
     la.add_argument("args", nargs=argparse.REMAINDER)
-    la.add_argument("--fork", choices=("thread", "vmclone"), default="thread")
+    la.add_argument("--fork", choices=FORK_MODES, default="thread")
     la.add_argument("--pipe", choices=("shm", "tcp"), default="shm")
     la.add_argument("--placement", choices=("local", "remote", "spread"), default="local")
     la.add_argument("--mem", type=parse_size, default=0)

@@ -115,7 +115,7 @@ def _launch(c: Client, a: argparse.Namespace) -> int:
     pb2 = c.pb2
     fields = dict(
         env=a.env,
-        fork_mode=pb2.FORK_MODE_VMCLONE if a.fork == "vmclone" else pb2.FORK_MODE_THREAD,
+        fork_mode=pb2.ForkMode.Value(f"FORK_MODE_{a.fork.upper()}"),  # a registered mode
         pipe_transport=pb2.PIPE_TRANSPORT_TCP if a.pipe == "tcp" else pb2.PIPE_TRANSPORT_SHM,
         placement={"remote": pb2.PLACEMENT_REMOTE, "spread": pb2.PLACEMENT_SPREAD}.get(
             a.placement, pb2.PLACEMENT_LOCAL),
