@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from conftest import image_path, native
+from support import image_path, native
 
 from tender_service import protos
 from tender_service.instance.backends import (
