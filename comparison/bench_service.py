@@ -118,7 +118,9 @@ class LocalTender:
                     raise BenchError(f"the tender exited with {self.proc.returncode}:\n"
                                      f"{self.log()}")
                 try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
+                    # the stubs declare no methods on HealthStub: its Check is generated
+                    if stub.Check(  # type: ignore[attr-defined]
+                            health_pb2.HealthCheckRequest(), timeout=2).status == \
                             health_pb2.HealthCheckResponse.SERVING:
                         return
                 except grpc.RpcError:
@@ -219,7 +221,7 @@ def measure_throughput(target: str, res: ModeResult, clients: int, seconds: floa
     stop_at = time.perf_counter() + seconds
     lock = threading.Lock()
     started = [0]
-    done = Counter()
+    done: Counter[str] = Counter()
     start = threading.Barrier(clients + 1)
 
     def worker() -> None:

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from comparison import report as rep
 from comparison.modes import (
@@ -62,6 +63,9 @@ from comparison.workloads import (
     scale_ready_us,
     words,
 )
+
+if TYPE_CHECKING:
+    from tender_service.instance.pool import WarmPool
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +184,7 @@ class Compare:
         self.do_memory = memory
         self.do_scaling = scaling
         self.runners: dict[str, Runner] = {}
-        self.pool = None
+        self.pool: WarmPool | None = None
         self.skipped: dict[str, str] = {}
         self.images: dict[str, Path] = {}
         self.cells: dict[tuple[str, str], rep.Cell] = {}

@@ -150,7 +150,7 @@ class ColdSeries:
         self.n = len(xs)
         if self.status != "ok" or not xs:
             return
-        self.raw = {"median": median(xs), "mean": statistics.fmean(xs)}
+        self.raw = {"median": statistics.median(xs), "mean": statistics.fmean(xs)}
         self.median_us, self.min_us, self.max_us = sig(self.raw["median"]), min(xs), max(xs)
         self.thesis_mean_s = sig(self.raw["mean"] / 1e6)
         if warm:
@@ -428,7 +428,7 @@ def render(r: Report) -> str:
                "guest = RAM the child's VM state needs, host = PSS growth)")
     if not r.memory:
         out.append("  (not run)")
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for mr in r.memory:
         if mr.status != "ok":
             rows.append((mr.mode, "FAILED", "FAILED", mr.error[:60]))

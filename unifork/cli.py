@@ -131,7 +131,8 @@ def cmd_images(a: argparse.Namespace) -> int:
                            "size_bytes": i.size, "sha256": i.sha256} for i in infos], indent=1))
         return 0
     for info in infos:
-        built = "not built" if info.path is None else f"{info.size:>9} bytes  {info.sha256[:16]}"
+        built = ("not built" if info.path is None
+                 else f"{info.size:>9} bytes  {(info.sha256 or '')[:16]}")
         print(f"{info.name:<22} {built}")
     return 0
 

@@ -39,8 +39,8 @@ def message_dict(msg: Message) -> dict:
         return json_format.MessageToDict(msg, preserving_proto_field_name=True,
                                          always_print_fields_with_no_presence=True)
     except TypeError:  # protobuf before 5.26 calls it including_default_value_fields
-        return json_format.MessageToDict(msg, preserving_proto_field_name=True,
-                                         including_default_value_fields=True)
+        return json_format.MessageToDict(  # type: ignore[call-arg]  # stubs: protobuf>=5.26
+            msg, preserving_proto_field_name=True, including_default_value_fields=True)
 
 
 def print_json(data: object) -> None:

@@ -111,7 +111,8 @@ def capture(k: Kernel, lwp: Lwp, child_pid: int) -> bytes:
     ranges = [(r.base, r.size) for r in mem.regions if r.name != "heap"]
     ranges += k.pages.allocated_blocks()
     meta_b = json.dumps(meta, separators=(",", ":")).encode()
-    out = [_HEADER.pack(MAGIC, SNAPSHOT_VERSION, 0, len(meta_b), len(ranges)), meta_b]
+    out: list[bytes | memoryview] = [
+        _HEADER.pack(MAGIC, SNAPSHOT_VERSION, 0, len(meta_b), len(ranges)), meta_b]
     for addr, n in ranges:
         out.append(_RANGE.pack(addr, n))
         out.append(mem.slice(addr, n))

@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from tender_service.instance.budget import MemoryBudget
 from tender_service.rump import pgroups, signals
@@ -57,6 +58,14 @@ VM_GRACE = 2.0
 _WAKING = {Msg.PIPE_DATA, Msg.PIPE_WROTE, Msg.CHILD_EXIT, Msg.SIGNAL, Msg.REPARENT}
 
 
+class ForkObserver(Protocol):
+    """What the supervisor reports for metrics (the service's and the harness's)."""
+
+    def fork_done(self, seconds: float, snapshot: int, remote: bool) -> None: ...
+
+    def pipe_write(self, nbytes: int, seconds: float) -> None: ...
+
+
 @dataclass(eq=False)
 class ProcRec:
     pid: int
@@ -69,7 +78,9 @@ class ProcRec:
     channel: Channel | None = None
     host: str = "local"
     host_pid: int = 0
-    worker: object = None  # the pool's handle of the tender process running the VM
+    # the handle of the tender process running the VM: a warm-pool worker or a peer
+    # tender's handle, used by what they share (remote, address, on_failure)
+    worker: Any = None
     started: float = field(default_factory=time.monotonic)
     ended: float = 0.0
     connected: threading.Event = field(default_factory=threading.Event)
@@ -109,7 +120,7 @@ class Supervisor:
     def __init__(self, pool, transport: str, sink: Callable[[int, int, bytes], None],
                  config: VmConfig, instance_id: str | None = None, listen_host: str = "127.0.0.1",
                  advertise_host: str | None = None, placement: str = "local",
-                 observer: object | None = None, self_handle: object | None = None,
+                 observer: ForkObserver | None = None, self_handle: object | None = None,
                  peer_timeout: float = PEER_TIMEOUT, budget: MemoryBudget | None = None,
                  ticket_for: Callable[[str, int, str], str] | None = None) -> None:
         if transport not in ("tcp", "shm"):
@@ -428,9 +439,11 @@ class Supervisor:
             rec.idle_at = -1
             if t == Msg.PIPE_READ:
                 room = int.from_bytes(f.payload, "little") if len(f.payload) == 8 else None
-                self.broker.read(f.pipe, rec.pid, f.arg, bool(f.flags & NONBLOCK),
-                                 lambda res, req=f.req: self._send(rec, _data_frame(req, res)),
-                                 room)
+
+                def read(res: bytes | int, req: int = f.req) -> None:
+                    self._send(rec, _data_frame(req, res))
+
+                self.broker.read(f.pipe, rec.pid, f.arg, bool(f.flags & NONBLOCK), read, room)
             elif t == Msg.PIPE_WRITE:
                 t0 = time.perf_counter()
 
@@ -596,6 +609,7 @@ class Supervisor:
             target = None
         new = pgroups.setpgid(rec, target, pgid, self._members())
         if new > 0:
+            assert target is not None  # setpgid refuses a missing target (ESRCH)
             target.pgid = new
         return new
 
