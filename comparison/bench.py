@@ -606,6 +606,21 @@ def table(rows: list[Row]) -> str:
     return "\n".join(grid(head, body, {1, 2, 3}))
 
 
+def _chosen_cpu(parser: argparse.ArgumentParser, spec: str, all_cpus: set[int]) -> int | None:
+    """The CPU ``--cpu`` names (auto: the first one we may use), None for 'none'."""
+    if spec == "none":
+        return None
+    if spec == "auto":
+        return min(all_cpus)
+    try:
+        cpu = int(spec)
+    except ValueError:
+        parser.error(f"--cpu: not a CPU number or 'none': {spec!r}")
+    if cpu not in all_cpus:
+        parser.error(f"--cpu: CPU {cpu} is not available to this process")
+    return cpu
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -628,17 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = ProgressBar(1 + len(names), enabled=not a.quiet)  # the images, each benchmark
     info = machine_info()  # before pinning: cores_available is what we were given
     all_cpus = os.sched_getaffinity(0)
-    if a.cpu == "none":
-        cpu = None
-    elif a.cpu == "auto":
-        cpu = min(all_cpus)
-    else:
-        try:
-            cpu = int(a.cpu)
-        except ValueError:
-            parser.error(f"--cpu: not a CPU number or 'none': {a.cpu!r}")
-        if cpu not in all_cpus:
-            parser.error(f"--cpu: CPU {cpu} is not available to this process")
+    cpu = _chosen_cpu(parser, a.cpu, all_cpus)
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     bench = Bench(Params(quick=a.quick, all_cpus=all_cpus if cpu is not None else None),

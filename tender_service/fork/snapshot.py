@@ -143,7 +143,13 @@ def decode(data: bytes | memoryview) -> Snapshot:
         raise SnapshotError(f"bad snapshot metadata: {e}") from e
     if not 0 < ram <= MAX_RAM or sum(size for _, size in regions) > ram:
         raise SnapshotError("snapshot regions exceed its RAM size")
-    pos += meta_len
+    return Snapshot(meta, _decode_ranges(view, pos + meta_len, nranges, regions))
+
+
+def _decode_ranges(view: memoryview, pos: int, nranges: int,
+                   regions: list[tuple[int, int]]) -> list[tuple[int, memoryview]]:
+    """The ``nranges`` memory ranges from ``pos`` to the end of the snapshot, each inside
+    one of the snapshot's ``regions``."""
     ranges: list[tuple[int, memoryview]] = []
     for _ in range(nranges):
         if pos + _RANGE.size > len(view):
@@ -158,7 +164,7 @@ def decode(data: bytes | memoryview) -> Snapshot:
         pos += n
     if pos != len(view):
         raise SnapshotError("trailing bytes after the last range")
-    return Snapshot(meta, ranges)
+    return ranges
 
 
 def restore(snap: Snapshot, console: Console, forker: Forker | None,

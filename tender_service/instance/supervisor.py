@@ -438,34 +438,16 @@ class Supervisor:
                 return
             rec.idle_at = -1
             if t == Msg.PIPE_READ:
-                room = int.from_bytes(f.payload, "little") if len(f.payload) == 8 else None
-
-                def read(res: bytes | int, req: int = f.req) -> None:
-                    self._send(rec, _data_frame(req, res))
-
-                self.broker.read(f.pipe, rec.pid, f.arg, bool(f.flags & NONBLOCK), read, room)
+                self._pipe_read(rec, f)
             elif t == Msg.PIPE_WRITE:
-                t0 = time.perf_counter()
-
-                def wrote(n: int, sig: bool, req: int = f.req) -> None:
-                    if self.observer is not None and n > 0:
-                        self.observer.pipe_write(n, time.perf_counter() - t0)
-                    self._send(rec, Frame(Msg.PIPE_WROTE, SIGPIPE_FLAG if sig else 0, req, 0, n,
-                                          b""))
-
-                self.broker.write(f.pipe, rec.pid, f.payload, bool(f.flags & NONBLOCK), wrote)
+                self._pipe_write(rec, f)
             elif t == Msg.PIPE_CLOSE:
                 self.broker.close(f.pipe, rec.pid, "r" if f.arg == END_READ else "w")
             elif t == Msg.CALL:
                 value, payload = self._call(rec, f.payload)
                 self._send(rec, Frame(Msg.RESULT, 0, f.req, 0, value, payload))
             elif t == Msg.EXITED:
-                report = ""
-                with contextlib.suppress(ValueError, TypeError, AttributeError):
-                    info = json.loads(f.payload)
-                    rec.peak_memory = int(info.get("peak_memory", 0))
-                    report = str(info.get("report") or "")[:1000]
-                self._ended(rec, f.arg, report)
+                self._exited(rec, f)
             elif t == Msg.REAPED:
                 child = self.procs.get(f.arg)
                 if child is not None and child.ppid == rec.pid and child.state == "zombie":
@@ -474,6 +456,35 @@ class Supervisor:
             else:
                 log.warning("instance %s: unexpected message %d from pid %d", self.id, t,
                             rec.pid)
+
+    def _pipe_read(self, rec: ProcRec, f: Frame) -> None:
+        """A VM reads a brokered pipe: the data (or -errno) goes back when there is some."""
+        room = int.from_bytes(f.payload, "little") if len(f.payload) == 8 else None
+
+        def read(res: bytes | int, req: int = f.req) -> None:
+            self._send(rec, _data_frame(req, res))
+
+        self.broker.read(f.pipe, rec.pid, f.arg, bool(f.flags & NONBLOCK), read, room)
+
+    def _pipe_write(self, rec: ProcRec, f: Frame) -> None:
+        """A VM writes a brokered pipe: the count (and SIGPIPE) goes back once written."""
+        t0 = time.perf_counter()
+
+        def wrote(n: int, sig: bool, req: int = f.req) -> None:
+            if self.observer is not None and n > 0:
+                self.observer.pipe_write(n, time.perf_counter() - t0)
+            self._send(rec, Frame(Msg.PIPE_WROTE, SIGPIPE_FLAG if sig else 0, req, 0, n, b""))
+
+        self.broker.write(f.pipe, rec.pid, f.payload, bool(f.flags & NONBLOCK), wrote)
+
+    def _exited(self, rec: ProcRec, f: Frame) -> None:
+        """A VM's process ended: its status, peak memory and report (if it sent them)."""
+        report = ""
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            info = json.loads(f.payload)
+            rec.peak_memory = int(info.get("peak_memory", 0))
+            report = str(info.get("report") or "")[:1000]
+        self._ended(rec, f.arg, report)
 
     def _call(self, rec: ProcRec, payload: bytes) -> tuple[int, bytes]:
         try:
