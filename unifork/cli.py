@@ -359,7 +359,7 @@ SERVE_OPTIONS = (
 )
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: C901 - split after the backend merge
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="unifork", description=__doc__)
     p.add_argument("-v", "--verbose", action="count", default=0)

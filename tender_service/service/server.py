@@ -188,7 +188,7 @@ class TenderServicer:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         return pb2.LaunchResponse(instance_id=inst.id)
 
-    def _check_launch(self, req) -> str | None:
+    def _check_launch(self, req) -> str | None:  # noqa: C901 - flat field checks
         pb2 = self.pb2
         if not req.image:
             return "image: missing"
