@@ -33,8 +33,11 @@ run: images
 test: images
 	$(PY) -m pytest -q -ra -p no:cacheprovider
 
-lint: setup
+# ruff (with a complexity ceiling) and mypy (its files and settings: pyproject.toml);
+# mypy reads the generated gRPC modules, hence proto
+lint: proto
 	$(VENV)/bin/ruff check unifork tender_service comparison tests
+	$(VENV)/bin/mypy
 
 docs: setup
 	$(UNIFORK) syscalls --markdown > docs/syscalls.md

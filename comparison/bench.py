@@ -64,6 +64,13 @@ class Run:
     wall: float  # seconds, perf_counter around the whole run
     result: RunResult | None = None  # VM runs only
 
+    @property
+    def vm_result(self) -> RunResult:
+        """The VM's result, of a run in a VM."""
+        if self.result is None:
+            raise BenchError("a native run has no VM result")
+        return self.result
+
 
 @contextmanager
 def affinity(cpus: set[int] | None) -> Iterator[None]:
@@ -218,6 +225,14 @@ def fmt(value: float | None, unit: str) -> str:
     return f"{value:g} {unit}"
 
 
+def _median(xs: Sequence[float]) -> float:
+    """The median of a benchmark's samples (every benchmark takes some)."""
+    m = median(xs)
+    if m is None:
+        raise BenchError("no samples to take a median of")
+    return m
+
+
 def sample_note(label: str, xs: Sequence[float], unit: str) -> str:
     q = p95(xs)
     extra = f", p95 {fmt(q, unit)}" if q is not None else ""
@@ -265,9 +280,9 @@ class Bench:
             "native": (self.native(img, [str(nat_n)]), runs)}, 1, self.progress)
         vm_us = [floats(r.stdout, "ns_per_call")[0] / 1e3 for r in out["vm"]]
         nat_us = [floats(r.stdout, "ns_per_call")[0] / 1e3 for r in out["native"]]
-        syscalls = [r.result.syscalls for r in out["vm"]]
-        return [Row("syscall", "1 syscall round trip (getppid)", "us", median(nat_us),
-                    median(vm_us), Target("vm", "<=", 3.0, "VM <= 3 us/call"),
+        syscalls = [r.vm_result.syscalls for r in out["vm"]]
+        return [Row("syscall", "1 syscall round trip (getppid)", "us", _median(nat_us),
+                    _median(vm_us), Target("vm", "<=", 3.0, "VM <= 3 us/call"),
                     notes=[f"VM {runs} runs x {vm_n} calls, native {runs} runs x {nat_n} calls "
                            "(+1 warm-up run each); ns_per_call measured inside the program",
                            f"per-run VM: {', '.join(f'{x:.3f}' for x in vm_us)} us",
@@ -316,17 +331,17 @@ class Bench:
             3, self.progress)
         c = [r.wall for r in out["cli"]]
         v = [r.wall for r in out["vm"]]
-        loop = [r.result.elapsed for r in out["vm"]]
+        loop = [r.vm_result.elapsed for r in out["vm"]]
         n = [r.wall for r in out["native"]]
-        nat = median(n)
+        nat = _median(n)
         return [
-            Row("hello_cli", "2 `unifork run hello` process wall", "s", nat, median(c),
+            Row("hello_cli", "2 `unifork run hello` process wall", "s", nat, _median(c),
                 Target("vm", "<=", 0.25, "VM <= 0.25 s"),
                 notes=[sample_note("unifork run hello (subprocess)", c, "s"),
                        sample_note("native hello process (spawn + wait)", n, "s"),
                        f"CLI: {unifork}; 3 warm-up runs of each"],
                 samples={"vm_cli_wall_s": c, "native_process_wall_s": n}),
-            Row("hello_inproc", "2 run_vm(hello) in a running process", "s", nat, median(v),
+            Row("hello_inproc", "2 run_vm(hello) in a running process", "s", nat, _median(v),
                 Target("vm", "<=", 0.010, "VM <= 10 ms"),
                 notes=[sample_note("create_vm + run + close", v, "s"),
                        sample_note("of which Kernel.run (RunResult.elapsed)", loop, "s")],
@@ -348,7 +363,7 @@ class Bench:
             "native": (self.native(img, [str(nat_n)]), self.p.pick(5, 7))}, 1, self.progress)
         vm_ns = [r.wall / vm_n * 1e9 for r in out["vm"]]
         nat_ns = [r.wall / nat_n * 1e9 for r in out["native"]]
-        return [Row("cpu_loop", "3 cpu_loop time per round", "ns", median(nat_ns), median(vm_ns),
+        return [Row("cpu_loop", "3 cpu_loop time per round", "ns", _median(nat_ns), _median(vm_ns),
                     notes=[f"wall time of the whole run / N; VM N={vm_n} ({len(vm_ns)} runs), "
                            f"native N={nat_n} ({len(nat_ns)} runs), +1 warm-up each; "
                            "start-up is ~1% of either",
@@ -368,8 +383,8 @@ class Bench:
         vm_us = [x for r in out["vm"] for x in floats(r.stdout, "fork_us")[1:]]
         nat_us = [x for r in out["native"] for x in floats(r.stdout, "fork_us")[1:]]
         per_run = [median(floats(r.stdout, "fork_us")[1:]) for r in out["vm"]]
-        return [Row("fork", "4 fork, parent side (fork_time)", "us", median(nat_us),
-                    median(vm_us), Target("ratio", "<=", 1.0, "<= 1.0x native"),
+        return [Row("fork", "4 fork, parent side (fork_time)", "us", _median(nat_us),
+                    _median(vm_us), Target("ratio", "<=", 1.0, "<= 1.0x native"),
                     notes=[sample_note("VM", vm_us, "us"), sample_note("native", nat_us, "us"),
                            f"{runs} program runs x {forks} forks each side (+1 warm-up run), "
                            "first fork of each run dropped",
@@ -398,8 +413,8 @@ class Bench:
             "native": (checked(self.native(img, args)), runs)}, 1, self.progress)
         vm_us = [x for r in out["vm"] for x in floats(r.stdout, "fork_wait_us")[1:]]
         nat_us = [x for r in out["native"] for x in floats(r.stdout, "fork_wait_us")[1:]]
-        return [Row("fork_exit_wait", "5 fork + _exit(i%7) + waitpid", "us", median(nat_us),
-                    median(vm_us), Target("ratio", "<=", 3.0, "<= 3x native"),
+        return [Row("fork_exit_wait", "5 fork + _exit(i%7) + waitpid", "us", _median(nat_us),
+                    _median(vm_us), Target("ratio", "<=", 3.0, "<= 3x native"),
                     notes=[sample_note("VM", vm_us, "us"), sample_note("native", nat_us, "us"),
                            f"{runs} program runs x 100 iterations each side (+1 warm-up run), "
                            "first iteration of each run dropped; every status checked"],
@@ -421,7 +436,7 @@ class Bench:
         bws = {k: [floats(r.stdout, "mib_per_s")[0] for r in v] for k, v in out.items()}
         pinned = self.p.all_cpus is not None
         rows = [Row("pipe_bw", "6 pipe 64 MiB in 64 KiB writes (pipe_bw)", "MiB/s",
-                    median(bws["native"]), median(bws["vm"]),
+                    _median(bws["native"]), _median(bws["vm"]),
                     Target("ratio", ">=", 0.5, ">= 0.5x native"),
                     notes=[f"{runs} runs each (+1 warm-up); first read to EOF, measured inside "
                            "the program; native "
@@ -431,7 +446,7 @@ class Bench:
                     samples={f"{k}_mib_per_s": v for k, v in bws.items()})]
         if pinned:
             rows.append(Row("pipe_bw_unpinned", "6 pipe_bw, native not pinned (info)", "MiB/s",
-                            median(bws["unpinned"]), median(bws["vm"]),
+                            _median(bws["unpinned"]), _median(bws["vm"]),
                             notes=["native parent and child free to run on different CPUs (cross-CPU "
                                    "wake-ups can make it bimodal: 0.7..3.3 GiB/s seen)"],
                             samples={"unpinned_mib_per_s": bws["unpinned"]}))
@@ -448,7 +463,7 @@ class Bench:
         tnat = [floats(r.stdout, "mib_per_s")[0] for r in out["native"]]
         rows.append(Row("pipe_throughput",
                         f"6 pipe {mib} MiB, every byte checked (pipe_throughput)", "MiB/s",
-                        median(tnat), median(tvm),
+                        _median(tnat), _median(tvm),
                         notes=[f"fork to reaped child; VM {len(tvm)} runs, native {len(tnat)} "
                                "runs (+1 warm-up); CPU-bound in the emulator (checks and hashes "
                                "every byte)"],
@@ -483,7 +498,7 @@ class Bench:
                 raise BenchError(f"children_blocked: unexpected output {r.stdout!r}")
             if sink.rss is None:
                 raise BenchError("children_blocked: no children= line seen")
-            return r.result.peak_memory, sink.rss - before
+            return r.vm_result.peak_memory, sink.rss - before
 
         self.progress.step(f"memory: native children_blocked -n {n} (sanity check)")
         nat = run_native(img, ["-n", str(n)])
@@ -503,17 +518,17 @@ class Bench:
         limit = (stack + 16 * KIB) / KIB
         return [
             Row("mem_per_child", "7 guest memory committed per blocked child", "KiB", None,
-                median(per_child),
+                _median(per_child),
                 Target("vm", "<=", limit, f"<= stack + 16 KiB = {limit:.0f} KiB"),
                 notes=[f"(peak_memory(N={n}) - peak_memory(N=0)) / {n}, {runs} runs; "
-                       f"peak N=0: {median(peak0) / KIB:.0f} KiB, N={n}: "
-                       f"{median(peak32) / KIB:.0f} KiB; stack_size {stack // KIB} KiB",
+                       f"peak N=0: {_median(peak0) / KIB:.0f} KiB, N={n}: "
+                       f"{_median(peak32) / KIB:.0f} KiB; stack_size {stack // KIB} KiB",
                        "native run of the same program checked (children= / reaped= lines)"],
                 samples={"peak_memory_n0": [float(x) for x in peak0],
                          f"peak_memory_n{n}": [float(x) for x in peak32],
                          "per_child_kib": per_child}),
             Row("rss_per_child", "7 host RSS growth per blocked child (info)", "KiB", None,
-                median(rss_child),
+                _median(rss_child),
                 notes=[f"growth of this process's RSS from before the VM to the `children=` "
                        f"line, (N={n} - N=0) / {n}; includes the Python objects per process "
                        "and guest pages touched; noisy",
@@ -591,6 +606,21 @@ def table(rows: list[Row]) -> str:
     return "\n".join(grid(head, body, {1, 2, 3}))
 
 
+def _chosen_cpu(parser: argparse.ArgumentParser, spec: str, all_cpus: set[int]) -> int | None:
+    """The CPU ``--cpu`` names (auto: the first one we may use), None for 'none'."""
+    if spec == "none":
+        return None
+    if spec == "auto":
+        return min(all_cpus)
+    try:
+        cpu = int(spec)
+    except ValueError:
+        parser.error(f"--cpu: not a CPU number or 'none': {spec!r}")
+    if cpu not in all_cpus:
+        parser.error(f"--cpu: CPU {cpu} is not available to this process")
+    return cpu
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -613,17 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = ProgressBar(1 + len(names), enabled=not a.quiet)  # the images, each benchmark
     info = machine_info()  # before pinning: cores_available is what we were given
     all_cpus = os.sched_getaffinity(0)
-    if a.cpu == "none":
-        cpu = None
-    elif a.cpu == "auto":
-        cpu = min(all_cpus)
-    else:
-        try:
-            cpu = int(a.cpu)
-        except ValueError:
-            parser.error(f"--cpu: not a CPU number or 'none': {a.cpu!r}")
-        if cpu not in all_cpus:
-            parser.error(f"--cpu: CPU {cpu} is not available to this process")
+    cpu = _chosen_cpu(parser, a.cpu, all_cpus)
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     bench = Bench(Params(quick=a.quick, all_cpus=all_cpus if cpu is not None else None),

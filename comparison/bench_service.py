@@ -118,7 +118,9 @@ class LocalTender:
                     raise BenchError(f"the tender exited with {self.proc.returncode}:\n"
                                      f"{self.log()}")
                 try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
+                    # the stubs declare no methods on HealthStub: its Check is generated
+                    if stub.Check(  # type: ignore[attr-defined]
+                            health_pb2.HealthCheckRequest(), timeout=2).status == \
                             health_pb2.HealthCheckResponse.SERVING:
                         return
                 except grpc.RpcError:
@@ -219,7 +221,7 @@ def measure_throughput(target: str, res: ModeResult, clients: int, seconds: floa
     stop_at = time.perf_counter() + seconds
     lock = threading.Lock()
     started = [0]
-    done = Counter()
+    done: Counter[str] = Counter()
     start = threading.Barrier(clients + 1)
 
     def worker() -> None:
@@ -331,6 +333,25 @@ def table(results: dict[str, ModeResult], clients: int) -> str:
     return "\n".join(grid(head, rows, set()))
 
 
+def measure_each_row(bar: ProgressBar, clients: dict[str, Client],
+                     results: dict[str, ModeResult], nclients: int, seconds: float,
+                     max_instances: int, fork_runs: int, cold_runs: int) -> None:
+    """Throughput, then fork latency, then cold fork, each over every row in turn."""
+    for res in results.values():
+        bar.step(f"throughput: {res.label}, {nclients} clients, {seconds:g} s")
+        measure_throughput(res.target, res, nclients, seconds, max_instances)
+        bar.advance()
+    for res in results.values():
+        bar.step(f"fork latency: fork_time -n 20 in a {res.label} instance")
+        measure_fork(clients[res.target], res, fork_runs)
+        bar.advance()
+    for res in results.values():
+        bar.step(f"cold fork: fork_time (one fork) in {cold_runs} fresh {res.label} "
+                 "instances")
+        measure_cold_fork(clients[res.target], res, cold_runs)
+        bar.advance()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m comparison.bench_service", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -372,19 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         bar.step(f"latency: {runs} Launch+Wait of hello per row, interleaved")
         measure_latency(clients, results, runs, warmup)
         bar.advance()
-        for res in results.values():
-            bar.step(f"throughput: {res.label}, {a.clients} clients, {seconds:g} s")
-            measure_throughput(res.target, res, a.clients, seconds, a.max_instances)
-            bar.advance()
-        for res in results.values():
-            bar.step(f"fork latency: fork_time -n 20 in a {res.label} instance")
-            measure_fork(clients[res.target], res, fork_runs)
-            bar.advance()
-        for res in results.values():
-            bar.step(f"cold fork: fork_time (one fork) in {cold_runs} fresh {res.label} "
-                     "instances")
-            measure_cold_fork(clients[res.target], res, cold_runs)
-            bar.advance()
+        measure_each_row(bar, clients, results, a.clients, seconds, a.max_instances,
+                         fork_runs, cold_runs)
     except BenchError as e:
         bar.close()
         print(f"bench_service: {e}", file=sys.stderr)

@@ -113,12 +113,14 @@ def run(kind: str, family: str, total: int, size: int, pings: int, ping_size: in
     finally:
         ch.close()
         peer.join(30)
+    p50, p99 = median(samples), percentile(samples, 99)
+    assert p50 is not None and p99 is not None  # pings > 0 round trips were timed
     return Result(
         kind,
         mb_s,
         frames_s,
-        median(samples) * 1e6,
-        percentile(samples, 99) * 1e6,  # inclusive, as every report (was the nearest rank above)
+        p50 * 1e6,
+        p99 * 1e6,  # inclusive, as every report (was the nearest rank above)
     )
 
 

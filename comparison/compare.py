@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from comparison import report as rep
 from comparison.modes import (
@@ -62,6 +63,9 @@ from comparison.workloads import (
     scale_ready_us,
     words,
 )
+
+if TYPE_CHECKING:
+    from tender_service.instance.pool import WarmPool
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +184,7 @@ class Compare:
         self.do_memory = memory
         self.do_scaling = scaling
         self.runners: dict[str, Runner] = {}
-        self.pool = None
+        self.pool: WarmPool | None = None
         self.skipped: dict[str, str] = {}
         self.images: dict[str, Path] = {}
         self.cells: dict[tuple[str, str], rep.Cell] = {}
@@ -268,53 +272,74 @@ class Compare:
         if self.pool is not None:
             tasks.append(Task("warm-up: tender processes of the pool", self.warm_pool))
         for w in self.workloads:
-            args = list(w.args(self.p.quick))
-            for mode in self.modes:
-                self.cells[(w.key, mode)] = rep.Cell(w.key, w.title, w.program, args, mode,
-                                                     w.metric, w.unit, w.better,
-                                                     note="; ".join(w.notes))
-            for i in range(self.p.warmup):
-                for mode in self.modes:
-                    tasks.append(Task(f"{w.key}: {mode} warm-up {i + 1}/{self.p.warmup}",
-                                      self._workload_task(w, mode, None)))
-            cold = self.p.cold_runs if w.key == COLD_WORKLOAD else 0
-            for mode in self.modes if cold else ():
-                self.cold[mode] = rep.ColdRow(mode, rep.ColdSeries(COLD_HOW[mode]))
-                if mode in UNIFORK_RUN_FLAGS:
-                    how = f"a fresh `unifork run {' '.join(UNIFORK_RUN_FLAGS[mode])}` process"
-                    self.cold[mode].unifork_run = rep.ColdSeries(how)
-            # the cold runs go in the same rounds as the loop runs, after the warm-up runs
-            for i in range(max(self.p.runs, cold)):
-                for mode in self.modes:
-                    if i < cold:
-                        tasks.append(Task(f"{w.key}: {mode} cold first fork {i + 1}/{cold}",
-                                          self._cold_task(mode, False)))
-                        if mode in UNIFORK_RUN_FLAGS:
-                            tasks.append(Task(f"{w.key}: {mode} cold first fork, unifork run "
-                                              f"{i + 1}/{cold}", self._cold_task(mode, True)))
-                    if i < self.p.runs:
-                        tasks.append(Task(f"{w.key}: {mode} run {i + 1}/{self.p.runs}",
-                                          self._workload_task(w, mode, i)))
+            tasks += self._plan_workload(w)
         if self.do_memory:
-            for mode in [m for m in self.modes if m in LOCAL_MODES]:
-                self.mem_raw[mode] = {"n": [], "zero": []}
-                tasks.append(Task(f"memory: {mode} warm-up", self._memory_task(mode, None)))
-                for i in range(self.p.memory_runs):
-                    for which in ("n", "zero"):
-                        tasks.append(Task(f"memory: {mode} run {i + 1}/{self.p.memory_runs}",
-                                          self._memory_task(mode, which)))
-            if VMCLONE_REMOTE in self.modes:
-                self.notes.append("memory per child: not measured for vmclone-remote (the "
-                                  "peer's memory is not observable from here)")
+            tasks += self._plan_memory()
         if self.do_scaling:
+            tasks += self._plan_scaling()
+        return tasks
+
+    def _plan_workload(self, w: Workload) -> list[Task]:
+        """The cells of ``w`` and its runs: warm-up runs, then rounds of loop runs (and, for
+        the cold workload, cold runs in the same rounds)."""
+        tasks: list[Task] = []
+        args = list(w.args(self.p.quick))
+        for mode in self.modes:
+            self.cells[(w.key, mode)] = rep.Cell(w.key, w.title, w.program, args, mode,
+                                                 w.metric, w.unit, w.better,
+                                                 note="; ".join(w.notes))
+        for i in range(self.p.warmup):
             for mode in self.modes:
-                self.scale_raw[mode] = {}
-                tasks.append(Task(f"scaling: {mode} warm-up", self._scale_task(mode, 4, False)))
-                runs = self.p.scale_runs_for(mode)
-                for i in range(runs):
-                    for n in self.p.scale_ns(mode):
-                        tasks.append(Task(f"scaling: {mode} N={n} run {i + 1}/{runs}",
-                                          self._scale_task(mode, n, True)))
+                tasks.append(Task(f"{w.key}: {mode} warm-up {i + 1}/{self.p.warmup}",
+                                  self._workload_task(w, mode, None)))
+        cold = self.p.cold_runs if w.key == COLD_WORKLOAD else 0
+        for mode in self.modes if cold else ():
+            self.cold[mode] = rep.ColdRow(mode, rep.ColdSeries(COLD_HOW[mode]))
+            if mode in UNIFORK_RUN_FLAGS:
+                how = f"a fresh `unifork run {' '.join(UNIFORK_RUN_FLAGS[mode])}` process"
+                self.cold[mode].unifork_run = rep.ColdSeries(how)
+        # the cold runs go in the same rounds as the loop runs, after the warm-up runs
+        for i in range(max(self.p.runs, cold)):
+            for mode in self.modes:
+                if i < cold:
+                    tasks += self._plan_cold_round(w, mode, i, cold)
+                if i < self.p.runs:
+                    tasks.append(Task(f"{w.key}: {mode} run {i + 1}/{self.p.runs}",
+                                      self._workload_task(w, mode, i)))
+        return tasks
+
+    def _plan_cold_round(self, w: Workload, mode: str, i: int, cold: int) -> list[Task]:
+        tasks = [Task(f"{w.key}: {mode} cold first fork {i + 1}/{cold}",
+                      self._cold_task(mode, False))]
+        if mode in UNIFORK_RUN_FLAGS:
+            tasks.append(Task(f"{w.key}: {mode} cold first fork, unifork run "
+                              f"{i + 1}/{cold}", self._cold_task(mode, True)))
+        return tasks
+
+    def _plan_memory(self) -> list[Task]:
+        tasks: list[Task] = []
+        for mode in [m for m in self.modes if m in LOCAL_MODES]:
+            self.mem_raw[mode] = {"n": [], "zero": []}
+            tasks.append(Task(f"memory: {mode} warm-up", self._memory_task(mode, None)))
+            for i in range(self.p.memory_runs):
+                for which in ("n", "zero"):
+                    tasks.append(Task(f"memory: {mode} run {i + 1}/{self.p.memory_runs}",
+                                      self._memory_task(mode, which)))
+        if VMCLONE_REMOTE in self.modes:
+            self.notes.append("memory per child: not measured for vmclone-remote (the "
+                              "peer's memory is not observable from here)")
+        return tasks
+
+    def _plan_scaling(self) -> list[Task]:
+        tasks: list[Task] = []
+        for mode in self.modes:
+            self.scale_raw[mode] = {}
+            tasks.append(Task(f"scaling: {mode} warm-up", self._scale_task(mode, 4, False)))
+            runs = self.p.scale_runs_for(mode)
+            for i in range(runs):
+                for n in self.p.scale_ns(mode):
+                    tasks.append(Task(f"scaling: {mode} N={n} run {i + 1}/{runs}",
+                                      self._scale_task(mode, n, True)))
         return tasks
 
     # -- tasks ----------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ class LoadResult:
     succeeded_by_fork: dict[str, int] = field(default_factory=dict)
     failures: list[dict] = field(default_factory=list)  # the first few, with their console
     latencies_ms: list[float] = field(default_factory=list)  # succeeded instances
-    throughput_per_s: float = 0.0
+    throughput_per_s: float | None = 0.0
     p50_ms: float | None = None
     p95_ms: float | None = None
     p99_ms: float | None = None
@@ -240,8 +240,9 @@ class _Load:
             for t in pending:  # a coroutine stuck past every deadline (should not happen)
                 t.cancel()
             for t in done:
-                if t.exception() is not None:
-                    raise t.exception()
+                exc = t.exception()
+                if exc is not None:
+                    raise exc
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*pending, return_exceptions=True)
             for iid in list(self.live):  # cancelled in flight: end them, count them

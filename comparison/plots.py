@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import cast
 
 import matplotlib
 
@@ -48,7 +49,8 @@ def fork_latency(r: Report, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(8, 4.8))
     data = [c.samples() for c in cells]
     parts = ax.violinplot(data, showmedians=True, showextrema=False)
-    for body, c in zip(parts["bodies"], cells, strict=True):
+    # matplotlib's types say one Collection; "bodies" is a list of them (one per cell)
+    for body, c in zip(parts["bodies"], cells, strict=True):  # type: ignore[call-overload]
         body.set_facecolor(COLORS.get(c.mode, "grey"))
         body.set_alpha(0.55)
     ax.boxplot(data, widths=0.12, showfliers=False)
@@ -120,7 +122,8 @@ def pipe_throughput(r: Report, path: Path) -> Path | None:
     cells.sort(key=lambda c: _ordered([c.mode, *ALL_MODES]).index(c.mode))
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     xs = range(len(cells))
-    ax.bar(xs, [c.median for c in cells], color=[COLORS.get(c.mode, "grey") for c in cells],
+    medians = [c.median for c in cells]  # an "ok" cell with samples has one
+    ax.bar(xs, cast(list[float], medians), color=[COLORS.get(c.mode, "grey") for c in cells],
            alpha=0.8)
     for x, c in zip(xs, cells, strict=True):
         ax.scatter([x] * len(c.samples()), c.samples(), color="black", s=10, zorder=3)
@@ -174,8 +177,8 @@ def fork_scaling(r: Report, path: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for s in sorted(rows, key=lambda s: _ordered([s.mode, *ALL_MODES]).index(s.mode)):
-        pts = [p for p in s.points if p.ready_ms is not None]
-        ax.plot([p.n for p in pts], [p.ready_ms for p in pts], marker="o", markersize=4,
+        pts = [(p.n, p.ready_ms) for p in s.points if p.ready_ms is not None]
+        ax.plot([n for n, _ in pts], [ms for _, ms in pts], marker="o", markersize=4,
                 color=COLORS.get(s.mode, "grey"), label=s.mode)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

@@ -42,18 +42,19 @@ class ProgressBar:
         self.by_group = by_group
         self._last: tuple[str, int] | None = None  # (group, tenth) of the last line printed
         self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.bar = tqdm(total=max(1, total), file=self.stream if self.tty else _Nowhere(),
+        self._total = max(1, total)  # tqdm's own may be None (unknown), never here
+        self.bar = tqdm(total=self._total, file=self.stream if self.tty else _Nowhere(),
                         disable=not enabled, ascii=".#", bar_format=BAR_FORMAT,
                         dynamic_ncols=True, leave=True)
 
     @property
     def total(self) -> int:
-        return int(self.bar.total)
+        return self._total
 
     @total.setter
     def total(self, n: int) -> None:
         """Set once the steps are known (the clock keeps running from the start)."""
-        self.bar.total = max(1, n)
+        self._total = self.bar.total = max(1, n)
         self.bar.refresh()
 
     def step(self, label: str) -> None:
@@ -66,7 +67,7 @@ class ProgressBar:
 
     def finish(self) -> None:
         if self.enabled:
-            self.bar.update(self.bar.total - self.bar.n)
+            self.bar.update(self._total - self.bar.n)
             self._line()
         self.bar.close()
 
@@ -79,7 +80,7 @@ class ProgressBar:
         if not self.enabled or self.tty:
             return
         if self.by_group:
-            key = (self.bar.desc.split(":", 1)[0], int(self.bar.n * 10 / self.bar.total))
+            key = (self.bar.desc.split(":", 1)[0], int(self.bar.n * 10 / self._total))
             if key == self._last:
                 return
             self._last = key

@@ -12,7 +12,7 @@ import csv
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -150,7 +150,7 @@ class ColdSeries:
         self.n = len(xs)
         if self.status != "ok" or not xs:
             return
-        self.raw = {"median": median(xs), "mean": statistics.fmean(xs)}
+        self.raw = {"median": statistics.median(xs), "mean": statistics.fmean(xs)}
         self.median_us, self.min_us, self.max_us = sig(self.raw["median"]), min(xs), max(xs)
         self.thesis_mean_s = sig(self.raw["mean"] / 1e6)
         if warm:
@@ -405,15 +405,7 @@ def render(r: Report) -> str:
     out.append("")
     out += main_table(r.cells)
     out.append("")
-    seen = []
-    for c in r.cells:
-        if c.workload not in seen:
-            seen.append(c.workload)
-            out.append(f"  {c.workload}: {c.title}; {c.program} {' '.join(c.args)}".rstrip())
-            if c.note:
-                out.append(f"    {c.note}")
-    for mode, why in r.skipped_modes.items():
-        out.append(f"  {mode}: skipped ({why})")
+    out += _workload_legend(r)
     out.append("")
     if r.cold:
         out += cold_table(r)
@@ -424,29 +416,10 @@ def render(r: Report) -> str:
     out += _matrix("fork hazards (measured: the 'fork_hazards' probe in each mode)",
                    HAZARD_ITEMS, r.hazards, r.hazards_runs)
     out.append("")
-    out.append(f"memory per child ({r.memory_children} children blocked on a pipe vs none; "
-               "guest = RAM the child's VM state needs, host = PSS growth)")
-    if not r.memory:
-        out.append("  (not run)")
-    rows = []
-    for mr in r.memory:
-        if mr.status != "ok":
-            rows.append((mr.mode, "FAILED", "FAILED", mr.error[:60]))
-        else:
-            rows.append((mr.mode, num(mr.guest_kib_per_child), num(mr.host_kib_per_child),
-                         mr.note))
-    if rows:
-        out += grid(("mode", "guest KiB/child", "host KiB/child", "how"), rows, {1, 2})
+    out += _memory_section(r)
     out.append("")
     if r.scaling:
-        ns = sorted({p.n for s in r.scaling for p in s.points})
-        out.append("fork-count scaling: ms until N children are all running (blocked on a pipe), "
-                   "median")
-        rows = []
-        for s in r.scaling:
-            by_n = {p.n: p for p in s.points}
-            rows.append((s.mode, *(num(by_n[n].ready_ms) if n in by_n else "-" for n in ns)))
-        out += grid(("mode", *(f"N={n}" for n in ns)), rows, set(range(1, len(ns) + 1)))
+        out += _scaling_section(r)
         out.append("")
     out.append(f"{published.LABEL} (reference rows, NOT measured here: {published.SOURCE})")
     rows = [(published.LABEL, f.what, f"{num(f.value)} {f.unit}", f.note)
@@ -460,6 +433,50 @@ def render(r: Report) -> str:
         out.append("")
         out += [f"FAILED {f}" for f in fails]
     return "\n".join(out)
+
+
+def _workload_legend(r: Report) -> list[str]:
+    """What each workload of the table runs, and the modes that were skipped."""
+    out: list[str] = []
+    seen = []
+    for c in r.cells:
+        if c.workload not in seen:
+            seen.append(c.workload)
+            out.append(f"  {c.workload}: {c.title}; {c.program} {' '.join(c.args)}".rstrip())
+            if c.note:
+                out.append(f"    {c.note}")
+    for mode, why in r.skipped_modes.items():
+        out.append(f"  {mode}: skipped ({why})")
+    return out
+
+
+def _memory_section(r: Report) -> list[str]:
+    out = [f"memory per child ({r.memory_children} children blocked on a pipe vs none; "
+           "guest = RAM the child's VM state needs, host = PSS growth)"]
+    if not r.memory:
+        out.append("  (not run)")
+    rows: list[tuple[str, ...]] = []
+    for mr in r.memory:
+        if mr.status != "ok":
+            rows.append((mr.mode, "FAILED", "FAILED", mr.error[:60]))
+        else:
+            rows.append((mr.mode, num(mr.guest_kib_per_child), num(mr.host_kib_per_child),
+                         mr.note))
+    if rows:
+        out += grid(("mode", "guest KiB/child", "host KiB/child", "how"), rows, {1, 2})
+    return out
+
+
+def _scaling_section(r: Report) -> list[str]:
+    ns = sorted({p.n for s in r.scaling for p in s.points})
+    out = ["fork-count scaling: ms until N children are all running (blocked on a pipe), "
+           "median"]
+    rows = []
+    for s in r.scaling:
+        by_n = {p.n: p for p in s.points}
+        rows.append((s.mode, *(num(by_n[n].ready_ms) if n in by_n else "-" for n in ns)))
+    out += grid(("mode", *(f"N={n}" for n in ns)), rows, set(range(1, len(ns) + 1)))
+    return out
 
 
 # -- files --------------------------------------------------------------------------------------
@@ -478,39 +495,9 @@ def write_csv(r: Report, raw: Path, summary: Path) -> None:
         w = csv.writer(fh)
         w.writerow(("section", "workload", "mode", "args", "run", "index", "metric", "unit",
                     "value", *MACHINE_COLUMNS))
-        for c in r.cells:
-            for run in c.runs:
-                w.writerow(("workload", c.workload, c.mode, " ".join(c.args), run.run, "",
-                            "wall_s", "s", run.wall_s, *machine))
-                for i, v in enumerate(run.values):
-                    w.writerow(("workload", c.workload, c.mode, " ".join(c.args), run.run, i,
-                                c.metric, c.unit, v, *machine))
-                for i, v in enumerate(run.excluded):
-                    w.writerow(("workload", c.workload, c.mode, " ".join(c.args), run.run, i,
-                                f"excluded_{c.metric}", c.unit, v, *machine))
-        for cr in r.cold:
-            for key, series in (("cold", cr.cold), ("unifork_run", cr.unifork_run)):
-                for i, (v, wall) in enumerate(zip(series.samples_us if series else [],
-                                                  series.wall_s if series else [], strict=True)):
-                    w.writerow(("cold_fork", COLD_PROGRAM, cr.mode, "", i + 1, "",
-                                f"{key}_fork_us", "us", v, *machine))
-                    w.writerow(("cold_fork", COLD_PROGRAM, cr.mode, "", i + 1, "",
-                                f"{key}_wall_s", "s", wall, *machine))
-        for mr in r.memory:
-            for i, v in enumerate(mr.guest_runs_kib):
-                w.writerow(("memory", "fork_scale", mr.mode, f"-n {mr.children}", i, "",
-                            "guest_kib_per_child", "KiB", v, *machine))
-            for i, v in enumerate(mr.host_runs_kib):
-                w.writerow(("memory", "fork_scale", mr.mode, f"-n {mr.children}", i, "",
-                            "host_kib_per_child", "KiB", v, *machine))
-        for s in r.scaling:
-            for p in s.points:
-                for i, v in enumerate(p.ready_runs_ms):
-                    w.writerow(("scaling", "fork_scale", s.mode, f"-n {p.n}", i, "",
-                                "ready_ms", "ms", v, *machine))
-                for i, v in enumerate(p.fork_all_runs_ms):
-                    w.writerow(("scaling", "fork_scale", s.mode, f"-n {p.n}", i, "",
-                                "fork_all_ms", "ms", v, *machine))
+        for rows in (_workload_rows(r), _cold_rows(r), _memory_rows(r), _scaling_rows(r)):
+            for row in rows:
+                w.writerow((*row, *machine))
     with summary.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(("label", *MAIN_HEAD[:4], "median", "p95", "ratio_native", "ratio_thread",
@@ -519,6 +506,50 @@ def write_csv(r: Report, raw: Path, summary: Path) -> None:
             w.writerow(("measured", c.workload, c.mode, c.unit, c.n, num(c.median), num(c.p95),
                         num(c.ratio_native), num(c.ratio_thread), c.status))
 
+
+
+def _workload_rows(r: Report) -> Iterator[tuple]:
+    for c in r.cells:
+        for run in c.runs:
+            yield ("workload", c.workload, c.mode, " ".join(c.args), run.run, "",
+                   "wall_s", "s", run.wall_s)
+            for i, v in enumerate(run.values):
+                yield ("workload", c.workload, c.mode, " ".join(c.args), run.run, i,
+                       c.metric, c.unit, v)
+            for i, v in enumerate(run.excluded):
+                yield ("workload", c.workload, c.mode, " ".join(c.args), run.run, i,
+                       f"excluded_{c.metric}", c.unit, v)
+
+
+def _cold_rows(r: Report) -> Iterator[tuple]:
+    for cr in r.cold:
+        for key, series in (("cold", cr.cold), ("unifork_run", cr.unifork_run)):
+            for i, (v, wall) in enumerate(zip(series.samples_us if series else [],
+                                              series.wall_s if series else [], strict=True)):
+                yield ("cold_fork", COLD_PROGRAM, cr.mode, "", i + 1, "",
+                       f"{key}_fork_us", "us", v)
+                yield ("cold_fork", COLD_PROGRAM, cr.mode, "", i + 1, "",
+                       f"{key}_wall_s", "s", wall)
+
+
+def _memory_rows(r: Report) -> Iterator[tuple]:
+    for mr in r.memory:
+        for i, v in enumerate(mr.guest_runs_kib):
+            yield ("memory", "fork_scale", mr.mode, f"-n {mr.children}", i, "",
+                   "guest_kib_per_child", "KiB", v)
+        for i, v in enumerate(mr.host_runs_kib):
+            yield ("memory", "fork_scale", mr.mode, f"-n {mr.children}", i, "",
+                   "host_kib_per_child", "KiB", v)
+
+
+def _scaling_rows(r: Report) -> Iterator[tuple]:
+    for s in r.scaling:
+        for p in s.points:
+            for i, v in enumerate(p.ready_runs_ms):
+                yield ("scaling", "fork_scale", s.mode, f"-n {p.n}", i, "", "ready_ms", "ms", v)
+            for i, v in enumerate(p.fork_all_runs_ms):
+                yield ("scaling", "fork_scale", s.mode, f"-n {p.n}", i, "",
+                       "fork_all_ms", "ms", v)
 
 
 def write_published_csv(path: Path) -> None:

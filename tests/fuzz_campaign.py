@@ -40,6 +40,29 @@ def seeds(spec: str) -> list[int]:
     return out
 
 
+def _fuzz_args(opts: argparse.Namespace, seed: int) -> list[str]:
+    args = ["-s", str(seed), "-n", str(opts.n)]
+    if opts.forks:
+        args += ["-f", str(opts.forks)]
+    if opts.child_calls:
+        args += ["-c", str(opts.child_calls)]
+    return args
+
+
+def _count_summary(m: re.Match[bytes], totals: collections.Counter[str],
+                   hist: collections.Counter[int]) -> str:
+    """Add one run's summary line to the totals; what it adds to the run's line."""
+    line = f" ok={int(m[3])} errors={int(m[4])} skipped={int(m[5])} hist={m[7].decode()}"
+    totals.update(calls=int(m[2]), ok=int(m[3]), errors=int(m[4]), skipped=int(m[5]))
+    if m[8] is not None:
+        line += f" forks={int(m[8])} children_ok={int(m[9])}"
+        totals.update(forks=int(m[8]), children_ok=int(m[9]))
+    for pair in m[10].split():
+        e, n = pair.split(b":")
+        hist[int(e)] += int(n)
+    return line
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", choices=("thread", "vmclone"), default="thread")
@@ -66,11 +89,7 @@ def main() -> int:
     try:
         for seed in seeds(opts.seeds):
             sink = CaptureSink()
-            args = ["-s", str(seed), "-n", str(opts.n)]
-            if opts.forks:
-                args += ["-f", str(opts.forks)]
-            if opts.child_calls:
-                args += ["-c", str(opts.child_calls)]
+            args = _fuzz_args(opts, seed)
             config = VmConfig(timeout=opts.timeout)
             t0 = time.monotonic()
             if pool is None:
@@ -85,14 +104,7 @@ def main() -> int:
             line = (f"seed={seed} outcome={res.outcome} status={res.status} "
                     f"{time.monotonic() - t0:.1f}s")
             if m:
-                line += f" ok={int(m[3])} errors={int(m[4])} skipped={int(m[5])} hist={m[7].decode()}"
-                totals.update(calls=int(m[2]), ok=int(m[3]), errors=int(m[4]), skipped=int(m[5]))
-                if m[8] is not None:
-                    line += f" forks={int(m[8])} children_ok={int(m[9])}"
-                    totals.update(forks=int(m[8]), children_ok=int(m[9]))
-                for pair in m[10].split():
-                    e, n = pair.split(b":")
-                    hist[int(e)] += int(n)
+                line += _count_summary(m, totals, hist)
             print(line, flush=True)
             internal = [r for r in res.reports if "internal error" in r]
             checks = [c.decode(errors="replace") for c in FORK_CHECK.findall(out)]

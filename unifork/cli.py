@@ -139,7 +139,8 @@ def cmd_images(a: argparse.Namespace) -> int:
                            "size_bytes": i.size, "sha256": i.sha256} for i in infos], indent=1))
         return 0
     for info in infos:
-        built = "not built" if info.path is None else f"{info.size:>9} bytes  {info.sha256[:16]}"
+        built = ("not built" if info.path is None
+                 else f"{info.size:>9} bytes  {(info.sha256 or '')[:16]}")
         print(f"{info.name:<22} {built}")
     return 0
 
@@ -366,7 +367,7 @@ SERVE_OPTIONS = (
 )
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: C901 - split after the backend merge
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="unifork", description=__doc__)
     p.add_argument("-v", "--verbose", action="count", default=0)

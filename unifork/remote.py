@@ -39,8 +39,8 @@ def message_dict(msg: Message) -> dict:
         return json_format.MessageToDict(msg, preserving_proto_field_name=True,
                                          always_print_fields_with_no_presence=True)
     except TypeError:  # protobuf before 5.26 calls it including_default_value_fields
-        return json_format.MessageToDict(msg, preserving_proto_field_name=True,
-                                         including_default_value_fields=True)
+        return json_format.MessageToDict(  # type: ignore[call-arg]  # stubs: protobuf>=5.26
+            msg, preserving_proto_field_name=True, including_default_value_fields=True)
 
 
 def print_json(data: object) -> None:
@@ -134,45 +134,61 @@ def _run(c: Client, a: argparse.Namespace) -> int:
     if a.cmd == "launch":
         return _launch(c, a)
     if a.cmd == "ps":
-        instances = c.instances()
-        if json_out:
-            print_json([message_dict(s) for s in instances])
-        else:
-            print(ps_text(c.pb2, instances))
+        _ps(c, json_out)
     elif a.cmd == "logs":
         stream_logs(c, a.instance, a.tag_pids, not a.live)
     elif a.cmd == "wait":
-        r = c.wait(a.instance, a.timeout or 0.0)
-        if not json_out:
-            return print_result(r)
-        print_json(message_dict(r))
-        return r.exit_code if r.done else 124
+        return _wait(c, a, json_out)
     elif a.cmd == "kill":
         print("killed" if c.kill(a.instance) else "not running")
     elif a.cmd == "describe":
         d = c.describe(a.instance)
         print(json.dumps(message_dict(d), indent=1) if json_out else describe_text(c.pb2, d))
     elif a.cmd == "upload":
-        try:
-            data = Path(a.file).read_bytes()
-        except OSError as e:
-            raise UsageError(f"upload {a.file}: {e.strerror or e}") from None
-        info = c.upload(a.name or Path(a.file).stem, data)
-        print(f"{info.name} {info.size_bytes} {info.sha256}")
+        _upload(c, a)
     elif a.cmd == "delete-image":
         info = c.delete_image(a.name)
         print(f"deleted {info.name} {info.size_bytes} {info.sha256}")
     elif a.cmd == "images":
-        images = c.images()
-        if json_out:
-            print_json([message_dict(i) for i in images])
-        else:
-            for i in images:
-                print(f"{i.name:<24} {i.size_bytes:>9} {i.sha256[:16]} "
-                      f"{'builtin' if i.builtin else 'uploaded'}")
+        _images(c, json_out)
     else:
         raise ValueError(a.cmd)
     return 0
+
+
+def _ps(c: Client, json_out: bool) -> None:
+    instances = c.instances()
+    if json_out:
+        print_json([message_dict(s) for s in instances])
+    else:
+        print(ps_text(c.pb2, instances))
+
+
+def _wait(c: Client, a: argparse.Namespace, json_out: bool) -> int:
+    r = c.wait(a.instance, a.timeout or 0.0)
+    if not json_out:
+        return print_result(r)
+    print_json(message_dict(r))
+    return r.exit_code if r.done else 124
+
+
+def _upload(c: Client, a: argparse.Namespace) -> None:
+    try:
+        data = Path(a.file).read_bytes()
+    except OSError as e:
+        raise UsageError(f"upload {a.file}: {e.strerror or e}") from None
+    info = c.upload(a.name or Path(a.file).stem, data)
+    print(f"{info.name} {info.size_bytes} {info.sha256}")
+
+
+def _images(c: Client, json_out: bool) -> None:
+    images = c.images()
+    if json_out:
+        print_json([message_dict(i) for i in images])
+        return
+    for i in images:
+        print(f"{i.name:<24} {i.size_bytes:>9} {i.sha256[:16]} "
+              f"{'builtin' if i.builtin else 'uploaded'}")
 
 
 def cmd(a: argparse.Namespace) -> int:

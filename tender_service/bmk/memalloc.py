@@ -448,58 +448,68 @@ class MemAlloc:
         if state["heap_base"] != pages.base or state["page_size"] != pages.page_size:
             raise ValueError("memalloc state does not match the page allocator's heap")
         self = cls(mem, base, pages)
-        nb, pshift = self.nbuckets, self._pshift
-
-        def bucket_of(block: int) -> int:
-            off = block - self._hbase
-            kind = self._page_kind[off >> pshift] if 0 <= off < self._hsize else 0
-            if not 0 < kind < CHUNK_KIND or off & ((32 << (kind - 1)) - 1):
-                raise ValueError(f"memalloc state: {block:#x} is not a bucket slot")
-            return kind - 1
-
         for entry in state["bucket_pages"]:
-            page, index = _int(entry[0], "bucket page"), _int(entry[1], "bucket index")
-            if not 0 <= index < nb or pages.block_pages(page) != 1:
-                raise ValueError(f"memalloc state: bad bucket page {entry!r}")
-            kind_at = (page - self._hbase) >> pshift
-            if self._page_kind[kind_at]:
-                raise ValueError(f"memalloc state: bucket page {page:#x} listed twice")
-            self._page_kind[kind_at] = index + 1
-            self._bucket_pages.append(page)
-        seen: set[int] = set()
+            self._restore_bucket_page(entry, pages)
+        seen: set[int] = set()  # every block restored so far: none may appear twice
         for index, slots in enumerate(state["free_slots"]):
             for s in slots:
                 block = _int(s, "free slot")
-                if bucket_of(block) != index or block in seen:
+                if self._restored_bucket_of(block) != index or block in seen:
                     raise ValueError(f"memalloc state: bad free slot {block:#x}")
                 seen.add(block)
                 self._free_slots[index].append(block)
         for entry in state["allocations"]:
-            if not isinstance(entry, list | tuple) or len(entry) != 7:
-                raise ValueError(f"memalloc state: bad allocation record {entry!r}")
-            a = Allocation(*(_int(v, "allocation field") for v in entry))
-            if not 0 <= a.who <= 0xFF or not 0 <= a.index <= nb + pages.max_order:
-                raise ValueError(f"memalloc state: bad allocation {entry!r}")
-            if a.index < nb:
-                if bucket_of(a.block) != a.index or a.block_size != 32 << a.index:
-                    raise ValueError(f"memalloc state: bad bucket allocation {entry!r}")
-            else:
-                npages = 1 << (a.index - nb)
-                if pages.block_pages(a.block) != npages or a.block_size != npages << pshift:
-                    raise ValueError(f"memalloc state: bad chunk allocation {entry!r}")
-                first = (a.block - self._hbase) >> pshift
-                if any(self._page_kind[first : first + npages]):
-                    raise ValueError(f"memalloc state: chunk {a.block:#x} overlaps")
-                self._page_kind[first : first + npages] = (
-                    bytes([CHUNK_KIND + a.index - nb]) * npages
-                )
-                self._chunk_bytes += a.block_size
-            if a.block in seen or not a.block + HDR_SIZE <= a.user < a.block + a.block_size:
-                raise ValueError(f"memalloc state: bad allocation {entry!r}")
-            seen.add(a.block)
-            self._record(a)
+            self._restore_allocation(entry, pages, seen)
+        self._check_every_slot_accounted()
+        return self
+
+    def _restore_bucket_page(self, entry: Any, pages: PageAllocator) -> None:
+        page, index = _int(entry[0], "bucket page"), _int(entry[1], "bucket index")
+        if not 0 <= index < self.nbuckets or pages.block_pages(page) != 1:
+            raise ValueError(f"memalloc state: bad bucket page {entry!r}")
+        kind_at = (page - self._hbase) >> self._pshift
+        if self._page_kind[kind_at]:
+            raise ValueError(f"memalloc state: bucket page {page:#x} listed twice")
+        self._page_kind[kind_at] = index + 1
+        self._bucket_pages.append(page)
+
+    def _restored_bucket_of(self, block: int) -> int:
+        """The bucket whose restored page holds slot ``block``; refused if none does."""
+        off = block - self._hbase
+        kind = self._page_kind[off >> self._pshift] if 0 <= off < self._hsize else 0
+        if not 0 < kind < CHUNK_KIND or off & ((32 << (kind - 1)) - 1):
+            raise ValueError(f"memalloc state: {block:#x} is not a bucket slot")
+        return kind - 1
+
+    def _restore_allocation(self, entry: Any, pages: PageAllocator, seen: set[int]) -> None:
+        nb, pshift = self.nbuckets, self._pshift
+        if not isinstance(entry, list | tuple) or len(entry) != 7:
+            raise ValueError(f"memalloc state: bad allocation record {entry!r}")
+        a = Allocation(*(_int(v, "allocation field") for v in entry))
+        if not 0 <= a.who <= 0xFF or not 0 <= a.index <= nb + pages.max_order:
+            raise ValueError(f"memalloc state: bad allocation {entry!r}")
+        if a.index < nb:
+            if self._restored_bucket_of(a.block) != a.index or a.block_size != 32 << a.index:
+                raise ValueError(f"memalloc state: bad bucket allocation {entry!r}")
+        else:
+            npages = 1 << (a.index - nb)
+            if pages.block_pages(a.block) != npages or a.block_size != npages << pshift:
+                raise ValueError(f"memalloc state: bad chunk allocation {entry!r}")
+            first = (a.block - self._hbase) >> pshift
+            if any(self._page_kind[first : first + npages]):
+                raise ValueError(f"memalloc state: chunk {a.block:#x} overlaps")
+            self._page_kind[first : first + npages] = bytes([CHUNK_KIND + a.index - nb]) * npages
+            self._chunk_bytes += a.block_size
+        if a.block in seen or not a.block + HDR_SIZE <= a.user < a.block + a.block_size:
+            raise ValueError(f"memalloc state: bad allocation {entry!r}")
+        seen.add(a.block)
+        self._record(a)
+
+    def _check_every_slot_accounted(self) -> None:
+        """Each slot of a restored bucket page is either free or allocated."""
+        pshift, nb, page_size = self._pshift, self.nbuckets, self.pages.page_size
         slots_total = sum(
-            pages.page_size >> (MIN_SLOT_SHIFT + self._page_kind[(p - self._hbase) >> pshift] - 1)
+            page_size >> (MIN_SLOT_SHIFT + self._page_kind[(p - self._hbase) >> pshift] - 1)
             for p in self._bucket_pages
         )
         slots_used = sum(len(slots) for slots in self._free_slots) + sum(
@@ -507,4 +517,3 @@ class MemAlloc:
         )
         if slots_used != slots_total:
             raise ValueError("memalloc state: some bucket slots are neither free nor allocated")
-        return self

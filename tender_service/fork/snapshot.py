@@ -111,7 +111,8 @@ def capture(k: Kernel, lwp: Lwp, child_pid: int) -> bytes:
     ranges = [(r.base, r.size) for r in mem.regions if r.name != "heap"]
     ranges += k.pages.allocated_blocks()
     meta_b = json.dumps(meta, separators=(",", ":")).encode()
-    out = [_HEADER.pack(MAGIC, SNAPSHOT_VERSION, 0, len(meta_b), len(ranges)), meta_b]
+    out: list[bytes | memoryview] = [
+        _HEADER.pack(MAGIC, SNAPSHOT_VERSION, 0, len(meta_b), len(ranges)), meta_b]
     for addr, n in ranges:
         out.append(_RANGE.pack(addr, n))
         out.append(mem.slice(addr, n))
@@ -142,7 +143,13 @@ def decode(data: bytes | memoryview) -> Snapshot:
         raise SnapshotError(f"bad snapshot metadata: {e}") from e
     if not 0 < ram <= MAX_RAM or sum(size for _, size in regions) > ram:
         raise SnapshotError("snapshot regions exceed its RAM size")
-    pos += meta_len
+    return Snapshot(meta, _decode_ranges(view, pos + meta_len, nranges, regions))
+
+
+def _decode_ranges(view: memoryview, pos: int, nranges: int,
+                   regions: list[tuple[int, int]]) -> list[tuple[int, memoryview]]:
+    """The ``nranges`` memory ranges from ``pos`` to the end of the snapshot, each inside
+    one of the snapshot's ``regions``."""
     ranges: list[tuple[int, memoryview]] = []
     for _ in range(nranges):
         if pos + _RANGE.size > len(view):
@@ -157,7 +164,7 @@ def decode(data: bytes | memoryview) -> Snapshot:
         pos += n
     if pos != len(view):
         raise SnapshotError("trailing bytes after the last range")
-    return Snapshot(meta, ranges)
+    return ranges
 
 
 def restore(snap: Snapshot, console: Console, forker: Forker | None,

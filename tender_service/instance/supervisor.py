@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from tender_service.instance.budget import MemoryBudget
 from tender_service.rump import pgroups, signals
@@ -57,6 +58,14 @@ VM_GRACE = 2.0
 _WAKING = {Msg.PIPE_DATA, Msg.PIPE_WROTE, Msg.CHILD_EXIT, Msg.SIGNAL, Msg.REPARENT}
 
 
+class ForkObserver(Protocol):
+    """What the supervisor reports for metrics (the service's and the harness's)."""
+
+    def fork_done(self, seconds: float, snapshot: int, remote: bool) -> None: ...
+
+    def pipe_write(self, nbytes: int, seconds: float) -> None: ...
+
+
 @dataclass(eq=False)
 class ProcRec:
     pid: int
@@ -69,7 +78,9 @@ class ProcRec:
     channel: Channel | None = None
     host: str = "local"
     host_pid: int = 0
-    worker: object = None  # the pool's handle of the tender process running the VM
+    # the handle of the tender process running the VM: a warm-pool worker or a peer
+    # tender's handle, used by what they share (remote, address, on_failure)
+    worker: Any = None
     started: float = field(default_factory=time.monotonic)
     ended: float = 0.0
     connected: threading.Event = field(default_factory=threading.Event)
@@ -93,7 +104,7 @@ class Supervisor:
     def __init__(self, pool, transport: str, sink: Callable[[int, int, bytes], None],
                  config: VmConfig, instance_id: str | None = None, listen_host: str = "127.0.0.1",
                  advertise_host: str | None = None, placement: str = "local",
-                 observer: object | None = None, self_handle: object | None = None,
+                 observer: ForkObserver | None = None, self_handle: object | None = None,
                  peer_timeout: float = PEER_TIMEOUT, budget: MemoryBudget | None = None,
                  ticket_for: Callable[[str, int, str], str] | None = None) -> None:
         if transport not in ("tcp", "shm"):
@@ -412,32 +423,16 @@ class Supervisor:
                 return
             rec.idle_at = -1
             if t == Msg.PIPE_READ:
-                room = int.from_bytes(f.payload, "little") if len(f.payload) == 8 else None
-                self.broker.read(f.pipe, rec.pid, f.arg, bool(f.flags & NONBLOCK),
-                                 lambda res, req=f.req: self._send(rec, _data_frame(req, res)),
-                                 room)
+                self._pipe_read(rec, f)
             elif t == Msg.PIPE_WRITE:
-                t0 = time.perf_counter()
-
-                def wrote(n: int, sig: bool, req: int = f.req) -> None:
-                    if self.observer is not None and n > 0:
-                        self.observer.pipe_write(n, time.perf_counter() - t0)
-                    self._send(rec, Frame(Msg.PIPE_WROTE, SIGPIPE_FLAG if sig else 0, req, 0, n,
-                                          b""))
-
-                self.broker.write(f.pipe, rec.pid, f.payload, bool(f.flags & NONBLOCK), wrote)
+                self._pipe_write(rec, f)
             elif t == Msg.PIPE_CLOSE:
                 self.broker.close(f.pipe, rec.pid, "r" if f.arg == END_READ else "w")
             elif t == Msg.CALL:
                 value, payload = self._call(rec, f.payload)
                 self._send(rec, Frame(Msg.RESULT, 0, f.req, 0, value, payload))
             elif t == Msg.EXITED:
-                report = ""
-                with contextlib.suppress(ValueError, TypeError, AttributeError):
-                    info = json.loads(f.payload)
-                    rec.peak_memory = int(info.get("peak_memory", 0))
-                    report = str(info.get("report") or "")[:1000]
-                self._ended(rec, f.arg, report)
+                self._exited(rec, f)
             elif t == Msg.REAPED:
                 child = self.procs.get(f.arg)
                 if child is not None and child.ppid == rec.pid and child.state == "zombie":
@@ -446,6 +441,35 @@ class Supervisor:
             else:
                 log.warning("instance %s: unexpected message %d from pid %d", self.id, t,
                             rec.pid)
+
+    def _pipe_read(self, rec: ProcRec, f: Frame) -> None:
+        """A VM reads a brokered pipe: the data (or -errno) goes back when there is some."""
+        room = int.from_bytes(f.payload, "little") if len(f.payload) == 8 else None
+
+        def read(res: bytes | int, req: int = f.req) -> None:
+            self._send(rec, _data_frame(req, res))
+
+        self.broker.read(f.pipe, rec.pid, f.arg, bool(f.flags & NONBLOCK), read, room)
+
+    def _pipe_write(self, rec: ProcRec, f: Frame) -> None:
+        """A VM writes a brokered pipe: the count (and SIGPIPE) goes back once written."""
+        t0 = time.perf_counter()
+
+        def wrote(n: int, sig: bool, req: int = f.req) -> None:
+            if self.observer is not None and n > 0:
+                self.observer.pipe_write(n, time.perf_counter() - t0)
+            self._send(rec, Frame(Msg.PIPE_WROTE, SIGPIPE_FLAG if sig else 0, req, 0, n, b""))
+
+        self.broker.write(f.pipe, rec.pid, f.payload, bool(f.flags & NONBLOCK), wrote)
+
+    def _exited(self, rec: ProcRec, f: Frame) -> None:
+        """A VM's process ended: its status, peak memory and report (if it sent them)."""
+        report = ""
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            info = json.loads(f.payload)
+            rec.peak_memory = int(info.get("peak_memory", 0))
+            report = str(info.get("report") or "")[:1000]
+        self._ended(rec, f.arg, report)
 
     def _call(self, rec: ProcRec, payload: bytes) -> tuple[int, bytes]:
         try:
@@ -581,6 +605,7 @@ class Supervisor:
             target = None
         new = pgroups.setpgid(rec, target, pgid, self._members())
         if new > 0:
+            assert target is not None  # setpgid refuses a missing target (ESRCH)
             target.pgid = new
         return new
 

@@ -249,9 +249,10 @@ def _fork_spare(conn: Connection, level: int, jailed: JailReport | None) -> _Spa
             req = json.loads(theirs.recv_bytes(MAX_FRAME))
             fd = reduction.recv_handle(theirs)
         except (EOFError, OSError):
-            return  # the server is gone before it needed this one
-        theirs.close()
-        run_child(Connection(fd), req["start"], level, jailed)
+            pass  # the server is gone before it needed this one: exit quietly
+        else:
+            theirs.close()
+            run_child(Connection(fd), req["start"], level, jailed)
     except BaseException:  # noqa: BLE001 - a forked child must never return to the loop
         code = 1
         logging.getLogger(__name__).exception("thread-fork VM process failed")

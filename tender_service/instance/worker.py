@@ -152,7 +152,7 @@ class WorkerCloneHost:
     def __init__(self, link: VmLink, start: dict) -> None:
         self.link = link
         self.start = start
-        self._leases: dict[int, str] = {}
+        self._leases: dict[int, tuple[str, dict]] = {}  # pid -> (worker address, start)
         self._t0: dict[int, float] = {}
 
     def reserve_pid(self, parent: Process) -> int:
@@ -214,9 +214,11 @@ class PeerServicer:
                 self.starting -= 1
                 self.receiving -= held[0]
 
-    def _start_vm(self, request_iterator, context, held: list[int]):
+    def _start_vm(self, request_iterator, context: grpc.ServicerContext, held: list[int]):
         pb2, _ = protos.peer()
-        start_msg, parts, image = None, [], []
+        start_msg = None
+        parts: list[bytes] = []
+        image: list[bytes] = []
         for chunk in request_iterator:
             kind = chunk.WhichOneof("part")
             if kind == "start":

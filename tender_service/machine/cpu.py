@@ -185,7 +185,7 @@ class Cpu:
         self._fault: CpuExit | None = None
         self._stopped = False
         self._regbufs = {id(rs): _RegBuffers(rs) for rs in _REGSETS}
-        self._syscall_cb = None
+        self._syscall_cb: Callable[..., None] | None = None  # kept alive while hooked
         self._enter_user_mode()
         self.uc.reg_write(x86.UC_X86_REG_FPCW, LINUX_FPCW)
         self.uc.reg_write(x86.UC_X86_REG_MXCSR, LINUX_MXCSR)

@@ -40,7 +40,9 @@ def make_dispatcher(kernel: Kernel) -> Dispatcher:
     def dispatch(regs: ctypes.Array) -> None:
         nr = regs[0]
         lwp = kernel.current
+        assert lwp is not None  # a syscall comes from the thread that runs
         kernel.syscalls += 1
+        ret: object
         try:
             entry = table[nr] if nr < ntable else hypercalls.get(nr)
             if entry is None:
@@ -61,7 +63,7 @@ def make_dispatcher(kernel: Kernel) -> Dispatcher:
         except Exception as e:  # a kernel bug must not take the tender down
             _internal_error(kernel, lwp, nr, e)
             return
-        if ret.__class__ is int:
+        if type(ret) is int:
             set_rax(ret)
         elif ret is SWITCH:
             set_rax(0)

@@ -18,7 +18,7 @@ import os
 import selectors
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from tender_service.bmk.memalloc import MEMWHO_WIREDBMK, MemAlloc
@@ -28,7 +28,7 @@ from tender_service.machine.cpu import RIP, RSP, SYSCALL_INSN_LEN, Cpu, ExitKind
 from tender_service.machine.elf import ElfImage
 from tender_service.machine.errors import GuestError, ImageError
 from tender_service.machine.layout import PAGE_SIZE
-from tender_service.machine.loader import build_stack, layout_memory
+from tender_service.machine.loader import LoadedImage, build_stack, layout_memory
 from tender_service.machine.memory import GuestMemory
 from tender_service.machine.watchdog import WATCHDOG
 from tender_service.rump import signals
@@ -75,6 +75,8 @@ class RemoteHost(Protocol):
 class Kernel(ProcessTable):
     """One VM: machine + bmk + rump.  Build it, then call :meth:`run` once."""
 
+    loaded: LoadedImage  # set by boot(): where the first program was laid out
+
     def __init__(self, config: VmConfig, console: Console, mem: GuestMemory, brk_base: int,
                  pages: PageAllocator, heap: MemAlloc, forker: Forker | None = None) -> None:
         """A VM over prepared memory (see :meth:`boot`, and fork/snapshot.py's restore)."""
@@ -114,7 +116,7 @@ class Kernel(ProcessTable):
         self.init = self.new_process(None, FdTable(), "init")
 
     @classmethod
-    def boot(cls, image: ElfImage, argv: list[str | bytes], env: list[str | bytes],
+    def boot(cls, image: ElfImage, argv: Sequence[str | bytes], env: Sequence[str | bytes],
              config: VmConfig, console: Console, forker: Forker | None = None) -> Kernel:
         """A VM that starts ``image`` as its first program (pid 2)."""
         config.validate()
@@ -152,7 +154,7 @@ class Kernel(ProcessTable):
         """The most guest memory (heap pages) the VM had committed at once."""
         return max(self.pages.peak_bytes, self.pages.used_bytes)
 
-    def _spawn_main(self, argv: list[str | bytes], env: list[str | bytes]) -> Process:
+    def _spawn_main(self, argv: Sequence[str | bytes], env: Sequence[str | bytes]) -> Process:
         name = _b(argv[0]).decode(errors="replace").rsplit("/", 1)[-1] if argv else "main"
         fds = FdTable()
         fds.install(ConsoleFile(O_RDONLY, 0), fd=0)
@@ -192,6 +194,7 @@ class Kernel(ProcessTable):
             self._stop_reason = self._stop_reason or "done"
             self._finished = True
         main = self.main
+        assert main is not None  # boot() or a restored snapshot made it
         if outcome is None:
             outcome = "exited" if main.status & 0x7F == 0 else "signaled"
         return RunResult(status=main.status, outcome=outcome, reports=list(self.reports),
@@ -361,7 +364,8 @@ class Kernel(ProcessTable):
         if cpu is not None:
             cpu.close()
             del self.cpu
-        self.heap = None  # drop the heap's view of RAM before unmapping
+        with contextlib.suppress(AttributeError):  # close() may run twice
+            del self.heap  # drop the heap's view of RAM before unmapping
         self.mem.close()
 
 

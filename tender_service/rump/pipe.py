@@ -39,6 +39,8 @@ class Pipe:
         self.readable_wq = WaitQueue(f"pipe:{self.id}:read")
         self.writable_wq = WaitQueue(f"pipe:{self.id}:write")
         self.bytes_through = 0
+        #: set once the pipe moved into the supervisor's broker (VM-clone fork)
+        self.broker_id: int | None = None
 
 
 class PipeEnd(File):

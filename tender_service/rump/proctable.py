@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from tender_service.bmk.memalloc import MEMWHO_WIREDBMK
 from tender_service.bmk.sched import BmkThread
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from tender_service.bmk.memalloc import MemAlloc
     from tender_service.bmk.pagealloc import PageAllocator
     from tender_service.bmk.sched import Scheduler
-    from tender_service.rump.kernel import RemoteHost
+    from tender_service.rump.kernel import Kernel, RemoteHost
 
 INIT_PID = 1
 #: reaped processes remembered for the process table (``--ps``, describe)
@@ -83,7 +83,7 @@ class ProcessTable:
     def discard_process(self, proc: Process) -> None:
         """Undo a fork that failed half way: the pid never ran."""
         self.heap.free_owner(proc.pid)
-        proc.fds.close_all(self)
+        proc.fds.close_all(cast("Kernel", self))  # the Kernel class mixes this table in
         if proc.parent is not None:
             proc.parent.children.pop(proc.pid, None)
         self.procs.pop(proc.pid, None)
@@ -106,7 +106,7 @@ class ProcessTable:
             # before the fds close: the supervisor re-parents our children before any
             # of them can see EOF on a pipe we held (as Linux orders it for them)
             self.remote.process_exited(proc)
-        proc.fds.close_all(self)
+        proc.fds.close_all(cast("Kernel", self))  # the Kernel class mixes this table in
         self._release_memory(proc)
         for child in list(proc.children.values()):
             if child.remote:  # the instance's supervisor re-parents it
@@ -246,7 +246,8 @@ class ProcessTable:
         proc = self.new_process(None, fds, str(p["name"]), pid=pid)
         proc.ppid, proc.pgid, proc.sid = int(p["ppid"]), int(p["pgid"]), int(p["sid"])
         proc.brk = int(p["brk"])
-        proc.sigactions = {int(a[0]): tuple(int(x) for x in a[1:5]) for a in p["sigactions"]}
+        proc.sigactions = {int(a[0]): (int(a[1]), int(a[2]), int(a[3]), int(a[4]))
+                          for a in p["sigactions"]}
         proc.mmaps = {int(a): int(n) for a, n in p["mmaps"]}
         self._next_pid = max(self._next_pid, pid + 1)
         self.heap.reown(int(p["owner"]), pid)

@@ -77,6 +77,7 @@ class TlsFiles:
         if missing:
             raise ConfigError(f"TLS needs --tls-cert, --tls-key and --tls-ca together "
                               f"(missing {', '.join(missing)}): refusing to serve half of it")
+        assert cert and key and ca  # all three given: checked just above
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:
             ctx.load_cert_chain(cert, key)
@@ -146,6 +147,7 @@ class Tickets:
 
     def _mac(self, instance_id: str, pid: int, target: str, expiry: int, nonce: str) -> str:
         msg = "\0".join((instance_id, str(pid), target, str(expiry), nonce)).encode()
+        assert self.key is not None  # issue() and redeem() make no MAC without a token
         return hmac.new(self.key, msg, hashlib.sha256).hexdigest()
 
     def issue(self, instance_id: str, pid: int, target: str) -> str:
@@ -197,7 +199,7 @@ def resolve_host(host: str) -> set[str]:
     with contextlib.suppress(ValueError):
         return {str(ipaddress.ip_address(host.strip("[]")))}
     try:
-        return {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+        return {str(info[4][0]) for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
     except (OSError, UnicodeError):
         return set()
 

@@ -17,6 +17,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -38,7 +39,7 @@ class PeerHandle:
 
     address: str  # host:port of its peer listener
     creds: PeerCredentials
-    on_failure: object = None  # called with the address when the peer did not answer
+    on_failure: Callable[[str], None] | None = None  # called with the address when the peer did not answer
     remote = True
     pid = 0
 

@@ -192,6 +192,9 @@ class _ChannelBase:
 
     kind = ""
 
+    def _recv_locked(self, deadline: float | None) -> Frame | None:
+        raise NotImplementedError  # each transport receives its own way
+
     def __init__(self, sock: socket.socket, peer_hello: dict[str, Any]) -> None:
         sock.settimeout(None)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -314,7 +317,7 @@ class TcpChannel(_ChannelBase):
         # which whoever held the channel may keep for a long time
         with contextlib.suppress(BufferError):  # a slice still out: dropped with it
             self._rview.release()
-        self._rbuf = self._rview = None
+        del self._rbuf, self._rview
         super()._release()
 
     def send(self, frame: Frame) -> None:
@@ -472,6 +475,12 @@ class ShmExhausted(OSError):
     """The shared-memory filesystem has no room for a channel segment (ENOSPC)."""
 
 
+def _mapping(shm: SharedMemory) -> memoryview:
+    """The segment's memory (``buf`` is None only once the segment is closed)."""
+    assert shm.buf is not None
+    return shm.buf
+
+
 def _reserve(shm: SharedMemory) -> None:
     """Back every page of the segment now, so that touching one never raises SIGBUS."""
     try:
@@ -518,8 +527,8 @@ class ShmChannel(_ChannelBase):
         self._shm = shm
         self.segment_name = shm.name
         self.ring_size = ring_size
-        self._tx = _Ring(shm.buf, 0 if creator else 1, ring_size)
-        self._rx = _Ring(shm.buf, 1 if creator else 0, ring_size)
+        self._tx = _Ring(_mapping(shm), 0 if creator else 1, ring_size)
+        self._rx = _Ring(_mapping(shm), 1 if creator else 0, ring_size)
         self._tx_tail = self._tx.tail.value  # only we write it: no need to load it again
         self._rx_head = self._rx.head.value
         self._send_fence = _Fence()
@@ -557,7 +566,7 @@ class ShmChannel(_ChannelBase):
         _untrack(shm)
         try:
             _reserve(shm)
-            _SEGMENT.pack_into(shm.buf, 0, _SEGMENT_MAGIC, ring_size)
+            _SEGMENT.pack_into(_mapping(shm), 0, _SEGMENT_MAGIC, ring_size)
             info[_SHM_KEY] = {"name": shm.name, "ring_size": ring_size}
             write_hello(sock, "shm", info)
             ack = read_hello(sock, timeout)
@@ -613,7 +622,7 @@ class ShmChannel(_ChannelBase):
             raise
         try:
             _reserve(shm)  # a creator that did not reserve must not make us touch a hole
-            magic, size = _SEGMENT.unpack_from(shm.buf, 0)
+            magic, size = _SEGMENT.unpack_from(_mapping(shm), 0)
             if magic != _SEGMENT_MAGIC or size != ring_size or ring_size < MIN_RING_SIZE:
                 raise ProtocolError(f"segment {name} is not a channel segment of {ring_size}")
             if shm.size < _DATA_BASE + 2 * ring_size:

@@ -160,7 +160,7 @@ class VmLink:
             if isinstance(f, PipeEnd):
                 p = f.pipe
                 if id(f) not in converted:
-                    if not hasattr(p, "broker_id"):
+                    if p.broker_id is None:
                         # the pipe moves into the broker with whatever it holds
                         value, _ = self.call_full("pipe_create", p.readers, p.writers,
                                                   data=bytes(p.buf))
@@ -199,6 +199,7 @@ class VmLink:
 
     def _read_loop(self) -> None:
         k = self.kernel
+        assert k is not None  # attach() set it before starting this thread
         try:
             while not self._closed.is_set():
                 f = self.channel.recv()
@@ -238,7 +239,7 @@ class VmLink:
         elif t == Msg.SIGNAL:
             self._event(k, lambda: k.main is not None and k.post_signal(k.main, f.arg))
         elif t == Msg.REPARENT:
-            self._event(k, lambda: k.main is not None and setattr(k.main, "ppid", f.arg))
+            self._event(k, lambda: _set_ppid(k, f.arg))
         else:
             log.warning("pid %d: unexpected message %d from supervisor", self.pid, t)
 
@@ -254,4 +255,11 @@ class VmLink:
         if lwp is None or lwp.remote_req != f.req:
             return
         lwp.remote_result = (f.arg, f.payload, f.flags)
+        assert self.kernel is not None  # only an attached link has calls pending
         self.kernel.sched.make_runnable(lwp.thread)
+
+
+def _set_ppid(k: Kernel, ppid: int) -> None:
+    """The supervisor re-parented our process (its parent exited)."""
+    if k.main is not None:
+        k.main.ppid = ppid

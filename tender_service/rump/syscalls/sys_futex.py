@@ -25,9 +25,14 @@ FUTEX_WAIT_BITSET, FUTEX_WAKE_BITSET = 9, 10
 FUTEX_PRIVATE_FLAG, FUTEX_CLOCK_REALTIME = 128, 256
 
 
-def _queue(k: Kernel, addr: int, create: bool) -> WaitQueue | None:
+def _queue(k: Kernel, addr: int) -> WaitQueue | None:
+    return k.futexes.get(addr)
+
+
+def _new_queue(k: Kernel, addr: int) -> WaitQueue:
+    """The wait queue of ``addr``, made on first use."""
     q = k.futexes.get(addr)
-    if q is None and create:
+    if q is None:
         q = k.futexes[addr] = WaitQueue(f"futex:{addr:#x}")
     return q
 
@@ -51,7 +56,7 @@ def sys_futex(k: Kernel, lwp: Lwp, uaddr: int, op: int, val: int, timeout: int, 
         if timeout and not lwp.deadline:
             sec, nsec = read_timespec(k.mem, timeout)
             lwp.deadline = time.monotonic() + sec + nsec / 1e9  # FUTEX_WAIT: relative
-        raise Block(_queue(k, uaddr, True), f"futex wait {uaddr:#x}",
+        raise Block(_new_queue(k, uaddr), f"futex wait {uaddr:#x}",
                     until=lwp.deadline or None)
     if cmd in (FUTEX_WAKE, FUTEX_WAKE_BITSET):
         k.mem.offset(uaddr, 4)
@@ -60,9 +65,9 @@ def sys_futex(k: Kernel, lwp: Lwp, uaddr: int, op: int, val: int, timeout: int, 
         if cmd == FUTEX_CMP_REQUEUE and k.mem.read_u32(uaddr) != val3 & 0xFFFF_FFFF:
             raise GuestError(errno.EAGAIN)
         woken = _wake(k, uaddr, i32(val))
-        src = _queue(k, uaddr, False)
+        src = _queue(k, uaddr)
         if src is not None and src.waiters:
-            dst = _queue(k, uaddr2, True)
+            dst = _new_queue(k, uaddr2)
             moved, src.waiters = src.waiters[: max(0, timeout)], src.waiters[max(0, timeout):]
             for t in moved:
                 t.waiting_on = dst
@@ -73,7 +78,7 @@ def sys_futex(k: Kernel, lwp: Lwp, uaddr: int, op: int, val: int, timeout: int, 
 
 
 def _wake(k: Kernel, uaddr: int, n: int) -> int:
-    q = _queue(k, uaddr, False)
+    q = _queue(k, uaddr)
     if q is None or n <= 0:
         return 0
     woken = q.waiters[:n]

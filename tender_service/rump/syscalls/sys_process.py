@@ -211,6 +211,7 @@ def _proc(k: Kernel, lwp: Lwp, pid: int) -> Process:
 
 
 def _remote(k: Kernel, op: str, *args: int) -> int:
+    assert k.remote is not None, "only a VM of a VM-clone instance asks its supervisor"
     value = k.remote.call(op, *args)
     if value < 0:
         raise GuestError(-value)
@@ -257,6 +258,7 @@ def sys_setpgid(k: Kernel, lwp: Lwp, pid: int, pgid: int) -> int:
     new = pgroups.setpgid(lwp.proc, target, pgid, _members(k))
     if new < 0:
         raise GuestError(-new)
+    assert target is not None  # setpgid refuses a missing target (ESRCH)
     target.pgid = new
     return 0
 

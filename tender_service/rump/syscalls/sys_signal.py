@@ -31,7 +31,7 @@ def _check_sig(sig: int) -> int:
     return sig
 
 
-def _send(k: Kernel, lwp: Lwp, targets: list[Process], sig: int) -> int:
+def _send(k: Kernel, lwp: Lwp, targets: list[Process], sig: int) -> int | object:
     """Signal every target; NORETURN if the caller itself died of it."""
     if not targets:
         raise GuestError(errno.ESRCH)
