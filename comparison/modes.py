@@ -306,7 +306,9 @@ class RemoteRunner(Runner):
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         stub = health_pb2_grpc.HealthStub(self.client.channel)
-        r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout,
+        # the stubs declare no methods on HealthStub: its Check is generated
+        r = stub.Check(health_pb2.HealthCheckRequest(service=""),  # type: ignore[attr-defined]
+                       timeout=timeout,
                        metadata=self.client.md)
         if r.status != health_pb2.HealthCheckResponse.SERVING:
             raise RuntimeError(f"tender {self.target} is not serving")

@@ -13,6 +13,7 @@ the start or live.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import threading
@@ -341,7 +342,7 @@ class InstanceManager:
             running.kill("killed")
         return True
 
-    def shutdown(self, grace: float) -> list[Instance]:
+    def shutdown(self, grace: float) -> builtins.list[Instance]:  # list: the method above
         """Stop accepting, let running instances finish for ``grace`` s, kill the rest."""
         with self.lock:
             self.accepting = False

@@ -493,9 +493,7 @@ class Tender:
         """Graceful: refuse launches, let instances finish, kill what is left."""
         self._on_loop(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
         killed = self.manager.shutdown(self.opts.grace)
-        # instances.py annotates shutdown() inside a class with a list() method: fixed after
-        # the backend merge (then this ignore is unused and mypy says so)
-        for inst in killed:  # type: ignore[attr-defined]
+        for inst in killed:
             log.warning("shutdown: instance %s killed after the %g s grace period", inst.id,
                         self.opts.grace)
         self.stop_event.set()

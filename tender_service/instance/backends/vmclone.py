@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from tender_service.instance.backends.base import (
     BackendContext,
@@ -23,7 +24,7 @@ from tender_service.instance.backends.base import (
     run_instance,
 )
 from tender_service.instance.pool import WarmPool
-from tender_service.instance.supervisor import Supervisor
+from tender_service.instance.supervisor import ForkObserver, Supervisor
 from tender_service.rump.console import Sink
 from tender_service.rump.vminfo import ProcInfo, RunResult, VmConfig
 from tender_service.vm import DEFAULT_ENV, _program_name
@@ -80,7 +81,10 @@ class VmcloneBackend:
             sup = Supervisor(self._pool(spec.placement), spec.transport, sink,
                              spec.config or VmConfig(), spec.instance_id,
                              listen_host=ctx.listen_host, advertise_host=ctx.advertise_host,
-                             placement=spec.placement, observer=observer,
+                             placement=spec.placement,
+                             # the tender's MetricsObserver implements ForkObserver; one-shot
+                             # runs pass the harness's, which does too, or None
+                             observer=cast("ForkObserver | None", observer),
                              self_handle=ctx.self_handle, peer_timeout=ctx.peer_timeout,
                              budget=ctx.budget, ticket_for=ctx.ticket_for)
         except BaseException:
