@@ -36,7 +36,8 @@ test: images
 # ruff (with a complexity ceiling) and mypy (its files and settings: pyproject.toml);
 # mypy reads the generated gRPC modules, hence proto
 lint: proto
-	$(VENV)/bin/ruff check unifork tender_service comparison tests
+	$(VENV)/bin/ruff check unifork tender_service comparison tests setup.py
+	$(VENV)/bin/ruff format --check unifork tender_service comparison tests setup.py
 	$(VENV)/bin/mypy
 
 docs: setup

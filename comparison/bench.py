@@ -36,8 +36,16 @@ from tender_service.vm import CaptureSink, run_vm
 log = logging.getLogger("comparison.bench")
 
 ROOT = Path(__file__).resolve().parents[1]
-PROGRAMS = ("getppid_loop", "cpu_loop", "hello", "fork_time", "fork_exit_wait",
-            "pipe_throughput", "pipe_bw", "children_blocked")
+PROGRAMS = (
+    "getppid_loop",
+    "cpu_loop",
+    "hello",
+    "fork_time",
+    "fork_exit_wait",
+    "pipe_throughput",
+    "pipe_bw",
+    "children_blocked",
+)
 VM_TIMEOUT = 120.0  # seconds of wall time for any one VM
 NATIVE_TIMEOUT = 120.0
 KIB = 1024
@@ -97,17 +105,28 @@ def run_native(path: Path, args: Sequence[str] = (), cpus: set[int] | None = Non
     """
     with affinity(cpus):
         t0 = time.perf_counter()
-        p = subprocess.run([str(path), *args], capture_output=True, text=True,
-                           stdin=subprocess.DEVNULL, timeout=NATIVE_TIMEOUT, check=False)
+        p = subprocess.run(
+            [str(path), *args],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=NATIVE_TIMEOUT,
+            check=False,
+        )
         wall = time.perf_counter() - t0
     if p.returncode != 0:
-        raise BenchError(f"native {path.name} {' '.join(args)}: exit {p.returncode}\n"
-                         f"{p.stderr.strip()}")
+        raise BenchError(
+            f"native {path.name} {' '.join(args)}: exit {p.returncode}\n{p.stderr.strip()}"
+        )
     return Run(p.stdout, wall)
 
 
-def run_in_vm(path: Path, args: Sequence[str] = (), sink: CaptureSink | None = None,
-              config: VmConfig | None = None) -> Run:
+def run_in_vm(
+    path: Path,
+    args: Sequence[str] = (),
+    sink: CaptureSink | None = None,
+    config: VmConfig | None = None,
+) -> Run:
     """The same binary in a thread-fork VM in this process (console is a plain stream)."""
     sink = sink or CaptureSink()
     config = config or VmConfig(timeout=VM_TIMEOUT, tty=False)
@@ -115,8 +134,12 @@ def run_in_vm(path: Path, args: Sequence[str] = (), sink: CaptureSink | None = N
     r = run_vm(path, args, config=config, sink=sink)
     wall = time.perf_counter() - t0
     if r.outcome != "exited" or r.exit_code != 0:
-        raise BenchError(f"VM {path.name} {' '.join(args)}: {r.outcome}, exit {r.exit_code}\n"
-                         + "\n".join(r.reports) + "\n" + sink.stderr.decode(errors="replace"))
+        raise BenchError(
+            f"VM {path.name} {' '.join(args)}: {r.outcome}, exit {r.exit_code}\n"
+            + "\n".join(r.reports)
+            + "\n"
+            + sink.stderr.decode(errors="replace")
+        )
     return Run(sink.stdout.decode(errors="replace"), wall, r)
 
 
@@ -128,8 +151,9 @@ def floats(stdout: str, key: str) -> list[float]:
     return vals
 
 
-def interleave(label: str, sides: dict[str, tuple[Callable[[], Run], int]], warmup: int,
-               progress: ProgressBar) -> dict[str, list[Run]]:
+def interleave(
+    label: str, sides: dict[str, tuple[Callable[[], Run], int]], warmup: int, progress: ProgressBar
+) -> dict[str, list[Run]]:
     """``warmup`` discarded runs of each side, then the kept runs, interleaved.
 
     Each side's runs are spread evenly over the rounds, so slow spells of a
@@ -145,8 +169,10 @@ def interleave(label: str, sides: dict[str, tuple[Callable[[], Run], int]], warm
     every = max(1, rounds // 4)
     for i in range(rounds):
         if i % every == 0 or i == rounds - 1:
-            progress.step(f"{label}: round {i + 1}/{rounds} "
-                          f"({', '.join(f'{n} x{r}' for n, (_f, r) in sides.items())})")
+            progress.step(
+                f"{label}: round {i + 1}/{rounds} "
+                f"({', '.join(f'{n} x{r}' for n, (_f, r) in sides.items())})"
+            )
         for name, (fn, runs) in sides.items():
             # runs of this side due by the end of round i
             while len(out[name]) < (i + 1) * runs // rounds:
@@ -275,21 +301,38 @@ class Bench:
         img = self.image("getppid_loop")
         vm_n, nat_n = self.p.pick(100_000, 200_000), self.p.pick(1_000_000, 2_000_000)
         runs = self.p.pick(5, 9)
-        out = interleave("syscall: getppid_loop", {
-            "vm": (self.vm(img, [str(vm_n)]), runs),
-            "native": (self.native(img, [str(nat_n)]), runs)}, 1, self.progress)
+        out = interleave(
+            "syscall: getppid_loop",
+            {
+                "vm": (self.vm(img, [str(vm_n)]), runs),
+                "native": (self.native(img, [str(nat_n)]), runs),
+            },
+            1,
+            self.progress,
+        )
         vm_us = [floats(r.stdout, "ns_per_call")[0] / 1e3 for r in out["vm"]]
         nat_us = [floats(r.stdout, "ns_per_call")[0] / 1e3 for r in out["native"]]
-        syscalls = [r.vm_result.syscalls for r in out["vm"]
-                    if r.vm_result.syscalls is not None]  # a thread-fork VM counts them
-        return [Row("syscall", "1 syscall round trip (getppid)", "us", _median(nat_us),
-                    _median(vm_us), Target("vm", "<=", 3.0, "VM <= 3 us/call"),
-                    notes=[f"VM {runs} runs x {vm_n} calls, native {runs} runs x {nat_n} calls "
-                           "(+1 warm-up run each); ns_per_call measured inside the program",
-                           f"per-run VM: {', '.join(f'{x:.3f}' for x in vm_us)} us",
-                           f"per-run native: {', '.join(f'{x:.3f}' for x in nat_us)} us",
-                           f"VM syscalls per run (RunResult): {min(syscalls)}..{max(syscalls)}"],
-                    samples={"vm_us_per_call": vm_us, "native_us_per_call": nat_us})]
+        syscalls = [
+            r.vm_result.syscalls for r in out["vm"] if r.vm_result.syscalls is not None
+        ]  # a thread-fork VM counts them
+        return [
+            Row(
+                "syscall",
+                "1 syscall round trip (getppid)",
+                "us",
+                _median(nat_us),
+                _median(vm_us),
+                Target("vm", "<=", 3.0, "VM <= 3 us/call"),
+                notes=[
+                    f"VM {runs} runs x {vm_n} calls, native {runs} runs x {nat_n} calls "
+                    "(+1 warm-up run each); ns_per_call measured inside the program",
+                    f"per-run VM: {', '.join(f'{x:.3f}' for x in vm_us)} us",
+                    f"per-run native: {', '.join(f'{x:.3f}' for x in nat_us)} us",
+                    f"VM syscalls per run (RunResult): {min(syscalls)}..{max(syscalls)}",
+                ],
+                samples={"vm_us_per_call": vm_us, "native_us_per_call": nat_us},
+            )
+        ]
 
     # 2 -----------------------------------------------------------------------------
     def hello(self) -> list[Row]:
@@ -303,12 +346,20 @@ class Bench:
             # as a user would start it: on every CPU, not the benchmark's one
             with affinity(self.p.all_cpus):
                 t0 = time.perf_counter()
-                p = subprocess.run([str(unifork), "run", "hello"], capture_output=True,
-                                   text=True, stdin=subprocess.DEVNULL, timeout=60, check=False)
+                p = subprocess.run(
+                    [str(unifork), "run", "hello"],
+                    capture_output=True,
+                    text=True,
+                    stdin=subprocess.DEVNULL,
+                    timeout=60,
+                    check=False,
+                )
                 wall = time.perf_counter() - t0
             if p.returncode != 0 or p.stdout != expected:
-                raise BenchError(f"unifork run hello: exit {p.returncode}, stdout "
-                                 f"{p.stdout!r}, stderr {p.stderr.strip()!r}")
+                raise BenchError(
+                    f"unifork run hello: exit {p.returncode}, stdout "
+                    f"{p.stdout!r}, stderr {p.stderr.strip()!r}"
+                )
             return Run(p.stdout, wall)
 
         def checked(fn: Callable[[], Run], what: str) -> Callable[[], Run]:
@@ -320,34 +371,58 @@ class Bench:
 
             return go
 
-        out = interleave("hello", {
-            "cli": (cli, self.p.pick(10, 30)),
-            "vm": (checked(self.vm(img), "VM"), self.p.pick(50, 200))}, 3, self.progress)
+        out = interleave(
+            "hello",
+            {
+                "cli": (cli, self.p.pick(10, 30)),
+                "vm": (checked(self.vm(img), "VM"), self.p.pick(50, 200)),
+            },
+            3,
+            self.progress,
+        )
         # Not interleaved: on some hosts (seen in a Firecracker guest) a process
         # started just after a VM's 64 MiB were unmapped is sometimes ~1 ms
         # slower, which would charge the VM's cost to the native reference.
         time.sleep(0.2)
-        out |= interleave("hello: native", {
-            "native": (checked(self.native(img), "native"), self.p.pick(50, 200))},
-            3, self.progress)
+        out |= interleave(
+            "hello: native",
+            {"native": (checked(self.native(img), "native"), self.p.pick(50, 200))},
+            3,
+            self.progress,
+        )
         c = [r.wall for r in out["cli"]]
         v = [r.wall for r in out["vm"]]
         loop = [r.vm_result.elapsed for r in out["vm"]]
         n = [r.wall for r in out["native"]]
         nat = _median(n)
         return [
-            Row("hello_cli", "2 `unifork run hello` process wall", "s", nat, _median(c),
+            Row(
+                "hello_cli",
+                "2 `unifork run hello` process wall",
+                "s",
+                nat,
+                _median(c),
                 Target("vm", "<=", 0.25, "VM <= 0.25 s"),
-                notes=[sample_note("unifork run hello (subprocess)", c, "s"),
-                       sample_note("native hello process (spawn + wait)", n, "s"),
-                       f"CLI: {unifork}; 3 warm-up runs of each"],
-                samples={"vm_cli_wall_s": c, "native_process_wall_s": n}),
-            Row("hello_inproc", "2 run_vm(hello) in a running process", "s", nat, _median(v),
+                notes=[
+                    sample_note("unifork run hello (subprocess)", c, "s"),
+                    sample_note("native hello process (spawn + wait)", n, "s"),
+                    f"CLI: {unifork}; 3 warm-up runs of each",
+                ],
+                samples={"vm_cli_wall_s": c, "native_process_wall_s": n},
+            ),
+            Row(
+                "hello_inproc",
+                "2 run_vm(hello) in a running process",
+                "s",
+                nat,
+                _median(v),
                 Target("vm", "<=", 0.010, "VM <= 10 ms"),
-                notes=[sample_note("create_vm + run + close", v, "s"),
-                       sample_note("of which Kernel.run (RunResult.elapsed)", loop, "s")],
-                samples={"vm_inproc_wall_s": v, "vm_run_loop_s": loop,
-                         "native_process_wall_s": n}),
+                notes=[
+                    sample_note("create_vm + run + close", v, "s"),
+                    sample_note("of which Kernel.run (RunResult.elapsed)", loop, "s"),
+                ],
+                samples={"vm_inproc_wall_s": v, "vm_run_loop_s": loop, "native_process_wall_s": n},
+            ),
         ]
 
     # 3 -----------------------------------------------------------------------------
@@ -359,40 +434,69 @@ class Bench:
         for check_n in ("1", "20000"):
             if run_in_vm(img, [check_n]).stdout != run_native(img, [check_n]).stdout:
                 raise BenchError("cpu_loop: VM and native outputs differ")
-        out = interleave("cpu: cpu_loop", {
-            "vm": (self.vm(img, [str(vm_n)]), self.p.pick(3, 5)),
-            "native": (self.native(img, [str(nat_n)]), self.p.pick(5, 7))}, 1, self.progress)
+        out = interleave(
+            "cpu: cpu_loop",
+            {
+                "vm": (self.vm(img, [str(vm_n)]), self.p.pick(3, 5)),
+                "native": (self.native(img, [str(nat_n)]), self.p.pick(5, 7)),
+            },
+            1,
+            self.progress,
+        )
         vm_ns = [r.wall / vm_n * 1e9 for r in out["vm"]]
         nat_ns = [r.wall / nat_n * 1e9 for r in out["native"]]
-        return [Row("cpu_loop", "3 cpu_loop time per round", "ns", _median(nat_ns), _median(vm_ns),
-                    notes=[f"wall time of the whole run / N; VM N={vm_n} ({len(vm_ns)} runs), "
-                           f"native N={nat_n} ({len(nat_ns)} runs), +1 warm-up each; "
-                           "start-up is ~1% of either",
-                           f"VM runs: {', '.join(fmt(r.wall, 's') for r in out['vm'])}",
-                           f"native runs: {', '.join(fmt(r.wall, 's') for r in out['native'])}"],
-                    samples={"vm_ns_per_round": vm_ns, "native_ns_per_round": nat_ns})]
+        return [
+            Row(
+                "cpu_loop",
+                "3 cpu_loop time per round",
+                "ns",
+                _median(nat_ns),
+                _median(vm_ns),
+                notes=[
+                    f"wall time of the whole run / N; VM N={vm_n} ({len(vm_ns)} runs), "
+                    f"native N={nat_n} ({len(nat_ns)} runs), +1 warm-up each; "
+                    "start-up is ~1% of either",
+                    f"VM runs: {', '.join(fmt(r.wall, 's') for r in out['vm'])}",
+                    f"native runs: {', '.join(fmt(r.wall, 's') for r in out['native'])}",
+                ],
+                samples={"vm_ns_per_round": vm_ns, "native_ns_per_round": nat_ns},
+            )
+        ]
 
     # 4 -----------------------------------------------------------------------------
     def fork(self) -> list[Row]:
         img = self.image("fork_time")
         forks, runs = self.p.pick(50, 100), self.p.pick(4, 20)
         args = ["-n", str(forks)]
-        out = interleave(f"fork: fork_time -n {forks}", {
-            "vm": (self.vm(img, args), runs), "native": (self.native(img, args), runs)},
-            1, self.progress)
+        out = interleave(
+            f"fork: fork_time -n {forks}",
+            {"vm": (self.vm(img, args), runs), "native": (self.native(img, args), runs)},
+            1,
+            self.progress,
+        )
         # the first fork of each program run is its own warm-up (cold caches, JIT)
         vm_us = [x for r in out["vm"] for x in floats(r.stdout, "fork_us")[1:]]
         nat_us = [x for r in out["native"] for x in floats(r.stdout, "fork_us")[1:]]
         per_run = [median(floats(r.stdout, "fork_us")[1:]) for r in out["vm"]]
-        return [Row("fork", "4 fork, parent side (fork_time)", "us", _median(nat_us),
-                    _median(vm_us), Target("ratio", "<=", 1.0, "<= 1.0x native"),
-                    notes=[sample_note("VM", vm_us, "us"), sample_note("native", nat_us, "us"),
-                           f"{runs} program runs x {forks} forks each side (+1 warm-up run), "
-                           "first fork of each run dropped",
-                           f"VM median per program run: {', '.join(f'{x:.0f}' for x in per_run)}"
-                           " us",
-                           "reference: thesis (Rumprun) 7.5x native, a peer emulator 148x"],
-                    samples={"vm_fork_us": vm_us, "native_fork_us": nat_us})]
+        return [
+            Row(
+                "fork",
+                "4 fork, parent side (fork_time)",
+                "us",
+                _median(nat_us),
+                _median(vm_us),
+                Target("ratio", "<=", 1.0, "<= 1.0x native"),
+                notes=[
+                    sample_note("VM", vm_us, "us"),
+                    sample_note("native", nat_us, "us"),
+                    f"{runs} program runs x {forks} forks each side (+1 warm-up run), "
+                    "first fork of each run dropped",
+                    f"VM median per program run: {', '.join(f'{x:.0f}' for x in per_run)} us",
+                    "reference: thesis (Rumprun) 7.5x native, a peer emulator 148x",
+                ],
+                samples={"vm_fork_us": vm_us, "native_fork_us": nat_us},
+            )
+        ]
 
     # 5 -----------------------------------------------------------------------------
     def fork_wait(self) -> list[Row]:
@@ -409,17 +513,34 @@ class Bench:
 
             return go
 
-        out = interleave("fork+exit+wait: fork_exit_wait -t", {
-            "vm": (checked(self.vm(img, args)), runs),
-            "native": (checked(self.native(img, args)), runs)}, 1, self.progress)
+        out = interleave(
+            "fork+exit+wait: fork_exit_wait -t",
+            {
+                "vm": (checked(self.vm(img, args)), runs),
+                "native": (checked(self.native(img, args)), runs),
+            },
+            1,
+            self.progress,
+        )
         vm_us = [x for r in out["vm"] for x in floats(r.stdout, "fork_wait_us")[1:]]
         nat_us = [x for r in out["native"] for x in floats(r.stdout, "fork_wait_us")[1:]]
-        return [Row("fork_exit_wait", "5 fork + _exit(i%7) + waitpid", "us", _median(nat_us),
-                    _median(vm_us), Target("ratio", "<=", 3.0, "<= 3x native"),
-                    notes=[sample_note("VM", vm_us, "us"), sample_note("native", nat_us, "us"),
-                           f"{runs} program runs x 100 iterations each side (+1 warm-up run), "
-                           "first iteration of each run dropped; every status checked"],
-                    samples={"vm_fork_wait_us": vm_us, "native_fork_wait_us": nat_us})]
+        return [
+            Row(
+                "fork_exit_wait",
+                "5 fork + _exit(i%7) + waitpid",
+                "us",
+                _median(nat_us),
+                _median(vm_us),
+                Target("ratio", "<=", 3.0, "<= 3x native"),
+                notes=[
+                    sample_note("VM", vm_us, "us"),
+                    sample_note("native", nat_us, "us"),
+                    f"{runs} program runs x 100 iterations each side (+1 warm-up run), "
+                    "first iteration of each run dropped; every status checked",
+                ],
+                samples={"vm_fork_wait_us": vm_us, "native_fork_wait_us": nat_us},
+            )
+        ]
 
     # 6 -----------------------------------------------------------------------------
     def pipe(self) -> list[Row]:
@@ -427,7 +548,9 @@ class Bench:
         runs = self.p.pick(5, 15)
         args = ["-m", "64"]
         sides: dict[str, tuple[Callable[[], Run], int]] = {
-            "vm": (self.vm(bw, args), runs), "native": (self.native(bw, args), runs)}
+            "vm": (self.vm(bw, args), runs),
+            "native": (self.native(bw, args), runs),
+        }
         if self.p.all_cpus is not None:  # the other baseline, for information
             sides["unpinned"] = (lambda: run_native(bw, args, self.p.all_cpus), runs)
         out = interleave("pipe: pipe_bw -m 64", sides, 1, self.progress)
@@ -436,39 +559,73 @@ class Bench:
                 raise BenchError(f"pipe_bw: unexpected output {r.stdout!r}")
         bws = {k: [floats(r.stdout, "mib_per_s")[0] for r in v] for k, v in out.items()}
         pinned = self.p.all_cpus is not None
-        rows = [Row("pipe_bw", "6 pipe 64 MiB in 64 KiB writes (pipe_bw)", "MiB/s",
-                    _median(bws["native"]), _median(bws["vm"]),
-                    Target("ratio", ">=", 0.5, ">= 0.5x native"),
-                    notes=[f"{runs} runs each (+1 warm-up); first read to EOF, measured inside "
-                           "the program; native "
-                           + ("pinned to the benchmark's CPU" if pinned else "not pinned"),
-                           *(f"{k} runs: {', '.join(f'{x:.0f}' for x in v)} MiB/s"
-                             for k, v in bws.items())],
-                    samples={f"{k}_mib_per_s": v for k, v in bws.items()})]
+        rows = [
+            Row(
+                "pipe_bw",
+                "6 pipe 64 MiB in 64 KiB writes (pipe_bw)",
+                "MiB/s",
+                _median(bws["native"]),
+                _median(bws["vm"]),
+                Target("ratio", ">=", 0.5, ">= 0.5x native"),
+                notes=[
+                    f"{runs} runs each (+1 warm-up); first read to EOF, measured inside "
+                    "the program; native "
+                    + ("pinned to the benchmark's CPU" if pinned else "not pinned"),
+                    *(
+                        f"{k} runs: {', '.join(f'{x:.0f}' for x in v)} MiB/s"
+                        for k, v in bws.items()
+                    ),
+                ],
+                samples={f"{k}_mib_per_s": v for k, v in bws.items()},
+            )
+        ]
         if pinned:
-            rows.append(Row("pipe_bw_unpinned", "6 pipe_bw, native not pinned (info)", "MiB/s",
-                            _median(bws["unpinned"]), _median(bws["vm"]),
-                            notes=["native parent and child free to run on different CPUs (cross-CPU "
-                                   "wake-ups can make it bimodal: 0.7..3.3 GiB/s seen)"],
-                            samples={"unpinned_mib_per_s": bws["unpinned"]}))
+            rows.append(
+                Row(
+                    "pipe_bw_unpinned",
+                    "6 pipe_bw, native not pinned (info)",
+                    "MiB/s",
+                    _median(bws["unpinned"]),
+                    _median(bws["vm"]),
+                    notes=[
+                        "native parent and child free to run on different CPUs (cross-CPU "
+                        "wake-ups can make it bimodal: 0.7..3.3 GiB/s seen)"
+                    ],
+                    samples={"unpinned_mib_per_s": bws["unpinned"]},
+                )
+            )
 
         pt = self.image("pipe_throughput")
         mib = self.p.pick(16, 64)
         targs = ["-t", "-m", str(mib)]
-        out = interleave(f"pipe: pipe_throughput -m {mib}", {
-            "vm": (self.vm(pt, targs), self.p.pick(1, 3)),
-            "native": (self.native(pt, targs), self.p.pick(3, 5))}, 1, self.progress)
+        out = interleave(
+            f"pipe: pipe_throughput -m {mib}",
+            {
+                "vm": (self.vm(pt, targs), self.p.pick(1, 3)),
+                "native": (self.native(pt, targs), self.p.pick(3, 5)),
+            },
+            1,
+            self.progress,
+        )
         if len({r.stdout.splitlines()[0] for runs_ in out.values() for r in runs_}) != 1:
             raise BenchError("pipe_throughput: VM and native checksums differ")
         tvm = [floats(r.stdout, "mib_per_s")[0] for r in out["vm"]]
         tnat = [floats(r.stdout, "mib_per_s")[0] for r in out["native"]]
-        rows.append(Row("pipe_throughput",
-                        f"6 pipe {mib} MiB, every byte checked (pipe_throughput)", "MiB/s",
-                        _median(tnat), _median(tvm),
-                        notes=[f"fork to reaped child; VM {len(tvm)} runs, native {len(tnat)} "
-                               "runs (+1 warm-up); CPU-bound in the emulator (checks and hashes "
-                               "every byte)"],
-                        samples={"vm_mib_per_s": tvm, "native_mib_per_s": tnat}))
+        rows.append(
+            Row(
+                "pipe_throughput",
+                f"6 pipe {mib} MiB, every byte checked (pipe_throughput)",
+                "MiB/s",
+                _median(tnat),
+                _median(tvm),
+                notes=[
+                    f"fork to reaped child; VM {len(tvm)} runs, native {len(tnat)} "
+                    "runs (+1 warm-up); CPU-bound in the emulator (checks and hashes "
+                    "every byte)"
+                ],
+                samples={"vm_mib_per_s": tvm, "native_mib_per_s": tnat},
+            )
+        )
         return rows
 
     # 7 -----------------------------------------------------------------------------
@@ -518,24 +675,43 @@ class Bench:
         rss_child = [(b - a) / n / KIB for a, b in zip(rss0, rss32, strict=True)]
         limit = (stack + 16 * KIB) / KIB
         return [
-            Row("mem_per_child", "7 guest memory committed per blocked child", "KiB", None,
+            Row(
+                "mem_per_child",
+                "7 guest memory committed per blocked child",
+                "KiB",
+                None,
                 _median(per_child),
                 Target("vm", "<=", limit, f"<= stack + 16 KiB = {limit:.0f} KiB"),
-                notes=[f"(peak_memory(N={n}) - peak_memory(N=0)) / {n}, {runs} runs; "
-                       f"peak N=0: {_median(peak0) / KIB:.0f} KiB, N={n}: "
-                       f"{_median(peak32) / KIB:.0f} KiB; stack_size {stack // KIB} KiB",
-                       "native run of the same program checked (children= / reaped= lines)"],
-                samples={"peak_memory_n0": [float(x) for x in peak0],
-                         f"peak_memory_n{n}": [float(x) for x in peak32],
-                         "per_child_kib": per_child}),
-            Row("rss_per_child", "7 host RSS growth per blocked child (info)", "KiB", None,
+                notes=[
+                    f"(peak_memory(N={n}) - peak_memory(N=0)) / {n}, {runs} runs; "
+                    f"peak N=0: {_median(peak0) / KIB:.0f} KiB, N={n}: "
+                    f"{_median(peak32) / KIB:.0f} KiB; stack_size {stack // KIB} KiB",
+                    "native run of the same program checked (children= / reaped= lines)",
+                ],
+                samples={
+                    "peak_memory_n0": [float(x) for x in peak0],
+                    f"peak_memory_n{n}": [float(x) for x in peak32],
+                    "per_child_kib": per_child,
+                },
+            ),
+            Row(
+                "rss_per_child",
+                "7 host RSS growth per blocked child (info)",
+                "KiB",
+                None,
                 _median(rss_child),
-                notes=[f"growth of this process's RSS from before the VM to the `children=` "
-                       f"line, (N={n} - N=0) / {n}; includes the Python objects per process "
-                       "and guest pages touched; noisy",
-                       f"per run: {', '.join(f'{x:.1f}' for x in rss_child)} KiB"],
-                samples={"rss_n0": [float(x) for x in rss0], f"rss_n{n}": [float(x) for x in rss32],
-                         "per_child_kib": rss_child}),
+                notes=[
+                    f"growth of this process's RSS from before the VM to the `children=` "
+                    f"line, (N={n} - N=0) / {n}; includes the Python objects per process "
+                    "and guest pages touched; noisy",
+                    f"per run: {', '.join(f'{x:.1f}' for x in rss_child)} KiB",
+                ],
+                samples={
+                    "rss_n0": [float(x) for x in rss0],
+                    f"rss_n{n}": [float(x) for x in rss32],
+                    "per_child_kib": rss_child,
+                },
+            ),
         ]
 
 
@@ -575,9 +751,13 @@ def machine_info() -> dict[str, object]:
     except Exception:  # noqa: BLE001 - informational only
         uc = "unknown"
     try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-                                capture_output=True, text=True, timeout=5,
-                                check=False).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        ).stdout.strip()
     except OSError:
         commit = ""
     return {
@@ -601,9 +781,17 @@ def fmt_ratio(r: float | None) -> str:
 
 def table(rows: list[Row]) -> str:
     head = ("benchmark", "native", "VM", "VM/native", "target", "result")
-    body = [(r.name, fmt(r.native, r.unit), fmt(r.vm, r.unit),
-             fmt_ratio(r.ratio),
-             r.target.text if r.target else "(none)", r.mark()) for r in rows]
+    body = [
+        (
+            r.name,
+            fmt(r.native, r.unit),
+            fmt(r.vm, r.unit),
+            fmt_ratio(r.ratio),
+            r.target.text if r.target else "(none)",
+            r.mark(),
+        )
+        for r in rows
+    ]
     return "\n".join(grid(head, body, {1, 2, 3}))
 
 
@@ -624,19 +812,34 @@ def _chosen_cpu(parser: argparse.ArgumentParser, spec: str, all_cpus: set[int]) 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="fewer and shorter runs (< 60 s); the full run takes a few minutes")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer and shorter runs (< 60 s); the full run takes a few minutes",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write raw samples and machine info")
-    parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), metavar="KEY",
-                        help=f"run only these ({', '.join(BENCHMARKS)})")
-    parser.add_argument("--cpu", default="auto", metavar="CPU|none",
-                        help="pin the benchmark, and so the VMs and the native runs, to this "
-                             "CPU (default: the first one this process may use); 'none' "
-                             "leaves the native processes free to spread over all CPUs")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=list(BENCHMARKS),
+        metavar="KEY",
+        help=f"run only these ({', '.join(BENCHMARKS)})",
+    )
+    parser.add_argument(
+        "--cpu",
+        default="auto",
+        metavar="CPU|none",
+        help="pin the benchmark, and so the VMs and the native runs, to this "
+        "CPU (default: the first one this process may use); 'none' "
+        "leaves the native processes free to spread over all CPUs",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     a = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, stream=sys.stderr,
-                        format="bench: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if a.quiet else logging.INFO,
+        stream=sys.stderr,
+        format="bench: %(message)s",
+    )
     # the VM's own warnings (e.g. unsupported syscalls) still show; its info chatter does not
     logging.getLogger("tender_service").setLevel(logging.WARNING)
 
@@ -647,8 +850,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cpu = _chosen_cpu(parser, a.cpu, all_cpus)
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
-    bench = Bench(Params(quick=a.quick, all_cpus=all_cpus if cpu is not None else None),
-                  progress)
+    bench = Bench(Params(quick=a.quick, all_cpus=all_cpus if cpu is not None else None), progress)
     started = time.time()
     t0 = time.perf_counter()
     rows: list[Row] = []
@@ -668,12 +870,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress.finish()
     duration = time.perf_counter() - t0
 
-    print(f"unifork comparison ({'quick' if a.quick else 'full'}), {duration:.1f} s; "
-          f"{info['cpu_model']}, {info['cores_available']}/{info['cores']} cores, "
-          f"Python {info['python']}, unicorn {info['unicorn']}")
-    print("VMs and native runs " + (f"pinned to CPU {cpu}" if cpu is not None
-                                    else "not pinned") + "; VM/native > 1 means the VM is slower "
-          "(times) or faster (MiB/s); MISS (k x) = off the target by a factor k")
+    print(
+        f"unifork comparison ({'quick' if a.quick else 'full'}), {duration:.1f} s; "
+        f"{info['cpu_model']}, {info['cores_available']}/{info['cores']} cores, "
+        f"Python {info['python']}, unicorn {info['unicorn']}"
+    )
+    print(
+        "VMs and native runs "
+        + (f"pinned to CPU {cpu}" if cpu is not None else "not pinned")
+        + "; VM/native > 1 means the VM is slower "
+        "(times) or faster (MiB/s); MISS (k x) = off the target by a factor k"
+    )
     print()
     print(table(rows))
     print()
@@ -685,8 +892,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"FAILED {name}: {err.splitlines()[0] if err else ''}")
     missed = [r for r in rows if r.met is False]
     print()
-    print(f"targets: {sum(r.met is True for r in rows)} met, {len(missed)} missed"
-          + (": " + ", ".join(f"{r.key} ({r.off_by:.2f}x)" for r in missed) if missed else ""))
+    print(
+        f"targets: {sum(r.met is True for r in rows)} met, {len(missed)} missed"
+        + (": " + ", ".join(f"{r.key} ({r.off_by:.2f}x)" for r in missed) if missed else "")
+    )
 
     if a.json:
         doc = {
@@ -695,9 +904,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "duration_s": duration,
             "machine": info,
             "pinned_cpu": cpu,
-            "results": [{**{k: v for k, v in asdict(r).items() if k != "target"},
-                         "ratio": r.ratio,
-                         "target": asdict(r.target) if r.target else None} for r in rows],
+            "results": [
+                {
+                    **{k: v for k, v in asdict(r).items() if k != "target"},
+                    "ratio": r.ratio,
+                    "target": asdict(r.target) if r.target else None,
+                }
+                for r in rows
+            ],
             "failures": failures,
         }
         Path(a.json).write_text(json.dumps(doc, indent=1) + "\n")

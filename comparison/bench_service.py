@@ -91,10 +91,26 @@ class LocalTender:
         cmd = [str(script)] if script.exists() else [sys.executable, "-m", "unifork"]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [*cmd, "serve", "--listen", self.target, "--pool", str(pool),
-                 "--max-instances", str(max_instances), "--metrics-port", str(free_port()),
-                 *extra, "--peer-listen", f"127.0.0.1:{free_port()}"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
+                [
+                    *cmd,
+                    "serve",
+                    "--listen",
+                    self.target,
+                    "--pool",
+                    str(pool),
+                    "--max-instances",
+                    str(max_instances),
+                    "--metrics-port",
+                    str(free_port()),
+                    *extra,
+                    "--peer-listen",
+                    f"127.0.0.1:{free_port()}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=ROOT,
+            )
         try:
             self._wait_serving()
         except BaseException:
@@ -115,13 +131,17 @@ class LocalTender:
             stub = health_pb2_grpc.HealthStub(ch)
             while True:
                 if self.proc.poll() is not None:
-                    raise BenchError(f"the tender exited with {self.proc.returncode}:\n"
-                                     f"{self.log()}")
+                    raise BenchError(
+                        f"the tender exited with {self.proc.returncode}:\n{self.log()}"
+                    )
                 try:
                     # the stubs declare no methods on HealthStub: its Check is generated
-                    if stub.Check(  # type: ignore[attr-defined]
-                            health_pb2.HealthCheckRequest(), timeout=2).status == \
-                            health_pb2.HealthCheckResponse.SERVING:
+                    if (
+                        stub.Check(  # type: ignore[attr-defined]
+                            health_pb2.HealthCheckRequest(), timeout=2
+                        ).status
+                        == health_pb2.HealthCheckResponse.SERVING
+                    ):
                         return
                 except grpc.RpcError:
                     pass
@@ -146,15 +166,24 @@ def mode_fields(pb2, mode: str) -> dict:
     return dict(fork_mode=pb2.FORK_MODE_VMCLONE, pipe_transport=pb2.PIPE_TRANSPORT_SHM)
 
 
-def run_instance(c: Client, mode: str, image: str = "hello", args: Sequence[str] = (),
-                 console: bool = False) -> tuple[float, str, bytes]:
+def run_instance(
+    c: Client, mode: str, image: str = "hello", args: Sequence[str] = (), console: bool = False
+) -> tuple[float, str, bytes]:
     """Launch + Wait; (seconds, "ok" or what went wrong, stdout if asked for)."""
     pb2 = c.pb2
     t0 = time.perf_counter()
     try:
-        iid = c.stub.Launch(pb2.LaunchRequest(image=image, args=list(args), console_pipe=True,
-                                              time_limit_seconds=60.0, **mode_fields(pb2, mode)),
-                            metadata=c.md, timeout=RPC_TIMEOUT).instance_id
+        iid = c.stub.Launch(
+            pb2.LaunchRequest(
+                image=image,
+                args=list(args),
+                console_pipe=True,
+                time_limit_seconds=60.0,
+                **mode_fields(pb2, mode),
+            ),
+            metadata=c.md,
+            timeout=RPC_TIMEOUT,
+        ).instance_id
         r = c.stub.Wait(pb2.WaitRequest(instance_id=iid), metadata=c.md, timeout=RPC_TIMEOUT)
     except grpc.RpcError as e:
         return time.perf_counter() - t0, e.code().name, b""
@@ -200,8 +229,9 @@ class ModeResult:
 
 
 # -- the measurements ----------------------------------------------------------------------------
-def measure_latency(clients: dict[str, Client], results: dict[str, ModeResult], runs: int,
-                    warmup: int) -> None:
+def measure_latency(
+    clients: dict[str, Client], results: dict[str, ModeResult], runs: int, warmup: int
+) -> None:
     rows = list(results.values())
     for i in range(warmup + runs):
         for res in rows if i % 2 == 0 else reversed(rows):  # interleaved, alternating order
@@ -216,8 +246,9 @@ def measure_latency(clients: dict[str, Client], results: dict[str, ModeResult], 
                 res.latency_errors[status] += 1
 
 
-def measure_throughput(target: str, res: ModeResult, clients: int, seconds: float,
-                       cap: int) -> None:
+def measure_throughput(
+    target: str, res: ModeResult, clients: int, seconds: float, cap: int
+) -> None:
     stop_at = time.perf_counter() + seconds
     lock = threading.Lock()
     started = [0]
@@ -283,14 +314,20 @@ def jail_cost_rows(results: dict[str, ModeResult]) -> list[list[str]]:
         j, n = results.get(mode), results.get(f"{mode}, no jail")
         if j is None or n is None:
             continue
-        rows.append([f"{mode}: jail/no jail",
-                     fmt_ratio(ratio(median(j.latencies), median(n.latencies)), 2),
-                     fmt_ratio(ratio(p99(j.latencies), p99(n.latencies)), 2), "",
-                     fmt_ratio(ratio(j.throughput, n.throughput), 2),
-                     fmt_ratio(ratio(median(j.fork_us), median(n.fork_us)), 2),
-                     fmt_ratio(ratio(median(j.first_fork_us), median(n.first_fork_us)), 2),
-                     fmt_ratio(ratio(median(j.cold_fork_us), median(n.cold_fork_us)), 2), "",
-                     ""])
+        rows.append(
+            [
+                f"{mode}: jail/no jail",
+                fmt_ratio(ratio(median(j.latencies), median(n.latencies)), 2),
+                fmt_ratio(ratio(p99(j.latencies), p99(n.latencies)), 2),
+                "",
+                fmt_ratio(ratio(j.throughput, n.throughput), 2),
+                fmt_ratio(ratio(median(j.fork_us), median(n.fork_us)), 2),
+                fmt_ratio(ratio(median(j.first_fork_us), median(n.first_fork_us)), 2),
+                fmt_ratio(ratio(median(j.cold_fork_us), median(n.cold_fork_us)), 2),
+                "",
+                "",
+            ]
+        )
     return rows
 
 
@@ -309,33 +346,63 @@ def fmt_errors(errors: Counter) -> str:
 
 def table(results: dict[str, ModeResult], clients: int) -> str:
     t, v = results["thread"], results["vmclone"]
-    head = ["", "launch→exit median", "p99", "n", f"throughput ({clients} clients)",
-            "fork warm median", "first of loop", "cold fork (listing 4.1)", "cold/warm",
-            "errors"]
+    head = [
+        "",
+        "launch→exit median",
+        "p99",
+        "n",
+        f"throughput ({clients} clients)",
+        "fork warm median",
+        "first of loop",
+        "cold fork (listing 4.1)",
+        "cold/warm",
+        "errors",
+    ]
     rows = []
     for r in results.values():
-        rows.append([r.label, fmt(median(r.latencies), 1e3, " ms"), fmt(p99(r.latencies), 1e3,
-                                                                        " ms"),
-                     str(len(r.latencies)), fmt(r.throughput, unit=" inst/s", digits=1) +
-                     f" ({r.completed} in {r.elapsed:.1f} s)",
-                     fmt(median(r.fork_us), 1, " µs", 1) + f" (n={len(r.fork_us)})",
-                     fmt(median(r.first_fork_us), 1, " µs", 1) + f" (n={len(r.first_fork_us)})",
-                     fmt(median(r.cold_fork_us), 1, " µs", 1) + f" (n={len(r.cold_fork_us)})",
-                     fmt_ratio(ratio(median(r.cold_fork_us), median(r.fork_us))),
-                     fmt_errors(r.errors)])
-    rows.append(["vmclone/thread", fmt_ratio(ratio(median(v.latencies), median(t.latencies))),
-                 fmt_ratio(ratio(p99(v.latencies), p99(t.latencies))), "",
-                 fmt_ratio(ratio(v.throughput, t.throughput)),
-                 fmt_ratio(ratio(median(v.fork_us), median(t.fork_us))),
-                 fmt_ratio(ratio(median(v.first_fork_us), median(t.first_fork_us))),
-                 fmt_ratio(ratio(median(v.cold_fork_us), median(t.cold_fork_us))), "", ""])
+        rows.append(
+            [
+                r.label,
+                fmt(median(r.latencies), 1e3, " ms"),
+                fmt(p99(r.latencies), 1e3, " ms"),
+                str(len(r.latencies)),
+                fmt(r.throughput, unit=" inst/s", digits=1)
+                + f" ({r.completed} in {r.elapsed:.1f} s)",
+                fmt(median(r.fork_us), 1, " µs", 1) + f" (n={len(r.fork_us)})",
+                fmt(median(r.first_fork_us), 1, " µs", 1) + f" (n={len(r.first_fork_us)})",
+                fmt(median(r.cold_fork_us), 1, " µs", 1) + f" (n={len(r.cold_fork_us)})",
+                fmt_ratio(ratio(median(r.cold_fork_us), median(r.fork_us))),
+                fmt_errors(r.errors),
+            ]
+        )
+    rows.append(
+        [
+            "vmclone/thread",
+            fmt_ratio(ratio(median(v.latencies), median(t.latencies))),
+            fmt_ratio(ratio(p99(v.latencies), p99(t.latencies))),
+            "",
+            fmt_ratio(ratio(v.throughput, t.throughput)),
+            fmt_ratio(ratio(median(v.fork_us), median(t.fork_us))),
+            fmt_ratio(ratio(median(v.first_fork_us), median(t.first_fork_us))),
+            fmt_ratio(ratio(median(v.cold_fork_us), median(t.cold_fork_us))),
+            "",
+            "",
+        ]
+    )
     rows += jail_cost_rows(results)
     return "\n".join(grid(head, rows, set()))
 
 
-def measure_each_row(bar: ProgressBar, clients: dict[str, Client],
-                     results: dict[str, ModeResult], nclients: int, seconds: float,
-                     max_instances: int, fork_runs: int, cold_runs: int) -> None:
+def measure_each_row(
+    bar: ProgressBar,
+    clients: dict[str, Client],
+    results: dict[str, ModeResult],
+    nclients: int,
+    seconds: float,
+    max_instances: int,
+    fork_runs: int,
+    cold_runs: int,
+) -> None:
     """Throughput, then fork latency, then cold fork, each over every row in turn."""
     for res in results.values():
         bar.step(f"throughput: {res.label}, {nclients} clients, {seconds:g} s")
@@ -346,25 +413,33 @@ def measure_each_row(bar: ProgressBar, clients: dict[str, Client],
         measure_fork(clients[res.target], res, fork_runs)
         bar.advance()
     for res in results.values():
-        bar.step(f"cold fork: fork_time (one fork) in {cold_runs} fresh {res.label} "
-                 "instances")
+        bar.step(f"cold fork: fork_time (one fork) in {cold_runs} fresh {res.label} instances")
         measure_cold_fork(clients[res.target], res, cold_runs)
         bar.advance()
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m comparison.bench_service", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m comparison.bench_service",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--quick", action="store_true", help="fewer runs, shorter throughput windows")
     p.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
-    p.add_argument("--seconds", type=float, help="throughput window per mode "
-                   "(default 5, quick 3)")
-    p.add_argument("--max-instances", type=int, default=2000,
-                   help="bound on the instances launched per throughput window")
+    p.add_argument("--seconds", type=float, help="throughput window per mode (default 5, quick 3)")
+    p.add_argument(
+        "--max-instances",
+        type=int,
+        default=2000,
+        help="bound on the instances launched per throughput window",
+    )
     p.add_argument("--json", help="also write the raw samples to this file")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
-    p.add_argument("--compare-jail", action="store_true",
-                   help="also measure a tender with --no-jail, in the same run")
+    p.add_argument(
+        "--compare-jail",
+        action="store_true",
+        help="also measure a tender with --no-jail, in the same run",
+    )
     a = p.parse_args(argv)
     runs, warmup = (20, 3) if a.quick else (100, 5)
     seconds = a.seconds or (3.0 if a.quick else 5.0)
@@ -384,8 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         for suffix, extra in kinds.items():
-            t = tenders[suffix] = LocalTender(pool=2, max_instances=max(64, 2 * a.clients),
-                                              extra=extra)
+            t = tenders[suffix] = LocalTender(
+                pool=2, max_instances=max(64, 2 * a.clients), extra=extra
+            )
             clients[t.target] = Client(t.target)
             for m in modes:
                 results[m + suffix] = ModeResult(m, t.target, m + suffix)
@@ -393,8 +469,9 @@ def main(argv: list[str] | None = None) -> int:
         bar.step(f"latency: {runs} Launch+Wait of hello per row, interleaved")
         measure_latency(clients, results, runs, warmup)
         bar.advance()
-        measure_each_row(bar, clients, results, a.clients, seconds, a.max_instances,
-                         fork_runs, cold_runs)
+        measure_each_row(
+            bar, clients, results, a.clients, seconds, a.max_instances, fork_runs, cold_runs
+        )
     except BenchError as e:
         bar.close()
         print(f"bench_service: {e}", file=sys.stderr)
@@ -407,27 +484,49 @@ def main(argv: list[str] | None = None) -> int:
             bar.finish()
         for tender, status in stopped:
             if status != 0:
-                print(f"bench_service: the tender exited {status} on SIGTERM:\n{tender.log()}",
-                      file=sys.stderr)
+                print(
+                    f"bench_service: the tender exited {status} on SIGTERM:\n{tender.log()}",
+                    file=sys.stderr,
+                )
                 code = code or 1
     if code == 0:
-        print(f"unifork tender service, hello instances; {platform.machine()}, "
-              f"{os.cpu_count()} CPUs, pool of 2 warm tender processes")
+        print(
+            f"unifork tender service, hello instances; {platform.machine()}, "
+            f"{os.cpu_count()} CPUs, pool of 2 warm tender processes"
+        )
         print(table(results, a.clients))
-        print("fork warm: fork_time -n 20, all forks but the first of each run; first of loop: "
-              "those first forks (excluded from warm); cold: fork_time with no arguments, the "
-              f"parent's 'fork took' (gettimeofday), {cold_runs} separate instances; nothing "
-              "else discarded but the hello warm-up instances of the latency runs")
+        print(
+            "fork warm: fork_time -n 20, all forks but the first of each run; first of loop: "
+            "those first forks (excluded from warm); cold: fork_time with no arguments, the "
+            f"parent's 'fork took' (gettimeofday), {cold_runs} separate instances; nothing "
+            "else discarded but the hello warm-up instances of the latency runs"
+        )
     if a.json:
-        Path(a.json).write_text(json.dumps({
-            "clients": a.clients, "seconds": seconds, "quick": a.quick,
-            "modes": {m: dict(latencies_s=r.latencies, completed=r.completed,
-                              elapsed_s=r.elapsed, errors=dict(r.errors), fork_us=r.fork_us,
-                              first_fork_us=r.first_fork_us, cold_fork_us=r.cold_fork_us,
-                              fork_median_us=median(r.fork_us),
-                              cold_fork_median_us=median(r.cold_fork_us),
-                              cold_over_warm=ratio(median(r.cold_fork_us), median(r.fork_us)))
-                      for m, r in results.items()}}, indent=1))
+        Path(a.json).write_text(
+            json.dumps(
+                {
+                    "clients": a.clients,
+                    "seconds": seconds,
+                    "quick": a.quick,
+                    "modes": {
+                        m: dict(
+                            latencies_s=r.latencies,
+                            completed=r.completed,
+                            elapsed_s=r.elapsed,
+                            errors=dict(r.errors),
+                            fork_us=r.fork_us,
+                            first_fork_us=r.first_fork_us,
+                            cold_fork_us=r.cold_fork_us,
+                            fork_median_us=median(r.fork_us),
+                            cold_fork_median_us=median(r.cold_fork_us),
+                            cold_over_warm=ratio(median(r.cold_fork_us), median(r.fork_us)),
+                        )
+                        for m, r in results.items()
+                    },
+                },
+                indent=1,
+            )
+        )
     return code
 
 

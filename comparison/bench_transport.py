@@ -144,8 +144,16 @@ def main() -> None:
         f"{args.socket} socket"
     )
     head = ("transport", "MB/s", "frames/s", "RTT p50 us", "RTT p99 us")
-    body = [(r.kind, f"{r.mb_per_s:.0f}", f"{r.frames_per_s:.0f}", f"{r.rtt_median_us:.1f}",
-             f"{r.rtt_p99_us:.1f}") for r in rows]
+    body = [
+        (
+            r.kind,
+            f"{r.mb_per_s:.0f}",
+            f"{r.frames_per_s:.0f}",
+            f"{r.rtt_median_us:.1f}",
+            f"{r.rtt_p99_us:.1f}",
+        )
+        for r in rows
+    ]
     print("\n".join(grid(head, body, {1, 2, 3, 4})))
 
 

@@ -176,8 +176,14 @@ def session_logging(directory: Path, bar: ProgressBar, verbose: int) -> Iterator
 
 
 class Compare:
-    def __init__(self, params: Params, modes: list[str], workloads: list[Workload],
-                 memory: bool, scaling: bool) -> None:
+    def __init__(
+        self,
+        params: Params,
+        modes: list[str],
+        workloads: list[Workload],
+        memory: bool,
+        scaling: bool,
+    ) -> None:
         self.p = params
         self.modes = modes
         self.workloads = workloads
@@ -218,8 +224,9 @@ class Compare:
                 self.pool.wait_ready()
             except Exception as e:
                 log.error("the warm pool did not start: %s", e)
-                self.setup_failures += [f"{m}: the warm pool did not start: {e}"
-                                        for m in local_clone]
+                self.setup_failures += [
+                    f"{m}: the warm pool did not start: {e}" for m in local_clone
+                ]
                 if self.pool is not None:
                     self.pool.close()
                     self.pool = None
@@ -285,13 +292,25 @@ class Compare:
         tasks: list[Task] = []
         args = list(w.args(self.p.quick))
         for mode in self.modes:
-            self.cells[(w.key, mode)] = rep.Cell(w.key, w.title, w.program, args, mode,
-                                                 w.metric, w.unit, w.better,
-                                                 note="; ".join(w.notes))
+            self.cells[(w.key, mode)] = rep.Cell(
+                w.key,
+                w.title,
+                w.program,
+                args,
+                mode,
+                w.metric,
+                w.unit,
+                w.better,
+                note="; ".join(w.notes),
+            )
         for i in range(self.p.warmup):
             for mode in self.modes:
-                tasks.append(Task(f"{w.key}: {mode} warm-up {i + 1}/{self.p.warmup}",
-                                  self._workload_task(w, mode, None)))
+                tasks.append(
+                    Task(
+                        f"{w.key}: {mode} warm-up {i + 1}/{self.p.warmup}",
+                        self._workload_task(w, mode, None),
+                    )
+                )
         cold = self.p.cold_runs if w.key == COLD_WORKLOAD else 0
         for mode in self.modes if cold else ():
             self.cold[mode] = rep.ColdRow(mode, rep.ColdSeries(COLD_HOW[mode]))
@@ -304,16 +323,25 @@ class Compare:
                 if i < cold:
                     tasks += self._plan_cold_round(w, mode, i, cold)
                 if i < self.p.runs:
-                    tasks.append(Task(f"{w.key}: {mode} run {i + 1}/{self.p.runs}",
-                                      self._workload_task(w, mode, i)))
+                    tasks.append(
+                        Task(
+                            f"{w.key}: {mode} run {i + 1}/{self.p.runs}",
+                            self._workload_task(w, mode, i),
+                        )
+                    )
         return tasks
 
     def _plan_cold_round(self, w: Workload, mode: str, i: int, cold: int) -> list[Task]:
-        tasks = [Task(f"{w.key}: {mode} cold first fork {i + 1}/{cold}",
-                      self._cold_task(mode, False))]
+        tasks = [
+            Task(f"{w.key}: {mode} cold first fork {i + 1}/{cold}", self._cold_task(mode, False))
+        ]
         if mode in UNIFORK_RUN_FLAGS:
-            tasks.append(Task(f"{w.key}: {mode} cold first fork, unifork run "
-                              f"{i + 1}/{cold}", self._cold_task(mode, True)))
+            tasks.append(
+                Task(
+                    f"{w.key}: {mode} cold first fork, unifork run {i + 1}/{cold}",
+                    self._cold_task(mode, True),
+                )
+            )
         return tasks
 
     def _plan_memory(self) -> list[Task]:
@@ -323,11 +351,17 @@ class Compare:
             tasks.append(Task(f"memory: {mode} warm-up", self._memory_task(mode, None)))
             for i in range(self.p.memory_runs):
                 for which in ("n", "zero"):
-                    tasks.append(Task(f"memory: {mode} run {i + 1}/{self.p.memory_runs}",
-                                      self._memory_task(mode, which)))
+                    tasks.append(
+                        Task(
+                            f"memory: {mode} run {i + 1}/{self.p.memory_runs}",
+                            self._memory_task(mode, which),
+                        )
+                    )
         if VMCLONE_REMOTE in self.modes:
-            self.notes.append("memory per child: not measured for vmclone-remote (the "
-                              "peer's memory is not observable from here)")
+            self.notes.append(
+                "memory per child: not measured for vmclone-remote (the "
+                "peer's memory is not observable from here)"
+            )
         return tasks
 
     def _plan_scaling(self) -> list[Task]:
@@ -338,8 +372,12 @@ class Compare:
             runs = self.p.scale_runs_for(mode)
             for i in range(runs):
                 for n in self.p.scale_ns(mode):
-                    tasks.append(Task(f"scaling: {mode} N={n} run {i + 1}/{runs}",
-                                      self._scale_task(mode, n, True)))
+                    tasks.append(
+                        Task(
+                            f"scaling: {mode} N={n} run {i + 1}/{runs}",
+                            self._scale_task(mode, n, True),
+                        )
+                    )
         return tasks
 
     # -- tasks ----------------------------------------------------------------------------------
@@ -392,8 +430,7 @@ class Compare:
                 us = parent_fork_us(o.stdout)
             except Exception as e:  # any failure ends this series, never the whole run
                 series.fail(_short(e))
-                log.error("cold first fork (%s) in %s failed: %s", series.how, mode,
-                          series.error)
+                log.error("cold first fork (%s) in %s failed: %s", series.how, mode, series.error)
                 return
             series.add(us, o.wall)
 
@@ -447,8 +484,9 @@ class Compare:
                 return {"host": runner.host_memory(pid)}
 
             try:
-                o = self._run(mode, SCALE_PROGRAM, ["-n", str(count), "-h", str(HOLD_MS)],
-                              probe=probe)
+                o = self._run(
+                    mode, SCALE_PROGRAM, ["-n", str(count), "-h", str(HOLD_MS)], probe=probe
+                )
                 scale_ready_us(o, count)
                 if o.probe is None:
                     raise OutputError("the children= line was never seen")
@@ -460,7 +498,8 @@ class Compare:
                 return
             snap = median(o.snapshot_bytes)
             self.mem_raw[mode][which].append(
-                {"host": o.probe["host"] - before, "peak": o.peak_memory, "snapshot": snap})
+                {"host": o.probe["host"] - before, "peak": o.peak_memory, "snapshot": snap}
+            )
 
         return go
 
@@ -469,8 +508,9 @@ class Compare:
             if mode in self.scale_failed:
                 return
             try:
-                o = self._run(mode, SCALE_PROGRAM, ["-n", str(n)],
-                              ram=SCALE_RAM if mode == THREAD else None)
+                o = self._run(
+                    mode, SCALE_PROGRAM, ["-n", str(n)], ram=SCALE_RAM if mode == THREAD else None
+                )
                 fork_all, ready = scale_ready_us(o, n)
             except Exception as e:  # any failure ends this cell, never the whole run
                 self.scale_failed[mode] = f"N={n}: {_short(e)}"
@@ -509,8 +549,11 @@ class Compare:
         rows = []
         for mode, raw in self.mem_raw.items():
             if mode in self.mem_failed:
-                rows.append(rep.MemoryRow(mode, n, None, None, [], [], status="failed",
-                                          error=self.mem_failed[mode]))
+                rows.append(
+                    rep.MemoryRow(
+                        mode, n, None, None, [], [], status="failed", error=self.mem_failed[mode]
+                    )
+                )
                 continue
             pairs = list(zip(raw["n"], raw["zero"], strict=False))
             host = [(a["host"] - b["host"]) / n / KIB for a, b in pairs]
@@ -519,15 +562,24 @@ class Compare:
                 how = "guest: bmk pages committed (peak N - peak 0) / N; host: PSS of this process"
             elif mode in (VMCLONE_SHM, VMCLONE_TCP):
                 guest = [a["snapshot"] / KIB for a in raw["n"] if a["snapshot"] is not None]
-                how = ("guest: snapshot each child VM starts from (median per fork); host: PSS "
-                       "of this process + the pool's tender processes")
+                how = (
+                    "guest: snapshot each child VM starts from (median per fork); host: PSS "
+                    "of this process + the pool's tender processes"
+                )
             else:
                 guest = []
                 how = "host: PSS of the program's process tree (no guest)"
-            rows.append(rep.MemoryRow(
-                mode, n, rep.sig(median(guest)),
-                rep.sig(median(host)),
-                [round(g, 3) for g in guest], [round(h, 3) for h in host], how))
+            rows.append(
+                rep.MemoryRow(
+                    mode,
+                    n,
+                    rep.sig(median(guest)),
+                    rep.sig(median(host)),
+                    [round(g, 3) for g in guest],
+                    [round(h, 3) for h in host],
+                    how,
+                )
+            )
         return rows
 
     def scale_rows(self) -> list[rep.ScaleRow]:
@@ -539,37 +591,58 @@ class Compare:
             for n in sorted(by_n):
                 fa = [round(x[0], 6) for x in by_n[n]]
                 ready = [round(x[1], 6) for x in by_n[n]]
-                row.points.append(rep.ScalePoint(n, rep.sig(median(ready)),
-                                                 rep.sig(median(fa)), ready, fa))
+                row.points.append(
+                    rep.ScalePoint(n, rep.sig(median(ready)), rep.sig(median(fa)), ready, fa)
+                )
             rows.append(row)
         return rows
 
     def report(self, started: float, duration: float, machine: dict) -> rep.Report:
-        cells = [self.cells[(w.key, m)] for w in self.workloads for m in self.modes
-                 if (w.key, m) in self.cells]
+        cells = [
+            self.cells[(w.key, m)]
+            for w in self.workloads
+            for m in self.modes
+            if (w.key, m) in self.cells
+        ]
         for c in cells:
             c.summarize()
         rep.add_ratios(cells)
         sem, sem_runs = self._matrix("semantics", SEMANTICS_ITEMS)
         haz, haz_runs = self._matrix("fork_hazards", HAZARD_ITEMS)
         notes = list(self.notes)
-        notes.append(f"{self.p.warmup} warm-up run(s) per workload and mode, discarded; modes "
-                     "interleaved round by round; nothing pinned to a CPU")
+        notes.append(
+            f"{self.p.warmup} warm-up run(s) per workload and mode, discarded; modes "
+            "interleaved round by round; nothing pinned to a CPU"
+        )
         if self.do_scaling:
-            notes.append(f"scaling: VM-clone modes bounded at N={self.p.vmclone_scale_max}; "
-                         f"thread mode VM given {SCALE_RAM >> 20} MiB of guest RAM; "
-                         f"{self.p.scale_runs} run(s) per point "
-                         f"({self.p.scale_runs_for(VMCLONE_SHM)} for VM-clone modes)")
+            notes.append(
+                f"scaling: VM-clone modes bounded at N={self.p.vmclone_scale_max}; "
+                f"thread mode VM given {SCALE_RAM >> 20} MiB of guest RAM; "
+                f"{self.p.scale_runs} run(s) per point "
+                f"({self.p.scale_runs_for(VMCLONE_SHM)} for VM-clone modes)"
+            )
         return rep.Report(
-            quick=self.p.quick, runs=self.p.runs,
+            quick=self.p.quick,
+            runs=self.p.runs,
             started=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-            machine=machine, modes=list(self.modes), skipped_modes=dict(self.skipped),
-            cells=cells, semantics=sem, semantics_runs=sem_runs, hazards=haz,
-            hazards_runs=haz_runs, memory=self.memory_rows(),
-            memory_children=self.p.memory_children, scaling=self.scale_rows(),
-            cold=self.cold_rows(), cold_runs=self.p.cold_runs if self.cold else 0,
+            machine=machine,
+            modes=list(self.modes),
+            skipped_modes=dict(self.skipped),
+            cells=cells,
+            semantics=sem,
+            semantics_runs=sem_runs,
+            hazards=haz,
+            hazards_runs=haz_runs,
+            memory=self.memory_rows(),
+            memory_children=self.p.memory_children,
+            scaling=self.scale_rows(),
+            cold=self.cold_rows(),
+            cold_runs=self.p.cold_runs if self.cold else 0,
             cold_note=self.cold_note(),
-            duration_s=duration, notes=notes, setup_failures=list(self.setup_failures))
+            duration_s=duration,
+            notes=notes,
+            setup_failures=list(self.setup_failures),
+        )
 
 
 def _short(e: BaseException) -> str:
@@ -629,8 +702,9 @@ def write_files(r: rep.Report, directory: Path) -> str:
     except ModuleNotFoundError as e:
         if (e.name or "").partition(".")[0] != "matplotlib":
             raise
-        r.notes.append("plots skipped: matplotlib is not installed "
-                       "(pip install 'unifork[plots]' to draw them)")
+        r.notes.append(
+            "plots skipped: matplotlib is not installed (pip install 'unifork[plots]' to draw them)"
+        )
         log.warning("%s", r.notes[-1])
     else:
         try:
@@ -638,8 +712,15 @@ def write_files(r: rep.Report, directory: Path) -> str:
         except Exception as e:  # a failed plot must not lose the measured figures
             log.exception("plotting failed")
             r.notes.append(f"plots failed: {type(e).__name__}: {e} (see compare.log)")
-    r.files = ["report.json", "raw.csv", "summary.csv", "published.csv", "table.txt",
-               "compare.log", *(p.name for p in pngs)]
+    r.files = [
+        "report.json",
+        "raw.csv",
+        "summary.csv",
+        "published.csv",
+        "table.txt",
+        "compare.log",
+        *(p.name for p in pngs),
+    ]
     rep.write_json(r, directory / "report.json")
     text = rep.render(r)
     (directory / "table.txt").write_text(text + "\n")
@@ -652,8 +733,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from comparison.options import add_compare_arguments
 
-    p = argparse.ArgumentParser(prog="python -m comparison.compare",
-                                description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m comparison.compare", description=__doc__.splitlines()[0]
+    )
     add_compare_arguments(p)
     p.add_argument("-v", "--verbose", action="count", default=0)
     a = p.parse_args(argv)
@@ -666,4 +748,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -141,13 +141,18 @@ class _Load:
     def _request(self, fork: str):
         pb2 = self.pb2
         return pb2.LaunchRequest(
-            image=self.cfg.image, args=list(self.cfg.args),
+            image=self.cfg.image,
+            args=list(self.cfg.args),
             fork_mode=pb2.FORK_MODE_VMCLONE if fork == "vmclone" else pb2.FORK_MODE_THREAD,
-            pipe_transport=pb2.PIPE_TRANSPORT_TCP if self.cfg.pipe == "tcp"
+            pipe_transport=pb2.PIPE_TRANSPORT_TCP
+            if self.cfg.pipe == "tcp"
             else pb2.PIPE_TRANSPORT_SHM,
             placement=pb2.Placement.Value(  # only VM-clone instances place VMs elsewhere
-                f"PLACEMENT_{self.cfg.placement.upper() if fork == 'vmclone' else 'LOCAL'}"),
-            time_limit_seconds=self.cfg.wait_timeout, console_pipe=True)
+                f"PLACEMENT_{self.cfg.placement.upper() if fork == 'vmclone' else 'LOCAL'}"
+            ),
+            time_limit_seconds=self.cfg.wait_timeout,
+            console_pipe=True,
+        )
 
     def _next(self) -> tuple[str, str]:
         """(target, fork mode) of the next launch: round the targets, alternating modes."""
@@ -162,8 +167,9 @@ class _Load:
             self.launched += 1
             t0 = time.perf_counter()
             try:
-                iid = (await stub.Launch(self._request(fork), metadata=self.md,
-                                         timeout=RPC_TIMEOUT)).instance_id
+                iid = (
+                    await stub.Launch(self._request(fork), metadata=self.md, timeout=RPC_TIMEOUT)
+                ).instance_id
             except grpc.aio.AioRpcError as e:
                 self._fail(e.code().name)
                 self.last_answer = time.perf_counter()
@@ -175,8 +181,9 @@ class _Load:
             self.live.add(iid)
             left = max(0.1, min(self.cfg.wait_timeout, hard_deadline - time.monotonic()))
             try:
-                r = await stub.Wait(self.pb2.WaitRequest(instance_id=iid), metadata=self.md,
-                                    timeout=left)
+                r = await stub.Wait(
+                    self.pb2.WaitRequest(instance_id=iid), metadata=self.md, timeout=left
+                )
             except grpc.aio.AioRpcError as e:
                 self._fail(e.code().name)
                 self.last_answer = time.perf_counter()
@@ -194,31 +201,50 @@ class _Load:
                 self.ok_by_fork[fork] += 1
                 self.latencies.append((self.last_answer - t0) * 1e3)
             else:
-                self._fail(f"instance:{r.outcome if r.outcome != 'exited' else f'exit_{r.exit_code}'}")
+                self._fail(
+                    f"instance:{r.outcome if r.outcome != 'exited' else f'exit_{r.exit_code}'}"
+                )
                 await self._record_failure(stub, target, fork, iid, r)
 
     async def _record_failure(self, stub, target: str, fork: str, iid: str, r) -> None:
         """Keep what a failed instance printed (the first MAX_FAILURES of them)."""
         if len(self.failures) >= MAX_FAILURES:
             return
-        entry = {"id": iid, "target": target, "fork": fork, "outcome": r.outcome,
-                 "exit_code": r.exit_code, "reports": list(r.reports), "console": ""}
+        entry = {
+            "id": iid,
+            "target": target,
+            "fork": fork,
+            "outcome": r.outcome,
+            "exit_code": r.exit_code,
+            "reports": list(r.reports),
+            "console": "",
+        }
         self.failures.append(entry)
-        log.warning("instance %s on %s (%s fork) ended %s %d: %s", iid, target, fork,
-                    r.outcome, r.exit_code, "; ".join(r.reports))
+        log.warning(
+            "instance %s on %s (%s fork) ended %s %d: %s",
+            iid,
+            target,
+            fork,
+            r.outcome,
+            r.exit_code,
+            "; ".join(r.reports),
+        )
         text = []
         with contextlib.suppress(grpc.aio.AioRpcError):
-            async for c in stub.StreamConsole(self.pb2.ConsoleRequest(instance_id=iid,
-                                                                       from_start=True),
-                                              metadata=self.md, timeout=RPC_TIMEOUT):
+            async for c in stub.StreamConsole(
+                self.pb2.ConsoleRequest(instance_id=iid, from_start=True),
+                metadata=self.md,
+                timeout=RPC_TIMEOUT,
+            ):
                 text.append(f"[{c.pid}:{c.fd}] {c.data.decode(errors='replace')}")
         entry["console"] = "".join(text)[-4000:]
 
     async def _kill(self, stub, iid: str) -> None:
         self.live.discard(iid)
         with contextlib.suppress(grpc.aio.AioRpcError):
-            await stub.Kill(self.pb2.KillRequest(instance_id=iid), metadata=self.md,
-                            timeout=RPC_TIMEOUT)
+            await stub.Kill(
+                self.pb2.KillRequest(instance_id=iid), metadata=self.md, timeout=RPC_TIMEOUT
+            )
 
     def _channel(self, target: str):
         if self.cfg.tls_ca:
@@ -234,8 +260,10 @@ class _Load:
             t0 = time.perf_counter()
             launch_until = time.monotonic() + cfg.duration
             hard_deadline = launch_until + cfg.wait_timeout
-            tasks = [asyncio.create_task(self.worker(stubs, launch_until, hard_deadline))
-                     for _ in range(cfg.concurrency)]
+            tasks = [
+                asyncio.create_task(self.worker(stubs, launch_until, hard_deadline))
+                for _ in range(cfg.concurrency)
+            ]
             done, pending = await asyncio.wait(tasks, timeout=cfg.duration + cfg.wait_timeout + 5)
             for t in pending:  # a coroutine stuck past every deadline (should not happen)
                 t.cancel()
@@ -253,28 +281,42 @@ class _Load:
         finally:
             for ch in channels.values():
                 await ch.close()
-        res = LoadResult(",".join(cfg.targets), cfg.image, cfg.fork, cfg.concurrency,
-                         cfg.duration, round(max(1e-9, end - t0), 6), self.launched,
-                         self.succeeded, self.failed, dict(sorted(self.errors.items())),
-                         accepted=sum(self.ids.values()),
-                         accepted_by_target=dict(sorted(self.by_target.items())),
-                         answered=sum(self.answers.values()),
-                         duplicate_ids=sum(1 for n in self.ids.values() if n > 1),
-                         duplicate_answers=sum(1 for n in self.answers.values() if n > 1),
-                         unanswered=sum(1 for i in self.ids if not self.answers[i]),
-                         succeeded_by_fork=dict(sorted(self.ok_by_fork.items())),
-                         failures=self.failures,
-                         latencies_ms=[round(x, 3) for x in self.latencies],
-                         stopped_by="max_instances" if self.launched >= cfg.max_instances
-                         else "duration")
+        res = LoadResult(
+            ",".join(cfg.targets),
+            cfg.image,
+            cfg.fork,
+            cfg.concurrency,
+            cfg.duration,
+            round(max(1e-9, end - t0), 6),
+            self.launched,
+            self.succeeded,
+            self.failed,
+            dict(sorted(self.errors.items())),
+            accepted=sum(self.ids.values()),
+            accepted_by_target=dict(sorted(self.by_target.items())),
+            answered=sum(self.answers.values()),
+            duplicate_ids=sum(1 for n in self.ids.values() if n > 1),
+            duplicate_answers=sum(1 for n in self.answers.values() if n > 1),
+            unanswered=sum(1 for i in self.ids if not self.answers[i]),
+            succeeded_by_fork=dict(sorted(self.ok_by_fork.items())),
+            failures=self.failures,
+            latencies_ms=[round(x, 3) for x in self.latencies],
+            stopped_by="max_instances" if self.launched >= cfg.max_instances else "duration",
+        )
         res.summarize()
         return res
 
 
 def run_load(cfg: LoadConfig) -> LoadResult:
     """Run the load and return its figures (``launched == succeeded + failed``)."""
-    log.info("load on %s: %s (%s fork), concurrency %d for %g s", ", ".join(cfg.targets),
-             cfg.image, cfg.fork, cfg.concurrency, cfg.duration)
+    log.info(
+        "load on %s: %s (%s fork), concurrency %d for %g s",
+        ", ".join(cfg.targets),
+        cfg.image,
+        cfg.fork,
+        cfg.concurrency,
+        cfg.duration,
+    )
     return asyncio.run(_Load(cfg).run())
 
 
@@ -285,18 +327,20 @@ def render(r: LoadResult) -> str:
         return "-" if x is None else f"{num(x)} ms"
 
     errors = ", ".join(f"{k}: {v}" for k, v in r.errors.items()) or "none"
-    return "\n".join([
-        f"load on {r.target}: image {r.image}, {r.fork} fork, concurrency {r.concurrency}, "
-        f"launching for {r.duration_s:g} s",
-        f"launched {r.launched}  succeeded {r.succeeded}  failed {r.failed}  "
-        f"in {r.elapsed_s:.2f} s (launching stopped by {r.stopped_by.replace('_', '-')})",
-        f"throughput {num(r.throughput_per_s)} instances/s",
-        f"launch-to-exit latency: p50 {ms(r.p50_ms)}  p95 {ms(r.p95_ms)}  p99 {ms(r.p99_ms)}  "
-        f"(min {ms(r.min_ms)}, max {ms(r.max_ms)})",
-        f"errors by status code: {errors}",
-        f"accepted {r.accepted}  answered {r.answered}  duplicate ids {r.duplicate_ids}  "
-        f"answered twice {r.duplicate_answers}  unanswered {r.unanswered}",
-    ])
+    return "\n".join(
+        [
+            f"load on {r.target}: image {r.image}, {r.fork} fork, concurrency {r.concurrency}, "
+            f"launching for {r.duration_s:g} s",
+            f"launched {r.launched}  succeeded {r.succeeded}  failed {r.failed}  "
+            f"in {r.elapsed_s:.2f} s (launching stopped by {r.stopped_by.replace('_', '-')})",
+            f"throughput {num(r.throughput_per_s)} instances/s",
+            f"launch-to-exit latency: p50 {ms(r.p50_ms)}  p95 {ms(r.p95_ms)}  p99 {ms(r.p99_ms)}  "
+            f"(min {ms(r.min_ms)}, max {ms(r.max_ms)})",
+            f"errors by status code: {errors}",
+            f"accepted {r.accepted}  answered {r.answered}  duplicate ids {r.duplicate_ids}  "
+            f"answered twice {r.duplicate_answers}  unanswered {r.unanswered}",
+        ]
+    )
 
 
 @dataclass
@@ -312,9 +356,20 @@ def load_from_args(a) -> Result:
 
     token = read_token(a.token_file) if a.token_file else os.environ.get("UNIFORK_TOKEN")
     default = os.environ.get("UNIFORK_TARGET", "127.0.0.1:7700")
-    cfg = LoadConfig(list(a.target or [default]), a.image, a.fork, a.pipe,
-                     a.placement, list(a.args), a.concurrency, a.duration, a.max_instances,
-                     a.wait_timeout, token, a.tls_ca)
+    cfg = LoadConfig(
+        list(a.target or [default]),
+        a.image,
+        a.fork,
+        a.pipe,
+        a.placement,
+        list(a.args),
+        a.concurrency,
+        a.duration,
+        a.max_instances,
+        a.wait_timeout,
+        token,
+        a.tls_ca,
+    )
     r = run_load(cfg)
     if a.json:
         Path(a.json).write_text(json.dumps(asdict(r), indent=1) + "\n")

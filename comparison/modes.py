@@ -34,7 +34,12 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 NATIVE, THREAD, VMCLONE_SHM, VMCLONE_TCP, VMCLONE_REMOTE = (
-    "native", "thread", "vmclone-shm", "vmclone-tcp", "vmclone-remote")
+    "native",
+    "thread",
+    "vmclone-shm",
+    "vmclone-tcp",
+    "vmclone-remote",
+)
 ALL_MODES = (NATIVE, THREAD, VMCLONE_SHM, VMCLONE_TCP, VMCLONE_REMOTE)
 LOCAL_MODES = ALL_MODES[:4]
 VMCLONE_MODES = (VMCLONE_SHM, VMCLONE_TCP, VMCLONE_REMOTE)
@@ -121,8 +126,15 @@ class Runner:
 
     name = ""
 
-    def run(self, image: Path, args: Sequence[str], *, ram: int | None = None,
-            probe: Probe | None = None, marker: str = "children=") -> Outcome:
+    def run(
+        self,
+        image: Path,
+        args: Sequence[str],
+        *,
+        ram: int | None = None,
+        probe: Probe | None = None,
+        marker: str = "children=",
+    ) -> Outcome:
         raise NotImplementedError
 
     def host_memory(self, pid: int | None = None) -> int:
@@ -140,14 +152,20 @@ class NativeRunner(Runner):
         argv = [str(image), *args]
         if probe is None:
             t0 = time.perf_counter()
-            p = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL,
-                               timeout=RUN_TIMEOUT, check=False)
+            p = subprocess.run(
+                argv,
+                capture_output=True,
+                stdin=subprocess.DEVNULL,
+                timeout=RUN_TIMEOUT,
+                check=False,
+            )
             wall = time.perf_counter() - t0
             out, err, code, seen = p.stdout, p.stderr, p.returncode, None
         else:
             t0 = time.perf_counter()
-            with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  stdin=subprocess.DEVNULL) as proc:
+            with subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+            ) as proc:
                 chunks, seen = [], None
                 assert proc.stdout is not None
                 for line in proc.stdout:  # the program flushes the marker line itself
@@ -163,8 +181,10 @@ class NativeRunner(Runner):
                 wall = time.perf_counter() - t0
             out = b"".join(chunks)
         if code != 0:
-            raise RunFailed(f"native {image.name} {' '.join(args)}: exit {code}: "
-                            f"{err.decode(errors='replace').strip()[-300:]}")
+            raise RunFailed(
+                f"native {image.name} {' '.join(args)}: exit {code}: "
+                f"{err.decode(errors='replace').strip()[-300:]}"
+            )
         return Outcome(out.decode(errors="replace"), wall, probe=seen)
 
     def host_memory(self, pid=None):
@@ -211,17 +231,26 @@ class BackendRunner(Runner):
         console = _marker_sink(sink, marker.encode(), probe, holder)
         observer = _SnapshotObserver()
         t0 = time.perf_counter()
-        r = run_instance(self.backend, InstanceSpec(image, list(args), None, config,
-                                                    transport=self.transport),
-                         console, observer if probe is not None and self.snapshots else None)
+        r = run_instance(
+            self.backend,
+            InstanceSpec(image, list(args), None, config, transport=self.transport),
+            console,
+            observer if probe is not None and self.snapshots else None,
+        )
         wall = time.perf_counter() - t0
         if r.outcome != "exited" or r.exit_code != 0:
-            raise RunFailed(f"{self.name} {image.name} {' '.join(args)}: {r.outcome}, exit "
-                            f"{r.exit_code}: {'; '.join(r.reports)} "
-                            f"{sink.stderr.decode(errors='replace').strip()[-300:]}")
-        return Outcome(sink.stdout.decode(errors="replace"), wall,
-                       peak_memory=r.peak_memory if self.peak_memory else None,
-                       snapshot_bytes=observer.snapshots, probe=holder.get("probe"))
+            raise RunFailed(
+                f"{self.name} {image.name} {' '.join(args)}: {r.outcome}, exit "
+                f"{r.exit_code}: {'; '.join(r.reports)} "
+                f"{sink.stderr.decode(errors='replace').strip()[-300:]}"
+            )
+        return Outcome(
+            sink.stdout.decode(errors="replace"),
+            wall,
+            peak_memory=r.peak_memory if self.peak_memory else None,
+            snapshot_bytes=observer.snapshots,
+            probe=holder.get("probe"),
+        )
 
     def close(self) -> None:
         self.backend.close()
@@ -266,20 +295,32 @@ def unifork_run_argv(mode: str, image: Path, args: Sequence[str]) -> list[str]:
 
     script = Path(sys.executable).parent / "unifork"
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "unifork"]
-    return [*cmd, "run", "--console", "pipe", "--stdin", "none", *UNIFORK_RUN_FLAGS[mode],
-            str(image), *args]
+    return [
+        *cmd,
+        "run",
+        "--console",
+        "pipe",
+        "--stdin",
+        "none",
+        *UNIFORK_RUN_FLAGS[mode],
+        str(image),
+        *args,
+    ]
 
 
 def run_unifork_process(mode: str, image: Path, args: Sequence[str]) -> Outcome:
     """One fresh ``unifork run`` process: what a user of the thesis's listing runs."""
     argv = unifork_run_argv(mode, image, args)
     t0 = time.perf_counter()
-    p = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, timeout=RUN_TIMEOUT,
-                       check=False)
+    p = subprocess.run(
+        argv, capture_output=True, stdin=subprocess.DEVNULL, timeout=RUN_TIMEOUT, check=False
+    )
     wall = time.perf_counter() - t0
     if p.returncode != 0:
-        raise RunFailed(f"unifork run ({mode}) {image.name} {' '.join(args)}: exit "
-                        f"{p.returncode}: {p.stderr.decode(errors='replace').strip()[-300:]}")
+        raise RunFailed(
+            f"unifork run ({mode}) {image.name} {' '.join(args)}: exit "
+            f"{p.returncode}: {p.stderr.decode(errors='replace').strip()[-300:]}"
+        )
     return Outcome(p.stdout.decode(errors="replace"), wall)
 
 
@@ -292,8 +333,13 @@ class RemoteRunner(Runner):
 
     name = VMCLONE_REMOTE
 
-    def __init__(self, target: str, token: str | None = None, tls_ca: str | None = None,
-                 transport: str = "tcp") -> None:
+    def __init__(
+        self,
+        target: str,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        transport: str = "tcp",
+    ) -> None:
         from tender_service.service.client import Client
 
         self.client = Client(target, token, tls_ca)
@@ -306,10 +352,10 @@ class RemoteRunner(Runner):
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         stub = health_pb2_grpc.HealthStub(self.client.channel)
-        # the stubs declare no methods on HealthStub: its Check is generated
-        r = stub.Check(health_pb2.HealthCheckRequest(service=""),  # type: ignore[attr-defined]
-                       timeout=timeout,
-                       metadata=self.client.md)
+        check = stub.Check  # type: ignore[attr-defined]  # the stubs declare no HealthStub methods
+        r = check(
+            health_pb2.HealthCheckRequest(service=""), timeout=timeout, metadata=self.client.md
+        )
         if r.status != health_pb2.HealthCheckResponse.SERVING:
             raise RuntimeError(f"tender {self.target} is not serving")
 
@@ -326,20 +372,29 @@ class RemoteRunner(Runner):
         pb2 = self.client.pb2
         name = self.image_name(image)
         t0 = time.perf_counter()
-        iid = self.client.launch(name, list(args), fork_mode=pb2.FORK_MODE_VMCLONE,
-                                 pipe_transport=pb2.PIPE_TRANSPORT_TCP if self.transport == "tcp"
-                                 else pb2.PIPE_TRANSPORT_SHM,
-                                 placement=pb2.PLACEMENT_REMOTE, memory_bytes=ram or 0,
-                                 time_limit_seconds=RUN_TIMEOUT, console_pipe=True)
+        iid = self.client.launch(
+            name,
+            list(args),
+            fork_mode=pb2.FORK_MODE_VMCLONE,
+            pipe_transport=pb2.PIPE_TRANSPORT_TCP
+            if self.transport == "tcp"
+            else pb2.PIPE_TRANSPORT_SHM,
+            placement=pb2.PLACEMENT_REMOTE,
+            memory_bytes=ram or 0,
+            time_limit_seconds=RUN_TIMEOUT,
+            console_pipe=True,
+        )
         out, err = bytearray(), bytearray()
         for chunk in self.client.logs(iid):
             (out if chunk.fd == 1 else err).extend(chunk.data)
         r = self.client.wait(iid, RUN_TIMEOUT)
         wall = time.perf_counter() - t0
         if not r.done or r.outcome != "exited" or r.exit_code != 0:
-            raise RunFailed(f"{self.name} {image.name} {' '.join(args)}: {r.outcome}, exit "
-                            f"{r.exit_code}: {'; '.join(r.reports)} "
-                            f"{err.decode(errors='replace').strip()[-300:]}")
+            raise RunFailed(
+                f"{self.name} {image.name} {' '.join(args)}: {r.outcome}, exit "
+                f"{r.exit_code}: {'; '.join(r.reports)} "
+                f"{err.decode(errors='replace').strip()[-300:]}"
+            )
         return Outcome(out.decode(errors="replace"), wall)
 
     def host_memory(self, pid=None):

@@ -23,8 +23,13 @@ from comparison.report import Report  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-COLORS = {"native": "#4c72b0", "thread": "#dd8452", "vmclone-shm": "#55a868",
-          "vmclone-tcp": "#c44e52", "vmclone-remote": "#8172b3"}
+COLORS = {
+    "native": "#4c72b0",
+    "thread": "#dd8452",
+    "vmclone-shm": "#55a868",
+    "vmclone-tcp": "#c44e52",
+    "vmclone-remote": "#8172b3",
+}
 DPI = 110
 
 
@@ -54,16 +59,24 @@ def fork_latency(r: Report, path: Path) -> Path | None:
         body.set_facecolor(COLORS.get(c.mode, "grey"))
         body.set_alpha(0.55)
     ax.boxplot(data, widths=0.12, showfliers=False)
-    ax.set_xticks(range(1, len(cells) + 1),
-                  [f"{c.mode}\nmedian {c.median:g} us\n(n={c.n})" for c in cells])
+    ax.set_xticks(
+        range(1, len(cells) + 1), [f"{c.mode}\nmedian {c.median:g} us\n(n={c.n})" for c in cells]
+    )
     ax.set_yscale("log")
     ax.set_ylabel("fork() in the parent, microseconds (log)")
-    ax.set_title(f"fork latency by mode: fork_time {' '.join(cells[0].args)}, "
-                 f"{r.runs} runs, first fork of each run excluded (see fork_cold_warm.png)",
-                 fontsize=9)
+    ax.set_title(
+        f"fork latency by mode: fork_time {' '.join(cells[0].args)}, "
+        f"{r.runs} runs, first fork of each run excluded (see fork_cold_warm.png)",
+        fontsize=9,
+    )
     for f, style in ((published.FIGURES[0], ":"), (published.FIGURES[1], "--")):
-        ax.axhline(f.value * 1e6, color="grey", linestyle=style, linewidth=1,
-                   label=f"{published.LABEL}: {f.what} ({f.value * 1e6:g} us, mean of 10)")
+        ax.axhline(
+            f.value * 1e6,
+            color="grey",
+            linestyle=style,
+            linewidth=1,
+            label=f"{published.LABEL}: {f.what} ({f.value * 1e6:g} us, mean of 10)",
+        )
     ax.legend(fontsize=7, loc="upper left")
     ax.grid(axis="y", which="both", alpha=0.3)
     return _save(fig, path)
@@ -83,32 +96,66 @@ def fork_cold_warm(r: Report, path: Path) -> Path | None:
         warm_cell = r.cell("fork_time", c.mode)
         bars = [("cold\nVM", c.cold.median_us, c.cold.samples_us, "//", 0.9)]
         if c.unifork_run is not None:
-            bars.append(("cold\nrun", c.unifork_run.median_us, c.unifork_run.samples_us, "xx",
-                         0.7))
-        bars.append(("warm", c.warm_median_us,
-                     warm_cell.samples() if warm_cell is not None else [], "", 0.4))
+            bars.append(("cold\nrun", c.unifork_run.median_us, c.unifork_run.samples_us, "xx", 0.7))
+        bars.append(
+            (
+                "warm",
+                c.warm_median_us,
+                warm_cell.samples() if warm_cell is not None else [],
+                "",
+                0.4,
+            )
+        )
         for i, (what, median, samples, hatch, alpha) in enumerate(bars):
             if median is None:
                 continue
             bx = x + (i - (len(bars) - 1) / 2) * width
-            ax.bar(bx, median, width, color=color, alpha=alpha, hatch=hatch,
-                   edgecolor="black", linewidth=0.5)
+            ax.bar(
+                bx,
+                median,
+                width,
+                color=color,
+                alpha=alpha,
+                hatch=hatch,
+                edgecolor="black",
+                linewidth=0.5,
+            )
             ax.scatter([bx] * len(samples), samples, color="black", s=5, zorder=3)
             top = max(top, median, *samples)
-            ax.annotate(f"{what}\n{median:g}", (bx, max([median, *samples])), ha="center",
-                        va="bottom", fontsize=6, xytext=(0, 2), textcoords="offset points")
-    ax.set_xticks(range(len(rows)),
-                  [f"{c.mode}\ncold/warm {c.cold.over_warm:g}x" if c.cold.over_warm
-                   else c.mode for c in rows], fontsize=8)
+            ax.annotate(
+                f"{what}\n{median:g}",
+                (bx, max([median, *samples])),
+                ha="center",
+                va="bottom",
+                fontsize=6,
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
+    ax.set_xticks(
+        range(len(rows)),
+        [
+            f"{c.mode}\ncold/warm {c.cold.over_warm:g}x" if c.cold.over_warm else c.mode
+            for c in rows
+        ],
+        fontsize=8,
+    )
     ax.set_yscale("log")
     ax.set_ylim(top=top * 6)  # room for the labels above the highest run
     ax.set_ylabel("fork() in the parent, microseconds (log)")
-    ax.set_title(f"cold first fork (fork_time, one fork per run, {r.cold_runs} runs: fresh VM "
-                 "'//', fresh `unifork run` 'xx') vs warm loop (first fork of each run "
-                 "excluded)", fontsize=8)
+    ax.set_title(
+        f"cold first fork (fork_time, one fork per run, {r.cold_runs} runs: fresh VM "
+        "'//', fresh `unifork run` 'xx') vs warm loop (first fork of each run "
+        "excluded)",
+        fontsize=8,
+    )
     for f, style in ((published.FIGURES[0], ":"), (published.FIGURES[1], "--")):
-        ax.axhline(f.value * 1e6, color="grey", linestyle=style, linewidth=1,
-                   label=f"{published.LABEL}: {f.what} ({f.value * 1e6:g} us, mean of 10)")
+        ax.axhline(
+            f.value * 1e6,
+            color="grey",
+            linestyle=style,
+            linewidth=1,
+            label=f"{published.LABEL}: {f.what} ({f.value * 1e6:g} us, mean of 10)",
+        )
     ax.legend(fontsize=7, loc="upper left")
     ax.grid(axis="y", which="both", alpha=0.3)
     return _save(fig, path)
@@ -123,23 +170,37 @@ def pipe_throughput(r: Report, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     xs = range(len(cells))
     medians = [c.median for c in cells]  # an "ok" cell with samples has one
-    ax.bar(xs, cast(list[float], medians), color=[COLORS.get(c.mode, "grey") for c in cells],
-           alpha=0.8)
+    ax.bar(
+        xs, cast(list[float], medians), color=[COLORS.get(c.mode, "grey") for c in cells], alpha=0.8
+    )
     for x, c in zip(xs, cells, strict=True):
         ax.scatter([x] * len(c.samples()), c.samples(), color="black", s=10, zorder=3)
-        ax.annotate(f"{c.median:g}", (x, c.median), ha="center", va="bottom", fontsize=8,
-                    xytext=(0, 3), textcoords="offset points")
+        ax.annotate(
+            f"{c.median:g}",
+            (x, c.median),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            xytext=(0, 3),
+            textcoords="offset points",
+        )
     labels = []
     for c in cells:
-        transport = {"native": "kernel pipe", "thread": "in-VM pipe",
-                     "vmclone-shm": "shared memory", "vmclone-tcp": "TCP (loopback)",
-                     "vmclone-remote": "TCP to a peer tender"}.get(c.mode, "")
+        transport = {
+            "native": "kernel pipe",
+            "thread": "in-VM pipe",
+            "vmclone-shm": "shared memory",
+            "vmclone-tcp": "TCP (loopback)",
+            "vmclone-remote": "TCP to a peer tender",
+        }.get(c.mode, "")
         labels.append(f"{c.mode}\n{transport}")
     ax.set_xticks(list(xs), labels, fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("MiB/s (log)")
-    ax.set_title(f"pipe throughput by mode / transport: pipe_bw {' '.join(cells[0].args)}, "
-                 "64 KiB writes", fontsize=10)
+    ax.set_title(
+        f"pipe throughput by mode / transport: pipe_bw {' '.join(cells[0].args)}, 64 KiB writes",
+        fontsize=10,
+    )
     ax.grid(axis="y", which="both", alpha=0.3)
     return _save(fig, path)
 
@@ -150,24 +211,37 @@ def memory_per_child(r: Report, path: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     for ax, attr, runs_attr, title in (
-            (axes[0], "guest_kib_per_child", "guest_runs_kib", "guest memory per child"),
-            (axes[1], "host_kib_per_child", "host_runs_kib", "host memory (PSS) per child")):
+        (axes[0], "guest_kib_per_child", "guest_runs_kib", "guest memory per child"),
+        (axes[1], "host_kib_per_child", "host_runs_kib", "host memory (PSS) per child"),
+    ):
         have = [m for m in rows if getattr(m, attr) is not None]
         xs = range(len(have))
-        ax.bar(xs, [getattr(m, attr) for m in have],
-               color=[COLORS.get(m.mode, "grey") for m in have], alpha=0.8)
+        ax.bar(
+            xs,
+            [getattr(m, attr) for m in have],
+            color=[COLORS.get(m.mode, "grey") for m in have],
+            alpha=0.8,
+        )
         for x, m in zip(xs, have, strict=True):
             runs = getattr(m, runs_attr)
             ax.scatter([x] * len(runs), runs, color="black", s=10, zorder=3)
-            ax.annotate(f"{getattr(m, attr):g}", (x, getattr(m, attr)), ha="center",
-                        va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points")
+            ax.annotate(
+                f"{getattr(m, attr):g}",
+                (x, getattr(m, attr)),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                xytext=(0, 3),
+                textcoords="offset points",
+            )
         ax.set_xticks(list(xs), [m.mode for m in have], fontsize=8)
         ax.set_ylabel("KiB per child")
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         ax.axhline(0, color="black", linewidth=0.5)
-    fig.suptitle(f"memory per live child: fork_scale -n {r.memory_children} minus -n 0",
-                 fontsize=10)
+    fig.suptitle(
+        f"memory per live child: fork_scale -n {r.memory_children} minus -n 0", fontsize=10
+    )
     return _save(fig, path)
 
 
@@ -178,8 +252,14 @@ def fork_scaling(r: Report, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for s in sorted(rows, key=lambda s: _ordered([s.mode, *ALL_MODES]).index(s.mode)):
         pts = [(p.n, p.ready_ms) for p in s.points if p.ready_ms is not None]
-        ax.plot([n for n, _ in pts], [ms for _, ms in pts], marker="o", markersize=4,
-                color=COLORS.get(s.mode, "grey"), label=s.mode)
+        ax.plot(
+            [n for n, _ in pts],
+            [ms for _, ms in pts],
+            marker="o",
+            markersize=4,
+            color=COLORS.get(s.mode, "grey"),
+            label=s.mode,
+        )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("live children N (log2)")
@@ -190,9 +270,13 @@ def fork_scaling(r: Report, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-PLOTS = (("fork_latency.png", fork_latency), ("fork_cold_warm.png", fork_cold_warm),
-         ("pipe_throughput.png", pipe_throughput),
-         ("memory_per_child.png", memory_per_child), ("fork_scaling.png", fork_scaling))
+PLOTS = (
+    ("fork_latency.png", fork_latency),
+    ("fork_cold_warm.png", fork_cold_warm),
+    ("pipe_throughput.png", pipe_throughput),
+    ("memory_per_child.png", memory_per_child),
+    ("fork_scaling.png", fork_scaling),
+)
 
 
 def write_all(r: Report, directory: Path) -> list[Path]:

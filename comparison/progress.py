@@ -21,8 +21,10 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 WIDTH = 28
-BAR_FORMAT = (f"[{{bar:{WIDTH}}}] {{n_fmt}}/{{total_fmt}} {{percentage:3.0f}}% "
-              "{elapsed_s:5.1f}s eta {remaining}  {desc}")
+BAR_FORMAT = (
+    f"[{{bar:{WIDTH}}}] {{n_fmt}}/{{total_fmt}} {{percentage:3.0f}}% "
+    "{elapsed_s:5.1f}s eta {remaining}  {desc}"
+)
 
 
 class _Nowhere(io.TextIOBase):
@@ -35,17 +37,24 @@ class _Nowhere(io.TextIOBase):
 class ProgressBar:
     """``total`` steps; :meth:`step` names the one starting, :meth:`advance` counts it done."""
 
-    def __init__(self, total: int, stream: TextIO | None = None, enabled: bool = True,
-                 by_group: bool = False) -> None:
+    def __init__(
+        self, total: int, stream: TextIO | None = None, enabled: bool = True, by_group: bool = False
+    ) -> None:
         self.stream = stream or sys.stderr
         self.enabled = enabled
         self.by_group = by_group
         self._last: tuple[str, int] | None = None  # (group, tenth) of the last line printed
         self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
         self._total = max(1, total)  # tqdm's own may be None (unknown), never here
-        self.bar = tqdm(total=self._total, file=self.stream if self.tty else _Nowhere(),
-                        disable=not enabled, ascii=".#", bar_format=BAR_FORMAT,
-                        dynamic_ncols=True, leave=True)
+        self.bar = tqdm(
+            total=self._total,
+            file=self.stream if self.tty else _Nowhere(),
+            disable=not enabled,
+            ascii=".#",
+            bar_format=BAR_FORMAT,
+            dynamic_ncols=True,
+            leave=True,
+        )
 
     @property
     def total(self) -> int:

@@ -16,8 +16,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 LABEL = "published"
-SOURCE = ("seed thesis (NTUA 2021, 'Design and implementation of fork in rumprun "
-          "unikernels') §4.6, listing 4.1")
+SOURCE = (
+    "seed thesis (NTUA 2021, 'Design and implementation of fork in rumprun "
+    "unikernels') §4.6, listing 4.1"
+)
 
 
 @dataclass(frozen=True)
@@ -36,12 +38,27 @@ HOST_S = 0.000118
 RUMPRUN_S = 0.000882
 
 FIGURES: tuple[PublishedFigure, ...] = (
-    PublishedFigure("fork_linux_host", "fork (listing 4.1) on the Linux host", HOST_S, "s",
-                    "mean of 10 runs; Ubuntu 18.04 LTS, Linux 5.4.0-72-generic"),
-    PublishedFigure("fork_rumprun", "fork (listing 4.1) in a Rumprun unikernel (thread fork)",
-                    RUMPRUN_S, "s", "mean of 10 runs; Rumprun on solo5 on the same host"),
-    PublishedFigure("fork_rumprun_vs_host", "Rumprun / Linux host", round(RUMPRUN_S / HOST_S, 1),
-                    "x", "ratio of the two means above (0.000882 / 0.000118)"),
+    PublishedFigure(
+        "fork_linux_host",
+        "fork (listing 4.1) on the Linux host",
+        HOST_S,
+        "s",
+        "mean of 10 runs; Ubuntu 18.04 LTS, Linux 5.4.0-72-generic",
+    ),
+    PublishedFigure(
+        "fork_rumprun",
+        "fork (listing 4.1) in a Rumprun unikernel (thread fork)",
+        RUMPRUN_S,
+        "s",
+        "mean of 10 runs; Rumprun on solo5 on the same host",
+    ),
+    PublishedFigure(
+        "fork_rumprun_vs_host",
+        "Rumprun / Linux host",
+        round(RUMPRUN_S / HOST_S, 1),
+        "x",
+        "ratio of the two means above (0.000882 / 0.000118)",
+    ),
 )
 
 

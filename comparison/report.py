@@ -104,8 +104,9 @@ class Cell:
 
 def add_ratios(cells: list[Cell]) -> None:
     """ratio_native / ratio_thread: this mode's median over native's / thread's (same workload)."""
-    ref: dict[tuple[str, str], float] = {(c.workload, c.mode): c.raw_median for c in cells
-                                         if c.raw_median}
+    ref: dict[tuple[str, str], float] = {
+        (c.workload, c.mode): c.raw_median for c in cells if c.raw_median
+    }
     for c in cells:
         if c.raw_median is None:
             continue
@@ -204,12 +205,16 @@ class ColdRow:
         return [self.cold] + ([self.unifork_run] if self.unifork_run is not None else [])
 
     def to_json(self) -> dict[str, object]:
-        return {"mode": self.mode, "cold": self.cold.to_json(),
-                "unifork_run": self.unifork_run.to_json() if self.unifork_run else None,
-                "warm_n": self.warm_n, "warm_median_us": self.warm_median_us,
-                "warm_ratio_native": self.warm_ratio_native,
-                "loop_first_us": self.loop_first_us,
-                "loop_first_median_us": self.loop_first_median_us}
+        return {
+            "mode": self.mode,
+            "cold": self.cold.to_json(),
+            "unifork_run": self.unifork_run.to_json() if self.unifork_run else None,
+            "warm_n": self.warm_n,
+            "warm_median_us": self.warm_median_us,
+            "warm_ratio_native": self.warm_ratio_native,
+            "loop_first_us": self.loop_first_us,
+            "loop_first_median_us": self.loop_first_median_us,
+        }
 
 
 def add_cold_ratios(rows: list[ColdRow]) -> None:
@@ -283,8 +288,12 @@ class Report:
         out += [f"{c.workload} / {c.mode}: {c.error}" for c in self.cells if c.status != "ok"]
         out += [f"memory / {m.mode}: {m.error}" for m in self.memory if m.status != "ok"]
         out += [f"scaling / {s.mode}: {s.error}" for s in self.scaling if s.status != "ok"]
-        out += [f"cold first fork ({s.how}) / {c.mode}: {s.error}" for c in self.cold
-                for s in c.series() if s.status != "ok"]
+        out += [
+            f"cold first fork ({s.how}) / {c.mode}: {s.error}"
+            for c in self.cold
+            for s in c.series()
+            if s.status != "ok"
+        ]
         return out
 
     def cell(self, workload: str, mode: str) -> Cell | None:
@@ -304,17 +313,26 @@ class Report:
             "skipped_modes": self.skipped_modes,
             "results": [c.to_json() for c in self.cells],
             "cold_fork": {
-                "program": COLD_PROGRAM, "args": [], "warm_workload": COLD_WORKLOAD,
-                "unit": "us", "runs": self.cold_runs, "method": self.cold_note,
-                "rows": [c.to_json() for c in self.cold]},
-            "semantics": {"items": list(SEMANTICS_ITEMS), "modes": self.semantics,
-                          "runs": self.semantics_runs},
-            "fork_hazards": {"items": list(HAZARD_ITEMS), "modes": self.hazards,
-                             "runs": self.hazards_runs},
-            "memory": {"children": self.memory_children,
-                       "rows": [asdict(m) for m in self.memory]},
-            "scaling": {"metric": "ready_ms",
-                        "rows": [asdict(s) for s in self.scaling]},
+                "program": COLD_PROGRAM,
+                "args": [],
+                "warm_workload": COLD_WORKLOAD,
+                "unit": "us",
+                "runs": self.cold_runs,
+                "method": self.cold_note,
+                "rows": [c.to_json() for c in self.cold],
+            },
+            "semantics": {
+                "items": list(SEMANTICS_ITEMS),
+                "modes": self.semantics,
+                "runs": self.semantics_runs,
+            },
+            "fork_hazards": {
+                "items": list(HAZARD_ITEMS),
+                "modes": self.hazards,
+                "runs": self.hazards_runs,
+            },
+            "memory": {"children": self.memory_children, "rows": [asdict(m) for m in self.memory]},
+            "scaling": {"metric": "ready_ms", "rows": [asdict(s) for s in self.scaling]},
             "published": published.to_json(),
             "failures": self.failures,
             "notes": self.notes,
@@ -332,8 +350,7 @@ def grid(head: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) ->
     (no number parsing), so a figure reads back exactly as the JSON holds it.
     """
     align = ["right" if i in right else "left" for i in range(len(head))]
-    text = tabulate(rows, headers=head, tablefmt="simple", colalign=align,
-                    disable_numparse=True)
+    text = tabulate(rows, headers=head, tablefmt="simple", colalign=align, disable_numparse=True)
     return [ln.rstrip() for ln in text.splitlines()]
 
 
@@ -347,13 +364,31 @@ def main_table(cells: Sequence[Cell]) -> list[str]:
         if c.status != "ok":
             rows.append((c.workload, c.mode, c.unit, str(c.n), "FAILED", "-", "-", "-"))
             continue
-        rows.append((c.workload, c.mode, c.unit, str(c.n), num(c.median), num(c.p95),
-                     ratio_text(c.ratio_native), ratio_text(c.ratio_thread)))
+        rows.append(
+            (
+                c.workload,
+                c.mode,
+                c.unit,
+                str(c.n),
+                num(c.median),
+                num(c.p95),
+                ratio_text(c.ratio_native),
+                ratio_text(c.ratio_thread),
+            )
+        )
     return grid(MAIN_HEAD, rows, {3, 4, 5, 6, 7})
 
 
-COLD_HEAD = ("mode", "fork", "n", "median", "vs native", "vs warm", "thesis mean s",
-             "thesis vs native")
+COLD_HEAD = (
+    "mode",
+    "fork",
+    "n",
+    "median",
+    "vs native",
+    "vs warm",
+    "thesis mean s",
+    "thesis vs native",
+)
 
 
 def cold_table(r: Report) -> list[str]:
@@ -361,29 +396,60 @@ def cold_table(r: Report) -> list[str]:
     out = [f"{COLD_TITLE} (parent side, us; cold: {r.cold_runs} separate one-fork runs per mode)"]
     rows = []
     for c in r.cold:
-        for label, series in (("cold, fresh " + ("process" if c.mode == NATIVE else "VM"),
-                               c.cold), ("cold, unifork run", c.unifork_run)):
+        for label, series in (
+            ("cold, fresh " + ("process" if c.mode == NATIVE else "VM"), c.cold),
+            ("cold, unifork run", c.unifork_run),
+        ):
             if series is None:
                 continue
             if series.status != "ok":
                 rows.append((c.mode, label, str(series.n), "FAILED", "-", "-", "-", "-"))
                 continue
-            rows.append((c.mode, label, str(series.n), num(series.median_us),
-                         ratio_text(series.ratio_native), ratio_text(series.over_warm),
-                         num(series.thesis_mean_s), ratio_text(series.thesis_ratio_native)))
-        rows.append((c.mode, "warm loop", str(c.warm_n), num(c.warm_median_us),
-                     ratio_text(c.warm_ratio_native), "1x" if c.warm_median_us else "-", "-",
-                     "-"))
+            rows.append(
+                (
+                    c.mode,
+                    label,
+                    str(series.n),
+                    num(series.median_us),
+                    ratio_text(series.ratio_native),
+                    ratio_text(series.over_warm),
+                    num(series.thesis_mean_s),
+                    ratio_text(series.thesis_ratio_native),
+                )
+            )
+        rows.append(
+            (
+                c.mode,
+                "warm loop",
+                str(c.warm_n),
+                num(c.warm_median_us),
+                ratio_text(c.warm_ratio_native),
+                "1x" if c.warm_median_us else "-",
+                "-",
+                "-",
+            )
+        )
         if c.loop_first_us:
-            rows.append((c.mode, "1st of each loop run", str(len(c.loop_first_us)),
-                         num(c.loop_first_median_us), "-", "-", "-", "-"))
+            rows.append(
+                (
+                    c.mode,
+                    "1st of each loop run",
+                    str(len(c.loop_first_us)),
+                    num(c.loop_first_median_us),
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                )
+            )
     out += grid(COLD_HEAD, rows, set(range(2, len(COLD_HEAD))))
     out += [f"  {n}" for n in r.cold_note]
     return out
 
 
-def _matrix(title: str, items: Sequence[str], by_mode: dict[str, dict[str, str]],
-            runs: dict[str, int]) -> list[str]:
+def _matrix(
+    title: str, items: Sequence[str], by_mode: dict[str, dict[str, str]], runs: dict[str, int]
+) -> list[str]:
     modes = [m for m in by_mode]
     if not modes:
         return [title, "  (not run)"]
@@ -395,13 +461,17 @@ def _matrix(title: str, items: Sequence[str], by_mode: dict[str, dict[str, str]]
 def render(r: Report) -> str:
     out: list[str] = []
     m = r.machine
-    out.append(f"unifork compare ({'quick' if r.quick else 'full'}, {r.runs} runs per cell), "
-               f"{r.duration_s:.1f} s; {m.get('cpu_model')}, {m.get('cores_available')}/"
-               f"{m.get('cores')} cores, Python {m.get('python')}, unicorn {m.get('unicorn')}, "
-               f"commit {m.get('git_commit')}")
-    out.append("measured: median and p95 over all samples of the kept runs (warm-up runs "
-               "discarded); 'vs native' / 'vs thread' = this median / that mode's median "
-               "(for MiB/s above 1 means faster, otherwise slower)")
+    out.append(
+        f"unifork compare ({'quick' if r.quick else 'full'}, {r.runs} runs per cell), "
+        f"{r.duration_s:.1f} s; {m.get('cpu_model')}, {m.get('cores_available')}/"
+        f"{m.get('cores')} cores, Python {m.get('python')}, unicorn {m.get('unicorn')}, "
+        f"commit {m.get('git_commit')}"
+    )
+    out.append(
+        "measured: median and p95 over all samples of the kept runs (warm-up runs "
+        "discarded); 'vs native' / 'vs thread' = this median / that mode's median "
+        "(for MiB/s above 1 means faster, otherwise slower)"
+    )
     out.append("")
     out += main_table(r.cells)
     out.append("")
@@ -410,11 +480,19 @@ def render(r: Report) -> str:
     if r.cold:
         out += cold_table(r)
         out.append("")
-    out += _matrix("semantics matrix (measured: the 'semantics' probe in each mode; "
-                   "runs in brackets)", SEMANTICS_ITEMS, r.semantics, r.semantics_runs)
+    out += _matrix(
+        "semantics matrix (measured: the 'semantics' probe in each mode; runs in brackets)",
+        SEMANTICS_ITEMS,
+        r.semantics,
+        r.semantics_runs,
+    )
     out.append("")
-    out += _matrix("fork hazards (measured: the 'fork_hazards' probe in each mode)",
-                   HAZARD_ITEMS, r.hazards, r.hazards_runs)
+    out += _matrix(
+        "fork hazards (measured: the 'fork_hazards' probe in each mode)",
+        HAZARD_ITEMS,
+        r.hazards,
+        r.hazards_runs,
+    )
     out.append("")
     out += _memory_section(r)
     out.append("")
@@ -422,8 +500,9 @@ def render(r: Report) -> str:
         out += _scaling_section(r)
         out.append("")
     out.append(f"{published.LABEL} (reference rows, NOT measured here: {published.SOURCE})")
-    rows = [(published.LABEL, f.what, f"{num(f.value)} {f.unit}", f.note)
-            for f in published.FIGURES]
+    rows = [
+        (published.LABEL, f.what, f"{num(f.value)} {f.unit}", f.note) for f in published.FIGURES
+    ]
     out += grid(("label", "what", "value", "note"), rows, {2})
     if r.notes:
         out.append("")
@@ -451,8 +530,10 @@ def _workload_legend(r: Report) -> list[str]:
 
 
 def _memory_section(r: Report) -> list[str]:
-    out = [f"memory per child ({r.memory_children} children blocked on a pipe vs none; "
-           "guest = RAM the child's VM state needs, host = PSS growth)"]
+    out = [
+        f"memory per child ({r.memory_children} children blocked on a pipe vs none; "
+        "guest = RAM the child's VM state needs, host = PSS growth)"
+    ]
     if not r.memory:
         out.append("  (not run)")
     rows: list[tuple[str, ...]] = []
@@ -460,8 +541,7 @@ def _memory_section(r: Report) -> list[str]:
         if mr.status != "ok":
             rows.append((mr.mode, "FAILED", "FAILED", mr.error[:60]))
         else:
-            rows.append((mr.mode, num(mr.guest_kib_per_child), num(mr.host_kib_per_child),
-                         mr.note))
+            rows.append((mr.mode, num(mr.guest_kib_per_child), num(mr.host_kib_per_child), mr.note))
     if rows:
         out += grid(("mode", "guest KiB/child", "host KiB/child", "how"), rows, {1, 2})
     return out
@@ -469,8 +549,7 @@ def _memory_section(r: Report) -> list[str]:
 
 def _scaling_section(r: Report) -> list[str]:
     ns = sorted({p.n for s in r.scaling for p in s.points})
-    out = ["fork-count scaling: ms until N children are all running (blocked on a pipe), "
-           "median"]
+    out = ["fork-count scaling: ms until N children are all running (blocked on a pipe), median"]
     rows = []
     for s in r.scaling:
         by_n = {p.n: p for p in s.points}
@@ -493,53 +572,135 @@ def write_csv(r: Report, raw: Path, summary: Path) -> None:
     machine = [r.machine.get(k, "") for k in MACHINE_COLUMNS]
     with raw.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(("section", "workload", "mode", "args", "run", "index", "metric", "unit",
-                    "value", *MACHINE_COLUMNS))
+        w.writerow(
+            (
+                "section",
+                "workload",
+                "mode",
+                "args",
+                "run",
+                "index",
+                "metric",
+                "unit",
+                "value",
+                *MACHINE_COLUMNS,
+            )
+        )
         for rows in (_workload_rows(r), _cold_rows(r), _memory_rows(r), _scaling_rows(r)):
             for row in rows:
                 w.writerow((*row, *machine))
     with summary.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(("label", *MAIN_HEAD[:4], "median", "p95", "ratio_native", "ratio_thread",
-                    "status"))
+        w.writerow(
+            ("label", *MAIN_HEAD[:4], "median", "p95", "ratio_native", "ratio_thread", "status")
+        )
         for c in r.cells:
-            w.writerow(("measured", c.workload, c.mode, c.unit, c.n, num(c.median), num(c.p95),
-                        num(c.ratio_native), num(c.ratio_thread), c.status))
-
+            w.writerow(
+                (
+                    "measured",
+                    c.workload,
+                    c.mode,
+                    c.unit,
+                    c.n,
+                    num(c.median),
+                    num(c.p95),
+                    num(c.ratio_native),
+                    num(c.ratio_thread),
+                    c.status,
+                )
+            )
 
 
 def _workload_rows(r: Report) -> Iterator[tuple]:
     for c in r.cells:
         for run in c.runs:
-            yield ("workload", c.workload, c.mode, " ".join(c.args), run.run, "",
-                   "wall_s", "s", run.wall_s)
+            yield (
+                "workload",
+                c.workload,
+                c.mode,
+                " ".join(c.args),
+                run.run,
+                "",
+                "wall_s",
+                "s",
+                run.wall_s,
+            )
             for i, v in enumerate(run.values):
-                yield ("workload", c.workload, c.mode, " ".join(c.args), run.run, i,
-                       c.metric, c.unit, v)
+                yield (
+                    "workload",
+                    c.workload,
+                    c.mode,
+                    " ".join(c.args),
+                    run.run,
+                    i,
+                    c.metric,
+                    c.unit,
+                    v,
+                )
             for i, v in enumerate(run.excluded):
-                yield ("workload", c.workload, c.mode, " ".join(c.args), run.run, i,
-                       f"excluded_{c.metric}", c.unit, v)
+                yield (
+                    "workload",
+                    c.workload,
+                    c.mode,
+                    " ".join(c.args),
+                    run.run,
+                    i,
+                    f"excluded_{c.metric}",
+                    c.unit,
+                    v,
+                )
 
 
 def _cold_rows(r: Report) -> Iterator[tuple]:
     for cr in r.cold:
         for key, series in (("cold", cr.cold), ("unifork_run", cr.unifork_run)):
-            for i, (v, wall) in enumerate(zip(series.samples_us if series else [],
-                                              series.wall_s if series else [], strict=True)):
-                yield ("cold_fork", COLD_PROGRAM, cr.mode, "", i + 1, "",
-                       f"{key}_fork_us", "us", v)
-                yield ("cold_fork", COLD_PROGRAM, cr.mode, "", i + 1, "",
-                       f"{key}_wall_s", "s", wall)
+            for i, (v, wall) in enumerate(
+                zip(
+                    series.samples_us if series else [],
+                    series.wall_s if series else [],
+                    strict=True,
+                )
+            ):
+                yield ("cold_fork", COLD_PROGRAM, cr.mode, "", i + 1, "", f"{key}_fork_us", "us", v)
+                yield (
+                    "cold_fork",
+                    COLD_PROGRAM,
+                    cr.mode,
+                    "",
+                    i + 1,
+                    "",
+                    f"{key}_wall_s",
+                    "s",
+                    wall,
+                )
 
 
 def _memory_rows(r: Report) -> Iterator[tuple]:
     for mr in r.memory:
         for i, v in enumerate(mr.guest_runs_kib):
-            yield ("memory", "fork_scale", mr.mode, f"-n {mr.children}", i, "",
-                   "guest_kib_per_child", "KiB", v)
+            yield (
+                "memory",
+                "fork_scale",
+                mr.mode,
+                f"-n {mr.children}",
+                i,
+                "",
+                "guest_kib_per_child",
+                "KiB",
+                v,
+            )
         for i, v in enumerate(mr.host_runs_kib):
-            yield ("memory", "fork_scale", mr.mode, f"-n {mr.children}", i, "",
-                   "host_kib_per_child", "KiB", v)
+            yield (
+                "memory",
+                "fork_scale",
+                mr.mode,
+                f"-n {mr.children}",
+                i,
+                "",
+                "host_kib_per_child",
+                "KiB",
+                v,
+            )
 
 
 def _scaling_rows(r: Report) -> Iterator[tuple]:
@@ -548,8 +709,7 @@ def _scaling_rows(r: Report) -> Iterator[tuple]:
             for i, v in enumerate(p.ready_runs_ms):
                 yield ("scaling", "fork_scale", s.mode, f"-n {p.n}", i, "", "ready_ms", "ms", v)
             for i, v in enumerate(p.fork_all_runs_ms):
-                yield ("scaling", "fork_scale", s.mode, f"-n {p.n}", i, "",
-                       "fork_all_ms", "ms", v)
+                yield ("scaling", "fork_scale", s.mode, f"-n {p.n}", i, "", "fork_all_ms", "ms", v)
 
 
 def write_published_csv(path: Path) -> None:
@@ -558,5 +718,6 @@ def write_published_csv(path: Path) -> None:
         w = csv.writer(fh)
         w.writerow(("label", "key", "what", "value", "unit", "note", "source"))
         for f in published.FIGURES:
-            w.writerow((published.LABEL, f.key, f.what, num(f.value), f.unit, f.note,
-                        published.SOURCE))
+            w.writerow(
+                (published.LABEL, f.key, f.what, num(f.value), f.unit, f.note, published.SOURCE)
+            )

@@ -97,7 +97,9 @@ def _mib_per_s(o: Outcome) -> list[float]:
 
 
 def _check_semantics(stdout: str) -> None:
-    bad = {k: v for k, v in words(stdout, SEMANTICS_ITEMS).items() if v not in ("shared", "private")}
+    bad = {
+        k: v for k, v in words(stdout, SEMANTICS_ITEMS).items() if v not in ("shared", "private")
+    }
     if bad:
         raise OutputError(f"semantics: unexpected values {bad}")
 
@@ -118,37 +120,122 @@ def _check_pipe_bw(stdout: str) -> None:
 
 
 WORKLOADS: tuple[Workload, ...] = (
-    Workload("fork_time", "fork, parent side (listing 4.1 style: fork_time -n N)", "fork_time",
-             ("-n", "20"), ("-n", "50"), "fork_us", "us", "lower", _fork_us, _check_fork_time,
-             ("time from just before fork() to its return in the parent, per fork; the first "
-              "fork of every run excluded (kept in the JSON as each run's 'excluded'; the cold "
-              "first fork is measured on its own, see the cold-first-fork table)",), 1),
-    Workload("pipe_talk", "parent and child talk over a pipe (listing 4.2 style), launch to exit",
-             "pipe_talk", (), (), "wall_ms", "ms", "lower", _wall_ms,
-             _need("parent: EOF after 3 messages", "parent: child exited with status 0"),
-             ("whole program, launch to exit (a VM's creation included); the child edits a copy "
-              "of the message, not the literal (that would crash natively)",)),
-    Workload("fork_exit_wait", "fork + _exit + waitpid x100 (fork_exit_wait -t)", "fork_exit_wait",
-             ("-t", "-n", "100"), ("-t", "-n", "100"), "fork_wait_us", "us", "lower",
-             _fork_wait_us, _need("ok 100 children"),
-             ("per iteration: fork, the child exits, the parent reaps it and checks its status; "
-              "first iteration of every run excluded (kept in the JSON as each run's "
-              "'excluded')",), 1),
-    Workload("pipe_bw", "pipe throughput in 64 KiB writes (pipe_bw -m MiB)", "pipe_bw",
-             ("-m", "64"), ("-m", "64"), "mib_per_s", "MiB/s", "higher", _mib_per_s,
-             _check_pipe_bw,
-             ("child writes, parent reads and checks every block's sequence words; timed from "
-              "the first read to EOF inside the program",)),
-    Workload("token_ring", "8-process token ring, 10 rounds (token_ring -n 8), launch to exit",
-             "token_ring", ("-n", "8"), ("-n", "8"), "wall_ms", "ms", "lower", _wall_ms,
-             _need("token=80")),
-    Workload("prefork_server", "prefork server: 4 workers, 200 jobs on one pipe, launch to exit",
-             "prefork_server", ("-w", "4", "-j", "200"), ("-w", "4", "-j", "200"), "wall_ms", "ms",
-             "lower", _wall_ms, _need("jobs=200 ok")),
-    Workload("semantics", "semantics probe (what a child's writes reach), launch to exit",
-             "semantics", (), (), "wall_ms", "ms", "lower", _wall_ms, _check_semantics),
-    Workload("fork_hazards", "fork hazards probe (limits of thread fork), launch to exit",
-             "fork_hazards", (), (), "wall_ms", "ms", "lower", _wall_ms, _check_hazards),
+    Workload(
+        "fork_time",
+        "fork, parent side (listing 4.1 style: fork_time -n N)",
+        "fork_time",
+        ("-n", "20"),
+        ("-n", "50"),
+        "fork_us",
+        "us",
+        "lower",
+        _fork_us,
+        _check_fork_time,
+        (
+            "time from just before fork() to its return in the parent, per fork; the first "
+            "fork of every run excluded (kept in the JSON as each run's 'excluded'; the cold "
+            "first fork is measured on its own, see the cold-first-fork table)",
+        ),
+        1,
+    ),
+    Workload(
+        "pipe_talk",
+        "parent and child talk over a pipe (listing 4.2 style), launch to exit",
+        "pipe_talk",
+        (),
+        (),
+        "wall_ms",
+        "ms",
+        "lower",
+        _wall_ms,
+        _need("parent: EOF after 3 messages", "parent: child exited with status 0"),
+        (
+            "whole program, launch to exit (a VM's creation included); the child edits a copy "
+            "of the message, not the literal (that would crash natively)",
+        ),
+    ),
+    Workload(
+        "fork_exit_wait",
+        "fork + _exit + waitpid x100 (fork_exit_wait -t)",
+        "fork_exit_wait",
+        ("-t", "-n", "100"),
+        ("-t", "-n", "100"),
+        "fork_wait_us",
+        "us",
+        "lower",
+        _fork_wait_us,
+        _need("ok 100 children"),
+        (
+            "per iteration: fork, the child exits, the parent reaps it and checks its status; "
+            "first iteration of every run excluded (kept in the JSON as each run's "
+            "'excluded')",
+        ),
+        1,
+    ),
+    Workload(
+        "pipe_bw",
+        "pipe throughput in 64 KiB writes (pipe_bw -m MiB)",
+        "pipe_bw",
+        ("-m", "64"),
+        ("-m", "64"),
+        "mib_per_s",
+        "MiB/s",
+        "higher",
+        _mib_per_s,
+        _check_pipe_bw,
+        (
+            "child writes, parent reads and checks every block's sequence words; timed from "
+            "the first read to EOF inside the program",
+        ),
+    ),
+    Workload(
+        "token_ring",
+        "8-process token ring, 10 rounds (token_ring -n 8), launch to exit",
+        "token_ring",
+        ("-n", "8"),
+        ("-n", "8"),
+        "wall_ms",
+        "ms",
+        "lower",
+        _wall_ms,
+        _need("token=80"),
+    ),
+    Workload(
+        "prefork_server",
+        "prefork server: 4 workers, 200 jobs on one pipe, launch to exit",
+        "prefork_server",
+        ("-w", "4", "-j", "200"),
+        ("-w", "4", "-j", "200"),
+        "wall_ms",
+        "ms",
+        "lower",
+        _wall_ms,
+        _need("jobs=200 ok"),
+    ),
+    Workload(
+        "semantics",
+        "semantics probe (what a child's writes reach), launch to exit",
+        "semantics",
+        (),
+        (),
+        "wall_ms",
+        "ms",
+        "lower",
+        _wall_ms,
+        _check_semantics,
+    ),
+    Workload(
+        "fork_hazards",
+        "fork hazards probe (limits of thread fork), launch to exit",
+        "fork_hazards",
+        (),
+        (),
+        "wall_ms",
+        "ms",
+        "lower",
+        _wall_ms,
+        _check_hazards,
+    ),
 )
 
 BY_KEY = {w.key: w for w in WORKLOADS}
@@ -171,8 +258,9 @@ def parent_fork_us(stdout: str) -> float:
     """
     parent, child = _PARENT_TOOK.findall(stdout), _CHILD_TOOK.findall(stdout)
     if len(parent) != 1 or len(child) != 1:
-        raise OutputError(f"fork_time: expected one parent and one child 'fork took' line: "
-                          f"{stdout[-300:]!r}")
+        raise OutputError(
+            f"fork_time: expected one parent and one child 'fork took' line: {stdout[-300:]!r}"
+        )
     return round(float(parent[0]) * 1e6, 3)
 
 

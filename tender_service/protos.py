@@ -58,8 +58,14 @@ def generate(out_root: Path, root: Path | None = None) -> list[Path]:
     root = root or proto_dir()
     include = Path(grpc_tools.__file__).parent / "_proto"
     files = [f"tender_service/gen/{f.relative_to(root)}" for f in proto_files(root)]
-    args = ["protoc", f"-Itender_service/gen={root}", f"-I{include}",
-            f"--python_out={out_root}", f"--grpc_python_out={out_root}", *files]
+    args = [
+        "protoc",
+        f"-Itender_service/gen={root}",
+        f"-I{include}",
+        f"--python_out={out_root}",
+        f"--grpc_python_out={out_root}",
+        *files,
+    ]
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed on " + " ".join(files))
     gen = out_root / "tender_service" / "gen"

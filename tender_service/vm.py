@@ -60,23 +60,36 @@ class CaptureSink:
         self.chunks.append((pid, fd, data))
 
 
-def create_vm(image: ElfImage | str | Path, args: Sequence[str] = (),
-              env: Sequence[str] | None = None, config: VmConfig | None = None,
-              sink: Sink | None = None, stdin: bytes | int | None = None,
-              fork: str = "thread", argv0: str | None = None) -> Kernel:
+def create_vm(
+    image: ElfImage | str | Path,
+    args: Sequence[str] = (),
+    env: Sequence[str] | None = None,
+    config: VmConfig | None = None,
+    sink: Sink | None = None,
+    stdin: bytes | int | None = None,
+    fork: str = "thread",
+    argv0: str | None = None,
+) -> Kernel:
     """Build a VM ready to run; raises ImageError for an image it refuses."""
     img = image if isinstance(image, ElfImage) else load_elf_file(image)
     config = config or VmConfig()
     console = Console(sink or stdio_sink(), stdin=stdin, tty=config.tty)
     argv = [argv0 or _program_name(img.name), *args]
-    return Kernel.boot(img, argv, list(DEFAULT_ENV if env is None else env), config, console,
-                       make_forker(fork))
+    return Kernel.boot(
+        img, argv, list(DEFAULT_ENV if env is None else env), config, console, make_forker(fork)
+    )
 
 
-def run_vm(image: ElfImage | str | Path, args: Sequence[str] = (),
-           env: Sequence[str] | None = None, config: VmConfig | None = None,
-           sink: Sink | None = None, stdin: bytes | int | None = None,
-           fork: str = "thread", argv0: str | None = None) -> RunResult:
+def run_vm(
+    image: ElfImage | str | Path,
+    args: Sequence[str] = (),
+    env: Sequence[str] | None = None,
+    config: VmConfig | None = None,
+    sink: Sink | None = None,
+    stdin: bytes | int | None = None,
+    fork: str = "thread",
+    argv0: str | None = None,
+) -> RunResult:
     """Create a VM, run it to the end, free it; return how it ended."""
     k = create_vm(image, args, env, config, sink, stdin, fork, argv0)
     try:
@@ -113,5 +126,8 @@ def _program_name(file_name: str) -> str:
     """'hello' for a cached image file 'hello-0123456789abcdef.elf'."""
     stem = file_name.removesuffix(".elf")
     base, _, key = stem.rpartition("-")
-    return base if base and len(key) == 16 and all(c in "0123456789abcdef" for c in key) \
+    return (
+        base
+        if base and len(key) == 16 and all(c in "0123456789abcdef" for c in key)
         else stem or "program"
+    )

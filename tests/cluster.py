@@ -51,10 +51,12 @@ RUN_TIMEOUT = 90.0
 # -- checks of a run's answer --------------------------------------------------------------
 def explain(c: Cluster, r: dict) -> str:
     res = r["result"]
-    return (f"outcome {res['outcome']} exit {res['exit_code']} reports {res['reports']}\n"
-            f"stdout: {r['stdout'][-2000:]!r}\nstderr: {r['stderr'][-2000:]!r}\n"
-            f"processes: {[(p['pid'], p['host'], p['state']) for p in r['describe']['processes']]}"
-            f"\n{c.logs_tail()}")
+    return (
+        f"outcome {res['outcome']} exit {res['exit_code']} reports {res['reports']}\n"
+        f"stdout: {r['stdout'][-2000:]!r}\nstderr: {r['stderr'][-2000:]!r}\n"
+        f"processes: {[(p['pid'], p['host'], p['state']) for p in r['describe']['processes']]}"
+        f"\n{c.logs_tail()}"
+    )
 
 
 def assert_exited_0(c: Cluster, r: dict) -> None:
@@ -78,10 +80,14 @@ class Agent:
     """``tests/mh_agent.py`` running in one host; ``call(op, ...)`` is one request."""
 
     def __init__(self, hosts: Hosts, k: int, token_file: Path, peer_token_file: Path) -> None:
-        self.proc = hosts.popen(k, [sys.executable, str(AGENT), str(token_file),
-                                    str(peer_token_file)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                cwd=ROOT)
+        self.proc = hosts.popen(
+            k,
+            [sys.executable, str(AGENT), str(token_file), str(peer_token_file)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
         self.replies: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self.lock = threading.Lock()
@@ -119,8 +125,10 @@ class Agent:
 # -- the cluster --------------------------------------------------------------------------------
 def _private_dirs(hostdir: Path) -> dict[str, str]:
     """What a host does not share with the others: /tmp, /dev/shm, the upload store."""
-    dirs = {"/dev/shm": str(hostdir / "shm"),
-            str(cache_dir() / "uploads"): str(hostdir / "uploads")}
+    dirs = {
+        "/dev/shm": str(hostdir / "shm"),
+        str(cache_dir() / "uploads"): str(hostdir / "uploads"),
+    }
     shared = [ROOT, Path(sys.executable), cache_dir(), hostdir]
     if not any(str(p).startswith("/tmp/") for p in shared):
         dirs["/tmp"] = str(hostdir / "tmp")
@@ -167,29 +175,51 @@ class Cluster:
         return f"{self.addr(k)}:{PEER_PORT}"
 
     def start(self, k: int) -> None:
-        peers = [a for j in range(self.hosts.n) if j != k
-                 for a in ("--peer", self.peer_target(j))]
-        argv = [str(UNIFORK), "-v", "serve", "--listen", self.target(k), "--advertise",
-                self.target(k), *peers, "--token-file", str(self.token_file),
-                "--peer-token-file", str(self.peer_token_file),
-                "--metrics-port", str(METRICS_PORT), "--pool", "2", "--grace", "5",
-                "--peer-timeout", str(PEER_TIMEOUT), *self.serve_args]
+        peers = [a for j in range(self.hosts.n) if j != k for a in ("--peer", self.peer_target(j))]
+        argv = [
+            str(UNIFORK),
+            "-v",
+            "serve",
+            "--listen",
+            self.target(k),
+            "--advertise",
+            self.target(k),
+            *peers,
+            "--token-file",
+            str(self.token_file),
+            "--peer-token-file",
+            str(self.peer_token_file),
+            "--metrics-port",
+            str(METRICS_PORT),
+            "--pool",
+            "2",
+            "--grace",
+            "5",
+            "--peer-timeout",
+            str(PEER_TIMEOUT),
+            *self.serve_args,
+        ]
         with open(self.logs[k], "ab") as log:
-            self.tenders[k] = self.hosts.popen(k, argv, mounts=self.mounts(k), stdout=log,
-                                               stderr=subprocess.STDOUT, cwd=ROOT)
+            self.tenders[k] = self.hosts.popen(
+                k, argv, mounts=self.mounts(k), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+            )
 
     def mounts(self, k: int) -> dict[str, str]:
         return _private_dirs(self.workdir / f"host{k}")
 
     def leftovers(self, k: int) -> dict[str, list[str]]:
         """What is left in host k's own /tmp and /dev/shm."""
-        return {target: sorted(os.listdir(source)) for target, source in self.mounts(k).items()
-                if target in ("/tmp", "/dev/shm") and os.listdir(source)}
+        return {
+            target: sorted(os.listdir(source))
+            for target, source in self.mounts(k).items()
+            if target in ("/tmp", "/dev/shm") and os.listdir(source)
+        }
 
     def wait_healthy(self, k: int) -> None:
         try:
-            self.agent.call("health", wait=START_TIMEOUT + 10, target=self.target(k),
-                            timeout=START_TIMEOUT)
+            self.agent.call(
+                "health", wait=START_TIMEOUT + 10, target=self.target(k), timeout=START_TIMEOUT
+            )
         except (AgentError, TimeoutError) as e:
             raise AssertionError(f"tender {k} not healthy ({e}):\n{self.log_tail(k)}") from e
 
@@ -211,8 +241,15 @@ class Cluster:
 
     # -- client shortcuts -----------------------------------------------------------------
     def run(self, image: str, args: list[str], on: int = A, **launch) -> dict:
-        r = self.agent.call("run", wait=RUN_TIMEOUT + 30, target=self.target(on),
-                            timeout=RUN_TIMEOUT, image=image, args=args, **launch)
+        r = self.agent.call(
+            "run",
+            wait=RUN_TIMEOUT + 30,
+            target=self.target(on),
+            timeout=RUN_TIMEOUT,
+            image=image,
+            args=args,
+            **launch,
+        )
         r["stdout"] = "".join(t for _pid, fd, t in r["logs"]["chunks"] if fd == 1)
         r["stderr"] = "".join(t for _pid, fd, t in r["logs"]["chunks"] if fd == 2)
         return r
@@ -223,18 +260,22 @@ class Cluster:
     def load_queries(self, k: int) -> float:
         """How many Peer.GetLoad calls tender k has answered (its /metrics)."""
         text = self.agent.call("metrics", url=f"http://{self.addr(k)}:{METRICS_PORT}/metrics")
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("grpc_server_handled_total{")
-                   and 'grpc_service="unifork.v1.Peer"' in line
-                   and 'grpc_method="GetLoad"' in line and 'grpc_code="OK"' in line)
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("grpc_server_handled_total{")
+            and 'grpc_service="unifork.v1.Peer"' in line
+            and 'grpc_method="GetLoad"' in line
+            and 'grpc_code="OK"' in line
+        )
 
     def wait_placeable(self, k: int) -> None:
         """Poll until A's placement asks peer k for its load again (A no longer holds
         it for down), launching small remote instances on A to make it look."""
+
         def asked() -> bool:
             before = self.load_queries(k)
-            r = self.run("hello", [], fork_mode="vmclone", pipe_transport="tcp",
-                         placement="remote")
+            r = self.run("hello", [], fork_mode="vmclone", pipe_transport="tcp", placement="remote")
             assert_exited_0(self, r)
             return self.load_queries(k) > before
 
@@ -242,8 +283,9 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def running_cluster(name: str, serve_args: tuple[str, ...] = (),
-                    uploads: dict[str, Path] | None = None) -> Iterator[Cluster]:
+def running_cluster(
+    name: str, serve_args: tuple[str, ...] = (), uploads: dict[str, Path] | None = None
+) -> Iterator[Cluster]:
     """Three hosts, a healthy tender on each (``uploads``: name -> ELF uploaded to every
     one), the agent in host A; everything stopped and removed on exit."""
     hosts = hosts_or_skip(3)

@@ -27,8 +27,10 @@ from tender_service.rump.vminfo import VmConfig  # noqa: E402
 from tender_service.toolchain.images import build_image  # noqa: E402
 from tender_service.vm import CaptureSink, run_vm  # noqa: E402
 
-SUMMARY = re.compile(rb"seed=(\d+) calls=(\d+) ok=(\d+) errors=(\d+) skipped=(\d+) vm=(\d) "
-                     rb"hist=([0-9a-f]+)(?: forks=(\d+) children_ok=(\d+))?\nerrnos([ 0-9:]*)\n")
+SUMMARY = re.compile(
+    rb"seed=(\d+) calls=(\d+) ok=(\d+) errors=(\d+) skipped=(\d+) vm=(\d) "
+    rb"hist=([0-9a-f]+)(?: forks=(\d+) children_ok=(\d+))?\nerrnos([ 0-9:]*)\n"
+)
 FORK_CHECK = re.compile(rb"^fork check: .*$", re.M)
 
 
@@ -49,8 +51,9 @@ def _fuzz_args(opts: argparse.Namespace, seed: int) -> list[str]:
     return args
 
 
-def _count_summary(m: re.Match[bytes], totals: collections.Counter[str],
-                   hist: collections.Counter[int]) -> str:
+def _count_summary(
+    m: re.Match[bytes], totals: collections.Counter[str], hist: collections.Counter[int]
+) -> str:
     """Add one run's summary line to the totals; what it adds to the run's line."""
     line = f" ok={int(m[3])} errors={int(m[4])} skipped={int(m[5])} hist={m[7].decode()}"
     totals.update(calls=int(m[2]), ok=int(m[3]), errors=int(m[4]), skipped=int(m[5]))
@@ -69,10 +72,18 @@ def main() -> int:
     ap.add_argument("--seeds", default="1-10")
     ap.add_argument("-n", type=int, default=100_000)
     ap.add_argument("--forks", type=int, default=0, help="fork events per run (syscall_fuzz -f)")
-    ap.add_argument("--child-calls", type=int, default=0,
-                    help="at most this many calls per child (syscall_fuzz -c; default its own)")
-    ap.add_argument("--pipe", choices=("shm", "tcp"), default="shm",
-                    help="vmclone: how pipes between VMs travel")
+    ap.add_argument(
+        "--child-calls",
+        type=int,
+        default=0,
+        help="at most this many calls per child (syscall_fuzz -c; default its own)",
+    )
+    ap.add_argument(
+        "--pipe",
+        choices=("shm", "tcp"),
+        default="shm",
+        help="vmclone: how pipes between VMs travel",
+    )
     ap.add_argument("--timeout", type=float, default=600)
     opts = ap.parse_args()
     image = build_image("syscall_fuzz")
@@ -97,12 +108,15 @@ def main() -> int:
             else:
                 from tender_service.instance.backends.vmclone import run_vmclone
 
-                res = run_vmclone(image, args, config=config, sink=sink, pool=pool,
-                                  transport=opts.pipe)
+                res = run_vmclone(
+                    image, args, config=config, sink=sink, pool=pool, transport=opts.pipe
+                )
             out = bytes(sink.stdout)
             m = SUMMARY.search(out)
-            line = (f"seed={seed} outcome={res.outcome} status={res.status} "
-                    f"{time.monotonic() - t0:.1f}s")
+            line = (
+                f"seed={seed} outcome={res.outcome} status={res.status} "
+                f"{time.monotonic() - t0:.1f}s"
+            )
             if m:
                 line += _count_summary(m, totals, hist)
             print(line, flush=True)
@@ -113,20 +127,25 @@ def main() -> int:
             for c in checks:
                 print(f"  {c}", flush=True)
             if internal or res.outcome != "exited" or res.status != 0 or not m:
-                bad.append(f"seed {seed}: outcome={res.outcome} status={res.status} "
-                           f"reports={res.reports}" + (f" checks={checks}" if checks else ""))
+                bad.append(
+                    f"seed {seed}: outcome={res.outcome} status={res.status} "
+                    f"reports={res.reports}" + (f" checks={checks}" if checks else "")
+                )
             totals["seeds"] += 1
     finally:
         if pool is not None:
             pool.close()
     import errno
 
-    forks = (f" forks={totals['forks']} children_ok={totals['children_ok']}" if opts.forks
-             else "")
-    print(f"mode={opts.mode} seeds={totals['seeds']} syscalls={totals['calls']} ok={totals['ok']} "
-          f"errors={totals['errors']} skipped={totals['skipped']}{forks} "
-          f"elapsed={time.monotonic() - start:.0f}s")
-    print("errnos: " + ", ".join(f"{errno.errorcode.get(e, e)}={n}" for e, n in sorted(hist.items())))
+    forks = f" forks={totals['forks']} children_ok={totals['children_ok']}" if opts.forks else ""
+    print(
+        f"mode={opts.mode} seeds={totals['seeds']} syscalls={totals['calls']} ok={totals['ok']} "
+        f"errors={totals['errors']} skipped={totals['skipped']}{forks} "
+        f"elapsed={time.monotonic() - start:.0f}s"
+    )
+    print(
+        "errnos: " + ", ".join(f"{errno.errorcode.get(e, e)}={n}" for e, n in sorted(hist.items()))
+    )
     print(f"failures: {len(bad)}")
     for b in bad:
         print("  " + b)

@@ -27,8 +27,9 @@ from tender_service.service.client import Client
 
 
 def to_dict(msg) -> dict:
-    return MessageToDict(msg, preserving_proto_field_name=True,
-                         always_print_fields_with_no_presence=True)
+    return MessageToDict(
+        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
 
 
 class Agent:
@@ -57,9 +58,12 @@ class Agent:
                 if left <= 0:
                     raise TimeoutError(f"{target} not SERVING after {timeout:g} s: {status}")
                 try:
-                    r = stub.Check(health_pb2.HealthCheckRequest(service=service),
-                                   timeout=min(left, 5.0), wait_for_ready=True,
-                                   metadata=self.md)
+                    r = stub.Check(
+                        health_pb2.HealthCheckRequest(service=service),
+                        timeout=min(left, 5.0),
+                        wait_for_ready=True,
+                        metadata=self.md,
+                    )
                     status = health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
                     if r.status == health_pb2.HealthCheckResponse.SERVING:
                         return status
@@ -72,16 +76,27 @@ class Agent:
             data = f.read()
         return to_dict(self.client(target).upload(name, data))
 
-    def op_launch(self, target: str, image: str, args: list[str], fork_mode: str = "vmclone",
-                  pipe_transport: str = "shm", placement: str = "local",
-                  time_limit: float = 0.0, console_pipe: bool = False) -> str:
+    def op_launch(
+        self,
+        target: str,
+        image: str,
+        args: list[str],
+        fork_mode: str = "vmclone",
+        pipe_transport: str = "shm",
+        placement: str = "local",
+        time_limit: float = 0.0,
+        console_pipe: bool = False,
+    ) -> str:
         pb2 = self.tpb2
         return self.client(target).launch(
-            image, list(args),
+            image,
+            list(args),
             fork_mode=pb2.ForkMode.Value(f"FORK_MODE_{fork_mode.upper()}"),
             pipe_transport=pb2.PipeTransport.Value(f"PIPE_TRANSPORT_{pipe_transport.upper()}"),
             placement=pb2.Placement.Value(f"PLACEMENT_{placement.upper()}"),
-            time_limit_seconds=time_limit, console_pipe=console_pipe)
+            time_limit_seconds=time_limit,
+            console_pipe=console_pipe,
+        )
 
     def op_wait(self, target: str, id: str, timeout: float = 60.0) -> dict:
         return to_dict(self.client(target).wait(id, timeout))
@@ -92,8 +107,14 @@ class Agent:
     def op_kill(self, target: str, id: str) -> bool:
         return self.client(target).kill(id)
 
-    def op_logs(self, target: str, id: str, timeout: float = 60.0, until: str | None = None,
-                from_start: bool = True) -> dict:
+    def op_logs(
+        self,
+        target: str,
+        id: str,
+        timeout: float = 60.0,
+        until: str | None = None,
+        from_start: bool = True,
+    ) -> dict:
         """Console chunks [pid, fd, text] until the instance ends (or ``until`` shows up
         on stdout); ``complete`` says whether the stream ended or the text came."""
         call = self.client(target).logs(id, from_start)
@@ -124,13 +145,18 @@ class Agent:
         iid = self.op_launch(target, **launch)
         logs = self.op_logs(target, iid, timeout)
         result = self.op_wait(target, iid, timeout)
-        return {"id": iid, "logs": logs, "result": result,
-                "describe": self.op_describe(target, iid)}
+        return {
+            "id": iid,
+            "logs": logs,
+            "result": result,
+            "describe": self.op_describe(target, iid),
+        }
 
     def op_load(self, target: str) -> dict:
         with grpc.insecure_channel(target) as ch:
-            r = self.pgrpc.PeerStub(ch).GetLoad(self.ppb2.LoadRequest(), timeout=5.0,
-                                                metadata=self.peer_md)
+            r = self.pgrpc.PeerStub(ch).GetLoad(
+                self.ppb2.LoadRequest(), timeout=5.0, metadata=self.peer_md
+            )
         return to_dict(r)
 
     def op_metrics(self, url: str) -> str:

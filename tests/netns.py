@@ -45,8 +45,14 @@ class NetnsUnavailable(RuntimeError):
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=IP_TIMEOUT,
-                       stdin=subprocess.DEVNULL, check=False)
+    p = subprocess.run(
+        ["ip", *args],
+        capture_output=True,
+        text=True,
+        timeout=IP_TIMEOUT,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
     if check and p.returncode != 0:
         raise subprocess.CalledProcessError(p.returncode, ["ip", *args], p.stdout, p.stderr)
     return p
@@ -109,8 +115,9 @@ class Hosts:
         try:
             self._add_ns(self.bridge_ns)
         except subprocess.CalledProcessError as e:
-            raise NetnsUnavailable(f"cannot create a network namespace: "
-                                   f"{(e.stderr or '').strip() or e}") from e
+            raise NetnsUnavailable(
+                f"cannot create a network namespace: {(e.stderr or '').strip() or e}"
+            ) from e
         br = ("-n", self.bridge_ns)
         _ip(*br, "link", "set", "lo", "up")
         _ip(*br, "link", "add", "br0", "type", "bridge")
@@ -131,8 +138,9 @@ class Hosts:
         self._made.append(ns)
 
     # -- running things inside ----------------------------------------------------------
-    def command(self, k: int, argv: list[str], mounts: dict[str, str | None] | None = None) \
-            -> list[str]:
+    def command(
+        self, k: int, argv: list[str], mounts: dict[str, str | None] | None = None
+    ) -> list[str]:
         """``argv`` as run in host ``k``; ``mounts`` maps a directory to the directory
         bind-mounted over it in the command's mount namespace (None: an empty tmpfs)."""
         cmd = ["ip", "netns", "exec", self.names[k]]
@@ -146,8 +154,9 @@ class Hosts:
                 steps.append(f"mount --bind {shlex.quote(source)} {shlex.quote(target)}")
         return cmd + ["sh", "-c", f'{" && ".join(steps)} && exec "$@"', "sh", *argv]
 
-    def popen(self, k: int, argv: list[str], mounts: dict[str, str | None] | None = None,
-              **kw) -> subprocess.Popen:
+    def popen(
+        self, k: int, argv: list[str], mounts: dict[str, str | None] | None = None, **kw
+    ) -> subprocess.Popen:
         """Start ``argv`` in host ``k`` (killed by ``close`` if still running)."""
         kw.setdefault("stdin", subprocess.DEVNULL)
         for target, source in (mounts or {}).items():
@@ -158,8 +167,9 @@ class Hosts:
         self.procs.append(p)
         return p
 
-    def run(self, k: int, argv: list[str], timeout: float = 60.0, **kw) \
-            -> subprocess.CompletedProcess:
+    def run(
+        self, k: int, argv: list[str], timeout: float = 60.0, **kw
+    ) -> subprocess.CompletedProcess:
         kw.setdefault("stdin", subprocess.DEVNULL)
         kw.setdefault("capture_output", True)
         kw.setdefault("text", True)

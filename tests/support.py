@@ -46,12 +46,22 @@ def vm(name: str | Path, *args: str, stdin: bytes | None = None, **config) -> Vm
 def native(name: str | Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run the very same static binary on the host."""
     path = Path(name) if isinstance(name, Path) else image_path(name)
-    return subprocess.run([str(path), *args], capture_output=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, check=False)
+    return subprocess.run(
+        [str(path), *args],
+        capture_output=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
 
 
-def wait_until(cond: Callable[[], object], timeout: float, what: str, interval: float = 0.05,
-               detail: Callable[[], str] = lambda: "") -> object:
+def wait_until(
+    cond: Callable[[], object],
+    timeout: float,
+    what: str,
+    interval: float = 0.05,
+    detail: Callable[[], str] = lambda: "",
+) -> object:
     """Wait until ``cond()`` is truthy and return it; fail naming ``what`` after ``timeout``.
 
     This is how tests wait for something to happen: on the condition, with a

@@ -47,8 +47,13 @@ def test_the_registry_names_both_modes_and_refuses_others() -> None:
 
 def test_every_mode_runs_the_same_program_alike(backend: InstanceBackend) -> None:
     sink = CaptureSink()
-    r = run_instance(backend, InstanceSpec(image_path("fork_exit_wait"), ["-n", CHILDREN],
-                                           config=VmConfig(timeout=60, tty=False)), sink)
+    r = run_instance(
+        backend,
+        InstanceSpec(
+            image_path("fork_exit_wait"), ["-n", CHILDREN], config=VmConfig(timeout=60, tty=False)
+        ),
+        sink,
+    )
     ref = native("fork_exit_wait", "-n", CHILDREN)
     assert isinstance(r, RunResult)
     assert (r.outcome, r.exit_code) == ("exited", 0), r.reports

@@ -23,11 +23,20 @@ TESTS_GUEST = Path(__file__).resolve().parent / "guest"
 UNIFORK = Path(sys.executable).parent / "unifork"
 
 
-def cli(*args: str, input: bytes | None = None, cwd: Path | None = None,
-        ) -> subprocess.CompletedProcess:
-    return subprocess.run([str(UNIFORK), *args], capture_output=True, timeout=180, input=input,
-                          stdin=None if input is not None else subprocess.DEVNULL, cwd=cwd,
-                          check=False)
+def cli(
+    *args: str,
+    input: bytes | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(UNIFORK), *args],
+        capture_output=True,
+        timeout=180,
+        input=input,
+        stdin=None if input is not None else subprocess.DEVNULL,
+        cwd=cwd,
+        check=False,
+    )
 
 
 def test_cli_exit_status_is_the_guests() -> None:
@@ -52,16 +61,22 @@ def test_cli_reports_an_emulator_crash() -> None:
     p = cli("run", str(Path(__file__).with_name("guest") / "x87_block.c"))
     assert p.returncode == 137, p.stderr
     assert p.stdout == b""
-    assert re.search(rb"^unifork: its VM was lost: the process that ran it \(pid \d+\) died "
-                     rb"of SIGSEGV \(the emulator crashed\)$", p.stderr, re.M), p.stderr
+    assert re.search(
+        rb"^unifork: its VM was lost: the process that ran it \(pid \d+\) died "
+        rb"of SIGSEGV \(the emulator crashed\)$",
+        p.stderr,
+        re.M,
+    ), p.stderr
 
 
 def test_cli_compiles_and_runs_a_c_file(tmp_path: Path) -> None:
     src = tmp_path / "prog.c"
-    src.write_text('#include <stdio.h>\n'
-                   'int main(int argc, char **argv) {\n'
-                   '\tprintf("compiled on demand: %d %s %s\\n", argc, argv[1], argv[2]);\n'
-                   '\treturn 5;\n}\n')
+    src.write_text(
+        "#include <stdio.h>\n"
+        "int main(int argc, char **argv) {\n"
+        '\tprintf("compiled on demand: %d %s %s\\n", argc, argv[1], argv[2]);\n'
+        "\treturn 5;\n}\n"
+    )
     p = cli("run", str(src), "--", "one", "--mem", cwd=tmp_path)
     assert p.returncode == 5, p.stderr
     assert p.stdout == b"compiled on demand: 3 one --mem\n"

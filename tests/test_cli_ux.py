@@ -75,8 +75,7 @@ def test_version_is_the_installed_one():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert want == f"unifork {pyproject['project']['version']}\n"
     for cmd in (unifork_cmd(), [sys.executable, "-m", "unifork"]):
-        r = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=60,
-                           cwd="/")
+        r = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=60, cwd="/")
         assert (r.returncode, r.stdout) == (0, want), r
 
 
@@ -93,8 +92,11 @@ def test_ps_has_a_header_and_json(tender, done_id):
     assert r.returncode == 0, r
     mine = [s for s in json.loads(r.stdout) if s["instance_id"] == done_id]
     assert len(mine) == 1, r.stdout
-    assert (mine[0]["image"], mine[0]["state"], mine[0]["fork_mode"]) == \
-        ("hello", "done", "FORK_MODE_THREAD"), mine
+    assert (mine[0]["image"], mine[0]["state"], mine[0]["fork_mode"]) == (
+        "hello",
+        "done",
+        "FORK_MODE_THREAD",
+    ), mine
     assert mine[0]["age_seconds"] > 0
 
 
@@ -104,8 +106,12 @@ def test_describe_is_readable_and_json(tender, done_id):
     assert "{" not in r.stdout and '"' not in r.stdout, r.stdout  # not protobuf text
     fields = dict(re.findall(r"^([a-z ]+): +(.*)$", r.stdout, re.M))
     assert fields["instance"] == done_id and fields["image"] == "hello", fields
-    assert (fields["state"], fields["fork"], fields["outcome"], fields["exit code"]) == \
-        ("done", "thread", "exited", "0"), fields
+    assert (fields["state"], fields["fork"], fields["outcome"], fields["exit code"]) == (
+        "done",
+        "thread",
+        "exited",
+        "0",
+    ), fields
     assert fields["status"] == "exited with status 0", fields
     table = r.stdout.split("\n\n", 1)[1].splitlines()
     assert table[0].split() == ["PID", "PPID", "STATE", "VM", "HOST", "STATUS"], table
@@ -120,19 +126,30 @@ def test_describe_is_readable_and_json(tender, done_id):
     d = json.loads(r.stdout)
     assert d["summary"]["instance_id"] == done_id
     # zeros are there too: a script reads exit_code 0, not a missing key
-    assert (d["result"]["done"], d["result"]["outcome"], d["result"]["exit_code"]) == \
-        (True, "exited", 0), d["result"]
+    assert (d["result"]["done"], d["result"]["outcome"], d["result"]["exit_code"]) == (
+        True,
+        "exited",
+        0,
+    ), d["result"]
     prog = next(p for p in d["processes"] if p["pid"] == 2)
-    assert (prog["ppid"], prog["state"], prog["exited"], prog["wait_status"]) == \
-        (1, "reaped", True, 0), prog
+    assert (prog["ppid"], prog["state"], prog["exited"], prog["wait_status"]) == (
+        1,
+        "reaped",
+        True,
+        0,
+    ), prog
 
 
 def test_wait_json(tender, done_id):
     r = cli("wait", done_id, "--output", "json", "--target", tender.target)
     assert (r.returncode, r.stderr) == (0, ""), r
     res = json.loads(r.stdout)
-    assert (res["instance_id"], res["done"], res["exit_code"], res["signal"]) == \
-        (done_id, True, 0, 0), res
+    assert (res["instance_id"], res["done"], res["exit_code"], res["signal"]) == (
+        done_id,
+        True,
+        0,
+        0,
+    ), res
 
     r = cli("launch", "spin", "--timeout", "120", "--target", tender.target)
     iid = r.stdout.strip()
@@ -158,12 +175,24 @@ def test_images_json_local_and_remote(tender):
 
 
 def test_load_json(tender):
-    r = cli("load", "--target", tender.target, "--concurrency", "1", "--duration", "30",
-            "--max-instances", "2", "--output", "json")
+    r = cli(
+        "load",
+        "--target",
+        tender.target,
+        "--concurrency",
+        "1",
+        "--duration",
+        "30",
+        "--max-instances",
+        "2",
+        "--output",
+        "json",
+    )
     assert r.returncode == 0, r
     res = json.loads(r.stdout)
-    assert (res["image"], res["launched"], res["succeeded"], res["failed"]) == \
-        ("hello", 2, 2, 0), res
+    assert (res["image"], res["launched"], res["succeeded"], res["failed"]) == ("hello", 2, 2, 0), (
+        res
+    )
     assert res["target"] == tender.target and len(res["latencies_ms"]) == 2
 
 
@@ -173,8 +202,16 @@ def test_launch_wait_still_streams_the_console(tender):
 
 
 # -- one-line errors ------------------------------------------------------------------------
-@pytest.mark.parametrize("cmd", [["ps"], ["wait", "0123456789abcdef"], ["describe", "x"],
-                                 ["images"], ["load", "--max-instances", "1"]])
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        ["ps"],
+        ["wait", "0123456789abcdef"],
+        ["describe", "x"],
+        ["images"],
+        ["load", "--max-instances", "1"],
+    ],
+)
 def test_a_missing_token_file_is_one_line(tender, tmp_path, cmd):
     missing = tmp_path / "no-such-token"
     r = cli(*cmd, "--target", tender.target, "--token-file", str(missing))
@@ -200,18 +237,21 @@ def test_a_missing_upload_file_is_one_line(tender, tmp_path):
 
 
 def test_serve_with_a_missing_token_file_is_one_line(tmp_path):
-    r = cli("serve", "--listen", f"127.0.0.1:{free_port()}",
-            "--token-file", str(tmp_path / "gone"))
+    r = cli("serve", "--listen", f"127.0.0.1:{free_port()}", "--token-file", str(tmp_path / "gone"))
     one_line_error(r, "--token-file", str(tmp_path / "gone"), "No such file or directory")
 
 
-@pytest.mark.parametrize("target", ["127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.1:",
-                                    "127.0.0.1:https", "127.0.0.1:70000"])
+@pytest.mark.parametrize(
+    "target",
+    ["127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.1:", "127.0.0.1:https", "127.0.0.1:70000"],
+)
 def test_a_target_without_a_port_is_refused(target):
-    for r in (cli("ps", "--target", target),
-              cli("ps", env={"UNIFORK_TARGET": target}),
-              cli("images", "--target", target),
-              cli("load", "--target", target, "--max-instances", "1")):
+    for r in (
+        cli("ps", "--target", target),
+        cli("ps", env={"UNIFORK_TARGET": target}),
+        cli("images", "--target", target),
+        cli("load", "--target", target, "--max-instances", "1"),
+    ):
         one_line_error(r, repr(target), "HOST:PORT")
 
 
@@ -231,8 +271,10 @@ def test_a_target_without_a_port_dials_nothing():
 
 
 # -- serve: logs, environment ------------------------------------------------------------------
-TIMESTAMPED = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (INFO|WARNING|ERROR|DEBUG) "
-                         r"[\w.]+: ")
+TIMESTAMPED = re.compile(
+    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (INFO|WARNING|ERROR|DEBUG) "
+    r"[\w.]+: "
+)
 
 
 #: what gRPC's C core writes to stderr itself (absl logging), not through Python's logging
@@ -253,8 +295,9 @@ def test_server_log_lines_have_timestamps(tender):
 
 
 def test_serve_help_names_a_variable_for_every_option():
-    r = subprocess.run([*unifork_cmd(), "serve", "--help"], capture_output=True, text=True,
-                       timeout=60, check=True)
+    r = subprocess.run(
+        [*unifork_cmd(), "serve", "--help"], capture_output=True, text=True, timeout=60, check=True
+    )
     flags = set(re.findall(r"^  (--[a-z][a-z-]*)", r.stdout, re.M)) - {"--help"}
     assert {"--listen", "--token-file", "--peer", "--no-jail", "--log-format"} <= flags
     text = " ".join(r.stdout.split())
@@ -271,9 +314,14 @@ def env_tender(tmp_path_factory):
     d = tmp_path_factory.mktemp("env-tender")
     (d / "token").write_text(TOKEN + "\n")
     env_port = free_port()
-    env = {"UNIFORK_LISTEN": f"127.0.0.1:{env_port}", "UNIFORK_TOKEN_FILE": str(d / "token"),
-           "UNIFORK_LOG_FORMAT": "json", "UNIFORK_POOL": "1", "UNIFORK_MAX_INSTANCES": "1",
-           "UNIFORK_INSECURE_LISTEN_ANY": "no"}
+    env = {
+        "UNIFORK_LISTEN": f"127.0.0.1:{env_port}",
+        "UNIFORK_TOKEN_FILE": str(d / "token"),
+        "UNIFORK_LOG_FORMAT": "json",
+        "UNIFORK_POOL": "1",
+        "UNIFORK_MAX_INSTANCES": "1",
+        "UNIFORK_INSECURE_LISTEN_ANY": "no",
+    }
     with pytest.MonkeyPatch.context() as m:  # Tender.start's process inherits them
         for k, v in env.items():
             m.setenv(k, v)
@@ -330,32 +378,48 @@ def _reflect(target: str, method: str, *reqs, md=()) -> list:
     field (only the proto package differs), so v1alpha's classes write v1's bytes."""
     with grpc.insecure_channel(target) as ch:
         call = ch.stream_stream(
-            method, request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
-            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+            method,
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
         return list(call(iter(reqs), timeout=RPC_TIMEOUT, metadata=md))
 
 
 def test_reflection_v1_beside_v1alpha(tender):
-    reqs = (reflection_pb2.ServerReflectionRequest(list_services=""),
-            reflection_pb2.ServerReflectionRequest(
-                file_containing_symbol="grpc.reflection.v1.ServerReflection"),
-            reflection_pb2.ServerReflectionRequest(file_containing_symbol="unifork.v1.Tender"))
+    reqs = (
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="grpc.reflection.v1.ServerReflection"
+        ),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="unifork.v1.Tender"),
+    )
     for method in (V1, V1ALPHA):
         listed, v1_file, tender_file = _reflect(tender.target, method, *reqs)
         names = {s.name for s in listed.list_services_response.service}
-        assert {"grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection",
-                "unifork.v1.Tender", "grpc.health.v1.Health"} <= names, (method, names)
-        fds = [descriptor_pb2.FileDescriptorProto.FromString(raw)
-               for raw in v1_file.file_descriptor_response.file_descriptor_proto]
+        assert {
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+            "unifork.v1.Tender",
+            "grpc.health.v1.Health",
+        } <= names, (method, names)
+        fds = [
+            descriptor_pb2.FileDescriptorProto.FromString(raw)
+            for raw in v1_file.file_descriptor_response.file_descriptor_proto
+        ]
         v1 = next(f for f in fds if f.package == "grpc.reflection.v1")
         (service,) = v1.service
-        assert (service.name, [m.name for m in service.method]) == \
-            ("ServerReflection", ["ServerReflectionInfo"])
+        assert (service.name, [m.name for m in service.method]) == (
+            "ServerReflection",
+            ["ServerReflectionInfo"],
+        )
         assert service.method[0].input_type == ".grpc.reflection.v1.ServerReflectionRequest"
-        fds = [descriptor_pb2.FileDescriptorProto.FromString(raw)
-               for raw in tender_file.file_descriptor_response.file_descriptor_proto]
-        assert any(f.package == "unifork.v1" and any(s.name == "Tender" for s in f.service)
-                   for f in fds), method
+        fds = [
+            descriptor_pb2.FileDescriptorProto.FromString(raw)
+            for raw in tender_file.file_descriptor_response.file_descriptor_proto
+        ]
+        assert any(
+            f.package == "unifork.v1" and any(s.name == "Tender" for s in f.service) for f in fds
+        ), method
 
 
 def test_reflection_v1_needs_the_token(env_tender):
@@ -363,6 +427,5 @@ def test_reflection_v1_needs_the_token(env_tender):
     with pytest.raises(grpc.RpcError) as e:
         _reflect(env_tender.target, V1, req)
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    (listed,) = _reflect(env_tender.target, V1, req,
-                         md=[("authorization", f"Bearer {TOKEN}")])
+    (listed,) = _reflect(env_tender.target, V1, req, md=[("authorization", f"Bearer {TOKEN}")])
     assert "unifork.v1.Tender" in {s.name for s in listed.list_services_response.service}

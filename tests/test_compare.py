@@ -43,16 +43,30 @@ from comparison.report import grid, num, sig
 
 UNIFORK = Path(sys.executable).parent / "unifork"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-PLOTS = ("fork_latency.png", "fork_cold_warm.png", "pipe_throughput.png", "memory_per_child.png",
-         "fork_scaling.png")
+PLOTS = (
+    "fork_latency.png",
+    "fork_cold_warm.png",
+    "pipe_throughput.png",
+    "memory_per_child.png",
+    "fork_scaling.png",
+)
 LOCAL_MODES = ("native", "thread", "vmclone-shm", "vmclone-tcp")
-WORKLOADS = ("fork_time", "pipe_talk", "fork_exit_wait", "pipe_bw", "token_ring",
-             "prefork_server", "semantics", "fork_hazards")
+WORKLOADS = (
+    "fork_time",
+    "pipe_talk",
+    "fork_exit_wait",
+    "pipe_bw",
+    "token_ring",
+    "prefork_server",
+    "semantics",
+    "fork_hazards",
+)
 
 
 def unifork(*args: str, timeout: float = 170.0, cwd: Path | None = None):
-    return subprocess.run([str(UNIFORK), *args], capture_output=True, text=True,
-                          timeout=timeout, check=False, cwd=cwd)
+    return subprocess.run(
+        [str(UNIFORK), *args], capture_output=True, text=True, timeout=timeout, check=False, cwd=cwd
+    )
 
 
 def report_dir(stdout: str) -> Path:
@@ -66,7 +80,7 @@ def table_rows(text: str) -> dict[tuple[str, str], list[str]]:
     lines = text.splitlines()
     start = next(i for i, ln in enumerate(lines) if re.match(r"workload\s+mode\s+unit\s+n\s", ln))
     rows = {}
-    for ln in lines[start + 2:]:
+    for ln in lines[start + 2 :]:
         if not ln.strip():
             break
         cells = ln.split()
@@ -80,7 +94,7 @@ def section(text: str, title_start: str) -> list[str]:
     lines = text.splitlines()
     start = next(i for i, ln in enumerate(lines) if ln.startswith(title_start))
     out = []
-    for ln in lines[start + 1:]:
+    for ln in lines[start + 1 :]:
         if not ln.strip():
             break
         out.append(ln)
@@ -112,8 +126,15 @@ def test_quick_writes_every_file(quick, record_property) -> None:
     p, wall, d, doc = quick
     record_property("quick_wall_seconds", round(wall, 1))  # a figure, not a test
     assert d.parent.exists() and d.name.startswith("report-")
-    for name in ("report.json", "raw.csv", "summary.csv", "published.csv", "table.txt",
-                 "compare.log", *PLOTS):
+    for name in (
+        "report.json",
+        "raw.csv",
+        "summary.csv",
+        "published.csv",
+        "table.txt",
+        "compare.log",
+        *PLOTS,
+    ):
         assert (d / name).is_file(), name
         assert name in doc["files"]
     for name in PLOTS:
@@ -163,9 +184,14 @@ def test_csv_holds_every_raw_figure_and_the_machine(quick) -> None:
     assert {"cpu_model", "cores", "python", "unicorn", "git_commit"} <= set(raw[0])
     assert all(row["git_commit"] == doc["machine"]["git_commit"] for row in raw)
     for r in doc["results"]:
-        vals = [float(row["value"]) for row in raw if row["section"] == "workload"
-                and row["workload"] == r["workload"] and row["mode"] == r["mode"]
-                and row["metric"] == r["metric"]]
+        vals = [
+            float(row["value"])
+            for row in raw
+            if row["section"] == "workload"
+            and row["workload"] == r["workload"]
+            and row["mode"] == r["mode"]
+            and row["metric"] == r["metric"]
+        ]
         assert vals == [v for run in r["runs"] for v in run["values"]], r["workload"]
     assert any(row["section"] == "scaling" for row in raw)
     assert any(row["section"] == "memory" for row in raw)
@@ -239,8 +265,20 @@ COLD_RUNS = 4
 @pytest.fixture(scope="module")
 def cold(tmp_path_factory):
     out = tmp_path_factory.mktemp("cold")
-    p = unifork("compare", "--quick", "--only", "fork_time", "--modes", *COLD_MODES,
-                "--no-memory", "--no-scaling", "--cold-runs", str(COLD_RUNS), "--out", str(out))
+    p = unifork(
+        "compare",
+        "--quick",
+        "--only",
+        "fork_time",
+        "--modes",
+        *COLD_MODES,
+        "--no-memory",
+        "--no-scaling",
+        "--cold-runs",
+        str(COLD_RUNS),
+        "--out",
+        str(out),
+    )
     assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     d = report_dir(p.stdout)
     return p, d, json.loads((d / "report.json").read_text())
@@ -279,8 +317,9 @@ def test_cold_first_fork_json_beside_the_warm_loop(cold) -> None:
             assert c["median_us"] == sig(statistics.median(xs))
             assert (c["min_us"], c["max_us"]) == (min(xs), max(xs))
             assert c["thesis_mean_s"] == sig(statistics.fmean(xs) / 1e6)
-            assert c["over_warm"] == sig(statistics.median(xs) / statistics.median(warm_samples),
-                                         3), (mode, kind)
+            assert c["over_warm"] == sig(
+                statistics.median(xs) / statistics.median(warm_samples), 3
+            ), (mode, kind)
             series[(mode, kind)] = xs
     native = series[("native", "cold")]
     for (mode, kind), xs in series.items():
@@ -295,8 +334,16 @@ def test_cold_first_fork_table_names_what_was_excluded(cold) -> None:
     p, d, doc = cold
     lines = section(p.stdout, "fork: cold first fork vs warm loop")
     head = re.split(r"\s{2,}", lines[0].strip())
-    assert head == ["mode", "fork", "n", "median", "vs native", "vs warm", "thesis mean s",
-                    "thesis vs native"]
+    assert head == [
+        "mode",
+        "fork",
+        "n",
+        "median",
+        "vs native",
+        "vs warm",
+        "thesis mean s",
+        "thesis vs native",
+    ]
     rows = {}
     for ln in lines[2:]:
         if ln.startswith("  "):
@@ -329,8 +376,11 @@ def test_cold_first_fork_table_names_what_was_excluded(cold) -> None:
     with (d / "raw.csv").open() as fh:
         raw = [row for row in csv.DictReader(fh) if row["section"] == "cold_fork"]
     for mode, r in by_mode.items():
-        got = [float(row["value"]) for row in raw
-               if row["mode"] == mode and row["metric"] == "cold_fork_us"]
+        got = [
+            float(row["value"])
+            for row in raw
+            if row["mode"] == mode and row["metric"] == "cold_fork_us"
+        ]
         assert got == r["cold"]["samples_us"]
     assert "fork_cold_warm.png" in doc["files"]
     assert png_size(d / "fork_cold_warm.png")[0] >= 600
@@ -338,9 +388,22 @@ def test_cold_first_fork_table_names_what_was_excluded(cold) -> None:
 
 def test_remote_mode_skipped_cleanly_without_a_tender(tmp_path) -> None:
     with refused_port() as port:
-        p = unifork("compare", "--quick", "--out", str(tmp_path), "--target",
-                    f"127.0.0.1:{port}", "--only", "semantics", "--modes", "thread",
-                    "vmclone-remote", "--no-memory", "--no-scaling", timeout=60)
+        p = unifork(
+            "compare",
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--target",
+            f"127.0.0.1:{port}",
+            "--only",
+            "semantics",
+            "--modes",
+            "thread",
+            "vmclone-remote",
+            "--no-memory",
+            "--no-scaling",
+            timeout=60,
+        )
     assert p.returncode == 0, p.stdout + p.stderr
     doc = json.loads((report_dir(p.stdout) / "report.json").read_text())
     assert "vmclone-remote" in doc["skipped_modes"]
@@ -367,11 +430,16 @@ def test_one_percentile_for_every_report() -> None:
 
 
 def test_tables_read_back_by_columns() -> None:
-    lines = grid(("workload", "mode", "median"), [("fork_time", "thread", "51.19"),
-                                                  ("pipe_bw", "native", "-")], {2})
+    lines = grid(
+        ("workload", "mode", "median"),
+        [("fork_time", "thread", "51.19"), ("pipe_bw", "native", "-")],
+        {2},
+    )
     assert re.fullmatch(r"-+  -+  -+", lines[1])
-    assert [ln.split() for ln in lines[2:]] == [["fork_time", "thread", "51.19"],
-                                                 ["pipe_bw", "native", "-"]]
+    assert [ln.split() for ln in lines[2:]] == [
+        ["fork_time", "thread", "51.19"],
+        ["pipe_bw", "native", "-"],
+    ]
     assert all(ln == ln.rstrip() for ln in lines)
 
 
@@ -416,9 +484,20 @@ def tender(tmp_path_factory):
         target = f"127.0.0.1:{port}"
         log = tmp_path_factory.mktemp("tender") / "serve.log"
         with log.open("w") as fh:
-            proc = subprocess.Popen([str(UNIFORK), "serve", "--listen", target, "--grace", "5",
-                                     "--peer-listen", f"127.0.0.1:{peer_port}"],
-                                    stdout=fh, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [
+                    str(UNIFORK),
+                    "serve",
+                    "--listen",
+                    target,
+                    "--grace",
+                    "5",
+                    "--peer-listen",
+                    f"127.0.0.1:{peer_port}",
+                ],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+            )
         try:
             deadline = time.monotonic() + 60
             with grpc.insecure_channel(target) as ch:
@@ -432,8 +511,13 @@ def tender(tmp_path_factory):
                         return False
                     return r.status == health_pb2.HealthCheckResponse.SERVING
 
-                wait_until(serving, max(0.0, deadline - time.monotonic()), "the tender to serve",
-                           0.2, log.read_text)
+                wait_until(
+                    serving,
+                    max(0.0, deadline - time.monotonic()),
+                    "the tender to serve",
+                    0.2,
+                    log.read_text,
+                )
             yield target
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -446,15 +530,35 @@ def tender(tmp_path_factory):
             assert code == 0, log.read_text()
 
 
-@pytest.mark.parametrize("fork,image,args,concurrency", [
-    ("thread", "fork_time", ["-n", "3"], 4),
-    ("vmclone", "pipe_talk", [], 2),
-])
+@pytest.mark.parametrize(
+    "fork,image,args,concurrency",
+    [
+        ("thread", "fork_time", ["-n", "3"], 4),
+        ("vmclone", "pipe_talk", [], 2),
+    ],
+)
 def test_load_against_a_local_tender(tender, tmp_path, fork, image, args, concurrency) -> None:
     out = tmp_path / "load.json"
-    p = unifork("load", "--target", tender, "--concurrency", str(concurrency), "--duration", "3",
-                "--image", image, "--fork", fork, "--json", str(out), "--max-instances", "500",
-                "--", *args, timeout=90)
+    p = unifork(
+        "load",
+        "--target",
+        tender,
+        "--concurrency",
+        str(concurrency),
+        "--duration",
+        "3",
+        "--image",
+        image,
+        "--fork",
+        fork,
+        "--json",
+        str(out),
+        "--max-instances",
+        "500",
+        "--",
+        *args,
+        timeout=90,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     r = json.loads(out.read_text())
     assert r["launched"] == r["succeeded"] + r["failed"]
@@ -472,8 +576,22 @@ def test_load_against_a_local_tender(tender, tmp_path, fork, image, args, concur
 
 def test_load_is_bounded_in_count(tender, tmp_path) -> None:
     out = tmp_path / "load.json"
-    p = unifork("load", "--target", tender, "--concurrency", "3", "--duration", "30",
-                "--image", "hello", "--max-instances", "7", "--json", str(out), timeout=60)
+    p = unifork(
+        "load",
+        "--target",
+        tender,
+        "--concurrency",
+        "3",
+        "--duration",
+        "30",
+        "--image",
+        "hello",
+        "--max-instances",
+        "7",
+        "--json",
+        str(out),
+        timeout=60,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     r = json.loads(out.read_text())
     assert r["launched"] == 7 == r["succeeded"]

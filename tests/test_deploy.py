@@ -75,21 +75,29 @@ def compose_tenders() -> dict[str, dict]:
 
 
 def k8s_objects() -> list[dict]:
-    return [d for p in sorted(K8S.glob("*.yaml")) if p.name != "kustomization.yaml"
-            for d in yaml_docs(p)]
+    return [
+        d
+        for p in sorted(K8S.glob("*.yaml"))
+        if p.name != "kustomization.yaml"
+        for d in yaml_docs(p)
+    ]
 
 
 def k8s_object(kind: str, name: str | None = None) -> dict:
-    found = [o for o in k8s_objects() if o["kind"] == kind
-             and (name is None or o["metadata"]["name"] == name)]
+    found = [
+        o
+        for o in k8s_objects()
+        if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)
+    ]
     assert len(found) == 1, f"{kind} {name}: {len(found)} objects"
     return found[0]
 
 
 def k8s_tender() -> dict:
     sts = k8s_object("StatefulSet")
-    (container,) = [c for c in sts["spec"]["template"]["spec"]["containers"]
-                    if c["name"] == "tender"]
+    (container,) = [
+        c for c in sts["spec"]["template"]["spec"]["containers"] if c["name"] == "tender"
+    ]
     return container
 
 
@@ -178,8 +186,9 @@ def load_healthcheck():
 
 def serve_argv_lists() -> dict[str, list[str]]:
     """Every `unifork serve` argument list in deploy/, by where it is."""
-    lists = {f"compose {name}": [str(a) for a in s["command"]]
-             for name, s in compose_tenders().items()}
+    lists = {
+        f"compose {name}": [str(a) for a in s["command"]] for name, s in compose_tenders().items()
+    }
     lists["kubernetes statefulset"] = [str(a) for a in k8s_tender()["args"]]
     (cmd,) = [args for _, instr, args in dockerfile() if instr == "CMD"]
     lists["Dockerfile CMD"] = exec_form(cmd)
@@ -197,8 +206,13 @@ def parse_serve(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> Namespace:
 
 @functools.cache
 def serve_help_flags() -> set[str]:
-    out = subprocess.run([sys.executable, "-m", "unifork", "serve", "--help"],
-                         capture_output=True, text=True, check=True, timeout=60).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "unifork", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
     return set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", out))
 
 
@@ -292,8 +306,13 @@ class Tender:
     def start(self, peers: dict[str, str]) -> None:
         argv = [*unifork_argv(), "serve", *self.loopback_argv(peers)]
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
 
     def wait_healthy(self) -> None:
         md = [("authorization", f"Bearer {self.token_file.read_text().strip()}")]
@@ -338,8 +357,10 @@ def compose_pair(tmp_path_factory, token_file) -> Iterator[tuple[Tender, Tender]
     """tender-a and tender-b of the compose file, peered with each other on loopback."""
     workdir = tmp_path_factory.mktemp("tenders")
     services = compose_tenders()
-    a, b = (Tender(n, [str(x) for x in services[n]["command"]], workdir, token_file)
-            for n in ("tender-a", "tender-b"))
+    a, b = (
+        Tender(n, [str(x) for x in services[n]["command"]], workdir, token_file)
+        for n in ("tender-a", "tender-b")
+    )
     peers = {"tender-a:7701": a.peer_target, "tender-b:7701": b.peer_target}
     try:
         a.start(peers)
@@ -380,29 +401,43 @@ def test_kustomize_renders_the_manifests(tmp_path) -> None:
     copy = tmp_path / "kubernetes"
     shutil.copytree(K8S, copy)
     (copy / "secrets" / "token").write_text(TOKEN + "\n")  # what the operator makes
-    out = subprocess.run(["kubectl", "kustomize", str(copy)], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(copy)], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     docs = [d for d in yaml.safe_load_all(out.stdout) if d]
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ConfigMap", "Namespace", "NetworkPolicy", "PodDisruptionBudget", "Secret",
-                     "Service", "Service", "StatefulSet"]
+    assert kinds == [
+        "ConfigMap",
+        "Namespace",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+        "Secret",
+        "Service",
+        "Service",
+        "StatefulSet",
+    ]
     (secret,) = [d for d in docs if d["kind"] == "Secret"]
     (sts,) = [d for d in docs if d["kind"] == "StatefulSet"]
-    names = {v["secret"]["secretName"] for v in sts["spec"]["template"]["spec"]["volumes"]
-             if "secret" in v}
+    names = {
+        v["secret"]["secretName"]
+        for v in sts["spec"]["template"]["spec"]["volumes"]
+        if "secret" in v
+    }
     # the generated (hashed) name is used; the peers' token is made by hand
     assert names == {secret["metadata"]["name"], "unifork-peer-token"}
 
 
 def test_dashboard_configmap_is_generated_from_the_json() -> None:
-    spec = importlib.util.spec_from_file_location("dashboard_configmap",
-                                                  K8S / "dashboard_configmap.py")
+    spec = importlib.util.spec_from_file_location(
+        "dashboard_configmap", K8S / "dashboard_configmap.py"
+    )
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     path = K8S / "grafana-dashboard-configmap.yaml"
-    assert path.read_text() == gen.render(DASHBOARD), \
+    assert path.read_text() == gen.render(DASHBOARD), (
         "stale: run python deploy/kubernetes/dashboard_configmap.py"
+    )
     cm = k8s_object("ConfigMap", "unifork-grafana-dashboard")
     assert json.loads(cm["data"]["unifork.json"]) == dashboard()
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -410,9 +445,18 @@ def test_dashboard_configmap_is_generated_from_the_json() -> None:
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
 def test_promtool_accepts_the_prometheus_config() -> None:
-    out = subprocess.run(["promtool", "check", "config", "--syntax-only",
-                          str(DEPLOY / "prometheus" / "prometheus.yml")],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            "promtool",
+            "check",
+            "config",
+            "--syntax-only",
+            str(DEPLOY / "prometheus" / "prometheus.yml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -420,8 +464,9 @@ ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 
 
 def alert_rules() -> dict[str, dict]:
-    return {r["alert"]: r for g in yaml_docs(ALERTS)[0]["groups"] for r in g["rules"]
-            if "alert" in r}
+    return {
+        r["alert"]: r for g in yaml_docs(ALERTS)[0]["groups"] for r in g["rules"] if "alert" in r
+    }
 
 
 def test_alert_rules_cover_what_issue_12_asked_for() -> None:
@@ -431,8 +476,10 @@ def test_alert_rules_cover_what_issue_12_asked_for() -> None:
     assert re.search(r'\bup\{job="unifork"\} == 0', rules["UniforkTenderDown"])
     assert "increase(unifork_emulator_crashes_total[5m])" in rules["UniforkEmulatorCrashes"]
     assert "fork_mode" in rules["UniforkEmulatorCrashes"]
-    assert re.search(r'rate\(grpc_server_handled_total\{[^}]*grpc_code="RESOURCE_EXHAUSTED"',
-                     rules["UniforkResourceExhausted"])
+    assert re.search(
+        r'rate\(grpc_server_handled_total\{[^}]*grpc_code="RESOURCE_EXHAUSTED"',
+        rules["UniforkResourceExhausted"],
+    )
     assert "unifork_shm_exhausted_total" in rules["UniforkShmExhausted"]
     for name, rule in alert_rules().items():
         assert rule["labels"]["severity"] in ("warning", "critical"), name
@@ -448,22 +495,36 @@ def test_alert_rules_cover_what_issue_12_asked_for() -> None:
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
 def test_promtool_checks_and_tests_the_alert_rules() -> None:
-    check = subprocess.run(["promtool", "check", "rules", str(ALERTS)], capture_output=True,
-                           text=True, timeout=60)
-    assert check.returncode == 0 and f"{len(alert_rules())} rules found" in check.stdout, \
+    check = subprocess.run(
+        ["promtool", "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60
+    )
+    assert check.returncode == 0 and f"{len(alert_rules())} rules found" in check.stdout, (
         check.stdout + check.stderr
+    )
     # each alert fires when it should and not before (deploy/prometheus/alerts.test.yml)
     tests = yaml_docs(DEPLOY / "prometheus" / "alerts.test.yml")[0]
-    tested = {t["alertname"] for case in tests["tests"] for t in case["alert_rule_test"]
-              if t["exp_alerts"]}
+    tested = {
+        t["alertname"]
+        for case in tests["tests"]
+        for t in case["alert_rule_test"]
+        if t["exp_alerts"]
+    }
     assert tested == set(alert_rules())
-    run = subprocess.run(["promtool", "test", "rules", "alerts.test.yml"],
-                         cwd=DEPLOY / "prometheus", capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        ["promtool", "test", "rules", "alerts.test.yml"],
+        cwd=DEPLOY / "prometheus",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0 and "SUCCESS" in run.stdout, run.stdout + run.stderr
     # and the config with its rule files, as Prometheus will load it
-    config = subprocess.run(["promtool", "check", "config", str(DEPLOY / "prometheus" /
-                                                                "prometheus.yml")],
-                            capture_output=True, text=True, timeout=60)
+    config = subprocess.run(
+        ["promtool", "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert config.returncode == 0, config.stdout + config.stderr
 
 
@@ -531,8 +592,7 @@ def test_ports_agree_everywhere() -> None:
         assert not values(argv, "--peer-listen"), f"{where}: the default peer port is used"
 
     # the image
-    exposed = {int(p) for _, instr, args in dockerfile() if instr == "EXPOSE"
-               for p in args.split()}
+    exposed = {int(p) for _, instr, args in dockerfile() if instr == "EXPOSE" for p in args.split()}
     assert exposed == {gport, pport, mport}
 
     # compose: published ports, peers and advertised addresses
@@ -542,8 +602,9 @@ def test_ports_agree_everywhere() -> None:
         assert {int(p) for p in s["expose"]} == {gport, pport, mport}, name
         argv = [str(x) for x in s["command"]]
         assert values(argv, "--advertise") == [f"{name}:{gport}"]
-        assert sorted(values(argv, "--peer")) == sorted(f"{o}:{pport}" for o in tenders
-                                                        if o != name)
+        assert sorted(values(argv, "--peer")) == sorted(
+            f"{o}:{pport}" for o in tenders if o != name
+        )
         assert s.get("hostname", name) == name
 
     # Prometheus scrapes the tenders' metrics port
@@ -571,10 +632,14 @@ def test_ports_agree_everywhere() -> None:
         assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
         grpc_port = [p for p in svc["spec"]["ports"] if p["name"] == "grpc"][0]
         assert grpc_port["port"] == gport and named[grpc_port["targetPort"]] == gport
-    headless_ports = {p["name"]: (p["port"], named[p["targetPort"]])
-                      for p in headless["spec"]["ports"]}
-    assert headless_ports == {"grpc": (gport, gport), "peer": (pport, pport),
-                              "metrics": (mport, mport)}
+    headless_ports = {
+        p["name"]: (p["port"], named[p["targetPort"]]) for p in headless["spec"]["ports"]
+    }
+    assert headless_ports == {
+        "grpc": (gport, gport),
+        "peer": (pport, pport),
+        "metrics": (mport, mport),
+    }
     assert [p["name"] for p in client["spec"]["ports"]] == ["grpc"]  # never the peer port
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[kind]["grpc"]["port"] == gport, kind
@@ -591,8 +656,10 @@ def test_names_and_paths_agree_everywhere() -> None:
     sts = k8s_object("StatefulSet")
     assert sts["spec"]["replicas"] == 3
     assert sts["spec"]["serviceName"] == "unifork-tenders"
-    assert sts["spec"]["selector"]["matchLabels"].items() <= \
-        sts["spec"]["template"]["metadata"]["labels"].items()
+    assert (
+        sts["spec"]["selector"]["matchLabels"].items()
+        <= sts["spec"]["template"]["metadata"]["labels"].items()
+    )
     c = k8s_tender()
     assert values(c["args"], "--peer") == [f"dns:unifork-tenders.{ns}.svc.cluster.local"]
     assert k8s_object("Service", "unifork-tenders")["spec"]["publishNotReadyAddresses"]
@@ -602,8 +669,7 @@ def test_names_and_paths_agree_everywhere() -> None:
     assert set(mounts) == {"token", "peer-token"}, mounts
     # the peers' token: a Secret of its own, made by hand (not shipped in the kustomization)
     assert volumes["peer-token"]["secret"]["secretName"] == "unifork-peer-token"
-    assert values(c["args"], "--peer-token-file") == \
-        [f"{mounts['peer-token']['mountPath']}/token"]
+    assert values(c["args"], "--peer-token-file") == [f"{mounts['peer-token']['mountPath']}/token"]
     mount = mounts["token"]
     (generator,) = yaml_docs(K8S / "kustomization.yaml")[0]["secretGenerator"]
     assert volumes[mount["name"]]["secret"]["secretName"] == generator["name"]
@@ -623,10 +689,13 @@ def test_names_and_paths_agree_everywhere() -> None:
     for name, s in compose_tenders().items():
         assert set(s["secrets"]) == {"unifork_token", "unifork_peer_token"}, name
         assert set(s["secrets"]) <= set(doc["secrets"])
-        for flag, secret_name in (("--token-file", "unifork_token"),
-                                  ("--peer-token-file", "unifork_peer_token")):
-            assert values([str(x) for x in s["command"]], flag) == \
-                [f"/run/secrets/{secret_name}"], name
+        for flag, secret_name in (
+            ("--token-file", "unifork_token"),
+            ("--peer-token-file", "unifork_peer_token"),
+        ):
+            assert values([str(x) for x in s["command"]], flag) == [
+                f"/run/secrets/{secret_name}"
+            ], name
         assert s["build"]["dockerfile"] == "deploy/Dockerfile"
         assert (DEPLOY / s["build"]["context"]).resolve() == ROOT
         assert s["image"].partition(":")[0] == image
@@ -654,8 +723,10 @@ def test_names_and_paths_agree_everywhere() -> None:
     grafana = bind_mounts(doc["services"]["grafana"])
     assert grafana[provider["options"]["path"]] == DASHBOARD.parent
     assert grafana["/etc/grafana/provisioning"] == DEPLOY / "grafana" / "provisioning"
-    assert bind_mounts(prom)["/etc/prometheus/prometheus.yml"] == \
-        DEPLOY / "prometheus" / "prometheus.yml"
+    assert (
+        bind_mounts(prom)["/etc/prometheus/prometheus.yml"]
+        == DEPLOY / "prometheus" / "prometheus.yml"
+    )
 
 
 def test_read_only_containers_can_write_where_a_tender_writes() -> None:
@@ -666,8 +737,9 @@ def test_read_only_containers_can_write_where_a_tender_writes() -> None:
     c = k8s_tender()
     if c["securityContext"].get("readOnlyRootFilesystem"):
         assert {"/tmp", uploads} <= {m["mountPath"] for m in c["volumeMounts"]}
-    volumes = {v["name"]: v for v in k8s_object("StatefulSet")["spec"]["template"]["spec"]
-               ["volumes"]}
+    volumes = {
+        v["name"]: v for v in k8s_object("StatefulSet")["spec"]["template"]["spec"]["volumes"]
+    }
     (dshm,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"]
     assert volumes[dshm["name"]]["emptyDir"]["medium"] == "Memory"
     for name, s in compose_tenders().items():
@@ -678,6 +750,7 @@ def test_read_only_containers_can_write_where_a_tender_writes() -> None:
 
 def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
     """Docker's rule: the last pattern matching the path (or a parent of it) decides."""
+
     def regex(p: str) -> re.Pattern:
         out = ""
         for part in re.split(r"(\*\*|\*|\?)", p.strip("/")):
@@ -720,10 +793,18 @@ def test_dockerfile_builds_in_stages_and_runs_unprivileged() -> None:
     assert any(i == "HEALTHCHECK" for i, _ in final)
 
     # the build context (the repository root) holds what COPY takes, and no more
-    patterns = [ln.strip() for ln in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
-                if ln.strip() and not ln.startswith("#")]
-    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                             cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    patterns = [
+        ln.strip()
+        for ln in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
+    tracked = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for _, i, a in instrs:
         if i != "COPY" or a.startswith("--from"):
             continue
@@ -733,9 +814,14 @@ def test_dockerfile_builds_in_stages_and_runs_unprivileged() -> None:
             assert under, f"COPY {src}: nothing in the repository"
             left_out = [f for f in under if dockerignore_excludes(f, patterns)]
             assert not left_out, f"COPY {src}: excluded by the dockerignore: {left_out[:5]}"
-    for path in ("tests/test_deploy.py", ".venv/bin/python", ".git/HEAD",
-                 "tender_service/gen/unifork/v1/tender_pb2.py", "deploy/docker-compose.yml",
-                 "tender_service/__pycache__/cli.cpython-311.pyc"):
+    for path in (
+        "tests/test_deploy.py",
+        ".venv/bin/python",
+        ".git/HEAD",
+        "tender_service/gen/unifork/v1/tender_pb2.py",
+        "deploy/docker-compose.yml",
+        "tender_service/__pycache__/cli.cpython-311.pyc",
+    ):
         assert dockerignore_excludes(path, patterns), path
 
 
@@ -746,8 +832,16 @@ def quantity(text: str) -> int:
     """A Kubernetes memory quantity (512Mi, 3Gi, 1G) in bytes."""
     m = re.fullmatch(r"(\d+)([KMGT]i?)?", str(text))
     assert m, text
-    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40,
-             "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    units = {
+        "Ki": 1 << 10,
+        "Mi": 1 << 20,
+        "Gi": 1 << 30,
+        "Ti": 1 << 40,
+        "K": 10**3,
+        "M": 10**6,
+        "G": 10**9,
+        "T": 10**12,
+    }
     return int(m[1]) * units.get(m[2] or "", 1)
 
 
@@ -769,11 +863,18 @@ def test_no_token_is_shipped_and_a_placeholder_is_refused(tmp_path) -> None:
     (generator,) = kust["secretGenerator"]
     (entry,) = generator["files"]
     source = entry.partition("=")[2]
-    ignored = subprocess.run(["git", "check-ignore", "-q", f"deploy/kubernetes/{source}"],
-                             cwd=ROOT, timeout=60)
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", f"deploy/kubernetes/{source}"], cwd=ROOT, timeout=60
+    )
     assert ignored.returncode == 0, f"{source} must be ignored by git (the operator's token)"
-    tracked = subprocess.run(["git", "ls-files", "deploy/kubernetes/secrets"], cwd=ROOT,
-                             capture_output=True, text=True, check=True, timeout=60).stdout
+    tracked = subprocess.run(
+        ["git", "ls-files", "deploy/kubernetes/secrets"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
     assert tracked.split() == ["deploy/kubernetes/secrets/.gitignore"]
 
     for token in (PLACEHOLDER, "REPLACE-ME-" + "x" * 32, "changeme-changeme-changeme"):
@@ -781,9 +882,13 @@ def test_no_token_is_shipped_and_a_placeholder_is_refused(tmp_path) -> None:
         path.write_text(token + "\n")
         with pytest.raises(ValueError, match=re.escape(str(path)) + ".*placeholder"):
             read_token(path)
-        r = subprocess.run([*unifork_argv(), "serve", "--listen", "127.0.0.1:0",
-                            "--token-file", str(path)], capture_output=True, text=True,
-                           timeout=120, stdin=subprocess.DEVNULL)
+        r = subprocess.run(
+            [*unifork_argv(), "serve", "--listen", "127.0.0.1:0", "--token-file", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
         assert r.returncode == 2 and str(path) in r.stderr and "placeholder" in r.stderr, r
     real = tmp_path / "real"
     real.write_text(TOKEN + "\n")
@@ -807,8 +912,9 @@ def test_pod_disruption_budget_keeps_tenders_up_in_a_drain() -> None:
     assert pdb["apiVersion"] == "policy/v1"
     assert pdb["spec"]["selector"]["matchLabels"].items() <= tender_labels().items()
     replicas = k8s_object("StatefulSet")["spec"]["replicas"]
-    unavailable = pdb["spec"].get("maxUnavailable",
-                                  replicas - pdb["spec"].get("minAvailable", replicas))
+    unavailable = pdb["spec"].get(
+        "maxUnavailable", replicas - pdb["spec"].get("minAvailable", replicas)
+    )
     assert 1 <= unavailable < replicas
 
 
@@ -829,12 +935,14 @@ def policy_admits(policy: dict, source: dict[str, str] | None, port: int | str) 
             for peer in peers:
                 assert set(peer) == {"podSelector"}, f"unexpected peer kind: {peer}"
             if source is None or not any(
-                    peer["podSelector"]["matchLabels"].items() <= source.items()
-                    for peer in peers):
+                peer["podSelector"]["matchLabels"].items() <= source.items() for peer in peers
+            ):
                 continue
         ports = rule.get("ports")
-        if ports is None or any(names.get(p["port"], p["port"]) == number
-                                and p.get("protocol", "TCP") == "TCP" for p in ports):
+        if ports is None or any(
+            names.get(p["port"], p["port"]) == number and p.get("protocol", "TCP") == "TCP"
+            for p in ports
+        ):
             return True
     return False
 
@@ -864,24 +972,35 @@ def test_probes_are_native_grpc_checks_of_the_client_port() -> None:
     c = k8s_tender()
     gport = port_of(values(c["args"], "--listen")[0])
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert set(c[kind]) - {"periodSeconds", "timeoutSeconds", "failureThreshold",
-                               "initialDelaySeconds", "successThreshold"} == {"grpc"}, kind
+        assert set(c[kind]) - {
+            "periodSeconds",
+            "timeoutSeconds",
+            "failureThreshold",
+            "initialDelaySeconds",
+            "successThreshold",
+        } == {"grpc"}, kind
         assert c[kind]["grpc"]["port"] == gport, kind
-    docs = [(DEPLOY / "README.md").read_text(), (K8S / "statefulset.yaml").read_text(),
-            HEALTHCHECK.read_text()]
+    docs = [
+        (DEPLOY / "README.md").read_text(),
+        (K8S / "statefulset.yaml").read_text(),
+        HEALTHCHECK.read_text(),
+    ]
     for text in docs:
-        assert not re.search(r"(?i)health[^.\n]*(need|require)s? the token|with\W+the bearer "
-                             r"token|refuses (unauthenticated )?health", text), text[:200]
+        assert not re.search(
+            r"(?i)health[^.\n]*(need|require)s? the token|with\W+the bearer "
+            r"token|refuses (unauthenticated )?health",
+            text,
+        ), text[:200]
 
 
 def test_kubernetes_limits_fit_the_container(monkeypatch) -> None:
     c = k8s_tender()
-    a = parse_serve([re.sub(r"\$\((\w+)\)", "10.0.0.7", x)
-                     for x in c["args"]], monkeypatch)
+    a = parse_serve([re.sub(r"\$\((\w+)\)", "10.0.0.7", x) for x in c["args"]], monkeypatch)
     memory = quantity(c["resources"]["limits"]["memory"])
     assert a.max_guest_memory and a.max_guest_memory <= memory // 2, (a.max_guest_memory, memory)
-    volumes = {v["name"]: v for v in k8s_object("StatefulSet")["spec"]["template"]["spec"]
-               ["volumes"]}
+    volumes = {
+        v["name"]: v for v in k8s_object("StatefulSet")["spec"]["template"]["spec"]["volumes"]
+    }
     (uploads,) = [m for m in c["volumeMounts"] if m["mountPath"].endswith("/uploads")]
     size = quantity(volumes[uploads["name"]]["emptyDir"]["sizeLimit"])
     assert a.max_upload <= a.max_image_store <= size
@@ -894,13 +1013,37 @@ def tls_files(tmp_path_factory) -> dict[str, Path]:
         pytest.skip("openssl is not installed")
     d = tmp_path_factory.mktemp("tls")
     for name, san in (("server", "IP:127.0.0.1,DNS:tender.test"), ("client", "DNS:client")):
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                        "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
-                        "-subj", f"/CN={name}", "-addext", f"subjectAltName={san}",
-                        "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.pem")],
-                       check=True, capture_output=True, timeout=60)
-    return {"cert": d / "server.pem", "key": d / "server.key", "client_cert": d / "client.pem",
-            "client_key": d / "client.key"}
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                f"/CN={name}",
+                "-addext",
+                f"subjectAltName={san}",
+                "-keyout",
+                str(d / f"{name}.key"),
+                "-out",
+                str(d / f"{name}.pem"),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+    return {
+        "cert": d / "server.pem",
+        "key": d / "server.key",
+        "client_cert": d / "client.pem",
+        "client_key": d / "client.key",
+    }
 
 
 def test_healthcheck_speaks_tls(tmp_path, tls_files) -> None:
@@ -909,23 +1052,41 @@ def test_healthcheck_speaks_tls(tmp_path, tls_files) -> None:
     log = tmp_path / "tls.log"
     with open(log, "wb") as out:
         # the self-signed server certificate is its own CA (--tls-ca: the peers' CA)
-        proc = subprocess.Popen([*unifork_argv(), "serve", "--listen", f"127.0.0.1:{port}",
-                                 "--peer-listen", f"127.0.0.1:{free_port()}",
-                                 "--tls-cert", str(tls_files["cert"]), "--tls-key",
-                                 str(tls_files["key"]), "--tls-ca", str(tls_files["cert"])],
-                                stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                *unifork_argv(),
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--peer-listen",
+                f"127.0.0.1:{free_port()}",
+                "--tls-cert",
+                str(tls_files["cert"]),
+                "--tls-key",
+                str(tls_files["key"]),
+                "--tls-ca",
+                str(tls_files["cert"]),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     target = f"127.0.0.1:{port}"
 
     def probe(*extra: str) -> subprocess.CompletedProcess:
-        env = {k: v for k, v in os.environ.items() if k not in ("UNIFORK_TOKEN",
-                                                                 "UNIFORK_TARGET")}
-        return subprocess.run([sys.executable, str(HEALTHCHECK), "--target", target,
-                               "--timeout", "5", *extra], capture_output=True, text=True,
-                              timeout=60, env=env)
+        env = {k: v for k, v in os.environ.items() if k not in ("UNIFORK_TOKEN", "UNIFORK_TARGET")}
+        return subprocess.run(
+            [sys.executable, str(HEALTHCHECK), "--target", target, "--timeout", "5", *extra],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
 
     ca = ["--tls-ca", str(tls_files["cert"])]
     try:
+
         def serving() -> bool:
             assert proc.poll() is None, log.read_text()
             return probe(*ca).returncode == 0
@@ -934,16 +1095,26 @@ def test_healthcheck_speaks_tls(tmp_path, tls_files) -> None:
         r = probe(*ca)
         assert r.returncode == 0 and "SERVING" in r.stdout, r
         # a client certificate (mutual TLS) and a name to verify instead of the address
-        r = probe(*ca, "--tls-cert", str(tls_files["client_cert"]), "--tls-key",
-                  str(tls_files["client_key"]), "--tls-server-name", "tender.test")
+        r = probe(
+            *ca,
+            "--tls-cert",
+            str(tls_files["client_cert"]),
+            "--tls-key",
+            str(tls_files["client_key"]),
+            "--tls-server-name",
+            "tender.test",
+        )
         assert r.returncode == 0, r
         # plaintext against TLS, a name the certificate lacks: unhealthy, said why
         assert probe().returncode == 1
         r = probe(*ca, "--tls-server-name", "other.test")
         assert r.returncode == 1 and "unhealthy" in r.stderr, r
         # half a client certificate, or TLS options without a CA: a usage error
-        for bad in (["--tls-cert", str(tls_files["client_cert"])],
-                    ["--tls-key", str(tls_files["client_key"])], ["--tls-server-name", "x"]):
+        for bad in (
+            ["--tls-cert", str(tls_files["client_cert"])],
+            ["--tls-key", str(tls_files["client_key"])],
+            ["--tls-server-name", "x"],
+        ):
             r = probe(*(ca if bad[0] != "--tls-server-name" else []), *bad)
             assert r.returncode == 2 and "--tls-" in r.stderr, (bad, r)
     finally:
@@ -964,16 +1135,24 @@ def run_probe(command: list[str], target: str, token_file: Path) -> subprocess.C
     if "--target" not in argv:
         argv += ["--target", target]
     env = {k: v for k, v in os.environ.items() if k not in ("UNIFORK_TOKEN", "UNIFORK_TARGET")}
-    return subprocess.run([sys.executable, str(HEALTHCHECK), *argv], capture_output=True,
-                          text=True, timeout=60, env=env)
+    return subprocess.run(
+        [sys.executable, str(HEALTHCHECK), *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
 
 
 def kubelet_grpc_probe(probe: dict, port: int) -> int:
     """What the kubelet's `grpc:` probe does: a plaintext Health.Check, no metadata, of
     ``probe["service"]`` (default ""), here on ``port`` of loopback instead of the pod's."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        return health_pb2_grpc.HealthStub(ch).Check(
-            health_pb2.HealthCheckRequest(service=probe.get("service", "")), timeout=10).status
+        return (
+            health_pb2_grpc.HealthStub(ch)
+            .Check(health_pb2.HealthCheckRequest(service=probe.get("service", "")), timeout=10)
+            .status
+        )
 
 
 def test_compose_tenders_serve_with_their_arguments(compose_pair, token_file, tmp_path) -> None:
@@ -984,8 +1163,11 @@ def test_compose_tenders_serve_with_their_arguments(compose_pair, token_file, tm
         r = run_probe(probe, t.target, token_file)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "SERVING" in r.stdout
-        text = urllib.request.urlopen(f"http://127.0.0.1:{t.metrics_port}/metrics",
-                                      timeout=10).read().decode()
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{t.metrics_port}/metrics", timeout=10)
+            .read()
+            .decode()
+        )
         assert "unifork_guest_memory_committed_bytes" in text
         assert "process_resident_memory_bytes" in text
     # health checks are open (orchestrators probe without credentials): a wrong token or
@@ -996,8 +1178,11 @@ def test_compose_tenders_serve_with_their_arguments(compose_pair, token_file, tm
     assert run_probe(probe, a.target, tmp_path / "missing").returncode == 0
     tender_pb2, tender_grpc = protos.tender()
     with grpc.insecure_channel(a.target) as ch, pytest.raises(grpc.RpcError) as e:
-        tender_grpc.TenderStub(ch).ListImages(tender_pb2.ListImagesRequest(), timeout=10,
-                                             metadata=[("authorization", "Bearer " + "x" * 32)])
+        tender_grpc.TenderStub(ch).ListImages(
+            tender_pb2.ListImagesRequest(),
+            timeout=10,
+            metadata=[("authorization", "Bearer " + "x" * 32)],
+        )
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
@@ -1010,15 +1195,21 @@ def test_kubernetes_tender_serves_with_its_arguments(tmp_path, token_file) -> No
         t.start({})
         t.wait_healthy()
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert kubelet_grpc_probe(c[kind]["grpc"], t.port) == \
-                health_pb2.HealthCheckResponse.SERVING, kind
+            assert (
+                kubelet_grpc_probe(c[kind]["grpc"], t.port)
+                == health_pb2.HealthCheckResponse.SERVING
+            ), kind
         # placement consults the dns: peers; the only address is this tender's own
         client = Client(t.target, TOKEN)
         try:
             pb2 = client.pb2
-            iid = client.launch("fork_time", [], console_pipe=True,
-                                fork_mode=pb2.FORK_MODE_VMCLONE,
-                                placement=pb2.PLACEMENT_SPREAD)
+            iid = client.launch(
+                "fork_time",
+                [],
+                console_pipe=True,
+                fork_mode=pb2.FORK_MODE_VMCLONE,
+                placement=pb2.PLACEMENT_SPREAD,
+            )
             r = client.wait(iid, 120)
             assert r.done and r.outcome == "exited" and r.exit_code == 0, r
         finally:
@@ -1059,16 +1250,25 @@ def prometheus(tmp_path: Path, targets: list[str]) -> Iterator[str]:
     job["scrape_interval"], job["scrape_timeout"] = "1s", "1s"
     config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
     config["scrape_configs"] = [job]
-    config["rule_files"] = [str((DEPLOY / "prometheus" / f).resolve())
-                            for f in config.get("rule_files", [])]
+    config["rule_files"] = [
+        str((DEPLOY / "prometheus" / f).resolve()) for f in config.get("rule_files", [])
+    ]
     (tmp_path / "prom.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        ["prometheus", f"--config.file={tmp_path / 'prom.yml'}",
-         f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
-         "--web.enable-lifecycle"], stdout=log, stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL, start_new_session=True)
+        [
+            "prometheus",
+            f"--config.file={tmp_path / 'prom.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--web.enable-lifecycle",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
@@ -1101,22 +1301,40 @@ def workload(a: Tender, b: Tender) -> int:
     pb2 = ca.pb2
     try:
         jobs = []
-        for image, args in (("fork_time", ["-n", "5"]), ("token_ring", ["-n", "3", "-r", "3"]),
-                            ("pipe_talk", [])):
+        for image, args in (
+            ("fork_time", ["-n", "5"]),
+            ("token_ring", ["-n", "3", "-r", "3"]),
+            ("pipe_talk", []),
+        ):
             for client in (ca, cb):
-                jobs.append((client, f"{image} thread", client.launch(image, args,
-                                                                      console_pipe=True)))
+                jobs.append(
+                    (client, f"{image} thread", client.launch(image, args, console_pipe=True))
+                )
             for transport in (pb2.PIPE_TRANSPORT_SHM, pb2.PIPE_TRANSPORT_TCP):
                 for placement in (pb2.PLACEMENT_LOCAL, pb2.PLACEMENT_REMOTE):
-                    what = (f"{image} vmclone {pb2.PipeTransport.Name(transport)} "
-                            f"{pb2.Placement.Name(placement)}")
-                    jobs.append((ca, what, ca.launch(image, args, console_pipe=True,
-                                                     fork_mode=pb2.FORK_MODE_VMCLONE,
-                                                     pipe_transport=transport,
-                                                     placement=placement)))
+                    what = (
+                        f"{image} vmclone {pb2.PipeTransport.Name(transport)} "
+                        f"{pb2.Placement.Name(placement)}"
+                    )
+                    jobs.append(
+                        (
+                            ca,
+                            what,
+                            ca.launch(
+                                image,
+                                args,
+                                console_pipe=True,
+                                fork_mode=pb2.FORK_MODE_VMCLONE,
+                                pipe_transport=transport,
+                                placement=placement,
+                            ),
+                        )
+                    )
         for client in (ca, cb):  # errors for the error panel
-            for call in (lambda c=client: c.wait("no-such-instance"),
-                         lambda c=client: c.launch("no-such-image", [])):
+            for call in (
+                lambda c=client: c.wait("no-such-instance"),
+                lambda c=client: c.launch("no-such-image", []),
+            ):
                 with pytest.raises(grpc.RpcError) as e:
                     call()
                 assert e.value.code() == grpc.StatusCode.NOT_FOUND
@@ -1129,18 +1347,22 @@ def workload(a: Tender, b: Tender) -> int:
         cb.close()
 
 
-@pytest.mark.skipif(shutil.which("prometheus") is None,
-                    reason="prometheus is not installed (.ci/run installs Debian's package)")
+@pytest.mark.skipif(
+    shutil.which("prometheus") is None,
+    reason="prometheus is not installed (.ci/run installs Debian's package)",
+)
 def test_every_dashboard_query_has_data_in_prometheus(compose_pair, tmp_path) -> None:
     a, b = compose_pair
     exprs = dashboard_exprs()
     assert len(exprs) >= 15
     targets = [f"127.0.0.1:{t.metrics_port}" for t in (a, b)]
     with prometheus(tmp_path, targets) as base, ThreadPoolExecutor(4) as pool:
+
         def scraped_since(t0: float) -> bool:
             data = prom_get(base, "/api/v1/query", query='timestamp(up{job="unifork"} == 1)')
-            return len(data["result"]) == 2 and all(float(r["value"][1]) > t0
-                                                    for r in data["result"])
+            return len(data["result"]) == 2 and all(
+                float(r["value"][1]) > t0 for r in data["result"]
+            )
 
         # round 1 makes every series; once scraped, round 2 makes every rate() non-zero
         workload(a, b)
@@ -1171,7 +1393,8 @@ def test_every_dashboard_query_has_data_in_prometheus(compose_pair, tmp_path) ->
             groups = prom_get(base, "/api/v1/rules")["groups"]
             rules = [r for g in groups for r in g["rules"]]
             ok = len(rules) == len(alert_rules()) and all(
-                r["health"] == "ok" and r["lastEvaluation"] > "2000" for r in rules)
+                r["health"] == "ok" and r["lastEvaluation"] > "2000" for r in rules
+            )
             return ok and rules
 
         rules = wait_for("the alert rules to be evaluated", rules_evaluated)

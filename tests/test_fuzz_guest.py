@@ -27,10 +27,14 @@ from tender_service.rump.vminfo import VmConfig
 from tender_service.toolchain.cc import compile_guest
 from tender_service.vm import CaptureSink
 
-SUMMARY = re.compile(r"seed=(\d+) calls=(\d+) ok=(\d+) errors=(\d+) skipped=\d+ vm=(\d) hist=[0-9a-f]+\n"
-                     r"errnos( \d+:\d+)+\n")
-FORK_SUMMARY = re.compile(r"seed=(\d+) calls=(\d+) ok=(\d+) errors=(\d+) skipped=\d+ vm=(\d) "
-                          r"hist=[0-9a-f]+ forks=(\d+) children_ok=(\d+)\nerrnos( \d+:\d+)+\n")
+SUMMARY = re.compile(
+    r"seed=(\d+) calls=(\d+) ok=(\d+) errors=(\d+) skipped=\d+ vm=(\d) hist=[0-9a-f]+\n"
+    r"errnos( \d+:\d+)+\n"
+)
+FORK_SUMMARY = re.compile(
+    r"seed=(\d+) calls=(\d+) ok=(\d+) errors=(\d+) skipped=\d+ vm=(\d) "
+    r"hist=[0-9a-f]+ forks=(\d+) children_ok=(\d+)\nerrnos( \d+:\d+)+\n"
+)
 
 #: thread mode: 4 x 50,000 = 200,000 syscalls
 THREAD_SEEDS = [1, 2, 3, 4]
@@ -61,7 +65,8 @@ def check_clean(result, seed: int) -> None:
     internal = [r for r in result.reports if "internal error" in r]
     assert not internal, f"seed {seed}: kernel bug(s): {internal}"
     assert (result.outcome, result.status) == ("exited", 0), (
-        f"seed {seed}: {result.outcome} status {result.status:#x} reports {result.reports}")
+        f"seed {seed}: {result.outcome} status {result.status:#x} reports {result.reports}"
+    )
 
 
 def hello_still_runs() -> None:
@@ -83,8 +88,10 @@ def test_fuzz_call_sequence_is_determined_by_the_seed() -> None:
 
     (The results may differ in a few calls: sleeps, clocks and getrandom.)
     """
-    traces = [vm("syscall_fuzz", "-s", "7", "-n", "5000", "-v", timeout=60).out.splitlines()
-              for _ in range(2)]
+    traces = [
+        vm("syscall_fuzz", "-s", "7", "-n", "5000", "-v", timeout=60).out.splitlines()
+        for _ in range(2)
+    ]
     assert len(traces[0]) == 5002 and traces[0][:-2] == traces[1][:-2]
     assert traces[0][-2].startswith("seed=7 calls=5000 ")
 
@@ -99,8 +106,13 @@ def test_fuzz_natively_is_harmless() -> None:
 @pytest.mark.parametrize("seed", VMCLONE_SEEDS)
 def test_fuzz_vmclone_mode(pool: WarmPool, seed: int) -> None:
     sink = CaptureSink()
-    result = run_vmclone(image_path("syscall_fuzz"), ["-s", str(seed), "-n", str(VMCLONE_CALLS)],
-                         config=VmConfig(timeout=60), sink=sink, pool=pool)
+    result = run_vmclone(
+        image_path("syscall_fuzz"),
+        ["-s", str(seed), "-n", str(VMCLONE_CALLS)],
+        config=VmConfig(timeout=60),
+        sink=sink,
+        pool=pool,
+    )
     check_clean(result, seed)
     check_summary(bytes(sink.stdout).decode(errors="replace"), seed, VMCLONE_CALLS, in_vm=True)
     hello_still_runs()
@@ -122,24 +134,44 @@ def check_fork_summary(out: str, seed: int, calls: int, in_vm: bool) -> int:
 
 def fuzz_vmclone(pool: WarmPool, pipe: str, args: list[str]):
     sink = CaptureSink()
-    result = run_vmclone(image_path("syscall_fuzz"), args, config=VmConfig(timeout=120), sink=sink,
-                         pool=pool, transport=pipe)
+    result = run_vmclone(
+        image_path("syscall_fuzz"),
+        args,
+        config=VmConfig(timeout=120),
+        sink=sink,
+        pool=pool,
+        transport=pipe,
+    )
     return result, bytes(sink.stdout).decode(errors="replace")
 
 
 def vmclone_hello_still_runs(pool: WarmPool, pipe: str) -> None:
     """The pool's tender processes serve another instance after the fuzzing."""
     sink = CaptureSink()
-    result = run_vmclone(image_path("hello"), [], config=VmConfig(timeout=60), sink=sink,
-                         pool=pool, transport=pipe)
-    assert (result.outcome, result.status, bytes(sink.stdout)) == ("exited", 0,
-                                                                   b"Hello, unikernel!\n")
+    result = run_vmclone(
+        image_path("hello"), [], config=VmConfig(timeout=60), sink=sink, pool=pool, transport=pipe
+    )
+    assert (result.outcome, result.status, bytes(sink.stdout)) == (
+        "exited",
+        0,
+        b"Hello, unikernel!\n",
+    )
 
 
 @pytest.mark.parametrize("seed,calls,forks,child_calls", FORK_THREAD_RUNS)
 def test_fork_fuzz_thread_mode(seed: int, calls: int, forks: int, child_calls: int) -> None:
-    r = vm("syscall_fuzz", "-s", str(seed), "-n", str(calls), "-f", str(forks), "-c",
-           str(child_calls), timeout=120)
+    r = vm(
+        "syscall_fuzz",
+        "-s",
+        str(seed),
+        "-n",
+        str(calls),
+        "-f",
+        str(forks),
+        "-c",
+        str(child_calls),
+        timeout=120,
+    )
     check_clean(r.result, seed)
     done = check_fork_summary(r.out, seed, calls, in_vm=True)
     assert r.result.forks >= done
@@ -150,10 +182,12 @@ def test_fork_fuzz_thread_mode(seed: int, calls: int, forks: int, child_calls: i
 
 
 @pytest.mark.parametrize("pipe,seed,calls,forks,child_calls", FORK_VMCLONE_RUNS)
-def test_fork_fuzz_vmclone_mode(pool: WarmPool, pipe: str, seed: int, calls: int, forks: int,
-                                child_calls: int) -> None:
-    result, out = fuzz_vmclone(pool, pipe, ["-s", str(seed), "-n", str(calls), "-f", str(forks),
-                                            "-c", str(child_calls)])
+def test_fork_fuzz_vmclone_mode(
+    pool: WarmPool, pipe: str, seed: int, calls: int, forks: int, child_calls: int
+) -> None:
+    result, out = fuzz_vmclone(
+        pool, pipe, ["-s", str(seed), "-n", str(calls), "-f", str(forks), "-c", str(child_calls)]
+    )
     check_clean(result, seed)
     done = check_fork_summary(out, seed, calls, in_vm=True)
     assert result.forks >= done
@@ -163,8 +197,9 @@ def test_fork_fuzz_vmclone_mode(pool: WarmPool, pipe: str, seed: int, calls: int
 
 
 @pytest.mark.parametrize("mode,pipe,seed,calls,forks", FORK_REGRESSION_RUNS)
-def test_fork_fuzz_regression_seeds(pool: WarmPool, mode: str, pipe: str, seed: int, calls: int,
-                                    forks: int) -> None:
+def test_fork_fuzz_regression_seeds(
+    pool: WarmPool, mode: str, pipe: str, seed: int, calls: int, forks: int
+) -> None:
     args = ["-s", str(seed), "-n", str(calls), "-f", str(forks)]
     if mode == "thread":
         r = vm("syscall_fuzz", *args, timeout=120)
@@ -178,16 +213,19 @@ def test_fork_fuzz_regression_seeds(pool: WarmPool, mode: str, pipe: str, seed: 
 def test_fork_fuzz_natively() -> None:
     """Real fork on Linux: the same checks hold, and no child is left behind."""
     for seed in (1, 2):
-        p = native("syscall_fuzz", "-s", str(seed), "-n", "10000", "-f", "12", "-c", "1000",
-                   timeout=60)
+        p = native(
+            "syscall_fuzz", "-s", str(seed), "-n", "10000", "-f", "12", "-c", "1000", timeout=60
+        )
         assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-2000:])
         check_fork_summary(p.stdout.decode(), seed, 10000, in_vm=False)
 
 
 def test_fork_flag_zero_is_the_old_call_sequence() -> None:
     """-f 0 draws exactly what no -f draws (existing seeds and figures stay reproducible)."""
-    traces = [vm("syscall_fuzz", "-s", "11", "-n", "3000", "-v", *extra, timeout=60).out
-              for extra in ((), ("-f", "0"))]
+    traces = [
+        vm("syscall_fuzz", "-s", "11", "-n", "3000", "-v", *extra, timeout=60).out
+        for extra in ((), ("-f", "0"))
+    ]
     assert traces[0].splitlines()[:-2] == traces[1].splitlines()[:-2]
     assert "forks=" not in traces[1]
 
@@ -211,7 +249,11 @@ def test_readv_leaves_no_request_behind(readv_remote: Path, pool: WarmPool) -> N
     assert (r.result.outcome, r.result.status, r.out) == ("exited", 0, READV_REMOTE_OUT)
     for pipe in ("shm", "tcp"):
         sink = CaptureSink()
-        result = run_vmclone(readv_remote, [], config=VmConfig(timeout=60), sink=sink, pool=pool,
-                             transport=pipe)
+        result = run_vmclone(
+            readv_remote, [], config=VmConfig(timeout=60), sink=sink, pool=pool, transport=pipe
+        )
         assert (result.outcome, result.status, bytes(sink.stdout).decode()) == (
-            "exited", 0, READV_REMOTE_OUT), pipe
+            "exited",
+            0,
+            READV_REMOTE_OUT,
+        ), pipe

@@ -74,8 +74,11 @@ class Out:
 
     def results(self) -> list[tuple[str, str]]:
         """(attempt, result) for every "<attempt> = <result>" line."""
-        return [tuple(line.split(" = ", 1)) for line in self.out.splitlines()  # type: ignore[misc]
-                if " = " in line]
+        return [
+            tuple(line.split(" = ", 1))
+            for line in self.out.splitlines()  # type: ignore[misc]
+            if " = " in line
+        ]
 
     def children(self) -> dict[str, str]:
         """attempt -> how its child ended, for every "<attempt>: <how>" line."""
@@ -96,16 +99,18 @@ class Out:
 
 
 def from_vm(result: RunResult, sink: CaptureSink) -> Out:
-    return Out(bytes(sink.stdout).decode(errors="replace"),
-               bytes(sink.stderr).decode(errors="replace"), result.status,
-               [str(r) for r in result.reports])
+    return Out(
+        bytes(sink.stdout).decode(errors="replace"),
+        bytes(sink.stderr).decode(errors="replace"),
+        result.status,
+        [str(r) for r in result.reports],
+    )
 
 
 def run_thread(*args: str, stdin: bytes | int | None = None) -> Out:
     """The probe in a thread-fork VM inside this very process (the tender is pytest)."""
     sink = CaptureSink()
-    k = create_vm(image_path(PROBE), list(args), None, VmConfig(timeout=60, ram=RAM), sink,
-                  stdin)
+    k = create_vm(image_path(PROBE), list(args), None, VmConfig(timeout=60, ram=RAM), sink, stdin)
     try:
         return from_vm(k.run(), sink)
     finally:
@@ -113,8 +118,14 @@ def run_thread(*args: str, stdin: bytes | int | None = None) -> Out:
 
 
 def run_native(*args: str, cwd: str | Path | None = None) -> Out:
-    p = subprocess.run([str(image_path(PROBE)), *args], capture_output=True, timeout=60,
-                       stdin=subprocess.DEVNULL, cwd=cwd, check=False)
+    p = subprocess.run(
+        [str(image_path(PROBE)), *args],
+        capture_output=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        cwd=cwd,
+        check=False,
+    )
     status = (p.returncode & 0xFF) << 8 if p.returncode >= 0 else -p.returncode
     return Out(p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"), status, [])
 
@@ -122,8 +133,9 @@ def run_native(*args: str, cwd: str | Path | None = None) -> Out:
 def run_vmclone_probe(pool: WarmPool, *args: str) -> Out:
     """``escape_probe -f ARGS`` with VM-clone fork: the attempts run in a child VM."""
     sink = CaptureSink()
-    result = run_vmclone(image_path(PROBE), ["-f", *args], config=VmConfig(timeout=60, ram=RAM),
-                         sink=sink, pool=pool)
+    result = run_vmclone(
+        image_path(PROBE), ["-f", *args], config=VmConfig(timeout=60, ram=RAM), sink=sink, pool=pool
+    )
     return from_vm(result, sink)
 
 
@@ -170,10 +182,33 @@ def tree(d: Path) -> dict[str, tuple[int, int, int, bytes]]:
 #: what a VM may succeed at: its own devices (the NUL cuts the path to /dev/null)
 FILES_ALLOWED_OK = {"open(/dev/null\\0/../etc/passwd, 0)": "3", "getcwd": "/"}
 FILES_SYSCALLS_ENOSYS = (
-    "readlink", "statfs", "name_to_handle_at", "open_by_handle_at", "creat", "truncate", "mkdir",
-    "mkdirat", "rmdir", "unlink", "unlinkat", "rename", "renameat2", "link", "symlink", "chmod",
-    "fchmodat", "chown", "mknod", "utimensat", "setxattr", "chdir", "chroot", "mount",
-    "umount2", "pivot_root", "acct",
+    "readlink",
+    "statfs",
+    "name_to_handle_at",
+    "open_by_handle_at",
+    "creat",
+    "truncate",
+    "mkdir",
+    "mkdirat",
+    "rmdir",
+    "unlink",
+    "unlinkat",
+    "rename",
+    "renameat2",
+    "link",
+    "symlink",
+    "chmod",
+    "fchmodat",
+    "chown",
+    "mknod",
+    "utimensat",
+    "setxattr",
+    "chdir",
+    "chroot",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "acct",
 )
 
 
@@ -326,8 +361,13 @@ def test_sockets_from_a_vmclone_child(pool: WarmPool, host_sockets: HostSockets)
 # -- processes ------------------------------------------------------------------------------
 #: attempts that succeed in the VM, as in a Linux pid namespace whose init ignores them
 PROCS_OK = {"kill(1, SIGKILL)", "kill(1, SIGTERM)", "kill(1, 0)", "kill(-1, SIGKILL)"}
-PROCS_ESRCH = {"kill(HOSTPID, 0)", "kill(HOSTPID, SIGKILL)", "kill(-HOSTPID, SIGKILL)",
-               "tkill(HOSTPID, SIGKILL)", "tgkill(HOSTPID, HOSTPID, SIGKILL)"}
+PROCS_ESRCH = {
+    "kill(HOSTPID, 0)",
+    "kill(HOSTPID, SIGKILL)",
+    "kill(-HOSTPID, SIGKILL)",
+    "tkill(HOSTPID, SIGKILL)",
+    "tgkill(HOSTPID, HOSTPID, SIGKILL)",
+}
 
 
 def check_procs_contained(r: Out, marker: Path) -> int:
@@ -355,13 +395,23 @@ class Bystander:
     def __init__(self, token: str = "BYSTANDER") -> None:
         self.sink = CaptureSink()
         self.rfd, self.wfd = os.pipe()
-        self.k = create_vm(image_path(PROBE), ["wall", token, "8"], None,
-                           VmConfig(timeout=60, ram=RAM), self.sink, self.rfd)
+        self.k = create_vm(
+            image_path(PROBE),
+            ["wall", token, "8"],
+            None,
+            VmConfig(timeout=60, ram=RAM),
+            self.sink,
+            self.rfd,
+        )
         self.box: dict[str, object] = {}
         self.thread = threading.Thread(target=self._run, name="bystander-vm", daemon=True)
         self.thread.start()
-        wait_until(lambda: "wall ready" in self.out, WAIT, "the bystander VM to be ready",
-                   detail=lambda: self.out)
+        wait_until(
+            lambda: "wall ready" in self.out,
+            WAIT,
+            "the bystander VM to be ready",
+            detail=lambda: self.out,
+        )
 
     def _run(self) -> None:
         try:
@@ -374,7 +424,9 @@ class Bystander:
         return bytes(self.sink.stdout).decode(errors="replace")
 
     def ranges(self) -> list[tuple[int, int]]:
-        return [(int(a, 16), int(n)) for a, n in re.findall(r"wall \w+ (0x[0-9a-f]+) (\d+)", self.out)]
+        return [
+            (int(a, 16), int(n)) for a, n in re.findall(r"wall \w+ (0x[0-9a-f]+) (\d+)", self.out)
+        ]
 
     def finish(self) -> RunResult:
         os.close(self.wfd)  # EOF: the bystander checks its memory and exits
@@ -437,12 +489,18 @@ def outside_addresses() -> list[int]:
     regions = guest_regions()
     image_end, heap_end = regions["image"][1], regions["heap"][1]
     return [
-        0, 0x1000, GUARD_SIZE - 8,  # the null guard
-        image_end, regions["image"][0] - 8,  # just past / before the image
-        heap_end, heap_end - 4,  # past the heap, and an 8-byte access across its end
+        0,
+        0x1000,
+        GUARD_SIZE - 8,  # the null guard
+        image_end,
+        regions["image"][0] - 8,  # just past / before the image
+        heap_end,
+        heap_end - 4,  # past the heap, and an 8-byte access across its end
         HEAP_BASE - 8,
-        0x7FFF_FFFF_F000, 0x5555_5555_0000,  # a host stack and a host PIE
-        0xFFFF_8000_0000_0000, 0x8000_0000_0000_0000,  # kernel half, non-canonical
+        0x7FFF_FFFF_F000,
+        0x5555_5555_0000,  # a host stack and a host PIE
+        0xFFFF_8000_0000_0000,
+        0x8000_0000_0000_0000,  # kernel half, non-canonical
     ]
 
 
@@ -489,14 +547,30 @@ def test_memory_from_a_vmclone_child(pool: WarmPool) -> None:
 
 
 # -- the CPU --------------------------------------------------------------------------------
-PRIVILEGED = ["hlt", "cli", "sti", "in", "out", "rdmsr", "wrmsr", "mov cr0", "mov cr3", "lgdt",
-              "lidt", "invd", "wbinvd", "swapgs"]
+PRIVILEGED = [
+    "hlt",
+    "cli",
+    "sti",
+    "in",
+    "out",
+    "rdmsr",
+    "wrmsr",
+    "mov cr0",
+    "mov cr3",
+    "lgdt",
+    "lidt",
+    "invd",
+    "wbinvd",
+    "swapgs",
+]
 CPU_EXPECTED = {
     **{i: f"killed by signal {SIGSEGV}" for i in PRIVILEGED},
-    "vmcall": f"killed by signal {SIGILL}", "vmmcall": f"killed by signal {SIGILL}",
+    "vmcall": f"killed by signal {SIGILL}",
+    "vmmcall": f"killed by signal {SIGILL}",
     # no ia32 emulation (as Linux with ia32_emulation=0): the gate faults
     "int 0x80": f"killed by signal {SIGSEGV}",
-    "int3": f"killed by signal {SIGTRAP}", "ud2": f"killed by signal {SIGILL}",
+    "int3": f"killed by signal {SIGTRAP}",
+    "ud2": f"killed by signal {SIGILL}",
 }
 
 

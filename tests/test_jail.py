@@ -90,8 +90,9 @@ def _probe_run(k: Kernel, sink) -> RunResult:
     sink(2, 1, ("probe " + " ".join(results) + "\n").encode())
     while k._stop_reason is None:
         select.select([k._wakeup_r], [], [])
-    return RunResult(status=0, outcome="exited", reports=results, elapsed=0.0, forks=0,
-                     syscalls=0, peak_memory=0)
+    return RunResult(
+        status=0, outcome="exited", reports=results, elapsed=0.0, forks=0, syscalls=0, peak_memory=0
+    )
 
 
 def _probe_create_vm(*args, sink=None, **kw) -> Kernel:
@@ -108,10 +109,10 @@ def _probe_serve(conn, level: int, jailed: bool = True) -> None:
 
 def _probe_worker_serve(listen: str, ready=None) -> None:
     results = [_attempt(name, call) for name, call in HOST_CALLS if name != "thread"]
-    results += [_attempt("socket_packet", lambda: socket.socket(socket.AF_PACKET,
-                                                                socket.SOCK_RAW)),
-                _attempt("socket_netlink", lambda: socket.socket(socket.AF_NETLINK,
-                                                                 socket.SOCK_RAW))]
+    results += [
+        _attempt("socket_packet", lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW)),
+        _attempt("socket_netlink", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW)),
+    ]
     results.append("env=" + ",".join(sorted(os.environ)))
     logging.getLogger("unifork.test.probe").warning("probe %s", " ".join(results))
     _REAL_WORKER_SERVE(listen, ready)
@@ -152,8 +153,16 @@ def open_host(monkeypatch, secret_env) -> Iterator[ThreadVmHost]:
 
 def _run_probe(host: ThreadVmHost) -> tuple[ThreadVm, CaptureSink, list[RunResult]]:
     sink = CaptureSink()
-    vm = host.launch("jail-test", str(image_path("hello")), [], ["PATH=/bin"],
-                     VmConfig(timeout=WAIT, tty=False), "hello", sink, lambda s: None)
+    vm = host.launch(
+        "jail-test",
+        str(image_path("hello")),
+        [],
+        ["PATH=/bin"],
+        VmConfig(timeout=WAIT, tty=False),
+        "hello",
+        sink,
+        lambda s: None,
+    )
     out: list[RunResult] = []
     threading.Thread(target=lambda: out.append(vm.wait()), daemon=True).start()
     wait_until(lambda: b"probe " in sink.stdout or out, WAIT, "the probe's report")
@@ -187,8 +196,7 @@ def test_a_jailed_vm_process_cannot_reach_the_host(jailed_host, secret_env):
         got = _results(sink)
         # every host syscall is refused with EPERM; the process is not killed (SIGSYS)
         # and carries on: it makes threads, reports, and ends when killed
-        for name in ("open", "stat", "socket_inet", "socket_unix", "fork", "execv",
-                     "kill_init"):
+        for name in ("open", "stat", "socket_inet", "socket_unix", "fork", "execv", "kill_init"):
             assert got[name] == "EPERM", (name, got)
         assert got["thread"] == "ok"
         assert got["env"] == "LANG,PATH" or set(got["env"].split(",")) <= set(jail.BASE_ENV)
@@ -201,8 +209,9 @@ def test_a_jailed_vm_process_cannot_reach_the_host(jailed_host, secret_env):
         for ns in ("user", "mnt", "net", "ipc", "uts"):
             assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
         limits = Path(f"/proc/{pid}/limits").read_text()
-        assert "Max address space" in limits and \
-            "unlimited" not in next(r for r in limits.splitlines() if "address space" in r)
+        assert "Max address space" in limits and "unlimited" not in next(
+            r for r in limits.splitlines() if "address space" in r
+        )
         assert next(r for r in limits.splitlines() if "core file" in r).split()[4:6] == ["0", "0"]
     finally:
         _end(vm, out)
@@ -214,8 +223,7 @@ def test_unjailed_the_same_probe_reaches_the_host(open_host, secret_env):
     vm, sink, out = _run_probe(open_host)
     try:
         got = _results(sink)
-        for name in ("open", "stat", "socket_inet", "socket_unix", "fork", "thread",
-                     "kill_init"):
+        for name in ("open", "stat", "socket_inet", "socket_unix", "fork", "thread", "kill_init"):
             assert got[name] == "ok", (name, got)
         assert got["execv"] == "ENOENT"
         assert SECRET in got["env"].split(",")
@@ -232,8 +240,11 @@ def test_pool_workers_are_jailed(monkeypatch, caplog, secret_env, jailed):
     caplog.set_level(logging.WARNING, "unifork.test.probe")
     with WarmPool(1, jailed=jailed) as pool:
         pool.wait_ready()
-        wait_until(lambda: any(r.name == "unifork.test.probe" for r in caplog.records), WAIT,
-                   "the worker's probe report")
+        wait_until(
+            lambda: any(r.name == "unifork.test.probe" for r in caplog.records),
+            WAIT,
+            "the worker's probe report",
+        )
         pid = pool.workers[0].pid
         report = next(r.getMessage() for r in caplog.records if r.name == "unifork.test.probe")
         got = dict(item.split("=", 1) for item in report.split("probe ", 1)[1].split())

@@ -24,8 +24,13 @@ ROOT = Path(tender_service.__file__).parent
 #: DESIGN.md's layers, lowest first; a module may import its own layer and those below
 LAYERS = ["machine", "bmk", "rump", "fork", "transports", "instance", "service"]
 #: modules beside the layer packages, and the layer they belong to
-RANK = {**{name: i for i, name in enumerate(LAYERS)}, "vm": LAYERS.index("fork"),
-        "toolchain": 0, "protos": 0, "gen": 0}
+RANK = {
+    **{name: i for i, name in enumerate(LAYERS)},
+    "vm": LAYERS.index("fork"),
+    "toolchain": 0,
+    "protos": 0,
+    "gen": 0,
+}
 
 
 def _module(path: Path) -> str:
@@ -57,7 +62,9 @@ def _runtime_imports(path: Path, prefix: str = "tender_service") -> set[str]:
 
 
 def _graph(package: str) -> dict[str, set[str]]:
-    mods = {_module(p): p for p in (ROOT / package.split(".", 1)[1].replace(".", "/")).rglob("*.py")}
+    mods = {
+        _module(p): p for p in (ROOT / package.split(".", 1)[1].replace(".", "/")).rglob("*.py")
+    }
     return {m: _runtime_imports(p) & mods.keys() for m, p in mods.items()}
 
 
@@ -70,7 +77,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(m)
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                return stack[stack.index(n):] + [n]
+                return stack[stack.index(n) :] + [n]
             if n not in state and (found := visit(n)):
                 return found
         stack.pop()
@@ -107,8 +114,11 @@ def test_lower_layers_never_import_higher_ones() -> None:
 
 def _comparison_imports(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
-    return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
-            and n.module.startswith("comparison")}
+    return {
+        n.module
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("comparison")
+    }
 
 
 def _imports_of(package, prefix: str) -> list[str]:
@@ -119,11 +129,18 @@ def _imports_of(package, prefix: str) -> list[str]:
     for path in sorted(root.rglob("*.py")):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            names = ([node.module] if isinstance(node, ast.ImportFrom) and node.module
-                     and node.level == 0 else
-                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
-            bad += [f"{path.relative_to(root.parent)} imports {n}" for n in names
-                    if n.split(".")[0] == prefix]
+            names = (
+                [node.module]
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            bad += [
+                f"{path.relative_to(root.parent)} imports {n}"
+                for n in names
+                if n.split(".")[0] == prefix
+            ]
     return bad
 
 
@@ -143,11 +160,14 @@ def test_the_import_finder_finds_an_upward_import() -> None:
 def test_importing_the_whole_library_loads_neither_the_harness_nor_the_cli() -> None:
     """The same, at run time: every module of tender_service imported in a fresh
     interpreter, and no module of comparison or unifork came with them."""
-    code = ("import importlib, pkgutil, sys, tender_service\n"
-            "for m in pkgutil.walk_packages(tender_service.__path__, 'tender_service.'):\n"
-            "    importlib.import_module(m.name)\n"
-            "print(len([m for m in sys.modules if m.startswith('tender_service')]))\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('comparison', 'unifork')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=120).stdout.splitlines()
+    code = (
+        "import importlib, pkgutil, sys, tender_service\n"
+        "for m in pkgutil.walk_packages(tender_service.__path__, 'tender_service.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "print(len([m for m in sys.modules if m.startswith('tender_service')]))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('comparison', 'unifork')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    ).stdout.splitlines()
     assert int(out[0]) > 50 and out[1] == "[]", out

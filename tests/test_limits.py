@@ -49,8 +49,12 @@ def ended(c, iid: str):
 def the_same_processes(t: Tender, before: set[int]) -> None:
     """Every process the tender started for instances is gone: as many as before (its
     pool, its VM fork server and the spare VM process that server keeps forked)."""
-    wait_until(lambda: len(descendants(t.proc.pid)) <= len(before), 30,
-               "the instances' processes to go", detail=lambda: str(descendants(t.proc.pid)))
+    wait_until(
+        lambda: len(descendants(t.proc.pid)) <= len(before),
+        30,
+        "the instances' processes to go",
+        detail=lambda: str(descendants(t.proc.pid)),
+    )
 
 
 # -- guest memory -------------------------------------------------------------------------------
@@ -74,8 +78,11 @@ def test_the_default_limit_refuses_64_instances_of_4_gib(tmp_path):
             wait_for_output(c, held[-1], b"spinning")
         e = rpc_error(lambda: launch(c, "spin", **big))
         assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (e.code(), e.details())
-        assert re.fullmatch(r"guest memory: \S+ GiB in use of a \S+ GiB limit "
-                            r"\(--max-guest-memory\); 4 GiB more asked", e.details()), e.details()
+        assert re.fullmatch(
+            r"guest memory: \S+ GiB in use of a \S+ GiB limit "
+            r"\(--max-guest-memory\); 4 GiB more asked",
+            e.details(),
+        ), e.details()
         assert len([s for s in c.instances() if s.state == "running"]) == fit
     finally:
         for iid in held:
@@ -100,8 +107,10 @@ def test_launch_past_the_guest_memory_limit_is_refused(tmp_path):
         for mode in ("thread", "vmclone-shm"):
             e = rpc_error(lambda m=mode: launch(c, "hello", **spin, **MODES[m]))
             assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (e.code(), e.details())
-            assert e.details() == ("guest memory: 64 MiB in use of a 64 MiB limit "
-                                   "(--max-guest-memory); 32 MiB more asked"), e.details()
+            assert e.details() == (
+                "guest memory: 64 MiB in use of a 64 MiB limit "
+                "(--max-guest-memory); 32 MiB more asked"
+            ), e.details()
         e = rpc_error(lambda: launch(c, "hello", memory_bytes=128 * MiB))  # never fits
         assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.details()
         assert c.kill(first)
@@ -126,19 +135,30 @@ def test_vmclone_fork_past_the_guest_memory_limit_fails_with_enomem(tmp_path):
     c = t.client()
     try:
         for transport in ("vmclone-shm", "vmclone-tcp"):
-            iid = launch(c, "fork_bomb", ["-n", "10"], memory_bytes=16 * MiB,
-                         console_pipe=True, time_limit_seconds=120, **MODES[transport])
+            iid = launch(
+                c,
+                "fork_bomb",
+                ["-n", "10"],
+                memory_bytes=16 * MiB,
+                console_pipe=True,
+                time_limit_seconds=120,
+                **MODES[transport],
+            )
             r = wait(c, iid)
             out = stdout_of(console(c, iid)).decode()
             assert (r.outcome, r.exit_code) == ("exited", 0), (transport, r, out)
             assert "fork failed errno=ENOMEM" in out and "forked=3\n" in out, out
             assert "reaped=3\n" in out, out
-            assert any(re.search(r"fork refused \(ENOMEM\): guest memory: 64 MiB in use of a "
-                                 r"64 MiB limit \(--max-guest-memory\)", line)
-                       for line in r.reports), r.reports
+            assert any(
+                re.search(
+                    r"fork refused \(ENOMEM\): guest memory: 64 MiB in use of a "
+                    r"64 MiB limit \(--max-guest-memory\)",
+                    line,
+                )
+                for line in r.reports
+            ), r.reports
             # every VM gave its RAM back: the whole limit fits one instance again
-            whole = launch(c, "hello", memory_bytes=64 * MiB, console_pipe=True,
-                           **MODES[transport])
+            whole = launch(c, "hello", memory_bytes=64 * MiB, console_pipe=True, **MODES[transport])
             assert wait(c, whole).exit_code == 0
     finally:
         c.close()
@@ -165,8 +185,9 @@ def test_image_store_quota_and_delete_image(tmp_path):
         assert len(list(store.iterdir())) == 2
         e = rpc_error(lambda: c.upload("img-f", fork_time))
         assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (e.code(), e.details())
-        assert re.search(r"image store: \S+ MiB in use of a \S+ MiB limit \(--max-image-store\)",
-                         e.details()), e.details()
+        assert re.search(
+            r"image store: \S+ MiB in use of a \S+ MiB limit \(--max-image-store\)", e.details()
+        ), e.details()
         assert "img-f" not in {i.name for i in c.images()}
 
         # an image deleted under a running instance: the instance keeps running
@@ -185,10 +206,12 @@ def test_image_store_quota_and_delete_image(tmp_path):
         wait_until(lambda: len(list(store.iterdir())) == 1, 10, "the deleted file to go")
         assert c.upload("img-f", fork_time).size_bytes == len(fork_time)
 
-        for name, code in (("hello", grpc.StatusCode.FAILED_PRECONDITION),
-                           ("no-such-image", grpc.StatusCode.NOT_FOUND),
-                           ("../etc/passwd", grpc.StatusCode.INVALID_ARGUMENT),
-                           ("", grpc.StatusCode.INVALID_ARGUMENT)):
+        for name, code in (
+            ("hello", grpc.StatusCode.FAILED_PRECONDITION),
+            ("no-such-image", grpc.StatusCode.NOT_FOUND),
+            ("../etc/passwd", grpc.StatusCode.INVALID_ARGUMENT),
+            ("", grpc.StatusCode.INVALID_ARGUMENT),
+        ):
             e = rpc_error(lambda n=name: c.delete_image(n))
             assert e.code() == code, (name, e.code(), e.details())
             assert e.details().startswith("name:"), e.details()
@@ -213,6 +236,10 @@ def test_image_store_quota_and_delete_image(tmp_path):
 
 @pytest.mark.parametrize("flag", ["--max-guest-memory", "--max-image-store"])
 def test_a_zero_limit_is_refused_at_start(tmp_path, flag):
-    r = subprocess.run([*unifork_cmd(), "serve", "--listen", "127.0.0.1:0", flag, "0"],
-                       capture_output=True, text=True, timeout=RPC_TIMEOUT)
+    r = subprocess.run(
+        [*unifork_cmd(), "serve", "--listen", "127.0.0.1:0", flag, "0"],
+        capture_output=True,
+        text=True,
+        timeout=RPC_TIMEOUT,
+    )
     assert r.returncode == 2 and flag in r.stderr, r

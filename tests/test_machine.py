@@ -86,8 +86,13 @@ class Guarded:
     guard_fired: bool  # the VM did not stop by itself; the test stopped it
 
 
-def run_guarded(image: Path | ElfImage, *args: str, env: list[str] | None = None,
-                stdin: bytes | None = None, **config) -> Guarded:
+def run_guarded(
+    image: Path | ElfImage,
+    *args: str,
+    env: list[str] | None = None,
+    stdin: bytes | None = None,
+    **config,
+) -> Guarded:
     """Run a VM in a thread; stop it from outside if it outlives its time limit."""
     cfg = VmConfig(**config)
     sink = CaptureSink()
@@ -114,8 +119,9 @@ def run_guarded(image: Path | ElfImage, *args: str, env: list[str] | None = None
     k.close()
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
-    return Guarded(VmRun(box["result"], bytes(sink.stdout), bytes(sink.stderr), sink.chunks),
-                   guard_fired)
+    return Guarded(
+        VmRun(box["result"], bytes(sink.stdout), bytes(sink.stderr), sink.chunks), guard_fired
+    )
 
 
 # -- first programs -------------------------------------------------------------------
@@ -142,8 +148,13 @@ def test_printf_is_byte_identical_to_native() -> None:
 
 def test_argv_and_custom_environment_reach_main() -> None:
     sink = CaptureSink()
-    res = run_vm(build_image("args"), ["3", "two words", "", "ünïcode"],
-                 env=["A=1", "B=x y", "EMPTY="], config=VmConfig(timeout=60), sink=sink)
+    res = run_vm(
+        build_image("args"),
+        ["3", "two words", "", "ünïcode"],
+        env=["A=1", "B=x y", "EMPTY="],
+        config=VmConfig(timeout=60),
+        sink=sink,
+    )
     assert res.outcome == "exited" and res.exit_code == 3  # atoi(argv[1])
     assert bytes(sink.stdout).decode() == (
         "argc=5\nargv[0]=args\nargv[1]=3\nargv[2]=two words\nargv[3]=\nargv[4]=ünïcode\n"
@@ -160,13 +171,16 @@ def test_environment_defaults_and_empty_environment() -> None:
     assert bytes(sink.stdout) == b"argc=1\nargv[0]=args\nenvc=0\n"
 
 
-@pytest.mark.parametrize(("code", "mode", "status", "exit_code", "atexit_ran"), [
-    ("7", "exit", 7 << 8, 7, True),
-    ("7", "return", 7 << 8, 7, True),
-    ("7", "_exit", 7 << 8, 7, False),
-    ("300", "exit", (300 & 0xFF) << 8, 300 & 0xFF, True),
-    ("7", "abort", SIGABRT, 128 + SIGABRT, False),
-])
+@pytest.mark.parametrize(
+    ("code", "mode", "status", "exit_code", "atexit_ran"),
+    [
+        ("7", "exit", 7 << 8, 7, True),
+        ("7", "return", 7 << 8, 7, True),
+        ("7", "_exit", 7 << 8, 7, False),
+        ("300", "exit", (300 & 0xFF) << 8, 300 & 0xFF, True),
+        ("7", "abort", SIGABRT, 128 + SIGABRT, False),
+    ],
+)
 def test_exit_codes_are_wait_status_words(code, mode, status, exit_code, atexit_ran) -> None:
     r = vm("exit_code", code, mode)
     res = r.result
@@ -183,9 +197,11 @@ def test_exit_codes_are_wait_status_words(code, mode, status, exit_code, atexit_
 def test_malloc_stress_matches_native(seed: str) -> None:
     r, n = vm("malloc_stress", seed, tty=False), native("malloc_stress", seed)
     assert r.result.exit_code == 0 and n.returncode == 0
-    assert re.fullmatch(rb"malloc_stress: seed=%s ops=\d+ malloc=\d+ calloc=\d+ realloc=\d+ "
-                        rb"aligned=\d+ free=\d+ errors=0 checksum=[0-9a-f]{16}\n" % seed.encode(),
-                        r.stdout), r.stdout
+    assert re.fullmatch(
+        rb"malloc_stress: seed=%s ops=\d+ malloc=\d+ calloc=\d+ realloc=\d+ "
+        rb"aligned=\d+ free=\d+ errors=0 checksum=[0-9a-f]{16}\n" % seed.encode(),
+        r.stdout,
+    ), r.stdout
     assert r.stdout == n.stdout
 
 
@@ -269,8 +285,9 @@ def thesis_listing(number: str) -> str:
         elif line.strip() not in ("", "```"):
             break
     numbered.reverse()
-    assert [n for n, _ in numbered] == list(range(1, len(numbered) + 1)), \
+    assert [n for n, _ in numbered] == list(range(1, len(numbered) + 1)), (
         f"listing {number}: line numbers are not 1..N"
+    )
     return "".join(text + "\n" for _, text in numbered)
 
 
@@ -346,8 +363,11 @@ def test_fault_segv(args: tuple[str, ...], address: int) -> None:
     assert len(res.reports) == 1
     report = res.reports[0]
     assert "\n" not in report
-    m = re.search(r"SIGSEGV: .* at rip=(0x[0-9a-f]+) address=(0x[0-9a-f]+) "
-                  r"insn=((?:[0-9a-f]{2} ?)+)$", report)
+    m = re.search(
+        r"SIGSEGV: .* at rip=(0x[0-9a-f]+) address=(0x[0-9a-f]+) "
+        r"insn=((?:[0-9a-f]{2} ?)+)$",
+        report,
+    )
     assert m, report
     assert int(m.group(2), 16) == address
     rip, insn = int(m.group(1), 16), bytes.fromhex(m.group(3))
@@ -357,10 +377,13 @@ def test_fault_segv(args: tuple[str, ...], address: int) -> None:
     assert rows_by_pid(res)[2].report == report
 
 
-@pytest.mark.parametrize(("name", "sig", "opcode"), [
-    ("fault_ill", SIGILL, b"\x0f\x0b"),  # ud2
-    ("fault_fpe", SIGFPE, None),  # idiv/div by zero
-])
+@pytest.mark.parametrize(
+    ("name", "sig", "opcode"),
+    [
+        ("fault_ill", SIGILL, b"\x0f\x0b"),  # ud2
+        ("fault_fpe", SIGFPE, None),  # idiv/div by zero
+    ],
+)
 def test_fault_ill_and_fpe(name: str, sig: int, opcode: bytes | None) -> None:
     r = vm(name)
     res = r.result
@@ -377,10 +400,14 @@ def test_fault_ill_and_fpe(name: str, sig: int, opcode: bytes | None) -> None:
 
 def test_bad_pointers_give_efault_like_native() -> None:
     r, n = vm("efault", tty=False), native("efault")
-    assert r.stdout == n.stdout == (
-        b"write(1, (void *)1, 10) = -1 EFAULT\n"
-        b"read(0, (void *)8, 10) = -1 EFAULT\n"
-        b'read(0, buf, 10) = 10 "0123456789"\n'
+    assert (
+        r.stdout
+        == n.stdout
+        == (
+            b"write(1, (void *)1, 10) = -1 EFAULT\n"
+            b"read(0, (void *)8, 10) = -1 EFAULT\n"
+            b'read(0, buf, 10) = 10 "0123456789"\n'
+        )
     )
     assert r.result.exit_code == 0 and r.result.reports == []
 
@@ -396,8 +423,9 @@ def test_unknown_syscall_is_logged_once(caplog: pytest.LogCaptureFixture) -> Non
         r = vm(probe(), "enosys3")
     assert r.stdout == b"syscall(500) = -1 ENOSYS\n" * 3
     assert r.result.exit_code == 0
-    logged = [rec.getMessage() for rec in caplog.records
-              if "unsupported syscall 500" in rec.getMessage()]
+    logged = [
+        rec.getMessage() for rec in caplog.records if "unsupported syscall 500" in rec.getMessage()
+    ]
     assert len(logged) == 1, logged
 
 
@@ -410,11 +438,14 @@ def heap_end() -> int:
         k.close()
 
 
-@pytest.mark.parametrize(("back", "length", "expected"), [
-    (16, 32, "-1 EFAULT"),  # 16 bytes inside RAM, 16 past its end
-    (16, 16, "16 0"),  # exactly up to the end: fine
-    (4096, 1 << 40, "-1 EFAULT"),  # a huge length
-])
+@pytest.mark.parametrize(
+    ("back", "length", "expected"),
+    [
+        (16, 32, "-1 EFAULT"),  # 16 bytes inside RAM, 16 past its end
+        (16, 16, "16 0"),  # exactly up to the end: fine
+        (4096, 1 << 40, "-1 EFAULT"),  # a huge length
+    ],
+)
 def test_write_past_the_end_of_ram_is_efault(back: int, length: int, expected: str) -> None:
     end = heap_end()
     r = vm(probe(), "write_at", hex(end - back), hex(length))
@@ -435,8 +466,10 @@ def phdrs(data: bytes) -> list[tuple[int, list[int]]]:
     """(file offset, fields) of every program header."""
     phoff = struct.unpack_from("<Q", data, EHDR_PHOFF)[0]
     phnum = struct.unpack_from("<H", data, EHDR_PHNUM)[0]
-    return [(phoff + i * PHDR.size, list(PHDR.unpack_from(data, phoff + i * PHDR.size)))
-            for i in range(phnum)]
+    return [
+        (phoff + i * PHDR.size, list(PHDR.unpack_from(data, phoff + i * PHDR.size)))
+        for i in range(phnum)
+    ]
 
 
 def edit_phdr(data: bytearray, pick, **changes: int) -> None:
@@ -459,12 +492,14 @@ def is_data(f: list[int]) -> bool:
 def _set(fmt: str, off: int, value: int):
     def mutate(d: bytearray) -> None:
         struct.pack_into(fmt, d, off, value)
+
     return mutate
 
 
 def _phdr(pick, **changes):
     def mutate(d: bytearray) -> None:
         edit_phdr(d, pick, **changes)
+
     return mutate
 
 
@@ -472,6 +507,7 @@ def _first_load_vaddr(vaddr: int):
     def mutate(d: bytearray) -> None:
         first = min((f for _, f in phdrs(bytes(d)) if f[0] == PT_LOAD), key=lambda f: f[3])
         edit_phdr(d, lambda f: f == first, vaddr=vaddr, paddr=vaddr)
+
     return mutate
 
 
@@ -507,25 +543,43 @@ MUTATIONS = {
     "ET_DYN without PT_DYNAMIC": (_set("<H", EHDR_TYPE, 3), r"ET_DYN without PT_DYNAMIC"),
     "bad phentsize": (_set("<H", EHDR_PHENTSIZE, 32), r"bad header sizes"),
     "no program headers": (_set("<H", EHDR_PHNUM, 0), r"program headers out of bounds"),
-    "phoff past EOF": (lambda d: struct.pack_into("<Q", d, EHDR_PHOFF, len(d)),
-                       r"program headers out of bounds \(phoff=\d+"),
-    "dynamic (PT_INTERP)": (_phdr(lambda f: f[0] not in (PT_LOAD, PT_PHDR), type=PT_INTERP),
-                            r"dynamically linked \(PT_INTERP\)"),
-    "filesz > memsz": (lambda d: edit_phdr(d, is_text, filesz=next(
-        f for _, f in phdrs(bytes(d)) if is_text(f))[6] + 1),
-        r"segment \d+ has p_filesz > p_memsz"),
-    "segment offset past EOF": (lambda d: edit_phdr(d, is_text, offset=len(d) + 0x1000),
-                                r"segment \d+ extends past the end of the file"),
-    "entry in a data segment": (lambda d: struct.pack_into("<Q", d, EHDR_ENTRY, _data_vaddr(d)),
-                                r"entry point 0x[0-9a-f]+ is not in an executable segment"),
+    "phoff past EOF": (
+        lambda d: struct.pack_into("<Q", d, EHDR_PHOFF, len(d)),
+        r"program headers out of bounds \(phoff=\d+",
+    ),
+    "dynamic (PT_INTERP)": (
+        _phdr(lambda f: f[0] not in (PT_LOAD, PT_PHDR), type=PT_INTERP),
+        r"dynamically linked \(PT_INTERP\)",
+    ),
+    "filesz > memsz": (
+        lambda d: edit_phdr(
+            d, is_text, filesz=next(f for _, f in phdrs(bytes(d)) if is_text(f))[6] + 1
+        ),
+        r"segment \d+ has p_filesz > p_memsz",
+    ),
+    "segment offset past EOF": (
+        lambda d: edit_phdr(d, is_text, offset=len(d) + 0x1000),
+        r"segment \d+ extends past the end of the file",
+    ),
+    "entry in a data segment": (
+        lambda d: struct.pack_into("<Q", d, EHDR_ENTRY, _data_vaddr(d)),
+        r"entry point 0x[0-9a-f]+ is not in an executable segment",
+    ),
     "entry at 0": (_set("<Q", EHDR_ENTRY, 0), r"entry point 0x0 is not in an executable segment"),
     "linked inside the null guard": (_first_load_vaddr(0x1000), r"inside the null guard"),
-    "huge memsz": (_phdr(is_data, memsz=1 << 40), r"segment \d+ at 0x[0-9a-f]+\+0x[0-9a-f]+ "
-                                                   r"is out of range"),
-    "segment above the image range": (_phdr(is_data, vaddr=1 << 40, paddr=1 << 40),
-                                      r"segment \d+ at 0x[0-9a-f]+\+0x[0-9a-f]+ is out of range"),
-    "misaligned segment": (lambda d: edit_phdr(d, is_data, vaddr=_data_vaddr(d) + 1),
-                           r"segment \d+ is misaligned"),
+    "huge memsz": (
+        _phdr(is_data, memsz=1 << 40),
+        r"segment \d+ at 0x[0-9a-f]+\+0x[0-9a-f]+ "
+        r"is out of range",
+    ),
+    "segment above the image range": (
+        _phdr(is_data, vaddr=1 << 40, paddr=1 << 40),
+        r"segment \d+ at 0x[0-9a-f]+\+0x[0-9a-f]+ is out of range",
+    ),
+    "misaligned segment": (
+        lambda d: edit_phdr(d, is_data, vaddr=_data_vaddr(d) + 1),
+        r"segment \d+ is misaligned",
+    ),
     "overlapping segments": (_overlap, r"overlapping segments"),
     "no loadable segments": (_all_loads_null, r"no loadable segments"),
 }
@@ -652,7 +706,12 @@ def test_deadlock_is_detected_and_reported() -> None:
 def test_tty_console_line_buffers_stdout() -> None:
     r = vm(probe(), "order")
     assert [(fd, data) for _pid, fd, data in r.chunks] == [
-        (1, b"a\n"), (2, b"stderr 1\n"), (1, b"b\n"), (2, b"stderr 2\n"), (1, b"c\n")]
+        (1, b"a\n"),
+        (2, b"stderr 1\n"),
+        (1, b"b\n"),
+        (2, b"stderr 2\n"),
+        (1, b"c\n"),
+    ]
 
 
 def test_pipe_console_fully_buffers_stdout_like_native() -> None:
@@ -660,9 +719,19 @@ def test_pipe_console_fully_buffers_stdout_like_native() -> None:
     # musl writes the first line before it knows stdout is no terminal; the
     # rest waits in the buffer until exit
     assert [(fd, data) for _pid, fd, data in r.chunks] == [
-        (1, b"a\n"), (2, b"stderr 1\n"), (2, b"stderr 2\n"), (1, b"b\nc\n")]
-    n = subprocess.run([str(probe()), "order"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       stdin=subprocess.DEVNULL, timeout=60, check=True)
+        (1, b"a\n"),
+        (2, b"stderr 1\n"),
+        (2, b"stderr 2\n"),
+        (1, b"b\nc\n"),
+    ]
+    n = subprocess.run(
+        [str(probe()), "order"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+        check=True,
+    )
     assert b"".join(data for _pid, _fd, data in r.chunks) == n.stdout
 
 
@@ -680,8 +749,11 @@ def test_trace_syscalls_logs_calls_with_results(caplog: pytest.LogCaptureFixture
     with caplog.at_level(logging.INFO, logger=KERNEL_LOG):
         vm(probe(), "order", trace_syscalls=True)
     lines = [rec.getMessage() for rec in caplog.records if rec.name == KERNEL_LOG]
-    write = [line for line in lines if re.fullmatch(
-        r"\[pid 2\] write\(0x2, 0x[0-9a-f]+, 0x9(, 0x[0-9a-f]+){3}\) = 0x9", line)]
+    write = [
+        line
+        for line in lines
+        if re.fullmatch(r"\[pid 2\] write\(0x2, 0x[0-9a-f]+, 0x9(, 0x[0-9a-f]+){3}\) = 0x9", line)
+    ]
     assert len(write) == 2, lines
     assert any(re.match(r"\[pid 2\] exit_group\(0x0", line) for line in lines), lines
     caplog.clear()
@@ -694,15 +766,22 @@ def test_trace_of_a_failing_syscall_names_the_errno(caplog: pytest.LogCaptureFix
     with caplog.at_level(logging.INFO, logger=KERNEL_LOG):
         vm("efault", trace_syscalls=True)
     lines = [rec.getMessage() for rec in caplog.records]
-    assert any(re.fullmatch(r"\[pid 2\] write\(0x1, 0x1, 0xa(, 0x[0-9a-f]+){3}\) = -EFAULT", line)
-               for line in lines), lines
+    assert any(
+        re.fullmatch(r"\[pid 2\] write\(0x1, 0x1, 0xa(, 0x[0-9a-f]+){3}\) = -EFAULT", line)
+        for line in lines
+    ), lines
 
 
 # -- fuzzing (last: a guest that spins costs its whole time limit) ----------------------
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow],
-          phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no shrinking: runs can be slow
-@given(flips=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(1, 255)),
-                      min_size=1, max_size=4))
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+)  # no shrinking: runs can be slow
+@given(
+    flips=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(1, 255)), min_size=1, max_size=4)
+)
 def test_fuzzed_image_is_refused_or_runs_to_a_normal_end(flips: list[tuple[int, int]]) -> None:
     data = bytearray(hello_bytes())
     img = parse_elf(bytes(data), "hello")
@@ -731,8 +810,12 @@ def test_syscalls_are_never_skipped_while_events_stop_the_cpu() -> None:
     listed before the syscall hook made Unicorn skip the syscall whenever a stop was
     pending (11 and 16 of 20,000 with that order; a VM-clone parent's wait4 returned
     61 once in about 1,000 token_ring runs)."""
-    k = create_vm(build_image(TESTS_GUEST / "syscall_window.c"),
-                  ["10000"], config=VmConfig(timeout=120), sink=CaptureSink())
+    k = create_vm(
+        build_image(TESTS_GUEST / "syscall_window.c"),
+        ["10000"],
+        config=VmConfig(timeout=120),
+        sink=CaptureSink(),
+    )
     done, posted = threading.Event(), [0]
 
     def poke() -> None:

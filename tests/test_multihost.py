@@ -52,8 +52,11 @@ def cluster():
     # every image the tests launch, built before the tenders need them
     for name in ("nested_fork", "token_ring", "fork_exit_wait", "fork_time", "hello"):
         build_image(name)
-    uploads = {"mh_block": build_image(BLOCK_SRC), "mh_stream": build_image(STREAM_SRC),
-               "mh_bigfork": build_image(BIGFORK_SRC)}
+    uploads = {
+        "mh_block": build_image(BLOCK_SRC),
+        "mh_stream": build_image(STREAM_SRC),
+        "mh_bigfork": build_image(BIGFORK_SRC),
+    }
     with running_cluster("multihost", uploads=uploads) as c:
         yield c
 
@@ -83,8 +86,9 @@ def test_remote_nested_fork_runs_on_peers(cluster):
 
 def test_remote_token_ring_pipes_cross_hosts(cluster):
     c = cluster
-    r = c.run("token_ring", ["-n", "6"], fork_mode="vmclone", pipe_transport="tcp",
-              placement="remote")
+    r = c.run(
+        "token_ring", ["-n", "6"], fork_mode="vmclone", pipe_transport="tcp", placement="remote"
+    )
     assert_exited_0(c, r)
     assert r["stdout"] == native_out("token_ring", "-n", "6") == "token=60\n"
     assert hosts_of(r["describe"]) <= {c.target(B), c.target(C)}, explain(c, r)
@@ -93,12 +97,18 @@ def test_remote_token_ring_pipes_cross_hosts(cluster):
 def test_remote_children_reaped_with_their_statuses(cluster):
     """fork_exit_wait -n 20: child i exits i % 7; the parent checks each; describe agrees."""
     c = cluster
-    r = c.run("fork_exit_wait", ["-n", "20"], fork_mode="vmclone", pipe_transport="tcp",
-              placement="remote")
+    r = c.run(
+        "fork_exit_wait",
+        ["-n", "20"],
+        fork_mode="vmclone",
+        pipe_transport="tcp",
+        placement="remote",
+    )
     assert_exited_0(c, r)
     assert r["stdout"] == native_out("fork_exit_wait", "-n", "20") == "ok 20 children\n"
-    children = sorted((p for p in r["describe"]["processes"] if p["ppid"] == 2),
-                      key=lambda p: p["pid"])
+    children = sorted(
+        (p for p in r["describe"]["processes"] if p["ppid"] == 2), key=lambda p: p["pid"]
+    )
     assert [p["pid"] for p in children] == list(range(3, 23)), explain(c, r)
     for i, p in enumerate(children):  # pids are handed out in fork order
         assert p["state"] == "reaped" and p["exited"], p
@@ -109,8 +119,14 @@ def test_remote_children_reaped_with_their_statuses(cluster):
 def test_remote_console_merged_with_pids(cluster):
     """fork_time: parent and child print in their own VMs; one stream, tagged by pid."""
     c = cluster
-    r = c.run("fork_time", [], fork_mode="vmclone", pipe_transport="tcp", placement="remote",
-              console_pipe=True)
+    r = c.run(
+        "fork_time",
+        [],
+        fork_mode="vmclone",
+        pipe_transport="tcp",
+        placement="remote",
+        console_pipe=True,
+    )
     assert_exited_0(c, r)
     by_pid: dict[int, str] = {}
     for pid, fd, text in r["logs"]["chunks"]:
@@ -150,10 +166,8 @@ def test_spread_places_children_on_peers(cluster):
 def test_uploaded_image_launched_on_a_peer(cluster):
     """An image uploaded to A only, its first VM placed on a peer (which never saw it)."""
     c = cluster
-    c.agent.call("upload", target=c.target(A), name="hello-a-only",
-                 path=str(image_path("hello")))
-    r = c.run("hello-a-only", [], fork_mode="vmclone", pipe_transport="tcp",
-              placement="remote")
+    c.agent.call("upload", target=c.target(A), name="hello-a-only", path=str(image_path("hello")))
+    r = c.run("hello-a-only", [], fork_mode="vmclone", pipe_transport="tcp", placement="remote")
     assert_exited_0(c, r)
     assert r["stdout"] == native_out("hello"), explain(c, r)
 
@@ -163,8 +177,13 @@ def test_fork_latency_remote_vs_local(cluster, record_property):
     c = cluster
     medians = {}
     for placement, transport in (("local", "shm"), ("local", "tcp"), ("remote", "tcp")):
-        r = c.run("fork_time", ["-n", "20"], fork_mode="vmclone", pipe_transport=transport,
-                  placement=placement)
+        r = c.run(
+            "fork_time",
+            ["-n", "20"],
+            fork_mode="vmclone",
+            pipe_transport=transport,
+            placement=placement,
+        )
         assert_exited_0(c, r)
         us = [float(x) for x in re.findall(r"^fork_us=([0-9.]+)$", r["stdout"], re.M)]
         assert len(us) == 20 and "ok=1" in r["stdout"], explain(c, r)
@@ -188,12 +207,17 @@ def test_link_flap_is_ridden_out(cluster):
     and in order; while the link is down, placement skips that peer."""
     c = cluster
     mib = 24
-    iid = c.agent.call("launch", target=c.target(A), image="mh_stream",
-                       args=["-m", str(mib), "-r", "4"], fork_mode="vmclone",
-                       pipe_transport="tcp", placement="remote")
+    iid = c.agent.call(
+        "launch",
+        target=c.target(A),
+        image="mh_stream",
+        args=["-m", str(mib), "-r", "4"],
+        fork_mode="vmclone",
+        pipe_transport="tcp",
+        placement="remote",
+    )
     # 8 of 24 MiB in: streaming for 2 s, so A's cached peer loads have expired
-    seen = c.agent.call("logs", target=c.target(A), id=iid, timeout=RUN_TIMEOUT,
-                        until="mib=8\n")
+    seen = c.agent.call("logs", target=c.target(A), id=iid, timeout=RUN_TIMEOUT, until="mib=8\n")
     desc = c.agent.call("describe", target=c.target(A), id=iid)
     assert seen["complete"], (seen, desc, c.logs_tail())
     hosts = hosts_of(desc)
@@ -208,12 +232,16 @@ def test_link_flap_is_ridden_out(cluster):
         c.hosts.set_link(victim, True)
     assert_exited_0(c, r)
     assert hosts_of(r["describe"]) == {c.target(other)}, explain(c, r)
-    assert not still["done"], \
+    assert not still["done"], (
         f"the stream ended while {c.target(victim)} was cut off: {still}\n{c.logs_tail()}"
+    )
     res = c.agent.call("wait", target=c.target(A), id=iid, timeout=RUN_TIMEOUT)
     out = console_out(c, iid)
-    assert res["done"] and res["outcome"] == "exited" and res["exit_code"] == 0, \
-        (res, out, c.logs_tail())
+    assert res["done"] and res["outcome"] == "exited" and res["exit_code"] == 0, (
+        res,
+        out,
+        c.logs_tail(),
+    )
     want = "".join(f"mib={k}\n" for k in range(1, mib + 1)) + f"ok blocks={mib * 16}\n"
     assert out == want, out
     c.wait_placeable(victim)
@@ -232,15 +260,21 @@ def test_link_down_past_the_peer_timeout(cluster):
     finally:
         c.hosts.set_link(victim, True)
     out = console_out(c, iid)
-    assert res["done"] and res["outcome"] == "exited" and res["exit_code"] == 0, \
-        (res, out, c.logs_tail())
+    assert res["done"] and res["outcome"] == "exited" and res["exit_code"] == 0, (
+        res,
+        out,
+        c.logs_tail(),
+    )
     for pid, h in children.items():
         want = "killed by SIGKILL" if h == c.target(victim) else "exited 0"
         assert f"child {pid}: {want}\n" in out, (pid, h, out)
     assert out.endswith("reaped=4\n"), out
     assert any("its VM was lost" in rep and "timed out" in rep for rep in res["reports"]), res
-    wait_until(lambda: c.vms(victim) == 0, PEER_TIMEOUT * 3,
-               f"{c.target(victim)} to drop the VMs of the lost instance")
+    wait_until(
+        lambda: c.vms(victim) == 0,
+        PEER_TIMEOUT * 3,
+        f"{c.target(victim)} to drop the VMs of the lost instance",
+    )
     c.wait_placeable(victim)
 
 
@@ -253,8 +287,9 @@ def peer_killed(c: Cluster, victim: int) -> Iterator[None]:
     other = B + C - victim
     try:
         yield
-        wait_until(lambda: c.vms(other) == 0 and c.vms(A) == 0, 30,
-                   "no VM left on the hosts that live on")
+        wait_until(
+            lambda: c.vms(other) == 0 and c.vms(A) == 0, 30, "no VM left on the hosts that live on"
+        )
     finally:
         c.start(victim)
         c.wait_healthy(victim)
@@ -268,11 +303,16 @@ def test_peer_killed_during_a_cross_host_stream(cluster):
     main process), the instance ends killed.  Either way the instance ends, the other
     peer drops its VM, and the killed tender is replaced."""
     c = cluster
-    iid = c.agent.call("launch", target=c.target(A), image="mh_stream",
-                       args=["-m", "24", "-r", "4"], fork_mode="vmclone",
-                       pipe_transport="tcp", placement="remote")
-    seen = c.agent.call("logs", target=c.target(A), id=iid, timeout=RUN_TIMEOUT,
-                        until="mib=2\n")
+    iid = c.agent.call(
+        "launch",
+        target=c.target(A),
+        image="mh_stream",
+        args=["-m", "24", "-r", "4"],
+        fork_mode="vmclone",
+        pipe_transport="tcp",
+        placement="remote",
+    )
+    seen = c.agent.call("logs", target=c.target(A), id=iid, timeout=RUN_TIMEOUT, until="mib=2\n")
     desc = c.agent.call("describe", target=c.target(A), id=iid)
     assert seen["complete"], (seen, desc, c.logs_tail())
     host = {p["pid"]: p["host"] for p in desc["processes"] if p["pid"] in (2, 3)}
@@ -292,8 +332,11 @@ def test_peer_killed_during_a_cross_host_stream(cluster):
 
 def vm_starts_in_progress(c: Cluster, k: int) -> float:
     text = c.agent.call("metrics", url=f"http://{c.addr(k)}:9100/metrics")
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("unifork_vm_starts_in_progress "))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("unifork_vm_starts_in_progress ")
+    )
 
 
 def test_peer_killed_during_a_clone(cluster):
@@ -303,37 +346,58 @@ def test_peer_killed_during_a_clone(cluster):
     nothing is left behind on the hosts that live on."""
     c = cluster
     n = 30
-    iid = c.agent.call("launch", target=c.target(A), image="mh_bigfork",
-                       args=["-m", "16", "-n", str(n)], fork_mode="vmclone",
-                       pipe_transport="tcp", placement="remote")
+    iid = c.agent.call(
+        "launch",
+        target=c.target(A),
+        image="mh_bigfork",
+        args=["-m", "16", "-n", str(n)],
+        fork_mode="vmclone",
+        pipe_transport="tcp",
+        placement="remote",
+    )
 
     def parent_host() -> str | None:
         """The host of the parent once its VM has said hello (until then describe names
         the peer listener it was sent to)."""
         desc = c.agent.call("describe", target=c.target(A), id=iid)
-        return next((p["host"] for p in desc["processes"]
-                     if p["pid"] == 2 and p["state"] == "alive"
-                     and p["host"] in (c.target(B), c.target(C))), None)
+        return next(
+            (
+                p["host"]
+                for p in desc["processes"]
+                if p["pid"] == 2
+                and p["state"] == "alive"
+                and p["host"] in (c.target(B), c.target(C))
+            ),
+            None,
+        )
 
     host = wait_until(parent_host, RUN_TIMEOUT, "the parent VM to run on a peer")
     assert host in (c.target(B), c.target(C)), host
     victim = C if host == c.target(B) else B
     other = B + C - victim
-    wait_until(lambda: vm_starts_in_progress(c, victim) >= 1, RUN_TIMEOUT,
-               f"{c.target(victim)} to be receiving a clone", interval=0.005)
+    wait_until(
+        lambda: vm_starts_in_progress(c, victim) >= 1,
+        RUN_TIMEOUT,
+        f"{c.target(victim)} to be receiving a clone",
+        interval=0.005,
+    )
     with peer_killed(c, victim):
         res = c.agent.call("wait", target=c.target(A), id=iid, timeout=RUN_TIMEOUT)
         out = console_out(c, iid)
-        assert res["done"] and res["outcome"] == "exited" and res["exit_code"] == 0, \
-            (res, out, c.logs_tail())
+        assert res["done"] and res["outcome"] == "exited" and res["exit_code"] == 0, (
+            res,
+            out,
+            c.logs_tail(),
+        )
         ok, failed = map(int, re.search(r"^ok=(\d+) failed=(\d+)$", out, re.M).groups())
         assert ok + failed == n and failed <= 1, out
         # the kill hit the clone in transfer (A placed it again) or just after (the
         # new child died with its tender: one fork reported killed)
         replaced = f"failed: placed again on {c.peer_target(other)}" in c.log_tail(A, 400)
         assert replaced or failed == 1, (out, c.logs_tail())
-        assert all(re.fullmatch(r"fork \d+: child status 0x9", line)
-                   for line in out.splitlines()[:-1]), out
+        assert all(
+            re.fullmatch(r"fork \d+: child status 0x9", line) for line in out.splitlines()[:-1]
+        ), out
 
 
 # -- kill, peers down, peers lost ---------------------------------------------------------------
@@ -345,11 +409,23 @@ def start_blocked(c: Cluster, *flags: str) -> tuple[str, dict]:
     send the children to the other peer.  Returns the instance id and its describe
     once every child is up."""
     delay_ms = int(LOAD_TTL * 1000 * 1.5)
-    iid = c.agent.call("launch", target=c.target(A), image="mh_block",
-                       args=["-n", "4", "-d", str(delay_ms), *flags], fork_mode="vmclone",
-                       pipe_transport="tcp", placement="remote")
-    seen = c.agent.call("logs", wait=RUN_TIMEOUT + 10, target=c.target(A), id=iid,
-                        timeout=RUN_TIMEOUT, until="ready n=4")
+    iid = c.agent.call(
+        "launch",
+        target=c.target(A),
+        image="mh_block",
+        args=["-n", "4", "-d", str(delay_ms), *flags],
+        fork_mode="vmclone",
+        pipe_transport="tcp",
+        placement="remote",
+    )
+    seen = c.agent.call(
+        "logs",
+        wait=RUN_TIMEOUT + 10,
+        target=c.target(A),
+        id=iid,
+        timeout=RUN_TIMEOUT,
+        until="ready n=4",
+    )
     desc = c.agent.call("describe", target=c.target(A), id=iid)
     assert seen["complete"], (seen, desc, c.logs_tail())
     assert hosts_of(desc) <= {c.target(B), c.target(C)}, desc
@@ -393,8 +469,13 @@ def test_down_peer_is_skipped(cluster):
     wait_until(lambda: not c.hosts.pids(C), 15, "no process left in host C")
     try:
         for placement in ("remote", "spread"):
-            r = c.run("fork_exit_wait", ["-n", "6"], fork_mode="vmclone", pipe_transport="tcp",
-                      placement=placement)
+            r = c.run(
+                "fork_exit_wait",
+                ["-n", "6"],
+                fork_mode="vmclone",
+                pipe_transport="tcp",
+                placement=placement,
+            )
             assert_exited_0(c, r)
             assert r["stdout"] == "ok 6 children\n"
             hosts = hosts_of(r["describe"])
@@ -434,8 +515,9 @@ def test_lost_peer_is_skipped(cluster):
     c = cluster
     if c.lost is None:
         pytest.skip("needs the peer test_peer_lost_mid_run lost")
-    r = c.run("fork_exit_wait", ["-n", "4"], fork_mode="vmclone", pipe_transport="tcp",
-              placement="remote")
+    r = c.run(
+        "fork_exit_wait", ["-n", "4"], fork_mode="vmclone", pipe_transport="tcp", placement="remote"
+    )
     assert_exited_0(c, r)
     assert hosts_of(r["describe"]) == {c.target(B + C - c.lost)}, explain(c, r)
 
@@ -446,8 +528,9 @@ def test_a_serves_after_losing_a_peer(cluster):
     if c.lost is None:
         pytest.skip("needs the peer test_peer_lost_mid_run lost")
     wait_until(lambda: not c.hosts.pids(c.lost), 15, "the lost tender's processes to exit")
-    r = c.run("fork_exit_wait", ["-n", "4"], fork_mode="vmclone", pipe_transport="shm",
-              placement="local")
+    r = c.run(
+        "fork_exit_wait", ["-n", "4"], fork_mode="vmclone", pipe_transport="shm", placement="local"
+    )
     assert_exited_0(c, r)
     assert hosts_of(r["describe"]) == {c.target(A)}, explain(c, r)
     r = c.run("nested_fork", [], fork_mode="thread")

@@ -34,8 +34,18 @@ from tender_service.toolchain import paths
 
 ROOT = Path(__file__).resolve().parents[1]
 #: what a copy of the source tree leaves out: what `make` and earlier builds produced
-NOT_SOURCES = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "gen", "__pycache__",
-                                     ".pytest_cache", ".ruff_cache", ".hypothesis", "report-*")
+NOT_SOURCES = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    "build",
+    "*.egg-info",
+    "gen",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".hypothesis",
+    "report-*",
+)
 
 
 @dataclass
@@ -46,8 +56,16 @@ class Venv:
     elsewhere: Path  # a cwd outside the repository
 
     def run(self, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run(argv, cwd=self.elsewhere, env=self.env, capture_output=True,
-                              text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+        return subprocess.run(
+            argv,
+            cwd=self.elsewhere,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
 
     def python(self, code: str) -> subprocess.CompletedProcess:
         return self.run(str(self.root / "bin" / "python"), "-c", code)
@@ -74,24 +92,44 @@ def _install(tmp: Path) -> Venv:
     shutil.copytree(ROOT, src, ignore=NOT_SOURCES)
     assert not (src / "tender_service" / "gen").exists()
     # the sdist, then the wheel built from the sdist (what `pip install .` builds from the tree)
-    _checked(subprocess.run([sys.executable, "-m", "build", "--outdir", str(tmp / "dist"),
-                             str(src)], capture_output=True, text=True, timeout=600, check=False))
+    _checked(
+        subprocess.run(
+            [sys.executable, "-m", "build", "--outdir", str(tmp / "dist"), str(src)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+    )
     (wheel,) = (tmp / "dist").glob("unifork-*.whl")
     (sdist,) = (tmp / "dist").glob("unifork-*.tar.gz")
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     assert {"setup.py", "guest/programs/hello.c", "proto/unifork/v1/tender.proto"} <= names
     venv = tmp / "venv"
-    _checked(subprocess.run([sys.executable, "-m", "venv", str(venv)],
-                            capture_output=True, text=True, timeout=120, check=False))
+    _checked(
+        subprocess.run(
+            [sys.executable, "-m", "venv", str(venv)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-    env |= {"PATH": f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}",
-            paths.CACHE_ENV: str(tmp / "cache"), paths.ZIG_CACHE_ENV: str(paths.zig_cache_dir())}
+    env |= {
+        "PATH": f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}",
+        paths.CACHE_ENV: str(tmp / "cache"),
+        paths.ZIG_CACHE_ENV: str(paths.zig_cache_dir()),
+    }
     elsewhere = tmp / "elsewhere"
     elsewhere.mkdir()
     v = Venv(venv, wheel, env, elsewhere)
-    _checked(v.run(str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", str(wheel),
-                   timeout=600))
+    _checked(
+        v.run(
+            str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", str(wheel), timeout=600
+        )
+    )
     return v
 
 
@@ -110,13 +148,16 @@ def test_wheel_in_a_fresh_venv_runs_hello(installed, record_property) -> None:
 @pytest.mark.timeout(900)
 def test_wheel_carries_its_data_and_generated_code(installed) -> None:
     site = installed.root / "lib"
-    res = _checked(installed.python(
-        "import json, tender_service.gen.unifork.v1.tender_pb2_grpc as g\n"
-        "from tender_service import protos\n"
-        "from tender_service.toolchain import paths\n"
-        "protos.ensure()\n"
-        "print(json.dumps([g.__file__, str(paths.guest_dir()), str(protos.proto_dir()),\n"
-        "                  protos.tender()[0].__name__]))"))
+    res = _checked(
+        installed.python(
+            "import json, tender_service.gen.unifork.v1.tender_pb2_grpc as g\n"
+            "from tender_service import protos\n"
+            "from tender_service.toolchain import paths\n"
+            "protos.ensure()\n"
+            "print(json.dumps([g.__file__, str(paths.guest_dir()), str(protos.proto_dir()),\n"
+            "                  protos.tender()[0].__name__]))"
+        )
+    )
     gen, guest, proto, pb2 = json.loads(res.stdout)
     for path in (gen, guest, proto):
         assert Path(path).is_relative_to(site), f"{path} is not the installed copy"
@@ -135,9 +176,22 @@ def test_compare_without_matplotlib_writes_everything_else(tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the plots extra were absent
     monkeypatch.delitem(sys.modules, "comparison.plots", raising=False)
     monkeypatch.delattr(comparison, "plots", raising=False)
-    r = Report(quick=True, runs=1, started="now", machine={}, modes=[], skipped_modes={},
-               cells=[], semantics={}, semantics_runs={}, hazards={}, hazards_runs={},
-               memory=[], memory_children=0, scaling=[])
+    r = Report(
+        quick=True,
+        runs=1,
+        started="now",
+        machine={},
+        modes=[],
+        skipped_modes={},
+        cells=[],
+        semantics={},
+        semantics_runs={},
+        hazards={},
+        hazards_runs={},
+        memory=[],
+        memory_children=0,
+        scaling=[],
+    )
     text = write_files(r, tmp_path)
     note = "plots skipped: matplotlib is not installed (pip install 'unifork[plots]' to draw them)"
     assert f"note: {note}" in text

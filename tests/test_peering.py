@@ -64,8 +64,16 @@ def pair(workdir, tls_a=None, tls_b=None) -> tuple[Tender, Tender]:
     """B, then A with B as its peer (pools of one worker each, warm)."""
     b = Tender.start(workdir, "--pool", "1", token=TOKEN, peer_token=PEER_TOKEN, tls=tls_b)
     try:
-        a = Tender.start(workdir, "--pool", "1", "--peer", b.peer_target, token=TOKEN,
-                         peer_token=PEER_TOKEN, tls=tls_a)
+        a = Tender.start(
+            workdir,
+            "--pool",
+            "1",
+            "--peer",
+            b.peer_target,
+            token=TOKEN,
+            peer_token=PEER_TOKEN,
+            tls=tls_a,
+        )
     except BaseException:
         b.stop()
         raise
@@ -90,8 +98,7 @@ def run_remote(a: Tender, b: Tender, image: str, args: list[str], want: bytes) -
         iid = launch(c, image, args, console_pipe=True, **REMOTE)
         r = wait(c, iid)
         out = stdout_of(console(c, iid))
-        assert (r.outcome, r.exit_code) == ("exited", 0), \
-            (list(r.reports), out, a.log(), b.log())
+        assert (r.outcome, r.exit_code) == ("exited", 0), (list(r.reports), out, a.log(), b.log())
         assert out == want
         assert hosts(c, iid) == {b.target}, (c.describe(iid), b.log())
     finally:
@@ -110,8 +117,11 @@ def test_an_emulator_crash_on_a_peer_ends_only_its_instance(tmp_path):
         x87 = c.upload("x87-block", build_image(GUEST / "x87_block.c").read_bytes()).name
         iid = launch(c, x87, console_pipe=True, **REMOTE)
         r = wait(c, iid)
-        assert (r.done, r.outcome, r.signal, r.exit_code) == (True, "signaled", SIGKILL, 137), \
-            (list(r.reports), a.log(), b.log())
+        assert (r.done, r.outcome, r.signal, r.exit_code) == (True, "signaled", SIGKILL, 137), (
+            list(r.reports),
+            a.log(),
+            b.log(),
+        )
         assert any("its VM was lost" in line for line in r.reports), r.reports
         assert hosts(c, iid) == {b.target}
         c.close()
@@ -127,9 +137,12 @@ def test_an_emulator_crash_on_a_peer_ends_only_its_instance(tmp_path):
 @pytest.fixture
 def pki(tmp_path):
     ca = make_ca(tmp_path, "ca")
-    return {"ca": ca, "a": make_cert(ca, tmp_path, "tender-a"),
-            "b": make_cert(ca, tmp_path, "tender-b"),
-            "stranger": make_cert(make_ca(tmp_path, "other-ca"), tmp_path, "stranger")}
+    return {
+        "ca": ca,
+        "a": make_cert(ca, tmp_path, "tender-a"),
+        "b": make_cert(ca, tmp_path, "tender-b"),
+        "stranger": make_cert(make_ca(tmp_path, "other-ca"), tmp_path, "stranger"),
+    }
 
 
 def tls_of(pki, name: str) -> tuple:
@@ -148,27 +161,32 @@ def test_two_tls_tenders_peer(tmp_path, pki):
         ca = pki["ca"].cert.read_bytes()
         callers = {
             "plaintext": grpc.insecure_channel(b.peer_target),
-            "no certificate": grpc.secure_channel(b.peer_target,
-                                                  grpc.ssl_channel_credentials(ca)),
-            "another CA's certificate": grpc.secure_channel(b.peer_target,
-                                                            grpc.ssl_channel_credentials(
-                ca, pki["stranger"].key.read_bytes(), pki["stranger"].cert.read_bytes())),
+            "no certificate": grpc.secure_channel(b.peer_target, grpc.ssl_channel_credentials(ca)),
+            "another CA's certificate": grpc.secure_channel(
+                b.peer_target,
+                grpc.ssl_channel_credentials(
+                    ca, pki["stranger"].key.read_bytes(), pki["stranger"].cert.read_bytes()
+                ),
+            ),
         }
         for name, ch in callers.items():
             with ch:
-                e = rpc_error(lambda ch=ch: peer_grpc.PeerStub(ch).GetLoad(
-                    ppb2.LoadRequest(), metadata=md, timeout=10))
+                e = rpc_error(
+                    lambda ch=ch: peer_grpc.PeerStub(ch).GetLoad(
+                        ppb2.LoadRequest(), metadata=md, timeout=10
+                    )
+                )
                 assert e.code() == grpc.StatusCode.UNAVAILABLE, (name, e.code(), e.details())
-        member = grpc.ssl_channel_credentials(ca, pki["a"].key.read_bytes(),
-                                              pki["a"].cert.read_bytes())
+        member = grpc.ssl_channel_credentials(
+            ca, pki["a"].key.read_bytes(), pki["a"].cert.read_bytes()
+        )
         with grpc.secure_channel(b.peer_target, member) as ch:
             stub = peer_grpc.PeerStub(ch)
             assert stub.GetLoad(ppb2.LoadRequest(), metadata=md, timeout=10).vms == 0
             e = rpc_error(lambda: stub.GetLoad(ppb2.LoadRequest(), timeout=10))
             assert e.code() == grpc.StatusCode.UNAUTHENTICATED  # the cert is not all
         with grpc.insecure_channel(b.target) as ch:  # nor does the client port speak plain
-            e = rpc_error(lambda: ch.unary_unary("/grpc.health.v1.Health/Check")(
-                b"", timeout=10))
+            e = rpc_error(lambda: ch.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=10))
             assert e.code() == grpc.StatusCode.UNAVAILABLE
         assert b.health() == health_pb2.HealthCheckResponse.SERVING
     finally:
@@ -177,9 +195,23 @@ def test_two_tls_tenders_peer(tmp_path, pki):
 
 
 def serve_fails(*args: str) -> subprocess.CompletedProcess:
-    r = subprocess.run([*unifork_cmd(), "serve", "--listen", f"127.0.0.1:{free_port()}",
-                        "--peer-listen", f"127.0.0.1:{free_port()}", "--pool", "1", *args],
-                       capture_output=True, text=True, timeout=START_TIMEOUT, cwd=ROOT)
+    r = subprocess.run(
+        [
+            *unifork_cmd(),
+            "serve",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--peer-listen",
+            f"127.0.0.1:{free_port()}",
+            "--pool",
+            "1",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+        cwd=ROOT,
+    )
     assert r.returncode == 2, r
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
@@ -207,9 +239,23 @@ def test_peer_credentials_are_checked_at_start_up(tmp_path):
     token.write_text(TOKEN + "\n")
     r = serve_fails("--token-file", str(token), "--peer-token-file", str(token))
     assert "peers need a token of their own" in r.stderr, r.stderr
-    r = subprocess.run([*unifork_cmd(), "serve", "--listen", f"127.0.0.1:{free_port()}",
-                        "--peer-listen", f"0.0.0.0:{free_port()}", "--pool", "1"],
-                       capture_output=True, text=True, timeout=START_TIMEOUT, cwd=ROOT)
+    r = subprocess.run(
+        [
+            *unifork_cmd(),
+            "serve",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--peer-listen",
+            f"0.0.0.0:{free_port()}",
+            "--pool",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+        cwd=ROOT,
+    )
     assert r.returncode == 2, r
-    assert "refusing to serve the peer API on '0.0.0.0' without --peer-token-file or TLS" \
-        in r.stderr, r.stderr
+    assert (
+        "refusing to serve the peer API on '0.0.0.0' without --peer-token-file or TLS" in r.stderr
+    ), r.stderr

@@ -165,15 +165,21 @@ class Tender:
         return [("authorization", f"Bearer {self.peer_token}")] if self.peer_token else []
 
     @classmethod
-    def start(cls, workdir: Path, *args: str, token: str | None = None,
-              listen_host: str = "127.0.0.1", peer_token: str | None = None,
-              peer_port: int = 0, tls: tuple[Path, Path, Path] | None = None) -> Tender:
+    def start(
+        cls,
+        workdir: Path,
+        *args: str,
+        token: str | None = None,
+        listen_host: str = "127.0.0.1",
+        peer_token: str | None = None,
+        peer_port: int = 0,
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> Tender:
         """``tls``: (cert, key, CA) for --tls-cert, --tls-key, --tls-ca."""
         port, mport, peer_port = free_port(), free_port(), peer_port or free_port()
         extra = list(args)
         if tls is not None:
-            extra += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1]), "--tls-ca",
-                      str(tls[2])]
+            extra += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1]), "--tls-ca", str(tls[2])]
         if token is not None:
             tf = workdir / f"token-{port}"
             tf.write_text(token + "\n")
@@ -185,12 +191,23 @@ class Tender:
         log_path = workdir / f"tender-{port}.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
-                [*unifork_cmd(), "serve", "--listen", f"{listen_host}:{port}",
-                 "--peer-listen", f"{listen_host}:{peer_port}",
-                 "--metrics-port", str(mport), *extra],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
-        t = cls(proc, port, mport, log_path, token, peer_port, peer_token,
-                tls[2] if tls else None)
+                [
+                    *unifork_cmd(),
+                    "serve",
+                    "--listen",
+                    f"{listen_host}:{port}",
+                    "--peer-listen",
+                    f"{listen_host}:{peer_port}",
+                    "--metrics-port",
+                    str(mport),
+                    *extra,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=ROOT,
+            )
+        t = cls(proc, port, mport, log_path, token, peer_port, peer_token, tls[2] if tls else None)
         try:
             t.wait_serving()
         except BaseException:
@@ -205,14 +222,21 @@ class Tender:
     def channel(self) -> grpc.Channel:
         if self.tls_ca is None:
             return grpc.insecure_channel(self.target)
-        return grpc.secure_channel(self.target,
-                                   grpc.ssl_channel_credentials(self.tls_ca.read_bytes()))
+        return grpc.secure_channel(
+            self.target, grpc.ssl_channel_credentials(self.tls_ca.read_bytes())
+        )
 
     def health(self, service: str = "", timeout: float = 2.0) -> int:
         with self.channel() as ch:
-            return health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout,
-                metadata=self.md).status
+            return (
+                health_pb2_grpc.HealthStub(ch)
+                .Check(
+                    health_pb2.HealthCheckRequest(service=service),
+                    timeout=timeout,
+                    metadata=self.md,
+                )
+                .status
+            )
 
     def wait_serving(self) -> None:
         def up():
@@ -233,18 +257,23 @@ class Tender:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError(f"tender did not exit within {STOP_TIMEOUT} s of SIGTERM:\n"
-                                 f"{self.log()}") from None
+            raise AssertionError(
+                f"tender did not exit within {STOP_TIMEOUT} s of SIGTERM:\n{self.log()}"
+            ) from None
 
     def client(self) -> Client:
         return Client(self.target, self.token, str(self.tls_ca) if self.tls_ca else None)
 
     def metrics(self) -> dict[tuple[str, frozenset], float]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
-                                    timeout=10) as r:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10
+        ) as r:
             text = r.read().decode()
-        return {(s.name, frozenset(s.labels.items())): s.value
-                for fam in text_string_to_metric_families(text) for s in fam.samples}
+        return {
+            (s.name, frozenset(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+        }
 
 
 def metric(m: dict, name: str, **labels: str) -> float:
@@ -265,13 +294,21 @@ def launch(c: Client, image: str, args: list[str] | None = None, **fields) -> st
 
 
 def wait(c: Client, iid: str, timeout: float = 0.0):
-    return c.stub.Wait(pb2.WaitRequest(instance_id=iid, timeout_seconds=timeout),
-                       metadata=c.md, timeout=RPC_TIMEOUT)
+    return c.stub.Wait(
+        pb2.WaitRequest(instance_id=iid, timeout_seconds=timeout),
+        metadata=c.md,
+        timeout=RPC_TIMEOUT,
+    )
 
 
 def console(c: Client, iid: str, from_start: bool = True) -> list:
-    return list(c.stub.StreamConsole(pb2.ConsoleRequest(instance_id=iid, from_start=from_start),
-                                     metadata=c.md, timeout=RPC_TIMEOUT))
+    return list(
+        c.stub.StreamConsole(
+            pb2.ConsoleRequest(instance_id=iid, from_start=from_start),
+            metadata=c.md,
+            timeout=RPC_TIMEOUT,
+        )
+    )
 
 
 def stdout_of(chunks) -> bytes:
@@ -280,8 +317,9 @@ def stdout_of(chunks) -> bytes:
 
 def wait_for_output(c: Client, iid: str, needle: bytes) -> None:
     """Follow the console from the start until ``needle`` shows up (the guest is running)."""
-    stream = c.stub.StreamConsole(pb2.ConsoleRequest(instance_id=iid, from_start=True),
-                                  metadata=c.md, timeout=RPC_TIMEOUT)
+    stream = c.stub.StreamConsole(
+        pb2.ConsoleRequest(instance_id=iid, from_start=True), metadata=c.md, timeout=RPC_TIMEOUT
+    )
     seen = b""
     try:
         for ch in stream:
@@ -310,8 +348,13 @@ def tender(tmp_path_factory):
         assert wait(c, iid).exit_code == 0
         return len({p.vm for p in c.describe(iid).processes if p.pid in (2, 3)}) == 2
 
-    poll(pool_warm, START_TIMEOUT, "both workers of the warm pool to host VMs", interval=0.2,
-         detail=t.log)
+    poll(
+        pool_warm,
+        START_TIMEOUT,
+        "both workers of the warm pool to host VMs",
+        interval=0.2,
+        detail=t.log,
+    )
     c.close()
     yield t
     stopped_cleanly(t)
@@ -350,18 +393,30 @@ class Workload:
 
 WORKLOADS = {
     "hello": Workload([], {"thread": HELLO, "vmclone": HELLO}, 0, {}),
-    "token_ring": Workload(["-n", "4", "-r", "3"], {"thread": b"token=12\n",
-                                                     "vmclone": b"token=12\n"},
-                           3, {3: 0, 4: 0, 5: 0}),
-    "fork_exit_wait": Workload(["-n", "5"], {"thread": b"ok 5 children\n",
-                                             "vmclone": b"ok 5 children\n"},
-                               5, {3 + i: (i % 7) << 8 for i in range(5)}),
+    "token_ring": Workload(
+        ["-n", "4", "-r", "3"],
+        {"thread": b"token=12\n", "vmclone": b"token=12\n"},
+        3,
+        {3: 0, 4: 0, 5: 0},
+    ),
+    "fork_exit_wait": Workload(
+        ["-n", "5"],
+        {"thread": b"ok 5 children\n", "vmclone": b"ok 5 children\n"},
+        5,
+        {3 + i: (i % 7) << 8 for i in range(5)},
+    ),
     # globals (and heap reachable only from them) stay shared under thread fork
-    "semantics": Workload([], {
-        "thread": b"global=shared\nstack=private\nheap_from_stack=private\n"
-                  b"heap_from_global=shared\nerrno=private\nfd_table=private\n",
-        "vmclone": b"global=private\nstack=private\nheap_from_stack=private\n"
-                   b"heap_from_global=private\nerrno=private\nfd_table=private\n"}, 1, {3: 0}),
+    "semantics": Workload(
+        [],
+        {
+            "thread": b"global=shared\nstack=private\nheap_from_stack=private\n"
+            b"heap_from_global=shared\nerrno=private\nfd_table=private\n",
+            "vmclone": b"global=private\nstack=private\nheap_from_stack=private\n"
+            b"heap_from_global=private\nerrno=private\nfd_table=private\n",
+        },
+        1,
+        {3: 0},
+    ),
 }
 
 
@@ -409,8 +464,9 @@ def test_round_trip(tender, client, image, mode):
             assert p.host == tender.target, p
             assert p.vm.isdigit(), p
             st = proc_stat(int(p.vm))
-            assert st is not None and st[0] == tender.proc.pid, \
+            assert st is not None and st[0] == tender.proc.pid, (
                 f"VM host {p.vm} of pid {p.pid} is not a worker of the tender"
+            )
     if kind == "vmclone" and w.children:
         # with a pool of 2, a clone goes to another tender process than its parent's
         assert all(procs[pid].vm != main.vm for pid in w.children), d.processes
@@ -437,10 +493,12 @@ def test_console_tagged_with_every_pid(client, mode):
 @pytest.mark.parametrize("mode", ["thread", "vmclone-shm"])
 def test_console_replay_and_live(client, ticker, mode):
     """from_start replays from the first chunk; a live follower only sees what comes after."""
-    iid = launch(client, ticker, ["1500"], console_pipe=True, time_limit_seconds=120,
-                 **MODES[mode])
-    replay = client.stub.StreamConsole(pb2.ConsoleRequest(instance_id=iid, from_start=True),
-                                       metadata=client.md, timeout=RPC_TIMEOUT)
+    iid = launch(client, ticker, ["1500"], console_pipe=True, time_limit_seconds=120, **MODES[mode])
+    replay = client.stub.StreamConsole(
+        pb2.ConsoleRequest(instance_id=iid, from_start=True),
+        metadata=client.md,
+        timeout=RPC_TIMEOUT,
+    )
     early, seen = [], b""
     for ch in replay:
         early.append(ch)
@@ -451,8 +509,11 @@ def test_console_replay_and_live(client, ticker, mode):
     assert early[0].seq == 1 and early[0].data.startswith(b"tick 0\n")
     last_seen = early[-1].seq
 
-    live = client.stub.StreamConsole(pb2.ConsoleRequest(instance_id=iid, from_start=False),
-                                     metadata=client.md, timeout=RPC_TIMEOUT)
+    live = client.stub.StreamConsole(
+        pb2.ConsoleRequest(instance_id=iid, from_start=False),
+        metadata=client.md,
+        timeout=RPC_TIMEOUT,
+    )
     first_live = next(live)
     got_live = [first_live]
     assert client.kill(iid) is True  # the stream of a killed instance ends
@@ -469,8 +530,9 @@ def test_console_replay_and_live(client, ticker, mode):
     assert b"tick 0\n" not in stdout_of(got_live)
     seqs = [c.seq for c in got_live]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
-    assert [(c.seq, c.data) for c in got_live] == \
-        [(c.seq, c.data) for c in everything if c.seq >= seqs[0]]
+    assert [(c.seq, c.data) for c in got_live] == [
+        (c.seq, c.data) for c in everything if c.seq >= seqs[0]
+    ]
 
 
 # -- time limits, wait timeouts, kill ------------------------------------------------------------
@@ -500,8 +562,9 @@ def test_kill_reaches_a_running_instance(tender, client, mode):
     if mode == "thread":  # a child of the tender's VM fork server
         st = proc_stat(int(main.vm))
         assert st is not None and main.host == tender.target, main
-        assert proc_stat(st[0])[0] == tender.proc.pid, \
+        assert proc_stat(st[0])[0] == tender.proc.pid, (
             f"VM process {main.vm} is not a grandchild of the tender"
+        )
     else:
         st = proc_stat(int(main.vm))
         assert st is not None and st[0] == tender.proc.pid, main
@@ -519,8 +582,9 @@ def test_kill_right_after_launch(client, mode):
     try:
         assert client.kill(iid) is True
         r = wait(client, iid, timeout=10.0)  # far more than a kill takes
-        assert (r.done, r.outcome, r.signal) == (True, "killed", SIGKILL), \
+        assert (r.done, r.outcome, r.signal) == (True, "killed", SIGKILL), (
             f"the killed instance still runs (its time limit is 60 s): {r}"
+        )
     finally:  # do not leave a spinning guest behind for the other tests
         client.kill(iid)
         assert wait(client, iid).done
@@ -552,8 +616,12 @@ def test_fault_guest_beside_a_healthy_one(client, mode):
     segv = launch(client, "fault_segv", console_pipe=True, **MODES[mode])
     ring = launch(client, "token_ring", ["-n", "3", "-r", "5"], console_pipe=True, **MODES[mode])
     r = wait(client, segv)
-    assert (r.outcome, r.signal, r.wait_status, r.exit_code) == \
-        ("signaled", SIGSEGV, SIGSEGV, 128 + SIGSEGV), r
+    assert (r.outcome, r.signal, r.wait_status, r.exit_code) == (
+        "signaled",
+        SIGSEGV,
+        SIGSEGV,
+        128 + SIGSEGV,
+    ), r
     assert stdout_of(console(client, segv)) == b"fault_segv: writing through a NULL pointer\n"
     r = wait(client, ring)
     assert (r.outcome, r.exit_code) == ("exited", 0), r
@@ -567,8 +635,9 @@ def test_an_emulator_crash_ends_only_its_instance(tender, client, ticker, mode):
     that ends one instance (killed by SIGKILL, the report names the crash) while an
     instance running beside it, the tender and later launches carry on."""
     x87 = client.upload("x87-block", build_image(GUEST / "x87_block.c").read_bytes()).name
-    beside = launch(client, ticker, ["100000"], console_pipe=True, time_limit_seconds=120,
-                    **MODES[mode])
+    beside = launch(
+        client, ticker, ["100000"], console_pipe=True, time_limit_seconds=120, **MODES[mode]
+    )
     wait_for_output(client, beside, b"tick 3\n")
     crashed = launch(client, x87, console_pipe=True, **MODES[mode])
     r = wait(client, crashed)
@@ -576,8 +645,11 @@ def test_an_emulator_crash_ends_only_its_instance(tender, client, ticker, mode):
     lost = "died of SIGSEGV" if mode == "thread" else "its VM was lost"
     assert any(lost in line for line in r.reports), r.reports
     assert stdout_of(console(client, crashed)) == b""
-    live = client.stub.StreamConsole(pb2.ConsoleRequest(instance_id=beside, from_start=False),
-                                     metadata=client.md, timeout=RPC_TIMEOUT)
+    live = client.stub.StreamConsole(
+        pb2.ConsoleRequest(instance_id=beside, from_start=False),
+        metadata=client.md,
+        timeout=RPC_TIMEOUT,
+    )
     try:  # output written after the crash: the instance beside it still runs
         assert re.fullmatch(rb"(tick \d+\n)+", next(live).data)
     finally:
@@ -608,13 +680,16 @@ BAD_LAUNCHES = {
     "fork-mode-unknown": (dict(image="hello", fork_mode=7), "fork_mode"),
     "transport-unknown": (dict(image="hello", pipe_transport=9), "pipe_transport"),
     "placement-unknown": (dict(image="hello", placement=9), "placement"),
-    "remote-with-thread-fork": (dict(image="hello", fork_mode=pb2.FORK_MODE_THREAD,
-                                     placement=pb2.PLACEMENT_REMOTE), "placement"),
-    "spread-with-thread-fork": (dict(image="hello", fork_mode=pb2.FORK_MODE_THREAD,
-                                     placement=pb2.PLACEMENT_SPREAD), "placement"),
+    "remote-with-thread-fork": (
+        dict(image="hello", fork_mode=pb2.FORK_MODE_THREAD, placement=pb2.PLACEMENT_REMOTE),
+        "placement",
+    ),
+    "spread-with-thread-fork": (
+        dict(image="hello", fork_mode=pb2.FORK_MODE_THREAD, placement=pb2.PLACEMENT_SPREAD),
+        "placement",
+    ),
     # fork_mode unset means thread fork (tender.proto), so the same rule applies
-    "remote-with-default-fork": (dict(image="hello", placement=pb2.PLACEMENT_REMOTE),
-                                 "placement"),
+    "remote-with-default-fork": (dict(image="hello", placement=pb2.PLACEMENT_REMOTE), "placement"),
 }
 
 
@@ -622,8 +697,11 @@ BAD_LAUNCHES = {
 def test_launch_rejects_bad_field(client, case):
     fields, field = BAD_LAUNCHES[case]
     before = {s.instance_id for s in client.instances()}
-    e = rpc_error(lambda: client.stub.Launch(pb2.LaunchRequest(**fields), metadata=client.md,
-                                             timeout=RPC_TIMEOUT))
+    e = rpc_error(
+        lambda: client.stub.Launch(
+            pb2.LaunchRequest(**fields), metadata=client.md, timeout=RPC_TIMEOUT
+        )
+    )
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
     assert e.details().startswith(f"{field}:"), e.details()
     assert {s.instance_id for s in client.instances()} == before  # nothing was started
@@ -664,7 +742,7 @@ def test_wait_rejects_negative_timeout(client):
 
 # -- uploads -------------------------------------------------------------------------------------
 def _phdrs(elf: bytes):
-    phoff, = struct.unpack_from("<Q", elf, 32)
+    (phoff,) = struct.unpack_from("<Q", elf, 32)
     phentsize, phnum = struct.unpack_from("<HH", elf, 54)
     return [struct.unpack_from("<I", elf, phoff + i * phentsize)[0] for i in range(phnum)]
 
@@ -676,13 +754,17 @@ def dynamic_elf() -> bytes:
             data = Path(cand).read_bytes()
         except OSError:
             continue
-        if data[:4] == b"\x7fELF" and data[4] == 2 and \
-                struct.unpack_from("<H", data, 18)[0] == 62 and 3 in _phdrs(data) and \
-                len(data) < 4 << 20:
+        if (
+            data[:4] == b"\x7fELF"
+            and data[4] == 2
+            and struct.unpack_from("<H", data, 18)[0] == 62
+            and 3 in _phdrs(data)
+            and len(data) < 4 << 20
+        ):
             return data
     # no such file: make one, a static image with its PT_GNU_STACK turned into PT_INTERP
     data = bytearray(build_image("hello").read_bytes())
-    phoff, = struct.unpack_from("<Q", data, 32)
+    (phoff,) = struct.unpack_from("<Q", data, 32)
     phentsize, phnum = struct.unpack_from("<HH", data, 54)
     for i in range(phnum):
         if struct.unpack_from("<I", data, phoff + i * phentsize)[0] == 0x6474E551:
@@ -736,8 +818,11 @@ def test_upload_rejects_bad_name(client, name):
 def test_uploaded_image_listed_and_launched(client, ticker, ticker_elf):
     images = {i.name: i for i in client.images()}
     info = images[ticker]
-    assert (info.size_bytes, info.sha256, info.builtin) == \
-        (len(ticker_elf), hashlib.sha256(ticker_elf).hexdigest(), False)
+    assert (info.size_bytes, info.sha256, info.builtin) == (
+        len(ticker_elf),
+        hashlib.sha256(ticker_elf).hexdigest(),
+        False,
+    )
     assert images["hello"].builtin is True
     assert images["hello"].sha256 == hashlib.sha256(build_image("hello").read_bytes()).hexdigest()
     for mode in ("thread", "vmclone-tcp"):
@@ -750,12 +835,13 @@ def test_uploaded_image_listed_and_launched(client, ticker, ticker_elf):
 def test_malformed_but_accepted_image_is_contained(client):
     """An ELF whose headers pass but whose code is garbage: a guest fault, not a tender crash."""
     data = bytearray(build_image("hello").read_bytes())
-    entry, = struct.unpack_from("<Q", data, 24)
-    phoff, = struct.unpack_from("<Q", data, 32)
+    (entry,) = struct.unpack_from("<Q", data, 24)
+    (phoff,) = struct.unpack_from("<Q", data, 32)
     phentsize, phnum = struct.unpack_from("<HH", data, 54)
     for i in range(phnum):
-        ptype, flags, off, vaddr, _, filesz = struct.unpack_from("<IIQQQQ", data,
-                                                                 phoff + i * phentsize)
+        ptype, flags, off, vaddr, _, filesz = struct.unpack_from(
+            "<IIQQQQ", data, phoff + i * phentsize
+        )
         if ptype == 1 and vaddr <= entry < vaddr + filesz:
             start = off + entry - vaddr
             data[start : start + 64] = b"\x0f\x0b" * 32  # ud2: an invalid opcode
@@ -782,8 +868,14 @@ def boot_chunks(sup: str, image: bytes | None = None, **start) -> list:
     """A StartVm that boots ``hello`` (or ``image``) with supervisor ``sup``."""
     data, digest = hello_image()
     data = data if image is None else image
-    fields = dict(instance_id="x", pid=2, supervisor=sup, transport="tcp",
-                  instance_token="t", image_sha256=digest)
+    fields = dict(
+        instance_id="x",
+        pid=2,
+        supervisor=sup,
+        transport="tcp",
+        instance_token="t",
+        image_sha256=digest,
+    )
     header = ppb2.VmStart(**{**fields, **start})
     return [ppb2.VmChunk(start=header), ppb2.VmChunk(image=data)]
 
@@ -823,25 +915,32 @@ class Listener:
 def test_peer_start_vm_with_bad_headers(tender):
     """Peer.StartVm with a supervisor that cannot be reached, or that never answers."""
     silent = Listener()  # accepts, then says nothing
-    cases = {"bad address": "bogus", "refused": f"tcp:127.0.0.1:{free_port()}",
-             "no such socket": "unix:/nonexistent/sock", "silent supervisor": silent.address}
+    cases = {
+        "bad address": "bogus",
+        "refused": f"tcp:127.0.0.1:{free_port()}",
+        "no such socket": "unix:/nonexistent/sock",
+        "silent supervisor": silent.address,
+    }
     try:
         with grpc.insecure_channel(tender.peer_target) as ch:
             stub = _peer_grpc.PeerStub(ch)
             codes = {}
             for case, sup in cases.items():
-                e = rpc_error(lambda sup=sup: stub.StartVm(iter(boot_chunks(sup)),
-                                                           timeout=RPC_TIMEOUT))
+                e = rpc_error(
+                    lambda sup=sup: stub.StartVm(iter(boot_chunks(sup)), timeout=RPC_TIMEOUT)
+                )
                 codes[case] = (e.code(), e.details())
     finally:
         silent.close()
     # a malformed address is the caller's mistake (and a peer never names a Unix
     # socket); a supervisor that cannot be reached (or says nothing) is a service
     # that is not there
-    want = {"bad address": grpc.StatusCode.INVALID_ARGUMENT,
-            "refused": grpc.StatusCode.UNAVAILABLE,
-            "no such socket": grpc.StatusCode.INVALID_ARGUMENT,
-            "silent supervisor": grpc.StatusCode.UNAVAILABLE}
+    want = {
+        "bad address": grpc.StatusCode.INVALID_ARGUMENT,
+        "refused": grpc.StatusCode.UNAVAILABLE,
+        "no such socket": grpc.StatusCode.INVALID_ARGUMENT,
+        "silent supervisor": grpc.StatusCode.UNAVAILABLE,
+    }
     bad = {case: c for case, c in codes.items() if c[0] != want[case]}
     assert not bad, f"StartVm with bad headers: unexpected codes: {bad}"
     assert tender.health() == health_pb2.HealthCheckResponse.SERVING
@@ -859,8 +958,9 @@ def test_peer_start_vm_calls_share_one_receive_budget():
     _peer_grpc.add_PeerServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    start = ppb2.VmStart(instance_id="x", pid=2, supervisor="bogus", transport="tcp",
-                         instance_token="t")
+    start = ppb2.VmStart(
+        instance_id="x", pid=2, supervisor="bogus", transport="tcp", instance_token="t"
+    )
     go_on = threading.Event()
 
     def slow():  # 600 KiB, then wait until the other call has been refused
@@ -873,19 +973,28 @@ def test_peer_start_vm_calls_share_one_receive_budget():
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = _peer_grpc.PeerStub(ch)
             first = stub.StartVm.future(slow(), timeout=RPC_TIMEOUT)
-            wait_until(lambda: servicer.receiving >= 600 << 10, RPC_TIMEOUT,
-                       "the first call's bytes to arrive")
-            e = rpc_error(lambda: stub.StartVm(iter([ppb2.VmChunk(start=start),
-                                                     ppb2.VmChunk(snapshot=bytes(600 << 10))]),
-                                               timeout=RPC_TIMEOUT))
+            wait_until(
+                lambda: servicer.receiving >= 600 << 10,
+                RPC_TIMEOUT,
+                "the first call's bytes to arrive",
+            )
+            e = rpc_error(
+                lambda: stub.StartVm(
+                    iter([ppb2.VmChunk(start=start), ppb2.VmChunk(snapshot=bytes(600 << 10))]),
+                    timeout=RPC_TIMEOUT,
+                )
+            )
             assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "budget" in e.details(), e
             go_on.set()
             e = rpc_error(first.result)  # past the budget: on to the next check
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
             wait_until(lambda: servicer.receiving == 0, RPC_TIMEOUT, "the bytes given back")
-            e = rpc_error(lambda: stub.StartVm(iter([ppb2.VmChunk(start=start),
-                                                     ppb2.VmChunk(snapshot=bytes(900 << 10))]),
-                                               timeout=RPC_TIMEOUT))
+            e = rpc_error(
+                lambda: stub.StartVm(
+                    iter([ppb2.VmChunk(start=start), ppb2.VmChunk(snapshot=bytes(900 << 10))]),
+                    timeout=RPC_TIMEOUT,
+                )
+            )
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
     finally:
         go_on.set()
@@ -928,12 +1037,15 @@ def test_upload_under_a_builtin_name(small):
         try:
             c.upload("fork_time", data)
         except grpc.RpcError as e:
-            assert e.code() in (grpc.StatusCode.INVALID_ARGUMENT,
-                                grpc.StatusCode.ALREADY_EXISTS), (e.code(), e.details())
+            assert e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS), (
+                e.code(),
+                e.details(),
+            )
         listed = [(i.name, i.builtin, i.sha256) for i in c.images()]
         names = [name for name, _, _ in listed]
-        assert len(names) == len(set(names)), \
+        assert len(names) == len(set(names)), (
             f"ListImages lists {[n for n in names if names.count(n) > 1]} more than once"
+        )
         entry = next(row for row in listed if row[0] == "fork_time")
         iid = launch(c, "fork_time", console_pipe=True)
         wait(c, iid)
@@ -962,12 +1074,14 @@ def _refused_md(t: Tender, rpc: str, cred: str) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory):
-    t = Tender.start(tmp_path_factory.mktemp("secure"), "--pool", "1", token=TOKEN,
-                     peer_token=PEER_TOKEN)
+    t = Tender.start(
+        tmp_path_factory.mktemp("secure"), "--pool", "1", token=TOKEN, peer_token=PEER_TOKEN
+    )
     with grpc.insecure_channel(t.target) as ch, grpc.insecure_channel(t.peer_target) as pch:
         tstub, pstub = _tender_grpc.TenderStub(ch), _peer_grpc.PeerStub(pch)
-        iid = tstub.Launch(pb2.LaunchRequest(image="hello", console_pipe=True), metadata=t.md,
-                           timeout=RPC_TIMEOUT).instance_id
+        iid = tstub.Launch(
+            pb2.LaunchRequest(image="hello", console_pipe=True), metadata=t.md, timeout=RPC_TIMEOUT
+        ).instance_id
         tstub.Wait(pb2.WaitRequest(instance_id=iid), metadata=t.md, timeout=RPC_TIMEOUT)
         yield t, tstub, pstub, iid
     stopped_cleanly(t)
@@ -977,8 +1091,10 @@ def _call(rpc: str, tstub, pstub, iid: str, md, upload_name: str = "auth-upload"
     kw = dict(metadata=md, timeout=RPC_TIMEOUT)
     hello = build_image("hello").read_bytes()
     if rpc == "UploadImage":
-        return tstub.UploadImage(iter([pb2.UploadImageRequest(name=upload_name),
-                                       pb2.UploadImageRequest(data=hello)]), **kw)
+        return tstub.UploadImage(
+            iter([pb2.UploadImageRequest(name=upload_name), pb2.UploadImageRequest(data=hello)]),
+            **kw,
+        )
     if rpc == "ListImages":
         return tstub.ListImages(pb2.ListImagesRequest(), **kw)
     if rpc == "DeleteImage":
@@ -986,8 +1102,7 @@ def _call(rpc: str, tstub, pstub, iid: str, md, upload_name: str = "auth-upload"
     if rpc == "Launch":
         return tstub.Launch(pb2.LaunchRequest(image="hello", console_pipe=True), **kw)
     if rpc == "StreamConsole":
-        return list(tstub.StreamConsole(pb2.ConsoleRequest(instance_id=iid, from_start=True),
-                                        **kw))
+        return list(tstub.StreamConsole(pb2.ConsoleRequest(instance_id=iid, from_start=True), **kw))
     if rpc == "Wait":
         return tstub.Wait(pb2.WaitRequest(instance_id=iid), **kw)
     if rpc == "Kill":
@@ -997,15 +1112,36 @@ def _call(rpc: str, tstub, pstub, iid: str, md, upload_name: str = "auth-upload"
     if rpc == "Describe":
         return tstub.Describe(pb2.DescribeRequest(instance_id=iid), **kw)
     if rpc == "Peer.StartVm":  # a header that passes every check but the missing image
-        return pstub.StartVm(iter([ppb2.VmChunk(start=ppb2.VmStart(
-            instance_id="x", pid=2, supervisor="tcp:127.0.0.1:1", transport="tcp"))]), **kw)
+        return pstub.StartVm(
+            iter(
+                [
+                    ppb2.VmChunk(
+                        start=ppb2.VmStart(
+                            instance_id="x", pid=2, supervisor="tcp:127.0.0.1:1", transport="tcp"
+                        )
+                    )
+                ]
+            ),
+            **kw,
+        )
     if rpc == "Peer.GetLoad":
         return pstub.GetLoad(ppb2.LoadRequest(), **kw)
     raise ValueError(rpc)
 
 
-RPCS = ["UploadImage", "ListImages", "DeleteImage", "Launch", "StreamConsole", "Wait", "Kill", "ListInstances",
-        "Describe", "Peer.StartVm", "Peer.GetLoad"]
+RPCS = [
+    "UploadImage",
+    "ListImages",
+    "DeleteImage",
+    "Launch",
+    "StreamConsole",
+    "Wait",
+    "Kill",
+    "ListInstances",
+    "Describe",
+    "Peer.StartVm",
+    "Peer.GetLoad",
+]
 
 
 def test_every_rpc_is_covered():
@@ -1021,8 +1157,7 @@ def test_rpc_refused_without_the_token(secure, rpc, cred):
     principal's (a client token on Peer, a peer token on Tender) is refused."""
     t, tstub, pstub, iid = secure
     instances = len(_call("ListInstances", tstub, pstub, iid, t.md).instances)
-    e = rpc_error(lambda: _call(rpc, tstub, pstub, iid, _refused_md(t, rpc, cred),
-                                "auth-refused"))
+    e = rpc_error(lambda: _call(rpc, tstub, pstub, iid, _refused_md(t, rpc, cred), "auth-refused"))
     assert e.code() == grpc.StatusCode.UNAUTHENTICATED, (e.code(), e.details())
     if rpc.startswith("Peer."):
         assert e.details().startswith("missing or wrong peer token"), e.details()
@@ -1030,8 +1165,9 @@ def test_rpc_refused_without_the_token(secure, rpc, cred):
         assert e.details() == "missing or wrong bearer token"
     # the refused call did nothing
     assert len(_call("ListInstances", tstub, pstub, iid, t.md).instances) == instances
-    assert "auth-refused" not in {i.name for i in
-                                  _call("ListImages", tstub, pstub, iid, t.md).images}
+    assert "auth-refused" not in {
+        i.name for i in _call("ListImages", tstub, pstub, iid, t.md).images
+    }
 
 
 @pytest.mark.parametrize("rpc", RPCS)
@@ -1047,20 +1183,26 @@ def test_rpc_works_with_the_token(secure, rpc):
         _call("UploadImage", tstub, pstub, iid, md, "auth-delete")
         out = _call(rpc, tstub, pstub, iid, md, "auth-delete")
         assert (out.name, out.builtin) == ("auth-delete", False)
-        assert "auth-delete" not in {i.name for i in
-                                     _call("ListImages", tstub, pstub, iid, t.md).images}
+        assert "auth-delete" not in {
+            i.name for i in _call("ListImages", tstub, pstub, iid, t.md).images
+        }
         return
     out = _call(rpc, tstub, pstub, iid, md)
     hello = build_image("hello").read_bytes()
     if rpc == "UploadImage":
-        assert (out.name, out.size_bytes, out.sha256, out.builtin) == \
-            ("auth-upload", len(hello), hashlib.sha256(hello).hexdigest(), False)
+        assert (out.name, out.size_bytes, out.sha256, out.builtin) == (
+            "auth-upload",
+            len(hello),
+            hashlib.sha256(hello).hexdigest(),
+            False,
+        )
     elif rpc == "ListImages":
         assert "hello" in {i.name for i in out.images}
     elif rpc == "Launch":
         assert re.fullmatch(r"[0-9a-f]{16}", out.instance_id)
-        r = tstub.Wait(pb2.WaitRequest(instance_id=out.instance_id), metadata=t.md,
-                       timeout=RPC_TIMEOUT)
+        r = tstub.Wait(
+            pb2.WaitRequest(instance_id=out.instance_id), metadata=t.md, timeout=RPC_TIMEOUT
+        )
         assert (r.outcome, r.exit_code) == ("exited", 0)
     elif rpc == "StreamConsole":
         assert stdout_of(out) == HELLO
@@ -1079,9 +1221,15 @@ def test_rpc_works_with_the_token(secure, rpc):
 def _reflect_services(target: str, md) -> set[str]:
     with grpc.insecure_channel(target) as ch:
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
-        reply = next(iter(stub.ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), metadata=md,
-            timeout=RPC_TIMEOUT)))
+        reply = next(
+            iter(
+                stub.ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                    metadata=md,
+                    timeout=RPC_TIMEOUT,
+                )
+            )
+        )
     return {s.name for s in reply.list_services_response.service}
 
 
@@ -1089,8 +1237,9 @@ def test_health_open_reflection_guarded(secure):
     """Health checks stay open for probes (they say only SERVING); reflection needs the token."""
     t = secure[0]
     with grpc.insecure_channel(t.target) as ch:
-        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
-                                                      timeout=RPC_TIMEOUT)
+        reply = health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(), timeout=RPC_TIMEOUT
+        )
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     for cred in CREDENTIALS:
         e = rpc_error(lambda cred=cred: _reflect_services(t.target, _refused_md(t, "", cred)))
@@ -1100,17 +1249,25 @@ def test_health_open_reflection_guarded(secure):
 
 def test_refusals_are_counted(secure):
     t, tstub, pstub, iid = secure
-    key = dict(grpc_service="unifork.v1.Tender", grpc_method="Launch",
-               grpc_code="UNAUTHENTICATED")
+    key = dict(grpc_service="unifork.v1.Tender", grpc_method="Launch", grpc_code="UNAUTHENTICATED")
     before = metric(t.metrics(), "grpc_server_handled_total", **key)
     for cred in CREDENTIALS:
-        rpc_error(lambda cred=cred: _call("Launch", tstub, pstub, iid,
-                                          _refused_md(t, "Launch", cred)))
+        rpc_error(
+            lambda cred=cred: _call("Launch", tstub, pstub, iid, _refused_md(t, "Launch", cred))
+        )
     rpc_error(lambda: _call("Peer.GetLoad", tstub, pstub, iid, []))
     after = t.metrics()
     assert metric(after, "grpc_server_handled_total", **key) == before + len(CREDENTIALS)
-    assert metric(after, "grpc_server_handled_total", grpc_service="unifork.v1.Peer",
-                  grpc_method="GetLoad", grpc_code="UNAUTHENTICATED") >= 1
+    assert (
+        metric(
+            after,
+            "grpc_server_handled_total",
+            grpc_service="unifork.v1.Peer",
+            grpc_method="GetLoad",
+            grpc_code="UNAUTHENTICATED",
+        )
+        >= 1
+    )
 
 
 def test_the_client_port_does_not_serve_peers(secure):
@@ -1119,13 +1276,18 @@ def test_the_client_port_does_not_serve_peers(secure):
     with grpc.insecure_channel(t.target) as ch:
         stub = _peer_grpc.PeerStub(ch)
         for md in (t.md, t.peer_md):
-            e = rpc_error(lambda md=md: stub.GetLoad(ppb2.LoadRequest(), metadata=md,
-                                                     timeout=RPC_TIMEOUT))
-            assert e.code() in (grpc.StatusCode.UNIMPLEMENTED,
-                                grpc.StatusCode.UNAUTHENTICATED), (e.code(), e.details())
+            e = rpc_error(
+                lambda md=md: stub.GetLoad(ppb2.LoadRequest(), metadata=md, timeout=RPC_TIMEOUT)
+            )
+            assert e.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAUTHENTICATED), (
+                e.code(),
+                e.details(),
+            )
             e = rpc_error(lambda md=md: _call("Peer.StartVm", None, stub, "", md))
-            assert e.code() in (grpc.StatusCode.UNIMPLEMENTED,
-                                grpc.StatusCode.UNAUTHENTICATED), (e.code(), e.details())
+            assert e.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAUTHENTICATED), (
+                e.code(),
+                e.details(),
+            )
 
 
 def _varint(n: int) -> bytes:
@@ -1139,13 +1301,17 @@ def _varint(n: int) -> bytes:
 
 def _raw_start_vm(target: str, md, header: bytes, *chunks: bytes) -> grpc.RpcError:
     """StartVm with hand-encoded messages (fields the current proto no longer has)."""
+
     def field(num: int, data: bytes) -> bytes:
         return bytes([num << 3 | 2]) + _varint(len(data)) + data
 
     msgs = [field(1, header), *(field(3, c) for c in chunks)]
     with grpc.insecure_channel(target) as ch:
-        call = ch.stream_unary("/unifork.v1.Peer/StartVm", request_serializer=lambda b: b,
-                               response_deserializer=ppb2.VmStarted.FromString)
+        call = ch.stream_unary(
+            "/unifork.v1.Peer/StartVm",
+            request_serializer=lambda b: b,
+            response_deserializer=ppb2.VmStarted.FromString,
+        )
         return rpc_error(lambda: call(iter(msgs), metadata=md, timeout=RPC_TIMEOUT))
 
 
@@ -1163,24 +1329,36 @@ def test_start_vm_never_opens_a_host_path(secure):
     sup = Listener()  # a supervisor that would see the VM connect if one started
     workers = _worker_pids(t)
     try:
-        base = ppb2.VmStart(instance_id="x", pid=2, supervisor=sup.address, transport="tcp",
-                            instance_token="t").SerializeToString()
+        base = ppb2.VmStart(
+            instance_id="x", pid=2, supervisor=sup.address, transport="tcp", instance_token="t"
+        ).SerializeToString()
         for path in ("/etc/shadow", "/dev/zero", str(build_image("hello"))):
             header = base + bytes([7 << 3 | 2]) + _varint(len(path)) + path.encode()
             e = _raw_start_vm(t.peer_target, t.peer_md, header)
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (path, e.code(), e.details())
-            assert e.details() == "cannot start the VM: image: missing (a VM boots from the " \
-                                  "image's bytes)", e.details()
+            assert (
+                e.details() == "cannot start the VM: image: missing (a VM boots from the "
+                "image's bytes)"
+            ), e.details()
         data, digest = hello_image()
         with grpc.insecure_channel(t.peer_target) as ch:
             stub = _peer_grpc.PeerStub(ch)
-            e = rpc_error(lambda: stub.StartVm(iter(boot_chunks(sup.address, data + b"x")),
-                                               metadata=t.peer_md, timeout=RPC_TIMEOUT))
+            e = rpc_error(
+                lambda: stub.StartVm(
+                    iter(boot_chunks(sup.address, data + b"x")),
+                    metadata=t.peer_md,
+                    timeout=RPC_TIMEOUT,
+                )
+            )
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
             assert "image_sha256: does not match" in e.details()
             # too large an image: refused while it arrives, nothing kept
-            big = iter([boot_chunks(sup.address)[0],
-                        *(ppb2.VmChunk(image=bytes(1 << 20)) for _ in range(65))])
+            big = iter(
+                [
+                    boot_chunks(sup.address)[0],
+                    *(ppb2.VmChunk(image=bytes(1 << 20)) for _ in range(65)),
+                ]
+            )
             e = rpc_error(lambda: stub.StartVm(big, metadata=t.peer_md, timeout=RPC_TIMEOUT))
             assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (e.code(), e.details())
     finally:
@@ -1204,17 +1382,24 @@ def test_start_vm_connects_only_to_the_caller_or_its_peers(secure):
             stub = _peer_grpc.PeerStub(ch)
 
             def start(sup: str, **kw) -> grpc.RpcError:
-                return rpc_error(lambda: stub.StartVm(iter(boot_chunks(sup, **kw)),
-                                                      metadata=t.peer_md, timeout=RPC_TIMEOUT))
+                return rpc_error(
+                    lambda: stub.StartVm(
+                        iter(boot_chunks(sup, **kw)), metadata=t.peer_md, timeout=RPC_TIMEOUT
+                    )
+                )
 
             e = start(elsewhere.address)
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
             assert "connects only to the host that called it or to its peers" in e.details()
             e = start("unix:" + str(Path(t.log_path).parent / "x.sock"))
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
-            e = rpc_error(lambda: stub.StartVm(iter(boot_chunks(banner.address,
-                                                                transport="shm")),
-                                               metadata=t.peer_md, timeout=RPC_TIMEOUT))
+            e = rpc_error(
+                lambda: stub.StartVm(
+                    iter(boot_chunks(banner.address, transport="shm")),
+                    metadata=t.peer_md,
+                    timeout=RPC_TIMEOUT,
+                )
+            )
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
             assert e.details().startswith("transport:"), e.details()
             e = start(banner.address)  # the caller's host: tried, and what came back hidden
@@ -1241,26 +1426,35 @@ def test_a_ticket_stands_for_one_start_vm(secure):
         chunks = boot_chunks(sup)
         chunks[0].start.pid = pid
         with grpc.insecure_channel(t.peer_target) as ch:
-            return rpc_error(lambda: _peer_grpc.PeerStub(ch).StartVm(
-                iter(chunks), metadata=[("unifork-ticket", ticket)],
-                timeout=RPC_TIMEOUT)).code()
+            return rpc_error(
+                lambda: _peer_grpc.PeerStub(ch).StartVm(
+                    iter(chunks), metadata=[("unifork-ticket", ticket)], timeout=RPC_TIMEOUT
+                )
+            ).code()
 
     good = tickets.issue("x", 2, t.peer_target)
     assert start(tickets.issue("x", 3, t.peer_target)) == grpc.StatusCode.UNAUTHENTICATED
     assert start(tickets.issue("x", 2, "127.0.0.1:1")) == grpc.StatusCode.UNAUTHENTICATED
-    assert start(Tickets("another-token-0123456789").issue("x", 2, t.peer_target)) == \
-        grpc.StatusCode.UNAUTHENTICATED
+    assert (
+        start(Tickets("another-token-0123456789").issue("x", 2, t.peer_target))
+        == grpc.StatusCode.UNAUTHENTICATED
+    )
     assert start(good.replace("x.2.", "y.2.", 1)) == grpc.StatusCode.UNAUTHENTICATED
-    assert start(tickets.issue("x", 2, t.peer_target), pid=3) == \
-        grpc.StatusCode.UNAUTHENTICATED  # a header for another VM than the ticket's
+    assert (
+        start(tickets.issue("x", 2, t.peer_target), pid=3) == grpc.StatusCode.UNAUTHENTICATED
+    )  # a header for another VM than the ticket's
     assert start(good) == grpc.StatusCode.UNAVAILABLE  # accepted: on to the supervisor
     assert start(good) == grpc.StatusCode.UNAUTHENTICATED  # used up
     expired = Tickets(PEER_TOKEN, ttl=-1.0).issue("x", 2, t.peer_target)
     assert start(expired) == grpc.StatusCode.UNAUTHENTICATED
     with grpc.insecure_channel(t.peer_target) as ch:  # a ticket is for StartVm only
-        e = rpc_error(lambda: _peer_grpc.PeerStub(ch).GetLoad(
-            ppb2.LoadRequest(), metadata=[("authorization", f"Bearer {good}")],
-            timeout=RPC_TIMEOUT))
+        e = rpc_error(
+            lambda: _peer_grpc.PeerStub(ch).GetLoad(
+                ppb2.LoadRequest(),
+                metadata=[("authorization", f"Bearer {good}")],
+                timeout=RPC_TIMEOUT,
+            )
+        )
         assert e.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
@@ -1279,8 +1473,9 @@ def test_a_stranger_is_refused_before_its_stream_is_read(secure):
         with grpc.insecure_channel(t.peer_target) as ch:
             stub = _peer_grpc.PeerStub(ch)
             for md in ([], t.md, [("unifork-ticket", "x.2.1.n.m")]):
-                e = rpc_error(lambda md=md: stub.StartVm(silent(), metadata=md,
-                                                         timeout=RPC_TIMEOUT))
+                e = rpc_error(
+                    lambda md=md: stub.StartVm(silent(), metadata=md, timeout=RPC_TIMEOUT)
+                )
                 assert e.code() == grpc.StatusCode.UNAUTHENTICATED, (e.code(), e.details())
     finally:
         never.set()
@@ -1314,14 +1509,22 @@ def test_the_relay_dials_only_known_tenders(secure):
     try:
         with grpc.insecure_channel(relay) as ch:
             target = elsewhere.address.removeprefix("tcp:")
-            e = rpc_error(lambda: _peer_grpc.PeerStub(ch).StartVm(
-                iter(boot_chunks(elsewhere.address)), metadata=[("unifork-target", target)],
-                timeout=RPC_TIMEOUT))
+            e = rpc_error(
+                lambda: _peer_grpc.PeerStub(ch).StartVm(
+                    iter(boot_chunks(elsewhere.address)),
+                    metadata=[("unifork-target", target)],
+                    timeout=RPC_TIMEOUT,
+                )
+            )
             assert e.code() == grpc.StatusCode.PERMISSION_DENIED, (e.code(), e.details())
             # itself it may reach, but only as a stranger: the relay adds no peer token
-            e = rpc_error(lambda: _peer_grpc.PeerStub(ch).StartVm(
-                iter(boot_chunks(elsewhere.address)),
-                metadata=[("unifork-target", t.peer_target)], timeout=RPC_TIMEOUT))
+            e = rpc_error(
+                lambda: _peer_grpc.PeerStub(ch).StartVm(
+                    iter(boot_chunks(elsewhere.address)),
+                    metadata=[("unifork-target", t.peer_target)],
+                    timeout=RPC_TIMEOUT,
+                )
+            )
             assert e.code() == grpc.StatusCode.UNAUTHENTICATED, (e.code(), e.details())
     finally:
         elsewhere.close()
@@ -1335,8 +1538,10 @@ def test_no_vm_process_holds_a_token(secure):
     t = secure[0]
     c = t.client()
     try:
-        running = [launch(c, "spin", time_limit_seconds=120.0, **MODES[m])
-                   for m in ("thread", "vmclone-shm")]
+        running = [
+            launch(c, "spin", time_limit_seconds=120.0, **MODES[m])
+            for m in ("thread", "vmclone-shm")
+        ]
         for iid in running:
             wait_for_output(c, iid, b"spin: spinning\n")
         procs = descendants(t.proc.pid)
@@ -1346,8 +1551,10 @@ def test_no_vm_process_holds_a_token(secure):
                 env = Path(f"/proc/{pid}/environ").read_bytes()
             except (FileNotFoundError, ProcessLookupError):
                 continue
-            assert TOKEN.encode() not in env and PEER_TOKEN.encode() not in env, \
-                (pid, procs[pid][1])
+            assert TOKEN.encode() not in env and PEER_TOKEN.encode() not in env, (
+                pid,
+                procs[pid][1],
+            )
             assert b"UNIFORK_PEER_TOKEN" not in env
         for iid in running:
             assert c.kill(iid) is True
@@ -1358,17 +1565,33 @@ def test_no_vm_process_holds_a_token(secure):
 
 def test_short_token_file_refused(tmp_path):
     (tmp_path / "token").write_text("short\n")
-    r = subprocess.run([*unifork_cmd(), "serve", "--listen", f"127.0.0.1:{free_port()}",
-                        "--token-file", str(tmp_path / "token")],
-                       capture_output=True, text=True, timeout=START_TIMEOUT, cwd=ROOT)
+    r = subprocess.run(
+        [
+            *unifork_cmd(),
+            "serve",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--token-file",
+            str(tmp_path / "token"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+        cwd=ROOT,
+    )
     assert r.returncode == 2, r
     assert "at least 16 characters" in r.stderr
 
 
 def test_listen_any_needs_a_token(tmp_path):
     port = free_port()
-    r = subprocess.run([*unifork_cmd(), "serve", "--listen", f"0.0.0.0:{port}", "--pool", "1"],
-                       capture_output=True, text=True, timeout=START_TIMEOUT, cwd=ROOT)
+    r = subprocess.run(
+        [*unifork_cmd(), "serve", "--listen", f"0.0.0.0:{port}", "--pool", "1"],
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+        cwd=ROOT,
+    )
     assert r.returncode == 2, r
     assert "refusing to listen on '0.0.0.0' without --token-file" in r.stderr, r.stderr
     assert "--insecure-listen-any" in r.stderr
@@ -1397,29 +1620,44 @@ def test_health_unknown_service(tender):
 def test_reflection(tender):
     with grpc.insecure_channel(tender.target) as ch:
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
-        reqs = [reflection_pb2.ServerReflectionRequest(list_services=""),
-                reflection_pb2.ServerReflectionRequest(file_containing_symbol="unifork.v1.Tender")]
+        reqs = [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="unifork.v1.Tender"),
+        ]
         listed, files = stub.ServerReflectionInfo(iter(reqs), timeout=RPC_TIMEOUT)
     names = {s.name for s in listed.list_services_response.service}
     assert {"unifork.v1.Tender", "grpc.health.v1.Health"} <= names, names
     assert "unifork.v1.Peer" not in names  # the peer API has a listener of its own
-    fds = [descriptor_pb2.FileDescriptorProto.FromString(raw)
-           for raw in files.file_descriptor_response.file_descriptor_proto]
+    fds = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in files.file_descriptor_response.file_descriptor_proto
+    ]
     tender_file = next(f for f in fds if any(s.name == "Tender" for s in f.service))
     assert tender_file.package == "unifork.v1"
     assert tender_file.name.endswith("unifork/v1/tender.proto")
     methods = {m.name for s in tender_file.service if s.name == "Tender" for m in s.method}
-    assert methods == {"UploadImage", "ListImages", "DeleteImage", "Launch", "StreamConsole",
-                       "Wait", "Kill", "ListInstances", "Describe"}
+    assert methods == {
+        "UploadImage",
+        "ListImages",
+        "DeleteImage",
+        "Launch",
+        "StreamConsole",
+        "Wait",
+        "Kill",
+        "ListInstances",
+        "Describe",
+    }
 
 
 def test_metrics_after_a_workload(tender, client):
     before = tender.metrics()
-    work = [("token_ring", ["-n", "3", "-r", "4"], "thread"),
-            ("token_ring", ["-n", "3", "-r", "4"], "vmclone-shm"),
-            ("fork_time", ["-n", "3"], "thread"),
-            ("fork_time", ["-n", "3"], "vmclone-tcp"),
-            ("hello", [], "thread")]
+    work = [
+        ("token_ring", ["-n", "3", "-r", "4"], "thread"),
+        ("token_ring", ["-n", "3", "-r", "4"], "vmclone-shm"),
+        ("fork_time", ["-n", "3"], "thread"),
+        ("fork_time", ["-n", "3"], "vmclone-tcp"),
+        ("hello", [], "thread"),
+    ]
     for image, args, mode in work:
         r = wait(client, launch(client, image, args, console_pipe=True, **MODES[mode]))
         assert r.outcome == "exited", (image, mode, r)
@@ -1433,8 +1671,12 @@ def test_metrics_after_a_workload(tender, client):
     assert delta("unifork_fork_latency_seconds_count", mode="thread") >= 5
     assert delta("unifork_fork_latency_seconds_count", mode="vmclone") >= 5
     assert delta("unifork_fork_latency_seconds_sum", mode="vmclone") > 0
-    assert delta("grpc_server_handled_total", grpc_service="unifork.v1.Tender",
-                 grpc_method="Launch", grpc_code="OK") == len(work)
+    assert delta(
+        "grpc_server_handled_total",
+        grpc_service="unifork.v1.Tender",
+        grpc_method="Launch",
+        grpc_code="OK",
+    ) == len(work)
     assert delta("unifork_pipe_bytes_total", transport="local") > 0  # thread-fork pipes
     assert delta("unifork_pipe_bytes_total", transport="shm") > 0  # cross-VM pipes
     assert metric(after, "unifork_pipe_bytes_total") > 0
@@ -1452,8 +1694,9 @@ def test_generated_code_is_current(tmp_path):
     assert names == ["peer_pb2.py", "peer_pb2_grpc.py", "tender_pb2.py", "tender_pb2_grpc.py"]
     assert sorted(p.name for p in have_dir.glob("*.py")) == names
     for name in names:
-        assert (fresh_dir / name).read_bytes() == (have_dir / name).read_bytes(), \
+        assert (fresh_dir / name).read_bytes() == (have_dir / name).read_bytes(), (
             f"tender_service/gen/unifork/v1/{name} is stale"
+        )
 
 
 def test_graceful_shutdown_kills_what_is_left(tmp_path):
@@ -1461,15 +1704,20 @@ def test_graceful_shutdown_kills_what_is_left(tmp_path):
     c = t.client()
     ex = ThreadPoolExecutor(2)
     try:
-        ids = {mode: launch(c, "spin", time_limit_seconds=60.0, **MODES[mode])
-               for mode in ("thread", "vmclone-shm")}
+        ids = {
+            mode: launch(c, "spin", time_limit_seconds=60.0, **MODES[mode])
+            for mode in ("thread", "vmclone-shm")
+        }
         for iid in ids.values():
             wait_for_output(c, iid, b"spin: spinning\n")
         below = descendants(t.proc.pid)
         # its children: 2 pool workers and the VM fork server, whose child runs the
         # thread-fork instance
-        children = {pid for pid, (_, cmd) in below.items()
-                    if is_worker(cmd) and proc_stat(pid)[0] == t.proc.pid}
+        children = {
+            pid
+            for pid, (_, cmd) in below.items()
+            if is_worker(cmd) and proc_stat(pid)[0] == t.proc.pid
+        }
         assert len(children) == 3, below
         vm_host = int(next(p.vm for p in c.describe(ids["vmclone-shm"]).processes if p.pid == 2))
         thread_vm = int(next(p.vm for p in c.describe(ids["thread"]).processes if p.pid == 2))
@@ -1484,8 +1732,12 @@ def test_graceful_shutdown_kills_what_is_left(tmp_path):
             except grpc.RpcError:
                 return True
 
-        poll(not_serving, 30, "the tender to act on SIGTERM (health leaving SERVING)",
-             detail=lambda: f"tender still running: {t.proc.poll() is None}, log:\n{t.log()}")
+        poll(
+            not_serving,
+            30,
+            "the tender to act on SIGTERM (health leaving SERVING)",
+            detail=lambda: f"tender still running: {t.proc.poll() is None}, log:\n{t.log()}",
+        )
         e = rpc_error(lambda: launch(c, "hello"))  # shutting down, or already gone
         assert e.code() == grpc.StatusCode.UNAVAILABLE, (e.code(), e.details())
         results = {mode: f.result(STOP_TIMEOUT) for mode, f in waits.items()}
@@ -1498,20 +1750,34 @@ def test_graceful_shutdown_kills_what_is_left(tmp_path):
         c.close()
     assert code == 0, t.log()
     for mode, r in results.items():
-        assert (r.instance_id, r.done, r.outcome, r.signal) == \
-            (ids[mode], True, "killed", SIGKILL), (mode, r)
+        assert (r.instance_id, r.done, r.outcome, r.signal) == (
+            ids[mode],
+            True,
+            "killed",
+            SIGKILL,
+        ), (mode, r)
     assert "killed after the 1 s grace period" in t.log()
-    poll(lambda: not any(still_running(pid, start) for pid, (start, _) in below.items()),
-         30, "the tender's worker processes to go",
-         detail=lambda: str({pid: cmdline(pid) for pid, (start, _) in below.items()
-                             if still_running(pid, start)}))
+    poll(
+        lambda: not any(still_running(pid, start) for pid, (start, _) in below.items()),
+        30,
+        "the tender's worker processes to go",
+        detail=lambda: str(
+            {pid: cmdline(pid) for pid, (start, _) in below.items() if still_running(pid, start)}
+        ),
+    )
 
 
 # -- the command-line clients --------------------------------------------------------------------
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*unifork_cmd(), *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=RPC_TIMEOUT, stdin=subprocess.DEVNULL,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [*unifork_cmd(), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=RPC_TIMEOUT,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_cli_clients(tender, client, ticker_elf, tmp_path):
@@ -1520,8 +1786,24 @@ def test_cli_clients(tender, client, ticker_elf, tmp_path):
     assert (r.returncode, r.stdout) == (0, HELLO.decode()), r
     assert re.match(r"[0-9a-f]{16}: exited, ", r.stderr), r.stderr
 
-    r = cli("launch", "token_ring", "--fork", "vmclone", "--pipe", "tcp", "--console", "pipe",
-            "--wait", "--tag-pids", *tgt, "--", "-n", "3", "-r", "2")
+    r = cli(
+        "launch",
+        "token_ring",
+        "--fork",
+        "vmclone",
+        "--pipe",
+        "tcp",
+        "--console",
+        "pipe",
+        "--wait",
+        "--tag-pids",
+        *tgt,
+        "--",
+        "-n",
+        "3",
+        "-r",
+        "2",
+    )
     assert (r.returncode, r.stdout) == (0, "[2] token=6\n"), r
 
     r = cli("launch", "fault_segv", "--wait", *tgt)
@@ -1550,8 +1832,11 @@ def test_cli_clients(tender, client, ticker_elf, tmp_path):
 
     (tmp_path / "t.elf").write_bytes(ticker_elf)
     r = cli("upload", str(tmp_path / "t.elf"), "--name", "cli-ticker", *tgt)
-    assert r.stdout.split() == ["cli-ticker", str(len(ticker_elf)),
-                                hashlib.sha256(ticker_elf).hexdigest()], r
+    assert r.stdout.split() == [
+        "cli-ticker",
+        str(len(ticker_elf)),
+        hashlib.sha256(ticker_elf).hexdigest(),
+    ], r
     r = cli("images", *tgt)
     row = next(line for line in r.stdout.splitlines() if line.startswith("cli-ticker "))
     assert row.split()[-1] == "uploaded", row

@@ -51,8 +51,14 @@ def streams_open(t: Tender) -> float:
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory):
     """A tender with a token whose per-peer limits are ``PER_PEER``."""
-    t = Tender.start(tmp_path_factory.mktemp("limits"), "--pool", "1",
-                     "--max-streams-per-peer", str(PER_PEER), token=TOKEN)
+    t = Tender.start(
+        tmp_path_factory.mktemp("limits"),
+        "--pool",
+        "1",
+        "--max-streams-per-peer",
+        str(PER_PEER),
+        token=TOKEN,
+    )
     yield t
     stopped_cleanly(t)
 
@@ -88,29 +94,37 @@ def test_idle_streams_do_not_starve_short_calls(guarded, gclient, gticker):
     calls = []
     try:
         health = health_pb2_grpc.HealthStub(watch_ch)
-        watches = [health.Watch(health_pb2.HealthCheckRequest(), timeout=RPC_TIMEOUT)
-                   for _ in range(STREAMS // 2)]
+        watches = [
+            health.Watch(health_pb2.HealthCheckRequest(), timeout=RPC_TIMEOUT)
+            for _ in range(STREAMS // 2)
+        ]
         calls += watches
         tender = _tender_grpc.TenderStub(wait_ch)
         for w in watches:  # every watcher is attached and has its first answer
             assert next(w).status == health_pb2.HealthCheckResponse.SERVING
-        calls += [tender.Wait.future(pb2.WaitRequest(instance_id=running), metadata=t.md,
-                                     timeout=RPC_TIMEOUT) for _ in range(STREAMS // 2)]
-        wait_until(lambda: streams_open(t) == STREAMS, 60, f"{STREAMS} calls to be open",
-                   interval=0.2)
+        calls += [
+            tender.Wait.future(
+                pb2.WaitRequest(instance_id=running), metadata=t.md, timeout=RPC_TIMEOUT
+            )
+            for _ in range(STREAMS // 2)
+        ]
+        wait_until(
+            lambda: streams_open(t) == STREAMS, 60, f"{STREAMS} calls to be open", interval=0.2
+        )
 
         reply = health.Check(health_pb2.HealthCheckRequest(), timeout=SHORT_DEADLINE)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        images = tender.ListImages(pb2.ListImagesRequest(), metadata=t.md,
-                                   timeout=SHORT_DEADLINE)
+        images = tender.ListImages(pb2.ListImagesRequest(), metadata=t.md, timeout=SHORT_DEADLINE)
         assert gticker in {i.name for i in images.images}
         # the idle calls hold no thread of the tender
         assert threads(pid) < baseline + 16, (baseline, threads(pid))
 
-        for more in (lambda: next(health.Watch(health_pb2.HealthCheckRequest(),
-                                               timeout=SHORT_DEADLINE)),
-                     lambda: tender.Wait(pb2.WaitRequest(instance_id=running), metadata=t.md,
-                                         timeout=SHORT_DEADLINE)):
+        for more in (
+            lambda: next(health.Watch(health_pb2.HealthCheckRequest(), timeout=SHORT_DEADLINE)),
+            lambda: tender.Wait(
+                pb2.WaitRequest(instance_id=running), metadata=t.md, timeout=SHORT_DEADLINE
+            ),
+        ):
             e = rpc_error(more)
             assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (e.code(), e.details())
             assert f"has {PER_PEER} long-lived" in e.details(), e.details()
@@ -121,8 +135,13 @@ def test_idle_streams_do_not_starve_short_calls(guarded, gclient, gticker):
         watch_ch.close()
         wait_ch.close()
     wait_until(lambda: streams_open(t) == 0, 60, "the cancelled calls to end", interval=0.2)
-    wait_until(lambda: threads(pid) <= baseline, 60, f"thread count back to {baseline}",
-               interval=0.2, detail=lambda: f"{threads(pid)} threads")
+    wait_until(
+        lambda: threads(pid) <= baseline,
+        60,
+        f"thread count back to {baseline}",
+        interval=0.2,
+        detail=lambda: f"{threads(pid)} threads",
+    )
     assert gclient.kill(running) is True
     assert wait(gclient, running).outcome == "killed"
     assert t.proc.poll() is None
@@ -137,14 +156,14 @@ def test_made_up_methods_add_one_unknown_series(guarded):
     1,000 lines to /metrics.  Now their names are no label: the only series they add are
     the ``unknown`` ones, whose number does not grow with the calls."""
     t = guarded
-    names = [f"/unifork.v1.Tender/Made{i}Up" if i % 3 else f"/x{i}.Evil/Method{i}"
-             for i in range(500)]
+    names = [
+        f"/unifork.v1.Tender/Made{i}Up" if i % 3 else f"/x{i}.Evil/Method{i}" for i in range(500)
+    ]
 
     def call(i: int, name: str) -> grpc.RpcError:
         md = t.md if i % 2 else []
         with grpc.insecure_channel(t.target) as ch:
-            return rpc_error(lambda: ch.unary_unary(name)(b"", metadata=md,
-                                                          timeout=RPC_TIMEOUT))
+            return rpc_error(lambda: ch.unary_unary(name)(b"", metadata=md, timeout=RPC_TIMEOUT))
 
     # one call of each kind first: the unknown series exist before the 500
     for i in (0, 1):
@@ -154,8 +173,11 @@ def test_made_up_methods_add_one_unknown_series(guarded):
     with grpc.insecure_channel(t.target) as ch:
         for i, name in enumerate(names):
             md = t.md if i % 2 else []
-            e = rpc_error(lambda ch=ch, name=name, md=md: ch.unary_unary(name)(
-                b"", metadata=md, timeout=RPC_TIMEOUT))
+            e = rpc_error(
+                lambda ch=ch, name=name, md=md: ch.unary_unary(name)(
+                    b"", metadata=md, timeout=RPC_TIMEOUT
+                )
+            )
             want = grpc.StatusCode.UNIMPLEMENTED if md else grpc.StatusCode.UNAUTHENTICATED
             assert e.code() == want, (name, e.code(), e.details())
     after_m = t.metrics()
@@ -163,29 +185,38 @@ def test_made_up_methods_add_one_unknown_series(guarded):
     assert new == set(), sorted(new)[:10]
     unknown = dict(grpc_type="unknown", grpc_service="unknown", grpc_method="unknown")
     for code in ("UNIMPLEMENTED", "UNAUTHENTICATED"):
-        delta = metric(after_m, "grpc_server_handled_total", grpc_code=code, **unknown) - \
-            metric(before_m, "grpc_server_handled_total", grpc_code=code, **unknown)
+        delta = metric(after_m, "grpc_server_handled_total", grpc_code=code, **unknown) - metric(
+            before_m, "grpc_server_handled_total", grpc_code=code, **unknown
+        )
         assert delta == 250, (code, delta)
     with_unknown = {(n, lab) for n, lab in set(after_m) if ("grpc_method", "unknown") in lab}
     # one series per metric and code: started, handled x 2 codes, the histogram's parts
     assert {n for n, _ in with_unknown} <= {
-        "grpc_server_started_total", "grpc_server_handled_total",
-        "grpc_server_handling_seconds_bucket", "grpc_server_handling_seconds_count",
-        "grpc_server_handling_seconds_sum", "grpc_server_started_created",
-        "grpc_server_handled_created", "grpc_server_handling_seconds_created"}
+        "grpc_server_started_total",
+        "grpc_server_handled_total",
+        "grpc_server_handling_seconds_bucket",
+        "grpc_server_handling_seconds_count",
+        "grpc_server_handling_seconds_sum",
+        "grpc_server_started_created",
+        "grpc_server_handled_created",
+        "grpc_server_handling_seconds_created",
+    }
     text = str(sorted(after_m))
     assert "Made" not in text and "Evil" not in text
 
 
-@pytest.mark.parametrize("method, kind", [
-    ("/unifork.v1.Tender/ListImages", "unary"),   # a sync handler
-    ("/unifork.v1.Tender/Launch", "unary"),
-    ("/unifork.v1.Tender/Wait", "unary"),         # a coroutine
-    ("/unifork.v1.Tender/StreamConsole", "server_stream"),
-    ("/unifork.v1.Tender/UploadImage", "client_stream"),
-    ("/unifork.v1.Peer/StartVm", "client_stream"),  # a sync handler of a stream
-    ("/grpc.health.v1.Health/Check", "unary"),
-])
+@pytest.mark.parametrize(
+    "method, kind",
+    [
+        ("/unifork.v1.Tender/ListImages", "unary"),  # a sync handler
+        ("/unifork.v1.Tender/Launch", "unary"),
+        ("/unifork.v1.Tender/Wait", "unary"),  # a coroutine
+        ("/unifork.v1.Tender/StreamConsole", "server_stream"),
+        ("/unifork.v1.Tender/UploadImage", "client_stream"),
+        ("/unifork.v1.Peer/StartVm", "client_stream"),  # a sync handler of a stream
+        ("/grpc.health.v1.Health/Check", "unary"),
+    ],
+)
 def test_undecodable_request_is_invalid_argument(guarded, method, kind):
     """Bytes that are no protobuf message were INTERNAL ("Exception deserializing
     request!"): the fault is the caller's, so INVALID_ARGUMENT, and nothing runs."""
@@ -193,15 +224,14 @@ def test_undecodable_request_is_invalid_argument(guarded, method, kind):
     peer = method.startswith("/unifork.v1.Peer/")  # the peer API has a listener of its own
     md = t.peer_md if peer else t.md
     with grpc.insecure_channel(t.peer_target if peer else t.target) as ch:
-        if kind == "unary":
-            call = lambda: ch.unary_unary(method)(GARBAGE, metadata=md,  # noqa: E731
-                                                  timeout=RPC_TIMEOUT)
-        elif kind == "server_stream":
-            call = lambda: list(ch.unary_stream(method)(  # noqa: E731
-                GARBAGE, metadata=md, timeout=RPC_TIMEOUT))
-        else:
-            call = lambda: ch.stream_unary(method)(  # noqa: E731
-                iter([GARBAGE]), metadata=md, timeout=RPC_TIMEOUT)
+
+        def call():
+            if kind == "unary":
+                return ch.unary_unary(method)(GARBAGE, metadata=md, timeout=RPC_TIMEOUT)
+            if kind == "server_stream":
+                return list(ch.unary_stream(method)(GARBAGE, metadata=md, timeout=RPC_TIMEOUT))
+            return ch.stream_unary(method)(iter([GARBAGE]), metadata=md, timeout=RPC_TIMEOUT)
+
         e = rpc_error(call)
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
     assert "not a valid message" in e.details()
@@ -225,8 +255,13 @@ def test_emulator_crashes_are_counted(guarded, gclient, mode):
     x87 = gclient.upload("x87-block", build_image(GUEST / "x87_block.c").read_bytes()).name
     r = wait(gclient, launch(gclient, x87, console_pipe=True, **MODES[mode]))
     assert (r.outcome, r.signal) == ("signaled", 9), r
-    wait_until(lambda: metric(t.metrics(), "unifork_emulator_crashes_total",
-                              fork_mode=label) >= before + 1, 30, "the crash to be counted")
+    wait_until(
+        lambda: (
+            metric(t.metrics(), "unifork_emulator_crashes_total", fork_mode=label) >= before + 1
+        ),
+        30,
+        "the crash to be counted",
+    )
     # exactly one: the guest's own SIGSEGV before it is no emulator crash
     assert metric(t.metrics(), "unifork_emulator_crashes_total", fork_mode=label) == before + 1
     later = launch(gclient, "hello", console_pipe=True, **MODES[mode])
@@ -235,13 +270,18 @@ def test_emulator_crashes_are_counted(guarded, gclient, mode):
 
 def test_latency_buckets_reach_a_microsecond(guarded, gclient):
     """Most shm pipe writes take under 10 us, the lowest bucket was 10 us."""
-    r = wait(gclient, launch(gclient, "token_ring", ["-n", "3", "-r", "5"], console_pipe=True,
-                             **MODES["vmclone-shm"]))
+    r = wait(
+        gclient,
+        launch(
+            gclient, "token_ring", ["-n", "3", "-r", "5"], console_pipe=True, **MODES["vmclone-shm"]
+        ),
+    )
     assert r.outcome == "exited", r
     m = guarded.metrics()
-    for name in ("unifork_fork_latency_seconds_bucket",
-                 "unifork_pipe_write_latency_seconds_bucket"):
+    for name in (
+        "unifork_fork_latency_seconds_bucket",
+        "unifork_pipe_write_latency_seconds_bucket",
+    ):
         les = {dict(lab)["le"] for n, lab in m if n == name}
         assert {"1e-06", "2.5e-06", "5e-06", "1e-05"} <= les, (name, sorted(les))
     assert metric(m, "unifork_pipe_write_latency_seconds_count", transport="shm") > 0
-

@@ -36,21 +36,42 @@ from test_service import (
 SHM_SIZE = "20M"
 INSTANCES = 4
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
-                                reason="needs root and unshare(1) for a private small /dev/shm")
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="needs root and unshare(1) for a private small /dev/shm",
+)
 
 
 @pytest.fixture
 def small_shm_tender(tmp_path):
     port, mport = free_port(), free_port()
     log_path = tmp_path / "tender.log"
-    mount = f"mount -t tmpfs -o size={SHM_SIZE} unifork-test-shm /dev/shm && exec \"$@\""
+    mount = f'mount -t tmpfs -o size={SHM_SIZE} unifork-test-shm /dev/shm && exec "$@"'
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            ["unshare", "-m", "--propagation", "private", "sh", "-c", mount, "sh",
-             *unifork_cmd(), "serve", "--listen", f"127.0.0.1:{port}",
-             "--metrics-port", str(mport), "--pool", "2"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
+            [
+                "unshare",
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                mount,
+                "sh",
+                *unifork_cmd(),
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--metrics-port",
+                str(mport),
+                "--pool",
+                "2",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+        )
     t = Tender(proc, port, mport, log_path)
     try:
         t.wait_serving()
@@ -88,7 +109,10 @@ def test_full_dev_shm_falls_back_to_tcp(small_shm_tender):
         # nothing left behind: no segment names, and every segment's pages freed (what
         # else is there: multiprocessing's semaphores of the warm pool, a few bytes)
         assert [n for n in os.listdir(shm) if n.startswith("ufp-")] == []
-        wait_until(lambda: os.statvfs(shm).f_bfree >= os.statvfs(shm).f_blocks - 16, 30,
-                   "the segments' pages to be freed")
+        wait_until(
+            lambda: os.statvfs(shm).f_bfree >= os.statvfs(shm).f_blocks - 16,
+            30,
+            "the segments' pages to be freed",
+        )
     finally:
         c.close()

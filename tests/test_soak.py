@@ -103,8 +103,9 @@ def sample(pid: int, t0: float) -> Sample | None:
         for p in tree:
             with contextlib.suppress(OSError):  # a child that just ended
                 rss += _status(p, "VmRSS") << 10
-        return Sample(time.monotonic() - t0, rss, _status(pid, "Threads"),
-                      len(os.listdir(f"/proc/{pid}/fd")))
+        return Sample(
+            time.monotonic() - t0, rss, _status(pid, "Threads"), len(os.listdir(f"/proc/{pid}/fd"))
+        )
     except OSError:
         return None
 
@@ -133,8 +134,11 @@ def slope_per_min(samples: list[Sample]) -> float:
 
 def finished(c: Cluster, k: int) -> float:
     text = c.agent.call("metrics", url=f"http://{c.addr(k)}:9100/metrics")
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("unifork_instances_finished_total{"))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("unifork_instances_finished_total{")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -148,11 +152,31 @@ def run_load(c: Cluster, seconds: float, name: str, series: list[Series], t0: fl
     """``unifork load`` in host A for ``seconds``, sampling the tenders meanwhile."""
     n = c.hosts.n
     out = c.workdir / f"{name}.json"
-    argv = [str(UNIFORK), "load", *(a for k in range(n) for a in ("--target", c.target(k))),
-            "--token-file", str(c.token_file), "--fork", "mixed", "--placement", "spread",
-            "--concurrency", str(CONCURRENCY), "--duration", str(seconds),
-            "--wait-timeout", "60", "--max-instances", "10000000", "--image", WORKLOAD[0],
-            "--json", str(out), "--", *WORKLOAD[1:]]
+    argv = [
+        str(UNIFORK),
+        "load",
+        *(a for k in range(n) for a in ("--target", c.target(k))),
+        "--token-file",
+        str(c.token_file),
+        "--fork",
+        "mixed",
+        "--placement",
+        "spread",
+        "--concurrency",
+        str(CONCURRENCY),
+        "--duration",
+        str(seconds),
+        "--wait-timeout",
+        "60",
+        "--max-instances",
+        "10000000",
+        "--image",
+        WORKLOAD[0],
+        "--json",
+        str(out),
+        "--",
+        *WORKLOAD[1:],
+    ]
     log = c.workdir / f"{name}.log"
     with log.open("w") as fh:
         load = c.hosts.popen(A, argv, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -188,8 +212,11 @@ def check_exactly_once(c: Cluster, r: dict, before: list[float]) -> None:
     for k in range(c.hosts.n):
         accepted = r["accepted_by_target"].get(c.target(k), 0)
         assert accepted > 0, r["accepted_by_target"]
-        wait_until(lambda k=k, a=accepted: finished(c, k) - before[k] == a, 30,
-                   f"tender {k} to count its {accepted} instances finished")
+        wait_until(
+            lambda k=k, a=accepted: finished(c, k) - before[k] == a,
+            30,
+            f"tender {k} to count its {accepted} instances finished",
+        )
 
 
 def idle(c: Cluster, series: list[Series], t0: float, own: list[dict] | None) -> list[Sample]:
@@ -198,9 +225,12 @@ def idle(c: Cluster, series: list[Series], t0: float, own: list[dict] | None) ->
     for k in range(c.hosts.n):
         wait_until(lambda k=k: c.vms(k) == 0, 30, f"no VM left on tender {k}")
         if own is not None:
-            wait_until(lambda k=k: c.leftovers(k) == own[k], 30,
-                       f"nothing but the tender's own files in host {k}'s /tmp and /dev/shm",
-                       detail=lambda k=k: f"{c.leftovers(k)} != {own[k]}\n{c.log_tail(k)}")
+            wait_until(
+                lambda k=k: c.leftovers(k) == own[k],
+                30,
+                f"nothing but the tender's own files in host {k}'s /tmp and /dev/shm",
+                detail=lambda k=k: f"{c.leftovers(k)} != {own[k]}\n{c.log_tail(k)}",
+            )
     return [sample(s.pid, t0) for s in series]
 
 
@@ -240,21 +270,36 @@ def test_soak_mixed_load_on_three_tenders(cluster, record_property):
         during = s.samples[mark:]
         assert len(during) >= 3, s.samples
         minima = window_minima(during, max(5.0, DURATION / 20))
-        report.append({
-            "tender": k,
-            "tree_rss_mib_idle": [round(base[k].rss / 2**20, 1), round(end[k].rss / 2**20, 1)],
-            "tree_rss_slope_kib_per_min": round(slope_per_min(minima) / 1024, 1),
-            "tree_rss_mib_max": round(max(x.rss for x in during) / 2**20, 1),
-            "threads_idle": [base[k].threads, end[k].threads],
-            "fds_idle": [base[k].fds, end[k].fds]})
+        report.append(
+            {
+                "tender": k,
+                "tree_rss_mib_idle": [round(base[k].rss / 2**20, 1), round(end[k].rss / 2**20, 1)],
+                "tree_rss_slope_kib_per_min": round(slope_per_min(minima) / 1024, 1),
+                "tree_rss_mib_max": round(max(x.rss for x in during) / 2**20, 1),
+                "threads_idle": [base[k].threads, end[k].threads],
+                "fds_idle": [base[k].fds, end[k].fds],
+            }
+        )
         assert end[k].rss - base[k].rss <= RSS_SLACK, (report[-1], tree_rss(s.pid))
         assert end[k].threads <= base[k].threads + THREAD_SLACK, report[-1]
         assert end[k].fds <= base[k].fds, report[-1]
         log_text = c.logs[k].read_text(errors="replace")
         assert "Traceback" not in log_text and "ERROR" not in log_text, c.log_tail(k, 80)
-    summary = {k: r[k] for k in ("launched", "accepted", "succeeded", "failed", "errors",
-                                 "throughput_per_s", "p50_ms", "p99_ms", "succeeded_by_fork",
-                                 "accepted_by_target")}
+    summary = {
+        k: r[k]
+        for k in (
+            "launched",
+            "accepted",
+            "succeeded",
+            "failed",
+            "errors",
+            "throughput_per_s",
+            "p50_ms",
+            "p99_ms",
+            "succeeded_by_fork",
+            "accepted_by_target",
+        )
+    }
     summary["warmup_accepted"] = warm["accepted"]
     record_property("soak", {"duration_s": DURATION, "load": summary, "tenders": report})
     print(f"\nsoak {DURATION:g} s: {json.dumps(summary)}")

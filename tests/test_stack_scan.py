@@ -37,9 +37,12 @@ def _interesting(tls_lo: int, tls_hi: int, heap_size: int):
 
 
 @settings(max_examples=200, deadline=None)
-@given(data=st.data(), heap_size=st.sampled_from([64 << 20, 4 << 30]),
-       tls_lo=st.sampled_from([0x0123_4000, 0x00FF_FF00, HEAP_BASE + 0x20_0000]),
-       pad=st.integers(0, 7))
+@given(
+    data=st.data(),
+    heap_size=st.sampled_from([64 << 20, 4 << 30]),
+    tls_lo=st.sampled_from([0x0123_4000, 0x00FF_FF00, HEAP_BASE + 0x20_0000]),
+    pad=st.integers(0, 7),
+)
 def test_scan_rebases_the_same_words_as_a_plain_pass(data, heap_size, tls_lo, pad) -> None:
     tls_hi, tdelta = tls_lo + 0x300, 0x1_0000
     words = data.draw(st.lists(_interesting(tls_lo, tls_hi, heap_size), max_size=300))

@@ -43,8 +43,9 @@ def test_a_reserved_port_is_taken_only_by_the_grpc_server() -> None:
             assert server.add_insecure_port(f"127.0.0.1:{port}") == port
             server.start()
             with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-                r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
-                                                         timeout=10)
+                r = health_pb2_grpc.HealthStub(ch).Check(
+                    health_pb2.HealthCheckRequest(), timeout=10
+                )
             assert r.status == health_pb2.HealthCheckResponse.SERVING
         finally:
             server.stop(None).wait()

@@ -95,9 +95,11 @@ def test_same_output_as_native(prog: str, args: list[str], rc: int, expected: st
 def test_wait4_reaps_before_it_copies_the_status_out() -> None:
     """A bad status pointer: Linux reaps the child, then returns EFAULT (kernel_wait4)."""
     prog = Path(__file__).with_name("guest") / "wait_efault.c"
-    expected = ("WNOHANG, child running: 0\n"
-                "bad status pointer: -1 Bad address\n"
-                "waited again: -1 No child process\n")
+    expected = (
+        "WNOHANG, child running: 0\n"
+        "bad status pointer: -1 Bad address\n"
+        "waited again: -1 No child process\n"
+    )
     n = native(build_image(prog))
     assert (n.returncode, n.stdout.decode()) == (0, expected), n.stderr
     r = vm(build_image(prog))

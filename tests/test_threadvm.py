@@ -37,12 +37,21 @@ def host() -> Iterator[ThreadVmHost]:
         h.close()
 
 
-def launch(host: ThreadVmHost, image: str | Path, *args: str, timeout: float = 60.0,
-           **config) -> tuple[ThreadVm, CaptureSink, list[float]]:
+def launch(
+    host: ThreadVmHost, image: str | Path, *args: str, timeout: float = 60.0, **config
+) -> tuple[ThreadVm, CaptureSink, list[float]]:
     sink, forks = CaptureSink(), []
     path, name = (image, image.stem) if isinstance(image, Path) else (image_path(image), image)
-    vm = host.launch("test", str(path), list(args), ["PATH=/bin"],
-                     VmConfig(timeout=timeout, tty=False, **config), name, sink, forks.append)
+    vm = host.launch(
+        "test",
+        str(path),
+        list(args),
+        ["PATH=/bin"],
+        VmConfig(timeout=timeout, tty=False, **config),
+        name,
+        sink,
+        forks.append,
+    )
     return vm, sink, forks
 
 
@@ -53,22 +62,35 @@ def in_background(vm: ThreadVm) -> tuple[threading.Thread, list[RunResult]]:
     return t, out
 
 
-@pytest.mark.parametrize("image,args", [
-    ("hello", []), ("token_ring", ["-n", "4", "-r", "3"]), ("fork_exit_wait", ["-n", "5"]),
-    ("exit_code", ["7"]), ("fault_segv", []), ("semantics", []),
-])
+@pytest.mark.parametrize(
+    "image,args",
+    [
+        ("hello", []),
+        ("token_ring", ["-n", "4", "-r", "3"]),
+        ("fork_exit_wait", ["-n", "5"]),
+        ("exit_code", ["7"]),
+        ("fault_segv", []),
+        ("semantics", []),
+    ],
+)
 def test_a_vm_in_its_own_process_gives_what_it_gives_in_process(host, image, args):
     vm, sink, forks = launch(host, image, *args)
     r = vm.wait()
     here = CaptureSink()
-    ref = run_vm(image_path(image), args, ["PATH=/bin"], VmConfig(timeout=60, tty=False),
-                 here, argv0=image)
-    assert (r.status, r.outcome, r.forks, r.reports) == \
-        (ref.status, ref.outcome, ref.forks, ref.reports)
+    ref = run_vm(
+        image_path(image), args, ["PATH=/bin"], VmConfig(timeout=60, tty=False), here, argv0=image
+    )
+    assert (r.status, r.outcome, r.forks, r.reports) == (
+        ref.status,
+        ref.outcome,
+        ref.forks,
+        ref.reports,
+    )
     assert (bytes(sink.stdout), bytes(sink.stderr)) == (bytes(here.stdout), bytes(here.stderr))
     assert {pid for pid, _, _ in sink.chunks} == {pid for pid, _, _ in here.chunks}
-    assert [(p.pid, p.ppid, p.name, p.state, p.status) for p in r.processes] == \
-        [(p.pid, p.ppid, p.name, p.state, p.status) for p in ref.processes]
+    assert [(p.pid, p.ppid, p.name, p.state, p.status) for p in r.processes] == [
+        (p.pid, p.ppid, p.name, p.state, p.status) for p in ref.processes
+    ]
     assert len(forks) == r.forks and all(0 < s < WAIT for s in forks)
     assert vm.exited.wait(WAIT) and vm.wait_status == 0
     assert vm.os_pid not in (0, os.getpid())
@@ -127,8 +149,10 @@ def test_an_emulator_crash_loses_only_its_vm(host):
     r = vm.wait()
     assert (r.outcome, r.status) == ("signaled", signaled_status(SIGKILL)), r
     assert os.WIFSIGNALED(vm.wait_status) and os.WTERMSIG(vm.wait_status) == signal.SIGSEGV
-    assert r.reports == [f"its VM was lost: the process that ran it (pid {vm.os_pid}) died "
-                         "of SIGSEGV (the emulator crashed)"]
+    assert r.reports == [
+        f"its VM was lost: the process that ran it (pid {vm.os_pid}) died "
+        "of SIGSEGV (the emulator crashed)"
+    ]
     assert bytes(crashed_sink.stdout) == b""
     assert [p.state for p in beside.query().processes] == ["alive", "alive"]
     beside.kill()

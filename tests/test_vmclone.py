@@ -606,22 +606,26 @@ def test_a_vm_fault_report_reaches_the_instance_result(env: Env) -> None:
     here = vm(image_path("fault_segv"))
     assert (r.result.status, here.result.status) == (SIGSEGV, SIGSEGV), r.why()
     assert r.result.reports == here.result.reports, r.why()
-    assert re.fullmatch(r"pid 2: SIGSEGV: write of unmapped address 0x0 at rip=0x[0-9a-f]+ "
-                        r"address=0x0 insn=.*", r.result.reports[0]), r.result.reports
+    assert re.fullmatch(
+        r"pid 2: SIGSEGV: write of unmapped address 0x0 at rip=0x[0-9a-f]+ "
+        r"address=0x0 insn=.*",
+        r.result.reports[0],
+    ), r.result.reports
     assert r.rows[MAIN_PID].report == r.result.reports[0]
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_a_cross_vm_pipe_read_cut_by_a_mapping_end_loses_nothing(env: Env,
-                                                                  transport: str) -> None:
+def test_a_cross_vm_pipe_read_cut_by_a_mapping_end_loses_nothing(env: Env, transport: str) -> None:
     """tests/guest/read_short.c reads a pipe into a buffer 4 bytes before an unmapped
     page, then readv()s another into two iovecs, the second cut short by it.  Linux
     fails both with EFAULT and keeps the bytes in the pipe; so do a local pipe and a
     cross-VM one (the VM tells the broker how much its buffers can take).
     Before, the broker's 8 bytes were fetched, the copy faulted, and they were lost."""
     prog = Path(__file__).with_name("guest") / "read_short.c"
-    linux = ('read at the edge: -1 Bad address ""\nthen: 8  "abcdefgh"\n'
-             'readv into the edge: -1 Bad address ""\nthen: 12  "0123456789AB"\n')
+    linux = (
+        'read at the edge: -1 Bad address ""\nthen: 8  "abcdefgh"\n'
+        'readv into the edge: -1 Bad address ""\nthen: 12  "0123456789AB"\n'
+    )
     n = native(image_path(prog))
     assert (n.returncode, n.stdout.decode()) == (0, linux), n.stderr
     assert vm(image_path(prog)).out == linux  # a local pipe, as Linux's
@@ -636,15 +640,26 @@ def test_an_emulator_crash_is_contained_in_its_tender_process(env: Env) -> None:
     lives on, the pool refills and the next instance runs."""
     before = env.worker_pids()
     sink = CaptureSink()
-    res = run_vmclone(build_image(Path(__file__).with_name("guest") / "x87_block.c"), [],
-                      config=VmConfig(timeout=60), sink=sink, transport="shm", pool=env.pool)
+    res = run_vmclone(
+        build_image(Path(__file__).with_name("guest") / "x87_block.c"),
+        [],
+        config=VmConfig(timeout=60),
+        sink=sink,
+        transport="shm",
+        pool=env.pool,
+    )
     assert (res.outcome, res.status) == ("signaled", SIGKILL), res
     assert any("its VM was lost" in rep for rep in res.reports), res.reports
     assert bytes(sink.stdout) == b""
     later = env.run("fork_exit_wait", "-n", "3")
     assert later.out == "ok 3 children\n", later.why()
-    wait_for(lambda: len([w for w in env.pool.workers if w.alive]) == POOL_SIZE
-             and env.worker_pids() != before, "the pool to replace the crashed process")
+    wait_for(
+        lambda: (
+            len([w for w in env.pool.workers if w.alive]) == POOL_SIZE
+            and env.worker_pids() != before
+        ),
+        "the pool to replace the crashed process",
+    )
 
 
 def _refused(port: int, data: bytes) -> bytes:

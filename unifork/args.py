@@ -23,8 +23,10 @@ def check_target(text: str) -> str:
     host, sep, port = text.rpartition(":")
     bare_v6 = ":" in host and not (host.startswith("[") and host.endswith("]"))
     if not sep or not host or bare_v6 or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"target {text!r}: not HOST:PORT (a port is required; "
-                         "an IPv6 address goes in brackets: [::1]:7700)")
+        raise UsageError(
+            f"target {text!r}: not HOST:PORT (a port is required; "
+            "an IPv6 address goes in brackets: [::1]:7700)"
+        )
     return text
 
 

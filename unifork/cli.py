@@ -85,16 +85,29 @@ def _run(a: argparse.Namespace) -> int:
     except (ImageNotFoundError, OSError) as e:
         print(f"unifork: {e}", file=sys.stderr)
         return 2
-    config = VmConfig(ram=a.mem, stack_size=a.stack, timeout=a.timeout, quantum=a.quantum,
-                      max_procs=a.max_procs, tty=a.console == "tty",
-                      trace_syscalls=a.trace_syscalls)
+    config = VmConfig(
+        ram=a.mem,
+        stack_size=a.stack,
+        timeout=a.timeout,
+        quantum=a.quantum,
+        max_procs=a.max_procs,
+        tty=a.console == "tty",
+        trace_syscalls=a.trace_syscalls,
+    )
     stdin = None if a.stdin == "none" else sys.stdin.fileno()
     if stdin is not None:
         os.set_blocking(stdin, False)
     backend = make_backend(a.fork, BackendContext(pool_size=a.pool))
     # argv[0]: one VM names the program after its image file, VM-clone as typed
-    spec = InstanceSpec(path, a.args, a.env or None, config, argv0=None if backend.one_vm
-                        else a.image, stdin=stdin, transport=a.pipe)
+    spec = InstanceSpec(
+        path,
+        a.args,
+        a.env or None,
+        config,
+        argv0=None if backend.one_vm else a.image,
+        stdin=stdin,
+        transport=a.pipe,
+    )
     try:
         result = run_instance(backend, spec, stdio_sink(a.tag_pids))
     except (ImageError, ValueError) as e:
@@ -111,10 +124,16 @@ def _run(a: argparse.Namespace) -> int:
             st = "" if p.status is None else signals.describe_status(p.status)
             print(f"{p.pid:>6} {p.ppid:>6} {p.state:<8} {st}  {p.name}", file=sys.stderr)
     if a.stats:  # VM-clone does not count syscalls (they happen in many VMs)
-        extra = (f", {result.syscalls} syscalls, peak guest memory {result.peak_memory} bytes"
-                 if result.syscalls is not None else "")
-        print(f"unifork: {result.outcome}, {result.elapsed * 1e3:.1f} ms, {result.forks} forks"
-              f"{extra}", file=sys.stderr)
+        extra = (
+            f", {result.syscalls} syscalls, peak guest memory {result.peak_memory} bytes"
+            if result.syscalls is not None
+            else ""
+        )
+        print(
+            f"unifork: {result.outcome}, {result.elapsed * 1e3:.1f} ms, {result.forks} forks"
+            f"{extra}",
+            file=sys.stderr,
+        )
     return result.exit_code
 
 
@@ -128,6 +147,7 @@ def cmd_images(a: argparse.Namespace) -> int:
     from tender_service.toolchain.images import build_all, list_images
 
     if a.build:
+
         def progress(name: str, done: int, total: int) -> None:
             print(f"\r[{done}/{total}] built {name:<24}", end="", file=sys.stderr, flush=True)
 
@@ -135,12 +155,27 @@ def cmd_images(a: argparse.Namespace) -> int:
         print(file=sys.stderr)
     infos = list_images()
     if a.output == "json":
-        print(json.dumps([{"name": i.name, "path": None if i.path is None else str(i.path),
-                           "size_bytes": i.size, "sha256": i.sha256} for i in infos], indent=1))
+        print(
+            json.dumps(
+                [
+                    {
+                        "name": i.name,
+                        "path": None if i.path is None else str(i.path),
+                        "size_bytes": i.size,
+                        "sha256": i.sha256,
+                    }
+                    for i in infos
+                ],
+                indent=1,
+            )
+        )
         return 0
     for info in infos:
-        built = ("not built" if info.path is None
-                 else f"{info.size:>9} bytes  {(info.sha256 or '')[:16]}")
+        built = (
+            "not built"
+            if info.path is None
+            else f"{info.size:>9} bytes  {(info.sha256 or '')[:16]}"
+        )
         print(f"{info.name:<22} {built}")
     return 0
 
@@ -163,14 +198,22 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
     print("== building guest images", flush=True)
     build_all(progress=lambda n, d, t: print(f"  [{d}/{t}] {n}", flush=True))
-    demos = [("fork_time", []), ("pipe_talk", ["--write-literal"]), ("token_ring", []),
-             ("semantics", []), ("fork_exit_wait", [])]
+    demos = [
+        ("fork_time", []),
+        ("pipe_talk", ["--write-literal"]),
+        ("token_ring", []),
+        ("semantics", []),
+        ("fork_exit_wait", []),
+    ]
     code = 0
     for name, args in demos:
         print(f"\n== unifork run {name} {' '.join(args)}  (thread fork)", flush=True)
         r = run_vm(build_image(name), args, sink=stdio_sink())
-        print(f"-- {name}: {r.outcome}, exit {r.exit_code}, {r.forks} forks, "
-              f"{r.elapsed * 1e3:.1f} ms", flush=True)
+        print(
+            f"-- {name}: {r.outcome}, exit {r.exit_code}, {r.forks} forks, "
+            f"{r.elapsed * 1e3:.1f} ms",
+            flush=True,
+        )
         code = code or r.exit_code
     return code
 
@@ -180,16 +223,33 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     check_files(a, "--token-file", "--peer-token-file", "--tls-cert", "--tls-key", "--tls-ca")
     try:
-        return serve(ServeOptions(
-            listen=a.listen, metrics_port=a.metrics_port, peers=tuple(a.peer),
-            advertise=a.advertise, token_file=a.token_file, tls_cert=a.tls_cert,
-            tls_key=a.tls_key, tls_ca=a.tls_ca, peer_listen=a.peer_listen,
-            peer_token_file=a.peer_token_file, insecure_listen_any=a.insecure_listen_any, pool_size=a.pool,
-            max_instances=a.max_instances, max_upload=a.max_upload,
-            max_image_store=a.max_image_store, max_guest_memory=a.max_guest_memory,
-            default_timeout=a.default_timeout, grace=a.grace,
-            peer_timeout=a.peer_timeout, keep_finished=a.keep_finished, jail=not a.no_jail,
-            max_streams=a.max_streams, max_streams_per_peer=a.max_streams_per_peer))
+        return serve(
+            ServeOptions(
+                listen=a.listen,
+                metrics_port=a.metrics_port,
+                peers=tuple(a.peer),
+                advertise=a.advertise,
+                token_file=a.token_file,
+                tls_cert=a.tls_cert,
+                tls_key=a.tls_key,
+                tls_ca=a.tls_ca,
+                peer_listen=a.peer_listen,
+                peer_token_file=a.peer_token_file,
+                insecure_listen_any=a.insecure_listen_any,
+                pool_size=a.pool,
+                max_instances=a.max_instances,
+                max_upload=a.max_upload,
+                max_image_store=a.max_image_store,
+                max_guest_memory=a.max_guest_memory,
+                default_timeout=a.default_timeout,
+                grace=a.grace,
+                peer_timeout=a.peer_timeout,
+                keep_finished=a.keep_finished,
+                jail=not a.no_jail,
+                max_streams=a.max_streams,
+                max_streams_per_peer=a.max_streams_per_peer,
+            )
+        )
     except (ValueError, OSError) as e:
         print(f"unifork serve: {e}", file=sys.stderr)
         return 2
@@ -220,8 +280,11 @@ def cmd_load(a: argparse.Namespace) -> int:
 
 
 def add_client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default=os.environ.get("UNIFORK_TARGET", "127.0.0.1:7700"),
-                   help="tender address HOST:PORT (env UNIFORK_TARGET)")
+    p.add_argument(
+        "--target",
+        default=os.environ.get("UNIFORK_TARGET", "127.0.0.1:7700"),
+        help="tender address HOST:PORT (env UNIFORK_TARGET)",
+    )
     p.add_argument("--token-file", help="bearer token file (or env UNIFORK_TOKEN)")
     p.add_argument("--tls-ca", help="CA certificate to verify a TLS tender")
 
@@ -231,8 +294,13 @@ class _Version(argparse.Action):
     (see ``unifork.__getattr__``)."""
 
     def __init__(self, option_strings: list[str], dest: str, **kw) -> None:
-        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
-                         nargs=0, help="print the installed version and exit")
+        super().__init__(
+            option_strings,
+            dest=argparse.SUPPRESS,
+            default=argparse.SUPPRESS,
+            nargs=0,
+            help="print the installed version and exit",
+        )
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         import unifork
@@ -242,8 +310,13 @@ class _Version(argparse.Action):
 
 
 def add_output_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", "-o", choices=("text", "json"), default="text",
-                   help="text for people (default) or json for scripts")
+    p.add_argument(
+        "--output",
+        "-o",
+        choices=("text", "json"),
+        default="text",
+        help="text for people (default) or json for scripts",
+    )
 
 
 #: what the environment variables of ``unifork serve`` say, after its options
@@ -252,7 +325,8 @@ SERVE_ENV_EPILOG = (
     "UNIFORK_MAX_UPLOAD=8M (UNIFORK_ and the option's name in capitals, - as _), as "
     "each option's help says; an option on the command line wins over its variable. "
     "A switch (--no-jail) takes 1/true/yes/on or 0/false/no/off; --peer takes a "
-    "comma-separated list.")
+    "comma-separated list."
+)
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
@@ -282,8 +356,9 @@ class EnvOption:
         if hasattr(a, self.dest):  # given on the command line: it wins
             return
         text, action = env.get(self.var), self.kw.get("action")
-        value = self.kw.get("default", [] if action == "append" else
-                            False if action == "store_true" else None)
+        value = self.kw.get(
+            "default", [] if action == "append" else False if action == "store_true" else None
+        )
         if text is not None and action == "append":
             value = [x.strip() for x in text.split(",") if x.strip()]
         elif text is not None and action == "store_true":
@@ -298,72 +373,143 @@ class EnvOption:
             try:
                 value = self.kw["type"](value)
             except (ValueError, argparse.ArgumentTypeError):
-                error(f"{self.var if text is not None else self.flag}={value!r}: "
-                      f"not a value for {self.flag}")
+                error(
+                    f"{self.var if text is not None else self.flag}={value!r}: "
+                    f"not a value for {self.flag}"
+                )
         setattr(a, self.dest, value)
 
 
 #: the options of ``unifork serve``
 SERVE_OPTIONS = (
-    EnvOption("--listen", dict(default="127.0.0.1:7700",
-                               help="HOST:PORT (default 127.0.0.1:7700)")),
+    EnvOption(
+        "--listen", dict(default="127.0.0.1:7700", help="HOST:PORT (default 127.0.0.1:7700)")
+    ),
     EnvOption("--metrics-port", dict(type=int, default=0, help="serve /metrics on this port")),
-    EnvOption("--peer-listen", dict(
-        metavar="HOST:PORT", help="the peer API's own listener (default: the --listen host, "
-                                  "its port + 1, e.g. 127.0.0.1:7701)")),
-    EnvOption("--peer", dict(
-        action="append", default=[],
-        help="a peer tender's peer listener HOST:PORT (e.g. host-b:7701), or dns:NAME for "
-             "every A record at this tender's peer port (repeatable)")),
-    EnvOption("--advertise", dict(help="HOST:PORT clients and VMs reach this tender at "
-                                       "(peers: the same host, the peer port)")),
+    EnvOption(
+        "--peer-listen",
+        dict(
+            metavar="HOST:PORT",
+            help="the peer API's own listener (default: the --listen host, "
+            "its port + 1, e.g. 127.0.0.1:7701)",
+        ),
+    ),
+    EnvOption(
+        "--peer",
+        dict(
+            action="append",
+            default=[],
+            help="a peer tender's peer listener HOST:PORT (e.g. host-b:7701), or dns:NAME for "
+            "every A record at this tender's peer port (repeatable)",
+        ),
+    ),
+    EnvOption(
+        "--advertise",
+        dict(
+            help="HOST:PORT clients and VMs reach this tender at "
+            "(peers: the same host, the peer port)"
+        ),
+    ),
     EnvOption("--token-file", dict(help="require this bearer token on every client RPC")),
-    EnvOption("--peer-token-file", dict(
-        help="the peers' bearer token (another token than --token-file): required on the "
-             "peer listener, sent to peers")),
-    EnvOption("--tls-cert", dict(help="TLS certificate (PEM) of both listeners; needs "
-                                      "--tls-key and --tls-ca")),
+    EnvOption(
+        "--peer-token-file",
+        dict(
+            help="the peers' bearer token (another token than --token-file): required on the "
+            "peer listener, sent to peers"
+        ),
+    ),
+    EnvOption(
+        "--tls-cert",
+        dict(help="TLS certificate (PEM) of both listeners; needs --tls-key and --tls-ca"),
+    ),
     EnvOption("--tls-key", dict(help="the private key (PEM) of --tls-cert")),
-    EnvOption("--tls-ca", dict(help="CA (PEM) that signs peers' certificates: the peer "
-                                    "listener requires one (mutual TLS); peers are dialled "
-                                    "with TLS, presenting --tls-cert")),
-    EnvOption("--insecure-listen-any", dict(
-        action="store_true", help="allow a non-loopback listen address without a token")),
+    EnvOption(
+        "--tls-ca",
+        dict(
+            help="CA (PEM) that signs peers' certificates: the peer "
+            "listener requires one (mutual TLS); peers are dialled "
+            "with TLS, presenting --tls-cert"
+        ),
+    ),
+    EnvOption(
+        "--insecure-listen-any",
+        dict(action="store_true", help="allow a non-loopback listen address without a token"),
+    ),
     EnvOption("--pool", dict(type=int, default=2, help="warm tender processes for clones")),
     EnvOption("--max-instances", dict(type=int, default=64)),
     EnvOption("--max-upload", dict(type=parse_size, default="64M")),
-    EnvOption("--max-image-store", dict(
-        type=parse_size, default="512M",
-        help="bytes of uploaded images kept at most (default 512M); delete-image frees them")),
-    EnvOption("--max-guest-memory", dict(
-        type=parse_size, default=None,
-        help="guest RAM all VMs on this tender may declare together (default: half of the "
-             "host's RAM, or of the container's memory limit)")),
-    EnvOption("--default-timeout", dict(
-        type=float, default=600.0, help="time limit of instances that ask for none (seconds)")),
-    EnvOption("--peer-timeout", dict(
-        type=float, default=60.0,
-        help="seconds a VM on another host may stay silent (link down, host gone) before it "
-             "counts as lost and is killed (default 60)")),
-    EnvOption("--keep-finished", dict(
-        type=int, default=4096,
-        help="finished instances remembered for Wait, Describe and logs (oldest forgotten "
-             "first; default 4096)")),
-    EnvOption("--no-jail", dict(
-        action="store_true",
-        help="run VM processes unconfined, for debugging (see tender_service/instance/jail.py)")),
-    EnvOption("--max-streams", dict(
-        type=int, default=10000,
-        help="long-lived calls (Wait, logs, uploads, Health.Watch) open at once; more are "
-             "refused with RESOURCE_EXHAUSTED (default 10000)")),
-    EnvOption("--max-streams-per-peer", dict(
-        type=int, default=1000, help="the same, per client host (default 1000)")),
-    EnvOption("--grace", dict(
-        type=float, default=10.0, help="seconds running instances get to finish on SIGTERM")),
-    EnvOption("--log-format", dict(
-        choices=logs.SERVE_FORMATS, default="text",
-        help="text: a UTC timestamp, the level and the logger on each line (default); json: "
-             "one JSON object a line")),
+    EnvOption(
+        "--max-image-store",
+        dict(
+            type=parse_size,
+            default="512M",
+            help="bytes of uploaded images kept at most (default 512M); delete-image frees them",
+        ),
+    ),
+    EnvOption(
+        "--max-guest-memory",
+        dict(
+            type=parse_size,
+            default=None,
+            help="guest RAM all VMs on this tender may declare together (default: half of the "
+            "host's RAM, or of the container's memory limit)",
+        ),
+    ),
+    EnvOption(
+        "--default-timeout",
+        dict(type=float, default=600.0, help="time limit of instances that ask for none (seconds)"),
+    ),
+    EnvOption(
+        "--peer-timeout",
+        dict(
+            type=float,
+            default=60.0,
+            help="seconds a VM on another host may stay silent (link down, host gone) before it "
+            "counts as lost and is killed (default 60)",
+        ),
+    ),
+    EnvOption(
+        "--keep-finished",
+        dict(
+            type=int,
+            default=4096,
+            help="finished instances remembered for Wait, Describe and logs (oldest forgotten "
+            "first; default 4096)",
+        ),
+    ),
+    EnvOption(
+        "--no-jail",
+        dict(
+            action="store_true",
+            help="run VM processes unconfined, for debugging (see tender_service/instance/jail.py)",
+        ),
+    ),
+    EnvOption(
+        "--max-streams",
+        dict(
+            type=int,
+            default=10000,
+            help="long-lived calls (Wait, logs, uploads, Health.Watch) open at once; more are "
+            "refused with RESOURCE_EXHAUSTED (default 10000)",
+        ),
+    ),
+    EnvOption(
+        "--max-streams-per-peer",
+        dict(type=int, default=1000, help="the same, per client host (default 1000)"),
+    ),
+    EnvOption(
+        "--grace",
+        dict(type=float, default=10.0, help="seconds running instances get to finish on SIGTERM"),
+    ),
+    EnvOption(
+        "--log-format",
+        dict(
+            choices=logs.SERVE_FORMATS,
+            default="text",
+            help="text: a UTC timestamp, the level and the logger on each line (default); json: "
+            "one JSON object a line",
+        ),
+    ),
 )
 
 
@@ -380,18 +526,35 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - split after the 
     r.add_argument("--mem", type=parse_size, default="64M", help="guest RAM (default 64M)")
     r.add_argument("--stack", type=parse_size, default="256K", help="stack per process")
     r.add_argument("--timeout", type=float, default=None, help="wall-time limit in seconds")
-    r.add_argument("--quantum", type=int, default=0,
-                   help="preempt after this many instructions (default: cooperative)")
+    r.add_argument(
+        "--quantum",
+        type=int,
+        default=0,
+        help="preempt after this many instructions (default: cooperative)",
+    )
     r.add_argument("--console", choices=("tty", "pipe"), default="tty")
-    r.add_argument("--stdin", choices=("host", "none"), default="host",
-                   help="guest stdin: this process's stdin, or EOF")
+    r.add_argument(
+        "--stdin",
+        choices=("host", "none"),
+        default="host",
+        help="guest stdin: this process's stdin, or EOF",
+    )
     r.add_argument("--env", action="append", default=[], help="NAME=VALUE (repeatable)")
-    r.add_argument("--fork", choices=FORK_MODES, default="thread",
-                   help="fork strategy: a thread in the same VM, or a clone of the whole VM")
-    r.add_argument("--pipe", choices=("shm", "tcp"), default="shm",
-                   help="vmclone: how pipes between VMs travel (default shm)")
-    r.add_argument("--pool", type=int, default=2,
-                   help="vmclone: warm tender processes to start (default 2)")
+    r.add_argument(
+        "--fork",
+        choices=FORK_MODES,
+        default="thread",
+        help="fork strategy: a thread in the same VM, or a clone of the whole VM",
+    )
+    r.add_argument(
+        "--pipe",
+        choices=("shm", "tcp"),
+        default="shm",
+        help="vmclone: how pipes between VMs travel (default shm)",
+    )
+    r.add_argument(
+        "--pool", type=int, default=2, help="vmclone: warm tender processes to start (default 2)"
+    )
     r.add_argument("--max-procs", type=int, default=1024)
     r.add_argument("--trace-syscalls", action="store_true")
     r.add_argument("--tag-pids", action="store_true", help="prefix output lines with the pid")
@@ -424,9 +587,13 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - split after the 
     la.add_argument("--wait", action="store_true", help="stream the console and wait for the end")
     la.add_argument("--tag-pids", action="store_true")
     add_client_args(la)
-    for name, text in (("ps", "list a tender's instances"), ("logs", "stream an instance's console"),
-                       ("wait", "wait for an instance"), ("kill", "kill an instance"),
-                       ("describe", "describe an instance and its process tree")):
+    for name, text in (
+        ("ps", "list a tender's instances"),
+        ("logs", "stream an instance's console"),
+        ("wait", "wait for an instance"),
+        ("kill", "kill an instance"),
+        ("describe", "describe an instance and its process tree"),
+    ):
         c = sub.add_parser(name, help=text)
         if name != "ps":
             c.add_argument("instance")
@@ -450,11 +617,18 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - split after the 
     sub.add_parser("demo", help="build the images and run the fork/pipe programs")
     from comparison.options import add_compare_arguments, add_load_arguments
 
-    add_compare_arguments(sub.add_parser(
-        "compare", help="run every workload natively, with thread fork and with VM-clone fork; "
-                        "report tables, JSON, CSV and plots"))
-    lo = sub.add_parser("load", help="launch instances on a tender at a given concurrency "
-                                     "for a while; report throughput and latency")
+    add_compare_arguments(
+        sub.add_parser(
+            "compare",
+            help="run every workload natively, with thread fork and with VM-clone fork; "
+            "report tables, JSON, CSV and plots",
+        )
+    )
+    lo = sub.add_parser(
+        "load",
+        help="launch instances on a tender at a given concurrency "
+        "for a while; report throughput and latency",
+    )
     add_load_arguments(lo)
     add_output_arg(lo)
 
@@ -478,13 +652,20 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - split after the 
 
 
 def _dispatch(a: argparse.Namespace) -> int:
-    if a.cmd in ("launch", "ps", "logs", "wait", "kill", "describe", "upload",
-                 "delete-image") or (a.cmd == "images" and a.target):
+    if a.cmd in ("launch", "ps", "logs", "wait", "kill", "describe", "upload", "delete-image") or (
+        a.cmd == "images" and a.target
+    ):
         from unifork.remote import cmd
 
         return cmd(a)
-    return {"images": cmd_images, "syscalls": cmd_syscalls, "demo": cmd_demo,
-            "serve": cmd_serve, "compare": cmd_compare, "load": cmd_load}[a.cmd](a)
+    return {
+        "images": cmd_images,
+        "syscalls": cmd_syscalls,
+        "demo": cmd_demo,
+        "serve": cmd_serve,
+        "compare": cmd_compare,
+        "load": cmd_load,
+    }[a.cmd](a)
 
 
 def _split_run_args(parser: argparse.ArgumentParser, a: argparse.Namespace) -> argparse.Namespace:

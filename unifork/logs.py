@@ -25,18 +25,24 @@ class JsonFormatter(logging.Formatter):
     """
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"time": datetime.fromtimestamp(record.created, UTC).isoformat(
-                   timespec="milliseconds").replace("+00:00", "Z"),
-               "level": record.levelname, "logger": record.name,
-               "message": record.getMessage(), "pid": record.process}
+        out = {
+            "time": datetime.fromtimestamp(record.created, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": record.process,
+        }
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out)
 
 
 def _timestamped() -> logging.Formatter:
-    f = logging.Formatter("%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s",
-                          datefmt="%Y-%m-%dT%H:%M:%S")
+    f = logging.Formatter(
+        "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s", datefmt="%Y-%m-%dT%H:%M:%S"
+    )
     f.converter = time.gmtime
     return f
 

@@ -36,11 +36,13 @@ def message_dict(msg: Message) -> dict:
     """A response as JSON-ready data, every field present (zeros too: a script reads
     ``exit_code`` 0 as 0, not as missing)."""
     try:
-        return json_format.MessageToDict(msg, preserving_proto_field_name=True,
-                                         always_print_fields_with_no_presence=True)
+        return json_format.MessageToDict(
+            msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
     except TypeError:  # protobuf before 5.26 calls it including_default_value_fields
         return json_format.MessageToDict(  # type: ignore[call-arg]  # stubs: protobuf>=5.26
-            msg, preserving_proto_field_name=True, including_default_value_fields=True)
+            msg, preserving_proto_field_name=True, including_default_value_fields=True
+        )
 
 
 def print_json(data: object) -> None:
@@ -51,9 +53,12 @@ def print_result(r) -> int:
     if not r.done:
         print(f"{r.instance_id}: still running", file=sys.stderr)
         return 124
-    print(f"{r.instance_id}: {r.outcome}, {signals.describe_status(r.wait_status)}, "
-          f"{r.duration_seconds * 1e3:.1f} ms, {r.fork_count} forks, peak guest memory "
-          f"{r.peak_guest_memory_bytes} bytes", file=sys.stderr)
+    print(
+        f"{r.instance_id}: {r.outcome}, {signals.describe_status(r.wait_status)}, "
+        f"{r.duration_seconds * 1e3:.1f} ms, {r.fork_count} forks, peak guest memory "
+        f"{r.peak_guest_memory_bytes} bytes",
+        file=sys.stderr,
+    )
     for line in r.reports:
         print(f"  {line}", file=sys.stderr)
     return r.exit_code
@@ -90,24 +95,33 @@ def describe_text(pb2, d) -> str:
     """An instance as a person reads it: its fields, then its process table."""
     s, r = d.summary, d.result
     pipes = _enum(pb2, "PipeTransport", d.pipe_transport)
-    fields = [("instance", s.instance_id), ("image", s.image), ("state", s.state),
-              ("fork", _enum(pb2, "ForkMode", s.fork_mode)),
-              ("pipes", f"{pipes} ({d.transport_note})" if d.transport_note else pipes),
-              ("placement", _enum(pb2, "Placement", d.placement)),
-              ("age", f"{s.age_seconds:.1f} s")]
+    fields = [
+        ("instance", s.instance_id),
+        ("image", s.image),
+        ("state", s.state),
+        ("fork", _enum(pb2, "ForkMode", s.fork_mode)),
+        ("pipes", f"{pipes} ({d.transport_note})" if d.transport_note else pipes),
+        ("placement", _enum(pb2, "Placement", d.placement)),
+        ("age", f"{s.age_seconds:.1f} s"),
+    ]
     if r.done:
-        fields += [("outcome", r.outcome), ("status", signals.describe_status(r.wait_status)),
-                   ("exit code", str(r.exit_code)),
-                   ("duration", f"{r.duration_seconds * 1e3:.1f} ms"),
-                   ("forks", str(r.fork_count)),
-                   ("peak guest memory", f"{r.peak_guest_memory_bytes} bytes"),
-                   *(("report", line) for line in r.reports)]
+        fields += [
+            ("outcome", r.outcome),
+            ("status", signals.describe_status(r.wait_status)),
+            ("exit code", str(r.exit_code)),
+            ("duration", f"{r.duration_seconds * 1e3:.1f} ms"),
+            ("forks", str(r.fork_count)),
+            ("peak guest memory", f"{r.peak_guest_memory_bytes} bytes"),
+            *(("report", line) for line in r.reports),
+        ]
     lines = [f"{key + ':':<19}{value}" for key, value in fields]
     lines += ["", f"{'PID':>6} {'PPID':>6} {'STATE':<7} {'VM':<10} {'HOST':<21} STATUS"]
     for p in d.processes:
         status = signals.describe_status(p.wait_status) if p.exited else ""
-        lines.append(f"{p.pid:>6} {p.ppid:>6} {p.state:<7} {p.vm or '-':<10} "
-                     f"{p.host or '-':<21} {status}".rstrip())
+        lines.append(
+            f"{p.pid:>6} {p.ppid:>6} {p.state:<7} {p.vm or '-':<10} "
+            f"{p.host or '-':<21} {status}".rstrip()
+        )
     return "\n".join(lines)
 
 
@@ -118,9 +132,13 @@ def _launch(c: Client, a: argparse.Namespace) -> int:
         fork_mode=pb2.ForkMode.Value(f"FORK_MODE_{a.fork.upper()}"),  # a registered mode
         pipe_transport=pb2.PIPE_TRANSPORT_TCP if a.pipe == "tcp" else pb2.PIPE_TRANSPORT_SHM,
         placement={"remote": pb2.PLACEMENT_REMOTE, "spread": pb2.PLACEMENT_SPREAD}.get(
-            a.placement, pb2.PLACEMENT_LOCAL),
-        memory_bytes=a.mem, time_limit_seconds=a.timeout or 0.0,
-        max_procs=a.max_procs, console_pipe=a.console == "pipe")
+            a.placement, pb2.PLACEMENT_LOCAL
+        ),
+        memory_bytes=a.mem,
+        time_limit_seconds=a.timeout or 0.0,
+        max_procs=a.max_procs,
+        console_pipe=a.console == "pipe",
+    )
     iid = c.launch(a.image, a.args, **fields)
     if not a.wait:
         print(iid)
@@ -187,8 +205,10 @@ def _images(c: Client, json_out: bool) -> None:
         print_json([message_dict(i) for i in images])
         return
     for i in images:
-        print(f"{i.name:<24} {i.size_bytes:>9} {i.sha256[:16]} "
-              f"{'builtin' if i.builtin else 'uploaded'}")
+        print(
+            f"{i.name:<24} {i.size_bytes:>9} {i.sha256[:16]} "
+            f"{'builtin' if i.builtin else 'uploaded'}"
+        )
 
 
 def cmd(a: argparse.Namespace) -> int:

@@ -97,9 +97,13 @@ def capture(k: Kernel, lwp: Lwp, child_pid: int) -> bytes:
         fds.append({"fd": fd, "cloexec": e.cloexec, "file": fid, "state": file_state(e.file)})
     regions = [{"name": r.name, "base": r.base, "size": r.size} for r in mem.regions]
     meta = {
-        "config": {"ram": k.config.ram, "stack_size": k.config.stack_size,
-                   "quantum": k.config.quantum, "max_procs": k.config.max_procs,
-                   "tty": k.config.tty},
+        "config": {
+            "ram": k.config.ram,
+            "stack_size": k.config.stack_size,
+            "quantum": k.config.quantum,
+            "max_procs": k.config.max_procs,
+            "tty": k.config.tty,
+        },
         "regions": regions,
         "brk_base": k.brk_base,
         "pages": k.pages.export_state(),
@@ -112,7 +116,9 @@ def capture(k: Kernel, lwp: Lwp, child_pid: int) -> bytes:
     ranges += k.pages.allocated_blocks()
     meta_b = json.dumps(meta, separators=(",", ":")).encode()
     out: list[bytes | memoryview] = [
-        _HEADER.pack(MAGIC, SNAPSHOT_VERSION, 0, len(meta_b), len(ranges)), meta_b]
+        _HEADER.pack(MAGIC, SNAPSHOT_VERSION, 0, len(meta_b), len(ranges)),
+        meta_b,
+    ]
     for addr, n in ranges:
         out.append(_RANGE.pack(addr, n))
         out.append(mem.slice(addr, n))
@@ -128,8 +134,9 @@ def decode(data: bytes | memoryview) -> Snapshot:
     if magic != MAGIC:
         raise SnapshotError("not a unifork snapshot (bad magic)")
     if version != SNAPSHOT_VERSION:
-        raise SnapshotError(f"unsupported snapshot version {version} "
-                            f"(this tender reads version {SNAPSHOT_VERSION})")
+        raise SnapshotError(
+            f"unsupported snapshot version {version} (this tender reads version {SNAPSHOT_VERSION})"
+        )
     if meta_len > MAX_META or nranges > MAX_RANGES:
         raise SnapshotError("snapshot header out of range")
     pos = _HEADER.size
@@ -146,8 +153,9 @@ def decode(data: bytes | memoryview) -> Snapshot:
     return Snapshot(meta, _decode_ranges(view, pos + meta_len, nranges, regions))
 
 
-def _decode_ranges(view: memoryview, pos: int, nranges: int,
-                   regions: list[tuple[int, int]]) -> list[tuple[int, memoryview]]:
+def _decode_ranges(
+    view: memoryview, pos: int, nranges: int, regions: list[tuple[int, int]]
+) -> list[tuple[int, memoryview]]:
     """The ``nranges`` memory ranges from ``pos`` to the end of the snapshot, each inside
     one of the snapshot's ``regions``."""
     ranges: list[tuple[int, memoryview]] = []
@@ -167,15 +175,25 @@ def _decode_ranges(view: memoryview, pos: int, nranges: int,
     return ranges
 
 
-def restore(snap: Snapshot, console: Console, forker: Forker | None,
-            make_file: FileFactory, timeout: float | None = None) -> Kernel:
+def restore(
+    snap: Snapshot,
+    console: Console,
+    forker: Forker | None,
+    make_file: FileFactory,
+    timeout: float | None = None,
+) -> Kernel:
     """Build the child VM of a snapshot, ready to run (its process returns 0 from fork)."""
     meta = snap.meta
     try:
         cfg = meta["config"]
-        config = VmConfig(ram=int(cfg["ram"]), stack_size=int(cfg["stack_size"]),
-                          quantum=int(cfg["quantum"]), max_procs=int(cfg["max_procs"]),
-                          tty=bool(cfg["tty"]), timeout=timeout)
+        config = VmConfig(
+            ram=int(cfg["ram"]),
+            stack_size=int(cfg["stack_size"]),
+            quantum=int(cfg["quantum"]),
+            max_procs=int(cfg["max_procs"]),
+            tty=bool(cfg["tty"]),
+            timeout=timeout,
+        )
         config.validate()
     except (KeyError, TypeError, ValueError) as e:
         raise SnapshotError(f"bad snapshot config: {e}") from e
@@ -190,8 +208,14 @@ def restore(snap: Snapshot, console: Console, forker: Forker | None,
         raise SnapshotError(f"inconsistent snapshot: {e}") from e
 
 
-def _restore_into(mem: GuestMemory, snap: Snapshot, config: VmConfig, console: Console,
-                  forker: Forker | None, make_file: FileFactory) -> Kernel:
+def _restore_into(
+    mem: GuestMemory,
+    snap: Snapshot,
+    config: VmConfig,
+    console: Console,
+    forker: Forker | None,
+    make_file: FileFactory,
+) -> Kernel:
     meta = snap.meta
     heap_region = None
     for r in meta["regions"]:
@@ -203,8 +227,7 @@ def _restore_into(mem: GuestMemory, snap: Snapshot, config: VmConfig, console: C
     for addr, data in snap.ranges:
         mem.write(addr, data)
     pages = PageAllocator.from_state(meta["pages"])
-    heap = MemAlloc.from_state(mem.region_view(heap_region), heap_region.base, pages,
-                               meta["heap"])
+    heap = MemAlloc.from_state(mem.region_view(heap_region), heap_region.base, pages, meta["heap"])
     k = Kernel(config, console, mem, int(meta["brk_base"]), pages, heap, forker)
     if int(meta["process"]["pid"]) <= INIT_PID:
         raise SnapshotError("bad pid in snapshot")

@@ -92,8 +92,9 @@ class ThreadFork:
         tls_lo, tls_hi, ctls = _copy_tls(k, child.pid, fs)
 
         # 3. relocate stack words and registers
-        r = _Relocator(heap, child.pid, s_base, s_top, delta, tls_lo, tls_hi,
-                       ctls - tls_lo if ctls else 0)
+        r = _Relocator(
+            heap, child.pid, s_base, s_top, delta, tls_lo, tls_hi, ctls - tls_lo if ctls else 0
+        )
         r.relocate_words(mem.buf, dst, n // 8)
         regs = [r.value(v) for v in cpu.read_regs(_SCAN_REGS)]
 
@@ -122,8 +123,9 @@ def _copy_tls(k: Kernel, pid: int, fs: int) -> tuple[int, int, int]:
     fmt = _words_format((hi - lo) // 8)
     words = fmt.unpack_from(mem.buf, mem.offset(lo, hi - lo))
     tdelta = ctls - lo
-    fmt.pack_into(mem.buf, mem.offset(ctls, hi - lo),
-                  *[w + tdelta if lo <= w < hi else w for w in words])
+    fmt.pack_into(
+        mem.buf, mem.offset(ctls, hi - lo), *[w + tdelta if lo <= w < hi else w for w in words]
+    )
     return lo, hi, ctls
 
 
@@ -139,8 +141,17 @@ _words_format(PTHREAD_SPAN // 8)
 class _Relocator:
     """Rebases words: stack -> child stack, TLS -> child TLS, heap -> duplicate."""
 
-    def __init__(self, heap, pid: int, s_base: int, s_top: int, delta: int,
-                 tls_lo: int, tls_hi: int, tdelta: int) -> None:
+    def __init__(
+        self,
+        heap,
+        pid: int,
+        s_base: int,
+        s_top: int,
+        delta: int,
+        tls_lo: int,
+        tls_hi: int,
+        tdelta: int,
+    ) -> None:
         self.heap, self.pid = heap, pid
         self.s_base, self.s_top, self.delta = s_base, s_top, delta
         self.tls_lo, self.tls_hi, self.tdelta = tls_lo, tls_hi, tdelta

@@ -55,8 +55,10 @@ class MemoryBudget:
             raise ValueError(f"{self.flag} must be positive")
 
     def state(self) -> str:
-        return (f"guest memory: {format_bytes(self.used)} in use of a "
-                f"{format_bytes(self.limit)} limit ({self.flag})")
+        return (
+            f"guest memory: {format_bytes(self.used)} in use of a "
+            f"{format_bytes(self.limit)} limit ({self.flag})"
+        )
 
     def reserve(self, nbytes: int) -> None:
         """Take ``nbytes``, or raise OverflowError naming the limit and what is in use."""

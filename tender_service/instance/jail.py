@@ -67,14 +67,20 @@ CLONE_NEWNET = 0x40000000
 CLONE_THREAD = 0x00010000
 #: the user namespace first: it owns the others, and grants them without host privileges
 #: (a root tender's VM process makes the others first, then becomes nobody, then the user ns)
-NAMESPACES = (("user", CLONE_NEWUSER), ("mount", CLONE_NEWNS), ("net", CLONE_NEWNET),
-              ("ipc", CLONE_NEWIPC), ("uts", CLONE_NEWUTS))
+NAMESPACES = (
+    ("user", CLONE_NEWUSER),
+    ("mount", CLONE_NEWNS),
+    ("net", CLONE_NEWNET),
+    ("ipc", CLONE_NEWIPC),
+    ("uts", CLONE_NEWUTS),
+)
 #: why no process of ours gets a pid namespace: unshare(CLONE_NEWPID) applies to the
 #: children only, and after it the kernel refuses clone(CLONE_THREAD) (EINVAL: a thread
 #: would live in another pid namespace than its process), so a VM process could start
 #: no thread; its processes never fork (the filter refuses), so there is nothing to hide
-NO_PID_NAMESPACE = ("the kernel refuses new threads after unshare(CLONE_NEWPID); "
-                    "the process forks none")
+NO_PID_NAMESPACE = (
+    "the kernel refuses new threads after unshare(CLONE_NEWPID); the process forks none"
+)
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 NOBODY = 65534  # the uid and gid a root tender's VM processes take
@@ -93,29 +99,117 @@ WORKER_NOFILE = 16384
 #: signal handler returns through rt_sigreturn).  No open, stat, socket, exec or fork:
 #: the process talks to the tender over the socket it already holds.
 VM_SYSCALLS = (
-    "read", "write", "close",
-    "mmap", "munmap", "mprotect", "mremap", "madvise", "brk",
-    "futex", "set_robust_list", "rseq", "sched_yield",
-    "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "restart_syscall",
-    "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait", "poll", "ppoll",
-    "select", "pselect6",
-    "nanosleep", "clock_nanosleep", "clock_gettime", "clock_getres", "gettimeofday",
-    "getrandom", "getpid", "gettid", "exit", "exit_group",
+    "read",
+    "write",
+    "close",
+    "mmap",
+    "munmap",
+    "mprotect",
+    "mremap",
+    "madvise",
+    "brk",
+    "futex",
+    "set_robust_list",
+    "rseq",
+    "sched_yield",
+    "rt_sigaction",
+    "rt_sigprocmask",
+    "rt_sigreturn",
+    "sigaltstack",
+    "restart_syscall",
+    "epoll_create1",
+    "epoll_ctl",
+    "epoll_wait",
+    "epoll_pwait",
+    "poll",
+    "ppoll",
+    "select",
+    "pselect6",
+    "nanosleep",
+    "clock_nanosleep",
+    "clock_gettime",
+    "clock_getres",
+    "gettimeofday",
+    "getrandom",
+    "getpid",
+    "gettid",
+    "exit",
+    "exit_group",
 )
 #: what a pool process may not do; everything else it may (see docs/reliability.md)
 WORKER_DENIED = (
-    "execve", "execveat", "fork", "vfork", "ptrace", "process_vm_readv", "process_vm_writev",
-    "process_madvise", "pidfd_getfd", "kcmp", "mount", "umount2", "mount_setattr",
-    "move_mount", "open_tree", "fsopen", "fsconfig", "fsmount", "fspick", "pivot_root",
-    "chroot", "unshare", "setns", "bpf", "perf_event_open", "userfaultfd", "keyctl",
-    "add_key", "request_key", "kexec_load", "kexec_file_load", "init_module",
-    "finit_module", "delete_module", "reboot", "swapon", "swapoff", "acct", "quotactl",
-    "open_by_handle_at", "name_to_handle_at", "iopl", "ioperm", "settimeofday",
-    "clock_settime", "clock_adjtime", "adjtimex", "sethostname", "setdomainname",
-    "setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid", "setfsuid",
-    "setfsgid", "setgroups", "capset", "personality", "syslog", "lookup_dcookie",
-    "fanotify_init", "io_uring_setup", "io_uring_enter", "io_uring_register",
-    "mknod", "mknodat", "tkill", "pidfd_open", "pidfd_send_signal", "rt_sigqueueinfo",
+    "execve",
+    "execveat",
+    "fork",
+    "vfork",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "process_madvise",
+    "pidfd_getfd",
+    "kcmp",
+    "mount",
+    "umount2",
+    "mount_setattr",
+    "move_mount",
+    "open_tree",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "pivot_root",
+    "chroot",
+    "unshare",
+    "setns",
+    "bpf",
+    "perf_event_open",
+    "userfaultfd",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "kexec_load",
+    "kexec_file_load",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "reboot",
+    "swapon",
+    "swapoff",
+    "acct",
+    "quotactl",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "iopl",
+    "ioperm",
+    "settimeofday",
+    "clock_settime",
+    "clock_adjtime",
+    "adjtimex",
+    "sethostname",
+    "setdomainname",
+    "setuid",
+    "setgid",
+    "setreuid",
+    "setregid",
+    "setresuid",
+    "setresgid",
+    "setfsuid",
+    "setfsgid",
+    "setgroups",
+    "capset",
+    "personality",
+    "syslog",
+    "lookup_dcookie",
+    "fanotify_init",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "mknod",
+    "mknodat",
+    "tkill",
+    "pidfd_open",
+    "pidfd_send_signal",
+    "rt_sigqueueinfo",
     "rt_tgsigqueueinfo",
 )
 #: socket families a pool process may open: Unix (its socket, supervisors), IPv4, IPv6
@@ -138,9 +232,11 @@ class JailReport:
     def line(self) -> str:
         limits = " ".join(f"{k}={v}" for k, v in self.limits.items())
         skipped = "; ".join(f"no {k}: {v}" for k, v in self.skipped.items())
-        return (f"jail: {self.identity or 'same uid'}, namespaces [{','.join(self.namespaces)}], seccomp {self.seccomp or 'none'}, "
-                f"limits {limits or 'none'}, env [{','.join(self.env)}], no_new_privs, "
-                f"{self.seconds * 1e3:.2f} ms" + (f" ({skipped})" if skipped else ""))
+        return (
+            f"jail: {self.identity or 'same uid'}, namespaces [{','.join(self.namespaces)}], seccomp {self.seccomp or 'none'}, "
+            f"limits {limits or 'none'}, env [{','.join(self.env)}], no_new_privs, "
+            f"{self.seconds * 1e3:.2f} ms" + (f" ({skipped})" if skipped else "")
+        )
 
 
 def enabled() -> bool:
@@ -184,8 +280,9 @@ def drop_identity(report: JailReport, uid: int = NOBODY, gid: int = NOBODY) -> N
     report.identity = f"uid {uid}"
 
 
-def unshare_namespaces(report: JailReport,
-                       namespaces: Iterable[tuple[str, int]] = NAMESPACES) -> None:
+def unshare_namespaces(
+    report: JailReport, namespaces: Iterable[tuple[str, int]] = NAMESPACES
+) -> None:
     """Enter a new namespace of each kind the kernel grants (one call each, so a
     refused kind does not cost the others).  Only in a single-threaded process."""
     libc = _libc()
@@ -278,8 +375,9 @@ def install_denylist(report: JailReport, deny: Iterable[str]) -> None:
                 f.add_rule(eperm, call, sc.Arg(0, sc.EQ, family))
     f.add_rule(eperm, "socket", sc.Arg(0, sc.GE, _MAX_FAMILY))
     f.load()
-    report.seccomp = (f"denylist of {len(names) + 2} syscalls, signals to itself only, "
-                      "sockets unix/inet/inet6")
+    report.seccomp = (
+        f"denylist of {len(names) + 2} syscalls, signals to itself only, sockets unix/inet/inet6"
+    )
 
 
 # -- the two kinds of jailed process ------------------------------------------------------
@@ -313,10 +411,12 @@ def jail_worker(keep_env: Iterable[str]) -> JailReport:
     t0 = time.perf_counter()
     report = JailReport(env=scrub_environment((*BASE_ENV, *keep_env)))
     unshare_namespaces(report, [(n, f) for n, f in NAMESPACES if n in ("ipc", "uts")])
-    for name, why in (("user", "its shm segments, sockets and images are the tender's uid's"),
-                      ("mount", "it needs the host's /dev/shm and the supervisors' sockets"),
-                      ("net", "it dials supervisors and peers on the host's network"),
-                      ("pid", NO_PID_NAMESPACE)):
+    for name, why in (
+        ("user", "its shm segments, sockets and images are the tender's uid's"),
+        ("mount", "it needs the host's /dev/shm and the supervisors' sockets"),
+        ("net", "it dials supervisors and peers on the host's network"),
+        ("pid", NO_PID_NAMESPACE),
+    ):
         report.skipped[f"{name} namespace"] = why
     set_limits(report, None, WORKER_NOFILE)
     report.skipped["RLIMIT_AS"] = "a pool process hosts any number of VMs"

@@ -84,14 +84,23 @@ class WorkerHandle:
 
 
 class WarmPool:
-    def __init__(self, size: int = 2, verbose: int = 0, env: dict[str, str] | None = None,
-                 host: str = "local", jailed: bool | None = None,
-                 on_crash: Callable[[int, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        size: int = 2,
+        verbose: int = 0,
+        env: dict[str, str] | None = None,
+        host: str = "local",
+        jailed: bool | None = None,
+        on_crash: Callable[[int, int], None] | None = None,
+    ) -> None:
         if size < 1:
             raise ValueError("pool size must be at least 1")
         self.size = size
-        self.level = logging.getLogger().getEffectiveLevel() if not verbose else \
-            logging.WARNING - 10 * verbose
+        self.level = (
+            logging.getLogger().getEffectiveLevel()
+            if not verbose
+            else logging.WARNING - 10 * verbose
+        )
         self.env = dict(env or {})
         self.host = host
         #: workers jail themselves (instance/jail.py) unless --no-jail / UNIFORK_NO_JAIL
@@ -106,8 +115,9 @@ class WarmPool:
         self._ready = threading.Condition(self._lock)
         self._mp = multiprocessing.get_context("spawn")
         self.logs = log_receiver("unifork-worker-logs", self._mp)
-        self._starters = [threading.Thread(target=self._start_one, daemon=True)
-                          for _ in range(size)]
+        self._starters = [
+            threading.Thread(target=self._start_one, daemon=True) for _ in range(size)
+        ]
         for t in self._starters:
             t.start()
 
@@ -116,9 +126,12 @@ class WarmPool:
 
         path = os.path.join(self.dir, f"w{next(self._ids)}.sock")
         ready = self._mp.Event()
-        proc = self._mp.Process(target=run_worker, daemon=True, name=f"unifork-worker-{path}",
-                                args=(f"unix:{path}", self.logs.queue, self.env, self.level,
-                                      ready, self.jailed))
+        proc = self._mp.Process(
+            target=run_worker,
+            daemon=True,
+            name=f"unifork-worker-{path}",
+            args=(f"unix:{path}", self.logs.queue, self.env, self.level, ready, self.jailed),
+        )
         proc.start()
         if not ready.wait(START_TIMEOUT):
             log.warning("tender process %d did not start", proc.pid)

@@ -101,12 +101,22 @@ class ProcRec:
 class Supervisor:
     """One VM-clone instance.  ``start()``, then ``wait()``, then ``close()``."""
 
-    def __init__(self, pool, transport: str, sink: Callable[[int, int, bytes], None],
-                 config: VmConfig, instance_id: str | None = None, listen_host: str = "127.0.0.1",
-                 advertise_host: str | None = None, placement: str = "local",
-                 observer: ForkObserver | None = None, self_handle: object | None = None,
-                 peer_timeout: float = PEER_TIMEOUT, budget: MemoryBudget | None = None,
-                 ticket_for: Callable[[str, int, str], str] | None = None) -> None:
+    def __init__(
+        self,
+        pool,
+        transport: str,
+        sink: Callable[[int, int, bytes], None],
+        config: VmConfig,
+        instance_id: str | None = None,
+        listen_host: str = "127.0.0.1",
+        advertise_host: str | None = None,
+        placement: str = "local",
+        observer: ForkObserver | None = None,
+        self_handle: object | None = None,
+        peer_timeout: float = PEER_TIMEOUT,
+        budget: MemoryBudget | None = None,
+        ticket_for: Callable[[str, int, str], str] | None = None,
+    ) -> None:
         if transport not in ("tcp", "shm"):
             raise ValueError("transport must be tcp or shm")
         self.pool = pool
@@ -124,7 +134,9 @@ class Supervisor:
         #: (instance, pid, tender address) -> a single-use ticket a VM's clone carries to a
         #: peer tender instead of the peer credential (VM processes hold no secret)
         self.ticket_for = ticket_for
-        self.observer = observer  # metrics: fork_done(seconds, snapshot_bytes, remote), pipe_write(...)
+        self.observer = (
+            observer  # metrics: fork_done(seconds, snapshot_bytes, remote), pipe_write(...)
+        )
         #: the tender's guest RAM (--max-guest-memory): each VM on this tender holds its RAM
         self.budget = budget
         self._memory_refused = False
@@ -160,8 +172,9 @@ class Supervisor:
         self.t0 = time.monotonic()
 
     # -- lifecycle -----------------------------------------------------------------------
-    def start(self, image_path: str, args: list[str], env: list[str], argv0: str,
-              reserved: int = 0) -> None:
+    def start(
+        self, image_path: str, args: list[str], env: list[str], argv0: str, reserved: int = 0
+    ) -> None:
         """Boot the launched program as pid 2 on a tender process of the pool.
 
         ``reserved``: bytes of the budget the caller already took for this first VM
@@ -188,15 +201,17 @@ class Supervisor:
                 break
             if remote and self.transport == "shm":
                 self.transport_note = "shm requested, tcp used for VMs on other hosts"
-            start = self.vm_start(MAIN_PID, remote=remote, image_sha256=digest, args=args,
-                                  env=env, argv0=argv0)
+            start = self.vm_start(
+                MAIN_PID, remote=remote, image_sha256=digest, args=args, env=env, argv0=argv0
+            )
             try:
                 worker.start_vm(start, None, image)
                 return
             except Exception as e:
                 error = e
-        self._ended(rec, signals.signaled_status(signals.SIGKILL),
-                    f"pid 2: could not start: {error}")
+        self._ended(
+            rec, signals.signaled_status(signals.SIGKILL), f"pid 2: could not start: {error}"
+        )
         raise RuntimeError(f"could not start the first VM: {error}")
 
     def vm_start(self, pid: int, remote: bool = False, **boot) -> dict:
@@ -210,12 +225,21 @@ class Supervisor:
             left = max(0.001, self.config.timeout - (time.monotonic() - self.t0)) + VM_GRACE
         transport = "tcp" if remote else self.transport
         address = self.tcp_address if transport == "tcp" else self.unix_address
-        return dict(instance_id=self.id, pid=pid, supervisor=address,
-                    transport=transport, instance_token=self.token,
-                    timeout_seconds=left or 0.0, ram_bytes=self.config.ram,
-                    stack_bytes=self.config.stack_size, quantum=self.config.quantum,
-                    max_procs=self.config.max_procs, tty=self.config.tty,
-                    peer_timeout_seconds=self.peer_timeout, **boot)
+        return dict(
+            instance_id=self.id,
+            pid=pid,
+            supervisor=address,
+            transport=transport,
+            instance_token=self.token,
+            timeout_seconds=left or 0.0,
+            ram_bytes=self.config.ram,
+            stack_bytes=self.config.stack_size,
+            quantum=self.config.quantum,
+            max_procs=self.config.max_procs,
+            tty=self.config.tty,
+            peer_timeout_seconds=self.peer_timeout,
+            **boot,
+        )
 
     def wait(self) -> RunResult:
         timeout = self.config.timeout
@@ -227,10 +251,17 @@ class Supervisor:
         main = self.procs.get(MAIN_PID)
         status = main.status if main else signals.signaled_status(signals.SIGKILL)
         outcome = self._outcome or ("exited" if status & 0x7F == 0 else "signaled")
-        return RunResult(status=status, outcome=outcome, reports=list(self.reports),
-                         elapsed=time.monotonic() - self.t0, forks=self.forks, syscalls=None,
-                         peak_memory=sum(r.peak_memory for r in self.procs.values()),
-                         processes=self.process_table(), fork_seconds=list(self.fork_seconds))
+        return RunResult(
+            status=status,
+            outcome=outcome,
+            reports=list(self.reports),
+            elapsed=time.monotonic() - self.t0,
+            forks=self.forks,
+            syscalls=None,
+            peak_memory=sum(r.peak_memory for r in self.procs.values()),
+            processes=self.process_table(),
+            fork_seconds=list(self.fork_seconds),
+        )
 
     def kill(self, reason: str = "killed") -> None:
         """End every VM of the instance (SIGKILL to each guest process and its tender)."""
@@ -238,8 +269,9 @@ class Supervisor:
             if self._outcome is None:
                 self._outcome = reason
                 if reason == "timeout":
-                    self.reports.append(f"time limit of {self.config.timeout:g} s exceeded: "
-                                        "all processes killed")
+                    self.reports.append(
+                        f"time limit of {self.config.timeout:g} s exceeded: all processes killed"
+                    )
             for r in self.procs.values():
                 if r.alive:
                     self._send(r, Frame(Msg.SIGNAL, 0, 0, 0, signals.SIGKILL, b""))
@@ -282,12 +314,28 @@ class Supervisor:
     def process_table(self) -> list[ProcInfo]:
         with self.lock:
             running = any(r.alive for r in self.procs.values())
-            rows = [ProcInfo(INIT_PID, 0, "init", "alive" if running else "reaped",
-                             None if running else 0, "")]
+            rows = [
+                ProcInfo(
+                    INIT_PID,
+                    0,
+                    "init",
+                    "alive" if running else "reaped",
+                    None if running else 0,
+                    "",
+                )
+            ]
             for r in sorted(self.procs.values(), key=lambda r: r.pid):
                 state = {"starting": "alive", "running": "alive"}.get(r.state, r.state)
-                rows.append(ProcInfo(r.pid, r.ppid, f"vm@{r.host}/{r.host_pid}", state,
-                                     None if r.alive else r.status, r.report))
+                rows.append(
+                    ProcInfo(
+                        r.pid,
+                        r.ppid,
+                        f"vm@{r.host}/{r.host_pid}",
+                        state,
+                        None if r.alive else r.status,
+                        r.report,
+                    )
+                )
         return rows
 
     def _hold_memory(self, rec: ProcRec, remote: bool) -> None:
@@ -311,8 +359,9 @@ class Supervisor:
         if held and self.budget is not None:
             self.budget.release(held)
 
-    def _refuse_fork(self, rec: ProcRec, child: ProcRec, why: OverflowError,
-                     forget: bool = True) -> tuple[int, bytes]:
+    def _refuse_fork(
+        self, rec: ProcRec, child: ProcRec, why: OverflowError, forget: bool = True
+    ) -> tuple[int, bytes]:
         """A fork past the tender's guest-memory limit: ENOMEM to the guest, as Linux
         says when it cannot commit the memory of a child; one report per instance."""
         self._free_memory(child)
@@ -349,8 +398,11 @@ class Supervisor:
     def _member(self, hello: dict) -> bool:
         """A hello from one of this instance's VMs: the instance token and an int pid."""
         token = hello.get("token")
-        return (isinstance(token, str) and type(hello.get("pid")) is int
-                and hmac.compare_digest(token.encode(errors="replace"), self.token.encode()))
+        return (
+            isinstance(token, str)
+            and type(hello.get("pid")) is int
+            and hmac.compare_digest(token.encode(errors="replace"), self.token.encode())
+        )
 
     def _shm_fell_back(self, pid: int, reason: str) -> None:
         """A VM of ours found /dev/shm full and talks tcp instead: say so, count it."""
@@ -390,11 +442,15 @@ class Supervisor:
                     self._handle(rec, f)
         except (ChannelClosed, ProtocolError, OSError) as e:
             if rec.alive:
-                log.warning("instance %s: pid %d's VM vanished (%s): killed by SIGKILL",
-                            self.id, pid, e)
-                self._ended(rec, signals.signaled_status(signals.SIGKILL),
-                            f"pid {pid}: its VM was lost (its tender process died, or its "
-                            f"host was silent for {self.peer_timeout:g} s): {e}")
+                log.warning(
+                    "instance %s: pid %d's VM vanished (%s): killed by SIGKILL", self.id, pid, e
+                )
+                self._ended(
+                    rec,
+                    signals.signaled_status(signals.SIGKILL),
+                    f"pid {pid}: its VM was lost (its tender process died, or its "
+                    f"host was silent for {self.peer_timeout:g} s): {e}",
+                )
         finally:
             channel.close()
 
@@ -439,8 +495,7 @@ class Supervisor:
                     child.state = "reaped"
                 self._check_done()
             else:
-                log.warning("instance %s: unexpected message %d from pid %d", self.id, t,
-                            rec.pid)
+                log.warning("instance %s: unexpected message %d from pid %d", self.id, t, rec.pid)
 
     def _pipe_read(self, rec: ProcRec, f: Frame) -> None:
         """A VM reads a brokered pipe: the data (or -errno) goes back when there is some."""
@@ -524,8 +579,11 @@ class Supervisor:
         """Where a child of ``parent`` runs.  The warm pool's Unix sockets exist on this
         host only: a parent on another host reaches this host through the tender."""
         worker = self.pool.acquire(avoid=parent.host_pid)
-        if (getattr(parent.worker, "remote", False) and not getattr(worker, "remote", False)
-                and self.self_handle is not None):
+        if (
+            getattr(parent.worker, "remote", False)
+            and not getattr(worker, "remote", False)
+            and self.self_handle is not None
+        ):
             return self.self_handle
         return worker
 
@@ -541,8 +599,13 @@ class Supervisor:
             worker = self._place(rec)
         except Exception:
             return -errno.EAGAIN, b""
-        log.info("instance %s: the clone of pid %d to %s failed: placed again on %s", self.id,
-                 pid, child.host, getattr(worker, "host", "local"))
+        log.info(
+            "instance %s: the clone of pid %d to %s failed: placed again on %s",
+            self.id,
+            pid,
+            child.host,
+            getattr(worker, "host", "local"),
+        )
         remote = bool(getattr(worker, "remote", False))
         try:
             self._hold_memory(child, remote)
@@ -619,8 +682,9 @@ class Supervisor:
     def _op_pipe_create(self, rec: ProcRec, readers: int, writers: int, data: bytes) -> int:
         return self.broker.create(rec.pid, data, readers, writers)
 
-    def _op_pipe_refs(self, rec: ProcRec, pipe: int, holder: int, readers: int,
-                      writers: int) -> int:
+    def _op_pipe_refs(
+        self, rec: ProcRec, pipe: int, holder: int, readers: int, writers: int
+    ) -> int:
         try:
             self.broker.add_refs(pipe, holder, readers, writers)
         except ValueError:

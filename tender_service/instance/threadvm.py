@@ -117,8 +117,9 @@ class ThreadVm:
                     break
                 self._dispatch(kind, payload)
         except (ValueError, TypeError, KeyError) as e:  # not our VM's frames any more
-            log.error("thread-fork VM process %d sent a malformed frame (%s): killing it",
-                      self.os_pid, e)
+            log.error(
+                "thread-fork VM process %d sent a malformed frame (%s): killing it", self.os_pid, e
+            )
             self._sigkill()
         finally:
             with self._cond:
@@ -136,7 +137,7 @@ class ThreadVm:
     def _dispatch(self, kind: bytes, payload: bytes) -> None:
         if kind == b"C":
             pid, fd = vmserver.CONSOLE.unpack_from(payload)
-            self.sink(pid, fd, payload[vmserver.CONSOLE.size:])
+            self.sink(pid, fd, payload[vmserver.CONSOLE.size :])
         elif kind == b"F":
             for seconds in array("d", payload):  # ValueError unless whole doubles
                 self.forks_seen += 1
@@ -157,11 +158,16 @@ class ThreadVm:
 
     def _result(self, msg: dict) -> RunResult:
         self.pipe_bytes = int(msg["pipe_bytes"])
-        return RunResult(status=int(msg["status"]), outcome=str(msg["outcome"]),
-                         reports=[str(r) for r in msg["reports"]],
-                         elapsed=float(msg["elapsed"]), forks=int(msg["forks"]),
-                         syscalls=int(msg["syscalls"]), peak_memory=int(msg["peak_memory"]),
-                         processes=vmserver.procs_of(msg["processes"]))
+        return RunResult(
+            status=int(msg["status"]),
+            outcome=str(msg["outcome"]),
+            reports=[str(r) for r in msg["reports"]],
+            elapsed=float(msg["elapsed"]),
+            forks=int(msg["forks"]),
+            syscalls=int(msg["syscalls"]),
+            peak_memory=int(msg["peak_memory"]),
+            processes=vmserver.procs_of(msg["processes"]),
+        )
 
     def _check_deadlines(self) -> None:
         """The VM enforces its time limit and obeys kills; this is for one that doesn't."""
@@ -186,11 +192,16 @@ class ThreadVm:
         report = lost_vm_report(self.os_pid, self.wait_status)
         self.crashed = emulator_crashed(self.wait_status) and not self._sigkilled
         log.error("thread-fork instance: %s", report)
-        return RunResult(status=signals.signaled_status(signals.SIGKILL), outcome="signaled",
-                         reports=[report], elapsed=time.monotonic() - self.started,
-                         forks=self.forks_seen, syscalls=0,
-                         peak_memory=self.status.committed_memory,
-                         processes=self.status.processes)
+        return RunResult(
+            status=signals.signaled_status(signals.SIGKILL),
+            outcome="signaled",
+            reports=[report],
+            elapsed=time.monotonic() - self.started,
+            forks=self.forks_seen,
+            syscalls=0,
+            peak_memory=self.status.committed_memory,
+            processes=self.status.processes,
+        )
 
 
 @dataclass(eq=False)
@@ -219,13 +230,16 @@ class ThreadVmHost:
 
     def _start_server(self) -> _Server:
         mine, theirs = self._mp.Pipe(duplex=True)
-        proc = self._mp.Process(target=vmserver.serve, args=(theirs, self.level, self.jailed),
-                                name="unifork-vm-server", daemon=True)
+        proc = self._mp.Process(
+            target=vmserver.serve,
+            args=(theirs, self.level, self.jailed),
+            name="unifork-vm-server",
+            daemon=True,
+        )
         proc.start()
         theirs.close()
         self._server = server = _Server(proc, mine)
-        threading.Thread(target=self._follow, args=(server,), name="vm-server",
-                         daemon=True).start()
+        threading.Thread(target=self._follow, args=(server,), name="vm-server", daemon=True).start()
         return server
 
     def _follow(self, server: _Server) -> None:
@@ -261,17 +275,36 @@ class ThreadVmHost:
         for vm in orphans:
             vm._ended(None)
         if not self._closed:
-            log.warning("the VM fork server %d exited: starting another at the next launch",
-                        server.proc.pid)
+            log.warning(
+                "the VM fork server %d exited: starting another at the next launch", server.proc.pid
+            )
 
-    def launch(self, instance_id: str, image_path: str, args: Sequence[str],
-               env: Sequence[str], config: VmConfig, argv0: str, sink: Sink,
-               fork_observer: Callable[[float], None]) -> ThreadVm:
-        start = dict(instance_id=instance_id, image_path=str(image_path), args=list(args),
-                     env=list(env), argv0=argv0,
-                     config=dict(ram=config.ram, stack_size=config.stack_size,
-                                 timeout=config.timeout, quantum=config.quantum,
-                                 max_procs=config.max_procs, tty=config.tty))
+    def launch(
+        self,
+        instance_id: str,
+        image_path: str,
+        args: Sequence[str],
+        env: Sequence[str],
+        config: VmConfig,
+        argv0: str,
+        sink: Sink,
+        fork_observer: Callable[[float], None],
+    ) -> ThreadVm:
+        start = dict(
+            instance_id=instance_id,
+            image_path=str(image_path),
+            args=list(args),
+            env=list(env),
+            argv0=argv0,
+            config=dict(
+                ram=config.ram,
+                stack_size=config.stack_size,
+                timeout=config.timeout,
+                quantum=config.quantum,
+                max_procs=config.max_procs,
+                tty=config.tty,
+            ),
+        )
         mine, theirs = multiprocessing.Pipe(duplex=True)
         try:
             with self._lock:

@@ -72,9 +72,17 @@ def procs_of(table: object) -> list[ProcInfo]:
     """ProcInfo from a child's rows; raises ValueError/TypeError on anything else."""
     if not isinstance(table, list):
         raise TypeError("processes: not a list")
-    return [ProcInfo(int(pid), int(ppid), str(name), str(state),
-                     None if status is None else int(status), str(report))
-            for pid, ppid, name, state, status, report in table]
+    return [
+        ProcInfo(
+            int(pid),
+            int(ppid),
+            str(name),
+            str(state),
+            None if status is None else int(status),
+            str(report),
+        )
+        for pid, ppid, name, state, status, report in table
+    ]
 
 
 class FrameLog(logging.Handler):
@@ -89,8 +97,10 @@ class FrameLog(logging.Handler):
         if record.exc_info:
             msg += "\n" + logging.Formatter().formatException(record.exc_info)
         with contextlib.suppress(OSError):  # the tender is gone: nobody to tell
-            self.send(b"L" + json.dumps({"name": record.name, "level": record.levelno,
-                                         "msg": msg}).encode())
+            self.send(
+                b"L"
+                + json.dumps({"name": record.name, "level": record.levelno, "msg": msg}).encode()
+            )
 
 
 def relay_log(payload: bytes) -> None:
@@ -143,24 +153,31 @@ class _ChildLink:
                 k.request_stop(msg[1:].decode(errors="replace") or "killed")
             elif msg[:1] == b"Q":
                 try:
-                    self.send_json(b"T", {"processes": rows(k.process_table()),
-                                          "memory": k.committed_memory()})
+                    self.send_json(
+                        b"T", {"processes": rows(k.process_table()), "memory": k.committed_memory()}
+                    )
                 except OSError:
                     return
 
 
-def run_child(conn: Connection, start: dict, level: int,
-              jailed: JailReport | None = None) -> None:
+def run_child(conn: Connection, start: dict, level: int, jailed: JailReport | None = None) -> None:
     """Run one thread-fork VM to the end and report it (a forked child's work).
 
     ``jailed``: confine this process (instance/jail.py) once its VM is built,
     before any thread starts; the report says what the fork server did already."""
     link = _ChildLink(conn)
-    setup_child(FrameLog(link.send, f"thread-vm {os.getpid()} instance {start['instance_id']}"),
-                level)
+    setup_child(
+        FrameLog(link.send, f"thread-vm {os.getpid()} instance {start['instance_id']}"), level
+    )
     try:
-        k = create_vm(start["image_path"], start["args"], start["env"],
-                      VmConfig(**start["config"]), sink=link.console, argv0=start["argv0"])
+        k = create_vm(
+            start["image_path"],
+            start["args"],
+            start["env"],
+            VmConfig(**start["config"]),
+            sink=link.console,
+            argv0=start["argv0"],
+        )
     except (ImageError, ValueError, MemoryError, OSError) as e:
         link.send_json(b"E", {"error": str(e)})
         return
@@ -170,18 +187,34 @@ def run_child(conn: Connection, start: dict, level: int,
             log.info("%s", jail.jail_vm_process(jailed, jail.vm_filter()).line())
         except (OSError, ImportError) as e:  # fail closed: no VM runs half-jailed
             k.close()
-            link.send_json(b"E", {"error": f"cannot jail the VM process: {e} "
-                                           "(unifork serve --no-jail runs VMs unconfined)"})
+            link.send_json(
+                b"E",
+                {
+                    "error": f"cannot jail the VM process: {e} "
+                    "(unifork serve --no-jail runs VMs unconfined)"
+                },
+            )
             return
     try:
         link.send_json(b"S", {"pid": os.getpid()})
-        threading.Thread(target=link.serve_controls, args=(k,), name="controls",
-                         daemon=True).start()
+        threading.Thread(
+            target=link.serve_controls, args=(k,), name="controls", daemon=True
+        ).start()
         r = k.run()
-        link.send_json(b"R", {"status": r.status, "outcome": r.outcome, "reports": r.reports,
-                              "elapsed": r.elapsed, "forks": r.forks, "syscalls": r.syscalls,
-                              "peak_memory": r.peak_memory, "pipe_bytes": k.pipe_bytes,
-                              "processes": rows(r.processes)})
+        link.send_json(
+            b"R",
+            {
+                "status": r.status,
+                "outcome": r.outcome,
+                "reports": r.reports,
+                "elapsed": r.elapsed,
+                "forks": r.forks,
+                "syscalls": r.syscalls,
+                "peak_memory": r.peak_memory,
+                "pipe_bytes": k.pipe_bytes,
+                "processes": rows(r.processes),
+            },
+        )
     except OSError:
         log.warning("the tender went away; VM abandoned")
     finally:
@@ -193,17 +226,43 @@ _BASE = 0x400000
 _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 _PHDR = struct.Struct("<IIQQQQQQ")
 #: fork; the parent waits for the child (wait4(-1, NULL, 0, NULL)); both exit_group(0)
-_CODE = bytes.fromhex("b839000000" "0f05" "85c0" "7413"  # fork; jz exit
-                      "bfffffffff" "31f6" "31d2" "4d31d2" "b83d000000" "0f05"  # wait4
-                      "b8e7000000" "31ff" "0f05")  # exit: exit_group(0)
+_CODE = bytes.fromhex(
+    "b839000000"
+    "0f05"
+    "85c0"
+    "7413"  # fork; jz exit
+    "bfffffffff"
+    "31f6"
+    "31d2"
+    "4d31d2"
+    "b83d000000"
+    "0f05"  # wait4
+    "b8e7000000"
+    "31ff"
+    "0f05"
+)  # exit: exit_group(0)
 
 
 def tiny_elf() -> bytes:
     """A static x86-64 executable of one page that forks once and exits with status 0."""
     code_off = _EHDR.size + _PHDR.size
     size = code_off + len(_CODE)
-    ehdr = _EHDR.pack(b"\x7fELF\x02\x01\x01" + bytes(9), 2, 62, 1, _BASE + code_off,
-                      _EHDR.size, 0, 0, _EHDR.size, _PHDR.size, 1, 0, 0, 0)
+    ehdr = _EHDR.pack(
+        b"\x7fELF\x02\x01\x01" + bytes(9),
+        2,
+        62,
+        1,
+        _BASE + code_off,
+        _EHDR.size,
+        0,
+        0,
+        _EHDR.size,
+        _PHDR.size,
+        1,
+        0,
+        0,
+        0,
+    )
     phdr = _PHDR.pack(1, 5, 0, _BASE, _BASE, size, size, 0x1000)  # PT_LOAD, R+X
     return ehdr + phdr + _CODE
 
@@ -212,8 +271,9 @@ def warm_up() -> int:
     """Run :func:`tiny_elf` once: what a VM imports or sets up lazily (the syscall
     table at boot, Unicorn's first use) is then done before any fork.  No time
     limit, so no watchdog thread starts.  Returns the exit status (0)."""
-    return run_vm(parse_elf(tiny_elf(), "warm-up"), config=VmConfig(),
-                  sink=lambda pid, fd, data: None).status
+    return run_vm(
+        parse_elf(tiny_elf(), "warm-up"), config=VmConfig(), sink=lambda pid, fd, data: None
+    ).status
 
 
 @dataclass(eq=False)

@@ -113,8 +113,13 @@ def vm_chunks(start: dict, snapshot: bytes | None, image: bytes | None = None):
             yield pb2.VmChunk(image=image[off : off + CHUNK])
 
 
-def send_vm(address: str, chunks, timeout: float = 30.0, channel: grpc.Channel | None = None,
-            metadata: list[tuple[str, str]] | None = None):
+def send_vm(
+    address: str,
+    chunks,
+    timeout: float = 30.0,
+    channel: grpc.Channel | None = None,
+    metadata: list[tuple[str, str]] | None = None,
+):
     """Call ``Peer.StartVm`` with ``chunks`` at ``address`` (or on ``channel``)."""
     _, pb2_grpc = protos.peer()
     if channel is not None:
@@ -123,9 +128,15 @@ def send_vm(address: str, chunks, timeout: float = 30.0, channel: grpc.Channel |
         return pb2_grpc.PeerStub(ch).StartVm(chunks, timeout=timeout, metadata=metadata)
 
 
-def start_vm(address: str, start: dict, snapshot: bytes | None, timeout: float = 30.0,
-             image: bytes | None = None, channel: grpc.Channel | None = None,
-             metadata: list[tuple[str, str]] | None = None):
+def start_vm(
+    address: str,
+    start: dict,
+    snapshot: bytes | None,
+    timeout: float = 30.0,
+    image: bytes | None = None,
+    channel: grpc.Channel | None = None,
+    metadata: list[tuple[str, str]] | None = None,
+):
     """Call ``Peer.StartVm`` at ``address`` (or on ``channel``); its VmStarted reply."""
     return send_vm(address, vm_chunks(start, snapshot, image), timeout, channel, metadata)
 
@@ -177,8 +188,9 @@ class WorkerCloneHost:
                 # that tender process is gone or refuses: ask for another place
                 value, payload = self.link.call_full("fork_relocate", child_pid)
                 if value < 0 or attempt == 2:
-                    raise GuestError(errno.EAGAIN,
-                                     f"no tender process took the child: {e.details()}") from e
+                    raise GuestError(
+                        errno.EAGAIN, f"no tender process took the child: {e.details()}"
+                    ) from e
                 lease = json.loads(payload)
                 address, start = lease["worker"], lease["start"]
         micros = int((time.perf_counter() - self._t0.pop(child_pid)) * 1e6)
@@ -233,9 +245,11 @@ class PeerServicer:
                     self.receiving += len(data)
                     held[0] += len(data)
             if full:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"{kind}: this tender process is receiving {self.receiving} bytes "
-                              f"of VMs already (budget {self.receive_budget}): place it elsewhere")
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{kind}: this tender process is receiving {self.receiving} bytes "
+                    f"of VMs already (budget {self.receive_budget}): place it elsewhere",
+                )
             (parts if kind == "snapshot" else image).append(data)
         if start_msg is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "start: missing")
@@ -248,24 +262,39 @@ class PeerServicer:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot start the VM: {e}")
         except (ProtocolError, ChannelClosed, OSError) as e:
             # what the other end sent is not echoed: it may be anything (finding 4)
-            log.warning("instance %.64r pid %d: the supervisor could not be reached (%s)",
-                        start["instance_id"], start["pid"], type(e).__name__)
-            context.abort(grpc.StatusCode.UNAVAILABLE,
-                          "cannot reach the supervisor: it refused, did not answer, or did "
-                          "not answer as the instance's supervisor")
-        threading.Thread(target=self._run, args=(k, (start["instance_id"], start["pid"])),
-                         daemon=True,
-                         name=f"vm-{start['instance_id']}-{start['pid']}").start()
-        return pb2.VmStarted(pid=start["pid"], host_pid=os.getpid(),
-                             host=os.environ.get(HOST_NAME_ENV) or socket.gethostname(),
-                             restore_seconds=time.perf_counter() - t0)
+            log.warning(
+                "instance %.64r pid %d: the supervisor could not be reached (%s)",
+                start["instance_id"],
+                start["pid"],
+                type(e).__name__,
+            )
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "cannot reach the supervisor: it refused, did not answer, or did "
+                "not answer as the instance's supervisor",
+            )
+        threading.Thread(
+            target=self._run,
+            args=(k, (start["instance_id"], start["pid"])),
+            daemon=True,
+            name=f"vm-{start['instance_id']}-{start['pid']}",
+        ).start()
+        return pb2.VmStarted(
+            pid=start["pid"],
+            host_pid=os.getpid(),
+            host=os.environ.get(HOST_NAME_ENV) or socket.gethostname(),
+            restore_seconds=time.perf_counter() - t0,
+        )
 
     def GetLoad(self, request, context):  # noqa: N802 - gRPC's name
         pb2, _ = protos.peer()
         with self.lock:
             vms = list(self.vms.values())
-        return pb2.Load(vms=len(vms), guest_memory_bytes=sum(k.committed_memory() for k in vms),
-                        cpu_seconds=time.process_time())
+        return pb2.Load(
+            vms=len(vms),
+            guest_memory_bytes=sum(k.committed_memory() for k in vms),
+            cpu_seconds=time.process_time(),
+        )
 
     def _build(self, start: dict, snapshot: bytes, image_data: bytes = b"") -> Kernel:
         pid = int(start["pid"])
@@ -274,13 +303,18 @@ class PeerServicer:
             state = decode(snapshot)
         elif not image_data:
             raise ValueError("image: missing (a VM boots from the image's bytes)")
-        elif not hmac.compare_digest(hashlib.sha256(image_data).hexdigest(),
-                                     str(start["image_sha256"]).lower()):
+        elif not hmac.compare_digest(
+            hashlib.sha256(image_data).hexdigest(), str(start["image_sha256"]).lower()
+        ):
             raise ValueError("image_sha256: does not match the image sent")
         else:
             image = parse_elf(image_data, start["argv0"] or "image")
-        hello = {"token": start["instance_token"], "pid": pid, "host_pid": os.getpid(),
-                 "host": os.environ.get(HOST_NAME_ENV) or socket.gethostname()}
+        hello = {
+            "token": start["instance_token"],
+            "pid": pid,
+            "host_pid": os.getpid(),
+            "host": os.environ.get(HOST_NAME_ENV) or socket.gethostname(),
+        }
         try:
             channel = connect_channel(start["transport"], self._dial(start), True, hello)
         except ShmExhausted as e:
@@ -297,9 +331,14 @@ class PeerServicer:
             if image is None:
                 k = restore(state, console, forker, link.make_file, timeout)
             else:
-                config = VmConfig(ram=int(start["ram_bytes"]), stack_size=int(start["stack_bytes"]),
-                                  quantum=int(start["quantum"]), max_procs=int(start["max_procs"]),
-                                  tty=bool(start["tty"]), timeout=timeout)
+                config = VmConfig(
+                    ram=int(start["ram_bytes"]),
+                    stack_size=int(start["stack_bytes"]),
+                    quantum=int(start["quantum"]),
+                    max_procs=int(start["max_procs"]),
+                    tty=bool(start["tty"]),
+                    timeout=timeout,
+                )
                 argv = [start["argv0"] or image.name, *start["args"]]
                 k = Kernel.boot(image, argv, start["env"], config, console, forker)
         except Exception:
@@ -342,8 +381,9 @@ class _Context(logging.Filter):
         where = ""
         if name.startswith(("vm-", "vmlink-")):
             parts = name.split("-")
-            where = f" instance {parts[1]} pid {parts[-1]}" if len(parts) == 3 else \
-                f" pid {parts[-1]}"
+            where = (
+                f" instance {parts[1]} pid {parts[-1]}" if len(parts) == 3 else f" pid {parts[-1]}"
+            )
         record.msg = f"[worker {os.getpid()}{where}] {record.getMessage()}"
         record.args = None
         return True
@@ -356,8 +396,10 @@ def serve(listen: str, ready=None) -> None:
     warm_up()
     _, pb2_grpc = protos.peer()
     stop = threading.Event()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16),
-                         options=[("grpc.max_receive_message_length", 64 << 20)])
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=16),
+        options=[("grpc.max_receive_message_length", 64 << 20)],
+    )
     servicer = PeerServicer(stop)
     pb2_grpc.add_PeerServicer_to_server(servicer, server)
     server.add_insecure_port(listen)
@@ -376,8 +418,9 @@ def serve(listen: str, ready=None) -> None:
     server.stop(1)
 
 
-def run_worker(listen: str, log_queue, env: dict[str, str], level: int, ready,
-               jailed: bool = True) -> None:
+def run_worker(
+    listen: str, log_queue, env: dict[str, str], level: int, ready, jailed: bool = True
+) -> None:
     """Entry point of a pool worker (a spawned multiprocessing.Process).
 
     Its log records travel through ``log_queue`` to the pool's
@@ -402,8 +445,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--listen", required=True, help="unix:PATH or HOST:PORT")
     p.add_argument("-v", "--verbose", action="count", default=0)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING - 10 * a.verbose, stream=sys.stderr,
-                        format="unifork: %(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING - 10 * a.verbose,
+        stream=sys.stderr,
+        format="unifork: %(levelname)s: %(message)s",
+    )
     logging.getLogger().handlers[0].addFilter(_Context())
     serve(a.listen)
     return 0

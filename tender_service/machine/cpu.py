@@ -37,33 +37,69 @@ _lib = ctypes.CDLL(uclib._name)
 _emu_start = _lib.uc_emu_start
 # ctypes looks a function up on its first attribute access (~15 us): do it at import,
 # not in a VM's first fork or context switch
-for _fn in ("uc_context_alloc", "uc_context_free", "uc_context_save", "uc_context_restore",
-            "uc_context_reg_write_batch", "uc_emu_stop", "uc_hook_add", "uc_reg_read",
-            "uc_reg_read_batch", "uc_reg_write"):
+for _fn in (
+    "uc_context_alloc",
+    "uc_context_free",
+    "uc_context_save",
+    "uc_context_restore",
+    "uc_context_reg_write_batch",
+    "uc_emu_stop",
+    "uc_hook_add",
+    "uc_reg_read",
+    "uc_reg_read_batch",
+    "uc_reg_write",
+):
     getattr(_lib, _fn)
-_emu_start.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64,
-                       ctypes.c_size_t]
+_emu_start.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_uint64,
+    ctypes.c_uint64,
+    ctypes.c_uint64,
+    ctypes.c_size_t,
+]
 _SYSCALL_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
 END_ADDRESS = 0xFFFF_FFFF_FFFF_FFFF  # never reached: run until stopped
 
 #: rax (number), then the six argument registers of the Linux syscall ABI
-SYSCALL_REGS = (x86.UC_X86_REG_RAX, x86.UC_X86_REG_RDI, x86.UC_X86_REG_RSI,
-                x86.UC_X86_REG_RDX, x86.UC_X86_REG_R10, x86.UC_X86_REG_R8, x86.UC_X86_REG_R9)
+SYSCALL_REGS = (
+    x86.UC_X86_REG_RAX,
+    x86.UC_X86_REG_RDI,
+    x86.UC_X86_REG_RSI,
+    x86.UC_X86_REG_RDX,
+    x86.UC_X86_REG_R10,
+    x86.UC_X86_REG_R8,
+    x86.UC_X86_REG_R9,
+)
 #: general-purpose registers a conservative scan of a forked thread rebases
 GPRS = {
-    "rax": x86.UC_X86_REG_RAX, "rbx": x86.UC_X86_REG_RBX, "rcx": x86.UC_X86_REG_RCX,
-    "rdx": x86.UC_X86_REG_RDX, "rsi": x86.UC_X86_REG_RSI, "rdi": x86.UC_X86_REG_RDI,
-    "rbp": x86.UC_X86_REG_RBP, "rsp": x86.UC_X86_REG_RSP, "r8": x86.UC_X86_REG_R8,
-    "r9": x86.UC_X86_REG_R9, "r10": x86.UC_X86_REG_R10, "r11": x86.UC_X86_REG_R11,
-    "r12": x86.UC_X86_REG_R12, "r13": x86.UC_X86_REG_R13, "r14": x86.UC_X86_REG_R14,
+    "rax": x86.UC_X86_REG_RAX,
+    "rbx": x86.UC_X86_REG_RBX,
+    "rcx": x86.UC_X86_REG_RCX,
+    "rdx": x86.UC_X86_REG_RDX,
+    "rsi": x86.UC_X86_REG_RSI,
+    "rdi": x86.UC_X86_REG_RDI,
+    "rbp": x86.UC_X86_REG_RBP,
+    "rsp": x86.UC_X86_REG_RSP,
+    "r8": x86.UC_X86_REG_R8,
+    "r9": x86.UC_X86_REG_R9,
+    "r10": x86.UC_X86_REG_R10,
+    "r11": x86.UC_X86_REG_R11,
+    "r12": x86.UC_X86_REG_R12,
+    "r13": x86.UC_X86_REG_R13,
+    "r14": x86.UC_X86_REG_R14,
     "r15": x86.UC_X86_REG_R15,
 }
 #: the architectural state a VM snapshot carries (names are the snapshot's keys)
 STATE_REGS: dict[str, int] = {
-    **GPRS, "rip": x86.UC_X86_REG_RIP, "rflags": x86.UC_X86_REG_EFLAGS,
-    "fs_base": x86.UC_X86_REG_FS_BASE, "gs_base": x86.UC_X86_REG_GS_BASE,
-    "mxcsr": x86.UC_X86_REG_MXCSR, "fpcw": x86.UC_X86_REG_FPCW,
-    "fpsw": x86.UC_X86_REG_FPSW, "fptag": x86.UC_X86_REG_FPTAG,
+    **GPRS,
+    "rip": x86.UC_X86_REG_RIP,
+    "rflags": x86.UC_X86_REG_EFLAGS,
+    "fs_base": x86.UC_X86_REG_FS_BASE,
+    "gs_base": x86.UC_X86_REG_GS_BASE,
+    "mxcsr": x86.UC_X86_REG_MXCSR,
+    "fpcw": x86.UC_X86_REG_FPCW,
+    "fpsw": x86.UC_X86_REG_FPSW,
+    "fptag": x86.UC_X86_REG_FPTAG,
     **{f"xmm{i}": getattr(x86, f"UC_X86_REG_XMM{i}") for i in range(16)},
     **{f"st{i}": getattr(x86, f"UC_X86_REG_ST{i}") for i in range(8)},
 }
@@ -85,12 +121,23 @@ TRAMPOLINE = 0x1000
 IOPL_MASK = 0x3000
 PAGE = 0x1000
 #: null, kernel code64, kernel data, unused, user code32, user data, user code64 (Linux's GDT)
-_GDT = struct.pack("<7Q", 0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF, 0,
-                   0x00CFFA000000FFFF, 0x00CFF2000000FFFF, 0x00AFFA000000FFFF)
+_GDT = struct.pack(
+    "<7Q",
+    0,
+    0x00AF9A000000FFFF,
+    0x00CF92000000FFFF,
+    0,
+    0x00CFFA000000FFFF,
+    0x00CFF2000000FFFF,
+    0x00AFFA000000FFFF,
+)
 _GDT_OFF, _GDTR_OFF, _DONE_OFF = 0x100, 0x80, 0x40
 #: lgdt [rip+disp32]; push USER_DS; push rbx; pushfq; push USER_CS; push rcx; iretq
-_TRAMPOLINE_CODE = (b"\x0f\x01\x15" + struct.pack("<i", _GDTR_OFF - 7)
-                    + bytes([0x6A, USER_DS, 0x53, 0x9C, 0x6A, USER_CS, 0x51, 0x48, 0xCF]))
+_TRAMPOLINE_CODE = (
+    b"\x0f\x01\x15"
+    + struct.pack("<i", _GDTR_OFF - 7)
+    + bytes([0x6A, USER_DS, 0x53, 0x9C, 0x6A, USER_CS, 0x51, 0x48, 0xCF])
+)
 
 # CPU exception vectors -> the signal Linux delivers for them
 _VECTOR_SIGNAL = {0: 8, 1: 5, 3: 5, 4: 11, 5: 11, 6: 4, 7: 8, 13: 11, 14: 11, 16: 8, 17: 7, 19: 8}
@@ -226,7 +273,13 @@ class Cpu:
     # -- syscalls --------------------------------------------------------------
     def hook_syscall(self, handler: Callable[[ctypes.Array], None]) -> None:
         """Call ``handler(sysregs)`` on every ``syscall`` (registers already read)."""
-        read, h, ids, ptrs, regs = self._reg_read_batch, self._h, self._ids, self._ptrs, self.sysregs
+        read, h, ids, ptrs, regs = (
+            self._reg_read_batch,
+            self._h,
+            self._ids,
+            self._ptrs,
+            self.sysregs,
+        )
 
         def cb(_uc: int, _data: int) -> None:
             read(h, ids, ptrs, 7)
@@ -234,8 +287,16 @@ class Cpu:
 
         self._syscall_cb = _SYSCALL_CB(cb)
         hh = ctypes.c_size_t()
-        err = _lib.uc_hook_add(self._h, ctypes.byref(hh), UC_HOOK_INSN, self._syscall_cb, None,
-                               ctypes.c_uint64(1), ctypes.c_uint64(0), x86.UC_X86_INS_SYSCALL)
+        err = _lib.uc_hook_add(
+            self._h,
+            ctypes.byref(hh),
+            UC_HOOK_INSN,
+            self._syscall_cb,
+            None,
+            ctypes.c_uint64(1),
+            ctypes.c_uint64(0),
+            x86.UC_X86_INS_SYSCALL,
+        )
         if err:
             raise UcError(err)
         # Only now the other instruction hooks.  Unicorn walks every UC_HOOK_INSN hook
@@ -323,8 +384,9 @@ class Cpu:
             rip = self.reg(RIP)
             if self._byte_at(rip - 1) == 0xF4:
                 # hlt: privileged in user mode, Linux delivers SIGSEGV (musl's a_crash)
-                return CpuExit(ExitKind.FAULT, SIGSEGV, rip - 1, None,
-                               "hlt (privileged instruction)")
+                return CpuExit(
+                    ExitKind.FAULT, SIGSEGV, rip - 1, None, "hlt (privileged instruction)"
+                )
         return _STOPPED
 
     def stop(self) -> None:
@@ -344,11 +406,15 @@ class Cpu:
             return -1
 
     def _on_unmapped(self, uc, access, address, size, value, data) -> bool:
-        kind = {ucc.UC_MEM_READ_UNMAPPED: "read", ucc.UC_MEM_WRITE_UNMAPPED: "write",
-                ucc.UC_MEM_FETCH_UNMAPPED: "fetch"}.get(access, "access")
+        kind = {
+            ucc.UC_MEM_READ_UNMAPPED: "read",
+            ucc.UC_MEM_WRITE_UNMAPPED: "write",
+            ucc.UC_MEM_FETCH_UNMAPPED: "fetch",
+        }.get(access, "access")
         rip = self.reg(RIP)
-        self._fault = CpuExit(ExitKind.FAULT, SIGSEGV, rip, address,
-                              f"{kind} of unmapped address {address:#x}")
+        self._fault = CpuExit(
+            ExitKind.FAULT, SIGSEGV, rip, address, f"{kind} of unmapped address {address:#x}"
+        )
         return False
 
     def _on_interrupt(self, uc, intno, data) -> None:
@@ -367,8 +433,13 @@ class Cpu:
         """in/out from ring 3 without I/O permission: #GP, SIGSEGV on Linux."""
         rip = self.reg(RIP)
         if self._fault is None:
-            self._fault = CpuExit(ExitKind.FAULT, SIGSEGV, rip, None,
-                                  f"{what} port {port:#x} (privileged instruction)")
+            self._fault = CpuExit(
+                ExitKind.FAULT,
+                SIGSEGV,
+                rip,
+                None,
+                f"{what} port {port:#x} (privileged instruction)",
+            )
         self.uc.emu_stop()
 
     def _on_in(self, uc, port, size, data) -> int:

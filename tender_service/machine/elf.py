@@ -101,9 +101,19 @@ def parse_elf(data: bytes, name: str = "image") -> ElfImage:
         raise ImageError(f"{name}: entry point {h.entry:#x} is not in an executable segment")
     phdr_vaddr = ph.phdr_vaddr if ph.phdr_vaddr >= 0 else _phdr_address(segments, h.phoff)
     return ElfImage(
-        data=data, etype=h.etype, entry=h.entry, phoff=h.phoff, phnum=h.phnum,
-        phentsize=h.phentsize, segments=segments, tls=ph.tls, lo=lo, hi=hi,
-        phdr_vaddr=max(phdr_vaddr, 0), name=name, sha256=hashlib.sha256(data).hexdigest(),
+        data=data,
+        etype=h.etype,
+        entry=h.entry,
+        phoff=h.phoff,
+        phnum=h.phnum,
+        phentsize=h.phentsize,
+        segments=segments,
+        tls=ph.tls,
+        lo=lo,
+        hi=hi,
+        phdr_vaddr=max(phdr_vaddr, 0),
+        name=name,
+        sha256=hashlib.sha256(data).hexdigest(),
     )
 
 
@@ -114,8 +124,22 @@ def _read_header(data: bytes, name: str) -> _Header:
         raise ImageError(f"{name}: image too large ({len(data)} bytes)")
     if len(data) < _EHDR.size or data[:4] != b"\x7fELF":
         raise ImageError(f"{name}: not an ELF file")
-    (ident, etype, machine, _ver, entry, phoff, _shoff, _flags, ehsize, phentsize, phnum,
-     _shentsize, _shnum, _shstrndx) = _EHDR.unpack_from(data, 0)
+    (
+        ident,
+        etype,
+        machine,
+        _ver,
+        entry,
+        phoff,
+        _shoff,
+        _flags,
+        ehsize,
+        phentsize,
+        phnum,
+        _shentsize,
+        _shnum,
+        _shstrndx,
+    ) = _EHDR.unpack_from(data, 0)
     if ident[4] != 2:
         raise ImageError(f"{name}: not a 64-bit ELF (EI_CLASS={ident[4]})")
     if ident[5] != 1:
@@ -155,8 +179,9 @@ def _read_program_headers(data: bytes, name: str, h: _Header) -> _ProgramHeaders
     return ph
 
 
-def _check_load(name: str, i: int, size: int, off: int, vaddr: int, filesz: int, memsz: int,
-                align: int) -> None:
+def _check_load(
+    name: str, i: int, size: int, off: int, vaddr: int, filesz: int, memsz: int, align: int
+) -> None:
     """Refuse a PT_LOAD segment that would send the loader out of the file or the image."""
     if filesz > memsz:
         raise ImageError(f"{name}: segment {i} has p_filesz > p_memsz")

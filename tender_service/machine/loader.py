@@ -16,7 +16,16 @@ from tender_service.machine.errors import ImageError
 from tender_service.machine.layout import HEAP_BASE, PIE_BASE, page_down
 from tender_service.machine.memory import GuestMemory, Region
 
-AT_NULL, AT_PHDR, AT_PHENT, AT_PHNUM, AT_PAGESZ, AT_BASE, AT_FLAGS, AT_ENTRY = 0, 3, 4, 5, 6, 7, 8, 9
+AT_NULL, AT_PHDR, AT_PHENT, AT_PHNUM, AT_PAGESZ, AT_BASE, AT_FLAGS, AT_ENTRY = (
+    0,
+    3,
+    4,
+    5,
+    6,
+    7,
+    8,
+    9,
+)
 AT_UID, AT_EUID, AT_GID, AT_EGID, AT_PLATFORM, AT_HWCAP, AT_CLKTCK = 11, 12, 13, 14, 15, 16, 17
 AT_SECURE, AT_RANDOM, AT_EXECFN = 23, 25, 31
 #: what cpuid leaf 1 edx reports for Unicorn's default x86-64 CPU (fpu..sse2)
@@ -44,8 +53,10 @@ def layout_memory(mem: GuestMemory, image: ElfImage) -> LoadedImage:
     """Map the image at its link address (static-PIE at PIE_BASE) and the heap above."""
     bias = PIE_BASE - image.lo if image.is_pie else 0
     if image.span + (1 << 20) > mem.ram_size:
-        raise ImageError(f"{image.name}: image needs {image.span} bytes, more than guest RAM "
-                         f"({mem.ram_size}) allows")
+        raise ImageError(
+            f"{image.name}: image needs {image.span} bytes, more than guest RAM "
+            f"({mem.ram_size}) allows"
+        )
     region = mem.add_region("image", image.lo + bias, image.span)
     view = mem.region_view(region)
     for s in image.segments:
@@ -56,8 +67,9 @@ def layout_memory(mem: GuestMemory, image: ElfImage) -> LoadedImage:
     return LoadedImage(image, bias, region, heap)
 
 
-def build_stack(mem: GuestMemory, loaded: LoadedImage, stack_top: int,
-                argv: list[bytes], envp: list[bytes]) -> int:
+def build_stack(
+    mem: GuestMemory, loaded: LoadedImage, stack_top: int, argv: list[bytes], envp: list[bytes]
+) -> int:
     """Write argc/argv/envp/auxv below ``stack_top``; return the entry rsp."""
     sp = stack_top
     strings: list[int] = []
@@ -72,15 +84,27 @@ def build_stack(mem: GuestMemory, loaded: LoadedImage, stack_top: int,
     random = push_bytes(os.urandom(16))
     for s in (*argv, *envp):
         strings.append(push_bytes(s + b"\0"))
-    argv_ptrs, env_ptrs = strings[: len(argv)], strings[len(argv):]
+    argv_ptrs, env_ptrs = strings[: len(argv)], strings[len(argv) :]
     img = loaded.image
     auxv = [
-        (AT_PHDR, img.phdr_vaddr + loaded.bias), (AT_PHENT, img.phentsize),
-        (AT_PHNUM, img.phnum), (AT_PAGESZ, 4096), (AT_BASE, 0), (AT_FLAGS, 0),
-        (AT_ENTRY, loaded.entry), (AT_UID, 0), (AT_EUID, 0), (AT_GID, 0), (AT_EGID, 0),
-        (AT_PLATFORM, platform), (AT_HWCAP, HWCAP_X86_64), (AT_CLKTCK, 100),
-        (AT_SECURE, 0), (AT_RANDOM, random),
-        (AT_EXECFN, argv_ptrs[0] if argv_ptrs else 0), (AT_NULL, 0),
+        (AT_PHDR, img.phdr_vaddr + loaded.bias),
+        (AT_PHENT, img.phentsize),
+        (AT_PHNUM, img.phnum),
+        (AT_PAGESZ, 4096),
+        (AT_BASE, 0),
+        (AT_FLAGS, 0),
+        (AT_ENTRY, loaded.entry),
+        (AT_UID, 0),
+        (AT_EUID, 0),
+        (AT_GID, 0),
+        (AT_EGID, 0),
+        (AT_PLATFORM, platform),
+        (AT_HWCAP, HWCAP_X86_64),
+        (AT_CLKTCK, 100),
+        (AT_SECURE, 0),
+        (AT_RANDOM, random),
+        (AT_EXECFN, argv_ptrs[0] if argv_ptrs else 0),
+        (AT_NULL, 0),
     ]
     words = [len(argv), *argv_ptrs, 0, *env_ptrs, 0]
     for k, v in auxv:

@@ -93,8 +93,9 @@ class GuestMemory:
         room = 0
         for addr, length in vecs:
             length = min(length, limit - room)
-            fits = next((min(length, r.end - addr) for r in self.regions
-                         if r.base <= addr < r.end), 0)
+            fits = next(
+                (min(length, r.end - addr) for r in self.regions if r.base <= addr < r.end), 0
+            )
             room += fits
             if fits < length or room >= limit:
                 break

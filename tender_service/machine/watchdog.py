@@ -33,8 +33,9 @@ class Watchdog:
         with self._cond:
             heapq.heappush(self._heap, (deadline, token, fire))
             if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="unifork-watchdog",
-                                                daemon=True)
+                self._thread = threading.Thread(
+                    target=self._loop, name="unifork-watchdog", daemon=True
+                )
                 self._thread.start()
             self._cond.notify()
         return token

@@ -87,8 +87,13 @@ def traced(kernel: Kernel, dispatch: Dispatcher) -> Dispatcher:
             rax = kernel.cpu.reg(RAX)
             rax = rax - (1 << 64) if rax >> 63 else rax
             result = f"-{errno.errorcode.get(-rax, -rax)}" if -4096 < rax < 0 else f"{rax:#x}"
-        log.info("[pid %d] %s(%s) = %s", pid, syscall_name(nr) if nr < 0x1000 else f"hc_{nr:#x}",
-                 ", ".join(f"{a:#x}" for a in args), result)
+        log.info(
+            "[pid %d] %s(%s) = %s",
+            pid,
+            syscall_name(nr) if nr < 0x1000 else f"hc_{nr:#x}",
+            ", ".join(f"{a:#x}" for a in args),
+            result,
+        )
 
     return dispatch_traced
 
@@ -100,15 +105,18 @@ def _park(kernel: Kernel, lwp: Lwp, b: Block) -> None:
 
 
 def _unknown(kernel: Kernel, nr: int) -> int:
-    kernel.warn_once(f"syscall:{nr}", "unsupported syscall %d (%s): returning ENOSYS", nr,
-                     syscall_name(nr))
+    kernel.warn_once(
+        f"syscall:{nr}", "unsupported syscall %d (%s): returning ENOSYS", nr, syscall_name(nr)
+    )
     return -errno.ENOSYS
 
 
 def _internal_error(kernel: Kernel, lwp: Lwp, nr: int, e: Exception) -> None:
     log.exception("internal error in syscall %s of pid %d", syscall_name(nr), lwp.proc.pid)
-    report = (f"pid {lwp.proc.pid}: killed by SIGSYS: internal error in "
-              f"{syscall_name(nr)}: {type(e).__name__}: {e}")
+    report = (
+        f"pid {lwp.proc.pid}: killed by SIGSYS: internal error in "
+        f"{syscall_name(nr)}: {type(e).__name__}: {e}"
+    )
     kernel.reports.append(report)
     lwp.proc.report = report
     try:

@@ -77,8 +77,16 @@ class Kernel(ProcessTable):
 
     loaded: LoadedImage  # set by boot(): where the first program was laid out
 
-    def __init__(self, config: VmConfig, console: Console, mem: GuestMemory, brk_base: int,
-                 pages: PageAllocator, heap: MemAlloc, forker: Forker | None = None) -> None:
+    def __init__(
+        self,
+        config: VmConfig,
+        console: Console,
+        mem: GuestMemory,
+        brk_base: int,
+        pages: PageAllocator,
+        heap: MemAlloc,
+        forker: Forker | None = None,
+    ) -> None:
         """A VM over prepared memory (see :meth:`boot`, and fork/snapshot.py's restore)."""
         config.validate()
         super().__init__()
@@ -116,8 +124,15 @@ class Kernel(ProcessTable):
         self.init = self.new_process(None, FdTable(), "init")
 
     @classmethod
-    def boot(cls, image: ElfImage, argv: Sequence[str | bytes], env: Sequence[str | bytes],
-             config: VmConfig, console: Console, forker: Forker | None = None) -> Kernel:
+    def boot(
+        cls,
+        image: ElfImage,
+        argv: Sequence[str | bytes],
+        env: Sequence[str | bytes],
+        config: VmConfig,
+        console: Console,
+        forker: Forker | None = None,
+    ) -> Kernel:
         """A VM that starts ``image`` as its first program (pid 2)."""
         config.validate()
         mem = GuestMemory(config.ram)
@@ -125,8 +140,15 @@ class Kernel(ProcessTable):
             loaded = layout_memory(mem, image)
             heap = loaded.heap
             pages = PageAllocator(heap.base, heap.size, PAGE_SIZE)
-            k = cls(config, console, mem, loaded.region.end, pages,
-                    MemAlloc(mem.region_view(heap), heap.base, pages), forker)
+            k = cls(
+                config,
+                console,
+                mem,
+                loaded.region.end,
+                pages,
+                MemAlloc(mem.region_view(heap), heap.base, pages),
+                forker,
+            )
         except Exception:
             mem.close()
             raise
@@ -165,11 +187,14 @@ class Kernel(ProcessTable):
         stack = self.alloc_stack(proc.pid)
         if not stack:
             self.close()
-            raise ImageError(f"guest RAM ({self.config.ram} bytes) too small for a "
-                             f"{self.config.stack_size}-byte stack")
+            raise ImageError(
+                f"guest RAM ({self.config.ram} bytes) too small for a "
+                f"{self.config.stack_size}-byte stack"
+            )
         try:
-            sp = build_stack(self.mem, self.loaded, stack + size, [_b(a) for a in argv],
-                             [_b(e) for e in env])
+            sp = build_stack(
+                self.mem, self.loaded, stack + size, [_b(a) for a in argv], [_b(e) for e in env]
+            )
         except GuestError as e:
             self.close()
             raise ImageError("arguments and environment do not fit on the stack") from e
@@ -197,10 +222,16 @@ class Kernel(ProcessTable):
         assert main is not None  # boot() or a restored snapshot made it
         if outcome is None:
             outcome = "exited" if main.status & 0x7F == 0 else "signaled"
-        return RunResult(status=main.status, outcome=outcome, reports=list(self.reports),
-                         elapsed=time.monotonic() - start, forks=self.forks,
-                         syscalls=self.syscalls, peak_memory=self.peak_memory,
-                         processes=self.process_table())
+        return RunResult(
+            status=main.status,
+            outcome=outcome,
+            reports=list(self.reports),
+            elapsed=time.monotonic() - start,
+            forks=self.forks,
+            syscalls=self.syscalls,
+            peak_memory=self.peak_memory,
+            processes=self.process_table(),
+        )
 
     # -- events from other threads (VM-clone: messages from the supervisor) ------------
     def post_event(self, fn: Callable[[], None]) -> None:
@@ -267,8 +298,10 @@ class Kernel(ProcessTable):
     def _fault(self, lwp: Lwp, ex) -> None:
         insn = self.cpu.instruction_bytes(ex.rip)
         where = f" address={ex.address:#x}" if ex.address is not None else ""
-        report = (f"pid {lwp.proc.pid}: {signals.signame(ex.signal)}: {ex.what} at "
-                  f"rip={ex.rip:#x}{where} insn={insn.hex(' ') or '??'}")
+        report = (
+            f"pid {lwp.proc.pid}: {signals.signame(ex.signal)}: {ex.what} at "
+            f"rip={ex.rip:#x}{where} insn={insn.hex(' ') or '??'}"
+        )
         log.info("%s", report)  # callers print RunResult.reports
         self.reports.append(report)
         lwp.proc.report = report
@@ -303,8 +336,10 @@ class Kernel(ProcessTable):
         return True
 
     def _deadlock(self) -> str:
-        lines = ["deadlock: every process is blocked and nothing can wake it",
-                 *self.blocked_report()]
+        lines = [
+            "deadlock: every process is blocked and nothing can wake it",
+            *self.blocked_report(),
+        ]
         report = "\n".join(lines)
         log.info("%s", report)  # callers print RunResult.reports
         self.reports.append(report)
@@ -313,8 +348,9 @@ class Kernel(ProcessTable):
     def _stop_all(self, reason: str) -> str:
         """End every live process with SIGKILL (time limit, deadlock, kill)."""
         if reason == "timeout":
-            self.reports.append(f"time limit of {self.config.timeout:g} s exceeded: "
-                                "all processes killed")
+            self.reports.append(
+                f"time limit of {self.config.timeout:g} s exceeded: all processes killed"
+            )
         for p in sorted(self.procs.values(), key=lambda p: -p.pid):
             if p.alive and p is not self.init:
                 p.report = p.report or f"pid {p.pid}: killed ({reason})"

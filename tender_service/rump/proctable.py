@@ -53,12 +53,19 @@ class ProcessTable:
         self._next_pid += 1
         return pid
 
-    def new_process(self, parent: Process | None, fds: FdTable, name: str,
-                     pid: int | None = None) -> Process:
+    def new_process(
+        self, parent: Process | None, fds: FdTable, name: str, pid: int | None = None
+    ) -> Process:
         pid = self.alloc_pid() if pid is None else pid
-        p = Process(pid=pid, ppid=parent.pid if parent else 0,
-                    pgid=parent.pgid if parent else pid, sid=parent.sid if parent else pid,
-                    fds=fds, parent=parent, name=name)
+        p = Process(
+            pid=pid,
+            ppid=parent.pid if parent else 0,
+            pgid=parent.pgid if parent else pid,
+            sid=parent.sid if parent else pid,
+            fds=fds,
+            parent=parent,
+            name=name,
+        )
         if parent is not None:
             parent.children[pid] = p
             p.sigactions = dict(parent.sigactions)
@@ -70,10 +77,16 @@ class ProcessTable:
         """A process for a fork: same pgid/sid, copied fd table and dispositions."""
         return self.new_process(parent, parent.fds.copy(), parent.name)
 
-    def new_lwp(self, proc: Process, stack: int, stack_base: int, stack_size: int,
-                ctx: object) -> Lwp:
-        t = BmkThread(tid=proc.pid, name=f"{proc.name}:{proc.pid}", ctx=ctx,
-                      stack_base=stack_base, stack_size=stack_size)
+    def new_lwp(
+        self, proc: Process, stack: int, stack_base: int, stack_size: int, ctx: object
+    ) -> Lwp:
+        t = BmkThread(
+            tid=proc.pid,
+            name=f"{proc.name}:{proc.pid}",
+            ctx=ctx,
+            stack_base=stack_base,
+            stack_size=stack_size,
+        )
         lwp = Lwp(proc=proc, thread=t, tid=proc.pid, stack=stack)
         t.cookie = lwp
         proc.lwps.append(lwp)
@@ -179,8 +192,12 @@ class ProcessTable:
             return False
         if disp != signals.SIG_DFL:
             proc.pending |= 1 << (sig - 1)  # a Linux sigset keeps signal n in bit n-1
-            self.warn_once(f"handler:{sig}", "signal handlers are not run: %s to pid %d "
-                           "left pending", signals.signame(sig), proc.pid)
+            self.warn_once(
+                f"handler:{sig}",
+                "signal handlers are not run: %s to pid %d left pending",
+                signals.signame(sig),
+                proc.pid,
+            )
             return False
         action = signals.default_action(sig)
         if action is not signals.Action.TERMINATE:
@@ -191,8 +208,16 @@ class ProcessTable:
 
     def add_remote_child(self, parent: Process, pid: int) -> Process:
         """A proxy for a child that runs in another VM; its exit arrives as an event."""
-        child = Process(pid=pid, ppid=parent.pid, pgid=parent.pgid, sid=parent.sid,
-                        fds=FdTable(), parent=parent, name=parent.name, remote=True)
+        child = Process(
+            pid=pid,
+            ppid=parent.pid,
+            pgid=parent.pgid,
+            sid=parent.sid,
+            fds=FdTable(),
+            parent=parent,
+            name=parent.name,
+            remote=True,
+        )
         parent.children[pid] = child
         parent.child_wq.host = True
         return child
@@ -214,14 +239,15 @@ class ProcessTable:
 
     def blocked_report(self) -> list[str]:
         """'pid N (name): what it waits on' for every blocked process."""
-        return [f"  pid {t.cookie.proc.pid} ({t.cookie.proc.name}): {t.why or 'blocked'}"
-                for t in self.sched.blocked()]
+        return [
+            f"  pid {t.cookie.proc.pid} ({t.cookie.proc.name}): {t.why or 'blocked'}"
+            for t in self.sched.blocked()
+        ]
 
     def process_table(self) -> list[ProcInfo]:
         """Every process of the run: live, zombie, and (up to MAX_FINISHED) reaped."""
         rows = self.finished + [_info(p) for p in self.procs.values()]
         return sorted(rows, key=lambda p: p.pid)
-
 
     # -- snapshots (VM-clone fork) ----------------------------------------------------
     def export_process(self, lwp: Lwp, child_pid: int) -> dict:
@@ -229,12 +255,25 @@ class ProcessTable:
         with it (plain JSON-able data; fds and registers are the snapshot's)."""
         proc, t = lwp.proc, lwp.thread
         return {
-            "process": {"pid": child_pid, "ppid": proc.pid, "pgid": proc.pgid, "sid": proc.sid,
-                        "name": proc.name, "pending": 0, "brk": proc.brk,
-                        "sigactions": [[sig, *act] for sig, act in sorted(proc.sigactions.items())],
-                        "mmaps": sorted(proc.mmaps.items()), "owner": proc.pid},
-            "lwp": {"stack": lwp.stack, "stack_base": t.stack_base, "stack_size": t.stack_size,
-                    "tls": lwp.tls, "sigmask": lwp.sigmask},
+            "process": {
+                "pid": child_pid,
+                "ppid": proc.pid,
+                "pgid": proc.pgid,
+                "sid": proc.sid,
+                "name": proc.name,
+                "pending": 0,
+                "brk": proc.brk,
+                "sigactions": [[sig, *act] for sig, act in sorted(proc.sigactions.items())],
+                "mmaps": sorted(proc.mmaps.items()),
+                "owner": proc.pid,
+            },
+            "lwp": {
+                "stack": lwp.stack,
+                "stack_base": t.stack_base,
+                "stack_size": t.stack_size,
+                "tls": lwp.tls,
+                "sigmask": lwp.sigmask,
+            },
         }
 
     def restore_process(self, state: dict, fds: FdTable, ctx: object) -> Process:
@@ -246,20 +285,19 @@ class ProcessTable:
         proc = self.new_process(None, fds, str(p["name"]), pid=pid)
         proc.ppid, proc.pgid, proc.sid = int(p["ppid"]), int(p["pgid"]), int(p["sid"])
         proc.brk = int(p["brk"])
-        proc.sigactions = {int(a[0]): (int(a[1]), int(a[2]), int(a[3]), int(a[4]))
-                          for a in p["sigactions"]}
+        proc.sigactions = {
+            int(a[0]): (int(a[1]), int(a[2]), int(a[3]), int(a[4])) for a in p["sigactions"]
+        }
         proc.mmaps = {int(a): int(n) for a, n in p["mmaps"]}
         self._next_pid = max(self._next_pid, pid + 1)
         self.heap.reown(int(p["owner"]), pid)
-        lwp = self.new_lwp(proc, int(lw["stack"]), int(lw["stack_base"]), int(lw["stack_size"]),
-                           ctx)
+        lwp = self.new_lwp(
+            proc, int(lw["stack"]), int(lw["stack_base"]), int(lw["stack_size"]), ctx
+        )
         lwp.tls, lwp.sigmask = int(lw["tls"]), int(lw["sigmask"])
         self.main = proc
         return proc
 
 
 def _info(p: Process) -> ProcInfo:
-    return ProcInfo(p.pid, p.ppid, p.name, p.state.value, None if p.alive else p.status,
-                    p.report)
-
-
+    return ProcInfo(p.pid, p.ppid, p.name, p.state.value, None if p.alive else p.status, p.report)

@@ -58,8 +58,10 @@ def read_token(path: str | Path) -> str:
     if len(token) < 16:
         raise ValueError(f"{path}: a token must have at least 16 characters")
     if token in PLACEHOLDER_TOKENS or any(m in token.lower() for m in PLACEHOLDER_MARKERS):
-        raise ValueError(f"{path}: holds a placeholder token, not a secret: put a random "
-                         "one there (e.g. openssl rand -hex 32)")
+        raise ValueError(
+            f"{path}: holds a placeholder token, not a secret: put a random "
+            "one there (e.g. openssl rand -hex 32)"
+        )
     return token
 
 
@@ -91,8 +93,10 @@ class StreamLimiter:
             if sum(n for (b, _), n in self.open.items() if b == budget) >= self.total:
                 return f"the tender has {self.total} long-lived {budget} calls open (its limit)"
             if self.open[budget, peer] >= self.per_peer:
-                return (f"{peer} has {self.per_peer} long-lived {budget} calls open (the limit "
-                        "per peer): cancel some first")
+                return (
+                    f"{peer} has {self.per_peer} long-lived {budget} calls open (the limit "
+                    "per peer): cancel some first"
+                )
             self.open[budget, peer] += 1
             metrics.GRPC_STREAMS.inc()
             return None
@@ -154,9 +158,12 @@ def _bad_request(r: _Undecodable) -> tuple[grpc.StatusCode, str]:
 
 
 def _grpc_type(h: grpc.RpcMethodHandler) -> str:
-    return {(False, False): "unary", (True, False): "client_stream",
-            (False, True): "server_stream", (True, True): "bidi_stream"}[
-        (bool(h.request_streaming), bool(h.response_streaming))]
+    return {
+        (False, False): "unary",
+        (True, False): "client_stream",
+        (False, True): "server_stream",
+        (True, True): "bidi_stream",
+    }[(bool(h.request_streaming), bool(h.response_streaming))]
 
 
 def _code_name(code) -> str:
@@ -184,38 +191,53 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if self.token is not None and not method.startswith(HEALTH_PREFIX):
             got = dict(details.invocation_metadata).get("authorization", "")
             if not hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode()):
-                return self._wrap(_refusal(grpc.StatusCode.UNAUTHENTICATED,
-                                           "missing or wrong bearer token"), labels, False)
+                return self._wrap(
+                    _refusal(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token"),
+                    labels,
+                    False,
+                )
         if handler is None:
-            return self._wrap(_refusal(grpc.StatusCode.UNIMPLEMENTED,
-                                       f"no method {method[:200]!r}"), labels, False)
-        long_lived = bool(handler.request_streaming or handler.response_streaming) \
-            or method in WAITING
+            return self._wrap(
+                _refusal(grpc.StatusCode.UNIMPLEMENTED, f"no method {method[:200]!r}"),
+                labels,
+                False,
+            )
+        long_lived = (
+            bool(handler.request_streaming or handler.response_streaming) or method in WAITING
+        )
         return self._wrap(handler, labels, long_lived)
 
-    def _wrap(self, h: grpc.RpcMethodHandler, labels: tuple[str, str, str],
-              long_lived: bool) -> grpc.RpcMethodHandler:
+    def _wrap(
+        self, h: grpc.RpcMethodHandler, labels: tuple[str, str, str], long_lived: bool
+    ) -> grpc.RpcMethodHandler:
         """``h`` with its function wrapped as sync or async, whichever it is."""
         fn = h.unary_unary or h.unary_stream or h.stream_unary or h.stream_stream
         asynchronous = inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
-        call = _Call(self.limiter, labels, long_lived, h.request_streaming,
-                     "Health.Watch" if labels[1] == "grpc.health.v1.Health" else "API")
+        call = _Call(
+            self.limiter,
+            labels,
+            long_lived,
+            h.request_streaming,
+            "Health.Watch" if labels[1] == "grpc.health.v1.Health" else "API",
+        )
         if inspect.isasyncgenfunction(fn):
             wrapped = call.async_stream(fn)
         elif asynchronous:  # a coroutine: unary, or a stream written with context.write
             wrapped = call.async_unary(fn)
         else:
             wrapped = call.sync_stream(fn) if h.response_streaming else call.sync_unary(fn)
-        make = {(False, False): grpc.unary_unary_rpc_method_handler,
-                (True, False): grpc.stream_unary_rpc_method_handler,
-                (False, True): grpc.unary_stream_rpc_method_handler,
-                (True, True): grpc.stream_stream_rpc_method_handler}[
-            (bool(h.request_streaming), bool(h.response_streaming))]
+        make = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(bool(h.request_streaming), bool(h.response_streaming))]
         return make(wrapped, _tolerant(h.request_deserializer), h.response_serializer)
 
 
 def _refusal(code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
     """A handler that takes any request (raw bytes) and answers ``code``."""
+
     async def refuse(request_iterator, context):
         await context.abort(code, details)
         yield  # never reached: an async generator, as the wrapper expects

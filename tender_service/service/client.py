@@ -19,7 +19,8 @@ class Client:
             self.channel = grpc.secure_channel(target, creds)
         else:
             self.channel = grpc.insecure_channel(
-                target, options=[("grpc.max_send_message_length", 64 << 20)])
+                target, options=[("grpc.max_send_message_length", 64 << 20)]
+            )
         self.stub = grpc_mod.TenderStub(self.channel)
         self.md = call_metadata(token)
 
@@ -31,21 +32,25 @@ class Client:
         return self.stub.Launch(req, metadata=self.md).instance_id
 
     def wait(self, instance_id: str, timeout: float = 0.0):
-        return self.stub.Wait(self.pb2.WaitRequest(instance_id=instance_id,
-                                                   timeout_seconds=timeout), metadata=self.md)
+        return self.stub.Wait(
+            self.pb2.WaitRequest(instance_id=instance_id, timeout_seconds=timeout), metadata=self.md
+        )
 
     def logs(self, instance_id: str, from_start: bool = True):
-        return self.stub.StreamConsole(self.pb2.ConsoleRequest(instance_id=instance_id,
-                                                               from_start=from_start),
-                                       metadata=self.md)
+        return self.stub.StreamConsole(
+            self.pb2.ConsoleRequest(instance_id=instance_id, from_start=from_start),
+            metadata=self.md,
+        )
 
     def kill(self, instance_id: str) -> bool:
-        return self.stub.Kill(self.pb2.KillRequest(instance_id=instance_id),
-                              metadata=self.md).was_running
+        return self.stub.Kill(
+            self.pb2.KillRequest(instance_id=instance_id), metadata=self.md
+        ).was_running
 
     def describe(self, instance_id: str):
-        return self.stub.Describe(self.pb2.DescribeRequest(instance_id=instance_id),
-                                  metadata=self.md)
+        return self.stub.Describe(
+            self.pb2.DescribeRequest(instance_id=instance_id), metadata=self.md
+        )
 
     def instances(self):
         return self.stub.ListInstances(self.pb2.ListInstancesRequest(), metadata=self.md).instances

@@ -45,8 +45,12 @@ class StoredImage:
 
 
 class ImageStore:
-    def __init__(self, root: Path | None = None, max_upload: int = DEFAULT_MAX_UPLOAD,
-                 max_store: int = DEFAULT_MAX_STORE) -> None:
+    def __init__(
+        self,
+        root: Path | None = None,
+        max_upload: int = DEFAULT_MAX_UPLOAD,
+        max_store: int = DEFAULT_MAX_STORE,
+    ) -> None:
         if max_store <= 0:
             raise ValueError(f"{STORE_FLAG} must be positive")
         parent = root or cache_dir() / "uploads"
@@ -77,8 +81,10 @@ class ImageStore:
             return self._state()
 
     def _state(self) -> str:
-        return (f"image store: {format_bytes(sum(self._files.values()))} in use of a "
-                f"{format_bytes(self.max_store)} limit ({STORE_FLAG})")
+        return (
+            f"image store: {format_bytes(sum(self._files.values()))} in use of a "
+            f"{format_bytes(self.max_store)} limit ({STORE_FLAG})"
+        )
 
     @staticmethod
     def valid_name(name: str) -> bool:
@@ -100,8 +106,10 @@ class ImageStore:
             if digest not in self._files:
                 used = sum(self._files.values())
                 if used + len(data) > self.max_store:
-                    raise OverflowError(f"{self._state()}; this image needs "
-                                        f"{format_bytes(len(data))} more (DeleteImage frees)")
+                    raise OverflowError(
+                        f"{self._state()}; this image needs "
+                        f"{format_bytes(len(data))} more (DeleteImage frees)"
+                    )
                 tmp = path.with_suffix(f".tmp{threading.get_ident()}")
                 tmp.write_bytes(data)
                 tmp.replace(path)
@@ -118,8 +126,9 @@ class ImageStore:
         Its file goes when no other name and no running instance uses it.
         """
         if name in builtin_programs():
-            raise BuiltinImageError(f"name: {name!r} is a built-in image; only uploaded "
-                                    "images can be deleted")
+            raise BuiltinImageError(
+                f"name: {name!r} is a built-in image; only uploaded images can be deleted"
+            )
         with self._lock:
             img = self._uploaded.pop(name)
             self._forget_file(img.sha256)

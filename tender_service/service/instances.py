@@ -39,6 +39,7 @@ KEEP_FINISHED = 4096  # finished instances remembered (Wait, Describe, logs) by 
 
 def _waker(loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> Callable[[], None]:
     """A callback any thread may call to set ``event`` on ``loop``."""
+
     def wake() -> None:
         with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
             loop.call_soon_threadsafe(event.set)
@@ -218,10 +219,15 @@ class MetricsObserver:
 
 
 class InstanceManager:
-    def __init__(self, store: ImageStore, backends: dict[str, InstanceBackend],
-                 max_instances: int = 64, default_timeout: float = 600.0,
-                 keep_finished: int = KEEP_FINISHED,
-                 budget: MemoryBudget | None = None) -> None:
+    def __init__(
+        self,
+        store: ImageStore,
+        backends: dict[str, InstanceBackend],
+        max_instances: int = 64,
+        default_timeout: float = 600.0,
+        keep_finished: int = KEEP_FINISHED,
+        budget: MemoryBudget | None = None,
+    ) -> None:
         self.store = store
         self.budget = budget  # guest RAM of every VM on this tender (--max-guest-memory)
         self.backends = backends  # fork mode -> its backend (instance/backends/)
@@ -237,19 +243,36 @@ class InstanceManager:
         with self.lock:
             return [i for i in self.instances.values() if not i.done.is_set()]
 
-    def launch(self, image: StoredImage, args: list[str], env: list[str], mode: str,
-               transport: str, placement: str, config: VmConfig) -> Instance:
+    def launch(
+        self,
+        image: StoredImage,
+        args: list[str],
+        env: list[str],
+        mode: str,
+        transport: str,
+        placement: str,
+        config: VmConfig,
+    ) -> Instance:
         """Start an instance (raises OverflowError, naming the limit, when the tender is
         full: too many instances, or not enough guest memory left for its first VM)."""
-        inst = Instance(uuid.uuid4().hex[:16], image, mode, transport, placement, config,
-                        list(args), list(env or DEFAULT_ENV))
+        inst = Instance(
+            uuid.uuid4().hex[:16],
+            image,
+            mode,
+            transport,
+            placement,
+            config,
+            list(args),
+            list(env or DEFAULT_ENV),
+        )
         with self.lock:
             if not self.accepting:
                 raise RuntimeError("the tender is shutting down")
-            if sum(1 for i in self.instances.values() if not i.done.is_set()) \
-                    >= self.max_instances:
-                raise OverflowError(f"instances: {self.max_instances} running of a "
-                                    f"{self.max_instances} limit (--max-instances)")
+            if sum(1 for i in self.instances.values() if not i.done.is_set()) >= self.max_instances:
+                raise OverflowError(
+                    f"instances: {self.max_instances} running of a "
+                    f"{self.max_instances} limit (--max-instances)"
+                )
             if self.budget is not None:
                 self.budget.reserve(config.ram)
                 inst.reserved = config.ram
@@ -260,8 +283,9 @@ class InstanceManager:
             self.instances[inst.id] = inst
             self._trim()
         metrics.INSTANCES.labels(mode).inc()
-        threading.Thread(target=self._run, args=(inst,), name=f"instance-{inst.id}",
-                         daemon=True).start()
+        threading.Thread(
+            target=self._run, args=(inst,), name=f"instance-{inst.id}", daemon=True
+        ).start()
         return inst
 
     def _trim(self) -> None:
@@ -275,14 +299,27 @@ class InstanceManager:
         """Start the instance through its mode's backend, follow it to its end."""
         backend = self.backends[inst.mode]
         many = not backend.one_vm  # figures of one VM's processes are labelled "local"
-        spec = InstanceSpec(inst.image.path, inst.args, inst.env, inst.config,
-                            argv0=inst.image.name, transport=inst.transport,
-                            placement=inst.placement, instance_id=inst.id)
+        spec = InstanceSpec(
+            inst.image.path,
+            inst.args,
+            inst.env,
+            inst.config,
+            argv0=inst.image.name,
+            transport=inst.transport,
+            placement=inst.placement,
+            instance_id=inst.id,
+        )
         try:
             spec.reserved, inst.reserved = inst.reserved, 0  # the backend's from now on
-            running = backend.start(spec, inst.console.append, MetricsObserver(
-                inst.mode, inst.transport if many else "local",
-                inst.placement if many else "local"))
+            running = backend.start(
+                spec,
+                inst.console.append,
+                MetricsObserver(
+                    inst.mode,
+                    inst.transport if many else "local",
+                    inst.placement if many else "local",
+                ),
+            )
             inst.running = running
             if inst.killed:
                 running.kill("killed")
@@ -296,20 +333,41 @@ class InstanceManager:
                 running.close()
                 inst.running = None
             inst.processes = r.processes
-            self._finish(inst, r.status, r.outcome, r.reports, r.elapsed, r.forks,
-                         r.peak_memory)
+            self._finish(inst, r.status, r.outcome, r.reports, r.elapsed, r.forks, r.peak_memory)
         except Exception as e:  # an instance that cannot even start: report, keep serving
             log.exception("instance %s failed", inst.id)
-            self._finish(inst, signals.signaled_status(signals.SIGKILL), "error",
-                         [f"could not run: {e}"], 0.0, 0, 0)
+            self._finish(
+                inst,
+                signals.signaled_status(signals.SIGKILL),
+                "error",
+                [f"could not run: {e}"],
+                0.0,
+                0,
+                0,
+            )
 
-    def _finish(self, inst: Instance, status: int, outcome: str, reports: list[str],
-                elapsed: float, forks: int, peak: int) -> None:
+    def _finish(
+        self,
+        inst: Instance,
+        status: int,
+        outcome: str,
+        reports: list[str],
+        elapsed: float,
+        forks: int,
+        peak: int,
+    ) -> None:
         if inst.killed and outcome not in ("exited", "timeout"):
             outcome = "killed"
-        inst.result = dict(wait_status=status, exit_code=signals.shell_code(status),
-                           signal=status & 0x7F, outcome=outcome, duration_seconds=elapsed,
-                           fork_count=forks, peak_guest_memory_bytes=peak, reports=reports)
+        inst.result = dict(
+            wait_status=status,
+            exit_code=signals.shell_code(status),
+            signal=status & 0x7F,
+            outcome=outcome,
+            duration_seconds=elapsed,
+            fork_count=forks,
+            peak_guest_memory_bytes=peak,
+            reports=reports,
+        )
         self._release(inst)  # before done: a waiter may launch again at once
         if inst.pinned:
             inst.pinned = False

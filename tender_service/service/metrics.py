@@ -13,46 +13,90 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-_LATENCY = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2,
-            0.1, 0.25, 0.5, 1.0, 2.5)
+_LATENCY = (
+    1e-6,
+    2.5e-6,
+    5e-6,
+    1e-5,
+    2.5e-5,
+    5e-5,
+    1e-4,
+    2.5e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    1e-2,
+    2.5e-2,
+    5e-2,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
 
-FORK_LATENCY = Histogram("unifork_fork_latency_seconds",
-                         "Time a fork takes in the parent, by fork mode, transport, placement",
-                         ["mode", "transport", "placement"], buckets=_LATENCY)
-SNAPSHOT_BYTES = Histogram("unifork_clone_snapshot_bytes", "Size of VM-clone snapshots",
-                           buckets=(64e3, 128e3, 256e3, 512e3, 1e6, 2e6, 4e6, 8e6, 16e6, 64e6))
-PIPE_BYTES = Counter("unifork_pipe_bytes_total", "Bytes written into pipes, by transport",
-                     ["transport"])
-PIPE_WRITE_LATENCY = Histogram("unifork_pipe_write_latency_seconds",
-                               "Time from a cross-VM pipe write request to its reply",
-                               ["transport"], buckets=_LATENCY)
-VMS = Gauge("unifork_vms", "VMs running in this tender's processes (never the tender itself)",
-            ["mode"])
+FORK_LATENCY = Histogram(
+    "unifork_fork_latency_seconds",
+    "Time a fork takes in the parent, by fork mode, transport, placement",
+    ["mode", "transport", "placement"],
+    buckets=_LATENCY,
+)
+SNAPSHOT_BYTES = Histogram(
+    "unifork_clone_snapshot_bytes",
+    "Size of VM-clone snapshots",
+    buckets=(64e3, 128e3, 256e3, 512e3, 1e6, 2e6, 4e6, 8e6, 16e6, 64e6),
+)
+PIPE_BYTES = Counter(
+    "unifork_pipe_bytes_total", "Bytes written into pipes, by transport", ["transport"]
+)
+PIPE_WRITE_LATENCY = Histogram(
+    "unifork_pipe_write_latency_seconds",
+    "Time from a cross-VM pipe write request to its reply",
+    ["transport"],
+    buckets=_LATENCY,
+)
+VMS = Gauge(
+    "unifork_vms", "VMs running in this tender's processes (never the tender itself)", ["mode"]
+)
 PROCESSES = Gauge("unifork_processes", "Guest processes of running instances", ["mode"])
 INSTANCES = Gauge("unifork_instances", "Instances running on this tender", ["mode"])
-GUEST_MEMORY = Gauge("unifork_guest_memory_committed_bytes",
-                     "Guest memory committed by the thread-fork VMs of this tender")
-VM_STARTS = Gauge("unifork_vm_starts_in_progress",
-                  "Peer.StartVm calls this tender is receiving (clones in transfer or restore)")
-SHM_EXHAUSTED = Counter("unifork_shm_exhausted_total",
-                        "VM-clone VMs that found /dev/shm full and used tcp instead of shm")
-FINISHED = Counter("unifork_instances_finished_total", "Instances that ended, by outcome",
-                   ["outcome"])
-EMULATOR_CRASHES = Counter("unifork_emulator_crashes_total",
-                           "VM processes that died of a signal without a result (the emulator "
-                           "crashed; each ends its instance's VM, never the tender)",
-                           ["fork_mode"])
+GUEST_MEMORY = Gauge(
+    "unifork_guest_memory_committed_bytes",
+    "Guest memory committed by the thread-fork VMs of this tender",
+)
+VM_STARTS = Gauge(
+    "unifork_vm_starts_in_progress",
+    "Peer.StartVm calls this tender is receiving (clones in transfer or restore)",
+)
+SHM_EXHAUSTED = Counter(
+    "unifork_shm_exhausted_total",
+    "VM-clone VMs that found /dev/shm full and used tcp instead of shm",
+)
+FINISHED = Counter(
+    "unifork_instances_finished_total", "Instances that ended, by outcome", ["outcome"]
+)
+EMULATOR_CRASHES = Counter(
+    "unifork_emulator_crashes_total",
+    "VM processes that died of a signal without a result (the emulator "
+    "crashed; each ends its instance's VM, never the tender)",
+    ["fork_mode"],
+)
 for _mode in ("thread", "vmclone"):  # present from the start, at 0: alerts see a series
     EMULATOR_CRASHES.labels(_mode)
 _GRPC = ["grpc_type", "grpc_service", "grpc_method"]
 GRPC_STARTED = Counter("grpc_server_started_total", "RPCs started on the server", _GRPC)
-GRPC_HANDLED = Counter("grpc_server_handled_total",
-                       "RPCs completed on the server, regardless of success or failure",
-                       _GRPC + ["grpc_code"])
-GRPC_HANDLING = Histogram("grpc_server_handling_seconds",
-                          "Response latency of RPCs handled by the server", _GRPC)
-GRPC_STREAMS = Gauge("unifork_grpc_streams_open",
-                     "Long-lived gRPC calls (streams, Wait) open on the client server")
+GRPC_HANDLED = Counter(
+    "grpc_server_handled_total",
+    "RPCs completed on the server, regardless of success or failure",
+    _GRPC + ["grpc_code"],
+)
+GRPC_HANDLING = Histogram(
+    "grpc_server_handling_seconds", "Response latency of RPCs handled by the server", _GRPC
+)
+GRPC_STREAMS = Gauge(
+    "unifork_grpc_streams_open", "Long-lived gRPC calls (streams, Wait) open on the client server"
+)
 
 
 def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:

@@ -53,8 +53,10 @@ log = logging.getLogger(__name__)
 TICKET_TTL = 60.0
 #: a StartVm's first message (its header) may be read before the caller is known
 MAX_PEER_MESSAGE = 4 << 20
-CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20),
-                   ("grpc.max_receive_message_length", 64 << 20)]
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.max_receive_message_length", 64 << 20),
+]
 
 
 class ConfigError(ValueError):
@@ -75,15 +77,19 @@ class TlsFiles:
             return None
         missing = [name for name, v in given.items() if not v]
         if missing:
-            raise ConfigError(f"TLS needs --tls-cert, --tls-key and --tls-ca together "
-                              f"(missing {', '.join(missing)}): refusing to serve half of it")
+            raise ConfigError(
+                f"TLS needs --tls-cert, --tls-key and --tls-ca together "
+                f"(missing {', '.join(missing)}): refusing to serve half of it"
+            )
         assert cert and key and ca  # all three given: checked just above
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:
             ctx.load_cert_chain(cert, key)
         except ssl.SSLError as e:
-            raise ConfigError(f"--tls-key {key} does not match --tls-cert {cert} "
-                              f"(or is not a PEM key): {e.reason or e}") from None
+            raise ConfigError(
+                f"--tls-key {key} does not match --tls-cert {cert} "
+                f"(or is not a PEM key): {e.reason or e}"
+            ) from None
         except OSError as e:
             raise ConfigError(f"cannot read the TLS certificate or key: {e}") from None
         try:
@@ -103,9 +109,9 @@ class PeerCredentials:
     def channel(self, address: str) -> grpc.Channel:
         if self.tls is None:
             return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        creds = grpc.ssl_channel_credentials(root_certificates=self.tls.ca,
-                                             private_key=self.tls.key,
-                                             certificate_chain=self.tls.cert)
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=self.tls.ca, private_key=self.tls.key, certificate_chain=self.tls.cert
+        )
         return grpc.secure_channel(address, creds, options=CHANNEL_OPTIONS)
 
     def metadata(self) -> list[tuple[str, str]]:
@@ -118,9 +124,9 @@ class PeerCredentials:
         """Mutual TLS for the peer listener: a caller needs a cert signed by the CA."""
         if self.tls is None:
             return None
-        return grpc.ssl_server_credentials([(self.tls.key, self.tls.cert)],
-                                           root_certificates=self.tls.ca,
-                                           require_client_auth=True)
+        return grpc.ssl_server_credentials(
+            [(self.tls.key, self.tls.cert)], root_certificates=self.tls.ca, require_client_auth=True
+        )
 
     def bearer_ok(self, context) -> bool:
         """The call carries the peer token (true when there is none to carry)."""
@@ -167,8 +173,11 @@ class Tickets:
         if self.key is None or len(parts) != 5 or len(ticket) > 512:
             return None
         instance_id, pid_text, expiry_text, nonce, mac = parts
-        if not (pid_text.isdigit() and expiry_text.isdigit()) or len(pid_text) > 9 \
-                or len(expiry_text) > 12:
+        if (
+            not (pid_text.isdigit() and expiry_text.isdigit())
+            or len(pid_text) > 9
+            or len(expiry_text) > 12
+        ):
             return None
         pid, expiry, now = int(pid_text), int(expiry_text), time.time()
         want = self._mac(instance_id, pid, target, expiry, nonce)
@@ -211,8 +220,14 @@ def _address_host(address: str) -> str:
 class PeerGateway:
     """``Peer`` on the peer listener: check, then hand the VM to a pool worker."""
 
-    def __init__(self, pool, creds: PeerCredentials, tickets: Tickets, self_address: str,
-                 known_addresses: Callable[[], Iterable[str]]) -> None:
+    def __init__(
+        self,
+        pool,
+        creds: PeerCredentials,
+        tickets: Tickets,
+        self_address: str,
+        known_addresses: Callable[[], Iterable[str]],
+    ) -> None:
         self.pool = pool
         self.creds, self.tickets = creds, tickets
         self.self_address = self_address  # this tender's peer address (tickets name it)
@@ -241,15 +256,18 @@ class PeerGateway:
             ticket = dict(context.invocation_metadata()).get(TICKET_KEY, "")
             claim = self.tickets.redeem(ticket, self.self_address)
             if claim is None:
-                context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                              "missing or wrong peer token or ticket")
+                context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED, "missing or wrong peer token or ticket"
+                )
         first = next(chunks, None)
         if first is None or first.WhichOneof("part") != "start":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "start: missing (send it first)")
         start = first.start
         if claim is not None and claim != (start.instance_id, start.pid):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "missing or wrong peer token or ticket (not for this VM)")
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or wrong peer token or ticket (not for this VM)",
+            )
         bad, supervisor = self._check_supervisor(start, context)
         if bad:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad)
@@ -287,10 +305,15 @@ class PeerGateway:
             allowed |= resolve_host(_address_host(address))
         ok = sorted(resolve_host(host) & allowed)
         if not ok:
-            log.warning("StartVm from %s refused: supervisor host %.80r is neither the "
-                        "caller nor a known peer", context.peer(), host)
-            return ("supervisor: this tender connects only to the host that called it or "
-                    "to its peers"), ""
+            log.warning(
+                "StartVm from %s refused: supervisor host %.80r is neither the "
+                "caller nor a known peer",
+                context.peer(),
+                host,
+            )
+            return (
+                "supervisor: this tender connects only to the host that called it or to its peers"
+            ), ""
         ip = ok[0]  # connect to the address that was checked, not a fresh lookup
         return None, f"tcp:{'[' + ip + ']' if ':' in ip else ip}:{port}"
 
@@ -300,8 +323,9 @@ class Relay:
     clone bound for a peer tender (or this one) goes out with this tender's TLS
     identity and the clone's ticket (never the peer token)."""
 
-    def __init__(self, creds: PeerCredentials, known_addresses: Callable[[], Iterable[str]]
-                 ) -> None:
+    def __init__(
+        self, creds: PeerCredentials, known_addresses: Callable[[], Iterable[str]]
+    ) -> None:
         self.creds = creds.without_token()
         self.known_addresses = known_addresses
 
@@ -311,13 +335,19 @@ class Relay:
         md = dict(context.invocation_metadata())
         target = md.get(TARGET_KEY, "")
         if target not in set(self.known_addresses()):
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          f"{TARGET_KEY}: not a peer of this tender")
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"{TARGET_KEY}: not a peer of this tender"
+            )
         ticket = [(TICKET_KEY, md[TICKET_KEY])] if TICKET_KEY in md else None
         try:
             with self.creds.channel(target) as ch:
-                return send_vm(target, request_iterator, context.time_remaining() or 60.0,
-                               channel=ch, metadata=ticket)
+                return send_vm(
+                    target,
+                    request_iterator,
+                    context.time_remaining() or 60.0,
+                    channel=ch,
+                    metadata=ticket,
+                )
         except grpc.RpcError as e:
             context.abort(e.code(), e.details() or "the peer failed")
 

@@ -39,7 +39,9 @@ class PeerHandle:
 
     address: str  # host:port of its peer listener
     creds: PeerCredentials
-    on_failure: Callable[[str], None] | None = None  # called with the address when the peer did not answer
+    on_failure: Callable[[str], None] | None = (
+        None  # called with the address when the peer did not answer
+    )
     remote = True
     pid = 0
 
@@ -52,19 +54,28 @@ class PeerHandle:
 
         try:
             with self.creds.channel(self.address) as ch:
-                return start_vm(self.address, start, snapshot, image=image, channel=ch,
-                                metadata=self.creds.metadata())
+                return start_vm(
+                    self.address,
+                    start,
+                    snapshot,
+                    image=image,
+                    channel=ch,
+                    metadata=self.creds.metadata(),
+                )
         except grpc.RpcError as e:
-            if self.on_failure is not None and e.code() in (grpc.StatusCode.UNAVAILABLE,
-                                                            grpc.StatusCode.DEADLINE_EXCEEDED):
+            if self.on_failure is not None and e.code() in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            ):
                 self.on_failure(self.address)
             raise
 
     def load(self) -> int:
         pb2, pb2_grpc = protos.peer()
         with self.creds.channel(self.address) as ch:
-            reply = pb2_grpc.PeerStub(ch).GetLoad(pb2.LoadRequest(), timeout=RPC_TIMEOUT,
-                                                 metadata=self.creds.metadata())
+            reply = pb2_grpc.PeerStub(ch).GetLoad(
+                pb2.LoadRequest(), timeout=RPC_TIMEOUT, metadata=self.creds.metadata()
+            )
         return int(reply.vms)
 
 
@@ -111,8 +122,9 @@ class Placer:
 
 
 class PeerSet:
-    def __init__(self, specs: list[str], port: int, creds: PeerCredentials,
-                 self_address: str | None = None) -> None:
+    def __init__(
+        self, specs: list[str], port: int, creds: PeerCredentials, self_address: str | None = None
+    ) -> None:
         self.specs, self.port, self.creds = specs, port, creds
         self.self_address = self_address
         self._loads: dict[str, tuple[float, int]] = {}

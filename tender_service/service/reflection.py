@@ -49,9 +49,12 @@ def enable_server_reflection(service_names: tuple[str, ...], server: grpc.aio.Se
     pool = descriptor_pool.Default()
     _add_v1_descriptor(pool)
     servicer = reflection.aio.ReflectionServicer((*service_names, *SERVICE_NAMES), pool=pool)
-    handlers = {"ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
-        servicer.ServerReflectionInfo,
-        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}
+    handlers = {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+        )
+    }
     for name in SERVICE_NAMES:
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))

@@ -138,8 +138,10 @@ class TenderServicer:
             elif msg.HasField("data"):
                 size += len(msg.data)
                 if size > self.store.max_upload:
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                        f"data: image larger than {self.store.max_upload} bytes")
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"data: image larger than {self.store.max_upload} bytes",
+                    )
                 parts.append(msg.data)
         if not name:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name: missing (send it first)")
@@ -148,13 +150,15 @@ class TenderServicer:
         except OverflowError as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"data: {e}")
         except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"data: {e}" if "name:" not in
-                                str(e) else str(e))
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"data: {e}" if "name:" not in str(e) else str(e)
+            )
         return self._image(img)
 
     def _image(self, img):
-        return self.pb2.ImageInfo(name=img.name, size_bytes=img.size, sha256=img.sha256,
-                                  builtin=img.builtin)
+        return self.pb2.ImageInfo(
+            name=img.name, size_bytes=img.size, sha256=img.sha256, builtin=img.builtin
+        )
 
     def DeleteImage(self, req, context):  # noqa: N802
         if not ImageStore.valid_name(req.name):
@@ -184,16 +188,20 @@ class TenderServicer:
         mode = fork_mode_name(pb2, req.fork_mode)
         transport = "tcp" if req.pipe_transport == pb2.PIPE_TRANSPORT_TCP else "shm"
         placement = {pb2.PLACEMENT_REMOTE: "remote", pb2.PLACEMENT_SPREAD: "spread"}.get(
-            req.placement, "local")
+            req.placement, "local"
+        )
         defaults = VmConfig()
-        config = VmConfig(ram=req.memory_bytes or defaults.ram,
-                          stack_size=req.stack_bytes or defaults.stack_size,
-                          timeout=req.time_limit_seconds or self.m.default_timeout,
-                          max_procs=req.max_procs or defaults.max_procs,
-                          tty=not req.console_pipe)
+        config = VmConfig(
+            ram=req.memory_bytes or defaults.ram,
+            stack_size=req.stack_bytes or defaults.stack_size,
+            timeout=req.time_limit_seconds or self.m.default_timeout,
+            max_procs=req.max_procs or defaults.max_procs,
+            tty=not req.console_pipe,
+        )
         try:
-            inst = self.m.launch(img, list(req.args), list(req.env) or None, mode, transport,
-                                 placement, config)
+            inst = self.m.launch(
+                img, list(req.args), list(req.env) or None, mode, transport, placement, config
+            )
         except OverflowError as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except LookupError as e:  # deleted while this launch looked at it
@@ -229,13 +237,17 @@ class TenderServicer:
         ram = req.memory_bytes or VmConfig().ram
         if (req.stack_bytes or VmConfig().stack_size) > ram // 2:
             return "stack_bytes: must be at most half of memory_bytes"
-        if not 0 <= req.time_limit_seconds <= MAX_TIME_LIMIT or req.time_limit_seconds != \
-                req.time_limit_seconds:
+        if (
+            not 0 <= req.time_limit_seconds <= MAX_TIME_LIMIT
+            or req.time_limit_seconds != req.time_limit_seconds
+        ):
             return f"time_limit_seconds: must be between 0 and {MAX_TIME_LIMIT:g}"
         if req.max_procs and not 2 <= req.max_procs <= 65536:
             return "max_procs: must be between 2 and 65536"
         if self.m.backends[fork_mode_name(pb2, req.fork_mode)].one_vm and req.placement not in (
-                pb2.PLACEMENT_UNSPECIFIED, pb2.PLACEMENT_LOCAL):
+            pb2.PLACEMENT_UNSPECIFIED,
+            pb2.PLACEMENT_LOCAL,
+        ):
             return "placement: only VM-clone instances place VMs on other hosts"
         return None
 
@@ -244,8 +256,10 @@ class TenderServicer:
         if not instance_id:
             return None, (grpc.StatusCode.INVALID_ARGUMENT, "instance_id: missing")
         if len(instance_id) > MAX_ID:
-            return None, (grpc.StatusCode.INVALID_ARGUMENT,
-                          f"instance_id: longer than {MAX_ID} characters")
+            return None, (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"instance_id: longer than {MAX_ID} characters",
+            )
         inst = self.m.get(instance_id)
         if inst is None:
             return None, (grpc.StatusCode.NOT_FOUND, f"instance_id: no instance {instance_id!r}")
@@ -290,9 +304,12 @@ class TenderServicer:
     def _summary(self, inst):
         pb2 = self.pb2
         return pb2.InstanceSummary(
-            instance_id=inst.id, image=inst.image.name,
+            instance_id=inst.id,
+            image=inst.image.name,
             fork_mode=fork_mode_value(pb2, inst.mode),
-            state=inst.state, age_seconds=time.monotonic() - inst.created)
+            state=inst.state,
+            age_seconds=time.monotonic() - inst.created,
+        )
 
     def ListInstances(self, request, context):  # noqa: N802
         return self.pb2.ListInstancesResponse(instances=[self._summary(i) for i in self.m.list()])
@@ -304,18 +321,30 @@ class TenderServicer:
         backend = self.m.backends[inst.mode]
         for p in inst.process_table():
             host, vm = backend.where(p, inst.host_pid)
-            procs.append(pb2.ProcessInfo(pid=p.pid, ppid=p.ppid, state=p.state,
-                                         wait_status=p.status or 0, exited=p.status is not None,
-                                         vm=vm, host=self.host if host is None else host))
+            procs.append(
+                pb2.ProcessInfo(
+                    pid=p.pid,
+                    ppid=p.ppid,
+                    state=p.state,
+                    wait_status=p.status or 0,
+                    exited=p.status is not None,
+                    vm=vm,
+                    host=self.host if host is None else host,
+                )
+            )
         note = inst.note
         return pb2.InstanceDescription(
             summary=self._summary(inst),
-            pipe_transport=pb2.PIPE_TRANSPORT_TCP if inst.transport == "tcp"
+            pipe_transport=pb2.PIPE_TRANSPORT_TCP
+            if inst.transport == "tcp"
             else pb2.PIPE_TRANSPORT_SHM,
             transport_note=note,
             placement={"remote": pb2.PLACEMENT_REMOTE, "spread": pb2.PLACEMENT_SPREAD}.get(
-                inst.placement, pb2.PLACEMENT_LOCAL),
-            processes=procs, result=self._result(inst))
+                inst.placement, pb2.PLACEMENT_LOCAL
+            ),
+            processes=procs,
+            result=self._result(inst),
+        )
 
 
 class Tender:
@@ -331,22 +360,31 @@ class Tender:
         host, _, port = opts.listen.rpartition(":")
         self.token = read_token(opts.token_file) if opts.token_file else None
         if not _is_loopback(host) and self.token is None and not opts.insecure_listen_any:
-            raise ValueError(f"refusing to listen on {host!r} without --token-file "
-                             "(give --insecure-listen-any to do it anyway)")
+            raise ValueError(
+                f"refusing to listen on {host!r} without --token-file "
+                "(give --insecure-listen-any to do it anyway)"
+            )
         peer_token = read_token(opts.peer_token_file) if opts.peer_token_file else None
         if peer_token is not None and peer_token == self.token:
-            raise ValueError("--peer-token-file holds the client token: peers need a token "
-                             "of their own")
+            raise ValueError(
+                "--peer-token-file holds the client token: peers need a token of their own"
+            )
         tls = TlsFiles.load(opts.tls_cert, opts.tls_key, opts.tls_ca)
         self.peer_listen = opts.peer_listen or f"{host}:{int(port or 7700) + 1}"
         peer_host, _, peer_port = self.peer_listen.rpartition(":")
         if not peer_port.isdigit():
             raise ValueError(f"--peer-listen {self.peer_listen!r}: not HOST:PORT")
-        if not _is_loopback(peer_host) and peer_token is None and tls is None \
-                and not opts.insecure_listen_any:
-            raise ValueError(f"refusing to serve the peer API on {peer_host!r} without "
-                             "--peer-token-file or TLS (give --insecure-listen-any to do it "
-                             "anyway)")
+        if (
+            not _is_loopback(peer_host)
+            and peer_token is None
+            and tls is None
+            and not opts.insecure_listen_any
+        ):
+            raise ValueError(
+                f"refusing to serve the peer API on {peer_host!r} without "
+                "--peer-token-file or TLS (give --insecure-listen-any to do it "
+                "anyway)"
+            )
         self.advertise = opts.advertise or opts.listen
         adv_host = self.advertise.rpartition(":")[0] or "127.0.0.1"
         #: where peers reach this tender's peer API (and what tickets for it name)
@@ -361,13 +399,18 @@ class Tender:
         limit_malloc_arenas()
         os.environ[HOST_NAME_ENV] = self.advertise
         protos.ensure()
-        self.budget = MemoryBudget(default_limit() if opts.max_guest_memory is None
-                                   else opts.max_guest_memory)
+        self.budget = MemoryBudget(
+            default_limit() if opts.max_guest_memory is None else opts.max_guest_memory
+        )
         self.store = ImageStore(max_upload=opts.max_upload, max_store=opts.max_image_store)
         jailed = opts.jail and jail.enabled()
-        self.pool = WarmPool(opts.pool_size, env=env, host=self.advertise, jailed=jailed,
-                             on_crash=lambda pid, sig: metrics.EMULATOR_CRASHES.labels(
-                                 "vmclone").inc())
+        self.pool = WarmPool(
+            opts.pool_size,
+            env=env,
+            host=self.advertise,
+            jailed=jailed,
+            on_crash=lambda pid, sig: metrics.EMULATOR_CRASHES.labels("vmclone").inc(),
+        )
         self.stop_event = threading.Event()
         self.peers = PeerSet(list(opts.peers), int(peer_port), creds, self.peer_advertise)
 
@@ -379,17 +422,32 @@ class Tender:
         listen_host = host if host not in ("", "0.0.0.0", "[::]") else "0.0.0.0"
         self_handle = PeerHandle(self.peer_advertise, creds)
         self_handle.remote = False  # a VM started here runs next to its supervisor
-        self.backends = make_backends(BackendContext(
-            hosted=True, jailed=jailed, placement_for=lambda p: Placer(p, self.pool, self.peers),
-            listen_host=listen_host, advertise_host=adv_host, self_handle=self_handle,
-            peer_timeout=opts.peer_timeout, budget=self.budget, ticket_for=tickets.issue))
-        self.manager = InstanceManager(self.store, self.backends, opts.max_instances,
-                                       opts.default_timeout, keep_finished=opts.keep_finished,
-                                       budget=self.budget)
+        self.backends = make_backends(
+            BackendContext(
+                hosted=True,
+                jailed=jailed,
+                placement_for=lambda p: Placer(p, self.pool, self.peers),
+                listen_host=listen_host,
+                advertise_host=adv_host,
+                self_handle=self_handle,
+                peer_timeout=opts.peer_timeout,
+                budget=self.budget,
+                ticket_for=tickets.issue,
+            )
+        )
+        self.manager = InstanceManager(
+            self.store,
+            self.backends,
+            opts.max_instances,
+            opts.default_timeout,
+            keep_finished=opts.keep_finished,
+            budget=self.budget,
+        )
         # the server's event loop runs in a thread of its own, from here to shutdown
         self.loop = asyncio.new_event_loop()
-        self.loop_thread = threading.Thread(target=self.loop.run_forever, daemon=True,
-                                            name="grpc-aio")
+        self.loop_thread = threading.Thread(
+            target=self.loop.run_forever, daemon=True, name="grpc-aio"
+        )
         self.loop_thread.start()
         try:
             self._on_loop(self._build(opts, tls))
@@ -415,21 +473,29 @@ class Tender:
         limiter = StreamLimiter(opts.max_streams, opts.max_streams_per_peer)
         self.server = grpc.aio.server(
             migration_thread_pool=futures.ThreadPoolExecutor(
-                max_workers=SERVER_THREADS, thread_name_prefix="grpc-handler"),
+                max_workers=SERVER_THREADS, thread_name_prefix="grpc-handler"
+            ),
             interceptors=[ServerInterceptor(self.token, limiter)],
-            options=[("grpc.max_receive_message_length", 64 << 20),
-                     ("grpc.max_send_message_length", 64 << 20)])
+            options=[
+                ("grpc.max_receive_message_length", 64 << 20),
+                ("grpc.max_send_message_length", 64 << 20),
+            ],
+        )
         tpb2, tgrpc = protos.tender()
-        tgrpc.add_TenderServicer_to_server(TenderServicer(self.manager, self.store,
-                                                                 self.advertise), self.server)
+        tgrpc.add_TenderServicer_to_server(
+            TenderServicer(self.manager, self.store, self.advertise), self.server
+        )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        names = (tpb2.DESCRIPTOR.services_by_name["Tender"].full_name,
-                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+        names = (
+            tpb2.DESCRIPTOR.services_by_name["Tender"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        )
         reflection.enable_server_reflection(names, self.server)  # v1 and v1alpha
         if tls is not None:
             self.port = self.server.add_secure_port(
-                opts.listen, grpc.ssl_server_credentials([(tls.key, tls.cert)]))
+                opts.listen, grpc.ssl_server_credentials([(tls.key, tls.cert)])
+            )
         else:
             self.port = self.server.add_insecure_port(opts.listen)
 
@@ -440,14 +506,18 @@ class Tender:
         limiter = StreamLimiter(opts.max_streams, opts.max_streams_per_peer)
         self.peer_server = grpc.aio.server(
             migration_thread_pool=futures.ThreadPoolExecutor(
-                max_workers=2 * SERVER_THREADS, thread_name_prefix="grpc-peer"),
+                max_workers=2 * SERVER_THREADS, thread_name_prefix="grpc-peer"
+            ),
             interceptors=[ServerInterceptor(None, limiter)],
-            options=[("grpc.max_receive_message_length", MAX_PEER_MESSAGE)])
+            options=[("grpc.max_receive_message_length", MAX_PEER_MESSAGE)],
+        )
         pgrpc.add_PeerServicer_to_server(self.gateway, self.peer_server)
         server_creds = creds.server_credentials()
-        self.peer_port = (self.peer_server.add_secure_port(self.peer_listen, server_creds)
-                          if server_creds is not None
-                          else self.peer_server.add_insecure_port(self.peer_listen))
+        self.peer_port = (
+            self.peer_server.add_secure_port(self.peer_listen, server_creds)
+            if server_creds is not None
+            else self.peer_server.add_insecure_port(self.peer_listen)
+        )
         if not self.peer_port:
             raise OSError(f"cannot listen on {self.peer_listen} (--peer-listen)")
 
@@ -455,8 +525,10 @@ class Tender:
     def _relay(creds: PeerCredentials, known, address: str) -> grpc.Server:
         """The workers' private relay to peer tenders (a Unix socket only they reach)."""
         _, pgrpc = protos.peer()
-        relay = grpc.server(futures.ThreadPoolExecutor(max_workers=16),
-                            options=[("grpc.max_receive_message_length", 64 << 20)])
+        relay = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=16),
+            options=[("grpc.max_receive_message_length", 64 << 20)],
+        )
         pgrpc.add_PeerServicer_to_server(Relay(creds, known), relay)
         if not relay.add_insecure_port(address):
             raise OSError(f"cannot listen on {address}")
@@ -472,15 +544,26 @@ class Tender:
         self.relay.start()
         self._on_loop(self._set_health(health_pb2.HealthCheckResponse.SERVING))
         if self.opts.metrics_port:
-            metrics.serve_metrics(self.opts.metrics_port,
-                                  self.opts.listen.rpartition(":")[0].strip("[]") or "0.0.0.0")
+            metrics.serve_metrics(
+                self.opts.metrics_port, self.opts.listen.rpartition(":")[0].strip("[]") or "0.0.0.0"
+            )
         threading.Thread(target=self._sample_loop, daemon=True, name="gauges").start()
-        log.info("tender serving on %s (advertised %s), peer API on %s (advertised %s), "
-                 "metrics on %s, peers %s", self.opts.listen, self.advertise, self.peer_listen,
-                 self.peer_advertise, self.opts.metrics_port or "-",
-                 ", ".join(self.opts.peers) or "none")
-        log.info("limits: %s; %s; uploaded images are kept in %s", self.budget.state(),
-                 self.store.state(), self.store.root)
+        log.info(
+            "tender serving on %s (advertised %s), peer API on %s (advertised %s), "
+            "metrics on %s, peers %s",
+            self.opts.listen,
+            self.advertise,
+            self.peer_listen,
+            self.peer_advertise,
+            self.opts.metrics_port or "-",
+            ", ".join(self.opts.peers) or "none",
+        )
+        log.info(
+            "limits: %s; %s; uploaded images are kept in %s",
+            self.budget.state(),
+            self.store.state(),
+            self.store.root,
+        )
 
     def _sample_loop(self) -> None:
         while not self.stop_event.wait(1.0):
@@ -494,8 +577,9 @@ class Tender:
         self._on_loop(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
         killed = self.manager.shutdown(self.opts.grace)
         for inst in killed:
-            log.warning("shutdown: instance %s killed after the %g s grace period", inst.id,
-                        self.opts.grace)
+            log.warning(
+                "shutdown: instance %s killed after the %g s grace period", inst.id, self.opts.grace
+            )
         self.stop_event.set()
         self.relay.stop(2).wait()
         with contextlib.suppress(RuntimeError):  # the loop is already gone

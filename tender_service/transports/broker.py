@@ -190,8 +190,15 @@ class PipeBroker:
 
     # -- data ---------------------------------------------------------------
 
-    def read(self, pipe: int, holder: Holder, n: int, nonblock: bool, reply: ReadReply,
-             room: int | None = None) -> None:
+    def read(
+        self,
+        pipe: int,
+        holder: Holder,
+        n: int,
+        nonblock: bool,
+        reply: ReadReply,
+        room: int | None = None,
+    ) -> None:
         """Read up to ``n`` bytes; ``n == 0`` gives ``b""`` at once (0 bytes, as read(fd, buf, 0)).
 
         ``room``: the reader's buffer ends after that many bytes.  Linux's pipe_read

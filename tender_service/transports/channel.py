@@ -487,8 +487,11 @@ def _reserve(shm: SharedMemory) -> None:
         os.posix_fallocate(shm._fd, 0, shm.size)  # type: ignore[attr-defined]
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
-            raise ShmExhausted(e.errno, f"no room in /dev/shm for a {shm.size}-byte channel "
-                                        f"segment ({os.strerror(e.errno)})") from None
+            raise ShmExhausted(
+                e.errno,
+                f"no room in /dev/shm for a {shm.size}-byte channel "
+                f"segment ({os.strerror(e.errno)})",
+            ) from None
         raise
 
 

@@ -36,8 +36,12 @@ class RemotePipeEnd(File):
         return f"remote pipe:{self.pipe}:{'w' if self.write_end else 'r'}"
 
     def snapshot_state(self) -> dict:
-        return {"kind": "rpipe", "pipe": self.pipe, "end": "w" if self.write_end else "r",
-                "flags": self.flags}
+        return {
+            "kind": "rpipe",
+            "pipe": self.pipe,
+            "end": "w" if self.write_end else "r",
+            "flags": self.flags,
+        }
 
     def read(self, k: Kernel, lwp: Lwp, addr: int, n: int) -> int:
         return self._read(k, lwp, [(addr, n)], "read")
@@ -66,9 +70,14 @@ class RemotePipeEnd(File):
             room = k.mem.room(vecs, want)
             if not room:
                 raise GuestError(errno.EFAULT)
-            self.link.request(lwp, Msg.PIPE_READ, self.pipe, arg=want,
-                              payload=room.to_bytes(8, "little") if room < want else b"",
-                              nonblock=self.nonblocking)
+            self.link.request(
+                lwp,
+                Msg.PIPE_READ,
+                self.pipe,
+                arg=want,
+                payload=room.to_bytes(8, "little") if room < want else b"",
+                nonblock=self.nonblocking,
+            )
             raise Block(self.link.wq, f"{what} {self.describe()}")
         arg, data, _ = reply
         if arg < 0:
@@ -112,10 +121,14 @@ class RemotePipeEnd(File):
         if n == 0:
             return 0
         size = min(n - lwp.progress, MAX_PIPE_CHUNK)
-        self.link.request(lwp, Msg.PIPE_WRITE, self.pipe, payload=chunk(lwp.progress, size),
-                          nonblock=self.nonblocking)
+        self.link.request(
+            lwp,
+            Msg.PIPE_WRITE,
+            self.pipe,
+            payload=chunk(lwp.progress, size),
+            nonblock=self.nonblocking,
+        )
         raise Block(self.link.wq, f"write {self.describe()}")
 
     def release(self, k: Kernel) -> None:
         self.link.send_close(self.pipe, END_WRITE if self.write_end else END_READ)
-

@@ -65,8 +65,9 @@ class VmLink:
     def attach(self, k: Kernel) -> None:
         self.kernel = k
         k.remote = self
-        self._reader = threading.Thread(target=self._read_loop, name=f"vmlink-{self.pid}",
-                                        daemon=True)
+        self._reader = threading.Thread(
+            target=self._read_loop, name=f"vmlink-{self.pid}", daemon=True
+        )
         self._reader.start()
 
     def console_sink(self, pid: int, fd: int, data: bytes) -> None:
@@ -77,8 +78,9 @@ class VmLink:
         """Snapshot factory for remote pipe ends (see fork/snapshot.py)."""
         if state.get("kind") != "rpipe":
             raise ValueError(f"unknown file kind {state.get('kind')!r} in snapshot")
-        return RemotePipeEnd(self, int(state["pipe"]), state["end"] == "w",
-                             int(state.get("flags", 0)))
+        return RemotePipeEnd(
+            self, int(state["pipe"]), state["end"] == "w", int(state.get("flags", 0))
+        )
 
     def close(self) -> None:
         self._closed.set()
@@ -93,8 +95,16 @@ class VmLink:
         # result lists it, as a thread-fork instance's does
         report = proc.report if k is not None and proc.report in k.reports else ""
         self._closed.set()  # from now on the supervisor may hang up: expected
-        self._notify(Frame(Msg.EXITED, 0, 0, 0, proc.status,
-                           json.dumps({"peak_memory": peak, "report": report[:1000]}).encode()))
+        self._notify(
+            Frame(
+                Msg.EXITED,
+                0,
+                0,
+                0,
+                proc.status,
+                json.dumps({"peak_memory": peak, "report": report[:1000]}).encode(),
+            )
+        )
 
     def child_reaped(self, parent: Process, child: Process) -> None:
         self._notify(Frame(Msg.REAPED, 0, 0, 0, child.pid, b""))
@@ -105,8 +115,9 @@ class VmLink:
     def idle(self, blocked: list[str]) -> None:
         """Every thread waits for another VM; ``events_done`` lets the supervisor tell
         whether a message it sent since could still wake us (then this is no deadlock)."""
-        self._notify(Frame(Msg.IDLE, 0, 0, 0, self.events_done,
-                           "\n".join(blocked).encode()[:MAX_PAYLOAD]))
+        self._notify(
+            Frame(Msg.IDLE, 0, 0, 0, self.events_done, "\n".join(blocked).encode()[:MAX_PAYLOAD])
+        )
 
     def call(self, op: str, *args: int) -> int:
         """A synchronous request the supervisor answers at once."""
@@ -130,8 +141,15 @@ class VmLink:
         return c.value, c.payload
 
     # -- pipes ----------------------------------------------------------------------
-    def request(self, lwp: Lwp, msg: Msg, pipe: int, arg: int = 0, payload: bytes = b"",
-                nonblock: bool = False) -> None:
+    def request(
+        self,
+        lwp: Lwp,
+        msg: Msg,
+        pipe: int,
+        arg: int = 0,
+        payload: bytes = b"",
+        nonblock: bool = False,
+    ) -> None:
         req = next(self._reqs)
         lwp.remote_req, lwp.remote_result = req, None
         self._pending[req] = lwp
@@ -162,8 +180,9 @@ class VmLink:
                 if id(f) not in converted:
                     if p.broker_id is None:
                         # the pipe moves into the broker with whatever it holds
-                        value, _ = self.call_full("pipe_create", p.readers, p.writers,
-                                                  data=bytes(p.buf))
+                        value, _ = self.call_full(
+                            "pipe_create", p.readers, p.writers, data=bytes(p.buf)
+                        )
                         if value < 0:
                             raise GuestError(-value, "cannot share a pipe")
                         p.broker_id = value
@@ -177,8 +196,9 @@ class VmLink:
             f = e.file
             if isinstance(f, RemotePipeEnd) and id(f) not in seen:
                 seen.add(id(f))
-                value = self.call("pipe_refs", f.pipe, child_pid, 0 if f.write_end else 1,
-                                  1 if f.write_end else 0)
+                value = self.call(
+                    "pipe_refs", f.pipe, child_pid, 0 if f.write_end else 1, 1 if f.write_end else 0
+                )
                 if value < 0:
                     raise GuestError(-value, "cannot share a pipe")
 

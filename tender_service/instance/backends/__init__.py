@@ -20,8 +20,18 @@ from tender_service.instance.backends.base import (
     run_instance,
 )
 
-__all__ = ["BACKENDS", "FORK_MODES", "BackendContext", "InstanceBackend", "InstanceSpec",
-           "RunningInstance", "VmStatus", "make_backend", "make_backends", "run_instance"]
+__all__ = [
+    "BACKENDS",
+    "FORK_MODES",
+    "BackendContext",
+    "InstanceBackend",
+    "InstanceSpec",
+    "RunningInstance",
+    "VmStatus",
+    "make_backend",
+    "make_backends",
+    "run_instance",
+]
 
 #: mode name -> "module:class" of its InstanceBackend
 BACKENDS: dict[str, str] = {

@@ -121,8 +121,9 @@ class InstanceBackend(Protocol):
     #: every process of an instance in one VM: no pipe transport, no placement
     one_vm: bool
 
-    def start(self, spec: InstanceSpec, sink: Sink,
-              observer: object | None = None) -> RunningInstance:
+    def start(
+        self, spec: InstanceSpec, sink: Sink, observer: object | None = None
+    ) -> RunningInstance:
         """Start ``spec``; ``observer`` gets the figures (see ``InstanceObserver``)."""
         ...
 
@@ -135,8 +136,9 @@ class InstanceBackend(Protocol):
         ...
 
 
-def run_instance(backend: InstanceBackend, spec: InstanceSpec, sink: Sink,
-                 observer: object | None = None) -> RunResult:
+def run_instance(
+    backend: InstanceBackend, spec: InstanceSpec, sink: Sink, observer: object | None = None
+) -> RunResult:
     """Start an instance, wait for its end, release it: a one-shot run."""
     if spec.config is None:
         spec.config = VmConfig()

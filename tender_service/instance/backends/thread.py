@@ -109,24 +109,31 @@ class ThreadBackend:
         self.budget = ctx.budget
         self.host = ThreadVmHost(jailed=ctx.jailed) if ctx.hosted else None
 
-    def start(self, spec: InstanceSpec, sink: Sink,
-              observer: object | None = None) -> RunningInstance:
+    def start(
+        self, spec: InstanceSpec, sink: Sink, observer: object | None = None
+    ) -> RunningInstance:
         held = _Held(self.budget, spec.reserved)
         config = spec.config or VmConfig()
         try:
             if self.host is None:
-                k = create_vm(spec.image, spec.args, spec.env, config, sink, spec.stdin,
-                              argv0=spec.argv0)
+                k = create_vm(
+                    spec.image, spec.args, spec.env, config, sink, spec.stdin, argv0=spec.argv0
+                )
                 if observer is not None:
                     k.fork_observer = lambda s: notify(observer, "fork_done", s, 0, False)
                 return InProcessVm(k, held)
             notify(observer, "vm_started")
             try:
                 vm = self.host.launch(
-                    spec.instance_id or "", str(spec.image), list(spec.args),
-                    list(DEFAULT_ENV if spec.env is None else spec.env), config,
-                    spec.argv0 or _program_name(Path(spec.image).name), sink,
-                    lambda s: notify(observer, "fork_done", s, 0, False))
+                    spec.instance_id or "",
+                    str(spec.image),
+                    list(spec.args),
+                    list(DEFAULT_ENV if spec.env is None else spec.env),
+                    config,
+                    spec.argv0 or _program_name(Path(spec.image).name),
+                    sink,
+                    lambda s: notify(observer, "fork_done", s, 0, False),
+                )
             except BaseException:
                 notify(observer, "vm_ended")
                 raise

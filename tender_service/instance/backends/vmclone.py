@@ -74,28 +74,41 @@ class VmcloneBackend:
             self._own_pool.wait_ready()
         return self._own_pool
 
-    def start(self, spec: InstanceSpec, sink: Sink,
-              observer: object | None = None) -> RunningInstance:
+    def start(
+        self, spec: InstanceSpec, sink: Sink, observer: object | None = None
+    ) -> RunningInstance:
         ctx = self.ctx
         try:
-            sup = Supervisor(self._pool(spec.placement), spec.transport, sink,
-                             spec.config or VmConfig(), spec.instance_id,
-                             listen_host=ctx.listen_host, advertise_host=ctx.advertise_host,
-                             placement=spec.placement,
-                             # the tender's MetricsObserver implements ForkObserver; one-shot
-                             # runs pass the harness's, which does too, or None
-                             observer=cast("ForkObserver | None", observer),
-                             self_handle=ctx.self_handle, peer_timeout=ctx.peer_timeout,
-                             budget=ctx.budget, ticket_for=ctx.ticket_for)
+            sup = Supervisor(
+                self._pool(spec.placement),
+                spec.transport,
+                sink,
+                spec.config or VmConfig(),
+                spec.instance_id,
+                listen_host=ctx.listen_host,
+                advertise_host=ctx.advertise_host,
+                placement=spec.placement,
+                # the tender's MetricsObserver implements ForkObserver; one-shot
+                # runs pass the harness's, which does too, or None
+                observer=cast("ForkObserver | None", observer),
+                self_handle=ctx.self_handle,
+                peer_timeout=ctx.peer_timeout,
+                budget=ctx.budget,
+                ticket_for=ctx.ticket_for,
+            )
         except BaseException:
             if spec.reserved and ctx.budget is not None:
                 ctx.budget.release(spec.reserved)
             raise
         try:  # the supervisor owns the reservation from here on
             path = Path(spec.image)
-            sup.start(str(path.resolve()), list(spec.args),
-                      list(DEFAULT_ENV if spec.env is None else spec.env),
-                      spec.argv0 or _program_name(path.name), spec.reserved)
+            sup.start(
+                str(path.resolve()),
+                list(spec.args),
+                list(DEFAULT_ENV if spec.env is None else spec.env),
+                spec.argv0 or _program_name(path.name),
+                spec.reserved,
+            )
         except BaseException:
             sup.close()
             raise
@@ -111,10 +124,18 @@ class VmcloneBackend:
             self._own_pool = None
 
 
-def run_vmclone(image: str | Path, args: Sequence[str] = (), env: Sequence[str] | None = None,
-                config: VmConfig | None = None, sink: Sink | None = None,
-                transport: str = "shm", pool: WarmPool | None = None, pool_size: int = 2,
-                argv0: str | None = None, observer: object | None = None) -> RunResult:
+def run_vmclone(
+    image: str | Path,
+    args: Sequence[str] = (),
+    env: Sequence[str] | None = None,
+    config: VmConfig | None = None,
+    sink: Sink | None = None,
+    transport: str = "shm",
+    pool: WarmPool | None = None,
+    pool_size: int = 2,
+    argv0: str | None = None,
+    observer: object | None = None,
+) -> RunResult:
     """One VM-clone instance to its end on ``pool`` (or a pool of its own, stopped after).
 
     A shorthand for tests and tools over ``run_instance``; ``observer`` gets
@@ -122,8 +143,11 @@ def run_vmclone(image: str | Path, args: Sequence[str] = (), env: Sequence[str] 
     """
     backend = VmcloneBackend(BackendContext(pool=pool, pool_size=pool_size))
     try:
-        return run_instance(backend, InstanceSpec(image, args, env, config, argv0=argv0,
-                                                  transport=transport),
-                            sink or (lambda pid, fd, data: None), observer)
+        return run_instance(
+            backend,
+            InstanceSpec(image, args, env, config, argv0=argv0, transport=transport),
+            sink or (lambda pid, fd, data: None),
+            observer,
+        )
     finally:
         backend.close()

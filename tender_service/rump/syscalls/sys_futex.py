@@ -37,8 +37,9 @@ def _new_queue(k: Kernel, addr: int) -> WaitQueue:
     return q
 
 
-def sys_futex(k: Kernel, lwp: Lwp, uaddr: int, op: int, val: int, timeout: int, uaddr2: int,
-              val3: int) -> int:
+def sys_futex(
+    k: Kernel, lwp: Lwp, uaddr: int, op: int, val: int, timeout: int, uaddr2: int, val3: int
+) -> int:
     cmd = i32(op) & ~(FUTEX_PRIVATE_FLAG | FUTEX_CLOCK_REALTIME)
     if uaddr & 3:
         raise GuestError(errno.EINVAL)
@@ -56,8 +57,7 @@ def sys_futex(k: Kernel, lwp: Lwp, uaddr: int, op: int, val: int, timeout: int, 
         if timeout and not lwp.deadline:
             sec, nsec = read_timespec(k.mem, timeout)
             lwp.deadline = time.monotonic() + sec + nsec / 1e9  # FUTEX_WAIT: relative
-        raise Block(_new_queue(k, uaddr), f"futex wait {uaddr:#x}",
-                    until=lwp.deadline or None)
+        raise Block(_new_queue(k, uaddr), f"futex wait {uaddr:#x}", until=lwp.deadline or None)
     if cmd in (FUTEX_WAKE, FUTEX_WAKE_BITSET):
         k.mem.offset(uaddr, 4)
         return _wake(k, uaddr, i32(val))
@@ -68,7 +68,7 @@ def sys_futex(k: Kernel, lwp: Lwp, uaddr: int, op: int, val: int, timeout: int, 
         src = _queue(k, uaddr)
         if src is not None and src.waiters:
             dst = _new_queue(k, uaddr2)
-            moved, src.waiters = src.waiters[: max(0, timeout)], src.waiters[max(0, timeout):]
+            moved, src.waiters = src.waiters[: max(0, timeout)], src.waiters[max(0, timeout) :]
             for t in moved:
                 t.waiting_on = dst
             dst.waiters.extend(moved)

@@ -39,8 +39,12 @@ FD_CLOEXEC = 1
 STAT = struct.Struct("<QQQIIIIQqqqqqqqqq24x")  # struct stat, x86-64 (144 bytes)
 F_OK = 0
 
-DEVICES = {b"/dev/null": "null", b"/dev/zero": "zero", b"/dev/urandom": "urandom",
-           b"/dev/random": "urandom"}
+DEVICES = {
+    b"/dev/null": "null",
+    b"/dev/zero": "zero",
+    b"/dev/urandom": "urandom",
+    b"/dev/random": "urandom",
+}
 
 
 def sys_read(k: Kernel, lwp: Lwp, fd: int, buf: int, count: int) -> int:
@@ -217,8 +221,7 @@ def _stat_of(k: Kernel, f) -> bytes:
         mode, rdev = S_IFIFO | 0o600, 0
     else:
         mode, rdev = S_IFCHR | 0o666, 0x103
-    return STAT.pack(1, id(f) & 0xFFFF_FFFF, 1, mode, 0, 0, 0, rdev, 0, 4096, 0,
-                     0, 0, 0, 0, 0, 0)
+    return STAT.pack(1, id(f) & 0xFFFF_FFFF, 1, mode, 0, 0, 0, rdev, 0, 4096, 0, 0, 0, 0, 0, 0, 0)
 
 
 def sys_fstat(k: Kernel, lwp: Lwp, fd: int, buf: int) -> int:

@@ -44,8 +44,9 @@ def _find_mapping(k: Kernel, addr: int) -> tuple[Process, int, int] | None:
     return None
 
 
-def sys_mmap(k: Kernel, lwp: Lwp, addr: int, length: int, prot: int, flags: int, fd: int,
-             off: int) -> int:
+def sys_mmap(
+    k: Kernel, lwp: Lwp, addr: int, length: int, prot: int, flags: int, fd: int, off: int
+) -> int:
     flags = i32(flags)
     kind = flags & 3
     if length == 0 or kind not in (MAP_SHARED, MAP_PRIVATE, MAP_SHARED_VALIDATE):
@@ -90,8 +91,9 @@ def sys_munmap(k: Kernel, lwp: Lwp, addr: int, length: int) -> int:
     return 0
 
 
-def sys_mremap(k: Kernel, lwp: Lwp, old: int, old_len: int, new_len: int, flags: int,
-               new_addr: int) -> int:
+def sys_mremap(
+    k: Kernel, lwp: Lwp, old: int, old_len: int, new_len: int, flags: int, new_addr: int
+) -> int:
     flags = i32(flags)
     if old & (PAGE_SIZE - 1) or new_len == 0 or flags & ~(MREMAP_MAYMOVE | MREMAP_FIXED):
         raise GuestError(errno.EINVAL)

@@ -96,8 +96,7 @@ def sys_vfork(k: Kernel, lwp: Lwp) -> int:
     return _fork(k, lwp, vfork=True)
 
 
-def sys_clone(k: Kernel, lwp: Lwp, flags: int, stack: int, ptid: int, ctid: int,
-              tls: int) -> int:
+def sys_clone(k: Kernel, lwp: Lwp, flags: int, stack: int, ptid: int, ctid: int, tls: int) -> int:
     """Only the fork form (exit signal, no sharing flags) is supported."""
     if flags & ~CSIGNAL or stack:
         raise GuestError(errno.ENOSYS)
@@ -167,11 +166,13 @@ def sys_wait4(k: Kernel, lwp: Lwp, pid: int, wstatus: int, options: int, rusage:
     return child.pid
 
 
-def sys_waitid(k: Kernel, lwp: Lwp, idtype: int, id_: int, infop: int, options: int,
-               rusage: int) -> int:
+def sys_waitid(
+    k: Kernel, lwp: Lwp, idtype: int, id_: int, infop: int, options: int, rusage: int
+) -> int:
     idtype, id_, options = i32(idtype), i32(id_), options & 0xFFFF_FFFF
-    if not options & WEXITED or options & ~(WEXITED | WNOHANG | WNOWAIT | WUNTRACED |
-                                            WCONTINUED | __WALL | __WCLONE | __WNOTHREAD):
+    if not options & WEXITED or options & ~(
+        WEXITED | WNOHANG | WNOWAIT | WUNTRACED | WCONTINUED | __WALL | __WCLONE | __WNOTHREAD
+    ):
         raise GuestError(errno.EINVAL)
     if idtype == P_ALL:
         pid = -1
@@ -186,11 +187,11 @@ def sys_waitid(k: Kernel, lwp: Lwp, idtype: int, id_: int, infop: int, options: 
         info = bytearray(128)
         if child is not None:
             st = child.status
-            code, status = (CLD_EXITED, (st >> 8) & 0xFF) if st & 0x7F == 0 else (CLD_KILLED,
-                                                                                st & 0x7F)
+            code, status = (
+                (CLD_EXITED, (st >> 8) & 0xFF) if st & 0x7F == 0 else (CLD_KILLED, st & 0x7F)
+            )
             # siginfo_t: si_signo, si_errno, si_code, pad, si_pid, si_uid, si_status
-            struct.pack_into("<iiiiIIi", info, 0, signals.SIGCHLD, 0, code, 0, child.pid, 0,
-                             status)
+            struct.pack_into("<iiiiIIi", info, 0, signals.SIGCHLD, 0, code, 0, child.pid, 0, status)
         k.mem.write(infop, info)
     if rusage:
         k.mem.write(rusage, bytes(RUSAGE_SIZE))

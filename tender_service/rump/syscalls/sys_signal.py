@@ -94,8 +94,7 @@ def sys_tgkill(k: Kernel, lwp: Lwp, tgid: int, tid: int, sig: int) -> int | obje
     return sys_tkill(k, lwp, tid, sig)
 
 
-def sys_rt_sigaction(k: Kernel, lwp: Lwp, sig: int, act: int, oact: int,
-                     sigsetsize: int) -> int:
+def sys_rt_sigaction(k: Kernel, lwp: Lwp, sig: int, act: int, oact: int, sigsetsize: int) -> int:
     sig = i32(sig)
     if sigsetsize != 8 or not 1 <= sig < signals.NSIG:
         raise GuestError(errno.EINVAL)
@@ -112,8 +111,7 @@ def sys_rt_sigaction(k: Kernel, lwp: Lwp, sig: int, act: int, oact: int,
     return 0
 
 
-def sys_rt_sigprocmask(k: Kernel, lwp: Lwp, how: int, set_: int, oset: int,
-                       sigsetsize: int) -> int:
+def sys_rt_sigprocmask(k: Kernel, lwp: Lwp, how: int, set_: int, oset: int, sigsetsize: int) -> int:
     if sigsetsize != 8:
         raise GuestError(errno.EINVAL)
     new = k.mem.read_u64(set_) if set_ else None

@@ -50,7 +50,6 @@ def sys_sysinfo(k: Kernel, lwp: Lwp, info: int) -> int:
     procs = sum(1 for p in k.procs.values() if p.alive)
     # uptime, loads[3], totalram, freeram, sharedram, bufferram, totalswap, freeswap,
     # procs, pad, totalhigh, freehigh, mem_unit
-    data = struct.pack("<q3Q6QHHQQI", 0, 0, 0, 0, k.config.ram, free, 0, 0, 0, 0, procs, 0,
-                       0, 0, 1)
+    data = struct.pack("<q3Q6QHHQQI", 0, 0, 0, 0, k.config.ram, free, 0, 0, 0, 0, procs, 0, 0, 0, 1)
     k.mem.write(info, data.ljust(112, b"\0"))
     return 0

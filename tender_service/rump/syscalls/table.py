@@ -79,14 +79,29 @@ SYSCALLS: list[tuple[int, Callable[..., object], Support, str]] = [
     (22, sys_pipe.sys_pipe, F, "64 KiB, PIPE_BUF 4096 atomic"),
     (293, sys_pipe.sys_pipe2, F, "O_NONBLOCK, O_CLOEXEC"),
     # memory
-    (9, sys_memory.sys_mmap, P, "anonymous (and /dev/zero); MAP_FIXED only inside existing mappings"),
+    (
+        9,
+        sys_memory.sys_mmap,
+        P,
+        "anonymous (and /dev/zero); MAP_FIXED only inside existing mappings",
+    ),
     (10, sys_memory.sys_mprotect, P, "no MMU: succeeds without effect, as on Rumprun"),
-    (11, sys_memory.sys_munmap, P, "whole mappings freed; a trimmed tail is freed with the mapping"),
+    (
+        11,
+        sys_memory.sys_munmap,
+        P,
+        "whole mappings freed; a trimmed tail is freed with the mapping",
+    ),
     (12, sys_memory.sys_brk, P, "the break cannot grow (musl falls back to mmap)"),
     (25, sys_memory.sys_mremap, P, "grows in place inside the buddy block, else MREMAP_MAYMOVE"),
     (28, sys_memory.sys_madvise, P, "MADV_DONTNEED zeroes; other advice ignored"),
     # signals
-    (13, sys_signal.sys_rt_sigaction, P, "SIG_DFL/SIG_IGN obeyed; guest handlers recorded, not run"),
+    (
+        13,
+        sys_signal.sys_rt_sigaction,
+        P,
+        "SIG_DFL/SIG_IGN obeyed; guest handlers recorded, not run",
+    ),
     (14, sys_signal.sys_rt_sigprocmask, P, "mask kept; does not affect delivery yet"),
     (62, sys_signal.sys_kill, F, "default actions; pid, 0, -1, -pgid"),
     (127, sys_signal.sys_rt_sigpending, P, "signals left pending for guest handlers"),
@@ -129,7 +144,12 @@ SYSCALLS: list[tuple[int, Callable[..., object], Support, str]] = [
     (229, sys_time.sys_clock_getres, F, ""),
     (230, sys_time.sys_clock_nanosleep, F, ""),
     # futex
-    (202, sys_futex.sys_futex, P, "WAIT/WAKE(_BITSET), (CMP_)REQUEUE; shared across thread-fork processes"),
+    (
+        202,
+        sys_futex.sys_futex,
+        P,
+        "WAIT/WAKE(_BITSET), (CMP_)REQUEUE; shared across thread-fork processes",
+    ),
     # scheduling
     (24, sys_sched.sys_sched_yield, F, "cooperative: switches to the next runnable process"),
     (203, sys_sched.sys_sched_setaffinity, P, "one CPU"),
@@ -172,14 +192,24 @@ def hypercall_table() -> dict[int, tuple[Callable[..., object], int]]:
 
 def markdown() -> str:
     """docs/syscalls.md, generated from the table."""
-    lines = ["# Supported syscalls", "",
-             "Generated from `tender_service/rump/syscalls/table.py` by `unifork syscalls "
-             "--markdown`. Every other number returns `ENOSYS` (logged once per number).", "",
-             "| nr | name | support | note |", "|---:|---|---|---|"]
+    lines = [
+        "# Supported syscalls",
+        "",
+        "Generated from `tender_service/rump/syscalls/table.py` by `unifork syscalls "
+        "--markdown`. Every other number returns `ENOSYS` (logged once per number).",
+        "",
+        "| nr | name | support | note |",
+        "|---:|---|---|---|",
+    ]
     for e in sorted(entries(), key=lambda e: e.nr):
         lines.append(f"| {e.nr} | `{e.name}` | {e.support.value} | {e.note} |")
-    lines += ["", "## Hypercalls (guest runtime, numbers >= 0x1000)", "",
-              "| nr | name |", "|---:|---|"]
+    lines += [
+        "",
+        "## Hypercalls (guest runtime, numbers >= 0x1000)",
+        "",
+        "| nr | name |",
+        "|---:|---|",
+    ]
     for nr, _, name in HYPERCALLS:
         lines.append(f"| {nr:#x} | `{name}` |")
     return "\n".join(lines) + "\n"
