@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 INIT_PID = 1
 MAIN_PID = 2
 _DATA_OPS = {"pipe_create"}
+#: places tried for a VM; each try is another place (a dead one is marked down), so no
+#: backoff: waiting would only delay the launch
 PLACEMENT_TRIES = 3
 #: seconds a VM's own time limit lies behind the instance's (the supervisor's comes first)
 VM_GRACE = 2.0

@@ -180,6 +180,8 @@ class WorkerCloneHost:
 
     def start_child(self, child_pid: int, snapshot: bytes) -> None:
         address, start = self._leases.pop(child_pid)
+        # not a retry of the same call (no backoff wanted): each attempt goes to another
+        # place the supervisor picks, while the forking guest waits in fork()
         for attempt in range(3):
             try:
                 start_vm_from_here(address, start, snapshot)
