@@ -107,7 +107,7 @@ def _probe_serve(conn, level: int, jailed: bool = True) -> None:
     _REAL_SERVE(conn, level, jailed)
 
 
-def _probe_worker_serve(listen: str, ready=None) -> None:
+def _probe_worker_serve(listen: str, ready=None, parent_fd=None) -> None:
     results = [_attempt(name, call) for name, call in HOST_CALLS if name != "thread"]
     results += [
         _attempt("socket_packet", lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW)),
@@ -115,7 +115,7 @@ def _probe_worker_serve(listen: str, ready=None) -> None:
     ]
     results.append("env=" + ",".join(sorted(os.environ)))
     logging.getLogger("unifork.test.probe").warning("probe %s", " ".join(results))
-    _REAL_WORKER_SERVE(listen, ready)
+    _REAL_WORKER_SERVE(listen, ready, parent_fd)
 
 
 def _probe_run_worker(*args) -> None:

@@ -26,6 +26,7 @@ import json
 import logging
 import logging.handlers
 import os
+import select
 import socket
 import sys
 import threading
@@ -391,7 +392,16 @@ class _Context(logging.Filter):
         return True
 
 
-def serve(listen: str, ready=None) -> None:
+def _parent_watch() -> int | None:
+    """A pidfd of the parent (the tender): readable the moment it dies.  Opened before
+    the jail, which denies pidfd_open; None where the kernel has no pidfds."""
+    try:
+        return os.pidfd_open(os.getppid())
+    except (AttributeError, OSError):
+        return None
+
+
+def serve(listen: str, ready=None, parent_fd: int | None = None) -> None:
     protos.ensure()
     # a VM's first boot or restore in this process would import and set up lazily
     # what the kernel needs (the syscall table, Unicorn): pay it before taking work
@@ -414,8 +424,12 @@ def serve(listen: str, ready=None) -> None:
     else:
         sys.stdout.write("READY\n")  # the handshake for a worker started by hand
         sys.stdout.flush()
-    while not stop.wait(0.5):
-        if os.getppid() != parent:  # the pool's process is gone: so are we
+    # the pool's process (the tender) gone: so are we, at once, with the VMs we host (a
+    # VM must not outlive its tender: its supervisor on another host sees it die)
+    while not stop.is_set() and os.getppid() == parent:
+        if parent_fd is None:
+            stop.wait(0.5)
+        elif select.select([parent_fd], [], [], 0.5)[0]:
             break
     server.stop(1)
 
@@ -430,6 +444,7 @@ def run_worker(
     ``jailed``: first of all, while it has one thread, it jails itself (instance/jail.py).
     """
     os.environ.update(env)
+    parent_fd = _parent_watch()
     # no credential: clones to peers go through the tender's relay with a one-use ticket
     report = jail.jail_worker(keep_env=(HOST_NAME_ENV, RELAY_ENV)) if jailed else None
     handler = logging.handlers.QueueHandler(log_queue)
@@ -439,7 +454,7 @@ def run_worker(
         log.warning("this tender process runs VMs unjailed (--no-jail)")
     else:
         log.info("%s", report.line())
-    serve(listen, ready)
+    serve(listen, ready, parent_fd)
 
 
 def main(argv: list[str] | None = None) -> int:
