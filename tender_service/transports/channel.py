@@ -192,8 +192,8 @@ class _ChannelBase:
 
     kind = ""
 
-    def _recv_locked(self, deadline: float | None) -> Frame | None:
-        raise NotImplementedError  # each transport receives its own way
+    #: each transport receives its own way (TcpChannel, ShmChannel define it)
+    _recv_locked: Callable[[float | None], Frame | None]
 
     def __init__(self, sock: socket.socket, peer_hello: dict[str, Any]) -> None:
         sock.settimeout(None)
