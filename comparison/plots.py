@@ -69,6 +69,12 @@ def fork_latency(r: Report, path: Path) -> Path | None:
         f"{r.runs} runs, first fork of each run excluded (see fork_cold_warm.png)",
         fontsize=9,
     )
+    _published_lines(ax)
+    return _save(fig, path)
+
+
+def _published_lines(ax) -> None:
+    """The thesis's published fork times as reference lines, legend and grid."""
     for f, style in ((published.FIGURES[0], ":"), (published.FIGURES[1], "--")):
         ax.axhline(
             f.value * 1e6,
@@ -79,7 +85,6 @@ def fork_latency(r: Report, path: Path) -> Path | None:
         )
     ax.legend(fontsize=7, loc="upper left")
     ax.grid(axis="y", which="both", alpha=0.3)
-    return _save(fig, path)
 
 
 def fork_cold_warm(r: Report, path: Path) -> Path | None:
@@ -148,16 +153,7 @@ def fork_cold_warm(r: Report, path: Path) -> Path | None:
         "excluded)",
         fontsize=8,
     )
-    for f, style in ((published.FIGURES[0], ":"), (published.FIGURES[1], "--")):
-        ax.axhline(
-            f.value * 1e6,
-            color="grey",
-            linestyle=style,
-            linewidth=1,
-            label=f"{published.LABEL}: {f.what} ({f.value * 1e6:g} us, mean of 10)",
-        )
-    ax.legend(fontsize=7, loc="upper left")
-    ax.grid(axis="y", which="both", alpha=0.3)
+    _published_lines(ax)
     return _save(fig, path)
 
 

@@ -625,30 +625,19 @@ def _workload_rows(r: Report) -> Iterator[tuple]:
                 "s",
                 run.wall_s,
             )
-            for i, v in enumerate(run.values):
-                yield (
-                    "workload",
-                    c.workload,
-                    c.mode,
-                    " ".join(c.args),
-                    run.run,
-                    i,
-                    c.metric,
-                    c.unit,
-                    v,
-                )
-            for i, v in enumerate(run.excluded):
-                yield (
-                    "workload",
-                    c.workload,
-                    c.mode,
-                    " ".join(c.args),
-                    run.run,
-                    i,
-                    f"excluded_{c.metric}",
-                    c.unit,
-                    v,
-                )
+            for metric, values in ((c.metric, run.values), (f"excluded_{c.metric}", run.excluded)):
+                for i, v in enumerate(values):
+                    yield (
+                        "workload",
+                        c.workload,
+                        c.mode,
+                        " ".join(c.args),
+                        run.run,
+                        i,
+                        metric,
+                        c.unit,
+                        v,
+                    )
 
 
 def _cold_rows(r: Report) -> Iterator[tuple]:
