@@ -539,6 +539,11 @@ class Tender:
             await self.health.set(name, status)
 
     def start(self) -> None:
+        # every per-mode series exists before the first call: /metrics has a fixed shape,
+        # and the first sample of the gauge thread adds no lines
+        for mode in FORK_MODES:
+            for gauge in (metrics.VMS, metrics.PROCESSES, metrics.INSTANCES):
+                gauge.labels(mode)
         self._on_loop(self.server.start())
         self._on_loop(self.peer_server.start())
         self.relay.start()
