@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -50,6 +51,12 @@ def cmd_run(a: argparse.Namespace) -> int:
         code = 1
         try:
             code = _run(a)
+        except KeyboardInterrupt:
+            code = 130
+        except BaseException:  # never hidden: os._exit below would drop it silently
+            print("unifork: internal error:", file=sys.stderr)
+            traceback.print_exc()
+            code = 1
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -94,9 +101,9 @@ def _run(a: argparse.Namespace) -> int:
         tty=a.console == "tty",
         trace_syscalls=a.trace_syscalls,
     )
-    stdin = None if a.stdin == "none" else sys.stdin.fileno()
-    if stdin is not None:
-        os.set_blocking(stdin, False)
+    # read when the guest reads, as much as it asks (a file, /dev/null, a pipe, a tty);
+    # the fd stays blocking: its description is shared with the user's shell
+    stdin = None if a.stdin == "none" or sys.stdin is None else sys.stdin.fileno()
     backend = make_backend(a.fork, BackendContext(pool_size=a.pool))
     # argv[0]: one VM names the program after its image file, VM-clone as typed
     spec = InstanceSpec(

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tender_service.instance.budget import MemoryBudget
+from tender_service.instance.stdin import StdinServer
 from tender_service.rump import pgroups, signals
 from tender_service.rump.vminfo import ProcInfo, RunResult, VmConfig
 from tender_service.transports.broker import PipeBroker
@@ -118,6 +119,7 @@ class Supervisor:
         peer_timeout: float = PEER_TIMEOUT,
         budget: MemoryBudget | None = None,
         ticket_for: Callable[[str, int, str], str] | None = None,
+        stdin: int | bytes | None = None,
     ) -> None:
         if transport not in ("tcp", "shm"):
             raise ValueError("transport must be tcp or shm")
@@ -146,6 +148,8 @@ class Supervisor:
         self.broker = PipeBroker()
         self.procs: dict[int, ProcRec] = {}
         self.lock = threading.RLock()
+        #: fd 0 of every VM (the launcher's stdin; None: EOF)
+        self.stdin = StdinServer(stdin, self.lock)
         self.done = threading.Event()
         self.reports: list[str] = []
         self.forks = 0
@@ -298,6 +302,7 @@ class Supervisor:
                 r.channel.close()
         for t in self._threads:
             t.join(5)
+        self.stdin.close()
         try:
             for name in os.listdir(self._tmp):
                 os.unlink(os.path.join(self._tmp, name))
@@ -484,6 +489,8 @@ class Supervisor:
                 self._pipe_read(rec, f)
             elif t == Msg.PIPE_WRITE:
                 self._pipe_write(rec, f)
+            elif t == Msg.STDIN_READ:
+                self._stdin_read(rec, f)
             elif t == Msg.PIPE_CLOSE:
                 self.broker.close(f.pipe, rec.pid, "r" if f.arg == END_READ else "w")
             elif t == Msg.CALL:
@@ -507,6 +514,17 @@ class Supervisor:
             self._send(rec, _data_frame(req, res))
 
         self.broker.read(f.pipe, rec.pid, f.arg, bool(f.flags & NONBLOCK), read, room)
+
+    def _stdin_read(self, rec: ProcRec, f: Frame) -> None:
+        """A VM reads its console's fd 0: the instance's stdin, when there is some."""
+
+        def read(res: bytes | int, req: int = f.req) -> None:
+            self._send(rec, _data_frame(req, res))
+
+        self.stdin.read(rec.pid, f.arg, bool(f.flags & NONBLOCK), read)
+
+    def _op_stdin_isatty(self, rec: ProcRec) -> int:
+        return int(self.stdin.tty)
 
     def _pipe_write(self, rec: ProcRec, f: Frame) -> None:
         """A VM writes a brokered pipe: the count (and SIGPIPE) goes back once written."""
@@ -711,6 +729,7 @@ class Supervisor:
                     else:
                         self._send(child, Frame(Msg.REPARENT, 0, 0, 0, INIT_PID, b""))
             self.broker.drop_holder(rec.pid)
+            self.stdin.drop_holder(rec.pid)
             parent = self.procs.get(rec.ppid)
             if rec.ppid == INIT_PID or parent is None:
                 rec.state = "reaped"  # init reaps at once (the status stays on record)
@@ -721,8 +740,8 @@ class Supervisor:
     def _check_deadlock(self) -> None:
         """Every live VM idle, and none with a message on its way: nothing can move."""
         live = [r for r in self.procs.values() if r.alive]
-        if not live or self._outcome is not None:
-            return
+        if not live or self._outcome is not None or self.stdin.waiting():
+            return  # a reader of stdin waits for the user, not for another VM
         if all(r.state == "running" and r.idle_at == r.events_sent for r in live):
             lines = ["deadlock: every process is blocked and nothing can wake it"]
             lines += [r.idle_report for r in sorted(live, key=lambda r: r.pid) if r.idle_report]

@@ -328,7 +328,7 @@ class PeerServicer:
             channel = connect_channel("tcp", self._dial(start), True, hello)
         link = VmLink(channel, pid)
         try:
-            console = Console(link.console_sink, stdin=None, tty=bool(start["tty"]))
+            console = Console(link.console_sink, stdin=link.stdin(), tty=bool(start["tty"]))
             forker = VmCloneFork(WorkerCloneHost(link, start))
             timeout = float(start["timeout_seconds"]) or None
             if image is None:

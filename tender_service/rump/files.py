@@ -150,7 +150,7 @@ class ConsoleFile(File):
         return len(data)
 
     def ioctl(self, k, lwp, req, arg):
-        if not k.console.tty:
+        if not k.console.is_tty(self.fdno):
             raise GuestError(errno.ENOTTY)
         if req == TIOCGWINSZ:
             k.mem.write(arg, struct.pack("<4H", 24, 80, 0, 0))

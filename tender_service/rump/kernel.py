@@ -319,17 +319,18 @@ class Kernel(ProcessTable):
         if self.remote is not None and timer is None:
             # only another VM can wake us now: say so (the supervisor detects deadlocks)
             self.remote.idle(self.blocked_report())
-        sel = selectors.DefaultSelector()
+        # poll, not epoll: the console's stdin may be a regular file or /dev/null
+        sel = selectors.PollSelector()
         try:
             sel.register(self._wakeup_r, selectors.EVENT_READ)
             host_fd = self.console.host_fd
-            if self.console.input_wq.waiters and host_fd is not None and not self.console.input_eof:
+            if host_fd is not None:
                 sel.register(host_fd, selectors.EVENT_READ)
             for key, _ in sel.select(timeout):
                 if key.fd == self._wakeup_r:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wakeup_r, 4096)
-                elif self.console.pump_host_input():
+                else:  # the readers read it themselves, as much as each asks
                     sched.wake_all(self.console.input_wq)
         finally:
             sel.close()

@@ -15,6 +15,8 @@ broker pipe id; ``arg`` is a signed 64-bit value)::
       PIPE_WRITE  req pipe  flags=NONBLOCK  payload=bytes          -> PIPE_WROTE
       PIPE_CLOSE  pipe  arg=END_READ|END_WRITE
       IDLE        arg=events processed so far (every thread blocked)
+      STDIN_READ  req  arg=max bytes  flags=NONBLOCK               -> PIPE_DATA
+                  (the console's fd 0: the instance's stdin)
     supervisor -> VM
       RESULT      req  arg=value or -errno  payload=optional JSON
       PIPE_DATA   req  arg=-errno or 0  payload=bytes (empty with arg 0: EOF)
@@ -38,6 +40,7 @@ class Msg(enum.IntEnum):
     PIPE_WRITE = 6
     PIPE_CLOSE = 7
     IDLE = 8
+    STDIN_READ = 9
     RESULT = 64
     PIPE_DATA = 65
     PIPE_WROTE = 66

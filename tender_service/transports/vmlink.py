@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING
 from tender_service.bmk.sched import WaitQueue
 from tender_service.machine.errors import GuestError
 from tender_service.rump.fdtable import FdEntry
+from tender_service.rump.outcomes import Block
 from tender_service.rump.pipe import PipeEnd
 from tender_service.transports.channel import Channel, ChannelClosed
 from tender_service.transports.frames import MAX_PAYLOAD, Frame, ProtocolError
-from tender_service.transports.protocol import NONBLOCK, Msg
+from tender_service.transports.protocol import MAX_PIPE_CHUNK, NONBLOCK, Msg
 from tender_service.transports.remote_pipe import RemotePipeEnd
 
 if TYPE_CHECKING:
@@ -81,6 +82,9 @@ class VmLink:
         return RemotePipeEnd(
             self, int(state["pipe"]), state["end"] == "w", int(state.get("flags", 0))
         )
+
+    def stdin(self) -> RemoteStdin:
+        return RemoteStdin(self)
 
     def close(self) -> None:
         self._closed.set()
@@ -161,6 +165,21 @@ class VmLink:
         if r is not None:
             lwp.remote_result, lwp.remote_req = None, 0
         return r
+
+    def read_stdin(self, k: Kernel, lwp: Lwp, addr: int, n: int, nonblocking: bool) -> int:
+        """The console's fd 0 (a ``StdinSource``): the instance's stdin, via the supervisor."""
+        reply = self.take_reply(lwp)
+        if reply is None:
+            room = k.mem.room([(addr, n)], min(n, MAX_PIPE_CHUNK))
+            if not room:
+                raise GuestError(errno.EFAULT)
+            self.request(lwp, Msg.STDIN_READ, 0, arg=room, nonblock=nonblocking)
+            raise Block(self.wq, "read console stdin")
+        arg, data, _ = reply
+        if arg < 0:
+            raise GuestError(-arg)
+        k.mem.write(addr, data[:n])
+        return min(len(data), n)
 
     def send_close(self, pipe: int, end: int) -> None:
         self._notify(Frame(Msg.PIPE_CLOSE, 0, 0, pipe, end, b""))
@@ -283,3 +302,21 @@ def _set_ppid(k: Kernel, ppid: int) -> None:
     """The supervisor re-parented our process (its parent exited)."""
     if k.main is not None:
         k.main.ppid = ppid
+
+
+class RemoteStdin:
+    """The console's input in a VM of a VM-clone instance (see instance/stdin.py)."""
+
+    host_fd = None
+
+    def __init__(self, link: VmLink) -> None:
+        self.link = link
+        self._tty: bool | None = None
+
+    def read(self, k: Kernel, lwp: Lwp, addr: int, n: int, nonblocking: bool) -> int:
+        return self.link.read_stdin(k, lwp, addr, n, nonblocking)
+
+    def isatty(self) -> bool:
+        if self._tty is None:  # asked once per VM, on the first terminal ioctl of fd 0
+            self._tty = self.link.call("stdin_isatty") > 0
+        return self._tty

@@ -29,7 +29,7 @@ class InstanceSpec:
     env: Sequence[str] | None = None  # None: DEFAULT_ENV
     config: VmConfig | None = None
     argv0: str | None = None  # None: the image's program name
-    stdin: bytes | int | None = None  # the guest's stdin, where a mode reads one (thread)
+    stdin: bytes | int | None = None  # the guest's stdin (None: EOF)
     transport: str = "shm"  # how pipes between VMs travel, where a mode has several VMs
     placement: str = "local"  # where its VMs may run, where a mode places VMs
     instance_id: str | None = None

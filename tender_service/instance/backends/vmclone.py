@@ -95,6 +95,7 @@ class VmcloneBackend:
                 peer_timeout=ctx.peer_timeout,
                 budget=ctx.budget,
                 ticket_for=ctx.ticket_for,
+                stdin=spec.stdin,
             )
         except BaseException:
             if spec.reserved and ctx.budget is not None:
