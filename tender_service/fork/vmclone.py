@@ -48,6 +48,8 @@ class CloneHost(Protocol):
 
 class VmCloneFork:
     mode = "vmclone"
+    #: a child gets a copy of the VM: clone(CLONE_VM) runs on a copy too
+    one_address_space = False
 
     def __init__(self, host: CloneHost) -> None:
         self.host = host

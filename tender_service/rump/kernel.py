@@ -36,7 +36,7 @@ from tender_service.rump.console import Console
 from tender_service.rump.dispatch import make_dispatcher, traced
 from tender_service.rump.fdtable import FdTable
 from tender_service.rump.files import O_RDONLY, O_WRONLY, ConsoleFile
-from tender_service.rump.process import Lwp, Process
+from tender_service.rump.process import Lwp, Process, Program
 from tender_service.rump.proctable import ProcessTable
 from tender_service.rump.vminfo import RunResult, VmConfig
 
@@ -50,6 +50,8 @@ class Forker(Protocol):
     """A fork strategy (thread fork, VM clone); the layer above plugs it in."""
 
     mode: str
+    #: True: clone(CLONE_VM) children share the parent's memory (see sys_clone)
+    one_address_space: bool
 
     def fork(self, k: Kernel, lwp: Lwp, vfork: bool) -> int: ...
 
@@ -202,6 +204,10 @@ class Kernel(ProcessTable):
         cpu.set_reg(RSP, sp)
         cpu.set_reg(RIP, self.loaded.entry)
         self.new_lwp(proc, stack, stack, size, cpu.new_context())
+        region = self.loaded.region
+        path = _b(argv[0]) if argv else b"main"
+        self.boot_program = Program(path, region.base, region.size, in_pages=False)
+        self.use_program(proc, self.boot_program)
         return proc
 
     # -- the run loop ------------------------------------------------------------

@@ -11,6 +11,7 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
+from tender_service.machine.cpu import GPRS, RIP, RSP, SYSCALL_INSN_LEN, RegSet
 from tender_service.machine.errors import GuestError
 from tender_service.rump import pgroups, signals
 from tender_service.rump.outcomes import NORETURN, Block, BlockAfter
@@ -26,6 +27,8 @@ __WALL, __WCLONE, __WNOTHREAD = 0x40000000, 0x80000000, 0x20000000
 P_ALL, P_PID, P_PGID = 0, 1, 2
 CLD_EXITED, CLD_KILLED = 1, 2
 CSIGNAL = 0xFF
+CLONE_VM, CLONE_VFORK = 0x100, 0x4000
+_CLONE_REGS = RegSet(GPRS["rax"], GPRS["rsp"], RIP)
 RUSAGE_SIZE = 144
 RLIM_INFINITY = 0xFFFF_FFFF_FFFF_FFFF
 RLIMIT_STACK, RLIMIT_NPROC, RLIMIT_NOFILE, RLIMIT_AS = 3, 6, 7, 9
@@ -84,7 +87,7 @@ def _fork(k: Kernel, lwp: Lwp, vfork: bool) -> int:
             k.fork_observer(time.perf_counter() - t0)
         if vfork and k.procs.get(pid) is not None and k.procs[pid].alive:
             lwp.proc.vfork_child = pid
-            raise BlockAfter(pid, f"vfork: waiting for child {pid} to exit")
+            raise BlockAfter(pid, f"vfork: waiting for child {pid} to exec or exit")
     return pid
 
 
@@ -97,15 +100,54 @@ def sys_vfork(k: Kernel, lwp: Lwp) -> int:
 
 
 def sys_clone(k: Kernel, lwp: Lwp, flags: int, stack: int, ptid: int, ctid: int, tls: int) -> int:
-    """Only the fork form (exit signal, no sharing flags) is supported."""
-    if flags & ~CSIGNAL or stack:
+    """The fork form (exit signal only), and musl's posix_spawn form
+    (CLONE_VM | CLONE_VFORK | exit signal, a new stack); else ENOSYS."""
+    share = flags & ~CSIGNAL
+    if not share and not stack:
+        return _fork(k, lwp, vfork=False)
+    if share == CLONE_VM | CLONE_VFORK:
+        if not stack:
+            raise GuestError(errno.EINVAL, "CLONE_VM without a stack")
+        return _clone_vm(k, lwp, stack)
+    raise GuestError(errno.ENOSYS)
+
+
+def _clone_vm(k: Kernel, lwp: Lwp, stack: int) -> int:
+    """clone(CLONE_VM | CLONE_VFORK, stack): a child on ``stack`` until it execs or exits.
+
+    In one address space (thread mode) the child is a new process of this VM
+    that runs in its parent's memory, on the parent's registers with rax = 0
+    and rsp = ``stack`` (musl's __clone then pops the function and its
+    argument from there); the parent is suspended until the child execs or
+    exits, as Linux does.  A fork strategy whose children get a copy of the
+    memory (VM clone) forks with rsp = ``stack`` instead: the child runs on
+    its copy of that stack and the parent, whose memory nobody else can
+    touch, goes on at once (docs/semantics.md).
+    """
+    if k.forker is None:
         raise GuestError(errno.ENOSYS)
-    return _fork(k, lwp, vfork=False)
-
-
-def sys_execve(k: Kernel, lwp: Lwp, path: int, argv: int, envp: int) -> int:
-    k.mem.cstring(path)
-    raise GuestError(errno.ENOENT)  # no file system: no program to execute
+    if not getattr(k.forker, "one_address_space", False):
+        rsp = k.cpu.reg(RSP)
+        k.cpu.set_reg(RSP, stack)
+        try:
+            return _fork(k, lwp, vfork=True)
+        finally:
+            k.cpu.set_reg(RSP, rsp)
+    if len(k.procs) >= k.config.max_procs:
+        raise GuestError(errno.EAGAIN)
+    parent = lwp.proc
+    child = k.new_child(parent)
+    child.vm_parent = parent.pid
+    cpu = k.cpu
+    ctx = cpu.new_context()  # the parent's registers, as the syscall left them
+    cpu.write_context(ctx, _CLONE_REGS, [0, stack, cpu.reg(RIP) + SYSCALL_INSN_LEN])
+    pt = lwp.thread
+    # no stack or TLS of its own: the parent's memory (lwp.stack = 0, nothing to free)
+    k.new_lwp(child, 0, pt.stack_base, pt.stack_size, ctx)
+    k.forks += 1
+    parent.forks += 1
+    parent.vfork_child = child.pid
+    raise BlockAfter(child.pid, f"vfork: waiting for child {child.pid} to exec or exit")
 
 
 # -- wait ----------------------------------------------------------------------------
