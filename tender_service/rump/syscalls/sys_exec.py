@@ -30,7 +30,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from tender_service.bmk.memalloc import MEMWHO_WIREDBMK
-from tender_service.machine.cpu import GPRS
+from tender_service.machine.cpu import GPRS, SYSCALL_INSN_LEN
 from tender_service.machine.elf import ElfImage, parse_elf
 from tender_service.machine.errors import GuestError, ImageError
 from tender_service.machine.layout import PAGE_SIZE, page_up
@@ -183,6 +183,7 @@ def replace_program(
     # -- the point of no return (check_size made sure the strings fit) -----------------
     _release_old(k, lwp)
     bias = load_at(k.mem, image, base)
+    k.cpu.forget_code(base, page_up(image.span))
     sp = build_stack(k.mem, (image, bias), stack + size, args, env, filename)
     k.heap.reown(temp_owner, proc.pid)
     k.use_program(proc, Program(filename, base, page_up(image.span), in_pages))
@@ -194,7 +195,9 @@ def replace_program(
     lwp.stack, lwp.tls, lwp.clear_child_tid = stack, 0, 0
     lwp.thread.stack_base, lwp.thread.stack_size = stack, size
     lwp.thread.name = f"{proc.name}:{proc.pid}"
-    k.cpu.write_state({**_ZERO_GPRS, "rsp": sp, "rip": image.entry + bias, "fs_base": 0})
+    # Unicorn adds the syscall's length to rip after the syscall hook returns
+    rip = image.entry + bias - SYSCALL_INSN_LEN
+    k.cpu.write_state({**_ZERO_GPRS, "rsp": sp, "rip": rip, "fs_base": 0})
     k.execs += 1
 
 
