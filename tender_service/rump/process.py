@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from tender_service.bmk.sched import BmkThread, WaitQueue
 from tender_service.rump import signals
 from tender_service.rump.fdtable import FdTable
+from tender_service.rump.fs import ROOT_INO
 
 
 class ProcState(enum.Enum):
@@ -90,6 +91,9 @@ class Process:
     program: Program | None = None
     #: clone(CLONE_VM) child: the pid whose memory it runs in until it execs or exits
     vm_parent: int = 0
+    #: the working directory: an inode number of the instance's file system
+    cwd: int = ROOT_INO
+    umask: int = 0o022
 
     def __post_init__(self) -> None:
         self.child_wq = WaitQueue(f"wait:{self.pid}")

@@ -74,6 +74,7 @@ class ProcessTable:
             p.sigactions = dict(parent.sigactions)
             p.brk = parent.brk
             self.use_program(p, parent.program)
+            p.cwd, p.umask = parent.cwd, parent.umask
         self.procs[pid] = p
         return p
 
@@ -297,6 +298,8 @@ class ProcessTable:
                 "mmaps": sorted(proc.mmaps.items()),
                 "owner": proc.pid,
                 "program": _program_state(proc.program),
+                "cwd": proc.cwd,
+                "umask": proc.umask,
             },
             "lwp": {
                 "stack": lwp.stack,
@@ -316,6 +319,7 @@ class ProcessTable:
         proc = self.new_process(None, fds, str(p["name"]), pid=pid)
         proc.ppid, proc.pgid, proc.sid = int(p["ppid"]), int(p["pgid"]), int(p["sid"])
         proc.brk = int(p["brk"])
+        proc.cwd, proc.umask = int(p.get("cwd", proc.cwd)), int(p.get("umask", 0o022)) & 0o777
         proc.sigactions = {
             int(a[0]): (int(a[1]), int(a[2]), int(a[3]), int(a[4])) for a in p["sigactions"]
         }

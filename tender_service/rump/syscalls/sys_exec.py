@@ -79,19 +79,13 @@ def _execve(k: Kernel, lwp: Lwp, dirfd: int, path: int, argv: int, envp: int, fl
     env = read_strings(k, envp)
     check_size(k, args, env)
     proc = lwp.proc
-    data, _resolved = open_exec(k, proc, dirfd, filename, flags)
+    data, resolved = k.fs.open_exec(proc, dirfd, filename, flags)
+    if not filename:  # execveat(fd, "", AT_EMPTY_PATH): "/dev/fd/N", as Linux
+        filename = resolved
     image, args = interpret(k, proc, filename, data, args)
     check_size(k, args, env)
     replace_program(k, lwp, image, filename, args, env)
     return NORETURN
-
-
-def open_exec(k: Kernel, proc: Process, dirfd: int, path: bytes, flags: int) -> tuple[bytes, bytes]:
-    """(contents, resolved path) of the file to run, from the instance's file system."""
-    fs = getattr(k, "fs", None)
-    if fs is None:
-        raise GuestError(errno.ENOENT, "no file system in this VM")
-    return fs.open_exec(proc, dirfd, path, flags)
 
 
 def read_strings(k: Kernel, vec: int) -> list[bytes]:
@@ -149,7 +143,7 @@ def interpret(
         interp, arg = parse_shebang(data)
         args = [interp, *([arg] if arg is not None else []), filename, *args[1:]]
         filename = interp
-        data, _ = open_exec(k, proc, AT_FDCWD, interp, 0)
+        data, _ = k.fs.open_exec(proc, AT_FDCWD, interp, 0)
     raise GuestError(errno.ELOOP, "#! interpreters nested too deep")
 
 
@@ -189,7 +183,7 @@ def replace_program(
     k.use_program(proc, Program(filename, base, page_up(image.span), in_pages))
     proc.brk = base + page_up(image.span)
     proc.name = filename.rsplit(b"/", 1)[-1].decode(errors="replace")
-    _close_cloexec(k, proc)
+    proc.fds.close_cloexec(k)
     _reset_signals(proc)
     k.release_vfork_parent(proc)
     lwp.stack, lwp.tls, lwp.clear_child_tid = stack, 0, 0
@@ -211,11 +205,6 @@ def _release_old(k: Kernel, lwp: Lwp) -> None:
     k.release_memory(proc)
     k.release_program(proc)
     proc.vm_parent = 0
-
-
-def _close_cloexec(k: Kernel, proc: Process) -> None:
-    for fd in [fd for fd, e in proc.fds.entries.items() if e.cloexec]:
-        proc.fds.close(k, fd)
 
 
 def _reset_signals(proc: Process) -> None:
