@@ -30,6 +30,7 @@ from tender_service.machine.errors import GuestError, ImageError
 from tender_service.machine.layout import PAGE_SIZE
 from tender_service.machine.loader import LoadedImage, build_stack, layout_memory
 from tender_service.machine.memory import GuestMemory
+from tender_service.machine.rootfs import RootFs
 from tender_service.machine.watchdog import WATCHDOG
 from tender_service.rump import signals
 from tender_service.rump.console import Console
@@ -132,8 +133,10 @@ class Kernel(ProcessTable):
         config: VmConfig,
         console: Console,
         forker: Forker | None = None,
+        rootfs: RootFs | None = None,
     ) -> Kernel:
-        """A VM that starts ``image`` as its first program (pid 2)."""
+        """A VM that starts ``image`` as its first program (pid 2); ``rootfs``: the tree
+        of a baked image (its file system is wt-vfs's: until it lands, kept unused)."""
         config.validate()
         mem = GuestMemory(config.ram)
         try:
@@ -153,6 +156,7 @@ class Kernel(ProcessTable):
             mem.close()
             raise
         k.loaded = loaded
+        k.rootfs = rootfs
         k.main = k._spawn_main(argv, env)
         return k
 
