@@ -180,6 +180,12 @@ class WorkerCloneHost:
     def share_files(self, k: Kernel, parent: Process, child_pid: int) -> None:
         self.link.share_files(k, parent, child_pid)
 
+    def share_exec_files(self, k: Kernel, proc: Process) -> None:
+        # every local table that holds one of the pipes must use the broker from now on
+        self.link.make_remote([p for p in k.procs.values() if p.alive and not p.remote])
+        files = [e.file for e in proc.fds.entries.values() if not e.cloexec]
+        self.link.add_holder(files, proc.pid)
+
     def start_child(self, child_pid: int, snapshot: bytes) -> None:
         address, start = self._leases.pop(child_pid)
         # not a retry of the same call (no backoff wanted): each attempt goes to another

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from tender_service.bmk.memalloc import MemAlloc
     from tender_service.bmk.pagealloc import PageAllocator
     from tender_service.bmk.sched import Scheduler
-    from tender_service.rump.kernel import Kernel, RemoteHost
+    from tender_service.rump.kernel import Forker, Kernel, RemoteHost
 
 INIT_PID = 1
 #: reaped processes remembered for the process table (``--ps``, describe)
@@ -38,6 +38,7 @@ class ProcessTable:
     pages: PageAllocator
     sched: Scheduler
     remote: RemoteHost | None
+    forker: Forker | None
     current: Lwp | None
     warn_once: Callable[..., None]
 
@@ -137,7 +138,11 @@ class ProcessTable:
                 self.heap.free(lwp.stack, who=MEMWHO_WIREDBMK)
             if lwp.tls:
                 self.heap.free(lwp.tls, who=MEMWHO_WIREDBMK)
-        if self.remote is not None:
+        if self.remote is not None and proc.vm_parent:
+            # a clone(CLONE_VM) child that never exec'd: its pid was only leased
+            assert self.forker is not None and hasattr(self.forker, "release_pid")
+            self.forker.release_pid(proc.pid)
+        elif self.remote is not None:
             # before the fds close: the supervisor re-parents our children before any
             # of them can see EOF on a pipe we held (as Linux orders it for them)
             self.remote.process_exited(proc)
@@ -157,6 +162,21 @@ class ProcessTable:
             self.reap(parent, proc)
         else:
             self.sched.wake_all(parent.child_wq)
+
+    def leave_vm(self, proc: Process) -> None:
+        """A clone(CLONE_VM) child exec'd into a VM of its own (VM-clone): it is no
+        longer a process of this VM (its parent then holds a proxy of it)."""
+        for lwp in proc.lwps:
+            self.sched.kill(lwp.thread)
+        proc.lwps.clear()
+        self.release_memory(proc)
+        self.release_program(proc)
+        proc.fds.close_all(cast("Kernel", self))
+        self.release_vfork_parent(proc)
+        if proc.parent is not None:
+            proc.parent.children.pop(proc.pid, None)
+        self.procs.pop(proc.pid, None)
+        proc.state = ProcState.REAPED
 
     def release_vfork_parent(self, proc: Process) -> None:
         """``proc`` exited or exec'd: a parent suspended in vfork/CLONE_VFORK runs again."""

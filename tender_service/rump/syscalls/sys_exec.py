@@ -84,6 +84,12 @@ def _execve(k: Kernel, lwp: Lwp, dirfd: int, path: int, argv: int, envp: int, fl
         filename = resolved
     image, args = interpret(k, proc, filename, data, args)
     check_size(k, args, env)
+    if proc.vm_parent and k.forker is not None and not k.forker.one_address_space:
+        # VM clone: a clone(CLONE_VM) child runs its new program in a VM of its own
+        _reset_signals(proc)
+        k.forker.exec_elsewhere(k, lwp, image, filename, args, env)  # type: ignore[attr-defined]
+        k.execs += 1
+        return NORETURN
     replace_program(k, lwp, image, filename, args, env)
     return NORETURN
 

@@ -73,30 +73,30 @@ def sys_exit(k: Kernel, lwp: Lwp, code: int) -> object:
 
 
 # -- fork ----------------------------------------------------------------------------
-def _fork(k: Kernel, lwp: Lwp, vfork: bool) -> int:
+def _fork(k: Kernel, lwp: Lwp) -> int:
     if k.forker is None:
         raise GuestError(errno.ENOSYS)
     if len(k.procs) >= k.config.max_procs:
         raise GuestError(errno.EAGAIN)
     t0 = time.perf_counter()
-    pid = k.forker.fork(k, lwp, vfork)
+    pid = k.forker.fork(k, lwp, False)
     if pid > 0:
         k.forks += 1
         lwp.proc.forks += 1
         if k.fork_observer is not None:
             k.fork_observer(time.perf_counter() - t0)
-        if vfork and k.procs.get(pid) is not None and k.procs[pid].alive:
-            lwp.proc.vfork_child = pid
-            raise BlockAfter(pid, f"vfork: waiting for child {pid} to exec or exit")
     return pid
 
 
 def sys_fork(k: Kernel, lwp: Lwp) -> int:
-    return _fork(k, lwp, vfork=False)
+    return _fork(k, lwp)
 
 
 def sys_vfork(k: Kernel, lwp: Lwp) -> int:
-    return _fork(k, lwp, vfork=True)
+    """clone(CLONE_VM | CLONE_VFORK) on the caller's own stack, as Linux's vfork:
+    the child runs in the parent's memory until it execs or exits (musl's
+    vfork keeps its return address in a register for that reason)."""
+    return _clone_vm(k, lwp, k.cpu.reg(RSP))
 
 
 def sys_clone(k: Kernel, lwp: Lwp, flags: int, stack: int, ptid: int, ctid: int, tls: int) -> int:
@@ -104,7 +104,7 @@ def sys_clone(k: Kernel, lwp: Lwp, flags: int, stack: int, ptid: int, ctid: int,
     (CLONE_VM | CLONE_VFORK | exit signal, a new stack); else ENOSYS."""
     share = flags & ~CSIGNAL
     if not share and not stack:
-        return _fork(k, lwp, vfork=False)
+        return _fork(k, lwp)
     if share == CLONE_VM | CLONE_VFORK:
         if not stack:
             raise GuestError(errno.EINVAL, "CLONE_VM without a stack")
@@ -115,28 +115,22 @@ def sys_clone(k: Kernel, lwp: Lwp, flags: int, stack: int, ptid: int, ctid: int,
 def _clone_vm(k: Kernel, lwp: Lwp, stack: int) -> int:
     """clone(CLONE_VM | CLONE_VFORK, stack): a child on ``stack`` until it execs or exits.
 
-    In one address space (thread mode) the child is a new process of this VM
-    that runs in its parent's memory, on the parent's registers with rax = 0
-    and rsp = ``stack`` (musl's __clone then pops the function and its
-    argument from there); the parent is suspended until the child execs or
-    exits, as Linux does.  A fork strategy whose children get a copy of the
-    memory (VM clone) forks with rsp = ``stack`` instead: the child runs on
-    its copy of that stack and the parent, whose memory nobody else can
-    touch, goes on at once (docs/semantics.md).
+    The child is a new process of this VM that runs in its parent's memory,
+    on the parent's registers with rax = 0 and rsp = ``stack`` (musl's
+    __clone then pops the function and its argument from there); the parent
+    is suspended until the child execs or exits, as Linux does.  In VM-clone
+    mode its pid is leased from the instance, and its exec starts the new
+    program in a VM of its own (VmCloneFork.exec_elsewhere).
     """
-    if k.forker is None:
+    forker = k.forker
+    if forker is None:
         raise GuestError(errno.ENOSYS)
-    if not getattr(k.forker, "one_address_space", False):
-        rsp = k.cpu.reg(RSP)
-        k.cpu.set_reg(RSP, stack)
-        try:
-            return _fork(k, lwp, vfork=True)
-        finally:
-            k.cpu.set_reg(RSP, rsp)
     if len(k.procs) >= k.config.max_procs:
         raise GuestError(errno.EAGAIN)
     parent = lwp.proc
-    child = k.new_child(parent)
+    # VM clone: the pid is the instance's, the child's exec starts a VM of its own
+    pid = None if forker.one_address_space else forker.reserve_pid(parent)  # type: ignore[attr-defined]
+    child = k.new_process(parent, parent.fds.copy(), parent.name, pid=pid)
     child.vm_parent = parent.pid
     cpu = k.cpu
     ctx = cpu.new_context()  # the parent's registers, as the syscall left them
