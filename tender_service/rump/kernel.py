@@ -37,8 +37,10 @@ from tender_service.rump.console import Console
 from tender_service.rump.dispatch import make_dispatcher, traced
 from tender_service.rump.fdtable import FdTable
 from tender_service.rump.files import O_RDONLY, O_WRONLY, ConsoleFile
+from tender_service.rump.fs import FileSystem
 from tender_service.rump.process import Lwp, Process
 from tender_service.rump.proctable import ProcessTable
+from tender_service.rump.vfs import Vfs
 from tender_service.rump.vminfo import RunResult, VmConfig
 
 log = logging.getLogger(__name__)
@@ -122,6 +124,8 @@ class Kernel(ProcessTable):
         os.set_blocking(self._wakeup_w, False)
         dispatch = make_dispatcher(self)
         self.cpu.hook_syscall(traced(self, dispatch) if config.trace_syscalls else dispatch)
+        #: the instance's file system (boot() gives it the image's tree; VM-clone a proxy)
+        self.fs = Vfs(FileSystem(None, config.tmpfs_size))
         self.init = self.new_process(None, FdTable(), "init")
 
     @classmethod
@@ -135,8 +139,11 @@ class Kernel(ProcessTable):
         forker: Forker | None = None,
         rootfs: RootFs | None = None,
     ) -> Kernel:
-        """A VM that starts ``image`` as its first program (pid 2); ``rootfs``: the tree
-        of a baked image (its file system is wt-vfs's: until it lands, kept unused)."""
+        """A VM that starts ``image`` as its first program (pid 2).
+
+        ``rootfs`` (a baked image's tree) is the file system's read-only lower
+        layer; without one the tree holds only /tmp, /dev and /proc.
+        """
         config.validate()
         mem = GuestMemory(config.ram)
         try:
@@ -155,8 +162,9 @@ class Kernel(ProcessTable):
         except Exception:
             mem.close()
             raise
+        if rootfs is not None:
+            k.fs = Vfs(FileSystem(rootfs, config.tmpfs_size))
         k.loaded = loaded
-        k.rootfs = rootfs
         k.main = k._spawn_main(argv, env)
         return k
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from tender_service.bmk.sched import BmkThread, WaitQueue
 from tender_service.rump import signals
 from tender_service.rump.fdtable import FdTable
+from tender_service.rump.fs import ROOT_INO
 
 
 class ProcState(enum.Enum):
@@ -68,6 +69,9 @@ class Process:
     report: str = ""  # why it died, if not by exit
     #: a child that runs in another VM (VM-clone fork): a proxy with no LWPs
     remote: bool = False
+    #: the working directory: an inode number of the instance's file system
+    cwd: int = ROOT_INO
+    umask: int = 0o022
 
     def __post_init__(self) -> None:
         self.child_wq = WaitQueue(f"wait:{self.pid}")

@@ -70,6 +70,7 @@ class ProcessTable:
             parent.children[pid] = p
             p.sigactions = dict(parent.sigactions)
             p.brk = parent.brk
+            p.cwd, p.umask = parent.cwd, parent.umask
         self.procs[pid] = p
         return p
 
@@ -266,6 +267,8 @@ class ProcessTable:
                 "sigactions": [[sig, *act] for sig, act in sorted(proc.sigactions.items())],
                 "mmaps": sorted(proc.mmaps.items()),
                 "owner": proc.pid,
+                "cwd": proc.cwd,
+                "umask": proc.umask,
             },
             "lwp": {
                 "stack": lwp.stack,
@@ -285,6 +288,7 @@ class ProcessTable:
         proc = self.new_process(None, fds, str(p["name"]), pid=pid)
         proc.ppid, proc.pgid, proc.sid = int(p["ppid"]), int(p["pgid"]), int(p["sid"])
         proc.brk = int(p["brk"])
+        proc.cwd, proc.umask = int(p.get("cwd", proc.cwd)), int(p.get("umask", 0o022)) & 0o777
         proc.sigactions = {
             int(a[0]): (int(a[1]), int(a[2]), int(a[3]), int(a[4])) for a in p["sigactions"]
         }
