@@ -160,7 +160,10 @@ def test_select_program(app):
     chosen, argv = select_program(boot, ["/bin/token_ring", "x"])
     assert (chosen.elf.data, argv) == (elf("token_ring"), ["/bin/token_ring", "x"])
     for path, why in [
-        ("/bin/nope", "no program /bin/nope in the image (its programs: /bin/args, /bin/token_ring,"),
+        (
+            "/bin/nope",
+            "no program /bin/nope in the image (its programs: /bin/args, /bin/token_ring,",
+        ),
         ("/etc", "program /etc: a dir, not a file"),
         ("/etc/motd", "program /etc/motd: not executable (mode 0640)"),
         ("/motd", "program /motd: not executable (mode 0640)"),
@@ -403,7 +406,10 @@ def test_run_refuses_a_corrupt_image(app, tmp_path, fork):
     assert r.stderr == "unifork: bad.img: checksum mismatch: the image is corrupt\n", r.stderr
     r = cli("run", "--fork", fork, str(app), "--", "/bin/sh")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r
-    assert "app.img: no program /bin/sh in the image (its programs: /bin/args, /bin/token_ring" in r.stderr
+    assert (
+        "app.img: no program /bin/sh in the image (its programs: /bin/args, /bin/token_ring"
+        in r.stderr
+    )
 
 
 def test_bake_command_and_images_listing(tmp_path, tree):
