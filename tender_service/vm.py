@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tender_service.fork.thread import ThreadFork
-from tender_service.machine.elf import ElfImage, load_elf_file
+from tender_service.machine.elf import ElfImage
+from tender_service.machine.rootfs import BootImage, load_image_file, select_program
 from tender_service.rump import signals
 from tender_service.rump.console import Console, Sink
 from tender_service.rump.kernel import Forker, Kernel
@@ -60,8 +61,35 @@ class CaptureSink:
         self.chunks.append((pid, fd, data))
 
 
+def boot_kernel(
+    boot: BootImage,
+    args: Sequence[str],
+    env: Sequence[str],
+    config: VmConfig,
+    console: Console,
+    forker: Forker | None,
+    argv0: str | None = None,
+) -> Kernel:
+    """Boot a plain ELF (argv[0]: ``argv0`` or its name) or a baked image's program
+    (``select_program``: argv[0] is the program's path as given), with its tree."""
+    if boot.rootfs is None:
+        argv = [argv0 or _program_name(boot.elf.name), *args]
+        return Kernel.boot(boot.elf, argv, list(env), config, console, forker)
+    chosen, argv = select_program(boot, args)
+    return Kernel.boot(chosen.elf, argv, list(env), config, console, forker, rootfs=boot.rootfs)
+
+
+def as_boot_image(image: BootImage | ElfImage | str | Path) -> BootImage:
+    """A file is parsed (once per version of it, machine/rootfs.py caches)."""
+    if isinstance(image, BootImage):
+        return image
+    if isinstance(image, ElfImage):
+        return BootImage(image, image.name, None, image.name)
+    return load_image_file(image)
+
+
 def create_vm(
-    image: ElfImage | str | Path,
+    image: BootImage | ElfImage | str | Path,
     args: Sequence[str] = (),
     env: Sequence[str] | None = None,
     config: VmConfig | None = None,
@@ -70,18 +98,27 @@ def create_vm(
     fork: str = "thread",
     argv0: str | None = None,
 ) -> Kernel:
-    """Build a VM ready to run; raises ImageError for an image it refuses."""
-    img = image if isinstance(image, ElfImage) else load_elf_file(image)
+    """Build a VM ready to run; raises ImageError for an image it refuses.
+
+    A baked image runs the program its first argument names, else its first
+    (``select_program``); ``argv0`` names a plain ELF only.
+    """
+    boot = as_boot_image(image)
     config = config or VmConfig()
     console = Console(sink or stdio_sink(), stdin=stdin, tty=config.tty)
-    argv = [argv0 or _program_name(img.name), *args]
-    return Kernel.boot(
-        img, argv, list(DEFAULT_ENV if env is None else env), config, console, make_forker(fork)
+    return boot_kernel(
+        boot,
+        args,
+        DEFAULT_ENV if env is None else env,
+        config,
+        console,
+        make_forker(fork),
+        argv0,
     )
 
 
 def run_vm(
-    image: ElfImage | str | Path,
+    image: BootImage | ElfImage | str | Path,
     args: Sequence[str] = (),
     env: Sequence[str] | None = None,
     config: VmConfig | None = None,

@@ -95,7 +95,14 @@ def test_compile_hello_runs_natively(tmp_path: Path) -> None:
     compile_guest([programs_dir() / "hello.c"], exe)
     proc = run(exe)
     assert (proc.returncode, proc.stdout) == (0, "Hello, unikernel!\n")
-    assert elf_facts(exe) == ("ET_EXEC", False)  # static, not PIE
+    assert elf_facts(exe) == ("ET_DYN", False)  # static-PIE by default (exec in thread mode)
+
+
+def test_no_pie_gives_et_exec(tmp_path: Path) -> None:
+    exe = tmp_path / "hello-exec"
+    compile_guest([programs_dir() / "hello.c"], exe, ["-no-pie", "-fno-PIE"])
+    assert elf_facts(exe) == ("ET_EXEC", False)
+    assert run(exe).stdout == "Hello, unikernel!\n"
 
 
 def test_static_pie(tmp_path: Path) -> None:

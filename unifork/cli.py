@@ -150,9 +150,84 @@ def cmd_cc(a: argparse.Namespace, rest: list[str]) -> int:
     return cc_main(rest)
 
 
+def cmd_bake(a: argparse.Namespace) -> int:
+    """``unifork bake``: the analogue of rumprun-bake (tender_service/toolchain/bake.py)."""
+    from pathlib import Path
+
+    from tender_service.toolchain.bake import bake, split_spec
+
+    try:
+        rootfs = bake(
+            Path(a.output),
+            [split_spec(s, "--bin") for s in a.bin],
+            [split_spec(s, "--dir") for s in a.dir],
+            [split_spec(s, "--file") for s in a.file],
+        )
+    except ValueError as e:  # BakeError, ImageError: what cannot be baked, and why
+        print(f"unifork: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"{a.output}: {len(rootfs.programs)} programs ({', '.join(rootfs.programs)}), "
+        f"{len(rootfs.entries)} entries, {Path(a.output).stat().st_size} bytes"
+    )
+    return 0
+
+
+def _show_image(a: argparse.Namespace) -> int:
+    """``unifork images FILE``: what a baked image (or an ELF) holds."""
+    import hashlib
+    from pathlib import Path
+
+    from tender_service.machine.rootfs import FORMAT_MAJOR, FORMAT_MINOR, describe, parse_image
+
+    try:
+        data = Path(a.image).read_bytes()
+        boot = parse_image(data, a.image)
+    except OSError as e:
+        print(f"unifork: {a.image}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except ImageError as e:
+        print(f"unifork: {e}", file=sys.stderr)
+        return 2
+    info: dict = {
+        "path": a.image,
+        "kind": "elf" if boot.rootfs is None else "baked",
+        "size_bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    if boot.rootfs is not None:
+        info["format"] = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
+        info["programs"] = list(boot.rootfs.programs)
+        info.update(describe(boot.rootfs))
+        info["tree"] = [
+            {"path": e.path, "kind": e.kind, "mode": f"{e.mode:04o}", "size_bytes": len(e.data)}
+            | ({"target": e.target} if e.target else {})
+            for e in boot.rootfs.entries
+        ]
+    if a.output == "json":
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"{a.image}: {info['kind']} image, {len(data)} bytes, sha256 {info['sha256'][:16]}")
+    if boot.rootfs is None:
+        return 0
+    print(f"programs: {' '.join(info['programs'])}")
+    print(
+        f"entries: {info['entries']} ({info['files']} files, {info['dirs']} directories, "
+        f"{info['symlinks']} symlinks; {info['file_bytes']} bytes of contents)"
+    )
+    for e in boot.rootfs.entries:
+        link = f" -> {e.target}" if e.target else ""
+        print(f"  {e.kind:<7} {e.mode:04o} {len(e.data):>9}  {e.path}{link}")
+    return 0
+
+
 def cmd_images(a: argparse.Namespace) -> int:
     from tender_service.toolchain.images import build_all, list_images
 
+    if a.image:
+        if a.build:
+            raise UsageError("images: --build lists the built-in images, not a file's contents")
+        return _show_image(a)
     if a.build:
 
         def progress(name: str, done: int, total: int) -> None:
@@ -528,7 +603,11 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - split after the 
     sub = p.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", help="run a program in a unikernel VM")
-    r.add_argument("image", help="built-in image name, ELF file or C source")
+    r.add_argument(
+        "image",
+        help="built-in image name, ELF file, C source or baked image (unifork bake; "
+        "`run IMAGE -- /bin/prog args` runs its program /bin/prog)",
+    )
     r.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the program")
     r.add_argument("--mem", type=parse_size, default="64M", help="guest RAM (default 64M)")
     r.add_argument("--stack", type=parse_size, default="256K", help="stack per process")
@@ -569,12 +648,47 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - split after the 
     r.add_argument("--stats", action="store_true", help="print run statistics at exit")
 
     sub.add_parser("cc", help="compile a guest program (like cc)", add_help=False)
-    i = sub.add_parser("images", help="list (and build) the built-in images, or a tender's")
+    i = sub.add_parser(
+        "images", help="list (and build) the built-in images, or a tender's, or what a file holds"
+    )
+    i.add_argument(
+        "image", nargs="?", help="a baked image (or ELF) file: list its programs and tree"
+    )
     i.add_argument("--build", action="store_true")
     i.add_argument("--target", help="list the images of the tender at HOST:PORT instead")
     i.add_argument("--token-file", help="bearer token file (or env UNIFORK_TOKEN)")
     i.add_argument("--tls-ca", help="CA certificate to verify a TLS tender")
     add_output_arg(i)
+
+    b = sub.add_parser(
+        "bake",
+        help="pack static ELFs, files and directories into one image (like rumprun-bake)",
+        description="Programs, files and directories in one versioned image "
+        "(docs/image-format.md): `unifork run IMAGE -- /bin/prog args` runs a program of it, "
+        "the first --bin when none is named.",
+    )
+    b.add_argument("-o", "--output", required=True, metavar="IMAGE", help="the image to write")
+    b.add_argument(
+        "--bin",
+        action="append",
+        default=[],
+        metavar="PATH=ELF",
+        help="a static x86-64 program at PATH in the image (repeatable; the first is the default)",
+    )
+    b.add_argument(
+        "--dir",
+        action="append",
+        default=[],
+        metavar="PATH=HOST_DIR",
+        help="a host directory's tree at PATH (repeatable)",
+    )
+    b.add_argument(
+        "--file",
+        action="append",
+        default=[],
+        metavar="PATH=HOST_FILE",
+        help="one host file at PATH (repeatable)",
+    )
 
     sv = sub.add_parser("serve", help="run a tender daemon (gRPC)", epilog=SERVE_ENV_EPILOG)
     for option in SERVE_OPTIONS:
@@ -660,12 +774,13 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - split after the 
 
 def _dispatch(a: argparse.Namespace) -> int:
     if a.cmd in ("launch", "ps", "logs", "wait", "kill", "describe", "upload", "delete-image") or (
-        a.cmd == "images" and a.target
+        a.cmd == "images" and a.target and not a.image
     ):
         from unifork.remote import cmd
 
         return cmd(a)
     return {
+        "bake": cmd_bake,
         "images": cmd_images,
         "syscalls": cmd_syscalls,
         "demo": cmd_demo,

@@ -29,10 +29,19 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tender_service.bmk.memalloc import MemAlloc
+from tender_service.bmk.memalloc import MEMWHO_WIREDBMK, MemAlloc
 from tender_service.bmk.pagealloc import PageAllocator
-from tender_service.machine.cpu import STATE_REGS, SYSCALL_INSN_LEN
+from tender_service.machine.cpu import (
+    GPRS,
+    LINUX_FPCW,
+    LINUX_MXCSR,
+    STATE_REGS,
+    SYSCALL_INSN_LEN,
+)
+from tender_service.machine.elf import ElfImage
+from tender_service.machine.errors import GuestError
 from tender_service.machine.layout import MAX_RAM, PAGE_SIZE
+from tender_service.machine.loader import build_stack, layout_memory
 from tender_service.machine.memory import GuestMemory
 from tender_service.rump.console import Console
 from tender_service.rump.fdtable import FdTable
@@ -97,13 +106,7 @@ def capture(k: Kernel, lwp: Lwp, child_pid: int) -> bytes:
         fds.append({"fd": fd, "cloexec": e.cloexec, "file": fid, "state": file_state(e.file)})
     regions = [{"name": r.name, "base": r.base, "size": r.size} for r in mem.regions]
     meta = {
-        "config": {
-            "ram": k.config.ram,
-            "stack_size": k.config.stack_size,
-            "quantum": k.config.quantum,
-            "max_procs": k.config.max_procs,
-            "tty": k.config.tty,
-        },
+        "config": _config_state(k.config),
         "regions": regions,
         "brk_base": k.brk_base,
         "pages": k.pages.export_state(),
@@ -112,8 +115,24 @@ def capture(k: Kernel, lwp: Lwp, child_pid: int) -> bytes:
         "fds": fds,
         "cpu": regs,
     }
+    return _encode(meta, mem, k.pages)
+
+
+def _config_state(config: VmConfig) -> dict:
+    return {
+        "ram": config.ram,
+        "stack_size": config.stack_size,
+        "quantum": config.quantum,
+        "max_procs": config.max_procs,
+        "tty": config.tty,
+    }
+
+
+def _encode(meta: dict, mem: GuestMemory, pages: PageAllocator) -> bytes:
+    """The snapshot bytes: header, metadata, then the regions but the heap and the
+    heap's allocated blocks."""
     ranges = [(r.base, r.size) for r in mem.regions if r.name != "heap"]
-    ranges += k.pages.allocated_blocks()
+    ranges += pages.allocated_blocks()
     meta_b = json.dumps(meta, separators=(",", ":")).encode()
     out: list[bytes | memoryview] = [
         _HEADER.pack(MAGIC, SNAPSHOT_VERSION, 0, len(meta_b), len(ranges)),
@@ -123,6 +142,67 @@ def capture(k: Kernel, lwp: Lwp, child_pid: int) -> bytes:
         out.append(_RANGE.pack(addr, n))
         out.append(mem.slice(addr, n))
     return b"".join(out)
+
+
+def capture_program(
+    k: Kernel, lwp: Lwp, image: ElfImage, execfn: bytes, argv: list[bytes], env: list[bytes]
+) -> bytes:
+    """The snapshot of a VM that has just booted ``image`` for the process of ``lwp``
+    after its exec (VM-clone mode, a clone(CLONE_VM) child): laid out as
+    ``Kernel.boot`` lays out a first program, the process's pid, ppid, groups,
+    dispositions (handlers reset by the caller) and fds without FD_CLOEXEC.
+    No emulator is needed: the new VM starts at the entry point."""
+    proc = lwp.proc
+    mem = GuestMemory(k.config.ram)
+    alloc: MemAlloc | None = None
+    try:
+        loaded = layout_memory(mem, image)
+        heap = loaded.heap
+        pages = PageAllocator(heap.base, heap.size, PAGE_SIZE)
+        alloc = MemAlloc(mem.region_view(heap), heap.base, pages)
+        size = k.stack_bytes
+        stack = alloc.malloc(size, 16, owner=proc.pid, who=MEMWHO_WIREDBMK)
+        if not stack:
+            raise SnapshotError("guest RAM too small for the new program's stack")
+        sp = build_stack(mem, loaded, stack + size, argv, env, execfn)
+        state = k.export_process(lwp, proc.pid)
+        p = state["process"]
+        p.update(
+            ppid=proc.ppid,
+            name=execfn.rsplit(b"/", 1)[-1].decode(errors="replace"),
+            brk=loaded.region.end,
+            mmaps=[],
+            owner=proc.pid,
+            program=[execfn.hex(), loaded.region.base, loaded.region.size, False],
+        )
+        state["lwp"].update(stack=stack, stack_base=stack, stack_size=size, tls=0)
+        fds = []
+        files: dict[int, int] = {}
+        for fd, e in sorted(proc.fds.entries.items()):
+            if not e.cloexec:
+                fid = files.setdefault(id(e.file), len(files))
+                fds.append({"fd": fd, "cloexec": False, "file": fid, "state": file_state(e.file)})
+        cpu = dict.fromkeys(GPRS, 0)
+        cpu.update(
+            rsp=sp, rip=loaded.entry, rflags=0x202, fs_base=0, gs_base=0,
+            mxcsr=LINUX_MXCSR, fpcw=LINUX_FPCW,
+        )  # fmt: skip
+        meta = {
+            "config": _config_state(k.config),
+            "regions": [{"name": r.name, "base": r.base, "size": r.size} for r in mem.regions],
+            "brk_base": loaded.region.end,
+            "pages": pages.export_state(),
+            "heap": alloc.export_state(),
+            **state,
+            "fds": fds,
+            "cpu": cpu,
+        }
+        return _encode(meta, mem, pages)
+    except GuestError as e:
+        raise SnapshotError(f"the new program's arguments do not fit: {e}") from e
+    finally:
+        alloc = None  # its view of RAM goes before RAM is unmapped
+        mem.close()
 
 
 def decode(data: bytes | memoryview) -> Snapshot:

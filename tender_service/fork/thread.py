@@ -59,6 +59,8 @@ class ThreadFork:
     """The in-VM fork of the thesis, made sound (see module docstring)."""
 
     mode = "thread"
+    #: every process lives in the VM's one memory: clone(CLONE_VM) shares it
+    one_address_space = True
 
     def fork(self, k: Kernel, lwp: Lwp, vfork: bool) -> int:
         pt = lwp.thread

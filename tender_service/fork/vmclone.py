@@ -18,7 +18,8 @@ import logging
 import time
 from typing import Protocol
 
-from tender_service.fork.snapshot import SnapshotError, capture
+from tender_service.fork.snapshot import SnapshotError, capture, capture_program
+from tender_service.machine.elf import ElfImage
 from tender_service.machine.errors import GuestError
 from tender_service.rump.kernel import Kernel
 from tender_service.rump.process import Lwp, Process
@@ -45,9 +46,16 @@ class CloneHost(Protocol):
         """The fork failed after ``reserve_pid``."""
         ...
 
+    def share_exec_files(self, k: Kernel, proc: Process) -> None:
+        """Before a clone(CLONE_VM) child's exec: its fds without FD_CLOEXEC go to its
+        new VM; pipes become cross-VM (in every local table) and count its refs."""
+        ...
+
 
 class VmCloneFork:
     mode = "vmclone"
+    #: a child gets a copy of the VM: clone(CLONE_VM) runs on a copy too
+    one_address_space = False
 
     def __init__(self, host: CloneHost) -> None:
         self.host = host
@@ -71,3 +79,37 @@ class VmCloneFork:
         k.add_remote_child(parent, pid)
         self.last = (len(snap), time.perf_counter() - t0)
         return pid
+
+    # -- clone(CLONE_VM) children: in the parent's VM until they exec ------------------
+    def reserve_pid(self, parent: Process) -> int:
+        """The instance-wide pid of a clone(CLONE_VM) child (it runs here until exec)."""
+        return self.host.reserve_pid(parent)
+
+    def release_pid(self, pid: int) -> None:
+        """A clone(CLONE_VM) child ended without exec: its leased place is not needed."""
+        self.host.release_pid(pid)
+
+    def exec_elsewhere(
+        self,
+        k: Kernel,
+        lwp: Lwp,
+        image: ElfImage,
+        execfn: bytes,
+        argv: list[bytes],
+        env: list[bytes],
+    ) -> None:
+        """The exec of a clone(CLONE_VM) child: the program starts in a fresh VM of the
+        instance with the child's pid, ppid, groups and fds (pipes become cross-VM as at
+        a fork); here the child becomes a proxy of a remote child, and its parent, if
+        suspended in CLONE_VFORK, runs again.  A failure leaves the child as it was."""
+        proc = lwp.proc
+        parent = proc.parent
+        assert parent is not None  # a clone child has its parent in this VM
+        self.host.share_exec_files(k, proc)
+        try:
+            snap = capture_program(k, lwp, image, execfn, argv, env)
+        except SnapshotError as e:
+            raise GuestError(errno.ENOMEM, str(e)) from e
+        self.host.start_child(proc.pid, snap)
+        k.leave_vm(proc)
+        k.add_remote_child(parent, proc.pid)

@@ -50,8 +50,9 @@ from multiprocessing.connection import Connection
 from tender_service.instance import jail
 from tender_service.instance.childproc import setup_child
 from tender_service.instance.jail import JailReport
-from tender_service.machine.elf import load_elf_file, parse_elf
+from tender_service.machine.elf import parse_elf
 from tender_service.machine.errors import ImageError
+from tender_service.machine.rootfs import load_image_file
 from tender_service.rump.kernel import Kernel
 from tender_service.rump.vminfo import ProcInfo, VmConfig
 from tender_service.vm import create_vm, run_vm
@@ -386,11 +387,11 @@ def serve(conn: Connection, level: int, jailed: bool = True) -> None:
 
 
 def _parse_ahead(path: str) -> None:
-    """Parse the image into the loader's cache (tender_service/machine/elf.py), so
+    """Parse the image into the loader's cache (tender_service/machine/rootfs.py), so
     that the spares forked from now on find it parsed.  The VM process parses it
     again if this fails, and reports why."""
     with contextlib.suppress(Exception):  # noqa: BLE001 - the VM process reports errors
-        load_elf_file(path)
+        load_image_file(path)
 
 
 def _reap(conn: Connection, children: dict[int, int]) -> None:

@@ -41,8 +41,8 @@ from tender_service.fork.vmclone import VmCloneFork
 from tender_service.instance import jail
 from tender_service.instance.childproc import setup_child
 from tender_service.instance.vmserver import warm_up
-from tender_service.machine.elf import parse_elf
 from tender_service.machine.errors import GuestError, ImageError
+from tender_service.machine.rootfs import parse_image
 from tender_service.rump.console import Console
 from tender_service.rump.kernel import Kernel
 from tender_service.rump.process import Process
@@ -57,6 +57,7 @@ from tender_service.transports.channel import (
 )
 from tender_service.transports.frames import ProtocolError
 from tender_service.transports.vmlink import VmLink
+from tender_service.vm import boot_kernel
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,12 @@ class WorkerCloneHost:
 
     def share_files(self, k: Kernel, parent: Process, child_pid: int) -> None:
         self.link.share_files(k, parent, child_pid)
+
+    def share_exec_files(self, k: Kernel, proc: Process) -> None:
+        # every local table that holds one of the pipes must use the broker from now on
+        self.link.make_remote([p for p in k.procs.values() if p.alive and not p.remote])
+        files = [e.file for e in proc.fds.entries.values() if not e.cloexec]
+        self.link.add_holder(files, proc.pid)
 
     def start_child(self, child_pid: int, snapshot: bytes) -> None:
         address, start = self._leases.pop(child_pid)
@@ -311,7 +318,7 @@ class PeerServicer:
         ):
             raise ValueError("image_sha256: does not match the image sent")
         else:
-            image = parse_elf(image_data, start["argv0"] or "image")
+            image = parse_image(image_data, start["argv0"] or "image")
         hello = {
             "token": start["instance_token"],
             "pid": pid,
@@ -342,8 +349,15 @@ class PeerServicer:
                     tty=bool(start["tty"]),
                     timeout=timeout,
                 )
-                argv = [start["argv0"] or image.name, *start["args"]]
-                k = Kernel.boot(image, argv, start["env"], config, console, forker)
+                k = boot_kernel(
+                    image,
+                    start["args"],
+                    start["env"],
+                    config,
+                    console,
+                    forker,
+                    argv0=start["argv0"] or image.elf.name,
+                )
         except Exception:
             link.close()
             raise

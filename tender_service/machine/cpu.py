@@ -389,6 +389,15 @@ class Cpu:
                 )
         return _STOPPED
 
+    def forget_code(self, addr: int, size: int) -> None:
+        """Drop translated code of [addr, addr + size): new code was written there.
+
+        Guest RAM is written through the host buffer, which Unicorn does not
+        watch: without this, an exec into pages an earlier program ran from
+        would run that program's stale translations.
+        """
+        self.uc.ctl_remove_cache(addr, addr + size)
+
     def stop(self) -> None:
         """Stop ``run`` soon; safe from other threads (the watchdog)."""
         self._stopped = True

@@ -3,6 +3,11 @@
 The stack follows the Linux x86-64 process-entry ABI (argc, argv, envp,
 auxv, then the strings), so musl's unmodified ``_start`` and
 ``__init_libc`` run as they would on Linux.
+
+The first program is laid out at its link address (static-PIE at PIE_BASE);
+``execve`` loads a static-PIE at any free page-aligned base (``load_at``):
+musl's rcrt1 relocates itself from AT_PHDR, so one address space can hold
+several programs at once (thread mode).
 """
 
 from __future__ import annotations
@@ -67,10 +72,37 @@ def layout_memory(mem: GuestMemory, image: ElfImage) -> LoadedImage:
     return LoadedImage(image, bias, region, heap)
 
 
+def load_at(mem: GuestMemory, image: ElfImage, base: int) -> int:
+    """Copy ``image`` into RAM so that its lowest page is at ``base``; its load bias.
+
+    The span is zeroed first (bss, and whatever an earlier user left in those
+    pages); a non-PIE image can only go at its link address (``base == image.lo``).
+    """
+    bias = base - image.lo
+    if not image.is_pie and bias:
+        raise ImageError(f"{image.name}: a non-PIE image runs only at {image.lo:#x}")
+    mem.fill(base, image.span)
+    for s in image.segments:
+        mem.write(s.vaddr + bias, image.data[s.offset : s.offset + s.filesz])
+    return bias
+
+
 def build_stack(
-    mem: GuestMemory, loaded: LoadedImage, stack_top: int, argv: list[bytes], envp: list[bytes]
+    mem: GuestMemory,
+    loaded: LoadedImage | tuple[ElfImage, int],
+    stack_top: int,
+    argv: list[bytes],
+    envp: list[bytes],
+    execfn: bytes | None = None,
 ) -> int:
-    """Write argc/argv/envp/auxv below ``stack_top``; return the entry rsp."""
+    """Write argc/argv/envp/auxv below ``stack_top``; return the entry rsp.
+
+    ``loaded`` is the boot layout or an (image, load bias) pair from ``load_at``.
+    As Linux does, the file name (``execfn``, default argv[0]) is the topmost
+    string and AT_EXECFN points at it; raises GuestError (EFAULT) if the
+    strings do not fit below ``stack_top`` in mapped memory.
+    """
+    img, bias = (loaded.image, loaded.bias) if isinstance(loaded, LoadedImage) else loaded
     sp = stack_top
     strings: list[int] = []
 
@@ -80,20 +112,22 @@ def build_stack(
         mem.write(sp, data)
         return sp
 
+    if execfn is None:
+        execfn = argv[0] if argv else b""
+    fn = push_bytes(execfn + b"\0")
     platform = push_bytes(b"x86_64\0")
     random = push_bytes(os.urandom(16))
     for s in (*argv, *envp):
         strings.append(push_bytes(s + b"\0"))
     argv_ptrs, env_ptrs = strings[: len(argv)], strings[len(argv) :]
-    img = loaded.image
     auxv = [
-        (AT_PHDR, img.phdr_vaddr + loaded.bias),
+        (AT_PHDR, img.phdr_vaddr + bias),
         (AT_PHENT, img.phentsize),
         (AT_PHNUM, img.phnum),
         (AT_PAGESZ, 4096),
         (AT_BASE, 0),
         (AT_FLAGS, 0),
-        (AT_ENTRY, loaded.entry),
+        (AT_ENTRY, img.entry + bias),
         (AT_UID, 0),
         (AT_EUID, 0),
         (AT_GID, 0),
@@ -103,7 +137,7 @@ def build_stack(
         (AT_CLKTCK, 100),
         (AT_SECURE, 0),
         (AT_RANDOM, random),
-        (AT_EXECFN, argv_ptrs[0] if argv_ptrs else 0),
+        (AT_EXECFN, fn),
         (AT_NULL, 0),
     ]
     words = [len(argv), *argv_ptrs, 0, *env_ptrs, 0]

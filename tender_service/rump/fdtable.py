@@ -77,6 +77,11 @@ class FdTable:
             t.entries[fd] = FdEntry(e.file, e.cloexec)
         return t
 
+    def close_cloexec(self, k: Kernel) -> None:
+        """execve: close every fd marked close-on-exec."""
+        for fd in [fd for fd, e in self.entries.items() if e.cloexec]:
+            self.close(k, fd)
+
     def close_all(self, k: Kernel) -> None:
         entries, self.entries = self.entries, {}
         for e in entries.values():

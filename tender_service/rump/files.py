@@ -20,6 +20,7 @@ from tender_service.rump.outcomes import Block
 if TYPE_CHECKING:
     from tender_service.rump.kernel import Kernel
     from tender_service.rump.process import Lwp
+    from tender_service.rump.vfs import FsTree
 
 O_RDONLY, O_WRONLY, O_RDWR, O_ACCMODE = 0, 1, 2, 3
 O_CREAT, O_EXCL, O_NOCTTY, O_TRUNC, O_APPEND, O_NONBLOCK = (
@@ -92,6 +93,10 @@ class File:
 
     def ioctl(self, k: Kernel, lwp: Lwp, req: int, arg: int) -> int:
         raise GuestError(errno.ENOTTY)
+
+    def set_flags(self, flags: int) -> None:
+        """fcntl(F_SETFL): the status flags of this open file description."""
+        self.flags = flags
 
     def release(self, k: Kernel) -> None:
         """The last fd referring to this file was closed."""
@@ -171,3 +176,48 @@ class ConsoleFile(File):
     @property
     def mode_bits(self) -> int:
         return S_IFCHR
+
+
+class FsFile(File):
+    """A regular file or directory of the instance's file system.
+
+    The open file description (offset, O_APPEND) lives in the file system
+    (``rump/fs.py``), which may be the supervisor's in VM-clone mode; this
+    object is the VM's handle on it, shared by this VM's fds like any file.
+    """
+
+    def __init__(self, tree: FsTree, ofd: int, ino: int, is_dir: bool, flags: int) -> None:
+        super().__init__(flags)
+        self.tree, self.ofd, self.ino, self.is_dir = tree, ofd, ino, is_dir
+        self.kind = "dir" if is_dir else "file"
+
+    def read(self, k, lwp, addr, n):
+        k.mem.offset(addr, n)  # EFAULT before the shared offset moves
+        data = self.tree.read(self.ofd, n)
+        k.mem.write(addr, data)
+        return len(data)
+
+    def readv(self, k, lwp, vecs):
+        total = 0
+        for base, length in vecs:
+            got = self.read(k, lwp, base, length) if length else 0
+            total += got
+            if got < length:
+                break
+        return total
+
+    def write(self, k, lwp, addr, n):
+        return self.tree.write(self.ofd, k.mem.read(addr, n))
+
+    def write_bytes(self, k, lwp, data):
+        return self.tree.write(self.ofd, data)
+
+    def set_flags(self, flags: int) -> None:
+        self.flags = flags
+        self.tree.set_flags(self.ofd, flags)
+
+    def release(self, k: Kernel) -> None:
+        self.tree.release(self.ofd)
+
+    def describe(self) -> str:
+        return f"{self.kind} (inode {self.ino})"

@@ -30,14 +30,17 @@ from tender_service.machine.errors import GuestError, ImageError
 from tender_service.machine.layout import PAGE_SIZE
 from tender_service.machine.loader import LoadedImage, build_stack, layout_memory
 from tender_service.machine.memory import GuestMemory
+from tender_service.machine.rootfs import RootFs
 from tender_service.machine.watchdog import WATCHDOG
 from tender_service.rump import signals
 from tender_service.rump.console import Console
 from tender_service.rump.dispatch import make_dispatcher, traced
 from tender_service.rump.fdtable import FdTable
 from tender_service.rump.files import O_RDONLY, O_WRONLY, ConsoleFile
-from tender_service.rump.process import Lwp, Process
+from tender_service.rump.fs import FileSystem
+from tender_service.rump.process import Lwp, Process, Program
 from tender_service.rump.proctable import ProcessTable
+from tender_service.rump.vfs import Vfs
 from tender_service.rump.vminfo import RunResult, VmConfig
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,8 @@ class Forker(Protocol):
     """A fork strategy (thread fork, VM clone); the layer above plugs it in."""
 
     mode: str
+    #: True: clone(CLONE_VM) children share the parent's memory (see sys_clone)
+    one_address_space: bool
 
     def fork(self, k: Kernel, lwp: Lwp, vfork: bool) -> int: ...
 
@@ -121,6 +126,8 @@ class Kernel(ProcessTable):
         os.set_blocking(self._wakeup_w, False)
         dispatch = make_dispatcher(self)
         self.cpu.hook_syscall(traced(self, dispatch) if config.trace_syscalls else dispatch)
+        #: the instance's file system (boot() gives it the image's tree; VM-clone a proxy)
+        self.fs = Vfs(FileSystem(None, config.tmpfs_size))
         self.init = self.new_process(None, FdTable(), "init")
 
     @classmethod
@@ -132,8 +139,13 @@ class Kernel(ProcessTable):
         config: VmConfig,
         console: Console,
         forker: Forker | None = None,
+        rootfs: RootFs | None = None,
     ) -> Kernel:
-        """A VM that starts ``image`` as its first program (pid 2)."""
+        """A VM that starts ``image`` as its first program (pid 2).
+
+        ``rootfs`` (a baked image's tree) is the file system's read-only lower
+        layer; without one the tree holds only /tmp, /dev and /proc.
+        """
         config.validate()
         mem = GuestMemory(config.ram)
         try:
@@ -152,7 +164,10 @@ class Kernel(ProcessTable):
         except Exception:
             mem.close()
             raise
+        if rootfs is not None:
+            k.fs = Vfs(FileSystem(rootfs, config.tmpfs_size))
         k.loaded = loaded
+        k.rootfs = rootfs
         k.main = k._spawn_main(argv, env)
         return k
 
@@ -202,6 +217,10 @@ class Kernel(ProcessTable):
         cpu.set_reg(RSP, sp)
         cpu.set_reg(RIP, self.loaded.entry)
         self.new_lwp(proc, stack, stack, size, cpu.new_context())
+        region = self.loaded.region
+        path = _b(argv[0]) if argv else b"main"
+        self.boot_program = Program(path, region.base, region.size, in_pages=False)
+        self.use_program(proc, self.boot_program)
         return proc
 
     # -- the run loop ------------------------------------------------------------

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from tender_service.bmk.sched import BmkThread, WaitQueue
 from tender_service.rump import signals
 from tender_service.rump.fdtable import FdTable
+from tender_service.rump.fs import ROOT_INO
 
 
 class ProcState(enum.Enum):
@@ -44,6 +45,24 @@ class Lwp:
 
 
 @dataclass(eq=False)
+class Program:
+    """A program image in guest memory (what ``/proc/PID/exe`` would name).
+
+    Thread-fork children run their parent's image, so it is shared and counted:
+    the last user's exit or exec frees it.  The first program lies in the boot
+    "image" region (``in_pages`` False: the region stays, free for a non-PIE
+    exec at its link address); an exec'd static-PIE lies in page-allocator
+    pages, which thread fork's heap relocation never takes for user heap.
+    """
+
+    path: bytes
+    base: int
+    size: int
+    in_pages: bool
+    users: int = 0
+
+
+@dataclass(eq=False)
 class Process:
     pid: int
     ppid: int
@@ -68,6 +87,13 @@ class Process:
     report: str = ""  # why it died, if not by exit
     #: a child that runs in another VM (VM-clone fork): a proxy with no LWPs
     remote: bool = False
+    #: the program the process runs (None: init, remote proxies)
+    program: Program | None = None
+    #: clone(CLONE_VM) child: the pid whose memory it runs in until it execs or exits
+    vm_parent: int = 0
+    #: the working directory: an inode number of the instance's file system
+    cwd: int = ROOT_INO
+    umask: int = 0o022
 
     def __post_init__(self) -> None:
         self.child_wq = WaitQueue(f"wait:{self.pid}")

@@ -16,14 +16,14 @@ from tender_service.bmk.memalloc import MEMWHO_WIREDBMK
 from tender_service.bmk.sched import BmkThread
 from tender_service.rump import signals
 from tender_service.rump.fdtable import FdTable
-from tender_service.rump.process import Lwp, Process, ProcState
+from tender_service.rump.process import Lwp, Process, ProcState, Program
 from tender_service.rump.vminfo import ProcInfo
 
 if TYPE_CHECKING:
     from tender_service.bmk.memalloc import MemAlloc
     from tender_service.bmk.pagealloc import PageAllocator
     from tender_service.bmk.sched import Scheduler
-    from tender_service.rump.kernel import Kernel, RemoteHost
+    from tender_service.rump.kernel import Forker, Kernel, RemoteHost
 
 INIT_PID = 1
 #: reaped processes remembered for the process table (``--ps``, describe)
@@ -38,6 +38,7 @@ class ProcessTable:
     pages: PageAllocator
     sched: Scheduler
     remote: RemoteHost | None
+    forker: Forker | None
     current: Lwp | None
     warn_once: Callable[..., None]
 
@@ -47,6 +48,9 @@ class ProcessTable:
         self._next_pid = INIT_PID
         self.init: Process
         self.main: Process | None = None
+        #: the program the VM booted (or was restored with), in the "image" region
+        self.boot_program: Program | None = None
+        self.execs = 0
 
     def alloc_pid(self) -> int:
         pid = self._next_pid
@@ -70,8 +74,26 @@ class ProcessTable:
             parent.children[pid] = p
             p.sigactions = dict(parent.sigactions)
             p.brk = parent.brk
+            self.use_program(p, parent.program)
+            p.cwd, p.umask = parent.cwd, parent.umask
         self.procs[pid] = p
         return p
+
+    def use_program(self, proc: Process, program: Program | None) -> None:
+        """``proc`` runs ``program`` from now on (it leaves the one it ran)."""
+        if program is not None:
+            program.users += 1
+        self.release_program(proc)
+        proc.program = program
+
+    def release_program(self, proc: Process) -> None:
+        """``proc`` no longer runs its program: the last user frees exec'd pages."""
+        prog, proc.program = proc.program, None
+        if prog is None:
+            return
+        prog.users -= 1
+        if prog.users == 0 and prog.in_pages:
+            self.pages.free(prog.base)
 
     def new_child(self, parent: Process) -> Process:
         """A process for a fork: same pgid/sid, copied fd table and dispositions."""
@@ -95,6 +117,7 @@ class ProcessTable:
 
     def discard_process(self, proc: Process) -> None:
         """Undo a fork that failed half way: the pid never ran."""
+        self.release_program(proc)
         self.heap.free_owner(proc.pid)
         proc.fds.close_all(cast("Kernel", self))  # the Kernel class mixes this table in
         if proc.parent is not None:
@@ -115,22 +138,24 @@ class ProcessTable:
                 self.heap.free(lwp.stack, who=MEMWHO_WIREDBMK)
             if lwp.tls:
                 self.heap.free(lwp.tls, who=MEMWHO_WIREDBMK)
-        if self.remote is not None:
+        if self.remote is not None and proc.vm_parent:
+            # a clone(CLONE_VM) child that never exec'd: its pid was only leased
+            assert self.forker is not None and hasattr(self.forker, "release_pid")
+            self.forker.release_pid(proc.pid)
+        elif self.remote is not None:
             # before the fds close: the supervisor re-parents our children before any
             # of them can see EOF on a pipe we held (as Linux orders it for them)
             self.remote.process_exited(proc)
         proc.fds.close_all(cast("Kernel", self))  # the Kernel class mixes this table in
-        self._release_memory(proc)
+        self.release_memory(proc)
+        self.release_program(proc)
         for child in list(proc.children.values()):
             if child.remote:  # the instance's supervisor re-parents it
                 proc.children.pop(child.pid, None)
             else:
                 self._reparent(child, self.init)
         parent = proc.parent
-        if parent is not None and parent.vfork_child == proc.pid:
-            parent.vfork_child = 0
-            for lwp in parent.lwps:
-                self.sched.make_runnable(lwp.thread)
+        self.release_vfork_parent(proc)
         if parent is None:
             return
         if parent is self.init or parent.disposition(signals.SIGCHLD) == signals.SIG_IGN:
@@ -138,15 +163,41 @@ class ProcessTable:
         else:
             self.sched.wake_all(parent.child_wq)
 
-    def _release_memory(self, proc: Process) -> None:
+    def leave_vm(self, proc: Process) -> None:
+        """A clone(CLONE_VM) child exec'd into a VM of its own (VM-clone): it is no
+        longer a process of this VM (its parent then holds a proxy of it)."""
+        for lwp in proc.lwps:
+            self.sched.kill(lwp.thread)
+        proc.lwps.clear()
+        self.release_memory(proc)
+        self.release_program(proc)
+        proc.fds.close_all(cast("Kernel", self))
+        self.release_vfork_parent(proc)
+        if proc.parent is not None:
+            proc.parent.children.pop(proc.pid, None)
+        self.procs.pop(proc.pid, None)
+        proc.state = ProcState.REAPED
+
+    def release_vfork_parent(self, proc: Process) -> None:
+        """``proc`` exited or exec'd: a parent suspended in vfork/CLONE_VFORK runs again."""
+        parent = proc.parent
+        if parent is not None and parent.vfork_child == proc.pid:
+            parent.vfork_child = 0
+            for lwp in parent.lwps:
+                self.sched.make_runnable(lwp.thread)
+
+    def release_memory(self, proc: Process) -> None:
         """Free what ``proc`` owns, or hand it to a live descendant that may share it.
 
         In thread mode a forked child still sees its ancestors' heap through
         globals; freeing a parent's blocks while a child runs would let the
         child use freed memory.  The oldest live child inherits them instead
-        and frees them when it ends.
+        and frees them when it ends.  A clone(CLONE_VM) child's blocks are
+        its parent's memory: they go back to the parent.
         """
-        heir = next((c for c in proc.children.values() if c.alive and not c.remote), None)
+        heir: Process | None = self.procs.get(proc.vm_parent) if proc.vm_parent else None
+        if heir is None or not heir.alive:
+            heir = next((c for c in proc.children.values() if c.alive and not c.remote), None)
         if heir is None:
             self.heap.free_owner(proc.pid)
             for addr in list(proc.mmaps):
@@ -266,6 +317,9 @@ class ProcessTable:
                 "sigactions": [[sig, *act] for sig, act in sorted(proc.sigactions.items())],
                 "mmaps": sorted(proc.mmaps.items()),
                 "owner": proc.pid,
+                "program": _program_state(proc.program),
+                "cwd": proc.cwd,
+                "umask": proc.umask,
             },
             "lwp": {
                 "stack": lwp.stack,
@@ -285,10 +339,18 @@ class ProcessTable:
         proc = self.new_process(None, fds, str(p["name"]), pid=pid)
         proc.ppid, proc.pgid, proc.sid = int(p["ppid"]), int(p["pgid"]), int(p["sid"])
         proc.brk = int(p["brk"])
+        proc.cwd, proc.umask = int(p.get("cwd", proc.cwd)), int(p.get("umask", 0o022)) & 0o777
         proc.sigactions = {
             int(a[0]): (int(a[1]), int(a[2]), int(a[3]), int(a[4])) for a in p["sigactions"]
         }
         proc.mmaps = {int(a): int(n) for a, n in p["mmaps"]}
+        prog = p.get("program")
+        if prog:
+            path, base, size, in_pages = prog
+            proc.program = Program(bytes.fromhex(str(path)), int(base), int(size), bool(in_pages))
+            proc.program.users = 1
+            if not proc.program.in_pages:
+                self.boot_program = proc.program
         self._next_pid = max(self._next_pid, pid + 1)
         self.heap.reown(int(p["owner"]), pid)
         lwp = self.new_lwp(
@@ -297,6 +359,10 @@ class ProcessTable:
         lwp.tls, lwp.sigmask = int(lw["tls"]), int(lw["sigmask"])
         self.main = proc
         return proc
+
+
+def _program_state(prog: Program | None) -> list | None:
+    return None if prog is None else [prog.path.hex(), prog.base, prog.size, prog.in_pages]
 
 
 def _info(p: Process) -> ProcInfo:

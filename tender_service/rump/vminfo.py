@@ -21,6 +21,8 @@ class VmConfig:
     max_procs: int = 1024
     tty: bool = True
     trace_syscalls: bool = False
+    #: bytes the instance's writable file system layer (tmpfs) may hold; ENOSPC past it
+    tmpfs_size: int = 64 << 20
 
     def validate(self) -> None:
         if not MIN_RAM <= self.ram <= MAX_RAM:
@@ -31,6 +33,8 @@ class VmConfig:
             raise ValueError("timeout must be positive")
         if self.quantum < 0 or self.max_procs < 2:
             raise ValueError("quantum must be >= 0 and max_procs >= 2")
+        if self.tmpfs_size < 0:
+            raise ValueError("tmpfs_size must be >= 0")
 
 
 @dataclass(slots=True)

@@ -1,7 +1,7 @@
 """Images a tender can launch: the built-in guest programs and uploaded ELFs.
 
 Uploads are checked on arrival (size limit, a static x86-64 ELF the loader
-accepts) and stored content-addressed in a directory of this tender's own
+accepts, or a baked image that passes every check of machine/rootfs.py) and stored content-addressed in a directory of this tender's own
 under the cache directory (removed when the tender stops).  The bytes on disk
 have a quota (``--max-image-store``).  ``delete`` removes a name at once; the
 file goes when no name and no running instance uses it any more (an instance
@@ -11,6 +11,7 @@ quota until it ends).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import shutil
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tender_service.instance.budget import format_bytes
-from tender_service.machine.elf import parse_elf
+from tender_service.machine.rootfs import BootImage, load_image_file, parse_image
 from tender_service.toolchain.images import build_image, builtin_programs
 from tender_service.toolchain.paths import cache_dir
 
@@ -98,7 +99,7 @@ class ImageStore:
             raise BuiltinImageError(f"name: {name!r} is a built-in image")
         if len(data) > self.max_upload:
             raise OverflowError(f"image larger than {self.max_upload} bytes")
-        parse_elf(data, name)  # ImageError (a ValueError) names what is wrong
+        parse_image(data, name)  # ImageError (a ValueError) names what is wrong
         digest = hashlib.sha256(data).hexdigest()
         path = self.root / f"{digest}.elf"
         img = StoredImage(name, path, len(data), digest, False)
@@ -173,6 +174,11 @@ class ImageStore:
                 self._builtin[name] = img
             return img
         return None
+
+    @staticmethod
+    def boot_image(img: StoredImage) -> BootImage:
+        """``img`` parsed (cached per file version): a Launch checks the program it names."""
+        return dataclasses.replace(load_image_file(img.path), name=img.name)
 
     def list(self) -> list[StoredImage]:
         out = [img for name in sorted(builtin_programs()) if (img := self.get(name))]

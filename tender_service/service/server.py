@@ -39,6 +39,7 @@ from tender_service.instance.hostmalloc import limit_malloc_arenas
 from tender_service.instance.pool import WarmPool
 from tender_service.instance.worker import HOST_NAME_ENV, RELAY_ENV
 from tender_service.machine.layout import MAX_RAM, MIN_RAM
+from tender_service.machine.rootfs import select_program
 from tender_service.rump.vminfo import VmConfig
 from tender_service.service import metrics, reflection
 from tender_service.service.auth import (
@@ -185,6 +186,10 @@ class TenderServicer:
         img = self.store.get(req.image)
         if img is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"image: no image named {req.image!r}")
+        try:  # a baked image runs the program its first argument names: one it has
+            select_program(self.store.boot_image(img), list(req.args))
+        except ValueError as e:  # ImageError
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"image: {e}")
         mode = fork_mode_name(pb2, req.fork_mode)
         transport = "tcp" if req.pipe_transport == pb2.PIPE_TRANSPORT_TCP else "shm"
         placement = {pb2.PLACEMENT_REMOTE: "remote", pb2.PLACEMENT_SPREAD: "spread"}.get(

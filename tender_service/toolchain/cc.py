@@ -24,8 +24,10 @@ this module copes:
   It relocates itself in musl's rcrt1 start code (``_start_c`` is
   ``ldso/dlstart.c``), which finds its load base from ``AT_BASE`` or else
   ``AT_PHDR``/``AT_PHNUM`` in the auxv, so a loader must supply those.  ``-static-pie`` is therefore
-  translated to ``-fPIE -pie`` here.  Without any of those the output is a
-  non-PIE ``ET_EXEC``.
+  translated to ``-fPIE -pie`` here.  Static-PIE is the default (``-fPIE -pie`` are
+  base flags): in thread mode ``execve`` loads a new program at a fresh base
+  inside the one address space (issue 14).  ``-no-pie`` (with ``-fno-PIE``) after
+  them gives a non-PIE ``ET_EXEC`` linked at a fixed address.
 - In the bundled libc the allocator is zig's own (``lib/c/malloc.zig``), not
   musl's mallocng; its ``strdup``/``wcsdup``/``fopen`` reach ``malloc``
   through the symbol and so through ``--wrap``, but its ``reallocarray`` and
@@ -70,7 +72,7 @@ WRAPPED_FUNCTIONS: tuple[str, ...] = (
 )
 
 #: flags before the user's: later user flags (-O0, -DNDEBUG, ...) override them
-BASE_FLAGS: tuple[str, ...] = ("-target", TARGET, "-static", "-O2", "-UNDEBUG")
+BASE_FLAGS: tuple[str, ...] = ("-target", TARGET, "-static", "-fPIE", "-pie", "-O2", "-UNDEBUG")
 
 #: flags that stop before linking: then no runtime and no --wrap are added
 _NO_LINK_FLAGS = frozenset({"-c", "-S", "-E", "-M", "-MM", "-fsyntax-only"})
@@ -202,7 +204,7 @@ def cc_main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         sys.stdout.write(
             "usage: unifork cc SRC.c... [-o OUT] [cc flags]\n"
-            f"  static {TARGET} guest (-O2, asserts on); -static-pie for a static PIE\n"
+            f"  static {TARGET} guest (-O2, asserts on); static-PIE by default, -no-pie -fno-PIE for ET_EXEC\n"
         )
         return 0 if argv else 2
     if any(a in ("-target", "--target") or a.startswith("--target=") for a in argv):

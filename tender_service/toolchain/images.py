@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tender_service.machine.rootfs import MAGIC, is_baked
 from tender_service.toolchain.cc import (
     BASE_FLAGS,
     TARGET,
@@ -147,20 +148,32 @@ def is_elf(path: Path) -> bool:
         return False
 
 
+def is_image_file(path: Path) -> bool:
+    """True when ``path`` starts like an ELF or a baked image (``unifork bake``); the
+    boot path validates the rest."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(MAGIC))
+    except OSError:
+        return False
+    return head[:4] == ELF_MAGIC or is_baked(head)
+
+
 def resolve_image(spec: str) -> Path:
-    """An image spec to an ELF path: a built-in name, a path to an ELF, or a ``.c`` file."""
+    """An image spec to a file: a built-in name, a path to an ELF or a baked image, or a
+    ``.c`` file."""
     if spec in builtin_programs():
         return build_image(spec)
     path = Path(spec)
     if path.suffix == ".c" and path.is_file():
         return build_image(path)
     if path.is_file():
-        if not is_elf(path):
-            raise ImageNotFoundError(f"{spec} is not an ELF file")
+        if not is_image_file(path):
+            raise ImageNotFoundError(f"{spec} is not an ELF file nor a baked image")
         return path.resolve()
     raise ImageNotFoundError(
         f"unknown image {spec!r}: not a built-in program ({', '.join(builtin_programs())}), "
-        "an ELF file or a .c file"
+        "an ELF file, a baked image or a .c file"
     )
 
 

@@ -30,6 +30,7 @@ from tender_service.transports.protocol import MAX_PIPE_CHUNK, NONBLOCK, Msg
 from tender_service.transports.remote_pipe import RemotePipeEnd
 
 if TYPE_CHECKING:
+    from tender_service.rump.files import File
     from tender_service.rump.kernel import Kernel
     from tender_service.rump.process import Lwp, Process
 
@@ -191,10 +192,18 @@ class VmLink:
         child's references are registered before the child exists, so the
         parent closing its end right after fork cannot cause an early EOF.
         """
+        self.make_remote([proc])
+        self.add_holder([e.file for e in proc.fds.entries.values()], child_pid)
+
+    def make_remote(self, procs: list[Process]) -> None:
+        """Every local pipe end in these processes' tables becomes a broker pipe end
+        (one conversion per open pipe end, however many tables and fds hold it)."""
         converted: dict[int, RemotePipeEnd] = {}
-        for fd, e in list(proc.fds.entries.items()):
-            f = e.file
-            if isinstance(f, PipeEnd):
+        for proc in procs:
+            for fd, e in list(proc.fds.entries.items()):
+                f = e.file
+                if not isinstance(f, PipeEnd):
+                    continue
                 p = f.pipe
                 if id(f) not in converted:
                     if p.broker_id is None:
@@ -210,16 +219,17 @@ class VmLink:
                 new = converted[id(f)]
                 new.refs = f.refs
                 proc.fds.entries[fd] = FdEntry(new, e.cloexec)
-        seen: set[int] = set()
-        for e in proc.fds.entries.values():
-            f = e.file
-            if isinstance(f, RemotePipeEnd) and id(f) not in seen:
-                seen.add(id(f))
-                value = self.call(
-                    "pipe_refs", f.pipe, child_pid, 0 if f.write_end else 1, 1 if f.write_end else 0
-                )
-                if value < 0:
-                    raise GuestError(-value, "cannot share a pipe")
+
+    def add_holder(self, files: list[File], pid: int) -> None:
+        """Register ``pid`` (a fork's or a VM-clone exec's new VM) as holding one
+        ref of each broker pipe end among ``files``."""
+        ends = {id(f): f for f in files if isinstance(f, RemotePipeEnd)}
+        for f in ends.values():
+            value = self.call(
+                "pipe_refs", f.pipe, pid, 0 if f.write_end else 1, 1 if f.write_end else 0
+            )
+            if value < 0:
+                raise GuestError(-value, "cannot share a pipe")
 
     # -- the reader thread ---------------------------------------------------------
     def _notify(self, frame: Frame) -> None:

@@ -25,6 +25,7 @@ from tender_service.instance.backends.base import (
 )
 from tender_service.instance.pool import WarmPool
 from tender_service.instance.supervisor import ForkObserver, Supervisor
+from tender_service.machine.rootfs import load_image_file, select_program
 from tender_service.rump.console import Sink
 from tender_service.rump.vminfo import ProcInfo, RunResult, VmConfig
 from tender_service.vm import DEFAULT_ENV, _program_name
@@ -79,6 +80,8 @@ class VmcloneBackend:
     ) -> RunningInstance:
         ctx = self.ctx
         try:
+            # refused here, before any VM: a bad image, a program the image lacks
+            select_program(load_image_file(spec.image), spec.args)
             sup = Supervisor(
                 self._pool(spec.placement),
                 spec.transport,

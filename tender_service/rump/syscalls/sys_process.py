@@ -11,6 +11,7 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
+from tender_service.machine.cpu import GPRS, RIP, RSP, SYSCALL_INSN_LEN, RegSet
 from tender_service.machine.errors import GuestError
 from tender_service.rump import pgroups, signals
 from tender_service.rump.outcomes import NORETURN, Block, BlockAfter
@@ -26,6 +27,8 @@ __WALL, __WCLONE, __WNOTHREAD = 0x40000000, 0x80000000, 0x20000000
 P_ALL, P_PID, P_PGID = 0, 1, 2
 CLD_EXITED, CLD_KILLED = 1, 2
 CSIGNAL = 0xFF
+CLONE_VM, CLONE_VFORK = 0x100, 0x4000
+_CLONE_REGS = RegSet(GPRS["rax"], GPRS["rsp"], RIP)
 RUSAGE_SIZE = 144
 RLIM_INFINITY = 0xFFFF_FFFF_FFFF_FFFF
 RLIMIT_STACK, RLIMIT_NPROC, RLIMIT_NOFILE, RLIMIT_AS = 3, 6, 7, 9
@@ -70,42 +73,75 @@ def sys_exit(k: Kernel, lwp: Lwp, code: int) -> object:
 
 
 # -- fork ----------------------------------------------------------------------------
-def _fork(k: Kernel, lwp: Lwp, vfork: bool) -> int:
+def _fork(k: Kernel, lwp: Lwp) -> int:
     if k.forker is None:
         raise GuestError(errno.ENOSYS)
     if len(k.procs) >= k.config.max_procs:
         raise GuestError(errno.EAGAIN)
     t0 = time.perf_counter()
-    pid = k.forker.fork(k, lwp, vfork)
+    pid = k.forker.fork(k, lwp, False)
     if pid > 0:
         k.forks += 1
         lwp.proc.forks += 1
         if k.fork_observer is not None:
             k.fork_observer(time.perf_counter() - t0)
-        if vfork and k.procs.get(pid) is not None and k.procs[pid].alive:
-            lwp.proc.vfork_child = pid
-            raise BlockAfter(pid, f"vfork: waiting for child {pid} to exit")
     return pid
 
 
 def sys_fork(k: Kernel, lwp: Lwp) -> int:
-    return _fork(k, lwp, vfork=False)
+    return _fork(k, lwp)
 
 
 def sys_vfork(k: Kernel, lwp: Lwp) -> int:
-    return _fork(k, lwp, vfork=True)
+    """clone(CLONE_VM | CLONE_VFORK) on the caller's own stack, as Linux's vfork:
+    the child runs in the parent's memory until it execs or exits (musl's
+    vfork keeps its return address in a register for that reason)."""
+    return _clone_vm(k, lwp, k.cpu.reg(RSP))
 
 
 def sys_clone(k: Kernel, lwp: Lwp, flags: int, stack: int, ptid: int, ctid: int, tls: int) -> int:
-    """Only the fork form (exit signal, no sharing flags) is supported."""
-    if flags & ~CSIGNAL or stack:
+    """The fork form (exit signal only), and musl's posix_spawn form
+    (CLONE_VM | CLONE_VFORK | exit signal, a new stack); else ENOSYS."""
+    share = flags & ~CSIGNAL
+    if not share and not stack:
+        return _fork(k, lwp)
+    if share == CLONE_VM | CLONE_VFORK:
+        if not stack:
+            raise GuestError(errno.EINVAL, "CLONE_VM without a stack")
+        return _clone_vm(k, lwp, stack)
+    raise GuestError(errno.ENOSYS)
+
+
+def _clone_vm(k: Kernel, lwp: Lwp, stack: int) -> int:
+    """clone(CLONE_VM | CLONE_VFORK, stack): a child on ``stack`` until it execs or exits.
+
+    The child is a new process of this VM that runs in its parent's memory,
+    on the parent's registers with rax = 0 and rsp = ``stack`` (musl's
+    __clone then pops the function and its argument from there); the parent
+    is suspended until the child execs or exits, as Linux does.  In VM-clone
+    mode its pid is leased from the instance, and its exec starts the new
+    program in a VM of its own (VmCloneFork.exec_elsewhere).
+    """
+    forker = k.forker
+    if forker is None:
         raise GuestError(errno.ENOSYS)
-    return _fork(k, lwp, vfork=False)
-
-
-def sys_execve(k: Kernel, lwp: Lwp, path: int, argv: int, envp: int) -> int:
-    k.mem.cstring(path)
-    raise GuestError(errno.ENOENT)  # no file system: no program to execute
+    if len(k.procs) >= k.config.max_procs:
+        raise GuestError(errno.EAGAIN)
+    parent = lwp.proc
+    # VM clone: the pid is the instance's, the child's exec starts a VM of its own
+    pid = None if forker.one_address_space else forker.reserve_pid(parent)  # type: ignore[attr-defined]
+    child = k.new_process(parent, parent.fds.copy(), parent.name, pid=pid)
+    child.vm_parent = parent.pid
+    cpu = k.cpu
+    ctx = cpu.new_context()  # the parent's registers, as the syscall left them
+    cpu.write_context(ctx, _CLONE_REGS, [0, stack, cpu.reg(RIP) + SYSCALL_INSN_LEN])
+    pt = lwp.thread
+    # no stack or TLS of its own: the parent's memory (lwp.stack = 0, nothing to free)
+    k.new_lwp(child, 0, pt.stack_base, pt.stack_size, ctx)
+    k.forks += 1
+    parent.forks += 1
+    parent.vfork_child = child.pid
+    raise BlockAfter(child.pid, f"vfork: waiting for child {child.pid} to exec or exit")
 
 
 # -- wait ----------------------------------------------------------------------------

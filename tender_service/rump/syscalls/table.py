@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from tender_service.machine import hypercalls as hc
 from tender_service.rump.syscalls import (
+    sys_exec,
     sys_futex,
     sys_io,
     sys_memory,
@@ -110,10 +111,15 @@ SYSCALLS: list[tuple[int, Callable[..., object], Support, str]] = [
     (234, sys_signal.sys_tgkill, F, ""),
     # processes
     (39, sys_process.sys_getpid, F, ""),
-    (56, sys_process.sys_clone, P, "fork form only (exit signal, no sharing flags); else ENOSYS"),
+    (
+        56,
+        sys_process.sys_clone,
+        P,
+        "fork form, and CLONE_VM|CLONE_VFORK with a stack (posix_spawn); else ENOSYS",
+    ),
     (57, sys_process.sys_fork, F, "by the instance's fork strategy (thread or vmclone)"),
-    (58, sys_process.sys_vfork, P, "a fork; the parent waits until the child exits"),
-    (59, sys_process.sys_execve, E, "ENOENT: no file system"),
+    (58, sys_process.sys_vfork, P, "a fork; the parent waits until the child execs or exits"),
+    (59, sys_exec.sys_execve, F, "ELF (static, static-PIE) and #! scripts from the file system"),
     (60, sys_process.sys_exit, F, "ends the process (one LWP per process)"),
     (61, sys_process.sys_wait4, F, "Linux status words, WNOHANG, pid/-1/0/-pgid; rusage zeroed"),
     (95, sys_process.sys_umask, P, "always 022"),
@@ -160,6 +166,7 @@ SYSCALLS: list[tuple[int, Callable[..., object], Support, str]] = [
     (99, sys_system.sys_sysinfo, P, "RAM and process count"),
     (158, sys_system.sys_arch_prctl, P, "ARCH_SET_FS/ARCH_GET_FS"),
     (318, sys_system.sys_getrandom, F, ""),
+    (322, sys_exec.sys_execveat, F, "AT_FDCWD, a directory fd, AT_EMPTY_PATH, AT_SYMLINK_NOFOLLOW"),
 ]
 
 HYPERCALLS: list[tuple[int, Callable[..., object], str]] = [

@@ -1,0 +1,208 @@
+"""execve, #! scripts, clone(CLONE_VM | CLONE_VFORK), posix_spawn, system, popen (issue 14).
+
+Each guest program runs natively and in every fork mode with the same tree of
+files (natively a directory under tmp_path; in a VM the same absolute paths in
+the image's root file system), and must print exactly the same thing:
+
+1. exec_test: every exec error Linux gives (ENOENT, EACCES, ENOTDIR, ELOOP,
+   ENOEXEC for a truncated ELF and a text file, #! errors, E2BIG, EFAULT),
+   each in the caller itself, which keeps running; then a #! script and what
+   survives an exec (pid, fds without O_CLOEXEC, ignored signals);
+2. spawn_test: system(), popen() both ways, posix_spawn with dup2/open/close
+   file actions, posix_spawn of a missing file, vfork + exec (musl issues
+   clone(CLONE_VM | CLONE_VFORK) for the first three); /bin/sh is our
+   stand-in spawn_sh in the VM (the real shell is dash: tests/test_shell.py);
+3. exec_loop: 40 fork + exec + wait rounds, memory back where it was.
+
+Modes: thread; vmclone over shm and tcp (a baked image with the tree and the
+program; a clone(CLONE_VM) child's exec starts its program in a VM of its
+own).  exec_test's fork + exec in a VM-clone child VM waits for the
+instance-wide file system (strict xfail until it lands).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from support import image_path
+
+from tender_service.instance.backends.vmclone import run_vmclone
+from tender_service.instance.pool import WarmPool
+from tender_service.machine.elf import load_elf_file
+from tender_service.machine.rootfs import DIR, FILE, SYMLINK, FsEntry, RootFs
+from tender_service.rump.console import Console
+from tender_service.rump.kernel import Kernel
+from tender_service.rump.vminfo import RunResult, VmConfig
+from tender_service.toolchain.bake import encode
+from tender_service.vm import CaptureSink, make_forker
+
+VM_MODES = ["thread", "vmclone-shm", "vmclone-tcp"]
+#: fork + exec in a VM-clone child VM needs the instance-wide file system
+#: (vfs phase 2): until then a child VM's tree is empty and its exec gets ENOENT
+NEEDS_SHARED_FS = pytest.mark.xfail(
+    strict=True, reason="a VM-clone child VM has no file system of the instance yet"
+)
+
+
+def build_tree(d: Path) -> dict[str, tuple[str, int, bytes | str]]:
+    """The files exec_test and spawn_test expect in ``d`` (see their headers):
+    path -> (kind, mode, data or symlink target)."""
+    probe = image_path("exec_probe").read_bytes()
+    p = str(d)
+    return {
+        f"{p}/exec_probe": (FILE, 0o755, probe),
+        f"{p}/noexec": (FILE, 0o644, probe),
+        f"{p}/trunc": (FILE, 0o755, probe[:200]),
+        f"{p}/text": (FILE, 0o755, b"hello\n"),
+        f"{p}/empty.sh": (FILE, 0o755, b"#!\n"),
+        f"{p}/self.sh": (FILE, 0o755, f"#!{p}/self.sh\n".encode()),
+        f"{p}/nointerp.sh": (FILE, 0o755, f"#!{p}/missing\n".encode()),
+        f"{p}/script.sh": (FILE, 0o755, f"#!{p}/exec_probe -x\n".encode()),
+        f"{p}/loop": (SYMLINK, 0o777, "loop"),
+    }
+
+
+def write_native(d: Path, tree: dict[str, tuple[str, int, bytes | str]]) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    for path, (kind, mode, data) in tree.items():
+        if kind == SYMLINK:
+            os.symlink(str(data), path)
+        else:
+            Path(path).write_bytes(bytes(data))  # type: ignore[arg-type]
+            os.chmod(path, mode)
+
+
+def rootfs_of(d: Path, tree: dict[str, tuple[str, int, bytes | str]]) -> RootFs:
+    """The same tree as a baked image's root: every ancestor of ``d``, then the
+    files; /bin/sh is the spawn_sh stand-in."""
+    parts = d.parts[1:]
+    dirs = ["/" + "/".join(parts[: i + 1]) for i in range(len(parts))]
+    entries = [FsEntry("/bin", DIR, 0o755)]
+    entries.append(FsEntry("/bin/sh", FILE, 0o755, image_path("spawn_sh").read_bytes()))
+    entries += [FsEntry(x, DIR, 0o755) for x in dirs]
+    for path, (kind, mode, data) in tree.items():
+        if kind == SYMLINK:
+            entries.append(FsEntry(path, SYMLINK, mode, target=str(data)))
+        else:
+            entries.append(FsEntry(path, FILE, mode, bytes(data)))  # type: ignore[arg-type]
+    return RootFs(tuple(entries), ())
+
+
+def run_thread(
+    prog: str, args: list[str], rootfs: RootFs, observe: Callable[[Kernel], None] | None = None
+) -> tuple[RunResult, str]:
+    sink = CaptureSink()
+    k = Kernel.boot(
+        load_elf_file(image_path(prog)),
+        [str(image_path(prog)), *args],
+        ["PATH=/bin"],
+        VmConfig(timeout=120),
+        Console(sink),
+        make_forker("thread"),
+        rootfs=rootfs,
+    )
+    try:
+        result = k.run()
+        if observe is not None:
+            observe(k)
+    finally:
+        k.close()
+    return result, bytes(sink.stdout).decode(errors="replace")
+
+
+def run_vmclone_baked(
+    prog: str, args: list[str], rootfs: RootFs, transport: str, pool: WarmPool, tmp: Path
+) -> tuple[RunResult, str]:
+    """The tree and the program at /bin/PROG, baked into one image, on the pool."""
+    entry = FsEntry(f"/bin/{prog}", FILE, 0o755, image_path(prog).read_bytes())
+    img = tmp / f"{prog}.img"
+    img.write_bytes(encode(RootFs((*rootfs.entries, entry), (entry.path,))))
+    sink = CaptureSink()
+    result = run_vmclone(
+        img,
+        [entry.path, *args],
+        config=VmConfig(timeout=120),
+        sink=sink,
+        transport=transport,
+        pool=pool,
+    )
+    return result, bytes(sink.stdout).decode(errors="replace")
+
+
+def run_mode(
+    mode: str, prog: str, args: list[str], rootfs: RootFs, request: pytest.FixtureRequest
+) -> tuple[RunResult, str]:
+    if mode == "thread":
+        return run_thread(prog, args, rootfs)
+    pool = request.getfixturevalue("pool")
+    tmp = request.getfixturevalue("tmp_path")
+    return run_vmclone_baked(prog, args, rootfs, mode.split("-")[1], pool, tmp)
+
+
+def run_native(prog: str, args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(image_path(prog)), *args],
+        capture_output=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> tuple[Path, RootFs]:
+    d = tmp_path / "exec"
+    t = build_tree(d)
+    write_native(d, t)
+    return d, rootfs_of(d, t)
+
+
+@pytest.mark.parametrize(
+    "mode",
+    ["thread", *(pytest.param(m, marks=NEEDS_SHARED_FS) for m in VM_MODES[1:])],
+)
+def test_exec_errors_and_what_survives_exec(
+    mode: str, tree: tuple[Path, RootFs], request: pytest.FixtureRequest
+) -> None:
+    d, rootfs = tree
+    nat = run_native("exec_test", [str(d)])
+    assert nat.returncode == 0, nat.stderr
+    expected = nat.stdout.decode()
+    for line in ("truncated: ENOEXEC", "still running", "fd 5: open", "sig 12: ignored"):
+        assert line in expected
+    result, out = run_mode(mode, "exec_test", [str(d)], rootfs, request)
+    assert (result.status, out) == (0, expected), result.reports
+
+
+@pytest.mark.parametrize("mode", VM_MODES)
+def test_system_popen_posix_spawn_vfork(
+    mode: str, tree: tuple[Path, RootFs], request: pytest.FixtureRequest
+) -> None:
+    d, rootfs = tree
+    nat = run_native("spawn_test", [str(d)])
+    assert nat.returncode == 0, nat.stderr
+    expected = nat.stdout.decode()
+    assert "spawn: exit 5" in expected and "through cat" in expected
+    result, out = run_mode(mode, "spawn_test", [str(d)], rootfs, request)
+    assert (result.status, out) == (0, expected), result.reports
+
+
+def test_exec_loop_frees_each_program(tree: tuple[Path, RootFs]) -> None:
+    """Thread mode: 40 programs loaded into the one address space one after the
+    other, each freed by its exit: the pages in use end where they began, and
+    no stale translated code of an earlier program runs in reused pages."""
+    d, rootfs = tree
+    used: list[int] = []
+    for n in (2, 40):
+        result, out = run_thread(
+            "exec_loop",
+            [str(n), f"{d}/exec_probe"],
+            rootfs,
+            observe=lambda k: used.append(k.pages.used_bytes),
+        )
+        assert (result.status, out) == (0, f"{n} execs\n"), result.reports
+    assert used[0] == used[1]
