@@ -6,7 +6,7 @@ UNIFORK := $(VENV)/bin/unifork
 STAMP := $(VENV)/.installed
 GEN_STAMP := tender_service/gen/.sources.sha256
 
-.PHONY: run test setup proto images lint docs clean
+.PHONY: run test setup proto images thirdparty lint docs clean
 
 # editable, with every extra: the tests draw plots and `make proto` runs grpcio-tools
 $(STAMP): pyproject.toml setup.py
@@ -30,7 +30,13 @@ images: proto
 run: images
 	$(UNIFORK) compare --quick
 
-test: images
+# third-party programs for the tests (dash from Debian's sources, built with `unifork cc`)
+# into ~/.cache/unifork/thirdparty: once per machine and toolchain, so CI caches them; a
+# machine that cannot fetch them still runs the tests (those that need them skip, saying why)
+thirdparty: images
+	-$(PY) tests/thirdparty.py
+
+test: images thirdparty
 	$(PY) -m pytest -q -ra -p no:cacheprovider
 
 # ruff (with a complexity ceiling) and mypy (its files and settings: pyproject.toml);
