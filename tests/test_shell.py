@@ -246,3 +246,31 @@ def test_dash_is_the_upstream_build(programs: dict[str, Path]) -> None:
         check=False,
     )
     assert (p.returncode, p.stdout) == (0, b"dash ok\n")
+
+
+STDIN_SCRIPT = b"""echo reading its script from stdin
+f() { return 4; }
+f; echo "f: $?"
+[ -t 0 ] && echo "stdin is a terminal" || echo "stdin is not a terminal"
+exit 5
+"""
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_script_on_stdin(mode: str, app: Path, native_bin: Path, tmp_path: Path) -> None:
+    """``sh < script``: dash reads its commands from fd 0, a file here (issue 14 item 7),
+    and is not interactive (fd 0 is no terminal, as natively: no prompt on stderr)."""
+    script = tmp_path / "script.sh"
+    script.write_bytes(STDIN_SCRIPT)
+    with open(script, "rb") as f:
+        native = subprocess.run(
+            [str(native_bin / "sh")], stdin=f, capture_output=True, timeout=60, check=False,
+            env={"PATH": str(native_bin)},
+        )  # fmt: skip
+    with open(script, "rb") as f:
+        vm = subprocess.run(
+            [str(UNIFORK), "run", *MODES[mode], "--timeout", "30", str(app), "--", "/bin/sh"],
+            stdin=f, capture_output=True, timeout=120, check=False,
+        )  # fmt: skip
+    assert native.returncode == 5 and b"not a terminal" in native.stdout, native
+    assert (vm.stdout, vm.returncode, vm.stderr) == (native.stdout, 5, b"")
