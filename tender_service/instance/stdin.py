@@ -46,7 +46,8 @@ class StdinServer:
         """``lock``: the supervisor's, so replies go out in order with its other messages."""
         self.fd = stdin if isinstance(stdin, int) else None
         self.data = bytearray(stdin) if isinstance(stdin, bytes | bytearray) else bytearray()
-        self.tty = self.fd is not None and os.isatty(self.fd)
+        #: fd 0 answers terminal ioctls: a host tty, or no host fd (as a one-VM console)
+        self.tty = os.isatty(self.fd) if self.fd is not None else True
         self._parked: deque[_Parked] = deque()
         self._cond = threading.Condition(lock)
         self._closed = False
