@@ -167,7 +167,6 @@ class Kernel(ProcessTable):
         if rootfs is not None:
             k.fs = Vfs(FileSystem(rootfs, config.tmpfs_size))
         k.loaded = loaded
-        k.rootfs = rootfs
         k.main = k._spawn_main(argv, env)
         return k
 

@@ -11,6 +11,7 @@ quota until it ends).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import shutil
@@ -177,7 +178,7 @@ class ImageStore:
     @staticmethod
     def boot_image(img: StoredImage) -> BootImage:
         """``img`` parsed (cached per file version): a Launch checks the program it names."""
-        return load_image_file(img.path)
+        return dataclasses.replace(load_image_file(img.path), name=img.name)
 
     def list(self) -> list[StoredImage]:
         out = [img for name in sorted(builtin_programs()) if (img := self.get(name))]
