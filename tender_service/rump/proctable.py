@@ -140,8 +140,8 @@ class ProcessTable:
                 self.heap.free(lwp.tls, who=MEMWHO_WIREDBMK)
         if self.remote is not None and proc.vm_parent:
             # a clone(CLONE_VM) child that never exec'd: its pid was only leased
-            assert self.forker is not None and hasattr(self.forker, "release_pid")
-            self.forker.release_pid(proc.pid)
+            assert self.forker is not None and hasattr(self.forker, "child_ended_here")
+            self.forker.child_ended_here(proc.pid, status)
         elif self.remote is not None:
             # before the fds close: the supervisor re-parents our children before any
             # of them can see EOF on a pipe we held (as Linux orders it for them)

@@ -80,8 +80,11 @@ def _execve(k: Kernel, lwp: Lwp, dirfd: int, path: int, argv: int, envp: int, fl
     check_size(k, args, env)
     proc = lwp.proc
     data, resolved = k.fs.open_exec(proc, dirfd, filename, flags)
-    if not filename:  # execveat(fd, "", AT_EMPTY_PATH): "/dev/fd/N", as Linux
-        filename = resolved
+    # the name the program gets (AT_EXECFN, a script's argv), as Linux's bprm->filename
+    if not filename:
+        filename = b"/dev/fd/%d" % dirfd
+    elif dirfd != AT_FDCWD and not filename.startswith(b"/"):
+        filename = b"/dev/fd/%d/%s" % (dirfd, filename)
     image, args = interpret(k, proc, filename, data, args)
     check_size(k, args, env)
     if proc.vm_parent and k.forker is not None and not k.forker.one_address_space:
