@@ -38,6 +38,7 @@ from tender_service.rump.console import Console
 from tender_service.rump.kernel import Kernel
 from tender_service.rump.vminfo import RunResult, VmConfig
 from tender_service.toolchain.bake import encode
+from tender_service.toolchain.images import build_image
 from tender_service.vm import CaptureSink, make_forker
 
 VM_MODES = ["thread", "vmclone-shm", "vmclone-tcp"]
@@ -52,6 +53,7 @@ def build_tree(d: Path) -> dict[str, tuple[str, int, bytes | str]]:
     """The files exec_test and spawn_test expect in ``d`` (see their headers):
     path -> (kind, mode, data or symlink target)."""
     probe = image_path("exec_probe").read_bytes()
+    nopie = build_image("exec_probe", ["-no-pie", "-fno-PIE"]).read_bytes()
     p = str(d)
     return {
         f"{p}/exec_probe": (FILE, 0o755, probe),
@@ -63,6 +65,7 @@ def build_tree(d: Path) -> dict[str, tuple[str, int, bytes | str]]:
         f"{p}/nointerp.sh": (FILE, 0o755, f"#!{p}/missing\n".encode()),
         f"{p}/script.sh": (FILE, 0o755, f"#!{p}/exec_probe -x\n".encode()),
         f"{p}/loop": (SYMLINK, 0o777, "loop"),
+        f"{p}/probe_nopie": (FILE, 0o755, nopie),
     }
 
 
@@ -199,6 +202,7 @@ def test_system_popen_posix_spawn_vfork(
     assert nat.returncode == 0, nat.stderr
     expected = nat.stdout.decode()
     assert "spawn: exit 5" in expected and "through cat" in expected
+    assert expected.endswith("argv[1]=replaced\nexecfn=" + f"{d}/exec_probe\n")
     result, out = run_mode(mode, "spawn_test", [str(d)], rootfs, request)
     assert (result.status, out) == (0, expected), result.reports
 
@@ -218,3 +222,15 @@ def test_exec_loop_frees_each_program(tree: tuple[Path, RootFs]) -> None:
         )
         assert (result.status, out) == (0, f"{n} execs\n"), result.reports
     assert used[0] == used[1]
+
+
+def test_non_pie_exec_needs_its_link_address(tree: tuple[Path, RootFs]) -> None:
+    """Thread mode: a non-PIE ET_EXEC runs only at its link address, which the
+    boot program's region holds while any process runs it: the exec fails
+    (ENOMEM, docs/semantics.md) and the caller goes on; natively it runs."""
+    d, rootfs = tree
+    nat = run_native("exec_loop", ["1", f"{d}/probe_nopie"])
+    assert (nat.returncode, nat.stdout) == (0, b"1 execs\n"), nat.stderr
+    result, out = run_thread("exec_loop", ["1", f"{d}/probe_nopie"], rootfs)
+    # the child's execve failed, it did _exit(127), the loop reports it and stops
+    assert (result.status >> 8, out, result.reports) == (1, "", [])
