@@ -234,3 +234,18 @@ def test_non_pie_exec_needs_its_link_address(tree: tuple[Path, RootFs]) -> None:
     result, out = run_thread("exec_loop", ["1", f"{d}/probe_nopie"], rootfs)
     # the child's execve failed, it did _exit(127), the loop reports it and stops
     assert (result.status >> 8, out, result.reports) == (1, "", [])
+
+
+@pytest.mark.parametrize("mode", VM_MODES)
+def test_vfork_child_outlives_its_killed_parent(
+    mode: str, tree: tuple[Path, RootFs], request: pytest.FixtureRequest
+) -> None:
+    """A vfork child runs on its parent's stack; it kills the parent and goes on to
+    exec: the parent's memory stays until the child is done with it."""
+    d, rootfs = tree
+    nat = run_native("vfork_orphan", [f"{d}/exec_probe"])
+    assert nat.returncode == -9
+    expected = nat.stdout.decode()
+    assert "argv[1]=orphan" in expected
+    result, out = run_mode(mode, "vfork_orphan", [f"{d}/exec_probe"], rootfs, request)
+    assert (result.status & 0x7F, out, result.reports) == (9, expected, [])

@@ -132,11 +132,14 @@ class ProcessTable:
         proc.state = ProcState.ZOMBIE
         proc.status = status
         proc.ended = time.monotonic()
+        # a clone(CLONE_VM)/vfork child still runs on this stack and TLS: they go
+        # to it with the rest of the memory (release_memory), as Linux keeps the mm
+        borrowed = any(c.alive and c.vm_parent == proc.pid for c in proc.children.values())
         for lwp in proc.lwps:
             self.sched.kill(lwp.thread)
-            if lwp.stack:
+            if lwp.stack and not borrowed:
                 self.heap.free(lwp.stack, who=MEMWHO_WIREDBMK)
-            if lwp.tls:
+            if lwp.tls and not borrowed:
                 self.heap.free(lwp.tls, who=MEMWHO_WIREDBMK)
         if self.remote is not None and proc.vm_parent:
             # a clone(CLONE_VM) child that never exec'd: its pid was only leased
@@ -197,7 +200,10 @@ class ProcessTable:
         """
         heir: Process | None = self.procs.get(proc.vm_parent) if proc.vm_parent else None
         if heir is None or not heir.alive:
-            heir = next((c for c in proc.children.values() if c.alive and not c.remote), None)
+            kids = [c for c in proc.children.values() if c.alive and not c.remote]
+            # a child running in this memory first (it may be on our stack)
+            kids.sort(key=lambda c: c.vm_parent != proc.pid)
+            heir = kids[0] if kids else None
         if heir is None:
             self.heap.free_owner(proc.pid)
             for addr in list(proc.mmaps):
