@@ -634,6 +634,8 @@ class Supervisor:
         if child is None or child.ppid != rec.pid or child.state != "starting":
             return -errno.ESRCH
         self.fork_seconds.append(micros / 1e6)
+        # refs its exec registered for a VM that never started (a failed start)
+        self.broker.drop_holder(pid)
         child.state, child.status, child.ended = "reaped", status, time.monotonic()
         child.host, child.host_pid = rec.host, rec.host_pid
         self._free_memory(child)
