@@ -75,7 +75,7 @@ class ProcessTable:
             p.sigactions = dict(parent.sigactions)
             p.brk = parent.brk
             self.use_program(p, parent.program)
-            p.cwd, p.umask = parent.cwd, parent.umask
+            p.cwd, p.umask, p.exe = parent.cwd, parent.umask, parent.exe
         self.procs[pid] = p
         return p
 
@@ -326,6 +326,7 @@ class ProcessTable:
                 "program": _program_state(proc.program),
                 "cwd": proc.cwd,
                 "umask": proc.umask,
+                "exe": proc.exe.decode(errors="surrogateescape"),
             },
             "lwp": {
                 "stack": lwp.stack,
@@ -346,6 +347,7 @@ class ProcessTable:
         proc.ppid, proc.pgid, proc.sid = int(p["ppid"]), int(p["pgid"]), int(p["sid"])
         proc.brk = int(p["brk"])
         proc.cwd, proc.umask = int(p.get("cwd", proc.cwd)), int(p.get("umask", 0o022)) & 0o777
+        proc.exe = str(p.get("exe", "")).encode(errors="surrogateescape")
         proc.sigactions = {
             int(a[0]): (int(a[1]), int(a[2]), int(a[3]), int(a[4])) for a in p["sigactions"]
         }
