@@ -181,15 +181,20 @@ def test_exec_errors_and_what_survives_exec(
     assert (result.status, out) == (0, expected), result.reports
 
 
-@pytest.mark.xfail(strict=True, reason="open() of a file of the tree: vfs's syscalls to come")
-def test_fexecve_and_execveat(tree: tuple[Path, RootFs]) -> None:
+@pytest.mark.parametrize(
+    "mode",
+    ["thread", *(pytest.param(m, marks=NEEDS_SHARED_FS) for m in VM_MODES[1:])],
+)
+def test_fexecve_and_execveat(
+    mode: str, tree: tuple[Path, RootFs], request: pytest.FixtureRequest
+) -> None:
     """execveat(fd, "", AT_EMPTY_PATH) and relative to a directory fd: AT_EXECFN is
     /dev/fd/N and /dev/fd/N/NAME, as Linux names them."""
     d, rootfs = tree
     nat = run_native("exec_test", [str(d), "at"])
     expected = nat.stdout.decode()
     assert "execfn=/dev/fd/3/exec_probe" in expected and "execveat: exit 0" in expected
-    result, out = run_thread("exec_test", [str(d), "at"], rootfs)
+    result, out = run_mode(mode, "exec_test", [str(d), "at"], rootfs, request)
     assert (result.status, out) == (0, expected), result.reports
 
 
