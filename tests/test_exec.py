@@ -38,6 +38,7 @@ from tender_service.rump.console import Console
 from tender_service.rump.kernel import Kernel
 from tender_service.rump.vminfo import RunResult, VmConfig
 from tender_service.toolchain.bake import encode
+from tender_service.toolchain.images import build_image
 from tender_service.vm import CaptureSink, make_forker
 
 VM_MODES = ["thread", "vmclone-shm", "vmclone-tcp"]
@@ -52,6 +53,7 @@ def build_tree(d: Path) -> dict[str, tuple[str, int, bytes | str]]:
     """The files exec_test and spawn_test expect in ``d`` (see their headers):
     path -> (kind, mode, data or symlink target)."""
     probe = image_path("exec_probe").read_bytes()
+    nopie = build_image("exec_probe", ["-no-pie", "-fno-PIE"]).read_bytes()
     p = str(d)
     return {
         f"{p}/exec_probe": (FILE, 0o755, probe),
@@ -63,6 +65,7 @@ def build_tree(d: Path) -> dict[str, tuple[str, int, bytes | str]]:
         f"{p}/nointerp.sh": (FILE, 0o755, f"#!{p}/missing\n".encode()),
         f"{p}/script.sh": (FILE, 0o755, f"#!{p}/exec_probe -x\n".encode()),
         f"{p}/loop": (SYMLINK, 0o777, "loop"),
+        f"{p}/probe_nopie": (FILE, 0o755, nopie),
     }
 
 
@@ -100,7 +103,7 @@ def run_thread(
         load_elf_file(image_path(prog)),
         [str(image_path(prog)), *args],
         ["PATH=/bin"],
-        VmConfig(timeout=120),
+        VmConfig(timeout=120, trace_syscalls=bool(os.environ.get("TRACE"))),
         Console(sink),
         make_forker("thread"),
         rootfs=rootfs,
@@ -125,7 +128,7 @@ def run_vmclone_baked(
     result = run_vmclone(
         img,
         [entry.path, *args],
-        config=VmConfig(timeout=120),
+        config=VmConfig(timeout=120, trace_syscalls=bool(os.environ.get("TRACE"))),
         sink=sink,
         transport=transport,
         pool=pool,
@@ -178,6 +181,23 @@ def test_exec_errors_and_what_survives_exec(
     assert (result.status, out) == (0, expected), result.reports
 
 
+@pytest.mark.parametrize(
+    "mode",
+    ["thread", *(pytest.param(m, marks=NEEDS_SHARED_FS) for m in VM_MODES[1:])],
+)
+def test_fexecve_and_execveat(
+    mode: str, tree: tuple[Path, RootFs], request: pytest.FixtureRequest
+) -> None:
+    """execveat(fd, "", AT_EMPTY_PATH) and relative to a directory fd: AT_EXECFN is
+    /dev/fd/N and /dev/fd/N/NAME, as Linux names them."""
+    d, rootfs = tree
+    nat = run_native("exec_test", [str(d), "at"])
+    expected = nat.stdout.decode()
+    assert "execfn=/dev/fd/3/exec_probe" in expected and "execveat: exit 0" in expected
+    result, out = run_mode(mode, "exec_test", [str(d), "at"], rootfs, request)
+    assert (result.status, out) == (0, expected), result.reports
+
+
 @pytest.mark.parametrize("mode", VM_MODES)
 def test_system_popen_posix_spawn_vfork(
     mode: str, tree: tuple[Path, RootFs], request: pytest.FixtureRequest
@@ -187,6 +207,7 @@ def test_system_popen_posix_spawn_vfork(
     assert nat.returncode == 0, nat.stderr
     expected = nat.stdout.decode()
     assert "spawn: exit 5" in expected and "through cat" in expected
+    assert expected.endswith("argv[1]=replaced\nexecfn=" + f"{d}/exec_probe\n")
     result, out = run_mode(mode, "spawn_test", [str(d)], rootfs, request)
     assert (result.status, out) == (0, expected), result.reports
 
@@ -206,3 +227,30 @@ def test_exec_loop_frees_each_program(tree: tuple[Path, RootFs]) -> None:
         )
         assert (result.status, out) == (0, f"{n} execs\n"), result.reports
     assert used[0] == used[1]
+
+
+def test_non_pie_exec_needs_its_link_address(tree: tuple[Path, RootFs]) -> None:
+    """Thread mode: a non-PIE ET_EXEC runs only at its link address, which the
+    boot program's region holds while any process runs it: the exec fails
+    (ENOMEM, docs/semantics.md) and the caller goes on; natively it runs."""
+    d, rootfs = tree
+    nat = run_native("exec_loop", ["1", f"{d}/probe_nopie"])
+    assert (nat.returncode, nat.stdout) == (0, b"1 execs\n"), nat.stderr
+    result, out = run_thread("exec_loop", ["1", f"{d}/probe_nopie"], rootfs)
+    # the child's execve failed, it did _exit(127), the loop reports it and stops
+    assert (result.status >> 8, out, result.reports) == (1, "", [])
+
+
+@pytest.mark.parametrize("mode", VM_MODES)
+def test_vfork_child_outlives_its_killed_parent(
+    mode: str, tree: tuple[Path, RootFs], request: pytest.FixtureRequest
+) -> None:
+    """A vfork child runs on its parent's stack; it kills the parent and goes on to
+    exec: the parent's memory stays until the child is done with it."""
+    d, rootfs = tree
+    nat = run_native("vfork_orphan", [f"{d}/exec_probe"])
+    assert nat.returncode == -9
+    expected = nat.stdout.decode()
+    assert "argv[1]=orphan" in expected
+    result, out = run_mode(mode, "vfork_orphan", [f"{d}/exec_probe"], rootfs, request)
+    assert (result.status & 0x7F, out, result.reports) == (9, expected, [])

@@ -1,6 +1,7 @@
 /*
- * exec_loop N PROG — fork + execve(PROG, "quiet") + waitpid, N times: exec
- * latency.  Prints "N execs" and, on stderr, microseconds per iteration.
+ * exec_loop N PROG [vfork] — fork (or vfork) + execve(PROG, "quiet") +
+ * waitpid, N times: exec latency.  Prints "N execs" and, on stderr,
+ * microseconds per iteration.
  */
 #define _GNU_SOURCE
 #include <stdio.h>
@@ -21,15 +22,20 @@ int main(int argc, char **argv)
 	char *args[3];
 
 	top_pid = getpid();
-	if (argc != 3)
-		die("usage: exec_loop N PROG");
+	if (argc != 3 && argc != 4)
+		die("usage: exec_loop N PROG [vfork]");
 	n = atoi(argv[1]);
 	args[0] = argv[2];
 	args[1] = "quiet";
 	args[2] = NULL;
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	for (i = 0; i < n; i++) {
-		pid_t pid = xfork();
+		pid_t pid;
+
+		fflush(stdout);
+		pid = argc == 4 ? vfork() : fork();
+		if (pid < 0)
+			DIE_ERRNO("fork");
 		if (pid == 0) {
 			execve(argv[2], args, environ);
 			_exit(127);
@@ -39,7 +45,8 @@ int main(int argc, char **argv)
 	}
 	clock_gettime(CLOCK_MONOTONIC, &t1);
 	printf("%d execs\n", n);
-	fprintf(stderr, "exec_loop: %.1f us per fork+exec+wait\n",
-		((t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec)) / 1e3 / (n ? n : 1));
+	fprintf(stderr, "exec_loop: %.1f us per %s+exec+wait\n",
+		((t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec)) / 1e3 / (n ? n : 1),
+		argc == 4 ? "vfork" : "fork");
 	return 0;
 }

@@ -5,7 +5,9 @@
  * self.sh (#! names itself); nointerp.sh (#! names a missing file);
  * script.sh ("#!DIR/exec_probe -x"); loop (a symlink to itself).
  *
- * Every failing execve runs in this very process, which must keep running.
+ * Every failing execve runs in this very process, which must keep running;
+ * then fork + exec of a #! script, what an exec keeps, and with "at",
+ * fexecve and execveat relative to a directory fd.
  * Output (identical natively and in every fork mode): one line per case.
  */
 #define _GNU_SOURCE
@@ -15,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #define PROG "exec_test"
@@ -68,6 +71,32 @@ static void run_probe(const char *path, char **args)
 	printf("probe: exit %d\n", WIFEXITED(st) ? WEXITSTATUS(st) : -1);
 }
 
+/* fexecve (execveat with AT_EMPTY_PATH) and execveat relative to a directory fd */
+static void test_execveat(const char *probe)
+{
+	char *args[] = {"by-fd", NULL};
+	int st, fd;
+	pid_t pid = xfork();
+
+	if (pid == 0) {
+		fd = open(probe, O_RDONLY);
+		fexecve(fd, args, environ);
+		dprintf(2, "fexecve: %s\n", strerror(errno));
+		_exit(127);
+	}
+	st = xwaitpid(pid);
+	printf("fexecve: exit %d\n", WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+	pid = xfork();
+	if (pid == 0) {
+		fd = open(dir, O_RDONLY | O_DIRECTORY);
+		syscall(SYS_execveat, fd, "exec_probe", args, environ, 0);
+		dprintf(2, "execveat: %s\n", strerror(errno));
+		_exit(127);
+	}
+	st = xwaitpid(pid);
+	printf("execveat: exit %d\n", WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+}
+
 static void test_kept(const char *probe)
 {
 	char pid_arg[32], fd_a[32], fd_c[32];
@@ -102,8 +131,8 @@ int main(int argc, char **argv)
 	char *big;
 
 	top_pid = getpid();
-	if (argc != 2)
-		die("usage: exec_test DIR");
+	if (argc != 2 && argc != 3)
+		die("usage: exec_test DIR [at]");
 	snprintf(dir, sizeof dir, "%s/", argv[1]);
 	snprintf(probe, sizeof probe, "%sexec_probe", dir);
 	snprintf(script, sizeof script, "%sscript.sh", dir);
@@ -134,6 +163,8 @@ int main(int argc, char **argv)
 
 	run_probe(script, script_args);
 	test_kept(probe);
+	if (argc == 3 && strcmp(argv[2], "at") == 0)
+		test_execveat(probe);
 	printf("exec_test done\n");
 	return 0;
 }

@@ -8,7 +8,8 @@
  * Output (identical natively and in every fork mode):
  *   hi / system: exit 0 / system: exit 3 / popen read: from popen /
  *   pclose: exit 0 / through cat / pclose: exit 0 / spawn output: ... /
- *   spawn: exit 5 / spawn missing: ENOENT / vfork exec: exit 4 / spawn_test done
+ *   spawn: exit 5 / spawn missing: ENOENT / vfork exec: exit 4 /
+ *   spawn_test done: exec replaces it / then exec_probe's lines: it execs itself
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -133,6 +134,12 @@ int main(int argc, char **argv)
 	test_popen();
 	test_spawn(probe);
 	test_vfork(probe);
-	printf("spawn_test done\n");
-	return 0;
+	printf("spawn_test done: exec replaces it\n");
+	fflush(stdout);
+	{
+		/* the launched program itself becomes another one */
+		char *args[] = {"probe", "replaced", NULL};
+		execv(probe, args);
+		DIE_ERRNO("execv");
+	}
 }

@@ -46,6 +46,10 @@ class CloneHost(Protocol):
         """The fork failed after ``reserve_pid``."""
         ...
 
+    def child_ended_here(self, child_pid: int, status: int) -> None:
+        """A clone(CLONE_VM) child ended in its parent's VM without exec."""
+        ...
+
     def share_exec_files(self, k: Kernel, proc: Process) -> None:
         """Before a clone(CLONE_VM) child's exec: its fds without FD_CLOEXEC go to its
         new VM; pipes become cross-VM (in every local table) and count its refs."""
@@ -85,9 +89,9 @@ class VmCloneFork:
         """The instance-wide pid of a clone(CLONE_VM) child (it runs here until exec)."""
         return self.host.reserve_pid(parent)
 
-    def release_pid(self, pid: int) -> None:
+    def child_ended_here(self, pid: int, status: int) -> None:
         """A clone(CLONE_VM) child ended without exec: its leased place is not needed."""
-        self.host.release_pid(pid)
+        self.host.child_ended_here(pid, status)
 
     def exec_elsewhere(
         self,

@@ -644,6 +644,21 @@ class Supervisor:
             self.forks -= 1
         return 0
 
+    def _op_vm_child_exited(self, rec: ProcRec, pid: int, status: int, micros: int) -> int:
+        """A clone(CLONE_VM) child of ``rec`` ended inside ``rec``'s VM without exec (the
+        VM reaps it itself): it never needs its leased place, and was a process, made
+        in ``micros`` (the lease)."""
+        child = self.procs.get(pid)
+        if child is None or child.ppid != rec.pid or child.state != "starting":
+            return -errno.ESRCH
+        self.fork_seconds.append(micros / 1e6)
+        # refs its exec registered for a VM that never started (a failed start)
+        self.broker.drop_holder(pid)
+        child.state, child.status, child.ended = "reaped", status, time.monotonic()
+        child.host, child.host_pid = rec.host, rec.host_pid
+        self._free_memory(child)
+        return 0
+
     def _op_fork_started(self, rec: ProcRec, pid: int, micros: int, snapshot: int = 0) -> int:
         self.fork_seconds.append(micros / 1e6)
         child = self.procs.get(pid)

@@ -167,18 +167,28 @@ class WorkerCloneHost:
         self.start = start
         self._leases: dict[int, tuple[str, dict]] = {}  # pid -> (worker address, start)
         self._t0: dict[int, float] = {}
+        #: how long the lease took: all a clone(CLONE_VM) child's creation costs here
+        self._lease_seconds: dict[int, float] = {}
 
     def reserve_pid(self, parent: Process) -> int:
+        t0 = time.perf_counter()
         value, payload = self.link.call_full("fork_lease")
         if value < 0:
             raise GuestError(-value, "the supervisor refused the fork")
         lease = json.loads(payload)
         self._leases[value] = (lease["worker"], lease["start"])
         self._t0[value] = time.perf_counter()
+        self._lease_seconds[value] = self._t0[value] - t0
         return value
 
     def share_files(self, k: Kernel, parent: Process, child_pid: int) -> None:
         self.link.share_files(k, parent, child_pid)
+
+    def child_ended_here(self, child_pid: int, status: int) -> None:
+        self._leases.pop(child_pid, None)
+        self._t0.pop(child_pid, None)
+        micros = int(self._lease_seconds.pop(child_pid, 0.0) * 1e6)
+        self.link.call("vm_child_exited", child_pid, status, micros)
 
     def share_exec_files(self, k: Kernel, proc: Process) -> None:
         # every local table that holds one of the pipes must use the broker from now on
@@ -204,11 +214,13 @@ class WorkerCloneHost:
                 lease = json.loads(payload)
                 address, start = lease["worker"], lease["start"]
         micros = int((time.perf_counter() - self._t0.pop(child_pid)) * 1e6)
+        self._lease_seconds.pop(child_pid, None)
         self.link.call("fork_started", child_pid, micros, len(snapshot))
 
     def release_pid(self, child_pid: int) -> None:
         self._leases.pop(child_pid, None)
         self._t0.pop(child_pid, None)
+        self._lease_seconds.pop(child_pid, None)
         self.link.call("fork_failed", child_pid)
 
 

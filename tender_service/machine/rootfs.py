@@ -94,9 +94,8 @@ def parse_image(data: bytes, name: str = "image") -> BootImage:
         return BootImage(parse_elf(data, name), name, None, name)
     if not is_baked(data):
         raise ImageError(f"{name}: not an ELF file, nor a baked image (bad magic)")
-    rootfs = parse_rootfs(data, name)
-    path = rootfs.programs[0]
-    return BootImage(_program_elf(rootfs, path, name), path, rootfs, name)
+    rootfs, first = _parse_baked(data, name)
+    return BootImage(first, rootfs.programs[0], rootfs, name)
 
 
 def check_path(path: str) -> None:
@@ -120,6 +119,11 @@ def parse_rootfs(data: bytes, name: str = "image") -> RootFs:
     The checks run outermost first: magic, version (before anything a newer version
     may lay out differently), size, checksum, then every entry.
     """
+    return _parse_baked(data, name)[0]
+
+
+def _parse_baked(data: bytes, name: str) -> tuple[RootFs, ElfImage]:
+    """The tree and its first program's ELF (every program is parsed, once)."""
     n_entries, n_programs = _check_header(data, name)
     body = memoryview(data)[: len(data) - TRAILER_SIZE]
     reader = _Reader(body, HEADER.size, name)
@@ -137,9 +141,9 @@ def parse_rootfs(data: bytes, name: str = "image") -> RootFs:
     if reader.off != len(body):
         raise ImageError(f"{name}: {len(body) - reader.off} bytes after the program list")
     rootfs = RootFs(tuple(entries.values()), tuple(programs))
-    for path in programs:
-        _program_elf(rootfs, path, name, entries)  # every --bin is a valid static x86-64 ELF
-    return rootfs
+    # every --bin is a valid static x86-64 ELF
+    elfs = [_program_elf(rootfs, path, name, entries) for path in programs]
+    return rootfs, elfs[0]
 
 
 def _check_header(data: bytes, name: str) -> tuple[int, int]:

@@ -98,6 +98,18 @@ class File:
         """fcntl(F_SETFL): the status flags of this open file description."""
         self.flags = flags
 
+    def seek(self, offset: int, whence: int) -> int:
+        raise GuestError(errno.ESPIPE)
+
+    def pread(self, k: Kernel, addr: int, n: int, offset: int) -> int:
+        raise GuestError(errno.ESPIPE)
+
+    def pwrite(self, k: Kernel, addr: int, n: int, offset: int) -> int:
+        raise GuestError(errno.ESPIPE)
+
+    def getdents(self, size: int) -> bytes:
+        raise GuestError(errno.ENOTDIR)
+
     def release(self, k: Kernel) -> None:
         """The last fd referring to this file was closed."""
 
@@ -119,6 +131,9 @@ class NullFile(File):
 
     def write_bytes(self, k, lwp, data):
         return len(data)
+
+    def seek(self, offset, whence):
+        return 0
 
 
 class ZeroFile(NullFile):
@@ -186,10 +201,28 @@ class FsFile(File):
     object is the VM's handle on it, shared by this VM's fds like any file.
     """
 
-    def __init__(self, tree: FsTree, ofd: int, ino: int, is_dir: bool, flags: int) -> None:
+    def __init__(
+        self, tree: FsTree, ofd: int, ino: int, is_dir: bool, flags: int, path: bytes = b""
+    ) -> None:
         super().__init__(flags)
         self.tree, self.ofd, self.ino, self.is_dir = tree, ofd, ino, is_dir
+        self.path = path
         self.kind = "dir" if is_dir else "file"
+
+    def seek(self, offset, whence):
+        return self.tree.seek(self.ofd, offset, whence)
+
+    def pread(self, k, addr, n, offset):
+        k.mem.offset(addr, n)
+        data = self.tree.read(self.ofd, n, offset)
+        k.mem.write(addr, data)
+        return len(data)
+
+    def pwrite(self, k, addr, n, offset):
+        return self.tree.write(self.ofd, k.mem.read(addr, n), offset)
+
+    def getdents(self, size):
+        return self.tree.getdents(self.ofd, size)
 
     def read(self, k, lwp, addr, n):
         k.mem.offset(addr, n)  # EFAULT before the shared offset moves

@@ -40,7 +40,15 @@ O_DIRECTORY, O_NOFOLLOW = 0o200000, 0o400000
 S_IFMT = 0o170000
 S_IFREG, S_IFDIR, S_IFLNK, S_IFCHR = 0o100000, 0o040000, 0o120000, 0o020000
 TYPE_BITS = {FILE: S_IFREG, DIR: S_IFDIR, SYMLINK: S_IFLNK, CHR: S_IFCHR}
-DT = {FILE: 8, DIR: 4, SYMLINK: 10, CHR: 2}  # linux_dirent64 d_type
+DT = {
+    FILE: 8,
+    DIR: 4,
+    SYMLINK: 10,
+    CHR: 2,
+    "file": 8,
+    "dir": 4,
+    "symlink": 10,
+}  # linux_dirent64 d_type
 SEEK_SET, SEEK_CUR, SEEK_END = 0, 1, 2
 #: (major << 8 | minor) of the character devices, as Linux numbers them
 DEVICES = {"null": 0x103, "zero": 0x105, "urandom": 0x109, "random": 0x108, "tty": 0x500}
@@ -120,6 +128,7 @@ class Opened:
     ino: int
     kind: str
     device: str = ""
+    path: bytes = b""  # the absolute path it was opened by (/proc/PID/fd)
 
 
 class FileSystem:
@@ -309,16 +318,7 @@ class FileSystem:
             follow = not (flags & O_NOFOLLOW) and not (flags & O_CREAT and flags & O_EXCL)
             parent, name, node, trailing = self._resolve(base, path, follow)
             if node is None:
-                if not flags & O_CREAT:
-                    raise GuestError(errno.ENOENT)
-                if trailing:
-                    raise GuestError(errno.EISDIR)
-                if parent.nlink == 0:
-                    raise GuestError(errno.ENOENT)
-                node = self._new(FILE, mode)
-                node.data = bytearray()
-                parent.children[name] = node
-                parent.mtime = parent.ctime = node.ctime
+                node = self._create(parent, name, flags, mode, trailing)
             elif flags & O_CREAT and flags & O_EXCL:
                 raise GuestError(errno.EEXIST)
             if node.kind == SYMLINK:
@@ -334,7 +334,21 @@ class FileSystem:
                 return Opened(0, node.ino, CHR, node.device)
             if flags & O_TRUNC and acc != O_RDONLY and node.kind == FILE:
                 self._resize(node, 0)
-            return Opened(self._new_ofd(node, flags), node.ino, node.kind)
+            where = self._path_of_dir(node if node.kind == DIR else parent)
+            if node.kind != DIR and name not in (b".", b".."):
+                where = where.rstrip(b"/") + b"/" + name
+            return Opened(self._new_ofd(node, flags), node.ino, node.kind, path=where)
+
+    def _create(self, parent: Inode, name: bytes, flags: int, mode: int, trailing: bool) -> Inode:
+        if not flags & O_CREAT or parent.nlink == 0:
+            raise GuestError(errno.ENOENT)
+        if trailing:
+            raise GuestError(errno.EISDIR)
+        node = self._new(FILE, mode)
+        node.data = bytearray()
+        parent.children[name] = node
+        parent.mtime = parent.ctime = node.ctime
+        return node
 
     def _new_ofd(self, node: Inode, flags: int) -> int:
         ofd = OpenFile(self._next_ofd, node, flags & ~(O_CREAT | O_EXCL | O_TRUNC))
@@ -437,18 +451,8 @@ class FileSystem:
                 parent = self.inodes.get(node.parent, self.root)
                 f.listing = [(b".", node.ino, DT[DIR]), (b"..", parent.ino, DT[DIR])]
                 f.listing += [(n, c.ino, DT[c.kind]) for n, c in node.children.items()]
-            out = bytearray()
-            while f.offset < len(f.listing):
-                name, ino, dtype = f.listing[f.offset]
-                reclen = (DIRENT.size + len(name) + 1 + 7) & ~7
-                if len(out) + reclen > size:
-                    if not out:
-                        raise GuestError(errno.EINVAL)
-                    break
-                rec = DIRENT.pack(ino, f.offset + 1, reclen, dtype) + name
-                out += rec + bytes(reclen - len(rec))
-                f.offset += 1
-            return bytes(out)
+            out, f.offset = pack_dirents(f.listing, f.offset, size)
+            return out
 
     def fstat(self, ofd: int) -> Stat:
         with self._lock:
@@ -689,3 +693,21 @@ class FileSystem:
             if node.kind != FILE or not node.mode & 0o111:
                 raise GuestError(errno.EACCES)
             return bytes(node.data)
+
+
+def pack_dirents(listing: list[tuple[bytes, int, int]], start: int, size: int) -> tuple[bytes, int]:
+    """linux_dirent64 records of ``listing[start:]`` that fit in ``size`` bytes, and the
+    next start (EINVAL if not even one fits, as Linux)."""
+    out = bytearray()
+    pos = start
+    while pos < len(listing):
+        name, ino, dtype = listing[pos]
+        reclen = (DIRENT.size + len(name) + 1 + 7) & ~7
+        if len(out) + reclen > size:
+            if not out:
+                raise GuestError(errno.EINVAL)
+            break
+        rec = DIRENT.pack(ino, pos + 1, reclen, dtype) + name
+        out += rec + bytes(reclen - len(rec))
+        pos += 1
+    return bytes(out), pos

@@ -167,7 +167,6 @@ class Kernel(ProcessTable):
         if rootfs is not None:
             k.fs = Vfs(FileSystem(rootfs, config.tmpfs_size))
         k.loaded = loaded
-        k.rootfs = rootfs
         k.main = k._spawn_main(argv, env)
         return k
 
@@ -198,6 +197,8 @@ class Kernel(ProcessTable):
         fds.install(ConsoleFile(O_WRONLY, 1), fd=1)
         fds.install(ConsoleFile(O_WRONLY, 2), fd=2)
         proc = self.new_process(self.init, fds, name)
+        exe = _b(argv[0]) if argv else b""
+        proc.exe = exe if exe.startswith(b"/") else b"/" + exe.rsplit(b"/", 1)[-1]
         size = self.stack_bytes
         stack = self.alloc_stack(proc.pid)
         if not stack:

@@ -94,6 +94,8 @@ class Process:
     #: the working directory: an inode number of the instance's file system
     cwd: int = ROOT_INO
     umask: int = 0o022
+    #: the program's path (/proc/PID/exe); execve sets it
+    exe: bytes = b""
 
     def __post_init__(self) -> None:
         self.child_wq = WaitQueue(f"wait:{self.pid}")

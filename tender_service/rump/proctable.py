@@ -75,7 +75,7 @@ class ProcessTable:
             p.sigactions = dict(parent.sigactions)
             p.brk = parent.brk
             self.use_program(p, parent.program)
-            p.cwd, p.umask = parent.cwd, parent.umask
+            p.cwd, p.umask, p.exe = parent.cwd, parent.umask, parent.exe
         self.procs[pid] = p
         return p
 
@@ -132,16 +132,19 @@ class ProcessTable:
         proc.state = ProcState.ZOMBIE
         proc.status = status
         proc.ended = time.monotonic()
+        # a clone(CLONE_VM)/vfork child still runs on this stack and TLS: they go
+        # to it with the rest of the memory (release_memory), as Linux keeps the mm
+        borrowed = any(c.alive and c.vm_parent == proc.pid for c in proc.children.values())
         for lwp in proc.lwps:
             self.sched.kill(lwp.thread)
-            if lwp.stack:
+            if lwp.stack and not borrowed:
                 self.heap.free(lwp.stack, who=MEMWHO_WIREDBMK)
-            if lwp.tls:
+            if lwp.tls and not borrowed:
                 self.heap.free(lwp.tls, who=MEMWHO_WIREDBMK)
         if self.remote is not None and proc.vm_parent:
             # a clone(CLONE_VM) child that never exec'd: its pid was only leased
-            assert self.forker is not None and hasattr(self.forker, "release_pid")
-            self.forker.release_pid(proc.pid)
+            assert self.forker is not None and hasattr(self.forker, "child_ended_here")
+            self.forker.child_ended_here(proc.pid, status)
         elif self.remote is not None:
             # before the fds close: the supervisor re-parents our children before any
             # of them can see EOF on a pipe we held (as Linux orders it for them)
@@ -197,7 +200,10 @@ class ProcessTable:
         """
         heir: Process | None = self.procs.get(proc.vm_parent) if proc.vm_parent else None
         if heir is None or not heir.alive:
-            heir = next((c for c in proc.children.values() if c.alive and not c.remote), None)
+            kids = [c for c in proc.children.values() if c.alive and not c.remote]
+            # a child running in this memory first (it may be on our stack)
+            kids.sort(key=lambda c: c.vm_parent != proc.pid)
+            heir = kids[0] if kids else None
         if heir is None:
             self.heap.free_owner(proc.pid)
             for addr in list(proc.mmaps):
@@ -320,6 +326,7 @@ class ProcessTable:
                 "program": _program_state(proc.program),
                 "cwd": proc.cwd,
                 "umask": proc.umask,
+                "exe": proc.exe.decode(errors="surrogateescape"),
             },
             "lwp": {
                 "stack": lwp.stack,
@@ -340,6 +347,7 @@ class ProcessTable:
         proc.ppid, proc.pgid, proc.sid = int(p["ppid"]), int(p["pgid"]), int(p["sid"])
         proc.brk = int(p["brk"])
         proc.cwd, proc.umask = int(p.get("cwd", proc.cwd)), int(p.get("umask", 0o022)) & 0o777
+        proc.exe = str(p.get("exe", "")).encode(errors="surrogateescape")
         proc.sigactions = {
             int(a[0]): (int(a[1]), int(a[2]), int(a[3]), int(a[4])) for a in p["sigactions"]
         }

@@ -80,17 +80,26 @@ def _execve(k: Kernel, lwp: Lwp, dirfd: int, path: int, argv: int, envp: int, fl
     check_size(k, args, env)
     proc = lwp.proc
     data, resolved = k.fs.open_exec(proc, dirfd, filename, flags)
-    if not filename:  # execveat(fd, "", AT_EMPTY_PATH): "/dev/fd/N", as Linux
-        filename = resolved
-    image, args = interpret(k, proc, filename, data, args)
+    # the name the program gets (AT_EXECFN, a script's argv), as Linux's bprm->filename
+    if not filename:
+        filename = b"/dev/fd/%d" % dirfd
+    elif dirfd != AT_FDCWD and not filename.startswith(b"/"):
+        filename = b"/dev/fd/%d/%s" % (dirfd, filename)
+    image, exe, args = interpret(k, proc, filename, data, resolved, args)
     check_size(k, args, env)
     if proc.vm_parent and k.forker is not None and not k.forker.one_address_space:
         # VM clone: a clone(CLONE_VM) child runs its new program in a VM of its own
         _reset_signals(proc)
-        k.forker.exec_elsewhere(k, lwp, image, filename, args, env)  # type: ignore[attr-defined]
+        old_exe, proc.exe = proc.exe, exe  # what the new VM's /proc/self/exe names
+        try:
+            k.forker.exec_elsewhere(k, lwp, image, filename, args, env)  # type: ignore[attr-defined]
+        except GuestError:
+            proc.exe = old_exe
+            raise
         k.execs += 1
         return NORETURN
     replace_program(k, lwp, image, filename, args, env)
+    proc.exe = exe
     return NORETURN
 
 
@@ -137,19 +146,21 @@ def parse_shebang(data: bytes) -> tuple[bytes, bytes | None]:
 
 
 def interpret(
-    k: Kernel, proc: Process, filename: bytes, data: bytes, args: list[bytes]
-) -> tuple[ElfImage, list[bytes]]:
-    """Follow ``#!`` lines to an ELF; (the image, argv as the program sees it)."""
+    k: Kernel, proc: Process, filename: bytes, data: bytes, resolved: bytes, args: list[bytes]
+) -> tuple[ElfImage, bytes, list[bytes]]:
+    """Follow ``#!`` lines to an ELF; (the image, its resolved path, argv as the
+    program sees it)."""
     for _ in range(MAX_INTERP_DEPTH + 1):
         if not data.startswith(b"#!"):
             try:
-                return parse_elf(data, filename.decode(errors="replace"), digest=False), args
+                name = filename.decode(errors="replace")
+                return parse_elf(data, name, digest=False), resolved, args
             except ImageError as e:
                 raise GuestError(errno.ENOEXEC, str(e)) from e
         interp, arg = parse_shebang(data)
         args = [interp, *([arg] if arg is not None else []), filename, *args[1:]]
         filename = interp
-        data, _ = k.fs.open_exec(proc, AT_FDCWD, interp, 0)
+        data, resolved = k.fs.open_exec(proc, AT_FDCWD, interp, 0)
     raise GuestError(errno.ELOOP, "#! interpreters nested too deep")
 
 

@@ -1,50 +1,26 @@
-"""File descriptor I/O: read/write and friends, dup, fcntl, ioctl, open, stat.
+"""File descriptor I/O: read/write and friends, seek, dup, fcntl, ioctl, getdents, sync.
 
-There is no file system yet: ``open`` knows /dev/null, /dev/zero and
-/dev/urandom, everything else is ENOENT.
+Path syscalls (open, stat, ...) are ``sys_fs``; these act on an open file,
+whatever it is: a file of the instance's file system, a pipe, the console, a
+device or a /proc file.
 """
 
 from __future__ import annotations
 
 import errno
-import struct
 from typing import TYPE_CHECKING
 
 from tender_service.machine.errors import GuestError
-from tender_service.rump.files import (
-    FIONBIO,
-    O_ACCMODE,
-    O_APPEND,
-    O_CLOEXEC,
-    O_CREAT,
-    O_DIRECTORY,
-    O_EXCL,
-    O_NONBLOCK,
-    S_IFCHR,
-    S_IFIFO,
-    ConsoleFile,
-    NullFile,
-    ZeroFile,
-)
-from tender_service.rump.syscalls.abi import i32, read_iovecs
+from tender_service.rump.files import FIONBIO, O_APPEND, O_CLOEXEC, O_NONBLOCK
+from tender_service.rump.syscalls.abi import i32, i64, read_iovecs
 
 if TYPE_CHECKING:
     from tender_service.rump.kernel import Kernel
     from tender_service.rump.process import Lwp
 
-AT_FDCWD = -100
 SEEK_SET, SEEK_CUR, SEEK_END = 0, 1, 2
 F_DUPFD, F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_DUPFD_CLOEXEC = 0, 1, 2, 3, 4, 1030
 FD_CLOEXEC = 1
-STAT = struct.Struct("<QQQIIIIQqqqqqqqqq24x")  # struct stat, x86-64 (144 bytes)
-F_OK = 0
-
-DEVICES = {
-    b"/dev/null": "null",
-    b"/dev/zero": "zero",
-    b"/dev/urandom": "urandom",
-    b"/dev/random": "urandom",
-}
 
 
 def sys_read(k: Kernel, lwp: Lwp, fd: int, buf: int, count: int) -> int:
@@ -80,13 +56,21 @@ def sys_writev(k: Kernel, lwp: Lwp, fd: int, iov: int, iovcnt: int) -> int:
 
 
 def sys_pread64(k: Kernel, lwp: Lwp, fd: int, buf: int, count: int, off: int) -> int:
-    lwp.proc.fds.get(i32(fd))
-    raise GuestError(errno.ESPIPE)
+    f = lwp.proc.fds.get(i32(fd))
+    if not f.readable:
+        raise GuestError(errno.EBADF)
+    if i64(off) < 0:
+        raise GuestError(errno.EINVAL)
+    return f.pread(k, buf, min(count, 0x7FFFF000), i64(off))
 
 
 def sys_pwrite64(k: Kernel, lwp: Lwp, fd: int, buf: int, count: int, off: int) -> int:
-    lwp.proc.fds.get(i32(fd))
-    raise GuestError(errno.ESPIPE)
+    f = lwp.proc.fds.get(i32(fd))
+    if not f.writable:
+        raise GuestError(errno.EBADF)
+    if i64(off) < 0:
+        raise GuestError(errno.EINVAL)
+    return f.pwrite(k, buf, min(count, 0x7FFFF000), i64(off))
 
 
 def sys_close(k: Kernel, lwp: Lwp, fd: int) -> int:
@@ -98,9 +82,7 @@ def sys_lseek(k: Kernel, lwp: Lwp, fd: int, offset: int, whence: int) -> int:
     f = lwp.proc.fds.get(i32(fd))
     if i32(whence) not in (SEEK_SET, SEEK_CUR, SEEK_END):
         raise GuestError(errno.EINVAL)
-    if isinstance(f, NullFile):
-        return 0
-    raise GuestError(errno.ESPIPE)
+    return f.seek(i64(offset), i32(whence))
 
 
 def sys_ioctl(k: Kernel, lwp: Lwp, fd: int, req: int, arg: int) -> int:
@@ -131,7 +113,7 @@ def sys_fcntl(k: Kernel, lwp: Lwp, fd: int, cmd: int, arg: int) -> int:
         return e.file.flags
     if cmd == F_SETFL:
         keep = e.file.flags & ~(O_APPEND | O_NONBLOCK)
-        e.file.flags = keep | (arg & (O_APPEND | O_NONBLOCK))
+        e.file.set_flags(keep | (arg & (O_APPEND | O_NONBLOCK)))
         return 0
     raise GuestError(errno.EINVAL)
 
@@ -157,103 +139,18 @@ def sys_dup3(k: Kernel, lwp: Lwp, oldfd: int, newfd: int, flags: int) -> int:
     return lwp.proc.fds.dup_to(k, oldfd, newfd, cloexec=bool(flags & O_CLOEXEC))
 
 
-def _lookup(k: Kernel, lwp: Lwp, dirfd: int, name: bytes) -> str:
-    """The device a path names, resolved as Linux walks it; ENOENT for anything else.
-
-    The only tree is ``/`` > ``dev`` > the devices, and the cwd is always
-    ``/``: so ``dev/null``, ``//dev/./null`` and ``/dev/../dev/null`` name
-    /dev/null as on Linux, a component after a device (``/dev/null/..``,
-    ``/dev/null/``) is ENOTDIR, and a relative path against a ``dirfd`` that
-    is not AT_FDCWD is EBADF or ENOTDIR (no fd is a directory).  Nothing here
-    ever reaches a host file: the answer is a name from DEVICES or an errno.
-    """
-    if not name:
-        raise GuestError(errno.ENOENT)
-    if not name.startswith(b"/") and i32(dirfd) != AT_FDCWD:
-        lwp.proc.fds.get(i32(dirfd))  # EBADF
-        raise GuestError(errno.ENOTDIR)
-    where: list[bytes] = []  # the directories walked: [] is /, [b"dev"] is /dev
-    device: bytes | None = None
-    for part in name.split(b"/"):
-        if device is not None:  # anything after a device, even "" (a trailing slash)
-            raise GuestError(errno.ENOTDIR)
-        if part in (b"", b"."):
-            continue
-        if part == b"..":
-            where = where[:-1]
-        elif not where and part == b"dev":
-            where = [part]
-        elif where == [b"dev"] and b"/dev/" + part in DEVICES:
-            device = b"/dev/" + part
-        else:
-            raise GuestError(errno.ENOENT)
-    if device is None:  # / or /dev: directories we do not expose
-        raise GuestError(errno.ENOENT)
-    return DEVICES[device]
-
-
-def _open(k: Kernel, lwp: Lwp, dirfd: int, path: int, flags: int) -> int:
-    dev = _lookup(k, lwp, dirfd, k.mem.cstring(path))
-    flags = i32(flags)
-    if flags & O_CREAT and flags & O_EXCL:
-        raise GuestError(errno.EEXIST)
-    if flags & O_DIRECTORY:
-        raise GuestError(errno.ENOTDIR)
-    acc = flags & O_ACCMODE
-    f = NullFile(acc) if dev == "null" else ZeroFile(acc, random=dev == "urandom")
-    f.flags |= flags & (O_NONBLOCK | O_APPEND)
-    return lwp.proc.fds.install(f, cloexec=bool(flags & O_CLOEXEC))
-
-
-def sys_open(k: Kernel, lwp: Lwp, path: int, flags: int, mode: int) -> int:
-    return _open(k, lwp, AT_FDCWD, path, flags)
-
-
-def sys_openat(k: Kernel, lwp: Lwp, dirfd: int, path: int, flags: int, mode: int) -> int:
-    return _open(k, lwp, dirfd, path, flags)
-
-
-def _stat_of(k: Kernel, f) -> bytes:
-    if isinstance(f, ConsoleFile):
-        mode = (S_IFCHR if k.console.tty else S_IFIFO) | 0o620
-        rdev = 0x8800 if k.console.tty else 0
-    elif f.kind == "pipe":
-        mode, rdev = S_IFIFO | 0o600, 0
-    else:
-        mode, rdev = S_IFCHR | 0o666, 0x103
-    return STAT.pack(1, id(f) & 0xFFFF_FFFF, 1, mode, 0, 0, 0, rdev, 0, 4096, 0, 0, 0, 0, 0, 0, 0)
-
-
-def sys_fstat(k: Kernel, lwp: Lwp, fd: int, buf: int) -> int:
+def sys_getdents64(k: Kernel, lwp: Lwp, fd: int, dirp: int, count: int) -> int:
     f = lwp.proc.fds.get(i32(fd))
-    k.mem.write(buf, _stat_of(k, f))
+    size = min(count & 0xFFFF_FFFF, 1 << 20)
+    k.mem.offset(dirp, size)  # EFAULT before the directory offset moves
+    data = f.getdents(size)
+    k.mem.write(dirp, data)
+    return len(data)
+
+
+def sys_fsync(k: Kernel, lwp: Lwp, fd: int) -> int:
+    """fsync/fdatasync: memory is the storage; EINVAL for what cannot be synced, as Linux."""
+    f = lwp.proc.fds.get(i32(fd))
+    if f.kind in ("pipe", "console", "procfile", "procdir"):
+        raise GuestError(errno.EINVAL)
     return 0
-
-
-def sys_newfstatat(k: Kernel, lwp: Lwp, dirfd: int, path: int, buf: int, flags: int) -> int:
-    name = k.mem.cstring(path)
-    if name == b"" and flags & 0x1000:  # AT_EMPTY_PATH: fstat of dirfd
-        return sys_fstat(k, lwp, dirfd, buf)
-    _lookup(k, lwp, dirfd, name)
-    k.mem.write(buf, _stat_of(k, NullFile()))
-    return 0
-
-
-def sys_stat(k: Kernel, lwp: Lwp, path: int, buf: int) -> int:
-    return sys_newfstatat(k, lwp, AT_FDCWD & 0xFFFF_FFFF, path, buf, 0)
-
-
-def sys_access(k: Kernel, lwp: Lwp, path: int, mode: int) -> int:
-    return sys_faccessat(k, lwp, AT_FDCWD & 0xFFFF_FFFF, path, mode)
-
-
-def sys_faccessat(k: Kernel, lwp: Lwp, dirfd: int, path: int, mode: int) -> int:
-    _lookup(k, lwp, dirfd, k.mem.cstring(path))
-    return 0
-
-
-def sys_getcwd(k: Kernel, lwp: Lwp, buf: int, size: int) -> int:
-    if size < 2:
-        raise GuestError(errno.ERANGE)
-    k.mem.write(buf, b"/\0")
-    return 2

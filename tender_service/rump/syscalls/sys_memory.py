@@ -16,6 +16,7 @@ from tender_service.bmk.memalloc import MEMWHO_USER
 from tender_service.machine.errors import GuestError
 from tender_service.machine.hypercalls import HC_MAGIC
 from tender_service.machine.layout import PAGE_SIZE, page_up
+from tender_service.rump.files import FsFile
 from tender_service.rump.syscalls.abi import i32
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ MAP_SHARED, MAP_PRIVATE, MAP_SHARED_VALIDATE, MAP_FIXED, MAP_ANONYMOUS = 1, 2, 3
 MAP_FIXED_NOREPLACE = 0x100000
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 MADV_DONTNEED = 4
+PROT_WRITE = 2
 
 
 def sys_brk(k: Kernel, lwp: Lwp, addr: int) -> int:
@@ -53,10 +55,9 @@ def sys_mmap(
         raise GuestError(errno.EINVAL)
     if off & (PAGE_SIZE - 1):
         raise GuestError(errno.EINVAL)
+    contents = b""
     if not flags & MAP_ANONYMOUS:
-        f = lwp.proc.fds.get(i32(fd))
-        if f.kind != "zero":
-            raise GuestError(errno.ENODEV)
+        contents = _file_contents(k, lwp, fd, kind, prot, off, length)
     size = page_up(length)
     if size > k.config.ram:
         raise GuestError(errno.ENOMEM)
@@ -72,8 +73,28 @@ def sys_mmap(
     if start is None:
         raise GuestError(errno.ENOMEM)
     k.mem.fill(start, size)
+    k.mem.write(start, contents)
     lwp.proc.mmaps[start] = size
     return start
+
+
+def _file_contents(k: Kernel, lwp: Lwp, fd: int, kind: int, prot: int, off: int, n: int) -> bytes:
+    """What a file mapping starts with: /dev/zero's zeroes, or a copy of a file's bytes.
+
+    With no MMU a mapping is a copy: private mappings are exactly that, and a
+    shared one is only allowed read-only (no later write() could show through
+    a writable one, nor its stores reach the file).
+    """
+    f = lwp.proc.fds.get(i32(fd))
+    if f.kind == "zero":
+        return b""
+    if not isinstance(f, FsFile) or f.is_dir:
+        raise GuestError(errno.ENODEV)
+    if not f.readable or (kind != MAP_PRIVATE and prot & PROT_WRITE and not f.writable):
+        raise GuestError(errno.EACCES)
+    if kind != MAP_PRIVATE and prot & PROT_WRITE:
+        raise GuestError(errno.ENODEV)  # shared writable file mappings: not supported
+    return k.fs.tree.contents(f.ofd)[off : off + n]
 
 
 def sys_munmap(k: Kernel, lwp: Lwp, addr: int, length: int) -> int:

@@ -355,7 +355,3 @@ def sys_getrusage(k: Kernel, lwp: Lwp, who: int, usage: int) -> int:
         raise GuestError(errno.EINVAL)
     k.mem.write(usage, bytes(RUSAGE_SIZE))
     return 0
-
-
-def sys_umask(k: Kernel, lwp: Lwp, mask: int) -> int:
-    return 0o022

@@ -1,7 +1,7 @@
 """The syscall table: Linux x86-64 number -> (handler, support level, note).
 
 One table maps numbers to handlers; the handlers live with their family, one
-module each (``sys_io``, ``sys_pipe``, ``sys_process``, ``sys_signal``,
+module each (``sys_io``, ``sys_fs``, ``sys_pipe``, ``sys_process``, ``sys_signal``,
 ``sys_memory``, ``sys_time``, ``sys_sched``, ``sys_futex``, ``sys_system``, as
 gVisor's ``sys_*.go``).  The table is also
 the documentation: ``unifork syscalls`` and docs/syscalls.md are generated
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from tender_service.machine import hypercalls as hc
 from tender_service.rump.syscalls import (
     sys_exec,
+    sys_fs,
     sys_futex,
     sys_io,
     sys_memory,
@@ -53,29 +54,59 @@ class Entry:
 F, P, E = Support.FULL, Support.PARTIAL, Support.ERROR
 
 SYSCALLS: list[tuple[int, Callable[..., object], Support, str]] = [
-    # io
+    # io (open files of any kind)
     (0, sys_io.sys_read, F, ""),
     (1, sys_io.sys_write, F, ""),
-    (2, sys_io.sys_open, P, "/dev/null, /dev/zero, /dev/urandom only; no file system (ENOENT)"),
     (3, sys_io.sys_close, F, ""),
-    (4, sys_io.sys_stat, P, "devices only"),
-    (5, sys_io.sys_fstat, F, "console, pipes, devices"),
-    (6, sys_io.sys_stat, P, "lstat: devices only"),
-    (8, sys_io.sys_lseek, P, "ESPIPE on console and pipes"),
+    (8, sys_io.sys_lseek, F, "files and directories; ESPIPE on console and pipes"),
     (16, sys_io.sys_ioctl, P, "TCGETS/TIOCGWINSZ on a tty console, FIONREAD, FIONBIO"),
-    (17, sys_io.sys_pread64, E, "ESPIPE: no seekable files"),
-    (18, sys_io.sys_pwrite64, E, "ESPIPE: no seekable files"),
+    (17, sys_io.sys_pread64, F, "files; ESPIPE on pipes and the console"),
+    (18, sys_io.sys_pwrite64, F, "files (O_APPEND appends, as Linux); ESPIPE on pipes"),
     (19, sys_io.sys_readv, F, ""),
     (20, sys_io.sys_writev, F, "atomic for pipes like write"),
-    (21, sys_io.sys_access, P, "devices only"),
     (32, sys_io.sys_dup, F, ""),
     (33, sys_io.sys_dup2, F, ""),
     (72, sys_io.sys_fcntl, P, "F_DUPFD(_CLOEXEC), F_GETFD/SETFD, F_GETFL/SETFL; no locks"),
-    (79, sys_io.sys_getcwd, P, "always /"),
-    (257, sys_io.sys_openat, P, "as open"),
-    (262, sys_io.sys_newfstatat, P, "AT_EMPTY_PATH and devices"),
-    (269, sys_io.sys_faccessat, P, "devices only"),
+    (74, sys_io.sys_fsync, F, "memory is the storage; EINVAL on pipes and the console"),
+    (75, sys_io.sys_fsync, F, "fdatasync: as fsync"),
+    (217, sys_io.sys_getdents64, F, "tree directories, /proc"),
     (292, sys_io.sys_dup3, F, ""),
+    # file system (paths): one tree per instance, rump/fs.py
+    (2, sys_fs.sys_open, F, "O_CREAT/EXCL/TRUNC/APPEND/DIRECTORY/NOFOLLOW/CLOEXEC; /dev, /proc"),
+    (4, sys_fs.sys_stat, F, ""),
+    (5, sys_fs.sys_fstat, F, ""),
+    (6, sys_fs.sys_lstat, F, ""),
+    (21, sys_fs.sys_access, F, "root: only X_OK can fail (EACCES without an x bit)"),
+    (76, sys_fs.sys_truncate, F, "ENOSPC past the instance's tmpfs size"),
+    (77, sys_fs.sys_ftruncate, F, ""),
+    (79, sys_fs.sys_getcwd, F, ""),
+    (80, sys_fs.sys_chdir, F, ""),
+    (81, sys_fs.sys_fchdir, F, ""),
+    (82, sys_fs.sys_rename, F, ""),
+    (83, sys_fs.sys_mkdir, F, ""),
+    (84, sys_fs.sys_rmdir, F, ""),
+    (85, sys_fs.sys_creat, F, ""),
+    (86, sys_fs.sys_link, F, ""),
+    (87, sys_fs.sys_unlink, F, ""),
+    (88, sys_fs.sys_symlink, F, ""),
+    (89, sys_fs.sys_readlink, F, "also /proc/self/exe, /proc/self/fd/N"),
+    (90, sys_fs.sys_chmod, F, ""),
+    (91, sys_fs.sys_fchmod, F, ""),
+    (95, sys_fs.sys_umask, F, "per process, inherited at fork"),
+    (257, sys_fs.sys_openat, F, "as open"),
+    (258, sys_fs.sys_mkdirat, F, ""),
+    (262, sys_fs.sys_newfstatat, F, "AT_EMPTY_PATH, AT_SYMLINK_NOFOLLOW"),
+    (263, sys_fs.sys_unlinkat, F, "AT_REMOVEDIR"),
+    (264, sys_fs.sys_renameat, F, ""),
+    (265, sys_fs.sys_linkat, F, "AT_SYMLINK_FOLLOW"),
+    (266, sys_fs.sys_symlinkat, F, ""),
+    (267, sys_fs.sys_readlinkat, F, ""),
+    (268, sys_fs.sys_fchmodat, F, ""),
+    (269, sys_fs.sys_faccessat, F, "as access"),
+    (280, sys_fs.sys_utimensat, F, "UTIME_NOW, UTIME_OMIT, futimens"),
+    (316, sys_fs.sys_renameat2, P, "flags 0 only (EINVAL otherwise)"),
+    (332, sys_fs.sys_statx, F, "STATX_BASIC_STATS"),
+    (439, sys_fs.sys_faccessat2, F, "AT_SYMLINK_NOFOLLOW, AT_EACCESS"),
     # pipes
     (22, sys_pipe.sys_pipe, F, "64 KiB, PIPE_BUF 4096 atomic"),
     (293, sys_pipe.sys_pipe2, F, "O_NONBLOCK, O_CLOEXEC"),
@@ -84,7 +115,8 @@ SYSCALLS: list[tuple[int, Callable[..., object], Support, str]] = [
         9,
         sys_memory.sys_mmap,
         P,
-        "anonymous (and /dev/zero); MAP_FIXED only inside existing mappings",
+        "anonymous, /dev/zero, files (a private copy; MAP_SHARED read-only); "
+        "MAP_FIXED only inside existing mappings",
     ),
     (10, sys_memory.sys_mprotect, P, "no MMU: succeeds without effect, as on Rumprun"),
     (
@@ -122,7 +154,6 @@ SYSCALLS: list[tuple[int, Callable[..., object], Support, str]] = [
     (59, sys_exec.sys_execve, F, "ELF (static, static-PIE) and #! scripts from the file system"),
     (60, sys_process.sys_exit, F, "ends the process (one LWP per process)"),
     (61, sys_process.sys_wait4, F, "Linux status words, WNOHANG, pid/-1/0/-pgid; rusage zeroed"),
-    (95, sys_process.sys_umask, P, "always 022"),
     (97, sys_process.sys_getrlimit, P, "STACK, NOFILE, NPROC, AS from the VM config"),
     (98, sys_process.sys_getrusage, P, "zeroed"),
     (102, sys_process.sys_getuid, F, "root"),
