@@ -22,10 +22,13 @@ from typing import TYPE_CHECKING
 from tender_service.bmk.sched import WaitQueue
 from tender_service.machine.errors import GuestError
 from tender_service.rump.fdtable import FdEntry
+from tender_service.rump.files import FsFile
 from tender_service.rump.pipe import PipeEnd
+from tender_service.rump.vfs import Vfs
 from tender_service.transports.channel import Channel, ChannelClosed
 from tender_service.transports.frames import MAX_PAYLOAD, Frame, ProtocolError
 from tender_service.transports.protocol import NONBLOCK, Msg
+from tender_service.transports.remote_fs import RemoteFs
 from tender_service.transports.remote_pipe import RemotePipeEnd
 
 if TYPE_CHECKING:
@@ -60,11 +63,14 @@ class VmLink:
         self._reader: threading.Thread | None = None
         #: supervisor messages that could wake the VM, handled so far (see ``idle``)
         self.events_done = 0
+        #: the instance's file system, which the supervisor holds
+        self.fs_tree = RemoteFs(self)
 
     # -- wiring ------------------------------------------------------------------------
     def attach(self, k: Kernel) -> None:
         self.kernel = k
         k.remote = self
+        k.fs = Vfs(self.fs_tree)  # one tree per instance: the supervisor's
         self._reader = threading.Thread(
             target=self._read_loop, name=f"vmlink-{self.pid}", daemon=True
         )
@@ -74,8 +80,17 @@ class VmLink:
         for off in range(0, len(data), MAX_PAYLOAD):
             self._notify(Frame(Msg.CONSOLE, 0, 0, fd, pid, bytes(data[off : off + MAX_PAYLOAD])))
 
-    def make_file(self, state: dict) -> RemotePipeEnd:
-        """Snapshot factory for remote pipe ends (see fork/snapshot.py)."""
+    def make_file(self, state: dict) -> RemotePipeEnd | FsFile:
+        """Snapshot factory for remote pipe ends and files (see fork/snapshot.py)."""
+        if state.get("kind") == "fsfile":
+            return FsFile(
+                self.fs_tree,
+                int(state["ofd"]),
+                int(state["ino"]),
+                bool(state["dir"]),
+                int(state.get("flags", 0)),
+                str(state.get("path", "")).encode("latin-1"),
+            )
         if state.get("kind") != "rpipe":
             raise ValueError(f"unknown file kind {state.get('kind')!r} in snapshot")
         return RemotePipeEnd(
@@ -117,6 +132,12 @@ class VmLink:
         whether a message it sent since could still wake us (then this is no deadlock)."""
         self._notify(
             Frame(Msg.IDLE, 0, 0, 0, self.events_done, "\n".join(blocked).encode()[:MAX_PAYLOAD])
+        )
+
+    def notify_call(self, op: str, *args: int) -> None:
+        """A request whose answer nobody waits for (request number 0)."""
+        self._notify(
+            Frame(Msg.CALL, 0, 0, 0, 0, json.dumps({"op": op, "args": list(args)}).encode())
         )
 
     def call(self, op: str, *args: int) -> int:
@@ -194,6 +215,9 @@ class VmLink:
         seen: set[int] = set()
         for e in proc.fds.entries.values():
             f = e.file
+            if isinstance(f, FsFile) and id(f) not in seen:
+                seen.add(id(f))  # the child holds the same open file description
+                self.fs_tree.hold(f.ofd, child_pid)
             if isinstance(f, RemotePipeEnd) and id(f) not in seen:
                 seen.add(id(f))
                 value = self.call(
