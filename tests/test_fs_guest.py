@@ -70,3 +70,12 @@ def test_vmclone_matches_native(native_out: str, pool: WarmPool, transport: str)
     assert (result.outcome, result.status) == ("exited", 0), (out, result.reports)
     assert result.forks == 1
     assert out == native_out
+
+
+def test_a_full_tmpfs_is_enospc_in_the_guest() -> None:
+    """Past the instance's tmpfs size a write writes what fits, then fails with ENOSPC."""
+    r = vm("fs_bench", "/tmp/big", "4", tmpfs_size=1 << 20)
+    assert r.result.status == 0, (r.out, r.result.reports)
+    assert r.out == "write stopped: ENOSPC after 1048576 bytes\nread 1048576 bytes\n"
+    full = vm("fs_bench", "/tmp/big", "1", tmpfs_size=1 << 20)
+    assert full.out == "wrote 1048576 bytes\nread 1048576 bytes\n"  # exactly the limit fits
