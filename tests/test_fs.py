@@ -189,3 +189,32 @@ def test_rename_unlink_rmdir_link() -> None:
     assert errno_of(fs.unlink, ROOT_INO, b"/tmp/d") == errno.EISDIR
     fs.rmdir(ROOT_INO, b"/tmp/d")
     assert fs.getcwd(fs.chdir(ROOT_INO, b"/tmp")) == b"/tmp"
+
+
+def test_the_supervisor_side_refuses_what_a_vm_may_not_do() -> None:
+    """FsHost (VM-clone): a VM uses only its own open file descriptions, known methods,
+    integer/bytes arguments; a VM that ends gives back what it held."""
+    import json
+
+    from tender_service.transports.fs_host import FsHost
+    from tender_service.transports.remote_fs import decode, request
+
+    host = FsHost(FileSystem(size_limit=1 << 20))
+    value, payload = host.call(2, request("open", (ROOT_INO, b"/tmp/f", O_CREAT | O_RDWR, 0o644)))
+    assert value == 0
+    opened = decode(json.loads(payload))
+    assert host.call(2, request("write", (opened.ofd, b"abc", -1)))[0] == 0
+    assert host.call(3, request("read", (opened.ofd, 10, 0)))[0] == -errno.EBADF  # not pid 3's
+    assert host.call(2, request("hold", (opened.ofd,)))[0] == -errno.ENOSYS
+    assert host.call(2, request("__init__", ()))[0] == -errno.ENOSYS
+    assert host.call(2, b"{not json")[0] == -errno.EINVAL
+    assert host.call(2, b'{"m": "stat", "a": [1, {"x": 1}]}')[0] == -errno.EINVAL
+    assert host.call(2, b'{"m": "stat", "a": [1, 2.5]}')[0] == -errno.EINVAL
+    assert host.call(2, request("stat", (ROOT_INO,)))[0] == -errno.EINVAL  # too few
+    assert host.hold(3, opened.ofd, 4) == -errno.EBADF  # pid 3 holds nothing to hand on
+    assert host.hold(2, opened.ofd, 3) == 0
+    host.call(2, request("unlink", (ROOT_INO, b"/tmp/f")))
+    host.drop_holder(2)
+    assert host.fs.used == 3  # pid 3 still has it open
+    host.drop_holder(3)
+    assert host.fs.used == 0 and not host.fs.ofds

@@ -13,7 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import native, vm
+from support import image_path, native, vm
+
+from tender_service.instance.backends.vmclone import run_vmclone
+from tender_service.instance.pool import WarmPool
+from tender_service.rump.vminfo import VmConfig
+from tender_service.vm import CaptureSink
 
 
 @pytest.fixture(scope="module")
@@ -36,3 +41,41 @@ def test_thread_mode_matches_native(native_out: str) -> None:
     r = vm("fs_ops", "/tmp/w")
     assert r.result.status == 0, (r.out, r.stderr, r.result.reports)
     assert r.out == native_out
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[WarmPool]:
+    p = WarmPool(2)
+    try:
+        p.wait_ready(60)
+        yield p
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_vmclone_matches_native(native_out: str, pool: WarmPool, transport: str) -> None:
+    """One tree per instance: the child VM's file is its parent's after wait, and the
+    offset of an fd inherited across the VM-clone fork is shared (fs_ops's fork part)."""
+    sink = CaptureSink()
+    result = run_vmclone(
+        image_path("fs_ops"),
+        ["/tmp/w"],
+        config=VmConfig(timeout=120),
+        sink=sink,
+        transport=transport,
+        pool=pool,
+    )
+    out = bytes(sink.stdout).decode(errors="replace")
+    assert (result.outcome, result.status) == ("exited", 0), (out, result.reports)
+    assert result.forks == 1
+    assert out == native_out
+
+
+def test_a_full_tmpfs_is_enospc_in_the_guest() -> None:
+    """Past the instance's tmpfs size a write writes what fits, then fails with ENOSPC."""
+    r = vm("fs_bench", "/tmp/big", "4", tmpfs_size=1 << 20)
+    assert r.result.status == 0, (r.out, r.result.reports)
+    assert r.out == "write stopped: ENOSPC after 1048576 bytes\nread 1048576 bytes\n"
+    full = vm("fs_bench", "/tmp/big", "1", tmpfs_size=1 << 20)
+    assert full.out == "wrote 1048576 bytes\nread 1048576 bytes\n"  # exactly the limit fits

@@ -32,7 +32,9 @@ from typing import Any, Protocol
 
 from tender_service.instance.budget import MemoryBudget
 from tender_service.instance.stdin import StdinServer
+from tender_service.machine.rootfs import RootFs
 from tender_service.rump import pgroups, signals
+from tender_service.rump.fs import FileSystem
 from tender_service.rump.vminfo import ProcInfo, RunResult, VmConfig
 from tender_service.transports.broker import PipeBroker
 from tender_service.transports.channel import (
@@ -45,13 +47,14 @@ from tender_service.transports.channel import (
     keep_alive,
 )
 from tender_service.transports.frames import Frame, ProtocolError
+from tender_service.transports.fs_host import FsHost
 from tender_service.transports.protocol import END_READ, NONBLOCK, SIGPIPE_FLAG, Msg
 
 log = logging.getLogger(__name__)
 
 INIT_PID = 1
 MAIN_PID = 2
-_DATA_OPS = {"pipe_create"}
+_DATA_OPS = {"pipe_create", "fs"}
 #: places tried for a VM; each try is another place (a dead one is marked down), so no
 #: backoff: waiting would only delay the launch
 PLACEMENT_TRIES = 3
@@ -146,6 +149,8 @@ class Supervisor:
         self._memory_refused = False
         self.token = uuid.uuid4().hex
         self.broker = PipeBroker()
+        #: the instance's one file system, which every VM's kernel calls (issue 14)
+        self.fs = FsHost(FileSystem(None, config.tmpfs_size))
         self.procs: dict[int, ProcRec] = {}
         self.lock = threading.RLock()
         #: fd 0 of every VM (the launcher's stdin; None: EOF)
@@ -179,7 +184,13 @@ class Supervisor:
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(
-        self, image_path: str, args: list[str], env: list[str], argv0: str, reserved: int = 0
+        self,
+        image_path: str,
+        args: list[str],
+        env: list[str],
+        argv0: str,
+        reserved: int = 0,
+        rootfs: RootFs | None = None,
     ) -> None:
         """Boot the launched program as pid 2 on a tender process of the pool.
 
@@ -189,6 +200,8 @@ class Supervisor:
         The image travels as bytes with their SHA-256 (the receiver checks them):
         no process that runs VMs opens a file a request names.
         """
+        if rootfs is not None:  # a baked image: its tree is the file system's lower layer
+            self.fs = FsHost(FileSystem(rootfs, self.config.tmpfs_size))
         # in init's group and session, as in a thread-fork VM (rump.kernel._spawn_main)
         rec = self._new_proc(MAIN_PID, INIT_PID, INIT_PID, INIT_PID)
         rec.reserved = reserved
@@ -642,6 +655,7 @@ class Supervisor:
         if child is not None:
             self._free_memory(child)
             self.forks -= 1
+        self.fs.drop_holder(pid)
         return 0
 
     def _op_vm_child_exited(self, rec: ProcRec, pid: int, status: int, micros: int) -> int:
@@ -726,6 +740,18 @@ class Supervisor:
             return -errno.EBADF
         return 0
 
+    def _op_fs(self, rec: ProcRec, data: bytes) -> tuple[int, bytes]:
+        return self.fs.call(rec.pid, data)
+
+    def _op_fs_hold(self, rec: ProcRec, ofd: int, child: int) -> int:
+        target = self.procs.get(child)
+        if target is None or target.ppid != rec.pid:
+            return -errno.ESRCH  # only for a child this VM is forking
+        return self.fs.hold(rec.pid, ofd, child)
+
+    def _op_fs_release(self, rec: ProcRec, ofd: int) -> int:
+        return self.fs.release(rec.pid, ofd)
+
     # -- process ends -----------------------------------------------------------------
     def _ended(self, rec: ProcRec, status: int, report: str) -> None:
         with self.lock:
@@ -745,6 +771,7 @@ class Supervisor:
                         self._send(child, Frame(Msg.REPARENT, 0, 0, 0, INIT_PID, b""))
             self.broker.drop_holder(rec.pid)
             self.stdin.drop_holder(rec.pid)
+            self.fs.drop_holder(rec.pid)
             parent = self.procs.get(rec.ppid)
             if rec.ppid == INIT_PID or parent is None:
                 rec.state = "reaped"  # init reaps at once (the status stays on record)

@@ -254,3 +254,15 @@ class FsFile(File):
 
     def describe(self) -> str:
         return f"{self.kind} (inode {self.ino})"
+
+    def snapshot_state(self) -> dict:
+        """A VM-clone fork hands the open file description on (the tree is the
+        supervisor's there, so the child's handle names the same one)."""
+        return {
+            "kind": "fsfile",
+            "ofd": self.ofd,
+            "ino": self.ino,
+            "dir": self.is_dir,
+            "flags": self.flags,
+            "path": self.path.decode("latin-1"),
+        }

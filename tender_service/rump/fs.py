@@ -470,13 +470,13 @@ class FileSystem:
             node = self._ofd(ofd).node
             node.mode, node.ctime = mode & 0o7777, time.time_ns()
 
-    def contents(self, ofd: int) -> bytes:
-        """The whole file an ofd refers to (mmap of a file, exec of an fd)."""
+    def contents(self, ofd: int, offset: int = 0, n: int = -1) -> bytes:
+        """The file an ofd refers to, from ``offset`` (all of it, or ``n`` bytes): mmap."""
         with self._lock:
             f = self._ofd(ofd)
             if f.node.kind != FILE:
                 raise GuestError(errno.EACCES)
-            return bytes(f.node.data)
+            return _part(f.node.data, offset, n)
 
     def stat(self, base: int, path: bytes, follow: bool = True) -> Stat:
         with self._lock:
@@ -667,10 +667,13 @@ class FileSystem:
                 raise GuestError(errno.ENOENT)
             return self._path_of_dir(node)
 
-    def open_exec(self, base: int, path: bytes, follow: bool = True) -> tuple[bytes, bytes]:
+    def open_exec(
+        self, base: int, path: bytes, follow: bool = True, offset: int = 0, n: int = -1
+    ) -> tuple[bytes, bytes]:
         """(contents, resolved absolute path) of a file execve may run.
 
         Not a regular file, or no x bit for anyone: EACCES, as Linux.
+        ``offset``/``n`` take a part of the contents (a remote caller's chunks).
         """
         with self._lock:
             parent, name, node, trailing = self._resolve(base, path, follow)
@@ -684,15 +687,15 @@ class FileSystem:
                 raise GuestError(errno.EACCES)
             where = self._path_of_dir(parent)
             full = where.rstrip(b"/") + b"/" + name
-            return bytes(node.data), full
+            return _part(node.data, offset, n), full
 
-    def exec_ofd(self, ofd: int) -> bytes:
+    def exec_ofd(self, ofd: int, offset: int = 0, n: int = -1) -> bytes:
         """The contents of an open file execveat(fd, "", AT_EMPTY_PATH) may run."""
         with self._lock:
             node = self._ofd(ofd).node
             if node.kind != FILE or not node.mode & 0o111:
                 raise GuestError(errno.EACCES)
-            return bytes(node.data)
+            return _part(node.data, offset, n)
 
 
 def pack_dirents(listing: list[tuple[bytes, int, int]], start: int, size: int) -> tuple[bytes, int]:
@@ -711,3 +714,7 @@ def pack_dirents(listing: list[tuple[bytes, int, int]], start: int, size: int) -
         out += rec + bytes(reclen - len(rec))
         pos += 1
     return bytes(out), pos
+
+
+def _part(data: bytes | bytearray, offset: int, n: int) -> bytes:
+    return bytes(data[offset:] if n < 0 else data[offset : offset + n])

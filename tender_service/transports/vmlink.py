@@ -22,11 +22,14 @@ from typing import TYPE_CHECKING
 from tender_service.bmk.sched import WaitQueue
 from tender_service.machine.errors import GuestError
 from tender_service.rump.fdtable import FdEntry
+from tender_service.rump.files import FsFile
 from tender_service.rump.outcomes import Block
 from tender_service.rump.pipe import PipeEnd
+from tender_service.rump.vfs import Vfs
 from tender_service.transports.channel import Channel, ChannelClosed
 from tender_service.transports.frames import MAX_PAYLOAD, Frame, ProtocolError
 from tender_service.transports.protocol import MAX_PIPE_CHUNK, NONBLOCK, Msg
+from tender_service.transports.remote_fs import RemoteFs
 from tender_service.transports.remote_pipe import RemotePipeEnd
 
 if TYPE_CHECKING:
@@ -62,11 +65,14 @@ class VmLink:
         self._reader: threading.Thread | None = None
         #: supervisor messages that could wake the VM, handled so far (see ``idle``)
         self.events_done = 0
+        #: the instance's file system, which the supervisor holds
+        self.fs_tree = RemoteFs(self)
 
     # -- wiring ------------------------------------------------------------------------
     def attach(self, k: Kernel) -> None:
         self.kernel = k
         k.remote = self
+        k.fs = Vfs(self.fs_tree)  # one tree per instance: the supervisor's
         self._reader = threading.Thread(
             target=self._read_loop, name=f"vmlink-{self.pid}", daemon=True
         )
@@ -76,8 +82,17 @@ class VmLink:
         for off in range(0, len(data), MAX_PAYLOAD):
             self._notify(Frame(Msg.CONSOLE, 0, 0, fd, pid, bytes(data[off : off + MAX_PAYLOAD])))
 
-    def make_file(self, state: dict) -> RemotePipeEnd:
-        """Snapshot factory for remote pipe ends (see fork/snapshot.py)."""
+    def make_file(self, state: dict) -> RemotePipeEnd | FsFile:
+        """Snapshot factory for remote pipe ends and files (see fork/snapshot.py)."""
+        if state.get("kind") == "fsfile":
+            return FsFile(
+                self.fs_tree,
+                int(state["ofd"]),
+                int(state["ino"]),
+                bool(state["dir"]),
+                int(state.get("flags", 0)),
+                str(state.get("path", "")).encode("latin-1"),
+            )
         if state.get("kind") != "rpipe":
             raise ValueError(f"unknown file kind {state.get('kind')!r} in snapshot")
         return RemotePipeEnd(
@@ -122,6 +137,12 @@ class VmLink:
         whether a message it sent since could still wake us (then this is no deadlock)."""
         self._notify(
             Frame(Msg.IDLE, 0, 0, 0, self.events_done, "\n".join(blocked).encode()[:MAX_PAYLOAD])
+        )
+
+    def notify_call(self, op: str, *args: int) -> None:
+        """A request whose answer nobody waits for (request number 0)."""
+        self._notify(
+            Frame(Msg.CALL, 0, 0, 0, 0, json.dumps({"op": op, "args": list(args)}).encode())
         )
 
     def call(self, op: str, *args: int) -> int:
@@ -222,14 +243,20 @@ class VmLink:
 
     def add_holder(self, files: list[File], pid: int) -> None:
         """Register ``pid`` (a fork's or a VM-clone exec's new VM) as holding one
-        ref of each broker pipe end among ``files``."""
-        ends = {id(f): f for f in files if isinstance(f, RemotePipeEnd)}
-        for f in ends.values():
-            value = self.call(
-                "pipe_refs", f.pipe, pid, 0 if f.write_end else 1, 1 if f.write_end else 0
-            )
-            if value < 0:
-                raise GuestError(-value, "cannot share a pipe")
+        ref of each broker pipe end and each open file description among ``files``."""
+        seen: set[int] = set()
+        for f in files:
+            if id(f) in seen:
+                continue
+            seen.add(id(f))
+            if isinstance(f, FsFile):
+                self.fs_tree.hold(f.ofd, pid)  # the same open file description
+            elif isinstance(f, RemotePipeEnd):
+                value = self.call(
+                    "pipe_refs", f.pipe, pid, 0 if f.write_end else 1, 1 if f.write_end else 0
+                )
+                if value < 0:
+                    raise GuestError(-value, "cannot share a pipe")
 
     # -- the reader thread ---------------------------------------------------------
     def _notify(self, frame: Frame) -> None:

@@ -81,7 +81,8 @@ class VmcloneBackend:
         ctx = self.ctx
         try:
             # refused here, before any VM: a bad image, a program the image lacks
-            select_program(load_image_file(spec.image), spec.args)
+            boot = load_image_file(spec.image)
+            select_program(boot, spec.args)
             sup = Supervisor(
                 self._pool(spec.placement),
                 spec.transport,
@@ -112,6 +113,7 @@ class VmcloneBackend:
                 list(DEFAULT_ENV if spec.env is None else spec.env),
                 spec.argv0 or _program_name(path.name),
                 spec.reserved,
+                rootfs=boot.rootfs,  # every VM of the instance sees this one tree
             )
         except BaseException:
             sup.close()

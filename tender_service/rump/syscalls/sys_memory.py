@@ -94,7 +94,7 @@ def _file_contents(k: Kernel, lwp: Lwp, fd: int, kind: int, prot: int, off: int,
         raise GuestError(errno.EACCES)
     if kind != MAP_PRIVATE and prot & PROT_WRITE:
         raise GuestError(errno.ENODEV)  # shared writable file mappings: not supported
-    return k.fs.tree.contents(f.ofd)[off : off + n]
+    return k.fs.tree.contents(f.ofd, off, n)
 
 
 def sys_munmap(k: Kernel, lwp: Lwp, addr: int, length: int) -> int:

@@ -1,0 +1,74 @@
+"""The supervisor's side of the instance's one file system (VM-clone mode).
+
+:class:`FsHost` serves the ``fs`` calls of every VM of the instance (see
+``remote_fs.py``) from one :class:`~tender_service.rump.fs.FileSystem`, and
+counts which VM holds which open file description, as the pipe broker counts
+pipe ends: a VM that ends (or dies) gives back what it still held, so an
+unlinked file's space returns once no process of the instance has it open.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+from collections import Counter
+
+from tender_service.machine.errors import GuestError
+from tender_service.rump.fs import FileSystem, Opened
+from tender_service.transports.remote_fs import METHODS, OFD_METHODS, encode, parse_request
+
+log = logging.getLogger(__name__)
+
+
+class FsHost:
+    def __init__(self, fs: FileSystem) -> None:
+        self.fs = fs
+        #: pid -> open file descriptions it holds (and how many times: once per VM)
+        self.holds: dict[int, Counter[int]] = {}
+
+    def call(self, pid: int, data: bytes) -> tuple[int, bytes]:
+        """One ``fs`` call of the VM of ``pid``: (0, JSON result) or (-errno, b"")."""
+        try:
+            method, args = parse_request(data)
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("pid %d: bad fs request: %s", pid, e)
+            return -errno.EINVAL, b""
+        if method not in METHODS:
+            return -errno.ENOSYS, b""
+        if method in OFD_METHODS and not (args and self.holds.get(pid, Counter())[args[0]]):
+            return -errno.EBADF, b""  # not one of this VM's open file descriptions
+        try:
+            result = getattr(self.fs, method)(*args)
+        except GuestError as e:
+            return -e.errno, b""
+        except (TypeError, ValueError, IndexError) as e:  # wrong arguments from a VM
+            log.warning("pid %d: bad fs %s request: %s", pid, method, e)
+            return -errno.EINVAL, b""
+        if isinstance(result, Opened) and result.ofd:
+            self.holds.setdefault(pid, Counter())[result.ofd] += 1
+        return 0, json.dumps(encode(result)).encode()
+
+    def hold(self, pid: int, ofd: int, holder: int) -> int:
+        """``pid`` forks ``holder``, which inherits ``ofd``."""
+        if not self.holds.get(pid, Counter())[ofd]:
+            return -errno.EBADF  # only what the parent holds can be handed on
+        self.fs.hold(ofd)
+        self.holds.setdefault(holder, Counter())[ofd] += 1
+        return 0
+
+    def release(self, pid: int, ofd: int) -> int:
+        held = self.holds.get(pid)
+        if not held or not held[ofd]:
+            return -errno.EBADF
+        held[ofd] -= 1
+        if not held[ofd]:
+            del held[ofd]
+        self.fs.release(ofd)
+        return 0
+
+    def drop_holder(self, pid: int) -> None:
+        """``pid``'s VM is gone: what it still held is released."""
+        for ofd, n in self.holds.pop(pid, Counter()).items():
+            for _ in range(n):
+                self.fs.release(ofd)

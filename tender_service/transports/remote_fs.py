@@ -1,0 +1,216 @@
+"""The instance's one file system, seen from a VM-clone VM: calls to the supervisor.
+
+In VM-clone mode every VM of an instance must see one tree (issue 14): the
+supervisor holds the :class:`~tender_service.rump.fs.FileSystem` and each VM's
+``k.fs.tree`` is a :class:`RemoteFs`, whose methods are those of the tree,
+each one synchronous ``fs`` call over the instance's channel (tcp or shm).
+Open file descriptions live in the supervisor too, so offsets and O_APPEND
+are shared across VMs as POSIX says for fds inherited at fork.
+
+Arguments and results travel as JSON; bytes as base64.  Large data moves in
+chunks under the channel's frame size.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import TYPE_CHECKING
+
+from tender_service.machine.errors import GuestError
+from tender_service.rump.fs import Opened, Stat
+
+if TYPE_CHECKING:
+    from tender_service.transports.vmlink import VmLink
+
+#: bytes of file data in one call (base64 twice stays well under frames.MAX_PAYLOAD)
+CHUNK = 256 << 10
+#: the tree's methods a VM may call (``hold``/``release`` are the supervisor's own ops)
+#: those whose first argument is an open file description the calling VM must hold
+OFD_METHODS = frozenset(
+    {"set_flags", "read", "write", "seek", "getdents", "fstat", "ftruncate", "fchmod"}
+    | {"futimens", "contents", "exec_ofd"}
+)
+METHODS = (
+    OFD_METHODS
+    | {"open", "stat", "mkdir", "rmdir", "unlink", "link", "symlink"}
+    | {"readlink", "rename", "chmod", "truncate", "utimens", "chdir", "getcwd", "open_exec"}
+)
+
+
+def encode(v: object) -> object:
+    if isinstance(v, bytes | bytearray):
+        return {"b": base64.b64encode(v).decode()}
+    if isinstance(v, Opened):
+        return {"opened": [v.ofd, v.ino, v.kind, v.device, encode(v.path)]}
+    if isinstance(v, Stat):
+        return {"stat": list(v)}
+    if isinstance(v, tuple | list):
+        return [encode(x) for x in v]
+    return v
+
+
+def decode(v: object) -> object:
+    if isinstance(v, dict):
+        if "b" in v:
+            return base64.b64decode(str(v["b"]), validate=True)
+        if "opened" in v:
+            o = v["opened"]
+            return Opened(int(o[0]), int(o[1]), str(o[2]), str(o[3]), bytes(decode(o[4])))
+        if "stat" in v:
+            return Stat(*[int(x) for x in v["stat"]])
+        raise ValueError("unknown value")
+    if isinstance(v, list):
+        return tuple(decode(x) for x in v)
+    return v
+
+
+def request(method: str, args: tuple) -> bytes:
+    return json.dumps({"m": method, "a": encode(args)}).encode()
+
+
+def parse_request(data: bytes) -> tuple[str, list[int | bool | bytes]]:
+    """(method, arguments) of a VM's call; ValueError for anything else (the VM is untrusted)."""
+    body = json.loads(data)
+    method, args = body["m"], body["a"]
+    if not isinstance(args, list):
+        raise ValueError("arguments must be a list")
+    out = [decode(a) for a in args]
+    if any(type(a) not in (int, bool, bytes) for a in out):
+        raise ValueError("arguments must be integers or bytes")
+    return str(method), out  # type: ignore[return-value]
+
+
+class RemoteFs:
+    """The supervisor's tree behind the API of ``FileSystem`` (``rump/vfs.FsTree``)."""
+
+    def __init__(self, link: VmLink) -> None:
+        self._vm = link
+
+    def _call(self, method: str, *args: object) -> object:
+        value, payload = self._vm.call_full("fs", data=request(method, args))
+        if value < 0:
+            raise GuestError(-value)
+        return decode(json.loads(payload)) if payload else None
+
+    # -- open file descriptions ----------------------------------------------------
+    def open(self, base: int, path: bytes, flags: int, mode: int) -> Opened:
+        return self._call("open", base, path, flags, mode)  # type: ignore[return-value]
+
+    def hold(self, ofd: int, holder: int) -> None:
+        """``holder`` (a VM-clone child about to start) holds ``ofd`` too."""
+        value = self._vm.call("fs_hold", ofd, holder)
+        if value < 0:
+            raise GuestError(-value)
+
+    def release(self, ofd: int) -> None:
+        # one-way: it may come after this VM's exit, when the supervisor no longer
+        # answers it (and releases what the VM still held by itself)
+        self._vm.notify_call("fs_release", ofd)
+
+    def set_flags(self, ofd: int, flags: int) -> None:
+        self._call("set_flags", ofd, flags)
+
+    def read(self, ofd: int, n: int, offset: int = -1) -> bytes:
+        return self._call("read", ofd, min(n, CHUNK), offset)  # type: ignore[return-value]
+
+    def write(self, ofd: int, data: bytes, offset: int = -1) -> int:
+        done = 0
+        while True:
+            part = data[done : done + CHUNK]
+            try:
+                n = self._call("write", ofd, part, offset if offset < 0 else offset + done)
+            except GuestError:
+                if done:
+                    return done  # a short write, as Linux reports it
+                raise
+            done += int(n)  # type: ignore[call-overload]
+            if done >= len(data) or n < len(part):
+                return done
+
+    def seek(self, ofd: int, offset: int, whence: int) -> int:
+        return self._call("seek", ofd, offset, whence)  # type: ignore[return-value]
+
+    def getdents(self, ofd: int, size: int) -> bytes:
+        return self._call("getdents", ofd, min(size, CHUNK))  # type: ignore[return-value]
+
+    def fstat(self, ofd: int) -> Stat:
+        return self._call("fstat", ofd)  # type: ignore[return-value]
+
+    def ftruncate(self, ofd: int, length: int) -> None:
+        self._call("ftruncate", ofd, length)
+
+    def fchmod(self, ofd: int, mode: int) -> None:
+        self._call("fchmod", ofd, mode)
+
+    def futimens(self, ofd: int, atime: int, mtime: int) -> None:
+        self._call("futimens", ofd, atime, mtime)
+
+    def contents(self, ofd: int, offset: int = 0, n: int = -1) -> bytes:
+        return self._chunks(lambda off, k: self._call("contents", ofd, off, k), offset, n)
+
+    def _chunks(self, get, offset: int, n: int) -> bytes:
+        out = bytearray()
+        while n < 0 or len(out) < n:
+            want = CHUNK if n < 0 else min(CHUNK, n - len(out))
+            part = get(offset + len(out), want)
+            out += part
+            if len(part) < want:
+                break
+        return bytes(out)
+
+    # -- paths --------------------------------------------------------------------------
+    def stat(self, base: int, path: bytes, follow: bool = True) -> Stat:
+        return self._call("stat", base, path, follow)  # type: ignore[return-value]
+
+    def mkdir(self, base: int, path: bytes, mode: int) -> None:
+        self._call("mkdir", base, path, mode)
+
+    def rmdir(self, base: int, path: bytes) -> None:
+        self._call("rmdir", base, path)
+
+    def unlink(self, base: int, path: bytes) -> None:
+        self._call("unlink", base, path)
+
+    def link(self, old_base: int, old: bytes, new_base: int, new: bytes, follow: bool) -> None:
+        self._call("link", old_base, old, new_base, new, follow)
+
+    def symlink(self, target: bytes, base: int, path: bytes) -> None:
+        self._call("symlink", target, base, path)
+
+    def readlink(self, base: int, path: bytes) -> bytes:
+        return self._call("readlink", base, path)  # type: ignore[return-value]
+
+    def rename(self, old_base: int, old: bytes, new_base: int, new: bytes) -> None:
+        self._call("rename", old_base, old, new_base, new)
+
+    def chmod(self, base: int, path: bytes, mode: int, follow: bool = True) -> None:
+        self._call("chmod", base, path, mode, follow)
+
+    def truncate(self, base: int, path: bytes, length: int) -> None:
+        self._call("truncate", base, path, length)
+
+    def utimens(self, base: int, path: bytes, atime: int, mtime: int, follow: bool) -> None:
+        self._call("utimens", base, path, atime, mtime, follow)
+
+    def chdir(self, base: int, path: bytes) -> int:
+        return self._call("chdir", base, path)  # type: ignore[return-value]
+
+    def getcwd(self, ino: int) -> bytes:
+        return self._call("getcwd", ino)  # type: ignore[return-value]
+
+    def open_exec(
+        self, base: int, path: bytes, follow: bool = True, offset: int = 0, n: int = -1
+    ) -> tuple[bytes, bytes]:
+        first, where = self._call("open_exec", base, path, follow, offset, CHUNK)  # type: ignore[misc]
+        if len(first) < CHUNK:
+            return first, where
+        rest = self._chunks(
+            lambda off, k: self._call("open_exec", base, path, follow, off, k)[0],  # type: ignore[index]
+            offset + CHUNK,
+            -1,
+        )
+        return first + rest, where
+
+    def exec_ofd(self, ofd: int, offset: int = 0, n: int = -1) -> bytes:
+        return self._chunks(lambda off, k: self._call("exec_ofd", ofd, off, k), offset, n)
