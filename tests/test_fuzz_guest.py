@@ -19,13 +19,15 @@ import re
 from pathlib import Path
 
 import pytest
+from elftools.elf.elffile import ELFFile
 from support import image_path, native, vm
+from unicorn import UC_HOOK_MEM_WRITE
 
 from tender_service.instance.backends.vmclone import run_vmclone
 from tender_service.instance.pool import WarmPool
 from tender_service.rump.vminfo import VmConfig
 from tender_service.toolchain.cc import compile_guest
-from tender_service.vm import CaptureSink
+from tender_service.vm import CaptureSink, create_vm
 
 SUMMARY = re.compile(
     r"seed=(\d+) calls=(\d+) ok=(\d+) errors=(\d+) skipped=\d+ vm=(\d) hist=[0-9a-f]+\n"
@@ -257,3 +259,41 @@ def test_readv_leaves_no_request_behind(readv_remote: Path, pool: WarmPool) -> N
             0,
             READV_REMOTE_OUT,
         ), pipe
+
+
+@pytest.fixture(scope="module")
+def event_replay(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    exe = tmp_path_factory.mktemp("replay") / "event_replay"
+    compile_guest([TESTS_GUEST / "event_replay.c"], exe, ["-Wall", "-Werror"])
+    return exe
+
+
+def symbol_address(exe: Path, name: str) -> int:
+    with exe.open("rb") as f:
+        sym = ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name(name)
+    assert sym, f"no symbol {name} in {exe}"
+    return int(sym[0]["st_value"])
+
+
+def test_an_event_arriving_mid_instruction_is_not_replayed(event_replay: Path) -> None:
+    """Regression (fork fuzzing, seed 5 in VM-clone mode: ok+errors = calls+1): an event
+    posted while the guest runs, here at the very store of an ``addq $1, mem``, must not
+    make that instruction run twice; the guest's next syscall takes the event first."""
+    p = native(event_replay, timeout=30)
+    assert (p.returncode, p.stdout) == (0, b"counter=1000\n")
+    sink = CaptureSink()
+    k = create_vm(event_replay, [], config=VmConfig(timeout=30), sink=sink)
+    counter = symbol_address(event_replay, "counter")
+    seen: list[int] = []  # bytes of output written when the event ran
+
+    def at_store(uc, access, address, size, value, data) -> None:
+        if value == 500:  # the 500th increment is being stored
+            k.post_event(lambda: seen.append(len(sink.stdout)))
+
+    k.cpu.uc.hook_add(UC_HOOK_MEM_WRITE, at_store, begin=counter, end=counter + 7)
+    try:
+        result = k.run()
+    finally:
+        k.close()
+    assert (result.outcome, result.status, bytes(sink.stdout)) == ("exited", 0, b"counter=1000\n")
+    assert seen == [0]  # taken once, before the write that follows the loop

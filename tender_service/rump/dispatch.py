@@ -36,8 +36,15 @@ def make_dispatcher(kernel: Kernel) -> Dispatcher:
     table, hypercalls = dispatch_table(), hypercall_table()
     ntable = len(table)
     set_rax, stop = cpu.set_rax, cpu.stop
+    events = kernel.events
 
     def dispatch(regs: ctypes.Array) -> None:
+        if events:
+            # another thread posted work while the guest ran (it was not stopped for
+            # it: see Kernel.post_event): the loop takes it, then this syscall restarts
+            kernel.restart_pending = True
+            stop()
+            return
         nr = regs[0]
         lwp = kernel.current
         assert lwp is not None  # a syscall comes from the thread that runs

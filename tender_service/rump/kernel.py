@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import selectors
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -45,7 +46,7 @@ from tender_service.rump.vminfo import RunResult, VmConfig
 
 log = logging.getLogger(__name__)
 
-#: seconds between stops while an event from another thread waits for the VM's loop
+#: seconds between stops while an event that interrupts waits for the VM's loop
 EVENT_POKE = 0.02
 
 
@@ -99,7 +100,9 @@ class Kernel(ProcessTable):
         self.console = console
         self.forker = forker
         self.remote: RemoteHost | None = None
-        self._events: deque[Callable[[], None]] = deque()
+        #: work from other threads (VM-clone: the supervisor's messages) for the loop;
+        #: a running guest's next syscall yields to it (see ``post_event``)
+        self.events: deque[Callable[[], None]] = deque()
         self.mem = mem
         self.brk_base = brk_base
         self.pages = pages
@@ -109,11 +112,11 @@ class Kernel(ProcessTable):
         self.futexes: dict[int, WaitQueue] = {}
         self.current: Lwp | None = None
         self._loaded: BmkThread | None = None
-        #: the syscall in progress parked its thread: it runs again when woken
+        #: the syscall in progress parked its thread (it runs again when woken) or
+        #: yielded to an event (it runs again once the loop has taken it)
         self.restart_pending = False
         self._stop_reason: str | None = None
         self._finished = False  # run() has returned: no more pokes
-        self._event_poke = False
         self.reports: list[str] = []
         self.forks = 0
         self.pipe_bytes = 0  # bytes written into this VM's pipes
@@ -254,29 +257,42 @@ class Kernel(ProcessTable):
         )
 
     # -- events from other threads (VM-clone: messages from the supervisor) ------------
-    def post_event(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the VM's thread soon (thread safe); interrupts a running guest."""
-        self._events.append(fn)
-        if not self._finished:
-            self.cpu.stop()
-            self._notify()
-            if not self._event_poke:
-                # a stop that lands just before the loop enters the CPU is lost: poke
-                # again until the loop has taken the event
-                self._event_poke = True
-                WATCHDOG.arm(time.monotonic() + EVENT_POKE, self._poke_events)
+    def post_event(self, fn: Callable[[], None], interrupt: bool = False) -> None:
+        """Run ``fn`` on the VM's thread soon (thread safe).
 
-    def _poke_events(self) -> None:
-        if self._events and not self._finished:
+        A blocked VM wakes at once; a running guest takes the event at its next
+        syscall (or when it blocks, or its quantum ends).  ``interrupt`` stops a
+        running guest at once: only for an event that ends its process (SIGKILL).
+        Unicorn stops a guest from another thread after any memory access and
+        resumes it at the start of that instruction, so an instruction whose store
+        was done runs again (``addq $1, mem`` counts twice: unicorn#1355); a
+        process that goes on running must never be stopped that way.
+        """
+        if not interrupt:
+            self.events.append(fn)
+            if not self._finished:
+                self._notify()
+            return
+        taken = threading.Event()
+
+        def run() -> None:
+            taken.set()
+            fn()
+
+        self.events.append(run)
+        self._interrupt(taken)
+
+    def _interrupt(self, taken: threading.Event) -> None:
+        """Stop the guest until the loop has taken an interrupting event (a stop that
+        lands just before the loop enters the CPU is lost: poke again)."""
+        if not taken.is_set() and not self._finished:
             self.cpu.stop()
             self._notify()
-            WATCHDOG.arm(time.monotonic() + EVENT_POKE, self._poke_events)
-        else:
-            self._event_poke = False
+            WATCHDOG.arm(time.monotonic() + EVENT_POKE, lambda: self._interrupt(taken))
 
     def _drain_events(self) -> None:
-        while self._events:
-            fn = self._events.popleft()
+        while self.events:
+            fn = self.events.popleft()
             try:
                 fn()
             except Exception:
@@ -286,7 +302,7 @@ class Kernel(ProcessTable):
         cpu, sched = self.cpu, self.sched
         quantum = self.config.quantum
         while True:
-            if self._events:
+            if self.events:
                 self._drain_events()
             if self._stop_reason is not None:
                 return self._stop_all(self._stop_reason)
@@ -310,10 +326,10 @@ class Kernel(ProcessTable):
             if ex.kind is ExitKind.FAULT and t.state is not ThreadState.DEAD:
                 self._fault(lwp, ex)
                 continue
+            if self.restart_pending and t.state is not ThreadState.DEAD:
+                cpu.set_reg(RIP, cpu.reg(RIP) - SYSCALL_INSN_LEN)
             if t.state is ThreadState.RUNNABLE:
                 sched.runq.append(t)
-            elif t.state is ThreadState.BLOCKED and self.restart_pending:
-                cpu.set_reg(RIP, cpu.reg(RIP) - SYSCALL_INSN_LEN)
 
     def _fault(self, lwp: Lwp, ex) -> None:
         insn = self.cpu.instruction_bytes(ex.rip)
@@ -330,7 +346,7 @@ class Kernel(ProcessTable):
     def _wait_host(self) -> bool:
         """Nothing can run: wait for a timer or host event.  False if none can come."""
         sched = self.sched
-        if self._events:
+        if self.events:
             return True
         if not sched.host_wakeable():
             return False

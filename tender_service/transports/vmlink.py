@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from tender_service.bmk.sched import WaitQueue
 from tender_service.machine.errors import GuestError
+from tender_service.rump import signals
 from tender_service.rump.fdtable import FdEntry
 from tender_service.rump.files import FsFile
 from tender_service.rump.outcomes import Block
@@ -313,18 +314,23 @@ class VmLink:
         elif t == Msg.CHILD_EXIT:
             self._event(k, lambda: k.remote_child_exited(f.pipe, f.arg))
         elif t == Msg.SIGNAL:
-            self._event(k, lambda: k.main is not None and k.post_signal(k.main, f.arg))
+            # only SIGKILL stops a running guest at once: it ends the process for sure
+            self._event(
+                k,
+                lambda: k.main is not None and k.post_signal(k.main, f.arg),
+                interrupt=f.arg == signals.SIGKILL,
+            )
         elif t == Msg.REPARENT:
             self._event(k, lambda: _set_ppid(k, f.arg))
         else:
             log.warning("pid %d: unexpected message %d from supervisor", self.pid, t)
 
-    def _event(self, k: Kernel, fn) -> None:
+    def _event(self, k: Kernel, fn, interrupt: bool = False) -> None:
         def run() -> None:
             self.events_done += 1
             fn()
 
-        k.post_event(run)
+        k.post_event(run, interrupt)
 
     def _deliver(self, f: Frame) -> None:
         lwp = self._pending.pop(f.req, None)
