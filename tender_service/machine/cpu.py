@@ -48,6 +48,7 @@ for _fn in (
     "uc_reg_read",
     "uc_reg_read_batch",
     "uc_reg_write",
+    "uc_reg_write_batch",
 ):
     getattr(_lib, _fn)
 _emu_start.argtypes = [
@@ -106,7 +107,14 @@ STATE_REGS: dict[str, int] = {
 RIP = x86.UC_X86_REG_RIP
 RSP = x86.UC_X86_REG_RSP
 RAX = x86.UC_X86_REG_RAX
+EFLAGS = x86.UC_X86_REG_EFLAGS
 FS_BASE = x86.UC_X86_REG_FS_BASE
+_ST_REGS = tuple(getattr(x86, f"UC_X86_REG_ST{i}") for i in range(8))
+_XMM_REGS = tuple(getattr(x86, f"UC_X86_REG_XMM{i}") for i in range(16))
+#: the legacy region of an FXSAVE image: fcw, fsw, abridged ftw, fop, fip, fdp, mxcsr, mask
+FXSAVE = struct.Struct("<HHBxHQQII")
+FXSAVE_SIZE = 512
+MXCSR_MASK = 0xFFFF  # the MXCSR bits this CPU accepts (a restore of others is refused)
 #: the x87 control word and MXCSR a Linux process starts with: extended
 #: precision, all exceptions masked (Unicorn resets both to 0: single
 #: precision and unmasked exceptions, which makes musl's printf imprecise)
@@ -330,6 +338,68 @@ class Cpu:
         b = self._buffers(regs)
         self._reg_read_batch(self._h, regs.ids, b.ptrs, regs.n)
         return list(b.vals)
+
+    def write_regs(self, regs: RegSet, values: list[int]) -> None:
+        """Set registers of the running state in one call (signal frames)."""
+        b = self._buffers(regs)
+        vals = b.vals
+        for i, v in enumerate(values):
+            vals[i] = v & 0xFFFF_FFFF_FFFF_FFFF
+        err = _lib.uc_reg_write_batch(self._h, regs.ids, b.ptrs, regs.n)
+        if err:
+            raise UcError(err)
+
+    def read_fxsave(self) -> bytes:
+        """The x87/SSE state as the 512-byte image ``fxsave`` writes (a signal frame's
+        fpstate).  Raw reads: the Python binding drops an x87 register's exponent."""
+        out = bytearray(FXSAVE_SIZE)
+        tag = self.reg(x86.UC_X86_REG_FPTAG)
+        ftw = sum(1 << i for i in range(8) if (tag >> (2 * i)) & 3 != 3)
+        FXSAVE.pack_into(
+            out,
+            0,
+            self.reg(x86.UC_X86_REG_FPCW) & 0xFFFF,
+            self.reg(x86.UC_X86_REG_FPSW) & 0xFFFF,
+            ftw,
+            0,
+            0,
+            0,
+            self.reg(x86.UC_X86_REG_MXCSR) & 0xFFFF_FFFF,
+            MXCSR_MASK,
+        )
+        raw = (ctypes.c_uint8 * 16)()
+        for i, rid in enumerate(_ST_REGS):
+            ctypes.memset(raw, 0, 16)
+            self._reg_read(self._h, rid, raw)
+            out[32 + 16 * i : 42 + 16 * i] = bytes(raw)[:10]
+        for i, rid in enumerate(_XMM_REGS):
+            self._reg_read(self._h, rid, raw)
+            out[160 + 16 * i : 176 + 16 * i] = bytes(raw)
+        return bytes(out)
+
+    def write_fxsave(self, image: bytes) -> None:
+        """Load an image of :meth:`read_fxsave` (the caller checked MXCSR)."""
+        fcw, fsw, ftw, _, _, _, mxcsr, _ = FXSAVE.unpack_from(image, 0)
+        self.set_reg(x86.UC_X86_REG_FPCW, fcw)
+        self.set_reg(x86.UC_X86_REG_FPSW, fsw)  # TOP first: ST(i) counts from it
+        self.set_reg(
+            x86.UC_X86_REG_FPTAG, sum((0 if ftw >> i & 1 else 3) << (2 * i) for i in range(8))
+        )
+        self.set_reg(x86.UC_X86_REG_MXCSR, mxcsr)
+        raw = (ctypes.c_uint8 * 16)()
+        for i, rid in enumerate(_ST_REGS):
+            ctypes.memmove(raw, image[32 + 16 * i : 42 + 16 * i] + bytes(6), 16)
+            self._reg_write(self._h, rid, raw)
+        for i, rid in enumerate(_XMM_REGS):
+            ctypes.memmove(raw, image[160 + 16 * i : 176 + 16 * i], 16)
+            self._reg_write(self._h, rid, raw)
+
+    def reset_fpu(self) -> None:
+        """The x87/SSE state a signal handler starts with (Linux's init state)."""
+        self.set_reg(x86.UC_X86_REG_FPCW, LINUX_FPCW)
+        self.set_reg(x86.UC_X86_REG_FPSW, 0)
+        self.set_reg(x86.UC_X86_REG_FPTAG, 0xFFFF)
+        self.set_reg(x86.UC_X86_REG_MXCSR, LINUX_MXCSR)
 
     def write_context(self, ctx: Context, regs: RegSet, values: list[int]) -> None:
         """Set registers in a saved state (used to shape a forked child)."""

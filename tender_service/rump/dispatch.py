@@ -68,7 +68,7 @@ def make_dispatcher(kernel: Kernel) -> Dispatcher:
         elif ret is SWITCH:
             set_rax(0)
             stop()
-        else:  # NORETURN
+        else:  # NORETURN, JUMP: the loop resumes from the registers as they are
             stop()
 
     return dispatch

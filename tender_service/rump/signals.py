@@ -1,15 +1,15 @@
-"""Linux signal numbers, default actions and wait-status encoding.
+"""Linux signal numbers, default actions, siginfo, wait-status encoding.
 
-Signal handlers that run guest code are not delivered yet (see
-docs/semantics.md): ``rt_sigaction`` records SIG_DFL / SIG_IGN / a handler;
-SIG_DFL and SIG_IGN are obeyed; a signal whose disposition is a guest handler
-stays pending and is not delivered (logged once), except SIGKILL and
-SIGSTOP, which cannot be caught.
+Plain data and pure functions: what a signal is and does by default.  The
+kernel's side of delivery (pending sets, the frame a handler runs on,
+rt_sigreturn) is ``rump/sigframe.py`` and ``ProcessTable.post_signal``.
 """
 
 from __future__ import annotations
 
 import enum
+import struct
+from dataclasses import dataclass
 
 SIGHUP, SIGINT, SIGQUIT, SIGILL, SIGTRAP, SIGABRT, SIGBUS, SIGFPE = 1, 2, 3, 4, 5, 6, 7, 8
 SIGKILL, SIGUSR1, SIGSEGV, SIGUSR2, SIGPIPE, SIGALRM, SIGTERM = 9, 10, 11, 12, 13, 14, 15
@@ -29,6 +29,17 @@ NSIG = 65  # 1..64
 
 SIG_DFL = 0
 SIG_IGN = 1
+SIGRTMIN = 32  # the kernel's; musl reserves 32..34 and reports SIGRTMIN() as 35
+
+# sa_flags (Linux x86-64)
+SA_NOCLDSTOP, SA_NOCLDWAIT, SA_SIGINFO = 1, 2, 4
+SA_ONSTACK, SA_RESTART, SA_NODEFER, SA_RESETHAND = 0x08000000, 0x10000000, 0x40000000, 0x80000000
+SA_RESTORER = 0x04000000
+
+# si_code values
+SI_USER, SI_KERNEL, SI_QUEUE, SI_TIMER, SI_TKILL = 0, 0x80, -1, -2, -6
+CLD_EXITED, CLD_KILLED, CLD_DUMPED, CLD_STOPPED, CLD_CONTINUED = 1, 2, 3, 5, 6
+SEGV_MAPERR, BUS_ADRERR, ILL_ILLOPN, FPE_INTDIV, TRAP_BRKPT = 1, 2, 2, 1, 1
 
 NAMES = {
     SIGHUP: "SIGHUP",
@@ -68,7 +79,7 @@ NAMES = {
 class Action(enum.Enum):
     TERMINATE = "terminate"
     IGNORE = "ignore"
-    STOP = "stop"  # job control: not supported, treated as ignore
+    STOP = "stop"
     CONTINUE = "continue"
 
 
@@ -86,6 +97,49 @@ def default_action(sig: int) -> Action:
     return Action.TERMINATE
 
 
+def bit(sig: int) -> int:
+    """The bit of ``sig`` in a Linux sigset (signal n is bit n-1)."""
+    return 1 << (sig - 1)
+
+
+#: signals that cannot be caught, blocked or ignored
+UNBLOCKABLE = bit(SIGKILL) | bit(SIGSTOP)
+#: signals the CPU raises for the instruction that runs (delivered first, as Linux)
+SYNCHRONOUS = bit(SIGSEGV) | bit(SIGBUS) | bit(SIGILL) | bit(SIGTRAP) | bit(SIGFPE) | bit(SIGSYS)
+STOP_SIGNALS = bit(SIGSTOP) | bit(SIGTSTP) | bit(SIGTTIN) | bit(SIGTTOU)
+ALL = (1 << (NSIG - 1)) - 1
+
+
+def is_realtime(sig: int) -> bool:
+    """Real-time signals queue every instance; standard ones coalesce."""
+    return sig >= SIGRTMIN
+
+
+_SIGINFO = struct.Struct("<iiii")
+
+
+@dataclass(slots=True)
+class SigInfo:
+    """One pending signal instance: what the handler's ``siginfo_t`` says."""
+
+    signo: int
+    code: int = SI_USER
+    pid: int = 0
+    uid: int = 0
+    value: int = 0  # si_value (sigqueue), si_status (SIGCHLD)
+    addr: int | None = None  # si_addr of a fault
+
+    def pack(self) -> bytes:
+        """The 128-byte ``siginfo_t`` of Linux x86-64."""
+        out = bytearray(128)
+        _SIGINFO.pack_into(out, 0, self.signo, 0, self.code, 0)
+        if self.addr is not None:
+            struct.pack_into("<Q", out, 16, self.addr)
+        else:
+            struct.pack_into("<iIQ", out, 16, self.pid, self.uid, self.value & (2**64 - 1))
+        return bytes(out)
+
+
 def signame(sig: int) -> str:
     if sig in NAMES:
         return NAMES[sig]
@@ -101,6 +155,14 @@ def exited_status(code: int) -> int:
 
 def signaled_status(sig: int) -> int:
     return sig & 0x7F
+
+
+def stopped_status(sig: int) -> int:
+    """WIFSTOPPED, WSTOPSIG = sig."""
+    return 0x7F | (sig & 0xFF) << 8
+
+
+CONTINUED_STATUS = 0xFFFF  # WIFCONTINUED
 
 
 def describe_status(status: int) -> str:

@@ -1,0 +1,148 @@
+"""Signals (issue 15): guest handlers run on a Linux frame, masks, queues, timers,
+job control, faults to handlers and preemption, with the same output natively and
+in every fork mode.
+
+guest/programs/signals.c runs one case per invocation; the expected stdout of
+each case below is what the static binary prints as an ordinary Linux process,
+and every mode (thread fork, VM-clone over shm and over tcp) must print exactly
+that.  Then what only a VM can show: the bad-input cases leave nothing behind,
+a signal storm keeps the tender responsive, the frame's layout is Linux's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from support import image_path, native, vm
+
+from tender_service.instance.backends.vmclone import run_vmclone
+from tender_service.instance.pool import WarmPool
+from tender_service.rump.vminfo import RunResult, VmConfig
+from tender_service.vm import CaptureSink
+
+MODES = ["native", "thread", "vmclone-shm", "vmclone-tcp"]
+
+
+def lines(*text: str) -> str:
+    return "".join(t + "\n" for t in text)
+
+
+SEGV = "killed by Segmentation fault"
+CASES: dict[str, str] = {
+    "handler": lines(
+        "raise: handler ran: signo=SIGUSR1 code=SI_TKILL pid=self",
+        "fp state intact after the handler: yes",
+        "kill: handler ran: code=SI_USER",
+        "sa_mask order: USR1 end-USR1 USR2",
+        "SA_RESETHAND: ran once, now SIG_DFL",
+        "mask after handlers: restored",
+    ),
+    "restart": lines(
+        "SA_RESTART, alarm(1): read returned 1 'x' after 1 handler run(s)",
+        "no SA_RESTART, setitimer(100 ms): read returned -1 errno=EINTR after 1 handler run(s)",
+        "alarm(0) with nothing armed: 0",
+        "alarm(100) then alarm(0): about 100 s left",
+    ),
+    "sigsuspend": lines(
+        "sigsuspend returned -1 errno=EINTR",
+        "SIGCHLD: pid=child code=CLD_EXITED status=7",
+        "mask restored: SIGCHLD blocked again",
+        "child exited 7",
+    ),
+    "nodefer": lines(
+        "SA_NODEFER: 3 runs, nested 3 deep",
+        "without SA_NODEFER: 3 runs, nested 1 deep",
+    ),
+    "altstack": lines(
+        "SIGSEGV: on the alternate stack: yes, code=SEGV_MAPERR addr=0, longjmp out ok",
+        "sigaltstack: set, not on it, size 65536",
+        f"handler returning to the fault: 3 handler runs, then {SEGV}",
+    ),
+    "rtqueue": lines(
+        "pending: SIGRTMIN yes, SIGUSR1 yes",
+        "real-time values in order: 100 101 102 103 104 105 106 107 108 109",
+        "SIGUSR1 sent 3 times, handled 1 time(s)",
+        "sigwaitinfo: SIGUSR2 code=SI_TKILL",
+        "sigtimedwait with nothing pending: -1 errno=EAGAIN",
+    ),
+    "stopcont": lines(
+        "WUNTRACED: stopped by Stopped (signal)",
+        "WNOHANG|WUNTRACED again: 0",
+        "WCONTINUED: continued",
+        "then SIGTERM: killed by Terminated",
+    ),
+    "killspin": lines("spinning child: killed by Killed"),
+    "badhandler": lines(f"handler at an unmapped address: {SEGV}"),
+    "badframe": lines(
+        f"rt_sigreturn, frame unmapped: {SEGV}",
+        f"rt_sigreturn, frame of 0xff bytes: {SEGV}",
+    ),
+}
+
+
+@dataclass
+class Out:
+    stdout: str
+    stderr: str
+    result: RunResult | None  # None natively
+
+    def why(self) -> str:
+        rep = "\n".join(self.result.reports) if self.result else ""
+        return f"stdout:\n{self.stdout}\nstderr:\n{self.stderr}\nreports:\n{rep}"
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[WarmPool]:
+    p = WarmPool(2)
+    try:
+        p.wait_ready(60)
+        yield p
+    finally:
+        p.close()
+
+
+def run_in(mode: str, pool: WarmPool | None, *args: str, **config) -> Out:
+    """The signals program in ``mode``, captured; ``pool`` serves the VM-clone modes."""
+    config.setdefault("timeout", 60)
+    if mode == "native":
+        p = native("signals", *args, timeout=config["timeout"])
+        assert p.returncode == 0, p.stderr
+        return Out(p.stdout.decode(), p.stderr.decode(), None)
+    if mode == "thread":
+        r = vm("signals", *args, **config)
+        return Out(r.out, r.stderr.decode(), r.result)
+    sink = CaptureSink()
+    result = run_vmclone(
+        image_path("signals"),
+        list(args),
+        config=VmConfig(**config),
+        sink=sink,
+        transport=mode.split("-")[1],
+        pool=pool,
+    )
+    return Out(bytes(sink.stdout).decode(), bytes(sink.stderr).decode(), result)
+
+
+@pytest.fixture
+def mode_pool(request: pytest.FixtureRequest) -> WarmPool | None:
+    """The pool only for the VM-clone modes (native and thread runs start none)."""
+    mode = request.node.callspec.params["mode"]
+    return request.getfixturevalue("pool") if mode.startswith("vmclone") else None
+
+
+#: TEMPORARY (removed by the next commits): job control across VMs, preemption
+NOT_YET = {("stopcont", "vmclone-shm"), ("stopcont", "vmclone-tcp"), ("killspin", "thread")}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_same_output_in_every_mode(case: str, mode: str, mode_pool: WarmPool | None) -> None:
+    if (case, mode) in NOT_YET:
+        pytest.skip("not yet")
+    out = run_in(mode, mode_pool, case)
+    assert out.stdout == CASES[case], out.why()
+    assert out.stderr == "", out.why()
+    if out.result is not None:
+        assert (out.result.outcome, out.result.status) == ("exited", 0), out.why()
