@@ -239,6 +239,8 @@ class Cpu:
         self._reg_read = _lib.uc_reg_read
         self._fault: CpuExit | None = None
         self._stopped = False
+        self.runs = 0  # entries into the guest, and whether it is inside (preempt.py)
+        self.in_run = False
         self._regbufs = {id(rs): _RegBuffers(rs) for rs in _REGSETS}
         self._syscall_cb: Callable[..., None] | None = None  # kept alive while hooked
         self._enter_user_mode()
@@ -445,7 +447,12 @@ class Cpu:
         """Run from the current RIP until stopped or a fault."""
         self._fault = None
         self._stopped = False
-        err = _emu_start(self._h, self.reg(RIP), END_ADDRESS, 0, count)
+        self.runs += 1
+        self.in_run = True
+        try:
+            err = _emu_start(self._h, self.reg(RIP), END_ADDRESS, 0, count)
+        finally:
+            self.in_run = False
         if err:
             return self._classify(err)
         if self._fault is not None:

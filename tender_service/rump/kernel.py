@@ -30,6 +30,7 @@ from tender_service.machine.errors import GuestError, ImageError
 from tender_service.machine.layout import PAGE_SIZE
 from tender_service.machine.loader import LoadedImage, build_stack, layout_memory
 from tender_service.machine.memory import GuestMemory
+from tender_service.machine.preempt import PREEMPTER
 from tender_service.machine.watchdog import WATCHDOG
 from tender_service.rump import sigframe, signals
 from tender_service.rump.console import Console
@@ -213,10 +214,13 @@ class Kernel(ProcessTable):
         token = None
         if self.config.timeout:
             token = WATCHDOG.arm(start + self.config.timeout, self._on_timeout)
+        if self.config.quantum:
+            PREEMPTER.add(self.cpu, self.config.quantum / 1e6)
         outcome = None
         try:
             outcome = self._loop()
         finally:
+            PREEMPTER.remove(self.cpu)
             if token is not None:
                 WATCHDOG.cancel(token)
             self._stop_reason = self._stop_reason or "done"
@@ -267,7 +271,6 @@ class Kernel(ProcessTable):
 
     def _loop(self) -> str | None:
         cpu, sched = self.cpu, self.sched
-        quantum = self.config.quantum
         while True:
             if self._events:
                 self._drain_events()
@@ -297,7 +300,7 @@ class Kernel(ProcessTable):
                 continue
             lwp.restart_nr = -1
             self.restart_pending = False
-            self._ran(lwp, cpu.run(quantum))
+            self._ran(lwp, cpu.run())
 
     def _ran(self, lwp: Lwp, ex: CpuExit) -> None:
         """After ``lwp`` ran: a fault, a requeue, or a blocked syscall to restart later."""

@@ -128,9 +128,7 @@ def _refresh_group(k: Kernel, child: Process) -> None:
             child.pgid = pgid
 
 
-def _find(
-    k: Kernel, lwp: Lwp, pid: int, options: int, why: str
-) -> tuple[Process, int] | None:
+def _find(k: Kernel, lwp: Lwp, pid: int, options: int, why: str) -> tuple[Process, int] | None:
     """A child matching ``pid`` with something to report and its wait status: a zombie
     (WEXITED, always for wait4), a stop (WUNTRACED) or a continue (WCONTINUED) not yet
     reported; None with WNOHANG; ECHILD if no such child."""
