@@ -132,15 +132,9 @@ def mode_pool(request: pytest.FixtureRequest) -> WarmPool | None:
     return request.getfixturevalue("pool") if mode.startswith("vmclone") else None
 
 
-#: TEMPORARY (removed by the next commits): job control across VMs, preemption
-NOT_YET = {("stopcont", "vmclone-shm"), ("stopcont", "vmclone-tcp")}
-
-
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", list(CASES))
 def test_same_output_in_every_mode(case: str, mode: str, mode_pool: WarmPool | None) -> None:
-    if (case, mode) in NOT_YET:
-        pytest.skip("not yet")
     out = run_in(mode, mode_pool, case)
     assert out.stdout == CASES[case], out.why()
     assert out.stderr == "", out.why()

@@ -275,6 +275,7 @@ class ProcessTable:
             return
         proc.stopped = True
         proc.state_report = signals.stopped_status(sig)
+        proc.stop_wq.host = self.remote is not None  # SIGCONT may come from another VM
         for lwp in proc.lwps:
             if lwp.thread.state is ThreadState.RUNNABLE:
                 self.sched.block(lwp.thread, proc.stop_wq, "stopped")

@@ -112,6 +112,11 @@ class VmLink:
     def signal(self, sender: Process, pid: int, sig: int) -> int:
         return self.call("kill", pid, sig)
 
+    def child_state(self, proc: Process, status: int) -> None:
+        """Our process stopped or continued: the supervisor tells its parent's VM."""
+        with contextlib.suppress(GuestError):
+            self.call("child_state", status)
+
     def idle(self, blocked: list[str]) -> None:
         """Every thread waits for another VM; ``events_done`` lets the supervisor tell
         whether a message it sent since could still wake us (then this is no deadlock)."""
@@ -258,6 +263,8 @@ class VmLink:
             self._event(k, lambda: k.remote_child_exited(f.pipe, f.arg))
         elif t == Msg.SIGNAL:
             self._event(k, lambda: k.main is not None and k.post_signal(k.main, f.arg))
+        elif t == Msg.CHILD_STATE:
+            self._event(k, lambda: k.remote_child_state(f.pipe, f.arg))
         elif t == Msg.REPARENT:
             self._event(k, lambda: _set_ppid(k, f.arg))
         else:
