@@ -11,6 +11,7 @@ a signal storm keeps the tender responsive, the frame's layout is Linux's.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -74,6 +75,9 @@ CASES: dict[str, str] = {
         "then SIGTERM: killed by Terminated",
     ),
     "killspin": lines("spinning child: killed by Killed"),
+    "piperestart": lines(
+        "read across a fork, SA_RESTART: returned 1 'y', handler ran 1 time(s), child exited 0"
+    ),
     "badhandler": lines(f"handler at an unmapped address: {SEGV}"),
     "badframe": lines(
         f"rt_sigreturn, frame unmapped: {SEGV}",
@@ -140,3 +144,30 @@ def test_same_output_in_every_mode(case: str, mode: str, mode_pool: WarmPool | N
     assert out.stderr == "", out.why()
     if out.result is not None:
         assert (out.result.outcome, out.result.status) == ("exited", 0), out.why()
+
+
+# -- bad input: a storm of kills ---------------------------------------------------------
+STORM = lines("storm: 100000 of 100000 kills accepted, child exited 0")
+
+
+@pytest.mark.parametrize("mode", ["native", "thread"])
+def test_a_storm_of_100000_kills_is_survived(mode: str) -> None:
+    """The child's handler sees the kills coalesce (one pending SIGUSR1 at most), so
+    the storm costs no memory; the child still ends cleanly on its SIGUSR2."""
+    out = run_in(mode, None, "storm")
+    assert out.stdout == STORM, out.why()
+
+
+def test_a_storm_across_vms_leaves_the_pool_responsive(pool: WarmPool) -> None:
+    """100000 kills from one VM to another through the supervisor, while another
+    instance runs on the same tender processes and gets its answers."""
+    storm: dict[str, Out] = {}
+    t = threading.Thread(target=lambda: storm.update(out=run_in("vmclone-shm", pool, "storm")))
+    t.start()
+    try:
+        other = run_in("vmclone-shm", pool, "sigsuspend")
+        assert other.stdout == CASES["sigsuspend"], other.why()
+    finally:
+        t.join(300)
+    assert not t.is_alive()
+    assert storm["out"].stdout == STORM, storm["out"].why()

@@ -16,6 +16,8 @@
  *              standard signals coalesce; sigpending; sigtimedwait
  *   stopcont   SIGSTOP/SIGCONT seen by waitpid with WUNTRACED/WCONTINUED
  *   killspin   a parent kills a child that spins without syscalls
+ *   piperestart a child signals its parent blocked in read() on a pipe they share;
+ *              the SA_RESTART handler runs and the read goes on to get the data
  *   badhandler a handler address that is not mapped: SIGSEGV
  *   badframe   rt_sigreturn on a frame that cannot be read, or garbage: SIGSEGV
  *   storm      100000 kills to a child with a handler; it still exits cleanly
@@ -412,6 +414,38 @@ static int case_killspin(void)
 	return 0;
 }
 
+/* -- piperestart ---------------------------------------------------------------- */
+static int case_piperestart(void)
+{
+	int p[2];
+	if (pipe(p))
+		die("pipe: %s", strerror(errno));
+	alarms = 0;
+	on(SIGUSR1, h_alarm, SA_RESTART, NULL);
+	pid_t parent = getpid();
+	fflush(stdout);
+	pid_t pid = fork();
+	if (pid < 0)
+		die("fork: %s", strerror(errno));
+	if (pid == 0) {
+		struct timespec ts = {0, 200 * 1000 * 1000};
+		close(p[0]);
+		nanosleep(&ts, NULL);
+		kill(parent, SIGUSR1);
+		nanosleep(&ts, NULL);
+		(void)write(p[1], "y", 1);
+		_exit(0);
+	}
+	close(p[1]);
+	char c = 0;
+	ssize_t n = read(p[0], &c, 1);
+	int st;
+	waitpid(pid, &st, 0);
+	printf("read across a fork, SA_RESTART: returned %zd '%c', handler ran %d time(s), child %s\n", n,
+	       n == 1 ? c : '?', (int)alarms, status_str(st));
+	return 0;
+}
+
 /* -- bad input ----------------------------------------------------------------- */
 static int child_status(void (*fn)(void))
 {
@@ -553,6 +587,8 @@ int main(int argc, char **argv)
 		return case_stopcont();
 	if (!strcmp(c, "killspin"))
 		return case_killspin();
+	if (!strcmp(c, "piperestart"))
+		return case_piperestart();
 	if (!strcmp(c, "badhandler"))
 		return case_badhandler();
 	if (!strcmp(c, "badframe"))
@@ -562,6 +598,6 @@ int main(int argc, char **argv)
 	if (!strcmp(c, "roundtrip"))
 		return case_roundtrip(n ? n : 1000, argc > 3 && !strcmp(argv[3], "-t"));
 	fprintf(stderr, "usage: signals handler|restart|sigsuspend|nodefer|altstack|rtqueue|"
-			"stopcont|killspin|badhandler|badframe|storm [N]|roundtrip [N] [-t]\n");
+			"stopcont|killspin|piperestart|badhandler|badframe|storm [N]|roundtrip [N] [-t]\n");
 	return 2;
 }

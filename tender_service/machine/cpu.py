@@ -109,8 +109,16 @@ RSP = x86.UC_X86_REG_RSP
 RAX = x86.UC_X86_REG_RAX
 EFLAGS = x86.UC_X86_REG_EFLAGS
 FS_BASE = x86.UC_X86_REG_FS_BASE
-_ST_REGS = tuple(getattr(x86, f"UC_X86_REG_ST{i}") for i in range(8))
-_XMM_REGS = tuple(getattr(x86, f"UC_X86_REG_XMM{i}") for i in range(16))
+#: the x87/SSE state of a signal frame, one 16-byte slot each in a batch buffer
+_FPU_REGS = (
+    x86.UC_X86_REG_FPSW,
+    x86.UC_X86_REG_FPCW,
+    x86.UC_X86_REG_FPTAG,
+    x86.UC_X86_REG_MXCSR,
+    *(getattr(x86, f"UC_X86_REG_ST{i}") for i in range(8)),
+    *(getattr(x86, f"UC_X86_REG_XMM{i}") for i in range(16)),
+)
+_FPU_IDS = (ctypes.c_int * len(_FPU_REGS))(*_FPU_REGS)
 #: the legacy region of an FXSAVE image: fcw, fsw, abridged ftw, fop, fip, fdp, mxcsr, mask
 FXSAVE = struct.Struct("<HHBxHQQII")
 FXSAVE_SIZE = 512
@@ -242,6 +250,13 @@ class Cpu:
         self.runs = 0  # entries into the guest, and whether it is inside (preempt.py)
         self.in_run = False
         self._regbufs = {id(rs): _RegBuffers(rs) for rs in _REGSETS}
+        fpu = (ctypes.c_uint8 * (16 * len(_FPU_REGS)))()
+        self._fpu_buf = (
+            fpu,
+            (ctypes.c_void_p * len(_FPU_REGS))(
+                *[ctypes.addressof(fpu) + 16 * i for i in range(len(_FPU_REGS))]
+            ),
+        )
         self._syscall_cb: Callable[..., None] | None = None  # kept alive while hooked
         self._enter_user_mode()
         self.uc.reg_write(x86.UC_X86_REG_FPCW, LINUX_FPCW)
@@ -353,48 +368,36 @@ class Cpu:
 
     def read_fxsave(self) -> bytes:
         """The x87/SSE state as the 512-byte image ``fxsave`` writes (a signal frame's
-        fpstate).  Raw reads: the Python binding drops an x87 register's exponent."""
+        fpstate).  One raw batch read: the Python binding drops an x87 exponent."""
+        buf, ptrs = self._fpu_buf
+        ctypes.memset(buf, 0, len(buf))
+        self._reg_read_batch(self._h, _FPU_IDS, ptrs, len(_FPU_REGS))
+        raw = bytes(buf)
+        fsw, fcw, tag, mxcsr = (int.from_bytes(raw[16 * i : 16 * i + 4], "little") for i in range(4))
         out = bytearray(FXSAVE_SIZE)
-        tag = self.reg(x86.UC_X86_REG_FPTAG)
         ftw = sum(1 << i for i in range(8) if (tag >> (2 * i)) & 3 != 3)
-        FXSAVE.pack_into(
-            out,
-            0,
-            self.reg(x86.UC_X86_REG_FPCW) & 0xFFFF,
-            self.reg(x86.UC_X86_REG_FPSW) & 0xFFFF,
-            ftw,
-            0,
-            0,
-            0,
-            self.reg(x86.UC_X86_REG_MXCSR) & 0xFFFF_FFFF,
-            MXCSR_MASK,
-        )
-        raw = (ctypes.c_uint8 * 16)()
-        for i, rid in enumerate(_ST_REGS):
-            ctypes.memset(raw, 0, 16)
-            self._reg_read(self._h, rid, raw)
-            out[32 + 16 * i : 42 + 16 * i] = bytes(raw)[:10]
-        for i, rid in enumerate(_XMM_REGS):
-            self._reg_read(self._h, rid, raw)
-            out[160 + 16 * i : 176 + 16 * i] = bytes(raw)
+        FXSAVE.pack_into(out, 0, fcw & 0xFFFF, fsw & 0xFFFF, ftw, 0, 0, 0, mxcsr, MXCSR_MASK)
+        for i in range(8):
+            out[32 + 16 * i : 42 + 16 * i] = raw[64 + 16 * i : 74 + 16 * i]
+        out[160:416] = raw[192:448]
         return bytes(out)
 
     def write_fxsave(self, image: bytes) -> None:
         """Load an image of :meth:`read_fxsave` (the caller checked MXCSR)."""
         fcw, fsw, ftw, _, _, _, mxcsr, _ = FXSAVE.unpack_from(image, 0)
-        self.set_reg(x86.UC_X86_REG_FPCW, fcw)
-        self.set_reg(x86.UC_X86_REG_FPSW, fsw)  # TOP first: ST(i) counts from it
-        self.set_reg(
-            x86.UC_X86_REG_FPTAG, sum((0 if ftw >> i & 1 else 3) << (2 * i) for i in range(8))
-        )
-        self.set_reg(x86.UC_X86_REG_MXCSR, mxcsr)
-        raw = (ctypes.c_uint8 * 16)()
-        for i, rid in enumerate(_ST_REGS):
-            ctypes.memmove(raw, image[32 + 16 * i : 42 + 16 * i] + bytes(6), 16)
-            self._reg_write(self._h, rid, raw)
-        for i, rid in enumerate(_XMM_REGS):
-            ctypes.memmove(raw, image[160 + 16 * i : 176 + 16 * i], 16)
-            self._reg_write(self._h, rid, raw)
+        tag = sum((0 if ftw >> i & 1 else 3) << (2 * i) for i in range(8))
+        raw = bytearray(16 * len(_FPU_REGS))
+        for i, v in enumerate((fsw, fcw, tag, mxcsr)):
+            raw[16 * i : 16 * i + 8] = v.to_bytes(8, "little")
+        for i in range(8):
+            raw[64 + 16 * i : 74 + 16 * i] = image[32 + 16 * i : 42 + 16 * i]
+        raw[192:448] = image[160:416]
+        buf, ptrs = self._fpu_buf
+        ctypes.memmove(buf, bytes(raw), len(raw))
+        # the status word (its TOP) goes first: ST(i) counts from it
+        err = _lib.uc_reg_write_batch(self._h, _FPU_IDS, ptrs, len(_FPU_REGS))
+        if err:
+            raise UcError(err)
 
     def reset_fpu(self) -> None:
         """The x87/SSE state a signal handler starts with (Linux's init state)."""

@@ -160,6 +160,11 @@ class VmLink:
         self._pending[req] = lwp
         self._send(Frame(msg, NONBLOCK if nonblock else 0, req, pipe, arg, bytes(payload)))
 
+    def in_flight(self, lwp: Lwp) -> bool:
+        """A request of ``lwp`` is on its way: a call restarted after a signal handler
+        must wait for its answer, not send another."""
+        return lwp.remote_req != 0 and lwp.remote_result is None and lwp.remote_req in self._pending
+
     def take_reply(self, lwp: Lwp) -> tuple[int, bytes, int] | None:
         """The reply to ``lwp``'s request, if it came (a restarted syscall asks)."""
         r = lwp.remote_result
