@@ -18,8 +18,12 @@ from dataclasses import dataclass
 import pytest
 from support import image_path, native, vm
 
+from tender_service.bmk.sched import BmkThread
 from tender_service.instance.backends.vmclone import run_vmclone
 from tender_service.instance.pool import WarmPool
+from tender_service.rump import signals
+from tender_service.rump.fdtable import FdTable
+from tender_service.rump.process import Lwp, Process
 from tender_service.rump.vminfo import RunResult, VmConfig
 from tender_service.vm import CaptureSink
 
@@ -60,6 +64,10 @@ CASES: dict[str, str] = {
         "SIGSEGV: on the alternate stack: yes, code=SEGV_MAPERR addr=0, longjmp out ok",
         "sigaltstack: set, not on it, size 65536",
         f"handler returning to the fault: 3 handler runs, then {SEGV}",
+    ),
+    "ucontext": lines(
+        "handler saw rax=77 xmm0=0x102030405060708 SIGUSR2 in uc_sigmask=0",
+        "after rt_sigreturn: rax=4242 xmm0=0x1122334455667788 SIGUSR2 blocked=1",
     ),
     "rtqueue": lines(
         "pending: SIGRTMIN yes, SIGUSR1 yes",
@@ -171,3 +179,22 @@ def test_a_storm_across_vms_leaves_the_pool_responsive(pool: WarmPool) -> None:
         t.join(300)
     assert not t.is_alive()
     assert storm["out"].stdout == STORM, storm["out"].why()
+
+
+# -- exec's part (for rump/syscalls/sys_exec.py) ------------------------------------------
+def test_reset_on_exec_keeps_ignored_signals_mask_and_pending() -> None:
+    p = Process(pid=5, ppid=2, pgid=5, sid=5, fds=FdTable())
+    lwp = Lwp(proc=p, thread=BmkThread(tid=5, name="t"), tid=5, sigmask=signals.bit(10))
+    p.lwps.append(lwp)
+    lwp.altstack = (0x1000, 8192)
+    p.sigactions = {
+        signals.SIGUSR1: (0x401000, signals.SA_SIGINFO | signals.SA_RESTART, 0x402000, 0),
+        signals.SIGPIPE: (signals.SIG_IGN, signals.SA_RESTART, 0, 0xFF),
+        signals.SIGTERM: (signals.SIG_DFL, 0, 0, 0),
+    }
+    p.pending = signals.bit(signals.SIGUSR2)
+    signals.reset_on_exec(p)
+    assert p.sigactions == {signals.SIGPIPE: (signals.SIG_IGN, 0, 0, 0)}
+    assert p.disposition(signals.SIGUSR1) == signals.SIG_DFL
+    assert lwp.sigmask == signals.bit(10) and p.pending == signals.bit(signals.SIGUSR2)
+    assert lwp.altstack == (0, 0)

@@ -12,6 +12,9 @@
  *   nodefer    nested handlers with SA_NODEFER; without it, the second waits
  *   altstack   SIGSEGV handler on a sigaltstack that siglongjmps out; a handler
  *              returning to the faulting store re-faults
+ *   ucontext   a SIGSEGV handler reads and edits the interrupted state in its
+ *              ucontext (rip past the store, rax, xmm0 in the fxsave image):
+ *              rt_sigreturn resumes with exactly what it wrote
  *   rtqueue    10 queued real-time signals delivered in order with their values;
  *              standard signals coalesce; sigpending; sigtimedwait
  *   stopcont   SIGSTOP/SIGCONT seen by waitpid with WUNTRACED/WCONTINUED
@@ -36,6 +39,7 @@
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
+#include <ucontext.h>
 #include <unistd.h>
 
 #define PROG "signals"
@@ -311,6 +315,44 @@ static int case_altstack(void)
 	return 0;
 }
 
+/* -- ucontext ----------------------------------------------------------------- */
+static volatile unsigned long uc_seen_xmm, uc_seen_rax, uc_seen_mask;
+
+static void h_edit(int sig, siginfo_t *si, void *ucv)
+{
+	ucontext_t *uc = ucv;
+	(void)sig, (void)si;
+	uc_seen_rax = uc->uc_mcontext.gregs[REG_RAX];
+	memcpy((void *)&uc_seen_xmm, &uc->uc_mcontext.fpregs->_xmm[0], 8);
+	uc_seen_mask = sigismember(&uc->uc_sigmask, SIGUSR2);
+	uc->uc_mcontext.gregs[REG_RIP] += 11; /* past movl $1, 0 */
+	uc->uc_mcontext.gregs[REG_RAX] = 4242;
+	unsigned long v = 0x1122334455667788UL;
+	memcpy(&uc->uc_mcontext.fpregs->_xmm[0], &v, 8);
+	sigaddset(&uc->uc_sigmask, SIGUSR2); /* the mask rt_sigreturn installs */
+}
+
+static int case_ucontext(void)
+{
+	unsigned long rax_after, xmm_after, in = 0x0102030405060708UL;
+	sigset_t cur;
+	on(SIGSEGV, h_edit, 0, NULL);
+	__asm__ volatile("movq %2, %%xmm0\n\t"
+			 "mov $77, %%eax\n\t"
+			 ".byte 0xc7, 0x04, 0x25, 0, 0, 0, 0, 1, 0, 0, 0\n\t" /* movl $1, 0 */
+			 "mov %%rax, %0\n\t"
+			 "movq %%xmm0, %1"
+			 : "=r"(rax_after), "=r"(xmm_after)
+			 : "r"(in)
+			 : "rax", "xmm0", "memory");
+	sigprocmask(SIG_BLOCK, NULL, &cur);
+	printf("handler saw rax=%lu xmm0=%#lx SIGUSR2 in uc_sigmask=%lu\n", uc_seen_rax, uc_seen_xmm,
+	       uc_seen_mask);
+	printf("after rt_sigreturn: rax=%lu xmm0=%#lx SIGUSR2 blocked=%d\n", rax_after, xmm_after,
+	       sigismember(&cur, SIGUSR2));
+	return 0;
+}
+
 /* -- rtqueue ----------------------------------------------------------------- */
 static volatile int rt_vals[16], rt_n, usr1_n;
 
@@ -581,6 +623,8 @@ int main(int argc, char **argv)
 		return case_nodefer();
 	if (!strcmp(c, "altstack"))
 		return case_altstack();
+	if (!strcmp(c, "ucontext"))
+		return case_ucontext();
 	if (!strcmp(c, "rtqueue"))
 		return case_rtqueue();
 	if (!strcmp(c, "stopcont"))
@@ -597,7 +641,7 @@ int main(int argc, char **argv)
 		return case_storm(n ? n : 100000);
 	if (!strcmp(c, "roundtrip"))
 		return case_roundtrip(n ? n : 1000, argc > 3 && !strcmp(argv[3], "-t"));
-	fprintf(stderr, "usage: signals handler|restart|sigsuspend|nodefer|altstack|rtqueue|"
+	fprintf(stderr, "usage: signals handler|restart|sigsuspend|nodefer|altstack|ucontext|rtqueue|"
 			"stopcont|killspin|piperestart|badhandler|badframe|storm [N]|roundtrip [N] [-t]\n");
 	return 2;
 }

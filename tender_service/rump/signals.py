@@ -140,6 +140,20 @@ class SigInfo:
         return bytes(out)
 
 
+def reset_on_exec(proc) -> None:
+    """What ``execve`` does to signals (POSIX, Linux's flush_signal_handlers): caught
+    signals go back to SIG_DFL (the handlers' code is gone), SIG_IGN stays ignored,
+    sa_flags and sa_mask are cleared; the mask, the pending set and a pending
+    alarm are kept.  ``proc`` is a ``rump.process.Process``; its LWPs lose their
+    alternate signal stack."""
+    proc.sigactions = {
+        sig: (SIG_IGN, 0, 0, 0) for sig, act in proc.sigactions.items() if act[0] == SIG_IGN
+    }
+    for lwp in proc.lwps:
+        lwp.altstack = (0, 0)
+        lwp.saved_sigmask = None
+
+
 def signame(sig: int) -> str:
     if sig in NAMES:
         return NAMES[sig]
