@@ -10,8 +10,8 @@ Real zig, real Unicorn, nothing mocked.  What is checked here:
 - faults end the guest with the right signal and a one-line report, bad
   pointers give EFAULT, unknown syscalls ENOSYS; malformed or fuzzed images
   are refused with ImageError before anything runs, never anything worse;
-- the VM's limits: wall-time limit, RAM size, the scheduling quantum (and the
-  cooperative default), deadlock detection;
+- the VM's limits: wall-time limit, RAM size, the scheduling quantum (preemptive by
+  default, cooperative with quantum 0), deadlock detection;
 - the console (tty vs pipe buffering, stdin) and the syscall trace.
 
 The ``unifork`` command end to end is tests/test_cli.py.

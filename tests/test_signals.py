@@ -56,6 +56,13 @@ CASES: dict[str, str] = {
         "mask restored: SIGCHLD blocked again",
         "child exited 7",
     ),
+    "sigchld": lines(
+        "waitpid with a SIGCHLD handler: returned the child, exited 3, handler ran 1 time(s)",
+        "stop, continue, kill: SIGCHLD handled 2 or 3 times",
+        "the same with SA_NOCLDSTOP: 1 time(s)",
+        "SA_NOCLDWAIT: wait returned -1 errno=ECHILD, handler ran 1 time(s)",
+        "SIGCHLD ignored: wait returned -1 errno=ECHILD",
+    ),
     "nodefer": lines(
         "SA_NODEFER: 3 runs, nested 3 deep",
         "without SA_NODEFER: 3 runs, nested 1 deep",

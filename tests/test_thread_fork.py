@@ -314,7 +314,8 @@ def test_children_memory_returned_after_exit() -> None:
     with built_vm("hello") as (k, _):
         assert k.run().status == 0
         hello_chunks = chunk_bytes(k)
-    with built_vm("fork_exit_wait") as (k, sink):
+    # cooperative: the parent forks all 100 before any child runs, so all were alive at once
+    with built_vm("fork_exit_wait", quantum=0) as (k, sink):
         res = k.run()
         assert bytes(sink.stdout) == b"ok 100 children\n"
         assert res.peak_memory >= 100 * DEFAULT_STACK  # the children did hold memory

@@ -9,6 +9,7 @@
  *   restart    SA_RESTART restarts a blocking pipe read; without it, EINTR
  *              (alarm() and setitimer(ITIMER_REAL) interrupt the read)
  *   sigsuspend sigsuspend woken by SIGCHLD from a child that exits
+ *   sigchld    a SIGCHLD handler does not make waitpid fail; SA_NOCLDSTOP; SA_NOCLDWAIT
  *   nodefer    nested handlers with SA_NODEFER; without it, the second waits
  *   altstack   SIGSEGV handler on a sigaltstack that siglongjmps out; a handler
  *              returning to the faulting store re-faults
@@ -214,6 +215,82 @@ static int case_sigsuspend(void)
 	if (waitpid(pid, &st, 0) != pid)
 		die("waitpid: %s", strerror(errno));
 	printf("child %s\n", status_str(st));
+	return 0;
+}
+
+/* -- sigchld ----------------------------------------------------------------- */
+static volatile sig_atomic_t chld_runs;
+
+static void h_count(int sig, siginfo_t *si, void *uc)
+{
+	(void)sig, (void)si, (void)uc;
+	chld_runs++;
+}
+
+static pid_t fork_pauser(void)
+{
+	fflush(stdout);
+	pid_t pid = fork();
+	if (pid < 0)
+		die("fork: %s", strerror(errno));
+	if (pid == 0) {
+		for (;;)
+			pause();
+	}
+	return pid;
+}
+
+static int job_control_runs(int flags)
+{
+	int st;
+	chld_runs = 0;
+	on(SIGCHLD, h_count, flags, NULL);
+	pid_t pid = fork_pauser();
+	kill(pid, SIGSTOP);
+	waitpid(pid, &st, WUNTRACED);
+	kill(pid, SIGCONT);
+	waitpid(pid, &st, WCONTINUED);
+	kill(pid, SIGKILL);
+	waitpid(pid, &st, 0);
+	return chld_runs;
+}
+
+static int case_sigchld(void)
+{
+	int st;
+	on(SIGCHLD, h_count, 0, NULL);
+	fflush(stdout);
+	pid_t pid = fork();
+	if (pid < 0)
+		die("fork: %s", strerror(errno));
+	if (pid == 0)
+		_exit(3);
+	pid_t r = waitpid(pid, &st, 0);
+	printf("waitpid with a SIGCHLD handler: %s, %s, handler ran %d time(s)\n",
+	       r == pid ? "returned the child" : strerror(errno), status_str(st), (int)chld_runs);
+	int runs3 = job_control_runs(0); /* the last two may coalesce: one pending SIGCHLD */
+	printf("stop, continue, kill: SIGCHLD handled %s\n", runs3 == 2 || runs3 == 3 ? "2 or 3 times" : "?");
+	printf("the same with SA_NOCLDSTOP: %d time(s)\n", job_control_runs(SA_NOCLDSTOP));
+	on(SIGCHLD, h_count, SA_NOCLDWAIT, NULL);
+	chld_runs = 0;
+	fflush(stdout);
+	pid = fork();
+	if (pid < 0)
+		die("fork: %s", strerror(errno));
+	if (pid == 0)
+		_exit(4);
+	r = wait(&st);
+	printf("SA_NOCLDWAIT: wait returned %d errno=%s, handler ran %d time(s)\n", (int)r,
+	       r < 0 && errno == ECHILD ? "ECHILD" : "?", (int)chld_runs);
+	signal(SIGCHLD, SIG_IGN);
+	fflush(stdout);
+	pid = fork();
+	if (pid < 0)
+		die("fork: %s", strerror(errno));
+	if (pid == 0)
+		_exit(5);
+	r = wait(&st);
+	printf("SIGCHLD ignored: wait returned %d errno=%s\n", (int)r, r < 0 && errno == ECHILD ? "ECHILD" : "?");
 	return 0;
 }
 
@@ -619,6 +696,8 @@ int main(int argc, char **argv)
 		return case_restart();
 	if (!strcmp(c, "sigsuspend"))
 		return case_sigsuspend();
+	if (!strcmp(c, "sigchld"))
+		return case_sigchld();
 	if (!strcmp(c, "nodefer"))
 		return case_nodefer();
 	if (!strcmp(c, "altstack"))
@@ -641,7 +720,7 @@ int main(int argc, char **argv)
 		return case_storm(n ? n : 100000);
 	if (!strcmp(c, "roundtrip"))
 		return case_roundtrip(n ? n : 1000, argc > 3 && !strcmp(argv[3], "-t"));
-	fprintf(stderr, "usage: signals handler|restart|sigsuspend|nodefer|altstack|ucontext|rtqueue|"
+	fprintf(stderr, "usage: signals handler|restart|sigsuspend|sigchld|nodefer|altstack|ucontext|rtqueue|"
 			"stopcont|killspin|piperestart|badhandler|badframe|storm [N]|roundtrip [N] [-t]\n");
 	return 2;
 }

@@ -373,7 +373,9 @@ class Cpu:
         ctypes.memset(buf, 0, len(buf))
         self._reg_read_batch(self._h, _FPU_IDS, ptrs, len(_FPU_REGS))
         raw = bytes(buf)
-        fsw, fcw, tag, mxcsr = (int.from_bytes(raw[16 * i : 16 * i + 4], "little") for i in range(4))
+        fsw, fcw, tag, mxcsr = (
+            int.from_bytes(raw[16 * i : 16 * i + 4], "little") for i in range(4)
+        )
         out = bytearray(FXSAVE_SIZE)
         ftw = sum(1 << i for i in range(8) if (tag >> (2 * i)) & 3 != 3)
         FXSAVE.pack_into(out, 0, fcw & 0xFFFF, fsw & 0xFFFF, ftw, 0, 0, 0, mxcsr, MXCSR_MASK)

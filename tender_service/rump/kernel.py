@@ -295,10 +295,16 @@ class Kernel(ProcessTable):
                 self._loaded = t
                 sched.switches += 1
             self.current = lwp
-            # the return to user mode: signals are delivered here
-            if proc.pending & ~lwp.sigmask and not sigframe.deliver(self, lwp):
+            # the return to user mode: signals are delivered here.  A woken syscall
+            # runs again first (it may complete, as wait4 for an exited child does);
+            # it is interrupted only when it would block again (``interrupted``)
+            if (
+                proc.pending & ~lwp.sigmask
+                and (lwp.restart_nr < 0 or lwp.interrupted)
+                and not sigframe.deliver(self, lwp)
+            ):
                 continue
-            lwp.restart_nr = -1
+            lwp.restart_nr, lwp.interrupted = -1, False
             self.restart_pending = False
             self._ran(lwp, cpu.run())
 
@@ -307,14 +313,17 @@ class Kernel(ProcessTable):
         t, cpu = lwp.thread, self.cpu
         if ex.kind is ExitKind.FAULT and t.state is not ThreadState.DEAD:
             self._fault(lwp, ex)
-        elif t.state is ThreadState.RUNNABLE:
+            return
+        if self.restart_pending and t.state is not ThreadState.DEAD:
+            # parked in a syscall (or stopped short of parking by a signal): it runs
+            # the syscall again when woken
+            cpu.set_reg(RIP, cpu.reg(RIP) - SYSCALL_INSN_LEN)
+            lwp.restart_nr = cpu.reg(RAX)
+        if t.state is ThreadState.RUNNABLE:
             if lwp.proc.pending & ~lwp.sigmask:
                 self.sched.runq.appendleft(t)  # a signal for it: deliver before others run
             else:
                 self.sched.runq.append(t)
-        elif t.state is ThreadState.BLOCKED and self.restart_pending:
-            cpu.set_reg(RIP, cpu.reg(RIP) - SYSCALL_INSN_LEN)
-            lwp.restart_nr = cpu.reg(RAX)
 
     def _fault(self, lwp: Lwp, ex: CpuExit) -> None:
         """A CPU fault: the guest's handler for it runs, or the process dies (as Linux's

@@ -44,6 +44,9 @@ class Lwp:
     #: the syscall number of a blocked, restartable syscall (-1: none); a signal
     #: handler interrupts it with EINTR or restarts it (SA_RESTART)
     restart_nr: int = -1
+    #: the restarted syscall would have blocked again with a signal ready: the
+    #: handler interrupts it now
+    interrupted: bool = False
     #: the mask to restore when the handler of a sigsuspend/pselect returns
     saved_sigmask: int | None = None
     #: the signals a rt_sigtimedwait waits for (they wake it even while blocked)

@@ -149,11 +149,11 @@ class ProcessTable:
         (init, SIGCHLD ignored, SA_NOCLDWAIT)."""
         if parent is self.init or parent.disposition(signals.SIGCHLD) == signals.SIG_IGN:
             self.reap(parent, proc)
+            self.sched.wake_all(parent.child_wq)  # a wait with no child left: ECHILD
             return
         if parent.flags(signals.SIGCHLD) & signals.SA_NOCLDWAIT:
             self.reap(parent, proc)
-        else:
-            self.sched.wake_all(parent.child_wq)
+        self.sched.wake_all(parent.child_wq)
         self.child_signal(parent, proc.pid, status)
 
     def _release_memory(self, proc: Process) -> None:
@@ -358,14 +358,7 @@ class ProcessTable:
                     p.vfork_child = 0
                     for lwp in p.lwps:
                         self.sched.make_runnable(lwp.thread)
-                if p.disposition(signals.SIGCHLD) == signals.SIG_IGN:
-                    self.reap(p, child)
-                    continue
-                if p.flags(signals.SIGCHLD) & signals.SA_NOCLDWAIT:
-                    self.reap(p, child)
-                else:
-                    self.sched.wake_all(p.child_wq)
-                self.child_signal(p, pid, status)
+                self._notify_exit(p, child, status)
 
     def blocked_report(self) -> list[str]:
         """'pid N (name): what it waits on' for every blocked process."""

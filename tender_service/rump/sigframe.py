@@ -107,7 +107,7 @@ def deliver(k: Kernel, lwp: Lwp) -> bool:
         if not _setup_frame(k, lwp, info, first):
             break
         first = False
-    lwp.restart_nr = -1
+    lwp.restart_nr, lwp.interrupted = -1, False
     if lwp.saved_sigmask is not None:  # no handler ran: sigsuspend's mask ends here
         lwp.sigmask, lwp.saved_sigmask = lwp.saved_sigmask, None
     return proc.alive and not proc.stopped
