@@ -90,6 +90,7 @@ CASES: dict[str, str] = {
         "then SIGTERM: killed by Terminated",
     ),
     "killspin": lines("spinning child: killed by Killed"),
+    "spinhandler": lines("spinning child with a handler: exited 9"),
     "piperestart": lines(
         "read across a fork, SA_RESTART: returned 1 'y', handler ran 1 time(s), child exited 0"
     ),

@@ -20,6 +20,8 @@
  *              standard signals coalesce; sigpending; sigtimedwait
  *   stopcont   SIGSTOP/SIGCONT seen by waitpid with WUNTRACED/WCONTINUED
  *   killspin   a parent kills a child that spins without syscalls
+ *   spinhandler a child spinning on a flag without syscalls gets its SIGUSR1
+ *              handler run (the flag set) at an instruction boundary, and exits
  *   piperestart a child signals its parent blocked in read() on a pipe they share;
  *              the SA_RESTART handler runs and the read goes on to get the data
  *   badhandler a handler address that is not mapped: SIGSEGV
@@ -533,6 +535,41 @@ static int case_killspin(void)
 	return 0;
 }
 
+/* -- spinhandler --------------------------------------------------------------- */
+static volatile sig_atomic_t spin_flag;
+
+static void h_flag(int sig, siginfo_t *si, void *uc)
+{
+	(void)sig, (void)si, (void)uc;
+	spin_flag = 1;
+}
+
+static int case_spinhandler(void)
+{
+	int p[2];
+	if (pipe(p))
+		die("pipe: %s", strerror(errno));
+	on(SIGUSR1, h_flag, 0, NULL);
+	fflush(stdout);
+	pid_t pid = fork();
+	if (pid < 0)
+		die("fork: %s", strerror(errno));
+	if (pid == 0) {
+		(void)write(p[1], "s", 1);
+		while (!spin_flag)
+			; /* no syscall: only an interrupted instruction stream runs the handler */
+		_exit(9);
+	}
+	char c;
+	if (read(p[0], &c, 1) != 1)
+		die("read: %s", strerror(errno));
+	kill(pid, SIGUSR1);
+	int st;
+	waitpid(pid, &st, 0);
+	printf("spinning child with a handler: %s\n", status_str(st));
+	return 0;
+}
+
 /* -- piperestart ---------------------------------------------------------------- */
 static int case_piperestart(void)
 {
@@ -710,6 +747,8 @@ int main(int argc, char **argv)
 		return case_stopcont();
 	if (!strcmp(c, "killspin"))
 		return case_killspin();
+	if (!strcmp(c, "spinhandler"))
+		return case_spinhandler();
 	if (!strcmp(c, "piperestart"))
 		return case_piperestart();
 	if (!strcmp(c, "badhandler"))
@@ -721,6 +760,6 @@ int main(int argc, char **argv)
 	if (!strcmp(c, "roundtrip"))
 		return case_roundtrip(n ? n : 1000, argc > 3 && !strcmp(argv[3], "-t"));
 	fprintf(stderr, "usage: signals handler|restart|sigsuspend|sigchld|nodefer|altstack|ucontext|rtqueue|"
-			"stopcont|killspin|piperestart|badhandler|badframe|storm [N]|roundtrip [N] [-t]\n");
+			"stopcont|killspin|spinhandler|piperestart|badhandler|badframe|storm [N]|roundtrip [N] [-t]\n");
 	return 2;
 }
