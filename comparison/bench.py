@@ -45,6 +45,7 @@ PROGRAMS = (
     "pipe_throughput",
     "pipe_bw",
     "children_blocked",
+    "signals",
 )
 VM_TIMEOUT = 120.0  # seconds of wall time for any one VM
 NATIVE_TIMEOUT = 120.0
@@ -331,6 +332,40 @@ class Bench:
                     f"VM syscalls per run (RunResult): {min(syscalls)}..{max(syscalls)}",
                 ],
                 samples={"vm_us_per_call": vm_us, "native_us_per_call": nat_us},
+            )
+        ]
+
+    # 1b ----------------------------------------------------------------------------
+    def signal(self) -> list[Row]:
+        """kill(self) -> handler entry -> rt_sigreturn, in a thread-fork VM and natively."""
+        img = self.image("signals")
+        vm_n, nat_n = self.p.pick(2_000, 5_000), self.p.pick(100_000, 200_000)
+        runs = self.p.pick(5, 9)
+        out = interleave(
+            "signal: signals roundtrip",
+            {
+                "vm": (self.vm(img, ["roundtrip", str(vm_n), "-t"]), runs),
+                "native": (self.native(img, ["roundtrip", str(nat_n), "-t"]), runs),
+            },
+            1,
+            self.progress,
+        )
+        vm_us = [floats(r.stdout, "signal_roundtrip_us")[0] for r in out["vm"]]
+        nat_us = [floats(r.stdout, "signal_roundtrip_us")[0] for r in out["native"]]
+        return [
+            Row(
+                "signal",
+                "1b signal round trip (kill, handler, sigreturn)",
+                "us",
+                _median(nat_us),
+                _median(vm_us),
+                notes=[
+                    f"VM {runs} runs x {vm_n} signals, native {runs} runs x {nat_n} "
+                    "(+1 warm-up run each); measured inside the program",
+                    f"per-run VM: {', '.join(f'{x:.3f}' for x in vm_us)} us",
+                    f"per-run native: {', '.join(f'{x:.3f}' for x in nat_us)} us",
+                ],
+                samples={"vm_us_per_signal": vm_us, "native_us_per_signal": nat_us},
             )
         ]
 
@@ -723,6 +758,7 @@ def host_rss() -> int:
 
 BENCHMARKS: dict[str, Callable[[Bench], list[Row]]] = {
     "syscall": Bench.syscall,
+    "signal": Bench.signal,
     "hello": Bench.hello,
     "cpu": Bench.cpu,
     "fork": Bench.fork,

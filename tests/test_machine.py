@@ -10,8 +10,8 @@ Real zig, real Unicorn, nothing mocked.  What is checked here:
 - faults end the guest with the right signal and a one-line report, bad
   pointers give EFAULT, unknown syscalls ENOSYS; malformed or fuzzed images
   are refused with ImageError before anything runs, never anything worse;
-- the VM's limits: wall-time limit, RAM size, the scheduling quantum (and the
-  cooperative default), deadlock detection;
+- the VM's limits: wall-time limit, RAM size, the scheduling quantum (preemptive by
+  default, cooperative with quantum 0), deadlock detection;
 - the console (tty vs pipe buffering, stdin) and the syscall trace.
 
 The ``unifork`` command end to end is tests/test_cli.py.
@@ -682,9 +682,14 @@ def test_quantum_preempts_a_spinning_parent() -> None:
     assert res.forks == 1
 
 
-def test_cooperative_default_never_preempts() -> None:
-    assert VmConfig().quantum == 0  # cooperative, as Rumprun
-    g = run_guarded(probe(), "spin_flag", timeout=2)
+def test_default_preempts_and_quantum_0_is_cooperative() -> None:
+    """Preemption by default (issue 15); --quantum 0 keeps Rumprun's cooperative
+    scheduling, where the spinning parent starves its child until the time limit."""
+    assert VmConfig().quantum > 0
+    g = run_guarded(probe(), "spin_flag", timeout=20)
+    assert not g.guard_fired
+    assert g.run.result.outcome == "exited" and g.run.stdout == b"flag seen, child exited 0\n"
+    g = run_guarded(probe(), "spin_flag", quantum=0, timeout=2)
     assert not g.guard_fired, "the 2 s time limit never fired"
     res = g.run.result
     assert res.outcome == "timeout"

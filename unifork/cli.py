@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from tender_service.instance.backends import FORK_MODES
 from tender_service.machine.errors import ImageError
 from tender_service.rump import signals
+from tender_service.rump.vminfo import DEFAULT_QUANTUM
 from unifork import logs
 from unifork.args import UsageError, check_files, check_target
 
@@ -615,8 +616,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - split after the 
     r.add_argument(
         "--quantum",
         type=int,
-        default=0,
-        help="preempt after this many instructions (default: cooperative)",
+        default=DEFAULT_QUANTUM,
+        help=f"time slice in microseconds (default {DEFAULT_QUANTUM}); 0: cooperative",
     )
     r.add_argument("--console", choices=("tty", "pipe"), default="tty")
     r.add_argument(

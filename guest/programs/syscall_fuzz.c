@@ -367,6 +367,8 @@ static int sanitize(struct fz *z, long nr, uint64_t *a, enum cls *c)
 	switch (nr) {
 	case 56: case 57: case 58: case 59: case 60: case 231: case 15: case 34:
 		return 0; /* clone, fork, vfork, execve, exit, exit_group, rt_sigreturn, pause */
+	case 37: case 38: case 128: case 129: case 130:
+		return 0; /* alarm, setitimer (a SIGALRM ends the run), sigtimedwait, sigqueue, sigsuspend */
 	case 0: case 17: /* read, pread64 */
 		if ((int)a[0] == 0)
 			return 0;
@@ -478,8 +480,7 @@ static int sanitize(struct fz *z, long nr, uint64_t *a, enum cls *c)
 			a[2] = (a[2] & 3) | 1; /* GRND_NONBLOCK */
 		return 1;
 	case 13: /* rt_sigaction */
-		if (native)
-			a[1] = 0; /* never install a handler natively */
+		a[1] = 0; /* never install a handler: the VM runs handlers too (issue 15) */
 		if (fork_mode && (int)a[0] == SIGCHLD)
 			a[1] = 0; /* SIG_IGN would reap the children behind the parent's back */
 		clamp(z, a[2], &a[3], 1);
@@ -507,7 +508,8 @@ static int sanitize(struct fz *z, long nr, uint64_t *a, enum cls *c)
 		a[2] |= 1; /* WNOHANG */
 		return 1;
 	case 247: /* waitid */
-		a[2] |= 1; /* WNOHANG */
+		a[2] |= 1;
+		a[3] |= 1; /* WNOHANG (options are the 4th argument) */
 		if (fork_mode)
 			a[3] |= 0x01000000; /* WNOWAIT: the children are reaped by wait4 only */
 		return 1;

@@ -39,9 +39,8 @@
  *   sigusr1       installs a SIGUSR1 handler with sigaction(), raise(SIGUSR1),
  *                 then checks sigpending().  Output:
  *                 "handler_ran=<0|1> pending_usr1=<0|1>", "still running".
- *                 Natively: handler_ran=1 pending_usr1=0.  Thread-fork VM
- *                 (handlers are not run yet; the signal stays pending):
- *                 handler_ran=0 pending_usr1=1.
+ *                 handler_ran=1 pending_usr1=0 natively and in every
+ *                 fork mode.
  * Exit status 0 except exit_early (3); a bad mode prints usage, exits 2.
  */
 #define _GNU_SOURCE

@@ -106,6 +106,7 @@ class ThreadFork:
         cpu.write_context(ctx, _CHILD_REGS, [*regs, 0, rsp + delta, rip, r.value(fs)])
         clwp = k.new_lwp(child, cstack, cstack, size, ctx)
         clwp.tls = ctls
+        clwp.sigmask, clwp.altstack = lwp.sigmask, lwp.altstack  # inherited, as fork(2)
 
 
 def _copy_tls(k: Kernel, pid: int, fs: int) -> tuple[int, int, int]:

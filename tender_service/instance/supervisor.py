@@ -61,7 +61,14 @@ PLACEMENT_TRIES = 3
 #: seconds a VM's own time limit lies behind the instance's (the supervisor's comes first)
 VM_GRACE = 2.0
 #: messages that may wake a VM that said it was idle
-_WAKING = {Msg.PIPE_DATA, Msg.PIPE_WROTE, Msg.CHILD_EXIT, Msg.SIGNAL, Msg.REPARENT}
+_WAKING = {
+    Msg.PIPE_DATA,
+    Msg.PIPE_WROTE,
+    Msg.CHILD_EXIT,
+    Msg.SIGNAL,
+    Msg.REPARENT,
+    Msg.CHILD_STATE,
+}
 
 
 class ForkObserver(Protocol):
@@ -697,6 +704,15 @@ class Supervisor:
         for r in targets:
             if r.pid != rec.pid and r.alive and sig:
                 self._send(r, Frame(Msg.SIGNAL, 0, 0, 0, sig, b""))
+        return 0
+
+    def _op_child_state(self, rec: ProcRec, status: int) -> int:
+        """The VM's process stopped or continued (job control): its parent's VM hears."""
+        if status != signals.CONTINUED_STATUS and status & 0xFFFF00FF != 0x7F:
+            return -errno.EINVAL
+        parent = self.procs.get(rec.ppid)
+        if rec.ppid != INIT_PID and parent is not None and parent.alive:
+            self._send(parent, Frame(Msg.CHILD_STATE, 0, 0, rec.pid, status, b""))
         return 0
 
     def _op_getpgid(self, rec: ProcRec, pid: int) -> int:

@@ -48,6 +48,7 @@ for _fn in (
     "uc_reg_read",
     "uc_reg_read_batch",
     "uc_reg_write",
+    "uc_reg_write_batch",
 ):
     getattr(_lib, _fn)
 _emu_start.argtypes = [
@@ -106,7 +107,22 @@ STATE_REGS: dict[str, int] = {
 RIP = x86.UC_X86_REG_RIP
 RSP = x86.UC_X86_REG_RSP
 RAX = x86.UC_X86_REG_RAX
+EFLAGS = x86.UC_X86_REG_EFLAGS
 FS_BASE = x86.UC_X86_REG_FS_BASE
+#: the x87/SSE state of a signal frame, one 16-byte slot each in a batch buffer
+_FPU_REGS = (
+    x86.UC_X86_REG_FPSW,
+    x86.UC_X86_REG_FPCW,
+    x86.UC_X86_REG_FPTAG,
+    x86.UC_X86_REG_MXCSR,
+    *(getattr(x86, f"UC_X86_REG_ST{i}") for i in range(8)),
+    *(getattr(x86, f"UC_X86_REG_XMM{i}") for i in range(16)),
+)
+_FPU_IDS = (ctypes.c_int * len(_FPU_REGS))(*_FPU_REGS)
+#: the legacy region of an FXSAVE image: fcw, fsw, abridged ftw, fop, fip, fdp, mxcsr, mask
+FXSAVE = struct.Struct("<HHBxHQQII")
+FXSAVE_SIZE = 512
+MXCSR_MASK = 0xFFFF  # the MXCSR bits this CPU accepts (a restore of others is refused)
 #: the x87 control word and MXCSR a Linux process starts with: extended
 #: precision, all exceptions masked (Unicorn resets both to 0: single
 #: precision and unmasked exceptions, which makes musl's printf imprecise)
@@ -232,6 +248,13 @@ class Cpu:
         self._fault: CpuExit | None = None
         self._stopped = False
         self._regbufs = {id(rs): _RegBuffers(rs) for rs in _REGSETS}
+        fpu = (ctypes.c_uint8 * (16 * len(_FPU_REGS)))()
+        self._fpu_buf = (
+            fpu,
+            (ctypes.c_void_p * len(_FPU_REGS))(
+                *[ctypes.addressof(fpu) + 16 * i for i in range(len(_FPU_REGS))]
+            ),
+        )
         self._syscall_cb: Callable[..., None] | None = None  # kept alive while hooked
         self._enter_user_mode()
         self.uc.reg_write(x86.UC_X86_REG_FPCW, LINUX_FPCW)
@@ -331,6 +354,58 @@ class Cpu:
         self._reg_read_batch(self._h, regs.ids, b.ptrs, regs.n)
         return list(b.vals)
 
+    def write_regs(self, regs: RegSet, values: list[int]) -> None:
+        """Set registers of the running state in one call (signal frames)."""
+        b = self._buffers(regs)
+        vals = b.vals
+        for i, v in enumerate(values):
+            vals[i] = v & 0xFFFF_FFFF_FFFF_FFFF
+        err = _lib.uc_reg_write_batch(self._h, regs.ids, b.ptrs, regs.n)
+        if err:
+            raise UcError(err)
+
+    def read_fxsave(self) -> bytes:
+        """The x87/SSE state as the 512-byte image ``fxsave`` writes (a signal frame's
+        fpstate).  One raw batch read: the Python binding drops an x87 exponent."""
+        buf, ptrs = self._fpu_buf
+        ctypes.memset(buf, 0, len(buf))
+        self._reg_read_batch(self._h, _FPU_IDS, ptrs, len(_FPU_REGS))
+        raw = bytes(buf)
+        fsw, fcw, tag, mxcsr = (
+            int.from_bytes(raw[16 * i : 16 * i + 4], "little") for i in range(4)
+        )
+        out = bytearray(FXSAVE_SIZE)
+        ftw = sum(1 << i for i in range(8) if (tag >> (2 * i)) & 3 != 3)
+        FXSAVE.pack_into(out, 0, fcw & 0xFFFF, fsw & 0xFFFF, ftw, 0, 0, 0, mxcsr, MXCSR_MASK)
+        for i in range(8):
+            out[32 + 16 * i : 42 + 16 * i] = raw[64 + 16 * i : 74 + 16 * i]
+        out[160:416] = raw[192:448]
+        return bytes(out)
+
+    def write_fxsave(self, image: bytes) -> None:
+        """Load an image of :meth:`read_fxsave` (the caller checked MXCSR)."""
+        fcw, fsw, ftw, _, _, _, mxcsr, _ = FXSAVE.unpack_from(image, 0)
+        tag = sum((0 if ftw >> i & 1 else 3) << (2 * i) for i in range(8))
+        raw = bytearray(16 * len(_FPU_REGS))
+        for i, v in enumerate((fsw, fcw, tag, mxcsr)):
+            raw[16 * i : 16 * i + 8] = v.to_bytes(8, "little")
+        for i in range(8):
+            raw[64 + 16 * i : 74 + 16 * i] = image[32 + 16 * i : 42 + 16 * i]
+        raw[192:448] = image[160:416]
+        buf, ptrs = self._fpu_buf
+        ctypes.memmove(buf, bytes(raw), len(raw))
+        # the status word (its TOP) goes first: ST(i) counts from it
+        err = _lib.uc_reg_write_batch(self._h, _FPU_IDS, ptrs, len(_FPU_REGS))
+        if err:
+            raise UcError(err)
+
+    def reset_fpu(self) -> None:
+        """The x87/SSE state a signal handler starts with (Linux's init state)."""
+        self.set_reg(x86.UC_X86_REG_FPCW, LINUX_FPCW)
+        self.set_reg(x86.UC_X86_REG_FPSW, 0)
+        self.set_reg(x86.UC_X86_REG_FPTAG, 0xFFFF)
+        self.set_reg(x86.UC_X86_REG_MXCSR, LINUX_MXCSR)
+
     def write_context(self, ctx: Context, regs: RegSet, values: list[int]) -> None:
         """Set registers in a saved state (used to shape a forked child)."""
         b = self._buffers(regs)
@@ -398,8 +473,19 @@ class Cpu:
         """
         self.uc.ctl_remove_cache(addr, addr + size)
 
+    def flush_code(self) -> None:
+        """Drop every translated block: the next run translates anew (with an
+        instruction counter, once ``run`` is given a count)."""
+        self.uc.ctl_flush_tb()
+
     def stop(self) -> None:
-        """Stop ``run`` soon; safe from other threads (the watchdog)."""
+        """Stop ``run`` soon, from the syscall hook or from another thread.
+
+        From another thread the guest must not go on afterwards (a kill, a time
+        limit): Unicorn resumes such a stop at the start of the instruction whose
+        memory access it interrupted, so a read-modify-write runs twice
+        (unicorn#1355).
+        """
         self._stopped = True
         _lib.uc_emu_stop(self._h)
 

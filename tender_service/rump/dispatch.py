@@ -72,10 +72,12 @@ def make_dispatcher(kernel: Kernel) -> Dispatcher:
             return
         if type(ret) is int:
             set_rax(ret)
+            if lwp.proc.pending & ~lwp.sigmask:
+                stop()  # a signal to deliver on the way back to user mode
         elif ret is SWITCH:
             set_rax(0)
             stop()
-        else:  # NORETURN
+        else:  # NORETURN, JUMP: the loop resumes from the registers as they are
             stop()
 
     return dispatch
@@ -106,7 +108,12 @@ def traced(kernel: Kernel, dispatch: Dispatcher) -> Dispatcher:
 
 
 def _park(kernel: Kernel, lwp: Lwp, b: Block) -> None:
-    kernel.sched.block(lwp.thread, b.wq, b.why, b.until)
+    if lwp.proc.pending & ~lwp.sigmask:
+        # a signal is ready: the call is interrupted instead of waiting (EINTR or a
+        # restart after the handler, decided when the loop delivers it)
+        lwp.interrupted = True
+    else:
+        kernel.sched.block(lwp.thread, b.wq, b.why, b.until)
     kernel.restart_pending = True
     kernel.cpu.stop()
 

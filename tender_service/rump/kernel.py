@@ -25,7 +25,7 @@ from typing import Protocol
 from tender_service.bmk.memalloc import MEMWHO_WIREDBMK, MemAlloc
 from tender_service.bmk.pagealloc import PageAllocator
 from tender_service.bmk.sched import BmkThread, Scheduler, ThreadState, WaitQueue
-from tender_service.machine.cpu import RIP, RSP, SYSCALL_INSN_LEN, Cpu, ExitKind
+from tender_service.machine.cpu import RAX, RIP, RSP, SYSCALL_INSN_LEN, Cpu, CpuExit, ExitKind
 from tender_service.machine.elf import ElfImage
 from tender_service.machine.errors import GuestError, ImageError
 from tender_service.machine.layout import PAGE_SIZE
@@ -33,7 +33,7 @@ from tender_service.machine.loader import LoadedImage, build_stack, layout_memor
 from tender_service.machine.memory import GuestMemory
 from tender_service.machine.rootfs import RootFs
 from tender_service.machine.watchdog import WATCHDOG
-from tender_service.rump import signals
+from tender_service.rump import sigframe, signals
 from tender_service.rump.console import Console
 from tender_service.rump.dispatch import make_dispatcher, traced
 from tender_service.rump.fdtable import FdTable
@@ -45,6 +45,10 @@ from tender_service.rump.vfs import Vfs
 from tender_service.rump.vminfo import RunResult, VmConfig
 
 log = logging.getLogger(__name__)
+
+#: instructions a time slice allows per microsecond of ``VmConfig.quantum`` (the
+#: emulator runs some 50-100 million guest instructions a second with a counter)
+INSNS_PER_MICROSECOND = 50
 
 #: seconds between stops while an event that interrupts waits for the VM's loop
 EVENT_POKE = 0.02
@@ -72,6 +76,9 @@ class RemoteHost(Protocol):
     def child_reaped(self, parent: Process, child: Process) -> None: ...
 
     def signal(self, sender: Process, pid: int, sig: int) -> int: ...
+
+    def child_state(self, proc: Process, status: int) -> None:
+        """``proc`` (this VM's) stopped or continued: tell its parent's VM."""
 
     def call(self, op: str, *args: int) -> int: ...
 
@@ -115,6 +122,9 @@ class Kernel(ProcessTable):
         #: the syscall in progress parked its thread (it runs again when woken) or
         #: yielded to an event (it runs again once the loop has taken it)
         self.restart_pending = False
+        #: a time slice as an instruction budget (VmConfig.quantum is microseconds)
+        self._slice = config.quantum * INSNS_PER_MICROSECOND
+        self._counting = False
         self._stop_reason: str | None = None
         self._finished = False  # run() has returned: no more pokes
         self.reports: list[str] = []
@@ -300,7 +310,6 @@ class Kernel(ProcessTable):
 
     def _loop(self) -> str | None:
         cpu, sched = self.cpu, self.sched
-        quantum = self.config.quantum
         while True:
             if self.events:
                 self._drain_events()
@@ -313,25 +322,94 @@ class Kernel(ProcessTable):
                 if self._wait_host():
                     continue
                 return self._deadlock()
+            lwp = t.cookie
+            proc = lwp.proc
+            if proc.stopped:  # job control: it waits for SIGCONT, its syscall to restart
+                sched.block(t, proc.stop_wq, "stopped")
+                continue
             if t is not self._loaded:
                 if self._loaded is not None and self._loaded.state is not ThreadState.DEAD:
                     cpu.save(self._loaded.ctx)
                 cpu.restore(t.ctx)
                 self._loaded = t
                 sched.switches += 1
-            lwp = t.cookie
             self.current = lwp
-            self.restart_pending = False
-            ex = cpu.run(quantum)
-            if ex.kind is ExitKind.FAULT and t.state is not ThreadState.DEAD:
-                self._fault(lwp, ex)
+            # the return to user mode: signals are delivered here.  A woken syscall
+            # runs again first (it may complete, as wait4 for an exited child does);
+            # it is interrupted only when it would block again (``interrupted``)
+            if (
+                proc.pending & ~lwp.sigmask
+                and (lwp.restart_nr < 0 or lwp.interrupted)
+                and not sigframe.deliver(self, lwp)
+            ):
                 continue
-            if self.restart_pending and t.state is not ThreadState.DEAD:
-                cpu.set_reg(RIP, cpu.reg(RIP) - SYSCALL_INSN_LEN)
-            if t.state is ThreadState.RUNNABLE:
-                sched.runq.append(t)
+            lwp.restart_nr, lwp.interrupted = -1, False
+            self.restart_pending = False
+            self._ran(lwp, cpu.run(self._slice if self._needs_slices(proc) else 0))
 
-    def _fault(self, lwp: Lwp, ex) -> None:
+    def _needs_slices(self, proc: Process) -> bool:
+        """Whether the guest runs in time slices (an instruction budget).
+
+        Preemption is an instruction count, never a stop from another thread (that
+        replays instructions: see ``Cpu.stop``).  Counting costs every instruction a
+        hook (about 2.7x on ``cpu_loop``), so a VM counts only once it has something
+        that must get the CPU back from a guest that makes no syscalls: a second
+        thread, an interval timer, or (VM-clone) a handler a signal from another VM
+        must run.  From then on it counts until it ends: switching the counter off
+        would drop every translated block each time.
+        """
+        if self._counting:
+            return True
+        if not self._slice:
+            return False
+        if (
+            len(self.sched.threads) > 1
+            or any(p.itimer[0] for p in self.procs.values())
+            or (self.remote is not None and signals.catches_any(proc))
+        ):
+            self._counting = True
+            self.cpu.flush_code()  # blocks translated without the counter would not count
+            return True
+        return False
+
+    def _ran(self, lwp: Lwp, ex: CpuExit) -> None:
+        """After ``lwp`` ran: a fault, a requeue, or a blocked syscall to restart later."""
+        t, cpu = lwp.thread, self.cpu
+        if ex.kind is ExitKind.FAULT and t.state is not ThreadState.DEAD:
+            self._fault(lwp, ex)
+            return
+        if self.restart_pending and t.state is not ThreadState.DEAD:
+            # parked in a syscall (or stopped short of parking by a signal): it runs
+            # the syscall again when woken
+            cpu.set_reg(RIP, cpu.reg(RIP) - SYSCALL_INSN_LEN)
+            lwp.restart_nr = cpu.reg(RAX)
+        if t.state is ThreadState.RUNNABLE:
+            if lwp.proc.pending & ~lwp.sigmask:
+                self.sched.runq.appendleft(t)  # a signal for it: deliver before others run
+            else:
+                self.sched.runq.append(t)
+
+    def _fault(self, lwp: Lwp, ex: CpuExit) -> None:
+        """A CPU fault: the guest's handler for it runs, or the process dies (as Linux's
+        force_sig_fault: a blocked or ignored fault signal kills all the same)."""
+        proc, sig = lwp.proc, ex.signal
+        handler = proc.disposition(sig)
+        if handler not in (signals.SIG_DFL, signals.SIG_IGN) and not lwp.sigmask & signals.bit(sig):
+            self.cpu.set_reg(RIP, ex.rip)
+            if ex.address is not None:
+                info = signals.SigInfo(
+                    sig, _FAULT_CODE.get(sig, signals.SI_KERNEL), addr=ex.address
+                )
+            elif sig == signals.SIGSEGV:
+                info = signals.SigInfo(sig, signals.SI_KERNEL, addr=0)
+            else:
+                info = signals.SigInfo(sig, _FAULT_CODE.get(sig, signals.SI_KERNEL), addr=ex.rip)
+            proc.sigqueue.insert(0, info)
+            proc.pending |= signals.bit(sig)
+            lwp.restart_nr = -1
+            if sigframe.deliver(self, lwp):
+                self.sched.runq.appendleft(lwp.thread)
+            return
         insn = self.cpu.instruction_bytes(ex.rip)
         where = f" address={ex.address:#x}" if ex.address is not None else ""
         report = (
@@ -343,14 +421,48 @@ class Kernel(ProcessTable):
         lwp.proc.report = report
         self.exit_process(lwp.proc, signals.signaled_status(ex.signal))
 
+    def fire_itimer(self, proc: Process, deadline: float) -> None:
+        """ITIMER_REAL of ``proc`` expired (VM thread): SIGALRM, and re-arm an interval."""
+        if not proc.alive or not proc.itimer_token or proc.itimer[0] != deadline:
+            return  # cancelled or re-armed since
+        interval = proc.itimer[1]
+        if interval:
+            self.arm_itimer(proc, max(deadline + interval, time.monotonic()), interval)
+        else:
+            proc.itimer, proc.itimer_token = (0.0, 0.0), 0
+        self.post_signal(proc, signals.SIGALRM, signals.SigInfo(signals.SIGALRM, signals.SI_KERNEL))
+
+    def arm_itimer(self, proc: Process, deadline: float, interval: float) -> None:
+        """Set (deadline > 0) or cancel ITIMER_REAL; it fires on the VM's thread."""
+        if proc.itimer_token:
+            WATCHDOG.cancel(proc.itimer_token)
+        proc.itimer, proc.itimer_token = (deadline, interval), 0
+        if deadline:
+            proc.itimer_token = WATCHDOG.arm(
+                deadline, lambda: self.post_event(lambda: self.fire_itimer(proc, deadline))
+            )
+
+    def _next_timer(self) -> float | None:
+        """The earliest sleeper or interval timer (ITIMER_REAL) of the VM."""
+        timer = self.sched.next_timer()
+        for p in self.procs.values():
+            if p.itimer_token and (timer is None or p.itimer[0] < timer):
+                timer = p.itimer[0]
+        return timer
+
     def _wait_host(self) -> bool:
         """Nothing can run: wait for a timer or host event.  False if none can come."""
         sched = self.sched
         if self.events:
             return True
-        if not sched.host_wakeable():
+        now = time.monotonic()
+        for p in list(self.procs.values()):
+            if p.itimer_token and p.itimer[0] <= now:
+                self.fire_itimer(p, p.itimer[0])
+                return True
+        timer = self._next_timer()
+        if not sched.host_wakeable() and timer is None:
             return False
-        timer = sched.next_timer()
         timeout = None if timer is None else max(0.0, timer - time.monotonic())
         if self.remote is not None and timer is None:
             # only another VM can wake us now: say so (the supervisor detects deadlocks)
@@ -440,6 +552,16 @@ class Kernel(ProcessTable):
         with contextlib.suppress(AttributeError):  # close() may run twice
             del self.heap  # drop the heap's view of RAM before unmapping
         self.mem.close()
+
+
+#: si_code of a fault signal with an address
+_FAULT_CODE = {
+    signals.SIGSEGV: signals.SEGV_MAPERR,
+    signals.SIGBUS: signals.BUS_ADRERR,
+    signals.SIGILL: signals.ILL_ILLOPN,
+    signals.SIGFPE: signals.FPE_INTDIV,
+    signals.SIGTRAP: signals.TRAP_BRKPT,
+}
 
 
 def _b(s: str | bytes) -> bytes:

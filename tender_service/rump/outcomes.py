@@ -8,7 +8,8 @@ dispatcher (``rump/dispatch.py``) turns each into what the guest sees:
 * raise ``Block``: the thread waits on a queue; the syscall restarts when woken;
 * raise ``BlockAfter``: the syscall completed with a value, then the thread waits (vfork);
 * return ``SWITCH``: the thread gave up the CPU (``sched_yield``), ``rax = 0``;
-* return ``NORETURN``: the thread is gone (exit, a fatal signal).
+* return ``NORETURN``: the thread is gone (exit, a fatal signal);
+* return ``JUMP``: the handler set every register itself (``rt_sigreturn``).
 
 This module imports nothing of the kernel, so handlers import their outcomes from
 here and the kernel imports the handlers without an import cycle.
@@ -19,7 +20,7 @@ from __future__ import annotations
 from tender_service.bmk.sched import WaitQueue
 from tender_service.machine.errors import GuestError
 
-__all__ = ["NORETURN", "SWITCH", "Block", "BlockAfter", "GuestError"]
+__all__ = ["JUMP", "NORETURN", "SWITCH", "Block", "BlockAfter", "GuestError"]
 
 
 class _Sentinel:
@@ -34,6 +35,8 @@ class _Sentinel:
 SWITCH = _Sentinel("SWITCH")
 #: handler result: the calling thread is gone (exit, fatal signal)
 NORETURN = _Sentinel("NORETURN")
+#: handler result: the registers (rax and rip included) are set; resume from them
+JUMP = _Sentinel("JUMP")
 
 
 class Block(Exception):  # noqa: N818 - control flow, not an error

@@ -42,6 +42,18 @@ class Lwp:
     #: a request to another process (VM-clone pipe op) and its reply, once it came
     remote_req: int = 0
     remote_result: tuple[int, bytes, int] | None = None
+    #: the syscall number of a blocked, restartable syscall (-1: none); a signal
+    #: handler interrupts it with EINTR or restarts it (SA_RESTART)
+    restart_nr: int = -1
+    #: the restarted syscall would have blocked again with a signal ready: the
+    #: handler interrupts it now
+    interrupted: bool = False
+    #: the mask to restore when the handler of a sigsuspend/pselect returns
+    saved_sigmask: int | None = None
+    #: the signals a rt_sigtimedwait waits for (they wake it even while blocked)
+    sigwait: int = 0
+    #: sigaltstack: (ss_sp, ss_size), ss_size 0 if none
+    altstack: tuple[int, int] = (0, 0)
 
 
 @dataclass(eq=False)
@@ -76,7 +88,19 @@ class Process:
     state: ProcState = ProcState.ALIVE
     status: int = 0  # wait status once a zombie
     sigactions: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
-    pending: int = 0  # signals left pending (caught by a guest handler we do not run)
+    pending: int = 0  # the pending set (bit n-1: signal n), kept with ``sigqueue``
+    #: pending instances, oldest first: one per standard signal, every real-time one
+    sigqueue: list[signals.SigInfo] = field(default_factory=list)
+    #: where sigsuspend, pause and rt_sigtimedwait wait for a signal
+    signal_wq: WaitQueue = field(init=False)
+    #: stopped by SIGSTOP & co until SIGCONT; its threads wait on ``stop_wq``
+    stopped: bool = False
+    stop_wq: WaitQueue = field(init=False)
+    #: a stop or continue the parent has not collected with WUNTRACED/WCONTINUED
+    state_report: int = 0
+    #: ITIMER_REAL: (deadline, interval) in time.monotonic seconds, and its timer
+    itimer: tuple[float, float] = (0.0, 0.0)
+    itimer_token: int = 0
     child_wq: WaitQueue = field(init=False)
     vfork_child: int = 0  # pid of the vfork child the parent waits for
     brk: int = 0
@@ -99,6 +123,8 @@ class Process:
 
     def __post_init__(self) -> None:
         self.child_wq = WaitQueue(f"wait:{self.pid}")
+        self.signal_wq = WaitQueue(f"signal:{self.pid}")
+        self.stop_wq = WaitQueue(f"stopped:{self.pid}")
 
     @property
     def alive(self) -> bool:
@@ -108,6 +134,17 @@ class Process:
         """SIG_DFL (0), SIG_IGN (1) or a guest handler address."""
         act = self.sigactions.get(sig)
         return signals.SIG_DFL if act is None else act[0]
+
+    def flags(self, sig: int) -> int:
+        act = self.sigactions.get(sig)
+        return 0 if act is None else act[1]
+
+    def ignores(self, sig: int) -> bool:
+        """Whether ``sig`` would be thrown away on delivery (SIG_IGN or ignored by default)."""
+        disp = self.disposition(sig)
+        return disp == signals.SIG_IGN or (
+            disp == signals.SIG_DFL and signals.default_action(sig) is signals.Action.IGNORE
+        )
 
     def describe(self) -> str:
         st = self.state.value

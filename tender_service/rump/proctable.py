@@ -13,7 +13,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from tender_service.bmk.memalloc import MEMWHO_WIREDBMK
-from tender_service.bmk.sched import BmkThread
+from tender_service.bmk.sched import BmkThread, ThreadState
+from tender_service.machine.watchdog import WATCHDOG
 from tender_service.rump import signals
 from tender_service.rump.fdtable import FdTable
 from tender_service.rump.process import Lwp, Process, ProcState, Program
@@ -23,11 +24,14 @@ if TYPE_CHECKING:
     from tender_service.bmk.memalloc import MemAlloc
     from tender_service.bmk.pagealloc import PageAllocator
     from tender_service.bmk.sched import Scheduler
+    from tender_service.machine.cpu import Cpu
     from tender_service.rump.kernel import Forker, Kernel, RemoteHost
 
 INIT_PID = 1
 #: reaped processes remembered for the process table (``--ps``, describe)
 MAX_FINISHED = 10_000
+#: pending signal instances a process may have queued (Linux's RLIMIT_SIGPENDING role)
+MAX_QUEUED = 1024
 
 
 class ProcessTable:
@@ -40,6 +44,7 @@ class ProcessTable:
     remote: RemoteHost | None
     forker: Forker | None
     current: Lwp | None
+    cpu: Cpu
     warn_once: Callable[..., None]
 
     def __init__(self) -> None:
@@ -159,12 +164,25 @@ class ProcessTable:
                 self._reparent(child, self.init)
         parent = proc.parent
         self.release_vfork_parent(proc)
-        if parent is None:
-            return
+        if proc.itimer_token:
+            WATCHDOG.cancel(proc.itimer_token)
+            proc.itimer_token, proc.itimer = 0, (0.0, 0.0)
+        proc.sigqueue.clear()
+        proc.pending = 0
+        if parent is not None:
+            self._notify_exit(parent, proc, status)
+
+    def _notify_exit(self, parent: Process, proc: Process, status: int) -> None:
+        """The parent learns of the exit: a wake-up and SIGCHLD, or an automatic reap
+        (init, SIGCHLD ignored, SA_NOCLDWAIT)."""
         if parent is self.init or parent.disposition(signals.SIGCHLD) == signals.SIG_IGN:
             self.reap(parent, proc)
-        else:
-            self.sched.wake_all(parent.child_wq)
+            self.sched.wake_all(parent.child_wq)  # a wait with no child left: ECHILD
+            return
+        if parent.flags(signals.SIGCHLD) & signals.SA_NOCLDWAIT:
+            self.reap(parent, proc)
+        self.sched.wake_all(parent.child_wq)
+        self.child_signal(parent, proc.pid, status)
 
     def leave_vm(self, proc: Process) -> None:
         """A clone(CLONE_VM) child exec'd into a VM of its own (VM-clone): it is no
@@ -234,34 +252,142 @@ class ProcessTable:
                 self.finished.append(_info(child))
         return child.status
 
-    def post_signal(self, proc: Process, sig: int) -> bool:
-        """Deliver ``sig`` with its disposition; True if it ended the process."""
+    def post_signal(self, proc: Process, sig: int, info: signals.SigInfo | None = None) -> bool:
+        """Send ``sig`` to ``proc`` (Linux's send_signal); True if it ended the process.
+
+        A signal the process ignores is dropped, a fatal one with no handler ends the
+        process at once, a stop signal stops it; anything else is queued (standard
+        signals coalesce, real-time ones queue) and wakes a thread blocked in an
+        interruptible call, to be delivered when it returns to user mode.
+        """
         if sig == 0 or not proc.alive:
             return False
         if proc.remote:
             if self.remote is not None:
                 self.remote.signal(self.current.proc if self.current else self.init, proc.pid, sig)
             return False
-        disp = proc.disposition(sig)
-        if sig in (signals.SIGKILL, signals.SIGSTOP):
-            disp = signals.SIG_DFL
-        if disp == signals.SIG_IGN:
-            return False
-        if disp != signals.SIG_DFL:
-            proc.pending |= 1 << (sig - 1)  # a Linux sigset keeps signal n in bit n-1
-            self.warn_once(
-                f"handler:{sig}",
-                "signal handlers are not run: %s to pid %d left pending",
-                signals.signame(sig),
-                proc.pid,
-            )
-            return False
+        if info is None:
+            sender = self.current.proc.pid if self.current is not None else 0
+            info = signals.SigInfo(sig, signals.SI_USER, pid=sender)
+        b = signals.bit(sig)
+        self._job_control(proc, sig)
+        lwp = proc.lwps[0] if proc.lwps else None
+        blocked = lwp is not None and bool(lwp.sigmask & b) and not b & signals.UNBLOCKABLE
+        waited = lwp is not None and bool(lwp.sigwait & b)
+        if not blocked and not waited:
+            if (
+                sig in (signals.SIGKILL, signals.SIGSTOP)
+                or proc.disposition(sig) == signals.SIG_DFL
+            ):
+                return self.default_action(proc, sig)
+            if proc.disposition(sig) == signals.SIG_IGN:
+                return False
+        if signals.is_realtime(sig) or not proc.pending & b:
+            if len(proc.sigqueue) >= MAX_QUEUED:
+                self.warn_once("sigqueue", "pid %d: signal queue full, dropped", proc.pid)
+                return False
+            proc.sigqueue.append(info)
+            proc.pending |= b
+        if lwp is not None and (waited or not blocked):
+            self._signal_wake(lwp)
+        return False
+
+    def _job_control(self, proc: Process, sig: int) -> None:
+        """What sending a stop signal or SIGCONT does at once, whatever the disposition."""
+        if signals.bit(sig) & signals.STOP_SIGNALS:
+            self._discard(proc, signals.bit(signals.SIGCONT))
+        elif sig == signals.SIGCONT:
+            self._discard(proc, signals.STOP_SIGNALS)
+            if proc.stopped:
+                self.continue_process(proc)
+
+    def _discard(self, proc: Process, mask: int) -> None:
+        if proc.pending & mask:
+            proc.sigqueue = [q for q in proc.sigqueue if not signals.bit(q.signo) & mask]
+            proc.pending &= ~mask
+
+    def _signal_wake(self, lwp: Lwp) -> None:
+        """A signal for ``lwp`` is ready: interrupt its blocked syscall, or make the
+        running thread come back to the loop, which delivers it."""
+        t = lwp.thread
+        if lwp is self.current:
+            self.cpu.stop()
+        if t.state is ThreadState.BLOCKED and lwp.restart_nr >= 0 and not lwp.proc.stopped:
+            self.sched.make_runnable(t)
+
+    def default_action(self, proc: Process, sig: int) -> bool:
+        """What a signal with no handler does; True if it ended the process."""
         action = signals.default_action(sig)
-        if action is not signals.Action.TERMINATE:
-            return False
-        proc.report = proc.report or f"pid {proc.pid}: killed by {signals.signame(sig)}"
-        self.exit_process(proc, signals.signaled_status(sig))
-        return True
+        if sig == signals.SIGKILL or action is signals.Action.TERMINATE:
+            proc.report = proc.report or f"pid {proc.pid}: killed by {signals.signame(sig)}"
+            self.exit_process(proc, signals.signaled_status(sig))
+            return True
+        if action is signals.Action.STOP:
+            self.stop_process(proc, sig)
+        return False
+
+    def stop_process(self, proc: Process, sig: int) -> None:
+        """Job control: ``proc`` stops until SIGCONT; its parent may see it (WUNTRACED)."""
+        if proc.stopped or not proc.alive:
+            return
+        proc.stopped = True
+        proc.state_report = signals.stopped_status(sig)
+        proc.stop_wq.host = self.remote is not None  # SIGCONT may come from another VM
+        for lwp in proc.lwps:
+            if lwp.thread.state is ThreadState.RUNNABLE:
+                self.sched.block(lwp.thread, proc.stop_wq, "stopped")
+            if lwp is self.current:
+                self.cpu.stop()
+        self._notify_parent(proc, signals.CLD_STOPPED, sig)
+
+    def continue_process(self, proc: Process) -> None:
+        proc.stopped = False
+        proc.state_report = signals.CONTINUED_STATUS
+        self.sched.wake_all(proc.stop_wq)
+        self._notify_parent(proc, signals.CLD_CONTINUED, signals.SIGCONT)
+
+    def _notify_parent(self, proc: Process, code: int, status: int) -> None:
+        """A stop or continue: wake the parent's wait, send SIGCHLD (not with SA_NOCLDSTOP)."""
+        parent = proc.parent
+        if parent is None and self.remote is not None:
+            self.remote.child_state(proc, proc.state_report)
+            return
+        if parent is None or parent is self.init or not parent.alive:
+            return
+        self.sched.wake_all(parent.child_wq)
+        if not parent.flags(signals.SIGCHLD) & signals.SA_NOCLDSTOP:
+            self.post_signal(
+                parent, signals.SIGCHLD, signals.SigInfo(signals.SIGCHLD, code, proc.pid, 0, status)
+            )
+
+    def child_signal(self, parent: Process, pid: int, status: int) -> None:
+        """SIGCHLD for a child that ended with wait status ``status``."""
+        if status & 0x7F == 0:
+            code, value = signals.CLD_EXITED, (status >> 8) & 0xFF
+        else:
+            code = signals.CLD_DUMPED if status & 0x80 else signals.CLD_KILLED
+            value = status & 0x7F
+        self.post_signal(
+            parent, signals.SIGCHLD, signals.SigInfo(signals.SIGCHLD, code, pid, 0, value)
+        )
+
+    def remote_child_state(self, pid: int, status: int) -> None:
+        """Event: a child in another VM stopped or continued (VM-clone)."""
+        for p in list(self.procs.values()):
+            child = p.children.get(pid)
+            if child is not None and child.remote and child.alive:
+                child.state_report = status
+                self.sched.wake_all(p.child_wq)
+                code = (
+                    signals.CLD_CONTINUED
+                    if status == signals.CONTINUED_STATUS
+                    else (signals.CLD_STOPPED)
+                )
+                if not p.flags(signals.SIGCHLD) & signals.SA_NOCLDSTOP:
+                    sig = signals.SIGCONT if code == signals.CLD_CONTINUED else (status >> 8) & 0xFF
+                    self.post_signal(
+                        p, signals.SIGCHLD, signals.SigInfo(signals.SIGCHLD, code, pid, 0, sig)
+                    )
 
     def add_remote_child(self, parent: Process, pid: int) -> Process:
         """A proxy for a child that runs in another VM; its exit arrives as an event."""
@@ -289,10 +415,7 @@ class ProcessTable:
                     p.vfork_child = 0
                     for lwp in p.lwps:
                         self.sched.make_runnable(lwp.thread)
-                if p.disposition(signals.SIGCHLD) == signals.SIG_IGN:
-                    self.reap(p, child)
-                else:
-                    self.sched.wake_all(p.child_wq)
+                self._notify_exit(p, child, status)
 
     def blocked_report(self) -> list[str]:
         """'pid N (name): what it waits on' for every blocked process."""

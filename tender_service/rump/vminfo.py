@@ -11,13 +11,17 @@ from dataclasses import dataclass, field
 from tender_service.machine.layout import DEFAULT_RAM, DEFAULT_STACK, MAX_RAM, MIN_RAM
 from tender_service.rump import signals
 
+#: the default time slice (microseconds of wall time): preemption is on by default
+DEFAULT_QUANTUM = 10_000
+
 
 @dataclass(slots=True)
 class VmConfig:
     ram: int = DEFAULT_RAM
     stack_size: int = DEFAULT_STACK
     timeout: float | None = None  # seconds of wall time for the whole VM
-    quantum: int = 0  # instructions before a forced switch; 0 = cooperative only
+    #: microseconds a process runs before it is preempted; 0 = cooperative (Rumprun)
+    quantum: int = DEFAULT_QUANTUM
     max_procs: int = 1024
     tty: bool = True
     trace_syscalls: bool = False

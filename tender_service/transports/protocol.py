@@ -24,6 +24,7 @@ broker pipe id; ``arg`` is a signed 64-bit value)::
       CHILD_EXIT  pipe=child pid  arg=wait status
       SIGNAL      arg=signal number
       REPARENT    arg=new parent pid
+      CHILD_STATE pipe=child pid  arg=wait status of a stop or continue (job control)
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Msg(enum.IntEnum):
     CHILD_EXIT = 67
     SIGNAL = 68
     REPARENT = 69
+    CHILD_STATE = 70
 
 
 NONBLOCK = 1

@@ -65,6 +65,8 @@ class RemotePipeEnd(File):
         if not vecs:
             return 0
         reply = self.link.take_reply(lwp)
+        if reply is None and self.link.in_flight(lwp):  # restarted after a signal handler
+            raise Block(self.link.wq, f"{what} {self.describe()}")
         if reply is None:
             want = min(sum(length for _, length in vecs), MAX_PIPE_CHUNK)
             room = k.mem.room(vecs, want)
@@ -118,6 +120,8 @@ class RemotePipeEnd(File):
             if lwp.progress >= n or self.nonblocking or flags:
                 done, lwp.progress = lwp.progress, 0
                 return done
+        elif self.link.in_flight(lwp):  # restarted after a signal handler
+            raise Block(self.link.wq, f"write {self.describe()}")
         if n == 0:
             return 0
         size = min(n - lwp.progress, MAX_PIPE_CHUNK)

@@ -133,6 +133,11 @@ class VmLink:
     def signal(self, sender: Process, pid: int, sig: int) -> int:
         return self.call("kill", pid, sig)
 
+    def child_state(self, proc: Process, status: int) -> None:
+        """Our process stopped or continued: the supervisor tells its parent's VM."""
+        with contextlib.suppress(GuestError):
+            self.call("child_state", status)
+
     def idle(self, blocked: list[str]) -> None:
         """Every thread waits for another VM; ``events_done`` lets the supervisor tell
         whether a message it sent since could still wake us (then this is no deadlock)."""
@@ -181,6 +186,11 @@ class VmLink:
         lwp.remote_req, lwp.remote_result = req, None
         self._pending[req] = lwp
         self._send(Frame(msg, NONBLOCK if nonblock else 0, req, pipe, arg, bytes(payload)))
+
+    def in_flight(self, lwp: Lwp) -> bool:
+        """A request of ``lwp`` is on its way: a call restarted after a signal handler
+        must wait for its answer, not send another."""
+        return lwp.remote_req != 0 and lwp.remote_result is None and lwp.remote_req in self._pending
 
     def take_reply(self, lwp: Lwp) -> tuple[int, bytes, int] | None:
         """The reply to ``lwp``'s request, if it came (a restarted syscall asks)."""
@@ -314,12 +324,15 @@ class VmLink:
         elif t == Msg.CHILD_EXIT:
             self._event(k, lambda: k.remote_child_exited(f.pipe, f.arg))
         elif t == Msg.SIGNAL:
-            # only SIGKILL stops a running guest at once: it ends the process for sure
+            # only a signal that ends the process for sure stops a running guest at
+            # once; any other is taken at its next syscall, block or time slice
             self._event(
                 k,
                 lambda: k.main is not None and k.post_signal(k.main, f.arg),
-                interrupt=f.arg == signals.SIGKILL,
+                interrupt=k.main is not None and signals.kills_at_once(k.main, f.arg),
             )
+        elif t == Msg.CHILD_STATE:
+            self._event(k, lambda: k.remote_child_state(f.pipe, f.arg))
         elif t == Msg.REPARENT:
             self._event(k, lambda: _set_ppid(k, f.arg))
         else:

@@ -89,7 +89,7 @@ def _execve(k: Kernel, lwp: Lwp, dirfd: int, path: int, argv: int, envp: int, fl
     check_size(k, args, env)
     if proc.vm_parent and k.forker is not None and not k.forker.one_address_space:
         # VM clone: a clone(CLONE_VM) child runs its new program in a VM of its own
-        _reset_signals(proc)
+        signals.reset_on_exec(proc)
         old_exe, proc.exe = proc.exe, exe  # what the new VM's /proc/self/exe names
         try:
             k.forker.exec_elsewhere(k, lwp, image, filename, args, env)  # type: ignore[attr-defined]
@@ -201,7 +201,7 @@ def replace_program(
     proc.brk = base + page_up(image.span)
     proc.name = filename.rsplit(b"/", 1)[-1].decode(errors="replace")
     proc.fds.close_cloexec(k)
-    _reset_signals(proc)
+    signals.reset_on_exec(proc)
     k.release_vfork_parent(proc)
     lwp.stack, lwp.tls, lwp.clear_child_tid = stack, 0, 0
     lwp.thread.stack_base, lwp.thread.stack_size = stack, size
@@ -222,11 +222,3 @@ def _release_old(k: Kernel, lwp: Lwp) -> None:
     k.release_memory(proc)
     k.release_program(proc)
     proc.vm_parent = 0
-
-
-def _reset_signals(proc: Process) -> None:
-    """Handlers do not survive the old program's text: back to SIG_DFL."""
-    for sig, act in list(proc.sigactions.items()):
-        if act[0] not in (signals.SIG_DFL, signals.SIG_IGN):
-            del proc.sigactions[sig]
-    proc.pending = 0

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 WNOHANG, WUNTRACED, WEXITED, WCONTINUED, WNOWAIT = 1, 2, 4, 8, 0x01000000
 __WALL, __WCLONE, __WNOTHREAD = 0x40000000, 0x80000000, 0x20000000
 P_ALL, P_PID, P_PGID = 0, 1, 2
-CLD_EXITED, CLD_KILLED = 1, 2
+CLD_EXITED, CLD_KILLED, CLD_STOPPED, CLD_CONTINUED = 1, 2, 5, 6
 CSIGNAL = 0xFF
 CLONE_VM, CLONE_VFORK = 0x100, 0x4000
 _CLONE_REGS = RegSet(GPRS["rax"], GPRS["rsp"], RIP)
@@ -164,8 +164,10 @@ def _refresh_group(k: Kernel, child: Process) -> None:
             child.pgid = pgid
 
 
-def _find(k: Kernel, lwp: Lwp, pid: int, options: int, why: str) -> Process | None:
-    """A zombie child matching ``pid``; None with WNOHANG; ECHILD if no such child."""
+def _find(k: Kernel, lwp: Lwp, pid: int, options: int, why: str) -> tuple[Process, int] | None:
+    """A child matching ``pid`` with something to report and its wait status: a zombie
+    (WEXITED, always for wait4), a stop (WUNTRACED) or a continue (WCONTINUED) not yet
+    reported; None with WNOHANG; ECHILD if no such child."""
     proc = lwp.proc
     found = False
     for child in list(proc.children.values()):
@@ -174,8 +176,13 @@ def _find(k: Kernel, lwp: Lwp, pid: int, options: int, why: str) -> Process | No
         if not _matches(proc, child, pid):
             continue
         found = True
-        if child.state is ProcState.ZOMBIE:
-            return child
+        if child.state is ProcState.ZOMBIE and options & WEXITED:
+            return child, child.status
+        report = child.state_report if child.alive else 0
+        if report == signals.CONTINUED_STATUS and options & WCONTINUED:
+            return child, report
+        if report and report != signals.CONTINUED_STATUS and options & WUNTRACED:
+            return child, report
     if not found:
         raise GuestError(errno.ECHILD)
     if options & WNOHANG:
@@ -189,14 +196,18 @@ def sys_wait4(k: Kernel, lwp: Lwp, pid: int, wstatus: int, options: int, rusage:
         raise GuestError(errno.EINVAL)
     if pid == -(1 << 31):
         raise GuestError(errno.ESRCH)
-    child = _find(k, lwp, pid, options, f"wait4({pid})")
-    if child is None:
+    found = _find(k, lwp, pid, options | WEXITED, f"wait4({pid})")
+    if found is None:
         return 0
-    # as Linux's kernel_wait4: the child is reaped first, then its status copied out,
-    # so a bad pointer gets EFAULT with the child gone all the same
-    k.reap(lwp.proc, child)
+    child, status = found
+    if child.state is ProcState.ZOMBIE:
+        # as Linux's kernel_wait4: the child is reaped first, then its status copied
+        # out, so a bad pointer gets EFAULT with the child gone all the same
+        k.reap(lwp.proc, child)
+    else:
+        child.state_report = 0  # a stop or continue is reported once
     if wstatus:
-        k.mem.write_u32(wstatus, child.status)
+        k.mem.write_u32(wstatus, status)
     if rusage:
         k.mem.write(rusage, bytes(RUSAGE_SIZE))
     return child.pid
@@ -206,7 +217,7 @@ def sys_waitid(
     k: Kernel, lwp: Lwp, idtype: int, id_: int, infop: int, options: int, rusage: int
 ) -> int:
     idtype, id_, options = i32(idtype), i32(id_), options & 0xFFFF_FFFF
-    if not options & WEXITED or options & ~(
+    if not options & (WEXITED | WUNTRACED | WCONTINUED) or options & ~(
         WEXITED | WNOHANG | WNOWAIT | WUNTRACED | WCONTINUED | __WALL | __WCLONE | __WNOTHREAD
     ):
         raise GuestError(errno.EINVAL)
@@ -218,21 +229,31 @@ def sys_waitid(
         pid = -id_ if id_ > 0 else 0
     else:
         raise GuestError(errno.EINVAL)
-    child = _find(k, lwp, pid, options, f"waitid({idtype}, {id_})")
+    found = _find(k, lwp, pid, options, f"waitid({idtype}, {id_})")
+    child, st = found if found is not None else (None, 0)
     if infop:
         info = bytearray(128)
         if child is not None:
-            st = child.status
-            code, status = (
-                (CLD_EXITED, (st >> 8) & 0xFF) if st & 0x7F == 0 else (CLD_KILLED, st & 0x7F)
-            )
+            if child.state is not ProcState.ZOMBIE:
+                code, status = (
+                    (CLD_CONTINUED, signals.SIGCONT)
+                    if st == signals.CONTINUED_STATUS
+                    else (CLD_STOPPED, (st >> 8) & 0xFF)
+                )
+            elif st & 0x7F == 0:
+                code, status = CLD_EXITED, (st >> 8) & 0xFF
+            else:
+                code, status = CLD_KILLED, st & 0x7F
             # siginfo_t: si_signo, si_errno, si_code, pad, si_pid, si_uid, si_status
             struct.pack_into("<iiiiIIi", info, 0, signals.SIGCHLD, 0, code, 0, child.pid, 0, status)
         k.mem.write(infop, info)
     if rusage:
         k.mem.write(rusage, bytes(RUSAGE_SIZE))
     if child is not None and not options & WNOWAIT:
-        k.reap(lwp.proc, child)
+        if child.state is ProcState.ZOMBIE:
+            k.reap(lwp.proc, child)
+        else:
+            child.state_report = 0
     return 0
 
 

@@ -1,19 +1,24 @@
-"""Signals: kill/tkill/tgkill with default actions, dispositions and masks.
+"""Signals: sending (kill, tkill, tgkill, rt_sigqueueinfo, alarm, setitimer),
+dispositions, masks, waiting for signals, the alternate stack and rt_sigreturn.
 
-Guest handlers are recorded but not run yet (see rump/signals.py).
+Handlers run on a Linux signal frame (``rump/sigframe.py``), at the return to
+user mode (``Kernel._loop``).
 """
 
 from __future__ import annotations
 
 import errno
 import struct
+import time
 from typing import TYPE_CHECKING
 
+from tender_service.machine.cpu import RSP
 from tender_service.machine.errors import GuestError
-from tender_service.rump import signals
-from tender_service.rump.outcomes import NORETURN
+from tender_service.rump import sigframe, signals
+from tender_service.rump.outcomes import JUMP, NORETURN, Block
 from tender_service.rump.process import ProcState
-from tender_service.rump.syscalls.abi import i32
+from tender_service.rump.proctable import MAX_QUEUED
+from tender_service.rump.syscalls.abi import i32, read_timespec
 
 if TYPE_CHECKING:
     from tender_service.rump.kernel import Kernel
@@ -21,7 +26,12 @@ if TYPE_CHECKING:
 
 SIGACTION = struct.Struct("<QQQQ")  # handler, flags, restorer, mask (kernel k_sigaction)
 SIG_BLOCK, SIG_UNBLOCK, SIG_SETMASK = 0, 1, 2
-UNBLOCKABLE = (1 << (signals.SIGKILL - 1)) | (1 << (signals.SIGSTOP - 1))  # bit n-1: signal n
+UNBLOCKABLE = signals.UNBLOCKABLE
+STACK_T = struct.Struct("<QiiQ")  # ss_sp, ss_flags, pad, ss_size
+MINSIGSTKSZ = 2048
+SS_ONSTACK, SS_DISABLE, SS_AUTODISARM = 1, 2, 1 << 31
+ITIMERVAL = struct.Struct("<qqqq")  # it_interval (sec, usec), it_value (sec, usec)
+ITIMER_REAL = 0
 
 
 def _check_sig(sig: int) -> int:
@@ -31,13 +41,15 @@ def _check_sig(sig: int) -> int:
     return sig
 
 
-def _send(k: Kernel, lwp: Lwp, targets: list[Process], sig: int) -> int | object:
+def _send(
+    k: Kernel, lwp: Lwp, targets: list[Process], sig: int, code: int = signals.SI_USER
+) -> int | object:
     """Signal every target; NORETURN if the caller itself died of it."""
     if not targets:
         raise GuestError(errno.ESRCH)
     me = lwp.proc
     for p in targets:
-        k.post_signal(p, sig)
+        k.post_signal(p, sig, signals.SigInfo(sig, code, me.pid))
     return NORETURN if not me.alive else 0
 
 
@@ -81,9 +93,11 @@ def sys_tkill(k: Kernel, lwp: Lwp, tid: int, sig: int) -> int | object:
     if tid <= 0:
         raise GuestError(errno.EINVAL)
     p = k.procs.get(tid)  # one LWP per process: tid == pid
+    if (p is None or p.state is ProcState.REAPED) and k.remote is not None:
+        return _result(k.remote.signal(lwp.proc, tid, sig))  # a process of another VM
     if p is None or p.state is ProcState.REAPED or p is k.init:
         raise GuestError(errno.ESRCH)
-    return _send(k, lwp, [p], sig)
+    return _send(k, lwp, [p], sig, signals.SI_TKILL)
 
 
 def sys_tgkill(k: Kernel, lwp: Lwp, tgid: int, tid: int, sig: int) -> int | object:
@@ -105,38 +119,200 @@ def sys_rt_sigaction(k: Kernel, lwp: Lwp, sig: int, act: int, oact: int, sigsets
     if oact:
         k.mem.pack(SIGACTION, oact, *proc.sigactions.get(sig, (0, 0, 0, 0)))
     if new is not None:
-        proc.sigactions[sig] = new
-        if new[0] == signals.SIG_IGN:
-            proc.pending &= ~(1 << (sig - 1))
+        handler, flags, restorer, mask = new
+        proc.sigactions[sig] = (handler, flags, restorer, mask & ~UNBLOCKABLE)
+        if proc.ignores(sig):  # POSIX: setting SIG_IGN discards a pending instance
+            _discard(proc, signals.bit(sig))
     return 0
+
+
+def _discard(proc: Process, mask: int) -> None:
+    proc.sigqueue = [q for q in proc.sigqueue if not signals.bit(q.signo) & mask]
+    proc.pending &= ~mask
+
+
+def _deliverable(k: Kernel, lwp: Lwp) -> bool:
+    """A signal is ready for ``lwp`` now: stop the CPU so the loop delivers it when
+    this syscall returns."""
+    if lwp.proc.pending & ~lwp.sigmask:
+        k.cpu.stop()
+        return True
+    return False
 
 
 def sys_rt_sigprocmask(k: Kernel, lwp: Lwp, how: int, set_: int, oset: int, sigsetsize: int) -> int:
     if sigsetsize != 8:
         raise GuestError(errno.EINVAL)
     new = k.mem.read_u64(set_) if set_ else None
+    how = i32(how)
+    if new is not None and how not in (SIG_BLOCK, SIG_UNBLOCK, SIG_SETMASK):
+        raise GuestError(errno.EINVAL)
     if oset:
         k.mem.write_u64(oset, lwp.sigmask)
     if new is not None:
-        how = i32(how)
         if how == SIG_BLOCK:
             lwp.sigmask |= new
         elif how == SIG_UNBLOCK:
             lwp.sigmask &= ~new
-        elif how == SIG_SETMASK:
-            lwp.sigmask = new
         else:
-            raise GuestError(errno.EINVAL)
+            lwp.sigmask = new
         lwp.sigmask &= ~UNBLOCKABLE
+        _deliverable(k, lwp)
     return 0
 
 
 def sys_rt_sigpending(k: Kernel, lwp: Lwp, set_: int, sigsetsize: int) -> int:
-    k.mem.write_u64(set_, lwp.proc.pending)
+    if sigsetsize > 8:
+        raise GuestError(errno.EINVAL)
+    k.mem.write(set_, (lwp.proc.pending & lwp.sigmask).to_bytes(8, "little")[:sigsetsize])
     return 0
 
 
+def _wait_queue(k: Kernel, lwp: Lwp):
+    wq = lwp.proc.signal_wq
+    wq.host = k.remote is not None  # another VM may send the signal
+    return wq
+
+
+def sys_rt_sigsuspend(k: Kernel, lwp: Lwp, mask: int, sigsetsize: int) -> int:
+    """Wait for a signal with a temporary mask; the handler's return restores the old."""
+    if sigsetsize != 8:
+        raise GuestError(errno.EINVAL)
+    if lwp.saved_sigmask is None:
+        new = k.mem.read_u64(mask)
+        lwp.saved_sigmask, lwp.sigmask = lwp.sigmask, new & ~UNBLOCKABLE
+    if _deliverable(k, lwp):
+        return -errno.EINTR
+    raise Block(_wait_queue(k, lwp), "sigsuspend")
+
+
+def sys_pause(k: Kernel, lwp: Lwp) -> int:
+    if _deliverable(k, lwp):
+        return -errno.EINTR
+    raise Block(_wait_queue(k, lwp), "pause")
+
+
+def sys_rt_sigtimedwait(
+    k: Kernel, lwp: Lwp, set_: int, info: int, timeout: int, sigsetsize: int
+) -> int:
+    if sigsetsize != 8:
+        raise GuestError(errno.EINVAL)
+    want = k.mem.read_u64(set_) & ~UNBLOCKABLE
+    got = sigframe.dequeue(lwp.proc, want)
+    if got is not None:
+        lwp.sigwait, lwp.deadline = 0, 0.0
+        if info:
+            k.mem.write(info, got.pack())
+        return got.signo
+    if timeout and not lwp.deadline:
+        sec, nsec = read_timespec(k.mem, timeout)
+        lwp.deadline = time.monotonic() + sec + nsec / 1e9
+    if timeout and time.monotonic() >= lwp.deadline:
+        lwp.sigwait, lwp.deadline = 0, 0.0
+        raise GuestError(errno.EAGAIN)
+    lwp.sigwait = want
+    raise Block(_wait_queue(k, lwp), "sigtimedwait", until=lwp.deadline or None)
+
+
+def sys_rt_sigqueueinfo(k: Kernel, lwp: Lwp, tgid: int, sig: int, uinfo: int) -> int | object:
+    """sigqueue(3): a signal with a value; real-time ones queue in order."""
+    tgid, sig = i32(tgid), _check_sig(sig)
+    raw = k.mem.read(uinfo, 128)
+    code = struct.unpack_from("<i", raw, 8)[0]
+    me = lwp.proc
+    if code >= 0 and tgid != me.pid:
+        raise GuestError(errno.EPERM)  # only the kernel may claim kernel si_codes
+    p = k.procs.get(tgid)
+    if p is None or p.state is ProcState.REAPED:
+        if k.remote is not None:  # another VM: the value does not travel (kill does)
+            return _result(k.remote.signal(me, tgid, sig))
+        raise GuestError(errno.ESRCH)
+    if p is k.init:
+        return 0
+    if sig == 0:
+        return 0
+    if len(p.sigqueue) >= MAX_QUEUED and signals.is_realtime(sig):
+        raise GuestError(errno.EAGAIN)
+    (value,) = struct.unpack_from("<Q", raw, 24)
+    k.post_signal(p, sig, signals.SigInfo(sig, code, me.pid, 0, value))
+    return NORETURN if not me.alive else 0
+
+
+def sys_rt_sigreturn(k: Kernel, lwp: Lwp) -> object:
+    """Back from a handler: every register, the FPU/SSE state and the mask from the frame."""
+    try:
+        sigframe.sigreturn(k, lwp)
+    except GuestError:
+        proc = lwp.proc
+        proc.report = proc.report or f"pid {proc.pid}: killed by SIGSEGV: bad rt_sigreturn frame"
+        k.exit_process(proc, signals.signaled_status(signals.SIGSEGV))
+        return NORETURN
+    _deliverable(k, lwp)
+    return JUMP
+
+
 def sys_sigaltstack(k: Kernel, lwp: Lwp, ss: int, old_ss: int) -> int:
+    base, size = lwp.altstack
+    rsp = k.cpu.reg(RSP)
+    onstack = sigframe.on_altstack(lwp, rsp)
+    new = k.mem.unpack(STACK_T, ss) if ss else None
     if old_ss:
-        k.mem.write(old_ss, struct.pack("<QiiQ", 0, 2, 0, 0))  # SS_DISABLE
+        flags = SS_ONSTACK if onstack else (0 if size else SS_DISABLE)
+        k.mem.pack(STACK_T, old_ss, base, flags, 0, size)
+    if new is not None:
+        sp, flags, _, nsize = new
+        if onstack:
+            raise GuestError(errno.EPERM)
+        if flags & ~(SS_DISABLE | SS_AUTODISARM):
+            raise GuestError(errno.EINVAL)
+        if flags & SS_DISABLE:
+            lwp.altstack = (0, 0)
+        else:
+            if nsize < MINSIGSTKSZ:
+                raise GuestError(errno.ENOMEM)
+            lwp.altstack = (sp, nsize)
+    return 0
+
+
+# -- timers that send signals ----------------------------------------------------------
+def _itimer_left(lwp: Lwp) -> tuple[float, float]:
+    deadline, interval = lwp.proc.itimer
+    left = max(0.0, deadline - time.monotonic()) if lwp.proc.itimer_token else 0.0
+    if lwp.proc.itimer_token and left == 0.0:
+        left = 1e-6  # due but not fired yet: still armed
+    return left, interval
+
+
+def _timeval(seconds: float) -> tuple[int, int]:
+    us = round(seconds * 1e6)
+    return us // 1_000_000, us % 1_000_000
+
+
+def sys_alarm(k: Kernel, lwp: Lwp, seconds: int) -> int:
+    left, _ = _itimer_left(lwp)
+    seconds &= 0xFFFF_FFFF
+    k.arm_itimer(lwp.proc, time.monotonic() + seconds if seconds else 0.0, 0.0)
+    return int(left) + (1 if left - int(left) >= 0.5 or 0 < left < 1 else 0)
+
+
+def sys_getitimer(k: Kernel, lwp: Lwp, which: int, value: int) -> int:
+    if i32(which) != ITIMER_REAL:
+        raise GuestError(errno.EINVAL)
+    left, interval = _itimer_left(lwp)
+    k.mem.pack(ITIMERVAL, value, *_timeval(interval), *_timeval(left))
+    return 0
+
+
+def sys_setitimer(k: Kernel, lwp: Lwp, which: int, new: int, old: int) -> int:
+    if i32(which) != ITIMER_REAL:
+        raise GuestError(errno.EINVAL)  # ITIMER_VIRTUAL/PROF: no CPU-time accounting
+    isec, iusec, vsec, vusec = k.mem.unpack(ITIMERVAL, new) if new else (0, 0, 0, 0)
+    if min(isec, vsec) < 0 or not (0 <= iusec < 1_000_000 and 0 <= vusec < 1_000_000):
+        raise GuestError(errno.EINVAL)
+    if old:
+        left, interval = _itimer_left(lwp)
+        k.mem.pack(ITIMERVAL, old, *_timeval(interval), *_timeval(left))
+    if new:
+        value, interval = vsec + vusec / 1e6, isec + iusec / 1e6
+        k.arm_itimer(lwp.proc, time.monotonic() + value if value else 0.0, interval)
     return 0
