@@ -216,9 +216,9 @@ def _show_image(a: argparse.Namespace) -> int:
         f"entries: {info['entries']} ({info['files']} files, {info['dirs']} directories, "
         f"{info['symlinks']} symlinks; {info['file_bytes']} bytes of contents)"
     )
-    for e in boot.rootfs.entries:
-        link = f" -> {e.target}" if e.target else ""
-        print(f"  {e.kind:<7} {e.mode:04o} {len(e.data):>9}  {e.path}{link}")
+    for entry in boot.rootfs.entries:
+        link = f" -> {entry.target}" if entry.target else ""
+        print(f"  {entry.kind:<7} {entry.mode:04o} {len(entry.data):>9}  {entry.path}{link}")
     return 0
 
 

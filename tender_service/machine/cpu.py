@@ -476,7 +476,7 @@ class Cpu:
     def flush_code(self) -> None:
         """Drop every translated block: the next run translates anew (with an
         instruction counter, once ``run`` is given a count)."""
-        self.uc.ctl_flush_tb()
+        self.uc.ctl_flush_tb()  # type: ignore[attr-defined]
 
     def stop(self) -> None:
         """Stop ``run`` soon, from the syscall hook or from another thread.

@@ -77,7 +77,7 @@ def _write_guest(k: Kernel, addr: int, n: int) -> int:
 class BytesInput:
     """A fixed input, then EOF (``None``: EOF at once)."""
 
-    host_fd = None
+    host_fd: int | None = None
 
     def __init__(self, data: bytes | None) -> None:
         self.data = bytearray(data or b"")

@@ -151,11 +151,11 @@ class FileSystem:
             if name not in self.root.children:
                 self._mkdir_in(self.root, name, mode)
         dev = self.root.children[b"dev"]
-        for name in ("null", "zero", "urandom", "random", "tty"):
-            if name.encode() not in dev.children:
+        for device in ("null", "zero", "urandom", "random", "tty"):
+            if device.encode() not in dev.children:
                 node = self._new(CHR, 0o666)
-                node.device = name
-                dev.children[name.encode()] = node
+                node.device = device
+                dev.children[device.encode()] = node
         self.root.children[b"proc"].mount = "proc"
 
     # -- building -----------------------------------------------------------------

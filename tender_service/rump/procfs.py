@@ -68,9 +68,10 @@ def lookup(k: Kernel, lwp: Lwp, parts: list[bytes], follow: bool = True) -> Proc
             return ProcNode("symlink", _ino(0, 1), data=str(lwp.proc.pid).encode())
         proc = lwp.proc
     elif head.isdigit():
-        proc = k.procs.get(int(head))
-        if proc is None or proc.state is ProcState.REAPED:
+        found = k.procs.get(int(head))
+        if found is None or found.state is ProcState.REAPED:
             raise GuestError(errno.ENOENT)
+        proc = found
     else:
         raise GuestError(errno.ENOENT)
     return _in_process(k, proc, rest)

@@ -13,6 +13,7 @@ import errno
 import json
 import logging
 from collections import Counter
+from typing import cast
 
 from tender_service.machine.errors import GuestError
 from tender_service.rump.fs import FileSystem, Opened
@@ -36,7 +37,9 @@ class FsHost:
             return -errno.EINVAL, b""
         if method not in METHODS:
             return -errno.ENOSYS, b""
-        if method in OFD_METHODS and not (args and self.holds.get(pid, Counter())[args[0]]):
+        if method in OFD_METHODS and not (
+            args and self.holds.get(pid, Counter())[cast(int, args[0])]
+        ):
             return -errno.EBADF, b""  # not one of this VM's open file descriptions
         try:
             result = getattr(self.fs, method)(*args)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from tender_service.machine.errors import GuestError
 from tender_service.rump.fs import Opened, Stat
@@ -56,7 +56,9 @@ def decode(v: object) -> object:
             return base64.b64decode(str(v["b"]), validate=True)
         if "opened" in v:
             o = v["opened"]
-            return Opened(int(o[0]), int(o[1]), str(o[2]), str(o[3]), bytes(decode(o[4])))
+            return Opened(
+                int(o[0]), int(o[1]), str(o[2]), str(o[3]), bytes(cast("bytes", decode(o[4])))
+            )
         if "stat" in v:
             return Stat(*[int(x) for x in v["stat"]])
         raise ValueError("unknown value")
@@ -124,8 +126,9 @@ class RemoteFs:
                 if done:
                     return done  # a short write, as Linux reports it
                 raise
-            done += int(n)  # type: ignore[call-overload]
-            if done >= len(data) or n < len(part):
+            wrote = cast(int, n)
+            done += wrote
+            if done >= len(data) or wrote < len(part):
                 return done
 
     def seek(self, ofd: int, offset: int, whence: int) -> int:
@@ -202,7 +205,9 @@ class RemoteFs:
     def open_exec(
         self, base: int, path: bytes, follow: bool = True, offset: int = 0, n: int = -1
     ) -> tuple[bytes, bytes]:
-        first, where = self._call("open_exec", base, path, follow, offset, CHUNK)  # type: ignore[misc]
+        first, where = cast(
+            "tuple[bytes, bytes]", self._call("open_exec", base, path, follow, offset, CHUNK)
+        )
         if len(first) < CHUNK:
             return first, where
         rest = self._chunks(

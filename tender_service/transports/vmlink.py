@@ -363,7 +363,7 @@ def _set_ppid(k: Kernel, ppid: int) -> None:
 class RemoteStdin:
     """The console's input in a VM of a VM-clone instance (see instance/stdin.py)."""
 
-    host_fd = None
+    host_fd: int | None = None  # nothing for the kernel to wait on: replies wake it
 
     def __init__(self, link: VmLink) -> None:
         self.link = link
