@@ -125,6 +125,7 @@ class Kernel(ProcessTable):
         #: a time slice as an instruction budget (VmConfig.quantum is microseconds)
         self._slice = config.quantum * INSNS_PER_MICROSECOND
         self._counting = False
+        self._recount = False  # the running thread left the CPU only to start counting
         self._stop_reason: str | None = None
         self._finished = False  # run() has returned: no more pokes
         self.reports: list[str] = []
@@ -347,6 +348,15 @@ class Kernel(ProcessTable):
             self.restart_pending = False
             self._ran(lwp, cpu.run(self._slice if self._needs_slices(proc) else 0))
 
+    def slices_needed(self) -> None:
+        """A syscall made a reason for time slices (a second thread, a timer, a handler
+        that a signal from another VM must run): the guest leaves the CPU right after
+        this syscall and goes on first, counting (the loop drops the translated blocks,
+        which it cannot do while the guest runs)."""
+        if self._slice and not self._counting:
+            self._recount = True
+            self.cpu.stop()
+
     def _needs_slices(self, proc: Process) -> bool:
         """Whether the guest runs in time slices (an instruction budget).
 
@@ -384,7 +394,8 @@ class Kernel(ProcessTable):
             cpu.set_reg(RIP, cpu.reg(RIP) - SYSCALL_INSN_LEN)
             lwp.restart_nr = cpu.reg(RAX)
         if t.state is ThreadState.RUNNABLE:
-            if lwp.proc.pending & ~lwp.sigmask:
+            if lwp.proc.pending & ~lwp.sigmask or self._recount:
+                self._recount = False
                 self.sched.runq.appendleft(t)  # a signal for it: deliver before others run
             else:
                 self.sched.runq.append(t)
@@ -438,6 +449,7 @@ class Kernel(ProcessTable):
             WATCHDOG.cancel(proc.itimer_token)
         proc.itimer, proc.itimer_token = (deadline, interval), 0
         if deadline:
+            self.slices_needed()  # the timer's signal must not wait for a syscall
             proc.itimer_token = WATCHDOG.arm(
                 deadline, lambda: self.post_event(lambda: self.fire_itimer(proc, deadline))
             )

@@ -45,6 +45,7 @@ class ProcessTable:
     forker: Forker | None
     current: Lwp | None
     cpu: Cpu
+    slices_needed: Callable[[], None]
     warn_once: Callable[..., None]
 
     def __init__(self) -> None:
@@ -118,6 +119,8 @@ class ProcessTable:
         t.cookie = lwp
         proc.lwps.append(lwp)
         self.sched.add(t)
+        if len(self.sched.threads) > 1:
+            self.slices_needed()  # a second thread: it must get the CPU back
         return lwp
 
     def discard_process(self, proc: Process) -> None:

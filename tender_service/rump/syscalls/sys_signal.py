@@ -121,6 +121,8 @@ def sys_rt_sigaction(k: Kernel, lwp: Lwp, sig: int, act: int, oact: int, sigsets
     if new is not None:
         handler, flags, restorer, mask = new
         proc.sigactions[sig] = (handler, flags, restorer, mask & ~UNBLOCKABLE)
+        if k.remote is not None and handler not in (signals.SIG_DFL, signals.SIG_IGN):
+            k.slices_needed()  # a signal from another VM must reach the handler
         if proc.ignores(sig):  # POSIX: setting SIG_IGN discards a pending instance
             _discard(proc, signals.bit(sig))
     return 0
