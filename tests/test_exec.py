@@ -115,7 +115,13 @@ def run_thread(
 
 
 def run_vmclone_baked(
-    prog: str, args: list[str], rootfs: RootFs, transport: str, pool: WarmPool, tmp: Path
+    prog: str,
+    args: list[str],
+    rootfs: RootFs,
+    transport: str,
+    pool: WarmPool,
+    tmp: Path,
+    timeout: float = 120,
 ) -> tuple[RunResult, str]:
     """The tree and the program at /bin/PROG, baked into one image, on the pool."""
     entry = FsEntry(f"/bin/{prog}", FILE, 0o755, image_path(prog).read_bytes())
@@ -125,7 +131,7 @@ def run_vmclone_baked(
     result = run_vmclone(
         img,
         [entry.path, *args],
-        config=VmConfig(timeout=120, trace_syscalls=bool(os.environ.get("TRACE"))),
+        config=VmConfig(timeout=timeout, trace_syscalls=bool(os.environ.get("TRACE"))),
         sink=sink,
         transport=transport,
         pool=pool,
@@ -134,13 +140,18 @@ def run_vmclone_baked(
 
 
 def run_mode(
-    mode: str, prog: str, args: list[str], rootfs: RootFs, request: pytest.FixtureRequest
+    mode: str,
+    prog: str,
+    args: list[str],
+    rootfs: RootFs,
+    request: pytest.FixtureRequest,
+    timeout: float = 120,
 ) -> tuple[RunResult, str]:
     if mode == "thread":
         return run_thread(prog, args, rootfs)
     pool = request.getfixturevalue("pool")
     tmp = request.getfixturevalue("tmp_path")
-    return run_vmclone_baked(prog, args, rootfs, mode.split("-")[1], pool, tmp)
+    return run_vmclone_baked(prog, args, rootfs, mode.split("-")[1], pool, tmp, timeout)
 
 
 def run_native(prog: str, args: list[str]) -> subprocess.CompletedProcess:
@@ -259,5 +270,6 @@ def test_vfork_child_outlives_its_killed_parent(
     assert nat.returncode == -9
     expected = nat.stdout.decode()
     assert "argv[1]=orphan" in expected
-    result, out = run_mode(mode, "vfork_orphan", [f"{d}/exec_probe"], rootfs, request)
+    # a short limit: the VM-clone cases hang until it (the known bug above)
+    result, out = run_mode(mode, "vfork_orphan", [f"{d}/exec_probe"], rootfs, request, timeout=15)
     assert (result.status & 0x7F, out, result.reports) == (9, expected, [])
