@@ -596,7 +596,17 @@ SERVE_OPTIONS = (
 )
 
 
-def main(argv: list[str] | None = None) -> int:  # noqa: C901 - split after the backend merge
+def main(argv: list[str] | None = None) -> int:
+    """The command line.  A reader that leaves (`unifork images | head`) ends it
+    quietly with 141, as SIGPIPE ends a C program, not with a traceback."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no 2nd error at exit
+        return 128 + signal.SIGPIPE
+
+
+def _main(argv: list[str] | None = None) -> int:  # noqa: C901 - split after the backend merge
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="unifork", description=__doc__)
     p.add_argument("-v", "--verbose", action="count", default=0)

@@ -495,7 +495,10 @@ class Supervisor:
         t = f.type
         if t == Msg.CONSOLE:
             with self._console_lock:
-                self.sink(f.arg, f.pipe, f.payload)
+                try:
+                    self.sink(f.arg, f.pipe, f.payload)
+                except BrokenPipeError:  # `unifork run prog | head`: SIGPIPE, as natively
+                    self._send(rec, Frame(Msg.SIGNAL, 0, 0, 0, signals.SIGPIPE, b""))
             return
         with self.lock:
             if not rec.alive:

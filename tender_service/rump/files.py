@@ -15,6 +15,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from tender_service.machine.errors import GuestError
+from tender_service.rump import signals
 from tender_service.rump.outcomes import Block
 
 if TYPE_CHECKING:
@@ -166,7 +167,11 @@ class ConsoleFile(File):
         return self.write_bytes(k, lwp, k.mem.read(addr, n))
 
     def write_bytes(self, k, lwp, data):
-        k.console.output(lwp.proc.pid, 2 if self.fdno == 2 else 1, data)
+        try:
+            k.console.output(lwp.proc.pid, 2 if self.fdno == 2 else 1, data)
+        except BrokenPipeError:  # `unifork run prog | head`: as a pipe without readers
+            k.post_signal(lwp.proc, signals.SIGPIPE)
+            raise GuestError(errno.EPIPE) from None
         return len(data)
 
     def ioctl(self, k, lwp, req, arg):

@@ -32,6 +32,7 @@ from tender_service.machine.layout import PAGE_SIZE
 from tender_service.machine.loader import LoadedImage, build_stack, layout_memory
 from tender_service.machine.memory import GuestMemory
 from tender_service.machine.rootfs import RootFs
+from tender_service.machine.vclock import GuestClock
 from tender_service.machine.watchdog import WATCHDOG
 from tender_service.rump import sigframe, signals
 from tender_service.rump.console import Console
@@ -115,6 +116,8 @@ class Kernel(ProcessTable):
         self.pages = pages
         self.heap = heap
         self.cpu = Cpu(mem)
+        #: CLOCK_MONOTONIC/REALTIME as the vDSO and the clock syscalls give them
+        self.clock = GuestClock.for_memory(mem)
         self.sched = Scheduler()
         self.futexes: dict[int, WaitQueue] = {}
         self.current: Lwp | None = None
@@ -346,6 +349,7 @@ class Kernel(ProcessTable):
                 continue
             lwp.restart_nr, lwp.interrupted = -1, False
             self.restart_pending = False
+            self.clock.tick()
             self._ran(lwp, cpu.run(self._slice if self._needs_slices(proc) else 0))
 
     def slices_needed(self) -> None:

@@ -180,7 +180,12 @@ SYSCALLS: list[tuple[int, Callable[..., object], Support, str]] = [
     (35, sys_time.sys_nanosleep, F, ""),
     (96, sys_time.sys_gettimeofday, F, ""),
     (201, sys_time.sys_time, F, ""),
-    (228, sys_time.sys_clock_gettime, F, "CPU-time clocks count the whole VM"),
+    (
+        228,
+        sys_time.sys_clock_gettime,
+        F,
+        "also read without a syscall (vDSO); CPU-time clocks count the whole VM",
+    ),
     (229, sys_time.sys_clock_getres, F, ""),
     (230, sys_time.sys_clock_nanosleep, F, ""),
     # futex
