@@ -491,14 +491,17 @@ class Supervisor:
             ch.send(frame)
 
     # -- messages ---------------------------------------------------------------------
+    def _console(self, rec: ProcRec, f: Frame) -> None:
+        with self._console_lock:
+            try:
+                self.sink(f.arg, f.pipe, f.payload)
+            except BrokenPipeError:  # `unifork run prog | head`: SIGPIPE, as natively
+                self._send(rec, Frame(Msg.SIGNAL, 0, 0, 0, signals.SIGPIPE, b""))
+
     def _handle(self, rec: ProcRec, f: Frame) -> None:
         t = f.type
         if t == Msg.CONSOLE:
-            with self._console_lock:
-                try:
-                    self.sink(f.arg, f.pipe, f.payload)
-                except BrokenPipeError:  # `unifork run prog | head`: SIGPIPE, as natively
-                    self._send(rec, Frame(Msg.SIGNAL, 0, 0, 0, signals.SIGPIPE, b""))
+            self._console(rec, f)
             return
         with self.lock:
             if not rec.alive:
