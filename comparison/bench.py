@@ -299,12 +299,14 @@ class Bench:
         return lambda: run_in_vm(img, args)
 
     # 1 -----------------------------------------------------------------------------
-    def syscall(self) -> list[Row]:
-        img = self.image("getppid_loop")
+    def _call_loop(self, program: str, label: str) -> tuple[dict[str, list[Run]], int, int, int]:
+        """``program N`` in a VM and natively, interleaved: (runs by side, runs, VM N,
+        native N); the program times its N calls itself."""
+        img = self.image(program)
         vm_n, nat_n = self.p.pick(100_000, 200_000), self.p.pick(1_000_000, 2_000_000)
         runs = self.p.pick(5, 9)
         out = interleave(
-            "syscall: getppid_loop",
+            f"{label}: {program}",
             {
                 "vm": (self.vm(img, [str(vm_n)]), runs),
                 "native": (self.native(img, [str(nat_n)]), runs),
@@ -312,6 +314,10 @@ class Bench:
             1,
             self.progress,
         )
+        return out, runs, vm_n, nat_n
+
+    def syscall(self) -> list[Row]:
+        out, runs, vm_n, nat_n = self._call_loop("getppid_loop", "syscall")
         vm_us = [floats(r.stdout, "ns_per_call")[0] / 1e3 for r in out["vm"]]
         nat_us = [floats(r.stdout, "ns_per_call")[0] / 1e3 for r in out["native"]]
         syscalls = [
@@ -340,18 +346,7 @@ class Bench:
     def clock(self) -> list[Row]:
         """clock_gettime(CLOCK_MONOTONIC) through libc (the vDSO) and as a raw syscall,
         timed inside ``clock_loop``, in a thread-fork VM and natively."""
-        img = self.image("clock_loop")
-        vm_n, nat_n = self.p.pick(100_000, 200_000), self.p.pick(1_000_000, 2_000_000)
-        runs = self.p.pick(5, 9)
-        out = interleave(
-            "clock: clock_loop",
-            {
-                "vm": (self.vm(img, [str(vm_n)]), runs),
-                "native": (self.native(img, [str(nat_n)]), runs),
-            },
-            1,
-            self.progress,
-        )
+        out, runs, vm_n, nat_n = self._call_loop("clock_loop", "clock")
         rows = []
         for key, name in (
             ("ns_per_libc_call", "clock_gettime through libc (the vDSO)"),
