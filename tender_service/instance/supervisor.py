@@ -35,7 +35,7 @@ from tender_service.instance.stdin import StdinServer
 from tender_service.machine.rootfs import RootFs
 from tender_service.rump import pgroups, signals
 from tender_service.rump.fs import FileSystem
-from tender_service.rump.vminfo import ProcInfo, RunResult, VmConfig
+from tender_service.rump.vminfo import FORK_PHASES, ProcInfo, RunResult, VmConfig
 from tender_service.transports.broker import PipeBroker
 from tender_service.transports.channel import (
     PEER_TIMEOUT,
@@ -166,6 +166,7 @@ class Supervisor:
         self.reports: list[str] = []
         self.forks = 0
         self.fork_seconds: list[float] = []
+        self.fork_phases: list[dict[str, float]] = []  # each fork's steps (FORK_PHASES)
         self._next_pid = MAIN_PID
         self._outcome: str | None = None
         self.transport_note = ""
@@ -287,6 +288,7 @@ class Supervisor:
             peak_memory=sum(r.peak_memory for r in self.procs.values()),
             processes=self.process_table(),
             fork_seconds=list(self.fork_seconds),
+            fork_phases=list(self.fork_phases),
         )
 
     def kill(self, reason: str = "killed") -> None:
@@ -686,8 +688,12 @@ class Supervisor:
         self._free_memory(child)
         return 0
 
-    def _op_fork_started(self, rec: ProcRec, pid: int, micros: int, snapshot: int = 0) -> int:
+    def _op_fork_started(
+        self, rec: ProcRec, pid: int, micros: int, snapshot: int = 0, *phases: int
+    ) -> int:
         self.fork_seconds.append(micros / 1e6)
+        if len(phases) == len(FORK_PHASES):
+            self.fork_phases.append({k: v / 1e6 for k, v in zip(FORK_PHASES, phases, strict=True)})
         child = self.procs.get(pid)
         if self.observer is not None:
             remote = bool(child is not None and getattr(child.worker, "remote", False))

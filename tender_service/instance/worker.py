@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 
@@ -143,20 +144,45 @@ def start_vm(
     return send_vm(address, vm_chunks(start, snapshot, image), timeout, channel, metadata)
 
 
-def start_vm_from_here(address: str, start: dict, snapshot: bytes) -> None:
+def start_vm_from_here(address: str, start: dict, snapshot: bytes) -> object:
     """Start a clone from a VM of this worker: on a worker of this host directly; on a
     tender through this worker's own (the relay, which dials with the tender's TLS
-    identity), with the supervisor's ticket standing in for the peer token."""
+    identity), with the supervisor's ticket standing in for the peer token.  Returns
+    the VmStarted reply."""
     start = dict(start)
     ticket = start.pop("ticket", "")
     if address.startswith("unix:"):
-        start_vm(address, start, snapshot)
-        return
+        return start_vm(address, start, snapshot)
     relay = os.environ.get(RELAY_ENV)
     if not relay:
         raise GuestError(errno.EAGAIN, "no relay to reach peer tenders from this worker")
     metadata = [(TARGET_KEY, address)] + ([(TICKET_KEY, ticket)] if ticket else [])
-    start_vm(relay, start, snapshot, metadata=metadata)
+    return start_vm(relay, start, snapshot, metadata=metadata)
+
+
+@dataclass
+class ForkTimes:
+    """When each step of one VM-clone fork ended (perf_counter seconds), for the
+    breakdown the supervisor keeps (``RunResult.fork_phases``)."""
+
+    begun: float
+    leased: float = 0.0
+    shared: float = 0.0  # pipe ends and open files handed to the broker
+    captured: float = 0.0  # the snapshot is made (start_child is called)
+
+    def phases(self, started: float, restore: float) -> list[int]:
+        """Microseconds of lease, share, capture, start (transfer + the child's restore +
+        the reply) and, of start, restore."""
+        return [
+            int((b - a) * 1e6)
+            for a, b in (
+                (self.begun, self.leased),
+                (self.leased, self.shared),
+                (self.shared, self.captured),
+                (self.captured, started),
+                (0.0, restore),
+            )
+        ]
 
 
 class WorkerCloneHost:
@@ -166,9 +192,7 @@ class WorkerCloneHost:
         self.link = link
         self.start = start
         self._leases: dict[int, tuple[str, dict]] = {}  # pid -> (worker address, start)
-        self._t0: dict[int, float] = {}
-        #: how long the lease took: all a clone(CLONE_VM) child's creation costs here
-        self._lease_seconds: dict[int, float] = {}
+        self._times: dict[int, ForkTimes] = {}
 
     def reserve_pid(self, parent: Process) -> int:
         t0 = time.perf_counter()
@@ -177,17 +201,18 @@ class WorkerCloneHost:
             raise GuestError(-value, "the supervisor refused the fork")
         lease = json.loads(payload)
         self._leases[value] = (lease["worker"], lease["start"])
-        self._t0[value] = time.perf_counter()
-        self._lease_seconds[value] = self._t0[value] - t0
+        self._times[value] = ForkTimes(t0, time.perf_counter())
         return value
 
     def share_files(self, k: Kernel, parent: Process, child_pid: int) -> None:
         self.link.share_files(k, parent, child_pid)
+        self._times[child_pid].shared = time.perf_counter()
 
     def child_ended_here(self, child_pid: int, status: int) -> None:
         self._leases.pop(child_pid, None)
-        self._t0.pop(child_pid, None)
-        micros = int(self._lease_seconds.pop(child_pid, 0.0) * 1e6)
+        times = self._times.pop(child_pid, None)
+        # all a clone(CLONE_VM) child's creation cost here is the lease
+        micros = int((times.leased - times.begun) * 1e6) if times else 0
         self.link.call("vm_child_exited", child_pid, status, micros)
 
     def share_exec_files(self, k: Kernel, proc: Process) -> None:
@@ -197,12 +222,15 @@ class WorkerCloneHost:
         self.link.add_holder(files, proc.pid)
 
     def start_child(self, child_pid: int, snapshot: bytes) -> None:
+        times = self._times.get(child_pid)
+        if times is not None:
+            times.captured = times.captured or time.perf_counter()
         address, start = self._leases.pop(child_pid)
         # not a retry of the same call (no backoff wanted): each attempt goes to another
         # place the supervisor picks, while the forking guest waits in fork()
         for attempt in range(3):
             try:
-                start_vm_from_here(address, start, snapshot)
+                started = start_vm_from_here(address, start, snapshot)
                 break
             except grpc.RpcError as e:
                 # that tender process is gone or refuses: ask for another place
@@ -213,14 +241,16 @@ class WorkerCloneHost:
                     ) from e
                 lease = json.loads(payload)
                 address, start = lease["worker"], lease["start"]
-        micros = int((time.perf_counter() - self._t0.pop(child_pid)) * 1e6)
-        self._lease_seconds.pop(child_pid, None)
-        self.link.call("fork_started", child_pid, micros, len(snapshot))
+        now = time.perf_counter()
+        times = self._times.pop(child_pid, None) or ForkTimes(now, now, now, now)
+        phases = times.phases(now, float(getattr(started, "restore_seconds", 0.0)))
+        micros = int((now - times.leased) * 1e6)
+        # one way: the parent's fork returns without waiting for the supervisor
+        self.link.notify_call("fork_started", child_pid, micros, len(snapshot), *phases)
 
     def release_pid(self, child_pid: int) -> None:
         self._leases.pop(child_pid, None)
-        self._t0.pop(child_pid, None)
-        self._lease_seconds.pop(child_pid, None)
+        self._times.pop(child_pid, None)
         self.link.call("fork_failed", child_pid)
 
 
