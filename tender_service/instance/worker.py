@@ -19,6 +19,7 @@ supervisor handed out with the fork lease.
 from __future__ import annotations
 
 import argparse
+import collections
 import errno
 import hashlib
 import hmac
@@ -122,13 +123,60 @@ def send_vm(
     timeout: float = 30.0,
     channel: grpc.Channel | None = None,
     metadata: list[tuple[str, str]] | None = None,
+    keep: bool = False,
 ):
-    """Call ``Peer.StartVm`` with ``chunks`` at ``address`` (or on ``channel``)."""
+    """Call ``Peer.StartVm`` with ``chunks`` at ``address`` (or on ``channel``).
+
+    ``keep``: use (and keep for the next call) this process's channel to
+    ``address``, as a VM that forks does: a new channel each fork would pay the
+    connection and its HTTP/2 handshake (2-4 ms of a fork).  A channel whose
+    call fails is dropped, so a worker that died is dialled anew.
+    """
     _, pb2_grpc = protos.peer()
     if channel is not None:
         return pb2_grpc.PeerStub(channel).StartVm(chunks, timeout=timeout, metadata=metadata)
-    with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+    if not keep:
+        with _new_channel(address) as ch:
+            return pb2_grpc.PeerStub(ch).StartVm(chunks, timeout=timeout, metadata=metadata)
+    ch = _KEPT.get(address)
+    try:
         return pb2_grpc.PeerStub(ch).StartVm(chunks, timeout=timeout, metadata=metadata)
+    except grpc.RpcError:
+        _KEPT.drop(address, ch)
+        raise
+
+
+def _new_channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
+
+
+class _KeptChannels:
+    """The channels a process's forks keep: the ``limit`` most recently used."""
+
+    def __init__(self, limit: int = 8) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._by_address: collections.OrderedDict[str, grpc.Channel] = collections.OrderedDict()
+
+    def get(self, address: str) -> grpc.Channel:
+        old = None
+        with self._lock:
+            ch = self._by_address.pop(address, None) or _new_channel(address)
+            self._by_address[address] = ch
+            if len(self._by_address) > self.limit:
+                _, old = self._by_address.popitem(last=False)
+        if old is not None:
+            old.close()
+        return ch
+
+    def drop(self, address: str, ch: grpc.Channel) -> None:
+        with self._lock:
+            if self._by_address.get(address) is ch:
+                del self._by_address[address]
+        ch.close()
+
+
+_KEPT = _KeptChannels()
 
 
 def start_vm(
@@ -139,9 +187,10 @@ def start_vm(
     image: bytes | None = None,
     channel: grpc.Channel | None = None,
     metadata: list[tuple[str, str]] | None = None,
+    keep: bool = False,
 ):
     """Call ``Peer.StartVm`` at ``address`` (or on ``channel``); its VmStarted reply."""
-    return send_vm(address, vm_chunks(start, snapshot, image), timeout, channel, metadata)
+    return send_vm(address, vm_chunks(start, snapshot, image), timeout, channel, metadata, keep)
 
 
 def start_vm_from_here(address: str, start: dict, snapshot: bytes) -> object:
@@ -152,12 +201,12 @@ def start_vm_from_here(address: str, start: dict, snapshot: bytes) -> object:
     start = dict(start)
     ticket = start.pop("ticket", "")
     if address.startswith("unix:"):
-        return start_vm(address, start, snapshot)
+        return start_vm(address, start, snapshot, keep=True)
     relay = os.environ.get(RELAY_ENV)
     if not relay:
         raise GuestError(errno.EAGAIN, "no relay to reach peer tenders from this worker")
     metadata = [(TARGET_KEY, address)] + ([(TICKET_KEY, ticket)] if ticket else [])
-    return start_vm(relay, start, snapshot, metadata=metadata)
+    return start_vm(relay, start, snapshot, metadata=metadata, keep=True)
 
 
 @dataclass
