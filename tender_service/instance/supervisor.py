@@ -699,6 +699,7 @@ class Supervisor:
         child.state, child.status, child.ended = "reaped", status, time.monotonic()
         child.host, child.host_pid = rec.host, rec.host_pid
         self._free_memory(child)
+        self._check_done()  # it may be the last: its parent (the VM's process) died first
         return 0
 
     def _op_fork_started(self, rec: ProcRec, pid: int, micros: int, snapshot: int = 0) -> int:
