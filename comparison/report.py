@@ -58,6 +58,8 @@ class RunRecord:
     wall_s: float
     values: list[float]
     excluded: list[float] = field(default_factory=list)  # the run's first figure(s), not in values
+    #: launch to exit of the baseline run just before (a workload whose figure subtracts it)
+    baseline_wall_s: float | None = None
 
 
 @dataclass
@@ -73,8 +75,11 @@ class Cell:
     unit: str
     better: str
     runs: list[RunRecord] = field(default_factory=list)
-    status: str = "ok"  # ok | failed
+    status: str = "ok"  # ok | failed | skipped (not run here: ``error`` says why)
     error: str = ""
+    #: why this mode is known not to run the workload (docs): a failure then is expected,
+    #: shown FAILED all the same, and listed apart from the failures
+    known_limit: str = ""
     n: int = 0
     median: float | None = None
     p95: float | None = None
@@ -85,6 +90,13 @@ class Cell:
 
     def samples(self) -> list[float]:
         return [v for r in self.runs for v in r.values]
+
+    def skip(self, why: str) -> None:
+        self.status, self.error = "skipped", why
+
+    @property
+    def expected_failure(self) -> bool:
+        return self.status == "failed" and bool(self.known_limit)
 
     def summarize(self) -> None:
         xs = self.samples()
@@ -285,7 +297,11 @@ class Report:
     @property
     def failures(self) -> list[str]:
         out = list(self.setup_failures)
-        out += [f"{c.workload} / {c.mode}: {c.error}" for c in self.cells if c.status != "ok"]
+        out += [
+            f"{c.workload} / {c.mode}: {c.error}"
+            for c in self.cells
+            if c.status == "failed" and not c.expected_failure
+        ]
         out += [f"memory / {m.mode}: {m.error}" for m in self.memory if m.status != "ok"]
         out += [f"scaling / {s.mode}: {s.error}" for s in self.scaling if s.status != "ok"]
         out += [
@@ -295,6 +311,20 @@ class Report:
             if s.status != "ok"
         ]
         return out
+
+    @property
+    def expected_failures(self) -> list[str]:
+        """Failures of a mode known not to run the workload: the error, then the known limit."""
+        return [
+            f"{c.workload} / {c.mode}: {c.error} (known limit: {c.known_limit})"
+            for c in self.cells
+            if c.expected_failure
+        ]
+
+    @property
+    def skipped_workloads(self) -> dict[str, str]:
+        """Workloads not run in some mode, and why."""
+        return {c.workload: c.error for c in self.cells if c.status == "skipped"}
 
     def cell(self, workload: str, mode: str) -> Cell | None:
         return next((c for c in self.cells if c.workload == workload and c.mode == mode), None)
@@ -335,6 +365,8 @@ class Report:
             "scaling": {"metric": "ready_ms", "rows": [asdict(s) for s in self.scaling]},
             "published": published.to_json(),
             "failures": self.failures,
+            "expected_failures": self.expected_failures,
+            "skipped_workloads": self.skipped_workloads,
             "notes": self.notes,
             "files": self.files,
         }
@@ -362,7 +394,8 @@ def main_table(cells: Sequence[Cell]) -> list[str]:
     rows = []
     for c in cells:
         if c.status != "ok":
-            rows.append((c.workload, c.mode, c.unit, str(c.n), "FAILED", "-", "-", "-"))
+            what = "SKIPPED" if c.status == "skipped" else "FAILED"
+            rows.append((c.workload, c.mode, c.unit, str(c.n), what, "-", "-", "-"))
             continue
         rows.append(
             (
@@ -511,6 +544,9 @@ def render(r: Report) -> str:
     if fails:
         out.append("")
         out += [f"FAILED {f}" for f in fails]
+    if r.expected_failures:
+        out.append("")
+        out += [f"FAILED as expected: {f}" for f in r.expected_failures]
     return "\n".join(out)
 
 
@@ -524,6 +560,15 @@ def _workload_legend(r: Report) -> list[str]:
             out.append(f"  {c.workload}: {c.title}; {c.program} {' '.join(c.args)}".rstrip())
             if c.note:
                 out.append(f"    {c.note}")
+        if c.status == "skipped":
+            same = [d for d in r.cells if d.workload == c.workload]
+            if all(d.status == "skipped" and d.error == c.error for d in same):
+                if c is same[0]:
+                    out.append(f"    SKIPPED in every mode ({c.error})")
+            else:
+                out.append(f"    {c.mode}: SKIPPED ({c.error})")
+        elif c.expected_failure:
+            out.append(f"    {c.mode}: FAILED, a known limit ({c.known_limit}): {c.error}")
     for mode, why in r.skipped_modes.items():
         out.append(f"  {mode}: skipped ({why})")
     return out
@@ -625,6 +670,18 @@ def _workload_rows(r: Report) -> Iterator[tuple]:
                 "s",
                 run.wall_s,
             )
+            if run.baseline_wall_s is not None:
+                yield (
+                    "workload",
+                    c.workload,
+                    c.mode,
+                    " ".join(c.args),
+                    run.run,
+                    "",
+                    "baseline_wall_s",
+                    "s",
+                    run.baseline_wall_s,
+                )
             for metric, values in ((c.metric, run.values), (f"excluded_{c.metric}", run.excluded)):
                 for i, v in enumerate(values):
                     yield (

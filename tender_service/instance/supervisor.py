@@ -105,6 +105,13 @@ class ProcRec:
     peak_memory: int = 0
     #: bytes of the tender's guest-memory budget this VM holds (its RAM, if it runs here)
     reserved: int = 0
+    #: the VM (its first process's pid) that leased this pid: a clone(CLONE_VM) child runs
+    #: there until it execs, and that VM speaks for it (0: the instance's first process)
+    leased_by: int = 0
+    #: the process ended but its VM still runs clone(CLONE_VM) children of it that have not
+    #: exec'd (one may have killed it): the VM's messages are served until it ends, and
+    #: what the VM holds (pipe ends, files, memory) is given back only then
+    hosting: bool = False
 
     @property
     def alive(self) -> bool:
@@ -302,7 +309,7 @@ class Supervisor:
                     )
             for r in self.procs.values():
                 if r.alive:
-                    self._send(r, Frame(Msg.SIGNAL, 0, 0, 0, signals.SIGKILL, b""))
+                    self._signal(r, signals.SIGKILL)
 
     def close(self) -> None:
         """Release everything: listener, channels, tender processes, temp files."""
@@ -470,6 +477,8 @@ class Supervisor:
                 if f is not None:
                     self._handle(rec, f)
         except (ChannelClosed, ProtocolError, OSError) as e:
+            if rec.hosting:
+                self._vm_ended(rec)
             if rec.alive:
                 log.warning(
                     "instance %s: pid %d's VM vanished (%s): killed by SIGKILL", self.id, pid, e
@@ -482,6 +491,16 @@ class Supervisor:
                 )
         finally:
             channel.close()
+
+    def _signal(self, rec: ProcRec, sig: int) -> None:
+        """Send ``sig`` to ``rec``'s VM; a process with no VM of its own yet may be a
+        clone(CLONE_VM) child running in the VM that leased its pid (until it execs):
+        that VM gets it, naming the pid (a fork's child not yet started drops it there)."""
+        host = self.procs.get(rec.leased_by) if rec.channel is None else None
+        if host is not None and host.channel is not None:
+            self._send(host, Frame(Msg.SIGNAL, 0, 0, rec.pid, sig, b""))
+        else:
+            self._send(rec, Frame(Msg.SIGNAL, 0, 0, 0, sig, b""))
 
     def _send(self, rec: ProcRec, frame: Frame) -> None:
         ch = rec.channel
@@ -506,7 +525,7 @@ class Supervisor:
             self._console(rec, f)
             return
         with self.lock:
-            if not rec.alive:
+            if not rec.alive and not rec.hosting:
                 return  # what a VM sends after its EXITED (its fds closing) is moot
             if t == Msg.IDLE:
                 rec.idle_at, rec.idle_report = f.arg, f.payload.decode(errors="replace")
@@ -572,6 +591,7 @@ class Supervisor:
             info = json.loads(f.payload)
             rec.peak_memory = int(info.get("peak_memory", 0))
             report = str(info.get("report") or "")[:1000]
+            rec.hosting = info.get("hosting") is True
         self._ended(rec, f.arg, report)
 
     def _call(self, rec: ProcRec, payload: bytes) -> tuple[int, bytes]:
@@ -596,6 +616,7 @@ class Supervisor:
             return -errno.EAGAIN, b""
         pid = self._next_pid
         child = self._new_proc(pid, rec.pid, rec.pgid, rec.sid)
+        child.leased_by = rec.pid
         try:
             worker = self._place(rec)
         except Exception as e:
@@ -678,14 +699,15 @@ class Supervisor:
         VM reaps it itself): it never needs its leased place, and was a process, made
         in ``micros`` (the lease)."""
         child = self.procs.get(pid)
-        if child is None or child.ppid != rec.pid or child.state != "starting":
-            return -errno.ESRCH
+        if child is None or child.leased_by != rec.pid or child.state != "starting":
+            return -errno.ESRCH  # (its parent may have died: then it is init's)
         self.fork_seconds.append(micros / 1e6)
         # refs its exec registered for a VM that never started (a failed start)
         self.broker.drop_holder(pid)
         child.state, child.status, child.ended = "reaped", status, time.monotonic()
         child.host, child.host_pid = rec.host, rec.host_pid
         self._free_memory(child)
+        self._check_done()  # it may be the last: its parent (the VM's process) died first
         return 0
 
     def _op_fork_started(
@@ -715,7 +737,7 @@ class Supervisor:
             return -errno.ESRCH
         for r in targets:
             if r.pid != rec.pid and r.alive and sig:
-                self._send(r, Frame(Msg.SIGNAL, 0, 0, 0, sig, b""))
+                self._signal(r, sig)
         return 0
 
     def _op_child_state(self, rec: ProcRec, status: int) -> int:
@@ -773,8 +795,8 @@ class Supervisor:
 
     def _op_fs_hold(self, rec: ProcRec, ofd: int, child: int) -> int:
         target = self.procs.get(child)
-        if target is None or target.ppid != rec.pid:
-            return -errno.ESRCH  # only for a child this VM is forking
+        if target is None or target.leased_by != rec.pid:
+            return -errno.ESRCH  # only for a child this VM is forking (or that execs)
         return self.fs.hold(rec.pid, ofd, child)
 
     def _op_fs_release(self, rec: ProcRec, ofd: int) -> int:
@@ -786,7 +808,8 @@ class Supervisor:
             if not rec.alive:
                 return
             rec.state, rec.status, rec.ended = "zombie", status, time.monotonic()
-            self._free_memory(rec)
+            if not rec.hosting:
+                self._free_memory(rec)
             if report:
                 rec.report = report
                 self.reports.append(report)
@@ -797,15 +820,29 @@ class Supervisor:
                         child.state = "reaped"
                     else:
                         self._send(child, Frame(Msg.REPARENT, 0, 0, 0, INIT_PID, b""))
-            self.broker.drop_holder(rec.pid)
-            self.stdin.drop_holder(rec.pid)
-            self.fs.drop_holder(rec.pid)
+            if not rec.hosting:
+                self._drop_holder(rec)
             parent = self.procs.get(rec.ppid)
             if rec.ppid == INIT_PID or parent is None:
                 rec.state = "reaped"  # init reaps at once (the status stays on record)
             else:
                 self._send(parent, Frame(Msg.CHILD_EXIT, 0, 0, rec.pid, status, b""))
             self._check_done()
+
+    def _drop_holder(self, rec: ProcRec) -> None:
+        self.broker.drop_holder(rec.pid)
+        self.stdin.drop_holder(rec.pid)
+        self.fs.drop_holder(rec.pid)
+
+    def _vm_ended(self, rec: ProcRec) -> None:
+        """The VM of a process that ended while it hosted clone(CLONE_VM) children is gone
+        (they exec'd or exited): what it held goes back now."""
+        with self.lock:
+            if not rec.hosting:
+                return
+            rec.hosting = False
+            self._drop_holder(rec)
+        self._free_memory(rec)
 
     def _check_deadlock(self) -> None:
         """Every live VM idle, and none with a message on its way: nothing can move."""

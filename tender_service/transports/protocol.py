@@ -7,6 +7,8 @@ broker pipe id; ``arg`` is a signed 64-bit value)::
     VM -> supervisor
       CONSOLE     pipe=fd (1/2)  arg=pid             payload=bytes
       EXITED      arg=wait status                    (the VM's process ended)
+                  payload=JSON {"peak_memory", "report", "hosting": true if
+                  clone(CLONE_VM) children of it still run in the VM (it goes on)}
       REAPED      arg=pid of the reaped child
       CALL        req  payload=JSON {"op": str, "args": [int...]}  -> RESULT
       PIPE_READ   req pipe  arg=max bytes  flags=NONBLOCK          -> PIPE_DATA
@@ -22,7 +24,8 @@ broker pipe id; ``arg`` is a signed 64-bit value)::
       PIPE_DATA   req  arg=-errno or 0  payload=bytes (empty with arg 0: EOF)
       PIPE_WROTE  req  arg=bytes written or -errno  flags=SIGPIPE
       CHILD_EXIT  pipe=child pid  arg=wait status
-      SIGNAL      arg=signal number
+      SIGNAL      arg=signal number  pipe=0: the VM's process; else the pid of a
+                  clone(CLONE_VM) child that runs in the VM until it execs
       REPARENT    arg=new parent pid
       CHILD_STATE pipe=child pid  arg=wait status of a stop or continue (job control)
 """

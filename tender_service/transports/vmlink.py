@@ -115,17 +115,15 @@ class VmLink:
         # a fault's or an internal error's report (not a plain kill's): the instance's
         # result lists it, as a thread-fork instance's does
         report = proc.report if k is not None and proc.report in k.reports else ""
-        self._closed.set()  # from now on the supervisor may hang up: expected
-        self._notify(
-            Frame(
-                Msg.EXITED,
-                0,
-                0,
-                0,
-                proc.status,
-                json.dumps({"peak_memory": peak, "report": report[:1000]}).encode(),
-            )
+        # a clone(CLONE_VM)/vfork child that has not exec'd yet still runs in this VM (it
+        # may have killed us): the VM goes on, and its exec or exit needs the supervisor
+        hosting = k is not None and any(
+            p.alive and not p.remote and p is not proc and p is not k.init for p in k.procs.values()
         )
+        if not hosting:
+            self._closed.set()  # from now on the supervisor may hang up: expected
+        info = {"peak_memory": peak, "report": report[:1000], "hosting": hosting}
+        self._notify(Frame(Msg.EXITED, 0, 0, 0, proc.status, json.dumps(info).encode()))
 
     def child_reaped(self, parent: Process, child: Process) -> None:
         self._notify(Frame(Msg.REAPED, 0, 0, 0, child.pid, b""))
@@ -326,10 +324,11 @@ class VmLink:
         elif t == Msg.SIGNAL:
             # only a signal that ends the process for sure stops a running guest at
             # once; any other is taken at its next syscall, block or time slice
+            target = _signal_target(k, f.pipe)
             self._event(
                 k,
-                lambda: k.main is not None and k.post_signal(k.main, f.arg),
-                interrupt=k.main is not None and signals.kills_at_once(k.main, f.arg),
+                lambda: target is not None and k.post_signal(target, f.arg),
+                interrupt=target is not None and signals.kills_at_once(target, f.arg),
             )
         elif t == Msg.CHILD_STATE:
             self._event(k, lambda: k.remote_child_state(f.pipe, f.arg))
@@ -352,6 +351,15 @@ class VmLink:
         lwp.remote_result = (f.arg, f.payload, f.flags)
         assert self.kernel is not None  # only an attached link has calls pending
         self.kernel.sched.make_runnable(lwp.thread)
+
+
+def _signal_target(k: Kernel, pid: int) -> Process | None:
+    """The process a SIGNAL names: the VM's own (0), or a clone(CLONE_VM) child of it that
+    still runs here (never a proxy of another VM's process: that would send it back)."""
+    if not pid:
+        return k.main
+    proc = k.procs.get(pid)
+    return proc if proc is not None and proc.vm_parent and not proc.remote else None
 
 
 def _set_ppid(k: Kernel, ppid: int) -> None:
