@@ -24,6 +24,7 @@ import gc
 import logging
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -69,6 +70,7 @@ from comparison.workloads import (
     scale_ready_us,
     words,
 )
+from tender_service.rump.vminfo import FORK_PHASES
 
 if TYPE_CHECKING:
     from tender_service.instance.pool import WarmPool
@@ -247,6 +249,8 @@ class Compare:
         self.cells: dict[tuple[str, str], rep.Cell] = {}
         self.cold: dict[str, rep.ColdRow] = {}
         self.probe_words: dict[tuple[str, str], list[dict[str, str]]] = {}
+        #: VM-clone modes: the steps of each warm fork of the fork_time cell
+        self.fork_phases: dict[str, list[dict[str, float]]] = {}
         self.mem_raw: dict[str, dict[str, list]] = {}
         self.mem_failed: dict[str, str] = {}
         self.scale_raw: dict[str, dict[int, list[tuple[float, float]]]] = {}
@@ -513,6 +517,8 @@ class Compare:
             )
             if found is not None:
                 self.probe_words.setdefault((w.key, mode), []).append(found)
+            if w.key == COLD_WORKLOAD and o.fork_phases:
+                self.fork_phases.setdefault(mode, []).extend(o.fork_phases[cut:])
 
         return go
 
@@ -546,6 +552,16 @@ class Compare:
             r.summarize(self.cells.get((COLD_WORKLOAD, r.mode)))
         rep.add_cold_ratios(rows)
         return rows
+
+    def fork_breakdown(self) -> dict[str, dict[str, float]]:
+        """Per VM-clone mode, the median ms of each fork step, and the number of forks."""
+        return {
+            mode: {
+                **{k: round(statistics.median(p[k] for p in phases) * 1e3, 3) for k in FORK_PHASES},
+                "forks": len(phases),
+            }
+            for mode, phases in self.fork_phases.items()
+        }
 
     def cold_note(self) -> list[str]:
         """How the cold and warm fork figures were taken, and everything left out of them."""
@@ -743,6 +759,7 @@ class Compare:
             cold=self.cold_rows(),
             cold_runs=self.p.cold_runs if self.cold else 0,
             cold_note=self.cold_note(),
+            fork_breakdown=self.fork_breakdown(),
             duration_s=duration,
             notes=notes,
             setup_failures=list(self.setup_failures),

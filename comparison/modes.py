@@ -62,6 +62,8 @@ class Outcome:
     probe: dict | None = None
     #: launch to exit of the workload's baseline run just before this one (if it has one)
     baseline_wall: float | None = None
+    #: vmclone: each fork's steps in seconds (RunResult.fork_phases)
+    fork_phases: list[dict[str, float]] = field(default_factory=list)
 
 
 def _args_text(args: Sequence[str], limit: int = 60) -> str:
@@ -273,6 +275,7 @@ class BackendRunner(Runner):
             peak_memory=r.peak_memory if self.peak_memory else None,
             snapshot_bytes=observer.snapshots,
             probe=holder.get("probe"),
+            fork_phases=list(r.fork_phases or []),
         )
 
     def close(self) -> None:

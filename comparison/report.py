@@ -23,6 +23,7 @@ from comparison import published
 from comparison.modes import NATIVE, THREAD
 from comparison.stats import median, percentile
 from comparison.workloads import COLD_PROGRAM, COLD_WORKLOAD, HAZARD_ITEMS, SEMANTICS_ITEMS
+from tender_service.rump.vminfo import FORK_PHASES
 
 SCHEMA = "unifork-compare/1"
 FIGURE_DIGITS = 4  # significant digits of medians, p95s and memory figures
@@ -288,6 +289,9 @@ class Report:
     cold: list[ColdRow] = field(default_factory=list)
     cold_runs: int = 0
     cold_note: list[str] = field(default_factory=list)  # the method and what was discarded
+    #: VM-clone modes: median ms of each fork step (FORK_PHASES) over the warm forks of
+    #: the fork_time cell, and how many forks
+    fork_breakdown: dict[str, dict[str, float]] = field(default_factory=dict)
     duration_s: float = 0.0
     directory: str = ""
     files: list[str] = field(default_factory=list)
@@ -350,6 +354,12 @@ class Report:
                 "runs": self.cold_runs,
                 "method": self.cold_note,
                 "rows": [c.to_json() for c in self.cold],
+            },
+            "fork_breakdown": {
+                "unit": "ms",
+                "steps": list(FORK_PHASES),
+                "what": BREAKDOWN_WHAT,
+                "modes": self.fork_breakdown,
             },
             "semantics": {
                 "items": list(SEMANTICS_ITEMS),
@@ -513,6 +523,9 @@ def render(r: Report) -> str:
     if r.cold:
         out += cold_table(r)
         out.append("")
+    if r.fork_breakdown:
+        out += breakdown_table(r)
+        out.append("")
     out += _matrix(
         "semantics matrix (measured: the 'semantics' probe in each mode; runs in brackets)",
         SEMANTICS_ITEMS,
@@ -548,6 +561,26 @@ def render(r: Report) -> str:
         out.append("")
         out += [f"FAILED as expected: {f}" for f in r.expected_failures]
     return "\n".join(out)
+
+
+BREAKDOWN_WHAT = (
+    "parent side, the warm forks of fork_time (its first fork of each run excluded): "
+    "lease = the pid and a place from the supervisor; share = pipes and files handed "
+    "to it; capture = the snapshot; start = StartVm (transfer, the child's restore, the "
+    "reply); restore = the part of start the child's tender process spent restoring"
+)
+
+
+def breakdown_table(r: Report) -> list[str]:
+    """Where a VM-clone fork's time goes, step by step (median ms)."""
+    rows = [
+        (mode, str(int(steps["forks"])), *(num(steps[name]) for name in FORK_PHASES))
+        for mode, steps in r.fork_breakdown.items()
+    ]
+    out = ["VM-clone fork, step by step (median ms)"]
+    out += grid(("mode", "forks", *FORK_PHASES), rows, set(range(1, 2 + len(FORK_PHASES))))
+    out.append(f"  {BREAKDOWN_WHAT}")
+    return out
 
 
 def _workload_legend(r: Report) -> list[str]:
