@@ -24,7 +24,6 @@ tests/thirdparty.py`` builds it (``make thirdparty``, which ``make test`` and
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import inspect
 import logging
@@ -33,12 +32,10 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from tender_service.toolchain import cc
-from tender_service.toolchain.images import build_image, zig_version
+from tender_service.toolchain.images import build_image, file_lock, zig_version
 from tender_service.toolchain.paths import cache_dir, programs_dir
 
 log = logging.getLogger(__name__)
@@ -66,17 +63,6 @@ THIRDPARTY_ENV = "UNIFORK_THIRDPARTY_DIR"
 def thirdparty_dir() -> Path:
     override = os.environ.get(THIRDPARTY_ENV)
     return Path(override).expanduser() if override else cache_dir() / "thirdparty"
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _run(cmd: list[str], cwd: Path, what: str, env: dict[str, str] | None = None) -> None:
@@ -156,7 +142,7 @@ def unifork_cc() -> str:
 
 def dash() -> Path:
     """dash's static musl ELF, built with ``unifork cc`` (once per version and toolchain)."""
-    with _locked(thirdparty_dir() / "dash.lock"):
+    with file_lock(thirdparty_dir() / "dash.lock"):
         dsc = fetch_source("dash")
         version = dsc.stem.removeprefix("dash_")
         target = thirdparty_dir() / f"dash-{version}-{toolchain_key()}.elf"
