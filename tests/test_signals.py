@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from support import image_path, native, vm
@@ -35,6 +36,15 @@ def lines(*text: str) -> str:
 
 
 SEGV = "killed by Segmentation fault"
+#: the children of the core cases: how each dies, and strsignal of its signal
+CORE_DEATHS = [
+    ("abort()", "Aborted"),
+    ("store to 0", "Segmentation fault"),
+    ("divide by 0", "Arithmetic exception"),
+    ("raise(SIGQUIT)", "Quit"),
+    ("kill(SIGQUIT) while in pause()", "Quit"),
+    ("raise(SIGTERM)", "Terminated"),
+]
 CASES: dict[str, str] = {
     "handler": lines(
         "raise: handler ran: signo=SIGUSR1 code=SI_TKILL pid=self",
@@ -90,6 +100,13 @@ CASES: dict[str, str] = {
         "then SIGTERM: killed by Terminated",
     ),
     "killspin": lines("spinning child: killed by Killed"),
+    "core": lines(
+        "RLIMIT_CORE soft limit 0",
+        *(
+            f"{what}: killed by {how}, WCOREDUMP=0, SIGCHLD CLD_KILLED status=WTERMSIG"
+            for what, how in CORE_DEATHS
+        ),
+    ),
     "spinhandler": lines("spinning child with a handler: exited 9"),
     "piperestart": lines(
         "read across a fork, SA_RESTART: returned 1 'y', handler ran 1 time(s), child exited 0"
@@ -160,6 +177,36 @@ def test_same_output_in_every_mode(case: str, mode: str, mode_pool: WarmPool | N
     assert out.stderr == "", out.why()
     if out.result is not None:
         assert (out.result.outcome, out.result.status) == ("exited", 0), out.why()
+
+
+# -- WCOREDUMP with RLIMIT_CORE raised ---------------------------------------------------
+COREDUMP = lines(
+    "RLIMIT_CORE soft limit raised to the hard limit",
+    *(
+        f"{what}: killed by {how}, WCOREDUMP={int(how != 'Terminated')}, "
+        f"SIGCHLD {'CLD_KILLED' if how == 'Terminated' else 'CLD_DUMPED'} status=WTERMSIG"
+        for what, how in CORE_DEATHS
+    ),
+)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_core_signals_dump_when_rlimit_core_allows(
+    mode: str, mode_pool: WarmPool | None, tmp_path: Path
+) -> None:
+    """Linux sets the core bit only when it wrote a core: natively that needs a core
+    file the kernel can write (core_pattern "core", in the working directory); a VM
+    writes no file but reports the dump as Linux does once RLIMIT_CORE allows one."""
+    if mode == "native":
+        if Path("/proc/sys/kernel/core_pattern").read_text().strip() != "core":
+            pytest.skip("the host's core_pattern is not a plain 'core' file")
+        p = native("signals", "coredump", cwd=tmp_path)
+        assert p.stdout.decode() == COREDUMP, p.stdout.decode()
+        assert list(tmp_path.glob("core*")), "Linux wrote no core, yet set WCOREDUMP"
+        return
+    out = run_in(mode, mode_pool, "coredump")
+    assert out.stdout == COREDUMP, out.why()
+    assert out.stderr == "", out.why()
 
 
 # -- bad input: a storm of kills ---------------------------------------------------------

@@ -20,6 +20,9 @@
  *              standard signals coalesce; sigpending; sigtimedwait
  *   stopcont   SIGSTOP/SIGCONT seen by waitpid with WUNTRACED/WCONTINUED
  *   killspin   a parent kills a child that spins without syscalls
+ *   core       RLIMIT_CORE 0: children killed by "core" signals, no WCOREDUMP, CLD_KILLED
+ *   coredump   RLIMIT_CORE raised: WCOREDUMP and CLD_DUMPED (natively: a core file
+ *              is written to the working directory with core_pattern "core")
  *   spinhandler a child spinning on a flag without syscalls gets its SIGUSR1
  *              handler run (the flag set) at an instruction boundary, and exits
  *   piperestart a child signals its parent blocked in read() on a pipe they share;
@@ -37,6 +40,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
 #include <sys/types.h>
@@ -535,6 +539,89 @@ static int case_killspin(void)
 	return 0;
 }
 
+/* -- core, coredump -------------------------------------------------------------- */
+/* A child that dies of a signal whose default action is "core": abort(), a store
+ * to address 0, a division by zero, SIGQUIT from itself, SIGQUIT from the parent
+ * while it sleeps, and SIGTERM (terminate only) for contrast. */
+static void core_child(int how, int ready)
+{
+	volatile int zero = 0;
+	switch (how) {
+	case 0:
+		abort();
+	case 1:
+		*(volatile int *)(uintptr_t)zero = 1;
+		break;
+	case 2: {
+		int q = 1, d = zero;
+		__asm__ volatile("cltd; idivl %1" : "+a"(q) : "r"(d) : "edx"); /* #DE: SIGFPE */
+		zero = q;
+		break;
+	}
+	case 3:
+		raise(SIGQUIT);
+		break;
+	case 4:
+		(void)write(ready, "r", 1);
+		for (;;)
+			pause();
+	default:
+		raise(SIGTERM);
+	}
+	_exit(0);
+}
+
+static int core_run(int limit)
+{
+	static const char *what[] = {"abort()", "store to 0", "divide by 0", "raise(SIGQUIT)",
+				     "kill(SIGQUIT) while in pause()", "raise(SIGTERM)"};
+	struct rlimit rl;
+	if (getrlimit(RLIMIT_CORE, &rl))
+		die("getrlimit: %s", strerror(errno));
+	rl.rlim_cur = limit ? rl.rlim_max : 0;
+	if (setrlimit(RLIMIT_CORE, &rl))
+		die("setrlimit: %s", strerror(errno));
+	if (limit && rl.rlim_cur < 4096)
+		die("RLIMIT_CORE hard limit %ld is too low", (long)rl.rlim_max);
+	printf("RLIMIT_CORE soft limit %s\n", limit ? "raised to the hard limit" : "0");
+	sigset_t chld;
+	sigemptyset(&chld);
+	sigaddset(&chld, SIGCHLD);
+	sigprocmask(SIG_BLOCK, &chld, NULL);
+	for (int how = 0; how < 6; how++) {
+		int p[2];
+		if (pipe(p))
+			die("pipe: %s", strerror(errno));
+		fflush(stdout);
+		pid_t pid = fork();
+		if (pid < 0)
+			die("fork: %s", strerror(errno));
+		if (pid == 0)
+			core_child(how, p[1]);
+		close(p[1]);
+		if (how == 4) {
+			char c;
+			if (read(p[0], &c, 1) != 1)
+				die("read: %s", strerror(errno));
+			kill(pid, SIGQUIT);
+		}
+		close(p[0]);
+		siginfo_t si;
+		if (sigwaitinfo(&chld, &si) != SIGCHLD)
+			die("sigwaitinfo: %s", strerror(errno));
+		int st;
+		if (waitpid(pid, &st, 0) != pid)
+			die("waitpid: %s", strerror(errno));
+		printf("%s: %s, WCOREDUMP=%d, SIGCHLD %s status=%s\n", what[how], status_str(st),
+		       WIFSIGNALED(st) && WCOREDUMP(st) ? 1 : 0,
+		       si.si_code == CLD_DUMPED   ? "CLD_DUMPED"
+		       : si.si_code == CLD_KILLED ? "CLD_KILLED"
+						  : "?",
+		       si.si_status == WTERMSIG(st) ? "WTERMSIG" : "?");
+	}
+	return 0;
+}
+
 /* -- spinhandler --------------------------------------------------------------- */
 static volatile sig_atomic_t spin_flag;
 
@@ -747,6 +834,10 @@ int main(int argc, char **argv)
 		return case_stopcont();
 	if (!strcmp(c, "killspin"))
 		return case_killspin();
+	if (!strcmp(c, "core"))
+		return core_run(0);
+	if (!strcmp(c, "coredump"))
+		return core_run(1);
 	if (!strcmp(c, "spinhandler"))
 		return case_spinhandler();
 	if (!strcmp(c, "piperestart"))
@@ -760,6 +851,6 @@ int main(int argc, char **argv)
 	if (!strcmp(c, "roundtrip"))
 		return case_roundtrip(n ? n : 1000, argc > 3 && !strcmp(argv[3], "-t"));
 	fprintf(stderr, "usage: signals handler|restart|sigsuspend|sigchld|nodefer|altstack|ucontext|rtqueue|"
-			"stopcont|killspin|spinhandler|piperestart|badhandler|badframe|storm [N]|roundtrip [N] [-t]\n");
+			"stopcont|killspin|core|coredump|spinhandler|piperestart|badhandler|badframe|storm [N]|roundtrip [N] [-t]\n");
 	return 2;
 }

@@ -134,7 +134,7 @@ def _internal_error(kernel: Kernel, lwp: Lwp, nr: int, e: Exception) -> None:
     kernel.reports.append(report)
     lwp.proc.report = report
     try:
-        kernel.exit_process(lwp.proc, signals.signaled_status(signals.SIGSYS))
+        kernel.exit_process(lwp.proc, signals.death_status(lwp.proc, signals.SIGSYS))
     except Exception:
         log.exception("cleanup after internal error failed")
         kernel.request_stop("error")

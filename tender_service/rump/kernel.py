@@ -430,7 +430,7 @@ class Kernel(ProcessTable):
         log.info("%s", report)  # callers print RunResult.reports
         self.reports.append(report)
         lwp.proc.report = report
-        self.exit_process(lwp.proc, signals.signaled_status(ex.signal))
+        self.exit_process(lwp.proc, signals.death_status(lwp.proc, ex.signal))
 
     def fire_itimer(self, proc: Process, deadline: float) -> None:
         """ITIMER_REAL of ``proc`` expired (VM thread): SIGALRM, and re-arm an interval."""

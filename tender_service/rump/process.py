@@ -120,6 +120,8 @@ class Process:
     umask: int = 0o022
     #: the program's path (/proc/PID/exe); execve sets it
     exe: bytes = b""
+    #: RLIMIT_CORE (soft, hard): Linux's boot default, no core; decides WCOREDUMP
+    core_limit: tuple[int, int] = (0, 2**64 - 1)
 
     def __post_init__(self) -> None:
         self.child_wq = WaitQueue(f"wait:{self.pid}")

@@ -82,6 +82,7 @@ class ProcessTable:
             p.brk = parent.brk
             self.use_program(p, parent.program)
             p.cwd, p.umask, p.exe = parent.cwd, parent.umask, parent.exe
+            p.core_limit = parent.core_limit
         self.procs[pid] = p
         return p
 
@@ -323,7 +324,7 @@ class ProcessTable:
         action = signals.default_action(sig)
         if sig == signals.SIGKILL or action is signals.Action.TERMINATE:
             proc.report = proc.report or f"pid {proc.pid}: killed by {signals.signame(sig)}"
-            self.exit_process(proc, signals.signaled_status(sig))
+            self.exit_process(proc, signals.death_status(proc, sig))
             return True
         if action is signals.Action.STOP:
             self.stop_process(proc, sig)
@@ -453,6 +454,7 @@ class ProcessTable:
                 "cwd": proc.cwd,
                 "umask": proc.umask,
                 "exe": proc.exe.decode(errors="surrogateescape"),
+                "core_limit": list(proc.core_limit),
             },
             "lwp": {
                 "stack": lwp.stack,
@@ -474,6 +476,8 @@ class ProcessTable:
         proc.brk = int(p["brk"])
         proc.cwd, proc.umask = int(p.get("cwd", proc.cwd)), int(p.get("umask", 0o022)) & 0o777
         proc.exe = str(p.get("exe", "")).encode(errors="surrogateescape")
+        soft, hard = p.get("core_limit", proc.core_limit)
+        proc.core_limit = (int(soft), int(hard))
         proc.sigactions = {
             int(a[0]): (int(a[1]), int(a[2]), int(a[3]), int(a[4])) for a in p["sigactions"]
         }

@@ -179,7 +179,7 @@ def _setup_frame(k: Kernel, lwp: Lwp, info: SigInfo, first: bool) -> bool:
             f"pid {proc.pid}: killed by SIGSEGV: cannot deliver {signals.signame(sig)} "
             f"(signal frame at {frame:#x} not writable)"
         )
-        k.exit_process(proc, signals.signaled_status(signals.SIGSEGV))
+        k.exit_process(proc, signals.death_status(proc, signals.SIGSEGV))
         return False
     lwp.saved_sigmask = None
     if not flags & signals.SA_NODEFER:

@@ -247,7 +247,7 @@ def sys_rt_sigreturn(k: Kernel, lwp: Lwp) -> object:
     except GuestError:
         proc = lwp.proc
         proc.report = proc.report or f"pid {proc.pid}: killed by SIGSEGV: bad rt_sigreturn frame"
-        k.exit_process(proc, signals.signaled_status(signals.SIGSEGV))
+        k.exit_process(proc, signals.death_status(proc, signals.SIGSEGV))
         return NORETURN
     _deliverable(k, lwp)
     return JUMP
