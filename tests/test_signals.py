@@ -100,6 +100,31 @@ CASES: dict[str, str] = {
         "then SIGTERM: killed by Terminated",
     ),
     "killspin": lines("spinning child: killed by Killed"),
+    "sigqueuefork": lines(
+        "parent: values from the child: 200 201 202 203 204",
+        "parent: then SIGUSR1 code=SI_USER si_pid=child",
+        "child: SIGRTMIN from the parent, code=SI_QUEUE value=4242 si_pid=parent",
+        "child exited 0",
+    ),
+    "timers": lines(
+        "SIGEV_SIGNAL: handler ran 1 time(s), code=SI_TIMER value=0x1234 overrun=0",
+        "one-shot after expiry: disarmed",
+        "TIMER_ABSTIME on CLOCK_REALTIME: sigwaitinfo got SIGUSR2 code=SI_TIMER value=7",
+        "periodic 10 ms: 3 expiries taken one by one",
+        "blocked for 80 ms: one signal, si_overrun > 0: yes, timer_getoverrun = si_overrun: yes",
+        "disarm: old value had a 10 ms period: yes",
+        "SIGEV_NONE: armed, about 10 s left",
+        "SIGEV_NONE after expiry: disarmed, nothing pending: yes",
+        "NULL sigevent: SIGALRM, si_value = the timer id: yes",
+        # musl's timer_delete returns the raw syscall value (-EINVAL), as natively
+        "deleted timer: settime -1 errno=EINVAL, getoverrun -1 errno=EINVAL, "
+        "delete -22 errno=EINVAL",
+        "tv_nsec of 1e9: -1 errno=EINVAL",
+        "signal 65: -1 errno=EINVAL",
+        "sigev_notify 99: -1 errno=EINVAL",
+        "child: the parent's timer is EINVAL; its own sends value 99",
+        "parent's timer still armed after the fork: yes",
+    ),
     "core": lines(
         "RLIMIT_CORE soft limit 0",
         *(

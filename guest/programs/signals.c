@@ -20,6 +20,11 @@
  *              standard signals coalesce; sigpending; sigtimedwait
  *   stopcont   SIGSTOP/SIGCONT seen by waitpid with WUNTRACED/WCONTINUED
  *   killspin   a parent kills a child that spins without syscalls
+ *   sigqueuefork sigqueue values and kill's si_pid between a parent and its child
+ *              (across VMs in VM-clone mode)
+ *   timers     timer_create: SIGEV_SIGNAL to a handler and to sigwaitinfo (si_value,
+ *              SI_TIMER), TIMER_ABSTIME, periodic with overruns, SIGEV_NONE, a NULL
+ *              sigevent, bad ids and values, a fork child without the parent's timers
  *   core       RLIMIT_CORE 0: children killed by "core" signals, no WCOREDUMP, CLD_KILLED
  *   coredump   RLIMIT_CORE raised: WCOREDUMP and CLD_DUMPED (natively: a core file
  *              is written to the working directory with core_pattern "core")
@@ -622,6 +627,215 @@ static int core_run(int limit)
 	return 0;
 }
 
+/* -- timers ---------------------------------------------------------------------- */
+static volatile sig_atomic_t tm_runs, tm_code, tm_value, tm_overrun;
+
+static void h_timer(int sig, siginfo_t *si, void *uc)
+{
+	(void)sig, (void)uc;
+	tm_runs++;
+	tm_code = si->si_code;
+	tm_value = si->si_value.sival_int;
+	tm_overrun = si->si_overrun;
+}
+
+static timer_t new_timer(clockid_t clock, int notify, int sig, int value)
+{
+	struct sigevent ev;
+	memset(&ev, 0, sizeof ev);
+	ev.sigev_notify = notify;
+	ev.sigev_signo = sig;
+	ev.sigev_value.sival_int = value;
+	timer_t t;
+	if (timer_create(clock, &ev, &t))
+		die("timer_create: %s", strerror(errno));
+	return t;
+}
+
+static int arm(timer_t t, int flags, long value_ns, long interval_ns, struct itimerspec *old)
+{
+	struct itimerspec its = {{interval_ns / 1000000000, interval_ns % 1000000000},
+				 {value_ns / 1000000000, value_ns % 1000000000}};
+	return timer_settime(t, flags, &its, old);
+}
+
+static const char *err_str(int rc)
+{
+	static char buf[32];
+	snprintf(buf, sizeof buf, "%d errno=%s", rc, rc ? (errno == EINVAL ? "EINVAL" : strerror(errno)) : "0");
+	return buf;
+}
+
+static int case_timers(void)
+{
+	/* SIGEV_SIGNAL to a handler, one-shot on CLOCK_MONOTONIC */
+	sigset_t none, usr1, usr2, alrm;
+	sigemptyset(&none);
+	sigemptyset(&usr1);
+	sigaddset(&usr1, SIGUSR1);
+	sigemptyset(&usr2);
+	sigaddset(&usr2, SIGUSR2);
+	sigemptyset(&alrm);
+	sigaddset(&alrm, SIGALRM);
+	on(SIGUSR1, h_timer, 0, NULL);
+	sigprocmask(SIG_BLOCK, &usr1, NULL);
+	timer_t t1 = new_timer(CLOCK_MONOTONIC, SIGEV_SIGNAL, SIGUSR1, 0x1234);
+	arm(t1, 0, 20000000, 0, NULL);
+	while (!tm_runs)
+		sigsuspend(&none);
+	printf("SIGEV_SIGNAL: handler ran %d time(s), code=%s value=%#x overrun=%d\n", (int)tm_runs,
+	       tm_code == SI_TIMER ? "SI_TIMER" : "?", (int)tm_value, (int)tm_overrun);
+	struct itimerspec cur;
+	timer_gettime(t1, &cur);
+	printf("one-shot after expiry: %s\n",
+	       cur.it_value.tv_sec || cur.it_value.tv_nsec || cur.it_interval.tv_sec ? "armed" : "disarmed");
+
+	/* CLOCK_REALTIME with TIMER_ABSTIME, taken by sigwaitinfo */
+	sigprocmask(SIG_BLOCK, &usr2, NULL);
+	timer_t t2 = new_timer(CLOCK_REALTIME, SIGEV_SIGNAL, SIGUSR2, 7);
+	struct timespec now;
+	clock_gettime(CLOCK_REALTIME, &now);
+	long abs_ns = now.tv_nsec + 30000000;
+	struct itimerspec at = {{0, 0}, {now.tv_sec + abs_ns / 1000000000, abs_ns % 1000000000}};
+	timer_settime(t2, TIMER_ABSTIME, &at, NULL);
+	siginfo_t si;
+	int got = sigwaitinfo(&usr2, &si);
+	printf("TIMER_ABSTIME on CLOCK_REALTIME: sigwaitinfo got %s code=%s value=%d\n",
+	       got == SIGUSR2 ? "SIGUSR2" : "?", si.si_code == SI_TIMER ? "SI_TIMER" : "?",
+	       si.si_value.sival_int);
+
+	/* periodic: three expiries seen, then overruns while the signal is pending */
+	arm(t2, 0, 10000000, 10000000, NULL);
+	int seen = 0;
+	for (int i = 0; i < 3; i++)
+		seen += sigwaitinfo(&usr2, &si) == SIGUSR2;
+	printf("periodic 10 ms: %d expiries taken one by one\n", seen);
+	struct timespec nap = {0, 80000000};
+	while (nanosleep(&nap, &nap))
+		;
+	sigwaitinfo(&usr2, &si);
+	int ov = timer_getoverrun(t2);
+	printf("blocked for 80 ms: one signal, si_overrun > 0: %s, timer_getoverrun = si_overrun: %s\n",
+	       si.si_overrun > 0 ? "yes" : "no", ov == si.si_overrun ? "yes" : "no");
+	struct itimerspec old;
+	arm(t2, 0, 0, 0, &old);
+	printf("disarm: old value had a 10 ms period: %s\n",
+	       old.it_interval.tv_sec == 0 && old.it_interval.tv_nsec == 10000000 ? "yes" : "no");
+	timer_delete(t2);
+	sigtimedwait(&usr2, &si, &(struct timespec){0, 0}); /* a last expiry, if it came */
+
+	/* SIGEV_NONE: nothing is sent, the time left can be read */
+	timer_t t3 = new_timer(CLOCK_MONOTONIC, SIGEV_NONE, 0, 0);
+	arm(t3, 0, 10000000000L, 0, NULL);
+	timer_gettime(t3, &cur);
+	printf("SIGEV_NONE: armed, about %ld s left\n", (long)(cur.it_value.tv_sec + (cur.it_value.tv_nsec > 500000000)));
+	arm(t3, 0, 1000000, 0, NULL);
+	nap = (struct timespec){0, 20000000};
+	while (nanosleep(&nap, &nap))
+		;
+	sigset_t pend;
+	sigpending(&pend);
+	timer_gettime(t3, &cur);
+	printf("SIGEV_NONE after expiry: %s, nothing pending: %s\n",
+	       cur.it_value.tv_sec || cur.it_value.tv_nsec ? "armed" : "disarmed",
+	       sigisemptyset(&pend) ? "yes" : "no");
+	timer_delete(t3);
+
+	/* no sigevent: SIGALRM with the timer's id as its value */
+	sigprocmask(SIG_BLOCK, &alrm, NULL);
+	timer_t t4;
+	if (timer_create(CLOCK_MONOTONIC, NULL, &t4))
+		die("timer_create: %s", strerror(errno));
+	arm(t4, 0, 1000000, 0, NULL);
+	got = sigwaitinfo(&alrm, &si);
+	printf("NULL sigevent: %s, si_value = the timer id: %s\n", got == SIGALRM ? "SIGALRM" : "?",
+	       si.si_value.sival_int == (int)(intptr_t)t4 ? "yes" : "no");
+
+	/* bad input */
+	timer_delete(t4);
+	printf("deleted timer: settime %s, ", err_str(arm(t4, 0, 1000000, 0, NULL)));
+	printf("getoverrun %s, ", err_str(timer_getoverrun(t4)));
+	printf("delete %s\n", err_str(timer_delete(t4)));
+	struct itimerspec bad = {{0, 0}, {0, 1000000000}};
+	printf("tv_nsec of 1e9: %s\n", err_str(timer_settime(t1, 0, &bad, NULL)));
+	timer_t t5;
+	struct sigevent ev = {.sigev_notify = SIGEV_SIGNAL, .sigev_signo = 65};
+	printf("signal 65: %s\n", err_str(timer_create(CLOCK_MONOTONIC, &ev, &t5)));
+	ev.sigev_signo = SIGUSR1;
+	ev.sigev_notify = 99;
+	printf("sigev_notify 99: %s\n", err_str(timer_create(CLOCK_MONOTONIC, &ev, &t5)));
+
+	/* fork: the child has no timers; its own works */
+	arm(t1, 0, 3600000000000L, 0, NULL);
+	fflush(stdout);
+	pid_t pid = fork();
+	if (pid == 0) {
+		int rc = timer_gettime(t1, &cur);
+		int e = errno;
+		timer_t c = new_timer(CLOCK_MONOTONIC, SIGEV_SIGNAL, SIGUSR2, 99);
+		arm(c, 0, 5000000, 0, NULL);
+		got = sigwaitinfo(&usr2, &si);
+		errno = e;
+		printf("child: the parent's timer %s; its own sends value %d\n",
+		       rc ? (e == EINVAL ? "is EINVAL" : "?") : "exists", got == SIGUSR2 ? si.si_value.sival_int : -1);
+		_exit(0);
+	}
+	int st;
+	waitpid(pid, &st, 0);
+	timer_gettime(t1, &cur);
+	printf("parent's timer still armed after the fork: %s\n", cur.it_value.tv_sec > 3000 ? "yes" : "no");
+	timer_delete(t1);
+	return 0;
+}
+
+/* -- sigqueuefork ------------------------------------------------------------------ */
+static int case_sigqueuefork(void)
+{
+	sigset_t rt;
+	sigemptyset(&rt);
+	sigaddset(&rt, SIGRTMIN);
+	sigaddset(&rt, SIGUSR1);
+	sigprocmask(SIG_BLOCK, &rt, NULL);
+	pid_t parent = getpid();
+	fflush(stdout);
+	pid_t pid = fork();
+	if (pid < 0)
+		die("fork: %s", strerror(errno));
+	if (pid == 0) {
+		for (int i = 0; i < 5; i++)
+			sigqueue(parent, SIGRTMIN, (union sigval){.sival_int = 200 + i});
+		kill(parent, SIGUSR1);
+		siginfo_t si;
+		int got = sigwaitinfo(&rt, &si);
+		printf("child: %s from the parent, code=%s value=%d si_pid=%s\n", got == SIGRTMIN ? "SIGRTMIN" : "?",
+		       si.si_code == SI_QUEUE ? "SI_QUEUE" : "?", si.si_value.sival_int,
+		       si.si_pid == parent ? "parent" : "?");
+		_exit(0);
+	}
+	siginfo_t si;
+	sigset_t only_rt, only_usr1;
+	sigemptyset(&only_rt);
+	sigaddset(&only_rt, SIGRTMIN);
+	sigemptyset(&only_usr1);
+	sigaddset(&only_usr1, SIGUSR1);
+	printf("parent: values from the child:");
+	for (int i = 0; i < 5; i++) {
+		if (sigwaitinfo(&only_rt, &si) != SIGRTMIN)
+			die("sigwaitinfo: got %d", si.si_signo);
+		printf(" %d%s", si.si_value.sival_int,
+		       si.si_code == SI_QUEUE && si.si_pid == pid ? "" : "(bad code or pid)");
+	}
+	printf("\n");
+	int got = sigwaitinfo(&only_usr1, &si);
+	printf("parent: then %s code=%s si_pid=%s\n", got == SIGUSR1 ? "SIGUSR1" : "?",
+	       si.si_code == SI_USER ? "SI_USER" : "?", si.si_pid == pid ? "child" : "?");
+	sigqueue(pid, SIGRTMIN, (union sigval){.sival_int = 4242});
+	int st;
+	waitpid(pid, &st, 0);
+	printf("child %s\n", status_str(st));
+	return 0;
+}
+
 /* -- spinhandler --------------------------------------------------------------- */
 static volatile sig_atomic_t spin_flag;
 
@@ -834,6 +1048,10 @@ int main(int argc, char **argv)
 		return case_stopcont();
 	if (!strcmp(c, "killspin"))
 		return case_killspin();
+	if (!strcmp(c, "sigqueuefork"))
+		return case_sigqueuefork();
+	if (!strcmp(c, "timers"))
+		return case_timers();
 	if (!strcmp(c, "core"))
 		return core_run(0);
 	if (!strcmp(c, "coredump"))
@@ -851,6 +1069,6 @@ int main(int argc, char **argv)
 	if (!strcmp(c, "roundtrip"))
 		return case_roundtrip(n ? n : 1000, argc > 3 && !strcmp(argv[3], "-t"));
 	fprintf(stderr, "usage: signals handler|restart|sigsuspend|sigchld|nodefer|altstack|ucontext|rtqueue|"
-			"stopcont|killspin|core|coredump|spinhandler|piperestart|badhandler|badframe|storm [N]|roundtrip [N] [-t]\n");
+			"stopcont|killspin|sigqueuefork|timers|core|coredump|spinhandler|piperestart|badhandler|badframe|storm [N]|roundtrip [N] [-t]\n");
 	return 2;
 }

@@ -48,7 +48,13 @@ from tender_service.transports.channel import (
 )
 from tender_service.transports.frames import Frame, ProtocolError
 from tender_service.transports.fs_host import FsHost
-from tender_service.transports.protocol import END_READ, NONBLOCK, SIGPIPE_FLAG, Msg
+from tender_service.transports.protocol import (
+    END_READ,
+    NONBLOCK,
+    SIGNAL_INFO,
+    SIGPIPE_FLAG,
+    Msg,
+)
 
 log = logging.getLogger(__name__)
 
@@ -688,9 +694,19 @@ class Supervisor:
             self.observer.fork_done(micros / 1e6, snapshot, remote)
         return 0
 
-    def _op_kill(self, rec: ProcRec, pid: int, sig: int) -> int:
+    def _op_kill(
+        self, rec: ProcRec, pid: int, sig: int, code: int = signals.SI_USER, value: int = 0
+    ) -> int:
+        """kill, tkill and sigqueue to processes of other VMs; the target's siginfo says
+        who sent it (si_pid) and, for sigqueue, its si_code and si_value."""
         if not 0 <= sig < signals.NSIG:
             return -errno.EINVAL
+        if code > 0:
+            return -errno.EPERM  # the kernel's own si_codes are not a process's to send
+        if code < -(2**31) or not -(2**63) <= value < 2**64:
+            return -errno.EINVAL
+        plain = (code, value) == (signals.SI_USER, 0)
+        info = b"" if plain else SIGNAL_INFO.pack(code, value - 2**64 if value >= 2**63 else value)
         if pid > 0:
             targets = [self.procs[pid]] if pid in self.procs else []
         elif pid == -1:
@@ -703,7 +719,7 @@ class Supervisor:
             return -errno.ESRCH
         for r in targets:
             if r.pid != rec.pid and r.alive and sig:
-                self._send(r, Frame(Msg.SIGNAL, 0, 0, 0, sig, b""))
+                self._send(r, Frame(Msg.SIGNAL, 0, 0, rec.pid, sig, info))
         return 0
 
     def _op_child_state(self, rec: ProcRec, status: int) -> int:

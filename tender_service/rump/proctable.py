@@ -171,6 +171,7 @@ class ProcessTable:
         if proc.itimer_token:
             WATCHDOG.cancel(proc.itimer_token)
             proc.itimer_token, proc.itimer = 0, (0.0, 0.0)
+        self.delete_ptimers(proc)
         proc.sigqueue.clear()
         proc.pending = 0
         if parent is not None:
@@ -268,7 +269,11 @@ class ProcessTable:
             return False
         if proc.remote:
             if self.remote is not None:
-                self.remote.signal(self.current.proc if self.current else self.init, proc.pid, sig)
+                me = self.current.proc if self.current else self.init
+                if info is not None and info.code <= 0 and info.addr is None:
+                    self.remote.signal(me, proc.pid, sig, info.code, info.value)
+                else:
+                    self.remote.signal(me, proc.pid, sig)
             return False
         if info is None:
             sender = self.current.proc.pid if self.current is not None else 0
@@ -318,6 +323,14 @@ class ProcessTable:
             self.cpu.stop()
         if t.state is ThreadState.BLOCKED and lwp.restart_nr >= 0 and not lwp.proc.stopped:
             self.sched.make_runnable(t)
+
+    def delete_ptimers(self, proc: Process) -> None:
+        """exit and exec: the process's POSIX timers go (a signal already sent stays)."""
+        for timer in proc.timers.values():
+            if timer.token:
+                WATCHDOG.cancel(timer.token)
+            timer.deadline, timer.token = 0.0, 0
+        proc.timers.clear()
 
     def default_action(self, proc: Process, sig: int) -> bool:
         """What a signal with no handler does; True if it ended the process."""

@@ -130,6 +130,8 @@ def dequeue(proc, allowed: int) -> SigInfo | None:
         info = SigInfo(sig)
     if not any(q.signo == sig for q in proc.sigqueue):
         proc.pending &= ~signals.bit(sig)
+    if info.timer is not None:  # a POSIX timer's: the overruns counted until now
+        info.uid = info.timer.delivered()
     return info
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 SIGHUP, SIGINT, SIGQUIT, SIGILL, SIGTRAP, SIGABRT, SIGBUS, SIGFPE = 1, 2, 3, 4, 5, 6, 7, 8
 SIGKILL, SIGUSR1, SIGSEGV, SIGUSR2, SIGPIPE, SIGALRM, SIGTERM = 9, 10, 11, 12, 13, 14, 15
@@ -162,6 +163,8 @@ class SigInfo:
     uid: int = 0
     value: int = 0  # si_value (sigqueue), si_status (SIGCHLD)
     addr: int | None = None  # si_addr of a fault
+    #: the POSIX timer (``rump.timers.PosixTimer``) that sent it: si_overrun at delivery
+    timer: Any = None
 
     def pack(self) -> bytes:
         """The 128-byte ``siginfo_t`` of Linux x86-64."""
@@ -169,7 +172,7 @@ class SigInfo:
         _SIGINFO.pack_into(out, 0, self.signo, 0, self.code, 0)
         if self.addr is not None:
             struct.pack_into("<Q", out, 16, self.addr)
-        else:
+        else:  # si_pid, si_uid, si_value; a timer's: si_timerid, si_overrun, si_value
             struct.pack_into("<iIQ", out, 16, self.pid, self.uid, self.value & (2**64 - 1))
         return bytes(out)
 

@@ -139,11 +139,21 @@ SYSCALLS: list[tuple[int, Callable[..., object], Support, str]] = [
     (62, sys_signal.sys_kill, F, "pid, 0, -1, -pgid; across VMs in VM-clone mode"),
     (127, sys_signal.sys_rt_sigpending, F, ""),
     (128, sys_signal.sys_rt_sigtimedwait, F, ""),
-    (129, sys_signal.sys_rt_sigqueueinfo, P, "the value does not cross VMs (the signal does)"),
+    (129, sys_signal.sys_rt_sigqueueinfo, F, "si_code and si_value cross VMs too"),
     (130, sys_signal.sys_rt_sigsuspend, F, ""),
     (131, sys_signal.sys_sigaltstack, F, ""),
     (200, sys_signal.sys_tkill, F, ""),
     (234, sys_signal.sys_tgkill, F, ""),
+    (
+        222,
+        sys_signal.sys_timer_create,
+        P,
+        "REALTIME, MONOTONIC, BOOTTIME; SIGEV_SIGNAL, SIGEV_NONE (SIGEV_THREAD_ID, so musl's SIGEV_THREAD: EINVAL)",
+    ),
+    (223, sys_signal.sys_timer_settime, F, "TIMER_ABSTIME; overruns while the signal is pending"),
+    (224, sys_signal.sys_timer_gettime, F, ""),
+    (225, sys_signal.sys_timer_getoverrun, F, ""),
+    (226, sys_signal.sys_timer_delete, F, ""),
     # processes
     (39, sys_process.sys_getpid, F, ""),
     (
