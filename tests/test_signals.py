@@ -11,7 +11,12 @@ a signal storm keeps the tender responsive, the frame's layout is Linux's.
 
 from __future__ import annotations
 
+import os
+import select
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,6 +237,101 @@ def test_core_signals_dump_when_rlimit_core_allows(
     out = run_in(mode, mode_pool, "coredump")
     assert out.stdout == COREDUMP, out.why()
     assert out.stderr == "", out.why()
+
+
+# -- job control: the console as a controlling terminal ------------------------------------
+#: makes the terminal on its stdin its controlling one (a session leader), then runs
+#: the program as its child: the program's session and group are the leader's, as a
+#: VM's main process is in init's session and group
+_PTY_LEADER = """
+import fcntl, subprocess, sys, termios
+fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+sys.exit(subprocess.run(sys.argv[1:]).returncode)
+"""
+
+
+def under_pty(argv: list[str], timeout: float = 120) -> tuple[int, str]:
+    """Run ``argv`` with a new pseudo-terminal as its console and controlling terminal;
+    its exit code and everything it wrote there (newlines as the program wrote them)."""
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _PTY_LEADER, *argv],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            start_new_session=True,
+        )
+    finally:
+        os.close(slave)
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], deadline - time.monotonic())
+            if not ready:
+                break
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every writer of the terminal is gone
+                break
+            if not data:
+                break
+            out += data
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+        rc = proc.wait()
+    return rc, bytes(out).replace(b"\r\n", b"\n").decode(errors="replace")
+
+
+JOBCTL = lines(
+    "tcgetpgrp(0) is our group: yes",
+    "TIOCSCTTY, not a session leader: EPERM",
+    "background tcsetpgrp: stopped by Stopped (tty output)",
+    "background read: stopped by Stopped (tty input)",
+    "  read with SIGTTIN ignored: -1 EIO",
+    "background read, SIGTTIN ignored: exited 0",
+    "  tcsetpgrp with a SIGTTOU handler: -1 EINTR, handler ran 1 time(s)",
+    "background tcsetpgrp, SIGTTOU handler: exited 0",
+    "  tcsetpgrp with SIGTTOU ignored: 0, the terminal's group is ours: yes",
+    "background job takes the terminal: exited 0",
+    "now in the background: yes",
+    "from the background, SIGTTOU default, an orphaned group: ENOTTY",
+    "the same with SIGTTOU blocked: ESRCH",
+    "taking the terminal back with SIGTTOU blocked: 0, ours again: yes",
+    "  orphaned group: tcsetpgrp ENOTTY, read EIO",
+    "after setsid: tcgetpgrp ENOTTY, TIOCSCTTY EPERM",
+)
+_CLI = {
+    "thread": ["--fork", "thread"],
+    "vmclone-shm": ["--fork", "vmclone", "--pipe", "shm"],
+    "vmclone-tcp": ["--fork", "vmclone", "--pipe", "tcp"],
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_job_control_on_a_terminal(mode: str) -> None:
+    """Under a pseudo-terminal (natively, and `unifork run` in each mode): tcsetpgrp
+    and reads from background groups get SIGTTOU/SIGTTIN, as Linux's tty rules say."""
+    if mode == "native":
+        argv = [str(image_path("signals")), "jobctl"]
+    else:
+        argv = [sys.executable, "-m", "unifork", "run", *_CLI[mode], "signals", "jobctl"]
+    rc, out = under_pty(argv)
+    assert (rc, out) == (0, JOBCTL), out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_terminal_no_job_control(mode: str) -> None:
+    """Standard input not a terminal (/dev/null, output to pipes): tcgetpgrp(0) is
+    ENOTTY in every mode, as natively."""
+    argv = [str(image_path("signals")), "jobctl"]
+    if mode != "native":
+        argv = [sys.executable, "-m", "unifork", "run", *_CLI[mode], "signals", "jobctl"]
+    p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+    assert (p.returncode, p.stdout.decode()) == (0, lines("tcgetpgrp(0): ENOTTY")), p.stderr
 
 
 # -- bad input: a storm of kills ---------------------------------------------------------

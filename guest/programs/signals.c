@@ -20,6 +20,10 @@
  *              standard signals coalesce; sigpending; sigtimedwait
  *   stopcont   SIGSTOP/SIGCONT seen by waitpid with WUNTRACED/WCONTINUED
  *   killspin   a parent kills a child that spins without syscalls
+ *   jobctl     the console as a controlling terminal (run with a tty as stdin):
+ *              tcgetpgrp/tcsetpgrp, SIGTTOU/SIGTTIN for background groups (a stop,
+ *              EIO when ignored, EINTR after a handler), an orphaned group, setsid;
+ *              without a tty: ENOTTY
  *   sigqueuefork sigqueue values and kill's si_pid between a parent and its child
  *              (across VMs in VM-clone mode)
  *   timers     timer_create: SIGEV_SIGNAL to a handler and to sigwaitinfo (si_value,
@@ -45,6 +49,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
@@ -836,6 +841,164 @@ static int case_sigqueuefork(void)
 	return 0;
 }
 
+/* -- jobctl ----------------------------------------------------------------------- */
+static volatile sig_atomic_t ttou_runs;
+
+static void h_ttou(int sig, siginfo_t *si, void *uc)
+{
+	(void)sig, (void)si, (void)uc;
+	ttou_runs++;
+}
+
+/* A child in a group of its own (a background job) does `what`; the parent reports
+ * how it ended (WUNTRACED: a stop is seen, then the child is killed). */
+static void background(const char *title, void (*what)(void))
+{
+	fflush(stdout);
+	pid_t pid = fork();
+	if (pid < 0)
+		die("fork: %s", strerror(errno));
+	if (pid == 0) {
+		setpgid(0, 0);
+		what();
+		_exit(0);
+	}
+	setpgid(pid, pid);
+	int st;
+	if (waitpid(pid, &st, WUNTRACED) != pid)
+		die("waitpid: %s", strerror(errno));
+	printf("%s: %s\n", title, status_str(st));
+	if (WIFSTOPPED(st)) {
+		kill(pid, SIGKILL);
+		waitpid(pid, &st, 0);
+	}
+}
+
+static void bg_tcsetpgrp(void)
+{
+	tcsetpgrp(0, getpgrp());
+}
+
+static void bg_read(void)
+{
+	char c;
+	(void)read(0, &c, 1);
+}
+
+static void bg_read_ttin_ignored(void)
+{
+	char c;
+	signal(SIGTTIN, SIG_IGN);
+	int r = (int)read(0, &c, 1);
+	printf("  read with SIGTTIN ignored: %d %s\n", r, errname(r < 0 ? errno : 0));
+}
+
+static void bg_tcsetpgrp_handler(void)
+{
+	on(SIGTTOU, h_ttou, 0, NULL);
+	int r = tcsetpgrp(0, getpgrp());
+	printf("  tcsetpgrp with a SIGTTOU handler: %d %s, handler ran %d time(s)\n", r, errname(r ? errno : 0),
+	       (int)ttou_runs);
+}
+
+static void bg_take_terminal(void)
+{
+	signal(SIGTTOU, SIG_IGN);
+	int r = tcsetpgrp(0, getpgrp());
+	printf("  tcsetpgrp with SIGTTOU ignored: %s, the terminal's group is ours: %s\n", errname(r ? errno : 0),
+	       tcgetpgrp(0) == getpgrp() ? "yes" : "no");
+}
+
+static void bg_orphan(void)
+{
+	int p[2];
+	if (pipe(p))
+		die("pipe: %s", strerror(errno));
+	pid_t me = getpid();
+	pid_t pid = fork();
+	if (pid == 0) { /* its group is orphaned once its parent is gone */
+		close(p[0]);
+		while (getppid() == me)
+			usleep(1000);
+		char c, out[160];
+		int r = tcsetpgrp(0, getpgrp());
+		int e1 = r ? errno : 0;
+		int n = (int)read(0, &c, 1);
+		int e2 = n < 0 ? errno : 0;
+		snprintf(out, sizeof out, "  orphaned group: tcsetpgrp %s, read %s\n", errname(e1), errname(e2));
+		(void)write(p[1], out, strlen(out));
+		_exit(0);
+	}
+	close(p[1]);
+	char buf[160];
+	fflush(stdout);
+	/* the parent leaves; whoever reads the pipe prints what the grandchild saw */
+	if (fork() == 0) {
+		int n = (int)read(p[0], buf, sizeof buf - 1);
+		buf[n > 0 ? n : 0] = 0;
+		printf("%s", buf);
+		_exit(0);
+	}
+	_exit(0);
+}
+
+static int case_jobctl(void)
+{
+	pid_t fg = tcgetpgrp(0);
+	if (fg < 0) {
+		printf("tcgetpgrp(0): %s\n", errname(errno));
+		return 0;
+	}
+	printf("tcgetpgrp(0) is our group: %s\n", fg == getpgrp() ? "yes" : "no");
+	printf("TIOCSCTTY, not a session leader: %s\n", errname(ioctl(0, TIOCSCTTY, 0) ? errno : 0));
+	background("background tcsetpgrp", bg_tcsetpgrp);
+	background("background read", bg_read);
+	background("background read, SIGTTIN ignored", bg_read_ttin_ignored);
+	background("background tcsetpgrp, SIGTTOU handler", bg_tcsetpgrp_handler);
+	background("background job takes the terminal", bg_take_terminal);
+	pid_t now = tcgetpgrp(0);
+	printf("now in the background: %s\n", now != getpgrp() ? "yes" : "no");
+	int r = tcsetpgrp(0, now);
+	printf("from the background, SIGTTOU default, an orphaned group: %s\n", errname(r ? errno : 0));
+	sigset_t ttou, old;
+	sigemptyset(&ttou);
+	sigaddset(&ttou, SIGTTOU);
+	sigprocmask(SIG_BLOCK, &ttou, &old);
+	r = tcsetpgrp(0, now);
+	printf("the same with SIGTTOU blocked: %s\n", errname(r ? errno : 0));
+	r = tcsetpgrp(0, getpgrp());
+	sigprocmask(SIG_SETMASK, &old, NULL);
+	printf("taking the terminal back with SIGTTOU blocked: %s, ours again: %s\n", errname(r ? errno : 0),
+	       tcgetpgrp(0) == getpgrp() ? "yes" : "no");
+	int pl[2];
+	if (pipe(pl))
+		die("pipe: %s", strerror(errno));
+	fflush(stdout);
+	pid_t pid = fork();
+	if (pid == 0) {
+		close(pl[0]);
+		setpgid(0, 0);
+		bg_orphan();
+	}
+	close(pl[1]);
+	int st;
+	waitpid(pid, &st, 0);
+	char c;
+	while (read(pl[0], &c, 1) > 0) /* EOF: the orphan's reporter is done */
+		;
+	fflush(stdout);
+	pid = fork();
+	if (pid == 0) {
+		setsid();
+		int e = tcgetpgrp(0) < 0 ? errno : 0;
+		printf("after setsid: tcgetpgrp %s, TIOCSCTTY %s\n", errname(e),
+		       errname(ioctl(0, TIOCSCTTY, 0) ? errno : 0));
+		_exit(0);
+	}
+	waitpid(pid, &st, 0);
+	return 0;
+}
+
 /* -- spinhandler --------------------------------------------------------------- */
 static volatile sig_atomic_t spin_flag;
 
@@ -1048,6 +1211,8 @@ int main(int argc, char **argv)
 		return case_stopcont();
 	if (!strcmp(c, "killspin"))
 		return case_killspin();
+	if (!strcmp(c, "jobctl"))
+		return case_jobctl();
 	if (!strcmp(c, "sigqueuefork"))
 		return case_sigqueuefork();
 	if (!strcmp(c, "timers"))
@@ -1069,6 +1234,6 @@ int main(int argc, char **argv)
 	if (!strcmp(c, "roundtrip"))
 		return case_roundtrip(n ? n : 1000, argc > 3 && !strcmp(argv[3], "-t"));
 	fprintf(stderr, "usage: signals handler|restart|sigsuspend|sigchld|nodefer|altstack|ucontext|rtqueue|"
-			"stopcont|killspin|sigqueuefork|timers|core|coredump|spinhandler|piperestart|badhandler|badframe|storm [N]|roundtrip [N] [-t]\n");
+			"stopcont|killspin|jobctl|sigqueuefork|timers|core|coredump|spinhandler|piperestart|badhandler|badframe|storm [N]|roundtrip [N] [-t]\n");
 	return 2;
 }

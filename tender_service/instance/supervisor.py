@@ -173,6 +173,9 @@ class Supervisor:
         self.forks = 0
         self.fork_seconds: list[float] = []
         self._next_pid = MAIN_PID
+        #: the console as the controlling terminal of init's session (thread fork's
+        #: kernel keeps the same record: Kernel.terminal)
+        self.terminal = pgroups.Terminal(INIT_PID, INIT_PID) if config.tty else pgroups.Terminal()
         self._outcome: str | None = None
         self.transport_note = ""
         self._console_lock = threading.Lock()
@@ -752,6 +755,34 @@ class Supervisor:
             assert target is not None  # setpgid refuses a missing target (ESRCH)
             target.pgid = new
         return new
+
+    # -- the console as a controlling terminal (rump/pgroups.py, rump/jobctl.py) ---------
+    def _tty_signal(self, rec: ProcRec, r: int) -> int:
+        """A job-control signal for the caller's group: sent here to its members in
+        other VMs; the caller's VM sends it to its own and restarts the call."""
+        if r > 0:
+            for m in self._members():
+                if m.pgid == rec.pgid and m.pid != rec.pid and m.alive:
+                    self._send(
+                        m, Frame(Msg.SIGNAL, 0, 0, 0, r, SIGNAL_INFO.pack(signals.SI_KERNEL, 0))
+                    )
+        return r
+
+    def _op_tty_check(self, rec: ProcRec, sig: int, ignored: int) -> int:
+        if sig not in (signals.SIGTTIN, signals.SIGTTOU):
+            return -errno.EINVAL
+        r = pgroups.check_access(rec, self.terminal, sig, bool(ignored), self._members())
+        return self._tty_signal(rec, r)
+
+    def _op_tty_getpgrp(self, rec: ProcRec) -> int:
+        return pgroups.tcgetpgrp(rec, self.terminal)
+
+    def _op_tty_setpgrp(self, rec: ProcRec, pgid: int, ignored: int) -> int:
+        r = pgroups.tcsetpgrp(rec, self.terminal, pgid, bool(ignored), self._members())
+        return self._tty_signal(rec, r)
+
+    def _op_tty_sctty(self, rec: ProcRec) -> int:
+        return pgroups.tiocsctty(rec, self.terminal)
 
     def _op_setsid(self, rec: ProcRec) -> int:
         err = pgroups.setsid(rec, self._members())

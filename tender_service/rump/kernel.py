@@ -33,7 +33,7 @@ from tender_service.machine.loader import LoadedImage, build_stack, layout_memor
 from tender_service.machine.memory import GuestMemory
 from tender_service.machine.rootfs import RootFs
 from tender_service.machine.watchdog import WATCHDOG
-from tender_service.rump import sigframe, signals
+from tender_service.rump import pgroups, sigframe, signals
 from tender_service.rump.console import Console
 from tender_service.rump.dispatch import make_dispatcher, traced
 from tender_service.rump.fdtable import FdTable
@@ -144,6 +144,11 @@ class Kernel(ProcessTable):
         #: the instance's file system (boot() gives it the image's tree; VM-clone a proxy)
         self.fs = Vfs(FileSystem(None, config.tmpfs_size))
         self.init = self.new_process(None, FdTable(), "init")
+        #: the console as the controlling terminal of init's session (a tty console);
+        #: a VM of a VM-clone instance asks the supervisor's instead
+        self.terminal = (
+            pgroups.Terminal(self.init.sid, self.init.pgid) if config.tty else (pgroups.Terminal())
+        )
 
     @classmethod
     def boot(
