@@ -39,6 +39,8 @@
  *   badhandler a handler address that is not mapped: SIGSEGV
  *   badframe   rt_sigreturn on a frame that cannot be read, or garbage: SIGSEGV
  *   storm      100000 kills to a child with a handler; it still exits cleanly
+ *   pingpong   N SIGUSR1 round trips between a parent and its child (handlers, sigsuspend);
+ *              -t prints the one-way kill-to-handler latency (across VMs or hosts)
  *   roundtrip  N self-signals (kill, handler, sigreturn); prints the mean (-t)
  */
 #define _GNU_SOURCE
@@ -1185,6 +1187,43 @@ static int case_roundtrip(int n, int timed)
 	return 0;
 }
 
+/* -- pingpong ------------------------------------------------------------------------ */
+static int case_pingpong(int n, int timed)
+{
+	sigset_t usr1, unblocked;
+	sigemptyset(&usr1);
+	sigaddset(&usr1, SIGUSR1);
+	sigprocmask(SIG_BLOCK, &usr1, &unblocked);
+	sigdelset(&unblocked, SIGUSR1);
+	on(SIGUSR1, h_nothing, 0, NULL);
+	pid_t parent = getpid();
+	fflush(stdout);
+	pid_t pid = fork();
+	if (pid < 0)
+		die("fork: %s", strerror(errno));
+	if (pid == 0) {
+		for (int i = 0; i < n; i++) {
+			sigsuspend(&unblocked); /* ping: the handler ran */
+			kill(parent, SIGUSR1);
+		}
+		_exit(0); /* (no count of handler runs: thread fork shares the globals) */
+	}
+	struct timespec t0, t1;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	for (int i = 0; i < n; i++) {
+		kill(pid, SIGUSR1);
+		sigsuspend(&unblocked); /* pong */
+	}
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	int st;
+	waitpid(pid, &st, 0);
+	printf("pingpong: %d round trips, child %s\n", n, status_str(st));
+	if (timed)
+		printf("kill_latency_us=%.1f\n",
+		       ((t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec)) / 1e3 / 2 / (n ? n : 1));
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	top_pid = getpid();
@@ -1231,9 +1270,11 @@ int main(int argc, char **argv)
 		return case_badframe();
 	if (!strcmp(c, "storm"))
 		return case_storm(n ? n : 100000);
+	if (!strcmp(c, "pingpong"))
+		return case_pingpong(n ? n : 100, argc > 3 && !strcmp(argv[3], "-t"));
 	if (!strcmp(c, "roundtrip"))
 		return case_roundtrip(n ? n : 1000, argc > 3 && !strcmp(argv[3], "-t"));
 	fprintf(stderr, "usage: signals handler|restart|sigsuspend|sigchld|nodefer|altstack|ucontext|rtqueue|"
-			"stopcont|killspin|jobctl|sigqueuefork|timers|core|coredump|spinhandler|piperestart|badhandler|badframe|storm [N]|roundtrip [N] [-t]\n");
+			"stopcont|killspin|jobctl|sigqueuefork|timers|core|coredump|spinhandler|piperestart|badhandler|badframe|storm [N]|pingpong [N] [-t]|roundtrip [N] [-t]\n");
 	return 2;
 }
