@@ -48,7 +48,13 @@ from tender_service.transports.channel import (
 )
 from tender_service.transports.frames import Frame, ProtocolError
 from tender_service.transports.fs_host import FsHost
-from tender_service.transports.protocol import END_READ, NONBLOCK, SIGPIPE_FLAG, Msg
+from tender_service.transports.protocol import (
+    END_READ,
+    NONBLOCK,
+    SIGNAL_INFO,
+    SIGPIPE_FLAG,
+    Msg,
+)
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +181,9 @@ class Supervisor:
         self.fork_seconds: list[float] = []
         self.fork_phases: list[dict[str, float]] = []  # each fork's steps (FORK_PHASES)
         self._next_pid = MAIN_PID
+        #: the console as the controlling terminal of init's session (thread fork's
+        #: kernel keeps the same record: Kernel.terminal)
+        self.terminal = pgroups.Terminal(INIT_PID, INIT_PID) if config.tty else pgroups.Terminal()
         self._outcome: str | None = None
         self.transport_note = ""
         self._console_lock = threading.Lock()
@@ -492,15 +501,16 @@ class Supervisor:
         finally:
             channel.close()
 
-    def _signal(self, rec: ProcRec, sig: int) -> None:
-        """Send ``sig`` to ``rec``'s VM; a process with no VM of its own yet may be a
-        clone(CLONE_VM) child running in the VM that leased its pid (until it execs):
-        that VM gets it, naming the pid (a fork's child not yet started drops it there)."""
+    def _signal(self, rec: ProcRec, sig: int, sender: int = 0, info: bytes = b"") -> None:
+        """Send ``sig`` (from pid ``sender``, 0: the kernel) to ``rec``'s VM; a process
+        with no VM of its own yet may be a clone(CLONE_VM) child running in the VM that
+        leased its pid (until it execs): that VM gets it, naming the pid in ``req`` (a
+        fork's child not yet started drops it there)."""
         host = self.procs.get(rec.leased_by) if rec.channel is None else None
         if host is not None and host.channel is not None:
-            self._send(host, Frame(Msg.SIGNAL, 0, 0, rec.pid, sig, b""))
+            self._send(host, Frame(Msg.SIGNAL, 0, rec.pid, sender, sig, info))
         else:
-            self._send(rec, Frame(Msg.SIGNAL, 0, 0, 0, sig, b""))
+            self._send(rec, Frame(Msg.SIGNAL, 0, 0, sender, sig, info))
 
     def _send(self, rec: ProcRec, frame: Frame) -> None:
         ch = rec.channel
@@ -722,9 +732,19 @@ class Supervisor:
             self.observer.fork_done(micros / 1e6, snapshot, remote)
         return 0
 
-    def _op_kill(self, rec: ProcRec, pid: int, sig: int) -> int:
+    def _op_kill(
+        self, rec: ProcRec, pid: int, sig: int, code: int = signals.SI_USER, value: int = 0
+    ) -> int:
+        """kill, tkill and sigqueue to processes of other VMs; the target's siginfo says
+        who sent it (si_pid) and, for sigqueue, its si_code and si_value."""
         if not 0 <= sig < signals.NSIG:
             return -errno.EINVAL
+        if code > 0:
+            return -errno.EPERM  # the kernel's own si_codes are not a process's to send
+        if code < -(2**31) or not -(2**63) <= value < 2**64:
+            return -errno.EINVAL
+        plain = (code, value) == (signals.SI_USER, 0)
+        info = b"" if plain else SIGNAL_INFO.pack(code, value - 2**64 if value >= 2**63 else value)
         if pid > 0:
             targets = [self.procs[pid]] if pid in self.procs else []
         elif pid == -1:
@@ -737,7 +757,7 @@ class Supervisor:
             return -errno.ESRCH
         for r in targets:
             if r.pid != rec.pid and r.alive and sig:
-                self._signal(r, sig)
+                self._signal(r, sig, rec.pid, info)
         return 0
 
     def _op_child_state(self, rec: ProcRec, status: int) -> int:
@@ -770,6 +790,32 @@ class Supervisor:
             assert target is not None  # setpgid refuses a missing target (ESRCH)
             target.pgid = new
         return new
+
+    # -- the console as a controlling terminal (rump/pgroups.py, rump/jobctl.py) ---------
+    def _tty_signal(self, rec: ProcRec, r: int) -> int:
+        """A job-control signal for the caller's group: sent here to its members in
+        other VMs; the caller's VM sends it to its own and restarts the call."""
+        if r > 0:
+            for m in self._members():
+                if m.pgid == rec.pgid and m.pid != rec.pid and m.alive:
+                    self._signal(m, r, 0, SIGNAL_INFO.pack(signals.SI_KERNEL, 0))
+        return r
+
+    def _op_tty_check(self, rec: ProcRec, sig: int, ignored: int) -> int:
+        if sig not in (signals.SIGTTIN, signals.SIGTTOU):
+            return -errno.EINVAL
+        r = pgroups.check_access(rec, self.terminal, sig, bool(ignored), self._members())
+        return self._tty_signal(rec, r)
+
+    def _op_tty_getpgrp(self, rec: ProcRec) -> int:
+        return pgroups.tcgetpgrp(rec, self.terminal)
+
+    def _op_tty_setpgrp(self, rec: ProcRec, pgid: int, ignored: int) -> int:
+        r = pgroups.tcsetpgrp(rec, self.terminal, pgid, bool(ignored), self._members())
+        return self._tty_signal(rec, r)
+
+    def _op_tty_sctty(self, rec: ProcRec) -> int:
+        return pgroups.tiocsctty(rec, self.terminal)
 
     def _op_setsid(self, rec: ProcRec) -> int:
         err = pgroups.setsid(rec, self._members())

@@ -29,7 +29,7 @@ from tender_service.rump.pipe import PipeEnd
 from tender_service.rump.vfs import Vfs
 from tender_service.transports.channel import Channel, ChannelClosed
 from tender_service.transports.frames import MAX_PAYLOAD, Frame, ProtocolError
-from tender_service.transports.protocol import MAX_PIPE_CHUNK, NONBLOCK, Msg
+from tender_service.transports.protocol import MAX_PIPE_CHUNK, NONBLOCK, SIGNAL_INFO, Msg
 from tender_service.transports.remote_fs import RemoteFs
 from tender_service.transports.remote_pipe import RemotePipeEnd
 
@@ -128,8 +128,14 @@ class VmLink:
     def child_reaped(self, parent: Process, child: Process) -> None:
         self._notify(Frame(Msg.REAPED, 0, 0, 0, child.pid, b""))
 
-    def signal(self, sender: Process, pid: int, sig: int) -> int:
-        return self.call("kill", pid, sig)
+    def signal(
+        self, sender: Process, pid: int, sig: int, code: int = signals.SI_USER, value: int = 0
+    ) -> int:
+        """kill/tkill/sigqueue to a process of another VM; its siginfo carries ``code``
+        and ``value`` (and our pid, which the supervisor knows)."""
+        if (code, value) == (signals.SI_USER, 0):
+            return self.call("kill", pid, sig)
+        return self.call("kill", pid, sig, code, value)
 
     def child_state(self, proc: Process, status: int) -> None:
         """Our process stopped or continued: the supervisor tells its parent's VM."""
@@ -324,10 +330,11 @@ class VmLink:
         elif t == Msg.SIGNAL:
             # only a signal that ends the process for sure stops a running guest at
             # once; any other is taken at its next syscall, block or time slice
-            target = _signal_target(k, f.pipe)
+            target = _signal_target(k, f.req)
+            info = _siginfo(f)
             self._event(
                 k,
-                lambda: target is not None and k.post_signal(target, f.arg),
+                lambda: target is not None and k.post_signal(target, f.arg, info),
                 interrupt=target is not None and signals.kills_at_once(target, f.arg),
             )
         elif t == Msg.CHILD_STATE:
@@ -384,3 +391,11 @@ class RemoteStdin:
         if self._tty is None:  # asked once per VM, on the first terminal ioctl of fd 0
             self._tty = self.link.call("stdin_isatty") > 0
         return self._tty
+
+
+def _siginfo(f: Frame) -> signals.SigInfo:
+    """The siginfo of a SIGNAL frame: a kill from pid ``f.pipe``, or what its payload says."""
+    code, value = signals.SI_USER, 0
+    if len(f.payload) == SIGNAL_INFO.size:
+        code, value = SIGNAL_INFO.unpack(f.payload)
+    return signals.SigInfo(f.arg, code, f.pipe, 0, value)
