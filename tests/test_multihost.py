@@ -206,8 +206,10 @@ CROSS_HOST_CASES = ["sigsuspend", "sigchld", "killspin", "stopcont", "sigqueuefo
 @pytest.mark.parametrize("case", CROSS_HOST_CASES)
 def test_signals_cross_hosts(cluster, case: str, placement: str):
     """kill, SIGCHLD, stop/continue and sigqueue between a parent and children on other
-    hosts (remote: B and C only, a child on the host its parent is not on; spread:
-    wherever the load says): the output is the native one."""
+    hosts (remote: every VM on B or C, so each signal crosses from the instance's
+    supervisor on A to a peer; spread: wherever the load says): the output is the
+    native one. Which peer each VM lands on follows their cached loads, so parent and
+    child may share one."""
     c = cluster
     r = c.run("signals", [case], fork_mode="vmclone", pipe_transport="tcp", placement=placement)
     assert_exited_0(c, r)
@@ -216,9 +218,8 @@ def test_signals_cross_hosts(cluster, case: str, placement: str):
     host = {p["pid"]: p["host"] for p in desc["processes"]}
     children = {pid: h for pid, h in host.items() if pid > 2}
     assert children, explain(c, r)
-    if placement == "remote":  # every VM on B and C, and some child not on its parent's host
-        assert set(children.values()) <= {c.target(B), c.target(C)}, explain(c, r)
-        assert set(children.values()) - {host[2]}, explain(c, r)
+    if placement == "remote":  # every VM on B and C: each signal crosses hosts
+        assert set(host[p] for p in host if p > 1) <= {c.target(B), c.target(C)}, explain(c, r)
 
 
 def test_remote_kill_latency(cluster, record_property):
