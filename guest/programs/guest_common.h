@@ -196,6 +196,22 @@ static __attribute__((unused)) const char *errname(int e)
 	case EDOM: return "EDOM";
 	case ERANGE: return "ERANGE";
 	case ENOSYS: return "ENOSYS";
+	case EEXIST: return "EEXIST";
+	case ENXIO: return "ENXIO";
+	case ENOTSOCK: return "ENOTSOCK";
+	case ECONNREFUSED: return "ECONNREFUSED";
+	case ECONNRESET: return "ECONNRESET";
+	case EADDRINUSE: return "EADDRINUSE";
+	case EISCONN: return "EISCONN";
+	case ENOTCONN: return "ENOTCONN";
+	case EOPNOTSUPP: return "EOPNOTSUPP";
+	case EAFNOSUPPORT: return "EAFNOSUPPORT";
+	case EMSGSIZE: return "EMSGSIZE";
+	case EPROTOTYPE: return "EPROTOTYPE";
+	case ENOPROTOOPT: return "ENOPROTOOPT";
+	case ETIMEDOUT: return "ETIMEDOUT";
+	case ESOCKTNOSUPPORT: return "ESOCKTNOSUPPORT";
+	case EPROTONOSUPPORT: return "EPROTONOSUPPORT";
 	default: return "E?";
 	}
 }
