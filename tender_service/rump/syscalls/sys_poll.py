@@ -278,8 +278,7 @@ def _epoll_wait(k: Kernel, lwp: Lwp, epfd: int, events: int, maxevents: int, sec
     maxevents = i32(maxevents)
     if maxevents <= 0 or maxevents > 0x7FFF_FFFF // EPOLL_EVENT.size:
         raise GuestError(errno.EINVAL)
-    ep = _epoll(lwp, epfd)
-    k.mem.offset(events, EPOLL_EVENT.size * min(maxevents, 1024))
+    ep = _epoll(lwp, epfd)  # the buffer is checked when written, as Linux
     if not ep.ready(k, 1, peek=True):
         host = any(_waits_on_host(k, it.file) for it in ep.items.values())
         _wait(k, lwp, _deadline(lwp, seconds), "epoll_wait", host)
