@@ -137,6 +137,12 @@ class File:
         """Can this file wait (epoll_ctl refuses the rest with EPERM, as Linux)."""
         return False
 
+    @property
+    def poll_rechecks(self) -> bool:
+        """Nothing wakes the poll queue when this file becomes ready (a host fd, a
+        pipe in another VM): a poll that waits on it re-checks on a short timer."""
+        return False
+
 
 class NullFile(File):
     """/dev/null: reads see EOF, writes vanish."""

@@ -51,6 +51,9 @@ class EventFd(File):
     def poll_gen(self) -> int:
         return self.gen
 
+    def snapshot_state(self) -> dict:
+        return {"kind": "unshared", "what": "eventfd", "stype": 0, "flags": self.flags}
+
     def _changed(self, k: Kernel) -> None:
         self.gen += 1
         k.sched.wake_all(self.wq)
@@ -118,6 +121,9 @@ class Epoll(File):
 
     def describe(self) -> str:
         return "anon_inode:[eventpoll]"
+
+    def snapshot_state(self) -> dict:
+        return {"kind": "unshared", "what": "epoll", "stype": 0, "flags": self.flags}
 
     @property
     def pollable(self) -> bool:

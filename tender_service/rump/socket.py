@@ -38,8 +38,8 @@ from tender_service.rump.files import (
     FIONREAD,
     O_NONBLOCK,
     O_RDWR,
+    POLLERR,
     POLLHUP,
-    POLLIN,
     POLLRDHUP,
     POLLWRBAND,
     READABLE,
@@ -93,41 +93,24 @@ class UnixNames:
     autobind: itertools.count = field(default_factory=lambda: itertools.count(1))
 
 
-class UnixSocket(File):
-    """One AF_UNIX socket (see the module docstring)."""
+class Socket(File):
+    """What the socket syscalls need of a socket: this kernel's AF_UNIX sockets, and
+    (VM-clone) a stream socket whose pair crossed VMs (transports/remote_socket.py)."""
 
     kind = "socket"
     mode = S_IFSOCK
-    _ids = itertools.count(1)
 
     def __init__(self, stype: int, flags: int = 0) -> None:
         super().__init__(O_RDWR | (flags & O_NONBLOCK))
-        self.id = next(UnixSocket._ids)
         self.stype = stype
-        self.wq = WaitQueue(f"socket:{self.id}")
-        self.rx: deque[Segment] = deque()
-        self.rx_bytes = 0
-        self.peer: UnixSocket | None = None  # stream: the other end; dgram: connect()'s target
-        self.connected = False  # stream: has (had) a peer
-        self.listening = False
-        self.backlog = 0
-        self.pending: deque[UnixSocket] = deque()  # connections accept() has not taken
         self.name = b""  # sun_path as bound (b"\0..." abstract), b"" unnamed
-        self.ino = 0  # the socket inode of a path name
         self.peer_name = b""
-        self.shut_rd = False  # no more receiving (shutdown(SHUT_RD) or the peer closed)
-        self.shut_wr = False  # no more sending
-        self.closed = False
-        self.gen = 0  # readiness changes, for edge-triggered epoll
+        self.connected = False
+        self.listening = False
         self.so_error = 0
         self.sndbuf = SOCK_BUF
         self.rcvbuf = SOCK_BUF
         self.options: dict[tuple[int, int], bytes] = {}
-
-    # -- File --------------------------------------------------------------------------
-    def describe(self) -> str:
-        kind = {SOCK_STREAM: "stream", SOCK_DGRAM: "dgram"}.get(self.stype, "seqpacket")
-        return f"socket:[{self.id}] unix {kind}"
 
     @property
     def stream(self) -> bool:
@@ -137,8 +120,104 @@ class UnixSocket(File):
     def pollable(self) -> bool:
         return True
 
+    @property
+    def has_peer(self) -> bool:
+        return self.connected
+
+    def send(
+        self,
+        k: Kernel,
+        lwp: Lwp,
+        n: int,
+        chunk,
+        files: list[File] | None,
+        flags: int,
+        dest: UnixSocket | None = None,
+    ) -> int:
+        _drop_files(k, files)
+        raise GuestError(errno.EOPNOTSUPP)
+
+    def recv(
+        self, k: Kernel, lwp: Lwp, vecs: list[tuple[int, int]], flags: int
+    ) -> tuple[int, list[File] | None, bytes, int]:
+        raise GuestError(errno.EOPNOTSUPP)
+
+    def shutdown(self, k: Kernel, how: int) -> None:
+        raise GuestError(errno.EOPNOTSUPP)
+
+    def _changed(self, k: Kernel, gen: bool = True) -> None:
+        k.poll_wake()
+
+
+class UnsharedSocket(Socket):
+    """A VM-clone child's copy of a socket that cannot cross VMs (a listening or
+    datagram socket, an unconnected one): every operation is EOPNOTSUPP
+    (docs/semantics.md); closing it is all it can do."""
+
+    def __init__(self, stype: int, flags: int, what: str) -> None:
+        super().__init__(stype, flags)
+        self.what = what
+
+    def describe(self) -> str:
+        return f"{self.what} (left in the parent's VM)"
+
+    def read(self, k, lwp, addr, n):
+        raise GuestError(errno.EOPNOTSUPP)
+
+    def readv(self, k, lwp, vecs):
+        raise GuestError(errno.EOPNOTSUPP)
+
+    def write(self, k, lwp, addr, n):
+        raise GuestError(errno.EOPNOTSUPP)
+
+    def write_bytes(self, k, lwp, data):
+        raise GuestError(errno.EOPNOTSUPP)
+
+    def poll(self, k: Kernel) -> int:
+        return POLLERR
+
+    def snapshot_state(self) -> dict:
+        return {"kind": "unshared", "what": self.what, "stype": self.stype, "flags": self.flags}
+
+
+class UnixSocket(Socket):
+    """One AF_UNIX socket (see the module docstring)."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, stype: int, flags: int = 0) -> None:
+        super().__init__(stype, flags)
+        self.id = next(UnixSocket._ids)
+        self.wq = WaitQueue(f"socket:{self.id}")
+        self.rx: deque[Segment] = deque()
+        self.rx_bytes = 0
+        self.peer: UnixSocket | None = None  # stream: the other end; dgram: connect()'s target
+        self.backlog = 0
+        self.pending: deque[UnixSocket] = deque()  # connections accept() has not taken
+        self.ino = 0  # the socket inode of a path name
+        self.shut_rd = False  # no more receiving (shutdown(SHUT_RD) or the peer closed)
+        self.shut_wr = False  # no more sending
+        self.closed = False
+        self.gen = 0  # readiness changes, for edge-triggered epoll
+        #: VM-clone: the two broker pipes (send, receive) this pair became
+        self.broker: tuple[int, int] | None = None
+
+    def snapshot_state(self) -> dict:
+        """Only a stream pair crosses VMs (shared first, see transports/vmlink.py); any
+        other socket stays in this VM and the child's copy is an UnsharedSocket."""
+        return {"kind": "unshared", "what": self.describe(), "stype": self.stype, "flags": self.flags}
+
+    # -- File --------------------------------------------------------------------------
+    def describe(self) -> str:
+        kind = {SOCK_STREAM: "stream", SOCK_DGRAM: "dgram"}.get(self.stype, "seqpacket")
+        return f"socket:[{self.id}] unix {kind}"
+
     def poll_gen(self) -> int:
         return self.gen
+
+    @property
+    def has_peer(self) -> bool:
+        return self.peer is not None
 
     def poll(self, k: Kernel) -> int:
         """Linux's unix_poll / unix_dgram_poll."""

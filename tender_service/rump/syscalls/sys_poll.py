@@ -104,7 +104,9 @@ def _undo_on_error(lwp: Lwp) -> Iterator[None]:
 
 
 def _waits_on_host(k: Kernel, f: File) -> bool:
-    return isinstance(f, ConsoleFile) and f.fdno == 0 and k.console.input.host_fd is not None
+    if isinstance(f, ConsoleFile):
+        return f.fdno == 0 and k.console.input.host_fd is not None
+    return f.poll_rechecks
 
 
 def _timespec_seconds(k: Kernel, addr: int) -> float | None:

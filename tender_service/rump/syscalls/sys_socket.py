@@ -34,6 +34,7 @@ from tender_service.rump.socket import (
     SOCK_STREAM,
     SOMAXCONN,
     SUN_PATH_MAX,
+    Socket,
     UnixSocket,
     drop_files,
     make_pair,
@@ -58,10 +59,19 @@ WMEM_MAX = SOCK_BUF  # net.core.wmem_max / rmem_max
 MAX_IO = 0x7FFFF000
 
 
-def _sock(lwp: Lwp, fd: int) -> UnixSocket:
+def _sock(lwp: Lwp, fd: int) -> Socket:
     f = lwp.proc.fds.get(i32(fd))  # EBADF
-    if not isinstance(f, UnixSocket):
+    if not isinstance(f, Socket):
         raise GuestError(errno.ENOTSOCK)
+    return f
+
+
+def _usock(lwp: Lwp, fd: int) -> UnixSocket:
+    """A socket of this kernel: names and connections (a pair that crossed VMs has
+    neither to give)."""
+    f = _sock(lwp, fd)
+    if not isinstance(f, UnixSocket):
+        raise GuestError(errno.EOPNOTSUPP)
     return f
 
 
@@ -175,7 +185,7 @@ def _lookup(k: Kernel, lwp: Lwp, name: bytes) -> UnixSocket:
 
 
 def sys_bind(k: Kernel, lwp: Lwp, fd: int, addr: int, addrlen: int) -> int:
-    s = _sock(lwp, fd)
+    s = _usock(lwp, fd)
     name = _read_addr(k, addr, addrlen)
     if s.name:  # already bound: EINVAL, unless a path's name is taken (checked first)
         if name and not name.startswith(b"\0"):
@@ -206,7 +216,7 @@ def sys_bind(k: Kernel, lwp: Lwp, fd: int, addr: int, addrlen: int) -> int:
 
 
 def sys_listen(k: Kernel, lwp: Lwp, fd: int, backlog: int) -> int:
-    s = _sock(lwp, fd)
+    s = _usock(lwp, fd)
     if not s.stream:
         raise GuestError(errno.EOPNOTSUPP)
     if not s.name or s.connected:
@@ -222,7 +232,7 @@ def sys_accept4(k: Kernel, lwp: Lwp, fd: int, addr: int, addrlen: int, flags: in
     flags = i32(flags)
     if flags & ~(SOCK_NONBLOCK | SOCK_CLOEXEC):
         raise GuestError(errno.EINVAL)
-    s = _sock(lwp, fd)
+    s = _usock(lwp, fd)
     if not s.stream:
         raise GuestError(errno.EOPNOTSUPP)
     if not s.listening:
@@ -247,7 +257,7 @@ def sys_accept(k: Kernel, lwp: Lwp, fd: int, addr: int, addrlen: int) -> int:
 
 
 def sys_connect(k: Kernel, lwp: Lwp, fd: int, addr: int, addrlen: int) -> int:
-    s = _sock(lwp, fd)
+    s = _usock(lwp, fd)
     if not s.stream and i32(addrlen) >= 2 and k.mem.read(addr, 2) == b"\0\0":
         s.peer, s.peer_name = None, b""  # AF_UNSPEC: a datagram socket disconnects
         return 0
@@ -276,7 +286,7 @@ def sys_getsockname(k: Kernel, lwp: Lwp, fd: int, addr: int, addrlen: int) -> in
 
 def sys_getpeername(k: Kernel, lwp: Lwp, fd: int, addr: int, addrlen: int) -> int:
     s = _sock(lwp, fd)
-    if s.peer is None or s.listening:
+    if not s.has_peer or s.listening:
         raise GuestError(errno.ENOTCONN)
     _check_addr_out(k, addr, addrlen)
     _write_addr(k, addr, addrlen, s.peer_name)
@@ -307,7 +317,7 @@ def _gather(k: Kernel, vecs: list[tuple[int, int]]) -> tuple[int, Callable[[int,
     return total, chunk
 
 
-def _dest(k: Kernel, lwp: Lwp, s: UnixSocket, addr: int, addrlen: int) -> UnixSocket | None:
+def _dest(k: Kernel, lwp: Lwp, s: Socket, addr: int, addrlen: int) -> UnixSocket | None:
     if not addr or not addrlen:
         return None
     if s.stream:
@@ -321,7 +331,7 @@ def _dest(k: Kernel, lwp: Lwp, s: UnixSocket, addr: int, addrlen: int) -> UnixSo
 def _send(
     k: Kernel,
     lwp: Lwp,
-    s: UnixSocket,
+    s: Socket,
     vecs: list[tuple[int, int]],
     flags: int,
     addr: int,
