@@ -342,7 +342,7 @@ static void epolls(void)
 
 static void interrupts(void)
 {
-	int p[2], ep = epoll_create1(0), st;
+	int p[2], q[2], ep = epoll_create1(0), st;
 	struct pollfd f;
 	struct epoll_event ev = {EPOLLIN, {0}}, out;
 	struct sigaction sa;
@@ -380,18 +380,25 @@ static void interrupts(void)
 		sigprocmask(SIG_UNBLOCK, &block, NULL);
 	}
 
-	/* a forked child wakes the parent's poll */
+	/* a forked child wakes the parent's poll (and keeps its end open until told) */
+	xpipe(q);
 	pid = xfork();
 	if (pid == 0) {
+		close(q[1]);
 		usleep(20000);
 		write_full(p[1], "from the child", 14);
+		read_full(q[0], buf, 1);
 		_exit(0);
 	}
 	close(p[1]);
+	close(q[0]);
 	CHECK("poll until the child writes", poll(&f, 1, -1));
 	printf("  %s\n", evs(f.revents));
 	CHECK("  read", read_full(p[0], buf, 14));
+	close(q[1]);
 	waitpid(pid, &st, 0);
+	CHECK("poll after the child exited", poll(&f, 1, -1));
+	printf("  %s\n", evs(f.revents));
 	printf("child %s\n", describe_status(st));
 	close(p[0]);
 	close(ep);
