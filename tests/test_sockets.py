@@ -63,7 +63,9 @@ def test_native_outputs_are_complete(native_outs: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize("name,args", [*PROGRAMS, ("sock_unix", ["fork"])])
-def test_thread_mode_matches_native(native_outs: dict[str, str], name: str, args: list[str]) -> None:
+def test_thread_mode_matches_native(
+    native_outs: dict[str, str], name: str, args: list[str]
+) -> None:
     r = vm(name, *args, f"/tmp/{name}")
     assert r.result.status == 0, (r.out, r.stderr, r.result.reports)
     assert r.out == native_outs[" ".join([name, *args])]
@@ -86,3 +88,45 @@ def test_vmclone_matches_native(
     out = bytes(sink.stdout).decode(errors="replace")
     assert (result.outcome, result.status) == ("exited", 0), (out, sink.stderr, result.reports)
     assert out == native_outs[" ".join([name, *args])]
+
+
+ACROSS_VMCLONE = """\
+child: connect to the parent's name = -1 ECONNREFUSED
+child: accept on the inherited listener = -1 EOPNOTSUPP
+child: sendmsg SCM_RIGHTS = -1 EOPNOTSUPP
+child: send bytes = 5 
+parent: recv = 5 
+child exited 0
+done
+"""
+
+
+def test_inherited_sockets_in_one_kernel() -> None:
+    """Natively and in thread fork the child reaches its parent's name, accepts on
+    the listener it inherited and passes an fd up (the parent reads the fd's byte
+    and the bytes in one recv: SCM_RIGHTS data, then the rest)."""
+    n = native("sock_across")
+    assert n.returncode == 0, n.stderr
+    assert "child: accept on the inherited listener = " in n.stdout.decode()
+    assert "EOPNOTSUPP" not in n.stdout.decode()
+    r = vm("sock_across")
+    assert r.result.status == 0, (r.out, r.result.reports)
+    assert r.out == n.stdout.decode()
+
+
+@pytest.mark.parametrize("transport", VMCLONE)
+def test_inherited_sockets_across_vms(pool: WarmPool, transport: str) -> None:
+    """The documented VM-clone limits: a name bound in the parent's VM is not in the
+    child's, a listening socket and SCM_RIGHTS do not cross VMs; the pair's bytes do."""
+    sink = CaptureSink()
+    result = run_vmclone(
+        image_path("sock_across"),
+        [],
+        config=VmConfig(timeout=120),
+        sink=sink,
+        transport=transport,
+        pool=pool,
+    )
+    out = bytes(sink.stdout).decode(errors="replace")
+    assert (result.outcome, result.status) == ("exited", 0), (out, result.reports)
+    assert out == ACROSS_VMCLONE

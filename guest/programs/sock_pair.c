@@ -95,7 +95,9 @@ int main(int argc, char **argv)
 			DIE_ERRNO("read");
 		if (r == 0)
 			break;
-		for (ssize_t j = 0; j < r; j++)
+		/* every byte checked, but not in the benchmark: that would time the
+		 * emulated loop, not the socket */
+		for (ssize_t j = bench ? r - 1 : 0; j < r; j++)
 			if (buf[j] != 'x')
 				die("bad byte");
 		got += r;

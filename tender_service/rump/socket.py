@@ -205,7 +205,12 @@ class UnixSocket(Socket):
     def snapshot_state(self) -> dict:
         """Only a stream pair crosses VMs (shared first, see transports/vmlink.py); any
         other socket stays in this VM and the child's copy is an UnsharedSocket."""
-        return {"kind": "unshared", "what": self.describe(), "stype": self.stype, "flags": self.flags}
+        return {
+            "kind": "unshared",
+            "what": self.describe(),
+            "stype": self.stype,
+            "flags": self.flags,
+        }
 
     # -- File --------------------------------------------------------------------------
     def describe(self) -> str:
@@ -410,6 +415,11 @@ class UnixSocket(Socket):
             raise Block(self.wq, f"recv {self.describe()}")
         if not self.stream:
             return self._recv_dgram(k, vecs, flags)
+        return self._recv_stream(k, vecs, want, flags)
+
+    def _recv_stream(
+        self, k: Kernel, vecs: list[tuple[int, int]], want: int, flags: int
+    ) -> tuple[int, list[File] | None, bytes, int]:
         if (
             flags & MSG_WAITALL
             and not flags & MSG_PEEK
@@ -422,14 +432,12 @@ class UnixSocket(Socket):
         # gather: stop after a segment with files, and before one once bytes were taken
         out = bytearray()
         files: list[File] | None = None
-        used = 0
         for seg in self.rx:
             if len(out) >= want:
                 break
             if seg.files and out:
                 break
             out += seg.data[: want - len(out)]
-            used += 1
             if seg.files:
                 files = seg.files
                 break
@@ -437,23 +445,27 @@ class UnixSocket(Socket):
             raise GuestError(errno.EFAULT)
         _scatter(k, vecs, out)
         if not flags & MSG_PEEK:
-            left = len(out)
-            while left:
-                seg = self.rx[0]
-                take = min(left, len(seg.data))
-                del seg.data[:take]
-                left -= take
-                if seg.files and seg.files is files:
-                    seg.files = None
-                if not seg.data:
-                    self.rx.popleft()
-            self.rx_bytes -= len(out)
-            if self.peer is not None:
-                self.peer.gen += 1  # room: the sender's writable edge
-            self._changed(k, gen=False)  # senders wait on this socket's queue
+            self._consume(k, len(out), files)
         elif files is not None:
             files = _dup_refs(files)
         return len(out), files, b"", 0
+
+    def _consume(self, k: Kernel, n: int, files: list[File] | None) -> None:
+        """Take ``n`` bytes off the receive queue (the files went with them)."""
+        left = n
+        while left:
+            seg = self.rx[0]
+            take = min(left, len(seg.data))
+            del seg.data[:take]
+            left -= take
+            if seg.files and seg.files is files:
+                seg.files = None
+            if not seg.data:
+                self.rx.popleft()
+        self.rx_bytes -= n
+        if self.peer is not None:
+            self.peer.gen += 1  # room: the sender's writable edge
+        self._changed(k, gen=False)  # senders wait on this socket's queue
 
     def _recv_dgram(self, k, vecs, flags) -> tuple[int, list[File] | None, bytes, int]:
         seg = self.rx[0]
@@ -554,4 +566,3 @@ def _drop_files(k: Kernel, files: list[File] | None) -> None:
 def drop_files(k: Kernel, files: list[File] | None) -> None:
     """Give back the in-flight references of files nobody will receive."""
     _drop_files(k, files)
-

@@ -308,7 +308,9 @@ class VmLink:
             raise GuestError(-value, "cannot share a socket")
         for off in range(len(first), len(data), MAX_PIPE_CHUNK):
             # the rest as writes nobody waits for: the broker queues them in order
-            self._notify(Frame(Msg.PIPE_WRITE, 0, 0, value, 0, bytes(data[off : off + MAX_PIPE_CHUNK])))
+            self._notify(
+                Frame(Msg.PIPE_WRITE, 0, 0, value, 0, bytes(data[off : off + MAX_PIPE_CHUNK]))
+            )
         return value
 
     def add_holder(self, files: list[File], pid: int) -> None:

@@ -151,9 +151,7 @@ def sys_poll(k: Kernel, lwp: Lwp, fds: int, nfds: int, timeout: int) -> int:
     return _poll(k, lwp, fds, nfds & 0xFFFF_FFFF, None if ms < 0 else ms / 1000, "poll")
 
 
-def sys_ppoll(
-    k: Kernel, lwp: Lwp, fds: int, nfds: int, tsp: int, sigmask: int, size: int
-) -> int:
+def sys_ppoll(k: Kernel, lwp: Lwp, fds: int, nfds: int, tsp: int, sigmask: int, size: int) -> int:
     seconds = _timespec_seconds(k, tsp)
     _set_mask(k, lwp, sigmask, size)
     with _undo_on_error(lwp):
@@ -161,6 +159,27 @@ def sys_ppoll(
 
 
 # -- select ---------------------------------------------------------------------------------
+def _select_ready(k: Kernel, lwp: Lwp, nfds: int, ins: list[int]) -> tuple[list[int], bool]:
+    """The ready bits of each set, and whether a file needs re-checking on a timer."""
+    table = lwp.proc.fds
+    outs = [0, 0, 0]
+    host = False
+    wanted = (SELECT_IN, SELECT_OUT, SELECT_EX)
+    for fd in range(nfds):
+        bit = 1 << fd
+        if not (ins[0] | ins[1] | ins[2]) & bit:
+            continue
+        e = table.entries.get(fd)
+        if e is None:
+            raise GuestError(errno.EBADF)
+        mask = e.file.poll(k)
+        host = host or _waits_on_host(k, e.file)
+        for i in range(3):
+            if ins[i] & bit and mask & wanted[i]:
+                outs[i] |= bit
+    return outs, host
+
+
 def _select(
     k: Kernel, lwp: Lwp, nfds: int, sets: tuple[int, int, int], seconds: float | None, why: str
 ) -> tuple[int, float | None]:
@@ -172,24 +191,7 @@ def _select(
     for a in sets:
         if a:
             k.mem.offset(a, size)
-    table = lwp.proc.fds
-    outs = [0, 0, 0]
-    host = False
-    for fd in range(nfds):
-        bit = 1 << fd
-        if not (ins[0] | ins[1] | ins[2]) & bit:
-            continue
-        e = table.entries.get(fd)
-        if e is None:
-            raise GuestError(errno.EBADF)
-        mask = e.file.poll(k)
-        host = host or _waits_on_host(k, e.file)
-        if ins[0] & bit and mask & SELECT_IN:
-            outs[0] |= bit
-        if ins[1] & bit and mask & SELECT_OUT:
-            outs[1] |= bit
-        if ins[2] & bit and mask & SELECT_EX:
-            outs[2] |= bit
+    outs, host = _select_ready(k, lwp, nfds, ins)
     ready = sum(bin(o).count("1") for o in outs)
     deadline = _deadline(lwp, seconds)
     left = None
@@ -291,7 +293,9 @@ def _epoll_wait(k: Kernel, lwp: Lwp, epfd: int, events: int, maxevents: int, sec
     return len(got)
 
 
-def sys_epoll_wait(k: Kernel, lwp: Lwp, epfd: int, events: int, maxevents: int, timeout: int) -> int:
+def sys_epoll_wait(
+    k: Kernel, lwp: Lwp, epfd: int, events: int, maxevents: int, timeout: int
+) -> int:
     ms = i32(timeout)
     return _epoll_wait(k, lwp, epfd, events, maxevents, None if ms < 0 else ms / 1000)
 
@@ -325,4 +329,3 @@ def sys_eventfd2(k: Kernel, lwp: Lwp, initval: int, flags: int) -> int:
 
 def sys_eventfd(k: Kernel, lwp: Lwp, initval: int) -> int:
     return sys_eventfd2(k, lwp, initval, 0)
-

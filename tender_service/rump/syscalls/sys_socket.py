@@ -513,4 +513,3 @@ def sys_getsockopt(k: Kernel, lwp: Lwp, fd: int, level: int, name: int, val: int
     k.mem.write(val, out)
     k.mem.write_u32(lenp, len(out))
     return 0
-

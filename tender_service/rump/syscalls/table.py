@@ -119,7 +119,12 @@ SYSCALLS: list[tuple[int, Callable[..., object], Support, str]] = [
     (270, sys_poll.sys_pselect6, F, "temporary signal mask"),
     (213, sys_poll.sys_epoll_create, F, ""),
     (291, sys_poll.sys_epoll_create1, F, "EPOLL_CLOEXEC"),
-    (233, sys_poll.sys_epoll_ctl, P, "EPOLLET, EPOLLONESHOT; EPOLLEXCLUSIVE accepted, all waiters woken"),
+    (
+        233,
+        sys_poll.sys_epoll_ctl,
+        P,
+        "EPOLLET, EPOLLONESHOT; EPOLLEXCLUSIVE accepted, all waiters woken",
+    ),
     (232, sys_poll.sys_epoll_wait, F, "level and edge triggered"),
     (281, sys_poll.sys_epoll_pwait, F, "temporary signal mask"),
     (441, sys_poll.sys_epoll_pwait2, F, "timespec timeout"),
