@@ -94,8 +94,8 @@ ACROSS_VMCLONE = """\
 child: connect to the parent's name = -1 ECONNREFUSED
 child: accept on the inherited listener = -1 EOPNOTSUPP
 child: sendmsg SCM_RIGHTS = -1 EOPNOTSUPP
-child: send bytes = 5 
-parent: recv = 5 
+child: send bytes = 5
+parent: recv = 5
 child exited 0
 done
 """

@@ -22,7 +22,10 @@ static void line(const char *what, long r)
 {
 	char buf[160];
 
-	snprintf(buf, sizeof buf, "%s = %ld %s\n", what, r < 0 ? -1L : r, r < 0 ? errname(get_errno()) : "");
+	if (r < 0)
+		snprintf(buf, sizeof buf, "%s = -1 %s\n", what, errname(get_errno()));
+	else
+		snprintf(buf, sizeof buf, "%s = %ld\n", what, r);
 	say(buf);
 }
 
