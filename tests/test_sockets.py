@@ -130,3 +130,18 @@ def test_inherited_sockets_across_vms(pool: WarmPool, transport: str) -> None:
     out = bytes(sink.stdout).decode(errors="replace")
     assert (result.outcome, result.status) == ("exited", 0), (out, result.reports)
     assert out == ACROSS_VMCLONE
+
+
+def test_loopback_tcp_udp_in_one_kernel() -> None:
+    """guest/programs/sock_inet.c: TCP over 127.0.0.1 with a forked client, a
+    non-blocking connect/accept, UDP echo, TCP over ::1; natively over the host's
+    loopback, in thread fork over the instance's private network (rump/inet.py).
+    Only port-independent facts are printed."""
+    n = native("sock_inet")
+    assert n.returncode == 0, n.stderr
+    out = n.stdout.decode()
+    assert "connect to a closed port = -1 ECONNREFUSED" in out
+    assert out.endswith("done\n")
+    r = vm("sock_inet")
+    assert r.result.status == 0, (r.out, r.result.reports)
+    assert r.out == out

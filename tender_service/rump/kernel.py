@@ -39,6 +39,7 @@ from tender_service.rump.dispatch import make_dispatcher, traced
 from tender_service.rump.fdtable import FdTable
 from tender_service.rump.files import O_RDONLY, O_WRONLY, ConsoleFile
 from tender_service.rump.fs import FileSystem
+from tender_service.rump.inet import InetNames
 from tender_service.rump.process import Lwp, Process, Program
 from tender_service.rump.proctable import ProcessTable
 from tender_service.rump.socket import UnixNames
@@ -123,6 +124,8 @@ class Kernel(ProcessTable):
         self.poll_wq = WaitQueue("poll")
         #: AF_UNIX names bound in this kernel (rump/socket.py)
         self.unix_names = UnixNames()
+        #: the instance's private loopback network, as seen by this kernel (rump/inet.py)
+        self.inet = InetNames()
         self.current: Lwp | None = None
         self._loaded: BmkThread | None = None
         #: the syscall in progress parked its thread (it runs again when woken) or

@@ -102,6 +102,8 @@ class Socket(File):
 
     def __init__(self, stype: int, flags: int = 0) -> None:
         super().__init__(O_RDWR | (flags & O_NONBLOCK))
+        self.family = AF_UNIX
+        self.protocol = 0
         self.stype = stype
         self.name = b""  # sun_path as bound (b"\0..." abstract), b"" unnamed
         self.peer_name = b""
@@ -123,6 +125,10 @@ class Socket(File):
     @property
     def has_peer(self) -> bool:
         return self.connected
+
+    def out_name(self, name: bytes) -> bytes:
+        """The sockaddr getsockname/getpeername/accept/recvfrom copy out for ``name``."""
+        return unix_sockaddr(name)
 
     def send(
         self,
@@ -201,6 +207,10 @@ class UnixSocket(Socket):
         self.gen = 0  # readiness changes, for edge-triggered epoll
         #: VM-clone: the two broker pipes (send, receive) this pair became
         self.broker: tuple[int, int] | None = None
+
+    def new_conn(self) -> UnixSocket:
+        """The socket accept() will return for a connection to this listener."""
+        return UnixSocket(self.stype)
 
     def snapshot_state(self) -> dict:
         """Only a stream pair crosses VMs (shared first, see transports/vmlink.py); any
@@ -371,7 +381,7 @@ class UnixSocket(Socket):
         lwp.progress = 0
         return done
 
-    def _send_dgram(self, k, lwp, n, chunk, files, flags, dest) -> int:
+    def _send_dgram(self, k, lwp, n, chunk, files, flags, dest, sender=None) -> int:
         target = dest if dest is not None else self.peer
         if target is None:
             raise GuestError(errno.ENOTCONN)
@@ -388,7 +398,7 @@ class UnixSocket(Socket):
                 raise GuestError(errno.EAGAIN)
             raise Block(target.wq, f"sendto {self.describe()}")
         data = bytearray(chunk(0, n))
-        target.rx.append(Segment(data, files, self.name))
+        target.rx.append(Segment(data, files, self.name if sender is None else sender))
         target.rx_bytes += n
         k.pipe_bytes += n
         target._changed(k)
@@ -515,7 +525,7 @@ class UnixSocket(Socket):
             if self.nonblocking:
                 raise GuestError(errno.EAGAIN)
             raise Block(server.wq, f"connect {self.describe()}")
-        mine = UnixSocket(self.stype)
+        mine = server.new_conn()
         mine.name = server.name
         mine.peer_name = self.name
         mine.sndbuf, mine.rcvbuf = server.sndbuf, server.rcvbuf
@@ -525,6 +535,15 @@ class UnixSocket(Socket):
         server._changed(k)
         self._changed(k)
         return 0
+
+
+def unix_sockaddr(name: bytes) -> bytes:
+    """A sockaddr_un as Linux copies it out: the family, then a path with its NUL, an
+    abstract name as bound, or nothing for an unnamed socket."""
+    family = AF_UNIX.to_bytes(2, "little")
+    if not name or name.startswith(b"\0"):
+        return family + name
+    return family + name + b"\0"
 
 
 def pair(a: UnixSocket, b: UnixSocket) -> None:

@@ -1,8 +1,8 @@
 """Sockets: socket, socketpair, bind/listen/accept/connect, send/recv and their
 msg forms (SCM_RIGHTS), shutdown, names, options.
 
-AF_UNIX only (``rump/socket.py``); AF_INET and AF_INET6 are EAFNOSUPPORT
-for now (docs/semantics.md).  Errnos and checks follow Linux's net/socket.c
+AF_UNIX (``rump/socket.py``) and AF_INET/AF_INET6 over the instance's
+private loopback network (``rump/inet.py``, docs/semantics.md).  Errnos and checks follow Linux's net/socket.c
 and net/unix/af_unix.c: a socket call on an fd that is not a socket is
 ENOTSOCK, pointers are checked before anything moves (EFAULT).
 """
@@ -18,6 +18,7 @@ from tender_service.machine.errors import GuestError
 from tender_service.rump.fdtable import drop
 from tender_service.rump.files import File
 from tender_service.rump.fs import S_IFMT, S_IFSOCK
+from tender_service.rump.inet import IPPROTO_IP, IPPROTO_IPV6, IPPROTO_TCP, IPPROTO_UDP, InetSocket
 from tender_service.rump.outcomes import Block
 from tender_service.rump.socket import (
     AF_INET,
@@ -57,6 +58,7 @@ MSGHDR = struct.Struct("<QI4xQQQQi4x")
 CMSGHDR = struct.Struct("<Qii")
 WMEM_MAX = SOCK_BUF  # net.core.wmem_max / rmem_max
 MAX_IO = 0x7FFFF000
+PROTO_LEVELS = {IPPROTO_IP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_IPV6}
 
 
 def _sock(lwp: Lwp, fd: int) -> Socket:
@@ -81,13 +83,21 @@ def _check_type(domain: int, stype: int, protocol: int) -> tuple[int, int]:
     flags = stype & ~0xF
     if flags & ~(SOCK_NONBLOCK | SOCK_CLOEXEC):
         raise GuestError(errno.EINVAL)
-    if domain in (AF_INET, AF_INET6) or domain != AF_UNIX:
+    t = stype & 0xF
+    if domain in (AF_INET, AF_INET6):
+        allowed = {SOCK_STREAM: (0, IPPROTO_TCP), SOCK_DGRAM: (0, IPPROTO_UDP)}
+        if t not in allowed:
+            raise GuestError(errno.ESOCKTNOSUPPORT)
+        if protocol not in allowed[t]:
+            raise GuestError(errno.EPROTONOSUPPORT)
+        return t, flags
+    if domain != AF_UNIX:
         raise GuestError(errno.EAFNOSUPPORT)
     if protocol not in (0, AF_UNIX):
         raise GuestError(errno.EPROTONOSUPPORT)
-    if stype & 0xF not in (SOCK_STREAM, SOCK_DGRAM):
+    if t not in (SOCK_STREAM, SOCK_DGRAM):
         raise GuestError(errno.ESOCKTNOSUPPORT)
-    return stype & 0xF, flags
+    return t, flags
 
 
 def _install(lwp: Lwp, sock: File, flags: int) -> int:
@@ -96,6 +106,8 @@ def _install(lwp: Lwp, sock: File, flags: int) -> int:
 
 def sys_socket(k: Kernel, lwp: Lwp, domain: int, stype: int, protocol: int) -> int:
     t, flags = _check_type(domain, stype, protocol)
+    if i32(domain) in (AF_INET, AF_INET6):
+        return _install(lwp, InetSocket(i32(domain), t, flags & SOCK_NONBLOCK), flags)
     return _install(lwp, UnixSocket(t, flags & SOCK_NONBLOCK), flags)
 
 
@@ -136,23 +148,14 @@ def _read_addr(k: Kernel, addr: int, addrlen: int) -> bytes:
     return path.split(b"\0", 1)[0]
 
 
-def _addr_bytes(name: bytes) -> bytes:
-    if not name:
-        return struct.pack("<H", AF_UNIX)
-    if name.startswith(b"\0"):
-        return struct.pack("<H", AF_UNIX) + name
-    return struct.pack("<H", AF_UNIX) + name + b"\0"
-
-
-def _write_addr(k: Kernel, addr: int, lenp: int, name: bytes) -> None:
-    """Copy a name out as accept/getsockname/recvfrom do: truncated to the buffer,
+def _write_addr(k: Kernel, addr: int, lenp: int, data: bytes) -> None:
+    """Copy a sockaddr out as accept/getsockname/recvfrom do: truncated to the buffer,
     the full length in ``*lenp``."""
     if not addr:
         return
     have = i32(k.mem.read_u32(lenp))
     if have < 0:
         raise GuestError(errno.EINVAL)
-    data = _addr_bytes(name)
     k.mem.write(addr, data[:have])
     k.mem.write_u32(lenp, len(data))
 
@@ -186,6 +189,9 @@ def _lookup(k: Kernel, lwp: Lwp, name: bytes) -> UnixSocket:
 
 def sys_bind(k: Kernel, lwp: Lwp, fd: int, addr: int, addrlen: int) -> int:
     s = _usock(lwp, fd)
+    if isinstance(s, InetSocket):
+        s.bind_to(k, *s.parse(k, addr, addrlen & 0xFFFF_FFFF, True))
+        return 0
     name = _read_addr(k, addr, addrlen)
     if s.name:  # already bound: EINVAL, unless a path's name is taken (checked first)
         if name and not name.startswith(b"\0"):
@@ -217,6 +223,9 @@ def sys_bind(k: Kernel, lwp: Lwp, fd: int, addr: int, addrlen: int) -> int:
 
 def sys_listen(k: Kernel, lwp: Lwp, fd: int, backlog: int) -> int:
     s = _usock(lwp, fd)
+    if isinstance(s, InetSocket):
+        s.listen_inet(k, i32(backlog))
+        return 0
     if not s.stream:
         raise GuestError(errno.EOPNOTSUPP)
     if not s.name or s.connected:
@@ -248,7 +257,7 @@ def sys_accept4(k: Kernel, lwp: Lwp, fd: int, addr: int, addrlen: int, flags: in
     conn.flags |= flags & SOCK_NONBLOCK
     newfd = _install(lwp, conn, flags)
     s._changed(k, gen=False)  # a connect waiting for room in the queue
-    _write_addr(k, addr, addrlen, conn.peer_name)
+    _write_addr(k, addr, addrlen, conn.out_name(conn.peer_name))
     return newfd
 
 
@@ -258,6 +267,11 @@ def sys_accept(k: Kernel, lwp: Lwp, fd: int, addr: int, addrlen: int) -> int:
 
 def sys_connect(k: Kernel, lwp: Lwp, fd: int, addr: int, addrlen: int) -> int:
     s = _usock(lwp, fd)
+    if isinstance(s, InetSocket):
+        if not s.stream and i32(addrlen) >= 2 and k.mem.read(addr, 2) == b"\0\0":
+            s.peer_addr, s.peer_name = None, b""  # AF_UNSPEC: UDP disconnects
+            return 0
+        return s.connect_inet(k, lwp, *s.parse(k, addr, addrlen & 0xFFFF_FFFF, False))
     if not s.stream and i32(addrlen) >= 2 and k.mem.read(addr, 2) == b"\0\0":
         s.peer, s.peer_name = None, b""  # AF_UNSPEC: a datagram socket disconnects
         return 0
@@ -280,7 +294,7 @@ def sys_shutdown(k: Kernel, lwp: Lwp, fd: int, how: int) -> int:
 def sys_getsockname(k: Kernel, lwp: Lwp, fd: int, addr: int, addrlen: int) -> int:
     s = _sock(lwp, fd)
     _check_addr_out(k, addr, addrlen)
-    _write_addr(k, addr, addrlen, s.name)
+    _write_addr(k, addr, addrlen, s.out_name(s.name))
     return 0
 
 
@@ -289,7 +303,7 @@ def sys_getpeername(k: Kernel, lwp: Lwp, fd: int, addr: int, addrlen: int) -> in
     if not s.has_peer or s.listening:
         raise GuestError(errno.ENOTCONN)
     _check_addr_out(k, addr, addrlen)
-    _write_addr(k, addr, addrlen, s.peer_name)
+    _write_addr(k, addr, addrlen, s.out_name(s.peer_name))
     return 0
 
 
@@ -317,9 +331,11 @@ def _gather(k: Kernel, vecs: list[tuple[int, int]]) -> tuple[int, Callable[[int,
     return total, chunk
 
 
-def _dest(k: Kernel, lwp: Lwp, s: Socket, addr: int, addrlen: int) -> UnixSocket | None:
+def _dest(k: Kernel, lwp: Lwp, s: Socket, addr: int, addrlen: int) -> object:
     if not addr or not addrlen:
         return None
+    if isinstance(s, InetSocket):
+        return None if s.stream else s.parse(k, addr, addrlen & 0xFFFF_FFFF, False)
     if s.stream:
         raise GuestError(errno.EISCONN if s.connected else errno.EOPNOTSUPP)
     target = _lookup(k, lwp, _read_addr(k, addr, addrlen))
@@ -347,7 +363,7 @@ def _send(
     except GuestError:
         drop_files(k, files)
         raise
-    return s.send(k, lwp, min(total, MAX_IO), chunk, files, flags, dest)
+    return s.send(k, lwp, min(total, MAX_IO), chunk, files, flags, dest)  # type: ignore[arg-type]
 
 
 def sys_sendto(
@@ -368,7 +384,7 @@ def sys_recvfrom(
     got, files, sender, _ = s.recv(k, lwp, [(buf, min(n, MAX_IO))], flags)
     drop_files(k, files)
     if sender and not s.stream:
-        _write_addr(k, addr, addrlen, sender)
+        _write_addr(k, addr, addrlen, s.out_name(sender))
     elif addr:
         k.mem.write_u32(addrlen, 0)  # an unnamed sender (or a stream): no address
     return got
@@ -430,7 +446,7 @@ def sys_recvmsg(k: Kernel, lwp: Lwp, fd: int, msg: int, flags: int) -> int:
     got, files, sender, msg_flags = s.recv(k, lwp, vecs, flags)
     out_namelen = 0
     if name and namelen and sender and not s.stream:
-        data = _addr_bytes(sender)
+        data = s.out_name(sender)
         k.mem.write(name, data[: min(namelen, len(data))])
         out_namelen = len(data)
     used = 0
@@ -464,7 +480,7 @@ def sys_setsockopt(k: Kernel, lwp: Lwp, fd: int, level: int, name: int, val: int
     s = _sock(lwp, fd)
     level, name, n = i32(level), i32(name), i32(n)
     if level != SOL_SOCKET:
-        raise GuestError(errno.EOPNOTSUPP)
+        return _proto_option(k, s, level, name, val, n)
     if n < 0:
         raise GuestError(errno.EINVAL)
     if name in READ_ONLY_OPTS:
@@ -482,24 +498,39 @@ def sys_setsockopt(k: Kernel, lwp: Lwp, fd: int, level: int, name: int, val: int
     return 0
 
 
+def _proto_option(k: Kernel, s: Socket, level: int, name: int, val: int, n: int) -> int:
+    """IPPROTO_TCP/IP/IPV6/UDP options of a TCP or UDP socket (TCP_NODELAY, ...): kept
+    and read back, without effect on the loopback network."""
+    if not isinstance(s, InetSocket) or level not in PROTO_LEVELS:
+        raise GuestError(errno.EOPNOTSUPP)
+    if n < 0:
+        raise GuestError(errno.EINVAL)
+    if n < 4:
+        raise GuestError(errno.EINVAL)
+    s.options[(level, name)] = k.mem.read(val, min(n, 256))
+    return 0
+
+
 def sys_getsockopt(k: Kernel, lwp: Lwp, fd: int, level: int, name: int, val: int, lenp: int) -> int:
     s = _sock(lwp, fd)
     level, name = i32(level), i32(name)
     have = i32(k.mem.read_u32(lenp))
     if have < 0:
         raise GuestError(errno.EINVAL)
-    if level != SOL_SOCKET:
-        raise GuestError(errno.EOPNOTSUPP)
     ints = {
         SO_TYPE: s.stype,
         SO_ERROR: s.so_error,
         SO_SNDBUF: s.sndbuf,
         SO_RCVBUF: s.rcvbuf,
-        SO_DOMAIN: AF_UNIX,
-        SO_PROTOCOL: 0,
+        SO_DOMAIN: s.family,
+        SO_PROTOCOL: s.protocol,
         SO_ACCEPTCONN: int(s.listening),
     }
-    if name in ints:
+    if level != SOL_SOCKET:
+        if not isinstance(s, InetSocket) or level not in PROTO_LEVELS:
+            raise GuestError(errno.EOPNOTSUPP)
+        data = s.options.get((level, name), bytes(4))
+    elif name in ints:
         data = struct.pack("<i", ints[name])
         if name == SO_ERROR:
             s.so_error = 0

@@ -131,13 +131,13 @@ SYSCALLS: list[tuple[int, Callable[..., object], Support, str]] = [
     (284, sys_poll.sys_eventfd, F, ""),
     (290, sys_poll.sys_eventfd2, F, "EFD_SEMAPHORE, EFD_NONBLOCK, EFD_CLOEXEC"),
     # sockets
-    (41, sys_socket.sys_socket, P, "AF_UNIX stream and datagram; AF_INET/AF_INET6 EAFNOSUPPORT"),
+    (41, sys_socket.sys_socket, P, "AF_UNIX stream/datagram; AF_INET/AF_INET6 TCP/UDP on loopback"),
     (53, sys_socket.sys_socketpair, P, "AF_UNIX stream and datagram"),
-    (49, sys_socket.sys_bind, P, "AF_UNIX paths (a socket inode) and abstract names"),
+    (49, sys_socket.sys_bind, P, "AF_UNIX paths and abstract names; loopback/any ports"),
     (50, sys_socket.sys_listen, F, ""),
     (43, sys_socket.sys_accept, F, ""),
     (288, sys_socket.sys_accept4, F, "SOCK_NONBLOCK, SOCK_CLOEXEC"),
-    (42, sys_socket.sys_connect, P, "names bound in this VM (VM-clone: not another VM's)"),
+    (42, sys_socket.sys_connect, P, "names and ports of this VM (VM-clone: not another VM's)"),
     (48, sys_socket.sys_shutdown, F, ""),
     (44, sys_socket.sys_sendto, F, "MSG_DONTWAIT, MSG_NOSIGNAL"),
     (45, sys_socket.sys_recvfrom, F, "MSG_PEEK, MSG_WAITALL, MSG_TRUNC, MSG_DONTWAIT"),
@@ -145,7 +145,7 @@ SYSCALLS: list[tuple[int, Callable[..., object], Support, str]] = [
     (47, sys_socket.sys_recvmsg, F, "SCM_RIGHTS, MSG_CMSG_CLOEXEC, MSG_CTRUNC"),
     (51, sys_socket.sys_getsockname, F, ""),
     (52, sys_socket.sys_getpeername, F, ""),
-    (54, sys_socket.sys_setsockopt, P, "SOL_SOCKET: buffer sizes kept; others recorded"),
+    (54, sys_socket.sys_setsockopt, P, "buffer sizes kept; other options recorded"),
     (55, sys_socket.sys_getsockopt, P, "SOL_SOCKET: SO_TYPE, SO_ERROR, SO_*BUF, recorded values"),
     # memory
     (
