@@ -354,7 +354,9 @@ def check_sockets_contained(r: Out, socks: HostSockets) -> int:
     return r.done("sockets")
 
 
-def test_sockets_stay_in_the_instance_and_the_host_sockets_stay_silent(host_sockets: HostSockets) -> None:
+def test_sockets_stay_in_the_instance_and_the_host_sockets_stay_silent(
+    host_sockets: HostSockets,
+) -> None:
     r = run_thread("sockets", *host_sockets.args())
     assert r.status == 0, r.why()
     check_sockets_contained(r, host_sockets)
