@@ -156,6 +156,15 @@ class Epoll(File):
         if self.items.pop((fd, id(f)), None) is None:
             raise GuestError(errno.ENOENT)
 
+    def replace_files(self, new: dict[int, File]) -> None:
+        """VM-clone fork: files of this VM became their cross-VM versions (keyed by the
+        id() of the old ones); the interest list follows them."""
+        items, self.items = self.items, {}
+        for it in items.values():
+            if id(it.file) in new:
+                it.file, it.seen_gen = new[id(it.file)], -1
+            self.items[(it.fd, id(it.file))] = it
+
     def ready(self, k: Kernel, limit: int, peek: bool = False) -> list[tuple[int, int]]:
         """Up to ``limit`` (events, data) ready now; edge and one-shot state advance
         unless ``peek``."""

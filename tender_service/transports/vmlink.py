@@ -26,6 +26,7 @@ from tender_service.rump.fdtable import FdEntry
 from tender_service.rump.files import FsFile
 from tender_service.rump.outcomes import Block
 from tender_service.rump.pipe import PIPE_CAPACITY, PipeEnd
+from tender_service.rump.poll import Epoll
 from tender_service.rump.socket import UnixSocket, UnsharedSocket, drop_files
 from tender_service.rump.vfs import Vfs
 from tender_service.transports.channel import Channel, ChannelClosed
@@ -273,6 +274,10 @@ class VmLink:
                 new = converted[id(f)]
                 new.refs = f.refs
                 proc.fds.entries[fd] = FdEntry(new, e.cloexec)
+        for proc in procs:  # epoll sets watch the new ends, not the ones replaced
+            for e in proc.fds.entries.values():
+                if isinstance(e.file, Epoll):
+                    e.file.replace_files(converted)
 
     def _share_socket(self, a: UnixSocket) -> RemoteSocket:
         """A connected stream socket of this VM becomes two broker pipes, one per
