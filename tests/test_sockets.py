@@ -24,7 +24,7 @@ from support import image_path, native, vm
 from tender_service.instance.backends.vmclone import run_vmclone
 from tender_service.instance.pool import WarmPool
 from tender_service.rump.vminfo import VmConfig
-from tender_service.vm import CaptureSink
+from tender_service.vm import CaptureSink, create_vm
 
 PROGRAMS = [("sock_unix", []), ("sock_poll", []), ("sock_pair", [])]
 VMCLONE = ["shm", "tcp"]
@@ -145,3 +145,19 @@ def test_loopback_tcp_udp_in_one_kernel() -> None:
     r = vm("sock_inet")
     assert r.result.status == 0, (r.out, r.result.reports)
     assert r.out == out
+
+
+@pytest.mark.parametrize("name", ["sock_unix", "sock_inet", "sock_poll"])
+def test_nothing_is_left_bound_or_waiting(name: str) -> None:
+    """Bad input and churn leave nothing behind: once every process has exited, no
+    AF_UNIX name, no port and no poll waiter remains in the kernel."""
+    sink = CaptureSink()
+    k = create_vm(image_path(name), [f"/tmp/{name}"], None, VmConfig(timeout=120), sink)
+    try:
+        result = k.run()
+        assert (result.outcome, result.status) == ("exited", 0), result.reports
+        assert not k.unix_names.by_ino and not k.unix_names.abstract
+        assert not k.inet.ports
+        assert not k.poll_wq.waiters
+    finally:
+        k.close()
