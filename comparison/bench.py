@@ -38,6 +38,7 @@ log = logging.getLogger("comparison.bench")
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = (
     "getppid_loop",
+    "clock_loop",
     "cpu_loop",
     "hello",
     "fork_time",
@@ -298,12 +299,14 @@ class Bench:
         return lambda: run_in_vm(img, args)
 
     # 1 -----------------------------------------------------------------------------
-    def syscall(self) -> list[Row]:
-        img = self.image("getppid_loop")
+    def _call_loop(self, program: str, label: str) -> tuple[dict[str, list[Run]], int, int, int]:
+        """``program N`` in a VM and natively, interleaved: (runs by side, runs, VM N,
+        native N); the program times its N calls itself."""
+        img = self.image(program)
         vm_n, nat_n = self.p.pick(100_000, 200_000), self.p.pick(1_000_000, 2_000_000)
         runs = self.p.pick(5, 9)
         out = interleave(
-            "syscall: getppid_loop",
+            f"{label}: {program}",
             {
                 "vm": (self.vm(img, [str(vm_n)]), runs),
                 "native": (self.native(img, [str(nat_n)]), runs),
@@ -311,6 +314,10 @@ class Bench:
             1,
             self.progress,
         )
+        return out, runs, vm_n, nat_n
+
+    def syscall(self) -> list[Row]:
+        out, runs, vm_n, nat_n = self._call_loop("getppid_loop", "syscall")
         vm_us = [floats(r.stdout, "ns_per_call")[0] / 1e3 for r in out["vm"]]
         nat_us = [floats(r.stdout, "ns_per_call")[0] / 1e3 for r in out["native"]]
         syscalls = [
@@ -334,6 +341,36 @@ class Bench:
                 samples={"vm_us_per_call": vm_us, "native_us_per_call": nat_us},
             )
         ]
+
+    # 1c ----------------------------------------------------------------------------
+    def clock(self) -> list[Row]:
+        """clock_gettime(CLOCK_MONOTONIC) through libc (the vDSO) and as a raw syscall,
+        timed inside ``clock_loop``, in a thread-fork VM and natively."""
+        out, runs, vm_n, nat_n = self._call_loop("clock_loop", "clock")
+        rows = []
+        for key, name in (
+            ("ns_per_libc_call", "clock_gettime through libc (the vDSO)"),
+            ("ns_per_syscall", "clock_gettime as a syscall (no vDSO)"),
+        ):
+            vm_us = [floats(r.stdout, key)[0] / 1e3 for r in out["vm"]]
+            nat_us = [floats(r.stdout, key)[0] / 1e3 for r in out["native"]]
+            rows.append(
+                Row(
+                    "clock" if key == "ns_per_libc_call" else "clock_syscall",
+                    f"1c {name}",
+                    "us",
+                    _median(nat_us),
+                    _median(vm_us),
+                    notes=[
+                        f"VM {runs} runs x {vm_n} calls, native {runs} runs x {nat_n} calls "
+                        "(+1 warm-up run each); measured inside the program",
+                        f"per-run VM: {', '.join(f'{x:.3f}' for x in vm_us)} us",
+                        f"per-run native: {', '.join(f'{x:.3f}' for x in nat_us)} us",
+                    ],
+                    samples={"vm_us_per_call": vm_us, "native_us_per_call": nat_us},
+                )
+            )
+        return rows
 
     # 1b ----------------------------------------------------------------------------
     def signal(self) -> list[Row]:
@@ -759,6 +796,7 @@ def host_rss() -> int:
 BENCHMARKS: dict[str, Callable[[Bench], list[Row]]] = {
     "syscall": Bench.syscall,
     "signal": Bench.signal,
+    "clock": Bench.clock,
     "hello": Bench.hello,
     "cpu": Bench.cpu,
     "fork": Bench.fork,

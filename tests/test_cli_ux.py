@@ -429,3 +429,26 @@ def test_reflection_v1_needs_the_token(env_tender):
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     (listed,) = _reflect(env_tender.target, V1, req, md=[("authorization", f"Bearer {TOKEN}")])
     assert "unifork.v1.Tender" in {s.name for s in listed.list_services_response.service}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "printf_test"],
+        ["run", "--fork", "vmclone", "printf_test"],
+        ["images"],
+    ],
+    ids=["run-thread", "run-vmclone", "images"],
+)
+def test_a_reader_that_left_ends_the_command_with_sigpipe(argv: list[str]) -> None:
+    """`unifork run prog | head`: the guest's write gets EPIPE and SIGPIPE, as a native
+    program's does (exit 128 + 13), and the CLI prints no traceback; its own listings
+    end the same way."""
+    p = subprocess.Popen(
+        [*unifork_cmd(), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT
+    )
+    assert p.stdout is not None
+    p.stdout.close()  # the reader leaves before the first byte
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 141, err
+    assert b"Traceback" not in err and b"internal error" not in err and b"vanished" not in err, err

@@ -212,6 +212,8 @@ static __attribute__((unused)) const char *errname(int e)
 	case ETIMEDOUT: return "ETIMEDOUT";
 	case ESOCKTNOSUPPORT: return "ESOCKTNOSUPPORT";
 	case EPROTONOSUPPORT: return "EPROTONOSUPPORT";
+	case ENOTTY: return "ENOTTY";
+	case EIO: return "EIO";
 	default: return "E?";
 	}
 }

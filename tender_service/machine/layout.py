@@ -3,7 +3,8 @@
 One flat address space, no protection (as Rumprun): a null guard (nothing is
 mapped below IMAGE_MIN), the ELF image at its linked address (static-PIE at
 PIE_BASE), and the bmk heap at a distinctive high base, so that a conservative
-scan of a stack rarely mistakes an integer for a heap pointer.  Thread stacks
+scan of a stack rarely mistakes an integer for a heap pointer.  The vDSO and
+its clock page sit between the images and the heap.  Thread stacks
 and TLS blocks come from the heap, as in Rumprun.
 """
 
@@ -20,6 +21,8 @@ PIE_BASE = 0x0000_0000_0100_0000
 HEAP_BASE = 0x0000_4000_0000_0000
 #: highest address an image may occupy (below the heap)
 IMAGE_MAX = 0x0000_0001_0000_0000
+#: the vvar page and the vDSO (machine/vclock.py), above every image
+VDSO_BASE = IMAGE_MAX
 
 DEFAULT_RAM = 64 << 20
 DEFAULT_STACK = 256 << 10

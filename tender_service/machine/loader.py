@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 from tender_service.machine.elf import ElfImage
 from tender_service.machine.errors import ImageError
-from tender_service.machine.layout import HEAP_BASE, PIE_BASE, page_down
+from tender_service.machine.layout import HEAP_BASE, PAGE_SIZE, PIE_BASE, VDSO_BASE, page_down
 from tender_service.machine.memory import GuestMemory, Region
+from tender_service.machine.vclock import REGION, region_size, sysinfo_ehdr, vdso_image
 
 AT_NULL, AT_PHDR, AT_PHENT, AT_PHNUM, AT_PAGESZ, AT_BASE, AT_FLAGS, AT_ENTRY = (
     0,
@@ -32,7 +33,7 @@ AT_NULL, AT_PHDR, AT_PHENT, AT_PHNUM, AT_PAGESZ, AT_BASE, AT_FLAGS, AT_ENTRY = (
     9,
 )
 AT_UID, AT_EUID, AT_GID, AT_EGID, AT_PLATFORM, AT_HWCAP, AT_CLKTCK = 11, 12, 13, 14, 15, 16, 17
-AT_SECURE, AT_RANDOM, AT_EXECFN = 23, 25, 31
+AT_SECURE, AT_RANDOM, AT_EXECFN, AT_SYSINFO_EHDR = 23, 25, 31, 33
 #: what cpuid leaf 1 edx reports for Unicorn's default x86-64 CPU (fpu..sse2)
 HWCAP_X86_64 = 0x078BFBFF
 
@@ -55,7 +56,8 @@ class LoadedImage:
 
 
 def layout_memory(mem: GuestMemory, image: ElfImage) -> LoadedImage:
-    """Map the image at its link address (static-PIE at PIE_BASE) and the heap above."""
+    """Map the image at its link address (static-PIE at PIE_BASE), the vDSO and its
+    clock page (machine/vclock.py), and the heap above."""
     bias = PIE_BASE - image.lo if image.is_pie else 0
     if image.span + (1 << 20) > mem.ram_size:
         raise ImageError(
@@ -68,6 +70,9 @@ def layout_memory(mem: GuestMemory, image: ElfImage) -> LoadedImage:
         off = s.vaddr + bias - region.base
         view[off : off + s.filesz] = image.data[s.offset : s.offset + s.filesz]
         # bss is zero already: the RAM buffer is fresh
+    vdso = vdso_image()
+    if vdso is not None:
+        mem.write(mem.add_region(REGION, VDSO_BASE, region_size(vdso)).base + PAGE_SIZE, vdso)
     heap = mem.add_region("heap", HEAP_BASE, page_down(mem.free_ram))
     return LoadedImage(image, bias, region, heap)
 
@@ -138,8 +143,10 @@ def build_stack(
         (AT_SECURE, 0),
         (AT_RANDOM, random),
         (AT_EXECFN, fn),
-        (AT_NULL, 0),
     ]
+    if ehdr := sysinfo_ehdr(mem):
+        auxv.append((AT_SYSINFO_EHDR, ehdr))
+    auxv.append((AT_NULL, 0))
     words = [len(argv), *argv_ptrs, 0, *env_ptrs, 0]
     for k, v in auxv:
         words += [k, v]

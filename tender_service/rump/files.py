@@ -15,6 +15,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from tender_service.machine.errors import GuestError
+from tender_service.rump import jobctl, signals
 from tender_service.rump.outcomes import Block
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ WRITABLE = POLLOUT | POLLWRNORM
 
 TCGETS, TCSETS, TCSETSW, TCSETSF = 0x5401, 0x5402, 0x5403, 0x5404
 TIOCGWINSZ, TIOCSWINSZ, TIOCGPGRP, FIONREAD, FIONBIO = 0x5413, 0x5414, 0x540F, 0x541B, 0x5421
+TIOCSCTTY, TIOCSPGRP = 0x540E, 0x5410
 
 
 class File:
@@ -187,13 +189,19 @@ class ConsoleFile(File):
         self.fdno = fdno
 
     def read(self, k, lwp, addr, n):
+        if k.console.is_tty(0):  # a terminal: a background group may not read it
+            jobctl.check(k, lwp, signals.SIGTTIN)
         return k.console.read(k, lwp, self, addr, n)
 
     def write(self, k, lwp, addr, n):
         return self.write_bytes(k, lwp, k.mem.read(addr, n))
 
     def write_bytes(self, k, lwp, data):
-        k.console.output(lwp.proc.pid, 2 if self.fdno == 2 else 1, data)
+        try:
+            k.console.output(lwp.proc.pid, 2 if self.fdno == 2 else 1, data)
+        except BrokenPipeError:  # `unifork run prog | head`: as a pipe without readers
+            k.post_signal(lwp.proc, signals.SIGPIPE)
+            raise GuestError(errno.EPIPE) from None
         return len(data)
 
     def ioctl(self, k, lwp, req, arg):
@@ -209,10 +217,15 @@ class ConsoleFile(File):
             return 0
         if req in (TCSETS, TCSETSW, TCSETSF, TIOCSWINSZ):
             k.mem.offset(arg, 8)
-            return 0
+            return jobctl.check(k, lwp, signals.SIGTTOU) if req != TIOCSWINSZ else 0
         if req == TIOCGPGRP:
-            k.mem.write_u32(arg, lwp.proc.pgid)
+            k.mem.write_u32(arg, jobctl.tcgetpgrp(k, lwp))
             return 0
+        if req == TIOCSPGRP:
+            pgid = k.mem.read_u32(arg)
+            return jobctl.tcsetpgrp(k, lwp, pgid - (1 << 32) if pgid >> 31 else pgid)
+        if req == TIOCSCTTY:
+            return jobctl.tiocsctty(k, lwp)
         raise GuestError(errno.EINVAL)
 
     @property

@@ -168,6 +168,31 @@ def compile_guest(
         log.warning("compiler diagnostics for %s:\n%s", output.name, proc.stderr.rstrip())
 
 
+#: the vDSO (guest/runtime/vdso.c): a shared object without libc, jump tables or
+#: relocations, laid out flat by vdso.lds (file offsets are its addresses)
+VDSO_FLAGS: tuple[str, ...] = (
+    "-target", TARGET, "-shared", "-nostdlib", "-fPIC", "-O2", "-fno-stack-protector",
+    "-fno-asynchronous-unwind-tables", "-fno-jump-tables", "-Wl,--hash-style=sysv",
+    "-Wl,-soname,linux-vdso.so.1",
+)  # fmt: skip
+
+
+def vdso_sources() -> list[Path]:
+    """The vDSO's source and linker script (for its cache key too)."""
+    rt = runtime_dir()
+    return [rt / "vdso.c", rt / "vdso.lds"]
+
+
+def compile_vdso(output: Path | str) -> None:
+    """Build the guest vDSO into ``output``; raises CompileError on failure."""
+    source, script = vdso_sources()
+    cmd = [*_zig_cc(), *VDSO_FLAGS, f"-Wl,-T,{script}", str(source), "-o", str(output)]
+    log.debug("compiling the vDSO: %s", " ".join(cmd))
+    proc = subprocess.run(cmd, env=zig_env(), capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise CompileError(cmd, proc.returncode, proc.stderr)
+
+
 def split_cc_args(argv: Sequence[str]) -> tuple[list[str], list[str], str | None]:
     """Split cc-style argv into (sources, other args in order, output or None)."""
     sources: list[str] = []

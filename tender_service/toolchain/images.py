@@ -28,9 +28,12 @@ from tender_service.machine.rootfs import MAGIC, is_baked
 from tender_service.toolchain.cc import (
     BASE_FLAGS,
     TARGET,
+    VDSO_FLAGS,
     WRAPPED_FUNCTIONS,
     compile_guest,
+    compile_vdso,
     runtime_sources,
+    vdso_sources,
 )
 from tender_service.toolchain.paths import images_dir, programs_dir
 
@@ -94,7 +97,7 @@ def image_path(source: Path, flags: Sequence[str] = (), name: str | None = None)
 
 
 @contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """Exclusive flock on ``path`` (separate opens conflict, so threads are covered too)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as fh:
@@ -122,16 +125,36 @@ def build_image(name_or_source: str | Path, flags: Sequence[str] = ()) -> Path:
     name, source = _source_of(name_or_source)
     flags = list(flags)
     target = image_path(source, flags, name)
+    return _build_once(
+        target, f"image {name} from {source}", lambda tmp: compile_guest([source], tmp, flags)
+    )
+
+
+def vdso_path() -> Path:
+    """Where the guest vDSO (guest/runtime/vdso.c) lives in the cache."""
+    h = hashlib.sha256(f"zig={zig_version()}\n".encode() + "\0".join(VDSO_FLAGS).encode())
+    for path in vdso_sources():
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return images_dir() / f"vdso-{h.hexdigest()[:16]}.so"
+
+
+def build_vdso() -> Path:
+    """Build (or reuse) the guest vDSO; returns its path."""
+    return _build_once(vdso_path(), "the vDSO", compile_vdso)
+
+
+def _build_once(target: Path, what: str, build: Callable[[Path], None]) -> Path:
+    """``target``, built by ``build(tmp)`` unless it exists: under a per-file lock, into a
+    private name renamed into place, so readers only ever see a complete file."""
     if target.is_file():
         return target
-    with _file_lock(target.with_name(target.name + ".lock")):
+    with file_lock(target.with_name(target.name + ".lock")):
         if target.is_file():  # another builder finished while we waited
             return target
-        # a private name: readers only ever see the final name, complete
         tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
-            log.info("building image %s from %s", name, source)
-            compile_guest([source], tmp, flags)
+            log.info("building %s", what)
+            build(tmp)
             tmp.chmod(0o755)
             os.replace(tmp, target)
         finally:
@@ -180,7 +203,7 @@ def resolve_image(spec: str) -> Path:
 def build_all(
     names: Sequence[str] | None = None, progress: ProgressFn | None = None
 ) -> dict[str, Path]:
-    """Build the named built-ins (default: all) with a small thread pool.
+    """Build the named built-ins (default: all, and the vDSO) with a small thread pool.
 
     Every build is attempted; if any fail, the first failure is raised after
     the others have finished.
@@ -205,6 +228,8 @@ def build_all(
                 log.info("built %s (%d/%d)", name, done, len(wanted))
             if progress is not None:
                 progress(name, done, len(wanted))
+    if names is None:
+        build_vdso()  # every VM maps it: build it with the images, not in a VM's first boot
     if failures:
         raise failures[0][1]
     return {name: built[name] for name in wanted}

@@ -24,31 +24,31 @@ _REAL = (CLOCK_REALTIME, CLOCK_REALTIME_COARSE)
 _CPU = (CLOCK_PROCESS_CPUTIME_ID, CLOCK_THREAD_CPUTIME_ID)
 
 
-def _now_ns(clock: int) -> int:
+def _now_ns(k: Kernel, clock: int) -> int:
     if clock in _MONO:
-        return time.monotonic_ns()
+        return k.clock.now_ns(real=False)
     if clock in _REAL:
-        return time.time_ns()
+        return k.clock.now_ns(real=True)
     if clock in _CPU:
         return time.thread_time_ns()  # the VM's host thread: all its processes together
     raise GuestError(errno.EINVAL)
 
 
 def sys_clock_gettime(k: Kernel, lwp: Lwp, clock: int, tp: int) -> int:
-    ns = _now_ns(i32(clock))
+    ns = _now_ns(k, i32(clock))
     k.mem.pack(TIMESPEC, tp, ns // 1_000_000_000, ns % 1_000_000_000)
     return 0
 
 
 def sys_clock_getres(k: Kernel, lwp: Lwp, clock: int, res: int) -> int:
-    _now_ns(i32(clock))
+    _now_ns(k, i32(clock))
     if res:
         k.mem.pack(TIMESPEC, res, 0, 1)
     return 0
 
 
 def sys_gettimeofday(k: Kernel, lwp: Lwp, tv: int, tz: int) -> int:
-    ns = time.time_ns()
+    ns = k.clock.now_ns(real=True)
     if tv:
         k.mem.pack(TIMEVAL, tv, ns // 1_000_000_000, (ns // 1000) % 1_000_000)
     if tz:
@@ -57,7 +57,7 @@ def sys_gettimeofday(k: Kernel, lwp: Lwp, tv: int, tz: int) -> int:
 
 
 def sys_time(k: Kernel, lwp: Lwp, tloc: int) -> int:
-    now = time.time_ns() // 1_000_000_000
+    now = k.clock.now_ns(real=True) // 1_000_000_000
     if tloc:
         k.mem.write_u64(tloc, now)
     return now
@@ -89,6 +89,6 @@ def sys_clock_nanosleep(k: Kernel, lwp: Lwp, clock: int, flags: int, req: int, r
         sec, nsec = read_timespec(k.mem, req)
         delay = sec + nsec / 1e9
         if flags & TIMER_ABSTIME:
-            delay -= _now_ns(clock) / 1e9
+            delay -= _now_ns(k, clock) / 1e9
         return _sleep_until(lwp, time.monotonic() + max(0.0, delay))
     return _sleep_until(lwp, 0)
