@@ -10,8 +10,9 @@ guest printed:
   mtime unchanged and holds no new entry; a secret in it never shows up;
 - paths of the VM's own devices resolve exactly as Linux resolves them
   (same output natively and in the VM);
-- sockets: every family fails; the host's TCP, Unix and UDP sockets the guest
-  was given never see a connection or a datagram;
+- sockets: only the instance's own names and private loopback network answer;
+  the host's TCP, Unix and UDP sockets the guest was given never see a
+  connection or a datagram;
 - processes: execve, ptrace, process_vm_*, kill/tkill/tgkill/pidfd of the
   tender's own host pid fail; kill(-1, SIGKILL) reaches only the caller's own
   VM (or instance); the tender, the pool's tender processes and a VM running
@@ -316,15 +317,46 @@ def host_sockets(tmp_path: Path) -> Iterator[HostSockets]:
             s.close()
 
 
+#: what the probe's socket attempts give in a VM since guests have sockets (issue 16):
+#: the instance's own AF_UNIX names and private loopback network, nothing of the host's
+SOCKETS_IN_VM = {
+    "socket(AF_INET, SOCK_STREAM)": "3",
+    "  connect(127.0.0.1:TCPPORT)": "-1 ECONNREFUSED",  # no such port in the instance
+    "socket(AF_INET6, SOCK_STREAM)": "3",
+    "  connect([::ffff:127.0.0.1]:TCPPORT)": "-1 ENETUNREACH",
+    "socket(AF_UNIX, SOCK_STREAM)": "3",
+    "  connect(UNIXPATH)": "-1 ENOENT",  # the host's path is not in the instance's tree
+    "socket(AF_INET, SOCK_DGRAM)": "3",
+    "  sendto(127.0.0.1:UDPPORT)": "5",  # lost: nobody bound that port in the instance
+    "socket(AF_UNIX, SOCK_DGRAM)": "3",
+    "  sendto(UNIXPATH)": "-1 ENOENT",
+    "socket(AF_INET, SOCK_STREAM) to listen": "3",
+    "  bind(0.0.0.0:0)": "0",  # inside the instance only
+    "  listen": "0",
+    "socket(AF_NETLINK, SOCK_RAW, NETLINK_ROUTE)": "-1 EAFNOSUPPORT",
+    "socket(AF_PACKET, SOCK_RAW, ETH_P_ALL)": "-1 EAFNOSUPPORT",
+    "socket(AF_INET, SOCK_RAW, IPPROTO_ICMP)": "-1 ESOCKTNOSUPPORT",
+    "socketpair(AF_UNIX, SOCK_STREAM)": "0",
+    "connect(1, 127.0.0.1:TCPPORT)": "-1 ENOTSOCK",
+    "sendto(1, 127.0.0.1:UDPPORT)": "-1 ENOTSOCK",
+}
+
+
 def check_sockets_contained(r: Out, socks: HostSockets) -> int:
+    """Every attempt stays in the instance (the errnos say where it ended) and the
+    host's listeners see nothing: the real check."""
     results = r.results()
-    assert len(results) == 12, r.why()  # only the attempts, no connect: no socket was made
-    assert all(got == "-1 ENOSYS" for _, got in results), r.why()
+    assert [w for w, _ in results] == list(SOCKETS_IN_VM), r.why()
+    for what, got in results:
+        want = SOCKETS_IN_VM[what]
+        assert got == want or (want == "3" and got.isdigit()), (what, got, r.why())
     socks.untouched()
     return r.done("sockets")
 
 
-def test_sockets_all_fail_and_the_host_sockets_stay_silent(host_sockets: HostSockets) -> None:
+def test_sockets_stay_in_the_instance_and_the_host_sockets_stay_silent(
+    host_sockets: HostSockets,
+) -> None:
     r = run_thread("sockets", *host_sockets.args())
     assert r.status == 0, r.why()
     check_sockets_contained(r, host_sockets)

@@ -369,6 +369,27 @@ static int sanitize(struct fz *z, long nr, uint64_t *a, enum cls *c)
 		return 0; /* clone, fork, vfork, execve, exit, exit_group, rt_sigreturn, pause */
 	case 37: case 38: case 128: case 129: case 130:
 		return 0; /* alarm, setitimer (a SIGALRM ends the run), sigtimedwait, sigqueue, sigsuspend */
+	case 23: case 270: case 271: case 441: case 42: case 43: case 288:
+		return 0; /* select, pselect6, ppoll, epoll_pwait2, connect, accept(4): may wait for ever */
+	case 7: /* poll(fds, n, timeout) */
+		a[2] = 0;
+		clamp(z, a[0], &a[1], 8);
+		return 1;
+	case 232: case 281: /* epoll_wait, epoll_pwait(epfd, events, max, timeout) */
+		a[3] = 0;
+		clamp(z, a[1], &a[2], 12);
+		return 1;
+	case 44: case 45: /* sendto, recvfrom(fd, buf, len, flags, ...) */
+		if (fork_mode && is_self_fd(a[0]))
+			return 0;
+		a[3] |= 0x40; /* MSG_DONTWAIT: a random socket is a blocking one */
+		clamp(z, a[1], &a[2], 1);
+		return 1;
+	case 46: case 47: /* sendmsg, recvmsg(fd, msg, flags) */
+		if (fork_mode && is_self_fd(a[0]))
+			return 0;
+		a[2] |= 0x40;
+		return in_vm && !in_arena(z, a[1]); /* a msghdr in the arena could point anywhere */
 	case 0: case 17: /* read, pread64 */
 		if ((int)a[0] == 0)
 			return 0;

@@ -836,6 +836,13 @@ class Supervisor:
             return -errno.EBADF
         return 0
 
+    def _op_pipe_poll(self, rec: ProcRec, pipe: int, write_end: int) -> int:
+        """The ready events of a brokered pipe end (poll/select/epoll in a VM)."""
+        try:
+            return self.broker.poll(pipe, bool(write_end))
+        except ValueError:
+            return -errno.EBADF
+
     def _op_fs(self, rec: ProcRec, data: bytes) -> tuple[int, bytes]:
         return self.fs.call(rec.pid, data)
 

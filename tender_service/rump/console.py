@@ -137,6 +137,12 @@ class Console:
         """The host fd to wait on while a reader is blocked on it (else None)."""
         return self.input.host_fd if self.input_wq.waiters else None
 
+    def input_ready(self) -> bool:
+        """Would a read of fd 0 return now (poll)?  A fixed or remote input always
+        answers (data or EOF); a host fd is asked."""
+        fd = self.input.host_fd
+        return fd is None or host_ready(fd)
+
     def is_tty(self, fdno: int) -> bool:
         """Terminal ioctls: fds 1/2 follow ``tty``; fd 0 also needs a terminal as input."""
         return self.tty and (fdno != 0 or self.input.isatty())

@@ -35,7 +35,13 @@ O_CREAT, O_EXCL, O_NOCTTY, O_TRUNC, O_APPEND, O_NONBLOCK = (
 O_DIRECTORY, O_CLOEXEC = 0o200000, 0o2000000
 O_LARGEFILE = 0o100000
 
-S_IFIFO, S_IFCHR = 0o010000, 0o020000
+S_IFIFO, S_IFCHR, S_IFSOCK = 0o010000, 0o020000, 0o140000
+
+# poll(2) event bits, as Linux numbers them (epoll's EPOLL* are the same)
+POLLIN, POLLPRI, POLLOUT, POLLERR, POLLHUP, POLLNVAL = 0x1, 0x2, 0x4, 0x8, 0x10, 0x20
+POLLRDNORM, POLLRDBAND, POLLWRNORM, POLLWRBAND, POLLRDHUP = 0x40, 0x80, 0x100, 0x200, 0x2000
+READABLE = POLLIN | POLLRDNORM
+WRITABLE = POLLOUT | POLLWRNORM
 
 TCGETS, TCSETS, TCSETSW, TCSETSF = 0x5401, 0x5402, 0x5403, 0x5404
 TIOCGWINSZ, TIOCSWINSZ, TIOCGPGRP, FIONREAD, FIONBIO = 0x5413, 0x5414, 0x540F, 0x541B, 0x5421
@@ -117,6 +123,27 @@ class File:
 
     def describe(self) -> str:
         return self.kind
+
+    def poll(self, k: Kernel) -> int:
+        """The poll(2) events ready now.  A file without a wait of its own (a regular
+        file, a device) is always ready, as Linux's DEFAULT_POLLMASK says."""
+        return READABLE | WRITABLE
+
+    def poll_gen(self) -> int:
+        """A counter that moves whenever new readiness arrives (data, room, hang-up):
+        an edge-triggered epoll reports a ready file again only once it moved."""
+        return 0
+
+    @property
+    def pollable(self) -> bool:
+        """Can this file wait (epoll_ctl refuses the rest with EPERM, as Linux)."""
+        return False
+
+    @property
+    def poll_rechecks(self) -> bool:
+        """Nothing wakes the poll queue when this file becomes ready (a host fd, a
+        pipe in another VM): a poll that waits on it re-checks on a short timer."""
+        return False
 
 
 class NullFile(File):
@@ -204,6 +231,18 @@ class ConsoleFile(File):
     @property
     def mode_bits(self) -> int:
         return S_IFCHR
+
+    @property
+    def pollable(self) -> bool:
+        return True
+
+    def poll(self, k: Kernel) -> int:
+        mask = WRITABLE if self.writable else 0
+        if self.readable and self.fdno == 0:
+            mask |= READABLE if k.console.input_ready() else 0
+        elif self.readable:
+            mask |= READABLE
+        return mask
 
 
 class FsFile(File):

@@ -30,6 +30,7 @@ from tender_service.machine.errors import GuestError
 from tender_service.machine.rootfs import DIR, FILE, SYMLINK, RootFs
 
 CHR = "chr"
+SOCK = "sock"  # an AF_UNIX socket's name (bind); the kernel keeps the socket itself
 PATH_MAX, NAME_MAX, MAXSYMLINKS = 4096, 255, 40
 ROOT_INO = 1
 DEFAULT_TMPFS_SIZE = 64 << 20
@@ -39,12 +40,14 @@ O_CREAT, O_EXCL, O_TRUNC, O_APPEND = 0o100, 0o200, 0o1000, 0o2000
 O_DIRECTORY, O_NOFOLLOW = 0o200000, 0o400000
 S_IFMT = 0o170000
 S_IFREG, S_IFDIR, S_IFLNK, S_IFCHR = 0o100000, 0o040000, 0o120000, 0o020000
-TYPE_BITS = {FILE: S_IFREG, DIR: S_IFDIR, SYMLINK: S_IFLNK, CHR: S_IFCHR}
+S_IFSOCK = 0o140000
+TYPE_BITS = {FILE: S_IFREG, DIR: S_IFDIR, SYMLINK: S_IFLNK, CHR: S_IFCHR, SOCK: S_IFSOCK}
 DT = {
     FILE: 8,
     DIR: 4,
     SYMLINK: 10,
     CHR: 2,
+    SOCK: 12,
     "file": 8,
     "dir": 4,
     "symlink": 10,
@@ -332,6 +335,8 @@ class FileSystem:
                 raise GuestError(errno.EISDIR)
             if node.kind == CHR:
                 return Opened(0, node.ino, CHR, node.device)
+            if node.kind == SOCK:
+                raise GuestError(errno.ENXIO)  # a socket is connected to, not opened
             if flags & O_TRUNC and acc != O_RDONLY and node.kind == FILE:
                 self._resize(node, 0)
             where = self._path_of_dir(node if node.kind == DIR else parent)
@@ -494,6 +499,20 @@ class FileSystem:
             if parent.nlink == 0:
                 raise GuestError(errno.ENOENT)
             self._mkdir_in(parent, name, mode)
+
+    def mksock(self, base: int, path: bytes, mode: int) -> int:
+        """bind(2) of an AF_UNIX socket to a path: a socket inode; EADDRINUSE if the
+        name exists (even a dead socket's, as Linux).  Returns the inode number."""
+        with self._lock:
+            parent, name, node, trailing = self._resolve(base, path, False)
+            if node is not None:
+                raise GuestError(errno.EADDRINUSE)
+            if parent.nlink == 0 or trailing:
+                raise GuestError(errno.ENOENT)
+            node = self._new(SOCK, mode)
+            parent.children[name] = node
+            parent.mtime = parent.ctime = node.ctime
+            return node.ino
 
     def rmdir(self, base: int, path: bytes) -> None:
         with self._lock:

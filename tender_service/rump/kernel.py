@@ -40,8 +40,10 @@ from tender_service.rump.dispatch import make_dispatcher, traced
 from tender_service.rump.fdtable import FdTable
 from tender_service.rump.files import O_RDONLY, O_WRONLY, ConsoleFile
 from tender_service.rump.fs import FileSystem
+from tender_service.rump.inet import InetNames
 from tender_service.rump.process import Lwp, Process, Program
 from tender_service.rump.proctable import ProcessTable
+from tender_service.rump.socket import UnixNames
 from tender_service.rump.timers import SIGEV_NONE, PosixTimer
 from tender_service.rump.vfs import Vfs
 from tender_service.rump.vminfo import RunResult, VmConfig
@@ -121,6 +123,13 @@ class Kernel(ProcessTable):
         self.clock = GuestClock.for_memory(mem)
         self.sched = Scheduler()
         self.futexes: dict[int, WaitQueue] = {}
+        #: poll/select/epoll_wait sleep here; any file whose readiness changes wakes
+        #: it (broad: the sleepers re-check their files), see ``poll_wake``
+        self.poll_wq = WaitQueue("poll")
+        #: AF_UNIX names bound in this kernel (rump/socket.py)
+        self.unix_names = UnixNames()
+        #: the instance's private loopback network, as seen by this kernel (rump/inet.py)
+        self.inet = InetNames()
         self.current: Lwp | None = None
         self._loaded: BmkThread | None = None
         #: the syscall in progress parked its thread (it runs again when woken) or
@@ -597,6 +606,11 @@ class Kernel(ProcessTable):
             os.write(self._wakeup_w, b"!")
 
     # -- introspection -------------------------------------------------------------
+    def poll_wake(self) -> None:
+        """Some file's readiness changed: threads in poll/select/epoll_wait re-check."""
+        if self.poll_wq.waiters:
+            self.sched.wake_all(self.poll_wq)
+
     def warn_once(self, key: str, msg: str, *args: object) -> None:
         if key not in self._warned:
             self._warned.add(key)

@@ -16,7 +16,17 @@ from typing import TYPE_CHECKING
 from tender_service.bmk.sched import WaitQueue
 from tender_service.machine.errors import GuestError
 from tender_service.rump import signals
-from tender_service.rump.files import FIONREAD, O_RDONLY, O_WRONLY, S_IFIFO, File
+from tender_service.rump.files import (
+    FIONREAD,
+    O_RDONLY,
+    O_WRONLY,
+    POLLERR,
+    POLLHUP,
+    READABLE,
+    S_IFIFO,
+    WRITABLE,
+    File,
+)
 from tender_service.rump.outcomes import Block
 
 if TYPE_CHECKING:
@@ -39,6 +49,10 @@ class Pipe:
         self.readable_wq = WaitQueue(f"pipe:{self.id}:read")
         self.writable_wq = WaitQueue(f"pipe:{self.id}:write")
         self.bytes_through = 0
+        #: readiness counters for edge-triggered epoll: data or EOF for readers,
+        #: room or a gone reader for writers
+        self.in_gen = 0
+        self.out_gen = 0
         #: set once the pipe moved into the supervisor's broker (VM-clone fork)
         self.broker_id: int | None = None
 
@@ -58,6 +72,22 @@ class PipeEnd(File):
 
     def describe(self) -> str:
         return f"pipe:{self.pipe.id}:{'w' if self.write_end else 'r'}"
+
+    @property
+    def pollable(self) -> bool:
+        return True
+
+    def poll(self, k: Kernel) -> int:
+        """Linux's pipe_poll."""
+        p = self.pipe
+        if self.write_end:
+            mask = WRITABLE if len(p.buf) < PIPE_CAPACITY else 0
+            return mask | (POLLERR if p.readers == 0 else 0)
+        mask = READABLE if p.buf else 0
+        return mask | (POLLHUP if p.writers == 0 else 0)
+
+    def poll_gen(self) -> int:
+        return self.pipe.out_gen if self.write_end else self.pipe.in_gen
 
     def read(self, k: Kernel, lwp: Lwp, addr: int, n: int) -> int:
         return self.readv(k, lwp, [(addr, n)])
@@ -93,8 +123,10 @@ class PipeEnd(File):
                 k.mem.write(base, memoryview(p.buf)[done : done + part])
                 done += part
         del p.buf[:take]
+        p.out_gen += 1
         if p.writable_wq.waiters:
             k.sched.wake_all(p.writable_wq)
+        k.poll_wake()
         return take
 
     def write(self, k: Kernel, lwp: Lwp, addr: int, n: int) -> int:
@@ -136,8 +168,10 @@ class PipeEnd(File):
             p.buf += data[done : done + take]
         p.bytes_through += take
         k.pipe_bytes += take
+        p.in_gen += 1
         if p.readable_wq.waiters:
             k.sched.wake_all(p.readable_wq)
+        k.poll_wake()
         done += take
         if done < n and not self.nonblocking:
             lwp.progress = done
@@ -156,12 +190,15 @@ class PipeEnd(File):
         if self.write_end:
             p.writers -= 1
             if p.writers == 0:
+                p.in_gen += 1
                 k.sched.wake_all(p.readable_wq)
         else:
             p.readers -= 1
             if p.readers == 0:
                 p.buf.clear()
+                p.out_gen += 1
                 k.sched.wake_all(p.writable_wq)
+        k.poll_wake()
 
 
 def make_pipe(flags: int) -> tuple[PipeEnd, PipeEnd]:

@@ -78,7 +78,8 @@ NO_RESTART = {
     271,  # ppoll
     281,  # epoll_pwait
 }
-WRITES = {1, 20}  # write, writev: an interrupted write returns what it moved
+#: write, writev, sendto, sendmsg: an interrupted write returns what it moved
+WRITES = {1, 20, 44, 46}
 
 
 def on_altstack(lwp: Lwp, sp: int) -> bool:

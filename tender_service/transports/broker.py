@@ -42,6 +42,9 @@ from tender_service.rump.pipe import PIPE_BUF, PIPE_CAPACITY
 
 log = logging.getLogger(__name__)
 
+#: poll(2) bits (rump/files.py's): IN|RDNORM, OUT|WRNORM, ERR, HUP
+POLL_IN, POLL_OUT, POLL_ERR, POLL_HUP = 0x41, 0x104, 0x8, 0x10
+
 Holder: TypeAlias = int
 ReadReply: TypeAlias = Callable[[bytes | int], None]
 """Called with the bytes read (``b""`` = EOF, or a 0-byte read) or ``-errno``."""
@@ -254,6 +257,17 @@ class PipeBroker:
         self._flush()
 
     # -- introspection ------------------------------------------------------
+
+    def poll(self, pipe: int, write_end: bool) -> int:
+        """poll(2)'s events of one end of a shared pipe, as Linux's pipe_poll:
+        readers IN (data) / HUP (no writer left), writers OUT (room) / ERR (no reader)."""
+        p = self._pipes.get(pipe)
+        if p is None:
+            raise ValueError(f"poll of unknown pipe {pipe}")
+        if write_end:
+            room = len(p.buf) < PIPE_CAPACITY and not p.writes
+            return (POLL_OUT if room else 0) | (0 if p.has_readers else POLL_ERR)
+        return (POLL_IN if p.buf else 0) | (0 if p.has_writers else POLL_HUP)
 
     def blocked(self) -> dict[Holder, str]:
         """Holders with a parked request and what they wait on, for deadlock reports and ``--ps``."""

@@ -33,7 +33,7 @@ OFD_METHODS = frozenset(
 )
 METHODS = (
     OFD_METHODS
-    | {"open", "stat", "mkdir", "rmdir", "unlink", "link", "symlink"}
+    | {"open", "stat", "mkdir", "mksock", "rmdir", "unlink", "link", "symlink"}
     | {"readlink", "rename", "chmod", "truncate", "utimens", "chdir", "getcwd", "open_exec"}
 )
 
@@ -168,6 +168,9 @@ class RemoteFs:
 
     def mkdir(self, base: int, path: bytes, mode: int) -> None:
         self._call("mkdir", base, path, mode)
+
+    def mksock(self, base: int, path: bytes, mode: int) -> int:
+        return self._call("mksock", base, path, mode)  # type: ignore[return-value]
 
     def rmdir(self, base: int, path: bytes) -> None:
         self._call("rmdir", base, path)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from tender_service.machine.errors import GuestError
 from tender_service.rump import signals
-from tender_service.rump.files import O_RDONLY, O_WRONLY, S_IFIFO, File
+from tender_service.rump.files import O_RDONLY, O_WRONLY, POLLERR, S_IFIFO, File
 from tender_service.rump.outcomes import Block
 from tender_service.transports.protocol import END_READ, END_WRITE, MAX_PIPE_CHUNK, Msg
 
@@ -31,9 +31,39 @@ class RemotePipeEnd(File):
     def __init__(self, link: VmLink, pipe: int, write_end: bool, flags: int) -> None:
         super().__init__((flags & ~3) | (O_WRONLY if write_end else O_RDONLY))
         self.link, self.pipe, self.write_end = link, pipe, write_end
+        #: a write with no reader left raises SIGPIPE (a socket's MSG_NOSIGNAL clears it)
+        self.sigpipe = True
+        self._last_mask = -1
+        self._gen = 0
 
     def describe(self) -> str:
         return f"remote pipe:{self.pipe}:{'w' if self.write_end else 'r'}"
+
+    @property
+    def pollable(self) -> bool:
+        return True
+
+    @property
+    def poll_rechecks(self) -> bool:
+        return True  # no message tells this VM when the broker's pipe changes
+
+    def poll(self, k: Kernel) -> int:
+        """Ask the broker (a synchronous call); a wait re-asks on a short timer."""
+        try:
+            mask = self.link.call("pipe_poll", self.pipe, 1 if self.write_end else 0)
+        except GuestError:
+            mask = -1
+        if mask < 0:
+            return POLLERR
+        if mask != self._last_mask:
+            self._last_mask = mask
+            self._gen += 1
+        return mask
+
+    def poll_gen(self) -> int:
+        """Edge-triggered epoll: a change of the ready events seen by poll (the
+        broker's state between two polls is not seen)."""
+        return self._gen
 
     def snapshot_state(self) -> dict:
         return {
@@ -109,7 +139,7 @@ class RemotePipeEnd(File):
         reply = self.link.take_reply(lwp)
         if reply is not None:
             arg, _, flags = reply
-            if flags:  # the last reader is gone
+            if flags and self.sigpipe:  # the last reader is gone
                 k.post_signal(lwp.proc, signals.SIGPIPE)
             if arg < 0:
                 done, lwp.progress = lwp.progress, 0

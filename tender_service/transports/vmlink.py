@@ -25,13 +25,16 @@ from tender_service.rump import signals
 from tender_service.rump.fdtable import FdEntry
 from tender_service.rump.files import FsFile
 from tender_service.rump.outcomes import Block
-from tender_service.rump.pipe import PipeEnd
+from tender_service.rump.pipe import PIPE_CAPACITY, PipeEnd
+from tender_service.rump.poll import Epoll
+from tender_service.rump.socket import UnixSocket, UnsharedSocket, drop_files
 from tender_service.rump.vfs import Vfs
 from tender_service.transports.channel import Channel, ChannelClosed
 from tender_service.transports.frames import MAX_PAYLOAD, Frame, ProtocolError
 from tender_service.transports.protocol import MAX_PIPE_CHUNK, NONBLOCK, SIGNAL_INFO, Msg
 from tender_service.transports.remote_fs import RemoteFs
 from tender_service.transports.remote_pipe import RemotePipeEnd
+from tender_service.transports.remote_socket import RemoteSocket
 
 if TYPE_CHECKING:
     from tender_service.rump.files import File
@@ -83,7 +86,7 @@ class VmLink:
         for off in range(0, len(data), MAX_PAYLOAD):
             self._notify(Frame(Msg.CONSOLE, 0, 0, fd, pid, bytes(data[off : off + MAX_PAYLOAD])))
 
-    def make_file(self, state: dict) -> RemotePipeEnd | FsFile:
+    def make_file(self, state: dict) -> File:
         """Snapshot factory for remote pipe ends and files (see fork/snapshot.py)."""
         if state.get("kind") == "fsfile":
             return FsFile(
@@ -93,6 +96,19 @@ class VmLink:
                 bool(state["dir"]),
                 int(state.get("flags", 0)),
                 str(state.get("path", "")).encode("latin-1"),
+            )
+        if state.get("kind") == "rsock":
+            rx, tx = int(state["rx"]), int(state["tx"])
+            return RemoteSocket(
+                self,
+                rx if rx >= 0 else None,
+                tx if tx >= 0 else None,
+                int(state["stype"]),
+                int(state.get("flags", 0)),
+            )
+        if state.get("kind") == "unshared":
+            return UnsharedSocket(
+                int(state.get("stype", 0)), int(state.get("flags", 0)), str(state.get("what", ""))
             )
         if state.get("kind") != "rpipe":
             raise ValueError(f"unknown file kind {state.get('kind')!r} in snapshot")
@@ -234,10 +250,17 @@ class VmLink:
     def make_remote(self, procs: list[Process]) -> None:
         """Every local pipe end in these processes' tables becomes a broker pipe end
         (one conversion per open pipe end, however many tables and fds hold it)."""
-        converted: dict[int, RemotePipeEnd] = {}
+        converted: dict[int, File] = {}
         for proc in procs:
             for fd, e in list(proc.fds.entries.items()):
                 f = e.file
+                if isinstance(f, UnixSocket) and f.stream and f.peer is not None:
+                    if id(f) not in converted:
+                        converted[id(f)] = self._share_socket(f)
+                    new_sock = converted[id(f)]
+                    new_sock.refs = f.refs
+                    proc.fds.entries[fd] = FdEntry(new_sock, e.cloexec)
+                    continue
                 if not isinstance(f, PipeEnd):
                     continue
                 p = f.pipe
@@ -255,6 +278,49 @@ class VmLink:
                 new = converted[id(f)]
                 new.refs = f.refs
                 proc.fds.entries[fd] = FdEntry(new, e.cloexec)
+        for proc in procs:  # epoll sets watch the new ends, not the ones replaced
+            for e in proc.fds.entries.values():
+                if isinstance(e.file, Epoll):
+                    e.file.replace_files(converted)
+
+    def _share_socket(self, a: UnixSocket) -> RemoteSocket:
+        """A connected stream socket of this VM becomes two broker pipes, one per
+        direction (the first end shared creates both; its peer gets the same)."""
+        b = a.peer
+        assert b is not None  # only connected sockets are shared
+        if a.broker is None:
+            ab = self._direction(a, b)
+            ba = self._direction(b, a)
+            a.broker, b.broker = (ab, ba), (ba, ab)
+        tx, rx = a.broker
+        return RemoteSocket(
+            self, rx if rx >= 0 else None, tx if tx >= 0 else None, a.stype, a.flags
+        )
+
+    def _direction(self, src: UnixSocket, dst: UnixSocket) -> int:
+        """The broker pipe for src -> dst with dst's unread bytes; -1 if that direction
+        is over (files in flight do not cross VMs: they are closed)."""
+        writers = 0 if src.closed or src.shut_wr else 1
+        readers = 0 if dst.closed or dst.shut_rd else 1
+        if not writers and not readers:
+            return -1
+        data = bytearray()
+        for seg in dst.rx:
+            data += seg.data
+            if seg.files:
+                assert self.kernel is not None  # attached before any fork
+                drop_files(self.kernel, seg.files)
+                seg.files = None
+        first = bytes(data[:PIPE_CAPACITY])
+        value, _ = self.call_full("pipe_create", readers, writers, data=first)
+        if value < 0:
+            raise GuestError(-value, "cannot share a socket")
+        for off in range(len(first), len(data), MAX_PIPE_CHUNK):
+            # the rest as writes nobody waits for: the broker queues them in order
+            self._notify(
+                Frame(Msg.PIPE_WRITE, 0, 0, value, 0, bytes(data[off : off + MAX_PIPE_CHUNK]))
+            )
+        return value
 
     def add_holder(self, files: list[File], pid: int) -> None:
         """Register ``pid`` (a fork's or a VM-clone exec's new VM) as holding one
@@ -267,11 +333,18 @@ class VmLink:
             if isinstance(f, FsFile):
                 self.fs_tree.hold(f.ofd, pid)  # the same open file description
             elif isinstance(f, RemotePipeEnd):
-                value = self.call(
-                    "pipe_refs", f.pipe, pid, 0 if f.write_end else 1, 1 if f.write_end else 0
-                )
-                if value < 0:
-                    raise GuestError(-value, "cannot share a pipe")
+                self._hold_end(f, pid)
+            elif isinstance(f, RemoteSocket):
+                for end in (f.rx, f.tx):
+                    if end is not None:
+                        self._hold_end(end, pid)
+
+    def _hold_end(self, f: RemotePipeEnd, pid: int) -> None:
+        value = self.call(
+            "pipe_refs", f.pipe, pid, 0 if f.write_end else 1, 1 if f.write_end else 0
+        )
+        if value < 0:
+            raise GuestError(-value, "cannot share a pipe")
 
     # -- the reader thread ---------------------------------------------------------
     def _notify(self, frame: Frame) -> None:

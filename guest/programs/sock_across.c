@@ -1,0 +1,88 @@
+/*
+ * sock_across.c — what a forked child can do with sockets it inherited.
+ *
+ * Natively and in thread fork (one kernel) everything works: the child
+ * connects to a name its parent bound, accepts that connection on the
+ * listening socket it inherited, and passes an fd to its parent over a
+ * socketpair.  In VM-clone mode the child is another VM: the name is not
+ * there (ECONNREFUSED), the inherited listening socket is EOPNOTSUPP, files
+ * do not cross VMs (EOPNOTSUPP), while the socketpair's bytes do
+ * (docs/semantics.md, "Sockets").  The child prints with write(2) and the
+ * parent only after waiting for it, so the order is fixed.
+ */
+#define PROG "sock_across"
+#include "guest_common.h"
+
+#include <fcntl.h>
+#include <stddef.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+
+static void line(const char *what, long r)
+{
+	char buf[160];
+
+	if (r < 0)
+		snprintf(buf, sizeof buf, "%s = -1 %s\n", what, errname(get_errno()));
+	else
+		snprintf(buf, sizeof buf, "%s = %ld\n", what, r);
+	say(buf);
+}
+
+int main(void)
+{
+	struct sockaddr_un a;
+	socklen_t len;
+	int l, sv[2], p[2], st;
+	char buf[64];
+	pid_t pid;
+
+	top_pid = getpid();
+	memset(&a, 0, sizeof a);
+	a.sun_family = AF_UNIX;
+	memcpy(a.sun_path + 1, "sock-across", 11);
+	len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 12);
+	l = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0);
+	if (bind(l, (struct sockaddr *)&a, len) != 0 || listen(l, 4) != 0)
+		DIE_ERRNO("listen");
+	if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0)
+		DIE_ERRNO("socketpair");
+	xpipe(p);
+	pid = xfork();
+	if (pid == 0) {
+		int c = socket(AF_UNIX, SOCK_STREAM, 0), s;
+		struct msghdr m = {0};
+		struct iovec iov = {"f", 1};
+		union {
+			char b[CMSG_SPACE(sizeof(int))];
+			struct cmsghdr align;
+		} u;
+		struct cmsghdr *cm;
+
+		set_errno(0);
+		line("child: connect to the parent's name", connect(c, (struct sockaddr *)&a, len));
+		set_errno(0);
+		s = accept(l, NULL, NULL);
+		line("child: accept on the inherited listener", s);
+		m.msg_iov = &iov;
+		m.msg_iovlen = 1;
+		m.msg_control = u.b;
+		m.msg_controllen = sizeof u.b;
+		cm = CMSG_FIRSTHDR(&m);
+		cm->cmsg_level = SOL_SOCKET;
+		cm->cmsg_type = SCM_RIGHTS;
+		cm->cmsg_len = CMSG_LEN(sizeof(int));
+		memcpy(CMSG_DATA(cm), &p[0], sizeof(int));
+		set_errno(0);
+		line("child: sendmsg SCM_RIGHTS", sendmsg(sv[1], &m, 0));
+		set_errno(0);
+		line("child: send bytes", send(sv[1], "bytes", 5, 0));
+		_exit(0);
+	}
+	close(sv[1]);
+	waitpid(pid, &st, 0);
+	set_errno(0);
+	line("parent: recv", recv(sv[0], buf, sizeof buf, MSG_DONTWAIT));
+	printf("child %s\ndone\n", describe_status(st));
+	return 0;
+}

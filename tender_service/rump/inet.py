@@ -1,0 +1,271 @@
+"""AF_INET and AF_INET6 loopback sockets: a private network inside one kernel.
+
+TCP and UDP between the processes of one kernel over 127.0.0.0/8 and ::1
+(and the any-addresses, which reach the same loopback).  The transport is
+this kernel's AF_UNIX machinery (``rump/socket.py``): a TCP connection is a
+connected stream pair, a UDP socket a datagram queue; what differs is the
+naming: a name is an (address, port) in a sockaddr_in/sockaddr_in6, ports
+are bound per family and protocol (``InetNames``), an unbound socket gets
+an ephemeral port when it connects, listens or sends.
+
+Not Linux (docs/semantics.md): IPv4 and IPv6 are separate (an AF_INET6
+socket bound to :: does not take IPv4 connections); a close with unread
+data is an EOF to the peer, not a reset; a write to a peer that closed
+fails with EPIPE at once.  Any other destination is ENETUNREACH: nothing
+leaves the instance.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import struct
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from tender_service.machine.errors import GuestError
+from tender_service.rump.files import File
+from tender_service.rump.outcomes import Block
+from tender_service.rump.socket import (
+    AF_INET,
+    AF_INET6,
+    SOCK_DGRAM,
+    SOCK_STREAM,
+    SOMAXCONN,
+    UnixSocket,
+    drop_files,
+)
+
+if TYPE_CHECKING:
+    from tender_service.rump.kernel import Kernel
+    from tender_service.rump.process import Lwp
+
+IPPROTO_IP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_IPV6 = 0, 6, 17, 41
+SOL_SOCKET, SO_REUSEPORT = 1, 15
+MAX_UDP = 65507  # the largest IPv4 UDP payload
+EPHEMERAL = (32768, 60999)  # net.ipv4.ip_local_port_range
+ANY4, LOOP4 = bytes(4), bytes([127, 0, 0, 1])
+ANY6, LOOP6 = bytes(16), bytes(15) + b"\x01"
+SOCKADDR_IN = struct.Struct(">HH4s8x")  # family is little-endian: packed apart
+SOCKADDR_IN6 = struct.Struct(">HHI16sI")
+
+
+@dataclass(eq=False)
+class InetNames:
+    """The bound ports of one kernel: (family, type, port) -> sockets."""
+
+    ports: dict[tuple[int, int, int], list[InetSocket]] = field(default_factory=dict)
+    next_port: itertools.cycle = field(
+        default_factory=lambda: itertools.cycle(range(EPHEMERAL[0], EPHEMERAL[1] + 1))
+    )
+
+
+def is_any(ip: bytes) -> bool:
+    return ip in (ANY4, ANY6)
+
+
+def is_loopback(ip: bytes) -> bool:
+    return (len(ip) == 4 and ip[0] == 127) or ip == LOOP6
+
+
+class InetSocket(UnixSocket):
+    """A TCP or UDP socket of the instance's private loopback network."""
+
+    def __init__(self, family: int, stype: int, flags: int = 0) -> None:
+        super().__init__(stype, flags)
+        self.family = family
+        self.protocol = IPPROTO_TCP if stype == SOCK_STREAM else IPPROTO_UDP
+        self.ip = ANY4 if family == AF_INET else ANY6
+        self.port = 0
+        self.peer_addr: tuple[bytes, int] | None = None  # UDP connect()
+
+    def describe(self) -> str:
+        proto = "tcp" if self.stype == SOCK_STREAM else "udp"
+        return f"socket:[{self.id}] {proto}{'6' if self.family == AF_INET6 else ''}"
+
+    # -- addresses ----------------------------------------------------------------
+    def sockaddr(self, ip: bytes, port: int) -> bytes:
+        if self.family == AF_INET:
+            return struct.pack("<H", AF_INET) + SOCKADDR_IN.pack(0, port, ip)[2:]
+        return struct.pack("<H", AF_INET6) + SOCKADDR_IN6.pack(0, port, 0, ip, 0)[2:]
+
+    def out_name(self, name: bytes) -> bytes:
+        """What getsockname/getpeername/accept/recvfrom copy out."""
+        return name or self.sockaddr(self.ip, 0)
+
+    def parse(self, k: Kernel, addr: int, addrlen: int, bind: bool) -> tuple[bytes, int]:
+        """(ip, port) of a sockaddr_in/in6 passed in."""
+        n = addrlen if addrlen < (1 << 31) else -1
+        need = 16 if self.family == AF_INET else 24
+        if n < need:
+            raise GuestError(errno.EINVAL)
+        raw = k.mem.read(addr, min(n, 28))
+        (family,) = struct.unpack_from("<H", raw)
+        if family != self.family:
+            raise GuestError(errno.EAFNOSUPPORT)
+        if self.family == AF_INET:
+            _, port, ip = SOCKADDR_IN.unpack_from(raw)
+        else:
+            _, port, _, ip, _ = SOCKADDR_IN6.unpack_from(raw + bytes(28 - len(raw)))
+        return ip, port
+
+    # -- ports ----------------------------------------------------------------------
+    def _key(self, port: int, stype: int | None = None) -> tuple[int, int, int]:
+        return (self.family, self.stype if stype is None else stype, port)
+
+    def _conflicts(self, k: Kernel, ip: bytes, port: int) -> bool:
+        for other in k.inet.ports.get(self._key(port), []):
+            if other.closed:
+                continue
+            if not (is_any(ip) or is_any(other.ip) or ip == other.ip):
+                continue
+            if self._reuses(other):
+                continue
+            return True
+        return False
+
+    def _reuses(self, other: InetSocket) -> bool:
+        """SO_REUSEPORT on both (Linux also wants the same owner: every process here
+        is root)."""
+        return self._reuseport() and other._reuseport()
+
+    def _reuseport(self) -> bool:
+        return self.options.get((SOL_SOCKET, SO_REUSEPORT), bytes(4))[:4] != bytes(4)
+
+    def bind_to(self, k: Kernel, ip: bytes, port: int) -> None:
+        if self.port:
+            raise GuestError(errno.EINVAL)
+        if not (is_any(ip) or is_loopback(ip)):
+            raise GuestError(errno.EADDRNOTAVAIL)
+        if port == 0:
+            for _ in range(EPHEMERAL[1] - EPHEMERAL[0] + 1):
+                port = next(k.inet.next_port)
+                if not self._conflicts(k, ip, port):
+                    break
+            else:
+                raise GuestError(errno.EADDRINUSE)
+        elif self._conflicts(k, ip, port):
+            raise GuestError(errno.EADDRINUSE)
+        self.ip, self.port = ip, port
+        self.name = self.sockaddr(ip, port)
+        k.inet.ports.setdefault(self._key(port), []).append(self)
+
+    def autobind(self, k: Kernel) -> None:
+        if not self.port:
+            self.bind_to(k, self.ip, 0)
+
+    def release(self, k: Kernel) -> None:
+        if self.port:
+            held = k.inet.ports.get(self._key(self.port), [])
+            if self in held:
+                held.remove(self)
+            if not held:
+                k.inet.ports.pop(self._key(self.port), None)
+        super().release(k)
+
+    def _find(self, k: Kernel, ip: bytes, port: int, listening: bool) -> InetSocket | None:
+        for s in k.inet.ports.get(self._key(port), []):
+            if s.closed or (listening and not s.listening):
+                continue
+            if is_any(s.ip) or is_any(ip) or s.ip == ip:
+                return s
+        return None
+
+    # -- connections ------------------------------------------------------------------
+    def listen_inet(self, k: Kernel, backlog: int) -> None:
+        if self.stype != SOCK_STREAM:
+            raise GuestError(errno.EOPNOTSUPP)
+        if self.connected:
+            raise GuestError(errno.EINVAL)
+        self.autobind(k)
+        self.backlog = SOMAXCONN if backlog < 0 or backlog > SOMAXCONN else backlog
+        self.listening = True
+        self._changed(k)
+
+    def connect_inet(self, k: Kernel, lwp: Lwp, ip: bytes, port: int) -> int:
+        if self.listening:
+            raise GuestError(errno.EINVAL)
+        if not (is_any(ip) or is_loopback(ip)):
+            raise GuestError(errno.ENETUNREACH)  # nothing leaves the instance
+        dial = (LOOP4 if self.family == AF_INET else LOOP6) if is_any(ip) else ip
+        if self.stype == SOCK_DGRAM:
+            self.autobind(k)
+            self.peer_addr = (dial, port)
+            self.peer_name = self.sockaddr(dial, port)
+            return 0
+        if self.connected:
+            raise GuestError(errno.EISCONN)
+        server = self._find(k, dial, port, listening=True)
+        if server is None:
+            raise GuestError(errno.ECONNREFUSED)
+        if len(server.pending) > server.backlog and not self.nonblocking:
+            raise Block(server.wq, f"connect {self.describe()}")
+        self.autobind(k)
+        if self.ip != dial and is_any(self.ip):
+            self.name = self.sockaddr(dial, self.port)
+        self.connect_to(k, lwp, server)
+        conn = server.pending[-1]
+        assert isinstance(conn, InetSocket)
+        conn.name = self.sockaddr(dial, port)
+        conn.ip, conn.port = dial, port
+        conn.peer_name = self.name
+        self.peer_name = conn.name
+        if self.nonblocking:
+            raise GuestError(errno.EINPROGRESS)  # as Linux: connected by the time it polls
+        return 0
+
+    def new_conn(self) -> InetSocket:
+        return InetSocket(self.family, self.stype)
+
+    def send_to(
+        self,
+        k: Kernel,
+        lwp: Lwp,
+        n: int,
+        chunk,
+        files: list[File] | None,
+        flags: int,
+        dest: tuple[bytes, int] | None,
+    ) -> int:
+        """UDP: a datagram to the socket bound at ``dest`` (or the connected peer);
+        with nobody there it is gone, as on a network."""
+        if files:
+            drop_files(k, files)
+            raise GuestError(errno.EOPNOTSUPP)
+        if dest is None:
+            dest = self.peer_addr
+        if dest is None:
+            raise GuestError(errno.EDESTADDRREQ)
+        ip, port = dest
+        if not (is_any(ip) or is_loopback(ip)):
+            raise GuestError(errno.ENETUNREACH)
+        self.autobind(k)
+        target = self._find(k, ip, port, listening=False)
+        if n > MAX_UDP:
+            raise GuestError(errno.EMSGSIZE)
+        if target is None or (target.peer_name and target.peer_name != self.name):
+            return n  # nobody takes it there (or it is connected elsewhere): lost
+        src = self.sockaddr(self._source(ip), self.port) if is_any(self.ip) else self.name
+        return self._send_dgram(k, lwp, n, chunk, None, flags, target, src)
+
+    def _source(self, dest_ip: bytes) -> bytes:
+        """The address a packet from an any-bound socket leaves from: loopback's."""
+        if is_loopback(dest_ip):
+            return dest_ip if self.family == AF_INET6 else LOOP4
+        return LOOP4 if self.family == AF_INET else LOOP6
+
+    # -- Socket --------------------------------------------------------------------------
+    def send(self, k, lwp, n, chunk, files, flags, dest=None) -> int:
+        if self.stype == SOCK_DGRAM:
+            return self.send_to(k, lwp, n, chunk, files, flags, dest)
+        return super().send(k, lwp, n, chunk, files, flags, None)
+
+    def recv(self, k, lwp, vecs, flags):
+        if self.stream and not self.connected:
+            raise GuestError(errno.ENOTCONN)
+        return super().recv(k, lwp, vecs, flags)
+
+    def shutdown(self, k: Kernel, how: int) -> None:
+        if self.stream and not self.connected:
+            raise GuestError(errno.ENOTCONN)
+        super().shutdown(k, how)

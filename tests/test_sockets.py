@@ -1,0 +1,163 @@
+"""Guest sockets and readiness (issue 16, first step): AF_UNIX sockets, poll,
+select, epoll, eventfd, with the same output natively and in every fork mode.
+
+guest/programs/sock_unix.c (one process: names, datagrams, SCM_RIGHTS, options,
+errnos and bad input), sock_poll.c (readiness, timeouts, EINTR, a forked
+writer) and sock_pair.c (a stream socketpair shared across fork: ping-pong,
+bulk, half-close, EPIPE/SIGPIPE) print what the static binary prints as an
+ordinary Linux process; each mode must print exactly that.  `sock_unix fork`
+(a path server with a forked client, SCM_RIGHTS from a child) needs one kernel:
+native and thread fork; in VM-clone mode the child VM cannot reach a name bound
+in its parent's VM (ECONNREFUSED, docs/semantics.md).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import image_path, native, vm
+
+from tender_service.instance.backends.vmclone import run_vmclone
+from tender_service.instance.pool import WarmPool
+from tender_service.rump.vminfo import VmConfig
+from tender_service.vm import CaptureSink, create_vm
+
+PROGRAMS = [("sock_unix", []), ("sock_poll", []), ("sock_pair", [])]
+VMCLONE = ["shm", "tcp"]
+
+
+@pytest.fixture(scope="module")
+def native_outs() -> Iterator[dict[str, str]]:
+    top = Path(tempfile.mkdtemp(prefix="unifork-sock-", dir="/dev/shm"))
+    outs: dict[str, str] = {}
+    try:
+        for name, args in [*PROGRAMS, ("sock_unix", ["fork"])]:
+            n = native(name, *args, str(top / name))
+            assert n.returncode == 0, (name, n.stdout, n.stderr)
+            outs[" ".join([name, *args])] = n.stdout.decode()
+        yield outs
+    finally:
+        shutil.rmtree(top)
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[WarmPool]:
+    p = WarmPool(2)
+    try:
+        p.wait_ready(60)
+        yield p
+    finally:
+        p.close()
+
+
+def test_native_outputs_are_complete(native_outs: dict[str, str]) -> None:
+    for out in native_outs.values():
+        assert out.endswith("done\n")
+    assert "connect before listen = -1 ECONNREFUSED" in native_outs["sock_unix"]
+    assert "epoll_wait again (ET: nothing new) = 0" in native_outs["sock_poll"]
+    assert "write = -1 EPIPE, SIGPIPE 1" in native_outs["sock_pair"]
+
+
+@pytest.mark.parametrize("name,args", [*PROGRAMS, ("sock_unix", ["fork"])])
+def test_thread_mode_matches_native(
+    native_outs: dict[str, str], name: str, args: list[str]
+) -> None:
+    r = vm(name, *args, f"/tmp/{name}")
+    assert r.result.status == 0, (r.out, r.stderr, r.result.reports)
+    assert r.out == native_outs[" ".join([name, *args])]
+
+
+@pytest.mark.parametrize("transport", VMCLONE)
+@pytest.mark.parametrize("name,args", PROGRAMS)
+def test_vmclone_matches_native(
+    native_outs: dict[str, str], pool: WarmPool, transport: str, name: str, args: list[str]
+) -> None:
+    sink = CaptureSink()
+    result = run_vmclone(
+        image_path(name),
+        [*args, f"/tmp/{name}"],
+        config=VmConfig(timeout=120),
+        sink=sink,
+        transport=transport,
+        pool=pool,
+    )
+    out = bytes(sink.stdout).decode(errors="replace")
+    assert (result.outcome, result.status) == ("exited", 0), (out, sink.stderr, result.reports)
+    assert out == native_outs[" ".join([name, *args])]
+
+
+ACROSS_VMCLONE = """\
+child: connect to the parent's name = -1 ECONNREFUSED
+child: accept on the inherited listener = -1 EOPNOTSUPP
+child: sendmsg SCM_RIGHTS = -1 EOPNOTSUPP
+child: send bytes = 5
+parent: recv = 5
+child exited 0
+done
+"""
+
+
+def test_inherited_sockets_in_one_kernel() -> None:
+    """Natively and in thread fork the child reaches its parent's name, accepts on
+    the listener it inherited and passes an fd up (the parent reads the fd's byte
+    and the bytes in one recv: SCM_RIGHTS data, then the rest)."""
+    n = native("sock_across")
+    assert n.returncode == 0, n.stderr
+    assert "child: accept on the inherited listener = " in n.stdout.decode()
+    assert "EOPNOTSUPP" not in n.stdout.decode()
+    r = vm("sock_across")
+    assert r.result.status == 0, (r.out, r.result.reports)
+    assert r.out == n.stdout.decode()
+
+
+@pytest.mark.parametrize("transport", VMCLONE)
+def test_inherited_sockets_across_vms(pool: WarmPool, transport: str) -> None:
+    """The documented VM-clone limits: a name bound in the parent's VM is not in the
+    child's, a listening socket and SCM_RIGHTS do not cross VMs; the pair's bytes do."""
+    sink = CaptureSink()
+    result = run_vmclone(
+        image_path("sock_across"),
+        [],
+        config=VmConfig(timeout=120),
+        sink=sink,
+        transport=transport,
+        pool=pool,
+    )
+    out = bytes(sink.stdout).decode(errors="replace")
+    assert (result.outcome, result.status) == ("exited", 0), (out, result.reports)
+    assert out == ACROSS_VMCLONE
+
+
+def test_loopback_tcp_udp_in_one_kernel() -> None:
+    """guest/programs/sock_inet.c: TCP over 127.0.0.1 with a forked client, a
+    non-blocking connect/accept, UDP echo, TCP over ::1; natively over the host's
+    loopback, in thread fork over the instance's private network (rump/inet.py).
+    Only port-independent facts are printed."""
+    n = native("sock_inet")
+    assert n.returncode == 0, n.stderr
+    out = n.stdout.decode()
+    assert "connect to a closed port = -1 ECONNREFUSED" in out
+    assert out.endswith("done\n")
+    r = vm("sock_inet")
+    assert r.result.status == 0, (r.out, r.result.reports)
+    assert r.out == out
+
+
+@pytest.mark.parametrize("name", ["sock_unix", "sock_inet", "sock_poll"])
+def test_nothing_is_left_bound_or_waiting(name: str) -> None:
+    """Bad input and churn leave nothing behind: once every process has exited, no
+    AF_UNIX name, no port and no poll waiter remains in the kernel."""
+    sink = CaptureSink()
+    k = create_vm(image_path(name), [f"/tmp/{name}"], None, VmConfig(timeout=120), sink)
+    try:
+        result = k.run()
+        assert (result.outcome, result.status) == ("exited", 0), result.reports
+        assert not k.unix_names.by_ino and not k.unix_names.abstract
+        assert not k.inet.ports
+        assert not k.poll_wq.waiters
+    finally:
+        k.close()
