@@ -1,0 +1,101 @@
+"""Copy fork (``--fork copy``, issue 18): private memory inside one VM.
+
+The child gets a copy of all of its parent's memory (image, heap, mmaps,
+stack, TLS) at fresh addresses of the same VM, pointers relocated
+(tender_service/fork/copy.py).  The test is POSIX's: the same program prints
+here what it prints natively, including the cases thread fork gets wrong by
+design (globals, heap reached from globals, stdio buffers).  The shell
+scripts of tests/test_shell.py run in this mode too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from support import native
+from test_programs_native import CASES, SEMANTICS_NATIVE
+
+from tender_service.rump.vminfo import VmConfig
+from tender_service.toolchain.images import build_image
+from tender_service.vm import CaptureSink, create_vm
+
+PROBE = Path(__file__).resolve().parent / "guest" / "copy_probe.c"
+
+#: the multi-process programs (fork_bomb and prefork_server: tests/test_backends.py
+#: and the comparison cover the heavy ones)
+MULTI_PROCESS = {
+    "fork_exit_wait", "pipe_throughput", "token_ring", "dup2_pipe", "pipe_eof", "sigpipe",
+    "ids", "wait_variants", "kill_test", "pgroup_rules", "fd_independent", "vfork_test",
+    "orphan", "nested_fork",
+}  # fmt: skip
+
+
+def run_copy(image: str | Path, *args: str, **config):
+    """Run ``image`` in a copy-fork VM: (result, stdout, stderr, kernel stats)."""
+    config.setdefault("timeout", 120)
+    config.setdefault("tty", False)
+    sink = CaptureSink()
+    path = image if isinstance(image, Path) else build_image(image)
+    k = create_vm(path, list(args), config=VmConfig(**config), sink=sink, fork="copy")
+    try:
+        r = k.run()
+        live = k.heap.live_count
+    finally:
+        k.close()
+    return r, bytes(sink.stdout), bytes(sink.stderr), live
+
+
+@pytest.mark.parametrize(
+    ("prog", "args", "expected"),
+    [pytest.param(c[1], c[2], c[4], id=c[0]) for c in CASES if c[1] in MULTI_PROCESS],
+)
+def test_multi_process_programs_as_natively(prog: str, args: list[str], expected: str) -> None:
+    r, out, err, _ = run_copy(prog, *args)
+    assert out.decode() == expected, f"stderr: {err!r}\nreports: {r.reports}"
+    assert (r.outcome, r.status) == ("exited", 0)
+
+
+def test_semantics_probe_shows_everything_private() -> None:
+    r, out, _, _ = run_copy("semantics")
+    assert out.decode() == SEMANTICS_NATIVE
+    assert r.forks >= 1
+
+
+def test_fork_hazards_probe_as_natively() -> None:
+    r, out, _, _ = run_copy("fork_hazards")
+    assert out == native("fork_hazards").stdout
+    assert r.outcome == "exited"
+
+
+def test_child_writes_to_data_bss_and_heap_stay_in_the_child() -> None:
+    """NuttX-style: .data, .bss, heap from a global, heap two levels down, a pointer."""
+    ref = native(build_image(PROBE), "private").stdout
+    assert ref == b"data=1 bss=0 heap=1 heap2=1 lit=parent child=ok\n"
+    r, out, _, _ = run_copy(build_image(PROBE), "private")
+    assert out == ref, r.reports
+
+
+@pytest.mark.parametrize("how", ["full", "line", "none"])
+def test_stdio_buffered_at_fork_as_natively(how: str) -> None:
+    """Data pending in stdout's buffer at fork is printed by both, as natively."""
+    ref = native(build_image(PROBE), "stdio", how).stdout
+    r, out, _, _ = run_copy(build_image(PROBE), "stdio", how)
+    assert out == ref, r.reports
+    assert out.count(b"pending: ") == (1 if how == "none" else 2)
+
+
+def test_fork_without_memory_for_the_copy_is_enomem_and_the_parent_goes_on() -> None:
+    r, out, _, _ = run_copy(build_image(PROBE), "enomem", "28", ram=64 << 20)
+    assert out == b"fork: ENOMEM, parent goes on\n"
+    assert (r.outcome, r.status) == ("exited", 0)
+    r, out, _, _ = run_copy(build_image(PROBE), "enomem", "8", ram=64 << 20)
+    assert out == b"fork: ok\n"
+
+
+def test_every_copy_is_freed_when_its_process_ends() -> None:
+    """Parents exit before and after their children: no heap block survives the VM's end."""
+    r, out, _, live = run_copy("nested_fork")
+    assert r.outcome == "exited"
+    assert r.forks >= 2
+    assert live == 0
