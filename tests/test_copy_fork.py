@@ -16,6 +16,12 @@ import pytest
 from support import native
 from test_programs_native import CASES, SEMANTICS_NATIVE
 
+from tender_service.instance.backends import (
+    BackendContext,
+    InstanceSpec,
+    make_backend,
+    run_instance,
+)
 from tender_service.rump.vminfo import VmConfig
 from tender_service.toolchain.images import build_image
 from tender_service.vm import CaptureSink, create_vm
@@ -99,3 +105,18 @@ def test_every_copy_is_freed_when_its_process_ends() -> None:
     assert r.outcome == "exited"
     assert r.forks >= 2
     assert live == 0
+
+
+def test_a_tender_runs_copy_fork_in_a_vm_process_of_its_own() -> None:
+    """The hosted path (fork server, VM process) gets the mode, not thread fork."""
+    b = make_backend("copy", BackendContext(hosted=True, jailed=False))
+    try:
+        sink = CaptureSink()
+        spec = InstanceSpec(
+            build_image(PROBE), ["private"], config=VmConfig(timeout=60, tty=False), instance_id="c"
+        )
+        r = run_instance(b, spec, sink)
+    finally:
+        b.close()
+    assert (r.outcome, r.exit_code) == ("exited", 0), r.reports
+    assert bytes(sink.stdout) == b"data=1 bss=0 heap=1 heap2=1 lit=parent child=ok\n"
