@@ -16,6 +16,7 @@ import pytest
 from support import native
 from test_programs_native import CASES, SEMANTICS_NATIVE
 
+from tender_service.fork.copy import RegionMap, relocate
 from tender_service.instance.backends import (
     BackendContext,
     InstanceSpec,
@@ -120,3 +121,29 @@ def test_a_tender_runs_copy_fork_in_a_vm_process_of_its_own() -> None:
         b.close()
     assert (r.outcome, r.exit_code) == ("exited", 0), r.reports
     assert bytes(sink.stdout) == b"data=1 bss=0 heap=1 heap2=1 lit=parent child=ok\n"
+
+
+def test_relocate_rebases_aligned_words_in_a_region_and_nothing_else() -> None:
+    """The candidate search (one byte by memchr, then the whole tail) misses no word."""
+    regions = RegionMap()
+    regions.add(0x0100_0000, 0x2_0000, 0x4000_0300_0000 - 0x0100_0000)  # an image
+    regions.add(0x4000_0001_0000, 0x100, 0x1000)  # a heap block
+    regions.seal()
+    words = [
+        0x0100_0000, 0x0101_FFF8, 0x0102_0000,  # first, last word of the image, one past
+        0x4000_0001_0010, 0x4000_0001_0100, 0x4000_0002_0000,  # in the block, past, elsewhere
+        0, 1, 0x00FF_FFFF, 0x0100_4142,  # integers; the last looks like "BA\0\1"
+    ]  # fmt: skip
+    buf = bytearray(8) + b"".join(w.to_bytes(8, "little") for w in words) + bytes(3)
+    buf[1:9] = (0x0100_0010).to_bytes(8, "little")  # an unaligned image address
+    before = bytes(buf)
+    changed = relocate(buf, [(8, len(buf) - 11)], regions)
+    got = [int.from_bytes(buf[8 + 8 * i : 16 + 8 * i], "little") for i in range(len(words))]
+    delta = 0x4000_0300_0000 - 0x0100_0000
+    assert got == [
+        0x0100_0000 + delta, 0x0101_FFF8 + delta, 0x0102_0000,
+        0x4000_0001_1010, 0x4000_0001_0100, 0x4000_0002_0000,
+        0, 1, 0x00FF_FFFF, 0x0100_4142 + delta,  # the conservative scan's false positive
+    ]  # fmt: skip
+    assert changed == 4
+    assert buf[:8] == before[:8]
