@@ -29,12 +29,12 @@ from tender_service.vm import CaptureSink, create_vm
 
 PROBE = Path(__file__).resolve().parent / "guest" / "copy_probe.c"
 
-#: the multi-process programs (fork_bomb and prefork_server: tests/test_backends.py
-#: and the comparison cover the heavy ones)
+#: the multi-process programs of test_programs_native (semantics and fork_hazards
+#: are checked below; deadlock needs --forever)
 MULTI_PROCESS = {
     "fork_exit_wait", "pipe_throughput", "token_ring", "dup2_pipe", "pipe_eof", "sigpipe",
-    "ids", "wait_variants", "kill_test", "pgroup_rules", "fd_independent", "vfork_test",
-    "orphan", "nested_fork",
+    "ids", "wait_variants", "kill_test", "pgroup_rules", "fork_bomb", "fd_independent",
+    "prefork_server", "vfork_test", "orphan", "nested_fork",
 }  # fmt: skip
 
 
