@@ -8,8 +8,8 @@ thread mode, copy mode, vmclone-shm and vmclone-tcp (``unifork run app.img -- /b
 status must be identical.  The scripts write no path and no pid to stdout, so
 the outputs compare byte for byte; stderr (which names paths) is not compared.
 
-Every script runs as natively in VM-clone mode (shm and tcp), and all but one
-in copy mode (issue 18: private memory in one VM; see GAPS). In thread mode
+Every script runs as natively in VM-clone mode (shm and tcp) and in copy mode
+(issue 18: private memory in one VM, one emulator). In thread mode
 the scripts whose forked children run shell code (subshells, pipelines,
 ``$(...)``, ``&``) are expected failures (GAPS): thread fork shares globals and
 the heap with the parent, as docs/semantics.md says; the private-memory fork of
@@ -126,12 +126,6 @@ _THREAD_FORK = (
 GAPS: dict[tuple[str, str], str] = {}
 for _script in ("builtins", "pipeline", "wait", "loop"):
     GAPS[(_script, "thread")] = _THREAD_FORK
-GAPS[("wait", "copy")] = (
-    "copy fork's conservative scan (docs/semantics.md): dash parsed `> bg` into memory "
-    "that held a pointer into its image; the string overwrote its low 3 bytes, the word "
-    "still looks like an image address and the child's copy is rebased, so the child "
-    "opens 'bg' plus garbage"
-)
 
 
 @pytest.fixture(scope="module")
