@@ -147,3 +147,11 @@ def test_relocate_rebases_aligned_words_in_a_region_and_nothing_else() -> None:
     ]  # fmt: skip
     assert changed == 4
     assert buf[:8] == before[:8]
+
+
+def test_a_program_that_cannot_move_gets_enosys_from_fork() -> None:
+    """A non-PIE image runs only at its link address: no copy of it can run."""
+    nopie = build_image(PROBE, ["-no-pie", "-fno-PIE"])
+    r, out, _, _ = run_copy(nopie, "enomem", "1")
+    assert out == b"fork: Function not implemented, parent goes on\n"
+    assert (r.outcome, r.status, r.forks) == ("exited", 0, 0)
