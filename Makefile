@@ -27,7 +27,8 @@ proto: $(GEN_STAMP)
 images: proto
 	$(UNIFORK) images --build
 
-run: images
+# the real-program workloads need dash (thirdparty); without it they are skipped, saying why
+run: images thirdparty
 	$(UNIFORK) compare --quick
 
 # third-party programs for the tests (dash from Debian's sources, built with `unifork cc`)

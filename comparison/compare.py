@@ -23,7 +23,10 @@ import contextlib
 import gc
 import logging
 import os
+import shutil
+import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -54,11 +57,15 @@ from comparison.modes import (
 from comparison.progress import ProgressBar
 from comparison.stats import median
 from comparison.workloads import (
+    BAKED,
+    CAT,
     COLD_PROGRAM,
     COLD_WORKLOAD,
     HAZARD_ITEMS,
     SCALE_PROGRAM,
     SEMANTICS_ITEMS,
+    SHELL,
+    SYSTEM_LOOP,
     WORKLOADS,
     OutputError,
     Workload,
@@ -66,6 +73,7 @@ from comparison.workloads import (
     scale_ready_us,
     words,
 )
+from tender_service.rump.vminfo import FORK_PHASES
 
 if TYPE_CHECKING:
     from tender_service.instance.pool import WarmPool
@@ -134,6 +142,51 @@ class RemoteUnavailable(RuntimeError):
     pass
 
 
+@dataclass
+class RealPrograms:
+    """The real-program image and, for native runs, the same binaries in one directory.
+
+    ``image``: one baked image with dash as /bin/sh, our cat and system_loop; ``bindir``:
+    those ELFs under their names (natively PATH); ``work``: natively the scripts' $W (in a
+    VM, /tmp of the instance's own file system).
+    """
+
+    image: Path
+    bindir: Path
+    work: Path
+
+    def invocation(self, native: bool, program: str, args: list[str]) -> tuple[Path, list, list]:
+        """(image, args, env) of ``program`` (a path in the image) with ``args``."""
+        if native:
+            here = str(self.bindir)
+            args = [a.replace("{bin}", here) for a in args]
+            return self.bindir / Path(program).name, args, [f"PATH={here}", f"W={self.work}"]
+        args = [a.replace("{bin}", "/bin") for a in args]
+        return self.image, [program, *args], ["PATH=/bin", "W=/tmp"]
+
+
+def make_real_programs(top: Path) -> RealPrograms:
+    """Bake the real-program image under ``top``; dash comes from (or is built once into) the
+    third-party cache, as for tests/test_shell.py.  Raises ``thirdparty.Unavailable``."""
+    from tender_service.toolchain import thirdparty
+    from tender_service.toolchain.bake import bake
+    from tender_service.toolchain.images import build_image
+
+    programs = {
+        SHELL: thirdparty.dash(),
+        CAT: thirdparty.tools()["cat"],
+        SYSTEM_LOOP: build_image("system_loop"),
+    }
+    bindir, work = top / "bin", top / "work"
+    bindir.mkdir()
+    work.mkdir()
+    for path, elf in programs.items():
+        (bindir / Path(path).name).symlink_to(elf)
+    image = top / "real.img"
+    bake(image, list(programs.items()))
+    return RealPrograms(image, bindir, work)
+
+
 def new_report_dir(root: Path) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for i in range(1000):
@@ -200,19 +253,42 @@ class Compare:
         self.cells: dict[tuple[str, str], rep.Cell] = {}
         self.cold: dict[str, rep.ColdRow] = {}
         self.probe_words: dict[tuple[str, str], list[dict[str, str]]] = {}
+        #: VM-clone modes: the steps of each warm fork of the fork_time cell
+        self.fork_phases: dict[str, list[dict[str, float]]] = {}
         self.mem_raw: dict[str, dict[str, list]] = {}
         self.mem_failed: dict[str, str] = {}
         self.scale_raw: dict[str, dict[int, list[tuple[float, float]]]] = {}
         self.scale_failed: dict[str, str] = {}
         self.notes: list[str] = []
         self.setup_failures: list[str] = []
+        self.real: RealPrograms | None = None
+        self.real_skipped = ""  # why the real-program workloads cannot run here
+        self._real_dir: Path | None = None
 
     # -- setup ----------------------------------------------------------------------------------
     def build_images(self) -> None:
         from tender_service.toolchain.images import build_image
 
-        for name in {w.program for w in self.workloads} | {SCALE_PROGRAM, "hello"}:
+        builtin = {w.program for w in self.workloads if w.image != BAKED}
+        for name in builtin | {SCALE_PROGRAM, "hello"}:
             self.images[name] = build_image(name)
+        if any(w.image == BAKED for w in self.workloads):
+            self.prepare_real_programs()
+
+    def prepare_real_programs(self) -> None:
+        """The baked image of the real-program workloads; if dash cannot be had here they are
+        skipped, the reason in the report."""
+        from tender_service.toolchain.thirdparty import Unavailable
+
+        self._real_dir = Path(tempfile.mkdtemp(prefix="unifork-compare-"))
+        log.info("real-program workloads: dash from the third-party cache (built once if absent)")
+        try:
+            self.real = make_real_programs(self._real_dir)
+        except Unavailable as e:
+            self.real_skipped = f"dash is not available on this machine: {_short(e)}"
+            log.warning("real-program workloads skipped: %s", self.real_skipped)
+            return
+        self.images[BAKED] = self.real.image
 
     def start_runners(self, target: str | None, token: str | None, tls_ca: str | None) -> None:
         in_process = {NATIVE: NativeRunner, THREAD: ThreadRunner, COPY: CopyRunner}
@@ -276,6 +352,9 @@ class Compare:
         if self.pool is not None:
             self.pool.close()
             self.pool = None
+        if self._real_dir is not None:
+            shutil.rmtree(self._real_dir, ignore_errors=True)
+            self._real_dir = None
 
     # -- plan -----------------------------------------------------------------------------------
     def plan(self) -> list[Task]:
@@ -306,7 +385,12 @@ class Compare:
                 w.unit,
                 w.better,
                 note="; ".join(w.notes),
+                known_limit=dict(w.known_limits).get(mode, ""),
             )
+            if w.image == BAKED and self.real is None:
+                self.cells[(w.key, mode)].skip(self.real_skipped or "no real-program image")
+        if w.image == BAKED and self.real is None:
+            return tasks
         for i in range(self.p.warmup):
             for mode in self.modes:
                 tasks.append(
@@ -388,13 +472,26 @@ class Compare:
     def _run(self, mode: str, program: str, args: list[str], **kw) -> Outcome:
         return self.runners[mode].run(self.images[program], args, **kw)
 
+    def _run_workload(self, w: Workload, mode: str, args: list[str]) -> Outcome:
+        if w.image != BAKED:
+            return self._run(mode, w.program, args)
+        assert self.real is not None
+        image, argv, env = self.real.invocation(mode == NATIVE, w.program, args)
+        return self.runners[mode].run(image, argv, env=env)
+
     def _workload_task(self, w: Workload, mode: str, index: int | None) -> Callable[[], None]:
         def go() -> None:
             cell = self.cells[(w.key, mode)]
             if cell.status != "ok":
                 return
             try:
-                o = self._run(mode, w.program, cell.args)
+                base = None
+                if w.baseline_args is not None:
+                    b = self._run_workload(w, mode, list(w.baseline_args))
+                    w.check(b.stdout)
+                    base = b.wall
+                o = self._run_workload(w, mode, cell.args)
+                o.baseline_wall = base
                 w.check(o.stdout)
                 vals = w.extract(o)
                 if w.key == "semantics":
@@ -405,14 +502,27 @@ class Compare:
                     found = None
             except Exception as e:  # any failure ends this cell, never the whole run
                 cell.status, cell.error = "failed", _short(e)
-                log.error("%s in %s failed: %s", w.key, mode, cell.error)
+                if cell.known_limit:
+                    log.warning("%s in %s failed, a known limit: %s", w.key, mode, cell.error)
+                else:
+                    log.error("%s in %s failed: %s", w.key, mode, cell.error)
                 return
             if index is None:
                 return
             cut = w.exclude_first
-            cell.runs.append(rep.RunRecord(index + 1, round(o.wall, 6), vals[cut:], vals[:cut]))
+            cell.runs.append(
+                rep.RunRecord(
+                    index + 1,
+                    round(o.wall, 6),
+                    vals[cut:],
+                    vals[:cut],
+                    None if base is None else round(base, 6),
+                )
+            )
             if found is not None:
                 self.probe_words.setdefault((w.key, mode), []).append(found)
+            if w.key == COLD_WORKLOAD and o.fork_phases:
+                self.fork_phases.setdefault(mode, []).extend(o.fork_phases[cut:])
 
         return go
 
@@ -446,6 +556,16 @@ class Compare:
             r.summarize(self.cells.get((COLD_WORKLOAD, r.mode)))
         rep.add_cold_ratios(rows)
         return rows
+
+    def fork_breakdown(self) -> dict[str, dict[str, float]]:
+        """Per VM-clone mode, the median ms of each fork step, and the number of forks."""
+        return {
+            mode: {
+                **{k: round(statistics.median(p[k] for p in phases) * 1e3, 3) for k in FORK_PHASES},
+                "forks": len(phases),
+            }
+            for mode, phases in self.fork_phases.items()
+        }
 
     def cold_note(self) -> list[str]:
         """How the cold and warm fork figures were taken, and everything left out of them."""
@@ -646,6 +766,7 @@ class Compare:
             cold=self.cold_rows(),
             cold_runs=self.p.cold_runs if self.cold else 0,
             cold_note=self.cold_note(),
+            fork_breakdown=self.fork_breakdown(),
             duration_s=duration,
             notes=notes,
             setup_failures=list(self.setup_failures),

@@ -64,6 +64,16 @@ class Outcome:
     peak_memory: int | None = None  # thread mode: guest bytes the bmk allocator committed
     snapshot_bytes: list[int] = field(default_factory=list)  # vmclone: one per fork
     probe: dict | None = None
+    #: launch to exit of the workload's baseline run just before this one (if it has one)
+    baseline_wall: float | None = None
+    #: vmclone: each fork's steps in seconds (RunResult.fork_phases)
+    fork_phases: list[dict[str, float]] = field(default_factory=list)
+
+
+def _args_text(args: Sequence[str], limit: int = 60) -> str:
+    """A run's arguments for an error message, cut short (a script must not hide the error)."""
+    text = " ".join(args)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _marker_sink(sink, marker: bytes, probe: Probe | None, holder: dict):
@@ -138,7 +148,10 @@ class Runner:
         ram: int | None = None,
         probe: Probe | None = None,
         marker: str = "children=",
+        env: Sequence[str] | None = None,
     ) -> Outcome:
+        """Run ``image`` (a built ELF or a baked image, whose program ``args[0]`` names) with
+        ``args``; ``env`` (``NAME=VALUE``), if given, is all of its environment."""
         raise NotImplementedError
 
     def host_memory(self, pid: int | None = None) -> int:
@@ -152,8 +165,9 @@ class Runner:
 class NativeRunner(Runner):
     name = NATIVE
 
-    def run(self, image, args, *, ram=None, probe=None, marker="children="):
+    def run(self, image, args, *, ram=None, probe=None, marker="children=", env=None):
         argv = [str(image), *args]
+        environ = None if env is None else dict(e.split("=", 1) for e in env)
         if probe is None:
             t0 = time.perf_counter()
             p = subprocess.run(
@@ -162,13 +176,18 @@ class NativeRunner(Runner):
                 stdin=subprocess.DEVNULL,
                 timeout=RUN_TIMEOUT,
                 check=False,
+                env=environ,
             )
             wall = time.perf_counter() - t0
             out, err, code, seen = p.stdout, p.stderr, p.returncode, None
         else:
             t0 = time.perf_counter()
             with subprocess.Popen(
-                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                env=environ,
             ) as proc:
                 chunks, seen = [], None
                 assert proc.stdout is not None
@@ -186,7 +205,7 @@ class NativeRunner(Runner):
             out = b"".join(chunks)
         if code != 0:
             raise RunFailed(
-                f"native {image.name} {' '.join(args)}: exit {code}: "
+                f"native {image.name} {_args_text(args)}: exit {code}: "
                 f"{err.decode(errors='replace').strip()[-300:]}"
             )
         return Outcome(out.decode(errors="replace"), wall, probe=seen)
@@ -223,7 +242,7 @@ class BackendRunner(Runner):
         self.transport = transport
         self.backend = make_backend(fork_mode, BackendContext(pool=pool))
 
-    def run(self, image, args, *, ram=None, probe=None, marker="children="):
+    def run(self, image, args, *, ram=None, probe=None, marker="children=", env=None):
         from tender_service.instance.backends import InstanceSpec, run_instance
         from tender_service.rump.vminfo import VmConfig
         from tender_service.vm import CaptureSink
@@ -237,14 +256,20 @@ class BackendRunner(Runner):
         t0 = time.perf_counter()
         r = run_instance(
             self.backend,
-            InstanceSpec(image, list(args), None, config, transport=self.transport),
+            InstanceSpec(
+                image,
+                list(args),
+                None if env is None else list(env),
+                config,
+                transport=self.transport,
+            ),  # fmt: skip
             console,
             observer if probe is not None and self.snapshots else None,
         )
         wall = time.perf_counter() - t0
         if r.outcome != "exited" or r.exit_code != 0:
             raise RunFailed(
-                f"{self.name} {image.name} {' '.join(args)}: {r.outcome}, exit "
+                f"{self.name} {image.name} {_args_text(args)}: {r.outcome}, exit "
                 f"{r.exit_code}: {'; '.join(r.reports)} "
                 f"{sink.stderr.decode(errors='replace').strip()[-300:]}"
             )
@@ -254,6 +279,7 @@ class BackendRunner(Runner):
             peak_memory=r.peak_memory if self.peak_memory else None,
             snapshot_bytes=observer.snapshots,
             probe=holder.get("probe"),
+            fork_phases=list(r.fork_phases or []),
         )
 
     def close(self) -> None:
@@ -330,7 +356,7 @@ def run_unifork_process(mode: str, image: Path, args: Sequence[str]) -> Outcome:
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise RunFailed(
-            f"unifork run ({mode}) {image.name} {' '.join(args)}: exit "
+            f"unifork run ({mode}) {image.name} {_args_text(args)}: exit "
             f"{p.returncode}: {p.stderr.decode(errors='replace').strip()[-300:]}"
         )
     return Outcome(p.stdout.decode(errors="replace"), wall)
@@ -380,7 +406,7 @@ class RemoteRunner(Runner):
             self._names[image] = name
         return self._names[image]
 
-    def run(self, image, args, *, ram=None, probe=None, marker="children="):
+    def run(self, image, args, *, ram=None, probe=None, marker="children=", env=None):
         pb2 = self.client.pb2
         name = self.image_name(image)
         t0 = time.perf_counter()
@@ -395,6 +421,7 @@ class RemoteRunner(Runner):
             memory_bytes=ram or 0,
             time_limit_seconds=RUN_TIMEOUT,
             console_pipe=True,
+            env=list(env or ()),
         )
         out, err = bytearray(), bytearray()
         for chunk in self.client.logs(iid):
@@ -403,7 +430,7 @@ class RemoteRunner(Runner):
         wall = time.perf_counter() - t0
         if not r.done or r.outcome != "exited" or r.exit_code != 0:
             raise RunFailed(
-                f"{self.name} {image.name} {' '.join(args)}: {r.outcome}, exit "
+                f"{self.name} {image.name} {_args_text(args)}: {r.outcome}, exit "
                 f"{r.exit_code}: {'; '.join(r.reports)} "
                 f"{err.decode(errors='replace').strip()[-300:]}"
             )

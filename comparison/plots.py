@@ -267,12 +267,56 @@ def fork_scaling(r: Report, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+REAL_PROGRAMS = ("shell_loop", "system_loop")
+
+
+def real_programs(r: Report, path: Path) -> Path | None:
+    """The real-program workloads: one panel each, a bar per mode (median, every run a dot,
+    its ratio to native), a failed or skipped mode named on its axis with no bar."""
+    keys = [k for k in REAL_PROGRAMS if any(c.workload == k for c in r.cells)]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.6), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        cells = [c for c in r.cells if c.workload == key]
+        cells.sort(key=lambda c: _ordered([c.mode, *ALL_MODES]).index(c.mode))
+        labels = []
+        for x, c in enumerate(cells):
+            if c.status != "ok" or c.median is None:
+                labels.append(f"{c.mode}\n{c.status.upper()}")
+                continue
+            ax.bar(x, c.median, color=COLORS.get(c.mode, "grey"), alpha=0.8)
+            ax.scatter([x] * len(c.samples()), c.samples(), color="black", s=10, zorder=3)
+            ratio = "" if c.ratio_native is None else f"\n{c.ratio_native:g}x native"
+            ax.annotate(
+                f"{c.median:g}{ratio}",
+                (x, c.median),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                xytext=(0, 3),
+                textcoords="offset points",
+            )
+            labels.append(f"{c.mode}\n(n={c.n})")
+        ax.set_xticks(range(len(cells)), labels, fontsize=8)
+        tops = [max(c.samples()) for c in cells if c.status == "ok" and c.samples()]
+        if tops:
+            ax.set_yscale("log")
+            ax.set_ylim(top=max(tops) * 4)  # room for the labels above the bars
+        ax.set_ylabel(f"{cells[0].unit} per iteration (log)")
+        ax.set_title(cells[0].title, fontsize=9)
+        ax.grid(axis="y", which="both", alpha=0.3)
+    fig.suptitle("real programs: dash and system() (issue 14), median per mode", fontsize=10)
+    return _save(fig, path)
+
+
 PLOTS = (
     ("fork_latency.png", fork_latency),
     ("fork_cold_warm.png", fork_cold_warm),
     ("pipe_throughput.png", pipe_throughput),
     ("memory_per_child.png", memory_per_child),
     ("fork_scaling.png", fork_scaling),
+    ("real_programs.png", real_programs),
 )
 
 

@@ -10,6 +10,14 @@ Figures come either from the program itself (``key=<value>`` lines, timed
 with ``CLOCK_MONOTONIC`` inside the program: the guest's clock is the host's)
 or, for whole-program workloads, from the host: launch to exit, which in a VM
 includes creating the VM(s).
+
+The real-program workloads (issue 14) run programs of one baked image
+(:data:`BAKED`): dash from Debian's sources and our ``cat`` (both from
+``tender_service.toolchain.thirdparty``, the builds tests/test_shell.py runs)
+and ``system_loop``; natively the very same binaries from one directory on
+PATH.  Where dash cannot be had they are skipped, with the reason.  A mode
+that cannot run a workload for a documented reason (``known_limits``) still
+shows its cell FAILED with the error, counted apart from the failures.
 """
 
 from __future__ import annotations
@@ -75,6 +83,16 @@ class Workload:
     #: leading figures of every run kept apart from the median (the first fork of a loop);
     #: they are stored in the run's ``excluded`` list and shown by the report, never dropped
     exclude_first: int = 0
+    #: "" : ``program`` is a built-in guest image; :data:`BAKED`: ``program`` is a path in the
+    #: real-program image (natively: that binary of the directory on PATH); ``{bin}`` in the
+    #: arguments is that directory (``/bin`` in a VM)
+    image: str = ""
+    #: a run of the same program with these arguments precedes each run in the same task; its
+    #: launch-to-exit time is the run's ``baseline_wall`` (what the figure subtracts)
+    baseline_args: tuple[str, ...] | None = None
+    #: (mode, why): modes known not to run this workload (a documented limit); their cell
+    #: still runs and shows FAILED with the error, listed apart from the failures
+    known_limits: tuple[tuple[str, str], ...] = ()
 
     def args(self, quick: bool) -> tuple[str, ...]:
         return self.quick_args if quick else self.full_args
@@ -94,6 +112,30 @@ def _fork_wait_us(o: Outcome) -> list[float]:
 
 def _mib_per_s(o: Outcome) -> list[float]:
     return values(o.stdout, "mib_per_s")[:1]
+
+
+def _shell_loop_ms(o: Outcome) -> list[float]:
+    """Per iteration: (launch to exit of N iterations - of 0 iterations) / N, so that starting
+    the VM (natively the process) and dash is left out."""
+    n = int(values(o.stdout, "iterations")[0])
+    if o.baseline_wall is None or n <= 0:
+        raise OutputError("shell_loop: no baseline run or no iterations")
+    return [(o.wall - o.baseline_wall) / n * 1e3]
+
+
+def _check_shell_loop(stdout: str) -> None:
+    n = int(values(stdout, "iterations")[0])
+    if n > 0 and values(stdout, "last") != [n - 1]:
+        raise OutputError(f"shell_loop: /tmp/f does not hold {n - 1}: {stdout[-300:]!r}")
+
+
+def _system_us(o: Outcome) -> list[float]:
+    return values(o.stdout, "system_us")
+
+
+def _check_system_loop(stdout: str) -> None:
+    if not re.search(r"^system_summary .* ok=1$", stdout, re.M):
+        raise OutputError(f"system_loop: no 'ok=1' summary line: {stdout[-300:]!r}")
 
 
 def _check_semantics(stdout: str) -> None:
@@ -118,6 +160,27 @@ def _check_pipe_bw(stdout: str) -> None:
     if m is None or int(m.group(1)) != int(m.group(2)) * 65536:
         raise OutputError(f"pipe_bw: no bytes= line: {stdout[-300:]!r}")
 
+
+#: the real-program image: what the baked workloads run, at these paths
+BAKED = "baked"
+SHELL, CAT, SYSTEM_LOOP = "/bin/sh", "/bin/cat", "/bin/system_loop"
+SHELL_LOOP_N = (20, 100)  # iterations (quick, full)
+SYSTEM_LOOP_N = (10, 50)
+
+
+def shell_loop_script(n: int) -> str:
+    """The pipeline loop of issue 14 (fork + exec + pipe + file per iteration), then what
+    /tmp/f holds (``read``, a builtin: no fork) and the count."""
+    return (
+        f'i=0; while [ $i -lt {n} ]; do echo $i | cat > "$W/f"; i=$((i+1)); done; '
+        '[ $i -eq 0 ] || { read last < "$W/f"; echo "last=$last"; }; echo "iterations=$i"'
+    )
+
+
+_THREAD_SHELL = (
+    "thread fork shares globals and the heap with the parent (docs/semantics.md): dash's "
+    "forked pipeline children run shell code that overwrites the parent's state"
+)
 
 WORKLOADS: tuple[Workload, ...] = (
     Workload(
@@ -235,6 +298,49 @@ WORKLOADS: tuple[Workload, ...] = (
         "lower",
         _wall_ms,
         _check_hazards,
+    ),
+    Workload(
+        "shell_loop",
+        "dash: while loop of `echo $i | cat > /tmp/f`, per iteration",
+        SHELL,
+        ("-c", shell_loop_script(SHELL_LOOP_N[0])),
+        ("-c", shell_loop_script(SHELL_LOOP_N[1])),
+        "iteration_ms",
+        "ms",
+        "lower",
+        _shell_loop_ms,
+        _check_shell_loop,
+        (
+            "dash (Debian's source, unifork cc) with our cat, one baked image; per iteration "
+            "(a pipeline: dash forks for echo and for cat, cat is exec'd, its output goes to "
+            "a file) = (launch to exit of the script with N iterations - with 0 iterations, "
+            "run just before in the same task) / N: starting the VM and dash left out; "
+            "W=/tmp in a VM, a fresh directory natively",
+        ),
+        image=BAKED,
+        baseline_args=("-c", shell_loop_script(0)),
+        known_limits=(("thread", _THREAD_SHELL),),
+    ),
+    Workload(
+        "system_loop",
+        'system("exit K") with dash as /bin/sh, per call (system_loop -n N)',
+        SYSTEM_LOOP,
+        ("-n", str(SYSTEM_LOOP_N[0]), "-s", "{bin}/sh"),
+        ("-n", str(SYSTEM_LOOP_N[1]), "-s", "{bin}/sh"),
+        "system_us",
+        "us",
+        "lower",
+        _system_us,
+        _check_system_loop,
+        (
+            "per call, in-program CLOCK_MONOTONIC: what musl's system() does (posix_spawn: "
+            "clone(CLONE_VM|CLONE_VFORK) + execve of dash -c 'exit K', then waitpid; the "
+            "status checked) with the shell's path given ({bin}/sh: /bin/sh in a VM, natively "
+            "the same dash from the directory on PATH); "
+            "first call of every run excluded (kept in the JSON as each run's 'excluded')",
+        ),
+        1,
+        image=BAKED,
     ),
 )
 

@@ -284,11 +284,14 @@ class Cluster:
 
 @contextlib.contextmanager
 def running_cluster(
-    name: str, serve_args: tuple[str, ...] = (), uploads: dict[str, Path] | None = None
+    name: str,
+    serve_args: tuple[str, ...] = (),
+    uploads: dict[str, Path] | None = None,
+    n: int = 3,
 ) -> Iterator[Cluster]:
-    """Three hosts, a healthy tender on each (``uploads``: name -> ELF uploaded to every
-    one), the agent in host A; everything stopped and removed on exit."""
-    hosts = hosts_or_skip(3)
+    """``n`` hosts (three by default), a healthy tender on each (``uploads``: name -> image
+    uploaded to every one), the agent in host A; everything stopped and removed on exit."""
+    hosts = hosts_or_skip(n)
     base = "/var/tmp" if os.path.isdir("/var/tmp") else None  # not /tmp: tenders hide it
     workdir = Path(tempfile.mkdtemp(prefix=f"unifork-{name}-", dir=base))
     c = Cluster(hosts, workdir, serve_args)

@@ -86,11 +86,13 @@ class Agent:
         placement: str = "local",
         time_limit: float = 0.0,
         console_pipe: bool = False,
+        env: list[str] | None = None,
     ) -> str:
         pb2 = self.tpb2
         return self.client(target).launch(
             image,
             list(args),
+            env=list(env or ()),
             fork_mode=pb2.ForkMode.Value(f"FORK_MODE_{fork_mode.upper()}"),
             pipe_transport=pb2.PipeTransport.Value(f"PIPE_TRANSPORT_{pipe_transport.upper()}"),
             placement=pb2.Placement.Value(f"PLACEMENT_{placement.upper()}"),

@@ -46,8 +46,10 @@ def vm(
     return VmRun(result, bytes(sink.stdout), bytes(sink.stderr), sink.chunks)
 
 
-def native(name: str | Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run the very same static binary on the host."""
+def native(
+    name: str | Path, *args: str, timeout: float = 120, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    """Run the very same static binary on the host (in ``cwd`` if given)."""
     path = Path(name) if isinstance(name, Path) else image_path(name)
     return subprocess.run(
         [str(path), *args],
@@ -55,6 +57,7 @@ def native(name: str | Path, *args: str, timeout: float = 120) -> subprocess.Com
         timeout=timeout,
         stdin=subprocess.DEVNULL,
         check=False,
+        cwd=cwd,
     )
 
 

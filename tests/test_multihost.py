@@ -50,7 +50,7 @@ BIGFORK_SRC = Path(__file__).with_name("guest") / "mh_bigfork.c"
 @pytest.fixture(scope="module")
 def cluster():
     # every image the tests launch, built before the tenders need them
-    for name in ("nested_fork", "token_ring", "fork_exit_wait", "fork_time", "hello"):
+    for name in ("nested_fork", "token_ring", "fork_exit_wait", "fork_time", "hello", "signals"):
         build_image(name)
     uploads = {
         "mh_block": build_image(BLOCK_SRC),
@@ -193,6 +193,57 @@ def test_fork_latency_remote_vs_local(cluster, record_property):
         assert hosts <= want, explain(c, r)
     record_property("fork_us_median", medians)
     print(f"\nvmclone fork_us median (fork_time -n 20): {medians}")
+
+
+# -- signals across hosts ---------------------------------------------------------------------
+#: guest/programs/signals.c cases whose signals cross VMs: SIGCHLD to a parent in
+#: sigsuspend, SIGCHLD handlers with stop/continue, kill of a child spinning without
+#: syscalls, SIGSTOP/SIGCONT seen by waitpid, sigqueue values both ways
+CROSS_HOST_CASES = ["sigsuspend", "sigchld", "killspin", "stopcont", "sigqueuefork", "pingpong"]
+
+
+@pytest.mark.parametrize("placement", ["remote", "spread"])
+@pytest.mark.parametrize("case", CROSS_HOST_CASES)
+def test_signals_cross_hosts(cluster, case: str, placement: str):
+    """kill, SIGCHLD, stop/continue and sigqueue between a parent and children on other
+    hosts (remote: B and C only, a child on the host its parent is not on; spread:
+    wherever the load says): the output is the native one."""
+    c = cluster
+    r = c.run("signals", [case], fork_mode="vmclone", pipe_transport="tcp", placement=placement)
+    assert_exited_0(c, r)
+    assert r["stdout"] == native_out("signals", case), explain(c, r)
+    desc = r["describe"]
+    host = {p["pid"]: p["host"] for p in desc["processes"]}
+    children = {pid: h for pid, h in host.items() if pid > 2}
+    assert children, explain(c, r)
+    if placement == "remote":  # every VM on B and C, and some child not on its parent's host
+        assert set(children.values()) <= {c.target(B), c.target(C)}, explain(c, r)
+        assert set(children.values()) - {host[2]}, explain(c, r)
+
+
+def test_remote_kill_latency(cluster, record_property):
+    """One-way kill-to-handler latency (signals pingpong -n 200): native, and between
+    VMs on A (shm, tcp) and across hosts (tcp), measured in the same run."""
+    c = cluster
+    n = "200"
+    p = native(image_path("signals"), "pingpong", n, "-t")
+    assert p.returncode == 0, p.stderr
+    figures = {"native": float(re.search(r"kill_latency_us=([0-9.]+)", p.stdout.decode())[1])}
+    for placement, transport in (("local", "shm"), ("local", "tcp"), ("remote", "tcp")):
+        r = c.run(
+            "signals",
+            ["pingpong", n, "-t"],
+            fork_mode="vmclone",
+            pipe_transport=transport,
+            placement=placement,
+        )
+        assert_exited_0(c, r)
+        m = re.search(r"kill_latency_us=([0-9.]+)", r["stdout"])
+        assert m and "child exited 0" in r["stdout"], explain(c, r)
+        figures[f"{placement}/{transport}"] = float(m[1])
+    record_property("kill_latency_us", figures)
+    ratios = {k: round(v / figures["native"], 1) for k, v in figures.items()}
+    print(f"\nkill-to-handler latency, us (signals pingpong {n}): {figures}; x native: {ratios}")
 
 
 # -- a link taken down and brought back up ---------------------------------------------------

@@ -14,6 +14,7 @@ the scripts whose forked children run shell code (subshells, pipelines,
 ``$(...)``, ``&``) are expected failures (GAPS): thread fork shares globals and
 the heap with the parent, as docs/semantics.md says; the private-memory fork of
 issue 18 (copy mode) runs them. A case that starts passing shows as XPASS.
+The same scripts across two hosts (a netns cluster): tests/test_shell_multihost.py.
 """
 
 from __future__ import annotations

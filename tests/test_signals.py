@@ -11,9 +11,15 @@ a signal storm keeps the tender responsive, the frame's layout is Linux's.
 
 from __future__ import annotations
 
+import os
+import select
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from support import image_path, native, vm
@@ -35,6 +41,15 @@ def lines(*text: str) -> str:
 
 
 SEGV = "killed by Segmentation fault"
+#: the children of the core cases: how each dies, and strsignal of its signal
+CORE_DEATHS = [
+    ("abort()", "Aborted"),
+    ("store to 0", "Segmentation fault"),
+    ("divide by 0", "Arithmetic exception"),
+    ("raise(SIGQUIT)", "Quit"),
+    ("kill(SIGQUIT) while in pause()", "Quit"),
+    ("raise(SIGTERM)", "Terminated"),
+]
 CASES: dict[str, str] = {
     "handler": lines(
         "raise: handler ran: signo=SIGUSR1 code=SI_TKILL pid=self",
@@ -90,6 +105,38 @@ CASES: dict[str, str] = {
         "then SIGTERM: killed by Terminated",
     ),
     "killspin": lines("spinning child: killed by Killed"),
+    "sigqueuefork": lines(
+        "parent: values from the child: 200 201 202 203 204",
+        "parent: then SIGUSR1 code=SI_USER si_pid=child",
+        "child: SIGRTMIN from the parent, code=SI_QUEUE value=4242 si_pid=parent",
+        "child exited 0",
+    ),
+    "timers": lines(
+        "SIGEV_SIGNAL: handler ran 1 time(s), code=SI_TIMER value=0x1234 overrun=0",
+        "one-shot after expiry: disarmed",
+        "TIMER_ABSTIME on CLOCK_REALTIME: sigwaitinfo got SIGUSR2 code=SI_TIMER value=7",
+        "periodic 10 ms: 3 expiries taken one by one",
+        "blocked for 80 ms: one signal, si_overrun > 0: yes, timer_getoverrun = si_overrun: yes",
+        "disarm: old value had a 10 ms period: yes",
+        "SIGEV_NONE: armed, about 10 s left",
+        "SIGEV_NONE after expiry: disarmed, nothing pending: yes",
+        "NULL sigevent: SIGALRM, si_value = the timer id: yes",
+        # musl's timer_delete returns the raw syscall value (-EINVAL), as natively
+        "deleted timer: settime -1 errno=EINVAL, getoverrun -1 errno=EINVAL, "
+        "delete -22 errno=EINVAL",
+        "tv_nsec of 1e9: -1 errno=EINVAL",
+        "signal 65: -1 errno=EINVAL",
+        "sigev_notify 99: -1 errno=EINVAL",
+        "child: the parent's timer is EINVAL; its own sends value 99",
+        "parent's timer still armed after the fork: yes",
+    ),
+    "core": lines(
+        "RLIMIT_CORE soft limit 0",
+        *(
+            f"{what}: killed by {how}, WCOREDUMP=0, SIGCHLD CLD_KILLED status=WTERMSIG"
+            for what, how in CORE_DEATHS
+        ),
+    ),
     "spinhandler": lines("spinning child with a handler: exited 9"),
     "piperestart": lines(
         "read across a fork, SA_RESTART: returned 1 'y', handler ran 1 time(s), child exited 0"
@@ -160,6 +207,131 @@ def test_same_output_in_every_mode(case: str, mode: str, mode_pool: WarmPool | N
     assert out.stderr == "", out.why()
     if out.result is not None:
         assert (out.result.outcome, out.result.status) == ("exited", 0), out.why()
+
+
+# -- WCOREDUMP with RLIMIT_CORE raised ---------------------------------------------------
+COREDUMP = lines(
+    "RLIMIT_CORE soft limit raised to the hard limit",
+    *(
+        f"{what}: killed by {how}, WCOREDUMP={int(how != 'Terminated')}, "
+        f"SIGCHLD {'CLD_KILLED' if how == 'Terminated' else 'CLD_DUMPED'} status=WTERMSIG"
+        for what, how in CORE_DEATHS
+    ),
+)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_core_signals_dump_when_rlimit_core_allows(
+    mode: str, mode_pool: WarmPool | None, tmp_path: Path
+) -> None:
+    """Linux sets the core bit only when it wrote a core: natively that needs a core
+    file the kernel can write (core_pattern "core", in the working directory); a VM
+    writes no file but reports the dump as Linux does once RLIMIT_CORE allows one."""
+    if mode == "native":
+        if Path("/proc/sys/kernel/core_pattern").read_text().strip() != "core":
+            pytest.skip("the host's core_pattern is not a plain 'core' file")
+        p = native("signals", "coredump", cwd=tmp_path)
+        assert p.stdout.decode() == COREDUMP, p.stdout.decode()
+        assert list(tmp_path.glob("core*")), "Linux wrote no core, yet set WCOREDUMP"
+        return
+    out = run_in(mode, mode_pool, "coredump")
+    assert out.stdout == COREDUMP, out.why()
+    assert out.stderr == "", out.why()
+
+
+# -- job control: the console as a controlling terminal ------------------------------------
+#: makes the terminal on its stdin its controlling one (a session leader), then runs
+#: the program as its child: the program's session and group are the leader's, as a
+#: VM's main process is in init's session and group
+_PTY_LEADER = """
+import fcntl, subprocess, sys, termios
+fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+sys.exit(subprocess.run(sys.argv[1:]).returncode)
+"""
+
+
+def under_pty(argv: list[str], timeout: float = 120) -> tuple[int, str]:
+    """Run ``argv`` with a new pseudo-terminal as its console and controlling terminal;
+    its exit code and everything it wrote there (newlines as the program wrote them)."""
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _PTY_LEADER, *argv],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            start_new_session=True,
+        )
+    finally:
+        os.close(slave)
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], deadline - time.monotonic())
+            if not ready:
+                break
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every writer of the terminal is gone
+                break
+            if not data:
+                break
+            out += data
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+        rc = proc.wait()
+    return rc, bytes(out).replace(b"\r\n", b"\n").decode(errors="replace")
+
+
+JOBCTL = lines(
+    "tcgetpgrp(0) is our group: yes",
+    "TIOCSCTTY, not a session leader: EPERM",
+    "background tcsetpgrp: stopped by Stopped (tty output)",
+    "background read: stopped by Stopped (tty input)",
+    "  read with SIGTTIN ignored: -1 EIO",
+    "background read, SIGTTIN ignored: exited 0",
+    "  tcsetpgrp with a SIGTTOU handler: -1 EINTR, handler ran 1 time(s)",
+    "background tcsetpgrp, SIGTTOU handler: exited 0",
+    "  tcsetpgrp with SIGTTOU ignored: 0, the terminal's group is ours: yes",
+    "background job takes the terminal: exited 0",
+    "now in the background: yes",
+    "from the background, SIGTTOU default, an orphaned group: ENOTTY",
+    "the same with SIGTTOU blocked: ESRCH",
+    "taking the terminal back with SIGTTOU blocked: 0, ours again: yes",
+    "  orphaned group: tcsetpgrp ENOTTY, read EIO",
+    "after setsid: tcgetpgrp ENOTTY, TIOCSCTTY EPERM",
+)
+_CLI = {
+    "thread": ["--fork", "thread"],
+    "vmclone-shm": ["--fork", "vmclone", "--pipe", "shm"],
+    "vmclone-tcp": ["--fork", "vmclone", "--pipe", "tcp"],
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_job_control_on_a_terminal(mode: str) -> None:
+    """Under a pseudo-terminal (natively, and `unifork run` in each mode): tcsetpgrp
+    and reads from background groups get SIGTTOU/SIGTTIN, as Linux's tty rules say."""
+    if mode == "native":
+        argv = [str(image_path("signals")), "jobctl"]
+    else:
+        argv = [sys.executable, "-m", "unifork", "run", *_CLI[mode], "signals", "jobctl"]
+    rc, out = under_pty(argv)
+    assert (rc, out) == (0, JOBCTL), out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_terminal_no_job_control(mode: str) -> None:
+    """Standard input not a terminal (/dev/null, output to pipes): tcgetpgrp(0) is
+    ENOTTY in every mode, as natively."""
+    argv = [str(image_path("signals")), "jobctl"]
+    if mode != "native":
+        argv = [sys.executable, "-m", "unifork", "run", *_CLI[mode], "signals", "jobctl"]
+    p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+    assert (p.returncode, p.stdout.decode()) == (0, lines("tcgetpgrp(0): ENOTTY")), p.stderr
 
 
 # -- bad input: a storm of kills ---------------------------------------------------------

@@ -57,7 +57,7 @@ from tender_service.instance.pool import WarmPool
 from tender_service.instance.supervisor import ProcRec, Supervisor
 from tender_service.machine.errors import GuestError
 from tender_service.rump.console import Console
-from tender_service.rump.vminfo import ProcInfo, RunResult, VmConfig
+from tender_service.rump.vminfo import FORK_PHASES, ProcInfo, RunResult, VmConfig
 from tender_service.toolchain.images import build_image
 from tender_service.transports.channel import connect_channel
 from tender_service.transports.frames import HELLO_MAGIC, ChannelClosed, ProtocolError, encode_hello
@@ -322,6 +322,13 @@ def test_fork_time_runs(env: Env, transport: str) -> None:
     assert all(re.fullmatch(r"fork_us=\d+\.\d{3}", line) for line in out[:5]), out
     assert re.fullmatch(r"fork_summary runs=5 mean_us=\S+ min_us=\S+ max_us=\S+ ok=1", out[5])
     assert r.result.forks == 5 and len(r.result.fork_seconds) == 5
+    # each fork's steps (the breakdown `unifork run --stats` prints): the lease, the
+    # snapshot and the start took time; the child's restore is part of the start
+    phases = r.result.fork_phases
+    assert len(phases) == 5 and all(set(p) == set(FORK_PHASES) for p in phases), phases
+    assert all(
+        p["lease"] > 0 and p["capture"] > 0 and 0 < p["restore"] < p["start"] for p in phases
+    )
     # child i exited with i % 100, and the parent reaped it
     assert [(p.status, p.state) for p in r.children(MAIN_PID)] == [
         (i << 8, "reaped") for i in range(5)

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import statistics
 import sys
 import traceback
 from collections.abc import Mapping
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from tender_service.instance.backends import FORK_MODES
 from tender_service.machine.errors import ImageError
 from tender_service.rump import signals
-from tender_service.rump.vminfo import DEFAULT_QUANTUM
+from tender_service.rump.vminfo import DEFAULT_QUANTUM, FORK_PHASES, RunResult
 from unifork import logs
 from unifork.args import UsageError, check_files, check_target
 
@@ -142,7 +143,17 @@ def _run(a: argparse.Namespace) -> int:
             f"{extra}",
             file=sys.stderr,
         )
+        if result.fork_phases:
+            print(f"unifork: VM-clone fork, median ms: {fork_breakdown(result)}", file=sys.stderr)
     return result.exit_code
+
+
+def fork_breakdown(result: RunResult) -> str:
+    """The median of each step of the instance's VM-clone forks (``RunResult.fork_phases``)."""
+    phases = result.fork_phases or []
+    return ", ".join(
+        f"{name} {statistics.median(p[name] for p in phases) * 1e3:.2f}" for name in FORK_PHASES
+    )
 
 
 def cmd_cc(a: argparse.Namespace, rest: list[str]) -> int:

@@ -196,6 +196,8 @@ static __attribute__((unused)) const char *errname(int e)
 	case EDOM: return "EDOM";
 	case ERANGE: return "ERANGE";
 	case ENOSYS: return "ENOSYS";
+	case ENOTTY: return "ENOTTY";
+	case EIO: return "EIO";
 	default: return "E?";
 	}
 }

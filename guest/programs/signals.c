@@ -20,6 +20,18 @@
  *              standard signals coalesce; sigpending; sigtimedwait
  *   stopcont   SIGSTOP/SIGCONT seen by waitpid with WUNTRACED/WCONTINUED
  *   killspin   a parent kills a child that spins without syscalls
+ *   jobctl     the console as a controlling terminal (run with a tty as stdin):
+ *              tcgetpgrp/tcsetpgrp, SIGTTOU/SIGTTIN for background groups (a stop,
+ *              EIO when ignored, EINTR after a handler), an orphaned group, setsid;
+ *              without a tty: ENOTTY
+ *   sigqueuefork sigqueue values and kill's si_pid between a parent and its child
+ *              (across VMs in VM-clone mode)
+ *   timers     timer_create: SIGEV_SIGNAL to a handler and to sigwaitinfo (si_value,
+ *              SI_TIMER), TIMER_ABSTIME, periodic with overruns, SIGEV_NONE, a NULL
+ *              sigevent, bad ids and values, a fork child without the parent's timers
+ *   core       RLIMIT_CORE 0: children killed by "core" signals, no WCOREDUMP, CLD_KILLED
+ *   coredump   RLIMIT_CORE raised: WCOREDUMP and CLD_DUMPED (natively: a core file
+ *              is written to the working directory with core_pattern "core")
  *   spinhandler a child spinning on a flag without syscalls gets its SIGUSR1
  *              handler run (the flag set) at an instruction boundary, and exits
  *   piperestart a child signals its parent blocked in read() on a pipe they share;
@@ -27,6 +39,8 @@
  *   badhandler a handler address that is not mapped: SIGSEGV
  *   badframe   rt_sigreturn on a frame that cannot be read, or garbage: SIGSEGV
  *   storm      100000 kills to a child with a handler; it still exits cleanly
+ *   pingpong   N SIGUSR1 round trips between a parent and its child (handlers, sigsuspend);
+ *              -t prints the one-way kill-to-handler latency (across VMs or hosts)
  *   roundtrip  N self-signals (kill, handler, sigreturn); prints the mean (-t)
  */
 #define _GNU_SOURCE
@@ -37,6 +51,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
 #include <sys/types.h>
@@ -535,6 +551,456 @@ static int case_killspin(void)
 	return 0;
 }
 
+/* -- core, coredump -------------------------------------------------------------- */
+/* A child that dies of a signal whose default action is "core": abort(), a store
+ * to address 0, a division by zero, SIGQUIT from itself, SIGQUIT from the parent
+ * while it sleeps, and SIGTERM (terminate only) for contrast. */
+static void core_child(int how, int ready)
+{
+	volatile int zero = 0;
+	switch (how) {
+	case 0:
+		abort();
+	case 1:
+		*(volatile int *)(uintptr_t)zero = 1;
+		break;
+	case 2: {
+		int q = 1, d = zero;
+		__asm__ volatile("cltd; idivl %1" : "+a"(q) : "r"(d) : "edx"); /* #DE: SIGFPE */
+		zero = q;
+		break;
+	}
+	case 3:
+		raise(SIGQUIT);
+		break;
+	case 4:
+		(void)write(ready, "r", 1);
+		for (;;)
+			pause();
+	default:
+		raise(SIGTERM);
+	}
+	_exit(0);
+}
+
+static int core_run(int limit)
+{
+	static const char *what[] = {"abort()", "store to 0", "divide by 0", "raise(SIGQUIT)",
+				     "kill(SIGQUIT) while in pause()", "raise(SIGTERM)"};
+	struct rlimit rl;
+	if (getrlimit(RLIMIT_CORE, &rl))
+		die("getrlimit: %s", strerror(errno));
+	rl.rlim_cur = limit ? rl.rlim_max : 0;
+	if (setrlimit(RLIMIT_CORE, &rl))
+		die("setrlimit: %s", strerror(errno));
+	if (limit && rl.rlim_cur < 4096)
+		die("RLIMIT_CORE hard limit %ld is too low", (long)rl.rlim_max);
+	printf("RLIMIT_CORE soft limit %s\n", limit ? "raised to the hard limit" : "0");
+	sigset_t chld;
+	sigemptyset(&chld);
+	sigaddset(&chld, SIGCHLD);
+	sigprocmask(SIG_BLOCK, &chld, NULL);
+	for (int how = 0; how < 6; how++) {
+		int p[2];
+		if (pipe(p))
+			die("pipe: %s", strerror(errno));
+		fflush(stdout);
+		pid_t pid = fork();
+		if (pid < 0)
+			die("fork: %s", strerror(errno));
+		if (pid == 0)
+			core_child(how, p[1]);
+		close(p[1]);
+		if (how == 4) {
+			char c;
+			if (read(p[0], &c, 1) != 1)
+				die("read: %s", strerror(errno));
+			kill(pid, SIGQUIT);
+		}
+		close(p[0]);
+		siginfo_t si;
+		if (sigwaitinfo(&chld, &si) != SIGCHLD)
+			die("sigwaitinfo: %s", strerror(errno));
+		int st;
+		if (waitpid(pid, &st, 0) != pid)
+			die("waitpid: %s", strerror(errno));
+		printf("%s: %s, WCOREDUMP=%d, SIGCHLD %s status=%s\n", what[how], status_str(st),
+		       WIFSIGNALED(st) && WCOREDUMP(st) ? 1 : 0,
+		       si.si_code == CLD_DUMPED   ? "CLD_DUMPED"
+		       : si.si_code == CLD_KILLED ? "CLD_KILLED"
+						  : "?",
+		       si.si_status == WTERMSIG(st) ? "WTERMSIG" : "?");
+	}
+	return 0;
+}
+
+/* -- timers ---------------------------------------------------------------------- */
+static volatile sig_atomic_t tm_runs, tm_code, tm_value, tm_overrun;
+
+static void h_timer(int sig, siginfo_t *si, void *uc)
+{
+	(void)sig, (void)uc;
+	tm_runs++;
+	tm_code = si->si_code;
+	tm_value = si->si_value.sival_int;
+	tm_overrun = si->si_overrun;
+}
+
+static timer_t new_timer(clockid_t clock, int notify, int sig, int value)
+{
+	struct sigevent ev;
+	memset(&ev, 0, sizeof ev);
+	ev.sigev_notify = notify;
+	ev.sigev_signo = sig;
+	ev.sigev_value.sival_int = value;
+	timer_t t;
+	if (timer_create(clock, &ev, &t))
+		die("timer_create: %s", strerror(errno));
+	return t;
+}
+
+static int arm(timer_t t, int flags, long value_ns, long interval_ns, struct itimerspec *old)
+{
+	struct itimerspec its = {{interval_ns / 1000000000, interval_ns % 1000000000},
+				 {value_ns / 1000000000, value_ns % 1000000000}};
+	return timer_settime(t, flags, &its, old);
+}
+
+static const char *err_str(int rc)
+{
+	static char buf[32];
+	snprintf(buf, sizeof buf, "%d errno=%s", rc, rc ? (errno == EINVAL ? "EINVAL" : strerror(errno)) : "0");
+	return buf;
+}
+
+static int case_timers(void)
+{
+	/* SIGEV_SIGNAL to a handler, one-shot on CLOCK_MONOTONIC */
+	sigset_t none, usr1, usr2, alrm;
+	sigemptyset(&none);
+	sigemptyset(&usr1);
+	sigaddset(&usr1, SIGUSR1);
+	sigemptyset(&usr2);
+	sigaddset(&usr2, SIGUSR2);
+	sigemptyset(&alrm);
+	sigaddset(&alrm, SIGALRM);
+	on(SIGUSR1, h_timer, 0, NULL);
+	sigprocmask(SIG_BLOCK, &usr1, NULL);
+	timer_t t1 = new_timer(CLOCK_MONOTONIC, SIGEV_SIGNAL, SIGUSR1, 0x1234);
+	arm(t1, 0, 20000000, 0, NULL);
+	while (!tm_runs)
+		sigsuspend(&none);
+	printf("SIGEV_SIGNAL: handler ran %d time(s), code=%s value=%#x overrun=%d\n", (int)tm_runs,
+	       tm_code == SI_TIMER ? "SI_TIMER" : "?", (int)tm_value, (int)tm_overrun);
+	struct itimerspec cur;
+	timer_gettime(t1, &cur);
+	printf("one-shot after expiry: %s\n",
+	       cur.it_value.tv_sec || cur.it_value.tv_nsec || cur.it_interval.tv_sec ? "armed" : "disarmed");
+
+	/* CLOCK_REALTIME with TIMER_ABSTIME, taken by sigwaitinfo */
+	sigprocmask(SIG_BLOCK, &usr2, NULL);
+	timer_t t2 = new_timer(CLOCK_REALTIME, SIGEV_SIGNAL, SIGUSR2, 7);
+	struct timespec now;
+	clock_gettime(CLOCK_REALTIME, &now);
+	long abs_ns = now.tv_nsec + 30000000;
+	struct itimerspec at = {{0, 0}, {now.tv_sec + abs_ns / 1000000000, abs_ns % 1000000000}};
+	timer_settime(t2, TIMER_ABSTIME, &at, NULL);
+	siginfo_t si;
+	int got = sigwaitinfo(&usr2, &si);
+	printf("TIMER_ABSTIME on CLOCK_REALTIME: sigwaitinfo got %s code=%s value=%d\n",
+	       got == SIGUSR2 ? "SIGUSR2" : "?", si.si_code == SI_TIMER ? "SI_TIMER" : "?",
+	       si.si_value.sival_int);
+
+	/* periodic: three expiries seen, then overruns while the signal is pending */
+	arm(t2, 0, 10000000, 10000000, NULL);
+	int seen = 0;
+	for (int i = 0; i < 3; i++)
+		seen += sigwaitinfo(&usr2, &si) == SIGUSR2;
+	printf("periodic 10 ms: %d expiries taken one by one\n", seen);
+	struct timespec nap = {0, 80000000};
+	while (nanosleep(&nap, &nap))
+		;
+	sigwaitinfo(&usr2, &si);
+	int ov = timer_getoverrun(t2);
+	printf("blocked for 80 ms: one signal, si_overrun > 0: %s, timer_getoverrun = si_overrun: %s\n",
+	       si.si_overrun > 0 ? "yes" : "no", ov == si.si_overrun ? "yes" : "no");
+	struct itimerspec old;
+	arm(t2, 0, 0, 0, &old);
+	printf("disarm: old value had a 10 ms period: %s\n",
+	       old.it_interval.tv_sec == 0 && old.it_interval.tv_nsec == 10000000 ? "yes" : "no");
+	timer_delete(t2);
+	sigtimedwait(&usr2, &si, &(struct timespec){0, 0}); /* a last expiry, if it came */
+
+	/* SIGEV_NONE: nothing is sent, the time left can be read */
+	timer_t t3 = new_timer(CLOCK_MONOTONIC, SIGEV_NONE, 0, 0);
+	arm(t3, 0, 10000000000L, 0, NULL);
+	timer_gettime(t3, &cur);
+	printf("SIGEV_NONE: armed, about %ld s left\n", (long)(cur.it_value.tv_sec + (cur.it_value.tv_nsec > 500000000)));
+	arm(t3, 0, 1000000, 0, NULL);
+	nap = (struct timespec){0, 20000000};
+	while (nanosleep(&nap, &nap))
+		;
+	sigset_t pend;
+	sigpending(&pend);
+	timer_gettime(t3, &cur);
+	printf("SIGEV_NONE after expiry: %s, nothing pending: %s\n",
+	       cur.it_value.tv_sec || cur.it_value.tv_nsec ? "armed" : "disarmed",
+	       sigisemptyset(&pend) ? "yes" : "no");
+	timer_delete(t3);
+
+	/* no sigevent: SIGALRM with the timer's id as its value */
+	sigprocmask(SIG_BLOCK, &alrm, NULL);
+	timer_t t4;
+	if (timer_create(CLOCK_MONOTONIC, NULL, &t4))
+		die("timer_create: %s", strerror(errno));
+	arm(t4, 0, 1000000, 0, NULL);
+	got = sigwaitinfo(&alrm, &si);
+	printf("NULL sigevent: %s, si_value = the timer id: %s\n", got == SIGALRM ? "SIGALRM" : "?",
+	       si.si_value.sival_int == (int)(intptr_t)t4 ? "yes" : "no");
+
+	/* bad input */
+	timer_delete(t4);
+	printf("deleted timer: settime %s, ", err_str(arm(t4, 0, 1000000, 0, NULL)));
+	printf("getoverrun %s, ", err_str(timer_getoverrun(t4)));
+	printf("delete %s\n", err_str(timer_delete(t4)));
+	struct itimerspec bad = {{0, 0}, {0, 1000000000}};
+	printf("tv_nsec of 1e9: %s\n", err_str(timer_settime(t1, 0, &bad, NULL)));
+	timer_t t5;
+	struct sigevent ev = {.sigev_notify = SIGEV_SIGNAL, .sigev_signo = 65};
+	printf("signal 65: %s\n", err_str(timer_create(CLOCK_MONOTONIC, &ev, &t5)));
+	ev.sigev_signo = SIGUSR1;
+	ev.sigev_notify = 99;
+	printf("sigev_notify 99: %s\n", err_str(timer_create(CLOCK_MONOTONIC, &ev, &t5)));
+
+	/* fork: the child has no timers; its own works */
+	arm(t1, 0, 3600000000000L, 0, NULL);
+	fflush(stdout);
+	pid_t pid = fork();
+	if (pid == 0) {
+		int rc = timer_gettime(t1, &cur);
+		int e = errno;
+		timer_t c = new_timer(CLOCK_MONOTONIC, SIGEV_SIGNAL, SIGUSR2, 99);
+		arm(c, 0, 5000000, 0, NULL);
+		got = sigwaitinfo(&usr2, &si);
+		errno = e;
+		printf("child: the parent's timer %s; its own sends value %d\n",
+		       rc ? (e == EINVAL ? "is EINVAL" : "?") : "exists", got == SIGUSR2 ? si.si_value.sival_int : -1);
+		_exit(0);
+	}
+	int st;
+	waitpid(pid, &st, 0);
+	timer_gettime(t1, &cur);
+	printf("parent's timer still armed after the fork: %s\n", cur.it_value.tv_sec > 3000 ? "yes" : "no");
+	timer_delete(t1);
+	return 0;
+}
+
+/* -- sigqueuefork ------------------------------------------------------------------ */
+static int case_sigqueuefork(void)
+{
+	sigset_t rt;
+	sigemptyset(&rt);
+	sigaddset(&rt, SIGRTMIN);
+	sigaddset(&rt, SIGUSR1);
+	sigprocmask(SIG_BLOCK, &rt, NULL);
+	pid_t parent = getpid();
+	fflush(stdout);
+	pid_t pid = fork();
+	if (pid < 0)
+		die("fork: %s", strerror(errno));
+	if (pid == 0) {
+		for (int i = 0; i < 5; i++)
+			sigqueue(parent, SIGRTMIN, (union sigval){.sival_int = 200 + i});
+		kill(parent, SIGUSR1);
+		siginfo_t si;
+		int got = sigwaitinfo(&rt, &si);
+		printf("child: %s from the parent, code=%s value=%d si_pid=%s\n", got == SIGRTMIN ? "SIGRTMIN" : "?",
+		       si.si_code == SI_QUEUE ? "SI_QUEUE" : "?", si.si_value.sival_int,
+		       si.si_pid == parent ? "parent" : "?");
+		_exit(0);
+	}
+	siginfo_t si;
+	sigset_t only_rt, only_usr1;
+	sigemptyset(&only_rt);
+	sigaddset(&only_rt, SIGRTMIN);
+	sigemptyset(&only_usr1);
+	sigaddset(&only_usr1, SIGUSR1);
+	printf("parent: values from the child:");
+	for (int i = 0; i < 5; i++) {
+		if (sigwaitinfo(&only_rt, &si) != SIGRTMIN)
+			die("sigwaitinfo: got %d", si.si_signo);
+		printf(" %d%s", si.si_value.sival_int,
+		       si.si_code == SI_QUEUE && si.si_pid == pid ? "" : "(bad code or pid)");
+	}
+	printf("\n");
+	int got = sigwaitinfo(&only_usr1, &si);
+	printf("parent: then %s code=%s si_pid=%s\n", got == SIGUSR1 ? "SIGUSR1" : "?",
+	       si.si_code == SI_USER ? "SI_USER" : "?", si.si_pid == pid ? "child" : "?");
+	sigqueue(pid, SIGRTMIN, (union sigval){.sival_int = 4242});
+	int st;
+	waitpid(pid, &st, 0);
+	printf("child %s\n", status_str(st));
+	return 0;
+}
+
+/* -- jobctl ----------------------------------------------------------------------- */
+static volatile sig_atomic_t ttou_runs;
+
+static void h_ttou(int sig, siginfo_t *si, void *uc)
+{
+	(void)sig, (void)si, (void)uc;
+	ttou_runs++;
+}
+
+/* A child in a group of its own (a background job) does `what`; the parent reports
+ * how it ended (WUNTRACED: a stop is seen, then the child is killed). */
+static void background(const char *title, void (*what)(void))
+{
+	fflush(stdout);
+	pid_t pid = fork();
+	if (pid < 0)
+		die("fork: %s", strerror(errno));
+	if (pid == 0) {
+		setpgid(0, 0);
+		what();
+		_exit(0);
+	}
+	setpgid(pid, pid);
+	int st;
+	if (waitpid(pid, &st, WUNTRACED) != pid)
+		die("waitpid: %s", strerror(errno));
+	printf("%s: %s\n", title, status_str(st));
+	if (WIFSTOPPED(st)) {
+		kill(pid, SIGKILL);
+		waitpid(pid, &st, 0);
+	}
+}
+
+static void bg_tcsetpgrp(void)
+{
+	tcsetpgrp(0, getpgrp());
+}
+
+static void bg_read(void)
+{
+	char c;
+	(void)read(0, &c, 1);
+}
+
+static void bg_read_ttin_ignored(void)
+{
+	char c;
+	signal(SIGTTIN, SIG_IGN);
+	int r = (int)read(0, &c, 1);
+	printf("  read with SIGTTIN ignored: %d %s\n", r, errname(r < 0 ? errno : 0));
+}
+
+static void bg_tcsetpgrp_handler(void)
+{
+	on(SIGTTOU, h_ttou, 0, NULL);
+	int r = tcsetpgrp(0, getpgrp());
+	printf("  tcsetpgrp with a SIGTTOU handler: %d %s, handler ran %d time(s)\n", r, errname(r ? errno : 0),
+	       (int)ttou_runs);
+}
+
+static void bg_take_terminal(void)
+{
+	signal(SIGTTOU, SIG_IGN);
+	int r = tcsetpgrp(0, getpgrp());
+	printf("  tcsetpgrp with SIGTTOU ignored: %s, the terminal's group is ours: %s\n", errname(r ? errno : 0),
+	       tcgetpgrp(0) == getpgrp() ? "yes" : "no");
+}
+
+static void bg_orphan(void)
+{
+	int p[2];
+	if (pipe(p))
+		die("pipe: %s", strerror(errno));
+	pid_t me = getpid();
+	pid_t pid = fork();
+	if (pid == 0) { /* its group is orphaned once its parent is gone */
+		close(p[0]);
+		while (getppid() == me)
+			usleep(1000);
+		char c, out[160];
+		int r = tcsetpgrp(0, getpgrp());
+		int e1 = r ? errno : 0;
+		int n = (int)read(0, &c, 1);
+		int e2 = n < 0 ? errno : 0;
+		snprintf(out, sizeof out, "  orphaned group: tcsetpgrp %s, read %s\n", errname(e1), errname(e2));
+		(void)write(p[1], out, strlen(out));
+		_exit(0);
+	}
+	close(p[1]);
+	char buf[160];
+	fflush(stdout);
+	/* the parent leaves; whoever reads the pipe prints what the grandchild saw */
+	if (fork() == 0) {
+		int n = (int)read(p[0], buf, sizeof buf - 1);
+		buf[n > 0 ? n : 0] = 0;
+		printf("%s", buf);
+		_exit(0);
+	}
+	_exit(0);
+}
+
+static int case_jobctl(void)
+{
+	pid_t fg = tcgetpgrp(0);
+	if (fg < 0) {
+		printf("tcgetpgrp(0): %s\n", errname(errno));
+		return 0;
+	}
+	printf("tcgetpgrp(0) is our group: %s\n", fg == getpgrp() ? "yes" : "no");
+	printf("TIOCSCTTY, not a session leader: %s\n", errname(ioctl(0, TIOCSCTTY, 0) ? errno : 0));
+	background("background tcsetpgrp", bg_tcsetpgrp);
+	background("background read", bg_read);
+	background("background read, SIGTTIN ignored", bg_read_ttin_ignored);
+	background("background tcsetpgrp, SIGTTOU handler", bg_tcsetpgrp_handler);
+	background("background job takes the terminal", bg_take_terminal);
+	pid_t now = tcgetpgrp(0);
+	printf("now in the background: %s\n", now != getpgrp() ? "yes" : "no");
+	int r = tcsetpgrp(0, now);
+	printf("from the background, SIGTTOU default, an orphaned group: %s\n", errname(r ? errno : 0));
+	sigset_t ttou, old;
+	sigemptyset(&ttou);
+	sigaddset(&ttou, SIGTTOU);
+	sigprocmask(SIG_BLOCK, &ttou, &old);
+	r = tcsetpgrp(0, now);
+	printf("the same with SIGTTOU blocked: %s\n", errname(r ? errno : 0));
+	r = tcsetpgrp(0, getpgrp());
+	sigprocmask(SIG_SETMASK, &old, NULL);
+	printf("taking the terminal back with SIGTTOU blocked: %s, ours again: %s\n", errname(r ? errno : 0),
+	       tcgetpgrp(0) == getpgrp() ? "yes" : "no");
+	int pl[2];
+	if (pipe(pl))
+		die("pipe: %s", strerror(errno));
+	fflush(stdout);
+	pid_t pid = fork();
+	if (pid == 0) {
+		close(pl[0]);
+		setpgid(0, 0);
+		bg_orphan();
+	}
+	close(pl[1]);
+	int st;
+	waitpid(pid, &st, 0);
+	char c;
+	while (read(pl[0], &c, 1) > 0) /* EOF: the orphan's reporter is done */
+		;
+	fflush(stdout);
+	pid = fork();
+	if (pid == 0) {
+		setsid();
+		int e = tcgetpgrp(0) < 0 ? errno : 0;
+		printf("after setsid: tcgetpgrp %s, TIOCSCTTY %s\n", errname(e),
+		       errname(ioctl(0, TIOCSCTTY, 0) ? errno : 0));
+		_exit(0);
+	}
+	waitpid(pid, &st, 0);
+	return 0;
+}
+
 /* -- spinhandler --------------------------------------------------------------- */
 static volatile sig_atomic_t spin_flag;
 
@@ -721,6 +1187,43 @@ static int case_roundtrip(int n, int timed)
 	return 0;
 }
 
+/* -- pingpong ------------------------------------------------------------------------ */
+static int case_pingpong(int n, int timed)
+{
+	sigset_t usr1, unblocked;
+	sigemptyset(&usr1);
+	sigaddset(&usr1, SIGUSR1);
+	sigprocmask(SIG_BLOCK, &usr1, &unblocked);
+	sigdelset(&unblocked, SIGUSR1);
+	on(SIGUSR1, h_nothing, 0, NULL);
+	pid_t parent = getpid();
+	fflush(stdout);
+	pid_t pid = fork();
+	if (pid < 0)
+		die("fork: %s", strerror(errno));
+	if (pid == 0) {
+		for (int i = 0; i < n; i++) {
+			sigsuspend(&unblocked); /* ping: the handler ran */
+			kill(parent, SIGUSR1);
+		}
+		_exit(0); /* (no count of handler runs: thread fork shares the globals) */
+	}
+	struct timespec t0, t1;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	for (int i = 0; i < n; i++) {
+		kill(pid, SIGUSR1);
+		sigsuspend(&unblocked); /* pong */
+	}
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	int st;
+	waitpid(pid, &st, 0);
+	printf("pingpong: %d round trips, child %s\n", n, status_str(st));
+	if (timed)
+		printf("kill_latency_us=%.1f\n",
+		       ((t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec)) / 1e3 / 2 / (n ? n : 1));
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	top_pid = getpid();
@@ -747,6 +1250,16 @@ int main(int argc, char **argv)
 		return case_stopcont();
 	if (!strcmp(c, "killspin"))
 		return case_killspin();
+	if (!strcmp(c, "jobctl"))
+		return case_jobctl();
+	if (!strcmp(c, "sigqueuefork"))
+		return case_sigqueuefork();
+	if (!strcmp(c, "timers"))
+		return case_timers();
+	if (!strcmp(c, "core"))
+		return core_run(0);
+	if (!strcmp(c, "coredump"))
+		return core_run(1);
 	if (!strcmp(c, "spinhandler"))
 		return case_spinhandler();
 	if (!strcmp(c, "piperestart"))
@@ -757,9 +1270,11 @@ int main(int argc, char **argv)
 		return case_badframe();
 	if (!strcmp(c, "storm"))
 		return case_storm(n ? n : 100000);
+	if (!strcmp(c, "pingpong"))
+		return case_pingpong(n ? n : 100, argc > 3 && !strcmp(argv[3], "-t"));
 	if (!strcmp(c, "roundtrip"))
 		return case_roundtrip(n ? n : 1000, argc > 3 && !strcmp(argv[3], "-t"));
 	fprintf(stderr, "usage: signals handler|restart|sigsuspend|sigchld|nodefer|altstack|ucontext|rtqueue|"
-			"stopcont|killspin|spinhandler|piperestart|badhandler|badframe|storm [N]|roundtrip [N] [-t]\n");
+			"stopcont|killspin|jobctl|sigqueuefork|timers|core|coredump|spinhandler|piperestart|badhandler|badframe|storm [N]|pingpong [N] [-t]|roundtrip [N] [-t]\n");
 	return 2;
 }

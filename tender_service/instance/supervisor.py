@@ -35,7 +35,7 @@ from tender_service.instance.stdin import StdinServer
 from tender_service.machine.rootfs import RootFs
 from tender_service.rump import pgroups, signals
 from tender_service.rump.fs import FileSystem
-from tender_service.rump.vminfo import ProcInfo, RunResult, VmConfig
+from tender_service.rump.vminfo import FORK_PHASES, ProcInfo, RunResult, VmConfig
 from tender_service.transports.broker import PipeBroker
 from tender_service.transports.channel import (
     PEER_TIMEOUT,
@@ -48,7 +48,13 @@ from tender_service.transports.channel import (
 )
 from tender_service.transports.frames import Frame, ProtocolError
 from tender_service.transports.fs_host import FsHost
-from tender_service.transports.protocol import END_READ, NONBLOCK, SIGPIPE_FLAG, Msg
+from tender_service.transports.protocol import (
+    END_READ,
+    NONBLOCK,
+    SIGNAL_INFO,
+    SIGPIPE_FLAG,
+    Msg,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +111,13 @@ class ProcRec:
     peak_memory: int = 0
     #: bytes of the tender's guest-memory budget this VM holds (its RAM, if it runs here)
     reserved: int = 0
+    #: the VM (its first process's pid) that leased this pid: a clone(CLONE_VM) child runs
+    #: there until it execs, and that VM speaks for it (0: the instance's first process)
+    leased_by: int = 0
+    #: the process ended but its VM still runs clone(CLONE_VM) children of it that have not
+    #: exec'd (one may have killed it): the VM's messages are served until it ends, and
+    #: what the VM holds (pipe ends, files, memory) is given back only then
+    hosting: bool = False
 
     @property
     def alive(self) -> bool:
@@ -166,7 +179,11 @@ class Supervisor:
         self.reports: list[str] = []
         self.forks = 0
         self.fork_seconds: list[float] = []
+        self.fork_phases: list[dict[str, float]] = []  # each fork's steps (FORK_PHASES)
         self._next_pid = MAIN_PID
+        #: the console as the controlling terminal of init's session (thread fork's
+        #: kernel keeps the same record: Kernel.terminal)
+        self.terminal = pgroups.Terminal(INIT_PID, INIT_PID) if config.tty else pgroups.Terminal()
         self._outcome: str | None = None
         self.transport_note = ""
         self._console_lock = threading.Lock()
@@ -287,6 +304,7 @@ class Supervisor:
             peak_memory=sum(r.peak_memory for r in self.procs.values()),
             processes=self.process_table(),
             fork_seconds=list(self.fork_seconds),
+            fork_phases=list(self.fork_phases),
         )
 
     def kill(self, reason: str = "killed") -> None:
@@ -300,7 +318,7 @@ class Supervisor:
                     )
             for r in self.procs.values():
                 if r.alive:
-                    self._send(r, Frame(Msg.SIGNAL, 0, 0, 0, signals.SIGKILL, b""))
+                    self._signal(r, signals.SIGKILL)
 
     def close(self) -> None:
         """Release everything: listener, channels, tender processes, temp files."""
@@ -468,6 +486,8 @@ class Supervisor:
                 if f is not None:
                     self._handle(rec, f)
         except (ChannelClosed, ProtocolError, OSError) as e:
+            if rec.hosting:
+                self._vm_ended(rec)
             if rec.alive:
                 log.warning(
                     "instance %s: pid %d's VM vanished (%s): killed by SIGKILL", self.id, pid, e
@@ -480,6 +500,17 @@ class Supervisor:
                 )
         finally:
             channel.close()
+
+    def _signal(self, rec: ProcRec, sig: int, sender: int = 0, info: bytes = b"") -> None:
+        """Send ``sig`` (from pid ``sender``, 0: the kernel) to ``rec``'s VM; a process
+        with no VM of its own yet may be a clone(CLONE_VM) child running in the VM that
+        leased its pid (until it execs): that VM gets it, naming the pid in ``req`` (a
+        fork's child not yet started drops it there)."""
+        host = self.procs.get(rec.leased_by) if rec.channel is None else None
+        if host is not None and host.channel is not None:
+            self._send(host, Frame(Msg.SIGNAL, 0, rec.pid, sender, sig, info))
+        else:
+            self._send(rec, Frame(Msg.SIGNAL, 0, 0, sender, sig, info))
 
     def _send(self, rec: ProcRec, frame: Frame) -> None:
         ch = rec.channel
@@ -504,7 +535,7 @@ class Supervisor:
             self._console(rec, f)
             return
         with self.lock:
-            if not rec.alive:
+            if not rec.alive and not rec.hosting:
                 return  # what a VM sends after its EXITED (its fds closing) is moot
             if t == Msg.IDLE:
                 rec.idle_at, rec.idle_report = f.arg, f.payload.decode(errors="replace")
@@ -570,6 +601,7 @@ class Supervisor:
             info = json.loads(f.payload)
             rec.peak_memory = int(info.get("peak_memory", 0))
             report = str(info.get("report") or "")[:1000]
+            rec.hosting = info.get("hosting") is True
         self._ended(rec, f.arg, report)
 
     def _call(self, rec: ProcRec, payload: bytes) -> tuple[int, bytes]:
@@ -594,6 +626,7 @@ class Supervisor:
             return -errno.EAGAIN, b""
         pid = self._next_pid
         child = self._new_proc(pid, rec.pid, rec.pgid, rec.sid)
+        child.leased_by = rec.pid
         try:
             worker = self._place(rec)
         except Exception as e:
@@ -676,27 +709,42 @@ class Supervisor:
         VM reaps it itself): it never needs its leased place, and was a process, made
         in ``micros`` (the lease)."""
         child = self.procs.get(pid)
-        if child is None or child.ppid != rec.pid or child.state != "starting":
-            return -errno.ESRCH
+        if child is None or child.leased_by != rec.pid or child.state != "starting":
+            return -errno.ESRCH  # (its parent may have died: then it is init's)
         self.fork_seconds.append(micros / 1e6)
         # refs its exec registered for a VM that never started (a failed start)
         self.broker.drop_holder(pid)
         child.state, child.status, child.ended = "reaped", status, time.monotonic()
         child.host, child.host_pid = rec.host, rec.host_pid
         self._free_memory(child)
+        self._check_done()  # it may be the last: its parent (the VM's process) died first
         return 0
 
-    def _op_fork_started(self, rec: ProcRec, pid: int, micros: int, snapshot: int = 0) -> int:
+    def _op_fork_started(
+        self, rec: ProcRec, pid: int, micros: int, snapshot: int = 0, *phases: int
+    ) -> int:
         self.fork_seconds.append(micros / 1e6)
+        if len(phases) == len(FORK_PHASES):
+            self.fork_phases.append({k: v / 1e6 for k, v in zip(FORK_PHASES, phases, strict=True)})
         child = self.procs.get(pid)
         if self.observer is not None:
             remote = bool(child is not None and getattr(child.worker, "remote", False))
             self.observer.fork_done(micros / 1e6, snapshot, remote)
         return 0
 
-    def _op_kill(self, rec: ProcRec, pid: int, sig: int) -> int:
+    def _op_kill(
+        self, rec: ProcRec, pid: int, sig: int, code: int = signals.SI_USER, value: int = 0
+    ) -> int:
+        """kill, tkill and sigqueue to processes of other VMs; the target's siginfo says
+        who sent it (si_pid) and, for sigqueue, its si_code and si_value."""
         if not 0 <= sig < signals.NSIG:
             return -errno.EINVAL
+        if code > 0:
+            return -errno.EPERM  # the kernel's own si_codes are not a process's to send
+        if code < -(2**31) or not -(2**63) <= value < 2**64:
+            return -errno.EINVAL
+        plain = (code, value) == (signals.SI_USER, 0)
+        info = b"" if plain else SIGNAL_INFO.pack(code, value - 2**64 if value >= 2**63 else value)
         if pid > 0:
             targets = [self.procs[pid]] if pid in self.procs else []
         elif pid == -1:
@@ -709,7 +757,7 @@ class Supervisor:
             return -errno.ESRCH
         for r in targets:
             if r.pid != rec.pid and r.alive and sig:
-                self._send(r, Frame(Msg.SIGNAL, 0, 0, 0, sig, b""))
+                self._signal(r, sig, rec.pid, info)
         return 0
 
     def _op_child_state(self, rec: ProcRec, status: int) -> int:
@@ -743,6 +791,32 @@ class Supervisor:
             target.pgid = new
         return new
 
+    # -- the console as a controlling terminal (rump/pgroups.py, rump/jobctl.py) ---------
+    def _tty_signal(self, rec: ProcRec, r: int) -> int:
+        """A job-control signal for the caller's group: sent here to its members in
+        other VMs; the caller's VM sends it to its own and restarts the call."""
+        if r > 0:
+            for m in self._members():
+                if m.pgid == rec.pgid and m.pid != rec.pid and m.alive:
+                    self._signal(m, r, 0, SIGNAL_INFO.pack(signals.SI_KERNEL, 0))
+        return r
+
+    def _op_tty_check(self, rec: ProcRec, sig: int, ignored: int) -> int:
+        if sig not in (signals.SIGTTIN, signals.SIGTTOU):
+            return -errno.EINVAL
+        r = pgroups.check_access(rec, self.terminal, sig, bool(ignored), self._members())
+        return self._tty_signal(rec, r)
+
+    def _op_tty_getpgrp(self, rec: ProcRec) -> int:
+        return pgroups.tcgetpgrp(rec, self.terminal)
+
+    def _op_tty_setpgrp(self, rec: ProcRec, pgid: int, ignored: int) -> int:
+        r = pgroups.tcsetpgrp(rec, self.terminal, pgid, bool(ignored), self._members())
+        return self._tty_signal(rec, r)
+
+    def _op_tty_sctty(self, rec: ProcRec) -> int:
+        return pgroups.tiocsctty(rec, self.terminal)
+
     def _op_setsid(self, rec: ProcRec) -> int:
         err = pgroups.setsid(rec, self._members())
         if err:
@@ -767,8 +841,8 @@ class Supervisor:
 
     def _op_fs_hold(self, rec: ProcRec, ofd: int, child: int) -> int:
         target = self.procs.get(child)
-        if target is None or target.ppid != rec.pid:
-            return -errno.ESRCH  # only for a child this VM is forking
+        if target is None or target.leased_by != rec.pid:
+            return -errno.ESRCH  # only for a child this VM is forking (or that execs)
         return self.fs.hold(rec.pid, ofd, child)
 
     def _op_fs_release(self, rec: ProcRec, ofd: int) -> int:
@@ -780,7 +854,8 @@ class Supervisor:
             if not rec.alive:
                 return
             rec.state, rec.status, rec.ended = "zombie", status, time.monotonic()
-            self._free_memory(rec)
+            if not rec.hosting:
+                self._free_memory(rec)
             if report:
                 rec.report = report
                 self.reports.append(report)
@@ -791,15 +866,29 @@ class Supervisor:
                         child.state = "reaped"
                     else:
                         self._send(child, Frame(Msg.REPARENT, 0, 0, 0, INIT_PID, b""))
-            self.broker.drop_holder(rec.pid)
-            self.stdin.drop_holder(rec.pid)
-            self.fs.drop_holder(rec.pid)
+            if not rec.hosting:
+                self._drop_holder(rec)
             parent = self.procs.get(rec.ppid)
             if rec.ppid == INIT_PID or parent is None:
                 rec.state = "reaped"  # init reaps at once (the status stays on record)
             else:
                 self._send(parent, Frame(Msg.CHILD_EXIT, 0, 0, rec.pid, status, b""))
             self._check_done()
+
+    def _drop_holder(self, rec: ProcRec) -> None:
+        self.broker.drop_holder(rec.pid)
+        self.stdin.drop_holder(rec.pid)
+        self.fs.drop_holder(rec.pid)
+
+    def _vm_ended(self, rec: ProcRec) -> None:
+        """The VM of a process that ended while it hosted clone(CLONE_VM) children is gone
+        (they exec'd or exited): what it held goes back now."""
+        with self.lock:
+            if not rec.hosting:
+                return
+            rec.hosting = False
+            self._drop_holder(rec)
+        self._free_memory(rec)
 
     def _check_deadlock(self) -> None:
         """Every live VM idle, and none with a message on its way: nothing can move."""

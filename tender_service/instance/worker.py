@@ -19,6 +19,7 @@ supervisor handed out with the fork lease.
 from __future__ import annotations
 
 import argparse
+import collections
 import errno
 import hashlib
 import hmac
@@ -32,6 +33,7 @@ import sys
 import threading
 import time
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 
@@ -121,13 +123,60 @@ def send_vm(
     timeout: float = 30.0,
     channel: grpc.Channel | None = None,
     metadata: list[tuple[str, str]] | None = None,
+    keep: bool = False,
 ):
-    """Call ``Peer.StartVm`` with ``chunks`` at ``address`` (or on ``channel``)."""
+    """Call ``Peer.StartVm`` with ``chunks`` at ``address`` (or on ``channel``).
+
+    ``keep``: use (and keep for the next call) this process's channel to
+    ``address``, as a VM that forks does: a new channel each fork would pay the
+    connection and its HTTP/2 handshake (2-4 ms of a fork).  A channel whose
+    call fails is dropped, so a worker that died is dialled anew.
+    """
     _, pb2_grpc = protos.peer()
     if channel is not None:
         return pb2_grpc.PeerStub(channel).StartVm(chunks, timeout=timeout, metadata=metadata)
-    with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+    if not keep:
+        with _new_channel(address) as ch:
+            return pb2_grpc.PeerStub(ch).StartVm(chunks, timeout=timeout, metadata=metadata)
+    ch = _KEPT.get(address)
+    try:
         return pb2_grpc.PeerStub(ch).StartVm(chunks, timeout=timeout, metadata=metadata)
+    except grpc.RpcError:
+        _KEPT.drop(address, ch)
+        raise
+
+
+def _new_channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
+
+
+class _KeptChannels:
+    """The channels a process's forks keep: the ``limit`` most recently used."""
+
+    def __init__(self, limit: int = 8) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._by_address: collections.OrderedDict[str, grpc.Channel] = collections.OrderedDict()
+
+    def get(self, address: str) -> grpc.Channel:
+        old = None
+        with self._lock:
+            ch = self._by_address.pop(address, None) or _new_channel(address)
+            self._by_address[address] = ch
+            if len(self._by_address) > self.limit:
+                _, old = self._by_address.popitem(last=False)
+        if old is not None:
+            old.close()
+        return ch
+
+    def drop(self, address: str, ch: grpc.Channel) -> None:
+        with self._lock:
+            if self._by_address.get(address) is ch:
+                del self._by_address[address]
+        ch.close()
+
+
+_KEPT = _KeptChannels()
 
 
 def start_vm(
@@ -138,25 +187,51 @@ def start_vm(
     image: bytes | None = None,
     channel: grpc.Channel | None = None,
     metadata: list[tuple[str, str]] | None = None,
+    keep: bool = False,
 ):
     """Call ``Peer.StartVm`` at ``address`` (or on ``channel``); its VmStarted reply."""
-    return send_vm(address, vm_chunks(start, snapshot, image), timeout, channel, metadata)
+    return send_vm(address, vm_chunks(start, snapshot, image), timeout, channel, metadata, keep)
 
 
-def start_vm_from_here(address: str, start: dict, snapshot: bytes) -> None:
+def start_vm_from_here(address: str, start: dict, snapshot: bytes) -> object:
     """Start a clone from a VM of this worker: on a worker of this host directly; on a
     tender through this worker's own (the relay, which dials with the tender's TLS
-    identity), with the supervisor's ticket standing in for the peer token."""
+    identity), with the supervisor's ticket standing in for the peer token.  Returns
+    the VmStarted reply."""
     start = dict(start)
     ticket = start.pop("ticket", "")
     if address.startswith("unix:"):
-        start_vm(address, start, snapshot)
-        return
+        return start_vm(address, start, snapshot, keep=True)
     relay = os.environ.get(RELAY_ENV)
     if not relay:
         raise GuestError(errno.EAGAIN, "no relay to reach peer tenders from this worker")
     metadata = [(TARGET_KEY, address)] + ([(TICKET_KEY, ticket)] if ticket else [])
-    start_vm(relay, start, snapshot, metadata=metadata)
+    return start_vm(relay, start, snapshot, metadata=metadata, keep=True)
+
+
+@dataclass
+class ForkTimes:
+    """When each step of one VM-clone fork ended (perf_counter seconds), for the
+    breakdown the supervisor keeps (``RunResult.fork_phases``)."""
+
+    begun: float
+    leased: float = 0.0
+    shared: float = 0.0  # pipe ends and open files handed to the broker
+    captured: float = 0.0  # the snapshot is made (start_child is called)
+
+    def phases(self, started: float, restore: float) -> list[int]:
+        """Microseconds of lease, share, capture, start (transfer + the child's restore +
+        the reply) and, of start, restore."""
+        return [
+            int((b - a) * 1e6)
+            for a, b in (
+                (self.begun, self.leased),
+                (self.leased, self.shared),
+                (self.shared, self.captured),
+                (self.captured, started),
+                (0.0, restore),
+            )
+        ]
 
 
 class WorkerCloneHost:
@@ -166,9 +241,7 @@ class WorkerCloneHost:
         self.link = link
         self.start = start
         self._leases: dict[int, tuple[str, dict]] = {}  # pid -> (worker address, start)
-        self._t0: dict[int, float] = {}
-        #: how long the lease took: all a clone(CLONE_VM) child's creation costs here
-        self._lease_seconds: dict[int, float] = {}
+        self._times: dict[int, ForkTimes] = {}
 
     def reserve_pid(self, parent: Process) -> int:
         t0 = time.perf_counter()
@@ -177,17 +250,18 @@ class WorkerCloneHost:
             raise GuestError(-value, "the supervisor refused the fork")
         lease = json.loads(payload)
         self._leases[value] = (lease["worker"], lease["start"])
-        self._t0[value] = time.perf_counter()
-        self._lease_seconds[value] = self._t0[value] - t0
+        self._times[value] = ForkTimes(t0, time.perf_counter())
         return value
 
     def share_files(self, k: Kernel, parent: Process, child_pid: int) -> None:
         self.link.share_files(k, parent, child_pid)
+        self._times[child_pid].shared = time.perf_counter()
 
     def child_ended_here(self, child_pid: int, status: int) -> None:
         self._leases.pop(child_pid, None)
-        self._t0.pop(child_pid, None)
-        micros = int(self._lease_seconds.pop(child_pid, 0.0) * 1e6)
+        times = self._times.pop(child_pid, None)
+        # all a clone(CLONE_VM) child's creation cost here is the lease
+        micros = int((times.leased - times.begun) * 1e6) if times else 0
         self.link.call("vm_child_exited", child_pid, status, micros)
 
     def share_exec_files(self, k: Kernel, proc: Process) -> None:
@@ -197,12 +271,15 @@ class WorkerCloneHost:
         self.link.add_holder(files, proc.pid)
 
     def start_child(self, child_pid: int, snapshot: bytes) -> None:
+        times = self._times.get(child_pid)
+        if times is not None:
+            times.captured = times.captured or time.perf_counter()
         address, start = self._leases.pop(child_pid)
         # not a retry of the same call (no backoff wanted): each attempt goes to another
         # place the supervisor picks, while the forking guest waits in fork()
         for attempt in range(3):
             try:
-                start_vm_from_here(address, start, snapshot)
+                started = start_vm_from_here(address, start, snapshot)
                 break
             except grpc.RpcError as e:
                 # that tender process is gone or refuses: ask for another place
@@ -213,14 +290,16 @@ class WorkerCloneHost:
                     ) from e
                 lease = json.loads(payload)
                 address, start = lease["worker"], lease["start"]
-        micros = int((time.perf_counter() - self._t0.pop(child_pid)) * 1e6)
-        self._lease_seconds.pop(child_pid, None)
-        self.link.call("fork_started", child_pid, micros, len(snapshot))
+        now = time.perf_counter()
+        times = self._times.pop(child_pid, None) or ForkTimes(now, now, now, now)
+        phases = times.phases(now, float(getattr(started, "restore_seconds", 0.0)))
+        micros = int((now - times.leased) * 1e6)
+        # one way: the parent's fork returns without waiting for the supervisor
+        self.link.notify_call("fork_started", child_pid, micros, len(snapshot), *phases)
 
     def release_pid(self, child_pid: int) -> None:
         self._leases.pop(child_pid, None)
-        self._t0.pop(child_pid, None)
-        self._lease_seconds.pop(child_pid, None)
+        self._times.pop(child_pid, None)
         self.link.call("fork_failed", child_pid)
 
 

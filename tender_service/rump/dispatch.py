@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from tender_service.machine.cpu import RAX
 from tender_service.rump import signals
-from tender_service.rump.outcomes import SWITCH, Block, BlockAfter, GuestError
+from tender_service.rump.outcomes import SWITCH, Block, BlockAfter, GuestError, Restart
 from tender_service.rump.syscalls.names import syscall_name
 from tender_service.rump.syscalls.table import dispatch_table, hypercall_table
 
@@ -112,7 +112,8 @@ def _park(kernel: Kernel, lwp: Lwp, b: Block) -> None:
         # a signal is ready: the call is interrupted instead of waiting (EINTR or a
         # restart after the handler, decided when the loop delivers it)
         lwp.interrupted = True
-    else:
+    elif not isinstance(b, Restart):
+        # (a Restart's signal stopped the process: it waits for SIGCONT already)
         kernel.sched.block(lwp.thread, b.wq, b.why, b.until)
     kernel.restart_pending = True
     kernel.cpu.stop()
@@ -134,7 +135,7 @@ def _internal_error(kernel: Kernel, lwp: Lwp, nr: int, e: Exception) -> None:
     kernel.reports.append(report)
     lwp.proc.report = report
     try:
-        kernel.exit_process(lwp.proc, signals.signaled_status(signals.SIGSYS))
+        kernel.exit_process(lwp.proc, signals.death_status(lwp.proc, signals.SIGSYS))
     except Exception:
         log.exception("cleanup after internal error failed")
         kernel.request_stop("error")

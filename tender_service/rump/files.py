@@ -15,7 +15,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from tender_service.machine.errors import GuestError
-from tender_service.rump import signals
+from tender_service.rump import jobctl, signals
 from tender_service.rump.outcomes import Block
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ S_IFIFO, S_IFCHR = 0o010000, 0o020000
 
 TCGETS, TCSETS, TCSETSW, TCSETSF = 0x5401, 0x5402, 0x5403, 0x5404
 TIOCGWINSZ, TIOCSWINSZ, TIOCGPGRP, FIONREAD, FIONBIO = 0x5413, 0x5414, 0x540F, 0x541B, 0x5421
+TIOCSCTTY, TIOCSPGRP = 0x540E, 0x5410
 
 
 class File:
@@ -161,6 +162,8 @@ class ConsoleFile(File):
         self.fdno = fdno
 
     def read(self, k, lwp, addr, n):
+        if k.console.is_tty(0):  # a terminal: a background group may not read it
+            jobctl.check(k, lwp, signals.SIGTTIN)
         return k.console.read(k, lwp, self, addr, n)
 
     def write(self, k, lwp, addr, n):
@@ -187,10 +190,15 @@ class ConsoleFile(File):
             return 0
         if req in (TCSETS, TCSETSW, TCSETSF, TIOCSWINSZ):
             k.mem.offset(arg, 8)
-            return 0
+            return jobctl.check(k, lwp, signals.SIGTTOU) if req != TIOCSWINSZ else 0
         if req == TIOCGPGRP:
-            k.mem.write_u32(arg, lwp.proc.pgid)
+            k.mem.write_u32(arg, jobctl.tcgetpgrp(k, lwp))
             return 0
+        if req == TIOCSPGRP:
+            pgid = k.mem.read_u32(arg)
+            return jobctl.tcsetpgrp(k, lwp, pgid - (1 << 32) if pgid >> 31 else pgid)
+        if req == TIOCSCTTY:
+            return jobctl.tiocsctty(k, lwp)
         raise GuestError(errno.EINVAL)
 
     @property

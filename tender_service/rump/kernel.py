@@ -34,7 +34,7 @@ from tender_service.machine.memory import GuestMemory
 from tender_service.machine.rootfs import RootFs
 from tender_service.machine.vclock import GuestClock
 from tender_service.machine.watchdog import WATCHDOG
-from tender_service.rump import sigframe, signals
+from tender_service.rump import pgroups, sigframe, signals
 from tender_service.rump.console import Console
 from tender_service.rump.dispatch import make_dispatcher, traced
 from tender_service.rump.fdtable import FdTable
@@ -42,6 +42,7 @@ from tender_service.rump.files import O_RDONLY, O_WRONLY, ConsoleFile
 from tender_service.rump.fs import FileSystem
 from tender_service.rump.process import Lwp, Process, Program
 from tender_service.rump.proctable import ProcessTable
+from tender_service.rump.timers import SIGEV_NONE, PosixTimer
 from tender_service.rump.vfs import Vfs
 from tender_service.rump.vminfo import RunResult, VmConfig
 
@@ -76,7 +77,7 @@ class RemoteHost(Protocol):
 
     def child_reaped(self, parent: Process, child: Process) -> None: ...
 
-    def signal(self, sender: Process, pid: int, sig: int) -> int: ...
+    def signal(self, sender: Process, pid: int, sig: int, code: int = 0, value: int = 0) -> int: ...
 
     def child_state(self, proc: Process, status: int) -> None:
         """``proc`` (this VM's) stopped or continued: tell its parent's VM."""
@@ -146,6 +147,11 @@ class Kernel(ProcessTable):
         #: the instance's file system (boot() gives it the image's tree; VM-clone a proxy)
         self.fs = Vfs(FileSystem(None, config.tmpfs_size))
         self.init = self.new_process(None, FdTable(), "init")
+        #: the console as the controlling terminal of init's session (a tty console);
+        #: a VM of a VM-clone instance asks the supervisor's instead
+        self.terminal = (
+            pgroups.Terminal(self.init.sid, self.init.pgid) if config.tty else (pgroups.Terminal())
+        )
 
     @classmethod
     def boot(
@@ -381,7 +387,7 @@ class Kernel(ProcessTable):
             return False
         if (
             len(self.sched.threads) > 1
-            or any(p.itimer[0] for p in self.procs.values())
+            or any(p.itimer[0] or _armed(p) for p in self.procs.values())
             or (self.remote is not None and signals.catches_any(proc))
         ):
             self._counting = True
@@ -437,7 +443,7 @@ class Kernel(ProcessTable):
         log.info("%s", report)  # callers print RunResult.reports
         self.reports.append(report)
         lwp.proc.report = report
-        self.exit_process(lwp.proc, signals.signaled_status(ex.signal))
+        self.exit_process(lwp.proc, signals.death_status(lwp.proc, ex.signal))
 
     def fire_itimer(self, proc: Process, deadline: float) -> None:
         """ITIMER_REAL of ``proc`` expired (VM thread): SIGALRM, and re-arm an interval."""
@@ -461,12 +467,52 @@ class Kernel(ProcessTable):
                 deadline, lambda: self.post_event(lambda: self.fire_itimer(proc, deadline))
             )
 
+    def fire_ptimer(self, proc: Process, timer: PosixTimer, deadline: float) -> None:
+        """A POSIX timer of ``proc`` expired (VM thread): its signal, or an overrun if
+        the last one is still pending; a periodic timer is armed for its next period."""
+        if not proc.alive or proc.timers.get(timer.id) is not timer or timer.deadline != deadline:
+            return  # deleted, re-armed or disarmed since
+        timer.token = 0
+        missed = 0
+        if timer.interval:
+            missed = timer.missed(time.monotonic())
+            self.arm_ptimer(proc, timer, timer.deadline, timer.interval)
+        else:
+            timer.deadline = 0.0
+        if timer.queued:
+            timer.overrun += 1 + missed
+            return
+        timer.overrun += missed
+        timer.queued = True
+        info = signals.SigInfo(timer.signo, signals.SI_TIMER, timer.id, 0, timer.value)
+        info.timer = timer
+        self.post_signal(proc, timer.signo, info)
+        if not any(q.timer is timer for q in proc.sigqueue):
+            timer.queued = False  # ignored, or taken at once: nothing pending to overrun
+
+    def arm_ptimer(
+        self, proc: Process, timer: PosixTimer, deadline: float, interval: float
+    ) -> None:
+        """Set (deadline > 0) or disarm a POSIX timer; a signalling one fires on the VM's
+        thread through the watchdog, a SIGEV_NONE one is only ever read."""
+        if timer.token:
+            WATCHDOG.cancel(timer.token)
+        timer.deadline, timer.interval, timer.token = deadline, interval, 0
+        if deadline and timer.notify != SIGEV_NONE:
+            self.slices_needed()  # its signal must not wait for a syscall
+            timer.token = WATCHDOG.arm(
+                deadline, lambda: self.post_event(lambda: self.fire_ptimer(proc, timer, deadline))
+            )
+
     def _next_timer(self) -> float | None:
-        """The earliest sleeper or interval timer (ITIMER_REAL) of the VM."""
+        """The earliest sleeper, interval timer (ITIMER_REAL) or POSIX timer of the VM."""
         timer = self.sched.next_timer()
         for p in self.procs.values():
             if p.itimer_token and (timer is None or p.itimer[0] < timer):
                 timer = p.itimer[0]
+            for t in p.timers.values():
+                if t.token and (timer is None or t.deadline < timer):
+                    timer = t.deadline
         return timer
 
     def _wait_host(self) -> bool:
@@ -479,6 +525,10 @@ class Kernel(ProcessTable):
             if p.itimer_token and p.itimer[0] <= now:
                 self.fire_itimer(p, p.itimer[0])
                 return True
+            for t in list(p.timers.values()):
+                if t.token and t.deadline <= now:
+                    self.fire_ptimer(p, t, t.deadline)
+                    return True
         timer = self._next_timer()
         if not sched.host_wakeable() and timer is None:
             return False
@@ -585,3 +635,8 @@ _FAULT_CODE = {
 
 def _b(s: str | bytes) -> bytes:
     return s if isinstance(s, bytes) else s.encode()
+
+
+def _armed(proc: Process) -> bool:
+    """Whether ``proc`` has a POSIX timer that will send a signal."""
+    return any(t.token for t in proc.timers.values())

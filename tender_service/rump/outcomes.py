@@ -9,7 +9,10 @@ dispatcher (``rump/dispatch.py``) turns each into what the guest sees:
 * raise ``BlockAfter``: the syscall completed with a value, then the thread waits (vfork);
 * return ``SWITCH``: the thread gave up the CPU (``sched_yield``), ``rax = 0``;
 * return ``NORETURN``: the thread is gone (exit, a fatal signal);
-* return ``JUMP``: the handler set every register itself (``rt_sigreturn``).
+* return ``JUMP``: the handler set every register itself (``rt_sigreturn``);
+* raise ``Restart``: a signal was sent to the caller (a job-control stop, say): the
+  syscall runs again once it is delivered, or returns EINTR to a handler without
+  SA_RESTART (Linux's ERESTARTSYS).
 
 This module imports nothing of the kernel, so handlers import their outcomes from
 here and the kernel imports the handlers without an import cycle.
@@ -20,7 +23,7 @@ from __future__ import annotations
 from tender_service.bmk.sched import WaitQueue
 from tender_service.machine.errors import GuestError
 
-__all__ = ["JUMP", "NORETURN", "SWITCH", "Block", "BlockAfter", "GuestError"]
+__all__ = ["JUMP", "NORETURN", "SWITCH", "Block", "BlockAfter", "GuestError", "Restart"]
 
 
 class _Sentinel:
@@ -51,3 +54,12 @@ class BlockAfter(Exception):  # noqa: N818 - control flow
 
     def __init__(self, value: int, why: str) -> None:
         self.value, self.why = value, why
+
+
+class Restart(Block):
+    """A signal was just sent to the caller: deliver it, then run the syscall again
+    (or EINTR after a handler without SA_RESTART): Linux's ERESTARTSYS.  Nothing
+    is waited for (a stop signal has made the process wait for SIGCONT already)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(None, why)

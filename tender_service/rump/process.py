@@ -16,6 +16,7 @@ from tender_service.bmk.sched import BmkThread, WaitQueue
 from tender_service.rump import signals
 from tender_service.rump.fdtable import FdTable
 from tender_service.rump.fs import ROOT_INO
+from tender_service.rump.timers import PosixTimer
 
 
 class ProcState(enum.Enum):
@@ -106,6 +107,8 @@ class Process:
     #: ITIMER_REAL: (deadline, interval) in time.monotonic seconds, and its timer
     itimer: tuple[float, float] = (0.0, 0.0)
     itimer_token: int = 0
+    #: POSIX timers (timer_create) by id; not inherited by fork, deleted by exec
+    timers: dict[int, PosixTimer] = field(default_factory=dict)
     child_wq: WaitQueue = field(init=False)
     vfork_child: int = 0  # pid of the vfork child the parent waits for
     brk: int = 0
@@ -125,6 +128,8 @@ class Process:
     umask: int = 0o022
     #: the program's path (/proc/PID/exe); execve sets it
     exe: bytes = b""
+    #: RLIMIT_CORE (soft, hard): Linux's boot default, no core; decides WCOREDUMP
+    core_limit: tuple[int, int] = (0, 2**64 - 1)
 
     def __post_init__(self) -> None:
         self.child_wq = WaitQueue(f"wait:{self.pid}")

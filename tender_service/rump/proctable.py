@@ -82,6 +82,7 @@ class ProcessTable:
             p.brk = parent.brk
             self.use_program(p, parent.program)
             p.cwd, p.umask, p.exe = parent.cwd, parent.umask, parent.exe
+            p.core_limit = parent.core_limit
         self.procs[pid] = p
         return p
 
@@ -170,6 +171,7 @@ class ProcessTable:
         if proc.itimer_token:
             WATCHDOG.cancel(proc.itimer_token)
             proc.itimer_token, proc.itimer = 0, (0.0, 0.0)
+        self.delete_ptimers(proc)
         proc.sigqueue.clear()
         proc.pending = 0
         if parent is not None:
@@ -274,7 +276,11 @@ class ProcessTable:
             return False
         if proc.remote:
             if self.remote is not None:
-                self.remote.signal(self.current.proc if self.current else self.init, proc.pid, sig)
+                me = self.current.proc if self.current else self.init
+                if info is not None and info.code <= 0 and info.addr is None:
+                    self.remote.signal(me, proc.pid, sig, info.code, info.value)
+                else:
+                    self.remote.signal(me, proc.pid, sig)
             return False
         if info is None:
             sender = self.current.proc.pid if self.current is not None else 0
@@ -325,12 +331,20 @@ class ProcessTable:
         if t.state is ThreadState.BLOCKED and lwp.restart_nr >= 0 and not lwp.proc.stopped:
             self.sched.make_runnable(t)
 
+    def delete_ptimers(self, proc: Process) -> None:
+        """exit and exec: the process's POSIX timers go (a signal already sent stays)."""
+        for timer in proc.timers.values():
+            if timer.token:
+                WATCHDOG.cancel(timer.token)
+            timer.deadline, timer.token = 0.0, 0
+        proc.timers.clear()
+
     def default_action(self, proc: Process, sig: int) -> bool:
         """What a signal with no handler does; True if it ended the process."""
         action = signals.default_action(sig)
         if sig == signals.SIGKILL or action is signals.Action.TERMINATE:
             proc.report = proc.report or f"pid {proc.pid}: killed by {signals.signame(sig)}"
-            self.exit_process(proc, signals.signaled_status(sig))
+            self.exit_process(proc, signals.death_status(proc, sig))
             return True
         if action is signals.Action.STOP:
             self.stop_process(proc, sig)
@@ -460,6 +474,7 @@ class ProcessTable:
                 "cwd": proc.cwd,
                 "umask": proc.umask,
                 "exe": proc.exe.decode(errors="surrogateescape"),
+                "core_limit": list(proc.core_limit),
             },
             "lwp": {
                 "stack": lwp.stack,
@@ -481,6 +496,8 @@ class ProcessTable:
         proc.brk = int(p["brk"])
         proc.cwd, proc.umask = int(p.get("cwd", proc.cwd)), int(p.get("umask", 0o022)) & 0o777
         proc.exe = str(p.get("exe", "")).encode(errors="surrogateescape")
+        soft, hard = p.get("core_limit", proc.core_limit)
+        proc.core_limit = (int(soft), int(hard))
         proc.sigactions = {
             int(a[0]): (int(a[1]), int(a[2]), int(a[3]), int(a[4])) for a in p["sigactions"]
         }

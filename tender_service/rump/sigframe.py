@@ -130,6 +130,8 @@ def dequeue(proc, allowed: int) -> SigInfo | None:
         info = SigInfo(sig)
     if not any(q.signo == sig for q in proc.sigqueue):
         proc.pending &= ~signals.bit(sig)
+    if info.timer is not None:  # a POSIX timer's: the overruns counted until now
+        info.uid = info.timer.delivered()
     return info
 
 
@@ -179,7 +181,7 @@ def _setup_frame(k: Kernel, lwp: Lwp, info: SigInfo, first: bool) -> bool:
             f"pid {proc.pid}: killed by SIGSEGV: cannot deliver {signals.signame(sig)} "
             f"(signal frame at {frame:#x} not writable)"
         )
-        k.exit_process(proc, signals.signaled_status(signals.SIGSEGV))
+        k.exit_process(proc, signals.death_status(proc, signals.SIGSEGV))
         return False
     lwp.saved_sigmask = None
     if not flags & signals.SA_NODEFER:

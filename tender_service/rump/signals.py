@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 SIGHUP, SIGINT, SIGQUIT, SIGILL, SIGTRAP, SIGABRT, SIGBUS, SIGFPE = 1, 2, 3, 4, 5, 6, 7, 8
 SIGKILL, SIGUSR1, SIGSEGV, SIGUSR2, SIGPIPE, SIGALRM, SIGTERM = 9, 10, 11, 12, 13, 14, 15
@@ -125,6 +126,21 @@ def bit(sig: int) -> int:
 UNBLOCKABLE = bit(SIGKILL) | bit(SIGSTOP)
 #: signals the CPU raises for the instruction that runs (delivered first, as Linux)
 SYNCHRONOUS = bit(SIGSEGV) | bit(SIGBUS) | bit(SIGILL) | bit(SIGTRAP) | bit(SIGFPE) | bit(SIGSYS)
+#: signals whose default action is "core" (Linux's SIG_KERNEL_COREDUMP_MASK)
+COREDUMP = (
+    bit(SIGQUIT)
+    | bit(SIGILL)
+    | bit(SIGTRAP)
+    | bit(SIGABRT)
+    | bit(SIGBUS)
+    | bit(SIGFPE)
+    | bit(SIGSEGV)
+    | bit(SIGXCPU)
+    | bit(SIGXFSZ)
+    | bit(SIGSYS)
+)
+#: Linux's ELF core writer refuses a limit below a page (binfmt min_coredump)
+CORE_MIN = 4096
 STOP_SIGNALS = bit(SIGSTOP) | bit(SIGTSTP) | bit(SIGTTIN) | bit(SIGTTOU)
 ALL = (1 << (NSIG - 1)) - 1
 
@@ -147,6 +163,8 @@ class SigInfo:
     uid: int = 0
     value: int = 0  # si_value (sigqueue), si_status (SIGCHLD)
     addr: int | None = None  # si_addr of a fault
+    #: the POSIX timer (``rump.timers.PosixTimer``) that sent it: si_overrun at delivery
+    timer: Any = None
 
     def pack(self) -> bytes:
         """The 128-byte ``siginfo_t`` of Linux x86-64."""
@@ -154,7 +172,7 @@ class SigInfo:
         _SIGINFO.pack_into(out, 0, self.signo, 0, self.code, 0)
         if self.addr is not None:
             struct.pack_into("<Q", out, 16, self.addr)
-        else:
+        else:  # si_pid, si_uid, si_value; a timer's: si_timerid, si_overrun, si_value
             struct.pack_into("<iIQ", out, 16, self.pid, self.uid, self.value & (2**64 - 1))
         return bytes(out)
 
@@ -195,13 +213,27 @@ def stopped_status(sig: int) -> int:
     return 0x7F | (sig & 0xFF) << 8
 
 
+def death_status(proc, sig: int) -> int:
+    """The wait status of ``proc`` (a ``rump.process.Process``) killed by ``sig``.
+
+    The core bit (0x80, WCOREDUMP) is set as Linux sets it when a core is dumped:
+    a "core" signal and a soft RLIMIT_CORE of at least a page.  No core file is
+    written (as with a pipe core_pattern); with the default limit of 0, Linux's
+    boot default, nothing is dumped and the bit is clear."""
+    status = signaled_status(sig)
+    if bit(sig) & COREDUMP and proc.core_limit[0] >= CORE_MIN:
+        status |= 0x80
+    return status
+
+
 CONTINUED_STATUS = 0xFFFF  # WIFCONTINUED
 
 
 def describe_status(status: int) -> str:
     if status & 0x7F == 0:
         return f"exited with status {(status >> 8) & 0xFF}"
-    return f"killed by {signame(status & 0x7F)}"
+    core = " (core dumped)" if status & 0x80 else ""
+    return f"killed by {signame(status & 0x7F)}{core}"
 
 
 def shell_code(status: int) -> int:

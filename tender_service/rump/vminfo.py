@@ -51,6 +51,12 @@ class ProcInfo:
     report: str
 
 
+#: the steps of a VM-clone fork, parent side: the pid lease from the supervisor, handing
+#: pipes and files to it, the snapshot, then StartVm (transfer, the child's restore, the
+#: reply); ``restore`` is the part of ``start`` the child's tender process spent restoring
+FORK_PHASES = ("lease", "share", "capture", "start", "restore")
+
+
 @dataclass(slots=True)
 class RunResult:
     """How an instance ended, in every fork mode (``None``: a figure the mode does not keep)."""
@@ -64,6 +70,8 @@ class RunResult:
     peak_memory: int  # guest memory at most (VM-clone: the sum of every VM's peak)
     processes: list[ProcInfo] = field(default_factory=list)
     fork_seconds: list[float] | None = None  # VM-clone: each fork's latency
+    #: VM-clone: each fork's steps in seconds, by FORK_PHASES name
+    fork_phases: list[dict[str, float]] | None = None
 
     @property
     def exit_code(self) -> int:

@@ -101,6 +101,10 @@ class Placer:
 
     def __init__(self, policy: str, pool: WarmPool, peers: PeerSet) -> None:
         self.policy, self.pool, self.peers = policy, pool, peers
+        #: spread's ties between the pool and the best peer alternate: a count of their own
+        #: (the peers' count also orders peers among themselves, once per acquire, so its
+        #: parity here would be the same at every call: every tie to one side)
+        self._ties = itertools.count()
 
     def acquire(self, avoid: int = 0):
         if self.policy == "local":
@@ -116,7 +120,7 @@ class Placer:
             return self.pool.acquire(avoid)
         local = self.pool.load()
         remote = self.peers.load_of(peer)
-        if remote < local or (remote == local and next(self.peers.turn) % 2):
+        if remote < local or (remote == local and next(self._ties) % 2):
             return peer
         return self.pool.acquire(avoid)
 

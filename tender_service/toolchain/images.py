@@ -97,7 +97,7 @@ def image_path(source: Path, flags: Sequence[str] = (), name: str | None = None)
 
 
 @contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """Exclusive flock on ``path`` (separate opens conflict, so threads are covered too)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as fh:
@@ -148,7 +148,7 @@ def _build_once(target: Path, what: str, build: Callable[[Path], None]) -> Path:
     private name renamed into place, so readers only ever see a complete file."""
     if target.is_file():
         return target
-    with _file_lock(target.with_name(target.name + ".lock")):
+    with file_lock(target.with_name(target.name + ".lock")):
         if target.is_file():  # another builder finished while we waited
             return target
         tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")

@@ -7,6 +7,8 @@ broker pipe id; ``arg`` is a signed 64-bit value)::
     VM -> supervisor
       CONSOLE     pipe=fd (1/2)  arg=pid             payload=bytes
       EXITED      arg=wait status                    (the VM's process ended)
+                  payload=JSON {"peak_memory", "report", "hosting": true if
+                  clone(CLONE_VM) children of it still run in the VM (it goes on)}
       REAPED      arg=pid of the reaped child
       CALL        req  payload=JSON {"op": str, "args": [int...]}  -> RESULT
       PIPE_READ   req pipe  arg=max bytes  flags=NONBLOCK          -> PIPE_DATA
@@ -22,7 +24,10 @@ broker pipe id; ``arg`` is a signed 64-bit value)::
       PIPE_DATA   req  arg=-errno or 0  payload=bytes (empty with arg 0: EOF)
       PIPE_WROTE  req  arg=bytes written or -errno  flags=SIGPIPE
       CHILD_EXIT  pipe=child pid  arg=wait status
-      SIGNAL      arg=signal number
+      SIGNAL      arg=signal number  pipe=sender pid (0: the kernel)
+                  req=0: the VM's process; else the pid of a clone(CLONE_VM) child
+                  that runs in the VM until it execs (an unsolicited frame: no reply)
+                  payload=empty (SI_USER) or SIGNAL_INFO: si_code, si_value (sigqueue)
       REPARENT    arg=new parent pid
       CHILD_STATE pipe=child pid  arg=wait status of a stop or continue (job control)
 """
@@ -30,6 +35,7 @@ broker pipe id; ``arg`` is a signed 64-bit value)::
 from __future__ import annotations
 
 import enum
+import struct
 
 
 class Msg(enum.IntEnum):
@@ -52,6 +58,8 @@ class Msg(enum.IntEnum):
 
 
 NONBLOCK = 1
+#: a SIGNAL frame's payload when it is not a plain kill: si_code (int32), si_value (int64)
+SIGNAL_INFO = struct.Struct("<iq")
 SIGPIPE_FLAG = 1
 END_READ, END_WRITE = 0, 1
 #: how much of one write travels in one PIPE_WRITE (under frames.MAX_PAYLOAD)

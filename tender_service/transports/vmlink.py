@@ -29,7 +29,7 @@ from tender_service.rump.pipe import PipeEnd
 from tender_service.rump.vfs import Vfs
 from tender_service.transports.channel import Channel, ChannelClosed
 from tender_service.transports.frames import MAX_PAYLOAD, Frame, ProtocolError
-from tender_service.transports.protocol import MAX_PIPE_CHUNK, NONBLOCK, Msg
+from tender_service.transports.protocol import MAX_PIPE_CHUNK, NONBLOCK, SIGNAL_INFO, Msg
 from tender_service.transports.remote_fs import RemoteFs
 from tender_service.transports.remote_pipe import RemotePipeEnd
 
@@ -115,23 +115,27 @@ class VmLink:
         # a fault's or an internal error's report (not a plain kill's): the instance's
         # result lists it, as a thread-fork instance's does
         report = proc.report if k is not None and proc.report in k.reports else ""
-        self._closed.set()  # from now on the supervisor may hang up: expected
-        self._notify(
-            Frame(
-                Msg.EXITED,
-                0,
-                0,
-                0,
-                proc.status,
-                json.dumps({"peak_memory": peak, "report": report[:1000]}).encode(),
-            )
+        # a clone(CLONE_VM)/vfork child that has not exec'd yet still runs in this VM (it
+        # may have killed us): the VM goes on, and its exec or exit needs the supervisor
+        hosting = k is not None and any(
+            p.alive and not p.remote and p is not proc and p is not k.init for p in k.procs.values()
         )
+        if not hosting:
+            self._closed.set()  # from now on the supervisor may hang up: expected
+        info = {"peak_memory": peak, "report": report[:1000], "hosting": hosting}
+        self._notify(Frame(Msg.EXITED, 0, 0, 0, proc.status, json.dumps(info).encode()))
 
     def child_reaped(self, parent: Process, child: Process) -> None:
         self._notify(Frame(Msg.REAPED, 0, 0, 0, child.pid, b""))
 
-    def signal(self, sender: Process, pid: int, sig: int) -> int:
-        return self.call("kill", pid, sig)
+    def signal(
+        self, sender: Process, pid: int, sig: int, code: int = signals.SI_USER, value: int = 0
+    ) -> int:
+        """kill/tkill/sigqueue to a process of another VM; its siginfo carries ``code``
+        and ``value`` (and our pid, which the supervisor knows)."""
+        if (code, value) == (signals.SI_USER, 0):
+            return self.call("kill", pid, sig)
+        return self.call("kill", pid, sig, code, value)
 
     def child_state(self, proc: Process, status: int) -> None:
         """Our process stopped or continued: the supervisor tells its parent's VM."""
@@ -326,10 +330,12 @@ class VmLink:
         elif t == Msg.SIGNAL:
             # only a signal that ends the process for sure stops a running guest at
             # once; any other is taken at its next syscall, block or time slice
+            target = _signal_target(k, f.req)
+            info = _siginfo(f)
             self._event(
                 k,
-                lambda: k.main is not None and k.post_signal(k.main, f.arg),
-                interrupt=k.main is not None and signals.kills_at_once(k.main, f.arg),
+                lambda: target is not None and k.post_signal(target, f.arg, info),
+                interrupt=target is not None and signals.kills_at_once(target, f.arg),
             )
         elif t == Msg.CHILD_STATE:
             self._event(k, lambda: k.remote_child_state(f.pipe, f.arg))
@@ -354,6 +360,15 @@ class VmLink:
         self.kernel.sched.make_runnable(lwp.thread)
 
 
+def _signal_target(k: Kernel, pid: int) -> Process | None:
+    """The process a SIGNAL names: the VM's own (0), or a clone(CLONE_VM) child of it that
+    still runs here (never a proxy of another VM's process: that would send it back)."""
+    if not pid:
+        return k.main
+    proc = k.procs.get(pid)
+    return proc if proc is not None and proc.vm_parent and not proc.remote else None
+
+
 def _set_ppid(k: Kernel, ppid: int) -> None:
     """The supervisor re-parented our process (its parent exited)."""
     if k.main is not None:
@@ -376,3 +391,11 @@ class RemoteStdin:
         if self._tty is None:  # asked once per VM, on the first terminal ioctl of fd 0
             self._tty = self.link.call("stdin_isatty") > 0
         return self._tty
+
+
+def _siginfo(f: Frame) -> signals.SigInfo:
+    """The siginfo of a SIGNAL frame: a kill from pid ``f.pipe``, or what its payload says."""
+    code, value = signals.SI_USER, 0
+    if len(f.payload) == SIGNAL_INFO.size:
+        code, value = SIGNAL_INFO.unpack(f.payload)
+    return signals.SigInfo(f.arg, code, f.pipe, 0, value)

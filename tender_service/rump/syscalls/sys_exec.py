@@ -90,6 +90,7 @@ def _execve(k: Kernel, lwp: Lwp, dirfd: int, path: int, argv: int, envp: int, fl
     if proc.vm_parent and k.forker is not None and not k.forker.one_address_space:
         # VM clone: a clone(CLONE_VM) child runs its new program in a VM of its own
         signals.reset_on_exec(proc)
+        k.delete_ptimers(proc)
         old_exe, proc.exe = proc.exe, exe  # what the new VM's /proc/self/exe names
         try:
             k.forker.exec_elsewhere(k, lwp, image, filename, args, env)  # type: ignore[attr-defined]
@@ -203,6 +204,7 @@ def replace_program(
     proc.name = filename.rsplit(b"/", 1)[-1].decode(errors="replace")
     proc.fds.close_cloexec(k)
     signals.reset_on_exec(proc)
+    k.delete_ptimers(proc)
     k.release_vfork_parent(proc)
     lwp.stack, lwp.tls, lwp.clear_child_tid = stack, 0, 0
     lwp.thread.stack_base, lwp.thread.stack_size = stack, size

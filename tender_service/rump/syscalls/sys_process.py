@@ -31,7 +31,7 @@ CLONE_VM, CLONE_VFORK = 0x100, 0x4000
 _CLONE_REGS = RegSet(GPRS["rax"], GPRS["rsp"], RIP)
 RUSAGE_SIZE = 144
 RLIM_INFINITY = 0xFFFF_FFFF_FFFF_FFFF
-RLIMIT_STACK, RLIMIT_NPROC, RLIMIT_NOFILE, RLIMIT_AS = 3, 6, 7, 9
+RLIMIT_STACK, RLIMIT_CORE, RLIMIT_NPROC, RLIMIT_NOFILE, RLIMIT_AS = 3, 4, 6, 7, 9
 RLIMIT = struct.Struct("<QQ")
 
 
@@ -350,11 +350,13 @@ def _limit(k: Kernel, lwp: Lwp, resource: int) -> tuple[int, int]:
 
 def sys_prlimit64(k: Kernel, lwp: Lwp, pid: int, resource: int, new: int, old: int) -> int:
     target = _proc(k, lwp, pid)
-    cur = _limit(k, lwp, i32(resource))
+    cur = target.core_limit if i32(resource) == RLIMIT_CORE else _limit(k, lwp, i32(resource))
     if new:
         soft, hard = k.mem.unpack(RLIMIT, new)
         if soft > hard:
             raise GuestError(errno.EINVAL)
+        if i32(resource) == RLIMIT_CORE:
+            target.core_limit = (soft, hard)  # the guest is root: it may raise the hard limit
         if i32(resource) == RLIMIT_NOFILE and hard <= cur[1]:
             target.fds.limit = max(3, soft)
         # other limits are fixed by the VM configuration; lowering is accepted

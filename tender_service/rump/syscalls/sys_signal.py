@@ -19,6 +19,7 @@ from tender_service.rump.outcomes import JUMP, NORETURN, Block
 from tender_service.rump.process import ProcState
 from tender_service.rump.proctable import MAX_QUEUED
 from tender_service.rump.syscalls.abi import i32, read_timespec
+from tender_service.rump.timers import MAX_TIMERS, SIGEV_NONE, SIGEV_SIGNAL, PosixTimer
 
 if TYPE_CHECKING:
     from tender_service.rump.kernel import Kernel
@@ -94,7 +95,8 @@ def sys_tkill(k: Kernel, lwp: Lwp, tid: int, sig: int) -> int | object:
         raise GuestError(errno.EINVAL)
     p = k.procs.get(tid)  # one LWP per process: tid == pid
     if (p is None or p.state is ProcState.REAPED) and k.remote is not None:
-        return _result(k.remote.signal(lwp.proc, tid, sig))  # a process of another VM
+        # a process of another VM
+        return _result(k.remote.signal(lwp.proc, tid, sig, signals.SI_TKILL))
     if p is None or p.state is ProcState.REAPED or p is k.init:
         raise GuestError(errno.ESRCH)
     return _send(k, lwp, [p], sig, signals.SI_TKILL)
@@ -224,10 +226,11 @@ def sys_rt_sigqueueinfo(k: Kernel, lwp: Lwp, tgid: int, sig: int, uinfo: int) ->
     me = lwp.proc
     if code >= 0 and tgid != me.pid:
         raise GuestError(errno.EPERM)  # only the kernel may claim kernel si_codes
+    (value,) = struct.unpack_from("<Q", raw, 24)
     p = k.procs.get(tgid)
     if p is None or p.state is ProcState.REAPED:
-        if k.remote is not None:  # another VM: the value does not travel (kill does)
-            return _result(k.remote.signal(me, tgid, sig))
+        if k.remote is not None:  # another VM: code and value travel with the signal
+            return _result(k.remote.signal(me, tgid, sig, code, value))
         raise GuestError(errno.ESRCH)
     if p is k.init:
         return 0
@@ -235,7 +238,6 @@ def sys_rt_sigqueueinfo(k: Kernel, lwp: Lwp, tgid: int, sig: int, uinfo: int) ->
         return 0
     if len(p.sigqueue) >= MAX_QUEUED and signals.is_realtime(sig):
         raise GuestError(errno.EAGAIN)
-    (value,) = struct.unpack_from("<Q", raw, 24)
     k.post_signal(p, sig, signals.SigInfo(sig, code, me.pid, 0, value))
     return NORETURN if not me.alive else 0
 
@@ -247,7 +249,7 @@ def sys_rt_sigreturn(k: Kernel, lwp: Lwp) -> object:
     except GuestError:
         proc = lwp.proc
         proc.report = proc.report or f"pid {proc.pid}: killed by SIGSEGV: bad rt_sigreturn frame"
-        k.exit_process(proc, signals.signaled_status(signals.SIGSEGV))
+        k.exit_process(proc, signals.death_status(proc, signals.SIGSEGV))
         return NORETURN
     _deliverable(k, lwp)
     return JUMP
@@ -317,4 +319,86 @@ def sys_setitimer(k: Kernel, lwp: Lwp, which: int, new: int, old: int) -> int:
     if new:
         value, interval = vsec + vusec / 1e6, isec + iusec / 1e6
         k.arm_itimer(lwp.proc, time.monotonic() + value if value else 0.0, interval)
+    return 0
+
+
+# -- POSIX timers (timer_create & co; rump/timers.py) -------------------------------------
+SIGEVENT = struct.Struct("<qii")  # sigev_value, sigev_signo, sigev_notify (then the union)
+ITIMERSPEC = struct.Struct("<qqqq")  # it_interval (sec, nsec), it_value (sec, nsec)
+_TIMER_CLOCKS = (0, 1, 7)  # CLOCK_REALTIME, CLOCK_MONOTONIC, CLOCK_BOOTTIME
+TIMER_ABSTIME = 1
+
+
+def _timer(lwp: Lwp, timerid: int) -> PosixTimer:
+    t = lwp.proc.timers.get(i32(timerid))
+    if t is None:
+        raise GuestError(errno.EINVAL)
+    return t
+
+
+def _timespec(seconds: float) -> tuple[int, int]:
+    ns = round(seconds * 1e9)
+    return ns // 1_000_000_000, ns % 1_000_000_000
+
+
+def sys_timer_create(k: Kernel, lwp: Lwp, clock: int, sevp: int, timerid: int) -> int:
+    """A timer on CLOCK_REALTIME, CLOCK_MONOTONIC or CLOCK_BOOTTIME that sends a signal
+    (SIGEV_SIGNAL) or nothing (SIGEV_NONE).  SIGEV_THREAD_ID (musl's SIGEV_THREAD) is
+    EINVAL: a signal aimed at one thread of a process has nowhere to go here."""
+    proc = lwp.proc
+    if i32(clock) not in _TIMER_CLOCKS:
+        raise GuestError(errno.EINVAL)
+    if sevp:
+        value, signo, notify = k.mem.unpack(SIGEVENT, sevp)
+        if notify not in (SIGEV_SIGNAL, SIGEV_NONE):
+            raise GuestError(errno.EINVAL)
+        if notify == SIGEV_SIGNAL and not 0 < signo < signals.NSIG:
+            raise GuestError(errno.EINVAL)
+    if len(proc.timers) >= MAX_TIMERS:
+        raise GuestError(errno.EAGAIN)
+    tid = next(i for i in range(MAX_TIMERS + 1) if i not in proc.timers)
+    if not sevp:  # Linux's default: SIGALRM, with the timer's id as the value
+        value, signo, notify = tid, signals.SIGALRM, SIGEV_SIGNAL
+    k.mem.write_u32(timerid, tid)
+    proc.timers[tid] = PosixTimer(tid, i32(clock), notify, signo, value & (2**64 - 1))
+    return 0
+
+
+def sys_timer_settime(k: Kernel, lwp: Lwp, timerid: int, flags: int, new: int, old: int) -> int:
+    timer = _timer(lwp, timerid)
+    isec, insec, vsec, vnsec = k.mem.unpack(ITIMERSPEC, new)
+    if min(isec, vsec) < 0 or not (0 <= insec < 1_000_000_000 and 0 <= vnsec < 1_000_000_000):
+        raise GuestError(errno.EINVAL)
+    if old:
+        left, interval = timer.left()
+        k.mem.pack(ITIMERSPEC, old, *_timespec(interval), *_timespec(left))
+    value, interval = vsec + vnsec / 1e9, isec + insec / 1e9
+    now = time.monotonic()
+    deadline = 0.0
+    if value:
+        if flags & TIMER_ABSTIME:  # an absolute time on the timer's clock
+            clock_now = time.time() if timer.clock == 0 else now
+            deadline = now + max(value - clock_now, 0.0)
+        else:
+            deadline = now + value
+        deadline = max(deadline, 1e-9)
+    timer.overrun = 0
+    k.arm_ptimer(lwp.proc, timer, deadline, interval if value else 0.0)
+    return 0
+
+
+def sys_timer_gettime(k: Kernel, lwp: Lwp, timerid: int, cur: int) -> int:
+    left, interval = _timer(lwp, timerid).left()
+    k.mem.pack(ITIMERSPEC, cur, *_timespec(interval), *_timespec(left))
+    return 0
+
+
+def sys_timer_getoverrun(k: Kernel, lwp: Lwp, timerid: int) -> int:
+    return _timer(lwp, timerid).overrun_last
+
+
+def sys_timer_delete(k: Kernel, lwp: Lwp, timerid: int) -> int:
+    timer = _timer(lwp, timerid)
+    k.arm_ptimer(lwp.proc, timer, 0.0, 0.0)
+    del lwp.proc.timers[timer.id]
     return 0
