@@ -35,14 +35,17 @@ from typing import TYPE_CHECKING
 
 from comparison import report as rep
 from comparison.modes import (
+    COPY,
     LOCAL_MODES,
     NATIVE,
+    ONE_VM_MODES,
     THREAD,
     UNIFORK_RUN_FLAGS,
     VMCLONE_MODES,
     VMCLONE_REMOTE,
     VMCLONE_SHM,
     VMCLONE_TCP,
+    CopyRunner,
     NativeRunner,
     Outcome,
     RemoteRunner,
@@ -86,6 +89,7 @@ SCALE_RAM = 256 << 20  # thread mode: 256 children x (256 KiB stack + TLS) must 
 COLD_HOW = {
     NATIVE: "a fresh Linux process",
     THREAD: "a fresh VM in the harness process (thread backend; imports already paid)",
+    COPY: "a fresh VM in the harness process (copy backend; imports already paid)",
     VMCLONE_SHM: "a fresh parent VM on the harness's warm pool (vmclone backend, pipes over shm)",
     VMCLONE_TCP: "a fresh parent VM on the harness's warm pool (vmclone backend, pipes over tcp)",
     VMCLONE_REMOTE: "a fresh instance on --target, placement remote",
@@ -287,10 +291,10 @@ class Compare:
         self.images[BAKED] = self.real.image
 
     def start_runners(self, target: str | None, token: str | None, tls_ca: str | None) -> None:
-        if NATIVE in self.modes:
-            self.runners[NATIVE] = NativeRunner()
-        if THREAD in self.modes:
-            self.runners[THREAD] = ThreadRunner()
+        in_process = {NATIVE: NativeRunner, THREAD: ThreadRunner, COPY: CopyRunner}
+        for mode, runner in in_process.items():
+            if mode in self.modes:
+                self.runners[mode] = runner()
         local_clone = [m for m in (VMCLONE_SHM, VMCLONE_TCP) if m in self.modes]
         if local_clone:
             from tender_service.instance.pool import WarmPool
@@ -430,7 +434,7 @@ class Compare:
 
     def _plan_memory(self) -> list[Task]:
         tasks: list[Task] = []
-        for mode in [m for m in self.modes if m in LOCAL_MODES]:
+        for mode in [m for m in self.modes if m in LOCAL_MODES or m in ONE_VM_MODES]:
             self.mem_raw[mode] = {"n": [], "zero": []}
             tasks.append(Task(f"memory: {mode} warm-up", self._memory_task(mode, None)))
             for i in range(self.p.memory_runs):
@@ -629,7 +633,10 @@ class Compare:
                 return
             try:
                 o = self._run(
-                    mode, SCALE_PROGRAM, ["-n", str(n)], ram=SCALE_RAM if mode == THREAD else None
+                    mode,
+                    SCALE_PROGRAM,
+                    ["-n", str(n)],
+                    ram=SCALE_RAM if mode in ONE_VM_MODES else None,
                 )
                 fork_all, ready = scale_ready_us(o, n)
             except Exception as e:  # any failure ends this cell, never the whole run
@@ -677,7 +684,7 @@ class Compare:
                 continue
             pairs = list(zip(raw["n"], raw["zero"], strict=False))
             host = [(a["host"] - b["host"]) / n / KIB for a, b in pairs]
-            if mode == THREAD:
+            if mode in ONE_VM_MODES:
                 guest = [(a["peak"] - b["peak"]) / n / KIB for a, b in pairs]
                 how = "guest: bmk pages committed (peak N - peak 0) / N; host: PSS of this process"
             elif mode in (VMCLONE_SHM, VMCLONE_TCP):

@@ -51,7 +51,7 @@ BACKOFF = 0.05  # seconds a coroutine waits after a refused launch
 MAX_FAILURES = 20  # failed instances whose console is kept
 
 
-FORKS = ("thread", "vmclone", "mixed")
+FORKS = ("thread", "vmclone", "copy", "mixed")
 PLACEMENTS = ("local", "remote", "spread")
 
 
@@ -59,7 +59,7 @@ PLACEMENTS = ("local", "remote", "spread")
 class LoadConfig:
     targets: list[str]
     image: str = "hello"
-    fork: str = "thread"  # or vmclone, or mixed (alternating)
+    fork: str = "thread"  # or vmclone, copy, or mixed (thread and vmclone alternating)
     pipe: str = "shm"
     placement: str = "local"  # of VM-clone children
     args: list[str] = field(default_factory=list)
@@ -143,7 +143,7 @@ class _Load:
         return pb2.LaunchRequest(
             image=self.cfg.image,
             args=list(self.cfg.args),
-            fork_mode=pb2.FORK_MODE_VMCLONE if fork == "vmclone" else pb2.FORK_MODE_THREAD,
+            fork_mode=pb2.ForkMode.Value(f"FORK_MODE_{fork.upper()}"),
             pipe_transport=pb2.PIPE_TRANSPORT_TCP
             if self.cfg.pipe == "tcp"
             else pb2.PIPE_TRANSPORT_SHM,

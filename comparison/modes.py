@@ -40,8 +40,12 @@ NATIVE, THREAD, VMCLONE_SHM, VMCLONE_TCP, VMCLONE_REMOTE = (
     "vmclone-tcp",
     "vmclone-remote",
 )
-ALL_MODES = (NATIVE, THREAD, VMCLONE_SHM, VMCLONE_TCP, VMCLONE_REMOTE)
-LOCAL_MODES = ALL_MODES[:4]
+#: copy fork (issue 18): run on request (``--modes``), not yet in the default set
+COPY = "copy"
+ALL_MODES = (NATIVE, THREAD, COPY, VMCLONE_SHM, VMCLONE_TCP, VMCLONE_REMOTE)
+LOCAL_MODES = (NATIVE, THREAD, VMCLONE_SHM, VMCLONE_TCP)
+#: modes whose processes all live in one VM in the harness process (guest peak memory)
+ONE_VM_MODES = (THREAD, COPY)
 VMCLONE_MODES = (VMCLONE_SHM, VMCLONE_TCP, VMCLONE_REMOTE)
 RUN_TIMEOUT = 120.0  # seconds of wall time for any one program run
 
@@ -294,6 +298,13 @@ class ThreadRunner(BackendRunner):
         return pss_bytes(os.getpid())
 
 
+class CopyRunner(ThreadRunner):
+    """Copy fork (private memory in one VM): a fresh VM in this process."""
+
+    def __init__(self) -> None:
+        BackendRunner.__init__(self, COPY, "copy")
+
+
 class VmcloneRunner(BackendRunner):
     """VM-clone fork on the shared warm pool, pipes over ``transport``."""
 
@@ -310,6 +321,7 @@ class VmcloneRunner(BackendRunner):
 #: ``unifork run`` flags that start each local fork mode as a user would
 UNIFORK_RUN_FLAGS: dict[str, tuple[str, ...]] = {
     THREAD: ("--fork", "thread"),
+    COPY: ("--fork", "copy"),
     VMCLONE_SHM: ("--fork", "vmclone", "--pipe", "shm"),
     VMCLONE_TCP: ("--fork", "vmclone", "--pipe", "tcp"),
 }

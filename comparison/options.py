@@ -106,7 +106,7 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", default="hello", help="image to launch (default hello)")
     p.add_argument(
         "--fork",
-        choices=("thread", "vmclone", "mixed"),
+        choices=("thread", "vmclone", "copy", "mixed"),
         default="thread",
         help="fork mode of the instances; mixed alternates the two",
     )

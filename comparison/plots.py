@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 COLORS = {
     "native": "#4c72b0",
     "thread": "#dd8452",
+    "copy": "#937860",
     "vmclone-shm": "#55a868",
     "vmclone-tcp": "#c44e52",
     "vmclone-remote": "#8172b3",

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from tender_service.fork.copy import CopyFork
 from tender_service.fork.thread import ThreadFork
 from tender_service.machine.elf import ElfImage
 from tender_service.machine.rootfs import BootImage, load_image_file, select_program
@@ -25,13 +26,15 @@ log = logging.getLogger(__name__)
 
 #: fork strategies that run inside one VM (``create_vm``'s ``fork``); the fork modes an
 #: instance can have (one VM or several) are in instance/backends/
-FORKERS = ("thread",)
+FORKERS = ("thread", "copy")
 DEFAULT_ENV = ("PATH=/bin", "HOME=/", "TERM=dumb")
 
 
 def make_forker(mode: str) -> Forker:
     if mode == "thread":
         return ThreadFork()
+    if mode == "copy":
+        return CopyFork()
     raise ValueError(f"unknown fork mode {mode!r} (choose from {', '.join(FORKERS)})")
 
 

@@ -34,12 +34,15 @@ def image_path(name: str) -> Path:
     return build_image(name)
 
 
-def vm(name: str | Path, *args: str, stdin: bytes | None = None, **config) -> VmRun:
-    """Run a built-in image (or an ELF path) in a fresh VM and capture everything."""
+def vm(
+    name: str | Path, *args: str, stdin: bytes | None = None, fork: str = "thread", **config
+) -> VmRun:
+    """Run a built-in image (or an ELF path) in a fresh VM and capture everything
+    (``fork``: an in-VM fork mode, thread or copy)."""
     path = Path(name) if isinstance(name, Path) else image_path(name)
     config.setdefault("timeout", 120)
     sink = CaptureSink()
-    result = run_vm(path, list(args), config=VmConfig(**config), sink=sink, stdin=stdin)
+    result = run_vm(path, list(args), config=VmConfig(**config), sink=sink, stdin=stdin, fork=fork)
     return VmRun(result, bytes(sink.stdout), bytes(sink.stderr), sink.chunks)
 
 

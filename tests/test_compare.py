@@ -628,6 +628,7 @@ def tender(tmp_path_factory):
     [
         ("thread", "fork_time", ["-n", "3"], 4),
         ("vmclone", "pipe_talk", [], 2),
+        ("copy", "fork_time", ["-n", "3"], 2),
     ],
 )
 def test_load_against_a_local_tender(tender, tmp_path, fork, image, args, concurrency) -> None:

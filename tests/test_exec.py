@@ -41,7 +41,7 @@ from tender_service.toolchain.bake import encode
 from tender_service.toolchain.images import build_image
 from tender_service.vm import CaptureSink, make_forker
 
-VM_MODES = ["thread", "vmclone-shm", "vmclone-tcp"]
+VM_MODES = ["thread", "vmclone-shm", "vmclone-tcp", "copy"]
 #: fork + exec in a VM-clone child VM needs the instance-wide file system
 #: (vfs phase 2): until then a child VM's tree is empty and its exec gets ENOENT
 
@@ -93,7 +93,11 @@ def rootfs_of(d: Path, tree: dict[str, tuple[str, int, bytes | str]]) -> RootFs:
 
 
 def run_thread(
-    prog: str, args: list[str], rootfs: RootFs, observe: Callable[[Kernel], None] | None = None
+    prog: str,
+    args: list[str],
+    rootfs: RootFs,
+    observe: Callable[[Kernel], None] | None = None,
+    fork: str = "thread",
 ) -> tuple[RunResult, str]:
     sink = CaptureSink()
     k = Kernel.boot(
@@ -102,7 +106,7 @@ def run_thread(
         ["PATH=/bin"],
         VmConfig(timeout=120, trace_syscalls=bool(os.environ.get("TRACE"))),
         Console(sink),
-        make_forker("thread"),
+        make_forker(fork),
         rootfs=rootfs,
     )
     try:
@@ -147,8 +151,8 @@ def run_mode(
     request: pytest.FixtureRequest,
     timeout: float = 120,
 ) -> tuple[RunResult, str]:
-    if mode == "thread":
-        return run_thread(prog, args, rootfs)
+    if mode in ("thread", "copy"):
+        return run_thread(prog, args, rootfs, fork=mode)
     pool = request.getfixturevalue("pool")
     tmp = request.getfixturevalue("tmp_path")
     return run_vmclone_baked(prog, args, rootfs, mode.split("-")[1], pool, tmp, timeout)

@@ -59,6 +59,7 @@ ppb2, _peer_grpc = protos.peer()
 
 MODES = {
     "thread": dict(fork_mode=pb2.FORK_MODE_THREAD),
+    "copy": dict(fork_mode=pb2.FORK_MODE_COPY),
     "vmclone-shm": dict(fork_mode=pb2.FORK_MODE_VMCLONE, pipe_transport=pb2.PIPE_TRANSPORT_SHM),
     "vmclone-tcp": dict(fork_mode=pb2.FORK_MODE_VMCLONE, pipe_transport=pb2.PIPE_TRANSPORT_TCP),
 }
@@ -392,16 +393,16 @@ class Workload:
 
 
 WORKLOADS = {
-    "hello": Workload([], {"thread": HELLO, "vmclone": HELLO}, 0, {}),
+    "hello": Workload([], {"thread": HELLO, "vmclone": HELLO, "copy": HELLO}, 0, {}),
     "token_ring": Workload(
         ["-n", "4", "-r", "3"],
-        {"thread": b"token=12\n", "vmclone": b"token=12\n"},
+        {"thread": b"token=12\n", "vmclone": b"token=12\n", "copy": b"token=12\n"},
         3,
         {3: 0, 4: 0, 5: 0},
     ),
     "fork_exit_wait": Workload(
         ["-n", "5"],
-        {"thread": b"ok 5 children\n", "vmclone": b"ok 5 children\n"},
+        {"thread": b"ok 5 children\n", "vmclone": b"ok 5 children\n", "copy": b"ok 5 children\n"},
         5,
         {3 + i: (i % 7) << 8 for i in range(5)},
     ),
@@ -412,6 +413,9 @@ WORKLOADS = {
             "thread": b"global=shared\nstack=private\nheap_from_stack=private\n"
             b"heap_from_global=shared\nerrno=private\nfd_table=private\n",
             "vmclone": b"global=private\nstack=private\nheap_from_stack=private\n"
+            b"heap_from_global=private\nerrno=private\nfd_table=private\n",
+            # copy fork: private memory in one VM, as POSIX
+            "copy": b"global=private\nstack=private\nheap_from_stack=private\n"
             b"heap_from_global=private\nerrno=private\nfd_table=private\n",
         },
         1,
@@ -457,7 +461,7 @@ def test_round_trip(tender, client, image, mode):
     for p in d.processes:
         if p.pid == 1:
             continue
-        if kind == "thread":  # one VM, the instance's, in a process of its own (gone now)
+        if kind in ("thread", "copy"):  # one VM, the instance's, in a process of its own
             assert p.host == tender.target and p.vm.isdigit(), p
             assert p.vm == procs[2].vm, d.processes
         else:  # one VM per process, each in a worker process of this tender

@@ -3,16 +3,17 @@
 One baked image holds /bin/sh = dash and our tools (guest/programs/tools: cat,
 ls, rm).  Each script below runs with ``sh -c`` natively (the same static
 binaries in a directory on PATH, in a fresh work directory) and in a VM in
-thread mode, vmclone-shm and vmclone-tcp (``unifork run app.img -- /bin/sh
+thread mode, copy mode, vmclone-shm and vmclone-tcp (``unifork run app.img -- /bin/sh
 -c ...``, with PATH=/bin and the work directory /tmp): stdout and the exit
 status must be identical.  The scripts write no path and no pid to stdout, so
 the outputs compare byte for byte; stderr (which names paths) is not compared.
 
-Every script runs as natively in VM-clone mode (shm and tcp). In thread mode
+Every script runs as natively in VM-clone mode (shm and tcp) and in copy mode
+(issue 18: private memory in one VM, one emulator). In thread mode
 the scripts whose forked children run shell code (subshells, pipelines,
 ``$(...)``, ``&``) are expected failures (GAPS): thread fork shares globals and
 the heap with the parent, as docs/semantics.md says; the private-memory fork of
-issue 18 is what will run them. A case that starts passing shows as XPASS.
+issue 18 (copy mode) runs them. A case that starts passing shows as XPASS.
 The same scripts across two hosts (a netns cluster): tests/test_shell_multihost.py.
 """
 
@@ -30,6 +31,7 @@ from tender_service.toolchain.bake import bake
 UNIFORK = Path(sys.executable).parent / "unifork"
 MODES = {
     "thread": ["--fork", "thread"],
+    "copy": ["--fork", "copy"],
     "vmclone-shm": ["--fork", "vmclone", "--pipe", "shm"],
     "vmclone-tcp": ["--fork", "vmclone", "--pipe", "tcp"],
 }

@@ -33,7 +33,7 @@ from tender_service.rump.process import Lwp, Process
 from tender_service.rump.vminfo import RunResult, VmConfig
 from tender_service.vm import CaptureSink
 
-MODES = ["native", "thread", "vmclone-shm", "vmclone-tcp"]
+MODES = ["native", "thread", "copy", "vmclone-shm", "vmclone-tcp"]
 
 
 def lines(*text: str) -> str:
@@ -177,8 +177,8 @@ def run_in(mode: str, pool: WarmPool | None, *args: str, **config) -> Out:
         p = native("signals", *args, timeout=config["timeout"])
         assert p.returncode == 0, p.stderr
         return Out(p.stdout.decode(), p.stderr.decode(), None)
-    if mode == "thread":
-        r = vm("signals", *args, **config)
+    if mode in ("thread", "copy"):
+        r = vm("signals", *args, fork=mode, **config)
         return Out(r.out, r.stderr.decode(), r.result)
     sink = CaptureSink()
     result = run_vmclone(

@@ -8,7 +8,7 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tender_service.fork.thread import _Relocator, _word_tails
+from tender_service.fork.thread import _Relocator, word_tails
 from tender_service.machine.layout import HEAP_BASE
 
 S_BASE = HEAP_BASE + 0x10_0000  # the parent's stack, inside the heap as in a VM
@@ -54,9 +54,9 @@ def test_scan_rebases_the_same_words_as_a_plain_pass(data, heap_size, tls_lo, pa
     assert buf[:pad] == bytearray(pad) and buf[-9:] == bytearray(9)  # nothing outside touched
 
 
-def test_word_tails_cover_a_range_that_crosses_4_gib() -> None:
+def testword_tails_cover_a_range_that_crosses_4_gib() -> None:
     lo, hi = 0x1_FFFF_FF00, 0x2_0000_0100
-    tails = _word_tails(lo, hi)
+    tails = word_tails(lo, hi)
     assert len(tails) == 2
     for v in (lo, 0x1_FFFF_FFFF, 0x2_0000_0000, hi - 1):
         b = struct.pack("<Q", v)

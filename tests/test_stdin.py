@@ -25,6 +25,7 @@ UNIFORK = Path(sys.executable).parent / "unifork"
 DATA = bytes(range(256)) * 700 + b"the end\n"  # 179 KB: several reads of any size
 MODES = {
     "thread": ["--fork", "thread"],
+    "copy": ["--fork", "copy"],
     "vmclone-shm": ["--fork", "vmclone", "--pipe", "shm"],
     "vmclone-tcp": ["--fork", "vmclone", "--pipe", "tcp"],
 }

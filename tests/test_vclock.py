@@ -25,7 +25,7 @@ from tender_service.toolchain.cc import compile_guest
 from tender_service.vm import CaptureSink
 
 TESTS_GUEST = Path(__file__).resolve().parent / "guest"
-MODES = ["native", "thread", "vmclone-shm", "vmclone-tcp"]
+MODES = ["native", "thread", "copy", "vmclone-shm", "vmclone-tcp"]
 
 pytestmark = pytest.mark.skipif(
     not vclock.tsc_is_constant(), reason="this host's TSC has no constant rate: VMs get no vDSO"
@@ -45,8 +45,8 @@ def run_in(mode: str, pool: WarmPool | None, exe: Path, *args: str) -> str:
         p = native(exe, *args)
         assert p.returncode == 0, p.stderr
         return p.stdout.decode()
-    if mode == "thread":
-        r = vm(exe, *args)
+    if mode in ("thread", "copy"):
+        r = vm(exe, *args, fork=mode)
         assert (r.result.outcome, r.result.status) == ("exited", 0), (r.out, r.stderr)
         return r.out
     sink = CaptureSink()

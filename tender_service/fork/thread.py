@@ -193,7 +193,7 @@ class _Relocator:
         ranges = [(self.h_lo, self.h_hi)]
         if self.tls_hi:
             ranges.append((self.tls_lo, self.tls_hi))
-        for tail, skip in (p for lo, hi in ranges for p in _word_tails(lo, hi)):
+        for tail, skip in (p for lo, hi in ranges for p in word_tails(lo, hi)):
             pos = buf.find(tail, offset + skip, end)
             while pos >= 0:
                 if not (pos - skip - offset) & 7:  # the upper bytes of an aligned word
@@ -207,7 +207,7 @@ class _Relocator:
                 _U64.pack_into(buf, at, nv)
 
 
-def _word_tails(lo: int, hi: int) -> list[tuple[bytes, int]]:
+def word_tails(lo: int, hi: int) -> list[tuple[bytes, int]]:
     """(bytes, offset in the word) pairs such that every little-endian word in
     [lo, hi) ends with one of them: the upper bytes its 4 GiB piece shares."""
     tails = []

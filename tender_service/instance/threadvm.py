@@ -289,9 +289,11 @@ class ThreadVmHost:
         argv0: str,
         sink: Sink,
         fork_observer: Callable[[float], None],
+        fork: str = "thread",
     ) -> ThreadVm:
         start = dict(
             instance_id=instance_id,
+            fork=fork,
             image_path=str(image_path),
             args=list(args),
             env=list(env),

@@ -177,6 +177,7 @@ def run_child(conn: Connection, start: dict, level: int, jailed: JailReport | No
             start["env"],
             VmConfig(**start["config"]),
             sink=link.console,
+            fork=start.get("fork", "thread"),
             argv0=start["argv0"],
         )
     except (ImageError, ValueError, MemoryError, OSError) as e:

@@ -15,8 +15,12 @@ PAGE_MASK = ~(PAGE_SIZE - 1)
 
 #: nothing is ever mapped below this: NULL and small offsets from it fault
 GUARD_SIZE = 0x10000
-#: static-PIE images are loaded here
-PIE_BASE = 0x0000_0000_0100_0000
+#: static-PIE images are loaded here: 64 KiB above 16 MiB, so that no address
+#: of an image (under 16 MiB - 64 KiB) has a zero third byte.  A C string of one
+#: or two characters written over a stale pointer into the image leaves exactly
+#: such a word ("bg\0" + 0x01...); with this base that word is no image address,
+#: and copy fork's conservative scan (fork/copy.py) does not rebase it
+PIE_BASE = 0x0000_0000_0101_0000
 #: the bmk heap starts here (64 TiB): far from small integers and from text/data
 HEAP_BASE = 0x0000_4000_0000_0000
 #: highest address an image may occupy (below the heap)

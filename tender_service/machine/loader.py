@@ -16,7 +16,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from tender_service.machine.elf import ElfImage
+from tender_service.machine.elf import PF_W, ElfImage
 from tender_service.machine.errors import ImageError
 from tender_service.machine.layout import HEAP_BASE, PAGE_SIZE, PIE_BASE, VDSO_BASE, page_down
 from tender_service.machine.memory import GuestMemory, Region
@@ -90,6 +90,15 @@ def load_at(mem: GuestMemory, image: ElfImage, base: int) -> int:
     for s in image.segments:
         mem.write(s.vaddr + bias, image.data[s.offset : s.offset + s.filesz])
     return bias
+
+
+def writable_spans(image: ElfImage) -> tuple[tuple[int, int], ...]:
+    """(offset from the image's lowest page, length) of each writable PT_LOAD segment.
+
+    In a static-PIE every absolute pointer needs a relocation, so they all lie
+    in these segments (data, RELRO, GOT, bss), never in text or rodata.
+    """
+    return tuple((s.vaddr - image.lo, s.memsz) for s in image.segments if s.flags & PF_W)
 
 
 def build_stack(

@@ -29,7 +29,7 @@ from tender_service.machine.cpu import RAX, RIP, RSP, SYSCALL_INSN_LEN, Cpu, Cpu
 from tender_service.machine.elf import ElfImage
 from tender_service.machine.errors import GuestError, ImageError
 from tender_service.machine.layout import PAGE_SIZE
-from tender_service.machine.loader import LoadedImage, build_stack, layout_memory
+from tender_service.machine.loader import LoadedImage, build_stack, layout_memory, writable_spans
 from tender_service.machine.memory import GuestMemory
 from tender_service.machine.rootfs import RootFs
 from tender_service.machine.vclock import GuestClock
@@ -252,7 +252,10 @@ class Kernel(ProcessTable):
         self.new_lwp(proc, stack, stack, size, cpu.new_context())
         region = self.loaded.region
         path = _b(argv[0]) if argv else b"main"
-        self.boot_program = Program(path, region.base, region.size, in_pages=False)
+        image = self.loaded.image
+        self.boot_program = Program(
+            path, region.base, region.size, False, 0, writable_spans(image), image.is_pie
+        )
         self.use_program(proc, self.boot_program)
         return proc
 

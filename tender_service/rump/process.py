@@ -73,6 +73,11 @@ class Program:
     size: int
     in_pages: bool
     users: int = 0
+    #: (offset from base, length) of the writable segments (data, GOT, bss): the
+    #: only part of an image that holds pointers (copy fork relocates them there)
+    writable: tuple[tuple[int, int], ...] = ()
+    #: a static-PIE runs at any base (copy fork can copy it)
+    pie: bool = False
 
 
 @dataclass(eq=False)

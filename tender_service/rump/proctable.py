@@ -219,15 +219,22 @@ class ProcessTable:
         globals; freeing a parent's blocks while a child runs would let the
         child use freed memory.  The oldest live child inherits them instead
         and frees them when it ends.  A clone(CLONE_VM) child's blocks are
-        its parent's memory: they go back to the parent.
+        its parent's memory: they go back to the parent.  With private
+        memory (copy fork) a forked child has copies of its own: only a
+        clone(CLONE_VM) child, which runs in this memory, inherits it.
         """
         heir: Process | None = self.procs.get(proc.vm_parent) if proc.vm_parent else None
+        private = getattr(getattr(self, "forker", None), "private_memory", False)
         if heir is None or not heir.alive:
-            kids = [c for c in proc.children.values() if c.alive and not c.remote]
+            kids = [
+                c
+                for c in proc.children.values()
+                if c.alive and not c.remote and (c.vm_parent == proc.pid or not private)
+            ]
             # a child running in this memory first (it may be on our stack)
             kids.sort(key=lambda c: c.vm_parent != proc.pid)
             heir = kids[0] if kids else None
-        if heir is None:
+        if heir is None or not heir.alive:
             self.heap.free_owner(proc.pid)
             for addr in list(proc.mmaps):
                 self.pages.free(addr)

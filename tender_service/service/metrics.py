@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from tender_service.instance.backends import FORK_MODES
+
 _LATENCY = (
     1e-6,
     2.5e-6,
@@ -82,7 +84,7 @@ EMULATOR_CRASHES = Counter(
     "crashed; each ends its instance's VM, never the tender)",
     ["fork_mode"],
 )
-for _mode in ("thread", "vmclone"):  # present from the start, at 0: alerts see a series
+for _mode in FORK_MODES:  # present from the start, at 0: alerts see a series
     EMULATOR_CRASHES.labels(_mode)
 _GRPC = ["grpc_type", "grpc_service", "grpc_method"]
 GRPC_STARTED = Counter("grpc_server_started_total", "RPCs started on the server", _GRPC)

@@ -37,6 +37,7 @@ __all__ = [
 BACKENDS: dict[str, str] = {
     "thread": "tender_service.instance.backends.thread:ThreadBackend",
     "vmclone": "tender_service.instance.backends.vmclone:VmcloneBackend",
+    "copy": "tender_service.instance.backends.copy:CopyBackend",
 }
 FORK_MODES: tuple[str, ...] = tuple(BACKENDS)
 

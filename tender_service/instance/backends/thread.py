@@ -102,6 +102,7 @@ class HostedVm:
 
 
 class ThreadBackend:
+    #: the in-VM fork strategy (vm.py ``make_forker``); CopyBackend changes only this
     mode = "thread"
     one_vm = True
 
@@ -117,7 +118,14 @@ class ThreadBackend:
         try:
             if self.host is None:
                 k = create_vm(
-                    spec.image, spec.args, spec.env, config, sink, spec.stdin, argv0=spec.argv0
+                    spec.image,
+                    spec.args,
+                    spec.env,
+                    config,
+                    sink,
+                    spec.stdin,
+                    fork=self.mode,
+                    argv0=spec.argv0,
                 )
                 if observer is not None:
                     k.fork_observer = lambda s: notify(observer, "fork_done", s, 0, False)
@@ -133,6 +141,7 @@ class ThreadBackend:
                     spec.argv0 or _program_name(Path(spec.image).name),
                     sink,
                     lambda s: notify(observer, "fork_done", s, 0, False),
+                    fork=self.mode,
                 )
             except BaseException:
                 notify(observer, "vm_ended")

@@ -34,7 +34,7 @@ from tender_service.machine.cpu import GPRS, SYSCALL_INSN_LEN
 from tender_service.machine.elf import ElfImage, parse_elf
 from tender_service.machine.errors import GuestError, ImageError
 from tender_service.machine.layout import PAGE_SIZE, page_up
-from tender_service.machine.loader import build_stack, load_at
+from tender_service.machine.loader import build_stack, load_at, writable_spans
 from tender_service.rump import signals
 from tender_service.rump.outcomes import NORETURN
 from tender_service.rump.process import Program
@@ -198,7 +198,8 @@ def replace_program(
     k.cpu.forget_code(base, page_up(image.span))
     sp = build_stack(k.mem, (image, bias), stack + size, args, env, filename)
     k.heap.reown(temp_owner, proc.pid)
-    k.use_program(proc, Program(filename, base, page_up(image.span), in_pages))
+    size, spans = page_up(image.span), writable_spans(image)
+    k.use_program(proc, Program(filename, base, size, in_pages, 0, spans, image.is_pie))
     proc.brk = base + page_up(image.span)
     proc.name = filename.rsplit(b"/", 1)[-1].decode(errors="replace")
     proc.fds.close_cloexec(k)

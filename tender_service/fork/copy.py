@@ -1,0 +1,236 @@
+"""Copy fork: private memory inside one VM, by copy and relocation (issue 18).
+
+Thread fork shares globals and libc's state (stdio buffers) between parent
+and child; VM-clone fork gets private memory by cloning the whole VM.  This
+strategy, after uFork (SOSP 2025), gives the child a private copy of all of
+its parent's memory at fresh addresses of the same VM:
+
+1. new process (pid, copied fd table and dispositions), as thread fork;
+2. copies: the program image (a static-PIE: its code runs at any base through
+   RIP-relative addressing) into page-allocator pages, every anonymous mmap,
+   every heap block the parent's ``malloc`` owns (``MEMWHO_USER``), the live
+   part of the stack, the TLS block the kernel made for the parent if any;
+3. relocation: every 8-byte word of the copies that may hold a pointer (the
+   image's writable segments, the mmaps, the heap blocks, the stack, the TLS)
+   and every register, rip and fs base included, that points into one of the
+   parent's regions is rebased by that region's offset to its copy; so are
+   the kernel's own pointers into the process (signal handlers and
+   restorers, the alternate signal stack, the break);
+4. the child's context is queued with rax = 0; the parent returns the pid.
+
+The scan is conservative, like thread fork's stack scan: an integer equal to
+an address in one of the parent's regions is rebased too, and a pointer the
+program hides (xor, arithmetic, SSE registers) is not.  docs/semantics.md
+("Copy fork") says where that matters.  A non-PIE program cannot run at
+another base: its fork fails with ENOSYS.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import logging
+import struct
+from dataclasses import dataclass, field
+
+from tender_service.bmk.memalloc import MEMWHO_USER
+from tender_service.fork.thread import RED_ZONE, word_tails
+from tender_service.machine.cpu import FS_BASE, GPRS, RIP, SYSCALL_INSN_LEN, RegSet
+from tender_service.machine.errors import GuestError
+from tender_service.machine.layout import PAGE_SIZE
+from tender_service.rump.kernel import Kernel
+from tender_service.rump.process import Lwp, Process, Program
+
+log = logging.getLogger(__name__)
+
+_U64 = struct.Struct("<Q")
+#: registers rebased like memory words (rax is the return value; rcx/r11 are
+#: clobbered by ``syscall``)
+_SCAN_NAMES = ("rbx", "rbp", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r12", "r13", "r14", "r15")
+_SCAN_REGS = RegSet(*(GPRS[r] for r in _SCAN_NAMES), GPRS["rsp"], RIP, FS_BASE)
+_CHILD_REGS = RegSet(*(GPRS[r] for r in _SCAN_NAMES), GPRS["rsp"], RIP, FS_BASE, GPRS["rax"])
+
+
+@dataclass
+class RegionMap:
+    """The parent's regions [lo, hi) and where their copies lie (lo + delta)."""
+
+    los: list[int] = field(default_factory=list)
+    his: list[int] = field(default_factory=list)
+    deltas: list[int] = field(default_factory=list)
+    #: (child address, length) of the copies to scan for pointers
+    scan: list[tuple[int, int]] = field(default_factory=list)
+    _pending: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def add(self, lo: int, size: int, delta: int, scan: bool = True) -> None:
+        self._pending.append((lo, lo + size, delta))
+        if scan:
+            self.scan.append((lo + delta, size))
+
+    def seal(self) -> None:
+        """Sort the regions for lookups (they never overlap)."""
+        self._pending.sort()
+        self.los = [r[0] for r in self._pending]
+        self.his = [r[1] for r in self._pending]
+        self.deltas = [r[2] for r in self._pending]
+
+    def value(self, v: int) -> int:
+        """``v`` rebased into the child's copy if it points into a parent region."""
+        i = bisect.bisect_right(self.los, v) - 1
+        if i >= 0 and v < self.his[i]:
+            return v + self.deltas[i]
+        return v
+
+    def tails(self) -> list[tuple[bytes, int]]:
+        """Byte patterns every candidate word ends with (see ``word_tails``).
+
+        The regions are merged into spans no more than 4 GiB apart first, so a
+        few patterns cover hundreds of heap blocks.
+        """
+        spans: list[list[int]] = []
+        for lo, hi in zip(self.los, self.his, strict=True):
+            if spans and lo >> 32 == spans[-1][1] >> 32:
+                spans[-1][1] = max(spans[-1][1], hi)
+            else:
+                spans.append([lo, hi])
+        return sorted({t for lo, hi in spans for t in word_tails(lo, hi)})
+
+
+class CopyFork:
+    """fork with a private copy of the parent's memory in the same VM."""
+
+    mode = "copy"
+    #: every process lives in the VM's one address space (clone(CLONE_VM) shares it)
+    one_address_space = True
+    #: a process's memory is its own: an exiting parent's memory is freed, not
+    #: handed to a child (ProcessTable.release_memory)
+    private_memory = True
+
+    def fork(self, k: Kernel, lwp: Lwp, vfork: bool) -> int:
+        pt, parent = lwp.thread, lwp.proc
+        rsp = k.cpu.reg(GPRS["rsp"])
+        if not pt.stack_base < rsp <= pt.stack_top:
+            raise GuestError(errno.EINVAL, "fork on a stack the kernel did not allocate")
+        prog = parent.program
+        if prog is None or not prog.pie:
+            raise GuestError(errno.ENOSYS, "copy fork needs a static-PIE program")
+        child = k.new_child(parent)
+        try:
+            self._build(k, lwp, child, prog, rsp)
+        except GuestError:
+            for addr in list(child.mmaps):
+                k.pages.free(addr)
+            child.mmaps.clear()
+            k.discard_process(child)
+            raise
+        return child.pid
+
+    def _build(self, k: Kernel, lwp: Lwp, child: Process, prog: Program, rsp: int) -> None:
+        mem, heap, pages, parent = k.mem, k.heap, k.pages, lwp.proc
+        regions = RegionMap()
+
+        # the image: text is copied, only the writable segments can hold pointers
+        base = pages.alloc(prog.size // PAGE_SIZE)
+        if base is None:
+            raise GuestError(errno.ENOMEM, "no memory for the child's copy of the program")
+        k.use_program(child, Program(prog.path, base, prog.size, True, 0, prog.writable, True))
+        _copy(mem, prog.base, base, prog.size)
+        k.cpu.forget_code(base, prog.size)  # the pages may have held another program
+        regions.add(prog.base, prog.size, base - prog.base, scan=False)
+        regions.scan.extend((base + off, n) for off, n in prog.writable)
+
+        # anonymous mappings (file mappings are private copies here too)
+        for start, length in parent.mmaps.items():
+            dest = pages.alloc(length // PAGE_SIZE)
+            if dest is None:
+                raise GuestError(errno.ENOMEM, "no memory for the child's mappings")
+            child.mmaps[dest] = length
+            _copy(mem, start, dest, length)
+            regions.add(start, length, dest - start)
+
+        # the heap blocks of the parent's malloc
+        for a in heap.owned(parent.pid):
+            if a.who != MEMWHO_USER:
+                continue
+            d = heap.duplicate(a, child.pid)
+            if d is None:
+                raise GuestError(errno.ENOMEM, "no memory to copy the parent's heap")
+            regions.add(a.block, a.block_size, d.block - a.block)
+
+        # the stack (its live part) and a TLS block the kernel made
+        pt = lwp.thread
+        cstack = k.alloc_stack(child.pid)
+        if not cstack:
+            raise GuestError(errno.ENOMEM, "no memory for the child's stack")
+        delta = cstack - pt.stack_base
+        regions.add(pt.stack_base, pt.stack_size, delta, scan=False)
+        lo = max(pt.stack_base, (rsp - RED_ZONE) & ~7)
+        _copy(mem, lo, lo + delta, pt.stack_top - lo)
+        regions.scan.append((lo + delta, pt.stack_top - lo))
+        ctls = 0
+        if lwp.tls:
+            t = heap.get(lwp.tls)
+            dt = heap.duplicate(t, child.pid) if t is not None else None
+            if t is not None and dt is None:
+                raise GuestError(errno.ENOMEM, "no memory for the child's TLS block")
+            if t is not None and dt is not None:
+                regions.add(t.block, t.block_size, dt.block - t.block)
+                ctls = dt.user
+
+        # relocate the copies, the registers and the kernel's pointers
+        regions.seal()
+        relocate(mem.buf, [(mem.offset(a, n), n) for a, n in regions.scan], regions)
+        regs = [regions.value(v) for v in k.cpu.read_regs(_SCAN_REGS)]
+        regs[-2] += SYSCALL_INSN_LEN  # rip: the child resumes after the syscall
+        ctx = k.cpu.new_context()
+        k.cpu.write_context(ctx, _CHILD_REGS, [*regs, 0])
+        child.sigactions = {
+            sig: (regions.value(h), fl, regions.value(r), m)
+            for sig, (h, fl, r, m) in child.sigactions.items()
+        }
+        child.brk = base + prog.size  # the break cannot move: it stays at the image's end
+        clwp = k.new_lwp(child, cstack, cstack, pt.stack_size, ctx)
+        clwp.tls = ctls
+        clwp.sigmask = lwp.sigmask
+        sp, size = lwp.altstack
+        clwp.altstack = (regions.value(sp), size)
+
+
+def _copy(mem, src: int, dst: int, n: int) -> None:
+    s, d = mem.offset(src, n), mem.offset(dst, n)
+    mem.buf[d : d + n] = mem.buf[s : s + n]
+
+
+def relocate(buf, spans: list[tuple[int, int]], regions: RegionMap) -> int:
+    """Rebase every aligned word of the buffer ``spans`` (offset, length) that
+    points into a parent region; the number of words changed.
+
+    ``bytes.find`` locates the candidates (the upper bytes a region's words
+    share) at C speed; only they are classified in Python.
+    """
+    # A tail ends with the address's zero upper bytes, and CPython's find runs
+    # at about 1 byte/ns for a longer needle but at memchr speed for one byte:
+    # search for the tail's last non-zero byte, then check the whole tail.
+    probes = []
+    for tail, skip in regions.tails():
+        j = len(tail.rstrip(b"\0")) - 1
+        probes.append((tail, skip, tail[j : j + 1] if j >= 0 else tail, skip + max(j, 0)))
+    changed = 0
+    for offset, n in spans:
+        end = offset + (n & ~7)
+        hits: set[int] = set()
+        for tail, skip, needle, at_byte in probes:
+            k = len(tail)
+            pos = buf.find(needle, offset + at_byte, end)
+            while pos >= 0:
+                word = pos - at_byte
+                if not (word - offset) & 7 and buf[word + skip : word + skip + k] == tail:
+                    hits.add(word)
+                pos = buf.find(needle, pos + 1, end)
+        for at in hits:
+            (v,) = _U64.unpack_from(buf, at)
+            nv = regions.value(v)
+            if nv != v:
+                _U64.pack_into(buf, at, nv)
+                changed += 1
+    return changed
