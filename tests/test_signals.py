@@ -308,6 +308,7 @@ _CLI = {
     "thread": ["--fork", "thread"],
     "vmclone-shm": ["--fork", "vmclone", "--pipe", "shm"],
     "vmclone-tcp": ["--fork", "vmclone", "--pipe", "tcp"],
+    "copy": ["--fork", "copy"],
 }
 
 

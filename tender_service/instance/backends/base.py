@@ -10,7 +10,7 @@ The service, the CLI and the comparison harness start instances through an
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -82,6 +82,9 @@ class BackendContext:
     peer_timeout: float = PEER_TIMEOUT
     budget: MemoryBudget | None = None
     ticket_for: Callable[[str, int, str], str] | None = None
+    #: what backends made from this context share, by name: the one-VM modes (thread,
+    #: copy) start their VMs through one fork server ("vm_host"), not a server each
+    shared: dict[str, object] = field(default_factory=dict)
 
 
 class RunningInstance(Protocol):

@@ -108,7 +108,12 @@ class ThreadBackend:
 
     def __init__(self, ctx: BackendContext) -> None:
         self.budget = ctx.budget
-        self.host = ThreadVmHost(jailed=ctx.jailed) if ctx.hosted else None
+        self.host: ThreadVmHost | None = None
+        if ctx.hosted:
+            host = ctx.shared.get("vm_host")
+            if not isinstance(host, ThreadVmHost):
+                host = ctx.shared["vm_host"] = ThreadVmHost(jailed=ctx.jailed)
+            self.host = host
 
     def start(
         self, spec: InstanceSpec, sink: Sink, observer: object | None = None
