@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 INIT_PID = 1
 MAIN_PID = 2
-_DATA_OPS = {"pipe_create", "fs"}
+_DATA_OPS = {"pipe_create", "fs", "proc_comm"}
 #: places tried for a VM; each try is another place (a dead one is marked down), so no
 #: backoff: waiting would only delay the launch
 PLACEMENT_TRIES = 3
@@ -118,6 +118,9 @@ class ProcRec:
     #: exec'd (one may have killed it): the VM's messages are served until it ends, and
     #: what the VM holds (pipe ends, files, memory) is given back only then
     hosting: bool = False
+    #: the program's name (/proc/PID/stat's comm): argv[0]'s at start, the parent's at
+    #: fork, the new program's at exec (the VM tells)
+    comm: str = ""
 
     @property
     def alive(self) -> bool:
@@ -229,6 +232,7 @@ class Supervisor:
         # in init's group and session, as in a thread-fork VM (rump.kernel._spawn_main)
         rec = self._new_proc(MAIN_PID, INIT_PID, INIT_PID, INIT_PID)
         rec.reserved = reserved
+        rec.comm = argv0.rsplit("/", 1)[-1][:15]
         image = Path(image_path).read_bytes()
         digest = hashlib.sha256(image).hexdigest()
         error: Exception | None = None
@@ -626,7 +630,7 @@ class Supervisor:
             return -errno.EAGAIN, b""
         pid = self._next_pid
         child = self._new_proc(pid, rec.pid, rec.pgid, rec.sid)
-        child.leased_by = rec.pid
+        child.leased_by, child.comm = rec.pid, rec.comm
         try:
             worker = self._place(rec)
         except Exception as e:
@@ -842,6 +846,27 @@ class Supervisor:
             return self.broker.poll(pipe, bool(write_end))
         except ValueError:
             return -errno.EBADF
+
+    def _op_proc_comm(self, rec: ProcRec, pid: int, data: bytes) -> int:
+        """A process of ``rec``'s VM (or one it leased) runs a new program."""
+        target = self.procs.get(pid)
+        if target is None or rec.pid not in (target.pid, target.leased_by):
+            return -errno.ESRCH
+        target.comm = data[:15].decode(errors="replace")
+        return 0
+
+    def _op_proc_stat(self, rec: ProcRec, pid: int) -> tuple[int, bytes]:
+        """/proc/PID/stat of a process in another VM: what the instance's table knows."""
+        r = self.procs.get(pid)
+        if r is None or r.state == "reaped":
+            return -errno.ENOENT, b""
+        state = "Z" if r.state == "zombie" else "S"
+        info = [r.pid, r.ppid, r.pgid, r.sid, state, r.comm or "?"]
+        return 0, json.dumps(info).encode()
+
+    def _op_proc_list(self, rec: ProcRec) -> tuple[int, bytes]:
+        """The pids /proc lists: every process of the instance not yet reaped."""
+        return 0, json.dumps(sorted(r.pid for r in self._members())).encode()
 
     def _op_fs(self, rec: ProcRec, data: bytes) -> tuple[int, bytes]:
         return self.fs.call(rec.pid, data)

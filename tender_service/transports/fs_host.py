@@ -75,3 +75,4 @@ class FsHost:
         for ofd, n in self.holds.pop(pid, Counter()).items():
             for _ in range(n):
                 self.fs.release(ofd)
+        self.fs.unlock_owner(pid)  # its record locks, had it not closed its fds

@@ -29,12 +29,13 @@ CHUNK = 256 << 10
 #: those whose first argument is an open file description the calling VM must hold
 OFD_METHODS = frozenset(
     {"set_flags", "read", "write", "seek", "getdents", "fstat", "ftruncate", "fchmod"}
-    | {"futimens", "contents", "exec_ofd"}
+    | {"futimens", "contents", "exec_ofd", "fchown", "flock", "lock"}
 )
 METHODS = (
     OFD_METHODS
     | {"open", "stat", "mkdir", "mksock", "rmdir", "unlink", "link", "symlink"}
     | {"readlink", "rename", "chmod", "truncate", "utimens", "chdir", "getcwd", "open_exec"}
+    | {"chown", "statfs", "unlock_owner"}
 )
 
 
@@ -204,6 +205,26 @@ class RemoteFs:
 
     def getcwd(self, ino: int) -> bytes:
         return self._call("getcwd", ino)  # type: ignore[return-value]
+
+    def chown(self, base: int, path: bytes, uid: int, gid: int, follow: bool = True) -> None:
+        self._call("chown", base, path, uid, gid, follow)
+
+    def fchown(self, ofd: int, uid: int, gid: int) -> None:
+        self._call("fchown", ofd, uid, gid)
+
+    def statfs(self) -> tuple[int, int, int, int]:
+        return self._call("statfs")  # type: ignore[return-value]
+
+    def flock(self, ofd: int, op: int) -> None:
+        self._call("flock", ofd, op)
+
+    def lock(
+        self, ofd: int, owner: int, get: bool, ltype: int, whence: int, start: int, length: int
+    ) -> tuple[int, int, int, int]:
+        return self._call("lock", ofd, owner, get, ltype, whence, start, length)  # type: ignore[return-value]
+
+    def unlock_owner(self, owner: int, ino: int = 0) -> None:
+        self._call("unlock_owner", owner, ino)
 
     def open_exec(
         self, base: int, path: bytes, follow: bool = True, offset: int = 0, n: int = -1

@@ -165,11 +165,30 @@ class VmLink:
             Frame(Msg.IDLE, 0, 0, 0, self.events_done, "\n".join(blocked).encode()[:MAX_PAYLOAD])
         )
 
-    def notify_call(self, op: str, *args: int) -> None:
+    def notify_call(self, op: str, *args: int, data: bytes = b"") -> None:
         """A request whose answer nobody waits for (request number 0)."""
-        self._notify(
-            Frame(Msg.CALL, 0, 0, 0, 0, json.dumps({"op": op, "args": list(args)}).encode())
-        )
+        body: dict[str, object] = {"op": op, "args": list(args)}
+        if data:
+            body["data"] = base64.b64encode(data).decode()
+        self._notify(Frame(Msg.CALL, 0, 0, 0, 0, json.dumps(body).encode()))
+
+    # -- /proc of the instance ----------------------------------------------------------
+    def renamed(self, pid: int, name: str) -> None:
+        """``pid`` (of this VM, or leased by it) runs a program of that name now."""
+        self.notify_call("proc_comm", pid, data=name.encode()[:15])
+
+    def proc_stat(self, pid: int) -> tuple[int, int, int, int, str, str] | None:
+        """(pid, ppid, pgid, sid, state, comm) of a process of another VM; None: no such."""
+        value, payload = self.call_full("proc_stat", pid)
+        if value < 0:
+            return None
+        pid_, ppid, pgid, sid, state, comm = json.loads(payload)
+        return int(pid_), int(ppid), int(pgid), int(sid), str(state), str(comm)
+
+    def proc_list(self) -> list[int]:
+        """Every pid of the instance that /proc lists."""
+        value, payload = self.call_full("proc_list")
+        return [int(p) for p in json.loads(payload)] if value >= 0 else []
 
     def call(self, op: str, *args: int) -> int:
         """A synchronous request the supervisor answers at once."""
