@@ -211,6 +211,13 @@ def test_the_supervisor_side_refuses_what_a_vm_may_not_do() -> None:
     assert host.call(2, b'{"m": "stat", "a": [1, {"x": 1}]}')[0] == -errno.EINVAL
     assert host.call(2, b'{"m": "stat", "a": [1, 2.5]}')[0] == -errno.EINVAL
     assert host.call(2, request("stat", (ROOT_INO,)))[0] == -errno.EINVAL  # too few
+    # the raw data path: only bytes-valued methods, only the caller's open file descriptions
+    assert host.call_raw(2, request("read", (opened.ofd, 10, 0))) == (3, b"abc")
+    assert host.call_raw(3, request("read", (opened.ofd, 10, 0)))[0] == -errno.EBADF
+    assert host.call_raw(2, request("open", (ROOT_INO, b"/tmp/g", O_CREAT, 0)))[0] == -errno.ENOSYS
+    assert host.write(2, opened.ofd, 3, b"de") == 2
+    assert host.write(3, opened.ofd, 0, b"x") == -errno.EBADF
+    host.call(2, request("ftruncate", (opened.ofd, 3)))
     assert host.hold(3, opened.ofd, 4) == -errno.EBADF  # pid 3 holds nothing to hand on
     assert host.hold(2, opened.ofd, 3) == 0
     host.call(2, request("unlink", (ROOT_INO, b"/tmp/f")))

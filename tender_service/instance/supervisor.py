@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 INIT_PID = 1
 MAIN_PID = 2
-_DATA_OPS = {"pipe_create", "fs", "proc_comm"}
+_DATA_OPS = {"pipe_create", "fs", "fs_raw", "fs_write", "proc_comm"}
 #: places tried for a VM; each try is another place (a dead one is marked down), so no
 #: backoff: waiting would only delay the launch
 PLACEMENT_TRIES = 3
@@ -610,9 +610,11 @@ class Supervisor:
 
     def _call(self, rec: ProcRec, payload: bytes) -> tuple[int, bytes]:
         try:
-            req = json.loads(payload)
+            head, _, data = payload.partition(b"\n")  # vmlink.call_payload: JSON, data
+            req = json.loads(head)
             op, args = str(req["op"]), [int(a) for a in req["args"]]
-            data = base64.b64decode(req.get("data", ""), validate=True)
+            if "data" in req:  # the older form: base64 inside the JSON
+                data = base64.b64decode(req["data"], validate=True)
         except (ValueError, KeyError, TypeError):
             return -errno.EINVAL, b""
         fn = getattr(self, f"_op_{op}", None)
@@ -870,6 +872,12 @@ class Supervisor:
 
     def _op_fs(self, rec: ProcRec, data: bytes) -> tuple[int, bytes]:
         return self.fs.call(rec.pid, data)
+
+    def _op_fs_raw(self, rec: ProcRec, data: bytes) -> tuple[int, bytes]:
+        return self.fs.call_raw(rec.pid, data)
+
+    def _op_fs_write(self, rec: ProcRec, ofd: int, offset: int, data: bytes) -> int:
+        return self.fs.write(rec.pid, ofd, offset, data)
 
     def _op_fs_hold(self, rec: ProcRec, ofd: int, child: int) -> int:
         target = self.procs.get(child)

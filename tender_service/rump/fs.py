@@ -178,6 +178,8 @@ class FileSystem:
             if name not in self.root.children:
                 self._mkdir_in(self.root, name, mode)
         dev = self.root.children[b"dev"]
+        if b"shm" not in dev.children:  # Linux's tmpfs for shm_open and scratch files
+            self._mkdir_in(dev, b"shm", 0o1777)
         for device in ("null", "zero", "urandom", "random", "tty"):
             if device.encode() not in dev.children:
                 node = self._new(CHR, 0o666)
@@ -888,6 +890,10 @@ class FileSystem:
             where = self._path_of_dir(parent)
             full = where.rstrip(b"/") + b"/" + name
             return _part(node.data, offset, n), full
+
+    def exec_part(self, base: int, path: bytes, follow: bool, offset: int, n: int) -> bytes:
+        """A part of what ``open_exec`` returns (a remote caller's chunks)."""
+        return self.open_exec(base, path, follow, offset, n)[0]
 
     def exec_ofd(self, ofd: int, offset: int = 0, n: int = -1) -> bytes:
         """The contents of an open file execveat(fd, "", AT_EMPTY_PATH) may run."""
