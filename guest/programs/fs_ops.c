@@ -674,6 +674,12 @@ static void procs(void)
 	if (d)
 		closedir(d);
 	printf("/proc lists the child: %d\n", seen);
+	char mine[512], its[512];
+	snprintf(path, sizeof path, "/proc/%d/exe", pid);
+	ssize_t a = readlink("/proc/self/exe", mine, sizeof mine - 1);
+	ssize_t b = readlink(path, its, sizeof its - 1);
+	printf("the child's exe is ours: %d\n", a > 0 && a == b && memcmp(mine, its, a) == 0);
+	snprintf(path, sizeof path, "/proc/%d/stat", pid);
 	struct stat st;
 	R("stat(/proc/CHILD)", stat(path, &st));
 	close(p[0]);

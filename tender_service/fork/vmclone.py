@@ -116,6 +116,7 @@ class VmCloneFork:
             raise GuestError(errno.ENOMEM, str(e)) from e
         self.host.start_child(proc.pid, snap)
         if k.remote is not None:
-            k.remote.renamed(proc.pid, execfn.rsplit(b"/", 1)[-1].decode(errors="replace"))
+            name = execfn.rsplit(b"/", 1)[-1].decode(errors="replace")
+            k.remote.renamed(proc.pid, name, proc.exe)
         k.leave_vm(proc)
         k.add_remote_child(parent, proc.pid)

@@ -121,6 +121,7 @@ class ProcRec:
     #: the program's name (/proc/PID/stat's comm): argv[0]'s at start, the parent's at
     #: fork, the new program's at exec (the VM tells)
     comm: str = ""
+    exe: str = ""  # its /proc/PID/exe
 
     @property
     def alive(self) -> bool:
@@ -233,6 +234,7 @@ class Supervisor:
         rec = self._new_proc(MAIN_PID, INIT_PID, INIT_PID, INIT_PID)
         rec.reserved = reserved
         rec.comm = argv0.rsplit("/", 1)[-1][:15]
+        rec.exe = argv0 if argv0.startswith("/") else "/" + argv0.rsplit("/", 1)[-1]
         image = Path(image_path).read_bytes()
         digest = hashlib.sha256(image).hexdigest()
         error: Exception | None = None
@@ -632,7 +634,7 @@ class Supervisor:
             return -errno.EAGAIN, b""
         pid = self._next_pid
         child = self._new_proc(pid, rec.pid, rec.pgid, rec.sid)
-        child.leased_by, child.comm = rec.pid, rec.comm
+        child.leased_by, child.comm, child.exe = rec.pid, rec.comm, rec.exe
         try:
             worker = self._place(rec)
         except Exception as e:
@@ -854,7 +856,9 @@ class Supervisor:
         target = self.procs.get(pid)
         if target is None or rec.pid not in (target.pid, target.leased_by):
             return -errno.ESRCH
-        target.comm = data[:15].decode(errors="replace")
+        name, _, exe = data.partition(b"\0")
+        target.comm = name[:15].decode(errors="replace")
+        target.exe = exe.decode(errors="surrogateescape")
         return 0
 
     def _op_proc_stat(self, rec: ProcRec, pid: int) -> tuple[int, bytes]:
@@ -863,7 +867,7 @@ class Supervisor:
         if r is None or r.state == "reaped":
             return -errno.ENOENT, b""
         state = "Z" if r.state == "zombie" else "S"
-        info = [r.pid, r.ppid, r.pgid, r.sid, state, r.comm or "?"]
+        info = [r.pid, r.ppid, r.pgid, r.sid, state, r.comm or "?", r.exe]
         return 0, json.dumps(info).encode()
 
     def _op_proc_list(self, rec: ProcRec) -> tuple[int, bytes]:

@@ -4,8 +4,8 @@ Built from the kernel's process table when a path is opened or stat'ed: a
 file's contents are a snapshot taken at open, as Linux's seq files are at
 first read.  In VM-clone mode the instance's other processes live in other
 VMs: /proc lists them and ``/proc/PID/{stat,comm,cmdline}`` describe them from
-the supervisor's process table (``RemoteHost.proc_stat``); their ``exe`` and
-``fd`` are not served (ENOENT).  Nothing here touches the file system tree.
+the supervisor's process table (``RemoteHost.proc_stat``), and ``exe`` names
+their program; their ``fd`` is not served (ENOENT).  Nothing here touches the file system tree.
 """
 
 from __future__ import annotations
@@ -114,19 +114,22 @@ def _in_process(k: Kernel, proc: Process, rest: list[bytes]) -> ProcNode:
 
 
 def _in_other_vm(k: Kernel, pid: int, rest: list[bytes]) -> ProcNode:
-    """/proc/PID of a process in another VM of the instance: stat, comm, cmdline."""
+    """/proc/PID of a process in another VM of the instance: exe, stat, comm, cmdline."""
     assert k.remote is not None
     info = k.remote.proc_stat(pid)
     if info is None:
         raise GuestError(errno.ENOENT)
-    _, ppid, pgid, sid, state, comm = info
+    _, ppid, pgid, sid, state, comm, exe = info
     if not rest:
-        names = [(b"stat", 3, "file"), (b"comm", 4, "file"), (b"cmdline", 5, "file")]
+        names = [(b"exe", 1, "symlink"), (b"stat", 3, "file"), (b"comm", 4, "file")]
+        names += [(b"cmdline", 5, "file")]
         return ProcNode(
             "dir", _ino(pid, 0), entries=[(n, _ino(pid, i), DT[t]) for n, i, t in names]
         )
     if len(rest) > 1:
-        raise GuestError(errno.ENOTDIR if rest[0] in (b"stat", b"comm") else errno.ENOENT)
+        raise GuestError(errno.ENOTDIR if rest[0] in (b"exe", b"stat", b"comm") else errno.ENOENT)
+    if rest[0] == b"exe":
+        return ProcNode("symlink", _ino(pid, 1), data=exe or b"/")
     if rest[0] == b"stat":
         return ProcNode("file", _ino(pid, 3), data=_stat_text(pid, comm, state, ppid, pgid, sid, 0))
     if rest[0] == b"comm":

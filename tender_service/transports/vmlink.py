@@ -169,17 +169,20 @@ class VmLink:
         self._notify(Frame(Msg.CALL, 0, 0, 0, 0, call_payload(op, args, data)))
 
     # -- /proc of the instance ----------------------------------------------------------
-    def renamed(self, pid: int, name: str) -> None:
-        """``pid`` (of this VM, or leased by it) runs a program of that name now."""
-        self.notify_call("proc_comm", pid, data=name.encode()[:15])
+    def renamed(self, pid: int, name: str, exe: bytes) -> None:
+        """``pid`` (of this VM, or leased by it) runs program ``exe`` under ``name`` now."""
+        self.notify_call("proc_comm", pid, data=name.encode()[:15] + b"\0" + exe)
 
-    def proc_stat(self, pid: int) -> tuple[int, int, int, int, str, str] | None:
-        """(pid, ppid, pgid, sid, state, comm) of a process of another VM; None: no such."""
+    def proc_stat(self, pid: int) -> tuple[int, int, int, int, str, str, bytes] | None:
+        """(pid, ppid, pgid, sid, state, comm, exe) of a process of another VM; None: no such."""
         value, payload = self.call_full("proc_stat", pid)
         if value < 0:
             return None
-        pid_, ppid, pgid, sid, state, comm = json.loads(payload)
-        return int(pid_), int(ppid), int(pgid), int(sid), str(state), str(comm)
+        pid_, ppid, pgid, sid, state, comm, exe = json.loads(payload)
+        return (
+            int(pid_), int(ppid), int(pgid), int(sid), str(state), str(comm),
+            str(exe).encode(errors="surrogateescape"),
+        )  # fmt: skip
 
     def proc_list(self) -> list[int]:
         """Every pid of the instance that /proc lists."""

@@ -101,6 +101,8 @@ def _execve(k: Kernel, lwp: Lwp, dirfd: int, path: int, argv: int, envp: int, fl
         return NORETURN
     replace_program(k, lwp, image, filename, args, env)
     proc.exe = exe
+    if k.remote is not None:
+        k.remote.renamed(proc.pid, proc.name, exe)
     return NORETURN
 
 
@@ -202,8 +204,6 @@ def replace_program(
     k.use_program(proc, Program(filename, base, size, in_pages, 0, spans, image.is_pie))
     proc.brk = base + page_up(image.span)
     proc.name = filename.rsplit(b"/", 1)[-1].decode(errors="replace")
-    if k.remote is not None:
-        k.remote.renamed(proc.pid, proc.name)
     proc.fds.close_cloexec(k)
     signals.reset_on_exec(proc)
     k.delete_ptimers(proc)
