@@ -61,6 +61,7 @@ from comparison.workloads import (
     CAT,
     COLD_PROGRAM,
     COLD_WORKLOAD,
+    EXEC_CHAIN,
     HAZARD_ITEMS,
     SCALE_PROGRAM,
     SEMANTICS_ITEMS,
@@ -146,7 +147,7 @@ class RemoteUnavailable(RuntimeError):
 class RealPrograms:
     """The real-program image and, for native runs, the same binaries in one directory.
 
-    ``image``: one baked image with dash as /bin/sh, our cat and system_loop; ``bindir``:
+    ``image``: one baked image with dash as /bin/sh, our cat, system_loop and exec_chain; ``bindir``:
     those ELFs under their names (natively PATH); ``work``: natively the scripts' $W (in a
     VM, /tmp of the instance's own file system).
     """
@@ -176,6 +177,7 @@ def make_real_programs(top: Path) -> RealPrograms:
         SHELL: thirdparty.dash(),
         CAT: thirdparty.tools()["cat"],
         SYSTEM_LOOP: build_image("system_loop"),
+        EXEC_CHAIN: build_image("exec_chain"),
     }
     bindir, work = top / "bin", top / "work"
     bindir.mkdir()
@@ -792,7 +794,7 @@ def compare_from_args(a) -> Result:
 
     params = Params.make(a.quick, a.runs, getattr(a, "cold_runs", None))
     modes = list(a.modes) if a.modes else list(LOCAL_MODES) + [VMCLONE_REMOTE]
-    workloads = [w for w in WORKLOADS if not a.only or w.key in a.only]
+    workloads = [w for w in WORKLOADS if (w.key in a.only if a.only else w.default)]
     directory = new_report_dir(Path(a.out))
     token = read_token(a.token_file) if a.token_file else os.environ.get("UNIFORK_TOKEN")
     c = Compare(params, modes, workloads, not a.no_memory, not a.no_scaling)

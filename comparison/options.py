@@ -71,7 +71,8 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         choices=[w.key for w in WORKLOADS],
         metavar="WORKLOAD",
-        help="run only these workloads (memory and scaling still run)",
+        help="run only these workloads (memory and scaling still run); exec_chain, "
+        "tmpfs_write and tmpfs_read run only when named here",
     )
     p.add_argument(
         "--modes",

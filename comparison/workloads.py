@@ -93,6 +93,8 @@ class Workload:
     #: (mode, why): modes known not to run this workload (a documented limit); their cell
     #: still runs and shows FAILED with the error, listed apart from the failures
     known_limits: tuple[tuple[str, str], ...] = ()
+    #: in a run without --only; the issue-14 micro-benchmarks (exec, tmpfs) run on request
+    default: bool = True
 
     def args(self, quick: bool) -> tuple[str, ...]:
         return self.quick_args if quick else self.full_args
@@ -127,6 +129,28 @@ def _check_shell_loop(stdout: str) -> None:
     n = int(values(stdout, "iterations")[0])
     if n > 0 and values(stdout, "last") != [n - 1]:
         raise OutputError(f"shell_loop: /tmp/f does not hold {n - 1}: {stdout[-300:]!r}")
+
+
+def _exec_us(o: Outcome) -> list[float]:
+    return values(o.stdout, "exec_us")
+
+
+def _check_exec_chain(stdout: str) -> None:
+    if not values(stdout, "execs")[0] > 0:
+        raise OutputError(f"exec_chain: no execs: {stdout[-300:]!r}")
+
+
+def _write_mib_per_s(o: Outcome) -> list[float]:
+    return values(o.stdout, "write_mib_per_s")
+
+
+def _read_mib_per_s(o: Outcome) -> list[float]:
+    return values(o.stdout, "read_mib_per_s")
+
+
+def _check_fs_bench(stdout: str) -> None:
+    n = int(TMPFS_MIB) << 20
+    _need(f"wrote {n} bytes", f"read {n} bytes")(stdout)
 
 
 def _system_us(o: Outcome) -> list[float]:
@@ -164,6 +188,11 @@ def _check_pipe_bw(stdout: str) -> None:
 #: the real-program image: what the baked workloads run, at these paths
 BAKED = "baked"
 SHELL, CAT, SYSTEM_LOOP = "/bin/sh", "/bin/cat", "/bin/system_loop"
+EXEC_CHAIN = "/bin/exec_chain"
+EXEC_CHAIN_N = (20, 100)
+#: tmpfs throughput: this many MiB written then read in 64 KiB blocks, in /dev/shm (a
+#: tmpfs natively; the instance's tree in a VM, the supervisor's in VM-clone mode)
+TMPFS_MIB = "8"
 SHELL_LOOP_N = (20, 100)  # iterations (quick, full)
 SYSTEM_LOOP_N = (10, 50)
 
@@ -341,6 +370,57 @@ WORKLOADS: tuple[Workload, ...] = (
         ),
         1,
         image=BAKED,
+    ),
+    Workload(
+        "exec_chain",
+        "execve of a static-PIE from the file system, per exec (exec_chain N)",
+        EXEC_CHAIN,
+        (str(EXEC_CHAIN_N[0]),),
+        (str(EXEC_CHAIN_N[1]),),
+        "exec_us",
+        "us",
+        "lower",
+        _exec_us,
+        _check_exec_chain,
+        (
+            "the program execs itself N times (no fork): in-program CLOCK_MONOTONIC from "
+            "before the first execve to the last image's main, / N; each exec loads the ELF "
+            "from the instance's file system (the supervisor's in VM-clone mode) and starts "
+            "musl",
+        ),
+        image=BAKED,
+        default=False,
+    ),
+    Workload(
+        "tmpfs_write",
+        f"tmpfs write, {TMPFS_MIB} MiB in 64 KiB blocks (fs_bench)",
+        "fs_bench",
+        ("/dev/shm/", TMPFS_MIB, "figures"),
+        ("/dev/shm/", TMPFS_MIB, "figures"),
+        "mib_per_s",
+        "MiB/s",
+        "higher",
+        _write_mib_per_s,
+        _check_fs_bench,
+        (
+            "write(2) of 64 KiB blocks to a new file in /dev/shm (natively Linux's tmpfs), "
+            "in-program CLOCK_MONOTONIC; VM-clone: every block goes to the supervisor",
+        ),
+        default=False,
+    ),
+    Workload(
+        "tmpfs_read",
+        f"tmpfs read, {TMPFS_MIB} MiB in 64 KiB blocks (fs_bench)",
+        "fs_bench",
+        ("/dev/shm/", TMPFS_MIB, "figures"),
+        ("/dev/shm/", TMPFS_MIB, "figures"),
+        "mib_per_s",
+        "MiB/s",
+        "higher",
+        _read_mib_per_s,
+        _check_fs_bench,
+        ("read(2), in 64 KiB blocks, of the file the same run just wrote",),
+        default=False,
     ),
 )
 

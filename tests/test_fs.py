@@ -211,6 +211,13 @@ def test_the_supervisor_side_refuses_what_a_vm_may_not_do() -> None:
     assert host.call(2, b'{"m": "stat", "a": [1, {"x": 1}]}')[0] == -errno.EINVAL
     assert host.call(2, b'{"m": "stat", "a": [1, 2.5]}')[0] == -errno.EINVAL
     assert host.call(2, request("stat", (ROOT_INO,)))[0] == -errno.EINVAL  # too few
+    # the raw data path: only bytes-valued methods, only the caller's open file descriptions
+    assert host.call_raw(2, request("read", (opened.ofd, 10, 0))) == (3, b"abc")
+    assert host.call_raw(3, request("read", (opened.ofd, 10, 0)))[0] == -errno.EBADF
+    assert host.call_raw(2, request("open", (ROOT_INO, b"/tmp/g", O_CREAT, 0)))[0] == -errno.ENOSYS
+    assert host.write(2, opened.ofd, 3, b"de") == 2
+    assert host.write(3, opened.ofd, 0, b"x") == -errno.EBADF
+    host.call(2, request("ftruncate", (opened.ofd, 3)))
     assert host.hold(3, opened.ofd, 4) == -errno.EBADF  # pid 3 holds nothing to hand on
     assert host.hold(2, opened.ofd, 3) == 0
     host.call(2, request("unlink", (ROOT_INO, b"/tmp/f")))
@@ -218,3 +225,51 @@ def test_the_supervisor_side_refuses_what_a_vm_may_not_do() -> None:
     assert host.fs.used == 3  # pid 3 still has it open
     host.drop_holder(3)
     assert host.fs.used == 0 and not host.fs.ofds
+
+
+def test_record_locks_split_merge_and_end_with_their_owner() -> None:
+    """fcntl locks as Linux keeps them: per owner ranges, split by an unlock in the
+    middle, merged when they touch, an owner's own locks never conflict; an open file
+    description's flock and F_OFD locks end with it."""
+    from tender_service.rump.fs import F_RDLCK, F_UNLCK, F_WRLCK, LOCK_EX, LOCK_NB, LOCK_SH
+
+    fs = FileSystem()
+    a = fs.open(ROOT_INO, b"/tmp/l", O_CREAT | O_RDWR, 0o644).ofd
+    b = fs.open(ROOT_INO, b"/tmp/l", O_RDWR, 0).ofd
+    fs.write(a, b"x" * 100)
+    fs.lock(a, 2, False, F_WRLCK, 0, 0, 50)
+    fs.lock(a, 2, False, F_UNLCK, 0, 10, 10)  # [0,10) and [20,50) remain
+    assert fs.lock(b, 3, True, F_WRLCK, 0, 10, 10) == (F_UNLCK, 10, 10, 0)
+    assert fs.lock(b, 3, True, F_RDLCK, 0, 0, 0) == (F_WRLCK, 0, 10, 2)
+    assert fs.lock(a, 2, True, F_WRLCK, 0, 0, 0)[0] == F_UNLCK  # its own
+    fs.lock(a, 2, False, F_WRLCK, 0, 10, 10)  # fills the hole: one lock [0,50)
+    assert fs.lock(b, 3, True, F_WRLCK, 0, 49, 0) == (F_WRLCK, 0, 50, 2)
+    assert errno_of(fs.lock, b, 3, False, F_RDLCK, 0, 5, 1) == errno.EAGAIN
+    fs.lock(b, 3, False, F_RDLCK, 0, 50, 0)  # to the end of the file
+    assert fs.lock(a, 2, True, F_WRLCK, 2, 0, 0) == (F_RDLCK, 50, 0, 3)  # SEEK_END: 100
+    assert errno_of(fs.lock, b, 3, False, F_WRLCK, 0, -1, 0) == errno.EINVAL
+    fs.unlock_owner(2)
+    assert fs.lock(b, 3, True, F_WRLCK, 0, 0, 0)[0] == F_UNLCK
+    fs.flock(a, LOCK_SH)
+    fs.flock(b, LOCK_SH)
+    assert errno_of(fs.flock, b, LOCK_EX | LOCK_NB) == errno.EAGAIN
+    assert fs.flocks[fs.ofds[b].node.ino] == {a: LOCK_SH}  # a failed conversion drops it
+    fs.lock(a, -a, False, F_WRLCK, 0, 0, 1)  # an F_OFD lock of a
+    fs.release(a)
+    assert fs.lock(b, 3, True, F_WRLCK, 0, 0, 0)[0] == F_UNLCK
+    fs.flock(b, LOCK_EX | LOCK_NB)
+
+
+def test_chown_records_and_drops_set_id_bits() -> None:
+    from tender_service.rump.fs import NO_ID
+
+    fs = FileSystem()
+    fs.open(ROOT_INO, b"/tmp/o", O_CREAT | O_RDWR, 0o6755)
+    fs.chown(ROOT_INO, b"/tmp/o", 1000, NO_ID)
+    st = fs.stat(ROOT_INO, b"/tmp/o")
+    assert (st.uid, st.gid, st.mode & 0o7777) == (1000, 0, 0o755)
+    fs.symlink(b"o", ROOT_INO, b"/tmp/lo")
+    fs.chown(ROOT_INO, b"/tmp/lo", 5, 6, follow=False)
+    assert fs.stat(ROOT_INO, b"/tmp/lo", follow=False)[-2:] == (5, 6)
+    assert fs.stat(ROOT_INO, b"/tmp/lo")[-2:] == (1000, 0)
+    assert fs.statfs()[0] == fs.size_limit // 4096

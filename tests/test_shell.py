@@ -11,9 +11,11 @@ the outputs compare byte for byte; stderr (which names paths) is not compared.
 Every script runs as natively in VM-clone mode (shm and tcp) and in copy mode
 (issue 18: private memory in one VM, one emulator). In thread mode
 the scripts whose forked children run shell code (subshells, pipelines,
-``$(...)``, ``&``) are expected failures (GAPS): thread fork shares globals and
-the heap with the parent, as docs/semantics.md says; the private-memory fork of
-issue 18 (copy mode) runs them. A case that starts passing shows as XPASS.
+``$(...)``, ``&``) are expected failures (GAPS), by design: thread fork shares
+globals and the heap with the parent (the seed thesis's method, kept as the
+comparison's subject; docs/semantics.md, "Thread fork"), and the private-memory
+fork of issue 18 (copy mode) runs them.  The xfails are strict: a case that
+starts passing fails the run, so the list stays exact.
 The same scripts across two hosts (a netns cluster): tests/test_shell_multihost.py.
 """
 
@@ -202,7 +204,7 @@ def _cases() -> list:
         for mode in MODES:
             marks = _speed(name)
             if (name, mode) in GAPS:
-                marks.append(pytest.mark.xfail(reason=GAPS[(name, mode)], strict=False))
+                marks.append(pytest.mark.xfail(reason=GAPS[(name, mode)], strict=True))
             cases.append(pytest.param(name, mode, marks=marks, id=f"{name}-{mode}"))
     return cases
 

@@ -8,7 +8,9 @@ the new VM a vfork child's exec starts) goes to the less loaded of A and B, so
 an instance's processes run on both hosts, talk over cross-host pipes (tcp)
 and share one file system, which A's supervisor serves.  stdout and the exit
 status must be those of the same script run natively.  Skips, saying why,
-where network namespaces cannot be made or dash cannot be had.
+where network namespaces cannot be made or dash cannot be had.  Copy mode is
+not run here: it keeps every process of an instance in one VM, so it never
+spans two hosts (tests/test_shell.py runs every script in copy mode).
 """
 
 from __future__ import annotations

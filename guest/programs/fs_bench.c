@@ -1,9 +1,11 @@
 /*
  * fs_bench.c — write then read one file in 64 KiB blocks; report how far it got.
  *
- * usage: fs_bench FILE MIB
- * stdout: "wrote N bytes" (or "write stopped: ENOSPC after N bytes"), "read N bytes"
+ * usage: fs_bench FILE MIB [figures]
+ * stdout: "wrote N bytes" (or "write stopped: ENOSPC after N bytes"), "read N bytes";
+ *         with "figures" also write_mib_per_s=X and read_mib_per_s=Y (unifork compare)
  * stderr: write and read MiB/s (timings: for the benchmark, not for tests)
+ * A FILE that ends in '/' is a directory: the file is fs_bench.PID in it.
  */
 #define PROG "fs_bench"
 #include "guest_common.h"
@@ -25,14 +27,20 @@ int main(int argc, char **argv)
 	int fd;
 	double t0, t1, t2;
 
+	static char name[4096];
+
 	top_pid = getpid();
-	if (argc != 3)
-		die("usage: fs_bench FILE MIB");
+	if (argc != 3 && argc != 4)
+		die("usage: fs_bench FILE MIB [figures]");
 	total = atol(argv[2]) << 20;
 	memset(buf, 'x', sizeof buf);
-	fd = open(argv[1], O_CREAT | O_TRUNC | O_RDWR, 0644);
+	if (argv[1][0] && argv[1][strlen(argv[1]) - 1] == '/')
+		snprintf(name, sizeof name, "%sfs_bench.%d", argv[1], (int)getpid());
+	else
+		snprintf(name, sizeof name, "%s", argv[1]);
+	fd = open(name, O_CREAT | O_TRUNC | O_RDWR, 0644);
 	if (fd < 0)
-		die("open %s: %s", argv[1], strerror(errno));
+		die("open %s: %s", name, strerror(errno));
 	t0 = now();
 	while (done < total) {
 		ssize_t n = write(fd, buf, sizeof buf);
@@ -52,7 +60,11 @@ int main(int argc, char **argv)
 	printf("read %ld bytes\n", got);
 	fprintf(stderr, "write %.1f MiB/s read %.1f MiB/s\n", done / 1048576.0 / (t1 - t0),
 		got / 1048576.0 / (t2 - t1));
+	if (argc == 4) {
+		printf("write_mib_per_s=%.3f\n", done / 1048576.0 / (t1 - t0));
+		printf("read_mib_per_s=%.3f\n", got / 1048576.0 / (t2 - t1));
+	}
 	close(fd);
-	unlink(argv[1]);
+	unlink(name);
 	return 0;
 }

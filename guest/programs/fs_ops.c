@@ -1,10 +1,13 @@
 /*
  * fs_ops.c — the file system syscalls of issue 14, each with its result.
  *
- * usage: fs_ops DIR   (DIR must not exist; its parent must: /tmp in a VM, a tmpfs
+ * usage: fs_ops DIR [noowner]
+ *                     (DIR must not exist; its parent must: /tmp in a VM, a tmpfs
  *                      directory natively).  Prints one line per check, nothing
  *                      that depends on where DIR is, inode numbers or times, so
  *                      the output is the same natively and in every fork mode.
+ *                      "noowner" leaves out the chown checks (natively they need
+ *                      root, which the guest always is).
  */
 #define PROG "fs_ops"
 #define _GNU_SOURCE
@@ -13,8 +16,10 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <stdint.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 
@@ -25,6 +30,7 @@ static const char *ename(int e)
 		{ENOTEMPTY, "ENOTEMPTY"}, {ELOOP, "ELOOP"}, {ENAMETOOLONG, "ENAMETOOLONG"},
 		{EACCES, "EACCES"}, {EINVAL, "EINVAL"}, {EBADF, "EBADF"}, {EPERM, "EPERM"},
 		{ESPIPE, "ESPIPE"}, {EXDEV, "EXDEV"}, {ERANGE, "ERANGE"}, {ENOSPC, "ENOSPC"},
+		{EAGAIN, "EAGAIN"},
 	};
 	for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
 		if (names[i].e == e)
@@ -121,6 +127,19 @@ static void opens(void)
 	R("symlink(loop, loop)", symlink("loop", "loop"));
 	R("open(loop, O_RDONLY)", open("loop", O_RDONLY));
 	R("open(loop, O_CREAT)", open("loop", O_CREAT | O_WRONLY, 0644));
+	{
+		/* a path of 10,000 components is longer than PATH_MAX; 2,000 "./" fit */
+		char *p = malloc(20001);
+		for (int i = 0; i < 10000; i++)
+			memcpy(p + 2 * i, "./", 2);
+		p[20000] = 0;
+		R("open(<10,000 components>)", open(p, O_RDONLY));
+		strcpy(p + 2 * 2000, "a");
+		int lf = open(p, O_RDONLY);
+		R("open(<2,000 components>/a)", lf >= 0 ? 0 : -1);
+		close(lf);
+		free(p);
+	}
 	int ap = open("a", O_WRONLY | O_APPEND);
 	R("write(O_APPEND, !)", write(ap, "!", 1));
 	close(ap);
@@ -223,6 +242,51 @@ static void stats(void)
 	stat("/dev/null", &st);
 	printf("stat /dev/null: chr=%d rdev=%u:%u\n", S_ISCHR(st.st_mode),
 	       (unsigned)(st.st_rdev >> 8) & 0xfff, (unsigned)(st.st_rdev & 0xff));
+	struct statfs sf;
+	R("statfs(.)", statfs(".", &sf));
+	printf("statfs .: tmpfs=%d bsize=%ld namelen=%ld free<=total=%d\n",
+	       sf.f_type == 0x01021994, (long)sf.f_bsize, (long)sf.f_namelen,
+	       sf.f_bfree <= sf.f_blocks);
+	int fd2 = open("a", O_RDONLY);
+	R("fstatfs(a)", fstatfs(fd2, &sf));
+	printf("fstatfs a: tmpfs=%d\n", sf.f_type == 0x01021994);
+	close(fd2);
+	R("statfs(/proc)", statfs("/proc", &sf));
+	printf("statfs /proc: proc=%d\n", sf.f_type == 0x9fa0);
+	R("statfs(nope)", statfs("nope", &sf));
+	R("statfs(a/x)", statfs("a/x", &sf));
+}
+
+static void owners(void)
+{
+	struct stat st;
+
+	printf("-- owners\n");
+	put("own", "owned");
+	R("chown(own, 1000, 1001)", chown("own", 1000, 1001));
+	stat("own", &st);
+	printf("uid=%u gid=%u\n", (unsigned)st.st_uid, (unsigned)st.st_gid);
+	R("chown(own, -1, 7)", chown("own", -1, 7));
+	stat("own", &st);
+	printf("uid=%u gid=%u\n", (unsigned)st.st_uid, (unsigned)st.st_gid);
+	symlink("own", "lown");
+	R("lchown(lown, 5, 5)", lchown("lown", 5, 5));
+	lstat("lown", &st);
+	printf("link uid=%u, ", (unsigned)st.st_uid);
+	stat("lown", &st);
+	printf("file uid=%u\n", (unsigned)st.st_uid);
+	R("fchownat(lown, 6, 6, AT_SYMLINK_NOFOLLOW)",
+	  fchownat(AT_FDCWD, "lown", 6, 6, AT_SYMLINK_NOFOLLOW));
+	chmod("own", 06755);
+	int fd = open("own", O_RDONLY);
+	R("fchown(own, 0, 0)", fchown(fd, 0, 0));
+	fstat(fd, &st);
+	printf("after chown of a set-id file: uid=%u mode=%o\n", (unsigned)st.st_uid,
+	       st.st_mode & 07777);
+	close(fd);
+	R("chown(nope)", chown("nope", 0, 0));
+	unlink("lown");
+	unlink("own");
 }
 
 static void dirs(void)
@@ -487,12 +551,149 @@ static void forks(void)
 	close(cx);
 }
 
+static void lock_at(int fd, int cmd, short type, off_t start, off_t len, const char *what)
+{
+	struct flock fl = {.l_type = type, .l_whence = SEEK_SET, .l_start = start, .l_len = len};
+	R(what, fcntl(fd, cmd, &fl));
+}
+
+static void show_lock(int fd, int cmd, off_t start, off_t len, pid_t holder)
+{
+	struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = start, .l_len = len};
+	if (fcntl(fd, cmd, &fl) < 0) {
+		printf("F_GETLK: -1 %s\n", ename(errno));
+		return;
+	}
+	if (fl.l_type == F_UNLCK)
+		printf("F_GETLK [%ld,+%ld): unlocked\n", (long)start, (long)len);
+	else
+		printf("F_GETLK [%ld,+%ld): %s [%ld,+%ld) by %s\n", (long)start, (long)len,
+		       fl.l_type == F_WRLCK ? "write" : "read", (long)fl.l_start, (long)fl.l_len,
+		       fl.l_pid == holder ? "the holder" : fl.l_pid == -1 ? "an OFD lock" : "?");
+}
+
+static void locks(void)
+{
+	int p[2], q[2], status;
+	char c;
+
+	printf("-- locks\n");
+	int fd = open("lk", O_CREAT | O_RDWR | O_TRUNC, 0644);
+	write(fd, "0123456789abcdefghij", 20);
+	lock_at(fd, F_SETLK, F_WRLCK, 0, 10, "F_SETLK write [0,10)");
+	lock_at(fd, F_SETLK, F_RDLCK, 15, 0, "F_SETLK read [15,EOF)");
+	show_lock(fd, F_GETLK, 0, 100, 0); /* one's own locks never conflict */
+	R("flock(LOCK_EX)", flock(fd, LOCK_EX));
+	int ro = open("lk", O_RDONLY);
+	lock_at(ro, F_SETLK, F_WRLCK, 0, 1, "F_SETLK write on an O_RDONLY fd");
+	lock_at(ro, F_GETLK, F_UNLCK, 0, 1, "F_GETLK F_UNLCK");
+	R("flock(bad op)", flock(fd, 0));
+	pipe(p);
+	pipe(q);
+	pid_t me = getpid();
+	pid_t pid = fork();
+	if (pid == 0) {
+		int mine = open("lk", O_RDWR);
+		show_lock(mine, F_GETLK, 0, 100, me);
+		show_lock(mine, F_GETLK, 12, 2, me);
+		show_lock(mine, F_GETLK, 16, 1, me);
+		lock_at(mine, F_SETLK, F_WRLCK, 5, 1, "child F_SETLK write [5,6)");
+		lock_at(mine, F_SETLK, F_RDLCK, 15, 5, "child F_SETLK read [15,20)");
+		lock_at(mine, F_SETLK, F_WRLCK, 10, 5, "child F_SETLK write [10,15)");
+		lock_at(mine, F_OFD_SETLK, F_WRLCK, 0, 1, "child F_OFD_SETLK write [0,1)");
+		R("child flock(new open, LOCK_EX|LOCK_NB)", flock(mine, LOCK_EX | LOCK_NB));
+		R("child flock(inherited fd, LOCK_EX|LOCK_NB)", flock(fd, LOCK_EX | LOCK_NB));
+		write(p[1], "x", 1);
+		/* the parent drops its write lock: this wait ends */
+		lock_at(mine, F_SETLKW, F_WRLCK, 0, 10, "child F_SETLKW write [0,10)");
+		read(q[0], &c, 1);
+		_exit(0);
+	}
+	read(p[0], &c, 1);
+	show_lock(fd, F_GETLK, 10, 5, pid);
+	lock_at(fd, F_SETLK, F_UNLCK, 0, 10, "F_SETLK unlock [0,10)");
+	write(q[1], "x", 1);
+	waitpid(pid, &status, 0);
+	printf("child exit %d\n", WEXITSTATUS(status));
+	show_lock(fd, F_GETLK, 0, 100, 0); /* the child's locks ended with it */
+	/* closing any fd of the file drops the process's record locks (POSIX) */
+	lock_at(fd, F_SETLK, F_WRLCK, 0, 1, "F_SETLK write [0,1)");
+	int other = open("lk", O_RDONLY);
+	close(other);
+	pid = fork();
+	if (pid == 0) {
+		int mine = open("lk", O_RDWR);
+		show_lock(mine, F_GETLK, 0, 1, me);
+		R("child flock(LOCK_SH|LOCK_NB) while the parent's LOCK_EX holds",
+		  flock(mine, LOCK_SH | LOCK_NB));
+		_exit(0);
+	}
+	waitpid(pid, &status, 0);
+	R("flock(LOCK_UN)", flock(fd, LOCK_UN));
+	int again = open("lk", O_RDONLY);
+	R("flock(another open, LOCK_SH|LOCK_NB)", flock(again, LOCK_SH | LOCK_NB));
+	close(again);
+	close(ro);
+	close(fd);
+	close(p[0]);
+	close(p[1]);
+	close(q[0]);
+	close(q[1]);
+	unlink("lk");
+}
+
+static void procs(void)
+{
+	int p[2], status;
+	char c, path[64], buf[512];
+
+	printf("-- /proc of another process\n");
+	pipe(p);
+	pid_t pid = fork();
+	if (pid == 0) {
+		close(p[1]);
+		read(p[0], &c, 1); /* asleep until the parent has looked */
+		_exit(0);
+	}
+	snprintf(path, sizeof path, "/proc/%d/stat", pid);
+	int fd = open(path, O_RDONLY);
+	ssize_t n = fd < 0 ? -1 : read(fd, buf, sizeof buf - 1);
+	buf[n < 0 ? 0 : n] = 0;
+	int cpid = 0, ppid = 0;
+	char comm[64] = "", state = '?';
+	sscanf(buf, "%d %63s %c %d", &cpid, comm, &state, &ppid);
+	printf("child's stat: pid ok=%d comm ok=%d ppid ok=%d\n", cpid == pid,
+	       strncmp(comm, "(fs_ops", 7) == 0, ppid == getpid());
+	close(fd);
+	DIR *d = opendir("/proc");
+	struct dirent *e;
+	int seen = 0;
+	while (d && (e = readdir(d)))
+		if (atoi(e->d_name) == pid)
+			seen = 1;
+	if (d)
+		closedir(d);
+	printf("/proc lists the child: %d\n", seen);
+	char mine[512], its[512];
+	snprintf(path, sizeof path, "/proc/%d/exe", pid);
+	ssize_t a = readlink("/proc/self/exe", mine, sizeof mine - 1);
+	ssize_t b = readlink(path, its, sizeof its - 1);
+	printf("the child's exe is ours: %d\n", a > 0 && a == b && memcmp(mine, its, a) == 0);
+	snprintf(path, sizeof path, "/proc/%d/stat", pid);
+	struct stat st;
+	R("stat(/proc/CHILD)", stat(path, &st));
+	close(p[0]);
+	close(p[1]);
+	waitpid(pid, &status, 0);
+	R("open(/proc/CHILD/stat) once reaped", open(path, O_RDONLY));
+}
+
 int main(int argc, char **argv)
 {
 	top_pid = getpid();
 	setvbuf(stdout, NULL, _IONBF, 0);
-	if (argc != 2)
-		die("usage: fs_ops DIR");
+	if (argc != 2 && argc != 3)
+		die("usage: fs_ops DIR [noowner]");
 	if (mkdir(argv[1], 0755) < 0 || chdir(argv[1]) < 0)
 		die("cannot make and enter %s: %s", argv[1], strerror(errno));
 	opens();
@@ -504,7 +705,11 @@ int main(int argc, char **argv)
 	fds();
 	maps();
 	devproc();
+	if (argc == 2)
+		owners();
 	forks();
+	locks();
+	procs();
 	list(".");
 	printf("done\n");
 	return 0;

@@ -115,5 +115,8 @@ class VmCloneFork:
         except SnapshotError as e:
             raise GuestError(errno.ENOMEM, str(e)) from e
         self.host.start_child(proc.pid, snap)
+        if k.remote is not None:
+            name = execfn.rsplit(b"/", 1)[-1].decode(errors="replace")
+            k.remote.renamed(proc.pid, name, proc.exe)
         k.leave_vm(proc)
         k.add_remote_child(parent, proc.pid)

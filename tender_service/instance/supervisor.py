@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 INIT_PID = 1
 MAIN_PID = 2
-_DATA_OPS = {"pipe_create", "fs"}
+_DATA_OPS = {"pipe_create", "fs", "fs_raw", "fs_write", "proc_comm"}
 #: places tried for a VM; each try is another place (a dead one is marked down), so no
 #: backoff: waiting would only delay the launch
 PLACEMENT_TRIES = 3
@@ -118,6 +118,10 @@ class ProcRec:
     #: exec'd (one may have killed it): the VM's messages are served until it ends, and
     #: what the VM holds (pipe ends, files, memory) is given back only then
     hosting: bool = False
+    #: the program's name (/proc/PID/stat's comm): argv[0]'s at start, the parent's at
+    #: fork, the new program's at exec (the VM tells)
+    comm: str = ""
+    exe: str = ""  # its /proc/PID/exe
 
     @property
     def alive(self) -> bool:
@@ -229,6 +233,8 @@ class Supervisor:
         # in init's group and session, as in a thread-fork VM (rump.kernel._spawn_main)
         rec = self._new_proc(MAIN_PID, INIT_PID, INIT_PID, INIT_PID)
         rec.reserved = reserved
+        rec.comm = argv0.rsplit("/", 1)[-1][:15]
+        rec.exe = argv0 if argv0.startswith("/") else "/" + argv0.rsplit("/", 1)[-1]
         image = Path(image_path).read_bytes()
         digest = hashlib.sha256(image).hexdigest()
         error: Exception | None = None
@@ -606,9 +612,11 @@ class Supervisor:
 
     def _call(self, rec: ProcRec, payload: bytes) -> tuple[int, bytes]:
         try:
-            req = json.loads(payload)
+            head, _, data = payload.partition(b"\n")  # vmlink.call_payload: JSON, data
+            req = json.loads(head)
             op, args = str(req["op"]), [int(a) for a in req["args"]]
-            data = base64.b64decode(req.get("data", ""), validate=True)
+            if "data" in req:  # the older form: base64 inside the JSON
+                data = base64.b64decode(req["data"], validate=True)
         except (ValueError, KeyError, TypeError):
             return -errno.EINVAL, b""
         fn = getattr(self, f"_op_{op}", None)
@@ -626,7 +634,7 @@ class Supervisor:
             return -errno.EAGAIN, b""
         pid = self._next_pid
         child = self._new_proc(pid, rec.pid, rec.pgid, rec.sid)
-        child.leased_by = rec.pid
+        child.leased_by, child.comm, child.exe = rec.pid, rec.comm, rec.exe
         try:
             worker = self._place(rec)
         except Exception as e:
@@ -843,8 +851,37 @@ class Supervisor:
         except ValueError:
             return -errno.EBADF
 
+    def _op_proc_comm(self, rec: ProcRec, pid: int, data: bytes) -> int:
+        """A process of ``rec``'s VM (or one it leased) runs a new program."""
+        target = self.procs.get(pid)
+        if target is None or rec.pid not in (target.pid, target.leased_by):
+            return -errno.ESRCH
+        name, _, exe = data.partition(b"\0")
+        target.comm = name[:15].decode(errors="replace")
+        target.exe = exe.decode(errors="surrogateescape")
+        return 0
+
+    def _op_proc_stat(self, rec: ProcRec, pid: int) -> tuple[int, bytes]:
+        """/proc/PID/stat of a process in another VM: what the instance's table knows."""
+        r = self.procs.get(pid)
+        if r is None or r.state == "reaped":
+            return -errno.ENOENT, b""
+        state = "Z" if r.state == "zombie" else "S"
+        info = [r.pid, r.ppid, r.pgid, r.sid, state, r.comm or "?", r.exe]
+        return 0, json.dumps(info).encode()
+
+    def _op_proc_list(self, rec: ProcRec) -> tuple[int, bytes]:
+        """The pids /proc lists: every process of the instance not yet reaped."""
+        return 0, json.dumps(sorted(r.pid for r in self._members())).encode()
+
     def _op_fs(self, rec: ProcRec, data: bytes) -> tuple[int, bytes]:
         return self.fs.call(rec.pid, data)
+
+    def _op_fs_raw(self, rec: ProcRec, data: bytes) -> tuple[int, bytes]:
+        return self.fs.call_raw(rec.pid, data)
+
+    def _op_fs_write(self, rec: ProcRec, ofd: int, offset: int, data: bytes) -> int:
+        return self.fs.write(rec.pid, ofd, offset, data)
 
     def _op_fs_hold(self, rec: ProcRec, ofd: int, child: int) -> int:
         target = self.procs.get(child)

@@ -25,6 +25,8 @@ class FdTable:
     def __init__(self, limit: int = DEFAULT_NOFILE) -> None:
         self.entries: dict[int, FdEntry] = {}
         self.limit = limit
+        #: the pid whose table this is (its fcntl record locks go with any close)
+        self.owner = 0
 
     def get(self, fd: int) -> File:
         e = self.entries.get(fd)
@@ -57,6 +59,7 @@ class FdTable:
         e = self.entries.pop(fd, None)
         if e is None:
             raise GuestError(errno.EBADF)
+        e.file.closed_by(k, self.owner)
         drop(k, e.file)
 
     def dup_to(self, k: Kernel, oldfd: int, newfd: int, cloexec: bool = False) -> int:
@@ -67,6 +70,7 @@ class FdTable:
         old = self.entries.pop(newfd, None)
         self.entries[newfd] = FdEntry(f, cloexec)
         if old is not None:
+            old.file.closed_by(k, self.owner)
             drop(k, old.file)
         return newfd
 
@@ -85,6 +89,7 @@ class FdTable:
     def close_all(self, k: Kernel) -> None:
         entries, self.entries = self.entries, {}
         for e in entries.values():
+            e.file.closed_by(k, self.owner)
             drop(k, e.file)
 
 

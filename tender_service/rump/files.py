@@ -121,6 +121,9 @@ class File:
     def release(self, k: Kernel) -> None:
         """The last fd referring to this file was closed."""
 
+    def closed_by(self, k: Kernel, pid: int) -> None:
+        """Process ``pid`` closed one fd of this file (POSIX record locks end)."""
+
     def describe(self) -> str:
         return self.kind
 
@@ -303,6 +306,12 @@ class FsFile(File):
 
     def release(self, k: Kernel) -> None:
         self.tree.release(self.ofd)
+
+    def closed_by(self, k: Kernel, pid: int) -> None:
+        key = (pid, self.ino)
+        if key in k.fs.record_locks:
+            k.fs.record_locks.discard(key)
+            self.tree.unlock_owner(pid, self.ino)
 
     def describe(self) -> str:
         return f"{self.kind} (inode {self.ino})"

@@ -57,6 +57,20 @@ SEEK_SET, SEEK_CUR, SEEK_END = 0, 1, 2
 DEVICES = {"null": 0x103, "zero": 0x105, "urandom": 0x109, "random": 0x108, "tty": 0x500}
 DEV_ID = 0x2A  # st_dev of every inode (one file system)
 DIRENT = struct.Struct("<QqHB")  # linux_dirent64 header: ino, off, reclen, type
+S_ISUID, S_ISGID, S_IXGRP = 0o4000, 0o2000, 0o010
+NO_ID = 0xFFFF_FFFF  # chown's "leave it" (-1 as a uid_t)
+LOCK_SH, LOCK_EX, LOCK_NB, LOCK_UN, LOCK_MAND = 1, 2, 4, 8, 32
+F_RDLCK, F_WRLCK, F_UNLCK = 0, 1, 2
+OFFSET_END = 1 << 63  # a record lock "to the end of the file" (l_len 0)
+
+
+class Lock(NamedTuple):
+    """A record lock (fcntl): ``owner`` a pid (F_SETLK), or -ofd (F_OFD_SETLK)."""
+
+    owner: int
+    start: int
+    end: int  # exclusive; OFFSET_END: to the end of the file, however it grows
+    type: int  # F_RDLCK or F_WRLCK
 
 
 class Stat(NamedTuple):
@@ -71,6 +85,8 @@ class Stat(NamedTuple):
     mtime: int
     ctime: int
     dev: int = DEV_ID
+    uid: int = 0
+    gid: int = 0
 
     @property
     def blocks(self) -> int:
@@ -94,6 +110,8 @@ class Inode:
     atime: int = 0
     mtime: int = 0
     ctime: int = 0
+    uid: int = 0  # chown: recorded (everyone is root, so nothing checks them)
+    gid: int = 0
 
     def stat(self) -> Stat:
         size = len(self.target) if self.kind == SYMLINK else len(self.data)
@@ -108,6 +126,9 @@ class Inode:
             self.atime,
             self.mtime,
             self.ctime,
+            DEV_ID,
+            self.uid,
+            self.gid,
         )
 
 
@@ -145,6 +166,9 @@ class FileSystem:
         self._next_ino = ROOT_INO
         self._next_ofd = 1
         self._lock = threading.RLock()
+        #: advisory locks by inode: flock's per open file description, fcntl's ranges
+        self.flocks: dict[int, dict[int, int]] = {}
+        self.locks: dict[int, list[Lock]] = {}
         self.root = self._new(DIR, 0o755)
         self.root.nlink = 2
         if rootfs is not None:
@@ -154,6 +178,8 @@ class FileSystem:
             if name not in self.root.children:
                 self._mkdir_in(self.root, name, mode)
         dev = self.root.children[b"dev"]
+        if b"shm" not in dev.children:  # Linux's tmpfs for shm_open and scratch files
+            self._mkdir_in(dev, b"shm", 0o1777)
         for device in ("null", "zero", "urandom", "random", "tty"):
             if device.encode() not in dev.children:
                 node = self._new(CHR, 0o666)
@@ -381,6 +407,8 @@ class FileSystem:
             f.holders -= 1
             if f.holders == 0:
                 del self.ofds[ofd]
+                self._drop_flock(f.node.ino, ofd)
+                self._carve(f.node.ino, -ofd, 0, OFFSET_END)  # its F_OFD_SETLK locks
                 f.node.opens -= 1
                 self._forget(f.node)
 
@@ -686,6 +714,161 @@ class FileSystem:
                 raise GuestError(errno.ENOENT)
             return self._path_of_dir(node)
 
+    # -- owners, space, advisory locks ------------------------------------------------
+    def chown(self, base: int, path: bytes, uid: int, gid: int, follow: bool = True) -> None:
+        """chown/lchown/fchownat as root: recorded; NO_ID keeps one."""
+        with self._lock:
+            self._set_owner(self._lookup(base, path, follow), uid, gid)
+
+    def fchown(self, ofd: int, uid: int, gid: int) -> None:
+        with self._lock:
+            self._set_owner(self._ofd(ofd).node, uid, gid)
+
+    @staticmethod
+    def _set_owner(node: Inode, uid: int, gid: int) -> None:
+        if uid != NO_ID:
+            node.uid = uid
+        if gid != NO_ID:
+            node.gid = gid
+        if node.kind not in (DIR, SYMLINK):  # Linux drops set-id bits, even for root
+            node.mode &= ~S_ISUID
+            if node.mode & S_IXGRP:
+                node.mode &= ~S_ISGID
+        node.ctime = time.time_ns()
+
+    def statfs(self) -> tuple[int, int, int, int]:
+        """(blocks, free blocks, inodes, free inodes) of the writable layer, 4 KiB blocks."""
+        with self._lock:
+            blocks = self.size_limit // 4096
+            free = max(0, self.size_limit - self.used) // 4096
+            files = max(len(self.inodes), blocks)
+            return blocks, free, files, files - len(self.inodes)
+
+    def flock(self, ofd: int, op: int) -> None:
+        """flock(2) on an open file description: EAGAIN (EWOULDBLOCK) on conflict; the
+        caller waits and retries unless LOCK_NB.  A conversion drops the old lock first,
+        as Linux does."""
+        with self._lock:
+            f = self._ofd(ofd)
+            if op & LOCK_MAND:
+                return  # Linux 5.15 on: accepted and ignored (with a warning)
+            kind = op & ~LOCK_NB
+            if kind not in (LOCK_SH, LOCK_EX, LOCK_UN):
+                raise GuestError(errno.EINVAL)
+            held = self.flocks.setdefault(f.node.ino, {})
+            if kind == LOCK_UN or held.get(ofd) != kind:
+                self._drop_flock(f.node.ino, ofd)
+            if kind == LOCK_UN:
+                return
+            others = [t for o, t in held.items() if o != ofd]
+            if LOCK_EX in others or (kind == LOCK_EX and others):
+                raise GuestError(errno.EAGAIN)
+            self.flocks.setdefault(f.node.ino, {})[ofd] = kind
+
+    def _drop_flock(self, ino: int, ofd: int) -> None:
+        held = self.flocks.get(ino)
+        if held is not None:
+            held.pop(ofd, None)
+            if not held:
+                del self.flocks[ino]
+
+    def lock(
+        self, ofd: int, owner: int, get: bool, ltype: int, whence: int, start: int, length: int
+    ) -> tuple[int, int, int, int]:
+        """fcntl's record locks (F_GETLK/F_SETLK, F_OFD_*): ``owner`` a pid, or -ofd.
+
+        Returns (type, start, len, owner) of the first conflicting lock (F_UNLCK if
+        none); a set that conflicts is EAGAIN (the caller waits for F_SETLKW).
+        """
+        with self._lock:
+            f = self._ofd(ofd)
+            if ltype not in (F_RDLCK, F_WRLCK, F_UNLCK) or (get and ltype == F_UNLCK):
+                raise GuestError(errno.EINVAL)
+            acc = f.flags & O_ACCMODE
+            if not get and (
+                (ltype == F_RDLCK and acc == O_WRONLY) or (ltype == F_WRLCK and acc == O_RDONLY)
+            ):
+                raise GuestError(errno.EBADF)
+            s, e = self._range(f, whence, start, length)
+            ino = f.node.ino
+            for held in self.locks.get(ino, []):
+                if (
+                    held.owner != owner
+                    and held.start < e
+                    and s < held.end
+                    and F_WRLCK in (held.type, ltype)
+                    and ltype != F_UNLCK
+                ):
+                    if not get:
+                        raise GuestError(errno.EAGAIN)
+                    n = 0 if held.end == OFFSET_END else held.end - held.start
+                    return held.type, held.start, n, held.owner
+            if not get:
+                self._carve(ino, owner, s, e)
+                if ltype != F_UNLCK:
+                    self._add_lock(ino, Lock(owner, s, e, ltype))
+            return F_UNLCK, s, 0 if e == OFFSET_END else e - s, 0
+
+    @staticmethod
+    def _range(f: OpenFile, whence: int, start: int, length: int) -> tuple[int, int]:
+        if whence == SEEK_SET:
+            base = 0
+        elif whence == SEEK_CUR:
+            base = f.offset
+        elif whence == SEEK_END:
+            base = len(f.node.data)
+        else:
+            raise GuestError(errno.EINVAL)
+        s = base + start
+        if length < 0:
+            s, e = s + length, s
+        else:
+            e = OFFSET_END if length == 0 else s + length
+        if s < 0 or e > OFFSET_END:
+            raise GuestError(errno.EINVAL)
+        return s, e
+
+    def _carve(self, ino: int, owner: int, s: int, e: int) -> None:
+        """Take [s, e) out of ``owner``'s locks on ``ino`` (split what straddles it)."""
+        held = self.locks.get(ino)
+        if not held:
+            return
+        out: list[Lock] = []
+        for lk in held:
+            if lk.owner != owner or lk.end <= s or lk.start >= e:
+                out.append(lk)
+                continue
+            if lk.start < s:
+                out.append(lk._replace(end=s))
+            if lk.end > e:
+                out.append(lk._replace(start=e))
+        if out:
+            self.locks[ino] = out
+        else:
+            del self.locks[ino]
+
+    def _add_lock(self, ino: int, new: Lock) -> None:
+        keep: list[Lock] = []
+        for lk in self.locks.get(ino, []):  # merge with the owner's touching locks of a type
+            if (
+                lk.owner == new.owner
+                and lk.type == new.type
+                and lk.end >= new.start
+                and lk.start <= new.end
+            ):
+                new = new._replace(start=min(lk.start, new.start), end=max(lk.end, new.end))
+            else:
+                keep.append(lk)
+        keep.append(new)
+        self.locks[ino] = keep
+
+    def unlock_owner(self, owner: int, ino: int = 0) -> None:
+        """Drop ``owner``'s record locks on ``ino`` (every inode if 0): a process closed
+        an fd of the file, or ended (POSIX locks are the process's, as Linux)."""
+        with self._lock:
+            for i in [ino] if ino else list(self.locks):
+                self._carve(i, owner, 0, OFFSET_END)
+
     def open_exec(
         self, base: int, path: bytes, follow: bool = True, offset: int = 0, n: int = -1
     ) -> tuple[bytes, bytes]:
@@ -707,6 +890,10 @@ class FileSystem:
             where = self._path_of_dir(parent)
             full = where.rstrip(b"/") + b"/" + name
             return _part(node.data, offset, n), full
+
+    def exec_part(self, base: int, path: bytes, follow: bool, offset: int, n: int) -> bytes:
+        """A part of what ``open_exec`` returns (a remote caller's chunks)."""
+        return self.open_exec(base, path, follow, offset, n)[0]
 
     def exec_ofd(self, ofd: int, offset: int = 0, n: int = -1) -> bytes:
         """The contents of an open file execveat(fd, "", AT_EMPTY_PATH) may run."""

@@ -88,6 +88,16 @@ class RemoteHost(Protocol):
 
     def idle(self, blocked: list[str]) -> None: ...
 
+    def renamed(self, pid: int, name: str, exe: bytes) -> None:
+        """``pid`` execs program ``exe`` under ``name`` (the instance's /proc shows it)."""
+
+    def proc_stat(self, pid: int) -> tuple[int, int, int, int, str, str, bytes] | None:
+        """(pid, ppid, pgid, sid, state, comm, exe) of a process of another VM, or None."""
+
+    def proc_list(self) -> list[int]:
+        """Every pid of the instance that /proc lists."""
+        return []
+
 
 class Kernel(ProcessTable):
     """One VM: machine + bmk + rump.  Build it, then call :meth:`run` once."""

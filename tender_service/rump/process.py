@@ -132,6 +132,7 @@ class Process:
     core_limit: tuple[int, int] = (0, 2**64 - 1)
 
     def __post_init__(self) -> None:
+        self.fds.owner = self.pid
         self.child_wq = WaitQueue(f"wait:{self.pid}")
         self.signal_wq = WaitQueue(f"signal:{self.pid}")
         self.stop_wq = WaitQueue(f"stopped:{self.pid}")

@@ -2,8 +2,10 @@
 
 Built from the kernel's process table when a path is opened or stat'ed: a
 file's contents are a snapshot taken at open, as Linux's seq files are at
-first read.  Only this VM's processes are visible (in VM-clone mode each VM
-sees itself).  Nothing here touches the instance's file system tree.
+first read.  In VM-clone mode the instance's other processes live in other
+VMs: /proc lists them and ``/proc/PID/{stat,comm,cmdline}`` describe them from
+the supervisor's process table (``RemoteHost.proc_stat``), and ``exe`` names
+their program; their ``fd`` is not served (ENOENT).  Nothing here touches the file system tree.
 """
 
 from __future__ import annotations
@@ -58,9 +60,11 @@ def _ino(pid: int, n: int) -> int:
 def lookup(k: Kernel, lwp: Lwp, parts: list[bytes], follow: bool = True) -> ProcNode:
     """The node ``/proc/<parts>`` names for the calling process, or ENOENT."""
     if not parts:
-        pids = sorted(p.pid for p in k.procs.values() if p.state is not ProcState.REAPED)
+        pids = {p.pid for p in k.procs.values() if p.state is not ProcState.REAPED and not p.remote}
+        if k.remote is not None:
+            pids |= set(k.remote.proc_list())
         entries = [(b"self", _ino(0, 1), DT["symlink"])]
-        entries += [(str(pid).encode(), _ino(pid, 0), DT["dir"]) for pid in pids]
+        entries += [(str(pid).encode(), _ino(pid, 0), DT["dir"]) for pid in sorted(pids)]
         return ProcNode("dir", PROC_INO_BASE, entries=entries)
     head, rest = parts[0], parts[1:]
     if head == b"self":
@@ -69,6 +73,8 @@ def lookup(k: Kernel, lwp: Lwp, parts: list[bytes], follow: bool = True) -> Proc
         proc = lwp.proc
     elif head.isdigit():
         found = k.procs.get(int(head))
+        if (found is None or found.remote) and k.remote is not None:
+            return _in_other_vm(k, int(head), rest)
         if found is None or found.state is ProcState.REAPED:
             raise GuestError(errno.ENOENT)
         proc = found
@@ -107,6 +113,32 @@ def _in_process(k: Kernel, proc: Process, rest: list[bytes]) -> ProcNode:
     raise GuestError(errno.ENOENT)
 
 
+def _in_other_vm(k: Kernel, pid: int, rest: list[bytes]) -> ProcNode:
+    """/proc/PID of a process in another VM of the instance: exe, stat, comm, cmdline."""
+    assert k.remote is not None
+    info = k.remote.proc_stat(pid)
+    if info is None:
+        raise GuestError(errno.ENOENT)
+    _, ppid, pgid, sid, state, comm, exe = info
+    if not rest:
+        names = [(b"exe", 1, "symlink"), (b"stat", 3, "file"), (b"comm", 4, "file")]
+        names += [(b"cmdline", 5, "file")]
+        return ProcNode(
+            "dir", _ino(pid, 0), entries=[(n, _ino(pid, i), DT[t]) for n, i, t in names]
+        )
+    if len(rest) > 1:
+        raise GuestError(errno.ENOTDIR if rest[0] in (b"exe", b"stat", b"comm") else errno.ENOENT)
+    if rest[0] == b"exe":
+        return ProcNode("symlink", _ino(pid, 1), data=exe or b"/")
+    if rest[0] == b"stat":
+        return ProcNode("file", _ino(pid, 3), data=_stat_text(pid, comm, state, ppid, pgid, sid, 0))
+    if rest[0] == b"comm":
+        return ProcNode("file", _ino(pid, 4), data=comm.encode()[:15] + b"\n")
+    if rest[0] == b"cmdline":
+        return ProcNode("file", _ino(pid, 5), data=comm.encode() + b"\0")
+    raise GuestError(errno.ENOENT)
+
+
 def fd_entries(proc: Process) -> list[tuple[bytes, int, int]]:
     base = _ino(proc.pid, 8)
     return [(str(fd).encode(), base + fd, DT["symlink"]) for fd in sorted(proc.fds.entries)]
@@ -134,16 +166,19 @@ def stat_line(k: Kernel, proc: Process) -> bytes:
         state = "R"
     else:
         state = "S"
-    fields = [proc.ppid, proc.pgid, proc.sid, 0, -1, 0x400000]  # ppid .. flags
+    vsize = sum(proc.mmaps.values())
+    return _stat_text(proc.pid, proc.name, state, proc.ppid, proc.pgid, proc.sid, vsize)
+
+
+def _stat_text(
+    pid: int, name: str, state: str, ppid: int, pgid: int, sid: int, vsize: int
+) -> bytes:
+    fields = [ppid, pgid, sid, 0, -1, 0x400000]  # ppid .. flags
     fields += [0] * 13  # minflt .. itrealvalue, with priority 20 and num_threads below
     fields[13], fields[15] = 20, 1  # priority, num_threads (fields 18, 20)
-    fields += [0, sum(proc.mmaps.values()), 0]  # starttime, vsize, rss
+    fields += [0, vsize, 0]  # starttime, vsize, rss
     fields += [0] * (52 - 3 - len(fields))
-    return (
-        f"{proc.pid} ({proc.name[:15]}) {state} ".encode()
-        + " ".join(map(str, fields)).encode()
-        + b"\n"
-    )
+    return f"{pid} ({name[:15]}) {state} ".encode() + " ".join(map(str, fields)).encode() + b"\n"
 
 
 class ProcFile(File):

@@ -17,7 +17,13 @@ from typing import cast
 
 from tender_service.machine.errors import GuestError
 from tender_service.rump.fs import FileSystem, Opened
-from tender_service.transports.remote_fs import METHODS, OFD_METHODS, encode, parse_request
+from tender_service.transports.remote_fs import (
+    METHODS,
+    OFD_METHODS,
+    RAW_METHODS,
+    encode,
+    parse_request,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,27 +36,49 @@ class FsHost:
 
     def call(self, pid: int, data: bytes) -> tuple[int, bytes]:
         """One ``fs`` call of the VM of ``pid``: (0, JSON result) or (-errno, b"")."""
+        value, result = self._run(pid, data, METHODS)
+        if value < 0:
+            return value, b""
+        if isinstance(result, Opened) and result.ofd:
+            self.holds.setdefault(pid, Counter())[result.ofd] += 1
+        return 0, json.dumps(encode(result)).encode()
+
+    def call_raw(self, pid: int, data: bytes) -> tuple[int, bytes]:
+        """One ``fs_raw`` call (a method whose result is bytes): (its length, the bytes)."""
+        value, result = self._run(pid, data, RAW_METHODS)
+        if value < 0:
+            return value, b""
+        out = bytes(cast(bytes, result))
+        return len(out), out
+
+    def write(self, pid: int, ofd: int, offset: int, data: bytes) -> int:
+        """One ``fs_write`` call: bytes written, or -errno."""
+        if not self.holds.get(pid, Counter())[ofd]:
+            return -errno.EBADF
+        try:
+            return self.fs.write(ofd, data, offset)
+        except GuestError as e:
+            return -e.errno
+
+    def _run(self, pid: int, data: bytes, allowed: frozenset[str]) -> tuple[int, object]:
         try:
             method, args = parse_request(data)
         except (ValueError, KeyError, TypeError) as e:
             log.warning("pid %d: bad fs request: %s", pid, e)
-            return -errno.EINVAL, b""
-        if method not in METHODS:
-            return -errno.ENOSYS, b""
+            return -errno.EINVAL, None
+        if method not in allowed:
+            return -errno.ENOSYS, None
         if method in OFD_METHODS and not (
             args and self.holds.get(pid, Counter())[cast(int, args[0])]
         ):
-            return -errno.EBADF, b""  # not one of this VM's open file descriptions
+            return -errno.EBADF, None  # not one of this VM's open file descriptions
         try:
-            result = getattr(self.fs, method)(*args)
+            return 0, getattr(self.fs, method)(*args)
         except GuestError as e:
-            return -e.errno, b""
+            return -e.errno, None
         except (TypeError, ValueError, IndexError) as e:  # wrong arguments from a VM
             log.warning("pid %d: bad fs %s request: %s", pid, method, e)
-            return -errno.EINVAL, b""
-        if isinstance(result, Opened) and result.ofd:
-            self.holds.setdefault(pid, Counter())[result.ofd] += 1
-        return 0, json.dumps(encode(result)).encode()
+            return -errno.EINVAL, None
 
     def hold(self, pid: int, ofd: int, holder: int) -> int:
         """``pid`` forks ``holder``, which inherits ``ofd``."""
@@ -75,3 +103,4 @@ class FsHost:
         for ofd, n in self.holds.pop(pid, Counter()).items():
             for _ in range(n):
                 self.fs.release(ofd)
+        self.fs.unlock_owner(pid)  # its record locks, had it not closed its fds

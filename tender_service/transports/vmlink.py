@@ -10,7 +10,6 @@ by the VM thread.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import errno
 import itertools
@@ -165,11 +164,30 @@ class VmLink:
             Frame(Msg.IDLE, 0, 0, 0, self.events_done, "\n".join(blocked).encode()[:MAX_PAYLOAD])
         )
 
-    def notify_call(self, op: str, *args: int) -> None:
+    def notify_call(self, op: str, *args: int, data: bytes = b"") -> None:
         """A request whose answer nobody waits for (request number 0)."""
-        self._notify(
-            Frame(Msg.CALL, 0, 0, 0, 0, json.dumps({"op": op, "args": list(args)}).encode())
-        )
+        self._notify(Frame(Msg.CALL, 0, 0, 0, 0, call_payload(op, args, data)))
+
+    # -- /proc of the instance ----------------------------------------------------------
+    def renamed(self, pid: int, name: str, exe: bytes) -> None:
+        """``pid`` (of this VM, or leased by it) runs program ``exe`` under ``name`` now."""
+        self.notify_call("proc_comm", pid, data=name.encode()[:15] + b"\0" + exe)
+
+    def proc_stat(self, pid: int) -> tuple[int, int, int, int, str, str, bytes] | None:
+        """(pid, ppid, pgid, sid, state, comm, exe) of a process of another VM; None: no such."""
+        value, payload = self.call_full("proc_stat", pid)
+        if value < 0:
+            return None
+        pid_, ppid, pgid, sid, state, comm, exe = json.loads(payload)
+        return (
+            int(pid_), int(ppid), int(pgid), int(sid), str(state), str(comm),
+            str(exe).encode(errors="surrogateescape"),
+        )  # fmt: skip
+
+    def proc_list(self) -> list[int]:
+        """Every pid of the instance that /proc lists."""
+        value, payload = self.call_full("proc_list")
+        return [int(p) for p in json.loads(payload)] if value >= 0 else []
 
     def call(self, op: str, *args: int) -> int:
         """A synchronous request the supervisor answers at once."""
@@ -180,11 +198,8 @@ class VmLink:
         c = _Call()
         with self._lock:
             self._calls[req] = c
-        body = {"op": op, "args": list(args)}
-        if data:
-            body["data"] = base64.b64encode(data).decode()
         try:
-            self._send(Frame(Msg.CALL, 0, req, 0, 0, json.dumps(body).encode()))
+            self._send(Frame(Msg.CALL, 0, req, 0, 0, call_payload(op, args, data)))
             if not c.event.wait(CALL_TIMEOUT):
                 raise GuestError(errno.ETIMEDOUT, f"supervisor did not answer {op}")
         finally:
@@ -431,6 +446,14 @@ class VmLink:
         lwp.remote_result = (f.arg, f.payload, f.flags)
         assert self.kernel is not None  # only an attached link has calls pending
         self.kernel.sched.make_runnable(lwp.thread)
+
+
+def call_payload(op: str, args: tuple[int, ...], data: bytes = b"") -> bytes:
+    """A CALL frame's payload: the request as one JSON line, then the data as it is
+    (no base64: file writes are the bulk of it; the supervisor splits at the newline,
+    which JSON never holds unescaped)."""
+    head = json.dumps({"op": op, "args": list(args)}).encode()
+    return head + b"\n" + data if data else head
 
 
 def _signal_target(k: Kernel, pid: int) -> Process | None:

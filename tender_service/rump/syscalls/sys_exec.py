@@ -101,6 +101,8 @@ def _execve(k: Kernel, lwp: Lwp, dirfd: int, path: int, argv: int, envp: int, fl
         return NORETURN
     replace_program(k, lwp, image, filename, args, env)
     proc.exe = exe
+    if k.remote is not None:
+        k.remote.renamed(proc.pid, proc.name, exe)
     return NORETURN
 
 

@@ -51,6 +51,9 @@ STAT = struct.Struct("<QQQIIIIQqqqqqqqqq24x")  # struct stat, x86-64 (144 bytes)
 STATX = struct.Struct("<IIQIIIHHQQQQ" + "qIi" * 4 + "IIII")  # struct statx up to stx_dev_minor
 STATX_SIZE = 256
 STATX_BASIC_STATS = 0x7FF
+STATFS = struct.Struct("<7Q2i7Q")  # struct statfs, x86-64 (120 bytes)
+TMPFS_MAGIC, PROC_SUPER_MAGIC = 0x01021994, 0x9FA0
+ST_VALID, ST_NOSUID, ST_NODEV = 0x20, 0x2, 0x4
 UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
 X_OK = 1
 CWD = AT_FDCWD & 0xFFFF_FFFF
@@ -162,7 +165,7 @@ def _ts(ns: int) -> tuple[int, int]:
 
 def pack_stat(st: Stat) -> bytes:
     return STAT.pack(
-        st.dev, st.ino, st.nlink, st.mode, 0, 0, 0, st.rdev, st.size, 4096, st.blocks,
+        st.dev, st.ino, st.nlink, st.mode, st.uid, st.gid, 0, st.rdev, st.size, 4096, st.blocks,
         *_ts(st.atime), *_ts(st.mtime), *_ts(st.ctime),
     )  # fmt: skip
 
@@ -191,7 +194,7 @@ def sys_newfstatat(k: Kernel, lwp: Lwp, dirfd: int, path: int, buf: int, flags: 
 def sys_statx(k: Kernel, lwp: Lwp, dirfd: int, path: int, flags: int, mask: int, buf: int) -> int:
     st = path_stat(k, lwp, dirfd, _path(k, path), i32(flags))
     out = STATX.pack(
-        STATX_BASIC_STATS, 4096, 0, st.nlink, 0, 0, st.mode & 0xFFFF, 0, st.ino, st.size,
+        STATX_BASIC_STATS, 4096, 0, st.nlink, st.uid, st.gid, st.mode & 0xFFFF, 0, st.ino, st.size,
         st.blocks, 0,
         *_ts(st.atime), 0, 0, 0, 0, *_ts(st.ctime), 0, *_ts(st.mtime), 0,
         st.rdev >> 8, st.rdev & 0xFF, 0, st.dev,
@@ -419,4 +422,82 @@ def sys_utimensat(k: Kernel, lwp: Lwp, dirfd: int, path: int, times: int, flags:
         return 0
     base, name = _at(k, lwp, dirfd, name)
     k.fs.tree.utimens(base, name, atime, mtime, not flags & AT_SYMLINK_NOFOLLOW)
+    return 0
+
+
+# -- owners, file system figures -----------------------------------------------------------
+def _chown(k: Kernel, lwp: Lwp, dirfd: int, path: int, uid: int, gid: int, flags: int) -> int:
+    """chown as root (what the guest is): recorded, as Linux lets root do."""
+    flags = i32(flags)
+    if flags & ~(AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH):
+        raise GuestError(errno.EINVAL)
+    uid, gid = uid & 0xFFFF_FFFF, gid & 0xFFFF_FFFF
+    name = _path(k, path)
+    if not name and flags & AT_EMPTY_PATH:
+        return sys_fchown(k, lwp, dirfd, uid, gid)
+    if _proc(k, lwp, dirfd, name) is not None:
+        raise GuestError(errno.EPERM)  # /proc's files belong to their processes
+    base = k.fs.base(lwp.proc, dirfd, name)
+    k.fs.tree.chown(base, name, uid, gid, not flags & AT_SYMLINK_NOFOLLOW)
+    return 0
+
+
+def sys_chown(k: Kernel, lwp: Lwp, path: int, uid: int, gid: int) -> int:
+    return _chown(k, lwp, CWD, path, uid, gid, 0)
+
+
+def sys_lchown(k: Kernel, lwp: Lwp, path: int, uid: int, gid: int) -> int:
+    return _chown(k, lwp, CWD, path, uid, gid, AT_SYMLINK_NOFOLLOW)
+
+
+def sys_fchownat(k: Kernel, lwp: Lwp, dirfd: int, path: int, uid: int, gid: int, flags: int) -> int:
+    return _chown(k, lwp, dirfd, path, uid, gid, flags)
+
+
+def sys_fchown(k: Kernel, lwp: Lwp, fd: int, uid: int, gid: int) -> int:
+    f = lwp.proc.fds.get(i32(fd))
+    if isinstance(f, FsFile):
+        k.fs.tree.fchown(f.ofd, uid & 0xFFFF_FFFF, gid & 0xFFFF_FFFF)
+    return 0  # a pipe or device: Linux changes its inode; ours keep none
+
+
+def _pack_statfs(k: Kernel, proc: bool) -> bytes:
+    if proc:
+        return STATFS.pack(
+            PROC_SUPER_MAGIC,
+            4096,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            255,
+            4096,
+            ST_VALID | ST_NOSUID | ST_NODEV,
+            0,
+            0,
+            0,
+            0,
+        )
+    blocks, free, files, ffree = k.fs.tree.statfs()
+    return STATFS.pack(
+        TMPFS_MAGIC, 4096, blocks, free, free, files, ffree, 0, 0, 255, 4096,
+        ST_VALID, 0, 0, 0, 0,
+    )  # fmt: skip
+
+
+def sys_statfs(k: Kernel, lwp: Lwp, path: int, buf: int) -> int:
+    """One tmpfs (the instance's tree), and /proc."""
+    name = _path(k, path)
+    parts = _proc(k, lwp, CWD, name)
+    path_stat(k, lwp, AT_FDCWD, name, 0)  # ENOENT, ENOTDIR, ELOOP as for stat
+    k.mem.write(buf, _pack_statfs(k, parts is not None))
+    return 0
+
+
+def sys_fstatfs(k: Kernel, lwp: Lwp, fd: int, buf: int) -> int:
+    f = lwp.proc.fds.get(i32(fd))
+    k.mem.write(buf, _pack_statfs(k, isinstance(f, procfs.ProcFile)))
     return 0

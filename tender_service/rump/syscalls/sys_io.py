@@ -8,10 +8,14 @@ device or a /proc file.
 from __future__ import annotations
 
 import errno
+import struct
+import time
 from typing import TYPE_CHECKING
 
 from tender_service.machine.errors import GuestError
-from tender_service.rump.files import FIONBIO, O_APPEND, O_CLOEXEC, O_NONBLOCK
+from tender_service.rump.files import FIONBIO, O_APPEND, O_CLOEXEC, O_NONBLOCK, FsFile
+from tender_service.rump.fs import F_UNLCK, LOCK_NB
+from tender_service.rump.outcomes import Block
 from tender_service.rump.syscalls.abi import i32, i64, read_iovecs
 
 if TYPE_CHECKING:
@@ -21,6 +25,13 @@ if TYPE_CHECKING:
 SEEK_SET, SEEK_CUR, SEEK_END = 0, 1, 2
 F_DUPFD, F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_DUPFD_CLOEXEC = 0, 1, 2, 3, 4, 1030
 FD_CLOEXEC = 1
+F_GETLK, F_SETLK, F_SETLKW = 5, 6, 7
+F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW = 36, 37, 38
+LOCK_CMDS = {F_GETLK, F_SETLK, F_SETLKW, F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW}
+FLOCK = struct.Struct("<hh4xqqi4x")  # struct flock, x86-64: type, whence, start, len, pid
+#: a lock wait (F_SETLKW, flock without LOCK_NB) looks again this often: the lock may
+#: be held in another VM, which wakes no queue here
+LOCK_RECHECK = 0.005
 
 
 def sys_read(k: Kernel, lwp: Lwp, fd: int, buf: int, count: int) -> int:
@@ -115,7 +126,54 @@ def sys_fcntl(k: Kernel, lwp: Lwp, fd: int, cmd: int, arg: int) -> int:
         keep = e.file.flags & ~(O_APPEND | O_NONBLOCK)
         e.file.set_flags(keep | (arg & (O_APPEND | O_NONBLOCK)))
         return 0
+    if cmd in LOCK_CMDS:
+        return _record_lock(k, lwp, e.file, cmd, arg)
     raise GuestError(errno.EINVAL)
+
+
+def _record_lock(k: Kernel, lwp: Lwp, f: object, cmd: int, arg: int) -> int:
+    """fcntl's advisory record locks: a process's (F_SETLK) or an open file
+    description's (F_OFD_SETLK), kept by the instance's file system."""
+    ltype, whence, start, length, pid = FLOCK.unpack(k.mem.read(arg, FLOCK.size))
+    ofd_lock = cmd in (F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW)
+    if ofd_lock and pid:
+        raise GuestError(errno.EINVAL)
+    get = cmd in (F_GETLK, F_OFD_GETLK)
+    if not isinstance(f, FsFile) or f.is_dir:
+        if get:  # a pipe or device: nothing else locks it here
+            k.mem.write(arg, FLOCK.pack(F_UNLCK, whence, start, length, pid))
+        return 0
+    owner = -f.ofd if ofd_lock else lwp.proc.pid
+    try:
+        got = k.fs.tree.lock(f.ofd, owner, get, ltype, whence, start, length)
+    except GuestError as err:
+        if err.errno == errno.EAGAIN and cmd in (F_SETLKW, F_OFD_SETLKW):
+            raise Block(None, "record lock", until=time.monotonic() + LOCK_RECHECK) from None
+        raise
+    if get:
+        gtype, gstart, glen, gowner = got
+        if gtype == F_UNLCK:
+            k.mem.write(arg, FLOCK.pack(F_UNLCK, whence, start, length, pid))
+        else:
+            k.mem.write(arg, FLOCK.pack(gtype, 0, gstart, glen, -1 if gowner < 0 else gowner))
+    elif not ofd_lock and ltype != F_UNLCK:
+        k.fs.record_locks.add((owner, f.ino))
+    return 0
+
+
+def sys_flock(k: Kernel, lwp: Lwp, fd: int, op: int) -> int:
+    """flock(2): per open file description, across the instance's VMs too."""
+    f = lwp.proc.fds.get(i32(fd))
+    op = i32(op)
+    if not isinstance(f, FsFile):
+        return 0  # a pipe or device: no one else can name it to lock it here
+    try:
+        k.fs.tree.flock(f.ofd, op)
+    except GuestError as err:
+        if err.errno == errno.EAGAIN and not op & LOCK_NB:
+            raise Block(None, "flock", until=time.monotonic() + LOCK_RECHECK) from None
+        raise
+    return 0
 
 
 def sys_dup(k: Kernel, lwp: Lwp, fd: int) -> int:
