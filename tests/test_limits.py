@@ -167,8 +167,15 @@ def test_vmclone_fork_past_the_guest_memory_limit_fails_with_enomem(tmp_path):
 
 # -- the image store ----------------------------------------------------------------------------
 def store_dir(t: Tender) -> Path:
-    m = re.search(r"uploaded images are kept in (\S+)", t.log())
-    assert m, t.log()
+    """Where the tender keeps uploads, from its start-up log line (the log file may
+    reach the disk a moment after the tender answers)."""
+    m = wait_until(
+        lambda: re.search(r"uploaded images are kept in (\S+)", t.log()),
+        30,
+        "the tender's log line naming its upload store",
+        detail=t.log,
+    )
+    assert isinstance(m, re.Match)
     return Path(m[1])
 
 
