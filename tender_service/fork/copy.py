@@ -289,40 +289,38 @@ def relocate(buf, spans: list[tuple[int, int]], regions: RegionMap) -> int:
     """Rebase every aligned word of the buffer ``spans`` (offset, length) that
     points into a parent region; the number of words changed.
 
-    ``bytes.find`` locates the candidates (the upper bytes a region's words
-    share) at C speed; only they are classified in Python.
+    ``bytes.find`` locates the candidates (a byte the upper bytes of a region's
+    words share) at memchr speed; only they are read and classified in Python.
+    A word found twice is harmless: once rebased it points into a copy, which
+    lies outside every parent region.
     """
-    # A tail ends with the address's zero upper bytes, and CPython's find runs
-    # at about 1 byte/ns for a longer needle but at memchr speed for one byte:
-    # search for the tail's last non-zero byte, then check the whole tail.
+    # One byte per tail: CPython's find runs at memchr speed for a one-byte
+    # needle, at about 1 byte/ns for a longer one (and crawls over zero-filled
+    # bss for a needle ending in zeroes): the tail's last non-zero byte.
     probes = []
     for tail, skip in regions.tails():
         j = len(tail.rstrip(b"\0")) - 1
-        probes.append((tail, skip, tail[j : j + 1] if j >= 0 else tail, skip + max(j, 0)))
-    changed = 0
+        probes.append((tail[j : j + 1] if j >= 0 else tail[:1], skip + max(j, 0)))
     los, his, deltas = regions.los, regions.his, regions.deltas
-    lo0, hi0 = los[0] if los else 0, his[-1] if his else 0
-    find = buf.find
+    if not los:
+        return 0
+    lo0, hi0 = los[0], his[-1]
+    find, bisect_right = buf.find, bisect.bisect_right
+    changed = 0
     with memoryview(buf) as view:
         for offset, n in spans:
             end = offset + (n & ~7)
-            hits: set[int] = set()
-            for tail, skip, needle, at_byte in probes:
-                k = len(tail)
-                pos = find(needle, offset + at_byte, end)
-                while pos >= 0:
-                    word = pos - at_byte
-                    if not (word - offset) & 7 and buf[word + skip : word + skip + k] == tail:
-                        hits.add(word - offset)
-                    pos = find(needle, pos + 1, end)
-            if not hits:
-                continue
             with view[offset:end].cast("Q") as words:
-                for at in hits:
-                    v = words[at >> 3]
-                    if lo0 <= v < hi0:
-                        i = bisect.bisect_right(los, v) - 1
-                        if v < his[i]:
-                            words[at >> 3] = v + deltas[i]
-                            changed += 1
+                for needle, at_byte in probes:
+                    pos = find(needle, offset + at_byte, end)
+                    while pos >= 0:
+                        rel = pos - at_byte - offset
+                        if not rel & 7:
+                            v = words[rel >> 3]
+                            if lo0 <= v < hi0:
+                                i = bisect_right(los, v) - 1
+                                if v < his[i]:
+                                    words[rel >> 3] = v + deltas[i]
+                                    changed += 1
+                        pos = find(needle, pos + 1, end)
     return changed
