@@ -97,19 +97,30 @@ class RegionMap:
             return v + self.deltas[i]
         return v
 
-    def tails(self) -> list[tuple[bytes, int]]:
-        """Byte patterns every candidate word ends with (see ``word_tails``).
-
-        The regions are merged into spans no more than 4 GiB apart first, so a
-        few patterns cover hundreds of heap blocks.
+    def probes(self) -> list[tuple[bytes, int, int, int, int | None]]:
+        """How ``relocate`` finds candidates: (needle, its byte in the word, lo, hi,
+        delta).  The regions are merged into spans within one 4 GiB piece, so a few
+        patterns cover hundreds of heap blocks; every word pointing into a span has
+        ``needle`` at that byte (the last non-zero byte of the upper bytes the
+        span's words share, see ``word_tails``: CPython's find runs at memchr speed
+        for one byte, far slower for a needle ending in zeroes over zero-filled
+        bss).  Only a value in [lo, hi) can point into the span; ``delta`` is the
+        region's when the span is a single region (the image, often), else None.
         """
-        spans: list[list[int]] = []
-        for lo, hi in zip(self.los, self.his, strict=True):
+        spans: list[list[int]] = []  # lo, hi, regions, delta
+        for lo, hi, d in zip(self.los, self.his, self.deltas, strict=True):
             if spans and lo >> 32 == spans[-1][1] >> 32:
                 spans[-1][1] = max(spans[-1][1], hi)
+                spans[-1][2] += 1
             else:
-                spans.append([lo, hi])
-        return sorted({t for lo, hi in spans for t in word_tails(lo, hi)})
+                spans.append([lo, hi, 1, d])
+        out = []
+        for lo, hi, n, d in spans:
+            for tail, skip in word_tails(lo, hi):
+                j = len(tail.rstrip(b"\0")) - 1
+                needle = tail[j : j + 1] if j >= 0 else tail
+                out.append((needle, skip + max(j, 0), lo, hi, d if n == 1 else None))
+        return out
 
 
 class CopyFork:
@@ -289,38 +300,32 @@ def relocate(buf, spans: list[tuple[int, int]], regions: RegionMap) -> int:
     """Rebase every aligned word of the buffer ``spans`` (offset, length) that
     points into a parent region; the number of words changed.
 
-    ``bytes.find`` locates the candidates (a byte the upper bytes of a region's
-    words share) at memchr speed; only they are read and classified in Python.
-    A word found twice is harmless: once rebased it points into a copy, which
-    lies outside every parent region.
+    ``bytes.find`` locates the candidates (``RegionMap.probes``) at memchr speed;
+    only they are read and classified in Python.  A word found twice is
+    harmless: once rebased it points into a copy, outside every parent region.
     """
-    # One byte per tail: CPython's find runs at memchr speed for a one-byte
-    # needle, at about 1 byte/ns for a longer one (and crawls over zero-filled
-    # bss for a needle ending in zeroes): the tail's last non-zero byte.
-    probes = []
-    for tail, skip in regions.tails():
-        j = len(tail.rstrip(b"\0")) - 1
-        probes.append((tail[j : j + 1] if j >= 0 else tail[:1], skip + max(j, 0)))
     los, his, deltas = regions.los, regions.his, regions.deltas
-    if not los:
-        return 0
-    lo0, hi0 = los[0], his[-1]
+    probes = regions.probes()
     find, bisect_right = buf.find, bisect.bisect_right
     changed = 0
     with memoryview(buf) as view:
         for offset, n in spans:
             end = offset + (n & ~7)
             with view[offset:end].cast("Q") as words:
-                for needle, at_byte in probes:
+                for needle, at_byte, lo, hi, delta in probes:
                     pos = find(needle, offset + at_byte, end)
                     while pos >= 0:
                         rel = pos - at_byte - offset
                         if not rel & 7:
                             v = words[rel >> 3]
-                            if lo0 <= v < hi0:
-                                i = bisect_right(los, v) - 1
-                                if v < his[i]:
-                                    words[rel >> 3] = v + deltas[i]
+                            if lo <= v < hi:
+                                if delta is not None:
+                                    words[rel >> 3] = v + delta
                                     changed += 1
+                                else:
+                                    i = bisect_right(los, v) - 1
+                                    if v < his[i]:
+                                        words[rel >> 3] = v + deltas[i]
+                                        changed += 1
                         pos = find(needle, pos + 1, end)
     return changed
