@@ -161,6 +161,11 @@ class CopyFork:
                 raise
             return child.pid
 
+    @property
+    def spare_images(self) -> int:
+        """How many freed image copies are kept for the next fork."""
+        return sum(map(len, self._spares.values()))
+
     def drop_spares(self, pages: PageAllocator) -> int:
         """Free the kept image copies; how many there were."""
         n = 0
