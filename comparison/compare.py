@@ -1,7 +1,8 @@
 """``unifork compare``: every workload in every mode, measured in one run.
 
 Modes: ``native`` (the same static binary as a Linux process), ``thread``
-(thread fork, one VM in this process), ``vmclone-shm`` and ``vmclone-tcp``
+(thread fork, one VM in this process), ``copy`` (copy fork, one VM in this
+process, private memory per process), ``vmclone-shm`` and ``vmclone-tcp``
 (VM-clone fork on one shared warm pool of tender processes, pipes across VMs
 over shared memory or TCP) and, with ``--target``, ``vmclone-remote`` (VM-clone
 instances launched over gRPC on that tender with placement ``remote``).

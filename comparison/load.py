@@ -4,7 +4,7 @@
 its end (``Wait``) and launch the next, until ``--duration S`` seconds have
 passed or ``--max-instances N`` have been launched.  ``--target`` may be
 given several times: launches go round the tenders in turn; ``--fork mixed``
-alternates thread and VM-clone instances.  In-flight instances
+launches thread, copy and VM-clone instances in turn.  In-flight instances
 then get at most ``--wait-timeout`` more seconds; any still running are
 killed and counted as failed (``DEADLINE_EXCEEDED``).  So a run is bounded in
 count and in time whatever the tender does.
@@ -52,6 +52,8 @@ MAX_FAILURES = 20  # failed instances whose console is kept
 
 
 FORKS = ("thread", "vmclone", "copy", "mixed")
+#: the modes ``--fork mixed`` launches in turn
+MIXED = ("thread", "copy", "vmclone")
 PLACEMENTS = ("local", "remote", "spread")
 
 
@@ -59,7 +61,7 @@ PLACEMENTS = ("local", "remote", "spread")
 class LoadConfig:
     targets: list[str]
     image: str = "hello"
-    fork: str = "thread"  # or vmclone, copy, or mixed (thread and vmclone alternating)
+    fork: str = "thread"  # or vmclone, copy, or mixed (thread, copy and vmclone in turn)
     pipe: str = "shm"
     placement: str = "local"  # of VM-clone children
     args: list[str] = field(default_factory=list)
@@ -157,7 +159,7 @@ class _Load:
     def _next(self) -> tuple[str, str]:
         """(target, fork mode) of the next launch: round the targets, alternating modes."""
         n = self.launched
-        fork = self.cfg.fork if self.cfg.fork != "mixed" else ("thread", "vmclone")[n % 2]
+        fork = self.cfg.fork if self.cfg.fork != "mixed" else MIXED[n % len(MIXED)]
         return self.cfg.targets[n % len(self.cfg.targets)], fork
 
     async def worker(self, stubs: dict, launch_until: float, hard_deadline: float) -> None:

@@ -1,4 +1,4 @@
-"""The ways one static guest binary is run: natively, thread fork, VM-clone fork.
+"""The ways one static guest binary is run: natively, thread fork, copy fork, VM-clone fork.
 
 Every runner takes the image (a built ELF), its arguments and an optional
 ``probe``: a callable run once, at the moment the program's console shows a
@@ -10,6 +10,7 @@ figure.
 * ``native``: the binary as an ordinary Linux process (stdout a pipe, stdin
   ``/dev/null``);
 * ``thread``: the thread backend in this process (thread fork, one VM);
+* ``copy``: the copy backend in this process (copy fork: private memory, one VM);
 * ``vmclone-shm`` / ``vmclone-tcp``: the vmclone backend on the one shared
   ``WarmPool`` (every process a VM of its own, cross-VM pipes over shared
   memory or TCP);
@@ -40,10 +41,10 @@ NATIVE, THREAD, VMCLONE_SHM, VMCLONE_TCP, VMCLONE_REMOTE = (
     "vmclone-tcp",
     "vmclone-remote",
 )
-#: copy fork (issue 18): run on request (``--modes``), not yet in the default set
+#: copy fork (issue 18): private memory inside one VM
 COPY = "copy"
 ALL_MODES = (NATIVE, THREAD, COPY, VMCLONE_SHM, VMCLONE_TCP, VMCLONE_REMOTE)
-LOCAL_MODES = (NATIVE, THREAD, VMCLONE_SHM, VMCLONE_TCP)
+LOCAL_MODES = (NATIVE, THREAD, COPY, VMCLONE_SHM, VMCLONE_TCP)
 #: modes whose processes all live in one VM in the harness process (guest peak memory)
 ONE_VM_MODES = (THREAD, COPY)
 VMCLONE_MODES = (VMCLONE_SHM, VMCLONE_TCP, VMCLONE_REMOTE)

@@ -109,7 +109,7 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
         "--fork",
         choices=("thread", "vmclone", "copy", "mixed"),
         default="thread",
-        help="fork mode of the instances; mixed alternates the two",
+        help="fork mode of the instances; mixed launches thread, copy and vmclone in turn",
     )
     p.add_argument(
         "--pipe",

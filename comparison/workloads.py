@@ -31,7 +31,12 @@ if TYPE_CHECKING:
     from comparison.modes import Outcome
 
 SEMANTICS_ITEMS = ("global", "stack", "heap_from_stack", "heap_from_global", "errno", "fd_table")
-HAZARD_ITEMS = ("int_looking_like_stack_ptr", "heap_second_level", "hoisted_errno")
+HAZARD_ITEMS = (
+    "int_looking_like_stack_ptr",
+    "heap_second_level",
+    "hoisted_errno",
+    "int_looking_like_global_ptr",
+)
 
 
 class OutputError(RuntimeError):
@@ -318,7 +323,7 @@ WORKLOADS: tuple[Workload, ...] = (
     ),
     Workload(
         "fork_hazards",
-        "fork hazards probe (limits of thread fork), launch to exit",
+        "fork hazards probe (limits of the in-VM forks), launch to exit",
         "fork_hazards",
         (),
         (),

@@ -16,7 +16,7 @@ import pytest
 from support import native
 from test_programs_native import CASES, SEMANTICS_NATIVE
 
-from tender_service.fork.copy import RegionMap, relocate
+from tender_service.fork.copy import SPARE_IMAGES, RegionMap, relocate
 from tender_service.instance.backends import (
     BackendContext,
     InstanceSpec,
@@ -69,10 +69,20 @@ def test_semantics_probe_shows_everything_private() -> None:
     assert r.forks >= 1
 
 
-def test_fork_hazards_probe_as_natively() -> None:
+def test_fork_hazards_probe_shows_the_conservative_scan_and_nothing_else() -> None:
+    """docs/semantics.md ("Copy fork"): an integer equal to an address in one of the
+    parent's regions is rebased in the child, on the stack and in a global alike;
+    every other answer is the native one (heap two levels down, a hoisted &errno)."""
     r, out, _, _ = run_copy("fork_hazards")
-    assert out == native("fork_hazards").stdout
-    assert r.outcome == "exited"
+    assert r.outcome == "exited" and r.status == 0, r.reports
+    ref = native("fork_hazards").stdout.decode()
+    got = dict(ln.split("=", 1) for ln in out.decode().splitlines())
+    want = dict(ln.split("=", 1) for ln in ref.splitlines())
+    assert got.keys() == want.keys()
+    assert {k: (want[k], v) for k, v in got.items() if v != want[k]} == {
+        "int_looking_like_stack_ptr": ("unchanged", "rebased"),
+        "int_looking_like_global_ptr": ("unchanged", "rebased"),
+    }
 
 
 def test_child_writes_to_data_bss_and_heap_stay_in_the_child() -> None:
@@ -98,6 +108,42 @@ def test_fork_without_memory_for_the_copy_is_enomem_and_the_parent_goes_on() -> 
     assert (r.outcome, r.status) == ("exited", 0)
     r, out, _, _ = run_copy(build_image(PROBE), "enomem", "8", ram=64 << 20)
     assert out == b"fork: ok\n"
+
+
+def test_a_childs_patch_of_its_code_stays_in_that_child() -> None:
+    """A child's image copy is kept for the next fork (its code stays translated);
+    a child that wrote into its text must not hand its code to the next child."""
+    ref = native(build_image(PROBE), "text", "3").stdout
+    assert ref == b"child: 1 then 2\n" * 3 + b"parent: 1\n"
+    r, out, _, _ = run_copy(build_image(PROBE), "text", "3")
+    assert out == ref, r.reports
+
+
+def _kept_after(*args: str) -> tuple[bytes, int]:
+    """Run fork_exit_wait in copy mode: (stdout, image copies kept at the end)."""
+    sink = CaptureSink()
+    k = create_vm(
+        build_image("fork_exit_wait"), list(args), config=VmConfig(timeout=60, tty=False),
+        sink=sink, fork="copy",
+    )  # fmt: skip
+    try:
+        r = k.run()
+        kept = k.forker.spare_images  # type: ignore[union-attr]
+    finally:
+        k.close()
+    assert (r.outcome, r.status, r.forks) == ("exited", 0, 20), r.reports
+    return bytes(sink.stdout), kept
+
+
+def test_image_copies_are_kept_for_the_next_fork_two_at_most() -> None:
+    # one child at a time: each runs from the copy the one before it left
+    out, kept = _kept_after("-t", "-n", "20")
+    assert out.count(b"fork_wait_us=") == 20 and out.endswith(b"ok 20 children\n")
+    assert kept == 1
+    # twenty children alive at once: twenty copies, two kept when they end
+    out, kept = _kept_after("-n", "20")
+    assert out == native("fork_exit_wait", "-n", "20").stdout
+    assert kept == SPARE_IMAGES == 2
 
 
 def test_every_copy_is_freed_when_its_process_ends() -> None:

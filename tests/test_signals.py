@@ -306,6 +306,7 @@ JOBCTL = lines(
 )
 _CLI = {
     "thread": ["--fork", "thread"],
+    "copy": ["--fork", "copy"],
     "vmclone-shm": ["--fork", "vmclone", "--pipe", "shm"],
     "vmclone-tcp": ["--fork", "vmclone", "--pipe", "tcp"],
     "copy": ["--fork", "copy"],

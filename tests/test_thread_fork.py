@@ -126,11 +126,13 @@ FORK_HAZARDS_VM = lines(
     "int_looking_like_stack_ptr=rebased",
     "heap_second_level=shared",
     "hoisted_errno=private",
+    "int_looking_like_global_ptr=unchanged",
 )
 FORK_HAZARDS_NATIVE = lines(
     "int_looking_like_stack_ptr=unchanged",
     "heap_second_level=private",
     "hoisted_errno=private",
+    "int_looking_like_global_ptr=unchanged",
 )
 
 

@@ -1,16 +1,17 @@
 /*
- * fork_hazards — the documented limits of the thread fork, made visible.
+ * fork_hazards — the documented limits of the in-VM forks, made visible.
  *
  * One fork(); the child reports through its exit status and its writes, and
- * the parent prints what it sees after reaping the child.  Three probes:
+ * the parent prints what it sees after reaping the child.  Four probes:
  *
  * (a) int_looking_like_stack_ptr: main keeps an integer local (a long, not a
  *     pointer) whose value happens to equal the address of another local of
- *     main; the same value is also saved in a global (globals are not
- *     scanned).  The child compares its copy of the integer with the global:
- *     "rebased" if they differ (the conservative stack scan took the integer
- *     for a stack pointer and moved it onto the child's stack), "unchanged"
- *     if they are equal (POSIX fork copies memory as is).
+ *     main; the same value is also kept in a global, xor-ed with a constant
+ *     so that no scan can take it for an address.  The child compares its
+ *     copy of the integer with the unmangled global: "rebased" if they differ
+ *     (a conservative scan took the integer for a stack pointer and moved it
+ *     onto the child's stack), "unchanged" if they are equal (POSIX fork
+ *     copies memory as is).
  * (b) heap_second_level: a heap block A whose pointer lives on main's stack
  *     points to a second heap block B; no other reference to B exists at
  *     fork time (B is set up in a noinline function, the dead stack is
@@ -24,17 +25,31 @@
  *     fork(); the child stores ERANGE through the saved pointer.  "private"
  *     if the parent's errno is still EDOM afterwards (the child wrote its own
  *     errno), "shared" if it became ERANGE (the child wrote the parent's).
+ * (d) int_looking_like_global_ptr: a global integer whose value equals the
+ *     address of another global (a program's own image), its reference value
+ *     kept xor-ed as in (a).  "rebased" if the child's integer differs from
+ *     it (copy fork scans the image's writable part and moves every word
+ *     that points into the parent's image to the child's copy), "unchanged"
+ *     if not.
  *
- * Output natively (POSIX fork: everything is copied):
+ * Output natively and in VM-clone fork (everything is copied as is):
  *              int_looking_like_stack_ptr=unchanged
  *              heap_second_level=private
  *              hoisted_errno=private
- * Thread-fork VM:
+ *              int_looking_like_global_ptr=unchanged
+ * Thread fork (the stack is scanned, globals are shared and not scanned):
  *              int_looking_like_stack_ptr=rebased
  *              heap_second_level=shared
  *              hoisted_errno=private
+ *              int_looking_like_global_ptr=unchanged
  * (the kernel rebases words pointing into the parent's TLS block onto the
  * child's, so even a hoisted &errno reaches the child's own errno).
+ * Copy fork (every word of the child's copy that equals an address in one
+ * of the parent's regions is rebased, integers included):
+ *              int_looking_like_stack_ptr=rebased
+ *              heap_second_level=private
+ *              hoisted_errno=private
+ *              int_looking_like_global_ptr=rebased
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -55,8 +70,14 @@ struct outer {
 	long pad[3];
 };
 
-/* (a): the reference value, in a global: not scanned, shared in the VM */
-volatile long g_int_value;
+/* the reference values of (a) and (d), xor-ed with MANGLE: a non-canonical
+ * value, which no scan takes for an address */
+#define MANGLE 0x5a5a000000000000UL
+volatile unsigned long g_int_mangled;
+volatile unsigned long g_global_mangled;
+/* (d): an integer that equals the address of another global */
+volatile long g_other = 7;
+volatile long g_int_like_global;
 
 static __attribute__((noinline)) struct outer *setup_two_levels(void)
 {
@@ -93,7 +114,9 @@ int main(void)
 
 	top_pid = getpid();
 	int_value = (long)(uintptr_t)&other_local;
-	g_int_value = int_value;
+	g_int_mangled = (unsigned long)int_value ^ MANGLE;
+	g_int_like_global = (long)(uintptr_t)&g_other;
+	g_global_mangled = (unsigned long)g_int_like_global ^ MANGLE;
 	a = setup_two_levels();
 	errp = &errno;
 	fflush(stdout);
@@ -103,7 +126,8 @@ int main(void)
 	if (pid < 0)
 		die("fork: %s", strerror(errno));
 	if (pid == 0) {
-		int code = int_value == g_int_value ? 20 : 21;
+		int code = ((unsigned long)int_value == (g_int_mangled ^ MANGLE) ? 20 : 21) +
+			   ((unsigned long)g_int_like_global == (g_global_mangled ^ MANGLE) ? 0 : 2);
 
 		a->inner[0] = 2;
 		*errp = ERANGE;
@@ -115,7 +139,7 @@ int main(void)
 	err_after = get_errno(); /* waitpid succeeded: errno untouched since fork() */
 	if (r != pid)
 		die("waitpid returned %d", (int)r);
-	if (!WIFEXITED(st) || (WEXITSTATUS(st) != 20 && WEXITSTATUS(st) != 21))
+	if (!WIFEXITED(st) || WEXITSTATUS(st) < 20 || WEXITSTATUS(st) > 23)
 		die("child: unexpected wait status 0x%x", st);
 	if (a->inner[0] != 1 && a->inner[0] != 2)
 		die("block B has value %d", a->inner[0]);
@@ -124,8 +148,9 @@ int main(void)
 	if (other_local != 7)
 		die("other_local changed to %ld", other_local);
 
-	printf("int_looking_like_stack_ptr=%s\n", WEXITSTATUS(st) == 21 ? "rebased" : "unchanged");
+	printf("int_looking_like_stack_ptr=%s\n", WEXITSTATUS(st) & 1 ? "rebased" : "unchanged");
 	printf("heap_second_level=%s\n", a->inner[0] == 2 ? "shared" : "private");
 	printf("hoisted_errno=%s\n", err_after == ERANGE ? "shared" : "private");
+	printf("int_looking_like_global_ptr=%s\n", WEXITSTATUS(st) & 2 ? "rebased" : "unchanged");
 	return 0;
 }

@@ -18,6 +18,15 @@ its parent's memory at fresh addresses of the same VM:
    restorers, the alternate signal stack, the break);
 4. the child's context is queued with rax = 0; the parent returns the pid.
 
+What the parent waits for is only the copy (memcpy of the image's writable
+part, the heap blocks, the mmaps, the live stack) and the registers: the scan
+of the copies for pointers runs when the child is first scheduled
+(``Lwp.first_run``), since only the child's memory changes and nothing reads
+it before the child runs.  A child's image copy is not freed when the child
+ends: it is kept (:data:`SPARE_IMAGES` per program) for the next fork of the
+same program, which finds its text already there and its code already
+translated by the emulator (a fresh address would be translated again).
+
 The scan is conservative, like thread fork's stack scan: an integer equal to
 an address in one of the parent's regions is rebased too, and a pointer the
 program hides (xor, arithmetic, SSE registers) is not.  docs/semantics.md
@@ -28,12 +37,14 @@ another base: its fork fails with ENOSYS.
 from __future__ import annotations
 
 import bisect
+import ctypes
 import errno
+import functools
 import logging
-import struct
 from dataclasses import dataclass, field
 
 from tender_service.bmk.memalloc import MEMWHO_USER
+from tender_service.bmk.pagealloc import PageAllocator
 from tender_service.fork.thread import RED_ZONE, word_tails
 from tender_service.machine.cpu import FS_BASE, GPRS, RIP, SYSCALL_INSN_LEN, RegSet
 from tender_service.machine.errors import GuestError
@@ -43,7 +54,12 @@ from tender_service.rump.process import Lwp, Process, Program
 
 log = logging.getLogger(__name__)
 
-_U64 = struct.Struct("<Q")
+#: freed image copies of one program kept for its next fork (their code stays
+#: translated); more are freed
+SPARE_IMAGES = 2
+_memcmp = ctypes.CDLL(None).memcmp
+_memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+_memcmp.restype = ctypes.c_int
 #: registers rebased like memory words (rax is the return value; rcx/r11 are
 #: clobbered by ``syscall``)
 _SCAN_NAMES = ("rbx", "rbp", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r12", "r13", "r14", "r15")
@@ -81,19 +97,30 @@ class RegionMap:
             return v + self.deltas[i]
         return v
 
-    def tails(self) -> list[tuple[bytes, int]]:
-        """Byte patterns every candidate word ends with (see ``word_tails``).
-
-        The regions are merged into spans no more than 4 GiB apart first, so a
-        few patterns cover hundreds of heap blocks.
+    def probes(self) -> list[tuple[bytes, int, int, int, int | None]]:
+        """How ``relocate`` finds candidates: (needle, its byte in the word, lo, hi,
+        delta).  The regions are merged into spans within one 4 GiB piece, so a few
+        patterns cover hundreds of heap blocks; every word pointing into a span has
+        ``needle`` at that byte (the last non-zero byte of the upper bytes the
+        span's words share, see ``word_tails``: CPython's find runs at memchr speed
+        for one byte, far slower for a needle ending in zeroes over zero-filled
+        bss).  Only a value in [lo, hi) can point into the span; ``delta`` is the
+        region's when the span is a single region (the image, often), else None.
         """
-        spans: list[list[int]] = []
-        for lo, hi in zip(self.los, self.his, strict=True):
+        spans: list[list[int]] = []  # lo, hi, regions, delta
+        for lo, hi, d in zip(self.los, self.his, self.deltas, strict=True):
             if spans and lo >> 32 == spans[-1][1] >> 32:
                 spans[-1][1] = max(spans[-1][1], hi)
+                spans[-1][2] += 1
             else:
-                spans.append([lo, hi])
-        return sorted({t for lo, hi in spans for t in word_tails(lo, hi)})
+                spans.append([lo, hi, 1, d])
+        out = []
+        for lo, hi, n, d in spans:
+            for tail, skip in word_tails(lo, hi):
+                j = len(tail.rstrip(b"\0")) - 1
+                needle = tail[j : j + 1] if j >= 0 else tail
+                out.append((needle, skip + max(j, 0), lo, hi, d if n == 1 else None))
+        return out
 
 
 class CopyFork:
@@ -106,6 +133,10 @@ class CopyFork:
     #: handed to a child (ProcessTable.release_memory)
     private_memory = True
 
+    def __init__(self) -> None:
+        #: (path, size) of a program -> bases of freed copies of it (page blocks)
+        self._spares: dict[tuple[bytes, int], list[int]] = {}
+
     def fork(self, k: Kernel, lwp: Lwp, vfork: bool) -> int:
         pt, parent = lwp.thread, lwp.proc
         rsp = k.cpu.reg(GPRS["rsp"])
@@ -114,28 +145,78 @@ class CopyFork:
         prog = parent.program
         if prog is None or not prog.pie:
             raise GuestError(errno.ENOSYS, "copy fork needs a static-PIE program")
-        child = k.new_child(parent)
-        try:
-            self._build(k, lwp, child, prog, rsp)
-        except GuestError:
-            for addr in list(child.mmaps):
-                k.pages.free(addr)
-            child.mmaps.clear()
-            k.discard_process(child)
-            raise
-        return child.pid
+        retry = True
+        while True:
+            child = k.new_child(parent)
+            try:
+                self._build(k, lwp, child, prog, rsp)
+            except GuestError as e:
+                for addr in list(child.mmaps):
+                    k.pages.free(addr)
+                child.mmaps.clear()
+                k.discard_process(child)  # its image copy becomes a spare
+                if e.errno == errno.ENOMEM and self.drop_spares(k.pages) and retry:
+                    retry = False  # kept image copies may have been in the way: once more
+                    continue
+                raise
+            return child.pid
+
+    @property
+    def spare_images(self) -> int:
+        """How many freed image copies are kept for the next fork."""
+        return sum(map(len, self._spares.values()))
+
+    def drop_spares(self, pages: PageAllocator) -> int:
+        """Free the kept image copies; how many there were."""
+        n = 0
+        for bases in self._spares.values():
+            for base in bases:
+                pages.free(base)
+            n += len(bases)
+        self._spares.clear()
+        return n
+
+    def _keep(self, pages: PageAllocator, prog: Program) -> None:
+        """``prog`` (a copy) lost its last user: keep its pages for the next fork."""
+        spares = self._spares.setdefault((prog.path, prog.size), [])
+        if len(spares) < SPARE_IMAGES:
+            spares.append(prog.base)
+        else:
+            pages.free(prog.base)
+
+    def _image(self, k: Kernel, prog: Program) -> int:
+        """The child's copy of ``prog``: a kept copy whose text is intact (only the
+        writable segments are copied, the emulator's translations stay valid), else
+        fresh pages (all copied, translations of those addresses dropped)."""
+        mem, view = k.mem, k.mem.view
+        src = mem.offset(prog.base, prog.size)
+        spares = self._spares.get((prog.path, prog.size))
+        while spares:
+            base = spares.pop()
+            dst = mem.offset(base, prog.size)
+            host = mem.host_addr
+            if not any(_memcmp(host + src + a, host + dst + a, b - a) for a, b in _read_only(prog)):
+                for off, n in prog.writable:
+                    view[dst + off : dst + off + n] = view[src + off : src + off + n]
+                return base
+            k.pages.free(base)  # a child wrote into its text: its translations are stale
+        fresh = k.pages.alloc(prog.size // PAGE_SIZE)
+        if fresh is None:
+            raise GuestError(errno.ENOMEM, "no memory for the child's copy of the program")
+        dst = mem.offset(fresh, prog.size)
+        view[dst : dst + prog.size] = view[src : src + prog.size]
+        k.cpu.forget_code(fresh, prog.size)  # the pages may have held another program
+        return fresh
 
     def _build(self, k: Kernel, lwp: Lwp, child: Process, prog: Program, rsp: int) -> None:
         mem, heap, pages, parent = k.mem, k.heap, k.pages, lwp.proc
         regions = RegionMap()
 
         # the image: text is copied, only the writable segments can hold pointers
-        base = pages.alloc(prog.size // PAGE_SIZE)
-        if base is None:
-            raise GuestError(errno.ENOMEM, "no memory for the child's copy of the program")
-        k.use_program(child, Program(prog.path, base, prog.size, True, 0, prog.writable, True))
-        _copy(mem, prog.base, base, prog.size)
-        k.cpu.forget_code(base, prog.size)  # the pages may have held another program
+        base = self._image(k, prog)
+        copy = Program(prog.path, base, prog.size, True, 0, prog.writable, True)
+        copy.recycle = functools.partial(self._keep, pages)
+        k.use_program(child, copy)
         regions.add(prog.base, prog.size, base - prog.base, scan=False)
         regions.scan.extend((base + off, n) for off, n in prog.writable)
 
@@ -177,9 +258,9 @@ class CopyFork:
                 regions.add(t.block, t.block_size, dt.block - t.block)
                 ctls = dt.user
 
-        # relocate the copies, the registers and the kernel's pointers
+        # the registers and the kernel's pointers now; the copies when the child
+        # first runs (nothing reads or writes them before)
         regions.seal()
-        relocate(mem.buf, [(mem.offset(a, n), n) for a, n in regions.scan], regions)
         regs = [regions.value(v) for v in k.cpu.read_regs(_SCAN_REGS)]
         regs[-2] += SYSCALL_INSN_LEN  # rip: the child resumes after the syscall
         ctx = k.cpu.new_context()
@@ -194,43 +275,62 @@ class CopyFork:
         clwp.sigmask = lwp.sigmask
         sp, size = lwp.altstack
         clwp.altstack = (regions.value(sp), size)
+        spans = [(mem.offset(a, n), n) for a, n in regions.scan]
+        clwp.first_run = functools.partial(relocate, mem.buf, spans, regions)
+
+
+@functools.cache
+def _read_only_spans(size: int, writable: tuple[tuple[int, int], ...]) -> list[tuple[int, int]]:
+    out, at = [], 0
+    for off, n in sorted(writable):
+        if off > at:
+            out.append((at, off))
+        at = max(at, off + n)
+    if at < size:
+        out.append((at, size))
+    return out
+
+
+def _read_only(prog: Program) -> list[tuple[int, int]]:
+    """[start, end) offsets of the image outside its writable segments (text, rodata)."""
+    return _read_only_spans(prog.size, prog.writable)
 
 
 def _copy(mem, src: int, dst: int, n: int) -> None:
     s, d = mem.offset(src, n), mem.offset(dst, n)
-    mem.buf[d : d + n] = mem.buf[s : s + n]
+    mem.view[d : d + n] = mem.view[s : s + n]
 
 
 def relocate(buf, spans: list[tuple[int, int]], regions: RegionMap) -> int:
     """Rebase every aligned word of the buffer ``spans`` (offset, length) that
     points into a parent region; the number of words changed.
 
-    ``bytes.find`` locates the candidates (the upper bytes a region's words
-    share) at C speed; only they are classified in Python.
+    ``bytes.find`` locates the candidates (``RegionMap.probes``) at memchr speed;
+    only they are read and classified in Python.  A word found twice is
+    harmless: once rebased it points into a copy, outside every parent region.
     """
-    # A tail ends with the address's zero upper bytes, and CPython's find runs
-    # at about 1 byte/ns for a longer needle but at memchr speed for one byte:
-    # search for the tail's last non-zero byte, then check the whole tail.
-    probes = []
-    for tail, skip in regions.tails():
-        j = len(tail.rstrip(b"\0")) - 1
-        probes.append((tail, skip, tail[j : j + 1] if j >= 0 else tail, skip + max(j, 0)))
+    los, his, deltas = regions.los, regions.his, regions.deltas
+    probes = regions.probes()
+    find, bisect_right = buf.find, bisect.bisect_right
     changed = 0
-    for offset, n in spans:
-        end = offset + (n & ~7)
-        hits: set[int] = set()
-        for tail, skip, needle, at_byte in probes:
-            k = len(tail)
-            pos = buf.find(needle, offset + at_byte, end)
-            while pos >= 0:
-                word = pos - at_byte
-                if not (word - offset) & 7 and buf[word + skip : word + skip + k] == tail:
-                    hits.add(word)
-                pos = buf.find(needle, pos + 1, end)
-        for at in hits:
-            (v,) = _U64.unpack_from(buf, at)
-            nv = regions.value(v)
-            if nv != v:
-                _U64.pack_into(buf, at, nv)
-                changed += 1
+    with memoryview(buf) as view:
+        for offset, n in spans:
+            end = offset + (n & ~7)
+            with view[offset:end].cast("Q") as words:
+                for needle, at_byte, lo, hi, delta in probes:
+                    pos = find(needle, offset + at_byte, end)
+                    while pos >= 0:
+                        rel = pos - at_byte - offset
+                        if not rel & 7:
+                            v = words[rel >> 3]
+                            if lo <= v < hi:
+                                if delta is not None:
+                                    words[rel >> 3] = v + delta
+                                    changed += 1
+                                else:
+                                    i = bisect_right(los, v) - 1
+                                    if v < his[i]:
+                                        words[rel >> 3] = v + deltas[i]
+                                        changed += 1
+                        pos = find(needle, pos + 1, end)
     return changed

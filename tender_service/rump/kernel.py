@@ -355,6 +355,9 @@ class Kernel(ProcessTable):
                     continue
                 return self._deadlock()
             lwp = t.cookie
+            if lwp.first_run is not None:  # copy fork: the child's relocation
+                first, lwp.first_run = lwp.first_run, None
+                first()
             proc = lwp.proc
             if proc.stopped:  # job control: it waits for SIGCONT, its syscall to restart
                 sched.block(t, proc.stop_wq, "stopped")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tender_service.bmk.sched import BmkThread, WaitQueue
@@ -55,6 +56,9 @@ class Lwp:
     sigwait: int = 0
     #: sigaltstack: (ss_sp, ss_size), ss_size 0 if none
     altstack: tuple[int, int] = (0, 0)
+    #: work the kernel does just before this LWP first runs (copy fork relocates
+    #: the child's memory there, so that the parent's fork returns sooner)
+    first_run: Callable[[], object] | None = None
 
 
 @dataclass(eq=False)
@@ -78,6 +82,9 @@ class Program:
     writable: tuple[tuple[int, int], ...] = ()
     #: a static-PIE runs at any base (copy fork can copy it)
     pie: bool = False
+    #: called instead of freeing the pages when the last user leaves (copy fork
+    #: keeps a child's image copy for the next fork: its code is translated)
+    recycle: Callable[[Program], None] | None = None
 
 
 @dataclass(eq=False)

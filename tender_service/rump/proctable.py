@@ -100,7 +100,10 @@ class ProcessTable:
             return
         prog.users -= 1
         if prog.users == 0 and prog.in_pages:
-            self.pages.free(prog.base)
+            if prog.recycle is not None:
+                prog.recycle(prog)
+            else:
+                self.pages.free(prog.base)
 
     def new_child(self, parent: Process) -> Process:
         """A process for a fork: same pgid/sid, copied fd table and dispositions."""

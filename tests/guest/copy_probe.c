@@ -15,11 +15,19 @@
  *     then forks: the child cannot get a copy, so fork fails with ENOMEM and
  *     the parent goes on.  Prints "fork: ENOMEM, parent goes on" (or, where
  *     memory is plenty, as natively, "fork: ok").
+ * copy_probe text N: N children in turn each call a function of the program
+ *     (it returns 1), then patch its code to return 2 (the page made writable
+ *     with mprotect natively; in a VM every page is) and call it again; the
+ *     parent calls it after each child.  A child's patch is its own: natively
+ *     text is copy-on-write; in copy fork the next child gets a copy of the
+ *     parent's text even where it reuses the pages an earlier child ran from.
+ *     Natively, for N = 3:  child: 1 then 2 (x3), then parent: 1
  */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -105,6 +113,42 @@ static int probe_enomem(long mib)
 	return 0;
 }
 
+static __attribute__((noinline, aligned(64))) int answer(void)
+{
+	__asm__ volatile("" ::: "memory");
+	return 1;
+}
+
+static int probe_text(int n)
+{
+	/* mov eax, 2; ret */
+	static const unsigned char patch[] = { 0xb8, 0x02, 0x00, 0x00, 0x00, 0xc3 };
+	int (*volatile fn)(void) = answer;
+	for (int i = 0; i < n; i++) {
+		fflush(stdout);
+		pid_t pid = fork();
+		if (pid < 0)
+			return printf("fork: %s\n", strerror(errno)), 1;
+		if (pid == 0) {
+			int before = fn();
+			unsigned long page = (unsigned long)(void *)answer & ~4095UL;
+			if (mprotect((void *)page, 8192, PROT_READ | PROT_WRITE | PROT_EXEC))
+				_exit(3);
+			memcpy((void *)answer, patch, sizeof patch);
+			__builtin___clear_cache((char *)answer, (char *)answer + sizeof patch);
+			printf("child: %d then %d\n", before, fn());
+			fflush(stdout);
+			_exit(0);
+		}
+		if (reap(pid) != 0)
+			return printf("child %d failed\n", i), 1;
+		if (fn() != 1)
+			return printf("parent: the child's patch reached the parent\n"), 1;
+	}
+	printf("parent: %d\n", fn());
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc >= 2 && !strcmp(argv[1], "private"))
@@ -113,6 +157,8 @@ int main(int argc, char **argv)
 		return probe_stdio(argv[2]);
 	if (argc >= 3 && !strcmp(argv[1], "enomem"))
 		return probe_enomem(atol(argv[2]));
-	fprintf(stderr, "usage: copy_probe private | stdio full|line|none | enomem MIB\n");
+	if (argc >= 3 && !strcmp(argv[1], "text"))
+		return probe_text(atoi(argv[2]));
+	fprintf(stderr, "usage: copy_probe private | stdio full|line|none | enomem MIB | text N\n");
 	return 2;
 }
