@@ -309,7 +309,6 @@ _CLI = {
     "copy": ["--fork", "copy"],
     "vmclone-shm": ["--fork", "vmclone", "--pipe", "shm"],
     "vmclone-tcp": ["--fork", "vmclone", "--pipe", "tcp"],
-    "copy": ["--fork", "copy"],
 }
 
 
