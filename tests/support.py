@@ -5,6 +5,8 @@ Plain functions only; pytest fixtures stay in conftest.py, where pytest finds th
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -49,16 +51,42 @@ def vm(
 def native(
     name: str | Path, *args: str, timeout: float = 120, cwd: Path | None = None
 ) -> subprocess.CompletedProcess:
-    """Run the very same static binary on the host (in ``cwd`` if given)."""
+    """Run the very same static binary on the host (in ``cwd`` if given).
+
+    In a session of its own, as a VM's first process is: a group signal or a terminal
+    left behind by another test cannot reach it. A run that outlives ``timeout`` fails
+    saying where it sat (its /proc state, wait channel and syscall), then is killed."""
     path = Path(name) if isinstance(name, Path) else image_path(name)
-    return subprocess.run(
+    with subprocess.Popen(
         [str(path), *args],
-        capture_output=True,
-        timeout=timeout,
         stdin=subprocess.DEVNULL,
-        check=False,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         cwd=cwd,
-    )
+        start_new_session=True,
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            where = _where(proc.pid)
+            os.killpg(proc.pid, signal.SIGKILL)  # its children too: they hold the pipes
+            out, err = proc.communicate(timeout=30)
+            raise AssertionError(
+                f"{path.name} {' '.join(args)}: still running after {timeout} s ({where});"
+                f" stdout {out[-2000:]!r} stderr {err[-2000:]!r}"
+            ) from e
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _where(pid: int) -> str:
+    """What the kernel says a process is doing, for a hang's failure message."""
+    facts = []
+    for name in ("stat", "wchan", "syscall"):
+        try:
+            facts.append(f"{name}: {Path(f'/proc/{pid}/{name}').read_text().strip()}")
+        except OSError as e:
+            facts.append(f"{name}: {e.strerror}")
+    return "; ".join(facts)
 
 
 def wait_until(
