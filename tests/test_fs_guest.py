@@ -58,16 +58,6 @@ def test_one_vm_modes_match_native(native_out: str, fork: str) -> None:
     assert r.out == native_out
 
 
-@pytest.fixture(scope="module")
-def pool() -> Iterator[WarmPool]:
-    p = WarmPool(2)
-    try:
-        p.wait_ready(60)
-        yield p
-    finally:
-        p.close()
-
-
 @pytest.mark.parametrize("transport", ["shm", "tcp"])
 def test_vmclone_matches_native(native_out: str, pool: WarmPool, transport: str) -> None:
     """One tree per instance: the child VM's file is its parent's after wait, and the

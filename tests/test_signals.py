@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,16 +157,6 @@ class Out:
     def why(self) -> str:
         rep = "\n".join(self.result.reports) if self.result else ""
         return f"stdout:\n{self.stdout}\nstderr:\n{self.stderr}\nreports:\n{rep}"
-
-
-@pytest.fixture(scope="module")
-def pool() -> Iterator[WarmPool]:
-    p = WarmPool(2)
-    try:
-        p.wait_ready(60)
-        yield p
-    finally:
-        p.close()
 
 
 def run_in(mode: str, pool: WarmPool | None, *args: str, **config) -> Out:

@@ -44,16 +44,6 @@ def native_outs() -> Iterator[dict[str, str]]:
         shutil.rmtree(top)
 
 
-@pytest.fixture(scope="module")
-def pool() -> Iterator[WarmPool]:
-    p = WarmPool(2)
-    try:
-        p.wait_ready(60)
-        yield p
-    finally:
-        p.close()
-
-
 def test_native_outputs_are_complete(native_outs: dict[str, str]) -> None:
     for out in native_outs.values():
         assert out.endswith("done\n")

@@ -218,6 +218,16 @@ static __attribute__((unused)) const char *errname(int e)
 	}
 }
 
+/* Print "WHAT = RESULT ERRNO-NAME" for a call returning a count or -1 (errno
+ * cleared first, so only this call's error shows). */
+#define SHOW_RESULT(what, expr)                                                            \
+	do {                                                                               \
+		long r_;                                                                   \
+		set_errno(0);                                                              \
+		r_ = (long)(expr);                                                         \
+		printf("%s = %ld %s\n", what, r_ < 0 ? -1L : r_, r_ < 0 ? errname(get_errno()) : ""); \
+	} while (0)
+
 /* Describes a wait status for error messages. */
 static __attribute__((unused)) const char *describe_status(int st)
 {

@@ -23,13 +23,7 @@
 #include <sys/un.h>
 #include <time.h>
 
-#define CHECK(what, expr)                                                                  \
-	do {                                                                               \
-		long r_;                                                                   \
-		set_errno(0);                                                              \
-		r_ = (long)(expr);                                                         \
-		printf("%s = %ld %s\n", what, r_ < 0 ? -1L : r_, r_ < 0 ? errname(get_errno()) : ""); \
-	} while (0)
+#define CHECK SHOW_RESULT
 
 static volatile sig_atomic_t alarms;
 
