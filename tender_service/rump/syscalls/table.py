@@ -12,8 +12,10 @@ Anything not listed returns ENOSYS and is logged once with its name.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from tender_service.machine import hypercalls as hc
 from tender_service.rump.syscalls import (
@@ -292,18 +294,21 @@ def entries() -> list[Entry]:
     return [Entry(nr, syscall_name(nr), fn, sup, note) for nr, fn, sup, note in SYSCALLS]
 
 
-def dispatch_table() -> list[tuple[Callable[..., object], int] | None]:
-    """A list indexed by syscall number: the dispatcher's one lookup."""
+@functools.cache
+def dispatch_table() -> tuple[tuple[Callable[..., object], int] | None, ...]:
+    """A tuple indexed by syscall number: the dispatcher's one lookup (built once per
+    process: every VM, a forked child's included, shares it)."""
     table: list[tuple[Callable[..., object], int] | None] = [None] * 512
     for e in entries():
         if table[e.nr] is not None:
             raise ValueError(f"syscall {e.nr} listed twice")
         table[e.nr] = (e.handler, e.argc)
-    return table
+    return tuple(table)
 
 
-def hypercall_table() -> dict[int, tuple[Callable[..., object], int]]:
-    return {nr: (fn, fn.__code__.co_argcount - 2) for nr, fn, _ in HYPERCALLS}
+@functools.cache
+def hypercall_table() -> Mapping[int, tuple[Callable[..., object], int]]:
+    return MappingProxyType({nr: (fn, fn.__code__.co_argcount - 2) for nr, fn, _ in HYPERCALLS})
 
 
 def markdown() -> str:
