@@ -14,7 +14,9 @@ import re
 import resource
 import subprocess
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -299,20 +301,28 @@ def binaries(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: out for name, out, _ in results}
 
 
-def _no_core() -> None:
-    # abort() and SIGSEGV children must not leave core files behind.
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+@contextmanager
+def _no_core() -> Iterator[None]:
+    """abort() and SIGSEGV children must not leave core files behind. The limit is
+    lowered in this process around the spawn, not in a preexec_fn: Python code run in
+    a forked child of a process with gRPC threads can abort in gRPC's fork handlers."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
 
 
 def run(binary: Path, args: list[str], timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(binary), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        preexec_fn=_no_core,
-        stdin=subprocess.DEVNULL,
-    )
+    with _no_core():
+        return subprocess.run(
+            [str(binary), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
 
 
 def test_every_program_has_a_case() -> None:

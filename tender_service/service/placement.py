@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 LOAD_TTL = 1.0
 DOWN_FOR = 5.0
 RPC_TIMEOUT = 2.0
+#: the load a peer counts as when its GetLoad timed out: placed after every peer that answered
+SLOW_PEER_LOAD = 1 << 30
 
 
 @dataclass(eq=False)
@@ -168,9 +170,14 @@ class PeerSet:
             peer = PeerHandle(addr, self.creds, self.mark_down)
             try:
                 load = self.load_of(peer)
-            except grpc.RpcError:
-                self.mark_down(addr)
-                continue
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    self.mark_down(addr)
+                    continue
+                # slow to answer is not down (a busy host): a candidate, after any that
+                # answered; a StartVm that times out too marks it down
+                log.info("peer %s did not report its load in time", addr)
+                load = SLOW_PEER_LOAD
             key = (load, (i + offset) % len(addresses), peer)
             if best is None or key[:2] < best[:2]:
                 best = key
