@@ -140,10 +140,32 @@ CASES: dict[str, str] = {
     "piperestart": lines(
         "read across a fork, SA_RESTART: returned 1 'y', handler ran 1 time(s), child exited 0"
     ),
+    "flood": lines(
+        "flood: work done under a flood of kills, sum 1999999000000, child killed by Killed"
+    ),
+    "stopread": lines(
+        "parent: child stopped by Stopped (signal), writing while it is stopped",
+        "child: read stopped and continued: -1 EINTR, SIGCONT handler ran 1 time(s)",
+        "child: read again: 1 (data)",
+        "parent: child exited 0",
+    ),
     "badhandler": lines(f"handler at an unmapped address: {SEGV}"),
     "badframe": lines(
         f"rt_sigreturn, frame unmapped: {SEGV}",
         f"rt_sigreturn, frame of 0xff bytes: {SEGV}",
+    ),
+}
+
+
+#: what VM-clone prints instead, and why (docs/semantics.md, Signals): a read of a pipe
+#: shared with another VM is a request already on its way to the broker, so a handler
+#: never interrupts it; after the stop it resumes and gets the data
+VMCLONE_DIFFERS: dict[str, str] = {
+    "stopread": lines(
+        "parent: child stopped by Stopped (signal), writing while it is stopped",
+        "child: read stopped and continued: 1 (data), SIGCONT handler ran 1 time(s)",
+        "child: read again: 0 (EOF)",
+        "parent: child exited 0",
     ),
 }
 
@@ -192,7 +214,10 @@ def mode_pool(request: pytest.FixtureRequest) -> WarmPool | None:
 @pytest.mark.parametrize("case", list(CASES))
 def test_same_output_in_every_mode(case: str, mode: str, mode_pool: WarmPool | None) -> None:
     out = run_in(mode, mode_pool, case)
-    assert out.stdout == CASES[case], out.why()
+    expected = CASES[case]
+    if mode.startswith("vmclone"):
+        expected = VMCLONE_DIFFERS.get(case, expected)
+    assert out.stdout == expected, out.why()
     assert out.stderr == "", out.why()
     if out.result is not None:
         assert (out.result.outcome, out.result.status) == ("exited", 0), out.why()
@@ -328,7 +353,7 @@ def test_no_terminal_no_job_control(mode: str) -> None:
 STORM = lines("storm: 100000 of 100000 kills accepted, child exited 0")
 
 
-@pytest.mark.parametrize("mode", ["native", "thread"])
+@pytest.mark.parametrize("mode", ["native", "thread", "copy"])
 def test_a_storm_of_100000_kills_is_survived(mode: str) -> None:
     """The child's handler sees the kills coalesce (one pending SIGUSR1 at most), so
     the storm costs no memory; the child still ends cleanly on its SIGUSR2."""
