@@ -11,17 +11,14 @@ a signal storm keeps the tender responsive, the frame's layout is Linux's.
 
 from __future__ import annotations
 
-import os
-import select
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import image_path, native, vm
+from support import image_path, native, under_pty, vm
 
 from tender_service.bmk.sched import BmkThread
 from tender_service.instance.backends.vmclone import run_vmclone
@@ -251,53 +248,6 @@ def test_core_signals_dump_when_rlimit_core_allows(
     out = run_in(mode, mode_pool, "coredump")
     assert out.stdout == COREDUMP, out.why()
     assert out.stderr == "", out.why()
-
-
-# -- job control: the console as a controlling terminal ------------------------------------
-#: makes the terminal on its stdin its controlling one (a session leader), then runs
-#: the program as its child: the program's session and group are the leader's, as a
-#: VM's main process is in init's session and group
-_PTY_LEADER = """
-import fcntl, subprocess, sys, termios
-fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-sys.exit(subprocess.run(sys.argv[1:]).returncode)
-"""
-
-
-def under_pty(argv: list[str], timeout: float = 120) -> tuple[int, str]:
-    """Run ``argv`` with a new pseudo-terminal as its console and controlling terminal;
-    its exit code and everything it wrote there (newlines as the program wrote them)."""
-    master, slave = os.openpty()
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _PTY_LEADER, *argv],
-            stdin=slave,
-            stdout=slave,
-            stderr=slave,
-            start_new_session=True,
-        )
-    finally:
-        os.close(slave)
-    out = bytearray()
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], deadline - time.monotonic())
-            if not ready:
-                break
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # EIO: every writer of the terminal is gone
-                break
-            if not data:
-                break
-            out += data
-    finally:
-        os.close(master)
-        if proc.poll() is None:
-            proc.kill()
-        rc = proc.wait()
-    return rc, bytes(out).replace(b"\r\n", b"\n").decode(errors="replace")
 
 
 JOBCTL = lines(
