@@ -29,6 +29,7 @@ from pathlib import Path
 from comparison.progress import ProgressBar
 from comparison.report import grid
 from comparison.stats import median, percentile
+from tender_service.instance.backends.vmclone import run_vmclone
 from tender_service.rump.vminfo import RunResult, VmConfig
 from tender_service.toolchain.images import build_image
 from tender_service.vm import CaptureSink, run_vm
@@ -123,17 +124,26 @@ def run_native(path: Path, args: Sequence[str] = (), cpus: set[int] | None = Non
     return Run(p.stdout, wall)
 
 
+#: the fork modes a benchmark can run its VM side in (``--fork``, and the signal rows)
+VM_MODES = ("thread", "copy", "vmclone-shm", "vmclone-tcp")
+
+
 def run_in_vm(
     path: Path,
     args: Sequence[str] = (),
     sink: CaptureSink | None = None,
     config: VmConfig | None = None,
+    mode: str = "thread",
 ) -> Run:
-    """The same binary in a thread-fork VM in this process (console is a plain stream)."""
+    """The same binary in a VM (console is a plain stream): thread or copy fork in this
+    process, or a VM-clone instance (each process a VM of a pool started for the run)."""
     sink = sink or CaptureSink()
     config = config or VmConfig(timeout=VM_TIMEOUT, tty=False)
     t0 = time.perf_counter()
-    r = run_vm(path, args, config=config, sink=sink)
+    if mode.startswith("vmclone"):
+        r = run_vmclone(path, args, config=config, sink=sink, transport=mode.split("-")[1])
+    else:
+        r = run_vm(path, args, config=config, sink=sink, fork=mode)
     wall = time.perf_counter() - t0
     if r.outcome != "exited" or r.exit_code != 0:
         raise BenchError(
@@ -275,6 +285,17 @@ class Params:
     quick: bool
     #: the CPUs this process could use before it pinned itself to one; None if not pinned
     all_cpus: set[int] | None
+    #: the VMs' time slice in microseconds (``--quantum``; 0: cooperative), None: default
+    quantum: int | None = None
+    #: the fork mode of the VM side (``--fork``)
+    fork: str = "thread"
+
+    def config(self) -> VmConfig:
+        """The VM configuration every VM side runs with."""
+        config = VmConfig(timeout=VM_TIMEOUT, tty=False)
+        if self.quantum is not None:
+            config.quantum = self.quantum
+        return config
 
     def pick(self, quick: int, full: int) -> int:
         return quick if self.quick else full
@@ -294,9 +315,9 @@ class Bench:
     def native(self, img: Path, args: Sequence[str] = ()) -> Callable[[], Run]:
         return lambda: run_native(img, args)
 
-    @staticmethod
-    def vm(img: Path, args: Sequence[str] = ()) -> Callable[[], Run]:
-        return lambda: run_in_vm(img, args)
+    def vm(self, img: Path, args: Sequence[str] = (), mode: str | None = None) -> Callable[[], Run]:
+        """A VM run of ``img`` in ``mode`` (default ``--fork``), with ``--quantum``."""
+        return lambda: run_in_vm(img, args, config=self.p.config(), mode=mode or self.p.fork)
 
     # 1 -----------------------------------------------------------------------------
     def _call_loop(self, program: str, label: str) -> tuple[dict[str, list[Run]], int, int, int]:
@@ -374,37 +395,37 @@ class Bench:
 
     # 1b ----------------------------------------------------------------------------
     def signal(self) -> list[Row]:
-        """kill(self) -> handler entry -> rt_sigreturn, in a thread-fork VM and natively."""
+        """kill(self) -> handler entry -> rt_sigreturn, natively and in a VM of each fork
+        mode (thread, copy, VM-clone over shm and tcp; a VM-clone process with a handler
+        always runs in time slices, see docs/semantics.md), interleaved in one run."""
         img = self.image("signals")
         vm_n, nat_n = self.p.pick(2_000, 5_000), self.p.pick(100_000, 200_000)
         runs = self.p.pick(5, 9)
-        out = interleave(
-            "signal: signals roundtrip",
-            {
-                "vm": (self.vm(img, ["roundtrip", str(vm_n), "-t"]), runs),
-                "native": (self.native(img, ["roundtrip", str(nat_n), "-t"]), runs),
-            },
-            1,
-            self.progress,
-        )
-        vm_us = [floats(r.stdout, "signal_roundtrip_us")[0] for r in out["vm"]]
+        args = ["roundtrip", str(vm_n), "-t"]
+        sides = {mode: (self.vm(img, args, mode), runs) for mode in VM_MODES}
+        sides["native"] = (self.native(img, ["roundtrip", str(nat_n), "-t"]), runs)
+        out = interleave("signal: signals roundtrip", sides, 1, self.progress)
         nat_us = [floats(r.stdout, "signal_roundtrip_us")[0] for r in out["native"]]
-        return [
-            Row(
-                "signal",
-                "1b signal round trip (kill, handler, sigreturn)",
-                "us",
-                _median(nat_us),
-                _median(vm_us),
-                notes=[
-                    f"VM {runs} runs x {vm_n} signals, native {runs} runs x {nat_n} "
-                    "(+1 warm-up run each); measured inside the program",
-                    f"per-run VM: {', '.join(f'{x:.3f}' for x in vm_us)} us",
-                    f"per-run native: {', '.join(f'{x:.3f}' for x in nat_us)} us",
-                ],
-                samples={"vm_us_per_signal": vm_us, "native_us_per_signal": nat_us},
+        rows = []
+        for mode in VM_MODES:
+            vm_us = [floats(r.stdout, "signal_roundtrip_us")[0] for r in out[mode]]
+            rows.append(
+                Row(
+                    "signal" if mode == "thread" else f"signal_{mode.replace('-', '_')}",
+                    f"1b signal round trip (kill, handler, sigreturn), {mode}",
+                    "us",
+                    _median(nat_us),
+                    _median(vm_us),
+                    notes=[
+                        f"VM ({mode}) {runs} runs x {vm_n} signals, native {runs} runs x "
+                        f"{nat_n} (+1 warm-up run each); measured inside the program",
+                        f"per-run VM: {', '.join(f'{x:.3f}' for x in vm_us)} us",
+                        f"per-run native: {', '.join(f'{x:.3f}' for x in nat_us)} us",
+                    ],
+                    samples={"vm_us_per_signal": vm_us, "native_us_per_signal": nat_us},
+                )
             )
-        ]
+        return rows
 
     # 2 -----------------------------------------------------------------------------
     def hello(self) -> list[Row]:
@@ -907,6 +928,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "CPU (default: the first one this process may use); 'none' "
         "leaves the native processes free to spread over all CPUs",
     )
+    parser.add_argument(
+        "--quantum",
+        type=int,
+        metavar="US",
+        help="the VMs' time slice in microseconds (0: cooperative, as unifork run's "
+        "--quantum); default: the VM's default",
+    )
+    parser.add_argument(
+        "--fork",
+        choices=VM_MODES,
+        default="thread",
+        help="the fork mode of the VM side (the signal rows run every mode)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     a = parser.parse_args(argv)
     logging.basicConfig(
@@ -924,7 +958,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     cpu = _chosen_cpu(parser, a.cpu, all_cpus)
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
-    bench = Bench(Params(quick=a.quick, all_cpus=all_cpus if cpu is not None else None), progress)
+    bench = Bench(
+        Params(
+            quick=a.quick,
+            all_cpus=all_cpus if cpu is not None else None,
+            quantum=a.quantum,
+            fork=a.fork,
+        ),
+        progress,
+    )
     started = time.time()
     t0 = time.perf_counter()
     rows: list[Row] = []
@@ -952,6 +994,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         "VMs and native runs "
         + (f"pinned to CPU {cpu}" if cpu is not None else "not pinned")
+        + f"; VM side: {a.fork} fork, quantum "
+        + ("default" if a.quantum is None else f"{a.quantum} us")
         + "; VM/native > 1 means the VM is slower "
         "(times) or faster (MiB/s); MISS (k x) = off the target by a factor k"
     )
@@ -978,6 +1022,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "duration_s": duration,
             "machine": info,
             "pinned_cpu": cpu,
+            "fork": a.fork,
+            "quantum": a.quantum,
             "results": [
                 {
                     **{k: v for k, v in asdict(r).items() if k != "target"},

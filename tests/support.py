@@ -6,9 +6,11 @@ Plain functions only; pytest fixtures stay in conftest.py, where pytest finds th
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -152,3 +154,53 @@ def refused_port() -> Iterator[int]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         yield s.getsockname()[1]
+
+
+# -- job control: the console as a controlling terminal ------------------------------------
+#: makes the terminal on its stdin its controlling one (a session leader), then runs
+#: the program as its child: the program's session and group are the leader's, as a
+#: VM's main process is in init's session and group
+_PTY_LEADER = """
+import fcntl, subprocess, sys, termios
+fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+sys.exit(subprocess.run(sys.argv[1:]).returncode)
+"""
+
+
+def under_pty(
+    argv: list[str], timeout: float = 120, env: dict[str, str] | None = None
+) -> tuple[int, str]:
+    """Run ``argv`` with a new pseudo-terminal as its console and controlling terminal;
+    its exit code and everything it wrote there (newlines as the program wrote them)."""
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _PTY_LEADER, *argv],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            start_new_session=True,
+            env=env,
+        )
+    finally:
+        os.close(slave)
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], deadline - time.monotonic())
+            if not ready:
+                break
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every writer of the terminal is gone
+                break
+            if not data:
+                break
+            out += data
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+        rc = proc.wait()
+    return rc, bytes(out).replace(b"\r\n", b"\n").decode(errors="replace")

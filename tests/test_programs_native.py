@@ -203,6 +203,8 @@ CASES: list[tuple[str, str, list[str], int, str]] = [
             "setpgid(no such pid, 0): No such process",
             "setpgid(0, 0): ok",
             "setsid() as a group leader: Operation not permitted",
+            "setpgid(0, the group it started in): ok",
+            "setpgid(0, 0) again: ok",
             "waitpid(0) after the child's setsid: No child process",
             "setpgid(child in another session, my group): Operation not permitted",
             "child with its own session: reaped, exit 0",

@@ -1,7 +1,7 @@
 """A real shell in every fork mode: dash from Debian's sources (tests/thirdparty.py).
 
 One baked image holds /bin/sh = dash and our tools (guest/programs/tools: cat,
-ls, rm).  Each script below runs with ``sh -c`` natively (the same static
+ls, rm, sleep).  Each script below runs with ``sh -c`` natively (the same static
 binaries in a directory on PATH, in a fresh work directory) and in a VM in
 thread mode, copy mode, vmclone-shm and vmclone-tcp (``unifork run app.img -- /bin/sh
 -c ...``, with PATH=/bin and the work directory /tmp): stdout and the exit

@@ -2,7 +2,7 @@
 whose VMs are placed on both hosts of a netns cluster (tests/cluster.py).
 
 Two hosts (network namespaces), a tender on each, peers of each other.  The
-baked image (dash as /bin/sh, our cat, ls and rm) is uploaded to host A only
+baked image (dash as /bin/sh, our cat, ls, rm and sleep) is uploaded to host A only
 and launched there with placement ``spread``: each clone (a fork's child, or
 the new VM a vfork child's exec starts) goes to the less loaded of A and B, so
 an instance's processes run on both hosts, talk over cross-host pipes (tcp)

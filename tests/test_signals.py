@@ -11,17 +11,14 @@ a signal storm keeps the tender responsive, the frame's layout is Linux's.
 
 from __future__ import annotations
 
-import os
-import select
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import image_path, native, vm
+from support import image_path, native, under_pty, vm
 
 from tender_service.bmk.sched import BmkThread
 from tender_service.instance.backends.vmclone import run_vmclone
@@ -140,10 +137,32 @@ CASES: dict[str, str] = {
     "piperestart": lines(
         "read across a fork, SA_RESTART: returned 1 'y', handler ran 1 time(s), child exited 0"
     ),
+    "flood": lines(
+        "flood: work done under a flood of kills, sum 1999999000000, child killed by Killed"
+    ),
+    "stopread": lines(
+        "parent: child stopped by Stopped (signal), writing while it is stopped",
+        "child: read stopped and continued: -1 EINTR, SIGCONT handler ran 1 time(s)",
+        "child: read again: 1 (data)",
+        "parent: child exited 0",
+    ),
     "badhandler": lines(f"handler at an unmapped address: {SEGV}"),
     "badframe": lines(
         f"rt_sigreturn, frame unmapped: {SEGV}",
         f"rt_sigreturn, frame of 0xff bytes: {SEGV}",
+    ),
+}
+
+
+#: what VM-clone prints instead, and why (docs/semantics.md, Signals): a read of a pipe
+#: shared with another VM is a request already on its way to the broker, so a handler
+#: never interrupts it; after the stop it resumes and gets the data
+VMCLONE_DIFFERS: dict[str, str] = {
+    "stopread": lines(
+        "parent: child stopped by Stopped (signal), writing while it is stopped",
+        "child: read stopped and continued: 1 (data), SIGCONT handler ran 1 time(s)",
+        "child: read again: 0 (EOF)",
+        "parent: child exited 0",
     ),
 }
 
@@ -192,7 +211,10 @@ def mode_pool(request: pytest.FixtureRequest) -> WarmPool | None:
 @pytest.mark.parametrize("case", list(CASES))
 def test_same_output_in_every_mode(case: str, mode: str, mode_pool: WarmPool | None) -> None:
     out = run_in(mode, mode_pool, case)
-    assert out.stdout == CASES[case], out.why()
+    expected = CASES[case]
+    if mode.startswith("vmclone"):
+        expected = VMCLONE_DIFFERS.get(case, expected)
+    assert out.stdout == expected, out.why()
     assert out.stderr == "", out.why()
     if out.result is not None:
         assert (out.result.outcome, out.result.status) == ("exited", 0), out.why()
@@ -226,53 +248,6 @@ def test_core_signals_dump_when_rlimit_core_allows(
     out = run_in(mode, mode_pool, "coredump")
     assert out.stdout == COREDUMP, out.why()
     assert out.stderr == "", out.why()
-
-
-# -- job control: the console as a controlling terminal ------------------------------------
-#: makes the terminal on its stdin its controlling one (a session leader), then runs
-#: the program as its child: the program's session and group are the leader's, as a
-#: VM's main process is in init's session and group
-_PTY_LEADER = """
-import fcntl, subprocess, sys, termios
-fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-sys.exit(subprocess.run(sys.argv[1:]).returncode)
-"""
-
-
-def under_pty(argv: list[str], timeout: float = 120) -> tuple[int, str]:
-    """Run ``argv`` with a new pseudo-terminal as its console and controlling terminal;
-    its exit code and everything it wrote there (newlines as the program wrote them)."""
-    master, slave = os.openpty()
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _PTY_LEADER, *argv],
-            stdin=slave,
-            stdout=slave,
-            stderr=slave,
-            start_new_session=True,
-        )
-    finally:
-        os.close(slave)
-    out = bytearray()
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], deadline - time.monotonic())
-            if not ready:
-                break
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # EIO: every writer of the terminal is gone
-                break
-            if not data:
-                break
-            out += data
-    finally:
-        os.close(master)
-        if proc.poll() is None:
-            proc.kill()
-        rc = proc.wait()
-    return rc, bytes(out).replace(b"\r\n", b"\n").decode(errors="replace")
 
 
 JOBCTL = lines(
@@ -328,7 +303,7 @@ def test_no_terminal_no_job_control(mode: str) -> None:
 STORM = lines("storm: 100000 of 100000 kills accepted, child exited 0")
 
 
-@pytest.mark.parametrize("mode", ["native", "thread"])
+@pytest.mark.parametrize("mode", ["native", "thread", "copy"])
 def test_a_storm_of_100000_kills_is_survived(mode: str) -> None:
     """The child's handler sees the kills coalesce (one pending SIGUSR1 at most), so
     the storm costs no memory; the child still ends cleanly on its SIGUSR2."""

@@ -3,7 +3,8 @@
  * after children change group (their own setsid/setpgid, or the parent's setpgid).
  *
  *   setpgid(0, -1) = -1 EINVAL; setpgid(no such pid) = -1 ESRCH
- *   setpgid(0, 0) makes the parent a group leader; then setsid() = -1 EPERM
+ *   setpgid(0, 0) makes the parent a group leader; then setsid() = -1 EPERM; it can
+ *     go back to the group it started in (a VM's: init's group) and lead again
  *   a child that calls setsid() leads a new session: the parent's waitpid(0) no longer
  *     sees it (ECHILD with WNOHANG) and setpgid(child, parent's group) = -1 EPERM
  *   a child the parent moves with setpgid(child, child): waitpid(0) ECHILD,
@@ -98,10 +99,15 @@ int main(void)
 
 	top_pid = getpid();
 	setvbuf(stdout, NULL, _IOLBF, 0);
+	pid_t first_group = getpgrp();
 	expect("setpgid(0, -1)", setpgid(0, -1), EINVAL);
 	expect("setpgid(no such pid, 0)", setpgid(0x3ffffff0, 0), ESRCH);
 	expect("setpgid(0, 0)", setpgid(0, 0), 0);
 	expect("setsid() as a group leader", setsid(), EPERM);
+	/* back into the group it started in (in a VM: init's, which only init may hold
+	 * besides us), then a leader again for the rest */
+	expect("setpgid(0, the group it started in)", setpgid(0, first_group), 0);
+	expect("setpgid(0, 0) again", setpgid(0, 0), 0);
 	pid_t me = getpid();
 
 	pid_t c = child(do_setsid, ready, go);

@@ -39,6 +39,10 @@
  *   badhandler a handler address that is not mapped: SIGSEGV
  *   badframe   rt_sigreturn on a frame that cannot be read, or garbage: SIGSEGV
  *   storm      100000 kills to a child with a handler; it still exits cleanly
+ *   flood      a child kills its parent in a loop while the parent computes without
+ *              syscalls: the parent's handler runs and its work still gets done
+ *   stopread   a read blocked when SIGSTOP comes, data written while stopped: on
+ *              SIGCONT its handler (no SA_RESTART) runs first, the read is EINTR
  *   pingpong   N SIGUSR1 round trips between a parent and its child (handlers, sigsuspend);
  *              -t prints the one-way kill-to-handler latency (across VMs or hosts)
  *   roundtrip  N self-signals (kill, handler, sigreturn); prints the mean (-t)
@@ -1164,6 +1168,97 @@ static int case_storm(int n)
 	return 0;
 }
 
+/* -- flood --------------------------------------------------------------------- */
+static volatile sig_atomic_t flood_hits;
+
+static void h_flood(int sig, siginfo_t *si, void *uc)
+{
+	(void)sig, (void)si, (void)uc;
+	flood_hits++;
+}
+
+static int case_flood(void)
+{
+	int p[2];
+	if (pipe(p))
+		die("pipe: %s", strerror(errno));
+	on(SIGUSR1, h_flood, SA_RESTART, NULL);
+	pid_t parent = getpid();
+	fflush(stdout);
+	pid_t pid = fork();
+	if (pid < 0)
+		die("fork: %s", strerror(errno));
+	if (pid == 0) {
+		(void)write(p[1], "f", 1);
+		for (;;)
+			kill(parent, SIGUSR1); /* until the parent kills us */
+	}
+	char c;
+	if (read(p[0], &c, 1) != 1)
+		die("read: %s", strerror(errno));
+	/* work without syscalls under the flood: each handler's return must give the CPU
+	 * back to the work, not to the flooding child */
+	while (!flood_hits)
+		;
+	volatile unsigned long sum = 0;
+	for (unsigned long i = 0; i < 2000000; i++)
+		sum += i;
+	kill(pid, SIGKILL);
+	int st;
+	waitpid(pid, &st, 0);
+	printf("flood: work done under a flood of kills, sum %lu, child %s\n", sum, status_str(st));
+	return 0;
+}
+
+/* -- stopread ------------------------------------------------------------------ */
+static volatile sig_atomic_t cont_runs;
+
+static void h_cont(int sig, siginfo_t *si, void *uc)
+{
+	(void)sig, (void)si, (void)uc;
+	cont_runs++;
+}
+
+static int case_stopread(void)
+{
+	int p[2], ready[2];
+	if (pipe(p) || pipe(ready))
+		die("pipe: %s", strerror(errno));
+	fflush(stdout);
+	pid_t pid = fork();
+	if (pid < 0)
+		die("fork: %s", strerror(errno));
+	if (pid == 0) {
+		on(SIGCONT, h_cont, 0, NULL);
+		close(p[1]);
+		(void)write(ready[1], "r", 1);
+		char c = 0;
+		ssize_t n = read(p[0], &c, 1);
+		int e = errno;
+		printf("child: read stopped and continued: %zd %s, SIGCONT handler ran %d time(s)\n", n,
+		       n < 0 ? errname(e) : n ? "(data)" : "(EOF)", (int)cont_runs);
+		n = read(p[0], &c, 1);
+		printf("child: read again: %zd %s\n", n, n < 0 ? errname(errno) : n ? "(data)" : "(EOF)");
+		_exit(0);
+	}
+	close(p[0]);
+	char c;
+	if (read(ready[0], &c, 1) != 1)
+		die("read: %s", strerror(errno));
+	struct timespec ts = {0, 200 * 1000 * 1000};
+	nanosleep(&ts, NULL); /* the child is in its read by now */
+	kill(pid, SIGSTOP);
+	int st;
+	waitpid(pid, &st, WUNTRACED);
+	printf("parent: child %s, writing while it is stopped\n", status_str(st));
+	(void)write(p[1], "z", 1);
+	close(p[1]);
+	kill(pid, SIGCONT);
+	waitpid(pid, &st, 0);
+	printf("parent: child %s\n", status_str(st));
+	return 0;
+}
+
 /* -- roundtrip ----------------------------------------------------------------- */
 static void h_nothing(int sig, siginfo_t *si, void *uc)
 {
@@ -1270,11 +1365,15 @@ int main(int argc, char **argv)
 		return case_badframe();
 	if (!strcmp(c, "storm"))
 		return case_storm(n ? n : 100000);
+	if (!strcmp(c, "flood"))
+		return case_flood();
+	if (!strcmp(c, "stopread"))
+		return case_stopread();
 	if (!strcmp(c, "pingpong"))
 		return case_pingpong(n ? n : 100, argc > 3 && !strcmp(argv[3], "-t"));
 	if (!strcmp(c, "roundtrip"))
 		return case_roundtrip(n ? n : 1000, argc > 3 && !strcmp(argv[3], "-t"));
 	fprintf(stderr, "usage: signals handler|restart|sigsuspend|sigchld|nodefer|altstack|ucontext|rtqueue|"
-			"stopcont|killspin|jobctl|sigqueuefork|timers|core|coredump|spinhandler|piperestart|badhandler|badframe|storm [N]|pingpong [N] [-t]|roundtrip [N] [-t]\n");
+			"stopcont|killspin|jobctl|sigqueuefork|timers|core|coredump|spinhandler|piperestart|badhandler|badframe|storm [N]|flood|stopread|pingpong [N] [-t]|roundtrip [N] [-t]\n");
 	return 2;
 }

@@ -188,6 +188,8 @@ class Supervisor:
         #: the console as the controlling terminal of init's session (thread fork's
         #: kernel keeps the same record: Kernel.terminal)
         self.terminal = pgroups.Terminal(INIT_PID, INIT_PID) if config.tty else pgroups.Terminal()
+        #: init as the process-group rules see it (it has no VM, so no entry in procs)
+        self._init_rec = ProcRec(INIT_PID, 0, INIT_PID, INIT_PID, state="running")
         self._outcome: str | None = None
         self.transport_note = ""
         self._console_lock = threading.Lock()
@@ -788,12 +790,18 @@ class Supervisor:
     def _members(self) -> list[ProcRec]:
         return [r for r in self.procs.values() if r.state != "reaped"]
 
+    def _rule_members(self) -> list[ProcRec]:
+        """The members the process-group rules see: every process not reaped and init
+        (pid 1, group and session 1), as a thread-fork VM's table has it: a process may
+        go back to init's group, and init's group exists for tcsetpgrp."""
+        return [self._init_rec, *self._members()]
+
     def _op_setpgid(self, rec: ProcRec, pid: int, pgid: int) -> int:
         """The group the target joins (the VM updates its own copy), or -errno."""
         target = self.procs.get(pid or rec.pid)
         if target is not None and target.state == "reaped":
             target = None
-        new = pgroups.setpgid(rec, target, pgid, self._members())
+        new = pgroups.setpgid(rec, target, pgid, self._rule_members())
         if new > 0:
             assert target is not None  # setpgid refuses a missing target (ESRCH)
             target.pgid = new
@@ -812,21 +820,21 @@ class Supervisor:
     def _op_tty_check(self, rec: ProcRec, sig: int, ignored: int) -> int:
         if sig not in (signals.SIGTTIN, signals.SIGTTOU):
             return -errno.EINVAL
-        r = pgroups.check_access(rec, self.terminal, sig, bool(ignored), self._members())
+        r = pgroups.check_access(rec, self.terminal, sig, bool(ignored), self._rule_members())
         return self._tty_signal(rec, r)
 
     def _op_tty_getpgrp(self, rec: ProcRec) -> int:
         return pgroups.tcgetpgrp(rec, self.terminal)
 
     def _op_tty_setpgrp(self, rec: ProcRec, pgid: int, ignored: int) -> int:
-        r = pgroups.tcsetpgrp(rec, self.terminal, pgid, bool(ignored), self._members())
+        r = pgroups.tcsetpgrp(rec, self.terminal, pgid, bool(ignored), self._rule_members())
         return self._tty_signal(rec, r)
 
     def _op_tty_sctty(self, rec: ProcRec) -> int:
         return pgroups.tiocsctty(rec, self.terminal)
 
     def _op_setsid(self, rec: ProcRec) -> int:
-        err = pgroups.setsid(rec, self._members())
+        err = pgroups.setsid(rec, self._rule_members())
         if err:
             return err
         rec.sid = rec.pgid = rec.pid

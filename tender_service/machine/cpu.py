@@ -478,6 +478,11 @@ class Cpu:
         instruction counter, once ``run`` is given a count)."""
         self.uc.ctl_flush_tb()  # type: ignore[attr-defined]
 
+    @property
+    def stopped(self) -> bool:
+        """Whether the last ``run`` ended by :meth:`stop` (not by its instruction count)."""
+        return self._stopped
+
     def stop(self) -> None:
         """Stop ``run`` soon, from the syscall hook or from another thread.
 

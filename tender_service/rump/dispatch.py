@@ -36,7 +36,7 @@ def make_dispatcher(kernel: Kernel) -> Dispatcher:
     table, hypercalls = dispatch_table(), hypercall_table()
     ntable = len(table)
     set_rax, stop = cpu.set_rax, cpu.stop
-    events = kernel.events
+    events, runq = kernel.events, kernel.sched.runq
 
     def dispatch(regs: ctypes.Array) -> None:
         if events:
@@ -74,8 +74,11 @@ def make_dispatcher(kernel: Kernel) -> Dispatcher:
             set_rax(ret)
             if lwp.proc.pending & ~lwp.sigmask:
                 stop()  # a signal to deliver on the way back to user mode
+            elif runq and kernel.slice_used():
+                stop()  # its slice's time is up: preempted here
         elif ret is SWITCH:
             set_rax(0)
+            kernel.slice_owner = None  # to the back of the run queue
             stop()
         else:  # NORETURN, JUMP: the loop resumes from the registers as they are
             stop()

@@ -147,6 +147,12 @@ class Kernel(ProcessTable):
         self.restart_pending = False
         #: a time slice as an instruction budget (VmConfig.quantum is microseconds)
         self._slice = config.quantum * INSNS_PER_MICROSECOND
+        self._slice_seconds = config.quantum / 1e6
+        #: the thread whose time slice runs and its wall-clock end: a thread that left
+        #: the CPU only to take a signal or return from a handler (or for an event)
+        #: goes on with the rest of its slice, not a new one (see ``_ran``)
+        self.slice_owner: BmkThread | None = None
+        self.slice_end = 0.0
         self._counting = False
         self._recount = False  # the running thread left the CPU only to start counting
         self._stop_reason: str | None = None
@@ -360,7 +366,7 @@ class Kernel(ProcessTable):
                 first()
             proc = lwp.proc
             if proc.stopped:  # job control: it waits for SIGCONT, its syscall to restart
-                sched.block(t, proc.stop_wq, "stopped")
+                self.park_stopped(lwp)
                 continue
             if t is not self._loaded:
                 if self._loaded is not None and self._loaded.state is not ThreadState.DEAD:
@@ -381,7 +387,26 @@ class Kernel(ProcessTable):
             lwp.restart_nr, lwp.interrupted = -1, False
             self.restart_pending = False
             self.clock.tick()
-            self._ran(lwp, cpu.run(self._slice if self._needs_slices(proc) else 0))
+            self._ran(lwp, cpu.run(self._budget(t) if self._needs_slices(proc) else 0))
+
+    def _budget(self, t: BmkThread) -> int:
+        """The instructions ``t`` may run now: the rest of its slice if it left the CPU
+        within one (a signal, a handler's return), else a new slice."""
+        now = time.monotonic()
+        if self.slice_owner is t and now < self.slice_end:
+            left = int(self._slice * (self.slice_end - now) / self._slice_seconds)
+            return max(left, 1)
+        self.slice_owner, self.slice_end = t, now + self._slice_seconds
+        return self._slice
+
+    def slice_used(self) -> bool:
+        """The running thread's slice is over by the wall clock and another thread
+        waits: the dispatcher preempts it at this syscall (a thread that makes many
+        syscalls runs far fewer instructions than its budget in its slice's time)."""
+        if self.sched.runq and self.slice_end and time.monotonic() >= self.slice_end:
+            self.slice_owner = None
+            return True
+        return False
 
     def slices_needed(self) -> None:
         """A syscall made a reason for time slices (a second thread, a timer, a handler
@@ -428,12 +453,25 @@ class Kernel(ProcessTable):
             # the syscall again when woken
             cpu.set_reg(RIP, cpu.reg(RIP) - SYSCALL_INSN_LEN)
             lwp.restart_nr = cpu.reg(RAX)
-        if t.state is ThreadState.RUNNABLE:
-            if lwp.proc.pending & ~lwp.sigmask or self._recount:
-                self._recount = False
-                self.sched.runq.appendleft(t)  # a signal for it: deliver before others run
+        if t.state is not ThreadState.RUNNABLE:
+            return
+        if self._recount:
+            self._recount = False
+            self.sched.runq.appendleft(t)  # it goes on, counting
+        elif not self._counting:  # no slices: a signal for it is delivered before others run
+            if lwp.proc.pending & ~lwp.sigmask:
+                self.sched.runq.appendleft(t)
             else:
                 self.sched.runq.append(t)
+        elif self.slice_owner is t and cpu.stopped and time.monotonic() < self.slice_end:
+            # it left the CPU within its slice (a signal to deliver, rt_sigreturn, an
+            # event, an exec): it goes on with the rest of it.  Before, each sigreturn
+            # sent it to the back and each signal gave it a new slice, so a flood of
+            # signals starved it or its siblings
+            self.sched.runq.appendleft(t)
+        else:
+            self.slice_owner = None  # its slice is used (or it yielded): the others run
+            self.sched.runq.append(t)
 
     def _fault(self, lwp: Lwp, ex: CpuExit) -> None:
         """A CPU fault: the guest's handler for it runs, or the process dies (as Linux's

@@ -362,10 +362,21 @@ class ProcessTable:
         proc.stop_wq.host = self.remote is not None  # SIGCONT may come from another VM
         for lwp in proc.lwps:
             if lwp.thread.state is ThreadState.RUNNABLE:
-                self.sched.block(lwp.thread, proc.stop_wq, "stopped")
+                self.park_stopped(lwp)
+            elif lwp.restart_nr >= 0:  # blocked in a call: it stays there, interrupted
+                lwp.interrupted = True
             if lwp is self.current:
                 self.cpu.stop()
         self._notify_parent(proc, signals.CLD_STOPPED, sig)
+
+    def park_stopped(self, lwp: Lwp) -> None:
+        """``lwp`` of a stopped process waits for SIGCONT.  A syscall it was in counts
+        as interrupted: once continued, the signals pending then (SIGCONT's handler, a
+        SIGINT) are delivered before it restarts, as Linux's stop happens in signal
+        delivery, after the call was interrupted (EINTR without SA_RESTART)."""
+        if lwp.restart_nr >= 0:
+            lwp.interrupted = True
+        self.sched.block(lwp.thread, lwp.proc.stop_wq, "stopped")
 
     def continue_process(self, proc: Process) -> None:
         proc.stopped = False

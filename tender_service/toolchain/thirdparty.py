@@ -41,7 +41,7 @@ from tender_service.toolchain.paths import cache_dir, programs_dir
 log = logging.getLogger(__name__)
 
 #: our small POSIX tools baked beside the shell (dash has echo, test, true, false, printf)
-TOOLS = ("cat", "ls", "rm")
+TOOLS = ("cat", "ls", "rm", "sleep")
 DEBIAN_SOURCES = "deb-src http://deb.debian.org/debian bookworm main"
 #: how dash is configured (part of the cache key)
 DASH_CONFIGURE = (
