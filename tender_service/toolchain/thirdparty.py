@@ -192,9 +192,9 @@ def mini_httpd() -> Path:
     with file_lock(thirdparty_dir() / "mini-httpd.lock"):
         dsc = fetch_source("mini-httpd")
         version = dsc.stem.removeprefix("mini-httpd_")
-        key = hashlib.sha256(
-            (toolchain_key() + "\0".join(MINI_HTTPD_MAKE)).encode()
-        ).hexdigest()[:16]
+        key = hashlib.sha256((toolchain_key() + "\0".join(MINI_HTTPD_MAKE)).encode()).hexdigest()[
+            :16
+        ]
         target = thirdparty_dir() / f"mini_httpd-{version}-{key}.elf"
         if target.is_file():
             return target
