@@ -8,8 +8,8 @@ copy fork behind ``unifork run --publish``.  comparison/http_load.py loads
 each for a fixed time with C concurrent clients; the table gives requests/s,
 p50 and p99 latency, and the ratio of requests/s to native measured in this
 same run (configurations interleaved: native, thread, copy).  mini_httpd in
-thread fork runs with one client: two at once stall it (shared ``conn_fd``,
-docs/semantics.md).
+thread fork runs with one client: two at once stall it (its request buffer
+is a global, shared by thread fork: docs/semantics.md).
 Run: ``python -m comparison.bench_http [--seconds 5] [-c 8] [--workers 1,4,16] [--json FILE]``.
 """
 
