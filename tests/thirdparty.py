@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import sys
 
-from tender_service.toolchain.thirdparty import Unavailable, dash, tools
+from tender_service.toolchain.thirdparty import Unavailable, dash, mini_httpd, tools
 
-__all__ = ["Unavailable", "dash", "main", "tools"]
+__all__ = ["Unavailable", "dash", "main", "mini_httpd", "tools"]
 
 
 def main() -> int:
@@ -20,6 +20,11 @@ def main() -> int:
         print(dash())
     except Unavailable as e:
         print(f"thirdparty: dash unavailable: {e}", file=sys.stderr)
+        return 1
+    try:
+        print(mini_httpd())
+    except Unavailable as e:
+        print(f"thirdparty: mini_httpd unavailable: {e}", file=sys.stderr)
         return 1
     for path in tools().values():
         print(path)

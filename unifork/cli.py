@@ -83,6 +83,7 @@ def _run(a: argparse.Namespace) -> int:
         make_backend,
         run_instance,
     )
+    from tender_service.instance.publish import PortMapping, PublishError
     from tender_service.rump.vminfo import VmConfig
     from tender_service.toolchain.images import ImageNotFoundError, resolve_image
     from tender_service.vm import stdio_sink
@@ -106,6 +107,11 @@ def _run(a: argparse.Namespace) -> int:
     # read when the guest reads, as much as it asks (a file, /dev/null, a pipe, a tty);
     # the fd stays blocking: its description is shared with the user's shell
     stdin = None if a.stdin == "none" or sys.stdin is None else sys.stdin.fileno()
+    try:
+        publish = [PortMapping.parse(text) for text in a.publish]
+    except PublishError as e:
+        print(f"unifork: {e}", file=sys.stderr)
+        return 2
     backend = make_backend(a.fork, BackendContext(pool_size=a.pool))
     # argv[0]: one VM names the program after its image file, VM-clone as typed
     spec = InstanceSpec(
@@ -116,6 +122,7 @@ def _run(a: argparse.Namespace) -> int:
         argv0=None if backend.one_vm else a.image,
         stdin=stdin,
         transport=a.pipe,
+        publish=publish,
     )
     try:
         result = run_instance(backend, spec, stdio_sink(a.tag_pids))
@@ -663,6 +670,15 @@ def _main(argv: list[str] | None = None) -> int:  # noqa: C901 - split after the
     r.add_argument(
         "--pool", type=int, default=2, help="vmclone: warm tender processes to start (default 2)"
     )
+    r.add_argument(
+        "-p",
+        "--publish",
+        action="append",
+        default=[],
+        metavar="[IP:]HOST:GUEST",
+        help="thread/copy: accept TCP on the host port (default IP 127.0.0.1) and hand each "
+        "connection to the guest's listener on GUEST port (repeatable)",
+    )
     r.add_argument("--max-procs", type=int, default=1024)
     r.add_argument("--trace-syscalls", action="store_true")
     r.add_argument("--tag-pids", action="store_true", help="prefix output lines with the pid")
@@ -784,9 +800,9 @@ def _main(argv: list[str] | None = None) -> int:  # noqa: C901 - split after the
     logs.setup(a.verbose, a.log_format if a.cmd == "serve" else None)
     if a.cmd == "run":
         # options may follow the image name; program args follow a '--' or unknown words
-        return cmd_run(_split_run_args(r, a))
+        return cmd_run(_split_run_args(r, a, argv))
     if a.cmd == "launch":
-        a = _split_run_args(la, a)
+        a = _split_run_args(la, a, argv)
     try:
         return _dispatch(a)
     except UsageError as e:
@@ -812,7 +828,9 @@ def _dispatch(a: argparse.Namespace) -> int:
     }[a.cmd](a)
 
 
-def _split_run_args(parser: argparse.ArgumentParser, a: argparse.Namespace) -> argparse.Namespace:
+def _split_run_args(
+    parser: argparse.ArgumentParser, a: argparse.Namespace, argv: list[str] | None = None
+) -> argparse.Namespace:
     """Options may also follow the image: `run hello --mem 8M -n 3` or `run hello -- --mem`.
 
     After the image, words that are unifork options are taken (with their
@@ -827,8 +845,12 @@ def _split_run_args(parser: argparse.ArgumentParser, a: argparse.Namespace) -> a
     takes_value = {s for act in parser._actions for s in act.option_strings if act.nargs != 0}
     flags = {s for act in parser._actions for s in act.option_strings if act.nargs == 0}
     rest, ours = list(a.args), []
+    # argparse drops the '--' of `run IMAGE -- -p 1` from the remainder: what followed it
+    tail = argv[argv.index("--") + 1 :] if argv and "--" in argv else None
     while rest:
         word = rest[0]
+        if tail is not None and rest == tail:
+            break
         if word == "--":
             rest.pop(0)
             break

@@ -180,6 +180,8 @@ class InetSocket(UnixSocket):
         self.autobind(k)
         self.backlog = SOMAXCONN if backlog < 0 or backlog > SOMAXCONN else backlog
         self.listening = True
+        if k.published is not None and k.published.covers(self.port):
+            self.wq.host = True  # clients come from the host: its accept is no deadlock
         self._changed(k)
 
     def connect_inet(self, k: Kernel, lwp: Lwp, ip: bytes, port: int) -> int:

@@ -43,6 +43,7 @@ from tender_service.rump.fs import FileSystem
 from tender_service.rump.inet import InetNames
 from tender_service.rump.process import Lwp, Process, Program
 from tender_service.rump.proctable import ProcessTable
+from tender_service.rump.published import PublishedPorts
 from tender_service.rump.socket import UnixNames
 from tender_service.rump.timers import SIGEV_NONE, PosixTimer
 from tender_service.rump.vfs import Vfs
@@ -140,6 +141,8 @@ class Kernel(ProcessTable):
         self.unix_names = UnixNames()
         #: the instance's private loopback network, as seen by this kernel (rump/inet.py)
         self.inet = InetNames()
+        #: ports published on the host (rump/published.py), set before the VM runs
+        self.published: PublishedPorts | None = None
         self.current: Lwp | None = None
         self._loaded: BmkThread | None = None
         #: the syscall in progress parked its thread (it runs again when woken) or

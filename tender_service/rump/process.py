@@ -87,6 +87,44 @@ class Program:
     recycle: Callable[[Program], None] | None = None
 
 
+@dataclass
+class Creds:
+    """A process's ids as Linux keeps them (real, effective, saved; fsuid follows euid).
+
+    The guest starts as root, a unikernel's one user; a server that drops privileges
+    (setgroups, setgid, setuid) gets Linux's answers and cannot take them back."""
+
+    ruid: int = 0
+    euid: int = 0
+    suid: int = 0
+    rgid: int = 0
+    egid: int = 0
+    sgid: int = 0
+    groups: tuple[int, ...] = ()
+
+    def copy(self) -> Creds:
+        return Creds(self.ruid, self.euid, self.suid, self.rgid, self.egid, self.sgid, self.groups)
+
+    def to_state(self) -> dict[str, object]:
+        return {
+            "ruid": self.ruid,
+            "euid": self.euid,
+            "suid": self.suid,
+            "rgid": self.rgid,
+            "egid": self.egid,
+            "sgid": self.sgid,
+            "groups": list(self.groups),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> Creds:
+        c = cls()
+        for key in ("ruid", "euid", "suid", "rgid", "egid", "sgid"):
+            setattr(c, key, int(state.get(key, 0)) & 0xFFFFFFFF)
+        c.groups = tuple(int(g) & 0xFFFFFFFF for g in state.get("groups", ()))
+        return c
+
+
 @dataclass(eq=False)
 class Process:
     pid: int
@@ -133,6 +171,8 @@ class Process:
     #: the working directory: an inode number of the instance's file system
     cwd: int = ROOT_INO
     umask: int = 0o022
+    #: user and group ids (rump/syscalls/sys_creds.py): root until the program drops them
+    creds: Creds = field(default_factory=Creds)
     #: the program's path (/proc/PID/exe); execve sets it
     exe: bytes = b""
     #: RLIMIT_CORE (soft, hard): Linux's boot default, no core; decides WCOREDUMP

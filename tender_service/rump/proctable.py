@@ -17,7 +17,7 @@ from tender_service.bmk.sched import BmkThread, ThreadState
 from tender_service.machine.watchdog import WATCHDOG
 from tender_service.rump import signals
 from tender_service.rump.fdtable import FdTable
-from tender_service.rump.process import Lwp, Process, ProcState, Program
+from tender_service.rump.process import Creds, Lwp, Process, ProcState, Program
 from tender_service.rump.vminfo import ProcInfo
 
 if TYPE_CHECKING:
@@ -82,6 +82,7 @@ class ProcessTable:
             p.brk = parent.brk
             self.use_program(p, parent.program)
             p.cwd, p.umask, p.exe = parent.cwd, parent.umask, parent.exe
+            p.creds = parent.creds.copy()
             p.core_limit = parent.core_limit
         self.procs[pid] = p
         return p
@@ -487,6 +488,7 @@ class ProcessTable:
                 "program": _program_state(proc.program),
                 "cwd": proc.cwd,
                 "umask": proc.umask,
+                "creds": proc.creds.to_state(),
                 "exe": proc.exe.decode(errors="surrogateescape"),
                 "core_limit": list(proc.core_limit),
             },
@@ -510,6 +512,7 @@ class ProcessTable:
         proc.brk = int(p["brk"])
         proc.cwd, proc.umask = int(p.get("cwd", proc.cwd)), int(p.get("umask", 0o022)) & 0o777
         proc.exe = str(p.get("exe", "")).encode(errors="surrogateescape")
+        proc.creds = Creds.from_state(p.get("creds") or {})
         soft, hard = p.get("core_limit", proc.core_limit)
         proc.core_limit = (int(soft), int(hard))
         proc.sigactions = {

@@ -176,6 +176,50 @@ def dash() -> Path:
         return target
 
 
+#: how mini_httpd's own Makefile is driven (part of the cache key): its port.h knows
+#: Linux by the old ``linux`` macro, which zig's C mode does not define; initgroups
+#: needs <grp.h>, which its sources leave out; no libcrypt (musl has crypt in libc)
+MINI_HTTPD_MAKE = (
+    "CFLAGS=-O2 -Dlinux -D_GNU_SOURCE -include grp.h",
+    "CRYPT_LIB=",
+    "LDFLAGS=",
+)
+
+
+def mini_httpd() -> Path:
+    """mini_httpd's static musl ELF from Debian's mini-httpd sources (upstream tarball,
+    Debian's patches skipped: they add OpenSSL), built with ``unifork cc``."""
+    with file_lock(thirdparty_dir() / "mini-httpd.lock"):
+        dsc = fetch_source("mini-httpd")
+        version = dsc.stem.removeprefix("mini-httpd_")
+        key = hashlib.sha256((toolchain_key() + "\0".join(MINI_HTTPD_MAKE)).encode()).hexdigest()[
+            :16
+        ]
+        target = thirdparty_dir() / f"mini_httpd-{version}-{key}.elf"
+        if target.is_file():
+            return target
+        work = thirdparty_dir() / "build" / f"mini-httpd-{version}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.parent.mkdir(parents=True, exist_ok=True)
+        _run(
+            ["dpkg-source", "--skip-patches", "-x", str(dsc), str(work)],
+            work.parent,
+            "unpack mini-httpd",
+        )
+        _run(
+            ["make", f"CC={unifork_cc()}", *MINI_HTTPD_MAKE, "mini_httpd"],
+            work,
+            "make mini_httpd with unifork cc",
+        )
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        shutil.copyfile(work / "mini_httpd", tmp)
+        tmp.chmod(0o755)
+        os.replace(tmp, target)
+        shutil.rmtree(work, ignore_errors=True)
+        log.info("thirdparty: mini_httpd %s built: %s", version, target)
+        return target
+
+
 def tools() -> dict[str, Path]:
     """Our small POSIX tools (guest/programs/tools/*.c), built like the guest images."""
     return {name: build_image(programs_dir() / "tools" / f"{name}.c") for name in TOOLS}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from tender_service.instance.budget import MemoryBudget
+from tender_service.instance.publish import PortMapping
 from tender_service.rump.console import Sink
 from tender_service.rump.vminfo import ProcInfo, RunResult, VmConfig
 from tender_service.transports.channel import PEER_TIMEOUT
@@ -36,6 +37,9 @@ class InstanceSpec:
     #: bytes of the tender's guest-memory budget already taken for the first VM; the
     #: backend owns them from ``start`` on (it gives them back when the VM ends)
     reserved: int = 0
+    #: host ports published to guest ports (``--publish``): one-VM modes run in this
+    #: process only (instance/publish.py)
+    publish: Sequence[PortMapping] = ()
 
 
 @dataclass(slots=True)

@@ -21,6 +21,7 @@ from tender_service.instance.backends.base import (
     notify,
 )
 from tender_service.instance.budget import MemoryBudget
+from tender_service.instance.publish import Publisher, PublishError
 from tender_service.instance.threadvm import ThreadVm, ThreadVmHost
 from tender_service.rump.console import Sink
 from tender_service.rump.kernel import Kernel
@@ -48,6 +49,7 @@ class InProcessVm:
     kernel: Kernel
     held: _Held
     transport_note: str = ""
+    publisher: Publisher | None = None  # the host ports it serves (--publish)
 
     @property
     def host_pid(self) -> int:
@@ -63,6 +65,8 @@ class InProcessVm:
         return VmStatus(self.kernel.process_table(), self.kernel.committed_memory())
 
     def close(self) -> None:
+        if self.publisher is not None:
+            self.publisher.close()
         self.kernel.close()
         self.held.release()
 
@@ -120,21 +124,34 @@ class ThreadBackend:
     ) -> RunningInstance:
         held = _Held(self.budget, spec.reserved)
         config = spec.config or VmConfig()
+        if spec.publish and self.host is not None:
+            raise PublishError(
+                "a tender does not publish ports: its jailed VM process may not accept "
+                "(unifork run --publish serves them)"
+            )
         try:
             if self.host is None:
-                k = create_vm(
-                    spec.image,
-                    spec.args,
-                    spec.env,
-                    config,
-                    sink,
-                    spec.stdin,
-                    fork=self.mode,
-                    argv0=spec.argv0,
-                )
+                publisher = Publisher(spec.publish) if spec.publish else None
+                try:
+                    k = create_vm(
+                        spec.image,
+                        spec.args,
+                        spec.env,
+                        config,
+                        sink,
+                        spec.stdin,
+                        fork=self.mode,
+                        argv0=spec.argv0,
+                    )
+                except BaseException:
+                    if publisher is not None:
+                        publisher.close()
+                    raise
                 if observer is not None:
                     k.fork_observer = lambda s: notify(observer, "fork_done", s, 0, False)
-                return InProcessVm(k, held)
+                if publisher is not None:
+                    publisher.attach(k)
+                return InProcessVm(k, held, publisher=publisher)
             notify(observer, "vm_started")
             try:
                 vm = self.host.launch(

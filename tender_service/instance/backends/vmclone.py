@@ -24,6 +24,7 @@ from tender_service.instance.backends.base import (
     run_instance,
 )
 from tender_service.instance.pool import WarmPool
+from tender_service.instance.publish import PublishError
 from tender_service.instance.supervisor import ForkObserver, Supervisor
 from tender_service.machine.rootfs import load_image_file, select_program
 from tender_service.rump.console import Sink
@@ -79,6 +80,11 @@ class VmcloneBackend:
         self, spec: InstanceSpec, sink: Sink, observer: object | None = None
     ) -> RunningInstance:
         ctx = self.ctx
+        if spec.publish:
+            raise PublishError(
+                "--publish is served in thread and copy mode only: a VM-clone instance's "
+                "listeners stay in the VM that made them (docs/semantics.md)"
+            )
         try:
             # refused here, before any VM: a bad image, a program the image lacks
             boot = load_image_file(spec.image)

@@ -84,6 +84,41 @@ def sys_pwrite64(k: Kernel, lwp: Lwp, fd: int, buf: int, count: int, off: int) -
     return f.pwrite(k, buf, min(count, 0x7FFFF000), i64(off))
 
 
+#: bytes one sendfile call moves at most (Linux returns partial counts too)
+SENDFILE_MAX = 1 << 22
+
+
+def sys_sendfile(k: Kernel, lwp: Lwp, out_fd: int, in_fd: int, offp: int, count: int) -> int:
+    """Copy from a file to any writable fd (a socket, a pipe, a file) without the guest
+    touching the bytes.  The input is read at the offset and the offset moved only after
+    the write returned: a send that blocks restarts the call, which reads the same bytes
+    again and the socket resumes from what it already sent (``lwp.progress``)."""
+    src = lwp.proc.fds.get(i32(in_fd))
+    dst = lwp.proc.fds.get(i32(out_fd))
+    if not src.readable or not dst.writable:
+        raise GuestError(errno.EBADF)
+    if not isinstance(src, FsFile):
+        raise GuestError(errno.EINVAL)  # Linux: the input must support mmap-like reads
+    if dst.flags & O_APPEND:
+        raise GuestError(errno.EINVAL)
+    if offp:
+        off = i64(k.mem.read_u64(offp))
+        if off < 0:
+            raise GuestError(errno.EINVAL)
+    else:
+        off = src.seek(0, SEEK_CUR)
+    n = min(count, 0x7FFFF000, SENDFILE_MAX)
+    data = src.tree.read(src.ofd, n, off) if n else b""
+    if not data:
+        return 0
+    done = dst.write_bytes(k, lwp, bytes(data))
+    if offp:
+        k.mem.write_u64(offp, off + done)
+    else:
+        src.seek(off + done, SEEK_SET)
+    return done
+
+
 def sys_close(k: Kernel, lwp: Lwp, fd: int) -> int:
     lwp.proc.fds.close(k, i32(fd))
     return 0

@@ -81,7 +81,8 @@ def _wait(k: Kernel, lwp: Lwp, deadline: float | None, why: str, host: bool) -> 
     if host:
         until = min(until, now + HOST_RECHECK) if until is not None else now + HOST_RECHECK
     wq = k.poll_wq
-    wq.host = k.remote is not None  # a signal from another VM may end the wait
+    # a signal from another VM, or a client of a published port, may end the wait
+    wq.host = k.remote is not None or k.published is not None
     raise Block(wq, why, until=until)
 
 

@@ -53,14 +53,6 @@ def sys_set_tid_address(k: Kernel, lwp: Lwp, tidptr: int) -> int:
     return lwp.tid
 
 
-def sys_getuid(k: Kernel, lwp: Lwp) -> int:
-    return 0
-
-
-def sys_getgroups(k: Kernel, lwp: Lwp, size: int, list_: int) -> int:
-    return 0
-
-
 # -- exit ----------------------------------------------------------------------------
 def sys_exit_group(k: Kernel, lwp: Lwp, code: int) -> object:
     k.exit_process(lwp.proc, signals.exited_status(code))

@@ -1,0 +1,231 @@
+"""Published ports, the guest's side: a connection from the host is an accepted socket.
+
+``unifork run --publish HOST:GUEST`` (instance/publish.py) accepts TCP
+connections on a host port and hands each to the instance's listener on
+GUEST port, as a container runtime's port mapping does.  Inside the kernel a
+host connection is one more connected stream pair of the private network
+(rump/inet.py): the guest's end (:class:`PublishedConn`) joins the listener's
+accept queue like a local client's, the other end (:class:`HostEnd`) stands
+for the host client.  Bytes from the host are appended to the guest's
+receive queue; bytes the guest sends land in the host end's queue and are
+handed to the host side (:class:`HostLink`), one batch at a time: the next
+batch goes when the host side says the last one was written (``drained``), so
+a slow host client fills the socket buffer and blocks the guest's send, as on
+Linux.  The host side reads one chunk at a time too and reads the next when
+the guest's receive queue has room (``HostLink.resume``).
+
+Everything here runs on the VM's thread: the host side calls in through
+``Kernel.post_event``.  Wait queues that only the host can wake (the
+listener's accept, a read from the host, a send to it) are marked ``host``,
+so a server waiting for clients is not a deadlock.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from tender_service.rump.inet import LOOP4, LOOP6, InetSocket
+from tender_service.rump.socket import AF_INET, AF_INET6, SHUT_WR, SOCK_STREAM, Segment, pair
+
+if TYPE_CHECKING:
+    from tender_service.rump.kernel import Kernel
+
+log = logging.getLogger(__name__)
+
+
+class HostLink(Protocol):
+    """What the kernel asks of the host side (thread safe, never blocks)."""
+
+    def send(self, cid: int, data: bytes) -> None:
+        """Write ``data`` to the host client; answer with ``PublishedPorts.drained``."""
+
+    def shut_write(self, cid: int) -> None:
+        """The guest will send no more: shutdown(SHUT_WR) once the data is out."""
+
+    def close_conn(self, cid: int) -> None:
+        """The guest closed: close the host connection once the data is out."""
+
+    def resume(self, cid: int) -> None:
+        """The guest's receive queue has room: read the next chunk from the host."""
+
+
+class PublishedConn(InetSocket):
+    """The guest's end of a host connection (what accept returns)."""
+
+    def __init__(self, family: int, ports: PublishedPorts, cid: int) -> None:
+        super().__init__(family, SOCK_STREAM)
+        self.ports = ports
+        self.cid = cid
+        self.paused = False  # the host side waits for room before it reads more
+        self.wq.host = True  # a read waits for the host client
+
+    def describe(self) -> str:
+        return f"{super().describe()} published #{self.cid}"
+
+    def _changed(self, k: Kernel, gen: bool = True) -> None:
+        super()._changed(k, gen)
+        if self.paused and self.rx_bytes < self.rcvbuf:
+            self.paused = False
+            self.ports.link.resume(self.cid)
+
+    def release(self, k: Kernel) -> None:
+        peer = self.peer
+        super().release(k)
+        if isinstance(peer, HostEnd):
+            peer.pump(k)
+
+
+class HostEnd(InetSocket):
+    """The host client's end of the pair: what the guest sends lands here."""
+
+    def __init__(self, family: int, ports: PublishedPorts, cid: int) -> None:
+        super().__init__(family, SOCK_STREAM)
+        self.ports = ports
+        self.cid = cid
+        self.busy = False  # a batch is with the host side
+        self.shut_sent = False
+        self.wq.host = True  # a guest's send waits for the host side to take a batch
+
+    def _changed(self, k: Kernel, gen: bool = True) -> None:
+        super()._changed(k, gen)
+        self.pump(k)
+
+    def pump(self, k: Kernel) -> None:
+        """Hand the queued bytes to the host side; end the connection when the guest did."""
+        ports = self.ports
+        if self.cid not in ports.conns:
+            return
+        if self.rx and not self.busy:
+            data = b"".join(bytes(seg.data) for seg in self.rx)
+            self.rx.clear()
+            self.rx_bytes = 0
+            self.busy = True
+            ports.bytes_out += len(data)
+            ports.link.send(self.cid, data)
+            if self.peer is not None:
+                self.peer.gen += 1  # room: the guest's writable edge
+            InetSocket._changed(self, k, gen=False)  # a guest blocked in send
+        if self.rx or self.busy:
+            return
+        conn = self.peer
+        if conn is None or conn.closed:
+            ports.forget(k, self)
+            ports.link.close_conn(self.cid)
+        elif self.shut_rd and not self.shut_sent:
+            self.shut_sent = True
+            ports.link.shut_write(self.cid)
+
+
+@dataclass(eq=False)
+class PublishedPorts:
+    """The kernel's published guest ports and the host connections it holds."""
+
+    link: HostLink
+    guest_ports: frozenset[int]
+    conns: dict[int, HostEnd] = field(default_factory=dict)
+    accepted: int = 0
+    refused: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    def covers(self, port: int) -> bool:
+        return port in self.guest_ports
+
+    # -- events from the host side (run on the VM's thread) -----------------------------
+    def arrive(self, k: Kernel, cid: int, guest_port: int, peer: tuple[str, int]) -> None:
+        """A host client connected: queue it on the guest's listener, or refuse it."""
+        listener = _listener(k, guest_port)
+        if listener is None:
+            self.refused += 1
+            self.link.close_conn(cid)  # nobody listens: closed at once
+            return
+        # no backlog check: the host side holds at most MAX_INFLIGHT connections and
+        # leaves the others in its host listener's queue (a full queue is the host's)
+        fam = listener.family
+        mine = PublishedConn(fam, self, cid)
+        theirs = HostEnd(fam, self, cid)
+        pair(mine, theirs)
+        local_ip = LOOP4 if fam == AF_INET else LOOP6
+        try:
+            peer_ip = _ip_bytes(fam, peer[0])
+        except ValueError:
+            peer_ip = local_ip
+        # its port stays 0: it holds no entry of the port table (as an accepted socket)
+        mine.ip = local_ip
+        mine.name = mine.sockaddr(local_ip, guest_port)
+        mine.peer_name = mine.sockaddr(peer_ip, peer[1])
+        mine.sndbuf, mine.rcvbuf = listener.sndbuf, listener.rcvbuf
+        theirs.name, theirs.peer_name = mine.peer_name, mine.name
+        self.conns[cid] = theirs
+        self.accepted += 1
+        listener.pending.append(mine)
+        listener._changed(k)
+
+    def data(self, k: Kernel, cid: int, data: bytes) -> None:
+        """Bytes from the host client for the guest (the host side sent one chunk)."""
+        end = self.conns.get(cid)
+        conn = end.peer if end is not None else None
+        if end is None or not isinstance(conn, PublishedConn) or conn.closed or conn.shut_rd:
+            return  # the guest is gone or reads no more: dropped (Linux would reset)
+        conn.rx.append(Segment(bytearray(data)))
+        conn.rx_bytes += len(data)
+        self.bytes_in += len(data)
+        conn._changed(k)
+        if conn.rx_bytes < conn.rcvbuf:
+            self.link.resume(cid)
+        else:
+            conn.paused = True
+
+    def eof(self, k: Kernel, cid: int) -> None:
+        """The host client shut its writing side: the guest reads EOF after the data."""
+        end = self.conns.get(cid)
+        if end is not None and not end.closed:
+            end.shutdown(k, SHUT_WR)
+
+    def reset(self, k: Kernel, cid: int) -> None:
+        """The host connection failed or is gone: the guest sees EOF and EPIPE."""
+        end = self.conns.pop(cid, None)
+        if end is not None and not end.closed:
+            end.refs = 0
+            end.release(k)
+
+    def drained(self, k: Kernel, cid: int) -> None:
+        """The host side wrote the last batch: send the next (or finish)."""
+        end = self.conns.get(cid)
+        if end is not None:
+            end.busy = False
+            end.pump(k)
+
+    def forget(self, k: Kernel, end: HostEnd) -> None:
+        if self.conns.get(end.cid) is end:
+            del self.conns[end.cid]
+        if not end.closed:
+            end.refs = 0
+            end.release(k)
+
+    def close_all(self, k: Kernel) -> None:
+        for cid in list(self.conns):
+            self.link.close_conn(cid)
+            self.reset(k, cid)
+
+
+def _listener(k: Kernel, port: int) -> InetSocket | None:
+    """The guest's listener on ``port``: IPv4 first, then IPv6 (a [::] socket)."""
+    for family in (AF_INET, AF_INET6):
+        for s in k.inet.ports.get((family, SOCK_STREAM, port), []):
+            if isinstance(s, InetSocket) and s.listening and not s.closed:
+                return s
+    return None
+
+
+def _ip_bytes(family: int, text: str) -> bytes:
+    import ipaddress
+
+    ip = ipaddress.ip_address(text)
+    if family == AF_INET6 and ip.version == 4:
+        return bytes(10) + b"\xff\xff" + ip.packed  # a v4-mapped address, as Linux
+    if family == AF_INET and ip.version == 6:
+        raise ValueError(text)
+    return ip.packed
