@@ -94,11 +94,15 @@ def server(cmd_native: list[str], vm: tuple[str, list[str]], mode: str, path: st
             proc.wait()
 
 
-def _mini_httpd_site(top: Path) -> tuple[Path, Path, Path]:
+def mini_httpd_site(top: Path, files: dict[str, bytes] | None = None) -> tuple[Path, Path, Path]:
+    """(mini_httpd ELF, document root under ``top``, baked image holding the same root
+    and the passwd/group mini_httpd needs to drop root to nobody); the root holds
+    index.html (PAGE) and ``files``. Raises Unavailable if mini_httpd cannot be built."""
     exe = mini_httpd()
     www = top / "www"
     www.mkdir()
-    (www / "index.html").write_bytes(PAGE)
+    for name, data in {"index.html": PAGE, **(files or {})}.items():
+        (www / name).write_bytes(data)
     for p in (top, www):
         p.chmod(0o755)
     passwd, group = top / "passwd", top / "group"
@@ -139,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     skipped = ""
     if not opts.no_mini_httpd:
         try:
-            exe, www, image = _mini_httpd_site(top)
+            exe, www, image = mini_httpd_site(top)
             configs.append(
                 (
                     "mini_httpd",

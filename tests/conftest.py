@@ -6,11 +6,14 @@ Plain helpers are in support.py (test modules import them from there).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import thirdparty
 from support import native, vm
 
 from tender_service.instance.pool import WarmPool
+from tender_service.toolchain.bake import bake
 
 
 @pytest.fixture
@@ -32,3 +35,31 @@ def pool() -> Iterator[WarmPool]:
         yield p
     finally:
         p.close()
+
+
+# -- a real shell: dash from Debian's sources and our small tools -----------------------------
+@pytest.fixture(scope="module")
+def programs() -> dict[str, Path]:
+    """dash and our tools (skips, saying why, if dash cannot be fetched or built here)."""
+    try:
+        sh = thirdparty.dash()
+    except thirdparty.Unavailable as e:
+        pytest.skip(f"dash unavailable on this machine: {e}")
+    return {"sh": sh, **thirdparty.tools()}
+
+
+@pytest.fixture(scope="module")
+def app(programs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An image with each of ``programs`` as /bin/NAME."""
+    out = tmp_path_factory.mktemp("shell") / "app.img"
+    bake(out, [(f"/bin/{name}", path) for name, path in programs.items()])
+    return out
+
+
+@pytest.fixture(scope="module")
+def native_bin(programs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same binaries under their names in one directory: the native PATH."""
+    d = tmp_path_factory.mktemp("bin")
+    for name, path in programs.items():
+        (d / name).symlink_to(path)
+    return d

@@ -11,7 +11,6 @@ the test then checks what is (the unprivileged EPERMs) and skips the rest.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 import pytest
 from support import image_path, native, vm
@@ -27,16 +26,6 @@ def native_out() -> str:
     n = native("creds")
     assert n.returncode == 0, n.stderr
     return n.stdout.decode()
-
-
-@pytest.fixture(scope="module")
-def pool() -> Iterator[WarmPool]:
-    p = WarmPool(2)
-    try:
-        p.wait_ready(60)
-        yield p
-    finally:
-        p.close()
 
 
 def _compare(native_out: str, out: str) -> None:

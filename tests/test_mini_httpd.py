@@ -30,13 +30,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import thirdparty
 from support import free_port, wait_until
 
-from tender_service.toolchain.bake import bake
+from comparison.bench_http import PAGE, mini_httpd_site
+from tender_service.toolchain.thirdparty import Unavailable
 
 UNIFORK = str(Path(sys.executable).parent / "unifork")
-PAGE = b"<html><body>mini_httpd in a unikernel</body></html>\n" * 40
 #: headers that must match (Date and Last-Modified are the clock's and the file's)
 SAME = ("Server", "Content-Type", "Content-Length", "Connection")
 
@@ -45,27 +44,9 @@ SAME = ("Server", "Content-Type", "Content-Length", "Connection")
 def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """(mini_httpd ELF, document root on the host, baked image holding the same root)."""
     try:
-        exe = thirdparty.mini_httpd()
-    except thirdparty.Unavailable as e:
+        return mini_httpd_site(tmp_path_factory.mktemp("mini_httpd"), {"small.txt": b"small\n"})
+    except Unavailable as e:
         pytest.skip(f"mini_httpd unavailable on this machine: {e}")
-    top = tmp_path_factory.mktemp("mini_httpd")
-    www = top / "www"
-    www.mkdir()
-    (www / "index.html").write_bytes(PAGE)
-    (www / "small.txt").write_bytes(b"small\n")
-    www.chmod(0o755)
-    top.chmod(0o755)
-    passwd, group = top / "passwd", top / "group"
-    passwd.write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n")
-    group.write_text("root:x:0:\nnogroup:x:65534:\n")
-    image = top / "mini_httpd.img"
-    bake(
-        image,
-        [("/bin/mini_httpd", exe)],
-        [("/www", www)],
-        [("/etc/passwd", passwd), ("/etc/group", group)],
-    )
-    return exe, www, image
 
 
 @contextmanager

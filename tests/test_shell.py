@@ -26,9 +26,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import thirdparty
-
-from tender_service.toolchain.bake import bake
 
 UNIFORK = Path(sys.executable).parent / "unifork"
 MODES = {
@@ -129,32 +126,6 @@ _THREAD_FORK = (
 GAPS: dict[tuple[str, str], str] = {}
 for _script in ("builtins", "pipeline", "wait", "loop"):
     GAPS[(_script, "thread")] = _THREAD_FORK
-
-
-@pytest.fixture(scope="module")
-def programs() -> dict[str, Path]:
-    """dash and our tools (skips, saying why, if dash cannot be fetched or built here)."""
-    try:
-        sh = thirdparty.dash()
-    except thirdparty.Unavailable as e:
-        pytest.skip(f"dash unavailable on this machine: {e}")
-    return {"sh": sh, **thirdparty.tools()}
-
-
-@pytest.fixture(scope="module")
-def app(programs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("shell") / "app.img"
-    bake(out, [(f"/bin/{name}", path) for name, path in programs.items()])
-    return out
-
-
-@pytest.fixture(scope="module")
-def native_bin(programs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same binaries under their names in one directory: the native PATH."""
-    d = tmp_path_factory.mktemp("bin")
-    for name, path in programs.items():
-        (d / name).symlink_to(path)
-    return d
 
 
 def run_native(script: str, bindir: Path, work: Path) -> subprocess.CompletedProcess:

@@ -18,7 +18,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import thirdparty
 from cluster import A, B, explain, hosts_of, running_cluster
 from test_shell import SCRIPTS, STATUS, run_native
 
@@ -27,23 +26,6 @@ from tender_service.toolchain.bake import bake
 IMAGE = "dash-app"
 #: scripts that fork or exec (each clone goes to the less loaded host, ties alternate)
 BOTH_HOSTS = tuple(n for n in SCRIPTS if n != "set_e")  # set_e runs builtins only
-
-
-@pytest.fixture(scope="module")
-def programs() -> dict[str, Path]:
-    try:
-        sh = thirdparty.dash()
-    except thirdparty.Unavailable as e:
-        pytest.skip(f"dash unavailable on this machine: {e}")
-    return {"sh": sh, **thirdparty.tools()}
-
-
-@pytest.fixture(scope="module")
-def native_bin(programs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("bin")
-    for name, path in programs.items():
-        (d / name).symlink_to(path)
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -28,11 +28,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import thirdparty
 from support import under_pty
 from test_shell import MODES, UNIFORK, run_native, run_vm
-
-from tender_service.toolchain.bake import bake
 
 SCRIPTS = {
     "traps": """
@@ -126,31 +123,6 @@ _THREAD_FORK = (
 )
 #: (script, mode) -> why it fails, by design
 GAPS = {("traps_jobs", "thread"): _THREAD_FORK, ("jobs", "thread"): _THREAD_FORK}
-
-
-@pytest.fixture(scope="module")
-def programs() -> dict[str, Path]:
-    """dash and our tools (skips, saying why, if dash cannot be fetched or built here)."""
-    try:
-        sh = thirdparty.dash()
-    except thirdparty.Unavailable as e:
-        pytest.skip(f"dash unavailable on this machine: {e}")
-    return {"sh": sh, **thirdparty.tools()}
-
-
-@pytest.fixture(scope="module")
-def app(programs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("shell") / "app.img"
-    bake(out, [(f"/bin/{name}", path) for name, path in programs.items()])
-    return out
-
-
-@pytest.fixture(scope="module")
-def native_bin(programs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("bin")
-    for name, path in programs.items():
-        (d / name).symlink_to(path)
-    return d
 
 
 def _marks(name: str, mode: str) -> list:
