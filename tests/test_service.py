@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +138,21 @@ def still_running(pid: int, start: int) -> bool:
 
 
 # -- a tender subprocess --------------------------------------------------------------------------
+#: what a tender's log says when the port free_port() gave was taken before it bound it
+PORT_TAKEN = "Address already in use"
+
+
+def start_retrying(start: Callable[[], Tender], attempts: int = 3) -> Tender:
+    """``start()``, again while its tender exits because a port was taken meanwhile."""
+    for attempt in range(attempts):
+        try:
+            return start()
+        except AssertionError as e:
+            if PORT_TAKEN not in str(e) or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 @dataclass
 class Tender:
     proc: subprocess.Popen
@@ -166,7 +182,13 @@ class Tender:
         return [("authorization", f"Bearer {self.peer_token}")] if self.peer_token else []
 
     @classmethod
-    def start(
+    def start(cls, *args, **kwargs) -> Tender:
+        """Start a tender on free ports (see ``_start_once``), again on other ports if one
+        was taken between ``free_port()`` and the bind (up to three times)."""
+        return start_retrying(lambda: cls._start_once(*args, **kwargs))
+
+    @classmethod
+    def _start_once(
         cls,
         workdir: Path,
         *args: str,

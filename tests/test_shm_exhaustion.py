@@ -28,6 +28,7 @@ from test_service import (
     free_port,
     launch,
     metric,
+    start_retrying,
     stopped_cleanly,
     unifork_cmd,
     wait,
@@ -42,8 +43,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def small_shm_tender(tmp_path):
+def _small_shm_tender(tmp_path) -> Tender:
     port, mport = free_port(), free_port()
     log_path = tmp_path / "tender.log"
     mount = f'mount -t tmpfs -o size={SHM_SIZE} unifork-test-shm /dev/shm && exec "$@"'
@@ -79,6 +79,13 @@ def small_shm_tender(tmp_path):
         proc.kill()
         proc.wait()
         raise
+    return t
+
+
+@pytest.fixture
+def small_shm_tender(tmp_path):
+    t = start_retrying(lambda: _small_shm_tender(tmp_path))
+    proc = t.proc
     yield t
     if proc.poll() is None:
         stopped_cleanly(t)
