@@ -625,6 +625,29 @@ def test_frames_sent_before_a_close_are_delivered_first(harness: Harness, kind: 
         b.recv(timeout=5)
 
 
+def test_tcp_frames_the_peer_sent_survive_a_failed_send(harness: Harness) -> None:
+    """Regression: a VM sent its exit and hung up with our frames unread (a reset); our
+    next send failed and closed the whole channel, so its exit was never read and the
+    supervisor reported the VM lost (seen across two hosts in test_shell_multihost)."""
+    raw, theirs = socket.socketpair()
+    write_hello(raw, "tcp", {"raw": True})
+    ch, _ = accept_channel(theirs)
+    harness.channels.append(ch)
+    read_hello(raw)
+    ch.send(Frame(DATA, req=1, payload=b"unread by the peer"))
+    raw.sendall(encode(Frame(DATA, req=7, payload=b"my last words")))
+    raw.close()  # with our frame unread
+    with pytest.raises(ChannelClosed, match="send failed"):
+        for _ in range(100):  # the first send may still find room in the buffer
+            ch.send(Frame(DATA, req=2, payload=bytes(65536)))
+    f = ch.recv(timeout=5)
+    assert f is not None and (f.req, f.payload) == (7, b"my last words")
+    with pytest.raises(ChannelClosed):
+        ch.recv(timeout=5)
+    with pytest.raises(ChannelClosed, match="send failed"):
+        ch.send(Frame(DATA, req=3))
+
+
 def test_tcp_oversized_length_is_a_protocol_error(harness: Harness) -> None:
     raw, theirs = socket.socketpair()
     with raw:

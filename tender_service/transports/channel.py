@@ -309,6 +309,7 @@ class TcpChannel(_ChannelBase):
         self._rend = 0
         self._eof = False
         self._error: OSError | None = None
+        self._send_error: OSError | None = None  # sending failed: the stream out is gone
         self._poller = select.poll()
         self._poller.register(sock.fileno(), select.POLLIN)
 
@@ -326,14 +327,20 @@ class TcpChannel(_ChannelBase):
         self._enter()
         try:
             with self._send_lock:
+                if self._send_error is not None:
+                    raise ChannelClosed(f"send failed: {self._send_error}")
                 try:
                     if len(payload) <= _COALESCE:
                         self._sock.sendall(header + payload, _SEND_FLAGS)
                     else:
                         self._send_parts(memoryview(header), memoryview(payload))
                 except OSError as e:
-                    # A partial frame may be on the wire: the stream is unusable.
-                    self.close()
+                    # A partial frame may be on the wire: nothing more goes out. The
+                    # channel stays open for reading: what the peer sent before it went
+                    # (its last frames, an exit) is still delivered, then its EOF.
+                    self._send_error = e
+                    with contextlib.suppress(OSError):
+                        self._sock.shutdown(socket.SHUT_WR)
                     raise ChannelClosed(f"send failed: {e}") from None
                 self.bytes_sent += HEADER_SIZE + len(payload)
         finally:
