@@ -604,9 +604,17 @@ static void locks(void)
 		R("child flock(new open, LOCK_EX|LOCK_NB)", flock(mine, LOCK_EX | LOCK_NB));
 		R("child flock(inherited fd, LOCK_EX|LOCK_NB)", flock(fd, LOCK_EX | LOCK_NB));
 		write(p[1], "x", 1);
-		/* the parent drops its write lock: this wait ends */
-		lock_at(mine, F_SETLKW, F_WRLCK, 0, 10, "child F_SETLKW write [0,10)");
-		read(q[0], &c, 1);
+		/* the parent drops its write lock: this wait ends; its result is printed
+		 * once the parent has printed its unlock (q), so the two lines never mix */
+		{
+			struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_len = 10};
+			long r = fcntl(mine, F_SETLKW, &fl);
+			int e = errno;
+
+			read(q[0], &c, 1);
+			errno = e;
+			R("child F_SETLKW write [0,10)", r);
+		}
 		_exit(0);
 	}
 	read(p[0], &c, 1);
