@@ -88,6 +88,11 @@ def _where(pid: int) -> str:
             facts.append(f"{name}: {Path(f'/proc/{pid}/{name}').read_text().strip()}")
         except OSError as e:
             facts.append(f"{name}: {e.strerror}")
+    try:
+        fds = sorted(int(fd) for fd in os.listdir(f"/proc/{pid}/fd"))
+        facts.append(f"fds: {fds}")
+    except OSError as e:
+        facts.append(f"fds: {e.strerror}")
     return "; ".join(facts)
 
 

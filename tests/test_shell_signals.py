@@ -94,7 +94,7 @@ JOBS = """set -m
 sleep 10 &
 jobs
 kill %1
-wait %1
+wait %1 2>/dev/null
 echo "kill %1: $?"
 jobs
 sleep 0.2 &
@@ -111,7 +111,7 @@ kill -KILL %1
 echo end
 """
 JOBS_OUT = (
-    "[1] + Running                    sleep 10\nTerminated\nkill %1: 143\n"
+    "[1] + Running                    sleep 10\nkill %1: 143\n"
     "[1] + Terminated                 sleep 10\nsleep 0.2\nfg: 0\n"
     "wait for a stopped job: 147\n[1] + Stopped (signal)           sleep 10\n"
     "INT trapped\nend\n"
