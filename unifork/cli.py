@@ -83,7 +83,7 @@ def _run(a: argparse.Namespace) -> int:
         make_backend,
         run_instance,
     )
-    from tender_service.instance.publish import PortMapping, PublishError
+    from tender_service.instance.publish import PortMapping, PublishError, parse_outbound
     from tender_service.rump.vminfo import VmConfig
     from tender_service.toolchain.images import ImageNotFoundError, resolve_image
     from tender_service.vm import stdio_sink
@@ -109,6 +109,7 @@ def _run(a: argparse.Namespace) -> int:
     stdin = None if a.stdin == "none" or sys.stdin is None else sys.stdin.fileno()
     try:
         publish = [PortMapping.parse(text) for text in a.publish]
+        outbound = [parse_outbound(text) for text in a.allow_outbound]
     except PublishError as e:
         print(f"unifork: {e}", file=sys.stderr)
         return 2
@@ -123,6 +124,7 @@ def _run(a: argparse.Namespace) -> int:
         stdin=stdin,
         transport=a.pipe,
         publish=publish,
+        outbound=outbound,
     )
     try:
         result = run_instance(backend, spec, stdio_sink(a.tag_pids))
@@ -678,6 +680,15 @@ def _main(argv: list[str] | None = None) -> int:  # noqa: C901 - split after the
         metavar="[IP:]HOST:GUEST",
         help="thread/copy: accept TCP on the host port (default IP 127.0.0.1) and hand each "
         "connection to the guest's listener on GUEST port (repeatable)",
+    )
+    r.add_argument(
+        "--allow-outbound",
+        action="append",
+        default=[],
+        metavar="IP:PORT",
+        help="thread/copy: let the guest connect (TCP) to IP:PORT on the host (IP:* for any "
+        "port; the guest reaches the host's 127.0.0.1 as 10.0.2.2); nothing else leaves "
+        "the instance (repeatable)",
     )
     r.add_argument("--max-procs", type=int, default=1024)
     r.add_argument("--trace-syscalls", action="store_true")

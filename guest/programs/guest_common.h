@@ -214,6 +214,9 @@ static __attribute__((unused)) const char *errname(int e)
 	case EPROTONOSUPPORT: return "EPROTONOSUPPORT";
 	case ENOTTY: return "ENOTTY";
 	case EIO: return "EIO";
+	case EINPROGRESS: return "EINPROGRESS";
+	case EALREADY: return "EALREADY";
+	case ENETUNREACH: return "ENETUNREACH";
 	default: return "E?";
 	}
 }

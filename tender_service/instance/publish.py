@@ -16,6 +16,11 @@ taken (``drained``).  A connection to a guest port nobody listens on is
 closed at once (the client sees a reset or an EOF, as with a container
 whose server is not up).
 
+The same thread makes the instance's allowed outbound connections
+(``unifork run --allow-outbound IP:PORT``): a guest's connect to an allowed
+destination is a non-blocking connect here, answered with ``opened``, then
+served like a published connection.
+
 Not here (docs/semantics.md): a tender's ``Launch`` does not publish (its
 jailed VM process may not accept), nor does VM-clone mode (its listeners
 stay in the VM that made them).
@@ -24,6 +29,8 @@ stay in the VM that made them).
 from __future__ import annotations
 
 import contextlib
+import errno
+import ipaddress
 import itertools
 import logging
 import os
@@ -36,7 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from tender_service.rump.kernel import Kernel
-from tender_service.rump.published import PublishedPorts
+from tender_service.rump.published import OutboundRule, PublishedPorts
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +100,27 @@ class PortMapping:
         return f"{ip}:{self.host_port} -> guest port {self.guest_port}"
 
 
+def parse_outbound(text: str) -> OutboundRule:
+    """``IP:PORT`` or ``IP:*`` (``[::1]:PORT`` for IPv6): a destination on the host."""
+    ip, sep, port = text.rpartition(":")
+    try:
+        if not sep:
+            raise ValueError
+        addr = str(ipaddress.ip_address(ip.strip("[]")))
+        number = 0 if port == "*" else int(port)
+        if not 0 < number < 65536 and port != "*":
+            raise ValueError
+    except ValueError:
+        raise PublishError(f"--allow-outbound {text!r}: expected IP:PORT or IP:*") from None
+    return OutboundRule(addr, number)
+
+
 @dataclass(eq=False)
 class _Conn:
     """One host connection as the I/O thread sees it."""
 
     sock: socket.socket
+    dialing: bool = False  # an outbound connect under way
     out: bytearray = field(default_factory=bytearray)
     reading: bool = True  # wants the next chunk from the host
     host_eof: bool = False
@@ -107,11 +130,15 @@ class _Conn:
 
 
 class Publisher:
-    """The host ports of one instance and the thread that serves them (a ``HostLink``)."""
+    """The host ports of one instance, its allowed outbound connections, and the
+    thread that serves them (a ``HostLink``)."""
 
-    def __init__(self, mappings: Sequence[PortMapping]) -> None:
+    def __init__(
+        self, mappings: Sequence[PortMapping], outbound: Sequence[OutboundRule] = ()
+    ) -> None:
         """Bind every host port now, so a port in use fails the run before it starts."""
         self.mappings = list(mappings)
+        self.outbound = tuple(outbound)
         self._listeners: dict[int, tuple[socket.socket, PortMapping]] = {}
         try:
             for m in self.mappings:
@@ -142,6 +169,7 @@ class Publisher:
         self._kernel: Kernel | None = None
         self.ports: PublishedPorts | None = None
         self.accepted = 0
+        self.opened_out = 0  # outbound connections made
 
     def bound(self) -> list[tuple[str, int, int]]:
         """(host IP, host port as bound, guest port) of each mapping (port 0 picks one)."""
@@ -150,7 +178,14 @@ class Publisher:
     def attach(self, kernel: Kernel) -> None:
         """Give the kernel its published ports and start serving them."""
         self._kernel = kernel
-        self.ports = PublishedPorts(self, frozenset(m.guest_port for m in self.mappings))
+        # never out to the instance's own host ports: a loop back into itself
+        own = frozenset(
+            (ip if ip not in ("0.0.0.0", "::") else "127.0.0.1", port)
+            for ip, port, _ in self.bound()
+        )
+        self.ports = PublishedPorts(
+            self, frozenset(m.guest_port for m in self.mappings), self.outbound, own
+        )
         kernel.published = self.ports
         self._sel.register(self._wake_r, selectors.EVENT_READ)
         for fd in self._listeners:
@@ -193,6 +228,11 @@ class Publisher:
 
     def resume(self, cid: int) -> None:
         self._command(lambda: self._resume(cid))
+
+    def open(self, host_ip: str, port: int) -> int:
+        cid = next(self._ids)
+        self._command(lambda: self._open(cid, host_ip, port))
+        return cid
 
     def _command(self, fn: Callable[[], None]) -> None:
         with self._lock:
@@ -259,9 +299,46 @@ class Publisher:
         """Tell the kernel (a function of its own: each event binds its own values)."""
         self._post(lambda k, ports: ports.arrive(k, cid, port, addr))
 
+    def _open(self, cid: int, host_ip: str, port: int) -> None:
+        """A guest's allowed connect: a non-blocking connect, answered when it ends."""
+        fam = socket.AF_INET6 if ":" in host_ip else socket.AF_INET
+        try:
+            sock = socket.socket(fam, socket.SOCK_STREAM)
+        except OSError as e:
+            code = e.errno or errno.ENOBUFS
+            self._post(lambda k, ports: ports.opened(k, cid, code))
+            return
+        sock.setblocking(False)
+        err = sock.connect_ex((host_ip, port))
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            self._post(lambda k, ports: ports.opened(k, cid, err))
+            return
+        self._conns[cid] = c = _Conn(sock, dialing=True, reading=False)
+        self.opened_out += 1
+        if err == 0:
+            self._connected(cid, c)
+        else:
+            self._update(cid)
+
+    def _connected(self, cid: int, c: _Conn) -> None:
+        """An outbound connect ended: tell the guest how, then serve it (or drop it)."""
+        err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self._post(lambda k, ports: ports.opened(k, cid, err))
+        if err:
+            self._drop(cid)
+            return
+        c.dialing, c.reading = False, True
+        with contextlib.suppress(OSError):
+            c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._update(cid)
+
     def _ready(self, cid: int, mask: int) -> None:
         c = self._conns.get(cid)
         if c is None:
+            return
+        if c.dialing:
+            self._connected(cid, c)
             return
         if mask & selectors.EVENT_READ and c.reading:
             try:
@@ -338,7 +415,7 @@ class Publisher:
         """Watch what the connection waits for: the host's bytes, room to write."""
         c = self._conns[cid]
         want = (selectors.EVENT_READ if c.reading and not c.host_eof else 0) | (
-            selectors.EVENT_WRITE if c.out else 0
+            selectors.EVENT_WRITE if c.out or c.dialing else 0
         )
         if want == c.events:
             return

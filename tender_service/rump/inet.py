@@ -12,7 +12,9 @@ Not Linux (docs/semantics.md): IPv4 and IPv6 are separate (an AF_INET6
 socket bound to :: does not take IPv4 connections); a close with unread
 data is an EOF to the peer, not a reset; a write to a peer that closed
 fails with EPIPE at once.  Any other destination is ENETUNREACH: nothing
-leaves the instance.
+leaves the instance, unless ``unifork run --allow-outbound`` lists it; then a
+TCP connect is made on the host (rump/published.py ``PublishedPorts.dial``)
+and the socket is the guest's end of that host connection.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tender_service.machine.errors import GuestError
-from tender_service.rump.files import File
+from tender_service.rump.files import POLLERR, File
 from tender_service.rump.outcomes import Block
 from tender_service.rump.socket import (
     AF_INET,
@@ -78,6 +80,15 @@ class InetSocket(UnixSocket):
         self.ip = ANY4 if family == AF_INET else ANY6
         self.port = 0
         self.peer_addr: tuple[bytes, int] | None = None  # UDP connect()
+        #: a host connection's guest end (rump/published.py): its number there, and
+        #: whether the host side waits for room here before it reads more
+        self.host_cid = 0
+        self.host_paused = False
+        #: an outbound connect under way: the host connection's number (0: none), and
+        #: whether a connect() still owes its result (Linux's SS_CONNECTING: the next
+        #: connect, or a blocking one's restart, returns 0 or the error, once)
+        self.dialing = 0
+        self.dial_owed = False
 
     def describe(self) -> str:
         proto = "tcp" if self.stype == SOCK_STREAM else "udp"
@@ -162,6 +173,8 @@ class InetSocket(UnixSocket):
             if not held:
                 k.inet.ports.pop(self._key(self.port), None)
         super().release(k)
+        if self.host_cid and k.published is not None:
+            k.published.guest_closed(k, self.host_cid)  # the host end sends what is left
 
     def _find(self, k: Kernel, ip: bytes, port: int, listening: bool) -> InetSocket | None:
         for s in k.inet.ports.get(self._key(port), []):
@@ -187,8 +200,10 @@ class InetSocket(UnixSocket):
     def connect_inet(self, k: Kernel, lwp: Lwp, ip: bytes, port: int) -> int:
         if self.listening:
             raise GuestError(errno.EINVAL)
+        if self.dial_owed:
+            return self._dial_result()
         if not (is_any(ip) or is_loopback(ip)):
-            raise GuestError(errno.ENETUNREACH)  # nothing leaves the instance
+            return self._connect_out(k, ip, port)
         dial = (LOOP4 if self.family == AF_INET else LOOP6) if is_any(ip) else ip
         if self.stype == SOCK_DGRAM:
             self.autobind(k)
@@ -215,6 +230,54 @@ class InetSocket(UnixSocket):
         if self.nonblocking:
             raise GuestError(errno.EINPROGRESS)  # as Linux: connected by the time it polls
         return 0
+
+    def _connect_out(self, k: Kernel, ip: bytes, port: int) -> int:
+        """A TCP connect to a destination outside the instance: made on the host if
+        the instance's allow-list has it (ENETUNREACH otherwise, as with no route)."""
+        ports = k.published
+        if self.stype != SOCK_STREAM or ports is None:
+            raise GuestError(errno.ENETUNREACH)
+        if self.connected:
+            raise GuestError(errno.EISCONN)
+        self.autobind(k)
+        ports.dial(k, self, ip, port)  # ENETUNREACH if not allowed
+        self.dial_owed = True
+        if self.nonblocking:
+            raise GuestError(errno.EINPROGRESS)
+        raise Block(self.wq, f"connect {self.describe()}")
+
+    def _dial_result(self) -> int:
+        """connect() while an outbound connect is under way (EALREADY, or wait), then
+        once its result: 0, or the error (ECONNABORTED if SO_ERROR took it)."""
+        if self.dialing:
+            if self.nonblocking:
+                raise GuestError(errno.EALREADY)
+            raise Block(self.wq, f"connect {self.describe()}")
+        self.dial_owed = False
+        if self.connected:
+            return 0
+        err, self.so_error = self.so_error or errno.ECONNABORTED, 0
+        raise GuestError(err)
+
+    def dial_done(self, k: Kernel, err: int) -> None:
+        """The host connect ended (0: connected, paired already): wake the connect."""
+        self.dialing = 0
+        if err:
+            self.so_error = err
+            self.shut_rd = self.shut_wr = True  # Linux: POLLERR | POLLHUP, reads EOF
+        self._changed(k)
+
+    def poll(self, k: Kernel) -> int:
+        if self.dialing:
+            return 0  # a TCP connect under way: neither readable nor writable yet
+        mask = super().poll(k)
+        return mask | POLLERR if self.so_error else mask
+
+    def _changed(self, k: Kernel, gen: bool = True) -> None:
+        super()._changed(k, gen)
+        if self.host_paused and self.rx_bytes < self.rcvbuf and k.published is not None:
+            self.host_paused = False
+            k.published.link.resume(self.host_cid)  # room again: the next chunk
 
     def new_conn(self) -> InetSocket:
         return InetSocket(self.family, self.stype)
@@ -260,6 +323,9 @@ class InetSocket(UnixSocket):
     def send(self, k, lwp, n, chunk, files, flags, dest=None) -> int:
         if self.stype == SOCK_DGRAM:
             return self.send_to(k, lwp, n, chunk, files, flags, dest)
+        if not self.connected and self.shut_wr:  # a failed outbound connect: as Linux
+            drop_files(k, files)
+            return self._pipe_error(k, lwp, flags)
         return super().send(k, lwp, n, chunk, files, flags, None)
 
     def recv(self, k, lwp, vecs, flags):

@@ -22,10 +22,12 @@ so a server waiting for clients is not a deadlock.
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from tender_service.machine.errors import GuestError
 from tender_service.rump.inet import LOOP4, LOOP6, InetSocket
 from tender_service.rump.socket import AF_INET, AF_INET6, SHUT_WR, SOCK_STREAM, Segment, pair
 
@@ -50,31 +52,24 @@ class HostLink(Protocol):
     def resume(self, cid: int) -> None:
         """The guest's receive queue has room: read the next chunk from the host."""
 
+    def open(self, host_ip: str, port: int) -> int:
+        """Connect to host_ip:port on the host (an allowed outbound connection);
+        return its number and answer with ``PublishedPorts.opened``."""
+
 
 class PublishedConn(InetSocket):
-    """The guest's end of a host connection (what accept returns)."""
+    """The guest's end of a host client's connection (what accept returns).  An
+    outbound connection's guest end is the guest's own socket, marked the same way
+    (``host_cid``): InetSocket asks for the next chunk when it has room and tells
+    the host end when it is closed."""
 
-    def __init__(self, family: int, ports: PublishedPorts, cid: int) -> None:
+    def __init__(self, family: int, cid: int) -> None:
         super().__init__(family, SOCK_STREAM)
-        self.ports = ports
-        self.cid = cid
-        self.paused = False  # the host side waits for room before it reads more
+        self.host_cid = cid
         self.wq.host = True  # a read waits for the host client
 
     def describe(self) -> str:
-        return f"{super().describe()} published #{self.cid}"
-
-    def _changed(self, k: Kernel, gen: bool = True) -> None:
-        super()._changed(k, gen)
-        if self.paused and self.rx_bytes < self.rcvbuf:
-            self.paused = False
-            self.ports.link.resume(self.cid)
-
-    def release(self, k: Kernel) -> None:
-        peer = self.peer
-        super().release(k)
-        if isinstance(peer, HostEnd):
-            peer.pump(k)
+        return f"{super().describe()} published #{self.host_cid}"
 
 
 class HostEnd(InetSocket):
@@ -118,15 +113,38 @@ class HostEnd(InetSocket):
             ports.link.shut_write(self.cid)
 
 
+#: the host as the guest sees it (QEMU's user-mode network has it there too): a connect
+#: to HOST_GATEWAY:port is a connect to the host's 127.0.0.1:port, if allowed
+HOST_GATEWAY = "10.0.2.2"
+
+
+@dataclass(frozen=True)
+class OutboundRule:
+    """One destination an instance may connect to on the host: an IP and a port (0:
+    any port)."""
+
+    ip: str
+    port: int = 0
+
+    def covers(self, ip: str, port: int) -> bool:
+        return self.ip == ip and self.port in (0, port)
+
+
 @dataclass(eq=False)
 class PublishedPorts:
-    """The kernel's published guest ports and the host connections it holds."""
+    """The kernel's published guest ports and the host connections it holds: clients
+    of the published ports, and the allowed outbound connections (``allow``; never
+    to ``deny``, the host addresses the instance itself serves)."""
 
     link: HostLink
     guest_ports: frozenset[int]
+    allow: tuple[OutboundRule, ...] = ()
+    deny: frozenset[tuple[str, int]] = frozenset()
     conns: dict[int, HostEnd] = field(default_factory=dict)
+    dialing: dict[int, InetSocket] = field(default_factory=dict)
     accepted: int = 0
     refused: int = 0
+    outbound: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
 
@@ -144,7 +162,7 @@ class PublishedPorts:
         # no backlog check: the host side holds at most MAX_INFLIGHT connections and
         # leaves the others in its host listener's queue (a full queue is the host's)
         fam = listener.family
-        mine = PublishedConn(fam, self, cid)
+        mine = PublishedConn(fam, cid)
         theirs = HostEnd(fam, self, cid)
         pair(mine, theirs)
         local_ip = LOOP4 if fam == AF_INET else LOOP6
@@ -167,7 +185,7 @@ class PublishedPorts:
         """Bytes from the host client for the guest (the host side sent one chunk)."""
         end = self.conns.get(cid)
         conn = end.peer if end is not None else None
-        if end is None or not isinstance(conn, PublishedConn) or conn.closed or conn.shut_rd:
+        if end is None or not isinstance(conn, InetSocket) or conn.closed or conn.shut_rd:
             return  # the guest is gone or reads no more: dropped (Linux would reset)
         conn.rx.append(Segment(bytearray(data)))
         conn.rx_bytes += len(data)
@@ -176,7 +194,7 @@ class PublishedPorts:
         if conn.rx_bytes < conn.rcvbuf:
             self.link.resume(cid)
         else:
-            conn.paused = True
+            conn.host_paused = True
 
     def eof(self, k: Kernel, cid: int) -> None:
         """The host client shut its writing side: the guest reads EOF after the data."""
@@ -198,6 +216,52 @@ class PublishedPorts:
             end.busy = False
             end.pump(k)
 
+    def guest_closed(self, k: Kernel, cid: int) -> None:
+        """The guest closed its end: the host end sends what is queued, then closes."""
+        end = self.conns.get(cid)
+        if end is not None:
+            end.pump(k)
+
+    # -- outbound connections ---------------------------------------------------------
+    def route(self, ip: bytes, port: int) -> str | None:
+        """The host address a guest's connect to ip:port goes to, if it is allowed."""
+        import ipaddress
+
+        text = str(ipaddress.ip_address(ip))
+        host = "127.0.0.1" if text == HOST_GATEWAY else text
+        if (host, port) in self.deny or not any(r.covers(host, port) for r in self.allow):
+            return None
+        return host
+
+    def dial(self, k: Kernel, sock: InetSocket, ip: bytes, port: int) -> None:
+        """Start the host connection of ``sock``'s connect to ip:port (ENETUNREACH if
+        the instance may not): ``opened`` ends it."""
+        host = self.route(ip, port)
+        if host is None:
+            raise GuestError(errno.ENETUNREACH)  # as a network with no route there
+        cid = self.link.open(host, port)
+        sock.dialing = sock.host_cid = cid
+        sock.wq.host = True  # the host answers: a connect or read waiting is no deadlock
+        sock.peer_name = sock.sockaddr(ip, port)
+        self.dialing[cid] = sock
+        self.outbound += 1
+
+    def opened(self, k: Kernel, cid: int, err: int) -> None:
+        """The host connect ended: ``err`` 0 pairs the guest's socket with a host end."""
+        sock = self.dialing.pop(cid, None)
+        if sock is None or sock.closed:
+            self.link.close_conn(cid)
+            return
+        if err:
+            sock.host_cid = 0
+            sock.dial_done(k, err)
+            return
+        end = HostEnd(sock.family, self, cid)
+        pair(sock, end)
+        end.name, end.peer_name = sock.peer_name, sock.name
+        self.conns[cid] = end
+        sock.dial_done(k, 0)
+
     def forget(self, k: Kernel, end: HostEnd) -> None:
         if self.conns.get(end.cid) is end:
             del self.conns[end.cid]
@@ -209,6 +273,9 @@ class PublishedPorts:
         for cid in list(self.conns):
             self.link.close_conn(cid)
             self.reset(k, cid)
+        for cid in list(self.dialing):
+            self.link.close_conn(cid)
+            self.opened(k, cid, errno.ECONNABORTED)
 
 
 def _listener(k: Kernel, port: int) -> InetSocket | None:

@@ -17,6 +17,7 @@ from typing import Protocol
 from tender_service.instance.budget import MemoryBudget
 from tender_service.instance.publish import PortMapping
 from tender_service.rump.console import Sink
+from tender_service.rump.published import OutboundRule
 from tender_service.rump.vminfo import ProcInfo, RunResult, VmConfig
 from tender_service.transports.channel import PEER_TIMEOUT
 
@@ -40,6 +41,8 @@ class InstanceSpec:
     #: host ports published to guest ports (``--publish``): one-VM modes run in this
     #: process only (instance/publish.py)
     publish: Sequence[PortMapping] = ()
+    #: host destinations the guest may connect to (``--allow-outbound``), the same modes
+    outbound: Sequence[OutboundRule] = ()
 
 
 @dataclass(slots=True)

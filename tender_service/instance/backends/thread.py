@@ -124,14 +124,18 @@ class ThreadBackend:
     ) -> RunningInstance:
         held = _Held(self.budget, spec.reserved)
         config = spec.config or VmConfig()
-        if spec.publish and self.host is not None:
+        if (spec.publish or spec.outbound) and self.host is not None:
             raise PublishError(
-                "a tender does not publish ports: its jailed VM process may not accept "
-                "(unifork run --publish serves them)"
+                "a tender does not publish ports or connect out: its jailed VM process may "
+                "not accept or connect (unifork run --publish/--allow-outbound serve them)"
             )
         try:
             if self.host is None:
-                publisher = Publisher(spec.publish) if spec.publish else None
+                publisher = (
+                    Publisher(spec.publish, spec.outbound)
+                    if spec.publish or spec.outbound
+                    else None
+                )
                 try:
                     k = create_vm(
                         spec.image,

@@ -80,6 +80,11 @@ class VmcloneBackend:
         self, spec: InstanceSpec, sink: Sink, observer: object | None = None
     ) -> RunningInstance:
         ctx = self.ctx
+        if spec.outbound:
+            raise PublishError(
+                "--allow-outbound is served in thread and copy mode only: a VM-clone VM's "
+                "process may not connect out (docs/semantics.md)"
+            )
         if spec.publish:
             raise PublishError(
                 "--publish is served in thread and copy mode only: a VM-clone instance's "
