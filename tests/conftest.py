@@ -5,6 +5,7 @@ Plain helpers are in support.py (test modules import them from there).
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,21 @@ from support import native, vm
 
 from tender_service.instance.pool import WarmPool
 from tender_service.toolchain.bake import bake
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Signals as an interactive start leaves them, however the suite was started.
+
+    A command started in the background by a non-interactive shell (``cmd &`` in a
+    script, as CI runners and nohup do) has SIGINT and SIGQUIT ignored, and an
+    ignored signal stays ignored in every program it starts: natively, dash then
+    cannot trap SIGINT and ``raise(SIGQUIT)`` does nothing, where the VM (whose
+    processes start with default dispositions, as a fresh unikernel) differs.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGQUIT) is signal.SIG_IGN:
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import functools
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,24 +34,30 @@ from unicorn.unicorn_py3.unicorn import uclib
 
 from tender_service.machine.memory import GuestMemory
 
+#: uc_emu_start (it runs the guest, whose hooks take the GIL back) and uc_emu_stop
+#: (called from other threads while the guest runs) release the GIL
 _lib = ctypes.CDLL(uclib._name)
+#: every other call keeps it: they are short and never call back into Python, and
+#: releasing and taking the GIL again was a third of a register access (issue 17: a
+#: syscall reads its registers and writes rax through these)
+_fast = ctypes.PyDLL(uclib._name)
 _emu_start = _lib.uc_emu_start
 # ctypes looks a function up on its first attribute access (~15 us): do it at import,
 # not in a VM's first fork or context switch
-for _fn in (
-    "uc_context_alloc",
-    "uc_context_free",
-    "uc_context_save",
-    "uc_context_restore",
-    "uc_context_reg_write_batch",
-    "uc_emu_stop",
-    "uc_hook_add",
-    "uc_reg_read",
-    "uc_reg_read_batch",
-    "uc_reg_write",
-    "uc_reg_write_batch",
+for _lib_, _fn in (
+    (_fast, "uc_context_alloc"),
+    (_fast, "uc_context_free"),
+    (_fast, "uc_context_save"),
+    (_fast, "uc_context_restore"),
+    (_fast, "uc_context_reg_write_batch"),
+    (_lib, "uc_emu_stop"),
+    (_lib, "uc_hook_add"),
+    (_fast, "uc_reg_read"),
+    (_fast, "uc_reg_read_batch"),
+    (_fast, "uc_reg_write"),
+    (_fast, "uc_reg_write_batch"),
 ):
-    getattr(_lib, _fn)
+    getattr(_lib_, _fn)
 _emu_start.argtypes = [
     ctypes.c_void_p,
     ctypes.c_uint64,
@@ -58,7 +65,10 @@ _emu_start.argtypes = [
     ctypes.c_uint64,
     ctypes.c_size_t,
 ]
-_SYSCALL_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
+#: the hook's C signature is (uc_engine *, void *user_data); declared without them, as
+#: the SysV ABI allows (they stay in their registers unread): ctypes then makes no
+#: Python objects of the two pointers on every syscall
+_SYSCALL_CB = ctypes.CFUNCTYPE(None)
 END_ADDRESS = 0xFFFF_FFFF_FFFF_FFFF  # never reached: run until stopped
 
 #: rax (number), then the six argument registers of the Linux syscall ABI
@@ -218,7 +228,7 @@ class Context:
 
     def __del__(self) -> None:
         if self.ptr:
-            _lib.uc_context_free(self.ptr)
+            _fast.uc_context_free(self.ptr)
             self.ptr = ctypes.c_void_p()
 
 
@@ -242,9 +252,14 @@ class Cpu:
         )
         self._val = ctypes.c_uint64(0)
         self._pval = ctypes.byref(self._val)
-        self._reg_read_batch = _lib.uc_reg_read_batch
-        self._reg_write = _lib.uc_reg_write
-        self._reg_read = _lib.uc_reg_read
+        self._reg_read_batch = _fast.uc_reg_read_batch
+        self._reg_write = _fast.uc_reg_write
+        self._reg_read = _fast.uc_reg_read
+        self.set_rax = self._make_set_rax()
+        #: rax and the six syscall argument registers into ``sysregs``, in one call
+        self.read_sysregs = functools.partial(
+            self._reg_read_batch, self._h, self._ids, self._ptrs, n
+        )
         self._fault: CpuExit | None = None
         self._stopped = False
         self._regbufs = {id(rs): _RegBuffers(rs) for rs in _REGSETS}
@@ -294,21 +309,11 @@ class Cpu:
             uc.reg_write(reg, 0)
 
     # -- syscalls --------------------------------------------------------------
-    def hook_syscall(self, handler: Callable[[ctypes.Array], None]) -> None:
-        """Call ``handler(sysregs)`` on every ``syscall`` (registers already read)."""
-        read, h, ids, ptrs, regs = (
-            self._reg_read_batch,
-            self._h,
-            self._ids,
-            self._ptrs,
-            self.sysregs,
-        )
-
-        def cb(_uc: int, _data: int) -> None:
-            read(h, ids, ptrs, 7)
-            handler(regs)
-
-        self._syscall_cb = _SYSCALL_CB(cb)
+    def hook_syscall(self, handler: Callable[[], None]) -> None:
+        """Call ``handler()`` on every ``syscall``: it reads rax and the six argument
+        registers into ``sysregs`` with ``read_sysregs()`` (called by Unicorn directly:
+        no wrapper frame per syscall)."""
+        self._syscall_cb = _SYSCALL_CB(handler)
         hh = ctypes.c_size_t()
         err = _lib.uc_hook_add(
             self._h,
@@ -330,9 +335,15 @@ class Cpu:
         self.uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, x86.UC_X86_INS_IN)
         self.uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, x86.UC_X86_INS_OUT)
 
-    def set_rax(self, value: int) -> None:
-        self._val.value = value  # c_uint64 wraps negative values (-errno) as the ABI wants
-        self._reg_write(self._h, RAX, self._pval)
+    def _make_set_rax(self) -> Callable[[int], None]:
+        """``set_rax(value)``: a closure over its buffers (it runs once per syscall)."""
+        val, pval, h, write = self._val, self._pval, self._h, self._reg_write
+
+        def set_rax(value: int) -> None:
+            val.value = value  # c_uint64 wraps negative values (-errno) as the ABI wants
+            write(h, RAX, pval)
+
+        return set_rax
 
     def reg(self, reg_id: int) -> int:
         self._reg_read(self._h, reg_id, self._pval)
@@ -360,7 +371,7 @@ class Cpu:
         vals = b.vals
         for i, v in enumerate(values):
             vals[i] = v & 0xFFFF_FFFF_FFFF_FFFF
-        err = _lib.uc_reg_write_batch(self._h, regs.ids, b.ptrs, regs.n)
+        err = _fast.uc_reg_write_batch(self._h, regs.ids, b.ptrs, regs.n)
         if err:
             raise UcError(err)
 
@@ -395,7 +406,7 @@ class Cpu:
         buf, ptrs = self._fpu_buf
         ctypes.memmove(buf, bytes(raw), len(raw))
         # the status word (its TOP) goes first: ST(i) counts from it
-        err = _lib.uc_reg_write_batch(self._h, _FPU_IDS, ptrs, len(_FPU_REGS))
+        err = _fast.uc_reg_write_batch(self._h, _FPU_IDS, ptrs, len(_FPU_REGS))
         if err:
             raise UcError(err)
 
@@ -412,7 +423,7 @@ class Cpu:
         vals = b.vals
         for i, v in enumerate(values):
             vals[i] = v & 0xFFFF_FFFF_FFFF_FFFF
-        err = _lib.uc_context_reg_write_batch(ctx.ptr, regs.ids, b.ptrs, regs.n)
+        err = _fast.uc_context_reg_write_batch(ctx.ptr, regs.ids, b.ptrs, regs.n)
         if err:
             raise UcError(err)
 
@@ -433,17 +444,17 @@ class Cpu:
     def new_context(self) -> Context:
         """A context holding the CPU's current state (all registers, FS base, SSE)."""
         ctx = Context()
-        err = _lib.uc_context_alloc(self._h, ctypes.byref(ctx.ptr))
+        err = _fast.uc_context_alloc(self._h, ctypes.byref(ctx.ptr))
         if err:
             raise UcError(err)
-        _lib.uc_context_save(self._h, ctx.ptr)
+        _fast.uc_context_save(self._h, ctx.ptr)
         return ctx
 
     def save(self, ctx: Context) -> None:
-        _lib.uc_context_save(self._h, ctx.ptr)
+        _fast.uc_context_save(self._h, ctx.ptr)
 
     def restore(self, ctx: Context) -> None:
-        _lib.uc_context_restore(self._h, ctx.ptr)
+        _fast.uc_context_restore(self._h, ctx.ptr)
 
     # -- running ---------------------------------------------------------------
     def run(self, count: int = 0) -> CpuExit:

@@ -8,7 +8,6 @@ and a report (each such report is a kernel bug), and the VM goes on.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 from collections.abc import Callable
@@ -26,7 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tender_service.rump.kernel")  # `--trace-syscalls` turns this one up
 
-Dispatcher = Callable[[ctypes.Array], None]
+Dispatcher = Callable[[], None]
 
 
 def make_dispatcher(kernel: Kernel) -> Dispatcher:
@@ -36,9 +35,11 @@ def make_dispatcher(kernel: Kernel) -> Dispatcher:
     table, hypercalls = dispatch_table(), hypercall_table()
     ntable = len(table)
     set_rax, stop = cpu.set_rax, cpu.stop
+    read, regs = cpu.read_sysregs, cpu.sysregs
     events, runq = kernel.events, kernel.sched.runq
 
-    def dispatch(regs: ctypes.Array) -> None:
+    def dispatch() -> None:
+        read()
         if events:
             # another thread posted work while the guest ran (it was not stopped for
             # it: see Kernel.post_event): the loop takes it, then this syscall restarts
@@ -89,10 +90,13 @@ def make_dispatcher(kernel: Kernel) -> Dispatcher:
 def traced(kernel: Kernel, dispatch: Dispatcher) -> Dispatcher:
     """``dispatch`` that also logs each syscall with its arguments and result."""
 
-    def dispatch_traced(regs: ctypes.Array) -> None:
+    regs = kernel.cpu.sysregs
+
+    def dispatch_traced() -> None:
+        kernel.cpu.read_sysregs()
         nr, args = regs[0], list(regs[1:7])
         pid = kernel.current.proc.pid if kernel.current else 0
-        dispatch(regs)
+        dispatch()
         if kernel.restart_pending:
             result = "(blocked, will restart)"
         else:
