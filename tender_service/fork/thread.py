@@ -42,6 +42,8 @@ from tender_service.rump.process import Lwp, Process
 log = logging.getLogger(__name__)
 
 RED_ZONE = 128
+#: up to this many words, a stack is relocated by unpacking it whole (_relocate_short)
+SHORT_STACK_WORDS = 1024
 MASK64 = 0xFFFF_FFFF_FFFF_FFFF
 _U64 = struct.Struct("<Q")
 #: bytes of musl's ``struct pthread`` at and above the thread pointer (208 in
@@ -183,11 +185,16 @@ class _Relocator:
         """Relocate ``count`` words at ``buf[offset:]``.
 
         Only words in the heap (where stacks live too) or in the TLS block can
-        change.  The words of each such range share their upper bytes, so
-        ``bytes.find`` locates the candidates at C speed and only they are
-        classified in Python.  No numpy: importing it cost the first fork of
-        every VM 40-80 ms (issue 17).
+        change.  A short stack (a few hundred words: most forks) is unpacked in
+        one call and filtered in one comprehension.  In a longer one, the
+        words of each range share their upper bytes, so ``bytes.find`` locates
+        the candidates at C speed and only they are classified in Python (each
+        find costs what ~10 words of the comprehension do).  No numpy:
+        importing it cost the first fork of every VM 40-80 ms (issue 17).
         """
+        if count <= SHORT_STACK_WORDS:
+            self._relocate_short(buf, offset, count)
+            return
         end = offset + count * 8
         hits: set[int] = set()
         ranges = [(self.h_lo, self.h_hi)]
@@ -205,6 +212,20 @@ class _Relocator:
             nv = v + d if sb <= v < st else self.value(v)
             if nv != v:
                 _U64.pack_into(buf, at, nv)
+
+    def _relocate_short(self, buf, offset: int, count: int) -> None:
+        fmt = _words_format(count)
+        words = fmt.unpack_from(buf, offset)
+        h_lo, h_hi, t_lo, t_hi = self.h_lo, self.h_hi, self.tls_lo, self.tls_hi
+        hits = [i for i, v in enumerate(words) if h_lo <= v < h_hi or t_lo <= v < t_hi]
+        if not hits:
+            return
+        sb, st, d = self.s_base, self.s_top, self.delta
+        new = list(words)
+        for i in hits:
+            v = words[i]
+            new[i] = v + d if sb <= v < st else self.value(v)
+        fmt.pack_into(buf, offset, *new)
 
 
 def word_tails(lo: int, hi: int) -> list[tuple[bytes, int]]:
