@@ -15,10 +15,11 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from support import free_port, image_path, native, refused_port
+from support import free_port, image_path, native, refused_port, wait_until
 
 from tender_service.instance.publish import PublishError, parse_outbound
 from tender_service.rump.published import OutboundRule
@@ -27,16 +28,30 @@ UNIFORK = str(Path(sys.executable).parent / "unifork")
 GATEWAY = "10.0.2.2"
 
 
+@dataclass
+class EchoServer:
+    port: int
+    accepted: int = 0
+    closed: int = 0  # connections that ended (the client closed, or reset)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
 @pytest.fixture(scope="module")
-def echo_port() -> Iterator[int]:
+def echo() -> Iterator[EchoServer]:
     """A TCP echo server on the host's loopback (each connection echoed to its EOF)."""
-    srv = socket.create_server(("127.0.0.1", 0))
+    srv = socket.create_server(("127.0.0.1", 0), backlog=512)
+    state = EchoServer(srv.getsockname()[1])
     stop = threading.Event()
 
     def echo(conn: socket.socket) -> None:
         with conn:
-            while data := conn.recv(4096):
-                conn.sendall(data)
+            try:
+                while data := conn.recv(4096):
+                    conn.sendall(data)
+            except OSError:
+                pass
+        with state.lock:
+            state.closed += 1
 
     def serve() -> None:
         while not stop.is_set():
@@ -44,16 +59,23 @@ def echo_port() -> Iterator[int]:
                 conn, _ = srv.accept()
             except OSError:
                 return
+            with state.lock:
+                state.accepted += 1
             threading.Thread(target=echo, args=(conn,), daemon=True).start()
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
     try:
-        yield srv.getsockname()[1]
+        yield state
     finally:
         stop.set()
         srv.close()
         t.join(10)
+
+
+@pytest.fixture
+def echo_port(echo: EchoServer) -> int:
+    return echo.port
 
 
 def run(mode: str, flags: list[str], *args: str) -> subprocess.CompletedProcess:
@@ -111,6 +133,23 @@ def test_the_instances_own_published_port_is_never_a_destination() -> None:
     port = free_port()
     p = run("thread", ["-p", f"{port}:80", *allow(port)], "-1", GATEWAY, str(port))
     assert (p.returncode, p.stdout) == (0, b"connect = ENETUNREACH\n"), p.stderr
+
+
+def test_connections_closed_at_once_leave_nothing_open_on_the_host(echo: EchoServer) -> None:
+    """Bad input: connects closed right away, half of them while still connecting:
+    every host connection made is closed again (none is left to the host's fds)."""
+    n = 2000
+    with echo.lock:
+        accepted, closed = echo.accepted, echo.closed
+    p = run("thread", allow(echo.port), "-n", str(n), GATEWAY, str(echo.port))
+    assert (p.returncode, p.stdout) == (0, f"connections made and closed: {n} of {n}\n".encode())
+
+    def all_closed() -> bool:
+        with echo.lock:  # the blocking half at least; every one accepted is closed
+            made = echo.accepted - accepted
+            return made >= n // 2 and echo.closed - closed == made
+
+    wait_until(all_closed, 60, "every host connection to be closed")
 
 
 def test_vmclone_refuses_an_allow_list_clearly(echo_port: int) -> None:

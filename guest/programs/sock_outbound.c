@@ -6,6 +6,8 @@
  *                                            what it reads, nobody listens on
  *                                            IP:CLOSED_PORT
  *   sock_outbound -1 IP PORT                 one blocking connect; prints its result
+ *   sock_outbound -n N IP PORT               N connections closed at once, every
+ *                                            other one while still connecting
  *
  * Natively IP is 127.0.0.1; in the VM it is 10.0.2.2, the host as the guest
  * sees it.  What Linux leaves to timing on loopback (a non-blocking connect
@@ -118,6 +120,17 @@ int main(int argc, char **argv)
 		ok = addr_of(argv[2], argv[3]);
 		close(dial(&ok, 0, &err));
 		printf("connect = %s\n", errname(err));
+		return 0;
+	}
+	if (argc == 5 && !strcmp(argv[1], "-n")) {
+		int i, n = atoi(argv[2]), err, made = 0;
+
+		ok = addr_of(argv[3], argv[4]);
+		for (i = 0; i < n; i++) {
+			close(dial(&ok, i % 2 ? SOCK_NONBLOCK : 0, &err));
+			made += !err || err == EINPROGRESS;
+		}
+		printf("connections made and closed: %d of %d\n", made, n);
 		return 0;
 	}
 	if (argc != 4)
