@@ -22,7 +22,7 @@ import pytest
 from support import free_port, image_path, native, refused_port, wait_until
 
 from tender_service.instance.publish import PublishError, parse_outbound
-from tender_service.rump.published import OutboundRule
+from tender_service.rump.published import MAX_OUTBOUND, OutboundRule
 
 UNIFORK = str(Path(sys.executable).parent / "unifork")
 GATEWAY = "10.0.2.2"
@@ -150,6 +150,14 @@ def test_connections_closed_at_once_leave_nothing_open_on_the_host(echo: EchoSer
             return made >= n // 2 and echo.closed - closed == made
 
     wait_until(all_closed, 60, "every host connection to be closed")
+
+
+def test_an_instance_holds_at_most_max_outbound_connections(echo: EchoServer) -> None:
+    """Bad input: a guest that opens connections and never closes them gets
+    EADDRNOTAVAIL past MAX_OUTBOUND (each holds a host fd), as Linux out of ports."""
+    p = run("thread", allow(echo.port), "-h", str(MAX_OUTBOUND + 10), GATEWAY, str(echo.port))
+    want = f"connections held: {MAX_OUTBOUND}, then EADDRNOTAVAIL\n".encode()
+    assert (p.returncode, p.stdout) == (0, want), p.stderr
 
 
 def test_vmclone_refuses_an_allow_list_clearly(echo_port: int) -> None:

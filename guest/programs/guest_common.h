@@ -217,6 +217,7 @@ static __attribute__((unused)) const char *errname(int e)
 	case EINPROGRESS: return "EINPROGRESS";
 	case EALREADY: return "EALREADY";
 	case ENETUNREACH: return "ENETUNREACH";
+	case EADDRNOTAVAIL: return "EADDRNOTAVAIL";
 	default: return "E?";
 	}
 }

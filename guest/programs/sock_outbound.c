@@ -8,6 +8,8 @@
  *   sock_outbound -1 IP PORT                 one blocking connect; prints its result
  *   sock_outbound -n N IP PORT               N connections closed at once, every
  *                                            other one while still connecting
+ *   sock_outbound -h N IP PORT               N connections held open: how many
+ *                                            were made, and the first error
  *
  * Natively IP is 127.0.0.1; in the VM it is 10.0.2.2, the host as the guest
  * sees it.  What Linux leaves to timing on loopback (a non-blocking connect
@@ -131,6 +133,21 @@ int main(int argc, char **argv)
 			made += !err || err == EINPROGRESS;
 		}
 		printf("connections made and closed: %d of %d\n", made, n);
+		return 0;
+	}
+	if (argc == 5 && !strcmp(argv[1], "-h")) {
+		int i, n = atoi(argv[2]), err = 0, made = 0;
+
+		ok = addr_of(argv[3], argv[4]);
+		for (i = 0; i < n && !err; i++) {
+			int s = dial(&ok, 0, &err);
+
+			if (err)
+				close(s);
+			else
+				made++;
+		}
+		printf("connections held: %d, then %s\n", made, errname(err));
 		return 0;
 	}
 	if (argc != 4)

@@ -113,6 +113,8 @@ class HostEnd(InetSocket):
             ports.link.shut_write(self.cid)
 
 
+#: outbound connections one instance may hold at once (open or being made)
+MAX_OUTBOUND = 512
 #: the host as the guest sees it (QEMU's user-mode network has it there too): a connect
 #: to HOST_GATEWAY:port is a connect to the host's 127.0.0.1:port, if allowed
 HOST_GATEWAY = "10.0.2.2"
@@ -142,6 +144,9 @@ class PublishedPorts:
     deny: frozenset[tuple[str, int]] = frozenset()
     conns: dict[int, HostEnd] = field(default_factory=dict)
     dialing: dict[int, InetSocket] = field(default_factory=dict)
+    #: the outbound connections open or being made (at most MAX_OUTBOUND: each holds
+    #: a host fd of the VM's process)
+    out: set[int] = field(default_factory=set)
     accepted: int = 0
     refused: int = 0
     outbound: int = 0
@@ -204,6 +209,7 @@ class PublishedPorts:
 
     def reset(self, k: Kernel, cid: int) -> None:
         """The host connection failed or is gone: the guest sees EOF and EPIPE."""
+        self.out.discard(cid)
         end = self.conns.pop(cid, None)
         if end is not None and not end.closed:
             end.refs = 0
@@ -239,20 +245,25 @@ class PublishedPorts:
         host = self.route(ip, port)
         if host is None:
             raise GuestError(errno.ENETUNREACH)  # as a network with no route there
+        if len(self.out) >= MAX_OUTBOUND:
+            raise GuestError(errno.EADDRNOTAVAIL)  # as Linux out of ephemeral ports
         cid = self.link.open(host, port)
         sock.dialing = sock.host_cid = cid
         sock.wq.host = True  # the host answers: a connect or read waiting is no deadlock
         sock.peer_name = sock.sockaddr(ip, port)
         self.dialing[cid] = sock
+        self.out.add(cid)
         self.outbound += 1
 
     def opened(self, k: Kernel, cid: int, err: int) -> None:
         """The host connect ended: ``err`` 0 pairs the guest's socket with a host end."""
         sock = self.dialing.pop(cid, None)
         if sock is None or sock.closed:
+            self.out.discard(cid)
             self.link.close_conn(cid)
             return
         if err:
+            self.out.discard(cid)
             sock.host_cid = 0
             sock.dial_done(k, err)
             return
@@ -263,6 +274,7 @@ class PublishedPorts:
         sock.dial_done(k, 0)
 
     def forget(self, k: Kernel, end: HostEnd) -> None:
+        self.out.discard(end.cid)
         if self.conns.get(end.cid) is end:
             del self.conns[end.cid]
         if not end.closed:
