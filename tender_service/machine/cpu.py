@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from unicorn import (
     UC_ARCH_X86,
+    UC_HOOK_BLOCK,
     UC_HOOK_INSN,
     UC_HOOK_INSN_INVALID,
     UC_HOOK_INTR,
@@ -33,6 +34,7 @@ from unicorn import x86_const as x86
 from unicorn.unicorn_py3.unicorn import uclib
 
 from tender_service.machine.memory import GuestMemory
+from tender_service.toolchain.images import build_preempt_hook
 
 #: uc_emu_start (it runs the guest, whose hooks take the GIL back) and uc_emu_stop
 #: (called from other threads while the guest runs) release the GIL
@@ -69,6 +71,30 @@ _emu_start.argtypes = [
 #: the SysV ABI allows (they stay in their registers unread): ctypes then makes no
 #: Python objects of the two pointers on every syscall
 _SYSCALL_CB = ctypes.CFUNCTYPE(None)
+_STOP_ADDR = ctypes.cast(_lib.uc_emu_stop, ctypes.c_void_p).value
+
+
+class _Slice(ctypes.Structure):
+    """``struct unifork_slice`` of guest/runtime/preempt_hook.c."""
+
+    _fields_ = [
+        ("left", ctypes.c_int64),
+        ("stop", ctypes.c_void_p),
+        ("fired", ctypes.c_int32),
+    ]
+
+
+@functools.cache
+def _preempt_library() -> ctypes.CDLL:
+    """The host library of the block hook, built once per host by the toolchain and
+    loaded once per process (before a VM process jails itself: ``warm_up``)."""
+    return ctypes.CDLL(str(build_preempt_hook()))
+
+
+def _preempt_hook() -> int:
+    return ctypes.cast(_preempt_library().unifork_block_hook, ctypes.c_void_p).value or 0
+
+
 END_ADDRESS = 0xFFFF_FFFF_FFFF_FFFF  # never reached: run until stopped
 
 #: rax (number), then the six argument registers of the Linux syscall ABI
@@ -271,6 +297,9 @@ class Cpu:
             ),
         )
         self._syscall_cb: Callable[..., None] | None = None  # kept alive while hooked
+        #: the time slice the block hook counts down (``enable_slices``)
+        self._slice = _Slice(0, _STOP_ADDR, 0)
+        self._slices_on = False
         self._enter_user_mode()
         self.uc.reg_write(x86.UC_X86_REG_FPCW, LINUX_FPCW)
         self.uc.reg_write(x86.UC_X86_REG_MXCSR, LINUX_MXCSR)
@@ -457,16 +486,44 @@ class Cpu:
         _fast.uc_context_restore(self._h, ctx.ptr)
 
     # -- running ---------------------------------------------------------------
-    def run(self, count: int = 0) -> CpuExit:
-        """Run from the current RIP until stopped or a fault."""
+    def enable_slices(self) -> None:
+        """Install the block counter (guest/runtime/preempt_hook.c) that ends a time
+        slice: before the guest runs, so that no block is translated without it."""
+        if self._slices_on:
+            return
+        hh = ctypes.c_size_t()
+        err = _lib.uc_hook_add(
+            self._h,
+            ctypes.byref(hh),
+            UC_HOOK_BLOCK,
+            ctypes.c_void_p(_preempt_hook()),
+            ctypes.byref(self._slice),
+            ctypes.c_uint64(1),
+            ctypes.c_uint64(0),
+        )
+        if err:
+            raise UcError(err)
+        self._slices_on = True
+
+    def arm(self, blocks: int) -> None:
+        """Give the running (or next) ``run`` a slice of ``blocks`` translated blocks
+        (0: none); may be called from the syscall hook, while the guest runs."""
+        self._slice.left = blocks
+
+    def run(self, blocks: int = 0) -> CpuExit:
+        """Run from the current RIP until stopped, a fault, or (``blocks`` > 0, with
+        ``enable_slices``) the end of a slice of that many blocks."""
         self._fault = None
         self._stopped = False
-        err = _emu_start(self._h, self.reg(RIP), END_ADDRESS, 0, count)
+        sl = self._slice
+        sl.left, sl.fired = blocks, 0
+        err = _emu_start(self._h, self.reg(RIP), END_ADDRESS, 0, 0)
+        sl.left = 0
         if err:
             return self._classify(err)
         if self._fault is not None:
             return self._fault
-        if not self._stopped and count == 0:  # it ended by itself: on a hlt?
+        if not self._stopped and not sl.fired:  # it ended by itself: on a hlt?
             rip = self.reg(RIP)
             if self._byte_at(rip - 1) == 0xF4:
                 # hlt: privileged in user mode, Linux delivers SIGSEGV (musl's a_crash)
@@ -484,14 +541,9 @@ class Cpu:
         """
         self.uc.ctl_remove_cache(addr, addr + size)
 
-    def flush_code(self) -> None:
-        """Drop every translated block: the next run translates anew (with an
-        instruction counter, once ``run`` is given a count)."""
-        self.uc.ctl_flush_tb()  # type: ignore[attr-defined]
-
     @property
     def stopped(self) -> bool:
-        """Whether the last ``run`` ended by :meth:`stop` (not by its instruction count)."""
+        """Whether the last ``run`` ended by :meth:`stop` (not by the end of its slice)."""
         return self._stopped
 
     def stop(self) -> None:

@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 
 #: instructions a time slice allows per microsecond of ``VmConfig.quantum`` (the
 #: emulator runs some 50-100 million guest instructions a second with a counter)
-INSNS_PER_MICROSECOND = 50
+#: translated blocks a guest runs per microsecond, about: a time slice's budget
+BLOCKS_PER_MICROSECOND = 10
 
 #: seconds between stops while an event that interrupts waits for the VM's loop
 EVENT_POKE = 0.02
@@ -148,16 +149,16 @@ class Kernel(ProcessTable):
         #: the syscall in progress parked its thread (it runs again when woken) or
         #: yielded to an event (it runs again once the loop has taken it)
         self.restart_pending = False
-        #: a time slice as an instruction budget (VmConfig.quantum is microseconds)
-        self._slice = config.quantum * INSNS_PER_MICROSECOND
+        #: a time slice as a budget of translated blocks (VmConfig.quantum is
+        #: microseconds), counted by the CPU's block hook (machine/cpu.py)
+        self._slice = config.quantum * BLOCKS_PER_MICROSECOND
         self._slice_seconds = config.quantum / 1e6
         #: the thread whose time slice runs and its wall-clock end: a thread that left
         #: the CPU only to take a signal or return from a handler (or for an event)
         #: goes on with the rest of its slice, not a new one (see ``_ran``)
         self.slice_owner: BmkThread | None = None
         self.slice_end = 0.0
-        self._counting = False
-        self._recount = False  # the running thread left the CPU only to start counting
+        self._sliced = False  # the VM has had a reason for time slices (``_needs_slices``)
         self._stop_reason: str | None = None
         self._finished = False  # run() has returned: no more pokes
         self.reports: list[str] = []
@@ -172,6 +173,8 @@ class Kernel(ProcessTable):
         os.set_blocking(self._wakeup_w, False)
         dispatch = make_dispatcher(self)
         self.cpu.hook_syscall(traced(self, dispatch) if config.trace_syscalls else dispatch)
+        if self._slice:
+            self.cpu.enable_slices()  # before any guest block is translated
         #: the instance's file system (boot() gives it the image's tree; VM-clone a proxy)
         self.fs = Vfs(FileSystem(None, config.tmpfs_size))
         self.init = self.new_process(None, FdTable(), "init")
@@ -393,7 +396,7 @@ class Kernel(ProcessTable):
             self._ran(lwp, cpu.run(self._budget(t) if self._needs_slices(proc) else 0))
 
     def _budget(self, t: BmkThread) -> int:
-        """The instructions ``t`` may run now: the rest of its slice if it left the CPU
+        """The blocks ``t`` may run now: the rest of its slice if it left the CPU
         within one (a signal, a handler's return), else a new slice."""
         now = time.monotonic()
         if self.slice_owner is t and now < self.slice_end:
@@ -413,25 +416,25 @@ class Kernel(ProcessTable):
 
     def slices_needed(self) -> None:
         """A syscall made a reason for time slices (a second thread, a timer, a handler
-        that a signal from another VM must run): the guest leaves the CPU right after
-        this syscall and goes on first, counting (the loop drops the translated blocks,
-        which it cannot do while the guest runs)."""
-        if self._slice and not self._counting:
-            self._recount = True
-            self.cpu.stop()
+        that a signal from another VM must run): the running thread gets its slice at
+        once (the block hook reads it while the guest runs)."""
+        t = self.current.thread if self.current is not None else None
+        if self._slice and not self._sliced and t is not None:
+            self._sliced = True
+            self.cpu.arm(self._budget(t))
 
     def _needs_slices(self, proc: Process) -> bool:
-        """Whether the guest runs in time slices (an instruction budget).
+        """Whether the guest runs in time slices (a budget of translated blocks).
 
-        Preemption is an instruction count, never a stop from another thread (that
-        replays instructions: see ``Cpu.stop``).  Counting costs every instruction a
-        hook (about 2.7x on ``cpu_loop``), so a VM counts only once it has something
-        that must get the CPU back from a guest that makes no syscalls: a second
-        thread, an interval timer, or (VM-clone) a handler a signal from another VM
-        must run.  From then on it counts until it ends: switching the counter off
-        would drop every translated block each time.
+        Preemption is the block hook's count, never a stop from another thread (that
+        replays instructions: see ``Cpu.stop``).  The hook is in every block from
+        the VM's start (``Cpu.enable_slices``): a VM without a reason for slices
+        runs unarmed (a compare per block); once it has something that must get the
+        CPU back from a guest that makes no syscalls (a second thread, an interval
+        timer, or (VM-clone) a handler a signal from another VM must run), every run
+        is a slice until the VM ends.
         """
-        if self._counting:
+        if self._sliced:
             return True
         if not self._slice:
             return False
@@ -440,8 +443,7 @@ class Kernel(ProcessTable):
             or any(p.itimer[0] or _armed(p) for p in self.procs.values())
             or (self.remote is not None and signals.catches_any(proc))
         ):
-            self._counting = True
-            self.cpu.flush_code()  # blocks translated without the counter would not count
+            self._sliced = True
             return True
         return False
 
@@ -458,10 +460,7 @@ class Kernel(ProcessTable):
             lwp.restart_nr = cpu.reg(RAX)
         if t.state is not ThreadState.RUNNABLE:
             return
-        if self._recount:
-            self._recount = False
-            self.sched.runq.appendleft(t)  # it goes on, counting
-        elif not self._counting:  # no slices: a signal for it is delivered before others run
+        if not self._sliced:  # no slices: a signal for it is delivered before others run
             if lwp.proc.pending & ~lwp.sigmask:
                 self.sched.runq.appendleft(t)
             else:

@@ -193,6 +193,24 @@ def compile_vdso(output: Path | str) -> None:
         raise CompileError(cmd, proc.returncode, proc.stderr)
 
 
+#: the emulator's preemption hook (guest/runtime/preempt_hook.c): a shared object for
+#: the host (zig's native target), no libc
+PREEMPT_FLAGS: tuple[str, ...] = ("-shared", "-nostdlib", "-fPIC", "-O2")
+
+
+def preempt_hook_source() -> Path:
+    return runtime_dir() / "preempt_hook.c"
+
+
+def compile_preempt_hook(output: Path | str) -> None:
+    """Build the host library of guest/runtime/preempt_hook.c into ``output``."""
+    cmd = [*_zig_cc(), *PREEMPT_FLAGS, str(preempt_hook_source()), "-o", str(output)]
+    log.debug("compiling the preemption hook: %s", " ".join(cmd))
+    proc = subprocess.run(cmd, env=zig_env(), capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise CompileError(cmd, proc.returncode, proc.stderr)
+
+
 def split_cc_args(argv: Sequence[str]) -> tuple[list[str], list[str], str | None]:
     """Split cc-style argv into (sources, other args in order, output or None)."""
     sources: list[str] = []

@@ -27,11 +27,14 @@ from pathlib import Path
 from tender_service.machine.rootfs import MAGIC, is_baked
 from tender_service.toolchain.cc import (
     BASE_FLAGS,
+    PREEMPT_FLAGS,
     TARGET,
     VDSO_FLAGS,
     WRAPPED_FUNCTIONS,
     compile_guest,
+    compile_preempt_hook,
     compile_vdso,
+    preempt_hook_source,
     runtime_sources,
     vdso_sources,
 )
@@ -143,6 +146,18 @@ def build_vdso() -> Path:
     return _build_once(vdso_path(), "the vDSO", compile_vdso)
 
 
+def preempt_hook_path() -> Path:
+    """Where the host library of guest/runtime/preempt_hook.c lives in the cache."""
+    h = hashlib.sha256(f"zig={zig_version()}\n".encode() + "\0".join(PREEMPT_FLAGS).encode())
+    h.update(preempt_hook_source().read_bytes())
+    return images_dir() / f"preempt_hook-{h.hexdigest()[:16]}.so"
+
+
+def build_preempt_hook() -> Path:
+    """Build (or reuse) the emulator's preemption hook; returns its path."""
+    return _build_once(preempt_hook_path(), "the preemption hook", compile_preempt_hook)
+
+
 def _build_once(target: Path, what: str, build: Callable[[Path], None]) -> Path:
     """``target``, built by ``build(tmp)`` unless it exists: under a per-file lock, into a
     private name renamed into place, so readers only ever see a complete file."""
@@ -230,6 +245,7 @@ def build_all(
                 progress(name, done, len(wanted))
     if names is None:
         build_vdso()  # every VM maps it: build it with the images, not in a VM's first boot
+        build_preempt_hook()  # every VM with time slices loads it
     if failures:
         raise failures[0][1]
     return {name: built[name] for name in wanted}
