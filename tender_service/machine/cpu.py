@@ -14,6 +14,7 @@ import ctypes
 import enum
 import functools
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -297,6 +298,8 @@ class Cpu:
             ),
         )
         self._syscall_cb: Callable[..., None] | None = None  # kept alive while hooked
+        self._closing = threading.Lock()  # stop() from other threads vs close()
+        self._closed = False
         #: the time slice the block hook counts down (``enable_slices``)
         self._slice = _Slice(0, _STOP_ADDR, 0)
         self._slices_on = False
@@ -555,11 +558,23 @@ class Cpu:
         (unicorn#1355).
         """
         self._stopped = True
-        _lib.uc_emu_stop(self._h)
+        with self._closing:  # never on an engine close() freed
+            if not self._closed:
+                _lib.uc_emu_stop(self._h)
 
     def close(self) -> None:
-        self._syscall_cb = None
-        del self.uc
+        """Free the engine now, not when the garbage collector gets to it.  The
+        binding's hook wrappers and the Uc refer to each other (a ctypes.cast keeps
+        a cycle), so only the cyclic collector frees an ended Uc: a process that runs
+        VM after VM (a pool worker) kept dozens of ended engines, their translation
+        buffers (RSS) and 1 GiB of address space each, between collections."""
+        with self._closing:
+            self._closed = True
+            self._syscall_cb = None
+            release = getattr(self.uc, "_Uc__finalizer", None)  # the binding's uc_close
+            if callable(release):
+                release()  # once: a weakref.finalize runs at most once
+            del self.uc
 
     # -- faults ----------------------------------------------------------------
     def _byte_at(self, addr: int) -> int:
