@@ -37,6 +37,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from dataclasses import dataclass, field
 from multiprocessing import resource_tracker
 from pathlib import Path
@@ -562,6 +563,85 @@ def test_child_tender_process_killed(env: Env, transport: str) -> None:
     )
     assert victim not in env.worker_pids()
     assert not pid_exists(victim) or ppid_of(victim) != os.getpid()
+
+
+class _SilentPeer:
+    """A tender process that takes every VM (StartVm answers) and never runs one: its
+    VMs never say hello to their supervisor."""
+
+    def __init__(self, path: Path) -> None:
+        pb2, pb2_grpc = protos.peer()
+        self.started: list[int] = []
+        peer = self
+
+        class Servicer(pb2_grpc.PeerServicer):  # type: ignore[name-defined,misc]
+            def StartVm(self, request_iterator, context):  # noqa: N802 - gRPC's name
+                pid = next(c.start.pid for c in request_iterator if c.WhichOneof("part") == "start")
+                for _ in request_iterator:
+                    pass
+                peer.started.append(pid)
+                return pb2.VmStarted(pid=pid, host_pid=os.getpid(), host="silent")
+
+        self.address = f"unix:{path}"
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        pb2_grpc.add_PeerServicer_to_server(Servicer(), self.server)
+        self.server.add_insecure_port(self.address)
+        self.server.start()
+
+
+@dataclass(eq=False)
+class _SilentHandle:
+    address: str
+    host: str = "silent"
+    remote = False
+    pid: int = 1
+
+
+class _ChildrenToSilentPeer:
+    """The module's pool for the first VM; every fork's child goes to the silent peer."""
+
+    def __init__(self, pool: WarmPool, silent: _SilentPeer) -> None:
+        self.pool, self.silent = pool, silent
+
+    def acquire(self, avoid: int = 0, timeout: float = 60.0):
+        return _SilentHandle(self.silent.address) if avoid else self.pool.acquire()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_child_that_never_says_hello_is_lost_and_its_parent_sees_it(
+    env: Env, transport: str, tmp_path: Path
+) -> None:
+    """StartVm answers before the child's VM connects (the parent's fork does not wait
+    for it): a child whose VM never says hello is reported lost after the supervisor's
+    hello deadline, its parent's waitpid sees it killed by SIGKILL, the pipe end it held
+    is given back, and a hello that comes after that is refused."""
+    silent = _SilentPeer(tmp_path / "silent.sock")
+    sink = CaptureSink()
+    sup = Supervisor(
+        _ChildrenToSilentPeer(env.pool, silent),
+        transport,
+        sink,
+        VmConfig(timeout=60),
+        hello_deadline=1.0,
+    )
+    try:
+        start(sup, "vmclone_probe", "block_read")
+        res = sup.wait()
+        held = [pipe for pipe in sup.broker._pipes.values() if 3 in pipe.refs]
+        port = int(sup.tcp_address.rsplit(":", 1)[1])
+        late = _refused(port, encode_hello("tcp", {"token": sup.token, "pid": 3}))
+    finally:
+        sup.close()
+        silent.server.stop(None)
+    run = Run(res, sink)
+    assert silent.started == [3]
+    assert (res.outcome, res.status) == ("exited", 0), run.why()
+    assert run.lines_by_pid() == {MAIN_PID: ["child: killed by SIGKILL"]}, run.why()
+    assert run.rows[3].status == SIGKILL and run.rows[3].state == "reaped", run.why()
+    assert any("pid 3" in r and "never connected" in r for r in res.reports), res.reports
+    assert held == []
+    assert late == b""
+    env.check_clean()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -358,25 +358,12 @@ class PeerServicer:
         start = {f.name: getattr(start_msg, f.name) for f in start_msg.DESCRIPTOR.fields}
         start["args"], start["env"] = list(start["args"]), list(start["env"])
         try:
-            k = self._build(start, b"".join(parts), b"".join(image))
+            k, link = self._build(start, b"".join(parts), b"".join(image))
         except (ImageError, SnapshotError, ValueError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot start the VM: {e}")
-        except (ProtocolError, ChannelClosed, OSError) as e:
-            # what the other end sent is not echoed: it may be anything (finding 4)
-            log.warning(
-                "instance %.64r pid %d: the supervisor could not be reached (%s)",
-                start["instance_id"],
-                start["pid"],
-                type(e).__name__,
-            )
-            context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                "cannot reach the supervisor: it refused, did not answer, or did "
-                "not answer as the instance's supervisor",
-            )
         threading.Thread(
             target=self._run,
-            args=(k, (start["instance_id"], start["pid"])),
+            args=(k, link, start),
             daemon=True,
             name=f"vm-{start['instance_id']}-{start['pid']}",
         ).start()
@@ -397,7 +384,10 @@ class PeerServicer:
             cpu_seconds=time.process_time(),
         )
 
-    def _build(self, start: dict, snapshot: bytes, image_data: bytes = b"") -> Kernel:
+    def _build(
+        self, start: dict, snapshot: bytes, image_data: bytes = b""
+    ) -> tuple[Kernel, VmLink]:
+        """The VM of a StartVm, ready to run but not yet connected to its supervisor."""
         pid = int(start["pid"])
         image = None
         if snapshot:
@@ -410,21 +400,7 @@ class PeerServicer:
             raise ValueError("image_sha256: does not match the image sent")
         else:
             image = parse_image(image_data, start["argv0"] or "image")
-        hello = {
-            "token": start["instance_token"],
-            "pid": pid,
-            "host_pid": os.getpid(),
-            "host": os.environ.get(HOST_NAME_ENV) or socket.gethostname(),
-        }
-        try:
-            channel = connect_channel(start["transport"], self._dial(start), True, hello)
-        except ShmExhausted as e:
-            # /dev/shm is full: the same supervisor socket carries frames instead (tcp),
-            # and the hello tells the supervisor why (transport_note, the metric)
-            log.warning("instance %s pid %d: %s: using tcp", start["instance_id"], pid, e)
-            hello[SHM_FALLBACK_KEY] = str(e)
-            channel = connect_channel("tcp", self._dial(start), True, hello)
-        link = VmLink(channel, pid)
+        link = VmLink(None, pid)
         try:
             console = Console(link.console_sink, stdin=link.stdin(), tty=bool(start["tty"]))
             forker = VmCloneFork(WorkerCloneHost(link, start))
@@ -452,8 +428,30 @@ class PeerServicer:
         except Exception:
             link.close()
             raise
-        link.attach(k)
-        return k
+        return k, link
+
+    def _connect(self, start: dict, link: VmLink) -> None:
+        """Open the VM's channel to its supervisor (its hello says who it is).
+
+        Done on the VM's thread after StartVm has answered: the forking parent
+        does not wait for it (the supervisor queues what it sends the VM until
+        this hello, and reports the VM lost if the hello never comes)."""
+        pid = int(start["pid"])
+        hello = {
+            "token": start["instance_token"],
+            "pid": pid,
+            "host_pid": os.getpid(),
+            "host": os.environ.get(HOST_NAME_ENV) or socket.gethostname(),
+        }
+        try:
+            channel = connect_channel(start["transport"], self._dial(start), True, hello)
+        except ShmExhausted as e:
+            # /dev/shm is full: the same supervisor socket carries frames instead (tcp),
+            # and the hello tells the supervisor why (transport_note, the metric)
+            log.warning("instance %s pid %d: %s: using tcp", start["instance_id"], pid, e)
+            hello[SHM_FALLBACK_KEY] = str(e)
+            channel = connect_channel("tcp", self._dial(start), True, hello)
+        link.connect(channel)
 
     @staticmethod
     def _dial(start: dict) -> socket.socket:
@@ -465,7 +463,24 @@ class PeerServicer:
             raise
         return sock
 
-    def _run(self, k: Kernel, key: tuple[str, int]) -> None:
+    def _run(self, k: Kernel, link: VmLink, start: dict) -> None:
+        key = (start["instance_id"], start["pid"])
+        try:
+            self._connect(start, link)
+        except (ProtocolError, ChannelClosed, OSError, ValueError) as e:
+            # what the other end sent is not echoed: it may be anything (finding 4); the
+            # supervisor, which never got our hello, reports the VM lost
+            log.warning(
+                "instance %.64r pid %d: the supervisor could not be reached (%s): "
+                "the VM does not run",
+                start["instance_id"],
+                start["pid"],
+                type(e).__name__,
+            )
+            link.close()
+            k.close()
+            return
+        link.attach(k)
         with self.lock:
             self.vms[key] = k
         try:
@@ -475,9 +490,7 @@ class PeerServicer:
         finally:
             with self.lock:
                 self.vms.pop(key, None)
-            link = k.remote
-            if isinstance(link, VmLink):
-                link.close()
+            link.close()
             k.close()
 
 
