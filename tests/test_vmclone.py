@@ -37,7 +37,6 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from dataclasses import dataclass, field
 from multiprocessing import resource_tracker
 from pathlib import Path
@@ -53,6 +52,7 @@ from test_thread_fork import FORK_HAZARDS_NATIVE, FORK_HAZARDS_VM, deadlock_repo
 from tender_service import protos
 from tender_service.fork import snapshot
 from tender_service.fork.snapshot import MAGIC, SNAPSHOT_VERSION, SnapshotError
+from tender_service.instance import localstart
 from tender_service.instance.backends.vmclone import run_vmclone
 from tender_service.instance.pool import WarmPool
 from tender_service.instance.supervisor import ProcRec, Supervisor
@@ -566,27 +566,18 @@ def test_child_tender_process_killed(env: Env, transport: str) -> None:
 
 
 class _SilentPeer:
-    """A tender process that takes every VM (StartVm answers) and never runs one: its
-    VMs never say hello to their supervisor."""
+    """A pool process of this host that takes every VM (its local StartVm answers) and
+    never runs one: its VMs never say hello to their supervisor."""
 
     def __init__(self, path: Path) -> None:
-        pb2, pb2_grpc = protos.peer()
         self.started: list[int] = []
-        peer = self
-
-        class Servicer(pb2_grpc.PeerServicer):  # type: ignore[name-defined,misc]
-            def StartVm(self, request_iterator, context):  # noqa: N802 - gRPC's name
-                pid = next(c.start.pid for c in request_iterator if c.WhichOneof("part") == "start")
-                for _ in request_iterator:
-                    pass
-                peer.started.append(pid)
-                return pb2.VmStarted(pid=pid, host_pid=os.getpid(), host="silent")
-
         self.address = f"unix:{path}"
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        pb2_grpc.add_PeerServicer_to_server(Servicer(), self.server)
-        self.server.add_insecure_port(self.address)
-        self.server.start()
+        self.server = localstart.Server(str(path) + localstart.SUFFIX, self._launch)
+
+    def _launch(self, start: dict, size: int, receive) -> localstart.Started:
+        receive(memoryview(bytearray(size)))
+        self.started.append(int(start["pid"]))
+        return localstart.Started(int(start["pid"]), os.getpid(), "silent", 0.0)
 
 
 @dataclass(eq=False)
@@ -632,7 +623,7 @@ def test_a_child_that_never_says_hello_is_lost_and_its_parent_sees_it(
         late = _refused(port, encode_hello("tcp", {"token": sup.token, "pid": 3}))
     finally:
         sup.close()
-        silent.server.stop(None)
+        silent.server.close()
     run = Run(res, sink)
     assert silent.started == [3]
     assert (res.outcome, res.status) == ("exited", 0), run.why()

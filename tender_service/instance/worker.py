@@ -32,6 +32,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -40,7 +41,7 @@ import grpc
 from tender_service import protos
 from tender_service.fork.snapshot import SnapshotError, decode, restore
 from tender_service.fork.vmclone import VmCloneFork
-from tender_service.instance import jail
+from tender_service.instance import jail, localstart
 from tender_service.instance.childproc import setup_child
 from tender_service.instance.vmserver import warm_up
 from tender_service.machine.errors import GuestError, ImageError
@@ -177,6 +178,8 @@ class _KeptChannels:
 
 
 _KEPT = _KeptChannels()
+#: the connections this process's forks keep to the local pool processes
+_LOCAL = localstart.Connections()
 
 
 def start_vm(
@@ -200,8 +203,8 @@ def start_vm_from_here(address: str, start: dict, snapshot: bytes) -> object:
     the VmStarted reply."""
     start = dict(start)
     ticket = start.pop("ticket", "")
-    if address.startswith("unix:"):
-        return start_vm(address, start, snapshot, keep=True)
+    if address.startswith("unix:"):  # a pool process of this host: no gRPC
+        return _LOCAL.start(address, start, snapshot)
     relay = os.environ.get(RELAY_ENV)
     if not relay:
         raise GuestError(errno.EAGAIN, "no relay to reach peer tenders from this worker")
@@ -281,7 +284,7 @@ class WorkerCloneHost:
             try:
                 started = start_vm_from_here(address, start, snapshot)
                 break
-            except grpc.RpcError as e:
+            except (grpc.RpcError, localstart.StartFailed) as e:
                 # that tender process is gone or refuses: ask for another place
                 value, payload = self.link.call_full("fork_relocate", child_pid)
                 if value < 0 or attempt == 2:
@@ -321,14 +324,57 @@ class PeerServicer:
         with self.lock:
             self.starting += 1
         try:
-            return self._start_vm(request_iterator, context, held)
+            return self._start_vm(request_iterator, held)
+        except localstart.Refused as e:
+            context.abort(getattr(grpc.StatusCode, e.code), e.details)
         finally:
             with self.lock:
                 self.starting -= 1
                 self.receiving -= held[0]
 
-    def _start_vm(self, request_iterator, context: grpc.ServicerContext, held: list[int]):
+    def start_local(
+        self, start: dict, snapshot_len: int, receive: Callable[[memoryview], None]
+    ) -> localstart.Started:
+        """StartVm from a VM of this host (instance/localstart.py): the same checks and
+        the same answer as the gRPC call's, the snapshot read straight into one buffer."""
         pb2, _ = protos.peer()
+        held = [0]
+        with self.lock:
+            self.starting += 1
+        try:
+            try:
+                start_msg = pb2.VmStart(**start)
+            except (ValueError, TypeError) as e:
+                raise localstart.Refused("INVALID_ARGUMENT", f"start: {e}") from None
+            self._hold(held, "snapshot", snapshot_len)
+            snapshot = bytearray(snapshot_len)
+            receive(memoryview(snapshot))
+            started = self._launch(start_msg, snapshot, b"")
+            return localstart.Started(
+                started.pid, started.host_pid, started.host, started.restore_seconds
+            )
+        finally:
+            with self.lock:
+                self.starting -= 1
+                self.receiving -= held[0]
+
+    def _hold(self, held: list[int], kind: str, n: int) -> None:
+        """Count ``n`` more bytes of a call against the receive budget (Refused if over)."""
+        if held[0] + n > (MAX_SNAPSHOT if kind == "snapshot" else MAX_IMAGE):
+            raise localstart.Refused("RESOURCE_EXHAUSTED", f"{kind}: too large")
+        with self.lock:  # all calls together: a bound on what peers can make us hold
+            full = self.receiving + n > self.receive_budget
+            if not full:
+                self.receiving += n
+                held[0] += n
+        if full:
+            raise localstart.Refused(
+                "RESOURCE_EXHAUSTED",
+                f"{kind}: this tender process is receiving {self.receiving} bytes "
+                f"of VMs already (budget {self.receive_budget}): place it elsewhere",
+            )
+
+    def _start_vm(self, request_iterator, held: list[int]):
         start_msg = None
         parts: list[bytes] = []
         image: list[bytes] = []
@@ -338,29 +384,23 @@ class PeerServicer:
                 start_msg = chunk.start
                 continue
             data = chunk.snapshot if kind == "snapshot" else chunk.image
-            if held[0] + len(data) > (MAX_SNAPSHOT if kind == "snapshot" else MAX_IMAGE):
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{kind}: too large")
-            with self.lock:  # all calls together: a bound on what peers can make us hold
-                full = self.receiving + len(data) > self.receive_budget
-                if not full:
-                    self.receiving += len(data)
-                    held[0] += len(data)
-            if full:
-                context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"{kind}: this tender process is receiving {self.receiving} bytes "
-                    f"of VMs already (budget {self.receive_budget}): place it elsewhere",
-                )
+            self._hold(held, kind, len(data))
             (parts if kind == "snapshot" else image).append(data)
         if start_msg is None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "start: missing")
+            raise localstart.Refused("INVALID_ARGUMENT", "start: missing")
+        return self._launch(start_msg, b"".join(parts), b"".join(image))
+
+    def _launch(self, start_msg, snapshot: bytes | bytearray, image: bytes):
+        """Build the VM of a StartVm and start its thread (which connects it to its
+        supervisor, then runs it); the VmStarted reply."""
+        pb2, _ = protos.peer()
         t0 = time.perf_counter()
         start = {f.name: getattr(start_msg, f.name) for f in start_msg.DESCRIPTOR.fields}
         start["args"], start["env"] = list(start["args"]), list(start["env"])
         try:
-            k, link = self._build(start, b"".join(parts), b"".join(image))
+            k, link = self._build(start, snapshot, image)
         except (ImageError, SnapshotError, ValueError) as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot start the VM: {e}")
+            raise localstart.Refused("INVALID_ARGUMENT", f"cannot start the VM: {e}") from None
         threading.Thread(
             target=self._run,
             args=(k, link, start),
@@ -385,7 +425,7 @@ class PeerServicer:
         )
 
     def _build(
-        self, start: dict, snapshot: bytes, image_data: bytes = b""
+        self, start: dict, snapshot: bytes | bytearray, image_data: bytes = b""
     ) -> tuple[Kernel, VmLink]:
         """The VM of a StartVm, ready to run but not yet connected to its supervisor."""
         pid = int(start["pid"])
@@ -534,6 +574,8 @@ def serve(listen: str, ready=None, parent_fd: int | None = None) -> None:
     pb2_grpc.add_PeerServicer_to_server(servicer, server)
     server.add_insecure_port(listen)
     server.start()
+    path = localstart.local_path(listen)
+    local = localstart.Server(path, servicer.start_local) if path else None
     with grpc.insecure_channel(listen) as ch:  # warm the client side too: start_vm's
         pb2_grpc.PeerStub(ch).GetLoad(protos.peer()[0].LoadRequest(), timeout=30)  # first call
     parent = os.getppid()
@@ -549,6 +591,8 @@ def serve(listen: str, ready=None, parent_fd: int | None = None) -> None:
             stop.wait(0.5)
         elif select.select([parent_fd], [], [], 0.5)[0]:
             break
+    if local is not None:
+        local.close()
     server.stop(1)
 
 
