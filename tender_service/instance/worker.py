@@ -53,6 +53,7 @@ from tender_service.rump.vminfo import VmConfig
 from tender_service.transports.channel import (
     PEER_TIMEOUT,
     SHM_FALLBACK_KEY,
+    Channel,
     ChannelClosed,
     ShmExhausted,
     connect_channel,
@@ -388,19 +389,46 @@ class PeerServicer:
             (parts if kind == "snapshot" else image).append(data)
         if start_msg is None:
             raise localstart.Refused("INVALID_ARGUMENT", "start: missing")
-        return self._launch(start_msg, b"".join(parts), b"".join(image))
+        return self._launch(start_msg, b"".join(parts), b"".join(image), connect_first=True)
 
-    def _launch(self, start_msg, snapshot: bytes | bytearray, image: bytes):
+    def _launch(
+        self, start_msg, snapshot: bytes | bytearray, image: bytes, connect_first: bool = False
+    ):
         """Build the VM of a StartVm and start its thread (which connects it to its
-        supervisor, then runs it); the VmStarted reply."""
+        supervisor, then runs it); the VmStarted reply.
+
+        ``connect_first`` (gRPC: VMs from peer tenders, the relay, an instance's first
+        VM): the channel is connected before the reply, and a supervisor that cannot
+        be reached is UNAVAILABLE to the caller.  A fork on this host (the local
+        socket) does not wait for it (see ``_connect``)."""
         pb2, _ = protos.peer()
         t0 = time.perf_counter()
         start = {f.name: getattr(start_msg, f.name) for f in start_msg.DESCRIPTOR.fields}
         start["args"], start["env"] = list(start["args"]), list(start["env"])
+        channel = None
         try:
+            if connect_first:
+                channel = self._open_channel(start)
             k, link = self._build(start, snapshot, image)
         except (ImageError, SnapshotError, ValueError) as e:
+            if channel is not None:
+                channel.close()
             raise localstart.Refused("INVALID_ARGUMENT", f"cannot start the VM: {e}") from None
+        except (ProtocolError, ChannelClosed, OSError) as e:
+            # what the other end sent is not echoed: it may be anything (finding 4)
+            log.warning(
+                "instance %.64r pid %d: the supervisor could not be reached (%s)",
+                start["instance_id"],
+                start["pid"],
+                type(e).__name__,
+            )
+            raise localstart.Refused(
+                "UNAVAILABLE",
+                "cannot reach the supervisor: it refused, did not answer, or did "
+                "not answer as the instance's supervisor",
+            ) from None
+        if channel is not None:
+            link.connect(channel)
         threading.Thread(
             target=self._run,
             args=(k, link, start),
@@ -471,11 +499,16 @@ class PeerServicer:
         return k, link
 
     def _connect(self, start: dict, link: VmLink) -> None:
-        """Open the VM's channel to its supervisor (its hello says who it is).
+        """Open the VM's channel to its supervisor, unless StartVm did already.
 
         Done on the VM's thread after StartVm has answered: the forking parent
         does not wait for it (the supervisor queues what it sends the VM until
         this hello, and reports the VM lost if the hello never comes)."""
+        if not link.connected:
+            link.connect(self._open_channel(start))
+
+    def _open_channel(self, start: dict) -> Channel:
+        """The VM's channel to its supervisor (its hello says who it is)."""
         pid = int(start["pid"])
         hello = {
             "token": start["instance_token"],
@@ -491,7 +524,7 @@ class PeerServicer:
             log.warning("instance %s pid %d: %s: using tcp", start["instance_id"], pid, e)
             hello[SHM_FALLBACK_KEY] = str(e)
             channel = connect_channel("tcp", self._dial(start), True, hello)
-        link.connect(channel)
+        return channel
 
     @staticmethod
     def _dial(start: dict) -> socket.socket:

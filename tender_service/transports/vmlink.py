@@ -92,6 +92,10 @@ class VmLink:
         self.fs_tree = RemoteFs(self)
 
     # -- wiring ------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return not isinstance(self.channel, _NotConnected)
+
     def connect(self, channel: Channel) -> None:
         """The channel to the supervisor, opened after the VM was built (before attach);
         a link closed meanwhile closes it at once."""
