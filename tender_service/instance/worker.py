@@ -405,14 +405,9 @@ class PeerServicer:
         t0 = time.perf_counter()
         start = {f.name: getattr(start_msg, f.name) for f in start_msg.DESCRIPTOR.fields}
         start["args"], start["env"] = list(start["args"]), list(start["env"])
-        channel = None
         try:
-            if connect_first:
-                channel = self._open_channel(start)
-            k, link = self._build(start, snapshot, image)
+            k, link = self._build(start, snapshot, image, connect_first)
         except (ImageError, SnapshotError, ValueError) as e:
-            if channel is not None:
-                channel.close()
             raise localstart.Refused("INVALID_ARGUMENT", f"cannot start the VM: {e}") from None
         except (ProtocolError, ChannelClosed, OSError) as e:
             # what the other end sent is not echoed: it may be anything (finding 4)
@@ -427,8 +422,6 @@ class PeerServicer:
                 "cannot reach the supervisor: it refused, did not answer, or did "
                 "not answer as the instance's supervisor",
             ) from None
-        if channel is not None:
-            link.connect(channel)
         threading.Thread(
             target=self._run,
             args=(k, link, start),
@@ -453,9 +446,14 @@ class PeerServicer:
         )
 
     def _build(
-        self, start: dict, snapshot: bytes | bytearray, image_data: bytes = b""
+        self,
+        start: dict,
+        snapshot: bytes | bytearray,
+        image_data: bytes = b"",
+        connect_first: bool = False,
     ) -> tuple[Kernel, VmLink]:
-        """The VM of a StartVm, ready to run but not yet connected to its supervisor."""
+        """The VM of a StartVm, ready to run; connected to its supervisor (once what
+        was sent is checked, before the VM is built) only if ``connect_first``."""
         pid = int(start["pid"])
         image = None
         if snapshot:
@@ -468,7 +466,7 @@ class PeerServicer:
             raise ValueError("image_sha256: does not match the image sent")
         else:
             image = parse_image(image_data, start["argv0"] or "image")
-        link = VmLink(None, pid)
+        link = VmLink(self._open_channel(start) if connect_first else None, pid)
         try:
             console = Console(link.console_sink, stdin=link.stdin(), tty=bool(start["tty"]))
             forker = VmCloneFork(WorkerCloneHost(link, start))
