@@ -52,6 +52,7 @@ from test_thread_fork import FORK_HAZARDS_NATIVE, FORK_HAZARDS_VM, deadlock_repo
 from tender_service import protos
 from tender_service.fork import snapshot
 from tender_service.fork.snapshot import MAGIC, SNAPSHOT_VERSION, SnapshotError
+from tender_service.instance import localstart
 from tender_service.instance.backends.vmclone import run_vmclone
 from tender_service.instance.pool import WarmPool
 from tender_service.instance.supervisor import ProcRec, Supervisor
@@ -562,6 +563,76 @@ def test_child_tender_process_killed(env: Env, transport: str) -> None:
     )
     assert victim not in env.worker_pids()
     assert not pid_exists(victim) or ppid_of(victim) != os.getpid()
+
+
+class _SilentPeer:
+    """A pool process of this host that takes every VM (its local StartVm answers) and
+    never runs one: its VMs never say hello to their supervisor."""
+
+    def __init__(self, path: Path) -> None:
+        self.started: list[int] = []
+        self.address = f"unix:{path}"
+        self.server = localstart.Server(str(path) + localstart.SUFFIX, self._launch)
+
+    def _launch(self, start: dict, size: int, receive) -> localstart.Started:
+        receive(memoryview(bytearray(size)))
+        self.started.append(int(start["pid"]))
+        return localstart.Started(int(start["pid"]), os.getpid(), "silent", 0.0)
+
+
+@dataclass(eq=False)
+class _SilentHandle:
+    address: str
+    host: str = "silent"
+    remote = False
+    pid: int = 1
+
+
+class _ChildrenToSilentPeer:
+    """The module's pool for the first VM; every fork's child goes to the silent peer."""
+
+    def __init__(self, pool: WarmPool, silent: _SilentPeer) -> None:
+        self.pool, self.silent = pool, silent
+
+    def acquire(self, avoid: int = 0, timeout: float = 60.0):
+        return _SilentHandle(self.silent.address) if avoid else self.pool.acquire()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_child_that_never_says_hello_is_lost_and_its_parent_sees_it(
+    env: Env, transport: str, tmp_path: Path
+) -> None:
+    """StartVm answers before the child's VM connects (the parent's fork does not wait
+    for it): a child whose VM never says hello is reported lost after the supervisor's
+    hello deadline, its parent's waitpid sees it killed by SIGKILL, the pipe end it held
+    is given back, and a hello that comes after that is refused."""
+    silent = _SilentPeer(tmp_path / "silent.sock")
+    sink = CaptureSink()
+    sup = Supervisor(
+        _ChildrenToSilentPeer(env.pool, silent),
+        transport,
+        sink,
+        VmConfig(timeout=60),
+        hello_deadline=1.0,
+    )
+    try:
+        start(sup, "vmclone_probe", "block_read")
+        res = sup.wait()
+        held = [pipe for pipe in sup.broker._pipes.values() if 3 in pipe.refs]
+        port = int(sup.tcp_address.rsplit(":", 1)[1])
+        late = _refused(port, encode_hello("tcp", {"token": sup.token, "pid": 3}))
+    finally:
+        sup.close()
+        silent.server.close()
+    run = Run(res, sink)
+    assert silent.started == [3]
+    assert (res.outcome, res.status) == ("exited", 0), run.why()
+    assert run.lines_by_pid() == {MAIN_PID: ["child: killed by SIGKILL"]}, run.why()
+    assert run.rows[3].status == SIGKILL and run.rows[3].state == "reaped", run.why()
+    assert any("pid 3" in r and "never connected" in r for r in res.reports), res.reports
+    assert held == []
+    assert late == b""
+    env.check_clean()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -205,7 +205,7 @@ def capture_program(
         mem.close()
 
 
-def decode(data: bytes | memoryview) -> Snapshot:
+def decode(data: bytes | bytearray | memoryview) -> Snapshot:
     """Parse and validate a snapshot (memory ranges stay views into ``data``)."""
     view = memoryview(data)
     if len(view) < _HEADER.size:

@@ -66,6 +66,11 @@ _DATA_OPS = {"pipe_create", "fs", "fs_raw", "fs_write", "proc_comm"}
 PLACEMENT_TRIES = 3
 #: seconds a VM's own time limit lies behind the instance's (the supervisor's comes first)
 VM_GRACE = 2.0
+#: seconds a VM started on a tender process has to say hello over its channel (the
+#: worker dials and, for shm, makes its rings after StartVm has answered): then it
+#: counts as lost, as a VM whose tender died (above the worker's own dial and hello
+#: timeouts, with room for a loaded host)
+HELLO_DEADLINE = 30.0
 #: messages that may wake a VM that said it was idle
 _WAKING = {
     Msg.PIPE_DATA,
@@ -103,6 +108,12 @@ class ProcRec:
     started: float = field(default_factory=time.monotonic)
     ended: float = 0.0
     connected: threading.Event = field(default_factory=threading.Event)
+    #: its VM was handed to a tender process, which answered: what is sent to it waits
+    #: in ``backlog`` until its hello (a kill right after fork is not lost), and it
+    #: must say hello before ``hello_by`` (monotonic) or it counts as lost
+    launched: bool = False
+    backlog: list[Frame] = field(default_factory=list)
+    hello_by: float = 0.0
     #: messages sent that could wake the VM, and how many it had handled when it
     #: last said it was idle (-1: busy since)
     events_sent: int = 0
@@ -147,6 +158,7 @@ class Supervisor:
         budget: MemoryBudget | None = None,
         ticket_for: Callable[[str, int, str], str] | None = None,
         stdin: int | bytes | None = None,
+        hello_deadline: float = HELLO_DEADLINE,
     ) -> None:
         if transport not in ("tcp", "shm"):
             raise ValueError("transport must be tcp or shm")
@@ -159,6 +171,8 @@ class Supervisor:
         #: seconds a VM's TCP connection may stay silent before the VM counts as lost
         #: (both ends of the connection use it: the VM's tender gets it in vm_start)
         self.peer_timeout = check_peer_timeout(peer_timeout)
+        #: seconds a started VM has to say hello (HELLO_DEADLINE)
+        self.hello_deadline = hello_deadline
         #: this tender as a place for VMs, reachable from other hosts (its Peer service);
         #: used when a VM on another host forks a child that placement keeps here
         self.self_handle = self_handle
@@ -177,6 +191,8 @@ class Supervisor:
         self.fs = FsHost(FileSystem(None, config.tmpfs_size))
         self.procs: dict[int, ProcRec] = {}
         self.lock = threading.RLock()
+        self._hello_watch = threading.Condition(self.lock)  # see _watch_hellos
+        self._watching = False
         #: fd 0 of every VM (the launcher's stdin; None: EOF)
         self.stdin = StdinServer(stdin, self.lock)
         self.done = threading.Event()
@@ -257,9 +273,11 @@ class Supervisor:
             )
             try:
                 worker.start_vm(start, None, image)
-                return
             except Exception as e:
                 error = e
+                continue
+            self._launched(rec)
+            return
         self._ended(
             rec, signals.signaled_status(signals.SIGKILL), f"pid 2: could not start: {error}"
         )
@@ -333,6 +351,8 @@ class Supervisor:
         if self._closed:
             return
         self._closed = True
+        with self.lock:
+            self._hello_watch.notify_all()
         if not self.done.is_set():
             self.kill("killed")
         for listener in self._listeners:
@@ -430,6 +450,48 @@ class Supervisor:
         return sum(1 for r in self.procs.values() if r.state != "reaped") + 1  # + init
 
     # -- connections ------------------------------------------------------------------
+    def _launched(self, rec: ProcRec) -> None:
+        """``rec``'s VM was handed to a tender process that answered before its VM said
+        hello (it dials us after answering): hold its messages, and watch the time."""
+        with self.lock:
+            if rec.state != "starting" or rec.channel is not None:
+                return
+            rec.launched = True
+            rec.hello_by = time.monotonic() + self.hello_deadline
+            if not self._watching:
+                self._watching = True
+                self._spawn(self._watch_hellos, "hellos")
+            self._hello_watch.notify()
+
+    def _watch_hellos(self) -> None:
+        """Report lost each launched VM that did not say hello in time: its pid ends as
+        killed by SIGKILL (its parent's wait sees it), what it held is given back."""
+        with self.lock:
+            while not self._closed and not self.done.is_set():
+                now = time.monotonic()
+                waiting = [r for r in self.procs.values() if r.launched and r.state == "starting"]
+                for r in waiting:
+                    if r.channel is None and r.hello_by <= now:
+                        self._hello_missed(r)
+                left = [r.hello_by - now for r in waiting if r.state == "starting"]
+                self._hello_watch.wait(min(left) if left else None)
+            self._watching = False
+
+    def _hello_missed(self, rec: ProcRec) -> None:
+        log.warning(
+            "instance %s: pid %d's VM never connected (%g s): killed by SIGKILL",
+            self.id,
+            rec.pid,
+            self.hello_deadline,
+        )
+        rec.backlog.clear()
+        self._ended(
+            rec,
+            signals.signaled_status(signals.SIGKILL),
+            f"pid {rec.pid}: its VM was lost (it never connected to the supervisor "
+            f"within {self.hello_deadline:g} s of its start)",
+        )
+
     def _spawn(self, fn, name: str, *args) -> None:
         t = threading.Thread(target=fn, args=args, name=f"sup-{self.id}-{name}", daemon=True)
         t.start()
@@ -451,11 +513,15 @@ class Supervisor:
     def _member(self, hello: dict) -> bool:
         """A hello from one of this instance's VMs: the instance token and an int pid."""
         token = hello.get("token")
-        return (
+        if not (
             isinstance(token, str)
             and type(hello.get("pid")) is int
             and hmac.compare_digest(token.encode(errors="replace"), self.token.encode())
-        )
+        ):
+            return False
+        with self.lock:  # not one reported lost meanwhile (its shm is never mapped)
+            rec = self.procs.get(hello["pid"])
+            return rec is not None and rec.state == "starting" and rec.channel is None
 
     def _shm_fell_back(self, pid: int, reason: str) -> None:
         """A VM of ours found /dev/shm full and talks tcp instead: say so, count it."""
@@ -475,7 +541,7 @@ class Supervisor:
         pid = hello["pid"]
         with self.lock:
             rec = self.procs.get(pid)
-            if rec is None or rec.channel is not None:
+            if rec is None or rec.channel is not None or rec.state != "starting":
                 log.warning("instance %s: refused a connection claiming pid %.20r", self.id, pid)
                 channel.close()
                 return
@@ -486,6 +552,9 @@ class Supervisor:
             rec.host_pid = host_pid if type(host_pid) is int else rec.host_pid
             rec.host = str(hello.get("host") or rec.host)[:256]
             rec.connected.set()
+            backlog, rec.backlog = rec.backlog, []
+            for frame in backlog:  # what was sent to it before its hello, in order
+                self._send(rec, frame)
             if self._outcome is not None:  # killed while this VM was starting
                 self._send(rec, Frame(Msg.SIGNAL, 0, 0, 0, signals.SIGKILL, b""))
         try:
@@ -514,7 +583,9 @@ class Supervisor:
         with no VM of its own yet may be a clone(CLONE_VM) child running in the VM that
         leased its pid (until it execs): that VM gets it, naming the pid in ``req`` (a
         fork's child not yet started drops it there)."""
-        host = self.procs.get(rec.leased_by) if rec.channel is None else None
+        host = None
+        if rec.channel is None and not rec.launched:
+            host = self.procs.get(rec.leased_by)
         if host is not None and host.channel is not None:
             self._send(host, Frame(Msg.SIGNAL, 0, rec.pid, sender, sig, info))
         else:
@@ -525,7 +596,12 @@ class Supervisor:
         if frame.type in _WAKING:
             rec.events_sent += 1
         if ch is None:
-            return
+            with self.lock:  # its hello (which flushes the backlog) takes the lock too
+                ch = rec.channel
+                if ch is None:
+                    if rec.launched and rec.state == "starting":
+                        rec.backlog.append(frame)  # for its hello
+                    return
         with contextlib.suppress(ChannelClosed, OSError):
             ch.send(frame)
 
@@ -737,6 +813,8 @@ class Supervisor:
         if len(phases) == len(FORK_PHASES):
             self.fork_phases.append({k: v / 1e6 for k, v in zip(FORK_PHASES, phases, strict=True)})
         child = self.procs.get(pid)
+        if child is not None and child.leased_by == rec.pid:
+            self._launched(child)
         if self.observer is not None:
             remote = bool(child is not None and getattr(child.worker, "remote", False))
             self.observer.fork_done(micros / 1e6, snapshot, remote)
@@ -958,6 +1036,8 @@ class Supervisor:
     def _check_done(self) -> None:
         if not any(r.alive for r in self.procs.values()):
             self.done.set()
+            with self.lock:
+                self._hello_watch.notify_all()  # the watch ends with the instance
 
 
 def _data_frame(req: int, res: bytes | int) -> Frame:

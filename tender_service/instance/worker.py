@@ -32,6 +32,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -40,7 +41,7 @@ import grpc
 from tender_service import protos
 from tender_service.fork.snapshot import SnapshotError, decode, restore
 from tender_service.fork.vmclone import VmCloneFork
-from tender_service.instance import jail
+from tender_service.instance import jail, localstart
 from tender_service.instance.childproc import setup_child
 from tender_service.instance.vmserver import warm_up
 from tender_service.machine.errors import GuestError, ImageError
@@ -52,6 +53,7 @@ from tender_service.rump.vminfo import VmConfig
 from tender_service.transports.channel import (
     PEER_TIMEOUT,
     SHM_FALLBACK_KEY,
+    Channel,
     ChannelClosed,
     ShmExhausted,
     connect_channel,
@@ -177,6 +179,8 @@ class _KeptChannels:
 
 
 _KEPT = _KeptChannels()
+#: the connections this process's forks keep to the local pool processes
+_LOCAL = localstart.Connections()
 
 
 def start_vm(
@@ -200,8 +204,8 @@ def start_vm_from_here(address: str, start: dict, snapshot: bytes) -> object:
     the VmStarted reply."""
     start = dict(start)
     ticket = start.pop("ticket", "")
-    if address.startswith("unix:"):
-        return start_vm(address, start, snapshot, keep=True)
+    if address.startswith("unix:"):  # a pool process of this host: no gRPC
+        return _LOCAL.start(address, start, snapshot)
     relay = os.environ.get(RELAY_ENV)
     if not relay:
         raise GuestError(errno.EAGAIN, "no relay to reach peer tenders from this worker")
@@ -281,7 +285,7 @@ class WorkerCloneHost:
             try:
                 started = start_vm_from_here(address, start, snapshot)
                 break
-            except grpc.RpcError as e:
+            except (grpc.RpcError, localstart.StartFailed) as e:
                 # that tender process is gone or refuses: ask for another place
                 value, payload = self.link.call_full("fork_relocate", child_pid)
                 if value < 0 or attempt == 2:
@@ -321,14 +325,57 @@ class PeerServicer:
         with self.lock:
             self.starting += 1
         try:
-            return self._start_vm(request_iterator, context, held)
+            return self._start_vm(request_iterator, held)
+        except localstart.Refused as e:
+            context.abort(getattr(grpc.StatusCode, e.code), e.details)
         finally:
             with self.lock:
                 self.starting -= 1
                 self.receiving -= held[0]
 
-    def _start_vm(self, request_iterator, context: grpc.ServicerContext, held: list[int]):
+    def start_local(
+        self, start: dict, snapshot_len: int, receive: Callable[[memoryview], None]
+    ) -> localstart.Started:
+        """StartVm from a VM of this host (instance/localstart.py): the same checks and
+        the same answer as the gRPC call's, the snapshot read straight into one buffer."""
         pb2, _ = protos.peer()
+        held = [0]
+        with self.lock:
+            self.starting += 1
+        try:
+            try:
+                start_msg = pb2.VmStart(**start)
+            except (ValueError, TypeError) as e:
+                raise localstart.Refused("INVALID_ARGUMENT", f"start: {e}") from None
+            self._hold(held, "snapshot", snapshot_len)
+            snapshot = bytearray(snapshot_len)
+            receive(memoryview(snapshot))
+            started = self._launch(start_msg, snapshot, b"")
+            return localstart.Started(
+                started.pid, started.host_pid, started.host, started.restore_seconds
+            )
+        finally:
+            with self.lock:
+                self.starting -= 1
+                self.receiving -= held[0]
+
+    def _hold(self, held: list[int], kind: str, n: int) -> None:
+        """Count ``n`` more bytes of a call against the receive budget (Refused if over)."""
+        if held[0] + n > (MAX_SNAPSHOT if kind == "snapshot" else MAX_IMAGE):
+            raise localstart.Refused("RESOURCE_EXHAUSTED", f"{kind}: too large")
+        with self.lock:  # all calls together: a bound on what peers can make us hold
+            full = self.receiving + n > self.receive_budget
+            if not full:
+                self.receiving += n
+                held[0] += n
+        if full:
+            raise localstart.Refused(
+                "RESOURCE_EXHAUSTED",
+                f"{kind}: this tender process is receiving {self.receiving} bytes "
+                f"of VMs already (budget {self.receive_budget}): place it elsewhere",
+            )
+
+    def _start_vm(self, request_iterator, held: list[int]):
         start_msg = None
         parts: list[bytes] = []
         image: list[bytes] = []
@@ -338,29 +385,30 @@ class PeerServicer:
                 start_msg = chunk.start
                 continue
             data = chunk.snapshot if kind == "snapshot" else chunk.image
-            if held[0] + len(data) > (MAX_SNAPSHOT if kind == "snapshot" else MAX_IMAGE):
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{kind}: too large")
-            with self.lock:  # all calls together: a bound on what peers can make us hold
-                full = self.receiving + len(data) > self.receive_budget
-                if not full:
-                    self.receiving += len(data)
-                    held[0] += len(data)
-            if full:
-                context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"{kind}: this tender process is receiving {self.receiving} bytes "
-                    f"of VMs already (budget {self.receive_budget}): place it elsewhere",
-                )
+            self._hold(held, kind, len(data))
             (parts if kind == "snapshot" else image).append(data)
         if start_msg is None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "start: missing")
+            raise localstart.Refused("INVALID_ARGUMENT", "start: missing")
+        return self._launch(start_msg, b"".join(parts), b"".join(image), connect_first=True)
+
+    def _launch(
+        self, start_msg, snapshot: bytes | bytearray, image: bytes, connect_first: bool = False
+    ):
+        """Build the VM of a StartVm and start its thread (which connects it to its
+        supervisor, then runs it); the VmStarted reply.
+
+        ``connect_first`` (gRPC: VMs from peer tenders, the relay, an instance's first
+        VM): the channel is connected before the reply, and a supervisor that cannot
+        be reached is UNAVAILABLE to the caller.  A fork on this host (the local
+        socket) does not wait for it (see ``_connect``)."""
+        pb2, _ = protos.peer()
         t0 = time.perf_counter()
         start = {f.name: getattr(start_msg, f.name) for f in start_msg.DESCRIPTOR.fields}
         start["args"], start["env"] = list(start["args"]), list(start["env"])
         try:
-            k = self._build(start, b"".join(parts), b"".join(image))
+            k, link = self._build(start, snapshot, image, connect_first)
         except (ImageError, SnapshotError, ValueError) as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot start the VM: {e}")
+            raise localstart.Refused("INVALID_ARGUMENT", f"cannot start the VM: {e}") from None
         except (ProtocolError, ChannelClosed, OSError) as e:
             # what the other end sent is not echoed: it may be anything (finding 4)
             log.warning(
@@ -369,14 +417,14 @@ class PeerServicer:
                 start["pid"],
                 type(e).__name__,
             )
-            context.abort(
-                grpc.StatusCode.UNAVAILABLE,
+            raise localstart.Refused(
+                "UNAVAILABLE",
                 "cannot reach the supervisor: it refused, did not answer, or did "
                 "not answer as the instance's supervisor",
-            )
+            ) from None
         threading.Thread(
             target=self._run,
-            args=(k, (start["instance_id"], start["pid"])),
+            args=(k, link, start),
             daemon=True,
             name=f"vm-{start['instance_id']}-{start['pid']}",
         ).start()
@@ -397,7 +445,15 @@ class PeerServicer:
             cpu_seconds=time.process_time(),
         )
 
-    def _build(self, start: dict, snapshot: bytes, image_data: bytes = b"") -> Kernel:
+    def _build(
+        self,
+        start: dict,
+        snapshot: bytes | bytearray,
+        image_data: bytes = b"",
+        connect_first: bool = False,
+    ) -> tuple[Kernel, VmLink]:
+        """The VM of a StartVm, ready to run; connected to its supervisor (once what
+        was sent is checked, before the VM is built) only if ``connect_first``."""
         pid = int(start["pid"])
         image = None
         if snapshot:
@@ -410,21 +466,7 @@ class PeerServicer:
             raise ValueError("image_sha256: does not match the image sent")
         else:
             image = parse_image(image_data, start["argv0"] or "image")
-        hello = {
-            "token": start["instance_token"],
-            "pid": pid,
-            "host_pid": os.getpid(),
-            "host": os.environ.get(HOST_NAME_ENV) or socket.gethostname(),
-        }
-        try:
-            channel = connect_channel(start["transport"], self._dial(start), True, hello)
-        except ShmExhausted as e:
-            # /dev/shm is full: the same supervisor socket carries frames instead (tcp),
-            # and the hello tells the supervisor why (transport_note, the metric)
-            log.warning("instance %s pid %d: %s: using tcp", start["instance_id"], pid, e)
-            hello[SHM_FALLBACK_KEY] = str(e)
-            channel = connect_channel("tcp", self._dial(start), True, hello)
-        link = VmLink(channel, pid)
+        link = VmLink(self._open_channel(start) if connect_first else None, pid)
         try:
             console = Console(link.console_sink, stdin=link.stdin(), tty=bool(start["tty"]))
             forker = VmCloneFork(WorkerCloneHost(link, start))
@@ -452,8 +494,35 @@ class PeerServicer:
         except Exception:
             link.close()
             raise
-        link.attach(k)
-        return k
+        return k, link
+
+    def _connect(self, start: dict, link: VmLink) -> None:
+        """Open the VM's channel to its supervisor, unless StartVm did already.
+
+        Done on the VM's thread after StartVm has answered: the forking parent
+        does not wait for it (the supervisor queues what it sends the VM until
+        this hello, and reports the VM lost if the hello never comes)."""
+        if not link.connected:
+            link.connect(self._open_channel(start))
+
+    def _open_channel(self, start: dict) -> Channel:
+        """The VM's channel to its supervisor (its hello says who it is)."""
+        pid = int(start["pid"])
+        hello = {
+            "token": start["instance_token"],
+            "pid": pid,
+            "host_pid": os.getpid(),
+            "host": os.environ.get(HOST_NAME_ENV) or socket.gethostname(),
+        }
+        try:
+            channel = connect_channel(start["transport"], self._dial(start), True, hello)
+        except ShmExhausted as e:
+            # /dev/shm is full: the same supervisor socket carries frames instead (tcp),
+            # and the hello tells the supervisor why (transport_note, the metric)
+            log.warning("instance %s pid %d: %s: using tcp", start["instance_id"], pid, e)
+            hello[SHM_FALLBACK_KEY] = str(e)
+            channel = connect_channel("tcp", self._dial(start), True, hello)
+        return channel
 
     @staticmethod
     def _dial(start: dict) -> socket.socket:
@@ -465,7 +534,24 @@ class PeerServicer:
             raise
         return sock
 
-    def _run(self, k: Kernel, key: tuple[str, int]) -> None:
+    def _run(self, k: Kernel, link: VmLink, start: dict) -> None:
+        key = (start["instance_id"], start["pid"])
+        try:
+            self._connect(start, link)
+        except (ProtocolError, ChannelClosed, OSError, ValueError) as e:
+            # what the other end sent is not echoed: it may be anything (finding 4); the
+            # supervisor, which never got our hello, reports the VM lost
+            log.warning(
+                "instance %.64r pid %d: the supervisor could not be reached (%s): "
+                "the VM does not run",
+                start["instance_id"],
+                start["pid"],
+                type(e).__name__,
+            )
+            link.close()
+            k.close()
+            return
+        link.attach(k)
         with self.lock:
             self.vms[key] = k
         try:
@@ -475,9 +561,7 @@ class PeerServicer:
         finally:
             with self.lock:
                 self.vms.pop(key, None)
-            link = k.remote
-            if isinstance(link, VmLink):
-                link.close()
+            link.close()
             k.close()
 
 
@@ -521,6 +605,8 @@ def serve(listen: str, ready=None, parent_fd: int | None = None) -> None:
     pb2_grpc.add_PeerServicer_to_server(servicer, server)
     server.add_insecure_port(listen)
     server.start()
+    path = localstart.local_path(listen)
+    local = localstart.Server(path, servicer.start_local) if path else None
     with grpc.insecure_channel(listen) as ch:  # warm the client side too: start_vm's
         pb2_grpc.PeerStub(ch).GetLoad(protos.peer()[0].LoadRequest(), timeout=30)  # first call
     parent = os.getppid()
@@ -536,6 +622,8 @@ def serve(listen: str, ready=None, parent_fd: int | None = None) -> None:
             stop.wait(0.5)
         elif select.select([parent_fd], [], [], 0.5)[0]:
             break
+    if local is not None:
+        local.close()
     server.stop(1)
 
 

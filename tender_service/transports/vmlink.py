@@ -54,9 +54,29 @@ class _Call:
         self.payload: bytes = b""
 
 
+class _NotConnected:
+    """The channel of a link whose VM has not said hello yet: nothing goes out (the
+    VM does not run before ``VmLink.connect``), and closing it is a no-op."""
+
+    kind = "none"
+    bytes_sent = 0
+    bytes_received = 0
+    peer_hello: dict = {}
+
+    def send(self, frame: Frame) -> None:
+        raise ChannelClosed("not connected to the supervisor yet")
+
+    def recv(self, timeout: float | None = None) -> Frame | None:
+        raise ChannelClosed("not connected to the supervisor yet")
+
+    def close(self) -> None:
+        pass
+
+
 class VmLink:
-    def __init__(self, channel: Channel, pid: int) -> None:
-        self.channel = channel
+    def __init__(self, channel: Channel | None, pid: int) -> None:
+        """``channel`` None: the VM is built first, its channel given by ``connect``."""
+        self.channel: Channel = channel if channel is not None else _NotConnected()
         self.pid = pid
         self.kernel: Kernel | None = None
         self.wq = WaitQueue("remote", host=True)
@@ -72,6 +92,17 @@ class VmLink:
         self.fs_tree = RemoteFs(self)
 
     # -- wiring ------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return not isinstance(self.channel, _NotConnected)
+
+    def connect(self, channel: Channel) -> None:
+        """The channel to the supervisor, opened after the VM was built (before attach);
+        a link closed meanwhile closes it at once."""
+        self.channel = channel
+        if self._closed.is_set():
+            channel.close()
+
     def attach(self, k: Kernel) -> None:
         self.kernel = k
         k.remote = self
