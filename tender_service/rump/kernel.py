@@ -51,6 +51,9 @@ from tender_service.rump.vminfo import RunResult, VmConfig
 
 log = logging.getLogger(__name__)
 
+#: seconds a VM-clone VM waits for another VM before it tells the supervisor it is idle
+IDLE_GRACE = 0.002
+
 #: instructions a time slice allows per microsecond of ``VmConfig.quantum`` (the
 #: emulator runs some 50-100 million guest instructions a second with a counter)
 #: translated blocks a guest runs per microsecond, about: a time slice's budget
@@ -596,8 +599,17 @@ class Kernel(ProcessTable):
             return False
         timeout = None if timer is None else max(0.0, timer - time.monotonic())
         if self.remote is not None and timer is None:
-            # only another VM can wake us now: say so (the supervisor detects deadlocks)
+            # only another VM can wake us now: say so (the supervisor detects deadlocks).
+            # A reply on its way (a pipe's data) mostly comes within microseconds:
+            # wait IDLE_GRACE first, saving a message and a report per wait
+            if self._wait_fds(IDLE_GRACE) or self.events:
+                return True
             self.remote.idle(self.blocked_report())
+        self._wait_fds(timeout)
+        return True
+
+    def _wait_fds(self, timeout: float | None) -> bool:
+        """Wait for the wake-up pipe or the console's input; True if either came."""
         # poll, not epoll: the console's stdin may be a regular file or /dev/null
         sel = selectors.PollSelector()
         try:
@@ -605,15 +617,16 @@ class Kernel(ProcessTable):
             host_fd = self.console.host_fd
             if host_fd is not None:
                 sel.register(host_fd, selectors.EVENT_READ)
-            for key, _ in sel.select(timeout):
+            ready = sel.select(timeout)
+            for key, _ in ready:
                 if key.fd == self._wakeup_r:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wakeup_r, 4096)
                 else:  # the readers read it themselves, as much as each asks
-                    sched.wake_all(self.console.input_wq)
+                    self.sched.wake_all(self.console.input_wq)
         finally:
             sel.close()
-        return True
+        return bool(ready)
 
     def _deadlock(self) -> str:
         lines = [
