@@ -54,8 +54,6 @@ log = logging.getLogger(__name__)
 #: seconds a VM-clone VM waits for another VM before it tells the supervisor it is idle
 IDLE_GRACE = 0.002
 
-#: instructions a time slice allows per microsecond of ``VmConfig.quantum`` (the
-#: emulator runs some 50-100 million guest instructions a second with a counter)
 #: translated blocks a guest runs per microsecond, about: a time slice's budget
 BLOCKS_PER_MICROSECOND = 10
 
