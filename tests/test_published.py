@@ -60,14 +60,15 @@ class Server:
 def serve(
     mode: str, *args: str, guest_port: int = GUEST_PORT, published: int = GUEST_PORT
 ) -> Iterator[Server]:
-    """prefork_http listening on ``guest_port``, the host port mapped to ``published``."""
-    port = free_port()
+    """prefork_http listening on ``guest_port``, the host port mapped to ``published``
+    (a port the host picks: ``-p 0:GUEST``, read from what ``unifork run`` prints)."""
     exe = str(image_path("prefork_http"))
     if mode == "native":
+        port = free_port()
         cmd = [exe, "-p", str(port), *args]
     else:
         cmd = [UNIFORK, "run", "--fork", mode, "--timeout", "600", "--console", "pipe"]
-        cmd += ["--publish", f"{port}:{published}", exe, "--", "-p", str(guest_port), *args]
+        cmd += ["--publish", f"0:{published}", exe, "--", "-p", str(guest_port), *args]
     proc = subprocess.Popen(
         cmd,
         stdin=subprocess.DEVNULL,
@@ -76,7 +77,12 @@ def serve(
         start_new_session=True,
     )
     try:
-        assert proc.stdout is not None
+        assert proc.stdout is not None and proc.stderr is not None
+        if mode != "native":
+            said = proc.stderr.readline().decode()
+            prefix = "unifork: published 127.0.0.1:"
+            assert said.startswith(prefix) and said.endswith(f" -> guest port {published}\n"), said
+            port = int(said[len(prefix) :].split()[0])
         line = proc.stdout.readline().decode()
         assert line.startswith("prefork_http: listening"), (line, proc.poll())
         yield Server(proc, port, mode)

@@ -76,6 +76,18 @@ def cmd_run(a: argparse.Namespace) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
+class _PublishedPrinter:
+    """Says on stderr where each published port listens before the guest starts:
+    with ``-p 0:GUEST`` the host picks the port, and this line is how a user (or a
+    script) learns it."""
+
+    def published(self, bound: list[tuple[str, int, int]]) -> None:
+        for ip, port, guest in bound:
+            host = f"[{ip}]" if ":" in ip else ip
+            print(f"unifork: published {host}:{port} -> guest port {guest}", file=sys.stderr)
+        sys.stderr.flush()
+
+
 def _run(a: argparse.Namespace) -> int:
     from tender_service.instance.backends import (
         BackendContext,
@@ -127,7 +139,7 @@ def _run(a: argparse.Namespace) -> int:
         outbound=outbound,
     )
     try:
-        result = run_instance(backend, spec, stdio_sink(a.tag_pids))
+        result = run_instance(backend, spec, stdio_sink(a.tag_pids), _PublishedPrinter())
     except (ImageError, ValueError) as e:
         print(f"unifork: {e}", file=sys.stderr)
         return 2
@@ -679,7 +691,8 @@ def _main(argv: list[str] | None = None) -> int:  # noqa: C901 - split after the
         default=[],
         metavar="[IP:]HOST:GUEST",
         help="thread/copy: accept TCP on the host port (default IP 127.0.0.1) and hand each "
-        "connection to the guest's listener on GUEST port (repeatable)",
+        "connection to the guest's listener on GUEST port (repeatable); HOST 0 picks a free "
+        "port; each mapping is printed on stderr before the guest starts",
     )
     r.add_argument(
         "--allow-outbound",

@@ -136,6 +136,8 @@ class ThreadBackend:
                     if spec.publish or spec.outbound
                     else None
                 )
+                if publisher is not None and publisher.mappings:
+                    notify(observer, "published", publisher.bound())  # port 0: the one bound
                 try:
                     k = create_vm(
                         spec.image,
