@@ -692,6 +692,44 @@ def test_a_vm_fault_report_reaches_the_instance_result(env: Env) -> None:
     assert r.rows[MAIN_PID].report == r.result.reports[0]
 
 
+class _PublishedOnly:
+    """An observer with one method, none of the supervisor's (as the CLI's printer)."""
+
+    def published(self, bound: list[tuple[str, int, int]]) -> None:
+        raise AssertionError("no port is published")
+
+
+class _FailingForkDone:
+    """An observer whose fork_done raises (a defect of ours, wherever it is)."""
+
+    def fork_done(self, seconds: float, snapshot: int, remote: bool) -> None:
+        raise RuntimeError("observer failed")
+
+
+def test_an_observer_without_the_supervisors_methods_is_not_called(env: Env) -> None:
+    """The CLI passes an observer that only prints published ports; a VM-clone fork
+    once called its missing fork_done, killed the supervisor's thread and hung every
+    `unifork run --fork vmclone` (stop 20's CI).  Observers may have any subset."""
+    sink = CaptureSink()
+    r = run_vmclone(image_path("token_ring"), config=VmConfig(timeout=60), sink=sink,
+                    pool=env.pool, observer=_PublishedOnly())  # fmt: skip
+    env.check_clean()
+    assert (r.status, bytes(sink.stdout)) == (0, b"token=80\n"), r.reports
+
+
+def test_a_supervisor_defect_ends_the_process_not_the_run(env: Env) -> None:
+    """An exception while the supervisor serves a VM (here the observer's) kills that
+    process with SIGKILL and says why; its parent and the run go on to their end
+    instead of waiting forever on a VM nobody serves."""
+    sink = CaptureSink()
+    r = run_vmclone(image_path("fork_exit_wait"), config=VmConfig(timeout=60), sink=sink,
+                    pool=env.pool, observer=_FailingForkDone())  # fmt: skip
+    env.check_clean()
+    assert any("the supervisor failed serving it: RuntimeError: observer failed" in x
+               for x in r.reports), r.reports  # fmt: skip
+    assert r.status == SIGKILL, r.processes
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_cross_vm_pipe_read_cut_by_a_mapping_end_loses_nothing(env: Env, transport: str) -> None:
     """tests/guest/read_short.c reads a pipe into a buffer 4 bytes before an unmapped

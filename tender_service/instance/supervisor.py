@@ -28,9 +28,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from tender_service.instance.budget import MemoryBudget
+from tender_service.instance.observer import InstanceObserver, notify
 from tender_service.instance.stdin import StdinServer
 from tender_service.machine.rootfs import RootFs
 from tender_service.rump import pgroups, signals
@@ -80,14 +81,6 @@ _WAKING = {
     Msg.REPARENT,
     Msg.CHILD_STATE,
 }
-
-
-class ForkObserver(Protocol):
-    """What the supervisor reports for metrics (the service's and the harness's)."""
-
-    def fork_done(self, seconds: float, snapshot: int, remote: bool) -> None: ...
-
-    def pipe_write(self, nbytes: int, seconds: float) -> None: ...
 
 
 @dataclass(eq=False)
@@ -152,7 +145,7 @@ class Supervisor:
         listen_host: str = "127.0.0.1",
         advertise_host: str | None = None,
         placement: str = "local",
-        observer: ForkObserver | None = None,
+        observer: InstanceObserver | None = None,
         self_handle: object | None = None,
         peer_timeout: float = PEER_TIMEOUT,
         budget: MemoryBudget | None = None,
@@ -527,9 +520,7 @@ class Supervisor:
         """A VM of ours found /dev/shm full and talks tcp instead: say so, count it."""
         log.warning("instance %s: pid %d uses tcp, not shm: %s", self.id, pid, reason)
         self.transport_note = f"shm requested, tcp used for some VMs: {reason}"
-        counter = getattr(self.observer, "shm_exhausted", None)
-        if counter is not None:
-            counter()
+        notify(self.observer, "shm_exhausted")
 
     def _serve(self, sock: socket.socket) -> None:
         try:  # a stranger gets no answer at all (and no shm segment of its is mapped)
@@ -563,20 +554,25 @@ class Supervisor:
                 if f is not None:
                     self._handle(rec, f)
         except (ChannelClosed, ProtocolError, OSError) as e:
-            if rec.hosting:
-                self._vm_ended(rec)
-            if rec.alive:
-                log.warning(
-                    "instance %s: pid %d's VM vanished (%s): killed by SIGKILL", self.id, pid, e
-                )
-                self._ended(
-                    rec,
-                    signals.signaled_status(signals.SIGKILL),
-                    f"pid {pid}: its VM was lost (its tender process died, or its "
-                    f"host was silent for {self.peer_timeout:g} s): {e}",
-                )
+            self._lost(
+                rec,
+                f"its VM was lost (its tender process died, or its host was silent "
+                f"for {self.peer_timeout:g} s): {e}",
+            )
+        except Exception as e:  # a defect of ours: the process ends, the instance goes on
+            log.exception("instance %s: serving pid %d failed", self.id, pid)
+            self._lost(rec, f"the supervisor failed serving it: {type(e).__name__}: {e}")
         finally:
             channel.close()
+
+    def _lost(self, rec: ProcRec, why: str) -> None:
+        """``rec``'s channel is gone: its VM no longer counts, and its process (if it
+        has not ended) is killed by SIGKILL, so that its parent and the run go on."""
+        if rec.hosting:
+            self._vm_ended(rec)
+        if rec.alive:
+            log.warning("instance %s: pid %d: %s: killed by SIGKILL", self.id, rec.pid, why)
+            self._ended(rec, signals.signaled_status(signals.SIGKILL), f"pid {rec.pid}: {why}")
 
     def _signal(self, rec: ProcRec, sig: int, sender: int = 0, info: bytes = b"") -> None:
         """Send ``sig`` (from pid ``sender``, 0: the kernel) to ``rec``'s VM; a process
@@ -672,8 +668,8 @@ class Supervisor:
         t0 = time.perf_counter()
 
         def wrote(n: int, sig: bool, req: int = f.req) -> None:
-            if self.observer is not None and n > 0:
-                self.observer.pipe_write(n, time.perf_counter() - t0)
+            if n > 0:
+                notify(self.observer, "pipe_write", n, time.perf_counter() - t0)
             self._send(rec, Frame(Msg.PIPE_WROTE, SIGPIPE_FLAG if sig else 0, req, 0, n, b""))
 
         self.broker.write(f.pipe, rec.pid, f.payload, bool(f.flags & NONBLOCK), wrote)
@@ -815,9 +811,8 @@ class Supervisor:
         child = self.procs.get(pid)
         if child is not None and child.leased_by == rec.pid:
             self._launched(child)
-        if self.observer is not None:
-            remote = bool(child is not None and getattr(child.worker, "remote", False))
-            self.observer.fork_done(micros / 1e6, snapshot, remote)
+        remote = bool(child is not None and getattr(child.worker, "remote", False))
+        notify(self.observer, "fork_done", micros / 1e6, snapshot, remote)
         return 0
 
     def _op_kill(

@@ -53,23 +53,6 @@ class VmStatus:
     committed_memory: int
 
 
-class InstanceObserver(Protocol):
-    """Figures a running instance reports as they happen (the tender's metrics).
-
-    Every method is optional: a backend calls only those its observer has
-    (``notify``), so the harness can pass an object with just ``fork_done``.
-    """
-
-    def fork_done(self, seconds: float, snapshot: int, remote: bool) -> None: ...
-
-
-def notify(observer: object | None, event: str, *args: object) -> None:
-    """Call ``observer.event(*args)`` if there is an observer and it has that method."""
-    method = getattr(observer, event, None)
-    if method is not None:
-        method(*args)
-
-
 @dataclass(slots=True)
 class BackendContext:
     """What a backend may need from whoever hosts it; each mode reads its own fields.
@@ -134,7 +117,7 @@ class InstanceBackend(Protocol):
     def start(
         self, spec: InstanceSpec, sink: Sink, observer: object | None = None
     ) -> RunningInstance:
-        """Start ``spec``; ``observer`` gets the figures (see ``InstanceObserver``)."""
+        """Start ``spec``; ``observer`` gets the figures (see ``instance/observer.py``)."""
         ...
 
     def where(self, proc: ProcInfo, host_pid: int) -> tuple[str | None, str]:

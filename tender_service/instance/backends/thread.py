@@ -18,9 +18,9 @@ from tender_service.instance.backends.base import (
     InstanceSpec,
     RunningInstance,
     VmStatus,
-    notify,
 )
 from tender_service.instance.budget import MemoryBudget
+from tender_service.instance.observer import notify
 from tender_service.instance.publish import Publisher, PublishError
 from tender_service.instance.threadvm import ThreadVm, ThreadVmHost
 from tender_service.rump.console import Sink

@@ -23,9 +23,10 @@ from tender_service.instance.backends.base import (
     VmStatus,
     run_instance,
 )
+from tender_service.instance.observer import InstanceObserver
 from tender_service.instance.pool import WarmPool
 from tender_service.instance.publish import PublishError
-from tender_service.instance.supervisor import ForkObserver, Supervisor
+from tender_service.instance.supervisor import Supervisor
 from tender_service.machine.rootfs import load_image_file, select_program
 from tender_service.rump.console import Sink
 from tender_service.rump.vminfo import ProcInfo, RunResult, VmConfig
@@ -103,9 +104,9 @@ class VmcloneBackend:
                 listen_host=ctx.listen_host,
                 advertise_host=ctx.advertise_host,
                 placement=spec.placement,
-                # the tender's MetricsObserver implements ForkObserver; one-shot
-                # runs pass the harness's, which does too, or None
-                observer=cast("ForkObserver | None", observer),
+                # any subset of InstanceObserver's methods: the supervisor calls
+                # only those it has (notify)
+                observer=cast("InstanceObserver | None", observer),
                 self_handle=ctx.self_handle,
                 peer_timeout=ctx.peer_timeout,
                 budget=ctx.budget,

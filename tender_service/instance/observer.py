@@ -1,0 +1,41 @@
+"""The figures a running instance reports as they happen, and how they are reported.
+
+Its own module (below the supervisor and the backends) so that every part of an
+instance reports the same way: an observer may have any subset of the methods,
+and a part calls only those it has.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class InstanceObserver(Protocol):
+    """Figures a running instance reports as they happen (the tender's metrics).
+
+    Every method is optional: a backend calls only those its observer has
+    (``notify``), so the harness can pass an object with just ``fork_done``.
+    """
+
+    def fork_done(self, seconds: float, snapshot: int, remote: bool) -> None: ...
+
+    def pipe_write(self, nbytes: int, seconds: float) -> None: ...
+
+    def pipe_bytes(self, nbytes: int) -> None: ...
+
+    def shm_exhausted(self) -> None: ...
+
+    def vm_started(self) -> None: ...
+
+    def vm_ended(self) -> None: ...
+
+    def emulator_crashed(self) -> None: ...
+
+    def published(self, bound: list[tuple[str, int, int]]) -> None: ...
+
+
+def notify(observer: object | None, event: str, *args: object) -> None:
+    """Call ``observer.event(*args)`` if there is an observer and it has that method."""
+    method = getattr(observer, event, None)
+    if method is not None:
+        method(*args)
