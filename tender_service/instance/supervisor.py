@@ -267,6 +267,14 @@ class Supervisor:
             try:
                 worker.start_vm(start, None, image)
             except Exception as e:
+                # the VM may have said hello (and its process died) before the answer
+                # came: it started, its channel reports the rest; no second VM for pid 2
+                with self.lock:
+                    reached = rec.channel is not None or rec.state != "starting"
+                if reached:
+                    log.warning("instance %s: pid 2 started, then its start failed: %s",
+                                self.id, e)  # fmt: skip
+                    return
                 error = e
                 continue
             self._launched(rec)
