@@ -15,6 +15,7 @@ no child is left, and exits 3 with "fork check:" lines if one fails.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from unicorn import UC_HOOK_MEM_WRITE
 
 from tender_service.instance.backends.vmclone import run_vmclone
 from tender_service.instance.pool import WarmPool
-from tender_service.rump.vminfo import VmConfig
+from tender_service.rump.vminfo import ProcInfo, VmConfig
 from tender_service.toolchain.cc import compile_guest
 from tender_service.vm import CaptureSink, create_vm
 
@@ -47,6 +48,8 @@ VMCLONE_SEEDS = [1, 2]
 VMCLONE_CALLS = 10_000
 #: fork fuzzing: (seed, calls of the launched program, fork events, calls per child at most)
 FORK_THREAD_RUNS = [(1, 10_000, 12, 1000), (2, 10_000, 12, 1000), (3, 10_000, 12, 1000)]
+#: syscall_fuzz.c's exit status of a child that could not send its report
+ST_NO_REPORT = 102
 FORK_VMCLONE_RUNS = [("shm", 1, 4000, 6, 800), ("shm", 2, 4000, 6, 800), ("tcp", 3, 4000, 6, 800)]
 #: fork-fuzzing seeds that once found a kernel bug, run in full: (mode, pipe, seed, calls, forks)
 #: - vmclone 5: a readv that filled its first iovec left a second broker read in flight, whose
@@ -121,8 +124,17 @@ def test_fuzz_vmclone_mode(pool: WarmPool, seed: int) -> None:
 
 
 # -- fork fuzzing ----------------------------------------------------------------------
-def check_fork_summary(out: str, seed: int, calls: int, in_vm: bool) -> int:
-    """The fork-mode summary: every process's calls counted, every child as expected."""
+def check_fork_summary(
+    out: str, seed: int, calls: int, in_vm: bool, processes: list[ProcInfo] | None = None
+) -> int:
+    """The fork-mode summary: every process's calls counted, every child as expected.
+
+    ``processes`` (a VM's table): the children's calls must be in the total if one
+    child of the first process exited on its own with its report sent; a doomed child
+    (SIGKILL or SIGTERM from its parent) killed before it got far reports nothing, as
+    natively, and under load a VM-clone child starts late enough for every one of
+    them to be (seed 2: CI runs where children 3, 5 and 6 were all killed first).
+    """
     assert "fork check" not in out, f"seed {seed}: {out[-3000:]}"
     m = FORK_SUMMARY.search(out)
     assert m, f"no fork-mode summary in the fuzzer's output:\n{out[-2000:]}"
@@ -130,7 +142,14 @@ def check_fork_summary(out: str, seed: int, calls: int, in_vm: bool) -> int:
     assert (int(m[1]), int(m[5])) == (seed, int(in_vm))
     assert int(m[3]) + int(m[4]) == total and int(m[3]) > 0 and int(m[4]) > 0
     assert forks > 0 and kids_ok == forks
-    assert total > calls  # the children's calls are in the total
+    reported = processes is None or any(
+        p.ppid == 2 and os.WIFEXITED(p.status) and os.WEXITSTATUS(p.status) != ST_NO_REPORT
+        for p in processes
+    )
+    if reported:
+        assert total > calls  # the children's calls are in the total
+    else:
+        assert total == calls, processes  # no child reported: only the first one's calls
     return forks
 
 
@@ -175,7 +194,7 @@ def test_fork_fuzz_thread_mode(seed: int, calls: int, forks: int, child_calls: i
         timeout=120,
     )
     check_clean(r.result, seed)
-    done = check_fork_summary(r.out, seed, calls, in_vm=True)
+    done = check_fork_summary(r.out, seed, calls, in_vm=True, processes=r.result.processes)
     assert r.result.forks >= done
     # every child reaped: by its parent, or (an orphan of a killed child) by init
     left = [p for p in r.result.processes if p.pid > 2 and p.state != "reaped"]
@@ -191,7 +210,7 @@ def test_fork_fuzz_vmclone_mode(
         pool, pipe, ["-s", str(seed), "-n", str(calls), "-f", str(forks), "-c", str(child_calls)]
     )
     check_clean(result, seed)
-    done = check_fork_summary(out, seed, calls, in_vm=True)
+    done = check_fork_summary(out, seed, calls, in_vm=True, processes=result.processes)
     assert result.forks >= done
     left = [p for p in result.processes if p.pid > 2 and p.state not in ("reaped", "exited")]
     assert not left, left
