@@ -13,8 +13,9 @@ from typing import Protocol
 class InstanceObserver(Protocol):
     """Figures a running instance reports as they happen (the tender's metrics).
 
-    Every method is optional: a backend calls only those its observer has
-    (``notify``), so the harness can pass an object with just ``fork_done``.
+    Every method is optional: the backends and the supervisor call only those the
+    observer has (``notify``), so the harness can pass an object with just
+    ``fork_done`` and the CLI one with just ``published``.
     """
 
     def fork_done(self, seconds: float, snapshot: int, remote: bool) -> None: ...

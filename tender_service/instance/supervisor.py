@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tender_service.instance.budget import MemoryBudget
-from tender_service.instance.observer import InstanceObserver, notify
+from tender_service.instance.observer import notify
 from tender_service.instance.stdin import StdinServer
 from tender_service.machine.rootfs import RootFs
 from tender_service.rump import pgroups, signals
@@ -145,7 +145,7 @@ class Supervisor:
         listen_host: str = "127.0.0.1",
         advertise_host: str | None = None,
         placement: str = "local",
-        observer: InstanceObserver | None = None,
+        observer: object | None = None,
         self_handle: object | None = None,
         peer_timeout: float = PEER_TIMEOUT,
         budget: MemoryBudget | None = None,
@@ -172,9 +172,10 @@ class Supervisor:
         #: (instance, pid, tender address) -> a single-use ticket a VM's clone carries to a
         #: peer tender instead of the peer credential (VM processes hold no secret)
         self.ticket_for = ticket_for
-        self.observer = (
-            observer  # metrics: fork_done(seconds, snapshot_bytes, remote), pipe_write(...)
-        )
+        #: metrics: any subset of InstanceObserver's methods (instance/observer.py)
+        self.observer = observer
+        # every brokered write reports: look the method up once, not per write
+        self._on_pipe_write = getattr(observer, "pipe_write", None)
         #: the tender's guest RAM (--max-guest-memory): each VM on this tender holds its RAM
         self.budget = budget
         self._memory_refused = False
@@ -272,8 +273,8 @@ class Supervisor:
                 with self.lock:
                     reached = rec.channel is not None or rec.state != "starting"
                 if reached:
-                    log.warning("instance %s: pid 2 started, then its start failed: %s",
-                                self.id, e)  # fmt: skip
+                    log.warning("instance %s: pid %d started, then its start failed: %s",
+                                self.id, MAIN_PID, e)  # fmt: skip
                     return
                 error = e
                 continue
@@ -676,8 +677,8 @@ class Supervisor:
         t0 = time.perf_counter()
 
         def wrote(n: int, sig: bool, req: int = f.req) -> None:
-            if n > 0:
-                notify(self.observer, "pipe_write", n, time.perf_counter() - t0)
+            if n > 0 and self._on_pipe_write is not None:
+                self._on_pipe_write(n, time.perf_counter() - t0)
             self._send(rec, Frame(Msg.PIPE_WROTE, SIGPIPE_FLAG if sig else 0, req, 0, n, b""))
 
         self.broker.write(f.pipe, rec.pid, f.payload, bool(f.flags & NONBLOCK), wrote)

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 from tender_service.instance.backends.base import (
     BackendContext,
@@ -23,7 +22,6 @@ from tender_service.instance.backends.base import (
     VmStatus,
     run_instance,
 )
-from tender_service.instance.observer import InstanceObserver
 from tender_service.instance.pool import WarmPool
 from tender_service.instance.publish import PublishError
 from tender_service.instance.supervisor import Supervisor
@@ -104,9 +102,7 @@ class VmcloneBackend:
                 listen_host=ctx.listen_host,
                 advertise_host=ctx.advertise_host,
                 placement=spec.placement,
-                # any subset of InstanceObserver's methods: the supervisor calls
-                # only those it has (notify)
-                observer=cast("InstanceObserver | None", observer),
+                observer=observer,  # any subset of InstanceObserver's methods
                 self_handle=ctx.self_handle,
                 peer_timeout=ctx.peer_timeout,
                 budget=ctx.budget,
