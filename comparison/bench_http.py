@@ -3,13 +3,15 @@
 The servers: guest/programs/prefork_http.c (a pre-forking HTTP/1.0 server,
 W workers accepting on one listening socket) at 1, 4 and 16 workers, and
 mini_httpd (Debian's mini-httpd, a process forked per connection, serving a
-file from a baked image), each run natively on a host port and in thread and
-copy fork behind ``unifork run --publish``.  comparison/http_load.py loads
-each for a fixed time with C concurrent clients; the table gives requests/s,
-p50 and p99 latency, and the ratio of requests/s to native measured in this
-same run (configurations interleaved: native, thread, copy).  mini_httpd in
-thread fork runs with one client: two at once stall it (its request buffer
-is a global, shared by thread fork: docs/semantics.md).
+file from a baked image), each run natively on a host port and behind
+``unifork run --publish`` in thread, copy and VM-clone fork (shm and tcp
+transports: the supervisor owns the host port and hands each connection to
+a worker VM).  comparison/http_load.py loads each for a fixed time with C
+concurrent clients; the table gives requests/s, p50 and p99 latency, and
+the ratio of requests/s to native measured in this same run
+(configurations interleaved: native, thread, copy, vmclone, vmclone-tcp).
+mini_httpd in thread fork runs with one client: two at once stall it (its
+request buffer is a global, shared by thread fork: docs/semantics.md).
 Run: ``python -m comparison.bench_http [--seconds 5] [-c 8] [--workers 1,4,16] [--json FILE]``.
 """
 
@@ -39,7 +41,8 @@ from tender_service.toolchain.thirdparty import Unavailable, mini_httpd
 
 log = logging.getLogger(__name__)
 
-MODES = ("native", "thread", "copy")
+#: vmclone: the shm transport; vmclone-tcp: the tcp one (every worker a VM of its own)
+MODES = ("native", "thread", "copy", "vmclone", "vmclone-tcp")
 UNIFORK = str(Path(sys.executable).parent / "unifork")
 PAGE = b"<html><body>mini_httpd in a unikernel</body></html>\n" * 40
 
@@ -69,7 +72,9 @@ def server(cmd_native: list[str], vm: tuple[str, list[str]], mode: str, path: st
         cmd = [a.replace("{port}", str(port)) for a in cmd_native]
     else:
         image, args = vm
-        cmd = [UNIFORK, "run", "--fork", mode, "--console", "pipe", "--timeout", "900"]
+        fork, _, pipe = mode.partition("-")
+        cmd = [UNIFORK, "run", "--fork", fork, "--console", "pipe", "--timeout", "900"]
+        cmd += ["--pipe", pipe] if pipe else []
         cmd += ["-p", f"{port}:80", image, "--", *args]
     proc = subprocess.Popen(
         cmd,

@@ -31,16 +31,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--target", default=os.environ.get("UNIFORK_TARGET", "127.0.0.1:7700"),
-                   help="tender HOST:PORT (env UNIFORK_TARGET, default 127.0.0.1:7700)")
+    p.add_argument(
+        "--target",
+        default=os.environ.get("UNIFORK_TARGET", "127.0.0.1:7700"),
+        help="tender HOST:PORT (env UNIFORK_TARGET, default 127.0.0.1:7700)",
+    )
     p.add_argument("--token-file", help="bearer token file (sent when it exists; not needed)")
     p.add_argument("--service", default="", help="health service name (default: the server)")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
     p.add_argument("--tls-ca", help="CA certificate (PEM) to verify a TLS tender")
     p.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS")
     p.add_argument("--tls-key", help="the client certificate's private key (PEM)")
-    p.add_argument("--tls-server-name", help="the name the tender's certificate must carry "
-                                             "(default: the target's host)")
+    p.add_argument(
+        "--tls-server-name",
+        help="the name the tender's certificate must carry (default: the target's host)",
+    )
     return p
 
 
@@ -51,8 +56,7 @@ def channel(a: argparse.Namespace) -> grpc.Channel:
     key = Path(a.tls_key).read_bytes() if a.tls_key else None
     cert = Path(a.tls_cert).read_bytes() if a.tls_cert else None
     creds = grpc.ssl_channel_credentials(Path(a.tls_ca).read_bytes(), key, cert)
-    options = [("grpc.ssl_target_name_override", a.tls_server_name)] if a.tls_server_name \
-        else []
+    options = [("grpc.ssl_target_name_override", a.tls_server_name)] if a.tls_server_name else []
     return grpc.secure_channel(a.target, creds, options=options)
 
 
@@ -70,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with channel(a) as ch:
             reply = health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(service=a.service), timeout=a.timeout,
-                metadata=metadata)
+                health_pb2.HealthCheckRequest(service=a.service),
+                timeout=a.timeout,
+                metadata=metadata,
+            )
     except OSError as e:  # a TLS file that cannot be read
         print(f"healthcheck: {e}", file=sys.stderr)
         return 2

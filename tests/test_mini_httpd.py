@@ -6,8 +6,9 @@ baked with a document root, /etc/passwd and /etc/group (it drops root to
 ``nobody`` with setgroups/setgid/initgroups/setuid) into an image.  It forks
 a process per connection and sends files with sendfile(2).  Python's
 http.client asks it for a file natively (the same ELF on the host, the same
-files) and in copy and thread mode through a published port: the answers
-must be the same but for the dates.
+files) and in copy, thread and VM-clone mode through a published port (VM-
+clone: each connection's child is a VM of its own, the accepted socket a
+cross-VM socket): the answers must be the same but for the dates.
 
 Thread fork: mini_httpd keeps the request it reads in globals (buffer,
 lengths, ``conn_fd``), shared by thread fork: a child forked for a second
@@ -104,7 +105,7 @@ def test_native_serves_the_file(native_answers: dict[str, tuple]) -> None:
     assert native_answers["/missing"][0] == 404
 
 
-@pytest.mark.parametrize("mode", ["copy", "thread"])
+@pytest.mark.parametrize("mode", ["copy", "thread", "vmclone"])
 def test_same_answers_as_native(
     mode: str, site: tuple[Path, Path, Path], native_answers: dict[str, tuple]
 ) -> None:
@@ -124,8 +125,11 @@ def _concurrent(port: int) -> list[object]:
         return list(pool.map(one, range(20)))
 
 
-def test_copy_two_connections_at_once(site: tuple[Path, Path, Path]) -> None:
-    with serve("copy", site) as port:
+@pytest.mark.parametrize("mode", ["copy", "vmclone"])
+def test_two_connections_at_once(mode: str, site: tuple[Path, Path, Path]) -> None:
+    """Private globals (copy fork; VM-clone: a VM per connection's child) serve two
+    clients at once."""
+    with serve(mode, site) as port:
         assert _concurrent(port) == [True] * 20
 
 
@@ -156,7 +160,7 @@ def _interleaved(port: int) -> tuple[bytes, bytes]:
         return got_b, answer(a)
 
 
-@pytest.mark.parametrize("mode", ["native", "copy"])
+@pytest.mark.parametrize("mode", ["native", "copy", "vmclone"])
 def test_interleaved_connections(mode: str, site: tuple[Path, Path, Path]) -> None:
     with serve(mode, site) as port:
         assert _interleaved(port) == (b"HTTP/1.0 200 Ok", b"HTTP/1.0 200 Ok")

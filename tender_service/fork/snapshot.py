@@ -46,6 +46,7 @@ from tender_service.machine.memory import GuestMemory
 from tender_service.rump.console import Console
 from tender_service.rump.fdtable import FdTable
 from tender_service.rump.files import ConsoleFile, File, NullFile, ZeroFile
+from tender_service.rump.inet import InetSocket
 from tender_service.rump.kernel import Forker, Kernel
 from tender_service.rump.process import Lwp
 from tender_service.rump.proctable import INIT_PID
@@ -319,6 +320,9 @@ def _restore_into(
         if f is None:
             f = made[fid] = _make_file(e["state"], make_file)
         fds.install(f, bool(e["cloexec"]), fd=int(e["fd"]))
+    for f in made.values():
+        if isinstance(f, InetSocket):  # a shared listener: its port in the child's table
+            f.register(k)
     regs = {name: int(v) for name, v in meta["cpu"].items() if name in STATE_REGS}
     k.cpu.write_state(regs)
     k.restore_process(meta, fds, k.cpu.new_context())
@@ -336,4 +340,6 @@ def _make_file(state: dict, make_file: FileFactory) -> File:
         return NullFile(flags)
     if kind in ("zero", "urandom"):
         return ZeroFile(flags, random=kind == "urandom")
+    if kind == "inet_listener":
+        return InetSocket.from_state(state)
     return make_file(state)

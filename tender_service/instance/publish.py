@@ -21,9 +21,10 @@ The same thread makes the instance's allowed outbound connections
 destination is a non-blocking connect here, answered with ``opened``, then
 served like a published connection.
 
-Not here (docs/semantics.md): a tender's ``Launch`` does not publish (its
-jailed VM process may not accept), nor does VM-clone mode (its listeners
-stay in the VM that made them).
+A VM-clone instance uses the same thread in its supervisor, with the
+listener broker as its guest side (``instance/clone_ports.py``).  Not here
+(docs/semantics.md): a thread-fork instance of a tender's ``Launch`` (its
+jailed VM process may not accept).
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ class Publisher:
         self._stop = False
         self._accepts_paused = False
         self._thread: threading.Thread | None = None
-        self._kernel: Kernel | None = None
+        self._deliver: Callable[[Callable[..., None]], None] | None = None
         self.ports: PublishedPorts | None = None
         self.accepted = 0
         self.opened_out = 0  # outbound connections made
@@ -175,18 +176,27 @@ class Publisher:
         """(host IP, host port as bound, guest port) of each mapping (port 0 picks one)."""
         return [(m.host_ip, s.getsockname()[1], m.guest_port) for s, m in self._listeners.values()]
 
+    @property
+    def guest_ports(self) -> frozenset[int]:
+        return frozenset(m.guest_port for m in self.mappings)
+
     def attach(self, kernel: Kernel) -> None:
         """Give the kernel its published ports and start serving them."""
-        self._kernel = kernel
         # never out to the instance's own host ports: a loop back into itself
         own = frozenset(
             (ip if ip not in ("0.0.0.0", "::") else "127.0.0.1", port)
             for ip, port, _ in self.bound()
         )
-        self.ports = PublishedPorts(
-            self, frozenset(m.guest_port for m in self.mappings), self.outbound, own
-        )
-        kernel.published = self.ports
+        ports = self.ports = PublishedPorts(self, self.guest_ports, self.outbound, own)
+        kernel.published = ports
+        self.serve(lambda fn: kernel.post_event(lambda: fn(kernel, ports)))
+
+    def serve(self, deliver: Callable[[Callable[..., None]], None]) -> None:
+        """Start the I/O thread.  Its events for the guest side are functions of
+        (kernel, ports), each given to ``deliver``: a one-VM instance runs them on its
+        VM's thread; a VM-clone instance's supervisor under its lock, with no kernel
+        (instance/clone_ports.py)."""
+        self._deliver = deliver
         self._sel.register(self._wake_r, selectors.EVENT_READ)
         for fd in self._listeners:
             self._sel.register(fd, selectors.EVENT_READ)
@@ -244,10 +254,9 @@ class Publisher:
             os.write(self._wake_w, b"!")
 
     # -- to the kernel ---------------------------------------------------------------------
-    def _post(self, fn: Callable[[Kernel, PublishedPorts], None]) -> None:
-        k, ports = self._kernel, self.ports
-        assert k is not None and ports is not None
-        k.post_event(lambda: fn(k, ports))
+    def _post(self, fn: Callable[..., None]) -> None:
+        assert self._deliver is not None  # serve() set it before the thread started
+        self._deliver(fn)
 
     # -- the I/O thread ---------------------------------------------------------------------
     def _serve(self) -> None:

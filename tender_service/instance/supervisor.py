@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from tender_service.instance.budget import MemoryBudget
+from tender_service.instance.clone_ports import ClonePorts
 from tender_service.instance.observer import notify
+from tender_service.instance.publish import Publisher
 from tender_service.instance.stdin import StdinServer
 from tender_service.machine.rootfs import RootFs
 from tender_service.rump import pgroups, signals
@@ -49,6 +51,7 @@ from tender_service.transports.channel import (
 )
 from tender_service.transports.frames import Frame, ProtocolError
 from tender_service.transports.fs_host import FsHost
+from tender_service.transports.listeners import Connection, ListenerBroker
 from tender_service.transports.protocol import (
     END_READ,
     NONBLOCK,
@@ -59,9 +62,17 @@ from tender_service.transports.protocol import (
 
 log = logging.getLogger(__name__)
 
+#: requests a VM's thread waits on, and the method that takes each
+_REQUESTS = {
+    Msg.PIPE_READ: "_pipe_read",
+    Msg.PIPE_WRITE: "_pipe_write",
+    Msg.STDIN_READ: "_stdin_read",
+    Msg.ACCEPT: "_accept",
+}
+
 INIT_PID = 1
 MAIN_PID = 2
-_DATA_OPS = {"pipe_create", "fs", "fs_raw", "fs_write", "proc_comm"}
+_DATA_OPS = {"pipe_create", "fs", "fs_raw", "fs_write", "proc_comm", "listen_connect"}
 #: places tried for a VM; each try is another place (a dead one is marked down), so no
 #: backoff: waiting would only delay the launch
 PLACEMENT_TRIES = 3
@@ -152,6 +163,7 @@ class Supervisor:
         ticket_for: Callable[[str, int, str], str] | None = None,
         stdin: int | bytes | None = None,
         hello_deadline: float = HELLO_DEADLINE,
+        publisher: Publisher | None = None,
     ) -> None:
         if transport not in ("tcp", "shm"):
             raise ValueError("transport must be tcp or shm")
@@ -181,6 +193,11 @@ class Supervisor:
         self._memory_refused = False
         self.token = uuid.uuid4().hex
         self.broker = PipeBroker()
+        #: TCP listeners the instance's VMs share (a published port's, an inherited one)
+        self.listen_broker = ListenerBroker(self.broker)
+        #: ``--publish``: the host ports, served into the listener broker (closed by close)
+        self.publisher = publisher
+        self.ports: ClonePorts | None = None
         #: the instance's one file system, which every VM's kernel calls (issue 14)
         self.fs = FsHost(FileSystem(None, config.tmpfs_size))
         self.procs: dict[int, ProcRec] = {}
@@ -220,6 +237,11 @@ class Supervisor:
         self.address = self.unix_address if transport == "shm" else self.tcp_address
         for listener in self._listeners:
             self._spawn(self._accept_loop, "accept", listener)
+        if publisher is not None:
+            self.ports = ClonePorts(
+                self.broker, self.listen_broker, publisher, publisher.guest_ports
+            )
+            publisher.serve(self._deliver_host_event)
         self.t0 = time.monotonic()
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -362,6 +384,8 @@ class Supervisor:
                 listener.shutdown(socket.SHUT_RDWR)  # wakes the accept thread
             with contextlib.suppress(OSError):
                 listener.close()
+        if self.publisher is not None:
+            self.publisher.close()  # its host connections and ports
         with self.lock:
             recs = list(self.procs.values())
         for r in recs:
@@ -631,12 +655,9 @@ class Supervisor:
                 self._check_deadlock()
                 return
             rec.idle_at = -1
-            if t == Msg.PIPE_READ:
-                self._pipe_read(rec, f)
-            elif t == Msg.PIPE_WRITE:
-                self._pipe_write(rec, f)
-            elif t == Msg.STDIN_READ:
-                self._stdin_read(rec, f)
+            request = _REQUESTS.get(t)
+            if request is not None:  # answered when it can be (PIPE_READ, ACCEPT, ...)
+                getattr(self, request)(rec, f)
             elif t == Msg.PIPE_CLOSE:
                 self.broker.close(f.pipe, rec.pid, "r" if f.arg == END_READ else "w")
             elif t == Msg.CALL:
@@ -682,6 +703,63 @@ class Supervisor:
             self._send(rec, Frame(Msg.PIPE_WROTE, SIGPIPE_FLAG if sig else 0, req, 0, n, b""))
 
         self.broker.write(f.pipe, rec.pid, f.payload, bool(f.flags & NONBLOCK), wrote)
+
+    # -- shared listeners ----------------------------------------------------------------
+    def _deliver_host_event(self, fn: Callable[..., None]) -> None:
+        """The Publisher's events, on its thread: under our lock, into the brokers."""
+        with self.lock:
+            if self.ports is not None and not self._closed:
+                fn(None, self.ports)
+
+    def _accept(self, rec: ProcRec, f: Frame) -> None:
+        """A VM accepts on a shared listener: the next connection when there is one."""
+
+        def accepted(res: Connection | int, req: int = f.req) -> None:
+            if isinstance(res, int):
+                self._send(rec, _data_frame(req, res))
+            else:
+                info = {"rx": res.rx, "tx": res.tx, "peer": list(res.peer)}
+                self._send(rec, _data_frame(req, json.dumps(info).encode()))
+
+        self.listen_broker.accept(f.pipe, rec.pid, bool(f.flags & NONBLOCK), accepted)
+
+    def _op_listen(self, rec: ProcRec, family: int, port: int) -> int:
+        """A VM listens: the listener is the instance's at once, so that any VM may
+        connect to it (and the host, if its port is published); its id."""
+        return self.listen_broker.create(rec.pid, family, port)
+
+    def _op_listen_refs(self, rec: ProcRec, lid: int, holder: int) -> int:
+        target = self.procs.get(holder)
+        if target is None or target.leased_by != rec.pid:
+            return -errno.ESRCH  # only for a child this VM is forking (or that execs)
+        try:
+            self.listen_broker.add_ref(lid, holder)
+        except ValueError:
+            return -errno.EBADF
+        return 0
+
+    def _op_listen_poll(self, rec: ProcRec, lid: int) -> int:
+        try:
+            return self.listen_broker.poll(lid)
+        except ValueError:
+            return -errno.EBADF
+
+    def _op_listen_close(self, rec: ProcRec, lid: int) -> int:
+        self.listen_broker.close(lid, rec.pid)
+        return 0
+
+    def _op_listen_connect(
+        self, rec: ProcRec, lid: int, family: int, port: int, client_port: int, data: bytes
+    ) -> tuple[int, bytes]:
+        """A process connects to shared listener ``lid`` (0: the one on ``port``);
+        ``data`` is its IP as text.  The client's ends (``rx`` read, ``tx`` written)."""
+        if not lid:
+            lid = self.listen_broker.for_port(port, family) or 0
+        peer = (data.decode(errors="replace"), client_port)
+        conn = self.listen_broker.connect(lid, rec.pid, peer)
+        if conn is None:
+            return -errno.ECONNREFUSED, b""
+        return 0, json.dumps({"rx": conn.tx, "tx": conn.rx}).encode()
 
     def _exited(self, rec: ProcRec, f: Frame) -> None:
         """A VM's process ended: its status, peak memory and report (if it sent them)."""
@@ -1010,6 +1088,7 @@ class Supervisor:
             self._check_done()
 
     def _drop_holder(self, rec: ProcRec) -> None:
+        self.listen_broker.drop_holder(rec.pid)  # before the pipes: discards close some
         self.broker.drop_holder(rec.pid)
         self.stdin.drop_holder(rec.pid)
         self.fs.drop_holder(rec.pid)
@@ -1029,6 +1108,8 @@ class Supervisor:
         live = [r for r in self.procs.values() if r.alive]
         if not live or self._outcome is not None or self.stdin.waiting():
             return  # a reader of stdin waits for the user, not for another VM
+        if self.ports is not None:
+            return  # published ports: a host client may come and wake any of them
         if all(r.state == "running" and r.idle_at == r.events_sent for r in live):
             lines = ["deadlock: every process is blocked and nothing can wake it"]
             lines += [r.idle_report for r in sorted(live, key=lambda r: r.pid) if r.idle_report]

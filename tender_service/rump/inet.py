@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tender_service.machine.errors import GuestError
-from tender_service.rump.files import POLLERR, File
+from tender_service.rump.files import POLLERR, READABLE, File
 from tender_service.rump.outcomes import Block
 from tender_service.rump.socket import (
     AF_INET,
@@ -34,6 +34,7 @@ from tender_service.rump.socket import (
     SOCK_DGRAM,
     SOCK_STREAM,
     SOMAXCONN,
+    Socket,
     UnixSocket,
     drop_files,
 )
@@ -89,6 +90,11 @@ class InetSocket(UnixSocket):
         #: connect, or a blocking one's restart, returns 0 or the error, once)
         self.dialing = 0
         self.dial_owed = False
+        #: VM-clone: a listener shared by the VMs of the instance (a published port, or
+        #: inherited by a child VM): its id in the supervisor, whose queue it accepts
+        #: from once this VM's own queue is empty (0: this VM's alone)
+        self.shared = 0
+        self._shared_ready = False
 
     def describe(self) -> str:
         proto = "tcp" if self.stype == SOCK_STREAM else "udp"
@@ -159,7 +165,11 @@ class InetSocket(UnixSocket):
             raise GuestError(errno.EADDRINUSE)
         self.ip, self.port = ip, port
         self.name = self.sockaddr(ip, port)
-        k.inet.ports.setdefault(self._key(port), []).append(self)
+        self.register(k)
+
+    def register(self, k: Kernel) -> None:
+        """Hold this socket's port in ``k``'s table (bind; a VM-clone child's listener)."""
+        k.inet.ports.setdefault(self._key(self.port), []).append(self)
 
     def autobind(self, k: Kernel) -> None:
         if not self.port:
@@ -173,6 +183,8 @@ class InetSocket(UnixSocket):
             if not held:
                 k.inet.ports.pop(self._key(self.port), None)
         super().release(k)
+        if self.shared and k.remote is not None:
+            k.remote.listener_closed(self.shared)
         if self.host_cid and k.published is not None:
             k.published.guest_closed(k, self.host_cid)  # the host end sends what is left
 
@@ -195,7 +207,47 @@ class InetSocket(UnixSocket):
         self.listening = True
         if k.published is not None and k.published.covers(self.port):
             self.wq.host = True  # clients come from the host: its accept is no deadlock
+        if k.remote is not None and not self.shared:  # VM-clone: the instance's listener
+            self.shared = k.remote.listening(self.family, self.port)
         self._changed(k)
+
+    def accept_conn(self, k: Kernel, lwp: Lwp) -> Socket:
+        """A shared listener asks the supervisor once what was queued here before it
+        was shared is taken (every connect to it goes there since)."""
+        if not self.shared or k.remote is None or self.pending:
+            return super().accept_conn(k, lwp)
+        return k.remote.accept_shared(k, lwp, self)
+
+    def snapshot_state(self) -> dict:
+        """A shared listener crosses VMs by its id and name; any other socket stays."""
+        if not (self.shared and self.listening):
+            return super().snapshot_state()
+        return {
+            "kind": "inet_listener",
+            "lid": self.shared,
+            "family": self.family,
+            "ip": self.ip.hex(),
+            "port": self.port,
+            "backlog": self.backlog,
+            "flags": self.flags,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> InetSocket:
+        """A child VM's copy of a shared listener (``snapshot_state``); fork/snapshot.py
+        registers its port once the child's kernel exists."""
+        family = int(state["family"])
+        if family not in (AF_INET, AF_INET6):
+            raise ValueError(f"bad listener family {family}")
+        s = cls(family, SOCK_STREAM, int(state.get("flags", 0)))
+        ip = bytes.fromhex(str(state["ip"]))
+        port = int(state["port"])
+        if len(ip) != (4 if family == AF_INET else 16) or not 0 < port < 65536:
+            raise ValueError("bad listener address")
+        s.ip, s.port, s.name = ip, port, s.sockaddr(ip, port)
+        s.backlog = min(max(int(state["backlog"]), 0), SOMAXCONN)
+        s.listening, s.shared = True, int(state["lid"])
+        return s
 
     def connect_inet(self, k: Kernel, lwp: Lwp, ip: bytes, port: int) -> int:
         if self.listening:
@@ -213,6 +265,15 @@ class InetSocket(UnixSocket):
         if self.connected:
             raise GuestError(errno.EISCONN)
         server = self._find(k, dial, port, listening=True)
+        if k.remote is not None and (server is None or server.shared):
+            # VM-clone: a listener shared by the instance's VMs, or one in another VM
+            # (the supervisor's to find): any VM holding it may accept (ECONNREFUSED:
+            # none listens on the port)
+            self.autobind(k)
+            k.remote.connect_shared(k, self, server.shared if server else 0, dial, port)
+            if self.nonblocking:
+                raise GuestError(errno.EINPROGRESS)  # as below: connected when it polls
+            return 0
         if server is None:
             raise GuestError(errno.ECONNREFUSED)
         if len(server.pending) > server.backlog and not self.nonblocking:
@@ -267,10 +328,20 @@ class InetSocket(UnixSocket):
             self.shut_rd = self.shut_wr = True  # Linux: POLLERR | POLLHUP, reads EOF
         self._changed(k)
 
+    @property
+    def poll_rechecks(self) -> bool:
+        return bool(self.shared)  # nothing tells this VM when the supervisor's queue grows
+
     def poll(self, k: Kernel) -> int:
         if self.dialing:
             return 0  # a TCP connect under way: neither readable nor writable yet
         mask = super().poll(k)
+        if self.shared and self.listening and not mask and k.remote is not None:
+            ready = k.remote.listener_poll(self.shared) & READABLE
+            if ready and not self._shared_ready:
+                self.gen += 1  # a connection arrived: the edge for epoll
+            self._shared_ready = bool(ready)
+            mask |= ready
         return mask | POLLERR if self.so_error else mask
 
     def _changed(self, k: Kernel, gen: bool = True) -> None:

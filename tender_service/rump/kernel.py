@@ -40,11 +40,11 @@ from tender_service.rump.dispatch import make_dispatcher, traced
 from tender_service.rump.fdtable import FdTable
 from tender_service.rump.files import O_RDONLY, O_WRONLY, ConsoleFile
 from tender_service.rump.fs import FileSystem
-from tender_service.rump.inet import InetNames
+from tender_service.rump.inet import InetNames, InetSocket
 from tender_service.rump.process import Lwp, Process, Program
 from tender_service.rump.proctable import ProcessTable
 from tender_service.rump.published import PublishedPorts
-from tender_service.rump.socket import UnixNames
+from tender_service.rump.socket import Socket, UnixNames
 from tender_service.rump.timers import SIGEV_NONE, PosixTimer
 from tender_service.rump.vfs import Vfs
 from tender_service.rump.vminfo import RunResult, VmConfig
@@ -100,6 +100,29 @@ class RemoteHost(Protocol):
     def proc_list(self) -> list[int]:
         """Every pid of the instance that /proc lists."""
         return []
+
+    def listening(self, family: int, port: int) -> int:
+        """A TCP socket of ours listens on ``port``: the instance's id for the
+        listener, whose queue the supervisor holds (any VM may connect, and the host
+        if the port is published)."""
+        return 0
+
+    def accept_shared(self, k: Kernel, lwp: Lwp, sock: InetSocket) -> Socket:
+        """The next connection of a shared listener (Block while it waits)."""
+        raise NotImplementedError
+
+    def connect_shared(self, k: Kernel, sock: InetSocket, lid: int, ip: bytes, port: int) -> None:
+        """``sock`` connects to shared listener ``lid`` (0: whichever VM of the
+        instance listens at ip:port): this VM's files hold the connected socket in
+        its place from now on (ECONNREFUSED: no listener)."""
+        raise NotImplementedError
+
+    def listener_poll(self, lid: int) -> int:
+        """poll events of a shared listener's queue (POLLIN: a connection waits)."""
+        return 0
+
+    def listener_closed(self, lid: int) -> None:
+        """This VM's last reference to a shared listener is closed."""
 
 
 class Kernel(ProcessTable):

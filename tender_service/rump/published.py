@@ -172,7 +172,7 @@ class PublishedPorts:
         pair(mine, theirs)
         local_ip = LOOP4 if fam == AF_INET else LOOP6
         try:
-            peer_ip = _ip_bytes(fam, peer[0])
+            peer_ip = ip_bytes(fam, peer[0])
         except ValueError:
             peer_ip = local_ip
         # its port stays 0: it holds no entry of the port table (as an accepted socket)
@@ -299,7 +299,8 @@ def _listener(k: Kernel, port: int) -> InetSocket | None:
     return None
 
 
-def _ip_bytes(family: int, text: str) -> bytes:
+def ip_bytes(family: int, text: str) -> bytes:
+    """A host address as a guest socket of ``family`` sees it (ValueError: it cannot)."""
     import ipaddress
 
     ip = ipaddress.ip_address(text)

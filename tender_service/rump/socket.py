@@ -212,6 +212,16 @@ class UnixSocket(Socket):
         """The socket accept() will return for a connection to this listener."""
         return UnixSocket(self.stype)
 
+    def accept_conn(self, k: Kernel, lwp: Lwp) -> Socket:
+        """The next connection of this listener's queue (EAGAIN, or wait for one)."""
+        if not self.pending:
+            if self.nonblocking:
+                raise GuestError(errno.EAGAIN)
+            raise Block(self.wq, f"accept {self.describe()}")
+        conn = self.pending.popleft()
+        self._changed(k, gen=False)  # a connect waiting for room in the queue
+        return conn
+
     def snapshot_state(self) -> dict:
         """Only a stream pair crosses VMs (shared first, see transports/vmlink.py); any
         other socket stays in this VM and the child's copy is an UnsharedSocket."""

@@ -19,6 +19,9 @@ broker pipe id; ``arg`` is a signed 64-bit value)::
       IDLE        arg=events processed so far (every thread blocked)
       STDIN_READ  req  arg=max bytes  flags=NONBLOCK               -> PIPE_DATA
                   (the console's fd 0: the instance's stdin)
+      ACCEPT      req  pipe=listener id  flags=NONBLOCK            -> PIPE_DATA
+                  (a shared listener's next connection: payload JSON {"rx", "tx":
+                  its two broker pipes, "peer": [ip, port]})
     supervisor -> VM
       RESULT      req  arg=value or -errno  payload=optional JSON
       PIPE_DATA   req  arg=-errno or 0  payload=bytes (empty with arg 0: EOF)
@@ -48,6 +51,7 @@ class Msg(enum.IntEnum):
     PIPE_CLOSE = 7
     IDLE = 8
     STDIN_READ = 9
+    ACCEPT = 10
     RESULT = 64
     PIPE_DATA = 65
     PIPE_WROTE = 66

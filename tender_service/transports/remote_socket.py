@@ -32,7 +32,9 @@ from tender_service.rump.files import (
     WRITABLE,
     File,
 )
+from tender_service.rump.inet import IPPROTO_TCP
 from tender_service.rump.socket import (
+    AF_UNIX,
     MSG_DONTWAIT,
     MSG_NOSIGNAL,
     MSG_PEEK,
@@ -42,6 +44,7 @@ from tender_service.rump.socket import (
     Socket,
     UnixSocket,
     drop_files,
+    unix_sockaddr,
 )
 from tender_service.transports.remote_pipe import RemotePipeEnd
 
@@ -53,12 +56,27 @@ if TYPE_CHECKING:
 
 class RemoteSocket(Socket):
     def __init__(
-        self, link: VmLink, rx: int | None, tx: int | None, stype: int, flags: int
+        self,
+        link: VmLink,
+        rx: int | None,
+        tx: int | None,
+        stype: int,
+        flags: int,
+        family: int = AF_UNIX,
+        name: bytes = b"",
+        peer_name: bytes = b"",
     ) -> None:
         super().__init__(stype, flags)
         self.connected = True
         self.rx = RemotePipeEnd(link, rx, False, 0) if rx is not None else None
         self.tx = RemotePipeEnd(link, tx, True, 0) if tx is not None else None
+        #: what getsockname/getpeername give: a sockaddr as it is (TCP), or a path
+        self.family, self.name, self.peer_name = family, name, peer_name
+        if family != AF_UNIX:
+            self.protocol = IPPROTO_TCP
+
+    def out_name(self, name: bytes) -> bytes:
+        return unix_sockaddr(name) if self.family == AF_UNIX else name
 
     def describe(self) -> str:
         rx = self.rx.pipe if self.rx else "-"
@@ -72,6 +90,9 @@ class RemoteSocket(Socket):
             "tx": self.tx.pipe if self.tx else -1,
             "stype": self.stype,
             "flags": self.flags,
+            "family": self.family,
+            "name": self.name.hex(),
+            "peer_name": self.peer_name.hex(),
         }
 
     @property

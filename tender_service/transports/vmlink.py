@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import itertools
 import json
 import logging
@@ -23,14 +24,29 @@ from tender_service.machine.errors import GuestError
 from tender_service.rump import signals
 from tender_service.rump.fdtable import FdEntry
 from tender_service.rump.files import FsFile
+from tender_service.rump.inet import LOOP4, LOOP6, InetSocket, is_any
 from tender_service.rump.outcomes import Block
 from tender_service.rump.pipe import PIPE_CAPACITY, PipeEnd
 from tender_service.rump.poll import Epoll
-from tender_service.rump.socket import UnixSocket, UnsharedSocket, drop_files
+from tender_service.rump.published import ip_bytes
+from tender_service.rump.socket import (
+    AF_INET,
+    AF_UNIX,
+    SOCK_STREAM,
+    Socket,
+    UnixSocket,
+    UnsharedSocket,
+    drop_files,
+)
 from tender_service.rump.vfs import Vfs
 from tender_service.transports.channel import Channel, ChannelClosed
 from tender_service.transports.frames import MAX_PAYLOAD, Frame, ProtocolError
-from tender_service.transports.protocol import MAX_PIPE_CHUNK, NONBLOCK, SIGNAL_INFO, Msg
+from tender_service.transports.protocol import (
+    MAX_PIPE_CHUNK,
+    NONBLOCK,
+    SIGNAL_INFO,
+    Msg,
+)
 from tender_service.transports.remote_fs import RemoteFs
 from tender_service.transports.remote_pipe import RemotePipeEnd
 from tender_service.transports.remote_socket import RemoteSocket
@@ -135,6 +151,9 @@ class VmLink:
                 tx if tx >= 0 else None,
                 int(state["stype"]),
                 int(state.get("flags", 0)),
+                int(state.get("family", AF_UNIX)),
+                bytes.fromhex(str(state.get("name", ""))),
+                bytes.fromhex(str(state.get("peer_name", ""))),
             )
         if state.get("kind") == "unshared":
             return UnsharedSocket(
@@ -340,7 +359,14 @@ class VmLink:
             a.broker, b.broker = (ab, ba), (ba, ab)
         tx, rx = a.broker
         return RemoteSocket(
-            self, rx if rx >= 0 else None, tx if tx >= 0 else None, a.stype, a.flags
+            self,
+            rx if rx >= 0 else None,
+            tx if tx >= 0 else None,
+            a.stype,
+            a.flags,
+            a.family,
+            a.name,
+            a.peer_name,
         )
 
     def _direction(self, src: UnixSocket, dst: UnixSocket) -> int:
@@ -384,6 +410,13 @@ class VmLink:
                 for end in (f.rx, f.tx):
                     if end is not None:
                         self._hold_end(end, pid)
+            elif (
+                isinstance(f, InetSocket)
+                and f.shared
+                and f.listening
+                and self.call("listen_refs", f.shared, pid) < 0
+            ):
+                raise GuestError(errno.EBADF, "cannot share a listener")
 
     def _hold_end(self, f: RemotePipeEnd, pid: int) -> None:
         value = self.call(
@@ -391,6 +424,95 @@ class VmLink:
         )
         if value < 0:
             raise GuestError(-value, "cannot share a pipe")
+
+    # -- shared listeners (transports/listeners.py) ---------------------------------
+    def listening(self, family: int, port: int) -> int:
+        """A listen() here: the supervisor holds the listener's queue, so that every
+        VM of the instance (and the host, if the port is published) can connect."""
+        lid = self.call("listen", family, port)
+        if lid <= 0:
+            raise GuestError(-lid if lid < 0 else errno.EIO, "cannot share a listener")
+        return lid
+
+    def accept_shared(self, k: Kernel, lwp: Lwp, sock: InetSocket) -> Socket:
+        """The supervisor's next connection for ``sock`` (the request parks there while
+        none is queued, and the calling thread waits for its answer)."""
+        reply = self.take_reply(lwp)
+        if reply is None:
+            if not self.in_flight(lwp):  # not a restart after a signal handler
+                self.request(lwp, Msg.ACCEPT, sock.shared, nonblock=sock.nonblocking)
+            raise Block(self.wq, f"accept {sock.describe()}")
+        arg, data, _ = reply
+        if arg < 0:
+            raise GuestError(-arg)
+        return self._accepted(sock, data)
+
+    def connect_shared(self, k: Kernel, sock: InetSocket, lid: int, ip: bytes, port: int) -> None:
+        """A connect to a shared listener: the supervisor queues it there, and a
+        RemoteSocket over its two pipes takes ``sock``'s place in this VM's files."""
+        local = sock.ip if not is_any(sock.ip) else ip
+        value, payload = self.call_full(
+            "listen_connect",
+            lid,
+            sock.family,
+            port,
+            sock.port,
+            data=str(ipaddress.ip_address(local)).encode(),
+        )
+        if value < 0:
+            raise GuestError(-value)
+        info = json.loads(payload)
+        new = RemoteSocket(
+            self,
+            int(info["rx"]),
+            int(info["tx"]),
+            SOCK_STREAM,
+            sock.flags,
+            sock.family,
+            sock.sockaddr(local, sock.port),
+            sock.sockaddr(ip, port),
+        )
+        new.refs = sock.refs
+        swapped: dict[int, File] = {id(sock): new}
+        for proc in k.procs.values():
+            if proc.remote:
+                continue
+            for fd, e in list(proc.fds.entries.items()):
+                if e.file is sock:
+                    proc.fds.entries[fd] = FdEntry(new, e.cloexec)
+            for e in proc.fds.entries.values():
+                if isinstance(e.file, Epoll):
+                    e.file.replace_files(swapped)
+        sock.release(k)  # its port goes back; the connection is the new socket's
+
+    def _accepted(self, sock: InetSocket, data: bytes) -> RemoteSocket:
+        """The guest's end of an accepted connection: its two broker pipes."""
+        info = json.loads(data)
+        peer_ip, peer_port = str(info["peer"][0]), int(info["peer"][1])
+        local = LOOP4 if sock.family == AF_INET else LOOP6
+        try:
+            peer = ip_bytes(sock.family, peer_ip)
+        except ValueError:
+            peer = local
+        return RemoteSocket(
+            self,
+            int(info["rx"]),
+            int(info["tx"]),
+            SOCK_STREAM,
+            0,
+            sock.family,
+            sock.sockaddr(local, sock.port),
+            sock.sockaddr(peer, peer_port),
+        )
+
+    def listener_poll(self, lid: int) -> int:
+        try:
+            return max(self.call("listen_poll", lid), 0)
+        except GuestError:
+            return 0
+
+    def listener_closed(self, lid: int) -> None:
+        self.notify_call("listen_close", lid)
 
     # -- the reader thread ---------------------------------------------------------
     def _notify(self, frame: Frame) -> None:

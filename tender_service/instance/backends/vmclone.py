@@ -22,8 +22,9 @@ from tender_service.instance.backends.base import (
     VmStatus,
     run_instance,
 )
+from tender_service.instance.observer import notify
 from tender_service.instance.pool import WarmPool
-from tender_service.instance.publish import PublishError
+from tender_service.instance.publish import Publisher, PublishError
 from tender_service.instance.supervisor import Supervisor
 from tender_service.machine.rootfs import load_image_file, select_program
 from tender_service.rump.console import Sink
@@ -84,12 +85,11 @@ class VmcloneBackend:
                 "--allow-outbound is served in thread and copy mode only: a VM-clone VM's "
                 "process may not connect out (docs/semantics.md)"
             )
-        if spec.publish:
-            raise PublishError(
-                "--publish is served in thread and copy mode only: a VM-clone instance's "
-                "listeners stay in the VM that made them (docs/semantics.md)"
-            )
+        publisher = None
         try:
+            if spec.publish:  # bound now: a port in use fails the launch before any VM
+                publisher = Publisher(spec.publish)
+                notify(observer, "published", publisher.bound())  # port 0: the one bound
             # refused here, before any VM: a bad image, a program the image lacks
             boot = load_image_file(spec.image)
             select_program(boot, spec.args)
@@ -108,8 +108,11 @@ class VmcloneBackend:
                 budget=ctx.budget,
                 ticket_for=ctx.ticket_for,
                 stdin=spec.stdin,
+                publisher=publisher,
             )
         except BaseException:
+            if publisher is not None:
+                publisher.close()
             if spec.reserved and ctx.budget is not None:
                 ctx.budget.release(spec.reserved)
             raise

@@ -19,7 +19,6 @@ from tender_service.rump.fdtable import drop
 from tender_service.rump.files import File
 from tender_service.rump.fs import S_IFMT, S_IFSOCK
 from tender_service.rump.inet import IPPROTO_IP, IPPROTO_IPV6, IPPROTO_TCP, IPPROTO_UDP, InetSocket
-from tender_service.rump.outcomes import Block
 from tender_service.rump.socket import (
     AF_INET,
     AF_INET6,
@@ -247,16 +246,10 @@ def sys_accept4(k: Kernel, lwp: Lwp, fd: int, addr: int, addrlen: int, flags: in
     if not s.listening:
         raise GuestError(errno.EINVAL)
     _check_addr_out(k, addr, addrlen)
-    if not s.pending:
-        if s.nonblocking:
-            raise GuestError(errno.EAGAIN)
-        raise Block(s.wq, f"accept {s.describe()}")
-    fds = lwp.proc.fds
-    fds.lowest_free()  # EMFILE before the connection is taken
-    conn = s.pending.popleft()
+    lwp.proc.fds.lowest_free()  # EMFILE before the connection is taken (as Linux)
+    conn = s.accept_conn(k, lwp)
     conn.flags |= flags & SOCK_NONBLOCK
     newfd = _install(lwp, conn, flags)
-    s._changed(k, gen=False)  # a connect waiting for room in the queue
     _write_addr(k, addr, addrlen, conn.out_name(conn.peer_name))
     return newfd
 

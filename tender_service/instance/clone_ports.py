@@ -1,0 +1,160 @@
+"""Published ports of a VM-clone instance: host clients into the listener broker.
+
+``unifork run --fork vmclone --publish HOST:GUEST``: the supervisor (in the
+launching process or the tender) owns the host port; ``instance/publish.py``'s
+``Publisher`` accepts there and moves bytes, as for a one-VM instance.  What
+differs is the guest side.  A one-VM instance hands each connection to its
+kernel (``rump/published.py``); here the listener is shared by the VMs of
+the instance (``transports/listeners.py``), so each host connection becomes
+two broker pipes, one per direction, queued on the listener of its guest
+port; whichever VM's ``accept`` takes it reads and writes those pipes
+(``transports/remote_socket.py``), on this host or another.
+
+This side holds the host's end of both pipes (holder ``HOST``), as a
+guest's connect holds the client's ends.  Flow control is one chunk at a time each way: the next chunk is read
+from the host once the broker took the last one (the pipe's 64 KiB is the
+guest's receive buffer), and the next read of the guest's pipe is made once
+the host socket took what it gave.  Everything here runs under the
+supervisor's lock: from the Publisher's thread (its events) or a VM's
+thread (the broker's replies); what it tells the Publisher is queued there.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from tender_service.rump.published import HostLink
+from tender_service.transports.broker import POLL_ERR, PipeBroker
+from tender_service.transports.listeners import ListenerBroker
+
+log = logging.getLogger(__name__)
+
+#: the broker holder of the host side of published connections (no VM)
+HOST = -1
+#: bytes of the guest's output taken from its pipe at a time
+CHUNK = 65536
+
+
+@dataclass
+class _Flow:
+    """One host connection: its two pipes and which of our ends are still open."""
+
+    rx: int  # host -> guest: we write it
+    tx: int  # guest -> host: we read it
+    writing: bool = True
+    reading: bool = True
+
+
+class ClonePorts:
+    """The guest side of a VM-clone instance's Publisher (its events' target)."""
+
+    def __init__(
+        self,
+        broker: PipeBroker,
+        listeners: ListenerBroker,
+        link: HostLink,
+        guest_ports: frozenset[int],
+    ) -> None:
+        self.broker, self.listeners, self.link = broker, listeners, link
+        self.guest_ports = guest_ports
+        self.flows: dict[int, _Flow] = {}
+        self.accepted = 0
+        self.refused = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def covers(self, port: int) -> bool:
+        return port in self.guest_ports
+
+    # -- Publisher events (the second argument is the one-VM kernel's: none here) -------
+    def arrive(self, _k: object, cid: int, guest_port: int, peer: tuple[str, int]) -> None:
+        """A host client connected: queue it on the guest port's listener, or refuse."""
+        lid = self.listeners.for_port(guest_port)
+        conn = self.listeners.connect(lid, HOST, peer) if lid is not None else None
+        if conn is None:
+            self.refused += 1
+            self.link.close_conn(cid)  # nobody listens: closed at once, as one VM does
+            return
+        # the guest reads what we write to its rx, and writes its tx for us
+        self.flows[cid] = _Flow(conn.rx, conn.tx)
+        self.accepted += 1
+        self._pull(cid)
+
+    def data(self, _k: object, cid: int, data: bytes) -> None:
+        """A chunk from the host client: into the guest's pipe, then the next one."""
+        f = self.flows.get(cid)
+        if f is None or not f.writing:
+            return
+        self.bytes_in += len(data)
+        # EPIPE (the guest reads no more): dropped, as a one-VM instance drops it
+        self.broker.write(f.rx, HOST, data, False, lambda n, sig: self._resume(cid))
+
+    def eof(self, _k: object, cid: int) -> None:
+        """The host client shut its writing side: the guest reads EOF after the data."""
+        f = self.flows.get(cid)
+        if f is None:
+            return
+        if f.writing:
+            f.writing = False
+            self.broker.close(f.rx, HOST, "w")
+        if not f.reading:
+            self._end(cid)
+
+    def reset(self, _k: object, cid: int) -> None:
+        """The host connection is gone: the guest sees EOF and EPIPE."""
+        self._release(cid)
+
+    def drained(self, _k: object, cid: int) -> None:
+        """The host took the guest's last chunk: read the next."""
+        self._pull(cid)
+
+    def opened(self, _k: object, cid: int, err: int) -> None:
+        """Outbound connections are not made for VM-clone instances."""
+        self.link.close_conn(cid)
+
+    # -- internals ----------------------------------------------------------------------
+    def _resume(self, cid: int) -> None:
+        if cid in self.flows:
+            self.link.resume(cid)
+
+    def _pull(self, cid: int) -> None:
+        f = self.flows.get(cid)
+        if f is not None and f.reading:
+            self.broker.read(f.tx, HOST, CHUNK, False, lambda res: self._from_guest(cid, res))
+
+    def _from_guest(self, cid: int, res: bytes | int) -> None:
+        f = self.flows.get(cid)
+        if f is None or not f.reading:
+            return
+        if isinstance(res, bytes) and res:
+            self.bytes_out += len(res)
+            self.link.send(cid, res)  # its drained() reads the next chunk
+            return
+        # EOF (or the pipe is gone): the guest sends no more
+        f.reading = False
+        self.broker.close(f.tx, HOST, "r")
+        guest_reads = f.writing and not self.broker.poll(f.rx, True) & POLL_ERR
+        if guest_reads:
+            self.link.shut_write(cid)  # a half-close: the guest may still read
+        else:
+            self._end(cid)
+
+    def _end(self, cid: int) -> None:
+        """Both directions are done: the host connection closes once its data is out."""
+        self.link.close_conn(cid)
+        self._release(cid)
+
+    def _release(self, cid: int) -> None:
+        f = self.flows.pop(cid, None)
+        if f is None:
+            return
+        if f.writing:
+            self.broker.close(f.rx, HOST, "w")
+        if f.reading:
+            self.broker.close(f.tx, HOST, "r")
+
+    def close_all(self) -> None:
+        for cid in list(self.flows):
+            self.link.close_conn(cid)
+            self._release(cid)
