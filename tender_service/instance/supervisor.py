@@ -63,7 +63,7 @@ from tender_service.transports.protocol import (
 log = logging.getLogger(__name__)
 
 #: requests a VM's thread waits on, and the method that takes each
-_REQUESTS = {
+_REQUESTS: dict[int, str] = {
     Msg.PIPE_READ: "_pipe_read",
     Msg.PIPE_WRITE: "_pipe_write",
     Msg.STDIN_READ: "_stdin_read",
