@@ -84,7 +84,7 @@ class LocalTender:
     """``unifork serve`` as a subprocess; ``stop()`` sends SIGTERM and returns its exit status."""
 
     def __init__(self, pool: int, max_instances: int, extra: Sequence[str] = ()) -> None:
-        self.port = free_port()
+        self.port, self.peer_port = free_port(), free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="unifork-bench-service-"))
         self.log_path = self.dir / "tender.log"
         script = Path(sys.executable).parent / "unifork"
@@ -104,7 +104,7 @@ class LocalTender:
                     str(free_port()),
                     *extra,
                     "--peer-listen",
-                    f"127.0.0.1:{free_port()}",
+                    f"127.0.0.1:{self.peer_port}",
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from comparison import bench_http
 from comparison import report as rep
 from comparison.modes import (
     COPY,
@@ -108,12 +109,14 @@ class Params:
     scale_runs: int
     vmclone_scale_max: int
     cold_runs: int  # separate one-fork runs per mode (the thesis: 10)
+    http_workers: tuple[int, ...] = (2,)  # prefork_http's worker counts
+    http_seconds: float = 1.0  # measured seconds of load per server and mode
 
     @classmethod
     def make(cls, quick: bool, runs: int | None, cold_runs: int | None = None) -> Params:
         if quick:
             return cls(True, runs or 3, 1, 16, 3, 3, 32, cold_runs or 5)
-        return cls(False, runs or 10, 2, 32, 5, 5, 128, cold_runs or 10)
+        return cls(False, runs or 10, 2, 32, 5, 5, 128, cold_runs or 10, (1, 4, 16), 3.0)
 
     def scale_runs_for(self, mode: str) -> int:
         """Kept runs per scaling point: VM-clone points are slow, so only one in a quick run."""
@@ -243,12 +246,15 @@ class Compare:
         workloads: list[Workload],
         memory: bool,
         scaling: bool,
+        http: bool = False,
     ) -> None:
         self.p = params
         self.modes = modes
         self.workloads = workloads
         self.do_memory = memory
         self.do_scaling = scaling
+        self.do_http = http
+        self.http_rows: list[rep.HttpRow] = []
         self.runners: dict[str, Runner] = {}
         self.pool: WarmPool | None = None
         self.skipped: dict[str, str] = {}
@@ -370,7 +376,36 @@ class Compare:
             tasks += self._plan_memory()
         if self.do_scaling:
             tasks += self._plan_scaling()
+        if self.do_http:
+            tasks += self._plan_http()
         return tasks
+
+    def _plan_http(self) -> list[Task]:
+        """HTTP servers under load (comparison/bench_http.py), every mode of a server
+        one after the other; a server that cannot be built here is a note."""
+        from tender_service.toolchain.thirdparty import Unavailable
+
+        servers = bench_http.prefork_servers(list(self.p.http_workers))
+        if not self.p.quick:
+            try:
+                servers.append(bench_http.mini_httpd_server(Path(tempfile.mkdtemp())))
+            except Unavailable as e:
+                self.notes.append(f"http: mini_httpd skipped: {_short(e)}")
+        modes = [m for m in self.modes if m in bench_http.MODES]
+        skipped = [m for m in self.modes if m not in bench_http.MODES]
+        if skipped:
+            self.notes.append(f"http: not run in {', '.join(skipped)} (no published port there)")
+
+        def one(srv: bench_http.HttpServer, mode: str) -> Callable[[], None]:
+            return lambda: self.http_rows.append(
+                bench_http.measure(srv, mode, self.p.http_seconds, bench_http.CLIENTS)
+            )
+
+        return [
+            Task(f"http: {srv.name} w={srv.workers}, {mode}", one(srv, mode))
+            for srv in servers
+            for mode in modes
+        ]
 
     def _plan_workload(self, w: Workload) -> list[Task]:
         """The cells of ``w`` and its runs: warm-up runs, then rounds of loop runs (and, for
@@ -751,7 +786,10 @@ class Compare:
                 f"{self.p.scale_runs} run(s) per point "
                 f"({self.p.scale_runs_for(VMCLONE_SHM)} for VM-clone modes)"
             )
+        rep.add_http_ratios(self.http_rows)
         return rep.Report(
+            http=self.http_rows,
+            http_note=[bench_http.METHOD] if self.http_rows else [],
             quick=self.p.quick,
             runs=self.p.runs,
             started=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
@@ -798,7 +836,7 @@ def compare_from_args(a) -> Result:
     workloads = [w for w in WORKLOADS if (w.key in a.only if a.only else w.default)]
     directory = new_report_dir(Path(a.out))
     token = read_token(a.token_file) if a.token_file else os.environ.get("UNIFORK_TOKEN")
-    c = Compare(params, modes, workloads, not a.no_memory, not a.no_scaling)
+    c = Compare(params, modes, workloads, not a.no_memory, not a.no_scaling, not a.no_http)
     bar = ProgressBar(1, enabled=not a.no_progress, by_group=True)
     started, t0 = time.time(), time.perf_counter()
     machine = machine_info()

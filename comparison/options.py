@@ -83,6 +83,12 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-memory", action="store_true", help="skip the memory-per-child runs")
     p.add_argument("--no-scaling", action="store_true", help="skip the fork-count scaling runs")
+    p.add_argument(
+        "--no-http",
+        action="store_true",
+        help="skip the HTTP servers under load (prefork_http at 2 workers with --quick, else "
+        "at 1, 4 and 16, and mini_httpd; comparison/bench_http.py)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 

@@ -267,6 +267,37 @@ def fork_scaling(r: Report, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def http_servers(r: Report, path: Path) -> Path | None:
+    """Requests/s of each HTTP server configuration, a bar per mode, its ratio to
+    native's above the bar."""
+    rows = [h for h in r.http if h.status == "ok" and h.rps is not None]
+    if not rows:
+        return None
+    groups = list(dict.fromkeys((h.server, h.workers) for h in rows))
+    modes = _ordered({h.mode for h in rows})
+    width = 0.8 / len(modes)
+    fig, ax = plt.subplots(figsize=(max(7.5, 1.6 * len(groups) + 2), 4.8))
+    for i, mode in enumerate(modes):
+        by = {(h.server, h.workers): h for h in rows if h.mode == mode}
+        for g, key in enumerate(groups):
+            h = by.get(key)
+            if h is None or h.rps is None:
+                continue
+            x = g + (i - (len(modes) - 1) / 2) * width
+            ax.bar(x, h.rps, width, color=COLORS.get(mode, "grey"), label=mode if g == 0 else None)
+            if h.ratio_native is not None and mode != "native":
+                ax.annotate(f"{h.ratio_native:g}x", (x, h.rps), ha="center", va="bottom",
+                            fontsize=7, xytext=(0, 2), textcoords="offset points")  # fmt: skip
+    labels = [f"{name}\n{f'{w} workers' if w else 'fork per connection'}" for name, w in groups]
+    ax.set_xticks(range(len(groups)), labels, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("requests/s (log)")
+    ax.set_title("HTTP servers behind a published port: requests/s (x: vs native)", fontsize=10)
+    ax.grid(axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 REAL_PROGRAMS = ("shell_loop", "system_loop")
 
 
@@ -317,6 +348,7 @@ PLOTS = (
     ("memory_per_child.png", memory_per_child),
     ("fork_scaling.png", fork_scaling),
     ("real_programs.png", real_programs),
+    ("http_servers.png", http_servers),
 )
 
 

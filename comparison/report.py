@@ -271,6 +271,38 @@ class ScaleRow:
 
 
 @dataclass
+class HttpRow:
+    """One HTTP server in one mode under load (comparison/bench_http.py): the host's
+    clients through the published port (natively: the server's own port)."""
+
+    server: str
+    mode: str
+    workers: int  # prefork workers (0: a process forked per connection)
+    clients: int
+    seconds: float
+    requests: int = 0
+    errors: int = 0
+    rps: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    #: proportional set size of the server's whole process tree after the load
+    pss_bytes: int | None = None
+    pss_mib_per_worker: float | None = None
+    ratio_native: float | None = None
+    status: str = "ok"
+    error: str = ""
+
+
+def add_http_ratios(rows: list[HttpRow]) -> None:
+    """requests/s over native's for the same server and workers, in this same run."""
+    native = {(r.server, r.workers): r.rps for r in rows if r.mode == NATIVE and r.rps}
+    for r in rows:
+        base = native.get((r.server, r.workers))
+        if r.rps is not None and base:
+            r.ratio_native = sig(r.rps / base, RATIO_DIGITS)
+
+
+@dataclass
 class Report:
     quick: bool
     runs: int
@@ -297,6 +329,8 @@ class Report:
     files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     setup_failures: list[str] = field(default_factory=list)
+    http: list[HttpRow] = field(default_factory=list)
+    http_note: list[str] = field(default_factory=list)  # the method
 
     @property
     def failures(self) -> list[str]:
@@ -308,6 +342,11 @@ class Report:
         ]
         out += [f"memory / {m.mode}: {m.error}" for m in self.memory if m.status != "ok"]
         out += [f"scaling / {s.mode}: {s.error}" for s in self.scaling if s.status != "ok"]
+        out += [
+            f"http {h.server} w={h.workers} / {h.mode}: {h.error}"
+            for h in self.http
+            if h.status != "ok"
+        ]
         out += [
             f"cold first fork ({s.how}) / {c.mode}: {s.error}"
             for c in self.cold
@@ -373,6 +412,7 @@ class Report:
             },
             "memory": {"children": self.memory_children, "rows": [asdict(m) for m in self.memory]},
             "scaling": {"metric": "ready_ms", "rows": [asdict(s) for s in self.scaling]},
+            "http": {"method": self.http_note, "rows": [asdict(h) for h in self.http]},
             "published": published.to_json(),
             "failures": self.failures,
             "expected_failures": self.expected_failures,
@@ -545,6 +585,9 @@ def render(r: Report) -> str:
     if r.scaling:
         out += _scaling_section(r)
         out.append("")
+    if r.http:
+        out += http_section(r)
+        out.append("")
     out.append(f"{published.LABEL} (reference rows, NOT measured here: {published.SOURCE})")
     rows = [
         (published.LABEL, f.what, f"{num(f.value)} {f.unit}", f.note) for f in published.FIGURES
@@ -636,6 +679,37 @@ def _scaling_section(r: Report) -> list[str]:
     return out
 
 
+HTTP_HEAD: tuple[str, ...] = ("server", "mode", "workers", "clients", "req/s", "p50 ms")
+HTTP_HEAD += ("p99 ms", "vs native", "errors", "PSS MiB", "MiB/worker")
+
+
+def http_section(r: Report) -> list[str]:
+    """The HTTP servers under load, per mode (requests/s against native's)."""
+    out = ["HTTP servers under load (measured: " + "; ".join(r.http_note) + ")"]
+    rows: list[tuple[str, ...]] = []
+    for h in r.http:
+        if h.status != "ok":
+            rows.append((h.server, h.mode, str(h.workers), str(h.clients), "FAILED", h.error[:50]))
+            continue
+        pss = None if h.pss_bytes is None else sig(h.pss_bytes / (1 << 20))
+        rows.append(
+            (
+                h.server,
+                h.mode,
+                str(h.workers or "-"),
+                str(h.clients),
+                num(h.rps),
+                num(h.p50_ms),
+                num(h.p99_ms),
+                ratio_text(h.ratio_native),
+                str(h.errors),
+                num(pss),
+                num(h.pss_mib_per_worker),
+            )
+        )
+    return out + grid(HTTP_HEAD, rows, set(range(2, len(HTTP_HEAD))))
+
+
 # -- files --------------------------------------------------------------------------------------
 
 MACHINE_COLUMNS = ("cpu_model", "cores", "python", "unicorn", "git_commit")
@@ -664,7 +738,8 @@ def write_csv(r: Report, raw: Path, summary: Path) -> None:
                 *MACHINE_COLUMNS,
             )
         )
-        for rows in (_workload_rows(r), _cold_rows(r), _memory_rows(r), _scaling_rows(r)):
+        sections = (_workload_rows(r), _cold_rows(r), _memory_rows(r), _scaling_rows(r))
+        for rows in (*sections, _http_rows(r)):
             for row in rows:
                 w.writerow((*row, *machine))
     with summary.open("w", newline="") as fh:
@@ -789,6 +864,20 @@ def _scaling_rows(r: Report) -> Iterator[tuple]:
                 yield ("scaling", "fork_scale", s.mode, f"-n {p.n}", i, "", "ready_ms", "ms", v)
             for i, v in enumerate(p.fork_all_runs_ms):
                 yield ("scaling", "fork_scale", s.mode, f"-n {p.n}", i, "", "fork_all_ms", "ms", v)
+
+
+def _http_rows(r: Report) -> Iterator[tuple]:
+    for h in r.http:
+        if h.status != "ok":
+            continue
+        args = f"-w {h.workers} -c {h.clients}"
+        for metric, unit, value in (
+            ("requests_per_s", "req/s", h.rps),
+            ("p50_ms", "ms", h.p50_ms),
+            ("p99_ms", "ms", h.p99_ms),
+            ("pss_bytes", "bytes", h.pss_bytes),
+        ):
+            yield ("http", h.server, h.mode, args, 0, "", metric, unit, value)
 
 
 def write_published_csv(path: Path) -> None:

@@ -52,6 +52,7 @@ PLOTS = (
     "memory_per_child.png",
     "fork_scaling.png",
     "real_programs.png",
+    "http_servers.png",
 )
 LOCAL_MODES = ("native", "thread", "copy", "vmclone-shm", "vmclone-tcp")
 WORKLOADS = (
@@ -184,6 +185,28 @@ def test_json_figures_are_the_ones_the_table_shows(quick) -> None:
     assert results[("fork_time", "native")]["ratio_native"] == 1.0
     assert results[("fork_time", "thread")]["ratio_thread"] == 1.0
     assert results[("pipe_bw", "native")]["unit"] == "MiB/s"
+
+
+def test_http_servers_are_compared_in_every_mode(quick) -> None:
+    """prefork_http behind a published port in every local mode (issue 16): requests/s,
+    latency and memory, against native's of the same run, as the table shows them."""
+    p, _, d, doc = quick
+    rows = {r["mode"]: r for r in doc["http"]["rows"]}
+    assert set(rows) == set(LOCAL_MODES) and doc["http"]["method"]
+    text = section(p.stdout, "HTTP servers under load")[2:]  # past the head and its rule
+    shown = {ln.split()[1]: ln.split() for ln in text}
+    for mode, r in rows.items():
+        assert (r["server"], r["workers"], r["status"]) == ("prefork_http", 2, "ok"), r
+        assert r["rps"] > 0 and r["requests"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"], r
+        assert r["pss_bytes"] > 0 and r["pss_mib_per_worker"] > 0, r
+        cells = shown[mode]
+        assert float(cells[4]) == r["rps"] and cells[7] == ratio_text(r["ratio_native"]), cells
+    assert rows["native"]["ratio_native"] == 1.0
+    for mode in LOCAL_MODES[1:]:
+        want = sig(rows[mode]["rps"] / rows["native"]["rps"], 3)
+        assert abs(rows[mode]["ratio_native"] - want) <= 0.002, mode  # from unrounded figures
+    raw = list(csv.DictReader(io.StringIO((d / "raw.csv").read_text())))
+    assert {r["mode"] for r in raw if r["section"] == "http"} == set(LOCAL_MODES)
 
 
 def _check_real_cells(doc: dict, modes: tuple[str, ...]) -> dict[tuple[str, str], dict]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import http.client
 import importlib.util
 import json
 import math
@@ -279,20 +280,20 @@ class Tender:
         ``dns:NAME`` becomes ``dns:localhost`` (it resolves to this tender,
         which skips itself); peers not in the map are dropped.
         """
+        moved = {
+            "--listen": self.target,
+            "--metrics-port": str(self.metrics_port),
+            "--token-file": str(self.token_file),
+            "--peer-token-file": str(self.peer_token_file),
+            "--advertise": self.target,
+            "--peer-listen": f"127.0.0.1:{self.peer_port}",
+            "--publish-address": "127.0.0.1",
+            "--publish-ports": "0",  # ports the host picks: no fixed port to collide with
+        }
         out: list[str] = []
         for flag, value in pairs(self.deploy_argv):
-            if flag == "--listen":
-                value = self.target
-            elif flag == "--metrics-port":
-                value = str(self.metrics_port)
-            elif flag == "--token-file":
-                value = str(self.token_file)
-            elif flag == "--peer-token-file":
-                value = str(self.peer_token_file)
-            elif flag == "--advertise":
-                value = self.target
-            elif flag == "--peer-listen":
-                value = f"127.0.0.1:{self.peer_port}"
+            if flag in moved:
+                value = moved[flag]
             elif flag == "--peer":
                 if value.startswith("dns:"):
                     value = "dns:localhost"
@@ -598,9 +599,10 @@ def test_ports_agree_everywhere() -> None:
     # compose: published ports, peers and advertised addresses
     tenders = compose_tenders()
     for name, s in tenders.items():
-        assert {int(str(p).rpartition(":")[2]) for p in s["ports"]} == {gport}, name
-        assert {int(p) for p in s["expose"]} == {gport, pport, mport}, name
         argv = [str(x) for x in s["command"]]
+        published = values(argv, "--publish-ports")  # the host maps them one to one
+        assert {str(p).rpartition(":")[2] for p in s["ports"]} == {str(gport), *published}, name
+        assert {int(p) for p in s["expose"]} == {gport, pport, mport}, name
         assert values(argv, "--advertise") == [f"{name}:{gport}"]
         assert sorted(values(argv, "--peer")) == sorted(
             f"{o}:{pport}" for o in tenders if o != name
@@ -1330,6 +1332,7 @@ def workload(a: Tender, b: Tender) -> int:
                             ),
                         )
                     )
+        jobs += published_traffic(ca)
         for client in (ca, cb):  # errors for the error panel
             for call in (
                 lambda c=client: c.wait("no-such-instance"),
@@ -1345,6 +1348,46 @@ def workload(a: Tender, b: Tender) -> int:
     finally:
         ca.close()
         cb.close()
+
+
+def published_traffic(c: Client) -> list[tuple[Client, str, str]]:
+    """prefork_http on A behind a port A publishes (workers local, then on the peer):
+    requests for the connection panels, then the instance killed.  A connection to a
+    published port nobody listens on yet is the "refused" series."""
+    pb2 = c.pb2
+    jobs = []
+    for transport, placement in (
+        (pb2.PIPE_TRANSPORT_SHM, pb2.PLACEMENT_LOCAL),
+        (pb2.PIPE_TRANSPORT_TCP, pb2.PLACEMENT_REMOTE),
+    ):
+        iid = c.launch(
+            "prefork_http",
+            ["-p", "8080", "-w", "2"],
+            console_pipe=True,
+            fork_mode=pb2.FORK_MODE_VMCLONE,
+            pipe_transport=transport,
+            placement=placement,
+            publish=[pb2.PortMapping(host_port=0, guest_port=8080)],
+        )
+        published = wait_for("the published port", lambda i=iid: c.describe(i).published)
+        port = published[0].host_port
+
+        def ok(p: int = port) -> bool:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", p, timeout=10)
+                conn.request("GET", "/bytes/5000")
+                r = conn.getresponse()
+                return r.status == 200 and len(r.read()) == 5000
+            except (OSError, http.client.HTTPException):
+                return False  # not listening yet: the port closed it (a refused connection)
+
+        wait_for("prefork_http to answer through the published port", ok)
+        for _ in range(10):
+            assert ok()
+        c.kill(iid)
+        r = c.wait(iid, 60)
+        assert r.done and r.outcome == "killed", r
+    return jobs
 
 
 @pytest.mark.skipif(

@@ -363,6 +363,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
                 jail=not a.no_jail,
                 max_streams=a.max_streams,
                 max_streams_per_peer=a.max_streams_per_peer,
+                publish_ports=a.publish_ports,
+                publish_address=a.publish_address,
             )
         )
     except (ValueError, OSError) as e:
@@ -552,6 +554,18 @@ SERVE_OPTIONS = (
     ),
     EnvOption("--pool", dict(type=int, default=2, help="warm tender processes for clones")),
     EnvOption("--max-instances", dict(type=int, default=64)),
+    EnvOption(
+        "--publish-ports",
+        dict(
+            default="",
+            help="host ports a Launch may publish for its VM-clone instance: LOW-HIGH (and 0), "
+            "or 0 (only ports this host picks); default none",
+        ),
+    ),
+    EnvOption(
+        "--publish-address",
+        dict(default="127.0.0.1", help="the address published ports are bound on"),
+    ),
     EnvOption("--max-upload", dict(type=parse_size, default="64M")),
     EnvOption(
         "--max-image-store",
@@ -690,9 +704,9 @@ def _main(argv: list[str] | None = None) -> int:  # noqa: C901 - split after the
         action="append",
         default=[],
         metavar="[IP:]HOST:GUEST",
-        help="thread/copy: accept TCP on the host port (default IP 127.0.0.1) and hand each "
-        "connection to the guest's listener on GUEST port (repeatable); HOST 0 picks a free "
-        "port; each mapping is printed on stderr before the guest starts",
+        help="accept TCP on the host port (default IP 127.0.0.1) and hand each connection "
+        "to the guest's listener on GUEST port (repeatable; vmclone: to whichever VM accepts); "
+        "HOST 0 picks a free port; each mapping is printed on stderr before the guest starts",
     )
     r.add_argument(
         "--allow-outbound",
@@ -767,6 +781,16 @@ def _main(argv: list[str] | None = None) -> int:  # noqa: C901 - split after the
     la.add_argument("--max-procs", type=int, default=0)
     la.add_argument("--console", choices=("tty", "pipe"), default="tty")
     la.add_argument("--env", action="append", default=[])
+    la.add_argument(
+        "-p",
+        "--publish",
+        action="append",
+        default=[],
+        metavar="HOST:GUEST",
+        help="vmclone: the tender accepts TCP on its host's port HOST (0: it picks one; "
+        "the tender must allow it: serve --publish-ports) for the guest's listener on GUEST; "
+        "describe shows the ports bound",
+    )
     la.add_argument("--wait", action="store_true", help="stream the console and wait for the end")
     la.add_argument("--tag-pids", action="store_true")
     add_client_args(la)

@@ -103,6 +103,10 @@ def describe_text(pb2, d) -> str:
         ("pipes", f"{pipes} ({d.transport_note})" if d.transport_note else pipes),
         ("placement", _enum(pb2, "Placement", d.placement)),
         ("age", f"{s.age_seconds:.1f} s"),
+        *(
+            ("published", f"{m.host_ip}:{m.host_port} -> guest port {m.guest_port}")
+            for m in d.published
+        ),
     ]
     if r.done:
         fields += [
@@ -125,6 +129,17 @@ def describe_text(pb2, d) -> str:
     return "\n".join(lines)
 
 
+def _port_mapping(pb2, text: str):
+    """``HOST:GUEST`` (the tender binds its own --publish-address)."""
+    host, sep, guest = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return pb2.PortMapping(host_port=int(host), guest_port=int(guest))
+    except ValueError:
+        raise UsageError(f"--publish {text!r}: expected HOST_PORT:GUEST_PORT") from None
+
+
 def _launch(c: Client, a: argparse.Namespace) -> int:
     pb2 = c.pb2
     fields = dict(
@@ -138,6 +153,7 @@ def _launch(c: Client, a: argparse.Namespace) -> int:
         time_limit_seconds=a.timeout or 0.0,
         max_procs=a.max_procs,
         console_pipe=a.console == "pipe",
+        publish=[_port_mapping(pb2, text) for text in a.publish],
     )
     iid = c.launch(a.image, a.args, **fields)
     if not a.wait:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from tender_service.instance.observer import notify
 from tender_service.rump.published import HostLink
 from tender_service.transports.broker import POLL_ERR, PipeBroker
 from tender_service.transports.listeners import ListenerBroker
@@ -55,9 +56,11 @@ class ClonePorts:
         listeners: ListenerBroker,
         link: HostLink,
         guest_ports: frozenset[int],
+        observer: object | None = None,
     ) -> None:
         self.broker, self.listeners, self.link = broker, listeners, link
         self.guest_ports = guest_ports
+        self.observer = observer  # conn_published, conn_bytes (instance/observer.py)
         self.flows: dict[int, _Flow] = {}
         self.accepted = 0
         self.refused = 0
@@ -74,11 +77,13 @@ class ClonePorts:
         conn = self.listeners.connect(lid, HOST, peer) if lid is not None else None
         if conn is None:
             self.refused += 1
+            notify(self.observer, "conn_published", "refused")
             self.link.close_conn(cid)  # nobody listens: closed at once, as one VM does
             return
         # the guest reads what we write to its rx, and writes its tx for us
         self.flows[cid] = _Flow(conn.rx, conn.tx)
         self.accepted += 1
+        notify(self.observer, "conn_published", "accepted")
         self._pull(cid)
 
     def data(self, _k: object, cid: int, data: bytes) -> None:
@@ -87,6 +92,7 @@ class ClonePorts:
         if f is None or not f.writing:
             return
         self.bytes_in += len(data)
+        notify(self.observer, "conn_bytes", "in", len(data))
         # EPIPE (the guest reads no more): dropped, as a one-VM instance drops it
         self.broker.write(f.rx, HOST, data, False, lambda n, sig: self._resume(cid))
 
@@ -129,6 +135,7 @@ class ClonePorts:
             return
         if isinstance(res, bytes) and res:
             self.bytes_out += len(res)
+            notify(self.observer, "conn_bytes", "out", len(res))
             self.link.send(cid, res)  # its drained() reads the next chunk
             return
         # EOF (or the pipe is gone): the guest sends no more

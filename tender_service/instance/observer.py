@@ -34,6 +34,16 @@ class InstanceObserver(Protocol):
 
     def published(self, bound: list[tuple[str, int, int]]) -> None: ...
 
+    def conn_published(self, outcome: str) -> None:
+        """A host client connected to a published port: "accepted" (queued for the
+        guest's listener) or "refused" (no listener on the guest port)."""
+
+    def conn_bytes(self, direction: str, nbytes: int) -> None:
+        """Bytes through a published port: "in" (host to guest) or "out"."""
+
+    def conn_accepted(self, seconds: float) -> None:
+        """A VM accepted a connection of a shared listener, queued ``seconds`` before."""
+
 
 def notify(observer: object | None, event: str, *args: object) -> None:
     """Call ``observer.event(*args)`` if there is an observer and it has that method."""

@@ -239,7 +239,7 @@ class Supervisor:
             self._spawn(self._accept_loop, "accept", listener)
         if publisher is not None:
             self.ports = ClonePorts(
-                self.broker, self.listen_broker, publisher, publisher.guest_ports
+                self.broker, self.listen_broker, publisher, publisher.guest_ports, observer
             )
             publisher.serve(self._deliver_host_event)
         self.t0 = time.monotonic()
@@ -718,6 +718,7 @@ class Supervisor:
             if isinstance(res, int):
                 self._send(rec, _data_frame(req, res))
             else:
+                notify(self.observer, "conn_accepted", time.monotonic() - res.queued)
                 info = {"rx": res.rx, "tx": res.tx, "peer": list(res.peer)}
                 self._send(rec, _data_frame(req, json.dumps(info).encode()))
 

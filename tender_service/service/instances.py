@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from tender_service.instance.backends import InstanceBackend, InstanceSpec, RunningInstance
 from tender_service.instance.budget import MemoryBudget
+from tender_service.instance.publish import PortMapping
 from tender_service.rump import signals
 from tender_service.rump.vminfo import ProcInfo, VmConfig
 from tender_service.service import metrics
@@ -133,6 +134,9 @@ class Instance:
     pinned: bool = False  # it holds its image's file in the store
     lock: threading.Lock = field(default_factory=threading.Lock)
     on_done: list[Callable[[], None]] = field(default_factory=list)
+    #: host ports asked for (Launch's publish), and as bound once it started
+    publish: list[PortMapping] = field(default_factory=list)
+    published: list[tuple[str, int, int]] = field(default_factory=list)
 
     def finish(self) -> None:
         """Mark the instance done and wake whoever waits for it."""
@@ -190,6 +194,20 @@ class MetricsObserver:
 
     def __init__(self, mode: str, transport: str, placement: str) -> None:
         self.mode, self.transport, self.placement = mode, transport, placement
+        #: (host IP, host port, guest port) of each published port, as bound
+        self.bound: list[tuple[str, int, int]] = []
+
+    def published(self, bound: list[tuple[str, int, int]]) -> None:
+        self.bound = list(bound)
+
+    def conn_published(self, outcome: str) -> None:
+        metrics.PUBLISHED_CONNECTIONS.labels(self.mode, outcome).inc()
+
+    def conn_bytes(self, direction: str, nbytes: int) -> None:
+        metrics.PUBLISHED_BYTES.labels(direction).inc(nbytes)
+
+    def conn_accepted(self, seconds: float) -> None:
+        metrics.ACCEPT_LATENCY.labels(self.transport, self.placement).observe(seconds)
 
     def fork_done(self, seconds: float, snapshot: int, remote: bool) -> None:
         transport = "tcp" if remote else self.transport
@@ -252,6 +270,7 @@ class InstanceManager:
         transport: str,
         placement: str,
         config: VmConfig,
+        publish: list[PortMapping] | None = None,
     ) -> Instance:
         """Start an instance (raises OverflowError, naming the limit, when the tender is
         full: too many instances, or not enough guest memory left for its first VM)."""
@@ -264,6 +283,7 @@ class InstanceManager:
             config,
             list(args),
             list(env or DEFAULT_ENV),
+            publish=list(publish or ()),
         )
         with self.lock:
             if not self.accepting:
@@ -308,18 +328,15 @@ class InstanceManager:
             transport=inst.transport,
             placement=inst.placement,
             instance_id=inst.id,
+            publish=inst.publish,
+        )
+        observer = MetricsObserver(
+            inst.mode, inst.transport if many else "local", inst.placement if many else "local"
         )
         try:
             spec.reserved, inst.reserved = inst.reserved, 0  # the backend's from now on
-            running = backend.start(
-                spec,
-                inst.console.append,
-                MetricsObserver(
-                    inst.mode,
-                    inst.transport if many else "local",
-                    inst.placement if many else "local",
-                ),
-            )
+            running = backend.start(spec, inst.console.append, observer)
+            inst.published = observer.bound
             inst.running = running
             if inst.killed:
                 running.kill("killed")

@@ -58,6 +58,23 @@ PIPE_WRITE_LATENCY = Histogram(
     ["transport"],
     buckets=_LATENCY,
 )
+PUBLISHED_CONNECTIONS = Counter(
+    "unifork_published_connections_total",
+    "Host connections to published ports, by fork mode and outcome (accepted: queued "
+    "for the guest's listener; refused: nothing listens on the guest port)",
+    ["mode", "outcome"],
+)
+PUBLISHED_BYTES = Counter(
+    "unifork_published_bytes_total",
+    "Bytes through published ports, by direction (in: host client to guest)",
+    ["direction"],
+)
+ACCEPT_LATENCY = Histogram(
+    "unifork_accept_latency_seconds",
+    "Time a connection to a listener the VMs of an instance share waits until one accepts it",
+    ["transport", "placement"],
+    buckets=_LATENCY,
+)
 VMS = Gauge(
     "unifork_vms", "VMs running in this tender's processes (never the tender itself)", ["mode"]
 )

@@ -37,6 +37,7 @@ from tender_service.instance.backends import FORK_MODES, BackendContext, make_ba
 from tender_service.instance.budget import MemoryBudget, default_limit
 from tender_service.instance.hostmalloc import limit_malloc_arenas
 from tender_service.instance.pool import WarmPool
+from tender_service.instance.publish import PortMapping
 from tender_service.instance.worker import HOST_NAME_ENV, RELAY_ENV
 from tender_service.machine.layout import MAX_RAM, MIN_RAM
 from tender_service.machine.rootfs import select_program
@@ -96,6 +97,62 @@ class ServeOptions:
     jail: bool = True  # VM processes jail themselves (instance/jail.py); False: --no-jail
     max_streams: int = MAX_STREAMS
     max_streams_per_peer: int = MAX_STREAMS_PER_PEER
+    #: host ports a Launch may publish (--publish-ports "LOW-HIGH", or "0": only ports
+    #: the host picks); "" refuses every publish
+    publish_ports: str = ""
+    publish_address: str = "127.0.0.1"  # the one host address they are bound on
+    max_publish: int = 16  # mappings per instance
+
+
+@dataclass(frozen=True)
+class PublishPolicy:
+    """Which host ports a caller may publish: none unless the operator says so
+    (a Launch binds ports on the tender's host)."""
+
+    ports: tuple[int, int] | None = None  # (low, high) inclusive; (0, 0): host-picked only
+    address: str = "127.0.0.1"
+    max_mappings: int = 16
+
+    @classmethod
+    def parse(cls, spec: str, address: str, max_mappings: int) -> PublishPolicy:
+        """``--publish-ports``: "" (none), "0", or "LOW-HIGH" (and 0)."""
+        if not spec:
+            return cls(None, address, max_mappings)
+        low, _, high = spec.partition("-")
+        try:
+            lo, hi = int(low), int(high or low)
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ValueError(
+                f"--publish-ports {spec!r} / --publish-address {address!r}: expected "
+                "LOW-HIGH (or 0) and an IP address"
+            ) from None
+        if not 0 <= lo <= hi < 65536:
+            raise ValueError(f"--publish-ports {spec!r}: ports must be 0..65535, LOW <= HIGH")
+        return cls((lo, hi), address, max_mappings)
+
+    def check(self, mappings) -> str | None:
+        """Why a Launch's ``publish`` is refused, or None."""
+        if not mappings:
+            return None
+        if self.ports is None:
+            return "publish: this tender publishes no ports (unifork serve --publish-ports)"
+        if len(mappings) > self.max_mappings:
+            return f"publish: at most {self.max_mappings} mappings"
+        lo, hi = self.ports
+        for m in mappings:
+            if not 0 < m.guest_port < 65536:
+                return "publish: guest_port must be 1..65535"
+            if m.host_port and not lo <= m.host_port <= hi:
+                return f"publish: host_port {m.host_port} is not one this tender publishes " + (
+                    "(host_port 0 only)" if hi == 0 else f"({lo}-{hi}, or 0)"
+                )
+            if m.host_ip not in ("", self.address):
+                return f"publish: host_ip must be {self.address} (or empty)"
+        return None
+
+    def mappings(self, mappings) -> list[PortMapping]:
+        return [PortMapping(m.host_port, m.guest_port, self.address) for m in mappings]
 
 
 def fork_mode_name(pb2, value: int) -> str:
@@ -124,9 +181,16 @@ def _is_loopback(host: str) -> bool:
 class TenderServicer:
     """The client API; every handler validates, then calls the instance manager."""
 
-    def __init__(self, manager: InstanceManager, store: ImageStore, host: str) -> None:
+    def __init__(
+        self,
+        manager: InstanceManager,
+        store: ImageStore,
+        host: str,
+        publish: PublishPolicy | None = None,
+    ) -> None:
         self.m, self.store = manager, store
         self.host = host  # this tender's advertised address: where its own VMs run
+        self.publish = publish or PublishPolicy()
         self.pb2, _ = protos.tender()
 
     # -- images --------------------------------------------------------------------------
@@ -205,7 +269,14 @@ class TenderServicer:
         )
         try:
             inst = self.m.launch(
-                img, list(req.args), list(req.env) or None, mode, transport, placement, config
+                img,
+                list(req.args),
+                list(req.env) or None,
+                mode,
+                transport,
+                placement,
+                config,
+                self.publish.mappings(req.publish),
             )
         except OverflowError as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
@@ -254,7 +325,10 @@ class TenderServicer:
             pb2.PLACEMENT_LOCAL,
         ):
             return "placement: only VM-clone instances place VMs on other hosts"
-        return None
+        if req.publish and self.m.backends[fork_mode_name(pb2, req.fork_mode)].one_vm:
+            # its VM's process is jailed: it may not accept (docs/semantics.md)
+            return "publish: a tender publishes ports of VM-clone instances only"
+        return self.publish.check(req.publish)
 
     def _lookup(self, instance_id: str):
         """(instance or None, status code and message if none)."""
@@ -349,6 +423,10 @@ class TenderServicer:
             ),
             processes=procs,
             result=self._result(inst),
+            published=[
+                pb2.PortMapping(host_ip=ip, host_port=port, guest_port=guest)
+                for ip, port, guest in inst.published
+            ],
         )
 
 
@@ -358,6 +436,9 @@ class Tender:
     def __init__(self, opts: ServeOptions) -> None:
         self.opts = opts
         check_peer_timeout(opts.peer_timeout)
+        self.publish_policy = PublishPolicy.parse(
+            opts.publish_ports, opts.publish_address, opts.max_publish
+        )
         if opts.keep_finished < 0:
             raise ValueError("--keep-finished must not be negative")
         if opts.max_streams < 1 or opts.max_streams_per_peer < 1:
@@ -488,7 +569,8 @@ class Tender:
         )
         tpb2, tgrpc = protos.tender()
         tgrpc.add_TenderServicer_to_server(
-            TenderServicer(self.manager, self.store, self.advertise), self.server
+            TenderServicer(self.manager, self.store, self.advertise, self.publish_policy),
+            self.server,
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class Connection:
     rx: int
     tx: int
     peer: tuple[str, int]
+    queued: float = field(default_factory=time.monotonic)  # for the accept latency
 
 
 AcceptReply: TypeAlias = Callable[[Connection | int], None]
