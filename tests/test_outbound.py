@@ -1,5 +1,9 @@
 """Outbound connections (issue 16): `unifork run --allow-outbound IP:PORT`.
 
+In thread and copy fork the VM's process makes the host connection; in
+VM-clone fork the instance's supervisor does (the VM's socket becomes the
+guest's end of it, two broker pipes), so the same tests run there too.
+
 Nothing leaves an instance unless its allow-list names the destination; the
 guest reaches the host's 127.0.0.1 as 10.0.2.2 (its own 127.0.0.1 is the
 instance's private loopback).  guest/programs/sock_outbound.c connects to an
@@ -79,7 +83,9 @@ def echo_port(echo: EchoServer) -> int:
 
 
 def run(mode: str, flags: list[str], *args: str) -> subprocess.CompletedProcess:
-    cmd = [UNIFORK, "run", "--fork", mode, "--timeout", "120", "--console", "pipe", *flags]
+    fork, _, pipe = mode.partition("-")  # vmclone-tcp: the tcp transport
+    cmd = [UNIFORK, "run", "--fork", fork, "--timeout", "120", "--console", "pipe", *flags]
+    cmd += ["--pipe", pipe] if pipe else []
     return subprocess.run(
         [*cmd, str(image_path("sock_outbound")), "--", *args],
         capture_output=True,
@@ -92,7 +98,7 @@ def allow(*ports: int) -> list[str]:
     return [a for p in ports for a in ("--allow-outbound", f"127.0.0.1:{p}")]
 
 
-@pytest.mark.parametrize("mode", ["thread", "copy"])
+@pytest.mark.parametrize("mode", ["thread", "copy", "vmclone", "vmclone-tcp"])
 def test_outbound_connections_as_native(mode: str, echo_port: int) -> None:
     with refused_port() as closed:
         want = native("sock_outbound", "127.0.0.1", str(echo_port), str(closed))
@@ -102,6 +108,7 @@ def test_outbound_connections_as_native(mode: str, echo_port: int) -> None:
     assert (got.returncode, got.stdout.decode()) == (0, want.stdout.decode()), got.stderr
 
 
+@pytest.mark.parametrize("mode", ["thread", "vmclone"])
 @pytest.mark.parametrize(
     ("flags", "why"),
     [
@@ -111,9 +118,9 @@ def test_outbound_connections_as_native(mode: str, echo_port: int) -> None:
     ],
 )
 def test_a_destination_not_allowed_is_unreachable(
-    flags: list[str], why: str, echo_port: int
+    mode: str, flags: list[str], why: str, echo_port: int
 ) -> None:
-    p = run("thread", flags, "-1", GATEWAY, str(echo_port))
+    p = run(mode, flags, "-1", GATEWAY, str(echo_port))
     assert (p.returncode, p.stdout) == (0, b"connect = ENETUNREACH\n"), (why, p.stderr)
 
 
@@ -128,20 +135,24 @@ def test_the_guests_own_loopback_is_not_the_host(echo_port: int) -> None:
     assert (p.returncode, p.stdout) == (0, b"connect = ECONNREFUSED\n"), p.stderr
 
 
-def test_the_instances_own_published_port_is_never_a_destination() -> None:
+@pytest.mark.parametrize("mode", ["thread", "vmclone"])
+def test_the_instances_own_published_port_is_never_a_destination(mode: str) -> None:
     """A connect out to the host port the instance publishes would loop into itself."""
     port = free_port()
-    p = run("thread", ["-p", f"{port}:80", *allow(port)], "-1", GATEWAY, str(port))
+    p = run(mode, ["-p", f"{port}:80", *allow(port)], "-1", GATEWAY, str(port))
     assert (p.returncode, p.stdout) == (0, b"connect = ENETUNREACH\n"), p.stderr
 
 
-def test_connections_closed_at_once_leave_nothing_open_on_the_host(echo: EchoServer) -> None:
+@pytest.mark.parametrize("mode", ["thread", "vmclone"])
+def test_connections_closed_at_once_leave_nothing_open_on_the_host(
+    mode: str, echo: EchoServer
+) -> None:
     """Bad input: connects closed right away, half of them while still connecting:
     every host connection made is closed again (none is left to the host's fds)."""
     n = 2000
     with echo.lock:
         accepted, closed = echo.accepted, echo.closed
-    p = run("thread", allow(echo.port), "-n", str(n), GATEWAY, str(echo.port))
+    p = run(mode, allow(echo.port), "-n", str(n), GATEWAY, str(echo.port))
     assert (p.returncode, p.stdout) == (0, f"connections made and closed: {n} of {n}\n".encode())
 
     def all_closed() -> bool:
@@ -152,18 +163,13 @@ def test_connections_closed_at_once_leave_nothing_open_on_the_host(echo: EchoSer
     wait_until(all_closed, 60, "every host connection to be closed")
 
 
-def test_an_instance_holds_at_most_max_outbound_connections(echo: EchoServer) -> None:
+@pytest.mark.parametrize("mode", ["thread", "vmclone"])
+def test_an_instance_holds_at_most_max_outbound_connections(mode: str, echo: EchoServer) -> None:
     """Bad input: a guest that opens connections and never closes them gets
     EADDRNOTAVAIL past MAX_OUTBOUND (each holds a host fd), as Linux out of ports."""
-    p = run("thread", allow(echo.port), "-h", str(MAX_OUTBOUND + 10), GATEWAY, str(echo.port))
+    p = run(mode, allow(echo.port), "-h", str(MAX_OUTBOUND + 10), GATEWAY, str(echo.port))
     want = f"connections held: {MAX_OUTBOUND}, then EADDRNOTAVAIL\n".encode()
     assert (p.returncode, p.stdout) == (0, want), p.stderr
-
-
-def test_vmclone_refuses_an_allow_list_clearly(echo_port: int) -> None:
-    p = run("vmclone", allow(echo_port), "-1", GATEWAY, str(echo_port))
-    assert p.returncode == 2
-    assert b"--allow-outbound is served in thread and copy mode only" in p.stderr
 
 
 @pytest.mark.parametrize(

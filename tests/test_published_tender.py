@@ -1,4 +1,5 @@
-"""Published ports through a tender (issue 16): Launch's ``publish``.
+"""Published ports and outbound connections through a tender (issue 16): Launch's
+``publish`` and ``allow_outbound``.
 
 A VM-clone instance's supervisor runs in the tender's own process (not in a
 jailed VM process), so the tender binds the host port and hands each
@@ -14,16 +15,56 @@ from __future__ import annotations
 
 import http.client
 import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
-from support import wait_until
+from support import native, refused_port, wait_until
 from test_peering import PEER_TOKEN, TOKEN, hosts, warm
-from test_service import MODES, Tender, launch, rpc_error, wait, wait_for_output
+from test_service import (
+    MODES,
+    Tender,
+    console,
+    launch,
+    rpc_error,
+    stdout_of,
+    wait,
+    wait_for_output,
+)
 
 from tender_service import protos
 
 pb2, _ = protos.tender()
 GUEST_PORT = 8080
+GATEWAY = "10.0.2.2"  # the host's 127.0.0.1 as a guest sees it
+
+
+@contextmanager
+def echo_server() -> Iterator[int]:
+    """A TCP echo server on the host's loopback: its port."""
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def echo(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(4096):
+                conn.sendall(data)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=echo, args=(conn,), daemon=True).start()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield srv.getsockname()[1]
+    finally:
+        srv.close()
+        t.join(10)
 
 
 def publish(host_port: int = 0, guest_port: int = GUEST_PORT) -> list:
@@ -142,3 +183,49 @@ def test_a_tender_publishes_only_what_its_operator_allows(tmp_path):
             assert words in e.details(), (words, e.details())
     finally:
         t.stop()
+
+
+def test_a_tender_lets_a_vmclone_instance_connect_out_where_allowed(tmp_path):
+    """Launch's allow_outbound within the tender's --allow-outbound-to: sock_outbound
+    prints what it prints natively; the tender's own ports are never a destination,
+    even under an allowed address; a destination outside the tender's list is refused."""
+    with refused_port() as closed, echo_server() as echo:
+        want = native("sock_outbound", "127.0.0.1", str(echo), str(closed)).stdout
+        t = Tender.start(tmp_path, "--pool", "2", "--allow-outbound-to", "127.0.0.1:*")
+        try:
+            c = t.client()
+            fields = dict(console_pipe=True, **MODES["vmclone-shm"])
+            rules = [f"127.0.0.1:{echo}", f"127.0.0.1:{closed}"]
+            iid = launch(
+                c, "sock_outbound", [GATEWAY, str(echo), str(closed)], allow_outbound=rules,
+                **fields,
+            )  # fmt: skip
+            r = wait(c, iid)
+            assert (r.outcome, r.exit_code) == ("exited", 0), r
+            assert stdout_of(console(c, iid)) == want
+            for port in (t.port, t.peer_port, t.metrics_port):  # the tender's own
+                iid = launch(
+                    c, "sock_outbound", ["-1", GATEWAY, str(port)],
+                    allow_outbound=["127.0.0.1:*"], **fields,
+                )  # fmt: skip
+                wait(c, iid)
+                assert stdout_of(console(c, iid)) == b"connect = ENETUNREACH\n", port
+            e = rpc_error(
+                lambda: launch(c, "sock_outbound", allow_outbound=["127.0.0.2:80"], **fields)
+            )
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a destination this tender allows" in e.details()
+        finally:
+            t.stop()
+    closed_tender = Tender.start(tmp_path, "--pool", "1")
+    try:
+        c = closed_tender.client()
+        e = rpc_error(
+            lambda: launch(
+                c, "sock_outbound", allow_outbound=["127.0.0.1:80"], **MODES["vmclone-shm"]
+            )
+        )
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "lets no instance connect out" in e.details()
+    finally:
+        closed_tender.stop()

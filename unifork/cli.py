@@ -365,6 +365,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
                 max_streams_per_peer=a.max_streams_per_peer,
                 publish_ports=a.publish_ports,
                 publish_address=a.publish_address,
+                allow_outbound_to=tuple(a.allow_outbound_to),
             )
         )
     except (ValueError, OSError) as e:
@@ -565,6 +566,15 @@ SERVE_OPTIONS = (
     EnvOption(
         "--publish-address",
         dict(default="127.0.0.1", help="the address published ports are bound on"),
+    ),
+    EnvOption(
+        "--allow-outbound-to",
+        dict(
+            action="append",
+            metavar="IP:PORT",
+            help="a destination (IP:PORT or IP:*) a Launch's allow_outbound may name for its "
+            "VM-clone instance (repeatable; this tender's own ports never); default none",
+        ),
     ),
     EnvOption("--max-upload", dict(type=parse_size, default="64M")),
     EnvOption(
@@ -790,6 +800,15 @@ def _main(argv: list[str] | None = None) -> int:  # noqa: C901 - split after the
         help="vmclone: the tender accepts TCP on its host's port HOST (0: it picks one; "
         "the tender must allow it: serve --publish-ports) for the guest's listener on GUEST; "
         "describe shows the ports bound",
+    )
+    la.add_argument(
+        "--allow-outbound",
+        action="append",
+        default=[],
+        metavar="IP:PORT",
+        help="vmclone: the instance may connect to IP:PORT (or IP:*) on the tender's host "
+        "network (within the tender's --allow-outbound-to; the guest reaches the tender "
+        "host's 127.0.0.1 as 10.0.2.2)",
     )
     la.add_argument("--wait", action="store_true", help="stream the console and wait for the end")
     la.add_argument("--tag-pids", action="store_true")

@@ -154,6 +154,7 @@ def _launch(c: Client, a: argparse.Namespace) -> int:
         max_procs=a.max_procs,
         console_pipe=a.console == "pipe",
         publish=[_port_mapping(pb2, text) for text in a.publish],
+        allow_outbound=a.allow_outbound,
     )
     iid = c.launch(a.image, a.args, **fields)
     if not a.wait:

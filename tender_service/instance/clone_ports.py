@@ -21,11 +21,13 @@ thread (the broker's replies); what it tells the Publisher is queued there.
 
 from __future__ import annotations
 
+import errno
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tender_service.instance.observer import notify
-from tender_service.rump.published import HostLink
+from tender_service.rump.published import MAX_OUTBOUND, HostLink, OutboundRule, route
 from tender_service.transports.broker import POLL_ERR, PipeBroker
 from tender_service.transports.listeners import ListenerBroker
 
@@ -35,6 +37,8 @@ log = logging.getLogger(__name__)
 HOST = -1
 #: bytes of the guest's output taken from its pipe at a time
 CHUNK = 65536
+DialReply = Callable[[dict | int], None]
+"""Called with the connection's pipes ({"rx", "tx"}) or ``-errno``."""
 
 
 @dataclass
@@ -57,11 +61,19 @@ class ClonePorts:
         link: HostLink,
         guest_ports: frozenset[int],
         observer: object | None = None,
+        allow: tuple[OutboundRule, ...] = (),
+        deny: frozenset[tuple[str, int]] = frozenset(),
     ) -> None:
         self.broker, self.listeners, self.link = broker, listeners, link
         self.guest_ports = guest_ports
         self.observer = observer  # conn_published, conn_bytes (instance/observer.py)
+        #: outbound connections: where the instance may connect, and never (its own
+        #: published ports, the tender's)
+        self.allow, self.deny = allow, deny
         self.flows: dict[int, _Flow] = {}
+        #: connects under way: cid -> (pid, its reply; None once its VM is gone)
+        self.dialing: dict[int, tuple[int, DialReply | None]] = {}
+        self.out: set[int] = set()  # outbound connections open or being made
         self.accepted = 0
         self.refused = 0
         self.bytes_in = 0
@@ -116,8 +128,43 @@ class ClonePorts:
         self._pull(cid)
 
     def opened(self, _k: object, cid: int, err: int) -> None:
-        """Outbound connections are not made for VM-clone instances."""
-        self.link.close_conn(cid)
+        """An outbound connect ended: ``err`` 0 gives the guest its two pipes."""
+        pid, reply = self.dialing.pop(cid, (0, None))
+        if reply is None:  # its VM is gone
+            self.out.discard(cid)
+            self.link.close_conn(cid)
+            return
+        if err:
+            self.out.discard(cid)
+            reply(-err)
+            return
+        rx = self.broker.create(HOST, readers=0, writers=1)  # host -> guest
+        self.broker.add_refs(rx, pid, 1, 0)
+        tx = self.broker.create(HOST, readers=1, writers=0)  # guest -> host
+        self.broker.add_refs(tx, pid, 0, 1)
+        self.flows[cid] = _Flow(rx, tx)
+        self._pull(cid)
+        reply({"rx": rx, "tx": tx})
+
+    # -- outbound connections -----------------------------------------------------------
+    def dial(self, pid: int, ip: bytes, port: int, reply: DialReply) -> None:
+        """``pid`` connects to ip:port outside the instance: made by the Publisher's
+        thread if the allow-list has it (else ENETUNREACH, as with no route)."""
+        host = route(self.allow, self.deny, ip, port)
+        if host is None:
+            reply(-errno.ENETUNREACH)
+        elif len(self.out) >= MAX_OUTBOUND:
+            reply(-errno.EADDRNOTAVAIL)  # as Linux out of ephemeral ports
+        else:
+            cid = self.link.open(host, port)
+            self.dialing[cid] = (pid, reply)
+            self.out.add(cid)
+
+    def drop_holder(self, pid: int) -> None:
+        """``pid``'s VM is gone: its connects under way are dropped when they end."""
+        for cid, (who, _) in list(self.dialing.items()):
+            if who == pid:
+                self.dialing[cid] = (pid, None)
 
     # -- internals ----------------------------------------------------------------------
     def _resume(self, cid: int) -> None:
@@ -153,6 +200,7 @@ class ClonePorts:
         self._release(cid)
 
     def _release(self, cid: int) -> None:
+        self.out.discard(cid)
         f = self.flows.pop(cid, None)
         if f is None:
             return

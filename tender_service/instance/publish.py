@@ -180,14 +180,19 @@ class Publisher:
     def guest_ports(self) -> frozenset[int]:
         return frozenset(m.guest_port for m in self.mappings)
 
-    def attach(self, kernel: Kernel) -> None:
-        """Give the kernel its published ports and start serving them."""
-        # never out to the instance's own host ports: a loop back into itself
-        own = frozenset(
+    def own_addresses(self) -> frozenset[tuple[str, int]]:
+        """The host addresses the instance serves: never an outbound destination (a
+        loop back into itself)."""
+        return frozenset(
             (ip if ip not in ("0.0.0.0", "::") else "127.0.0.1", port)
             for ip, port, _ in self.bound()
         )
-        ports = self.ports = PublishedPorts(self, self.guest_ports, self.outbound, own)
+
+    def attach(self, kernel: Kernel) -> None:
+        """Give the kernel its published ports and start serving them."""
+        ports = self.ports = PublishedPorts(
+            self, self.guest_ports, self.outbound, self.own_addresses()
+        )
         kernel.published = ports
         self.serve(lambda fn: kernel.post_event(lambda: fn(kernel, ports)))
 

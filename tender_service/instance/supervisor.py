@@ -17,6 +17,7 @@ import contextlib
 import errno
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -68,6 +69,7 @@ _REQUESTS: dict[int, str] = {
     Msg.PIPE_WRITE: "_pipe_write",
     Msg.STDIN_READ: "_stdin_read",
     Msg.ACCEPT: "_accept",
+    Msg.CONNECT: "_connect_out",
 }
 
 INIT_PID = 1
@@ -164,6 +166,7 @@ class Supervisor:
         stdin: int | bytes | None = None,
         hello_deadline: float = HELLO_DEADLINE,
         publisher: Publisher | None = None,
+        deny_outbound: frozenset[tuple[str, int]] = frozenset(),
     ) -> None:
         if transport not in ("tcp", "shm"):
             raise ValueError("transport must be tcp or shm")
@@ -238,9 +241,12 @@ class Supervisor:
         for listener in self._listeners:
             self._spawn(self._accept_loop, "accept", listener)
         if publisher is not None:
+            # never out to the instance's own host ports, ours, nor the tender's
+            mine = {("127.0.0.1", port), (listen_host, port)}
             self.ports = ClonePorts(
-                self.broker, self.listen_broker, publisher, publisher.guest_ports, observer
-            )
+                self.broker, self.listen_broker, publisher, publisher.guest_ports, observer,
+                publisher.outbound, publisher.own_addresses() | deny_outbound | mine,
+            )  # fmt: skip
             publisher.serve(self._deliver_host_event)
         self.t0 = time.monotonic()
 
@@ -724,6 +730,26 @@ class Supervisor:
 
         self.listen_broker.accept(f.pipe, rec.pid, bool(f.flags & NONBLOCK), accepted)
 
+    def _connect_out(self, rec: ProcRec, f: Frame) -> None:
+        """A VM connects out of the instance (``unifork run --allow-outbound``)."""
+
+        def done(res: dict | int, req: int = f.req) -> None:
+            if isinstance(res, int):
+                self._send(rec, _data_frame(req, res))
+            else:
+                self._send(rec, _data_frame(req, json.dumps(res).encode()))
+
+        try:
+            want = json.loads(f.payload)
+            ip, port = ipaddress.ip_address(str(want["ip"])).packed, int(want["port"])
+        except (ValueError, KeyError, TypeError):
+            done(-errno.EINVAL)
+            return
+        if self.ports is None or not 0 < port < 65536:
+            done(-errno.ENETUNREACH)  # nothing leaves an instance without an allow-list
+            return
+        self.ports.dial(rec.pid, ip, port, done)
+
     def _op_listen(self, rec: ProcRec, family: int, port: int) -> int:
         """A VM listens: the listener is the instance's at once, so that any VM may
         connect to it (and the host, if its port is published); its id."""
@@ -1090,6 +1116,8 @@ class Supervisor:
 
     def _drop_holder(self, rec: ProcRec) -> None:
         self.listen_broker.drop_holder(rec.pid)  # before the pipes: discards close some
+        if self.ports is not None:
+            self.ports.drop_holder(rec.pid)
         self.broker.drop_holder(rec.pid)
         self.stdin.drop_holder(rec.pid)
         self.fs.drop_holder(rec.pid)

@@ -255,7 +255,7 @@ class InetSocket(UnixSocket):
         if self.dial_owed:
             return self._dial_result()
         if not (is_any(ip) or is_loopback(ip)):
-            return self._connect_out(k, ip, port)
+            return self._connect_out(k, lwp, ip, port)
         dial = (LOOP4 if self.family == AF_INET else LOOP6) if is_any(ip) else ip
         if self.stype == SOCK_DGRAM:
             self.autobind(k)
@@ -292,10 +292,26 @@ class InetSocket(UnixSocket):
             raise GuestError(errno.EINPROGRESS)  # as Linux: connected by the time it polls
         return 0
 
-    def _connect_out(self, k: Kernel, ip: bytes, port: int) -> int:
+    def _connect_out(self, k: Kernel, lwp: Lwp, ip: bytes, port: int) -> int:
         """A TCP connect to a destination outside the instance: made on the host if
         the instance's allow-list has it (ENETUNREACH otherwise, as with no route)."""
         ports = k.published
+        if self.stype == SOCK_STREAM and ports is None and k.remote is not None:
+            # VM-clone: the supervisor connects (if the instance may), and this socket
+            # becomes the guest's end of that connection (a non-blocking connect waits
+            # too: the answer is EINPROGRESS, or the error)
+            if self.connected:
+                raise GuestError(errno.EISCONN)
+            self.autobind(k)
+            try:
+                k.remote.connect_out(k, lwp, self, ip, port)
+            except GuestError as e:
+                if e.errno not in (errno.ENETUNREACH, errno.EADDRNOTAVAIL):
+                    self.shut_rd = self.shut_wr = True  # as dial_done: send is EPIPE
+                raise
+            if self.nonblocking:
+                raise GuestError(errno.EINPROGRESS)
+            return 0
         if self.stype != SOCK_STREAM or ports is None:
             raise GuestError(errno.ENETUNREACH)
         if self.connected:

@@ -117,6 +117,12 @@ class RemoteHost(Protocol):
         its place from now on (ECONNREFUSED: no listener)."""
         raise NotImplementedError
 
+    def connect_out(self, k: Kernel, lwp: Lwp, sock: InetSocket, ip: bytes, port: int) -> None:
+        """``sock`` connects to ip:port outside the instance (Block while the supervisor
+        connects; ENETUNREACH if the instance may not): this VM's files hold the
+        connected socket in its place from now on."""
+        raise NotImplementedError
+
     def listener_poll(self, lid: int) -> int:
         """poll events of a shared listener's queue (POLLIN: a connection waits)."""
         return 0

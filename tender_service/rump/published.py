@@ -230,14 +230,7 @@ class PublishedPorts:
 
     # -- outbound connections ---------------------------------------------------------
     def route(self, ip: bytes, port: int) -> str | None:
-        """The host address a guest's connect to ip:port goes to, if it is allowed."""
-        import ipaddress
-
-        text = str(ipaddress.ip_address(ip))
-        host = "127.0.0.1" if text == HOST_GATEWAY else text
-        if (host, port) in self.deny or not any(r.covers(host, port) for r in self.allow):
-            return None
-        return host
+        return route(self.allow, self.deny, ip, port)
 
     def dial(self, k: Kernel, sock: InetSocket, ip: bytes, port: int) -> None:
         """Start the host connection of ``sock``'s connect to ip:port (ENETUNREACH if
@@ -288,6 +281,20 @@ class PublishedPorts:
         for cid in list(self.dialing):
             self.link.close_conn(cid)
             self.opened(k, cid, errno.ECONNABORTED)
+
+
+def route(
+    allow: tuple[OutboundRule, ...], deny: frozenset[tuple[str, int]], ip: bytes, port: int
+) -> str | None:
+    """The host address a guest's connect to ip:port goes to, if ``allow`` has it and
+    ``deny`` does not (HOST_GATEWAY is the host's 127.0.0.1)."""
+    import ipaddress
+
+    text = str(ipaddress.ip_address(ip))
+    host = "127.0.0.1" if text == HOST_GATEWAY else text
+    if (host, port) in deny or not any(r.covers(host, port) for r in allow):
+        return None
+    return host
 
 
 def _listener(k: Kernel, port: int) -> InetSocket | None:

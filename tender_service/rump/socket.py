@@ -110,6 +110,9 @@ class Socket(File):
         self.connected = False
         self.listening = False
         self.so_error = 0
+        #: a non-blocking connect answered EINPROGRESS, then completed: the next
+        #: connect returns 0 once (Linux), EISCONN after
+        self.connect_owed = False
         self.sndbuf = SOCK_BUF
         self.rcvbuf = SOCK_BUF
         self.options: dict[tuple[int, int], bytes] = {}

@@ -27,6 +27,7 @@ from tender_service.instance.backends import InstanceBackend, InstanceSpec, Runn
 from tender_service.instance.budget import MemoryBudget
 from tender_service.instance.publish import PortMapping
 from tender_service.rump import signals
+from tender_service.rump.published import OutboundRule
 from tender_service.rump.vminfo import ProcInfo, VmConfig
 from tender_service.service import metrics
 from tender_service.service.imagestore import ImageStore, StoredImage
@@ -137,6 +138,7 @@ class Instance:
     #: host ports asked for (Launch's publish), and as bound once it started
     publish: list[PortMapping] = field(default_factory=list)
     published: list[tuple[str, int, int]] = field(default_factory=list)
+    outbound: list[OutboundRule] = field(default_factory=list)  # Launch's allow_outbound
 
     def finish(self) -> None:
         """Mark the instance done and wake whoever waits for it."""
@@ -271,6 +273,7 @@ class InstanceManager:
         placement: str,
         config: VmConfig,
         publish: list[PortMapping] | None = None,
+        outbound: list[OutboundRule] | None = None,
     ) -> Instance:
         """Start an instance (raises OverflowError, naming the limit, when the tender is
         full: too many instances, or not enough guest memory left for its first VM)."""
@@ -284,6 +287,7 @@ class InstanceManager:
             list(args),
             list(env or DEFAULT_ENV),
             publish=list(publish or ()),
+            outbound=list(outbound or ()),
         )
         with self.lock:
             if not self.accepting:
@@ -329,6 +333,7 @@ class InstanceManager:
             placement=inst.placement,
             instance_id=inst.id,
             publish=inst.publish,
+            outbound=inst.outbound,
         )
         observer = MetricsObserver(
             inst.mode, inst.transport if many else "local", inst.placement if many else "local"

@@ -37,10 +37,11 @@ from tender_service.instance.backends import FORK_MODES, BackendContext, make_ba
 from tender_service.instance.budget import MemoryBudget, default_limit
 from tender_service.instance.hostmalloc import limit_malloc_arenas
 from tender_service.instance.pool import WarmPool
-from tender_service.instance.publish import PortMapping
+from tender_service.instance.publish import PortMapping, PublishError, parse_outbound
 from tender_service.instance.worker import HOST_NAME_ENV, RELAY_ENV
 from tender_service.machine.layout import MAX_RAM, MIN_RAM
 from tender_service.machine.rootfs import select_program
+from tender_service.rump.published import OutboundRule
 from tender_service.rump.vminfo import VmConfig
 from tender_service.service import metrics, reflection
 from tender_service.service.auth import (
@@ -102,6 +103,8 @@ class ServeOptions:
     publish_ports: str = ""
     publish_address: str = "127.0.0.1"  # the one host address they are bound on
     max_publish: int = 16  # mappings per instance
+    #: destinations a Launch's allow_outbound may name ("IP:PORT" or "IP:*"); none: none
+    allow_outbound_to: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -112,12 +115,18 @@ class PublishPolicy:
     ports: tuple[int, int] | None = None  # (low, high) inclusive; (0, 0): host-picked only
     address: str = "127.0.0.1"
     max_mappings: int = 16
+    #: where instances may connect out (--allow-outbound-to)
+    outbound: tuple[OutboundRule, ...] = ()
 
     @classmethod
-    def parse(cls, spec: str, address: str, max_mappings: int) -> PublishPolicy:
-        """``--publish-ports``: "" (none), "0", or "LOW-HIGH" (and 0)."""
+    def parse(
+        cls, spec: str, address: str, max_mappings: int, outbound: tuple[str, ...] = ()
+    ) -> PublishPolicy:
+        """``--publish-ports``: "" (none), "0", or "LOW-HIGH" (and 0);
+        ``--allow-outbound-to``: IP:PORT or IP:* each (PublishError: not one)."""
+        rules = tuple(parse_outbound(text) for text in outbound)
         if not spec:
-            return cls(None, address, max_mappings)
+            return cls(None, address, max_mappings, rules)
         low, _, high = spec.partition("-")
         try:
             lo, hi = int(low), int(high or low)
@@ -129,7 +138,24 @@ class PublishPolicy:
             ) from None
         if not 0 <= lo <= hi < 65536:
             raise ValueError(f"--publish-ports {spec!r}: ports must be 0..65535, LOW <= HIGH")
-        return cls((lo, hi), address, max_mappings)
+        return cls((lo, hi), address, max_mappings, rules)
+
+    def check_outbound(self, texts) -> str | None:
+        """Why a Launch's ``allow_outbound`` is refused, or None."""
+        if not texts:
+            return None
+        if not self.outbound:
+            return "allow_outbound: this tender lets no instance connect out (--allow-outbound-to)"
+        if len(texts) > self.max_mappings:
+            return f"allow_outbound: at most {self.max_mappings} destinations"
+        for text in texts:
+            try:
+                r = parse_outbound(text)
+            except PublishError as e:
+                return f"allow_outbound: {e}"
+            if not any(p.ip == r.ip and p.port in (0, r.port) for p in self.outbound):
+                return f"allow_outbound: {text} is not a destination this tender allows"
+        return None
 
     def check(self, mappings) -> str | None:
         """Why a Launch's ``publish`` is refused, or None."""
@@ -277,6 +303,7 @@ class TenderServicer:
                 placement,
                 config,
                 self.publish.mappings(req.publish),
+                [parse_outbound(text) for text in req.allow_outbound],
             )
         except OverflowError as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
@@ -325,10 +352,11 @@ class TenderServicer:
             pb2.PLACEMENT_LOCAL,
         ):
             return "placement: only VM-clone instances place VMs on other hosts"
-        if req.publish and self.m.backends[fork_mode_name(pb2, req.fork_mode)].one_vm:
-            # its VM's process is jailed: it may not accept (docs/semantics.md)
-            return "publish: a tender publishes ports of VM-clone instances only"
-        return self.publish.check(req.publish)
+        one_vm = self.m.backends[fork_mode_name(pb2, req.fork_mode)].one_vm
+        if (req.publish or req.allow_outbound) and one_vm:
+            # its VM's process is jailed: it may not accept or connect (docs/semantics.md)
+            return "publish, allow_outbound: served for VM-clone instances only by a tender"
+        return self.publish.check(req.publish) or self.publish.check_outbound(req.allow_outbound)
 
     def _lookup(self, instance_id: str):
         """(instance or None, status code and message if none)."""
@@ -437,7 +465,7 @@ class Tender:
         self.opts = opts
         check_peer_timeout(opts.peer_timeout)
         self.publish_policy = PublishPolicy.parse(
-            opts.publish_ports, opts.publish_address, opts.max_publish
+            opts.publish_ports, opts.publish_address, opts.max_publish, opts.allow_outbound_to
         )
         if opts.keep_finished < 0:
             raise ValueError("--keep-finished must not be negative")
@@ -519,6 +547,7 @@ class Tender:
                 peer_timeout=opts.peer_timeout,
                 budget=self.budget,
                 ticket_for=tickets.issue,
+                deny_outbound=self._own_addresses(opts, host, adv_host, int(peer_port)),
             )
         )
         self.manager = InstanceManager(
@@ -544,6 +573,16 @@ class Tender:
         except BaseException:
             self._stop_loop()
             raise
+
+    @staticmethod
+    def _own_addresses(
+        opts: ServeOptions, host: str, adv_host: str, peer_port: int
+    ) -> frozenset[tuple[str, int]]:
+        """This tender's ports (client, peer, metrics) on every address it has:
+        never a destination of an instance's connect out."""
+        ports = {int(opts.listen.rpartition(":")[2] or 7700), peer_port, opts.metrics_port}
+        hosts = {"127.0.0.1", host.strip("[]"), adv_host.strip("[]")} - {"", "0.0.0.0", "::"}
+        return frozenset((h, p) for h in hosts for p in ports if p)
 
     def _on_loop(self, coro):
         """Run ``coro`` on the server's event loop and return its result."""

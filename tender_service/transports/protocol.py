@@ -22,6 +22,9 @@ broker pipe id; ``arg`` is a signed 64-bit value)::
       ACCEPT      req  pipe=listener id  flags=NONBLOCK            -> PIPE_DATA
                   (a shared listener's next connection: payload JSON {"rx", "tx":
                   its two broker pipes, "peer": [ip, port]})
+      CONNECT     req  payload=JSON {"ip", "port"}                 -> PIPE_DATA
+                  (a TCP connect out of the instance, if its allow-list has it:
+                  arg=-errno, or payload JSON {"rx", "tx"}: the connection's pipes)
     supervisor -> VM
       RESULT      req  arg=value or -errno  payload=optional JSON
       PIPE_DATA   req  arg=-errno or 0  payload=bytes (empty with arg 0: EOF)
@@ -52,6 +55,7 @@ class Msg(enum.IntEnum):
     IDLE = 8
     STDIN_READ = 9
     ACCEPT = 10
+    CONNECT = 11
     RESULT = 64
     PIPE_DATA = 65
     PIPE_WROTE = 66

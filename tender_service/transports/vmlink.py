@@ -461,18 +461,36 @@ class VmLink:
         )
         if value < 0:
             raise GuestError(-value)
-        info = json.loads(payload)
+        self._connected(k, sock, payload, sock.sockaddr(local, sock.port), sock.sockaddr(ip, port))
+
+    def connect_out(self, k: Kernel, lwp: Lwp, sock: InetSocket, ip: bytes, port: int) -> None:
+        """A connect out of the instance: the supervisor makes it (if the allow-list
+        has it), the calling thread waiting for its answer."""
+        reply = self.take_reply(lwp)
+        if reply is None:
+            if not self.in_flight(lwp):  # not a restart after a signal handler
+                want = {"ip": str(ipaddress.ip_address(ip)), "port": port}
+                self.request(lwp, Msg.CONNECT, 0, payload=json.dumps(want).encode())
+            raise Block(self.wq, f"connect {sock.describe()}")
+        arg, data, _ = reply
+        if arg < 0:
+            raise GuestError(-arg)
+        local = LOOP4 if sock.family == AF_INET else LOOP6
+        name = sock.sockaddr(sock.ip if not is_any(sock.ip) else local, sock.port)
+        self._connected(k, sock, data, name, sock.sockaddr(ip, port))
+
+    def _connected(
+        self, k: Kernel, sock: InetSocket, data: bytes, name: bytes, peer: bytes
+    ) -> None:
+        """``sock`` is connected over the two pipes ``data`` names: a RemoteSocket over
+        them takes its place in every fd table and epoll set of this VM."""
+        info = json.loads(data)
         new = RemoteSocket(
-            self,
-            int(info["rx"]),
-            int(info["tx"]),
-            SOCK_STREAM,
-            sock.flags,
-            sock.family,
-            sock.sockaddr(local, sock.port),
-            sock.sockaddr(ip, port),
-        )
+            self, int(info["rx"]), int(info["tx"]), SOCK_STREAM, sock.flags, sock.family,
+            name, peer,
+        )  # fmt: skip
         new.refs = sock.refs
+        new.connect_owed = sock.nonblocking  # its connect answers EINPROGRESS
         swapped: dict[int, File] = {id(sock): new}
         for proc in k.procs.values():
             if proc.remote:

@@ -72,6 +72,8 @@ class BackendContext:
     peer_timeout: float = PEER_TIMEOUT
     budget: MemoryBudget | None = None
     ticket_for: Callable[[str, int, str], str] | None = None
+    #: host addresses an instance never connects out to (a tender's own ports)
+    deny_outbound: frozenset[tuple[str, int]] = frozenset()
     #: what backends made from this context share, by name: the one-VM modes (thread,
     #: copy) start their VMs through one fork server ("vm_host"), not a server each
     shared: dict[str, object] = field(default_factory=dict)

@@ -24,7 +24,7 @@ from tender_service.instance.backends.base import (
 )
 from tender_service.instance.observer import notify
 from tender_service.instance.pool import WarmPool
-from tender_service.instance.publish import Publisher, PublishError
+from tender_service.instance.publish import Publisher
 from tender_service.instance.supervisor import Supervisor
 from tender_service.machine.rootfs import load_image_file, select_program
 from tender_service.rump.console import Sink
@@ -80,16 +80,12 @@ class VmcloneBackend:
         self, spec: InstanceSpec, sink: Sink, observer: object | None = None
     ) -> RunningInstance:
         ctx = self.ctx
-        if spec.outbound:
-            raise PublishError(
-                "--allow-outbound is served in thread and copy mode only: a VM-clone VM's "
-                "process may not connect out (docs/semantics.md)"
-            )
         publisher = None
         try:
-            if spec.publish:  # bound now: a port in use fails the launch before any VM
-                publisher = Publisher(spec.publish)
-                notify(observer, "published", publisher.bound())  # port 0: the one bound
+            if spec.publish or spec.outbound:  # bound now: a port in use fails at once
+                publisher = Publisher(spec.publish, spec.outbound)
+                if spec.publish:
+                    notify(observer, "published", publisher.bound())  # port 0: the one bound
             # refused here, before any VM: a bad image, a program the image lacks
             boot = load_image_file(spec.image)
             select_program(boot, spec.args)
@@ -109,6 +105,7 @@ class VmcloneBackend:
                 ticket_for=ctx.ticket_for,
                 stdin=spec.stdin,
                 publisher=publisher,
+                deny_outbound=ctx.deny_outbound,
             )
         except BaseException:
             if publisher is not None:

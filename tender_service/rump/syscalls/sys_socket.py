@@ -259,6 +259,12 @@ def sys_accept(k: Kernel, lwp: Lwp, fd: int, addr: int, addrlen: int) -> int:
 
 
 def sys_connect(k: Kernel, lwp: Lwp, fd: int, addr: int, addrlen: int) -> int:
+    f = _sock(lwp, fd)
+    if not isinstance(f, UnixSocket) and f.connected:  # a connection that crossed VMs
+        if f.connect_owed:
+            f.connect_owed = False
+            return 0
+        raise GuestError(errno.EISCONN)
     s = _usock(lwp, fd)
     if isinstance(s, InetSocket):
         if not s.stream and i32(addrlen) >= 2 and k.mem.read(addr, 2) == b"\0\0":
