@@ -14,6 +14,7 @@ port outside the allowed range.
 from __future__ import annotations
 
 import http.client
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -38,6 +39,8 @@ from tender_service import protos
 pb2, _ = protos.tender()
 GUEST_PORT = 8080
 GATEWAY = "10.0.2.2"  # the host's 127.0.0.1 as a guest sees it
+#: connections opened and dropped in the storm test (UNIFORK_CONN_STORM to change)
+STORM = int(os.environ.get("UNIFORK_CONN_STORM", "10000"))
 
 
 @contextmanager
@@ -229,3 +232,36 @@ def test_a_tender_lets_a_vmclone_instance_connect_out_where_allowed(tmp_path):
         assert "lets no instance connect out" in e.details()
     finally:
         closed_tender.stop()
+
+
+def test_a_connection_storm_leaves_the_tender_serving_and_its_fds_back(tmp_path):
+    """Bad input: STORM connections opened and dropped against a published port (half
+    with a partial request): the tender still serves the instance and its other
+    calls, and its open fds come back to their count before the storm."""
+    t = Tender.start(tmp_path, "--pool", "2", "--publish-ports", "0")
+    try:
+        c = t.client()
+        iid = launch(
+            c, "prefork_http", ["-p", str(GUEST_PORT), "-w", "2"], console_pipe=True,
+            publish=publish(), **MODES["vmclone-shm"],
+        )  # fmt: skip
+        port = serve_and_check(c, iid)
+
+        def fds() -> int:
+            return len(os.listdir(f"/proc/{t.proc.pid}/fd"))
+
+        before = fds()
+        for i in range(STORM):
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                if i % 2:
+                    s.sendall(b"GET /hel")
+        assert get(port, "/hello") == (200, b"hello\n")
+        assert c.describe(iid).summary.state == "running"
+        wait_until(
+            lambda: fds() <= before, 120, "the tender's fds back to their count",
+            detail=lambda: f"before {before}, now {fds()}",
+        )  # fmt: skip
+        c.kill(iid)
+        wait(c, iid)
+    finally:
+        t.stop()
