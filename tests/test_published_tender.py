@@ -6,9 +6,9 @@ jailed VM process), so the tender binds the host port and hands each
 connection to whichever VM of the instance waits in ``accept``: on this host,
 or on a peer tender (placement remote). Real ``unifork serve`` processes
 (test_service.Tender), guest/programs/prefork_http.c, Python's http.client.
-A tender publishes nothing unless its operator allows it (``--publish-ports``);
-a thread-fork instance is refused (its VM process is jailed), and so is a host
-port outside the allowed range.
+A tender publishes nothing unless its operator allows it (``--publish-ports``),
+nor a host port outside the allowed range; a thread- or copy-fork instance's
+ports are bound by the tender and served by its jailed VM process.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import grpc
+import pytest
 from support import native, refused_port, wait_until
 from test_peering import PEER_TOKEN, TOKEN, hosts, warm
 from test_service import (
@@ -113,16 +114,22 @@ def serve_and_check(c, iid: str) -> int:
     return port
 
 
-def test_a_tender_publishes_a_vmclone_instance_and_closes_the_port_after(tmp_path):
+@pytest.mark.parametrize("mode", ["thread", "copy", "vmclone-shm"])
+def test_a_tender_publishes_an_instance_and_closes_the_port_after(tmp_path, mode: str):
+    """VM-clone: the tender's supervisor serves the port; thread and copy fork: the
+    tender binds it and hands the listening socket to the instance's jailed VM
+    process, which may accept on it (and open nothing: instance/jail.py)."""
     t = Tender.start(tmp_path, "--pool", "2", "--publish-ports", "0", token=TOKEN)
     try:
         c = t.client()
         iid = launch(
             c, "prefork_http", ["-p", str(GUEST_PORT), "-w", "3"], console_pipe=True,
-            publish=publish(), **MODES["vmclone-shm"],
+            publish=publish(), **MODES[mode],
         )  # fmt: skip
         port = serve_and_check(c, iid)
         assert len(hosts(c, iid)) == 1  # master and workers: VMs of this tender
+        if mode != "vmclone-shm":  # its VM process is jailed, with what serving needs
+            wait_until(lambda: "to serve published ports" in t.log(), 30, "the jail line")
         assert c.kill(iid)
         r = wait(c, iid)
         assert r.outcome == "killed", r
@@ -171,7 +178,7 @@ def test_a_tender_publishes_only_what_its_operator_allows(tmp_path):
     try:
         c = t.client()
         for fields, words in (
-            (dict(publish=publish(), **MODES["thread"]), "VM-clone instances only"),
+            (dict(allow_outbound=["127.0.0.1:80"], **MODES["thread"]), "VM-clone instances only"),
             (dict(publish=publish(30000), **MODES["vmclone-shm"]), "20000-20010, or 0"),
             (dict(publish=publish(20001, 0), **MODES["vmclone-shm"]), "guest_port"),
             (
@@ -234,7 +241,8 @@ def test_a_tender_lets_a_vmclone_instance_connect_out_where_allowed(tmp_path):
         closed_tender.stop()
 
 
-def test_a_connection_storm_leaves_the_tender_serving_and_its_fds_back(tmp_path):
+@pytest.mark.parametrize("mode", ["thread", "vmclone-shm"])
+def test_a_connection_storm_leaves_the_tender_serving_and_its_fds_back(tmp_path, mode: str):
     """Bad input: STORM connections opened and dropped against a published port (half
     with a partial request): the tender still serves the instance and its other
     calls, and its open fds come back to their count before the storm."""
@@ -243,7 +251,7 @@ def test_a_connection_storm_leaves_the_tender_serving_and_its_fds_back(tmp_path)
         c = t.client()
         iid = launch(
             c, "prefork_http", ["-p", str(GUEST_PORT), "-w", "2"], console_pipe=True,
-            publish=publish(), **MODES["vmclone-shm"],
+            publish=publish(), **MODES[mode],
         )  # fmt: skip
         port = serve_and_check(c, iid)
 

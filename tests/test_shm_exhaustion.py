@@ -44,7 +44,8 @@ pytestmark = pytest.mark.skipif(
 
 
 def _small_shm_tender(tmp_path) -> Tender:
-    port, mport = free_port(), free_port()
+    # the peer port too: its default (the client port + 1) is no port free_port() checked
+    port, mport, pport = free_port(), free_port(), free_port()
     log_path = tmp_path / "tender.log"
     mount = f'mount -t tmpfs -o size={SHM_SIZE} unifork-test-shm /dev/shm && exec "$@"'
     with open(log_path, "wb") as log:
@@ -64,6 +65,8 @@ def _small_shm_tender(tmp_path) -> Tender:
                 f"127.0.0.1:{port}",
                 "--metrics-port",
                 str(mport),
+                "--peer-listen",
+                f"127.0.0.1:{pport}",
                 "--pool",
                 "2",
             ],

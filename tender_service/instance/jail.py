@@ -90,6 +90,9 @@ NOBODY = 65534  # the uid and gid a root tender's VM processes take
 #: malloc arenas and thread stacks; docs/reliability.md has the measured peaks
 VM_AS_HEADROOM = 1 << 30
 VM_NOFILE = 64
+#: a VM process that serves published ports holds their host connections too (at
+#: most instance/publish.py's MAX_INFLIGHT, 512)
+VM_PUBLISH_NOFILE = 640
 WORKER_NOFILE = 16384
 
 #: the host syscalls a thread-fork VM process makes once its VM is built, measured with
@@ -136,6 +139,12 @@ VM_SYSCALLS = (
     "exit",
     "exit_group",
 )
+#: what a VM process that serves published ports (``unifork launch -p``) may do besides:
+#: accept on the listening sockets the tender handed it, move bytes on the connections,
+#: half-close them (no socket, no connect: it opens nothing new), and make an accepted
+#: socket non-blocking (ioctl FIONBIO only)
+PUBLISH_SYSCALLS = ("accept4", "recvfrom", "sendto", "shutdown")
+FIONBIO = 0x5421
 #: what a pool process may not do; everything else it may (see docs/reliability.md)
 WORKER_DENIED = (
     "execve",
@@ -321,16 +330,19 @@ def _need_seccomp() -> None:
 
 
 @functools.cache
-def vm_filter() -> bytes:
+def vm_filter(publish: bool = False) -> bytes:
     """The thread-fork VM processes' allowlist as a BPF program, compiled once (by
     libseccomp, in the fork server): each VM process then loads it with one prctl
     instead of compiling it again (~1.8 ms).  Threads may be made (clone with
     CLONE_THREAD), processes may not; clone3 says ENOSYS so that libc falls back to
-    clone, whose flags the filter can see; no signal to anyone (not even itself)."""
+    clone, whose flags the filter can see; no signal to anyone (not even itself).
+    ``publish``: also PUBLISH_SYSCALLS (a VM serving published ports)."""
     _need_seccomp()
     f = sc.SyscallFilter(sc.ERRNO(errno.EPERM))
-    for name in VM_SYSCALLS:
+    for name in (*VM_SYSCALLS, *(PUBLISH_SYSCALLS if publish else ())):
         f.add_rule(sc.ALLOW, name)
+    if publish:
+        f.add_rule(sc.ALLOW, "ioctl", sc.Arg(1, sc.EQ, FIONBIO))
     f.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, CLONE_THREAD))
     f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
     with tempfile.TemporaryFile() as out:
@@ -343,14 +355,16 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-def load_filter(report: JailReport, bpf: bytes) -> None:
+def load_filter(report: JailReport, bpf: bytes, publish: bool = False) -> None:
     """Load a compiled filter (``vm_filter``) on this thread; the process must have no
     other thread yet (the filter is inherited by the threads made after)."""
     buf = ctypes.create_string_buffer(bpf, len(bpf))
     prog = _SockFprog(len(bpf) // 8, ctypes.addressof(buf))
     if _libc().prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")
-    report.seccomp = f"allowlist of {len(VM_SYSCALLS) + 2} syscalls"
+    report.seccomp = f"allowlist of {len(VM_SYSCALLS) + 2} syscalls" + (
+        f" and {len(PUBLISH_SYSCALLS) + 1} to serve published ports" if publish else ""
+    )
 
 
 def install_denylist(report: JailReport, deny: Iterable[str]) -> None:
@@ -381,11 +395,11 @@ def install_denylist(report: JailReport, deny: Iterable[str]) -> None:
 
 
 # -- the two kinds of jailed process ------------------------------------------------------
-def jail_vm_process(report: JailReport, bpf: bytes) -> JailReport:
+def jail_vm_process(report: JailReport, bpf: bytes, publish: bool = False) -> JailReport:
     """Confine a thread-fork VM process whose VM is built and whose threads are not
     started yet (unshare needs a single thread): nobody's uid, namespaces, limits,
-    the filter ``bpf`` (``vm_filter``).  The fork server scrubbed the environment
-    before it forked this process."""
+    the filter ``bpf`` (``vm_filter``; ``publish``: it serves published ports).  The
+    fork server scrubbed the environment before it forked this process."""
     t0 = time.perf_counter()
     user = [ns for ns in NAMESPACES if ns[0] == "user"]
     if os.geteuid() == 0:  # the others while root can make them, nobody's user ns last
@@ -397,9 +411,10 @@ def jail_vm_process(report: JailReport, bpf: bytes) -> JailReport:
         unshare_namespaces(report)
     report.skipped["pid namespace"] = NO_PID_NAMESPACE
     # the VM's RAM is mapped already: what the process has now, plus the emulator's growth
-    set_limits(report, _address_space() + VM_AS_HEADROOM, VM_NOFILE)
+    nofile = VM_PUBLISH_NOFILE if publish else VM_NOFILE
+    set_limits(report, _address_space() + VM_AS_HEADROOM, nofile)
     set_no_new_privs()
-    load_filter(report, bpf)
+    load_filter(report, bpf, publish)
     report.seconds += time.perf_counter() - t0
     return report
 

@@ -22,9 +22,12 @@ destination is a non-blocking connect here, answered with ``opened``, then
 served like a published connection.
 
 A VM-clone instance uses the same thread in its supervisor, with the
-listener broker as its guest side (``instance/clone_ports.py``).  Not here
-(docs/semantics.md): a thread-fork instance of a tender's ``Launch`` (its
-jailed VM process may not accept).
+listener broker as its guest side (``instance/clone_ports.py``).  A
+thread-fork instance of a tender: the tender binds the ports and hands the
+listening sockets to the VM's process, which adopts them (it may accept on
+them, but open nothing: instance/jail.py).  Not here (docs/semantics.md):
+outbound connections of a tender's thread-fork instance (its jailed VM
+process may not connect).
 """
 
 from __future__ import annotations
@@ -135,14 +138,23 @@ class Publisher:
     thread that serves them (a ``HostLink``)."""
 
     def __init__(
-        self, mappings: Sequence[PortMapping], outbound: Sequence[OutboundRule] = ()
+        self,
+        mappings: Sequence[PortMapping],
+        outbound: Sequence[OutboundRule] = (),
+        listeners: Sequence[socket.socket] | None = None,
     ) -> None:
-        """Bind every host port now, so a port in use fails the run before it starts."""
+        """Bind every host port now, so a port in use fails the run before it starts;
+        or adopt ``listeners``, one listening socket per mapping, bound by another
+        process (a tender hands its thread-fork VM process the ports it bound)."""
         self.mappings = list(mappings)
         self.outbound = tuple(outbound)
         self._listeners: dict[int, tuple[socket.socket, PortMapping]] = {}
+        if listeners is not None:
+            for s, m in zip(listeners, self.mappings, strict=True):
+                s.setblocking(False)
+                self._listeners[s.fileno()] = (s, m)
         try:
-            for m in self.mappings:
+            for m in self.mappings if listeners is None else ():
                 family = socket.AF_INET6 if ":" in m.host_ip else socket.AF_INET
                 s = socket.socket(family, socket.SOCK_STREAM)
                 self._listeners[s.fileno()] = (s, m)
@@ -156,6 +168,10 @@ class Publisher:
         except BaseException:
             self._close_listeners()
             raise
+        # asked once, now: a jailed VM process may not call getsockname later
+        self._bound = [
+            (m.host_ip, s.getsockname()[1], m.guest_port) for s, m in self._listeners.values()
+        ]
         self._conns: dict[int, _Conn] = {}
         self._ids = itertools.count(1)
         self._commands: deque[Callable[[], None]] = deque()
@@ -172,9 +188,14 @@ class Publisher:
         self.accepted = 0
         self.opened_out = 0  # outbound connections made
 
+    def listener_fds(self) -> list[int]:
+        """The listening sockets' fds, in the order of ``mappings`` (to hand over)."""
+        by_mapping = {id(m): fd for fd, (_, m) in self._listeners.items()}
+        return [by_mapping[id(m)] for m in self.mappings]
+
     def bound(self) -> list[tuple[str, int, int]]:
         """(host IP, host port as bound, guest port) of each mapping (port 0 picks one)."""
-        return [(m.host_ip, s.getsockname()[1], m.guest_port) for s, m in self._listeners.values()]
+        return list(self._bound)
 
     @property
     def guest_ports(self) -> frozenset[int]:

@@ -290,8 +290,13 @@ class ThreadVmHost:
         sink: Sink,
         fork_observer: Callable[[float], None],
         fork: str = "thread",
+        publish: Sequence[tuple[str, int, int]] = (),
+        listeners: Sequence[int] = (),
     ) -> ThreadVm:
+        """``publish``/``listeners``: the host ports bound for the instance ((IP, port,
+        guest port) each) and their listening sockets, which the VM process serves."""
         start = dict(
+            publish=[list(m) for m in publish],
             instance_id=instance_id,
             fork=fork,
             image_path=str(image_path),
@@ -322,7 +327,8 @@ class ThreadVmHost:
                     server.vms[rid] = vm
                     try:
                         server.conn.send_bytes(request)
-                        reduction.send_handle(server.conn, theirs.fileno(), server.proc.pid)
+                        for fd in (theirs.fileno(), *listeners):
+                            reduction.send_handle(server.conn, fd, server.proc.pid)
                         break
                     except OSError as e:
                         server.vms.pop(rid, None)

@@ -12,7 +12,9 @@ guest code itself and stays single-threaded, so its forks are safe.
 
 Control connection (tender <-> server), frames of one kind byte + payload:
 
-  tender -> server  {"id", "start"} JSON, then the child's socket (SCM_RIGHTS)
+  tender -> server  {"id", "start"} JSON, then the child's socket (SCM_RIGHTS), then
+                    one listening socket per start["publish"] mapping (the ports
+                    the tender bound for the instance: the VM process serves them)
   server -> tender  F {"id", "pid"}      forked
                     X {"id", "status"}   the child ended (its raw wait status)
                     L {"name", "level", "msg"}  a log record
@@ -39,6 +41,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import struct
 import threading
 from array import array
@@ -50,6 +53,7 @@ from multiprocessing.connection import Connection
 from tender_service.instance import jail
 from tender_service.instance.childproc import setup_child
 from tender_service.instance.jail import JailReport
+from tender_service.instance.publish import PortMapping, Publisher
 from tender_service.machine.elf import parse_elf
 from tender_service.machine.errors import ImageError
 from tender_service.machine.rootfs import load_image_file
@@ -161,11 +165,19 @@ class _ChildLink:
                     return
 
 
-def run_child(conn: Connection, start: dict, level: int, jailed: JailReport | None = None) -> None:
+def run_child(
+    conn: Connection,
+    start: dict,
+    level: int,
+    jailed: JailReport | None = None,
+    listeners: Sequence[int] = (),
+) -> None:
     """Run one thread-fork VM to the end and report it (a forked child's work).
 
     ``jailed``: confine this process (instance/jail.py) once its VM is built,
-    before any thread starts; the report says what the fork server did already."""
+    before any thread starts; the report says what the fork server did already.
+    ``listeners``: the listening sockets of start["publish"], which this process
+    serves (instance/publish.py) from when its VM runs."""
     link = _ChildLink(conn)
     setup_child(
         FrameLog(link.send, f"thread-vm {os.getpid()} instance {start['instance_id']}"), level
@@ -184,9 +196,12 @@ def run_child(conn: Connection, start: dict, level: int, jailed: JailReport | No
         link.send_json(b"E", {"error": str(e)})
         return
     k.fork_observer = link.fork_time
+    publisher = _adopt(start.get("publish") or [], listeners)
     if jailed is not None:
         try:
-            log.info("%s", jail.jail_vm_process(jailed, jail.vm_filter()).line())
+            serving = publisher is not None
+            report = jail.jail_vm_process(jailed, jail.vm_filter(serving), serving)
+            log.info("%s", report.line())
         except (OSError, ImportError) as e:  # fail closed: no VM runs half-jailed
             k.close()
             link.send_json(
@@ -198,6 +213,8 @@ def run_child(conn: Connection, start: dict, level: int, jailed: JailReport | No
             )
             return
     try:
+        if publisher is not None:
+            publisher.attach(k)  # its thread starts: after the jail
         link.send_json(b"S", {"pid": os.getpid()})
         threading.Thread(
             target=link.serve_controls, args=(k,), name="controls", daemon=True
@@ -220,7 +237,18 @@ def run_child(conn: Connection, start: dict, level: int, jailed: JailReport | No
     except OSError:
         log.warning("the tender went away; VM abandoned")
     finally:
+        if publisher is not None:
+            publisher.close()
         k.close()
+
+
+def _adopt(publish: list, listeners: Sequence[int]) -> Publisher | None:
+    """The Publisher of the listening sockets the tender bound (``publish``: their
+    [host IP, host port, guest port]), or None."""
+    if not listeners:
+        return None
+    mappings = [PortMapping(int(port), int(guest), str(ip)) for ip, port, guest in publish]
+    return Publisher(mappings, listeners=[socket.socket(fileno=fd) for fd in listeners])
 
 
 # -- the fork server ------------------------------------------------------------------------
@@ -310,11 +338,12 @@ def _fork_spare(conn: Connection, level: int, jailed: JailReport | None) -> _Spa
         try:
             req = json.loads(theirs.recv_bytes(MAX_FRAME))
             fd = reduction.recv_handle(theirs)
+            listeners = [reduction.recv_handle(theirs) for _ in req["start"].get("publish", ())]
         except (EOFError, OSError):
             pass  # the server is gone before it needed this one: exit quietly
         else:
             theirs.close()
-            run_child(Connection(fd), req["start"], level, jailed)
+            run_child(Connection(fd), req["start"], level, jailed, listeners)
     except BaseException:  # noqa: BLE001 - a forked child must never return to the loop
         code = 1
         logging.getLogger(__name__).exception("thread-fork VM process failed")
@@ -322,9 +351,10 @@ def _fork_spare(conn: Connection, level: int, jailed: JailReport | None) -> _Spa
         os._exit(code)
 
 
-def _hand_over(spare: _Spare, request: bytes, fd: int) -> None:
+def _hand_over(spare: _Spare, request: bytes, fds: Sequence[int]) -> None:
     spare.conn.send_bytes(request)
-    reduction.send_handle(spare.conn, fd, spare.pid)
+    for fd in fds:  # the VM's socket, then the listeners it is to serve
+        reduction.send_handle(spare.conn, fd, spare.pid)
     spare.conn.close()
 
 
@@ -342,6 +372,7 @@ def serve(conn: Connection, level: int, jailed: bool = True) -> None:
     else:
         try:
             jail.vm_filter()  # compiled once, here: the VM processes inherit it (a cache)
+            jail.vm_filter(publish=True)
         except OSError as e:
             log.error("no seccomp filter for VM processes (%s): they will refuse to run", e)
     warm_up()
@@ -365,15 +396,17 @@ def serve(conn: Connection, level: int, jailed: bool = True) -> None:
             continue
         try:
             request = conn.recv_bytes(MAX_FRAME)
-            fd = reduction.recv_handle(conn)
+            req = json.loads(request)
+            fds = [
+                reduction.recv_handle(conn) for _ in range(1 + len(req["start"].get("publish", ())))
+            ]
         except (EOFError, OSError):
             return
-        req = json.loads(request)
         _parse_ahead(req["start"]["image_path"])
         for _ in range(2):  # a spare that died meanwhile: fork another
             try:
                 spare = spare or _fork_spare(conn, level, report)
-                _hand_over(spare, request, fd)
+                _hand_over(spare, request, fds)
             except OSError as e:
                 log.warning("spare VM process unusable (%s): forking another", e)
                 spare = None
@@ -384,7 +417,8 @@ def serve(conn: Connection, level: int, jailed: bool = True) -> None:
             break
         else:
             conn.send_bytes(b"X" + json.dumps({"id": req["id"], "status": -1}).encode())
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
 
 
 def _parse_ahead(path: str) -> None:

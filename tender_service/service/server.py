@@ -352,10 +352,9 @@ class TenderServicer:
             pb2.PLACEMENT_LOCAL,
         ):
             return "placement: only VM-clone instances place VMs on other hosts"
-        one_vm = self.m.backends[fork_mode_name(pb2, req.fork_mode)].one_vm
-        if (req.publish or req.allow_outbound) and one_vm:
-            # its VM's process is jailed: it may not accept or connect (docs/semantics.md)
-            return "publish, allow_outbound: served for VM-clone instances only by a tender"
+        if req.allow_outbound and self.m.backends[fork_mode_name(pb2, req.fork_mode)].one_vm:
+            # its VM's process is jailed: it may not connect (docs/semantics.md)
+            return "allow_outbound: served for VM-clone instances only by a tender"
         return self.publish.check(req.publish) or self.publish.check_outbound(req.allow_outbound)
 
     def _lookup(self, instance_id: str):

@@ -124,10 +124,10 @@ class ThreadBackend:
     ) -> RunningInstance:
         held = _Held(self.budget, spec.reserved)
         config = spec.config or VmConfig()
-        if (spec.publish or spec.outbound) and self.host is not None:
+        if spec.outbound and self.host is not None:
             raise PublishError(
-                "a tender does not publish ports or connect out: its jailed VM process may "
-                "not accept or connect (unifork run --publish/--allow-outbound serve them)"
+                "a tender's thread- or copy-fork instance does not connect out: its jailed "
+                "VM process may not (VM-clone instances do; unifork run --allow-outbound too)"
             )
         try:
             if self.host is None:
@@ -158,8 +158,13 @@ class ThreadBackend:
                 if publisher is not None:
                     publisher.attach(k)
                 return InProcessVm(k, held, publisher=publisher)
+            # published ports: bound here (a port in use fails the launch), served by the
+            # VM's process, which gets the listening sockets (ours are closed after)
+            ports = Publisher(spec.publish) if spec.publish else None
             notify(observer, "vm_started")
             try:
+                if ports is not None:
+                    notify(observer, "published", ports.bound())
                 vm = self.host.launch(
                     spec.instance_id or "",
                     str(spec.image),
@@ -170,10 +175,15 @@ class ThreadBackend:
                     sink,
                     lambda s: notify(observer, "fork_done", s, 0, False),
                     fork=self.mode,
+                    publish=ports.bound() if ports is not None else (),
+                    listeners=ports.listener_fds() if ports is not None else (),
                 )
             except BaseException:
                 notify(observer, "vm_ended")
                 raise
+            finally:
+                if ports is not None:
+                    ports.close()
             return HostedVm(vm, held, observer)
         except BaseException:
             held.release()
