@@ -151,8 +151,12 @@ def open_host(monkeypatch, secret_env) -> Iterator[ThreadVmHost]:
     yield from _probe_host(monkeypatch, False)
 
 
-def _run_probe(host: ThreadVmHost) -> tuple[ThreadVm, CaptureSink, list[RunResult]]:
+def _run_probe(
+    host: ThreadVmHost, listener: socket.socket | None = None
+) -> tuple[ThreadVm, CaptureSink, list[RunResult]]:
+    """``listener``: the VM process serves it as a published port (its wider filter)."""
     sink = CaptureSink()
+    publish = [("127.0.0.1", listener.getsockname()[1], 80)] if listener is not None else []
     vm = host.launch(
         "jail-test",
         str(image_path("hello")),
@@ -162,6 +166,8 @@ def _run_probe(host: ThreadVmHost) -> tuple[ThreadVm, CaptureSink, list[RunResul
         "hello",
         sink,
         lambda s: None,
+        publish=publish,
+        listeners=[listener.fileno()] if listener is not None else [],
     )
     out: list[RunResult] = []
     threading.Thread(target=lambda: out.append(vm.wait()), daemon=True).start()
@@ -216,6 +222,25 @@ def test_a_jailed_vm_process_cannot_reach_the_host(jailed_host, secret_env):
     finally:
         _end(vm, out)
     assert out[0].outcome == "exited"
+
+
+def test_a_vm_process_serving_published_ports_still_opens_nothing(jailed_host, secret_env):
+    """With published ports (a tender's thread-fork instance launched with publish)
+    the filter also allows accept4, recvfrom, sendto, shutdown, ioctl(FIONBIO) and
+    640 fds: every other host call is refused as before, socket() included."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        vm, sink, out = _run_probe(jailed_host, listener)
+    try:
+        got = _results(sink)
+        for name in ("open", "stat", "socket_inet", "socket_unix", "fork", "execv", "kill_init"):
+            assert got[name] == "EPERM", (name, got)
+        limits = Path(f"/proc/{vm.os_pid}/limits").read_text()
+        assert next(r for r in limits.splitlines() if "open files" in r).split()[3:5] == [
+            "640",
+            "640",
+        ]
+    finally:
+        _end(vm, out)
 
 
 def test_unjailed_the_same_probe_reaches_the_host(open_host, secret_env):
