@@ -101,6 +101,12 @@ def refuses(port: int) -> bool:
     return False
 
 
+def launch_prefork(c, workers: int, **fields) -> str:
+    """prefork_http with ``workers`` workers, its port published (a port the host picks)."""
+    args = ["-p", str(GUEST_PORT), "-w", str(workers)]
+    return launch(c, "prefork_http", args, console_pipe=True, publish=publish(), **fields)
+
+
 def serve_and_check(c, iid: str) -> int:
     """prefork_http is up behind the published port: it answers as it does natively
     (test_published.py compares it byte for byte); the port."""
@@ -122,10 +128,7 @@ def test_a_tender_publishes_an_instance_and_closes_the_port_after(tmp_path, mode
     t = Tender.start(tmp_path, "--pool", "2", "--publish-ports", "0", token=TOKEN)
     try:
         c = t.client()
-        iid = launch(
-            c, "prefork_http", ["-p", str(GUEST_PORT), "-w", "3"], console_pipe=True,
-            publish=publish(), **MODES[mode],
-        )  # fmt: skip
+        iid = launch_prefork(c, 3, **MODES[mode])
         port = serve_and_check(c, iid)
         assert len(hosts(c, iid)) == 1  # master and workers: VMs of this tender
         if mode != "vmclone-shm":  # its VM process is jailed, with what serving needs
@@ -151,10 +154,7 @@ def test_workers_on_a_peer_serve_the_published_port(tmp_path):
             warm(a)
             warm(b)
             c = a.client()
-            iid = launch(
-                c, "prefork_http", ["-p", str(GUEST_PORT), "-w", "2"], console_pipe=True,
-                publish=publish(), placement=pb2.PLACEMENT_REMOTE, **MODES["vmclone-tcp"],
-            )  # fmt: skip
+            iid = launch_prefork(c, 2, placement=pb2.PLACEMENT_REMOTE, **MODES["vmclone-tcp"])
             serve_and_check(c, iid)
             assert hosts(c, iid) == {b.target}, c.describe(iid)
             c.kill(iid)
@@ -249,10 +249,7 @@ def test_a_connection_storm_leaves_the_tender_serving_and_its_fds_back(tmp_path,
     t = Tender.start(tmp_path, "--pool", "2", "--publish-ports", "0")
     try:
         c = t.client()
-        iid = launch(
-            c, "prefork_http", ["-p", str(GUEST_PORT), "-w", "2"], console_pipe=True,
-            publish=publish(), **MODES[mode],
-        )  # fmt: skip
+        iid = launch_prefork(c, 2, **MODES[mode])
         port = serve_and_check(c, iid)
 
         def fds() -> int:

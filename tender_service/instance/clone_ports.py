@@ -1,22 +1,25 @@
-"""Published ports of a VM-clone instance: host clients into the listener broker.
+"""The host side of a VM-clone instance: published ports and outbound connections.
 
-``unifork run --fork vmclone --publish HOST:GUEST``: the supervisor (in the
-launching process or the tender) owns the host port; ``instance/publish.py``'s
-``Publisher`` accepts there and moves bytes, as for a one-VM instance.  What
-differs is the guest side.  A one-VM instance hands each connection to its
-kernel (``rump/published.py``); here the listener is shared by the VMs of
-the instance (``transports/listeners.py``), so each host connection becomes
-two broker pipes, one per direction, queued on the listener of its guest
-port; whichever VM's ``accept`` takes it reads and writes those pipes
-(``transports/remote_socket.py``), on this host or another.
+``unifork run --fork vmclone --publish HOST:GUEST`` (or a tender's Launch):
+the supervisor (in the launching process, or the tender) owns the host port;
+``instance/publish.py``'s ``Publisher`` accepts there and moves bytes, as for
+a one-VM instance.  What differs is the guest side.  A one-VM instance hands
+each connection to its kernel (``rump/published.py``); here every listener
+is the instance's (``transports/listeners.py``), so each host connection
+becomes two broker pipes, one per direction, queued on the listener of its
+guest port; whichever VM's ``accept`` takes it reads and writes those pipes
+(``transports/remote_socket.py``), on this host or another.  An allowed
+outbound connect (``--allow-outbound``) is made by the same Publisher thread
+and handed to the connecting VM the same way (``dial``).
 
-This side holds the host's end of both pipes (holder ``HOST``), as a
-guest's connect holds the client's ends.  Flow control is one chunk at a time each way: the next chunk is read
-from the host once the broker took the last one (the pipe's 64 KiB is the
-guest's receive buffer), and the next read of the guest's pipe is made once
-the host socket took what it gave.  Everything here runs under the
-supervisor's lock: from the Publisher's thread (its events) or a VM's
-thread (the broker's replies); what it tells the Publisher is queued there.
+This side holds the host's end of both pipes (holder ``HOST``), as a guest's
+connect holds the client's ends.  Flow control is one chunk at a time each
+way: the next chunk is read from the host once the broker took the last one
+(the pipe's 64 KiB is the guest's receive buffer), and the next read of the
+guest's pipe is made once the host socket took what it gave.  Everything
+here runs under the supervisor's lock: from the Publisher's thread (its
+events) or a VM's thread (the broker's replies); what it tells the Publisher
+is queued there.
 """
 
 from __future__ import annotations

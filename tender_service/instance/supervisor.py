@@ -196,9 +196,9 @@ class Supervisor:
         self._memory_refused = False
         self.token = uuid.uuid4().hex
         self.broker = PipeBroker()
-        #: TCP listeners the instance's VMs share (a published port's, an inherited one)
+        #: every TCP listener of the instance's VMs (their queues: transports/listeners.py)
         self.listen_broker = ListenerBroker(self.broker)
-        #: ``--publish``: the host ports, served into the listener broker (closed by close)
+        #: ``--publish``/``--allow-outbound``: the host side, served into the brokers
         self.publisher = publisher
         self.ports: ClonePorts | None = None
         #: the instance's one file system, which every VM's kernel calls (issue 14)

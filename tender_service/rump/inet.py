@@ -90,9 +90,8 @@ class InetSocket(UnixSocket):
         #: connect, or a blocking one's restart, returns 0 or the error, once)
         self.dialing = 0
         self.dial_owed = False
-        #: VM-clone: a listener shared by the VMs of the instance (a published port, or
-        #: inherited by a child VM): its id in the supervisor, whose queue it accepts
-        #: from once this VM's own queue is empty (0: this VM's alone)
+        #: VM-clone: every TCP listener is the instance's (transports/listeners.py): its
+        #: id in the supervisor, which holds its queue (0: this kernel's alone)
         self.shared = 0
         self._shared_ready = False
 
@@ -212,8 +211,8 @@ class InetSocket(UnixSocket):
         self._changed(k)
 
     def accept_conn(self, k: Kernel, lwp: Lwp) -> Socket:
-        """A shared listener asks the supervisor once what was queued here before it
-        was shared is taken (every connect to it goes there since)."""
+        """A shared listener's connections wait in the supervisor (every connect to it
+        goes there: ``connect_inet``)."""
         if not self.shared or k.remote is None or self.pending:
             return super().accept_conn(k, lwp)
         return k.remote.accept_shared(k, lwp, self)
@@ -247,6 +246,8 @@ class InetSocket(UnixSocket):
         s.ip, s.port, s.name = ip, port, s.sockaddr(ip, port)
         s.backlog = min(max(int(state["backlog"]), 0), SOMAXCONN)
         s.listening, s.shared = True, int(state["lid"])
+        if s.shared <= 0:
+            raise ValueError("bad listener id")
         return s
 
     def connect_inet(self, k: Kernel, lwp: Lwp, ip: bytes, port: int) -> int:
