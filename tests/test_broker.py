@@ -872,3 +872,90 @@ class BrokerVsModel(RuleBasedStateMachine):
 
 BrokerVsModel.TestCase.settings = settings(max_examples=300, stateful_step_count=50, deadline=None)
 test_broker_matches_the_model = BrokerVsModel.TestCase
+
+
+# -- attachments (SCM_RIGHTS across VMs) ------------------------------------------------
+def wrf(b: PipeBroker, pipe: int, holder: int, data: bytes, files, nonblock: bool = False) -> Req:
+    r = Req()
+    b.write(pipe, holder, data, nonblock, r.on_write, files)
+    return r
+
+
+class FilesReq(Req):
+    def on_read(self, value: bytes | int, files=None) -> None:  # type: ignore[override]
+        self.replies.append((value, files))
+
+
+def rdf(b: PipeBroker, pipe: int, holder: int, n: int, nonblock: bool = False) -> FilesReq:
+    r = FilesReq()
+    b.read(pipe, holder, n, nonblock, r.on_read)
+    return r
+
+
+def test_mark_is_a_barrier_as_unix7_says() -> None:
+    """unix(7): 4 bytes, then 1 byte with files, then 4 bytes; reads of 20 get 5 bytes
+    with the files, then 4 bytes."""
+    b = PipeBroker()
+    p = b.create(A)
+    assert wr(b, p, A, b"abcd").value == (4, False)
+    assert wrf(b, p, A, b"e", ["f1"]).value == (1, False)
+    assert wr(b, p, A, b"fghi").value == (4, False)
+    assert rdf(b, p, A, 20).value == (b"abcde", ["f1"])
+    assert rdf(b, p, A, 20).value == (b"fghi", None)
+
+
+def test_two_marks_never_in_one_read() -> None:
+    b = PipeBroker()
+    p = b.create(A)
+    wrf(b, p, A, b"xy", ["f1"])
+    wrf(b, p, A, b"z", ["f2"])
+    assert rdf(b, p, A, 1).value == (b"x", ["f1"])  # files with the first byte
+    # the rest of that write is plain now: a read glues it to the next mark's bytes
+    assert rdf(b, p, A, 10).value == (b"yz", ["f2"])
+    wrf(b, p, A, b"u", ["f3"])
+    wrf(b, p, A, b"v", ["f4"])
+    assert rdf(b, p, A, 10).value == (b"u", ["f3"])  # stops at the end of a mark
+
+
+def test_mark_on_the_first_piece_of_a_large_write() -> None:
+    b = PipeBroker()
+    p = b.create(A)
+    big = bytes(PIPE_CAPACITY + 10)
+    w = wrf(b, p, A, big, ["f"])
+    assert not w.answered
+    first = rdf(b, p, A, PIPE_CAPACITY * 2).value
+    assert first == (bytes(PIPE_CAPACITY), ["f"])
+    assert w.value == (len(big), False)
+    assert rdf(b, p, A, 100).value == (bytes(10), None)
+
+
+def test_marked_bytes_discarded_release_their_files() -> None:
+    gone: list = []
+    b = PipeBroker(discard=gone.append)
+    p = b.create(A)
+    wrf(b, p, A, b"data", ["f1"])
+    b.close(p, A, "r")
+    assert gone == [["f1"]]
+
+
+def test_failed_write_keeps_files_with_the_writer() -> None:
+    gone: list = []
+    b = PipeBroker(discard=gone.append)
+    p = b.create(A, readers=0, writers=1)
+    assert wrf(b, p, A, b"x", ["f"]).value == (EPIPE, True)
+    q = b.create(A)
+    fill(b, q, A, PIPE_CAPACITY)
+    assert wrf(b, q, A, b"x", ["g"], nonblock=True).value == (EAGAIN, False)
+    assert gone == []  # a non-positive count: the caller releases them
+
+
+def test_parked_write_with_files_of_a_dead_holder_is_discarded() -> None:
+    gone: list = []
+    b = PipeBroker(discard=gone.append)
+    p = b.create(A)
+    b.add_refs(p, B, 1, 1)
+    fill(b, p, A, PIPE_CAPACITY)
+    w = wrf(b, p, B, b"x", ["f"])
+    b.drop_holder(B)
+    assert not w.answered and gone == [["f"]]
+    assert b.holds(p, A, "r") and not b.holds(p, B, "w")

@@ -27,6 +27,16 @@ counts as a reader or writer while it waits, as an in-flight syscall keeps its
 file open on Linux: another thread of the VM closing the fd meanwhile does not
 turn the pipe into EOF or EPIPE under it. Replies go out after the broker's
 state is consistent, so a reply callback may call the broker again.
+
+A write may carry *attachments* (the files of an SCM_RIGHTS message sent on a
+socket whose directions are broker pipes), opaque to the broker: they mark the
+bytes the write's first piece put in the buffer, as Linux's unix stream socket
+keeps them on that piece's skb.  A read reaching a mark's first byte returns
+its files with the data (the second argument of its reply) and stops at the
+mark's last byte; so no read ever returns two marks' files.  Marked bytes that
+nobody can read any more (the last reader gone) hand their files to
+``discard``, as do writes with files dropped unanswered; a write's files are
+the broker's only once it has put at least one byte in (a positive count).
 """
 
 from __future__ import annotations
@@ -46,8 +56,9 @@ log = logging.getLogger(__name__)
 POLL_IN, POLL_OUT, POLL_ERR, POLL_HUP = 0x41, 0x104, 0x8, 0x10
 
 Holder: TypeAlias = int
-ReadReply: TypeAlias = Callable[[bytes | int], None]
-"""Called with the bytes read (``b""`` = EOF, or a 0-byte read) or ``-errno``."""
+ReadReply: TypeAlias = Callable[..., None]
+"""Called with the bytes read (``b""`` = EOF, or a 0-byte read) or ``-errno``; when
+the bytes carry a mark, with its files as the second argument."""
 WriteReply: TypeAlias = Callable[[int, bool], None]
 """Called with (bytes written or ``-errno``, raise SIGPIPE in the writer)."""
 
@@ -78,10 +89,20 @@ class _ParkedWrite:
     data: bytes
     reply: WriteReply
     done: int = 0
+    files: Any = None  # attachments of the first byte (see the module docstring)
 
     @property
     def complete(self) -> bool:
         return self.done == len(self.data)
+
+
+@dataclass
+class _Mark:
+    """Files attached to the stream bytes [start, end) (offsets since the pipe began)."""
+
+    start: int
+    end: int
+    files: Any
 
 
 @dataclass
@@ -91,6 +112,8 @@ class _Pipe:
     refs: dict[Holder, _Refs] = field(default_factory=dict)
     reads: deque[_ParkedRead] = field(default_factory=deque)
     writes: deque[_ParkedWrite] = field(default_factory=deque)
+    head: int = 0  # stream offset of buf[0]
+    marks: deque[_Mark] = field(default_factory=deque)
 
     @property
     def has_readers(self) -> bool:
@@ -114,7 +137,9 @@ class _Counters:
 class PipeBroker:
     """All shared pipes of one instance, with their holders' refs and parked requests."""
 
-    def __init__(self) -> None:
+    def __init__(self, discard: Callable[[Any], None] | None = None) -> None:
+        #: called (after the state is consistent) with the files of marks nobody can read
+        self.discard = discard
         self._pipes: dict[int, _Pipe] = {}
         self._next_id = 1
         self._counters = _Counters()
@@ -182,9 +207,18 @@ class PipeBroker:
         self._refs_changed(p)
         self._flush()
 
+    def holds(self, pipe: int, holder: Holder, end: str) -> bool:
+        """Whether ``holder`` has a ref of ``end`` ("r" or "w") of ``pipe``."""
+        p = self._pipes.get(pipe)
+        refs = p.refs.get(holder) if p is not None else None
+        return refs is not None and (refs.readers if end == "r" else refs.writers) > 0
+
     def drop_holder(self, holder: Holder) -> None:
         """``holder``'s VM is gone: forget its parked requests unanswered and release all its refs."""
         for p in list(self._pipes.values()):
+            for w in p.writes:
+                if w.holder == holder and not w.done and w.files is not None:
+                    self._discard(w.files)  # never put in: still the writer's
             p.reads = deque(r for r in p.reads if r.holder != holder)
             p.writes = deque(w for w in p.writes if w.holder != holder)
             p.refs.pop(holder, None)
@@ -217,7 +251,7 @@ class PipeBroker:
         elif n == 0:
             self._send(reply, b"")
         elif not p.reads and (p.buf or not p.has_writers):
-            self._send(reply, self._take(p, n, room))  # b"" here is EOF
+            self._send(reply, *self._take(p, n, room))  # b"" here is EOF
         elif nonblock:
             self._send(reply, -errno.EAGAIN)
         else:
@@ -227,9 +261,18 @@ class PipeBroker:
         self._flush()
 
     def write(
-        self, pipe: int, holder: Holder, data: bytes, nonblock: bool, reply: WriteReply
+        self,
+        pipe: int,
+        holder: Holder,
+        data: bytes,
+        nonblock: bool,
+        reply: WriteReply,
+        files: Any = None,
     ) -> None:
-        """Write ``data``: atomically if it is at most PIPE_BUF bytes, completely unless nonblocking."""
+        """Write ``data``: atomically if it is at most PIPE_BUF bytes, completely unless nonblocking.
+
+        ``files``: attachments of its first byte (the broker's once the reply count
+        is positive; the caller's to release otherwise)."""
         p = self._pipes.get(pipe)
         refs = p.refs.get(holder) if p is not None else None
         if p is None or refs is None or refs.writers == 0:
@@ -242,9 +285,9 @@ class PipeBroker:
             if nonblock:
                 self._send(reply, -errno.EAGAIN, False)
             else:
-                p.writes.append(_ParkedWrite(holder, bytes(data), reply))
+                p.writes.append(_ParkedWrite(holder, bytes(data), reply, files=files))
         else:
-            w = _ParkedWrite(holder, bytes(data), reply)
+            w = _ParkedWrite(holder, bytes(data), reply, files=files)
             self._put(p, w)
             if w.complete:
                 self._send(reply, w.done, False)
@@ -295,15 +338,23 @@ class PipeBroker:
 
     # -- internals ----------------------------------------------------------
 
-    def _take(self, p: _Pipe, n: int, room: int | None = None) -> bytes | int:
-        """Remove up to ``n`` bytes from the front of the buffer (-EFAULT, taking
-        nothing, if more than ``room`` would come)."""
+    def _take(self, p: _Pipe, n: int, room: int | None = None) -> tuple[Any, ...]:
+        """The reply of a read: up to ``n`` bytes from the front of the buffer, with
+        the files of a mark it reaches (stopping at that mark's end); -EFAULT,
+        taking nothing, if more than ``room`` would come."""
+        mark = p.marks[0] if p.marks and p.marks[0].start < p.head + n else None
+        if mark is not None:
+            n = min(n, mark.end - p.head)
         if room is not None and min(n, len(p.buf)) > room:
-            return -errno.EFAULT
+            return (-errno.EFAULT,)
         data = bytes(p.buf[:n])
         del p.buf[:n]
+        p.head += len(data)
         self._counters.bytes_read += len(data)
-        return data
+        if mark is None or not data:
+            return (data,)
+        p.marks.popleft()
+        return (data, mark.files)
 
     def _put(self, p: _Pipe, w: _ParkedWrite) -> int:
         """Move what may go of ``w`` into the buffer: all or nothing up to PIPE_BUF, else what fits."""
@@ -313,6 +364,9 @@ class PipeBroker:
         if len(w.data) <= PIPE_BUF and take < left:
             take = 0  # atomic: all at once or not yet
         if take:
+            if not w.done and w.files is not None:
+                end = p.head + len(p.buf)
+                p.marks.append(_Mark(end, end + take, w.files))
             p.buf += w.data[w.done : w.done + take]
             w.done += take
             self._counters.bytes_written += take
@@ -323,11 +377,14 @@ class PipeBroker:
         while True:
             while p.reads and (p.buf or not p.has_writers):
                 r = p.reads.popleft()
-                self._send(r.reply, self._take(p, r.n, r.room))  # b"" here is EOF
+                self._send(r.reply, *self._take(p, r.n, r.room))  # b"" here is EOF
             if not p.has_readers:
                 if p.buf:  # nobody can ever read it
                     self._counters.bytes_discarded += len(p.buf)
+                    p.head += len(p.buf)
                     p.buf.clear()
+                    while p.marks:
+                        self._discard(p.marks.popleft().files)
                 while p.writes:
                     w = p.writes.popleft()
                     self._send(w.reply, w.done or -errno.EPIPE, True)
@@ -348,6 +405,10 @@ class PipeBroker:
             assert not p.reads and not p.writes, "settle answers everything once no refs remain"
             del self._pipes[p.id]
             log.debug("pipe %d released by all holders", p.id)
+
+    def _discard(self, files: Any) -> None:
+        if self.discard is not None:
+            self._send(self.discard, files)
 
     def _send(self, reply: Callable[..., None], *args: Any) -> None:
         self._outbox.append((reply, args))
