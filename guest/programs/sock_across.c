@@ -3,12 +3,13 @@
  *
  * Natively and in thread fork (one kernel) everything works: the child
  * connects to a name its parent bound, accepts that connection on the
- * listening socket it inherited, and passes an fd to its parent over a
- * socketpair.  In VM-clone mode the child is another VM: the name is not
- * there (ECONNREFUSED), the inherited listening socket is EOPNOTSUPP, files
- * do not cross VMs (EOPNOTSUPP), while the socketpair's bytes do
- * (docs/semantics.md, "Sockets").  The child prints with write(2) and the
- * parent only after waiting for it, so the order is fixed.
+ * listening socket it inherited, and passes a pipe's read end to its parent
+ * over a socketpair (the parent reads the byte the child wrote into it).  In
+ * VM-clone mode the child is another VM: the name is not there
+ * (ECONNREFUSED), the inherited listening socket is EOPNOTSUPP, while the
+ * socketpair's bytes and the fd passed with SCM_RIGHTS cross as natively
+ * (docs/semantics.md, "Across fork").  The child prints with write(2) and
+ * the parent only after waiting for it, so the order is fixed.
  */
 #define PROG "sock_across"
 #include "guest_common.h"
@@ -73,6 +74,7 @@ int main(void)
 		cm->cmsg_type = SCM_RIGHTS;
 		cm->cmsg_len = CMSG_LEN(sizeof(int));
 		memcpy(CMSG_DATA(cm), &p[0], sizeof(int));
+		write_full(p[1], "x", 1);
 		set_errno(0);
 		line("child: sendmsg SCM_RIGHTS", sendmsg(sv[1], &m, 0));
 		set_errno(0);
@@ -81,6 +83,34 @@ int main(void)
 	}
 	close(sv[1]);
 	waitpid(pid, &st, 0);
+	{
+		struct msghdr m = {0};
+		struct iovec iov = {buf, 1};
+		union {
+			char b[CMSG_SPACE(sizeof(int))];
+			struct cmsghdr align;
+		} u;
+		struct cmsghdr *cm;
+		int fd = -1;
+
+		m.msg_iov = &iov;
+		m.msg_iovlen = 1;
+		m.msg_control = u.b;
+		m.msg_controllen = sizeof u.b;
+		set_errno(0);
+		line("parent: recvmsg", recvmsg(sv[0], &m, MSG_DONTWAIT));
+		cm = CMSG_FIRSTHDR(&m);
+		if (cm && cm->cmsg_type == SCM_RIGHTS)
+			memcpy(&fd, CMSG_DATA(cm), sizeof(int));
+		close(p[0]);
+		close(p[1]);
+		buf[0] = '?';
+		line("parent: read the passed pipe end", fd >= 0 ? read(fd, buf, 1) : -1);
+		buf[1] = 0;
+		say("parent: it holds ");
+		say(buf);
+		say("\n");
+	}
 	set_errno(0);
 	line("parent: recv", recv(sv[0], buf, sizeof buf, MSG_DONTWAIT));
 	printf("child %s\ndone\n", describe_status(st));

@@ -318,7 +318,7 @@ def _restore_into(
         fid = int(e["file"])
         f = made.get(fid)
         if f is None:
-            f = made[fid] = _make_file(e["state"], make_file)
+            f = made[fid] = file_from_state(e["state"], make_file)
         fds.install(f, bool(e["cloexec"]), fd=int(e["fd"]))
     for f in made.values():
         if isinstance(f, InetSocket):  # a shared listener: its port in the child's table
@@ -329,7 +329,9 @@ def _restore_into(
     return k
 
 
-def _make_file(state: dict, make_file: FileFactory) -> File:
+def file_from_state(state: dict, make_file: FileFactory) -> File:
+    """The file ``file_state`` described (remote kinds: ``make_file``'s); a shared
+    listener's port is still to be registered in its kernel."""
     if not isinstance(state, dict):
         raise SnapshotError("an fd's state is not an object")
     kind = state.get("kind")

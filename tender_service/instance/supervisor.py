@@ -55,10 +55,13 @@ from tender_service.transports.fs_host import FsHost
 from tender_service.transports.listeners import Connection, ListenerBroker
 from tender_service.transports.protocol import (
     END_READ,
+    FILES,
     NONBLOCK,
     SIGNAL_INFO,
     SIGPIPE_FLAG,
     Msg,
+    pack_files,
+    unpack_files,
 )
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,10 @@ _REQUESTS: dict[int, str] = {
 
 INIT_PID = 1
 MAIN_PID = 2
+#: the holder of files in SCM_RIGHTS messages that no VM has read yet (never a pid)
+IN_FLIGHT = -1
+#: file kinds every VM has of its own (nothing in the supervisor to hold)
+_LOCAL_KINDS = {"console", "null", "zero", "urandom"}
 _DATA_OPS = {"pipe_create", "fs", "fs_raw", "fs_write", "proc_comm", "listen_connect"}
 #: places tried for a VM; each try is another place (a dead one is marked down), so no
 #: backoff: waiting would only delay the launch
@@ -195,7 +202,7 @@ class Supervisor:
         self.budget = budget
         self._memory_refused = False
         self.token = uuid.uuid4().hex
-        self.broker = PipeBroker()
+        self.broker = PipeBroker(discard=lambda states: self._release_files(IN_FLIGHT, states))
         #: every TCP listener of the instance's VMs (their queues: transports/listeners.py)
         self.listen_broker = ListenerBroker(self.broker)
         #: ``--publish``/``--allow-outbound``: the host side, served into the brokers
@@ -680,11 +687,18 @@ class Supervisor:
                 log.warning("instance %s: unexpected message %d from pid %d", self.id, t, rec.pid)
 
     def _pipe_read(self, rec: ProcRec, f: Frame) -> None:
-        """A VM reads a brokered pipe: the data (or -errno) goes back when there is some."""
+        """A VM reads a brokered pipe: the data (or -errno) goes back when there is some,
+        with the files it carries (their refs become the reader's)."""
         room = int.from_bytes(f.payload, "little") if len(f.payload) == 8 else None
 
-        def read(res: bytes | int, req: int = f.req) -> None:
-            self._send(rec, _data_frame(req, res))
+        def read(res: bytes | int, states: list[dict] | None = None, req: int = f.req) -> None:
+            if states is None or isinstance(res, int):
+                self._send(rec, _data_frame(req, res))
+                return
+            if not self._hold_files(IN_FLIGHT, rec.pid, states):  # cannot fail: held
+                log.warning("instance %s: files in flight lost their refs", self.id)
+            self._release_files(IN_FLIGHT, states)
+            self._send(rec, Frame(Msg.PIPE_DATA, FILES, req, 0, 0, pack_files(states, res)))
 
         self.broker.read(f.pipe, rec.pid, f.arg, bool(f.flags & NONBLOCK), read, room)
 
@@ -700,15 +714,79 @@ class Supervisor:
         return int(self.stdin.tty)
 
     def _pipe_write(self, rec: ProcRec, f: Frame) -> None:
-        """A VM writes a brokered pipe: the count (and SIGPIPE) goes back once written."""
+        """A VM writes a brokered pipe: the count (and SIGPIPE) goes back once written.
+
+        Files (SCM_RIGHTS on a socket across VMs) ride on the write's first byte:
+        the pipe holds refs of them (``IN_FLIGHT``) from now until a reader gets
+        them or nobody can; the writer's own refs are its to close."""
         t0 = time.perf_counter()
+        data, states = f.payload, None
+        if f.flags & FILES:
+            try:
+                states, data = unpack_files(f.payload)
+            except ValueError:
+                self._send(rec, Frame(Msg.PIPE_WROTE, 0, f.req, 0, -errno.EINVAL, b""))
+                return
+            if not self._hold_files(rec.pid, IN_FLIGHT, states):
+                self._send(rec, Frame(Msg.PIPE_WROTE, 0, f.req, 0, -errno.EBADF, b""))
+                return
 
         def wrote(n: int, sig: bool, req: int = f.req) -> None:
+            if states is not None and n <= 0:  # not in the pipe: the refs go back
+                self._release_files(IN_FLIGHT, states)
             if n > 0 and self._on_pipe_write is not None:
                 self._on_pipe_write(n, time.perf_counter() - t0)
             self._send(rec, Frame(Msg.PIPE_WROTE, SIGPIPE_FLAG if sig else 0, req, 0, n, b""))
 
-        self.broker.write(f.pipe, rec.pid, f.payload, bool(f.flags & NONBLOCK), wrote)
+        self.broker.write(f.pipe, rec.pid, data, bool(f.flags & NONBLOCK), wrote, states)
+
+    # -- files in flight (SCM_RIGHTS across VMs) -----------------------------------------
+    def _hold_files(self, src: int, dst: int, states: list[dict]) -> bool:
+        """Give ``dst`` one ref of each file ``states`` describes, each of which
+        ``src`` must hold (else nothing is taken: False).  Holders are VM pids and
+        ``IN_FLIGHT``; unlike ``_op_pipe_refs`` and its kind, this serves no VM's
+        request for another pid, so the fork checks do not apply."""
+        taken: list[dict] = []
+        for st in states:
+            if not self._hold_file(src, dst, st):
+                self._release_files(dst, taken)
+                return False
+            taken.append(st)
+        return True
+
+    def _hold_file(self, src: int, dst: int, st: dict) -> bool:
+        try:
+            kind = st.get("kind")
+            if kind in _LOCAL_KINDS:
+                return True
+            if kind == "fsfile":
+                return self.fs.hold(src, int(st["ofd"]), dst) == 0
+            if kind == "inet_listener":
+                lid = int(st["lid"])
+                if not self.listen_broker.holds(lid, src):
+                    return False
+                self.listen_broker.add_ref(lid, dst)
+                return True
+            ends = _pipe_ends(st)
+            if ends is None or not all(self.broker.holds(p, src, e) for p, e in ends):
+                return False
+            for p, e in ends:
+                self.broker.add_refs(p, dst, int(e == "r"), int(e == "w"))
+            return True
+        except (KeyError, TypeError, ValueError):
+            return False
+
+    def _release_files(self, holder: int, states: list[dict]) -> None:
+        """Give back ``holder``'s ref of each file ``states`` describes."""
+        for st in states:
+            kind = st.get("kind")
+            if kind == "fsfile":
+                self.fs.release(holder, int(st["ofd"]))
+            elif kind == "inet_listener":
+                self.listen_broker.close(int(st["lid"]), holder)
+            else:
+                for p, e in _pipe_ends(st) or []:
+                    self.broker.close(p, holder, e)
 
     # -- shared listeners ----------------------------------------------------------------
     def _deliver_host_event(self, fn: Callable[..., None]) -> None:
@@ -1152,6 +1230,15 @@ class Supervisor:
             self.done.set()
             with self.lock:
                 self._hello_watch.notify_all()  # the watch ends with the instance
+
+
+def _pipe_ends(st: dict) -> list[tuple[int, str]] | None:
+    """The broker pipe ends (id, "r"/"w") a remote pipe end's or socket's state names."""
+    if st.get("kind") == "rpipe":
+        return [(int(st["pipe"]), "w" if st["end"] == "w" else "r")]
+    if st.get("kind") == "rsock":
+        return [(int(st[k]), e) for k, e in (("rx", "r"), ("tx", "w")) if int(st[k]) >= 0]
+    return None
 
 
 def _data_frame(req: int, res: bytes | int) -> Frame:

@@ -96,6 +96,11 @@ class ListenerBroker:
             raise ValueError(f"no listener {lid}")
         lst.refs[holder] = lst.refs.get(holder, 0) + 1
 
+    def holds(self, lid: int, holder: Holder) -> bool:
+        """Whether ``holder`` has a ref of listener ``lid``."""
+        lst = self._listeners.get(lid)
+        return lst is not None and lst.refs.get(holder, 0) > 0
+
     def close(self, lid: int, holder: Holder) -> None:
         lst = self._listeners.get(lid)
         if lst is None or not lst.refs.get(holder):

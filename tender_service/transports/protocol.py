@@ -14,7 +14,12 @@ broker pipe id; ``arg`` is a signed 64-bit value)::
       PIPE_READ   req pipe  arg=max bytes  flags=NONBLOCK          -> PIPE_DATA
                   payload=optional u64: the bytes the reader's buffer can take;
                   more to give than that is EFAULT with nothing taken (as Linux)
-      PIPE_WRITE  req pipe  flags=NONBLOCK  payload=bytes          -> PIPE_WROTE
+      PIPE_WRITE  req pipe  flags=NONBLOCK|FILES  payload=bytes    -> PIPE_WROTE
+                  FILES: the payload is ``pack_files``: the snapshot states
+                  (fork/snapshot.py ``file_state``) of an SCM_RIGHTS message's
+                  files, then the bytes; they ride on the write's first byte. The
+                  supervisor takes the writer's refs of them for the pipe at once
+                  (EBADF if it holds none) and gives them back if no byte goes in
       PIPE_CLOSE  pipe  arg=END_READ|END_WRITE
       IDLE        arg=events processed so far (every thread blocked)
       STDIN_READ  req  arg=max bytes  flags=NONBLOCK               -> PIPE_DATA
@@ -28,6 +33,8 @@ broker pipe id; ``arg`` is a signed 64-bit value)::
     supervisor -> VM
       RESULT      req  arg=value or -errno  payload=optional JSON
       PIPE_DATA   req  arg=-errno or 0  payload=bytes (empty with arg 0: EOF)
+                  flags=FILES: ``pack_files`` of the files the bytes carry; the
+                  reader's VM holds their refs from then on
       PIPE_WROTE  req  arg=bytes written or -errno  flags=SIGPIPE
       CHILD_EXIT  pipe=child pid  arg=wait status
       SIGNAL      arg=signal number  pipe=sender pid (0: the kernel)
@@ -41,6 +48,7 @@ broker pipe id; ``arg`` is a signed 64-bit value)::
 from __future__ import annotations
 
 import enum
+import json
 import struct
 
 
@@ -69,6 +77,29 @@ NONBLOCK = 1
 #: a SIGNAL frame's payload when it is not a plain kill: si_code (int32), si_value (int64)
 SIGNAL_INFO = struct.Struct("<iq")
 SIGPIPE_FLAG = 1
+#: a PIPE_WRITE's or PIPE_DATA's payload starts with file states (``pack_files``)
+FILES = 2
+_FILES_HEAD = struct.Struct("<I")
 END_READ, END_WRITE = 0, 1
 #: how much of one write travels in one PIPE_WRITE (under frames.MAX_PAYLOAD)
 MAX_PIPE_CHUNK = 512 << 10
+
+
+def pack_files(states: list[dict], data: bytes) -> bytes:
+    """A FILES payload: the JSON list of file states (length-prefixed), then the data."""
+    head = json.dumps(states).encode()
+    return _FILES_HEAD.pack(len(head)) + head + data
+
+
+def unpack_files(payload: bytes) -> tuple[list[dict], bytes]:
+    """(file states, data) of a FILES payload; ValueError if it is not one."""
+    if len(payload) < _FILES_HEAD.size:
+        raise ValueError("short FILES payload")
+    (n,) = _FILES_HEAD.unpack_from(payload)
+    end = _FILES_HEAD.size + n
+    if end > len(payload):
+        raise ValueError("FILES header past the payload")
+    states = json.loads(payload[_FILES_HEAD.size : end])
+    if not isinstance(states, list) or not all(isinstance(x, dict) for x in states):
+        raise ValueError("FILES header is not a list of objects")
+    return states, payload[end:]

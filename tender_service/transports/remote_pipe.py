@@ -16,7 +16,15 @@ from tender_service.machine.errors import GuestError
 from tender_service.rump import signals
 from tender_service.rump.files import O_RDONLY, O_WRONLY, POLLERR, S_IFIFO, File
 from tender_service.rump.outcomes import Block
-from tender_service.transports.protocol import END_READ, END_WRITE, MAX_PIPE_CHUNK, Msg
+from tender_service.transports.protocol import (
+    END_READ,
+    END_WRITE,
+    FILES,
+    MAX_PIPE_CHUNK,
+    Msg,
+    pack_files,
+    unpack_files,
+)
 
 if TYPE_CHECKING:
     from tender_service.rump.kernel import Kernel
@@ -80,7 +88,17 @@ class RemotePipeEnd(File):
         return self._read(k, lwp, vecs, "readv")
 
     def _read(self, k: Kernel, lwp: Lwp, vecs: list[tuple[int, int]], what: str) -> int:
-        """One broker read for all the buffers, scattered on return.
+        """``_read_files`` for a plain read: files the bytes carry are closed."""
+        done, states = self._read_files(k, lwp, vecs, what)
+        if states:
+            self.link.drop_states(k, states)
+        return done
+
+    def _read_files(
+        self, k: Kernel, lwp: Lwp, vecs: list[tuple[int, int]], what: str
+    ) -> tuple[int, list[dict] | None]:
+        """One broker read for all the buffers, scattered on return; with the states
+        of the files the bytes carry (a socket's SCM_RIGHTS), whose refs are this VM's.
 
         Not one read per iovec: a second request sent once the first iovec
         was filled could not be taken back, and its reply (the pipe's next
@@ -93,7 +111,7 @@ class RemotePipeEnd(File):
             raise GuestError(errno.EBADF)
         vecs = [(base, length) for base, length in vecs if length]
         if not vecs:
-            return 0
+            return 0, None
         reply = self.link.take_reply(lwp)
         if reply is None and self.link.in_flight(lwp):  # restarted after a signal handler
             raise Block(self.link.wq, f"{what} {self.describe()}")
@@ -111,9 +129,12 @@ class RemotePipeEnd(File):
                 nonblock=self.nonblocking,
             )
             raise Block(self.link.wq, f"{what} {self.describe()}")
-        arg, data, _ = reply
+        arg, data, flags = reply
         if arg < 0:
             raise GuestError(-arg)
+        states = None
+        if flags & FILES:
+            states, data = unpack_files(data)
         done = 0
         for base, length in vecs:  # it all fits: the broker sent at most the room
             if done == len(data):
@@ -121,7 +142,7 @@ class RemotePipeEnd(File):
             chunk = data[done : done + length]
             k.mem.write(base, chunk)
             done += len(chunk)
-        return done
+        return done, states
 
     def write(self, k: Kernel, lwp: Lwp, addr: int, n: int) -> int:
         if not self.write_end:
@@ -134,8 +155,9 @@ class RemotePipeEnd(File):
             raise GuestError(errno.EBADF)
         return self._write(k, lwp, len(data), lambda off, size: data[off : off + size])
 
-    def _write(self, k: Kernel, lwp: Lwp, n: int, chunk) -> int:
-        """Send the write in chunks; ``lwp.progress`` counts what the broker took."""
+    def _write(self, k: Kernel, lwp: Lwp, n: int, chunk, states: list[dict] | None = None) -> int:
+        """Send the write in chunks; ``lwp.progress`` counts what the broker took.
+        ``states``: files (SCM_RIGHTS) that go with the first chunk."""
         reply = self.link.take_reply(lwp)
         if reply is not None:
             arg, _, flags = reply
@@ -155,12 +177,15 @@ class RemotePipeEnd(File):
         if n == 0:
             return 0
         size = min(n - lwp.progress, MAX_PIPE_CHUNK)
+        data = chunk(lwp.progress, size)
+        attach = bool(states) and not lwp.progress
         self.link.request(
             lwp,
             Msg.PIPE_WRITE,
             self.pipe,
-            payload=chunk(lwp.progress, size),
+            payload=pack_files(states or [], data) if attach else data,
             nonblock=self.nonblocking,
+            flags=FILES if attach else 0,
         )
         raise Block(self.link.wq, f"write {self.describe()}")
 

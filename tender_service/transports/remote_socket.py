@@ -8,8 +8,17 @@ becomes a ``RemoteSocket``: it reads its receive pipe and writes its send pipe
 direction; closing the socket closes both, which the peer sees as EOF and
 EPIPE as with a local pair.
 
-Not across VMs (docs/semantics.md): files in SCM_RIGHTS messages
-(EOPNOTSUPP), MSG_PEEK (EOPNOTSUPP), MSG_WAITALL (a read returns what came).
+Files in SCM_RIGHTS messages cross VMs when a fork could hand them on
+(``VmLink.file_states``: pipe ends and stream socket pairs, made the broker's
+first if they were this VM's, files of the instance's file system, shared TCP
+listeners, the console, /dev/null and kin).  The write's first chunk carries
+their states; the supervisor holds their refs for the pipe until a reader gets
+them (with the first byte of that write, as Linux) and the reader rebuilds them
+(``VmLink.files_from_states``).  Other kinds (epoll, eventfd, datagram or
+listening AF_UNIX sockets) are EOPNOTSUPP, the message not sent.
+
+Not across VMs (docs/semantics.md): MSG_PEEK (EOPNOTSUPP), MSG_WAITALL (a read
+returns what came).
 poll/select/epoll ask the broker for each pipe's state (a synchronous call)
 and, while waiting, ask again on a short timer: no message tells a VM when
 a pipe in the broker changes.
@@ -67,6 +76,7 @@ class RemoteSocket(Socket):
         peer_name: bytes = b"",
     ) -> None:
         super().__init__(stype, flags)
+        self.link = link
         self.connected = True
         self.rx = RemotePipeEnd(link, rx, False, 0) if rx is not None else None
         self.tx = RemotePipeEnd(link, tx, True, 0) if tx is not None else None
@@ -128,7 +138,9 @@ class RemoteSocket(Socket):
         return self.readv(k, lwp, [(addr, n)])
 
     def readv(self, k: Kernel, lwp: Lwp, vecs: list[tuple[int, int]]) -> int:
-        return self.recv(k, lwp, vecs, 0)[0]
+        got, files, _, _ = self.recv(k, lwp, vecs, 0)
+        drop_files(k, files)  # read(2) has no room for them: closed, as Linux
+        return got
 
     def write(self, k: Kernel, lwp: Lwp, addr: int, n: int) -> int:
         k.mem.offset(addr, n)
@@ -154,12 +166,23 @@ class RemoteSocket(Socket):
         flags: int,
         dest: UnixSocket | None = None,
     ) -> int:
-        if files:
+        """``files`` go with the first chunk (sys_sendmsg gives them again on each
+        restart while nothing was written: only the first call sends them)."""
+        if not files:
+            if self.tx is None:
+                return self._broken(k, lwp, flags)
+            return self._end(self.tx, flags)._write(k, lwp, n, chunk)
+        try:
+            first = lwp.remote_result is None and not self.link.in_flight(lwp)
+            if self.tx is None:
+                return self._broken(k, lwp, flags)
+            if not first or n == 0:  # Linux sends no files without a byte
+                return self._end(self.tx, flags)._write(k, lwp, n, chunk)
+            states, files = self.link.file_states(lwp.proc, files)
+            return self._end(self.tx, flags)._write(k, lwp, n, chunk, states)
+        finally:
+            # after the request went out: the supervisor took the pipe's refs from ours
             drop_files(k, files)
-            raise GuestError(errno.EOPNOTSUPP)  # SCM_RIGHTS across VMs
-        if self.tx is None:
-            return self._broken(k, lwp, flags)
-        return self._end(self.tx, flags)._write(k, lwp, n, chunk)
 
     def _broken(self, k: Kernel, lwp: Lwp, flags: int) -> int:
         if not flags & MSG_NOSIGNAL:
@@ -173,7 +196,9 @@ class RemoteSocket(Socket):
             raise GuestError(errno.EOPNOTSUPP)
         if self.rx is None:
             return 0, None, b"", 0
-        return self._end(self.rx, flags)._read(k, lwp, vecs, "recv"), None, b"", 0
+        got, states = self._end(self.rx, flags)._read_files(k, lwp, vecs, "recv")
+        files = self.link.files_from_states(k, states) if states else None
+        return got, files or None, b"", 0
 
     def shutdown(self, k: Kernel, how: int) -> None:
         if how not in (SHUT_RD, SHUT_WR, SHUT_RDWR):

@@ -20,6 +20,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from tender_service.bmk.sched import WaitQueue
+from tender_service.fork.snapshot import SnapshotError, file_from_state, file_state
 from tender_service.machine.errors import GuestError
 from tender_service.rump import signals
 from tender_service.rump.fdtable import FdEntry
@@ -266,11 +267,13 @@ class VmLink:
         arg: int = 0,
         payload: bytes = b"",
         nonblock: bool = False,
+        flags: int = 0,
     ) -> None:
         req = next(self._reqs)
         lwp.remote_req, lwp.remote_result = req, None
         self._pending[req] = lwp
-        self._send(Frame(msg, NONBLOCK if nonblock else 0, req, pipe, arg, bytes(payload)))
+        flags |= NONBLOCK if nonblock else 0
+        self._send(Frame(msg, flags, req, pipe, arg, bytes(payload)))
 
     def in_flight(self, lwp: Lwp) -> bool:
         """A request of ``lwp`` is on its way: a call restarted after a signal handler
@@ -312,9 +315,10 @@ class VmLink:
         self.make_remote([proc])
         self.add_holder([e.file for e in proc.fds.entries.values()], child_pid)
 
-    def make_remote(self, procs: list[Process]) -> None:
+    def make_remote(self, procs: list[Process]) -> dict[int, File]:
         """Every local pipe end in these processes' tables becomes a broker pipe end
-        (one conversion per open pipe end, however many tables and fds hold it)."""
+        (one conversion per open pipe end, however many tables and fds hold it);
+        the new file of each converted one, by ``id`` of the old."""
         converted: dict[int, File] = {}
         for proc in procs:
             for fd, e in list(proc.fds.entries.items()):
@@ -347,6 +351,45 @@ class VmLink:
             for e in proc.fds.entries.values():
                 if isinstance(e.file, Epoll):
                     e.file.replace_files(converted)
+        return converted
+
+    # -- SCM_RIGHTS across VMs -----------------------------------------------------
+    def file_states(self, proc: Process, files: list[File]) -> tuple[list[dict], list[File]]:
+        """The snapshot states of files sent on a socket to another VM, and the files
+        themselves: local pipes and socket pairs become the broker's first, as a fork
+        makes them (the converted files then stand for the ones given).  A kind that
+        cannot cross VMs (epoll, eventfd, datagram and listening AF_UNIX sockets, ...)
+        is EOPNOTSUPP, with nothing converted."""
+        for f in files:
+            if not _needs_share(f) and _crossing_state(f) is None:
+                raise GuestError(errno.EOPNOTSUPP, f"a {f.kind} file cannot cross VMs")
+        if any(_needs_share(f) for f in files):
+            converted = self.make_remote([proc])
+            files = [converted.get(id(f), f) for f in files]
+        states = [_crossing_state(f) for f in files]
+        if any(st is None for st in states):  # a local pipe end in no fd of proc
+            raise GuestError(errno.EOPNOTSUPP, "a file to send is in no fd table")
+        return [st for st in states if st is not None], files
+
+    def files_from_states(self, k: Kernel, states: list[dict]) -> list[File]:
+        """The files of a message received from another VM, each with one (in-flight)
+        reference; their refs in the supervisor are this VM's already."""
+        out: list[File] = []
+        for st in states:
+            try:
+                f = file_from_state(st, self.make_file)
+            except (KeyError, TypeError, ValueError) as e:
+                log.warning("pid %d: a received file is lost: %s", self.pid, e)
+                continue
+            if isinstance(f, InetSocket):
+                f.register(k)
+            f.refs = 1
+            out.append(f)
+        return out
+
+    def drop_states(self, k: Kernel, states: list[dict]) -> None:
+        """Files received where nobody takes them (read(2) on a socket): closed."""
+        drop_files(k, self.files_from_states(k, states))
 
     def _share_socket(self, a: UnixSocket) -> RemoteSocket:
         """A connected stream socket of this VM becomes two broker pipes, one per
@@ -617,6 +660,23 @@ class VmLink:
         lwp.remote_result = (f.arg, f.payload, f.flags)
         assert self.kernel is not None  # only an attached link has calls pending
         self.kernel.sched.make_runnable(lwp.thread)
+
+
+#: file kinds that can cross VMs (fork/snapshot.py ``file_from_state`` rebuilds them)
+CROSSING_KINDS = {"console", "null", "zero", "urandom", "rpipe", "rsock", "fsfile", "inet_listener"}
+
+
+def _needs_share(f: File) -> bool:
+    """A local pipe end or connected stream socket: the broker's once shared."""
+    return isinstance(f, PipeEnd) or (isinstance(f, UnixSocket) and f.stream and f.peer is not None)
+
+
+def _crossing_state(f: File) -> dict | None:
+    try:
+        st = file_state(f)
+    except SnapshotError:
+        return None
+    return st if st.get("kind") in CROSSING_KINDS else None
 
 
 def call_payload(op: str, args: tuple[int, ...], data: bytes = b"") -> bytes:
