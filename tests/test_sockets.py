@@ -13,6 +13,7 @@ in its parent's VM (ECONNREFUSED, docs/semantics.md).
 
 from __future__ import annotations
 
+import errno
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -23,8 +24,11 @@ from support import image_path, native, vm
 
 from tender_service.instance.backends.vmclone import run_vmclone
 from tender_service.instance.pool import WarmPool
+from tender_service.instance.supervisor import IN_FLIGHT, ProcRec, Supervisor
 from tender_service.rump.vminfo import VmConfig
-from tender_service.vm import CaptureSink, create_vm
+from tender_service.transports.frames import Frame
+from tender_service.transports.protocol import FILES, Msg, pack_files
+from tender_service.vm import DEFAULT_ENV, CaptureSink, create_vm
 
 PROGRAMS = [("sock_unix", []), ("sock_poll", []), ("sock_pair", [])]
 #: sock_inet in VM-clone: the parent's TCP listener is the instance's (the supervisor
@@ -180,6 +184,64 @@ def test_sock_pass_across_vms(pool: WarmPool, pass_native: str, transport: str) 
     out = bytes(sink.stdout).decode(errors="replace")
     assert (result.outcome, result.status) == ("exited", 0), (out, result.reports)
     assert out == pass_native
+
+
+def test_files_in_flight_leave_nothing_held(pool: WarmPool, pass_native: str) -> None:
+    """Once sock_pass's instance has ended (files received, dropped, and one left in
+    flight when its receiver exited) the supervisor holds nothing: no pipe, no open
+    file description."""
+    sink = CaptureSink()
+    sup = Supervisor(pool, "shm", sink, VmConfig(timeout=120))
+    try:
+        sup.start(
+            str(image_path("sock_pass").resolve()), ["/tmp/sock_pass"], list(DEFAULT_ENV), "p"
+        )
+        res = sup.wait()
+        pipes = dict(sup.broker._pipes)
+        holds = {pid: dict(h) for pid, h in sup.fs.holds.items() if h}
+    finally:
+        sup.close()
+    assert (res.outcome, res.status) == ("exited", 0), res.reports
+    assert bytes(sink.stdout).decode() == pass_native
+    assert pipes == {} and holds == {}
+
+
+class _Frames:
+    """A VM's channel as the supervisor sees it: what it is sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[Frame] = []
+
+    def send(self, frame: Frame) -> None:
+        self.sent.append(frame)
+
+
+def test_forged_files_are_refused(pool: WarmPool) -> None:
+    """A VM can send only files it holds: a pipe end or an open file description it
+    has no ref of is EBADF (nothing written), a bad FILES header EINVAL; one it holds
+    goes into the pipe with a ref held for it (IN_FLIGHT)."""
+    sup = Supervisor(pool, "shm", CaptureSink(), VmConfig(timeout=60))
+    ch = _Frames()
+    rec = ProcRec(5, 1, 5, 5, state="running", channel=ch)  # type: ignore[arg-type]
+    try:
+        pipe = sup.broker.create(5)
+        other = sup.broker.create(5, readers=0, writers=1)
+
+        def write(payload: bytes, flags: int = FILES) -> int:
+            sup._handle(rec, Frame(Msg.PIPE_WRITE, flags, 7, pipe, 0, payload))
+            return ch.sent.pop().arg
+
+        rpipe = {"kind": "rpipe", "pipe": other, "end": "r", "flags": 0}
+        assert write(pack_files([rpipe], b"x")) == -errno.EBADF
+        assert write(pack_files([{"kind": "fsfile", "ofd": 99}], b"x")) == -errno.EBADF
+        assert write(pack_files([{"kind": "epoll"}], b"x")) == -errno.EBADF
+        assert write(b"\xff\xff\xff\xff{") == -errno.EINVAL
+        assert sup.broker.stats()["bytes_buffered"] == 0
+        assert not sup.broker.holds(other, IN_FLIGHT, "w")
+        assert write(pack_files([{**rpipe, "end": "w"}], b"x")) == 1
+        assert sup.broker.holds(other, IN_FLIGHT, "w")
+    finally:
+        sup.close()
 
 
 def test_unsupported_kind_across_vms(pool: WarmPool) -> None:

@@ -158,7 +158,7 @@ SYSCALLS: list[tuple[int, Callable[..., object], Support, str]] = [
     (48, sys_socket.sys_shutdown, F, ""),
     (44, sys_socket.sys_sendto, F, "MSG_DONTWAIT, MSG_NOSIGNAL"),
     (45, sys_socket.sys_recvfrom, F, "MSG_PEEK, MSG_WAITALL, MSG_TRUNC, MSG_DONTWAIT"),
-    (46, sys_socket.sys_sendmsg, F, "SCM_RIGHTS (one VM)"),
+    (46, sys_socket.sys_sendmsg, F, "SCM_RIGHTS (VM-clone: kinds a fork hands on)"),
     (47, sys_socket.sys_recvmsg, F, "SCM_RIGHTS, MSG_CMSG_CLOEXEC, MSG_CTRUNC"),
     (51, sys_socket.sys_getsockname, F, ""),
     (52, sys_socket.sys_getpeername, F, ""),
