@@ -152,10 +152,12 @@ def pass_native() -> Iterator[str]:
 
 
 def test_sock_pass_native_is_complete(pass_native: str) -> None:
-    """The reference: every kind arrives and works, the file's offset is shared,
-    dropped and stranded files are closed (their pipe's writer sees EPIPE)."""
+    """The reference: every kind arrives and works (a TCP listener too: the child
+    accepts on it), the file's offset is shared, dropped and stranded files are
+    closed (their pipe's writer sees EPIPE)."""
     assert "parent: got a file with 'b', reads '5', then 6" in pass_native
     assert "child: recvmsg without room gives fd -1, MSG_CTRUNC 1" in pass_native
+    assert "parent: the child's connection says 'L'" in pass_native
     assert "parent: then write to it = -1 (EPIPE)" in pass_native
     assert pass_native.endswith("child exited 0\ndone\n")
 
@@ -170,7 +172,7 @@ def test_sock_pass_in_one_kernel(pass_native: str, fork: str) -> None:
 @pytest.mark.parametrize("transport", VMCLONE)
 def test_sock_pass_across_vms(pool: WarmPool, pass_native: str, transport: str) -> None:
     """SCM_RIGHTS across VMs: pipe ends, a file of the instance's file system (its
-    offset shared) and socket pair ends cross both ways; a file without room (or read
+    offset shared) and socket pair ends cross both ways, a shared TCP listener too; a file without room (or read
     by read(2)) is closed, one in flight when its receiver exits too: as natively."""
     sink = CaptureSink()
     result = run_vmclone(
@@ -199,11 +201,12 @@ def test_files_in_flight_leave_nothing_held(pool: WarmPool, pass_native: str) ->
         res = sup.wait()
         pipes = dict(sup.broker._pipes)
         holds = {pid: dict(h) for pid, h in sup.fs.holds.items() if h}
+        listeners = dict(sup.listen_broker._listeners)
     finally:
         sup.close()
     assert (res.outcome, res.status) == ("exited", 0), res.reports
     assert bytes(sink.stdout).decode() == pass_native
-    assert pipes == {} and holds == {}
+    assert pipes == {} and holds == {} and listeners == {}
 
 
 class _Frames:

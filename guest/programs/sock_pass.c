@@ -5,7 +5,8 @@
  *
  * The child passes its parent a pipe's read end, a file it opened (PATH, the
  * offset is the open file description's: shared) and one end of a fresh
- * socketpair; the parent passes the child the same kinds.  Then bad input: a
+ * socketpair; the parent passes the child the same kinds, and a TCP listener
+ * on 127.0.0.1 that the child accepts the parent's connection on.  Then bad input: a
  * file received by recvmsg with no room for it (MSG_CTRUNC) or by read(2) is
  * closed, and a file in flight when its receiver exits is closed too (the
  * pipe's writer sees EPIPE).  In VM-clone mode every one of these crosses VMs
@@ -19,7 +20,9 @@
 #define PROG "sock_pass"
 #include "guest_common.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/epoll.h>
@@ -191,6 +194,16 @@ static void child(int s, const char *path, int epoll)
 		write_full(u, "U", 1);
 		close(u);
 	}
+	{
+		int l = recv_fd(s, &tag, 1, &flags), a;
+
+		note(1, "child: got a TCP listener with '%c'\n", tag);
+		a = accept(l, NULL, NULL);
+		note(1, "child: accept on it = %ld\n", a >= 0 ? 0 : -1);
+		write_full(a, "L", 1);
+		close(a);
+		close(l);
+	}
 	/* bad input: no room for the fd, then read(2): both close it */
 	c = 0;
 	flags = 0;
@@ -262,6 +275,27 @@ int main(int argc, char **argv)
 		c = '!';
 	note(0, "parent: the child wrote '%c' into it\n", c);
 	close(t[0]);
+	/* a TCP listener: the child accepts the parent's connection */
+	{
+		struct sockaddr_in sa = {0};
+		socklen_t sl = sizeof sa;
+		int l = socket(AF_INET, SOCK_STREAM, 0), cs;
+
+		sa.sin_family = AF_INET;
+		sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+		if (bind(l, (struct sockaddr *)&sa, sizeof sa) != 0 || listen(l, 4) != 0 ||
+		    getsockname(l, (struct sockaddr *)&sa, &sl) != 0)
+			DIE_ERRNO("listen");
+		note(0, "parent: send a TCP listener = %ld\n", send_fd(sv[0], 'i', l));
+		close(l);
+		cs = socket(AF_INET, SOCK_STREAM, 0);
+		note(0, "parent: connect to its port = %ld\n", connect(cs, (struct sockaddr *)&sa, sizeof sa));
+		c = '?';
+		if (read(cs, &c, 1) != 1)
+			c = '!';
+		note(0, "parent: the child's connection says '%c'\n", c);
+		close(cs);
+	}
 	/* bad input: the child drops what it receives; the pipe's writer sees EPIPE */
 	for (int i = 0; i < 2; i++) {
 		xpipe(q);
