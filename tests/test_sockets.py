@@ -27,7 +27,8 @@ from tender_service.instance.pool import WarmPool
 from tender_service.instance.supervisor import IN_FLIGHT, ProcRec, Supervisor
 from tender_service.rump.vminfo import VmConfig
 from tender_service.transports.frames import Frame
-from tender_service.transports.protocol import FILES, Msg, pack_files
+from tender_service.transports.broker import PIPE_CAPACITY
+from tender_service.transports.protocol import FILES, NONBLOCK, Msg, pack_files
 from tender_service.vm import DEFAULT_ENV, CaptureSink, create_vm
 
 PROGRAMS = [("sock_unix", []), ("sock_poll", []), ("sock_pair", [])]
@@ -231,7 +232,7 @@ def test_forged_files_are_refused(pool: WarmPool) -> None:
         other = sup.broker.create(5, readers=0, writers=1)
 
         def write(payload: bytes, flags: int = FILES) -> int:
-            sup._handle(rec, Frame(Msg.PIPE_WRITE, flags, 7, pipe, 0, payload))
+            sup._handle(rec, Frame(Msg.PIPE_WRITE, flags | NONBLOCK, 7, pipe, 0, payload))
             return ch.sent.pop().arg
 
         rpipe = {"kind": "rpipe", "pipe": other, "end": "r", "flags": 0}
@@ -243,6 +244,13 @@ def test_forged_files_are_refused(pool: WarmPool) -> None:
         assert not sup.broker.holds(other, IN_FLIGHT, "w")
         assert write(pack_files([{**rpipe, "end": "w"}], b"x")) == 1
         assert sup.broker.holds(other, IN_FLIGHT, "w")
+        # a write that puts nothing in (EAGAIN on a full pipe) gives the refs back
+        assert write(b"f" * PIPE_CAPACITY, flags=0) == PIPE_CAPACITY - 1
+        full = pack_files([{**rpipe, "end": "w"}], b"y")
+        assert write(full, flags=FILES | NONBLOCK) == -errno.EAGAIN
+        # one ref of the first message's still in flight, none of the refused one
+        sup._release_files(IN_FLIGHT, [{**rpipe, "end": "w"}])
+        assert not sup.broker.holds(other, IN_FLIGHT, "w")
     finally:
         sup.close()
 

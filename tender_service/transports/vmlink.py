@@ -43,10 +43,12 @@ from tender_service.rump.vfs import Vfs
 from tender_service.transports.channel import Channel, ChannelClosed
 from tender_service.transports.frames import MAX_PAYLOAD, Frame, ProtocolError
 from tender_service.transports.protocol import (
+    FILES,
     MAX_PIPE_CHUNK,
     NONBLOCK,
     SIGNAL_INFO,
     Msg,
+    unpack_files,
 )
 from tender_service.transports.remote_fs import RemoteFs
 from tender_service.transports.remote_pipe import RemotePipeEnd
@@ -656,6 +658,10 @@ class VmLink:
     def _deliver(self, f: Frame) -> None:
         lwp = self._pending.pop(f.req, None)
         if lwp is None or lwp.remote_req != f.req:
+            if f.type == Msg.PIPE_DATA and f.flags & FILES and self.kernel is not None:
+                # files for a thread that is gone: their refs are ours, close them
+                with contextlib.suppress(ValueError):
+                    self.drop_states(self.kernel, unpack_files(f.payload)[0])
             return
         lwp.remote_result = (f.arg, f.payload, f.flags)
         assert self.kernel is not None  # only an attached link has calls pending
