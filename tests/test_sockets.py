@@ -26,8 +26,8 @@ from tender_service.instance.backends.vmclone import run_vmclone
 from tender_service.instance.pool import WarmPool
 from tender_service.instance.supervisor import IN_FLIGHT, ProcRec, Supervisor
 from tender_service.rump.vminfo import VmConfig
-from tender_service.transports.frames import Frame
 from tender_service.transports.broker import PIPE_CAPACITY
+from tender_service.transports.frames import Frame
 from tender_service.transports.protocol import FILES, NONBLOCK, Msg, pack_files
 from tender_service.vm import DEFAULT_ENV, CaptureSink, create_vm
 
