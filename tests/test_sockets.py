@@ -8,7 +8,10 @@ bulk, half-close, EPIPE/SIGPIPE) print what the static binary prints as an
 ordinary Linux process; each mode must print exactly that.  `sock_unix fork`
 (a path server with a forked client, SCM_RIGHTS from a child) needs one kernel:
 native and thread fork; in VM-clone mode the child VM cannot reach a name bound
-in its parent's VM (ECONNREFUSED, docs/semantics.md).
+in its parent's VM (ECONNREFUSED, docs/semantics.md).  sock_pass.c passes files
+with SCM_RIGHTS over a socketpair shared across fork, both ways (pipe ends, a
+file with its shared offset, socket ends, a TCP listener; dropped and stranded
+ones): the same natively, in thread and copy fork, and across VMs.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@
  * The child passes its parent a pipe's read end, a file it opened (PATH, the
  * offset is the open file description's: shared) and one end of a fresh
  * socketpair; the parent passes the child the same kinds, and a TCP listener
- * on 127.0.0.1 that the child accepts the parent's connection on.  Then bad input: a
+ * on 127.0.0.1 that the child accepts the parent's connection on (an fd sent
+ * over that TCP connection is ignored, as Linux's tcp_sendmsg does).  Then bad input: a
  * file received by recvmsg with no room for it (MSG_CTRUNC) or by read(2) is
  * closed, and a file in flight when its receiver exits is closed too (the
  * pipe's writer sees EPIPE).  In VM-clone mode every one of these crosses VMs
@@ -201,6 +202,8 @@ static void child(int s, const char *path, int epoll)
 		a = accept(l, NULL, NULL);
 		note(1, "child: accept on it = %ld\n", a >= 0 ? 0 : -1);
 		write_full(a, "L", 1);
+		note(1, "child: an fd sent over TCP arrives as %ld (ignored)\n",
+		     recv_fd(a, &tag, 1, &flags));
 		close(a);
 		close(l);
 	}
@@ -294,6 +297,7 @@ int main(int argc, char **argv)
 		if (read(cs, &c, 1) != 1)
 			c = '!';
 		note(0, "parent: the child's connection says '%c'\n", c);
+		note(0, "parent: sendmsg SCM_RIGHTS over TCP = %ld\n", send_fd(cs, 'm', sv[0]));
 		close(cs);
 	}
 	/* bad input: the child drops what it receives; the pipe's writer sees EPIPE */

@@ -411,10 +411,10 @@ class InetSocket(UnixSocket):
     def send(self, k, lwp, n, chunk, files, flags, dest=None) -> int:
         if self.stype == SOCK_DGRAM:
             return self.send_to(k, lwp, n, chunk, files, flags, dest)
+        drop_files(k, files)  # TCP ignores SCM_RIGHTS, as Linux's tcp_sendmsg
         if not self.connected and self.shut_wr:  # a failed outbound connect: as Linux
-            drop_files(k, files)
             return self._pipe_error(k, lwp, flags)
-        return super().send(k, lwp, n, chunk, files, flags, None)
+        return super().send(k, lwp, n, chunk, None, flags, None)
 
     def recv(self, k, lwp, vecs, flags):
         if self.stream and not self.connected:

@@ -167,7 +167,11 @@ class RemoteSocket(Socket):
         dest: UnixSocket | None = None,
     ) -> int:
         """``files`` go with the first chunk (sys_sendmsg gives them again on each
-        restart while nothing was written: only the first call sends them)."""
+        restart while nothing was written: only the first call sends them).  TCP
+        ignores them, as Linux's tcp_sendmsg does (its peer may be the host)."""
+        if files and self.family != AF_UNIX:
+            drop_files(k, files)
+            files = None
         if not files:
             if self.tx is None:
                 return self._broken(k, lwp, flags)
