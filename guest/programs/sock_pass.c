@@ -3,6 +3,8 @@
  *
  * usage: sock_pass PATH [epoll]
  *
+ * Before the fork the parent sends a byte and then a pipe end with another
+ * byte: the child reads both (in flight at the fork, they cross with it).
  * The child passes its parent a pipe's read end, a file it opened (PATH, the
  * offset is the open file description's: shared) and one end of a fresh
  * socketpair; the parent passes the child the same kinds, and a TCP listener
@@ -162,6 +164,36 @@ static void child(int s, const char *path, int epoll)
 		say(buf);
 		_exit(0);
 	}
+	/* what the parent sent before the fork, in flight then: a byte, then a byte
+	 * with a pipe end; one read takes both (the files end it, as unix(7) says) */
+	{
+		char b[8];
+		struct iovec iov = {b, sizeof b};
+		union {
+			char b[CMSG_SPACE(sizeof(int))];
+			struct cmsghdr align;
+		} u;
+		struct msghdr m = {0};
+		struct cmsghdr *cm;
+		int fd = -1;
+		long n;
+
+		m.msg_iov = &iov;
+		m.msg_iovlen = 1;
+		m.msg_control = u.b;
+		m.msg_controllen = sizeof u.b;
+		n = recvmsg(s, &m, 0);
+		cm = CMSG_FIRSTHDR(&m);
+		if (cm && cm->cmsg_type == SCM_RIGHTS)
+			memcpy(&fd, CMSG_DATA(cm), sizeof(int));
+		note(1, "child: recvmsg of what was in flight at the fork = %ld", n);
+		c = '?';
+		if (fd >= 0 && read(fd, &c, 1) != 1)
+			c = '!';
+		note(1, ", with an fd that reads '%c'\n", c);
+		if (fd >= 0)
+			close(fd);
+	}
 	/* child -> parent: a pipe's read end (its byte written, the write end then closed) */
 	xpipe(q);
 	write_full(q[1], "P", 1);
@@ -241,6 +273,14 @@ int main(int argc, char **argv)
 	write_full(f, "0123456789", 10);
 	if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0)
 		DIE_ERRNO("socketpair");
+	/* in flight at the fork: a byte, then a byte with a pipe end */
+	xpipe(q);
+	write_full(q[1], "Z", 1);
+	write_full(sv[0], "y", 1);
+	if (send_fd(sv[0], 'z', q[0]) != 1)
+		DIE_ERRNO("sendmsg");
+	close(q[0]);
+	close(q[1]);
 	pid = xfork();
 	if (pid == 0) {
 		close(sv[0]);

@@ -452,13 +452,12 @@ class UnixSocket(Socket):
             and not (self.nonblocking or flags & MSG_DONTWAIT)
         ):
             raise Block(self.wq, f"recv {self.describe()}")
-        # gather: stop after a segment with files, and before one once bytes were taken
+        # gather: stop after a segment with files (plain bytes before it come along,
+        # as unix(7) says and unix_stream_read_generic does)
         out = bytearray()
         files: list[File] | None = None
         for seg in self.rx:
             if len(out) >= want:
-                break
-            if seg.files and out:
                 break
             out += seg.data[: want - len(out)]
             if seg.files:

@@ -34,6 +34,7 @@ from tender_service.rump.socket import (
     AF_INET,
     AF_UNIX,
     SOCK_STREAM,
+    Segment,
     Socket,
     UnixSocket,
     UnsharedSocket,
@@ -43,11 +44,13 @@ from tender_service.rump.vfs import Vfs
 from tender_service.transports.channel import Channel, ChannelClosed
 from tender_service.transports.frames import MAX_PAYLOAD, Frame, ProtocolError
 from tender_service.transports.protocol import (
+    END_WRITE,
     FILES,
     MAX_PIPE_CHUNK,
     NONBLOCK,
     SIGNAL_INFO,
     Msg,
+    pack_files,
     unpack_files,
 )
 from tender_service.transports.remote_fs import RemoteFs
@@ -324,36 +327,36 @@ class VmLink:
         converted: dict[int, File] = {}
         for proc in procs:
             for fd, e in list(proc.fds.entries.items()):
-                f = e.file
-                if isinstance(f, UnixSocket) and f.stream and f.peer is not None:
-                    if id(f) not in converted:
-                        converted[id(f)] = self._share_socket(f)
-                    new_sock = converted[id(f)]
-                    new_sock.refs = f.refs
-                    proc.fds.entries[fd] = FdEntry(new_sock, e.cloexec)
-                    continue
-                if not isinstance(f, PipeEnd):
-                    continue
-                p = f.pipe
-                if id(f) not in converted:
-                    if p.broker_id is None:
-                        # the pipe moves into the broker with whatever it holds
-                        value, _ = self.call_full(
-                            "pipe_create", p.readers, p.writers, data=bytes(p.buf)
-                        )
-                        if value < 0:
-                            raise GuestError(-value, "cannot share a pipe")
-                        p.broker_id = value
-                        p.buf.clear()
-                    converted[id(f)] = RemotePipeEnd(self, p.broker_id, f.write_end, f.flags)
-                new = converted[id(f)]
-                new.refs = f.refs
-                proc.fds.entries[fd] = FdEntry(new, e.cloexec)
+                new = self._share_file(e.file, converted)
+                if new is not None:
+                    proc.fds.entries[fd] = FdEntry(new, e.cloexec)
         for proc in procs:  # epoll sets watch the new ends, not the ones replaced
             for e in proc.fds.entries.values():
                 if isinstance(e.file, Epoll):
                     e.file.replace_files(converted)
         return converted
+
+    def _share_file(self, f: File, converted: dict[int, File]) -> File | None:
+        """The broker's counterpart of a local pipe end or connected stream socket,
+        with its refs (None: a file of another kind, which stays as it is)."""
+        new = converted.get(id(f))
+        if new is not None:
+            return new
+        if isinstance(f, UnixSocket) and f.stream and f.peer is not None:
+            return self._share_socket(f, converted)
+        if not isinstance(f, PipeEnd):
+            return None
+        p = f.pipe
+        if p.broker_id is None:
+            # the pipe moves into the broker with whatever it holds
+            value, _ = self.call_full("pipe_create", p.readers, p.writers, data=bytes(p.buf))
+            if value < 0:
+                raise GuestError(-value, "cannot share a pipe")
+            p.broker_id = value
+            p.buf.clear()
+        new = converted[id(f)] = RemotePipeEnd(self, p.broker_id, f.write_end, f.flags)
+        new.refs = f.refs
+        return new
 
     # -- SCM_RIGHTS across VMs -----------------------------------------------------
     def file_states(self, proc: Process, files: list[File]) -> tuple[list[dict], list[File]]:
@@ -393,17 +396,23 @@ class VmLink:
         """Files received where nobody takes them (read(2) on a socket): closed."""
         drop_files(k, self.files_from_states(k, states))
 
-    def _share_socket(self, a: UnixSocket) -> RemoteSocket:
+    def _share_socket(self, a: UnixSocket, converted: dict[int, File]) -> RemoteSocket:
         """A connected stream socket of this VM becomes two broker pipes, one per
-        direction (the first end shared creates both; its peer gets the same)."""
+        direction (the first end shared creates both; its peer gets the same).
+
+        Their unread bytes go along, and so do the files in flight in them (shared
+        as a fork shares them, which may share this very socket again: it is in
+        ``converted`` before that)."""
         b = a.peer
         assert b is not None  # only connected sockets are shared
+        rests: list[tuple[int, list[Segment], bool]] = []
         if a.broker is None:
-            ab = self._direction(a, b)
-            ba = self._direction(b, a)
+            ab, ab_rest, ab_temp = self._direction(a, b)
+            ba, ba_rest, ba_temp = self._direction(b, a)
             a.broker, b.broker = (ab, ba), (ba, ab)
+            rests = [(ab, ab_rest, ab_temp), (ba, ba_rest, ba_temp)]
         tx, rx = a.broker
-        return RemoteSocket(
+        new = RemoteSocket(
             self,
             rx if rx >= 0 else None,
             tx if tx >= 0 else None,
@@ -413,31 +422,64 @@ class VmLink:
             a.name,
             a.peer_name,
         )
+        new.refs = a.refs
+        converted[id(a)] = new
+        for pipe, rest, temp in rests:
+            self._carry(pipe, rest, temp, converted)
+        return new
 
-    def _direction(self, src: UnixSocket, dst: UnixSocket) -> int:
-        """The broker pipe for src -> dst with dst's unread bytes; -1 if that direction
-        is over (files in flight do not cross VMs: they are closed)."""
+    def _direction(self, src: UnixSocket, dst: UnixSocket) -> tuple[int, list[Segment], bool]:
+        """The broker pipe for src -> dst (-1 if that direction is over), made with
+        dst's unread bytes up to the first that carry files; the segments from
+        there on, for ``_carry``; whether the pipe has a writer ref only for them."""
         writers = 0 if src.closed or src.shut_wr else 1
         readers = 0 if dst.closed or dst.shut_rd else 1
-        if not writers and not readers:
-            return -1
-        data = bytearray()
-        for seg in dst.rx:
-            data += seg.data
-            if seg.files:
-                assert self.kernel is not None  # attached before any fork
+        segs = [Segment(bytearray(seg.data), seg.files) for seg in dst.rx]
+        for seg in dst.rx:  # the files go with the copies (or are closed)
+            seg.files = None
+        if not readers:  # nobody will read them: files in flight are closed
+            assert self.kernel is not None  # attached before any fork
+            for seg in segs:
                 drop_files(self.kernel, seg.files)
-                seg.files = None
-        first = bytes(data[:PIPE_CAPACITY])
-        value, _ = self.call_full("pipe_create", readers, writers, data=first)
+            segs = []
+        if not writers and not readers:
+            return -1, [], False
+        head = bytearray()
+        while segs and not segs[0].files and len(head) + len(segs[0].data) <= PIPE_CAPACITY:
+            head += segs.pop(0).data
+        temp = bool(segs) and not writers  # what follows is written: a writer ref for it
+        value, _ = self.call_full("pipe_create", readers, writers or int(temp), data=bytes(head))
         if value < 0:
             raise GuestError(-value, "cannot share a socket")
-        for off in range(len(first), len(data), MAX_PIPE_CHUNK):
-            # the rest as writes nobody waits for: the broker queues them in order
-            self._notify(
-                Frame(Msg.PIPE_WRITE, 0, 0, value, 0, bytes(data[off : off + MAX_PIPE_CHUNK]))
-            )
-        return value
+        return value, segs, temp
+
+    def _carry(
+        self, pipe: int, segs: list[Segment], temp: bool, converted: dict[int, File]
+    ) -> None:
+        """Write ``segs`` into ``pipe`` in order with writes nobody waits for (the
+        broker queues them), each segment's files with its first byte; files that
+        cannot cross VMs are closed.  Then drop the writer ref taken for this."""
+        k = self.kernel
+        assert k is not None  # attached before any fork
+        for seg in segs:
+            files: list[File] = []
+            states: list[dict] = []
+            for f in seg.files or []:
+                new = self._share_file(f, converted) or f
+                st = _crossing_state(new)
+                if st is not None:
+                    states.append(st)
+                files.append(new)
+            seg.files = None
+            for off in range(0, len(seg.data), MAX_PIPE_CHUNK):
+                data = bytes(seg.data[off : off + MAX_PIPE_CHUNK])
+                attach = bool(states) and not off
+                flags = FILES if attach else 0
+                payload = pack_files(states, data) if attach else data
+                self._notify(Frame(Msg.PIPE_WRITE, flags, 0, pipe, 0, payload))
+            drop_files(k, files)  # the supervisor holds them for the pipe now
+        if temp:
+            self.send_close(pipe, END_WRITE)
 
     def add_holder(self, files: list[File], pid: int) -> None:
         """Register ``pid`` (a fork's or a VM-clone exec's new VM) as holding one
