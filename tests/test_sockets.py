@@ -111,8 +111,8 @@ def across_vmclone(native_out: str) -> str:
 
 def test_inherited_sockets_in_one_kernel() -> None:
     """Natively and in thread fork the child reaches its parent's name, accepts on
-    the listener it inherited and passes an fd up (the parent reads the fd's byte
-    and the bytes in one recv: SCM_RIGHTS data, then the rest)."""
+    the listener it inherited and passes a pipe end up (the parent's recvmsg takes
+    the byte sent with it, reads the pipe's byte, then recv takes the rest)."""
     n = native("sock_across")
     assert n.returncode == 0, n.stderr
     assert "child: accept on the inherited listener = " in n.stdout.decode()
