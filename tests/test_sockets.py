@@ -162,7 +162,8 @@ def test_sock_pass_native_is_complete(pass_native: str) -> None:
     assert "parent: got a file with 'b', reads '5', then 6" in pass_native
     assert "child: recvmsg without room gives fd -1, MSG_CTRUNC 1" in pass_native
     assert "parent: the child's connection says 'L'" in pass_native
-    assert "parent: then write to it = -1 (EPIPE)" in pass_native
+    assert "parent: then write to the one = -1 (EPIPE)" in pass_native
+    assert "parent: and read the other = 0 (EOF)" in pass_native
     assert pass_native.endswith("child exited 0\ndone\n")
 
 

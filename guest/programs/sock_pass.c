@@ -44,12 +44,13 @@ static void note(int child, const char *fmt, long v)
 		strncat(out, buf, sizeof out - strlen(out) - 1);
 }
 
-static long send_fd(int s, char tag, int fd)
+/* One byte ``tag`` with ``n`` fds in one SCM_RIGHTS message. */
+static long send_fds(int s, char tag, const int *fds, int n)
 {
 	struct msghdr m = {0};
 	struct iovec iov = {&tag, 1};
 	union {
-		char b[CMSG_SPACE(sizeof(int))];
+		char b[CMSG_SPACE(2 * sizeof(int))];
 		struct cmsghdr align;
 	} u;
 	struct cmsghdr *cm;
@@ -57,13 +58,18 @@ static long send_fd(int s, char tag, int fd)
 	m.msg_iov = &iov;
 	m.msg_iovlen = 1;
 	m.msg_control = u.b;
-	m.msg_controllen = sizeof u.b;
+	m.msg_controllen = CMSG_SPACE((size_t)n * sizeof(int));
 	cm = CMSG_FIRSTHDR(&m);
 	cm->cmsg_level = SOL_SOCKET;
 	cm->cmsg_type = SCM_RIGHTS;
-	cm->cmsg_len = CMSG_LEN(sizeof(int));
-	memcpy(CMSG_DATA(cm), &fd, sizeof(int));
+	cm->cmsg_len = CMSG_LEN((size_t)n * sizeof(int));
+	memcpy(CMSG_DATA(cm), fds, (size_t)n * sizeof(int));
 	return sendmsg(s, &m, 0);
+}
+
+static long send_fd(int s, char tag, int fd)
+{
+	return send_fds(s, tag, &fd, 1);
 }
 
 /* One message's byte and its fd (-1: none); ``room`` 0 gives no control buffer. */
@@ -351,14 +357,22 @@ int main(int argc, char **argv)
 		note(0, get_errno() == EPIPE ? " (EPIPE)\n" : " (?)\n", 0);
 		close(q[1]);
 	}
-	/* in flight when the receiver exits */
+	/* in flight when the receiver exits: a read end and another pipe's write end */
 	xpipe(q);
-	note(0, "parent: send a pipe end the child never reads = %ld\n", send_fd(sv[0], 'h', q[0]));
+	xpipe(t);
+	{
+		int two[2] = {q[0], t[1]};
+
+		note(0, "parent: send two pipe ends the child never reads = %ld\n",
+		     send_fds(sv[0], 'h', two, 2));
+	}
 	close(q[0]);
+	close(t[1]);
 	waitpid(pid, &st, 0);
 	set_errno(0);
-	note(0, "parent: then write to it = %ld", write(q[1], "x", 1));
+	note(0, "parent: then write to the one = %ld", write(q[1], "x", 1));
 	note(0, get_errno() == EPIPE ? " (EPIPE)\n" : " (?)\n", 0);
+	note(0, "parent: and read the other = %ld (EOF)\n", read(t[0], &c, 1));
 	(void)tag;
 	(void)flags;
 	fputs(out, stdout);
