@@ -959,3 +959,58 @@ def test_parked_write_with_files_of_a_dead_holder_is_discarded() -> None:
     b.drop_holder(B)
     assert not w.answered and gone == [["f"]]
     assert b.holds(p, A, "r") and not b.holds(p, B, "w")
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_files_are_delivered_once_in_order_or_discarded(seed: int) -> None:
+    """Random writes (some with files), reads and a close on one pipe: every write's
+    files end exactly once: with a read (in write order, one mark per read, the read
+    holding the first byte of their write), back to the writer (a reply <= 0), or
+    discarded.  Each write's bytes are its step number, so the stream shows whose
+    bytes a read took."""
+    rnd = random.Random(seed)
+    gone: list = []
+    b = PipeBroker(discard=gone.append)
+    p = b.create(A, readers=1, writers=1)
+    b.add_refs(p, B, 1, 1)
+    sent: list[int] = []  # steps of writes with files
+    refused: list = []
+    delivered: list[tuple[list, int, int]] = []  # files, the read's [start, end) in stream
+    stream = bytearray()
+
+    def on_write(files) -> Callable[[int, bool], None]:
+        def reply(n: int, sig: bool) -> None:
+            if files is not None and n <= 0:
+                refused.append(files)
+
+        return reply
+
+    def on_read(data: bytes | int, files=None) -> None:
+        if isinstance(data, int):
+            return
+        if files is not None:
+            delivered.append((files, len(stream), len(stream) + len(data)))
+        stream.extend(data)
+
+    for step in range(60):
+        op = rnd.random()
+        if op < 0.45:
+            size = rnd.choice([1, 3, 100, PIPE_BUF + 1, 30000, PIPE_CAPACITY + 5])
+            files = [step] if rnd.random() < 0.5 else None
+            if files is not None:
+                sent.append(step)
+            data = bytes([step]) * size
+            b.write(p, A, data, rnd.random() < 0.5, on_write(files), files)
+        elif op < 0.95:
+            b.read(p, B, rnd.choice([1, 2, 50, 4096, 70000]), True, on_read)
+        else:
+            b.close(p, B, "r")  # the last reader goes: the rest is discarded
+            break
+    b.drop_holder(A)
+    b.drop_holder(B)
+    ends = [f for f, _, _ in delivered] + refused + gone
+    assert sorted(f[0] for f in ends) == sorted(sent)  # each exactly once
+    assert [f[0] for f, _, _ in delivered] == sorted(f[0] for f, _, _ in delivered)  # in order
+    for files, start, end in delivered:  # the read holds their write's first byte...
+        assert start <= stream.index(files[0]) < end
+        assert stream[end - 1] == files[0]  # ...and ends in that write's bytes
