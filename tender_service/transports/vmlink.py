@@ -369,11 +369,9 @@ class VmLink:
             if not _needs_share(f) and _crossing_state(f) is None:
                 raise GuestError(errno.EOPNOTSUPP, f"a {f.kind} file cannot cross VMs")
         if any(_needs_share(f) for f in files):
-            converted = self.make_remote([proc])
-            files = [converted.get(id(f), f) for f in files]
+            converted = self.make_remote([proc])  # the sender's fds name the new ones
+            files = [self._share_file(f, converted) or f for f in files]
         states = [_crossing_state(f) for f in files]
-        if any(st is None for st in states):  # a local pipe end in no fd of proc
-            raise GuestError(errno.EOPNOTSUPP, "a file to send is in no fd table")
         return [st for st in states if st is not None], files
 
     def files_from_states(self, k: Kernel, states: list[dict]) -> list[File]:
