@@ -27,9 +27,9 @@ from support import image_path, native, vm
 
 from tender_service.instance.backends.vmclone import run_vmclone
 from tender_service.instance.pool import WarmPool
-from tender_service.instance.supervisor import IN_FLIGHT, ProcRec, Supervisor
+from tender_service.instance.supervisor import ProcRec, Supervisor
 from tender_service.rump.vminfo import VmConfig
-from tender_service.transports.broker import PIPE_CAPACITY
+from tender_service.transports.broker import IN_FLIGHT_HOLDER, PIPE_CAPACITY
 from tender_service.transports.frames import Frame
 from tender_service.transports.protocol import FILES, NONBLOCK, Msg, pack_files
 from tender_service.vm import DEFAULT_ENV, CaptureSink, create_vm
@@ -227,7 +227,7 @@ class _Frames:
 def test_forged_files_are_refused(pool: WarmPool) -> None:
     """A VM can send only files it holds: a pipe end or an open file description it
     has no ref of is EBADF (nothing written), a bad FILES header EINVAL; one it holds
-    goes into the pipe with a ref held for it (IN_FLIGHT)."""
+    goes into the pipe with a ref held for it (IN_FLIGHT_HOLDER)."""
     sup = Supervisor(pool, "shm", CaptureSink(), VmConfig(timeout=60))
     ch = _Frames()
     rec = ProcRec(5, 1, 5, 5, state="running", channel=ch)  # type: ignore[arg-type]
@@ -245,16 +245,16 @@ def test_forged_files_are_refused(pool: WarmPool) -> None:
         assert write(pack_files([{"kind": "epoll"}], b"x")) == -errno.EBADF
         assert write(b"\xff\xff\xff\xff{") == -errno.EINVAL
         assert sup.broker.stats()["bytes_buffered"] == 0
-        assert not sup.broker.holds(other, IN_FLIGHT, "w")
+        assert not sup.broker.holds(other, IN_FLIGHT_HOLDER, "w")
         assert write(pack_files([{**rpipe, "end": "w"}], b"x")) == 1
-        assert sup.broker.holds(other, IN_FLIGHT, "w")
+        assert sup.broker.holds(other, IN_FLIGHT_HOLDER, "w")
         # a write that puts nothing in (EAGAIN on a full pipe) gives the refs back
         assert write(b"f" * PIPE_CAPACITY, flags=0) == PIPE_CAPACITY - 1
         full = pack_files([{**rpipe, "end": "w"}], b"y")
         assert write(full, flags=FILES | NONBLOCK) == -errno.EAGAIN
         # one ref of the first message's still in flight, none of the refused one
-        sup._release_files(IN_FLIGHT, [{**rpipe, "end": "w"}])
-        assert not sup.broker.holds(other, IN_FLIGHT, "w")
+        sup._release_files(IN_FLIGHT_HOLDER, [{**rpipe, "end": "w"}])
+        assert not sup.broker.holds(other, IN_FLIGHT_HOLDER, "w")
     finally:
         sup.close()
 

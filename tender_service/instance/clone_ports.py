@@ -31,13 +31,13 @@ from dataclasses import dataclass
 
 from tender_service.instance.observer import notify
 from tender_service.rump.published import MAX_OUTBOUND, HostLink, OutboundRule, route
-from tender_service.transports.broker import POLL_ERR, PipeBroker
+from tender_service.transports.broker import HOST_HOLDER, POLL_ERR, PipeBroker
 from tender_service.transports.listeners import ListenerBroker
 
 log = logging.getLogger(__name__)
 
-#: the broker holder of the host side of published connections (no VM)
-HOST = -1
+#: the broker holder of the host side of published and outbound connections
+HOST = HOST_HOLDER
 #: bytes of the guest's output taken from its pipe at a time
 CHUNK = 65536
 DialReply = Callable[[dict | int], None]
@@ -177,9 +177,13 @@ class ClonePorts:
     def _pull(self, cid: int) -> None:
         f = self.flows.get(cid)
         if f is not None and f.reading:
-            self.broker.read(f.tx, HOST, CHUNK, False, lambda res: self._from_guest(cid, res))
+            self.broker.read(
+                f.tx, HOST, CHUNK, False, lambda res, files=None: self._from_guest(cid, res, files)
+            )
 
-    def _from_guest(self, cid: int, res: bytes | int) -> None:
+    def _from_guest(self, cid: int, res: bytes | int, files: object = None) -> None:
+        if files is not None and self.broker.discard is not None:
+            self.broker.discard(files)  # the host takes no files (a guest's TCP drops them)
         f = self.flows.get(cid)
         if f is None or not f.reading:
             return

@@ -40,7 +40,7 @@ from tender_service.machine.rootfs import RootFs
 from tender_service.rump import pgroups, signals
 from tender_service.rump.fs import FileSystem
 from tender_service.rump.vminfo import FORK_PHASES, ProcInfo, RunResult, VmConfig
-from tender_service.transports.broker import PipeBroker
+from tender_service.transports.broker import IN_FLIGHT_HOLDER, PipeBroker
 from tender_service.transports.channel import (
     PEER_TIMEOUT,
     SHM_FALLBACK_KEY,
@@ -77,8 +77,6 @@ _REQUESTS: dict[int, str] = {
 
 INIT_PID = 1
 MAIN_PID = 2
-#: the holder of files in SCM_RIGHTS messages that no VM has read yet (never a pid)
-IN_FLIGHT = -1
 #: file kinds every VM has of its own (nothing in the supervisor to hold)
 _LOCAL_KINDS = {"console", "null", "zero", "urandom"}
 _DATA_OPS = {"pipe_create", "fs", "fs_raw", "fs_write", "proc_comm", "listen_connect"}
@@ -202,7 +200,9 @@ class Supervisor:
         self.budget = budget
         self._memory_refused = False
         self.token = uuid.uuid4().hex
-        self.broker = PipeBroker(discard=lambda states: self._release_files(IN_FLIGHT, states))
+        self.broker = PipeBroker(
+            discard=lambda states: self._release_files(IN_FLIGHT_HOLDER, states)
+        )
         #: every TCP listener of the instance's VMs (their queues: transports/listeners.py)
         self.listen_broker = ListenerBroker(self.broker)
         #: ``--publish``/``--allow-outbound``: the host side, served into the brokers
@@ -695,9 +695,9 @@ class Supervisor:
             if states is None or isinstance(res, int):
                 self._send(rec, _data_frame(req, res))
                 return
-            if not self._hold_files(IN_FLIGHT, rec.pid, states):  # cannot fail: held
+            if not self._hold_files(IN_FLIGHT_HOLDER, rec.pid, states):  # cannot fail: held
                 log.warning("instance %s: files in flight lost their refs", self.id)
-            self._release_files(IN_FLIGHT, states)
+            self._release_files(IN_FLIGHT_HOLDER, states)
             self._send(rec, Frame(Msg.PIPE_DATA, FILES, req, 0, 0, pack_files(states, res)))
 
         self.broker.read(f.pipe, rec.pid, f.arg, bool(f.flags & NONBLOCK), read, room)
@@ -717,7 +717,7 @@ class Supervisor:
         """A VM writes a brokered pipe: the count (and SIGPIPE) goes back once written.
 
         Files (SCM_RIGHTS on a socket across VMs) ride on the write's first byte:
-        the pipe holds refs of them (``IN_FLIGHT``) from now until a reader gets
+        the pipe holds refs of them (``IN_FLIGHT_HOLDER``) from now until a reader gets
         them or nobody can; the writer's own refs are its to close."""
         t0 = time.perf_counter()
         data, states = f.payload, None
@@ -727,13 +727,13 @@ class Supervisor:
             except ValueError:
                 self._send(rec, Frame(Msg.PIPE_WROTE, 0, f.req, 0, -errno.EINVAL, b""))
                 return
-            if not self._hold_files(rec.pid, IN_FLIGHT, states):
+            if not self._hold_files(rec.pid, IN_FLIGHT_HOLDER, states):
                 self._send(rec, Frame(Msg.PIPE_WROTE, 0, f.req, 0, -errno.EBADF, b""))
                 return
 
         def wrote(n: int, sig: bool, req: int = f.req) -> None:
             if states is not None and n <= 0:  # not in the pipe: the refs go back
-                self._release_files(IN_FLIGHT, states)
+                self._release_files(IN_FLIGHT_HOLDER, states)
             if n > 0 and self._on_pipe_write is not None:
                 self._on_pipe_write(n, time.perf_counter() - t0)
             self._send(rec, Frame(Msg.PIPE_WROTE, SIGPIPE_FLAG if sig else 0, req, 0, n, b""))
@@ -744,7 +744,7 @@ class Supervisor:
     def _hold_files(self, src: int, dst: int, states: list[dict]) -> bool:
         """Give ``dst`` one ref of each file ``states`` describes, each of which
         ``src`` must hold (else nothing is taken: False).  Holders are VM pids and
-        ``IN_FLIGHT``; unlike ``_op_pipe_refs`` and its kind, this serves no VM's
+        ``IN_FLIGHT_HOLDER``; unlike ``_op_pipe_refs`` and its kind, this serves no VM's
         request for another pid, so the fork checks do not apply."""
         taken: list[dict] = []
         for st in states:

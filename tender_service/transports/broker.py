@@ -56,6 +56,13 @@ log = logging.getLogger(__name__)
 POLL_IN, POLL_OUT, POLL_ERR, POLL_HUP = 0x41, 0x104, 0x8, 0x10
 
 Holder: TypeAlias = int
+#: holders that are no VM (a VM holds refs under its process's pid, always > 1): the
+#: host side of published and outbound connections (instance/clone_ports.py), the
+#: server ends of connections no VM has accepted yet (transports/listeners.py), and
+#: the files of SCM_RIGHTS messages nobody has read yet (the supervisor)
+HOST_HOLDER: Holder = -1
+QUEUED_HOLDER: Holder = -2
+IN_FLIGHT_HOLDER: Holder = -3
 ReadReply: TypeAlias = Callable[..., None]
 """Called with the bytes read (``b""`` = EOF, or a 0-byte read) or ``-errno``; when
 the bytes carry a mark, with its files as the second argument."""

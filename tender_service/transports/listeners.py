@@ -31,13 +31,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
-from tender_service.transports.broker import POLL_IN, PipeBroker
+from tender_service.transports.broker import POLL_IN, QUEUED_HOLDER, PipeBroker
 
 log = logging.getLogger(__name__)
 
 Holder: TypeAlias = int
-#: the holder of a queued connection's server ends until an accept takes them (no VM)
-QUEUED: Holder = -2
+#: the holder of a queued connection's server ends until an accept takes them
+QUEUED = QUEUED_HOLDER
 
 
 @dataclass(frozen=True)
