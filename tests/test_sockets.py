@@ -41,6 +41,22 @@ VMCLONE_PROGRAMS = [*PROGRAMS, ("sock_inet", [])]
 VMCLONE = ["shm", "tcp"]
 
 
+def vmclone_out(pool: WarmPool, transport: str, name: str, *args: str) -> str:
+    """``name`` run to its end in VM-clone mode (it must exit 0): its stdout."""
+    sink = CaptureSink()
+    result = run_vmclone(
+        image_path(name),
+        list(args),
+        config=VmConfig(timeout=120),
+        sink=sink,
+        transport=transport,
+        pool=pool,
+    )
+    out = bytes(sink.stdout).decode(errors="replace")
+    assert (result.outcome, result.status) == ("exited", 0), (out, sink.stderr, result.reports)
+    return out
+
+
 @pytest.fixture(scope="module")
 def native_outs() -> Iterator[dict[str, str]]:
     top = Path(tempfile.mkdtemp(prefix="unifork-sock-", dir="/dev/shm"))
@@ -77,17 +93,7 @@ def test_thread_mode_matches_native(
 def test_vmclone_matches_native(
     native_outs: dict[str, str], pool: WarmPool, transport: str, name: str, args: list[str]
 ) -> None:
-    sink = CaptureSink()
-    result = run_vmclone(
-        image_path(name),
-        [*args, f"/tmp/{name}"],
-        config=VmConfig(timeout=120),
-        sink=sink,
-        transport=transport,
-        pool=pool,
-    )
-    out = bytes(sink.stdout).decode(errors="replace")
-    assert (result.outcome, result.status) == ("exited", 0), (out, sink.stderr, result.reports)
+    out = vmclone_out(pool, transport, name, *args, f"/tmp/{name}")
     assert out == native_outs[" ".join([name, *args])]
 
 
@@ -129,17 +135,7 @@ def test_inherited_sockets_across_vms(pool: WarmPool, transport: str) -> None:
     fd the child passes up with SCM_RIGHTS do, as natively."""
     n = native("sock_across")
     assert n.returncode == 0, n.stderr
-    sink = CaptureSink()
-    result = run_vmclone(
-        image_path("sock_across"),
-        [],
-        config=VmConfig(timeout=120),
-        sink=sink,
-        transport=transport,
-        pool=pool,
-    )
-    out = bytes(sink.stdout).decode(errors="replace")
-    assert (result.outcome, result.status) == ("exited", 0), (out, result.reports)
+    out = vmclone_out(pool, transport, "sock_across")
     assert out == across_vmclone(n.stdout.decode())
     assert "child: sendmsg SCM_RIGHTS = 1\n" in out
 
@@ -179,18 +175,7 @@ def test_sock_pass_across_vms(pool: WarmPool, pass_native: str, transport: str) 
     """SCM_RIGHTS across VMs: pipe ends, a file of the instance's file system (its
     offset shared) and socket pair ends cross both ways, a shared TCP listener too; a file without room (or read
     by read(2)) is closed, one in flight when its receiver exits too: as natively."""
-    sink = CaptureSink()
-    result = run_vmclone(
-        image_path("sock_pass"),
-        ["/tmp/sock_pass"],
-        config=VmConfig(timeout=120),
-        sink=sink,
-        transport=transport,
-        pool=pool,
-    )
-    out = bytes(sink.stdout).decode(errors="replace")
-    assert (result.outcome, result.status) == ("exited", 0), (out, result.reports)
-    assert out == pass_native
+    assert vmclone_out(pool, transport, "sock_pass", "/tmp/sock_pass") == pass_native
 
 
 def test_files_in_flight_leave_nothing_held(pool: WarmPool, pass_native: str) -> None:
@@ -261,17 +246,7 @@ def test_forged_files_are_refused(pool: WarmPool) -> None:
 
 def test_unsupported_kind_across_vms(pool: WarmPool) -> None:
     """An epoll fd cannot cross VMs: EOPNOTSUPP, nothing sent (natively it goes)."""
-    sink = CaptureSink()
-    result = run_vmclone(
-        image_path("sock_pass"),
-        ["/tmp/sock_pass", "epoll"],
-        config=VmConfig(timeout=120),
-        sink=sink,
-        transport="shm",
-        pool=pool,
-    )
-    out = bytes(sink.stdout).decode(errors="replace")
-    assert (result.outcome, result.status) == ("exited", 0), (out, result.reports)
+    out = vmclone_out(pool, "shm", "sock_pass", "/tmp/sock_pass", "epoll")
     assert out == "child: send an epoll fd = -1 EOPNOTSUPP\nchild exited 0\ndone\n"
 
 

@@ -13,6 +13,7 @@
  */
 #define PROG "sock_across"
 #include "guest_common.h"
+#include "fdpass.h"
 
 #include <fcntl.h>
 #include <stddef.h>
@@ -52,31 +53,15 @@ int main(void)
 	pid = xfork();
 	if (pid == 0) {
 		int c = socket(AF_UNIX, SOCK_STREAM, 0), s;
-		struct msghdr m = {0};
-		struct iovec iov = {"f", 1};
-		union {
-			char b[CMSG_SPACE(sizeof(int))];
-			struct cmsghdr align;
-		} u;
-		struct cmsghdr *cm;
 
 		set_errno(0);
 		line("child: connect to the parent's name", connect(c, (struct sockaddr *)&a, len));
 		set_errno(0);
 		s = accept(l, NULL, NULL);
 		line("child: accept on the inherited listener", s);
-		m.msg_iov = &iov;
-		m.msg_iovlen = 1;
-		m.msg_control = u.b;
-		m.msg_controllen = sizeof u.b;
-		cm = CMSG_FIRSTHDR(&m);
-		cm->cmsg_level = SOL_SOCKET;
-		cm->cmsg_type = SCM_RIGHTS;
-		cm->cmsg_len = CMSG_LEN(sizeof(int));
-		memcpy(CMSG_DATA(cm), &p[0], sizeof(int));
 		write_full(p[1], "x", 1);
 		set_errno(0);
-		line("child: sendmsg SCM_RIGHTS", sendmsg(sv[1], &m, 0));
+		line("child: sendmsg SCM_RIGHTS", send_fd(sv[1], 'f', p[0]));
 		set_errno(0);
 		line("child: send bytes", send(sv[1], "bytes", 5, 0));
 		_exit(0);
@@ -84,24 +69,10 @@ int main(void)
 	close(sv[1]);
 	waitpid(pid, &st, 0);
 	{
-		struct msghdr m = {0};
-		struct iovec iov = {buf, 1};
-		union {
-			char b[CMSG_SPACE(sizeof(int))];
-			struct cmsghdr align;
-		} u;
-		struct cmsghdr *cm;
-		int fd = -1;
+		int fd, flags;
 
-		m.msg_iov = &iov;
-		m.msg_iovlen = 1;
-		m.msg_control = u.b;
-		m.msg_controllen = sizeof u.b;
 		set_errno(0);
-		line("parent: recvmsg", recvmsg(sv[0], &m, MSG_DONTWAIT));
-		cm = CMSG_FIRSTHDR(&m);
-		if (cm && cm->cmsg_type == SCM_RIGHTS)
-			memcpy(&fd, CMSG_DATA(cm), sizeof(int));
+		line("parent: recvmsg", recv_fd_msg(sv[0], buf, 1, MSG_DONTWAIT, &fd, &flags));
 		close(p[0]);
 		close(p[1]);
 		buf[0] = '?';

@@ -22,6 +22,7 @@
  */
 #define PROG "sock_pass"
 #include "guest_common.h"
+#include "fdpass.h"
 
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -44,56 +45,13 @@ static void note(int child, const char *fmt, long v)
 		strncat(out, buf, sizeof out - strlen(out) - 1);
 }
 
-/* One byte ``tag`` with ``n`` fds in one SCM_RIGHTS message. */
-static long send_fds(int s, char tag, const int *fds, int n)
-{
-	struct msghdr m = {0};
-	struct iovec iov = {&tag, 1};
-	union {
-		char b[CMSG_SPACE(2 * sizeof(int))];
-		struct cmsghdr align;
-	} u;
-	struct cmsghdr *cm;
-
-	m.msg_iov = &iov;
-	m.msg_iovlen = 1;
-	m.msg_control = u.b;
-	m.msg_controllen = CMSG_SPACE((size_t)n * sizeof(int));
-	cm = CMSG_FIRSTHDR(&m);
-	cm->cmsg_level = SOL_SOCKET;
-	cm->cmsg_type = SCM_RIGHTS;
-	cm->cmsg_len = CMSG_LEN((size_t)n * sizeof(int));
-	memcpy(CMSG_DATA(cm), fds, (size_t)n * sizeof(int));
-	return sendmsg(s, &m, 0);
-}
-
-static long send_fd(int s, char tag, int fd)
-{
-	return send_fds(s, tag, &fd, 1);
-}
-
 /* One message's byte and its fd (-1: none); ``room`` 0 gives no control buffer. */
 static int recv_fd(int s, char *tag, int room, int *flags)
 {
-	struct msghdr m = {0};
-	struct iovec iov = {tag, 1};
-	union {
-		char b[CMSG_SPACE(sizeof(int))];
-		struct cmsghdr align;
-	} u;
-	struct cmsghdr *cm;
-	int fd = -1;
+	int fd;
 
-	m.msg_iov = &iov;
-	m.msg_iovlen = 1;
-	m.msg_control = room ? u.b : NULL;
-	m.msg_controllen = room ? sizeof u.b : 0;
-	if (recvmsg(s, &m, 0) != 1)
+	if (recv_fd_msg(s, tag, room, 0, &fd, flags) != 1)
 		DIE_ERRNO("recvmsg");
-	*flags = m.msg_flags;
-	for (cm = CMSG_FIRSTHDR(&m); cm; cm = CMSG_NXTHDR(&m, cm))
-		if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS)
-			memcpy(&fd, CMSG_DATA(cm), sizeof(int));
 	return fd;
 }
 

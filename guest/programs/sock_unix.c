@@ -15,6 +15,7 @@
  */
 #define PROG "sock_unix"
 #include "guest_common.h"
+#include "fdpass.h"
 
 #include <fcntl.h>
 #include <stddef.h>
@@ -37,54 +38,22 @@ static socklen_t addr_of(struct sockaddr_un *a, const char *path, int abstract)
 	return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + strlen(path) + 1);
 }
 
-static void send_fd(int s, int fd, const char *data)
+/* ``data`` (a string) with ``fd`` in one SCM_RIGHTS message. */
+static void send_str_fd(int s, int fd, const char *data)
 {
-	struct msghdr m = {0};
-	struct iovec iov = {(void *)data, strlen(data)};
-	union {
-		char buf[CMSG_SPACE(sizeof(int))];
-		struct cmsghdr align;
-	} u;
-	struct cmsghdr *c;
-
-	m.msg_iov = &iov;
-	m.msg_iovlen = 1;
-	m.msg_control = u.buf;
-	m.msg_controllen = sizeof u.buf;
-	c = CMSG_FIRSTHDR(&m);
-	c->cmsg_level = SOL_SOCKET;
-	c->cmsg_type = SCM_RIGHTS;
-	c->cmsg_len = CMSG_LEN(sizeof(int));
-	memcpy(CMSG_DATA(c), &fd, sizeof fd);
-	if (sendmsg(s, &m, 0) != (ssize_t)strlen(data))
+	if (send_data_fds(s, data, strlen(data), &fd, 1) != (long)strlen(data))
 		DIE_ERRNO("sendmsg");
 }
 
-/* the fd received with the message, -1 if none; the data into buf */
-static int recv_fd(int s, char *buf, size_t n, int *flags)
+/* the fd received with the message, -1 if none; the data into buf (a string) */
+static int recv_str_fd(int s, char *buf, size_t n, int *flags)
 {
-	struct msghdr m = {0};
-	struct iovec iov = {buf, n - 1};
-	union {
-		char buf[CMSG_SPACE(sizeof(int))];
-		struct cmsghdr align;
-	} u;
-	struct cmsghdr *c;
-	ssize_t r;
-	int fd = -1;
+	int fd;
+	long r = recv_data_fd(s, buf, n - 1, 1, 0, &fd, flags);
 
-	m.msg_iov = &iov;
-	m.msg_iovlen = 1;
-	m.msg_control = u.buf;
-	m.msg_controllen = sizeof u.buf;
-	r = recvmsg(s, &m, 0);
 	if (r < 0)
 		DIE_ERRNO("recvmsg");
 	buf[r] = 0;
-	*flags = m.msg_flags;
-	for (c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c))
-		if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
-			memcpy(&fd, CMSG_DATA(c), sizeof fd);
 	return fd;
 }
 
@@ -205,11 +174,11 @@ static void one_process(void)
 	/* SCM_RIGHTS: a pipe's read end, closed by the sender while in flight */
 	socketpair(AF_UNIX, SOCK_STREAM, 0, sv);
 	xpipe(p);
-	send_fd(sv[0], p[0], "fd");
+	send_str_fd(sv[0], p[0], "fd");
 	close(p[0]);
 	write_full(p[1], "through the passed fd", 21);
 	close(p[1]);
-	fd = recv_fd(sv[1], buf, sizeof buf, &flags);
+	fd = recv_str_fd(sv[1], buf, sizeof buf, &flags);
 	printf("recvmsg data '%s' got fd %s ctrunc %d\n", buf, fd >= 0 ? "yes" : "no", !!(flags & MSG_CTRUNC));
 	memset(buf, 0, sizeof buf);
 	CHECK("read the passed fd", read(fd, buf, sizeof buf));
@@ -217,7 +186,7 @@ static void one_process(void)
 	close(fd);
 	/* data without room for the control message: the fd is dropped, MSG_CTRUNC */
 	xpipe(p);
-	send_fd(sv[0], p[1], "x");
+	send_str_fd(sv[0], p[1], "x");
 	close(p[1]);
 	memset(&m, 0, sizeof m);
 	iov.iov_base = buf;
@@ -368,12 +337,12 @@ static void forked(void)
 
 		write_full(f, "written by the child\n", 21);
 		lseek(f, 0, SEEK_SET);
-		send_fd(sv[1], f, "here");
+		send_str_fd(sv[1], f, "here");
 		close(f);
 		_exit(0);
 	}
 	waitpid(pid, &st, 0);
-	fd = recv_fd(sv[0], buf, sizeof buf, &flags);
+	fd = recv_str_fd(sv[0], buf, sizeof buf, &flags);
 	printf("child %s, sent '%s' with fd %s\n", describe_status(st), buf, fd >= 0 ? "yes" : "no");
 	r = read(fd, buf, sizeof buf - 1);
 	buf[r > 0 ? r : 0] = 0;
