@@ -95,13 +95,19 @@ def serve(
         assert line.startswith("prefork_http: listening"), (line, proc.poll())
         yield Server(proc, port, mode)
     finally:
-        if proc.poll() is None:
+        running = proc.poll() is None
+        if running:
             os.killpg(proc.pid, signal.SIGTERM if mode == "native" else signal.SIGINT)
         try:
-            proc.wait(30)
+            code = proc.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+            raise AssertionError(f"{mode}: the server did not stop on SIGINT/SIGTERM") from None
+    # ^C ends `unifork run` at once, whatever the guest was doing (130, or killed by
+    # SIGINT: a shell says 130 for both)
+    want = {0} if mode == "native" else {130, -signal.SIGINT}
+    assert not running or code in want, (mode, code)
 
 
 def get(port: int, path: str) -> tuple[int, list[tuple[str, str]], bytes]:

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import selectors
+import signal
 import threading
 import time
 from collections import deque
@@ -153,6 +154,8 @@ class Kernel(ProcessTable):
         self.console = console
         self.forker = forker
         self.remote: RemoteHost | None = None
+        #: the host's ^C came (``_on_sigint``): KeyboardInterrupt once the CPU stopped
+        self.host_interrupted = False
         #: work from other threads (VM-clone: the supervisor's messages) for the loop;
         #: a running guest's next syscall yields to it (see ``post_event``)
         self.events: deque[Callable[[], None]] = deque()
@@ -318,9 +321,12 @@ class Kernel(ProcessTable):
         if self.config.timeout:
             token = WATCHDOG.arm(start + self.config.timeout, self._on_timeout)
         outcome = None
+        old_sigint = self._take_sigint()
         try:
             outcome = self._loop()
         finally:
+            if old_sigint is not None:
+                signal.signal(signal.SIGINT, old_sigint)
             if token is not None:
                 WATCHDOG.cancel(token)
             self._stop_reason = self._stop_reason or "done"
@@ -339,6 +345,28 @@ class Kernel(ProcessTable):
             peak_memory=self.peak_memory,
             processes=self.process_table(),
         )
+
+    def _take_sigint(self) -> Callable | None:
+        """On the main thread with Python's own ^C handler: our handler for the run
+        (the handler it replaced, to restore).  Python's raises KeyboardInterrupt
+        wherever the main thread is, often in the syscall hook, where ctypes would
+        swallow it and the guest run on; ours stops the CPU and wakes the loop,
+        which raises it (``_ran``, ``_wait_fds``)."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return None
+        return signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum: int, frame: object) -> None:
+        self.host_interrupted = True
+        self.cpu.stop()
+        self._notify()
+
+    def _check_interrupt(self) -> None:
+        if self.host_interrupted:
+            self.host_interrupted = False
+            raise KeyboardInterrupt
 
     # -- events from other threads (VM-clone: messages from the supervisor) ------------
     def post_event(self, fn: Callable[[], None], interrupt: bool = False) -> None:
@@ -479,6 +507,7 @@ class Kernel(ProcessTable):
 
     def _ran(self, lwp: Lwp, ex: CpuExit) -> None:
         """After ``lwp`` ran: a fault, a requeue, or a blocked syscall to restart later."""
+        self._check_interrupt()
         t, cpu = lwp.thread, self.cpu
         if ex.kind is ExitKind.FAULT and t.state is not ThreadState.DEAD:
             self._fault(lwp, ex)
@@ -622,7 +651,9 @@ class Kernel(ProcessTable):
                     self.fire_ptimer(p, t, t.deadline)
                     return True
         timer = self._next_timer()
-        if not sched.host_wakeable() and timer is None:
+        # a server with published ports waits for its clients, as a VM-clone one does
+        serving = self.published is not None and bool(self.published.guest_ports)
+        if not sched.host_wakeable() and timer is None and not serving:
             return False
         timeout = None if timer is None else max(0.0, timer - time.monotonic())
         if self.remote is not None and timer is None:
@@ -645,6 +676,7 @@ class Kernel(ProcessTable):
             if host_fd is not None:
                 sel.register(host_fd, selectors.EVENT_READ)
             ready = sel.select(timeout)
+            self._check_interrupt()
             for key, _ in ready:
                 if key.fd == self._wakeup_r:
                     with contextlib.suppress(BlockingIOError):
