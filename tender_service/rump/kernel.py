@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from tender_service.bmk.memalloc import MEMWHO_WIREDBMK, MemAlloc
 from tender_service.bmk.pagealloc import PageAllocator
@@ -321,11 +321,11 @@ class Kernel(ProcessTable):
         if self.config.timeout:
             token = WATCHDOG.arm(start + self.config.timeout, self._on_timeout)
         outcome = None
-        old_sigint = self._take_sigint()
+        took_sigint, old_sigint = self._take_sigint()
         try:
             outcome = self._loop()
         finally:
-            if old_sigint is not None:
+            if took_sigint:
                 signal.signal(signal.SIGINT, old_sigint)
             if token is not None:
                 WATCHDOG.cancel(token)
@@ -346,17 +346,17 @@ class Kernel(ProcessTable):
             processes=self.process_table(),
         )
 
-    def _take_sigint(self) -> Callable | None:
-        """On the main thread with Python's own ^C handler: our handler for the run
-        (the handler it replaced, to restore).  Python's raises KeyboardInterrupt
+    def _take_sigint(self) -> tuple[bool, Any]:
+        """On the main thread with Python's own ^C handler: ours for the run; returns
+        (taken, the handler to restore).  Python's raises KeyboardInterrupt
         wherever the main thread is, often in the syscall hook, where ctypes would
         swallow it and the guest run on; ours stops the CPU and wakes the loop,
         which raises it (``_ran``, ``_wait_fds``)."""
         if threading.current_thread() is not threading.main_thread():
-            return None
+            return False, None
         if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-            return None
-        return signal.signal(signal.SIGINT, self._on_sigint)
+            return False, None
+        return True, signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigint(self, signum: int, frame: object) -> None:
         self.host_interrupted = True
