@@ -77,6 +77,8 @@ _REQUESTS: dict[int, str] = {
 
 INIT_PID = 1
 MAIN_PID = 2
+#: seconds the launcher's thread waits at a time for the instance's end (see ``wait``)
+WAIT_SLICE = 0.5
 #: file kinds every VM has of its own (nothing in the supervisor to hold)
 _LOCAL_KINDS = {"console", "null", "zero", "urandom"}
 _DATA_OPS = {"pipe_create", "fs", "fs_raw", "fs_write", "proc_comm", "listen_connect"}
@@ -348,12 +350,16 @@ class Supervisor:
         )
 
     def wait(self) -> RunResult:
-        timeout = self.config.timeout
-        if timeout is not None:
-            timeout = max(0.0, timeout - (time.monotonic() - self.t0))
-        if not self.done.wait(timeout):
-            self.kill("timeout")
-            self.done.wait(10)
+        deadline = None if self.config.timeout is None else self.t0 + self.config.timeout
+        # in short waits: a ^C the kernel gave another of our threads is only seen when
+        # the main thread runs Python again (a long Event.wait would hide it)
+        while not self.done.wait(
+            WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - time.monotonic())
+        ):
+            if deadline is not None and time.monotonic() >= deadline:
+                self.kill("timeout")
+                self.done.wait(10)
+                break
         main = self.procs.get(MAIN_PID)
         status = main.status if main else signals.signaled_status(signals.SIGKILL)
         outcome = self._outcome or ("exited" if status & 0x7F == 0 else "signaled")
