@@ -190,6 +190,12 @@ def mini_httpd_server(top: Path) -> HttpServer:
     )
 
 
+def _fill(row: HttpRow, r: LoadResult) -> None:
+    """The load's figures into ``row``, rounded once (comparison/report.py sig)."""
+    row.requests, row.errors = r.requests, r.errors
+    row.rps, row.p50_ms, row.p99_ms = sig(r.rps), sig(r.p50_ms), sig(r.p99_ms)
+
+
 def measure(srv: HttpServer, mode: str, seconds: float, clients: int) -> HttpRow:
     """Start ``srv`` in ``mode``, load it, measure its memory, stop it."""
     c = srv.clients.get(mode, clients)
@@ -203,8 +209,7 @@ def measure(srv: HttpServer, mode: str, seconds: float, clients: int) -> HttpRow
     except (RuntimeError, OSError) as e:
         row.status, row.error = "failed", str(e)[:300]
         return row
-    row.requests, row.errors = r.requests, r.errors
-    row.rps, row.p50_ms, row.p99_ms = sig(r.rps), sig(r.p50_ms), sig(r.p99_ms)
+    _fill(row, r)
     if srv.workers:
         row.pss_mib_per_worker = sig(row.pss_bytes / MIB / srv.workers)
     return row
@@ -259,8 +264,7 @@ def _tender_row(c, w: int, placement: str, mode: str, seconds: float, clients: i
         r = load(published[0].host_port, "/hello", seconds, clients)
     finally:
         c.kill(iid)
-    row.requests, row.errors = r.requests, r.errors
-    row.rps, row.p50_ms, row.p99_ms = sig(r.rps), sig(r.p50_ms), sig(r.p99_ms)
+    _fill(row, r)
     return row
 
 

@@ -110,19 +110,19 @@ class RemoteHost(Protocol):
 
     def accept_shared(self, k: Kernel, lwp: Lwp, sock: InetSocket) -> Socket:
         """The next connection of a shared listener (Block while it waits)."""
-        raise NotImplementedError
+        ...
 
     def connect_shared(self, k: Kernel, sock: InetSocket, lid: int, ip: bytes, port: int) -> None:
         """``sock`` connects to shared listener ``lid`` (0: whichever VM of the
         instance listens at ip:port): this VM's files hold the connected socket in
         its place from now on (ECONNREFUSED: no listener)."""
-        raise NotImplementedError
+        ...
 
     def connect_out(self, k: Kernel, lwp: Lwp, sock: InetSocket, ip: bytes, port: int) -> None:
         """``sock`` connects to ip:port outside the instance (Block while the supervisor
         connects; ENETUNREACH if the instance may not): this VM's files hold the
         connected socket in its place from now on."""
-        raise NotImplementedError
+        ...
 
     def listener_poll(self, lid: int) -> int:
         """poll events of a shared listener's queue (POLLIN: a connection waits)."""

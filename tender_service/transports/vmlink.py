@@ -569,11 +569,7 @@ class VmLink:
     ) -> None:
         """``sock`` is connected over the two pipes ``data`` names: a RemoteSocket over
         them takes its place in every fd table and epoll set of this VM."""
-        info = json.loads(data)
-        new = RemoteSocket(
-            self, int(info["rx"]), int(info["tx"]), SOCK_STREAM, sock.flags, sock.family,
-            name, peer,
-        )  # fmt: skip
+        new = self._over_pipes(json.loads(data), sock.family, sock.flags, name, peer)
         new.refs = sock.refs
         new.connect_owed = sock.nonblocking  # its connect answers EINPROGRESS
         swapped: dict[int, File] = {id(sock): new}
@@ -597,15 +593,15 @@ class VmLink:
             peer = ip_bytes(sock.family, peer_ip)
         except ValueError:
             peer = local
+        name = sock.sockaddr(local, sock.port)
+        return self._over_pipes(info, sock.family, 0, name, sock.sockaddr(peer, peer_port))
+
+    def _over_pipes(
+        self, info: dict, family: int, flags: int, name: bytes, peer: bytes
+    ) -> RemoteSocket:
+        """A TCP connection's end over the two broker pipes ``info`` names (rx, tx)."""
         return RemoteSocket(
-            self,
-            int(info["rx"]),
-            int(info["tx"]),
-            SOCK_STREAM,
-            0,
-            sock.family,
-            sock.sockaddr(local, sock.port),
-            sock.sockaddr(peer, peer_port),
+            self, int(info["rx"]), int(info["tx"]), SOCK_STREAM, flags, family, name, peer
         )
 
     def listener_poll(self, lid: int) -> int:
