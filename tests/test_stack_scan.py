@@ -1,14 +1,15 @@
-"""The thread fork's stack scan: the fast candidate search must rebase exactly the
-words that a plain word-by-word pass over the same stack would."""
+"""The thread fork's stack scan: the scan in C (guest/runtime/relocate.c) must rebase
+exactly the words that a plain word-by-word pass over the same stack would."""
 
 from __future__ import annotations
 
+import ctypes
 import struct
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tender_service.fork.thread import _Relocator, word_tails
+from tender_service.fork.thread import _Relocator
 from tender_service.machine.layout import HEAP_BASE
 
 S_BASE = HEAP_BASE + 0x10_0000  # the parent's stack, inside the heap as in a VM
@@ -40,7 +41,8 @@ def _interesting(tls_lo: int, tls_hi: int, heap_size: int):
 @given(
     data=st.data(),
     heap_size=st.sampled_from([64 << 20, 4 << 30]),
-    tls_lo=st.sampled_from([0x0123_4000, 0x00FF_FF00, HEAP_BASE + 0x20_0000]),
+    # below the heap, straddling a byte boundary, in the heap, inside the stack
+    tls_lo=st.sampled_from([0x0123_4000, 0x00FF_FF00, HEAP_BASE + 0x20_0000, S_BASE + 0x1000]),
     pad=st.integers(0, 7),
 )
 def test_scan_rebases_the_same_words_as_a_plain_pass(data, heap_size, tls_lo, pad) -> None:
@@ -48,16 +50,31 @@ def test_scan_rebases_the_same_words_as_a_plain_pass(data, heap_size, tls_lo, pa
     words = data.draw(st.lists(_interesting(tls_lo, tls_hi, heap_size), max_size=300))
     buf = bytearray(pad) + bytearray(struct.pack(f"<{len(words)}Q", *words)) + bytearray(9)
     r = _Relocator(_NoHeapBlocks(heap_size), 7, S_BASE, S_TOP, DELTA, tls_lo, tls_hi, tdelta)
-    r.relocate_words(buf, pad, len(words))
+    addr = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+    r.relocate_words(buf, addr, pad, len(words))
     got = list(struct.unpack_from(f"<{len(words)}Q", buf, pad))
     assert got == [r.value(w) for w in words]
     assert buf[:pad] == bytearray(pad) and buf[-9:] == bytearray(9)  # nothing outside touched
 
 
-def testword_tails_cover_a_range_that_crosses_4_gib() -> None:
-    lo, hi = 0x1_FFFF_FF00, 0x2_0000_0100
-    tails = word_tails(lo, hi)
-    assert len(tails) == 2
-    for v in (lo, 0x1_FFFF_FFFF, 0x2_0000_0000, hi - 1):
-        b = struct.pack("<Q", v)
-        assert any(b[skip:] == tail for tail, skip in tails)
+def test_rebase_moves_region_words_and_reports_the_others_in_range() -> None:
+    """The C scan: a word in a region moves by its delta (the last word of a region
+    too, not the one past it); a word in ``other`` comes back as its index."""
+    from tender_service.fork.relocate import rebase, region_table
+
+    words = [0x1000, 0x1FF8, 0x2000, 0x5000, 0x5008, 0x9000, 7, 2**64 - 1]
+    buf = bytearray(struct.pack(f"<{len(words)}Q", *words))
+    addr = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+    table = region_table([(0x1000, 0x2000, 0x100), (0x5000, 0x5008, -0x1000)])
+    others = rebase(addr, len(words), table, (0x2000, 0x9001))
+    assert list(struct.unpack(f"<{len(words)}Q", buf)) == [
+        0x1100,
+        0x20F8,
+        0x2000,
+        0x4000,
+        0x5008,
+        0x9000,
+        7,
+        2**64 - 1,
+    ]
+    assert others == [2, 4, 5]  # 0x2000, 0x5008, 0x9000: in range, in no region

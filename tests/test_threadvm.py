@@ -194,3 +194,13 @@ def test_many_at_once(host):
     for vm, sink, _ in vms:
         r = vm.wait()
         assert (r.outcome, r.status, bytes(sink.stdout)) == ("exited", 0, b"token=15\n"), r
+
+
+def test_the_fork_servers_warm_up_forks_in_every_one_vm_mode() -> None:
+    """The server runs a musl program's forks in each one-VM mode before it forks
+    any VM process (issue 17), and every one of them exits cleanly."""
+    from tender_service.instance.vmserver import WARM_FORKS, warm_up_fork_paths
+    from tender_service.vm import FORKERS
+
+    assert WARM_FORKS >= 8  # CPython specializes a code object after its first runs
+    assert warm_up_fork_paths() == {mode: 0 for mode in FORKERS}

@@ -460,3 +460,17 @@ def test_build_all_and_list_images(image_cache: Path) -> None:
     assert after["args"].path is None
     with pytest.raises(images.ImageNotFoundError):
         images.build_all(["hello", "nope"])
+
+
+def test_host_libraries_build_and_an_unknown_name_is_refused() -> None:
+    """The host libraries (block hook, fork word scan) come from guest/runtime/<name>.c,
+    one cached shared object each; no other name builds."""
+    from tender_service.toolchain.cc import HOST_LIBRARIES, host_library_source
+    from tender_service.toolchain.images import build_host_library
+
+    paths = {build_host_library(name) for name in HOST_LIBRARIES}
+    assert len(paths) == len(HOST_LIBRARIES)
+    for path in paths:
+        assert path.is_file() and path.read_bytes()[:4] == b"\x7fELF"
+    with pytest.raises(ValueError, match="no host library"):
+        host_library_source("../../etc/passwd")

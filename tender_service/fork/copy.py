@@ -41,11 +41,13 @@ import ctypes
 import errno
 import functools
 import logging
+from array import array
 from dataclasses import dataclass, field
 
 from tender_service.bmk.memalloc import MEMWHO_USER
 from tender_service.bmk.pagealloc import PageAllocator
-from tender_service.fork.thread import RED_ZONE, word_tails
+from tender_service.fork.relocate import preload, rebase_spans, region_table
+from tender_service.fork.thread import RED_ZONE
 from tender_service.machine.cpu import FS_BASE, GPRS, RIP, SYSCALL_INSN_LEN, RegSet
 from tender_service.machine.errors import GuestError
 from tender_service.machine.layout import PAGE_SIZE
@@ -97,30 +99,9 @@ class RegionMap:
             return v + self.deltas[i]
         return v
 
-    def probes(self) -> list[tuple[bytes, int, int, int, int | None]]:
-        """How ``relocate`` finds candidates: (needle, its byte in the word, lo, hi,
-        delta).  The regions are merged into spans within one 4 GiB piece, so a few
-        patterns cover hundreds of heap blocks; every word pointing into a span has
-        ``needle`` at that byte (the last non-zero byte of the upper bytes the
-        span's words share, see ``word_tails``: CPython's find runs at memchr speed
-        for one byte, far slower for a needle ending in zeroes over zero-filled
-        bss).  Only a value in [lo, hi) can point into the span; ``delta`` is the
-        region's when the span is a single region (the image, often), else None.
-        """
-        spans: list[list[int]] = []  # lo, hi, regions, delta
-        for lo, hi, d in zip(self.los, self.his, self.deltas, strict=True):
-            if spans and lo >> 32 == spans[-1][1] >> 32:
-                spans[-1][1] = max(spans[-1][1], hi)
-                spans[-1][2] += 1
-            else:
-                spans.append([lo, hi, 1, d])
-        out = []
-        for lo, hi, n, d in spans:
-            for tail, skip in word_tails(lo, hi):
-                j = len(tail.rstrip(b"\0")) - 1
-                needle = tail[j : j + 1] if j >= 0 else tail
-                out.append((needle, skip + max(j, 0), lo, hi, d if n == 1 else None))
-        return out
+    def table(self) -> array:
+        """The regions as the C scan takes them (fork/relocate.py)."""
+        return region_table(list(zip(self.los, self.his, self.deltas, strict=True)))
 
 
 class CopyFork:
@@ -134,6 +115,7 @@ class CopyFork:
     private_memory = True
 
     def __init__(self) -> None:
+        preload()
         #: (path, size) of a program -> bases of freed copies of it (page blocks)
         self._spares: dict[tuple[bytes, int], list[int]] = {}
 
@@ -276,7 +258,7 @@ class CopyFork:
         sp, size = lwp.altstack
         clwp.altstack = (regions.value(sp), size)
         spans = [(mem.offset(a, n), n) for a, n in regions.scan]
-        clwp.first_run = functools.partial(relocate, mem.buf, spans, regions)
+        clwp.first_run = functools.partial(relocate, mem.host_addr, spans, regions)
 
 
 @functools.cache
@@ -301,36 +283,9 @@ def _copy(mem, src: int, dst: int, n: int) -> None:
     mem.view[d : d + n] = mem.view[s : s + n]
 
 
-def relocate(buf, spans: list[tuple[int, int]], regions: RegionMap) -> int:
-    """Rebase every aligned word of the buffer ``spans`` (offset, length) that
-    points into a parent region; the number of words changed.
-
-    ``bytes.find`` locates the candidates (``RegionMap.probes``) at memchr speed;
-    only they are read and classified in Python.  A word found twice is
-    harmless: once rebased it points into a copy, outside every parent region.
-    """
-    los, his, deltas = regions.los, regions.his, regions.deltas
-    probes = regions.probes()
-    find, bisect_right = buf.find, bisect.bisect_right
-    changed = 0
-    with memoryview(buf) as view:
-        for offset, n in spans:
-            end = offset + (n & ~7)
-            with view[offset:end].cast("Q") as words:
-                for needle, at_byte, lo, hi, delta in probes:
-                    pos = find(needle, offset + at_byte, end)
-                    while pos >= 0:
-                        rel = pos - at_byte - offset
-                        if not rel & 7:
-                            v = words[rel >> 3]
-                            if lo <= v < hi:
-                                if delta is not None:
-                                    words[rel >> 3] = v + delta
-                                    changed += 1
-                                else:
-                                    i = bisect_right(los, v) - 1
-                                    if v < his[i]:
-                                        words[rel >> 3] = v + deltas[i]
-                                        changed += 1
-                        pos = find(needle, pos + 1, end)
-    return changed
+def relocate(addr: int, spans: list[tuple[int, int]], regions: RegionMap) -> int:
+    """Rebase every word of the buffer ``spans`` (offset from host address ``addr``,
+    length) that points into a parent region; the number of words changed.  One
+    pass in C (fork/relocate.py); a word is rebased at most once: afterwards it
+    points into a copy, outside every parent region."""
+    return rebase_spans(addr, spans, regions.table())

@@ -29,11 +29,11 @@ only blocks pointed to directly are copied (not what they point to).
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import struct
 
 from tender_service.bmk.memalloc import MEMWHO_USER, MEMWHO_WIREDBMK, Allocation
+from tender_service.fork.relocate import preload, rebase, region_table
 from tender_service.machine.cpu import FS_BASE, GPRS, RIP, SYSCALL_INSN_LEN, RegSet
 from tender_service.machine.errors import GuestError
 from tender_service.rump.kernel import Kernel
@@ -42,8 +42,6 @@ from tender_service.rump.process import Lwp, Process
 log = logging.getLogger(__name__)
 
 RED_ZONE = 128
-#: up to this many words, a stack is relocated by unpacking it whole (_relocate_short)
-SHORT_STACK_WORDS = 1024
 MASK64 = 0xFFFF_FFFF_FFFF_FFFF
 _U64 = struct.Struct("<Q")
 #: bytes of musl's ``struct pthread`` at and above the thread pointer (208 in
@@ -63,6 +61,9 @@ class ThreadFork:
     mode = "thread"
     #: every process lives in the VM's one memory: clone(CLONE_VM) shares it
     one_address_space = True
+
+    def __init__(self) -> None:
+        preload()
 
     def fork(self, k: Kernel, lwp: Lwp, vfork: bool) -> int:
         pt = lwp.thread
@@ -99,7 +100,7 @@ class ThreadFork:
         r = _Relocator(
             heap, child.pid, s_base, s_top, delta, tls_lo, tls_hi, ctls - tls_lo if ctls else 0
         )
-        r.relocate_words(mem.buf, dst, n // 8)
+        r.relocate_words(mem.buf, mem.host_addr, dst, n // 8)
         regs = [r.value(v) for v in cpu.read_regs(_SCAN_REGS)]
 
         # 5. the child's context: the parent's, with rax = 0 and rebased pointers
@@ -125,22 +126,10 @@ def _copy_tls(k: Kernel, pid: int, fs: int) -> tuple[int, int, int]:
     ctls = k.heap.malloc(hi - lo, 64, owner=pid, who=MEMWHO_WIREDBMK)
     if not ctls:
         raise GuestError(errno.ENOMEM, "no memory for the child's TLS block")
-    fmt = _words_format((hi - lo) // 8)
-    words = fmt.unpack_from(mem.buf, mem.offset(lo, hi - lo))
-    tdelta = ctls - lo
-    fmt.pack_into(
-        mem.buf, mem.offset(ctls, hi - lo), *[w + tdelta if lo <= w < hi else w for w in words]
-    )
+    src, dst = mem.offset(lo, hi - lo), mem.offset(ctls, hi - lo)
+    mem.buf[dst : dst + hi - lo] = mem.buf[src : src + hi - lo]
+    rebase(mem.host_addr + dst, (hi - lo) // 8, region_table([(lo, hi, ctls - lo)]))
     return lo, hi, ctls
-
-
-@functools.cache
-def _words_format(count: int) -> struct.Struct:
-    return struct.Struct(f"<{count}Q")
-
-
-# the usual TLS block (musl's descriptor and a small static TLS) is ready at import
-_words_format(PTHREAD_SPAN // 8)
 
 
 class _Relocator:
@@ -181,61 +170,26 @@ class _Relocator:
             return v + d.block - a.block
         return v
 
-    def relocate_words(self, buf, offset: int, count: int) -> None:
-        """Relocate ``count`` words at ``buf[offset:]``.
+    def relocate_words(self, buf, addr: int, offset: int, count: int) -> None:
+        """Relocate the ``count`` words at ``buf[offset:]`` (``addr``: where ``buf``
+        starts in host memory).
 
-        Only words in the heap (where stacks live too) or in the TLS block can
-        change.  A short stack (a few hundred words: most forks) is unpacked in
-        one call and filtered in one comprehension.  In a longer one, the
-        words of each range share their upper bytes, so ``bytes.find`` locates
-        the candidates at C speed and only they are classified in Python (each
-        find costs what ~10 words of the comprehension do).  No numpy:
-        importing it cost the first fork of every VM 40-80 ms (issue 17).
+        Stack and TLS words are rebased in C (fork/relocate.py); the other words
+        in the heap come back as indices and are classified here, since a live
+        user block is duplicated for the child.  No numpy: importing it cost the
+        first fork of every VM 40-80 ms (issue 17).
         """
-        if count <= SHORT_STACK_WORDS:
-            self._relocate_short(buf, offset, count)
-            return
-        end = offset + count * 8
-        hits: set[int] = set()
-        ranges = [(self.h_lo, self.h_hi)]
+        regions = [(self.s_base, self.s_top, self.delta)]
+        other = (self.h_lo, self.h_hi)
         if self.tls_hi:
-            ranges.append((self.tls_lo, self.tls_hi))
-        for tail, skip in (p for lo, hi in ranges for p in word_tails(lo, hi)):
-            pos = buf.find(tail, offset + skip, end)
-            while pos >= 0:
-                if not (pos - skip - offset) & 7:  # the upper bytes of an aligned word
-                    hits.add(pos - skip)
-                pos = buf.find(tail, pos + 1, end)
-        sb, st, d = self.s_base, self.s_top, self.delta
-        for at in hits:
+            if self.tls_hi <= self.s_base or self.s_top <= self.tls_lo:
+                regions.append((self.tls_lo, self.tls_hi, self.tdelta))
+                regions.sort()
+            else:  # a TLS block inside the stack: ``value`` orders them, word by word
+                other = (0, MASK64)
+        for i in rebase(addr + offset, count, region_table(regions), other):
+            at = offset + 8 * i
             (v,) = _U64.unpack_from(buf, at)
-            nv = v + d if sb <= v < st else self.value(v)
+            nv = self.value(v)
             if nv != v:
                 _U64.pack_into(buf, at, nv)
-
-    def _relocate_short(self, buf, offset: int, count: int) -> None:
-        fmt = _words_format(count)
-        words = fmt.unpack_from(buf, offset)
-        h_lo, h_hi, t_lo, t_hi = self.h_lo, self.h_hi, self.tls_lo, self.tls_hi
-        hits = [i for i, v in enumerate(words) if h_lo <= v < h_hi or t_lo <= v < t_hi]
-        if not hits:
-            return
-        sb, st, d = self.s_base, self.s_top, self.delta
-        new = list(words)
-        for i in hits:
-            v = words[i]
-            new[i] = v + d if sb <= v < st else self.value(v)
-        fmt.pack_into(buf, offset, *new)
-
-
-def word_tails(lo: int, hi: int) -> list[tuple[bytes, int]]:
-    """(bytes, offset in the word) pairs such that every little-endian word in
-    [lo, hi) ends with one of them: the upper bytes its 4 GiB piece shares."""
-    tails = []
-    while lo < hi:
-        end = min(hi, (lo | 0xFFFF_FFFF) + 1)
-        shared = 8 - ((lo ^ (end - 1)).bit_length() + 7) // 8  # >= 4 within one piece
-        skip = 8 - shared
-        tails.append(((lo >> (8 * skip)).to_bytes(shared, "little"), skip))
-        lo = end
-    return tails

@@ -59,7 +59,9 @@ from tender_service.machine.errors import ImageError
 from tender_service.machine.rootfs import load_image_file
 from tender_service.rump.kernel import Kernel
 from tender_service.rump.vminfo import ProcInfo, VmConfig
-from tender_service.vm import create_vm, run_vm
+from tender_service.toolchain.cc import CompileError
+from tender_service.toolchain.images import build_image
+from tender_service.vm import FORKERS, create_vm, run_vm
 
 log = logging.getLogger(__name__)
 
@@ -306,6 +308,38 @@ def warm_up() -> int:
     ).status
 
 
+#: the server's second warm-up: a musl program that forks in a loop (fork_time's
+#: ``-n``), once per one-VM fork mode
+WARM_FORKS = 10
+
+
+def warm_up_fork_paths() -> dict[str, int]:
+    """Run a real musl program's forks (TLS copy, heap, sigprocmask, wait4, exit)
+    in every one-VM fork mode, ``WARM_FORKS`` times each: CPython specializes code
+    after its first runs, so the first fork of every VM process the server forks
+    then runs the kernel's warm code (issue 17: a tender instance's first fork cost
+    ~440 us against ~75 us warm).  Once, in the server: not in each spare.
+    Returns each mode's exit status (none without the program)."""
+    statuses: dict[str, int] = {}
+    try:
+        image = build_image("fork_time")
+    except (OSError, CompileError) as e:  # no toolchain here: the tiny warm-up still ran
+        log.warning("no fork warm-up program (%s): first forks run cold code", e)
+        return statuses
+    for mode in FORKERS:
+        r = run_vm(
+            image,
+            ["-n", str(WARM_FORKS)],
+            config=VmConfig(),
+            sink=lambda pid, fd, data: None,
+            fork=mode,
+        )
+        if r.status:
+            log.warning("the %s fork warm-up ended with status %#x", mode, r.status)
+        statuses[mode] = r.status
+    return statuses
+
+
 @dataclass(eq=False)
 class _Spare:
     """A forked child that has warmed itself up and waits for its instance."""
@@ -376,6 +410,7 @@ def serve(conn: Connection, level: int, jailed: bool = True) -> None:
         except OSError as e:
             log.error("no seccomp filter for VM processes (%s): they will refuse to run", e)
     warm_up()
+    warm_up_fork_paths()
     wake = os.pipe()
     os.set_blocking(wake[1], False)
     signal.set_wakeup_fd(wake[1])

@@ -35,7 +35,7 @@ from unicorn import x86_const as x86
 from unicorn.unicorn_py3.unicorn import uclib
 
 from tender_service.machine.memory import GuestMemory
-from tender_service.toolchain.images import build_preempt_hook
+from tender_service.toolchain.images import build_host_library
 
 #: uc_emu_start (it runs the guest, whose hooks take the GIL back) and uc_emu_stop
 #: (called from other threads while the guest runs) release the GIL
@@ -89,7 +89,7 @@ class _Slice(ctypes.Structure):
 def _preempt_library() -> ctypes.CDLL:
     """The host library of the block hook, built once per host by the toolchain and
     loaded once per process (before a VM process jails itself: ``warm_up``)."""
-    return ctypes.CDLL(str(build_preempt_hook()))
+    return ctypes.CDLL(str(build_host_library("preempt_hook")))
 
 
 def _preempt_hook() -> int:

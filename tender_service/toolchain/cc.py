@@ -193,19 +193,23 @@ def compile_vdso(output: Path | str) -> None:
         raise CompileError(cmd, proc.returncode, proc.stderr)
 
 
-#: the emulator's preemption hook (guest/runtime/preempt_hook.c): a shared object for
-#: the host (zig's native target), no libc
-PREEMPT_FLAGS: tuple[str, ...] = ("-shared", "-nostdlib", "-fPIC", "-O2")
+#: host libraries (guest/runtime/<name>.c), shared objects for the host (zig's native
+#: target), no libc, loaded through ctypes: the emulator's preemption hook, and the
+#: word scan of thread and copy fork
+HOST_LIBRARIES = ("preempt_hook", "relocate")
+HOST_FLAGS: tuple[str, ...] = ("-shared", "-nostdlib", "-fPIC", "-O2")
 
 
-def preempt_hook_source() -> Path:
-    return runtime_dir() / "preempt_hook.c"
+def host_library_source(name: str) -> Path:
+    if name not in HOST_LIBRARIES:
+        raise ValueError(f"no host library {name!r}")
+    return runtime_dir() / f"{name}.c"
 
 
-def compile_preempt_hook(output: Path | str) -> None:
-    """Build the host library of guest/runtime/preempt_hook.c into ``output``."""
-    cmd = [*_zig_cc(), *PREEMPT_FLAGS, str(preempt_hook_source()), "-o", str(output)]
-    log.debug("compiling the preemption hook: %s", " ".join(cmd))
+def compile_host_library(name: str, output: Path | str) -> None:
+    """Build the host library of guest/runtime/<name>.c into ``output``."""
+    cmd = [*_zig_cc(), *HOST_FLAGS, str(host_library_source(name)), "-o", str(output)]
+    log.debug("compiling the host library %s: %s", name, " ".join(cmd))
     proc = subprocess.run(cmd, env=zig_env(), capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise CompileError(cmd, proc.returncode, proc.stderr)

@@ -27,14 +27,15 @@ from pathlib import Path
 from tender_service.machine.rootfs import MAGIC, is_baked
 from tender_service.toolchain.cc import (
     BASE_FLAGS,
-    PREEMPT_FLAGS,
+    HOST_FLAGS,
+    HOST_LIBRARIES,
     TARGET,
     VDSO_FLAGS,
     WRAPPED_FUNCTIONS,
     compile_guest,
-    compile_preempt_hook,
+    compile_host_library,
     compile_vdso,
-    preempt_hook_source,
+    host_library_source,
     runtime_sources,
     vdso_sources,
 )
@@ -146,16 +147,20 @@ def build_vdso() -> Path:
     return _build_once(vdso_path(), "the vDSO", compile_vdso)
 
 
-def preempt_hook_path() -> Path:
-    """Where the host library of guest/runtime/preempt_hook.c lives in the cache."""
-    h = hashlib.sha256(f"zig={zig_version()}\n".encode() + "\0".join(PREEMPT_FLAGS).encode())
-    h.update(preempt_hook_source().read_bytes())
-    return images_dir() / f"preempt_hook-{h.hexdigest()[:16]}.so"
+def host_library_path(name: str) -> Path:
+    """Where the host library of guest/runtime/<name>.c lives in the cache."""
+    h = hashlib.sha256(f"zig={zig_version()}\n".encode() + "\0".join(HOST_FLAGS).encode())
+    h.update(host_library_source(name).read_bytes())
+    return images_dir() / f"{name}-{h.hexdigest()[:16]}.so"
 
 
-def build_preempt_hook() -> Path:
-    """Build (or reuse) the emulator's preemption hook; returns its path."""
-    return _build_once(preempt_hook_path(), "the preemption hook", compile_preempt_hook)
+def build_host_library(name: str) -> Path:
+    """Build (or reuse) a host library (``HOST_LIBRARIES``); returns its path."""
+    return _build_once(
+        host_library_path(name),
+        f"the host library {name}",
+        functools.partial(compile_host_library, name),
+    )
 
 
 def _build_once(target: Path, what: str, build: Callable[[Path], None]) -> Path:
@@ -245,7 +250,8 @@ def build_all(
                 progress(name, done, len(wanted))
     if names is None:
         build_vdso()  # every VM maps it: build it with the images, not in a VM's first boot
-        build_preempt_hook()  # every VM with time slices loads it
+        for lib in HOST_LIBRARIES:  # every VM process loads them
+            build_host_library(lib)
     if failures:
         raise failures[0][1]
     return {name: built[name] for name in wanted}
