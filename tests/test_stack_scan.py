@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from array import array
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -51,30 +52,28 @@ def test_scan_rebases_the_same_words_as_a_plain_pass(data, heap_size, tls_lo, pa
     buf = bytearray(pad) + bytearray(struct.pack(f"<{len(words)}Q", *words)) + bytearray(9)
     r = _Relocator(_NoHeapBlocks(heap_size), 7, S_BASE, S_TOP, DELTA, tls_lo, tls_hi, tdelta)
     addr = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
-    r.relocate_words(buf, addr, pad, len(words))
+    regs = array("Q", words[:13])  # the registers go through the same scan
+    r.relocate(buf, addr, (pad, len(words)), (0, 0), regs)
     got = list(struct.unpack_from(f"<{len(words)}Q", buf, pad))
     assert got == [r.value(w) for w in words]
+    assert regs.tolist() == [r.value(w) for w in words[:13]]
     assert buf[:pad] == bytearray(pad) and buf[-9:] == bytearray(9)  # nothing outside touched
 
 
 def test_rebase_moves_region_words_and_reports_the_others_in_range() -> None:
-    """The C scan: a word in a region moves by its delta (the last word of a region
-    too, not the one past it); a word in ``other`` comes back as its index."""
-    from tender_service.fork.relocate import rebase, region_table
+    """The C scan over two spans: a word in a region moves by its delta (the last
+    word of a region too, not the one past it); a word in ``other`` comes back as
+    its index, counted across the spans."""
+    from tender_service.fork.relocate import rebase
 
-    words = [0x1000, 0x1FF8, 0x2000, 0x5000, 0x5008, 0x9000, 7, 2**64 - 1]
-    buf = bytearray(struct.pack(f"<{len(words)}Q", *words))
-    addr = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
-    table = region_table([(0x1000, 0x2000, 0x100), (0x5000, 0x5008, -0x1000)])
-    others = rebase(addr, len(words), table, (0x2000, 0x9001))
-    assert list(struct.unpack(f"<{len(words)}Q", buf)) == [
-        0x1100,
-        0x20F8,
-        0x2000,
-        0x4000,
-        0x5008,
-        0x9000,
-        7,
-        2**64 - 1,
-    ]
+    first = [0x1000, 0x1FF8, 0x2000, 0x5000]
+    second = [0x5008, 0x9000, 7, 2**64 - 1]
+    bufs = [array("Q", first), array("Q", second)]
+    spans = [(b.buffer_info()[0], len(b)) for b in bufs]
+    others, moved = rebase(
+        spans, [(0x1000, 0x2000, 0x100), (0x5000, 0x5008, -0x1000)], (0x2000, 0x9001)
+    )
+    assert bufs[0].tolist() == [0x1100, 0x20F8, 0x2000, 0x4000]
+    assert bufs[1].tolist() == second
+    assert moved == 3
     assert others == [2, 4, 5]  # 0x2000, 0x5008, 0x9000: in range, in no region

@@ -6,58 +6,60 @@
  * A forked child's copied memory holds pointers into its parent's regions
  * (the stack, the TLS block, heap blocks, the image...); each such word is
  * rebased by its region's offset to the child's copy.  In Python that scan
- * was a third of a thread fork (issue 17: a comprehension over every word of
- * the live stack); here it is one pass at memory speed.
+ * was the largest part of a thread fork (issue 17: a comprehension over every
+ * word of the live stack); here it is one pass at memory speed, and one call
+ * per fork (a ctypes call costs more than scanning a thousand words).
  *
- * unifork_relocate(words, n, regions, m, other_lo, other_hi, out):
- *   for each of the n 8-byte words: if it lies in one of the m regions
- *   (sorted by lo, disjoint: lo, hi, delta triples), add that region's
- *   delta; else if it lies in [other_lo, other_hi), append its index to out
- *   (a word the caller classifies itself: thread fork's heap blocks, which it
- *   duplicates on demand; out has room for n).  Returns the number of words
- *   recorded in out; *changed (if not null) gets the number rebased.
- * No libc: the library is linked with -nostdlib.
+ * unifork_relocate(job, out) — job is an array of 64-bit words:
+ *   k, m, other_lo, other_hi,
+ *   k spans:   host address, word count       (the memory to scan, in order)
+ *   m regions: lo, hi, delta (mod 2**64)      (sorted by lo, disjoint)
+ * Every word of the spans that lies in a region moves by that region's
+ * delta.  A word that lies in no region but in [other_lo, other_hi) is left
+ * alone and its index is appended to out, counting words across the spans
+ * in order (out has room for every word): a word the caller classifies
+ * itself, as thread fork does with heap blocks it duplicates on demand.
+ * Returns the number of indices in out; job[0] is overwritten with the
+ * number of words rebased.  No libc: the library is linked with -nostdlib.
  */
 #include <stdint.h>
 
-struct unifork_region {
-	uint64_t lo, hi;
-	int64_t delta;
-};
-
-uint64_t unifork_relocate(uint64_t *words, uint64_t n, const struct unifork_region *regions,
-			  uint64_t m, uint64_t other_lo, uint64_t other_hi, uint32_t *out,
-			  uint64_t *changed)
+uint64_t unifork_relocate(uint64_t *job, uint32_t *out)
 {
-	uint64_t recorded = 0, rebased = 0;
-	uint64_t lo_all = m ? regions[0].lo : 0, hi_all = m ? regions[m - 1].hi : 0;
+	uint64_t k = job[0], m = job[1], other_lo = job[2], other_hi = job[3];
+	const uint64_t *spans = job + 4, *regions = job + 4 + 2 * k;
+	uint64_t lo_all = m ? regions[0] : 0, hi_all = m ? regions[3 * (m - 1) + 1] : 0;
+	uint64_t recorded = 0, rebased = 0, index = 0;
 
-	for (uint64_t i = 0; i < n; i++) {
-		uint64_t v;
+	for (uint64_t s = 0; s < k; s++) {
+		unsigned char *words = (unsigned char *)(uintptr_t)spans[2 * s];
+		uint64_t n = spans[2 * s + 1];
 
-		__builtin_memcpy(&v, words + i, 8); /* any alignment: a plain load on x86 */
+		for (uint64_t i = 0; i < n; i++, index++) {
+			uint64_t v;
 
-		if (v >= lo_all && v < hi_all) {
-			/* the last region whose lo <= v */
-			uint64_t a = 0, b = m;
-			while (b - a > 1) {
-				uint64_t mid = a + (b - a) / 2;
-				if (regions[mid].lo <= v)
-					a = mid;
-				else
-					b = mid;
+			/* any alignment: a plain load on x86 */
+			__builtin_memcpy(&v, words + 8 * i, 8);
+			if (v >= lo_all && v < hi_all) {
+				uint64_t a = 0, b = m; /* the last region whose lo <= v */
+				while (b - a > 1) {
+					uint64_t mid = a + (b - a) / 2;
+					if (regions[3 * mid] <= v)
+						a = mid;
+					else
+						b = mid;
+				}
+				if (v < regions[3 * a + 1]) {
+					v += regions[3 * a + 2];
+					__builtin_memcpy(words + 8 * i, &v, 8);
+					rebased++;
+					continue;
+				}
 			}
-			if (v < regions[a].hi) {
-				v += (uint64_t)regions[a].delta;
-				__builtin_memcpy(words + i, &v, 8);
-				rebased++;
-				continue;
-			}
+			if (v >= other_lo && v < other_hi)
+				out[recorded++] = (uint32_t)index;
 		}
-		if (v >= other_lo && v < other_hi)
-			out[recorded++] = (uint32_t)i;
 	}
-	if (changed)
-		*changed = rebased;
+	job[0] = rebased;
 	return recorded;
 }

@@ -41,12 +41,11 @@ import ctypes
 import errno
 import functools
 import logging
-from array import array
 from dataclasses import dataclass, field
 
 from tender_service.bmk.memalloc import MEMWHO_USER
 from tender_service.bmk.pagealloc import PageAllocator
-from tender_service.fork.relocate import preload, rebase_spans, region_table
+from tender_service.fork.relocate import Region, preload, rebase
 from tender_service.fork.thread import RED_ZONE
 from tender_service.machine.cpu import FS_BASE, GPRS, RIP, SYSCALL_INSN_LEN, RegSet
 from tender_service.machine.errors import GuestError
@@ -99,9 +98,9 @@ class RegionMap:
             return v + self.deltas[i]
         return v
 
-    def table(self) -> array:
-        """The regions as the C scan takes them (fork/relocate.py)."""
-        return region_table(list(zip(self.los, self.his, self.deltas, strict=True)))
+    def regions(self) -> list[Region]:
+        """(lo, hi, delta) of each region, sorted: what the C scan takes."""
+        return list(zip(self.los, self.his, self.deltas, strict=True))
 
 
 class CopyFork:
@@ -288,4 +287,4 @@ def relocate(addr: int, spans: list[tuple[int, int]], regions: RegionMap) -> int
     length) that points into a parent region; the number of words changed.  One
     pass in C (fork/relocate.py); a word is rebased at most once: afterwards it
     points into a copy, outside every parent region."""
-    return rebase_spans(addr, spans, regions.table())
+    return rebase([(addr + off, n >> 3) for off, n in spans], regions.regions())[1]

@@ -31,9 +31,10 @@ from __future__ import annotations
 import errno
 import logging
 import struct
+from array import array
 
 from tender_service.bmk.memalloc import MEMWHO_USER, MEMWHO_WIREDBMK, Allocation
-from tender_service.fork.relocate import preload, rebase, region_table
+from tender_service.fork.relocate import preload, rebase
 from tender_service.machine.cpu import FS_BASE, GPRS, RIP, SYSCALL_INSN_LEN, RegSet
 from tender_service.machine.errors import GuestError
 from tender_service.rump.kernel import Kernel
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 RED_ZONE = 128
 MASK64 = 0xFFFF_FFFF_FFFF_FFFF
 _U64 = struct.Struct("<Q")
+#: td->self, td->dtv: the first two words of musl's thread descriptor
+_TD_HEAD = struct.Struct("<QQ")
 #: bytes of musl's ``struct pthread`` at and above the thread pointer (208 in
 #: musl 1.2.5), rounded up; the TLS block below it starts at ``td->dtv``
 PTHREAD_SPAN = 240
@@ -96,31 +99,38 @@ class ThreadFork:
         fs = cpu.reg(FS_BASE)
         tls_lo, tls_hi, ctls = _copy_tls(k, child.pid, fs)
 
-        # 3. relocate stack words and registers
+        # 3. relocate stack words, the TLS copy and the registers (fs last): one scan
         r = _Relocator(
             heap, child.pid, s_base, s_top, delta, tls_lo, tls_hi, ctls - tls_lo if ctls else 0
         )
-        r.relocate_words(mem.buf, mem.host_addr, dst, n // 8)
-        regs = [r.value(v) for v in cpu.read_regs(_SCAN_REGS)]
+        regs = array("Q", cpu.read_regs(_SCAN_REGS))
+        regs.append(fs)
+        tls = (mem.offset(ctls, tls_hi - tls_lo), (tls_hi - tls_lo) // 8) if ctls else (0, 0)
+        r.relocate(mem.buf, mem.host_addr, (dst, n // 8), tls, regs)
 
         # 5. the child's context: the parent's, with rax = 0 and rebased pointers
         ctx = cpu.new_context()
         rip = cpu.reg(RIP) + SYSCALL_INSN_LEN
-        cpu.write_context(ctx, _CHILD_REGS, [*regs, 0, rsp + delta, rip, r.value(fs)])
+        cpu.write_context(ctx, _CHILD_REGS, [*regs[:-1], 0, rsp + delta, rip, regs[-1]])
         clwp = k.new_lwp(child, cstack, cstack, size, ctx)
         clwp.tls = ctls
         clwp.sigmask, clwp.altstack = lwp.sigmask, lwp.altstack  # inherited, as fork(2)
 
 
 def _copy_tls(k: Kernel, pid: int, fs: int) -> tuple[int, int, int]:
-    """Copy musl's TLS block [td->dtv, fs + PTHREAD_SPAN); (lo, hi, address of copy)."""
+    """Copy musl's TLS block [td->dtv, fs + PTHREAD_SPAN) (relocated with the stack);
+    (lo, hi, address of the copy), or zeros if there is no musl descriptor at ``fs``."""
     mem = k.mem
-    if not fs or not mem.contains(fs, PTHREAD_SPAN):
+    try:
+        td = mem.offset(fs, PTHREAD_SPAN) if fs else -1
+    except GuestError:
+        td = -1
+    if td < 0:
         return 0, 0, 0
-    if mem.read_u64(fs) != fs:  # not musl's layout (td->self == td): leave it shared
+    self_, dtv = _TD_HEAD.unpack_from(mem.buf, td)
+    if self_ != fs:  # not musl's layout (td->self == td): leave it shared
         k.warn_once("tls-layout", "thread pointer %#x has no musl descriptor: TLS shared", fs)
         return 0, 0, 0
-    dtv = mem.read_u64(fs + 8)
     lo = dtv if fs - (1 << 20) < dtv <= fs and not dtv & 7 and mem.contains(dtv, fs - dtv) else fs
     hi = fs + PTHREAD_SPAN
     ctls = k.heap.malloc(hi - lo, 64, owner=pid, who=MEMWHO_WIREDBMK)
@@ -128,7 +138,6 @@ def _copy_tls(k: Kernel, pid: int, fs: int) -> tuple[int, int, int]:
         raise GuestError(errno.ENOMEM, "no memory for the child's TLS block")
     src, dst = mem.offset(lo, hi - lo), mem.offset(ctls, hi - lo)
     mem.buf[dst : dst + hi - lo] = mem.buf[src : src + hi - lo]
-    rebase(mem.host_addr + dst, (hi - lo) // 8, region_table([(lo, hi, ctls - lo)]))
     return lo, hi, ctls
 
 
@@ -170,26 +179,43 @@ class _Relocator:
             return v + d.block - a.block
         return v
 
-    def relocate_words(self, buf, addr: int, offset: int, count: int) -> None:
-        """Relocate the ``count`` words at ``buf[offset:]`` (``addr``: where ``buf``
-        starts in host memory).
+    def relocate(
+        self, buf, addr: int, stack: tuple[int, int], tls: tuple[int, int], regs: array
+    ) -> None:
+        """Relocate the stack copy and the TLS copy (each ``(offset in buf, words)``;
+        ``addr``: where ``buf`` starts in host memory) and the register values
+        ``regs``, in one C scan (fork/relocate.py).
 
-        Stack and TLS words are rebased in C (fork/relocate.py); the other words
+        Stack and TLS words move by their region's delta there; the other words
         in the heap come back as indices and are classified here, since a live
-        user block is duplicated for the child.  No numpy: importing it cost the
-        first fork of every VM 40-80 ms (issue 17).
+        user block is duplicated for the child (in the TLS copy they stay shared).
+        No numpy: importing it cost the first fork of every VM 40-80 ms.
         """
+        (s_off, s_words), (t_off, t_words) = stack, tls
         regions = [(self.s_base, self.s_top, self.delta)]
         other = (self.h_lo, self.h_hi)
+        spans = [
+            (addr + s_off, s_words),
+            (addr + t_off, t_words),
+            (regs.buffer_info()[0], len(regs)),
+        ]
         if self.tls_hi:
             if self.tls_hi <= self.s_base or self.s_top <= self.tls_lo:
                 regions.append((self.tls_lo, self.tls_hi, self.tdelta))
                 regions.sort()
-            else:  # a TLS block inside the stack: ``value`` orders them, word by word
-                other = (0, MASK64)
-        for i in rebase(addr + offset, count, region_table(regions), other):
-            at = offset + 8 * i
-            (v,) = _U64.unpack_from(buf, at)
-            nv = self.value(v)
-            if nv != v:
-                _U64.pack_into(buf, at, nv)
+            else:  # a TLS block inside the stack: ``value`` orders them, word by word,
+                other = (0, MASK64)  # and the TLS copy is rebased on its own
+                rebase([spans.pop(1)], [(self.tls_lo, self.tls_hi, self.tdelta)])
+                t_words = 0
+        others, _ = rebase(spans, regions, other)
+        value = self.value
+        for i in others:
+            if i < s_words:
+                at = s_off + 8 * i
+                (v,) = _U64.unpack_from(buf, at)
+                nv = value(v)
+                if nv != v:
+                    _U64.pack_into(buf, at, nv)
+            elif i >= s_words + t_words:
+                j = i - s_words - t_words
+                regs[j] = value(regs[j])
