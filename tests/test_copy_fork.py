@@ -17,13 +17,14 @@ import pytest
 from support import native
 from test_programs_native import CASES, SEMANTICS_NATIVE
 
-from tender_service.fork.copy import SPARE_IMAGES, RegionMap, relocate
+from tender_service.fork.copy import RegionMap, relocate
 from tender_service.instance.backends import (
     BackendContext,
     InstanceSpec,
     make_backend,
     run_instance,
 )
+from tender_service.rump.spares import PER_PROGRAM
 from tender_service.rump.vminfo import VmConfig
 from tender_service.toolchain.images import build_image
 from tender_service.vm import CaptureSink, create_vm
@@ -129,7 +130,7 @@ def _kept_after(*args: str) -> tuple[bytes, int]:
     )  # fmt: skip
     try:
         r = k.run()
-        kept = k.forker.spare_images  # type: ignore[union-attr]
+        kept = k.spares.count
     finally:
         k.close()
     assert (r.outcome, r.status, r.forks) == ("exited", 0, 20), r.reports
@@ -144,7 +145,7 @@ def test_image_copies_are_kept_for_the_next_fork_two_at_most() -> None:
     # twenty children alive at once: twenty copies, two kept when they end
     out, kept = _kept_after("-n", "20")
     assert out == native("fork_exit_wait", "-n", "20").stdout
-    assert kept == SPARE_IMAGES == 2
+    assert kept == PER_PROGRAM == 2
 
 
 def test_every_copy_is_freed_when_its_process_ends() -> None:

@@ -14,6 +14,7 @@ Python-side bookkeeping: nothing is read from guest memory.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class PageAllocator:
         "_alloc",
         "_used_pages",
         "peak_pages",
+        "reclaim",
     )
 
     def __init__(self, base: int, size: int, page_size: int = 4096) -> None:
@@ -76,6 +78,9 @@ class PageAllocator:
         self._used_pages = 0
         #: the most pages ever in use at once (the VM's peak guest memory)
         self.peak_pages = 0
+        #: gives back cached blocks (the kernel's kept program images) when an
+        #: allocation would fail; returns how many it freed
+        self.reclaim: Callable[[], int] | None = None
 
     # -- free-list primitives -------------------------------------------------
 
@@ -114,7 +119,11 @@ class PageAllocator:
         order = (npages - 1).bit_length()
         avail = self._nonempty >> order
         if not avail:
-            return None
+            if self.reclaim is None or not self.reclaim():
+                return None
+            avail = self._nonempty >> order
+            if not avail:
+                return None
         k = order + (avail & -avail).bit_length() - 1
         free_k = self._free[k]
         page, _ = free_k.popitem()

@@ -23,9 +23,10 @@ part, the heap blocks, the mmaps, the live stack) and the registers: the scan
 of the copies for pointers runs when the child is first scheduled
 (``Lwp.first_run``), since only the child's memory changes and nothing reads
 it before the child runs.  A child's image copy is not freed when the child
-ends: it is kept (:data:`SPARE_IMAGES` per program) for the next fork of the
-same program, which finds its text already there and its code already
-translated by the emulator (a fresh address would be translated again).
+ends: the kernel keeps it (rump/spares.py, as it keeps an exec'd program's
+image) for the next fork or exec of the same program, which finds its text
+already there and its code already translated by the emulator (a fresh
+address would be translated again).
 
 The scan is conservative, like thread fork's stack scan: an integer equal to
 an address in one of the parent's regions is rebased too, and a pointer the
@@ -44,20 +45,17 @@ import logging
 from dataclasses import dataclass, field
 
 from tender_service.bmk.memalloc import MEMWHO_USER
-from tender_service.bmk.pagealloc import PageAllocator
 from tender_service.fork.relocate import Region, preload, rebase
 from tender_service.fork.thread import RED_ZONE
 from tender_service.machine.cpu import FS_BASE, GPRS, RIP, SYSCALL_INSN_LEN, RegSet
 from tender_service.machine.errors import GuestError
 from tender_service.machine.layout import PAGE_SIZE
+from tender_service.machine.loader import read_only_spans
 from tender_service.rump.kernel import Kernel
 from tender_service.rump.process import Lwp, Process, Program
 
 log = logging.getLogger(__name__)
 
-#: freed image copies of one program kept for its next fork (their code stays
-#: translated); more are freed
-SPARE_IMAGES = 2
 _memcmp = ctypes.CDLL(None).memcmp
 _memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 _memcmp.restype = ctypes.c_int
@@ -115,8 +113,6 @@ class CopyFork:
 
     def __init__(self) -> None:
         preload()
-        #: (path, size) of a program -> bases of freed copies of it (page blocks)
-        self._spares: dict[tuple[bytes, int], list[int]] = {}
 
     def fork(self, k: Kernel, lwp: Lwp, vfork: bool) -> int:
         pt, parent = lwp.thread, lwp.proc
@@ -126,61 +122,36 @@ class CopyFork:
         prog = parent.program
         if prog is None or not prog.pie:
             raise GuestError(errno.ENOSYS, "copy fork needs a static-PIE program")
-        retry = True
-        while True:
-            child = k.new_child(parent)
-            try:
-                self._build(k, lwp, child, prog, rsp)
-            except GuestError as e:
-                for addr in list(child.mmaps):
-                    k.pages.free(addr)
-                child.mmaps.clear()
-                k.discard_process(child)  # its image copy becomes a spare
-                if e.errno == errno.ENOMEM and self.drop_spares(k.pages) and retry:
-                    retry = False  # kept image copies may have been in the way: once more
-                    continue
-                raise
-            return child.pid
-
-    @property
-    def spare_images(self) -> int:
-        """How many freed image copies are kept for the next fork."""
-        return sum(map(len, self._spares.values()))
-
-    def drop_spares(self, pages: PageAllocator) -> int:
-        """Free the kept image copies; how many there were."""
-        n = 0
-        for bases in self._spares.values():
-            for base in bases:
-                pages.free(base)
-            n += len(bases)
-        self._spares.clear()
-        return n
-
-    def _keep(self, pages: PageAllocator, prog: Program) -> None:
-        """``prog`` (a copy) lost its last user: keep its pages for the next fork."""
-        spares = self._spares.setdefault((prog.path, prog.size), [])
-        if len(spares) < SPARE_IMAGES:
-            spares.append(prog.base)
-        else:
-            pages.free(prog.base)
+        child = k.new_child(parent)
+        try:
+            self._build(k, lwp, child, prog, rsp)
+        except GuestError:
+            for addr in list(child.mmaps):
+                k.pages.free(addr)
+            child.mmaps.clear()
+            k.discard_process(child)  # its image copy is kept (rump/spares.py)
+            raise
+        return child.pid
 
     def _image(self, k: Kernel, prog: Program) -> int:
-        """The child's copy of ``prog``: a kept copy whose text is intact (only the
-        writable segments are copied, the emulator's translations stay valid), else
-        fresh pages (all copied, translations of those addresses dropped)."""
+        """The child's copy of ``prog``: a kept image of the program whose text is
+        intact (only the writable segments are copied, the emulator's translations
+        stay valid; rump/spares.py), else fresh pages (all copied, translations of
+        those addresses dropped)."""
         mem, view = k.mem, k.mem.view
         src = mem.offset(prog.base, prog.size)
-        spares = self._spares.get((prog.path, prog.size))
-        while spares:
-            base = spares.pop()
+        host = mem.host_addr
+
+        def intact(base: int) -> bool:
+            dst = host + mem.offset(base, prog.size)
+            return not any(_memcmp(host + src + a, dst + a, n) for a, n in _read_only(prog))
+
+        base = k.spares.take((prog.path, prog.size), intact)
+        if base is not None:
             dst = mem.offset(base, prog.size)
-            host = mem.host_addr
-            if not any(_memcmp(host + src + a, host + dst + a, b - a) for a, b in _read_only(prog)):
-                for off, n in prog.writable:
-                    view[dst + off : dst + off + n] = view[src + off : src + off + n]
-                return base
-            k.pages.free(base)  # a child wrote into its text: its translations are stale
+            for off, n in prog.writable:
+                view[dst + off : dst + off + n] = view[src + off : src + off + n]
+            return base
         fresh = k.pages.alloc(prog.size // PAGE_SIZE)
         if fresh is None:
             raise GuestError(errno.ENOMEM, "no memory for the child's copy of the program")
@@ -196,7 +167,7 @@ class CopyFork:
         # the image: text is copied, only the writable segments can hold pointers
         base = self._image(k, prog)
         copy = Program(prog.path, base, prog.size, True, 0, prog.writable, True)
-        copy.recycle = functools.partial(self._keep, pages)
+        copy.recycle = k.spares.keep
         k.use_program(child, copy)
         regions.add(prog.base, prog.size, base - prog.base, scan=False)
         regions.scan.extend((base + off, n) for off, n in prog.writable)
@@ -260,21 +231,9 @@ class CopyFork:
         clwp.first_run = functools.partial(relocate, mem.host_addr, spans, regions)
 
 
-@functools.cache
-def _read_only_spans(size: int, writable: tuple[tuple[int, int], ...]) -> list[tuple[int, int]]:
-    out, at = [], 0
-    for off, n in sorted(writable):
-        if off > at:
-            out.append((at, off))
-        at = max(at, off + n)
-    if at < size:
-        out.append((at, size))
-    return out
-
-
-def _read_only(prog: Program) -> list[tuple[int, int]]:
-    """[start, end) offsets of the image outside its writable segments (text, rodata)."""
-    return _read_only_spans(prog.size, prog.writable)
+def _read_only(prog: Program) -> tuple[tuple[int, int], ...]:
+    """(offset, length) of the image outside its writable segments (text, rodata)."""
+    return read_only_spans(prog.size, prog.writable)
 
 
 def _copy(mem, src: int, dst: int, n: int) -> None:

@@ -12,13 +12,21 @@ several programs at once (thread mode).
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from dataclasses import dataclass
 
 from tender_service.machine.elf import PF_W, ElfImage
 from tender_service.machine.errors import ImageError
-from tender_service.machine.layout import HEAP_BASE, PAGE_SIZE, PIE_BASE, VDSO_BASE, page_down
+from tender_service.machine.layout import (
+    HEAP_BASE,
+    PAGE_SIZE,
+    PIE_BASE,
+    VDSO_BASE,
+    page_down,
+    page_up,
+)
 from tender_service.machine.memory import GuestMemory, Region
 from tender_service.machine.vclock import REGION, region_size, sysinfo_ehdr, vdso_image
 
@@ -99,6 +107,39 @@ def writable_spans(image: ElfImage) -> tuple[tuple[int, int], ...]:
     in these segments (data, RELRO, GOT, bss), never in text or rodata.
     """
     return tuple((s.vaddr - image.lo, s.memsz) for s in image.segments if s.flags & PF_W)
+
+
+@functools.cache
+def read_only_spans(
+    size: int, writable: tuple[tuple[int, int], ...]
+) -> tuple[tuple[int, int], ...]:
+    """(offset, length) of an image of ``size`` bytes outside its ``writable`` spans
+    (``writable_spans``): text, rodata and the gaps, which hold what ``load_at``
+    put there for as long as nothing writes into them."""
+    out, at = [], 0
+    for off, n in sorted(writable):
+        if off > at:
+            out.append((at, off - at))
+        at = max(at, off + n)
+    if at < size:
+        out.append((at, size - at))
+    return tuple(out)
+
+
+def loaded_intact(mem: GuestMemory, image: ElfImage, base: int) -> bool:
+    """Whether memory at ``base`` holds, outside the writable segments, what
+    ``load_at(mem, image, base)`` would write there: a kept copy of the program
+    that nothing wrote into, whose translated code is still valid."""
+    size = page_up(image.span)
+    expected = bytearray(size)
+    for s in image.segments:
+        off = s.vaddr - image.lo
+        expected[off : off + s.filesz] = image.data[s.offset : s.offset + s.filesz]
+    at = mem.offset(base, size)
+    return all(
+        mem.buf[at + off : at + off + n] == expected[off : off + n]
+        for off, n in read_only_spans(size, writable_spans(image))
+    )
 
 
 def build_stack(

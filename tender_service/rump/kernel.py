@@ -46,6 +46,7 @@ from tender_service.rump.process import Lwp, Process, Program
 from tender_service.rump.proctable import ProcessTable
 from tender_service.rump.published import PublishedPorts
 from tender_service.rump.socket import Socket, UnixNames
+from tender_service.rump.spares import ImageSpares
 from tender_service.rump.timers import SIGEV_NONE, PosixTimer
 from tender_service.rump.vfs import Vfs
 from tender_service.rump.vminfo import RunResult, VmConfig
@@ -164,6 +165,10 @@ class Kernel(ProcessTable):
         self.pages = pages
         self.heap = heap
         self.cpu = Cpu(mem)
+        #: freed program images kept with their translated code (rump/spares.py); the
+        #: page allocator takes them back before it fails
+        self.spares = ImageSpares(pages, self.cpu.forget_code)
+        pages.reclaim = self.spares.drop
         #: CLOCK_MONOTONIC/REALTIME as the vDSO and the clock syscalls give them
         self.clock = GuestClock.for_memory(mem)
         self.sched = Scheduler()
