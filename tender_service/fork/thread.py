@@ -15,7 +15,10 @@ are duplicated (``addr_is_managed``).  Made sound here:
    anything else (text, data, bss, integers) is left as is: globals stay
    shared;
 4. the child gets its own copy of the TLS block / musl thread descriptor
-   (``errno``, ``tid``, ``self``), its fs base pointing into it;
+   (``errno``, ``tid``, ``self``), its fs base pointing into it; the copy's
+   words that point into the TLS block or the parent's stack are rebased as
+   the stack's are (its pointers into the heap stay shared); steps 3 and 4
+   are one scan in C (fork/relocate.py);
 5. the child's context is the parent's with rax = 0 and rsp/rbp/registers
    relocated; it is queued to run; the parent returns the child's pid at
    once (the parent keeps the CPU, as a real fork's caller mostly does).
