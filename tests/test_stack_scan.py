@@ -52,11 +52,13 @@ def test_scan_rebases_the_same_words_as_a_plain_pass(data, heap_size, tls_lo, pa
     buf = bytearray(pad) + bytearray(struct.pack(f"<{len(words)}Q", *words)) + bytearray(9)
     r = _Relocator(_NoHeapBlocks(heap_size), 7, S_BASE, S_TOP, DELTA, tls_lo, tls_hi, tdelta)
     addr = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
-    regs = array("Q", words[:13])  # the registers go through the same scan
-    r.relocate(buf, addr, (pad, len(words)), (0, 0), regs)
+    # the registers go through the same scan; the buffer's words past nregs do not
+    regs = (ctypes.c_uint64 * 16)(*words[:16])
+    before = list(regs)
+    r.relocate(buf, addr, (pad, len(words)), (0, 0), regs, 13)
     got = list(struct.unpack_from(f"<{len(words)}Q", buf, pad))
     assert got == [r.value(w) for w in words]
-    assert regs.tolist() == [r.value(w) for w in words[:13]]
+    assert list(regs) == [r.value(w) for w in before[:13]] + before[13:]
     assert buf[:pad] == bytearray(pad) and buf[-9:] == bytearray(9)  # nothing outside touched
 
 

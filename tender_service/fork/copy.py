@@ -62,8 +62,11 @@ _memcmp.restype = ctypes.c_int
 #: registers rebased like memory words (rax is the return value; rcx/r11 are
 #: clobbered by ``syscall``)
 _SCAN_NAMES = ("rbx", "rbp", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r12", "r13", "r14", "r15")
-_SCAN_REGS = RegSet(*(GPRS[r] for r in _SCAN_NAMES), GPRS["rsp"], RIP, FS_BASE)
-_CHILD_REGS = RegSet(*(GPRS[r] for r in _SCAN_NAMES), GPRS["rsp"], RIP, FS_BASE, GPRS["rax"])
+#: the child's context, edited in its buffer (Cpu.read_into): every register but rax
+#: is rebased (rip too: the child runs its own copy of the image), then rip moves
+#: past the syscall and rax is 0
+_CHILD_REGS = RegSet(*(GPRS[r] for r in _SCAN_NAMES), GPRS["rsp"], FS_BASE, RIP, GPRS["rax"])
+_RIP, _RAX = _CHILD_REGS.n - 2, _CHILD_REGS.n - 1
 
 
 @dataclass
@@ -213,10 +216,13 @@ class CopyFork:
         # the registers and the kernel's pointers now; the copies when the child
         # first runs (nothing reads or writes them before)
         regions.seal()
-        regs = [regions.value(v) for v in k.cpu.read_regs(_SCAN_REGS)]
-        regs[-2] += SYSCALL_INSN_LEN  # rip: the child resumes after the syscall
+        regs = k.cpu.read_into(_CHILD_REGS)
+        for i in range(_RAX):
+            regs[i] = regions.value(regs[i])
+        regs[_RIP] += SYSCALL_INSN_LEN  # the child resumes after the syscall
+        regs[_RAX] = 0
         ctx = k.cpu.new_context()
-        k.cpu.write_context(ctx, _CHILD_REGS, [*regs, 0])
+        k.cpu.write_context(ctx, _CHILD_REGS)
         child.sigactions = {
             sig: (regions.value(h), fl, regions.value(r), m)
             for sig, (h, fl, r, m) in child.sigactions.items()

@@ -31,10 +31,10 @@ only blocks pointed to directly are copied (not what they point to).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import struct
-from array import array
 
 from tender_service.bmk.memalloc import MEMWHO_USER, MEMWHO_WIREDBMK, Allocation
 from tender_service.fork.relocate import preload, rebase
@@ -56,9 +56,12 @@ PTHREAD_SPAN = 240
 #: registers relocated like stack words; rax is the return value, rcx/r11 are
 #: clobbered by ``syscall``, rsp is rebased explicitly
 _SCAN_NAMES = ("rbx", "rbp", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r12", "r13", "r14", "r15")
-_SCAN_REGS = RegSet(*(GPRS[r] for r in _SCAN_NAMES))
-#: the child's context: the scanned registers, then rax, rsp, rip, fs base
-_CHILD_REGS = RegSet(*(GPRS[r] for r in _SCAN_NAMES), GPRS["rax"], GPRS["rsp"], RIP, FS_BASE)
+#: the child's context, read, relocated and written in one buffer (Cpu.read_into):
+#: the scanned registers and the fs base (the scan rebases it into the TLS copy),
+#: then rsp, rip and rax, set here
+_CHILD_REGS = RegSet(*(GPRS[r] for r in _SCAN_NAMES), FS_BASE, GPRS["rsp"], RIP, GPRS["rax"])
+_FS, _RSP, _RIP, _RAX = range(len(_SCAN_NAMES), len(_SCAN_NAMES) + 4)
+_SCANNED = _FS + 1
 
 
 class ThreadFork:
@@ -73,19 +76,21 @@ class ThreadFork:
 
     def fork(self, k: Kernel, lwp: Lwp, vfork: bool) -> int:
         pt = lwp.thread
-        rsp = k.cpu.reg(GPRS["rsp"])
-        if not pt.stack_base < rsp <= pt.stack_top:
+        regs = k.cpu.read_into(_CHILD_REGS)
+        if not pt.stack_base < regs[_RSP] <= pt.stack_top:
             raise GuestError(errno.EINVAL, "fork on a stack the kernel did not allocate")
         child = k.new_child(lwp.proc)
         try:
-            self._build(k, lwp, child, rsp)
+            self._build(k, lwp, child, regs)
         except GuestError:
             k.discard_process(child)
             raise
         return child.pid
 
-    def _build(self, k: Kernel, lwp: Lwp, child: Process, rsp: int) -> None:
+    def _build(self, k: Kernel, lwp: Lwp, child: Process, regs: ctypes.Array) -> None:
+        """``regs``: the parent's registers in ``_CHILD_REGS``'s buffer."""
         pt, cpu, mem, heap = lwp.thread, k.cpu, k.mem, k.heap
+        rsp = regs[_RSP]
         s_base, s_top, size = pt.stack_base, pt.stack_top, pt.stack_size
         cstack = k.alloc_stack(child.pid)
         if not cstack:
@@ -99,22 +104,21 @@ class ThreadFork:
         mem.buf[dst : dst + n] = mem.buf[src : src + n]
 
         # 4. the TLS block / thread descriptor
-        fs = cpu.reg(FS_BASE)
-        tls_lo, tls_hi, ctls = _copy_tls(k, child.pid, fs)
+        tls_lo, tls_hi, ctls = _copy_tls(k, child.pid, regs[_FS])
 
-        # 3. relocate stack words, the TLS copy and the registers (fs last): one scan
+        # 3. relocate stack words, the TLS copy and the registers (fs too): one scan
         r = _Relocator(
             heap, child.pid, s_base, s_top, delta, tls_lo, tls_hi, ctls - tls_lo if ctls else 0
         )
-        regs = array("Q", cpu.read_regs(_SCAN_REGS))
-        regs.append(fs)
         tls = (mem.offset(ctls, tls_hi - tls_lo), (tls_hi - tls_lo) // 8) if ctls else (0, 0)
-        r.relocate(mem.buf, mem.host_addr, (dst, n // 8), tls, regs)
+        r.relocate(mem.buf, mem.host_addr, (dst, n // 8), tls, regs, _SCANNED)
 
         # 5. the child's context: the parent's, with rax = 0 and rebased pointers
+        regs[_RSP] = rsp + delta
+        regs[_RIP] += SYSCALL_INSN_LEN
+        regs[_RAX] = 0
         ctx = cpu.new_context()
-        rip = cpu.reg(RIP) + SYSCALL_INSN_LEN
-        cpu.write_context(ctx, _CHILD_REGS, [*regs[:-1], 0, rsp + delta, rip, regs[-1]])
+        cpu.write_context(ctx, _CHILD_REGS)
         clwp = k.new_lwp(child, cstack, cstack, size, ctx)
         clwp.tls = ctls
         clwp.sigmask, clwp.altstack = lwp.sigmask, lwp.altstack  # inherited, as fork(2)
@@ -183,11 +187,17 @@ class _Relocator:
         return v
 
     def relocate(
-        self, buf, addr: int, stack: tuple[int, int], tls: tuple[int, int], regs: array
+        self,
+        buf,
+        addr: int,
+        stack: tuple[int, int],
+        tls: tuple[int, int],
+        regs: ctypes.Array,
+        nregs: int,
     ) -> None:
         """Relocate the stack copy and the TLS copy (each ``(offset in buf, words)``;
-        ``addr``: where ``buf`` starts in host memory) and the register values
-        ``regs``, in one C scan (fork/relocate.py).
+        ``addr``: where ``buf`` starts in host memory) and the first ``nregs``
+        register values of the buffer ``regs``, in one C scan (fork/relocate.py).
 
         Stack and TLS words move by their region's delta there; the other words
         in the heap come back as indices and are classified here, since a live
@@ -200,7 +210,7 @@ class _Relocator:
         spans = [
             (addr + s_off, s_words),
             (addr + t_off, t_words),
-            (regs.buffer_info()[0], len(regs)),
+            (ctypes.addressof(regs), nregs),
         ]
         if self.tls_hi:
             if self.tls_hi <= self.s_base or self.s_top <= self.tls_lo:

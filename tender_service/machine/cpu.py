@@ -393,9 +393,16 @@ class Cpu:
         return b
 
     def read_regs(self, regs: RegSet) -> list[int]:
+        return list(self.read_into(regs))
+
+    def read_into(self, regs: RegSet) -> ctypes.Array:
+        """Read ``regs`` into this CPU's buffer for the set and return the buffer (a
+        ctypes array of c_uint64): a fork edits it in place, its C scan rebases it
+        where it lies, and :meth:`write_context` writes it back, with no list of
+        values on the way (issue 17)."""
         b = self._buffers(regs)
         self._reg_read_batch(self._h, regs.ids, b.ptrs, regs.n)
-        return list(b.vals)
+        return b.vals
 
     def write_regs(self, regs: RegSet, values: list[int]) -> None:
         """Set registers of the running state in one call (signal frames)."""
@@ -449,12 +456,15 @@ class Cpu:
         self.set_reg(x86.UC_X86_REG_FPTAG, 0xFFFF)
         self.set_reg(x86.UC_X86_REG_MXCSR, LINUX_MXCSR)
 
-    def write_context(self, ctx: Context, regs: RegSet, values: list[int]) -> None:
-        """Set registers in a saved state (used to shape a forked child)."""
+    def write_context(self, ctx: Context, regs: RegSet, values: list[int] | None = None) -> None:
+        """Set registers in a saved state (used to shape a forked child): ``values``,
+        or, without them, the set's buffer as :meth:`read_into` returned it and the
+        caller edited it."""
         b = self._buffers(regs)
-        vals = b.vals
-        for i, v in enumerate(values):
-            vals[i] = v & 0xFFFF_FFFF_FFFF_FFFF
+        if values is not None:
+            vals = b.vals
+            for i, v in enumerate(values):
+                vals[i] = v & 0xFFFF_FFFF_FFFF_FFFF
         err = _fast.uc_context_reg_write_batch(ctx.ptr, regs.ids, b.ptrs, regs.n)
         if err:
             raise UcError(err)
