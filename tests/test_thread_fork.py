@@ -28,6 +28,7 @@ from test_programs_native import CASES, SEMANTICS_NATIVE, SEMANTICS_THREAD_FORK
 
 from tender_service.machine.layout import DEFAULT_STACK, PAGE_SIZE
 from tender_service.rump.kernel import Kernel
+from tender_service.rump.stacks import KEEP, KEPT_OWNER
 from tender_service.rump.vminfo import VmConfig
 from tender_service.toolchain.images import build_image
 from tender_service.vm import CaptureSink, create_vm
@@ -315,12 +316,18 @@ def test_fork_bomb_runs_out_of_memory() -> None:
 def test_children_memory_returned_after_exit() -> None:
     with built_vm("hello") as (k, _):
         assert k.run().status == 0
+        k.drop_caches()
         hello_chunks = chunk_bytes(k)
     # cooperative: the parent forks all 100 before any child runs, so all were alive at once
     with built_vm("fork_exit_wait", quantum=0) as (k, sink):
         res = k.run()
         assert bytes(sink.stdout) == b"ok 100 children\n"
         assert res.peak_memory >= 100 * DEFAULT_STACK  # the children did hold memory
+        # what is left is the stacks the kernel keeps for the next fork, and only them
+        assert len(k.stacks.kept) == KEEP
+        assert k.heap.live_count == KEEP
+        assert sorted(a.user for a in k.heap.owned(KEPT_OWNER)) == sorted(k.stacks.kept)
+        assert k.drop_caches() == KEEP
         assert k.heap.live_count == 0
         assert k.heap.live_bytes == 0
         assert all(k.heap.owned_count(pid) == 0 for pid in range(1, 103))

@@ -156,11 +156,14 @@ class MemAlloc:
     def _record(self, a: Allocation) -> None:
         self._by_user[a.user] = a
         self._by_block[a.block] = a
+        self._own(a)
+        self._live_bytes += a.block_size
+
+    def _own(self, a: Allocation) -> None:
         owned = self._owners.get(a.owner)
         if owned is None:
             owned = self._owners[a.owner] = {}
         owned[a.user] = a
-        self._live_bytes += a.block_size
 
     def _release(self, a: Allocation) -> None:
         """Give the block back; the caller removes it from the owner's dict."""
@@ -361,6 +364,14 @@ class MemAlloc:
         else:
             dest.update(owned)
         return len(owned)
+
+    def give(self, ptr: int, owner: int) -> None:
+        """Hand the live allocation ``ptr`` to ``owner`` (a kept thread stack taken by
+        a fork: rump/stacks.py); KeyError if ``ptr`` is not live."""
+        a = self._by_user[ptr]
+        self._unown(a)
+        a.owner = owner
+        self._own(a)
 
     def owned(self, owner: int) -> list[Allocation]:
         """Live allocations of owner, oldest first."""

@@ -97,9 +97,9 @@ def capture(k: Kernel, lwp: Lwp, child_pid: int) -> bytes:
     Called inside the fork syscall: the CPU holds the parent's registers.
     """
     proc, mem = lwp.proc, k.mem
-    # kept program images are the parent's cache: the child VM would get their pages
-    # (and the snapshot their bytes) without the cache that knows them
-    k.spares.drop()
+    # kept program images and stacks are the parent's caches: the child VM would get
+    # their pages (and the snapshot their bytes) without the cache that knows them
+    k.drop_caches()
     regs = k.cpu.read_state()
     regs["rip"] += SYSCALL_INSN_LEN
     regs["rax"] = 0

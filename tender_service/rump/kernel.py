@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from tender_service.bmk.memalloc import MEMWHO_WIREDBMK, MemAlloc
+from tender_service.bmk.memalloc import MemAlloc
 from tender_service.bmk.pagealloc import PageAllocator
 from tender_service.bmk.sched import BmkThread, Scheduler, ThreadState, WaitQueue
 from tender_service.machine.cpu import RAX, RIP, RSP, SYSCALL_INSN_LEN, Cpu, CpuExit, ExitKind
@@ -47,6 +47,7 @@ from tender_service.rump.proctable import ProcessTable
 from tender_service.rump.published import PublishedPorts
 from tender_service.rump.socket import Socket, UnixNames
 from tender_service.rump.spares import ImageSpares
+from tender_service.rump.stacks import Stacks
 from tender_service.rump.timers import SIGEV_NONE, PosixTimer
 from tender_service.rump.vfs import Vfs
 from tender_service.rump.vminfo import RunResult, VmConfig
@@ -168,7 +169,9 @@ class Kernel(ProcessTable):
         #: freed program images kept with their translated code (rump/spares.py); the
         #: page allocator takes them back before it fails
         self.spares = ImageSpares(pages, self.cpu.forget_code)
-        pages.reclaim = self.spares.drop
+        #: thread stacks, a few kept when processes end (rump/stacks.py)
+        self.stacks = Stacks(heap, self.stack_bytes)
+        pages.reclaim = self.drop_caches
         #: CLOCK_MONOTONIC/REALTIME as the vDSO and the clock syscalls give them
         self.clock = GuestClock.for_memory(mem)
         self.sched = Scheduler()
@@ -264,17 +267,20 @@ class Kernel(ProcessTable):
 
     # -- building ------------------------------------------------------------------
     def alloc_stack(self, pid: int) -> int:
-        """A thread stack from the bmk heap (0 if there is no room).
+        """A thread stack (rump/stacks.py) owned by ``pid`` (0 if there is no room)."""
+        return self.stacks.take(pid)
 
-        The allocator puts its header and alignment pad (16 bytes) in front
-        of the user pointer; asking for exactly that much less than the
-        configured size keeps a stack in one power-of-two block instead of
-        the next larger one.
-        """
-        return self.heap.malloc(self.stack_bytes, 16, owner=pid, who=MEMWHO_WIREDBMK)
+    def drop_caches(self) -> int:
+        """Free what the kernel keeps only to be fast (program images with their
+        translated code, thread stacks): the page allocator's last resort before it
+        fails, and a snapshot's first step.  Returns how many blocks were freed."""
+        return self.spares.drop() + self.stacks.drop()
 
     @property
     def stack_bytes(self) -> int:
+        """The allocator puts its header and alignment pad (16 bytes) in front of the
+        user pointer; asking for exactly that much less than the configured size keeps
+        a stack in one power-of-two block instead of the next larger one."""
         return self.config.stack_size - 16
 
     @property

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from tender_service.bmk.sched import Scheduler
     from tender_service.machine.cpu import Cpu
     from tender_service.rump.kernel import Forker, Kernel, RemoteHost
+    from tender_service.rump.stacks import Stacks
 
 INIT_PID = 1
 #: reaped processes remembered for the process table (``--ps``, describe)
@@ -40,6 +41,7 @@ class ProcessTable:
     # provided by the kernel that inherits this table
     heap: MemAlloc
     pages: PageAllocator
+    stacks: Stacks
     sched: Scheduler
     remote: RemoteHost | None
     forker: Forker | None
@@ -151,7 +153,7 @@ class ProcessTable:
         for lwp in proc.lwps:
             self.sched.kill(lwp.thread)
             if lwp.stack and not borrowed:
-                self.heap.free(lwp.stack, who=MEMWHO_WIREDBMK)
+                self.stacks.put(lwp.stack)
             if lwp.tls and not borrowed:
                 self.heap.free(lwp.tls, who=MEMWHO_WIREDBMK)
         if self.remote is not None and proc.vm_parent:

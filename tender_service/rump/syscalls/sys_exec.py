@@ -205,7 +205,7 @@ def replace_program(
     size = page_up(image.span)
     temp_owner = -proc.pid  # owns the new stack until the old memory is gone
     stack_size = k.stack_bytes
-    stack = k.heap.malloc(stack_size, 16, owner=temp_owner, who=MEMWHO_WIREDBMK)
+    stack = k.alloc_stack(temp_owner)
     if not stack:
         if in_pages:
             k.cpu.forget_code(base, size)
@@ -252,7 +252,7 @@ def _release_old(k: Kernel, lwp: Lwp) -> None:
     """Give up the old program's memory (see ProcessTable.release_memory)."""
     proc = lwp.proc
     if lwp.stack:
-        k.heap.free(lwp.stack, who=MEMWHO_WIREDBMK)
+        k.stacks.put(lwp.stack)
     if lwp.tls:
         k.heap.free(lwp.tls, who=MEMWHO_WIREDBMK)
     k.release_memory(proc)
