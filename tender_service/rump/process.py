@@ -26,7 +26,7 @@ class ProcState(enum.Enum):
     REAPED = "reaped"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Lwp:
     proc: Process
     thread: BmkThread
@@ -125,7 +125,7 @@ class Creds:
         return c
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Process:
     pid: int
     ppid: int
