@@ -32,16 +32,16 @@ def k() -> Kernel:
 
 
 def test_a_stack_given_back_is_taken_by_the_next_fork(k: Kernel) -> None:
-    first = k.alloc_stack(7)
+    first = k.stacks.take(7)
     k.stacks.put(first)
     assert k.stacks.kept == [first] and k.heap.get(first).owner == KEPT_OWNER
-    assert k.alloc_stack(8) == first
+    assert k.stacks.take(8) == first
     assert k.heap.get(first).owner == 8 and k.stacks.reused == 1
     assert k.heap.owned(KEPT_OWNER) == []
 
 
 def test_at_most_keep_are_kept_and_other_sizes_are_freed(k: Kernel) -> None:
-    stacks = [k.alloc_stack(7) for _ in range(KEEP + 2)]
+    stacks = [k.stacks.take(7) for _ in range(KEEP + 2)]
     live = k.heap.live_count
     for s in stacks:
         k.stacks.put(s)
@@ -54,7 +54,7 @@ def test_at_most_keep_are_kept_and_other_sizes_are_freed(k: Kernel) -> None:
 
 
 def test_an_allocation_takes_kept_stacks_back_before_it_fails(k: Kernel) -> None:
-    for s in [k.alloc_stack(7) for _ in range(KEEP)]:
+    for s in [k.stacks.take(7) for _ in range(KEEP)]:
         k.stacks.put(s)
     while k.pages.alloc(1) is not None:
         pass
@@ -62,7 +62,7 @@ def test_an_allocation_takes_kept_stacks_back_before_it_fails(k: Kernel) -> None
 
 
 def test_a_vm_clone_snapshot_drops_the_kept_stacks(k: Kernel) -> None:
-    k.stacks.put(k.alloc_stack(7))
+    k.stacks.put(k.stacks.take(7))
     used = k.pages.used_bytes
     assert capture(k, k.main.lwps[0], 99)
     assert k.stacks.kept == [] and k.pages.used_bytes < used

@@ -195,7 +195,7 @@ class CopyFork:
 
         # the stack (its live part) and a TLS block the kernel made
         pt = lwp.thread
-        cstack = k.alloc_stack(child.pid)
+        cstack = k.stacks.take(child.pid)
         if not cstack:
             raise GuestError(errno.ENOMEM, "no memory for the child's stack")
         delta = cstack - pt.stack_base

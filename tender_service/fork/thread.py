@@ -92,7 +92,7 @@ class ThreadFork:
         pt, cpu, mem, heap = lwp.thread, k.cpu, k.mem, k.heap
         rsp = regs[_RSP]
         s_base, s_top, size = pt.stack_base, pt.stack_top, pt.stack_size
-        cstack = k.alloc_stack(child.pid)
+        cstack = k.stacks.take(child.pid)
         if not cstack:
             raise GuestError(errno.ENOMEM, "no memory for the child's stack")
 

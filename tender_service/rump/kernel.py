@@ -266,10 +266,6 @@ class Kernel(ProcessTable):
         return k
 
     # -- building ------------------------------------------------------------------
-    def alloc_stack(self, pid: int) -> int:
-        """A thread stack (rump/stacks.py) owned by ``pid`` (0 if there is no room)."""
-        return self.stacks.take(pid)
-
     def drop_caches(self) -> int:
         """Free what the kernel keeps only to be fast (program images with their
         translated code, thread stacks): the page allocator's last resort before it
@@ -298,7 +294,7 @@ class Kernel(ProcessTable):
         exe = _b(argv[0]) if argv else b""
         proc.exe = exe if exe.startswith(b"/") else b"/" + exe.rsplit(b"/", 1)[-1]
         size = self.stack_bytes
-        stack = self.alloc_stack(proc.pid)
+        stack = self.stacks.take(proc.pid)
         if not stack:
             self.close()
             raise ImageError(

@@ -205,7 +205,7 @@ def replace_program(
     size = page_up(image.span)
     temp_owner = -proc.pid  # owns the new stack until the old memory is gone
     stack_size = k.stack_bytes
-    stack = k.alloc_stack(temp_owner)
+    stack = k.stacks.take(temp_owner)
     if not stack:
         if in_pages:
             k.cpu.forget_code(base, size)
