@@ -68,10 +68,6 @@ _emu_start.argtypes = [
     ctypes.c_uint64,
     ctypes.c_size_t,
 ]
-#: the hook's C signature is (uc_engine *, void *user_data); declared without them, as
-#: the SysV ABI allows (they stay in their registers unread): ctypes then makes no
-#: Python objects of the two pointers on every syscall
-_SYSCALL_CB = ctypes.CFUNCTYPE(None)
 _STOP_ADDR = ctypes.cast(_lib.uc_emu_stop, ctypes.c_void_p).value
 
 
@@ -96,6 +92,14 @@ def _preempt_hook() -> int:
     return ctypes.cast(_preempt_library().unifork_block_hook, ctypes.c_void_p).value or 0
 
 
+@functools.cache
+def _syscall_hook() -> int:
+    """The address of the syscall entry (guest/runtime/syscall_hook.c), built once per
+    host and loaded once per process; it calls back into this interpreter."""
+    lib = ctypes.PyDLL(str(build_host_library("syscall_hook")))
+    return ctypes.cast(lib.unifork_syscall_hook, ctypes.c_void_p).value or 0
+
+
 END_ADDRESS = 0xFFFF_FFFF_FFFF_FFFF  # never reached: run until stopped
 
 #: rax (number), then the six argument registers of the Linux syscall ABI
@@ -108,6 +112,20 @@ SYSCALL_REGS = (
     x86.UC_X86_REG_R8,
     x86.UC_X86_REG_R9,
 )
+
+
+class _SyscallEntry(ctypes.Structure):
+    """``struct unifork_syscall_entry`` of guest/runtime/syscall_hook.c."""
+
+    _fields_ = [
+        ("dispatch", ctypes.py_object),
+        ("read_batch", ctypes.c_void_p),
+        ("write", ctypes.c_void_p),
+        ("ids", ctypes.c_int * len(SYSCALL_REGS)),
+        ("vals", ctypes.c_void_p * len(SYSCALL_REGS)),
+    ]
+
+
 #: general-purpose registers a conservative scan of a forked thread rebases
 GPRS = {
     "rax": x86.UC_X86_REG_RAX,
@@ -297,7 +315,7 @@ class Cpu:
                 *[ctypes.addressof(fpu) + 16 * i for i in range(len(_FPU_REGS))]
             ),
         )
-        self._syscall_cb: Callable[..., None] | None = None  # kept alive while hooked
+        self._syscall_entry: _SyscallEntry | None = None  # kept alive while hooked
         self._closing = threading.Lock()  # stop() from other threads vs close()
         self._closed = False
         #: the time slice the block hook counts down (``enable_slices``)
@@ -341,18 +359,26 @@ class Cpu:
             uc.reg_write(reg, 0)
 
     # -- syscalls --------------------------------------------------------------
-    def hook_syscall(self, handler: Callable[[], None]) -> None:
-        """Call ``handler()`` on every ``syscall``: it reads rax and the six argument
-        registers into ``sysregs`` with ``read_sysregs()`` (called by Unicorn directly:
-        no wrapper frame per syscall)."""
-        self._syscall_cb = _SYSCALL_CB(handler)
+    def hook_syscall(self, handler: Callable[[], int | None]) -> None:
+        """Call ``handler()`` on every ``syscall``, with rax and the six argument
+        registers already in ``sysregs``; an int it returns goes to rax (wrapped to 64
+        bits: -errno too), None leaves rax as the handler left it.  The entry is C
+        (guest/runtime/syscall_hook.c): no ctypes callback, register read or rax write
+        from Python per syscall."""
+        entry = _SyscallEntry()
+        entry.dispatch = handler
+        entry.read_batch = ctypes.cast(self._reg_read_batch, ctypes.c_void_p).value
+        entry.write = ctypes.cast(self._reg_write, ctypes.c_void_p).value
+        entry.ids[:] = list(self._ids)
+        entry.vals[:] = list(self._ptrs)
+        self._syscall_entry = entry
         hh = ctypes.c_size_t()
         err = _lib.uc_hook_add(
             self._h,
             ctypes.byref(hh),
             UC_HOOK_INSN,
-            self._syscall_cb,
-            None,
+            ctypes.c_void_p(_syscall_hook()),
+            ctypes.byref(entry),
             ctypes.c_uint64(1),
             ctypes.c_uint64(0),
             x86.UC_X86_INS_SYSCALL,
@@ -580,7 +606,7 @@ class Cpu:
         buffers (RSS) and 1 GiB of address space each, between collections."""
         with self._closing:
             self._closed = True
-            self._syscall_cb = None
+            self._syscall_entry = None
             release = getattr(self.uc, "_Uc__finalizer", None)  # the binding's uc_close
             if callable(release):
                 release()  # once: a weakref.finalize runs at most once

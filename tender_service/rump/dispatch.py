@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tender_service.rump.kernel")  # `--trace-syscalls` turns this one up
 
-Dispatcher = Callable[[], None]
+#: called on every syscall with its registers in ``cpu.sysregs``; returns the value for
+#: rax, or None when rax is already what the guest must see (``Cpu.hook_syscall``)
+Dispatcher = Callable[[], int | None]
 
 
 def make_dispatcher(kernel: Kernel) -> Dispatcher:
@@ -35,17 +37,16 @@ def make_dispatcher(kernel: Kernel) -> Dispatcher:
     table, hypercalls = dispatch_table(), hypercall_table()
     ntable = len(table)
     set_rax, stop = cpu.set_rax, cpu.stop
-    read, regs = cpu.read_sysregs, cpu.sysregs
+    regs = cpu.sysregs
     events, runq = kernel.events, kernel.sched.runq
 
-    def dispatch() -> None:
-        read()
+    def dispatch() -> int | None:
         if events:
             # another thread posted work while the guest ran (it was not stopped for
             # it: see Kernel.post_event): the loop takes it, then this syscall restarts
             kernel.restart_pending = True
             stop()
-            return
+            return None
         nr = regs[0]
         lwp = kernel.current
         assert lwp is not None  # a syscall comes from the thread that runs
@@ -62,27 +63,26 @@ def make_dispatcher(kernel: Kernel) -> Dispatcher:
             ret = -e.errno
         except Block as b:
             _park(kernel, lwp, b)
-            return
+            return None
         except BlockAfter as b:
             set_rax(b.value)
             kernel.sched.block(lwp.thread, None, b.why)
             stop()
-            return
+            return None
         except Exception as e:  # a kernel bug must not take the tender down
             _internal_error(kernel, lwp, nr, e)
-            return
+            return None
         if type(ret) is int:
-            set_rax(ret)
             if lwp.proc.pending & ~lwp.sigmask:
                 stop()  # a signal to deliver on the way back to user mode
             elif runq and kernel.slice_used():
                 stop()  # its slice's time is up: preempted here
-        elif ret is SWITCH:
+            return ret  # the stop takes effect after the hook has written rax
+        if ret is SWITCH:
             set_rax(0)
             kernel.slice_owner = None  # to the back of the run queue
-            stop()
-        else:  # NORETURN, JUMP: the loop resumes from the registers as they are
-            stop()
+        stop()  # NORETURN, JUMP: the loop resumes from the registers as they are
+        return None
 
     return dispatch
 
@@ -92,15 +92,14 @@ def traced(kernel: Kernel, dispatch: Dispatcher) -> Dispatcher:
 
     regs = kernel.cpu.sysregs
 
-    def dispatch_traced() -> None:
-        kernel.cpu.read_sysregs()
+    def dispatch_traced() -> int | None:
         nr, args = regs[0], list(regs[1:7])
         pid = kernel.current.proc.pid if kernel.current else 0
-        dispatch()
+        ret = dispatch()
         if kernel.restart_pending:
             result = "(blocked, will restart)"
         else:
-            rax = kernel.cpu.reg(RAX)
+            rax = kernel.cpu.reg(RAX) if ret is None else ret & (1 << 64) - 1
             rax = rax - (1 << 64) if rax >> 63 else rax
             result = f"-{errno.errorcode.get(-rax, -rax)}" if -4096 < rax < 0 else f"{rax:#x}"
         log.info(
@@ -110,6 +109,7 @@ def traced(kernel: Kernel, dispatch: Dispatcher) -> Dispatcher:
             ", ".join(f"{a:#x}" for a in args),
             result,
         )
+        return ret
 
     return dispatch_traced
 

@@ -196,7 +196,7 @@ def compile_vdso(output: Path | str) -> None:
 #: host libraries (guest/runtime/<name>.c), shared objects for the host (zig's native
 #: target), no libc, loaded through ctypes: the emulator's preemption hook, and the
 #: word scan of thread and copy fork
-HOST_LIBRARIES = ("preempt_hook", "relocate")
+HOST_LIBRARIES = ("preempt_hook", "relocate", "syscall_hook")
 HOST_FLAGS: tuple[str, ...] = ("-shared", "-nostdlib", "-fPIC", "-O2")
 
 
