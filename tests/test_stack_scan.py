@@ -79,3 +79,21 @@ def test_rebase_moves_region_words_and_reports_the_others_in_range() -> None:
     assert bufs[1].tolist() == second
     assert moved == 3
     assert others == [2, 4, 5]  # 0x2000, 0x5008, 0x9000: in range, in no region
+
+
+def test_a_kept_rebaser_gives_what_a_fresh_scan_gives() -> None:
+    """``Rebaser`` keeps its buffers between scans (a fork strategy keeps one): a
+    scan after a bigger one (stale indices in the buffer), after a smaller one (the
+    buffers grow) and with more regions than the buffer first had room for reports
+    exactly what a one-off ``rebase`` reports."""
+    from tender_service.fork.relocate import Rebaser, rebase
+
+    kept = Rebaser()
+    regions = [(0x1000 * i, 0x1000 * i + 0x800, 0x10 * i) for i in range(1, 9)]
+    for n in (300, 5, 2000, 1):
+        words = [(0x800 + 0x123 * i) % 0x9000 for i in range(n)]
+        a, b = array("Q", words), array("Q", words)
+        got = kept.run([(a.buffer_info()[0], n)], regions, (0, 0x9000))
+        want = rebase([(b.buffer_info()[0], n)], regions, (0, 0x9000))
+        assert got == want and a == b
+        assert n < 300 or (got[0] and got[1])  # both kinds of word were there

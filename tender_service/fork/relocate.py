@@ -38,24 +38,44 @@ def _relocate():
     return fn
 
 
+class Rebaser:
+    """One caller's scans, with its job and index buffers kept between calls: a VM's
+    fork strategy keeps one (building them was a sixth of a thread fork's handler).
+    Not shared between VMs: the C call releases the GIL while it fills them."""
+
+    def __init__(self) -> None:
+        self._job = array("Q", bytes(8 * 16))
+        self._out = array("I")
+
+    def run(
+        self, spans: Sequence[Span], regions: Sequence[Region], other: tuple[int, int] = (0, 0)
+    ) -> tuple[list[int], int]:
+        """Rebase every word of ``spans`` that lies in one of ``regions`` (sorted by lo,
+        disjoint).  Returns the indices (counted across the spans in order) of the
+        words in no region but in ``other`` [lo, hi), for the caller to classify, and
+        the number of words rebased."""
+        job, out = self._job, self._out
+        need = 4 + 2 * len(spans) + 3 * len(regions)
+        if len(job) < need:
+            job.frombytes(bytes(8 * (need - len(job))))
+        job[0], job[1], job[2], job[3] = len(spans), len(regions), other[0], other[1]
+        i, total = 4, 0
+        for addr, count in spans:
+            job[i], job[i + 1] = addr, count
+            i += 2
+            total += count
+        for lo, hi, delta in regions:
+            job[i], job[i + 1], job[i + 2] = lo, hi, delta & MASK64
+            i += 3
+        record = other[1] > other[0] and total > 0
+        if record and len(out) < total:
+            out.frombytes(bytes(4 * (total - len(out))))
+        found = _relocate()(job.buffer_info()[0], out.buffer_info()[0] if record else None)
+        return (out[:found].tolist() if found else []), job[0]
+
+
 def rebase(
     spans: Sequence[Span], regions: Sequence[Region], other: tuple[int, int] = (0, 0)
 ) -> tuple[list[int], int]:
-    """Rebase every word of ``spans`` that lies in one of ``regions`` (sorted by lo,
-    disjoint).  Returns the indices (counted across the spans in order) of the words
-    in no region but in ``other`` [lo, hi), for the caller to classify, and the
-    number of words rebased.
-
-    The job is a Python array, not a ctypes structure: ctypes makes a new type for
-    every array length (~15 us each time)."""
-    lo, hi = other
-    job = array("Q", [len(spans), len(regions), lo, hi])
-    for addr, count in spans:
-        job.append(addr)
-        job.append(count)
-    for r in regions:
-        job.extend([r[0], r[1], r[2] & MASK64])
-    total = sum(count for _, count in spans)
-    out = array("I", bytes(4 * total)) if hi > lo and total else None
-    found = _relocate()(job.buffer_info()[0], out.buffer_info()[0] if out is not None else None)
-    return (out[:found].tolist() if found and out is not None else []), job[0]
+    """:meth:`Rebaser.run` once, with buffers of its own."""
+    return Rebaser().run(spans, regions, other)

@@ -35,9 +35,10 @@ import ctypes
 import errno
 import logging
 import struct
+from collections.abc import Callable
 
 from tender_service.bmk.memalloc import MEMWHO_USER, MEMWHO_WIREDBMK, Allocation
-from tender_service.fork.relocate import preload, rebase
+from tender_service.fork.relocate import Rebaser, preload, rebase
 from tender_service.machine.cpu import FS_BASE, GPRS, RIP, SYSCALL_INSN_LEN, RegSet
 from tender_service.machine.errors import GuestError
 from tender_service.rump.kernel import Kernel
@@ -73,6 +74,7 @@ class ThreadFork:
 
     def __init__(self) -> None:
         preload()
+        self._rebaser = Rebaser()
 
     def fork(self, k: Kernel, lwp: Lwp, vfork: bool) -> int:
         pt = lwp.thread
@@ -101,14 +103,22 @@ class ThreadFork:
         n = s_top - lo
         delta = cstack - s_base
         src, dst = mem.offset(lo, n), mem.offset(lo + delta, n)
-        mem.buf[dst : dst + n] = mem.buf[src : src + n]
+        mem.buf.move(dst, src, n)  # memmove: no bytes object in between
 
         # 4. the TLS block / thread descriptor
         tls_lo, tls_hi, ctls = _copy_tls(k, child.pid, regs[_FS])
 
         # 3. relocate stack words, the TLS copy and the registers (fs too): one scan
         r = _Relocator(
-            heap, child.pid, s_base, s_top, delta, tls_lo, tls_hi, ctls - tls_lo if ctls else 0
+            heap,
+            child.pid,
+            s_base,
+            s_top,
+            delta,
+            tls_lo,
+            tls_hi,
+            ctls - tls_lo if ctls else 0,
+            self._rebaser.run,
         )
         tls = (mem.offset(ctls, tls_hi - tls_lo), (tls_hi - tls_lo) // 8) if ctls else (0, 0)
         r.relocate(mem.buf, mem.host_addr, (dst, n // 8), tls, regs, _SCANNED)
@@ -144,7 +154,7 @@ def _copy_tls(k: Kernel, pid: int, fs: int) -> tuple[int, int, int]:
     if not ctls:
         raise GuestError(errno.ENOMEM, "no memory for the child's TLS block")
     src, dst = mem.offset(lo, hi - lo), mem.offset(ctls, hi - lo)
-    mem.buf[dst : dst + hi - lo] = mem.buf[src : src + hi - lo]
+    mem.buf.move(dst, src, hi - lo)
     return lo, hi, ctls
 
 
@@ -161,12 +171,14 @@ class _Relocator:
         tls_lo: int,
         tls_hi: int,
         tdelta: int,
+        scan: Callable[..., tuple[list[int], int]] = rebase,
     ) -> None:
         self.heap, self.pid = heap, pid
         self.s_base, self.s_top, self.delta = s_base, s_top, delta
         self.tls_lo, self.tls_hi, self.tdelta = tls_lo, tls_hi, tdelta
         self.h_lo, self.h_hi = heap.heap_range
         self.dups: dict[int, Allocation] = {}  # parent block -> child copy
+        self.rebase = scan  # the C scan, with its owner's buffers (``ThreadFork``)
 
     def value(self, v: int) -> int:
         if self.s_base <= v < self.s_top:
@@ -218,9 +230,9 @@ class _Relocator:
                 regions.sort()
             else:  # a TLS block inside the stack: ``value`` orders them, word by word,
                 other = (0, MASK64)  # and the TLS copy is rebased on its own
-                rebase([spans.pop(1)], [(self.tls_lo, self.tls_hi, self.tdelta)])
+                self.rebase([spans.pop(1)], [(self.tls_lo, self.tls_hi, self.tdelta)])
                 t_words = 0
-        others, _ = rebase(spans, regions, other)
+        others, _ = self.rebase(spans, regions, other)
         value = self.value
         for i in others:
             if i < s_words:

@@ -102,7 +102,11 @@ class GuestMemory:
         return room
 
     def contains(self, addr: int, n: int = 1) -> bool:
-        return any(addr - r.base >= 0 and addr - r.base + n <= r.size for r in self.regions)
+        for r in self.regions:  # a loop, not any(): a fork asks this
+            off = addr - r.base
+            if off >= 0 and off + n <= r.size:
+                return True
+        return False
 
     def read(self, addr: int, n: int) -> bytes:
         if n < 0:
