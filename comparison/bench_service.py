@@ -12,9 +12,10 @@ vmclone mode:
   ``--max-instances`` per mode); instances that completed with exit 0 per
   second of wall time, and every failure counted by gRPC status code (or
   ``outcome=...`` for an instance that did not exit 0);
-* the fork itself, warm: ``fork_time -n 20`` inside an instance of each
+* the fork itself, warm: ``fork_time -n 100`` inside an instance of each
   mode, the median of the ``fork_us`` lines it prints except the first of
-  each run, so the VM-clone fork to the local pool is compared with the
+  each run (100, not 20: a fresh VM's forks 2-5 still warm up, and 20 forks
+  let them pull the median), so the VM-clone fork to the local pool is compared with the
   thread fork in the same guest program; the first fork of each run is not
   dropped but shown as its own figure ("first of loop");
 * the fork itself, cold: ``fork_time`` with no arguments (the thesis's
@@ -283,7 +284,11 @@ def measure_throughput(
     res.tp_errors.update(done)
 
 
-def measure_fork(c: Client, res: ModeResult, runs: int, forks: int = 20) -> None:
+#: forks per warm-fork run (``fork_time -n``)
+FORK_LOOP = 100
+
+
+def measure_fork(c: Client, res: ModeResult, runs: int, forks: int = FORK_LOOP) -> None:
     for _ in range(runs):
         _, status, out = run_instance(c, res.mode, "fork_time", ["-n", str(forks)], console=True)
         if status != "ok":
@@ -409,7 +414,7 @@ def measure_each_row(
         measure_throughput(res.target, res, nclients, seconds, max_instances)
         bar.advance()
     for res in results.values():
-        bar.step(f"fork latency: fork_time -n 20 in a {res.label} instance")
+        bar.step(f"fork latency: fork_time -n {FORK_LOOP} in a {res.label} instance")
         measure_fork(clients[res.target], res, fork_runs)
         bar.advance()
     for res in results.values():
@@ -496,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(table(results, a.clients))
         print(
-            "fork warm: fork_time -n 20, all forks but the first of each run; first of loop: "
+            f"fork warm: fork_time -n {FORK_LOOP}, all forks but the first of each run; "
+            "first of loop: "
             "those first forks (excluded from warm); cold: fork_time with no arguments, the "
             f"parent's 'fork took' (gettimeofday), {cold_runs} separate instances; nothing "
             "else discarded but the hello warm-up instances of the latency runs"

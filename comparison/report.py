@@ -437,16 +437,29 @@ def grid(head: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) ->
 
 
 COLD_TITLE = "fork: cold first fork vs warm loop"
-MAIN_HEAD = ("workload", "mode", "unit", "n", "median", "p95", "vs native", "vs thread")
+MAIN_HEAD = (
+    "workload",
+    "mode",
+    "unit",
+    "n",
+    "median",
+    "p95",
+    "vs native",
+    "vs thread",
+    "1st of run",
+)
 
 
 def main_table(cells: Sequence[Cell]) -> list[str]:
+    """The main table; '1st of run' is the median of the figures each run kept apart
+    (a loop's first, cold, iteration: ``Workload.exclude_first``), '-' if none."""
     rows = []
     for c in cells:
         if c.status != "ok":
             what = "SKIPPED" if c.status == "skipped" else "FAILED"
-            rows.append((c.workload, c.mode, c.unit, str(c.n), what, "-", "-", "-"))
+            rows.append((c.workload, c.mode, c.unit, str(c.n), what, "-", "-", "-", "-"))
             continue
+        first = [v for r in c.runs for v in r.excluded]
         rows.append(
             (
                 c.workload,
@@ -457,9 +470,10 @@ def main_table(cells: Sequence[Cell]) -> list[str]:
                 num(c.p95),
                 ratio_text(c.ratio_native),
                 ratio_text(c.ratio_thread),
+                num(statistics.median(first)) if first else "-",
             )
         )
-    return grid(MAIN_HEAD, rows, {3, 4, 5, 6, 7})
+    return grid(MAIN_HEAD, rows, {3, 4, 5, 6, 7, 8})
 
 
 COLD_HEAD = (

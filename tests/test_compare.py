@@ -42,6 +42,8 @@ from support import refused_port, reserved_port, wait_until
 from comparison import stats
 from comparison.progress import ProgressBar
 from comparison.report import grid, num, ratio_text, sig
+from comparison.workloads import EXEC_CHAIN_N
+from comparison.workloads import WORKLOADS as ALL_WORKLOADS
 
 UNIFORK = Path(sys.executable).parent / "unifork"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -68,6 +70,8 @@ WORKLOADS = (
 #: issue 14's real programs (dash, system()): run where dash can be had, else skipped (saying
 #: why); thread fork may fail the shell loop, a known limit (docs/semantics.md)
 REAL_WORKLOADS = ("shell_loop", "system_loop")
+#: how many leading figures of each run a workload keeps apart (its cold first iteration)
+FIRST_KEPT_APART = {w.key: w.exclude_first for w in ALL_WORKLOADS}
 
 
 def unifork(*args: str, timeout: float = 170.0, cwd: Path | None = None):
@@ -83,7 +87,8 @@ def report_dir(stdout: str) -> Path:
 
 
 def table_rows(text: str) -> dict[tuple[str, str], list[str]]:
-    """The main table's rows, by (workload, mode): unit, n, median, p95, vs native, vs thread."""
+    """The main table's rows, by (workload, mode): unit, n, median, p95, vs native, vs thread,
+    1st of run."""
     lines = text.splitlines()
     start = next(i for i, ln in enumerate(lines) if re.match(r"workload\s+mode\s+unit\s+n\s", ln))
     rows = {}
@@ -91,7 +96,7 @@ def table_rows(text: str) -> dict[tuple[str, str], list[str]]:
         if not ln.strip():
             break
         cells = ln.split()
-        assert len(cells) == 8, ln
+        assert len(cells) == 9, ln
         rows[(cells[0], cells[1])] = cells[2:]
     return rows
 
@@ -167,7 +172,7 @@ def test_json_figures_are_the_ones_the_table_shows(quick) -> None:
     results = {(r["workload"], r["mode"]): r for r in doc["results"]}
     every = (*WORKLOADS, *REAL_WORKLOADS)
     assert set(rows) == set(results) == {(w, m) for w in every for m in LOCAL_MODES}
-    for key, (unit, n, median, p95, vs_native, vs_thread) in rows.items():
+    for key, (unit, n, median, p95, vs_native, vs_thread, first) in rows.items():
         r = results[key]
         if key[0] in REAL_WORKLOADS and r["status"] != "ok":
             continue  # test_real_program_workloads
@@ -181,6 +186,10 @@ def test_json_figures_are_the_ones_the_table_shows(quick) -> None:
         samples = [v for run in r["runs"] for v in run["values"]]
         assert len(samples) == r["n"]
         assert r["median"] == sig(statistics.median(samples)), key
+        # '1st of run': the median of what each run kept apart (a loop's cold first)
+        kept_apart = [v for run in r["runs"] for v in run["excluded"]]
+        assert first == (num(statistics.median(kept_apart)) if kept_apart else "-"), key
+        assert bool(kept_apart) == (FIRST_KEPT_APART[key[0]] > 0), key
         assert len(r["runs"]) == doc["runs"] == 3
     assert results[("fork_time", "native")]["ratio_native"] == 1.0
     assert results[("fork_time", "thread")]["ratio_thread"] == 1.0
@@ -318,6 +327,9 @@ def test_exec_and_tmpfs_workloads_run_when_named(tmp_path) -> None:
             continue
         assert r["status"] == "ok" and r["median"] > 0, (w, mode, r.get("error"))
         assert r["ratio_native"] > 0, (w, mode)
+        if w == "exec_chain":  # the first, cold, exec of each run is kept apart
+            assert [len(run["excluded"]) for run in r["runs"]] == [1], (mode, r["runs"])
+            assert r["n"] == EXEC_CHAIN_N[0] - 1, (mode, r["n"])
     assert doc["failures"] == []
 
 

@@ -2,12 +2,14 @@
  * exec_chain.c — exec latency: the program execs itself N times, no fork.
  *
  * usage: exec_chain N
- * Each exec'd image takes the remaining count and the start time from its
- * argv and execs the path it was started by (AT_EXECFN) again; the last one
- * prints, on stdout:
- *   execs=N
- *   exec_us=<microseconds per execve, CLOCK_MONOTONIC, start-up of the new
- *            image (musl's init, main) included>
+ * Each exec'd image takes the remaining count and the time its execve was
+ * called from its argv, prints that exec's latency and execs the path it was
+ * started by (AT_EXECFN) again; on stdout:
+ *   exec_us=<microseconds>  one line per exec, in order: CLOCK_MONOTONIC from
+ *                           just before execve to the new image's main (musl's
+ *                           start-up included); the first is the cold one
+ *   execs=N                 from the last image
+ * stdout is flushed before each execve (an exec drops what a buffer holds).
  * The program must be in the file system (a baked image's /bin, natively a file).
  */
 #define PROG "exec_chain"
@@ -28,32 +30,31 @@ static long long now_ns(void)
 
 int main(int argc, char **argv)
 {
-	char left[32], start[32], total[32];
+	char left[32], called[32], total[32];
 	const char *self = (const char *)getauxval(AT_EXECFN);
-	long long t0;
 	long n, all;
 
 	top_pid = getpid();
 	if (argc == 2) { /* the first image: nothing timed yet */
-		all = atol(argv[1]);
-		n = all;
-		t0 = now_ns();
+		n = all = atol(argv[1]);
 	} else if (argc == 4) {
+		long long t = now_ns();
+
 		n = atol(argv[1]);
-		t0 = atoll(argv[2]);
 		all = atol(argv[3]);
+		printf("exec_us=%.3f\n", (t - atoll(argv[2])) / 1e3);
 	} else {
 		die("usage: exec_chain N");
 	}
 	if (n <= 0) {
-		printf("execs=%ld\n", all);
-		printf("exec_us=%.3f\n", all ? (now_ns() - t0) / 1e3 / all : 0.0);
+		printf("execs=%ld\n", all > 0 ? all : 0);
 		return 0;
 	}
+	fflush(stdout);
 	snprintf(left, sizeof left, "%ld", n - 1);
-	snprintf(start, sizeof start, "%lld", t0);
 	snprintf(total, sizeof total, "%ld", all);
-	char *args[] = {(char *)self, left, start, total, NULL};
+	snprintf(called, sizeof called, "%lld", now_ns());
+	char *args[] = {(char *)self, left, called, total, NULL};
 	execve(self, args, environ);
 	die("execve %s: %s", self, strerror(errno));
 }
