@@ -145,23 +145,29 @@ def _deliverable(k: Kernel, lwp: Lwp) -> bool:
 
 
 def sys_rt_sigprocmask(k: Kernel, lwp: Lwp, how: int, set_: int, oset: int, sigsetsize: int) -> int:
+    """The new set is read and ``how`` checked before the old set is written, and the
+    mask changes only if that write succeeds.  musl's fork makes four of these: the
+    code is flat, with no helper calls (issue 17)."""
     if sigsetsize != 8:
         raise GuestError(errno.EINVAL)
-    new = k.mem.read_u64(set_) if set_ else None
-    how = i32(how)
-    if new is not None and how not in (SIG_BLOCK, SIG_UNBLOCK, SIG_SETMASK):
-        raise GuestError(errno.EINVAL)
-    if oset:
-        k.mem.write_u64(oset, lwp.sigmask)
-    if new is not None:
+    old = mask = lwp.sigmask
+    if set_:
+        new = k.mem.read_u64(set_)
+        how &= 0xFFFF_FFFF  # an int argument: 0, 1 and 2 are the only valid ones
         if how == SIG_BLOCK:
-            lwp.sigmask |= new
+            mask = old | new
         elif how == SIG_UNBLOCK:
-            lwp.sigmask &= ~new
+            mask = old & ~new
+        elif how == SIG_SETMASK:
+            mask = new
         else:
-            lwp.sigmask = new
-        lwp.sigmask &= ~UNBLOCKABLE
-        _deliverable(k, lwp)
+            raise GuestError(errno.EINVAL)
+    if oset:
+        k.mem.write_u64(oset, old)
+    if set_:
+        lwp.sigmask = mask = mask & ~UNBLOCKABLE
+        if lwp.proc.pending & ~mask:
+            k.cpu.stop()  # a signal it unblocked: delivered when this syscall returns
     return 0
 
 
