@@ -22,39 +22,31 @@ def _mov(reg: int, value: int) -> bytes:
     return bytes([0x48 | (reg >> 3), 0xB8 | (reg & 7)]) + struct.pack("<Q", value)
 
 
+#: ``mov %rax, <reg>``: where a syscall's result is kept for the test to read
+_KEEP = {
+    "rbx": b"\x48\x89\xc3",
+    "rcx": b"\x48\x89\xc1",
+    "r12": b"\x49\x89\xc4",
+    "r13": b"\x49\x89\xc5",
+    "r14": b"\x49\x89\xc6",
+}
+
+
+def _call(nr: int, keep: str = "") -> bytes:
+    """syscall ``nr``, then its result copied into ``keep``."""
+    return _mov(0, nr) + b"\x0f\x05" + _KEEP.get(keep, b"")
+
+
 def _program() -> bytes:
-    syscall = b"\x0f\x05"
+    args = b"".join(_mov(reg, v) for reg, v in ((7, 1), (6, 2), (2, 3), (10, 4), (8, 5), (9, 6)))
     return b"".join(
         [
-            # 1: every argument register reaches sysregs; the int returned is rax
-            _mov(0, 39),
-            _mov(7, 1),
-            _mov(6, 2),
-            _mov(2, 3),
-            _mov(10, 4),
-            _mov(8, 5),
-            _mov(9, 6),
-            syscall,
-            b"\x48\x89\xc3",  # mov %rax, %rbx
-            # 2: a negative int (-errno) is wrapped to 64 bits
-            _mov(0, 2),
-            syscall,
-            b"\x48\x89\xc1",  # mov %rax, %rcx
-            # 3: None leaves rax as the dispatcher set it
-            _mov(0, 3),
-            syscall,
-            b"\x49\x89\xc4",  # mov %rax, %r12
-            # 4: a dispatcher that raises: reported, rax untouched, the guest goes on
-            _mov(0, 4),
-            syscall,
-            b"\x49\x89\xc5",  # mov %rax, %r13
-            # 5: an int of more than 64 bits is masked, as the register holds it
-            _mov(0, 5),
-            syscall,
-            b"\x49\x89\xc6",  # mov %rax, %r14
-            # 6: stop
-            _mov(0, 6),
-            syscall,
+            args + _call(39, "rbx"),  # 1: every argument reaches sysregs; the int is rax
+            _call(2, "rcx"),  # 2: a negative int (-errno) is wrapped to 64 bits
+            _call(3, "r12"),  # 3: None leaves rax as the dispatcher set it
+            _call(4, "r13"),  # 4: the dispatcher raises: reported, rax untouched, goes on
+            _call(5, "r14"),  # 5: an int of more than 64 bits is masked, as the register
+            _call(6),  # 6: stop
         ]
     )
 

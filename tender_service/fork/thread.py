@@ -178,7 +178,7 @@ class _Relocator:
         self.tls_lo, self.tls_hi, self.tdelta = tls_lo, tls_hi, tdelta
         self.h_lo, self.h_hi = heap.heap_range
         self.dups: dict[int, Allocation] = {}  # parent block -> child copy
-        self.rebase = scan  # the C scan, with its owner's buffers (``ThreadFork``)
+        self.scan = scan  # the C scan, with its owner's buffers (``ThreadFork``)
 
     def value(self, v: int) -> int:
         if self.s_base <= v < self.s_top:
@@ -230,9 +230,9 @@ class _Relocator:
                 regions.sort()
             else:  # a TLS block inside the stack: ``value`` orders them, word by word,
                 other = (0, MASK64)  # and the TLS copy is rebased on its own
-                self.rebase([spans.pop(1)], [(self.tls_lo, self.tls_hi, self.tdelta)])
+                self.scan([spans.pop(1)], [(self.tls_lo, self.tls_hi, self.tdelta)])
                 t_words = 0
-        others, _ = self.rebase(spans, regions, other)
+        others, _ = self.scan(spans, regions, other)
         value = self.value
         for i in others:
             if i < s_words:

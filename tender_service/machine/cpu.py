@@ -291,6 +291,7 @@ class Cpu:
             self.uc.mem_map_ptr(r.base, r.size, UC_PROT_ALL, mem.host_addr + r.offset)
         n = len(SYSCALL_REGS)
         self._ids = (ctypes.c_int * n)(*SYSCALL_REGS)
+        #: rax and the six syscall argument registers, filled by the syscall entry
         self.sysregs = (ctypes.c_uint64 * n)()
         self._ptrs = (ctypes.c_void_p * n)(
             *[ctypes.addressof(self.sysregs) + 8 * i for i in range(n)]
@@ -301,10 +302,6 @@ class Cpu:
         self._reg_write = _fast.uc_reg_write
         self._reg_read = _fast.uc_reg_read
         self.set_rax = self._make_set_rax()
-        #: rax and the six syscall argument registers into ``sysregs``, in one call
-        self.read_sysregs = functools.partial(
-            self._reg_read_batch, self._h, self._ids, self._ptrs, n
-        )
         self._fault: CpuExit | None = None
         self._stopped = False
         self._regbufs = {id(rs): _RegBuffers(rs) for rs in _REGSETS}
