@@ -1065,6 +1065,23 @@ def test_snapshot_regions_larger_than_ram(real_snapshot: bytes) -> None:
         snapshot.decode(rebuild(real_snapshot, meta))
 
 
+@pytest.mark.parametrize("key", ["ram", "stack_size", "quantum", "max_procs"])
+def test_snapshot_number_too_big_for_an_int(real_snapshot: bytes, key: str) -> None:
+    """A JSON number like 8E88608 parses as an infinite float: a SnapshotError, not
+    the OverflowError of int(inf) (found by the mutation test below)."""
+    lay = layout(real_snapshot)
+    text = json.dumps(lay.meta).replace(f'"{key}": {lay.meta["config"][key]}', f'"{key}": 8E88608')
+    assert "8E88608" in text
+    meta_b = text.encode()
+    blob = (
+        HEADER.pack(MAGIC, SNAPSHOT_VERSION, 0, len(meta_b), len(lay.ranges))
+        + meta_b
+        + real_snapshot[lay.meta_end :]
+    )
+    with pytest.raises(SnapshotError, match="bad snapshot"):
+        snapshot.restore(snapshot.decode(blob), console(), None, refuse_file)
+
+
 def test_snapshot_file_of_unknown_kind_refused_by_restore(real_snapshot: bytes) -> None:
     meta = copy.deepcopy(layout(real_snapshot).meta)
     meta["fds"].append(

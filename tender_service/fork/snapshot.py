@@ -230,7 +230,7 @@ def decode(data: bytes | bytearray | memoryview) -> Snapshot:
         meta = json.loads(bytes(view[pos : pos + meta_len]))
         regions = [(int(r["base"]), int(r["size"])) for r in meta["regions"]]
         ram = int(meta["config"]["ram"])
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, OverflowError) as e:  # 1e999 is inf
         raise SnapshotError(f"bad snapshot metadata: {e}") from e
     if not 0 < ram <= MAX_RAM or sum(size for _, size in regions) > ram:
         raise SnapshotError("snapshot regions exceed its RAM size")
@@ -279,7 +279,7 @@ def restore(
             timeout=timeout,
         )
         config.validate()
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise SnapshotError(f"bad snapshot config: {e}") from e
     mem = GuestMemory(config.ram)
     try:
@@ -287,7 +287,7 @@ def restore(
     except SnapshotError:
         mem.close()
         raise
-    except (KeyError, TypeError, ValueError, AttributeError, MemoryError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError, AttributeError, MemoryError) as e:
         mem.close()
         raise SnapshotError(f"inconsistent snapshot: {e}") from e
 
