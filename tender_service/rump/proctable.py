@@ -130,6 +130,15 @@ class ProcessTable:
             self.slices_needed()  # a second thread: it must get the CPU back
         return lwp
 
+    def end_thread(self, t: BmkThread) -> None:
+        """``t`` never runs again: off the scheduler, its saved context kept by the CPU
+        for the next thread (the run loop never saves into or restores a dead
+        thread's context)."""
+        self.sched.kill(t)
+        ctx, t.ctx = t.ctx, None
+        if ctx is not None:
+            self.cpu.keep_context(ctx)
+
     def discard_process(self, proc: Process) -> None:
         """Undo a fork that failed half way: the pid never ran."""
         self.release_program(proc)
@@ -151,7 +160,7 @@ class ProcessTable:
         # to it with the rest of the memory (release_memory), as Linux keeps the mm
         borrowed = any(c.alive and c.vm_parent == proc.pid for c in proc.children.values())
         for lwp in proc.lwps:
-            self.sched.kill(lwp.thread)
+            self.end_thread(lwp.thread)
             if lwp.stack and not borrowed:
                 self.stacks.put(lwp.stack)
             if lwp.tls and not borrowed:
@@ -199,7 +208,7 @@ class ProcessTable:
         """A clone(CLONE_VM) child exec'd into a VM of its own (VM-clone): it is no
         longer a process of this VM (its parent then holds a proxy of it)."""
         for lwp in proc.lwps:
-            self.sched.kill(lwp.thread)
+            self.end_thread(lwp.thread)
         proc.lwps.clear()
         self.release_memory(proc)
         self.release_program(proc)
