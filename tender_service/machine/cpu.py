@@ -159,6 +159,8 @@ STATE_REGS: dict[str, int] = {
     **{f"xmm{i}": getattr(x86, f"UC_X86_REG_XMM{i}") for i in range(16)},
     **{f"st{i}": getattr(x86, f"UC_X86_REG_ST{i}") for i in range(8)},
 }
+#: the x87 registers: 80 bits each (Unicorn's uc_x86_float80)
+_X87_REGS = frozenset(getattr(x86, f"UC_X86_REG_ST{i}") for i in range(8))
 RIP = x86.UC_X86_REG_RIP
 RSP = x86.UC_X86_REG_RSP
 RAX = x86.UC_X86_REG_RAX
@@ -498,8 +500,18 @@ class Cpu:
             raise UcError(err)
 
     def read_state(self) -> dict[str, int]:
-        """All of STATE_REGS (for a snapshot; not a hot path)."""
-        return {name: int(self.uc.reg_read(rid)) for name, rid in STATE_REGS.items()}
+        """All of STATE_REGS (for a snapshot; not a hot path).  An x87 register is its
+        80 bits (mantissa, then the sign and exponent above bit 64): the binding reads
+        and writes st0-st7 as 64-bit integers, which drops the exponent."""
+        out = {}
+        for name, rid in STATE_REGS.items():
+            if rid in _X87_REGS:
+                buf = (ctypes.c_uint8 * 16)()
+                self._reg_read(self._h, rid, buf)
+                out[name] = int.from_bytes(bytes(buf[:10]), "little")
+            else:
+                out[name] = int(self.uc.reg_read(rid))
+        return out
 
     def write_state(self, state: dict[str, int]) -> None:
         for name, value in state.items():
@@ -508,7 +520,11 @@ class Cpu:
                 raise ValueError(f"unknown register {name!r}")
             if name == "rflags":
                 value &= ~IOPL_MASK  # ring 3 never gets I/O privilege, whatever a snapshot says
-            self.uc.reg_write(rid, value)
+            if rid in _X87_REGS:
+                raw = (value & (1 << 80) - 1).to_bytes(16, "little")
+                self._reg_write(self._h, rid, (ctypes.c_uint8 * 16).from_buffer_copy(raw))
+            else:
+                self.uc.reg_write(rid, value)
 
     # -- contexts ----------------------------------------------------------------
     def new_context(self) -> Context:
