@@ -72,7 +72,7 @@ def test_the_c_entry_passes_registers_and_writes_what_the_dispatcher_returns(
         if nr == 2:
             return -14
         if nr == 3:
-            cpu.set_reg(x86.UC_X86_REG_RAX, 77)
+            cpu.set_rax(77)
             return None
         if nr == 4:
             raise KeyboardInterrupt  # what the dispatcher does not catch

@@ -159,13 +159,10 @@ STATE_REGS: dict[str, int] = {
     **{f"xmm{i}": getattr(x86, f"UC_X86_REG_XMM{i}") for i in range(16)},
     **{f"st{i}": getattr(x86, f"UC_X86_REG_ST{i}") for i in range(8)},
 }
-_STATE_IDS = (ctypes.c_int * len(STATE_REGS))(*STATE_REGS.values())
-#: bytes of each state register in a slot: the x87 registers have 80 bits (Unicorn's
-#: uc_x86_float80), the SSE registers 128, the others at most 64
-_WIDTH = {
-    rid: 10 if name.startswith("st") else 16 if name.startswith("xmm") else 8
-    for name, rid in STATE_REGS.items()
-}
+#: the x87 registers: 80 bits each (Unicorn's uc_x86_float80)
+_X87_REGS = frozenset(getattr(x86, f"UC_X86_REG_ST{i}") for i in range(8))
+#: the SSE registers: 128 bits each
+_XMM_REGS = frozenset(getattr(x86, f"UC_X86_REG_XMM{i}") for i in range(16))
 RIP = x86.UC_X86_REG_RIP
 RSP = x86.UC_X86_REG_RSP
 RAX = x86.UC_X86_REG_RAX
@@ -254,15 +251,6 @@ class RegSet:
 _REGSETS: list[RegSet] = []
 
 
-def _slots(n: int) -> tuple[ctypes.Array, ctypes.Array]:
-    """A buffer of ``n`` 16-byte register slots and a pointer to each: a batch call's
-    values, where any register fits, little-endian (never shared between VMs, as
-    ``_RegBuffers``)."""
-    buf = (ctypes.c_uint8 * (16 * n))()
-    base = ctypes.addressof(buf)
-    return buf, (ctypes.c_void_p * n)(*[base + 16 * i for i in range(n)])
-
-
 class _RegBuffers:
     """Value buffers for one RegSet, owned by one Cpu.
 
@@ -319,15 +307,25 @@ class Cpu:
         self._reg_read_batch = _fast.uc_reg_read_batch
         self._reg_write = _fast.uc_reg_write
         self._reg_read = _fast.uc_reg_read
+        self.set_rax = self._make_set_rax()
         self._fault: CpuExit | None = None
         self._stopped = False
         self._regbufs = {id(rs): _RegBuffers(rs) for rs in _REGSETS}
-        self._fpu_buf = _slots(len(_FPU_REGS))
+        fpu = (ctypes.c_uint8 * (16 * len(_FPU_REGS)))()
+        self._fpu_buf = (
+            fpu,
+            (ctypes.c_void_p * len(_FPU_REGS))(
+                *[ctypes.addressof(fpu) + 16 * i for i in range(len(_FPU_REGS))]
+            ),
+        )
         self._syscall_entry: _SyscallEntry | None = None  # kept alive while hooked
-        #: ``read_state``/``write_state``'s batch: a slot per register, and the ids of
-        #: the registers a write sets
-        self._state_buf = _slots(len(STATE_REGS))
-        self._state_ids = (ctypes.c_int * len(STATE_REGS))()
+        #: ``write_state``'s batch: register ids, and a 16-byte slot for each value
+        nstate = len(STATE_REGS)
+        self._state_ids = (ctypes.c_int * nstate)()
+        self._state_buf = (ctypes.c_uint8 * (16 * nstate))()
+        self._state_ptrs = (ctypes.c_void_p * nstate)(
+            *[ctypes.addressof(self._state_buf) + 16 * i for i in range(nstate)]
+        )
         #: contexts of dead threads, for the next thread (``keep_context``)
         self.kept_contexts: list[Context] = []
         self.contexts_made = 0  # allocated by new_context (statistics and tests)
@@ -407,6 +405,16 @@ class Cpu:
         # Unicorn runs in/out even in ring 3 (it skips the I/O permission check).
         self.uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, x86.UC_X86_INS_IN)
         self.uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, x86.UC_X86_INS_OUT)
+
+    def _make_set_rax(self) -> Callable[[int], None]:
+        """``set_rax(value)``: a closure over its buffers (it runs once per syscall)."""
+        val, pval, h, write = self._val, self._pval, self._h, self._reg_write
+
+        def set_rax(value: int) -> None:
+            val.value = value  # c_uint64 wraps negative values (-errno) as the ABI wants
+            write(h, RAX, pval)
+
+        return set_rax
 
     def reg(self, reg_id: int) -> int:
         self._reg_read(self._h, reg_id, self._pval)
@@ -501,38 +509,38 @@ class Cpu:
             raise UcError(err)
 
     def read_state(self) -> dict[str, int]:
-        """All of STATE_REGS (for a snapshot), in one batch.  An x87 register is its
+        """All of STATE_REGS (for a snapshot; not a hot path).  An x87 register is its
         80 bits (mantissa, then the sign and exponent above bit 64): the binding reads
         and writes st0-st7 as 64-bit integers, which drops the exponent."""
-        buf, ptrs = self._state_buf
-        ctypes.memset(buf, 0, len(buf))
-        err = self._reg_read_batch(self._h, _STATE_IDS, ptrs, len(STATE_REGS))
-        if err:
-            raise UcError(err)
-        raw = bytes(buf)
-        return {
-            name: int.from_bytes(raw[16 * i : 16 * i + _WIDTH[rid]], "little")
-            for i, (name, rid) in enumerate(STATE_REGS.items())
-        }
+        out = {}
+        for name, rid in STATE_REGS.items():
+            if rid in _X87_REGS:
+                buf = (ctypes.c_uint8 * 16)()
+                self._reg_read(self._h, rid, buf)
+                out[name] = int.from_bytes(bytes(buf[:10]), "little")
+            else:
+                out[name] = int(self.uc.reg_read(rid))
+        return out
 
     def write_state(self, state: dict[str, int]) -> None:
         """Set the registers ``state`` names (STATE_REGS), in one batch: a snapshot's
         restore sets 56 and an exec 19, which one binding call each made cost tens of
-        microseconds.  Each value goes into its slot as wide as its register."""
+        microseconds.  Each value goes into a 16-byte slot, little-endian, as wide as
+        its register: 10 bytes for x87, 16 for SSE, 8 for the rest (Unicorn reads as
+        many bytes as the register has)."""
         if len(state) > len(STATE_REGS):
             raise ValueError(f"{len(state)} registers, more than there are")
-        (buf, ptrs), ids = self._state_buf, self._state_ids
-        base = ctypes.addressof(buf)
+        ids, base = self._state_ids, ctypes.addressof(self._state_buf)
         for i, (name, value) in enumerate(state.items()):
             rid = STATE_REGS.get(name)
             if rid is None:
                 raise ValueError(f"unknown register {name!r}")
             if name == "rflags":
                 value &= ~IOPL_MASK  # ring 3 never gets I/O privilege, whatever a snapshot says
+            width = 10 if rid in _X87_REGS else 16 if rid in _XMM_REGS else 8
             ids[i] = rid
-            raw = (value & (1 << 8 * _WIDTH[rid]) - 1).to_bytes(16, "little")
-            ctypes.memmove(base + 16 * i, raw, 16)
-        err = _fast.uc_reg_write_batch(self._h, ids, ptrs, len(state))
+            ctypes.memmove(base + 16 * i, (value & (1 << 8 * width) - 1).to_bytes(16, "little"), 16)
+        err = _fast.uc_reg_write_batch(self._h, ids, self._state_ptrs, len(state))
         if err:
             raise UcError(err)
 

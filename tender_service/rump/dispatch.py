@@ -36,7 +36,7 @@ def make_dispatcher(kernel: Kernel) -> Dispatcher:
     cpu = kernel.cpu
     table, hypercalls = dispatch_table(), hypercall_table()
     ntable = len(table)
-    stop = cpu.stop
+    set_rax, stop = cpu.set_rax, cpu.stop
     regs = cpu.sysregs
     events, runq = kernel.events, kernel.sched.runq
 
@@ -65,9 +65,10 @@ def make_dispatcher(kernel: Kernel) -> Dispatcher:
             _park(kernel, lwp, b)
             return None
         except BlockAfter as b:
+            set_rax(b.value)
             kernel.sched.block(lwp.thread, None, b.why)
             stop()
-            return b.value
+            return None
         except Exception as e:  # a kernel bug must not take the tender down
             _internal_error(kernel, lwp, nr, e)
             return None
@@ -76,12 +77,12 @@ def make_dispatcher(kernel: Kernel) -> Dispatcher:
                 stop()  # a signal to deliver on the way back to user mode
             elif runq and kernel.slice_used():
                 stop()  # its slice's time is up: preempted here
-            return ret  # a stop takes effect after the entry has written rax
-        stop()
+            return ret  # the stop takes effect after the hook has written rax
         if ret is SWITCH:
+            set_rax(0)
             kernel.slice_owner = None  # to the back of the run queue
-            return 0
-        return None  # NORETURN, JUMP: the loop resumes from the registers as they are
+        stop()  # NORETURN, JUMP: the loop resumes from the registers as they are
+        return None
 
     return dispatch
 
