@@ -44,6 +44,7 @@ from tender_service.fork.vmclone import VmCloneFork
 from tender_service.instance import jail, localstart
 from tender_service.instance.childproc import setup_child
 from tender_service.instance.vmserver import warm_up
+from tender_service.machine.cpu import keep_spare_engine
 from tender_service.machine.errors import GuestError, ImageError
 from tender_service.machine.rootfs import parse_image
 from tender_service.rump.console import Console
@@ -563,6 +564,7 @@ class PeerServicer:
                 self.vms.pop(key, None)
             link.close()
             k.close()
+            keep_spare_engine()  # for the next VM this process hosts (a fork's restore)
 
 
 class _Context(logging.Filter):

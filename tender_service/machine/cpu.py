@@ -282,6 +282,102 @@ class Context:
 
 
 _STOPPED = CpuExit(ExitKind.STOPPED)
+
+
+def _enter_user_mode(uc: Uc) -> None:
+    """Drop the CPU to ring 3, as a Linux process runs.
+
+    Unicorn starts a 64-bit CPU in ring 0, where ``cli``, ``in``/``out``,
+    ``wrmsr``, ``mov %cr3``, ``lgdt`` and the like simply run: the guest
+    could rewrite EFER or the descriptor tables of its emulated CPU.  In
+    ring 3 each of them raises #GP, which ends the process with SIGSEGV as
+    on Linux.  A stub run once at TRAMPOLINE loads a GDT (Linux's user
+    selectors) and ``iretq``s to ring 3; then the page is unmapped again
+    (it lies in the null guard).  Every saved context and every thread
+    starts from this state, so the whole VM stays in ring 3.
+    """
+    base = TRAMPOLINE
+    uc.mem_map(base, PAGE, UC_PROT_ALL)
+    try:
+        uc.mem_write(base + _GDT_OFF, _GDT)
+        uc.mem_write(base + _GDTR_OFF, struct.pack("<HQ", len(_GDT) - 1, base + _GDT_OFF))
+        uc.mem_write(base, _TRAMPOLINE_CODE)
+        uc.reg_write(x86.UC_X86_REG_RSP, base + PAGE)
+        uc.reg_write(x86.UC_X86_REG_RBX, base + PAGE - 0x100)  # the stack after iretq
+        uc.reg_write(x86.UC_X86_REG_RCX, base + _DONE_OFF)  # where iretq lands
+        uc.emu_start(base, base + _DONE_OFF)
+        cs = uc.reg_read(x86.UC_X86_REG_CS)
+        if cs != USER_CS:
+            raise RuntimeError(f"the CPU did not enter ring 3 (cs={cs:#x})")
+    finally:
+        uc.mem_unmap(base, PAGE)
+    for reg in (x86.UC_X86_REG_RSP, x86.UC_X86_REG_RBX, x86.UC_X86_REG_RCX):
+        uc.reg_write(reg, 0)
+
+
+# -- engines set up ahead of need -------------------------------------------------------------
+def _set_up_engine() -> Uc:
+    """A new Unicorn engine in the state every VM starts from: in ring 3, with
+    Linux's x87 and SSE control words.  Unicorn builds its machine (uc_init: the
+    TCG context, the code buffer, the x86 CPU) on an engine's first use, ~1 ms,
+    and the ring-3 stub runs ~0.3 ms more; the binding's calls release the GIL,
+    so a background thread's set-up barely slows the VMs of its process."""
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    _enter_user_mode(uc)
+    uc.reg_write(x86.UC_X86_REG_FPCW, LINUX_FPCW)
+    uc.reg_write(x86.UC_X86_REG_MXCSR, LINUX_MXCSR)
+    return uc
+
+
+class _SpareEngines:
+    """An engine set up before a VM asks for one (``keep_spare_engine``), so that
+    a VM-clone fork's restore and a tender instance's boot skip Unicorn's set-up
+    (issue 17, item 5).  Kept where the time is free: a pool worker after its
+    warm-up and after each VM it hosted ends, a spare VM process while it waits.
+    Not refilled the moment one is taken: a background set-up then competes
+    for the GIL with the VM being built and made it slower, not faster."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._spare: Uc | None = None
+        self.taken = 0  # engines handed out set up (statistics and tests)
+
+    def keep(self) -> None:
+        """Set an engine up now, in this thread, unless one is kept already."""
+        if self.ready():
+            return
+        uc: Uc | None = _set_up_engine()
+        with self._lock:
+            if self._spare is None:
+                self._spare, uc = uc, None
+        if uc is not None:  # another thread kept one meanwhile
+            _release_engine(uc)
+
+    def take(self) -> Uc:
+        """The kept engine if there is one, else a new one set up now."""
+        with self._lock:
+            uc, self._spare = self._spare, None
+            self.taken += uc is not None
+        return uc if uc is not None else _set_up_engine()
+
+    def ready(self) -> bool:
+        with self._lock:
+            return self._spare is not None
+
+
+def _release_engine(uc: Uc) -> None:
+    """Free an engine now, not when the garbage collector gets to it: the binding's
+    hook wrappers and the Uc refer to each other (a ctypes.cast keeps a cycle), so
+    only the cyclic collector frees it, with its translation buffer (RSS) and 1 GiB
+    of address space."""
+    release = getattr(uc, "_Uc__finalizer", None)  # the binding's uc_close
+    if callable(release):
+        release()  # once: a weakref.finalize runs at most once
+
+
+_spares = _SpareEngines()
+keep_spare_engine = _spares.keep
+spare_engine_ready = _spares.ready
 #: contexts a CPU keeps for its next threads (a fork makes one, an exit leaves one)
 KEPT_CONTEXTS = 4
 
@@ -291,7 +387,7 @@ class Cpu:
 
     def __init__(self, mem: GuestMemory) -> None:
         self.mem = mem
-        self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        self.uc = _spares.take()
         self._h = self.uc._uch
         for r in mem.regions:
             self.uc.mem_map_ptr(r.base, r.size, UC_PROT_ALL, mem.host_addr + r.offset)
@@ -334,42 +430,9 @@ class Cpu:
         #: the time slice the block hook counts down (``enable_slices``)
         self._slice = _Slice(0, _STOP_ADDR, 0)
         self._slices_on = False
-        self._enter_user_mode()
-        self.uc.reg_write(x86.UC_X86_REG_FPCW, LINUX_FPCW)
-        self.uc.reg_write(x86.UC_X86_REG_MXCSR, LINUX_MXCSR)
         self.uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         self.uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
-
-    def _enter_user_mode(self) -> None:
-        """Drop the CPU to ring 3, as a Linux process runs.
-
-        Unicorn starts a 64-bit CPU in ring 0, where ``cli``, ``in``/``out``,
-        ``wrmsr``, ``mov %cr3``, ``lgdt`` and the like simply run: the guest
-        could rewrite EFER or the descriptor tables of its emulated CPU.  In
-        ring 3 each of them raises #GP, which ends the process with SIGSEGV as
-        on Linux.  A stub run once at TRAMPOLINE loads a GDT (Linux's user
-        selectors) and ``iretq``s to ring 3; then the page is unmapped again
-        (it lies in the null guard).  Every saved context and every thread
-        starts from this state, so the whole VM stays in ring 3.
-        """
-        uc, base = self.uc, TRAMPOLINE
-        uc.mem_map(base, PAGE, UC_PROT_ALL)
-        try:
-            uc.mem_write(base + _GDT_OFF, _GDT)
-            uc.mem_write(base + _GDTR_OFF, struct.pack("<HQ", len(_GDT) - 1, base + _GDT_OFF))
-            uc.mem_write(base, _TRAMPOLINE_CODE)
-            uc.reg_write(x86.UC_X86_REG_RSP, base + PAGE)
-            uc.reg_write(x86.UC_X86_REG_RBX, base + PAGE - 0x100)  # the stack after iretq
-            uc.reg_write(x86.UC_X86_REG_RCX, base + _DONE_OFF)  # where iretq lands
-            uc.emu_start(base, base + _DONE_OFF)
-            cs = uc.reg_read(x86.UC_X86_REG_CS)
-            if cs != USER_CS:
-                raise RuntimeError(f"the CPU did not enter ring 3 (cs={cs:#x})")
-        finally:
-            uc.mem_unmap(base, PAGE)
-        for reg in (x86.UC_X86_REG_RSP, x86.UC_X86_REG_RBX, x86.UC_X86_REG_RCX):
-            uc.reg_write(reg, 0)
 
     # -- syscalls --------------------------------------------------------------
     def hook_syscall(self, handler: Callable[[], int | None]) -> None:
@@ -647,17 +710,12 @@ class Cpu:
                 _lib.uc_emu_stop(self._h)
 
     def close(self) -> None:
-        """Free the engine now, not when the garbage collector gets to it.  The
-        binding's hook wrappers and the Uc refer to each other (a ctypes.cast keeps
-        a cycle), so only the cyclic collector frees an ended Uc: a process that runs
-        VM after VM (a pool worker) kept dozens of ended engines, their translation
-        buffers (RSS) and 1 GiB of address space each, between collections."""
+        """Free the engine now (``_release_engine``): a process that runs VM after VM
+        (a pool worker) kept dozens of ended engines between collections."""
         with self._closing:
             self._closed = True
             self._syscall_entry = None
-            release = getattr(self.uc, "_Uc__finalizer", None)  # the binding's uc_close
-            if callable(release):
-                release()  # once: a weakref.finalize runs at most once
+            _release_engine(self.uc)
             del self.uc
 
     # -- faults ----------------------------------------------------------------
