@@ -768,6 +768,21 @@ def test_trace_syscalls_logs_calls_with_results(caplog: pytest.LogCaptureFixture
     assert not [rec for rec in caplog.records if "write(" in rec.getMessage()]
 
 
+def test_rt_sigprocmask_answered_in_c_counts_and_a_traced_vm_logs_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """musl's fork makes four rt_sigprocmask calls, which the C syscall entry answers
+    (guest/runtime/syscall_hook.c): the program's output and the VM's syscall count
+    are those of a traced VM, where every call goes through the kernel and is logged."""
+    with caplog.at_level(logging.INFO, logger=KERNEL_LOG):
+        traced = vm("fork_exit_wait", "-n", "5", trace_syscalls=True)
+    calls = [rec.getMessage() for rec in caplog.records if "rt_sigprocmask(" in rec.getMessage()]
+    assert len(calls) >= 4 * 5, calls
+    fast = vm("fork_exit_wait", "-n", "5")
+    assert fast.stdout == traced.stdout == b"ok 5 children\n"
+    assert fast.result.syscalls == traced.result.syscalls
+
+
 def test_trace_of_a_failing_syscall_names_the_errno(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger=KERNEL_LOG):
         vm("efault", trace_syscalls=True)

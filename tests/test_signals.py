@@ -329,7 +329,8 @@ def test_a_storm_across_vms_leaves_the_pool_responsive(pool: WarmPool) -> None:
 # -- exec's part (for rump/syscalls/sys_exec.py) ------------------------------------------
 def test_reset_on_exec_keeps_ignored_signals_mask_and_pending() -> None:
     p = Process(pid=5, ppid=2, pgid=5, sid=5, fds=FdTable())
-    lwp = Lwp(proc=p, thread=BmkThread(tid=5, name="t"), tid=5, sigmask=signals.bit(10))
+    lwp = Lwp(proc=p, thread=BmkThread(tid=5, name="t"), tid=5)
+    lwp.sigmask = signals.bit(10)
     p.lwps.append(lwp)
     lwp.altstack = (0x1000, 8192)
     p.sigactions = {

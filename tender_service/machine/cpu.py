@@ -59,6 +59,8 @@ for _lib_, _fn in (
     (_fast, "uc_reg_read_batch"),
     (_fast, "uc_reg_write"),
     (_fast, "uc_reg_write_batch"),
+    (_fast, "uc_mem_read"),
+    (_fast, "uc_mem_write"),
 ):
     getattr(_lib_, _fn)
 _emu_start.argtypes = [
@@ -123,7 +125,24 @@ class _SyscallEntry(ctypes.Structure):
         ("write", ctypes.c_void_p),
         ("ids", ctypes.c_int * len(SYSCALL_REGS)),
         ("vals", ctypes.c_void_p * len(SYSCALL_REGS)),
+        ("mem_read", ctypes.c_void_p),
+        ("mem_write", ctypes.c_void_p),
+        ("emu_stop", ctypes.c_void_p),
+        ("sigmask", ctypes.c_void_p),
+        ("pending", ctypes.c_void_p),
+        ("fast", ctypes.c_int32),
+        ("events", ctypes.c_int32),
+        ("stopped", ctypes.c_int32),
+        ("unused", ctypes.c_int32),
+        ("answered", ctypes.c_uint64),
     ]
+
+
+class SignalCell(ctypes.c_uint64):
+    """A 64-bit signal set the syscall entry reads and writes in C: a thread's mask,
+    a process's pending set (``Cpu.use_signal_cells``)."""
+
+    __slots__ = ()
 
 
 #: general-purpose registers a conservative scan of a forked thread rebases
@@ -415,6 +434,8 @@ class Cpu:
             ),
         )
         self._syscall_entry: _SyscallEntry | None = None  # kept alive while hooked
+        #: the signal sets the entry points at (``use_signal_cells``), kept alive
+        self._cells: tuple[SignalCell, SignalCell] | None = None
         #: ``write_state``'s batch: register ids, and a 16-byte slot for each value
         nstate = len(STATE_REGS)
         self._state_ids = (ctypes.c_int * nstate)()
@@ -435,18 +456,24 @@ class Cpu:
         self.uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
 
     # -- syscalls --------------------------------------------------------------
-    def hook_syscall(self, handler: Callable[[], int | None]) -> None:
+    def hook_syscall(self, handler: Callable[[], int | None], answer_here: bool = True) -> None:
         """Call ``handler()`` on every ``syscall``, with rax and the six argument
         registers already in ``sysregs``; an int it returns goes to rax (wrapped to 64
         bits: -errno too), None leaves rax as the handler left it.  The entry is C
         (guest/runtime/syscall_hook.c): no ctypes callback, register read or rax write
-        from Python per syscall."""
+        from Python per syscall.  Once ``use_signal_cells`` has pointed it at the
+        running thread's signal sets, it stops the CPU after a syscall that leaves a
+        signal to deliver and (``answer_here``) answers rt_sigprocmask itself."""
         entry = _SyscallEntry()
         entry.dispatch = handler
         entry.read_batch = ctypes.cast(self._reg_read_batch, ctypes.c_void_p).value
         entry.write = ctypes.cast(self._reg_write, ctypes.c_void_p).value
         entry.ids[:] = list(self._ids)
         entry.vals[:] = list(self._ptrs)
+        entry.mem_read = ctypes.cast(_fast.uc_mem_read, ctypes.c_void_p).value
+        entry.mem_write = ctypes.cast(_fast.uc_mem_write, ctypes.c_void_p).value
+        entry.emu_stop = _STOP_ADDR
+        entry.fast = int(answer_here)
         self._syscall_entry = entry
         hh = ctypes.c_size_t()
         err = _lib.uc_hook_add(
@@ -660,15 +687,44 @@ class Cpu:
         (0: none); may be called from the syscall hook, while the guest runs."""
         self._slice.left = blocks
 
+    def use_signal_cells(self, mask: SignalCell, pending: SignalCell, events: bool) -> None:
+        """Point the syscall entry at the thread about to run: its mask, its process's
+        pending set (kept alive here while the entry points at them); ``events``: the
+        kernel has work from other threads, so no syscall is answered in C."""
+        entry = self._syscall_entry
+        if entry is None:
+            return
+        self._cells = (mask, pending)
+        entry.sigmask, entry.pending = ctypes.addressof(mask), ctypes.addressof(pending)
+        entry.events = events
+
+    def post_events(self) -> None:
+        """Work from another thread waits for the kernel: the guest's next syscall
+        goes to it, even one the entry could answer (see ``Kernel.post_event``)."""
+        entry = self._syscall_entry
+        if entry is not None:
+            entry.events = 1
+
+    @property
+    def answered(self) -> int:
+        """Syscalls the C entry answered without the kernel."""
+        entry = self._syscall_entry
+        return 0 if entry is None else entry.answered
+
     def run(self, blocks: int = 0) -> CpuExit:
         """Run from the current RIP until stopped, a fault, or (``blocks`` > 0, with
         ``enable_slices``) the end of a slice of that many blocks."""
         self._fault = None
         self._stopped = False
+        entry = self._syscall_entry
+        if entry is not None:
+            entry.stopped = 0
         sl = self._slice
         sl.left, sl.fired = blocks, 0
         err = _emu_start(self._h, self.reg(RIP), END_ADDRESS, 0, 0)
         sl.left = 0
+        if entry is not None and entry.stopped:
+            self._stopped = True  # the entry stopped it: a signal to deliver
         if err:
             return self._classify(err)
         if self._fault is not None:

@@ -73,9 +73,9 @@ def make_dispatcher(kernel: Kernel) -> Dispatcher:
             _internal_error(kernel, lwp, nr, e)
             return None
         if type(ret) is int:
-            if lwp.proc.pending & ~lwp.sigmask:
-                stop()  # a signal to deliver on the way back to user mode
-            elif runq and kernel.slice_used():
+            # a signal to deliver on the way back to user mode: the C entry checks
+            # and stops the CPU after it has written rax (guest/runtime/syscall_hook.c)
+            if runq and kernel.slice_used():
                 stop()  # its slice's time is up: preempted here
             return ret  # the stop takes effect after the hook has written rax
         if ret is SWITCH:

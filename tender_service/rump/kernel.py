@@ -213,7 +213,11 @@ class Kernel(ProcessTable):
         os.set_blocking(self._wakeup_r, False)
         os.set_blocking(self._wakeup_w, False)
         dispatch = make_dispatcher(self)
-        self.cpu.hook_syscall(traced(self, dispatch) if config.trace_syscalls else dispatch)
+        # a traced VM logs every syscall: none is answered in C (rt_sigprocmask)
+        self.cpu.hook_syscall(
+            traced(self, dispatch) if config.trace_syscalls else dispatch,
+            answer_here=not config.trace_syscalls,
+        )
         if self._slice:
             self.cpu.enable_slices()  # before any guest block is translated
         #: the instance's file system (boot() gives it the image's tree; VM-clone a proxy)
@@ -348,7 +352,7 @@ class Kernel(ProcessTable):
             reports=list(self.reports),
             elapsed=time.monotonic() - start,
             forks=self.forks,
-            syscalls=self.syscalls,
+            syscalls=self.syscalls + self.cpu.answered,
             peak_memory=self.peak_memory,
             processes=self.process_table(),
         )
@@ -389,6 +393,7 @@ class Kernel(ProcessTable):
         """
         if not interrupt:
             self.events.append(fn)
+            self.cpu.post_events()
             if not self._finished:
                 self._notify()
             return
@@ -458,6 +463,7 @@ class Kernel(ProcessTable):
             lwp.restart_nr, lwp.interrupted = -1, False
             self.restart_pending = False
             self.clock.tick()
+            cpu.use_signal_cells(lwp.sigcell, proc.pendcell, bool(self.events))
             self._ran(lwp, cpu.run(self._budget(t) if self._needs_slices(proc) else 0))
 
     def _budget(self, t: BmkThread) -> int:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tender_service.bmk.sched import BmkThread, WaitQueue
+from tender_service.machine.cpu import SignalCell
 from tender_service.rump import signals
 from tender_service.rump.fdtable import FdTable
 from tender_service.rump.fs import ROOT_INO
@@ -34,7 +35,9 @@ class Lwp:
     stack: int = 0  # user pointer of the stack allocation (bmk heap, WIREDBMK)
     tls: int = 0  # user pointer of a TLS block the kernel made for this LWP (fork)
     clear_child_tid: int = 0
-    sigmask: int = 0
+    #: the signal mask (``sigmask``), in a cell the syscall entry reads and writes
+    #: in C while this LWP runs (machine/cpu.py ``use_signal_cells``)
+    sigcell: SignalCell = field(default_factory=SignalCell)
     #: bytes a restarted syscall has already moved (large pipe writes)
     progress: int = 0
     #: a futex wait of this LWP was woken (the restarted wait returns 0)
@@ -59,6 +62,14 @@ class Lwp:
     #: work the kernel does just before this LWP first runs (copy fork relocates
     #: the child's memory there, so that the parent's fork returns sooner)
     first_run: Callable[[], object] | None = None
+
+    @property
+    def sigmask(self) -> int:
+        return self.sigcell.value
+
+    @sigmask.setter
+    def sigmask(self, mask: int) -> None:
+        self.sigcell.value = mask
 
 
 @dataclass(eq=False)
@@ -139,7 +150,9 @@ class Process:
     state: ProcState = ProcState.ALIVE
     status: int = 0  # wait status once a zombie
     sigactions: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
-    pending: int = 0  # the pending set (bit n-1: signal n), kept with ``sigqueue``
+    #: the pending set (``pending``; bit n-1: signal n), kept with ``sigqueue``, in a
+    #: cell the syscall entry reads in C while a thread of this process runs
+    pendcell: SignalCell = field(default_factory=SignalCell)
     #: pending instances, oldest first: one per standard signal, every real-time one
     sigqueue: list[signals.SigInfo] = field(default_factory=list)
     #: where sigsuspend, pause and rt_sigtimedwait wait for a signal
@@ -183,6 +196,14 @@ class Process:
         self.child_wq = WaitQueue(f"wait:{self.pid}")
         self.signal_wq = WaitQueue(f"signal:{self.pid}")
         self.stop_wq = WaitQueue(f"stopped:{self.pid}")
+
+    @property
+    def pending(self) -> int:
+        return self.pendcell.value
+
+    @pending.setter
+    def pending(self, signals_: int) -> None:
+        self.pendcell.value = signals_
 
     @property
     def alive(self) -> bool:

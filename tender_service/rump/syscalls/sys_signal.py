@@ -146,8 +146,10 @@ def _deliverable(k: Kernel, lwp: Lwp) -> bool:
 
 def sys_rt_sigprocmask(k: Kernel, lwp: Lwp, how: int, set_: int, oset: int, sigsetsize: int) -> int:
     """The new set is read and ``how`` checked before the old set is written, and the
-    mask changes only if that write succeeds.  musl's fork makes four of these: the
-    code is flat, with no helper calls (issue 17)."""
+    mask changes only if that write succeeds.  The C syscall entry answers most
+    calls itself, the same way (guest/runtime/syscall_hook.c: musl's fork makes
+    four); this runs for the rest (an odd size or ``how``, a bad pointer) and in
+    a traced VM."""
     if sigsetsize != 8:
         raise GuestError(errno.EINVAL)
     old = mask = lwp.sigmask
