@@ -54,12 +54,14 @@ from tender_service.fork import snapshot
 from tender_service.fork.snapshot import MAGIC, SNAPSHOT_VERSION, SnapshotError
 from tender_service.instance import localstart
 from tender_service.instance.backends.vmclone import run_vmclone
-from tender_service.instance.pool import WarmPool
+from tender_service.instance.pool import PoolStartError, WarmPool
 from tender_service.instance.supervisor import ProcRec, Supervisor
 from tender_service.machine.errors import GuestError
 from tender_service.rump.console import Console
 from tender_service.rump.vminfo import FORK_PHASES, ProcInfo, RunResult, VmConfig
+from tender_service.toolchain.cc import HOST_LIBRARIES
 from tender_service.toolchain.images import build_image
+from tender_service.toolchain.paths import images_dir, zig_cache_dir
 from tender_service.transports.channel import connect_channel
 from tender_service.transports.frames import HELLO_MAGIC, ChannelClosed, ProtocolError, encode_hello
 from tender_service.vm import DEFAULT_ENV, CaptureSink, create_vm, run_vm
@@ -885,6 +887,48 @@ def test_cli_vmclone_tcp_tag_pids(env: Env) -> None:
     # multiprocessing resource tracker, which ends on its own once the CLI has exited
     wait_for(lambda: not processes_with_env(f"UNIFORK_TEST_MARK={mark}"), "no CLI process left")
     assert leaked_segments(before, {os.getpid()}) == set()
+
+
+def test_a_pool_whose_process_dies_starting_says_so_at_once(tmp_path: Path) -> None:
+    """A tender process that dies before it is ready (here: its image cache is a file,
+    so its warm-up cannot build the vDSO) makes ``wait_ready`` fail at once with the
+    reason, not after START_TIMEOUT with a TimeoutError (unjailed: the jail scrubs the
+    environment this test sets)."""
+    not_a_dir = tmp_path / "cache"
+    not_a_dir.write_text("a file")
+    pool = WarmPool(1, env={"UNIFORK_CACHE_DIR": str(not_a_dir)}, jailed=False)
+    try:
+        with pytest.raises(PoolStartError, match=r"died while starting \(exit code 1"):
+            pool.wait_ready(600)
+        assert pool.workers == []
+    finally:
+        pool.close()
+
+
+def test_a_pool_builds_what_its_jailed_processes_cannot(tmp_path: Path) -> None:
+    """The pool builds the vDSO and the host libraries before it starts its tender
+    processes: a jailed process cannot run the compiler, and a cache without them (a
+    new install, a changed runtime source) left every process dead in its warm-up and
+    ``unifork run --fork vmclone`` waiting 60 s for a pool that never came."""
+    cache = tmp_path / "cache"
+    (cache / "images").mkdir(parents=True)
+    for built in images_dir().iterdir():  # the guest images, not the runtime
+        if built.suffix == ".elf":
+            (cache / "images" / built.name).symlink_to(built)
+    env = {
+        **os.environ,
+        "UNIFORK_CACHE_DIR": str(cache),
+        "UNIFORK_ZIG_CACHE_DIR": str(zig_cache_dir()),
+    }
+    p = subprocess.run(
+        [sys.executable, "-m", "unifork", "run", "--fork", "vmclone", "hello"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert (p.returncode, p.stdout) == (0, "Hello, unikernel!\n"), p.stderr
+    assert {f.name.split("-")[0] for f in (cache / "images").glob("*.so")} >= set(HOST_LIBRARIES)
 
 
 def test_pool_close_leaves_nothing() -> None:

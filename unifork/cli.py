@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from tender_service.instance.backends import FORK_MODES
+from tender_service.instance.pool import PoolStartError
 from tender_service.machine.errors import ImageError
 from tender_service.rump import signals
 from tender_service.rump.vminfo import DEFAULT_QUANTUM, FORK_PHASES, RunResult
@@ -143,6 +144,9 @@ def _run(a: argparse.Namespace) -> int:
     except (ImageError, ValueError) as e:
         print(f"unifork: {e}", file=sys.stderr)
         return 2
+    except PoolStartError as e:
+        print(f"unifork: no VM-clone pool: {e}", file=sys.stderr)
+        return 1
     finally:
         backend.close()
     for r in result.reports:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.process
 import os
 import shutil
@@ -32,6 +33,7 @@ import grpc
 
 from tender_service.instance import jail
 from tender_service.instance.childproc import log_receiver
+from tender_service.toolchain.images import build_vm_runtime
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,29 @@ class WorkerHandle:
             self.proc.join()
 
 
+class PoolStartError(RuntimeError):
+    """The pool's tender processes did not all start: one died starting, or timed out."""
+
+
+class _Ready:
+    """A worker's "ready" (``.set()``, as worker.serve calls it) over a pipe, so that
+    the pool waits for it or for the worker's end, whichever comes first."""
+
+    def __init__(self, conn: multiprocessing.connection.Connection) -> None:
+        self.conn = conn
+
+    def set(self) -> None:
+        self.conn.send_bytes(b"ready")
+        self.conn.close()
+
+
+def _said_ready(conn: multiprocessing.connection.Connection) -> bool:
+    try:
+        return conn.poll() and conn.recv_bytes() == b"ready"
+    except (EOFError, OSError):  # it ended (or closed its end) without a word
+        return False
+
+
 class WarmPool:
     def __init__(
         self,
@@ -113,6 +138,11 @@ class WarmPool:
         self._lock = threading.Lock()
         self._closed = False
         self._ready = threading.Condition(self._lock)
+        #: why a worker died before it was ready (``wait_ready`` raises it at once)
+        self.start_error: str | None = None
+        # workers jail themselves before their warm-up, and a jailed process cannot
+        # run the compiler: what every VM process loads is built here, first
+        build_vm_runtime()
         self._mp = multiprocessing.get_context("spawn")
         self.logs = log_receiver("unifork-worker-logs", self._mp)
         self._starters = [
@@ -125,18 +155,37 @@ class WarmPool:
         from tender_service.instance.worker import run_worker
 
         path = os.path.join(self.dir, f"w{next(self._ids)}.sock")
-        ready = self._mp.Event()
+        reader, writer = self._mp.Pipe(duplex=False)
         proc = self._mp.Process(
             target=run_worker,
             daemon=True,
             name=f"unifork-worker-{path}",
-            args=(f"unix:{path}", self.logs.queue, self.env, self.level, ready, self.jailed),
+            args=(
+                f"unix:{path}",
+                self.logs.queue,
+                self.env,
+                self.level,
+                _Ready(writer),
+                self.jailed,
+            ),
         )
         proc.start()
-        if not ready.wait(START_TIMEOUT):
-            log.warning("tender process %d did not start", proc.pid)
-            proc.kill()
-            proc.join()
+        writer.close()
+        with reader:
+            multiprocessing.connection.wait([reader, proc.sentinel], START_TIMEOUT)
+            ready = _said_ready(reader)
+        if not ready:
+            proc.join(0)
+            if proc.exitcode is None:
+                log.warning("tender process %d did not start", proc.pid)
+                proc.kill()
+                proc.join()
+                return
+            why = f"a tender process died while starting (exit code {proc.exitcode}; its log says why)"
+            log.error("%s", why)
+            with self._lock:
+                self.start_error = why
+                self._ready.notify_all()
             return
         with self._lock:
             if self._closed:
@@ -190,9 +239,11 @@ class WarmPool:
         deadline = time.monotonic() + timeout
         with self._lock:
             while len(self.workers) < self.size:
+                if self.start_error is not None:
+                    raise PoolStartError(self.start_error)
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError("the pool did not start")
+                    raise PoolStartError(f"the pool did not start in {timeout:g} s")
                 self._ready.wait(left)
 
     def close(self) -> None:

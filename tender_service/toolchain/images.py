@@ -163,6 +163,16 @@ def build_host_library(name: str) -> Path:
     )
 
 
+def build_vm_runtime() -> None:
+    """Build (or find) what every VM process maps or loads: the vDSO and the host
+    libraries.  Before a jailed process needs them: it cannot run the compiler (its
+    filter allows no new process), so a pool worker started with one missing died
+    in its warm-up."""
+    build_vdso()
+    for lib in HOST_LIBRARIES:
+        build_host_library(lib)
+
+
 def _build_once(target: Path, what: str, build: Callable[[Path], None]) -> Path:
     """``target``, built by ``build(tmp)`` unless it exists: under a per-file lock, into a
     private name renamed into place, so readers only ever see a complete file."""
@@ -249,9 +259,7 @@ def build_all(
             if progress is not None:
                 progress(name, done, len(wanted))
     if names is None:
-        build_vdso()  # every VM maps it: build it with the images, not in a VM's first boot
-        for lib in HOST_LIBRARIES:  # every VM process loads them
-            build_host_library(lib)
+        build_vm_runtime()  # with the images, not in a VM's first boot
     if failures:
         raise failures[0][1]
     return {name: built[name] for name in wanted}
