@@ -50,6 +50,13 @@ def make_dispatcher(kernel: Kernel) -> Dispatcher:
         nr = regs[0]
         lwp = kernel.current
         assert lwp is not None  # a syscall comes from the thread that runs
+        if lwp.restart_nr >= 0:
+            # the parked syscall runs again: no longer parked.  Not before (in the
+            # loop): a time slice can end before the syscall instruction runs, and a
+            # signal delivered then would resume the handler's return on the syscall
+            # with no EINTR (a sigsuspend slept again, its signal taken: a VM-clone
+            # ping-pong hung about once in 30-130 runs under load)
+            lwp.restart_nr, lwp.interrupted = -1, False
         kernel.syscalls += 1
         ret: object
         try:

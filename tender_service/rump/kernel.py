@@ -460,7 +460,8 @@ class Kernel(ProcessTable):
                 and not sigframe.deliver(self, lwp)
             ):
                 continue
-            lwp.restart_nr, lwp.interrupted = -1, False
+            # (restart_nr is cleared when the parked syscall runs again, by the
+            # dispatcher: a slice may end before it does, with rip still on it)
             self.restart_pending = False
             self.clock.tick()
             cpu.use_signal_cells(lwp.sigcell, proc.pendcell, bool(self.events))
