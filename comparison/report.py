@@ -623,8 +623,9 @@ def render(r: Report) -> str:
 BREAKDOWN_WHAT = (
     "parent side, the warm forks of fork_time (its first fork of each run excluded): "
     "lease = the pid and a place from the supervisor; share = pipes and files handed "
-    "to it; capture = the snapshot; start = StartVm (transfer, the child's restore, the "
-    "reply); restore = the part of start the child's tender process spent restoring"
+    "to it; capture = the snapshot; start = StartVm (transfer, the snapshot checked, the "
+    "reply); restore = the child's restore, on its tender process after the reply (not "
+    "part of the parent's fork)"
 )
 
 

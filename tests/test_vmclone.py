@@ -56,6 +56,7 @@ from tender_service.instance import localstart
 from tender_service.instance.backends.vmclone import run_vmclone
 from tender_service.instance.pool import PoolStartError, WarmPool
 from tender_service.instance.supervisor import ProcRec, Supervisor
+from tender_service.instance.worker import PeerServicer
 from tender_service.machine.errors import GuestError
 from tender_service.rump.console import Console
 from tender_service.rump.vminfo import FORK_PHASES, ProcInfo, RunResult, VmConfig
@@ -326,11 +327,12 @@ def test_fork_time_runs(env: Env, transport: str) -> None:
     assert re.fullmatch(r"fork_summary runs=5 mean_us=\S+ min_us=\S+ max_us=\S+ ok=1", out[5])
     assert r.result.forks == 5 and len(r.result.fork_seconds) == 5
     # each fork's steps (the breakdown `unifork run --stats` prints): the lease, the
-    # snapshot and the start took time; the child's restore is part of the start
+    # snapshot and the start took time; the child's restore, after StartVm answered, is
+    # reported by the child's VM (test_a_child_restored_after_the_answer_...)
     phases = r.result.fork_phases
     assert len(phases) == 5 and all(set(p) == set(FORK_PHASES) for p in phases), phases
     assert all(
-        p["lease"] > 0 and p["capture"] > 0 and 0 < p["restore"] < p["start"] for p in phases
+        p["lease"] > 0 and p["capture"] > 0 and p["start"] > 0 and p["restore"] > 0 for p in phases
     )
     # child i exited with i % 100, and the parent reaped it
     assert [(p.status, p.state) for p in r.children(MAIN_PID)] == [
@@ -634,6 +636,65 @@ def test_a_child_that_never_says_hello_is_lost_and_its_parent_sees_it(
     assert any("pid 3" in r and "never connected" in r for r in res.reports), res.reports
     assert held == []
     assert late == b""
+    env.check_clean()
+
+
+class _UnrestorablePeer:
+    """A pool process of this host (a real ``PeerServicer`` in this process) that gets
+    every fork's snapshot with its process's pid made 1: the snapshot still parses, so
+    StartVm answers, and the restore after the answer refuses it."""
+
+    def __init__(self, path: Path) -> None:
+        self.servicer = PeerServicer(threading.Event())
+        self.address = f"unix:{path}"
+        self.server = localstart.Server(str(path) + localstart.SUFFIX, self._launch)
+
+    def _launch(self, start: dict, size: int, receive) -> localstart.Started:
+        buf = bytearray(size)
+        receive(memoryview(buf))
+        head = snapshot._HEADER
+        magic, version, flags, meta_len, nranges = head.unpack_from(buf)
+        meta = json.loads(bytes(buf[head.size : head.size + meta_len]))
+        meta["process"]["pid"] = 1
+        m = json.dumps(meta).encode()
+        bad = head.pack(magic, version, flags, len(m), nranges) + m + buf[head.size + meta_len :]
+        snapshot.decode(bad)  # it parses: only the restore can tell
+
+        def fill(into: memoryview) -> None:
+            into[:] = bad
+
+        return self.servicer.start_local(start, len(bad), fill)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_child_restored_after_the_answer_that_cannot_be_is_killed_at_once(
+    env: Env, transport: str, tmp_path: Path
+) -> None:
+    """A fork's StartVm on this host answers once the snapshot parses; the restore runs
+    on the child VM's thread after the answer (the parent's fork does not wait for it).
+    One that fails there is told to the supervisor: the child is killed by SIGKILL at
+    once (not after the hello deadline), its parent's waitpid sees it, and what the
+    StartVm held of the process's receive budget is given back."""
+    peer = _UnrestorablePeer(tmp_path / "bad.sock")
+    sink = CaptureSink()
+    sup = Supervisor(_ChildrenToSilentPeer(env.pool, peer), transport, sink, VmConfig(timeout=60))
+    try:
+        start(sup, "vmclone_probe", "block_read")
+        res = sup.wait()
+    finally:
+        sup.close()
+        peer.server.close()
+    run = Run(res, sink)
+    assert (res.outcome, res.status) == ("exited", 0), run.why()
+    assert run.lines_by_pid() == {MAIN_PID: ["child: killed by SIGKILL"]}, run.why()
+    assert run.rows[3].status == SIGKILL and run.rows[3].state == "reaped", run.why()
+    assert any("pid 3" in r and "could not be restored" in r for r in res.reports), res.reports
+    assert not any("never connected" in r for r in res.reports), res.reports
+    s = peer.servicer
+    wait_for(
+        lambda: (s.receiving, s.starting, s.vms) == (0, 0, {}),
+        "the peer to give back what the StartVm held",
+    )
     env.check_clean()
 
 

@@ -58,6 +58,9 @@ class Started:
     host_pid: int
     host: str
     restore_seconds: float
+    #: called once the reply is on its way (the server side: the VM's thread starts
+    #: then, so that its restore does not hold the GIL the reply needs)
+    then: Callable[[], None] | None = None
 
 
 class StartFailed(Exception):
@@ -241,16 +244,20 @@ class Server:
             while conn.recv(1 << 16):
                 pass
             return False
-        _reply(
-            conn,
-            {
-                "ok": True,
-                "pid": started.pid,
-                "host_pid": started.host_pid,
-                "host": started.host,
-                "restore_seconds": started.restore_seconds,
-            },
-        )
+        try:
+            _reply(
+                conn,
+                {
+                    "ok": True,
+                    "pid": started.pid,
+                    "host_pid": started.host_pid,
+                    "host": started.host,
+                    "restore_seconds": started.restore_seconds,
+                },
+            )
+        finally:
+            if started.then is not None:
+                started.then()
         return True
 
 

@@ -92,6 +92,9 @@ VM_GRACE = 2.0
 #: counts as lost, as a VM whose tender died (above the worker's own dial and hello
 #: timeouts, with room for a loaded host)
 HELLO_DEADLINE = 30.0
+#: restores a supervisor keeps for forks whose steps have not come yet (a bound: each
+#: VM reports one, and its parent's report of the fork follows at once)
+MAX_EARLY_RESTORES = 1024
 #: messages that may wake a VM that said it was idle
 _WAKING = {
     Msg.PIPE_DATA,
@@ -223,6 +226,10 @@ class Supervisor:
         self.forks = 0
         self.fork_seconds: list[float] = []
         self.fork_phases: list[dict[str, float]] = []  # each fork's steps (FORK_PHASES)
+        #: a fork's steps by child pid until its VM reports its restore (``vm_restored``),
+        #: and restores reported before their fork's steps came
+        self._restoring: dict[int, dict[str, float]] = {}
+        self._restored_early: dict[int, float] = {}
         self._next_pid = MAIN_PID
         #: the console as the controlling terminal of init's session (thread fork's
         #: kernel keeps the same record: Kernel.terminal)
@@ -984,6 +991,23 @@ class Supervisor:
         self.fs.drop_holder(pid)
         return 0
 
+    def _op_vm_restored(self, rec: ProcRec, micros: int) -> int:
+        """A fork's child VM was restored after its tender process answered the fork (the
+        parent did not wait for it): the 'restore' step of that fork."""
+        steps = self._restoring.pop(rec.pid, None)
+        if steps is not None:
+            steps["restore"] = micros / 1e6
+        elif len(self._restored_early) < MAX_EARLY_RESTORES:  # its fork_started is on its way
+            self._restored_early[rec.pid] = micros / 1e6
+        return 0
+
+    def _op_vm_unrestorable(self, rec: ProcRec) -> int:
+        """A fork's child VM could not be restored after its tender process answered the
+        fork (a snapshot that parses but does not hold together, no memory): the process
+        is killed by SIGKILL now, as if its VM were lost (its channel closes next)."""
+        self._lost(rec, "its VM could not be restored from its snapshot")
+        return 0
+
     def _op_vm_child_exited(self, rec: ProcRec, pid: int, status: int, micros: int) -> int:
         """A clone(CLONE_VM) child of ``rec`` ended inside ``rec``'s VM without exec (the
         VM reaps it itself): it never needs its leased place, and was a process, made
@@ -1005,7 +1029,13 @@ class Supervisor:
     ) -> int:
         self.fork_seconds.append(micros / 1e6)
         if len(phases) == len(FORK_PHASES):
-            self.fork_phases.append({k: v / 1e6 for k, v in zip(FORK_PHASES, phases, strict=True)})
+            steps = {k: v / 1e6 for k, v in zip(FORK_PHASES, phases, strict=True)}
+            self.fork_phases.append(steps)
+            restored = self._restored_early.pop(pid, None)
+            if restored is not None:
+                steps["restore"] = restored
+            elif pid in self.procs and self.procs[pid].alive:
+                self._restoring[pid] = steps  # until its VM reports, or it ends
         child = self.procs.get(pid)
         if child is not None and child.leased_by == rec.pid:
             self._launched(child)
@@ -1177,6 +1207,7 @@ class Supervisor:
             if not rec.alive:
                 return
             rec.state, rec.status, rec.ended = "zombie", status, time.monotonic()
+            self._restoring.pop(rec.pid, None)
             if not rec.hosting:
                 self._free_memory(rec)
             if report:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import errno
 import hashlib
 import hmac
@@ -39,15 +40,17 @@ from dataclasses import dataclass
 import grpc
 
 from tender_service import protos
-from tender_service.fork.snapshot import SnapshotError, decode, restore
+from tender_service.fork.snapshot import Snapshot, SnapshotError, capture, decode, restore
 from tender_service.fork.vmclone import VmCloneFork
 from tender_service.instance import jail, localstart
 from tender_service.instance.childproc import setup_child
-from tender_service.instance.vmserver import warm_up
+from tender_service.instance.vmserver import tiny_elf, warm_up
 from tender_service.machine.cpu import keep_spare_engine
+from tender_service.machine.elf import parse_elf
 from tender_service.machine.errors import GuestError, ImageError
-from tender_service.machine.rootfs import parse_image
+from tender_service.machine.rootfs import BootImage, parse_image
 from tender_service.rump.console import Console
+from tender_service.rump.files import File
 from tender_service.rump.kernel import Kernel
 from tender_service.rump.process import Process
 from tender_service.rump.vminfo import VmConfig
@@ -62,7 +65,7 @@ from tender_service.transports.channel import (
 )
 from tender_service.transports.frames import ProtocolError
 from tender_service.transports.vmlink import VmLink
-from tender_service.vm import boot_kernel
+from tender_service.vm import boot_kernel, create_vm
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +228,9 @@ class ForkTimes:
     captured: float = 0.0  # the snapshot is made (start_child is called)
 
     def phases(self, started: float, restore: float) -> list[int]:
-        """Microseconds of lease, share, capture, start (transfer + the child's restore +
-        the reply) and, of start, restore."""
+        """Microseconds of lease, share, capture, start (transfer, the snapshot checked,
+        the reply) and what StartVm spent restoring before it answered (the child's VM
+        reports its restore later, ``vm_restored``: a fork on this host restores after)."""
         return [
             int((b - a) * 1e6)
             for a, b in (
@@ -330,9 +334,7 @@ class PeerServicer:
         except localstart.Refused as e:
             context.abort(getattr(grpc.StatusCode, e.code), e.details)
         finally:
-            with self.lock:
-                self.starting -= 1
-                self.receiving -= held[0]
+            self._release(held)
 
     def start_local(
         self, start: dict, snapshot_len: int, receive: Callable[[memoryview], None]
@@ -351,14 +353,20 @@ class PeerServicer:
             self._hold(held, "snapshot", snapshot_len)
             snapshot = bytearray(snapshot_len)
             receive(memoryview(snapshot))
-            started = self._launch(start_msg, snapshot, b"")
+            started, vm = self._launch(start_msg, snapshot, b"", held=held)
             return localstart.Started(
-                started.pid, started.host_pid, started.host, started.restore_seconds
+                started.pid, started.host_pid, started.host, started.restore_seconds, vm.start
             )
         finally:
-            with self.lock:
-                self.starting -= 1
-                self.receiving -= held[0]
+            self._release(held)
+
+    def _release(self, held: list[int]) -> None:
+        """A StartVm call, or the restore it left to its VM's thread, is over: what it
+        held of the receive budget is free."""
+        with self.lock:
+            self.starting -= 1
+            self.receiving -= held[0]
+            held[0] = 0
 
     def _hold(self, held: list[int], kind: str, n: int) -> None:
         """Count ``n`` more bytes of a call against the receive budget (Refused if over)."""
@@ -390,24 +398,41 @@ class PeerServicer:
             (parts if kind == "snapshot" else image).append(data)
         if start_msg is None:
             raise localstart.Refused("INVALID_ARGUMENT", "start: missing")
-        return self._launch(start_msg, b"".join(parts), b"".join(image), connect_first=True)
+        started, vm = self._launch(start_msg, b"".join(parts), b"".join(image), True)
+        vm.start()
+        return started
 
     def _launch(
-        self, start_msg, snapshot: bytes | bytearray, image: bytes, connect_first: bool = False
+        self,
+        start_msg,
+        snapshot: bytes | bytearray,
+        image: bytes,
+        connect_first: bool = False,
+        held: list[int] | None = None,
     ):
-        """Build the VM of a StartVm and start its thread (which connects it to its
-        supervisor, then runs it); the VmStarted reply.
+        """Build the VM of a StartVm and its thread (which connects it to its supervisor,
+        then runs it; the caller starts it, a local fork's once its reply is sent); the
+        VmStarted reply and the thread.
 
         ``connect_first`` (gRPC: VMs from peer tenders, the relay, an instance's first
         VM): the channel is connected before the reply, and a supervisor that cannot
         be reached is UNAVAILABLE to the caller.  A fork on this host (the local
-        socket) does not wait for it (see ``_connect``)."""
+        socket) does not wait for it (see ``_connect``), nor for the restore: its
+        snapshot is checked (``decode``) before the reply and restored on the VM's
+        thread after it, as Linux's fork returns before the child first runs (the
+        restore was 1.5-2.8 ms of a ~5.5 ms fork).  ``held``: the call's part of the
+        receive budget, which a restore left to the VM's thread keeps until it ends."""
         pb2, _ = protos.peer()
         t0 = time.perf_counter()
         start = {f.name: getattr(start_msg, f.name) for f in start_msg.DESCRIPTOR.fields}
         start["args"], start["env"] = list(start["args"]), list(start["env"])
+        later: tuple[Snapshot, list[int]] | None = None
         try:
-            k, link = self._build(start, snapshot, image, connect_first)
+            if snapshot and not connect_first and held is not None:
+                later = (decode(snapshot), [0])
+                k, link = None, VmLink(None, int(start["pid"]))
+            else:
+                k, link = self._build(start, snapshot, image, connect_first)
         except (ImageError, SnapshotError, ValueError) as e:
             raise localstart.Refused("INVALID_ARGUMENT", f"cannot start the VM: {e}") from None
         except (ProtocolError, ChannelClosed, OSError) as e:
@@ -423,18 +448,23 @@ class PeerServicer:
                 "cannot reach the supervisor: it refused, did not answer, or did "
                 "not answer as the instance's supervisor",
             ) from None
-        threading.Thread(
+        if later is not None and held is not None:
+            with self.lock:  # the budget and the count of starts go to the VM's thread
+                self.starting += 1
+            later[1][0], held[0] = held[0], 0
+        vm = threading.Thread(
             target=self._run,
-            args=(k, link, start),
+            args=(k, link, start, later, time.perf_counter() - t0 if snapshot else None),
             daemon=True,
             name=f"vm-{start['instance_id']}-{start['pid']}",
-        ).start()
-        return pb2.VmStarted(
+        )
+        started = pb2.VmStarted(
             pid=start["pid"],
             host_pid=os.getpid(),
             host=os.environ.get(HOST_NAME_ENV) or socket.gethostname(),
             restore_seconds=time.perf_counter() - t0,
         )
+        return started, vm
 
     def GetLoad(self, request, context):  # noqa: N802 - gRPC's name
         pb2, _ = protos.peer()
@@ -455,47 +485,61 @@ class PeerServicer:
     ) -> tuple[Kernel, VmLink]:
         """The VM of a StartVm, ready to run; connected to its supervisor (once what
         was sent is checked, before the VM is built) only if ``connect_first``."""
-        pid = int(start["pid"])
-        image = None
-        if snapshot:
-            state = decode(snapshot)
-        elif not image_data:
-            raise ValueError("image: missing (a VM boots from the image's bytes)")
-        elif not hmac.compare_digest(
-            hashlib.sha256(image_data).hexdigest(), str(start["image_sha256"]).lower()
-        ):
-            raise ValueError("image_sha256: does not match the image sent")
-        else:
-            image = parse_image(image_data, start["argv0"] or "image")
-        link = VmLink(self._open_channel(start) if connect_first else None, pid)
+        state, image = self._check(start, snapshot, image_data)
+        link = VmLink(self._open_channel(start) if connect_first else None, int(start["pid"]))
         try:
-            console = Console(link.console_sink, stdin=link.stdin(), tty=bool(start["tty"]))
-            forker = VmCloneFork(WorkerCloneHost(link, start))
-            timeout = float(start["timeout_seconds"]) or None
-            if image is None:
-                k = restore(state, console, forker, link.make_file, timeout)
-            else:
-                config = VmConfig(
-                    ram=int(start["ram_bytes"]),
-                    stack_size=int(start["stack_bytes"]),
-                    quantum=int(start["quantum"]),
-                    max_procs=int(start["max_procs"]),
-                    tty=bool(start["tty"]),
-                    timeout=timeout,
-                )
-                k = boot_kernel(
-                    image,
-                    start["args"],
-                    start["env"],
-                    config,
-                    console,
-                    forker,
-                    argv0=start["argv0"] or image.elf.name,
-                )
+            return self._kernel(start, link, state, image), link
         except Exception:
             link.close()
             raise
-        return k, link
+
+    @staticmethod
+    def _check(
+        start: dict, snapshot: bytes | bytearray, image_data: bytes
+    ) -> tuple[Snapshot | None, BootImage | None]:
+        """What a StartVm sent, parsed and checked: a snapshot, or an image whose bytes
+        match their SHA-256 (ValueError, SnapshotError, ImageError if not)."""
+        if snapshot:
+            return decode(snapshot), None
+        if not image_data:
+            raise ValueError("image: missing (a VM boots from the image's bytes)")
+        if not hmac.compare_digest(
+            hashlib.sha256(image_data).hexdigest(), str(start["image_sha256"]).lower()
+        ):
+            raise ValueError("image_sha256: does not match the image sent")
+        return None, parse_image(image_data, start["argv0"] or "image")
+
+    def _kernel(
+        self,
+        start: dict,
+        link: VmLink,
+        state: Snapshot | None,
+        image: BootImage | None,
+    ) -> Kernel:
+        """The VM of a checked StartVm: ``state`` restored, or ``image`` booted."""
+        console = Console(link.console_sink, stdin=link.stdin(), tty=bool(start["tty"]))
+        forker = VmCloneFork(WorkerCloneHost(link, start))
+        timeout = float(start["timeout_seconds"]) or None
+        if state is not None:
+            return restore(state, console, forker, link.make_file, timeout)
+        assert image is not None
+        config = VmConfig(
+            ram=int(start["ram_bytes"]),
+            stack_size=int(start["stack_bytes"]),
+            quantum=int(start["quantum"]),
+            max_procs=int(start["max_procs"]),
+            tty=bool(start["tty"]),
+            timeout=timeout,
+        )
+        return boot_kernel(
+            image,
+            start["args"],
+            start["env"],
+            config,
+            console,
+            forker,
+            argv0=start["argv0"] or image.elf.name,
+        )
 
     def _connect(self, start: dict, link: VmLink) -> None:
         """Open the VM's channel to its supervisor, unless StartVm did already.
@@ -535,7 +579,17 @@ class PeerServicer:
             raise
         return sock
 
-    def _run(self, k: Kernel, link: VmLink, start: dict) -> None:
+    def _run(
+        self,
+        k: Kernel | None,
+        link: VmLink,
+        start: dict,
+        later: tuple[Snapshot, list[int]] | None = None,
+        restored: float | None = None,
+    ) -> None:
+        """Connect the VM to its supervisor, restore it if StartVm left that to this
+        thread (``later``: the checked snapshot and the budget it holds), run it;
+        ``restored``: the seconds StartVm spent restoring it before its reply."""
         key = (start["instance_id"], start["pid"])
         try:
             self._connect(start, link)
@@ -550,8 +604,18 @@ class PeerServicer:
                 type(e).__name__,
             )
             link.close()
-            k.close()
+            if k is not None:
+                k.close()
+            if later is not None:
+                self._release(later[1])
             return
+        if later is not None:
+            k = self._restore_later(start, link, *later)
+            if k is None:
+                return
+        elif restored is not None:  # restored before the reply: the same report
+            link.notify_call("vm_restored", int(restored * 1e6))
+        assert k is not None
         link.attach(k)
         with self.lock:
             self.vms[key] = k
@@ -565,6 +629,60 @@ class PeerServicer:
             link.close()
             k.close()
             keep_spare_engine()  # for the next VM this process hosts (a fork's restore)
+
+    def _restore_later(
+        self, start: dict, link: VmLink, state: Snapshot, held: list[int]
+    ) -> Kernel | None:
+        """The restore a fork's StartVm answered before (``_launch``), on the VM's
+        thread, its VM connected already: its time goes to the supervisor (the fork's
+        'restore' step, off the parent's path); if it fails, the supervisor is told and
+        reports the process killed by SIGKILL at once (None)."""
+        t0 = time.perf_counter()
+        try:
+            k = self._kernel(start, link, state, None)
+        except Exception as e:  # a bad snapshot or no memory: the child dies, not us
+            log.warning(
+                "instance %.64r pid %d: the snapshot could not be restored (%s: %.200s): "
+                "the process is killed",
+                start["instance_id"],
+                start["pid"],
+                type(e).__name__,
+                e,
+            )
+            with contextlib.suppress(ChannelClosed, OSError):
+                link.notify_call("vm_unrestorable")
+            link.close()
+            return None
+        finally:
+            self._release(held)
+        link.notify_call("vm_restored", int((time.perf_counter() - t0) * 1e6))
+        return k
+
+
+#: snapshots the warm-up takes and restores (CPython specializes code after ~8 runs)
+WARM_CLONES = 10
+
+
+def _no_remote_files(state: dict) -> File:
+    raise SnapshotError("the warm-up VM holds no file of another VM")
+
+
+def warm_up_clone_paths(rounds: int = WARM_CLONES) -> None:
+    """Take ``rounds`` snapshots of a booted warm-up VM and restore each (never run):
+    the capture, check and restore code of a fork then runs warm the first time a VM
+    of this process forks or is forked here (cold, they were ~1-2 ms of a
+    fresh pool's first fork: issue 17, item 5).  Ends with an engine kept for the
+    next VM."""
+    k = create_vm(parse_elf(tiny_elf(), "warm-up"), sink=lambda pid, fd, data: None)
+    try:
+        main = k.main
+        assert main is not None  # a booted VM has its first program's process
+        for i in range(rounds):
+            state = decode(capture(k, main.lwps[0], main.pid + 1 + i))
+            restore(state, Console(lambda pid, fd, data: None), None, _no_remote_files).close()
+    finally:
+        k.close()
+    keep_spare_engine()
 
 
 class _Context(logging.Filter):
@@ -597,6 +715,7 @@ def serve(listen: str, ready=None, parent_fd: int | None = None) -> None:
     # a VM's first boot or restore in this process would import and set up lazily
     # what the kernel needs (the syscall table, Unicorn): pay it before taking work
     warm_up()
+    warm_up_clone_paths()
     _, pb2_grpc = protos.peer()
     stop = threading.Event()
     server = grpc.server(

@@ -51,9 +51,10 @@ class ProcInfo:
     report: str
 
 
-#: the steps of a VM-clone fork, parent side: the pid lease from the supervisor, handing
-#: pipes and files to it, the snapshot, then StartVm (transfer, the child's restore, the
-#: reply); ``restore`` is the part of ``start`` the child's tender process spent restoring
+#: the steps of a VM-clone fork: parent side, the pid lease from the supervisor, handing
+#: pipes and files to it, the snapshot, then StartVm (transfer, the snapshot checked, the
+#: reply); ``restore``: the child's restore, reported by its VM (on this host after the
+#: reply, off the parent's path; from a peer tender within ``start``)
 FORK_PHASES = ("lease", "share", "capture", "start", "restore")
 
 
