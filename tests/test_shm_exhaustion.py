@@ -9,7 +9,7 @@ same supervisor socket, the instance says so in its transport_note, and
 ``unifork_shm_exhausted_total`` counts it.
 
 The tender runs in a private mount namespace (``unshare -m``, as root) with a
-20 MiB tmpfs on /dev/shm: two 8 MiB channel segments fit, no more.
+12 MiB tmpfs on /dev/shm: two 4 MiB channel segments fit (2 MiB rings), not three.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from test_service import (
     wait,
 )
 
-SHM_SIZE = "20M"
+SHM_SIZE = "12M"
 INSTANCES = 4
 
 pytestmark = pytest.mark.skipif(
@@ -98,7 +98,7 @@ def test_full_dev_shm_falls_back_to_tcp(small_shm_tender):
     t = small_shm_tender
     shm = f"/proc/{t.proc.pid}/root/dev/shm"  # the tender's /dev/shm, seen from outside
     st = os.statvfs(shm)
-    assert st.f_blocks * st.f_frsize == 20 << 20, "the tender does not see the small tmpfs"
+    assert st.f_blocks * st.f_frsize == 12 << 20, "the tender does not see the small tmpfs"
     c = t.client()
 
     def one(_):

@@ -27,6 +27,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing import resource_tracker
+from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 
 import pytest
@@ -714,6 +715,32 @@ def test_connect_refuses_a_peer_of_the_other_kind(harness: Harness) -> None:
         connect_channel("shm", b, False, {})
     t.join(10)
     assert isinstance(made[0], ChannelClosed), made
+
+
+def test_shm_attacher_backs_a_segment_its_creator_left_sparse() -> None:
+    """A creator that did not reserve its segment (a hostile or broken VM process)
+    must not make the attaching side (the tender) touch a page tmpfs cannot back: the
+    attacher reserves what is not backed; one that is backed it only checks (fstat)."""
+    from tender_service.transports import channel as ch
+
+    size = ch._DATA_BASE + 2 * MIN_RING_SIZE
+    shm = SharedMemory(ch._segment_name(), create=True, size=size)  # ftruncate only
+    ch._untrack(shm)
+    a, b = socket.socketpair()
+    try:
+        assert os.fstat(shm._fd).st_blocks * 512 < size  # sparse: nothing backed yet
+        ch._SEGMENT.pack_into(ch._mapping(shm), 0, ch._SEGMENT_MAGIC, MIN_RING_SIZE)
+        write_hello(a, "shm", {ch._SHM_KEY: {"name": shm.name, "ring_size": MIN_RING_SIZE}})
+        peer = connect_channel("shm", b, False, {})
+        try:
+            assert os.fstat(shm._fd).st_blocks * 512 >= size  # every page backed now
+            assert read_hello(a, timeout=5).info[ch._ACK_KEY] == shm.name
+        finally:
+            peer.close()
+    finally:
+        a.close()
+        ch._unlink(shm)
+        shm.close()
 
 
 def test_shm_ring_size_below_two_maximal_frames_is_refused() -> None:
