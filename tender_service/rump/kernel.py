@@ -337,7 +337,10 @@ class Kernel(ProcessTable):
             outcome = self._loop()
         finally:
             if took_sigint:
-                signal.signal(signal.SIGINT, old_sigint)
+                handler, wakeup = old_sigint
+                signal.signal(signal.SIGINT, handler)
+                if wakeup is not None:
+                    signal.set_wakeup_fd(wakeup)
             if token is not None:
                 WATCHDOG.cancel(token)
             self._stop_reason = self._stop_reason or "done"
@@ -359,15 +362,23 @@ class Kernel(ProcessTable):
 
     def _take_sigint(self) -> tuple[bool, Any]:
         """On the main thread with Python's own ^C handler: ours for the run; returns
-        (taken, the handler to restore).  Python's raises KeyboardInterrupt
-        wherever the main thread is, often in the syscall hook, where ctypes would
-        swallow it and the guest run on; ours stops the CPU and wakes the loop,
-        which raises it (``_ran``, ``_wait_fds``)."""
+        (taken, (the handler, the wake-up fd) to restore).  Python's raises
+        KeyboardInterrupt wherever the main thread is, often in the syscall hook, where
+        ctypes would swallow it and the guest run on; ours stops the CPU and wakes the
+        loop, which raises it (``_ran``, ``_wait_fds``).  The kernel may deliver ^C to
+        any thread of the process (a published port's I/O thread, the watchdog): the
+        signal's C handler then writes to the wake-up pipe (``set_wakeup_fd``), or the
+        main thread, asleep in poll with no timeout, would never run ours (an idle
+        server ignored ^C; test_host_sigint.py)."""
         if threading.current_thread() is not threading.main_thread():
             return False, None
         if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
             return False, None
-        return True, signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            wakeup = signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
+        except (OSError, ValueError):  # it fstats the fd: a jailed VM process may not
+            wakeup = None
+        return True, (signal.signal(signal.SIGINT, self._on_sigint), wakeup)
 
     def _on_sigint(self, signum: int, frame: object) -> None:
         self.host_interrupted = True
