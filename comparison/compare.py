@@ -728,8 +728,9 @@ class Compare:
             elif mode in (VMCLONE_SHM, VMCLONE_TCP):
                 guest = [a["snapshot"] / KIB for a in raw["n"] if a["snapshot"] is not None]
                 how = (
-                    "guest: snapshot each child VM starts from (median per fork); host: PSS "
-                    "of this process + the pool's tender processes"
+                    "guest: snapshot each child VM starts from (median per fork; pages of "
+                    "zeros are not sent, its RAM starts zeroed); host: PSS of this process "
+                    "+ the pool's tender processes"
                 )
             else:
                 guest = []
