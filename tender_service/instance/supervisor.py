@@ -994,11 +994,12 @@ class Supervisor:
     def _op_vm_restored(self, rec: ProcRec, micros: int) -> int:
         """A fork's child VM was restored after its tender process answered the fork (the
         parent did not wait for it): the 'restore' step of that fork."""
-        steps = self._restoring.pop(rec.pid, None)
-        if steps is not None:
-            steps["restore"] = micros / 1e6
-        elif len(self._restored_early) < MAX_EARLY_RESTORES:  # its fork_started is on its way
-            self._restored_early[rec.pid] = micros / 1e6
+        with self.lock:  # the parent's fork_started comes on another thread
+            steps = self._restoring.pop(rec.pid, None)
+            if steps is not None:
+                steps["restore"] = micros / 1e6
+            elif len(self._restored_early) < MAX_EARLY_RESTORES:  # fork_started to come
+                self._restored_early[rec.pid] = micros / 1e6
         return 0
 
     def _op_vm_unrestorable(self, rec: ProcRec) -> int:
@@ -1030,12 +1031,13 @@ class Supervisor:
         self.fork_seconds.append(micros / 1e6)
         if len(phases) == len(FORK_PHASES):
             steps = {k: v / 1e6 for k, v in zip(FORK_PHASES, phases, strict=True)}
-            self.fork_phases.append(steps)
-            restored = self._restored_early.pop(pid, None)
-            if restored is not None:
-                steps["restore"] = restored
-            elif pid in self.procs and self.procs[pid].alive:
-                self._restoring[pid] = steps  # until its VM reports, or it ends
+            with self.lock:  # the child's vm_restored comes on another thread
+                self.fork_phases.append(steps)
+                restored = self._restored_early.pop(pid, None)
+                if restored is not None:
+                    steps["restore"] = restored
+                elif pid in self.procs and self.procs[pid].alive:
+                    self._restoring[pid] = steps  # until its VM reports, or it ends
         child = self.procs.get(pid)
         if child is not None and child.leased_by == rec.pid:
             self._launched(child)
