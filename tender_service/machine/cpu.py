@@ -452,7 +452,9 @@ class Cpu:
         #: contexts of dead threads, for the next thread (``keep_context``)
         self.kept_contexts: list[Context] = []
         self.contexts_made = 0  # allocated by new_context (statistics and tests)
-        self._closing = threading.Lock()  # stop() from other threads vs close()
+        #: stop() from other threads vs close(); reentrant: ^C's handler stops the CPU
+        #: on the main thread, which may be inside stop() already (a Lock deadlocked)
+        self._closing = threading.RLock()
         self._closed = False
         #: the time slice the block hook counts down (``enable_slices``)
         self._slice = _Slice(0, _STOP_ADDR, 0)
