@@ -138,11 +138,9 @@ def _encode(meta: dict, mem: GuestMemory, pages: PageAllocator) -> bytes:
     heap's allocated blocks, less their pages of zeros (a restore starts from zeroed
     RAM): a stack's unused part was 254 KB of fork_time's 315 KB snapshot, sent,
     checked and written into the child's RAM (page faults included) for nothing."""
-    ranges: list[tuple[int, int]] = []
-    for addr, n in [(r.base, r.size) for r in mem.regions if r.name != "heap"]:
-        ranges += _nonzero_runs(mem, addr, n)
-    for addr, n in pages.allocated_blocks():
-        ranges += _nonzero_runs(mem, addr, n)
+    spans = [(r.base, r.size) for r in mem.regions if r.name != "heap"]
+    spans += pages.allocated_blocks()
+    ranges = [run for addr, n in spans for run in _nonzero_runs(mem, addr, n)]
     meta_b = json.dumps(meta, separators=(",", ":")).encode()
     out: list[bytes | memoryview] = [
         _HEADER.pack(MAGIC, SNAPSHOT_VERSION, 0, len(meta_b), len(ranges)),

@@ -92,9 +92,6 @@ VM_GRACE = 2.0
 #: counts as lost, as a VM whose tender died (above the worker's own dial and hello
 #: timeouts, with room for a loaded host)
 HELLO_DEADLINE = 30.0
-#: restores a supervisor keeps for forks whose steps have not come yet (a bound: each
-#: VM reports one, and its parent's report of the fork follows at once)
-MAX_EARLY_RESTORES = 1024
 #: messages that may wake a VM that said it was idle
 _WAKING = {
     Msg.PIPE_DATA,
@@ -225,11 +222,10 @@ class Supervisor:
         self.reports: list[str] = []
         self.forks = 0
         self.fork_seconds: list[float] = []
-        self.fork_phases: list[dict[str, float]] = []  # each fork's steps (FORK_PHASES)
-        #: a fork's steps by child pid until its VM reports its restore (``vm_restored``),
-        #: and restores reported before their fork's steps came
-        self._restoring: dict[int, dict[str, float]] = {}
-        self._restored_early: dict[int, float] = {}
+        #: each fork's steps (FORK_PHASES) by child pid, and the restores the children's
+        #: VMs reported (``vm_restored``, either may come first): merged in ``result``
+        self.fork_phases: dict[int, dict[str, float]] = {}
+        self._restored: dict[int, float] = {}
         self._next_pid = MAIN_PID
         #: the console as the controlling terminal of init's session (thread fork's
         #: kernel keeps the same record: Kernel.terminal)
@@ -380,7 +376,10 @@ class Supervisor:
             peak_memory=sum(r.peak_memory for r in self.procs.values()),
             processes=self.process_table(),
             fork_seconds=list(self.fork_seconds),
-            fork_phases=list(self.fork_phases),
+            fork_phases=[
+                {**steps, "restore": self._restored.get(pid, steps["restore"])}
+                for pid, steps in self.fork_phases.items()
+            ],
         )
 
     def kill(self, reason: str = "killed") -> None:
@@ -994,12 +993,7 @@ class Supervisor:
     def _op_vm_restored(self, rec: ProcRec, micros: int) -> int:
         """A fork's child VM was restored after its tender process answered the fork (the
         parent did not wait for it): the 'restore' step of that fork."""
-        with self.lock:  # the parent's fork_started comes on another thread
-            steps = self._restoring.pop(rec.pid, None)
-            if steps is not None:
-                steps["restore"] = micros / 1e6
-            elif len(self._restored_early) < MAX_EARLY_RESTORES:  # fork_started to come
-                self._restored_early[rec.pid] = micros / 1e6
+        self._restored[rec.pid] = micros / 1e6
         return 0
 
     def _op_vm_unrestorable(self, rec: ProcRec) -> int:
@@ -1030,14 +1024,7 @@ class Supervisor:
     ) -> int:
         self.fork_seconds.append(micros / 1e6)
         if len(phases) == len(FORK_PHASES):
-            steps = {k: v / 1e6 for k, v in zip(FORK_PHASES, phases, strict=True)}
-            with self.lock:  # the child's vm_restored comes on another thread
-                self.fork_phases.append(steps)
-                restored = self._restored_early.pop(pid, None)
-                if restored is not None:
-                    steps["restore"] = restored
-                elif pid in self.procs and self.procs[pid].alive:
-                    self._restoring[pid] = steps  # until its VM reports, or it ends
+            self.fork_phases[pid] = {k: v / 1e6 for k, v in zip(FORK_PHASES, phases, strict=True)}
         child = self.procs.get(pid)
         if child is not None and child.leased_by == rec.pid:
             self._launched(child)
@@ -1209,7 +1196,6 @@ class Supervisor:
             if not rec.alive:
                 return
             rec.state, rec.status, rec.ended = "zombie", status, time.monotonic()
-            self._restoring.pop(rec.pid, None)
             if not rec.hosting:
                 self._free_memory(rec)
             if report:

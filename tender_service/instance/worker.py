@@ -229,8 +229,8 @@ class ForkTimes:
 
     def phases(self, started: float, restore: float) -> list[int]:
         """Microseconds of lease, share, capture, start (transfer, the snapshot checked,
-        the reply) and what StartVm spent restoring before it answered (the child's VM
-        reports its restore later, ``vm_restored``: a fork on this host restores after)."""
+        the reply) and what StartVm spent restoring before it answered (a fork on this
+        host restores after: its child's VM reports that restore, ``vm_restored``)."""
         return [
             int((b - a) * 1e6)
             for a, b in (
@@ -454,7 +454,7 @@ class PeerServicer:
             later[1][0], held[0] = held[0], 0
         vm = threading.Thread(
             target=self._run,
-            args=(k, link, start, later, time.perf_counter() - t0 if snapshot else None),
+            args=(k, link, start, later),
             daemon=True,
             name=f"vm-{start['instance_id']}-{start['pid']}",
         )
@@ -585,11 +585,9 @@ class PeerServicer:
         link: VmLink,
         start: dict,
         later: tuple[Snapshot, list[int]] | None = None,
-        restored: float | None = None,
     ) -> None:
         """Connect the VM to its supervisor, restore it if StartVm left that to this
-        thread (``later``: the checked snapshot and the budget it holds), run it;
-        ``restored``: the seconds StartVm spent restoring it before its reply."""
+        thread (``later``: the checked snapshot and the budget it holds), run it."""
         key = (start["instance_id"], start["pid"])
         try:
             self._connect(start, link)
@@ -613,8 +611,6 @@ class PeerServicer:
             k = self._restore_later(start, link, *later)
             if k is None:
                 return
-        elif restored is not None:  # restored before the reply: the same report
-            link.notify_call("vm_restored", int(restored * 1e6))
         assert k is not None
         link.attach(k)
         with self.lock:

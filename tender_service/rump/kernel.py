@@ -332,11 +332,11 @@ class Kernel(ProcessTable):
         if self.config.timeout:
             token = WATCHDOG.arm(start + self.config.timeout, self._on_timeout)
         outcome = None
-        took_sigint, old_sigint = self._take_sigint()
+        old_sigint = self._take_sigint()
         try:
             outcome = self._loop()
         finally:
-            if took_sigint:
+            if old_sigint is not None:
                 handler, wakeup = old_sigint
                 signal.signal(signal.SIGINT, handler)
                 if wakeup is not None:
@@ -360,9 +360,9 @@ class Kernel(ProcessTable):
             processes=self.process_table(),
         )
 
-    def _take_sigint(self) -> tuple[bool, Any]:
+    def _take_sigint(self) -> tuple[Any, int | None] | None:
         """On the main thread with Python's own ^C handler: ours for the run; returns
-        (taken, (the handler, the wake-up fd) to restore).  Python's raises
+        what to restore (the handler, the wake-up fd), None if not taken.  Python's raises
         KeyboardInterrupt wherever the main thread is, often in the syscall hook, where
         ctypes would swallow it and the guest run on; ours stops the CPU and wakes the
         loop, which raises it (``_ran``, ``_wait_fds``).  The kernel may deliver ^C to
@@ -371,14 +371,14 @@ class Kernel(ProcessTable):
         main thread, asleep in poll with no timeout, would never run ours (an idle
         server ignored ^C; test_host_sigint.py)."""
         if threading.current_thread() is not threading.main_thread():
-            return False, None
+            return None
         if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-            return False, None
+            return None
         try:
             wakeup = signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
         except (OSError, ValueError):  # it fstats the fd: a jailed VM process may not
             wakeup = None
-        return True, (signal.signal(signal.SIGINT, self._on_sigint), wakeup)
+        return signal.signal(signal.SIGINT, self._on_sigint), wakeup
 
     def _on_sigint(self, signum: int, frame: object) -> None:
         self.host_interrupted = True
