@@ -26,7 +26,7 @@ class ThreadState(enum.Enum):
     DEAD = "dead"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class WaitQueue:
     """Threads waiting for one condition; ``host`` if a host event can wake them."""
 

@@ -44,8 +44,10 @@ class Rebaser:
     Not shared between VMs: the C call releases the GIL while it fills them."""
 
     def __init__(self) -> None:
+        self._fn = _relocate()
         self._job = array("Q", bytes(8 * 16))
-        self._out = array("I")
+        self._out = array("I", bytes(4 * 1024))
+        self._job_at, self._out_at = self._job.buffer_info()[0], self._out.buffer_info()[0]
 
     def run(
         self, spans: Sequence[Span], regions: Sequence[Region], other: tuple[int, int] = (0, 0)
@@ -58,6 +60,7 @@ class Rebaser:
         need = 4 + 2 * len(spans) + 3 * len(regions)
         if len(job) < need:
             job.frombytes(bytes(8 * (need - len(job))))
+            self._job_at = job.buffer_info()[0]
         job[0], job[1], job[2], job[3] = len(spans), len(regions), other[0], other[1]
         i, total = 4, 0
         for addr, count in spans:
@@ -70,7 +73,8 @@ class Rebaser:
         record = other[1] > other[0] and total > 0
         if record and len(out) < total:
             out.frombytes(bytes(4 * (total - len(out))))
-        found = _relocate()(job.buffer_info()[0], out.buffer_info()[0] if record else None)
+            self._out_at = out.buffer_info()[0]
+        found = self._fn(self._job_at, self._out_at if record else None)
         return (out[:found].tolist() if found else []), job[0]
 
 

@@ -79,7 +79,7 @@ class ThreadFork:
     def fork(self, k: Kernel, lwp: Lwp, vfork: bool) -> int:
         pt = lwp.thread
         regs = k.cpu.read_into(_CHILD_REGS)
-        if not pt.stack_base < regs[_RSP] <= pt.stack_top:
+        if not pt.stack_base < regs[_RSP] <= pt.stack_base + pt.stack_size:
             raise GuestError(errno.EINVAL, "fork on a stack the kernel did not allocate")
         child = k.new_child(lwp.proc)
         try:
@@ -90,43 +90,47 @@ class ThreadFork:
         return child.pid
 
     def _build(self, k: Kernel, lwp: Lwp, child: Process, regs: ctypes.Array) -> None:
-        """``regs``: the parent's registers in ``_CHILD_REGS``'s buffer."""
-        pt, cpu, mem, heap = lwp.thread, k.cpu, k.mem, k.heap
+        """``regs``: the parent's registers in ``_CHILD_REGS``'s buffer.  Every step
+        here is on the parent's fork path, which is measured against native fork:
+        no object or call that the step does not need (issue 17)."""
+        pt, mem = lwp.thread, k.mem
         rsp = regs[_RSP]
-        s_base, s_top, size = pt.stack_base, pt.stack_top, pt.stack_size
+        s_base, size = pt.stack_base, pt.stack_size
         cstack = k.stacks.take(child.pid)
         if not cstack:
             raise GuestError(errno.ENOMEM, "no memory for the child's stack")
 
         # 2. copy the live stack, red zone included
         lo = max(s_base, (rsp - RED_ZONE) & ~7)
-        n = s_top - lo
+        n = s_base + size - lo
         delta = cstack - s_base
         src, dst = mem.offset(lo, n), mem.offset(lo + delta, n)
         mem.buf.move(dst, src, n)  # memmove: no bytes object in between
 
         # 4. the TLS block / thread descriptor
-        tls_lo, tls_hi, ctls = _copy_tls(k, child.pid, regs[_FS])
+        tls_lo, tls_hi, ctls, tls_at = _copy_tls(k, child.pid, regs[_FS])
 
         # 3. relocate stack words, the TLS copy and the registers (fs too): one scan
         r = _Relocator(
-            heap,
+            k.heap,
             child.pid,
             s_base,
-            s_top,
+            s_base + size,
             delta,
             tls_lo,
             tls_hi,
-            ctls - tls_lo if ctls else 0,
+            ctls - tls_lo,
             self._rebaser.run,
         )
-        tls = (mem.offset(ctls, tls_hi - tls_lo), (tls_hi - tls_lo) // 8) if ctls else (0, 0)
-        r.relocate(mem.buf, mem.host_addr, (dst, n // 8), tls, regs, _SCANNED)
+        r.relocate(
+            mem.buf, mem.host_addr, (dst, n >> 3), (tls_at, (tls_hi - tls_lo) >> 3), regs, _SCANNED
+        )
 
         # 5. the child's context: the parent's, with rax = 0 and rebased pointers
         regs[_RSP] = rsp + delta
         regs[_RIP] += SYSCALL_INSN_LEN
         regs[_RAX] = 0
+        cpu = k.cpu
         ctx = cpu.new_context()
         cpu.write_context(ctx, _CHILD_REGS)
         clwp = k.new_lwp(child, cstack, cstack, size, ctx)
@@ -134,32 +138,48 @@ class ThreadFork:
         clwp.sigmask, clwp.altstack = lwp.sigmask, lwp.altstack  # inherited, as fork(2)
 
 
-def _copy_tls(k: Kernel, pid: int, fs: int) -> tuple[int, int, int]:
+def _copy_tls(k: Kernel, pid: int, fs: int) -> tuple[int, int, int, int]:
     """Copy musl's TLS block [td->dtv, fs + PTHREAD_SPAN) (relocated with the stack);
-    (lo, hi, address of the copy), or zeros if there is no musl descriptor at ``fs``."""
+    (lo, hi, address of the copy, its offset in guest RAM), or zeros if there is no
+    musl descriptor at ``fs``."""
     mem = k.mem
     try:
         td = mem.offset(fs, PTHREAD_SPAN) if fs else -1
     except GuestError:
         td = -1
     if td < 0:
-        return 0, 0, 0
+        return 0, 0, 0, 0
     self_, dtv = _TD_HEAD.unpack_from(mem.buf, td)
     if self_ != fs:  # not musl's layout (td->self == td): leave it shared
         k.warn_once("tls-layout", "thread pointer %#x has no musl descriptor: TLS shared", fs)
-        return 0, 0, 0
-    lo = dtv if fs - (1 << 20) < dtv <= fs and not dtv & 7 and mem.contains(dtv, fs - dtv) else fs
+        return 0, 0, 0, 0
     hi = fs + PTHREAD_SPAN
+    lo, src = fs, td
+    if fs - (1 << 20) < dtv < fs and not dtv & 7 and mem.contains(dtv, hi - dtv):
+        lo, src = dtv, td - (fs - dtv)  # the block below it, in the descriptor's region
     ctls = k.heap.malloc(hi - lo, 64, owner=pid, who=MEMWHO_WIREDBMK)
     if not ctls:
         raise GuestError(errno.ENOMEM, "no memory for the child's TLS block")
-    src, dst = mem.offset(lo, hi - lo), mem.offset(ctls, hi - lo)
+    dst = mem.offset(ctls, hi - lo)
     mem.buf.move(dst, src, hi - lo)
-    return lo, hi, ctls
+    return lo, hi, ctls, dst
 
 
 class _Relocator:
     """Rebases words: stack -> child stack, TLS -> child TLS, heap -> duplicate."""
+
+    __slots__ = (
+        "heap",
+        "pid",
+        "s_base",
+        "s_top",
+        "delta",
+        "tls_lo",
+        "tls_hi",
+        "tdelta",
+        "dups",
+        "scan",
+    )
 
     def __init__(
         self,
@@ -176,8 +196,9 @@ class _Relocator:
         self.heap, self.pid = heap, pid
         self.s_base, self.s_top, self.delta = s_base, s_top, delta
         self.tls_lo, self.tls_hi, self.tdelta = tls_lo, tls_hi, tdelta
-        self.h_lo, self.h_hi = heap.heap_range
-        self.dups: dict[int, Allocation] = {}  # parent block -> child copy
+        #: parent block -> child copy, made at the first heap word found (most forks
+        #: find none)
+        self.dups: dict[int, Allocation] | None = None
         self.scan = scan  # the C scan, with its owner's buffers (``ThreadFork``)
 
     def value(self, v: int) -> int:
@@ -185,10 +206,13 @@ class _Relocator:
             return v + self.delta
         if self.tls_lo <= v < self.tls_hi:
             return v + self.tdelta
-        if self.h_lo <= v < self.h_hi:
+        h_lo, h_hi = self.heap.heap_range
+        if h_lo <= v < h_hi:
             a = self.heap.addr_is_managed(v)
             if a is None or a.who != MEMWHO_USER:
                 return v
+            if self.dups is None:
+                self.dups = {}
             d = self.dups.get(a.block)
             if d is None:
                 d = self.heap.duplicate(a, self.pid)
@@ -217,22 +241,24 @@ class _Relocator:
         No numpy: importing it cost the first fork of every VM 40-80 ms.
         """
         (s_off, s_words), (t_off, t_words) = stack, tls
-        regions = [(self.s_base, self.s_top, self.delta)]
-        other = (self.h_lo, self.h_hi)
-        spans = [
-            (addr + s_off, s_words),
-            (addr + t_off, t_words),
-            (ctypes.addressof(regs), nregs),
-        ]
-        if self.tls_hi:
-            if self.tls_hi <= self.s_base or self.s_top <= self.tls_lo:
-                regions.append((self.tls_lo, self.tls_hi, self.tdelta))
-                regions.sort()
-            else:  # a TLS block inside the stack: ``value`` orders them, word by word,
-                other = (0, MASK64)  # and the TLS copy is rebased on its own
-                self.scan([spans.pop(1)], [(self.tls_lo, self.tls_hi, self.tdelta)])
-                t_words = 0
-        others, _ = self.scan(spans, regions, other)
+        stack_region = (self.s_base, self.s_top, self.delta)
+        other = self.heap.heap_range
+        tls_span = (addr + t_off, t_words)
+        regs_span = (ctypes.addressof(regs), nregs)
+        tls_lo, tls_hi = self.tls_lo, self.tls_hi
+        if not tls_hi:
+            regions = [stack_region]
+        elif tls_hi <= self.s_base:
+            regions = [(tls_lo, tls_hi, self.tdelta), stack_region]
+        elif self.s_top <= tls_lo:
+            regions = [stack_region, (tls_lo, tls_hi, self.tdelta)]
+        else:  # a TLS block inside the stack: ``value`` orders them, word by word,
+            other = (0, MASK64)  # and the TLS copy is rebased on its own
+            self.scan([tls_span], [(tls_lo, tls_hi, self.tdelta)])
+            regions, t_words, tls_span = [stack_region], 0, (0, 0)
+        others, _ = self.scan([(addr + s_off, s_words), tls_span, regs_span], regions, other)
+        if not others:
+            return
         value = self.value
         for i in others:
             if i < s_words:

@@ -193,9 +193,10 @@ class Process:
 
     def __post_init__(self) -> None:
         self.fds.owner = self.pid
-        self.child_wq = WaitQueue(f"wait:{self.pid}")
-        self.signal_wq = WaitQueue(f"signal:{self.pid}")
-        self.stop_wq = WaitQueue(f"stopped:{self.pid}")
+        # names for a debugger only (nothing prints them): no string made per fork
+        self.child_wq = WaitQueue("wait")
+        self.signal_wq = WaitQueue("signal")
+        self.stop_wq = WaitQueue("stopped")
 
     @property
     def pending(self) -> int:

@@ -69,23 +69,27 @@ class ProcessTable:
         self, parent: Process | None, fds: FdTable, name: str, pid: int | None = None
     ) -> Process:
         pid = self.alloc_pid() if pid is None else pid
-        p = Process(
-            pid=pid,
-            ppid=parent.pid if parent else 0,
-            pgid=parent.pgid if parent else pid,
-            sid=parent.sid if parent else pid,
-            fds=fds,
-            parent=parent,
-            name=name,
-        )
-        if parent is not None:
+        if parent is None:
+            p = Process(pid=pid, ppid=0, pgid=pid, sid=pid, fds=fds, name=name)
+        else:  # what fork(2) inherits, in the constructor (no default made and replaced)
+            p = Process(
+                pid=pid,
+                ppid=parent.pid,
+                pgid=parent.pgid,
+                sid=parent.sid,
+                fds=fds,
+                parent=parent,
+                name=name,
+                sigactions=dict(parent.sigactions),
+                brk=parent.brk,
+                cwd=parent.cwd,
+                umask=parent.umask,
+                creds=parent.creds.copy(),
+                exe=parent.exe,
+                core_limit=parent.core_limit,
+            )
             parent.children[pid] = p
-            p.sigactions = dict(parent.sigactions)
-            p.brk = parent.brk
             self.use_program(p, parent.program)
-            p.cwd, p.umask, p.exe = parent.cwd, parent.umask, parent.exe
-            p.creds = parent.creds.copy()
-            p.core_limit = parent.core_limit
         self.procs[pid] = p
         return p
 
