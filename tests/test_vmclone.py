@@ -895,7 +895,7 @@ def test_hostile_connections_to_the_supervisor_are_refused(env: Env) -> None:
     assert (res.outcome, res.status) == ("exited", 0), run.why()
     assert run.out == "token=160\n", run.why()
     assert died == []
-    assert not any(t.is_alive() for t in sup._threads)
+    assert sup.threads == 0  # every thread it started has ended (and left its set)
     wait_for(lambda: len(os.listdir("/proc/self/fd")) <= fds_before, "our fds back to before")
     env.check_clean()
 
@@ -1335,3 +1335,22 @@ def test_mutated_snapshots_raise_only_snapshot_error(data) -> None:
         assert str(e)  # a message that says what is wrong
         return
     k.close()
+
+
+def test_a_supervisor_keeps_no_thread_of_an_ended_vm(env: Env) -> None:
+    """Each VM's connection is served by a thread of the supervisor; once the VM has
+    ended its thread is gone from the supervisor's set (a long-lived instance that
+    runs thousands of processes held one Thread object per ended VM until close)."""
+    sink = CaptureSink()
+    sup = env.supervisor("shm", sink)
+    try:
+        start(sup, "fork_exit_wait", "-t", "-n", "24")
+        res = sup.wait()
+        assert (res.outcome, res.status) == ("exited", 0), Run(res, sink).why()
+        assert len(res.processes) == 1 + 1 + 24
+        # the accept loops and at most the last VMs' threads still closing their channels
+        wait_for(lambda: sup.threads <= 4, f"the supervisor's threads to end ({sup.threads})")
+    finally:
+        sup.close()
+    assert sup.threads == 0
+    env.check_clean()

@@ -235,7 +235,9 @@ class Supervisor:
         self._outcome: str | None = None
         self.transport_note = ""
         self._console_lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
+        #: the threads running now (each takes itself out when it ends: an instance
+        #: that runs thousands of processes does not keep a Thread per ended VM)
+        self._threads: set[threading.Thread] = set()
         self._closed = False
         self._tmp = tempfile.mkdtemp(prefix=f"unifork-{self.id}-")
         # local VMs reach us over a Unix socket (shm) or loopback TCP; VMs on other hosts
@@ -417,7 +419,7 @@ class Supervisor:
             self._free_memory(r)
             if r.channel is not None:
                 r.channel.close()
-        for t in self._threads:
+        for t in list(self._threads):
             t.join(5)
         self.stdin.close()
         try:
@@ -544,9 +546,20 @@ class Supervisor:
         )
 
     def _spawn(self, fn, name: str, *args) -> None:
-        t = threading.Thread(target=fn, args=args, name=f"sup-{self.id}-{name}", daemon=True)
+        def run() -> None:
+            try:
+                fn(*args)
+            finally:
+                self._threads.discard(t)
+
+        t = threading.Thread(target=run, name=f"sup-{self.id}-{name}", daemon=True)
+        self._threads.add(t)
         t.start()
-        self._threads.append(t)
+
+    @property
+    def threads(self) -> int:
+        """Threads of this supervisor still running (accept loops, one per live VM)."""
+        return len(self._threads)
 
     def _accept_loop(self, listener: socket.socket) -> None:
         while not self._closed:
