@@ -36,6 +36,7 @@ import errno
 import logging
 import struct
 from collections.abc import Callable
+from ctypes import addressof
 
 from tender_service.bmk.memalloc import MEMWHO_USER, MEMWHO_WIREDBMK, Allocation
 from tender_service.fork.relocate import Rebaser, preload, rebase
@@ -110,21 +111,21 @@ class ThreadFork:
         # 4. the TLS block / thread descriptor
         tls_lo, tls_hi, ctls, tls_at = _copy_tls(k, child.pid, regs[_FS])
 
-        # 3. relocate stack words, the TLS copy and the registers (fs too): one scan
-        r = _Relocator(
-            k.heap,
-            child.pid,
-            s_base,
-            s_base + size,
-            delta,
-            tls_lo,
-            tls_hi,
-            ctls - tls_lo,
-            self._rebaser.run,
-        )
-        r.relocate(
-            mem.buf, mem.host_addr, (dst, n >> 3), (tls_at, (tls_hi - tls_lo) >> 3), regs, _SCANNED
-        )
+        # 3. relocate stack words, the TLS copy and the registers (fs too): one scan;
+        # the heap words it finds, if any, are classified by a _Relocator
+        s_top, tdelta = s_base + size, ctls - tls_lo
+        s_words, t_words = n >> 3, (tls_hi - tls_lo) >> 3
+        regions = _regions(s_base, s_top, delta, tls_lo, tls_hi, tdelta)
+        if regions is None:  # a TLS block inside the stack (not musl's layout): word by word
+            r = _Relocator(k.heap, child.pid, s_base, s_top, delta, tls_lo, tls_hi, tdelta)
+            r.relocate(mem.buf, mem.host_addr, (dst, s_words), (tls_at, t_words), regs, _SCANNED)
+        else:
+            host = mem.host_addr
+            spans = [(host + dst, s_words), (host + tls_at, t_words), (addressof(regs), _SCANNED)]
+            others, _ = self._rebaser.run(spans, regions, k.heap.heap_range)
+            if others:
+                r = _Relocator(k.heap, child.pid, s_base, s_top, delta, tls_lo, tls_hi, tdelta)
+                r.classify(others, mem.buf, dst, s_words, t_words, regs)
 
         # 5. the child's context: the parent's, with rax = 0 and rebased pointers
         regs[_RSP] = rsp + delta
@@ -241,24 +242,27 @@ class _Relocator:
         No numpy: importing it cost the first fork of every VM 40-80 ms.
         """
         (s_off, s_words), (t_off, t_words) = stack, tls
-        stack_region = (self.s_base, self.s_top, self.delta)
-        other = self.heap.heap_range
         tls_span = (addr + t_off, t_words)
-        regs_span = (ctypes.addressof(regs), nregs)
-        tls_lo, tls_hi = self.tls_lo, self.tls_hi
-        if not tls_hi:
-            regions = [stack_region]
-        elif tls_hi <= self.s_base:
-            regions = [(tls_lo, tls_hi, self.tdelta), stack_region]
-        elif self.s_top <= tls_lo:
-            regions = [stack_region, (tls_lo, tls_hi, self.tdelta)]
-        else:  # a TLS block inside the stack: ``value`` orders them, word by word,
-            other = (0, MASK64)  # and the TLS copy is rebased on its own
-            self.scan([tls_span], [(tls_lo, tls_hi, self.tdelta)])
-            regions, t_words, tls_span = [stack_region], 0, (0, 0)
-        others, _ = self.scan([(addr + s_off, s_words), tls_span, regs_span], regions, other)
-        if not others:
-            return
+        other = self.heap.heap_range
+        regions = _regions(
+            self.s_base, self.s_top, self.delta, self.tls_lo, self.tls_hi, self.tdelta
+        )
+        if regions is None:  # a TLS block inside the stack: ``value`` orders them, word
+            other = (0, MASK64)  # by word, and the TLS copy is rebased on its own
+            self.scan([tls_span], [(self.tls_lo, self.tls_hi, self.tdelta)])
+            regions, t_words, tls_span = [(self.s_base, self.s_top, self.delta)], 0, (0, 0)
+        spans = [(addr + s_off, s_words), tls_span, (addressof(regs), nregs)]
+        others, _ = self.scan(spans, regions, other)
+        if others:
+            self.classify(others, buf, s_off, s_words, t_words, regs)
+
+    def classify(
+        self, others: list[int], buf, s_off: int, s_words: int, t_words: int, regs: ctypes.Array
+    ) -> None:
+        """Rebase the words the scan left to us (indices across the stack copy at
+        ``s_off`` in ``buf``, the TLS copy and ``regs``): a word in a live user heap
+        block moves into the child's duplicate of it; in the TLS copy heap words stay
+        shared."""
         value = self.value
         for i in others:
             if i < s_words:
@@ -270,3 +274,18 @@ class _Relocator:
             elif i >= s_words + t_words:
                 j = i - s_words - t_words
                 regs[j] = value(regs[j])
+
+
+def _regions(
+    s_base: int, s_top: int, delta: int, tls_lo: int, tls_hi: int, tdelta: int
+) -> list[tuple[int, int, int]] | None:
+    """The scan's regions, in order: the stack and the TLS block (if any) with their
+    deltas; None when the TLS block overlaps the stack (no order by address)."""
+    stack = (s_base, s_top, delta)
+    if not tls_hi:
+        return [stack]
+    if tls_hi <= s_base:
+        return [(tls_lo, tls_hi, tdelta), stack]
+    if s_top <= tls_lo:
+        return [stack, (tls_lo, tls_hi, tdelta)]
+    return None
