@@ -6,7 +6,7 @@ UNIFORK := $(VENV)/bin/unifork
 STAMP := $(VENV)/.installed
 GEN_STAMP := tender_service/gen/.sources.sha256
 
-.PHONY: run test setup proto images thirdparty lint docs clean
+.PHONY: run test test-all setup proto images thirdparty lint docs clean
 
 # editable, with every extra: the tests draw plots and `make proto` runs grpcio-tools
 $(STAMP): pyproject.toml setup.py
@@ -39,6 +39,10 @@ thirdparty: images
 
 test: images thirdparty
 	$(PY) -m pytest -q -ra -p no:cacheprovider
+
+# the full set: test plus the tests marked slow (more real-program cases)
+test-all: images thirdparty
+	$(PY) -m pytest -q -ra -p no:cacheprovider --slow
 
 # ruff (with a complexity ceiling) and mypy (its files and settings: pyproject.toml);
 # mypy reads the generated gRPC modules, hence proto

@@ -5,6 +5,7 @@ Plain helpers are in support.py (test modules import them from there).
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,37 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if signal.getsignal(signal.SIGQUIT) is signal.SIG_IGN:
         signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--slow",
+        action="store_true",
+        default=False,
+        help="also run the tests marked slow: the full set (make test-all; UNIFORK_SLOW=1 too)",
+    )
+
+
+def _full_set(config: pytest.Config) -> bool:
+    return bool(config.getoption("--slow")) or os.environ.get("UNIFORK_SLOW") == "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The default run is a representative subset: tests marked slow (more cases of what
+    a quick case already covers) run only in the full set, so that the suite stays
+    under 20 minutes on 2 cores."""
+    if _full_set(config):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow") is not None]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if item.get_closest_marker("slow") is None]
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    if _full_set(config):
+        return "unifork: the full set (slow tests included)"
+    return "unifork: the default subset; the full set: make test-all (pytest --slow)"
 
 
 @pytest.fixture

@@ -79,7 +79,15 @@ def hello_still_runs() -> None:
     assert (r.result.outcome, r.result.status, r.out) == ("exited", 0, "Hello, unikernel!\n")
 
 
-@pytest.mark.parametrize("seed,calls", [(s, THREAD_CALLS) for s in THREAD_SEEDS] + REGRESSION_SEEDS)
+@pytest.mark.parametrize(
+    "seed,calls",
+    # the default run fuzzes with the first seed, the full set (--slow) with all of them
+    [
+        pytest.param(s, THREAD_CALLS, marks=[] if s == THREAD_SEEDS[0] else [pytest.mark.slow])
+        for s in THREAD_SEEDS
+    ]
+    + REGRESSION_SEEDS,
+)
 def test_fuzz_thread_mode(seed: int, calls: int) -> None:
     r = vm("syscall_fuzz", "-s", str(seed), "-n", str(calls), timeout=60)
     check_clean(r.result, seed)
