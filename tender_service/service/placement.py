@@ -41,8 +41,8 @@ class PeerHandle:
 
     address: str  # host:port of its peer listener
     creds: PeerCredentials
-    on_failure: Callable[[str], None] | None = (
-        None  # called with the address when the peer did not answer
+    on_failure: Callable[..., None] | None = (
+        None  # PeerSet.mark_down: called with the address when the peer did not answer
     )
     remote = True
     pid = 0
@@ -65,11 +65,10 @@ class PeerHandle:
                     metadata=self.creds.metadata(),
                 )
         except grpc.RpcError as e:
-            if self.on_failure is not None and e.code() in (
-                grpc.StatusCode.UNAVAILABLE,
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-            ):
+            if self.on_failure is not None and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 self.on_failure(self.address)
+            elif self.on_failure is not None and e.code() == grpc.StatusCode.UNAVAILABLE:
+                self.on_failure(self.address, confirm=True)  # the peer, or a process of its?
             raise
 
     def load(self) -> int:
@@ -152,7 +151,21 @@ class PeerSet:
             self._loads[peer.address] = (now, load)
         return load
 
-    def mark_down(self, address: str) -> None:
+    def mark_down(self, address: str, confirm: bool = False) -> None:
+        """Skip ``address`` for ``DOWN_FOR``; with ``confirm``, only if it does not answer
+        a GetLoad either.  A StartVm breaks off (UNAVAILABLE) when the guest crashes
+        the peer's pool process that was starting it: the peer itself is up, and
+        skipping it left a remote-only tender with no place at all for 5 s."""
+        if confirm:
+            try:
+                load = PeerHandle(address, self.creds).load()
+            except grpc.RpcError:
+                pass
+            else:
+                log.info("peer %s still answers after a broken call: not skipped", address)
+                with self._lock:
+                    self._loads[address] = (time.monotonic(), load)
+                return
         log.warning("peer %s did not answer: skipped for %g s", address, DOWN_FOR)
         with self._lock:
             self._down[address] = time.monotonic() + DOWN_FOR
