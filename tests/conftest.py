@@ -52,10 +52,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     under 20 minutes on 2 cores."""
     if _full_set(config):
         return
-    slow = [item for item in items if item.get_closest_marker("slow") is not None]
+    keep, slow = [], []
+    for item in items:
+        (slow if item.get_closest_marker("slow") is not None else keep).append(item)
     if slow:
         config.hook.pytest_deselected(items=slow)
-        items[:] = [item for item in items if item.get_closest_marker("slow") is None]
+        items[:] = keep
 
 
 def pytest_report_header(config: pytest.Config) -> str:

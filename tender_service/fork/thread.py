@@ -111,21 +111,20 @@ class ThreadFork:
         # 4. the TLS block / thread descriptor
         tls_lo, tls_hi, ctls, tls_at = _copy_tls(k, child.pid, regs[_FS])
 
-        # 3. relocate stack words, the TLS copy and the registers (fs too): one scan;
-        # the heap words it finds, if any, are classified by a _Relocator
-        s_top, tdelta = s_base + size, ctls - tls_lo
-        s_words, t_words = n >> 3, (tls_hi - tls_lo) >> 3
-        regions = _regions(s_base, s_top, delta, tls_lo, tls_hi, tdelta)
-        if regions is None:  # a TLS block inside the stack (not musl's layout): word by word
-            r = _Relocator(k.heap, child.pid, s_base, s_top, delta, tls_lo, tls_hi, tdelta)
-            r.relocate(mem.buf, mem.host_addr, (dst, s_words), (tls_at, t_words), regs, _SCANNED)
-        else:
-            host = mem.host_addr
-            spans = [(host + dst, s_words), (host + tls_at, t_words), (addressof(regs), _SCANNED)]
-            others, _ = self._rebaser.run(spans, regions, k.heap.heap_range)
-            if others:
-                r = _Relocator(k.heap, child.pid, s_base, s_top, delta, tls_lo, tls_hi, tdelta)
-                r.classify(others, mem.buf, dst, s_words, t_words, regs)
+        # 3. relocate stack words, the TLS copy and the registers (fs too): one scan
+        r = _Relocator(
+            k.heap,
+            child.pid,
+            s_base,
+            s_base + size,
+            delta,
+            tls_lo,
+            tls_hi,
+            ctls - tls_lo,
+            self._rebaser.run,
+        )
+        tls = (tls_at, (tls_hi - tls_lo) >> 3)
+        r.relocate(mem.buf, mem.host_addr, (dst, n >> 3), tls, regs, _SCANNED)
 
         # 5. the child's context: the parent's, with rax = 0 and rebased pointers
         regs[_RSP] = rsp + delta
@@ -253,17 +252,9 @@ class _Relocator:
             regions, t_words, tls_span = [(self.s_base, self.s_top, self.delta)], 0, (0, 0)
         spans = [(addr + s_off, s_words), tls_span, (addressof(regs), nregs)]
         others, _ = self.scan(spans, regions, other)
-        if others:
-            self.classify(others, buf, s_off, s_words, t_words, regs)
-
-    def classify(
-        self, others: list[int], buf, s_off: int, s_words: int, t_words: int, regs: ctypes.Array
-    ) -> None:
-        """Rebase the words the scan left to us (indices across the stack copy at
-        ``s_off`` in ``buf``, the TLS copy and ``regs``): a word in a live user heap
-        block moves into the child's duplicate of it; in the TLS copy heap words stay
-        shared."""
-        value = self.value
+        if not others:
+            return
+        value = self.value  # a word in a live user heap block: into the child's duplicate
         for i in others:
             if i < s_words:
                 at = s_off + 8 * i
@@ -271,7 +262,7 @@ class _Relocator:
                 nv = value(v)
                 if nv != v:
                     _U64.pack_into(buf, at, nv)
-            elif i >= s_words + t_words:
+            elif i >= s_words + t_words:  # (in the TLS copy heap words stay shared)
                 j = i - s_words - t_words
                 regs[j] = value(regs[j])
 
