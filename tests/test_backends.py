@@ -16,6 +16,7 @@ from support import image_path, native
 from tender_service import protos
 from tender_service.instance.backends import (
     FORK_MODES,
+    ONE_VM_MODES,
     BackendContext,
     InstanceBackend,
     InstanceSpec,
@@ -37,6 +38,15 @@ def backend(request, pool: WarmPool) -> Iterator[InstanceBackend]:
         yield b
     finally:
         b.close()
+
+
+def test_a_backend_is_one_vm_exactly_when_the_registry_says_so(
+    backend: InstanceBackend,
+) -> None:
+    """``unifork run`` decides from ``ONE_VM_MODES`` alone whether to fork the process
+    the instance runs in, before any backend is imported (unifork/cli.py)."""
+    assert backend.one_vm == (backend.mode in ONE_VM_MODES)
+    assert set(FORK_MODES) >= ONE_VM_MODES
 
 
 def test_the_registry_names_both_modes_and_refuses_others() -> None:

@@ -171,3 +171,21 @@ def test_importing_the_whole_library_loads_neither_the_harness_nor_the_cli() -> 
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     ).stdout.splitlines()
     assert int(out[0]) > 50 and out[1] == "[]", out
+
+
+def test_unifork_run_forks_before_the_emulator_is_imported() -> None:
+    """The CLI module and the mode registry import no part of the VM: ``unifork run``
+    forks the process a one-VM instance runs in before the child imports the emulator
+    and the kernel, which then live in the child's own pages.  Imported before the
+    fork, they were shared copy-on-write with the parent and the guest's first fork
+    paid a host page fault per page its Python wrote (issue 17)."""
+    code = (
+        "import sys, unifork.cli, tender_service.instance.modes\n"
+        "print(sorted(m for m in sys.modules if m == 'unicorn' or m.startswith(("
+        "'tender_service.machine.cpu', 'tender_service.rump.kernel', 'tender_service.fork', "
+        "'tender_service.instance.backends', 'tender_service.transports'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    ).stdout.strip()
+    assert out == "[]", out

@@ -13,8 +13,7 @@ import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from tender_service.instance.backends import FORK_MODES
-from tender_service.instance.pool import PoolStartError
+from tender_service.instance.modes import FORK_MODES, ONE_VM_MODES
 from tender_service.machine.errors import ImageError
 from tender_service.rump import signals
 from tender_service.rump.vminfo import DEFAULT_QUANTUM, FORK_PHASES, RunResult
@@ -40,12 +39,16 @@ def parse_size(text: str) -> int:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    """``unifork run``.  A thread-fork VM runs in a forked child of this process, so
+    """``unifork run``.  A one-VM instance runs in a forked child of this process, so
     that an emulator crash (unicorn-engine/unicorn#2240) ends with a clear report
-    and the service's status for a lost VM (SIGKILL, 137), not a silent SIGSEGV."""
-    from tender_service.instance.backends import make_backend
+    and the service's status for a lost VM (SIGKILL, 137), not a silent SIGSEGV.
 
-    if not make_backend(a.fork).one_vm:  # its VMs run in pool processes already
+    The fork comes before the emulator and the kernel are imported (this module
+    imports neither): the child imports them into pages of its own.  Imported
+    here, they were shared copy-on-write, and the guest's first fork paid a host
+    page fault for every page of them its Python wrote (refcounts): +265 us median
+    on listing 4.1's one fork, 20 interleaved runs each way (issue 17)."""
+    if a.fork not in ONE_VM_MODES:  # its VMs run in pool processes already
         return _run(a)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -96,6 +99,7 @@ def _run(a: argparse.Namespace) -> int:
         make_backend,
         run_instance,
     )
+    from tender_service.instance.pool import PoolStartError
     from tender_service.instance.publish import PortMapping, PublishError, parse_outbound
     from tender_service.rump.vminfo import VmConfig
     from tender_service.toolchain.images import ImageNotFoundError, resolve_image

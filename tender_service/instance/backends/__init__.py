@@ -1,10 +1,10 @@
-"""The fork modes, by name: the one list the service, the CLI and the harness read.
+"""The fork modes' backends: how the layers above start an instance of each mode.
 
 A fork mode is a package of its own (its strategy in ``fork/``, what it needs
 at the instance layer) plus one ``InstanceBackend`` module here, registered
-in ``BACKENDS``.  The registry names each backend's module instead of
-importing it, so that reading the list of modes (``unifork --help``, the gRPC
-server) does not import the emulator.
+in ``instance/modes.py``'s ``BACKENDS`` by module name: ``make_backend`` imports
+a backend only when it is asked for.  Reading the list of modes needs nothing
+from here (``instance/modes.py``: ``unifork run`` reads it before it forks).
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ from tender_service.instance.backends.base import (
     VmStatus,
     run_instance,
 )
+from tender_service.instance.modes import BACKENDS, FORK_MODES, ONE_VM_MODES
 
 __all__ = [
     "BACKENDS",
     "FORK_MODES",
+    "ONE_VM_MODES",
     "BackendContext",
     "InstanceBackend",
     "InstanceSpec",
@@ -32,14 +34,6 @@ __all__ = [
     "make_backends",
     "run_instance",
 ]
-
-#: mode name -> "module:class" of its InstanceBackend
-BACKENDS: dict[str, str] = {
-    "thread": "tender_service.instance.backends.thread:ThreadBackend",
-    "vmclone": "tender_service.instance.backends.vmclone:VmcloneBackend",
-    "copy": "tender_service.instance.backends.copy:CopyBackend",
-}
-FORK_MODES: tuple[str, ...] = tuple(BACKENDS)
 
 
 def make_backend(mode: str, ctx: BackendContext | None = None) -> InstanceBackend:

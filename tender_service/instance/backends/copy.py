@@ -8,7 +8,9 @@ run uses the calling thread, a tender runs each VM in a process of its own.
 from __future__ import annotations
 
 from tender_service.instance.backends.thread import ThreadBackend
+from tender_service.instance.modes import ONE_VM_MODES
 
 
 class CopyBackend(ThreadBackend):
     mode = "copy"
+    one_vm = mode in ONE_VM_MODES

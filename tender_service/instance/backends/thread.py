@@ -20,6 +20,7 @@ from tender_service.instance.backends.base import (
     VmStatus,
 )
 from tender_service.instance.budget import MemoryBudget
+from tender_service.instance.modes import ONE_VM_MODES
 from tender_service.instance.observer import notify
 from tender_service.instance.publish import Publisher, PublishError
 from tender_service.instance.threadvm import ThreadVm, ThreadVmHost
@@ -108,7 +109,7 @@ class HostedVm:
 class ThreadBackend:
     #: the in-VM fork strategy (vm.py ``make_forker``); CopyBackend changes only this
     mode = "thread"
-    one_vm = True
+    one_vm = mode in ONE_VM_MODES
 
     def __init__(self, ctx: BackendContext) -> None:
         self.budget = ctx.budget

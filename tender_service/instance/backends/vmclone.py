@@ -22,6 +22,7 @@ from tender_service.instance.backends.base import (
     VmStatus,
     run_instance,
 )
+from tender_service.instance.modes import ONE_VM_MODES
 from tender_service.instance.observer import notify
 from tender_service.instance.pool import WarmPool
 from tender_service.instance.publish import Publisher
@@ -58,7 +59,7 @@ class SupervisedInstance:
 
 class VmcloneBackend:
     mode = "vmclone"
-    one_vm = False
+    one_vm = mode in ONE_VM_MODES
 
     def __init__(self, ctx: BackendContext) -> None:
         self.ctx = ctx
