@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
-import selectors
+import select
 import signal
 import threading
 import time
@@ -692,24 +693,24 @@ class Kernel(ProcessTable):
         return True
 
     def _wait_fds(self, timeout: float | None) -> bool:
-        """Wait for the wake-up pipe or the console's input; True if either came."""
-        # poll, not epoll: the console's stdin may be a regular file or /dev/null
-        sel = selectors.PollSelector()
-        try:
-            sel.register(self._wakeup_r, selectors.EVENT_READ)
-            host_fd = self.console.host_fd
-            if host_fd is not None:
-                sel.register(host_fd, selectors.EVENT_READ)
-            ready = sel.select(timeout)
-            self._check_interrupt()
-            for key, _ in ready:
-                if key.fd == self._wakeup_r:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(self._wakeup_r, 4096)
-                else:  # the readers read it themselves, as much as each asks
-                    self.sched.wake_all(self.console.input_wq)
-        finally:
-            sel.close()
+        """Wait for the wake-up pipe or the console's input; True if either came.
+
+        poll, not epoll: the console's stdin may be a regular file or /dev/null.  A
+        plain ``select.poll`` (1.1 us) rather than a ``selectors`` object (3.9 us):
+        a VM-clone VM waits here for every reply that does not come at once."""
+        poller = select.poll()
+        poller.register(self._wakeup_r, select.POLLIN)
+        host_fd = self.console.host_fd
+        if host_fd is not None:
+            poller.register(host_fd, select.POLLIN)
+        ready = poller.poll(None if timeout is None else math.ceil(timeout * 1e3))
+        self._check_interrupt()
+        for fd, _ in ready:
+            if fd == self._wakeup_r:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wakeup_r, 4096)
+            else:  # the readers read it themselves, as much as each asks
+                self.sched.wake_all(self.console.input_wq)
         return bool(ready)
 
     def _deadlock(self) -> str:
