@@ -167,9 +167,7 @@ def test_importing_the_whole_library_loads_neither_the_harness_nor_the_cli() -> 
         "print(len([m for m in sys.modules if m.startswith('tender_service')]))\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('comparison', 'unifork')))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
-    ).stdout.splitlines()
+    out = _fresh_interpreter(code)
     assert int(out[0]) > 50 and out[1] == "[]", out
 
 
@@ -185,7 +183,11 @@ def test_unifork_run_forks_before_the_emulator_is_imported() -> None:
         "'tender_service.machine.cpu', 'tender_service.rump.kernel', 'tender_service.fork', "
         "'tender_service.instance.backends', 'tender_service.transports'))))"
     )
-    out = subprocess.run(
+    assert _fresh_interpreter(code) == ["[]"]
+
+
+def _fresh_interpreter(code: str) -> list[str]:
+    """The lines ``code`` prints in a new Python process (nothing imported yet)."""
+    return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
-    ).stdout.strip()
-    assert out == "[]", out
+    ).stdout.splitlines()
