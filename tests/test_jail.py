@@ -27,6 +27,7 @@ import pytest
 from support import image_path, wait_until
 
 from tender_service.instance import jail, vmserver, worker
+from tender_service.instance import pool as pool_module
 from tender_service.instance.pool import WarmPool
 from tender_service.instance.threadvm import ThreadVm, ThreadVmHost
 from tender_service.rump.kernel import Kernel
@@ -261,7 +262,7 @@ def test_unjailed_the_same_probe_reaches_the_host(open_host, secret_env):
 def test_pool_workers_are_jailed(monkeypatch, caplog, secret_env, jailed):
     """A VM-clone worker keeps what it needs (Unix/inet sockets, files: see
     docs/reliability.md) and loses exec, fork, other socket families, its secrets."""
-    monkeypatch.setattr(worker, "run_worker", _probe_run_worker)
+    monkeypatch.setattr(pool_module, "_worker_main", _probe_run_worker)  # the pool's entry point
     caplog.set_level(logging.WARNING, "unifork.test.probe")
     with WarmPool(1, jailed=jailed) as pool:
         pool.wait_ready()

@@ -101,6 +101,16 @@ class _Ready:
         self.conn.close()
 
 
+def _worker_main(*args: object) -> None:
+    """A pool process's entry point: the worker module (the VM stack, gRPC: ~0.35 s of
+    imports) is imported in the new process only.  Named as its target, it had to be
+    imported here first, holding the GIL before the spawn even began: on the path of
+    every VM-clone instance's start when the pool is its own (``unifork run``)."""
+    from tender_service.instance.worker import run_worker
+
+    run_worker(*args)
+
+
 def _said_ready(conn: multiprocessing.connection.Connection) -> bool:
     try:
         return conn.poll() and conn.recv_bytes() == b"ready"
@@ -152,12 +162,10 @@ class WarmPool:
             t.start()
 
     def _start_one(self) -> None:
-        from tender_service.instance.worker import run_worker
-
         path = os.path.join(self.dir, f"w{next(self._ids)}.sock")
         reader, writer = self._mp.Pipe(duplex=False)
         proc = self._mp.Process(
-            target=run_worker,
+            target=_worker_main,
             daemon=True,
             name=f"unifork-worker-{path}",
             args=(
