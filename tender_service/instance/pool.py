@@ -101,14 +101,16 @@ class _Ready:
         self.conn.close()
 
 
-def _worker_main(*args: object) -> None:
+def _worker_main(
+    listen: str, log_queue, env: dict[str, str], level: int, ready, jailed: bool
+) -> None:
     """A pool process's entry point: the worker module (the VM stack, gRPC: ~0.35 s of
     imports) is imported in the new process only.  Named as its target, it had to be
     imported here first, holding the GIL before the spawn even began: on the path of
     every VM-clone instance's start when the pool is its own (``unifork run``)."""
     from tender_service.instance.worker import run_worker
 
-    run_worker(*args)
+    run_worker(listen, log_queue, env, level, ready, jailed)
 
 
 def _said_ready(conn: multiprocessing.connection.Connection) -> bool:
