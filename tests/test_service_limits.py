@@ -269,11 +269,12 @@ def test_emulator_crashes_are_counted(guarded, gclient, mode):
 
 
 def test_latency_buckets_reach_a_microsecond(guarded, gclient):
-    """Most shm pipe writes take under 10 us, the lowest bucket was 10 us."""
+    """Brokered pipe writes can take under 10 us, the lowest bucket was 10 us.  (Over
+    shm the pipes are rings whose writes pass no supervisor: only tcp's are timed.)"""
     r = wait(
         gclient,
         launch(
-            gclient, "token_ring", ["-n", "3", "-r", "5"], console_pipe=True, **MODES["vmclone-shm"]
+            gclient, "token_ring", ["-n", "3", "-r", "5"], console_pipe=True, **MODES["vmclone-tcp"]
         ),
     )
     assert r.outcome == "exited", r
@@ -284,4 +285,4 @@ def test_latency_buckets_reach_a_microsecond(guarded, gclient):
     ):
         les = {dict(lab)["le"] for n, lab in m if n == name}
         assert {"1e-06", "2.5e-06", "5e-06", "1e-05"} <= les, (name, sorted(les))
-    assert metric(m, "unifork_pipe_write_latency_seconds_count", transport="shm") > 0
+    assert metric(m, "unifork_pipe_write_latency_seconds_count", transport="tcp") > 0

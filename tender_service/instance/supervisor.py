@@ -53,6 +53,7 @@ from tender_service.transports.channel import (
 from tender_service.transports.frames import Frame, ProtocolError
 from tender_service.transports.fs_host import FsHost
 from tender_service.transports.listeners import Connection, ListenerBroker
+from tender_service.transports.pipe_ring import IDLE_RINGS, WAKE_KEY, PipeRing, new_token, wake_path
 from tender_service.transports.protocol import (
     END_READ,
     FILES,
@@ -132,6 +133,9 @@ class ProcRec:
     events_sent: int = 0
     idle_at: int = -1
     idle_report: str = ""
+    #: the ring pipes its threads waited on when it said it was idle, with the epoch
+    #: of each wait (see ``_ring_stuck``)
+    idle_rings: list[tuple[int, int]] = field(default_factory=list)
     peak_memory: int = 0
     #: bytes of the tender's guest-memory budget this VM holds (its RAM, if it runs here)
     reserved: int = 0
@@ -183,6 +187,9 @@ class Supervisor:
         self.config = config
         self.id = instance_id or uuid.uuid4().hex[:12]
         self.placement = placement
+        #: pipes shared by this instance's VMs are rings they read and write directly
+        #: (transports/pipe_ring.py): shared memory, so only when every VM is on this host
+        self.rings = transport == "shm" and placement == "local"
         #: seconds a VM's TCP connection may stay silent before the VM counts as lost
         #: (both ends of the connection use it: the VM's tender gets it in vm_start)
         self.peer_timeout = check_peer_timeout(peer_timeout)
@@ -203,7 +210,9 @@ class Supervisor:
         self._memory_refused = False
         self.token = uuid.uuid4().hex
         self.broker = PipeBroker(
-            discard=lambda states: self._release_files(IN_FLIGHT_HOLDER, states)
+            discard=lambda states: self._release_files(IN_FLIGHT_HOLDER, states),
+            # a ring's writes pass no supervisor: its bytes are counted when it goes
+            ring_done=lambda nbytes: notify(observer, "pipe_bytes", nbytes),
         )
         #: every TCP listener of the instance's VMs (their queues: transports/listeners.py)
         self.listen_broker = ListenerBroker(self.broker)
@@ -421,6 +430,8 @@ class Supervisor:
                 r.channel.close()
         for t in list(self._threads):
             t.join(5)
+        with self.lock:
+            self.broker.close_rings()
         self.stdin.close()
         try:
             for name in os.listdir(self._tmp):
@@ -594,12 +605,33 @@ class Supervisor:
         notify(self.observer, "shm_exhausted")
 
     def _serve(self, sock: socket.socket) -> None:
+        reply: dict[str, Any] = {}
+        wake = ""
+
+        def admit(hello: dict) -> bool:
+            nonlocal wake
+            if not self._member(hello):
+                return False
+            if self.rings:  # the VM's wake-up FIFO, which it cannot make (its jail)
+                token = new_token()
+                wake = wake_path(token)
+                os.mkfifo(wake, 0o600)
+                reply[WAKE_KEY] = token
+            return True
+
         try:  # a stranger gets no answer at all (and no shm segment of its is mapped)
-            channel, hello = accept_channel(sock, admit=self._member)
+            channel, hello = accept_channel(sock, reply, admit=admit)
         except (ProtocolError, ChannelClosed, OSError, ValueError) as e:
             log.warning("instance %s: refused a connection: %s", self.id, e)
             sock.close()
+            _unlink_quietly(wake)
             return
+        try:
+            self._serve_vm(channel, hello)
+        finally:
+            _unlink_quietly(wake)
+
+    def _serve_vm(self, channel: Channel, hello: dict) -> None:
         pid = hello["pid"]
         with self.lock:
             rec = self.procs.get(pid)
@@ -689,7 +721,8 @@ class Supervisor:
             if not rec.alive and not rec.hosting:
                 return  # what a VM sends after its EXITED (its fds closing) is moot
             if t == Msg.IDLE:
-                rec.idle_at, rec.idle_report = f.arg, f.payload.decode(errors="replace")
+                rec.idle_at = f.arg
+                rec.idle_rings, rec.idle_report = _idle_rings(f.payload.decode(errors="replace"))
                 self._check_deadlock()
                 return
             rec.idle_at = -1
@@ -1143,8 +1176,30 @@ class Supervisor:
         rec.sid = rec.pgid = rec.pid
         return rec.pid
 
-    def _op_pipe_create(self, rec: ProcRec, readers: int, writers: int, data: bytes) -> int:
-        return self.broker.create(rec.pid, data, readers, writers)
+    def _op_pipe_create(
+        self, rec: ProcRec, readers: int, writers: int, ring: int = 0, *, data: bytes
+    ) -> tuple[int, bytes]:
+        """A VM's pipe becomes shared: its id, and the name of its ring if it is a plain
+        pipe (``ring``) of an instance whose pipes are rings (and /dev/shm has room)."""
+        segment = None
+        if ring and self.rings:
+            try:
+                segment = PipeRing.create(data if readers else b"", readers, writers)
+            except OSError as e:
+                log.warning("instance %s: a pipe ring could not be made (%s): brokered", self.id, e)
+        try:
+            pipe = self.broker.create(rec.pid, data, readers, writers, ring=segment)
+        except ValueError:
+            if segment is not None:
+                segment.unlink()
+                segment.close()
+            raise
+        return pipe, segment.name.encode() if segment is not None else b""
+
+    def _op_pipe_close(self, rec: ProcRec, pipe: int, end: int) -> int:
+        """A ring pipe's end closed, answered once the ring's counts say so."""
+        self.broker.close(pipe, rec.pid, "r" if end == END_READ else "w")
+        return 0
 
     def _op_pipe_refs(
         self, rec: ProcRec, pipe: int, holder: int, readers: int, writers: int
@@ -1255,7 +1310,10 @@ class Supervisor:
             return  # a reader of stdin waits for the user, not for another VM
         if self.ports is not None:
             return  # published ports: a host client may come and wake any of them
-        if all(r.state == "running" and r.idle_at == r.events_sent for r in live):
+        if all(
+            r.state == "running" and r.idle_at == r.events_sent and self._ring_stuck(r)
+            for r in live
+        ):
             lines = ["deadlock: every process is blocked and nothing can wake it"]
             lines += [r.idle_report for r in sorted(live, key=lambda r: r.pid) if r.idle_report]
             report = "\n".join(lines)
@@ -1263,11 +1321,43 @@ class Supervisor:
             self.reports.append(report)
             self._spawn(self.kill, "deadlock", "deadlock")
 
+    def _ring_stuck(self, rec: ProcRec) -> bool:
+        """Whether ``rec``'s VM still waits, since its idle report, on every ring that
+        report named: the very entries (pid and epoch) are still in those rings'
+        waiter tables.  Whoever changes a ring takes all its entries and wakes their
+        VMs; a VM that waits again registers with a new epoch and reports again.  So
+        a VM that has run since its report (and may have sent messages still on their
+        way here: a pipe's close) never counts as stuck on its old report."""
+        for pipe, epoch in rec.idle_rings:
+            ring = self.broker.ring_of(pipe)
+            if ring is None or (rec.pid, epoch) not in {(p, e) for p, _, e in ring.waiting()}:
+                return False
+        return True
+
     def _check_done(self) -> None:
         if not any(r.alive for r in self.procs.values()):
             self.done.set()
             with self.lock:
                 self._hello_watch.notify_all()  # the watch ends with the instance
+
+
+def _idle_rings(payload: str) -> tuple[list[tuple[int, int]], str]:
+    """An idle report's ring waits, (pipe, epoch) (its first line, if it names them),
+    and the rest."""
+    first, _, rest = payload.partition("\n")
+    words = first.split()
+    if not words or words[0] != IDLE_RINGS:
+        return [], payload
+    try:
+        return [(int(p), int(e)) for p, _, e in (w.partition(":") for w in words[1:65])], rest
+    except ValueError:
+        return [], rest
+
+
+def _unlink_quietly(path: str) -> None:
+    if path:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def _pipe_ends(st: dict) -> list[tuple[int, str]] | None:

@@ -213,6 +213,9 @@ class Kernel(ProcessTable):
         self._wakeup_r, self._wakeup_w = os.pipe()
         os.set_blocking(self._wakeup_r, False)
         os.set_blocking(self._wakeup_w, False)
+        #: threads waiting on a pipe ring (transports/pipe_ring.py), woken by a byte
+        #: another VM writes to the wake-up FIFO (``use_wake_fifo``)
+        self.ring_wq = WaitQueue("pipe ring", host=True)
         dispatch = make_dispatcher(self)
         # a traced VM logs every syscall: none is answered in C (rt_sigprocmask)
         self.cpu.hook_syscall(
@@ -434,11 +437,18 @@ class Kernel(ProcessTable):
             except Exception:
                 log.exception("event handler failed")
 
+    def _take_host_events(self) -> None:
+        """What other threads posted; while other threads run, a pipe ring's wake-up
+        (when nothing runs, the wait in ``_wait_host`` sees it)."""
+        if self.events:
+            self._drain_events()
+        if self.ring_wq.waiters and self.sched.runq:
+            self._wait_fds(0)
+
     def _loop(self) -> str | None:
         cpu, sched = self.cpu, self.sched
         while True:
-            if self.events:
-                self._drain_events()
+            self._take_host_events()
             if self._stop_reason is not None:
                 return self._stop_all(self._stop_reason)
             t = sched.pick()
@@ -709,6 +719,7 @@ class Kernel(ProcessTable):
             if fd == self._wakeup_r:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wakeup_r, 4096)
+                self.ring_woken()
             else:  # the readers read it themselves, as much as each asks
                 self.sched.wake_all(self.console.input_wq)
         return bool(ready)
@@ -759,6 +770,23 @@ class Kernel(ProcessTable):
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wakeup_w, b"!")
 
+    def use_wake_fifo(self, path: str) -> None:
+        """Wake up through the FIFO at ``path`` (made by the supervisor) instead of a
+        pipe: other VMs write to it when a pipe ring this VM waits on changes (the
+        same poll then sees events, console input and ring wake-ups)."""
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+        old = (self._wakeup_r, self._wakeup_w)
+        self._wakeup_r = self._wakeup_w = fd
+        for f in old:
+            os.close(f)
+        self._notify()  # what an old pipe held is not lost: look again
+
+    def ring_woken(self) -> None:
+        """A wake-up came: threads waiting on a pipe ring run their syscall again
+        (the ring tells them whether they must still wait)."""
+        if self.ring_wq.waiters:
+            self.sched.wake_all(self.ring_wq)
+
     # -- introspection -------------------------------------------------------------
     def poll_wake(self) -> None:
         """Some file's readiness changed: threads in poll/select/epoll_wait re-check."""
@@ -775,7 +803,7 @@ class Kernel(ProcessTable):
 
     def close(self) -> None:
         """Free the host resources of the VM (RAM buffer, emulator, wake-up pipe)."""
-        for fd in (self._wakeup_r, self._wakeup_w):
+        for fd in dict.fromkeys((self._wakeup_r, self._wakeup_w)):  # one fd: a FIFO
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._wakeup_r = self._wakeup_w = -1

@@ -53,8 +53,10 @@ class Pipe:
         #: room or a gone reader for writers
         self.in_gen = 0
         self.out_gen = 0
-        #: set once the pipe moved into the supervisor's broker (VM-clone fork)
+        #: set once the pipe moved into the supervisor's broker (VM-clone fork), with
+        #: the name of its ring if the broker made one ("" if it holds the bytes itself)
         self.broker_id: int | None = None
+        self.ring = ""
 
 
 class PipeEnd(File):

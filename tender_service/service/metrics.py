@@ -54,7 +54,8 @@ PIPE_BYTES = Counter(
 )
 PIPE_WRITE_LATENCY = Histogram(
     "unifork_pipe_write_latency_seconds",
-    "Time from a cross-VM pipe write request to its reply",
+    "Time from a cross-VM pipe write request to its reply (brokered pipes: over tcp, "
+    "or across hosts; a pipe ring's writes, over shm on one host, pass no supervisor)",
     ["transport"],
     buckets=_LATENCY,
 )

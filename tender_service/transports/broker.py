@@ -49,6 +49,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from tender_service.rump.pipe import PIPE_BUF, PIPE_CAPACITY
+from tender_service.transports.pipe_ring import READ as RING_READ
+from tender_service.transports.pipe_ring import WRITE as RING_WRITE
+from tender_service.transports.pipe_ring import PipeRing
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +124,9 @@ class _Pipe:
     writes: deque[_ParkedWrite] = field(default_factory=deque)
     head: int = 0  # stream offset of buf[0]
     marks: deque[_Mark] = field(default_factory=deque)
+    #: a ring pipe's segment: its VMs move the bytes; the broker keeps the refs and
+    #: writes their totals into it (transports/pipe_ring.py)
+    ring: PipeRing | None = None
 
     @property
     def has_readers(self) -> bool:
@@ -144,9 +150,15 @@ class _Counters:
 class PipeBroker:
     """All shared pipes of one instance, with their holders' refs and parked requests."""
 
-    def __init__(self, discard: Callable[[Any], None] | None = None) -> None:
+    def __init__(
+        self,
+        discard: Callable[[Any], None] | None = None,
+        ring_done: Callable[[int], None] | None = None,
+    ) -> None:
         #: called (after the state is consistent) with the files of marks nobody can read
         self.discard = discard
+        #: called with the bytes written into a ring pipe when it goes (metrics)
+        self.ring_done = ring_done
         self._pipes: dict[int, _Pipe] = {}
         self._next_id = 1
         self._counters = _Counters()
@@ -157,14 +169,22 @@ class PipeBroker:
     # -- refs ---------------------------------------------------------------
 
     def create(
-        self, holder: Holder, buffered: bytes = b"", readers: int = 1, writers: int = 1
+        self,
+        holder: Holder,
+        buffered: bytes = b"",
+        readers: int = 1,
+        writers: int = 1,
+        ring: PipeRing | None = None,
     ) -> int:
-        """A local pipe becomes shared (its holder forks): register it with its unread data."""
+        """A local pipe becomes shared (its holder forks): register it with its unread
+        data, or with ``ring``, which holds that data already and gets the counts."""
         if readers < 0 or writers < 0 or readers + writers == 0:
             raise ValueError(f"a shared pipe needs refs, got readers={readers} writers={writers}")
         if len(buffered) > PIPE_CAPACITY:
             raise ValueError(f"{len(buffered)} buffered bytes exceed the pipe capacity")
-        pipe = _Pipe(self._next_id, bytearray(buffered if readers else b""))
+        in_ring = ring is not None
+        pipe = _Pipe(self._next_id, bytearray(buffered if readers and not in_ring else b""))
+        pipe.ring = ring
         self._next_id += 1
         pipe.refs[holder] = _Refs(readers, writers)
         self._pipes[pipe.id] = pipe
@@ -192,6 +212,7 @@ class PipeBroker:
         refs.writers += writers
         if not refs.readers and not refs.writers:
             del p.refs[holder]
+        self._mirror(p)
 
     def close(self, pipe: int, holder: Holder, end: str) -> None:
         """Release one ref of ``end`` ("r" or "w"); the last one may mean EOF or EPIPE for others."""
@@ -251,8 +272,8 @@ class PipeBroker:
         """
         p = self._pipes.get(pipe)
         refs = p.refs.get(holder) if p is not None else None
-        if p is None or refs is None or refs.readers == 0:
-            self._send(reply, -errno.EBADF)
+        if p is None or refs is None or refs.readers == 0 or p.ring is not None:
+            self._send(reply, -errno.EBADF)  # a ring pipe's bytes are in the ring
         elif n < 0:
             self._send(reply, -errno.EINVAL)
         elif n == 0:
@@ -282,8 +303,8 @@ class PipeBroker:
         is positive; the caller's to release otherwise)."""
         p = self._pipes.get(pipe)
         refs = p.refs.get(holder) if p is not None else None
-        if p is None or refs is None or refs.writers == 0:
-            self._send(reply, -errno.EBADF, False)
+        if p is None or refs is None or refs.writers == 0 or p.ring is not None:
+            self._send(reply, -errno.EBADF, False)  # a ring pipe's bytes are in the ring
         elif not data:
             self._send(reply, 0, False)  # Linux: a null write succeeds before any check
         elif not p.has_readers:
@@ -314,6 +335,8 @@ class PipeBroker:
         p = self._pipes.get(pipe)
         if p is None:
             raise ValueError(f"poll of unknown pipe {pipe}")
+        if p.ring is not None:
+            return p.ring.poll(write_end)
         if write_end:
             room = len(p.buf) < PIPE_CAPACITY and not p.writes
             return (POLL_OUT if room else 0) | (0 if p.has_readers else POLL_ERR)
@@ -323,6 +346,9 @@ class PipeBroker:
         """Holders with a parked request and what they wait on, for deadlock reports and ``--ps``."""
         waits: dict[Holder, list[str]] = {}
         for p in self._pipes.values():
+            for pid, kind, _ in p.ring.waiting() if p.ring is not None else ():
+                what = "read" if kind == RING_READ else "write"
+                waits.setdefault(pid, []).append(f"{what} pipe {p.id}")
             for r in p.reads:
                 waits.setdefault(r.holder, []).append(f"read pipe {p.id}")
             for w in p.writes:
@@ -332,15 +358,21 @@ class PipeBroker:
     def stats(self) -> dict[str, int]:
         """Counters for metrics: live pipes, bytes moved, bytes buffered, parked requests."""
         c = self._counters
+        rings = [p.ring for p in self._pipes.values() if p.ring is not None]
+        ring_waits = [kind for ring in rings for _, kind, _ in ring.waiting()]
         return {
             "pipes": len(self._pipes),
             "pipes_created": c.pipes_created,
             "bytes_written": c.bytes_written,
             "bytes_read": c.bytes_read,
             "bytes_discarded": c.bytes_discarded,
-            "bytes_buffered": sum(len(p.buf) for p in self._pipes.values()),
-            "parked_reads": sum(len(p.reads) for p in self._pipes.values()),
-            "parked_writes": sum(len(p.writes) for p in self._pipes.values()),
+            "bytes_buffered": sum(len(p.buf) for p in self._pipes.values())
+            + sum(ring.buffered() for ring in rings),
+            # a ring's waiters count as parked requests: the same wait, in the ring
+            "parked_reads": sum(len(p.reads) for p in self._pipes.values())
+            + ring_waits.count(RING_READ),
+            "parked_writes": sum(len(p.writes) for p in self._pipes.values())
+            + ring_waits.count(RING_WRITE),
         }
 
     # -- internals ----------------------------------------------------------
@@ -408,10 +440,41 @@ class PipeBroker:
     def _refs_changed(self, p: _Pipe) -> None:
         """After refs or requests went away: answer EOF/EPIPE, delete an unheld pipe."""
         self._settle(p)
+        self._mirror(p)
         if not p.refs:
             assert not p.reads and not p.writes, "settle answers everything once no refs remain"
             del self._pipes[p.id]
+            if p.ring is not None:
+                self._ring_gone(p.ring)
             log.debug("pipe %d released by all holders", p.id)
+
+    def _mirror(self, p: _Pipe) -> None:
+        """A ring pipe's reader and writer totals, as its VMs see them (EOF, EPIPE)."""
+        if p.ring is not None:
+            p.ring.set_counts(
+                sum(r.readers for r in p.refs.values()), sum(r.writers for r in p.refs.values())
+            )
+
+    def ring_of(self, pipe: int) -> PipeRing | None:
+        """The segment of ring pipe ``pipe`` (None: not a ring pipe, or gone)."""
+        p = self._pipes.get(pipe)
+        return p.ring if p is not None else None
+
+    def close_rings(self) -> None:
+        """The instance is over: every ring's name goes (VMs still running keep theirs)."""
+        for p in self._pipes.values():
+            if p.ring is not None:
+                self._ring_gone(p.ring)
+                p.ring = None
+        self._flush()
+
+    def _ring_gone(self, ring: PipeRing) -> None:
+        written = ring.written()
+        self._counters.bytes_written += written
+        ring.unlink()
+        ring.close()
+        if self.ring_done is not None and written:
+            self._send(self.ring_done, written)
 
     def _discard(self, files: Any) -> None:
         if self.discard is not None:

@@ -16,6 +16,8 @@ from tender_service.machine.errors import GuestError
 from tender_service.rump import signals
 from tender_service.rump.files import O_RDONLY, O_WRONLY, POLLERR, S_IFIFO, File
 from tender_service.rump.outcomes import Block
+from tender_service.rump.pipe import PIPE_BUF, PIPE_CAPACITY
+from tender_service.transports.pipe_ring import WAIT, Waiter
 from tender_service.transports.protocol import (
     END_READ,
     END_WRITE,
@@ -36,9 +38,14 @@ class RemotePipeEnd(File):
     kind = "pipe"
     mode = S_IFIFO
 
-    def __init__(self, link: VmLink, pipe: int, write_end: bool, flags: int) -> None:
+    def __init__(
+        self, link: VmLink, pipe: int, write_end: bool, flags: int, ring: str = ""
+    ) -> None:
         super().__init__((flags & ~3) | (O_WRONLY if write_end else O_RDONLY))
         self.link, self.pipe, self.write_end = link, pipe, write_end
+        #: the segment of a ring pipe (transports/pipe_ring.py), read and written here
+        #: directly; "" for a pipe whose bytes the broker holds
+        self.ring = ring
         #: a write with no reader left raises SIGPIPE (a socket's MSG_NOSIGNAL clears it)
         self.sigpipe = True
         self._last_mask = -1
@@ -56,9 +63,13 @@ class RemotePipeEnd(File):
         return True  # no message tells this VM when the broker's pipe changes
 
     def poll(self, k: Kernel) -> int:
-        """Ask the broker (a synchronous call); a wait re-asks on a short timer."""
+        """Ask the ring, or the broker (a synchronous call); a wait re-asks on a short
+        timer."""
         try:
-            mask = self.link.call("pipe_poll", self.pipe, 1 if self.write_end else 0)
+            if self.ring:
+                mask = self.link.ring(self.ring).poll(self.write_end)
+            else:
+                mask = self.link.call("pipe_poll", self.pipe, 1 if self.write_end else 0)
         except GuestError:
             mask = -1
         if mask < 0:
@@ -74,12 +85,15 @@ class RemotePipeEnd(File):
         return self._gen
 
     def snapshot_state(self) -> dict:
-        return {
+        state = {
             "kind": "rpipe",
             "pipe": self.pipe,
             "end": "w" if self.write_end else "r",
             "flags": self.flags,
         }
+        if self.ring:
+            state["ring"] = self.ring
+        return state
 
     def read(self, k: Kernel, lwp: Lwp, addr: int, n: int) -> int:
         return self._read(k, lwp, [(addr, n)], "read")
@@ -112,6 +126,8 @@ class RemotePipeEnd(File):
         vecs = [(base, length) for base, length in vecs if length]
         if not vecs:
             return 0, None
+        if self.ring:
+            return self._ring_read(k, lwp, vecs, what), None
         reply = self.link.take_reply(lwp)
         if reply is None and self.link.in_flight(lwp):  # restarted after a signal handler
             raise Block(self.link.wq, f"{what} {self.describe()}")
@@ -135,19 +151,62 @@ class RemotePipeEnd(File):
         states = None
         if flags & FILES:
             states, data = unpack_files(data)
-        done = 0
-        for base, length in vecs:  # it all fits: the broker sent at most the room
-            if done == len(data):
-                break
-            chunk = data[done : done + length]
-            k.mem.write(base, chunk)
-            done += len(chunk)
-        return done, states
+        return _scatter(k, vecs, data), states
+
+    def _ring_read(self, k: Kernel, lwp: Lwp, vecs: list[tuple[int, int]], what: str) -> int:
+        """A read of the ring: what is there (up to what the buffers take), EOF once
+        it is empty with no writer left, or a wait (the ring wakes this VM)."""
+        want = min(sum(length for _, length in vecs), PIPE_CAPACITY)
+        room = k.mem.room(vecs, want)
+        if not room:
+            raise GuestError(errno.EFAULT)
+        ring, waiter = self.link.ring(self.ring), self._waiter(lwp)
+        if len(vecs) == 1:  # straight into guest memory
+            out = ring.read(want, room, waiter, k.mem.slice(vecs[0][0], room))
+        else:
+            out = ring.read(want, room, waiter)
+        if out is WAIT:
+            raise Block(k.ring_wq, f"{what} {self.describe()}")
+        if isinstance(out, int):
+            if out < 0:
+                raise GuestError(-out)
+            return out
+        assert isinstance(out, bytes)
+        return _scatter(k, vecs, out)
+
+    def _ring_write(self, k: Kernel, lwp: Lwp, n: int, chunk) -> int:
+        """A write into the ring: at most PIPE_BUF bytes at once or not yet, more in
+        what fits, waiting for room for the rest (``lwp.progress`` counts what went)."""
+        ring = self.link.ring(self.ring)
+        waiter = self._waiter(lwp)
+        while lwp.progress < n:
+            data = chunk(lwp.progress, min(n - lwp.progress, PIPE_CAPACITY))
+            out = ring.write(data, n <= PIPE_BUF, waiter)
+            if out is WAIT:
+                raise Block(k.ring_wq, f"write {self.describe()}")
+            assert isinstance(out, int)
+            if out < 0:
+                if out == -errno.EPIPE and self.sigpipe:
+                    k.post_signal(lwp.proc, signals.SIGPIPE)
+                done, lwp.progress = lwp.progress, 0
+                if done:
+                    return done
+                raise GuestError(-out)
+            lwp.progress += out
+        done, lwp.progress = lwp.progress, 0
+        k.pipe_bytes += done
+        return done
+
+    def _waiter(self, lwp: Lwp) -> Waiter | None:
+        """Who waits if the ring cannot serve now (None: a nonblocking end, EAGAIN)."""
+        return None if self.nonblocking else self.link.waiter(lwp, self.pipe)
 
     def write(self, k: Kernel, lwp: Lwp, addr: int, n: int) -> int:
         if not self.write_end:
             raise GuestError(errno.EBADF)
         k.mem.offset(addr, n)
+        if self.ring:  # straight from guest memory
+            return self._ring_write(k, lwp, n, lambda off, size: k.mem.slice(addr + off, size))
         return self._write(k, lwp, n, lambda off, size: k.mem.read(addr + off, size))
 
     def write_bytes(self, k: Kernel, lwp: Lwp, data: bytes) -> int:
@@ -158,6 +217,8 @@ class RemotePipeEnd(File):
     def _write(self, k: Kernel, lwp: Lwp, n: int, chunk, states: list[dict] | None = None) -> int:
         """Send the write in chunks; ``lwp.progress`` counts what the broker took.
         ``states``: files (SCM_RIGHTS) that go with the first chunk."""
+        if self.ring and not states:
+            return self._ring_write(k, lwp, n, chunk)
         reply = self.link.take_reply(lwp)
         if reply is not None:
             arg, _, flags = reply
@@ -190,4 +251,24 @@ class RemotePipeEnd(File):
         raise Block(self.link.wq, f"write {self.describe()}")
 
     def release(self, k: Kernel) -> None:
-        self.link.send_close(self.pipe, END_WRITE if self.write_end else END_READ)
+        end = END_WRITE if self.write_end else END_READ
+        if self.ring:
+            # answered once the ring's counts say so: the bytes this VM writes next
+            # (a "go" to the last writer, say) pass no supervisor and must not overtake
+            # the close (sigpipe: the writer must find no reader)
+            self.link.close_ring_end(self.pipe, end)
+        else:
+            self.link.send_close(self.pipe, end)
+
+
+def _scatter(k: Kernel, vecs: list[tuple[int, int]], data: bytes) -> int:
+    """Copy ``data`` into the buffers in order; it all fits (the broker or the ring
+    gave at most the room they take)."""
+    done = 0
+    for base, length in vecs:
+        if done == len(data):
+            break
+        chunk = data[done : done + length]
+        k.mem.write(base, chunk)
+        done += len(chunk)
+    return done

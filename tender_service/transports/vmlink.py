@@ -43,6 +43,7 @@ from tender_service.rump.socket import (
 from tender_service.rump.vfs import Vfs
 from tender_service.transports.channel import Channel, ChannelClosed
 from tender_service.transports.frames import MAX_PAYLOAD, Frame, ProtocolError
+from tender_service.transports.pipe_ring import IDLE_RINGS, WAKE_KEY, PipeRing, Waiter, wake_path
 from tender_service.transports.protocol import (
     END_WRITE,
     FILES,
@@ -112,6 +113,14 @@ class VmLink:
         self.events_done = 0
         #: the instance's file system, which the supervisor holds
         self.fs_tree = RemoteFs(self)
+        #: the pipe rings this VM has mapped, by segment name (transports/pipe_ring.py)
+        self._rings: dict[str, PipeRing] = {}
+        #: the token of the wake-up FIFO the supervisor made for this VM (0 until the
+        #: channel's hello said which); the count of its ring waits so far
+        self._wake_token = 0
+        self._ring_epoch = 0
+        #: the ring pipe and epoch each thread waiting on a ring waits with (idle report)
+        self._ring_waits: dict[int, tuple[int, int]] = {}
 
     # -- wiring ------------------------------------------------------------------------
     @property
@@ -129,6 +138,10 @@ class VmLink:
         self.kernel = k
         k.remote = self
         k.fs = Vfs(self.fs_tree)  # one tree per instance: the supervisor's
+        token = getattr(self.channel, "peer_hello", {}).get(WAKE_KEY)
+        if type(token) is int and token > 0:  # the instance's pipes are rings
+            k.use_wake_fifo(wake_path(token))
+            self._wake_token = token
         self._reader = threading.Thread(
             target=self._read_loop, name=f"vmlink-{self.pid}", daemon=True
         )
@@ -168,7 +181,11 @@ class VmLink:
         if state.get("kind") != "rpipe":
             raise ValueError(f"unknown file kind {state.get('kind')!r} in snapshot")
         return RemotePipeEnd(
-            self, int(state["pipe"]), state["end"] == "w", int(state.get("flags", 0))
+            self,
+            int(state["pipe"]),
+            state["end"] == "w",
+            int(state.get("flags", 0)),
+            str(state.get("ring", "")),
         )
 
     def stdin(self) -> RemoteStdin:
@@ -178,6 +195,27 @@ class VmLink:
         self._closed.set()
         self.channel.close()
         self._fail_calls()
+        rings, self._rings = self._rings, {}
+        for ring in rings.values():
+            ring.close()
+
+    # -- pipe rings ------------------------------------------------------------------
+    def ring(self, name: str) -> PipeRing:
+        """The mapping of ring pipe ``name`` (mapped at its first use here)."""
+        ring = self._rings.get(name)
+        if ring is None:
+            try:
+                ring = self._rings[name] = PipeRing.attach(name)
+            except (OSError, ValueError) as e:
+                raise GuestError(errno.EIO, f"pipe ring {name[:40]!r}: {e}") from None
+        return ring
+
+    def waiter(self, lwp: Lwp, pipe: int) -> Waiter:
+        """Who ``lwp`` is in ring pipe ``pipe``'s waiter table if it must wait there,
+        with a new epoch (the idle report names the pipe and the epoch)."""
+        self._ring_epoch += 1
+        self._ring_waits[lwp.thread.tid] = (pipe, self._ring_epoch)
+        return Waiter(self._wake_token, self.pid, self._ring_epoch)
 
     # -- RemoteHost (called on the VM thread) ---------------------------------------
     def process_exited(self, proc: Process) -> None:
@@ -215,10 +253,15 @@ class VmLink:
 
     def idle(self, blocked: list[str]) -> None:
         """Every thread waits for another VM; ``events_done`` lets the supervisor tell
-        whether a message it sent since could still wake us (then this is no deadlock)."""
-        self._notify(
-            Frame(Msg.IDLE, 0, 0, 0, self.events_done, "\n".join(blocked).encode()[:MAX_PAYLOAD])
-        )
+        whether a message it sent since could still wake us (then this is no deadlock).
+        The first line names the ring pipes our threads wait on: their waiter entries,
+        registered before this, are gone once another VM has woken us."""
+        k = self.kernel
+        waiting = {t.tid for t in k.ring_wq.waiters} if k is not None else set()
+        self._ring_waits = {tid: w for tid, w in self._ring_waits.items() if tid in waiting}
+        rings = " ".join(f"{p}:{e}" for p, e in sorted(set(self._ring_waits.values())))
+        report = f"{IDLE_RINGS} {rings}\n" + "\n".join(blocked)
+        self._notify(Frame(Msg.IDLE, 0, 0, 0, self.events_done, report.encode()[:MAX_PAYLOAD]))
 
     def notify_call(self, op: str, *args: int, data: bytes = b"") -> None:
         """A request whose answer nobody waits for (request number 0)."""
@@ -310,6 +353,17 @@ class VmLink:
     def send_close(self, pipe: int, end: int) -> None:
         self._notify(Frame(Msg.PIPE_CLOSE, 0, 0, pipe, end, b""))
 
+    def close_ring_end(self, pipe: int, end: int) -> None:
+        """The close of a ring pipe's end, done when this returns (a call, not a
+        message: see ``RemotePipeEnd.release``); a supervisor gone is no error.  Once
+        our process has said it exited, the supervisor answers nothing more (it drops
+        what the VM held when the VM ends): a message then, as for a broker pipe."""
+        if self._closed.is_set():
+            self.send_close(pipe, end)
+            return
+        with contextlib.suppress(GuestError):
+            self.call("pipe_close", pipe, end)
+
     def share_files(self, k: Kernel, proc: Process, child_pid: int) -> None:
         """Before a fork: make every pipe end in ``proc``'s table remote, count the child's.
 
@@ -348,13 +402,14 @@ class VmLink:
             return None
         p = f.pipe
         if p.broker_id is None:
-            # the pipe moves into the broker with whatever it holds
-            value, _ = self.call_full("pipe_create", p.readers, p.writers, data=bytes(p.buf))
+            # the pipe moves into the broker with whatever it holds (into a ring, if
+            # the instance's VMs all run on this host over shm: the name comes back)
+            value, ring = self.call_full("pipe_create", p.readers, p.writers, 1, data=bytes(p.buf))
             if value < 0:
                 raise GuestError(-value, "cannot share a pipe")
-            p.broker_id = value
+            p.broker_id, p.ring = value, ring.decode("ascii", "replace")
             p.buf.clear()
-        new = converted[id(f)] = RemotePipeEnd(self, p.broker_id, f.write_end, f.flags)
+        new = converted[id(f)] = RemotePipeEnd(self, p.broker_id, f.write_end, f.flags, p.ring)
         new.refs = f.refs
         return new
 

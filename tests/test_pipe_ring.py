@@ -1,0 +1,243 @@
+"""Pipe rings (transports/pipe_ring.py): Linux's pipe semantics in a shared segment,
+the waiter table and its wake-ups, across processes; and that a VM-clone instance over
+shm moves its pipes' bytes through rings, not through the supervisor."""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from support import image_path
+
+from tender_service.instance.backends.vmclone import run_vmclone
+from tender_service.instance.pool import WarmPool
+from tender_service.rump.files import POLLERR, POLLHUP, READABLE, WRITABLE
+from tender_service.rump.pipe import PIPE_BUF, PIPE_CAPACITY
+from tender_service.transports import pipe_ring
+from tender_service.transports.pipe_ring import READ, SLOTS, WAIT, WRITE, PipeRing, Waiter
+
+
+@pytest.fixture
+def ring() -> Iterator[PipeRing]:
+    r = PipeRing.create(b"", readers=1, writers=1)
+    try:
+        yield r
+    finally:
+        r.unlink()
+        r.close()
+
+
+class Fifo:
+    """A kernel's wake-up FIFO, as the supervisor makes it and the VM opens it."""
+
+    def __init__(self) -> None:
+        self.token = pipe_ring.new_token()
+        self.path = pipe_ring.wake_path(self.token)
+        os.mkfifo(self.path, 0o600)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK)
+
+    def woken(self) -> bool:
+        """A byte came (and is taken)."""
+        if not select.select([self.fd], [], [], 0)[0]:
+            return False
+        os.read(self.fd, 4096)
+        return True
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.unlink(self.path)
+
+
+@pytest.fixture
+def fifo() -> Iterator[Fifo]:
+    f = Fifo()
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+def test_bytes_go_through_in_order_across_the_wrap(ring: PipeRing) -> None:
+    data = bytes(range(256)) * 200  # 51,200 bytes: the second write wraps
+    assert ring.write(data, False, None) == len(data)
+    assert ring.read(len(data), len(data), None) == data
+    assert ring.write(data, False, None) == len(data)
+    assert ring.read(1000, 1000, None) == data[:1000]
+    assert ring.read(PIPE_CAPACITY, PIPE_CAPACITY, None) == data[1000:]
+
+
+def test_eof_and_epipe_follow_the_counts(ring: PipeRing) -> None:
+    assert ring.write(b"last", True, None) == 4
+    ring.set_counts(1, 0)  # the broker: no writer left
+    assert ring.read(10, 10, None) == b"last"  # what was written is read first
+    assert ring.read(10, 10, None) == b""  # then EOF
+    assert ring.poll(False) == POLLHUP
+    ring.set_counts(0, 1)
+    assert ring.write(b"x", True, None) == -errno.EPIPE
+    assert ring.poll(True) & POLLERR
+
+
+def test_capacity_atomicity_and_eagain(ring: PipeRing) -> None:
+    assert ring.write(bytes(PIPE_CAPACITY - 100), False, None) == PIPE_CAPACITY - 100
+    assert ring.poll(True) & WRITABLE and ring.poll(False) & READABLE
+    # at most PIPE_BUF bytes: all or nothing; more: what fits
+    assert ring.write(bytes(PIPE_BUF), True, None) == -errno.EAGAIN
+    assert ring.write(bytes(PIPE_BUF + 1), False, None) == 100
+    assert ring.write(b"x", False, None) == -errno.EAGAIN
+    assert not ring.poll(True) & WRITABLE
+    # a read that would not fit the reader's buffer takes nothing
+    assert ring.read(50, 10, None) == -errno.EFAULT
+    assert ring.read(10, 10, None) == bytes(10)
+
+
+def test_a_waiter_is_woken_once_by_the_change_it_waits_for(ring: PipeRing, fifo: Fifo) -> None:
+    reader = Waiter(fifo.token, 3)
+    assert ring.read(10, 10, reader) is WAIT
+    assert ring.read(10, 10, reader) is WAIT  # registered once
+    assert ring.waiting() == [(3, READ, 0)] and not fifo.woken()
+    assert ring.write(b"data", True, None) == 4
+    assert fifo.woken() and ring.waiting() == []  # the change took the entry
+    assert ring.read(10, 10, reader) == b"data"
+    assert ring.write(bytes(PIPE_CAPACITY), False, None) == PIPE_CAPACITY
+    assert ring.write(b"more", True, Waiter(fifo.token, 4, 7)) is WAIT
+    assert ring.write(b"more", True, Waiter(fifo.token, 4, 8)) is WAIT  # its entry, renewed
+    assert ring.waiting() == [(4, WRITE, 8)]
+    assert ring.read(1, 1, None) == b"\0" and fifo.woken()
+    ring.set_counts(1, 1)  # a count changed: every waiter re-checks
+    assert not fifo.woken()
+    assert ring.read(10, 10, None) == bytes(10)
+    assert ring.read(10, 10, Waiter(fifo.token, 3)) == bytes(10)
+
+
+def test_a_full_waiter_table_wakes_its_oldest(ring: PipeRing, fifo: Fifo) -> None:
+    other = Fifo()
+    try:
+        assert ring.read(1, 1, Waiter(other.token, 2)) is WAIT
+        for pid in range(3, 3 + SLOTS - 1):
+            assert ring.read(1, 1, Waiter(fifo.token, pid)) is WAIT
+        assert not other.woken()
+        assert ring.read(1, 1, Waiter(fifo.token, 99)) is WAIT  # no room: the oldest goes
+        assert other.woken()
+        pids = [pid for pid, _, _ in ring.waiting()]
+        assert 2 not in pids and 99 in pids and len(pids) == SLOTS
+    finally:
+        other.close()
+
+
+def test_a_waker_whose_waiter_is_gone_goes_on(ring: PipeRing) -> None:
+    gone = Fifo()
+    gone.close()  # the kernel ended: no FIFO
+    assert ring.read(1, 1, Waiter(gone.token, 5)) is WAIT
+    assert ring.write(b"x", True, None) == 1  # its wake-up finds nobody: no error
+    assert ring.read(1, 1, None) == b"x"
+
+
+def test_attach_refuses_what_is_not_a_ring(tmp_path) -> None:
+    for name in ("../etc/passwd", "ufp-1-2", "ufr-x/y"):
+        with pytest.raises(ValueError):
+            PipeRing.attach(name)
+    with pytest.raises(FileNotFoundError):
+        PipeRing.attach("ufr-0-nosuchring")
+    path = pipe_ring.ring_path("ufr-0-notaring")
+    with open(path, "wb") as f:
+        f.write(bytes(pipe_ring.SIZE))  # the right size, no magic
+    try:
+        with pytest.raises(ValueError, match="not a pipe ring"):
+            PipeRing.attach("ufr-0-notaring")
+    finally:
+        os.unlink(path)
+
+
+WRITER = """
+import select, sys
+from tender_service.transports.pipe_ring import PipeRing, Waiter, WAIT
+import os
+ring = PipeRing.attach(sys.argv[1])
+me = Waiter(int(sys.argv[2]), 7)
+fifo = os.open(sys.argv[3], os.O_RDWR | os.O_NONBLOCK)
+block = bytes(range(256)) * 256
+for i in range(int(sys.argv[4])):
+    data, off = (i.to_bytes(8, "little") + block)[: len(block)], 0
+    while off < len(data):
+        out = ring.write(data[off:], False, me)
+        if out is WAIT:
+            select.select([fifo], [], [], 10)
+            os.read(fifo, 4096)
+            continue
+        off += out
+ring.close()
+"""
+
+
+def test_two_processes_move_blocks_with_wake_ups(ring: PipeRing, fifo: Fifo) -> None:
+    """A writer process and this reader, each waiting on its own FIFO: every byte in
+    order, then EOF once the broker's count says no writer is left."""
+    mine = Fifo()
+    blocks = 200
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, ring.name, str(fifo.token), fifo.path, str(blocks)]
+    )
+    got = bytearray()
+    try:
+        me = Waiter(mine.token, 3)
+        want = blocks * PIPE_CAPACITY
+        while len(got) < want:
+            out = ring.read(PIPE_CAPACITY, PIPE_CAPACITY, me)
+            if out is WAIT:
+                assert select.select([mine.fd], [], [], 10)[0], "no wake-up came"
+                mine.woken()
+                continue
+            assert isinstance(out, bytes)
+            got += out
+        assert writer.wait(30) == 0
+        ring.set_counts(1, 0)
+        assert ring.read(10, 10, me) == b""
+    finally:
+        writer.kill()
+        mine.close()
+    block = bytes(range(256)) * 256
+    for i in range(blocks):
+        assert (
+            got[i * PIPE_CAPACITY : (i + 1) * PIPE_CAPACITY]
+            == (i.to_bytes(8, "little") + block)[: len(block)]
+        ), i
+
+
+class Counting:
+    """An observer: how many bytes brokered writes and rings reported."""
+
+    def __init__(self) -> None:
+        self.brokered = 0
+        self.ringed = 0
+
+    def pipe_write(self, nbytes: int, seconds: float) -> None:
+        self.brokered += nbytes
+
+    def pipe_bytes(self, nbytes: int) -> None:
+        self.ringed += nbytes
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_an_instance_over_shm_moves_its_pipes_through_rings(pool: WarmPool, transport: str) -> None:
+    """pipe_bw's 8 MiB between two VMs: over shm no write reaches the supervisor (the
+    bytes are counted once, when the ring goes), over tcp every write does."""
+    seen = Counting()
+    before = _ring_names()
+    r = run_vmclone(
+        image_path("pipe_bw"), ["-m", "8"], transport=transport, pool=pool, observer=seen
+    )
+    assert (r.outcome, r.exit_code) == ("exited", 0), r.reports
+    if transport == "shm":
+        assert (seen.brokered, seen.ringed) == (0, 8 << 20)
+    else:
+        assert (seen.brokered, seen.ringed) == (8 << 20, 0)
+    assert _ring_names() - before == set()  # no segment, no wake-up FIFO left
+
+
+def _ring_names() -> set[str]:
+    return {n for n in os.listdir(pipe_ring.SHM_DIR) if n.startswith(("ufr-", "ufw-"))}
