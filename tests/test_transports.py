@@ -722,9 +722,10 @@ def test_shm_attacher_backs_a_segment_its_creator_left_sparse() -> None:
     must not make the attaching side (the tender) touch a page tmpfs cannot back: the
     attacher reserves what is not backed; one that is backed it only checks (fstat)."""
     from tender_service.transports import channel as ch
+    from tender_service.transports.shm_names import new_name
 
     size = ch._DATA_BASE + 2 * MIN_RING_SIZE
-    shm = SharedMemory(ch._segment_name(), create=True, size=size)  # ftruncate only
+    shm = SharedMemory(new_name("ufp-"), create=True, size=size)  # ftruncate only
     ch._untrack(shm)
     a, b = socket.socketpair()
     try:

@@ -92,6 +92,13 @@ class _PublishedPrinter:
         sys.stderr.flush()
 
 
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM while a VM-clone instance runs: unwind through ``run_instance``'s and
+    ``_run``'s ``finally``, which kill the guest processes and release the pool, the
+    pipe rings and the wake-up FIFOs in /dev/shm (the default action leaves those)."""
+    raise SystemExit(128 + signum)
+
+
 def _run(a: argparse.Namespace) -> int:
     from tender_service.instance.backends import (
         BackendContext,
@@ -131,6 +138,8 @@ def _run(a: argparse.Namespace) -> int:
         print(f"unifork: {e}", file=sys.stderr)
         return 2
     backend = make_backend(a.fork, BackendContext(pool_size=a.pool))
+    if not backend.one_vm:  # this process holds the instance: end it as ^C would
+        signal.signal(signal.SIGTERM, _terminated)
     # argv[0]: one VM names the program after its image file, VM-clone as typed
     spec = InstanceSpec(
         path,

@@ -64,6 +64,7 @@ from tender_service.transports.protocol import (
     pack_files,
     unpack_files,
 )
+from tender_service.transports.shm_names import sweep_stale
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,11 @@ class Supervisor:
         #: pipes shared by this instance's VMs are rings they read and write directly
         #: (transports/pipe_ring.py): shared memory, so only when every VM is on this host
         self.rings = transport == "shm" and placement == "local"
+        #: the wake-up FIFOs made for this instance's VMs (removed at close if a VM's
+        #: connection thread has not removed its own by then)
+        self._wakes: set[str] = set()
+        if transport == "shm":  # what killed tenders and runs left there
+            sweep_stale()
         #: seconds a VM's TCP connection may stay silent before the VM counts as lost
         #: (both ends of the connection use it: the VM's tender gets it in vm_start)
         self.peer_timeout = check_peer_timeout(peer_timeout)
@@ -432,6 +438,8 @@ class Supervisor:
             t.join(5)
         with self.lock:
             self.broker.close_rings()
+        for wake in list(self._wakes):  # a connection thread still running after join
+            self._unlink_wake(wake)
         self.stdin.close()
         try:
             for name in os.listdir(self._tmp):
@@ -616,6 +624,7 @@ class Supervisor:
                 token = new_token()
                 wake = wake_path(token)
                 os.mkfifo(wake, 0o600)
+                self._wakes.add(wake)
                 reply[WAKE_KEY] = token
             return True
 
@@ -624,12 +633,16 @@ class Supervisor:
         except (ProtocolError, ChannelClosed, OSError, ValueError) as e:
             log.warning("instance %s: refused a connection: %s", self.id, e)
             sock.close()
-            _unlink_quietly(wake)
+            self._unlink_wake(wake)
             return
         try:
             self._serve_vm(channel, hello)
         finally:
-            _unlink_quietly(wake)
+            self._unlink_wake(wake)
+
+    def _unlink_wake(self, path: str) -> None:
+        _unlink_quietly(path)
+        self._wakes.discard(path)
 
     def _serve_vm(self, channel: Channel, hello: dict) -> None:
         pid = hello["pid"]

@@ -80,7 +80,6 @@ import errno
 import logging
 import math
 import os
-import secrets
 import select
 import socket
 import struct
@@ -106,6 +105,7 @@ from tender_service.transports.frames import (
     read_hello,
     write_hello,
 )
+from tender_service.transports.shm_names import new_name
 
 log = logging.getLogger(__name__)
 
@@ -512,10 +512,6 @@ def _ensure_backed(shm: SharedMemory) -> None:
         _reserve(shm)
 
 
-def _segment_name() -> str:
-    return f"ufp-{os.getpid()}-{secrets.token_hex(6)}"
-
-
 def _untrack(shm: SharedMemory) -> None:
     """Undo the registration SharedMemory just made (see the module docstring)."""
     resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
@@ -579,7 +575,7 @@ class ShmChannel(_ChannelBase):
                 raise ValueError(f"ring size {ring_size} is below the minimum {MIN_RING_SIZE}")
             if _SHM_KEY in info:
                 raise ValueError(f"hello key {_SHM_KEY!r} is reserved")
-            shm = SharedMemory(_segment_name(), create=True, size=_DATA_BASE + 2 * ring_size)
+            shm = SharedMemory(new_name("ufp-"), create=True, size=_DATA_BASE + 2 * ring_size)
         except BaseException:
             sock.close()
             raise

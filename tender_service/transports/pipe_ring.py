@@ -50,10 +50,10 @@ from dataclasses import dataclass
 
 from tender_service.rump.files import POLLERR, POLLHUP, READABLE, WRITABLE
 from tender_service.rump.pipe import PIPE_CAPACITY
+from tender_service.transports.shm_names import SHM_DIR, new_name
 
 log = logging.getLogger(__name__)
 
-SHM_DIR = "/dev/shm"
 #: the supervisor's hello answer to a VM of an instance with ring pipes: its wake token
 WAKE_KEY = "wake"
 #: the first line of a VM's idle report: the ring pipes its threads wait on
@@ -79,12 +79,15 @@ def ring_path(name: str) -> str:
 
 
 def wake_path(token: int) -> str:
-    """The wake-up FIFO of the kernel whose waiters carry ``token``."""
-    return os.path.join(SHM_DIR, f"ufw-{token:016x}")
+    """The wake-up FIFO of the kernel whose waiters carry ``token`` (its name holds
+    the pid of the process that makes it: shm_names.sweep_stale)."""
+    return os.path.join(SHM_DIR, f"ufw-{token >> 32}-{token & 0xFFFFFFFF:08x}")
 
 
 def new_token() -> int:
-    return secrets.randbits(63) | 1  # never 0 (a free slot)
+    """A wake-up token of this process: its pid, then 32 random bits (never 0: 0 is a
+    free slot)."""
+    return os.getpid() << 32 | secrets.randbits(31) << 1 | 1
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,7 @@ class PipeRing:
         /dev/shm cannot take it (every page is reserved now: no SIGBUS later)."""
         if len(data) > PIPE_CAPACITY:
             raise ValueError(f"{len(data)} bytes exceed the pipe capacity")
-        name = f"ufr-{os.getpid()}-{secrets.token_hex(6)}"
+        name = new_name("ufr-")
         fd = os.open(ring_path(name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.posix_fallocate(fd, 0, SIZE)
