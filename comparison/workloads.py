@@ -185,6 +185,16 @@ def _check_fork_time(stdout: str) -> None:
         raise OutputError(f"fork_time: no 'ok=1' summary line: {stdout[-300:]!r}")
 
 
+def _rtt_us(o: Outcome) -> list[float]:
+    return values(o.stdout, "rtt_us")
+
+
+def _check_pingpong(stdout: str) -> None:
+    m = re.search(r"^pingpong rounds=(\d+) ok=1$", stdout, re.M)
+    if m is None or len(values(stdout, "rtt_us")) != int(m.group(1)):
+        raise OutputError(f"poll_pingpong: not one rtt_us line per round: {stdout[-300:]!r}")
+
+
 def _check_pipe_bw(stdout: str) -> None:
     m = re.search(r"^bytes=(\d+) blocks=(\d+)$", stdout, re.M)
     if m is None or int(m.group(1)) != int(m.group(2)) * 65536:
@@ -285,6 +295,26 @@ WORKLOADS: tuple[Workload, ...] = (
             "child writes, parent reads and checks every block's sequence words; timed from "
             "the first read to EOF inside the program",
         ),
+    ),
+    Workload(
+        "poll_pingpong",
+        "a byte back and forth over two pipes, each side waiting in poll() (poll_pingpong)",
+        "poll_pingpong",
+        ("-n", "40"),
+        ("-n", "200"),
+        "rtt_us",
+        "us",
+        "lower",
+        _rtt_us,
+        _check_pingpong,
+        (
+            "per round trip, timed by the parent: how soon a process waiting in poll() learns "
+            "that another process wrote to its pipe (two such wake-ups a round trip); the "
+            "first round trip of every run excluded (kept in the JSON as 'excluded')",
+            "across VMs a pipe ring (shm) wakes a poller itself; over tcp the broker sends "
+            "the poller's VM a POLL_WAKE, which then asks the broker again",
+        ),
+        1,
     ),
     Workload(
         "token_ring",

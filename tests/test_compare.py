@@ -62,6 +62,7 @@ WORKLOADS = (
     "pipe_talk",
     "fork_exit_wait",
     "pipe_bw",
+    "poll_pingpong",
     "token_ring",
     "prefork_server",
     "semantics",

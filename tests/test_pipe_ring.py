@@ -1,6 +1,8 @@
 """Pipe rings (transports/pipe_ring.py): Linux's pipe semantics in a shared segment,
-the waiter table and its wake-ups, across processes; and that a VM-clone instance over
-shm moves its pipes' bytes through rings, not through the supervisor."""
+the waiter table and its wake-ups, across processes; that a VM-clone instance over
+shm moves its pipes' bytes through rings, not through the supervisor; and that a VM
+waiting in poll on a pipe across VMs (a ring, or over tcp the broker's) is woken by
+the pipe's change."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from tender_service.instance.backends.vmclone import run_vmclone
 from tender_service.instance.pool import WarmPool
 from tender_service.rump.files import POLLERR, POLLHUP, READABLE, WRITABLE
 from tender_service.rump.pipe import PIPE_BUF, PIPE_CAPACITY
+from tender_service.rump.vminfo import VmConfig
 from tender_service.transports import pipe_ring
 from tender_service.transports.pipe_ring import READ, SLOTS, WAIT, WRITE, PipeRing, Waiter
 
@@ -241,3 +244,66 @@ def test_an_instance_over_shm_moves_its_pipes_through_rings(pool: WarmPool, tran
 
 def _ring_names() -> set[str]:
     return {n for n in os.listdir(pipe_ring.SHM_DIR) if n.startswith(("ufr-", "ufw-"))}
+
+
+def test_a_poller_is_a_waiter_whatever_the_events(ring: PipeRing, fifo: Fifo) -> None:
+    """A VM in poll, select or epoll_wait registers with every ring it polls, ready or
+    not (an edge-triggered epoll waits for the next change even with data there): the
+    next change wakes it once."""
+    assert ring.poll(False, Waiter(fifo.token, 3, 1)) == 0  # empty, writers: nothing yet
+    assert ring.waiting() == [(3, READ, 1)] and not fifo.woken()
+    assert ring.write(b"x", True, None) == 1
+    assert fifo.woken() and ring.waiting() == []
+    assert ring.poll(False, Waiter(fifo.token, 3, 2)) == READABLE  # ready: registered too
+    assert ring.poll(True, Waiter(fifo.token, 4, 3)) == WRITABLE
+    assert ring.waiting() == [(3, READ, 2), (4, WRITE, 3)]
+    assert ring.read(1, 1, None) == b"x" and fifo.woken() and ring.waiting() == []
+    assert ring.poll(False) == 0 and ring.waiting() == []  # no waiter given: none registered
+
+
+def _lines(out: list[bytes]) -> list[str]:
+    """What the program printed, without its timings."""
+    return [ln for ln in b"".join(out).decode().splitlines() if not ln.startswith("rtt_us=")]
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+@pytest.mark.parametrize("how", [[], ["-s"]], ids=["poll", "select"])
+def test_vms_waiting_in_poll_are_woken_by_the_pipe(
+    pool: WarmPool, how: list[str], transport: str
+) -> None:
+    """poll_pingpong across two VMs: each byte reaches a VM waiting in poll() or
+    select() on a ring end (shm) or a brokered pipe (tcp), the same output as
+    natively."""
+    args = ["-n", "30", *how]
+    native = subprocess.run(
+        [str(image_path("poll_pingpong")), *args], capture_output=True, timeout=60, check=True
+    )
+    out: list[bytes] = []
+    r = run_vmclone(
+        image_path("poll_pingpong"),
+        args,
+        pool=pool,
+        sink=lambda pid, fd, data: out.append(data),
+        transport=transport,
+    )
+    assert (r.outcome, r.exit_code) == ("exited", 0), r.reports
+    assert _lines(out) == _lines([native.stdout]) == ["pingpong rounds=30 ok=1"]
+    assert len(b"".join(out).decode().splitlines()) == 31  # one rtt_us line per round
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_vms_polling_pipes_nobody_will_write_are_a_deadlock(pool: WarmPool, transport: str) -> None:
+    """Two VMs each wait in poll() for a byte the other sends only after its own came.
+    The pipes they poll wake them when they change (a ring names them as its waiters,
+    the broker sends POLL_WAKE), nothing re-checks on a timer, so every VM goes idle
+    with nothing on its way and the instance is ended as deadlocked (when a poll
+    re-checked every 20 ms, the VMs never went idle and ran to the time limit)."""
+    r = run_vmclone(
+        image_path("poll_pingpong"),
+        ["-d", "-n", "1"],
+        pool=pool,
+        config=VmConfig(timeout=30),
+        transport=transport,
+    )
+    assert r.outcome == "deadlock", (r.outcome, r.reports)
+    assert any("poll" in line for line in r.reports), r.reports

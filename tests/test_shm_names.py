@@ -72,22 +72,32 @@ def _state(pid: int) -> str:
         return f.read().rpartition(")")[2].split()[0]
 
 
+def _piping_run() -> subprocess.Popen:
+    """`unifork run` of a VM-clone instance over shm whose two VMs pipe for minutes,
+    in a session of its own (its pid is the session's id)."""
+    return subprocess.Popen(
+        [str(UNIFORK), "run", "--fork", "vmclone", "--pipe", "shm",
+         str(image_path("pipe_bw")), "-m", "1000000"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+
+
+def _wait_for_its_ring(run: subprocess.Popen) -> None:
+    wait_until(
+        lambda: {n[:4] for n in _ours(run.pid)} >= {"ufr-", "ufw-"},
+        60,
+        "the run's pipe ring and wake-up FIFOs",
+    )
+
+
 def test_what_a_killed_run_left_in_dev_shm_goes_when_the_next_instance_starts(pool) -> None:
     """A `unifork run` (the supervisor and its VM processes) killed by SIGKILL mid-pipe
     leaves its pipe ring and its VMs' wake-up FIFOs (its channel segments lose their
     names once both ends map them); the next instance over shm removes them, and its
     own run leaves nothing."""
-    run = subprocess.Popen(
-        [str(UNIFORK), "run", "--fork", "vmclone", "--pipe", "shm",
-         str(image_path("pipe_bw")), "-m", "1000000"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+    run = _piping_run()
     try:
-        wait_until(
-            lambda: {n[:4] for n in _ours(run.pid)} >= {"ufr-", "ufw-"},
-            60,
-            "the run's pipe ring and wake-up FIFOs",
-        )
+        _wait_for_its_ring(run)
         ours = {n for n in os.listdir(SHM_DIR) if _family(owner(n), run.pid)}
     finally:
         # every process of the run but multiprocessing's resource tracker, which
@@ -128,17 +138,9 @@ def test_a_run_stopped_by_sigterm_leaves_nothing_in_dev_shm() -> None:
     """SIGTERM to a `unifork run` of a VM-clone instance (what `timeout`, systemd and
     test harnesses send) ends it as ^C would: the guest processes go, and so do its
     ring and wake-up FIFOs, before any other instance could sweep them."""
-    run = subprocess.Popen(
-        [str(UNIFORK), "run", "--fork", "vmclone", "--pipe", "shm",
-         str(image_path("pipe_bw")), "-m", "1000000"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )  # fmt: skip
+    run = _piping_run()
     try:
-        wait_until(
-            lambda: {n[:4] for n in _ours(run.pid)} >= {"ufr-", "ufw-"},
-            60,
-            "the run's pipe ring and wake-up FIFOs",
-        )
+        _wait_for_its_ring(run)
         run.send_signal(signal.SIGTERM)
         _, err = run.communicate(timeout=60)
     finally:

@@ -102,6 +102,7 @@ _WAKING = {
     Msg.SIGNAL,
     Msg.REPARENT,
     Msg.CHILD_STATE,
+    Msg.POLL_WAKE,
 }
 
 
@@ -1223,10 +1224,15 @@ class Supervisor:
             return -errno.EBADF
         return 0
 
-    def _op_pipe_poll(self, rec: ProcRec, pipe: int, write_end: int) -> int:
-        """The ready events of a brokered pipe end (poll/select/epoll in a VM)."""
+    def _op_pipe_poll(self, rec: ProcRec, pipe: int, write_end: int, watch: int = 0) -> int:
+        """The ready events of a brokered pipe end (poll/select/epoll in a VM); with
+        ``watch``, the pipe's next change wakes the VM's pollers (POLL_WAKE)."""
+
+        def wake() -> None:
+            self._send(rec, Frame(Msg.POLL_WAKE, 0, 0, pipe, 0, b""))
+
         try:
-            return self.broker.poll(pipe, bool(write_end))
+            return self.broker.poll(pipe, bool(write_end), (rec.pid, wake) if watch else None)
         except ValueError:
             return -errno.EBADF
 
@@ -1361,8 +1367,10 @@ def _idle_rings(payload: str) -> tuple[list[tuple[int, int]], str]:
     words = first.split()
     if not words or words[0] != IDLE_RINGS:
         return [], payload
+    if len(words) > 65:  # more than the check reads (a poll over many rings): never stuck
+        return [(-1, 0)], rest
     try:
-        return [(int(p), int(e)) for p, _, e in (w.partition(":") for w in words[1:65])], rest
+        return [(int(p), int(e)) for p, _, e in (w.partition(":") for w in words[1:])], rest
     except ValueError:
         return [], rest
 

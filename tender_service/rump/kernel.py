@@ -95,6 +95,9 @@ class RemoteHost(Protocol):
 
     def idle(self, blocked: list[str]) -> None: ...
 
+    def polls_begin(self, lwp: Lwp) -> None:
+        """``lwp`` starts looking at its files' readiness (poll, select, epoll_wait)."""
+
     def renamed(self, pid: int, name: str, exe: bytes) -> None:
         """``pid`` execs program ``exe`` under ``name`` (the instance's /proc shows it)."""
 
@@ -786,6 +789,7 @@ class Kernel(ProcessTable):
         (the ring tells them whether they must still wait)."""
         if self.ring_wq.waiters:
             self.sched.wake_all(self.ring_wq)
+        self.poll_wake()  # a thread in poll may wait on rings too
 
     # -- introspection -------------------------------------------------------------
     def poll_wake(self) -> None:

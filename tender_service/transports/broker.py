@@ -127,6 +127,8 @@ class _Pipe:
     #: a ring pipe's segment: its VMs move the bytes; the broker keeps the refs and
     #: writes their totals into it (transports/pipe_ring.py)
     ring: PipeRing | None = None
+    #: who polled it since it last changed, and how each is told that it changed
+    watchers: dict[Holder, Callable[[], None]] = field(default_factory=dict)
 
     @property
     def has_readers(self) -> bool:
@@ -329,12 +331,22 @@ class PipeBroker:
 
     # -- introspection ------------------------------------------------------
 
-    def poll(self, pipe: int, write_end: bool) -> int:
+    def poll(
+        self,
+        pipe: int,
+        write_end: bool,
+        watch: tuple[Holder, Callable[[], None]] | None = None,
+    ) -> int:
         """poll(2)'s events of one end of a shared pipe, as Linux's pipe_poll:
-        readers IN (data) / HUP (no writer left), writers OUT (room) / ERR (no reader)."""
+        readers IN (data) / HUP (no writer left), writers OUT (room) / ERR (no reader).
+
+        ``watch``: (holder, callback) of a VM in poll: the callback is called once,
+        at the pipe's next change (data, room, refs), whatever the events now."""
         p = self._pipes.get(pipe)
         if p is None:
             raise ValueError(f"poll of unknown pipe {pipe}")
+        if watch is not None:
+            p.watchers[watch[0]] = watch[1]
         if p.ring is not None:
             return p.ring.poll(write_end)
         if write_end:
@@ -412,6 +424,14 @@ class PipeBroker:
         return take
 
     def _settle(self, p: _Pipe) -> None:
+        """After an operation on ``p``: answer what can complete, tell its pollers."""
+        self._answer_parked(p)
+        if p.watchers:
+            for wake in p.watchers.values():
+                self._send(wake)
+            p.watchers.clear()
+
+    def _answer_parked(self, p: _Pipe) -> None:
         """Answer the parked requests that can complete now, each queue in FIFO order."""
         while True:
             while p.reads and (p.buf or not p.has_writers):

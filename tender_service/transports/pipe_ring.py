@@ -248,10 +248,18 @@ class PipeRing:
         _wake(wake)
         return out
 
-    def poll(self, write_end: bool) -> int:
-        """poll(2)'s events of one end, as Linux's pipe_poll (and the broker's)."""
+    def poll(self, write_end: bool, waiter: Waiter | None = None) -> int:
+        """poll(2)'s events of one end, as Linux's pipe_poll (and the broker's).
+
+        ``waiter`` (a VM in poll, select or epoll_wait) is registered whatever the
+        events: the next change of the ring wakes it, and it polls again (an
+        edge-triggered epoll waits for a change even when data is there)."""
+        wake: list[int] = []
         with self._locked():
             _, head, tail, readers, writers = _HEAD.unpack_from(self._map, 0)
+            if waiter is not None:
+                self._register(waiter, WRITE if write_end else READ, wake)
+        _wake(wake)
         if write_end:
             return (WRITABLE if tail - head < PIPE_CAPACITY else 0) | (0 if readers else POLLERR)
         return (READABLE if tail > head else 0) | (0 if writers else POLLHUP)

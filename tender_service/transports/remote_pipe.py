@@ -64,16 +64,21 @@ class RemotePipeEnd(File):
 
     @property
     def poll_rechecks(self) -> bool:
-        return True  # no message tells this VM when the broker's pipe changes
+        return False  # its change wakes the VMs that polled it (below)
 
     def poll(self, k: Kernel) -> int:
-        """Ask the ring, or the broker (a synchronous call); a wait re-asks on a short
-        timer."""
+        """Ask the ring, or the broker (a synchronous call).  A thread in poll, select
+        or epoll_wait is woken by the pipe's next change: it is one of the ring's
+        waiters, or the broker sends this VM a POLL_WAKE."""
+        lwp = k.current
         try:
             if self.ring:
-                mask = self.link.ring(self.ring).poll(self.write_end)
+                waiter = None if lwp is None else self.link.poll_waiter(lwp, self.pipe)
+                mask = self.link.ring(self.ring).poll(self.write_end, waiter)
             else:
-                mask = self.link.call("pipe_poll", self.pipe, 1 if self.write_end else 0)
+                mask = self.link.call(
+                    "pipe_poll", self.pipe, int(self.write_end), int(lwp is not None)
+                )
         except GuestError:
             mask = -1
         if mask < 0:

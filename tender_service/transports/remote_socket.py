@@ -107,7 +107,7 @@ class RemoteSocket(Socket):
 
     @property
     def poll_rechecks(self) -> bool:
-        return True
+        return False  # its pipes' changes wake the VMs that polled them (remote_pipe.py)
 
     def poll(self, k: Kernel) -> int:
         """The two pipes' events as a socket's: the peer's write side gone is

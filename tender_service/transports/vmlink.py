@@ -119,8 +119,8 @@ class VmLink:
         #: channel's hello said which); the count of its ring waits so far
         self._wake_token = 0
         self._ring_epoch = 0
-        #: the ring pipe and epoch each thread waiting on a ring waits with (idle report)
-        self._ring_waits: dict[int, tuple[int, int]] = {}
+        #: the ring pipes, with epochs, each thread waits on (a poll: several; idle report)
+        self._ring_waits: dict[int, dict[int, int]] = {}
 
     # -- wiring ------------------------------------------------------------------------
     @property
@@ -214,8 +214,20 @@ class VmLink:
         """Who ``lwp`` is in ring pipe ``pipe``'s waiter table if it must wait there,
         with a new epoch (the idle report names the pipe and the epoch)."""
         self._ring_epoch += 1
-        self._ring_waits[lwp.thread.tid] = (pipe, self._ring_epoch)
+        self._ring_waits[lwp.thread.tid] = {pipe: self._ring_epoch}
         return Waiter(self._wake_token, self.pid, self._ring_epoch)
+
+    def poll_waiter(self, lwp: Lwp, pipe: int) -> Waiter:
+        """``waiter`` for a poll, select or epoll_wait, which waits on every ring it
+        polls (``polls_begin`` started its list)."""
+        self._ring_epoch += 1
+        self._ring_waits.setdefault(lwp.thread.tid, {})[pipe] = self._ring_epoch
+        return Waiter(self._wake_token, self.pid, self._ring_epoch)
+
+    def polls_begin(self, lwp: Lwp) -> None:
+        """``lwp`` looks at its files' readiness anew: the rings of its last look are
+        not what it waits on any more."""
+        self._ring_waits.pop(lwp.thread.tid, None)
 
     # -- RemoteHost (called on the VM thread) ---------------------------------------
     def process_exited(self, proc: Process) -> None:
@@ -257,9 +269,12 @@ class VmLink:
         The first line names the ring pipes our threads wait on: their waiter entries,
         registered before this, are gone once another VM has woken us."""
         k = self.kernel
-        waiting = {t.tid for t in k.ring_wq.waiters} if k is not None else set()
+        waiting = set()
+        if k is not None:  # in a read or write of a ring, or a poll that may include some
+            waiting = {t.tid for wq in (k.ring_wq, k.poll_wq) for t in wq.waiters}
         self._ring_waits = {tid: w for tid, w in self._ring_waits.items() if tid in waiting}
-        rings = " ".join(f"{p}:{e}" for p, e in sorted(set(self._ring_waits.values())))
+        named = {(p, e) for w in self._ring_waits.values() for p, e in w.items()}
+        rings = " ".join(f"{p}:{e}" for p, e in sorted(named))
         report = f"{IDLE_RINGS} {rings}\n" + "\n".join(blocked)
         self._notify(Frame(Msg.IDLE, 0, 0, 0, self.events_done, report.encode()[:MAX_PAYLOAD]))
 
@@ -734,6 +749,8 @@ class VmLink:
             )
         elif t == Msg.CHILD_STATE:
             self._event(k, lambda: k.remote_child_state(f.pipe, f.arg))
+        elif t == Msg.POLL_WAKE:
+            self._event(k, k.poll_wake)
         elif t == Msg.REPARENT:
             self._event(k, lambda: _set_ppid(k, f.arg))
         else:

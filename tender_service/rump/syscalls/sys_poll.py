@@ -104,6 +104,13 @@ def _undo_on_error(lwp: Lwp) -> Iterator[None]:
         raise
 
 
+def _polls_begin(k: Kernel, lwp: Lwp) -> None:
+    """A new look at the files: the pipe rings it polls register it as their waiter
+    anew (transports/remote_pipe.py), so a ring that changes wakes it."""
+    if k.remote is not None:
+        k.remote.polls_begin(lwp)
+
+
 def _waits_on_host(k: Kernel, f: File) -> bool:
     if isinstance(f, ConsoleFile):
         return f.fdno == 0 and k.console.input.host_fd is not None
@@ -127,6 +134,7 @@ def _poll(k: Kernel, lwp: Lwp, fds: int, nfds: int, seconds: float | None, why: 
     out = bytearray(raw)
     ready = 0
     host = False
+    _polls_begin(k, lwp)
     for i in range(nfds):
         fd, events, _ = POLLFD.unpack_from(raw, 8 * i)
         rev = 0
@@ -165,6 +173,7 @@ def _select_ready(k: Kernel, lwp: Lwp, nfds: int, ins: list[int]) -> tuple[list[
     table = lwp.proc.fds
     outs = [0, 0, 0]
     host = False
+    _polls_begin(k, lwp)
     wanted = (SELECT_IN, SELECT_OUT, SELECT_EX)
     for fd in range(nfds):
         bit = 1 << fd
@@ -284,6 +293,7 @@ def _epoll_wait(k: Kernel, lwp: Lwp, epfd: int, events: int, maxevents: int, sec
     if maxevents <= 0 or maxevents > 0x7FFF_FFFF // EPOLL_EVENT.size:
         raise GuestError(errno.EINVAL)
     ep = _epoll(lwp, epfd)  # the buffer is checked when written, as Linux
+    _polls_begin(k, lwp)
     if not ep.ready(k, 1, peek=True):
         host = any(_waits_on_host(k, it.file) for it in ep.items.values())
         _wait(k, lwp, _deadline(lwp, seconds), "epoll_wait", host)
