@@ -317,6 +317,25 @@ WORKLOADS: tuple[Workload, ...] = (
         1,
     ),
     Workload(
+        "poll_accept",
+        "a TCP connection a round to a listener the child waits on in poll() (poll_pingpong -l)",
+        "poll_pingpong",
+        ("-l", "-n", "20"),
+        ("-l", "-n", "100"),
+        "rtt_us",
+        "us",
+        "lower",
+        _rtt_us,
+        _check_pingpong,
+        (
+            "per round, timed by the parent: connect over loopback, send a byte, the child "
+            "(in poll() on the listener it inherited) accepts, waits in poll() for the byte "
+            "and answers (an event-driven server's accept path); first round of every run "
+            "excluded (kept in the JSON as 'excluded')",
+        ),
+        1,
+    ),
+    Workload(
         "token_ring",
         "8-process token ring, 10 rounds (token_ring -n 8), launch to exit",
         "token_ring",

@@ -16,7 +16,13 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from tender_service.transports.broker import PIPE_BUF, PIPE_CAPACITY, PipeBroker
+from tender_service.transports.broker import (
+    PIPE_BUF,
+    PIPE_CAPACITY,
+    POLL_IN,
+    POLL_OUT,
+    PipeBroker,
+)
 
 EAGAIN, EBADF, EPIPE = -errno.EAGAIN, -errno.EBADF, -errno.EPIPE
 A, B, C = 101, 102, 103  # holders (pids)
@@ -72,6 +78,31 @@ def drain(b: PipeBroker, pipe: int, holder: int) -> bytes:
     while (r := rd(b, pipe, holder, 1 << 20, nonblock=True)).value != EAGAIN and r.value:
         out += r.value
     return bytes(out)
+
+
+# -- pollers --------------------------------------------------------------------
+
+
+def test_a_poller_is_told_of_the_next_change_once() -> None:
+    """A VM in poll registers a watch with ``poll``: the pipe's next change (data,
+    room, an end closed) calls it once, whatever the events were; a VM that is gone
+    is not called."""
+    b = PipeBroker()
+    p = b.create(A, readers=1, writers=1)
+    b.add_refs(p, B, 1, 1)
+    woken: list[int] = []
+    assert b.poll(p, True, (B, lambda: woken.append(B))) & POLL_OUT
+    b.drop_holder(B)  # its VM ended: nobody to tell
+    assert woken == []
+    assert b.poll(p, False, (A, lambda: woken.append(A))) & POLL_IN == 0
+    assert woken == []
+    assert wr(b, p, A, b"x").value == (1, False)
+    assert woken == [A]
+    assert rd(b, p, A, 1).value == b"x"
+    assert woken == [A]  # once: it polls again to hear of the next change
+    b.poll(p, False, (A, lambda: woken.append(A)))
+    b.close(p, A, "w")  # no writer left: HUP is a change too
+    assert woken == [A, A]
 
 
 # -- reads --------------------------------------------------------------------

@@ -63,6 +63,7 @@ WORKLOADS = (
     "fork_exit_wait",
     "pipe_bw",
     "poll_pingpong",
+    "poll_accept",
     "token_ring",
     "prefork_server",
     "semantics",

@@ -114,3 +114,20 @@ def test_for_port_prefers_a_waiting_listener_and_knows_families() -> None:
     assert lb.for_port(81, AF_INET) is None and lb.for_port(81, AF_INET6) == v6
     lb.connect(b, CLIENT, ("127.0.0.1", 1))  # b's accept is served: both are in turn now
     assert {lb.for_port(80) for _ in range(4)} == {a, b}
+
+
+def test_a_poller_is_told_of_the_next_connection_once() -> None:
+    """A VM in poll on a shared listener registers a watch (``poll``'s second
+    argument); the next connection calls it, once; a VM that is gone is not called."""
+    _, lb = brokers()
+    lid = lb.create(SERVER, AF_INET, 80)
+    lb.add_ref(lid, OTHER)
+    woken: list[int] = []
+    assert lb.poll(lid, (SERVER, lambda: woken.append(SERVER))) == 0
+    assert lb.poll(lid, (OTHER, lambda: woken.append(OTHER))) == 0
+    lb.drop_holder(OTHER)  # its VM ended: nobody to tell
+    assert woken == []
+    lb.connect(lid, CLIENT, ("127.0.0.1", 40000))
+    assert woken == [SERVER]
+    lb.connect(lid, CLIENT, ("127.0.0.1", 40001))
+    assert woken == [SERVER]  # once: it polls again to hear of the next one

@@ -279,3 +279,35 @@ def test_nothing_is_left_bound_or_waiting(name: str) -> None:
         assert not k.poll_wq.waiters
     finally:
         k.close()
+
+
+def _untimed(out: str) -> list[str]:
+    return [ln for ln in out.splitlines() if not ln.startswith("rtt_us=")]
+
+
+@pytest.mark.parametrize("transport", VMCLONE)
+def test_a_vm_polling_a_shared_listener_is_woken_by_a_connection(
+    pool: WarmPool, transport: str
+) -> None:
+    """poll_pingpong -l: the child VM waits in poll() on the listener it inherited, the
+    parent connects (a new connection a round): the connection wakes the child (no
+    timer re-checks the listener), with the native output."""
+    want = _untimed(native("poll_pingpong", "-l", "-n", "10").stdout.decode())
+    out = vmclone_out(pool, transport, "poll_pingpong", "-l", "-n", "10")
+    assert _untimed(out) == want == ["pingpong rounds=10 ok=1"]
+    assert out.count("rtt_us=") == 10
+
+
+def test_a_vm_polling_a_listener_nobody_will_connect_to_is_a_deadlock(pool: WarmPool) -> None:
+    """The child waits in poll() on the listener, the parent in waitpid for the child:
+    no VM can make a connection and no port is published, so the instance is ended as
+    deadlocked (when a shared listener's poll re-checked every 20 ms, the child never
+    went idle and the instance ran to its time limit)."""
+    r = run_vmclone(
+        image_path("poll_pingpong"),
+        ["-l", "-d", "-n", "1"],
+        config=VmConfig(timeout=30),
+        transport="tcp",
+        pool=pool,
+    )
+    assert r.outcome == "deadlock", (r.outcome, r.reports)

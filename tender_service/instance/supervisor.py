@@ -915,11 +915,17 @@ class Supervisor:
             return -errno.EBADF
         return 0
 
-    def _op_listen_poll(self, rec: ProcRec, lid: int) -> int:
+    def _op_listen_poll(self, rec: ProcRec, lid: int, watch: int = 0) -> int:
+        """A shared listener's events; with ``watch``, its next connection wakes the
+        VM's pollers (POLL_WAKE)."""
         try:
-            return self.listen_broker.poll(lid)
+            return self.listen_broker.poll(lid, (rec.pid, self._poll_waker(rec)) if watch else None)
         except ValueError:
             return -errno.EBADF
+
+    def _poll_waker(self, rec: ProcRec) -> Callable[[], None]:
+        """What tells ``rec``'s VM that a pipe or listener it polled changed."""
+        return lambda: self._send(rec, Frame(Msg.POLL_WAKE, 0, 0, 0, 0, b""))
 
     def _op_listen_close(self, rec: ProcRec, lid: int) -> int:
         self.listen_broker.close(lid, rec.pid)
@@ -1227,12 +1233,10 @@ class Supervisor:
     def _op_pipe_poll(self, rec: ProcRec, pipe: int, write_end: int, watch: int = 0) -> int:
         """The ready events of a brokered pipe end (poll/select/epoll in a VM); with
         ``watch``, the pipe's next change wakes the VM's pollers (POLL_WAKE)."""
-
-        def wake() -> None:
-            self._send(rec, Frame(Msg.POLL_WAKE, 0, 0, pipe, 0, b""))
-
         try:
-            return self.broker.poll(pipe, bool(write_end), (rec.pid, wake) if watch else None)
+            return self.broker.poll(
+                pipe, bool(write_end), (rec.pid, self._poll_waker(rec)) if watch else None
+            )
         except ValueError:
             return -errno.EBADF
 

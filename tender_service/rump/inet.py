@@ -347,7 +347,7 @@ class InetSocket(UnixSocket):
 
     @property
     def poll_rechecks(self) -> bool:
-        return bool(self.shared)  # nothing tells this VM when the supervisor's queue grows
+        return False  # a shared listener's next connection wakes the VMs that polled it
 
     def poll(self, k: Kernel) -> int:
         if self.dialing:

@@ -131,7 +131,8 @@ class RemoteHost(Protocol):
         ...
 
     def listener_poll(self, lid: int) -> int:
-        """poll events of a shared listener's queue (POLLIN: a connection waits)."""
+        """poll events of a shared listener's queue (POLLIN: a connection waits); its
+        next connection wakes this VM's threads in poll."""
         return 0
 
     def listener_closed(self, lid: int) -> None:

@@ -252,6 +252,7 @@ class PipeBroker:
             p.reads = deque(r for r in p.reads if r.holder != holder)
             p.writes = deque(w for w in p.writes if w.holder != holder)
             p.refs.pop(holder, None)
+            p.watchers.pop(holder, None)
             self._refs_changed(p)
         self._flush()
 

@@ -69,6 +69,8 @@ class _Listener:
     refs: dict[Holder, int] = field(default_factory=dict)
     queue: deque[Connection] = field(default_factory=deque)
     accepts: deque[_ParkedAccept] = field(default_factory=deque)
+    #: who polled it since its last connection, and how each is told of the next one
+    watchers: dict[Holder, Callable[[], None]] = field(default_factory=dict)
 
 
 class ListenerBroker:
@@ -115,6 +117,7 @@ class ListenerBroker:
         """``holder``'s VM is gone: its references and its parked accepts go."""
         for lst in list(self._listeners.values()):
             lst.refs.pop(holder, None)
+            lst.watchers.pop(holder, None)
             self._forget_accepts(lst, holder)
             self._maybe_end(lst)
 
@@ -148,6 +151,9 @@ class ListenerBroker:
         conn = Connection(rx, tx, peer)
         lst.queue.append(conn)
         self._serve(lst)
+        watchers, lst.watchers = lst.watchers, {}
+        for wake in watchers.values():
+            wake()
         return conn
 
     def accept(self, lid: int, holder: Holder, nonblock: bool, reply: AcceptReply) -> None:
@@ -162,10 +168,14 @@ class ListenerBroker:
             lst.accepts.append(_ParkedAccept(holder, reply))
             self._serve(lst)
 
-    def poll(self, lid: int) -> int:
+    def poll(self, lid: int, watch: tuple[Holder, Callable[[], None]] | None = None) -> int:
+        """POLLIN if a connection waits; ``watch``: (holder, callback) of a VM in
+        poll, called once, at the next connection."""
         lst = self._listeners.get(lid)
         if lst is None:
             raise ValueError(f"no listener {lid}")
+        if watch is not None:
+            lst.watchers[watch[0]] = watch[1]
         return POLL_IN if lst.queue else 0
 
     def blocked(self) -> dict[Holder, str]:

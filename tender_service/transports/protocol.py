@@ -71,7 +71,8 @@ class Msg(enum.IntEnum):
     SIGNAL = 68
     REPARENT = 69
     CHILD_STATE = 70
-    #: a brokered pipe this VM polled changed: its threads in poll look again
+    #: a brokered pipe or a shared listener this VM polled changed: its threads in
+    #: poll look again
     POLL_WAKE = 71
 
 

@@ -676,7 +676,7 @@ class VmLink:
 
     def listener_poll(self, lid: int) -> int:
         try:
-            return max(self.call("listen_poll", lid), 0)
+            return max(self.call("listen_poll", lid, 1), 0)  # its next connection wakes us
         except GuestError:
             return 0
 
