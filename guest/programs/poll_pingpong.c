@@ -72,6 +72,26 @@ static void give(int fd, unsigned char b)
 		die("write: %s", strerror(get_errno()));
 }
 
+/* Round i's answer b came: check it, print the round trip since t0. */
+static void round_done(long i, unsigned char b, double t0)
+{
+	double t1 = now_us();
+
+	if (b != (unsigned char)(i + 1))
+		die("round %ld: got %u, expected %u", i, b, (unsigned)(unsigned char)(i + 1));
+	printf("rtt_us=%.3f\n", t1 - t0);
+}
+
+static int finish(pid_t pid, long rounds)
+{
+	int st;
+
+	if (waitpid(pid, &st, 0) != pid || !WIFEXITED(st) || WEXITSTATUS(st) != 0)
+		die("child did not exit 0 (status %#x)", st);
+	printf("pingpong rounds=%ld ok=1\n", rounds);
+	return 0;
+}
+
 /* -l: one connection per round to the listener the child polls. */
 static int over_tcp(long rounds, int deadlock)
 {
@@ -110,22 +130,16 @@ static int over_tcp(long rounds, int deadlock)
 			die("connect: %s", strerror(get_errno()));
 		give(c, (unsigned char)i);
 		unsigned char b = take(c);
-		double t1 = now_us();
+		round_done(i, b, t0);
 		close(c);
-		if (b != (unsigned char)(i + 1))
-			die("round %ld: got %u, expected %u", i, b, (unsigned)(unsigned char)(i + 1));
-		printf("rtt_us=%.3f\n", t1 - t0);
 	}
-	if (waitpid(pid, &st, 0) != pid || !WIFEXITED(st) || WEXITSTATUS(st) != 0)
-		die("child did not exit 0 (status %#x)", st);
-	printf("pingpong rounds=%ld ok=1\n", rounds);
-	return 0;
+	return finish(pid, rounds);
 }
 
 int main(int argc, char **argv)
 {
 	long rounds = 200;
-	int opt, down[2], up[2], st, deadlock = 0, tcp = 0;
+	int opt, down[2], up[2], deadlock = 0, tcp = 0;
 
 	top_pid = getpid();
 	while ((opt = getopt(argc, argv, "n:sdl")) != -1) {
@@ -166,14 +180,7 @@ int main(int argc, char **argv)
 	for (long i = 0; i < rounds; i++) {
 		double t0 = now_us();
 		give(down[1], (unsigned char)i);
-		unsigned char b = take(up[0]);
-		double t1 = now_us();
-		if (b != (unsigned char)(i + 1))
-			die("round %ld: got %u, expected %u", i, b, (unsigned)(unsigned char)(i + 1));
-		printf("rtt_us=%.3f\n", t1 - t0);
+		round_done(i, take(up[0]), t0);
 	}
-	if (waitpid(pid, &st, 0) != pid || !WIFEXITED(st) || WEXITSTATUS(st) != 0)
-		die("child did not exit 0 (status %#x)", st);
-	printf("pingpong rounds=%ld ok=1\n", rounds);
-	return 0;
+	return finish(pid, rounds);
 }
