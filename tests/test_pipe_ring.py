@@ -21,8 +21,9 @@ from tender_service.instance.pool import WarmPool
 from tender_service.rump.files import POLLERR, POLLHUP, READABLE, WRITABLE
 from tender_service.rump.pipe import PIPE_BUF, PIPE_CAPACITY
 from tender_service.rump.vminfo import VmConfig
-from tender_service.transports import pipe_ring
+from tender_service.transports import pipe_ring, remote_pipe
 from tender_service.transports.pipe_ring import READ, SLOTS, WAIT, WRITE, PipeRing, Waiter
+from tender_service.transports.remote_pipe import SpinPolicy
 
 
 @pytest.fixture
@@ -307,3 +308,37 @@ def test_vms_polling_pipes_nobody_will_write_are_a_deadlock(pool: WarmPool, tran
     )
     assert r.outcome == "deadlock", (r.outcome, r.reports)
     assert any("poll" in line for line in r.reports), r.reports
+
+
+def test_a_ring_end_spins_as_long_as_its_waits_were_short(monkeypatch) -> None:
+    """The spin before parking adapts to how long the end's waits last: long waits
+    (a token ring's turn) halve it down to none, a short one makes it grow again, up to
+    RING_SPIN (pipe_bw's waits, which a spin catches)."""
+    monkeypatch.setattr(remote_pipe, "RING_SPIN", 50e-6)
+    monkeypatch.setattr(remote_pipe, "SHORT_WAIT", 200e-6)
+    p = SpinPolicy(budget=50e-6)
+    budgets = []
+    for _ in range(6):  # parked, then resumed 1 ms later: the spin was for nothing
+        p.parked_at = 1.0
+        p.resumed(1.001)
+        budgets.append(p.budget)
+    assert budgets[:4] == pytest.approx([25e-6, 12.5e-6, 6.25e-6, 3.125e-6])
+    assert budgets[-1] == 0.0  # no spin at all
+    p.resumed(2.0)  # no park before this call: nothing learnt
+    assert p.budget == 0.0
+    grown = []
+    for _ in range(5):  # parked, resumed 100 us later: a spin would have caught it
+        p.parked_at = 3.0
+        p.resumed(3.0001)
+        grown.append(p.budget)
+    assert grown[:3] == pytest.approx([5e-6, 15e-6, 35e-6]) and grown[3:] == [50e-6, 50e-6]
+
+
+def test_a_spin_parks_only_when_its_budget_is_spent() -> None:
+    results = iter([WAIT, WAIT, 7])
+    p = SpinPolicy(budget=10.0)  # long enough for the three tries
+    assert p.spin(lambda: next(results)) == 7 and p.parked_at == 0.0
+    p = SpinPolicy(budget=0.0)
+    tries = []
+    assert p.spin(lambda: tries.append(1) or WAIT) is WAIT
+    assert tries == [1] and p.parked_at > 0  # one try, then the thread parks

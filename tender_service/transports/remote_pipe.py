@@ -13,6 +13,7 @@ import errno
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -52,6 +53,7 @@ class RemotePipeEnd(File):
         self.ring = ring
         #: a write with no reader left raises SIGPIPE (a socket's MSG_NOSIGNAL clears it)
         self.sigpipe = True
+        self._spin = SpinPolicy()
         self._last_mask = -1
         self._gen = 0
 
@@ -172,9 +174,9 @@ class RemotePipeEnd(File):
         ring, waiter = self.link.ring(self.ring), self._waiter(lwp)
         if len(vecs) == 1:  # straight into guest memory
             into = k.mem.slice(vecs[0][0], room)
-            out = _spin(partial(ring.read, want, room, waiter, into))
+            out = self._spin.spin(partial(ring.read, want, room, waiter, into))
         else:
-            out = _spin(partial(ring.read, want, room, waiter))
+            out = self._spin.spin(partial(ring.read, want, room, waiter))
         if out is WAIT:
             raise Block(k.ring_wq, f"{what} {self.describe()}")
         if isinstance(out, int):
@@ -191,7 +193,7 @@ class RemotePipeEnd(File):
         waiter = self._waiter(lwp)
         while lwp.progress < n:
             data = chunk(lwp.progress, min(n - lwp.progress, PIPE_CAPACITY))
-            out = _spin(partial(ring.write, data, n <= PIPE_BUF, waiter))
+            out = self._spin.spin(partial(ring.write, data, n <= PIPE_BUF, waiter))
             if out is WAIT:
                 raise Block(k.ring_wq, f"write {self.describe()}")
             assert isinstance(out, int)
@@ -271,22 +273,50 @@ class RemotePipeEnd(File):
             self.link.send_close(self.pipe, end)
 
 
-#: how long a ring read or write that must wait tries again before its thread parks:
-#: the other VM runs on another CPU, mostly microseconds from giving it data or room,
-#: where parking and waking (the FIFO, the run loop, the syscall's restart) cost ~100
-#: us a block (pipe_bw over shm: ~420 MiB/s parking at once, 1.1-2.0 GiB/s with it)
+#: the longest a ring read or write that must wait tries again before its thread
+#: parks: the other VM runs on another CPU, mostly microseconds from giving it data or
+#: room, where parking and waking (the FIFO, the run loop, the syscall's restart) cost
+#: ~100 us a block (pipe_bw over shm: ~420 MiB/s parking at once, 1.1-2.0 GiB/s with it)
 RING_SPIN = 50e-6 if (os.cpu_count() or 1) > 1 else 0.0
+#: a wait that ends this soon after its thread parked would have ended in a longer spin
+SHORT_WAIT = 4 * RING_SPIN
 
 
-def _spin(op: Callable[[], object]) -> object:
-    """``op`` until it need not wait or ``RING_SPIN`` has passed (each try takes the
-    ring's lock: the other VM gets it in between)."""
-    out = op()
-    if out is WAIT and RING_SPIN:
-        end = time.perf_counter() + RING_SPIN
-        while out is WAIT and time.perf_counter() < end:
-            out = op()
-    return out
+@dataclass
+class SpinPolicy:
+    """How long the waits of one ring end spin, learnt from how long they last (as an
+    adaptive mutex does).  A wait that ended soon after its thread parked would have
+    been caught by spinning: the next spins are twice as long, up to ``RING_SPIN``.
+    One that lasted long (a token ring's turn, a shell at its prompt) spun for
+    nothing, burning a CPU the other VMs could use: the next spins are half as long,
+    down to none (and a short wait makes them grow again)."""
+
+    budget: float = RING_SPIN
+    parked_at: float = 0.0
+
+    def resumed(self, now: float) -> None:
+        """A call on the end: if its thread had parked, learn from how long it waited."""
+        if not self.parked_at:
+            return
+        waited, self.parked_at = now - self.parked_at, 0.0
+        if waited <= SHORT_WAIT:
+            self.budget = min(RING_SPIN, self.budget * 2 + 5e-6)
+        else:
+            self.budget = self.budget / 2 if self.budget > 2e-6 else 0.0
+
+    def spin(self, op: Callable[[], object]) -> object:
+        """``op`` until it need not wait or the budget has passed (each try takes the
+        ring's lock: the other VM gets it in between); a last ``WAIT`` parks."""
+        now = time.perf_counter()
+        self.resumed(now)
+        out = op()
+        if out is WAIT and self.budget:
+            end = now + self.budget
+            while out is WAIT and time.perf_counter() < end:
+                out = op()
+        if out is WAIT:
+            self.parked_at = time.perf_counter()
+        return out
 
 
 def _scatter(k: Kernel, vecs: list[tuple[int, int]], data: bytes) -> int:
