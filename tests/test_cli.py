@@ -127,3 +127,24 @@ def test_cli_syscalls_markdown_is_the_doc() -> None:
     p = cli("syscalls", "--markdown")
     assert p.returncode == 0
     assert p.stdout.decode() == doc.read_text()
+
+
+def test_cli_main_runs_a_vmclone_instance_from_a_thread() -> None:
+    """``unifork.cli.main`` called from a thread other than the main one (an embedding
+    program) runs a VM-clone instance: the SIGTERM handler, which only the main thread
+    may install, is left out there (it raised ValueError)."""
+    code = (
+        "import threading\n"
+        "from unifork.cli import main\n"
+        "if __name__ == '__main__':\n"
+        "    out = []\n"
+        "    t = threading.Thread(target=lambda: out.append(main(['run', '--fork', 'vmclone',"
+        " 'hello'])))\n"
+        "    t.start()\n"
+        "    t.join()\n"
+        "    print('status', out)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert r.stdout.splitlines()[-2:] == ["Hello, unikernel!", "status [0]"], r.stderr[-2000:]

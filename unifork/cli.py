@@ -9,6 +9,7 @@ import os
 import signal
 import statistics
 import sys
+import threading
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -138,8 +139,8 @@ def _run(a: argparse.Namespace) -> int:
         print(f"unifork: {e}", file=sys.stderr)
         return 2
     backend = make_backend(a.fork, BackendContext(pool_size=a.pool))
-    if not backend.one_vm:  # this process holds the instance: end it as ^C would
-        signal.signal(signal.SIGTERM, _terminated)
+    if not backend.one_vm and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)  # this process holds the instance
     # argv[0]: one VM names the program after its image file, VM-clone as typed
     spec = InstanceSpec(
         path,
