@@ -307,15 +307,15 @@ class SpinPolicy:
     def spin(self, op: Callable[[], object]) -> object:
         """``op`` until it need not wait or the budget has passed (each try takes the
         ring's lock: the other VM gets it in between); a last ``WAIT`` parks."""
-        now = time.perf_counter()
-        self.resumed(now)
+        if self.parked_at:  # the clock is read only around waits: not on every call
+            self.resumed(time.perf_counter())
         out = op()
-        if out is WAIT and self.budget:
-            end = now + self.budget
+        if out is WAIT:
+            end = time.perf_counter() + self.budget
             while out is WAIT and time.perf_counter() < end:
                 out = op()
-        if out is WAIT:
-            self.parked_at = time.perf_counter()
+            if out is WAIT:
+                self.parked_at = time.perf_counter()
         return out
 
 
