@@ -3,10 +3,10 @@
 Every cross-VM pipe byte, console line and wait status of a VM-clone instance
 crosses one of these channels, so their bulk throughput and small-message
 round trip bound what VM-clone fork can do.  The peer is a real second
-process (``spawn``), as a worker would be.  Both transports use the same
-kind of socket (``--socket tcp``: loopback TCP, or ``unix``): tcp sends the
-frames through it, shm only its doorbells, so the two differ only in where
-the frame bytes travel.  Run: ``python -m comparison.bench_transport``.
+process (``spawn``), as a worker would be.  tcp sends the frames through its
+socket (``--socket tcp``: loopback TCP, or ``unix``); shm sends only its
+doorbells, always over a Unix socket (its segment's fd travels there), so
+with ``--socket unix`` the two differ only in where the frame bytes travel.  Run: ``python -m comparison.bench_transport``.
 """
 
 from __future__ import annotations
@@ -100,6 +100,7 @@ def _listen(family: str, tmp: Path) -> socket.socket:
 
 def run(kind: str, family: str, total: int, size: int, pings: int, ping_size: int) -> Result:
     ctx = multiprocessing.get_context("spawn")
+    family = "unix" if kind == "shm" else family  # the segment goes with the hello
     with tempfile.TemporaryDirectory() as tmp, _listen(family, Path(tmp)) as listener:
         peer = ctx.Process(target=_peer, args=(kind, listener.getsockname()))
         peer.start()
@@ -131,7 +132,7 @@ def main() -> None:
     parser.add_argument("--pings", type=int, default=20_000)
     parser.add_argument("--ping-bytes", type=int, default=32)
     parser.add_argument("--kinds", default="tcp,shm")
-    parser.add_argument("--socket", choices=["tcp", "unix"], default="tcp")
+    parser.add_argument("--socket", choices=["tcp", "unix"], default="tcp", help="of tcp")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rows = [
@@ -141,7 +142,7 @@ def main() -> None:
     print(
         f"{args.mib} MiB in {args.frame_kib} KiB frames one way; "
         f"{args.pings} round trips of {args.ping_bytes}-byte frames; peer in another process; "
-        f"{args.socket} socket"
+        f"tcp over a {args.socket} socket, shm over a unix one"
     )
     head = ("transport", "MB/s", "frames/s", "RTT p50 us", "RTT p99 us")
     body = [

@@ -118,6 +118,23 @@ def wait_until(
         time.sleep(interval)  # ok-sleep: the polling interval of a wait with a deadline
 
 
+def channel_segments(pid: int | str = "self") -> list[str]:
+    """The shm channel segments (memfds, transports/shm_segment.py) a process maps
+    (its /proc maps lines) or holds open (its fd numbers): none once its channels
+    and spares are closed."""
+    name = "memfd:unifork-channel"
+    proc = Path(f"/proc/{pid}")
+    maps = [line for line in (proc / "maps").read_text().splitlines() if name in line]
+    fds = []
+    for fd in os.listdir(proc / "fd"):
+        try:
+            if name in os.readlink(proc / "fd" / fd):
+                fds.append(fd)
+        except OSError:
+            pass  # closed meanwhile (the listing's own fd, say)
+    return maps + fds
+
+
 def free_port() -> int:
     """A loopback TCP port that was free a moment ago, for a server started after this.
 

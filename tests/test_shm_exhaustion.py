@@ -1,15 +1,18 @@
-"""A full /dev/shm must not kill the tender (issue 12, finding 6).
+"""Shared memory that cannot be had must not kill the tender, nor the work (issue 12,
+finding 6; issue 17).
 
-The attack: VM-clone instances over shm until /dev/shm is full.  A segment
-is sized with ftruncate, which a tmpfs grants beyond its room; the first
-touch of a page it cannot back was a SIGBUS, and the tender (which writes
-into every VM's rings) died of it.  Now each segment is reserved whole with
-posix_fallocate when it is made: ENOSPC there makes the VM use tcp over the
-same supervisor socket, the instance says so in its transport_note, and
+The attack was VM-clone instances over shm until /dev/shm is full: a segment sized
+with ftruncate, which a tmpfs grants beyond its room, made the first touch of a page
+it cannot back a SIGBUS, and the tender (which writes into every VM's rings) died.
+
+Now a channel's segment is a sealed memfd the supervisor makes and reserves whole
+(``transports/shm_segment.py``): it does not live in /dev/shm, so a full /dev/shm
+leaves every channel on shm and only makes the pipes between VMs brokered (their
+rings, 68 KiB files in /dev/shm, cannot be made).  When a segment's memory cannot be
+reserved (ENOMEM of a full memory cgroup, ENOSPC, or EFBIG of a file size limit, the
+one a test can set without touching the host), the VM's channel is tcp over the same
+socket, the instance says so in its transport_note, and
 ``unifork_shm_exhausted_total`` counts it.
-
-The tender runs in a private mount namespace (``unshare -m``, as root) with a
-12 MiB tmpfs on /dev/shm: two 4 MiB channel segments fit (2 MiB rings), not three.
 """
 
 from __future__ import annotations
@@ -18,17 +21,19 @@ import os
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
-from support import wait_until
 from test_service import (
     MODES,
     ROOT,
     Tender,
+    console,
     free_port,
     launch,
     metric,
     start_retrying,
+    stdout_of,
     stopped_cleanly,
     unifork_cmd,
     wait,
@@ -36,40 +41,21 @@ from test_service import (
 
 SHM_SIZE = "12M"
 INSTANCES = 4
+#: a file size limit below one channel segment (4 MiB + 12 KiB) and above the rest
+FSIZE = 2 << 20
+#: what pipe_bw -m 8 prints first: every byte it wrote was read
+PIPE_BW_OUT = b"bytes=8388608 blocks=128\nmib_per_s="
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("unshare") is None,
-    reason="needs root and unshare(1) for a private small /dev/shm",
-)
 
-
-def _small_shm_tender(tmp_path) -> Tender:
+def _tender(tmp_path: Path, prefix: list[str]) -> Tender:
     # the peer port too: its default (the client port + 1) is no port free_port() checked
     port, mport, pport = free_port(), free_port(), free_port()
-    log_path = tmp_path / "tender.log"
-    mount = f'mount -t tmpfs -o size={SHM_SIZE} unifork-test-shm /dev/shm && exec "$@"'
+    log_path = tmp_path / f"tender-{port}.log"
+    serve = ["serve", "--listen", f"127.0.0.1:{port}", "--metrics-port", str(mport)]
+    serve += ["--peer-listen", f"127.0.0.1:{pport}", "--pool", "2"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [
-                "unshare",
-                "-m",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                mount,
-                "sh",
-                *unifork_cmd(),
-                "serve",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--metrics-port",
-                str(mport),
-                "--peer-listen",
-                f"127.0.0.1:{pport}",
-                "--pool",
-                "2",
-            ],
+            [*prefix, *unifork_cmd(), *serve],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -85,20 +71,35 @@ def _small_shm_tender(tmp_path) -> Tender:
     return t
 
 
-@pytest.fixture
-def small_shm_tender(tmp_path):
-    t = start_retrying(lambda: _small_shm_tender(tmp_path))
+def _serving(tmp_path: Path, prefix: list[str]):
+    t = start_retrying(lambda: _tender(tmp_path, prefix))
     proc = t.proc
     yield t
     if proc.poll() is None:
         stopped_cleanly(t)
 
 
-def test_full_dev_shm_falls_back_to_tcp(small_shm_tender):
-    t = small_shm_tender
-    shm = f"/proc/{t.proc.pid}/root/dev/shm"  # the tender's /dev/shm, seen from outside
-    st = os.statvfs(shm)
-    assert st.f_blocks * st.f_frsize == 12 << 20, "the tender does not see the small tmpfs"
+@pytest.fixture
+def small_shm_tender(tmp_path):
+    """A tender in its own mount namespace whose /dev/shm is a 12 MiB tmpfs."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) for a private small /dev/shm")
+    mount = f'mount -t tmpfs -o size={SHM_SIZE} unifork-test-shm /dev/shm && exec "$@"'
+    prefix = ["unshare", "-m", "--propagation", "private", "sh", "-c", mount, "sh"]
+    yield from _serving(tmp_path, prefix)
+
+
+@pytest.fixture
+def small_fsize_tender(tmp_path):
+    """A tender whose file size limit is below a channel segment's size."""
+    if shutil.which("prlimit") is None:
+        pytest.skip("needs prlimit(1) (util-linux) to start the tender with RLIMIT_FSIZE")
+    yield from _serving(tmp_path, ["prlimit", f"--fsize={FSIZE}:{FSIZE}", "--"])
+
+
+def _run_all(t: Tender) -> list[tuple[str, str, bytes]]:
+    """INSTANCES pipe_bw instances over shm at once; (id, transport_note, stdout) of
+    each, every one of which exited 0, with the tender serving after them."""
     c = t.client()
 
     def one(_):
@@ -112,17 +113,44 @@ def test_full_dev_shm_falls_back_to_tcp(small_shm_tender):
         assert t.health() == 1  # SERVING
         for iid, r in done:
             assert (r.outcome, r.exit_code) == ("exited", 0), (iid, r, t.log())
-        notes = [c.describe(iid).transport_note for iid, _ in done]
-        fell_back = [n for n in notes if "no room in /dev/shm" in n]
-        assert fell_back, f"no instance fell back to tcp: {notes}"
-        assert metric(t.metrics(), "unifork_shm_exhausted_total") >= len(fell_back)
-        # nothing left behind: no segment names, and every segment's pages freed (what
-        # else is there: multiprocessing's semaphores of the warm pool, a few bytes)
-        assert [n for n in os.listdir(shm) if n.startswith("ufp-")] == []
-        wait_until(
-            lambda: os.statvfs(shm).f_bfree >= os.statvfs(shm).f_blocks - 16,
-            30,
-            "the segments' pages to be freed",
-        )
+        return [
+            (iid, c.describe(iid).transport_note, stdout_of(console(c, iid))) for iid, _ in done
+        ]
     finally:
         c.close()
+
+
+def test_full_dev_shm_leaves_channels_on_shm_and_pipes_brokered(small_shm_tender):
+    t = small_shm_tender
+    shm = f"/proc/{t.proc.pid}/root/dev/shm"  # the tender's /dev/shm, seen from outside
+    st = os.statvfs(shm)
+    assert st.f_blocks * st.f_frsize == 12 << 20, "the tender does not see the small tmpfs"
+    filler = Path(shm) / "filler"
+    with open(filler, "wb") as f:  # every block of it, as the attack left it
+        try:
+            while True:
+                f.write(bytes(1 << 20))
+                f.flush()
+        except OSError:
+            pass
+    try:
+        assert os.statvfs(shm).f_bavail < 17  # not even one ring (68 KiB) fits
+        for iid, note, out in _run_all(t):
+            assert note == "", (iid, note)  # every VM's channel is shm
+            assert out.startswith(PIPE_BW_OUT), (iid, out)  # its bytes moved (brokered)
+        assert "a pipe ring could not be made" in t.log()
+        assert metric(t.metrics(), "unifork_shm_exhausted_total") == 0
+    finally:
+        filler.unlink()
+    assert [n for n in os.listdir(shm) if n.startswith("uf")] == []
+
+
+def test_channel_memory_that_cannot_be_reserved_falls_back_to_tcp(small_fsize_tender):
+    t = small_fsize_tender
+    results = _run_all(t)
+    for iid, note, out in results:
+        assert "tcp used for some VMs: cannot reserve a" in note, (iid, note)
+        assert os.strerror(27) in note  # EFBIG: "File too large"
+        assert out.startswith(PIPE_BW_OUT), (iid, out)
+    # every VM of every instance fell back, each counted
+    assert metric(t.metrics(), "unifork_shm_exhausted_total") >= len(results)

@@ -2,21 +2,22 @@
 
 Real sockets, real shared memory, real processes: the cross-process tests
 run this very file as the worker (``python tests/test_transports.py worker
-...``) so that each worker has its own interpreter and its own resource
-tracker, and its stderr (which the tracker inherits) must stay empty: no
-tracebacks, no "leaked shared_memory" warnings.  Every test also checks that
-it leaves no segment of ours in /dev/shm and no child process behind.
+...``) so that each worker has its own interpreter, and its stderr must stay
+empty (no tracebacks).  Every test also checks that it leaves no channel
+segment mapped or open in this process, nothing in /dev/shm, and no child
+process behind.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
-import multiprocessing
+import mmap
 import os
 import random
-import re
+import select
 import signal
 import socket
 import subprocess
@@ -27,10 +28,11 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing import resource_tracker
-from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
+from typing import Any
 
 import pytest
+from support import channel_segments, wait_until
 
 from tender_service.transports import (
     DEFAULT_RING_SIZE,
@@ -53,7 +55,10 @@ from tender_service.transports import (
     read_hello,
     write_hello,
 )
+from tender_service.transports.channel import MAX_RING_SIZE, segment_size
 from tender_service.transports.frames import HEADER, HELLO_HEADER, MAX_HELLO_JSON
+from tender_service.transports.shm_names import owner
+from tender_service.transports.shm_segment import SEALS, SpareSegments
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +126,15 @@ def stream_chunks(total: int, size: int) -> Iterator[bytes]:
 # -- the worker process ------------------------------------------------------------
 
 
-def _worker_connect(kind: str, port: int, mode: str) -> Channel:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+def _worker_connect(kind: str, address: str, mode: str) -> Channel:
+    """The harness's TCP listener for tcp, its Unix one for shm (as a supervisor's)."""
+    if kind == "shm":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(address)
+    else:
+        host, port = address.rsplit(":", 1)
+        sock = socket.create_connection((host, int(port)), timeout=10)
     return connect_channel(kind, sock, True, {"token": TOKEN, "pid": os.getpid(), "mode": mode})
 
 
@@ -152,41 +164,10 @@ def _worker_sink(ch: Channel) -> None:
     ch.send(Frame(REPORT, payload=json.dumps(report).encode()))
 
 
-def _spawned_creator(port: int, n: int) -> None:
-    """A ``spawn`` child: creates the shm segment, so it shares its parent's tracker."""
-    ch = _worker_connect("shm", port, "spawned")
-    for i in range(n):
-        ch.send(Frame(DATA, req=i, payload=_BLOCK[: i * 1000]))
-    ch.close()
-
-
-def _worker_spawn_pair(n: int) -> None:
-    """Creator (a spawn child) and attacher (us) share one resource tracker."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        listener.settimeout(30)
-        ctx = multiprocessing.get_context("spawn")
-        child = ctx.Process(target=_spawned_creator, args=(listener.getsockname()[1], n))
-        child.start()
-        conn, _ = listener.accept()
-    ch, hello = accept_channel(conn)
-    assert hello["mode"] == "spawned"
-    for i in range(n):
-        f = ch.recv(timeout=30)
-        assert f is not None and f.req == i and f.payload == _BLOCK[: i * 1000]
-    with pytest.raises(ChannelClosed):
-        ch.recv(timeout=30)
-    ch.close()
-    child.join(30)
-    assert child.exitcode == 0
-
-
 def worker_main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    mode, kind, port = argv[0], argv[1], int(argv[2])
-    if mode == "spawnpair":
-        _worker_spawn_pair(int(argv[3]))
-        return
-    ch = _worker_connect(kind, port, mode)
+    mode, kind, address = argv[0], argv[1], argv[2]
+    ch = _worker_connect(kind, address, mode)
     try:
         if mode == "exchange":
             _worker_exchange(ch, int(argv[3]), int(argv[4]))
@@ -225,39 +206,36 @@ def _children() -> set[int]:
     return kids
 
 
-def _ours(names: set[str], pids: set[int]) -> set[str]:
-    """The channel segments among names made by this process or one of our workers
-    (other sessions on this host may make theirs meanwhile)."""
-    ours = set()
-    for name in names:
-        m = re.fullmatch(r"ufp-(\d+)-\w+", name)
-        if m and int(m.group(1)) in pids:
-            ours.add(name)
-    return ours
-
-
 @dataclass
 class Harness:
     """Workers, channels and listeners of one test, all cleaned up and checked after it."""
 
-    listener: socket.socket
+    #: where workers connect, as a supervisor listens: TCP for tcp, Unix for shm
+    listeners: dict[str, socket.socket]
     procs: list[subprocess.Popen] = field(default_factory=list)
     channels: list[Channel] = field(default_factory=list)
 
-    @property
-    def port(self) -> int:
-        return self.listener.getsockname()[1]
+    def address(self, kind: str) -> str:
+        name = self.listeners[kind].getsockname()
+        return name if kind == "shm" else f"{name[0]}:{name[1]}"
 
     def spawn(self, mode: str, kind: str, *args: object) -> subprocess.Popen:
-        cmd = [sys.executable, __file__, "worker", mode, kind, str(self.port), *map(str, args)]
+        cmd = [sys.executable, __file__, "worker", mode, kind, self.address(kind)]
         proc = subprocess.Popen(
-            cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            [*cmd, *map(str, args)],
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         self.procs.append(proc)
         return proc
 
     def accept(self, reply: dict | None = None) -> tuple[Channel, dict]:
-        conn, _ = self.listener.accept()
+        """The next worker's channel, on whichever listener it came."""
+        ready, _, _ = select.select(list(self.listeners.values()), [], [], 30)
+        assert ready, "no worker connected within 30 s"
+        conn, _ = ready[0].accept()
         ch, hello = accept_channel(conn, reply)
         self.channels.append(ch)
         return ch, hello
@@ -275,11 +253,11 @@ class Harness:
         made: dict[str, Channel] = {}
 
         def initiate() -> None:
-            made["a"] = connect_channel(kind, a, True, {"side": "a"}, ring_size=ring_size)
+            made["a"] = connect_channel(kind, a, True, {"side": "a"})
 
         t = threading.Thread(target=initiate)
         t.start()
-        cb, hello = accept_channel(b, {"side": "b"})
+        cb, hello = accept_channel(b, {"side": "b"}, ring_size=ring_size)
         t.join(10)
         self.channels += [made["a"], cb]
         assert hello == {"side": "a"} and made["a"].peer_hello == {"side": "b"}
@@ -294,26 +272,29 @@ class Harness:
 
 
 @pytest.fixture
-def harness() -> Iterator[Harness]:
+def harness(tmp_path: Path) -> Iterator[Harness]:
     resource_tracker.ensure_running()  # so it is among the children "before"
     kids_before = _children()
     shm_before = set(os.listdir(SHM_DIR))
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(30)
-    h = Harness(listener)
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix.bind(str(tmp_path / "supervisor.sock"))
+    unix.listen()
+    h = Harness({"tcp": socket.create_server(("127.0.0.1", 0)), "shm": unix})
     try:
         yield h
     finally:
         for ch in h.channels:
             ch.close()
-        listener.close()
+        for listener in h.listeners.values():
+            listener.close()
         for proc in h.procs:
             if proc.poll() is None:
                 proc.kill()
             proc.communicate(timeout=30)
-        new_entries = set(os.listdir(SHM_DIR)) - shm_before
         pids = {os.getpid(), *(p.pid for p in h.procs)}
-        assert _ours(new_entries, pids) == set(), "segments left in /dev/shm"
+        made = {n for n in set(os.listdir(SHM_DIR)) - shm_before if owner(n) in pids}
+        assert made == set(), "names left in /dev/shm"
+        wait_until(lambda: not channel_segments(), 10, "every channel segment unmapped")
         assert _children() == kids_before, "child processes left behind"
 
 
@@ -357,6 +338,9 @@ def _hung_up(sock: socket.socket) -> bool:
         return True
 
 
+V = PROTOCOL_VERSION
+
+
 def _raw_hello(magic: bytes, version: int, kind: int, body: bytes, length: int = -1) -> bytes:
     n = len(body) if length < 0 else length
     return HELLO_HEADER.pack(magic, version, kind, n) + body
@@ -365,15 +349,15 @@ def _raw_hello(magic: bytes, version: int, kind: int, body: bytes, length: int =
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        (_raw_hello(b"HTTP", 1, 1, b"{}"), "bad hello magic"),
-        (_raw_hello(HELLO_MAGIC, 2, 1, b"{}"), "unsupported protocol version 2"),
+        (_raw_hello(b"HTTP", V, 1, b"{}"), "bad hello magic"),
+        (_raw_hello(HELLO_MAGIC, 1, 1, b"{}"), "unsupported protocol version 1"),
         (_raw_hello(HELLO_MAGIC, 0, 1, b"{}"), "unsupported protocol version 0"),
-        (_raw_hello(HELLO_MAGIC, 1, 9, b"{}"), "unknown transport kind 9"),
-        (_raw_hello(HELLO_MAGIC, 1, 1, b"", MAX_HELLO_JSON + 1), "exceeds"),
-        (_raw_hello(HELLO_MAGIC, 1, 1, b"[1, 2]"), "not an object"),
-        (_raw_hello(HELLO_MAGIC, 1, 1, b"{nope"), "does not parse"),
+        (_raw_hello(HELLO_MAGIC, V, 9, b"{}"), "unknown transport kind 9"),
+        (_raw_hello(HELLO_MAGIC, V, 1, b"", MAX_HELLO_JSON + 1), "exceeds"),
+        (_raw_hello(HELLO_MAGIC, V, 1, b"[1, 2]"), "not an object"),
+        (_raw_hello(HELLO_MAGIC, V, 1, b"{nope"), "does not parse"),
     ],
-    ids=["magic", "version2", "version0", "kind", "json-too-long", "json-array", "json-garbage"],
+    ids=["magic", "version1", "version0", "kind", "json-too-long", "json-array", "json-garbage"],
 )
 def test_bad_hello_is_refused(harness: Harness, raw: bytes, message: str) -> None:
     a, b = socket.socketpair()
@@ -394,7 +378,7 @@ def test_hello_round_trip_and_silent_peer(harness: Harness) -> None:
             "shm",
             {"token": TOKEN, "pid": 42, "nested": {"x": [1, 2]}},
         )
-        assert PROTOCOL_VERSION == 1 and TransportKind.parse("TCP") is TransportKind.TCP
+        assert PROTOCOL_VERSION == 2 and TransportKind.parse("TCP") is TransportKind.TCP
         with pytest.raises(ProtocolError, match="no complete hello"):
             read_hello(b, timeout=0.2)
         a.close()
@@ -505,7 +489,7 @@ def test_killed_peer_wakes_a_sender_blocked_on_a_full_channel(harness: Harness, 
     harness.finish(proc, -signal.SIGKILL)
 
 
-def test_one_listener_accepts_both_kinds(harness: Harness) -> None:
+def test_accept_answers_both_kinds(harness: Harness) -> None:
     procs = {kind: harness.spawn("idle", kind) for kind in KINDS}
     seen = {}
     for _ in KINDS:
@@ -518,10 +502,6 @@ def test_one_listener_accepts_both_kinds(harness: Harness) -> None:
     assert seen == {kind: p.pid for kind, p in procs.items()}
     for p in procs.values():
         harness.finish(p)
-
-
-def test_spawn_children_sharing_a_resource_tracker_leave_no_warnings(harness: Harness) -> None:
-    harness.finish(harness.spawn("spawnpair", "shm", 20))
 
 
 # -- both transports, in process ----------------------------------------------------------
@@ -679,14 +659,16 @@ def test_shm_oversized_length_is_a_protocol_error(harness: Harness) -> None:
         a.recv(timeout=5)
 
 
-def test_shm_segment_is_unlinked_once_both_sides_have_it(harness: Harness) -> None:
+def test_shm_segment_is_a_memfd_with_no_name(harness: Harness) -> None:
+    before = set(os.listdir(SHM_DIR))
     a, b = harness.pair("shm")
     assert isinstance(a, ShmChannel) and isinstance(b, ShmChannel)
-    assert a.segment_name == b.segment_name
-    assert not (SHM_DIR / a.segment_name).exists()
-    a.send(Frame(DATA, payload=b"still mapped"))
+    assert a.segment == b.segment and a.segment.startswith("memfd:")
+    assert {n for n in os.listdir(SHM_DIR) if owner(n) == os.getpid()} - before == set()
+    assert len([m for m in channel_segments() if " rw-s " in m]) == 2  # mapped twice
+    a.send(Frame(DATA, payload=b"mapped by both"))
     f = b.recv(timeout=5)
-    assert f is not None and f.payload == b"still mapped"
+    assert f is not None and f.payload == b"mapped by both"
 
 
 def test_shm_rings_wrap_around_many_times(harness: Harness) -> None:
@@ -717,37 +699,123 @@ def test_connect_refuses_a_peer_of_the_other_kind(harness: Harness) -> None:
     assert isinstance(made[0], ChannelClosed), made
 
 
-def test_shm_attacher_backs_a_segment_its_creator_left_sparse() -> None:
-    """A creator that did not reserve its segment (a hostile or broken VM process)
-    must not make the attaching side (the tender) touch a page tmpfs cannot back: the
-    attacher reserves what is not backed; one that is backed it only checks (fstat)."""
-    from tender_service.transports import channel as ch
-    from tender_service.transports.shm_names import new_name
-
-    size = ch._DATA_BASE + 2 * MIN_RING_SIZE
-    shm = SharedMemory(new_name("ufp-"), create=True, size=size)  # ftruncate only
-    ch._untrack(shm)
+def _raw_offer(
+    hello: dict | None = None, **accept: Any
+) -> tuple[socket.socket, Channel, Any, list[int]]:
+    """A bare initiator offering shm: its socket, the responder's channel, the
+    answer and the fds that came with it (the caller closes them)."""
     a, b = socket.socketpair()
+    answered: list[Channel] = []
+    t = threading.Thread(target=lambda: answered.append(accept_channel(b, **accept)[0]))
+    t.start()
+    write_hello(a, "shm", hello or {})
+    fds: list[int] = []
+    answer = read_hello(a, 10, fds)
+    t.join(10)
+    return a, answered[0], answer, fds
+
+
+def test_the_segment_a_vm_gets_is_reserved_and_sealed_against_resizing() -> None:
+    """A VM that takes over its emulator holds the segment's fd for a moment: it must
+    not be able to shrink it (the supervisor's next write would be a SIGBUS, the
+    tender's death), nor grow it, nor undo the seals; every page is backed already."""
+    a, responder, answer, fds = _raw_offer()
     try:
-        assert os.fstat(shm._fd).st_blocks * 512 < size  # sparse: nothing backed yet
-        ch._SEGMENT.pack_into(ch._mapping(shm), 0, ch._SEGMENT_MAGIC, MIN_RING_SIZE)
-        write_hello(a, "shm", {ch._SHM_KEY: {"name": shm.name, "ring_size": MIN_RING_SIZE}})
-        peer = connect_channel("shm", b, False, {})
-        try:
-            assert os.fstat(shm._fd).st_blocks * 512 >= size  # every page backed now
-            assert read_hello(a, timeout=5).info[ch._ACK_KEY] == shm.name
-        finally:
-            peer.close()
+        assert answer.kind == "shm" and len(fds) == 1
+        fd = fds[0]
+        size = segment_size(answer.info["_shm"]["ring_size"])
+        assert os.fstat(fd).st_size == size
+        assert os.fstat(fd).st_blocks * 512 >= size  # reserved: no hole to fault on
+        assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) == SEALS
+        for attack in (0, 4096, size // 2, size + 4096):
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, attack)
+        with pytest.raises(PermissionError):
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+        # the responder fills its ring (two maximal frames): no SIGBUS, the bytes are there
+        for i in range(2):
+            responder.send(Frame(DATA, req=i, payload=_BLOCK[:MAX_PAYLOAD]))
+        with mmap.mmap(fd, size) as m:
+            assert bytes(m[:8]) == b"UFSHM001"
+            assert _BLOCK[:4096] in bytes(m[4096:])
     finally:
+        responder.close()
         a.close()
-        ch._unlink(shm)
-        shm.close()
+        for fd in fds:
+            os.close(fd)
 
 
-def test_shm_ring_size_below_two_maximal_frames_is_refused() -> None:
-    a, b = socket.socketpair()
-    with a, b, pytest.raises(ValueError, match="below the minimum"):
-        ShmChannel.create(a, ring_size=MIN_RING_SIZE - 1)
+def _answer_shm(sock: socket.socket, fd: int) -> None:
+    """A broken responder: reads the offer, answers shm with ``fd`` (-1: none)."""
+    read_hello(sock, 10)
+    write_hello(sock, "shm", {"_shm": {"ring_size": DEFAULT_RING_SIZE}}, fd)
+
+
+def test_shm_answer_without_a_usable_segment_is_a_protocol_error() -> None:
+    """A responder that sends no segment, or one of the wrong size, is refused."""
+    wrong = os.memfd_create("not-a-channel")
+    os.ftruncate(wrong, 4096)
+    try:
+        for fd, match in ((-1, "without a segment"), (wrong, "not of")):
+            a, b = socket.socketpair()
+            with a, b:
+                t = threading.Thread(target=_answer_shm, args=(b, fd))
+                t.start()
+                with pytest.raises(ProtocolError, match=match):
+                    connect_channel("shm", a, True, {})
+                t.join(10)
+    finally:
+        os.close(wrong)
+    assert not channel_segments()
+
+
+def test_shm_over_a_tcp_socket_is_refused() -> None:
+    """The segment's fd can only travel over a Unix socket: a peer that offers shm
+    over TCP (another host, or a misconfiguration) gets no answer, a clear error here."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(10)
+        initiator = socket.create_connection(listener.getsockname(), timeout=10)
+        conn, _ = listener.accept()
+        with initiator:
+            write_hello(initiator, "shm", {})
+            with pytest.raises(ProtocolError, match="needs a Unix socket"):
+                accept_channel(conn)
+            assert initiator.recv(1) == b""  # hung up without an answer
+    assert not channel_segments()
+
+
+def test_shm_ring_size_outside_its_bounds_is_refused() -> None:
+    for bad in (MIN_RING_SIZE - 1, MAX_RING_SIZE + 1):
+        with pytest.raises(ValueError, match="outside"):
+            segment_size(bad)
+        a, b = socket.socketpair()
+        with a:
+            write_hello(a, "shm", {})
+            with pytest.raises(ValueError, match="outside"):
+                accept_channel(b, ring_size=bad)
+            assert a.recv(1) == b""  # the responder hung up
+    assert not channel_segments()
+
+
+def test_spare_segments_hand_out_a_new_sealed_segment_each_time() -> None:
+    """The supervisor's spare is made ahead (on its own thread), never handed out
+    twice, and freed at close."""
+    size = segment_size(MIN_RING_SIZE)
+    spares = SpareSegments(size)
+    taken = []
+    try:
+        for _ in range(3):
+            fd = spares.take()
+            taken.append(fd)
+            assert os.fstat(fd).st_size == size
+            assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) == SEALS
+        assert len({os.fstat(fd).st_ino for fd in taken}) == 3
+        wait_until(lambda: len(channel_segments()) == 4, 10, "the next spare to be made")
+    finally:
+        spares.close()
+        for fd in taken:
+            os.close(fd)
+    assert not channel_segments()
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:

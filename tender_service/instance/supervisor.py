@@ -42,13 +42,14 @@ from tender_service.rump.fs import FileSystem
 from tender_service.rump.vminfo import FORK_PHASES, ProcInfo, RunResult, VmConfig
 from tender_service.transports.broker import IN_FLIGHT_HOLDER, PipeBroker
 from tender_service.transports.channel import (
+    DEFAULT_RING_SIZE,
     PEER_TIMEOUT,
-    SHM_FALLBACK_KEY,
     Channel,
     ChannelClosed,
     accept_channel,
     check_peer_timeout,
     keep_alive,
+    segment_size,
 )
 from tender_service.transports.frames import Frame, ProtocolError
 from tender_service.transports.fs_host import FsHost
@@ -65,6 +66,7 @@ from tender_service.transports.protocol import (
     unpack_files,
 )
 from tender_service.transports.shm_names import sweep_stale
+from tender_service.transports.shm_segment import SpareSegments
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +197,11 @@ class Supervisor:
         #: the wake-up FIFOs made for this instance's VMs (removed at close if a VM's
         #: connection thread has not removed its own by then)
         self._wakes: set[str] = set()
+        #: the next VM's channel segment, reserved ahead (transports/shm_segment.py)
+        self._spares: SpareSegments | None = None
         if transport == "shm":  # what killed tenders and runs left there
             sweep_stale()
+            self._spares = SpareSegments(segment_size(DEFAULT_RING_SIZE))
         #: seconds a VM's TCP connection may stay silent before the VM counts as lost
         #: (both ends of the connection use it: the VM's tender gets it in vm_start)
         self.peer_timeout = check_peer_timeout(peer_timeout)
@@ -441,6 +446,8 @@ class Supervisor:
             self.broker.close_rings()
         for wake in list(self._wakes):  # a connection thread still running after join
             self._unlink_wake(wake)
+        if self._spares is not None:
+            self._spares.close()
         self.stdin.close()
         try:
             for name in os.listdir(self._tmp):
@@ -608,7 +615,8 @@ class Supervisor:
             return rec is not None and rec.state == "starting" and rec.channel is None
 
     def _shm_fell_back(self, pid: int, reason: str) -> None:
-        """A VM of ours found /dev/shm full and talks tcp instead: say so, count it."""
+        """No memory could be reserved for a VM's shm channel, which is tcp instead:
+        say so, count it."""
         log.warning("instance %s: pid %d uses tcp, not shm: %s", self.id, pid, reason)
         self.transport_note = f"shm requested, tcp used for some VMs: {reason}"
         notify(self.observer, "shm_exhausted")
@@ -629,8 +637,8 @@ class Supervisor:
                 reply[WAKE_KEY] = token
             return True
 
-        try:  # a stranger gets no answer at all (and no shm segment of its is mapped)
-            channel, hello = accept_channel(sock, reply, admit=admit)
+        try:  # a stranger gets no answer at all (and no shm segment is made for it)
+            channel, hello = accept_channel(sock, reply, admit=admit, spares=self._spares)
         except (ProtocolError, ChannelClosed, OSError, ValueError) as e:
             log.warning("instance %s: refused a connection: %s", self.id, e)
             sock.close()
@@ -654,8 +662,8 @@ class Supervisor:
                 channel.close()
                 return
             host_pid = hello.get("host_pid")
-            if SHM_FALLBACK_KEY in hello:
-                self._shm_fell_back(pid, str(hello[SHM_FALLBACK_KEY])[:200])
+            if channel.fallback:
+                self._shm_fell_back(pid, channel.fallback)
             rec.channel, rec.state = channel, "running"
             rec.host_pid = host_pid if type(host_pid) is int else rec.host_pid
             rec.host = str(hello.get("host") or rec.host)[:256]

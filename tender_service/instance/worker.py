@@ -56,10 +56,8 @@ from tender_service.rump.process import Process
 from tender_service.rump.vminfo import VmConfig
 from tender_service.transports.channel import (
     PEER_TIMEOUT,
-    SHM_FALLBACK_KEY,
     Channel,
     ChannelClosed,
-    ShmExhausted,
     connect_channel,
     keep_alive,
 )
@@ -559,14 +557,11 @@ class PeerServicer:
             "host_pid": os.getpid(),
             "host": os.environ.get(HOST_NAME_ENV) or socket.gethostname(),
         }
-        try:
-            channel = connect_channel(start["transport"], self._dial(start), True, hello)
-        except ShmExhausted as e:
-            # /dev/shm is full: the same supervisor socket carries frames instead (tcp),
-            # and the hello tells the supervisor why (transport_note, the metric)
-            log.warning("instance %s pid %d: %s: using tcp", start["instance_id"], pid, e)
-            hello[SHM_FALLBACK_KEY] = str(e)
-            channel = connect_channel("tcp", self._dial(start), True, hello)
+        channel = connect_channel(start["transport"], self._dial(start), True, hello)
+        if channel.fallback:  # no memory for an shm segment: frames go over the socket
+            log.warning(
+                "instance %s pid %d: %s: using tcp", start["instance_id"], pid, channel.fallback
+            )
         return channel
 
     @staticmethod

@@ -51,21 +51,16 @@ ring.  A doorbell byte means only "re-check".  ``_epoch`` counts drains; a
 thread notes it before its final re-check and does not sleep if a drain
 happened since, so a byte drained by another thread is not lost either.
 
-Setup and cleanup: the creator makes the segment, reserves all its pages
-(``posix_fallocate``: a tmpfs that is full then says ENOSPC at once, raised as
-``ShmExhausted``, instead of a SIGBUS at the first touch of a page it cannot
-back, in whichever process touches it), and sends its name in its hello; the
-peer reserves too before it reads a byte (a no-op for a creator that did), so
-it never maps a page that may not exist; the peer attaches and acknowledges; the creator then unlinks the
-name at once.  Both keep it mapped, so nothing is left in /dev/shm even if a
-process is SIGKILLed later (only a SIGKILL inside that one round trip can
-leak).  Python 3.11's resource tracker registers every segment a process
-maps, also ones it only attached, and would unlink or warn about them at
-exit; each side therefore unregisters right after mapping, and the creator
-registers again just before ``unlink()`` (which unregisters).  This keeps
-the tracker balanced even when both sides share one tracker (threads of one
-process, or ``spawn`` children): otherwise its second unregister of the
-same name prints a KeyError traceback.
+Setup and cleanup: the initiator (a VM's worker) offers shm in its hello; the
+responder (the supervisor) answers with its hello and, attached to it
+(``SCM_RIGHTS``, so the socket must be a Unix socket: same host), the fd of a
+sealed, fully reserved memfd (``transports/shm_segment.py``: the VM cannot
+shrink it under the supervisor, and the supervisor keeps one made ahead).  Both
+map it and close the fd; the memory goes when the last mapping does.  It never
+has a name, so a killed process leaves nothing in /dev/shm.  When no memory can
+be reserved for a segment (``ShmExhausted``), the responder answers ``tcp``
+with the reason under ``SHM_FALLBACK_KEY`` and frames travel over the same
+socket (``channel.fallback`` says why, on both sides).
 
 The handshake (both kinds): the initiating side ("creator") sends a hello
 with its caller's JSON; the responder answers with a hello of the same kind.
@@ -76,9 +71,9 @@ A supervisor accepts workers of either kind on one listening socket with
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import math
+import mmap
 import os
 import select
 import socket
@@ -87,8 +82,6 @@ import threading
 import time
 from collections.abc import Callable
 from ctypes import c_uint64
-from multiprocessing import resource_tracker
-from multiprocessing.shared_memory import SharedMemory
 from typing import Any, Protocol
 
 from tender_service.transports.frames import (
@@ -105,14 +98,15 @@ from tender_service.transports.frames import (
     read_hello,
     write_hello,
 )
-from tender_service.transports.shm_names import new_name
+from tender_service.transports.shm_segment import ShmExhausted, SpareSegments, make_segment
 
 log = logging.getLogger(__name__)
 
 MIN_RING_SIZE = 2 * MAX_FRAME
-#: the least that holds two maximal frames, in whole pages (2 MiB + 4 KiB): the whole
-#: segment is reserved when a VM connects, ~0.4 ms per MiB here (4 MiB rings: 3.4 ms)
+#: the least that holds two maximal frames, in whole pages (2 MiB + 4 KiB): a segment
+#: is reserved whole, ~0.6 ms per MiB here, ahead of the VM that takes it (SpareSegments)
 DEFAULT_RING_SIZE = (MIN_RING_SIZE + 4095) & ~4095
+MAX_RING_SIZE = 64 << 20
 
 _RECV_CHUNK = 256 << 10  # TcpChannel reads up to this much per syscall
 _COALESCE = 16 << 10  # payloads up to this size are copied behind the header: one send
@@ -125,7 +119,6 @@ _CTL_STRIDE = 256  # per ring: head, tail, data_waiting, space_waiting, 64 bytes
 _DATA_BASE = 4096
 _DOORBELL = b"\x01"
 _SHM_KEY = "_shm"
-_ACK_KEY = "_shm_ack"
 
 
 #: seconds a TCP peer may stay silent (no ACK, no keepalive answer) before its
@@ -169,6 +162,8 @@ class Channel(Protocol):
     bytes_sent: int
     bytes_received: int
     peer_hello: dict[str, Any]
+    #: why this channel is tcp where shm was asked for ("": it is what was asked)
+    fallback: str
 
     def send(self, frame: Frame) -> None:
         """Queue one frame; frames from concurrent senders are never interleaved."""
@@ -203,6 +198,7 @@ class _ChannelBase:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
         self.peer_hello = peer_hello
+        self.fallback = ""
         self.bytes_sent = 0
         self.bytes_received = 0
         self._send_lock = threading.Lock()
@@ -476,54 +472,16 @@ class _Ring:
         del self.data
 
 
-#: hello key of a VM that was asked for shm but uses tcp because /dev/shm is full (the reason)
+#: hello key of an answer that offers tcp instead of the shm asked for (the reason)
 SHM_FALLBACK_KEY = "shm_fallback"
 
 
-class ShmExhausted(OSError):
-    """The shared-memory filesystem has no room for a channel segment (ENOSPC)."""
-
-
-def _mapping(shm: SharedMemory) -> memoryview:
-    """The segment's memory (``buf`` is None only once the segment is closed)."""
-    assert shm.buf is not None
-    return shm.buf
-
-
-def _reserve(shm: SharedMemory) -> None:
-    """Back every page of the segment now, so that touching one never raises SIGBUS."""
-    try:
-        os.posix_fallocate(shm._fd, 0, shm.size)  # type: ignore[attr-defined]
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
-            raise ShmExhausted(
-                e.errno,
-                f"no room in /dev/shm for a {shm.size}-byte channel "
-                f"segment ({os.strerror(e.errno)})",
-            ) from None
-        raise
-
-
-def _ensure_backed(shm: SharedMemory) -> None:
-    """``_reserve`` unless every page is backed already (the creator reserved them: its
-    blocks cover the size).  Reserving an 8 MiB segment again walks its 2,048 pages,
-    ~1.7 ms of every VM-clone child's start; fstat tells in microseconds."""
-    if os.fstat(shm._fd).st_blocks * 512 < shm.size:  # type: ignore[attr-defined]
-        _reserve(shm)
-
-
-def _untrack(shm: SharedMemory) -> None:
-    """Undo the registration SharedMemory just made (see the module docstring)."""
-    resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-
-
-def _unlink(shm: SharedMemory) -> None:
-    """Remove the name; register first because unlink() unregisters."""
-    resource_tracker.register(shm._name, "shared_memory")  # type: ignore[attr-defined]
-    try:
-        shm.unlink()
-    except FileNotFoundError:
-        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+def segment_size(ring_size: int) -> int:
+    """The bytes of a segment holding two rings of ``ring_size``; ValueError if that
+    ring size is not one a channel may have."""
+    if not MIN_RING_SIZE <= ring_size <= MAX_RING_SIZE:
+        raise ValueError(f"ring size {ring_size} outside {MIN_RING_SIZE}..{MAX_RING_SIZE}")
+    return _DATA_BASE + 2 * ring_size
 
 
 class ShmChannel(_ChannelBase):
@@ -534,17 +492,19 @@ class ShmChannel(_ChannelBase):
     def __init__(
         self,
         sock: socket.socket,
-        shm: SharedMemory,
+        segment: mmap.mmap,
         creator: bool,
         ring_size: int,
         peer_hello: dict[str, Any],
+        label: str,
     ) -> None:
         super().__init__(sock, peer_hello)
-        self._shm = shm
-        self.segment_name = shm.name
+        self._segment = segment
+        self.segment = label  # the same on both ends (memfd and its inode)
         self.ring_size = ring_size
-        self._tx = _Ring(_mapping(shm), 0 if creator else 1, ring_size)
-        self._rx = _Ring(_mapping(shm), 1 if creator else 0, ring_size)
+        self._buf = memoryview(segment)
+        self._tx = _Ring(self._buf, 0 if creator else 1, ring_size)
+        self._rx = _Ring(self._buf, 1 if creator else 0, ring_size)
         self._tx_tail = self._tx.tail.value  # only we write it: no need to load it again
         self._rx_head = self._rx.head.value
         self._send_fence = _Fence()
@@ -561,101 +521,89 @@ class ShmChannel(_ChannelBase):
     # -- setup ---------------------------------------------------------------
 
     @classmethod
-    def create(
-        cls,
-        sock: socket.socket,
-        ring_size: int = DEFAULT_RING_SIZE,
-        hello: dict[str, Any] | None = None,
-        timeout: float | None = HELLO_TIMEOUT,
-    ) -> ShmChannel:
-        """Make the segment, offer it in our hello, wait for the ack, unlink the name."""
-        info = dict(hello or {})
+    def offer(
+        cls, sock: socket.socket, hello: dict[str, Any], timeout: float | None = HELLO_TIMEOUT
+    ) -> Channel:
+        """The initiator: ask for shm, map the segment that comes with the answer (or
+        go on over tcp if the answer says there is no memory for one)."""
+        fds: list[int] = []
         try:
-            if ring_size < MIN_RING_SIZE:
-                raise ValueError(f"ring size {ring_size} is below the minimum {MIN_RING_SIZE}")
-            if _SHM_KEY in info:
+            if _SHM_KEY in hello:
                 raise ValueError(f"hello key {_SHM_KEY!r} is reserved")
-            shm = SharedMemory(new_name("ufp-"), create=True, size=_DATA_BASE + 2 * ring_size)
+            write_hello(sock, "shm", hello)
+            answer = read_hello(sock, timeout, fds)
+            info = dict(answer.info)
+            if answer.kind == "tcp" and isinstance(info.get(SHM_FALLBACK_KEY), str):
+                tcp = TcpChannel(sock, info)
+                tcp.fallback = info.pop(SHM_FALLBACK_KEY)
+                return tcp
+            if answer.kind != "shm":
+                raise ProtocolError(f"peer answered with transport {answer.kind}, expected shm")
+            spec = info.pop(_SHM_KEY, None)
+            ring_size = spec.get("ring_size") if isinstance(spec, dict) else None
+            if type(ring_size) is not int or len(fds) != 1:
+                raise ProtocolError(f"shm answer without a segment ({len(fds)} fds, {spec!r})")
+            size = segment_size(ring_size)
+            if os.fstat(fds[0]).st_size != size:
+                raise ProtocolError(f"the segment sent is not of {size} bytes")
+            segment = mmap.mmap(fds[0], size)
+            label = f"memfd:{os.fstat(fds[0]).st_ino}"
         except BaseException:
             sock.close()
-            raise
-        _untrack(shm)
-        try:
-            _reserve(shm)
-            _SEGMENT.pack_into(_mapping(shm), 0, _SEGMENT_MAGIC, ring_size)
-            info[_SHM_KEY] = {"name": shm.name, "ring_size": ring_size}
-            write_hello(sock, "shm", info)
-            ack = read_hello(sock, timeout)
-            if ack.kind != "shm" or ack.info.pop(_ACK_KEY, None) != shm.name:
-                raise ProtocolError(f"peer did not acknowledge segment {shm.name} ({ack.kind})")
-        except BaseException:
-            sock.close()
-            shm.close()
             raise
         finally:
-            _unlink(shm)
-        log.debug("shm channel %s created, %d-byte rings", shm.name, ring_size)
-        return cls(sock, shm, True, ring_size, ack.info)
+            for fd in fds:
+                os.close(fd)
+        if _SEGMENT.unpack_from(segment, 0) != (_SEGMENT_MAGIC, ring_size):
+            segment.close()
+            sock.close()
+            raise ProtocolError(f"{label} is not a channel segment of {ring_size}-byte rings")
+        log.debug("shm channel %s mapped, %d-byte rings", label, ring_size)
+        return cls(sock, segment, True, ring_size, info, label)
 
     @classmethod
-    def attach(
+    def answer(
         cls,
         sock: socket.socket,
-        reply: dict[str, Any] | None = None,
-        timeout: float | None = HELLO_TIMEOUT,
-    ) -> ShmChannel:
-        """Read the creator's hello, map its segment, acknowledge with ``reply``."""
+        offer: Hello,
+        reply: dict[str, Any],
+        ring_size: int = DEFAULT_RING_SIZE,
+        spares: SpareSegments | None = None,
+    ) -> Channel:
+        """The responder: make (or take the spare) segment, send it with our hello."""
         try:
-            hello = read_hello(sock, timeout)
-            if hello.kind != "shm":
-                raise ProtocolError(f"peer offered transport {hello.kind}, expected shm")
-        except BaseException:
-            sock.close()
-            raise
-        return cls._attach(sock, hello, reply)
-
-    @classmethod
-    def _attach(cls, sock: socket.socket, hello: Hello, reply: dict[str, Any] | None) -> ShmChannel:
-        try:
-            info = dict(hello.info)
-            spec = info.pop(_SHM_KEY, None)
-            if not (
-                isinstance(spec, dict)
-                and isinstance(spec.get("name"), str)
-                and isinstance(spec.get("ring_size"), int)
-            ):
-                raise ProtocolError(f"shm hello without a valid {_SHM_KEY!r} entry: {spec!r}")
-            name, ring_size = spec["name"], spec["ring_size"]
-            try:
-                shm = SharedMemory(name, create=False)
-            except FileNotFoundError:
-                raise ProtocolError(
-                    f"shared memory segment {name!r} not found (is the peer on another host?)"
-                ) from None
-            _untrack(shm)
+            if _SHM_KEY in reply or SHM_FALLBACK_KEY in reply:
+                raise ValueError(f"hello keys {_SHM_KEY!r}, {SHM_FALLBACK_KEY!r} are reserved")
+            if sock.family != socket.AF_UNIX:  # the segment's fd cannot travel
+                raise ProtocolError("an shm channel needs a Unix socket (a VM of this host)")
+            size = segment_size(ring_size)
+            if spares is not None and spares.size != size:
+                raise ValueError(f"spare segments of {spares.size} bytes, not {size}")
+            fd = spares.take() if spares is not None else make_segment(size)
+        except ShmExhausted as e:
+            why = e.strerror or str(e)
+            log.warning("shm channel: %s: the channel is tcp", why)
+            return _answer_tcp(sock, offer, {**reply, SHM_FALLBACK_KEY: why}, why)
         except BaseException:
             sock.close()
             raise
         try:
-            _ensure_backed(shm)  # a creator that did not reserve must not make us touch a hole
-            magic, size = _SEGMENT.unpack_from(_mapping(shm), 0)
-            if magic != _SEGMENT_MAGIC or size != ring_size or ring_size < MIN_RING_SIZE:
-                raise ProtocolError(f"segment {name} is not a channel segment of {ring_size}")
-            if shm.size < _DATA_BASE + 2 * ring_size:
-                raise ProtocolError(f"segment {name} is too small ({shm.size} bytes)")
+            segment = mmap.mmap(fd, size)
+            label = f"memfd:{os.fstat(fd).st_ino}"
+            _SEGMENT.pack_into(segment, 0, _SEGMENT_MAGIC, ring_size)
+            channel = cls(sock, segment, False, ring_size, offer.info, label)
         except BaseException:
+            os.close(fd)
             sock.close()
-            shm.close()
             raise
-        channel = cls(sock, shm, False, ring_size, info)
         try:
-            ack = dict(reply or {})
-            ack[_ACK_KEY] = name
-            write_hello(sock, "shm", ack)
+            write_hello(sock, "shm", {**reply, _SHM_KEY: {"ring_size": ring_size}}, fd)
         except BaseException:
             channel.close()
             raise
-        log.debug("shm channel %s attached", name)
+        finally:
+            os.close(fd)
+        log.debug("shm channel %s offered, %d-byte rings", label, ring_size)
         return channel
 
     # -- data path -------------------------------------------------------------
@@ -757,7 +705,7 @@ class ShmChannel(_ChannelBase):
         except BlockingIOError:
             pass  # the socket is full of unread doorbells: the peer will wake anyway
         except OSError as e:
-            log.debug("shm channel %s: doorbell failed: %s", self.segment_name, e)
+            log.debug("shm channel %s: doorbell failed: %s", self.segment, e)
             self._peer_gone = True
 
     def _sleep(self, deadline: float | None, epoch: int) -> None:
@@ -792,7 +740,7 @@ class ShmChannel(_ChannelBase):
             except BlockingIOError:
                 return
             except OSError as e:
-                log.debug("shm channel %s: doorbell socket: %s", self.segment_name, e)
+                log.debug("shm channel %s: doorbell socket: %s", self.segment, e)
                 n = 0
             if n == 0:
                 self._peer_gone = True
@@ -812,22 +760,38 @@ class ShmChannel(_ChannelBase):
             if ring is not None and hasattr(ring, "data"):
                 ring.release()
         try:
-            self._shm.close()
+            self._buf.release()
+            self._segment.close()
         except BufferError as e:
-            log.warning("shm channel %s: mapping still in use at close: %s", self.segment_name, e)
+            log.warning("shm channel %s: mapping still in use at close: %s", self.segment, e)
         super()._release()
 
 
-def _answer(sock: socket.socket, hello: Hello, reply: dict[str, Any]) -> Channel:
-    """Answer an initiator's hello with ours; the socket is closed if that fails."""
-    if hello.kind == "shm":
-        return ShmChannel._attach(sock, hello, reply)
+def _answer_tcp(
+    sock: socket.socket, offer: Hello, reply: dict[str, Any], fallback: str = ""
+) -> TcpChannel:
+    """Answer with a tcp hello: frames then go over the socket itself."""
     try:
         write_hello(sock, "tcp", reply)
     except BaseException:
         sock.close()
         raise
-    return TcpChannel(sock, hello.info)
+    channel = TcpChannel(sock, offer.info)
+    channel.fallback = fallback
+    return channel
+
+
+def _answer(
+    sock: socket.socket,
+    hello: Hello,
+    reply: dict[str, Any],
+    ring_size: int = DEFAULT_RING_SIZE,
+    spares: SpareSegments | None = None,
+) -> Channel:
+    """Answer an initiator's hello with ours; the socket is closed if that fails."""
+    if hello.kind == "shm":
+        return ShmChannel.answer(sock, hello, reply, ring_size, spares)
+    return _answer_tcp(sock, hello, reply)
 
 
 def connect_channel(
@@ -841,15 +805,15 @@ def connect_channel(
 ) -> Channel:
     """Open a channel of ``kind`` over a connected socket.
 
-    ``creator`` is the initiating side (a worker): it sends ``hello`` first and,
-    for shm, creates the segment.  The other side reads that hello, checks the
-    kind, and answers with ``hello``.  Either way the peer's JSON ends up in
-    ``channel.peer_hello``.
+    ``creator`` is the initiating side (a worker): it sends ``hello`` first.  The
+    other side reads that hello, checks the kind, and answers with ``hello`` (for
+    shm, with a segment of ``ring_size`` rings: the socket must be a Unix socket).
+    Either way the peer's JSON ends up in ``channel.peer_hello``.
     """
     kind = TransportKind.parse(kind).label
     if creator:
         if kind == "shm":
-            return ShmChannel.create(sock, ring_size, hello, timeout)
+            return ShmChannel.offer(sock, hello, timeout)
         try:
             write_hello(sock, "tcp", hello)
             ack = read_hello(sock, timeout)
@@ -866,7 +830,7 @@ def connect_channel(
     except BaseException:
         sock.close()
         raise
-    return _answer(sock, offer, hello)
+    return _answer(sock, offer, hello, ring_size)
 
 
 def accept_channel(
@@ -875,11 +839,14 @@ def accept_channel(
     *,
     timeout: float | None = HELLO_TIMEOUT,
     admit: Callable[[dict[str, Any]], bool] | None = None,
+    ring_size: int = DEFAULT_RING_SIZE,
+    spares: SpareSegments | None = None,
 ) -> tuple[Channel, dict[str, Any]]:
     """Answer whichever kind the initiator offers; returns the channel and its hello JSON.
 
     ``admit`` sees the initiator's JSON first: when it says no, the socket is closed
-    without an answer, and an offered shm segment is never mapped.
+    without an answer (and no segment is made for it).  An shm channel's segment is
+    taken from ``spares`` when given (of ``ring_size`` rings).
     """
     try:
         offer = read_hello(sock, timeout)
@@ -888,5 +855,5 @@ def accept_channel(
     except BaseException:
         sock.close()
         raise
-    channel = _answer(sock, offer, reply or {})
+    channel = _answer(sock, offer, reply or {}, ring_size, spares)
     return channel, channel.peer_hello

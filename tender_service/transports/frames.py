@@ -1,4 +1,4 @@
-"""The wire format of a worker <-> supervisor channel, version 1.
+"""The wire format of a worker <-> supervisor channel, version 2 (``PROTOCOL_VERSION``).
 
 Versioned like Firecracker's snapshots: a connection opens with a hello that
 names the protocol version, and a peer speaking another version is refused
@@ -29,14 +29,16 @@ MAX_PAYLOAD = 1 << 20
 MAX_FRAME = HEADER_SIZE + MAX_PAYLOAD
 
 HELLO_MAGIC = b"UFP1"
-PROTOCOL_VERSION = 1
+#: 2: an shm channel's segment is the answering side's sealed memfd, sent with its hello
+PROTOCOL_VERSION = 2
 HELLO_HEADER = struct.Struct("<4sHHI")  # magic, version, transport kind, JSON length
 MAX_HELLO_JSON = 64 << 10
 HELLO_TIMEOUT = 10.0
+_MAX_FDS = 4  # descriptors taken with a hello (one is expected); the kernel closes more
 
 
 class ProtocolError(Exception):
-    """The peer sent bytes that are not version-1 protocol: the stream is unusable."""
+    """The peer sent bytes that are not this version's protocol: the stream is unusable."""
 
 
 class ChannelClosed(Exception):
@@ -144,16 +146,28 @@ def decode_hello_json(body: bytes) -> dict[str, Any]:
     return info
 
 
-def write_hello(sock: socket.socket, kind: str, info: dict[str, Any]) -> None:
-    sock.sendall(encode_hello(kind, info))
+def write_hello(sock: socket.socket, kind: str, info: dict[str, Any], fd: int = -1) -> None:
+    """Send a hello; ``fd`` (a Unix socket only) travels with its first byte (SCM_RIGHTS)."""
+    data = encode_hello(kind, info)
+    if fd < 0:
+        sock.sendall(data)
+        return
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))]
+    sent = sock.sendmsg([data], rights)
+    if sent < len(data):
+        sock.sendall(data[sent:])
 
 
-def read_hello(sock: socket.socket, timeout: float | None = HELLO_TIMEOUT) -> Hello:
-    """Read and validate one hello; a silent peer is a ProtocolError after ``timeout``."""
+def read_hello(
+    sock: socket.socket, timeout: float | None = HELLO_TIMEOUT, fds: list[int] | None = None
+) -> Hello:
+    """Read and validate one hello; a silent peer is a ProtocolError after ``timeout``.
+    With ``fds``, the descriptors the peer attached to it are appended there (the
+    caller owns them, also when this raises); without, the kernel drops any."""
     previous = sock.gettimeout()
     sock.settimeout(timeout)
     try:
-        kind, length = decode_hello_header(recv_exact(sock, HELLO_HEADER.size))
+        kind, length = decode_hello_header(recv_exact(sock, HELLO_HEADER.size, fds))
         return Hello(kind, decode_hello_json(recv_exact(sock, length)))
     except TimeoutError:
         raise ProtocolError(f"no complete hello within {timeout} s") from None
@@ -161,14 +175,21 @@ def read_hello(sock: socket.socket, timeout: float | None = HELLO_TIMEOUT) -> He
         sock.settimeout(previous)
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    """Exactly n bytes; ChannelClosed if the stream ends first."""
+def recv_exact(sock: socket.socket, n: int, fds: list[int] | None = None) -> bytes:
+    """Exactly n bytes; ChannelClosed if the stream ends first.  With ``fds``, the
+    first read also takes the descriptors sent with those bytes (SCM_RIGHTS)."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
         try:
-            k = sock.recv_into(view[got:])
+            if fds is not None and got == 0:
+                data, more, _, _ = socket.recv_fds(sock, n, _MAX_FDS, socket.MSG_CMSG_CLOEXEC)
+                fds += more
+                k = len(data)
+                view[:k] = data
+            else:
+                k = sock.recv_into(view[got:])
         except (ConnectionResetError, BrokenPipeError) as e:
             raise ChannelClosed(f"connection lost: {e}") from None
         if k == 0:

@@ -85,6 +85,7 @@ class _NotConnected:
     bytes_sent = 0
     bytes_received = 0
     peer_hello: dict = {}
+    fallback = ""
 
     def send(self, frame: Frame) -> None:
         raise ChannelClosed("not connected to the supervisor yet")
