@@ -141,6 +141,31 @@ def test_a_waker_whose_waiter_is_gone_goes_on(ring: PipeRing) -> None:
     assert ring.read(1, 1, None) == b"x"
 
 
+def test_the_supervisors_view_survives_a_vm_truncating_the_ring(fifo: Fifo) -> None:
+    """A VM process that takes over its emulator can ftruncate a ring it holds; the
+    supervisor's view is not a mapping (a touch would be a SIGBUS, the tender's
+    death): what is gone reads as zeros, and its next write puts the header back."""
+    sup = PipeRing.create(b"unread", readers=1, writers=1, mapped=False)
+    vm = PipeRing.attach(sup.name)
+    try:
+        assert vm.read(2, 2, None) == b"un"
+        assert (sup.buffered(), sup.written()) == (4, 6)  # the VM's read, seen by pread
+        assert vm.read(10, 10, Waiter(fifo.token, 7)) == b"read"
+        assert vm.read(10, 10, Waiter(fifo.token, 7)) is WAIT
+        assert sup.waiting() == [(7, READ, 0)]
+        with open(pipe_ring.ring_path(sup.name), "r+b") as f:
+            f.truncate(0)  # the attack
+        assert (sup.buffered(), sup.written(), sup.waiting()) == (0, 0, [])
+        assert sup.poll(write_end=False) == POLLHUP  # no writer in a zeroed header
+        sup.set_counts(1, 0)  # writes the header back: the file has it again
+        assert os.path.getsize(pipe_ring.ring_path(sup.name)) >= pipe_ring.HEADER_SIZE
+        assert sup.poll(write_end=True) == WRITABLE
+    finally:
+        vm.close()
+        sup.unlink()
+        sup.close()
+
+
 def test_attach_refuses_what_is_not_a_ring(tmp_path) -> None:
     for name in ("../etc/passwd", "ufp-1-2", "ufr-x/y"):
         with pytest.raises(ValueError):

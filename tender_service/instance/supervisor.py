@@ -1212,7 +1212,7 @@ class Supervisor:
         segment = None
         if ring and self.rings:
             try:
-                segment = PipeRing.create(data if readers else b"", readers, writers)
+                segment = PipeRing.create(data if readers else b"", readers, writers, mapped=False)
             except OSError as e:
                 log.warning("instance %s: a pipe ring could not be made (%s): brokered", self.id, e)
         try:

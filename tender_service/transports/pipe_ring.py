@@ -33,6 +33,12 @@ only if the entries its VMs' idle reports named are all still there, unchanged
 
 Layout: a 4 KiB header (magic, head, tail, readers, writers, the waiter table), then
 the 64 KiB of data.  head and tail count bytes forever.
+
+The supervisor does not map a ring (``mapped=False``): it reads and writes the header
+with ``pread``/``pwrite`` under the lock.  Any VM process holding a ring could
+``ftruncate`` its file (one that takes over its emulator); a mapping's next touch
+would then be a SIGBUS, and the supervisor's is the tender's death.  A short read
+is zeros to it instead, and a write puts the bytes back.
 """
 
 from __future__ import annotations
@@ -104,33 +110,41 @@ class Waiter:
 class PipeRing:
     """One ring pipe's mapping (see the module docstring)."""
 
-    def __init__(self, name: str, fd: int) -> None:
+    def __init__(self, name: str, fd: int, mapped: bool = True) -> None:
         self.name = name
         self._fd = fd
-        self._map = mmap.mmap(fd, SIZE)
-        self._data = memoryview(self._map)[HEADER_SIZE:]
+        self._mmap: mmap.mmap | None = None
+        #: the header as this object sees it: the mapping, or (not mapped) a copy read
+        #: when the lock is taken and written back, if changed, before it is let go
+        self._map: mmap.mmap | bytearray = bytearray(HEADER_SIZE)
+        self._loaded = b""
+        if mapped:
+            self._mmap = self._map = mmap.mmap(fd, SIZE)
+            self._data = memoryview(self._mmap)[HEADER_SIZE:]
         self._lock = threading.Lock()
 
     # -- life -------------------------------------------------------------------------
     @classmethod
-    def create(cls, data: bytes = b"", readers: int = 1, writers: int = 1) -> PipeRing:
+    def create(
+        cls, data: bytes = b"", readers: int = 1, writers: int = 1, mapped: bool = True
+    ) -> PipeRing:
         """A new segment holding ``data`` (a local pipe's unread bytes); OSError if
-        /dev/shm cannot take it (every page is reserved now: no SIGBUS later)."""
+        /dev/shm cannot take it (every page is reserved now: no SIGBUS later).
+        The supervisor's is not ``mapped`` (see the module docstring)."""
         if len(data) > PIPE_CAPACITY:
             raise ValueError(f"{len(data)} bytes exceed the pipe capacity")
         name = new_name("ufr-")
         fd = os.open(ring_path(name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.posix_fallocate(fd, 0, SIZE)
-            ring = cls(name, fd)
+            os.pwrite(fd, data, HEADER_SIZE)
+            os.pwrite(fd, _HEAD.pack(_MAGIC, 0, len(data), readers, writers), 0)
+            return cls(name, fd, mapped)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(ring_path(name))
             raise
-        ring._data[: len(data)] = data
-        _HEAD.pack_into(ring._map, 0, _MAGIC, 0, len(data), readers, writers)
-        return ring
 
     @classmethod
     def attach(cls, name: str) -> PipeRing:
@@ -152,9 +166,10 @@ class PipeRing:
         return ring
 
     def close(self) -> None:
-        with contextlib.suppress(BufferError, ValueError):
-            self._data.release()
-            self._map.close()
+        if self._mmap is not None:
+            with contextlib.suppress(BufferError, ValueError):
+                self._data.release()
+                self._mmap.close()
         with contextlib.suppress(OSError):
             os.close(self._fd)
 
@@ -168,15 +183,29 @@ class PipeRing:
         self._lock.acquire()
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
+            if self._mmap is None:
+                self._load()
         except BaseException:
             self._lock.release()
             raise
 
     def _release(self) -> None:
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            if self._mmap is None and self._map != self._loaded:
+                os.pwrite(self._fd, self._map, 0)
         finally:
-            self._lock.release()
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            finally:
+                self._lock.release()
+
+    def _load(self) -> None:
+        """The header into our copy; what a truncated file no longer has reads as 0."""
+        header = self._map
+        assert isinstance(header, bytearray)
+        got = os.preadv(self._fd, [header], 0)
+        header[got:] = bytes(HEADER_SIZE - got)
+        self._loaded = bytes(header)
 
     @contextlib.contextmanager
     def _locked(self):
