@@ -5,13 +5,13 @@ The attack was VM-clone instances over shm until /dev/shm is full: a segment siz
 with ftruncate, which a tmpfs grants beyond its room, made the first touch of a page
 it cannot back a SIGBUS, and the tender (which writes into every VM's rings) died.
 
-Now a channel's segment is a sealed memfd the supervisor makes and reserves whole
-(``transports/shm_segment.py``): it does not live in /dev/shm, so a full /dev/shm
-leaves every channel on shm and only makes the pipes between VMs brokered (their
-rings, 68 KiB files in /dev/shm, cannot be made).  When a segment's memory cannot be
-reserved (ENOMEM of a full memory cgroup, ENOSPC, or EFBIG of a file size limit, the
-one a test can set without touching the host), the VM's channel is tcp over the same
-socket, the instance says so in its transport_note, and
+Now a channel's segment is a sealed memfd the supervisor makes
+(``transports/shm_segment.py``): it does not live in /dev/shm, and no mount's size
+limit stands behind it, so a full /dev/shm leaves every channel on shm and only
+makes the pipes between VMs brokered (their rings, 68 KiB files in /dev/shm, cannot
+be made).  When no segment can be made (ENOMEM, or EFBIG of a file size limit below
+its size, the one a test can set without touching the host), the VM's channel is
+tcp over the same socket, the instance says so in its transport_note, and
 ``unifork_shm_exhausted_total`` counts it.
 """
 
@@ -145,11 +145,11 @@ def test_full_dev_shm_leaves_channels_on_shm_and_pipes_brokered(small_shm_tender
     assert [n for n in os.listdir(shm) if n.startswith("uf")] == []
 
 
-def test_channel_memory_that_cannot_be_reserved_falls_back_to_tcp(small_fsize_tender):
+def test_a_channel_segment_that_cannot_be_made_falls_back_to_tcp(small_fsize_tender):
     t = small_fsize_tender
     results = _run_all(t)
     for iid, note, out in results:
-        assert "tcp used for some VMs: cannot reserve a" in note, (iid, note)
+        assert "tcp used for some VMs: cannot make a" in note, (iid, note)
         assert os.strerror(27) in note  # EFBIG: "File too large"
         assert out.startswith(PIPE_BW_OUT), (iid, out)
     # every VM of every instance fell back, each counted

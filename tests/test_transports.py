@@ -58,7 +58,7 @@ from tender_service.transports import (
 from tender_service.transports.channel import MAX_RING_SIZE, segment_size
 from tender_service.transports.frames import HEADER, HELLO_HEADER, MAX_HELLO_JSON
 from tender_service.transports.shm_names import owner
-from tender_service.transports.shm_segment import SEALS, SpareSegments
+from tender_service.transports.shm_segment import SEALS
 
 log = logging.getLogger(__name__)
 
@@ -715,17 +715,16 @@ def _raw_offer(
     return a, answered[0], answer, fds
 
 
-def test_the_segment_a_vm_gets_is_reserved_and_sealed_against_resizing() -> None:
+def test_the_segment_a_vm_gets_is_sealed_against_resizing() -> None:
     """A VM that takes over its emulator holds the segment's fd for a moment: it must
     not be able to shrink it (the supervisor's next write would be a SIGBUS, the
-    tender's death), nor grow it, nor undo the seals; every page is backed already."""
+    tender's death), nor grow it, nor undo the seals."""
     a, responder, answer, fds = _raw_offer()
     try:
         assert answer.kind == "shm" and len(fds) == 1
         fd = fds[0]
         size = segment_size(answer.info["_shm"]["ring_size"])
         assert os.fstat(fd).st_size == size
-        assert os.fstat(fd).st_blocks * 512 >= size  # reserved: no hole to fault on
         assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) == SEALS
         for attack in (0, 4096, size // 2, size + 4096):
             with pytest.raises(PermissionError):
@@ -794,27 +793,6 @@ def test_shm_ring_size_outside_its_bounds_is_refused() -> None:
             with pytest.raises(ValueError, match="outside"):
                 accept_channel(b, ring_size=bad)
             assert a.recv(1) == b""  # the responder hung up
-    assert not channel_segments()
-
-
-def test_spare_segments_hand_out_a_new_sealed_segment_each_time() -> None:
-    """The supervisor's spare is made ahead (on its own thread), never handed out
-    twice, and freed at close."""
-    size = segment_size(MIN_RING_SIZE)
-    spares = SpareSegments(size)
-    taken = []
-    try:
-        for _ in range(3):
-            fd = spares.take()
-            taken.append(fd)
-            assert os.fstat(fd).st_size == size
-            assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) == SEALS
-        assert len({os.fstat(fd).st_ino for fd in taken}) == 3
-        wait_until(lambda: len(channel_segments()) == 4, 10, "the next spare to be made")
-    finally:
-        spares.close()
-        for fd in taken:
-            os.close(fd)
     assert not channel_segments()
 
 

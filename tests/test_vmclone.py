@@ -234,7 +234,7 @@ class Env:
         )
         ours = {os.getpid()} | self.worker_pids() | self.workers_seen
         assert leaked_segments(self.shm_before, ours) == set()
-        # the supervisor's mappings and spare are freed (a spare being made: when done)
+        # the supervisor's mappings are freed (a VM's serving thread may be closing one)
         wait_for(lambda: channel_segments() == [], "no channel segment mapped or open")
 
 

@@ -42,14 +42,12 @@ from tender_service.rump.fs import FileSystem
 from tender_service.rump.vminfo import FORK_PHASES, ProcInfo, RunResult, VmConfig
 from tender_service.transports.broker import IN_FLIGHT_HOLDER, PipeBroker
 from tender_service.transports.channel import (
-    DEFAULT_RING_SIZE,
     PEER_TIMEOUT,
     Channel,
     ChannelClosed,
     accept_channel,
     check_peer_timeout,
     keep_alive,
-    segment_size,
 )
 from tender_service.transports.frames import Frame, ProtocolError
 from tender_service.transports.fs_host import FsHost
@@ -66,7 +64,6 @@ from tender_service.transports.protocol import (
     unpack_files,
 )
 from tender_service.transports.shm_names import sweep_stale
-from tender_service.transports.shm_segment import SpareSegments
 
 log = logging.getLogger(__name__)
 
@@ -197,11 +194,8 @@ class Supervisor:
         #: the wake-up FIFOs made for this instance's VMs (removed at close if a VM's
         #: connection thread has not removed its own by then)
         self._wakes: set[str] = set()
-        #: the next VM's channel segment, reserved ahead (transports/shm_segment.py)
-        self._spares: SpareSegments | None = None
         if transport == "shm":  # what killed tenders and runs left there
             sweep_stale()
-            self._spares = SpareSegments(segment_size(DEFAULT_RING_SIZE))
         #: seconds a VM's TCP connection may stay silent before the VM counts as lost
         #: (both ends of the connection use it: the VM's tender gets it in vm_start)
         self.peer_timeout = check_peer_timeout(peer_timeout)
@@ -446,8 +440,6 @@ class Supervisor:
             self.broker.close_rings()
         for wake in list(self._wakes):  # a connection thread still running after join
             self._unlink_wake(wake)
-        if self._spares is not None:
-            self._spares.close()
         self.stdin.close()
         try:
             for name in os.listdir(self._tmp):
@@ -615,7 +607,7 @@ class Supervisor:
             return rec is not None and rec.state == "starting" and rec.channel is None
 
     def _shm_fell_back(self, pid: int, reason: str) -> None:
-        """No memory could be reserved for a VM's shm channel, which is tcp instead:
+        """No segment could be made for a VM's shm channel, which is tcp instead:
         say so, count it."""
         log.warning("instance %s: pid %d uses tcp, not shm: %s", self.id, pid, reason)
         self.transport_note = f"shm requested, tcp used for some VMs: {reason}"
@@ -638,7 +630,7 @@ class Supervisor:
             return True
 
         try:  # a stranger gets no answer at all (and no shm segment is made for it)
-            channel, hello = accept_channel(sock, reply, admit=admit, spares=self._spares)
+            channel, hello = accept_channel(sock, reply, admit=admit)
         except (ProtocolError, ChannelClosed, OSError, ValueError) as e:
             log.warning("instance %s: refused a connection: %s", self.id, e)
             sock.close()

@@ -91,7 +91,7 @@ VM_STARTS = Gauge(
 )
 SHM_EXHAUSTED = Counter(
     "unifork_shm_exhausted_total",
-    "VM-clone VMs whose shm channel segment could not be reserved (no memory): tcp instead",
+    "VM-clone VMs whose shm channel segment could not be made (no memory): tcp instead",
 )
 FINISHED = Counter(
     "unifork_instances_finished_total", "Instances that ended, by outcome", ["outcome"]

@@ -54,11 +54,11 @@ happened since, so a byte drained by another thread is not lost either.
 Setup and cleanup: the initiator (a VM's worker) offers shm in its hello; the
 responder (the supervisor) answers with its hello and, attached to it
 (``SCM_RIGHTS``, so the socket must be a Unix socket: same host), the fd of a
-sealed, fully reserved memfd (``transports/shm_segment.py``: the VM cannot
-shrink it under the supervisor, and the supervisor keeps one made ahead).  Both
-map it and close the fd; the memory goes when the last mapping does.  It never
-has a name, so a killed process leaves nothing in /dev/shm.  When no memory can
-be reserved for a segment (``ShmExhausted``), the responder answers ``tcp``
+new memfd sealed against resizing (``transports/shm_segment.py``: the VM cannot
+shrink it under the supervisor).  Both map it and close the fd; the memory goes
+when the last mapping does.  It never has a name, so a killed process leaves
+nothing in /dev/shm.  When no segment can be made (``ShmExhausted``: no memory,
+or a file size limit below it), the responder answers ``tcp``
 with the reason under ``SHM_FALLBACK_KEY`` and frames travel over the same
 socket (``channel.fallback`` says why, on both sides).
 
@@ -98,13 +98,13 @@ from tender_service.transports.frames import (
     read_hello,
     write_hello,
 )
-from tender_service.transports.shm_segment import ShmExhausted, SpareSegments, make_segment
+from tender_service.transports.shm_segment import ShmExhausted, make_segment
 
 log = logging.getLogger(__name__)
 
 MIN_RING_SIZE = 2 * MAX_FRAME
-#: the least that holds two maximal frames, in whole pages (2 MiB + 4 KiB): a segment
-#: is reserved whole, ~0.6 ms per MiB here, ahead of the VM that takes it (SpareSegments)
+#: the least that holds two maximal frames, in whole pages (2 MiB + 4 KiB); a segment's
+#: pages are not reserved: a channel costs the pages its traffic has touched
 DEFAULT_RING_SIZE = (MIN_RING_SIZE + 4095) & ~4095
 MAX_RING_SIZE = 64 << 20
 
@@ -568,18 +568,15 @@ class ShmChannel(_ChannelBase):
         offer: Hello,
         reply: dict[str, Any],
         ring_size: int = DEFAULT_RING_SIZE,
-        spares: SpareSegments | None = None,
     ) -> Channel:
-        """The responder: make (or take the spare) segment, send it with our hello."""
+        """The responder: make the segment, send it with our hello."""
         try:
             if _SHM_KEY in reply or SHM_FALLBACK_KEY in reply:
                 raise ValueError(f"hello keys {_SHM_KEY!r}, {SHM_FALLBACK_KEY!r} are reserved")
             if sock.family != socket.AF_UNIX:  # the segment's fd cannot travel
                 raise ProtocolError("an shm channel needs a Unix socket (a VM of this host)")
             size = segment_size(ring_size)
-            if spares is not None and spares.size != size:
-                raise ValueError(f"spare segments of {spares.size} bytes, not {size}")
-            fd = spares.take() if spares is not None else make_segment(size)
+            fd = make_segment(size)
         except ShmExhausted as e:
             why = e.strerror or str(e)
             log.warning("shm channel: %s: the channel is tcp", why)
@@ -786,11 +783,10 @@ def _answer(
     hello: Hello,
     reply: dict[str, Any],
     ring_size: int = DEFAULT_RING_SIZE,
-    spares: SpareSegments | None = None,
 ) -> Channel:
     """Answer an initiator's hello with ours; the socket is closed if that fails."""
     if hello.kind == "shm":
-        return ShmChannel.answer(sock, hello, reply, ring_size, spares)
+        return ShmChannel.answer(sock, hello, reply, ring_size)
     return _answer_tcp(sock, hello, reply)
 
 
@@ -840,13 +836,12 @@ def accept_channel(
     timeout: float | None = HELLO_TIMEOUT,
     admit: Callable[[dict[str, Any]], bool] | None = None,
     ring_size: int = DEFAULT_RING_SIZE,
-    spares: SpareSegments | None = None,
 ) -> tuple[Channel, dict[str, Any]]:
     """Answer whichever kind the initiator offers; returns the channel and its hello JSON.
 
     ``admit`` sees the initiator's JSON first: when it says no, the socket is closed
-    without an answer (and no segment is made for it).  An shm channel's segment is
-    taken from ``spares`` when given (of ``ring_size`` rings).
+    without an answer (and no segment is made for it).  An shm channel's rings are
+    of ``ring_size`` bytes.
     """
     try:
         offer = read_hello(sock, timeout)
@@ -855,5 +850,5 @@ def accept_channel(
     except BaseException:
         sock.close()
         raise
-    channel = _answer(sock, offer, reply or {}, ring_size, spares)
+    channel = _answer(sock, offer, reply or {}, ring_size)
     return channel, channel.peer_hello
