@@ -18,7 +18,10 @@ import errno
 import logging
 import os
 import select
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -108,11 +111,19 @@ def _probe_serve(conn, level: int, jailed: bool = True) -> None:
     _REAL_SERVE(conn, level, jailed)
 
 
+def _open_closed(path: str) -> None:
+    os.close(os.open(path, os.O_RDONLY))
+
+
 def _probe_worker_serve(listen: str, ready=None, parent_fd=None) -> None:
     results = [_attempt(name, call) for name, call in HOST_CALLS if name != "thread"]
+    tender = os.getppid()  # the pool's owner: the tender or `unifork run`
     results += [
         _attempt("socket_packet", lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW)),
         _attempt("socket_netlink", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW)),
+        # the tender's memory (its supervisors, every instance's) and its secrets
+        _attempt("tender_mem", lambda: _open_closed(f"/proc/{tender}/mem")),
+        _attempt("tender_environ", lambda: _open_closed(f"/proc/{tender}/environ")),
     ]
     results.append("env=" + ",".join(sorted(os.environ)))
     logging.getLogger("unifork.test.probe").warning("probe %s", " ".join(results))
@@ -277,11 +288,15 @@ def test_pool_workers_are_jailed(monkeypatch, caplog, secret_env, jailed):
         environ = Path(f"/proc/{pid}/environ").read_bytes()
         if not jailed:  # the positive control
             assert (got["execv"], got["fork"]) == ("ENOENT", "ok")
+            assert (got["tender_mem"], got["tender_environ"]) == ("ok", "ok")
             assert got["socket_packet"] == "ok" and got["socket_netlink"] == "ok"
             assert secret_env.encode() in environ
             return
         for name in ("fork", "execv", "socket_packet", "socket_netlink", "kill_init"):
             assert got[name] == "EPERM", (name, got)
+        # ptrace access to the tender's memory, which it lacks (a root worker still
+        # reads its environ and maps: test_shielded_processes_are_closed_to_their_peers)
+        assert got["tender_mem"] in ("EACCES", "EPERM"), got
         for name in ("open", "stat", "socket_inet", "socket_unix"):  # what it still needs
             assert got[name] == "ok", (name, got)
         assert SECRET not in got["env"].split(",")
@@ -290,6 +305,57 @@ def test_pool_workers_are_jailed(monkeypatch, caplog, secret_env, jailed):
         assert _field(pid, "Seccomp") == "2"
         for ns in ("ipc", "uts"):
             assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}")
+
+
+#: a host (shielded or not) whose child, shielded as a pool process is, opens the
+#: host's /proc files: what a taken-over pool process would read or write
+_PEER_PROBE = """
+import os, sys
+from tender_service.instance import jail
+if sys.argv[1] == "1":
+    jail.shield_host()
+pid = os.fork()
+if pid == 0:
+    jail.shield_from_peers(jail.JailReport())
+    out = []
+    for name in ("mem", "fd/0", "environ", "maps"):
+        try:
+            os.close(os.open(f"/proc/{os.getppid()}/{name}", os.O_RDONLY))
+            out.append("ok")
+        except OSError as e:
+            out.append(str(e.errno))
+    print(" ".join(out))
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+DENIED = str(errno.EACCES)
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv(1) to run the host as another uid",
+)
+@pytest.mark.parametrize(
+    ("uid", "shielded", "expect"),
+    [
+        (10001, False, ["ok", "ok", "ok", "ok"]),  # the same uid opens everything
+        (10001, True, [DENIED] * 4),  # deploy/: the tender's uid, no capability
+        (0, True, [DENIED, DENIED, "ok", "ok"]),  # root: environ, maps stay readable
+    ],
+    ids=["uid10001-open", "uid10001-shielded", "root-shielded"],
+)
+def test_shielded_processes_are_closed_to_their_peers(uid, shielded, expect):
+    """``shield_host`` (the tender, ``unifork run``) and ``shield_from_peers`` (each
+    pool process): a pool process runs as the tender's uid, and could open the
+    tender's /proc/PID/mem and fd links (its memory: every instance's supervisor)."""
+    cmd = [sys.executable, "-c", _PEER_PROBE, "1" if shielded else "0"]
+    if uid:
+        cmd = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *cmd]
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=WAIT, cwd=root, check=True
+    ).stdout
+    assert out.split() == expect  # mem, fd/0, environ, maps
 
 
 @pytest.mark.parametrize("value,on", [("", True), ("0", True), ("1", False), ("yes", False)])

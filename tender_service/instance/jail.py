@@ -15,6 +15,12 @@ that process, so each one confines itself, one layer per function:
                         others still apply); a new user namespace leaves the
                         process no capability on the host
 ``set_no_new_privs``    no setuid/file-capability gain through execve
+``shield_from_peers``   not dumpable, and (root) no CAP_SYS_PTRACE: no process of
+                        ours can open another's ``/proc/PID/mem``, ``environ`` or
+                        fd links (a pool process runs as the tender's uid, so by
+                        default it could read and write the tender's memory and its
+                        sibling pool processes'); ``shield_host`` is the same for the
+                        tender or ``unifork run`` that starts them
 ``set_limits``          RLIMIT_AS (the VM's RAM plus the emulator's
                         overhead), RLIMIT_NOFILE, RLIMIT_CORE = 0
 ``load_filter``         a syscall filter (compiled by libseccomp through
@@ -82,6 +88,9 @@ NO_PID_NAMESPACE = (
     "the kernel refuses new threads after unshare(CLONE_NEWPID); the process forks none"
 )
 PR_SET_NO_NEW_PRIVS = 38
+PR_SET_DUMPABLE, PR_GET_DUMPABLE, PR_CAPBSET_DROP = 4, 3, 24
+CAP_SYS_PTRACE = 19
+_CAPABILITY_VERSION_3 = 0x20080522
 PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 NOBODY = 65534  # the uid and gid a root tender's VM processes take
 
@@ -309,6 +318,51 @@ def set_no_new_privs() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
 
 
+class _CapHeader(ctypes.Structure):
+    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = (
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    )
+
+
+def shield_host() -> None:
+    """Make this process's /proc/PID/mem, environ and fd links closed to processes
+    without CAP_SYS_PTRACE, its own uid's included: what the process that starts
+    pool processes (which keep its uid) does first.  Its own /proc/self stays open
+    to it; a core dump is not written any more."""
+    if _libc().prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE)")
+
+
+def shield_from_peers(report: JailReport) -> None:
+    """``shield_host`` for a pool process, and, when it runs as root, the loss of
+    CAP_SYS_PTRACE (bounding, effective, permitted, inheritable): a taken-over pool
+    process can no longer open the tender's or a sibling's memory through /proc,
+    which the same uid (root: this capability) had allowed."""
+    shield_host()
+    if os.geteuid() != 0:
+        return
+    libc = _libc()
+    if libc.prctl(PR_CAPBSET_DROP, CAP_SYS_PTRACE, 0, 0, 0) != 0:
+        report.skipped["CAP_SYS_PTRACE drop"] = os.strerror(ctypes.get_errno())
+        return
+    header = _CapHeader(_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    keep = ~(1 << CAP_SYS_PTRACE) & 0xFFFF_FFFF  # the bit is in the first word
+    data[0].effective &= keep
+    data[0].permitted &= keep
+    data[0].inheritable &= keep
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
 def set_limits(report: JailReport, address_space: int | None, nofile: int) -> None:
     """Lower (never raise) the limits: soft and hard, so the process cannot undo them."""
     wanted = {"core": (resource.RLIMIT_CORE, 0), "nofile": (resource.RLIMIT_NOFILE, nofile)}
@@ -422,7 +476,8 @@ def jail_vm_process(report: JailReport, bpf: bytes, publish: bool = False) -> Ja
 def jail_worker(keep_env: Iterable[str]) -> JailReport:
     """Confine a pool process (VM-clone VMs) as far as it can be while it still
     dials supervisors, serves its Unix socket and maps shared memory: scrubbed
-    environment, its own ipc and uts namespaces, limits, no_new_privs, a denylist."""
+    environment, its own ipc and uts namespaces, limits, no_new_privs, no ptrace
+    access to its peers or theirs to it, a denylist."""
     t0 = time.perf_counter()
     report = JailReport(env=scrub_environment((*BASE_ENV, *keep_env)))
     unshare_namespaces(report, [(n, f) for n, f in NAMESPACES if n in ("ipc", "uts")])
@@ -436,6 +491,7 @@ def jail_worker(keep_env: Iterable[str]) -> JailReport:
     set_limits(report, None, WORKER_NOFILE)
     report.skipped["RLIMIT_AS"] = "a pool process hosts any number of VMs"
     set_no_new_privs()
+    shield_from_peers(report)
     install_denylist(report, WORKER_DENIED)
     report.seconds = time.perf_counter() - t0
     return report

@@ -142,6 +142,8 @@ class WarmPool:
         self.host = host
         #: workers jail themselves (instance/jail.py) unless --no-jail / UNIFORK_NO_JAIL
         self.jailed = jail.enabled() if jailed is None else jailed
+        if self.jailed:  # they keep our uid: our memory is closed to them (/proc/PID/mem)
+            jail.shield_host()
         self.on_crash = on_crash  # (pid, signal) of a process that died of a signal
         self.dir = tempfile.mkdtemp(prefix="unifork-pool-")
         self.workers: list[WorkerHandle] = []
