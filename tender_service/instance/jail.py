@@ -16,11 +16,12 @@ that process, so each one confines itself, one layer per function:
                         process no capability on the host
 ``set_no_new_privs``    no setuid/file-capability gain through execve
 ``shield_from_peers``   not dumpable, and (root) no CAP_SYS_PTRACE: no process of
-                        ours can open another's ``/proc/PID/mem``, ``environ`` or
-                        fd links (a pool process runs as the tender's uid, so by
-                        default it could read and write the tender's memory and its
-                        sibling pool processes'); ``shield_host`` is the same for the
-                        tender or ``unifork run`` that starts them
+                        ours can open another's ``/proc/PID/mem`` or fd links (nor,
+                        under a non-root uid, its ``environ`` and ``maps``): a pool
+                        process runs as the tender's uid, so by default it could
+                        read and write the tender's memory and its sibling pool
+                        processes'; ``shield_host`` is the same for the tender or
+                        ``unifork run`` that starts them
 ``set_limits``          RLIMIT_AS (the VM's RAM plus the emulator's
                         overhead), RLIMIT_NOFILE, RLIMIT_CORE = 0
 ``load_filter``         a syscall filter (compiled by libseccomp through
@@ -88,7 +89,7 @@ NO_PID_NAMESPACE = (
     "the kernel refuses new threads after unshare(CLONE_NEWPID); the process forks none"
 )
 PR_SET_NO_NEW_PRIVS = 38
-PR_SET_DUMPABLE, PR_GET_DUMPABLE, PR_CAPBSET_DROP = 4, 3, 24
+PR_SET_DUMPABLE, PR_CAPBSET_DROP = 4, 24
 CAP_SYS_PTRACE = 19
 _CAPABILITY_VERSION_3 = 0x20080522
 PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
@@ -331,10 +332,10 @@ class _CapData(ctypes.Structure):
 
 
 def shield_host() -> None:
-    """Make this process's /proc/PID/mem, environ and fd links closed to processes
-    without CAP_SYS_PTRACE, its own uid's included: what the process that starts
-    pool processes (which keep its uid) does first.  Its own /proc/self stays open
-    to it; a core dump is not written any more."""
+    """Close this process's /proc/PID/mem and fd links (and environ and maps, to a
+    non-root peer) to processes without CAP_SYS_PTRACE, its own uid's included:
+    what the process that starts pool processes (which keep its uid) does first.
+    Its own /proc/self stays open to it; a core dump is not written any more."""
     if _libc().prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE)")
 

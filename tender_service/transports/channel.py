@@ -584,12 +584,15 @@ class ShmChannel(_ChannelBase):
         except BaseException:
             sock.close()
             raise
+        segment = None
         try:
             segment = mmap.mmap(fd, size)
             label = f"memfd:{os.fstat(fd).st_ino}"
             _SEGMENT.pack_into(segment, 0, _SEGMENT_MAGIC, ring_size)
             channel = cls(sock, segment, False, ring_size, offer.info, label)
         except BaseException:
+            if segment is not None:
+                segment.close()
             os.close(fd)
             sock.close()
             raise
