@@ -1352,6 +1352,20 @@ def test_mutated_snapshots_raise_only_snapshot_error(data) -> None:
     k.close()
 
 
+@pytest.mark.parametrize(
+    "change",
+    [("meta", ("process", "sigactions"), {"": None}), ("meta", ("process", "mmaps"), [[]])],
+    ids=["empty-sigaction", "empty-mmap"],
+)
+def test_a_snapshot_with_an_entry_too_short_is_a_snapshot_error(change) -> None:
+    """Found by the fuzz test above: an entry with fewer fields than it needs was an
+    IndexError out of restore (the child's tender process logged a traceback)."""
+    with pytest.raises(SnapshotError, match="inconsistent snapshot"):
+        snapshot.restore(
+            snapshot.decode(mutate(take_snapshot(), change)), console(), None, refuse_file
+        )
+
+
 def test_a_supervisor_keeps_no_thread_of_an_ended_vm(env: Env) -> None:
     """Each VM's connection is served by a thread of the supervisor; once the VM has
     ended its thread is gone from the supervisor's set (a long-lived instance that

@@ -300,7 +300,7 @@ def restore(
             timeout=timeout,
         )
         config.validate()
-    except (KeyError, TypeError, ValueError, OverflowError) as e:
+    except (LookupError, TypeError, ValueError, OverflowError) as e:
         raise SnapshotError(f"bad snapshot config: {e}") from e
     mem = GuestMemory(config.ram)
     try:
@@ -308,7 +308,7 @@ def restore(
     except SnapshotError:
         mem.close()
         raise
-    except (KeyError, TypeError, ValueError, OverflowError, AttributeError, MemoryError) as e:
+    except (LookupError, TypeError, ValueError, OverflowError, AttributeError, MemoryError) as e:
         mem.close()
         raise SnapshotError(f"inconsistent snapshot: {e}") from e
 
