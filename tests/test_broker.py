@@ -1045,3 +1045,17 @@ def test_files_are_delivered_once_in_order_or_discarded(seed: int) -> None:
     for files, start, end in delivered:  # the read holds their write's first byte...
         assert start <= stream.index(files[0]) < end
         assert stream[end - 1] == files[0]  # ...and ends in that write's bytes
+
+
+def test_add_refs_many_adds_all_or_none() -> None:
+    """A fork's child gets its ends of every pipe in one call: one bad entry (a pipe
+    that does not exist, a negative count) and none is added."""
+    b = PipeBroker()
+    p, q = b.create(A), b.create(A, readers=1, writers=0)
+    for bad in ((p + q + 1, 1, 0), (q, -1, 0)):
+        with pytest.raises(ValueError):
+            b.add_refs_many(B, [(p, 1, 0), (q, 0, 1), bad])
+        assert not any(b.holds(x, B, e) for x in (p, q) for e in "rw")
+    b.add_refs_many(B, [(p, 1, 0), (p, 0, 1), (q, 1, 0)])
+    assert b.holds(p, B, "r") and b.holds(p, B, "w") and b.holds(q, B, "r")
+    assert not b.holds(q, B, "w")

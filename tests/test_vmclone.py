@@ -65,7 +65,9 @@ from tender_service.toolchain.images import build_image
 from tender_service.toolchain.paths import images_dir, zig_cache_dir
 from tender_service.transports.channel import connect_channel
 from tender_service.transports.frames import HELLO_MAGIC, ChannelClosed, encode_hello
+from tender_service.transports.protocol import PIPE_REFS
 from tender_service.transports.shm_names import owner
+from tender_service.transports.vmlink import call_payload
 from tender_service.vm import DEFAULT_ENV, CaptureSink, create_vm, run_vm
 
 INIT_PID, MAIN_PID = 1, 2
@@ -834,6 +836,34 @@ def test_an_emulator_crash_is_contained_in_its_tender_process(env: Env) -> None:
         ),
         "the pool to replace the crashed process",
     )
+
+
+def test_a_vm_gives_pipe_ends_only_to_a_child_it_is_forking(env: Env) -> None:
+    """A fork registers its child's ends of every pipe in one call (``pipe_refs_many``):
+    only for a child the calling VM leased (another pid: ESRCH), all or none (a pipe
+    that does not exist: EBADF with nothing added; a torn entry: EINVAL)."""
+    sup = env.supervisor("tcp", CaptureSink())
+    try:
+        parent = sup._new_proc(MAIN_PID, INIT_PID, INIT_PID, INIT_PID)
+        stranger = sup._new_proc(MAIN_PID + 1, INIT_PID, INIT_PID, INIT_PID)
+        child, _ = sup._call(parent, call_payload("fork_lease", ()))
+        assert child > stranger.pid
+        pipe = sup.broker.create(MAIN_PID, b"", readers=1, writers=1)
+        ends = PIPE_REFS.pack(pipe, 1, 0) + PIPE_REFS.pack(pipe, 0, 1)
+
+        def refs(holder: int, data: bytes) -> int:
+            return sup._call(parent, call_payload("pipe_refs_many", (holder,), data))[0]
+
+        assert refs(stranger.pid, ends) == -errno.ESRCH
+        assert refs(child, ends + PIPE_REFS.pack(pipe + 99, 1, 0)) == -errno.EBADF
+        assert refs(child, ends[:-1]) == -errno.EINVAL
+        assert not sup.broker.holds(pipe, child, "r") and not sup.broker.holds(pipe, child, "w")
+        assert not sup.broker.holds(pipe, stranger.pid, "r")
+        assert refs(child, ends) == 0
+        assert sup.broker.holds(pipe, child, "r") and sup.broker.holds(pipe, child, "w")
+    finally:
+        sup.close()
+    env.check_clean()
 
 
 def _refused(port: int, data: bytes) -> bytes:

@@ -57,6 +57,7 @@ from tender_service.transports.protocol import (
     END_READ,
     FILES,
     NONBLOCK,
+    PIPE_REFS,
     SIGNAL_INFO,
     SIGPIPE_FLAG,
     Msg,
@@ -82,7 +83,15 @@ MAIN_PID = 2
 WAIT_SLICE = 0.5
 #: file kinds every VM has of its own (nothing in the supervisor to hold)
 _LOCAL_KINDS = {"console", "null", "zero", "urandom"}
-_DATA_OPS = {"pipe_create", "fs", "fs_raw", "fs_write", "proc_comm", "listen_connect"}
+_DATA_OPS = {
+    "pipe_create",
+    "pipe_refs_many",
+    "fs",
+    "fs_raw",
+    "fs_write",
+    "proc_comm",
+    "listen_connect",
+}
 #: places tried for a VM; each try is another place (a dead one is marked down), so no
 #: backoff: waiting would only delay the launch
 PLACEMENT_TRIES = 3
@@ -816,7 +825,7 @@ class Supervisor:
     def _hold_files(self, src: int, dst: int, states: list[dict]) -> bool:
         """Give ``dst`` one ref of each file ``states`` describes, each of which
         ``src`` must hold (else nothing is taken: False).  Holders are VM pids and
-        ``IN_FLIGHT_HOLDER``; unlike ``_op_pipe_refs`` and its kind, this serves no VM's
+        ``IN_FLIGHT_HOLDER``; unlike ``_op_pipe_refs_many`` and its kind, this serves no VM's
         request for another pid, so the fork checks do not apply."""
         taken: list[dict] = []
         for st in states:
@@ -1221,11 +1230,16 @@ class Supervisor:
         self.broker.close(pipe, rec.pid, "r" if end == END_READ else "w")
         return 0
 
-    def _op_pipe_refs(
-        self, rec: ProcRec, pipe: int, holder: int, readers: int, writers: int
-    ) -> int:
+    def _op_pipe_refs_many(self, rec: ProcRec, holder: int, data: bytes) -> int:
+        """A child this VM is forking (or that execs) gets its ends of every pipe its
+        fd table holds (``PIPE_REFS`` entries): one call a fork, all or none."""
+        target = self.procs.get(holder)
+        if target is None or target.leased_by != rec.pid:
+            return -errno.ESRCH
+        if len(data) % PIPE_REFS.size:
+            return -errno.EINVAL
         try:
-            self.broker.add_refs(pipe, holder, readers, writers)
+            self.broker.add_refs_many(holder, list(PIPE_REFS.iter_unpack(data)))
         except ValueError:
             return -errno.EBADF
         return 0

@@ -216,6 +216,15 @@ class PipeBroker:
             del p.refs[holder]
         self._mirror(p)
 
+    def add_refs_many(self, holder: Holder, refs: list[tuple[int, int, int]]) -> None:
+        """``add_refs`` of each (pipe, readers, writers), all or none: ValueError, with
+        nothing added, if one names an unknown pipe or a negative count."""
+        for pipe, readers, writers in refs:
+            if readers < 0 or writers < 0 or pipe not in self._pipes:
+                raise ValueError(f"bad refs {readers}/{writers} of pipe {pipe}")
+        for pipe, readers, writers in refs:
+            self.add_refs(pipe, holder, readers, writers)
+
     def close(self, pipe: int, holder: Holder, end: str) -> None:
         """Release one ref of ``end`` ("r" or "w"); the last one may mean EOF or EPIPE for others."""
         if end not in ("r", "w"):

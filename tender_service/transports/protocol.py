@@ -79,6 +79,10 @@ class Msg(enum.IntEnum):
 NONBLOCK = 1
 #: a SIGNAL frame's payload when it is not a plain kill: si_code (int32), si_value (int64)
 SIGNAL_INFO = struct.Struct("<iq")
+#: the data of a ``pipe_refs_many`` CALL, one per pipe end a new holder gets: the
+#: pipe, the readers and the writers it adds (a fork registers its child's ends in
+#: one round trip, however many pipes its fd table holds)
+PIPE_REFS = struct.Struct("<iii")
 SIGPIPE_FLAG = 1
 #: a PIPE_WRITE's or PIPE_DATA's payload starts with file states (``pack_files``)
 FILES = 2

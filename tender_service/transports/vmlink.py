@@ -49,6 +49,7 @@ from tender_service.transports.protocol import (
     FILES,
     MAX_PIPE_CHUNK,
     NONBLOCK,
+    PIPE_REFS,
     SIGNAL_INFO,
     Msg,
     pack_files,
@@ -552,8 +553,10 @@ class VmLink:
 
     def add_holder(self, files: list[File], pid: int) -> None:
         """Register ``pid`` (a fork's or a VM-clone exec's new VM) as holding one
-        ref of each broker pipe end and each open file description among ``files``."""
+        ref of each broker pipe end and each open file description among ``files``
+        (every pipe end's in one call)."""
         seen: set[int] = set()
+        ends: list[RemotePipeEnd] = []
         for f in files:
             if id(f) in seen:
                 continue
@@ -561,11 +564,9 @@ class VmLink:
             if isinstance(f, FsFile):
                 self.fs_tree.hold(f.ofd, pid)  # the same open file description
             elif isinstance(f, RemotePipeEnd):
-                self._hold_end(f, pid)
+                ends.append(f)
             elif isinstance(f, RemoteSocket):
-                for end in (f.rx, f.tx):
-                    if end is not None:
-                        self._hold_end(end, pid)
+                ends += [end for end in (f.rx, f.tx) if end is not None]
             elif (
                 isinstance(f, InetSocket)
                 and f.shared
@@ -573,13 +574,14 @@ class VmLink:
                 and self.call("listen_refs", f.shared, pid) < 0
             ):
                 raise GuestError(errno.EBADF, "cannot share a listener")
-
-    def _hold_end(self, f: RemotePipeEnd, pid: int) -> None:
-        value = self.call(
-            "pipe_refs", f.pipe, pid, 0 if f.write_end else 1, 1 if f.write_end else 0
-        )
-        if value < 0:
-            raise GuestError(-value, "cannot share a pipe")
+        if ends:
+            refs = b"".join(
+                PIPE_REFS.pack(f.pipe, 0 if f.write_end else 1, 1 if f.write_end else 0)
+                for f in ends
+            )
+            value, _ = self.call_full("pipe_refs_many", pid, data=refs)
+            if value < 0:
+                raise GuestError(-value, "cannot share a pipe")
 
     # -- shared listeners (transports/listeners.py) ---------------------------------
     def listening(self, family: int, port: int) -> int:
