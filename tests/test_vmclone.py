@@ -840,8 +840,9 @@ def test_an_emulator_crash_is_contained_in_its_tender_process(env: Env) -> None:
 
 def test_a_vm_gives_pipe_ends_only_to_a_child_it_is_forking(env: Env) -> None:
     """A fork registers its child's ends of every pipe in one call (``pipe_refs_many``):
-    only for a child the calling VM leased (another pid: ESRCH), all or none (a pipe
-    that does not exist: EBADF with nothing added; a torn entry: EINVAL)."""
+    only for a child the calling VM leased (another pid: ESRCH), only ends the VM holds
+    itself, all or none (a pipe that does not exist or is not its: EBADF with nothing
+    added; a torn entry: EINVAL)."""
     sup = env.supervisor("tcp", CaptureSink())
     try:
         parent = sup._new_proc(MAIN_PID, INIT_PID, INIT_PID, INIT_PID)
@@ -849,6 +850,7 @@ def test_a_vm_gives_pipe_ends_only_to_a_child_it_is_forking(env: Env) -> None:
         child, _ = sup._call(parent, call_payload("fork_lease", ()))
         assert child > stranger.pid
         pipe = sup.broker.create(MAIN_PID, b"", readers=1, writers=1)
+        theirs = sup.broker.create(stranger.pid, b"", readers=1, writers=0)
         ends = PIPE_REFS.pack(pipe, 1, 0) + PIPE_REFS.pack(pipe, 0, 1)
 
         def refs(holder: int, data: bytes) -> int:
@@ -857,8 +859,10 @@ def test_a_vm_gives_pipe_ends_only_to_a_child_it_is_forking(env: Env) -> None:
         assert refs(stranger.pid, ends) == -errno.ESRCH
         assert refs(child, ends + PIPE_REFS.pack(pipe + 99, 1, 0)) == -errno.EBADF
         assert refs(child, ends[:-1]) == -errno.EINVAL
+        assert refs(child, ends + PIPE_REFS.pack(theirs, 1, 0)) == -errno.EBADF  # not its
         assert not sup.broker.holds(pipe, child, "r") and not sup.broker.holds(pipe, child, "w")
         assert not sup.broker.holds(pipe, stranger.pid, "r")
+        assert not sup.broker.holds(theirs, child, "r")
         assert refs(child, ends) == 0
         assert sup.broker.holds(pipe, child, "r") and sup.broker.holds(pipe, child, "w")
     finally:

@@ -1232,14 +1232,20 @@ class Supervisor:
 
     def _op_pipe_refs_many(self, rec: ProcRec, holder: int, data: bytes) -> int:
         """A child this VM is forking (or that execs) gets its ends of every pipe its
-        fd table holds (``PIPE_REFS`` entries): one call a fork, all or none."""
+        fd table holds (``PIPE_REFS`` entries): one call a fork, all or none, and only
+        ends this VM holds itself (every process in a VM holds its ends as the VM)."""
         target = self.procs.get(holder)
         if target is None or target.leased_by != rec.pid:
             return -errno.ESRCH
         if len(data) % PIPE_REFS.size:
             return -errno.EINVAL
+        refs = list(PIPE_REFS.iter_unpack(data))
+        for pipe, readers, writers in refs:
+            for end, n in (("r", readers), ("w", writers)):
+                if n and not self.broker.holds(pipe, rec.pid, end):
+                    return -errno.EBADF
         try:
-            self.broker.add_refs_many(holder, list(PIPE_REFS.iter_unpack(data)))
+            self.broker.add_refs_many(holder, refs)
         except ValueError:
             return -errno.EBADF
         return 0
