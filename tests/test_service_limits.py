@@ -205,6 +205,35 @@ def test_made_up_methods_add_one_unknown_series(guarded):
     assert "Made" not in text and "Evil" not in text
 
 
+def test_a_refusal_is_counted_before_its_caller_sees_it(guarded):
+    """An async ``abort`` sends the status before it raises: counted in the handler's
+    ``finally``, a caller that had its refusal could scrape ``/metrics`` without it (the
+    clean-clone CI at 09baab2 did, once in the test above).  Each refusal here is
+    scraped as soon as the caller has it."""
+    t = guarded
+    unknown = dict(grpc_type="unknown", grpc_service="unknown", grpc_method="unknown")
+
+    def counted(code: str) -> float:
+        return metric(t.metrics(), "grpc_server_handled_total", grpc_code=code, **unknown)
+
+    with grpc.insecure_channel(t.target) as ch:
+        for md, code in (
+            (t.md, grpc.StatusCode.UNIMPLEMENTED),
+            ([], grpc.StatusCode.UNAUTHENTICATED),
+        ):
+            seen = []
+            for _ in range(50):
+                before = counted(code.name)
+                e = rpc_error(
+                    lambda md=md: ch.unary_unary("/made.Up/Now")(
+                        b"", metadata=md, timeout=RPC_TIMEOUT
+                    )
+                )
+                assert e.code() == code, (e.code(), e.details())
+                seen.append(counted(code.name) - before)
+            assert seen == [1.0] * 50, (code, seen)
+
+
 @pytest.mark.parametrize(
     "method, kind",
     [

@@ -30,6 +30,7 @@ import inspect
 import threading
 import time
 from collections import Counter as Tally
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,14 +126,24 @@ class _Undecodable:
 class _Context:
     """The handler's view of the call: ``abort`` raises and records its code."""
 
-    def __init__(self, ctx, sync: bool) -> None:
-        self._ctx, self._sync = ctx, sync
+    def __init__(self, ctx, sync: bool, count: Callable[[str], None]) -> None:
+        self._ctx, self._sync, self._count = ctx, sync, count
         self.aborted: grpc.StatusCode | None = None
+        self.counted = False
+
+    def count(self, code: str) -> None:
+        """Count the call's end once: when the handler is done, or at an async abort,
+        which sends the status before it raises (counted after, a caller that had its
+        answer could scrape ``/metrics`` without it)."""
+        if not self.counted:
+            self.counted = True
+            self._count(code)
 
     def abort(self, code, details: str = "", trailing_metadata=()):
         self.aborted = code
         if self._sync:
             raise Aborted(code, details)
+        self.count(_code_name(code))
         return self._ctx.abort(code, details, tuple(trailing_metadata))
 
     def __getattr__(self, name: str):
@@ -256,20 +267,25 @@ class _Call:
     budget: str  # of the stream limits
 
     # -- the parts the four wrappers share --------------------------------------------
-    def _begin(self, ctx) -> tuple[str | None, str | None]:
-        """(peer holding a slot, refusal reason)."""
+    def _context(self, context, sync: bool) -> tuple[_Context, str | None]:
+        """The call begun: counted, a stream slot taken if it needs one; its context and
+        the reason it is refused (no slot left), if it is."""
+        t0 = time.perf_counter()
         metrics.GRPC_STARTED.labels(*self.labels).inc()
-        if not self.long_lived:
-            return None, None
-        peer = peer_host(ctx.peer())
-        reason = self.limiter.acquire(self.budget, peer)
-        return (None, reason) if reason else (peer, None)
+        peer, reason = None, None
+        if self.long_lived:
+            peer = peer_host(context.peer())
+            reason = self.limiter.acquire(self.budget, peer)
+            if reason:
+                peer = None
 
-    def _end(self, peer: str | None, code: str, t0: float) -> None:
-        if peer is not None:
-            self.limiter.release(self.budget, peer)
-        metrics.GRPC_HANDLED.labels(*self.labels, code).inc()
-        metrics.GRPC_HANDLING.labels(*self.labels).observe(time.perf_counter() - t0)
+        def end(code: str) -> None:
+            if peer is not None:
+                self.limiter.release(self.budget, peer)
+            metrics.GRPC_HANDLED.labels(*self.labels, code).inc()
+            metrics.GRPC_HANDLING.labels(*self.labels).observe(time.perf_counter() - t0)
+
+        return _Context(context, sync, end), reason
 
     def _check_sync(self, request):
         if isinstance(request, _Undecodable):
@@ -315,8 +331,7 @@ class _Call:
     # -- the wrappers --------------------------------------------------------------------
     def sync_unary(self, fn):
         def handler(request, context):
-            ctx, t0, err = _Context(context, True), time.perf_counter(), None
-            peer, reason = self._begin(context)
+            (ctx, reason), err = self._context(context, True), None
             try:
                 if reason:
                     ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
@@ -329,14 +344,13 @@ class _Call:
                 err = e
                 raise
             finally:
-                self._end(peer, self._outcome(ctx, err), t0)
+                ctx.count(self._outcome(ctx, err))
 
         return handler
 
     def sync_stream(self, fn):
         def handler(request, context):
-            ctx, t0, err = _Context(context, True), time.perf_counter(), None
-            peer, reason = self._begin(context)
+            (ctx, reason), err = self._context(context, True), None
             try:
                 if reason:
                     ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
@@ -348,14 +362,13 @@ class _Call:
                 err = e
                 raise
             finally:
-                self._end(peer, self._outcome(ctx, err), t0)
+                ctx.count(self._outcome(ctx, err))
 
         return handler
 
     def async_unary(self, fn):
         async def handler(request, context):
-            ctx, t0, err = _Context(context, False), time.perf_counter(), None
-            peer, reason = self._begin(context)
+            (ctx, reason), err = self._context(context, False), None
             try:
                 if reason:
                     await ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
@@ -364,14 +377,13 @@ class _Call:
                 err = e
                 raise
             finally:
-                self._end(peer, self._outcome(ctx, err), t0)
+                ctx.count(self._outcome(ctx, err))
 
         return handler
 
     def async_stream(self, fn):
         async def handler(request, context):
-            ctx, t0, err = _Context(context, False), time.perf_counter(), None
-            peer, reason = self._begin(context)
+            (ctx, reason), err = self._context(context, False), None
             try:
                 if reason:
                     await ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
@@ -381,6 +393,6 @@ class _Call:
                 err = e
                 raise
             finally:
-                self._end(peer, self._outcome(ctx, err), t0)
+                ctx.count(self._outcome(ctx, err))
 
         return handler
