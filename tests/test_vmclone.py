@@ -870,6 +870,33 @@ def test_a_vm_gives_pipe_ends_only_to_a_child_it_is_forking(env: Env) -> None:
     env.check_clean()
 
 
+def test_a_vm_gives_listeners_only_it_holds_to_a_child_it_is_forking(env: Env) -> None:
+    """``listen_refs`` as ``pipe_refs_many``: only for a child the calling VM leased
+    (ESRCH), only a listener the VM holds itself (another VM's, or none: EBADF, nothing
+    added)."""
+    sup = env.supervisor("tcp", CaptureSink())
+    try:
+        parent = sup._new_proc(MAIN_PID, INIT_PID, INIT_PID, INIT_PID)
+        stranger = sup._new_proc(MAIN_PID + 1, INIT_PID, INIT_PID, INIT_PID)
+        child, _ = sup._call(parent, call_payload("fork_lease", ()))
+        mine = sup.listen_broker.create(MAIN_PID, socket.AF_INET, 0)
+        theirs = sup.listen_broker.create(stranger.pid, socket.AF_INET, 0)
+
+        def refs(lid: int, holder: int) -> int:
+            return sup._call(parent, call_payload("listen_refs", (lid, holder)))[0]
+
+        assert refs(mine, stranger.pid) == -errno.ESRCH
+        assert refs(theirs, child) == -errno.EBADF
+        assert refs(mine + theirs + 99, child) == -errno.EBADF
+        assert not sup.listen_broker.holds(theirs, child)
+        assert not sup.listen_broker.holds(mine, stranger.pid)
+        assert refs(mine, child) == 0
+        assert sup.listen_broker.holds(mine, child)
+    finally:
+        sup.close()
+    env.check_clean()
+
+
 def _refused(port: int, data: bytes) -> bytes:
     """Connect to a supervisor, send ``data``, return all it answers until it hangs up."""
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:

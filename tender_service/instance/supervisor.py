@@ -915,13 +915,13 @@ class Supervisor:
         return self.listen_broker.create(rec.pid, family, port)
 
     def _op_listen_refs(self, rec: ProcRec, lid: int, holder: int) -> int:
+        """A child this VM is forking (or that execs) holds a listener this VM holds."""
         target = self.procs.get(holder)
         if target is None or target.leased_by != rec.pid:
-            return -errno.ESRCH  # only for a child this VM is forking (or that execs)
-        try:
-            self.listen_broker.add_ref(lid, holder)
-        except ValueError:
-            return -errno.EBADF
+            return -errno.ESRCH
+        if not self.listen_broker.holds(lid, rec.pid):
+            return -errno.EBADF  # none of its own, or another VM's
+        self.listen_broker.add_ref(lid, holder)
         return 0
 
     def _op_listen_poll(self, rec: ProcRec, lid: int, watch: int = 0) -> int:
