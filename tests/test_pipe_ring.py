@@ -7,6 +7,7 @@ the pipe's change."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import select
 import subprocess
@@ -21,7 +22,7 @@ from tender_service.instance.pool import WarmPool
 from tender_service.rump.files import POLLERR, POLLHUP, READABLE, WRITABLE
 from tender_service.rump.pipe import PIPE_BUF, PIPE_CAPACITY
 from tender_service.rump.vminfo import VmConfig
-from tender_service.transports import pipe_ring, remote_pipe
+from tender_service.transports import pipe_ring, remote_pipe, shm_segment
 from tender_service.transports.pipe_ring import READ, SLOTS, WAIT, WRITE, PipeRing, Waiter
 from tender_service.transports.remote_pipe import SpinPolicy
 
@@ -32,7 +33,6 @@ def ring() -> Iterator[PipeRing]:
     try:
         yield r
     finally:
-        r.unlink()
         r.close()
 
 
@@ -141,52 +141,51 @@ def test_a_waker_whose_waiter_is_gone_goes_on(ring: PipeRing) -> None:
     assert ring.read(1, 1, None) == b"x"
 
 
-def test_the_supervisors_view_survives_a_vm_truncating_the_ring(fifo: Fifo) -> None:
-    """A VM process that takes over its emulator can ftruncate a ring it holds; the
-    supervisor's view is not a mapping (a touch would be a SIGBUS, the tender's
-    death): what is gone reads as zeros, and its next write puts the header back."""
+def test_a_vm_cannot_resize_a_ring_and_the_supervisors_view_is_no_mapping(fifo: Fifo) -> None:
+    """A ring is a memfd sealed against resizing before any VM gets its fd: a VM
+    process that takes over its emulator cannot ``ftruncate`` it (a mapping's next
+    touch, the supervisor's or another VM's, would be a SIGBUS) and it has no name in
+    /dev/shm to open.  The supervisor's view reads the header with ``pread``."""
     sup = PipeRing.create(b"unread", readers=1, writers=1, mapped=False)
-    vm = PipeRing.attach(sup.name)
+    vm = PipeRing.from_fd(sup.reopen())
     try:
         assert vm.read(2, 2, None) == b"un"
         assert (sup.buffered(), sup.written()) == (4, 6)  # the VM's read, seen by pread
         assert vm.read(10, 10, Waiter(fifo.token, 7)) == b"read"
         assert vm.read(10, 10, Waiter(fifo.token, 7)) is WAIT
         assert sup.waiting() == [(7, READ, 0)]
-        with open(pipe_ring.ring_path(sup.name), "r+b") as f:
-            f.truncate(0)  # the attack
-        assert (sup.buffered(), sup.written(), sup.waiting()) == (0, 0, [])
-        assert sup.poll(write_end=False) == POLLHUP  # no writer in a zeroed header
-        sup.set_counts(1, 0)  # writes the header back: the file has it again
-        assert os.path.getsize(pipe_ring.ring_path(sup.name)) >= pipe_ring.HEADER_SIZE
-        assert sup.poll(write_end=True) == WRITABLE
+        for size in (0, pipe_ring.HEADER_SIZE, pipe_ring.SIZE * 2):  # the attack
+            with pytest.raises(PermissionError):
+                os.ftruncate(vm.fileno(), size)
+        with pytest.raises(PermissionError):
+            fcntl.fcntl(vm.fileno(), fcntl.F_ADD_SEALS, 0)  # F_SEAL_SEAL: no unsealing
+        assert os.fstat(vm.fileno()).st_size == pipe_ring.SIZE
+        assert sup.waiting() == [(7, READ, 0)] and sup.poll(write_end=True) == WRITABLE
+        assert not any(sup.name.removeprefix("memfd:") in n for n in os.listdir(pipe_ring.SHM_DIR))
     finally:
         vm.close()
-        sup.unlink()
         sup.close()
 
 
-def test_attach_refuses_what_is_not_a_ring(tmp_path) -> None:
-    for name in ("../etc/passwd", "ufp-1-2", "ufr-x/y"):
-        with pytest.raises(ValueError):
-            PipeRing.attach(name)
-    with pytest.raises(FileNotFoundError):
-        PipeRing.attach("ufr-0-nosuchring")
-    path = pipe_ring.ring_path("ufr-0-notaring")
-    with open(path, "wb") as f:
-        f.write(bytes(pipe_ring.SIZE))  # the right size, no magic
-    try:
-        with pytest.raises(ValueError, match="not a pipe ring"):
-            PipeRing.attach("ufr-0-notaring")
-    finally:
-        os.unlink(path)
+def test_from_fd_refuses_what_is_not_a_ring() -> None:
+    """What a VM is sent must be a sealed segment of a ring's size with a ring's
+    header: anything else is refused (and its fd closed)."""
+    unsealed = os.memfd_create("x", os.MFD_ALLOW_SEALING)
+    os.ftruncate(unsealed, pipe_ring.SIZE)
+    wrong_size = shm_segment.make_segment(pipe_ring.SIZE + 4096)
+    no_magic = shm_segment.make_segment(pipe_ring.SIZE)
+    for fd, why in ((unsealed, "not sealed"), (wrong_size, "wrong size"), (no_magic, "is not a")):
+        with pytest.raises(ValueError, match=why):
+            PipeRing.from_fd(fd)
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed
 
 
 WRITER = """
 import select, sys
 from tender_service.transports.pipe_ring import PipeRing, Waiter, WAIT
 import os
-ring = PipeRing.attach(sys.argv[1])
+ring = PipeRing.from_fd(int(sys.argv[1]))
 me = Waiter(int(sys.argv[2]), 7)
 fifo = os.open(sys.argv[3], os.O_RDWR | os.O_NONBLOCK)
 block = bytes(range(256)) * 256
@@ -208,9 +207,12 @@ def test_two_processes_move_blocks_with_wake_ups(ring: PipeRing, fifo: Fifo) -> 
     order, then EOF once the broker's count says no writer is left."""
     mine = Fifo()
     blocks = 200
+    theirs = ring.reopen()  # an open file description of its own, as a VM gets it
     writer = subprocess.Popen(
-        [sys.executable, "-c", WRITER, ring.name, str(fifo.token), fifo.path, str(blocks)]
+        [sys.executable, "-c", WRITER, str(theirs), str(fifo.token), fifo.path, str(blocks)],
+        pass_fds=[theirs],
     )
+    os.close(theirs)
     got = bytearray()
     try:
         me = Waiter(mine.token, 3)

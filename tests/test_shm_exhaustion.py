@@ -5,14 +5,14 @@ The attack was VM-clone instances over shm until /dev/shm is full: a segment siz
 with ftruncate, which a tmpfs grants beyond its room, made the first touch of a page
 it cannot back a SIGBUS, and the tender (which writes into every VM's rings) died.
 
-Now a channel's segment is a sealed memfd the supervisor makes
-(``transports/shm_segment.py``): it does not live in /dev/shm, and no mount's size
-limit stands behind it, so a full /dev/shm leaves every channel on shm and only
-makes the pipes between VMs brokered (their rings, 68 KiB files in /dev/shm, cannot
-be made).  When no segment can be made (ENOMEM, or EFBIG of a file size limit below
-its size, the one a test can set without touching the host), the VM's channel is
-tcp over the same socket, the instance says so in its transport_note, and
-``unifork_shm_exhausted_total`` counts it.
+Now a channel's segment and a pipe's ring are sealed memfds the supervisor makes
+(``transports/shm_segment.py``): they do not live in /dev/shm, and no mount's size
+limit stands behind them, so a full /dev/shm changes nothing (the VMs' wake-up
+FIFOs there take an inode, no block).  When no channel segment can be made
+(ENOMEM, or EFBIG of a file size limit below its size, the one a test can set
+without touching the host), the VM's channel is tcp over the same socket (which
+still carries ring fds: the rings, 68 KiB, are below that limit), the instance
+says so in its transport_note, and ``unifork_shm_exhausted_total`` counts it.
 """
 
 from __future__ import annotations
@@ -120,7 +120,15 @@ def _run_all(t: Tender) -> list[tuple[str, str, bytes]]:
         c.close()
 
 
-def test_full_dev_shm_leaves_channels_on_shm_and_pipes_brokered(small_shm_tender):
+def _ring_bytes_only(t: Tender) -> None:
+    """Every instance's 8 MiB went through pipe rings: none through the supervisor."""
+    m = t.metrics()
+    assert metric(m, "unifork_pipe_bytes_total", transport="shm") >= INSTANCES * (8 << 20)
+    assert metric(m, "unifork_pipe_write_latency_seconds_count") == 0  # no brokered write
+    assert "a pipe ring could not be made" not in t.log()
+
+
+def test_full_dev_shm_leaves_channels_and_pipes_on_shm(small_shm_tender):
     t = small_shm_tender
     shm = f"/proc/{t.proc.pid}/root/dev/shm"  # the tender's /dev/shm, seen from outside
     st = os.statvfs(shm)
@@ -137,8 +145,8 @@ def test_full_dev_shm_leaves_channels_on_shm_and_pipes_brokered(small_shm_tender
         assert os.statvfs(shm).f_bavail < 17  # not even one ring (68 KiB) fits
         for iid, note, out in _run_all(t):
             assert note == "", (iid, note)  # every VM's channel is shm
-            assert out.startswith(PIPE_BW_OUT), (iid, out)  # its bytes moved (brokered)
-        assert "a pipe ring could not be made" in t.log()
+            assert out.startswith(PIPE_BW_OUT), (iid, out)  # its bytes moved
+        _ring_bytes_only(t)
         assert metric(t.metrics(), "unifork_shm_exhausted_total") == 0
     finally:
         filler.unlink()
@@ -154,3 +162,4 @@ def test_a_channel_segment_that_cannot_be_made_falls_back_to_tcp(small_fsize_ten
         assert out.startswith(PIPE_BW_OUT), (iid, out)
     # every VM of every instance fell back, each counted
     assert metric(t.metrics(), "unifork_shm_exhausted_total") >= len(results)
+    _ring_bytes_only(t)  # the ring fds came over the tcp channels

@@ -13,7 +13,7 @@ from pathlib import Path
 from support import image_path, wait_until
 
 from tender_service.instance.backends.vmclone import run_vmclone
-from tender_service.transports import pipe_ring, shm_names
+from tender_service.transports import pipe_ring
 from tender_service.transports.shm_names import SHM_DIR, owner, sweep_stale
 
 UNIFORK = Path(sys.executable).parent / "unifork"
@@ -30,10 +30,10 @@ def _ours(pid: int) -> set[str]:
     return {n for n in os.listdir(SHM_DIR) if owner(n) == pid}
 
 
-def test_every_name_we_make_names_its_maker() -> None:
+def test_every_name_we_sweep_names_its_maker() -> None:
     me = os.getpid()
-    assert owner(shm_names.new_name("ufp-")) == me
-    assert owner(shm_names.new_name("ufr-")) == me
+    assert owner(f"ufp-{me}-0a1b2c") == me  # the names of older versions' segments
+    assert owner(f"ufr-{me}-0a1b2c") == me
     assert owner(os.path.basename(pipe_ring.wake_path(pipe_ring.new_token()))) == me
     for other in ("ufx-1-ab", "ufp-1", "ufp--ab", "ufp-x-ab", "ufp-0-ab", "sem.ufp-1-ab", "ufp-1-"):
         assert owner(other) is None, other
@@ -83,18 +83,30 @@ def _piping_run() -> subprocess.Popen:
 
 
 def _wait_for_its_ring(run: subprocess.Popen) -> None:
+    """Until both VMs' wake-up FIFOs are there (a FIFO a VM) and the run's pipe ring
+    is mapped (a memfd named ``unifork-pipe-ring``) in the child's process."""
     wait_until(
-        lambda: {n[:4] for n in _ours(run.pid)} >= {"ufr-", "ufw-"},
+        lambda: (
+            len([n for n in _ours(run.pid) if n.startswith("ufw-")]) >= 2
+            and any(_maps_a_ring(pid) for pid in _session(run.pid))
+        ),
         60,
-        "the run's pipe ring and wake-up FIFOs",
+        "the run's wake-up FIFOs and pipe ring",
     )
+
+
+def _maps_a_ring(pid: int) -> bool:
+    try:
+        return "/memfd:unifork-pipe-ring" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
 
 
 def test_what_a_killed_run_left_in_dev_shm_goes_when_the_next_instance_starts(pool) -> None:
     """A `unifork run` (the supervisor and its VM processes) killed by SIGKILL mid-pipe
-    leaves its pipe ring and its VMs' wake-up FIFOs (its channel segments lose their
-    names once both ends map them); the next instance over shm removes them, and its
-    own run leaves nothing."""
+    leaves its VMs' wake-up FIFOs (its channel segments and pipe rings are memfds,
+    with no name); the next instance over shm removes them, and its own run leaves
+    nothing."""
     run = _piping_run()
     try:
         _wait_for_its_ring(run)
@@ -107,7 +119,7 @@ def test_what_a_killed_run_left_in_dev_shm_goes_when_the_next_instance_starts(po
                 if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
                     os.kill(pid, signal.SIGKILL)
         run.wait()
-    assert {n[:4] for n in ours} >= {"ufr-", "ufw-"}, ours
+    assert {n[:4] for n in ours} == {"ufw-"} and len(ours) >= 2, ours
     wait_until(lambda: not any(_alive(owner(n)) for n in ours), 30, "the killed processes to go")
     assert set(os.listdir(SHM_DIR)) >= ours  # nobody removed them
 

@@ -10,6 +10,7 @@ process behind.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -55,6 +56,7 @@ from tender_service.transports import (
     read_hello,
     write_hello,
 )
+from tender_service.transports import channel as transport_channel
 from tender_service.transports.channel import MAX_RING_SIZE, segment_size
 from tender_service.transports.frames import HEADER, HELLO_HEADER, MAX_HELLO_JSON
 from tender_service.transports.shm_names import owner
@@ -63,6 +65,7 @@ from tender_service.transports.shm_segment import SEALS
 log = logging.getLogger(__name__)
 
 KINDS = ["tcp", "shm"]
+WAIT = 30.0
 REPO = Path(__file__).resolve().parent.parent
 SHM_DIR = Path("/dev/shm")
 TOKEN = "t0ken"
@@ -798,3 +801,107 @@ def test_shm_ring_size_outside_its_bounds_is_refused() -> None:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     worker_main(sys.argv[2:])
+
+
+def _pair(kind: str) -> tuple[Channel, Channel]:
+    """(a VM's end, its supervisor's end) of a channel of ``kind`` over a Unix socketpair."""
+    vm_sock, sup_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    answered: dict[str, Channel] = {}
+    t = threading.Thread(
+        target=lambda: answered.setdefault("sup", connect_channel(kind, sup_sock, False, {}))
+    )
+    t.start()
+    vm = connect_channel(kind, vm_sock, True, {"pid": 2})
+    t.join(WAIT)
+    return vm, answered["sup"]
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_fd_reaches_the_vm_with_its_frame_and_only_the_vm_takes_fds(kind: str) -> None:
+    """How a supervisor hands a VM a pipe ring: ``send(frame, fd)``; once the VM has
+    the frame, ``take_fd`` has the fd (the same file, in order, under any number of
+    frames between).  Fds a VM sends its supervisor are not kept: the kernel closes
+    them, and the supervisor's channel has none to take."""
+    vm, sup = _pair(kind)
+    try:
+        assert (vm.takes_fds, sup.takes_fds) == (True, False)
+        files = [os.memfd_create(f"f{i}") for i in range(3)]
+        for i, fd in enumerate(files):
+            sup.send(Frame(1, 0, i, 0, 0, b"x" * 10))
+            sup.send(Frame(1, 0, i, 0, 0, str(os.fstat(fd).st_ino).encode()), fd)
+        for i, fd in enumerate(files):
+            assert vm.recv(WAIT).payload == b"x" * 10
+            f = vm.recv(WAIT)
+            got = vm.take_fd(WAIT)
+            assert (
+                str(os.fstat(got).st_ino).encode() == f.payload == str(os.fstat(fd).st_ino).encode()
+            ), i
+            assert fcntl.fcntl(got, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+            os.close(got)
+        before = _open_fds()
+        vm.send(Frame(2, 0, 9, 0, 0, b"mine"), files[0])  # the other way
+        assert sup.recv(WAIT).payload == b"mine"
+        with pytest.raises(ChannelClosed):
+            sup.take_fd(0.2)
+        assert _open_fds() == before
+        for fd in files:
+            os.close(fd)
+    finally:
+        vm.close()
+        sup.close()
+
+
+def test_an_fd_goes_over_unix_sockets_only() -> None:
+    """A tcp channel over TCP cannot carry an fd: the sender is told, nothing is sent."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        vm_sock = socket.create_connection(listener.getsockname())
+        sup_sock, _ = listener.accept()
+    finally:
+        listener.close()
+    answered: dict[str, Channel] = {}
+    t = threading.Thread(
+        target=lambda: answered.setdefault("sup", connect_channel("tcp", sup_sock, False, {}))
+    )
+    t.start()
+    vm = connect_channel("tcp", vm_sock, True, {})
+    t.join(WAIT)
+    sup = answered["sup"]
+    fd = os.memfd_create("f")
+    try:
+        assert not vm.takes_fds
+        with pytest.raises(ValueError, match="Unix socket"):
+            sup.send(Frame(1, 0, 1, 0, 0, b"x"), fd)
+        sup.send(Frame(1, 0, 2, 0, 0, b"y"))
+        assert vm.recv(WAIT).req == 2
+    finally:
+        os.close(fd)
+        vm.close()
+        sup.close()
+
+
+def test_a_vm_that_reads_nothing_loses_its_channel_not_the_supervisors_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An fd needs room in the socket: a VM that never drains its doorbells (one that
+    took over its emulator) would hold the supervisor's thread in ``sendmsg`` for
+    ever.  It waits ``FD_SEND_TIMEOUT``, then closes that channel."""
+    monkeypatch.setattr(transport_channel, "FD_SEND_TIMEOUT", 0.5)
+    vm, sup = _pair("shm")
+    fd = os.memfd_create("f")
+    try:
+        sup._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        with contextlib.suppress(BlockingIOError):
+            while True:  # fill the socket with doorbells nobody reads
+                sup._sock.send(b"\x01" * 4096, socket.MSG_DONTWAIT)
+        with pytest.raises(ChannelClosed, match="does not read"):
+            sup.send(Frame(1, 0, 1, 0, 0, b"x"), fd)
+        assert sup.closed
+    finally:
+        os.close(fd)
+        vm.close()
+        sup.close()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import fcntl
 import functools
 import json
 import os
@@ -65,6 +66,7 @@ from tender_service.toolchain.images import build_image
 from tender_service.toolchain.paths import images_dir, zig_cache_dir
 from tender_service.transports.channel import connect_channel
 from tender_service.transports.frames import HELLO_MAGIC, ChannelClosed, encode_hello
+from tender_service.transports.pipe_ring import PipeRing
 from tender_service.transports.protocol import PIPE_REFS
 from tender_service.transports.shm_names import owner
 from tender_service.transports.vmlink import call_payload
@@ -892,6 +894,47 @@ def test_a_vm_gives_listeners_only_it_holds_to_a_child_it_is_forking(env: Env) -
         assert not sup.listen_broker.holds(mine, stranger.pid)
         assert refs(mine, child) == 0
         assert sup.listen_broker.holds(mine, child)
+    finally:
+        sup.close()
+    env.check_clean()
+
+
+def test_a_ring_fd_goes_only_to_a_vm_holding_an_end_each_its_own_file(env: Env) -> None:
+    """A pipe ring has no name: a VM gets its segment's fd from the supervisor
+    (``ring_fd``), and only for a pipe it holds an end of (EBADF otherwise, EINVAL for
+    a brokered pipe).  Each fd is an open file description of its own: the ring's
+    ``flock`` must exclude two VMs that were sent it (one description shared would not)."""
+    sup = env.supervisor("shm", CaptureSink())
+    try:
+        parent = sup._new_proc(MAIN_PID, INIT_PID, INIT_PID, INIT_PID)
+        stranger = sup._new_proc(MAIN_PID + 1, INIT_PID, INIT_PID, INIT_PID)
+        ringed, label = sup._call(parent, call_payload("pipe_create", (1, 1, 1), b"unread"))
+        brokered, none = sup._call(parent, call_payload("pipe_create", (1, 1, 0), b""))
+        assert label.startswith(b"memfd:") and none == b""
+
+        def ring_fd(rec: ProcRec, pipe: int) -> tuple[int, bytes, int | None]:
+            return sup._answer(rec, call_payload("ring_fd", (pipe,)))
+
+        assert ring_fd(stranger, ringed) == (-errno.EBADF, b"", None)
+        assert ring_fd(parent, brokered) == (-errno.EINVAL, b"", None)
+        assert ring_fd(parent, ringed + brokered + 9) == (-errno.EBADF, b"", None)
+        got = [ring_fd(parent, ringed) for _ in range(2)]
+        try:
+            for value, ino, fd in got:
+                assert value == 0 and fd is not None
+                assert str(os.fstat(fd).st_ino).encode() == ino == label.removeprefix(b"memfd:")
+            a, b = (fd for _, _, fd in got)
+            fcntl.flock(a, fcntl.LOCK_EX)
+            with pytest.raises(BlockingIOError):  # a second description: excluded
+                fcntl.flock(b, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(a, fcntl.LOCK_UN)
+            ring = PipeRing.from_fd(os.dup(b))
+            assert ring.read(100, 100, None) == b"unread"
+            ring.close()
+        finally:
+            for _, _, fd in got:
+                if fd is not None:
+                    os.close(fd)
     finally:
         sup.close()
     env.check_clean()

@@ -713,7 +713,8 @@ class Supervisor:
         else:
             self._send(rec, Frame(Msg.SIGNAL, 0, 0, sender, sig, info))
 
-    def _send(self, rec: ProcRec, frame: Frame) -> None:
+    def _send(self, rec: ProcRec, frame: Frame, fd: int | None = None) -> None:
+        """``frame`` (with ``fd``: an answer to its running VM) to ``rec``'s VM."""
         ch = rec.channel
         if frame.type in _WAKING:
             rec.events_sent += 1
@@ -725,7 +726,7 @@ class Supervisor:
                         rec.backlog.append(frame)  # for its hello
                     return
         with contextlib.suppress(ChannelClosed, OSError):
-            ch.send(frame)
+            ch.send(frame, fd)
 
     # -- messages ---------------------------------------------------------------------
     def _console(self, rec: ProcRec, f: Frame) -> None:
@@ -755,8 +756,12 @@ class Supervisor:
             elif t == Msg.PIPE_CLOSE:
                 self.broker.close(f.pipe, rec.pid, "r" if f.arg == END_READ else "w")
             elif t == Msg.CALL:
-                value, payload = self._call(rec, f.payload)
-                self._send(rec, Frame(Msg.RESULT, 0, f.req, 0, value, payload))
+                value, payload, fd = self._answer(rec, f.payload)
+                try:
+                    self._send(rec, Frame(Msg.RESULT, 0, f.req, 0, value, payload), fd)
+                finally:
+                    if fd is not None:
+                        os.close(fd)
             elif t == Msg.EXITED:
                 self._exited(rec, f)
             elif t == Msg.REAPED:
@@ -964,6 +969,15 @@ class Supervisor:
         self._ended(rec, f.arg, report)
 
     def _call(self, rec: ProcRec, payload: bytes) -> tuple[int, bytes]:
+        """A call's value and payload (what the tests ask; an fd it gives is closed)."""
+        value, data, fd = self._answer(rec, payload)
+        if fd is not None:
+            os.close(fd)
+        return value, data
+
+    def _answer(self, rec: ProcRec, payload: bytes) -> tuple[int, bytes, int | None]:
+        """A call's value, payload and the fd that goes with them, if any (the caller
+        closes it once it is sent)."""
         try:
             head, _, data = payload.partition(b"\n")  # vmlink.call_payload: JSON, data
             req = json.loads(head)
@@ -971,16 +985,20 @@ class Supervisor:
             if "data" in req:  # the older form: base64 inside the JSON
                 data = base64.b64decode(req["data"], validate=True)
         except (ValueError, KeyError, TypeError):
-            return -errno.EINVAL, b""
+            return -errno.EINVAL, b"", None
         fn = getattr(self, f"_op_{op}", None)
         if fn is None:
-            return -errno.ENOSYS, b""
+            return -errno.ENOSYS, b"", None
         try:
             out = fn(rec, *args, data=data) if op in _DATA_OPS else fn(rec, *args)
         except (TypeError, ValueError, KeyError) as e:
             log.warning("instance %s: bad %s request from pid %d: %s", self.id, op, rec.pid, e)
-            return -errno.EINVAL, b""
-        return out if isinstance(out, tuple) else (out, b"")
+            return -errno.EINVAL, b"", None
+        if not isinstance(out, tuple):
+            return out, b"", None
+        if len(out) == 3:  # (value, payload, fd): an fd goes with a success only
+            return out[0], out[1], out[2] if out[0] >= 0 else None
+        return out[0], out[1], None
 
     def _op_fork_lease(self, rec: ProcRec) -> tuple[int, bytes]:
         if self._live_count() >= self.config.max_procs or self._outcome is not None:
@@ -1208,8 +1226,9 @@ class Supervisor:
     def _op_pipe_create(
         self, rec: ProcRec, readers: int, writers: int, ring: int = 0, *, data: bytes
     ) -> tuple[int, bytes]:
-        """A VM's pipe becomes shared: its id, and the name of its ring if it is a plain
-        pipe (``ring``) of an instance whose pipes are rings (and /dev/shm has room)."""
+        """A VM's pipe becomes shared: its id, and a label of its ring (``VmLink.ring``
+        maps it) if it is a plain pipe (``ring``) of an instance whose pipes are rings
+        (and there is memory for one)."""
         segment = None
         if ring and self.rings:
             try:
@@ -1220,10 +1239,20 @@ class Supervisor:
             pipe = self.broker.create(rec.pid, data, readers, writers, ring=segment)
         except ValueError:
             if segment is not None:
-                segment.unlink()
                 segment.close()
             raise
         return pipe, segment.name.encode() if segment is not None else b""
+
+    def _op_ring_fd(self, rec: ProcRec, pipe: int) -> tuple[int, bytes, int]:
+        """A new fd of ring pipe ``pipe``'s segment (its own open file description:
+        ``PipeRing.reopen``), for a VM that holds an end of it (EBADF otherwise;
+        EINVAL: not a ring pipe); the answer names its inode."""
+        if not (self.broker.holds(pipe, rec.pid, "r") or self.broker.holds(pipe, rec.pid, "w")):
+            return -errno.EBADF, b"", -1
+        ring = self.broker.ring_of(pipe)
+        if ring is None:
+            return -errno.EINVAL, b"", -1
+        return 0, str(ring.ino).encode(), ring.reopen()
 
     def _op_pipe_close(self, rec: ProcRec, pipe: int, end: int) -> int:
         """A ring pipe's end closed, answered once the ring's counts say so."""

@@ -491,7 +491,8 @@ class PipeBroker:
         return p.ring if p is not None else None
 
     def close_rings(self) -> None:
-        """The instance is over: every ring's name goes (VMs still running keep theirs)."""
+        """The instance is over: the supervisor lets go of every ring (VMs still running
+        keep their mappings)."""
         for p in self._pipes.values():
             if p.ring is not None:
                 self._ring_gone(p.ring)
@@ -501,7 +502,6 @@ class PipeBroker:
     def _ring_gone(self, ring: PipeRing) -> None:
         written = ring.written()
         self._counters.bytes_written += written
-        ring.unlink()
         ring.close()
         if self.ring_done is not None and written:
             self._send(self.ring_done, written)

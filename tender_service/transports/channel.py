@@ -70,6 +70,7 @@ A supervisor accepts workers of either kind on one listening socket with
 
 from __future__ import annotations
 
+import array
 import contextlib
 import logging
 import math
@@ -80,6 +81,7 @@ import socket
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from ctypes import c_uint64
 from typing import Any, Protocol
@@ -118,6 +120,11 @@ _CTL_BASE = 64
 _CTL_STRIDE = 256  # per ring: head, tail, data_waiting, space_waiting, 64 bytes apart
 _DATA_BASE = 4096
 _DOORBELL = b"\x01"
+#: fds one read takes at most (one comes per message: a pipe ring)
+_MAX_FDS = 4
+_FD_SPACE = socket.CMSG_SPACE(_MAX_FDS * 4)
+#: seconds a sender waits for room in the socket to pass an fd
+FD_SEND_TIMEOUT = 10.0
 _SHM_KEY = "_shm"
 
 
@@ -164,13 +171,22 @@ class Channel(Protocol):
     peer_hello: dict[str, Any]
     #: why this channel is tcp where shm was asked for ("": it is what was asked)
     fallback: str
+    #: whether ``take_fd`` has fds to give (the initiator's side of a Unix socket)
+    takes_fds: bool
 
-    def send(self, frame: Frame) -> None:
-        """Queue one frame; frames from concurrent senders are never interleaved."""
+    def send(self, frame: Frame, fd: int | None = None) -> None:
+        """Queue one frame; frames from concurrent senders are never interleaved.
+        ``fd`` (Unix sockets only) reaches the peer's ``take_fd`` no later than the
+        frame reaches its ``recv``."""
         ...
 
     def recv(self, timeout: float | None = None) -> Frame | None:
         """The next frame, None on timeout; ChannelClosed / ProtocolError otherwise."""
+        ...
+
+    def take_fd(self, timeout: float) -> int:
+        """The next fd the peer sent (the initiator's side only: see ``takes_fds``);
+        ChannelClosed if none comes in ``timeout`` seconds."""
         ...
 
     def close(self) -> None:
@@ -207,6 +223,11 @@ class _ChannelBase:
         self._users = 0
         self._closed = False
         self._released = False
+        #: whether fds the peer sends are kept for ``take_fd`` (the initiator: a VM,
+        #: sent pipe rings by its supervisor); the other side takes none, so the
+        #: kernel closes any a VM sends it
+        self.takes_fds = False
+        self._fds: deque[int] = deque()
 
     @property
     def closed(self) -> bool:
@@ -258,9 +279,53 @@ class _ChannelBase:
 
     def _release(self) -> None:
         self._sock.close()
+        while self._fds:
+            os.close(self._fds.popleft())
 
     def _wake_sleepers(self) -> None:
         """Threads blocked on the socket wake from its shutdown; subclasses add others."""
+
+    def _recv_into(self, buf: memoryview | bytearray) -> int:
+        """One nonblocking read of the socket; fds that come with the bytes are kept
+        (``takes_fds``).  BlockingIOError if there is nothing."""
+        if not self.takes_fds:
+            return self._sock.recv_into(buf, 0, socket.MSG_DONTWAIT)
+        n, anc, flags, _ = self._sock.recvmsg_into(
+            [buf], _FD_SPACE, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
+        )
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+                self._fds.extend(fds)
+        if flags & socket.MSG_CTRUNC:
+            log.warning("channel: fds sent by the peer were lost (more than %d at once)", _MAX_FDS)
+        return n
+
+    def _send_fd(self, data: bytes, fd: int) -> int:
+        """``sendmsg`` of ``data`` (at least a byte) with ``fd``; the bytes sent.  Waits
+        up to ``FD_SEND_TIMEOUT`` for room: a peer that reads nothing has its channel
+        closed (ChannelClosed) rather than the sender held."""
+        if self._sock.family != socket.AF_UNIX:
+            raise ValueError("an fd travels only over a Unix socket")
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+        deadline = time.monotonic() + FD_SEND_TIMEOUT
+        while True:
+            try:
+                return self._sock.sendmsg([data], anc, socket.MSG_DONTWAIT | _SEND_FLAGS)
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                room = select.poll()  # not select(): a tender has fds above 1024
+                room.register(self._sock.fileno(), select.POLLOUT)
+                if left <= 0 or not room.poll(_poll_ms(left)):
+                    self.close()
+                    raise ChannelClosed("the peer does not read its socket") from None
+
+    def take_fd(self, timeout: float) -> int:
+        """Default (TcpChannel): the fd came with the bytes of the frame before it."""
+        if self._fds:
+            return self._fds.popleft()
+        raise ChannelClosed("no fd came with the frame")
 
     @staticmethod
     def _deadline(timeout: float | None) -> float | None:
@@ -319,7 +384,7 @@ class TcpChannel(_ChannelBase):
         del self._rbuf, self._rview
         super()._release()
 
-    def send(self, frame: Frame) -> None:
+    def send(self, frame: Frame, fd: int | None = None) -> None:
         header = encode_header(frame)
         payload = frame.payload
         self._enter()
@@ -328,7 +393,12 @@ class TcpChannel(_ChannelBase):
                 if self._send_error is not None:
                     raise ChannelClosed(f"send failed: {self._send_error}")
                 try:
-                    if len(payload) <= _COALESCE:
+                    if fd is not None:  # with the frame's first bytes
+                        data = header + payload
+                        sent = self._send_fd(data, fd)
+                        if sent < len(data):
+                            self._send_parts(memoryview(data)[sent:])
+                    elif len(payload) <= _COALESCE:
                         self._sock.sendall(header + payload, _SEND_FLAGS)
                     else:
                         self._send_parts(memoryview(header), memoryview(payload))
@@ -406,7 +476,7 @@ class TcpChannel(_ChannelBase):
         if self._rend == len(self._rbuf):
             self._compact()
         try:
-            n = self._sock.recv_into(self._rview[self._rend :], 0, socket.MSG_DONTWAIT)
+            n = self._recv_into(self._rview[self._rend :])
         except BlockingIOError:
             return
         except OSError as e:
@@ -608,14 +678,35 @@ class ShmChannel(_ChannelBase):
 
     # -- data path -------------------------------------------------------------
 
-    def send(self, frame: Frame) -> None:
+    def send(self, frame: Frame, fd: int | None = None) -> None:
         header = encode_header(frame)
         payload = frame.payload
         need = HEADER_SIZE + len(payload)
         self._enter()
         try:
             with self._send_lock:
+                if fd is not None:  # before the frame: a doorbell byte that carries it
+                    self._send_fd(_DOORBELL, fd)
                 self._send_locked(header, payload, need)
+        finally:
+            self._leave()
+
+    def take_fd(self, timeout: float) -> int:
+        """The fd came on the socket before its frame went into the ring: whoever
+        drains the doorbells next has it (this thread, if no other is polling)."""
+        deadline = self._deadline(timeout)
+        self._enter()
+        try:
+            while True:
+                with self._cond:
+                    if self._fds:
+                        return self._fds.popleft()
+                    epoch = self._epoch
+                if self._closed or self._peer_gone:
+                    raise ChannelClosed("channel closed before the fd came")
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise ChannelClosed(f"no fd came in {timeout:g} s")
+                self._sleep(deadline, epoch)
         finally:
             self._leave()
 
@@ -733,10 +824,12 @@ class ShmChannel(_ChannelBase):
                     self._cond.notify_all()
 
     def _drain_doorbells(self) -> None:
-        """Swallow pending doorbell bytes; a short read means there are no more."""
+        """Swallow pending doorbell bytes (keeping the fds some carry); a short read
+        means there are no more, unless fds are taken: a read stops at a byte that
+        carries one."""
         while True:
             try:
-                n = self._sock.recv_into(self._bell_buf, 0, socket.MSG_DONTWAIT)
+                n = self._recv_into(self._bell_buf)
             except BlockingIOError:
                 return
             except OSError as e:
@@ -745,7 +838,7 @@ class ShmChannel(_ChannelBase):
             if n == 0:
                 self._peer_gone = True
                 return
-            if n < len(self._bell_buf):
+            if n < len(self._bell_buf) and not self.takes_fds:
                 return
 
     def _wake_sleepers(self) -> None:
@@ -811,17 +904,21 @@ def connect_channel(
     """
     kind = TransportKind.parse(kind).label
     if creator:
+        channel: Channel
         if kind == "shm":
-            return ShmChannel.offer(sock, hello, timeout)
-        try:
-            write_hello(sock, "tcp", hello)
-            ack = read_hello(sock, timeout)
-            if ack.kind != "tcp":
-                raise ProtocolError(f"peer answered with transport {ack.kind}, expected tcp")
-        except BaseException:
-            sock.close()
-            raise
-        return TcpChannel(sock, ack.info)
+            channel = ShmChannel.offer(sock, hello, timeout)
+        else:
+            try:
+                write_hello(sock, "tcp", hello)
+                ack = read_hello(sock, timeout)
+                if ack.kind != "tcp":
+                    raise ProtocolError(f"peer answered with transport {ack.kind}, expected tcp")
+            except BaseException:
+                sock.close()
+                raise
+            channel = TcpChannel(sock, ack.info)
+        channel.takes_fds = sock.family == socket.AF_UNIX  # the supervisor's pipe rings
+        return channel
     try:
         offer = read_hello(sock, timeout)
         if offer.kind != kind:

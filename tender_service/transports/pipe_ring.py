@@ -6,6 +6,13 @@ where the same two programs in one VM move ~1,100.  A ring pipe keeps the bytes 
 shared-memory segment that every VM holding an end maps; a read or a write is a copy
 under the segment's lock, and the supervisor is not on the data path at all.
 
+The segment is a memfd (``shm_segment.make_segment``): it has no name in /dev/shm
+that another process of the tender's uid could open (a pool process that takes over
+its emulator would read and write every instance's pipes), and it is sealed against
+resizing before any VM has it.  A VM asks its supervisor for the fd the first time
+it touches the ring (``VmLink.ring``: the ``ring_fd`` call, answered only for a pipe
+the VM holds an end of, the fd sent over the channel's Unix socket).
+
 The broker stays the authority for who holds what (``PipeBroker``'s refs: forks,
 SCM_RIGHTS, a VM that dies): it writes the total reader and writer counts into the
 header (``set_counts``), so that a reader sees EOF once the ring is empty and no
@@ -15,8 +22,9 @@ passes no supervisor and must find the counts changed already.  Semantics are Li
 ``rump/pipe.py``: 64 KiB capacity, a write of at most PIPE_BUF bytes is atomic (all
 or wait), a larger one moves what fits and waits for room for the rest.
 
-Locking: ``flock`` on the segment's file descriptor (each ``PipeRing`` opens its own,
-so two VMs in one process exclude each other too) and a thread lock for the threads
+Locking: ``flock`` on the segment's file descriptor (each ``PipeRing`` has an open
+file description of its own, ``reopen``, so two VMs in one process exclude each
+other too) and a thread lock for the threads
 sharing one object (the supervisor's).  flock is a system call on both sides of the
 critical section: the header and data loads and stores inside it are ordered.
 
@@ -35,10 +43,8 @@ Layout: a 4 KiB header (magic, head, tail, readers, writers, the waiter table), 
 the 64 KiB of data.  head and tail count bytes forever.
 
 The supervisor does not map a ring (``mapped=False``): it reads and writes the header
-with ``pread``/``pwrite`` under the lock.  Any VM process holding a ring could
-``ftruncate`` its file (one that takes over its emulator); a mapping's next touch
-would then be a SIGBUS, and the supervisor's is the tender's death.  A short read
-is zeros to it instead, and a write puts the bytes back.
+with ``pread``/``pwrite`` under the lock (before rings were sealed, a VM process could
+truncate one, and a mapping's next touch was a SIGBUS: the tender's death).
 """
 
 from __future__ import annotations
@@ -56,7 +62,8 @@ from dataclasses import dataclass
 
 from tender_service.rump.files import POLLERR, POLLHUP, READABLE, WRITABLE
 from tender_service.rump.pipe import PIPE_CAPACITY
-from tender_service.transports.shm_names import SHM_DIR, new_name
+from tender_service.transports.shm_names import SHM_DIR
+from tender_service.transports.shm_segment import SEALS, make_segment
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +81,11 @@ _SLOTS_AT = 64
 SLOTS = 32
 #: what a waiter waits for: data (or EOF), room (or EPIPE)
 READ, WRITE = 1, 2
+_MEMFD_NAME = "unifork-pipe-ring"
 HEADER_SIZE = 4096
 SIZE = HEADER_SIZE + PIPE_CAPACITY
 #: what a read or write returns when it must wait (its waiter is registered)
 WAIT = object()
-
-
-def ring_path(name: str) -> str:
-    return os.path.join(SHM_DIR, name)
 
 
 def wake_path(token: int) -> str:
@@ -108,11 +112,13 @@ class Waiter:
 
 
 class PipeRing:
-    """One ring pipe's mapping (see the module docstring)."""
+    """One ring pipe's segment as one process sees it (see the module docstring)."""
 
-    def __init__(self, name: str, fd: int, mapped: bool = True) -> None:
-        self.name = name
+    def __init__(self, fd: int, mapped: bool = True) -> None:
         self._fd = fd
+        #: the inode of its memfd: what a VM checks the fd it is sent against
+        self.ino = os.fstat(fd).st_ino
+        self.name = f"memfd:{self.ino}"
         self._mmap: mmap.mmap | None = None
         #: the header as this object sees it: the mapping, or (not mapped) a copy read
         #: when the lock is taken and written back, if changed, before it is let go
@@ -128,42 +134,46 @@ class PipeRing:
     def create(
         cls, data: bytes = b"", readers: int = 1, writers: int = 1, mapped: bool = True
     ) -> PipeRing:
-        """A new segment holding ``data`` (a local pipe's unread bytes); OSError if
-        /dev/shm cannot take it (every page is reserved now: no SIGBUS later).
-        The supervisor's is not ``mapped`` (see the module docstring)."""
+        """A new segment holding ``data`` (a local pipe's unread bytes): a memfd sealed
+        against resizing (``shm_segment.make_segment``; ShmExhausted, an OSError, if
+        none can be made).  The supervisor's is not ``mapped`` (module docstring)."""
         if len(data) > PIPE_CAPACITY:
             raise ValueError(f"{len(data)} bytes exceed the pipe capacity")
-        name = new_name("ufr-")
-        fd = os.open(ring_path(name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = make_segment(SIZE, _MEMFD_NAME)
         try:
-            os.posix_fallocate(fd, 0, SIZE)
             os.pwrite(fd, data, HEADER_SIZE)
             os.pwrite(fd, _HEAD.pack(_MAGIC, 0, len(data), readers, writers), 0)
-            return cls(name, fd, mapped)
+            return cls(fd, mapped)
         except BaseException:
             os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(ring_path(name))
             raise
 
     @classmethod
-    def attach(cls, name: str) -> PipeRing:
-        """Map an existing segment; OSError if it is not there, ValueError if it is not
-        a ring."""
-        if not name.startswith("ufr-") or "/" in name:
-            raise ValueError(f"not a ring name: {name[:80]!r}")
-        fd = os.open(ring_path(name), os.O_RDWR)
+    def from_fd(cls, fd: int) -> PipeRing:
+        """Map the segment ``fd`` (a VM, sent it by its supervisor), which it then owns;
+        ValueError (fd closed) if it is not a sealed ring."""
         try:
             if os.fstat(fd).st_size != SIZE:
-                raise ValueError(f"segment {name} is not a pipe ring")
-            ring = cls(name, fd)
+                raise ValueError("not a pipe ring: wrong size")
+            if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALS != SEALS:
+                raise ValueError("not a pipe ring: not sealed against resizing")
+            ring = cls(fd)
         except BaseException:
             os.close(fd)
             raise
         if _HEAD.unpack_from(ring._map, 0)[0] != _MAGIC:
             ring.close()
-            raise ValueError(f"segment {name} is not a pipe ring")
+            raise ValueError(f"{ring.name} is not a pipe ring")
         return ring
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def reopen(self) -> int:
+        """A new fd of the segment with an open file description of its own, for
+        another VM: ``flock`` excludes open file descriptions, not fds (one passed
+        as it is, by ``SCM_RIGHTS`` or ``dup``, would share this one's lock)."""
+        return os.open(f"/proc/self/fd/{self._fd}", os.O_RDWR | os.O_CLOEXEC)
 
     def close(self) -> None:
         if self._mmap is not None:
@@ -172,11 +182,6 @@ class PipeRing:
                 self._mmap.close()
         with contextlib.suppress(OSError):
             os.close(self._fd)
-
-    def unlink(self) -> None:
-        """Remove the name: VMs that map it keep it until they close it."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(ring_path(self.name))
 
     # -- the lock ---------------------------------------------------------------------
     def _acquire(self) -> None:

@@ -48,8 +48,8 @@ class RemotePipeEnd(File):
     ) -> None:
         super().__init__((flags & ~3) | (O_WRONLY if write_end else O_RDONLY))
         self.link, self.pipe, self.write_end = link, pipe, write_end
-        #: the segment of a ring pipe (transports/pipe_ring.py), read and written here
-        #: directly; "" for a pipe whose bytes the broker holds
+        #: a ring pipe's segment (transports/pipe_ring.py: ``VmLink.ring`` maps it) is
+        #: read and written here directly; "" for a pipe whose bytes the broker holds
         self.ring = ring
         #: a write with no reader left raises SIGPIPE (a socket's MSG_NOSIGNAL clears it)
         self.sigpipe = True
@@ -76,7 +76,7 @@ class RemotePipeEnd(File):
         try:
             if self.ring:
                 waiter = None if lwp is None else self.link.poll_waiter(lwp, self.pipe)
-                mask = self.link.ring(self.ring).poll(self.write_end, waiter)
+                mask = self.link.ring(self.pipe).poll(self.write_end, waiter)
             else:
                 mask = self.link.call(
                     "pipe_poll", self.pipe, int(self.write_end), int(lwp is not None)
@@ -171,7 +171,7 @@ class RemotePipeEnd(File):
         room = k.mem.room(vecs, want)
         if not room:
             raise GuestError(errno.EFAULT)
-        ring, waiter = self.link.ring(self.ring), self._waiter(lwp)
+        ring, waiter = self.link.ring(self.pipe), self._waiter(lwp)
         if len(vecs) == 1:  # straight into guest memory
             into = k.mem.slice(vecs[0][0], room)
             out = self._spin.spin(partial(ring.read, want, room, waiter, into))
@@ -189,7 +189,7 @@ class RemotePipeEnd(File):
     def _ring_write(self, k: Kernel, lwp: Lwp, n: int, chunk) -> int:
         """A write into the ring: at most PIPE_BUF bytes at once or not yet, more in
         what fits, waiting for room for the rest (``lwp.progress`` counts what went)."""
-        ring = self.link.ring(self.ring)
+        ring = self.link.ring(self.pipe)
         waiter = self._waiter(lwp)
         while lwp.progress < n:
             data = chunk(lwp.progress, min(n - lwp.progress, PIPE_CAPACITY))

@@ -1,8 +1,9 @@
 """The names unifork makes in /dev/shm, and the sweep of those a dead process left.
 
-Every name is a prefix, the pid of the process that made it, and random hex: channel
-segments (``ufp-``, transports/channel.py), pipe rings (``ufr-``) and wake-up FIFOs
-(``ufw-``, transports/pipe_ring.py).  Their makers remove them when they are done;
+Every name is a prefix, the pid of the process that made it, and random hex: the
+wake-up FIFOs (``ufw-``, transports/pipe_ring.py), and, left by versions before
+channel segments and pipe rings were memfds with no name, ``ufp-`` and ``ufr-``
+(still swept).  Their makers remove them when they are done;
 a process killed by SIGKILL (a tender, a `unifork run`, a pool worker) cannot, and
 /dev/shm is memory that outlives it.  So a supervisor, when it starts, removes every
 such name whose maker is no longer running (``sweep_stale``).  A name whose pid is
@@ -16,17 +17,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 
 log = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 PREFIXES = ("ufp-", "ufr-", "ufw-")
-
-
-def new_name(prefix: str) -> str:
-    """A fresh name for ``prefix`` (one of ``PREFIXES``), owned by this process."""
-    return f"{prefix}{os.getpid()}-{secrets.token_hex(6)}"
 
 
 def owner(name: str) -> int | None:

@@ -33,12 +33,13 @@ _EXHAUSTED = (errno.ENOSPC, errno.ENOMEM, errno.EFBIG)
 
 
 class ShmExhausted(OSError):
-    """No channel segment can be made (ENOMEM, ENOSPC, EFBIG)."""
+    """No segment can be made (ENOMEM, ENOSPC, EFBIG)."""
 
 
-def make_segment(size: int) -> int:
-    """A new sealed memfd of ``size`` bytes (zeros; pages come as they are used); its fd."""
-    fd = os.memfd_create(_MEMFD_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+def make_segment(size: int, name: str = _MEMFD_NAME) -> int:
+    """A new sealed memfd of ``size`` bytes (zeros; pages come as they are used); its fd.
+    ``name`` is what /proc/PID/maps shows for it."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
@@ -47,7 +48,7 @@ def make_segment(size: int) -> int:
         if e.errno in _EXHAUSTED:
             raise ShmExhausted(
                 e.errno,
-                f"cannot make a {size}-byte channel segment ({os.strerror(e.errno)})",
+                f"cannot make a {size}-byte {name} segment ({os.strerror(e.errno)})",
             ) from None
         raise
     return fd

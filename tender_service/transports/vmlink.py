@@ -16,6 +16,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import os
 import threading
 from typing import TYPE_CHECKING
 
@@ -87,11 +88,15 @@ class _NotConnected:
     bytes_received = 0
     peer_hello: dict = {}
     fallback = ""
+    takes_fds = False
 
-    def send(self, frame: Frame) -> None:
+    def send(self, frame: Frame, fd: int | None = None) -> None:
         raise ChannelClosed("not connected to the supervisor yet")
 
     def recv(self, timeout: float | None = None) -> Frame | None:
+        raise ChannelClosed("not connected to the supervisor yet")
+
+    def take_fd(self, timeout: float) -> int:
         raise ChannelClosed("not connected to the supervisor yet")
 
     def close(self) -> None:
@@ -115,8 +120,10 @@ class VmLink:
         self.events_done = 0
         #: the instance's file system, which the supervisor holds
         self.fs_tree = RemoteFs(self)
-        #: the pipe rings this VM has mapped, by segment name (transports/pipe_ring.py)
-        self._rings: dict[str, PipeRing] = {}
+        #: the pipe rings this VM has mapped, by pipe (transports/pipe_ring.py; a
+        #: pipe's id is never reused in an instance)
+        self._rings: dict[int, PipeRing] = {}
+        self._rings_lock = threading.Lock()
         #: the token of the wake-up FIFO the supervisor made for this VM (0 until the
         #: channel's hello said which); the count of its ring waits so far
         self._wake_token = 0
@@ -202,15 +209,31 @@ class VmLink:
             ring.close()
 
     # -- pipe rings ------------------------------------------------------------------
-    def ring(self, name: str) -> PipeRing:
-        """The mapping of ring pipe ``name`` (mapped at its first use here)."""
-        ring = self._rings.get(name)
-        if ring is None:
-            try:
-                ring = self._rings[name] = PipeRing.attach(name)
-            except (OSError, ValueError) as e:
-                raise GuestError(errno.EIO, f"pipe ring {name[:40]!r}: {e}") from None
+    def ring(self, pipe: int) -> PipeRing:
+        """The mapping of ring pipe ``pipe``, mapped at its first use here: the
+        supervisor sends its segment's fd (``ring_fd``) to a VM that holds an end.  A
+        ring has no name anyone could open: no other VM reaches it."""
+        ring = self._rings.get(pipe)
+        if ring is not None:
+            return ring
+        with self._rings_lock:  # one fd in flight at a time: the next one is its
+            ring = self._rings.get(pipe)
+            if ring is None:
+                ring = self._rings[pipe] = self._fetch_ring(pipe)
         return ring
+
+    def _fetch_ring(self, pipe: int) -> PipeRing:
+        value, payload = self.call_full("ring_fd", pipe)
+        if value < 0:
+            raise GuestError(-value, f"pipe ring of pipe {pipe}")
+        try:
+            while True:  # an fd of a call that timed out here may come first
+                fd = self.channel.take_fd(CALL_TIMEOUT)
+                if str(os.fstat(fd).st_ino).encode() == payload:
+                    return PipeRing.from_fd(fd)
+                os.close(fd)
+        except (ChannelClosed, OSError, ValueError) as e:
+            raise GuestError(errno.EIO, f"pipe ring of pipe {pipe}: {e}") from None
 
     def waiter(self, lwp: Lwp, pipe: int) -> Waiter:
         """Who ``lwp`` is in ring pipe ``pipe``'s waiter table if it must wait there,
