@@ -732,8 +732,8 @@ def test_names_and_paths_agree_everywhere() -> None:
 
 
 def test_read_only_containers_can_write_where_a_tender_writes() -> None:
-    """Uploaded images (under UNIFORK_CACHE_DIR), sockets in /tmp, wake-up FIFOs and
-    semaphores in /dev/shm."""
+    """Uploaded images (under UNIFORK_CACHE_DIR), sockets in /tmp, Python's semaphores
+    in /dev/shm."""
     uploads = f"{docker_env()['UNIFORK_CACHE_DIR']}/uploads"
     runs = " ".join(a for s, i, a in dockerfile() if i == "RUN" and s == 1)
     assert f"mkdir -p {uploads}" in runs and "chown" in runs

@@ -23,27 +23,31 @@ from tender_service.rump.files import POLLERR, POLLHUP, READABLE, WRITABLE
 from tender_service.rump.pipe import PIPE_BUF, PIPE_CAPACITY
 from tender_service.rump.vminfo import VmConfig
 from tender_service.transports import pipe_ring, remote_pipe, shm_segment
-from tender_service.transports.pipe_ring import READ, SLOTS, WAIT, WRITE, PipeRing, Waiter
+from tender_service.transports.pipe_ring import READ, SLOTS, WAIT, WRITE, PipeRing, Waiter, Wakers
 from tender_service.transports.remote_pipe import SpinPolicy
+from tender_service.transports.shm_names import SHM_DIR
 
 
 @pytest.fixture
 def ring() -> Iterator[PipeRing]:
-    r = PipeRing.create(b"", readers=1, writers=1)
+    r = PipeRing.create(b"", readers=1, writers=1, wakers=WAKERS)
     try:
         yield r
     finally:
         r.close()
 
 
-class Fifo:
-    """A kernel's wake-up FIFO, as the supervisor makes it and the VM opens it."""
+#: who the rings of these tests wake: the wake-up pipes they made (as a supervisor's)
+WAKERS = Wakers()
+
+
+class WakePipe:
+    """A kernel's wake-up pipe, as the supervisor makes it and hands it to the VM."""
 
     def __init__(self) -> None:
         self.token = pipe_ring.new_token()
-        self.path = pipe_ring.wake_path(self.token)
-        os.mkfifo(self.path, 0o600)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK)
+        self.fd = pipe_ring.wake_pipe()
+        WAKERS.add(self.token, os.dup(self.fd))
 
     def woken(self) -> bool:
         """A byte came (and is taken)."""
@@ -53,13 +57,13 @@ class Fifo:
         return True
 
     def close(self) -> None:
+        WAKERS.remove(self.token)
         os.close(self.fd)
-        os.unlink(self.path)
 
 
 @pytest.fixture
-def fifo() -> Iterator[Fifo]:
-    f = Fifo()
+def wake() -> Iterator[WakePipe]:
+    f = WakePipe()
     try:
         yield f
     finally:
@@ -99,33 +103,33 @@ def test_capacity_atomicity_and_eagain(ring: PipeRing) -> None:
     assert ring.read(10, 10, None) == bytes(10)
 
 
-def test_a_waiter_is_woken_once_by_the_change_it_waits_for(ring: PipeRing, fifo: Fifo) -> None:
-    reader = Waiter(fifo.token, 3)
+def test_a_waiter_is_woken_once_by_the_change_it_waits_for(ring: PipeRing, wake: WakePipe) -> None:
+    reader = Waiter(wake.token, 3)
     assert ring.read(10, 10, reader) is WAIT
     assert ring.read(10, 10, reader) is WAIT  # registered once
-    assert ring.waiting() == [(3, READ, 0)] and not fifo.woken()
+    assert ring.waiting() == [(3, READ, 0)] and not wake.woken()
     assert ring.write(b"data", True, None) == 4
-    assert fifo.woken() and ring.waiting() == []  # the change took the entry
+    assert wake.woken() and ring.waiting() == []  # the change took the entry
     assert ring.read(10, 10, reader) == b"data"
     assert ring.write(bytes(PIPE_CAPACITY), False, None) == PIPE_CAPACITY
-    assert ring.write(b"more", True, Waiter(fifo.token, 4, 7)) is WAIT
-    assert ring.write(b"more", True, Waiter(fifo.token, 4, 8)) is WAIT  # its entry, renewed
+    assert ring.write(b"more", True, Waiter(wake.token, 4, 7)) is WAIT
+    assert ring.write(b"more", True, Waiter(wake.token, 4, 8)) is WAIT  # its entry, renewed
     assert ring.waiting() == [(4, WRITE, 8)]
-    assert ring.read(1, 1, None) == b"\0" and fifo.woken()
+    assert ring.read(1, 1, None) == b"\0" and wake.woken()
     ring.set_counts(1, 1)  # a count changed: every waiter re-checks
-    assert not fifo.woken()
+    assert not wake.woken()
     assert ring.read(10, 10, None) == bytes(10)
-    assert ring.read(10, 10, Waiter(fifo.token, 3)) == bytes(10)
+    assert ring.read(10, 10, Waiter(wake.token, 3)) == bytes(10)
 
 
-def test_a_full_waiter_table_wakes_its_oldest(ring: PipeRing, fifo: Fifo) -> None:
-    other = Fifo()
+def test_a_full_waiter_table_wakes_its_oldest(ring: PipeRing, wake: WakePipe) -> None:
+    other = WakePipe()
     try:
         assert ring.read(1, 1, Waiter(other.token, 2)) is WAIT
         for pid in range(3, 3 + SLOTS - 1):
-            assert ring.read(1, 1, Waiter(fifo.token, pid)) is WAIT
+            assert ring.read(1, 1, Waiter(wake.token, pid)) is WAIT
         assert not other.woken()
-        assert ring.read(1, 1, Waiter(fifo.token, 99)) is WAIT  # no room: the oldest goes
+        assert ring.read(1, 1, Waiter(wake.token, 99)) is WAIT  # no room: the oldest goes
         assert other.woken()
         pids = [pid for pid, _, _ in ring.waiting()]
         assert 2 not in pids and 99 in pids and len(pids) == SLOTS
@@ -134,14 +138,14 @@ def test_a_full_waiter_table_wakes_its_oldest(ring: PipeRing, fifo: Fifo) -> Non
 
 
 def test_a_waker_whose_waiter_is_gone_goes_on(ring: PipeRing) -> None:
-    gone = Fifo()
-    gone.close()  # the kernel ended: no FIFO
+    gone = WakePipe()
+    gone.close()  # the kernel ended: nobody to wake
     assert ring.read(1, 1, Waiter(gone.token, 5)) is WAIT
     assert ring.write(b"x", True, None) == 1  # its wake-up finds nobody: no error
     assert ring.read(1, 1, None) == b"x"
 
 
-def test_a_vm_cannot_resize_a_ring_and_the_supervisors_view_is_no_mapping(fifo: Fifo) -> None:
+def test_a_vm_cannot_resize_a_ring_and_the_supervisors_view_is_no_mapping(wake: WakePipe) -> None:
     """A ring is a memfd sealed against resizing before any VM gets its fd: a VM
     process that takes over its emulator cannot ``ftruncate`` it (a mapping's next
     touch, the supervisor's or another VM's, would be a SIGBUS) and it has no name in
@@ -151,8 +155,8 @@ def test_a_vm_cannot_resize_a_ring_and_the_supervisors_view_is_no_mapping(fifo: 
     try:
         assert vm.read(2, 2, None) == b"un"
         assert (sup.buffered(), sup.written()) == (4, 6)  # the VM's read, seen by pread
-        assert vm.read(10, 10, Waiter(fifo.token, 7)) == b"read"
-        assert vm.read(10, 10, Waiter(fifo.token, 7)) is WAIT
+        assert vm.read(10, 10, Waiter(wake.token, 7)) == b"read"
+        assert vm.read(10, 10, Waiter(wake.token, 7)) is WAIT
         assert sup.waiting() == [(7, READ, 0)]
         for size in (0, pipe_ring.HEADER_SIZE, pipe_ring.SIZE * 2):  # the attack
             with pytest.raises(PermissionError):
@@ -161,7 +165,7 @@ def test_a_vm_cannot_resize_a_ring_and_the_supervisors_view_is_no_mapping(fifo: 
             fcntl.fcntl(vm.fileno(), fcntl.F_ADD_SEALS, 0)  # F_SEAL_SEAL: no unsealing
         assert os.fstat(vm.fileno()).st_size == pipe_ring.SIZE
         assert sup.waiting() == [(7, READ, 0)] and sup.poll(write_end=True) == WRITABLE
-        assert not any(sup.name.removeprefix("memfd:") in n for n in os.listdir(pipe_ring.SHM_DIR))
+        assert not any(sup.name.removeprefix("memfd:") in n for n in os.listdir(SHM_DIR))
     finally:
         vm.close()
         sup.close()
@@ -183,34 +187,37 @@ def test_from_fd_refuses_what_is_not_a_ring() -> None:
 
 WRITER = """
 import select, sys
-from tender_service.transports.pipe_ring import PipeRing, Waiter, WAIT
+from tender_service.transports.pipe_ring import PipeRing, Waiter, Wakers, WAIT
 import os
-ring = PipeRing.from_fd(int(sys.argv[1]))
-me = Waiter(int(sys.argv[2]), 7)
-fifo = os.open(sys.argv[3], os.O_RDWR | os.O_NONBLOCK)
+ring_fd, token, wake, blocks, reader, reader_wake = map(int, sys.argv[1:])
+wakers = Wakers()
+wakers.add(reader, reader_wake)
+ring = PipeRing.from_fd(ring_fd, wakers)
+me = Waiter(token, 7)
 block = bytes(range(256)) * 256
-for i in range(int(sys.argv[4])):
+for i in range(blocks):
     data, off = (i.to_bytes(8, "little") + block)[: len(block)], 0
     while off < len(data):
         out = ring.write(data[off:], False, me)
         if out is WAIT:
-            select.select([fifo], [], [], 10)
-            os.read(fifo, 4096)
+            select.select([wake], [], [], 10)
+            os.read(wake, 4096)
             continue
         off += out
 ring.close()
 """
 
 
-def test_two_processes_move_blocks_with_wake_ups(ring: PipeRing, fifo: Fifo) -> None:
-    """A writer process and this reader, each waiting on its own FIFO: every byte in
-    order, then EOF once the broker's count says no writer is left."""
-    mine = Fifo()
+def test_two_processes_move_blocks_with_wake_ups(ring: PipeRing, wake: WakePipe) -> None:
+    """A writer process and this reader, each waiting on its own wake-up pipe (each
+    handed the other's, as VMs get them from their supervisor): every byte in order,
+    then EOF once the broker's count says no writer is left."""
+    mine = WakePipe()
     blocks = 200
     theirs = ring.reopen()  # an open file description of its own, as a VM gets it
+    args = [theirs, wake.token, wake.fd, blocks, mine.token, mine.fd]
     writer = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(theirs), str(fifo.token), fifo.path, str(blocks)],
-        pass_fds=[theirs],
+        [sys.executable, "-c", WRITER, *map(str, args)], pass_fds=[theirs, wake.fd, mine.fd]
     )
     os.close(theirs)
     got = bytearray()
@@ -258,7 +265,7 @@ def test_an_instance_over_shm_moves_its_pipes_through_rings(pool: WarmPool, tran
     """pipe_bw's 8 MiB between two VMs: over shm no write reaches the supervisor (the
     bytes are counted once, when the ring goes), over tcp every write does."""
     seen = Counting()
-    before = _ring_names()
+    before = _shm_names()
     r = run_vmclone(
         image_path("pipe_bw"), ["-m", "8"], transport=transport, pool=pool, observer=seen
     )
@@ -267,25 +274,25 @@ def test_an_instance_over_shm_moves_its_pipes_through_rings(pool: WarmPool, tran
         assert (seen.brokered, seen.ringed) == (0, 8 << 20)
     else:
         assert (seen.brokered, seen.ringed) == (8 << 20, 0)
-    assert _ring_names() - before == set()  # no segment, no wake-up FIFO left
+    assert _shm_names() - before == set()  # no name of ours in /dev/shm at all
 
 
-def _ring_names() -> set[str]:
-    return {n for n in os.listdir(pipe_ring.SHM_DIR) if n.startswith(("ufr-", "ufw-"))}
+def _shm_names() -> set[str]:
+    return {n for n in os.listdir(SHM_DIR) if n.startswith("uf")}
 
 
-def test_a_poller_is_a_waiter_whatever_the_events(ring: PipeRing, fifo: Fifo) -> None:
+def test_a_poller_is_a_waiter_whatever_the_events(ring: PipeRing, wake: WakePipe) -> None:
     """A VM in poll, select or epoll_wait registers with every ring it polls, ready or
     not (an edge-triggered epoll waits for the next change even with data there): the
     next change wakes it once."""
-    assert ring.poll(False, Waiter(fifo.token, 3, 1)) == 0  # empty, writers: nothing yet
-    assert ring.waiting() == [(3, READ, 1)] and not fifo.woken()
+    assert ring.poll(False, Waiter(wake.token, 3, 1)) == 0  # empty, writers: nothing yet
+    assert ring.waiting() == [(3, READ, 1)] and not wake.woken()
     assert ring.write(b"x", True, None) == 1
-    assert fifo.woken() and ring.waiting() == []
-    assert ring.poll(False, Waiter(fifo.token, 3, 2)) == READABLE  # ready: registered too
-    assert ring.poll(True, Waiter(fifo.token, 4, 3)) == WRITABLE
+    assert wake.woken() and ring.waiting() == []
+    assert ring.poll(False, Waiter(wake.token, 3, 2)) == READABLE  # ready: registered too
+    assert ring.poll(True, Waiter(wake.token, 4, 3)) == WRITABLE
     assert ring.waiting() == [(3, READ, 2), (4, WRITE, 3)]
-    assert ring.read(1, 1, None) == b"x" and fifo.woken() and ring.waiting() == []
+    assert ring.read(1, 1, None) == b"x" and wake.woken() and ring.waiting() == []
     assert ring.poll(False) == 0 and ring.waiting() == []  # no waiter given: none registered
 
 

@@ -7,8 +7,8 @@ it cannot back a SIGBUS, and the tender (which writes into every VM's rings) die
 
 Now a channel's segment and a pipe's ring are sealed memfds the supervisor makes
 (``transports/shm_segment.py``): they do not live in /dev/shm, and no mount's size
-limit stands behind them, so a full /dev/shm changes nothing (the VMs' wake-up
-FIFOs there take an inode, no block).  When no channel segment can be made
+limit stands behind them, so a full /dev/shm changes nothing (unifork puts nothing
+there).  When no channel segment can be made
 (ENOMEM, or EFBIG of a file size limit below its size, the one a test can set
 without touching the host), the VM's channel is tcp over the same socket (which
 still carries ring fds: the rings, 68 KiB, are below that limit), the instance

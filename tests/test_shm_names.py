@@ -12,8 +12,6 @@ from pathlib import Path
 
 from support import image_path, wait_until
 
-from tender_service.instance.backends.vmclone import run_vmclone
-from tender_service.transports import pipe_ring
 from tender_service.transports.shm_names import SHM_DIR, owner, sweep_stale
 
 UNIFORK = Path(sys.executable).parent / "unifork"
@@ -34,7 +32,7 @@ def test_every_name_we_sweep_names_its_maker() -> None:
     me = os.getpid()
     assert owner(f"ufp-{me}-0a1b2c") == me  # the names of older versions' segments
     assert owner(f"ufr-{me}-0a1b2c") == me
-    assert owner(os.path.basename(pipe_ring.wake_path(pipe_ring.new_token()))) == me
+    assert owner(f"ufw-{me}-0000000f") == me  # and wake-up FIFOs'
     for other in ("ufx-1-ab", "ufp-1", "ufp--ab", "ufp-x-ab", "ufp-0-ab", "sem.ufp-1-ab", "ufp-1-"):
         assert owner(other) is None, other
 
@@ -83,15 +81,12 @@ def _piping_run() -> subprocess.Popen:
 
 
 def _wait_for_its_ring(run: subprocess.Popen) -> None:
-    """Until both VMs' wake-up FIFOs are there (a FIFO a VM) and the run's pipe ring
-    is mapped (a memfd named ``unifork-pipe-ring``) in the child's process."""
+    """Until the run's pipe ring is mapped (a memfd named ``unifork-pipe-ring``) in a
+    process of its, and both its VMs have their wake-up pipes."""
     wait_until(
-        lambda: (
-            len([n for n in _ours(run.pid) if n.startswith("ufw-")]) >= 2
-            and any(_maps_a_ring(pid) for pid in _session(run.pid))
-        ),
+        lambda: sum(_maps_a_ring(pid) for pid in _session(run.pid)) >= 2,
         60,
-        "the run's wake-up FIFOs and pipe ring",
+        "the run's pipe ring mapped by both its VMs",
     )
 
 
@@ -102,15 +97,16 @@ def _maps_a_ring(pid: int) -> bool:
         return False
 
 
-def test_what_a_killed_run_left_in_dev_shm_goes_when_the_next_instance_starts(pool) -> None:
+def test_a_run_killed_mid_pipe_leaves_nothing_in_dev_shm() -> None:
     """A `unifork run` (the supervisor and its VM processes) killed by SIGKILL mid-pipe
-    leaves its VMs' wake-up FIFOs (its channel segments and pipe rings are memfds,
-    with no name); the next instance over shm removes them, and its own run leaves
-    nothing."""
+    leaves nothing in /dev/shm: its channel segments and pipe rings are memfds and its
+    wake-up pipes are pipes, none with a name (older versions left ``ufp-``, ``ufr-``
+    and ``ufw-`` names there; the next supervisor over shm sweeps those, above)."""
+    before = _uf_names()
     run = _piping_run()
     try:
         _wait_for_its_ring(run)
-        ours = {n for n in os.listdir(SHM_DIR) if _family(owner(n), run.pid)}
+        assert _uf_names() - before == set()
     finally:
         # every process of the run but multiprocessing's resource tracker, which
         # unlinks the pool's semaphores once the processes holding them are gone
@@ -119,16 +115,12 @@ def test_what_a_killed_run_left_in_dev_shm_goes_when_the_next_instance_starts(po
                 if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
                     os.kill(pid, signal.SIGKILL)
         run.wait()
-    assert {n[:4] for n in ours} == {"ufw-"} and len(ours) >= 2, ours
-    wait_until(lambda: not any(_alive(owner(n)) for n in ours), 30, "the killed processes to go")
-    assert set(os.listdir(SHM_DIR)) >= ours  # nobody removed them
+    wait_until(lambda: not _session(run.pid), 30, "the killed processes to go")
+    assert _uf_names() - before == set()
 
-    before = set(os.listdir(SHM_DIR))
-    r = run_vmclone(image_path("pipe_bw"), ["-m", "1"], transport="shm", pool=pool)
-    assert (r.outcome, r.exit_code) == ("exited", 0), r.reports
-    after = set(os.listdir(SHM_DIR))
-    assert after & ours == set()
-    assert {n for n in after - before if owner(n)} == set()
+
+def _uf_names() -> set[str]:
+    return {n for n in os.listdir(SHM_DIR) if n.startswith("uf")}
 
 
 def _family(pid: int | None, session: int) -> bool:
@@ -148,8 +140,8 @@ def _alive(pid: int | None) -> bool:
 
 def test_a_run_stopped_by_sigterm_leaves_nothing_in_dev_shm() -> None:
     """SIGTERM to a `unifork run` of a VM-clone instance (what `timeout`, systemd and
-    test harnesses send) ends it as ^C would: the guest processes go, and so do its
-    ring and wake-up FIFOs, before any other instance could sweep them."""
+    test harnesses send) ends it as ^C would: the guest processes go, leaving
+    nothing in /dev/shm."""
     run = _piping_run()
     try:
         _wait_for_its_ring(run)

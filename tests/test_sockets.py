@@ -205,7 +205,7 @@ class _Frames:
     def __init__(self) -> None:
         self.sent: list[Frame] = []
 
-    def send(self, frame: Frame) -> None:
+    def send(self, frame: Frame, fd: int | None = None) -> None:
         self.sent.append(frame)
 
 

@@ -53,6 +53,7 @@ from tender_service.transports import (
     decode_header,
     encode,
     encode_header,
+    pipe_ring,
     read_hello,
     write_hello,
 )
@@ -750,7 +751,7 @@ def test_the_segment_a_vm_gets_is_sealed_against_resizing() -> None:
 def _answer_shm(sock: socket.socket, fd: int) -> None:
     """A broken responder: reads the offer, answers shm with ``fd`` (-1: none)."""
     read_hello(sock, 10)
-    write_hello(sock, "shm", {"_shm": {"ring_size": DEFAULT_RING_SIZE}}, fd)
+    write_hello(sock, "shm", {"_shm": {"ring_size": DEFAULT_RING_SIZE}}, [fd] if fd >= 0 else [])
 
 
 def test_shm_answer_without_a_usable_segment_is_a_protocol_error() -> None:
@@ -803,12 +804,13 @@ if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     worker_main(sys.argv[2:])
 
 
-def _pair(kind: str) -> tuple[Channel, Channel]:
-    """(a VM's end, its supervisor's end) of a channel of ``kind`` over a Unix socketpair."""
+def _pair(kind: str, fds: list[int] | None = None) -> tuple[Channel, Channel]:
+    """(a VM's end, its supervisor's end) of a channel of ``kind`` over a Unix socketpair,
+    ``fds`` sent with the supervisor's hello."""
     vm_sock, sup_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     answered: dict[str, Channel] = {}
     t = threading.Thread(
-        target=lambda: answered.setdefault("sup", connect_channel(kind, sup_sock, False, {}))
+        target=lambda: answered.setdefault("sup", accept_channel(sup_sock, fds=fds or [])[0])
     )
     t.start()
     vm = connect_channel(kind, vm_sock, True, {"pid": 2})
@@ -851,6 +853,24 @@ def test_an_fd_reaches_the_vm_with_its_frame_and_only_the_vm_takes_fds(kind: str
         for fd in files:
             os.close(fd)
     finally:
+        vm.close()
+        sup.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fds_sent_with_the_hello_are_the_vms_first(kind: str) -> None:
+    """A VM's wake-up pipe comes with its supervisor's hello (after an shm channel's
+    segment, which the channel maps): ``take_fd`` has it at once, before any other."""
+    pipe = pipe_ring.wake_pipe()
+    vm, sup = _pair(kind, [pipe])
+    try:
+        got = vm.take_fd(0)
+        assert os.fstat(got).st_ino == os.fstat(pipe).st_ino
+        os.close(got)
+        with pytest.raises(ChannelClosed):
+            vm.take_fd(0)  # nothing else came
+    finally:
+        os.close(pipe)
         vm.close()
         sup.close()
 

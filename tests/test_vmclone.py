@@ -66,7 +66,7 @@ from tender_service.toolchain.images import build_image
 from tender_service.toolchain.paths import images_dir, zig_cache_dir
 from tender_service.transports.channel import connect_channel
 from tender_service.transports.frames import HELLO_MAGIC, ChannelClosed, encode_hello
-from tender_service.transports.pipe_ring import PipeRing
+from tender_service.transports.pipe_ring import PipeRing, new_token, wake_pipe
 from tender_service.transports.protocol import PIPE_REFS
 from tender_service.transports.shm_names import owner
 from tender_service.transports.vmlink import call_payload
@@ -936,6 +936,37 @@ def test_a_ring_fd_goes_only_to_a_vm_holding_an_end_each_its_own_file(env: Env) 
                 if fd is not None:
                     os.close(fd)
     finally:
+        sup.close()
+    env.check_clean()
+
+
+def test_a_wake_fd_goes_only_to_a_vm_of_the_instance(env: Env) -> None:
+    """A VM's wake-up pipe has no name: the supervisor made it and keeps it by token;
+    another VM of the instance that must wake it asks for it (``wake_fd``).  A token
+    it does not know (another instance's, made up, or of a VM gone) is ENOENT."""
+    sup = env.supervisor("shm", CaptureSink())
+    mine = wake_pipe()
+    try:
+        parent = sup._new_proc(MAIN_PID, INIT_PID, INIT_PID, INIT_PID)
+        token = new_token()
+        sup.wakers.add(token, os.dup(mine))  # as its connection does for a VM
+
+        def wake_fd(t: int) -> tuple[int, bytes, int | None]:
+            return sup._answer(parent, call_payload("wake_fd", (t,)))
+
+        assert wake_fd(token ^ 2) == (-errno.ENOENT, b"", None)
+        value, ino, fd = wake_fd(token)
+        assert value == 0 and fd is not None
+        try:
+            assert str(os.fstat(fd).st_ino).encode() == ino == str(os.fstat(mine).st_ino).encode()
+            os.write(fd, b"!")  # what a waker does
+            assert os.read(mine, 10) == b"!"  # what the woken kernel reads
+        finally:
+            os.close(fd)
+        sup.wakers.remove(token)  # its VM is gone
+        assert wake_fd(token) == (-errno.ENOENT, b"", None)
+    finally:
+        os.close(mine)
         sup.close()
     env.check_clean()
 

@@ -52,7 +52,14 @@ from tender_service.transports.channel import (
 from tender_service.transports.frames import Frame, ProtocolError
 from tender_service.transports.fs_host import FsHost
 from tender_service.transports.listeners import Connection, ListenerBroker
-from tender_service.transports.pipe_ring import IDLE_RINGS, WAKE_KEY, PipeRing, new_token, wake_path
+from tender_service.transports.pipe_ring import (
+    IDLE_RINGS,
+    WAKE_KEY,
+    PipeRing,
+    Wakers,
+    new_token,
+    wake_pipe,
+)
 from tender_service.transports.protocol import (
     END_READ,
     FILES,
@@ -200,9 +207,9 @@ class Supervisor:
         #: pipes shared by this instance's VMs are rings they read and write directly
         #: (transports/pipe_ring.py): shared memory, so only when every VM is on this host
         self.rings = transport == "shm" and placement == "local"
-        #: the wake-up FIFOs made for this instance's VMs (removed at close if a VM's
-        #: connection thread has not removed its own by then)
-        self._wakes: set[str] = set()
+        #: the wake-up pipes of this instance's VMs, by token (each VM gets its own
+        #: with the supervisor's hello, any other on asking: ``wake_fd``)
+        self.wakers = Wakers()
         if transport == "shm":  # what killed tenders and runs left there
             sweep_stale()
         #: seconds a VM's TCP connection may stay silent before the VM counts as lost
@@ -447,8 +454,7 @@ class Supervisor:
             t.join(5)
         with self.lock:
             self.broker.close_rings()
-        for wake in list(self._wakes):  # a connection thread still running after join
-            self._unlink_wake(wake)
+        self.wakers.close()
         self.stdin.close()
         try:
             for name in os.listdir(self._tmp):
@@ -624,35 +630,23 @@ class Supervisor:
 
     def _serve(self, sock: socket.socket) -> None:
         reply: dict[str, Any] = {}
-        wake = ""
-
-        def admit(hello: dict) -> bool:
-            nonlocal wake
-            if not self._member(hello):
-                return False
-            if self.rings:  # the VM's wake-up FIFO, which it cannot make (its jail)
-                token = new_token()
-                wake = wake_path(token)
-                os.mkfifo(wake, 0o600)
-                self._wakes.add(wake)
-                reply[WAKE_KEY] = token
-            return True
-
+        token, fds = 0, []
+        if self.rings:  # the VM's wake-up pipe, which it cannot make (its jail); known
+            # before the VM has it, so that no other VM asks for it in vain
+            token, wake = new_token(), wake_pipe()
+            self.wakers.add(token, wake)
+            reply[WAKE_KEY], fds = token, [wake]
         try:  # a stranger gets no answer at all (and no shm segment is made for it)
-            channel, hello = accept_channel(sock, reply, admit=admit)
+            channel, hello = accept_channel(sock, reply, admit=self._member, fds=fds)
         except (ProtocolError, ChannelClosed, OSError, ValueError) as e:
             log.warning("instance %s: refused a connection: %s", self.id, e)
             sock.close()
-            self._unlink_wake(wake)
+            self.wakers.remove(token)
             return
         try:
             self._serve_vm(channel, hello)
         finally:
-            self._unlink_wake(wake)
-
-    def _unlink_wake(self, path: str) -> None:
-        _unlink_quietly(path)
-        self._wakes.discard(path)
+            self.wakers.remove(token)
 
     def _serve_vm(self, channel: Channel, hello: dict) -> None:
         pid = hello["pid"]
@@ -1232,7 +1226,9 @@ class Supervisor:
         segment = None
         if ring and self.rings:
             try:
-                segment = PipeRing.create(data if readers else b"", readers, writers, mapped=False)
+                segment = PipeRing.create(
+                    data if readers else b"", readers, writers, mapped=False, wakers=self.wakers
+                )
             except OSError as e:
                 log.warning("instance %s: a pipe ring could not be made (%s): brokered", self.id, e)
         try:
@@ -1253,6 +1249,15 @@ class Supervisor:
         if ring is None:
             return -errno.EINVAL, b"", -1
         return 0, str(ring.ino).encode(), ring.reopen()
+
+    def _op_wake_fd(self, rec: ProcRec, token: int) -> tuple[int, bytes, int]:
+        """A new fd of the wake-up pipe ``token`` names, one of a VM of this instance
+        (ENOENT otherwise: a token in a ring's waiter table is any VM's word); the
+        answer names its inode."""
+        fd = self.wakers.dup(token)
+        if fd < 0:
+            return -errno.ENOENT, b"", -1
+        return 0, str(os.fstat(fd).st_ino).encode(), fd
 
     def _op_pipe_close(self, rec: ProcRec, pipe: int, end: int) -> int:
         """A ring pipe's end closed, answered once the ring's counts say so."""
@@ -1426,12 +1431,6 @@ def _idle_rings(payload: str) -> tuple[list[tuple[int, int]], str]:
         return [(int(p), int(e)) for p, _, e in (w.partition(":") for w in words[1:])], rest
     except ValueError:
         return [], rest
-
-
-def _unlink_quietly(path: str) -> None:
-    if path:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
 
 
 def _pipe_ends(st: dict) -> list[tuple[int, str]] | None:

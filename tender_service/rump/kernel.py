@@ -218,7 +218,7 @@ class Kernel(ProcessTable):
         os.set_blocking(self._wakeup_r, False)
         os.set_blocking(self._wakeup_w, False)
         #: threads waiting on a pipe ring (transports/pipe_ring.py), woken by a byte
-        #: another VM writes to the wake-up FIFO (``use_wake_fifo``)
+        #: another VM writes to the wake-up pipe (``use_wake_fd``)
         self.ring_wq = WaitQueue("pipe ring", host=True)
         dispatch = make_dispatcher(self)
         # a traced VM logs every syscall: none is answered in C (rt_sigprocmask)
@@ -774,11 +774,12 @@ class Kernel(ProcessTable):
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wakeup_w, b"!")
 
-    def use_wake_fifo(self, path: str) -> None:
-        """Wake up through the FIFO at ``path`` (made by the supervisor) instead of a
-        pipe: other VMs write to it when a pipe ring this VM waits on changes (the
-        same poll then sees events, console input and ring wake-ups)."""
-        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+    def use_wake_fd(self, fd: int) -> None:
+        """Wake up through ``fd`` (a pipe open for reading and writing, which the
+        supervisor made, and which this kernel now owns) instead of its own pipe:
+        other VMs write to it when a pipe ring this VM waits on changes (the same poll
+        then sees events, console input and ring wake-ups)."""
+        os.set_blocking(fd, False)
         old = (self._wakeup_r, self._wakeup_w)
         self._wakeup_r = self._wakeup_w = fd
         for f in old:
@@ -808,7 +809,7 @@ class Kernel(ProcessTable):
 
     def close(self) -> None:
         """Free the host resources of the VM (RAM buffer, emulator, wake-up pipe)."""
-        for fd in dict.fromkeys((self._wakeup_r, self._wakeup_w)):  # one fd: a FIFO
+        for fd in dict.fromkeys((self._wakeup_r, self._wakeup_w)):  # one fd: use_wake_fd
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._wakeup_r = self._wakeup_w = -1

@@ -82,7 +82,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from ctypes import c_uint64
 from typing import Any, Protocol
 
@@ -595,7 +595,8 @@ class ShmChannel(_ChannelBase):
         cls, sock: socket.socket, hello: dict[str, Any], timeout: float | None = HELLO_TIMEOUT
     ) -> Channel:
         """The initiator: ask for shm, map the segment that comes with the answer (or
-        go on over tcp if the answer says there is no memory for one)."""
+        go on over tcp if the answer says there is no memory for one).  Any other fds
+        the answer carries are the channel's to ``take_fd``."""
         fds: list[int] = []
         try:
             if _SHM_KEY in hello:
@@ -606,12 +607,14 @@ class ShmChannel(_ChannelBase):
             if answer.kind == "tcp" and isinstance(info.get(SHM_FALLBACK_KEY), str):
                 tcp = TcpChannel(sock, info)
                 tcp.fallback = info.pop(SHM_FALLBACK_KEY)
+                tcp._fds.extend(fds)
+                fds = []
                 return tcp
             if answer.kind != "shm":
                 raise ProtocolError(f"peer answered with transport {answer.kind}, expected shm")
             spec = info.pop(_SHM_KEY, None)
             ring_size = spec.get("ring_size") if isinstance(spec, dict) else None
-            if type(ring_size) is not int or len(fds) != 1:
+            if type(ring_size) is not int or not fds:
                 raise ProtocolError(f"shm answer without a segment ({len(fds)} fds, {spec!r})")
             size = segment_size(ring_size)
             if os.fstat(fds[0]).st_size != size:
@@ -620,16 +623,23 @@ class ShmChannel(_ChannelBase):
             label = f"memfd:{os.fstat(fds[0]).st_ino}"
         except BaseException:
             sock.close()
+            for fd in fds[1:]:
+                os.close(fd)
             raise
         finally:
-            for fd in fds:
+            for fd in fds[:1]:
                 os.close(fd)
+        rest = fds[1:]
         if _SEGMENT.unpack_from(segment, 0) != (_SEGMENT_MAGIC, ring_size):
             segment.close()
             sock.close()
+            for fd in rest:
+                os.close(fd)
             raise ProtocolError(f"{label} is not a channel segment of {ring_size}-byte rings")
         log.debug("shm channel %s mapped, %d-byte rings", label, ring_size)
-        return cls(sock, segment, True, ring_size, info, label)
+        channel = cls(sock, segment, True, ring_size, info, label)
+        channel._fds.extend(rest)
+        return channel
 
     @classmethod
     def answer(
@@ -638,8 +648,9 @@ class ShmChannel(_ChannelBase):
         offer: Hello,
         reply: dict[str, Any],
         ring_size: int = DEFAULT_RING_SIZE,
+        fds: Sequence[int] = (),
     ) -> Channel:
-        """The responder: make the segment, send it with our hello."""
+        """The responder: make the segment, send it (and ``fds``) with our hello."""
         try:
             if _SHM_KEY in reply or SHM_FALLBACK_KEY in reply:
                 raise ValueError(f"hello keys {_SHM_KEY!r}, {SHM_FALLBACK_KEY!r} are reserved")
@@ -650,7 +661,7 @@ class ShmChannel(_ChannelBase):
         except ShmExhausted as e:
             why = e.strerror or str(e)
             log.warning("shm channel: %s: the channel is tcp", why)
-            return _answer_tcp(sock, offer, {**reply, SHM_FALLBACK_KEY: why}, why)
+            return _answer_tcp(sock, offer, {**reply, SHM_FALLBACK_KEY: why}, why, fds)
         except BaseException:
             sock.close()
             raise
@@ -667,7 +678,7 @@ class ShmChannel(_ChannelBase):
             sock.close()
             raise
         try:
-            write_hello(sock, "shm", {**reply, _SHM_KEY: {"ring_size": ring_size}}, fd)
+            write_hello(sock, "shm", {**reply, _SHM_KEY: {"ring_size": ring_size}}, [fd, *fds])
         except BaseException:
             channel.close()
             raise
@@ -861,11 +872,15 @@ class ShmChannel(_ChannelBase):
 
 
 def _answer_tcp(
-    sock: socket.socket, offer: Hello, reply: dict[str, Any], fallback: str = ""
+    sock: socket.socket,
+    offer: Hello,
+    reply: dict[str, Any],
+    fallback: str = "",
+    fds: Sequence[int] = (),
 ) -> TcpChannel:
-    """Answer with a tcp hello: frames then go over the socket itself."""
+    """Answer with a tcp hello (carrying ``fds``): frames then go over the socket."""
     try:
-        write_hello(sock, "tcp", reply)
+        write_hello(sock, "tcp", reply, fds)
     except BaseException:
         sock.close()
         raise
@@ -879,11 +894,15 @@ def _answer(
     hello: Hello,
     reply: dict[str, Any],
     ring_size: int = DEFAULT_RING_SIZE,
+    fds: Sequence[int] = (),
 ) -> Channel:
-    """Answer an initiator's hello with ours; the socket is closed if that fails."""
+    """Answer an initiator's hello with ours (``fds`` with it: a Unix socket only);
+    the socket is closed if that fails."""
+    if fds and sock.family != socket.AF_UNIX:
+        fds = ()  # nothing can carry them: the peer, on another host, has no use for them
     if hello.kind == "shm":
-        return ShmChannel.answer(sock, hello, reply, ring_size)
-    return _answer_tcp(sock, hello, reply)
+        return ShmChannel.answer(sock, hello, reply, ring_size, fds)
+    return _answer_tcp(sock, hello, reply, fds=fds)
 
 
 def connect_channel(
@@ -908,16 +927,21 @@ def connect_channel(
         if kind == "shm":
             channel = ShmChannel.offer(sock, hello, timeout)
         else:
+            fds: list[int] = []
             try:
                 write_hello(sock, "tcp", hello)
-                ack = read_hello(sock, timeout)
+                ack = read_hello(sock, timeout, fds if sock.family == socket.AF_UNIX else None)
                 if ack.kind != "tcp":
                     raise ProtocolError(f"peer answered with transport {ack.kind}, expected tcp")
             except BaseException:
                 sock.close()
+                for fd in fds:
+                    os.close(fd)
                 raise
             channel = TcpChannel(sock, ack.info)
-        channel.takes_fds = sock.family == socket.AF_UNIX  # the supervisor's pipe rings
+            channel._fds.extend(fds)
+        # the supervisor's wake-up pipes and pipe rings
+        channel.takes_fds = sock.family == socket.AF_UNIX
         return channel
     try:
         offer = read_hello(sock, timeout)
@@ -936,12 +960,14 @@ def accept_channel(
     timeout: float | None = HELLO_TIMEOUT,
     admit: Callable[[dict[str, Any]], bool] | None = None,
     ring_size: int = DEFAULT_RING_SIZE,
+    fds: Sequence[int] = (),
 ) -> tuple[Channel, dict[str, Any]]:
     """Answer whichever kind the initiator offers; returns the channel and its hello JSON.
 
     ``admit`` sees the initiator's JSON first: when it says no, the socket is closed
     without an answer (and no segment is made for it).  An shm channel's rings are
-    of ``ring_size`` bytes.
+    of ``ring_size`` bytes.  ``fds`` go with the answer over a Unix socket (the
+    initiator's ``take_fd`` has them, in order; the caller still owns them).
     """
     try:
         offer = read_hello(sock, timeout)
@@ -950,5 +976,5 @@ def accept_channel(
     except BaseException:
         sock.close()
         raise
-    channel = _answer(sock, offer, reply or {}, ring_size)
+    channel = _answer(sock, offer, reply or {}, ring_size, fds)
     return channel, channel.peer_hello

@@ -20,6 +20,7 @@ import enum
 import json
 import socket
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,13 +147,15 @@ def decode_hello_json(body: bytes) -> dict[str, Any]:
     return info
 
 
-def write_hello(sock: socket.socket, kind: str, info: dict[str, Any], fd: int = -1) -> None:
-    """Send a hello; ``fd`` (a Unix socket only) travels with its first byte (SCM_RIGHTS)."""
+def write_hello(
+    sock: socket.socket, kind: str, info: dict[str, Any], fds: Sequence[int] = ()
+) -> None:
+    """Send a hello; ``fds`` (a Unix socket only) travel with its first byte (SCM_RIGHTS)."""
     data = encode_hello(kind, info)
-    if fd < 0:
+    if not fds:
         sock.sendall(data)
         return
-    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))]
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
     sent = sock.sendmsg([data], rights)
     if sent < len(data):
         sock.sendall(data[sent:])

@@ -29,10 +29,11 @@ sharing one object (the supervisor's).  flock is a system call on both sides of 
 critical section: the header and data loads and stores inside it are ordered.
 
 Waiting: a VM whose read or write cannot proceed registers a *waiter* (its pid and the
-token of its kernel's wake-up FIFO, ``wake_path``) in the header, in the same locked
-step that found it must wait, so no wake-up is lost.  Whoever changes what a waiter
-waits for (data, room, a count) clears every waiter and writes a byte to each one's
-FIFO after unlocking; a woken VM runs its syscall again and registers again if it
+token of its kernel's wake-up pipe) in the header, in the same locked step that found
+it must wait, so no wake-up is lost.  Whoever changes what a waiter waits for (data,
+room, a count) clears every waiter and writes a byte to each one's pipe after
+unlocking (``Wakers``: the supervisor makes each VM's wake-up pipe, a pipe with no
+name, and hands its fd to the VMs of the instance that ask); a woken VM runs its syscall again and registers again if it
 must still wait.  A full waiter table makes room by waking its oldest entry (a
 spurious wake-up: it re-registers if it still waits).  Each entry carries the VM's
 count of its waits (``Waiter.epoch``): the supervisor calls an instance deadlocked
@@ -58,11 +59,11 @@ import os
 import secrets
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tender_service.rump.files import POLLERR, POLLHUP, READABLE, WRITABLE
 from tender_service.rump.pipe import PIPE_CAPACITY
-from tender_service.transports.shm_names import SHM_DIR
 from tender_service.transports.shm_segment import SEALS, make_segment
 
 log = logging.getLogger(__name__)
@@ -82,22 +83,17 @@ SLOTS = 32
 #: what a waiter waits for: data (or EOF), room (or EPIPE)
 READ, WRITE = 1, 2
 _MEMFD_NAME = "unifork-pipe-ring"
+#: the wake-up pipes a VM keeps open at most (an instance's VMs that wait on its rings)
+_MAX_WAKERS = 1024
 HEADER_SIZE = 4096
 SIZE = HEADER_SIZE + PIPE_CAPACITY
 #: what a read or write returns when it must wait (its waiter is registered)
 WAIT = object()
 
 
-def wake_path(token: int) -> str:
-    """The wake-up FIFO of the kernel whose waiters carry ``token`` (its name holds
-    the pid of the process that makes it: shm_names.sweep_stale)."""
-    return os.path.join(SHM_DIR, f"ufw-{token >> 32}-{token & 0xFFFFFFFF:08x}")
-
-
 def new_token() -> int:
-    """A wake-up token of this process: its pid, then 32 random bits (never 0: 0 is a
-    free slot)."""
-    return os.getpid() << 32 | secrets.randbits(31) << 1 | 1
+    """A wake-up token: 63 random bits (never 0: 0 is a free slot)."""
+    return secrets.randbits(62) << 1 | 1
 
 
 @dataclass(frozen=True)
@@ -114,8 +110,10 @@ class Waiter:
 class PipeRing:
     """One ring pipe's segment as one process sees it (see the module docstring)."""
 
-    def __init__(self, fd: int, mapped: bool = True) -> None:
+    def __init__(self, fd: int, mapped: bool = True, wakers: Wakers | None = None) -> None:
         self._fd = fd
+        #: who this party can wake (waiters it finds in the table; none if not given)
+        self.wakers = wakers if wakers is not None else Wakers()
         #: the inode of its memfd: what a VM checks the fd it is sent against
         self.ino = os.fstat(fd).st_ino
         self.name = f"memfd:{self.ino}"
@@ -132,7 +130,12 @@ class PipeRing:
     # -- life -------------------------------------------------------------------------
     @classmethod
     def create(
-        cls, data: bytes = b"", readers: int = 1, writers: int = 1, mapped: bool = True
+        cls,
+        data: bytes = b"",
+        readers: int = 1,
+        writers: int = 1,
+        mapped: bool = True,
+        wakers: Wakers | None = None,
     ) -> PipeRing:
         """A new segment holding ``data`` (a local pipe's unread bytes): a memfd sealed
         against resizing (``shm_segment.make_segment``; ShmExhausted, an OSError, if
@@ -143,13 +146,13 @@ class PipeRing:
         try:
             os.pwrite(fd, data, HEADER_SIZE)
             os.pwrite(fd, _HEAD.pack(_MAGIC, 0, len(data), readers, writers), 0)
-            return cls(fd, mapped)
+            return cls(fd, mapped, wakers)
         except BaseException:
             os.close(fd)
             raise
 
     @classmethod
-    def from_fd(cls, fd: int) -> PipeRing:
+    def from_fd(cls, fd: int, wakers: Wakers | None = None) -> PipeRing:
         """Map the segment ``fd`` (a VM, sent it by its supervisor), which it then owns;
         ValueError (fd closed) if it is not a sealed ring."""
         try:
@@ -157,7 +160,7 @@ class PipeRing:
                 raise ValueError("not a pipe ring: wrong size")
             if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALS != SEALS:
                 raise ValueError("not a pipe ring: not sealed against resizing")
-            ring = cls(fd)
+            ring = cls(fd, True, wakers)
         except BaseException:
             os.close(fd)
             raise
@@ -249,7 +252,7 @@ class PipeRing:
                 self._take_waiters(wake)  # writers waiting for room
         finally:
             self._release()
-        _wake(wake)
+        self.wakers.wake(wake)
         return out
 
     def write(self, data: bytes | memoryview, atomic: bool, waiter: Waiter | None) -> int | object:
@@ -279,7 +282,7 @@ class PipeRing:
                 out = take
         finally:
             self._release()
-        _wake(wake)
+        self.wakers.wake(wake)
         return out
 
     def poll(self, write_end: bool, waiter: Waiter | None = None) -> int:
@@ -293,7 +296,7 @@ class PipeRing:
             _, head, tail, readers, writers = _HEAD.unpack_from(self._map, 0)
             if waiter is not None:
                 self._register(waiter, WRITE if write_end else READ, wake)
-        _wake(wake)
+        self.wakers.wake(wake)
         if write_end:
             return (WRITABLE if tail - head < PIPE_CAPACITY else 0) | (0 if readers else POLLERR)
         return (READABLE if tail > head else 0) | (0 if writers else POLLHUP)
@@ -309,7 +312,7 @@ class PipeRing:
         with self._locked():
             struct.pack_into("<II", self._map, 24, readers, writers)
             self._take_waiters(wake)
-        _wake(wake)
+        self.wakers.wake(wake)
 
     def waiting(self) -> list[tuple[int, int, int]]:
         """(pid, READ or WRITE, epoch) of each waiter (deadlock checks, the broker's
@@ -366,40 +369,74 @@ class PipeRing:
             _NWAIT.pack_into(self._map, _NWAIT_AT, 0)
 
 
-#: this process's open write ends of wake-up FIFOs, by token
-_fifos: dict[int, int] = {}
-_fifos_lock = threading.Lock()
-_MAX_FIFOS = 256
+class Wakers:
+    """The wake-up pipes one party writes to, by token: a supervisor's (those of its
+    VMs), or a VM's (each asked of its supervisor once, ``fetch``; the tokens in a
+    ring's waiter table are any VM's word, so one its supervisor does not know is
+    remembered as nobody).  No wake-up pipe has a name: only the VMs of an instance
+    and their supervisor hold them."""
 
+    def __init__(self, fetch: Callable[[int], int] | None = None) -> None:
+        self._fetch = fetch
+        self._fds: dict[int, int] = {}  # -1: nobody
+        self._lock = threading.Lock()
 
-def _wake(tokens: list[int]) -> None:
-    """A byte to each waiter's FIFO; a kernel that is gone (no FIFO, no reader) or a
-    FIFO full of bytes already is fine: there is nobody to wake, or it will wake."""
-    for token in dict.fromkeys(tokens):
-        fd = _fifo(token)
-        if fd < 0:
-            continue
-        try:
-            os.write(fd, b"!")
-        except BlockingIOError:
-            pass  # full of bytes: it wakes anyway
-        except OSError:  # its reader is gone (EPIPE): so is the kernel
-            with _fifos_lock:
-                if _fifos.pop(token, None) == fd:
-                    os.close(fd)
+    def add(self, token: int, fd: int) -> None:
+        """``fd`` (which this object then owns) wakes the kernel of ``token``."""
+        with self._lock:
+            old = self._fds.pop(token, -1)
+            self._fds[token] = fd
+        if old >= 0:
+            os.close(old)
 
+    def dup(self, token: int) -> int:
+        """A new fd of ``token``'s pipe (the caller owns it); -1 if there is none."""
+        with self._lock:
+            fd = self._fds.get(token, -1)
+            return os.dup(fd) if fd >= 0 else -1
 
-def _fifo(token: int) -> int:
-    """The write end of ``token``'s FIFO, opened once per process (-1: not there)."""
-    with _fifos_lock:
-        fd = _fifos.get(token, -1)
+    def remove(self, token: int) -> None:
+        with self._lock:
+            fd = self._fds.pop(token, -1)
         if fd >= 0:
-            return fd
-        try:
-            fd = os.open(wake_path(token), os.O_WRONLY | os.O_NONBLOCK)
-        except OSError:
-            return -1
-        if len(_fifos) >= _MAX_FIFOS:  # the oldest goes: opened again if needed
-            os.close(_fifos.pop(next(iter(_fifos))))
-        _fifos[token] = fd
+            os.close(fd)
+
+    def close(self) -> None:
+        with self._lock:
+            fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            if fd >= 0:
+                os.close(fd)
+
+    def wake(self, tokens: list[int]) -> None:
+        """A byte to each waiter's pipe; a full pipe is fine (it wakes anyway).  The
+        write is made under the lock: a pipe removed meanwhile is not written to (its
+        fd number may be another file's by then)."""
+        for token in dict.fromkeys(tokens):
+            with self._lock:
+                fd = self._fd_locked(token)
+                if fd >= 0:
+                    with contextlib.suppress(BlockingIOError):
+                        os.write(fd, b"!")
+
+    def _fd_locked(self, token: int) -> int:
+        fd = self._fds.get(token)
+        if fd is not None or self._fetch is None:
+            return -1 if fd is None else fd
+        fd = self._fds[token] = self._fetch(token)
+        if len(self._fds) > _MAX_WAKERS:  # the oldest goes (asked again if needed)
+            old = self._fds.pop(next(iter(self._fds)))
+            if old >= 0:
+                os.close(old)
         return fd
+
+
+def wake_pipe() -> int:
+    """A new wake-up pipe: one fd open for reading and writing (its read end reopened
+    through /proc, as a FIFO would be, but with no name), nonblocking."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        return os.open(f"/proc/self/fd/{r}", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    finally:
+        os.close(r)
+        os.close(w)

@@ -1,9 +1,10 @@
-"""The names unifork makes in /dev/shm, and the sweep of those a dead process left.
+"""The names unifork made in /dev/shm, and the sweep of those a dead process left.
 
-Every name is a prefix, the pid of the process that made it, and random hex: the
-wake-up FIFOs (``ufw-``, transports/pipe_ring.py), and, left by versions before
-channel segments and pipe rings were memfds with no name, ``ufp-`` and ``ufr-``
-(still swept).  Their makers remove them when they are done;
+unifork makes none now: channel segments and pipe rings are memfds, wake-up pipes
+are pipes, none with a name (a name there was anyone's of the tender's uid to open).
+Older versions made channel segments (``ufp-``), pipe rings (``ufr-``) and wake-up
+FIFOs (``ufw-``), each name a prefix, the pid of the process that made it, and
+random hex.  Their makers removed them when they were done;
 a process killed by SIGKILL (a tender, a `unifork run`, a pool worker) cannot, and
 /dev/shm is memory that outlives it.  So a supervisor, when it starts, removes every
 such name whose maker is no longer running (``sweep_stale``).  A name whose pid is

@@ -44,7 +44,7 @@ from tender_service.rump.socket import (
 from tender_service.rump.vfs import Vfs
 from tender_service.transports.channel import Channel, ChannelClosed
 from tender_service.transports.frames import MAX_PAYLOAD, Frame, ProtocolError
-from tender_service.transports.pipe_ring import IDLE_RINGS, WAKE_KEY, PipeRing, Waiter, wake_path
+from tender_service.transports.pipe_ring import IDLE_RINGS, WAKE_KEY, PipeRing, Waiter, Wakers
 from tender_service.transports.protocol import (
     END_WRITE,
     FILES,
@@ -124,7 +124,10 @@ class VmLink:
         #: pipe's id is never reused in an instance)
         self._rings: dict[int, PipeRing] = {}
         self._rings_lock = threading.Lock()
-        #: the token of the wake-up FIFO the supervisor made for this VM (0 until the
+        self._fd_lock = threading.Lock()
+        #: the wake-up pipes of the instance's VMs that this VM's ring changes wake
+        self.wakers = Wakers(self._fetch_waker)
+        #: the token of the wake-up pipe the supervisor made for this VM (0 until the
         #: channel's hello said which); the count of its ring waits so far
         self._wake_token = 0
         self._ring_epoch = 0
@@ -149,7 +152,12 @@ class VmLink:
         k.fs = Vfs(self.fs_tree)  # one tree per instance: the supervisor's
         token = getattr(self.channel, "peer_hello", {}).get(WAKE_KEY)
         if type(token) is int and token > 0:  # the instance's pipes are rings
-            k.use_wake_fifo(wake_path(token))
+            try:  # its wake-up pipe came with the supervisor's hello
+                wake = self.channel.take_fd(0)
+            except ChannelClosed as e:
+                raise GuestError(errno.EIO, f"no wake-up pipe came with the hello: {e}") from None
+            self.wakers.add(token, os.dup(wake))  # its own threads wake each other too
+            k.use_wake_fd(wake)
             self._wake_token = token
         self._reader = threading.Thread(
             target=self._read_loop, name=f"vmlink-{self.pid}", daemon=True
@@ -207,6 +215,7 @@ class VmLink:
         rings, self._rings = self._rings, {}
         for ring in rings.values():
             ring.close()
+        self.wakers.close()
 
     # -- pipe rings ------------------------------------------------------------------
     def ring(self, pipe: int) -> PipeRing:
@@ -216,24 +225,42 @@ class VmLink:
         ring = self._rings.get(pipe)
         if ring is not None:
             return ring
-        with self._rings_lock:  # one fd in flight at a time: the next one is its
+        with self._rings_lock:
             ring = self._rings.get(pipe)
             if ring is None:
                 ring = self._rings[pipe] = self._fetch_ring(pipe)
         return ring
 
     def _fetch_ring(self, pipe: int) -> PipeRing:
-        value, payload = self.call_full("ring_fd", pipe)
-        if value < 0:
-            raise GuestError(-value, f"pipe ring of pipe {pipe}")
+        fd = self._fetch_fd("ring_fd", pipe)
         try:
-            while True:  # an fd of a call that timed out here may come first
-                fd = self.channel.take_fd(CALL_TIMEOUT)
-                if str(os.fstat(fd).st_ino).encode() == payload:
-                    return PipeRing.from_fd(fd)
-                os.close(fd)
-        except (ChannelClosed, OSError, ValueError) as e:
+            return PipeRing.from_fd(fd, self.wakers)
+        except (OSError, ValueError) as e:
             raise GuestError(errno.EIO, f"pipe ring of pipe {pipe}: {e}") from None
+
+    def _fetch_waker(self, token: int) -> int:
+        """The wake-up pipe of ``token``'s VM (-1: no VM of this instance has it)."""
+        try:
+            return self._fetch_fd("wake_fd", token)
+        except GuestError as e:
+            log.debug("pid %d: no wake-up pipe for token %#x: %s", self.pid, token, e)
+            return -1
+
+    def _fetch_fd(self, op: str, arg: int) -> int:
+        """An fd the supervisor answers ``op`` with (its inode is the answer's payload;
+        one call at a time, so the next fd that comes is its)."""
+        with self._fd_lock:
+            value, payload = self.call_full(op, arg)
+            if value < 0:
+                raise GuestError(-value, f"{op} {arg}")
+            try:
+                while True:  # an fd of a call that timed out here may come first
+                    fd = self.channel.take_fd(CALL_TIMEOUT)
+                    if str(os.fstat(fd).st_ino).encode() == payload:
+                        return fd
+                    os.close(fd)
+            except (ChannelClosed, OSError) as e:
+                raise GuestError(errno.EIO, f"{op} {arg}: {e}") from None
 
     def waiter(self, lwp: Lwp, pipe: int) -> Waiter:
         """Who ``lwp`` is in ring pipe ``pipe``'s waiter table if it must wait there,
