@@ -826,11 +826,13 @@ def _open_fds() -> int:
 def test_an_fd_reaches_the_vm_with_its_frame_and_only_the_vm_takes_fds(kind: str) -> None:
     """How a supervisor hands a VM a pipe ring: ``send(frame, fd)``; once the VM has
     the frame, ``take_fd`` has the fd (the same file, in order, under any number of
-    frames between).  Fds a VM sends its supervisor are not kept: the kernel closes
-    them, and the supervisor's channel has none to take."""
+    frames between) if it takes fds (a VM of an instance with pipe rings: VmLink sets
+    it).  Fds sent to a side that takes none (a supervisor, sent them by a VM) are not
+    kept: the kernel closes them, and that channel has none to take."""
     vm, sup = _pair(kind)
     try:
-        assert (vm.takes_fds, sup.takes_fds) == (True, False)
+        assert (vm.takes_fds, sup.takes_fds) == (False, False)
+        vm.takes_fds = True
         files = [os.memfd_create(f"f{i}") for i in range(3)]
         for i, fd in enumerate(files):
             sup.send(Frame(1, 0, i, 0, 0, b"x" * 10))

@@ -971,6 +971,41 @@ def test_a_wake_fd_goes_only_to_a_vm_of_the_instance(env: Env) -> None:
     env.check_clean()
 
 
+def test_a_childs_hello_carries_its_rings_and_the_other_vms_wake_up_pipes(env: Env) -> None:
+    """A fork's child gets, with its supervisor's hello, the fds of the rings its
+    parent gave it and of the wake-up pipes of the instance's other VMs (none of its
+    first ring reads or wakes is then a round trip); the reply names them in order,
+    and names nothing the child does not hold."""
+    sup = env.supervisor("shm", CaptureSink())
+    theirs = wake_pipe()
+    try:
+        parent = sup._new_proc(MAIN_PID, INIT_PID, INIT_PID, INIT_PID)
+        child, _ = sup._call(parent, call_payload("fork_lease", ()))
+        held, _ = sup._call(parent, call_payload("pipe_create", (1, 1, 1), b""))
+        other, _ = sup._call(parent, call_payload("pipe_create", (1, 1, 1), b""))
+        refs = PIPE_REFS.pack(held, 1, 0)
+        assert sup._call(parent, call_payload("pipe_refs_many", (child,), refs))[0] == 0
+        parent_token, mine = new_token(), new_token()
+        sup.wakers.add(parent_token, os.dup(theirs))
+        sup.wakers.add(mine, wake_pipe())  # the child's own, made for its hello
+        reply: dict = {}
+        fds = sup._hello_fds(child, mine, reply)
+        try:
+            assert reply == {"rings": [held], "wakers": [parent_token]}
+            ring = PipeRing.from_fd(os.dup(fds[0]))
+            assert ring.ino == sup.broker.ring_of(held).ino
+            ring.close()
+            assert os.fstat(fds[1]).st_ino == os.fstat(theirs).st_ino
+            assert other not in reply["rings"]
+        finally:
+            for fd in fds:
+                os.close(fd)
+    finally:
+        os.close(theirs)
+        sup.close()
+    env.check_clean()
+
+
 def _refused(port: int, data: bytes) -> bytes:
     """Connect to a supervisor, send ``data``, return all it answers until it hangs up."""
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:

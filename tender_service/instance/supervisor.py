@@ -53,6 +53,8 @@ from tender_service.transports.frames import Frame, ProtocolError
 from tender_service.transports.fs_host import FsHost
 from tender_service.transports.listeners import Connection, ListenerBroker
 from tender_service.transports.pipe_ring import (
+    HELLO_RINGS_KEY,
+    HELLO_WAKERS_KEY,
     IDLE_RINGS,
     WAKE_KEY,
     PipeRing,
@@ -109,6 +111,9 @@ VM_GRACE = 2.0
 #: counts as lost, as a VM whose tender died (above the worker's own dial and hello
 #: timeouts, with room for a loaded host)
 HELLO_DEADLINE = 30.0
+#: the most ring fds and other VMs' wake-up pipes a VM gets with the hello (the
+#: rest it asks for when it first needs them)
+HELLO_RINGS = HELLO_WAKERS = 64
 #: messages that may wake a VM that said it was idle
 _WAKING = {
     Msg.PIPE_DATA,
@@ -636,17 +641,45 @@ class Supervisor:
             token, wake = new_token(), wake_pipe()
             self.wakers.add(token, wake)
             reply[WAKE_KEY], fds = token, [wake]
+        given: list[int] = []  # what admit adds to the answer's fds (ours to close)
+
+        def admit(hello: dict) -> bool:
+            if not self._member(hello):
+                return False
+            if self.rings:
+                given.extend(self._hello_fds(hello["pid"], token, reply))
+                fds.extend(given)
+            return True
+
         try:  # a stranger gets no answer at all (and no shm segment is made for it)
-            channel, hello = accept_channel(sock, reply, admit=self._member, fds=fds)
+            channel, hello = accept_channel(sock, reply, admit=admit, fds=fds)
         except (ProtocolError, ChannelClosed, OSError, ValueError) as e:
             log.warning("instance %s: refused a connection: %s", self.id, e)
             sock.close()
             self.wakers.remove(token)
             return
+        finally:
+            for fd in given:
+                os.close(fd)
         try:
             self._serve_vm(channel, hello)
         finally:
             self.wakers.remove(token)
+
+    def _hello_fds(self, pid: int, token: int, reply: dict[str, Any]) -> list[int]:
+        """New fds of the rings ``pid`` holds ends of (a fork's child: its parent gave
+        them) and of the other VMs' wake-up pipes, for its hello: without them its
+        first touch of each would be a round trip (``ring_fd``, ``wake_fd``).  Their
+        pipe ids and tokens go into ``reply``, in the order of the fds."""
+        with self.lock:
+            rings = self.broker.rings_held(pid)[:HELLO_RINGS]
+        wakers = [(t, fd) for t, fd in self.wakers.dup_some(HELLO_WAKERS + 1) if t != token]
+        for _, fd in wakers[HELLO_WAKERS:]:
+            os.close(fd)
+        wakers = wakers[:HELLO_WAKERS]
+        reply[HELLO_RINGS_KEY] = [pipe for pipe, _ in rings]
+        reply[HELLO_WAKERS_KEY] = [t for t, _ in wakers]
+        return [ring.reopen() for _, ring in rings] + [fd for _, fd in wakers]
 
     def _serve_vm(self, channel: Channel, hello: dict) -> None:
         pid = hello["pid"]
@@ -1219,10 +1252,11 @@ class Supervisor:
 
     def _op_pipe_create(
         self, rec: ProcRec, readers: int, writers: int, ring: int = 0, *, data: bytes
-    ) -> tuple[int, bytes]:
-        """A VM's pipe becomes shared: its id, and a label of its ring (``VmLink.ring``
-        maps it) if it is a plain pipe (``ring``) of an instance whose pipes are rings
-        (and there is memory for one)."""
+    ) -> tuple[int, bytes] | tuple[int, bytes, int]:
+        """A VM's pipe becomes shared: its id, and, if it is a plain pipe (``ring``) of
+        an instance whose pipes are rings (and there is memory for one), its ring's
+        label (``memfd:<inode>``) and fd (the VM maps it at once: ``ring_fd`` is for
+        the VMs that get an end later)."""
         segment = None
         if ring and self.rings:
             try:
@@ -1237,7 +1271,9 @@ class Supervisor:
             if segment is not None:
                 segment.close()
             raise
-        return pipe, segment.name.encode() if segment is not None else b""
+        if segment is None:
+            return pipe, b""
+        return pipe, segment.name.encode(), segment.reopen()
 
     def _op_ring_fd(self, rec: ProcRec, pipe: int) -> tuple[int, bytes, int]:
         """A new fd of ring pipe ``pipe``'s segment (its own open file description:

@@ -252,6 +252,15 @@ class PipeBroker:
         refs = p.refs.get(holder) if p is not None else None
         return refs is not None and (refs.readers if end == "r" else refs.writers) > 0
 
+    def rings_held(self, holder: Holder) -> list[tuple[int, PipeRing]]:
+        """(pipe, ring) of every ring pipe ``holder`` has an end of."""
+        held = []
+        for p in self._pipes.values():
+            refs = p.refs.get(holder)
+            if p.ring is not None and refs is not None and (refs.readers or refs.writers):
+                held.append((p.id, p.ring))
+        return held
+
     def drop_holder(self, holder: Holder) -> None:
         """``holder``'s VM is gone: forget its parked requests unanswered and release all its refs."""
         for p in list(self._pipes.values()):

@@ -171,13 +171,13 @@ class Channel(Protocol):
     peer_hello: dict[str, Any]
     #: why this channel is tcp where shm was asked for ("": it is what was asked)
     fallback: str
-    #: whether ``take_fd`` has fds to give (the initiator's side of a Unix socket)
+    #: whether fds sent after the hello are kept for ``take_fd`` (see _ChannelBase)
     takes_fds: bool
 
     def send(self, frame: Frame, fd: int | None = None) -> None:
         """Queue one frame; frames from concurrent senders are never interleaved.
-        ``fd`` (Unix sockets only) reaches the peer's ``take_fd`` no later than the
-        frame reaches its ``recv``."""
+        ``fd`` (Unix sockets only) goes with it: the peer's ``take_fd``, called once
+        its ``recv`` has the frame, has it (in the order sent)."""
         ...
 
     def recv(self, timeout: float | None = None) -> Frame | None:
@@ -223,9 +223,11 @@ class _ChannelBase:
         self._users = 0
         self._closed = False
         self._released = False
-        #: whether fds the peer sends are kept for ``take_fd`` (the initiator: a VM,
-        #: sent pipe rings by its supervisor); the other side takes none, so the
-        #: kernel closes any a VM sends it
+        #: whether fds the peer sends after its hello are kept for ``take_fd`` (set by
+        #: a VM whose supervisor will send pipe rings: reading them costs ~3 us more
+        #: a read); otherwise none is taken, and the kernel closes any that comes (a
+        #: supervisor never takes one from a VM).  Fds sent with the hello are kept
+        #: on the initiator's side of a Unix socket whatever this says.
         self.takes_fds = False
         self._fds: deque[int] = deque()
 
@@ -696,15 +698,16 @@ class ShmChannel(_ChannelBase):
         self._enter()
         try:
             with self._send_lock:
-                if fd is not None:  # before the frame: a doorbell byte that carries it
+                self._send_locked(header, payload, need, fd is None)
+                if fd is not None:  # the frame's doorbell, rung whatever: it carries fd
                     self._send_fd(_DOORBELL, fd)
-                self._send_locked(header, payload, need)
         finally:
             self._leave()
 
     def take_fd(self, timeout: float) -> int:
-        """The fd came on the socket before its frame went into the ring: whoever
-        drains the doorbells next has it (this thread, if no other is polling)."""
+        """The fd comes on the socket with the doorbell of its frame (one wake-up for
+        both if the reader sleeps): whoever drains the doorbells next has it (this
+        thread, if no other is polling); it may come just after the frame."""
         deadline = self._deadline(timeout)
         self._enter()
         try:
@@ -721,7 +724,9 @@ class ShmChannel(_ChannelBase):
         finally:
             self._leave()
 
-    def _send_locked(self, header: bytes, payload: bytes, need: int) -> None:
+    def _send_locked(self, header: bytes, payload: bytes, need: int, bell: bool = True) -> None:
+        """Put one frame into the ring (waiting for room); ring the doorbell if the
+        peer sleeps and ``bell`` (else the caller rings it)."""
         ring, fence = self._tx, self._send_fence
         tail = self._tx_tail
         while True:
@@ -747,7 +752,7 @@ class ShmChannel(_ChannelBase):
         self._tx_tail = tail + need
         ring.tail.value = tail + need
         fence()  # tail store before the data_waiting load (Dekker)
-        if ring.data_waiting.value:
+        if bell and ring.data_waiting.value:
             self._ring_doorbell()
         self.bytes_sent += need
         if self._peer_gone:
@@ -836,8 +841,8 @@ class ShmChannel(_ChannelBase):
 
     def _drain_doorbells(self) -> None:
         """Swallow pending doorbell bytes (keeping the fds some carry); a short read
-        means there are no more, unless fds are taken: a read stops at a byte that
-        carries one."""
+        means there are no more (or a byte carrying an fd, where a read stops: it is
+        still there, so the next poll returns at once)."""
         while True:
             try:
                 n = self._recv_into(self._bell_buf)
@@ -849,8 +854,8 @@ class ShmChannel(_ChannelBase):
             if n == 0:
                 self._peer_gone = True
                 return
-            if n < len(self._bell_buf) and not self.takes_fds:
-                return
+            if n < len(self._bell_buf):
+                return  # a byte left with an fd (a read stops there) wakes us again
 
     def _wake_sleepers(self) -> None:
         with self._cond:
@@ -940,8 +945,6 @@ def connect_channel(
                 raise
             channel = TcpChannel(sock, ack.info)
             channel._fds.extend(fds)
-        # the supervisor's wake-up pipes and pipe rings
-        channel.takes_fds = sock.family == socket.AF_UNIX
         return channel
     try:
         offer = read_hello(sock, timeout)
@@ -967,7 +970,8 @@ def accept_channel(
     ``admit`` sees the initiator's JSON first: when it says no, the socket is closed
     without an answer (and no segment is made for it).  An shm channel's rings are
     of ``ring_size`` bytes.  ``fds`` go with the answer over a Unix socket (the
-    initiator's ``take_fd`` has them, in order; the caller still owns them).
+    initiator's ``take_fd`` has them, in order; the caller still owns them); they
+    are read after ``admit``, which may add to them.
     """
     try:
         offer = read_hello(sock, timeout)

@@ -35,7 +35,9 @@ PROTOCOL_VERSION = 2
 HELLO_HEADER = struct.Struct("<4sHHI")  # magic, version, transport kind, JSON length
 MAX_HELLO_JSON = 64 << 10
 HELLO_TIMEOUT = 10.0
-_MAX_FDS = 4  # descriptors taken with a hello (one is expected); the kernel closes more
+#: descriptors taken with a hello (a segment, a wake-up pipe, rings and other VMs' wake-up
+#: pipes: supervisor.HELLO_RINGS and HELLO_WAKERS at most); Linux's SCM_MAX_FD
+_MAX_FDS = 253
 
 
 class ProtocolError(Exception):

@@ -70,6 +70,8 @@ log = logging.getLogger(__name__)
 
 #: the supervisor's hello answer to a VM of an instance with ring pipes: its wake token
 WAKE_KEY = "wake"
+#: ... and the pipes (ids) and wake-up pipes (tokens) whose fds follow its own
+HELLO_RINGS_KEY, HELLO_WAKERS_KEY = "rings", "wakers"
 #: the first line of a VM's idle report: the ring pipes its threads wait on
 IDLE_RINGS = "rings"
 _MAGIC = 0x31474E4952504655  # "UFPRING1"
@@ -394,6 +396,13 @@ class Wakers:
         with self._lock:
             fd = self._fds.get(token, -1)
             return os.dup(fd) if fd >= 0 else -1
+
+    def dup_some(self, limit: int) -> list[tuple[int, int]]:
+        """(token, a new fd) of up to ``limit`` pipes, the latest added first (the
+        caller owns the fds)."""
+        with self._lock:
+            known = [(t, fd) for t, fd in reversed(self._fds.items()) if fd >= 0]
+            return [(t, os.dup(fd)) for t, fd in known[:limit]]
 
     def remove(self, token: int) -> None:
         with self._lock:

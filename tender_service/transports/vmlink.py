@@ -44,7 +44,15 @@ from tender_service.rump.socket import (
 from tender_service.rump.vfs import Vfs
 from tender_service.transports.channel import Channel, ChannelClosed
 from tender_service.transports.frames import MAX_PAYLOAD, Frame, ProtocolError
-from tender_service.transports.pipe_ring import IDLE_RINGS, WAKE_KEY, PipeRing, Waiter, Wakers
+from tender_service.transports.pipe_ring import (
+    HELLO_RINGS_KEY,
+    HELLO_WAKERS_KEY,
+    IDLE_RINGS,
+    WAKE_KEY,
+    PipeRing,
+    Waiter,
+    Wakers,
+)
 from tender_service.transports.protocol import (
     END_WRITE,
     FILES,
@@ -152,6 +160,7 @@ class VmLink:
         k.fs = Vfs(self.fs_tree)  # one tree per instance: the supervisor's
         token = getattr(self.channel, "peer_hello", {}).get(WAKE_KEY)
         if type(token) is int and token > 0:  # the instance's pipes are rings
+            self.channel.takes_fds = True  # ring fds come (before the reader starts)
             try:  # its wake-up pipe came with the supervisor's hello
                 wake = self.channel.take_fd(0)
             except ChannelClosed as e:
@@ -159,6 +168,7 @@ class VmLink:
             self.wakers.add(token, os.dup(wake))  # its own threads wake each other too
             k.use_wake_fd(wake)
             self._wake_token = token
+            self._take_hello_fds()
         self._reader = threading.Thread(
             target=self._read_loop, name=f"vmlink-{self.pid}", daemon=True
         )
@@ -231,8 +241,28 @@ class VmLink:
                 ring = self._rings[pipe] = self._fetch_ring(pipe)
         return ring
 
+    def _take_hello_fds(self) -> None:
+        """The rings this VM holds and the other VMs' wake-up pipes, sent with the
+        hello after its own (the supervisor's ``_hello_fds``)."""
+        hello = self.channel.peer_hello
+        pipes, tokens = hello.get(HELLO_RINGS_KEY), hello.get(HELLO_WAKERS_KEY)
+        if not isinstance(pipes, list) or not isinstance(tokens, list):
+            return
+        try:
+            for pipe in pipes:
+                self._rings[int(pipe)] = self._map_ring(self.channel.take_fd(0), int(pipe))
+            for t in tokens:
+                self.wakers.add(int(t), self.channel.take_fd(0))
+        except (ChannelClosed, TypeError, ValueError) as e:
+            raise GuestError(errno.EIO, f"the hello's fds: {e}") from None
+
     def _fetch_ring(self, pipe: int) -> PipeRing:
-        fd = self._fetch_fd("ring_fd", pipe)
+        value, _, fd = self._call_fd("ring_fd", pipe)
+        if fd is None:
+            raise GuestError(-value if value < 0 else errno.EIO, f"pipe ring of pipe {pipe}")
+        return self._map_ring(fd, pipe)
+
+    def _map_ring(self, fd: int, pipe: int) -> PipeRing:
         try:
             return PipeRing.from_fd(fd, self.wakers)
         except (OSError, ValueError) as e:
@@ -241,26 +271,29 @@ class VmLink:
     def _fetch_waker(self, token: int) -> int:
         """The wake-up pipe of ``token``'s VM (-1: no VM of this instance has it)."""
         try:
-            return self._fetch_fd("wake_fd", token)
+            fd = self._call_fd("wake_fd", token)[2]
         except GuestError as e:
             log.debug("pid %d: no wake-up pipe for token %#x: %s", self.pid, token, e)
             return -1
+        return -1 if fd is None else fd
 
-    def _fetch_fd(self, op: str, arg: int) -> int:
-        """An fd the supervisor answers ``op`` with (its inode is the answer's payload;
-        one call at a time, so the next fd that comes is its)."""
+    def _call_fd(self, op: str, *args: int, data: bytes = b"") -> tuple[int, bytes, int | None]:
+        """A call the supervisor may answer with an fd: when it does, the answer ends
+        with the fd's inode (``...:<ino>``).  One such call at a time, so the next fd
+        that comes is its (EIO if it does not come)."""
         with self._fd_lock:
-            value, payload = self.call_full(op, arg)
-            if value < 0:
-                raise GuestError(-value, f"{op} {arg}")
+            value, payload = self.call_full(op, *args, data=data)
+            if value < 0 or not payload:
+                return value, payload, None
+            ino = payload.rpartition(b":")[2]
             try:
                 while True:  # an fd of a call that timed out here may come first
                     fd = self.channel.take_fd(CALL_TIMEOUT)
-                    if str(os.fstat(fd).st_ino).encode() == payload:
-                        return fd
+                    if str(os.fstat(fd).st_ino).encode() == ino:
+                        return value, payload, fd
                     os.close(fd)
             except (ChannelClosed, OSError) as e:
-                raise GuestError(errno.EIO, f"{op} {arg}: {e}") from None
+                raise GuestError(errno.EIO, f"{op}: {e}") from None
 
     def waiter(self, lwp: Lwp, pipe: int) -> Waiter:
         """Who ``lwp`` is in ring pipe ``pipe``'s waiter table if it must wait there,
@@ -471,11 +504,15 @@ class VmLink:
         if p.broker_id is None:
             # the pipe moves into the broker with whatever it holds (into a ring, if
             # the instance's VMs all run on this host over shm: the name comes back)
-            value, ring = self.call_full("pipe_create", p.readers, p.writers, 1, data=bytes(p.buf))
+            value, ring, fd = self._call_fd(
+                "pipe_create", p.readers, p.writers, 1, data=bytes(p.buf)
+            )
             if value < 0:
                 raise GuestError(-value, "cannot share a pipe")
             p.broker_id, p.ring = value, ring.decode("ascii", "replace")
             p.buf.clear()
+            if fd is not None:  # its ring's fd came with the answer: no ring_fd later
+                self._rings[value] = self._map_ring(fd, value)
         new = converted[id(f)] = RemotePipeEnd(self, p.broker_id, f.write_end, f.flags, p.ring)
         new.refs = f.refs
         return new
