@@ -9,9 +9,11 @@ under the segment's lock, and the supervisor is not on the data path at all.
 The segment is a memfd (``shm_segment.make_segment``): it has no name in /dev/shm
 that another process of the tender's uid could open (a pool process that takes over
 its emulator would read and write every instance's pipes), and it is sealed against
-resizing before any VM has it.  A VM asks its supervisor for the fd the first time
-it touches the ring (``VmLink.ring``: the ``ring_fd`` call, answered only for a pipe
-the VM holds an end of, the fd sent over the channel's Unix socket).
+resizing before any VM has it.  Its fd reaches a VM over the channel's Unix socket
+only from the supervisor and only for a pipe the VM holds an end of: with the answer
+to the ``pipe_create`` that made the ring, with a fork's child's hello (the rings its
+parent gave it), or on asking (``VmLink.ring``: ``ring_fd``, for ends that came
+later, e.g. by SCM_RIGHTS).
 
 The broker stays the authority for who holds what (``PipeBroker``'s refs: forks,
 SCM_RIGHTS, a VM that dies): it writes the total reader and writer counts into the
@@ -33,8 +35,8 @@ token of its kernel's wake-up pipe) in the header, in the same locked step that 
 it must wait, so no wake-up is lost.  Whoever changes what a waiter waits for (data,
 room, a count) clears every waiter and writes a byte to each one's pipe after
 unlocking (``Wakers``: the supervisor makes each VM's wake-up pipe, a pipe with no
-name, and hands its fd to the VMs of the instance that ask); a woken VM runs its syscall again and registers again if it
-must still wait.  A full waiter table makes room by waking its oldest entry (a
+name, and hands its fd to the instance's VMs: with their hello, or on asking); a
+woken VM runs its syscall again and registers again if it must still wait.  A full waiter table makes room by waking its oldest entry (a
 spurious wake-up: it re-registers if it still waits).  Each entry carries the VM's
 count of its waits (``Waiter.epoch``): the supervisor calls an instance deadlocked
 only if the entries its VMs' idle reports named are all still there, unchanged

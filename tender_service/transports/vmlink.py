@@ -229,9 +229,10 @@ class VmLink:
 
     # -- pipe rings ------------------------------------------------------------------
     def ring(self, pipe: int) -> PipeRing:
-        """The mapping of ring pipe ``pipe``, mapped at its first use here: the
-        supervisor sends its segment's fd (``ring_fd``) to a VM that holds an end.  A
-        ring has no name anyone could open: no other VM reaches it."""
+        """The mapping of ring pipe ``pipe``: mapped when its fd came (with the
+        ``pipe_create`` answer, with the hello), else at its first use here, asking
+        the supervisor (``ring_fd``: only a VM that holds an end gets it).  A ring has
+        no name anyone could open: no other VM reaches it."""
         ring = self._rings.get(pipe)
         if ring is not None:
             return ring
