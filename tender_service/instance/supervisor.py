@@ -673,10 +673,7 @@ class Supervisor:
         pipe ids and tokens go into ``reply``, in the order of the fds."""
         with self.lock:
             rings = self.broker.rings_held(pid)[:HELLO_RINGS]
-        wakers = [(t, fd) for t, fd in self.wakers.dup_some(HELLO_WAKERS + 1) if t != token]
-        for _, fd in wakers[HELLO_WAKERS:]:
-            os.close(fd)
-        wakers = wakers[:HELLO_WAKERS]
+        wakers = self.wakers.dup_some(HELLO_WAKERS, but=token)
         reply[HELLO_RINGS_KEY] = [pipe for pipe, _ in rings]
         reply[HELLO_WAKERS_KEY] = [t for t, _ in wakers]
         return [ring.reopen() for _, ring in rings] + [fd for _, fd in wakers]

@@ -120,9 +120,9 @@ _CTL_BASE = 64
 _CTL_STRIDE = 256  # per ring: head, tail, data_waiting, space_waiting, 64 bytes apart
 _DATA_BASE = 4096
 _DOORBELL = b"\x01"
-#: fds one read takes at most (one comes per message: a pipe ring)
-_MAX_FDS = 4
-_FD_SPACE = socket.CMSG_SPACE(_MAX_FDS * 4)
+#: fds one read takes at most (a read stops after a message that carries some: one)
+_FDS_PER_READ = 4
+_FD_SPACE = socket.CMSG_SPACE(_FDS_PER_READ * 4)
 #: seconds a sender waits for room in the socket to pass an fd
 FD_SEND_TIMEOUT = 10.0
 _SHM_KEY = "_shm"
@@ -301,7 +301,9 @@ class _ChannelBase:
                 fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
                 self._fds.extend(fds)
         if flags & socket.MSG_CTRUNC:
-            log.warning("channel: fds sent by the peer were lost (more than %d at once)", _MAX_FDS)
+            log.warning(
+                "channel: fds sent by the peer were lost (more than %d at once)", _FDS_PER_READ
+            )
         return n
 
     def _send_fd(self, data: bytes, fd: int) -> int:
@@ -310,6 +312,7 @@ class _ChannelBase:
         closed (ChannelClosed) rather than the sender held."""
         if self._sock.family != socket.AF_UNIX:
             raise ValueError("an fd travels only over a Unix socket")
+        # not socket.send_fds: Python 3.11's ignores its flags (MSG_DONTWAIT)
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
         deadline = time.monotonic() + FD_SEND_TIMEOUT
         while True:

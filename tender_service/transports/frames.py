@@ -157,8 +157,7 @@ def write_hello(
     if not fds:
         sock.sendall(data)
         return
-    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
-    sent = sock.sendmsg([data], rights)
+    sent = socket.send_fds(sock, [data], list(fds))
     if sent < len(data):
         sock.sendall(data[sent:])
 

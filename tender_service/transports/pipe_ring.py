@@ -399,11 +399,11 @@ class Wakers:
             fd = self._fds.get(token, -1)
             return os.dup(fd) if fd >= 0 else -1
 
-    def dup_some(self, limit: int) -> list[tuple[int, int]]:
-        """(token, a new fd) of up to ``limit`` pipes, the latest added first (the
-        caller owns the fds)."""
+    def dup_some(self, limit: int, but: int = 0) -> list[tuple[int, int]]:
+        """(token, a new fd) of up to ``limit`` pipes other than token ``but``'s, the
+        latest added first (the caller owns the fds)."""
         with self._lock:
-            known = [(t, fd) for t, fd in reversed(self._fds.items()) if fd >= 0]
+            known = [(t, fd) for t, fd in reversed(self._fds.items()) if fd >= 0 and t != but]
             return [(t, os.dup(fd)) for t, fd in known[:limit]]
 
     def remove(self, token: int) -> None:
