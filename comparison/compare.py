@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from comparison import bench_http
+from comparison import bench_http, targets
 from comparison import report as rep
 from comparison.modes import (
     COPY,
@@ -788,6 +788,7 @@ class Compare:
                 f"({self.p.scale_runs_for(VMCLONE_SHM)} for VM-clone modes)"
             )
         rep.add_http_ratios(self.http_rows)
+        cold = self.cold_rows()
         return rep.Report(
             http=self.http_rows,
             http_note=[bench_http.METHOD] if self.http_rows else [],
@@ -805,7 +806,8 @@ class Compare:
             memory=self.memory_rows(),
             memory_children=self.p.memory_children,
             scaling=self.scale_rows(),
-            cold=self.cold_rows(),
+            cold=cold,
+            targets=target_checks(cells, cold, self.modes),
             cold_runs=self.p.cold_runs if self.cold else 0,
             cold_note=self.cold_note(),
             fork_breakdown=self.fork_breakdown(),
@@ -813,6 +815,21 @@ class Compare:
             notes=notes,
             setup_failures=list(self.setup_failures),
         )
+
+
+def target_checks(
+    cells: list[rep.Cell], cold: list[rep.ColdRow], modes: list[str]
+) -> list[targets.Check]:
+    """Issue 17's targets from this run's samples: a cell's kept values by run, a cold
+    series one run per fork (failed cells and series give no samples)."""
+    runs = {(c.workload, c.mode): [r.values for r in c.runs] for c in cells if c.status == "ok"}
+    series = {
+        (row.mode, kind): [[us] for us in s.samples_us]
+        for row in cold
+        for kind, s in (("cold", row.cold), ("unifork_run", row.unifork_run))
+        if s is not None and s.status == "ok"
+    }
+    return targets.issue17(runs, series, modes)
 
 
 def _short(e: BaseException) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tabulate import tabulate
 
-from comparison import published
+from comparison import published, targets
 from comparison.modes import NATIVE, THREAD
 from comparison.stats import median, percentile
 from comparison.workloads import COLD_PROGRAM, COLD_WORKLOAD, HAZARD_ITEMS, SEMANTICS_ITEMS
@@ -331,6 +331,8 @@ class Report:
     setup_failures: list[str] = field(default_factory=list)
     http: list[HttpRow] = field(default_factory=list)
     http_note: list[str] = field(default_factory=list)  # the method
+    #: issue 17's targets against this run (comparison/targets.py)
+    targets: list[targets.Check] = field(default_factory=list)
 
     @property
     def failures(self) -> list[str]:
@@ -413,6 +415,11 @@ class Report:
             "memory": {"children": self.memory_children, "rows": [asdict(m) for m in self.memory]},
             "scaling": {"metric": "ready_ms", "rows": [asdict(s) for s in self.scaling]},
             "http": {"method": self.http_note, "rows": [asdict(h) for h in self.http]},
+            "targets": {
+                "issue": 17,
+                "method": targets.METHOD,
+                "checks": [_check_json(c) for c in self.targets],
+            },
             "published": published.to_json(),
             "failures": self.failures,
             "expected_failures": self.expected_failures,
@@ -580,6 +587,9 @@ def render(r: Report) -> str:
     if r.fork_breakdown:
         out += breakdown_table(r)
         out.append("")
+    if r.targets:
+        out += targets_table(r)
+        out.append("")
     out += _matrix(
         "semantics matrix (measured: the 'semantics' probe in each mode; runs in brackets)",
         SEMANTICS_ITEMS,
@@ -627,6 +637,36 @@ BREAKDOWN_WHAT = (
     "reply); restore = the child's restore, on its tender process after the reply (not "
     "part of the parent's fork)"
 )
+
+
+TARGETS_TITLE = "issue 17 targets, this run"
+TARGETS_HEAD = ("item", "check", "target", "figure", "95% interval", "runs", "verdict")
+
+
+def _rounded(c: targets.Check) -> tuple[float | None, float | None, float | None]:
+    """figure, low, high as the table prints them and the JSON stores them."""
+    return sig(c.figure, RATIO_DIGITS), sig(c.low, RATIO_DIGITS), sig(c.high, RATIO_DIGITS)
+
+
+def _check_json(c: targets.Check) -> dict[str, object]:
+    d = asdict(c)
+    d["figure"], d["low"], d["high"] = _rounded(c)
+    d["runs"] = list(c.runs)
+    return d
+
+
+def targets_table(r: Report) -> list[str]:
+    """Each target of issue 17: this run's figure, its interval and the verdict."""
+    rows = []
+    for c in r.targets:
+        figure, low, high = _rounded(c)
+        interval = "-" if low is None else f"{num(low)} .. {num(high)}"
+        runs = "/".join(str(n) for n in c.runs if n) or "-"
+        rows.append((str(c.item), c.what, c.target, num(figure), interval, runs, c.verdict))
+    out = [f"{TARGETS_TITLE} ({targets.LEVEL}% bootstrap interval over runs)"]
+    out += grid(TARGETS_HEAD, rows, {3, 4, 5})
+    out.append(f"  {targets.METHOD}")
+    return out
 
 
 def breakdown_table(r: Report) -> list[str]:

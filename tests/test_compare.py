@@ -433,6 +433,65 @@ COLD_MODES = ("native", "thread", "vmclone-shm")
 COLD_RUNS = 4
 
 
+def test_issue17_targets_are_this_runs_own_figures(quick) -> None:
+    """The targets section: each figure is the one the run's tables show (item 3 warm is
+    the main table's thread / native, item 1 the cold table's 'vs warm'...), every verdict
+    agrees with its interval, and the text shows what the JSON holds."""
+    p, _, _, doc = quick
+    t = doc["targets"]
+    assert t["issue"] == 17 and "bootstrap over whole runs" in t["method"]
+    checks = {(c["item"], c["what"]): c for c in t["checks"]}
+    results = {(r["workload"], r["mode"]): r for r in doc["results"]}
+    cold = {r["mode"]: r for r in doc["cold_fork"]["rows"]}
+    assert (
+        checks[(3, "thread / native, warm loop")]["figure"]
+        == (results[("fork_time", "thread")]["ratio_native"])
+    )
+    assert (
+        checks[(3, "thread / native, cold (fresh VM / process)")]["figure"]
+        == (cold["thread"]["cold"]["ratio_native"])
+    )
+    for mode in LOCAL_MODES[1:]:
+        for kind, how in (("cold", "fresh VM"), ("unifork_run", "unifork run")):
+            got = checks[(1, f"{mode}: cold ({how}) / warm")]
+            assert got["figure"] == cold[mode][kind]["over_warm"], (mode, kind)
+            assert got["runs"] == [doc["cold_fork"]["runs"], doc["runs"]]
+    for mode in ("vmclone-shm", "vmclone-tcp"):
+        got = checks[(6, f"{mode}: pipe_bw / native")]
+        assert got["figure"] == results[("pipe_bw", mode)]["ratio_native"]
+        warm = [v for run in results[("fork_time", mode)]["runs"] for v in run["values"]]
+        got = checks[(5, f"{mode}: fork, warm loop (us)")]
+        assert got["figure"] == sig(statistics.median(warm), 3) and got["runs"] == [3, 0]
+    assert len(checks) == len(t["checks"]) == 4 * 2 + 2 + 2 * 3 + 2
+    for c in t["checks"]:
+        lo, hi, at = c["low"], c["high"], c["threshold"]
+        assert c["verdict"] in ("met", "missed", "unsettled"), c  # all of it was measured
+        assert lo <= hi, c
+        below = c["op"] == "<="
+        if c["verdict"] == "met":
+            assert hi <= at if below else lo >= at, c
+        elif c["verdict"] == "missed":
+            assert lo >= at if below else hi <= at, c
+        else:
+            assert lo <= at <= hi or min(r for r in c["runs"] if r) < 3, c
+    lines = section(p.stdout, "issue 17 targets")
+    assert re.split(r"\s{2,}", lines[0].strip()) == [
+        "item",
+        "check",
+        "target",
+        "figure",
+        "95% interval",
+        "runs",
+        "verdict",
+    ]
+    shown = [re.split(r"\s{2,}", ln.strip()) for ln in lines[2:] if not ln.startswith("  ")]
+    assert [(int(r[0]), r[1]) for r in shown] == [(c["item"], c["what"]) for c in t["checks"]]
+    for row, c in zip(shown, t["checks"], strict=True):
+        assert float(row[3]) == c["figure"] and row[2] == c["target"] and row[6] == c["verdict"]
+        assert row[4] == f"{num(c['low'])} .. {num(c['high'])}"
+    assert lines[-1].strip() == t["method"]
+
+
 @pytest.fixture(scope="module")
 def cold(tmp_path_factory):
     out = tmp_path_factory.mktemp("cold")
