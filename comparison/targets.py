@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from comparison.modes import NATIVE, THREAD, VMCLONE_MODES, VMCLONE_SHM, VMCLONE_TCP
+from comparison.stats import median
 from comparison.workloads import COLD_WORKLOAD
 
 #: resamples per interval, and the seed that makes them the same for the same samples
@@ -86,7 +87,10 @@ def _boot_medians(runs: Runs, rng: np.random.Generator) -> np.ndarray:
 
 
 def _median(runs: Runs) -> float:
-    return float(np.median(np.concatenate([np.asarray(r, dtype=float) for r in runs])))
+    """The harness's median (comparison/stats.py) of every value: the tables' figure."""
+    m = median([v for r in runs for v in r])
+    assert m is not None  # runs with values only
+    return m
 
 
 def check(c: Check, top: Runs | None, bottom: Runs | None = None, ratio: bool = True) -> Check:
@@ -98,14 +102,12 @@ def check(c: Check, top: Runs | None, bottom: Runs | None = None, ratio: bool = 
     if not top or (ratio and not bottom):
         return c
     rng = np.random.default_rng(SEED)
+    c.figure, boot, fewest = _median(top), _boot_medians(top, rng), len(top)
+    c.runs = (len(top), len(bottom) if ratio else 0)
     if ratio:
-        c.figure, c.runs = _median(top) / _median(bottom), (len(top), len(bottom))
-        boot = _boot_medians(top, rng) / _boot_medians(bottom, rng)
-        fewest = min(len(top), len(bottom))
-    else:
-        c.figure, c.runs = _median(top), (len(top), 0)
-        boot = _boot_medians(top, rng)
-        fewest = len(top)
+        c.figure /= _median(bottom)
+        boot = boot / _boot_medians(bottom, rng)
+        fewest = min(fewest, len(bottom))
     lo, hi = np.percentile(boot, [(100 - LEVEL) / 2, 100 - (100 - LEVEL) / 2])
     c.low, c.high = float(lo), float(hi)
     c.verdict = verdict(c.op, c.threshold, c.low, c.high) if fewest >= MIN_RUNS else UNSETTLED

@@ -16,6 +16,10 @@ from comparison import targets
 from comparison.targets import MET, MISSED, NOT_MEASURED, UNSETTLED, Check, check, issue17
 
 
+def flat(runs: list[list[float]]) -> list[float]:
+    return [x for r in runs for x in r]
+
+
 def ratio_check(op: str = "<=", threshold: float = 1.0) -> Check:
     return Check(3, "a / b", f"{op} {threshold}x", op, threshold)
 
@@ -41,7 +45,6 @@ def test_a_ratio_is_median_over_median_and_clear_gaps_are_decided() -> None:
     fast = [[10.0 + i + 0.1 * j for j in range(19)] for i in range(5)]
     slow = [[20.0 + i + 0.1 * j for j in range(19)] for i in range(5)]
     c = check(ratio_check(), fast, slow)
-    flat = lambda runs: [x for r in runs for x in r]  # noqa: E731
     assert c.figure == statistics.median(flat(fast)) / statistics.median(flat(slow))
     assert c.runs == (5, 5)
     assert c.low is not None and c.high is not None and c.low <= c.figure <= c.high < 1.0
