@@ -1,11 +1,14 @@
-"""Thread stacks the kernel keeps for the next fork (rump/stacks.py, issue 17).
+"""Thread stacks and TLS blocks the kernel keeps for the next fork (rump/stacks.py,
+issue 17).
 
 What must hold: a fork or exec takes a kept stack when there is one, owned by
 its process from then on; at most KEEP are kept; a stack of another size is
 freed, not kept; kept stacks never cost the guest memory (the page allocator
 takes them back before it fails, a VM-clone snapshot drops them); and an exec,
 whose new stack has a temporary owner until the old memory is gone, leaves the
-kept stacks alone.
+kept stacks alone.  Thread fork's TLS copies are kept the same way; a program
+whose TLS block has another size frees the kept ones, and a block of another
+size or alignment is never kept.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from tender_service.machine.elf import load_elf_file
 from tender_service.machine.rootfs import DIR, FILE, FsEntry, RootFs
 from tender_service.rump.console import Console
 from tender_service.rump.kernel import Kernel
-from tender_service.rump.stacks import KEEP, KEPT_OWNER
+from tender_service.rump.stacks import KEEP, KEPT_OWNER, TLS_ALIGN
 from tender_service.rump.vminfo import VmConfig
 from tender_service.toolchain.images import build_image
 from tender_service.vm import CaptureSink, create_vm, make_forker
@@ -107,11 +110,40 @@ def test_forks_and_execs_reuse_stacks_and_leave_only_the_kept_ones(
     try:
         assert k.stacks.reused >= 5
         assert 1 <= len(k.stacks.kept) <= KEEP
-        assert sorted(a.user for a in k.heap.owned(KEPT_OWNER)) == sorted(k.stacks.kept)
-        k.drop_caches()
+        # thread fork copies each child's TLS block: those are kept too (copy fork
+        # gives its children the parent's private copy, and the kernel makes none)
+        tls = k.tls_blocks
+        assert (tls.reused >= 5 and 1 <= len(tls.kept) <= KEEP) == (fork == "thread")
+        assert tls.kept or fork == "copy"
+        kept = sorted(k.stacks.kept + tls.kept)
+        assert sorted(a.user for a in k.heap.owned(KEPT_OWNER)) == kept
+        assert k.drop_caches() >= len(kept)
         assert k.heap.live_count == 0
     finally:
         k.close()
+
+
+def test_tls_blocks_are_kept_per_size_and_alignment(k: Kernel) -> None:
+    """A TLS block given back is the next child's; a program with a TLS block of
+    another size frees the kept ones; a block of another alignment, or of another
+    size than the program's, is freed, not kept."""
+    tls = k.tls_blocks
+    first = tls.take(7, 448)
+    assert first % TLS_ALIGN == 0 and k.heap.get(first).owner == 7
+    tls.put(first)
+    assert tls.kept == [first] and k.heap.get(first).owner == KEPT_OWNER
+    assert tls.take(8, 448) == first and tls.reused == 1
+    tls.put(first)
+    other = tls.take(9, 512)  # another program's TLS: the kept block is freed
+    assert tls.kept == [] and k.heap.get(first) is None and k.heap.get(other).size == 512
+    odd_align = k.heap.malloc(512, 16, owner=9, who=MEMWHO_WIREDBMK)
+    odd_size = k.heap.malloc(448, TLS_ALIGN, owner=9, who=MEMWHO_WIREDBMK)
+    for block in (odd_align, odd_size):
+        tls.put(block)
+        assert tls.kept == [] and k.heap.get(block) is None
+    tls.put(other)
+    assert tls.kept == [other] and k.drop_caches() >= 1 and tls.kept == []
+    assert k.heap.get(other) is None
 
 
 def test_a_dead_threads_context_is_the_next_threads(k: Kernel) -> None:

@@ -3,7 +3,8 @@
 A forked child's copied memory is scanned word by word for pointers into its
 parent's regions.  In Python that scan was the largest part of a thread fork
 (issue 17); the host library does it in one pass, in one call per fork (the
-call itself costs what scanning a thousand words does).  The library is built
+call itself costs what scanning a thousand words does), which also makes the
+copies it scans (thread fork's stack and TLS block).  The library is built
 by the toolchain (``make images``, or on first use) and loaded when a fork
 strategy is made, before a VM process jails itself.
 """
@@ -21,6 +22,8 @@ from tender_service.toolchain.images import build_host_library
 Region = tuple[int, int, int]
 #: (host address, number of 8-byte words) of memory to scan
 Span = tuple[int, int]
+#: (destination, source, bytes), host addresses: a copy made before the scan
+Copy = tuple[int, int, int]
 MASK64 = 0xFFFF_FFFF_FFFF_FFFF
 
 
@@ -45,24 +48,32 @@ class Rebaser:
 
     def __init__(self) -> None:
         self._fn = _relocate()
-        self._job = array("Q", bytes(8 * 16))
+        self._job = array("Q", bytes(8 * 32))  # a thread fork's job, with room
         self._out = array("I", bytes(4 * 1024))
         self._job_at, self._out_at = self._job.buffer_info()[0], self._out.buffer_info()[0]
 
     def run(
-        self, spans: Sequence[Span], regions: Sequence[Region], other: tuple[int, int] = (0, 0)
+        self,
+        spans: Sequence[Span],
+        regions: Sequence[Region],
+        other: tuple[int, int] = (0, 0),
+        copies: Sequence[Copy] = (),
     ) -> tuple[list[int], int]:
-        """Rebase every word of ``spans`` that lies in one of ``regions`` (sorted by lo,
-        disjoint).  Returns the indices (counted across the spans in order) of the
-        words in no region but in ``other`` [lo, hi), for the caller to classify, and
-        the number of words rebased."""
+        """Make ``copies``, then rebase every word of ``spans`` that lies in one of
+        ``regions`` (sorted by lo, disjoint).  Returns the indices (counted across
+        the spans in order) of the words in no region but in ``other`` [lo, hi), for
+        the caller to classify, and the number of words rebased."""
         job, out = self._job, self._out
-        need = 4 + 2 * len(spans) + 3 * len(regions)
+        need = 5 + 3 * len(copies) + 2 * len(spans) + 3 * len(regions)
         if len(job) < need:
             job.frombytes(bytes(8 * (need - len(job))))
             self._job_at = job.buffer_info()[0]
-        job[0], job[1], job[2], job[3] = len(spans), len(regions), other[0], other[1]
-        i, total = 4, 0
+        job[0], job[1], job[2] = len(copies), len(spans), len(regions)
+        job[3], job[4] = other
+        i, total = 5, 0
+        for dst, src, size in copies:
+            job[i], job[i + 1], job[i + 2] = dst, src, size
+            i += 3
         for addr, count in spans:
             job[i], job[i + 1] = addr, count
             i += 2
@@ -75,11 +86,14 @@ class Rebaser:
             out.frombytes(bytes(4 * (total - len(out))))
             self._out_at = out.buffer_info()[0]
         found = self._fn(self._job_at, self._out_at if record else None)
-        return (out[:found].tolist() if found else []), job[0]
+        return (out[:found].tolist() if found else []), job[1]
 
 
 def rebase(
-    spans: Sequence[Span], regions: Sequence[Region], other: tuple[int, int] = (0, 0)
+    spans: Sequence[Span],
+    regions: Sequence[Region],
+    other: tuple[int, int] = (0, 0),
+    copies: Sequence[Copy] = (),
 ) -> tuple[list[int], int]:
     """:meth:`Rebaser.run` once, with buffers of its own."""
-    return Rebaser().run(spans, regions, other)
+    return Rebaser().run(spans, regions, other, copies)

@@ -35,11 +35,11 @@ import ctypes
 import errno
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from ctypes import addressof
 
-from tender_service.bmk.memalloc import MEMWHO_USER, MEMWHO_WIREDBMK, Allocation
-from tender_service.fork.relocate import Rebaser, preload, rebase
+from tender_service.bmk.memalloc import MEMWHO_USER, Allocation
+from tender_service.fork.relocate import Copy, Rebaser, preload, rebase
 from tender_service.machine.cpu import FS_BASE, GPRS, RIP, SYSCALL_INSN_LEN, RegSet
 from tender_service.machine.errors import GuestError
 from tender_service.rump.kernel import Kernel
@@ -101,17 +101,19 @@ class ThreadFork:
         if not cstack:
             raise GuestError(errno.ENOMEM, "no memory for the child's stack")
 
-        # 2. copy the live stack, red zone included
+        # 2. the live stack, red zone included (copied by the scan's call, below)
         lo = max(s_base, (rsp - RED_ZONE) & ~7)
         n = s_base + size - lo
         delta = cstack - s_base
-        src, dst = mem.offset(lo, n), mem.offset(lo + delta, n)
-        mem.buf.move(dst, src, n)  # memmove: no bytes object in between
+        host = mem.host_addr
+        dst = mem.offset(lo + delta, n)
+        copies = [(host + dst, host + mem.offset(lo, n), n)]
 
         # 4. the TLS block / thread descriptor
-        tls_lo, tls_hi, ctls, tls_at = _copy_tls(k, child.pid, regs[_FS])
+        tls_lo, tls_hi, ctls, tls_at = _tls_copy(k, child.pid, regs[_FS], copies)
 
-        # 3. relocate stack words, the TLS copy and the registers (fs too): one scan
+        # 3. copy, then relocate stack words, the TLS copy and the registers (fs too):
+        # one call
         r = _Relocator(
             k.heap,
             child.pid,
@@ -124,7 +126,7 @@ class ThreadFork:
             self._rebaser.run,
         )
         tls = (tls_at, (tls_hi - tls_lo) >> 3)
-        r.relocate(mem.buf, mem.host_addr, (dst, n >> 3), tls, regs, _SCANNED)
+        r.relocate(mem.buf, host, (dst, n >> 3), tls, regs, _SCANNED, copies)
 
         # 5. the child's context: the parent's, with rax = 0 and rebased pointers
         regs[_RSP] = rsp + delta
@@ -138,10 +140,10 @@ class ThreadFork:
         clwp.sigmask, clwp.altstack = lwp.sigmask, lwp.altstack  # inherited, as fork(2)
 
 
-def _copy_tls(k: Kernel, pid: int, fs: int) -> tuple[int, int, int, int]:
-    """Copy musl's TLS block [td->dtv, fs + PTHREAD_SPAN) (relocated with the stack);
-    (lo, hi, address of the copy, its offset in guest RAM), or zeros if there is no
-    musl descriptor at ``fs``."""
+def _tls_copy(k: Kernel, pid: int, fs: int, copies: list[Copy]) -> tuple[int, int, int, int]:
+    """A block for the copy of musl's TLS block [td->dtv, fs + PTHREAD_SPAN) (relocated
+    with the stack), the copy added to ``copies``; (lo, hi, address of the copy, its
+    offset in guest RAM), or zeros if there is no musl descriptor at ``fs``."""
     mem = k.mem
     try:
         td = mem.offset(fs, PTHREAD_SPAN) if fs else -1
@@ -157,11 +159,11 @@ def _copy_tls(k: Kernel, pid: int, fs: int) -> tuple[int, int, int, int]:
     lo, src = fs, td
     if fs - (1 << 20) < dtv < fs and not dtv & 7 and mem.contains(dtv, hi - dtv):
         lo, src = dtv, td - (fs - dtv)  # the block below it, in the descriptor's region
-    ctls = k.heap.malloc(hi - lo, 64, owner=pid, who=MEMWHO_WIREDBMK)
+    ctls = k.tls_blocks.take(pid, hi - lo)
     if not ctls:
         raise GuestError(errno.ENOMEM, "no memory for the child's TLS block")
     dst = mem.offset(ctls, hi - lo)
-    mem.buf.move(dst, src, hi - lo)
+    copies.append((mem.host_addr + dst, mem.host_addr + src, hi - lo))
     return lo, hi, ctls, dst
 
 
@@ -230,10 +232,12 @@ class _Relocator:
         tls: tuple[int, int],
         regs: ctypes.Array,
         nregs: int,
+        copies: Sequence[Copy] = (),
     ) -> None:
-        """Relocate the stack copy and the TLS copy (each ``(offset in buf, words)``;
-        ``addr``: where ``buf`` starts in host memory) and the first ``nregs``
-        register values of the buffer ``regs``, in one C scan (fork/relocate.py).
+        """Make ``copies`` (the stack's and the TLS block's), then relocate the stack
+        copy and the TLS copy (each ``(offset in buf, words)``; ``addr``: where
+        ``buf`` starts in host memory) and the first ``nregs`` register values of
+        the buffer ``regs``, in one C call (fork/relocate.py).
 
         Stack and TLS words move by their region's delta there; the other words
         in the heap come back as indices and are classified here, since a live
@@ -248,10 +252,11 @@ class _Relocator:
         )
         if regions is None:  # a TLS block inside the stack: ``value`` orders them, word
             other = (0, MASK64)  # by word, and the TLS copy is rebased on its own
-            self.scan([tls_span], [(self.tls_lo, self.tls_hi, self.tdelta)])
+            self.scan([tls_span], [(self.tls_lo, self.tls_hi, self.tdelta)], (0, 0), copies)
             regions, t_words, tls_span = [(self.s_base, self.s_top, self.delta)], 0, (0, 0)
+            copies = ()
         spans = [(addr + s_off, s_words), tls_span, (addressof(regs), nregs)]
-        others, _ = self.scan(spans, regions, other)
+        others, _ = self.scan(spans, regions, other, copies)
         if not others:
             return
         value = self.value  # a word in a live user heap block: into the child's duplicate

@@ -48,7 +48,7 @@ from tender_service.rump.proctable import ProcessTable
 from tender_service.rump.published import PublishedPorts
 from tender_service.rump.socket import Socket, UnixNames
 from tender_service.rump.spares import ImageSpares
-from tender_service.rump.stacks import Stacks
+from tender_service.rump.stacks import KeptBlocks
 from tender_service.rump.timers import SIGEV_NONE, PosixTimer
 from tender_service.rump.vfs import Vfs
 from tender_service.rump.vminfo import RunResult, VmConfig
@@ -174,8 +174,10 @@ class Kernel(ProcessTable):
         #: freed program images kept with their translated code (rump/spares.py); the
         #: page allocator takes them back before it fails
         self.spares = ImageSpares(pages, self.cpu.forget_code)
-        #: thread stacks, a few kept when processes end (rump/stacks.py)
-        self.stacks = Stacks(heap, self.stack_bytes)
+        #: thread stacks and thread fork's TLS blocks, a few kept when processes end
+        #: (rump/stacks.py)
+        self.stacks = KeptBlocks.stacks(heap, self.stack_bytes)
+        self.tls_blocks = KeptBlocks.tls(heap)
         pages.reclaim = self.drop_caches
         #: CLOCK_MONOTONIC/REALTIME as the vDSO and the clock syscalls give them
         self.clock = GuestClock.for_memory(mem)
@@ -280,9 +282,9 @@ class Kernel(ProcessTable):
     # -- building ------------------------------------------------------------------
     def drop_caches(self) -> int:
         """Free what the kernel keeps only to be fast (program images with their
-        translated code, thread stacks): the page allocator's last resort before it
-        fails, and a snapshot's first step.  Returns how many blocks were freed."""
-        return self.spares.drop() + self.stacks.drop()
+        translated code, thread stacks, TLS blocks): the page allocator's last resort
+        before it fails, and a snapshot's first step.  Returns how many blocks were freed."""
+        return self.spares.drop() + self.stacks.drop() + self.tls_blocks.drop()
 
     @property
     def stack_bytes(self) -> int:

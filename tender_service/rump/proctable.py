@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-from tender_service.bmk.memalloc import MEMWHO_WIREDBMK
 from tender_service.bmk.sched import BmkThread, ThreadState
 from tender_service.machine.watchdog import WATCHDOG
 from tender_service.rump import signals
@@ -26,7 +25,7 @@ if TYPE_CHECKING:
     from tender_service.bmk.sched import Scheduler
     from tender_service.machine.cpu import Cpu
     from tender_service.rump.kernel import Forker, Kernel, RemoteHost
-    from tender_service.rump.stacks import Stacks
+    from tender_service.rump.stacks import KeptBlocks
 
 INIT_PID = 1
 #: reaped processes remembered for the process table (``--ps``, describe)
@@ -41,7 +40,8 @@ class ProcessTable:
     # provided by the kernel that inherits this table
     heap: MemAlloc
     pages: PageAllocator
-    stacks: Stacks
+    stacks: KeptBlocks
+    tls_blocks: KeptBlocks
     sched: Scheduler
     remote: RemoteHost | None
     forker: Forker | None
@@ -168,7 +168,7 @@ class ProcessTable:
             if lwp.stack and not borrowed:
                 self.stacks.put(lwp.stack)
             if lwp.tls and not borrowed:
-                self.heap.free(lwp.tls, who=MEMWHO_WIREDBMK)
+                self.tls_blocks.put(lwp.tls)
         if self.remote is not None and proc.vm_parent:
             # a clone(CLONE_VM) child that never exec'd: its pid was only leased
             assert self.forker is not None and hasattr(self.forker, "child_ended_here")

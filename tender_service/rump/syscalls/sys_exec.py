@@ -32,7 +32,6 @@ import errno
 import logging
 from typing import TYPE_CHECKING
 
-from tender_service.bmk.memalloc import MEMWHO_WIREDBMK
 from tender_service.machine.cpu import GPRS, SYSCALL_INSN_LEN
 from tender_service.machine.elf import ElfImage, parse_elf
 from tender_service.machine.errors import GuestError, ImageError
@@ -254,7 +253,7 @@ def _release_old(k: Kernel, lwp: Lwp) -> None:
     if lwp.stack:
         k.stacks.put(lwp.stack)
     if lwp.tls:
-        k.heap.free(lwp.tls, who=MEMWHO_WIREDBMK)
+        k.tls_blocks.put(lwp.tls)
     k.release_memory(proc)
     k.release_program(proc)
     proc.vm_parent = 0
