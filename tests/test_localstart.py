@@ -113,3 +113,22 @@ def test_the_worker_refuses_as_its_grpc_call_does(tmp_path: Path) -> None:
         assert (servicer.receiving, servicer.starting, servicer.vms) == (0, 0, {})
     finally:
         server.close()
+
+
+def test_connections_held_open_never_stop_new_ones(fake: Fake) -> None:
+    """Each connection is served by the thread that accepted it, which leaves a new
+    thread accepting: with more VMs holding their connections than there are
+    threads waiting in accept, one more VM is still answered, and so is a VM whose
+    connection follows a refused one (that thread's replacement comes at its end)."""
+    held = [localstart.Connections() for _ in range(localstart.ACCEPTORS + 2)]
+    for pid, conns in enumerate(held, 3):
+        assert conns.start(fake.address, {"pid": pid}, b"s").pid == pid
+    fake.refuse = localstart.Refused("INVALID_ARGUMENT", "no")
+    with pytest.raises(localstart.StartFailed):
+        localstart.Connections().start(fake.address, {"pid": 90}, b"s")
+    fake.refuse = None
+    late = localstart.Connections()
+    assert late.start(fake.address, {"pid": 91}, b"s").pid == 91
+    assert [s["pid"] for s, _ in fake.calls] == [*range(3, 3 + len(held)), 91]
+    for conns in held:  # each kept its connection, still served
+        assert len(conns._idle[str(fake.server.path)]) == 1

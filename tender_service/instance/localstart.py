@@ -48,6 +48,11 @@ MAX_REPLY = 64 << 10
 READ_TIMEOUT = 30.0
 #: connections one process serves at once (each holds a thread)
 MAX_CONNECTIONS = 64
+#: threads waiting in accept: a new connection is served by the thread that took it,
+#: with no thread to start first (starting one took 0.1-0.4 ms on a 2-vCPU host, all
+#: of it in the first fork to a fresh pool process: issue 17, item 1); each makes its
+#: replacement once its first reply is sent
+ACCEPTORS = 2
 
 
 @dataclass
@@ -166,7 +171,8 @@ Launch = Callable[[dict[str, Any], int, Callable[[memoryview], None]], Started]
 
 
 class Server:
-    """A pool process's local StartVm socket: one thread per connection."""
+    """A pool process's local StartVm socket: one thread per connection, each the
+    thread that accepted it (``ACCEPTORS`` wait in accept)."""
 
     def __init__(self, path: str, launch: Launch) -> None:
         self.path = path
@@ -175,6 +181,10 @@ class Server:
         self._sock.bind(path)
         self._sock.listen(64)
         self._conns = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        for _ in range(ACCEPTORS):
+            self._new_acceptor()
+
+    def _new_acceptor(self) -> None:
         threading.Thread(target=self._accept, name="localstart", daemon=True).start()
 
     def close(self) -> None:
@@ -185,22 +195,21 @@ class Server:
             os.unlink(self.path)
 
     def _accept(self) -> None:
+        """Take the next connection and serve it to its end (a replacement accepts)."""
         while True:
             try:
                 conn, _ = self._sock.accept()
             except OSError:
-                return
-            if not self._conns.acquire(blocking=False):
-                conn.close()  # the forking side sees UNAVAILABLE and places it elsewhere
-                continue
-            threading.Thread(
-                target=self._serve, args=(conn,), name="localstart", daemon=True
-            ).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+                return  # the socket is closed
+            if self._conns.acquire(blocking=False):
+                break
+            conn.close()  # the forking side sees UNAVAILABLE and places it elsewhere
+        replaced = False
         try:
             while self._one(conn):
-                pass
+                if not replaced:  # after the first reply, not before it
+                    replaced = True
+                    self._new_acceptor()
         except (OSError, EOFError) as e:
             log.debug("local StartVm connection ended: %s", e)
         except Exception:  # a bug: this connection ends, the process goes on
@@ -208,6 +217,8 @@ class Server:
         finally:
             conn.close()
             self._conns.release()
+            if not replaced:
+                self._new_acceptor()
 
     def _one(self, conn: socket.socket) -> bool:
         """Serve one request; False when the connection is over."""
