@@ -208,8 +208,8 @@ class Server:
         try:
             while self._one(conn):
                 if not replaced:  # after the first reply, not before it
-                    replaced = True
                     self._new_acceptor()
+                    replaced = True
         except (OSError, EOFError) as e:
             log.debug("local StartVm connection ended: %s", e)
         except Exception:  # a bug: this connection ends, the process goes on
