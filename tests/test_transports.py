@@ -11,6 +11,7 @@ process behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -60,6 +61,7 @@ from tender_service.transports import (
 from tender_service.transports import channel as transport_channel
 from tender_service.transports.channel import MAX_RING_SIZE, segment_size
 from tender_service.transports.frames import HEADER, HELLO_HEADER, MAX_HELLO_JSON
+from tender_service.transports.protocol import Msg
 from tender_service.transports.shm_names import owner
 from tender_service.transports.shm_segment import SEALS
 
@@ -927,3 +929,148 @@ def test_a_vm_that_reads_nothing_loses_its_channel_not_the_supervisors_thread(
         os.close(fd)
         vm.close()
         sup.close()
+
+
+class _Answerer:
+    """The supervisor's end of a VM's channel, answering CALL frames in order: the
+    first answer goes out only once ``batch`` calls have come (or none came for
+    ``quiet`` seconds), then each at once.  ``answer(i, op)`` gives call i's
+    (value, payload, fd or None)."""
+
+    def __init__(self, sup: Channel, batch: int, answer, quiet: float = 2.0) -> None:
+        self.sup, self.batch, self.answer, self.quiet = sup, batch, answer, quiet
+        self.before_first_answer = 0
+        self.ops: list[str] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _reply(self, f: Frame) -> None:
+        op = json.loads(f.payload.split(b"\n", 1)[0])["op"]
+        value, payload, fd = self.answer(len(self.ops), op)
+        self.ops.append(op)
+        self.sup.send(Frame(Msg.RESULT, 0, f.req, 0, value, payload), fd)
+
+    def _run(self) -> None:
+        frames: list[Frame] = []
+        while len(frames) < self.batch:
+            f = self.sup.recv(self.quiet)
+            if f is None:
+                break
+            frames.append(f)
+        self.before_first_answer = len(frames)
+        for f in frames:
+            self._reply(f)
+        while not self.stop.is_set():
+            f = self.sup.recv(0.1)
+            if f is not None:
+                self._reply(f)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(WAIT)
+
+
+@pytest.fixture
+def linked_vm():
+    """A VM's VmLink over a channel pair (its kernel attached: its reader runs), and
+    the supervisor's end; a test plays the supervisor with ``_Answerer``."""
+    from tender_service.toolchain.images import build_image
+    from tender_service.transports.vmlink import VmLink
+    from tender_service.vm import CaptureSink, create_vm
+
+    made: list[tuple[VmLink, Channel, Any]] = []
+
+    def make(kind: str) -> tuple[VmLink, Channel, Any]:
+        vm, sup = _pair(kind)
+        vm.takes_fds = True
+        link = VmLink(vm, 2)
+        k = create_vm(build_image("hello"), sink=CaptureSink())
+        link.attach(k)
+        made.append((link, sup, k))
+        return link, sup, k
+
+    yield make
+    for link, sup, k in made:
+        link.close()
+        sup.close()
+        k.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_vms_calls_go_out_together_and_each_answer_has_its_fd(linked_vm, kind: str) -> None:
+    """A VM's calls made together (``_call_fds``: a fork sharing its pipes) are all
+    sent before the first answer is awaited: the supervisor here answers only once
+    it has all three (calls sent one after another's answer would leave it with one).
+    The answers come back in order, each with the fd its payload names."""
+    link, sup, _ = linked_vm(kind)
+    files = [os.memfd_create("ring0"), os.memfd_create("ring2")]
+    inos = [str(os.fstat(fd).st_ino).encode() for fd in files]
+    answers = {0: (10, b"memfd:" + inos[0], files[0]), 1: (11, b"", None)}
+    answers[2] = (12, b"memfd:" + inos[1], files[1])
+    sup_side = _Answerer(sup, 3, lambda i, op: answers[i])
+    try:
+        got = link._call_fds(
+            [("pipe_create", (1, 1, 1), b"x"), ("proc_list", (), b""), ("ring_fd", (7,), b"")]
+        )
+        assert sup_side.before_first_answer == 3
+        assert sup_side.ops == ["pipe_create", "proc_list", "ring_fd"]
+        assert [(v, p) for v, p, _ in got] == [
+            (10, b"memfd:" + inos[0]),
+            (11, b""),
+            (12, b"memfd:" + inos[1]),
+        ]
+        assert got[1][2] is None
+        for (_, _, fd), ino in zip((got[0], got[2]), inos, strict=True):
+            assert fd is not None and str(os.fstat(fd).st_ino).encode() == ino
+            os.close(fd)
+    finally:
+        sup_side.close()
+        for fd in files:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_fork_shares_all_its_pipes_in_one_round_and_keeps_what_was_shared(
+    linked_vm, kind: str
+) -> None:
+    """``make_remote`` puts a process's pipes into the broker together (one pipe_create
+    each, all sent before the first answer, a pipe with two ends in the table once).
+    A pipe the supervisor refuses stays local in the table, with the bytes it holds;
+    the others are shared all the same (their ends in the table are the broker's)
+    and the error is raised.  Sharing again asks only for the one still local."""
+    from tender_service.machine.errors import GuestError
+    from tender_service.rump.pipe import PipeEnd, make_pipe
+    from tender_service.transports.remote_pipe import RemotePipeEnd
+
+    link, sup, k = linked_vm(kind)
+    proc = k.main
+    fds = []
+    for _ in range(3):
+        r, w = make_pipe(0)
+        fds.append((proc.fds.install(r), proc.fds.install(w)))
+    held = proc.fds.entries[fds[1][0]].file.pipe
+    held.buf += b"kept"
+    ids = iter(range(40, 50))
+    refuse = {1}
+    sup_side = _Answerer(
+        sup, 3, lambda i, op: (-errno.ENOMEM, b"", None) if i in refuse else (next(ids), b"", None)
+    )
+
+    def ends(i: int) -> list[object]:
+        return [proc.fds.entries[fd].file for fd in fds[i]]
+
+    try:
+        with pytest.raises(GuestError) as e:
+            link.make_remote([proc])
+        assert e.value.errno == errno.ENOMEM
+        assert sup_side.before_first_answer == 3
+        assert [type(f) for f in ends(1)] == [PipeEnd, PipeEnd] and held.buf == b"kept"
+        assert [[f.pipe for f in ends(i)] for i in (0, 2)] == [[40, 40], [41, 41]]
+        assert all(isinstance(f, RemotePipeEnd) for i in (0, 2) for f in ends(i))
+        refuse.clear()
+        link.make_remote([proc])
+        assert [f.pipe for f in ends(1)] == [42, 42] and held.buf == b""
+        assert sup_side.ops == ["pipe_create"] * 4
+    finally:
+        sup_side.close()

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from tender_service.bmk.sched import WaitQueue
@@ -28,7 +29,7 @@ from tender_service.rump.fdtable import FdEntry
 from tender_service.rump.files import FsFile
 from tender_service.rump.inet import LOOP4, LOOP6, InetSocket, is_any
 from tender_service.rump.outcomes import Block
-from tender_service.rump.pipe import PIPE_CAPACITY, PipeEnd
+from tender_service.rump.pipe import PIPE_CAPACITY, Pipe, PipeEnd
 from tender_service.rump.poll import Epoll
 from tender_service.rump.published import ip_bytes
 from tender_service.rump.socket import (
@@ -76,6 +77,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CALL_TIMEOUT = 60.0
+#: a call to the supervisor: its op, its integer arguments and its data
+Call = tuple[str, tuple[int, ...], bytes]
 
 
 class _Call:
@@ -280,21 +283,37 @@ class VmLink:
 
     def _call_fd(self, op: str, *args: int, data: bytes = b"") -> tuple[int, bytes, int | None]:
         """A call the supervisor may answer with an fd: when it does, the answer ends
-        with the fd's inode (``...:<ino>``).  One such call at a time, so the next fd
-        that comes is its (EIO if it does not come)."""
+        with the fd's inode (``...:<ino>``).  One such batch at a time, so the next
+        fds that come are its (EIO if one does not come)."""
+        return self._call_fds([(op, args, data)])[0]
+
+    def _call_fds(self, calls: list[Call]) -> list[tuple[int, bytes, int | None]]:
+        """``_call_fd`` for several calls in flight at once (``_call_many``), each
+        answer with its fd (the supervisor sends them in the order it answers)."""
         with self._fd_lock:
-            value, payload = self.call_full(op, *args, data=data)
-            if value < 0 or not payload:
-                return value, payload, None
-            ino = payload.rpartition(b":")[2]
+            out: list[tuple[int, bytes, int | None]] = []
             try:
-                while True:  # an fd of a call that timed out here may come first
-                    fd = self.channel.take_fd(CALL_TIMEOUT)
-                    if str(os.fstat(fd).st_ino).encode() == ino:
-                        return value, payload, fd
-                    os.close(fd)
-            except (ChannelClosed, OSError) as e:
-                raise GuestError(errno.EIO, f"{op}: {e}") from None
+                for (op, _, _), (value, payload) in zip(calls, self._call_many(calls), strict=True):
+                    fd = None if value < 0 or not payload else self._take_fd(op, payload)
+                    out.append((value, payload, fd))
+            except GuestError:
+                for _, _, fd in out:
+                    if fd is not None:
+                        os.close(fd)
+                raise
+            return out
+
+    def _take_fd(self, op: str, payload: bytes) -> int:
+        """The fd an answer names by its inode (the end of ``payload``: ``...:<ino>``)."""
+        ino = payload.rpartition(b":")[2]
+        try:
+            while True:  # an fd of a call that timed out here may come first
+                fd = self.channel.take_fd(CALL_TIMEOUT)
+                if str(os.fstat(fd).st_ino).encode() == ino:
+                    return fd
+                os.close(fd)
+        except (ChannelClosed, OSError) as e:
+            raise GuestError(errno.EIO, f"{op}: {e}") from None
 
     def waiter(self, lwp: Lwp, pipe: int) -> Waiter:
         """Who ``lwp`` is in ring pipe ``pipe``'s waiter table if it must wait there,
@@ -394,18 +413,26 @@ class VmLink:
         return self.call_full(op, *args)[0]
 
     def call_full(self, op: str, *args: int, data: bytes = b"") -> tuple[int, bytes]:
-        req = next(self._reqs)
-        c = _Call()
+        return self._call_many([(op, args, data)])[0]
+
+    def _call_many(self, calls: list[Call]) -> list[tuple[int, bytes]]:
+        """Send every call, then wait for the answers (in order): one round trip to the
+        supervisor for all, not one each (a fork that shares eight pipes made eight)."""
+        pending = [(next(self._reqs), _Call()) for _ in calls]
         with self._lock:
-            self._calls[req] = c
+            self._calls.update(pending)
         try:
-            self._send(Frame(Msg.CALL, 0, req, 0, 0, call_payload(op, args, data)))
-            if not c.event.wait(CALL_TIMEOUT):
-                raise GuestError(errno.ETIMEDOUT, f"supervisor did not answer {op}")
+            for (req, _), (op, args, data) in zip(pending, calls, strict=True):
+                self._send(Frame(Msg.CALL, 0, req, 0, 0, call_payload(op, args, data)))
+            deadline = time.monotonic() + CALL_TIMEOUT
+            for (_, c), (op, _, _) in zip(pending, calls, strict=True):
+                if not c.event.wait(max(0.0, deadline - time.monotonic())):
+                    raise GuestError(errno.ETIMEDOUT, f"supervisor did not answer {op}")
         finally:
             with self._lock:
-                self._calls.pop(req, None)
-        return c.value, c.payload
+                for req, _ in pending:
+                    self._calls.pop(req, None)
+        return [(c.value, c.payload) for _, c in pending]
 
     # -- pipes ----------------------------------------------------------------------
     def request(
@@ -480,8 +507,22 @@ class VmLink:
         (one conversion per open pipe end, however many tables and fds hold it);
         the new file of each converted one, by ``id`` of the old."""
         converted: dict[int, File] = {}
+        failed: GuestError | None = None
+        try:  # every pipe in one round trip (those shared already are skipped)
+            self._share_pipes(
+                [
+                    e.file.pipe
+                    for p in procs
+                    for e in p.fds.entries.values()
+                    if isinstance(e.file, PipeEnd)
+                ]
+            )
+        except GuestError as err:  # the pipes that went are converted all the same
+            failed = err
         for proc in procs:
             for fd, e in list(proc.fds.entries.items()):
+                if failed is not None and _local_pipe(e.file):
+                    continue  # not shared: it stays local
                 new = self._share_file(e.file, converted)
                 if new is not None:
                     proc.fds.entries[fd] = FdEntry(new, e.cloexec)
@@ -489,6 +530,8 @@ class VmLink:
             for e in proc.fds.entries.values():
                 if isinstance(e.file, Epoll):
                     e.file.replace_files(converted)
+        if failed is not None:
+            raise failed
         return converted
 
     def _share_file(self, f: File, converted: dict[int, File]) -> File | None:
@@ -502,18 +545,8 @@ class VmLink:
         if not isinstance(f, PipeEnd):
             return None
         p = f.pipe
-        if p.broker_id is None:
-            # the pipe moves into the broker with whatever it holds (into a ring, if
-            # the instance's VMs all run on this host over shm: the name comes back)
-            value, ring, fd = self._call_fd(
-                "pipe_create", p.readers, p.writers, 1, data=bytes(p.buf)
-            )
-            if value < 0:
-                raise GuestError(-value, "cannot share a pipe")
-            p.broker_id, p.ring = value, ring.decode("ascii", "replace")
-            p.buf.clear()
-            if fd is not None:  # its ring's fd came with the answer: no ring_fd later
-                self._rings[value] = self._map_ring(fd, value)
+        self._share_pipes([p])
+        assert p.broker_id is not None  # shared, or _share_pipes raised
         new = converted[id(f)] = RemotePipeEnd(self, p.broker_id, f.write_end, f.flags, p.ring)
         new.refs = f.refs
         return new
@@ -553,6 +586,32 @@ class VmLink:
     def drop_states(self, k: Kernel, states: list[dict]) -> None:
         """Files received where nobody takes them (read(2) on a socket): closed."""
         drop_files(k, self.files_from_states(k, states))
+
+    def _share_pipes(self, pipes: list[Pipe]) -> None:
+        """The local pipes among ``pipes`` move into the broker with whatever they hold
+        (into rings, if the instance's VMs all run on this host over shm: each ring's
+        name and fd come back with its answer, so no ring_fd later), all in one round
+        trip; if one cannot be shared, the others are, and the error is raised."""
+        local = list({id(p): p for p in pipes if p.broker_id is None}.values())
+        if not local:
+            return
+        answers = self._call_fds(
+            [("pipe_create", (p.readers, p.writers, 1), bytes(p.buf)) for p in local]
+        )
+        error: GuestError | None = None
+        for p, (value, ring, fd) in zip(local, answers, strict=True):
+            if value < 0:
+                error = error or GuestError(-value, "cannot share a pipe")
+                continue
+            p.broker_id, p.ring = value, ring.decode("ascii", "replace")
+            p.buf.clear()
+            if fd is not None:
+                try:
+                    self._rings[value] = self._map_ring(fd, value)
+                except GuestError as e:  # (mapped at its first use, then)
+                    error = error or e
+        if error is not None:
+            raise error
 
     def _share_socket(self, a: UnixSocket, converted: dict[int, File]) -> RemoteSocket:
         """A connected stream socket of this VM becomes two broker pipes, one per
@@ -882,6 +941,11 @@ def _crossing_state(f: File) -> dict | None:
     except SnapshotError:
         return None
     return st if st.get("kind") in CROSSING_KINDS else None
+
+
+def _local_pipe(f: File) -> bool:
+    """An end of a pipe of this VM's that is not in the broker yet."""
+    return isinstance(f, PipeEnd) and f.pipe.broker_id is None
 
 
 def call_payload(op: str, args: tuple[int, ...], data: bytes = b"") -> bytes:
