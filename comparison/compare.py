@@ -548,6 +548,8 @@ class Compare:
             if index is None:
                 return
             cut = w.exclude_first
+            # each fork's time in the parent's kernel, where the run says it, fork by fork
+            kernel = o.fork_seconds[cut:] if len(o.fork_seconds) == len(vals) else []
             cell.runs.append(
                 rep.RunRecord(
                     index + 1,
@@ -555,6 +557,7 @@ class Compare:
                     vals[cut:],
                     vals[:cut],
                     None if base is None else round(base, 6),
+                    [round(x * 1e6, 3) for x in kernel],
                 )
             )
             if found is not None:
@@ -584,7 +587,7 @@ class Compare:
                 series.fail(_short(e))
                 log.error("cold first fork (%s) in %s failed: %s", series.how, mode, series.error)
                 return
-            series.add(us, o.wall)
+            series.add(us, o.wall, o.fork_seconds[0] * 1e6 if o.fork_seconds else None)
 
         return go
 
@@ -629,6 +632,12 @@ class Compare:
             "`unifork run --console pipe` process per run (Python start-up, imports and, for "
             "VM-clone, a new pool of its own), as a user runs the listing; vs native = against "
             "native's cold (a fresh process too)",
+            "'in kernel': the fork's time in the parent's kernel (RunResult.fork_seconds: "
+            "thread and copy fork build the child there, VM-clone leases, shares, captures "
+            "and starts it); 'rest': the fork less that, run by run or fork by fork: the "
+            "guest's own code, libc's fork path and the syscall's way in and out, which "
+            "Unicorn translates as it first runs in a fresh VM; '-' where a run does not "
+            "say (natively); a `unifork run` process says its first fork's (--stats)",
         ]
 
     def _memory_task(self, mode: str, which: str | None) -> Callable[[], None]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -69,6 +70,9 @@ class Outcome:
     baseline_wall: float | None = None
     #: vmclone: each fork's steps in seconds (RunResult.fork_phases)
     fork_phases: list[dict[str, float]] = field(default_factory=list)
+    #: each fork's seconds in the parent's kernel (RunResult.fork_seconds; empty natively
+    #: and where the run's result does not say; a ``unifork run`` process: its first)
+    fork_seconds: list[float] = field(default_factory=list)
 
 
 def _args_text(args: Sequence[str], limit: int = 60) -> str:
@@ -281,6 +285,7 @@ class BackendRunner(Runner):
             snapshot_bytes=observer.snapshots,
             probe=holder.get("probe"),
             fork_phases=list(r.fork_phases or []),
+            fork_seconds=list(r.fork_seconds or []),
         )
 
     def close(self) -> None:
@@ -329,7 +334,8 @@ UNIFORK_RUN_FLAGS: dict[str, tuple[str, ...]] = {
 
 
 def unifork_run_argv(mode: str, image: Path, args: Sequence[str]) -> list[str]:
-    """The ``unifork run`` command line for ``mode`` (console a pipe, stdin EOF)."""
+    """The ``unifork run`` command line for ``mode`` (console a pipe, stdin EOF; its
+    statistics on stderr, after the program's end)."""
     import sys
 
     script = Path(sys.executable).parent / "unifork"
@@ -341,6 +347,7 @@ def unifork_run_argv(mode: str, image: Path, args: Sequence[str]) -> list[str]:
         "pipe",
         "--stdin",
         "none",
+        "--stats",
         *UNIFORK_RUN_FLAGS[mode],
         str(image),
         *args,
@@ -360,7 +367,13 @@ def run_unifork_process(mode: str, image: Path, args: Sequence[str]) -> Outcome:
             f"unifork run ({mode}) {image.name} {_args_text(args)}: exit "
             f"{p.returncode}: {p.stderr.decode(errors='replace').strip()[-300:]}"
         )
-    return Outcome(p.stdout.decode(errors="replace"), wall)
+    # --stats: its first fork's time in the kernel (unifork/cli.py, fork_kernel_text)
+    first = re.search(rb"^unifork: fork in the kernel: 1st ([0-9.]+) us", p.stderr, re.M)
+    return Outcome(
+        p.stdout.decode(errors="replace"),
+        wall,
+        fork_seconds=[float(first.group(1)) / 1e6] if first else [],
+    )
 
 
 class RemoteRunner(Runner):

@@ -61,6 +61,9 @@ class RunRecord:
     excluded: list[float] = field(default_factory=list)  # the run's first figure(s), not in values
     #: launch to exit of the baseline run just before (a workload whose figure subtracts it)
     baseline_wall_s: float | None = None
+    #: fork workloads: each of ``values``' forks in the parent's kernel, us
+    #: (RunResult.fork_seconds); empty where the run does not say (natively)
+    kernel_us: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -150,11 +153,18 @@ class ColdSeries:
     ratio_native: float | None = None  # median / native's cold median
     thesis_ratio_native: float | None = None  # mean / native's cold mean (thesis: 7.5x)
     over_warm: float | None = None  # median / the same mode's warm median
+    #: each run's fork in the parent's kernel (RunResult.fork_seconds), None where the
+    #: run does not say (natively, a ``unifork run`` process); the rest of its fork is
+    #: the guest's own code (libc's fork path, in a fresh VM translated as it first runs)
+    kernel_us: list[float | None] = field(default_factory=list)
+    kernel_median_us: float | None = None
+    rest_median_us: float | None = None  # median of (fork - kernel) over the runs
     raw: dict[str, float] = field(default_factory=dict)  # unrounded median, mean (not in JSON)
 
-    def add(self, us: float, wall: float) -> None:
+    def add(self, us: float, wall: float, kernel_us: float | None = None) -> None:
         self.samples_us.append(us)
         self.wall_s.append(round(wall, 6))
+        self.kernel_us.append(None if kernel_us is None else round(kernel_us, 3))
 
     def fail(self, error: str) -> None:
         self.status, self.error = "failed", error
@@ -169,6 +179,8 @@ class ColdSeries:
         self.thesis_mean_s = sig(self.raw["mean"] / 1e6)
         if warm:
             self.over_warm = sig(self.raw["median"] / warm, RATIO_DIGITS)
+        pairs = [(us, k) for us, k in zip(xs, self.kernel_us, strict=True) if k is not None]
+        self.kernel_median_us, self.rest_median_us = kernel_split(pairs)
 
     def against(self, native: ColdSeries) -> None:
         if self.raw and native.raw:
@@ -200,10 +212,21 @@ class ColdRow:
     warm_ratio_native: float | None = None
     loop_first_us: list[float] = field(default_factory=list)
     loop_first_median_us: float | None = None
+    #: the warm forks split as the cold ones are (``RunRecord.kernel_us``)
+    warm_kernel_median_us: float | None = None
+    warm_rest_median_us: float | None = None
 
     def summarize(self, warm: Cell | None) -> None:
         raw_warm = None
         if warm is not None:
+            self.warm_kernel_median_us, self.warm_rest_median_us = kernel_split(
+                [
+                    p
+                    for r in warm.runs
+                    if r.kernel_us
+                    for p in zip(r.values, r.kernel_us, strict=True)
+                ]
+            )
             self.loop_first_us = [v for r in warm.runs for v in r.excluded]
             if self.loop_first_us:
                 self.loop_first_median_us = sig(median(self.loop_first_us))
@@ -227,7 +250,17 @@ class ColdRow:
             "warm_ratio_native": self.warm_ratio_native,
             "loop_first_us": self.loop_first_us,
             "loop_first_median_us": self.loop_first_median_us,
+            "warm_kernel_median_us": self.warm_kernel_median_us,
+            "warm_rest_median_us": self.warm_rest_median_us,
         }
+
+
+def kernel_split(pairs: Sequence[tuple[float, float]]) -> tuple[float | None, float | None]:
+    """(median in the kernel, median of the rest) of forks given as (fork us, of which
+    in the kernel): the median of the differences, not the difference of the medians."""
+    if not pairs:
+        return None, None
+    return sig(median([k for _, k in pairs])), sig(median([us - k for us, k in pairs]))
 
 
 def add_cold_ratios(rows: list[ColdRow]) -> None:
@@ -488,6 +521,8 @@ COLD_HEAD = (
     "fork",
     "n",
     "median",
+    "in kernel",
+    "rest",
     "vs native",
     "vs warm",
     "thesis mean s",
@@ -507,7 +542,7 @@ def cold_table(r: Report) -> list[str]:
             if series is None:
                 continue
             if series.status != "ok":
-                rows.append((c.mode, label, str(series.n), "FAILED", "-", "-", "-", "-"))
+                rows.append((c.mode, label, str(series.n), "FAILED", *["-"] * 6))
                 continue
             rows.append(
                 (
@@ -515,6 +550,8 @@ def cold_table(r: Report) -> list[str]:
                     label,
                     str(series.n),
                     num(series.median_us),
+                    num(series.kernel_median_us),
+                    num(series.rest_median_us),
                     ratio_text(series.ratio_native),
                     ratio_text(series.over_warm),
                     num(series.thesis_mean_s),
@@ -527,6 +564,8 @@ def cold_table(r: Report) -> list[str]:
                 "warm loop",
                 str(c.warm_n),
                 num(c.warm_median_us),
+                num(c.warm_kernel_median_us),
+                num(c.warm_rest_median_us),
                 ratio_text(c.warm_ratio_native),
                 "1x" if c.warm_median_us else "-",
                 "-",
@@ -540,10 +579,7 @@ def cold_table(r: Report) -> list[str]:
                     "1st of each loop run",
                     str(len(c.loop_first_us)),
                     num(c.loop_first_median_us),
-                    "-",
-                    "-",
-                    "-",
-                    "-",
+                    *["-"] * 6,
                 )
             )
     out += grid(COLD_HEAD, rows, set(range(2, len(COLD_HEAD))))

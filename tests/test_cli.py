@@ -91,6 +91,21 @@ def test_cli_options_after_the_image() -> None:
     assert 0 < int(m.group(1)) <= 8 << 20
 
 
+def test_cli_stats_give_each_forks_time_in_the_kernel() -> None:
+    p = cli("run", "fork_time", "--stats", "--", "-n", "3")
+    assert p.returncode == 0, p.stderr
+    m = re.search(
+        rb"^unifork: fork in the kernel: 1st ([0-9.]+) us, the other 2 median ([0-9.]+) us$",
+        p.stderr,
+        re.M,
+    )
+    assert m, p.stderr
+    assert float(m.group(1)) > 0 and float(m.group(2)) > 0
+    # a program that never forks has no such line
+    p = cli("run", "hello", "--stats")
+    assert p.returncode == 0 and b"fork in the kernel" not in p.stderr, p.stderr
+
+
 def test_cli_mem_too_small_for_the_image() -> None:
     p = cli("run", str(TESTS_GUEST / "big_bss.c"), "--mem", "8M")
     assert p.returncode == 2

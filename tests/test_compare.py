@@ -550,7 +550,26 @@ def test_cold_first_fork_json_beside_the_warm_loop(cold) -> None:
             assert c["over_warm"] == sig(
                 statistics.median(xs) / statistics.median(warm_samples), 3
             ), (mode, kind)
+            # the fork's time in the parent's kernel, run by run; the rest is the guest's
+            ks = c["kernel_us"]
+            assert len(ks) == COLD_RUNS, (mode, kind)
+            if mode == "native":
+                assert ks == [None] * COLD_RUNS and c["kernel_median_us"] is None
+            else:
+                assert all(0 < k < x for k, x in zip(ks, xs, strict=True)), (mode, kind, ks, xs)
+                assert c["kernel_median_us"] == sig(statistics.median(ks))
+                rest = [x - k for x, k in zip(xs, ks, strict=True)]
+                assert c["rest_median_us"] == sig(statistics.median(rest))
             series[(mode, kind)] = xs
+        # the warm forks split as the cold ones, fork by fork (natively: not known)
+        kernel = [k for run in cell["runs"] for k in run["kernel_us"]]
+        if mode == "native":
+            assert kernel == [] and row["warm_kernel_median_us"] is None
+        else:
+            assert all(len(run["kernel_us"]) == len(run["values"]) for run in cell["runs"])
+            assert row["warm_kernel_median_us"] == sig(statistics.median(kernel))
+            rest = [x - k for x, k in zip(warm_samples, kernel, strict=True)]
+            assert row["warm_rest_median_us"] == sig(statistics.median(rest))
     native = series[("native", "cold")]
     for (mode, kind), xs in series.items():
         c = rows[mode][kind]
@@ -569,6 +588,8 @@ def test_cold_first_fork_table_names_what_was_excluded(cold) -> None:
         "fork",
         "n",
         "median",
+        "in kernel",
+        "rest",
         "vs native",
         "vs warm",
         "thesis mean s",
@@ -583,8 +604,16 @@ def test_cold_first_fork_table_names_what_was_excluded(cold) -> None:
     by_mode = {r["mode"]: r for r in doc["cold_fork"]["rows"]}
     for mode, r in by_mode.items():
         cold_label = "cold, fresh process" if mode == "native" else "cold, fresh VM"
-        n, median, vs_native, vs_warm, mean_s, thesis_vs = rows[(mode, cold_label)]
+        n, median, kernel, rest, vs_native, vs_warm, mean_s, thesis_vs = rows[(mode, cold_label)]
         assert int(n) == COLD_RUNS and float(median) == r["cold"]["median_us"]
+        warm_kernel, warm_rest = rows[(mode, "warm loop")][2:4]
+        if mode == "native":
+            assert (kernel, rest, warm_kernel, warm_rest) == ("-", "-", "-", "-")
+        else:
+            assert float(kernel) == r["cold"]["kernel_median_us"]
+            assert float(rest) == r["cold"]["rest_median_us"]
+            assert float(warm_kernel) == r["warm_kernel_median_us"]
+            assert float(warm_rest) == r["warm_rest_median_us"]
         assert float(vs_native.removesuffix("x")) == r["cold"]["ratio_native"]
         assert float(vs_warm.removesuffix("x")) == r["cold"]["over_warm"]
         assert float(mean_s) == r["cold"]["thesis_mean_s"]
@@ -598,6 +627,7 @@ def test_cold_first_fork_table_names_what_was_excluded(cold) -> None:
     assert "the first fork of each loop run is excluded from warm" in notes
     assert "discarded: 1 warm-up run(s) of fork_time -n 20 per mode" in notes
     assert "no cold run is discarded" in notes
+    assert "'in kernel': the fork's time in the parent's kernel" in notes
     assert any("first fork of each loop run is excluded" in m for m in doc["cold_fork"]["method"])
     assert "the first fork of every run excluded" in p.stdout  # the warm figure's own note
     # the published rows stay, apart

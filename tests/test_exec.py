@@ -222,6 +222,8 @@ def test_system_popen_posix_spawn_vfork(
     assert expected.endswith("argv[1]=replaced\nexecfn=" + f"{d}/exec_probe\n")
     result, out = run_mode(mode, "spawn_test", [str(d)], rootfs, request)
     assert (result.status, out) == (0, expected), result.reports
+    # fork and vfork alike: each one's time in the kernel, counted once
+    assert result.forks > 0 and len(result.fork_seconds or []) == result.forks
 
 
 def test_exec_loop_frees_each_program(tree: tuple[Path, RootFs]) -> None:

@@ -29,6 +29,7 @@ from test_programs_native import CASES, SEMANTICS_NATIVE, SEMANTICS_THREAD_FORK
 from tender_service.machine.layout import DEFAULT_STACK, PAGE_SIZE
 from tender_service.rump.kernel import Kernel
 from tender_service.rump.stacks import KEEP, KEPT_OWNER
+from tender_service.rump.syscalls import sys_process
 from tender_service.rump.vminfo import VmConfig
 from tender_service.toolchain.images import build_image
 from tender_service.vm import CaptureSink, create_vm
@@ -177,6 +178,20 @@ def test_hundred_children_each_own_exit_code() -> None:
     assert r.result.forks == 100
     n = native(PROBE, "exit_codes")
     assert (n.returncode, n.stdout.decode()) == (0, expected)
+
+
+def test_a_vm_keeps_its_first_forks_times_in_the_kernel(monkeypatch) -> None:
+    """Each fork's time in the kernel is kept in fork order (``RunResult.fork_seconds``),
+    up to ``FORK_TIMES_KEPT`` of them: a loop of forks never grows the VM's memory."""
+    r = vm("fork_time", "-n", "5")
+    assert r.result.forks == 5 and len(r.result.fork_seconds) == 5
+    # the kernel's part of each fork is less than the whole fork the program timed
+    timed = [float(x) for x in re.findall(r"fork_us=([0-9.]+)", r.out)]
+    assert len(timed) == 5
+    assert all(0 < k * 1e6 < t for k, t in zip(r.result.fork_seconds, timed, strict=True))
+    monkeypatch.setattr(sys_process, "FORK_TIMES_KEPT", 3)
+    r = vm("fork_time", "-n", "5")
+    assert r.result.forks == 5 and len(r.result.fork_seconds) == 3
 
 
 def test_fork_exit_wait_reaps_all() -> None:

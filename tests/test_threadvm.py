@@ -92,6 +92,8 @@ def test_a_vm_in_its_own_process_gives_what_it_gives_in_process(host, image, arg
         (p.pid, p.ppid, p.name, p.state, p.status) for p in ref.processes
     ]
     assert len(forks) == r.forks and all(0 < s < WAIT for s in forks)
+    # each fork's time in the kernel comes with the result, the same as the observer's
+    assert r.fork_seconds == forks and len(ref.fork_seconds or []) == ref.forks
     assert vm.exited.wait(WAIT) and vm.wait_status == 0
     assert vm.os_pid not in (0, os.getpid())
 

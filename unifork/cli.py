@@ -171,20 +171,38 @@ def _run(a: argparse.Namespace) -> int:
         for p in result.processes:
             st = "" if p.status is None else signals.describe_status(p.status)
             print(f"{p.pid:>6} {p.ppid:>6} {p.state:<8} {st}  {p.name}", file=sys.stderr)
-    if a.stats:  # VM-clone does not count syscalls (they happen in many VMs)
-        extra = (
-            f", {result.syscalls} syscalls, peak guest memory {result.peak_memory} bytes"
-            if result.syscalls is not None
-            else ""
-        )
-        print(
-            f"unifork: {result.outcome}, {result.elapsed * 1e3:.1f} ms, {result.forks} forks"
-            f"{extra}",
-            file=sys.stderr,
-        )
-        if result.fork_phases:
-            print(f"unifork: VM-clone fork, median ms: {fork_breakdown(result)}", file=sys.stderr)
+    if a.stats:
+        _print_stats(result)
     return result.exit_code
+
+
+def _print_stats(result: RunResult) -> None:
+    """``run --stats``: how the instance ended, its forks (VM-clone does not count
+    syscalls: they happen in many VMs)."""
+    extra = (
+        f", {result.syscalls} syscalls, peak guest memory {result.peak_memory} bytes"
+        if result.syscalls is not None
+        else ""
+    )
+    print(
+        f"unifork: {result.outcome}, {result.elapsed * 1e3:.1f} ms, {result.forks} forks{extra}",
+        file=sys.stderr,
+    )
+    if result.fork_seconds:
+        print(f"unifork: {fork_kernel_text(result.fork_seconds)}", file=sys.stderr)
+    if result.fork_phases:
+        print(f"unifork: VM-clone fork, median ms: {fork_breakdown(result)}", file=sys.stderr)
+
+
+def fork_kernel_text(seconds: list[float]) -> str:
+    """The forks' time in the parent's kernel: the first fork apart (a fresh VM's) and
+    the median of the others (``RunResult.fork_seconds``)."""
+    text = f"fork in the kernel: 1st {seconds[0] * 1e6:.1f} us"
+    if len(seconds) > 1:
+        text += (
+            f", the other {len(seconds) - 1} median {statistics.median(seconds[1:]) * 1e6:.1f} us"
+        )
+    return text
 
 
 def fork_breakdown(result: RunResult) -> str:

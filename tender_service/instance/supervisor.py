@@ -39,7 +39,7 @@ from tender_service.instance.stdin import StdinServer
 from tender_service.machine.rootfs import RootFs
 from tender_service.rump import pgroups, signals
 from tender_service.rump.fs import FileSystem
-from tender_service.rump.vminfo import FORK_PHASES, ProcInfo, RunResult, VmConfig
+from tender_service.rump.vminfo import FORK_PHASES, FORK_TIMES_KEPT, ProcInfo, RunResult, VmConfig
 from tender_service.transports.broker import IN_FLIGHT_HOLDER, PipeBroker
 from tender_service.transports.channel import (
     PEER_TIMEOUT,
@@ -1127,7 +1127,7 @@ class Supervisor:
         child = self.procs.get(pid)
         if child is None or child.leased_by != rec.pid or child.state != "starting":
             return -errno.ESRCH  # (its parent may have died: then it is init's)
-        self.fork_seconds.append(micros / 1e6)
+        self._fork_took(micros)
         # refs its exec registered for a VM that never started (a failed start)
         self.broker.drop_holder(pid)
         child.state, child.status, child.ended = "reaped", status, time.monotonic()
@@ -1136,11 +1136,17 @@ class Supervisor:
         self._check_done()  # it may be the last: its parent (the VM's process) died first
         return 0
 
+    def _fork_took(self, micros: int) -> bool:
+        """Keep a fork's time in its parent's kernel; False past ``FORK_TIMES_KEPT``."""
+        if len(self.fork_seconds) >= FORK_TIMES_KEPT:
+            return False
+        self.fork_seconds.append(micros / 1e6)
+        return True
+
     def _op_fork_started(
         self, rec: ProcRec, pid: int, micros: int, snapshot: int = 0, *phases: int
     ) -> int:
-        self.fork_seconds.append(micros / 1e6)
-        if len(phases) == len(FORK_PHASES):
+        if self._fork_took(micros) and len(phases) == len(FORK_PHASES):
             self.fork_phases[pid] = {k: v / 1e6 for k, v in zip(FORK_PHASES, phases, strict=True)}
         child = self.procs.get(pid)
         if child is not None and child.leased_by == rec.pid:

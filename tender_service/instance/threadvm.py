@@ -30,7 +30,7 @@ from tender_service.instance import jail, vmserver
 from tender_service.instance.backends.base import VmStatus
 from tender_service.rump import signals
 from tender_service.rump.console import Sink
-from tender_service.rump.vminfo import RunResult, VmConfig
+from tender_service.rump.vminfo import FORK_TIMES_KEPT, RunResult, VmConfig
 from tender_service.vm import emulator_crashed, lost_vm_report
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,7 @@ class ThreadVm:
             reports=[str(r) for r in msg["reports"]],
             elapsed=float(msg["elapsed"]),
             forks=int(msg["forks"]),
+            fork_seconds=[float(x) for x in msg["fork_seconds"][:FORK_TIMES_KEPT]],
             syscalls=int(msg["syscalls"]),
             peak_memory=int(msg["peak_memory"]),
             processes=vmserver.procs_of(msg["processes"]),

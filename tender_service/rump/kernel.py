@@ -20,6 +20,7 @@ import select
 import signal
 import threading
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -214,6 +215,9 @@ class Kernel(ProcessTable):
         self.pipe_bytes = 0  # bytes written into this VM's pipes
         #: called with the seconds each successful fork took (metrics)
         self.fork_observer: Callable[[float], None] | None = None
+        #: the seconds each successful fork spent in this kernel (the first
+        #: ``FORK_TIMES_KEPT``; ``RunResult.fork_seconds``)
+        self.fork_seconds = array("d")
         self.syscalls = 0
         self._warned: set[str] = set()
         self._wakeup_r, self._wakeup_w = os.pipe()
@@ -368,6 +372,7 @@ class Kernel(ProcessTable):
             syscalls=self.syscalls + self.cpu.answered,
             peak_memory=self.peak_memory,
             processes=self.process_table(),
+            fork_seconds=list(self.fork_seconds),
         )
 
     def _take_sigint(self) -> tuple[Any, int | None] | None:

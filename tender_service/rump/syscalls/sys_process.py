@@ -17,6 +17,7 @@ from tender_service.rump import pgroups, signals
 from tender_service.rump.outcomes import NORETURN, Block, BlockAfter
 from tender_service.rump.process import ProcState
 from tender_service.rump.syscalls.abi import i32
+from tender_service.rump.vminfo import FORK_TIMES_KEPT
 
 if TYPE_CHECKING:
     from tender_service.rump.kernel import Kernel
@@ -73,11 +74,21 @@ def _fork(k: Kernel, lwp: Lwp) -> int:
     t0 = time.perf_counter()
     pid = k.forker.fork(k, lwp, False)
     if pid > 0:
-        k.forks += 1
-        lwp.proc.forks += 1
+        took = _forked(k, lwp.proc, t0)
         if k.fork_observer is not None:
-            k.fork_observer(time.perf_counter() - t0)
+            k.fork_observer(took)
     return pid
+
+
+def _forked(k: Kernel, parent: Process, t0: float) -> float:
+    """Count a fork (or vfork) that began at ``t0`` and keep its time in the kernel
+    (the first ``FORK_TIMES_KEPT``: ``RunResult.fork_seconds``); its seconds."""
+    took = time.perf_counter() - t0
+    k.forks += 1
+    parent.forks += 1
+    if len(k.fork_seconds) < FORK_TIMES_KEPT:
+        k.fork_seconds.append(took)
+    return took
 
 
 def sys_fork(k: Kernel, lwp: Lwp) -> int:
@@ -114,6 +125,7 @@ def _clone_vm(k: Kernel, lwp: Lwp, stack: int) -> int:
     mode its pid is leased from the instance, and its exec starts the new
     program in a VM of its own (VmCloneFork.exec_elsewhere).
     """
+    t0 = time.perf_counter()
     forker = k.forker
     if forker is None:
         raise GuestError(errno.ENOSYS)
@@ -130,8 +142,7 @@ def _clone_vm(k: Kernel, lwp: Lwp, stack: int) -> int:
     pt = lwp.thread
     # no stack or TLS of its own: the parent's memory (lwp.stack = 0, nothing to free)
     k.new_lwp(child, 0, pt.stack_base, pt.stack_size, ctx)
-    k.forks += 1
-    parent.forks += 1
+    _forked(k, parent, t0)
     parent.vfork_child = child.pid
     raise BlockAfter(child.pid, f"vfork: waiting for child {child.pid} to exec or exit")
 
