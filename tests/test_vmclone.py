@@ -333,6 +333,12 @@ def test_fork_time_runs(env: Env, transport: str) -> None:
     assert all(
         p["lease"] > 0 and p["capture"] > 0 and p["start"] > 0 and p["restore"] > 0 for p in phases
     )
+    # a fork's time in the parent's kernel is its four steps, the lease too (each step
+    # and the whole in whole microseconds), and less than the fork its program timed
+    timed = [float(line.split("=")[1]) for line in out[:5]]
+    for took, p, us in zip(r.result.fork_seconds, phases, timed, strict=True):
+        steps = sum(p[k] for k in ("lease", "share", "capture", "start"))
+        assert steps - 1e-6 <= took <= steps + 5e-6 and took * 1e6 < us, (took, p, us)
     # child i exited with i % 100, and the parent reaped it
     assert [(p.status, p.state) for p in r.children(MAIN_PID)] == [
         (i << 8, "reaped") for i in range(5)

@@ -232,7 +232,7 @@ def run_child(
                 "reports": r.reports,
                 "elapsed": r.elapsed,
                 "forks": r.forks,
-                "fork_seconds": r.fork_seconds,
+                "fork_seconds": r.fork_seconds or [],  # None: a figure the VM did not keep
                 "syscalls": r.syscalls,
                 "peak_memory": r.peak_memory,
                 "pipe_bytes": k.pipe_bytes,

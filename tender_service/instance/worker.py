@@ -300,7 +300,8 @@ class WorkerCloneHost:
         now = time.perf_counter()
         times = self._times.pop(child_pid, None) or ForkTimes(now, now, now, now)
         phases = times.phases(now, float(getattr(started, "restore_seconds", 0.0)))
-        micros = int((now - times.leased) * 1e6)
+        # the whole fork in the parent's kernel, its lease included (RunResult.fork_seconds)
+        micros = int((now - times.begun) * 1e6)
         # one way: the parent's fork returns without waiting for the supervisor
         self.link.notify_call("fork_started", child_pid, micros, len(snapshot), *phases)
 
