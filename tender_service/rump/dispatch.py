@@ -55,9 +55,12 @@ def make_dispatcher(kernel: Kernel) -> Dispatcher:
             # loop): a time slice can end before the syscall instruction runs, and a
             # signal delivered then would resume the handler's return on the syscall
             # with no EINTR (a sigsuspend slept again, its signal taken: a VM-clone
-            # ping-pong hung about once in 30-130 runs under load)
+            # ping-pong hung about once in 30-130 runs under load).  Counted when it
+            # was first made: whether a call parks depends on timing (a child that ran
+            # first), the count of calls the program made does not
             lwp.restart_nr, lwp.interrupted = -1, False
-        kernel.syscalls += 1
+        else:
+            kernel.syscalls += 1
         ret: object
         try:
             entry = table[nr] if nr < ntable else hypercalls.get(nr)
@@ -101,20 +104,27 @@ def traced(kernel: Kernel, dispatch: Dispatcher) -> Dispatcher:
 
     def dispatch_traced() -> int | None:
         nr, args = regs[0], list(regs[1:7])
-        pid = kernel.current.proc.pid if kernel.current else 0
+        lwp = kernel.current
+        pid = lwp.proc.pid if lwp else 0
+        # a parked call that runs again (strace's "resumed"): not a new call
+        again = " (restarted)" if lwp is not None and lwp.restart_nr >= 0 else ""
+        deferred = bool(kernel.events)  # dispatch's first check: the call has not begun
         ret = dispatch()
-        if kernel.restart_pending:
+        if deferred:
+            result, again = "(not begun: the kernel's other work first)", ""
+        elif kernel.restart_pending:
             result = "(blocked, will restart)"
         else:
             rax = kernel.cpu.reg(RAX) if ret is None else ret & (1 << 64) - 1
             rax = rax - (1 << 64) if rax >> 63 else rax
             result = f"-{errno.errorcode.get(-rax, -rax)}" if -4096 < rax < 0 else f"{rax:#x}"
         log.info(
-            "[pid %d] %s(%s) = %s",
+            "[pid %d] %s(%s) = %s%s",
             pid,
             syscall_name(nr) if nr < 0x1000 else f"hc_{nr:#x}",
             ", ".join(f"{a:#x}" for a in args),
             result,
+            again,
         )
         return ret
 
