@@ -78,7 +78,8 @@ class RunResult:
     #: is this plus the guest's own code (libc's fork path: in a fresh VM, Unicorn
     #: translates it as it first runs)
     fork_seconds: list[float] | None = None
-    #: VM-clone: each fork's steps in seconds, by FORK_PHASES name
+    #: VM-clone: each fork's steps in seconds, by FORK_PHASES name (the forks whose
+    #: ``fork_seconds`` are kept: the first ``FORK_TIMES_KEPT``)
     fork_phases: list[dict[str, float]] | None = None
 
     @property
